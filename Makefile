@@ -1,0 +1,33 @@
+# The README's two commands: `make demo` and `make test`.
+SHELL := /bin/bash
+PYTHON ?= python3.11
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test install system-deps venv migration bench clean
+
+demo: install
+	$(VENV)/bin/msknode demo
+
+test: install
+	bash scripts/run-tests.sh
+
+install: system-deps $(STAMP)
+
+system-deps:
+	bash scripts/install-system-deps.sh
+
+$(STAMP): pyproject.toml
+	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "error: $(PYTHON) not found (Python 3.11 is required)"; exit 1; }
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+migration: install
+	$(PY) -m node.db_tools regenerate-initial
+
+clean:
+	rm -rf $(VENV) data .bench

@@ -1,0 +1,48 @@
+"""Alembic environment: one metadata (node.db.Base), SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+import os
+
+from alembic import context
+from sqlalchemy import create_engine, pool
+
+from node.db import Base, import_all_tables
+
+import_all_tables()
+config = context.config
+target_metadata = Base.metadata
+
+
+def _url() -> str:
+    return os.environ.get("MSKNODE_ALEMBIC_URL") or config.get_main_option("sqlalchemy.url") or ""
+
+
+def run_migrations_offline() -> None:
+    context.configure(url=_url(), target_metadata=target_metadata, literal_binds=True, render_as_batch=True)
+    with context.begin_transaction():
+        context.run_migrations()
+
+
+def run_migrations_online() -> None:
+    url = _url()
+    if not url:
+        from node.settings import load_settings
+
+        url = load_settings().database_url
+    connectable = create_engine(url, poolclass=pool.NullPool)
+    with connectable.connect() as connection:
+        context.configure(
+            connection=connection,
+            target_metadata=target_metadata,
+            render_as_batch=url.startswith("sqlite"),
+            compare_type=True,
+        )
+        with context.begin_transaction():
+            context.run_migrations()
+
+
+if context.is_offline_mode():
+    run_migrations_offline()
+else:
+    run_migrations_online()

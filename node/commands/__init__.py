@@ -1,0 +1,1 @@
+"""Subcommands of the ``msknode`` command line, one module per feature."""

@@ -1,0 +1,105 @@
+"""``msknode serve | listen | worker | web | db upgrade | series``."""
+
+from __future__ import annotations
+
+import json
+
+
+def register(sub) -> None:
+    p = sub.add_parser("serve", help="listener + worker + web on one machine (embedded default)")
+    p.set_defaults(func=_serve)
+
+    p = sub.add_parser("listen", help="the DICOM listener (C-ECHO, C-STORE SCP)")
+    p.set_defaults(func=_listen)
+
+    p = sub.add_parser("worker", help="a Celery worker (pipeline jobs, dispatch) with the sweeper")
+    p.add_argument("--queues", help="comma list of queues (default: MSKNODE_WORKER_QUEUES)")
+    p.set_defaults(func=_worker)
+
+    p = sub.add_parser("web", help="the web worklist and JSON API")
+    p.set_defaults(func=_web)
+
+    p = sub.add_parser("db", help="database maintenance")
+    dsub = p.add_subparsers(dest="db_command", metavar="ACTION")
+    dsub.required = True
+    u = dsub.add_parser("upgrade", help="apply Alembic migrations (also done at every start)")
+    u.set_defaults(func=_db_upgrade)
+
+    p = sub.add_parser("series", help="received series")
+    p.add_argument("--json", action="store_true", help="a JSON list, one object per series")
+    p.set_defaults(func=_series)
+
+
+def _serve(args, settings) -> int:
+    from node.service import serve
+
+    return serve(settings)
+
+
+def _listen(args, settings) -> int:
+    from node.listener import run_listener
+
+    return run_listener(settings)
+
+
+def _worker(args, settings) -> int:
+    from node.worker import run_worker
+
+    queues = [q.strip() for q in args.queues.split(",")] if args.queues else None
+    return run_worker(settings, queues=queues)
+
+
+def _web(args, settings) -> int:
+    from node.web.app import run_web
+
+    return run_web(settings)
+
+
+def _db_upgrade(args, settings) -> int:
+    from node.db import upgrade
+
+    upgrade(settings.database_url)
+    print("database is at the latest schema")
+    return 0
+
+
+def series_rows(db) -> list[dict]:
+    from sqlalchemy import select
+
+    from node.tables import Series, Study
+
+    with db.session() as s:
+        rows = s.execute(select(Series, Study.study_uid).join(Study).order_by(Series.id)).all()
+        return [
+            {
+                "study_uid": study_uid,
+                "series_uid": se.series_uid,
+                "modality": se.modality,
+                "body_part": se.body_part,
+                "series_description": se.series_description,
+                "instances": se.instances,
+                "state": se.state,
+                "pipeline": se.pipeline,
+                "role": se.role,
+            }
+            for se, study_uid in rows
+        ]
+
+
+def _series(args, settings) -> int:
+    from node.db import Database
+
+    rows = series_rows(Database(settings.database_url))
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    if not rows:
+        print("no series received")
+        return 0
+    print(f"{'series':<66} {'mod':<4} {'body part':<12} {'n':>5} {'state':<10} {'pipeline':<12} description")
+    for r in rows:
+        print(
+            f"{r['series_uid']:<66} {r['modality'] or '':<4} {(r['body_part'] or '')[:12]:<12} "
+            f"{r['instances']:>5} {r['state']:<10} {(r['pipeline'] or '-'):<12} {r['series_description'] or ''}"
+        )
+    return 0

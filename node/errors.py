@@ -1,0 +1,53 @@
+"""The exceptions of the `node` package.
+
+    NodeError                 base of every error msknode raises on purpose
+    ├── SettingsError         invalid settings; the message names the setting
+    ├── StorageError          the instance store cannot take an object
+    │   └── OutOfSpaceError   free disk below MSKNODE_MIN_FREE_GB
+    ├── RoutingError          an invalid routing rules file
+    ├── ResultsError          a result object cannot be built
+    ├── DispatchError         a destination refused or could not be reached
+    │   ├── TransientDispatchError   try again later (connection refused, 0xA7xx, rejected-transient)
+    │   └── PermanentDispatchError   never retried (0x0122, rejected-permanent)
+    └── JobError              a pipeline job failed
+"""
+
+
+class NodeError(Exception):
+    """Base class of every error msknode raises on purpose."""
+
+
+class SettingsError(NodeError):
+    pass
+
+
+class StorageError(NodeError):
+    pass
+
+
+class OutOfSpaceError(StorageError):
+    pass
+
+
+class RoutingError(NodeError):
+    pass
+
+
+class ResultsError(NodeError):
+    pass
+
+
+class DispatchError(NodeError):
+    pass
+
+
+class TransientDispatchError(DispatchError):
+    pass
+
+
+class PermanentDispatchError(DispatchError):
+    pass
+
+
+class JobError(NodeError):
+    pass

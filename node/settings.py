@@ -1,0 +1,296 @@
+"""The one `Settings` object of msknode.
+
+Values come from environment variables prefixed ``MSKNODE_`` and, optionally, a TOML
+file (``msknode --config FILE`` or ``MSKNODE_CONFIG``). Environment variables win
+over the file. Settings are validated once at start and then passed down; there is
+no module-level settings instance.
+
+Operators script against these names: keep them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
+from typing import Annotated
+
+from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic_settings import SettingsError as _SourceError
+
+from node.errors import SettingsError
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+DEFAULT_ROUTING_RULES = PACKAGE_DIR / "routing_rules.toml"
+DEFAULT_TRIAGE_POLICY = Path(__file__).resolve().parent.parent / "worklists" / "triage_policy.toml"
+
+# A UID root for objects msknode creates. Sites set their own (MSKNODE_UID_ROOT);
+# this default is only unique to msknode installations.
+DEFAULT_UID_ROOT = "1.2.826.0.1.3680043.10.1447."
+
+_AE_RE = re.compile(r"^[\x20-\x7e]{1,16}$")
+_UID_ROOT_RE = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*\.$")
+
+
+class DimseDestination(BaseModel):
+    """A DICOM peer that receives results by C-STORE."""
+
+    type: Literal["dimse"] = "dimse"
+    name: str | None = None
+    ae_title: str
+    host: str
+    port: int = Field(ge=1, le=65535)
+    tls: bool = False
+    tls_ca_file: str | None = None
+    tls_cert_file: str | None = None
+    tls_key_file: str | None = None
+
+    @field_validator("ae_title")
+    @classmethod
+    def _ae(cls, v: str) -> str:
+        if not _AE_RE.match(v) or "\\" in v or not v.strip():
+            raise ValueError("an AE title is 1-16 printable characters, no backslash")
+        return v
+
+    @property
+    def key(self) -> str:
+        return self.name or f"dimse:{self.ae_title}@{self.host}:{self.port}"
+
+
+class StowDestination(BaseModel):
+    """A DICOMweb server that receives results by STOW-RS."""
+
+    type: Literal["stow"]
+    name: str | None = None
+    url: str
+    username: str | None = None
+    password: str | None = None
+    token: str | None = None
+    verify_tls: bool = True
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, v: str) -> str:
+        if not re.match(r"^https?://", v):
+            raise ValueError("a STOW-RS url starts with http:// or https://")
+        return v.rstrip("/")
+
+    @property
+    def key(self) -> str:
+        return self.name or f"stow:{self.url}"
+
+
+Destination = DimseDestination | StowDestination
+
+
+class _TomlSource(PydanticBaseSettingsSource):
+    """Reads the optional TOML settings file (keys without the MSKNODE_ prefix)."""
+
+    def __init__(self, settings_cls: type[BaseSettings], path: Path | None):
+        super().__init__(settings_cls)
+        self._data: dict[str, Any] = {}
+        if path is not None:
+            try:
+                raw = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+            except FileNotFoundError:
+                raise SettingsError(f"config file {path}: not found") from None
+            except tomllib.TOMLDecodeError as e:
+                raise SettingsError(f"config file {path}: invalid TOML: {e}") from None
+            section = raw.get("msknode", raw)
+            self._data = {k.lower(): v for k, v in section.items()}
+
+    def get_field_value(self, field, field_name):  # pragma: no cover - required by ABC
+        return self._data.get(field_name), field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        return dict(self._data)
+
+
+class Settings(BaseSettings):
+    """Every setting of the node. See the README's configuration reference."""
+
+    model_config = SettingsConfigDict(env_prefix="MSKNODE_", extra="ignore", validate_default=True)
+
+    # storage
+    data_dir: Path = Path("data")
+    database_url: str | None = None
+    broker_url: str | None = None
+    min_free_gb: float = Field(default=1.0, ge=0)
+    retention_days: float = Field(default=30.0, ge=0)
+
+    # DICOM listener
+    ae_title: str = "MSKNODE"
+    host: str = "127.0.0.1"
+    port: int = Field(default=11112, ge=1, le=65535)
+    allowed_ae_titles: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    listener_processes: int = Field(default=1, ge=1, le=32)
+    max_associations: int = Field(default=16, ge=1)
+    dimse_timeout: float = Field(default=60.0, gt=0)
+    network_timeout: float = Field(default=60.0, gt=0)
+
+    # completeness and routing
+    quiet_seconds: float = Field(default=3.0, ge=0)
+    study_quiet_seconds: float = Field(default=2.0, ge=0)
+    routing_rules: Path = DEFAULT_ROUTING_RULES
+
+    # results
+    uid_root: str = DEFAULT_UID_ROOT
+    destinations: list[Destination] = Field(default_factory=list)
+    institution_name: str = "msknode"
+
+    # workers
+    torch_threads: int = Field(default=2, ge=1)
+    worker_concurrency: int = Field(default=1, ge=1)
+    worker_queues: Annotated[list[str], NoDecode] = Field(default_factory=lambda: ["ingest", "cpu", "gpu"])
+    job_lease_seconds: float = Field(default=60.0, gt=0)
+    job_max_attempts: int = Field(default=3, ge=1)
+    job_soft_time_limit: float = Field(default=600.0, gt=0)
+    job_time_limit: float = Field(default=900.0, gt=0)
+    sweep_interval_seconds: float = Field(default=1.0, gt=0)
+    weights_dir: Path | None = None
+
+    # web
+    web_host: str = "127.0.0.1"
+    web_port: int = Field(default=8080, ge=1, le=65535)
+    secret_key: str | None = None
+    session_minutes: int = Field(default=480, ge=1)
+    site_timezone: str = "UTC"
+    triage_policy: Path = DEFAULT_TRIAGE_POLICY
+
+    # logging
+    log_level: str = "INFO"
+
+    @field_validator("allowed_ae_titles", "worker_queues", mode="before")
+    @classmethod
+    def _comma_list(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            v = v.strip()
+            if v.startswith("["):
+                return json.loads(v)
+            return [s.strip() for s in v.split(",") if s.strip()]
+        return v
+
+    @field_validator("ae_title")
+    @classmethod
+    def _ae_title(cls, v: str) -> str:
+        if not _AE_RE.match(v) or "\\" in v or not v.strip():
+            raise ValueError("an AE title is 1-16 printable characters, no backslash")
+        return v
+
+    @field_validator("uid_root")
+    @classmethod
+    def _uid_root(cls, v: str) -> str:
+        if not v.endswith("."):
+            v = v + "."
+        if not _UID_ROOT_RE.match(v) or len(v) > 40:
+            raise ValueError("a UID root is dotted digits (no leading zeros), at most 40 characters")
+        return v
+
+    @field_validator("site_timezone")
+    @classmethod
+    def _tz(cls, v: str) -> str:
+        from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+        try:
+            ZoneInfo(v)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"unknown time zone {v!r}") from None
+        return v
+
+    @field_validator("secret_key")
+    @classmethod
+    def _secret(cls, v: str | None) -> str | None:
+        if v is not None and (len(v) < 16 or v.lower() in {"changeme", "changethis", "secret"}):
+            raise ValueError("the secret key must be at least 16 characters and not a placeholder")
+        return v
+
+    @field_validator("log_level")
+    @classmethod
+    def _level(cls, v: str) -> str:
+        v = v.upper()
+        if v not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
+            raise ValueError("one of DEBUG, INFO, WARNING, ERROR")
+        return v
+
+    @model_validator(mode="after")
+    def _derived(self) -> "Settings":
+        self.data_dir = Path(self.data_dir).expanduser().resolve()
+        if self.database_url is None:
+            self.database_url = f"sqlite:///{self.data_dir / 'msknode.db'}"
+        if self.broker_url is None:
+            self.broker_url = "filesystem://"
+        if self.job_soft_time_limit >= self.job_time_limit:
+            raise ValueError("job_soft_time_limit must be below job_time_limit")
+        return self
+
+    @classmethod
+    def settings_customise_sources(cls, settings_cls, init_settings, env_settings, dotenv_settings, file_secret_settings):
+        path = os.environ.get("MSKNODE_CONFIG") or None
+        return (init_settings, env_settings, _TomlSource(settings_cls, Path(path) if path else None), file_secret_settings)
+
+    # ---- derived paths -------------------------------------------------------
+    @property
+    def store_dir(self) -> Path:
+        return self.data_dir / "store"
+
+    @property
+    def quarantine_dir(self) -> Path:
+        return self.data_dir / "quarantine"
+
+    @property
+    def results_dir(self) -> Path:
+        return self.data_dir / "results"
+
+    @property
+    def tmp_dir(self) -> Path:
+        return self.data_dir / "tmp"
+
+    @property
+    def broker_dir(self) -> Path:
+        return self.data_dir / "broker"
+
+    @property
+    def is_sqlite(self) -> bool:
+        return str(self.database_url).startswith("sqlite")
+
+    def effective_secret_key(self) -> str:
+        """The web session key: the configured one, or one generated once and kept in the data dir."""
+        if self.secret_key:
+            return self.secret_key
+        path = self.data_dir / "secret_key"
+        if not path.exists():
+            import secrets
+
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text(secrets.token_urlsafe(48))
+            os.chmod(tmp, 0o600)
+            os.replace(tmp, path)
+        return path.read_text().strip()
+
+    def ensure_dirs(self) -> None:
+        for d in (self.data_dir, self.store_dir, self.quarantine_dir, self.results_dir, self.tmp_dir):
+            d.mkdir(parents=True, exist_ok=True)
+
+
+def load_settings(config: str | Path | None = None, **overrides: Any) -> Settings:
+    """Builds and validates the settings; raises `SettingsError` with one clear message."""
+    if config is not None:
+        os.environ["MSKNODE_CONFIG"] = str(config)
+    try:
+        return Settings(**overrides)
+    except ValidationError as e:
+        err = e.errors()[0]
+        loc = ".".join(str(p) for p in err["loc"]) or "settings"
+        name = "MSKNODE_" + str(err["loc"][0]).upper() if err["loc"] else "settings"
+        msg = err["msg"].removeprefix("Value error, ")
+        raise SettingsError(f"invalid setting {name} ({loc}): {msg}") from None
+    except _SourceError as e:
+        # e.g. MSKNODE_DESTINATIONS that is not valid JSON
+        field = str(e).split('"')[1] if '"' in str(e) else "settings"
+        raise SettingsError(f"invalid setting MSKNODE_{field.upper()}: not valid JSON") from None

@@ -1,0 +1,261 @@
+"""The node's tables: the instance index, completeness timers, jobs, results and the outbox.
+
+The database stores columns, never Datasets. States are plain strings checked by
+the code that writes them (see the ``*_STATES`` tuples).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.orm import Mapped, mapped_column, relationship
+
+from node.db import Base, UTCDateTime, utcnow
+
+SERIES_STATES = ("receiving", "complete", "queued", "processing", "done", "failed", "unrouted")
+JOB_STATES = ("pending", "queued", "processing", "done", "failed", "dead", "superseded")
+OUTBOX_STATES = ("pending", "sending", "sent", "dead")
+
+UID = String(64)
+
+
+class Study(Base):
+    __tablename__ = "studies"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    study_uid: Mapped[str] = mapped_column(UID, unique=True)
+    patient_name: Mapped[str | None] = mapped_column(String(324))
+    patient_id: Mapped[str | None] = mapped_column(String(64))
+    patient_birth_date: Mapped[str | None] = mapped_column(String(8))
+    patient_sex: Mapped[str | None] = mapped_column(String(16))
+    accession_number: Mapped[str | None] = mapped_column(String(16))
+    study_date: Mapped[str | None] = mapped_column(String(8))
+    study_time: Mapped[str | None] = mapped_column(String(16))
+    study_description: Mapped[str | None] = mapped_column(String(64))
+    referring_physician: Mapped[str | None] = mapped_column(String(324))
+    specific_character_set: Mapped[str | None] = mapped_column(String(128))
+    first_received_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
+    last_received_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
+    # completeness: the study is settled once every routed series is complete and
+    # nothing arrived before this deadline (a timer in the database)
+    study_quiet_deadline: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
+    purged_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
+
+    series: Mapped[list["Series"]] = relationship(back_populates="study")
+
+
+class Series(Base):
+    __tablename__ = "series"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    study_id: Mapped[int] = mapped_column(ForeignKey("studies.id", ondelete="CASCADE"), index=True)
+    series_uid: Mapped[str] = mapped_column(UID, unique=True)
+    modality: Mapped[str | None] = mapped_column(String(16))
+    body_part: Mapped[str | None] = mapped_column(String(64))
+    series_description: Mapped[str | None] = mapped_column(String(64))
+    protocol_name: Mapped[str | None] = mapped_column(String(64))
+    laterality: Mapped[str | None] = mapped_column(String(16))
+    series_number: Mapped[int | None] = mapped_column(Integer)
+    manufacturer: Mapped[str | None] = mapped_column(String(64))
+    calling_ae: Mapped[str | None] = mapped_column(String(16))
+    instances: Mapped[int] = mapped_column(Integer, default=0)
+    # a count the series announces (Images in Acquisition, frames), if any
+    expected_instances: Mapped[int | None] = mapped_column(Integer)
+    own_object: Mapped[bool] = mapped_column(Boolean, default=False)
+    state: Mapped[str] = mapped_column(String(16), default="receiving", index=True)
+    pipeline: Mapped[str | None] = mapped_column(String(32))
+    role: Mapped[str | None] = mapped_column(String(32))
+    routing_rule: Mapped[str | None] = mapped_column(String(128))
+    first_received_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
+    last_received_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
+    # the series is complete at this time unless another instance arrives (a timer in the database);
+    # NULL while an association that delivers to it is still open
+    quiet_deadline: Mapped[dt.datetime | None] = mapped_column(UTCDateTime, index=True)
+    open_associations: Mapped[int] = mapped_column(Integer, default=0)
+    completed_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
+    completed_reason: Mapped[str | None] = mapped_column(String(32))
+
+    study: Mapped[Study] = relationship(back_populates="series")
+
+
+class Instance(Base):
+    __tablename__ = "instances"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    series_id: Mapped[int] = mapped_column(ForeignKey("series.id", ondelete="CASCADE"), index=True)
+    sop_instance_uid: Mapped[str] = mapped_column(UID, unique=True)
+    sop_class_uid: Mapped[str] = mapped_column(UID)
+    transfer_syntax_uid: Mapped[str] = mapped_column(UID)
+    path: Mapped[str] = mapped_column(String(512))
+    size: Mapped[int] = mapped_column(BigInteger)
+    sha256: Mapped[str | None] = mapped_column(String(64))
+    instance_number: Mapped[int | None] = mapped_column(Integer)
+    image_position: Mapped[str | None] = mapped_column(String(128))
+    image_orientation: Mapped[str | None] = mapped_column(String(256))
+    number_of_frames: Mapped[int | None] = mapped_column(Integer)
+    calling_ae: Mapped[str | None] = mapped_column(String(16))
+    association_id: Mapped[int | None] = mapped_column(ForeignKey("associations.id", ondelete="SET NULL"))
+    received_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
+    updated_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
+
+
+class Association(Base):
+    """One DICOM association accepted by a listener process."""
+
+    __tablename__ = "associations"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    calling_ae: Mapped[str | None] = mapped_column(String(16))
+    called_ae: Mapped[str | None] = mapped_column(String(16))
+    peer_address: Mapped[str | None] = mapped_column(String(64))
+    listener: Mapped[str | None] = mapped_column(String(64))
+    started_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
+    ended_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
+    end_reason: Mapped[str | None] = mapped_column(String(16))  # released, aborted, lost
+    instances: Mapped[int] = mapped_column(Integer, default=0)
+
+
+class AssociationSeries(Base):
+    """Which series an (open) association has delivered to: completeness waits for release."""
+
+    __tablename__ = "association_series"
+
+    association_id: Mapped[int] = mapped_column(ForeignKey("associations.id", ondelete="CASCADE"), primary_key=True)
+    series_id: Mapped[int] = mapped_column(ForeignKey("series.id", ondelete="CASCADE"), primary_key=True)
+
+
+class Quarantine(Base):
+    """An object the listener refused, kept for inspection."""
+
+    __tablename__ = "quarantine"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    received_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
+    calling_ae: Mapped[str | None] = mapped_column(String(16))
+    sop_instance_uid: Mapped[str | None] = mapped_column(String(128))
+    status: Mapped[int] = mapped_column(Integer)
+    reason: Mapped[str] = mapped_column(Text)
+    path: Mapped[str | None] = mapped_column(String(512))
+
+
+class Job(Base):
+    """One unit of work: a study and anatomy (pipeline). The database, not the broker, is its record."""
+
+    __tablename__ = "jobs"
+    __table_args__ = (Index("ix_jobs_state_lease", "state", "lease_expires_at"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    study_id: Mapped[int] = mapped_column(ForeignKey("studies.id", ondelete="CASCADE"), index=True)
+    pipeline: Mapped[str] = mapped_column(String(32))
+    state: Mapped[str] = mapped_column(String(16), default="pending")
+    # a hash of the input SOP Instance UIDs (+ pipeline): same inputs -> same result UIDs
+    input_fingerprint: Mapped[str | None] = mapped_column(String(64))
+    supersedes_job_id: Mapped[int | None] = mapped_column(ForeignKey("jobs.id", ondelete="SET NULL"))
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    max_attempts: Mapped[int] = mapped_column(Integer, default=3)
+    queue: Mapped[str] = mapped_column(String(32), default="cpu")
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
+    enqueued_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
+    enqueue_pending: Mapped[bool] = mapped_column(Boolean, default=True)
+    started_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
+    finished_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
+    not_before: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
+    lease_owner: Mapped[str | None] = mapped_column(String(128))
+    lease_expires_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
+    timings: Mapped[dict | None] = mapped_column(JSON)
+    model_versions: Mapped[dict | None] = mapped_column(JSON)
+    error: Mapped[str | None] = mapped_column(Text)
+
+    study: Mapped[Study] = relationship()
+    inputs: Mapped[list["JobInput"]] = relationship(back_populates="job", cascade="all, delete-orphan")
+
+
+class JobInput(Base):
+    __tablename__ = "job_inputs"
+
+    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True)
+    series_id: Mapped[int] = mapped_column(ForeignKey("series.id", ondelete="CASCADE"), primary_key=True)
+    role: Mapped[str | None] = mapped_column(String(32))
+    # which model took this series as its input (filled by the pipeline)
+    used_by: Mapped[list | None] = mapped_column(JSON)
+
+    job: Mapped[Job] = relationship(back_populates="inputs")
+    series: Mapped[Series] = relationship()
+
+
+class Finding(Base):
+    """One model output for a job: a finding (or a 'not evaluated' with the QC reason)."""
+
+    __tablename__ = "findings"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
+    model_name: Mapped[str] = mapped_column(String(64))
+    model_version: Mapped[str] = mapped_column(String(32))
+    weights_sha256: Mapped[str] = mapped_column(String(64))
+    series_uid: Mapped[str | None] = mapped_column(UID)
+    code: Mapped[str] = mapped_column(String(64))  # e.g. acl_tear, meniscal_tear, stenosis
+    label: Mapped[str] = mapped_column(String(128))
+    evaluated: Mapped[bool] = mapped_column(Boolean, default=True)
+    qc_reason: Mapped[str | None] = mapped_column(String(64))
+    qc_message: Mapped[str | None] = mapped_column(Text)
+    probability: Mapped[float | None] = mapped_column(Float)
+    uncertainty: Mapped[float | None] = mapped_column(Float)
+    positive: Mapped[bool | None] = mapped_column(Boolean)
+    grade: Mapped[str | None] = mapped_column(String(32))
+    level: Mapped[str | None] = mapped_column(String(16))
+    site: Mapped[str | None] = mapped_column(String(64))
+    laterality: Mapped[str | None] = mapped_column(String(16))
+    details: Mapped[dict | None] = mapped_column(JSON)
+
+
+class ResultObject(Base):
+    """A DICOM object msknode wrote for a job (SR, SEG, super-resolved MR, SC overlay)."""
+
+    __tablename__ = "result_objects"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
+    kind: Mapped[str] = mapped_column(String(16))  # sr, seg, superres, sc
+    sop_class_uid: Mapped[str] = mapped_column(UID)
+    sop_instance_uid: Mapped[str] = mapped_column(UID, unique=True)
+    series_uid: Mapped[str] = mapped_column(UID)
+    path: Mapped[str] = mapped_column(String(512))
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class OutboxItem(Base):
+    """One result object to one destination; forgotten only once the destination acknowledged it."""
+
+    __tablename__ = "outbox"
+    __table_args__ = (
+        UniqueConstraint("result_object_id", "destination", name="uq_outbox_object_destination"),
+        Index("ix_outbox_state_next", "state", "next_attempt_at"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    result_object_id: Mapped[int] = mapped_column(ForeignKey("result_objects.id", ondelete="CASCADE"))
+    destination: Mapped[str] = mapped_column(String(256))
+    state: Mapped[str] = mapped_column(String(16), default="pending")
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
+    lease_owner: Mapped[str | None] = mapped_column(String(128))
+    lease_expires_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
+    last_error: Mapped[str | None] = mapped_column(Text)
+    last_status: Mapped[int | None] = mapped_column(Integer)
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
+    sent_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
+
+    result_object: Mapped[ResultObject] = relationship()

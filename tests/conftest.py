@@ -1,0 +1,48 @@
+"""Shared fixtures. Servers started here bind to 127.0.0.1 and are stopped by the fixture."""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+VENV_BIN = Path(sys.executable).parent
+os.environ.setdefault("TCP_NODELAY", "1")
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def data_dir(tmp_path) -> Path:
+    d = tmp_path / "data"
+    d.mkdir()
+    return d
+
+
+@pytest.fixture
+def settings(data_dir, monkeypatch):
+    """Settings on a fresh data dir (SQLite), isolated from the caller's environment."""
+    for k in list(os.environ):
+        if k.startswith("MSKNODE_"):
+            monkeypatch.delenv(k)
+    monkeypatch.setenv("MSKNODE_DATA_DIR", str(data_dir))
+    from node.settings import load_settings
+
+    return load_settings()
+
+
+@pytest.fixture
+def db(settings):
+    from node.db import Database
+
+    database = Database(settings.database_url)
+    yield database
+    database.dispose()

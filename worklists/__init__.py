@@ -1,0 +1,1 @@
+"""Triage policy, worklist entries, reprioritization and the audit trail."""
