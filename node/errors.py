@@ -9,7 +9,8 @@
     ├── DispatchError         a destination refused or could not be reached
     │   ├── TransientDispatchError   try again later (connection refused, 0xA7xx, rejected-transient)
     │   └── PermanentDispatchError   never retried (0x0122, rejected-permanent)
-    └── JobError              a pipeline job failed
+    ├── JobError              a pipeline job failed
+    └── UserError             a web user cannot be created or changed (name, role, password)
 """
 
 
@@ -50,4 +51,8 @@ class PermanentDispatchError(DispatchError):
 
 
 class JobError(NodeError):
+    pass
+
+
+class UserError(NodeError):
     pass
