@@ -62,6 +62,7 @@ def utcnow() -> dt.datetime:
 def import_all_tables() -> None:
     """Imports every module that declares tables, so `Base.metadata` is complete."""
     import node.tables  # noqa: F401
+    import node.jobs  # noqa: F401  (workers)
     import worklists.tables  # noqa: F401
 
 

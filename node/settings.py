@@ -149,6 +149,7 @@ class Settings(BaseSettings):
     worker_queues: Annotated[list[str], NoDecode] = Field(default_factory=lambda: ["ingest", "cpu", "gpu"])
     job_lease_seconds: float = Field(default=60.0, gt=0)
     job_max_attempts: int = Field(default=3, ge=1)
+    job_retry_backoff_seconds: float = Field(default=30.0, ge=0)
     job_soft_time_limit: float = Field(default=600.0, gt=0)
     job_time_limit: float = Field(default=900.0, gt=0)
     sweep_interval_seconds: float = Field(default=1.0, gt=0)

@@ -2,7 +2,7 @@
 
 Revision ID: 0001
 Revises: 
-Create Date: 2026-11-22 00:02:24.234508
+Create Date: 2026-11-22 00:09:53.144213
 """
 from typing import Sequence, Union
 
@@ -86,6 +86,16 @@ def upgrade() -> None:
     sa.Column('created_at', node.db.UTCDateTime(timezone=True), nullable=False),
     sa.PrimaryKeyConstraint('id', name=op.f('pk_users')),
     sa.UniqueConstraint('username', name=op.f('uq_users_username'))
+    )
+    op.create_table('workers',
+    sa.Column('name', sa.String(length=128), nullable=False),
+    sa.Column('hostname', sa.String(length=128), nullable=False),
+    sa.Column('pid', sa.Integer(), nullable=False),
+    sa.Column('queues', sa.JSON(), nullable=True),
+    sa.Column('started_at', node.db.UTCDateTime(timezone=True), nullable=False),
+    sa.Column('last_seen_at', node.db.UTCDateTime(timezone=True), nullable=False),
+    sa.Column('stopped_at', node.db.UTCDateTime(timezone=True), nullable=True),
+    sa.PrimaryKeyConstraint('name', name=op.f('pk_workers'))
     )
     op.create_table('jobs',
     sa.Column('id', sa.Integer(), nullable=False),
@@ -310,6 +320,7 @@ def downgrade() -> None:
         batch_op.drop_index('ix_jobs_state_lease')
 
     op.drop_table('jobs')
+    op.drop_table('workers')
     op.drop_table('users')
     op.drop_table('studies')
     op.drop_table('quarantine')

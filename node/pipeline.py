@@ -1,0 +1,500 @@
+"""The per-job runner: claim the job, run its steps, store everything it produced in one transaction.
+
+`execute_job` is the plain function behind the Celery task (and what tests call):
+
+1. claim the job by lease (`node.jobs.claim`) and keep the lease alive (`LeaseKeeper`);
+2. load the job's context: pipeline, input series with their roles and stored files, the
+   results of the job it supersedes;
+3. call the *runner* — a ``JobRunner`` callable ``(JobContext, Steps) -> JobProducts``.
+   `ModelPipelineRunner` is the real one (models.io → models.pipelines → worklists.triage →
+   node.results); tests pass their own;
+4. in ONE transaction that re-checks the lease: findings rows (model name, version, weights
+   hash), ``result_objects``, one ``outbox`` row per destination, the job ``done`` with
+   timings and model versions, then the *finalizers* (the worklist entry);
+5. on error: a failed attempt (retry with backoff, ``dead`` after max attempts, ``failed`` at
+   once for bad input).
+
+Idempotent: result UIDs are derived from the job's input fingerprint and model versions, and
+``result_objects.sop_instance_uid`` and ``outbox (result_object_id, destination)`` are unique, so a
+re-leased job never creates a second SR/SEG. An attempt whose lease was lost cannot commit.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Mapping, Protocol, Sequence
+
+from sqlalchemy import delete, select
+from sqlalchemy.orm import Session
+
+from node.db import Database, utcnow
+from node.errors import JobError
+from node.jobs import Lease, LeaseKeeper, LeaseLost, PermanentJobError, claim, fail, mark_done, new_lease_owner
+from node.settings import Settings
+from node.tables import Finding, Instance, Job, JobInput, OutboxItem, ResultObject, Series, Study
+
+log = logging.getLogger(__name__)
+
+
+# ---- what a runner gets and returns -----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class InputSeries:
+    series_id: int
+    series_uid: str
+    role: str | None
+    series_number: int | None
+    paths: tuple[Path, ...]  # stored files, sorted by instance number
+
+
+@dataclass(frozen=True)
+class ResultRef:
+    """A result object of an earlier job (the superseded one): what a new SR lists as predecessor."""
+
+    kind: str
+    sop_class_uid: str
+    sop_instance_uid: str
+    series_uid: str
+    study_uid: str
+
+
+@dataclass(frozen=True)
+class JobContext:
+    job_id: int
+    pipeline: str
+    study_uid: str
+    input_fingerprint: str
+    attempt: int
+    inputs: tuple[InputSeries, ...]
+    predecessors: tuple[ResultRef, ...] = ()
+
+    def source_files(self) -> dict[str, list[Path]]:
+        """Series UID → stored files, for the result writers."""
+        return {i.series_uid: list(i.paths) for i in self.inputs}
+
+
+@dataclass
+class FindingRecord:
+    """One ``findings`` row: a model output (or a 'not evaluated' with the QC reason)."""
+
+    model_name: str
+    model_version: str
+    weights_sha256: str
+    code: str
+    label: str
+    series_uid: str | None = None
+    evaluated: bool = True
+    qc_reason: str | None = None
+    qc_message: str | None = None
+    probability: float | None = None
+    uncertainty: float | None = None
+    positive: bool | None = None
+    grade: str | None = None
+    level: str | None = None
+    site: str | None = None
+    laterality: str | None = None
+    details: dict[str, Any] | None = None
+
+
+@dataclass(frozen=True)
+class ResultRecord:
+    """A DICOM object written to disk for the job; becomes a ``result_objects`` row + outbox rows."""
+
+    kind: str  # sr, seg, superres, sc
+    sop_class_uid: str
+    sop_instance_uid: str
+    series_uid: str
+    path: Path
+
+
+@dataclass
+class JobProducts:
+    findings: list[FindingRecord] = field(default_factory=list)
+    results: list[ResultRecord] = field(default_factory=list)
+    model_versions: dict[str, Any] = field(default_factory=dict)  # model name -> {version, weights_sha256}
+    used_by: dict[str, list[str]] = field(default_factory=dict)  # series UID -> model names that used it
+
+
+@dataclass(frozen=True)
+class JobOutcome:
+    job_id: int
+    state: str  # done, queued (retry later), failed, dead, skipped, lease_lost
+    error: str | None = None
+    timings: Mapping[str, float] = field(default_factory=dict)
+
+
+class Steps:
+    """Times named steps (``with steps.step("inference"): ...``) and checks the lease between them."""
+
+    def __init__(self, keeper: LeaseKeeper | None = None):
+        self.keeper = keeper
+        self.timings: dict[str, float] = {}
+        self.current: str | None = None
+
+    def check(self) -> None:
+        if self.keeper is not None:
+            self.keeper.check()
+
+    @contextmanager
+    def step(self, name: str) -> Iterator[None]:
+        self.check()
+        self.current = name
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.timings[name] = round(self.timings.get(name, 0.0) + time.perf_counter() - t0, 4)
+        self.current = None
+        self.check()
+
+
+class JobRunner(Protocol):
+    def __call__(self, ctx: JobContext, steps: Steps) -> JobProducts: ...
+
+
+#: called inside the commit transaction after the job is marked done (e.g. the worklist entry)
+Finalizer = Callable[[Session, JobContext, dt.datetime], None]
+
+
+# ---- loading the context --------------------------------------------------------------------
+
+
+def _resolve(settings: Settings, path: str) -> Path:
+    p = Path(path)
+    return p if p.is_absolute() else settings.store_dir / p
+
+
+def load_context(db: Database, settings: Settings, lease: Lease) -> JobContext:
+    with db.session() as s:
+        job = s.get(Job, lease.job_id)
+        if job is None:
+            raise PermanentJobError(f"job {lease.job_id} does not exist")
+        study_uid = s.scalar(select(Study.study_uid).where(Study.id == job.study_id))
+        rows = s.execute(
+            select(JobInput.series_id, JobInput.role, Series.series_uid, Series.series_number)
+            .join(Series, Series.id == JobInput.series_id)
+            .where(JobInput.job_id == job.id)
+            .order_by(Series.series_number, Series.id)
+        ).all()
+        inputs = []
+        for series_id, role, series_uid, series_number in rows:
+            paths = s.execute(
+                select(Instance.path).where(Instance.series_id == series_id).order_by(Instance.instance_number, Instance.id)
+            ).scalars().all()
+            inputs.append(InputSeries(series_id, series_uid, role, series_number, tuple(_resolve(settings, p) for p in paths)))
+        predecessors: list[ResultRef] = []
+        if job.supersedes_job_id is not None:
+            for ro in s.scalars(select(ResultObject).where(ResultObject.job_id == job.supersedes_job_id).order_by(ResultObject.id)):
+                predecessors.append(ResultRef(ro.kind, ro.sop_class_uid, ro.sop_instance_uid, ro.series_uid, study_uid or ""))
+        return JobContext(
+            job_id=job.id,
+            pipeline=job.pipeline,
+            study_uid=study_uid or "",
+            input_fingerprint=job.input_fingerprint or f"job-{job.id}",
+            attempt=lease.attempt,
+            inputs=tuple(inputs),
+            predecessors=tuple(predecessors),
+        )
+
+
+# ---- committing ------------------------------------------------------------------------------
+
+
+def store_products(
+    session: Session,
+    settings: Settings,
+    ctx: JobContext,
+    lease: Lease,
+    products: JobProducts,
+    *,
+    timings: Mapping[str, float],
+    now: dt.datetime,
+    finalizers: Sequence[Finalizer] = (),
+) -> None:
+    """Writes everything a job produced, inside the caller's transaction (raises `LeaseLost` if not ours)."""
+    mark_done(session, lease, now=now, timings=timings, model_versions=products.model_versions)
+    session.execute(delete(Finding).where(Finding.job_id == ctx.job_id))
+    for f in products.findings:
+        session.add(Finding(job_id=ctx.job_id, **f.__dict__))
+    destinations = [d.key for d in settings.destinations]
+    for r in products.results:
+        ro = session.scalar(select(ResultObject).where(ResultObject.sop_instance_uid == r.sop_instance_uid))
+        if ro is None:
+            ro = ResultObject(
+                job_id=ctx.job_id,
+                kind=r.kind,
+                sop_class_uid=r.sop_class_uid,
+                sop_instance_uid=r.sop_instance_uid,
+                series_uid=r.series_uid,
+                path=str(r.path),
+            )
+            session.add(ro)
+            session.flush()
+        elif ro.job_id != ctx.job_id:
+            # the same inputs and model versions as an earlier job: the same object, already known
+            log.info("job %s: result %s already stored by job %s", ctx.job_id, r.sop_instance_uid, ro.job_id)
+        have = set(session.scalars(select(OutboxItem.destination).where(OutboxItem.result_object_id == ro.id)))
+        for dest in destinations:
+            if dest not in have:
+                session.add(OutboxItem(result_object_id=ro.id, destination=dest, state="pending", next_attempt_at=now))
+    if products.used_by:
+        for ji in session.scalars(select(JobInput).where(JobInput.job_id == ctx.job_id)):
+            uid = next((i.series_uid for i in ctx.inputs if i.series_id == ji.series_id), None)
+            if uid in products.used_by:
+                ji.used_by = list(products.used_by[uid])
+    session.flush()
+    for fin in finalizers:
+        fin(session, ctx, now)
+
+
+# ---- the runner loop for one job -------------------------------------------------------------
+
+
+def default_permanent_errors() -> tuple[type[BaseException], ...]:
+    """Errors another attempt cannot fix: bad input volumes, an unknown pipeline."""
+    errors: list[type[BaseException]] = [PermanentJobError]
+    try:
+        from models.errors import VolumeError
+
+        errors.append(VolumeError)
+    except ImportError:
+        pass
+    return tuple(errors)
+
+
+def _describe(exc: BaseException, steps: Steps, settings: Settings) -> str:
+    name = type(exc).__name__
+    where = f" in step {steps.current}" if steps.current else ""
+    if name == "SoftTimeLimitExceeded":
+        return f"time limit of {settings.job_soft_time_limit:g} s exceeded{where}"
+    msg = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return f"{name}{where}: {msg}" if msg else f"{name}{where}"
+
+
+def execute_job(
+    db: Database,
+    settings: Settings,
+    job_id: int,
+    *,
+    runner: JobRunner,
+    finalizers: Sequence[Finalizer] = (),
+    owner: str | None = None,
+    permanent_errors: tuple[type[BaseException], ...] | None = None,
+    logger: logging.Logger | None = None,
+) -> JobOutcome:
+    """Runs one job if it can be claimed now; returns what happened. Never raises for a job's own failure."""
+    logger = logger or log
+    owner = owner or new_lease_owner()
+    lease = claim(db, job_id, owner=owner, lease_seconds=settings.job_lease_seconds)
+    if lease is None:
+        logger.info("job %s: not claimable now (taken, not due or finished); wake-up ignored", job_id)
+        return JobOutcome(job_id, "skipped")
+    logger.info("job %s: attempt %s of %s started by %s", job_id, lease.attempt, lease.max_attempts, owner)
+    permanent = permanent_errors if permanent_errors is not None else default_permanent_errors()
+    t_start = time.perf_counter()
+    with LeaseKeeper(db, lease, lease_seconds=settings.job_lease_seconds, logger=logger) as keeper:
+        steps = Steps(keeper)
+        try:
+            with steps.step("load_context"):
+                ctx = load_context(db, settings, lease)
+            products = runner(ctx, steps)
+            steps.check()
+            timings = dict(steps.timings)
+            timings["total"] = round(time.perf_counter() - t_start, 4)
+            now = utcnow()
+            with db.session() as s:
+                store_products(s, settings, ctx, lease, products, timings=timings, now=now, finalizers=finalizers)
+            logger.info("job %s: done in %.2f s (attempt %s)", job_id, timings["total"], lease.attempt)
+            return JobOutcome(job_id, "done", timings=timings)
+        except LeaseLost as e:
+            logger.warning("job %s: %s; results of this attempt discarded", job_id, e)
+            return JobOutcome(job_id, "lease_lost", error=str(e))
+        except Exception as e:
+            error = _describe(e, steps, settings)
+            retryable = not isinstance(e, permanent)
+            timings = dict(steps.timings)
+            timings["total"] = round(time.perf_counter() - t_start, 4)
+            if retryable:
+                logger.exception("job %s: attempt %s failed: %s", job_id, lease.attempt, error)
+            else:
+                logger.error("job %s: attempt %s failed permanently: %s", job_id, lease.attempt, error)
+            try:
+                state = fail(db, lease, error=error, retryable=retryable, backoff_base=settings.job_retry_backoff_seconds,
+                             timings=timings)
+            except LeaseLost as lost:
+                logger.warning("job %s: %s", job_id, lost)
+                return JobOutcome(job_id, "lease_lost", error=error)
+            return JobOutcome(job_id, state, error=error, timings=timings)
+
+
+# ---- the real runner: models → triage → results ---------------------------------------------
+
+
+def _import(module: str, what: str):
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ModuleNotFoundError as e:
+        if e.name and module.startswith(e.name):
+            raise JobError(f"{what} is not installed (module {module} missing)") from None
+        raise
+
+
+def findings_from_output(output: Any) -> list[FindingRecord]:
+    """``findings`` rows from a `models.types.PipelineOutput`: one per finding, one per refused model."""
+    rows: list[FindingRecord] = []
+    for mo in output.outputs:
+        info = mo.model
+        base = dict(model_name=info.name, model_version=info.version, weights_sha256=info.weights_sha256,
+                    series_uid=mo.series_uid or None)
+        if not mo.qc.accepted:
+            rows.append(FindingRecord(
+                **base,
+                code=info.name,
+                label=f"{info.name}: not evaluated ({mo.qc.reason or 'quality check failed'})",
+                evaluated=False,
+                qc_reason=mo.qc.reason,
+                qc_message=mo.qc.message,
+                details={"qc_metrics": dict(mo.qc.metrics)} if mo.qc.metrics else None,
+            ))
+            continue
+        for f in mo.findings:
+            details: dict[str, Any] = {}
+            if f.threshold is not None:
+                details["threshold"] = f.threshold
+            if f.grade_probabilities:
+                details["grade_probabilities"] = dict(f.grade_probabilities)
+            if f.location is not None:
+                details["location"] = [int(v) for v in f.location]
+            if f.location_mm is not None:
+                details["location_mm"] = [float(v) for v in f.location_mm]
+            rows.append(FindingRecord(
+                **base,
+                code=f.code,
+                label=f.label,
+                evaluated=True,
+                probability=None if f.probability is None else float(f.probability),
+                uncertainty=None if f.uncertainty is None else float(f.uncertainty),
+                positive=bool(f.positive),
+                grade=f.grade,
+                level=f.level,
+                site=f.site,
+                details=details or None,
+            ))
+    for sr in output.superres:
+        info = sr.model
+        rows.append(FindingRecord(
+            model_name=info.name,
+            model_version=info.version,
+            weights_sha256=info.weights_sha256,
+            series_uid=sr.source.series_uid or None,
+            code="superres",
+            label="Super-resolved series" if sr.qc.accepted else f"Super-resolution not done ({sr.qc.reason})",
+            evaluated=bool(sr.qc.accepted),
+            qc_reason=sr.qc.reason,
+            qc_message=sr.qc.message,
+            details={
+                "consistency_error": float(sr.consistency_error),
+                "consistency_tolerance": float(sr.consistency_tolerance),
+                "consistency_passed": bool(sr.consistency_passed),
+            },
+        ))
+    return rows
+
+
+def model_versions_of(output: Any) -> dict[str, Any]:
+    versions: dict[str, Any] = {}
+    for info in [mo.model for mo in output.outputs] + [sr.model for sr in output.superres]:
+        versions[info.name] = {"version": info.version, "weights_sha256": info.weights_sha256}
+    return versions
+
+
+class ModelPipelineRunner:
+    """The production runner: load volumes by role, run the pipeline, triage, write result objects."""
+
+    def __init__(self, settings: Settings, *, registry: Any = None):
+        self.settings = settings
+        self._registry = registry
+
+    @property
+    def registry(self):
+        if self._registry is None:
+            reg = _import("models.registry", "the model registry")
+            self._registry = reg.Registry(self.settings.weights_dir)
+        return self._registry
+
+    def __call__(self, ctx: JobContext, steps: Steps) -> JobProducts:
+        settings = self.settings
+        io = _import("models.io", "series loading (models.io)")
+        pipelines = _import("models.pipelines", "the model pipelines")
+        if ctx.pipeline not in pipelines.PIPELINES:
+            raise PermanentJobError(f"unknown pipeline {ctx.pipeline!r}")
+        import torch
+
+        torch.set_num_threads(settings.torch_threads)
+
+        volumes: dict[str, Any] = {}
+        with steps.step("load"):
+            for inp in ctx.inputs:
+                if not inp.role or inp.role == "localizer" or inp.role in volumes:
+                    continue
+                if not inp.paths:
+                    raise PermanentJobError(f"series {inp.series_uid} has no stored instances")
+                volumes[inp.role] = io.load_series(list(inp.paths))
+        with steps.step("inference"):
+            output = pipelines.run_pipeline(ctx.pipeline, volumes, registry=self.registry)
+        for name, secs in (output.timings or {}).items():
+            steps.timings[f"inference.{name}"] = round(float(secs), 4)
+
+        findings = findings_from_output(output)
+        with steps.step("triage"):
+            triage_mod = _import("worklists.triage", "triage (worklists.triage)")
+            policy = triage_mod.load_policy(settings.triage_policy)
+            summary = triage_mod.compute(triage_mod.findings_from_pipeline(output), policy)
+        with steps.step("results"):
+            results_mod = _import("node.results", "the result writers (node.results)")
+            files = results_mod.build_results(
+                output=output,
+                source_files=ctx.source_files(),
+                triage=summary,
+                predecessors=list(ctx.predecessors),
+                settings=settings,
+                job_fingerprint=ctx.input_fingerprint,
+            )
+            records = []
+            for rf in files:
+                path = results_mod.save(rf, settings)
+                records.append(ResultRecord(rf.kind, rf.sop_class_uid, rf.sop_instance_uid, rf.series_uid, path))
+        used_by: dict[str, list[str]] = {}
+        for model_name, series_uids in (output.used_series or {}).items():
+            for uid in series_uids:
+                used_by.setdefault(uid, []).append(model_name)
+        return JobProducts(findings=findings, results=records, model_versions=model_versions_of(output), used_by=used_by)
+
+
+def worklist_finalizer(settings: Settings) -> Finalizer | None:
+    """Updates the study's worklist entry after a job is done (None if the worklist module is missing)."""
+    try:
+        from worklists import entries, triage
+    except ImportError:
+        return None
+    policy_cache: dict[str, Any] = {}
+
+    def finalize(session: Session, ctx: JobContext, now: dt.datetime) -> None:
+        if "policy" not in policy_cache:
+            policy_cache["policy"] = triage.load_policy(settings.triage_policy)
+        entries.upsert_for_job(session, job_id=ctx.job_id, policy=policy_cache["policy"], now=now)
+
+    return finalize
+
+
+def default_finalizers(settings: Settings) -> list[Finalizer]:
+    fin = worklist_finalizer(settings)
+    return [fin] if fin is not None else []

@@ -1,0 +1,84 @@
+"""Celery tasks: thin wrappers, like web views, around plain functions.
+
+``msknode.run_job(job_id)`` loads nothing but the id from the message and calls
+`node.pipeline.execute_job`, which claims the job by lease and does the work. Retries,
+backoff and the dead state live in the database (`node.jobs`), not in Celery: a Celery
+retry with a countdown would sit in one worker's memory and die with it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Callable
+
+from celery import Celery
+
+from node.settings import Settings
+
+log = logging.getLogger(__name__)
+
+RunnerFactory = Callable[[Settings], "object"]
+
+
+class WorkerContext:
+    """What a task needs, created lazily once per worker process (a fork gets its own engine)."""
+
+    def __init__(self, settings: Settings, runner_factory: RunnerFactory | None = None):
+        self.settings = settings
+        self.runner_factory = runner_factory
+        self._pid: int | None = None
+        self._db = None
+        self._runner = None
+        self._finalizers = None
+
+    def _fresh(self) -> None:
+        if self._pid != os.getpid():
+            from node.db import Database
+
+            self._pid = os.getpid()
+            self._db = Database(self.settings.database_url, migrate=False)
+            self._runner = None
+            self._finalizers = None
+
+    @property
+    def db(self):
+        self._fresh()
+        return self._db
+
+    @property
+    def runner(self):
+        self._fresh()
+        if self._runner is None:
+            if self.runner_factory is not None:
+                self._runner = self.runner_factory(self.settings)
+            else:
+                from node.pipeline import ModelPipelineRunner
+
+                self._runner = ModelPipelineRunner(self.settings)
+        return self._runner
+
+    @property
+    def finalizers(self):
+        self._fresh()
+        if self._finalizers is None:
+            from node.pipeline import default_finalizers
+
+            self._finalizers = default_finalizers(self.settings)
+        return self._finalizers
+
+
+def register_tasks(app: Celery, settings: Settings, *, runner_factory: RunnerFactory | None = None) -> WorkerContext:
+    """Registers the msknode tasks on ``app``; they use ``settings`` captured here."""
+    from node.celery_app import RUN_JOB_TASK
+
+    ctx = WorkerContext(settings, runner_factory)
+
+    @app.task(name=RUN_JOB_TASK, acks_late=True, reject_on_worker_lost=True, ignore_result=True)
+    def run_job(job_id: int) -> str:
+        from node.pipeline import execute_job
+
+        outcome = execute_job(ctx.db, ctx.settings, int(job_id), runner=ctx.runner, finalizers=ctx.finalizers)
+        return outcome.state
+
+    return ctx

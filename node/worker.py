@@ -1,0 +1,268 @@
+"""``msknode worker``: a Celery worker plus the node's periodic loop.
+
+`run_worker` starts a Celery worker programmatically (prefork pool, so the soft and hard
+time limits apply) on the given queues, and — as a worker bootstep, once the pool is up —
+a `PeriodicLoop` thread in the main process that runs every ``sweep_interval_seconds``:
+
+1. worker heartbeat (for health);
+2. completeness tick (`node.completeness.tick`, creates jobs) — housekeeping workers only;
+3. enqueue: send wake-ups for committed jobs with ``enqueue_pending`` (`node.jobs`);
+4. sweeper: requeue expired leases, re-send lost wake-ups;
+5. dispatch outbox (`node.dispatch.process_outbox`) — housekeeping workers only;
+6. retention and broker file cleanup, hourly — housekeeping workers only.
+
+"Housekeeping" workers are those that consume the ``ingest`` queue (the listener host);
+inference-only workers (``--queues gpu``) heartbeat, enqueue and sweep only. Every step is
+safe with several workers at once (conditional updates in the database).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import os
+import socket
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+from node.db import Database, utcnow
+from node.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Duty:
+    """One step of the periodic loop: ``fn(now)``, at most every ``every`` seconds (0 = every round)."""
+
+    name: str
+    fn: Callable[[dt.datetime], object]
+    every: float = 0.0
+    last_run: float = field(default=float("-inf"))
+    last_error: str | None = None
+
+    def due(self, t: float) -> bool:
+        return t - self.last_run >= self.every
+
+
+class PeriodicLoop:
+    """Runs the duties in order, every ``interval`` seconds, in a daemon thread; a failing duty is logged, not fatal."""
+
+    def __init__(self, duties: list[Duty], *, interval: float, logger: logging.Logger | None = None):
+        self.duties = duties
+        self.interval = interval
+        self.log = logger or log
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.rounds = 0
+
+    def run_once(self) -> None:
+        for duty in self.duties:
+            t = time.monotonic()
+            if not duty.due(t):
+                continue
+            duty.last_run = t
+            try:
+                duty.fn(utcnow())
+                if duty.last_error is not None:
+                    self.log.info("periodic %s: recovered", duty.name)
+                duty.last_error = None
+            except Exception as e:
+                msg = f"{type(e).__name__}: {e}"
+                if msg != duty.last_error:  # log a repeated failure once
+                    self.log.exception("periodic %s failed: %s", duty.name, msg)
+                duty.last_error = msg
+        self.rounds += 1
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            t0 = time.monotonic()
+            self.run_once()
+            self._stop.wait(max(self.interval - (time.monotonic() - t0), 0.01))
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="msknode-periodic", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+
+def _optional(module: str):
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ModuleNotFoundError as e:
+        if e.name and module.startswith(e.name):
+            return None
+        raise
+
+
+def completeness_duty(db: Database, settings: Settings) -> Duty | None:
+    """The completeness tick (routes complete series, creates jobs), if `node.completeness` exists."""
+    completeness = _optional("node.completeness")
+    if completeness is None:
+        log.warning("node.completeness is not installed: no jobs will be created from received series")
+        return None
+    rules_of = getattr(completeness, "rules_provider", None)
+    provider = rules_of(settings) if rules_of is not None else None
+
+    def tick(now: dt.datetime) -> None:
+        rules = provider() if provider is not None else None
+        with db.session() as s:
+            created = completeness.tick(s, settings, now, rules)
+        if created:
+            log.info("jobs created: %s", list(created))
+
+    return Duty("completeness", tick)
+
+
+def dispatch_duty(db: Database, settings: Settings) -> Duty | None:
+    dispatch = _optional("node.dispatch")
+    if dispatch is None:
+        log.warning("node.dispatch is not installed: result objects will not be sent")
+        return None
+
+    def run(now: dt.datetime) -> None:
+        dispatch.process_outbox(db, settings, now=now)
+
+    return Duty("dispatch", run)
+
+
+def retention_duty(db: Database, settings: Settings) -> Duty | None:
+    retention = _optional("node.retention")
+    fn = getattr(retention, "purge", None) if retention is not None else None
+    if fn is None:
+        return None
+
+    def run(now: dt.datetime) -> None:
+        fn(db, settings, now=now)
+
+    return Duty("retention", run, every=3600.0)
+
+
+def build_duties(
+    db: Database,
+    settings: Settings,
+    *,
+    name: str,
+    queues: list[str],
+    send: Callable[[int, str], None],
+    queue_depths: Callable[[], dict[str, int]] | None,
+    housekeeping: bool,
+) -> list[Duty]:
+    """The loop's duties in their order: heartbeat → completeness → enqueue → sweeper → dispatch → retention."""
+    from node import jobs
+    from node.celery_app import cleanup_processed
+
+    duties: list[Duty] = [Duty("heartbeat", lambda now: jobs.heartbeat(db, name=name, queues=queues, now=now))]
+    if housekeeping:
+        d = completeness_duty(db, settings)
+        if d is not None:
+            duties.append(d)
+    duties.append(Duty("enqueue", lambda now: jobs.enqueue_pending_jobs(db, send, now=now)))
+    duties.append(Duty("sweeper", lambda now: jobs.sweep(db, now=now, lease_seconds=settings.job_lease_seconds,
+                                                          queue_depths=queue_depths)))
+    # a lost wake-up found by the sweeper is sent in the same round
+    duties.append(Duty("enqueue-resent", lambda now: jobs.enqueue_pending_jobs(db, send, now=now)))
+    if housekeeping:
+        for make in (dispatch_duty, retention_duty):
+            d = make(db, settings)
+            if d is not None:
+                duties.append(d)
+        duties.append(Duty("broker-cleanup", lambda now: cleanup_processed(settings), every=3600.0))
+    return duties
+
+
+def validate_queues(queues: list[str] | None, settings: Settings) -> list[str]:
+    from node.celery_app import QUEUES
+    from node.errors import SettingsError
+
+    queues = list(queues or settings.worker_queues)
+    unknown = [q for q in queues if q not in QUEUES]
+    if unknown or not queues:
+        raise SettingsError(f"unknown worker queue(s) {unknown}; choose from {', '.join(QUEUES)}")
+    return queues
+
+
+def run_worker(
+    settings: Settings,
+    queues: list[str] | None = None,
+    *,
+    runner_factory=None,
+    housekeeping: bool | None = None,
+    pool: str = "prefork",
+) -> int:
+    """Runs a Celery worker with the periodic loop until SIGTERM/SIGINT; returns the exit code.
+
+    ``runner_factory(settings) -> JobRunner`` replaces the model pipeline (tests);
+    ``housekeeping`` defaults to whether the worker consumes the ``ingest`` queue.
+    """
+    from celery import bootsteps
+
+    from node import jobs
+    from node.celery_app import make_celery, queue_depths, send_job
+
+    queues = validate_queues(queues, settings)
+    if housekeeping is None:
+        housekeeping = "ingest" in queues
+    # inherited by the pool's processes before torch is imported there
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        os.environ[var] = str(settings.torch_threads)
+    settings.ensure_dirs()
+    db = Database(settings.database_url)  # applies migrations
+    app = make_celery(settings, runner_factory=runner_factory)
+    name = jobs.worker_name()
+    duties = build_duties(
+        db,
+        settings,
+        name=name,
+        queues=queues,
+        send=lambda job_id, queue: send_job(app, job_id, queue),
+        queue_depths=lambda: queue_depths(app),
+        housekeeping=housekeeping,
+    )
+    loop = PeriodicLoop(duties, interval=settings.sweep_interval_seconds)
+
+    class PeriodicLoopStep(bootsteps.StartStopStep):
+        requires = {"celery.worker.components:Pool"}
+
+        def start(self, worker):
+            log.info("worker %s: periodic loop started (%s)", name, ", ".join(d.name for d in duties))
+            loop.start()
+
+        def stop(self, worker):
+            loop.stop()
+
+        def shutdown(self, worker):
+            loop.stop()
+
+    app.steps["worker"].add(PeriodicLoopStep)
+    log.info("worker %s: queues %s, broker %s, concurrency %s", name, ",".join(queues),
+             str(settings.broker_url).split("://", 1)[0], settings.worker_concurrency)
+    worker = app.Worker(
+        hostname=f"msknode-{os.getpid()}@{socket.gethostname()}",
+        queues=queues,
+        concurrency=settings.worker_concurrency,
+        pool=pool,
+        loglevel=settings.log_level,
+        without_mingle=True,
+        without_gossip=True,
+        without_heartbeat=True,
+        optimization="fair",
+    )
+    try:
+        worker.start()
+    finally:
+        loop.stop()
+        try:
+            jobs.worker_stopped(db, name=name)
+        except Exception as e:  # the database may be what stopped us
+            log.warning("could not record worker stop: %s", e)
+        db.dispose()
+    return int(worker.exitcode or 0)
