@@ -86,6 +86,8 @@ class Series(Base):
     open_associations: Mapped[int] = mapped_column(Integer, default=0)
     completed_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
     completed_reason: Mapped[str | None] = mapped_column(String(32))
+    # the instance count when the series was found complete: more instances later re-open it
+    completed_instances: Mapped[int | None] = mapped_column(Integer)
 
     study: Mapped[Study] = relationship(back_populates="series")
 

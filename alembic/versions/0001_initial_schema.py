@@ -2,7 +2,7 @@
 
 Revision ID: 0001
 Revises: 
-Create Date: 2026-11-22 00:09:53.144213
+Create Date: 2026-11-22 00:10:42.441877
 """
 from typing import Sequence, Union
 
@@ -151,6 +151,7 @@ def upgrade() -> None:
     sa.Column('open_associations', sa.Integer(), nullable=False),
     sa.Column('completed_at', node.db.UTCDateTime(timezone=True), nullable=True),
     sa.Column('completed_reason', sa.String(length=32), nullable=True),
+    sa.Column('completed_instances', sa.Integer(), nullable=True),
     sa.ForeignKeyConstraint(['study_id'], ['studies.id'], name=op.f('fk_series_study_id_studies'), ondelete='CASCADE'),
     sa.PrimaryKeyConstraint('id', name=op.f('pk_series')),
     sa.UniqueConstraint('series_uid', name=op.f('uq_series_series_uid'))
