@@ -149,6 +149,164 @@ def job_states(db) -> dict[int, str]:
         return dict(s.execute(select(Job.id, Job.state)).all())
 
 
+# ---- real processes: worker, Redis, PostgreSQL ------------------------------------------------
+
+
+class WorkerProcess:
+    """``python tests/jobs_support.py worker`` in its own process group (so kill -9 takes its pool too)."""
+
+    def __init__(self, env: dict[str, str], log_path: Path, *, sleep: float = 0.2, fail_times: int = 0,
+                 queues: str | None = None):
+        self.env = env
+        self.log_path = Path(log_path)
+        self.args = [sys.executable, str(Path(__file__).resolve()), "worker", "--sleep", str(sleep),
+                     "--fail-times", str(fail_times)] + (["--queues", queues] if queues else [])
+        self.proc = None
+
+    def start(self) -> "WorkerProcess":
+        import subprocess
+
+        self._log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(self.args, env=self.env, stdout=self._log, stderr=subprocess.STDOUT,
+                                     start_new_session=True, cwd=str(ROOT))
+        return self
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def kill9(self) -> None:
+        """Kills the worker and its pool processes at once (a crash: no shutdown code runs)."""
+        import signal
+
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.proc.wait(10)
+        self._log.close()
+
+    def stop(self, timeout: float = 20.0) -> int | None:
+        import signal
+        import subprocess
+
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(10)
+        else:  # the group may still hold pool children
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        if not self._log.closed:
+            self._log.close()
+        return self.proc.returncode
+
+    def output(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+
+def worker_env(settings_env: dict[str, str]) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MSKNODE_")}
+    env.update(settings_env)
+    env["TCP_NODELAY"] = "1"
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+class RedisServer:
+    """A real redis-server on 127.0.0.1 without persistence, stoppable and restartable on the same port."""
+
+    def __init__(self, workdir: Path, port: int):
+        self.workdir = Path(workdir)
+        self.port = port
+        self.proc = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> "RedisServer":
+        import socket
+        import subprocess
+
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.proc = subprocess.Popen(
+            ["redis-server", "--bind", "127.0.0.1", "--port", str(self.port), "--save", "", "--appendonly", "no",
+             "--dir", str(self.workdir), "--protected-mode", "yes"],
+            stdout=open(self.workdir / "redis.log", "ab"), stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as sock:
+                    sock.sendall(b"PING\r\n")
+                    if sock.recv(16).startswith(b"+PONG"):
+                        return self
+            except OSError:
+                pass
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"redis-server did not start: {(self.workdir / 'redis.log').read_text()[-2000:]}")
+            time.sleep(0.05)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()  # SIGKILL: nothing is saved (no persistence anyway)
+            self.proc.wait(10)
+        self.proc = None
+
+
+class PostgresServer:
+    """A real PostgreSQL 15 cluster in a temporary directory (initdb as the ``postgres`` user), loopback only."""
+
+    BIN = Path("/usr/lib/postgresql/15/bin")
+
+    def __init__(self, port: int):
+        import tempfile
+
+        self.port = port
+        self.dir = Path(tempfile.mkdtemp(prefix="msknode-pg-"))
+        self.data = self.dir / "data"
+
+    def _as_postgres(self, *cmd: str, check: bool = True):
+        import subprocess
+
+        return subprocess.run(["runuser", "-u", "postgres", "--", *cmd], check=check, capture_output=True, text=True)
+
+    def start(self) -> "PostgresServer":
+        import shutil
+
+        shutil.chown(self.dir, user="postgres", group="postgres")
+        self._as_postgres(str(self.BIN / "initdb"), "-D", str(self.data), "-U", "postgres", "--auth=trust",
+                          "--no-sync", "-E", "UTF8", "--locale=C.UTF-8")
+        opts = f"-c listen_addresses=127.0.0.1 -p {self.port} -c unix_socket_directories={self.dir} -c fsync=off"
+        self._as_postgres(str(self.BIN / "pg_ctl"), "-D", str(self.data), "-o", opts, "-l", str(self.dir / "pg.log"),
+                          "-w", "-t", "30", "start")
+        return self
+
+    def create_database(self, name: str) -> str:
+        """A new empty database; returns its SQLAlchemy URL (psycopg 3)."""
+        self._as_postgres(str(self.BIN / "createdb"), "-h", "127.0.0.1", "-p", str(self.port), "-U", "postgres", name)
+        return f"postgresql+psycopg://postgres@127.0.0.1:{self.port}/{name}"
+
+    def stop(self) -> None:
+        import shutil
+
+        self._as_postgres(str(self.BIN / "pg_ctl"), "-D", str(self.data), "-m", "immediate", "-w", "stop", check=False)
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser()
     p.add_argument("command", choices=["worker"])

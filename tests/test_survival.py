@@ -1,0 +1,93 @@
+"""Survival of the job machinery with real worker processes on the embedded default
+(SQLite WAL + kombu filesystem transport): retries through the broker, kill -9 mid-job.
+
+The worker runs `tests/jobs_support.py worker`: the real `node.worker.run_worker` (Celery prefork
+worker + periodic loop) with a step function that sleeps and writes rows instead of the models.
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from sqlalchemy import func, select
+
+from jobs_support import WorkerProcess, job_states, make_study_job, read_runs, wait_for, worker_env
+from node.jobs import WorkerRecord
+from node.tables import Finding, Job, ResultObject
+
+LEASE = 3.0
+
+
+@pytest.fixture
+def embedded(settings, db, tmp_path):
+    env = worker_env({
+        "MSKNODE_DATA_DIR": str(settings.data_dir),
+        "MSKNODE_JOB_LEASE_SECONDS": str(LEASE),
+        "MSKNODE_SWEEP_INTERVAL_SECONDS": "0.5",
+        "MSKNODE_JOB_RETRY_BACKOFF_SECONDS": "0.5",
+        "MSKNODE_LOG_LEVEL": "INFO",
+    })
+    workers: list[WorkerProcess] = []
+
+    def start(**kw) -> WorkerProcess:
+        w = WorkerProcess(env, tmp_path / f"worker{len(workers)}.log", **kw).start()
+        workers.append(w)
+        return w
+
+    yield start
+    for w in workers:
+        w.stop()
+
+
+def _count(db, table) -> int:
+    with db.session() as s:
+        return s.scalar(select(func.count()).select_from(table))
+
+
+def test_worker_retries_through_the_broker_and_runs_each_job_once(embedded, settings, db):
+    ids = [make_study_job(db) for _ in range(3)]
+    w = embedded(sleep=0.2, fail_times=1)  # the first attempt of every job fails
+    try:
+        wait_for(lambda: set(job_states(db).values()) == {"done"}, 40, what="all jobs done")
+    except AssertionError:
+        print(w.output()[-4000:])
+        raise
+    with db.session() as s:
+        for job in s.scalars(select(Job).where(Job.id.in_(ids))):
+            assert job.attempts == 2, (job.id, job.attempts, job.error)
+            assert job.error is None and job.timings["inference"] >= 0.2
+        assert s.scalar(select(func.count()).select_from(WorkerRecord)) == 1
+    runs = read_runs(settings.data_dir)
+    ends = sorted(j for kind, j, attempt, _ in runs if kind == "end")
+    assert ends == sorted(ids)  # each job finished exactly once, on its second attempt
+    assert all(attempt == 2 for kind, _, attempt, _ in runs if kind == "end")
+    assert _count(db, ResultObject) == 3 and _count(db, Finding) == 3
+
+
+def test_kill9_worker_mid_job_then_new_worker_completes_it_once(embedded, settings, db):
+    job_id = make_study_job(db)
+    w1 = embedded(sleep=6.0)
+    wait_for(lambda: any(k == "start" for k, *_ in read_runs(settings.data_dir)), 30, what="job started")
+    time.sleep(1.0)
+    w1.kill9()
+    killed_at = time.monotonic()
+    assert job_states(db)[job_id] == "processing"
+
+    w2 = embedded(sleep=1.0)
+    try:
+        wait_for(lambda: job_states(db)[job_id] == "done", LEASE + 1.0 + 15, what="job done after restart")
+    except AssertionError:
+        print(w2.output()[-4000:])
+        raise
+    elapsed = time.monotonic() - killed_at
+    print(f"job done {elapsed:.1f} s after kill -9 (lease {LEASE} s, run 1 s)")
+    # lease expiry + the 1 s run + worker start-up + a few seconds
+    assert elapsed < LEASE + 1.0 + 8, elapsed
+    runs = read_runs(settings.data_dir)
+    assert [(k, a) for k, j, a, _ in runs] == [("start", 1), ("start", 2), ("end", 2)]
+    assert runs[0][3] != runs[1][3]  # a different process
+    with db.session() as s:
+        job = s.get(Job, job_id)
+        assert job.attempts == 2 and job.error is None
+    assert _count(db, ResultObject) == 1 and _count(db, Finding) == 1
