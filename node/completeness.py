@@ -1,0 +1,489 @@
+"""Series and study completeness: from stored instances to exactly one job per study and anatomy.
+
+`tick` is called by the periodic loop (``node.worker``). It is pure database work:
+idempotent, and safe with several processes ticking at once (every state change is a
+conditional UPDATE; the job is created only by whoever moved its series from
+``complete`` to ``queued``). The timers are columns, so they survive restarts and
+work with several listener processes (contract C1):
+
+1. *Lost associations*: an association still open in the database with no instance
+   for ``network_timeout`` seconds (its listener died) is closed as ``lost``.
+2. *Re-open*: a series that got instances after it was found complete goes back to
+   ``receiving`` (its study will be processed again).
+3. *Series complete*: either quiet — no association delivering to it is open and its
+   ``quiet_deadline`` (set by the listener at release) has passed — or at once, when
+   the stored count reaches the count the series announces (Images in Acquisition,
+   frames) and the slice positions along the normal show no gap. A slice without a
+   position means waiting for the quiet period. A complete series is routed at once
+   (`node.routing`): ``complete`` with pipeline + role, or ``unrouted``.
+4. *Study settled*: for each study + pipeline with a routed, non-localizer series in
+   ``complete``: no other series of the study still receiving, nothing received and
+   no series completed for ``study_quiet_seconds`` → one ``jobs`` row (``queued``,
+   ``enqueue_pending``) with ``job_inputs`` (every routed non-localizer series of that
+   pipeline, with its role). A series arriving later re-opens the study: a new job
+   that ``supersedes`` the previous one (a still-queued predecessor becomes
+   ``superseded``); identical inputs never make a second job.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import logging
+import math
+from collections import Counter
+from dataclasses import dataclass
+from typing import Callable, Iterable, Sequence
+
+from sqlalchemy import exists, func, or_, select, update
+from sqlalchemy.orm import Session
+
+from node.routing import (
+    LOCALIZER_ROLE,
+    UNROUTED_NO_ANATOMY,
+    Route,
+    RoutingRules,
+    RulesFile,
+    SeriesFacts,
+    load_rules,
+)
+from node.settings import Settings
+from node.tables import Association, AssociationSeries, Instance, Job, JobInput, Series, Study
+
+log = logging.getLogger(__name__)
+
+#: series states that count as processed (or being processed) by a job of their pipeline
+INPUT_STATES = ("complete", "queued", "processing", "done", "failed")
+#: job states whose results (present or coming) a new job supersedes
+RESULT_JOB_STATES = ("processing", "done")
+#: job states that have not started: a newer job replaces them
+WAITING_JOB_STATES = ("pending", "queued")
+#: slice spacing above this multiple of the median spacing is a gap
+GAP_FACTOR = 1.5
+POSITION_DECIMALS = 2  # 0.01 mm
+
+
+def rules_provider(settings: Settings, logger: logging.Logger | None = None) -> Callable[[], RoutingRules]:
+    """The rules in force, reloaded when ``settings.routing_rules`` changes (for the periodic loop)."""
+    return RulesFile(settings.routing_rules, logger or logging.getLogger("node.routing")).current
+
+
+def tick(session: Session, settings: Settings, now: dt.datetime, rules: RoutingRules | RulesFile | None = None) -> list[int]:
+    """One completeness round; returns the ids of the jobs it created (contract C2)."""
+    if rules is None:
+        rules = load_rules(settings.routing_rules)
+    elif isinstance(rules, RulesFile):
+        rules = rules.current()
+    close_lost_associations(session, settings, now)
+    reopen_series(session, settings, now)
+    complete_series(session, settings, now, rules)
+    return create_jobs(session, settings, now, rules)
+
+
+# ---- 1. lost associations --------------------------------------------------------
+def close_lost_associations(session: Session, settings: Settings, now: dt.datetime) -> list[int]:
+    """Closes open associations idle for ``network_timeout`` (their listener is gone)."""
+    cutoff = now - dt.timedelta(seconds=settings.network_timeout)
+    last_instance = (
+        select(func.max(Instance.received_at)).where(Instance.association_id == Association.id).scalar_subquery()
+    )
+    rows = session.execute(
+        select(Association.id, Association.started_at, last_instance).where(Association.ended_at.is_(None))
+    ).all()
+    closed = []
+    for assoc_id, started_at, last_at in rows:
+        activity = max(t for t in (started_at, last_at) if t is not None)
+        if activity > cutoff:
+            continue
+        res = session.execute(
+            update(Association)
+            .where(Association.id == assoc_id, Association.ended_at.is_(None))
+            .values(ended_at=now, end_reason="lost")
+        )
+        if res.rowcount != 1:
+            continue
+        closed.append(assoc_id)
+        series_ids = session.scalars(
+            select(AssociationSeries.series_id).where(AssociationSeries.association_id == assoc_id)
+        ).all()
+        if series_ids:
+            session.execute(
+                update(Series)
+                .where(Series.id.in_(series_ids), Series.state == "receiving", Series.quiet_deadline.is_(None))
+                .values(quiet_deadline=now + dt.timedelta(seconds=settings.quiet_seconds))
+            )
+        log.warning(
+            "association %d: no instance for %.0f s and still open: closed as lost (%d series)",
+            assoc_id, settings.network_timeout, len(series_ids),
+        )
+    return closed
+
+
+# ---- 2. re-open ------------------------------------------------------------------
+def reopen_series(session: Session, settings: Settings, now: dt.datetime) -> list[int]:
+    """Series that received instances after they were found complete go back to ``receiving``."""
+    rows = session.execute(
+        select(Series.id, Series.series_uid, Series.state, Series.instances, Series.completed_instances).where(
+            Series.state != "receiving",
+            Series.completed_instances.is_not(None),
+            Series.instances > Series.completed_instances,
+        )
+    ).all()
+    reopened = []
+    for series_id, uid, state, count, before in rows:
+        res = session.execute(
+            update(Series)
+            .where(Series.id == series_id, Series.state == state, Series.completed_instances == before)
+            .values(
+                state="receiving",
+                completed_at=None,
+                completed_reason=None,
+                completed_instances=None,
+                pipeline=None,
+                role=None,
+                routing_rule=None,
+                quiet_deadline=func.coalesce(
+                    Series.quiet_deadline, now + dt.timedelta(seconds=settings.quiet_seconds)
+                ),
+            )
+        )
+        if res.rowcount == 1:
+            reopened.append(series_id)
+            log.info("series %s: %d instance(s) arrived after it was %s: receiving again", uid, count - before, state)
+    return reopened
+
+
+# ---- 3. series complete ----------------------------------------------------------
+@dataclass(frozen=True)
+class SliceCheck:
+    complete: bool
+    reason: str
+
+
+def check_positions(
+    rows: Sequence[tuple[str | None, str | None, int | None]], expected: int
+) -> SliceCheck:
+    """Whether stored instances cover an announced count without a slice gap.
+
+    ``rows`` are (image_position "x\\y\\z", image_orientation, number_of_frames) per
+    instance. One multi-frame object carrying every frame is whole by itself.
+    """
+    if not rows:
+        return SliceCheck(False, "no instances")
+    if len(rows) == 1 and (rows[0][2] or 1) >= expected:
+        return SliceCheck(True, "multi-frame object with every frame")
+    if len(rows) < expected:
+        return SliceCheck(False, f"{len(rows)} of {expected} instances")
+    if any((frames or 1) > 1 for _, _, frames in rows):
+        return SliceCheck(False, "multi-frame objects: positions per frame not indexed")
+    orientation = None
+    positions = []
+    for pos, ori, _ in rows:
+        p = _floats(pos, 3)
+        o = _floats(ori, 6)
+        if p is None or o is None:
+            return SliceCheck(False, "an instance has no slice position")
+        if orientation is None:
+            orientation = o
+        elif max(abs(a - b) for a, b in zip(o, orientation)) > 1e-3:
+            return SliceCheck(False, "mixed orientations")
+        positions.append(p)
+    assert orientation is not None
+    row, col = orientation[:3], orientation[3:]
+    normal = (
+        row[1] * col[2] - row[2] * col[1],
+        row[2] * col[0] - row[0] * col[2],
+        row[0] * col[1] - row[1] * col[0],
+    )
+    if math.sqrt(sum(c * c for c in normal)) < 0.5:
+        return SliceCheck(False, "degenerate orientation")
+    along = Counter(round(sum(p[i] * normal[i] for i in range(3)), POSITION_DECIMALS) for p in positions)
+    if len(set(along.values())) != 1:
+        return SliceCheck(False, "slice positions are not evenly covered")
+    distinct = sorted(along)
+    if len(distinct) >= 3:
+        steps = [b - a for a, b in zip(distinct, distinct[1:])]
+        median = sorted(steps)[len(steps) // 2]
+        if max(steps) > GAP_FACTOR * median + 10 ** -POSITION_DECIMALS:
+            return SliceCheck(False, "a gap in the slice positions")
+    return SliceCheck(True, f"{len(distinct)} slice positions without a gap")
+
+
+def _floats(value: str | None, n: int) -> tuple[float, ...] | None:
+    if not value:
+        return None
+    try:
+        parts = tuple(float(v) for v in value.replace(",", "\\").split("\\"))
+    except ValueError:
+        return None
+    return parts if len(parts) == n and all(math.isfinite(v) for v in parts) else None
+
+
+def series_facts(se: Series, study_description: str | None) -> SeriesFacts:
+    return SeriesFacts(
+        series_uid=se.series_uid,
+        modality=se.modality,
+        body_part=se.body_part,
+        series_description=se.series_description,
+        protocol_name=se.protocol_name,
+        laterality=se.laterality,
+        calling_ae=se.calling_ae,
+        manufacturer=se.manufacturer,
+        own_object=bool(se.own_object),
+        study_description=study_description,
+    )
+
+
+def _study_context(session: Session, study_id: int) -> tuple[str | None, list[SeriesFacts]]:
+    description = session.scalar(select(Study.study_description).where(Study.id == study_id))
+    siblings = [series_facts(s, description) for s in session.scalars(select(Series).where(Series.study_id == study_id))]
+    return description, siblings
+
+
+def route_series(session: Session, settings: Settings, rules: RoutingRules, se: Series) -> Route:
+    """Routes one series with its study as context (study description, the other series)."""
+    description, siblings = _study_context(session, se.study_id)
+    return rules.route(series_facts(se, description), uid_root=settings.uid_root, siblings=siblings)
+
+
+def complete_series(session: Session, settings: Settings, now: dt.datetime, rules: RoutingRules) -> list[int]:
+    """Finds receiving series that are complete, routes them, and starts their study's quiet timer."""
+    candidates = session.scalars(select(Series).where(Series.state == "receiving").order_by(Series.id)).all()
+    if not candidates:
+        return []
+    ids = [s.id for s in candidates]
+    open_ids = set(
+        session.scalars(
+            select(AssociationSeries.series_id)
+            .join(Association, Association.id == AssociationSeries.association_id)
+            .where(AssociationSeries.series_id.in_(ids), Association.ended_at.is_(None))
+        ).all()
+    )
+    quiet = dt.timedelta(seconds=settings.quiet_seconds)
+    done = []
+    for se in candidates:
+        reason = None
+        if se.expected_instances and se.instances >= se.expected_instances:
+            rows = session.execute(
+                select(Instance.image_position, Instance.image_orientation, Instance.number_of_frames).where(
+                    Instance.series_id == se.id
+                )
+            ).all()
+            check = check_positions([tuple(r) for r in rows], se.expected_instances)
+            if check.complete:
+                reason = "count"
+            else:
+                log.debug("series %s: announced count reached but %s: waiting for the quiet period", se.series_uid, check.reason)
+        became = now
+        if reason is None and se.id not in open_ids:
+            deadline = se.quiet_deadline or (se.last_received_at + quiet)
+            if deadline <= now:
+                reason = "quiet"
+                became = deadline
+        if reason is None:
+            continue
+        route = route_series(session, settings, rules, se)
+        state = "complete" if route.routed else "unrouted"
+        conditions = [Series.id == se.id, Series.state == "receiving", Series.instances == se.instances]
+        if reason == "quiet":
+            conditions.append(
+                ~exists().where(
+                    AssociationSeries.series_id == Series.id,
+                    AssociationSeries.association_id == Association.id,
+                    Association.ended_at.is_(None),
+                )
+            )
+        res = session.execute(
+            update(Series)
+            .where(*conditions)
+            .values(
+                state=state,
+                pipeline=route.pipeline,
+                role=route.role,
+                routing_rule=route.rule[:128],
+                completed_at=now,
+                completed_reason=reason,
+                completed_instances=Series.instances,
+            )
+            .execution_options(synchronize_session=False)
+        )
+        if res.rowcount != 1:
+            continue
+        done.append(se.id)
+        # the study's quiet period runs from when the series became complete (not when a tick saw it)
+        new_deadline = became + dt.timedelta(seconds=settings.study_quiet_seconds)
+        session.execute(
+            update(Study)
+            .where(
+                Study.id == se.study_id,
+                or_(Study.study_quiet_deadline.is_(None), Study.study_quiet_deadline < new_deadline),
+            )
+            .values(study_quiet_deadline=new_deadline)
+        )
+        outcome = f"{route.pipeline}/{route.role} (rule {route.rule!r})" if route.routed else route.rule
+        log.info("series %s complete (%s, %d instances): %s", se.series_uid, reason, se.instances, outcome)
+    session.expire_all()
+    return done
+
+
+# ---- 4. study settled → job ------------------------------------------------------
+def create_jobs(session: Session, settings: Settings, now: dt.datetime, rules: RoutingRules) -> list[int]:
+    """Creates one job per settled study + pipeline that has new complete input series."""
+    pending = session.execute(
+        select(Series.study_id, Series.pipeline)
+        .where(Series.state == "complete", Series.pipeline.is_not(None), Series.role != LOCALIZER_ROLE)
+        .distinct()
+        .order_by(Series.study_id, Series.pipeline)
+    ).all()
+    created: list[int] = []
+    rerouted: set[int] = set()
+    study_quiet = dt.timedelta(seconds=settings.study_quiet_seconds)
+    for study_id, pipeline in pending:
+        study = session.get(Study, study_id)
+        if study is None or not _study_settled(session, study, now, study_quiet):
+            continue
+        if study_id not in rerouted:
+            rerouted.add(study_id)
+            _reroute_missing_anatomy(session, settings, rules, study_id)
+        job_id = _create_job(session, settings, now, study, pipeline)
+        if job_id is not None:
+            created.append(job_id)
+    return created
+
+
+def _study_settled(session: Session, study: Study, now: dt.datetime, study_quiet: dt.timedelta) -> bool:
+    if study.study_quiet_deadline is not None and now < study.study_quiet_deadline:
+        return False
+    if study.last_received_at is not None and now < study.last_received_at + study_quiet:
+        return False
+    receiving = session.scalar(
+        select(func.count())
+        .select_from(Series)
+        .where(Series.study_id == study.id, Series.state == "receiving", Series.own_object.is_(False))
+    )
+    return not receiving
+
+
+def _reroute_missing_anatomy(session: Session, settings: Settings, rules: RoutingRules, study_id: int) -> None:
+    """Series unrouted only for want of an anatomy get another chance with the whole study known."""
+    for se in session.scalars(
+        select(Series).where(
+            Series.study_id == study_id, Series.state == "unrouted", Series.routing_rule == UNROUTED_NO_ANATOMY
+        )
+    ).all():
+        route = route_series(session, settings, rules, se)
+        if not route.routed:
+            continue
+        res = session.execute(
+            update(Series)
+            .where(Series.id == se.id, Series.state == "unrouted", Series.routing_rule == UNROUTED_NO_ANATOMY)
+            .values(state="complete", pipeline=route.pipeline, role=route.role, routing_rule=route.rule[:128])
+            .execution_options(synchronize_session=False)
+        )
+        if res.rowcount == 1:
+            log.info(
+                "series %s: anatomy from the %s: %s/%s (rule %r)",
+                se.series_uid, route.anatomy_source, route.pipeline, route.role, route.rule,
+            )
+    session.expire_all()
+
+
+def input_fingerprint(pipeline: str, sop_instance_uids: Iterable[str]) -> str:
+    """sha256 of the pipeline and the sorted input SOP Instance UIDs (same inputs → same result UIDs)."""
+    h = hashlib.sha256(pipeline.encode())
+    for uid in sorted(sop_instance_uids):
+        h.update(b"\n" + uid.encode())
+    return h.hexdigest()
+
+
+class _Conflict(Exception):
+    """Another process claimed the series first."""
+
+
+def _create_job(session: Session, settings: Settings, now: dt.datetime, study: Study, pipeline: str) -> int | None:
+    inputs = session.scalars(
+        select(Series)
+        .where(
+            Series.study_id == study.id,
+            Series.pipeline == pipeline,
+            Series.role != LOCALIZER_ROLE,
+            Series.state.in_(INPUT_STATES),
+        )
+        .order_by(Series.series_number, Series.id)
+    ).all()
+    new = [s.id for s in inputs if s.state == "complete"]
+    if not new:
+        return None
+    uids = session.scalars(select(Instance.sop_instance_uid).where(Instance.series_id.in_([s.id for s in inputs]))).all()
+    fingerprint = input_fingerprint(pipeline, uids)
+    jobs = session.scalars(
+        select(Job).where(Job.study_id == study.id, Job.pipeline == pipeline).order_by(Job.id.desc())
+    ).all()
+    latest = next((j for j in jobs if j.state != "superseded"), None)
+    if latest is not None and latest.input_fingerprint == fingerprint and latest.state in WAITING_JOB_STATES + RESULT_JOB_STATES:
+        # the same instances again (e.g. a resend): the existing job already covers them
+        state = "queued" if latest.state in WAITING_JOB_STATES else latest.state
+        session.execute(
+            update(Series).where(Series.id.in_(new), Series.state == "complete").values(state=state)
+        )
+        log.info("study %s %s: inputs unchanged since job %d: no new job", study.study_uid, pipeline, latest.id)
+        return None
+    roles = ", ".join(f"{s.series_uid}={s.role}" for s in inputs)
+    predecessor = next((j for j in jobs if j.state in RESULT_JOB_STATES), None)
+    waiting = [j.id for j in jobs if j.state in WAITING_JOB_STATES]
+    try:
+        with session.begin_nested():
+            claimed = session.execute(
+                update(Series)
+                .where(Series.id.in_(new), Series.state == "complete")
+                .values(state="queued")
+                .execution_options(synchronize_session=False)
+            )
+            if claimed.rowcount != len(new):
+                raise _Conflict
+            others = [s.id for s in inputs if s.id not in new]
+            if others:
+                session.execute(
+                    update(Series)
+                    .where(Series.id.in_(others), Series.state.in_(INPUT_STATES))
+                    .values(state="queued")
+                    .execution_options(synchronize_session=False)
+                )
+            superseded = []
+            if waiting:
+                res = session.execute(
+                    update(Job)
+                    .where(Job.id.in_(waiting), Job.state.in_(WAITING_JOB_STATES))
+                    .values(state="superseded", finished_at=now, enqueue_pending=False)
+                    .returning(Job.id)
+                )
+                superseded = list(res.scalars())
+            job = Job(
+                study_id=study.id,
+                pipeline=pipeline,
+                state="queued",
+                enqueue_pending=True,
+                input_fingerprint=fingerprint,
+                supersedes_job_id=predecessor.id if predecessor is not None else (superseded[0] if superseded else None),
+                max_attempts=settings.job_max_attempts,
+                created_at=now,
+            )
+            session.add(job)
+            session.flush()
+            for se in inputs:
+                session.add(JobInput(job_id=job.id, series_id=se.id, role=se.role))
+            session.flush()
+    except _Conflict:
+        log.info("study %s %s: series claimed by another process", study.study_uid, pipeline)
+        session.expire_all()
+        return None
+    session.expire_all()
+    if job.supersedes_job_id is not None:
+        log.info(
+            "job %d created for study %s %s, superseding job %d%s: %s",
+            job.id, study.study_uid, pipeline, job.supersedes_job_id,
+            f" (queued job(s) {superseded} superseded)" if superseded else "", roles,
+        )
+    else:
+        log.info("job %d created for study %s %s: %s", job.id, study.study_uid, pipeline, roles)
+    return job.id

@@ -1,0 +1,381 @@
+"""Completeness and job creation against index rows written as the listener writes them (C1)."""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import threading
+
+import pytest
+from sqlalchemy import func, select
+
+from completeness_rows import add_instances, at, make_series, make_study, open_association, release, send_series
+from node.completeness import check_positions, input_fingerprint, tick
+from node.db import Database
+from node.routing import load_rules
+from node.tables import Association, Instance, Job, JobInput, Series, Study
+
+Q = 0.5  # quiet seconds
+SQ = 0.5  # study quiet seconds
+
+
+@pytest.fixture
+def cfg(settings):
+    return settings.model_copy(update={"quiet_seconds": Q, "study_quiet_seconds": SQ, "network_timeout": 5.0})
+
+
+@pytest.fixture
+def rules(cfg):
+    return load_rules(cfg.routing_rules)
+
+
+def run(db, cfg, rules, seconds):
+    with db.session() as s:
+        return tick(s, cfg, at(seconds), rules)
+
+
+def state_of(db, series_uid):
+    with db.session() as s:
+        se = s.scalar(select(Series).where(Series.series_uid == series_uid))
+        return se.state, se.pipeline, se.role, se.completed_reason
+
+
+def jobs_of(db):
+    with db.session() as s:
+        return [
+            (j.id, j.state, j.pipeline, j.supersedes_job_id, sorted((i.series.series_uid, i.role) for i in j.inputs))
+            for j in s.scalars(select(Job).order_by(Job.id))
+        ]
+
+
+# ---- series completeness -----------------------------------------------------------
+def test_series_completes_after_quiet_period_following_release(db, cfg, rules):
+    with db.session() as s:
+        st = make_study(s)
+        se = make_series(s, st, description="pd_tse_fs_sag")
+        a = open_association(s)
+        add_instances(s, se, 40, association=a, now=at(0))
+        uid_ = se.series_uid
+    # association open: however long nothing arrives (below the network timeout), not complete
+    run(db, cfg, rules, 3.0)
+    assert state_of(db, uid_)[0] == "receiving"
+    with db.session() as s:
+        release(s, s.get(Association, a.id), now=at(3.0), quiet_seconds=Q)
+    run(db, cfg, rules, 3.0 + Q - 0.01)
+    assert state_of(db, uid_)[0] == "receiving"
+    run(db, cfg, rules, 3.0 + Q)
+    assert state_of(db, uid_) == ("complete", "knee", "sag_fluid", "quiet")
+    with db.session() as s:
+        se = s.scalar(select(Series).where(Series.series_uid == uid_))
+        assert se.completed_instances == 40 and se.completed_at == at(3.0 + Q)
+        assert se.routing_rule == "knee sagittal fat-suppressed PD/T2 or STIR"
+
+
+def test_announced_count_without_gap_completes_while_association_open(db, cfg, rules):
+    with db.session() as s:
+        st = make_study(s)
+        se = make_series(s, st, description="Sag PD FSE FS", expected=40)
+        a = open_association(s)
+        add_instances(s, se, 39, association=a, now=at(0))
+        uid_ = se.series_uid
+    run(db, cfg, rules, 0.1)
+    assert state_of(db, uid_)[0] == "receiving"
+    with db.session() as s:
+        add_instances(s, s.get(Series, se.id), 1, association=s.get(Association, a.id), now=at(0.2), start=39)
+    run(db, cfg, rules, 0.2)
+    assert state_of(db, uid_) == ("complete", "knee", "sag_fluid", "count")
+
+
+@pytest.mark.parametrize(
+    "kwargs, why",
+    [
+        ({"no_position": (17,)}, "a slice without ImagePositionPatient"),
+        ({"skip_positions": (20,)}, "a gap in the slice positions"),
+    ],
+)
+def test_missing_slice_position_waits_for_quiet_period(db, cfg, rules, kwargs, why):
+    with db.session() as s:
+        st = make_study(s)
+        se = make_series(s, st, description="Sag PD FSE FS", expected=40)
+        a = open_association(s)
+        add_instances(s, se, 40, association=a, now=at(0), **kwargs)
+        uid_ = se.series_uid
+    run(db, cfg, rules, 1.0)
+    assert state_of(db, uid_)[0] == "receiving", why
+    with db.session() as s:
+        release(s, s.get(Association, a.id), now=at(1.0), quiet_seconds=Q)
+    run(db, cfg, rules, 1.0 + Q)
+    assert state_of(db, uid_)[:2] == ("complete", "knee")
+    assert state_of(db, uid_)[3] == "quiet"
+
+
+def test_check_positions():
+    ori = "1\\0\\0\\0\\1\\0"  # axial: normal along z
+    rows = [(f"0\\0\\{z * 2.5}", ori, None) for z in range(10)]
+    assert check_positions(rows, 10).complete
+    assert not check_positions(rows[:9], 10).complete
+    assert not check_positions(rows[:4] + rows[5:] + [rows[0]], 10).complete  # duplicate + missing
+    gap = [(f"0\\0\\{z * 2.5}", ori, None) for z in list(range(5)) + list(range(6, 11))]
+    assert check_positions(gap, 10).reason == "a gap in the slice positions"
+    two_echoes = rows + [(f"0\\0\\{z * 2.5}", ori, None) for z in range(10)]
+    assert check_positions(two_echoes, 20).complete
+    mixed = rows[:9] + [("0\\0\\22.5", "0\\1\\0\\0\\0\\-1", None)]
+    assert check_positions(mixed, 10).reason == "mixed orientations"
+    assert check_positions([("", "", 40)], 40).complete  # one enhanced multi-frame object
+    assert not check_positions([(None, ori, None)] + rows[1:], 10).complete
+
+
+def test_lost_association_is_closed_and_its_series_completes(db, cfg, rules):
+    with db.session() as s:
+        st = make_study(s)
+        se = make_series(s, st, description="t2_tse_fs_sag")
+        a = open_association(s, now=at(0))
+        add_instances(s, se, 12, association=a, now=at(1.0))
+        uid_, aid = se.series_uid, a.id
+    run(db, cfg, rules, 1.0 + cfg.network_timeout - 0.1)
+    with db.session() as s:
+        assert s.get(Association, aid).ended_at is None
+    run(db, cfg, rules, 1.0 + cfg.network_timeout)
+    with db.session() as s:
+        assoc = s.get(Association, aid)
+        assert assoc.end_reason == "lost"
+        assert s.scalar(select(Series.state).where(Series.series_uid == uid_)) == "receiving"
+    run(db, cfg, rules, 1.0 + cfg.network_timeout + Q)
+    assert state_of(db, uid_)[0] == "complete"
+
+
+# ---- study → job -------------------------------------------------------------------
+def knee_study(db, *, t=0.0, number_offset=0):
+    with db.session() as s:
+        st = make_study(s, description="MR KNEE LEFT", now=at(t))
+        loc = send_series(s, st, description="localizer", count=3, now=at(t), number=1)
+        sag = send_series(s, st, description="PD_TSE_FS_SAG", count=30, now=at(t + 0.1), number=2)
+        cor = send_series(s, st, description="t1_tse_cor", count=24, now=at(t + 0.2), number=3)
+        return st.study_uid, loc.series_uid, sag.series_uid, cor.series_uid
+
+
+def test_three_series_knee_study_yields_exactly_one_job(db, cfg, rules):
+    study_uid, loc, sag, cor = knee_study(db)
+    assert run(db, cfg, rules, 0.2 + Q) == []  # series complete, study not settled yet
+    assert [state_of(db, u)[:3] for u in (loc, sag, cor)] == [
+        ("complete", "knee", "localizer"),
+        ("complete", "knee", "sag_fluid"),
+        ("complete", "knee", "cor_t1"),
+    ]
+    assert run(db, cfg, rules, 0.2 + Q + SQ - 0.01) == []
+    created = run(db, cfg, rules, 0.2 + Q + SQ)
+    assert len(created) == 1
+    for t in (2.0, 3.0, 10.0):
+        assert run(db, cfg, rules, t) == []
+    [(job_id, state, pipeline, supersedes, inputs)] = jobs_of(db)
+    assert (job_id, state, pipeline, supersedes) == (created[0], "queued", "knee", None)
+    assert inputs == sorted([(sag, "sag_fluid"), (cor, "cor_t1")])  # the localizer is never an input
+    assert [state_of(db, u)[0] for u in (loc, sag, cor)] == ["complete", "queued", "queued"]
+    with db.session() as s:
+        job = s.get(Job, job_id)
+        assert job.enqueue_pending is True and job.max_attempts == cfg.job_max_attempts
+        uids = s.scalars(
+            select(Instance.sop_instance_uid).join(Series).where(Series.series_uid.in_([sag, cor]))
+        ).all()
+        assert len(uids) == 54
+        assert job.input_fingerprint == input_fingerprint("knee", uids)
+        assert job.input_fingerprint == hashlib.sha256(("knee" + "".join("\n" + u for u in sorted(uids))).encode()).hexdigest()
+
+
+def test_study_waits_for_a_series_still_receiving(db, cfg, rules):
+    with db.session() as s:
+        st = make_study(s)
+        sag = send_series(s, st, description="sag pd fs", count=20, now=at(0))
+        cor = make_series(s, st, description="Cor PD FS")
+        a = open_association(s, now=at(0.5))
+        add_instances(s, cor, 10, association=a, now=at(0.5))
+        aid, cor_id = a.id, cor.id
+    assert run(db, cfg, rules, 5.0) == []
+    assert state_of(db, sag.series_uid)[0] == "complete"
+    with db.session() as s:
+        add_instances(s, s.get(Series, cor_id), 10, association=s.get(Association, aid), now=at(5.0), start=10)
+        release(s, s.get(Association, aid), now=at(5.0), quiet_seconds=Q)
+    assert run(db, cfg, rules, 5.0 + Q) == []  # cor complete now; study quiet period starts
+    created = run(db, cfg, rules, 5.0 + Q + SQ)
+    assert len(created) == 1
+    [(_, _, _, _, inputs)] = jobs_of(db)
+    assert sorted(r for _, r in inputs) == ["cor_fluid", "sag_fluid"]
+
+
+def test_late_series_supersedes_processed_job(db, cfg, rules):
+    study_uid, loc, sag, cor = knee_study(db)
+    [first] = run(db, cfg, rules, 2.0)
+    with db.session() as s:  # the worker finished it
+        s.get(Job, first).state = "done"
+        for se in s.scalars(select(Series).where(Series.state == "queued")):
+            se.state = "done"
+    with db.session() as s:
+        st = s.scalar(select(Study).where(Study.study_uid == study_uid))
+        ax = send_series(s, st, description="pd_tse_fs_tra", count=25, now=at(60.0), number=4)
+        ax_uid = ax.series_uid
+    assert run(db, cfg, rules, 60.0 + Q) == []
+    [second] = run(db, cfg, rules, 60.0 + Q + SQ)
+    jobs = jobs_of(db)
+    assert [(j[0], j[1], j[3]) for j in jobs] == [(first, "done", None), (second, "queued", first)]
+    assert jobs[1][4] == sorted([(sag, "sag_fluid"), (cor, "cor_t1"), (ax_uid, "ax_fluid")])
+    assert [state_of(db, u)[0] for u in (sag, cor, ax_uid)] == ["queued"] * 3
+    assert run(db, cfg, rules, 100.0) == []
+
+
+def test_late_series_replaces_a_job_still_queued(db, cfg, rules):
+    study_uid, loc, sag, cor = knee_study(db)
+    [first] = run(db, cfg, rules, 2.0)
+    with db.session() as s:
+        st = s.scalar(select(Study).where(Study.study_uid == study_uid))
+        send_series(s, st, description="Ax T2 FS", count=25, now=at(3.0), number=4)
+    [second] = run(db, cfg, rules, 3.0 + Q + SQ)
+    jobs = jobs_of(db)
+    assert [(j[0], j[1]) for j in jobs] == [(first, "superseded"), (second, "queued")]
+    assert jobs[1][3] == first
+    with db.session() as s:
+        assert s.get(Job, first).enqueue_pending is False
+    assert len(jobs[1][4]) == 3
+
+
+def test_late_instances_reopen_a_series_and_the_study(db, cfg, rules):
+    study_uid, loc, sag, cor = knee_study(db)
+    [first] = run(db, cfg, rules, 2.0)
+    with db.session() as s:
+        s.get(Job, first).state = "done"
+        se = s.scalar(select(Series).where(Series.series_uid == sag))
+        se.state = "done"
+        a = open_association(s, now=at(30.0))
+        add_instances(s, se, 2, association=a, now=at(30.0), start=30)
+        aid = a.id
+    run(db, cfg, rules, 30.1)
+    assert state_of(db, sag)[0] == "receiving"
+    with db.session() as s:
+        release(s, s.get(Association, aid), now=at(31.0), quiet_seconds=Q)
+    run(db, cfg, rules, 31.0 + Q)
+    assert state_of(db, sag)[:3] == ("complete", "knee", "sag_fluid")
+    [second] = run(db, cfg, rules, 31.0 + Q + SQ)
+    assert jobs_of(db)[1][:4] == (second, "queued", "knee", first)
+
+
+def test_identical_resend_makes_no_second_job(db, cfg, rules):
+    study_uid, loc, sag, cor = knee_study(db)
+    [first] = run(db, cfg, rules, 2.0)
+    with db.session() as s:
+        s.get(Job, first).state = "done"
+        se = s.scalar(select(Series).where(Series.series_uid == sag))
+        se.state = "done"
+        # a PACS resends the same objects: the listener stores nothing new, but the series is
+        # seen as receiving again (counted twice by a naive listener would also re-open it)
+        se.state = "receiving"
+        se.completed_instances = None
+        se.quiet_deadline = at(20.0)
+    assert run(db, cfg, rules, 20.0 + SQ) == []
+    assert len(jobs_of(db)) == 1
+    assert state_of(db, sag)[0] == "done"
+
+
+def test_non_mr_and_own_objects_are_never_routed(db, cfg, rules):
+    with db.session() as s:
+        st = make_study(s)
+        ct = send_series(s, st, description="Knee 1.0 Bone", modality="CT", count=5)
+        ours = send_series(s, st, description="SAG PD FS", count=5, own_object=True)
+        ours_by_uid = send_series(s, st, description="SAG PD FS", count=5, series_uid=cfg.uid_root + "5.6.7")
+        ours_by_maker = send_series(s, st, description="SAG PD FS", count=5, manufacturer="msknode")
+        sr = send_series(s, st, description="msknode findings", modality="SR", count=1)
+        uids = [x.series_uid for x in (ct, ours, ours_by_uid, ours_by_maker, sr)]
+    assert run(db, cfg, rules, 5.0) == []
+    assert run(db, cfg, rules, 10.0) == []
+    states = [state_of(db, u) for u in uids]
+    assert all(st[:3] == ("unrouted", None, None) for st in states), states
+    with db.session() as s:
+        reasons = s.scalars(select(Series.routing_rule).order_by(Series.id)).all()
+    assert reasons == ["unrouted:no_rule", "unrouted:own_object", "unrouted:own_object", "unrouted:own_object", "unrouted:no_rule"]
+    assert jobs_of(db) == []
+
+
+def test_own_objects_do_not_hold_or_reopen_a_study(db, cfg, rules):
+    study_uid, loc, sag, cor = knee_study(db)
+    [first] = run(db, cfg, rules, 2.0)
+    with db.session() as s:
+        s.get(Job, first).state = "done"
+        st = s.scalar(select(Study).where(Study.study_uid == study_uid))
+        # our SR and SEG forwarded back by the PACS
+        send_series(s, st, description="AI findings", modality="SR", count=1, series_uid=cfg.uid_root + "9.1", now=at(20))
+        send_series(s, st, description="SAG PD FS superres", count=30, own_object=True, now=at(20))
+    assert run(db, cfg, rules, 30.0) == []
+    assert len(jobs_of(db)) == 1
+
+
+def test_localizer_without_anatomy_gets_it_from_the_study(db, cfg, rules):
+    with db.session() as s:
+        st = make_study(s)  # no study description
+        loc = send_series(s, st, description="3 Plane Loc", body_part="", count=3, now=at(0))
+        loc_uid = loc.series_uid
+    run(db, cfg, rules, Q)  # only the localizer so far: anatomy unknown
+    assert state_of(db, loc_uid)[:2] == ("unrouted", None)
+    with db.session() as s:
+        st = s.get(Study, st.id)
+        sag = send_series(s, st, description="Sag PD FSE FS", body_part="KNEE", count=20, now=at(1.0))
+    [job] = run(db, cfg, rules, 1.0 + Q + SQ)
+    assert state_of(db, loc_uid)[:3] == ("complete", "knee", "localizer")
+    assert jobs_of(db)[0][4] == [(sag.series_uid, "sag_fluid")]
+
+
+def test_two_anatomies_in_one_study_make_one_job_each(db, cfg, rules):
+    with db.session() as s:
+        st = make_study(s)
+        send_series(s, st, description="SAG PD FS", body_part="KNEE", count=10)
+        send_series(s, st, description="COR OBL T2 FS", body_part="SHOULDER", count=10)
+    created = run(db, cfg, rules, Q + SQ)
+    assert sorted(j[2] for j in jobs_of(db)) == ["knee", "shoulder"] and len(created) == 2
+
+
+def test_timers_survive_a_restart(db, settings, cfg, rules):
+    """The quiet timers are columns: a fresh process (new engine) completes the series once."""
+    study_uid, loc, sag, cor = knee_study(db)
+    run(db, cfg, rules, 0.3)  # mid quiet period: nothing complete
+    assert state_of(db, sag)[0] == "receiving"
+    db.dispose()
+    restarted = Database(settings.database_url)
+    try:
+        created = run(restarted, cfg, rules, 0.2 + Q + SQ)
+        assert len(created) == 1
+        assert run(restarted, cfg, rules, 5.0) == []
+        assert len(jobs_of(restarted)) == 1
+    finally:
+        restarted.dispose()
+
+
+def test_concurrent_ticks_create_one_job(db, settings, cfg, rules):
+    """Several threads with their own engines tick the same SQLite database at the same instant."""
+    for i in range(4):
+        knee_study(db, t=0.0)
+    engines = [Database(settings.database_url, migrate=False) for _ in range(4)]
+    barrier = threading.Barrier(len(engines))
+    results: list[list[int]] = []
+    errors: list[BaseException] = []
+
+    def worker(d):
+        try:
+            barrier.wait()
+            for t in (0.2 + Q, 0.2 + Q + SQ, 0.2 + Q + SQ + 0.1, 3.0):
+                with d.session() as s:
+                    results.append(tick(s, cfg, at(t), rules))
+        except BaseException as e:  # pragma: no cover - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=worker, args=(d,)) for d in engines]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    for d in engines:
+        d.dispose()
+    assert not errors, errors
+    created = [j for r in results for j in r]
+    assert len(created) == 4 and len(set(created)) == 4
+    with db.session() as s:
+        assert s.scalar(select(func.count()).select_from(Job)) == 4
+        per_study = s.execute(select(Job.study_id, func.count()).group_by(Job.study_id)).all()
+        assert all(n == 1 for _, n in per_study)
+        assert s.scalar(select(func.count()).select_from(JobInput)) == 8
