@@ -1,0 +1,163 @@
+"""`build_results` (every object of one job) and `save` (atomic write under results_dir)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+from pydicom import Dataset
+
+from models.types import PipelineOutput
+from node.errors import ResultsError
+from node.results.sc import OverlayItem, build_overlays
+from node.results.seg import SegItem, build_seg
+from node.results.sources import SourceSeries, load_sources
+from node.results.sr import SegRef, SuperResRef, build_sr
+from node.results.superres_series import build_superres_series
+from node.results.types import ResultFile, ResultRef
+from node.results.uids import UidFactory, model_versions_key
+
+log = logging.getLogger(__name__)
+
+
+def _uid_factory(output: PipelineOutput, settings: Any, job_fingerprint: str) -> UidFactory:
+    models = [(m.model.name, m.model.version, m.model.weights_sha256) for m in output.outputs]
+    models += [(s.model.name, s.model.version, s.model.weights_sha256) for s in output.superres]
+    return UidFactory(root=settings.uid_root, job_fingerprint=job_fingerprint, model_versions=model_versions_key(models))
+
+
+def _result(kind: str, ds: Dataset, description: str = "") -> ResultFile:
+    return ResultFile(
+        kind=kind,
+        sop_class_uid=str(ds.SOPClassUID),
+        sop_instance_uid=str(ds.SOPInstanceUID),
+        series_uid=str(ds.SeriesInstanceUID),
+        dataset=ds,
+        study_uid=str(ds.StudyInstanceUID),
+        description=description,
+    )
+
+
+def build_results(
+    *,
+    output: PipelineOutput,
+    source_files: dict[str, list[Path]],
+    triage: Any | None,
+    predecessors: Sequence[ResultRef],
+    settings: Any,
+    job_fingerprint: str,
+) -> list[ResultFile]:
+    """Every result object of one job: SEG(s), SC overlays, super-resolved series, and the SR.
+
+    ``source_files`` maps each input series UID to its stored files. Raises
+    `ResultsError` with a clear message when the inputs cannot make valid objects.
+    """
+    if not job_fingerprint:
+        raise ResultsError("a job fingerprint is required (it makes the result UIDs)")
+    if not source_files:
+        raise ResultsError("no source series given")
+    sources = load_sources({uid: [Path(p) for p in paths] for uid, paths in source_files.items()})
+    studies = {str(s.first.StudyInstanceUID) for s in sources.values()}
+    if len(studies) != 1:
+        raise ResultsError(f"source series belong to {len(studies)} studies; results go into one study")
+    uids = _uid_factory(output, settings, job_fingerprint)
+    institution = getattr(settings, "institution_name", None) or None
+
+    # positive findings with a (non-empty) heatmap, grouped by the series the heatmap is in
+    seg_groups: dict[str, list[SegItem]] = {}
+    for mo in output.outputs:
+        if not mo.qc.accepted:
+            continue
+        for f in mo.findings:
+            if not f.positive or f.heatmap is None:
+                continue
+            if mo.series_uid not in sources:
+                raise ResultsError(f"{mo.model.name}: its series {mo.series_uid} is not among the source files")
+            if float(np.max(f.heatmap)) <= 0.0:
+                log.info("%s %s: empty heatmap, no segment", mo.model.name, f.code)
+                continue
+            series = sources[mo.series_uid]
+            seg_groups.setdefault(mo.series_uid, []).append(SegItem(f, mo.model, series.laterality))
+
+    results: list[ResultFile] = []
+    seg_refs: dict[int, SegRef] = {}
+    sc_refs: dict[int, Dataset] = {}
+    extra_evidence: list[Dataset] = []
+    sc_count = 0
+    for index, (series_uid, items) in enumerate(seg_groups.items()):
+        series = sources[series_uid]
+        seg, numbers = build_seg(series=series, items=items, uids=uids, index=index, institution_name=institution)
+        results.append(_result("seg", seg, f"saliency SEG of series {series_uid}"))
+        extra_evidence.append(seg)
+        for it in items:
+            seg_refs[id(it.finding)] = SegRef(seg, numbers[id(it.finding)], series)
+        overlays = build_overlays(
+            series=series,
+            items=[OverlayItem(it.finding, it.model) for it in items],
+            uids=uids,
+            index=0,
+            first_instance=sc_count,
+            institution_name=institution,
+        )
+        sc_count += len(overlays)
+        for it, sc in zip(items, overlays):
+            sc_refs[id(it.finding)] = sc
+            results.append(_result("sc", sc, f"overlay of {it.model.name} {it.finding.code}"))
+            extra_evidence.append(sc)
+
+    superres_refs: list[SuperResRef] = []
+    written = 0
+    for sr_out in output.superres:
+        src_uid = sr_out.source.series_uid
+        if not (sr_out.qc.accepted and sr_out.consistency_passed):
+            superres_refs.append(SuperResRef(sr_out, None))
+            continue
+        if src_uid not in sources:
+            raise ResultsError(f"{sr_out.model.name}: its source series {src_uid} is not among the source files")
+        datasets = build_superres_series(
+            output=sr_out, series=sources[src_uid], uids=uids, index=written, institution_name=institution
+        )
+        written += 1
+        for ds in datasets:
+            results.append(_result("superres", ds, f"super-resolved {src_uid}"))
+        superres_refs.append(SuperResRef(sr_out, str(datasets[0].SeriesInstanceUID) if datasets else None))
+
+    sr = build_sr(
+        output=output,
+        sources=sources,
+        seg_refs=seg_refs,
+        sc_refs=sc_refs,
+        superres_refs=superres_refs,
+        triage=triage,
+        predecessors=predecessors,
+        uids=uids,
+        evidence_extra=extra_evidence,
+        institution_name=institution,
+    )
+    results.append(_result("sr", sr, "TID 1500 measurement report"))
+    return results
+
+
+def result_path(result: ResultFile, settings: Any) -> Path:
+    return Path(settings.results_dir) / result.study_uid / result.series_uid / f"{result.sop_instance_uid}.dcm"
+
+
+def save(result: ResultFile, settings: Any) -> Path:
+    """Writes the object as a DICOM file (atomic: temporary file, fsync, rename) and returns its path."""
+    path = result_path(result, settings)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".dcm", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            result.dataset.save_as(fh, enforce_file_format=True)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path

@@ -1,0 +1,168 @@
+"""Source series as the result writers see them: sanitised headers, slices in volume order.
+
+`models.types.Volume` orders slices by position along the slice normal
+(``cross(row_cosine, col_cosine)``), ascending; heatmaps come in that order. This
+module sorts the stored source files the same way, so heatmap slice ``k`` is source
+slice ``k`` (a frame of a multi-frame object counts as a slice).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import pydicom
+from pydicom import Dataset
+
+from node.errors import ResultsError
+from node.results.sanitize import sanitize_dataset
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SourceSlice:
+    dataset: Dataset  # sanitised header (no pixel data)
+    path: Path
+    frame_number: int | None  # 1-based frame for multi-frame sources
+    position: tuple[float, float, float] | None
+
+    @property
+    def sop_instance_uid(self) -> str:
+        return str(self.dataset.SOPInstanceUID)
+
+    @property
+    def sop_class_uid(self) -> str:
+        return str(self.dataset.SOPClassUID)
+
+
+@dataclass
+class SourceSeries:
+    series_uid: str
+    slices: list[SourceSlice]
+    datasets: list[Dataset]  # one per instance, in slice order (first appearance)
+    paths: list[Path] = field(default_factory=list)
+
+    @property
+    def first(self) -> Dataset:
+        return self.datasets[0]
+
+    @property
+    def laterality(self) -> str | None:
+        """R, L, B or None, from Laterality, ImageLaterality or the frame's FrameLaterality."""
+        ds = self.first
+        for kw in ("Laterality", "ImageLaterality"):
+            v = str(ds.get(kw, "") or "").strip().upper()
+            if v in ("R", "L", "B"):
+                return v
+        try:
+            v = ds.SharedFunctionalGroupsSequence[0].FrameAnatomySequence[0].FrameLaterality
+            if str(v).upper() in ("R", "L", "B"):
+                return str(v).upper()
+        except (AttributeError, IndexError, KeyError):
+            pass
+        return None
+
+    @property
+    def is_multiframe(self) -> bool:
+        return any(s.frame_number is not None for s in self.slices)
+
+    def read_pixels(self, index: int) -> np.ndarray:
+        """Stored pixel values of slice ``index`` as float32 (rescaled when the source says so)."""
+        sl = self.slices[index]
+        full = pydicom.dcmread(sl.path)
+        arr = full.pixel_array
+        if sl.frame_number is not None and arr.ndim == 3 and int(full.get("NumberOfFrames", 1) or 1) > 1:
+            arr = arr[sl.frame_number - 1]
+        arr = arr.astype(np.float32)
+        if arr.ndim == 3:  # colour: use luminance
+            arr = arr[..., :3].mean(axis=-1)
+        slope = float(full.get("RescaleSlope", 1) or 1)
+        intercept = float(full.get("RescaleIntercept", 0) or 0)
+        return arr * slope + intercept
+
+
+def _normal(ds: Dataset, frame_item: Dataset | None = None) -> np.ndarray | None:
+    iop = None
+    if frame_item is not None:
+        try:
+            iop = frame_item.PlaneOrientationSequence[0].ImageOrientationPatient
+        except (AttributeError, IndexError):
+            iop = None
+    if iop is None:
+        try:
+            iop = ds.SharedFunctionalGroupsSequence[0].PlaneOrientationSequence[0].ImageOrientationPatient
+        except (AttributeError, IndexError):
+            iop = ds.get("ImageOrientationPatient")
+    if iop is None or len(iop) != 6:
+        return None
+    row = np.asarray([float(v) for v in iop[:3]])
+    col = np.asarray([float(v) for v in iop[3:]])
+    return np.cross(row, col)
+
+
+def _frame_position(ds: Dataset, item: Dataset) -> tuple[float, float, float] | None:
+    try:
+        ipp = item.PlanePositionSequence[0].ImagePositionPatient
+        return tuple(float(v) for v in ipp)  # type: ignore[return-value]
+    except (AttributeError, IndexError):
+        return None
+
+
+def load_series(series_uid: str, paths: Sequence[Path]) -> SourceSeries:
+    """Reads (headers only), sanitises and orders the stored files of one source series."""
+    if not paths:
+        raise ResultsError(f"series {series_uid}: no source files given")
+    entries: list[tuple[float, int, SourceSlice]] = []
+    datasets: list[Dataset] = []
+    order = 0
+    for path in paths:
+        try:
+            ds = pydicom.dcmread(path, stop_before_pixels=True)
+        except Exception as e:
+            raise ResultsError(f"series {series_uid}: cannot read source file {path}: {e}") from None
+        for kw in ("SOPInstanceUID", "SOPClassUID", "StudyInstanceUID", "SeriesInstanceUID"):
+            if not str(ds.get(kw, "") or "").strip():
+                raise ResultsError(f"series {series_uid}: source file {path} has no {kw}")
+        sanitize_dataset(ds)
+        if str(ds.SeriesInstanceUID) != series_uid:
+            raise ResultsError(
+                f"source file {path} belongs to series {ds.SeriesInstanceUID}, not {series_uid}"
+            )
+        datasets.append(ds)
+        frames = int(ds.get("NumberOfFrames", 1) or 1)
+        if frames > 1 or "PerFrameFunctionalGroupsSequence" in ds:
+            per_frame = ds.get("PerFrameFunctionalGroupsSequence") or []
+            for f in range(frames):
+                item = per_frame[f] if f < len(per_frame) else None
+                pos = _frame_position(ds, item) if item is not None else None
+                n = _normal(ds, item)
+                key = float(np.dot(n, pos)) if (pos is not None and n is not None) else float(order)
+                entries.append((key, order, SourceSlice(ds, Path(path), f + 1, pos)))
+                order += 1
+        else:
+            ipp = ds.get("ImagePositionPatient")
+            pos = tuple(float(v) for v in ipp) if ipp is not None and len(ipp) == 3 else None
+            n = _normal(ds)
+            if pos is not None and n is not None:
+                key = float(np.dot(n, pos))
+            else:
+                key = float(ds.get("InstanceNumber", order) or order)
+            entries.append((key, order, SourceSlice(ds, Path(path), None, pos)))  # type: ignore[arg-type]
+            order += 1
+    studies = {str(d.StudyInstanceUID) for d in datasets}
+    if len(studies) != 1:
+        raise ResultsError(f"series {series_uid}: source files belong to {len(studies)} studies")
+    entries.sort(key=lambda e: (e[0], e[1]))
+    slices = [e[2] for e in entries]
+    seen: dict[str, Dataset] = {}
+    for s in slices:
+        seen.setdefault(s.sop_instance_uid, s.dataset)
+    return SourceSeries(series_uid=series_uid, slices=slices, datasets=list(seen.values()), paths=[Path(p) for p in paths])
+
+
+def load_sources(source_files: dict[str, list[Path]]) -> dict[str, SourceSeries]:
+    return {uid: load_series(uid, paths) for uid, paths in source_files.items()}

@@ -1,0 +1,362 @@
+"""The Comprehensive 3D SR (TID 1500 Measurement Report) written for every job.
+
+Content (one measurement group per statement, so nothing is implied by silence):
+
+- root: the "not for diagnostic use" notice (TEXT) when demo weights were used;
+- per finding of an evaluated model: finding type, finding site with laterality (and
+  vertebral level for stenosis), presence Present/Absent, grade (Severity or tear
+  extent), QC outcome, probability with its standard deviation (uncertainty), the
+  algorithm (name, version, weights hash, threshold), the series the model used and
+  its source images, the SEG segment of its heatmap (TID 1411) and the SC overlay;
+- per model whose input the QC gate refused: presence "Not Evaluated", QC refused
+  and the coded reason plus the gate's message;
+- per super-resolved series: the consistency check and the new series' UID;
+- the triage priority and score with its reasons;
+- predecessors (a re-opened study) in the Predecessor Documents Sequence.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import highdicom as hd
+from highdicom.sr import (
+    CodedConcept,
+    FindingSite,
+    ImageContentItem,
+    Measurement,
+    MeasurementProperties,
+    MeasurementStatisticalProperties,
+    MeasurementsAndQualitativeEvaluations,
+    NumContentItem,
+    QualitativeEvaluation,
+    ReferencedSegment,
+    RelationshipTypeValues,
+    SourceImageForMeasurementGroup,
+    SourceImageForSegmentation,
+    TextContentItem,
+    TrackingIdentifier,
+    UIDRefContentItem,
+    VolumetricROIMeasurementsAndQualitativeEvaluations,
+)
+from pydicom import Dataset
+
+from models.types import Finding, ModelInfo, ModelOutput, PipelineOutput, SuperResOutput
+from node.results import codes
+from node.results.equipment import MANUFACTURER, contributing_equipment, node_software_versions, sr_algorithm
+from node.results.sanitize import clean_text
+from node.results.sources import SourceSeries
+from node.results.types import ResultRef
+from node.results.uids import UidFactory
+
+SR_SERIES_NUMBER = 9901
+SR_DESCRIPTION = "AI findings SR - not for diagnostic use"
+SR_DESCRIPTION_CLINICAL = "AI findings SR"
+
+
+@dataclass
+class SegRef:
+    dataset: Dataset  # the SEG
+    segment_number: int
+    series: SourceSeries
+
+
+@dataclass
+class SuperResRef:
+    output: SuperResOutput
+    series_uid: str | None  # None when the derived series was not written (QC or consistency failed)
+
+
+def _text(value: str, name: CodedConcept = codes.COMMENT) -> TextContentItem:
+    return TextContentItem(name=name, value=clean_text(value, "UT")[:1024] or "-", relationship_type=RelationshipTypeValues.CONTAINS)
+
+
+def _source_images(series_list: Sequence[SourceSeries]) -> list[SourceImageForMeasurementGroup]:
+    items = []
+    for s in series_list:
+        for sl in s.slices:
+            items.append(
+                SourceImageForMeasurementGroup(
+                    referenced_sop_class_uid=sl.sop_class_uid,
+                    referenced_sop_instance_uid=sl.sop_instance_uid,
+                    referenced_frame_numbers=[sl.frame_number] if sl.frame_number is not None else None,
+                )
+            )
+    return items
+
+
+def _probability(f: Finding) -> list[Measurement]:
+    if f.probability is None:
+        return []
+    props = None
+    if f.uncertainty is not None:
+        props = MeasurementProperties(
+            measurement_statistical_properties=MeasurementStatisticalProperties(
+                values=[
+                    NumContentItem(
+                        name=codes.STANDARD_DEVIATION,
+                        value=float(f.uncertainty),
+                        unit=codes.NO_UNITS,
+                        relationship_type=RelationshipTypeValues.HAS_PROPERTIES,
+                    )
+                ],
+                description="Standard deviation of the probability (model uncertainty)",
+            )
+        )
+    return [Measurement(name=codes.PROBABILITY, value=float(f.probability), unit=codes.NO_UNITS, properties=props)]
+
+
+def _sites(f: Finding, laterality: str | None) -> list[FindingSite]:
+    base, modifier = codes.site_codes(f.code, f.site)
+    lat = codes.LATERALITY.get(laterality or "")
+    sites = [FindingSite(anatomic_location=base, laterality=lat, topographical_modifier=modifier)]
+    if f.level:
+        sites.append(FindingSite(anatomic_location=codes.level_code(f.level)))
+    return sites
+
+
+def _extend(group: Any, items: Sequence[Any]) -> None:
+    """Appends content items to a measurement group's container."""
+    if items:
+        group[0].ContentSequence.extend(items)
+
+
+def _series_items(series_uids: Sequence[str]) -> list[UIDRefContentItem]:
+    return [
+        UIDRefContentItem(name=codes.SERIES_UID, value=uid, relationship_type=RelationshipTypeValues.CONTAINS)
+        for uid in series_uids
+    ]
+
+
+def _finding_group(
+    *,
+    mo: ModelOutput,
+    f: Finding,
+    index: int,
+    uids: UidFactory,
+    used: list[SourceSeries],
+    laterality: str | None,
+    seg: SegRef | None,
+    sc: Dataset | None,
+) -> Any:
+    concept = codes.finding_code(f.code, f.label)
+    tracking = TrackingIdentifier(
+        uid=uids.uid("sr-tracking", mo.model.name, f.code, f.level or "", index),
+        identifier=clean_text(f"{mo.model.name} {f.code} {f.level or ''}".strip(), "UT")[:64],
+    )
+    evaluations = [
+        QualitativeEvaluation(name=concept, value=codes.PRESENT if f.positive else codes.ABSENT),
+        QualitativeEvaluation(name=codes.QC_GATE, value=codes.QC_ACCEPTED),
+    ]
+    if f.grade:
+        name, value = codes.grade_concept(f.grade)
+        evaluations.append(QualitativeEvaluation(name=name, value=value))
+    common = dict(
+        tracking_identifier=tracking,
+        finding_type=concept,
+        algorithm_id=sr_algorithm(mo.model, f.threshold),
+        finding_sites=_sites(f, laterality),
+        measurements=_probability(f) or None,
+        qualitative_evaluations=evaluations,
+    )
+    if seg is not None:
+        ref = ReferencedSegment(
+            sop_class_uid=str(seg.dataset.SOPClassUID),
+            sop_instance_uid=str(seg.dataset.SOPInstanceUID),
+            segment_number=seg.segment_number,
+            source_images=[
+                SourceImageForSegmentation(
+                    referenced_sop_class_uid=sl.sop_class_uid,
+                    referenced_sop_instance_uid=sl.sop_instance_uid,
+                    referenced_frame_numbers=[sl.frame_number] if sl.frame_number is not None else None,
+                )
+                for sl in seg.series.slices
+            ],
+        )
+        group = VolumetricROIMeasurementsAndQualitativeEvaluations(referenced_segment=ref, **common)
+    else:
+        group = MeasurementsAndQualitativeEvaluations(source_images=_source_images(used) or None, **common)
+    extra: list[Any] = [_text(f.label)] if f.label else []
+    extra += _series_items([s.series_uid for s in used])
+    if sc is not None:
+        extra.append(
+            ImageContentItem(
+                name=codes.ILLUSTRATION,
+                referenced_sop_class_uid=str(sc.SOPClassUID),
+                referenced_sop_instance_uid=str(sc.SOPInstanceUID),
+                relationship_type=RelationshipTypeValues.CONTAINS,
+            )
+        )
+    _extend(group, extra)
+    return group
+
+
+def _not_evaluated_group(*, mo: ModelOutput, uids: UidFactory, used: list[SourceSeries], used_uids: list[str]) -> Any:
+    concept = codes.finding_for_model(mo.model.name)
+    tracking = TrackingIdentifier(
+        uid=uids.uid("sr-tracking", mo.model.name, "not-evaluated"),
+        identifier=clean_text(f"{mo.model.name} not evaluated", "LO"),
+    )
+    group = MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=tracking,
+        finding_type=concept,
+        algorithm_id=sr_algorithm(mo.model),
+        qualitative_evaluations=[
+            QualitativeEvaluation(name=concept, value=codes.NOT_EVALUATED),
+            QualitativeEvaluation(name=codes.QC_GATE, value=codes.QC_REFUSED),
+            QualitativeEvaluation(name=codes.QC_REASON, value=codes.qc_reason_code(mo.qc.reason)),
+        ],
+        source_images=_source_images(used) or None,
+    )
+    message = mo.qc.message or codes.QC_REASONS.get(mo.qc.reason or "", mo.qc.reason or "refused by the quality gate")
+    _extend(group, [_text(f"Not evaluated: {message}")] + _series_items(used_uids))
+    return group
+
+
+def _superres_group(*, ref: SuperResRef, index: int, uids: UidFactory) -> Any:
+    out = ref.output
+    accepted = out.qc.accepted
+    evaluations = [
+        QualitativeEvaluation(name=codes.QC_GATE, value=codes.QC_ACCEPTED if accepted else codes.QC_REFUSED),
+    ]
+    if not accepted:
+        evaluations.append(QualitativeEvaluation(name=codes.QC_REASON, value=codes.qc_reason_code(out.qc.reason)))
+    else:
+        evaluations.append(
+            QualitativeEvaluation(name=codes.CONSISTENCY, value=codes.PASSED if out.consistency_passed else codes.FAILED)
+        )
+    measurements = None
+    if accepted:
+        measurements = [
+            Measurement(name=codes.CONSISTENCY_ERROR, value=float(out.consistency_error), unit=codes.NO_UNITS)
+        ]
+    group = MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=TrackingIdentifier(
+            uid=uids.uid("sr-tracking", out.model.name, "superres", index),
+            identifier=clean_text(f"{out.model.name} super-resolution", "LO"),
+        ),
+        finding_type=codes.SUPERRES,
+        algorithm_id=sr_algorithm(out.model),
+        measurements=measurements,
+        qualitative_evaluations=evaluations,
+    )
+    items: list[Any] = []
+    if ref.series_uid:
+        items.append(_text(f"Super-resolved series written (tolerance {out.consistency_tolerance:g})."))
+    elif accepted:
+        items.append(_text("Super-resolved series not written: the data consistency check failed."))
+    else:
+        items.append(_text(f"Super-resolution not performed: {out.qc.message or out.qc.reason or 'refused'}"))
+    items += _series_items([u for u in (out.source.series_uid, ref.series_uid) if u])
+    _extend(group, items)
+    return group
+
+
+def _triage_group(triage: Any, uids: UidFactory) -> Any:
+    group = MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=TrackingIdentifier(uid=uids.uid("sr-tracking", "triage"), identifier="AI triage"),
+        finding_type=codes.TRIAGE,
+        algorithm_id=hd.sr.AlgorithmIdentification(name="msknode.triage", version=node_software_versions()),
+        measurements=[Measurement(name=codes.TRIAGE_SCORE, value=float(triage.score), unit=codes.NO_UNITS)],
+        qualitative_evaluations=[QualitativeEvaluation(name=codes.PRIORITY, value=codes.priority_code(triage.priority))],
+    )
+    _extend(group, [_text(str(r)) for r in (triage.reasons or [])])
+    return group
+
+
+def build_sr(
+    *,
+    output: PipelineOutput,
+    sources: dict[str, SourceSeries],
+    seg_refs: dict[int, SegRef],
+    sc_refs: dict[int, Dataset],
+    superres_refs: list[SuperResRef],
+    triage: Any | None,
+    predecessors: Sequence[ResultRef],
+    uids: UidFactory,
+    evidence_extra: Sequence[Dataset],
+    institution_name: str | None = None,
+) -> hd.sr.Comprehensive3DSR:
+    ordered_sources = list(sources.values())
+    groups: list[Any] = []
+    models: list[ModelInfo] = []
+    demo = False
+    for mo in output.outputs:
+        models.append(mo.model)
+        demo = demo or mo.model.demo_weights
+        used_uids = list(output.used_series.get(mo.model.name) or ([mo.series_uid] if mo.series_uid else []))
+        used = [sources[u] for u in used_uids if u in sources]
+        laterality = next((s.laterality for s in used if s.laterality), None)
+        if not mo.qc.accepted:
+            groups.append(_not_evaluated_group(mo=mo, uids=uids, used=used, used_uids=used_uids))
+            continue
+        if not mo.findings:
+            # an accepted input with no finding object is reported as evaluated and absent
+            f = Finding(code=codes.MODEL_FINDING.get(mo.model.name, mo.model.name), label="", probability=None,
+                        uncertainty=None, positive=False)
+            groups.append(_finding_group(mo=mo, f=f, index=0, uids=uids, used=used, laterality=laterality, seg=None, sc=None))
+            continue
+        for i, f in enumerate(mo.findings):
+            groups.append(
+                _finding_group(
+                    mo=mo, f=f, index=i, uids=uids, used=used, laterality=laterality,
+                    seg=seg_refs.get(id(f)), sc=sc_refs.get(id(f)),
+                )
+            )
+    for i, ref in enumerate(superres_refs):
+        models.append(ref.output.model)
+        demo = demo or ref.output.model.demo_weights
+        groups.append(_superres_group(ref=ref, index=i, uids=uids))
+    if triage is not None:
+        groups.append(_triage_group(triage, uids))
+    if not groups:
+        raise ValueError("nothing to report")
+
+    observer = hd.sr.ObserverContext(
+        observer_type=codes.DEVICE,
+        observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
+            uid=uids.uid("device", output.pipeline),
+            name=clean_text(f"msknode {output.pipeline}", "LO"),
+            manufacturer_name=MANUFACTURER,
+            model_name=clean_text(", ".join(sorted({m.name for m in models})), "LO") or None,
+        ),
+    )
+    report = hd.sr.MeasurementReport(
+        observation_context=hd.sr.ObservationContext(observer_device_context=observer),
+        procedure_reported=codes.IMAGING_PROCEDURE,
+        imaging_measurements=groups,
+    )
+    if demo:
+        notice = next((m.notice for m in models if m.demo_weights), None) or "Not for diagnostic use."
+        report[0].ContentSequence.insert(len(report[0].ContentSequence) - 1, _text(notice))
+
+    evidence: list[Dataset] = []
+    for s in ordered_sources:
+        evidence.extend(s.datasets)
+    evidence.extend(evidence_extra)
+    previous = []
+    for p in predecessors:
+        d = Dataset()
+        d.StudyInstanceUID = p.study_uid
+        d.SeriesInstanceUID = p.series_uid
+        d.SOPClassUID = p.sop_class_uid
+        d.SOPInstanceUID = p.sop_instance_uid
+        previous.append(d)
+    sr = hd.sr.Comprehensive3DSR(
+        evidence=evidence,
+        content=report,
+        series_instance_uid=uids.series("sr"),
+        series_number=SR_SERIES_NUMBER,
+        sop_instance_uid=uids.instance("sr"),
+        instance_number=1,
+        manufacturer=MANUFACTURER,
+        is_complete=True,
+        is_final=False,
+        institution_name=institution_name,
+        previous_versions=previous or None,
+        contributing_equipment=contributing_equipment(models),
+        coding_schemes=codes.coding_schemes(),
+        series_description=SR_DESCRIPTION if demo else SR_DESCRIPTION_CLINICAL,
+    )
+    return sr

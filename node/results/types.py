@@ -1,0 +1,49 @@
+"""The small types of `node.results`: what `build_results` returns and takes besides models' output."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from pydicom import Dataset
+
+RESULT_KINDS = ("sr", "seg", "superres", "sc")
+
+
+@dataclass
+class ResultFile:
+    """One DICOM object we created; `save` writes it, orchestration records it."""
+
+    kind: str  # one of RESULT_KINDS
+    sop_class_uid: str
+    sop_instance_uid: str
+    series_uid: str
+    dataset: Dataset
+    study_uid: str = ""
+    description: str = ""
+
+    def __post_init__(self) -> None:
+        if self.kind not in RESULT_KINDS:
+            raise ValueError(f"unknown result kind {self.kind!r}")
+
+
+@dataclass(frozen=True)
+class ResultRef:
+    """A result object of an earlier job of the same study (a re-opened study lists it as predecessor)."""
+
+    sop_instance_uid: str
+    series_uid: str
+    study_uid: str
+    sop_class_uid: str = "1.2.840.10008.5.1.4.1.1.88.34"  # Comprehensive 3D SR
+    kind: str = "sr"
+
+
+@dataclass(frozen=True)
+class TriageSummary:
+    """The triage outcome written into the SR (same fields as `worklists.triage.TriageSummary`).
+
+    `build_results` accepts any object with ``priority``, ``score`` and ``reasons``.
+    """
+
+    priority: str  # STAT, URGENT, ROUTINE
+    score: float
+    reasons: tuple[str, ...] | list[str] = field(default_factory=tuple)

@@ -1,0 +1,299 @@
+"""Inputs for the results tests: synthetic MR series written as real DICOM files, real vendor
+files from pydicom-data, and model outputs built by hand (heatmaps as arrays).
+
+Also checks that the synthetic series are themselves valid MR objects (dciodvfy).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pydicom
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
+
+from models.types import (
+    Finding,
+    ModelInfo,
+    ModelOutput,
+    PipelineOutput,
+    QCResult,
+    SuperResOutput,
+    Volume,
+)
+
+TEST_ROOT = "1.2.826.0.1.3680043.10.1447.99."
+SHA = "ab" * 32
+
+
+def write_mr_series(
+    directory: Path,
+    *,
+    n_slices: int = 10,
+    rows: int = 40,
+    cols: int = 36,
+    study_uid: str | None = None,
+    series_uid: str | None = None,
+    laterality: str | None = "R",
+    description: str = "SAG PD FS",
+    body_part: str = "KNEE",
+    patient_name: str = "Test^Knee",
+    patient_id: str = "PID-0001",
+    patient_sex: str = "F",
+    study_date: str = "20240131",
+    charset: str | list[str] | None = None,
+    spacing: tuple[float, float, float] = (3.0, 0.5, 0.5),
+    seed: int = 1,
+) -> list[Path]:
+    """A sagittal MR series (classic MR Image Storage), one file per slice, valid per dciodvfy."""
+    directory.mkdir(parents=True, exist_ok=True)
+    study_uid = study_uid or generate_uid(prefix=TEST_ROOT)
+    series_uid = series_uid or generate_uid(prefix=TEST_ROOT)
+    for_uid = generate_uid(prefix=TEST_ROOT)
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:rows, 0:cols]
+    row_cos, col_cos = (0.0, 1.0, 0.0), (0.0, 0.0, -1.0)  # sagittal: rows go A->P, columns H->F
+    normal = np.cross(row_cos, col_cos)
+    paths = []
+    # written in reverse slice order so the writers must sort by position
+    for k in reversed(range(n_slices)):
+        ds = Dataset()
+        ds.file_meta = FileMetaDataset()
+        ds.file_meta.MediaStorageSOPClassUID = MRImageStorage
+        sop_uid = generate_uid(prefix=TEST_ROOT)
+        ds.file_meta.MediaStorageSOPInstanceUID = sop_uid
+        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        if charset is not None:
+            ds.SpecificCharacterSet = charset
+        ds.SOPClassUID = MRImageStorage
+        ds.SOPInstanceUID = sop_uid
+        ds.ImageType = ["ORIGINAL", "PRIMARY", "OTHER"]
+        ds.StudyDate = study_date
+        ds.SeriesDate = study_date
+        ds.ContentDate = study_date
+        ds.StudyTime = "101500"
+        ds.SeriesTime = "101600"
+        ds.ContentTime = "101700"
+        ds.AccessionNumber = "ACC1"
+        ds.Modality = "MR"
+        ds.Manufacturer = "Phantom Inc"
+        ds.ReferringPhysicianName = "Doc^Ref"
+        ds.StudyDescription = "MRI KNEE"
+        ds.SeriesDescription = description
+        ds.ProtocolName = description
+        ds.PatientName = patient_name
+        ds.PatientID = patient_id
+        ds.PatientBirthDate = "19800101"
+        ds.PatientSex = patient_sex
+        ds.BodyPartExamined = body_part
+        ds.PatientPosition = "FFS"
+        ds.ScanningSequence = "SE"
+        ds.SequenceVariant = "SK"
+        ds.ScanOptions = "FS"
+        ds.MRAcquisitionType = "2D"
+        ds.RepetitionTime = "3000"
+        ds.EchoTime = "30"
+        ds.EchoTrainLength = "8"
+        ds.MagneticFieldStrength = "1.5"
+        ds.SliceThickness = str(spacing[0])
+        ds.SpacingBetweenSlices = str(spacing[0])
+        ds.StudyInstanceUID = study_uid
+        ds.SeriesInstanceUID = series_uid
+        ds.StudyID = "1"
+        ds.SeriesNumber = 3
+        ds.InstanceNumber = k + 1
+        ds.FrameOfReferenceUID = for_uid
+        ds.PositionReferenceIndicator = ""
+        if laterality:
+            ds.Laterality = laterality
+        pos = np.array([-20.0, -10.0, 30.0]) + normal * spacing[0] * k
+        ds.ImagePositionPatient = [f"{v:.4f}" for v in pos]
+        ds.ImageOrientationPatient = [str(v) for v in (*row_cos, *col_cos)]
+        ds.SliceLocation = f"{float(np.dot(normal, pos)):.4f}"
+        ds.PixelSpacing = [str(spacing[1]), str(spacing[2])]
+        ds.SamplesPerPixel = 1
+        ds.PhotometricInterpretation = "MONOCHROME2"
+        ds.Rows, ds.Columns = rows, cols
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+        ellipse = ((yy - rows / 2) / (rows / 3)) ** 2 + ((xx - cols / 2) / (cols / 3)) ** 2 < 1
+        img = 300 + 900 * ellipse + 40 * k + rng.normal(0, 20, (rows, cols))
+        ds.PixelData = np.clip(img, 0, 4095).astype(np.uint16).tobytes()
+        path = directory / f"slice{k:03d}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        paths.append(path)
+    return paths
+
+
+def volume_from_files(paths: list[Path]) -> Volume:
+    """A `Volume` of single-frame files, slices ascending along the normal (the models convention)."""
+    dss = [pydicom.dcmread(p) for p in paths]
+    row = tuple(float(v) for v in dss[0].ImageOrientationPatient[:3])
+    col = tuple(float(v) for v in dss[0].ImageOrientationPatient[3:])
+    normal = np.cross(row, col)
+    dss.sort(key=lambda d: float(np.dot(normal, [float(v) for v in d.ImagePositionPatient])))
+    arr = np.stack([d.pixel_array.astype(np.float32) for d in dss])
+    positions = np.array([[float(v) for v in d.ImagePositionPatient] for d in dss])
+    if len(dss) > 1:
+        step = float(np.linalg.norm(positions[1] - positions[0]))
+    else:
+        step = float(dss[0].get("SliceThickness", 1.0) or 1.0)
+    ps = [float(v) for v in dss[0].PixelSpacing]
+    return Volume(
+        array=arr,
+        spacing=(step, ps[0], ps[1]),
+        positions=positions,
+        row_cosine=row,  # type: ignore[arg-type]
+        col_cosine=col,  # type: ignore[arg-type]
+        study_uid=str(dss[0].StudyInstanceUID),
+        series_uid=str(dss[0].SeriesInstanceUID),
+        frame_of_reference_uid=str(dss[0].get("FrameOfReferenceUID", "")) or None,
+        sop_class_uid=str(dss[0].SOPClassUID),
+        sop_instance_uids=tuple(str(d.SOPInstanceUID) for d in dss),
+        frame_numbers=tuple(None for _ in dss),
+        modality="MR",
+        laterality=str(dss[0].get("Laterality", "")) or None,
+    )
+
+
+def model(name: str, version: str = "0.1.0", task: str = "binary", anatomy: str = "knee") -> ModelInfo:
+    return ModelInfo(name=name, version=version, weights_sha256=SHA, task=task, anatomy=anatomy)
+
+
+def blob(shape: tuple[int, int, int], center: tuple[int, int, int], radius: float = 4.0) -> np.ndarray:
+    zz, yy, xx = np.mgrid[0 : shape[0], 0 : shape[1], 0 : shape[2]]
+    d2 = ((zz - center[0]) * 2.0) ** 2 + (yy - center[1]) ** 2 + (xx - center[2]) ** 2
+    return np.exp(-d2 / (2 * radius**2)).astype(np.float32)
+
+
+def superres_of(vol: Volume, factor: int = 2, *, passed: bool = True) -> SuperResOutput:
+    """A through-plane x`factor` super-resolved volume (linear interpolation), same frame of reference."""
+    n = vol.array.shape[0]
+    new_n = (n - 1) * factor + 1
+    z = np.linspace(0, n - 1, new_n)
+    lo = np.floor(z).astype(int)
+    hi = np.minimum(lo + 1, n - 1)
+    w = (z - lo)[:, None, None].astype(np.float32)
+    arr = vol.array[lo] * (1 - w) + vol.array[hi] * w
+    p0, p1 = vol.positions[0], vol.positions[-1]
+    positions = np.array([p0 + (p1 - p0) * t / (new_n - 1) for t in range(new_n)]) if new_n > 1 else vol.positions
+    out = Volume(
+        array=arr.astype(np.float32),
+        spacing=(vol.spacing[0] / factor, vol.spacing[1], vol.spacing[2]),
+        positions=positions,
+        row_cosine=vol.row_cosine,
+        col_cosine=vol.col_cosine,
+        study_uid=vol.study_uid,
+        series_uid=vol.series_uid,
+        frame_of_reference_uid=vol.frame_of_reference_uid,
+    )
+    return SuperResOutput(
+        model=model("superres", task="superres"),
+        source=vol,
+        volume=out,
+        qc=QCResult(accepted=True),
+        consistency_error=0.012 if passed else 0.4,
+        consistency_tolerance=0.05,
+        consistency_passed=passed,
+    )
+
+
+def knee_output(vol: Volume, *, positive: bool = True, superres: bool = True, refused_meniscus: bool = True) -> PipelineOutput:
+    """knee: ACL positive (complete) with a heatmap, meniscus refused by QC (or negative)."""
+    shape = vol.array.shape
+    acl = Finding(
+        code="acl_tear",
+        label="Complete ACL tear" if positive else "ACL tear",
+        probability=0.91 if positive else 0.08,
+        uncertainty=0.04,
+        positive=positive,
+        threshold=0.5,
+        grade="complete" if positive else None,
+        site="anterior cruciate ligament",
+        location=(shape[0] // 2, shape[1] // 2, shape[2] // 2),
+        heatmap=blob(shape, (shape[0] // 2, shape[1] // 2, shape[2] // 2)),
+    )
+    outputs = [ModelOutput(model=model("knee.acl"), series_uid=vol.series_uid, qc=QCResult(accepted=True), findings=[acl])]
+    if refused_meniscus:
+        outputs.append(
+            ModelOutput(
+                model=model("knee.meniscus"),
+                series_uid=vol.series_uid,
+                qc=QCResult(accepted=False, reason="low_snr", message="signal-to-noise ratio 2.1 below 5.0"),
+                findings=[],
+            )
+        )
+    else:
+        outputs.append(
+            ModelOutput(
+                model=model("knee.meniscus"),
+                series_uid=vol.series_uid,
+                qc=QCResult(accepted=True),
+                findings=[Finding(code="meniscal_tear", label="Meniscal tear", probability=0.12, uncertainty=0.05,
+                                  positive=False, threshold=0.5, site="medial meniscus")],
+            )
+        )
+    used = {o.model.name: [vol.series_uid] for o in outputs}
+    srs = [superres_of(vol)] if superres else []
+    if srs:
+        used["superres"] = [vol.series_uid]
+    return PipelineOutput(pipeline="knee", outputs=outputs, superres=srs, used_series=used)
+
+
+def spine_output(vol: Volume) -> PipelineOutput:
+    """lumbar spine: stenosis graded per level, two levels positive with heatmaps, one negative."""
+    shape = vol.array.shape
+    findings = []
+    for i, (level, grade, p) in enumerate((("L3-L4", "mild", 0.3), ("L4-L5", "severe", 0.88), ("L5-S1", "moderate", 0.64))):
+        c = (min(shape[0] - 1, shape[0] // 2), 8 + 10 * i, shape[2] // 2)
+        findings.append(
+            Finding(code="spinal_stenosis", label="Spinal canal stenosis", probability=p, uncertainty=0.06,
+                    positive=p >= 0.5, threshold=0.5, grade=grade, level=level, location=c,
+                    heatmap=blob(shape, c, 3.0) if p >= 0.5 else None)
+        )
+    out = ModelOutput(model=model("lumbar_spine.stenosis", task="grading", anatomy="lumbar_spine"),
+                      series_uid=vol.series_uid, qc=QCResult(accepted=True), findings=findings)
+    return PipelineOutput(pipeline="lumbar_spine", outputs=[out], superres=[],
+                          used_series={out.model.name: [vol.series_uid]})
+
+
+def real_file(name: str) -> Path:
+    from pydicom.data import get_testdata_file
+
+    p = get_testdata_file(name)
+    assert p is not None, f"pydicom-data file {name} missing"
+    return Path(p)
+
+
+def copy_real(name: str, directory: Path) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    dst = directory / Path(name).name
+    shutil.copy(real_file(name), dst)
+    return dst
+
+
+def dciodvfy(path: Path) -> tuple[list[str], list[str]]:
+    """(errors, warnings) reported by dicom3tools' dciodvfy for one file."""
+    proc = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True, timeout=120)
+    lines = (proc.stdout + proc.stderr).splitlines()
+    errors = [line for line in lines if line.startswith("Error")]
+    warnings = [line for line in lines if line.startswith("Warning")]
+    return errors, warnings
+
+
+def now() -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc)
+
+
+def test_synthetic_series_is_a_valid_mr_series(tmp_path):
+    paths = write_mr_series(tmp_path / "s", n_slices=3)
+    errors, _warnings = dciodvfy(paths[0])
+    assert errors == []
+    vol = volume_from_files(paths)
+    assert vol.array.shape == (3, 40, 36)
+    # slices are ordered ascending along the normal although written in reverse
+    proj = vol.positions @ vol.normal
+    assert np.all(np.diff(proj) > 0)
