@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterable, Mapping
 
 from sqlalchemy import JSON, Integer, String, and_, or_, select, update
-from sqlalchemy.orm import Mapped, Session, mapped_column
+from sqlalchemy.orm import Mapped, Session, aliased, mapped_column
 
 from node.db import Base, Database, UTCDateTime, utcnow
 from node.errors import JobError
@@ -123,10 +123,18 @@ def _audit(session: Session, action: str, job_id: int, old: str | None, new: str
 
 
 def _set_series_state(session: Session, job_id: int, state: str, *, only_from: Iterable[str]) -> None:
+    """Sets the state of the job's input series, except those a newer job has taken over."""
     ids = select(JobInput.series_id).where(JobInput.job_id == job_id)
+    newer = aliased(JobInput)
+    taken_over = (
+        select(newer.series_id)
+        .join(Job, Job.id == newer.job_id)
+        .where(newer.series_id == Series.id, Job.id > job_id, Job.state != "superseded")
+        .exists()
+    )
     session.execute(
         update(Series)
-        .where(Series.id.in_(ids), Series.state.in_(tuple(only_from)))
+        .where(Series.id.in_(ids), Series.state.in_(tuple(only_from)), ~taken_over)
         .values(state=state)
         .execution_options(synchronize_session=False)
     )
@@ -200,7 +208,11 @@ def mark_done(
     Raises `LeaseLost` if the lease is no longer ours, which rolls the whole transaction back.
     """
     job = _locked_job(session, lease)
-    job.state = "done"
+    newer_done = session.scalar(
+        select(Job.id).where(Job.supersedes_job_id == job.id, Job.state == "done").limit(1)
+    )
+    # a later job over the study finished first: this one is history as soon as it is done
+    job.state = "superseded" if newer_done is not None else "done"
     job.finished_at = now
     job.lease_owner = None
     job.lease_expires_at = None
@@ -219,7 +231,7 @@ def mark_done(
             .execution_options(synchronize_session=False)
         )
         _audit(session, "job.superseded", job.supersedes_job_id, None, "superseded", by_job=job.id)
-    _audit(session, "job.done", job.id, "processing", "done", attempt=lease.attempt)
+    _audit(session, "job.done", job.id, "processing", job.state, attempt=lease.attempt)
     return job
 
 
@@ -346,7 +358,7 @@ def enqueue_pending_jobs(
             send(job_id, queue)
         except Exception as e:
             report.error = f"{type(e).__name__}: {e}"
-            log.warning("broker unavailable, job %s stays pending: %s", job_id, report.error)
+            log.debug("broker unavailable, job %s stays pending: %s", job_id, report.error)
             break
         report.sent.append(job_id)
     if report.sent:

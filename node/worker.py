@@ -47,6 +47,10 @@ class Duty:
         return t - self.last_run >= self.every
 
 
+class BrokerUnavailable(Exception):
+    """The broker did not take a wake-up (the job stays pending in the database)."""
+
+
 class PeriodicLoop:
     """Runs the duties in order, every ``interval`` seconds, in a daemon thread; a failing duty is logged, not fatal."""
 
@@ -72,7 +76,10 @@ class PeriodicLoop:
             except Exception as e:
                 msg = f"{type(e).__name__}: {e}"
                 if msg != duty.last_error:  # log a repeated failure once
-                    self.log.exception("periodic %s failed: %s", duty.name, msg)
+                    if isinstance(e, BrokerUnavailable):
+                        self.log.warning("periodic %s: %s", duty.name, e)
+                    else:
+                        self.log.exception("periodic %s failed: %s", duty.name, msg)
                 duty.last_error = msg
         self.rounds += 1
 
@@ -160,16 +167,23 @@ def build_duties(
     from node import jobs
     from node.celery_app import cleanup_processed
 
+    def enqueue(now: dt.datetime) -> None:
+        report = jobs.enqueue_pending_jobs(db, send, now=now)
+        if report.sent:
+            log.info("enqueued jobs %s", report.sent)
+        if report.error:  # logged once by the loop until the broker is back
+            raise BrokerUnavailable(f"jobs stay pending in the database: {report.error}")
+
     duties: list[Duty] = [Duty("heartbeat", lambda now: jobs.heartbeat(db, name=name, queues=queues, now=now))]
     if housekeeping:
         d = completeness_duty(db, settings)
         if d is not None:
             duties.append(d)
-    duties.append(Duty("enqueue", lambda now: jobs.enqueue_pending_jobs(db, send, now=now)))
+    duties.append(Duty("enqueue", enqueue))
     duties.append(Duty("sweeper", lambda now: jobs.sweep(db, now=now, lease_seconds=settings.job_lease_seconds,
                                                           queue_depths=queue_depths)))
     # a lost wake-up found by the sweeper is sent in the same round
-    duties.append(Duty("enqueue-resent", lambda now: jobs.enqueue_pending_jobs(db, send, now=now)))
+    duties.append(Duty("enqueue-resent", enqueue))
     if housekeeping:
         for make in (dispatch_duty, retention_duty):
             d = make(db, settings)

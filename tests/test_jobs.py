@@ -293,3 +293,26 @@ def test_retry_job(db, settings):
 def test_backoff_doubles_and_is_capped():
     assert [jobs.backoff_seconds(n, 10) for n in (1, 2, 3, 4)] == [10, 20, 40, 80]
     assert jobs.backoff_seconds(30, 10) == jobs.MAX_BACKOFF_SECONDS
+
+
+def test_older_job_finishing_late_does_not_touch_a_newer_jobs_series(db, settings):
+    """A study re-opened while its first job runs: the first job's end leaves the new job's series queued."""
+    old = make_study_job(db)
+    lease = jobs.claim(db, old, owner="old", lease_seconds=30)
+    with db.session() as s:
+        j = s.get(Job, old)
+        new = Job(study_id=j.study_id, pipeline="knee", state="queued", input_fingerprint="f" * 64,
+                  supersedes_job_id=old)
+        s.add(new)
+        s.flush()
+        for ji in s.scalars(select(JobInput).where(JobInput.job_id == old)).all():
+            s.add(JobInput(job_id=new.id, series_id=ji.series_id, role=ji.role))
+        s.execute(update(Series).values(state="queued"))
+        new_id = new.id
+    with db.session() as s:
+        jobs.mark_done(s, lease, now=utcnow())
+    assert _job(db, old).state == "done"
+    assert _series_states(db, new_id) == {"queued"}
+    assert execute_job(db, settings, new_id, runner=SleepyRunner(settings, seconds=0)).state == "done"
+    assert _series_states(db, new_id) == {"done"}
+    assert _job(db, old).state == "superseded"

@@ -1,0 +1,149 @@
+"""The scale-out deployment with real servers: Redis broker + PostgreSQL, several worker processes.
+
+- two workers share the jobs; one is killed with SIGKILL mid-job: every job still finishes exactly once;
+- the broker goes down (redis-server killed, no persistence: queued messages are lost too) while jobs
+  are created: they wait in the database (enqueue outbox) and run once Redis is back.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+
+import pytest
+from sqlalchemy import func, select
+
+from conftest import free_port
+from jobs_support import (
+    PostgresServer,
+    RedisServer,
+    WorkerProcess,
+    job_states,
+    make_study_job,
+    read_runs,
+    wait_for,
+    worker_env,
+)
+from node.db import Database
+from node.jobs import WorkerRecord, enqueue_pending_jobs
+from node.tables import Job, ResultObject
+
+LEASE = 3.0
+
+
+@pytest.fixture(scope="module")
+def pg_server():
+    server = PostgresServer(free_port()).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def scaleout(pg_server, data_dir, tmp_path, monkeypatch):
+    """Settings, database and a Redis broker for one test, plus a factory of worker processes."""
+    redis = RedisServer(tmp_path / "redis", free_port()).start()
+    db_url = pg_server.create_database(f"t_{uuid.uuid4().hex[:10]}")
+    env_vars = {
+        "MSKNODE_DATA_DIR": str(data_dir),
+        "MSKNODE_DATABASE_URL": db_url,
+        "MSKNODE_BROKER_URL": redis.url,
+        "MSKNODE_JOB_LEASE_SECONDS": str(LEASE),
+        "MSKNODE_SWEEP_INTERVAL_SECONDS": "0.5",
+        "MSKNODE_JOB_RETRY_BACKOFF_SECONDS": "0.5",
+        "MSKNODE_LOG_LEVEL": "INFO",
+    }
+    import os
+
+    for k in list(os.environ):
+        if k.startswith("MSKNODE_"):
+            monkeypatch.delenv(k)
+    for k, v in env_vars.items():
+        monkeypatch.setenv(k, v)
+    from node.settings import load_settings
+
+    settings = load_settings()
+    db = Database(settings.database_url)
+    workers: list[WorkerProcess] = []
+
+    class Node:
+        pass
+
+    node = Node()
+    node.settings, node.db, node.redis, node.workers = settings, db, redis, workers
+
+    def start_worker(**kw) -> WorkerProcess:
+        w = WorkerProcess(worker_env(env_vars), tmp_path / f"worker{len(workers)}.log", **kw).start()
+        workers.append(w)
+        return w
+
+    node.start_worker = start_worker
+    yield node
+    for w in workers:
+        w.stop()
+    redis.stop()
+    db.dispose()
+
+
+def _dump(node) -> str:
+    return "\n".join(w.output()[-3000:] for w in node.workers)
+
+
+def test_two_workers_one_killed_mid_job_every_job_runs_once(scaleout):
+    node = scaleout
+    ids = [make_study_job(node.db) for _ in range(6)]
+    w1 = node.start_worker(sleep=2.0)
+    w2 = node.start_worker(sleep=2.0)
+    # wait until both workers hold a job, then crash the first one
+    wait_for(lambda: len({pid for k, _, _, pid in read_runs(node.settings.data_dir) if k == "start"}) >= 2, 40,
+             what="both workers busy")
+    victim_pids = {pid for k, _, _, pid in read_runs(node.settings.data_dir)}
+    w1.kill9()
+    try:
+        wait_for(lambda: set(job_states(node.db).values()) == {"done"}, 60, what="all jobs done")
+    except AssertionError:
+        print(_dump(node))
+        raise
+    runs = read_runs(node.settings.data_dir)
+    ends = sorted(j for k, j, _, _ in runs if k == "end")
+    assert ends == sorted(ids), runs  # every job finished exactly once
+    with node.db.session() as s:
+        assert s.scalar(select(func.count()).select_from(ResultObject)) == len(ids)
+        attempts = dict(s.execute(select(Job.id, Job.attempts)).all())
+        assert s.scalar(select(func.count()).select_from(WorkerRecord)) == 2
+    interrupted = {j for k, j, a, pid in runs if k == "start" and a == 1} - {j for k, j, a, _ in runs if k == "end" and a == 1}
+    assert interrupted, runs  # the killed worker was in the middle of a job ...
+    assert all(attempts[j] == 2 for j in interrupted)  # ... which ran again, once
+    assert victim_pids and w2.alive()
+
+
+def test_broker_down_jobs_wait_in_the_database_and_run_when_it_is_back(scaleout):
+    node = scaleout
+    from node.celery_app import make_celery, send_job
+
+    app = make_celery(node.settings)
+    # a job whose wake-up reaches Redis while no worker runs ...
+    early = make_study_job(node.db)
+    assert enqueue_pending_jobs(node.db, lambda j, q: send_job(app, j, q)).sent == [early]
+    # ... and is lost with the broker (no persistence)
+    node.redis.stop()
+    w = node.start_worker(sleep=0.3)
+    late = [make_study_job(node.db) for _ in range(3)]
+    time.sleep(4.0)  # the worker is up and keeps trying; nothing can be enqueued
+    with node.db.session() as s:
+        rows = {j.id: j for j in s.scalars(select(Job))}
+    assert all(rows[j].state == "queued" and rows[j].enqueue_pending for j in late)
+    assert rows[early].state == "queued" and not rows[early].enqueue_pending
+    assert w.alive(), w.output()[-3000:]
+
+    node.redis.start()  # same port, empty
+    back = time.monotonic()
+    try:
+        wait_for(lambda: set(job_states(node.db).values()) == {"done"}, 60, what="all jobs done after broker restart")
+    except AssertionError:
+        print(_dump(node))
+        raise
+    print(f"all jobs done {time.monotonic() - back:.1f} s after the broker came back")
+    runs = read_runs(node.settings.data_dir)
+    assert sorted(j for k, j, _, _ in runs if k == "end") == sorted([early, *late])
+    with node.db.session() as s:
+        assert all(a == 1 for a in s.scalars(select(Job.attempts)))
