@@ -1,0 +1,392 @@
+"""Implicit solid shapes in anatomy millimetres, evaluated on coordinate arrays.
+
+Every shape has an axis-aligned bounding box (``lo``, ``hi``) so the renderer only
+evaluates it where it can be, and ``inside(coords) -> bool array`` over a `Coords` box of the slice grid.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import numpy as np
+
+_BIG = 1e4
+
+
+def _even_power(a: np.ndarray, p: int) -> np.ndarray:
+    """|a|**p for p in {2, 4, 6, 8} by repeated multiplication (fast, no pow)."""
+    a2 = a * a
+    if p == 2:
+        return a2
+    if p == 4:
+        return a2 * a2
+    if p == 6:
+        return a2 * a2 * a2
+    if p == 8:
+        a4 = a2 * a2
+        return a4 * a4
+    raise ValueError(f"unsupported power {p}")
+
+
+def rotation(axis: str, degrees: float) -> np.ndarray:
+    """3x3 rotation matrix about a coordinate axis ("x", "y" or "z")."""
+    t = np.deg2rad(degrees)
+    c, s = np.cos(t), np.sin(t)
+    if axis == "x":
+        return np.array([[1, 0, 0], [0, c, -s], [0, s, c]])
+    if axis == "y":
+        return np.array([[c, 0, s], [0, 1, 0], [-s, 0, c]])
+    if axis == "z":
+        return np.array([[c, -s, 0], [s, c, 0], [0, 0, 1]])
+    raise ValueError(axis)
+
+
+class Coords:
+    """Anatomy coordinates of a box of the slice grid, as an affine map of the grid axes:
+    ``p = A @ (u, v, w) + b`` with 1-D ``u`` (slices), ``v`` (rows), ``w`` (columns).
+
+    ``x``/``y``/``z`` are built lazily; quadratic and linear forms are evaluated as sums of
+    small outer products (a few passes over the box instead of a dozen).
+    """
+
+    def __init__(self, a: np.ndarray, b: np.ndarray, u: np.ndarray, v: np.ndarray, w: np.ndarray):
+        self.a = np.asarray(a, float)
+        self.b = np.asarray(b, float)
+        self.u = np.asarray(u, float)
+        self.v = np.asarray(v, float)
+        self.w = np.asarray(w, float)
+        self.shape = (len(self.u), len(self.v), len(self.w))
+        self._xyz: list | None = None
+
+    def linear(self, vec, offset) -> np.ndarray:
+        """vec . (p - offset) on the box."""
+        g = np.asarray(vec, float) @ self.a
+        c = float(np.dot(vec, self.b - np.asarray(offset, float)))
+        fu = (g[0] * self.u + c).astype(np.float32)[:, None, None]
+        fv = (g[1] * self.v).astype(np.float32)[None, :, None]
+        fw = (g[2] * self.w).astype(np.float32)[None, None, :]
+        return (fu + fv) + fw
+
+    def _all(self):
+        if self._xyz is None:
+            self._xyz = [self.linear(e, (0.0, 0.0, 0.0)) for e in np.eye(3)]
+        return self._xyz
+
+    @property
+    def x(self):
+        return self._all()[0]
+
+    @property
+    def y(self):
+        return self._all()[1]
+
+    @property
+    def z(self):
+        return self._all()[2]
+
+    def quadratic(self, w_mat: np.ndarray, t: np.ndarray) -> np.ndarray:
+        """|W (u, v, w) + t|^2 on the box, for W = diag(1/r) R^T A and t = diag(1/r) R^T (b - c)."""
+        g = w_mat.T @ w_mat
+        h = w_mat.T @ t
+        tt = float(t @ t)
+        u, v, w = self.u, self.v, self.w
+        ak = g[0, 0] * u * u + 2 * h[0] * u + tt
+        bkj = ak[:, None] + 2 * g[0, 1] * np.outer(u, v) + (g[1, 1] * v * v + 2 * h[1] * v)[None, :]
+        cki = 2 * g[0, 2] * np.outer(u, w) + (g[2, 2] * w * w + 2 * h[2] * w)[None, :]
+        dji = 2 * g[1, 2] * np.outer(v, w)
+        out = cki.astype(np.float32)[:, None, :] + dji.astype(np.float32)[None, :, :]
+        out += bkj.astype(np.float32)[:, :, None]
+        return out
+
+
+class Shape:
+    lo: np.ndarray
+    hi: np.ndarray
+
+    def inside(self, c: Coords) -> np.ndarray:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def __or__(self, other: "Shape") -> "Shape":
+        return Union((self, other))
+
+    def __and__(self, other: "Shape") -> "Shape":
+        return Intersection((self, other))
+
+    def __sub__(self, other: "Shape") -> "Shape":
+        return Difference(self, other)
+
+
+@dataclass
+class Ellipsoid(Shape):
+    """Super-ellipsoid: sum(|R^T (p - c) / r| ** p) <= 1, optional rotation R (local -> anatomy)."""
+
+    center: Sequence[float]
+    radii: Sequence[float]
+    power: tuple[int, int, int] | int = 2
+    rot: np.ndarray | None = None
+
+    def __post_init__(self):
+        self.center = np.asarray(self.center, dtype=np.float64)
+        self.radii = np.asarray(self.radii, dtype=np.float64)
+        if isinstance(self.power, int):
+            self.power = (self.power, self.power, self.power)
+        if self.rot is None:
+            ext = self.radii
+        else:
+            self.rot = np.asarray(self.rot, dtype=np.float64)
+            # conservative box of a rotated box
+            ext = np.abs(self.rot) @ self.radii
+        self.lo = self.center - ext
+        self.hi = self.center + ext
+
+    def level(self, c: Coords):
+        if self.power == (2, 2, 2):
+            rot = np.eye(3) if self.rot is None else self.rot
+            w_mat = (rot.T @ c.a) / self.radii[:, None]
+            t = (rot.T @ (c.b - self.center)) / self.radii
+            return c.quadratic(w_mat, t)
+        x, y, z = c.x, c.y, c.z
+        dx = x - np.float32(self.center[0])
+        dy = y - np.float32(self.center[1])
+        dz = z - np.float32(self.center[2])
+        if self.rot is not None:
+            r = self.rot.astype(np.float32)
+            lx = dx * r[0, 0] + dy * r[1, 0] + dz * r[2, 0]
+            ly = dx * r[0, 1] + dy * r[1, 1] + dz * r[2, 1]
+            lz = dx * r[0, 2] + dy * r[1, 2] + dz * r[2, 2]
+            dx, dy, dz = lx, ly, lz
+        px, py, pz = self.power
+        return (
+            _even_power(dx * np.float32(1.0 / self.radii[0]), px)
+            + _even_power(dy * np.float32(1.0 / self.radii[1]), py)
+            + _even_power(dz * np.float32(1.0 / self.radii[2]), pz)
+        )
+
+    def inside(self, c: Coords):
+        return self.level(c) <= 1.0
+
+    def grown(self, d: float) -> "Ellipsoid":
+        return Ellipsoid(self.center, np.maximum(self.radii + d, 0.2), self.power, self.rot)
+
+
+@dataclass
+class Tube(Shape):
+    """A band along a polyline with an elliptical cross-section.
+
+    ``radii = (r_a, r_b)``: r_a along ``up`` (projected perpendicular to the segment),
+    r_b along the third axis. ``param`` gives the arc-length position (mm from the first
+    point) and the cross-section coordinates of every point, used to cut tears.
+    """
+
+    points: Sequence[Sequence[float]]
+    radii: tuple[float, float]
+    up: Sequence[float] = (1.0, 0.0, 0.0)
+
+    def __post_init__(self):
+        self.points = np.asarray(self.points, dtype=np.float64)
+        r = max(self.radii)
+        self.lo = self.points.min(axis=0) - r
+        self.hi = self.points.max(axis=0) + r
+        self._segs = []
+        s0 = 0.0
+        up = np.asarray(self.up, dtype=np.float64)
+        for a, b in zip(self.points[:-1], self.points[1:]):
+            d = b - a
+            length = float(np.linalg.norm(d))
+            t = d / length
+            e1 = up - np.dot(up, t) * t
+            if np.linalg.norm(e1) < 1e-6:
+                e1 = np.cross(t, [0.0, 1.0, 0.0])
+            e1 /= np.linalg.norm(e1)
+            e2 = np.cross(t, e1)
+            self._segs.append((a, t, length, e1, e2, s0))
+            s0 += length
+        self.length = s0
+
+    def param(self, c: Coords):
+        """(level, s, a, b): normalized radial level (<=1 inside), arc position, cross-section coords (mm)."""
+        best = None
+        for a, t, length, e1, e2, s0 in self._segs:
+            along = c.linear(t, a)
+            along_c = np.clip(along, 0.0, length)
+            ca = c.linear(e1, a)
+            cb = c.linear(e2, a)
+            off = along - along_c
+            lev = (ca / np.float32(self.radii[0])) ** 2 + (cb / np.float32(self.radii[1])) ** 2 + (
+                off / np.float32(min(self.radii))
+            ) ** 2
+            s = along_c + np.float32(s0)
+            if best is None:
+                best = [lev, s, ca, cb]
+            else:
+                m = lev < best[0]
+                best[0] = np.where(m, lev, best[0])
+                best[1] = np.where(m, s, best[1])
+                best[2] = np.where(m, ca, best[2])
+                best[3] = np.where(m, cb, best[3])
+        return tuple(best)
+
+    def inside(self, c: Coords):
+        return self.param(c)[0] <= 1.0
+
+    def point_at(self, s: float) -> np.ndarray:
+        """The polyline point at arc position ``s`` (mm)."""
+        for a, t, length, _e1, _e2, s0 in self._segs:
+            if s <= s0 + length:
+                return a + t * max(s - s0, 0.0)
+        a, t, length, *_ = self._segs[-1]
+        return a + t * length
+
+    def frame_at(self, s: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(direction, e1, e2) unit vectors of the segment at arc position ``s``."""
+        for _a, t, length, e1, e2, s0 in self._segs:
+            if s <= s0 + length:
+                return t, e1, e2
+        _a, t, _l, e1, e2, _s0 = self._segs[-1]
+        return t, e1, e2
+
+
+@dataclass
+class HalfSpace(Shape):
+    """n . (p - p0) <= 0 (unbounded box; use inside an Intersection)."""
+
+    point: Sequence[float]
+    normal: Sequence[float]
+
+    def __post_init__(self):
+        self.point = np.asarray(self.point, dtype=np.float64)
+        self.normal = np.asarray(self.normal, dtype=np.float64)
+        self.lo = np.full(3, -_BIG)
+        self.hi = np.full(3, _BIG)
+        # axis-aligned half spaces give a finite side
+        nz = np.flatnonzero(np.abs(self.normal) > 1e-9)
+        if len(nz) == 1:
+            ax = nz[0]
+            if self.normal[ax] > 0:
+                self.hi[ax] = self.point[ax]
+            else:
+                self.lo[ax] = self.point[ax]
+
+    def inside(self, c: Coords):
+        return c.linear(self.normal, self.point) <= 0.0
+
+
+@dataclass
+class Box(Shape):
+    lo_: Sequence[float]
+    hi_: Sequence[float]
+
+    def __post_init__(self):
+        self.lo = np.asarray(self.lo_, dtype=np.float64)
+        self.hi = np.asarray(self.hi_, dtype=np.float64)
+
+    def inside(self, c: Coords):
+        lo = self.lo.astype(np.float32)
+        hi = self.hi.astype(np.float32)
+        x, y, z = c.x, c.y, c.z
+        return (x >= lo[0]) & (x <= hi[0]) & (y >= lo[1]) & (y <= hi[1]) & (z >= lo[2]) & (z <= hi[2])
+
+
+@dataclass
+class Func(Shape):
+    """An arbitrary inside-function ``fn(coords)`` with an explicit bounding box."""
+
+    fn: Callable
+    lo_: Sequence[float]
+    hi_: Sequence[float]
+
+    def __post_init__(self):
+        self.lo = np.asarray(self.lo_, dtype=np.float64)
+        self.hi = np.asarray(self.hi_, dtype=np.float64)
+
+    def inside(self, c: Coords):
+        return self.fn(c)
+
+
+@dataclass
+class Union(Shape):
+    parts: Sequence[Shape]
+
+    def __post_init__(self):
+        self.lo = np.min([p.lo for p in self.parts], axis=0)
+        self.hi = np.max([p.hi for p in self.parts], axis=0)
+
+    def inside(self, c: Coords):
+        out = None
+        for p in self.parts:
+            m = p.inside(c)
+            out = m if out is None else (out | m)
+        return out
+
+
+@dataclass
+class Intersection(Shape):
+    parts: Sequence[Shape]
+
+    def __post_init__(self):
+        self.lo = np.max([p.lo for p in self.parts], axis=0)
+        self.hi = np.min([p.hi for p in self.parts], axis=0)
+
+    def inside(self, c: Coords):
+        out = None
+        for p in self.parts:
+            m = p.inside(c)
+            out = m if out is None else (out & m)
+        return out
+
+
+@dataclass
+class Difference(Shape):
+    a: Shape
+    b: Shape
+
+    def __post_init__(self):
+        self.lo = self.a.lo
+        self.hi = self.a.hi
+
+    def inside(self, c: Coords):
+        return self.a.inside(c) & ~self.b.inside(c)
+
+
+@dataclass
+class Structure:
+    """One painted structure: name, tissue and shape; ``over`` limits painting to voxels
+    currently holding one of these structure names (None = paint anywhere)."""
+
+    name: str
+    tissue: str
+    shape: Shape
+    over: tuple[str, ...] | None = None
+    group: str | None = None  # mask name the structure contributes to (default: name)
+    extra: dict = field(default_factory=dict)
+
+
+@dataclass
+class SmoothUnion(Shape):
+    """Blended union of super-ellipsoids: inside where sum(level_i ** -k) >= 1.
+
+    Fills the waists between overlapping parts (bones that widen smoothly); larger ``k``
+    blends less.
+    """
+
+    parts: Sequence[Ellipsoid]
+    k: int = 4
+
+    def __post_init__(self):
+        # blending can extend a little beyond the parts: pad the box
+        pad = 0.25 * np.max([p.radii for p in self.parts], axis=0)
+        self.lo = np.min([p.lo for p in self.parts], axis=0) - pad
+        self.hi = np.max([p.hi for p in self.parts], axis=0) + pad
+
+    def inside(self, c: Coords):
+        acc = None
+        for p in self.parts:
+            f = p.level(c)
+            np.maximum(f, np.float32(1e-6), out=f)
+            g = _even_power(np.float32(1.0) / f, self.k) if self.k in (2, 4, 6, 8) else (1.0 / f) ** self.k
+            acc = g if acc is None else acc + g
+        return acc >= 1.0
+
+    def grown(self, d: float) -> "SmoothUnion":
+        return SmoothUnion([p.grown(d) for p in self.parts], self.k)
