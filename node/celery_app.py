@@ -130,23 +130,38 @@ def send_job(app: Celery, job_id: int, queue: str) -> None:
     app.send_task(RUN_JOB_TASK, args=[int(job_id)], queue=queue, routing_key=queue, exchange=queue)
 
 
+def _depths(conn, queues: tuple[str, ...]) -> dict[str, int]:
+    conn.ensure_connection(max_retries=1, timeout=3)
+    depths: dict[str, int] = {}
+    for q in queues:
+        channel = conn.channel()
+        try:
+            depths[q] = int(channel.queue_declare(queue=q, passive=True).message_count)
+        except conn.connection_errors:
+            raise
+        except Exception:
+            depths[q] = 0  # a queue never declared holds nothing
+        finally:
+            try:
+                channel.close()
+            except Exception:
+                pass
+    return depths
+
+
 def queue_depths(app: Celery, queues: tuple[str, ...] = QUEUES) -> dict[str, int]:
     """Messages waiting in each broker queue (raises if the broker is unreachable)."""
-    depths: dict[str, int] = {}
     with app.connection_for_read() as conn:
-        conn.ensure_connection(max_retries=1, timeout=3)
-        channel = conn.default_channel
-        for q in queues:
-            try:
-                depths[q] = int(channel.queue_declare(queue=q, passive=True).message_count)
-            except Exception as e:
-                # a queue that was never declared holds nothing; other errors are the broker's
-                if "NOT_FOUND" in str(e) or "404" in str(e) or "does not exist" in str(e):
-                    depths[q] = 0
-                    channel = conn.channel()
-                else:
-                    raise
-    return depths
+        return _depths(conn, queues)
+
+
+def broker_queue_depths(settings: Settings, queues: tuple[str, ...] = QUEUES) -> dict[str, int]:
+    """The same without a Celery app (for metrics): a plain kombu connection from the settings."""
+    from kombu import Connection
+
+    url = "filesystem://localhost//" if is_filesystem(settings) else settings.broker_url
+    with Connection(url, transport_options=transport_options(settings), connect_timeout=3) as conn:
+        return _depths(conn, queues)
 
 
 def broker_ok(app: Celery) -> tuple[bool, str | None]:

@@ -134,6 +134,11 @@ def test_broker_down_jobs_wait_in_the_database_and_run_when_it_is_back(scaleout)
     assert all(rows[j].state == "queued" and rows[j].enqueue_pending for j in late)
     assert rows[early].state == "queued" and not rows[early].enqueue_pending
     assert w.alive(), w.output()[-3000:]
+    from node.health import health_report
+
+    report = health_report(node.settings, node.db, check_listener_too=False)
+    assert report["status"] == "degraded" and not report["components"]["broker"]["ok"]
+    assert report["components"]["database"]["backend"] == "postgresql" and report["components"]["workers"]["alive"] == 1
 
     node.redis.start()  # same port, empty
     back = time.monotonic()
@@ -147,3 +152,5 @@ def test_broker_down_jobs_wait_in_the_database_and_run_when_it_is_back(scaleout)
     assert sorted(j for k, j, _, _ in runs if k == "end") == sorted([early, *late])
     with node.db.session() as s:
         assert all(a == 1 for a in s.scalars(select(Job.attempts)))
+    report = health_report(node.settings, node.db, check_listener_too=False)
+    assert report["components"]["broker"]["ok"] and report["status"] == "ok"

@@ -1,0 +1,182 @@
+"""The node's health: listener, broker, database, disk, workers — as one PHI-free dict.
+
+`health_report(settings, db)` is what ``GET /health`` returns (the web app answers 503 when
+``ok`` is false) and what ``msknode health`` could print. Each component has ``ok`` and, when
+not ok, an ``error``. ``status`` is ``ok`` (all fine), ``degraded`` (the node stores what it
+receives but something else is wrong: no live worker, broker down, listener refusing) or
+``down`` (database unreachable or disk below ``MSKNODE_MIN_FREE_GB``: nothing can be accepted).
+Only counts, states, versions and host:port appear — never a patient attribute or UID.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import shutil
+import time
+from typing import Any
+
+from sqlalchemy import func, select, text
+
+from node.db import Database, utcnow
+from node.settings import Settings
+
+#: a worker whose last heartbeat is older than this many sweep intervals (at least 10 s) is gone
+STALE_HEARTBEATS = 5
+
+
+def check_database(db: Database) -> dict[str, Any]:
+    t0 = time.perf_counter()
+    try:
+        with db.session() as s:
+            s.execute(text("SELECT 1"))
+        return {"ok": True, "backend": db.engine.dialect.name, "latency_ms": round((time.perf_counter() - t0) * 1000, 1)}
+    except Exception as e:
+        return {"ok": False, "backend": db.engine.dialect.name, "error": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"}
+
+
+def check_disk(settings: Settings) -> dict[str, Any]:
+    try:
+        usage = shutil.disk_usage(settings.data_dir)
+    except OSError as e:
+        return {"ok": False, "error": f"{type(e).__name__}: {e}"}
+    free_gb = usage.free / 1e9
+    out: dict[str, Any] = {
+        "ok": free_gb >= settings.min_free_gb,
+        "free_gb": round(free_gb, 2),
+        "total_gb": round(usage.total / 1e9, 2),
+        "min_free_gb": settings.min_free_gb,
+    }
+    if not out["ok"]:
+        out["error"] = f"free space {free_gb:.2f} GB is below MSKNODE_MIN_FREE_GB={settings.min_free_gb:g}"
+    return out
+
+
+def check_broker(settings: Settings, *, timeout: float = 3.0) -> dict[str, Any]:
+    """Connects to the broker (the filesystem transport: its folder must be writable)."""
+    from node.celery_app import FilesystemBroker, is_filesystem, transport_options
+
+    transport = str(settings.broker_url).split("://", 1)[0]
+    if is_filesystem(settings):
+        fs = FilesystemBroker.of(settings)
+        try:
+            fs.ensure()
+            probe = fs.queue_dir / ".health"
+            probe.write_bytes(b"")
+            probe.unlink()
+            waiting = sum(1 for p in fs.queue_dir.iterdir() if p.name.endswith(".msg"))
+            return {"ok": True, "transport": transport, "messages": waiting}
+        except OSError as e:
+            return {"ok": False, "transport": transport, "error": f"{type(e).__name__}: {e}"}
+    from kombu import Connection
+
+    try:
+        with Connection(settings.broker_url, transport_options=transport_options(settings),
+                        connect_timeout=timeout) as conn:
+            conn.ensure_connection(max_retries=1, timeout=timeout)
+        return {"ok": True, "transport": transport}
+    except Exception as e:
+        return {"ok": False, "transport": transport, "error": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"}
+
+
+def check_listener(settings: Settings, *, timeout: float = 3.0) -> dict[str, Any]:
+    """A C-ECHO to the configured listener. A reject for an unknown calling AE still proves it answers."""
+    from pynetdicom import AE
+    from pynetdicom.sop_class import Verification
+
+    host = "127.0.0.1" if settings.host in ("0.0.0.0", "", "::") else settings.host
+    out: dict[str, Any] = {"address": f"{host}:{settings.port}", "ae_title": settings.ae_title}
+    ae = AE(ae_title="MSKNODE_HEALTH")
+    ae.add_requested_context(Verification)
+    ae.acse_timeout = timeout
+    ae.network_timeout = timeout
+    ae.dimse_timeout = timeout
+    t0 = time.perf_counter()
+    try:
+        assoc = ae.associate(host, settings.port, ae_title=settings.ae_title)
+        if assoc.is_established:
+            status = assoc.send_c_echo()
+            assoc.release()
+            ok = status is not None and getattr(status, "Status", None) == 0x0000
+            out.update(ok=ok, latency_ms=round((time.perf_counter() - t0) * 1000, 1))
+            if not ok:
+                out["error"] = "C-ECHO did not succeed"
+        elif assoc.is_rejected:
+            rj = assoc.acceptor.primitive
+            result, source, reason = (getattr(rj, "result", None), getattr(rj, "result_source", None),
+                                      getattr(rj, "diagnostic", None))
+            if result == 0x01 and source == 0x01 and reason == 0x03:
+                # rejected-permanent, service user, calling AE not recognised: it answers, with an allow-list
+                out.update(ok=True, note="answers (the health check's AE title is not in the allow-list)")
+            else:
+                out.update(ok=False, error=f"association rejected (result {result}, source {source}, reason {reason})")
+        else:
+            out.update(ok=False, error="no answer (association aborted or refused)")
+    except Exception as e:
+        out.update(ok=False, error=f"{type(e).__name__}: {e}")
+    finally:
+        ae.shutdown()
+    return out
+
+
+def check_workers(db: Database, settings: Settings, *, now: dt.datetime | None = None) -> dict[str, Any]:
+    from node.jobs import live_workers
+
+    now = now or utcnow()
+    stale = max(10.0, STALE_HEARTBEATS * settings.sweep_interval_seconds)
+    try:
+        with db.session() as s:
+            alive = live_workers(s, now=now, stale_after=stale)
+            workers = [
+                {"name": w.name, "queues": w.queues or [], "last_seen_at": w.last_seen_at.isoformat(),
+                 "started_at": w.started_at.isoformat()}
+                for w in alive
+            ]
+    except Exception as e:
+        return {"ok": False, "alive": 0, "error": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"}
+    queues = sorted({q for w in workers for q in w["queues"]})
+    out: dict[str, Any] = {"ok": bool(workers), "alive": len(workers), "queues": queues, "workers": workers}
+    if not workers:
+        out["error"] = f"no worker sent a heartbeat in the last {stale:g} s"
+    return out
+
+
+def job_counts(db: Database) -> dict[str, Any]:
+    from node.tables import Job, OutboxItem
+
+    try:
+        with db.session() as s:
+            jobs = dict(s.execute(select(Job.state, func.count()).group_by(Job.state)).all())
+            outbox = dict(s.execute(select(OutboxItem.state, func.count()).group_by(OutboxItem.state)).all())
+        return {"jobs": jobs, "outbox": outbox}
+    except Exception:
+        return {}
+
+
+def health_report(settings: Settings, db: Database, *, check_listener_too: bool = True,
+                  now: dt.datetime | None = None) -> dict[str, Any]:
+    """Every component's state; ``ok`` is True only when all are fine."""
+    now = now or utcnow()
+    components: dict[str, dict[str, Any]] = {
+        "database": check_database(db),
+        "disk": check_disk(settings),
+        "broker": check_broker(settings),
+    }
+    if check_listener_too:
+        components["listener"] = check_listener(settings)
+    components["workers"] = check_workers(db, settings, now=now) if components["database"]["ok"] else {
+        "ok": False, "alive": 0, "error": "database unreachable"}
+    if not components["database"]["ok"] or not components["disk"]["ok"]:
+        status = "down"
+    elif all(c["ok"] for c in components.values()):
+        status = "ok"
+    else:
+        status = "degraded"
+    report: dict[str, Any] = {
+        "ok": status == "ok",
+        "status": status,
+        "checked_at": now.isoformat(),
+        "components": components,
+    }
+    if components["database"]["ok"]:
+        report.update(job_counts(db))
+    return report
