@@ -1,0 +1,214 @@
+"""The FastAPI app: worklist, study viewer, admin pages and the JSON API behind each of them.
+
+`create_app(settings, db)` builds an app bound to one database; `run_web(settings)`
+serves it with uvicorn on ``settings.web_host:web_port``. Without a valid session
+only these answer: /login, /logout, /static/*, /health, /metrics, /openapi.json and
+``POST /api/auth/token``.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from zoneinfo import ZoneInfo
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
+from fastapi.staticfiles import StaticFiles
+from fastapi.templating import Jinja2Templates
+from urllib.parse import quote
+
+from node.web.auth import COOKIE, CsrfError, Forbidden, NotAuthenticated, SessionCodec
+from node.web.imaging import ImageCache, ImagingError
+from node.web.ops import OpsError
+from worklists.errors import EntryNotFound, InvalidChange, WorklistError
+from worklists.triage import TriagePolicy, load_policy
+
+log = logging.getLogger(__name__)
+
+WEB_DIR = Path(__file__).resolve().parent
+PUBLIC_PATHS = ("/login", "/logout", "/static/", "/health", "/metrics", "/openapi.json", "/api/auth/token")
+
+CSP = (
+    "default-src 'self'; img-src 'self' data:; style-src 'self'; script-src 'self'; "
+    "object-src 'none'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'"
+)
+
+
+@dataclass
+class WebContext:
+    """What every request handler needs, built once per app (no module-level state)."""
+
+    settings: object
+    db: object
+    policy: TriagePolicy
+    codec: SessionCodec
+    images: ImageCache
+    tz: ZoneInfo
+    templates: Jinja2Templates
+
+
+def _is_api(request: Request) -> bool:
+    return request.url.path.startswith("/api/")
+
+
+def _fmt_local(value: str | None, with_seconds: bool = False) -> str:
+    """ISO timestamp (already in the site zone) -> 'YYYY-MM-DD HH:MM'."""
+    if not value:
+        return "—"
+    s = value.replace("T", " ")
+    return s[:19] if with_seconds else s[:16]
+
+
+def _fmt_wait(minutes: int | None) -> str:
+    if minutes is None:
+        return "—"
+    if minutes < 60:
+        return f"{minutes} min"
+    h, m = divmod(minutes, 60)
+    if h < 48:
+        return f"{h} h {m:02d} min"
+    d, h = divmod(h, 24)
+    return f"{d} d {h} h"
+
+
+def _pct(p: float | None) -> str:
+    return "—" if p is None else f"{p * 100:.0f}%"
+
+
+def _templates() -> Jinja2Templates:
+    t = Jinja2Templates(directory=str(WEB_DIR / "templates"))
+    t.env.filters["local"] = _fmt_local
+    t.env.filters["wait"] = _fmt_wait
+    t.env.filters["pct"] = _pct
+    t.env.filters["short"] = lambda s, n=12: (s[:n] + "…") if s and len(s) > n else (s or "—")
+    t.env.filters["label"] = lambda s: (s or "").replace("_", " ")
+    return t
+
+
+def create_app(settings, db, *, policy: TriagePolicy | None = None) -> FastAPI:
+    """The web app for one node database. Raises `WorklistError` for an invalid triage policy."""
+    from node.web import api, pages
+
+    policy = policy or load_policy(settings.triage_policy)
+    ctx = WebContext(
+        settings=settings,
+        db=db,
+        policy=policy,
+        codec=SessionCodec(settings.effective_secret_key(), settings.session_minutes),
+        images=ImageCache(),
+        tz=ZoneInfo(settings.site_timezone),
+        templates=_templates(),
+    )
+    app = FastAPI(
+        title="msknode",
+        summary="Triage worklist, study viewer and administration of an MSK MRI AI node",
+        version="0.1.0",
+        docs_url=None,
+        redoc_url=None,
+        telemetry={"tracing": False, "metrics": False},
+    )
+    app.state.ctx = ctx
+    app.mount("/static", StaticFiles(directory=str(WEB_DIR / "static")), name="static")
+    app.include_router(api.router)
+    app.include_router(pages.router)
+    app.include_router(pages.ops_router)
+
+    @app.middleware("http")
+    async def _headers(request: Request, call_next):
+        response = await call_next(request)
+        response.headers.setdefault("X-Content-Type-Options", "nosniff")
+        response.headers.setdefault("X-Frame-Options", "DENY")
+        response.headers.setdefault("Referrer-Policy", "no-referrer")
+        response.headers.setdefault("Content-Security-Policy", CSP)
+        if not request.url.path.startswith("/static/"):
+            response.headers.setdefault("Cache-Control", "no-store")
+        return response
+
+    @app.exception_handler(NotAuthenticated)
+    async def _unauth(request: Request, exc: NotAuthenticated):
+        if _is_api(request) or request.method != "GET":
+            r = JSONResponse({"detail": exc.reason}, status_code=401, headers={"WWW-Authenticate": "Bearer"})
+        else:
+            target = request.url.path + (f"?{request.url.query}" if request.url.query else "")
+            msg = "" if exc.reason == "authentication required" else f"&msg={quote(exc.reason)}"
+            r = RedirectResponse(f"/login?next={quote(target)}{msg}", status_code=303)
+        if request.cookies.get(COOKIE):
+            r.delete_cookie(COOKIE, path="/")
+        return r
+
+    def _refuse(request: Request, status: int, reason: str):
+        if _is_api(request):
+            return JSONResponse({"detail": reason}, status_code=status)
+        p = getattr(request.state, "principal", None)
+        return ctx.templates.TemplateResponse(
+            request, "error.html", {"user": p, "status": status, "reason": reason}, status_code=status
+        )
+
+    @app.exception_handler(Forbidden)
+    async def _forbidden(request: Request, exc: Forbidden):
+        return _refuse(request, 403, exc.reason)
+
+    @app.exception_handler(CsrfError)
+    async def _csrf(request: Request, exc: CsrfError):
+        return _refuse(request, 403, exc.reason)
+
+    @app.exception_handler(EntryNotFound)
+    async def _missing(request: Request, exc: EntryNotFound):
+        return _refuse(request, 404, str(exc))
+
+    @app.exception_handler(InvalidChange)
+    async def _invalid(request: Request, exc: InvalidChange):
+        return _refuse(request, 422, str(exc))
+
+    @app.exception_handler(OpsError)
+    async def _ops(request: Request, exc: OpsError):
+        return _refuse(request, 409, str(exc))
+
+    @app.exception_handler(ImagingError)
+    async def _imaging(request: Request, exc: ImagingError):
+        return _refuse(request, 422, f"cannot display: {exc}")
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request: Request, exc: RequestValidationError):
+        errors = exc.errors()
+        parts = []
+        for e in errors:
+            loc = ".".join(str(x) for x in e.get("loc", ()) if x != "body") or "request"
+            parts.append(f"{loc}: {e.get('msg', 'invalid')}")
+        reason = "; ".join(parts) or "invalid request"
+        if _is_api(request):
+            return JSONResponse(
+                {"detail": reason, "errors": [{"loc": list(e.get("loc", ())), "msg": e.get("msg")} for e in errors]},
+                status_code=422,
+            )
+        return _refuse(request, 422, reason)
+
+    return app
+
+
+def run_web(settings) -> int:
+    """Serves the web app with uvicorn until interrupted."""
+    import uvicorn
+
+    from node.db import Database
+    from node.errors import SettingsError
+
+    db = Database(settings.database_url)
+    try:
+        app = create_app(settings, db)
+    except WorklistError as e:
+        raise SettingsError(str(e)) from None
+    log.info("web UI on http://%s:%s/", settings.web_host, settings.web_port)
+    uvicorn.run(
+        app,
+        host=settings.web_host,
+        port=settings.web_port,
+        log_level=settings.log_level.lower(),
+        access_log=False,
+        proxy_headers=False,
+    )
+    db.dispose()
+    return 0

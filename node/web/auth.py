@@ -1,0 +1,163 @@
+"""Authentication for the web UI and the JSON API.
+
+A login issues a signed, timestamped session (itsdangerous, key from
+``settings.effective_secret_key()``) that expires after ``settings.session_minutes``:
+as an HttpOnly cookie for the browser, or as a bearer token from ``POST /api/auth/token``
+for scripts. Every request re-reads the user, so a disabled user or a changed role
+takes effect at once. Cookie sessions carry a CSRF token that every state-changing
+request must echo (form field ``csrf_token`` or header ``X-CSRF-Token``); bearer
+tokens cannot be sent by a browser on its own and need none.
+"""
+
+from __future__ import annotations
+
+import hmac
+import secrets
+import time
+from dataclasses import dataclass
+
+from fastapi import Depends, Request
+from itsdangerous import BadSignature, SignatureExpired, URLSafeTimedSerializer
+from sqlalchemy import select
+
+from worklists.tables import User
+
+COOKIE = "msknode_session"
+LOGIN_COOKIE = "msknode_login"
+CSRF_HEADER = "X-CSRF-Token"
+
+
+class NotAuthenticated(Exception):
+    """No valid session: pages redirect to the login form, the API answers 401."""
+
+    def __init__(self, reason: str = "authentication required"):
+        super().__init__(reason)
+        self.reason = reason
+
+
+class Forbidden(Exception):
+    """Authenticated, but the role does not allow this (403)."""
+
+    def __init__(self, reason: str = "admin role required"):
+        super().__init__(reason)
+        self.reason = reason
+
+
+class CsrfError(Exception):
+    """A state-changing request without the session's CSRF token (403)."""
+
+    def __init__(self, reason: str = "missing or wrong CSRF token"):
+        super().__init__(reason)
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class Principal:
+    username: str
+    role: str
+    csrf: str
+    expires_at: float  # epoch seconds
+    via: str  # "cookie" or "token"
+
+    @property
+    def is_admin(self) -> bool:
+        return self.role == "admin"
+
+
+class SessionCodec:
+    """Signs and checks session cookies, bearer tokens and the login form's CSRF nonce."""
+
+    def __init__(self, secret: str, minutes: int):
+        self.max_age = minutes * 60
+        self._cookie = URLSafeTimedSerializer(secret, salt="msknode.web.session")
+        self._token = URLSafeTimedSerializer(secret, salt="msknode.api.token")
+        self._login = URLSafeTimedSerializer(secret, salt="msknode.web.login")
+
+    def _serializer(self, kind: str) -> URLSafeTimedSerializer:
+        return self._token if kind == "token" else self._cookie
+
+    def issue(self, username: str, role: str, *, kind: str = "cookie") -> tuple[str, Principal]:
+        exp = time.time() + self.max_age
+        csrf = secrets.token_urlsafe(24)
+        token = self._serializer(kind).dumps({"u": username, "c": csrf, "x": exp})
+        return token, Principal(username, role, csrf, exp, kind)
+
+    def read(self, token: str, *, kind: str = "cookie") -> dict:
+        try:
+            data = self._serializer(kind).loads(token, max_age=self.max_age)
+        except SignatureExpired:
+            raise NotAuthenticated("session expired, please log in again") from None
+        except BadSignature:
+            raise NotAuthenticated("invalid session") from None
+        if not isinstance(data, dict) or not {"u", "c", "x"} <= set(data):
+            raise NotAuthenticated("invalid session")
+        if float(data["x"]) < time.time():
+            raise NotAuthenticated("session expired, please log in again")
+        return data
+
+    def login_nonce(self) -> tuple[str, str]:
+        """A nonce for the login form: (signed cookie value, form value)."""
+        nonce = secrets.token_urlsafe(24)
+        return self._login.dumps(nonce), nonce
+
+    def check_login_nonce(self, cookie: str | None, form_value: str | None) -> bool:
+        if not cookie or not form_value:
+            return False
+        try:
+            nonce = self._login.loads(cookie, max_age=3600)
+        except BadSignature:
+            return False
+        return hmac.compare_digest(str(nonce), form_value)
+
+
+def _bearer(request: Request) -> str | None:
+    header = request.headers.get("authorization", "")
+    if header.lower().startswith("bearer "):
+        return header[7:].strip()
+    return None
+
+
+def principal(request: Request) -> Principal:
+    """The logged-in user of this request, or `NotAuthenticated`."""
+    ctx = request.app.state.ctx
+    token = _bearer(request)
+    kind = "token"
+    if token is None:
+        token = request.cookies.get(COOKIE)
+        kind = "cookie"
+    if not token:
+        raise NotAuthenticated()
+    data = ctx.codec.read(token, kind=kind)
+    with ctx.db.session() as s:
+        user = s.scalars(select(User).where(User.username == data["u"])).first()
+        if user is None or not user.active:
+            raise NotAuthenticated("this account is disabled")
+        role = user.role
+    p = Principal(data["u"], role, data["c"], float(data["x"]), kind)
+    request.state.principal = p
+    return p
+
+
+def admin(p: Principal = Depends(principal)) -> Principal:
+    if not p.is_admin:
+        raise Forbidden("admin role required")
+    return p
+
+
+def check_csrf(p: Principal, supplied: str | None) -> None:
+    """Refuses a cookie-session change whose CSRF token is missing or wrong."""
+    if p.via != "cookie":
+        return
+    if not supplied or not hmac.compare_digest(supplied, p.csrf):
+        raise CsrfError()
+
+
+def api_csrf(request: Request, p: Principal = Depends(principal)) -> Principal:
+    """For JSON API changes: the CSRF header must match when the session is a cookie."""
+    check_csrf(p, request.headers.get(CSRF_HEADER))
+    return p
+
+
+def api_admin_csrf(request: Request, p: Principal = Depends(admin)) -> Principal:
+    check_csrf(p, request.headers.get(CSRF_HEADER))
+    return p

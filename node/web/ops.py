@@ -1,0 +1,197 @@
+"""Operations seen from the web: health, metrics, retries, routing rules, destinations, models.
+
+Where another part of the node owns the logic (``node.health``, ``node.metrics``,
+``node.jobs.retry_job``, ``node.dispatch``, ``models.registry``) the web calls it; the
+fallbacks here only read the database, so the pages work in any installation.
+Nothing here returns patient data: health and metrics answer without login.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import importlib
+import inspect
+import logging
+import shutil
+import tomllib
+from typing import Any
+
+from sqlalchemy import func, select, text
+
+from node.db import utcnow
+from node.errors import NodeError
+from node.tables import Finding, Job, OutboxItem
+from worklists import audit
+
+log = logging.getLogger(__name__)
+
+SECRET_KEYS = {"password", "token", "secret", "tls_key_file"}
+
+
+class OpsError(NodeError):
+    """An operation requested from the web was refused (the message says why)."""
+
+
+def _optional(module: str):
+    try:
+        return importlib.import_module(module)
+    except ModuleNotFoundError as e:
+        if e.name and module.startswith(e.name):
+            return None
+        raise
+
+
+def _call(fn, **available):
+    """Calls `fn` with the keyword arguments it accepts (positional-only db/settings first)."""
+    sig = inspect.signature(fn)
+    args, kwargs = [], {}
+    for name, p in sig.parameters.items():
+        if name in available:
+            if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) and not kwargs:
+                args.append(available[name])
+            else:
+                kwargs[name] = available[name]
+    return fn(*args, **kwargs)
+
+
+# ---- health and metrics ------------------------------------------------------------------
+
+
+def health(settings, db) -> tuple[dict, bool]:
+    """(report, healthy): ``node.health.health_report`` when installed, else a database + disk check."""
+    mod = _optional("node.health")
+    if mod is not None:
+        report = mod.health_report(settings, db)
+        return report, bool(report.get("ok"))
+    report: dict[str, Any] = {"components": {}}
+    try:
+        with db.session() as s:
+            s.execute(text("SELECT 1"))
+        report["components"]["database"] = {"ok": True}
+    except Exception as e:  # noqa: BLE001 - the report says what failed
+        report["components"]["database"] = {"ok": False, "error": type(e).__name__}
+    try:
+        free = shutil.disk_usage(settings.data_dir).free / 1e9
+        report["components"]["disk"] = {"ok": free >= settings.min_free_gb, "free_gb": round(free, 2)}
+    except OSError as e:
+        report["components"]["disk"] = {"ok": False, "error": type(e).__name__}
+    ok = all(c.get("ok") for c in report["components"].values())
+    report.update(ok=ok, status="ok" if ok else "down")
+    return report, ok
+
+
+def metrics(settings, db) -> tuple[bytes, str]:
+    """Prometheus exposition (body, content type): ``node.metrics.render`` when installed."""
+    mod = _optional("node.metrics")
+    if mod is not None:
+        return mod.render(settings, db)
+    from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Gauge, generate_latest
+
+    reg = CollectorRegistry()
+    jobs_g = Gauge("msknode_jobs", "Jobs by state", ["state"], registry=reg)
+    out_g = Gauge("msknode_outbox_items", "Outbox items by state", ["state"], registry=reg)
+    with db.session() as s:
+        for state, n in s.execute(select(Job.state, func.count()).group_by(Job.state)):
+            jobs_g.labels(state).set(n)
+        for state, n in s.execute(select(OutboxItem.state, func.count()).group_by(OutboxItem.state)):
+            out_g.labels(state).set(n)
+    return generate_latest(reg), CONTENT_TYPE_LATEST
+
+
+# ---- retries -----------------------------------------------------------------------------
+
+
+def retry_job(db, job_id: int, *, actor: str, now: dt.datetime | None = None) -> dict:
+    """Puts a failed/dead job back in the queue (``node.jobs.retry_job``)."""
+    jobs_mod = _optional("node.jobs")
+    fn = getattr(jobs_mod, "retry_job", None) if jobs_mod else None
+    if fn is None:
+        raise OpsError("job retry is not available in this installation (node.jobs is missing)")
+    try:
+        job = fn(db, job_id, actor=actor, now=now or utcnow())
+    except NodeError as e:
+        raise OpsError(str(e)) from None
+    return {"id": job.id, "state": job.state}
+
+
+def retry_outbox(db, settings, item_id: int, *, actor: str, now: dt.datetime | None = None) -> dict:
+    """Re-sends a dead-lettered outbox item (``node.dispatch`` when it offers a retry, else a DB reset)."""
+    now = now or utcnow()
+    dispatch = _optional("node.dispatch")
+    for name in ("retry_item", "retry_outbox_item", "retry"):
+        fn = getattr(dispatch, name, None) if dispatch else None
+        if callable(fn):
+            try:
+                _call(fn, db=db, settings=settings, item_id=item_id, outbox_id=item_id, id=item_id, actor=actor, now=now)
+            except NodeError as e:
+                raise OpsError(str(e)) from None
+            with db.session() as s:
+                item = s.get(OutboxItem, item_id)
+                return {"id": item_id, "state": item.state if item else None}
+    with db.session() as s:
+        item = s.get(OutboxItem, item_id)
+        if item is None:
+            raise OpsError(f"no outbox item with id {item_id}")
+        if item.state != "dead":
+            raise OpsError(f"outbox item {item_id} is {item.state}; only dead items can be retried")
+        item.state = "pending"
+        item.attempts = 0
+        item.next_attempt_at = now
+        item.lease_owner = None
+        item.lease_expires_at = None
+        audit.record(s, actor=actor, action="outbox.retry", entity_type="outbox", entity_id=item_id, old="dead",
+                     new="pending", details={"previous_error": item.last_error})
+        return {"id": item_id, "state": "pending"}
+
+
+# ---- configuration views -------------------------------------------------------------------
+
+
+def mask(d: dict) -> dict:
+    return {k: ("***" if k in SECRET_KEYS and v else v) for k, v in d.items()}
+
+
+def destinations(settings) -> list[dict]:
+    return [{"key": d.key, **mask(d.model_dump())} for d in settings.destinations]
+
+
+def routing(settings) -> dict:
+    path = settings.routing_rules
+    try:
+        raw = path.read_text(encoding="utf-8")
+    except OSError:
+        return {"path": str(path), "exists": False, "text": "", "rules": [], "error": "file not found"}
+    try:
+        data = tomllib.loads(raw)
+    except tomllib.TOMLDecodeError as e:
+        return {"path": str(path), "exists": True, "text": raw, "rules": [], "error": f"invalid TOML: {e}"}
+    rules = []
+    for key, value in data.items():
+        if isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
+            for v in value:
+                rules.append({"table": key, **{k: v[k] for k in v}})
+    return {"path": str(path), "exists": True, "text": raw, "rules": rules, "error": None}
+
+
+def models(settings, db) -> dict:
+    """The registry's model cards (``models.registry``) and the versions seen in findings."""
+    registry: list[dict] = []
+    error = None
+    mod = _optional("models.registry")
+    if mod is not None and hasattr(mod, "Registry"):
+        try:
+            registry = [dict(c) if not isinstance(c, dict) else c for c in mod.Registry(settings.weights_dir).list()]
+        except Exception as e:  # noqa: BLE001 - shown on the page
+            error = f"{type(e).__name__}: {e}"
+    else:
+        error = "models.registry is not installed"
+    with db.session() as s:
+        seen = [
+            {"model": m, "version": v, "weights_sha256": h, "findings": n, "last_job_id": last}
+            for m, v, h, n, last in s.execute(
+                select(Finding.model_name, Finding.model_version, Finding.weights_sha256, func.count(), func.max(Finding.job_id))
+                .group_by(Finding.model_name, Finding.model_version, Finding.weights_sha256)
+                .order_by(Finding.model_name)
+            )
+        ]
+    return {"registry": registry, "registry_error": error, "seen_in_findings": seen}

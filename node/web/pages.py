@@ -1,0 +1,328 @@
+"""Server-rendered pages (Jinja2). Each shows what an ``/api`` route returns; forms carry a CSRF token."""
+
+from __future__ import annotations
+
+from urllib.parse import quote, urlencode
+
+from fastapi import APIRouter, Depends, Form, Query, Request
+from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
+
+from node.db import utcnow
+from node.web import ops, queries
+from node.web.api import Anatomy, JobState, OutboxState, Priority, Status, audit_view
+from node.web.auth import COOKIE, LOGIN_COOKIE, Forbidden, NotAuthenticated, Principal, admin, check_csrf, principal
+from node.web.users import authenticate, list_users
+from worklists import audit, entries
+from worklists.errors import InvalidChange
+from worklists.tables import PRIORITIES
+
+router = APIRouter(include_in_schema=False)
+ops_router = APIRouter(tags=["operations"])  # no login, no patient data
+
+
+def _ctx(request: Request):
+    return request.app.state.ctx
+
+
+def _render(request: Request, name: str, p: Principal | None, status_code: int = 200, **context) -> HTMLResponse:
+    ctx = _ctx(request)
+    base = {
+        "user": p,
+        "tz": str(ctx.tz),
+        "priorities": PRIORITIES,
+        "msg": request.query_params.get("msg"),
+        "error": request.query_params.get("error"),
+        "path": request.url.path,
+    }
+    return ctx.templates.TemplateResponse(request, name, base | context, status_code=status_code)
+
+
+def _safe_next(target: str | None, default: str = "/worklist") -> str:
+    if not target or not target.startswith("/") or target.startswith("//") or "\\" in target:
+        return default
+    return target
+
+
+def _back(target: str, *, msg: str | None = None, error: str | None = None) -> RedirectResponse:
+    sep = "&" if "?" in target else "?"
+    q = urlencode({k: v for k, v in (("msg", msg), ("error", error)) if v})
+    return RedirectResponse(target + (sep + q if q else ""), status_code=303)
+
+
+# ---- login -------------------------------------------------------------------------------
+
+
+@router.get("/login")
+def login_form(request: Request, next: str | None = None):
+    ctx = _ctx(request)
+    cookie, nonce = ctx.codec.login_nonce()
+    r = _render(request, "login.html", None, next=_safe_next(next), nonce=nonce)
+    r.set_cookie(LOGIN_COOKIE, cookie, max_age=3600, httponly=True, samesite="strict", secure=request.url.scheme == "https", path="/login")
+    return r
+
+
+@router.post("/login")
+def login(
+    request: Request,
+    username: str = Form(default="", max_length=64),
+    password: str = Form(default="", max_length=1024),
+    csrf_token: str = Form(default=""),
+    next: str = Form(default="/worklist"),
+):
+    ctx = _ctx(request)
+    if not ctx.codec.check_login_nonce(request.cookies.get(LOGIN_COOKIE), csrf_token):
+        cookie, nonce = ctx.codec.login_nonce()
+        r = _render(request, "login.html", None, 400, next=_safe_next(next), nonce=nonce,
+                    error="the login form expired, please try again")
+        r.set_cookie(LOGIN_COOKIE, cookie, max_age=3600, httponly=True, samesite="strict", path="/login")
+        return r
+    with ctx.db.session() as s:
+        user = authenticate(s, username, password) if username and password else None
+        if user is None:
+            audit.record(s, actor=(username or "-")[:64], action="auth.login_failed", entity_type="user",
+                         entity_id=(username or "-")[:64])
+        else:
+            audit.record(s, actor=user.username, action="auth.login", entity_type="user", entity_id=user.username)
+            token, p = ctx.codec.issue(user.username, user.role)
+    if user is None:
+        cookie, nonce = ctx.codec.login_nonce()
+        r = _render(request, "login.html", None, 401, next=_safe_next(next), nonce=nonce,
+                    error="wrong username or password, or the account is disabled", username=username)
+        r.set_cookie(LOGIN_COOKIE, cookie, max_age=3600, httponly=True, samesite="strict", path="/login")
+        return r
+    r = RedirectResponse(_safe_next(next), status_code=303)
+    r.set_cookie(COOKIE, token, max_age=ctx.codec.max_age, httponly=True, samesite="strict",
+                 secure=request.url.scheme == "https", path="/")
+    r.delete_cookie(LOGIN_COOKIE, path="/login")
+    return r
+
+
+def _logout(request: Request) -> RedirectResponse:
+    ctx = _ctx(request)
+    token = request.cookies.get(COOKIE)
+    if token:
+        try:
+            data = ctx.codec.read(token)
+            with ctx.db.session() as s:
+                audit.record(s, actor=data["u"], action="auth.logout", entity_type="user", entity_id=data["u"])
+        except NotAuthenticated:
+            pass
+    r = RedirectResponse("/login?msg=" + quote("logged out"), status_code=303)
+    r.delete_cookie(COOKIE, path="/")
+    return r
+
+
+@router.post("/logout")
+def logout_post(request: Request):
+    return _logout(request)
+
+
+@router.get("/logout")
+def logout_get(request: Request):
+    return _logout(request)
+
+
+# ---- worklist ------------------------------------------------------------------------------
+
+
+@router.get("/")
+def home(p: Principal = Depends(principal)):
+    return RedirectResponse("/worklist", status_code=303)
+
+
+def _worklist_data(request: Request, anatomy, priority, status):
+    ctx = _ctx(request)
+    with ctx.db.session() as s:
+        items = queries.worklist(
+            s, policy=ctx.policy, tz=ctx.tz, now=utcnow(), anatomy=anatomy.value if anatomy else None,
+            priority=priority.value if priority else None, status=status.value if status else None,
+        )
+        pending = queries.pending_studies(s, tz=ctx.tz)
+    return items, pending
+
+
+@router.get("/worklist")
+def worklist_page(request: Request, anatomy: Anatomy | None = None, priority: Priority | None = None,
+                  status: Status | None = None, p: Principal = Depends(principal)):
+    items, pending = _worklist_data(request, anatomy, priority, status)
+    counts = {pr: sum(1 for i in items if i["priority"] == pr and i["status"] == "unread") for pr in PRIORITIES}
+    return _render(request, "worklist.html", p, items=items, pending=pending, counts=counts,
+                   filters={"anatomy": anatomy.value if anatomy else "", "priority": priority.value if priority else "",
+                            "status": status.value if status else ""},
+                   anatomies=queries.ANATOMIES, query=request.url.query, policy_version=_ctx(request).policy.version)
+
+
+@router.get("/worklist/rows")
+def worklist_rows(request: Request, anatomy: Anatomy | None = None, priority: Priority | None = None,
+                  status: Status | None = None, p: Principal = Depends(principal)):
+    """The table body alone, for the page's auto-refresh."""
+    items, pending = _worklist_data(request, anatomy, priority, status)
+    return _render(request, "_worklist_rows.html", p, items=items, pending=pending)
+
+
+@router.get("/worklist/next")
+def worklist_next(request: Request, p: Principal = Depends(principal)):
+    ctx = _ctx(request)
+    with ctx.db.session() as s:
+        for item in queries.worklist(s, policy=ctx.policy, tz=ctx.tz, now=utcnow(), status="unread"):
+            if item["assigned_to"] in (None, p.username):
+                return RedirectResponse(f"/studies/{item['study_id']}", status_code=303)
+    return _back("/worklist", msg="no unread study is waiting")
+
+
+# ---- study ---------------------------------------------------------------------------------
+
+
+@router.get("/studies/{study_id}")
+def study_page(request: Request, study_id: int, p: Principal = Depends(principal)):
+    ctx = _ctx(request)
+    with ctx.db.session() as s:
+        d = queries.study_detail(s, study_id, policy=ctx.policy, tz=ctx.tz, now=utcnow())
+        if d is None:
+            return _render(request, "error.html", p, 404, status=404, reason=f"study {study_id} not found")
+        audit_view(s, p, study_id, "page")
+        users = [u["username"] for u in list_users(s) if u["active"]] if p.is_admin else []
+    stenosis = [f for f in d["findings"] if f["level"]]
+    other = [f for f in d["findings"] if not f["level"]]
+    return _render(request, "study.html", p, study=d, stenosis=stenosis, other_findings=other, users=users)
+
+
+@router.post("/studies/{study_id}/read")
+def study_read(request: Request, study_id: int, entry_id: int = Form(...), read: str = Form(default="1"),
+               csrf_token: str = Form(default=""), p: Principal = Depends(principal)):
+    check_csrf(p, csrf_token)
+    ctx = _ctx(request)
+    with ctx.db.session() as s:
+        e = entries.mark_read(s, entry_id=entry_id, actor=p.username, now=utcnow(), read=read == "1")
+        status = e.status
+    return _back(f"/studies/{study_id}", msg=f"marked {status}")
+
+
+@router.post("/admin/entries/{entry_id}/priority")
+def priority_form(request: Request, entry_id: int, priority: str = Form(default=""), reason: str = Form(default=""),
+                  csrf_token: str = Form(default=""), next: str = Form(default="/worklist"), p: Principal = Depends(admin)):
+    check_csrf(p, csrf_token)
+    ctx = _ctx(request)
+    target = _safe_next(next)
+    new = priority or None
+    if new is not None and new not in PRIORITIES:
+        return _back(target, error=f"unknown priority {priority!r}")
+    try:
+        with ctx.db.session() as s:
+            e = entries.override_priority(s, entry_id=entry_id, priority=new, reason=reason, actor=p.username, now=utcnow())
+            result = e.priority
+    except InvalidChange as exc:
+        return _back(target, error=str(exc))
+    return _back(target, msg=f"priority set to {result}")
+
+
+@router.post("/admin/entries/{entry_id}/assign")
+def assign_form(request: Request, entry_id: int, username: str = Form(default=""), csrf_token: str = Form(default=""),
+                next: str = Form(default="/worklist"), p: Principal = Depends(admin)):
+    check_csrf(p, csrf_token)
+    ctx = _ctx(request)
+    target = _safe_next(next)
+    try:
+        with ctx.db.session() as s:
+            e = entries.assign(s, entry_id=entry_id, assignee=username or None, actor=p.username, now=utcnow())
+            who = e.assigned_to
+    except InvalidChange as exc:
+        return _back(target, error=str(exc))
+    return _back(target, msg=f"assigned to {who}" if who else "unassigned")
+
+
+# ---- admin ---------------------------------------------------------------------------------
+
+
+@router.get("/admin")
+def admin_home(p: Principal = Depends(admin)):
+    return RedirectResponse("/admin/jobs", status_code=303)
+
+
+@router.get("/admin/jobs")
+def admin_jobs(request: Request, state: JobState | None = None, p: Principal = Depends(admin)):
+    ctx = _ctx(request)
+    with ctx.db.session() as s:
+        rows = queries.jobs(s, tz=ctx.tz, state=state.value if state else None)
+    return _render(request, "admin_jobs.html", p, jobs=rows, state=state.value if state else "",
+                   states=[x.value for x in JobState])
+
+
+@router.post("/admin/jobs/{job_id}/retry")
+def admin_job_retry(request: Request, job_id: int, csrf_token: str = Form(default=""), p: Principal = Depends(admin)):
+    check_csrf(p, csrf_token)
+    try:
+        out = ops.retry_job(_ctx(request).db, job_id, actor=p.username)
+    except ops.OpsError as exc:
+        return _back("/admin/jobs", error=str(exc))
+    return _back("/admin/jobs", msg=f"job {job_id} is {out['state']}")
+
+
+@router.get("/admin/outbox")
+def admin_outbox(request: Request, state: OutboxState | None = None, p: Principal = Depends(admin)):
+    ctx = _ctx(request)
+    with ctx.db.session() as s:
+        rows = queries.outbox(s, tz=ctx.tz, state=state.value if state else None)
+    return _render(request, "admin_outbox.html", p, items=rows, state=state.value if state else "",
+                   states=[x.value for x in OutboxState])
+
+
+@router.post("/admin/outbox/{item_id}/retry")
+def admin_outbox_retry(request: Request, item_id: int, csrf_token: str = Form(default=""), p: Principal = Depends(admin)):
+    check_csrf(p, csrf_token)
+    ctx = _ctx(request)
+    try:
+        out = ops.retry_outbox(ctx.db, ctx.settings, item_id, actor=p.username)
+    except ops.OpsError as exc:
+        return _back("/admin/outbox", error=str(exc))
+    return _back("/admin/outbox", msg=f"outbox item {item_id} is {out['state']}")
+
+
+@router.get("/admin/routing")
+def admin_routing(request: Request, p: Principal = Depends(admin)):
+    ctx = _ctx(request)
+    return _render(request, "admin_routing.html", p, routing=ops.routing(ctx.settings),
+                   destinations=ops.destinations(ctx.settings), policy=ctx.policy)
+
+
+@router.get("/admin/models")
+def admin_models(request: Request, p: Principal = Depends(admin)):
+    ctx = _ctx(request)
+    return _render(request, "admin_models.html", p, models=ops.models(ctx.settings, ctx.db))
+
+
+@router.get("/admin/audit")
+def admin_audit(request: Request, actor: str | None = Query(default=None, max_length=64),
+                action: str | None = Query(default=None, max_length=64), before_id: int | None = Query(default=None, ge=1),
+                p: Principal = Depends(admin)):
+    ctx = _ctx(request)
+    with ctx.db.session() as s:
+        events = queries.audit_log(s, tz=ctx.tz, limit=200, before_id=before_id, actor=actor or None, action=action or None)
+    return _render(request, "admin_audit.html", p, events=events, actor=actor or "", action=action or "")
+
+
+@router.get("/admin/users")
+def admin_users(request: Request, p: Principal = Depends(admin)):
+    ctx = _ctx(request)
+    with ctx.db.session() as s:
+        rows = list_users(s)
+    return _render(request, "admin_users.html", p, users=rows)
+
+
+# ---- unauthenticated operations -----------------------------------------------------------
+
+
+@ops_router.get("/health", responses={503: {"description": "a check failed"}})
+def health(request: Request):
+    """Health of the node (database, disk, and what ``node.health`` checks); 503 when failing."""
+    ctx = _ctx(request)
+    report, ok = ops.health(ctx.settings, ctx.db)
+    return JSONResponse(report, status_code=200 if ok else 503)
+
+
+@ops_router.get("/metrics", response_class=Response)
+def metrics(request: Request):
+    """Prometheus metrics (no patient data)."""
+    ctx = _ctx(request)
+    body, ctype = ops.metrics(ctx.settings, ctx.db)
+    return Response(body, media_type=ctype)

@@ -1,0 +1,30 @@
+// Worklist auto-refresh: re-fetches the table body every 30 s with the same filters.
+(function () {
+  "use strict";
+  var PERIOD_MS = 30000;
+  var state = document.getElementById("refresh-state");
+  var rows = document.getElementById("rows");
+  if (!state || !rows) return;
+  var query = state.getAttribute("data-query") || "";
+  function stamp(text) { state.textContent = text; }
+  function refresh() {
+    fetch("/worklist/rows" + (query ? "?" + query : ""), { credentials: "same-origin", headers: { "Accept": "text/html" } })
+      .then(function (r) {
+        if (r.status === 401 || r.redirected) { window.location.href = "/login?next=/worklist"; return null; }
+        if (!r.ok) throw new Error("HTTP " + r.status);
+        return r.text();
+      })
+      .then(function (html) {
+        if (html === null) return;
+        rows.innerHTML = html;
+        stamp("updated " + new Date().toLocaleTimeString([], { hour: "2-digit", minute: "2-digit", second: "2-digit" }) + " · every 30 s");
+      })
+      .catch(function (e) { stamp("refresh failed (" + e.message + "), retrying"); });
+  }
+  stamp("updated " + new Date().toLocaleTimeString([], { hour: "2-digit", minute: "2-digit", second: "2-digit" }) + " · every 30 s");
+  setInterval(refresh, PERIOD_MS);
+  ["f-anatomy", "f-priority", "f-status"].forEach(function (id) {
+    var el = document.getElementById(id);
+    if (el) el.addEventListener("change", function () { document.getElementById("filters").submit(); });
+  });
+})();

@@ -1,0 +1,414 @@
+"""Triage: a worklist priority, a score and the reasons for both, from a study's findings.
+
+The policy is a TOML file (`worklists/triage_policy.toml` documents the default and why).
+`compute` is a pure function of the findings and the policy; `age` applies the ageing
+steps at read time (they depend on the clock, so they are never stored); `sort_key`
+is the one reading order of the worklist: priority, then waiting time, then score.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+from worklists.errors import PolicyError
+from worklists.tables import PRIORITIES
+
+PRIORITY_RANK = {p: i for i, p in enumerate(PRIORITIES)}  # STAT 0, URGENT 1, ROUTINE 2
+
+
+def rank(priority: str) -> int:
+    return PRIORITY_RANK[priority]
+
+
+def higher(a: str, b: str) -> str:
+    """The more urgent of two priorities."""
+    return a if rank(a) <= rank(b) else b
+
+
+@dataclass(frozen=True)
+class Rule:
+    id: str
+    code: str
+    min_probability: float
+    priority: str
+    weight: float
+    why: str
+    grades: tuple[str, ...] = ()
+    min_levels: int = 1
+
+
+@dataclass(frozen=True)
+class AgeingStep:
+    from_priority: str
+    to_priority: str
+    after_hours: float
+
+
+@dataclass(frozen=True)
+class TriagePolicy:
+    version: str
+    rules: tuple[Rule, ...]
+    ageing: tuple[AgeingStep, ...] = ()
+    default_priority: str = "ROUTINE"
+    qc_failure_flag: bool = True
+    qc_failure_priority: str = "ROUTINE"
+    uncertainty_k: float = 2.0
+    informational_codes: tuple[str, ...] = ("superres",)
+    source: str = ""
+
+
+@dataclass(frozen=True)
+class TriageFinding:
+    """What triage needs of one finding (a `findings` row, a model `Finding`, or a not-evaluated model)."""
+
+    code: str
+    label: str
+    model_name: str = ""
+    evaluated: bool = True
+    probability: float | None = None
+    uncertainty: float | None = None
+    positive: bool | None = None
+    grade: str | None = None
+    grade_probabilities: dict[str, float] | None = None
+    level: str | None = None
+    qc_reason: str | None = None
+
+
+@dataclass(frozen=True)
+class TriageSummary:
+    """The outcome of triage: the priority, a score (0-100) and human-readable reasons."""
+
+    priority: str
+    score: float
+    reasons: tuple[str, ...]
+    needs_review: bool = False
+    matched_rules: tuple[str, ...] = ()
+    policy_version: str = ""
+
+
+@dataclass(frozen=True)
+class Ageing:
+    priority: str
+    reason: str | None = None
+
+
+# ---- policy file ---------------------------------------------------------------------
+
+
+def _priority(value: Any, where: str) -> str:
+    if value not in PRIORITY_RANK:
+        raise PolicyError(f"{where}: priority must be one of {', '.join(PRIORITIES)}, got {value!r}")
+    return value
+
+
+def _number(value: Any, where: str, lo: float | None = None, hi: float | None = None) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise PolicyError(f"{where}: a number is required, got {value!r}")
+    if (lo is not None and value < lo) or (hi is not None and value > hi):
+        raise PolicyError(f"{where}: must be between {lo} and {hi}, got {value}")
+    return float(value)
+
+
+def parse_policy(data: dict[str, Any], *, source: str = "<policy>") -> TriagePolicy:
+    """Validates a policy mapping (the parsed TOML) and returns it typed."""
+    known = {"version", "default_priority", "review", "ageing", "rule"}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise PolicyError(f"{source}: unknown key {unknown[0]!r} (known: {', '.join(sorted(known))})")
+    version = str(data.get("version", "unversioned"))
+    default = _priority(data.get("default_priority", "ROUTINE"), f"{source}: default_priority")
+    review = data.get("review", {})
+    if not isinstance(review, dict):
+        raise PolicyError(f"{source}: [review] must be a table")
+    bad = sorted(set(review) - {"qc_failure_flag", "qc_failure_priority", "uncertainty_k", "informational_codes"})
+    if bad:
+        raise PolicyError(f"{source}: unknown key review.{bad[0]}")
+    qc_flag = review.get("qc_failure_flag", True)
+    if not isinstance(qc_flag, bool):
+        raise PolicyError(f"{source}: review.qc_failure_flag must be true or false")
+    qc_priority = _priority(review.get("qc_failure_priority", "ROUTINE"), f"{source}: review.qc_failure_priority")
+    k = _number(review.get("uncertainty_k", 2.0), f"{source}: review.uncertainty_k", 0, 10)
+    info_codes = review.get("informational_codes", ["superres"])
+    if not isinstance(info_codes, list) or not all(isinstance(c, str) and c for c in info_codes):
+        raise PolicyError(f"{source}: review.informational_codes must be a list of strings")
+
+    steps = []
+    for i, raw in enumerate(data.get("ageing", [])):
+        where = f"{source}: ageing[{i}]"
+        if not isinstance(raw, dict):
+            raise PolicyError(f"{where} must be a table")
+        bad = sorted(set(raw) - {"from", "to", "after_hours"})
+        if bad:
+            raise PolicyError(f"{where}: unknown key {bad[0]!r}")
+        frm = _priority(raw.get("from"), f"{where}.from")
+        to = _priority(raw.get("to"), f"{where}.to")
+        if rank(to) >= rank(frm):
+            raise PolicyError(f"{where}: ageing must promote ({frm} -> {to} is not a promotion)")
+        steps.append(AgeingStep(frm, to, _number(raw.get("after_hours"), f"{where}.after_hours", 0)))
+
+    rules = []
+    seen: set[str] = set()
+    raw_rules = data.get("rule", [])
+    if not isinstance(raw_rules, list):
+        raise PolicyError(f"{source}: rules are written as [[rule]] tables")
+    for i, raw in enumerate(raw_rules):
+        where = f"{source}: rule[{i}]"
+        if not isinstance(raw, dict):
+            raise PolicyError(f"{where} must be a table")
+        allowed = {"id", "code", "grades", "min_probability", "min_levels", "priority", "weight", "why"}
+        bad = sorted(set(raw) - allowed)
+        if bad:
+            raise PolicyError(f"{where}: unknown key {bad[0]!r} (known: {', '.join(sorted(allowed))})")
+        for key in ("id", "code", "why"):
+            if not isinstance(raw.get(key), str) or not raw[key].strip():
+                raise PolicyError(f"{where}: {key!r} is required (a non-empty string)")
+        rid = raw["id"]
+        if rid in seen:
+            raise PolicyError(f"{where}: duplicate rule id {rid!r}")
+        seen.add(rid)
+        grades = raw.get("grades", [])
+        if not isinstance(grades, list) or not all(isinstance(g, str) and g for g in grades):
+            raise PolicyError(f"{where}: grades must be a list of strings")
+        min_levels = raw.get("min_levels", 1)
+        if isinstance(min_levels, bool) or not isinstance(min_levels, int) or min_levels < 1:
+            raise PolicyError(f"{where}: min_levels must be an integer >= 1")
+        rules.append(
+            Rule(
+                id=rid,
+                code=raw["code"],
+                grades=tuple(grades),
+                min_probability=_number(raw.get("min_probability"), f"{where}.min_probability", 0, 1),
+                min_levels=min_levels,
+                priority=_priority(raw.get("priority"), f"{where}.priority"),
+                weight=_number(raw.get("weight", 0), f"{where}.weight", 0, 100),
+                why=raw["why"],
+            )
+        )
+    return TriagePolicy(
+        version=version,
+        rules=tuple(rules),
+        ageing=tuple(steps),
+        default_priority=default,
+        qc_failure_flag=qc_flag,
+        qc_failure_priority=qc_priority,
+        uncertainty_k=k,
+        informational_codes=tuple(info_codes),
+        source=source,
+    )
+
+
+def load_policy(path: str | Path) -> TriagePolicy:
+    """Reads and validates a policy file; raises `PolicyError` with one clear message."""
+    path = Path(path)
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise PolicyError(f"triage policy {path}: not found") from None
+    except tomllib.TOMLDecodeError as e:
+        raise PolicyError(f"triage policy {path}: invalid TOML: {e}") from None
+    return parse_policy(data, source=f"triage policy {path}")
+
+
+# ---- findings in, summary out ----------------------------------------------------------
+
+
+def as_triage_finding(f: Any) -> TriageFinding:
+    """Normalises a `findings` row, a `models.types.Finding` or a `TriageFinding`."""
+    if isinstance(f, TriageFinding):
+        return f
+    details = getattr(f, "details", None) or {}
+    grade_probs = getattr(f, "grade_probabilities", None) or details.get("grade_probabilities")
+    return TriageFinding(
+        code=f.code,
+        label=getattr(f, "label", None) or f.code,
+        model_name=getattr(f, "model_name", "") or "",
+        evaluated=bool(getattr(f, "evaluated", True)),
+        probability=getattr(f, "probability", None),
+        uncertainty=getattr(f, "uncertainty", None),
+        positive=getattr(f, "positive", None),
+        grade=getattr(f, "grade", None),
+        grade_probabilities=dict(grade_probs) if grade_probs else None,
+        level=getattr(f, "level", None),
+        qc_reason=getattr(f, "qc_reason", None),
+    )
+
+
+def findings_from_pipeline(output: Any) -> list[TriageFinding]:
+    """The triage view of a `models.types.PipelineOutput`, refused models included."""
+    out: list[TriageFinding] = []
+    for mo in output.outputs:
+        if not mo.qc.accepted:
+            out.append(
+                TriageFinding(
+                    code=mo.model.name,
+                    label=mo.model.name,
+                    model_name=mo.model.name,
+                    evaluated=False,
+                    qc_reason=mo.qc.reason or "qc_refused",
+                )
+            )
+            continue
+        for f in mo.findings:
+            tf = as_triage_finding(f)
+            out.append(TriageFinding(**{**tf.__dict__, "model_name": mo.model.name}))
+    return out
+
+
+def rule_probability(rule: Rule, f: TriageFinding) -> float | None:
+    """The probability that finding `f` is what `rule` describes, or None if it cannot be."""
+    if f.code != rule.code or not f.evaluated:
+        return None
+    if not rule.grades:
+        return f.probability
+    if f.grade_probabilities:
+        return float(sum(f.grade_probabilities.get(g, 0.0) for g in rule.grades))
+    if f.grade in rule.grades:
+        return f.probability
+    return None
+
+
+def _fmt_p(p: float | None, u: float | None = None) -> str:
+    if p is None:
+        return "p=n/a"
+    return f"p={p:.2f}" + (f" ± {u:.2f}" if u is not None else "")
+
+
+def _p_name(rule: Rule) -> str:
+    return f"P({' or '.join(rule.grades)})" if rule.grades else "P"
+
+
+def _unc(u: float | None) -> str:
+    return f" (uncertainty ±{u:.2f})" if u is not None else ""
+
+
+def _describe(f: TriageFinding) -> str:
+    parts = [f.label]
+    if f.grade and f.grade.lower() not in f.label.lower():
+        parts.append(f.grade.replace("_", "-"))
+    if f.level:
+        parts.append(f"at {f.level}")
+    return " ".join(parts)
+
+
+def compute(
+    findings: Iterable[Any],
+    policy: TriagePolicy,
+    *,
+    waiting_since: dt.datetime | None = None,
+    now: dt.datetime | None = None,
+) -> TriageSummary:
+    """The priority, score and reasons of a study from its findings (and, with times, ageing)."""
+    items = [as_triage_finding(f) for f in findings]
+    info = [f for f in items if f.code in policy.informational_codes]
+    items = [f for f in items if f.code not in policy.informational_codes]
+    priority = policy.default_priority
+    score = 0.0
+    reasons: list[str] = []
+    matched: list[str] = []
+    review = False
+
+    evaluated = [f for f in items if f.evaluated]
+    refused = [f for f in items if not f.evaluated]
+
+    for rule in policy.rules:
+        hits = []
+        for f in evaluated:
+            p = rule_probability(rule, f)
+            if p is not None and p >= rule.min_probability:
+                hits.append((p, f))
+        levels = {f.level or f"#{i}" for i, (_, f) in enumerate(hits)}
+        if hits and len(levels) >= rule.min_levels:
+            best_p, best = max(hits, key=lambda h: h[0])
+            priority = higher(priority, rule.priority)
+            score += rule.weight * best_p
+            matched.append(rule.id)
+            where = ""
+            if rule.min_levels > 1 or len(hits) > 1:
+                named = sorted(f.level for _, f in hits if f.level)
+                where = f" ({len(hits)} levels: {', '.join(named)})" if named else f" ({len(hits)} findings)"
+            reasons.append(
+                f"{rule.priority}: {rule.why} — {_describe(best)}, {_p_name(rule)}={best_p:.2f}"
+                f" ≥ {rule.min_probability:.2f}{_unc(best.uncertainty)}{where} [rule {rule.id}]"
+            )
+
+    # near-miss with wide uncertainty: flag, do not reprioritise
+    k = policy.uncertainty_k
+    for rule in policy.rules:
+        if rule.id in matched or rank(rule.priority) >= rank(priority):
+            continue
+        for f in evaluated:
+            p = rule_probability(rule, f)
+            if p is None or f.uncertainty is None or p >= rule.min_probability:
+                continue
+            if p + k * f.uncertainty >= rule.min_probability:
+                review = True
+                reasons.append(
+                    f"uncertain: {_describe(f)}, {_p_name(rule)}={p:.2f}{_unc(f.uncertainty)} is within {k:g}"
+                    f" SD of the {rule.priority} threshold {rule.min_probability:.2f} [rule {rule.id}] — needs review"
+                )
+                break
+
+    # positive findings that no rule mentions are still listed
+    for f in evaluated:
+        if f.positive and not any(rule_probability(r, f) is not None and r.id in matched for r in policy.rules):
+            reasons.append(f"finding: {_describe(f)}, {_fmt_p(f.probability, f.uncertainty)} (below every priority rule)")
+
+    if refused and policy.qc_failure_flag:
+        review = True
+        for f in refused:
+            reasons.append(f"not evaluated by {f.model_name or f.code}: {f.qc_reason or 'no reason given'} — needs human review")
+    for f in info:
+        if not f.evaluated:
+            reasons.append(f"{f.label or f.code}: not done ({f.qc_reason or 'no reason given'}) — does not change the priority")
+    if not evaluated:
+        review = review or policy.qc_failure_flag
+        priority = higher(priority, policy.qc_failure_priority)
+        if not items:
+            reasons.append("no AI result for this study — read without AI support")
+        else:
+            reasons.append("no model could evaluate this study — read without AI support")
+    elif not matched:
+        reasons.append(f"{priority}: no finding reached a priority threshold")
+
+    if waiting_since is not None and now is not None:
+        aged = age(priority, waiting_since=waiting_since, now=now, policy=policy)
+        if aged.reason:
+            priority = aged.priority
+            reasons.append(aged.reason)
+
+    return TriageSummary(
+        priority=priority,
+        score=round(min(score, 100.0), 1),
+        reasons=tuple(reasons),
+        needs_review=review,
+        matched_rules=tuple(matched),
+        policy_version=policy.version,
+    )
+
+
+def age(priority: str, *, waiting_since: dt.datetime, now: dt.datetime, policy: TriagePolicy) -> Ageing:
+    """Applies the ageing steps (repeatedly, so ROUTINE -> URGENT -> STAT chains work)."""
+    hours = (now - waiting_since).total_seconds() / 3600.0
+    reason = None
+    changed = True
+    while changed:
+        changed = False
+        for step in policy.ageing:
+            if step.from_priority == priority and hours >= step.after_hours:
+                reason = (
+                    f"{step.to_priority}: waiting {hours:.1f} h ≥ {step.after_hours:g} h,"
+                    f" promoted from {step.from_priority} (ageing)"
+                )
+                priority = step.to_priority
+                changed = True
+                break
+    return Ageing(priority, reason)
+
+
+def sort_key(priority: str, waiting_since: dt.datetime, score: float, entry_id: int) -> tuple:
+    """The reading order: priority, then longest waiting, then score, then a stable id."""
+    return (rank(priority), waiting_since.timestamp(), -score, entry_id)
