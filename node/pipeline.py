@@ -348,7 +348,10 @@ def _import(module: str, what: str):
 
 
 def findings_from_output(output: Any) -> list[FindingRecord]:
-    """``findings`` rows from a `models.types.PipelineOutput`: one per finding, one per refused model."""
+    """``findings`` rows from a `models.types.PipelineOutput`: one per finding, one per refused model.
+
+    Super-resolution is not a finding: its QC and consistency check go into ``jobs.model_versions``.
+    """
     rows: list[FindingRecord] = []
     for mo in output.outputs:
         info = mo.model
@@ -388,31 +391,24 @@ def findings_from_output(output: Any) -> list[FindingRecord]:
                 site=f.site,
                 details=details or None,
             ))
-    for sr in output.superres:
-        info = sr.model
-        rows.append(FindingRecord(
-            model_name=info.name,
-            model_version=info.version,
-            weights_sha256=info.weights_sha256,
-            series_uid=sr.source.series_uid or None,
-            code="superres",
-            label="Super-resolved series" if sr.qc.accepted else f"Super-resolution not done ({sr.qc.reason})",
-            evaluated=bool(sr.qc.accepted),
-            qc_reason=sr.qc.reason,
-            qc_message=sr.qc.message,
-            details={
-                "consistency_error": float(sr.consistency_error),
-                "consistency_tolerance": float(sr.consistency_tolerance),
-                "consistency_passed": bool(sr.consistency_passed),
-            },
-        ))
     return rows
 
 
 def model_versions_of(output: Any) -> dict[str, Any]:
+    """Model name → version and weights hash (super-resolution also with its QC and consistency check)."""
     versions: dict[str, Any] = {}
-    for info in [mo.model for mo in output.outputs] + [sr.model for sr in output.superres]:
-        versions[info.name] = {"version": info.version, "weights_sha256": info.weights_sha256}
+    for mo in output.outputs:
+        versions[mo.model.name] = {"version": mo.model.version, "weights_sha256": mo.model.weights_sha256}
+    for sr in output.superres:
+        entry = versions.setdefault(sr.model.name, {"version": sr.model.version, "weights_sha256": sr.model.weights_sha256})
+        entry.setdefault("superres", []).append({
+            "series_uid": sr.source.series_uid,
+            "accepted": bool(sr.qc.accepted),
+            "qc_reason": sr.qc.reason,
+            "consistency_error": float(sr.consistency_error),
+            "consistency_tolerance": float(sr.consistency_tolerance),
+            "consistency_passed": bool(sr.consistency_passed),
+        })
     return versions
 
 
@@ -460,11 +456,17 @@ class ModelPipelineRunner:
             summary = triage_mod.compute(triage_mod.findings_from_pipeline(output), policy)
         with steps.step("results"):
             results_mod = _import("node.results", "the result writers (node.results)")
+            predecessors = [
+                results_mod.ResultRef(sop_instance_uid=r.sop_instance_uid, series_uid=r.series_uid, study_uid=r.study_uid,
+                                      sop_class_uid=r.sop_class_uid, kind=r.kind)
+                for r in ctx.predecessors
+                if r.kind == "sr"
+            ]
             files = results_mod.build_results(
                 output=output,
                 source_files=ctx.source_files(),
                 triage=summary,
-                predecessors=list(ctx.predecessors),
+                predecessors=predecessors,
                 settings=settings,
                 job_fingerprint=ctx.input_fingerprint,
             )
