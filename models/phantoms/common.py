@@ -17,7 +17,8 @@ from models.phantoms.spec import AcquisitionSpec
 from models.types import Volume
 
 ANATOMIES = ("knee", "shoulder", "lumbar_spine")
-DEFAULT_UID_ROOT = "1.2.826.0.1.3680043.10.1447."
+# pydicom's root (free for generated UIDs); NOT the node's uid_root, which marks its own results
+PHANTOM_UID_ROOT = "1.2.826.0.1.3680043.8.498."
 
 # world directions of the image axes per plane (world = patient LPS before the patient rotation)
 PLANES: dict[str, tuple[tuple[float, float, float], tuple[float, float, float]]] = {
@@ -252,13 +253,13 @@ def vox_and_mm(geom: Geometry, kji) -> tuple[tuple[int, int, int], tuple[float, 
     return kji, tuple(round(float(v), 3) for v in mm)
 
 
-def series_uids(anatomy: str, seed: int, n: dict[str, Any], plane: str, uid_root: str = DEFAULT_UID_ROOT):
+def series_uids(anatomy: str, seed: int, n: dict[str, Any], plane: str, uid_root: str = PHANTOM_UID_ROOT):
     """Deterministic (study, series, frame of reference) UIDs for one phantom series."""
-    study = generate_uid(prefix=uid_root, entropy_srcs=["phantom-study", anatomy, str(seed)])
-    frame = generate_uid(prefix=uid_root, entropy_srcs=["phantom-frame", anatomy, str(seed)])
+    study = generate_uid(prefix=uid_root, entropy_srcs=["study", anatomy, str(seed)])
+    frame = generate_uid(prefix=uid_root, entropy_srcs=["frame", anatomy, str(seed)])
     key = [
-        "phantom-series", anatomy, str(seed), plane, str(n["sequence"]), str(n["matrix"]), str(n["n_slices"]),
-        f"{float(n['slice_thickness']):.4f}", f"{float(n['fov']):.4f}",
+        "series", anatomy, str(seed), plane, str(n["sequence"]), str(n["matrix"]), str(n["n_slices"]),
+        f"{float(n['slice_thickness']):.4f}", f"{float(n['fov']):.4f}", repr(sorted(n.get("_overrides", {}).items())),
     ]
     series = generate_uid(prefix=uid_root, entropy_srcs=key)
     return study, series, frame
