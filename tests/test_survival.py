@@ -21,17 +21,17 @@ LEASE = 3.0
 
 @pytest.fixture
 def embedded(settings, db, tmp_path):
-    env = worker_env({
+    base = {
         "MSKNODE_DATA_DIR": str(settings.data_dir),
         "MSKNODE_JOB_LEASE_SECONDS": str(LEASE),
         "MSKNODE_SWEEP_INTERVAL_SECONDS": "0.5",
         "MSKNODE_JOB_RETRY_BACKOFF_SECONDS": "0.5",
         "MSKNODE_LOG_LEVEL": "INFO",
-    })
+    }
     workers: list[WorkerProcess] = []
 
-    def start(**kw) -> WorkerProcess:
-        w = WorkerProcess(env, tmp_path / f"worker{len(workers)}.log", **kw).start()
+    def start(env: dict | None = None, **kw) -> WorkerProcess:
+        w = WorkerProcess(worker_env({**base, **(env or {})}), tmp_path / f"worker{len(workers)}.log", **kw).start()
         workers.append(w)
         return w
 
@@ -91,3 +91,25 @@ def test_kill9_worker_mid_job_then_new_worker_completes_it_once(embedded, settin
         job = s.get(Job, job_id)
         assert job.attempts == 2 and job.error is None
     assert _count(db, ResultObject) == 1 and _count(db, Finding) == 1
+
+
+def test_soft_and_hard_time_limits_end_in_a_visible_dead_state(embedded, settings, db):
+    polite = make_study_job(db, max_attempts=1)
+    stubborn = make_study_job(db, pipeline="stubborn", max_attempts=1)
+    w = embedded(env={"MSKNODE_JOB_SOFT_TIME_LIMIT": "1.5", "MSKNODE_JOB_TIME_LIMIT": "3"}, sleep=30.0)
+    try:
+        wait_for(lambda: {job_states(db)[j] for j in (polite, stubborn)} == {"dead"}, 45, what="both jobs dead")
+    except AssertionError:
+        print(w.output()[-4000:])
+        raise
+    with db.session() as s:
+        p, st = s.get(Job, polite), s.get(Job, stubborn)
+        # the soft limit raised inside the step: the job failed its (only) attempt with a clear reason
+        assert p.error == "time limit of 1.5 s exceeded in step inference", p.error
+        assert p.timings["inference"] < 3
+        # the hard limit killed the process: the lease expired and the sweeper declared it dead
+        assert "worker lost on the last attempt" in st.error and st.attempts == 1
+    runs = read_runs(settings.data_dir)
+    assert ("ignored", stubborn) in {(k, j) for k, j, *_ in runs}
+    assert not [r for r in runs if r[0] == "end"]
+    assert w.alive()  # the pool replaced its killed process
