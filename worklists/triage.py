@@ -17,6 +17,7 @@ from typing import Any, Iterable
 from worklists.errors import PolicyError
 from worklists.tables import PRIORITIES
 
+DEFAULT_POLICY_PATH = Path(__file__).resolve().with_name("triage_policy.toml")
 PRIORITY_RANK = {p: i for i, p in enumerate(PRIORITIES)}  # STAT 0, URGENT 1, ROUTINE 2
 
 
@@ -271,10 +272,8 @@ def rule_probability(rule: Rule, f: TriageFinding) -> float | None:
     return None
 
 
-def _fmt_p(p: float | None, u: float | None = None) -> str:
-    if p is None:
-        return "p=n/a"
-    return f"p={p:.2f}" + (f" ± {u:.2f}" if u is not None else "")
+def _fmt_p(p: float | None) -> str:
+    return "n/a" if p is None else f"{p:.2f}"
 
 
 def _p_name(rule: Rule) -> str:
@@ -282,7 +281,7 @@ def _p_name(rule: Rule) -> str:
 
 
 def _unc(u: float | None) -> str:
-    return f" (uncertainty ±{u:.2f})" if u is not None else ""
+    return f" (±{u:.2f})" if u is not None else ""
 
 
 def _describe(f: TriageFinding) -> str:
@@ -329,11 +328,12 @@ def compute(
             where = ""
             if rule.min_levels > 1 or len(hits) > 1:
                 named = sorted(f.level for _, f in hits if f.level)
-                where = f" ({len(hits)} levels: {', '.join(named)})" if named else f" ({len(hits)} findings)"
-            reasons.append(
-                f"{rule.priority}: {rule.why} — {_describe(best)}, {_p_name(rule)}={best_p:.2f}"
-                f" ≥ {rule.min_probability:.2f}{_unc(best.uncertainty)}{where} [rule {rule.id}]"
-            )
+                where = f"; {len(hits)} levels: {', '.join(named)}" if named else f"; {len(hits)} findings"
+            evidence = f"{_describe(best)}, {_p_name(rule)} {best_p:.2f} ≥ {rule.min_probability:.2f}{_unc(best.uncertainty)}{where}"
+            if rank(rule.priority) < rank(policy.default_priority):
+                reasons.append(f"{rule.priority}: {evidence} — {rule.why} [rule {rule.id}]")
+            else:
+                reasons.append(f"score +{rule.weight * best_p:.0f}: {evidence} [rule {rule.id}]")
 
     # near-miss with wide uncertainty: flag, do not reprioritise
     k = policy.uncertainty_k
@@ -347,15 +347,15 @@ def compute(
             if p + k * f.uncertainty >= rule.min_probability:
                 review = True
                 reasons.append(
-                    f"uncertain: {_describe(f)}, {_p_name(rule)}={p:.2f}{_unc(f.uncertainty)} is within {k:g}"
-                    f" SD of the {rule.priority} threshold {rule.min_probability:.2f} [rule {rule.id}] — needs review"
+                    f"uncertain: {_describe(f)}, {_p_name(rule)} {p:.2f}{_unc(f.uncertainty)} is within {k:g}"
+                    f" SD of the {rule.priority} threshold {rule.min_probability:.2f} — needs review [rule {rule.id}]"
                 )
                 break
 
     # positive findings that no rule mentions are still listed
     for f in evaluated:
         if f.positive and not any(rule_probability(r, f) is not None and r.id in matched for r in policy.rules):
-            reasons.append(f"finding: {_describe(f)}, {_fmt_p(f.probability, f.uncertainty)} (below every priority rule)")
+            reasons.append(f"finding: {_describe(f)}, P {_fmt_p(f.probability)} (no rule reached){_unc(f.uncertainty)}")
 
     if refused and policy.qc_failure_flag:
         review = True

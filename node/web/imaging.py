@@ -296,7 +296,7 @@ def heat_png(heat: np.ndarray, *, floor: float = 0.05) -> bytes:
 
     h = np.clip(np.nan_to_num(heat.astype(np.float32)), 0.0, 1.0)
     rgb = _heat_lut()[(h * 255).astype(np.uint8)]
-    alpha = np.where(h >= floor, np.clip(0.35 + h * 0.65, 0, 1) * 255, 0).astype(np.uint8)
+    alpha = np.where(h >= floor, np.clip((h - floor) / (1 - floor), 0, 1) ** 0.6 * 235, 0).astype(np.uint8)
     return _png(Image.fromarray(np.dstack([rgb, alpha]), mode="RGBA"))
 
 
