@@ -350,7 +350,8 @@ def _import(module: str, what: str):
 def findings_from_output(output: Any) -> list[FindingRecord]:
     """``findings`` rows from a `models.types.PipelineOutput`: one per finding, one per refused model.
 
-    Super-resolution is not a finding: its QC and consistency check go into ``jobs.model_versions``.
+    Super-resolution adds one informational row per source series (code ``superres``: its QC and
+    data-consistency check), which triage ignores.
     """
     rows: list[FindingRecord] = []
     for mo in output.outputs:
@@ -391,6 +392,24 @@ def findings_from_output(output: Any) -> list[FindingRecord]:
                 site=f.site,
                 details=details or None,
             ))
+    for sr in output.superres:
+        info = sr.model
+        rows.append(FindingRecord(
+            model_name=info.name,
+            model_version=info.version,
+            weights_sha256=info.weights_sha256,
+            series_uid=sr.source.series_uid or None,
+            code="superres",
+            label="Super-resolved series" if sr.qc.accepted else f"Super-resolution not done ({sr.qc.reason})",
+            evaluated=bool(sr.qc.accepted),
+            qc_reason=sr.qc.reason,
+            qc_message=sr.qc.message,
+            details={
+                "consistency_error": float(sr.consistency_error),
+                "consistency_tolerance": float(sr.consistency_tolerance),
+                "consistency_passed": bool(sr.consistency_passed),
+            },
+        ))
     return rows
 
 

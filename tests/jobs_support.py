@@ -225,6 +225,43 @@ class WorkerProcess:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
 
+class ListenerProcess(WorkerProcess):
+    """``msknode listen`` in its own process group."""
+
+    def __init__(self, env: dict[str, str], log_path: Path):
+        self.env = env
+        self.log_path = Path(log_path)
+        self.args = [str(Path(sys.executable).parent / "msknode"), "listen"]
+        self.proc = None
+
+    def wait_ready(self, port: int, ae_title: str = "MSKNODE", timeout: float = 30.0) -> "ListenerProcess":
+        import subprocess
+
+        deadline = time.monotonic() + timeout
+        while subprocess.run(["echoscu", "-aec", ae_title, "127.0.0.1", str(port)], capture_output=True,
+                             env={**os.environ, "TCP_NODELAY": "1"}).returncode != 0:
+            if not self.alive() or time.monotonic() > deadline:
+                raise RuntimeError(f"listener did not answer C-ECHO:\n{self.output()[-3000:]}")
+            time.sleep(0.2)
+        return self
+
+
+def write_phantom_series(out_dir: Path, seed: int, *, slices: int = 40, matrix: int = 64) -> list[Path]:
+    """A knee phantom series ("SAG PD FS", KNEE) in its own study; routed to the knee pipeline."""
+    from models.phantoms import generate, write_dicom_series
+
+    phantom = generate("knee", seed, n_slices=slices, matrix=matrix, snr=None)
+    return write_dicom_series(phantom, out_dir)
+
+
+def storescu(port: int, files: list[Path], *, ae_title: str = "MSKNODE", calling: str = "MODALITY"):
+    """Starts dcmtk storescu sending ``files`` in one association (returns the Popen)."""
+    import subprocess
+
+    return subprocess.Popen(["storescu", "-aet", calling, "-aec", ae_title, "127.0.0.1", str(port), *map(str, files)],
+                            env={**os.environ, "TCP_NODELAY": "1"}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+
+
 def worker_env(settings_env: dict[str, str]) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("MSKNODE_")}
     env.update(settings_env)

@@ -113,3 +113,49 @@ def test_soft_and_hard_time_limits_end_in_a_visible_dead_state(embedded, setting
     assert ("ignored", stubborn) in {(k, j) for k, j, *_ in runs}
     assert not [r for r in runs if r[0] == "end"]
     assert w.alive()  # the pool replaced its killed process
+
+
+def test_load_8_associations_x_40_instances_all_stored_and_processed_once(embedded, settings, db, tmp_path):
+    """8 concurrent storescu associations × 40 instances while the worker runs (listener + completeness + worker)."""
+    from jobs_support import ListenerProcess, storescu, write_phantom_series
+    from node.tables import Instance, JobInput, Series
+
+    from conftest import free_port
+
+    port = free_port()
+    env = {"MSKNODE_PORT": str(port), "MSKNODE_QUIET_SECONDS": "1", "MSKNODE_STUDY_QUIET_SECONDS": "1"}
+    series_files = [write_phantom_series(tmp_path / f"s{k}", seed=100 + k) for k in range(8)]
+    listener = ListenerProcess(worker_env({"MSKNODE_DATA_DIR": str(settings.data_dir), "MSKNODE_LOG_LEVEL": "INFO", **env}),
+                               tmp_path / "listener.log").start()
+    try:
+        listener.wait_ready(port)
+        w = embedded(env=env, sleep=0.3)
+        t0 = time.monotonic()
+        senders = [storescu(port, files) for files in series_files]
+        outs = [p.communicate(timeout=120)[0].decode(errors="replace") for p in senders]
+        sent_in = time.monotonic() - t0
+        assert [p.returncode for p in senders] == [0] * 8, outs
+        try:
+            wait_for(lambda: len(job_states(db)) == 8 and set(job_states(db).values()) == {"done"}, 90,
+                     what="8 jobs done")
+        except AssertionError:
+            print(w.output()[-3000:], listener.output()[-3000:])
+            raise
+        print(f"320 instances sent in {sent_in:.1f} s; all 8 studies processed {time.monotonic() - t0:.1f} s after the first send")
+    finally:
+        listener.stop()
+
+    with db.session() as s:
+        instances = s.scalars(select(Instance)).all()
+        assert len(instances) == 320
+        for inst in instances:
+            path = inst.path if inst.path.startswith("/") else str(settings.store_dir / inst.path)
+            assert __import__("os").path.getsize(path) == inst.size
+        series = s.scalars(select(Series)).all()
+        assert len(series) == 8 and {se.state for se in series} == {"done"} and {se.instances for se in series} == {40}
+        per_series = s.execute(select(JobInput.series_id, func.count()).group_by(JobInput.series_id)).all()
+        assert sorted(n for _, n in per_series) == [1] * 8  # every series in exactly one job
+        assert set(s.scalars(select(Job.attempts))) == {1}
+    runs = read_runs(settings.data_dir)
+    assert sorted(j for k, j, *_ in runs if k == "end") == sorted(job_states(db))  # each job ran once
+    assert len([r for r in runs if r[0] == "start"]) == 8
