@@ -46,3 +46,39 @@ def db(settings):
     database = Database(settings.database_url)
     yield database
     database.dispose()
+
+
+# ---- real servers for the scale-out mode (PostgreSQL, Redis) ----------------------------------
+
+
+@pytest.fixture(scope="session")
+def pg_server():
+    """One PostgreSQL 15 cluster for the test session (initdb as user postgres, loopback, fsync off)."""
+    from jobs_support import PostgresServer
+
+    server = PostgresServer(free_port()).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def postgres_url(pg_server) -> str:
+    """A fresh, empty database on the session's PostgreSQL server (SQLAlchemy URL, psycopg 3)."""
+    import uuid
+
+    return pg_server.create_database(f"t_{uuid.uuid4().hex[:12]}")
+
+
+@pytest.fixture
+def redis_server(tmp_path):
+    """A real redis-server on a free port (no persistence); ``.stop()``/``.start()`` restart it on the same port."""
+    from jobs_support import RedisServer
+
+    server = RedisServer(tmp_path / "redis", free_port()).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def redis_url(redis_server) -> str:
+    return redis_server.url

@@ -8,15 +8,11 @@
 from __future__ import annotations
 
 import time
-import uuid
 
 import pytest
 from sqlalchemy import func, select
 
-from conftest import free_port
 from jobs_support import (
-    PostgresServer,
-    RedisServer,
     WorkerProcess,
     job_states,
     make_study_job,
@@ -31,18 +27,11 @@ from node.tables import Job, ResultObject
 LEASE = 3.0
 
 
-@pytest.fixture(scope="module")
-def pg_server():
-    server = PostgresServer(free_port()).start()
-    yield server
-    server.stop()
-
-
 @pytest.fixture
-def scaleout(pg_server, data_dir, tmp_path, monkeypatch):
+def scaleout(postgres_url, redis_server, data_dir, tmp_path, monkeypatch):
     """Settings, database and a Redis broker for one test, plus a factory of worker processes."""
-    redis = RedisServer(tmp_path / "redis", free_port()).start()
-    db_url = pg_server.create_database(f"t_{uuid.uuid4().hex[:10]}")
+    redis = redis_server
+    db_url = postgres_url
     env_vars = {
         "MSKNODE_DATA_DIR": str(data_dir),
         "MSKNODE_DATABASE_URL": db_url,
@@ -80,7 +69,6 @@ def scaleout(pg_server, data_dir, tmp_path, monkeypatch):
     yield node
     for w in workers:
         w.stop()
-    redis.stop()
     db.dispose()
 
 
