@@ -466,6 +466,7 @@ def _create_job(session: Session, settings: Settings, now: dt.datetime, study: S
                 input_fingerprint=fingerprint,
                 supersedes_job_id=predecessor.id if predecessor is not None else (superseded[0] if superseded else None),
                 max_attempts=settings.job_max_attempts,
+                queue=settings.inference_queue,
                 created_at=now,
             )
             session.add(job)

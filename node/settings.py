@@ -147,6 +147,7 @@ class Settings(BaseSettings):
     torch_threads: int = Field(default=2, ge=1)
     worker_concurrency: int = Field(default=1, ge=1)
     worker_queues: Annotated[list[str], NoDecode] = Field(default_factory=lambda: ["ingest", "cpu", "gpu"])
+    inference_queue: Literal["cpu", "gpu"] = "cpu"  # the queue new pipeline jobs are sent to
     job_lease_seconds: float = Field(default=60.0, gt=0)
     job_max_attempts: int = Field(default=3, ge=1)
     job_retry_backoff_seconds: float = Field(default=30.0, ge=0)

@@ -27,7 +27,8 @@ SR_CLASS = "1.2.840.10008.5.1.4.1.1.88.34"  # Comprehensive 3D SR
 
 
 def make_study_job(db, *, pipeline: str = "knee", n_series: int = 1, instances: int = 3, state: str = "queued",
-                   enqueue_pending: bool = True, max_attempts: int = 3, tag: str | None = None) -> int:
+                   enqueue_pending: bool = True, max_attempts: int = 3, tag: str | None = None,
+                   queue: str = "cpu") -> int:
     """A study with ``n_series`` routed series and one job over them (what completeness commits)."""
     from node.tables import Instance, Job, JobInput, Series, Study
 
@@ -55,7 +56,7 @@ def make_study_job(db, *, pipeline: str = "knee", n_series: int = 1, instances: 
                                instance_number=i + 1))
         fp = hashlib.sha256(("\n".join(sorted(sops)) + "\n" + pipeline).encode()).hexdigest()
         job = Job(study_id=study.id, pipeline=pipeline, state=state, input_fingerprint=fp,
-                  enqueue_pending=enqueue_pending, max_attempts=max_attempts, queue="cpu")
+                  enqueue_pending=enqueue_pending, max_attempts=max_attempts, queue=queue)
         s.add(job)
         s.flush()
         for k, se in enumerate(series_rows):

@@ -159,3 +159,27 @@ def test_load_8_associations_x_40_instances_all_stored_and_processed_once(embedd
     runs = read_runs(settings.data_dir)
     assert sorted(j for k, j, *_ in runs if k == "end") == sorted(job_states(db))  # each job ran once
     assert len([r for r in runs if r[0] == "start"]) == 8
+
+
+def test_queues_by_work_type_keep_inference_off_the_housekeeping_worker(embedded, settings, db):
+    """The listener host's worker (queue ingest) never runs inference; a gpu worker takes the gpu jobs."""
+    import os
+
+    gpu_jobs = [make_study_job(db, queue="gpu") for _ in range(3)]
+    cpu_job = make_study_job(db, queue="cpu")
+    housekeeping = embedded(queues="ingest", sleep=0.2)
+    time.sleep(3.0)  # the housekeeping worker enqueues, but takes no inference job
+    assert set(job_states(db).values()) == {"queued"}
+    gpu = embedded(queues="gpu", sleep=0.2)
+    try:
+        wait_for(lambda: all(job_states(db)[j] == "done" for j in gpu_jobs), 40, what="gpu jobs done")
+    except AssertionError:
+        print(housekeeping.output()[-3000:], gpu.output()[-3000:])
+        raise
+    time.sleep(1.0)
+    assert job_states(db)[cpu_job] == "queued"  # nobody consumes "cpu" here
+    pids = {pid for k, _, _, pid in read_runs(settings.data_dir)}
+    assert {os.getpgid(p) for p in pids} == {gpu.pid}  # run by the gpu worker's pool
+    with db.session() as s:
+        queues = {w.pid: w.queues for w in s.scalars(select(WorkerRecord))}
+    assert queues == {housekeeping.pid: ["ingest"], gpu.pid: ["gpu"]}
