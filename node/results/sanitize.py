@@ -19,6 +19,7 @@ from typing import Any
 from pydicom import Dataset
 from pydicom.charset import convert_encodings, encode_string
 from pydicom.dataelem import DataElement
+from pydicom.datadict import dictionary_has_tag, dictionary_is_retired
 from pydicom.multival import MultiValue
 from pydicom.sequence import Sequence as DicomSequence
 from pydicom.valuerep import PersonName
@@ -144,6 +145,9 @@ def _walk(ds: Dataset) -> None:
     for elem in list(ds):
         if elem.tag.is_private:
             continue
+        if dictionary_is_retired(elem.tag) if dictionary_has_tag(elem.tag) else False:
+            del ds[elem.tag]  # retired attributes are not copied into new objects
+            continue
         if elem.VR == "SQ":
             items = elem.value or []
             for item in items:
@@ -204,6 +208,12 @@ def sanitize_dataset(ds: Dataset) -> Dataset:
     except Exception:  # pragma: no cover - pydicom falls back with a warning for unknown sets
         log.warning("character set decoding failed for %s", ds.get("SOPInstanceUID", "?"))
     _walk(ds)
+    for kw in ("PatientWeight", "PatientSize"):
+        try:
+            if kw in ds and ds[kw].value not in (None, "") and float(ds[kw].value) <= 0:
+                del ds[kw]  # a zero weight or size means "unknown"
+        except (TypeError, ValueError):
+            del ds[kw]
     sex = str(ds.get("PatientSex", "") or "").strip().upper()
     if "PatientSex" in ds or "PatientName" in ds:
         ds.PatientSex = _SEX.get(sex, "")
@@ -238,3 +248,18 @@ def clean_text(value: Any, vr: str = "LO") -> str:
 def sanitize_sequence(seq: DicomSequence | list[Dataset]) -> None:
     for item in seq:
         _walk(item)
+
+
+def copy_character_set(target: Dataset, source: Dataset) -> None:
+    """Gives ``target`` the (sanitised) Specific Character Set of ``source``.
+
+    Applied after highdicom built the object: its own check rejects valid values such
+    as an empty first value (``\\ISO 2022 IR 87``) or ``ISO 2022 IR 149``. Values are
+    kept as text until the file is written, so they are encoded with this set.
+    """
+    charset = source.get("SpecificCharacterSet")
+    if charset in (None, ""):
+        if "SpecificCharacterSet" in target:
+            del target.SpecificCharacterSet
+    else:
+        target.SpecificCharacterSet = charset

@@ -23,7 +23,7 @@ from pydicom.uid import ExplicitVRLittleEndian
 from models.types import Finding, ModelInfo
 from node.results import codes
 from node.results.equipment import MANUFACTURER, contributing_equipment
-from node.results.sanitize import clean_text
+from node.results.sanitize import clean_text, copy_character_set
 from node.results.seg import heatmap_for
 from node.results.sources import SourceSeries
 from node.results.uids import UidFactory
@@ -122,7 +122,8 @@ def overlay_lines(item: OverlayItem) -> list[str]:
 def _orientation_letters(v: tuple[float, float, float]) -> str:
     letters = (("L", "R"), ("P", "A"), ("H", "F"))
     parts = sorted(((abs(c), letters[i][0] if c > 0 else letters[i][1]) for i, c in enumerate(v)), reverse=True)
-    return "".join(p[1] for p in parts if p[0] > 0.25)[:3] or "L"
+    # highdicom accepts one letter per axis: the dominant direction
+    return parts[0][1]
 
 
 def patient_orientation(ds: Dataset) -> tuple[str, str]:
@@ -183,7 +184,13 @@ def build_overlays(
             contributing_equipment=contributing_equipment([item.model]),
             institution_name=institution_name,
             series_description="AI overlay - not for diagnostic use",
+            specific_character_set=None,
         )
+        sc.copy_patient_and_study_information(sl.dataset)  # all of the study, as the SR and SEG have it
+        copy_character_set(sc, sl.dataset)
+        lat = series.series_laterality(sc.get("BodyPartExamined"))
+        if "Laterality" not in sc and lat is not None:
+            sc.Laterality = lat  # General Series, Type 2C
         sc.ImageType = ["DERIVED", "SECONDARY"]
         sc.BurnedInAnnotation = "NO"
         sc.RecognizableVisualFeatures = "NO"

@@ -18,7 +18,7 @@ from models.types import Finding, ModelInfo
 from node.errors import ResultsError
 from node.results import codes
 from node.results.equipment import MANUFACTURER, MANUFACTURER_MODEL, contributing_equipment, node_software_versions, seg_algorithm
-from node.results.sanitize import clean_text
+from node.results.sanitize import clean_text, copy_character_set
 from node.results.sources import SourceSeries
 from node.results.uids import UidFactory
 
@@ -128,6 +128,8 @@ def build_seg(
         contributing_equipment=contributing_equipment([i.model for i in items]),
         coding_schemes=codes.coding_schemes(),
         institution_name=institution_name,
+        specific_character_set=None,
     )
+    copy_character_set(seg, series.first)
     return seg, numbers
 

@@ -23,6 +23,13 @@ from node.results.sanitize import sanitize_dataset
 log = logging.getLogger(__name__)
 
 
+PAIRED_BODY_PARTS = (
+    "KNEE", "SHOULDER", "HIP", "ANKLE", "ELBOW", "WRIST", "HAND", "FOOT", "ARM", "LEG", "BREAST", "EYE",
+    "EAR", "KIDNEY", "LUNG", "FEMUR", "TIBIA", "FIBULA", "HUMERUS", "CLAVICLE", "SCAPULA", "EXTREMITY",
+    "FINGER", "TOE", "HEEL", "THIGH", "CALF", "FOREARM", "PATELLA", "ORBIT", "TMJ",
+)
+
+
 @dataclass(frozen=True)
 class SourceSlice:
     dataset: Dataset  # sanitised header (no pixel data)
@@ -64,6 +71,16 @@ class SourceSeries:
                 return str(v).upper()
         except (AttributeError, IndexError, KeyError):
             pass
+        return None
+
+    def series_laterality(self, body_part: str | None) -> str | None:
+        """General Series Laterality (Type 2C) for an object about ``body_part``: R or L when
+        known; empty when unknown for a paired (or unnamed) body part; None (absent) otherwise."""
+        if self.laterality in ("R", "L"):
+            return self.laterality
+        part = (body_part or "").strip().upper()
+        if not part or any(p in part for p in PAIRED_BODY_PARTS):
+            return ""
         return None
 
     @property

@@ -45,7 +45,7 @@ from pydicom import Dataset
 from models.types import Finding, ModelInfo, ModelOutput, PipelineOutput, SuperResOutput
 from node.results import codes
 from node.results.equipment import MANUFACTURER, contributing_equipment, node_software_versions, sr_algorithm
-from node.results.sanitize import clean_text
+from node.results.sanitize import clean_text, copy_character_set
 from node.results.sources import SourceSeries
 from node.results.types import ResultRef
 from node.results.uids import UidFactory
@@ -358,5 +358,7 @@ def build_sr(
         contributing_equipment=contributing_equipment(models),
         coding_schemes=codes.coding_schemes(),
         series_description=SR_DESCRIPTION if demo else SR_DESCRIPTION_CLINICAL,
+        specific_character_set=None,
     )
+    copy_character_set(sr, evidence[0])
     return sr

@@ -21,7 +21,7 @@ from models.types import SuperResOutput, Volume
 from node.errors import ResultsError
 from node.results import codes
 from node.results.equipment import MANUFACTURER, MANUFACTURER_MODEL, contributing_equipment, node_software_versions
-from node.results.sanitize import clean_text
+from node.results.sanitize import clean_text, copy_character_set
 from node.results.sources import SourceSeries
 from node.results.uids import UidFactory
 
@@ -121,16 +121,18 @@ def build_superres_series(
             software_versions=node_software_versions(),
             device_serial_number=MANUFACTURER,
             institution_name=institution_name,
-            specific_character_set=ref.get("SpecificCharacterSet"),
+            specific_character_set=None,
             content_date=now.date(),
             content_time=now.time().replace(microsecond=0),
             series_date=now.date(),
             series_time=now.time().replace(microsecond=0),
         )
         ds.copy_patient_and_study_information(ref)
+        copy_character_set(ds, ref)
         ds._add_contributing_equipment(equipment, ref)  # noqa: SLF001 - highdicom's own helper
-        if series.laterality:
-            ds.Laterality = series.laterality
+        lat = series.series_laterality(ref.get("BodyPartExamined"))
+        if lat is not None:
+            ds.Laterality = lat
         ds.FrameOfReferenceUID = for_uid
         ds.PositionReferenceIndicator = ""
         ds.ImageType = ["DERIVED", "SECONDARY", "OTHER"]
