@@ -23,7 +23,7 @@ from models.phantoms.common import (
     uniform, vox_and_mm,
 )
 from models.phantoms.errors import PhantomError
-from models.phantoms.shapes import Ellipsoid, Func, HalfSpace, Intersection, SmoothUnion, Structure, Tube, Union
+from models.phantoms.shapes import Ellipsoid, Func, HalfSpace, Intersection, Layer, SmoothUnion, Structure, Tube, Union
 from models.phantoms.spec import KneeSpec
 
 LABEL_KEYS = {"acl", "meniscus_tear", "meniscus_side", "laterality"}
@@ -211,8 +211,8 @@ def _structures(A, les, acl: str, men_tear: bool, men_side: str):
     # --- limb layers
     limb = Ellipsoid((0, cy, 0), (lr[0], lr[1], 1e3))
     S.append(Structure("skin", "skin", limb, group="soft_tissue"))
-    S.append(Structure("subcutaneous_fat", "fat", limb.grown(-A["skin"]), group="soft_tissue"))
-    S.append(Structure("muscle", "muscle", limb.grown(-A["skin"] - A["subcut"]), group="soft_tissue"))
+    S.append(Structure("subcutaneous_fat", "fat", Layer(limb, A["skin"], float(lr.mean())), group="soft_tissue"))
+    S.append(Structure("muscle", "muscle", Layer(limb, A["skin"] + A["subcut"], float(lr.mean())), group="soft_tissue"))
     inner = ("muscle",)
     S.append(Structure("popliteal_fat", "fat", Ellipsoid((0, 36, 2), (26, 14, 45)), over=inner, group="soft_tissue"))
     S.append(Structure("popliteal_artery", "artery", Tube([(-3, 42, -80), (-2, 40, 0), (-4, 41, 80)], (3.0, 3.0)),

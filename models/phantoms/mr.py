@@ -176,16 +176,20 @@ def simulate(
     img *= 1.0 + amp * tex
     np.maximum(img, 0.0, out=img)
     img *= _bias_field(img.shape, rng, acq.bias)
-    # k-space: truncation window, motion ghosting along phase encoding
-    spec = scipy.fft.fft2(img.astype(np.complex64), axes=(1, 2), workers=1)
-    n_pe = nj if acq.pe_axis == 1 else ni
-    n_ro = ni if acq.pe_axis == 1 else nj
+    # k-space: truncation window, motion ghosting along phase encoding. The object continues
+    # beyond the field of view: reflect-pad so the FOV border is not a (ringing) edge.
+    pj, pi = nj // 8, ni // 8
+    padded = np.pad(img, ((0, 0), (pj, pj), (pi, pi)), mode="reflect")
+    spec = scipy.fft.fft2(padded.astype(np.complex64), axes=(1, 2), workers=1)
+    nj2, ni2 = padded.shape[1:]
+    n_pe = nj2 if acq.pe_axis == 1 else ni2
+    n_ro = ni2 if acq.pe_axis == 1 else nj2
     w_pe = _window(n_pe, acq.acq_fraction_pe, acq.taper)
     w_ro = _window(n_ro, acq.acq_fraction_ro, acq.taper)
     if acq.motion_px > 0:
-        # line index in acquisition (centre-out is not modelled: linear order) -> displacement
+        # linear acquisition order of the phase-encode lines -> periodic displacement
         kpe = np.fft.fftfreq(n_pe)  # cycles per pixel
-        order = np.argsort(np.argsort(kpe))  # linear acquisition order from -N/2 to N/2
+        order = np.argsort(np.argsort(kpe))
         phase0 = rng.uniform(0, 2 * np.pi)
         disp = acq.motion_px * np.sin(2 * np.pi * acq.motion_cycles * order / n_pe + phase0)
         ghost = np.exp(-2j * np.pi * kpe * disp).astype(np.complex64)
@@ -194,7 +198,7 @@ def simulate(
         spec *= w_pe[None, :, None] * w_ro[None, None, :]
     else:
         spec *= w_ro[None, :, None] * w_pe[None, None, :]
-    cimg = scipy.fft.ifft2(spec, axes=(1, 2), workers=1)
+    cimg = scipy.fft.ifft2(spec, axes=(1, 2), workers=1)[:, pj : pj + nj, pi : pi + ni]
     if np.isfinite(acq.snr):
         ref = float(img[fg].mean()) if fg.any() else float(img.mean())
         sigma = ref / acq.snr

@@ -123,6 +123,7 @@ class Rasterizer:
         self.names: list[str] = ["background"]
         self.tissues: list[str] = ["air"]
         self.groups: list[str] = ["background"]
+        self._coords: dict = {}
 
     def _box(self, lo, hi):
         lo = np.maximum(np.asarray(lo, float), -1e3)
@@ -145,7 +146,12 @@ class Rasterizer:
         return (slice(k0, k1), slice(j0, j1), slice(i0, i1))
 
     def coords(self, box) -> Coords:
-        return Coords(self.a, self.b, self.u[box[0]], self.v[box[1]], self.w[box[2]])
+        key = tuple((sl.start, sl.stop) for sl in box)
+        if key not in self._coords:
+            if len(self._coords) >= 3:
+                self._coords.pop(next(iter(self._coords)))
+            self._coords[key] = Coords(self.a, self.b, self.u[box[0]], self.v[box[1]], self.w[box[2]])
+        return self._coords[key]
 
     def paint(self, s: Structure) -> None:
         sid = len(self.names)

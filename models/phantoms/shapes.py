@@ -58,6 +58,24 @@ class Coords:
         self.w = np.asarray(w, float)
         self.shape = (len(self.u), len(self.v), len(self.w))
         self._xyz: list | None = None
+        self.cache: dict = {}  # per-shape fields reused by Layer shapes on the same box
+
+    def sub(self, lo, hi):
+        """(index slices, Coords) of the part of this box inside the anatomy box [lo, hi], or None."""
+        lo = np.asarray(lo, float)
+        hi = np.asarray(hi, float)
+        corners = np.array([[x, y, z] for x in (lo[0], hi[0]) for y in (lo[1], hi[1]) for z in (lo[2], hi[2])])
+        uvw = (corners - self.b) @ np.linalg.inv(self.a).T
+        mn, mx = uvw.min(axis=0), uvw.max(axis=0)
+        sl = []
+        for ax, arr in enumerate((self.u, self.v, self.w)):
+            i0 = int(np.searchsorted(arr, mn[ax], side="left"))
+            i1 = int(np.searchsorted(arr, mx[ax], side="right"))
+            i0, i1 = max(i0 - 1, 0), min(i1 + 1, len(arr))
+            if i1 <= i0:
+                return None
+            sl.append(slice(i0, i1))
+        return tuple(sl), Coords(self.a, self.b, self.u[sl[0]], self.v[sl[1]], self.w[sl[2]])
 
     def linear(self, vec, offset) -> np.ndarray:
         """vec . (p - offset) on the box."""
@@ -205,27 +223,34 @@ class Tube(Shape):
         self.length = s0
 
     def param(self, c: Coords):
-        """(level, s, a, b): normalized radial level (<=1 inside), arc position, cross-section coords (mm)."""
-        best = None
+        """(level, s, a, b): normalized radial level (<=1 inside), arc position, cross-section coords (mm).
+
+        Each segment is evaluated only on its own sub-box; elsewhere level is large."""
+        lev_all = np.full(c.shape, np.float32(1e6), dtype=np.float32)
+        s_all = np.zeros(c.shape, dtype=np.float32)
+        a_all = np.zeros(c.shape, dtype=np.float32)
+        b_all = np.zeros(c.shape, dtype=np.float32)
+        r = max(self.radii)
         for a, t, length, e1, e2, s0 in self._segs:
-            along = c.linear(t, a)
+            b_pt = a + t * length
+            sub = c.sub(np.minimum(a, b_pt) - r, np.maximum(a, b_pt) + r)
+            if sub is None:
+                continue
+            sl, cc = sub
+            along = cc.linear(t, a)
             along_c = np.clip(along, 0.0, length)
-            ca = c.linear(e1, a)
-            cb = c.linear(e2, a)
+            ca = cc.linear(e1, a)
+            cb = cc.linear(e2, a)
             off = along - along_c
-            lev = (ca / np.float32(self.radii[0])) ** 2 + (cb / np.float32(self.radii[1])) ** 2 + (
-                off / np.float32(min(self.radii))
+            lev = (ca * np.float32(1.0 / self.radii[0])) ** 2 + (cb * np.float32(1.0 / self.radii[1])) ** 2 + (
+                off * np.float32(1.0 / min(self.radii))
             ) ** 2
-            s = along_c + np.float32(s0)
-            if best is None:
-                best = [lev, s, ca, cb]
-            else:
-                m = lev < best[0]
-                best[0] = np.where(m, lev, best[0])
-                best[1] = np.where(m, s, best[1])
-                best[2] = np.where(m, ca, best[2])
-                best[3] = np.where(m, cb, best[3])
-        return tuple(best)
+            m = lev < lev_all[sl]
+            lev_all[sl][m] = lev[m]
+            s_all[sl][m] = (along_c + np.float32(s0))[m]
+            a_all[sl][m] = ca[m]
+            b_all[sl][m] = cb[m]
+        return lev_all, s_all, a_all, b_all
 
     def inside(self, c: Coords):
         return self.param(c)[0] <= 1.0
@@ -379,14 +404,52 @@ class SmoothUnion(Shape):
         self.lo = np.min([p.lo for p in self.parts], axis=0) - pad
         self.hi = np.max([p.hi for p in self.parts], axis=0) + pad
 
-    def inside(self, c: Coords):
+    def field(self, c: Coords) -> np.ndarray:
+        """sum(level_i ** -k): >= 1 inside (cached per box)."""
+        key = ("smooth_union", id(self))
+        if key in c.cache:
+            return c.cache[key]
         acc = None
         for p in self.parts:
             f = p.level(c)
             np.maximum(f, np.float32(1e-6), out=f)
             g = _even_power(np.float32(1.0) / f, self.k) if self.k in (2, 4, 6, 8) else (1.0 / f) ** self.k
             acc = g if acc is None else acc + g
-        return acc >= 1.0
+        c.cache[key] = acc
+        return acc
+
+    def inside(self, c: Coords):
+        return self.field(c) >= 1.0
 
     def grown(self, d: float) -> "SmoothUnion":
         return SmoothUnion([p.grown(d) for p in self.parts], self.k)
+
+
+@dataclass
+class Layer(Shape):
+    """``base`` shrunk by ``depth`` mm (approximately, for a reference radius ``r_ref``),
+    evaluated from the base's cached field: nested skin / fat / muscle layers cost one
+    evaluation of the outline instead of one each."""
+
+    base: Shape  # Ellipsoid or SmoothUnion
+    depth: float
+    r_ref: float
+
+    def __post_init__(self):
+        self.lo = self.base.lo
+        self.hi = self.base.hi
+        q = max(self.r_ref - self.depth, 1e-3) / self.r_ref  # radius ratio
+        if isinstance(self.base, SmoothUnion):
+            self._thr = float(q ** (-2 * self.base.k))
+        elif isinstance(self.base, Ellipsoid) and self.base.power == (2, 2, 2):
+            self._thr = float(q * q)
+        else:
+            raise TypeError("Layer needs a SmoothUnion or a quadratic Ellipsoid")
+
+    def inside(self, c: Coords):
+        if isinstance(self.base, SmoothUnion):
+            return self.base.field(c) >= self._thr
+        key = ("ellipsoid_level", id(self.base))
+        if key not in c.cache:
+            c.cache[key] = self.base.level(c)
+        return c.cache[key] <= self._thr
