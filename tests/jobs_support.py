@@ -64,6 +64,38 @@ def make_study_job(db, *, pipeline: str = "knee", n_series: int = 1, instances: 
         return job.id
 
 
+SC_CLASS = "1.2.840.10008.5.1.4.1.1.7"  # Secondary Capture Image
+
+
+def secondary_capture(source: Path, *, sop_uid: str, series_uid: str):
+    """A small Secondary Capture in the source's study (patient/study attributes copied)."""
+    import numpy as np
+    import pydicom
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian
+
+    src = pydicom.dcmread(source, stop_before_pixels=True)
+    ds = Dataset()
+    for kw in ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyInstanceUID", "StudyDate",
+               "StudyTime", "AccessionNumber", "ReferringPhysicianName", "StudyID", "SpecificCharacterSet"):
+        if kw in src:
+            setattr(ds, kw, src.data_element(kw).value)
+    ds.SOPClassUID, ds.SOPInstanceUID = SC_CLASS, sop_uid
+    ds.SeriesInstanceUID, ds.SeriesNumber, ds.InstanceNumber = series_uid, 9901, 1
+    ds.Modality, ds.ConversionType, ds.SeriesDescription = "OT", "WSD", "msknode test result"
+    ds.Manufacturer = "msknode"
+    ds.ImageType = ["DERIVED", "SECONDARY"]
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.Rows = ds.Columns = 8
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
+    ds.PixelData = np.arange(64, dtype=np.uint8).tobytes()
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = SC_CLASS, sop_uid
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta = meta
+    return ds
+
+
 def result_uid(uid_root: str, fingerprint: str, kind: str) -> str:
     digest = int(hashlib.sha256(f"{fingerprint}|fake-1.0|{kind}".encode()).hexdigest()[:24], 16)
     return f"{uid_root}{digest}"
@@ -113,14 +145,20 @@ class SleepyRunner:
             path = self.settings.results_dir / f"{uid}.dcm"
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_suffix(f".{os.getpid()}.tmp")
-            tmp.write_bytes(f"fake SR for job {ctx.job_id}".encode())
+            sources = [p for i in ctx.inputs for p in i.paths if p.exists()]
+            if sources:  # inputs really stored (listener): a real DICOM object a PACS accepts
+                kind, sop_class = "sc", SC_CLASS
+                secondary_capture(sources[0], sop_uid=uid, series_uid=uid + ".1").save_as(tmp, enforce_file_format=True)
+            else:
+                kind, sop_class = "sr", SR_CLASS
+                tmp.write_bytes(f"fake SR for job {ctx.job_id}".encode())
             os.replace(tmp, path)
         self._log(f"end {ctx.job_id} {ctx.attempt} {os.getpid()}")
         return JobProducts(
             findings=[FindingRecord(model_name="fake.sleep", model_version="1.0", weights_sha256="0" * 64,
                                     code="acl_tear", label="ACL tear", series_uid=ctx.inputs[0].series_uid,
                                     probability=0.9, uncertainty=0.01, positive=True)],
-            results=[ResultRecord("sr", SR_CLASS, uid, uid + ".1", path)],
+            results=[ResultRecord(kind, sop_class, uid, uid + ".1", path)],
             model_versions={"fake.sleep": {"version": "1.0", "weights_sha256": "0" * 64}},
             used_by={ctx.inputs[0].series_uid: ["fake.sleep"]},
         )
@@ -350,6 +388,73 @@ class PostgresServer:
 
         self._as_postgres(str(self.BIN / "pg_ctl"), "-D", str(self.data), "-m", "immediate", "-w", "stop", check=False)
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class OrthancServer:
+    """A real Orthanc (Debian package) as the PACS: DICOM + REST on loopback, its own storage dir."""
+
+    def __init__(self, workdir: Path, *, aet: str = "ORTHANC"):
+        from conftest import free_port
+
+        self.workdir = Path(workdir)
+        self.aet = aet
+        self.dicom_port = free_port()
+        self.http_port = free_port()
+        self.proc = None
+
+    def start(self) -> "OrthancServer":
+        import json
+        import subprocess
+
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        cfg = self.workdir / "orthanc.json"
+        cfg.write_text(json.dumps({
+            "Name": "pacs", "StorageDirectory": str(self.workdir / "storage"), "IndexDirectory": str(self.workdir / "index"),
+            "DicomAet": self.aet, "DicomPort": self.dicom_port, "HttpPort": self.http_port, "HttpServerEnabled": True,
+            "RemoteAccessAllowed": False, "AuthenticationEnabled": False, "DicomCheckCalledAet": False,
+            "DicomServerEnabled": True, "Plugins": [], "StableAge": 1,
+        }))
+        self.proc = subprocess.Popen(["/usr/sbin/Orthanc", str(cfg)], env={**os.environ, "TCP_NODELAY": "1"},
+                                     stdout=open(self.workdir / "orthanc.log", "ab"), stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 30
+        while subprocess.run(["echoscu", "-aec", self.aet, "127.0.0.1", str(self.dicom_port)], capture_output=True,
+                             env={**os.environ, "TCP_NODELAY": "1"}).returncode != 0:
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"Orthanc did not start: {(self.workdir / 'orthanc.log').read_text()[-2000:]}")
+            time.sleep(0.2)
+        return self
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(20)
+            except Exception:
+                self.proc.kill()
+                self.proc.wait(10)
+        self.proc = None
+
+    def get(self, path: str):
+        import json
+        import urllib.request
+
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.http_port}{path}", timeout=10) as r:
+            return json.load(r)
+
+    def instances_of_study(self, study_uid: str) -> list[dict]:
+        """Every instance Orthanc holds in the study (its MainDicomTags: SOPInstanceUID, …)."""
+        import json
+        import urllib.request
+
+        req = urllib.request.Request(f"http://127.0.0.1:{self.http_port}/tools/find", method="POST",
+                                     data=json.dumps({"Level": "Instance", "Query": {"StudyInstanceUID": study_uid},
+                                                      "Expand": True}).encode())
+        with urllib.request.urlopen(req, timeout=10) as r:
+            return json.load(r)
+
+    @property
+    def destination(self) -> dict:
+        return {"type": "dimse", "name": "pacs", "ae_title": self.aet, "host": "127.0.0.1", "port": self.dicom_port}
 
 
 def main(argv: list[str] | None = None) -> int:
