@@ -144,7 +144,11 @@ def create_app(settings, db, *, policy: TriagePolicy | None = None) -> FastAPI:
             return JSONResponse({"detail": reason}, status_code=status)
         p = getattr(request.state, "principal", None)
         return ctx.templates.TemplateResponse(
-            request, "error.html", {"user": p, "status": status, "reason": reason}, status_code=status
+            request,
+            "error.html",
+            {"user": p, "status": status, "reason": reason, "path": request.url.path, "tz": str(ctx.tz),
+             "msg": None, "error": None},
+            status_code=status,
         )
 
     @app.exception_handler(Forbidden)
