@@ -15,7 +15,7 @@ from models.phantoms.errors import PhantomError
 _TISSUES = (
     "air", "cortex", "marrow", "red_marrow", "cartilage", "fibrocartilage", "ligament", "tendon",
     "fluid", "synovium", "muscle", "fat", "artery", "vein", "skin", "nerve", "csf", "cord",
-    "nucleus", "annulus", "lesion",
+    "nucleus", "annulus", "viscera", "lesion",
 )
 
 CONTRAST: dict[str, dict[str, float]] = {
@@ -41,13 +41,15 @@ CONTRAST: dict[str, dict[str, float]] = {
                  ligament=0.08, tendon=0.05, fluid=1.0, synovium=0.45, muscle=0.18, fat=0.04, artery=0.03,
                  vein=0.60, skin=0.22, nerve=0.35, csf=1.0, cord=0.35, nucleus=0.80, annulus=0.12),
 }
-for _seq in CONTRAST.values():
+_VISCERA = {"PD_FS": 0.35, "PD": 0.50, "T1": 0.30, "T2_FS": 0.35, "T2": 0.40, "STIR": 0.35}
+for _name, _seq in CONTRAST.items():
     _seq["lesion"] = _seq["fluid"]
+    _seq["viscera"] = _VISCERA[_name]
 
 # Multiplicative texture amplitude (std of the smooth texture field) per tissue.
 TEXTURE = dict(air=0.0, cortex=0.10, marrow=0.14, red_marrow=0.12, cartilage=0.05, fibrocartilage=0.15,
                ligament=0.15, tendon=0.12, fluid=0.03, synovium=0.12, muscle=0.09, fat=0.06, artery=0.1,
-               vein=0.10, skin=0.08, nerve=0.08, csf=0.03, cord=0.05, nucleus=0.07, annulus=0.10, lesion=0.05)
+               vein=0.10, skin=0.08, nerve=0.08, csf=0.03, cord=0.05, nucleus=0.07, annulus=0.10, viscera=0.35, lesion=0.05)
 
 # DICOM-ish sequence facts per contrast: (ScanningSequence, SequenceVariant, ScanOptions, TR, TE, TI, ETL)
 SEQUENCE_FACTS: dict[str, tuple[str, str, str, float, float, float | None, int]] = {
