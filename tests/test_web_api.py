@@ -438,9 +438,13 @@ def test_admin_views_and_retries(env):
     dead = c.get("/api/admin/outbox?state=dead", headers=h).json()["items"]
     assert dead and dead[0]["last_error"].startswith("0x0122")
     r = c.post(f"/api/admin/outbox/{dead[0]['id']}/retry", headers=h)
-    assert r.status_code == 200 and r.json()["state"] == "pending"
-    r = c.post(f"/api/admin/outbox/{dead[0]['id']}/retry", headers=h)
-    assert r.status_code == 409 and "only dead items can be retried" in r.json()["detail"]
+    assert r.status_code == 200 and r.json()["state"] == "pending" and r.json()["previous_state"] == "dead"
+    assert (ADMIN[0], "outbox.retry", str(dead[0]["id"]), "dead", "pending", None) in audit_rows(env, action="outbox.retry")
+    sent = c.get("/api/admin/outbox?state=sent", headers=h).json()["items"][0]
+    r = c.post(f"/api/admin/outbox/{sent['id']}/retry", headers=h)
+    assert r.status_code == 409 and "it is not sent again" in r.json()["detail"]
+    r = c.post("/api/admin/outbox/99999/retry", headers=h)
+    assert r.status_code == 409 and "no outbox item with id 99999" in r.json()["detail"]
 
     routing = c.get("/api/admin/routing", headers=h).json()
     stow = next(d for d in routing["destinations"] if d["type"] == "stow")

@@ -60,7 +60,7 @@ class Seeded:
     seg_slices: list[int] = field(default_factory=list)
 
 
-def phantom(n_slices: int = 12, size: int = 96, seed: int = 0) -> np.ndarray:
+def phantom_volume(n_slices: int = 12, size: int = 96, seed: int = 0) -> np.ndarray:
     rng = np.random.default_rng(seed)
     yy, xx = np.mgrid[0:size, 0:size] / size
     vol = []
@@ -155,8 +155,45 @@ def _write(ds: Dataset, path: Path) -> Path:
 
 def _heatmap(shape: tuple[int, int, int], center: tuple[int, int, int]) -> np.ndarray:
     kk, yy, xx = np.mgrid[0 : shape[0], 0 : shape[1], 0 : shape[2]]
-    d2 = ((kk - center[0]) / 1.5) ** 2 + ((yy - center[1]) / 10.0) ** 2 + ((xx - center[2]) / 10.0) ** 2
+    sj, si = shape[1] / 10.0, shape[2] / 10.0
+    d2 = ((kk - center[0]) / 1.5) ** 2 + ((yy - center[1]) / sj) ** 2 + ((xx - center[2]) / si) ** 2
     return np.exp(-d2 / 2).astype(np.float32)
+
+
+def superres_series(sources: list[Dataset], series_uid: str, description: str) -> list[Dataset]:
+    """A derived series with twice the slices (linear interpolation), geometry from the sources."""
+    import copy
+
+    n = len(sources)
+    arrays = [ds.pixel_array.astype(np.float32) for ds in sources]
+    pos = [np.array([float(v) for v in ds.ImagePositionPatient]) for ds in sources]
+    out = []
+    for j, z in enumerate(np.linspace(0, n - 1, 2 * n - 1)):
+        k0 = int(np.floor(z))
+        k1 = min(k0 + 1, n - 1)
+        t = float(z - k0)
+        ds = copy.deepcopy(sources[int(round(z))])
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID = generate_uid(prefix=ROOT)
+        ds.SeriesInstanceUID = series_uid
+        ds.SeriesNumber = 902
+        ds.SeriesDescription = description[:64]
+        ds.InstanceNumber = j + 1
+        ds.ImageType = ["DERIVED", "SECONDARY"]
+        ds.Manufacturer = "msknode-tests"
+        ds.DerivationDescription = "super-resolution (test seed: linear interpolation)"
+        ds.ImagePositionPatient = [float(f"{v:.4f}") for v in pos[k0] * (1 - t) + pos[k1] * t]
+        ds.SliceThickness = float(getattr(sources[0], "SliceThickness", 1) or 1) / 2
+        ds.SpacingBetweenSlices = ds.SliceThickness
+        pix = np.clip(arrays[k0] * (1 - t) + arrays[k1] * t, 0, 65535).astype(np.uint16)
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
+        ds.PixelData = pix.tobytes()
+        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        src = Dataset()
+        src.ReferencedSOPClassUID = sources[int(round(z))].SOPClassUID
+        src.ReferencedSOPInstanceUID = sources[int(round(z))].SOPInstanceUID
+        ds.SourceImageSequence = [src]
+        out.append(ds)
+    return out
 
 
 def write_seg(sources: list[Dataset], heat: np.ndarray, labels: list[str], out: Path, series_uid: str) -> Path:
@@ -218,6 +255,7 @@ def seed_study(
     outbox_states: tuple[str, ...] = ("sent",),
     job_state: str = "done",
     seed: int = 0,
+    phantom: dict | None = None,
 ) -> Seeded:
     from node.tables import Finding, Instance, Job, JobInput, OutboxItem, ResultObject, Series, Study
     from worklists.entries import upsert_for_job
@@ -227,30 +265,48 @@ def seed_study(
     study_uid = generate_uid(prefix=SOURCE_ROOT)
     series_uid = generate_uid(prefix=SOURCE_ROOT)
     for_uid = generate_uid(prefix=SOURCE_ROOT)
-    vol = phantom(n_slices, size, seed)
     store = settings.store_dir / study_uid / series_uid
-    common = dict(
-        study_uid=study_uid, for_uid=for_uid, spacing=3.0, pixel=160.0 / size, body_part=body_part,
-        patient_name=patient_name, patient_id=patient_id, study_date=study_date, study_time=study_time,
-        accession=accession,
-    )
-    sources, paths = [], []
-    for k in range(n_slices):
-        sop = generate_uid(prefix=SOURCE_ROOT)
-        ds = _mr_dataset(arr2d=vol[k], series_uid=series_uid, sop_uid=sop, k=k, description=description,
-                         series_number=3, **common)
-        # files in reverse order on disk so the loader must sort by position, not by name
-        paths.append(_write(ds, store / f"{n_slices - k:04d}.dcm"))
-        sources.append(ds)
+    if phantom is not None:
+        # a phantom from models.phantoms, written by its own DICOM writer (slice order = along the normal)
+        from models.phantoms import generate, write_dicom_series
+
+        ph = generate(anatomy, seed, **phantom)
+        paths = [Path(p) for p in write_dicom_series(
+            ph, store, patient_name=patient_name, patient_id=patient_id, study_uid=study_uid, series_uid=series_uid,
+            series_number=3,
+        )]
+        sources = [pydicom.dcmread(str(p)) for p in paths]
+        study_date, study_time = str(sources[0].StudyDate), str(sources[0].StudyTime)
+        description = str(sources[0].SeriesDescription)
+        shape = (len(sources), int(sources[0].Rows), int(sources[0].Columns))
+        centres = ph.labels.get("lesion_centers_vox") or {}
+        center = tuple(int(v) for v in next(iter(centres.values()))) if centres else tuple(n // 2 for n in shape)
+    else:
+        vol = phantom_volume(n_slices, size, seed)
+        common = dict(
+            study_uid=study_uid, for_uid=for_uid, spacing=3.0, pixel=160.0 / size, body_part=body_part,
+            patient_name=patient_name, patient_id=patient_id, study_date=study_date, study_time=study_time,
+            accession=accession,
+        )
+        sources, paths = [], []
+        for k in range(n_slices):
+            sop = generate_uid(prefix=SOURCE_ROOT)
+            ds = _mr_dataset(arr2d=vol[k], series_uid=series_uid, sop_uid=sop, k=k, description=description,
+                             series_number=3, **common)
+            # files in reverse order on disk so the loader must sort by position, not by name
+            paths.append(_write(ds, store / f"{n_slices - k:04d}.dcm"))
+            sources.append(ds)
+        shape = vol.shape
+        center = (n_slices // 2, int(size * 0.5), int(size * 0.45))
+    n_slices = shape[0]
 
     seg_path = None
     superres_uid = None
     result_rows: list[tuple[str, str, str, str, Path]] = []  # kind, sop class, sop uid, series uid, path
     positive_labels = [f.label for f in findings if f.evaluated and f.positive]
-    center = (n_slices // 2, int(size * 0.5), int(size * 0.45))
     seg_slices: list[int] = []
     if with_seg and positive_labels:
-        heat = _heatmap(vol.shape, center)
+        heat = _heatmap(shape, center)
         seg_uid = generate_uid(prefix=ROOT)
         seg_path = write_seg(sources, heat, positive_labels, settings.results_dir / study_uid / "seg.dcm", seg_uid)
         seg_ds = pydicom.dcmread(str(seg_path), stop_before_pixels=True)
@@ -258,18 +314,9 @@ def seed_study(
         seg_slices = [k for k in range(n_slices) if heat[k].max() >= 0.05]
     if with_superres:
         superres_uid = generate_uid(prefix=ROOT)
-        n2 = 2 * n_slices - 1
-        x = np.linspace(0, n_slices - 1, n2)
-        sr = np.stack([vol[int(np.floor(z))] * (1 - (z - np.floor(z))) + vol[min(int(np.floor(z)) + 1, n_slices - 1)] * (z - np.floor(z)) for z in x])
-        for j in range(n2):
-            sop = generate_uid(prefix=ROOT)
-            ds = _mr_dataset(arr2d=sr[j], series_uid=superres_uid, sop_uid=sop, k=0, description=f"{description} SR x2",
-                             series_number=902, derived=True, source=sources[min(int(round(x[j])), n_slices - 1)],
-                             **{**common, "spacing": 1.5})
-            ds.ImagePositionPatient = [-20.0 + x[j] * 3.0, -50.0, 50.0]
-            ds.InstanceNumber = j + 1
+        for j, ds in enumerate(superres_series(sources, superres_uid, f"{description} SR x2")):
             p = _write(ds, settings.results_dir / study_uid / "superres" / f"{j:04d}.dcm")
-            result_rows.append(("superres", MRImageStorage, sop, superres_uid, p))
+            result_rows.append(("superres", MRImageStorage, str(ds.SOPInstanceUID), superres_uid, p))
 
     with db.session() as s:
         study = Study(

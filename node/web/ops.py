@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import datetime as dt
 import importlib
-import inspect
 import logging
 import shutil
 import tomllib
@@ -21,7 +20,6 @@ from sqlalchemy import func, select, text
 from node.db import utcnow
 from node.errors import NodeError
 from node.tables import Finding, Job, OutboxItem
-from worklists import audit
 
 log = logging.getLogger(__name__)
 
@@ -39,19 +37,6 @@ def _optional(module: str):
         if e.name and module.startswith(e.name):
             return None
         raise
-
-
-def _call(fn, **available):
-    """Calls `fn` with the keyword arguments it accepts (positional-only db/settings first)."""
-    sig = inspect.signature(fn)
-    args, kwargs = [], {}
-    for name, p in sig.parameters.items():
-        if name in available:
-            if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) and not kwargs:
-                args.append(available[name])
-            else:
-                kwargs[name] = available[name]
-    return fn(*args, **kwargs)
 
 
 # ---- health and metrics ------------------------------------------------------------------
@@ -115,33 +100,16 @@ def retry_job(db, job_id: int, *, actor: str, now: dt.datetime | None = None) ->
 
 
 def retry_outbox(db, settings, item_id: int, *, actor: str, now: dt.datetime | None = None) -> dict:
-    """Re-sends a dead-lettered outbox item (``node.dispatch`` when it offers a retry, else a DB reset)."""
-    now = now or utcnow()
+    """Re-queues an outbox item, due now (``node.dispatch.retry_item``; an acknowledged item is never re-sent)."""
     dispatch = _optional("node.dispatch")
-    for name in ("retry_item", "retry_outbox_item", "retry"):
-        fn = getattr(dispatch, name, None) if dispatch else None
-        if callable(fn):
-            try:
-                _call(fn, db=db, settings=settings, item_id=item_id, outbox_id=item_id, id=item_id, actor=actor, now=now)
-            except NodeError as e:
-                raise OpsError(str(e)) from None
-            with db.session() as s:
-                item = s.get(OutboxItem, item_id)
-                return {"id": item_id, "state": item.state if item else None}
-    with db.session() as s:
-        item = s.get(OutboxItem, item_id)
-        if item is None:
-            raise OpsError(f"no outbox item with id {item_id}")
-        if item.state != "dead":
-            raise OpsError(f"outbox item {item_id} is {item.state}; only dead items can be retried")
-        item.state = "pending"
-        item.attempts = 0
-        item.next_attempt_at = now
-        item.lease_owner = None
-        item.lease_expires_at = None
-        audit.record(s, actor=actor, action="outbox.retry", entity_type="outbox", entity_id=item_id, old="dead",
-                     new="pending", details={"previous_error": item.last_error})
-        return {"id": item_id, "state": "pending"}
+    fn = getattr(dispatch, "retry_item", None) if dispatch else None
+    if fn is None:
+        raise OpsError("outbox retry is not available in this installation (node.dispatch is missing)")
+    try:
+        out = fn(db, settings, item_id, actor=actor, now=now or utcnow())
+    except NodeError as e:
+        raise OpsError(str(e)) from None
+    return {"id": item_id, "state": out.get("state"), "previous_state": out.get("previous_state")}
 
 
 # ---- configuration views -------------------------------------------------------------------
