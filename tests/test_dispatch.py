@@ -1,0 +1,389 @@
+"""The outbox against real DICOM peers (pynetdicom SCPs on localhost): acknowledgement, backoff,
+dead letter, leases after a restart, TLS, and the ``msknode outbox`` commands."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import ssl
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+from pydicom.uid import MRImageStorage
+from pynetdicom import AE, AllStoragePresentationContexts, evt
+from sqlalchemy import select
+
+from conftest import VENV_BIN, free_port
+from node.dispatch import RetryPolicy, claim, process_outbox, retry_item
+from node.errors import DispatchError
+from node.results import build_results, save
+from node.settings import DimseDestination, StowDestination
+from node.tables import Job, OutboxItem, ResultObject, Study
+from test_results_data import knee_output, volume_from_files, write_mr_series
+
+T0 = dt.datetime(2030, 1, 1, 12, 0, tzinfo=dt.timezone.utc)
+
+
+class StoreSCP:
+    """A real C-STORE SCP on 127.0.0.1 that records what it received and answers ``status(ds)``."""
+
+    def __init__(self, *, ae_title="PACS", sop_classes=None, status=None, require_called_aet=False,
+                 maximum_associations=10, ssl_context=None):
+        self.port = free_port()
+        self.received: list[str] = []
+        self.status = status or (lambda ds: 0x0000)
+        self.lock = threading.Lock()
+        self.ae = AE(ae_title=ae_title)
+        self.ae.require_called_aet = require_called_aet
+        self.ae.maximum_associations = maximum_associations
+        if sop_classes is None:
+            self.ae.supported_contexts = AllStoragePresentationContexts
+        else:
+            for uid in sop_classes:
+                self.ae.add_supported_context(uid)
+        self.server = self.ae.start_server(
+            ("127.0.0.1", self.port), block=False, evt_handlers=[(evt.EVT_C_STORE, self._on_store)],
+            ssl_context=ssl_context,
+        )
+
+    def _on_store(self, event):
+        ds = event.dataset
+        ds.file_meta = event.file_meta
+        code = self.status(ds)
+        if code in (0x0000, 0xB000, 0xB006, 0xB007):
+            with self.lock:
+                self.received.append(str(ds.SOPInstanceUID))
+        return code
+
+    def destination(self, **kw) -> DimseDestination:
+        return DimseDestination(ae_title=kw.pop("ae_title", "PACS"), host="127.0.0.1", port=self.port, **kw)
+
+    def stop(self):
+        self.server.shutdown()
+
+
+@pytest.fixture(scope="module")
+def result_files(tmp_path_factory):
+    """One knee job's result objects (SR, SEG, SC, 15 super-resolved MR) saved once for the module."""
+    from node.settings import Settings
+
+    tmp = tmp_path_factory.mktemp("dispatch-results")
+    settings = Settings(data_dir=tmp / "data")
+    paths = write_mr_series(tmp / "src", n_slices=4)
+    vol = volume_from_files(paths)
+    results = build_results(output=knee_output(vol), source_files={vol.series_uid: paths}, triage=None,
+                            predecessors=[], settings=settings, job_fingerprint="dispatch-tests")
+    return vol, [(r, save(r, settings)) for r in results]
+
+
+def enqueue(db, results, destinations: list[str], *, study_uid: str, now=T0) -> list[int]:
+    """What orchestration does after a job: result_objects + one outbox row per destination."""
+    ids = []
+    with db.session() as s:
+        study = s.scalar(select(Study).where(Study.study_uid == study_uid))
+        if study is None:
+            study = Study(study_uid=study_uid)
+            s.add(study)
+            s.flush()
+        job = Job(study_id=study.id, pipeline="knee", state="done")
+        s.add(job)
+        s.flush()
+        for r, path in results:
+            ro = ResultObject(job_id=job.id, kind=r.kind, sop_class_uid=r.sop_class_uid,
+                              sop_instance_uid=r.sop_instance_uid, series_uid=r.series_uid, path=str(path))
+            s.add(ro)
+            s.flush()
+            for d in destinations:
+                item = OutboxItem(result_object_id=ro.id, destination=d, state="pending", next_attempt_at=now)
+                s.add(item)
+                s.flush()
+                ids.append(item.id)
+    return ids
+
+
+def items(db):
+    with db.session() as s:
+        return {i.id: (i.state, i.attempts, i.last_status, i.last_error, i.next_attempt_at)
+                for i in s.scalars(select(OutboxItem))}
+
+
+def with_dest(settings, *dests):
+    return settings.model_copy(update={"destinations": list(dests)})
+
+
+def test_acknowledged_objects_are_sent_once(settings, db, result_files):
+    vol, results = result_files
+    scp = StoreSCP()
+    try:
+        s = with_dest(settings, scp.destination())
+        enqueue(db, results, [s.destinations[0].key], study_uid=vol.study_uid)
+        rep = process_outbox(db, s, now=T0)
+        assert (rep.claimed, rep.sent, rep.dead, rep.retrying) == (len(results), len(results), 0, 0)
+        assert sorted(scp.received) == sorted(r.sop_instance_uid for r, _ in results)
+        assert all(st == "sent" and att == 1 and status == 0 for st, att, status, _e, _n in items(db).values())
+        # later runs find nothing to send; an acknowledged item is never re-sent
+        rep2 = process_outbox(db, s, now=T0 + dt.timedelta(days=1))
+        assert rep2.claimed == 0 and len(scp.received) == len(results)
+        with pytest.raises(DispatchError, match="acknowledged"):
+            retry_item(db, s, next(iter(items(db))))
+    finally:
+        scp.stop()
+
+
+def test_out_of_resources_backs_off_then_succeeds(settings, db, result_files):
+    vol, results = result_files
+    calls = {"n": 0}
+
+    def status(ds):
+        calls["n"] += 1
+        return 0xA700 if calls["n"] <= 2 else 0x0000
+
+    scp = StoreSCP(status=status)
+    try:
+        s = with_dest(settings, scp.destination())
+        ids = enqueue(db, results[:2], [s.destinations[0].key], study_uid=vol.study_uid)
+        rep = process_outbox(db, s, now=T0)
+        assert rep.retrying == 2 and rep.sent == 0
+        for i in ids:
+            state, att, st, err, nxt = items(db)[i]
+            assert (state, att, st) == ("pending", 1, 0xA700) and "out of resources" in err
+            assert nxt == T0 + dt.timedelta(seconds=5)
+        assert process_outbox(db, s, now=T0 + dt.timedelta(seconds=4)).claimed == 0  # not due yet
+        rep = process_outbox(db, s, now=T0 + dt.timedelta(seconds=5))
+        assert rep.sent == 2
+        assert [items(db)[i][:2] for i in ids] == [("sent", 2), ("sent", 2)]
+        assert len(scp.received) == 2
+    finally:
+        scp.stop()
+
+
+def test_connection_refused_retries_with_exponential_backoff_then_dead_letter(settings, db, result_files):
+    vol, results = result_files
+    dest = DimseDestination(ae_title="NOBODY", host="127.0.0.1", port=free_port())
+    s = with_dest(settings, dest)
+    [item_id] = enqueue(db, results[:1], [dest.key], study_uid=vol.study_uid)
+    policy = RetryPolicy(base_delay=5, max_delay=15, max_attempts=4)
+    now = T0
+    delays = []
+    for _ in range(3):
+        rep = process_outbox(db, s, now=now, policy=policy)
+        assert rep.retrying == 1
+        state, att, _st, err, nxt = items(db)[item_id]
+        assert state == "pending" and "connection refused" in err
+        delays.append((nxt - now).total_seconds())
+        now = nxt
+    assert delays == [5.0, 10.0, 15.0]  # doubling, capped
+    rep = process_outbox(db, s, now=now, policy=policy)
+    assert rep.dead == 1
+    state, att, _st, err, _n = items(db)[item_id]
+    assert state == "dead" and att == 4 and err.startswith("gave up after 4 attempts")
+    # re-queued by hand, it is due at once with a fresh attempt count
+    out = retry_item(db, s, item_id, actor="test", now=now)
+    assert out["previous_state"] == "dead" and items(db)[item_id][:2] == ("pending", 0)
+
+
+def test_unsupported_sop_class_goes_to_dead_letter_and_the_rest_is_sent(settings, db, result_files):
+    vol, results = result_files
+    scp = StoreSCP(sop_classes=[MRImageStorage])  # an MR-only archive
+    try:
+        s = with_dest(settings, scp.destination())
+        enqueue(db, results, [s.destinations[0].key], study_uid=vol.study_uid)
+        rep = process_outbox(db, s, now=T0)
+        n_mr = sum(1 for r, _ in results if r.kind == "superres")
+        assert rep.sent == n_mr and rep.dead == len(results) - n_mr
+        with db.session() as ses:
+            for item, ro in ses.execute(select(OutboxItem, ResultObject).join(ResultObject)).all():
+                if ro.kind == "superres":
+                    assert item.state == "sent"
+                else:
+                    assert item.state == "dead" and item.last_status == 0x0122
+                    assert "0x0122 SOP class not supported" in item.last_error
+    finally:
+        scp.stop()
+
+
+@pytest.mark.parametrize("code,state", [(0x0122, "dead"), (0xA900, "dead"), (0xC000, "dead"), (0x0110, "pending"),
+                                        (0xA702, "pending"), (0xB007, "sent")])
+def test_store_status_codes(settings, db, result_files, code, state):
+    vol, results = result_files
+    scp = StoreSCP(status=lambda ds: code)
+    try:
+        s = with_dest(settings, scp.destination())
+        [i] = enqueue(db, results[:1], [s.destinations[0].key], study_uid=vol.study_uid)
+        process_outbox(db, s, now=T0)
+        got_state, _att, got_status, err, _n = items(db)[i]
+        assert (got_state, got_status) == (state, code)
+        assert (err is None) == (state == "sent")
+    finally:
+        scp.stop()
+
+
+def test_association_rejected_permanent_and_transient(settings, db, result_files):
+    vol, results = result_files
+    strict = StoreSCP(ae_title="PACS", require_called_aet=True)
+    busy = StoreSCP(ae_title="BUSY", maximum_associations=1)
+    holder = AE(ae_title="HOLDER")
+    holder.add_requested_context(MRImageStorage)
+    held = holder.associate("127.0.0.1", busy.port, ae_title="BUSY")
+    try:
+        assert held.is_established
+        wrong = strict.destination(ae_title="WRONGAE", name="strict")
+        full = busy.destination(ae_title="BUSY", name="busy")
+        s = with_dest(settings, wrong, full)
+        enqueue(db, results[:1], ["strict", "busy"], study_uid=vol.study_uid)
+        process_outbox(db, s, now=T0)
+        with db.session() as ses:
+            by_dest = {i.destination: i for i in ses.scalars(select(OutboxItem))}
+            assert by_dest["strict"].state == "dead"
+            assert "rejected (permanent)" in by_dest["strict"].last_error
+            assert by_dest["busy"].state == "pending"
+            assert "rejected (transient)" in by_dest["busy"].last_error
+    finally:
+        held.release()
+        strict.stop()
+        busy.stop()
+
+
+def test_a_restart_resumes_items_whose_sender_died(settings, db, result_files):
+    vol, results = result_files
+    scp = StoreSCP()
+    try:
+        s = with_dest(settings, scp.destination())
+        ids = enqueue(db, results[:3], [s.destinations[0].key], study_uid=vol.study_uid)
+        with db.session() as ses:  # a sender claimed them and was killed before it stored anything
+            assert len(claim(ses, now=T0, owner="dead-host:1", limit=10, lease_seconds=60)) == 3
+        assert process_outbox(db, s, now=T0 + dt.timedelta(seconds=30)).claimed == 0  # lease still valid
+        rep = process_outbox(db, s, now=T0 + dt.timedelta(seconds=61))
+        assert rep.sent == 3 and all(items(db)[i][0] == "sent" for i in ids)
+        assert len(scp.received) == 3
+    finally:
+        scp.stop()
+
+
+def test_unconfigured_destination_and_missing_file_are_dead_letters(settings, db, result_files, tmp_path):
+    vol, results = result_files
+    scp = StoreSCP()
+    try:
+        s = with_dest(settings, scp.destination())
+        [gone] = enqueue(db, results[:1], ["dimse:OLD@10.0.0.1:104"], study_uid=vol.study_uid)
+        r, path = results[1]
+        copy = tmp_path / "copy.dcm"
+        copy.write_bytes(Path(path).read_bytes())
+        [missing] = enqueue(db, [(r, copy)], [s.destinations[0].key], study_uid=vol.study_uid)
+        copy.unlink()
+        process_outbox(db, s, now=T0)
+        assert items(db)[gone][0] == "dead" and "not configured" in items(db)[gone][3]
+        assert items(db)[missing][0] == "dead" and "result file missing" in items(db)[missing][3]
+        assert scp.received == []
+    finally:
+        scp.stop()
+
+
+def _self_signed(tmp: Path) -> tuple[Path, Path]:
+    cert, key = tmp / "pacs.crt", tmp / "pacs.key"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=localhost",
+         "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
+        check=True, capture_output=True, timeout=60,
+    )
+    return cert, key
+
+
+def test_tls_destination(settings, db, result_files, tmp_path):
+    vol, results = result_files
+    cert, key = _self_signed(tmp_path)
+    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_ctx.load_cert_chain(cert, key)
+    scp = StoreSCP(ssl_context=server_ctx)
+    try:
+        good = scp.destination(tls=True, tls_ca_file=str(cert), name="tls")
+        plain = scp.destination(name="plain")  # no TLS against a TLS port: never acknowledged
+        s = with_dest(settings, good, plain)
+        enqueue(db, results[:2], ["tls", "plain"], study_uid=vol.study_uid)
+        process_outbox(db, s, now=T0)
+        with db.session() as ses:
+            states = {(i.destination, i.state) for i in ses.scalars(select(OutboxItem))}
+        assert states == {("tls", "sent"), ("plain", "pending")}
+        assert sorted(scp.received) == sorted(r.sop_instance_uid for r, _ in results[:2])
+    finally:
+        scp.stop()
+
+
+def _cli(settings, *args) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MSKNODE_")}
+    env["MSKNODE_DATA_DIR"] = str(settings.data_dir)
+    env["MSKNODE_DESTINATIONS"] = json.dumps([d.model_dump() for d in settings.destinations])
+    return subprocess.run([str(VENV_BIN / "msknode"), *args], capture_output=True, text=True, env=env, timeout=120)
+
+
+def test_outbox_commands(settings, db, result_files):
+    vol, results = result_files
+    scp = StoreSCP(sop_classes=[MRImageStorage])
+    try:
+        s = with_dest(settings, scp.destination())
+        chosen = [r for r in results if r[0].kind in ("sr", "seg")] + [r for r in results if r[0].kind == "superres"][:1]
+        enqueue(db, chosen, [s.destinations[0].key],
+                study_uid=vol.study_uid)
+        process_outbox(db, s, now=T0)
+        out = _cli(s, "outbox", "--json")
+        assert out.returncode == 0, out.stderr
+        rows = json.loads(out.stdout)
+        assert {r["kind"]: r["state"] for r in rows} == {"sr": "dead", "seg": "dead", "superres": "sent"}
+        for r in rows:
+            assert set(r) >= {"id", "state", "destination", "attempts", "last_error", "sop_instance_uid", "kind", "study_uid"}
+            assert r["study_uid"] == vol.study_uid and r["attempts"] == 1 and r["destination"] == s.destinations[0].key
+        dead = [r for r in rows if r["state"] == "dead"]
+        assert all("0x0122" in r["last_error"] for r in dead)
+        only_dead = json.loads(_cli(s, "outbox", "--json", "--state", "dead").stdout)
+        assert sorted(r["id"] for r in only_dead) == sorted(r["id"] for r in dead)
+        # retry a dead item: back to pending, audited
+        out = _cli(s, "outbox", "retry", str(dead[0]["id"]))
+        assert out.returncode == 0, out.stderr
+        assert "dead -> pending" in out.stdout
+        again = {r["id"]: r for r in json.loads(_cli(s, "outbox", "--json").stdout)}
+        assert again[dead[0]["id"]]["state"] == "pending" and again[dead[0]["id"]]["attempts"] == 0
+        from worklists.tables import AuditEvent
+
+        with db.session() as ses:
+            ev = ses.scalars(select(AuditEvent).where(AuditEvent.action == "outbox.retry")).all()
+            assert len(ev) == 1 and ev[0].actor == "cli" and ev[0].old_value == "dead"
+        # clear errors for an unknown id and an acknowledged item
+        bad = _cli(s, "outbox", "retry", "99999")
+        assert bad.returncode == 1 and "no outbox item with id 99999" in bad.stderr
+        sent_id = next(r["id"] for r in rows if r["state"] == "sent")
+        bad = _cli(s, "outbox", "retry", str(sent_id))
+        assert bad.returncode == 1 and "not sent again" in bad.stderr
+        # `outbox send` sends what is due (the re-queued SR is refused again by the MR-only peer)
+        out = _cli(s, "outbox", "send", "--json")
+        assert json.loads(out.stdout)["dead"] == 1 and out.returncode == 1
+        human = _cli(s, "outbox")
+        assert human.returncode == 0 and "dead" in human.stdout
+    finally:
+        scp.stop()
+
+
+def test_stow_response_classification():
+    from pydicom import Dataset
+
+    from node.dispatch import _stow_outcome
+
+    ok = Dataset()
+    ref = Dataset()
+    ref.ReferencedSOPInstanceUID = "1.2.3"
+    ok.ReferencedSOPSequence = [ref]
+    assert _stow_outcome(ok, "1.2.3").ok
+    bad = Dataset()
+    f = Dataset()
+    f.ReferencedSOPInstanceUID = "1.2.3"
+    f.FailureReason = 0x0122
+    bad.FailedSOPSequence = [f]
+    out = _stow_outcome(bad, "1.2.3")
+    assert not out.ok and out.permanent and out.status == 0x0122
+    f.FailureReason = 0xA700
+    out = _stow_outcome(bad, "1.2.3")
+    assert not out.ok and not out.permanent
+    assert StowDestination(type="stow", url="http://x/dicom-web/").key == "stow:http://x/dicom-web"
