@@ -212,8 +212,8 @@ def check_positions(
 def _floats(value: str | None, n: int) -> tuple[float, ...] | None:
     if not value:
         return None
-    try:
-        parts = tuple(float(v) for v in value.replace(",", "\\").split("\\"))
+    try:  # tolerant of quoting/brackets some writers leave around decimal strings
+        parts = tuple(float(v.strip(" '\"[]")) for v in value.replace(",", "\\").split("\\"))
     except ValueError:
         return None
     return parts if len(parts) == n and all(math.isfinite(v) for v in parts) else None

@@ -123,6 +123,9 @@ def test_check_positions():
     assert check_positions(mixed, 10).reason == "mixed orientations"
     assert check_positions([("", "", 40)], 40).complete  # one enhanced multi-frame object
     assert not check_positions([(None, ori, None)] + rows[1:], 10).complete
+    quoted = [(f"'0.0'\\'0.0'\\'{z * 2.5}'", "'1.0'\\'0.0'\\'0.0'\\'0.0'\\'1.0'\\'0.0'", None) for z in range(10)]
+    assert check_positions(quoted, 10).complete  # decimal strings written with their quotes
+    assert check_positions([("0\\0\\x", ori, None)] + rows[1:], 10).reason == "an instance has no slice position"
 
 
 def test_lost_association_is_closed_and_its_series_completes(db, cfg, rules):

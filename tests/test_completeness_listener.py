@@ -1,0 +1,433 @@
+"""Completeness through the real listener: dcmtk storescu / pynetdicom → msknode listen → tick → jobs.
+
+The listener runs as a subprocess (``msknode listen``) on a free localhost port; the
+completeness tick runs in a thread of the test (or in separate processes for the
+restart test), with the real clock.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
+from sqlalchemy import select
+
+from conftest import ROOT, free_port
+from node.completeness import rules_provider, tick
+from node.db import Database, utcnow
+from node.tables import Association, Job, Series, Study
+
+Q = 0.5
+SQ = 0.5
+TICK = 0.1
+
+
+# ---- DICOM --------------------------------------------------------------------------
+def write_series(
+    folder: Path,
+    *,
+    study_uid: str,
+    description: str,
+    n: int,
+    number: int,
+    body_part: str = "KNEE",
+    images_in_acquisition: int | None = None,
+    no_position: tuple[int, ...] = (),
+    orientation=(0.0, 1.0, 0.0, 0.0, 0.0, -1.0),
+    study_description: str = "MR KNEE LEFT",
+) -> tuple[str, list[Path]]:
+    """A small MR series as a scanner writes it (sagittal unless told otherwise)."""
+    series_uid = generate_uid()
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    rng = np.random.default_rng(number)
+    for i in range(n):
+        meta = FileMetaDataset()
+        meta.MediaStorageSOPClassUID = MRImageStorage
+        meta.MediaStorageSOPInstanceUID = generate_uid()
+        meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds = Dataset()
+        ds.file_meta = meta
+        ds.SOPClassUID = MRImageStorage
+        ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
+        ds.StudyInstanceUID = study_uid
+        ds.SeriesInstanceUID = series_uid
+        ds.Modality = "MR"
+        ds.Manufacturer = "SIEMENS"
+        ds.PatientName = "Test^Completeness"
+        ds.PatientID = "C0001"
+        ds.StudyDate = "20260302"
+        ds.StudyDescription = study_description
+        ds.SeriesDescription = description
+        ds.ProtocolName = description
+        ds.BodyPartExamined = body_part
+        ds.SeriesNumber = number
+        ds.InstanceNumber = i + 1
+        ds.ImageOrientationPatient = list(orientation)
+        if i not in no_position:
+            ds.ImagePositionPatient = [i * 3.0 - 60.0, -80.0, 80.0]
+        ds.SliceThickness = 3.0
+        ds.PixelSpacing = [0.5, 0.5]
+        if images_in_acquisition:
+            ds.ImagesInAcquisition = images_in_acquisition
+        ds.Rows = ds.Columns = 32
+        ds.SamplesPerPixel = 1
+        ds.PhotometricInterpretation = "MONOCHROME2"
+        ds.BitsAllocated = ds.BitsStored = 16
+        ds.HighBit = 15
+        ds.PixelRepresentation = 0
+        ds.PixelData = rng.integers(0, 1000, (32, 32), dtype=np.uint16).tobytes()
+        p = folder / f"{series_uid}_{i:03d}.dcm"
+        ds.save_as(p, enforce_file_format=True)
+        paths.append(p)
+    return series_uid, paths
+
+
+# ---- processes ----------------------------------------------------------------------
+def node_env(settings, **extra) -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MSKNODE_")}
+    env.update(
+        TCP_NODELAY="1",
+        MSKNODE_DATA_DIR=str(settings.data_dir),
+        MSKNODE_QUIET_SECONDS=str(Q),
+        MSKNODE_STUDY_QUIET_SECONDS=str(SQ),
+        MSKNODE_LOG_LEVEL="INFO",
+    )
+    env.update({k: str(v) for k, v in extra.items()})
+    return env
+
+
+class Listener:
+    def __init__(self, settings, port: int, log: Path, **extra):
+        self.port = port
+        self.env = node_env(settings, MSKNODE_PORT=port, **extra)
+        self.log = log
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> "Listener":
+        out = open(self.log, "ab")
+        self.proc = subprocess.Popen([sys.executable, "-m", "node.cli", "listen"], env=self.env, cwd=ROOT, stdout=out, stderr=out)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"listener exited: {self.log.read_text()[-3000:]}")
+            r = subprocess.run(["echoscu", "-to", "2", "-aec", "MSKNODE", "127.0.0.1", str(self.port)],
+                               capture_output=True, env=self.env)
+            if r.returncode == 0:
+                return self
+            time.sleep(0.2)
+        raise RuntimeError(f"listener did not answer C-ECHO: {self.log.read_text()[-3000:]}")
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(10)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+
+def storescu(port: int, files: list[Path]) -> None:
+    r = subprocess.run(["storescu", "-aec", "MSKNODE", "-aet", "MODALITY", "127.0.0.1", str(port), *map(str, files)],
+                       capture_output=True, text=True, env={**os.environ, "TCP_NODELAY": "1"}, timeout=120)
+    assert r.returncode == 0, r.stderr
+
+
+class Ticker(threading.Thread):
+    """The periodic completeness tick, as the worker's loop runs it (real clock)."""
+
+    def __init__(self, settings):
+        super().__init__(daemon=True)
+        self.settings = settings
+        self.db = Database(settings.database_url, migrate=False)
+        self.rules = rules_provider(settings)
+        self.stop_event = threading.Event()
+        self.created: list[int] = []
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            while not self.stop_event.is_set():
+                with self.db.session() as s:
+                    self.created += tick(s, self.settings, utcnow(), self.rules())
+                self.stop_event.wait(TICK)
+        except BaseException as e:  # pragma: no cover - surfaced by stop()
+            self.error = e
+
+    def stop(self) -> None:
+        self.stop_event.set()
+        self.join(30)
+        self.db.dispose()
+        assert self.error is None, self.error
+
+
+TICKER_SCRIPT = """
+import sys, time
+from node.settings import load_settings
+from node.db import Database, utcnow
+from node.completeness import tick, rules_provider
+settings = load_settings()
+db = Database(settings.database_url, migrate=False)
+rules = rules_provider(settings)
+while True:
+    with db.session() as s:
+        created = tick(s, settings, utcnow(), rules())
+    if created:
+        print("created", created, flush=True)
+    time.sleep(%s)
+""" % TICK
+
+
+def wait_for(predicate, timeout: float, step: float = 0.05):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(step)
+    return predicate()
+
+
+def series_row(db, series_uid) -> Series | None:
+    with db.session() as s:
+        return s.scalar(select(Series).where(Series.series_uid == series_uid))
+
+
+def all_jobs(db) -> list[Job]:
+    with db.session() as s:
+        jobs = s.scalars(select(Job).order_by(Job.id)).all()
+        for j in jobs:
+            _ = [(i.role, i.series.series_uid) for i in j.inputs]
+        return jobs
+
+
+def msknode_json(settings, *args) -> list[dict]:
+    r = subprocess.run([sys.executable, "-m", "node.cli", *args, "--json"], env=node_env(settings), cwd=ROOT,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout)
+
+
+@pytest.fixture
+def cfg(settings):
+    return settings.model_copy(update={"quiet_seconds": Q, "study_quiet_seconds": SQ})
+
+
+@pytest.fixture
+def listener(settings, tmp_path, db):
+    lst = Listener(settings, free_port(), tmp_path / "listener.log").start()
+    yield lst
+    lst.stop()
+
+
+@pytest.fixture
+def ticker(cfg, db):
+    t = Ticker(cfg)
+    t.start()
+    yield t
+    t.stop()
+
+
+# ---- tests --------------------------------------------------------------------------
+def test_forty_slices_complete_within_quiet_period_plus_one_second(listener, ticker, db, tmp_path):
+    study_uid = generate_uid()
+    series_uid, files = write_series(tmp_path / "dcm", study_uid=study_uid, description="PD_TSE_FS_SAG", n=40, number=3)
+    storescu(listener.port, files)
+    released = time.monotonic()
+    row = wait_for(lambda: (r := series_row(db, series_uid)) is not None and r.state != "receiving" and r, Q + 3)
+    seen = time.monotonic() - released
+    assert row and row.state == "complete", row and row.state
+    assert (row.instances, row.pipeline, row.role, row.completed_reason) == (40, "knee", "sag_fluid", "quiet")
+    with db.session() as s:
+        ended = s.scalar(
+            select(Association.ended_at).where(Association.instances == 40).order_by(Association.id.desc())
+        )
+    waited = (row.completed_at - ended).total_seconds()
+    assert Q <= waited <= Q + 1.0, waited  # not before the quiet period, and at most 1 s after it
+    assert seen <= Q + 1.0, seen
+
+
+def test_three_series_knee_study_through_the_listener_yields_one_job(listener, ticker, db, settings, tmp_path):
+    study_uid = generate_uid()
+    d = tmp_path / "dcm"
+    loc, f1 = write_series(d, study_uid=study_uid, description="localizer", n=3, number=1,
+                           orientation=(1.0, 0.0, 0.0, 0.0, 1.0, 0.0))
+    sag, f2 = write_series(d, study_uid=study_uid, description="PD_TSE_FS_SAG", n=20, number=2)
+    cor, f3 = write_series(d, study_uid=study_uid, description="t1_tse_cor", n=16, number=3,
+                           orientation=(1.0, 0.0, 0.0, 0.0, 0.0, -1.0))
+    storescu(listener.port, f1 + f2)  # two associations, as a modality sends series as they finish
+    storescu(listener.port, f3)
+    jobs = wait_for(lambda: all_jobs(db), Q + SQ + 5)
+    time.sleep(Q + SQ + 1.0)  # and nothing more comes of it
+    jobs = all_jobs(db)
+    assert len(jobs) == 1
+    job = jobs[0]
+    assert (job.pipeline, job.state, job.supersedes_job_id) == ("knee", "queued", None)
+    assert sorted((i.series.series_uid, i.role) for i in job.inputs) == sorted([(sag, "sag_fluid"), (cor, "cor_t1")])
+
+    listed = msknode_json(settings, "jobs")
+    assert [(j["id"], j["study_uid"], j["pipeline"], j["state"]) for j in listed] == [(job.id, study_uid, "knee", "queued")]
+    assert sorted((i["series_uid"], i["role"]) for i in listed[0]["input_series"]) == sorted([(sag, "sag_fluid"), (cor, "cor_t1")])
+    for key in ("attempts", "max_attempts", "timings", "error", "created_at", "finished_at", "started_at"):
+        assert key in listed[0]
+    series = {r["series_uid"]: r for r in msknode_json(settings, "series")}
+    assert (series[loc]["state"], series[loc]["pipeline"], series[loc]["role"]) == ("complete", "knee", "localizer")
+    assert (series[sag]["state"], series[sag]["role"]) == ("queued", "sag_fluid")
+    assert (series[cor]["state"], series[cor]["role"]) == ("queued", "cor_t1")
+
+
+def _send_holding_association(port: int, files: list[Path], hold: float) -> None:
+    from pynetdicom import AE
+
+    ae = AE(ae_title="MODALITY")
+    ae.add_requested_context(MRImageStorage, ExplicitVRLittleEndian)
+    assoc = ae.associate("127.0.0.1", port, ae_title="MSKNODE")
+    assert assoc.is_established
+    try:
+        for f in files:
+            status = assoc.send_c_store(pydicom.dcmread(f))
+            assert status.Status == 0x0000
+        time.sleep(hold)
+    finally:
+        assoc.release()
+
+
+def test_announced_count_completes_at_once_but_a_missing_position_waits(listener, ticker, db, tmp_path):
+    study_uid = generate_uid()
+    d = tmp_path / "dcm"
+    good, fg = write_series(d, study_uid=study_uid, description="Sag PD FSE FS", n=40, number=2, images_in_acquisition=40)
+    holey, fh = write_series(d, study_uid=study_uid, description="Cor PD FS", n=40, number=3, images_in_acquisition=40,
+                             no_position=(23,), orientation=(1.0, 0.0, 0.0, 0.0, 0.0, -1.0))
+    hold = Q + 2.0
+    errors: list[BaseException] = []
+
+    def send():
+        try:
+            _send_holding_association(listener.port, fg + fh, hold)
+        except BaseException as e:  # pragma: no cover - asserted below
+            errors.append(e)
+
+    sender = threading.Thread(target=send)
+    sender.start()
+    # the complete, gap-free series is complete while the association is still open
+    row = wait_for(lambda: (r := series_row(db, good)) is not None and r.state == "complete" and r, 20)
+    assert row and row.completed_reason == "count", dump(db, tmp_path)
+    with db.session() as s:
+        assoc = s.scalar(select(Association).order_by(Association.id.desc()))
+        assert assoc.ended_at is None
+    # the one with a slice lacking its position waits, though its count was reached
+    assert wait_for(lambda: (r := series_row(db, holey)) is not None and r.instances == 40, 30)
+    time.sleep(1.0)
+    assert series_row(db, holey).state == "receiving"
+    assert sender.is_alive()  # still inside the held association
+    sender.join(60)
+    assert not errors, errors
+    released = time.monotonic()
+    row = wait_for(lambda: (r := series_row(db, holey)) is not None and r.state == "complete" and r, Q + 3)
+    assert row and row.completed_reason == "quiet" and time.monotonic() - released >= Q - 0.2
+    jobs = wait_for(lambda: all_jobs(db), SQ + 3)
+    assert len(jobs) == 1 and len(jobs[0].inputs) == 2
+
+
+def test_late_series_supersedes_the_processed_job(listener, ticker, db, tmp_path):
+    study_uid = generate_uid()
+    d = tmp_path / "dcm"
+    sag, f1 = write_series(d, study_uid=study_uid, description="pd_tse_fs_sag", n=12, number=2)
+    storescu(listener.port, f1)
+    [first] = wait_for(lambda: all_jobs(db), Q + SQ + 5)
+    with db.session() as s:  # the worker processed it
+        s.get(Job, first.id).state = "done"
+        s.scalar(select(Series).where(Series.series_uid == sag)).state = "done"
+    cor, f2 = write_series(d, study_uid=study_uid, description="pd_tse_fs_cor", n=12, number=3,
+                           orientation=(1.0, 0.0, 0.0, 0.0, 0.0, -1.0))
+    storescu(listener.port, f2)
+    jobs = wait_for(lambda: len(j := all_jobs(db)) == 2 and j, Q + SQ + 5)
+    assert jobs, all_jobs(db)
+    time.sleep(Q + SQ)
+    jobs = all_jobs(db)
+    assert [(j.state, j.supersedes_job_id) for j in jobs] == [("done", None), ("queued", first.id)]
+    assert sorted((i.series.series_uid, i.role) for i in jobs[1].inputs) == sorted([(sag, "sag_fluid"), (cor, "cor_fluid")])
+    with db.session() as s:
+        assert s.scalar(select(Study.study_quiet_deadline).where(Study.study_uid == study_uid)) is not None
+
+
+def test_restart_in_the_middle_of_the_quiet_period_completes_once(settings, db, tmp_path):
+    """Listener and ticker are killed (-9) during the quiet period; after the restart the study
+    completes once, from the timers in the database."""
+    quiet = 3.0
+    port = free_port()
+    extra = {"MSKNODE_QUIET_SECONDS": quiet}
+    log = tmp_path / "node.log"
+    first = Listener(settings, port, log, **extra).start()
+    env = node_env(settings, MSKNODE_PORT=port, **extra)
+    tickers = [subprocess.Popen([sys.executable, "-c", TICKER_SCRIPT], env=env, cwd=ROOT,
+                                stdout=open(tmp_path / "t0.log", "wb"), stderr=subprocess.STDOUT)]
+    second = None
+    try:
+        study_uid = generate_uid()
+        d = tmp_path / "dcm"
+        uids = []
+        files = []
+        for k, (desc, n) in enumerate((("localizer", 3), ("PD_TSE_FS_SAG", 20), ("t1_tse_cor", 16))):
+            u, f = write_series(d, study_uid=study_uid, description=desc, n=n, number=k + 1)
+            uids.append(u)
+            files += f
+        storescu(port, files)
+        released = time.monotonic()
+        first.kill()
+        tickers[0].send_signal(signal.SIGKILL)
+        tickers[0].wait(10)
+        assert time.monotonic() - released < quiet - 1.0, "too slow to kill inside the quiet period"
+        rows = [series_row(db, u) for u in uids]
+        assert [r.state for r in rows] == ["receiving"] * 3
+        assert all(r.quiet_deadline is not None for r in rows)  # the timers are in the database
+        deadline = max(r.quiet_deadline for r in rows)
+        # restart: a new listener and two tickers (as two worker hosts would run)
+        second = Listener(settings, port, log, **extra).start()
+        for i in (1, 2):
+            tickers.append(subprocess.Popen([sys.executable, "-c", TICKER_SCRIPT], env=env, cwd=ROOT,
+                                            stdout=open(tmp_path / f"t{i}.log", "wb"), stderr=subprocess.STDOUT))
+        jobs = wait_for(lambda: all_jobs(db), quiet + SQ + 15)
+        assert jobs, (tmp_path / "t1.log").read_text()[-2000:]
+        time.sleep(SQ + 1.0)
+        jobs = all_jobs(db)
+        assert len(jobs) == 1
+        assert sorted(i.role for i in jobs[0].inputs) == ["cor_t1", "sag_fluid"]
+        rows = [series_row(db, u) for u in uids]
+        assert all(r.completed_reason == "quiet" and r.completed_at >= deadline - (deadline - r.quiet_deadline) for r in rows)
+        assert all(r.completed_at >= r.quiet_deadline for r in rows)
+        assert [r.state for r in rows] == ["complete", "queued", "queued"]
+        for t in tickers[1:]:
+            assert t.poll() is None, "a ticker died"
+    finally:
+        for t in tickers:
+            if t.poll() is None:
+                t.send_signal(signal.SIGKILL)
+                t.wait(10)
+        first.kill()
+        if second is not None:
+            second.stop()
+
+
+def dump(db, tmp_path):
+    with db.engine.connect() as c:
+        return (c.exec_driver_sql("select * from associations").all(),
+                c.exec_driver_sql("select * from association_series").all(),
+                c.exec_driver_sql("select id, instances, expected_instances, quiet_deadline, completed_at, completed_reason, last_received_at from series").all(),
+                (tmp_path / "listener.log").read_text()[-3000:])
