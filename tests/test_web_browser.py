@@ -1,0 +1,274 @@
+"""The web UI in a real headless Chromium (Debian chromium + chromedriver, driven by Selenium).
+
+The server is the real ``msknode web`` command on a free loopback port, on a database
+seeded with phantom studies (models.phantoms series, a highdicom SEG, a derived
+super-resolved series). Screenshots go to a temporary directory; with
+``MSKNODE_UPDATE_SCREENSHOTS=1`` they replace docs/screenshots/*.png.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+from PIL import Image
+from selenium import webdriver
+from selenium.webdriver.chrome.service import Service
+from selenium.webdriver.common.by import By
+from selenium.webdriver.common.keys import Keys
+from selenium.webdriver.support import expected_conditions as EC
+from selenium.webdriver.support.ui import Select, WebDriverWait
+
+import web_seed as ws
+from conftest import ROOT, VENV_BIN, free_port
+
+ADMIN = ("alice", "alice-password-1")
+READER = ("rob", "rob-password-12")
+CHROMIUM_FLAGS = (
+    "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-quic",
+    "--no-first-run", "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage",
+    "--window-size=1600,1000", "--force-device-scale-factor=1",
+)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    data = tmp_path_factory.mktemp("webui") / "data"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MSKNODE_")}
+    port = free_port()
+    env.update(MSKNODE_DATA_DIR=str(data), MSKNODE_WEB_PORT=str(port), MSKNODE_WEB_HOST="127.0.0.1",
+               MSKNODE_SITE_TIMEZONE="Europe/Berlin", MSKNODE_LOG_LEVEL="WARNING")
+    mp = pytest.MonkeyPatch()
+    for k in list(os.environ):
+        if k.startswith("MSKNODE_"):
+            mp.delenv(k)
+    mp.setenv("MSKNODE_DATA_DIR", str(data))
+    from node.db import Database
+    from node.settings import load_settings
+    from node.web.users import add_user
+    from worklists.triage import load_policy
+
+    settings = load_settings()
+    settings.ensure_dirs()
+    db = Database(settings.database_url)
+    policy = load_policy(settings.triage_policy)
+    now = dt.datetime.now(dt.timezone.utc)
+    seeded = {
+        "acl": ws.seed_study(db, settings, policy, findings=ws.acl_complete(), phantom={"acl": "complete"}, seed=7,
+                             patient_name="DOE^JANE", patient_id="MRN-20417", accession="A24-1187",
+                             received_at=now - dt.timedelta(minutes=52)),
+        "spine": ws.seed_study(db, settings, policy, anatomy="lumbar_spine", findings=ws.spine_severe(),
+                               phantom={"stenosis": {"L4-L5": "severe"}}, seed=11, patient_name="ROSSI^MARIA",
+                               patient_id="MRN-20398", accession="A24-1192", received_at=now - dt.timedelta(minutes=18)),
+        "normal": ws.seed_study(db, settings, policy, findings=ws.knee_normal(), patient_name="MUELLER^HANS",
+                                patient_id="MRN-20311", accession="A24-1160", received_at=now - dt.timedelta(hours=3, minutes=5),
+                                study_date="20240305", study_time="081512", seed=1),
+        "qc": ws.seed_study(db, settings, policy, anatomy="shoulder", findings=[
+                                ws.F("rotator_cuff_tear", "Supraspinatus tear", None, None, None, evaluated=False,
+                                     qc_reason="motion", model_name="shoulder.rotator_cuff")],
+                            patient_name="NOVAK^PETRA", patient_id="MRN-20355", accession="A24-1171",
+                            received_at=now - dt.timedelta(hours=1, minutes=40), study_time="101003", with_seg=False, seed=2),
+        "pending": ws.seed_study(db, settings, policy, findings=[], patient_name="SILVA^JOAO", patient_id="MRN-20421",
+                                 job_state="processing", with_seg=False, with_superres=False, outbox_states=(),
+                                 received_at=now - dt.timedelta(minutes=2), seed=3),
+    }
+    with db.session() as s:
+        add_user(s, username=ADMIN[0], password=ADMIN[1], role="admin")
+        add_user(s, username=READER[0], password=READER[1], role="radiologist")
+    db.dispose()
+    mp.undo()
+
+    log = open(data.parent / "web.log", "wb")
+    proc = subprocess.Popen([str(VENV_BIN / "msknode"), "web"], env=env, cwd=str(ROOT), stdout=log, stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                with urllib.request.urlopen(base + "/openapi.json", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except (urllib.error.URLError, ConnectionError):
+                pass
+            if proc.poll() is not None or time.monotonic() > deadline:
+                log.flush()
+                raise RuntimeError("msknode web did not start: " + (data.parent / "web.log").read_text()[-2000:])
+            time.sleep(0.2)
+        yield {"base": base, "seeded": seeded}
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = "/usr/bin/chromium"
+    profile = tempfile.mkdtemp(prefix="msknode-chromium-")
+    for flag in CHROMIUM_FLAGS + (f"--user-data-dir={profile}",):
+        opts.add_argument(flag)
+    opts.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    driver = webdriver.Chrome(service=Service("/usr/bin/chromedriver"), options=opts)
+    driver.set_page_load_timeout(30)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+        import shutil
+
+        shutil.rmtree(profile, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def shots(tmp_path_factory):
+    if os.environ.get("MSKNODE_UPDATE_SCREENSHOTS") == "1":
+        d = ROOT / "docs" / "screenshots"
+        d.mkdir(parents=True, exist_ok=True)
+        return d
+    return tmp_path_factory.mktemp("screenshots")
+
+
+def wait(driver, seconds=10):
+    return WebDriverWait(driver, seconds)
+
+
+def login(driver, base, who):
+    driver.delete_all_cookies()
+    driver.get(base + "/worklist")
+    wait(driver).until(EC.presence_of_element_located((By.ID, "login-form")))
+    driver.find_element(By.ID, "username").send_keys(who[0])
+    driver.find_element(By.ID, "password").send_keys(who[1])
+    driver.find_element(By.ID, "login-submit").click()
+    wait(driver).until(EC.presence_of_element_located((By.ID, "worklist")))
+
+
+def shot(driver, path: Path) -> None:
+    driver.save_screenshot(str(path))
+    with Image.open(path) as img:
+        assert img.size[0] >= 1200 and img.getbbox() is not None
+
+
+def console_errors(driver) -> list[str]:
+    """Errors the page logged (script errors, CSP violations, failed loads) since the last call."""
+    return [e["message"] for e in driver.get_log("browser") if e["level"] == "SEVERE"]
+
+
+def image_loaded(driver, element_id: str) -> bool:
+    return driver.execute_script(
+        "var i = document.getElementById(arguments[0]); return !!(i && i.complete && i.naturalWidth > 0);", element_id
+    )
+
+
+def test_admin_reads_the_urgent_study_first_toggles_the_overlay_and_reprioritises(server, browser, shots):
+    d, base = browser, server["base"]
+    login(d, base, ADMIN)
+    rows = d.find_elements(By.CSS_SELECTOR, "#rows tr.entry[data-priority]")
+    assert [r.get_attribute("data-priority") for r in rows] == ["URGENT", "URGENT", "ROUTINE", "ROUTINE"]
+    assert "DOE, JANE" in rows[0].text and "MRN-20417" in rows[0].text  # longest-waiting urgent study on top
+    assert "ROSSI, MARIA" in rows[1].text and "L4-L5" in rows[1].text
+    assert "needs review" in rows[3].text and "not evaluated (motion)" in rows[3].text
+    assert "SILVA, JOAO" in d.find_element(By.ID, "rows").text  # the study still in processing is listed below
+    head = d.find_element(By.CSS_SELECTOR, "#worklist thead").text
+    assert "AS SENT BY THE MODALITY" in head.upper() and "EUROPE/BERLIN" in head.upper()
+    d.execute_script("window.scrollTo(0, 0)")
+    assert console_errors(d) == []
+    shot(d, shots / "worklist.png")
+
+    rows[0].find_element(By.CSS_SELECTOR, "a.pt-name").click()
+    wait(d, 20).until(lambda x: x.find_element(By.ID, "viewer").get_attribute("data-ready") == "1")
+    wait(d).until(lambda x: image_loaded(x, "img-orig") and image_loaded(x, "img-ovl") and image_loaded(x, "img-sr"))
+    assert d.find_element(By.ID, "demo-notice").is_displayed()
+    assert "NOT FOR DIAGNOSTIC USE" in d.find_element(By.ID, "demo-notice").text
+    ovl = d.find_element(By.ID, "img-ovl")
+    assert ovl.is_displayed() and d.find_element(By.ID, "viewer").get_attribute("data-overlay") == "on"
+    assert "AI evidence on this slice" in d.find_element(By.ID, "c-ai").text
+    assert "knee.acl" in d.find_element(By.ID, "models").text
+    widths = d.execute_script(
+        "return Array.from(document.querySelectorAll('#findings .bar[data-p]')).map("
+        "b => [parseFloat(b.dataset.p), b.firstElementChild.getBoundingClientRect().width / b.getBoundingClientRect().width]);"
+    )
+    assert widths and all(abs(p - w) < 0.05 for p, w in widths), widths  # bars drawn to scale (no inline styles: CSP)
+    time.sleep(0.3)
+    assert console_errors(d) == []
+    shot(d, shots / "study.png")
+
+    d.find_element(By.ID, "overlay-toggle").click()
+    assert not ovl.is_displayed() and d.find_element(By.ID, "viewer").get_attribute("data-overlay") == "off"
+    assert d.find_element(By.ID, "overlay-state").text == "AI overlay hidden"
+    d.find_element(By.ID, "overlay-toggle").click()
+    assert ovl.is_displayed() and d.find_element(By.ID, "viewer").get_attribute("data-overlay") == "on"
+    d.execute_script("var r = document.getElementById('overlay-opacity'); r.value = 30; r.dispatchEvent(new Event('input'));")
+    assert float(ovl.value_of_css_property("opacity")) == pytest.approx(0.3, abs=0.01)
+
+    label = d.find_element(By.ID, "slice-label").text
+    k = int(label.split()[1])
+    src = d.find_element(By.ID, "img-orig").get_attribute("src")
+    d.find_element(By.TAG_NAME, "body").send_keys(Keys.ARROW_DOWN)
+    wait(d).until(lambda x: x.find_element(By.ID, "slice-label").text == f"slice {k + 1} / 30")
+    assert d.find_element(By.ID, "img-orig").get_attribute("src") != src
+    wait(d).until(lambda x: image_loaded(x, "img-orig"))
+
+    Select(d.find_element(By.ID, "priority-select")).select_by_value("STAT")
+    d.find_element(By.ID, "priority-reason").send_keys("orthopaedic surgeon waiting in clinic")
+    d.find_element(By.ID, "priority-submit").click()
+    wait(d).until(EC.text_to_be_present_in_element((By.ID, "flash-msg"), "priority set to STAT"))
+    assert d.find_element(By.ID, "study-priority").text == "STAT"
+    first = d.find_element(By.CSS_SELECTOR, "#history li").text
+    assert "alice" in first and "URGENT → STAT" in first and "orthopaedic surgeon waiting in clinic" in first
+
+    d.get(base + "/worklist")
+    top = d.find_element(By.CSS_SELECTOR, "#rows tr.entry[data-priority]")
+    assert top.get_attribute("data-priority") == "STAT" and "DOE, JANE" in top.text and "override" in top.text
+
+    d.get(base + "/admin/audit")
+    audit = [r for r in d.find_elements(By.CSS_SELECTOR, "tr.audit-row")
+             if r.get_attribute("data-action") == "worklist.override_priority"]
+    assert len(audit) == 1
+    assert "alice" in audit[0].text and "URGENT → STAT" in audit[0].text and "orthopaedic surgeon" in audit[0].text
+    views = [r for r in d.find_elements(By.CSS_SELECTOR, "tr.audit-row") if r.get_attribute("data-action") == "study.view"]
+    assert views and "alice" in views[0].text
+    assert console_errors(d) == []
+    shot(d, shots / "audit.png")
+
+
+def test_radiologist_cannot_reach_admin_actions(server, browser):
+    d, base = browser, server["base"]
+    login(d, base, READER)
+    nav = d.find_element(By.CSS_SELECTOR, "nav.nav").text
+    assert "Worklist" in nav and "Jobs" not in nav and "Audit log" not in nav
+    acl = server["seeded"]["acl"]
+    d.get(f"{base}/studies/{acl.study_id}")
+    wait(d, 20).until(lambda x: x.find_element(By.ID, "viewer").get_attribute("data-ready") == "1")
+    assert not d.find_elements(By.ID, "priority-form") and not d.find_elements(By.ID, "assign-form")
+    assert d.find_element(By.ID, "mark-read").is_displayed()
+    d.get(base + "/admin/jobs")
+    assert "admin role required" in d.find_element(By.ID, "error-reason").text
+    status = d.execute_async_script(
+        """
+        const done = arguments[arguments.length - 1];
+        fetch('/api/entries/' + arguments[0] + '/priority', {method: 'POST', credentials: 'same-origin',
+              headers: {'Content-Type': 'application/json', 'X-CSRF-Token': document.body.dataset.csrf},
+              body: JSON.stringify({priority: 'STAT', reason: 'trying'})})
+          .then(r => r.json().then(b => done([r.status, b.detail])));
+        """,
+        acl.entry_id,
+    )
+    assert status == [403, "admin role required"]
+    # the radiologist's own action works from the same page
+    d.get(f"{base}/studies/{acl.study_id}")
+    d.find_element(By.ID, "mark-read").click()
+    wait(d).until(EC.text_to_be_present_in_element((By.ID, "flash-msg"), "marked read"))
+    assert d.find_element(By.ID, "read-status").text.startswith("read by rob")
