@@ -64,7 +64,7 @@ def test_complete_acl_tear_above_threshold_is_urgent_with_its_reason(policy):
     s = compute([acl(0.82)], policy)
     assert s.priority == "URGENT"
     assert "acl_complete" in s.matched_rules
-    assert s.reasons[0].startswith("URGENT: ACL tear complete, P(complete) 0.82 ≥ 0.70")
+    assert s.reasons[0].startswith("URGENT: ACL tear complete, P(complete) 0.82 >= 0.70")
     assert "early orthopaedic referral" in s.reasons[0]
     assert 0 < s.score <= 100 and not s.needs_review
 
@@ -333,6 +333,9 @@ def test_reading_order_is_priority_then_waiting_then_stable(db, policy):
         assert urgent == ["aged", "urgent_old", "urgent_new", "read"]
         review = [o.study.patient_name for o in entries.ordered(s, policy=policy, now=now, status="review")]
         assert review == ["review"]
+        # a limit keeps every unread entry before read ones
+        limited = [o.study.patient_name for o in entries.ordered(s, policy=policy, now=now, limit=7)]
+        assert limited == order[:7] and "read" not in limited
         # an admin's STAT goes to the very top
         entries.override_priority(s, entry_id=ids["tie_b"], priority="STAT", reason="surgeon waiting", actor="alice", now=now)
         assert entries.ordered(s, policy=policy, now=now)[0].study.patient_name == "tie_b"

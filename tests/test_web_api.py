@@ -320,6 +320,7 @@ def test_bad_input_is_refused_with_a_reason(env):
     check(c.post("/api/admin/jobs/777/retry", headers=h), 409, "no job with id 777")
     check(c.get("/api/admin/jobs?state=lost", headers=h), 422, "query.state")
     check(c.get("/api/admin/audit?limit=0", headers=h), 422, "query.limit")
+    check(c.get("/api/worklist?limit=0", headers=h), 422, "query.limit")
 
 
 # ---- what the pages and the API show -------------------------------------------------------------
@@ -515,3 +516,15 @@ def test_users_command(settings, db, monkeypatch, capsys):
     assert main(["users", "disable", "root"]) == 0
     with db.session() as s:
         assert authenticate(s, "root", "first-admin-pass") is None
+
+
+def test_web_command_refuses_an_invalid_triage_policy(settings, tmp_path, monkeypatch, capsys):
+    from node.cli import main
+
+    bad = tmp_path / "policy.toml"
+    bad.write_text('[[rule]]\nid = "x"\ncode = "acl_tear"\nwhy = "w"\nmin_probability = 0.5\npriority = "SOON"\n')
+    monkeypatch.setenv("MSKNODE_TRIAGE_POLICY", str(bad))
+    monkeypatch.setenv("MSKNODE_WEB_PORT", "1")  # never reached: the policy is checked before serving
+    assert main(["web"]) == 1
+    err = capsys.readouterr().err
+    assert "rule[0].priority: priority must be one of STAT, URGENT, ROUTINE, got 'SOON'" in err

@@ -102,7 +102,7 @@ def server(tmp_path_factory):
                 log.flush()
                 raise RuntimeError("msknode web did not start: " + (data.parent / "web.log").read_text()[-2000:])
             time.sleep(0.2)
-        yield {"base": base, "seeded": seeded}
+        yield {"base": base, "seeded": seeded, "settings": settings}
     finally:
         proc.terminate()
         try:
@@ -242,6 +242,27 @@ def test_admin_reads_the_urgent_study_first_toggles_the_overlay_and_reprioritise
     assert views and "alice" in views[0].text
     assert console_errors(d) == []
     shot(d, shots / "audit.png")
+
+
+def test_worklist_refreshes_itself_with_new_studies(server, browser):
+    d, base = browser, server["base"]
+    login(d, base, READER)
+    assert "KOWALSKI" not in d.find_element(By.ID, "rows").text
+    from node.db import Database
+    from worklists.triage import load_policy
+
+    settings = server["settings"]
+    db = Database(settings.database_url)
+    try:
+        ws.seed_study(db, settings, load_policy(settings.triage_policy), anatomy="lumbar_spine", findings=ws.spine_severe(),
+                      patient_name="KOWALSKI^ANNA", patient_id="MRN-20430", with_seg=False, with_superres=False, seed=5,
+                      received_at=dt.datetime.now(dt.timezone.utc) - dt.timedelta(minutes=1))
+    finally:
+        db.dispose()
+    d.execute_script("window.msknodeRefresh()")
+    wait(d).until(lambda x: "KOWALSKI, ANNA" in x.find_element(By.ID, "rows").text)
+    assert "updated" in d.find_element(By.ID, "refresh-state").text
+    assert d.find_element(By.ID, "worklist").is_displayed()  # the page itself was not reloaded
 
 
 def test_radiologist_cannot_reach_admin_actions(server, browser):

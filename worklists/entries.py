@@ -222,8 +222,12 @@ def ordered(
     anatomy: str | None = None,
     priority: str | None = None,
     status: str | None = None,
+    limit: int | None = None,
 ) -> list[OrderedEntry]:
-    """The worklist in reading order (priority after ageing, then longest waiting, then score)."""
+    """The worklist in reading order (priority after ageing, then longest waiting, then score).
+
+    With `limit`, unread entries come first and read ones fill the rest, most recently read first.
+    """
     q = select(WorklistEntry, Study, Job).join(Study, Study.id == WorklistEntry.study_id).outerjoin(
         Job, Job.id == WorklistEntry.job_id
     )
@@ -243,4 +247,10 @@ def ordered(
             continue
         out.append(OrderedEntry(entry, study, job, aged.priority, aged.reason, since))
     out.sort(key=lambda o: (o.entry.status == "read",) + sort_key(o.effective_priority, o.waiting_since, o.entry.score, o.entry.id))
+    if limit is not None and len(out) > limit:
+        unread = [o for o in out if o.entry.status != "read"]
+        read = sorted((o for o in out if o.entry.status == "read"), key=lambda o: o.entry.read_at or o.entry.updated_at,
+                      reverse=True)
+        keep = {id(o) for o in (unread + read)[:limit]}
+        out = [o for o in out if id(o) in keep]
     return out

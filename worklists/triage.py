@@ -281,7 +281,7 @@ def _p_name(rule: Rule) -> str:
 
 
 def _unc(u: float | None) -> str:
-    return f" (±{u:.2f})" if u is not None else ""
+    return f" (+/-{u:.2f})" if u is not None else ""
 
 
 def _describe(f: TriageFinding) -> str:
@@ -329,9 +329,9 @@ def compute(
             if rule.min_levels > 1 or len(hits) > 1:
                 named = sorted(f.level for _, f in hits if f.level)
                 where = f"; {len(hits)} levels: {', '.join(named)}" if named else f"; {len(hits)} findings"
-            evidence = f"{_describe(best)}, {_p_name(rule)} {best_p:.2f} ≥ {rule.min_probability:.2f}{_unc(best.uncertainty)}{where}"
+            evidence = f"{_describe(best)}, {_p_name(rule)} {best_p:.2f} >= {rule.min_probability:.2f}{_unc(best.uncertainty)}{where}"
             if rank(rule.priority) < rank(policy.default_priority):
-                reasons.append(f"{rule.priority}: {evidence} — {rule.why} [rule {rule.id}]")
+                reasons.append(f"{rule.priority}: {evidence} - {rule.why} [rule {rule.id}]")
             else:
                 reasons.append(f"score +{rule.weight * best_p:.0f}: {evidence} [rule {rule.id}]")
 
@@ -348,7 +348,7 @@ def compute(
                 review = True
                 reasons.append(
                     f"uncertain: {_describe(f)}, {_p_name(rule)} {p:.2f}{_unc(f.uncertainty)} is within {k:g}"
-                    f" SD of the {rule.priority} threshold {rule.min_probability:.2f} — needs review [rule {rule.id}]"
+                    f" SD of the {rule.priority} threshold {rule.min_probability:.2f} - needs review [rule {rule.id}]"
                 )
                 break
 
@@ -360,17 +360,17 @@ def compute(
     if refused and policy.qc_failure_flag:
         review = True
         for f in refused:
-            reasons.append(f"not evaluated by {f.model_name or f.code}: {f.qc_reason or 'no reason given'} — needs human review")
+            reasons.append(f"not evaluated by {f.model_name or f.code}: {f.qc_reason or 'no reason given'} - needs human review")
     for f in info:
         if not f.evaluated:
-            reasons.append(f"{f.label or f.code}: not done ({f.qc_reason or 'no reason given'}) — does not change the priority")
+            reasons.append(f"{f.label or f.code}: not done ({f.qc_reason or 'no reason given'}) - does not change the priority")
     if not evaluated:
         review = review or policy.qc_failure_flag
         priority = higher(priority, policy.qc_failure_priority)
         if not items:
-            reasons.append("no AI result for this study — read without AI support")
+            reasons.append("no AI result for this study - read without AI support")
         else:
-            reasons.append("no model could evaluate this study — read without AI support")
+            reasons.append("no model could evaluate this study - read without AI support")
     elif not matched:
         reasons.append(f"{priority}: no finding reached a priority threshold")
 
@@ -400,7 +400,7 @@ def age(priority: str, *, waiting_since: dt.datetime, now: dt.datetime, policy: 
         for step in policy.ageing:
             if step.from_priority == priority and hours >= step.after_hours:
                 reason = (
-                    f"{step.to_priority}: waiting {hours:.1f} h ≥ {step.after_hours:g} h,"
+                    f"{step.to_priority}: waiting {hours:.1f} h >= {step.after_hours:g} h,"
                     f" promoted from {step.from_priority} (ageing)"
                 )
                 priority = step.to_priority

@@ -122,6 +122,7 @@ def worklist(
     anatomy: Anatomy | None = None,
     priority: Priority | None = None,
     status: Status | None = None,
+    limit: int = Query(default=500, ge=1, le=5000, description="at most this many entries (unread first)"),
     p: Principal = Depends(principal),
 ):
     """Entries in reading order: priority (after ageing), then waiting time, then score."""
@@ -130,7 +131,7 @@ def worklist(
         items = queries.worklist(
             s, policy=ctx.policy, tz=ctx.tz, now=utcnow(),
             anatomy=anatomy.value if anatomy else None, priority=priority.value if priority else None,
-            status=status.value if status else None,
+            status=status.value if status else None, limit=limit,
         )
         pending = queries.pending_studies(s, tz=ctx.tz)
     return {"timezone": str(ctx.tz), "policy_version": ctx.policy.version, "entries": items, "in_progress": pending}

@@ -126,8 +126,9 @@ def worklist(
     anatomy: str | None = None,
     priority: str | None = None,
     status: str | None = None,
+    limit: int = 500,
 ) -> list[dict]:
-    rows = ordered(session, policy=policy, now=now, anatomy=anatomy, priority=priority, status=status)
+    rows = ordered(session, policy=policy, now=now, anatomy=anatomy, priority=priority, status=status, limit=limit)
     job_ids = [r.job.id for r in rows if r.job is not None]
     findings = _findings_by_job(session, job_ids)
     dispatch = _dispatch_by_job(session, job_ids)

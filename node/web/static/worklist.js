@@ -23,6 +23,7 @@
   }
   stamp("updated " + new Date().toLocaleTimeString([], { hour: "2-digit", minute: "2-digit", second: "2-digit" }) + " · every 30 s");
   setInterval(refresh, PERIOD_MS);
+  window.msknodeRefresh = refresh;  // lets a test (or a console user) refresh at once
   ["f-anatomy", "f-priority", "f-status"].forEach(function (id) {
     var el = document.getElementById(id);
     if (el) el.addEventListener("change", function () { document.getElementById("filters").submit(); });
