@@ -24,6 +24,19 @@ def cfg(settings):
     return settings.model_copy(update={"quiet_seconds": Q, "study_quiet_seconds": SQ, "network_timeout": 5.0})
 
 
+@pytest.fixture(params=["sqlite", "postgresql"])
+def anydb(request, db):
+    """The same test on the embedded SQLite and on PostgreSQL (the session's server)."""
+    if request.param == "sqlite":
+        yield db
+        return
+    pg = Database(request.getfixturevalue("postgres_url"))
+    try:
+        yield pg
+    finally:
+        pg.dispose()
+
+
 @pytest.fixture
 def rules(cfg):
     return load_rules(cfg.routing_rules)
@@ -49,7 +62,8 @@ def jobs_of(db):
 
 
 # ---- series completeness -----------------------------------------------------------
-def test_series_completes_after_quiet_period_following_release(db, cfg, rules):
+def test_series_completes_after_quiet_period_following_release(anydb, cfg, rules):
+    db = anydb
     with db.session() as s:
         st = make_study(s)
         se = make_series(s, st, description="pd_tse_fs_sag")
@@ -71,7 +85,8 @@ def test_series_completes_after_quiet_period_following_release(db, cfg, rules):
         assert se.routing_rule == "knee sagittal fat-suppressed PD/T2 or STIR"
 
 
-def test_announced_count_without_gap_completes_while_association_open(db, cfg, rules):
+def test_announced_count_without_gap_completes_while_association_open(anydb, cfg, rules):
+    db = anydb
     with db.session() as s:
         st = make_study(s)
         se = make_series(s, st, description="Sag PD FSE FS", expected=40)
@@ -128,7 +143,8 @@ def test_check_positions():
     assert check_positions([("0\\0\\x", ori, None)] + rows[1:], 10).reason == "an instance has no slice position"
 
 
-def test_lost_association_is_closed_and_its_series_completes(db, cfg, rules):
+def test_lost_association_is_closed_and_its_series_completes(anydb, cfg, rules):
+    db = anydb
     with db.session() as s:
         st = make_study(s)
         se = make_series(s, st, description="t2_tse_fs_sag")
@@ -157,7 +173,8 @@ def knee_study(db, *, t=0.0, number_offset=0):
         return st.study_uid, loc.series_uid, sag.series_uid, cor.series_uid
 
 
-def test_three_series_knee_study_yields_exactly_one_job(db, cfg, rules):
+def test_three_series_knee_study_yields_exactly_one_job(anydb, cfg, rules):
+    db = anydb
     study_uid, loc, sag, cor = knee_study(db)
     assert run(db, cfg, rules, 0.2 + Q) == []  # series complete, study not settled yet
     assert [state_of(db, u)[:3] for u in (loc, sag, cor)] == [
@@ -205,7 +222,8 @@ def test_study_waits_for_a_series_still_receiving(db, cfg, rules):
     assert sorted(r for _, r in inputs) == ["cor_fluid", "sag_fluid"]
 
 
-def test_late_series_supersedes_processed_job(db, cfg, rules):
+def test_late_series_supersedes_processed_job(anydb, cfg, rules):
+    db = anydb
     study_uid, loc, sag, cor = knee_study(db)
     [first] = run(db, cfg, rules, 2.0)
     with db.session() as s:  # the worker finished it
@@ -225,7 +243,8 @@ def test_late_series_supersedes_processed_job(db, cfg, rules):
     assert run(db, cfg, rules, 100.0) == []
 
 
-def test_late_series_replaces_a_job_still_queued(db, cfg, rules):
+def test_late_series_replaces_a_job_still_queued(anydb, cfg, rules):
+    db = anydb
     study_uid, loc, sag, cor = knee_study(db)
     [first] = run(db, cfg, rules, 2.0)
     with db.session() as s:
@@ -240,7 +259,8 @@ def test_late_series_replaces_a_job_still_queued(db, cfg, rules):
     assert len(jobs[1][4]) == 3
 
 
-def test_late_instances_reopen_a_series_and_the_study(db, cfg, rules):
+def test_late_instances_reopen_a_series_and_the_study(anydb, cfg, rules):
+    db = anydb
     study_uid, loc, sag, cor = knee_study(db)
     [first] = run(db, cfg, rules, 2.0)
     with db.session() as s:
@@ -277,7 +297,8 @@ def test_identical_resend_makes_no_second_job(db, cfg, rules):
     assert state_of(db, sag)[0] == "done"
 
 
-def test_non_mr_and_own_objects_are_never_routed(db, cfg, rules):
+def test_non_mr_and_own_objects_are_never_routed(anydb, cfg, rules):
+    db = anydb
     with db.session() as s:
         st = make_study(s)
         ct = send_series(s, st, description="Knee 1.0 Bone", modality="CT", count=5)

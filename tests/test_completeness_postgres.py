@@ -3,14 +3,10 @@
 from __future__ import annotations
 
 import multiprocessing as mp
-import uuid
 
-import pytest
 from sqlalchemy import func, select
 
 from completeness_rows import at, make_study, send_series
-from conftest import free_port
-from jobs_support import PostgresServer
 from node.completeness import tick
 from node.db import Database
 from node.routing import load_rules
@@ -20,15 +16,6 @@ Q = 0.5
 SQ = 0.5
 STUDIES = 6
 PROCESSES = 4
-
-
-@pytest.fixture(scope="module")
-def pg_url():
-    server = PostgresServer(free_port()).start()
-    try:
-        yield server.create_database("completeness_" + uuid.uuid4().hex[:8])
-    finally:
-        server.stop()
 
 
 def _ticker(url: str, settings_json: str, start, results) -> None:
@@ -55,7 +42,8 @@ def _ticker(url: str, settings_json: str, start, results) -> None:
     results.put(created)
 
 
-def test_concurrent_processes_on_postgres_create_one_job_per_study(pg_url, settings):
+def test_concurrent_processes_on_postgres_create_one_job_per_study(postgres_url, settings):
+    pg_url = postgres_url
     cfg = settings.model_copy(update={"quiet_seconds": Q, "study_quiet_seconds": SQ, "database_url": pg_url})
     db = Database(pg_url)
     try:
