@@ -214,9 +214,20 @@ def _seg_by_position(seg, stack: SliceStack, numbers: list[int]) -> np.ndarray:
     frames = seg.pixel_array
     if frames.ndim == 2:
         frames = frames[None]
+    shared = seg.get("SharedFunctionalGroupsSequence", [None])[0]
+
+    def item(fg, keyword):
+        for grp in (fg, shared):
+            if grp is not None and keyword in grp:
+                return grp[keyword].value[0]
+        return None
+
     for i, fg in enumerate(seg.PerFrameFunctionalGroupsSequence):
-        pos = np.array(_floats(fg.PlanePositionSequence[0].ImagePositionPatient))
-        number = int(fg.SegmentIdentificationSequence[0].ReferencedSegmentNumber)
+        plane, ident = item(fg, "PlanePositionSequence"), item(fg, "SegmentIdentificationSequence")
+        if plane is None:
+            raise ImagingError("the SEG frames carry neither source references nor plane positions")
+        pos = np.array(_floats(plane.ImagePositionPatient))
+        number = int(ident.ReferencedSegmentNumber) if ident is not None else numbers[0]
         if number not in numbers:
             continue
         d = np.abs(proj - float(pos @ stack.normal))
