@@ -15,7 +15,7 @@ from zoneinfo import ZoneInfo
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
+from fastapi.responses import JSONResponse, RedirectResponse
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
 from urllib.parse import quote
@@ -29,7 +29,6 @@ from worklists.triage import TriagePolicy, load_policy
 log = logging.getLogger(__name__)
 
 WEB_DIR = Path(__file__).resolve().parent
-PUBLIC_PATHS = ("/login", "/logout", "/static/", "/health", "/metrics", "/openapi.json", "/api/auth/token")
 
 CSP = (
     "default-src 'self'; img-src 'self' data:; style-src 'self'; script-src 'self'; "
@@ -133,7 +132,7 @@ def create_app(settings, db, *, policy: TriagePolicy | None = None) -> FastAPI:
             r = JSONResponse({"detail": exc.reason}, status_code=401, headers={"WWW-Authenticate": "Bearer"})
         else:
             target = request.url.path + (f"?{request.url.query}" if request.url.query else "")
-            msg = "" if exc.reason == "authentication required" else f"&msg={quote(exc.reason)}"
+            msg = "" if exc.reason == "authentication required" else f"&error={quote(exc.reason)}"
             r = RedirectResponse(f"/login?next={quote(target)}{msg}", status_code=303)
         if request.cookies.get(COOKIE):
             r.delete_cookie(COOKIE, path="/")

@@ -10,7 +10,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Resp
 from node.db import utcnow
 from node.web import ops, queries
 from node.web.api import Anatomy, JobState, OutboxState, Priority, Status, audit_view
-from node.web.auth import COOKIE, LOGIN_COOKIE, Forbidden, NotAuthenticated, Principal, admin, check_csrf, principal
+from node.web.auth import COOKIE, LOGIN_COOKIE, NotAuthenticated, Principal, admin, check_csrf, principal
 from node.web.users import authenticate, list_users
 from worklists import audit, entries
 from worklists.errors import InvalidChange
