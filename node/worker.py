@@ -1,15 +1,15 @@
-"""``msknode worker``: a Celery worker plus the node's periodic loop.
+"""``msknode worker``: a Celery worker plus the node's periodic loops.
 
 `run_worker` starts a Celery worker programmatically (prefork pool, so the soft and hard
 time limits apply) on the given queues, and — as a worker bootstep, once the pool is up —
-a `PeriodicLoop` thread in the main process that runs every ``sweep_interval_seconds``:
+`PeriodicLoop` threads in the main process that run every ``sweep_interval_seconds``:
 
-1. worker heartbeat (for health);
-2. completeness tick (`node.completeness.tick`, creates jobs) — housekeeping workers only;
-3. enqueue: send wake-ups for committed jobs with ``enqueue_pending`` (`node.jobs`);
-4. sweeper: requeue expired leases, re-send lost wake-ups;
-5. dispatch outbox (`node.dispatch.process_outbox`) — housekeeping workers only;
-6. retention and broker file cleanup, hourly — housekeeping workers only.
+- the main loop: worker heartbeat (for health) → completeness tick (`node.completeness.tick`,
+  creates jobs; housekeeping workers only) → enqueue (wake-ups for committed jobs with
+  ``enqueue_pending``) → sweeper (expired leases, lost wake-ups) → retention and broker file
+  cleanup, hourly (housekeeping workers only);
+- the dispatch loop (housekeeping workers only): `node.dispatch.process_outbox`, in its own
+  thread so that a slow or unreachable PACS never delays the sweeper.
 
 "Housekeeping" workers are those that consume the ``ingest`` queue (the listener host);
 inference-only workers (``--queues gpu``) heartbeat, enqueue and sweep only. Every step is
@@ -54,9 +54,11 @@ class BrokerUnavailable(Exception):
 class PeriodicLoop:
     """Runs the duties in order, every ``interval`` seconds, in a daemon thread; a failing duty is logged, not fatal."""
 
-    def __init__(self, duties: list[Duty], *, interval: float, logger: logging.Logger | None = None):
+    def __init__(self, duties: list[Duty], *, interval: float, name: str = "msknode-periodic",
+                 logger: logging.Logger | None = None):
         self.duties = duties
         self.interval = interval
+        self.name = name
         self.log = logger or log
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -90,7 +92,7 @@ class PeriodicLoop:
             self._stop.wait(max(self.interval - (time.monotonic() - t0), 0.01))
 
     def start(self) -> None:
-        self._thread = threading.Thread(target=self._run, name="msknode-periodic", daemon=True)
+        self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
         self._thread.start()
 
     def stop(self, timeout: float = 10.0) -> None:
@@ -163,7 +165,7 @@ def build_duties(
     queue_depths: Callable[[], dict[str, int]] | None,
     housekeeping: bool,
 ) -> list[Duty]:
-    """The loop's duties in their order: heartbeat → completeness → enqueue → sweeper → dispatch → retention."""
+    """The main loop's duties in their order: heartbeat → completeness → enqueue → sweeper → retention."""
     from node import jobs
     from node.celery_app import cleanup_processed
 
@@ -185,12 +187,22 @@ def build_duties(
     # a lost wake-up found by the sweeper is sent in the same round
     duties.append(Duty("enqueue-resent", enqueue))
     if housekeeping:
-        for make in (dispatch_duty, retention_duty):
-            d = make(db, settings)
-            if d is not None:
-                duties.append(d)
+        d = retention_duty(db, settings)
+        if d is not None:
+            duties.append(d)
         duties.append(Duty("broker-cleanup", lambda now: cleanup_processed(settings), every=3600.0))
     return duties
+
+
+def build_loops(db: Database, settings: Settings, *, housekeeping: bool, **kw) -> list[PeriodicLoop]:
+    """The main loop and, on housekeeping workers, a dispatch loop of its own (a slow PACS never delays the sweeper)."""
+    loops = [PeriodicLoop(build_duties(db, settings, housekeeping=housekeeping, **kw), interval=settings.sweep_interval_seconds,
+                          name="msknode-periodic")]
+    if housekeeping:
+        d = dispatch_duty(db, settings)
+        if d is not None:
+            loops.append(PeriodicLoop([d], interval=settings.sweep_interval_seconds, name="msknode-dispatch"))
+    return loops
 
 
 def validate_queues(queues: list[str] | None, settings: Settings) -> list[str]:
@@ -232,7 +244,7 @@ def run_worker(
     db = Database(settings.database_url)  # applies migrations
     app = make_celery(settings, runner_factory=runner_factory)
     name = jobs.worker_name()
-    duties = build_duties(
+    loops = build_loops(
         db,
         settings,
         name=name,
@@ -241,20 +253,24 @@ def run_worker(
         queue_depths=lambda: queue_depths(app),
         housekeeping=housekeeping,
     )
-    loop = PeriodicLoop(duties, interval=settings.sweep_interval_seconds)
+
+    def stop_loops() -> None:
+        for loop in loops:
+            loop.stop()
 
     class PeriodicLoopStep(bootsteps.StartStopStep):
         requires = {"celery.worker.components:Pool"}
 
         def start(self, worker):
-            log.info("worker %s: periodic loop started (%s)", name, ", ".join(d.name for d in duties))
-            loop.start()
+            for loop in loops:
+                log.info("worker %s: %s started (%s)", name, loop.name, ", ".join(d.name for d in loop.duties))
+                loop.start()
 
         def stop(self, worker):
-            loop.stop()
+            stop_loops()
 
         def shutdown(self, worker):
-            loop.stop()
+            stop_loops()
 
     app.steps["worker"].add(PeriodicLoopStep)
     log.info("worker %s: queues %s, broker %s, concurrency %s", name, ",".join(queues),
@@ -273,7 +289,7 @@ def run_worker(
     try:
         worker.start()
     finally:
-        loop.stop()
+        stop_loops()
         try:
             jobs.worker_stopped(db, name=name)
         except Exception as e:  # the database may be what stopped us

@@ -14,7 +14,7 @@ from sqlalchemy import func, select
 
 from jobs_support import WorkerProcess, job_states, make_study_job, read_runs, wait_for, worker_env
 from node.jobs import WorkerRecord
-from node.tables import Finding, Job, ResultObject
+from node.tables import Finding, Job, ResultObject, Study
 
 LEASE = 3.0
 
@@ -183,3 +183,66 @@ def test_queues_by_work_type_keep_inference_off_the_housekeeping_worker(embedded
     with db.session() as s:
         queues = {w.pid: w.queues for w in s.scalars(select(WorkerRecord))}
     assert queues == {housekeeping.pid: ["ingest"], gpu.pid: ["gpu"]}
+
+
+def test_whole_node_restart_with_jobs_queued_processing_and_in_the_outbox(embedded, settings, db, tmp_path):
+    """kill -9 of listener + worker with one job done but undelivered (PACS down), one processing, one queued:
+    after the restart everything finishes, nothing runs or arrives twice."""
+    import json
+
+    from jobs_support import ListenerProcess, OrthancServer, storescu, write_phantom_series
+    from node.tables import OutboxItem
+
+    from conftest import free_port
+
+    pacs = OrthancServer(tmp_path / "orthanc")  # ports reserved, not started: the PACS is down at first
+    port = free_port()
+    env = {"MSKNODE_PORT": str(port), "MSKNODE_QUIET_SECONDS": "0.5", "MSKNODE_STUDY_QUIET_SECONDS": "0.5",
+           "MSKNODE_DESTINATIONS": json.dumps([pacs.destination])}
+    listener_env = worker_env({"MSKNODE_DATA_DIR": str(settings.data_dir), "MSKNODE_LOG_LEVEL": "INFO", **env})
+    studies = [write_phantom_series(tmp_path / f"s{k}", seed=200 + k, slices=12) for k in range(3)]
+    listener = ListenerProcess(listener_env, tmp_path / "listener1.log").start()
+    try:
+        listener.wait_ready(port)
+        w1 = embedded(env=env, sleep=4.0)
+        for files in studies:
+            assert storescu(port, files).wait(60) == 0
+
+        def mid_flight():
+            states = sorted(job_states(db).values())
+            with db.session() as s:
+                tried = s.scalars(select(OutboxItem).where(OutboxItem.attempts >= 1, OutboxItem.state == "pending")).all()
+            return states == ["done", "processing", "queued"] and len(tried) == 1
+
+        wait_for(mid_flight, 60, what="one job done with its result undelivered, one processing, one queued")
+        w1.kill9()
+        listener.kill9()
+        pacs.start()
+        listener = ListenerProcess(listener_env, tmp_path / "listener2.log").start().wait_ready(port)
+        w2 = embedded(env=env, sleep=1.0)
+
+        def delivered():
+            with db.session() as s:
+                items = s.scalars(select(OutboxItem)).all()
+            return set(job_states(db).values()) == {"done"} and len(items) == 3 and {i.state for i in items} == {"sent"}
+
+        try:
+            wait_for(delivered, 60, what="all jobs done and delivered")
+        except AssertionError:
+            print(w2.output()[-4000:])
+            raise
+        with db.session() as s:
+            study_uids = dict(s.execute(select(Job.id, Study.study_uid).join(Study, Study.id == Job.study_id)).all())
+            results = dict(s.execute(select(ResultObject.job_id, ResultObject.sop_instance_uid)).all())
+        for job_id, study_uid in study_uids.items():
+            found = [i["MainDicomTags"]["SOPInstanceUID"] for i in pacs.instances_of_study(study_uid)]
+            assert found == [results[job_id]]  # exactly one result object per study, the job's own
+        assert pacs.get("/statistics")["CountInstances"] == 3
+    finally:
+        listener.stop()
+        pacs.stop()
+
+    runs = read_runs(settings.data_dir)
+    ends = sorted(j for k, j, *_ in runs if k == "end")
+    assert ends == sorted(job_states(db))  # every job finished exactly once
+    assert len([r for r in runs if r[0] == "start"]) == 4  # the interrupted one started twice
