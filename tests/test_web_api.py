@@ -456,7 +456,7 @@ def test_admin_views_and_retries(env):
     pol = c.get("/api/admin/policy", headers=h).json()
     assert any(r["id"] == "acl_complete" for r in pol["rules"])
     assert {u["username"] for u in c.get("/api/admin/users", headers=h).json()["users"]} == {ADMIN[0], READER[0]}
-    for page in ("/admin/jobs", "/admin/outbox", "/admin/routing", "/admin/models", "/admin/audit", "/admin/users"):
+    for page in ("/admin/priorities", "/admin/jobs", "/admin/outbox", "/admin/routing", "/admin/models", "/admin/audit", "/admin/users"):
         r = login(env, ADMIN).get(page)
         assert r.status_code == 200, page
         assert "s3cret" not in r.text
@@ -528,3 +528,22 @@ def test_web_command_refuses_an_invalid_triage_policy(settings, tmp_path, monkey
     assert main(["web"]) == 1
     err = capsys.readouterr().err
     assert "rule[0].priority: priority must be one of STAT, URGENT, ROUTINE, got 'SOON'" in err
+
+
+def test_priority_form_on_the_admin_page(env):
+    spine = env["seeded"]["spine"]
+    c = login(env, ADMIN)
+    page = c.get("/admin/priorities")
+    assert page.status_code == 200 and f'id="prio-{spine.entry_id}"' in page.text
+    csrf = re.search(r'name="csrf_token" value="([^"]+)"', page.text).group(1)
+    url = f"/admin/entries/{spine.entry_id}/priority"
+    r = c.post(url, data={"csrf_token": csrf, "priority": "ROUTINE", "reason": "  ", "next": "/admin/priorities"},
+               follow_redirects=False)
+    assert r.status_code == 303 and "error=a+reason+is+required" in r.headers["location"]
+    r = c.post(url, data={"csrf_token": csrf, "priority": "ROUTINE", "reason": "known chronic finding, compared to 2023",
+                          "next": "https://evil.example/"}, follow_redirects=False)
+    assert r.status_code == 303 and r.headers["location"].startswith("/worklist?msg=priority+set+to+ROUTINE")
+    items = {e["entry_id"]: e for e in c.get("/api/worklist").json()["entries"]}
+    assert items[spine.entry_id]["priority"] == "ROUTINE" and items[spine.entry_id]["ai_priority"] == "URGENT"
+    r = c.post(url, data={"csrf_token": csrf, "priority": "", "reason": "back to AI priority"}, follow_redirects=False)
+    assert "priority+set+to+URGENT" in r.headers["location"]

@@ -236,7 +236,16 @@ def assign_form(request: Request, entry_id: int, username: str = Form(default=""
 
 @router.get("/admin")
 def admin_home(p: Principal = Depends(admin)):
-    return RedirectResponse("/admin/jobs", status_code=303)
+    return RedirectResponse("/admin/priorities", status_code=303)
+
+
+@router.get("/admin/priorities")
+def admin_priorities(request: Request, p: Principal = Depends(admin)):
+    """Unread studies in reading order, each with a priority form (the API is POST /api/entries/{id}/priority)."""
+    ctx = _ctx(request)
+    with ctx.db.session() as s:
+        items = queries.worklist(s, policy=ctx.policy, tz=ctx.tz, now=utcnow(), status="unread")
+    return _render(request, "admin_priorities.html", p, items=items)
 
 
 @router.get("/admin/jobs")
