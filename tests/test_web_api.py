@@ -547,3 +547,28 @@ def test_priority_form_on_the_admin_page(env):
     assert items[spine.entry_id]["priority"] == "ROUTINE" and items[spine.entry_id]["ai_priority"] == "URGENT"
     r = c.post(url, data={"csrf_token": csrf, "priority": "", "reason": "back to AI priority"}, follow_redirects=False)
     assert "priority+set+to+URGENT" in r.headers["location"]
+
+
+def test_repeated_failed_logins_lock_the_name_for_a_while(env):
+    from node.web.auth import LoginThrottle
+    from node.web.users import add_user
+
+    with env["db"].session() as s:
+        add_user(s, username="mallory-target", password="target-password-1", role="radiologist")
+    c = client(env)
+    for _ in range(5):
+        assert c.post("/api/auth/token", json={"username": "mallory-target", "password": "guess-guess"}).status_code == 401
+    r = c.post("/api/auth/token", json={"username": "mallory-target", "password": "target-password-1"})
+    assert r.status_code == 429 and "too many failed logins" in r.json()["detail"] and int(r.headers["retry-after"]) > 0
+    nonce = re.search(r'name="csrf_token" value="([^"]+)"', c.get("/login").text).group(1)
+    r = c.post("/login", data={"username": "MALLORY-TARGET", "password": "target-password-1", "csrf_token": nonce})
+    assert r.status_code == 429 and "too many failed logins" in r.text
+    # other users are not affected
+    assert c.post("/api/auth/token", json={"username": READER[0], "password": READER[1]}).status_code == 200
+    # the lock ends after the lockout period and a success clears the count
+    t = LoginThrottle(failures=2, window=60, lockout=10)
+    t.failed("u", now=0)
+    t.failed("u", now=1)
+    assert t.retry_after("u", now=2) == 9 and t.retry_after("u", now=12) == 0
+    t.succeeded("u")
+    assert t.retry_after("u", now=2) == 0

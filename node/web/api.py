@@ -94,15 +94,22 @@ def ctx_of(request: Request):
 # ---- auth ----------------------------------------------------------------------------------
 
 
-@router.post("/auth/token", response_model=TokenResponse, tags=["auth"], responses={401: {"description": "wrong credentials"}})
+@router.post("/auth/token", response_model=TokenResponse, tags=["auth"],
+             responses={401: {"description": "wrong credentials"}, 429: {"description": "too many failed attempts"}})
 def token(body: TokenRequest, request: Request):
     """A bearer token for scripts (expires after MSKNODE_SESSION_MINUTES)."""
     ctx = ctx_of(request)
+    wait = ctx.throttle.retry_after(body.username)
+    if wait:
+        return JSONResponse({"detail": f"too many failed logins for this user; try again in {wait} s"}, status_code=429,
+                            headers={"Retry-After": str(wait)})
     with ctx.db.session() as s:
         user = authenticate(s, body.username, body.password)
         if user is None:
+            ctx.throttle.failed(body.username)
             audit.record(s, actor=body.username[:64], action="auth.token_failed", entity_type="user", entity_id=body.username[:64])
             return JSONResponse({"detail": "wrong username or password, or the account is disabled"}, status_code=401)
+        ctx.throttle.succeeded(user.username)
         audit.record(s, actor=user.username, action="auth.token", entity_type="user", entity_id=user.username)
         tok, p = ctx.codec.issue(user.username, user.role, kind="token")
     return TokenResponse(access_token=tok, expires_at=p.expires_at, role=p.role)

@@ -20,7 +20,7 @@ from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
 from urllib.parse import quote
 
-from node.web.auth import COOKIE, CsrfError, Forbidden, NotAuthenticated, SessionCodec
+from node.web.auth import COOKIE, CsrfError, Forbidden, LoginThrottle, NotAuthenticated, SessionCodec
 from node.web.imaging import ImageCache, ImagingError
 from node.web.ops import OpsError
 from worklists.errors import EntryNotFound, InvalidChange, WorklistError
@@ -44,6 +44,7 @@ class WebContext:
     db: object
     policy: TriagePolicy
     codec: SessionCodec
+    throttle: LoginThrottle
     images: ImageCache
     tz: ZoneInfo
     templates: Jinja2Templates
@@ -97,6 +98,7 @@ def create_app(settings, db, *, policy: TriagePolicy | None = None) -> FastAPI:
         db=db,
         policy=policy,
         codec=SessionCodec(settings.effective_secret_key(), settings.session_minutes),
+        throttle=LoginThrottle(),
         images=ImageCache(),
         tz=ZoneInfo(settings.site_timezone),
         templates=_templates(),

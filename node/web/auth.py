@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import hmac
 import secrets
+import threading
 import time
+from collections import deque
 from dataclasses import dataclass
 
 from fastapi import Depends, Request
@@ -108,6 +110,39 @@ class SessionCodec:
         except BadSignature:
             return False
         return hmac.compare_digest(str(nonce), form_value)
+
+
+class LoginThrottle:
+    """Refuses logins for a name after `failures` failed attempts within `window` seconds (per process)."""
+
+    def __init__(self, failures: int = 5, window: float = 300.0, lockout: float = 60.0):
+        self.failures, self.window, self.lockout = failures, window, lockout
+        self._seen: dict[str, deque] = {}
+        self._lock = threading.Lock()
+
+    def retry_after(self, username: str, now: float | None = None) -> int:
+        """Seconds until this name may try again (0 = now)."""
+        now = time.monotonic() if now is None else now
+        with self._lock:
+            q = self._seen.get(username.lower())
+            if not q:
+                return 0
+            while q and now - q[0] > self.window:
+                q.popleft()
+            if len(q) >= self.failures:
+                return max(1, int(q[-1] + self.lockout - now + 0.999)) if now - q[-1] < self.lockout else 0
+            return 0
+
+    def failed(self, username: str, now: float | None = None) -> None:
+        now = time.monotonic() if now is None else now
+        with self._lock:
+            self._seen.setdefault(username.lower(), deque(maxlen=self.failures * 2)).append(now)
+            if len(self._seen) > 10_000:  # bounded memory under a spray of names
+                self._seen.pop(next(iter(self._seen)))
+
+    def succeeded(self, username: str) -> None:
+        with self._lock:
+            self._seen.pop(username.lower(), None)
 
 
 def _bearer(request: Request) -> str | None:

@@ -76,18 +76,25 @@ def login(
                     error="the login form expired, please try again")
         r.set_cookie(LOGIN_COOKIE, cookie, max_age=3600, httponly=True, samesite="strict", path="/login")
         return r
-    with ctx.db.session() as s:
-        user = authenticate(s, username, password) if username and password else None
-        if user is None:
-            audit.record(s, actor=(username or "-")[:64], action="auth.login_failed", entity_type="user",
-                         entity_id=(username or "-")[:64])
-        else:
-            audit.record(s, actor=user.username, action="auth.login", entity_type="user", entity_id=user.username)
-            token, p = ctx.codec.issue(user.username, user.role)
+    wait = ctx.throttle.retry_after(username) if username else 0
+    user = None
+    if not wait:
+        with ctx.db.session() as s:
+            user = authenticate(s, username, password) if username and password else None
+            if user is None:
+                ctx.throttle.failed(username or "-")
+                audit.record(s, actor=(username or "-")[:64], action="auth.login_failed", entity_type="user",
+                             entity_id=(username or "-")[:64])
+            else:
+                ctx.throttle.succeeded(user.username)
+                audit.record(s, actor=user.username, action="auth.login", entity_type="user", entity_id=user.username)
+                token, p = ctx.codec.issue(user.username, user.role)
     if user is None:
         cookie, nonce = ctx.codec.login_nonce()
-        r = _render(request, "login.html", None, 401, next=_safe_next(next), nonce=nonce,
-                    error="wrong username or password, or the account is disabled", username=username)
+        error = (f"too many failed logins for this user; try again in {wait} s" if wait
+                 else "wrong username or password, or the account is disabled")
+        r = _render(request, "login.html", None, 429 if wait else 401, next=_safe_next(next), nonce=nonce,
+                    error=error, username=username)
         r.set_cookie(LOGIN_COOKIE, cookie, max_age=3600, httponly=True, samesite="strict", path="/login")
         return r
     r = RedirectResponse(_safe_next(next), status_code=303)
