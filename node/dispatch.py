@@ -269,7 +269,9 @@ def _stow_client(dest: StowDestination):
         session.auth = (dest.username, dest.password or "")
     session.verify = dest.verify_tls
     headers = {"Authorization": f"Bearer {dest.token}"} if dest.token else None
-    return DICOMwebClient(url=dest.url, session=session, headers=headers)
+    client = DICOMwebClient(url=dest.url, session=session, headers=headers)
+    client.set_http_retry_params(retry=False)  # the outbox retries, with its own backoff
+    return client
 
 
 def _stow_outcome(response: Any, sop_uid: str) -> Outcome:

@@ -82,3 +82,24 @@ def redis_server(tmp_path):
 @pytest.fixture
 def redis_url(redis_server) -> str:
     return redis_server.url
+
+
+# ---- a real PACS (Orthanc) ---------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def orthanc(tmp_path_factory):
+    """A real Orthanc for the test module (DICOM + REST + DICOMweb on free loopback ports).
+
+    ``.dicom_port``, ``.http_port``, ``.aet``, ``.url``, ``.dicomweb_url``, ``.auth``; ``.stop()`` /
+    ``.start()`` restart it on the same ports and storage; ``.study_series(uid)`` and ``.received()``
+    show what arrived. AE titles MSKNODE, STORESCU, ECHOSCU, FINDSCU, MOVESCU from 127.0.0.1 may store.
+    """
+    from orthanc_support import OrthancServer
+
+    server = OrthancServer(tmp_path_factory.mktemp("orthanc"), dicom_port=free_port(), http_port=free_port())
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
