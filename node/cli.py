@@ -52,7 +52,7 @@ def setup_logging(level: str) -> None:
         format="%(asctime)s %(levelname)s %(process)d %(name)s: %(message)s",
         stream=sys.stderr,
     )
-    for noisy in ("pynetdicom", "celery", "kombu", "amqp", "multipart", "PIL", "matplotlib"):
+    for noisy in ("alembic", "pynetdicom", "celery", "kombu", "amqp", "multipart", "PIL", "matplotlib"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))
 
 

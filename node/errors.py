@@ -4,6 +4,7 @@
     ├── SettingsError         invalid settings; the message names the setting
     ├── StorageError          the instance store cannot take an object
     │   └── OutOfSpaceError   free disk below MSKNODE_MIN_FREE_GB
+    ├── IngestError           a received object is refused; carries the DICOM status to return
     ├── RoutingError          an invalid routing rules file
     ├── ResultsError          a result object cannot be built
     ├── DispatchError         a destination refused or could not be reached
@@ -28,6 +29,15 @@ class StorageError(NodeError):
 
 class OutOfSpaceError(StorageError):
     pass
+
+
+class IngestError(NodeError):
+    """A received object is refused; `status` is the C-STORE status returned to the peer."""
+
+    def __init__(self, status: int, reason: str):
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
 
 
 class RoutingError(NodeError):

@@ -1,0 +1,440 @@
+"""``msknode bench ingest``: C-STORE throughput of msknode against Orthanc and dcmtk storescp.
+
+One MR set (default 10 series x 40 slices, 384x384, 16-bit, explicit VR little endian) is
+sent with dcmtk ``storescu`` (TCP_NODELAY=1) to each receiver, once over one association
+and once over 4 parallel associations (the set split in four), each time into a fresh,
+empty receiver. Reported: instances/s, MB/s and the ratios msknode/Orthanc and
+msknode/storescp. For msknode every instance is then checked in the index and in the
+store (the stored data set bytes hash to what was sent): `all_arrived`.
+
+Receivers: msknode (``msknode listen``, SQLite, every instance fsynced and indexed before
+Success), Orthanc (Debian package, SQLite index, default durability: SyncStorageArea)
+and storescp (writes files, no index, no fsync) as the upper bound.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import socket
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from node.errors import NodeError
+
+SLICES_PER_SERIES = 40
+ROWS = COLUMNS = 384
+MODES = (("single", 1), ("parallel", 4))
+
+
+@dataclass
+class Run:
+    receiver: str
+    mode: str
+    associations: int
+    instances: int
+    seconds: float
+    bytes: int
+    arrived: bool
+    note: str = ""
+
+    @property
+    def ips(self) -> float:
+        return self.instances / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def mbps(self) -> float:
+        return self.bytes / 1e6 / self.seconds if self.seconds > 0 else 0.0
+
+
+@dataclass
+class BenchResult:
+    instances: int
+    listener_processes: int
+    runs: list[Run] = field(default_factory=list)
+
+    def ips(self, receiver: str, mode: str) -> float:
+        for r in self.runs:
+            if r.receiver == receiver and r.mode == mode:
+                return r.ips
+        return 0.0
+
+    @property
+    def all_arrived(self) -> bool:
+        return bool(self.runs) and all(r.arrived for r in self.runs if r.receiver == "msknode")
+
+    def summary(self) -> dict:
+        def ratio(a: float, b: float) -> float | None:
+            return round(a / b, 3) if b else None
+
+        m1, m4 = self.ips("msknode", "single"), self.ips("msknode", "parallel")
+        o1, o4 = self.ips("orthanc", "single"), self.ips("orthanc", "parallel")
+        s1, s4 = self.ips("storescp", "single"), self.ips("storescp", "parallel")
+        return {
+            "instances": self.instances,
+            "listener_processes": self.listener_processes,
+            "msknode_ips": round(m1, 1),
+            "orthanc_ips": round(o1, 1),
+            "storescp_ips": round(s1, 1),
+            "msknode_parallel_ips": round(m4, 1),
+            "orthanc_parallel_ips": round(o4, 1),
+            "storescp_parallel_ips": round(s4, 1),
+            "ratio_orthanc": ratio(m1, o1),
+            "ratio_storescp": ratio(m1, s1),
+            "ratio_orthanc_parallel": ratio(m4, o4),
+            "ratio_storescp_parallel": ratio(m4, s4),
+            "all_arrived": self.all_arrived,
+            "runs": [dict(asdict(r), ips=round(r.ips, 1), mbps=round(r.mbps, 1)) for r in self.runs],
+        }
+
+
+# ---- the MR set ---------------------------------------------------------------------------
+
+
+def generate_mr_set(out: Path, instances: int, *, seed: int = 0) -> list[Path]:
+    """Writes `instances` MR images (series of 40 slices, 384x384 uint16) to `out`."""
+    import numpy as np
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
+
+    out.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:ROWS, 0:COLUMNS]
+    phantom = (1500 * np.exp(-(((yy - 192) / 120.0) ** 2 + ((xx - 192) / 90.0) ** 2))).astype(np.float32)
+    study = generate_uid()
+    paths: list[Path] = []
+    series_uid = ""
+    for i in range(instances):
+        s, k = divmod(i, SLICES_PER_SERIES)
+        if k == 0:
+            series_uid = generate_uid()
+        ds = Dataset()
+        ds.file_meta = FileMetaDataset()
+        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds.file_meta.MediaStorageSOPClassUID = MRImageStorage
+        sop = generate_uid()
+        ds.file_meta.MediaStorageSOPInstanceUID = sop
+        ds.SpecificCharacterSet = "ISO_IR 100"
+        ds.SOPClassUID = MRImageStorage
+        ds.SOPInstanceUID = sop
+        ds.StudyInstanceUID = study
+        ds.SeriesInstanceUID = series_uid
+        ds.Modality = "MR"
+        ds.PatientName = "BENCH^INGEST"
+        ds.PatientID = "BENCH0001"
+        ds.StudyDate = "20240101"
+        ds.BodyPartExamined = "KNEE"
+        ds.SeriesDescription = f"BENCH SERIES {s + 1}"
+        ds.SeriesNumber = s + 1
+        ds.InstanceNumber = k + 1
+        ds.ImagesInAcquisition = SLICES_PER_SERIES
+        ds.ImagePositionPatient = [-96.0, -96.0, float(k * 3)]
+        ds.ImageOrientationPatient = [1.0, 0.0, 0.0, 0.0, 1.0, 0.0]
+        ds.PixelSpacing = [0.5, 0.5]
+        ds.SliceThickness = 3.0
+        ds.Rows, ds.Columns = ROWS, COLUMNS
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit = 16, 12, 11
+        ds.PixelRepresentation = 0
+        ds.SamplesPerPixel = 1
+        ds.PhotometricInterpretation = "MONOCHROME2"
+        noise = rng.normal(0, 40, (ROWS, COLUMNS)).astype(np.float32)
+        ds.PixelData = np.clip(phantom * (1 + 0.01 * k) + noise, 0, 4095).astype(np.uint16).tobytes()
+        path = out / f"s{s:03d}_{k:03d}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        paths.append(path)
+    return paths
+
+
+def _dataset_digest(path: Path) -> tuple[str, str]:
+    """(SOP Instance UID, sha256 of the data set bytes after the file meta) of a DICOM file."""
+    from pydicom.filereader import read_file_meta_info
+
+    from node.storage import dataset_offset
+
+    meta = read_file_meta_info(path)
+    data = path.read_bytes()[dataset_offset(path):]
+    return str(meta.MediaStorageSOPInstanceUID), hashlib.sha256(data).hexdigest()
+
+
+# ---- helpers ---------------------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MSKNODE_")}
+    env["TCP_NODELAY"] = "1"
+    env.update(extra)
+    return env
+
+
+def _wait_echo(port: int, aet: str, proc: subprocess.Popen, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise NodeError(f"the receiver exited with code {proc.returncode} before accepting associations")
+        r = subprocess.run(["echoscu", "-to", "2", "-aec", aet, "127.0.0.1", str(port)], env=_env(), capture_output=True)
+        if r.returncode == 0:
+            return
+        time.sleep(0.2)
+    raise NodeError(f"the receiver on port {port} did not answer C-ECHO within {timeout:.0f} s")
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def send(files: list[Path], port: int, aet: str, associations: int) -> float:
+    """Sends `files` with `associations` parallel storescu processes; returns the wall time."""
+    chunks = [files[i::associations] for i in range(associations)]
+    t0 = time.perf_counter()
+    procs = [
+        subprocess.Popen(
+            ["storescu", "-aet", "BENCHSCU", "-aec", aet, "127.0.0.1", str(port), *map(str, chunk)],
+            env=_env(),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+        for chunk in chunks
+        if chunk
+    ]
+    errors = []
+    for p in procs:
+        _, err = p.communicate()
+        if p.returncode != 0:
+            errors.append(err.decode(errors="replace").strip()[-300:])
+    elapsed = time.perf_counter() - t0
+    if errors:
+        raise NodeError("storescu failed: " + " | ".join(errors))
+    return elapsed
+
+
+# ---- receivers -------------------------------------------------------------------------------
+
+
+class Receiver:
+    name = ""
+    aet = ""
+
+    def start(self, workdir: Path) -> int:
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        raise NotImplementedError
+
+    def arrived(self, expected: dict[str, str]) -> tuple[bool, str]:
+        raise NotImplementedError
+
+
+class MsknodeReceiver(Receiver):
+    name, aet = "msknode", "MSKNODE"
+
+    def __init__(self, listener_processes: int):
+        self.listener_processes = listener_processes
+        self.proc: subprocess.Popen | None = None
+        self.data_dir: Path | None = None
+
+    def start(self, workdir: Path) -> int:
+        self.data_dir = workdir / "msknode"
+        port = _free_port()
+        env = _env(
+            MSKNODE_DATA_DIR=str(self.data_dir),
+            MSKNODE_PORT=str(port),
+            MSKNODE_AE_TITLE=self.aet,
+            MSKNODE_LISTENER_PROCESSES=str(self.listener_processes),
+            MSKNODE_LOG_LEVEL="WARNING",
+        )
+        self.log = open(workdir / "msknode.log", "wb")
+        self.proc = subprocess.Popen([sys.executable, "-m", "node.cli", "listen"], env=env, stdout=self.log, stderr=subprocess.STDOUT)
+        _wait_echo(port, self.aet, self.proc)
+        return port
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            _stop(self.proc)
+            self.log.close()
+
+    def arrived(self, expected: dict[str, str]) -> tuple[bool, str]:
+        """Every sent instance has an index row and a stored file whose data set bytes match."""
+        from node.storage import dataset_offset
+
+        db = sqlite3.connect(str(self.data_dir / "msknode.db"))
+        try:
+            rows = dict(db.execute("SELECT sop_instance_uid, path FROM instances").fetchall())
+        finally:
+            db.close()
+        missing = [uid for uid in expected if uid not in rows]
+        if missing:
+            return False, f"{len(missing)} instance(s) missing from the index"
+        bad = 0
+        for uid, digest in expected.items():
+            path = Path(rows[uid])
+            try:
+                data = path.read_bytes()[dataset_offset(path):]
+            except (OSError, NodeError):
+                bad += 1
+                continue
+            if hashlib.sha256(data).hexdigest() != digest:
+                bad += 1
+        if bad:
+            return False, f"{bad} stored file(s) missing or different from what was sent"
+        return True, ""
+
+
+class OrthancReceiver(Receiver):
+    name, aet = "orthanc", "ORTHANC"
+    binary = "/usr/sbin/Orthanc"
+
+    def start(self, workdir: Path) -> int:
+        if not Path(self.binary).exists() and not shutil.which("Orthanc"):
+            raise NodeError("Orthanc is not installed (Debian package orthanc)")
+        self.http_port = _free_port()
+        port = _free_port()
+        config = {
+            "Name": "msknode-bench",
+            "StorageDirectory": str(workdir / "orthanc-storage"),
+            "IndexDirectory": str(workdir / "orthanc-index"),
+            "DicomAet": self.aet,
+            "DicomPort": port,
+            "HttpPort": self.http_port,
+            "HttpServerEnabled": True,
+            "RemoteAccessAllowed": False,
+            "AuthenticationEnabled": False,
+            "DicomCheckCalledAet": False,
+            "StorageCompression": False,
+            "Plugins": [],
+        }
+        cfg = workdir / "orthanc.json"
+        cfg.write_text(json.dumps(config))
+        binary = self.binary if Path(self.binary).exists() else shutil.which("Orthanc")
+        self.log = open(workdir / "orthanc.log", "wb")
+        self.proc = subprocess.Popen([binary, str(cfg)], env=_env(), stdout=self.log, stderr=subprocess.STDOUT)
+        _wait_echo(port, self.aet, self.proc)
+        return port
+
+    def stop(self) -> None:
+        _stop(self.proc)
+        self.log.close()
+
+    def arrived(self, expected: dict[str, str]) -> tuple[bool, str]:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.http_port}/statistics", timeout=10) as r:
+            count = int(json.load(r)["CountInstances"])
+        return count == len(expected), f"{count} instances in Orthanc"
+
+
+class StorescpReceiver(Receiver):
+    name, aet = "storescp", "STORESCP"
+
+    def start(self, workdir: Path) -> int:
+        self.out = workdir / "storescp"
+        self.out.mkdir()
+        port = _free_port()
+        self.proc = subprocess.Popen(
+            ["storescp", "-aet", self.aet, "--output-directory", str(self.out), str(port)],
+            env=_env(),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        _wait_echo(port, self.aet, self.proc)
+        return port
+
+    def stop(self) -> None:
+        _stop(self.proc)
+
+    def arrived(self, expected: dict[str, str]) -> tuple[bool, str]:
+        count = sum(1 for _ in self.out.iterdir())
+        return count == len(expected), f"{count} files written by storescp"
+
+
+# ---- the benchmark ---------------------------------------------------------------------------
+
+
+def run_bench(
+    *,
+    instances: int = 400,
+    input_dir: Path | None = None,
+    workdir: Path | None = None,
+    listener_processes: int = 2,
+    receivers: tuple[str, ...] = ("msknode", "orthanc", "storescp"),
+    progress=print,
+) -> BenchResult:
+    for tool in ("storescu", "echoscu", "storescp"):
+        if not shutil.which(tool):
+            raise NodeError(f"{tool} not found (Debian package dcmtk)")
+    root = Path(tempfile.mkdtemp(prefix="msknode-bench-", dir=workdir))
+    try:
+        if input_dir is not None:
+            files = sorted(p for p in Path(input_dir).rglob("*") if p.is_file())
+            if not files:
+                raise NodeError(f"no files in {input_dir}")
+        else:
+            progress(f"generating {instances} MR instances ({ROWS}x{COLUMNS}, 16-bit) in {root / 'set'}")
+            files = generate_mr_set(root / "set", instances)
+        expected = dict(_dataset_digest(p) for p in files)
+        total_bytes = sum(p.stat().st_size for p in files)
+        result = BenchResult(instances=len(files), listener_processes=listener_processes)
+        factories = {
+            "msknode": lambda: MsknodeReceiver(listener_processes),
+            "orthanc": OrthancReceiver,
+            "storescp": StorescpReceiver,
+        }
+        for mode, associations in MODES:
+            for name in receivers:
+                receiver = factories[name]()
+                work = root / f"{name}-{mode}"
+                work.mkdir()
+                port = receiver.start(work)
+                try:
+                    seconds = send(files, port, receiver.aet, associations)
+                    ok, note = receiver.arrived(expected)
+                finally:
+                    receiver.stop()
+                run = Run(name, mode, associations, len(files), seconds, total_bytes, ok, note)
+                result.runs.append(run)
+                progress(
+                    f"{name:9s} {associations} association(s): {run.ips:7.1f} instances/s "
+                    f"{run.mbps:6.1f} MB/s{'' if ok else '  NOT ALL ARRIVED: ' + note}"
+                )
+                shutil.rmtree(work, ignore_errors=True)
+        return result
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def format_report(result: BenchResult) -> str:
+    s = result.summary()
+    lines = [
+        f"{'receiver':10s} {'associations':>12s} {'instances/s':>12s} {'MB/s':>8s} {'seconds':>8s}",
+    ]
+    for r in result.runs:
+        lines.append(f"{r.receiver:10s} {r.associations:>12d} {r.ips:>12.1f} {r.mbps:>8.1f} {r.seconds:>8.2f}")
+
+    def fmt(v):
+        return "n/a" if v is None else f"{v:.2f}"
+
+    lines += [
+        "",
+        f"msknode/Orthanc : {fmt(s['ratio_orthanc'])} (1 association), {fmt(s['ratio_orthanc_parallel'])} (4 associations)",
+        f"msknode/storescp: {fmt(s['ratio_storescp'])} (1 association), {fmt(s['ratio_storescp_parallel'])} (4 associations)",
+        f"all {result.instances} instances durable in msknode's store and index (both runs): {s['all_arrived']}",
+        f"(msknode with {result.listener_processes} listener process(es))",
+    ]
+    return "\n".join(lines)

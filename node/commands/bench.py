@@ -1,0 +1,59 @@
+"""``msknode bench``: measurements that are not tests (ingest now; models and e2e add theirs).
+
+Each benchmark is one small ``_add_<name>(bench_sub)`` function that adds its subcommand.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+
+def register(sub) -> None:
+    p = sub.add_parser("bench", help="benchmarks (not tests)")
+    bench_sub = p.add_subparsers(dest="bench_command", metavar="BENCHMARK")
+    bench_sub.required = True
+    _add_ingest(bench_sub)
+
+
+def _add_ingest(bench_sub) -> None:
+    p = bench_sub.add_parser(
+        "ingest",
+        help="C-STORE throughput: msknode vs Orthanc vs dcmtk storescp, one and four associations",
+    )
+    p.add_argument("--instances", type=int, default=400, help="instances to generate (series of 40 slices; default 400)")
+    p.add_argument("--input", type=Path, help="send the DICOM files under this directory instead of a generated set")
+    p.add_argument("--listener-processes", type=int, help="msknode listener processes (default: MSKNODE_LISTENER_PROCESSES)")
+    p.add_argument("--workdir", type=Path, help="where the receivers store (default: the system temp dir)")
+    p.add_argument("--only", help="comma list of receivers to run (msknode,orthanc,storescp)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=_bench_ingest)
+
+
+def _bench_ingest(args, settings) -> int:
+    from node.bench_ingest import format_report, run_bench
+
+    if args.instances < 4:
+        print("msknode: --instances must be at least 4", file=sys.stderr)
+        return 2
+    receivers = tuple(r.strip() for r in args.only.split(",")) if args.only else ("msknode", "orthanc", "storescp")
+    unknown = set(receivers) - {"msknode", "orthanc", "storescp"}
+    if unknown:
+        print(f"msknode: unknown receiver(s): {', '.join(sorted(unknown))}", file=sys.stderr)
+        return 2
+    progress = (lambda msg: print(msg, file=sys.stderr)) if args.json else print
+    result = run_bench(
+        instances=args.instances,
+        input_dir=args.input,
+        workdir=args.workdir,
+        listener_processes=args.listener_processes or settings.listener_processes,
+        receivers=receivers,
+        progress=progress,
+    )
+    if args.json:
+        print(json.dumps(result.summary(), indent=2))
+    else:
+        print()
+        print(format_report(result))
+    return 0 if result.all_arrived or "msknode" not in receivers else 1

@@ -1,0 +1,721 @@
+"""Indexing received instances: header parsing, validation and the database rows of contract C1.
+
+Three layers, each usable alone:
+
+- `read_header` parses only the header of the received dataset bytes (stops before the
+  pixel data; honours Specific Character Set) into an `InstanceHeader`, and `validate`
+  checks it against the C-STORE request. Both raise `IngestError` with the status to return.
+- `index_instances`, `open_association`, `close_association`, `record_quarantine` are plain
+  functions on a session: the rows of contract C1 (studies, series, instances,
+  associations, association_series, quarantine). `index_instances` publishes the staged
+  files (rename + directory fsync) inside the transaction, before the commit, so a row
+  never exists for a file that is not durable.
+- `IndexWriter` writes the index of a listener process with group commit: concurrent
+  handlers' rows go into one transaction, so concurrent associations share one fsync.
+
+Logs carry UIDs and statuses only, never patient data.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import functools
+import collections
+import logging
+import threading
+import time
+import zlib
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from io import BytesIO
+from pathlib import Path
+from typing import Any, Callable
+
+from pydicom.dataset import Dataset
+from pydicom.filereader import read_dataset
+from pydicom.tag import BaseTag
+from sqlalchemy import and_, bindparam, func, select, update
+
+from node.db import Database, utcnow
+from node.errors import IngestError, StorageError
+from node.storage import InstanceStore, StagedFile, is_valid_uid
+from node.tables import Association, AssociationSeries, Instance, Quarantine, Series, Study
+
+log = logging.getLogger(__name__)
+
+# C-STORE statuses (PS3.4 Annex B.2.3)
+SUCCESS = 0x0000
+OUT_OF_RESOURCES = 0xA700  # Refused: out of resources (the peer retries later)
+SOP_MISMATCH = 0xA900  # Error: data set does not match SOP class (or the request's instance)
+CANNOT_UNDERSTAND = 0xC000  # Error: cannot understand (unparseable data set)
+MISSING_UID = 0xC001  # Error: cannot understand (a required UID is missing)
+MALFORMED_UID = 0xC002  # Error: cannot understand (a UID is malformed)
+
+DEFLATED_TRANSFER_SYNTAXES = frozenset({"1.2.840.10008.1.2.1.99", "1.2.840.10008.1.2.4.95"})
+IMPLICIT_VR_LITTLE_ENDIAN = "1.2.840.10008.1.2"
+EXPLICIT_VR_BIG_ENDIAN = "1.2.840.10008.1.2.2"
+
+# demographics of the study row a resend may correct (audited by field name, never by value)
+DEMOGRAPHIC_FIELDS = (
+    "patient_name",
+    "patient_id",
+    "patient_birth_date",
+    "patient_sex",
+    "accession_number",
+    "study_date",
+    "study_time",
+    "study_description",
+    "referring_physician",
+    "specific_character_set",
+)
+
+
+@dataclass(frozen=True)
+class InstanceHeader:
+    """What the index needs from one instance. Text fields: None = absent, '' = present but empty."""
+
+    sop_class_uid: str
+    sop_instance_uid: str
+    study_uid: str
+    series_uid: str
+    modality: str | None = None
+    body_part: str | None = None
+    series_description: str | None = None
+    protocol_name: str | None = None
+    laterality: str | None = None
+    series_number: int | None = None
+    manufacturer: str | None = None
+    instance_number: int | None = None
+    image_position: str | None = None
+    image_orientation: str | None = None
+    number_of_frames: int | None = None
+    expected_instances: int | None = None
+    contributing_manufacturers: tuple[str, ...] = ()
+    demographics: dict[str, str | None] = field(default_factory=dict)
+
+    def is_own_object(self, uid_root: str) -> bool:
+        """Objects msknode made: our UID root, or our name as (contributing) manufacturer."""
+        if self.sop_instance_uid.startswith(uid_root) or self.series_uid.startswith(uid_root):
+            return True
+        names = [self.manufacturer or "", *self.contributing_manufacturers]
+        return any(n.strip().lower() == "msknode" for n in names)
+
+
+# ---- header parsing ------------------------------------------------------------------------
+
+
+def _stop_at_pixels(tag: BaseTag, vr: str | None, length: int) -> bool:
+    return tag >= 0x7FE00000
+
+
+def read_header(data: bytes, transfer_syntax_uid: str) -> InstanceHeader:
+    """Parses the header of dataset bytes received in `transfer_syntax_uid` (no pixel decoding).
+
+    Raises `IngestError` (0xC000 cannot understand, 0xC001 missing UID, 0xC002 malformed UID).
+    """
+    try:
+        ds = _parse(data, str(transfer_syntax_uid))
+        uids = {k: _text(ds, k) for k in ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")}
+    except IngestError:
+        raise
+    except Exception as e:  # pydicom raises many types for broken input
+        raise IngestError(CANNOT_UNDERSTAND, f"cannot parse the data set: {type(e).__name__}") from None
+    missing = [k for k, v in uids.items() if not v]
+    if missing:
+        raise IngestError(MISSING_UID, f"missing {', '.join(missing)}")
+    bad = [k for k, v in uids.items() if not is_valid_uid(v)]
+    if bad:
+        raise IngestError(MALFORMED_UID, f"malformed {', '.join(bad)}")
+    try:
+        return _header_from(ds, uids)
+    except Exception as e:
+        raise IngestError(CANNOT_UNDERSTAND, f"cannot read the header: {type(e).__name__}") from None
+
+
+def _parse(data: bytes, ts: str) -> Dataset:
+    if ts in DEFLATED_TRANSFER_SYNTAXES:
+        data = zlib.decompressobj(-zlib.MAX_WBITS).decompress(data)
+    implicit = ts == IMPLICIT_VR_LITTLE_ENDIAN
+    little = ts != EXPLICIT_VR_BIG_ENDIAN
+    if len(data) < 8:
+        raise IngestError(CANNOT_UNDERSTAND, "the data set is empty or too short")
+    ds = read_dataset(BytesIO(data), implicit, little, stop_when=_stop_at_pixels)
+    if len(ds) == 0:
+        raise IngestError(CANNOT_UNDERSTAND, "no data elements")
+    return ds
+
+
+def _text(ds: Dataset, keyword: str) -> str | None:
+    """A text value: None if absent, '' if empty; multi-valued joined with backslash."""
+    if keyword not in ds:
+        return None
+    value = ds[keyword].value
+    if value is None:
+        return ""
+    if isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue":
+        return "\\".join(_fmt(v) for v in value)
+    return _fmt(value).strip()
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return repr(v)
+    return str(v)
+
+
+def _int(ds: Dataset, keyword: str) -> int | None:
+    try:
+        value = ds.get(keyword)
+        if value is None or value == "":
+            return None
+        return int(value)
+    except (TypeError, ValueError, OverflowError):
+        return None
+
+
+def _safe_text(ds: Dataset, keyword: str) -> str | None:
+    try:
+        return _text(ds, keyword)
+    except Exception:  # an undecodable or invalid value is not a reason to refuse the object
+        return None
+
+
+def _header_from(ds: Dataset, uids: dict[str, str | None]) -> InstanceHeader:
+    laterality = _safe_text(ds, "Laterality") or _safe_text(ds, "ImageLaterality")
+    frames = _int(ds, "NumberOfFrames")
+    expected = _int(ds, "ImagesInAcquisition") or _int(ds, "NumberOfSeriesRelatedInstances")
+    contributing: list[str] = []
+    try:
+        for item in ds.get("ContributingEquipmentSequence") or []:
+            if "Manufacturer" in item:
+                contributing.append(str(item.Manufacturer))
+    except Exception:
+        pass
+    demographics = {
+        "patient_name": _safe_text(ds, "PatientName"),
+        "patient_id": _safe_text(ds, "PatientID"),
+        "patient_birth_date": _safe_text(ds, "PatientBirthDate"),
+        "patient_sex": _safe_text(ds, "PatientSex"),
+        "accession_number": _safe_text(ds, "AccessionNumber"),
+        "study_date": _safe_text(ds, "StudyDate"),
+        "study_time": _safe_text(ds, "StudyTime"),
+        "study_description": _safe_text(ds, "StudyDescription"),
+        "referring_physician": _safe_text(ds, "ReferringPhysicianName"),
+        "specific_character_set": _safe_text(ds, "SpecificCharacterSet"),
+    }
+    return InstanceHeader(
+        sop_class_uid=str(uids["SOPClassUID"]),
+        sop_instance_uid=str(uids["SOPInstanceUID"]),
+        study_uid=str(uids["StudyInstanceUID"]),
+        series_uid=str(uids["SeriesInstanceUID"]),
+        modality=_safe_text(ds, "Modality"),
+        body_part=_safe_text(ds, "BodyPartExamined"),
+        series_description=_safe_text(ds, "SeriesDescription"),
+        protocol_name=_safe_text(ds, "ProtocolName"),
+        laterality=laterality,
+        series_number=_int(ds, "SeriesNumber"),
+        manufacturer=_safe_text(ds, "Manufacturer"),
+        instance_number=_int(ds, "InstanceNumber"),
+        image_position=_safe_text(ds, "ImagePositionPatient"),
+        image_orientation=_safe_text(ds, "ImageOrientationPatient"),
+        number_of_frames=frames,
+        expected_instances=expected if expected and expected > 0 else None,
+        contributing_manufacturers=tuple(contributing),
+        demographics=demographics,
+    )
+
+
+def validate(header: InstanceHeader, *, request_sop_class_uid: str, request_sop_instance_uid: str) -> None:
+    """The data set must be the object the C-STORE request announced (else 0xA900)."""
+    if header.sop_class_uid != str(request_sop_class_uid).strip("\0 "):
+        raise IngestError(SOP_MISMATCH, "SOP Class UID of the data set differs from the request")
+    if header.sop_instance_uid != str(request_sop_instance_uid).strip("\0 "):
+        raise IngestError(SOP_MISMATCH, "SOP Instance UID of the data set differs from the request")
+
+
+# ---- index rows (contract C1) --------------------------------------------------------------
+
+
+@dataclass
+class Received:
+    """One validated instance, staged on disk, waiting to be indexed."""
+
+    header: InstanceHeader
+    staged: StagedFile
+    transfer_syntax_uid: str
+    calling_ae: str | None = None
+    association_id: int | None = None
+    published: Path | None = None  # set once the staged file was renamed to its final path
+
+
+@dataclass(frozen=True)
+class Outcome:
+    status: int
+    instance_id: int | None
+    duplicate: bool = False  # the same bytes were already stored: nothing changed
+    replaced: bool = False  # same SOP Instance UID, different bytes: file and index updated
+    demographics_changed: tuple[str, ...] = ()
+
+
+def _fit(column, value):
+    """Truncates text to the column's length (PostgreSQL enforces VARCHAR lengths)."""
+    if value is None or not isinstance(value, str):
+        return value
+    length = getattr(column.type, "length", None)
+    return value[:length] if length else value
+
+
+def _norm(value: str | None) -> str | None:
+    return value if value else None
+
+
+def _insert_ignoring_conflicts(dialect: str, table):
+    """INSERT ... ON CONFLICT DO NOTHING for SQLite and PostgreSQL."""
+    if dialect == "sqlite":
+        from sqlalchemy.dialects.sqlite import insert
+    elif dialect == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert
+    else:
+        raise StorageError(f"unsupported database dialect {dialect!r} (SQLite or PostgreSQL)")
+    return insert(table).on_conflict_do_nothing()
+
+
+class _Statements:
+    """The index statements, built once per dialect (compiled once, executed with parameters)."""
+
+    def __init__(self, dialect: str):
+        inst, st, se = Instance.__table__, Study.__table__, Series.__table__
+        asr, asc = AssociationSeries.__table__, Association.__table__
+        self.insert_instance = _insert_ignoring_conflicts(dialect, inst).returning(inst.c.id)
+        self.insert_study = _insert_ignoring_conflicts(dialect, st)
+        self.insert_series = _insert_ignoring_conflicts(dialect, se)
+        self.insert_assoc_series = _insert_ignoring_conflicts(dialect, asr)
+        self.select_instance = select(inst.c.id, inst.c.series_id, inst.c.sha256, inst.c.path).where(
+            inst.c.sop_instance_uid == bindparam("b_uid")
+        )
+        self.select_study = select(st).where(st.c.study_uid == bindparam("b_uid"))
+        self.select_series = select(se.c.id, se.c.expected_instances).where(se.c.series_uid == bindparam("b_uid"))
+        self.series_expected = update(se).where(se.c.id == bindparam("b_id")).values(expected_instances=bindparam("b_n"))
+        self.series_open = update(se).where(se.c.id == bindparam("b_id")).values(
+            open_associations=se.c.open_associations + 1
+        )
+        self.series_arrival = (
+            update(se)
+            .where(se.c.id == bindparam("b_id"))
+            .values(
+                instances=se.c.instances + bindparam("b_n"),
+                last_received_at=bindparam("b_now"),
+                quiet_deadline=bindparam("b_deadline"),
+            )
+        )
+        self.study_arrival = update(st).where(st.c.id == bindparam("b_id")).values(last_received_at=bindparam("b_now"))
+
+
+@dataclass
+class IndexCache:
+    """Rows one writer has seen, so the common case (next instance of a known series) is one INSERT.
+
+    Entries are only hints: a failed transaction clears the cache and is retried without it.
+    """
+
+    studies: dict[str, tuple[int, dict]] = field(default_factory=dict)  # study UID -> (id, demographics)
+    series: dict[str, tuple[int, bool]] = field(default_factory=dict)  # series UID -> (id, has expected count)
+    assoc_series: set[tuple[int, int]] = field(default_factory=set)
+    closed: set[int] = field(default_factory=set)  # associations this writer has ended
+    limit: int = 20000
+
+    def clear(self) -> None:
+        self.studies.clear()
+        self.series.clear()
+        self.assoc_series.clear()
+
+    def trim(self) -> None:
+        if len(self.studies) + len(self.series) + len(self.assoc_series) > self.limit:
+            self.clear()
+        if len(self.closed) > self.limit:
+            self.closed.clear()
+
+
+@functools.cache
+def _statements_for(dialect: str) -> _Statements:
+    return _Statements(dialect)
+
+
+def _statements(session) -> _Statements:
+    return _statements_for(session.get_bind().dialect.name)
+
+
+def _study_values(header: InstanceHeader) -> dict:
+    t = Study.__table__.c
+    return {k: _fit(t[k], _norm(v)) for k, v in header.demographics.items()}
+
+
+def _upsert_study(conn, sql: _Statements, cache: IndexCache, header: InstanceHeader, now, audit, session):
+    """The study row (created, or demographics corrected); returns (id, changed field names)."""
+    values = _study_values(header)
+    cached = cache.studies.get(header.study_uid)
+    if cached is not None and all(header.demographics.get(k) is None or v == cached[1].get(k) for k, v in values.items()):
+        return cached[0], ()
+    row = conn.execute(sql.select_study, {"b_uid": header.study_uid}).mappings().first()
+    if row is None:
+        conn.execute(sql.insert_study, dict(study_uid=header.study_uid, first_received_at=now, last_received_at=now, **values))
+        row = conn.execute(sql.select_study, {"b_uid": header.study_uid}).mappings().one()
+        cache.studies[header.study_uid] = (row["id"], {k: row[k] for k in values})
+        return row["id"], ()
+    changed = {k: v for k, v in values.items() if header.demographics.get(k) is not None and v != row[k]}
+    current = {k: row[k] for k in values}
+    if changed:
+        st = Study.__table__
+        conn.execute(update(st).where(st.c.id == row["id"]).values(**changed))
+        current.update(changed)
+        audit(session, "study", header.study_uid, tuple(sorted(changed)), header)
+    cache.studies[header.study_uid] = (row["id"], current)
+    return row["id"], tuple(sorted(changed))
+
+
+def _upsert_series(conn, sql: _Statements, cache: IndexCache, header: InstanceHeader, study_id: int, calling_ae, uid_root: str, now) -> int:
+    cached = cache.series.get(header.series_uid)
+    if cached is not None and (cached[1] or not header.expected_instances):
+        return cached[0]
+    row = conn.execute(sql.select_series, {"b_uid": header.series_uid}).first()
+    if row is None:
+        c = Series.__table__.c
+        conn.execute(
+            sql.insert_series,
+            dict(
+                study_id=study_id,
+                series_uid=header.series_uid,
+                modality=_fit(c.modality, _norm(header.modality)),
+                body_part=_fit(c.body_part, _norm(header.body_part)),
+                series_description=_fit(c.series_description, _norm(header.series_description)),
+                protocol_name=_fit(c.protocol_name, _norm(header.protocol_name)),
+                laterality=_fit(c.laterality, _norm(header.laterality)),
+                series_number=header.series_number,
+                manufacturer=_fit(c.manufacturer, _norm(header.manufacturer)),
+                calling_ae=_fit(c.calling_ae, calling_ae),
+                instances=0,
+                expected_instances=header.expected_instances,
+                own_object=header.is_own_object(uid_root),
+                state="receiving",
+                first_received_at=now,
+                last_received_at=now,
+                quiet_deadline=None,
+                open_associations=0,
+            ),
+        )
+        row = conn.execute(sql.select_series, {"b_uid": header.series_uid}).one()
+    expected = row.expected_instances
+    if expected is None and header.expected_instances:
+        conn.execute(sql.series_expected, {"b_id": row.id, "b_n": header.expected_instances})
+        expected = header.expected_instances
+    cache.series[header.series_uid] = (row.id, expected is not None)
+    return row.id
+
+
+def _instance_values(item: Received, series_id: int, path: Path) -> dict:
+    h, c = item.header, Instance.__table__.c
+    return dict(
+        series_id=series_id,
+        sop_class_uid=h.sop_class_uid,
+        transfer_syntax_uid=_fit(c.transfer_syntax_uid, item.transfer_syntax_uid),
+        path=str(path),
+        size=item.staged.size,
+        sha256=item.staged.sha256,
+        instance_number=h.instance_number,
+        image_position=_fit(c.image_position, _norm(h.image_position)),
+        image_orientation=_fit(c.image_orientation, _norm(h.image_orientation)),
+        number_of_frames=h.number_of_frames,
+        calling_ae=_fit(c.calling_ae, item.calling_ae),
+        association_id=item.association_id,
+    )
+
+
+def index_instances(
+    session,
+    store: InstanceStore,
+    items: list[Received],
+    *,
+    uid_root: str,
+    quiet_seconds: float,
+    now: dt.datetime | None = None,
+    audit: Callable | None = None,
+    cache: IndexCache | None = None,
+) -> list[Outcome]:
+    """Publishes the staged files and writes their index rows (C1) in the caller's transaction.
+
+    The caller commits; renames and new directory entries are fsynced here, before that
+    commit, so a committed row always points at a durable file. A duplicate SOP Instance
+    UID with the same bytes changes nothing; with different bytes the file and rows are
+    replaced and changed demographics are audited (field names and UIDs only).
+    """
+    now = now or utcnow()
+    audit = audit or audit_demographics
+    cache = cache if cache is not None else IndexCache()
+    sql = _statements(session)
+    conn = session.connection()
+    outcomes: list[Outcome] = []
+    dirty_dirs: set[Path] = set()
+    unsynced: list[Path] = []  # new files, renamed before their fsync (see node.storage)
+    arrivals: dict[int, int] = {}  # series id -> instances added (may be 0 or negative on a move)
+    studies: set[int] = set()
+    delivered: set[tuple[int, int]] = set()  # (association id, series id)
+
+    for item in items:
+        h = item.header
+        study_id, changed = _upsert_study(conn, sql, cache, h, now, audit, session)
+        series_id = _upsert_series(conn, sql, cache, h, study_id, item.calling_ae, uid_root, now)
+        target = store.path_for(h.study_uid, h.series_uid, h.sop_instance_uid)
+        item_values = _instance_values(item, series_id, target)
+        instance_id = conn.execute(
+            sql.insert_instance, dict(sop_instance_uid=h.sop_instance_uid, received_at=now, **item_values)
+        ).scalar()
+        replaced = False
+        if instance_id is None:  # the SOP Instance UID is already indexed
+            existing = conn.execute(sql.select_instance, {"b_uid": h.sop_instance_uid}).one()
+            if existing.sha256 == item.staged.sha256 and Path(existing.path).exists():
+                if item.published is None:
+                    store.discard(item.staged)
+                outcomes.append(Outcome(SUCCESS, existing.id, duplicate=True, demographics_changed=changed))
+                continue
+            instance_id, replaced = existing.id, True
+            inst = Instance.__table__
+            conn.execute(update(inst).where(inst.c.id == existing.id).values(updated_at=now, **item_values))
+            if existing.series_id != series_id:  # the resend moved it to another series
+                arrivals[existing.series_id] = arrivals.get(existing.series_id, 0) - 1
+                arrivals[series_id] = arrivals.get(series_id, 0) + 1
+            else:
+                arrivals.setdefault(series_id, 0)
+            log.info("instance %s resent with different content: file and index replaced", h.sop_instance_uid)
+        else:
+            arrivals[series_id] = arrivals.get(series_id, 0) + 1
+        if item.published is None:
+            item.published, dirs = store.publish(
+                item.staged, h.study_uid, h.series_uid, h.sop_instance_uid, sync_first=replaced
+            )
+            dirty_dirs |= dirs
+            if not replaced:
+                unsynced.append(item.published)
+        studies.add(study_id)
+        if item.association_id is not None and item.association_id not in cache.closed:
+            delivered.add((item.association_id, series_id))
+        outcomes.append(Outcome(SUCCESS, instance_id, replaced=replaced, demographics_changed=changed))
+
+    open_series: set[int] = set()
+    for pair in sorted(delivered):
+        if pair not in cache.assoc_series:
+            if conn.execute(sql.insert_assoc_series, {"association_id": pair[0], "series_id": pair[1]}).rowcount == 1:
+                conn.execute(sql.series_open, {"b_id": pair[1]})
+            cache.assoc_series.add(pair)
+        open_series.add(pair[1])
+    for series_id, n in sorted(arrivals.items()):
+        deadline = None if series_id in open_series else now + dt.timedelta(seconds=quiet_seconds)
+        conn.execute(sql.series_arrival, {"b_id": series_id, "b_n": n, "b_now": now, "b_deadline": deadline})
+    for study_id in sorted(studies):
+        conn.execute(sql.study_arrival, {"b_id": study_id, "b_now": now})
+    store.sync_files(unsynced)
+    store.sync_dirs(dirty_dirs)
+    cache.trim()
+    return outcomes
+
+
+def audit_demographics(session, entity_type: str, study_uid: str, fields: tuple[str, ...], header: InstanceHeader) -> None:
+    """Audits a demographics correction with UIDs and field names only (no patient data)."""
+    from worklists.audit import record
+
+    record(
+        session,
+        actor="system",
+        action="demographics_updated",
+        entity_type=entity_type,
+        entity_id=study_uid,
+        details={
+            "study_uid": study_uid,
+            "series_uid": header.series_uid,
+            "sop_instance_uid": header.sop_instance_uid,
+            "fields": list(fields),
+        },
+    )
+
+
+def open_association(session, *, calling_ae: str | None, called_ae: str | None, peer_address: str | None, listener: str, now=None) -> int:
+    t = Association.__table__
+    result = session.execute(
+        t.insert().values(
+            calling_ae=_fit(t.c.calling_ae, calling_ae),
+            called_ae=_fit(t.c.called_ae, called_ae),
+            peer_address=_fit(t.c.peer_address, peer_address),
+            listener=_fit(t.c.listener, listener),
+            started_at=now or utcnow(),
+            instances=0,
+        )
+    )
+    return int(result.inserted_primary_key[0])
+
+
+def close_association(
+    session, association_id: int, *, reason: str, quiet_seconds: float, now=None, cache: IndexCache | None = None
+) -> list[int]:
+    """Ends an association; starts the quiet timer of each series no other open association delivers to."""
+    now = now or utcnow()
+    asc, asr, se, inst = Association.__table__, AssociationSeries.__table__, Series.__table__, Instance.__table__
+    stored = select(func.count()).select_from(inst).where(inst.c.association_id == association_id).scalar_subquery()
+    done = session.execute(
+        update(asc)
+        .where(and_(asc.c.id == association_id, asc.c.ended_at.is_(None)))
+        .values(ended_at=now, end_reason=reason, instances=stored)
+    ).rowcount
+    if cache is not None:
+        cache.closed.add(association_id)
+        cache.assoc_series = {p for p in cache.assoc_series if p[0] != association_id}
+    if not done:
+        return []
+    series_ids = list(session.scalars(select(asr.c.series_id).where(asr.c.association_id == association_id)))
+    for series_id in series_ids:
+        others = session.execute(
+            select(func.count())
+            .select_from(asr.join(asc, asc.c.id == asr.c.association_id))
+            .where(asr.c.series_id == series_id, asc.c.ended_at.is_(None))
+        ).scalar_one()
+        values: dict[str, Any] = {"open_associations": others}
+        if others == 0:
+            values["quiet_deadline"] = now + dt.timedelta(seconds=quiet_seconds)
+        session.execute(update(se).where(se.c.id == series_id).values(**values))
+    return series_ids
+
+
+def record_quarantine(session, *, calling_ae: str | None, sop_instance_uid: str | None, status: int, reason: str, path: str | None, now=None) -> int:
+    t = Quarantine.__table__
+    result = session.execute(
+        t.insert().values(
+            received_at=now or utcnow(),
+            calling_ae=_fit(t.c.calling_ae, calling_ae),
+            sop_instance_uid=_fit(t.c.sop_instance_uid, sop_instance_uid),
+            status=status,
+            reason=reason,
+            path=path,
+        )
+    )
+    return int(result.inserted_primary_key[0])
+
+
+# ---- group commit ----------------------------------------------------------------------------
+
+
+@dataclass
+class _Op:
+    kind: str  # "store", "open", "close", "quarantine"
+    payload: Any
+    future: Future = field(default_factory=Future)
+
+
+class IndexWriter:
+    """Writes the index for one listener process, committing concurrent work in shared transactions.
+
+    Group commit without a thread hop: a handler queues its operation and takes the commit
+    lock; whoever holds the lock commits everything queued so far (up to `max_batch`) in one
+    transaction, so handlers that queued meanwhile find their operation already durable when
+    they get the lock. One association pays no hand-over to another thread (measured: on a
+    busy 2-core machine the wake-up of a writer thread cost about 1.5 ms per instance);
+    concurrent associations share one commit (one fsync) per batch.
+    """
+
+    def __init__(self, db: Database, store: InstanceStore, settings, *, max_batch: int = 64, logger: logging.Logger | None = None):
+        self.db = db
+        self.store = store
+        self.uid_root = settings.uid_root
+        self.quiet_seconds = settings.quiet_seconds
+        self.max_batch = max_batch
+        self.log = logger or log
+        self.cache = IndexCache()
+        self._pending: collections.deque[_Op] = collections.deque()
+        self._commit_lock = threading.Lock()
+        self.batches = 0
+        self.committed = 0
+
+    # -- API used by the handlers (each blocks until its work is durable) --
+    def store_instance(self, item: Received, timeout: float | None = None) -> Outcome:
+        return self._run("store", item, timeout)
+
+    def open_association(self, timeout: float | None = None, **kw) -> int:
+        return self._run("open", kw, timeout)
+
+    def close_association(self, association_id: int, reason: str, timeout: float | None = None) -> list[int]:
+        return self._run("close", (association_id, reason), timeout)
+
+    def quarantine(self, timeout: float | None = None, **kw) -> int:
+        return self._run("quarantine", kw, timeout)
+
+    def flush(self) -> None:
+        """Commits whatever is still queued (at shutdown)."""
+        with self._commit_lock:
+            while self._pending:
+                self._commit(self._take())
+
+    def _run(self, kind: str, payload: Any, timeout: float | None) -> Any:
+        op = _Op(kind, payload)
+        self._pending.append(op)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not op.future.done():
+            wait = -1 if deadline is None else max(0.0, deadline - time.monotonic())
+            if not self._commit_lock.acquire(timeout=wait):
+                raise StorageError(f"index write timed out after {timeout:.0f} s")
+            try:
+                if not op.future.done():
+                    self._commit(self._take())
+            finally:
+                self._commit_lock.release()
+        return op.future.result()
+
+    def _take(self) -> list[_Op]:
+        batch: list[_Op] = []
+        while self._pending and len(batch) < self.max_batch:
+            batch.append(self._pending.popleft())
+        return batch
+
+    def _commit(self, batch: list[_Op]) -> None:
+        if not batch:
+            return
+        try:
+            results = self._transaction(batch)
+        except Exception as e:
+            self.cache.clear()  # it may hold ids of rows that were purged meanwhile
+            if len(batch) > 1:  # isolate the failing operation; the others still commit
+                for op in batch:
+                    self._commit([op])
+                return
+            self.log.error("index write failed (%s): %s", batch[0].kind, type(e).__name__, exc_info=True)
+            batch[0].future.set_exception(e)
+            return
+        self.batches += 1
+        self.committed += len(batch)
+        for op, result in zip(batch, results):
+            op.future.set_result(result)
+
+    def _transaction(self, batch: list[_Op]) -> list[Any]:
+        results: list[Any] = [None] * len(batch)
+        now = utcnow()
+        with self.db.session() as s:
+            stores = [(i, op.payload) for i, op in enumerate(batch) if op.kind == "store"]
+            for i, op in enumerate(batch):
+                if op.kind == "open":
+                    results[i] = open_association(s, now=now, **op.payload)
+            if stores:
+                outcomes = index_instances(
+                    s,
+                    self.store,
+                    [item for _, item in stores],
+                    uid_root=self.uid_root,
+                    quiet_seconds=self.quiet_seconds,
+                    now=now,
+                    cache=self.cache,
+                )
+                for (i, _), outcome in zip(stores, outcomes):
+                    results[i] = outcome
+            for i, op in enumerate(batch):
+                if op.kind == "close":
+                    results[i] = close_association(
+                        s, op.payload[0], reason=op.payload[1], quiet_seconds=self.quiet_seconds, now=now, cache=self.cache
+                    )
+                elif op.kind == "quarantine":
+                    results[i] = record_quarantine(s, now=now, **op.payload)
+        return results

@@ -1,0 +1,355 @@
+"""The DICOM listener: C-ECHO and C-STORE SCP for every storage SOP class.
+
+The handlers are thin: check space, parse the header, stage the raw bytes durably,
+hand the index rows to the process's `IndexWriter` and answer once both are durable.
+Refused objects get a PS3.4 status and are quarantined. Associations from AE titles
+outside MSKNODE_ALLOWED_AE_TITLES are rejected (rejected-permanent, service-user,
+calling AE title not recognised); when free disk is under MSKNODE_MIN_FREE_GB new
+associations are rejected-transient and C-STOREs get 0xA700.
+
+`run_listener` serves until SIGTERM/SIGINT. With ``MSKNODE_LISTENER_PROCESSES`` > 1 it
+starts that many processes sharing the port (SO_REUSEPORT) and restarts any that dies.
+Logs carry UIDs, AE titles and statuses, never patient data.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+import signal
+import socket
+import threading
+import time
+from typing import Any
+
+from pynetdicom import AE, _config, evt
+from pynetdicom.sop_class import Verification
+
+from node.db import Database, upgrade
+from node.errors import IngestError, NodeError, OutOfSpaceError, StorageError
+from node.ingest import OUT_OF_RESOURCES, SUCCESS, IndexWriter, Received, read_header, validate
+from node.listener_transport import ReusePortServer
+from node.storage import InstanceStore, encode_file_meta
+
+log = logging.getLogger("node.listener")
+
+# The largest PDU we accept (0 = no limit): peers then send a data set in few large PDUs.
+MAX_PDU_LENGTH = 0
+SHUTDOWN_GRACE_SECONDS = 10.0
+
+# A-ASSOCIATE-RJ (result, source, reason)
+REJECT_CALLING_AE = (0x01, 0x01, 0x03)  # rejected-permanent, service-user, calling AE not recognised
+REJECT_LOW_DISK = (0x02, 0x01, 0x01)  # rejected-transient, service-user, no reason given
+
+
+def listener_id() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def configure_pynetdicom() -> None:
+    """Process-wide pynetdicom options for the listener process.
+
+    No per-PDU debug handlers (they cost CPU on every PDU) and an unrestricted storage
+    service: private and unknown SOP classes are accepted as storage (a PACS retries a
+    refused object forever).
+    """
+    _config.LOG_HANDLER_LEVEL = "none"
+    _config.UNRESTRICTED_STORAGE_SERVICE = True
+
+
+class Listener:
+    """One listener process: the association server, its handlers and the index writer."""
+
+    def __init__(self, settings, *, db: Database | None = None, logger: logging.Logger | None = None):
+        self.settings = settings
+        self.log = logger or log
+        self.store = InstanceStore.from_settings(settings)
+        self.db = db or Database(settings.database_url, migrate=False)
+        self.writer = IndexWriter(self.db, self.store, settings, logger=self.log)
+        self.server: ReusePortServer | None = None
+        self._assocs: dict[Any, int | None] = {}
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self.listener = listener_id()
+        self.store_timeout = max(5.0, settings.dimse_timeout * 0.8)
+
+    # ---- lifecycle -------------------------------------------------------------
+    def start(self) -> ReusePortServer:
+        """Binds the port and serves in a background thread."""
+        configure_pynetdicom()
+        self.store.prepare()
+        ae = AE(ae_title=self.settings.ae_title)
+        ae.add_supported_context(Verification)
+        ae.maximum_pdu_size = MAX_PDU_LENGTH
+        ae.maximum_associations = self.settings.max_associations
+        ae.network_timeout = self.settings.network_timeout
+        ae.dimse_timeout = self.settings.dimse_timeout
+        ae.acse_timeout = 30
+        ae.require_calling_aet = list(self.settings.allowed_ae_titles)
+        handlers = [
+            (evt.EVT_REQUESTED, self._on_requested),
+            (evt.EVT_ACCEPTED, self._on_accepted),
+            (evt.EVT_C_ECHO, self._on_echo),
+            (evt.EVT_C_STORE, self._on_store),
+            (evt.EVT_RELEASED, self._on_released),
+            (evt.EVT_ABORTED, self._on_aborted),
+            (evt.EVT_CONN_CLOSE, self._on_conn_close),
+        ]
+        address = (self.settings.host, self.settings.port)
+        try:
+            server = ae.make_server(address, evt_handlers=handlers, server_class=ReusePortServer)
+        except OSError as e:
+            raise NodeError(f"cannot listen on {address[0]}:{address[1]}: {e.strerror or e}") from None
+        self.server = server
+        self._thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.2}, name="dicom-accept", daemon=True)
+        self._thread.start()
+        self.log.info(
+            "listening on %s:%d as %s (pid %d, allowed AE titles: %s)",
+            address[0], server.server_address[1], self.settings.ae_title, os.getpid(),
+            ",".join(self.settings.allowed_ae_titles) or "any",
+        )
+        return server
+
+    def stop(self, grace: float = SHUTDOWN_GRACE_SECONDS) -> None:
+        """Stops accepting, lets open associations finish (up to `grace` s), aborts the rest."""
+        server = self.server
+        if server is None:
+            return
+        server.shutdown()
+        deadline = time.monotonic() + grace
+        while server.active_associations and time.monotonic() < deadline:
+            time.sleep(0.05)
+        for assoc in server.active_associations:
+            self.log.warning("aborting association from %s at shutdown", assoc.requestor.ae_title)
+            assoc.abort()
+        with self._lock:
+            leftover = list(self._assocs.items())
+            self._assocs.clear()
+        for _, association_id in leftover:
+            if association_id is not None:
+                self._close_row(association_id, "aborted")
+        self.writer.flush()
+        self.db.dispose()
+        self.server = None
+
+    @property
+    def port(self) -> int:
+        assert self.server is not None
+        return self.server.server_address[1]
+
+    # ---- association events ---------------------------------------------------------
+    def _on_requested(self, event) -> None:
+        assoc = event.assoc
+        calling = (assoc.requestor.primitive.calling_ae_title or "").strip()
+        allowed = self.settings.allowed_ae_titles
+        if allowed and calling not in allowed:
+            return  # pynetdicom rejects it (require_calling_aet): rejected-permanent, calling AE
+        if not self.store.has_space():
+            self.log.warning("rejecting association from %s: free disk below MSKNODE_MIN_FREE_GB", calling)
+            assoc.acse.send_reject(*REJECT_LOW_DISK)
+            evt.trigger(assoc, evt.EVT_REJECTED, {})
+            assoc.kill()
+
+    def _on_accepted(self, event) -> None:
+        assoc = event.assoc
+        peer = assoc.requestor.address_info
+        calling = (assoc.requestor.ae_title or "").strip()
+        try:
+            association_id = self.writer.open_association(
+                calling_ae=calling,
+                called_ae=(assoc.acceptor.ae_title or "").strip(),
+                peer_address=f"{peer.address}:{peer.port}",
+                listener=self.listener,
+                timeout=self.store_timeout,
+            )
+        except Exception as e:  # instances are still stored; completeness then just cannot wait for release
+            self.log.error("cannot record the association from %s: %s", calling, e)
+            association_id = None
+        with self._lock:
+            self._assocs[assoc] = association_id
+        self.log.info("association %s from %s (%s:%s) accepted", association_id, calling, peer.address, peer.port)
+
+    def _end(self, assoc, reason: str) -> None:
+        with self._lock:
+            if assoc not in self._assocs:
+                return
+            association_id = self._assocs.pop(assoc)
+        if association_id is not None:
+            self._close_row(association_id, reason)
+        self.log.info("association %s %s", association_id, reason)
+
+    def _close_row(self, association_id: int, reason: str) -> None:
+        try:
+            self.writer.close_association(association_id, reason, timeout=self.store_timeout)
+        except Exception as e:
+            self.log.error("cannot record the end of association %s: %s", association_id, e)
+
+    def _on_released(self, event) -> None:
+        self._end(event.assoc, "released")
+
+    def _on_aborted(self, event) -> None:
+        self._end(event.assoc, "aborted")
+
+    def _on_conn_close(self, event) -> None:
+        self._end(event.assoc, "aborted")
+
+    # ---- DIMSE services ----------------------------------------------------------------
+    def _on_echo(self, event) -> int:
+        return SUCCESS
+
+    def _on_store(self, event) -> int:
+        req = event.request
+        assoc = event.assoc
+        calling = (assoc.requestor.ae_title or "").strip()
+        transfer_syntax = str(event.context.transfer_syntax)
+        request_sop = str(req.AffectedSOPInstanceUID or "")
+        data = req.DataSet.getvalue() if req.DataSet is not None else b""
+
+        if not self.store.has_space(len(data)):
+            self.log.warning("C-STORE %s from %s: 0xA700 (free disk below MSKNODE_MIN_FREE_GB)", request_sop, calling)
+            return OUT_OF_RESOURCES
+        try:
+            header = read_header(data, transfer_syntax)
+            validate(header, request_sop_class_uid=str(req.AffectedSOPClassUID), request_sop_instance_uid=request_sop)
+        except IngestError as e:
+            self._refuse(data, req, transfer_syntax, calling, e)
+            return e.status
+
+        meta = encode_file_meta(header.sop_class_uid, header.sop_instance_uid, transfer_syntax, calling)
+        try:
+            staged = self.store.stage(meta, data)
+        except OutOfSpaceError:
+            self.log.warning("C-STORE %s from %s: 0xA700 (disk full)", request_sop, calling)
+            return OUT_OF_RESOURCES
+        except StorageError as e:
+            self.log.error("C-STORE %s from %s: 0xA700 (%s)", request_sop, calling, e)
+            return OUT_OF_RESOURCES
+
+        with self._lock:
+            association_id = self._assocs.get(assoc)
+        item = Received(header, staged, transfer_syntax, calling_ae=calling, association_id=association_id)
+        try:
+            outcome = self.writer.store_instance(item, timeout=self.store_timeout)
+        except Exception as e:
+            if item.published is None:
+                self.store.discard(staged)
+            self.log.error("C-STORE %s from %s: 0xA700 (index not written: %s)", request_sop, calling, type(e).__name__)
+            return OUT_OF_RESOURCES
+        if outcome.demographics_changed:
+            self.log.info(
+                "study %s: demographics corrected by instance %s (fields: %s)",
+                header.study_uid, header.sop_instance_uid, ",".join(outcome.demographics_changed),
+            )
+        return outcome.status
+
+    def _refuse(self, data: bytes, req, transfer_syntax: str, calling: str, error: IngestError) -> None:
+        """Keeps a refused object in the quarantine (file + row); never raises."""
+        sop_class = str(req.AffectedSOPClassUID or "")
+        sop = str(req.AffectedSOPInstanceUID or "")
+        path = None
+        try:
+            meta = encode_file_meta(sop_class, sop, transfer_syntax, calling) if sop.isascii() and sop_class.isascii() else b""
+            path = str(self.store.quarantine(data, file_meta=meta))
+            self.writer.quarantine(
+                calling_ae=calling, sop_instance_uid=sop or None, status=error.status, reason=error.reason, path=path,
+                timeout=self.store_timeout,
+            )
+        except Exception as e:
+            self.log.error("cannot quarantine the refused object %s: %s", sop, e)
+        self.log.warning(
+            "C-STORE %s from %s refused: 0x%04X (%s); quarantined at %s", sop, calling, error.status, error.reason, path
+        )
+
+
+# ---- process entry points -----------------------------------------------------------------
+
+
+def _wait_for_signal() -> None:
+    stop = threading.Event()
+
+    def _handler(signum, frame):
+        stop.set()
+
+    signal.signal(signal.SIGTERM, _handler)
+    signal.signal(signal.SIGINT, _handler)
+    while not stop.wait(0.5):
+        pass
+
+
+def serve_one(settings) -> int:
+    """Runs one listener process until SIGTERM/SIGINT (the database is already migrated)."""
+    listener = Listener(settings)
+    listener.start()
+    try:
+        _wait_for_signal()
+    finally:
+        log.info("stopping the listener (pid %d)", os.getpid())
+        listener.stop()
+    return 0
+
+
+def _child_main(settings, index: int) -> None:
+    from node.cli import setup_logging
+
+    setup_logging(settings.log_level)
+    try:
+        raise SystemExit(serve_one(settings))
+    except NodeError as e:
+        log.error("listener process %d: %s", index, e)
+        raise SystemExit(1)
+
+
+def run_listener(settings) -> int:
+    """``msknode listen``: migrates the database, then serves with MSKNODE_LISTENER_PROCESSES processes."""
+    settings.ensure_dirs()
+    upgrade(settings.database_url)
+    InstanceStore.from_settings(settings).prepare()
+    n = settings.listener_processes
+    if n == 1:
+        return serve_one(settings)
+    return _supervise(settings, n)
+
+
+def _supervise(settings, n: int) -> int:
+    """Starts `n` listener processes on the shared port; restarts a dead one with backoff."""
+    ctx = multiprocessing.get_context("spawn")
+    stop = threading.Event()
+
+    def _handler(signum, frame):
+        stop.set()
+
+    signal.signal(signal.SIGTERM, _handler)
+    signal.signal(signal.SIGINT, _handler)
+
+    def start(i: int):
+        p = ctx.Process(target=_child_main, args=(settings, i), name=f"msknode-listener-{i}")
+        p.start()
+        return p
+
+    procs = [start(i) for i in range(n)]
+    failures = [0] * n
+    restart_at = [0.0] * n
+    log.info("started %d listener processes on port %d", n, settings.port)
+    while not stop.wait(0.5):
+        for i, p in enumerate(procs):
+            if p is None or p.is_alive():
+                continue
+            if restart_at[i] == 0.0:
+                failures[i] += 1
+                delay = min(30.0, 2.0 ** (failures[i] - 1))
+                restart_at[i] = time.monotonic() + delay
+                log.error("listener process %d exited with %s; restarting in %.0f s", i, p.exitcode, delay)
+            elif time.monotonic() >= restart_at[i]:
+                procs[i] = start(i)
+                restart_at[i] = 0.0
+    for p in procs:
+        if p is not None and p.is_alive():
+            p.terminate()
+    for p in procs:
+        if p is not None:
+            p.join(SHUTDOWN_GRACE_SECONDS + 5)
+            if p.is_alive():
+                p.kill()
+                p.join()
+    return 0

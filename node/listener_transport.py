@@ -1,0 +1,213 @@
+"""The listener's association server: pynetdicom with event-driven reactors and SO_REUSEPORT.
+
+pynetdicom's two per-association loops poll: the DUL thread sleeps 1 ms whenever it has
+nothing to do, and the association thread sleeps 1 ms before each look at its message
+queue. On one association that adds 2-3 ms to every C-STORE round trip, more than the
+durable write itself. Here:
+
+- `_DUL` waits in ``select()`` on the socket and on a wake-up pipe written whenever the
+  association queues a PDU to send, so it reacts to either at once;
+- `_Association` blocks on the DIMSE message queue instead of sleeping;
+- `ReusePortServer` binds with SO_REUSEPORT so several listener processes share the port.
+
+Everything else (state machine, PDU coding, negotiation, handlers) is pynetdicom's own.
+This relies on pynetdicom 3.0 internals (pinned in pyproject.toml); the listener tests
+exercise it on every run.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import select
+import socket
+import socketserver
+
+from pynetdicom import evt
+from pynetdicom.association import Association
+from pynetdicom.dul import DULServiceProvider
+from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
+
+# longest wait of an idle loop: bounds how late the ARTIM timer and kill flags are seen
+_IDLE_WAIT = 0.05
+_QUEUE_WAIT = 0.01
+
+
+class _WakingQueue(queue.Queue):
+    """A queue that writes a byte to a pipe on every put, waking a ``select()``."""
+
+    def __init__(self, wake_fd: int):
+        super().__init__()
+        self._wake_fd = wake_fd
+
+    def put(self, item, block=True, timeout=None):
+        super().put(item, block, timeout)
+        try:
+            os.write(self._wake_fd, b"\0")
+        except (BlockingIOError, OSError):
+            pass  # the pipe is full (already awake) or closed (the DUL has stopped)
+
+
+class _DUL(DULServiceProvider):
+    """A DUL provider that sleeps in ``select()`` on the socket and a wake-up pipe."""
+
+    def __init__(self, assoc):
+        super().__init__(assoc)
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)
+        self.to_provider_queue = _WakingQueue(self._wake_w)
+
+    def _wait(self) -> None:
+        fds: list = [self._wake_r]
+        sock = self.socket.socket if self.socket is not None else None
+        if sock is not None and sock.fileno() >= 0:
+            fds.append(sock)
+        try:
+            ready, _, _ = select.select(fds, [], [], _IDLE_WAIT)
+        except (OSError, ValueError):
+            return
+        if self._wake_r in ready:
+            try:
+                os.read(self._wake_r, 4096)
+            except (BlockingIOError, OSError):
+                pass
+
+    def run_reactor(self) -> None:
+        """pynetdicom's reactor loop with the idle ``sleep`` replaced by `_wait`."""
+        self._idle_timer.start()
+        idle = False
+        try:
+            while True:
+                if not self.assoc._dul_ready.is_set():
+                    self.assoc._dul_ready.set()
+                if idle:
+                    self._wait()
+                if self._kill_thread:
+                    break
+                if self.artim_timer.expired:
+                    self.event_queue.put("Evt18")
+                try:
+                    if self._process_recv_primitive():
+                        pass
+                    elif self._is_transport_event():
+                        self._idle_timer.restart()
+                except Exception:
+                    # as pynetdicom does: bypass the state machine and abort
+                    from pynetdicom.pdu import A_ABORT_RQ
+
+                    abort_pdu = A_ABORT_RQ()
+                    abort_pdu.source = 0x02
+                    abort_pdu.reason_diagnostic = 0x00
+                    try:
+                        self.socket.send(abort_pdu.encode())
+                    except Exception:
+                        pass
+                    self.assoc.is_aborted = True
+                    self.assoc.is_established = False
+                    self.assoc._kill = True
+                    self._kill_thread = True
+                    return
+                try:
+                    event = self.event_queue.get(block=False)
+                except queue.Empty:
+                    idle = True
+                    continue
+                self.state_machine.do_action(event)
+                idle = False
+        finally:
+            for fd in (self._wake_r, self._wake_w):
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+
+
+class _Association(Association):
+    """An acceptor whose reactor blocks on the DIMSE queue instead of polling every 1 ms."""
+
+    def _run_reactor(self) -> None:
+        self._is_paused = False
+        while not self._kill:
+            self._is_paused = True
+            self._reactor_checkpoint.wait()
+            self._is_paused = False
+
+            try:
+                context_id, msg = self.dimse.msg_queue.get(timeout=_QUEUE_WAIT)
+            except queue.Empty:
+                context_id, msg = None, None
+            if msg:
+                self._serve_request(msg, context_id)
+
+            if self.is_established and self.acse.is_release_requested():
+                self.acse.send_release(is_response=True)
+                self.is_released = True
+                self.is_established = False
+                evt.trigger(self, evt.EVT_RELEASED, {})
+                self.kill()
+                return
+
+            if self.acse.is_aborted():
+                self.dul.receive_pdu(wait=False)
+                self.is_aborted = True
+                self.is_established = False
+                evt.trigger(self, evt.EVT_ABORTED, {})
+                self.kill()
+                return
+
+            if not self.dul.is_alive():
+                self.kill()
+                return
+
+            if self.dul.idle_timer_expired():
+                self.abort()
+                self.kill()
+                return
+
+
+class _RequestHandler(RequestHandler):
+    def _create_association(self) -> Association:
+        """pynetdicom's acceptor, switched to `_Association` with a fresh `_DUL` (before any thread starts)."""
+        assoc = super()._create_association()
+        assoc.__class__ = _Association
+        old = assoc.dul
+        dul = _DUL(assoc)
+        dul.socket = old.socket
+        dul.event_queue = old.event_queue  # holds Evt5, the transport connection indication
+        assoc.dul = dul
+        assoc.acse_timeout = assoc.acse_timeout  # the setters configure the DUL's timers
+        assoc.network_timeout = assoc.network_timeout
+        return assoc
+
+
+class ReusePortServer(ThreadedAssociationServer):
+    """A threaded association server on a SO_REUSEPORT socket with the event-driven reactors."""
+
+    daemon_threads = True
+    request_queue_size = 64  # listen backlog: many PACS connect at once
+
+    def __init__(self, ae, address, ae_title, contexts, ssl_context=None, evt_handlers=None, request_handler=None):
+        super().__init__(
+            ae, address, ae_title, contexts, ssl_context=ssl_context, evt_handlers=evt_handlers,
+            request_handler=request_handler or _RequestHandler,
+        )
+
+    def server_bind(self) -> None:
+        if hasattr(socket, "SO_REUSEPORT"):
+            self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        super().server_bind()
+
+    def shutdown(self) -> None:
+        """Stops serving and closes the listening socket (associations in progress go on)."""
+        socketserver.BaseServer.shutdown(self)
+        self.server_close()
+        if self in self.ae._servers:
+            self.ae._servers.remove(self)
+
+    def server_close(self) -> None:
+        # only the listening socket; open associations are ended by their own threads
+        try:
+            self.socket.close()
+        except OSError:
+            pass

@@ -1,0 +1,261 @@
+"""The instance store: received objects as DICOM files, written durably.
+
+Layout (paths derive from UIDs only, never from patient data)::
+
+    <data_dir>/store/<study_uid>/<series_uid>/<sop_instance_uid>.dcm
+    <data_dir>/store/.incoming/          staged files (same filesystem as the store)
+    <data_dir>/quarantine/<yyyymmdd>/    refused objects, kept for inspection
+
+A file holds the preamble, the File Meta Information written by us and then the
+dataset bytes exactly as the peer sent them (pixel data is never decoded).
+
+Writing (driven by `node.ingest.index_instances`, inside the index transaction, before
+its commit): `stage` writes a new file in ``.incoming``; `publish` renames it to its final
+path (atomic on one filesystem); `sync_files` and `sync_dirs` fsync the files and the
+directories whose entries changed. Only then is the index row committed, so a committed
+row always points at a complete, durable file. A new instance is renamed before its fsync:
+one journal commit then makes both the data and the name durable (instead of two). If the
+machine dies in between, the final name may hold an incomplete file, but no index row
+refers to it and the peer, which got no Success, sends the object again, which replaces
+it. A file that replaces an indexed one is fsynced before the rename.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import struct
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable
+
+from node import __version__
+from node.errors import OutOfSpaceError, StorageError
+
+# Identifies this software in the File Meta Information (fixed, under the project's root).
+IMPLEMENTATION_CLASS_UID = "1.2.826.0.1.3680043.10.1447.0.1"
+IMPLEMENTATION_VERSION_NAME = f"MSKNODE_{__version__}"[:16]
+
+# A UID as it may appear in a path: digits and dots, no empty component, at most 64 characters.
+_UID_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+STALE_STAGED_SECONDS = 600.0
+
+
+def is_valid_uid(value: object) -> bool:
+    """True for a well-formed UID (digits and dots, 1-64 characters)."""
+    return isinstance(value, str) and len(value) <= 64 and bool(_UID_RE.match(value))
+
+
+@dataclass(frozen=True)
+class StagedFile:
+    """A file written and fsynced in the staging directory, not yet published."""
+
+    path: Path
+    size: int
+    sha256: str  # of the dataset bytes (what the peer sent), not of the file meta
+
+
+def encode_file_meta(sop_class_uid: str, sop_instance_uid: str, transfer_syntax_uid: str, source_ae: str | None) -> bytes:
+    """Preamble + ``DICM`` + File Meta Information (group 0002, explicit VR little endian)."""
+
+    def uid(tag_elem: int, value: str) -> bytes:
+        raw = value.encode("ascii")
+        if len(raw) % 2:
+            raw += b"\0"
+        return struct.pack("<HH2sH", 0x0002, tag_elem, b"UI", len(raw)) + raw
+
+    def text(tag_elem: int, vr: bytes, value: str) -> bytes:
+        raw = value.encode("ascii", "replace")
+        if len(raw) % 2:
+            raw += b" "
+        return struct.pack("<HH2sH", 0x0002, tag_elem, vr, len(raw)) + raw
+
+    body = b"".join(
+        [
+            struct.pack("<HH2sHI", 0x0002, 0x0001, b"OB", 0, 2) + b"\x00\x01",
+            uid(0x0002, sop_class_uid),
+            uid(0x0003, sop_instance_uid),
+            uid(0x0010, transfer_syntax_uid),
+            uid(0x0012, IMPLEMENTATION_CLASS_UID),
+            text(0x0013, b"SH", IMPLEMENTATION_VERSION_NAME),
+            text(0x0016, b"AE", source_ae.strip()) if source_ae and source_ae.strip() else b"",
+        ]
+    )
+    group_length = struct.pack("<HH2sHI", 0x0002, 0x0000, b"UL", 4, len(body))
+    return b"\0" * 128 + b"DICM" + group_length + body
+
+
+def dataset_offset(path: Path) -> int:
+    """Byte offset of the dataset in a file written by `InstanceStore` (after the file meta)."""
+    with open(path, "rb") as f:
+        head = f.read(144)
+    if len(head) < 144 or head[128:132] != b"DICM":
+        raise StorageError(f"{path.name}: not a DICOM file with File Meta Information")
+    (group_length,) = struct.unpack("<I", head[140:144])
+    return 144 + group_length
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class InstanceStore:
+    """Durable files for received instances, plus the quarantine for refused objects."""
+
+    def __init__(self, root: Path, quarantine_dir: Path, *, min_free_bytes: int):
+        self.root = Path(root)
+        self.incoming = self.root / ".incoming"
+        self.quarantine_dir = Path(quarantine_dir)
+        self.min_free_bytes = int(min_free_bytes)
+
+    @classmethod
+    def from_settings(cls, settings) -> "InstanceStore":
+        return cls(settings.store_dir, settings.quarantine_dir, min_free_bytes=int(settings.min_free_gb * 1024**3))
+
+    def prepare(self) -> None:
+        """Creates the directories and removes staged files left by a crash (older than 10 min)."""
+        for d in (self.root, self.incoming, self.quarantine_dir):
+            d.mkdir(parents=True, exist_ok=True)
+        cutoff = time.time() - STALE_STAGED_SECONDS
+        for p in self.incoming.iterdir():
+            try:
+                if p.stat().st_mtime < cutoff:
+                    p.unlink()
+            except FileNotFoundError:
+                pass
+
+    # ---- space ---------------------------------------------------------------
+    def free_bytes(self) -> int:
+        st = os.statvfs(self.root if self.root.exists() else self.root.parent)
+        return st.f_bavail * st.f_frsize
+
+    def has_space(self, incoming_bytes: int = 0) -> bool:
+        """True if, after writing `incoming_bytes`, free space stays at or above the minimum."""
+        return self.free_bytes() - incoming_bytes >= self.min_free_bytes
+
+    # ---- paths ---------------------------------------------------------------
+    def relative_path(self, study_uid: str, series_uid: str, sop_instance_uid: str) -> str:
+        for value in (study_uid, series_uid, sop_instance_uid):
+            if not is_valid_uid(value):
+                raise StorageError("refusing a path from a malformed UID")
+        return f"{study_uid}/{series_uid}/{sop_instance_uid}.dcm"
+
+    def path_for(self, study_uid: str, series_uid: str, sop_instance_uid: str) -> Path:
+        return self.root / self.relative_path(study_uid, series_uid, sop_instance_uid)
+
+    # ---- writing -------------------------------------------------------------
+    def stage(self, file_meta: bytes, dataset: bytes) -> StagedFile:
+        """Writes file meta + dataset to a new staged file (not yet fsynced: see `publish`).
+
+        Raises `OutOfSpaceError` when free space would drop under the minimum (nothing is left behind).
+        """
+        size = len(file_meta) + len(dataset)
+        if not self.has_space(size):
+            raise OutOfSpaceError("free disk space below MSKNODE_MIN_FREE_GB")
+        digest = hashlib.sha256(dataset).hexdigest()
+        path = self.incoming / f"{uuid.uuid4().hex}.part"
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+        except FileNotFoundError:
+            self.incoming.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+        try:
+            written = os.writev(fd, [file_meta, dataset])
+            if written < size:  # a short write: finish the rest
+                rest = memoryview(file_meta + dataset)[written:]
+                while rest:
+                    rest = rest[os.write(fd, rest):]
+        except OSError as e:
+            os.close(fd)
+            path.unlink(missing_ok=True)
+            if e.errno == 28:  # ENOSPC
+                raise OutOfSpaceError("disk full while writing an instance") from None
+            raise StorageError(f"cannot write a staged file: {e.strerror}") from None
+        os.close(fd)
+        return StagedFile(path=path, size=size, sha256=digest)
+
+    def publish(
+        self, staged: StagedFile, study_uid: str, series_uid: str, sop_instance_uid: str, *, sync_first: bool = True
+    ) -> tuple[Path, set[Path]]:
+        """Renames a staged file to its final path (replacing an older version).
+
+        With `sync_first` the data is fsynced before the rename; without it the caller must
+        `sync_files` the returned path. Returns the final path and the directories whose
+        entries changed (for `sync_dirs`).
+        """
+        final = self.path_for(study_uid, series_uid, sop_instance_uid)
+        if sync_first:
+            self.sync_files([staged.path])
+        dirty: set[Path] = {final.parent}
+        if not final.parent.is_dir():
+            study_dir = final.parent.parent
+            if not study_dir.is_dir():
+                study_dir.mkdir(parents=True, exist_ok=True)
+                dirty.add(self.root)
+            final.parent.mkdir(exist_ok=True)
+            dirty.add(study_dir)
+        os.replace(staged.path, final)
+        return final, dirty
+
+    def discard(self, staged: StagedFile) -> None:
+        staged.path.unlink(missing_ok=True)
+
+    @staticmethod
+    def sync_files(paths: Iterable[Path]) -> None:
+        """fsyncs files; several at once in parallel threads, so they share journal commits."""
+        paths = list(paths)
+
+        def one(path: Path) -> None:
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+
+        if len(paths) <= 1:
+            for path in paths:
+                one(path)
+            return
+        threads = [threading.Thread(target=one, args=(p,)) for p in paths[1:]]
+        errors: list[BaseException] = []
+        for th in threads:
+            th.start()
+        try:
+            one(paths[0])
+        except OSError as e:
+            errors.append(e)
+        for th in threads:
+            th.join()
+        if errors:
+            raise errors[0]
+
+    @staticmethod
+    def sync_dirs(dirs: Iterable[Path]) -> None:
+        """Makes renames and new directory entries durable (one fsync per directory)."""
+        for d in dirs:
+            _fsync_dir(d)
+
+    # ---- quarantine ----------------------------------------------------------
+    def quarantine(self, data: bytes, *, file_meta: bytes = b"") -> Path:
+        """Keeps a refused object for inspection; returns its path (best effort, durable)."""
+        day = time.strftime("%Y%m%d", time.gmtime())
+        d = self.quarantine_dir / day
+        d.mkdir(parents=True, exist_ok=True)
+        path = d / f"{uuid.uuid4().hex}.dcm"
+        tmp = path.with_suffix(".part")
+        with open(tmp, "wb") as f:
+            f.write(file_meta)
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        _fsync_dir(d)
+        return path
