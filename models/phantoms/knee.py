@@ -349,8 +349,11 @@ def _structures(A, les, acl: str, men_tear: bool, men_side: str):
         v = p1 - tibp
         rot = np.array([[1, 0, 0], [0, np.cos(t), np.sin(t)], [0, -np.sin(t), np.cos(t)]])
         p1r = tibp + rot @ v
-        S.append(Structure("acl_proximal", "ligament", Tube([fem, p0], (r_a, r_b), up=(1, 0, 0)), group="acl"))
-        S.append(Structure("acl_distal", "ligament", Tube([p1r, tibp], (r_a, r_b), up=(1, 0, 0)), group="acl"))
+        # stumps end square at the gap (the femoral / tibial ends are inside bone anyway)
+        S.append(Structure("acl_proximal", "ligament", Tube([fem, p0], (r_a, r_b), up=(1, 0, 0), flat_ends=True),
+                           group="acl"))
+        S.append(Structure("acl_distal", "ligament", Tube([p1r, tibp], (r_a, r_b), up=(1, 0, 0), flat_ends=True),
+                           group="acl"))
         gap_tube = Tube([p0, p1r], (r_a * 1.15, r_b * 1.25), up=(1, 0, 0))
         S.append(Structure("acl_tear", "lesion", gap_tube, over=("notch", "muscle", "hoffa_fat", "joint_fluid"),
                            group="acl_lesion", extra={"contrast": les["acl_contrast"]}))

@@ -200,6 +200,7 @@ class Tube(Shape):
     points: Sequence[Sequence[float]]
     radii: tuple[float, float]
     up: Sequence[float] = (1.0, 0.0, 0.0)
+    flat_ends: bool = False  # cut square at the first and last point (no rounded caps)
 
     def __post_init__(self):
         self.points = np.asarray(self.points, dtype=np.float64)
@@ -231,7 +232,8 @@ class Tube(Shape):
         a_all = np.zeros(c.shape, dtype=np.float32)
         b_all = np.zeros(c.shape, dtype=np.float32)
         r = max(self.radii)
-        for a, t, length, e1, e2, s0 in self._segs:
+        last = len(self._segs) - 1
+        for n_seg, (a, t, length, e1, e2, s0) in enumerate(self._segs):
             b_pt = a + t * length
             sub = c.sub(np.minimum(a, b_pt) - r, np.maximum(a, b_pt) + r)
             if sub is None:
@@ -245,6 +247,10 @@ class Tube(Shape):
             lev = (ca * np.float32(1.0 / self.radii[0])) ** 2 + (cb * np.float32(1.0 / self.radii[1])) ** 2 + (
                 off * np.float32(1.0 / min(self.radii))
             ) ** 2
+            if self.flat_ends and n_seg == 0:
+                lev[along < 0] = np.float32(1e6)
+            if self.flat_ends and n_seg == last:
+                lev[along > length] = np.float32(1e6)
             m = lev < lev_all[sl]
             lev_all[sl][m] = lev[m]
             s_all[sl][m] = (along_c + np.float32(s0))[m]

@@ -236,7 +236,7 @@ def _structures(A, les, cuff: str):
         info["lesion"] = tendon.point_at(s_ins - gap / 2)
     # ---- bones: humerus (head, tuberosity, shaft), cartilage first
     head = Ellipsoid((0, 0, 0), (R, R, R))
-    tub = Ellipsoid((R * 0.78, 0.0, R * 0.22), (10.0, 13.0, 13.0))
+    tub = Ellipsoid((R * 0.95, 0.0, -R * 0.1), (8.0, 12.0, 14.0))  # greater tuberosity: footprint at the band end
     shaft = Ellipsoid(shaft_dir * 95.0, (13.0, 13.0, 80.0), rot=arm_rot)
     S.append(Structure("humeral_cartilage", "cartilage",
                        Intersection((head.grown(c), HalfSpace((0, 0, 0), (0.75, 0.0, -0.66)))), group="cartilage"))
