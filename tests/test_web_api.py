@@ -456,8 +456,9 @@ def test_admin_views_and_retries(env):
     pol = c.get("/api/admin/policy", headers=h).json()
     assert any(r["id"] == "acl_complete" for r in pol["rules"])
     assert {u["username"] for u in c.get("/api/admin/users", headers=h).json()["users"]} == {ADMIN[0], READER[0]}
+    browser = login(env, ADMIN)
     for page in ("/admin/priorities", "/admin/jobs", "/admin/outbox", "/admin/routing", "/admin/models", "/admin/audit", "/admin/users"):
-        r = login(env, ADMIN).get(page)
+        r = browser.get(page)
         assert r.status_code == 200, page
         assert "s3cret" not in r.text
 
