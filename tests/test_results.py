@@ -49,7 +49,7 @@ def _by_kind(results):
 
 def test_every_object_type_is_valid_and_round_trips(settings, knee):
     paths, vol = knee
-    triage = TriageSummary(priority="URGENT", score=0.91, reasons=["ACL tear p=0.91 >= 0.80"])
+    triage = TriageSummary(priority="URGENT", score=91.0, reasons=("ACL tear p=0.91 >= 0.80",))
     results = _build(settings, paths, vol, knee_output(vol), triage=triage)
     kinds = _by_kind(results)
     assert sorted(kinds) == ["sc", "seg", "sr", "superres"]
@@ -88,7 +88,7 @@ def test_every_object_type_is_valid_and_round_trips(settings, knee):
 
 def test_sr_reports_findings_qc_refusal_triage_and_notice(settings, knee):
     paths, vol = knee
-    triage = TriageSummary(priority="URGENT", score=0.91, reasons=["complete ACL tear"])
+    triage = TriageSummary(priority="URGENT", score=91.0, reasons=("complete ACL tear",), needs_review=True)
     results = _build(settings, paths, vol, knee_output(vol), triage=triage)
     kinds = _by_kind(results)
     sr = pydicom.dcmread(save(kinds["sr"][0], settings))
@@ -136,8 +136,9 @@ def test_sr_reports_findings_qc_refusal_triage_and_notice(settings, knee):
 
     tri = groups[3]
     assert group_has(tri, "/Priority", "Urgent")
-    assert pytest.approx(value_of(tri, "/Triage score")) == 0.91
+    assert pytest.approx(value_of(tri, "/Triage score")) == 91.0
     assert group_has(tri, "/Comment", "complete ACL tear")
+    assert any("human review" in str(v) for _p, t, v in tri if t == "TEXT")
 
     # evidence: every source image, the SEG and the SC, in the current study
     evidence = {
@@ -389,3 +390,14 @@ def test_finding_without_heatmap_or_with_empty_heatmap_is_still_reported(setting
     assert group_has(groups[2], "/Tear of meniscus of knee", "Present")
     assert group_has(groups[2], "/Finding Site/Topographical modifier", "Lateral")
     assert not any(p.endswith("/Standard Deviation") for p, _t, _v in groups[2])
+
+
+def test_series_no_model_used_is_neither_read_nor_evidence(settings, knee, tmp_path):
+    paths, vol = knee
+    junk = tmp_path / "localizer.dcm"
+    junk.write_bytes(b"\x00" * 200)  # unreadable, and no model took it as input
+    results = build_results(output=knee_output(vol, superres=False), source_files={vol.series_uid: paths, "1.2.3.4": [junk]},
+                            triage=None, predecessors=[], settings=settings, job_fingerprint="fp-loc")
+    sr = [r for r in results if r.kind == "sr"][0].dataset
+    series = {s.SeriesInstanceUID for e in sr.CurrentRequestedProcedureEvidenceSequence for s in e.ReferencedSeriesSequence}
+    assert "1.2.3.4" not in series and vol.series_uid in series

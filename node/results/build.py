@@ -60,7 +60,14 @@ def build_results(
         raise ResultsError("a job fingerprint is required (it makes the result UIDs)")
     if not source_files:
         raise ResultsError("no source series given")
-    sources = load_sources({uid: [Path(p) for p in paths] for uid, paths in source_files.items()})
+    # only the series some model used are read and become evidence (not e.g. a localizer)
+    needed: list[str] = []
+    for mo in output.outputs:
+        for uid in (output.used_series or {}).get(mo.model.name) or ([mo.series_uid] if mo.series_uid else []):
+            needed.append(uid)
+    needed += [s.source.series_uid for s in output.superres if s.source.series_uid]
+    selected = [uid for uid in dict.fromkeys(needed) if uid in source_files] or [next(iter(source_files))]
+    sources = load_sources({uid: [Path(p) for p in source_files[uid]] for uid in selected})
     studies = {str(s.first.StudyInstanceUID) for s in sources.values()}
     if len(studies) != 1:
         raise ResultsError(f"source series belong to {len(studies)} studies; results go into one study")

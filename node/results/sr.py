@@ -261,7 +261,10 @@ def _triage_group(triage: Any, uids: UidFactory) -> Any:
         measurements=[Measurement(name=codes.TRIAGE_SCORE, value=float(triage.score), unit=codes.NO_UNITS)],
         qualitative_evaluations=[QualitativeEvaluation(name=codes.PRIORITY, value=codes.priority_code(triage.priority))],
     )
-    _extend(group, [_text(str(r)) for r in (triage.reasons or [])])
+    texts = [_text(str(r)) for r in (triage.reasons or [])]
+    if getattr(triage, "needs_review", False):
+        texts.append(_text("Flagged for human review (quality gate or uncertain result)."))
+    _extend(group, texts)
     return group
 
 

@@ -37,13 +37,6 @@ class ResultRef:
     kind: str = "sr"
 
 
-@dataclass(frozen=True)
-class TriageSummary:
-    """The triage outcome written into the SR (same fields as `worklists.triage.TriageSummary`).
-
-    `build_results` accepts any object with ``priority``, ``score`` and ``reasons``.
-    """
-
-    priority: str  # STAT, URGENT, ROUTINE
-    score: float
-    reasons: tuple[str, ...] | list[str] = field(default_factory=tuple)
+# The triage outcome written into the SR: `worklists.triage.TriageSummary` (priority, score,
+# reasons, needs_review). `build_results` accepts any object with those attributes.
+from worklists.triage import TriageSummary  # noqa: E402
