@@ -19,6 +19,7 @@ from collections import deque
 from dataclasses import dataclass
 
 from fastapi import Depends, Request
+from fastapi.security import APIKeyCookie, HTTPAuthorizationCredentials, HTTPBearer
 from itsdangerous import BadSignature, SignatureExpired, URLSafeTimedSerializer
 from sqlalchemy import select
 
@@ -27,6 +28,10 @@ from worklists.tables import User
 COOKIE = "msknode_session"
 LOGIN_COOKIE = "msknode_login"
 CSRF_HEADER = "X-CSRF-Token"
+
+# declared for the OpenAPI schema (both optional here; `principal` decides)
+BEARER = HTTPBearer(auto_error=False, description="a token from POST /api/auth/token")
+SESSION_COOKIE = APIKeyCookie(name=COOKIE, auto_error=False, description="the browser session (changes need X-CSRF-Token)")
 
 
 class NotAuthenticated(Exception):
@@ -152,13 +157,17 @@ def _bearer(request: Request) -> str | None:
     return None
 
 
-def principal(request: Request) -> Principal:
+def principal(
+    request: Request,
+    bearer: HTTPAuthorizationCredentials | None = Depends(BEARER),
+    cookie: str | None = Depends(SESSION_COOKIE),
+) -> Principal:
     """The logged-in user of this request, or `NotAuthenticated`."""
     ctx = request.app.state.ctx
     token = _bearer(request)
     kind = "token"
     if token is None:
-        token = request.cookies.get(COOKIE)
+        token = cookie
         kind = "cookie"
     if not token:
         raise NotAuthenticated()
