@@ -213,7 +213,7 @@ def run_web(settings) -> int:
         port=settings.web_port,
         log_level=settings.log_level.lower(),
         access_log=False,
-        proxy_headers=False,
+        proxy_headers=True,  # X-Forwarded-Proto is trusted from FORWARDED_ALLOW_IPS only (uvicorn: 127.0.0.1)
     )
     db.dispose()
     return 0

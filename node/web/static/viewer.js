@@ -108,9 +108,16 @@
         strip();
         applySr();
         applyOverlayState();
+        var loading = $("viewer-loading");
+        if (loading) loading.style.display = "none";
         root.setAttribute("data-ready", "1");
       })
-      .catch(function (e) { err("Viewer: " + e.message); root.setAttribute("data-ready", "error"); });
+      .catch(function (e) {
+        var loading = $("viewer-loading");
+        if (loading) loading.textContent = "cannot display this series";
+        err("Viewer: " + e.message);
+        root.setAttribute("data-ready", "error");
+      });
   }
 
   slider.addEventListener("input", function () { show(parseInt(slider.value, 10)); });
