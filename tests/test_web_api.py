@@ -315,6 +315,10 @@ def test_bad_input_is_refused_with_a_reason(env):
     check(c.get(f"/api/studies/{acl.study_id}/viewer?series_id={spine.series_id}", headers=h), 404, "is not an image series of study")
     check(c.get(f"/api/studies/{acl.study_id}/superres/1.2.3/slices/0.png", headers=h), 404, "no super-resolved series")
     check(c.get(f"/api/studies/{acl.study_id}/superres/abc/slices/0.png", headers=h), 422, "series_uid")
+    failed = env["seeded"]["failed"]
+    failed.source_paths[3].unlink()  # a stored file lost from disk
+    check(c.get(f"/api/studies/{failed.study_id}/viewer", headers=h), 422,
+          "cannot display: 1 stored file(s) of the series are missing")
     done_job = env["seeded"]["normal"].job_id
     check(c.post(f"/api/admin/jobs/{done_job}/retry", headers=h), 409, "only failed or dead jobs can be retried")
     check(c.post("/api/admin/jobs/777/retry", headers=h), 409, "no job with id 777")
