@@ -233,14 +233,19 @@ class WorkerProcess:
         except ProcessLookupError:
             pass
         self.proc.wait(10)
-        self._log.close()
+        if not self._log.closed:
+            self._log.close()
 
-    def stop(self, timeout: float = 20.0) -> int | None:
+    def stop(self, timeout: float = 20.0, *, graceful: bool = True) -> int | None:
+        """SIGTERM and wait (``graceful``), else SIGKILL at once (test teardown: the state is already checked)."""
         import signal
         import subprocess
 
         if self.proc is None:
             return None
+        if self.proc.poll() is None and not graceful:
+            self.kill9()
+            return self.proc.returncode
         if self.proc.poll() is None:
             try:
                 os.killpg(self.proc.pid, signal.SIGTERM)

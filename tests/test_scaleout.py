@@ -68,8 +68,14 @@ def scaleout(postgres_url, redis_server, data_dir, tmp_path, monkeypatch):
     node.start_worker = start_worker
     yield node
     for w in workers:
-        w.stop()
+        w.stop(graceful=False)
     db.dispose()
+
+
+def _alive_workers(node) -> int:
+    from node.health import check_workers
+
+    return check_workers(node.db, node.settings)["alive"]
 
 
 def _dump(node) -> str:
@@ -116,7 +122,9 @@ def test_broker_down_jobs_wait_in_the_database_and_run_when_it_is_back(scaleout)
     node.redis.stop()
     w = node.start_worker(sleep=0.3)
     late = [make_study_job(node.db) for _ in range(3)]
-    time.sleep(4.0)  # the worker is up and keeps trying; nothing can be enqueued
+    # the worker is up (its heartbeat is in the database) and keeps trying; nothing can be enqueued
+    wait_for(lambda: _alive_workers(node) == 1, 40, what="worker heartbeat")
+    time.sleep(2.0)
     with node.db.session() as s:
         rows = {j.id: j for j in s.scalars(select(Job))}
     assert all(rows[j].state == "queued" and rows[j].enqueue_pending for j in late)

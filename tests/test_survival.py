@@ -37,7 +37,7 @@ def embedded(settings, db, tmp_path):
 
     yield start
     for w in workers:
-        w.stop()
+        w.stop(graceful=False)
 
 
 def _count(db, table) -> int:
@@ -168,7 +168,13 @@ def test_queues_by_work_type_keep_inference_off_the_housekeeping_worker(embedded
     gpu_jobs = [make_study_job(db, queue="gpu") for _ in range(3)]
     cpu_job = make_study_job(db, queue="cpu")
     housekeeping = embedded(queues="ingest", sleep=0.2)
-    time.sleep(3.0)  # the housekeeping worker enqueues, but takes no inference job
+
+    def all_sent():
+        with db.session() as s:
+            return not any(s.scalars(select(Job.enqueue_pending)))
+
+    wait_for(all_sent, 40, what="wake-ups sent by the housekeeping worker")
+    time.sleep(1.5)  # ... but it takes no inference job
     assert set(job_states(db).values()) == {"queued"}
     gpu = embedded(queues="gpu", sleep=0.2)
     try:
@@ -246,3 +252,19 @@ def test_whole_node_restart_with_jobs_queued_processing_and_in_the_outbox(embedd
     ends = sorted(j for k, j, *_ in runs if k == "end")
     assert ends == sorted(job_states(db))  # every job finished exactly once
     assert len([r for r in runs if r[0] == "start"]) == 4  # the interrupted one started twice
+
+
+def test_sigterm_lets_the_running_job_finish_and_stops_cleanly(embedded, settings, db):
+    job_id = make_study_job(db)
+    w = embedded(sleep=3.0)
+    wait_for(lambda: any(k == "start" for k, *_ in read_runs(settings.data_dir)), 40, what="job started")
+    import os
+    import signal
+
+    os.kill(w.pid, signal.SIGTERM)  # the main process only, as systemd or Ctrl-C would
+    assert w.proc.wait(30) == 0, w.output()[-3000:]
+    with db.session() as s:
+        job = s.get(Job, job_id)
+        rec = s.scalars(select(WorkerRecord)).one()
+    assert job.state == "done" and job.attempts == 1  # warm shutdown: the job was not interrupted
+    assert rec.stopped_at is not None
