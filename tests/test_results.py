@@ -401,3 +401,44 @@ def test_series_no_model_used_is_neither_read_nor_evidence(settings, knee, tmp_p
     sr = [r for r in results if r.kind == "sr"][0].dataset
     series = {s.SeriesInstanceUID for e in sr.CurrentRequestedProcedureEvidenceSequence for s in e.ReferencedSeriesSequence}
     assert "1.2.3.4" not in series and vol.series_uid in series
+
+
+def test_multiframe_source_frames_are_mapped_by_position(settings, tmp_path):
+    """An enhanced (multi-frame) MR source whose frames are stored in reverse slice order."""
+    import dataclasses
+
+    from pydicom.uid import generate_uid
+
+    paths = write_mr_series(tmp_path / "single", n_slices=6)
+    vol = volume_from_files(paths)
+    dss = [pydicom.dcmread(p) for p in paths]  # written in reverse slice order
+    mf = hd.legacy.LegacyConvertedEnhancedMRImage(
+        dss, series_instance_uid=generate_uid(prefix="1.2.826.0.1.3680043.10.1447.99."), series_number=5,
+        sop_instance_uid=generate_uid(prefix="1.2.826.0.1.3680043.10.1447.99."), instance_number=1,
+    )
+    mf_path = tmp_path / "enhanced.dcm"
+    mf.save_as(mf_path)
+    n = len(dss)
+    # frame f (1-based) holds file f-1, i.e. volume slice n-f
+    frames = tuple(n - k for k in range(n))
+    mvol = dataclasses.replace(vol, series_uid=str(mf.SeriesInstanceUID), sop_class_uid=str(mf.SOPClassUID),
+                               sop_instance_uids=(str(mf.SOPInstanceUID),) * n, frame_numbers=frames)
+    out = knee_output(mvol)
+    heat = out.outputs[0].findings[0].heatmap
+    results = build_results(output=out, source_files={mvol.series_uid: [mf_path]}, triage=None, predecessors=[],
+                            settings=settings, job_fingerprint="fp-mf")
+    kinds = _by_kind(results)
+    for r in results:
+        assert_valid(save(r, settings), f"multi-frame source {r.kind}")
+    seg = hd.seg.segread(save(kinds["seg"][0], settings))
+    arr = seg.get_pixels_by_source_frame(
+        source_sop_instance_uid=str(mf.SOPInstanceUID), source_frame_numbers=list(range(1, n + 1)),
+        segment_numbers=[1], combine_segments=False, rescale_fractional=True,
+    )
+    for f in range(1, n + 1):
+        assert np.max(np.abs(arr[f - 1, ..., 0] - heat[n - f])) <= 1.0 / 255 + 1e-6
+    sc = kinds["sc"][0].dataset
+    k = out.outputs[0].findings[0].location[0]
+    assert sc.SourceImageSequence[0].ReferencedFrameNumber == n - k
+    first = [r.dataset for r in kinds["superres"] if r.dataset.InstanceNumber == 1][0]
+    assert first.SourceImageSequence[0].ReferencedFrameNumber == n  # volume slice 0 is the last frame

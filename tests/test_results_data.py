@@ -119,6 +119,7 @@ def write_mr_series(
         ds.PhotometricInterpretation = "MONOCHROME2"
         ds.Rows, ds.Columns = rows, cols
         ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+        ds.WindowCenter, ds.WindowWidth = "800", "1600"
         ellipse = ((yy - rows / 2) / (rows / 3)) ** 2 + ((xx - cols / 2) / (cols / 3)) ** 2 < 1
         img = 300 + 900 * ellipse + 40 * k + rng.normal(0, 20, (rows, cols))
         ds.PixelData = np.clip(img, 0, 4095).astype(np.uint16).tobytes()

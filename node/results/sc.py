@@ -188,8 +188,13 @@ def build_overlays(
         )
         sc.copy_patient_and_study_information(sl.dataset)  # all of the study, as the SR and SEG have it
         copy_character_set(sc, sl.dataset)
-        lat = series.series_laterality(sc.get("BodyPartExamined"))
-        if "Laterality" not in sc and lat is not None:
+        body_part = sl.dataset.get("BodyPartExamined")
+        if body_part:
+            sc.BodyPartExamined = body_part
+        lat = series.series_laterality(body_part)
+        if lat is None and "Laterality" in sc:
+            del sc.Laterality  # an unpaired body part has no laterality
+        elif lat is not None and "Laterality" not in sc:
             sc.Laterality = lat  # General Series, Type 2C
         sc.ImageType = ["DERIVED", "SECONDARY"]
         sc.BurnedInAnnotation = "NO"
