@@ -339,3 +339,26 @@ def test_reading_order_is_priority_then_waiting_then_stable(db, policy):
         # an admin's STAT goes to the very top
         entries.override_priority(s, entry_id=ids["tie_b"], priority="STAT", reason="surgeon waiting", actor="alice", now=now)
         assert entries.ordered(s, policy=policy, now=now)[0].study.patient_name == "tie_b"
+
+
+def test_an_entry_created_concurrently_is_updated_not_duplicated(db, policy, monkeypatch):
+    with db.session() as s:
+        first = make_job(s, findings=[NORMAL])
+        e = entries.upsert_for_job(s, job_id=first.id, policy=policy, now=T0)
+        second = Job(study_id=first.study_id, pipeline="knee", state="done")
+        s.add(second)
+        s.flush()
+        s.add(Finding(job_id=second.id, model_name="knee.acl", model_version="1", weights_sha256="0" * 64, **COMPLETE))
+        s.flush()
+        real = entries._find_entry
+        calls = []
+
+        def racing(session, study_id):  # the first look misses the entry another worker just committed
+            calls.append(study_id)
+            return None if len(calls) == 1 else real(session, study_id)
+
+        monkeypatch.setattr(entries, "_find_entry", racing)
+        got = entries.upsert_for_job(s, job_id=second.id, policy=policy, now=T0 + dt.timedelta(minutes=1))
+        assert len(calls) == 2 and got.id == e.id and (got.job_id, got.priority) == (second.id, "URGENT")
+        assert s.query(WorklistEntry).count() == 1
+        assert [x.action for x in events(s, e.id)] == ["worklist.create", "worklist.ai_priority"]

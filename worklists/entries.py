@@ -13,13 +13,14 @@ import logging
 from dataclasses import dataclass
 
 from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from node.tables import Finding, Job, Study
 from worklists import audit
 from worklists.errors import EntryNotFound, InvalidChange
 from worklists.tables import PRIORITIES, User, WorklistEntry
-from worklists.triage import Ageing, TriagePolicy, age, compute, sort_key
+from worklists.triage import Ageing, TriagePolicy, TriageSummary, age, compute, sort_key
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +36,10 @@ def _entry(session: Session, entry_id: int) -> WorklistEntry:
     return entry
 
 
+def _find_entry(session: Session, study_id: int) -> WorklistEntry | None:
+    return session.scalars(select(WorklistEntry).where(WorklistEntry.study_id == study_id)).first()
+
+
 def upsert_for_job(session: Session, *, job_id: int, policy: TriagePolicy, now: dt.datetime) -> WorklistEntry:
     """Writes the study's entry from the job's findings; keeps an admin override; audits as "system"."""
     job = session.get(Job, job_id)
@@ -42,7 +47,7 @@ def upsert_for_job(session: Session, *, job_id: int, policy: TriagePolicy, now: 
         raise EntryNotFound(f"job {job_id} not found")
     findings = session.scalars(select(Finding).where(Finding.job_id == job_id).order_by(Finding.id)).all()
     summary = compute(findings, policy)
-    entry = session.scalars(select(WorklistEntry).where(WorklistEntry.study_id == job.study_id)).first()
+    entry = _find_entry(session, job.study_id)
     details = {
         "job_id": job_id,
         "pipeline": job.pipeline,
@@ -64,8 +69,15 @@ def upsert_for_job(session: Session, *, job_id: int, policy: TriagePolicy, now: 
             created_at=now,
             updated_at=now,
         )
-        session.add(entry)
-        session.flush()
+        try:
+            with session.begin_nested():  # another job of the study may have created it meanwhile
+                session.add(entry)
+        except IntegrityError:
+            entry = _find_entry(session, job.study_id)
+            if entry is None:  # pragma: no cover - the constraint that failed is the study's entry
+                raise
+            log.info("worklist entry of study %s was created concurrently; updating it", job.study_id)
+            return _update(session, entry, job, summary, details, now)
         audit.record(
             session,
             actor=SYSTEM,
@@ -78,7 +90,14 @@ def upsert_for_job(session: Session, *, job_id: int, policy: TriagePolicy, now: 
         )
         log.info("worklist entry %s created for job %s: %s", entry.id, job_id, summary.priority)
         return entry
+    return _update(session, entry, job, summary, details, now)
 
+
+def _update(
+    session: Session, entry: WorklistEntry, job: Job, summary: TriageSummary, details: dict, now: dt.datetime
+) -> WorklistEntry:
+    """Updates an existing entry from a job (an older job never overwrites a newer one)."""
+    job_id = job.id
     if entry.job_id is not None and entry.job_id != job_id:
         current = session.get(Job, entry.job_id)
         if job.state == "superseded" or (current is not None and current.id > job_id and current.state == "done"):
