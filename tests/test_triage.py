@@ -362,3 +362,39 @@ def test_an_entry_created_concurrently_is_updated_not_duplicated(db, policy, mon
         assert len(calls) == 2 and got.id == e.id and (got.job_id, got.priority) == (second.id, "URGENT")
         assert s.query(WorklistEntry).count() == 1
         assert [x.action for x in events(s, e.id)] == ["worklist.create", "worklist.ai_priority"]
+
+
+def test_worklist_queries_on_postgresql(postgres_url, policy):
+    """The same entries, order and web read models on PostgreSQL (the scale-out database)."""
+    from zoneinfo import ZoneInfo
+
+    from node.db import Database
+    from node.web import queries
+
+    pg = Database(postgres_url)
+    try:
+        now = T0 + dt.timedelta(hours=10)
+        with pg.session() as s:
+            for name, findings, received in [("routine", [NORMAL], T0), ("urgent", [COMPLETE], T0 + dt.timedelta(hours=9)),
+                                             ("review", [REFUSED], T0 + dt.timedelta(hours=2))]:
+                job = make_job(s, findings=findings, received=received, name=name)
+                entries.upsert_for_job(s, job_id=job.id, policy=policy, now=received)
+            make_job(s, findings=[], name="running", state="processing")
+        with pg.session() as s:
+            first = entries.ordered(s, policy=policy, now=now)[0]
+            entries.override_priority(s, entry_id=first.entry.id, priority="ROUTINE", reason="seen on the phone",
+                                      actor="alice", now=now)
+        with pg.session() as s:
+            tz = ZoneInfo("Europe/Berlin")
+            rows = queries.worklist(s, policy=policy, tz=tz, now=now)
+            assert [r["patient_name"] for r in rows] == ["routine", "review", "urgent"]
+            assert rows[2]["override"] == {"priority": "ROUTINE", "reason": "seen on the phone"}
+            assert [p["patient_name"] for p in queries.pending_studies(s, tz=tz)] == ["running"]
+            detail = queries.study_detail(s, rows[0]["study_id"], policy=policy, tz=tz, now=now)
+            assert detail["entry"]["priority"] == "ROUTINE" and detail["findings"][0]["code"] == "acl_tear"
+            assert queries.jobs(s, tz=tz, state="processing")[0]["state"] == "processing"
+            assert queries.outbox(s, tz=tz) == []
+            log = queries.audit_log(s, tz=tz, action="worklist.override")
+            assert [(a["actor"], a["old"], a["new"]) for a in log] == [("alice", "URGENT", "ROUTINE")]
+    finally:
+        pg.dispose()
