@@ -130,15 +130,15 @@ def _smooth_noise(shape, rng: np.random.Generator, cell: int = 3) -> np.ndarray:
 
 
 def _bias_field(shape, rng: np.random.Generator, strength: float) -> np.ndarray:
+    """Smooth multiplicative coil bias: exp of a low-order polynomial (separable evaluation)."""
     nk, nj, ni = shape
-    z = np.linspace(-1, 1, nk, dtype=np.float32)[:, None, None]
-    y = np.linspace(-1, 1, nj, dtype=np.float32)[None, :, None]
-    x = np.linspace(-1, 1, ni, dtype=np.float32)[None, None, :]
+    z = np.linspace(-1, 1, nk, dtype=np.float32)
+    y = np.linspace(-1, 1, nj, dtype=np.float32)[:, None]
+    x = np.linspace(-1, 1, ni, dtype=np.float32)[None, :]
     c = rng.normal(0.0, 1.0, 7) * strength
-    log_b = c[0] * x + c[1] * y + c[2] * z + c[3] * (x * x - 0.33) + c[4] * (y * y - 0.33) + c[5] * x * y + c[6] * (
-        z * z - 0.33
-    )
-    return np.exp(log_b).astype(np.float32)
+    inplane = np.exp(c[0] * x + c[1] * y + c[3] * (x * x - 0.33) + c[4] * (y * y - 0.33) + c[5] * x * y)
+    through = np.exp(c[2] * z + c[6] * (z * z - 0.33))
+    return (through[:, None, None] * inplane[None, :, :]).astype(np.float32)
 
 
 def _window(n: int, frac: float, taper: float) -> np.ndarray:
@@ -204,8 +204,11 @@ def simulate(
     if np.isfinite(acq.snr):
         ref = float(img[fg].mean()) if fg.any() else float(img.mean())
         sigma = ref / acq.snr
-        noise = rng.standard_normal((2,) + img.shape, dtype=np.float32) * np.float32(sigma)
-        out = np.sqrt((cimg.real + noise[0]) ** 2 + (cimg.imag + noise[1]) ** 2)
+        noise = rng.standard_normal((2,) + img.shape, dtype=np.float32)
+        noise *= np.float32(sigma)
+        cimg.real += noise[0]
+        cimg.imag += noise[1]
+        out = np.abs(cimg)
     else:
         out = np.abs(cimg)
     out = out.astype(np.float32)

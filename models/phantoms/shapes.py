@@ -118,6 +118,21 @@ class Coords:
         return out
 
 
+def _inside_sub(shape: "Shape", c: Coords) -> np.ndarray:
+    """``shape.inside`` evaluated only on the part of the box within the shape's own bounds."""
+    if np.all(shape.lo <= -_BIG + 1) and np.all(shape.hi >= _BIG - 1):
+        return shape.inside(c)
+    sub = c.sub(np.maximum(shape.lo, -1e3), np.minimum(shape.hi, 1e3))
+    if sub is None:
+        return np.zeros(c.shape, dtype=bool)
+    sl, cc = sub
+    if cc.shape == c.shape:
+        return shape.inside(c)
+    out = np.zeros(c.shape, dtype=bool)
+    out[sl] = shape.inside(cc)
+    return out
+
+
 class Shape:
     lo: np.ndarray
     hi: np.ndarray
@@ -346,7 +361,7 @@ class Union(Shape):
     def inside(self, c: Coords):
         out = None
         for p in self.parts:
-            m = p.inside(c)
+            m = _inside_sub(p, c)
             out = m if out is None else (out | m)
         return out
 
@@ -377,7 +392,7 @@ class Difference(Shape):
         self.hi = self.a.hi
 
     def inside(self, c: Coords):
-        return self.a.inside(c) & ~self.b.inside(c)
+        return self.a.inside(c) & ~_inside_sub(self.b, c)
 
 
 @dataclass
