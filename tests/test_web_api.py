@@ -577,3 +577,17 @@ def test_repeated_failed_logins_lock_the_name_for_a_while(env):
     assert t.retry_after("u", now=2) == 9 and t.retry_after("u", now=12) == 0
     t.succeeded("u")
     assert t.retry_after("u", now=2) == 0
+
+
+def test_header_values_are_escaped_in_pages(env):
+    from worklists.triage import load_policy
+
+    s = env["settings"]
+    evil = ws.seed_study(env["db"], s, load_policy(s.triage_policy), findings=ws.knee_normal(),
+                         patient_name='<img src=x onerror=alert(1)>^"X', patient_id="<b>P</b>", with_seg=False,
+                         with_superres=False, seed=9)
+    c = login(env, READER)
+    for page in ("/worklist", f"/studies/{evil.study_id}"):
+        text = c.get(page).text
+        assert "<img src=x" not in text and "<b>P</b>" not in text
+        assert "&lt;img src=x onerror=alert(1)&gt;" in text and "&lt;b&gt;P&lt;/b&gt;" in text
