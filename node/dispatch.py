@@ -38,7 +38,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
-import pydicom
 from sqlalchemy import and_, or_, select
 from sqlalchemy.orm import Session
 
@@ -165,7 +164,9 @@ def _probe(host: str, port: int) -> str:
         return f"connection failed: {e.strerror or e}"
 
 
-def _read(item: Claimed) -> pydicom.Dataset | Outcome:
+def _read(item: Claimed) -> "pydicom.Dataset | Outcome":
+    import pydicom  # imported when sending: listing and retrying stay fast
+
     try:
         return pydicom.dcmread(item.path)
     except FileNotFoundError:
@@ -180,7 +181,7 @@ def send_dimse(dest: DimseDestination, items: Sequence[Claimed], settings: Setti
     from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
     outcomes: dict[int, Outcome] = {}
-    datasets: dict[int, pydicom.Dataset] = {}
+    datasets: dict[int, Any] = {}
     syntaxes: dict[str, list[str]] = defaultdict(list)
     for it in items:
         ds = _read(it)
