@@ -442,3 +442,25 @@ def test_multiframe_source_frames_are_mapped_by_position(settings, tmp_path):
     assert sc.SourceImageSequence[0].ReferencedFrameNumber == n - k
     first = [r.dataset for r in kinds["superres"] if r.dataset.InstanceNumber == 1][0]
     assert first.SourceImageSequence[0].ReferencedFrameNumber == n  # volume slice 0 is the last frame
+
+
+def test_slice_order_matches_the_models_loader(tmp_path):
+    """Contract C4: heatmap slice k of a `models.io` volume is source slice k for the writers."""
+    from pydicom.uid import generate_uid
+
+    from models.io import load_series
+    from node.results.sources import load_series as load_sources_series
+
+    paths = write_mr_series(tmp_path / "s", n_slices=5)
+    v = load_series(paths)
+    s = load_sources_series(v.series_uid, paths)
+    assert v.sop_instance_uids == tuple(sl.sop_instance_uid for sl in s.slices)
+    dss = [pydicom.dcmread(p) for p in paths]
+    mf = hd.legacy.LegacyConvertedEnhancedMRImage(
+        dss, series_instance_uid=generate_uid(), series_number=5, sop_instance_uid=generate_uid(), instance_number=1)
+    mf_path = tmp_path / "mf.dcm"
+    mf.save_as(mf_path)
+    vm = load_series([mf_path])
+    sm = load_sources_series(str(mf.SeriesInstanceUID), [mf_path])
+    assert tuple(vm.frame_numbers) == tuple(sl.frame_number for sl in sm.slices)
+    assert np.allclose(vm.array, v.array)
