@@ -18,10 +18,11 @@ Logs carry UIDs and statuses only, never patient data.
 
 from __future__ import annotations
 
+import collections
 import datetime as dt
 import functools
-import collections
 import logging
+import struct
 import threading
 import time
 import zlib
@@ -139,10 +140,69 @@ def _parse(data: bytes, ts: str) -> Dataset:
     little = ts != EXPLICIT_VR_BIG_ENDIAN
     if len(data) < 8:
         raise IngestError(CANNOT_UNDERSTAND, "the data set is empty or too short")
-    ds = read_dataset(BytesIO(data), implicit, little, stop_when=_stop_at_pixels)
+    fp = BytesIO(data)
+    ds = read_dataset(fp, implicit, little, stop_when=_stop_at_pixels)
     if len(ds) == 0:
         raise IngestError(CANNOT_UNDERSTAND, "no data elements")
+    for raw in ds._dict.values():  # a value cut short by the end of the data
+        length, value = getattr(raw, "length", None), getattr(raw, "value", None)
+        if length is not None and length != 0xFFFFFFFF and isinstance(value, bytes) and len(value) < length:
+            raise IngestError(CANNOT_UNDERSTAND, "the data set is truncated")
+    _check_tail(data, fp.tell(), implicit=implicit, little=little)
     return ds
+
+
+_LONG_VRS = frozenset({b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"})
+_ITEM, _SEQUENCE_END = (0xFFFE, 0xE000), (0xFFFE, 0xE0DD)
+
+
+def _check_tail(data: bytes, pos: int, *, implicit: bool, little: bool) -> None:
+    """Checks that the elements after the header (pixel data ...) are complete, without reading them.
+
+    Walks element headers and lengths only: a truncated data set is refused here instead of
+    being stored. An undefined-length element other than encapsulated pixel data ends the check.
+    """
+    e = "<" if little else ">"
+    n = len(data)
+
+    def truncated() -> IngestError:
+        return IngestError(CANNOT_UNDERSTAND, "the data set is truncated")
+
+    while pos < n:
+        if n - pos < 8:
+            raise truncated()
+        group, element = struct.unpack_from(e + "HH", data, pos)
+        if implicit:
+            (length,) = struct.unpack_from(e + "L", data, pos + 4)
+            pos += 8
+        elif data[pos + 4:pos + 6] in _LONG_VRS:
+            if n - pos < 12:
+                raise truncated()
+            (length,) = struct.unpack_from(e + "L", data, pos + 8)
+            pos += 12
+        else:
+            (length,) = struct.unpack_from(e + "H", data, pos + 6)
+            pos += 8
+        if length != 0xFFFFFFFF:
+            pos += length
+            if pos > n:
+                raise truncated()
+            continue
+        if (group, element) != (0x7FE0, 0x0010):
+            return
+        while True:  # encapsulated pixel data: items of defined length, then a sequence delimiter
+            if n - pos < 8:
+                raise truncated()
+            tag = struct.unpack_from(e + "HH", data, pos)
+            (length,) = struct.unpack_from(e + "L", data, pos + 4)
+            pos += 8
+            if tag == _SEQUENCE_END:
+                break
+            if tag != _ITEM or length == 0xFFFFFFFF:
+                raise IngestError(CANNOT_UNDERSTAND, "malformed encapsulated pixel data")
+            pos += length
+            if pos > n:
+                raise truncated()
 
 
 def _text(ds: Dataset, keyword: str) -> str | None:
@@ -158,9 +218,7 @@ def _text(ds: Dataset, keyword: str) -> str | None:
 
 
 def _fmt(v: Any) -> str:
-    if isinstance(v, float):
-        return repr(v)
-    return str(v)
+    return str(v).strip()  # DS/IS keep their original text
 
 
 def _int(ds: Dataset, keyword: str) -> int | None:

@@ -192,7 +192,9 @@ class Listener:
         self._end(event.assoc, "aborted")
 
     def _on_conn_close(self, event) -> None:
-        self._end(event.assoc, "aborted")
+        # the peer may close the socket right after our A-RELEASE-RP, before EVT_RELEASED fires
+        released = event.assoc.is_released or getattr(event.assoc, "release_requested", False)
+        self._end(event.assoc, "released" if released else "aborted")
 
     # ---- DIMSE services ----------------------------------------------------------------
     def _on_echo(self, event) -> int:

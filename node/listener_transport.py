@@ -126,6 +126,8 @@ class _DUL(DULServiceProvider):
 class _Association(Association):
     """An acceptor whose reactor blocks on the DIMSE queue instead of polling every 1 ms."""
 
+    release_requested = False  # the peer asked for an orderly release
+
     def _run_reactor(self) -> None:
         self._is_paused = False
         while not self._kill:
@@ -141,6 +143,7 @@ class _Association(Association):
                 self._serve_request(msg, context_id)
 
             if self.is_established and self.acse.is_release_requested():
+                self.release_requested = True  # read by the connection-closed handler (another thread)
                 self.acse.send_release(is_response=True)
                 self.is_released = True
                 self.is_established = False

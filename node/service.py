@@ -1,0 +1,165 @@
+"""``msknode serve``: the listener, the worker and the web app as supervised child processes.
+
+Each part runs as its own ``msknode`` command (``listen``, ``worker``, ``web``), exactly as
+in a scale-out deployment, so a crash of one part never takes the others down. A child
+that exits is restarted with exponential backoff (1 s, 2 s, ... 30 s; the count resets
+after a minute of running). SIGTERM or Ctrl-C stops every child (SIGTERM, then SIGKILL
+after a grace period) and returns 0.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from node.db import upgrade
+
+log = logging.getLogger("node.service")
+
+# (command, module, function): the command is started only if module.function exists
+PARTS = (
+    ("listen", "node.listener", "run_listener"),
+    ("worker", "node.worker", "run_worker"),
+    ("web", "node.web.app", "run_web"),
+)
+STOP_GRACE_SECONDS = 20.0
+MAX_BACKOFF_SECONDS = 30.0
+STABLE_SECONDS = 60.0
+
+
+@dataclass
+class Child:
+    """One supervised part."""
+
+    name: str
+    command: list[str]
+    proc: subprocess.Popen | None = None
+    started_at: float = 0.0
+    failures: int = 0
+    restart_at: float | None = None
+    history: list[int] = field(default_factory=list)  # exit codes, for the log and tests
+
+
+def missing_part(module: str, function: str) -> str | None:
+    """Why a part cannot run (its module or entry function is missing), or None if it can.
+
+    Checked without importing the module (the worker imports torch): the child process
+    reports any import error itself, and is restarted with backoff.
+    """
+    try:
+        spec = importlib.util.find_spec(module)
+    except ModuleNotFoundError:
+        spec = None
+    if spec is None or spec.origin is None:
+        return f"module {module} is not installed"
+    try:
+        source = Path(spec.origin).read_text(encoding="utf-8")
+    except OSError as e:
+        return f"module {module} cannot be read ({e.strerror})"
+    if f"def {function}(" not in source:
+        return f"{module}.{function} does not exist"
+    return None
+
+
+def child_command(name: str) -> list[str]:
+    return [sys.executable, "-m", "node.cli", name]
+
+
+class Supervisor:
+    """Starts children, restarts the ones that exit, stops them all on request."""
+
+    def __init__(self, children: list[Child], *, logger: logging.Logger | None = None):
+        self.children = children
+        self.log = logger or log
+        self.stopping = threading.Event()
+
+    def start(self, child: Child) -> None:
+        child.proc = subprocess.Popen(child.command, env=os.environ.copy())
+        child.started_at = time.monotonic()
+        child.restart_at = None
+        self.log.info("started %s (pid %d)", child.name, child.proc.pid)
+
+    def poll(self) -> None:
+        now = time.monotonic()
+        for child in self.children:
+            if child.proc is not None and child.proc.poll() is None:
+                continue
+            if child.restart_at is None:
+                code = child.proc.returncode if child.proc is not None else None
+                if code is not None:
+                    child.history.append(code)
+                if now - child.started_at >= STABLE_SECONDS:
+                    child.failures = 0
+                child.failures += 1
+                delay = min(MAX_BACKOFF_SECONDS, 2.0 ** (child.failures - 1))
+                child.restart_at = now + delay
+                self.log.error("%s exited with code %s; restarting in %.0f s", child.name, code, delay)
+            elif now >= child.restart_at:
+                self.start(child)
+
+    def run(self) -> int:
+        for child in self.children:
+            self.start(child)
+        while not self.stopping.wait(0.5):
+            self.poll()
+        self.stop_all()
+        return 0
+
+    def stop_all(self) -> None:
+        running = [c for c in self.children if c.proc is not None and c.proc.poll() is None]
+        for child in running:
+            try:
+                child.proc.send_signal(signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + STOP_GRACE_SECONDS
+        for child in running:
+            try:
+                child.proc.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                self.log.warning("%s did not stop within %.0f s: killing it", child.name, STOP_GRACE_SECONDS)
+                child.proc.kill()
+                child.proc.wait()
+        self.log.info("all parts stopped")
+
+
+def serve(settings, *, parts: tuple[str, ...] = ("listen", "worker", "web")) -> int:
+    """Runs the chosen parts until SIGTERM/SIGINT; a part whose code is missing is reported and skipped."""
+    settings.ensure_dirs()
+    upgrade(settings.database_url)  # once, before the children start
+    children: list[Child] = []
+    for name, module, function in PARTS:
+        if name not in parts:
+            continue
+        reason = missing_part(module, function)
+        if reason:
+            log.error("msknode serve: the %s part cannot run: %s; starting the others", name, reason)
+            print(f"msknode serve: the {name} part is not available ({reason}); running without it", file=sys.stderr)
+            continue
+        children.append(Child(name, child_command(name)))
+    if not children:
+        print("msknode serve: nothing to run", file=sys.stderr)
+        return 1
+    supervisor = Supervisor(children)
+
+    def _stop(signum, frame):
+        supervisor.stopping.set()
+
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
+    names = ", ".join(c.name for c in children)
+    print(
+        f"msknode serve: {names} | DICOM {settings.ae_title}@{settings.host}:{settings.port}"
+        f" | web http://{settings.web_host}:{settings.web_port} | data {settings.data_dir}",
+        file=sys.stderr,
+        flush=True,
+    )
+    return supervisor.run()
