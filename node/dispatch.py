@@ -7,7 +7,8 @@ the destination acknowledged it (state ``sent``). `process_outbox`:
    come, and ``sending`` ones whose lease expired (a sender that died: a restart resumes
    them) — by setting a lease (owner + expiry) on each;
 2. sends them, one association (or HTTP session) per destination;
-3. records each outcome in its own transaction, only while the lease is still ours:
+3. records each outcome in its own transaction as soon as the destination answered, only while
+   the lease is still ours (a long batch extends the leases of its remaining items):
    - acknowledged (0x0000 or a warning 0xB000/0xB006/0xB007, STOW 200/202 with the instance
      in the Referenced SOP Sequence) → ``sent``; never sent again;
    - transient failure (connection refused or timed out, association rejected-transient or
@@ -32,11 +33,12 @@ import logging
 import os
 import socket
 import ssl
+import time
 import uuid
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 from sqlalchemy import and_, or_, select
 from sqlalchemy.orm import Session
@@ -113,7 +115,7 @@ class DispatchReport:
                 "lease_lost": self.lease_lost, "errors": list(self.errors)}
 
 
-Sender = Callable[[Any, Sequence[Claimed], Settings], dict[int, Outcome]]
+Sender = Callable[[Any, Sequence[Claimed], Settings], Iterable[tuple[int, Outcome]]]
 
 
 # ---- status classification --------------------------------------------------------------------
@@ -175,18 +177,17 @@ def _read(item: Claimed) -> "pydicom.Dataset | Outcome":
         return Outcome.permanent_failure(f"result file unreadable: {item.path}: {e}")
 
 
-def send_dimse(dest: DimseDestination, items: Sequence[Claimed], settings: Settings) -> dict[int, Outcome]:
-    """C-STORE of ``items`` over one association; an outcome per item id."""
+def send_dimse(dest: DimseDestination, items: Sequence[Claimed], settings: Settings) -> Iterator[tuple[int, Outcome]]:
+    """C-STORE of ``items`` over one association; yields (item id, outcome) as each answer comes."""
     from pynetdicom import AE, build_context
     from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
-    outcomes: dict[int, Outcome] = {}
     datasets: dict[int, Any] = {}
     syntaxes: dict[str, list[str]] = defaultdict(list)
     for it in items:
         ds = _read(it)
         if isinstance(ds, Outcome):
-            outcomes[it.id] = ds
+            yield it.id, ds
             continue
         datasets[it.id] = ds
         ts = str(ds.file_meta.TransferSyntaxUID)
@@ -194,7 +195,7 @@ def send_dimse(dest: DimseDestination, items: Sequence[Claimed], settings: Setti
             if t not in syntaxes[str(ds.SOPClassUID)]:
                 syntaxes[str(ds.SOPClassUID)].append(t)
     if not datasets:
-        return outcomes
+        return
     ae = AE(ae_title=settings.ae_title)
     ae.acse_timeout = min(settings.network_timeout, 30.0)
     ae.dimse_timeout = settings.dimse_timeout
@@ -205,32 +206,29 @@ def send_dimse(dest: DimseDestination, items: Sequence[Claimed], settings: Setti
         assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title, tls_args=tls_args)
     except (OSError, ssl.SSLError) as e:
         for i in datasets:
-            outcomes[i] = Outcome.transient(f"{dest.key}: {e}")
-        return outcomes
+            yield i, Outcome.transient(f"{dest.key}: {e}")
+        return
     try:
         if assoc.is_established:
             accepted = {str(cx.abstract_syntax) for cx in assoc.accepted_contexts}
-            for it in items:
-                if it.id in outcomes:
-                    continue
-                ds = datasets[it.id]
+            for i, ds in datasets.items():
                 if str(ds.SOPClassUID) not in accepted:
-                    outcomes[it.id] = Outcome.permanent_failure(
+                    yield i, Outcome.permanent_failure(
                         f"0x0122 SOP class not supported: no presentation context accepted for {ds.SOPClassUID}", 0x0122
                     )
                     continue
                 if not assoc.is_established:
-                    outcomes[it.id] = Outcome.transient(f"{dest.key}: association aborted during the transfer")
+                    yield i, Outcome.transient(f"{dest.key}: association aborted during the transfer")
                     continue
                 try:
                     status = assoc.send_c_store(ds)
                 except (RuntimeError, ValueError, OSError) as e:
-                    outcomes[it.id] = Outcome.transient(f"{dest.key}: C-STORE failed: {e}")
+                    yield i, Outcome.transient(f"{dest.key}: C-STORE failed: {e}")
                     continue
                 if not status or "Status" not in status:
-                    outcomes[it.id] = Outcome.transient(f"{dest.key}: no C-STORE response (association aborted or timed out)")
+                    yield i, Outcome.transient(f"{dest.key}: no C-STORE response (association aborted or timed out)")
                     continue
-                outcomes[it.id] = classify_status(int(status.Status))
+                yield i, classify_status(int(status.Status))
             if assoc.is_established:
                 assoc.release()
         elif assoc.is_rejected:
@@ -239,23 +237,22 @@ def send_dimse(dest: DimseDestination, items: Sequence[Claimed], settings: Setti
             why = f"{getattr(rsp, 'result_str', '')}; source: {getattr(rsp, 'source_str', '')}; reason: {getattr(rsp, 'reason_str', '')}"
             for i in datasets:
                 if result == 0x01:
-                    outcomes[i] = Outcome.permanent_failure(f"{dest.key}: association rejected (permanent): {why}")
+                    yield i, Outcome.permanent_failure(f"{dest.key}: association rejected (permanent): {why}")
                 else:
-                    outcomes[i] = Outcome.transient(f"{dest.key}: association rejected (transient): {why}")
+                    yield i, Outcome.transient(f"{dest.key}: association rejected (transient): {why}")
         elif assoc.rejected_contexts and not assoc.accepted_contexts:
-            for i in datasets:
-                outcomes[i] = Outcome.permanent_failure(
-                    f"0x0122 SOP class not supported: {dest.key} accepted no presentation context for {datasets[i].SOPClassUID}",
+            for i, ds in datasets.items():
+                yield i, Outcome.permanent_failure(
+                    f"0x0122 SOP class not supported: {dest.key} accepted no presentation context for {ds.SOPClassUID}",
                     0x0122,
                 )
         else:
             reason = _probe(dest.host, dest.port)
             for i in datasets:
-                outcomes[i] = Outcome.transient(f"{dest.key}: {reason}")
+                yield i, Outcome.transient(f"{dest.key}: {reason}")
     finally:
         if assoc.is_established:
             assoc.abort()
-    return outcomes
 
 
 # ---- STOW-RS ---------------------------------------------------------------------------------------
@@ -290,32 +287,31 @@ def _stow_outcome(response: Any, sop_uid: str) -> Outcome:
     return Outcome.transient("STOW-RS response does not mention the instance")
 
 
-def send_stow(dest: StowDestination, items: Sequence[Claimed], settings: Settings) -> dict[int, Outcome]:
-    """STOW-RS of ``items`` (one request per instance, so each gets its own status)."""
+def send_stow(dest: StowDestination, items: Sequence[Claimed], settings: Settings) -> Iterator[tuple[int, Outcome]]:
+    """STOW-RS of ``items``, one request per instance so each gets its own status; yields as it goes."""
     import requests
 
-    outcomes: dict[int, Outcome] = {}
     client = _stow_client(dest)
     for it in items:
         ds = _read(it)
         if isinstance(ds, Outcome):
-            outcomes[it.id] = ds
+            yield it.id, ds
             continue
         try:
             response = client.store_instances(datasets=[ds])
-            outcomes[it.id] = _stow_outcome(response, it.sop_instance_uid)
+            outcome = _stow_outcome(response, it.sop_instance_uid)
         except requests.exceptions.HTTPError as e:
             code = e.response.status_code if e.response is not None else None
             text = f"{dest.key}: HTTP {code}: {(e.response.text[:200] if e.response is not None else str(e))}"
             if code is None or code >= 500 or code in (408, 429):
-                outcomes[it.id] = Outcome.transient(text)
+                outcome = Outcome.transient(text)
             else:
-                outcomes[it.id] = Outcome.permanent_failure(text)
+                outcome = Outcome.permanent_failure(text)
         except (requests.exceptions.ConnectionError, requests.exceptions.Timeout) as e:
-            outcomes[it.id] = Outcome.transient(f"{dest.key}: {type(e).__name__}: {e}"[:500])
+            outcome = Outcome.transient(f"{dest.key}: {type(e).__name__}: {e}"[:500])
         except requests.exceptions.RequestException as e:
-            outcomes[it.id] = Outcome.transient(f"{dest.key}: {e}"[:500])
-    return outcomes
+            outcome = Outcome.transient(f"{dest.key}: {e}"[:500])
+        yield it.id, outcome
 
 
 SENDERS: dict[str, Sender] = {"dimse": send_dimse, "stow": send_stow}  # type: ignore[dict-item]
@@ -397,6 +393,29 @@ def record(session: Session, c: Claimed, outcome: Outcome, *, owner: str, now: d
     return item.state
 
 
+def extend_leases(session: Session, ids: Iterable[int], *, owner: str, until: dt.datetime) -> None:
+    for item in session.scalars(select(OutboxItem).where(OutboxItem.id.in_(list(ids)), OutboxItem.lease_owner == owner,
+                                                         OutboxItem.state == SENDING)):
+        item.lease_expires_at = until
+
+
+def _count(report: DispatchReport, c: Claimed, state: str | None, outcome: Outcome) -> None:
+    if state is None:
+        report.lease_lost += 1
+        log.warning("outbox %s (%s): lease lost before the outcome was stored", c.id, c.sop_instance_uid)
+    elif state == SENT:
+        report.sent += 1
+        log.info("sent %s to %s", c.sop_instance_uid, c.destination)
+    elif state == DEAD:
+        report.dead += 1
+        report.errors.append(f"{c.sop_instance_uid}: {outcome.error}")
+        log.error("outbox %s (%s) dead-lettered: %s", c.id, c.sop_instance_uid, outcome.error)
+    else:
+        report.retrying += 1
+        report.errors.append(f"{c.sop_instance_uid}: {outcome.error}")
+        log.warning("outbox %s (%s) will be retried: %s", c.id, c.sop_instance_uid, outcome.error)
+
+
 def _destinations(settings: Settings) -> dict[str, Any]:
     return {d.key: d for d in settings.destinations}
 
@@ -426,35 +445,42 @@ def process_outbox(
     by_dest: dict[str, list[Claimed]] = defaultdict(list)
     for c in claimed:
         by_dest[c.destination].append(c)
+    started = time.monotonic()
+    last_extension = started
+    pending_ids = {c.id for c in claimed}
+    by_id = {c.id: c for c in claimed}
+
+    def store(c: Claimed, outcome: Outcome) -> None:
+        nonlocal last_extension
+        pending_ids.discard(c.id)
+        with db.session() as s:
+            state = record(s, c, outcome, owner=owner, now=now, policy=policy)
+        _count(report, c, state, outcome)
+        # long batches keep their leases: the rest is extended when a third of the lease has passed
+        if pending_ids and time.monotonic() - last_extension > policy.lease_seconds / 3:
+            last_extension = time.monotonic()
+            until = now + dt.timedelta(seconds=(last_extension - started) + policy.lease_seconds)
+            with db.session() as s:
+                extend_leases(s, pending_ids, owner=owner, until=until)
+
     for key, items in by_dest.items():
         dest = dests.get(key)
         if dest is None:
-            outcomes = {c.id: Outcome.permanent_failure(f"destination {key!r} is not configured (MSKNODE_DESTINATIONS)")
-                        for c in items}
-        else:
-            try:
-                outcomes = senders[dest.type](dest, items, settings)
-            except Exception as e:  # a sender bug must not strand leased items
-                log.exception("dispatch to %s failed", key)
-                outcomes = {c.id: Outcome.transient(f"{key}: {type(e).__name__}: {e}"[:500]) for c in items}
+            for c in items:
+                store(c, Outcome.permanent_failure(f"destination {key!r} is not configured (MSKNODE_DESTINATIONS)"))
+            continue
+        try:
+            for item_id, outcome in senders[dest.type](dest, items, settings):
+                if item_id in pending_ids:
+                    store(by_id[item_id], outcome)
+        except Exception as e:  # a sender bug must not strand leased items
+            log.exception("dispatch to %s failed", key)
+            for c in items:
+                if c.id in pending_ids:
+                    store(c, Outcome.transient(f"{key}: {type(e).__name__}: {e}"[:500]))
         for c in items:
-            outcome = outcomes.get(c.id) or Outcome.transient(f"{key}: no outcome reported")
-            with db.session() as s:
-                state = record(s, c, outcome, owner=owner, now=now, policy=policy)
-            if state is None:
-                report.lease_lost += 1
-                log.warning("outbox %s (%s): lease lost before the outcome was stored", c.id, c.sop_instance_uid)
-            elif state == SENT:
-                report.sent += 1
-                log.info("sent %s to %s", c.sop_instance_uid, key)
-            elif state == DEAD:
-                report.dead += 1
-                report.errors.append(f"{c.sop_instance_uid}: {outcome.error}")
-                log.error("outbox %s (%s) dead-lettered: %s", c.id, c.sop_instance_uid, outcome.error)
-            else:
-                report.retrying += 1
-                report.errors.append(f"{c.sop_instance_uid}: {outcome.error}")
-                log.warning("outbox %s (%s) will be retried: %s", c.id, c.sop_instance_uid, outcome.error)
+            if c.id in pending_ids:
+                store(c, Outcome.transient(f"{key}: no outcome reported"))
     return report
 
 

@@ -390,3 +390,32 @@ def test_stow_response_classification():
     out = _stow_outcome(bad, "1.2.3")
     assert not out.ok and not out.permanent
     assert StowDestination(type="stow", url="http://x/dicom-web/").key == "stow:http://x/dicom-web"
+
+
+def test_a_long_batch_keeps_its_leases(settings, db, result_files):
+    """While a slow PACS answers, the items still queued in the batch stay leased (no second sender)."""
+    import time
+
+    vol, results = result_files
+    scp = StoreSCP(status=lambda ds: (time.sleep(0.4), 0x0000)[1])
+    try:
+        s = with_dest(settings, scp.destination())
+        ids = enqueue(db, results[:4], [s.destinations[0].key], study_uid=vol.study_uid)
+        policy = RetryPolicy(lease_seconds=0.6)
+        worker = threading.Thread(target=process_outbox, args=(db, s), kwargs={"now": T0, "policy": policy})
+        worker.start()
+        extended = False
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and not extended:
+            with db.session() as ses:
+                extended = any(i.state == "sending" and i.lease_expires_at > T0 + dt.timedelta(seconds=0.6)
+                               for i in ses.scalars(select(OutboxItem)))
+            time.sleep(0.05)
+        assert extended
+        with db.session() as ses:  # another sender, at a time the original lease would have expired
+            assert claim(ses, now=T0 + dt.timedelta(seconds=0.7), owner="other", limit=10, lease_seconds=60) == []
+        worker.join(timeout=30)
+        assert all(items(db)[i][0] == "sent" for i in ids)
+        assert sorted(scp.received) == sorted(r.sop_instance_uid for r, _ in results[:4])
+    finally:
+        scp.stop()
