@@ -232,6 +232,20 @@ def render(
     return Rendered(array=array, masks=masks)
 
 
+def fat_septa(rng: np.random.Generator, n: int, lo, hi, *, size=(15.0, 45.0), length=(30.0, 80.0)):
+    """``n`` thin fat sheets (intermuscular septa) at random positions in the box [lo, hi] of the
+    anatomy frame: (centre, radii, rotation) tuples, drawn in a fixed order."""
+    from models.phantoms.shapes import rotation
+
+    out = []
+    for _ in range(n):
+        c = rng.uniform(lo, hi)
+        radii = (float(rng.uniform(*size)), float(rng.uniform(0.5, 0.9)), float(rng.uniform(*length)))
+        rot = rotation("z", float(rng.uniform(0, 180))) @ rotation("x", float(rng.uniform(-25, 25)))
+        out.append((c, radii, rot))
+    return out
+
+
 def centre_of(mask: np.ndarray) -> tuple[int, int, int] | None:
     idx = np.argwhere(mask)
     if len(idx) == 0:

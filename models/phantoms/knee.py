@@ -19,11 +19,13 @@ from typing import Any
 import numpy as np
 
 from models.phantoms.common import (
-    Phantom, Streams, apply_overrides, centre_of, choice, draw_nuisances, make_geometry, render, series_uids,
-    uniform, vox_and_mm,
+    Phantom, Streams, apply_overrides, centre_of, choice, draw_nuisances, fat_septa, make_geometry, render,
+    series_uids, uniform, vox_and_mm,
 )
 from models.phantoms.errors import PhantomError
-from models.phantoms.shapes import Ellipsoid, Func, HalfSpace, Intersection, Layer, SmoothUnion, Structure, Tube, Union
+from models.phantoms.shapes import (
+    Ellipsoid, Func, HalfSpace, Intersection, Layer, Rod, SmoothUnion, Structure, Tube, Union, rotation,
+)
 from models.phantoms.spec import KneeSpec
 
 LABEL_KEYS = {"acl", "meniscus_tear", "meniscus_side", "laterality"}
@@ -53,6 +55,7 @@ def _draw_anatomy(rng) -> dict[str, Any]:
     a["men_h"] = _jit(rng, (5.0, 6.5), 0.1)  # (anterior, posterior) height
     a["fluid_rim"] = float(rng.uniform(0.3, 1.5))
     a["notch_y"] = float(rng.uniform(-2.0, 2.0))
+    a["septa"] = fat_septa(rng, 6, (-40.0, -45.0, -70.0), (40.0, 50.0, 70.0))
     return a
 
 
@@ -214,6 +217,8 @@ def _structures(A, les, acl: str, men_tear: bool, men_side: str):
     S.append(Structure("subcutaneous_fat", "fat", Layer(limb, A["skin"], float(lr.mean())), group="soft_tissue"))
     S.append(Structure("muscle", "muscle", Layer(limb, A["skin"] + A["subcut"], float(lr.mean())), group="soft_tissue"))
     inner = ("muscle",)
+    for c, radii, rot in A["septa"]:
+        S.append(Structure("septum", "fat", Ellipsoid(c, radii, rot=rot), over=inner, group="soft_tissue"))
     S.append(Structure("popliteal_fat", "fat", Ellipsoid((0, 36, 2), (26, 14, 45)), over=inner, group="soft_tissue"))
     S.append(Structure("popliteal_artery", "artery", Tube([(-3, 42, -80), (-2, 40, 0), (-4, 41, 80)], (3.0, 3.0)),
                        group="soft_tissue"))
@@ -385,17 +390,18 @@ def _structures(A, les, acl: str, men_tear: bool, men_side: str):
     # --- bones: cortex (outer) then marrow (inner)
     ct = A["cortex"]
     meta = Ellipsoid((0, 5, 58), (30, 22, 30))
-    shaft = Ellipsoid((0, 4, 160), (15, 14, 110))
+    shaft = Rod((0, 4, 62), (0, 0, 1), (15.0, 14.0), 400.0, cap=22.0)
     fem_parts = (cm, cl, troch, meta, shaft)
     femur_outer = SmoothUnion(fem_parts, 2) - notch
-    femur_inner = SmoothUnion(tuple(p.grown(-ct) for p in fem_parts[:3]) + (meta.grown(-2.5), shaft.grown(-4.0)), 2) - notch.grown(ct)
-    tib_shaft = Ellipsoid((0, 6, -140), (17, 16, 112))
+    femur_inner = SmoothUnion(tuple(p.grown(-ct) for p in fem_parts[:3]) + (meta.grown(-2.5), shaft.grown(-3.5)), 2) - notch.grown(ct)
+    tib_shaft = Rod((0, 6, -34), (0, 0, -1), (16.0, 15.0), 400.0, cap=18.0)
     spines = (Ellipsoid((4, 2, 0), (3.5, 7, 7.5)), Ellipsoid((-5, 3, 0), (3.5, 7, 6.5)))
     tuber = Ellipsoid((0, -20, -32), (13, 8, 12))
     tibia_outer = Union((SmoothUnion((tib, tib_shaft, tuber), 2),) + spines)
-    tibia_inner = SmoothUnion((tib.grown(-ct), tib_shaft.grown(-4.0), tuber.grown(-ct)), 2)
-    fib = Union((Ellipsoid((-33, 20, -26), (9, 9, 12)), Ellipsoid((-34, 22, -120), (7, 7, 90))))
-    fib_in = Union((Ellipsoid((-33, 20, -26), (9 - ct, 9 - ct, 12 - ct)), Ellipsoid((-34, 22, -120), (4, 4, 90))))
+    tibia_inner = SmoothUnion((tib.grown(-ct), tib_shaft.grown(-3.5), tuber.grown(-ct)), 2)
+    fib_shaft = Rod((-34, 21, -34), (0, 0, -1), (7.0, 7.0), 400.0, cap=6.0)
+    fib = SmoothUnion((Ellipsoid((-33, 20, -26), (9, 9, 12)), fib_shaft), 2)
+    fib_in = SmoothUnion((Ellipsoid((-33, 20, -26), (9 - ct, 9 - ct, 12 - ct)), fib_shaft.grown(-2.5)), 2)
     for name, outer, inn in (("femur", femur_outer, femur_inner), ("tibia", tibia_outer, tibia_inner),
                              ("patella", pat, pat.grown(-ct)), ("fibula", fib, fib_in)):
         S.append(Structure(f"{name}_cortex", "cortex", outer, group=name))

@@ -416,12 +416,12 @@ class SmoothUnion(Shape):
     blends less.
     """
 
-    parts: Sequence[Ellipsoid]
+    parts: Sequence[Shape]  # Ellipsoid / Rod: anything with level() (<= 1 inside)
     k: int = 4
 
     def __post_init__(self):
         # blending can extend a little beyond the parts: pad the box
-        pad = 0.25 * np.max([p.radii for p in self.parts], axis=0)
+        pad = np.minimum(0.125 * np.max([p.hi - p.lo for p in self.parts], axis=0), 30.0)
         self.lo = np.min([p.lo for p in self.parts], axis=0) - pad
         self.hi = np.max([p.hi for p in self.parts], axis=0) + pad
 
@@ -474,3 +474,46 @@ class Layer(Shape):
         if key not in c.cache:
             c.cache[key] = self.base.level(c)
         return c.cache[key] <= self._thr
+
+
+@dataclass
+class Rod(Shape):
+    """A straight bone shaft: elliptical cross-section (radii along ``e1`` and the third axis)
+    from ``start`` along ``direction`` for ``length`` mm, with a rounded cap of ``cap`` mm at
+    the start; constant width (unlike an elongated ellipsoid). Level <= 1 inside."""
+
+    start: Sequence[float]
+    direction: Sequence[float]
+    radii: tuple[float, float]
+    length: float
+    cap: float = 10.0
+    e1: Sequence[float] = (1.0, 0.0, 0.0)
+
+    def __post_init__(self):
+        self.start = np.asarray(self.start, float)
+        d = np.asarray(self.direction, float)
+        self._t = d / np.linalg.norm(d)
+        e1 = np.asarray(self.e1, float)
+        e1 = e1 - np.dot(e1, self._t) * self._t
+        self._e1 = e1 / np.linalg.norm(e1)
+        self._e2 = np.cross(self._t, self._e1)
+        end = self.start + self._t * self.length
+        r = max(self.radii)
+        self.lo = np.minimum(self.start - self._t * self.cap, end) - r
+        self.hi = np.maximum(self.start - self._t * self.cap, end) + r
+
+    def level(self, c: Coords):
+        along = c.linear(self._t, self.start)
+        a = c.linear(self._e1, self.start) * np.float32(1.0 / self.radii[0])
+        b = c.linear(self._e2, self.start) * np.float32(1.0 / self.radii[1])
+        cap = np.minimum(along, 0.0) * np.float32(1.0 / self.cap)
+        lev = a * a + b * b + cap * cap
+        lev[along > self.length] = np.float32(1e6)
+        return lev
+
+    def inside(self, c: Coords):
+        return self.level(c) <= 1.0
+
+    def grown(self, d: float) -> "Rod":
+        return Rod(self.start, self._t, (self.radii[0] + d, self.radii[1] + d), self.length, max(self.cap + d, 0.5),
+                   self._e1)

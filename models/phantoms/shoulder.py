@@ -21,8 +21,8 @@ from typing import Any
 import numpy as np
 
 from models.phantoms.common import (
-    Phantom, Streams, apply_overrides, centre_of, choice, draw_nuisances, make_geometry, render, series_uids,
-    uniform, vox_and_mm,
+    Phantom, Streams, apply_overrides, centre_of, choice, draw_nuisances, fat_septa, make_geometry, render,
+    series_uids, uniform, vox_and_mm,
 )
 from models.phantoms.errors import PhantomError
 from models.phantoms.shapes import (
@@ -55,6 +55,7 @@ def _draw_anatomy(rng) -> dict[str, Any]:
     a["joint_fluid"] = float(rng.uniform(0.3, 1.5))
     a["acromion_tilt"] = float(rng.uniform(-8.0, 8.0))
     a["insertion_deg"] = float(rng.uniform(58.0, 70.0))
+    a["septa"] = fat_septa(rng, 6, (-90.0, -40.0, -60.0), (50.0, 40.0, 60.0))
     return a
 
 
@@ -155,6 +156,13 @@ def _structures(A, les, cuff: str):
     S.append(Structure("subcutaneous_fat", "fat", Layer(body, 1.5, cap_r), group="soft_tissue"))
     S.append(Structure("muscle", "muscle", Layer(body, 1.5 + A["subcut"], cap_r), group="soft_tissue"))
     inner = ("muscle",)
+    for cc, radii, rot in A["septa"]:
+        S.append(Structure("septum", "fat", Ellipsoid(cc, radii, rot=rot), over=inner, group="soft_tissue"))
+    # deltoid: separated from the cuff and the trapezius by a fat plane over the head
+    S.append(Structure("subdeltoid_fat", "fat",
+                       Intersection((Ellipsoid((0, 0, 0), (R + A["deltoid"] * 0.45 + 1.0,) * 3),
+                                     HalfSpace((0, 0, 0), (-1.0, 0.0, -0.35)))) - Ellipsoid((0, 0, 0), (R + A["deltoid"] * 0.45,) * 3),
+                       over=inner, group="soft_tissue"))
     # ---- supraspinatus muscle in its fossa, wrapped in a thin fat plane
     ssp = Ellipsoid((-62.0, 6.0, 24.0), (46.0, 15.0, 12.0), rot=rotation("y", -6.0))
     S.append(Structure("supraspinatus_fat", "fat", ssp.grown(1.6), over=inner, group="soft_tissue"))

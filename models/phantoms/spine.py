@@ -20,8 +20,8 @@ from typing import Any
 import numpy as np
 
 from models.phantoms.common import (
-    Phantom, Streams, apply_overrides, choice, draw_nuisances, make_geometry, render, series_uids, uniform,
-    vox_and_mm,
+    Phantom, Streams, apply_overrides, choice, draw_nuisances, fat_septa, make_geometry, render, series_uids,
+    uniform, vox_and_mm,
 )
 from models.phantoms.errors import PhantomError
 from models.phantoms.shapes import Ellipsoid, Layer, Structure, Tube, rotation
@@ -83,6 +83,9 @@ def generate_spine(seed: int, spec: SpineSpec, overrides: dict[str, Any]) -> Pha
         "roots": int(ra.integers(8, 13)),
         "root_xy": ra.uniform(-1.0, 1.0, size=(12, 2)),
         "cortex": float(ra.uniform(0.9, 1.4)),
+        "bowel": [(ra.uniform((-90.0, -170.0, -150.0), (90.0, -45.0, 150.0)), ra.uniform(6.0, 22.0, size=3),
+                   float(ra.uniform(0, 180)), float(ra.uniform())) for _ in range(16)],
+        "septa": fat_septa(ra, 5, (-60.0, 30.0, -150.0), (60.0, 90.0, 150.0), size=(20.0, 50.0), length=(60.0, 150.0)),
     }
     # lesions / per-level nuisances (drawn for every level whatever its grade: stable streams)
     L = st.lesion
@@ -179,7 +182,17 @@ def _structures(A, per, narrowing):
     S.append(Structure("muscle", "muscle", Layer(outline, 2.0 + sub, 105.0 + sub), group="soft_tissue"))
     ab = A["abdomen"]
     S.append(Structure("viscera", "viscera", Ellipsoid((0.0, -100.0, 10.0), (120.0 * ab, 62.0 * ab, 1e3)),
-                       over=("muscle",), group="soft_tissue", extra={"texture": 1.3}))
+                       over=("muscle",), group="soft_tissue", extra={"texture": 0.7}))
+    # bowel loops: fluid-filled (bright on T2) or gas-filled (signal void)
+    for c, r, ang, kind in A["bowel"]:
+        shape = Ellipsoid(c, r, rot=rotation("y", ang))
+        if kind < 0.6:
+            S.append(Structure("bowel_fluid", "fluid", shape, over=("viscera",), group="soft_tissue",
+                               extra={"contrast": 0.45 + 0.5 * kind, "texture": 2.0}))
+        else:
+            S.append(Structure("bowel_gas", "air", shape, over=("viscera", "bowel_fluid"), group="soft_tissue"))
+    for c, radii, rot in A["septa"]:
+        S.append(Structure("septum", "fat", Ellipsoid(c, radii, rot=rot), over=("muscle",), group="soft_tissue"))
     # retroperitoneal fat anterior to the column, vessels
     ant = min(v[1][1] - v[5] for v in verts)  # most anterior body margin (y)
     S.append(Structure("retroperitoneal_fat", "fat", Ellipsoid((0.0, ant - 10.0, 0.0), (38.0, 14.0, 1e3)),
