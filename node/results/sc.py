@@ -93,10 +93,16 @@ def render_overlay(image: np.ndarray, heat: np.ndarray, lines: list[str]) -> tup
     rgb = base * (1 - alpha) + _colormap(hmap) * alpha
     img = Image.fromarray(np.clip(rgb, 0, 255).astype(np.uint8), mode="RGB")
     draw = ImageDraw.Draw(img)
-    fsize = max(10, min(size) // 18)
-    font = _font(fsize)
+    base_size = max(10, min(size) // 18)
     y = 4
     for i, text in enumerate(lines):
+        fsize = base_size
+        font = _font(fsize)
+        while fsize > 8 and draw.textlength(text, font=font) > size[0] - 12:  # every line fits the width
+            fsize -= 1
+            font = _font(fsize)
+        while len(text) > 4 and draw.textlength(text, font=font) > size[0] - 12:
+            text = text[:-2].rstrip() + "\u2026"
         box = draw.textbbox((6, y), text, font=font)
         draw.rectangle((box[0] - 3, box[1] - 2, box[2] + 3, box[3] + 2), fill=(0, 0, 0))
         draw.text((6, y), text, font=font, fill=(255, 255, 0) if i == 0 else (255, 255, 255))
@@ -105,18 +111,22 @@ def render_overlay(image: np.ndarray, heat: np.ndarray, lines: list[str]) -> tup
 
 
 def overlay_lines(item: OverlayItem) -> list[str]:
+    """Our label text only: notice, finding, probability, model."""
     f = item.finding
-    first = NOTICE_LABEL if item.model.demo_weights else AI_LABEL
+    lines = [NOTICE_LABEL if item.model.demo_weights else AI_LABEL]
     text = f.label or f.code.replace("_", " ")
     if f.level:
         text += f" {f.level}"
-    if f.grade:
-        text += f" ({f.grade})"
+    if f.grade and f.grade.lower() not in text.lower():
+        text += f" ({f.grade.replace('_', ' ')})"
+    lines.append(text)
     if f.probability is not None:
-        text += f"  p={f.probability:.2f}"
+        p = f"p = {f.probability:.2f}"
         if f.uncertainty is not None:
-            text += f" \u00b1{f.uncertainty:.2f}"
-    return [first, text, f"{item.model.name} {item.model.version}"]
+            p += f" \u00b1 {f.uncertainty:.2f}"
+        lines.append(p)
+    lines.append(f"{item.model.name} {item.model.version}")
+    return lines
 
 
 def _orientation_letters(v: tuple[float, float, float]) -> str:
