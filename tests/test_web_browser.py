@@ -213,6 +213,15 @@ def test_admin_reads_the_urgent_study_first_toggles_the_overlay_and_reprioritise
     d.execute_script("var r = document.getElementById('overlay-opacity'); r.value = 30; r.dispatchEvent(new Event('input'));")
     assert float(ovl.value_of_css_property("opacity")) == pytest.approx(0.3, abs=0.01)
 
+    from selenium.webdriver import ActionChains
+
+    stage = d.find_element(By.ID, "stage-orig")
+    ActionChains(d).move_to_element(stage).click_and_hold().move_by_offset(120, -60).release().perform()
+    b, c = (float(v) for v in d.find_element(By.ID, "viewer").get_attribute("data-wl").split(","))
+    assert b > 1.1 and c > 1.5 and "contrast" in d.find_element(By.ID, "img-orig").value_of_css_property("filter")
+    ActionChains(d).double_click(stage).perform()
+    assert d.find_element(By.ID, "viewer").get_attribute("data-wl") == "1.00,1.00"
+
     label = d.find_element(By.ID, "slice-label").text
     k = int(label.split()[1])
     src = d.find_element(By.ID, "img-orig").get_attribute("src")

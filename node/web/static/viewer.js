@@ -135,5 +135,25 @@
     else if (ev.key === "ArrowDown") { ev.preventDefault(); show(k + 1); }
     else if (ev.key === "o" || ev.key === "O") { toggle.checked = !toggle.checked; applyOverlayState(); }
   });
+  // Brightness/contrast by dragging on the image (display only); double-click resets.
+  var wl = { b: 1, c: 1 }, drag = null;
+  function applyWl() {
+    var f = "brightness(" + wl.b.toFixed(2) + ") contrast(" + wl.c.toFixed(2) + ")";
+    imgOrig.style.filter = f; imgSr.style.filter = f;
+    root.setAttribute("data-wl", wl.b.toFixed(2) + "," + wl.c.toFixed(2));
+  }
+  $("stage-orig").addEventListener("mousedown", function (ev) {
+    if (ev.button !== 0) return;
+    ev.preventDefault();
+    drag = { x: ev.clientX, y: ev.clientY, b: wl.b, c: wl.c };
+  });
+  window.addEventListener("mousemove", function (ev) {
+    if (!drag) return;
+    wl.c = Math.max(0.2, Math.min(5, drag.c * Math.exp((ev.clientX - drag.x) / 200)));
+    wl.b = Math.max(0.2, Math.min(5, drag.b * Math.exp(-(ev.clientY - drag.y) / 200)));
+    applyWl();
+  });
+  window.addEventListener("mouseup", function () { drag = null; });
+  $("stage-orig").addEventListener("dblclick", function () { wl = { b: 1, c: 1 }; applyWl(); });
   load(null);
 })();
