@@ -2,7 +2,7 @@
 # Installs the Debian packages msknode needs for the demo and the tests.
 # Idempotent: does nothing when every package is already installed.
 set -euo pipefail
-PKGS="orthanc orthanc-dicomweb dcmtk dicom3tools redis-server postgresql chromium chromium-driver docker-compose"
+PKGS="orthanc orthanc-dicomweb dcmtk dicom3tools redis-server postgresql chromium chromium-driver docker-compose openssl fonts-dejavu-core"
 missing=""
 for p in $PKGS; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing="$missing $p"
