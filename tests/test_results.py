@@ -464,3 +464,19 @@ def test_slice_order_matches_the_models_loader(tmp_path):
     sm = load_sources_series(str(mf.SeriesInstanceUID), [mf_path])
     assert tuple(vm.frame_numbers) == tuple(sl.frame_number for sl in sm.slices)
     assert np.allclose(vm.array, v.array)
+
+
+def test_source_without_geometry_gives_a_clear_error(settings, knee, tmp_path):
+    paths, vol = knee
+    broken = []
+    for p in paths:  # a series whose Frame of Reference UID is invalid (sanitising removes it)
+        ds = pydicom.dcmread(p)
+        with pydicom.config.disable_value_validation():
+            ds.FrameOfReferenceUID = "not-a-uid"
+            out_path = tmp_path / f"b-{p.name}"
+            ds.save_as(out_path)
+        broken.append(out_path)
+    out = knee_output(vol, superres=False)
+    with pytest.raises(ResultsError, match=f"cannot build the SEG of series {vol.series_uid}"):
+        build_results(output=out, source_files={vol.series_uid: broken}, triage=None, predecessors=[],
+                      settings=settings, job_fingerprint="fp-broken")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+from contextlib import contextmanager
 import tempfile
 from pathlib import Path
 from typing import Any, Sequence
@@ -22,6 +23,17 @@ from node.results.types import ResultFile, ResultRef
 from node.results.uids import UidFactory, model_versions_key
 
 log = logging.getLogger(__name__)
+
+
+@contextmanager
+def _building(what: str):
+    """Turns a writer's refusal (highdicom validates every argument) into one clear `ResultsError`."""
+    try:
+        yield
+    except ResultsError:
+        raise
+    except (ValueError, TypeError, AttributeError, KeyError, IndexError) as e:
+        raise ResultsError(f"cannot build {what}: {type(e).__name__}: {e}") from e
 
 
 def _uid_factory(output: PipelineOutput, settings: Any, job_fingerprint: str) -> UidFactory:
@@ -97,19 +109,21 @@ def build_results(
     sc_count = 0
     for index, (series_uid, items) in enumerate(seg_groups.items()):
         series = sources[series_uid]
-        seg, numbers = build_seg(series=series, items=items, uids=uids, index=index, institution_name=institution)
+        with _building(f"the SEG of series {series_uid}"):
+            seg, numbers = build_seg(series=series, items=items, uids=uids, index=index, institution_name=institution)
         results.append(_result("seg", seg, f"saliency SEG of series {series_uid}"))
         extra_evidence.append(seg)
         for it in items:
             seg_refs[id(it.finding)] = SegRef(seg, numbers[id(it.finding)], series)
-        overlays = build_overlays(
-            series=series,
-            items=[OverlayItem(it.finding, it.model) for it in items],
-            uids=uids,
-            index=0,
-            first_instance=sc_count,
-            institution_name=institution,
-        )
+        with _building(f"the overlays of series {series_uid}"):
+            overlays = build_overlays(
+                series=series,
+                items=[OverlayItem(it.finding, it.model) for it in items],
+                uids=uids,
+                index=0,
+                first_instance=sc_count,
+                institution_name=institution,
+            )
         sc_count += len(overlays)
         for it, sc in zip(items, overlays):
             sc_refs[id(it.finding)] = sc
@@ -125,26 +139,28 @@ def build_results(
             continue
         if src_uid not in sources:
             raise ResultsError(f"{sr_out.model.name}: its source series {src_uid} is not among the source files")
-        datasets = build_superres_series(
-            output=sr_out, series=sources[src_uid], uids=uids, index=written, institution_name=institution
-        )
+        with _building(f"the super-resolved series of {src_uid}"):
+            datasets = build_superres_series(
+                output=sr_out, series=sources[src_uid], uids=uids, index=written, institution_name=institution
+            )
         written += 1
         for ds in datasets:
             results.append(_result("superres", ds, f"super-resolved {src_uid}"))
         superres_refs.append(SuperResRef(sr_out, str(datasets[0].SeriesInstanceUID) if datasets else None))
 
-    sr = build_sr(
-        output=output,
-        sources=sources,
-        seg_refs=seg_refs,
-        sc_refs=sc_refs,
-        superres_refs=superres_refs,
-        triage=triage,
-        predecessors=predecessors,
-        uids=uids,
-        evidence_extra=extra_evidence,
-        institution_name=institution,
-    )
+    with _building("the SR"):
+        sr = build_sr(
+            output=output,
+            sources=sources,
+            seg_refs=seg_refs,
+            sc_refs=sc_refs,
+            superres_refs=superres_refs,
+            triage=triage,
+            predecessors=predecessors,
+            uids=uids,
+            evidence_extra=extra_evidence,
+            institution_name=institution,
+        )
     results.append(_result("sr", sr, "TID 1500 measurement report"))
     return results
 

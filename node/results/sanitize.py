@@ -21,7 +21,6 @@ from pydicom.charset import convert_encodings, encode_string
 from pydicom.dataelem import DataElement
 from pydicom.datadict import dictionary_has_tag, dictionary_is_retired
 from pydicom.multival import MultiValue
-from pydicom.sequence import Sequence as DicomSequence
 from pydicom.valuerep import PersonName
 
 log = logging.getLogger(__name__)
@@ -243,11 +242,6 @@ def clean_text(value: Any, vr: str = "LO") -> str:
         value = " ".join(str(v) for v in value)
     s = _clean_text(str(value), vr).replace("\\", "/")
     return _truncate(s, vr)
-
-
-def sanitize_sequence(seq: DicomSequence | list[Dataset]) -> None:
-    for item in seq:
-        _walk(item)
 
 
 def copy_character_set(target: Dataset, source: Dataset) -> None:
