@@ -53,7 +53,9 @@ class ListenerProcess:
         env.update(self.extra_env)
         return env
 
-    def start(self, timeout: float = 90.0) -> "ListenerProcess":
+    def start(self, timeout: float = 90.0, ready=None) -> "ListenerProcess":
+        """Starts the listener and waits until `ready(port)` (default: C-ECHO succeeds)."""
+        ready = ready or (lambda port: echo(port, self.ae_title) == 0)
         self._log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "node.cli", "listen"], cwd=ROOT, env=self.env, stdout=self._log, stderr=subprocess.STDOUT
@@ -62,7 +64,7 @@ class ListenerProcess:
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"listener exited with {self.proc.returncode}:\n{self.log()}")
-            if echo(self.port, self.ae_title) == 0:
+            if ready(self.port):
                 return self
             time.sleep(0.2)
         self.stop()
