@@ -12,7 +12,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
@@ -340,8 +340,3 @@ def write_study(anatomy: str, out_dir, seed: int, **labels) -> dict[str, list[Pa
             series_uid=generate_uid(prefix=uid_root, entropy_srcs=["study-series", anatomy, str(seed), role, study_uid]),
         )
     return result
-
-
-def phantom_files(paths: Sequence[Path]) -> list[Path]:
-    """Sorted file list helper (slice order = file name order)."""
-    return sorted(Path(p) for p in paths)

@@ -24,7 +24,7 @@ from models.phantoms.common import (
 )
 from models.phantoms.errors import PhantomError
 from models.phantoms.shapes import (
-    Ellipsoid, Func, HalfSpace, Intersection, Layer, Rod, SmoothUnion, Structure, Tube, Union, rotation,
+    Ellipsoid, Func, HalfSpace, Intersection, Layer, Rod, SmoothUnion, Structure, Tube, Union,
 )
 from models.phantoms.spec import KneeSpec
 
@@ -160,10 +160,7 @@ def generate_knee(seed: int, spec: KneeSpec, overrides: dict[str, Any]) -> Phant
     plane = n["orientation"]
 
     mirror = (1.0, 1.0, 1.0) if n["laterality"] == "R" else (-1.0, 1.0, 1.0)
-    geom = make_geometry(
-        n, plane=plane, center=(0.0, 3.0, 8.0), mirror=mirror, spec_slices=spec.acquisition.n_slices,
-        t_patient=(0.0, 0.0, -0.0),
-    )
+    geom = make_geometry(n, plane=plane, center=(0.0, 3.0, 8.0), mirror=mirror, spec_slices=spec.acquisition.n_slices)
     structures, acl_info, men_info = _structures(A, les, acl, men_tear, men_side)
     rendered = render(structures, geom, n, st, lesion_groups=("acl_lesion", "meniscus_lesion"))
 

@@ -254,7 +254,6 @@ def _structures(A, les, cuff: str):
     # glenoid: a cup facing the head, scapular neck and body (plate in the scapular plane)
     gap = c + 0.6 + 1.6
     cup = Ellipsoid((0, 0, 0), (R + gap,) * 3)
-    glen = Intersection((Ellipsoid((-R - gap - 6.0, 0.0, -3.0), (12.0, 14.0, 19.0)),)) - cup
     S.append(Structure("glenoid_cartilage", "cartilage",
                        Intersection((Ellipsoid((-R - gap - 6.0, 0.0, -3.0), (12.0, 14.0, 19.0)), cup.grown(1.6))) - cup,
                        group="cartilage"))
@@ -279,7 +278,6 @@ def _structures(A, les, cuff: str):
         ("clavicle", clavicle, Tube(clavicle.points, (8.0 - 1.5, 8.0 - 1.5))),
         ("coracoid", coracoid, coracoid.grown(-ct)),
     )
-    del glen
     for name, outer, inn in bones:
         grp = "scapula" if name in ("glenoid", "scapula", "scapular_spine", "coracoid") else name
         S.append(Structure(f"{name}_cortex", "cortex", outer, group=grp))
