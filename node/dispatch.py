@@ -182,74 +182,66 @@ def send_dimse(dest: DimseDestination, items: Sequence[Claimed], settings: Setti
     from pynetdicom import AE, build_context
     from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
-    datasets: dict[int, Any] = {}
-    syntaxes: dict[str, list[str]] = defaultdict(list)
-    for it in items:
-        ds = _read(it)
-        if isinstance(ds, Outcome):
-            yield it.id, ds
-            continue
-        datasets[it.id] = ds
-        ts = str(ds.file_meta.TransferSyntaxUID)
-        for t in (ts, ExplicitVRLittleEndian, ImplicitVRLittleEndian):
-            if t not in syntaxes[str(ds.SOPClassUID)]:
-                syntaxes[str(ds.SOPClassUID)].append(t)
-    if not datasets:
-        return
+    # our result files are uncompressed (Explicit VR Little Endian); pynetdicom re-encodes for Implicit
+    sop_classes = list(dict.fromkeys(it.sop_class_uid for it in items))[:128]
     ae = AE(ae_title=settings.ae_title)
     ae.acse_timeout = min(settings.network_timeout, 30.0)
     ae.dimse_timeout = settings.dimse_timeout
     ae.network_timeout = settings.network_timeout
-    ae.requested_contexts = [build_context(sop, ts) for sop, ts in list(syntaxes.items())[:128]]
+    ae.requested_contexts = [build_context(sop, [ExplicitVRLittleEndian, ImplicitVRLittleEndian]) for sop in sop_classes]
     tls_args = (_tls_context(dest), dest.host) if dest.tls else None
     try:
         assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title, tls_args=tls_args)
     except (OSError, ssl.SSLError) as e:
-        for i in datasets:
-            yield i, Outcome.transient(f"{dest.key}: {e}")
+        for it in items:
+            yield it.id, Outcome.transient(f"{dest.key}: {e}")
         return
     try:
         if assoc.is_established:
             accepted = {str(cx.abstract_syntax) for cx in assoc.accepted_contexts}
-            for i, ds in datasets.items():
-                if str(ds.SOPClassUID) not in accepted:
-                    yield i, Outcome.permanent_failure(
-                        f"0x0122 SOP class not supported: no presentation context accepted for {ds.SOPClassUID}", 0x0122
+            for it in items:
+                if it.sop_class_uid not in accepted:
+                    yield it.id, Outcome.permanent_failure(
+                        f"0x0122 SOP class not supported: no presentation context accepted for {it.sop_class_uid}", 0x0122
                     )
                     continue
                 if not assoc.is_established:
-                    yield i, Outcome.transient(f"{dest.key}: association aborted during the transfer")
+                    yield it.id, Outcome.transient(f"{dest.key}: association aborted during the transfer")
+                    continue
+                ds = _read(it)  # one file in memory at a time
+                if isinstance(ds, Outcome):
+                    yield it.id, ds
                     continue
                 try:
                     status = assoc.send_c_store(ds)
                 except (RuntimeError, ValueError, OSError) as e:
-                    yield i, Outcome.transient(f"{dest.key}: C-STORE failed: {e}")
+                    yield it.id, Outcome.transient(f"{dest.key}: C-STORE failed: {e}")
                     continue
                 if not status or "Status" not in status:
-                    yield i, Outcome.transient(f"{dest.key}: no C-STORE response (association aborted or timed out)")
+                    yield it.id, Outcome.transient(f"{dest.key}: no C-STORE response (association aborted or timed out)")
                     continue
-                yield i, classify_status(int(status.Status))
+                yield it.id, classify_status(int(status.Status))
             if assoc.is_established:
                 assoc.release()
         elif assoc.is_rejected:
             rsp = assoc.acceptor.primitive
             result = getattr(rsp, "result", None)
             why = f"{getattr(rsp, 'result_str', '')}; source: {getattr(rsp, 'source_str', '')}; reason: {getattr(rsp, 'reason_str', '')}"
-            for i in datasets:
+            for it in items:
                 if result == 0x01:
-                    yield i, Outcome.permanent_failure(f"{dest.key}: association rejected (permanent): {why}")
+                    yield it.id, Outcome.permanent_failure(f"{dest.key}: association rejected (permanent): {why}")
                 else:
-                    yield i, Outcome.transient(f"{dest.key}: association rejected (transient): {why}")
+                    yield it.id, Outcome.transient(f"{dest.key}: association rejected (transient): {why}")
         elif assoc.rejected_contexts and not assoc.accepted_contexts:
-            for i, ds in datasets.items():
-                yield i, Outcome.permanent_failure(
-                    f"0x0122 SOP class not supported: {dest.key} accepted no presentation context for {ds.SOPClassUID}",
+            for it in items:
+                yield it.id, Outcome.permanent_failure(
+                    f"0x0122 SOP class not supported: {dest.key} accepted no presentation context for {it.sop_class_uid}",
                     0x0122,
                 )
         else:
             reason = _probe(dest.host, dest.port)
-            for i in datasets:
-                yield i, Outcome.transient(f"{dest.key}: {reason}")
+            for it in items:
+                yield it.id, Outcome.transient(f"{dest.key}: {reason}")
     finally:
         if assoc.is_established:
             assoc.abort()
