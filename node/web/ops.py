@@ -141,6 +141,19 @@ def routing(settings) -> dict:
     return {"path": str(path), "exists": True, "text": raw, "rules": rules, "error": None}
 
 
+def _card(card: Any) -> dict:
+    """A model card as a plain dict (the registry may return dicts, dataclasses or objects with to_dict)."""
+    import dataclasses
+
+    if isinstance(card, dict):
+        return card
+    if dataclasses.is_dataclass(card):
+        return dataclasses.asdict(card)
+    if hasattr(card, "to_dict"):
+        return card.to_dict()
+    return dict(card)
+
+
 def models(settings, db) -> dict:
     """The registry's model cards (``models.registry``) and the versions seen in findings."""
     registry: list[dict] = []
@@ -148,7 +161,7 @@ def models(settings, db) -> dict:
     mod = _optional("models.registry")
     if mod is not None and hasattr(mod, "Registry"):
         try:
-            registry = [dict(c) if not isinstance(c, dict) else c for c in mod.Registry(settings.weights_dir).list()]
+            registry = [_card(c) for c in mod.Registry(settings.weights_dir).list()]
         except Exception as e:  # noqa: BLE001 - shown on the page
             error = f"{type(e).__name__}: {e}"
     else:
