@@ -164,3 +164,15 @@ def test_models_io_refuses_the_three_plane_localizer_as_a_volume(tmp_path):
     paths = write_localizer("knee", tmp_path / "loc", 2)
     with pytest.raises(VolumeError, match="orientation"):
         load_series(paths)
+
+
+def test_command_line_writes_a_series_and_refuses_bad_labels(tmp_path, capsys):
+    from models.phantoms.__main__ import main
+
+    rc = main(["series", "knee", str(tmp_path / "s"), "--seed", "4", "--set", "acl=complete", "--set", "matrix=64",
+               "--set", "n_slices=5"])
+    assert rc == 0
+    files = sorted((tmp_path / "s").glob("*.dcm"))
+    assert len(files) == 5 and pydicom.dcmread(files[0]).SeriesDescription == "SAG PD FS"
+    assert main(["labels", "knee", "--set", "acl=torn"]) == 2
+    assert "acl must be one of" in capsys.readouterr().err
