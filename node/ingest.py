@@ -347,7 +347,7 @@ class _Statements:
         self.insert_instance = _insert_ignoring_conflicts(dialect, inst).returning(inst.c.id)
         self.insert_study = _insert_ignoring_conflicts(dialect, st)
         self.insert_series = _insert_ignoring_conflicts(dialect, se)
-        self.insert_assoc_series = _insert_ignoring_conflicts(dialect, asr)
+        self.insert_assoc_series = _insert_ignoring_conflicts(dialect, asr).returning(asr.c.series_id)
         self.select_instance = select(inst.c.id, inst.c.series_id, inst.c.sha256, inst.c.path).where(
             inst.c.sop_instance_uid == bindparam("b_uid")
         )
@@ -561,7 +561,8 @@ def index_instances(
     open_series: set[int] = set()
     for pair in sorted(delivered):
         if pair not in cache.assoc_series:
-            if conn.execute(sql.insert_assoc_series, {"association_id": pair[0], "series_id": pair[1]}).rowcount == 1:
+            inserted = conn.execute(sql.insert_assoc_series, {"association_id": pair[0], "series_id": pair[1]}).first()
+            if inserted is not None:  # (RETURNING, not rowcount: psycopg reports -1 here)
                 conn.execute(sql.series_open, {"b_id": pair[1]})
             cache.assoc_series.add(pair)
         open_series.add(pair[1])

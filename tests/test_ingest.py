@@ -1,0 +1,208 @@
+"""Header parsing, the index rows of contract C1 and group commit, without the network (SQLite and PostgreSQL)."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+from pydicom.filebase import DicomBytesIO
+from pydicom.filewriter import write_dataset
+from pydicom.uid import MRImageStorage, generate_uid
+from sqlalchemy import select
+
+from listener_support import PYDICOM_DATA, dataset_bytes
+from node.db import Database, utcnow
+from node.errors import IngestError, StorageError
+from node.ingest import (
+    IndexWriter,
+    Received,
+    close_association,
+    index_instances,
+    open_association,
+    read_header,
+    validate,
+)
+from node.settings import load_settings
+from node.storage import InstanceStore, dataset_offset, encode_file_meta
+from node.tables import Association, AssociationSeries, Instance, Series, Study
+from test_listener import mr_dataset
+from worklists.tables import AuditEvent
+
+TEST_FILES = Path(__import__("pydicom").__file__).parent / "data" / "test_files"
+
+
+def encode(ds: Dataset, *, implicit=False) -> bytes:
+    buf = DicomBytesIO()
+    buf.is_little_endian, buf.is_implicit_VR = True, implicit
+    write_dataset(buf, ds)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["MR_small_bigendian.dcm", "MR_small_implicit.dcm", "image_dfl.dcm", "MR_small_jp2klossless.dcm", "emri_small_RLE.dcm"],
+)
+def test_read_header_in_each_transfer_syntax(name):
+    path = TEST_FILES / name if (TEST_FILES / name).exists() else PYDICOM_DATA / name
+    _, sop, ts, data = dataset_bytes(path)
+    header = read_header(data, ts)
+    ds = dcmread(path, stop_before_pixels=True)
+    assert (header.sop_instance_uid, header.study_uid, header.series_uid) == (sop, ds.StudyInstanceUID, ds.SeriesInstanceUID)
+    assert header.modality == ds.Modality
+    assert header.demographics["patient_name"] == str(ds.get("PatientName", ""))
+
+
+def test_header_refusals_carry_the_status():
+    ds = mr_dataset(generate_uid(), generate_uid(), 0)
+    data = encode(ds)
+    with pytest.raises(IngestError) as e:
+        read_header(data[:50], "1.2.840.10008.1.2.1")
+    assert e.value.status == 0xC000
+    del ds.SeriesInstanceUID
+    with pytest.raises(IngestError) as e:
+        read_header(encode(ds), "1.2.840.10008.1.2.1")
+    assert e.value.status == 0xC001 and "SeriesInstanceUID" in e.value.reason
+    ds.SeriesInstanceUID = "1.2.03.x"
+    with pytest.raises(IngestError) as e:
+        read_header(encode(ds), "1.2.840.10008.1.2.1")
+    assert e.value.status == 0xC002
+    ds.SeriesInstanceUID = generate_uid()
+    header = read_header(encode(ds), "1.2.840.10008.1.2.1")
+    with pytest.raises(IngestError) as e:
+        validate(header, request_sop_class_uid="1.2.840.10008.5.1.4.1.1.2", request_sop_instance_uid=ds.SOPInstanceUID)
+    assert e.value.status == 0xA900
+    validate(header, request_sop_class_uid=MRImageStorage, request_sop_instance_uid=ds.SOPInstanceUID)
+
+
+def test_own_objects_are_recognised(settings):
+    root = settings.uid_root
+    ds = mr_dataset(generate_uid(), generate_uid(), 0)
+    assert not read_header(encode(ds), "1.2.840.10008.1.2.1").is_own_object(root)
+    ds.SeriesInstanceUID = root + "7.1"
+    assert read_header(encode(ds), "1.2.840.10008.1.2.1").is_own_object(root)
+    ds.SeriesInstanceUID = generate_uid()
+    item = Dataset()
+    item.Manufacturer = "msknode"
+    ds.ContributingEquipmentSequence = [item]
+    assert read_header(encode(ds), "1.2.840.10008.1.2.1").is_own_object(root)
+
+
+def test_file_meta_and_uid_paths(tmp_path):
+    store = InstanceStore(tmp_path / "store", tmp_path / "q", min_free_bytes=0)
+    store.prepare()
+    meta = encode_file_meta(MRImageStorage, "1.2.3.4", "1.2.840.10008.1.2.1", "PACS")
+    staged = store.stage(meta, b"\x08\x00\x16\x00UI\x1a\x00" + MRImageStorage.encode() + b"\0")
+    final, dirs = store.publish(staged, "1.2", "1.2.3", "1.2.3.4")
+    store.sync_files([final])
+    store.sync_dirs(dirs)
+    assert final == tmp_path / "store" / "1.2" / "1.2.3" / "1.2.3.4.dcm"
+    assert dirs == {tmp_path / "store", tmp_path / "store" / "1.2", tmp_path / "store" / "1.2" / "1.2.3"}
+    fm = dcmread(final).file_meta
+    assert fm.MediaStorageSOPInstanceUID == "1.2.3.4" and fm.SourceApplicationEntityTitle == "PACS"
+    assert final.read_bytes()[dataset_offset(final):].startswith(b"\x08\x00\x16\x00")
+    for bad in ("../etc", "1.2/3", "1.2.3a", "", "1." * 40):
+        with pytest.raises(StorageError):
+            store.path_for(bad, "1.2", "1.2.3")
+    assert not list(store.incoming.iterdir())
+
+
+def _received(store: InstanceStore, ds: Dataset, association_id=None) -> Received:
+    data = encode(ds)
+    header = read_header(data, "1.2.840.10008.1.2.1")
+    meta = encode_file_meta(header.sop_class_uid, header.sop_instance_uid, "1.2.840.10008.1.2.1", "PACS")
+    return Received(header, store.stage(meta, data), "1.2.840.10008.1.2.1", "PACS", association_id)
+
+
+def _exercise_index(database: Database, settings) -> None:
+    """Arrivals, duplicates, corrections and association timers on one database."""
+    store = InstanceStore.from_settings(settings)
+    store.prepare()
+    study, series = generate_uid(), generate_uid()
+    with database.session() as s:
+        a1 = open_association(s, calling_ae="PACS", called_ae="MSKNODE", peer_address="127.0.0.1:1", listener="t:1")
+        a2 = open_association(s, calling_ae="PACS", called_ae="MSKNODE", peer_address="127.0.0.1:2", listener="t:1")
+    first = [mr_dataset(study, series, i, name="Müller^Jörg") for i in range(3)]
+    with database.session() as s:
+        out = index_instances(s, store, [_received(store, d, a1) for d in first[:2]], uid_root=settings.uid_root, quiet_seconds=5)
+        out += index_instances(s, store, [_received(store, first[2], a2)], uid_root=settings.uid_root, quiet_seconds=5)
+    assert [o.status for o in out] == [0, 0, 0] and not any(o.duplicate for o in out)
+    with database.session() as s:
+        se = s.scalars(select(Series).where(Series.series_uid == series)).one()
+        assert (se.instances, se.open_associations, se.quiet_deadline, se.state) == (3, 2, None, "receiving")
+        assert s.scalars(select(Study).where(Study.study_uid == study)).one().patient_name == "Müller^Jörg"
+        assert len(s.scalars(select(AssociationSeries).where(AssociationSeries.series_id == se.id)).all()) == 2
+    # one association ends: the other still delivers, no timer yet; then the second ends
+    with database.session() as s:
+        close_association(s, a1, reason="released", quiet_seconds=5)
+    with database.session() as s:
+        se = s.scalars(select(Series).where(Series.series_uid == series)).one()
+        assert se.quiet_deadline is None and se.open_associations == 1
+        assert s.get(Association, a1).instances == 2
+    now = utcnow()
+    with database.session() as s:
+        close_association(s, a2, reason="aborted", quiet_seconds=5, now=now)
+    with database.session() as s:
+        se = s.scalars(select(Series).where(Series.series_uid == series)).one()
+        assert se.open_associations == 0 and abs((se.quiet_deadline - now).total_seconds() - 5) < 0.01
+        assert s.get(Association, a2).end_reason == "aborted"
+    # identical resend: nothing changes; corrected resend: updated and audited
+    with database.session() as s:
+        dup = index_instances(s, store, [_received(store, first[0])], uid_root=settings.uid_root, quiet_seconds=5)
+    assert dup[0].duplicate and not list(store.incoming.iterdir())
+    first[0].PatientName = "Mueller^Joerg"
+    with database.session() as s:
+        fix = index_instances(s, store, [_received(store, first[0])], uid_root=settings.uid_root, quiet_seconds=5)
+    assert fix[0].replaced and fix[0].demographics_changed == ("patient_name",)
+    with database.session() as s:
+        assert s.scalars(select(Study).where(Study.study_uid == study)).one().patient_name == "Mueller^Joerg"
+        assert s.scalars(select(Series).where(Series.series_uid == series)).one().instances == 3
+        audit = s.scalars(select(AuditEvent).where(AuditEvent.entity_id == study)).one()
+        assert audit.action == "demographics_updated" and "Mueller" not in str(audit.details)
+    # a resend that moves the instance to another series keeps both counts right
+    first[1].SeriesInstanceUID = other = generate_uid()
+    with database.session() as s:
+        index_instances(s, store, [_received(store, first[1])], uid_root=settings.uid_root, quiet_seconds=5)
+    with database.session() as s:
+        counts = {u: s.scalar(select(Series.instances).where(Series.series_uid == u)) for u in (series, other)}
+        inst = s.scalars(select(Instance).where(Instance.sop_instance_uid == first[1].SOPInstanceUID)).one()
+    assert counts == {series: 2, other: 1} and other in inst.path and Path(inst.path).exists()
+
+
+def test_index_rows_on_sqlite(db, settings):
+    _exercise_index(db, settings)
+
+
+def test_index_rows_on_postgresql(postgres_url, tmp_path):
+    settings = load_settings(data_dir=tmp_path / "data", database_url=postgres_url)
+    database = Database(postgres_url)
+    try:
+        _exercise_index(database, settings)
+    finally:
+        database.dispose()
+
+
+def test_group_commit_puts_concurrent_instances_in_one_transaction(db, settings):
+    store = InstanceStore.from_settings(settings)
+    store.prepare()
+    writer = IndexWriter(db, store, settings)
+    study, series = generate_uid(), generate_uid()
+    items = [_received(store, mr_dataset(study, series, i)) for i in range(8)]
+    results = [None] * 8
+    writer._commit_lock.acquire()  # a commit in progress: the eight handlers queue behind it
+    threads = [threading.Thread(target=lambda i=i: results.__setitem__(i, writer.store_instance(items[i], 30))) for i in range(8)]
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + 10
+    while len(writer._pending) < 8 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    writer._commit_lock.release()
+    for t in threads:
+        t.join()
+    assert all(r is not None and r.status == 0 for r in results)
+    assert writer.batches == 1 and writer.committed == 8
+    with db.session() as s:
+        assert s.scalars(select(Series).where(Series.series_uid == series)).one().instances == 8
