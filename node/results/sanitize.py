@@ -62,6 +62,8 @@ def _truncate(s: str, vr: str) -> str:
 def _fix_pn(value: Any) -> str:
     text = str(value) if not isinstance(value, str) else value
     text = _clean_text(text, "PN")
+    if not any(ch.isalnum() for ch in text):
+        return ""  # placeholders such as "----" or "^^" name nobody
     groups = text.split("=")[:3]
     fixed = []
     for g in groups:
