@@ -1,0 +1,197 @@
+"""A trained task model: network + calibration + identity; checkpoint format and inference.
+
+Checkpoint (``torch.save`` of plain tensors and values, loaded with ``weights_only=True``):
+``{"format": "msknode.classifier/1", "task": name, "net": {...}, "state_dict": ...,
+"temperature": T, "threshold": t, "metadata": {...}}``.
+
+``predict(volume)``: QC gate -> preprocessing (`models.transforms`) -> feature map under
+``torch.inference_mode`` -> calibrated probabilities (temperature scaling) -> MC-dropout
+uncertainty (`models.uncertainty`) -> Grad-CAM heatmap in the input geometry
+(`models.saliency`, the only pass with gradients) -> `Finding` objects.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from models.errors import RegistryError
+from models.nets import LesionNet, set_mc_dropout
+from models.saliency import grad_cam, to_heatmap
+from models.tasks.base import HeadResult, TaskSpec, volume_peak
+from models.transforms import preprocess
+from models.types import NOT_FOR_DIAGNOSTIC_USE, ModelInfo, ModelOutput, QCResult, Volume
+from models.uncertainty import mc_dropout_probabilities
+
+FORMAT = "msknode.classifier/1"
+
+
+def sha256_of(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def build_net(task: TaskSpec) -> LesionNet:
+    return LesionNet(1, task.head_sizes, channels=task.net.channels, dropout=task.net.dropout)
+
+
+def head_score(logits: torch.Tensor, head, kind: str) -> torch.Tensor:
+    """Scalar the saliency explains: log-odds of the positive classes, or the top class logit."""
+    lg = logits[0]
+    if kind == "finding" and head.negative:
+        pos = [head.classes.index(c) for c in head.positive]
+        neg = [head.classes.index(c) for c in head.negative]
+        return torch.logsumexp(lg[pos], 0) - torch.logsumexp(lg[neg], 0)
+    return lg[int(torch.argmax(lg))]
+
+
+@dataclass
+class ClassifierModel:
+    task: TaskSpec
+    net: LesionNet
+    info: ModelInfo
+    temperature: float = 1.0
+    threshold: float = 0.5
+    metadata: dict[str, Any] = field(default_factory=dict)
+    gate: Any = None  # models.qc.QCGate; None = no gate (training/evaluation internals)
+    mc_samples: int = 24
+
+    # --- persistence --------------------------------------------------------------------
+    def state(self) -> dict[str, Any]:
+        return {
+            "format": FORMAT,
+            "task": self.task.name,
+            "net": {"in_channels": 1, "head_sizes": self.task.head_sizes, "channels": list(self.task.net.channels),
+                    "dropout": float(self.task.net.dropout)},
+            "state_dict": {k: v.detach().clone() for k, v in self.net.state_dict().items()},
+            "temperature": float(self.temperature),
+            "threshold": float(self.threshold),
+            "metadata": dict(self.metadata),
+        }
+
+    def save(self, path: Path) -> str:
+        """Write the checkpoint and ``<file>.sha256`` beside it; returns the sha256."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        torch.save(self.state(), tmp)
+        tmp.replace(path)
+        digest = sha256_of(path)
+        path.with_name(path.name + ".sha256").write_text(f"{digest}  {path.name}\n")
+        return digest
+
+    @classmethod
+    def load(cls, path: Path, task: TaskSpec, *, sha256: str, gate: Any = None) -> "ClassifierModel":
+        """Load an (already verified) checkpoint for ``task``."""
+        ckpt = torch.load(Path(path), map_location="cpu", weights_only=True)
+        if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
+            raise RegistryError(f"{path} is not a {FORMAT} checkpoint")
+        if ckpt.get("task") != task.name:
+            raise RegistryError(f"{path} holds weights of {ckpt.get('task')!r}, not {task.name!r}")
+        net_cfg = ckpt["net"]
+        if list(net_cfg["head_sizes"]) != task.head_sizes or tuple(net_cfg["channels"]) != tuple(task.net.channels):
+            raise RegistryError(f"{path}: network shape {net_cfg} does not match the code of {task.name}")
+        net = build_net(task)
+        net.load_state_dict(ckpt["state_dict"])
+        net.eval()
+        meta = dict(ckpt.get("metadata", {}))
+        info = ModelInfo(
+            name=task.name, version=str(meta.get("version", task.version)), weights_sha256=sha256, task=task.kind,
+            anatomy=task.anatomy, demo_weights=bool(meta.get("demo_weights", True)), notice=NOT_FOR_DIAGNOSTIC_USE,
+        )
+        return cls(task=task, net=net, info=info, temperature=float(ckpt.get("temperature", 1.0)),
+                   threshold=float(ckpt.get("threshold", 0.5)), metadata=meta, gate=gate)
+
+    # --- inference ------------------------------------------------------------------------
+    def preprocess(self, volume: Volume):
+        spec = self.task.input
+        return preprocess(volume, spec.shape, spec.roi_mm, spec.plane)
+
+    def probabilities(self, x: torch.Tensor) -> list[np.ndarray]:
+        """Batch (B, 1, D, H, W) -> per head (B, n_classes) calibrated probabilities (deterministic)."""
+        set_mc_dropout(self.net, False)
+        with torch.inference_mode():
+            logits, _ = self.net(x)
+        return [torch.softmax(lg / self.temperature, dim=1).numpy() for lg in logits]
+
+    def analyse(self, volume: Volume, *, saliency: bool = True, uncertainty: bool = True,
+                timings: dict[str, float] | None = None) -> list[HeadResult]:
+        """Head results for one volume (no QC)."""
+        timings = {} if timings is None else timings
+        t0 = time.perf_counter()
+        img, frame = self.preprocess(volume)
+        x = torch.from_numpy(np.ascontiguousarray(img[None], dtype=np.float32))
+        timings["preprocess_s"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        set_mc_dropout(self.net, False)
+        with torch.inference_mode():
+            feat = self.net.features(x)
+            logits, _ = self.net.forward_head(feat)
+        probs = [torch.softmax(lg / self.temperature, dim=1)[0].numpy() for lg in logits]
+        timings["inference_s"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        if uncertainty and self.mc_samples > 1:
+            mc = mc_dropout_probabilities(self.net, feat, samples=self.mc_samples, temperature=self.temperature)
+            mc = [m.numpy() for m in mc]
+        else:
+            mc = None
+        timings["uncertainty_s"] = time.perf_counter() - t0
+        results = []
+        t_sal = 0.0
+        for h, head in enumerate(self.task.heads):
+            p = probs[h]
+            std = mc[h].std(axis=0) if mc is not None else np.zeros_like(p)
+            p_find = p_std = None
+            if head.negative:
+                neg = [head.classes.index(c) for c in head.negative]
+                p_find = float(1.0 - p[neg].sum())
+                if mc is not None:
+                    p_std = float((1.0 - mc[h][:, neg].sum(axis=1)).std())
+                else:
+                    p_std = 0.0
+            heat = peak_vox = peak_mm = None
+            if saliency:
+                ts = time.perf_counter()
+                kind = self.task.score_of(h)
+
+                def score(f, _h=h, _head=head, _kind=kind):
+                    lg, _ = self.net.forward_head(f)
+                    return head_score(lg[_h], _head, _kind)
+
+                cam = grad_cam(score, feat)
+                heat = to_heatmap(cam, frame)
+                peak_vox, peak_mm = volume_peak(volume, heat)
+                t_sal += time.perf_counter() - ts
+            results.append(HeadResult(head=head, probabilities=p, std=std, p_finding=p_find, p_finding_std=p_std,
+                                      heatmap=heat, peak_vox=peak_vox, peak_mm=peak_mm))
+        timings["saliency_s"] = t_sal
+        return results
+
+    def predict(self, volume: Volume, *, saliency: bool = True, uncertainty: bool = True,
+                qc: QCResult | None = None) -> ModelOutput:
+        """QC gate + analysis -> ModelOutput (no findings when QC refuses the series)."""
+        t_start = time.perf_counter()
+        timings: dict[str, float] = {}
+        if qc is None:
+            if self.gate is not None:
+                t0 = time.perf_counter()
+                qc = self.gate.check(volume, self.task)
+                timings["qc_s"] = time.perf_counter() - t0
+            else:
+                qc = QCResult(True, metrics={})
+        if not qc.accepted:
+            timings["total_s"] = time.perf_counter() - t_start
+            return ModelOutput(model=self.info, series_uid=volume.series_uid, qc=qc, findings=[], timings=timings)
+        results = self.analyse(volume, saliency=saliency, uncertainty=uncertainty, timings=timings)
+        findings = self.task.findings(results, threshold=self.threshold)
+        timings["total_s"] = time.perf_counter() - t_start
+        return ModelOutput(model=self.info, series_uid=volume.series_uid, qc=qc, findings=findings, timings=timings)

@@ -1,0 +1,245 @@
+"""Model registry: reviewed Python code + pinned, hashed weights (no eval'd configs).
+
+Every model is an entry in `ENTRIES`, built from code: the task heads in
+``models.tasks`` (``knee.acl`` …), the super-resolution model (``models.superres``) and
+the QC anatomy classifier (``qc.anatomy``, used by the QC gate). Weights live in
+``<weights root>/<model name>/<file>`` with ``<file>.sha256`` beside them, plus
+``card.json`` (machine-readable model card: training data, recipe, metrics with CIs)
+and ``MODEL_CARD.md``. The roots are searched in order: the site-supplied folder
+(``Registry(weights_dir)``, settings.weights_dir) first, then the repository's
+``models/weights``. The sha256 of the file is computed and compared before the file is
+deserialised; a mismatch raises `WeightsIntegrityError` and nothing is loaded. Nothing
+is ever downloaded.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from models.errors import UnknownModelError, WeightsIntegrityError, WeightsMissingError
+from models.types import NOT_FOR_DIAGNOSTIC_USE, ModelInfo
+
+REPO_WEIGHTS = Path(__file__).resolve().parent / "weights"
+CARD_FILE = "card.json"
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    name: str
+    task: str  # "binary" | "multiclass" | "grading" | "superres" | "qc"
+    anatomy: str
+    description: str
+    input_roles: tuple[str, ...]
+    weights_file: str
+    version: str
+    loader: Callable[["Registry", Path, str], Any]  # (registry, verified weights path, sha256) -> loaded model
+    input_spec: dict[str, Any]
+
+
+def _classifier_loader(task_name: str):
+    def load(registry: "Registry", path: Path, sha: str):
+        from models.classifier import ClassifierModel
+        from models.tasks import TASKS
+
+        return ClassifierModel.load(path, TASKS[task_name], sha256=sha, gate=registry.gate())
+
+    return load
+
+
+def _superres_loader(registry: "Registry", path: Path, sha: str):
+    from models.superres import SuperResModel
+
+    card = registry.card(MODEL_SUPERRES)
+    return SuperResModel.load(path, expected_sha256=sha, version=card.get("version"))
+
+
+def _anatomy_loader(registry: "Registry", path: Path, sha: str):
+    from models.qc import AnatomyClassifier
+
+    return AnatomyClassifier.load(path, sha256=sha)
+
+
+MODEL_SUPERRES = "superres"
+MODEL_ANATOMY = "qc.anatomy"
+
+
+def _build_entries() -> dict[str, ModelEntry]:
+    from models.tasks import TASKS
+
+    entries: dict[str, ModelEntry] = {}
+    for name, task in TASKS.items():
+        entries[name] = ModelEntry(
+            name=name, task=task.kind, anatomy=task.anatomy, description=task.description,
+            input_roles=task.input.roles, weights_file="model.pt", version=task.version,
+            loader=_classifier_loader(name), input_spec=task.card_facts()["input"],
+        )
+    entries[MODEL_SUPERRES] = ModelEntry(
+        name=MODEL_SUPERRES, task="superres", anatomy="any",
+        description="Residual super-resolution, through-plane x2 (in-plane x2 on request), data-consistent",
+        input_roles=("sag_fluid", "sag_pd", "cor_fluid", "sag_t2"), weights_file="superres.pt", version="1",
+        loader=_superres_loader,
+        input_spec={"roles": "first input role of the pipeline's main model", "plane": "any 2-D multislice series"},
+    )
+    entries[MODEL_ANATOMY] = ModelEntry(
+        name=MODEL_ANATOMY, task="qc", anatomy="any",
+        description="QC gate anatomy/orientation classifier (knee sagittal, shoulder coronal, spine sagittal, other)",
+        input_roles=(), weights_file="model.pt", version="1", loader=_anatomy_loader,
+        input_spec={"roles": "every model input", "plane": "any"},
+    )
+    return entries
+
+
+ENTRIES: dict[str, ModelEntry] = _build_entries()
+
+
+def read_sha256_file(path: Path) -> str:
+    text = path.read_text().strip()
+    if not text:
+        raise WeightsIntegrityError(f"{path} is empty")
+    digest = text.split()[0].lower()
+    if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
+        raise WeightsIntegrityError(f"{path} does not hold a sha256 hex digest")
+    return digest
+
+
+class Registry:
+    """Model cards and verified weights. ``weights_dir``: a site folder searched before the repository's."""
+
+    def __init__(self, weights_dir: Path | str | None = None, *, include_repo: bool = True):
+        self.roots: list[Path] = []
+        if weights_dir:
+            self.roots.append(Path(weights_dir))
+        if include_repo:
+            self.roots.append(REPO_WEIGHTS)
+        self._loaded: dict[str, Any] = {}
+        self._gate = None
+
+    # --- lookup -------------------------------------------------------------------------
+    def entry(self, name: str) -> ModelEntry:
+        if name not in ENTRIES:
+            raise UnknownModelError(f"unknown model {name!r}; known: {', '.join(sorted(ENTRIES))}")
+        return ENTRIES[name]
+
+    def names(self) -> list[str]:
+        return sorted(ENTRIES)
+
+    def weights_path(self, name: str) -> Path | None:
+        """The weights file of ``name`` in the first root that has it (None if none does)."""
+        e = self.entry(name)
+        for root in self.roots:
+            p = root / name / e.weights_file
+            if p.is_file():
+                return p
+        return None
+
+    def has_weights(self, name: str) -> bool:
+        return self.weights_path(name) is not None
+
+    def card(self, name: str) -> dict[str, Any]:
+        """card.json next to the weights in use (or {} if absent)."""
+        p = self.weights_path(name)
+        folder = p.parent if p is not None else None
+        if folder is None or not (folder / CARD_FILE).is_file():
+            return {}
+        try:
+            return json.loads((folder / CARD_FILE).read_text())
+        except (OSError, ValueError):
+            return {}
+
+    def verify(self, name: str) -> tuple[Path, str]:
+        """(path, sha256) of verified weights; raises WeightsMissingError / WeightsIntegrityError."""
+        path = self.weights_path(name)
+        if path is None:
+            where = ", ".join(str(r / name) for r in self.roots)
+            raise WeightsMissingError(f"no weights for {name!r} (looked in {where})")
+        side = path.with_name(path.name + ".sha256")
+        if not side.is_file():
+            raise WeightsMissingError(f"{side} is missing; refusing unverified weights for {name!r}")
+        expected = read_sha256_file(side)
+        from models.classifier import sha256_of
+
+        actual = sha256_of(path)
+        if actual != expected:
+            raise WeightsIntegrityError(
+                f"weights of {name!r} at {path} fail the integrity check: sha256 {actual} != recorded {expected}; "
+                "refusing to load (corrupted or replaced file)"
+            )
+        card_sha = self.card(name).get("weights_sha256")
+        if card_sha and card_sha != actual:
+            raise WeightsIntegrityError(
+                f"weights of {name!r} at {path}: sha256 {actual} differs from the model card's {card_sha}; refusing to load"
+            )
+        return path, actual
+
+    def get(self, name: str):
+        """The loaded model (verified once per Registry instance)."""
+        if name not in self._loaded:
+            e = self.entry(name)
+            path, sha = self.verify(name)
+            self._loaded[name] = e.loader(self, path, sha)
+        return self._loaded[name]
+
+    def info(self, name: str) -> ModelInfo:
+        """Identity of a model without loading it (sha256 from the recorded hash; "" if no weights)."""
+        e = self.entry(name)
+        path = self.weights_path(name)
+        sha = ""
+        if path is not None:
+            side = path.with_name(path.name + ".sha256")
+            if side.is_file():
+                try:
+                    sha = read_sha256_file(side)
+                except WeightsIntegrityError:
+                    sha = ""
+        card = self.card(name)
+        return ModelInfo(name=name, version=str(card.get("version", e.version)), weights_sha256=sha, task=e.task,
+                         anatomy=e.anatomy, demo_weights=bool(card.get("demo_weights", True)),
+                         notice=NOT_FOR_DIAGNOSTIC_USE)
+
+    def gate(self):
+        """The QC gate (with the anatomy classifier when its weights are present)."""
+        if self._gate is None:
+            from models.qc import QCGate
+
+            anatomy = self.get(MODEL_ANATOMY) if self.has_weights(MODEL_ANATOMY) else None
+            self._gate = QCGate(anatomy)
+        return self._gate
+
+    # --- cards ------------------------------------------------------------------------------
+    def list(self) -> list[dict[str, Any]]:
+        """One model card dict per registered model."""
+        out = []
+        for name in self.names():
+            e = ENTRIES[name]
+            path = self.weights_path(name)
+            card = self.card(name)
+            status, sha, error = "no weights", None, None
+            if path is not None:
+                try:
+                    _, sha = self.verify(name)
+                    status = "verified"
+                except (WeightsMissingError, WeightsIntegrityError) as exc:
+                    status, error = "refused", str(exc)
+            out.append({
+                "name": name,
+                "task": e.task,
+                "anatomy": e.anatomy,
+                "description": e.description,
+                "input": card.get("input", e.input_spec),
+                "input_roles": list(e.input_roles),
+                "version": str(card.get("version", e.version)),
+                "weights_sha256": sha,
+                "weights_path": str(path) if path else None,
+                "weights_source": None if path is None else ("repo" if REPO_WEIGHTS in path.parents else "site"),
+                "status": status,
+                "error": error,
+                "training_data": card.get("training_data"),
+                "metrics": card.get("metrics"),
+                "recipe": card.get("recipe"),
+                "demo_weights": bool(card.get("demo_weights", True)),
+                "notice": card.get("notice", NOT_FOR_DIAGNOSTIC_USE),
+            })
+        return out

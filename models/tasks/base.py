@@ -1,0 +1,242 @@
+"""Task heads: what a model looks at, what it predicts, and how labels map to targets.
+
+A `TaskSpec` describes one classifier/grader of the node (``knee.acl``,
+``knee.meniscus``, ``shoulder.rotator_cuff``, ``lumbar_spine.stenosis``):
+
+- ``input``: the roles it takes (preference order, contract C3), the plane, the
+  region of interest in mm and the network grid, plus the QC limits for its input;
+- ``heads``: one or more classification heads (``acl``: intact/partial/complete; a
+  grading model has one head per level), each with the classes that mean "no finding";
+- ``kind``: "binary" (P(finding) = 1 - P(negative classes); AUC/sens/spec/ECE),
+  "multiclass" (balanced accuracy) or "grading" (quadratic-weighted kappa per head);
+- label mapping from phantoms (exact labels + lesion masks + lesion centres), from
+  MRNet CSV rows and from ``labels.csv`` rows of a DICOM folder;
+- ``findings``: head probabilities -> `Finding` objects for results and triage.
+
+A new model is one file under ``models/tasks/`` defining a TaskSpec subclass instance
+named ``TASK``; add its module to ``models.tasks.TASK_MODULES``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from models.types import Finding, Volume
+
+_TRUE = {"1", "true", "yes", "y", "positive", "pos", "tear", "torn", "present"}
+_FALSE = {"0", "false", "no", "n", "negative", "neg", "none", "absent", "normal", "intact"}
+
+
+@dataclass(frozen=True)
+class Head:
+    name: str  # "acl", "L4-L5"
+    classes: tuple[str, ...]  # ("intact", "partial", "complete")
+    negative: tuple[str, ...] = ()  # classes that mean "no finding"
+
+    @property
+    def positive(self) -> tuple[str, ...]:
+        return tuple(c for c in self.classes if c not in self.negative)
+
+    def allowed_for(self, value: Any) -> np.ndarray:
+        """Boolean mask over classes compatible with a label value (class name, index, or 0/1 for binary)."""
+        mask = np.zeros(len(self.classes), dtype=bool)
+        if value is None or (isinstance(value, float) and np.isnan(value)):
+            mask[:] = True
+            return mask
+        text = str(value).strip().lower()
+        if text == "" or text in {"?", "na", "nan", "unknown"}:
+            mask[:] = True
+            return mask
+        lowered = [c.lower() for c in self.classes]
+        if text in lowered:
+            mask[lowered.index(text)] = True
+            return mask
+        if self.negative and text in _TRUE:
+            mask[[self.classes.index(c) for c in self.positive]] = True
+            return mask
+        if self.negative and text in _FALSE:
+            mask[[self.classes.index(c) for c in self.negative]] = True
+            return mask
+        try:
+            idx = int(float(text))
+        except ValueError:
+            idx = -1
+        if not self.negative and 0 <= idx < len(self.classes):
+            mask[idx] = True
+            return mask
+        raise ValueError(f"label {value!r} is not one of {', '.join(self.classes)} (or 0/1) for {self.name!r}")
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    roles: tuple[str, ...]  # preference order (contract C3)
+    plane: str  # "sagittal", "coronal", "axial"
+    shape: tuple[int, int, int]  # network grid (D, H, W)
+    roi_mm: tuple[float | None, float | None, float | None] | None  # central ROI (through, rows, cols) in mm
+    min_slices: int = 12
+    slice_spacing_mm: tuple[float, float] = (1.0, 7.0)
+    pixel_spacing_mm: tuple[float, float] = (0.15, 1.6)
+    fov_mm: tuple[float, float] = (80.0, 260.0)  # in-plane field of view accepted
+    max_obliquity_deg: float = 35.0  # slice normal vs the plane's axis
+    flip_slices_ok: bool = True  # mirroring along the slice axis keeps the labels (augmentation)
+    extra_roles: tuple[str, ...] = ()  # optional further inputs (e.g. cor_fluid for the meniscus)
+    mrnet_plane: str = "sagittal"  # which MRNet stack feeds the model
+    mrnet_spacing_mm: tuple[float, float, float] = (3.0, 0.625, 0.625)  # MRNet .npy carry no geometry
+
+
+@dataclass(frozen=True)
+class NetConfig:
+    channels: tuple[int, ...] = (16, 24, 48)
+    dropout: float = 0.25
+    aux_weight: float = 1.0  # weight of the lesion-evidence loss where lesion masks exist
+
+
+@dataclass
+class Target:
+    """Training/evaluation target of one case."""
+
+    allowed: np.ndarray  # (n_heads, n_classes_max) bool; a row of all True = unknown label
+    lesion: np.ndarray | None = None  # source-shaped float mask (n_heads, k, j, i) or None
+    lesion_centers_mm: dict[str, tuple[float, float, float]] = field(default_factory=dict)  # head -> mm
+    info: dict[str, Any] = field(default_factory=dict)  # e.g. exact labels for reports
+
+
+@dataclass
+class HeadResult:
+    head: Head
+    probabilities: np.ndarray  # (n_classes,) calibrated mean over MC samples
+    std: np.ndarray  # (n_classes,) std over MC samples
+    p_finding: float | None  # 1 - P(negative) for heads with negatives
+    p_finding_std: float | None
+    heatmap: np.ndarray | None = None  # source geometry, [0, 1]
+    peak_vox: tuple[int, int, int] | None = None
+    peak_mm: tuple[float, float, float] | None = None
+
+
+class TaskSpec:
+    """Base of every task head. Subclasses set the class attributes and may override the label mapping."""
+
+    name: str = ""
+    anatomy: str = ""
+    kind: str = "binary"  # "binary" | "multiclass" | "grading"
+    version: str = "0"
+    description: str = ""
+    finding_code: str = ""
+    site: str | None = None
+    input: InputSpec
+    heads: tuple[Head, ...] = ()
+    net: NetConfig = NetConfig()
+    phantom_lesion_masks: tuple[str, ...] = ()  # phantom mask name per head (same order as heads)
+    phantom_lesion_keys: tuple[str, ...] = ()  # key in phantom.labels["lesion_centers_mm"] per head
+    mrnet_columns: tuple[str, ...] = ()  # MRNet csv name per head ("acl" -> train-acl.csv)
+
+    # --- shapes ---------------------------------------------------------------------
+    @property
+    def n_classes(self) -> int:
+        return max(len(h.classes) for h in self.heads)
+
+    @property
+    def head_sizes(self) -> list[int]:
+        return [len(h.classes) for h in self.heads]
+
+    def empty_allowed(self) -> np.ndarray:
+        a = np.zeros((len(self.heads), self.n_classes), dtype=bool)
+        for i, h in enumerate(self.heads):
+            a[i, : len(h.classes)] = True
+        return a
+
+    # --- labels -----------------------------------------------------------------------
+    def phantom_labels(self, labels: Mapping[str, Any]) -> list[Any]:
+        """Per-head label value from phantom labels (override)."""
+        raise NotImplementedError
+
+    def phantom_overrides(self) -> dict[str, Any]:
+        """Overrides passed to ``models.phantoms.generate`` for this task's phantoms."""
+        return {}
+
+    def target_from_phantom(self, phantom) -> Target:
+        allowed = self.empty_allowed() & False
+        for i, (h, v) in enumerate(zip(self.heads, self.phantom_labels(phantom.labels))):
+            allowed[i, : len(h.classes)] = h.allowed_for(v)
+        lesion = None
+        if self.phantom_lesion_masks:
+            shape = phantom.volume.array.shape
+            lesion = np.stack([
+                np.asarray(phantom.masks.get(m, np.zeros(shape, bool)), dtype=np.float32) for m in self.phantom_lesion_masks
+            ])
+        centers = {}
+        lc = phantom.labels.get("lesion_centers_mm", {}) or {}
+        for h, key in zip(self.heads, self.phantom_lesion_keys):
+            if key in lc:
+                centers[h.name] = tuple(float(v) for v in lc[key])
+        info = {h.name: v for h, v in zip(self.heads, self.phantom_labels(phantom.labels))}
+        return Target(allowed=allowed, lesion=lesion, lesion_centers_mm=centers, info=info)
+
+    def target_from_row(self, row: Mapping[str, Any]) -> Target:
+        """From a labels.csv row (column per head name) or MRNet labels (keys = mrnet_columns)."""
+        allowed = self.empty_allowed() & False
+        info = {}
+        for i, h in enumerate(self.heads):
+            keys = [h.name]
+            if i < len(self.mrnet_columns):
+                keys.append(self.mrnet_columns[i])
+            value = next((row[k] for k in keys if k in row), None)
+            allowed[i, : len(h.classes)] = h.allowed_for(value)
+            info[h.name] = value
+        return Target(allowed=allowed, info=info)
+
+    # --- outputs ----------------------------------------------------------------------
+    def findings(self, results: Sequence[HeadResult], *, threshold: float) -> list[Finding]:
+        """One Finding per head (negative ones too: the SR reports 'evaluated, absent')."""
+        out = []
+        for r in results:
+            probs = {c: float(p) for c, p in zip(r.head.classes, r.probabilities)}
+            if r.p_finding is not None:
+                p = float(r.p_finding)
+                positive = p >= threshold
+                pos_classes = r.head.positive
+                grade = max(pos_classes, key=lambda c: probs[c]) if positive else None
+            else:
+                top = max(probs, key=probs.get)
+                p = None
+                positive = top not in r.head.negative
+                grade = top
+            out.append(
+                Finding(
+                    code=self.finding_code, label=self.finding_label(r.head, grade, positive), probability=p,
+                    uncertainty=None if r.p_finding_std is None else float(r.p_finding_std), positive=bool(positive),
+                    threshold=threshold if r.p_finding is not None else None, grade=grade, grade_probabilities=probs,
+                    level=r.head.name if len(self.heads) > 1 else None, site=self.site, location=r.peak_vox,
+                    location_mm=r.peak_mm, heatmap=r.heatmap,
+                )
+            )
+        return out
+
+    def finding_label(self, head: Head, grade: str | None, positive: bool) -> str:
+        return f"{self.description}: {'positive' if positive else 'negative'}" + (f" ({grade})" if grade else "")
+
+    def score_of(self, head_index: int) -> str:
+        """What the saliency explains: "finding" (log-odds of the positive classes) or "top" (top class)."""
+        return "finding" if self.heads[head_index].negative else "top"
+
+    def card_facts(self) -> dict[str, Any]:
+        return {
+            "name": self.name, "task": self.kind, "anatomy": self.anatomy, "description": self.description,
+            "input": {
+                "roles": list(self.input.roles), "extra_roles": list(self.input.extra_roles), "plane": self.input.plane,
+                "grid": list(self.input.shape), "roi_mm": None if self.input.roi_mm is None else list(self.input.roi_mm),
+                "min_slices": self.input.min_slices,
+            },
+            "outputs": {h.name: list(h.classes) for h in self.heads},
+        }
+
+
+def volume_peak(volume: Volume, heat: np.ndarray) -> tuple[tuple[int, int, int], tuple[float, float, float]] | tuple[None, None]:
+    if heat is None or not np.isfinite(heat).all() or float(heat.max()) <= 0:
+        return None, None
+    kji = np.unravel_index(int(np.argmax(heat)), heat.shape)
+    mm = volume.affine() @ np.array([kji[0], kji[1], kji[2], 1.0])
+    return tuple(int(v) for v in kji), tuple(round(float(v), 2) for v in mm[:3])
