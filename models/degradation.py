@@ -83,7 +83,7 @@ def slice_matrix_for(n_lr: int, factor: int, sigma_frac: float) -> np.ndarray:
         _profile_integral((hi - a) / sigma) - _profile_integral((lo - a) / sigma)
         - _profile_integral((hi - b) / sigma) + _profile_integral((lo - b) / sigma)
     )
-    w = np.clip(w, 0.0, None)
+    w = np.where(w > 1e-12, w, 0.0)  # exact zeros outside the profile support
     m = np.zeros((n_lr, n_hr))
     idx = np.clip(i, 0, n_hr - 1)
     for col, target in enumerate(idx):
