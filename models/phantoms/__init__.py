@@ -13,10 +13,10 @@ from __future__ import annotations
 
 from models.phantoms.common import ANATOMIES, Phantom
 from models.phantoms.errors import PhantomError
-from models.phantoms.spec import SPEC, SPEC_VERSION, Spec
+from models.phantoms.spec import GENERATOR_VERSION, SPEC, SPEC_VERSION, Spec
 
 __all__ = [
-    "ANATOMIES", "SPEC", "SPEC_VERSION", "Phantom", "PhantomError", "Spec", "generate", "write_dicom_series",
+    "ANATOMIES", "GENERATOR_VERSION", "SPEC", "SPEC_VERSION", "Phantom", "PhantomError", "Spec", "generate", "write_dicom_series",
     "write_localizer", "write_study",
 ]
 

@@ -26,7 +26,7 @@ from models.phantoms.errors import PhantomError
 from models.phantoms.shapes import (
     Ellipsoid, Func, HalfSpace, Intersection, Layer, Rod, SmoothUnion, Structure, Tube, Union,
 )
-from models.phantoms.spec import KneeSpec
+from models.phantoms.spec import GENERATOR_VERSION, KneeSpec
 
 LABEL_KEYS = {"acl", "meniscus_tear", "meniscus_side", "laterality"}
 ACL_CLASSES = ("intact", "partial", "complete")
@@ -197,7 +197,7 @@ def generate_knee(seed: int, spec: KneeSpec, overrides: dict[str, Any]) -> Phant
         rendered.array, study_uid=study, series_uid=series, frame_of_reference_uid=frame,
         sop_class_uid="1.2.840.10008.5.1.4.1.1.4", modality="MR", body_part="KNEE",
         laterality=n["laterality"], attributes={"sequence": n["sequence"], "orientation": plane,
-                                                "slice_thickness": geom.slice_thickness, "phantom_seed": seed},
+                                                "slice_thickness": geom.slice_thickness, "phantom_seed": seed, "phantom_generator": GENERATOR_VERSION},
     )
     params = dict(n)
     params.update({f"lesion_{k}": v for k, v in les.items()})

@@ -28,7 +28,7 @@ from models.phantoms.errors import PhantomError
 from models.phantoms.shapes import (
     Ellipsoid, Func, HalfSpace, Intersection, Layer, SmoothUnion, Structure, Tube, rotation,
 )
-from models.phantoms.spec import ShoulderSpec
+from models.phantoms.spec import GENERATOR_VERSION, ShoulderSpec
 
 LABEL_KEYS = {"cuff", "laterality"}
 CUFF_CLASSES = ("none", "partial", "full_thickness")
@@ -126,7 +126,7 @@ def generate_shoulder(seed: int, spec: ShoulderSpec, overrides: dict[str, Any]) 
         rendered.array, study_uid=study, series_uid=series, frame_of_reference_uid=frame,
         sop_class_uid="1.2.840.10008.5.1.4.1.1.4", modality="MR", body_part="SHOULDER", laterality=lat,
         attributes={"sequence": n["sequence"], "orientation": n["orientation"], "slice_thickness": geom.slice_thickness,
-                    "phantom_seed": seed},
+                    "phantom_seed": seed, "phantom_generator": GENERATOR_VERSION},
     )
     params = dict(n)
     params.update({f"lesion_{k}": v for k, v in les.items()})

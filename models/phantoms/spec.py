@@ -11,6 +11,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 SPEC_VERSION = "1"
+# Revision of the generator's rendering (anatomy shapes, masks). Bumped whenever the same
+# (anatomy, seed, overrides) would give a different volume or mask: caches key on both.
+GENERATOR_VERSION = "1.3"
 
 Range = tuple[float, float]
 

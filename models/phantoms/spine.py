@@ -25,7 +25,7 @@ from models.phantoms.common import (
 )
 from models.phantoms.errors import PhantomError
 from models.phantoms.shapes import Ellipsoid, Layer, Structure, Tube, rotation
-from models.phantoms.spec import SpineSpec
+from models.phantoms.spec import GENERATOR_VERSION, SpineSpec
 
 LEVELS = ("L1-L2", "L2-L3", "L3-L4", "L4-L5", "L5-S1")
 GRADES = ("normal", "mild", "moderate", "severe")
@@ -110,7 +110,7 @@ def generate_spine(seed: int, spec: SpineSpec, overrides: dict[str, Any]) -> Pha
 
     geom = make_geometry(n, plane=n["orientation"], center=(0.0, 15.0, 0.0), t_patient=(0.0, 0.0, -100.0),
                          spec_slices=spec.acquisition.n_slices)
-    structures, level_points = _structures(A, per, narrowing)
+    structures, level_points = _structures(A, per, narrowing, grades)
     lesion_groups = tuple(f"narrowing_{lv}" for lv in LEVELS)
     rendered = render(structures, geom, n, st, lesion_groups=lesion_groups)
 
@@ -132,7 +132,7 @@ def generate_spine(seed: int, spec: SpineSpec, overrides: dict[str, Any]) -> Pha
         rendered.array, study_uid=study, series_uid=series, frame_of_reference_uid=frame,
         sop_class_uid="1.2.840.10008.5.1.4.1.1.4", modality="MR", body_part="LSPINE",
         attributes={"sequence": n["sequence"], "orientation": n["orientation"], "slice_thickness": geom.slice_thickness,
-                    "phantom_seed": seed},
+                    "phantom_seed": seed, "phantom_generator": GENERATOR_VERSION},
     )
     params = dict(n)
     params["canal_ap_mm"] = A["canal_ap"]
@@ -140,7 +140,7 @@ def generate_spine(seed: int, spec: SpineSpec, overrides: dict[str, Any]) -> Pha
     return Phantom(anatomy="lumbar_spine", seed=seed, volume=volume, labels=labels, masks=rendered.masks, params=params)
 
 
-def _structures(A, per, narrowing):
+def _structures(A, per, narrowing, grades):
     S: list[Structure] = []
     ct = A["cortex"]
     # ---- build the column from the S1 endplate upwards
@@ -294,7 +294,9 @@ def _structures(A, per, narrowing):
         share = per[name]["disc_share"]
         b, f = nar * share, nar * (1.0 - share)
         tf = A["flavum_t"]
-        grp = f"narrowing_{name}" if name in LEVELS else "discs"
+        # lesion masks only for graded levels: a physiological bulge at a normal level is anatomy
+        graded = name in LEVELS and grades[name] != "normal"
+        grp = f"narrowing_{name}" if graded else "discs"
         soft = ("csf", "epidural_fat", "root", "cord", "conus")
         # ligamentum flavum: from tf behind the posterior wall to f in front of it
         S.append(Structure("flavum", "ligament",
@@ -303,7 +305,7 @@ def _structures(A, per, narrowing):
         if f > 0.3 and name in LEVELS:
             S.append(Structure("flavum_thickening", "ligament",
                                Ellipsoid(post_wall - post * f / 2, (cw * 0.85 + 1.0, f / 2 + 0.3, h / 2 + 5.0), rot=rot),
-                               over=soft, group=grp))
+                               over=soft, group=grp if graded else "flavum"))
         # posterior disc bulge: from inside the disc to b in front of the anterior canal wall
         y0, y1 = ry - 3.0, ry + 1.5 + b
         xo = per[name]["x_off"]
