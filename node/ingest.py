@@ -35,7 +35,8 @@ from typing import Any, Callable
 from pydicom.dataset import Dataset
 from pydicom.filereader import read_dataset
 from pydicom.tag import BaseTag
-from sqlalchemy import and_, bindparam, func, select, update
+from sqlalchemy import Connection, and_, bindparam, func, select, update
+from sqlalchemy.orm import Session
 
 from node.db import Database, utcnow
 from node.errors import IngestError, StorageError
@@ -399,8 +400,15 @@ def _statements_for(dialect: str) -> _Statements:
     return _Statements(dialect)
 
 
-def _statements(session) -> _Statements:
-    return _statements_for(session.get_bind().dialect.name)
+def _connection(session_or_connection) -> Connection:
+    """The Core connection of a Session (its transaction) or the Connection itself."""
+    if isinstance(session_or_connection, Session):
+        return session_or_connection.connection()
+    return session_or_connection
+
+
+def _statements(conn: Connection) -> _Statements:
+    return _statements_for(conn.dialect.name)
 
 
 def _study_values(header: InstanceHeader) -> dict:
@@ -509,8 +517,8 @@ def index_instances(
     now = now or utcnow()
     audit = audit or audit_demographics
     cache = cache if cache is not None else IndexCache()
-    sql = _statements(session)
-    conn = session.connection()
+    conn = _connection(session)
+    sql = _statements(conn)
     outcomes: list[Outcome] = []
     dirty_dirs: set[Path] = set()
     unsynced: list[Path] = []  # new files, renamed before their fsync (see node.storage)
@@ -578,9 +586,20 @@ def index_instances(
 
 
 def audit_demographics(session, entity_type: str, study_uid: str, fields: tuple[str, ...], header: InstanceHeader) -> None:
-    """Audits a demographics correction with UIDs and field names only (no patient data)."""
+    """Audits a demographics correction with UIDs and field names only (no patient data).
+
+    `session` is a Session or a Connection (then a Session joins its transaction for the audit row).
+    """
     from worklists.audit import record
 
+    if not isinstance(session, Session):
+        orm = Session(bind=session, join_transaction_mode="create_savepoint")
+        try:
+            audit_demographics(orm, entity_type, study_uid, fields, header)
+            orm.commit()  # releases the savepoint; the caller's transaction commits the row
+        finally:
+            orm.close()
+        return
     record(
         session,
         actor="system",
@@ -688,6 +707,7 @@ class IndexWriter:
         self.cache = IndexCache()
         self._pending: collections.deque[_Op] = collections.deque()
         self._commit_lock = threading.Lock()
+        self._conn: Connection | None = None
         self.batches = 0
         self.committed = 0
 
@@ -750,31 +770,52 @@ class IndexWriter:
         for op, result in zip(batch, results):
             op.future.set_result(result)
 
+    def _connection(self) -> Connection:
+        if self._conn is None or self._conn.invalidated or self._conn.closed:
+            self._conn = self.db.engine.connect()
+        return self._conn
+
+    def close(self) -> None:
+        with self._commit_lock:
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = None
+
     def _transaction(self, batch: list[_Op]) -> list[Any]:
+        """One transaction on the writer's own connection (kept open: no pool round trip per commit)."""
         results: list[Any] = [None] * len(batch)
         now = utcnow()
-        with self.db.session() as s:
-            stores = [(i, op.payload) for i, op in enumerate(batch) if op.kind == "store"]
-            for i, op in enumerate(batch):
-                if op.kind == "open":
-                    results[i] = open_association(s, now=now, **op.payload)
-            if stores:
-                outcomes = index_instances(
-                    s,
-                    self.store,
-                    [item for _, item in stores],
-                    uid_root=self.uid_root,
-                    quiet_seconds=self.quiet_seconds,
-                    now=now,
-                    cache=self.cache,
-                )
-                for (i, _), outcome in zip(stores, outcomes):
-                    results[i] = outcome
-            for i, op in enumerate(batch):
-                if op.kind == "close":
-                    results[i] = close_association(
-                        s, op.payload[0], reason=op.payload[1], quiet_seconds=self.quiet_seconds, now=now, cache=self.cache
-                    )
-                elif op.kind == "quarantine":
-                    results[i] = record_quarantine(s, now=now, **op.payload)
+        conn = self._connection()
+        try:
+            with conn.begin():
+                self._apply(conn, batch, results, now)
+        except Exception:
+            conn.close()  # a fresh connection for the next transaction
+            self._conn = None
+            raise
         return results
+
+    def _apply(self, s: Connection, batch: list[_Op], results: list[Any], now) -> None:
+        stores = [(i, op.payload) for i, op in enumerate(batch) if op.kind == "store"]
+        for i, op in enumerate(batch):
+            if op.kind == "open":
+                results[i] = open_association(s, now=now, **op.payload)
+        if stores:
+            outcomes = index_instances(
+                s,
+                self.store,
+                [item for _, item in stores],
+                uid_root=self.uid_root,
+                quiet_seconds=self.quiet_seconds,
+                now=now,
+                cache=self.cache,
+            )
+            for (i, _), outcome in zip(stores, outcomes):
+                results[i] = outcome
+        for i, op in enumerate(batch):
+            if op.kind == "close":
+                results[i] = close_association(
+                    s, op.payload[0], reason=op.payload[1], quiet_seconds=self.quiet_seconds, now=now, cache=self.cache
+                )
+            elif op.kind == "quarantine":
+                results[i] = record_quarantine(s, now=now, **op.payload)

@@ -48,14 +48,19 @@ def listener_id() -> str:
 
 
 def configure_pynetdicom() -> None:
-    """Process-wide pynetdicom options for the listener process.
+    """Process-wide pynetdicom/pydicom options for the listener process.
 
-    No per-PDU debug handlers (they cost CPU on every PDU) and an unrestricted storage
+    No per-PDU debug handlers (they cost CPU on every PDU); an unrestricted storage
     service: private and unknown SOP classes are accepted as storage (a PACS retries a
-    refused object forever).
+    refused object forever); no pydicom value validation (the listener stores bytes as
+    received and checks what it indexes itself; validation warnings cost CPU per element).
     """
+    from pydicom import config as pydicom_config
+
     _config.LOG_HANDLER_LEVEL = "none"
     _config.UNRESTRICTED_STORAGE_SERVICE = True
+    pydicom_config.settings.reading_validation_mode = pydicom_config.IGNORE
+    pydicom_config.settings.writing_validation_mode = pydicom_config.IGNORE
 
 
 class Listener:
@@ -130,6 +135,7 @@ class Listener:
             if association_id is not None:
                 self._close_row(association_id, "aborted")
         self.writer.flush()
+        self.writer.close()
         self.db.dispose()
         self.server = None
 
