@@ -86,6 +86,9 @@ def _demo(args, settings) -> int:
         try:
             series = write_study("knee", study_dir, seed=7)
             files = [p for paths in series.values() for p in paths]
+            from pydicom import dcmread
+
+            study_uid = str(dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)
             print(f"2. sending a synthetic knee MR study ({len(series)} series, {len(files)} instances) with storescu")
             r = subprocess.run(["storescu", "-aet", "DEMOSCU", "-aec", settings.ae_title, host, str(port), *map(str, files)],
                                env=env, capture_output=True, text=True)
@@ -98,10 +101,10 @@ def _demo(args, settings) -> int:
 
         db = Database(f"sqlite:///{data_dir / 'msknode.db'}", migrate=False)
         deadline = time.monotonic() + args.wait
-        rows = series_rows(db)
+        rows = [r for r in series_rows(db) if r["study_uid"] == study_uid]
         while any(row["state"] == "receiving" for row in rows) and time.monotonic() < deadline:
             time.sleep(1.0)
-            rows = series_rows(db)
+            rows = [r for r in series_rows(db) if r["study_uid"] == study_uid]
         db.dispose()
         print("3. msknode series:")
         print(f"   {'series description':<22} {'mod':<4} {'body part':<10} {'n':>4} {'state':<10} {'pipeline':<10} role")
