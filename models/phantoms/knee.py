@@ -24,11 +24,11 @@ from models.phantoms.common import (
 )
 from models.phantoms.errors import PhantomError
 from models.phantoms.shapes import (
-    Ellipsoid, Func, HalfSpace, Intersection, Layer, Rod, SmoothUnion, Structure, Tube, Union,
+    Ellipsoid, Func, HalfSpace, Intersection, Layer, Rod, SmoothUnion, Structure, Transformed, Tube, Union, rotation,
 )
 from models.phantoms.spec import GENERATOR_VERSION, KneeSpec
 
-LABEL_KEYS = {"acl", "meniscus_tear", "meniscus_side", "laterality"}
+LABEL_KEYS = {"acl", "meniscus_tear", "meniscus_side", "laterality", "flexion"}  # handled here, not nuisances
 ACL_CLASSES = ("intact", "partial", "complete")
 
 
@@ -57,6 +57,10 @@ def _draw_anatomy(rng) -> dict[str, Any]:
     a["notch_y"] = float(rng.uniform(-2.0, 2.0))
     a["septa"] = fat_septa(rng, 6, (-40.0, -45.0, -70.0), (40.0, 50.0, 70.0))
     return a
+
+
+def _flexion(rng, spec: KneeSpec) -> float:
+    return uniform(rng, spec.flexion_deg)
 
 
 def _meniscus_fn(cx, cy, rx, ry, rin_ant, rin_post, h_ant, h_post, z0, side, gap_half_deg, *, tear=None, core=None):
@@ -124,6 +128,9 @@ def generate_knee(seed: int, spec: KneeSpec, overrides: dict[str, Any]) -> Phant
 
     # ---- anatomy, lesion and acquisition draws (each its own stream, fixed order)
     A = _draw_anatomy(st.anatomy)
+    A["flexion"] = _flexion(st.anatomy, spec)
+    if "flexion" in overrides:
+        A["flexion"] = float(overrides["flexion"])
     L = st.lesion
     les = dict(
         acl_pos=uniform(L, spec.acl_tear_position),
@@ -200,12 +207,24 @@ def generate_knee(seed: int, spec: KneeSpec, overrides: dict[str, Any]) -> Phant
                                                 "slice_thickness": geom.slice_thickness, "phantom_seed": seed, "phantom_generator": GENERATOR_VERSION},
     )
     params = dict(n)
+    params["flexion"] = A["flexion"]
     params.update({f"lesion_{k}": v for k, v in les.items()})
     return Phantom(anatomy="knee", seed=seed, volume=volume, labels=labels, masks=rendered.masks, params=params)
 
 
 def _structures(A, les, acl: str, men_tear: bool, men_side: str):
     S: list[Structure] = []
+    # knee flexion: tibia, fibula, menisci and the tibial ends of ligaments/tendon rotate about the
+    # centre of the femoral condyles (the distal tibia swings posteriorly)
+    pivot = np.array([0.0, 8.0, 27.0])
+    flex = rotation("x", A["flexion"])
+
+    def tib_shape(shape):
+        return Transformed(shape, flex, pivot)
+
+    def tib_point(pt):
+        return pivot + flex @ (np.asarray(pt, float) - pivot)
+
     lr = A["limb_r"]
     cy = A["limb_cy"]
     # --- limb layers
@@ -242,7 +261,8 @@ def _structures(A, les, acl: str, men_tear: bool, men_side: str):
     # --- tendons
     S.append(Structure("quadriceps_tendon", "tendon", Tube([(0, -40, 50), (0, -33, 75), (0, -28, 110)], (14.0, 2.6)),
                        group="tendon"))
-    S.append(Structure("patellar_tendon", "tendon", Tube([(0, -45, 18), (0, -36, -8), (0, -28, -30)], (12.0, 2.4)),
+    S.append(Structure("patellar_tendon", "tendon", Tube([(0, -45, 18), tib_point((0, -36, -8)), tib_point((0, -28, -30))],
+                                                         (12.0, 2.4)),
                        group="tendon"))
     # --- intercondylar notch (synovium / fat around the cruciates)
     notch = Ellipsoid((0, 24 + A["notch_y"], 10), (9.5, 22, 21), power=(4, 2, 2))
@@ -250,8 +270,8 @@ def _structures(A, les, acl: str, men_tear: bool, men_side: str):
     # --- tibial cartilage (bone painted later covers the inside)
     tib = Ellipsoid((0, 3, -24), (38, 27, 24), power=(4, 2, 6))
     S.append(Structure("tibial_cartilage", "cartilage",
-                       Intersection((tib.grown(A["tib_cart"]), HalfSpace((0, 0, -3), (0, 0, -1)),
-                                     Func(lambda c: np.abs(c.x) > 7.0, (-60, -60, -60), (60, 60, 60)))),
+                       tib_shape(Intersection((tib.grown(A["tib_cart"]), HalfSpace((0, 0, -3), (0, 0, -1)),
+                                               Func(lambda c: np.abs(c.x) > 7.0, (-60, -60, -60), (60, 60, 60))))),
                        group="cartilage"))
     # --- menisci
     men = {}
@@ -264,10 +284,10 @@ def _structures(A, les, acl: str, men_tear: bool, men_side: str):
     for side, g in geo.items():
         fn, lo, hi = _meniscus_fn(g["cx"], g["cy"], g["rx"], g["ry"], g["rin_ant"], g["rin_post"], h_ant, h_post, z0,
                                   g["side"], g["gap"])
-        S.append(Structure(f"meniscus_{side}", "fibrocartilage", Func(fn, lo, hi), group=f"meniscus_{side}"))
+        S.append(Structure(f"meniscus_{side}", "fibrocartilage", tib_shape(Func(fn, lo, hi)), group=f"meniscus_{side}"))
         # centre of the posterior horn (structure centre reported for negatives)
         rmid = (g["rin_post"] + 1) / 2
-        men[side] = (g["cx"], g["cy"] + g["ry"] * rmid, z0 + h_post * 0.4)
+        men[side] = tib_point((g["cx"], g["cy"] + g["ry"] * rmid, z0 + h_post * 0.4))
     # meniscal mimic: intrasubstance globular signal, never reaching a surface
     if les["men_mimic"]:
         g = geo[les["men_mimic_side"]]
@@ -279,7 +299,7 @@ def _structures(A, les, acl: str, men_tear: bool, men_side: str):
 
         fn, lo, hi = _meniscus_fn(g["cx"], g["cy"], g["rx"], g["ry"], g["rin_ant"], g["rin_post"], h_ant, h_post, z0,
                                   g["side"], g["gap"], core=core)
-        S.append(Structure("meniscus_mimic", "lesion", Func(fn, lo, hi), over=(f"meniscus_{les['men_mimic_side']}",),
+        S.append(Structure("meniscus_mimic", "lesion", tib_shape(Func(fn, lo, hi)), over=(f"meniscus_{les['men_mimic_side']}",),
                            group=f"meniscus_{les['men_mimic_side']}",
                            extra={"contrast": les["men_mimic_contrast"], "texture": 2.0}))
     # meniscal tear: a bright line reaching an articular surface
@@ -312,12 +332,12 @@ def _structures(A, les, acl: str, men_tear: bool, men_side: str):
 
         fn, lo, hi = _meniscus_fn(g["cx"], g["cy"], g["rx"], g["ry"], g["rin_ant"], g["rin_post"], h_ant, h_post, z0,
                                   g["side"], g["gap"], tear=tear)
-        S.append(Structure("meniscus_tear", "lesion", Func(fn, lo, hi), over=(f"meniscus_{men_side}", "meniscus_mimic"),
+        S.append(Structure("meniscus_tear", "lesion", tib_shape(Func(fn, lo, hi)), over=(f"meniscus_{men_side}", "meniscus_mimic"),
                            group="meniscus_lesion", extra={"contrast": les["men_contrast"]}))
         rin = g["rin_ant"] + (g["rin_post"] - g["rin_ant"]) * (0.5 + 0.5 * np.sin(th))
         rho = rin + (1 - rin) * 0.6
-        men_lesion_point = (g["cx"] + g["side"] * g["rx"] * rho * np.cos(th), g["cy"] + g["ry"] * rho * np.sin(th),
-                            z0 + 0.3 * (h_ant + h_post) / 2)
+        men_lesion_point = tib_point((g["cx"] + g["side"] * g["rx"] * rho * np.cos(th),
+                                      g["cy"] + g["ry"] * rho * np.sin(th), z0 + 0.3 * (h_ant + h_post) / 2))
     men["lesion"] = men_lesion_point
 
     # --- femoral and patellar cartilage (bone painted next covers the inside)
@@ -333,10 +353,10 @@ def _structures(A, les, acl: str, men_tear: bool, men_side: str):
                        Intersection((pat.grown(A["pat_cart"]), HalfSpace(pat_c + (0, 2.0, 0), (0, -1, 0)))),
                        group="cartilage"))
     # --- cruciate ligaments
-    pcl = Tube([(7, 2, 17), (4, 13, 24), (2, 25, 15), (1, 30, -9)], tuple(A["pcl_r"]), up=(1, 0, 0))
+    pcl = Tube([(7, 2, 17), (4, 13, 24), (2, 25, 15), tib_point((1, 30, -9))], tuple(A["pcl_r"]), up=(1, 0, 0))
     S.append(Structure("pcl", "ligament", pcl, group="pcl"))
     fem = np.array([-7.0, 19.0 + A["notch_y"], 22.0])
-    tibp = np.array([-1.0, -7.0, 1.5])
+    tibp = tib_point((-1.0, -7.0, 1.5))
     acl_tube = Tube([fem, tibp], tuple(A["acl_r"]), up=(1, 0, 0))
     length = acl_tube.length
     s_t = les["acl_pos"] * length
@@ -394,11 +414,11 @@ def _structures(A, les, acl: str, men_tear: bool, men_side: str):
     tib_shaft = Rod((0, 6, -34), (0, 0, -1), (16.0, 15.0), 400.0, cap=18.0)
     spines = (Ellipsoid((4, 2, 0), (3.5, 7, 7.5)), Ellipsoid((-5, 3, 0), (3.5, 7, 6.5)))
     tuber = Ellipsoid((0, -20, -32), (13, 8, 12))
-    tibia_outer = Union((SmoothUnion((tib, tib_shaft, tuber), 2),) + spines)
-    tibia_inner = SmoothUnion((tib.grown(-ct), tib_shaft.grown(-3.5), tuber.grown(-ct)), 2)
+    tibia_outer = tib_shape(Union((SmoothUnion((tib, tib_shaft, tuber), 2),) + spines))
+    tibia_inner = tib_shape(SmoothUnion((tib.grown(-ct), tib_shaft.grown(-3.5), tuber.grown(-ct)), 2))
     fib_shaft = Rod((-34, 21, -34), (0, 0, -1), (7.0, 7.0), 400.0, cap=6.0)
-    fib = SmoothUnion((Ellipsoid((-33, 20, -26), (9, 9, 12)), fib_shaft), 2)
-    fib_in = SmoothUnion((Ellipsoid((-33, 20, -26), (9 - ct, 9 - ct, 12 - ct)), fib_shaft.grown(-2.5)), 2)
+    fib = tib_shape(SmoothUnion((Ellipsoid((-33, 20, -26), (9, 9, 12)), fib_shaft), 2))
+    fib_in = tib_shape(SmoothUnion((Ellipsoid((-33, 20, -26), (9 - ct, 9 - ct, 12 - ct)), fib_shaft.grown(-2.5)), 2))
     for name, outer, inn in (("femur", femur_outer, femur_inner), ("tibia", tibia_outer, tibia_inner),
                              ("patella", pat, pat.grown(-ct)), ("fibula", fib, fib_in)):
         S.append(Structure(f"{name}_cortex", "cortex", outer, group=name))

@@ -523,3 +523,31 @@ class Rod(Shape):
     def grown(self, d: float) -> "Rod":
         return Rod(self.start, self._t, (self.radii[0] + d, self.radii[1] + d), self.length, max(self.cap + d, 0.5),
                    self._e1)
+
+
+@dataclass
+class Transformed(Shape):
+    """``shape`` rigidly rotated by ``rot`` about ``pivot`` (anatomy frame): a point p is inside
+    when ``pivot + rot^T (p - pivot)`` is inside ``shape`` (e.g. the flexed tibia)."""
+
+    shape: Shape
+    rot: np.ndarray
+    pivot: Sequence[float]
+
+    def __post_init__(self):
+        self.rot = np.asarray(self.rot, float)
+        self.pivot = np.asarray(self.pivot, float)
+        lo, hi = np.maximum(self.shape.lo, -1e3), np.minimum(self.shape.hi, 1e3)
+        corners = np.array([[x, y, z] for x in (lo[0], hi[0]) for y in (lo[1], hi[1]) for z in (lo[2], hi[2])])
+        moved = (corners - self.pivot) @ self.rot.T + self.pivot
+        self.lo = moved.min(axis=0)
+        self.hi = moved.max(axis=0)
+
+    def inside(self, c: Coords):
+        a = self.rot.T @ c.a
+        b = self.rot.T @ (c.b - self.pivot) + self.pivot
+        return self.shape.inside(Coords(a, b, c.u, c.v, c.w))
+
+    def point(self, p) -> np.ndarray:
+        """Where the shape's point ``p`` ends up."""
+        return self.pivot + self.rot @ (np.asarray(p, float) - self.pivot)

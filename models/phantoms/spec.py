@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 SPEC_VERSION = "1"
 # Revision of the generator's rendering (anatomy shapes, masks). Bumped whenever the same
 # (anatomy, seed, overrides) would give a different volume or mask: caches key on both.
-GENERATOR_VERSION = "1.3"
+GENERATOR_VERSION = "1.4"
 
 Range = tuple[float, float]
 
@@ -65,6 +65,7 @@ class KneeSpec:
     meniscus_mimic_contrast: Range
     effusion_mm: Range  # suprapatellar effusion thickness
     baker_cyst_prob: float
+    flexion_deg: Range = (0.0, 12.0)  # knee flexion (tibia rotated about the condyles)
 
 
 @dataclass(frozen=True)
