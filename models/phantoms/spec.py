@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 SPEC_VERSION = "1"
 # Revision of the generator's rendering (anatomy shapes, masks). Bumped whenever the same
 # (anatomy, seed, overrides) would give a different volume or mask: caches key on both.
-GENERATOR_VERSION = "1.4"
+GENERATOR_VERSION = "1.5"
 
 Range = tuple[float, float]
 

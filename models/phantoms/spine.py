@@ -1,9 +1,9 @@
 """Lumbar spine phantom (default: sagittal T2 TSE).
 
 Anatomy frame (mm): x towards patient left, y towards posterior, z towards superior; the
-column is built from the sacral endplate upwards with a sacral slope and per-disc lordotic
-wedges. Structures: body outline (skin, subcutaneous fat, paraspinal muscle), abdominal
-viscera, aorta and IVC, psoas; T11..L5 vertebral bodies and the sacrum (S1..S4) with cortex
+column is built from the sacral endplate upwards with a sacral slope, per-disc lordotic
+wedges and a mild scoliosis (lateral offset up to 5 mm). Structures: body outline (skin,
+subcutaneous fat, paraspinal muscle with fat septa), abdominal viscera with bowel loops, aorta and IVC, psoas; T11..L5 vertebral bodies and the sacrum (S1..S4) with cortex
 and marrow, discs (annulus + nucleus), pedicles, laminae, spinous processes and facets,
 epidural fat, the dural sac (CSF) with conus medullaris and cauda equina roots lying
 dorsally, ligamentum flavum at every disc level, foraminal fat and exiting roots.
@@ -86,6 +86,9 @@ def generate_spine(seed: int, spec: SpineSpec, overrides: dict[str, Any]) -> Pha
         "bowel": [(ra.uniform((-90.0, -170.0, -150.0), (90.0, -45.0, 150.0)), ra.uniform(6.0, 22.0, size=3),
                    float(ra.uniform(0, 180)), float(ra.uniform())) for _ in range(16)],
         "septa": fat_septa(ra, 5, (-60.0, 30.0, -150.0), (60.0, 90.0, 150.0), size=(20.0, 50.0), length=(60.0, 150.0)),
+        # mild scoliosis: lateral offset of the column, 0 at the sacrum
+        "scoliosis_mm": float(ra.uniform(-5.0, 5.0)),
+        "scoliosis_len": float(ra.uniform(180.0, 320.0)),
     }
     # lesions / per-level nuisances (drawn for every level whatever its grade: stable streams)
     L = st.lesion
@@ -164,6 +167,12 @@ def _structures(A, per, narrowing, grades):
         verts.append((vname, c + up * vh / 2, phi - bw / 2, vh, vrx, vry))
         c = c + up * vh
         phi = phi - bw
+    # mild scoliosis: shift every lumbar/thoracic element sideways along a smooth curve
+    def lateral(z):
+        return A["scoliosis_mm"] * np.sin(np.pi * min(max((z + 95.0) / A["scoliosis_len"], 0.0), 1.0))
+
+    verts = [(nm, cen + np.array([lateral(cen[2]), 0.0, 0.0]), *rest) for nm, cen, *rest in verts]
+    discs = [(nm, cen + np.array([lateral(cen[2]), 0.0, 0.0]), *rest) for nm, cen, *rest in discs]
     # sacrum downwards from the S1 endplate: S1..S4, curving forward
     sac = []
     c = np.array([0.0, 0.0, -95.0])
