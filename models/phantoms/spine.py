@@ -3,8 +3,8 @@
 Anatomy frame (mm): x towards patient left, y towards posterior, z towards superior; the
 column is built from the sacral endplate upwards with a sacral slope, per-disc lordotic
 wedges and a mild scoliosis (lateral offset up to 5 mm). Structures: body outline (skin,
-subcutaneous fat, paraspinal muscle with fat septa), abdominal viscera with bowel loops, aorta and IVC, psoas; T11..L5 vertebral bodies and the sacrum (S1..S4) with cortex
-and marrow, discs (annulus + nucleus), pedicles, laminae, spinous processes and facets,
+subcutaneous fat, paraspinal muscle with fat septa), abdominal viscera with bowel loops,
+aorta and IVC, psoas; T11..L5 vertebral bodies and the sacrum (S1..S4) with cortex and marrow, discs (annulus + nucleus), pedicles, laminae, spinous processes and facets,
 epidural fat, the dural sac (CSF) with conus medullaris and cauda equina roots lying
 dorsally, ligamentum flavum at every disc level, foraminal fat and exiting roots.
 Stenosis: at each level L1-L2 .. L5-S1 the midline canal AP diameter is narrowed by a
