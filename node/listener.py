@@ -106,6 +106,7 @@ class Listener:
             server = ae.make_server(address, evt_handlers=handlers, server_class=ReusePortServer)
         except OSError as e:
             raise NodeError(f"cannot listen on {address[0]}:{address[1]}: {e.strerror or e}") from None
+        server.store_handler = self.handle_store
         self.server = server
         self._thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.2}, name="dicom-accept", daemon=True)
         self._thread.start()
@@ -207,10 +208,12 @@ class Listener:
         return SUCCESS
 
     def _on_store(self, event) -> int:
-        req = event.request
-        assoc = event.assoc
+        """EVT_C_STORE (pynetdicom's own path, used when the fast path is off)."""
+        return self.handle_store(event.assoc, event.request, str(event.context.transfer_syntax))
+
+    def handle_store(self, assoc, req, transfer_syntax: str) -> int:
+        """One C-STORE: the status to answer, returned only once file and index row are durable."""
         calling = (assoc.requestor.ae_title or "").strip()
-        transfer_syntax = str(event.context.transfer_syntax)
         request_sop = str(req.AffectedSOPInstanceUID or "")
         data = req.DataSet.getvalue() if req.DataSet is not None else b""
 
