@@ -376,3 +376,20 @@ def test_eight_concurrent_associations_lose_nothing(node, tmp_path):
             assoc = s.get(Association, stored[0].association_id)
             assert assoc.end_reason == "released" and assoc.instances == 12
     assert not list((node.data_dir / "store" / ".incoming").iterdir())
+
+
+@pytest.mark.parametrize("status", [0x0000, 0xA700, 0xA900, 0xC002])
+def test_store_response_encoding_matches_pynetdicom(status):
+    """The listener's hand-encoded C-STORE-RSP command set is byte-identical to pynetdicom's."""
+    from pynetdicom.dimse_messages import C_STORE_RSP
+    from pynetdicom.dimse_primitives import C_STORE
+    from pynetdicom.dsutils import encode
+
+    from node.listener_transport import encode_store_response
+
+    sop = generate_uid()
+    rsp = C_STORE()
+    rsp.MessageIDBeingRespondedTo, rsp.AffectedSOPInstanceUID, rsp.AffectedSOPClassUID, rsp.Status = 7, sop, MRImageStorage, status
+    message = C_STORE_RSP()
+    message.primitive_to_message(rsp)
+    assert encode_store_response(MRImageStorage, sop, 7, status) == encode(message.command_set, True, True)
