@@ -11,7 +11,8 @@
     │   ├── TransientDispatchError   try again later (connection refused, 0xA7xx, rejected-transient)
     │   └── PermanentDispatchError   never retried (0x0122, rejected-permanent)
     ├── JobError              a pipeline job failed
-    └── UserError             a web user cannot be created or changed (name, role, password)
+    ├── UserError             a web user cannot be created or changed (name, role, password)
+    └── EndToEndError         the demo or the end-to-end benchmark cannot run or its results are wrong
 """
 
 
@@ -66,3 +67,7 @@ class JobError(NodeError):
 
 class UserError(NodeError):
     pass
+
+
+class EndToEndError(NodeError):
+    """The demo or the end-to-end benchmark cannot start, or a result is missing or invalid."""
