@@ -579,8 +579,7 @@ def index_instances(
         conn.execute(sql.series_arrival, {"b_id": series_id, "b_n": n, "b_now": now, "b_deadline": deadline})
     for study_id in sorted(studies):
         conn.execute(sql.study_arrival, {"b_id": study_id, "b_now": now})
-    store.sync_files(unsynced)
-    store.sync_dirs(dirty_dirs)
+    store.sync(files=unsynced, dirs=dirty_dirs)  # in parallel: about one flush for the batch
     cache.trim()
     return outcomes
 

@@ -137,6 +137,7 @@ class Listener:
                 self._close_row(association_id, "aborted")
         self.writer.flush()
         self.writer.close()
+        self.store.close()
         self.db.dispose()
         self.server = None
 

@@ -11,7 +11,7 @@ dataset bytes exactly as the peer sent them (pixel data is never decoded).
 
 Writing (driven by `node.ingest.index_instances`, inside the index transaction, before
 its commit): `stage` writes a new file in ``.incoming``; `publish` renames it to its final
-path (atomic on one filesystem); `sync_files` and `sync_dirs` fsync the files and the
+path (atomic on one filesystem); `sync` fsyncs the files and the
 directories whose entries changed. Only then is the index row committed, so a committed
 row always points at a complete, durable file. A new instance is renamed before its fsync:
 one journal commit then makes both the data and the name durable (instead of two). If the
@@ -29,6 +29,7 @@ import struct
 import threading
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
@@ -99,12 +100,16 @@ def dataset_offset(path: Path) -> int:
     return 144 + group_length
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+def _fsync_path(path: Path, is_dir: bool = False) -> None:
+    fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if is_dir else 0))
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _fsync_dir(path: Path) -> None:
+    _fsync_path(path, True)
 
 
 class InstanceStore:
@@ -115,6 +120,8 @@ class InstanceStore:
         self.incoming = self.root / ".incoming"
         self.quarantine_dir = Path(quarantine_dir)
         self.min_free_bytes = int(min_free_bytes)
+        self._pool: ThreadPoolExecutor | None = None
+        self._pool_lock = threading.Lock()
 
     @classmethod
     def from_settings(cls, settings) -> "InstanceStore":
@@ -188,12 +195,12 @@ class InstanceStore:
         """Renames a staged file to its final path (replacing an older version).
 
         With `sync_first` the data is fsynced before the rename; without it the caller must
-        `sync_files` the returned path. Returns the final path and the directories whose
-        entries changed (for `sync_dirs`).
+        `sync` the returned path. Returns the final path and the directories whose
+        entries changed (for `sync`).
         """
         final = self.path_for(study_uid, series_uid, sop_instance_uid)
         if sync_first:
-            self.sync_files([staged.path])
+            self.sync(files=[staged.path])
         dirty: set[Path] = {final.parent}
         if not final.parent.is_dir():
             study_dir = final.parent.parent
@@ -208,40 +215,46 @@ class InstanceStore:
     def discard(self, staged: StagedFile) -> None:
         staged.path.unlink(missing_ok=True)
 
-    @staticmethod
-    def sync_files(paths: Iterable[Path]) -> None:
-        """fsyncs files; several at once in parallel threads, so they share journal commits."""
-        paths = list(paths)
-
-        def one(path: Path) -> None:
-            fd = os.open(path, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-
-        if len(paths) <= 1:
-            for path in paths:
-                one(path)
+    def sync(self, files: Iterable[Path] = (), dirs: Iterable[Path] = ()) -> None:
+        """fsyncs files and directories all at once (parallel threads): their journal commits
+        and device cache flushes are merged, so a batch costs about one flush, not one per item.
+        Returns once every one is durable; raises the first error."""
+        jobs = [(p, False) for p in files] + [(d, True) for d in dirs]
+        if not jobs:
             return
-        threads = [threading.Thread(target=one, args=(p,)) for p in paths[1:]]
+        if len(jobs) == 1:
+            _fsync_path(*jobs[0])
+            return
+        with self._pool_lock:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(max_workers=16, thread_name_prefix="fsync")
+            pool = self._pool
+        futures = [pool.submit(_fsync_path, path, is_dir) for path, is_dir in jobs[1:]]
         errors: list[BaseException] = []
-        for th in threads:
-            th.start()
         try:
-            one(paths[0])
+            _fsync_path(*jobs[0])
         except OSError as e:
             errors.append(e)
-        for th in threads:
-            th.join()
+        for f in futures:
+            try:
+                f.result()
+            except OSError as e:
+                errors.append(e)
         if errors:
-            raise errors[0]
+            raise StorageError(f"fsync failed: {errors[0]}") from errors[0]
 
-    @staticmethod
-    def sync_dirs(dirs: Iterable[Path]) -> None:
-        """Makes renames and new directory entries durable (one fsync per directory)."""
-        for d in dirs:
-            _fsync_dir(d)
+    def sync_files(self, paths: Iterable[Path]) -> None:
+        self.sync(files=paths)
+
+    def sync_dirs(self, dirs: Iterable[Path]) -> None:
+        """Makes renames and new directory entries durable."""
+        self.sync(dirs=dirs)
+
+    def close(self) -> None:
+        with self._pool_lock:
+            if self._pool is not None:
+                self._pool.shutdown(wait=True)
+                self._pool = None
 
     # ---- quarantine ----------------------------------------------------------
     def quarantine(self, data: bytes, *, file_meta: bytes = b"") -> Path:
