@@ -15,6 +15,7 @@ def register(sub) -> None:
     bench_sub = p.add_subparsers(dest="bench_command", metavar="BENCHMARK")
     bench_sub.required = True
     _add_ingest(bench_sub)
+    _add_e2e(bench_sub)
 
 
 def _add_ingest(bench_sub) -> None:
@@ -57,3 +58,35 @@ def _bench_ingest(args, settings) -> int:
         print()
         print(format_report(result))
     return 0 if result.all_arrived or "msknode" not in receivers else 1
+
+
+def _add_e2e(bench_sub) -> None:
+    p = bench_sub.add_parser(
+        "e2e",
+        help="PACS-to-results latency: knee studies sent into Orthanc, auto-routed to msknode serve, results back",
+    )
+    p.add_argument("--studies", type=int, default=5, help="studies to time, sent one after another (default 5)")
+    p.add_argument("--slices", type=int, default=40, help="slices per series (default 40)")
+    p.add_argument("--matrix", type=int, default=384, help="image matrix (default 384)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed studies first, to load the models (default 1)")
+    p.add_argument("--workdir", type=Path, help="keep Orthanc, the node data and the phantom cache here")
+    p.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for one study's results")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=_bench_e2e)
+
+
+def _bench_e2e(args, settings) -> int:
+    from node.e2e.bench import format_report, run_bench
+
+    if args.studies < 1 or args.slices < 8 or args.matrix < 64 or args.warmup < 0:
+        print("msknode: --studies >= 1, --slices >= 8, --matrix >= 64 and --warmup >= 0 are required", file=sys.stderr)
+        return 2
+    progress = (lambda msg: print(msg, file=sys.stderr, flush=True)) if args.json else (lambda msg: print(msg, flush=True))
+    result = run_bench(settings, studies=args.studies, slices=args.slices, matrix=args.matrix, warmup=args.warmup,
+                       workdir=args.workdir, timeout=args.timeout, progress=progress)
+    if args.json:
+        print(json.dumps(result.summary(), indent=2))
+    else:
+        print()
+        print(format_report(result))
+    return 0 if result.all_arrived else 1
