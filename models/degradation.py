@@ -55,11 +55,13 @@ from scipy import fft as sfft
 from scipy import ndimage
 from scipy.special import ndtr
 
+from models.errors import ModelsError
+
 
 FFT_WORKERS = 2  # threads for scipy.fft (the node runs models on 2 cores)
 
 
-class DegradationError(ValueError):
+class DegradationError(ModelsError, ValueError):
     """A volume does not fit the degradation model (too small, wrong shape)."""
 
 

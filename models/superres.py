@@ -37,6 +37,7 @@ from monai.networks.blocks import Convolution
 from scipy import ndimage
 from torch import nn
 
+from models.errors import ModelsError
 from models.degradation import DegradationModel, kspace_down, kspace_up, slice_pseudo_inverse
 from models.types import NOT_FOR_DIAGNOSTIC_USE, ModelInfo, QCResult, SuperResOutput, Volume
 
@@ -44,10 +45,11 @@ MODEL_NAME = "superres"
 WEIGHTS_PATH = Path(__file__).resolve().parent / "weights" / "superres" / "superres.pt"
 CONSISTENCY_TOLERANCE = 1e-3  # relative RMS of A(output) - input
 NONNEG_ITERATIONS = 2  # alternating projections (x >= 0, then A x = y) after the final projection
-CHUNK_SLICES = 8  # input slices per network call (bounds peak memory)
+CHUNK_SLICES = 8
+CALIBRATION_WINDOW = 160  # in-plane window (pixels) for the per-series detail calibration  # input slices per network call (bounds peak memory)
 
 
-class SuperResError(ValueError):
+class SuperResError(ModelsError, ValueError):
     """Bad input for super-resolution or a bad checkpoint."""
 
 
@@ -323,9 +325,39 @@ class SuperResModel:
         return cls(net=net, config=config, info=info, metadata=meta)
 
     # ---------------------------------------------------------------------------------
-    def enhance(self, y: np.ndarray, inplane: bool = False, detail: bool = True) -> tuple[np.ndarray, dict[str, float]]:
-        """Input array (n, H, W) -> super-resolved array and timings. ``detail=False``: interpolated input only."""
-        timings: dict[str, float] = {}
+    def detail_gain(self, yt: torch.Tensor) -> float:
+        """Self-calibrated share of the learned detail for one series (0..1).
+
+        The input is degraded once more by the same model (S, noise-free) on a central
+        in-plane window, super-resolved, and the gain ``a`` minimising ‖P(base + a·detail) − input‖
+        is taken (least squares, clipped to [0, 1]). On data unlike the training phantoms
+        the detail stops helping and ``a`` falls towards 0 (the interpolated input).
+        """
+        cfg = self.config
+        f = cfg.slice_factor
+        n_ll = yt.shape[0] // f
+        if n_ll < 3:
+            return 1.0
+        h, w = yt.shape[1:]
+        ch, cw = min(h, CALIBRATION_WINDOW), min(w, CALIBRATION_WINDOW)
+        win = yt[: n_ll * f, (h - ch) // 2:(h - ch) // 2 + ch, (w - cw) // 2:(w - cw) // 2 + cw]
+        ops = _Operators.build(n_ll, cfg)
+        ll = _zmul(ops.s, win)
+        base, pre = forward_detail(self.net, ll, ops, cfg, chunk=CHUNK_SLICES, channels_last=self.channels_last)
+        bp = ops.project(base, ll)
+        dp = ops.project(pre, ll) - bp
+        den = float((dp * dp).sum())
+        if den <= 0:
+            return 1.0
+        return float(min(max(float((dp * (win - bp)).sum()) / den, 0.0), 1.0))
+
+    def enhance(self, y: np.ndarray, inplane: bool = False, detail: bool = True,
+                gain: float | None = None) -> tuple[np.ndarray, dict[str, float]]:
+        """Input array (n, H, W) -> super-resolved array and figures (timings ``*_s``, ``detail_gain``).
+
+        ``detail=False``: the interpolated input only; ``gain`` fixes the detail share instead of
+        calibrating it on the series (``detail_gain``)."""
+        stats: dict[str, float] = {}
         t0 = time.perf_counter()
         y = np.ascontiguousarray(y, dtype=np.float32)
         sub = y[:, ::4, ::4]
@@ -333,26 +365,35 @@ class SuperResModel:
         cfg = self.config
         ops = _Operators.build(y.shape[0], cfg)
         yt = torch.from_numpy(y) / scale
-        timings["prepare_s"] = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        net = self.net.to(memory_format=torch.channels_last) if self.channels_last else self.net
+        stats["prepare_s"] = time.perf_counter() - t0
+        if self.channels_last:
+            self.net.to(memory_format=torch.channels_last)
         with torch.inference_mode():
+            t0 = time.perf_counter()
+            a = 0.0
             if detail:
-                _, x = forward_detail(net, yt, ops, cfg, chunk=CHUNK_SLICES, channels_last=self.channels_last)
+                a = self.detail_gain(yt) if gain is None else float(gain)
+            stats["calibration_s"] = time.perf_counter() - t0
+            stats["detail_gain"] = a
+            t0 = time.perf_counter()
+            if a > 0:
+                base, pre = forward_detail(self.net, yt, ops, cfg, chunk=CHUNK_SLICES,
+                                           channels_last=self.channels_last)
+                x = base + a * (pre - base)
             else:
                 x = _zmul(ops.base, yt)
-            timings["network_s"] = time.perf_counter() - t0
+            stats["network_s"] = time.perf_counter() - t0
             t0 = time.perf_counter()
             x = ops.project(x, yt)
             for _ in range(NONNEG_ITERATIONS):  # pull background-noise undershoot towards >= 0, end consistent
                 x = ops.project(torch.clamp_min(x, 0.0), yt)
             x = (x * scale).numpy()
-        timings["projection_s"] = time.perf_counter() - t0
+        stats["projection_s"] = time.perf_counter() - t0
         if inplane:
             t0 = time.perf_counter()
             x = inplane_upsample(x, 2)
-            timings["inplane_s"] = time.perf_counter() - t0
-        return x, timings
+            stats["inplane_s"] = time.perf_counter() - t0
+        return x, stats
 
     def predict(self, volume: Volume, inplane: bool = False) -> SuperResOutput:
         """Super-resolve one series; the source `Volume` is not modified."""
@@ -365,7 +406,9 @@ class SuperResModel:
                                   consistency_error=math.nan, consistency_tolerance=tol, consistency_passed=False,
                                   timings={"total_s": time.perf_counter() - t_start})
         y = np.asarray(volume.array, dtype=np.float32)
-        x, timings = self.enhance(y, inplane=inplane)
+        x, stats = self.enhance(y, inplane=inplane)
+        timings = {k: v for k, v in stats.items() if k.endswith("_s")}
+        qc = replace(qc, metrics={**qc.metrics, "detail_gain": stats["detail_gain"]})
         t0 = time.perf_counter()
         deg = self.config.degradation(inplane_factor=g)
         err = deg.consistency_error(x, y)
@@ -520,7 +563,7 @@ def evaluate_cases(model: "SuperResModel", cases, *, inplane: bool = False,
     rows = []
     t0 = time.perf_counter()
     for case in cases:
-        out, _ = model.enhance(case.lr, inplane=inplane)
+        out, stats = model.enhance(case.lr, inplane=inplane)
         base = deg.tricubic(case.lr)
         mask = foreground_mask(case.truth)
         err = deg.consistency_error(out, case.lr)
@@ -528,7 +571,7 @@ def evaluate_cases(model: "SuperResModel", cases, *, inplane: bool = False,
             "name": case.name,
             "psnr": psnr(out, case.truth, mask), "psnr_tricubic": psnr(base, case.truth, mask),
             "ssim": ssim(out, case.truth, mask), "ssim_tricubic": ssim(base, case.truth, mask),
-            "consistency_error": err,
+            "consistency_error": err, "detail_gain": stats["detail_gain"],
         })
     n = len(rows)
     if n == 0:
@@ -547,6 +590,7 @@ def evaluate_cases(model: "SuperResModel", cases, *, inplane: bool = False,
         "ssim": float(np.mean([r["ssim"] for r in rows])),
         "ssim_tricubic": float(np.mean([r["ssim_tricubic"] for r in rows])),
         "psnr_gain_positive_share": float(np.mean(gain_p > 0)),
+        "detail_gain_mean": float(np.mean([r["detail_gain"] for r in rows])),
         "consistency_error_max": float(max(r["consistency_error"] for r in rows)),
         "consistency_tolerance": CONSISTENCY_TOLERANCE,
         "consistency_passed": bool(all(r["consistency_error"] <= CONSISTENCY_TOLERANCE for r in rows)),
@@ -559,23 +603,6 @@ def evaluate_cases(model: "SuperResModel", cases, *, inplane: bool = False,
 
 # --------------------------------------------------------------------------------------
 # training
-
-
-def random_structure_volume(rng: np.random.Generator, shape: tuple[int, int, int] = (48, 128, 128)) -> np.ndarray:
-    """A generic noise-free 'anatomy' (no real data): a label map from the argmax of smooth random
-    fields at a random scale, random tissue intensities, smooth bias, fine texture and a little
-    partial-volume blur. Teaches general structure continuation through the slice axis."""
-    k = int(rng.integers(4, 9))
-    scale = float(rng.uniform(2.5, 10.0))
-    fields = np.stack([ndimage.gaussian_filter(rng.standard_normal(shape), scale) for _ in range(k)])
-    labels = fields.argmax(axis=0)
-    values = rng.uniform(0.0, 1.0, size=k) ** 1.5
-    values[int(rng.integers(k))] = 0.0  # a signal-free tissue (air, cortical bone, tendon)
-    vol = values[labels]
-    bias = np.exp(0.2 * ndimage.gaussian_filter(rng.standard_normal(shape), 20.0) * 20.0 / 3.0)
-    texture = 1.0 + 0.05 * ndimage.gaussian_filter(rng.standard_normal(shape), 1.0) * 3.0
-    vol = ndimage.gaussian_filter(vol * bias * texture, float(rng.uniform(0.3, 1.0)))
-    return (np.clip(vol, 0.0, None) * 1000.0).astype(np.float32)
 
 
 @dataclass(frozen=True)
@@ -690,12 +717,13 @@ def train_superres(volumes: list[np.ndarray], config: SuperResConfig | None = No
 # data for training and the real-MR check; command line (python -m models.superres)
 
 TRAIN_SEED = 7_000_000  # phantom seeds TRAIN_SEED + i are training data; never evaluate on them
+TRAIN_ANATOMIES = ("knee", "knee", "knee", "shoulder", "lumbar_spine")
 
 
-def training_volumes(n_phantoms: int, n_structures: int, *, seed: int = TRAIN_SEED, anatomies=("knee",),
+def training_volumes(n_phantoms: int, *, seed: int = TRAIN_SEED, anatomies=TRAIN_ANATOMIES,
                      thin_share: float = 0.5, log=None) -> list[np.ndarray]:
-    """Noise-free training truth: phantoms (seeds ``seed + i``; every other one, when ``thin_share``
-    says so, re-acquired with 1.5-2 mm slices and no gap) plus generic random-structure volumes."""
+    """Noise-free training truth: phantoms with seeds ``seed + i`` (anatomies in turn); a share
+    ``thin_share`` of them re-acquired with 1.5-2 mm slices and no gap (finer through-plane truth)."""
     rng = np.random.default_rng(seed)
     vols: list[np.ndarray] = []
     for i in range(n_phantoms):
@@ -706,8 +734,6 @@ def training_volumes(n_phantoms: int, n_structures: int, *, seed: int = TRAIN_SE
         vols.append(phantom_truth(anatomy, seed + i, **over))
         if log is not None and (i + 1) % 20 == 0:
             log({"phantoms": i + 1})
-    for i in range(n_structures):
-        vols.append(random_structure_volume(np.random.default_rng([seed, 1, i])))
     return vols
 
 
@@ -731,19 +757,54 @@ def real_mr_cases(snr: float | None) -> list[SRCase]:
     return cases
 
 
+def train_to(out_dir: Path, *, n_phantoms: int = 150, seed: int = TRAIN_SEED, steps: int = TrainConfig.steps,
+             threads: int = 1, reformat_share: float = 0.0, log=None) -> dict[str, Any]:
+    """The whole training recipe: phantoms -> `train_superres` -> ``out_dir/superres.pt`` (+ .sha256,
+    training_log.json). Returns the recipe with the weights' sha256."""
+    import json
+
+    out_dir = Path(out_dir)
+    torch.set_num_threads(threads)
+    t0 = time.perf_counter()
+    vols = training_volumes(n_phantoms, seed=seed, log=log)
+    train = TrainConfig(steps=steps, seed=0, threads=threads, reformat_share=reformat_share)
+    model, history = train_superres(vols, SuperResConfig(), train, log=log)
+    model.metadata = {
+        "version": "1", "config": asdict(model.config), "train": asdict(train), "phantoms": n_phantoms,
+        "anatomies": list(TRAIN_ANATOMIES), "phantom_seeds": [seed, seed + n_phantoms - 1],
+        "seconds": time.perf_counter() - t0,
+    }
+    digest = model.save(out_dir / "superres.pt")
+    (out_dir / "training_log.json").write_text(json.dumps({**model.metadata, "history": history}, indent=1))
+    return {**model.metadata, "weights": str(out_dir / "superres.pt"), "sha256": digest}
+
+
+def evaluate_synthetic(model: "SuperResModel", n: int, seed: int, *, anatomy: str = "knee",
+                       inplane: bool = False) -> dict[str, Any]:
+    """`evaluate_cases` on ``n`` fresh phantoms ``seed .. seed+n-1`` (refuses training seeds)."""
+    _check_fresh(n, seed)
+    g = 2 if inplane else 1
+    cases = (phantom_case(anatomy, seed + i, inplane_factor=g) for i in range(n))
+    result = evaluate_cases(model, cases, inplane=inplane)
+    result["qc_refused"] = 0  # the fixed degradation of a phantom is always a valid input
+    return result
+
+
+def _check_fresh(n: int, seed: int) -> None:
+    if n < 1 or seed < 0:
+        raise SuperResError("N must be >= 1 and SEED >= 0")
+    if seed < TRAIN_SEED + 10_000 and seed + n > TRAIN_SEED:
+        raise SuperResError(f"seeds {seed}..{seed + n - 1} overlap the training seeds {TRAIN_SEED}..{TRAIN_SEED + 9_999}")
+
+
 def _parse_synthetic(spec: str) -> tuple[int, int]:
     parts = spec.split(":")
     if len(parts) != 3 or parts[0] != "synthetic":
         raise SuperResError(f"data spec {spec!r}: expected synthetic:N:SEED")
     try:
-        n, seed = int(parts[1]), int(parts[2])
+        return int(parts[1]), int(parts[2])
     except ValueError as exc:
         raise SuperResError(f"data spec {spec!r}: N and SEED must be integers") from exc
-    if n < 1 or seed < 0:
-        raise SuperResError(f"data spec {spec!r}: N must be >= 1 and SEED >= 0")
-    if seed <= TRAIN_SEED + 10_000 and seed + n > TRAIN_SEED:
-        raise SuperResError(f"data spec {spec!r} overlaps the training seeds {TRAIN_SEED}..{TRAIN_SEED + 10_000}")
-    return n, seed
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -753,10 +814,9 @@ def main(argv: list[str] | None = None) -> int:
 
     ap = argparse.ArgumentParser(prog="python -m models.superres", description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
-    tr = sub.add_parser("train", help="train on noise-free phantoms + random structures")
+    tr = sub.add_parser("train", help="train on noise-free phantoms")
     tr.add_argument("--out", type=Path, required=True)
-    tr.add_argument("--phantoms", type=int, default=120)
-    tr.add_argument("--structures", type=int, default=40)
+    tr.add_argument("--phantoms", type=int, default=150)
     tr.add_argument("--steps", type=int, default=TrainConfig.steps)
     tr.add_argument("--seed", type=int, default=TRAIN_SEED)
     tr.add_argument("--threads", type=int, default=1)
@@ -772,29 +832,18 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     try:
         if args.cmd == "train":
-            torch.set_num_threads(args.threads)
-            t0 = time.perf_counter()
             log = lambda rec: print(json.dumps(rec), file=sys.stderr, flush=True)  # noqa: E731
-            vols = training_volumes(args.phantoms, args.structures, seed=args.seed, log=log)
-            train = TrainConfig(steps=args.steps, seed=0, threads=args.threads, reformat_share=args.reformat_share)
-            model, history = train_superres(vols, SuperResConfig(), train, log=log)
-            model.metadata = {
-                "version": "1", "train": asdict(train), "phantoms": args.phantoms, "structures": args.structures,
-                "phantom_seeds": [args.seed, args.seed + args.phantoms - 1], "seconds": time.perf_counter() - t0,
-            }
-            digest = model.save(args.out / "superres.pt")
-            (args.out / "training_log.json").write_text(json.dumps({**model.metadata, "history": history}, indent=1))
-            print(json.dumps({"weights": str(args.out / "superres.pt"), "sha256": digest}))
+            recipe = train_to(args.out, n_phantoms=args.phantoms, seed=args.seed, steps=args.steps,
+                              threads=args.threads, reformat_share=args.reformat_share, log=log)
+            print(json.dumps({"weights": recipe["weights"], "sha256": recipe["sha256"]}))
             return 0
         torch.set_num_threads(args.threads)
         model = SuperResModel.load(args.weights)
-        g = 2 if args.inplane else 1
         if args.data == "real":
-            cases = real_mr_cases(args.snr)
+            result = evaluate_cases(model, real_mr_cases(args.snr), inplane=args.inplane, keep_cases=True)
         else:
             n, seed = _parse_synthetic(args.data)
-            cases = (phantom_case(args.anatomy, seed + i, inplane_factor=g) for i in range(n))
-        result = evaluate_cases(model, cases, inplane=args.inplane, keep_cases=args.data == "real")
+            result = evaluate_synthetic(model, n, seed, anatomy=args.anatomy, inplane=args.inplane)
         result.update({"model": MODEL_NAME, "weights_sha256": model.info.weights_sha256, "data": args.data})
         if args.json:
             print(json.dumps(result))
