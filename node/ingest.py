@@ -19,9 +19,12 @@ Logs carry UIDs and statuses only, never patient data.
 from __future__ import annotations
 
 import collections
+import contextlib
 import datetime as dt
+import fcntl
 import functools
 import logging
+import os
 import struct
 import threading
 import time
@@ -305,6 +308,23 @@ class Received:
     calling_ae: str | None = None
     association_id: int | None = None
     published: Path | None = None  # set once the staged file was renamed to its final path
+    file_meta: bytes = b""  # with `data`: to write the file again under the index lock (see index_instances)
+    data: bytes | None = None
+
+
+def publish_new(store: InstanceStore, item: Received) -> bool:
+    """Before the index transaction: puts a new instance's file in place and makes it durable.
+
+    Only when nothing is stored at its final path yet (the common case). The fsyncs then run
+    in the handler's thread, outside the index lock, in parallel with other associations'.
+    Returns False (and does nothing) when a file is already there: `index_instances` decides.
+    """
+    h = item.header
+    if store.path_for(h.study_uid, h.series_uid, h.sop_instance_uid).exists():
+        return False
+    item.published, dirs = store.publish(item.staged, h.study_uid, h.series_uid, h.sop_instance_uid, sync_first=False)
+    store.sync(files=[item.published], dirs=dirs)
+    return True
 
 
 @dataclass(frozen=True)
@@ -509,10 +529,11 @@ def index_instances(
 ) -> list[Outcome]:
     """Publishes the staged files and writes their index rows (C1) in the caller's transaction.
 
-    The caller commits; renames and new directory entries are fsynced here, before that
-    commit, so a committed row always points at a durable file. A duplicate SOP Instance
-    UID with the same bytes changes nothing; with different bytes the file and rows are
-    replaced and changed demographics are audited (field names and UIDs only).
+    Items already published by `publish_new` are durable; the others are renamed and
+    fsynced here, before the caller commits, so a committed row always points at a durable
+    file. A duplicate SOP Instance UID with the same bytes changes nothing; with different
+    bytes the file and rows are replaced and changed demographics are audited (field names
+    and UIDs only).
     """
     now = now or utcnow()
     audit = audit or audit_demographics
@@ -544,6 +565,10 @@ def index_instances(
                 outcomes.append(Outcome(SUCCESS, existing.id, duplicate=True, demographics_changed=changed))
                 continue
             instance_id, replaced = existing.id, True
+            if item.published is not None and item.data is not None:
+                # published outside the lock while another version is indexed (a concurrent resend):
+                # write our bytes again now, under the lock, so that file and row agree
+                item.staged, item.published = store.stage(item.file_meta, item.data), None
             inst = Instance.__table__
             conn.execute(update(inst).where(inst.c.id == existing.id).values(updated_at=now, **item_values))
             if existing.series_id != series_id:  # the resend moved it to another series
@@ -707,6 +732,8 @@ class IndexWriter:
         self._pending: collections.deque[_Op] = collections.deque()
         self._commit_lock = threading.Lock()
         self._conn: Connection | None = None
+        self._lock_path = Path(settings.data_dir) / "index-writer.lock" if settings.is_sqlite else None
+        self._lock_fd: int | None = None
         self.batches = 0
         self.committed = 0
 
@@ -779,6 +806,24 @@ class IndexWriter:
             if self._conn is not None:
                 self._conn.close()
                 self._conn = None
+            if self._lock_fd is not None:
+                os.close(self._lock_fd)
+                self._lock_fd = None
+
+    @contextlib.contextmanager
+    def _interprocess_lock(self):
+        """On SQLite, the listener processes take turns with a lock that wakes the next one at
+        once (SQLite's own busy wait sleeps 1, 2, 5, 10 ms ... between retries)."""
+        if self._lock_path is None:
+            yield
+            return
+        if self._lock_fd is None:
+            self._lock_fd = os.open(self._lock_path, os.O_RDWR | os.O_CREAT, 0o640)
+        fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
 
     def _transaction(self, batch: list[_Op]) -> list[Any]:
         """One transaction on the writer's own connection (kept open: no pool round trip per commit)."""
@@ -786,7 +831,7 @@ class IndexWriter:
         now = utcnow()
         conn = self._connection()
         try:
-            with conn.begin():
+            with self._interprocess_lock(), conn.begin():
                 self._apply(conn, batch, results, now)
         except Exception:
             conn.close()  # a fresh connection for the next transaction

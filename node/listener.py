@@ -28,7 +28,7 @@ from pynetdicom.sop_class import Verification
 
 from node.db import Database, upgrade
 from node.errors import IngestError, NodeError, OutOfSpaceError, StorageError
-from node.ingest import OUT_OF_RESOURCES, SUCCESS, IndexWriter, Received, read_header, validate
+from node.ingest import OUT_OF_RESOURCES, SUCCESS, IndexWriter, Received, publish_new, read_header, validate
 from node.listener_transport import ReusePortServer
 from node.storage import InstanceStore, encode_file_meta
 
@@ -240,8 +240,11 @@ class Listener:
 
         with self._lock:
             association_id = self._assocs.get(assoc)
-        item = Received(header, staged, transfer_syntax, calling_ae=calling, association_id=association_id)
+        item = Received(
+            header, staged, transfer_syntax, calling_ae=calling, association_id=association_id, file_meta=meta, data=data
+        )
         try:
+            publish_new(self.store, item)
             outcome = self.writer.store_instance(item, timeout=self.store_timeout)
         except Exception as e:
             if item.published is None:

@@ -206,3 +206,35 @@ def test_group_commit_puts_concurrent_instances_in_one_transaction(db, settings)
     assert writer.batches == 1 and writer.committed == 8
     with db.session() as s:
         assert s.scalars(select(Series).where(Series.series_uid == series)).one().instances == 8
+
+
+def test_new_files_are_published_before_the_transaction_and_races_end_consistent(db, settings):
+    """publish_new makes a new file durable outside the index lock; if another version of the same
+    SOP Instance UID got indexed meanwhile, the file is written again under the lock, so the
+    stored bytes and the row's sha256 agree."""
+    from node.ingest import publish_new
+
+    store = InstanceStore.from_settings(settings)
+    store.prepare()
+    ds = mr_dataset(generate_uid(), generate_uid(), 0, name="First^Version")
+    first = _received(store, ds)
+    assert publish_new(store, first) and first.published.exists()
+    with db.session() as s:
+        assert index_instances(s, store, [first], uid_root=settings.uid_root, quiet_seconds=1)[0].status == 0
+    ds.PatientName = "Second^Version"
+    second = _received(store, ds)
+    data = encode(ds)
+    second.file_meta, second.data = encode_file_meta(MRImageStorage, ds.SOPInstanceUID, "1.2.840.10008.1.2.1", "PACS"), data
+    assert not publish_new(store, second)  # a file is there: the transaction decides
+    # the race: a concurrent handler renamed its bytes over the path before this transaction ran
+    racer = _received(store, mr_dataset(ds.StudyInstanceUID, ds.SeriesInstanceUID, 0, name="Racer^Version"))
+    second.published, _ = store.publish(second.staged, ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID)
+    store.publish(racer.staged, ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID)
+    with db.session() as s:
+        out = index_instances(s, store, [second], uid_root=settings.uid_root, quiet_seconds=1)[0]
+    assert out.replaced
+    with db.session() as s:
+        inst = s.scalars(select(Instance).where(Instance.sop_instance_uid == ds.SOPInstanceUID)).one()
+    stored = Path(inst.path).read_bytes()[dataset_offset(Path(inst.path)):]
+    assert stored == data and inst.sha256 == second.staged.sha256
+    assert not list(store.incoming.iterdir())
