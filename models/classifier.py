@@ -22,10 +22,9 @@ import numpy as np
 import torch
 
 from models.errors import RegistryError
-from models.nets import LesionNet, set_mc_dropout
+from models.nets import set_mc_dropout
 from models.saliency import grad_cam, to_heatmap
 from models.tasks.base import HeadResult, TaskSpec, volume_peak
-from models.transforms import preprocess
 from models.types import NOT_FOR_DIAGNOSTIC_USE, ModelInfo, ModelOutput, QCResult, Volume
 from models.uncertainty import mc_dropout_probabilities
 
@@ -40,8 +39,8 @@ def sha256_of(path: Path) -> str:
     return h.hexdigest()
 
 
-def build_net(task: TaskSpec) -> LesionNet:
-    return LesionNet(1, task.head_sizes, channels=task.net.channels, dropout=task.net.dropout)
+def build_net(task: TaskSpec):
+    return task.build_net()
 
 
 def head_score(logits: torch.Tensor, head, kind: str) -> torch.Tensor:
@@ -70,7 +69,7 @@ class ClassifierModel:
         return {
             "format": FORMAT,
             "task": self.task.name,
-            "net": {"in_channels": 1, "head_sizes": self.task.head_sizes, "channels": list(self.task.net.channels),
+            "net": {"in_channels": int(self.task.input.channels), "head_sizes": self.task.head_sizes, "channels": list(self.task.net.channels),
                     "dropout": float(self.task.net.dropout)},
             "state_dict": {k: v.detach().clone() for k, v in self.net.state_dict().items()},
             "temperature": float(self.temperature),
@@ -101,7 +100,10 @@ class ClassifierModel:
         if list(net_cfg["head_sizes"]) != task.head_sizes or tuple(net_cfg["channels"]) != tuple(task.net.channels):
             raise RegistryError(f"{path}: network shape {net_cfg} does not match the code of {task.name}")
         net = build_net(task)
-        net.load_state_dict(ckpt["state_dict"])
+        try:
+            net.load_state_dict(ckpt["state_dict"], strict=True)
+        except RuntimeError as e:
+            raise RegistryError(f"{path}: weights do not fit the network of {task.name}: {e}") from None
         net.eval()
         meta = dict(ckpt.get("metadata", {}))
         info = ModelInfo(
@@ -112,9 +114,8 @@ class ClassifierModel:
                    threshold=float(ckpt.get("threshold", 0.5)), metadata=meta, gate=gate)
 
     # --- inference ------------------------------------------------------------------------
-    def preprocess(self, volume: Volume):
-        spec = self.task.input
-        return preprocess(volume, spec.shape, spec.roi_mm, spec.plane)
+    def preprocess(self, volume: Volume, extras=None):
+        return self.task.network_input(volume, extras or {})
 
     def probabilities(self, x: torch.Tensor) -> list[np.ndarray]:
         """Batch (B, 1, D, H, W) -> per head (B, n_classes) calibrated probabilities (deterministic)."""
@@ -123,12 +124,12 @@ class ClassifierModel:
             logits, _ = self.net(x)
         return [torch.softmax(lg / self.temperature, dim=1).numpy() for lg in logits]
 
-    def analyse(self, volume: Volume, *, saliency: bool = True, uncertainty: bool = True,
+    def analyse(self, volume: Volume, *, extras=None, saliency: bool = True, uncertainty: bool = True,
                 timings: dict[str, float] | None = None) -> list[HeadResult]:
-        """Head results for one volume (no QC)."""
+        """Head results for one volume (+ extra-role volumes) without QC."""
         timings = {} if timings is None else timings
         t0 = time.perf_counter()
-        img, frame = self.preprocess(volume)
+        img, frame = self.preprocess(volume, extras)
         x = torch.from_numpy(np.ascontiguousarray(img[None], dtype=np.float32))
         timings["preprocess_s"] = time.perf_counter() - t0
         t0 = time.perf_counter()
@@ -176,7 +177,7 @@ class ClassifierModel:
         timings["saliency_s"] = t_sal
         return results
 
-    def predict(self, volume: Volume, *, saliency: bool = True, uncertainty: bool = True,
+    def predict(self, volume: Volume, *, extras=None, saliency: bool = True, uncertainty: bool = True,
                 qc: QCResult | None = None) -> ModelOutput:
         """QC gate + analysis -> ModelOutput (no findings when QC refuses the series)."""
         t_start = time.perf_counter()
@@ -191,7 +192,7 @@ class ClassifierModel:
         if not qc.accepted:
             timings["total_s"] = time.perf_counter() - t_start
             return ModelOutput(model=self.info, series_uid=volume.series_uid, qc=qc, findings=[], timings=timings)
-        results = self.analyse(volume, saliency=saliency, uncertainty=uncertainty, timings=timings)
+        results = self.analyse(volume, extras=extras, saliency=saliency, uncertainty=uncertainty, timings=timings)
         findings = self.task.findings(results, threshold=self.threshold)
         timings["total_s"] = time.perf_counter() - t_start
         return ModelOutput(model=self.info, series_uid=volume.series_uid, qc=qc, findings=findings, timings=timings)

@@ -21,7 +21,7 @@ import csv
 import hashlib
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -29,7 +29,7 @@ import numpy as np
 
 from models.errors import DataSpecError
 from models.tasks.base import Target, TaskSpec
-from models.transforms import PLANES, preprocess
+from models.transforms import PLANES
 from models.types import Volume
 
 MRNET_LABELS = ("acl", "meniscus", "abnormal")
@@ -57,6 +57,7 @@ class Case:
     key: str  # seed, MRNet exam id or SeriesInstanceUID
     volume: Volume
     target: Target
+    extras: dict[str, Volume] = field(default_factory=dict)  # extra-role volumes (e.g. cor_fluid)
 
 
 def parse_spec(text: str) -> DataSpec:
@@ -97,11 +98,12 @@ def phantom_case(task: TaskSpec, seed: int, **overrides: Any) -> tuple[Case, Any
     from models.phantoms import generate
 
     ph = generate(task.anatomy, int(seed), **{**task.phantom_overrides(), **overrides})
-    return Case(key=str(seed), volume=ph.volume, target=task.target_from_phantom(ph)), ph
+    case = Case(key=str(seed), volume=ph.volume, target=task.target_from_phantom(ph), extras=task.phantom_extras(ph, seed))
+    return case, ph
 
 
 def _grid_item(task: TaskSpec, case: Case) -> dict[str, Any]:
-    img, frame = preprocess(case.volume, task.input.shape, task.input.roi_mm, task.input.plane)
+    img, frame = task.network_input(case.volume, case.extras)
     item: dict[str, Any] = {"image": img.astype(np.float16), "allowed": case.target.allowed, "key": case.key}
     if case.target.lesion is not None:
         item["lesion"] = np.stack([frame.to_grid(m) for m in case.target.lesion]).astype(np.float16)
@@ -138,11 +140,12 @@ def cache_dir_for(task: TaskSpec, root: Path | None) -> Path | None:
     """Cache folder keyed by the task's preprocessing and the phantom spec version."""
     if root is None:
         return None
-    from models.phantoms import SPEC_VERSION
+    import models.phantoms as phantoms
 
     key = json.dumps({
         "task": task.name, "shape": task.input.shape, "roi": task.input.roi_mm, "plane": task.input.plane,
-        "phantoms": SPEC_VERSION, "overrides": sorted(task.phantom_overrides().items()), "v": 1,
+        "phantoms": phantoms.SPEC_VERSION, "generator": getattr(phantoms, "GENERATOR_VERSION", None),
+        "overrides": sorted(task.phantom_overrides().items()), "v": 1,
     }, sort_keys=True, default=str)
     d = Path(root) / task.name / hashlib.sha256(key.encode()).hexdigest()[:12]
     d.mkdir(parents=True, exist_ok=True)

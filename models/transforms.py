@@ -53,14 +53,18 @@ def _array_axis_directions(volume: Volume) -> np.ndarray:
 
 
 def canonical_layout(volume: Volume, plane: str | None = None) -> tuple[tuple[int, int, int], tuple[bool, bool, bool], str]:
-    """(perm, flips, plane): canonical = flip(transpose(array, perm)); axis t of the result is source axis perm[t]."""
+    """(perm, flips, plane): canonical = flip(transpose(array, perm)); axis t of the result is source axis perm[t]
+    (perm[0] is always 0)."""
     plane = plane or detect_plane(volume)[0]
     r0, c0 = (np.asarray(v, float) for v in PLANES[plane])
     targets = np.stack([np.cross(r0, c0), c0, r0])  # canonical directions of axes (k, j, i)
     dirs = _array_axis_directions(volume)
     dots = targets @ dirs.T  # [target, source]
     best = None
-    for perm in ((0, 1, 2), (0, 2, 1), (1, 0, 2), (1, 2, 0), (2, 0, 1), (2, 1, 0)):
+    # the slice axis stays first (the acquisition's normal is the through-plane direction even for
+    # strongly oblique planes such as the coronal-oblique shoulder; a wrong plane is QC's business):
+    # only the in-plane order and the flips are chosen
+    for perm in ((0, 1, 2), (0, 2, 1)):
         score = sum(abs(dots[t, perm[t]]) for t in range(3))
         if best is None or score > best[0] + 1e-9:
             best = (score, perm)

@@ -13,8 +13,8 @@ from models.tasks.base import Head, HeadResult, InputSpec, NetConfig, Target, Ta
 TASK_MODULES = (
     "models.tasks.knee_acl",
     "models.tasks.knee_meniscus",
-    "models.tasks.shoulder_rotator_cuff",
-    "models.tasks.lumbar_stenosis",
+    "models.tasks.shoulder_cuff",
+    "models.tasks.spine_stenosis",
 )
 
 

@@ -83,6 +83,7 @@ class InputSpec:
     max_obliquity_deg: float = 35.0  # slice normal vs the plane's axis
     flip_slices_ok: bool = True  # mirroring along the slice axis keeps the labels (augmentation)
     extra_roles: tuple[str, ...] = ()  # optional further inputs (e.g. cor_fluid for the meniscus)
+    channels: int = 1  # network input channels (e.g. 2 when an extra role is resampled in as a channel)
     mrnet_plane: str = "sagittal"  # which MRNet stack feeds the model
     mrnet_spacing_mm: tuple[float, float, float] = (3.0, 0.625, 0.625)  # MRNet .npy carry no geometry
 
@@ -147,6 +148,23 @@ class TaskSpec:
         for i, h in enumerate(self.heads):
             a[i, : len(h.classes)] = True
         return a
+
+    # --- network and its input ---------------------------------------------------------
+    def build_net(self):
+        """The task's network (default LesionNet); must offer ``features`` / ``forward_head`` like LesionNet."""
+        from models.nets import LesionNet
+
+        return LesionNet(self.input.channels, self.head_sizes, channels=self.net.channels, dropout=self.net.dropout)
+
+    def network_input(self, volume: Volume, extras: Mapping[str, Volume] | None = None):
+        """(C, D, H, W) float32 network input and the Frame of the main volume (default: one channel)."""
+        from models.transforms import preprocess
+
+        return preprocess(volume, self.input.shape, self.input.roi_mm, self.input.plane)
+
+    def phantom_extras(self, phantom, seed: int) -> dict[str, Volume]:
+        """Extra-role volumes for a phantom case (default none)."""
+        return {}
 
     # --- labels -----------------------------------------------------------------------
     def phantom_labels(self, labels: Mapping[str, Any]) -> list[Any]:

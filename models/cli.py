@@ -1,0 +1,271 @@
+"""Command line: ``msknode models list``, ``train``, ``evaluate``, ``predict``.
+
+Handlers are ``func(args, settings) -> exit code``; ``settings`` is used duck-typed
+(``weights_dir``, ``torch_threads``) so `models` never imports `node`. Bad input gives a
+non-zero exit code and a one-line message on stderr.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+EXIT_BAD_INPUT = 2
+EXIT_REFUSED = 3  # weights missing or failing their integrity check
+
+
+def register(sub) -> None:
+    p = sub.add_parser("models", help="model registry (cards, weights, hashes)")
+    msub = p.add_subparsers(dest="models_command", metavar="COMMAND")
+    msub.required = True
+    pl = msub.add_parser("list", help="model cards: task, anatomy, input, version, weights sha256, metrics")
+    pl.add_argument("--json", action="store_true", help="print a JSON list")
+    pl.set_defaults(func=cmd_list)
+
+    pt = sub.add_parser("train", help="train a model on a data spec")
+    pt.add_argument("model", help="model name, e.g. knee.acl (or qc.anatomy, superres)")
+    pt.add_argument("--data", required=True, help="synthetic:N:SEED | mrnet:PATH[:SPLIT] | dicomcsv:PATH")
+    pt.add_argument("--out", required=True, type=Path, help="output folder (weights, sha256, recipe, log)")
+    pt.add_argument("--epochs", type=int, default=None)
+    pt.add_argument("--batch-size", type=int, default=16)
+    pt.add_argument("--lr", type=float, default=2e-3)
+    pt.add_argument("--seed", type=int, default=0)
+    pt.add_argument("--workers", type=int, default=1, help="processes generating phantoms")
+    pt.add_argument("--cache", type=Path, default=None, help="folder caching preprocessed phantoms")
+    pt.add_argument("--max-steps", type=int, default=None, help="stop after this many optimiser steps")
+    pt.add_argument("--no-augment", action="store_true")
+    pt.set_defaults(func=cmd_train)
+
+    pe = sub.add_parser("evaluate", help="evaluate a model on a data spec (metrics with 95%% bootstrap CIs)")
+    pe.add_argument("model")
+    pe.add_argument("--data", required=True, help="synthetic:N:SEED | mrnet:PATH[:SPLIT] | dicomcsv:PATH")
+    pe.add_argument("--weights", type=Path, default=None, help="a checkpoint (with its .sha256) instead of the registry's")
+    pe.add_argument("--workers", type=int, default=1, help="processes generating phantoms")
+    pe.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the CIs")
+    pe.add_argument("--json", action="store_true", help="print one JSON object")
+    pe.set_defaults(func=cmd_evaluate)
+
+    pp = sub.add_parser("predict", help="QC gate + models on the DICOM series under a folder")
+    pp.add_argument("dicom_dir", type=Path)
+    pp.add_argument("--model", default=None, help="run only this model (default: the anatomy's pipeline)")
+    pp.add_argument("--no-saliency", action="store_true")
+    pp.add_argument("--json", action="store_true", help="print one JSON object")
+    pp.set_defaults(func=cmd_predict)
+
+
+def _err(msg: str) -> None:
+    print(f"msknode: {msg}", file=sys.stderr)
+
+
+def _threads(settings) -> int:
+    return int(getattr(settings, "torch_threads", 2) or 2)
+
+
+def _registry(settings):
+    from models.registry import Registry
+
+    return Registry(getattr(settings, "weights_dir", None))
+
+
+# --- models list --------------------------------------------------------------------------------
+
+
+def cmd_list(args, settings) -> int:
+    cards = _registry(settings).list()
+    if args.json:
+        print(json.dumps(cards, indent=2))
+        return 0
+    for c in cards:
+        print(f"{c['name']}  [{c['task']}, {c['anatomy']}]  version {c['version']}  {c['status']}")
+        print(f"    {c['description']}")
+        roles = ", ".join(c["input_roles"]) or "-"
+        print(f"    input roles: {roles}")
+        print(f"    weights: {c['weights_path'] or '-'}")
+        print(f"    sha256: {c['weights_sha256'] or '-'}")
+        if c.get("error"):
+            print(f"    REFUSED: {c['error']}")
+        if c.get("training_data"):
+            print(f"    training data: {c['training_data']}")
+        if c.get("metrics"):
+            print(f"    metrics: {json.dumps(c['metrics'])}")
+        print(f"    {c['notice']}")
+    return 0
+
+
+# --- train ------------------------------------------------------------------------------------------
+
+
+def cmd_train(args, settings) -> int:
+    import torch
+
+    from models.data import parse_spec
+    from models.errors import DataSpecError, TrainingError, VolumeError
+    from models.registry import MODEL_ANATOMY, MODEL_SUPERRES, ENTRIES
+
+    torch.set_num_threads(_threads(settings))
+    if args.model not in ENTRIES:
+        _err(f"unknown model {args.model!r}; known: {', '.join(sorted(ENTRIES))}")
+        return EXIT_BAD_INPUT
+    try:
+        spec = parse_spec(args.data)
+    except DataSpecError as e:
+        _err(str(e))
+        return EXIT_BAD_INPUT
+    log = lambda m: print(m, flush=True)  # noqa: E731
+    try:
+        if args.model == MODEL_ANATOMY:
+            if spec.kind != "synthetic":
+                _err("qc.anatomy trains on synthetic:N:SEED only (phantoms + synthetic other anatomy)")
+                return EXIT_BAD_INPUT
+            from models.qc import train_anatomy
+
+            path = train_anatomy(spec.n, spec.seed, args.out, epochs=args.epochs or 14, threads=_threads(settings),
+                                 workers=args.workers, log=log)
+        elif args.model == MODEL_SUPERRES:
+            import models.superres as sr
+
+            if spec.kind != "synthetic":
+                _err("superres trains on synthetic:N:SEED (noise-free phantoms as truth)")
+                return EXIT_BAD_INPUT
+            sr.train_to(args.out, n_phantoms=spec.n, seed=spec.seed, threads=_threads(settings))
+            path = Path(args.out) / "superres.pt"
+        else:
+            from models.tasks import TASKS
+            from models.training import Recipe, train
+
+            recipe = Recipe(data=str(spec), seed=args.seed, epochs=args.epochs or 8, batch_size=args.batch_size,
+                            lr=args.lr, threads=_threads(settings), max_steps=args.max_steps, augment=not args.no_augment)
+            path = train(TASKS[args.model], recipe, args.out, cache_root=args.cache, workers=args.workers, log=log)
+    except (DataSpecError, TrainingError, VolumeError) as e:
+        _err(str(e))
+        return EXIT_BAD_INPUT
+    print(f"weights: {path}")
+    return 0
+
+
+# --- evaluate --------------------------------------------------------------------------------------
+
+
+def cmd_evaluate(args, settings) -> int:
+    import torch
+
+    from models.errors import DataSpecError, RegistryError, VolumeError
+    from models.evaluation import evaluate
+
+    torch.set_num_threads(_threads(settings))
+    registry = _registry(settings)
+    progress = (lambda m: print(m, file=sys.stderr, flush=True)) if args.json else (lambda m: print(m, flush=True))
+    try:
+        result = evaluate(args.model, args.data, registry=registry, weights=args.weights, workers=args.workers,
+                          log=progress, bootstrap=args.bootstrap)
+    except (DataSpecError, VolumeError) as e:
+        _err(str(e))
+        return EXIT_BAD_INPUT
+    except RegistryError as e:
+        _err(str(e))
+        return EXIT_REFUSED
+    if args.json:
+        print(json.dumps(result))
+    else:
+        for k, v in result.items():
+            print(f"{k}: {v}")
+    return 0
+
+
+# --- predict -------------------------------------------------------------------------------------------
+
+_BODY_PARTS = {
+    "KNEE": "knee", "SHOULDER": "shoulder", "LSPINE": "lumbar_spine", "LUMBAR": "lumbar_spine",
+    "LUMBARSPINE": "lumbar_spine", "SPINE": "lumbar_spine", "LSSPINE": "lumbar_spine",
+}
+
+
+def _anatomy_of(volume, registry) -> tuple[str | None, str]:
+    part = (volume.body_part or "").upper().replace(" ", "").replace("_", "")
+    if part in _BODY_PARTS:
+        return _BODY_PARTS[part], "header"
+    from models.registry import MODEL_ANATOMY
+
+    if registry.has_weights(MODEL_ANATOMY):
+        pred = registry.get(MODEL_ANATOMY).predict(volume)
+        if pred["label"] != "other":
+            return pred["label"].split("/")[0], "pixels"
+    return None, "unknown"
+
+
+def _finding_json(f) -> dict[str, Any]:
+    return {
+        "code": f.code, "label": f.label, "probability": f.probability, "uncertainty": f.uncertainty,
+        "positive": f.positive, "threshold": f.threshold, "grade": f.grade, "grade_probabilities": f.grade_probabilities,
+        "level": f.level, "site": f.site, "location": list(f.location) if f.location else None,
+        "location_mm": list(f.location_mm) if f.location_mm else None,
+    }
+
+
+def cmd_predict(args, settings) -> int:
+    import torch
+
+    from models.errors import RegistryError, VolumeError
+    from models.io import load_folder
+    from models.pipelines import PIPELINES
+    from models.tasks import TASKS
+    from models.types import NOT_FOR_DIAGNOSTIC_USE
+
+    torch.set_num_threads(_threads(settings))
+    registry = _registry(settings)
+    if args.model is not None and args.model not in TASKS:
+        _err(f"unknown model {args.model!r}; classifiers: {', '.join(sorted(TASKS))}")
+        return EXIT_BAD_INPUT
+    try:
+        volumes = load_folder(args.dicom_dir)
+    except VolumeError as e:
+        _err(str(e))
+        return EXIT_BAD_INPUT
+    report: dict[str, Any] = {"folder": str(args.dicom_dir), "series": [], "notice": NOT_FOR_DIAGNOSTIC_USE}
+    try:
+        for uid, vol in sorted(volumes.items()):
+            entry: dict[str, Any] = {"series_uid": uid, "description": vol.series_description, "shape": list(vol.shape),
+                                     "models": []}
+            if args.model:
+                names = [args.model]
+                entry["anatomy"], entry["anatomy_source"] = TASKS[args.model].anatomy, "--model"
+            else:
+                anatomy, source = _anatomy_of(vol, registry)
+                entry["anatomy"], entry["anatomy_source"] = anatomy, source
+                names = list(PIPELINES[anatomy].models) if anatomy in PIPELINES else []
+                if not names:
+                    entry["note"] = ("no shipped model for this anatomy" if anatomy else
+                                     "anatomy unknown (no BodyPartExamined, pixels not recognised); use --model")
+            for name in names:
+                model = registry.get(name)
+                out = model.predict(vol, saliency=not args.no_saliency)
+                entry["models"].append({
+                    "model": out.model.name, "version": out.model.version, "weights_sha256": out.model.weights_sha256,
+                    "qc": {"accepted": out.qc.accepted, "reason": out.qc.reason, "message": out.qc.message},
+                    "findings": [_finding_json(f) for f in out.findings],
+                    "timings": {k: round(v, 3) for k, v in out.timings.items()},
+                })
+            report["series"].append(entry)
+    except RegistryError as e:
+        _err(str(e))
+        return EXIT_REFUSED
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    for s in report["series"]:
+        print(f"series {s['series_uid']} ({s['description'] or '-'}), {s['shape'][0]} slices, anatomy "
+              f"{s['anatomy'] or '?'} ({s['anatomy_source']})")
+        if s.get("note"):
+            print(f"  {s['note']}")
+        for m in s["models"]:
+            qc = m["qc"]
+            print(f"  {m['model']} {m['version']} (weights {m['weights_sha256'][:12]}): "
+                  + ("QC accepted" if qc["accepted"] else f"QC refused [{qc['reason']}] {qc['message']}"))
+            for f in m["findings"]:
+                prob = "" if f["probability"] is None else f" P={f['probability']:.3f} +/- {f['uncertainty'] or 0:.3f}"
+                grades = ", ".join(f"{k} {v:.2f}" for k, v in (f["grade_probabilities"] or {}).items())
+                print(f"    {f['label']}{prob} (threshold {f['threshold']}) [{grades}]")
+    print(NOT_FOR_DIAGNOSTIC_USE)
+    return 0

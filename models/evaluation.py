@@ -1,0 +1,286 @@
+"""Evaluation: metrics with 95 % bootstrap confidence intervals, through the inference path.
+
+Every case goes through the QC gate (refusals are counted as ``qc_refused``) and is scored
+anyway, so refusing hard cases cannot flatter a metric. JSON keys (those that apply):
+
+``n``, ``qc_refused``, ``auc``, ``auc_ci``, ``sensitivity``, ``specificity``, ``ece``,
+``balanced_accuracy``, ``kappa`` (minimum over levels), ``kappa_per_level``,
+``psnr_gain_db``, ``ssim_gain``, ``saliency_hit_rate``, ``shortcut_auc``; plus
+``sensitivity_ci``, ``specificity_ci``, ``threshold`` and the model identity.
+
+- AUC: Mann-Whitney; sensitivity/specificity at the model's operating threshold.
+- ECE: 10 equal-width bins of P(finding) (binary) or of the top-class confidence.
+- Balanced accuracy: mean per-class recall (multi-class head).
+- Kappa: quadratic-weighted Cohen's kappa per grading head (level).
+- Saliency hit rate: share of cases with a planted lesion whose heatmap peak lies within
+  10 mm (patient coordinates) of the lesion centre (phantoms only).
+- Shortcut AUC: the phantom shortcut baseline (`models.phantoms.shortcut`, logistic
+  regression on global intensity/size statistics, cross-validated) on the same volumes.
+- Super-resolution: foreground PSNR/SSIM gain over tricubic with the documented
+  degradation model (`models.superres.evaluate_cases`).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import numpy as np
+
+from models.data import DataSpec, open_cases, parse_spec
+from models.errors import DataSpecError
+from models.tasks.base import TaskSpec
+
+HIT_RADIUS_MM = 10.0
+N_BOOTSTRAP = 1000
+
+
+# --- metrics ----------------------------------------------------------------------------------
+
+
+def auc(scores: np.ndarray, labels: np.ndarray) -> float:
+    from models.training import binary_auc
+
+    return binary_auc(np.asarray(scores, float), np.asarray(labels, int))
+
+
+def bootstrap_ci(fn: Callable[[np.ndarray], float], n: int, *, reps: int = N_BOOTSTRAP, seed: int = 0) -> list[float]:
+    """95 % percentile bootstrap interval of ``fn(indices)`` over resamples of n cases."""
+    rng = np.random.default_rng(seed)
+    vals = []
+    for _ in range(reps):
+        idx = rng.integers(0, n, n)
+        v = fn(idx)
+        if np.isfinite(v):
+            vals.append(v)
+    if not vals:
+        return [float("nan"), float("nan")]
+    lo, hi = np.percentile(vals, [2.5, 97.5])
+    return [round(float(lo), 4), round(float(hi), 4)]
+
+
+def ece(confidence: np.ndarray, correct: np.ndarray, bins: int = 10) -> float:
+    """Expected calibration error: sum over equal-width bins of |accuracy - confidence| weighted by share."""
+    conf = np.asarray(confidence, float)
+    corr = np.asarray(correct, float)
+    edges = np.linspace(0, 1, bins + 1)
+    total = 0.0
+    for b in range(bins):
+        m = (conf >= edges[b]) & ((conf < edges[b + 1]) if b < bins - 1 else (conf <= edges[b + 1]))
+        if m.any():
+            total += m.mean() * abs(corr[m].mean() - conf[m].mean())
+    return float(total)
+
+
+def binary_ece(p: np.ndarray, y: np.ndarray, bins: int = 10) -> float:
+    """ECE of P(finding) against the label (reliability of the probability itself)."""
+    return ece(np.asarray(p, float), np.asarray(y, float), bins)
+
+
+def balanced_accuracy(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int) -> float:
+    recalls = [float((y_pred[y_true == c] == c).mean()) for c in range(n_classes) if (y_true == c).any()]
+    return float(np.mean(recalls)) if recalls else float("nan")
+
+
+def quadratic_kappa(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int) -> float:
+    o = np.zeros((n_classes, n_classes))
+    for t, p in zip(y_true, y_pred):
+        o[int(t), int(p)] += 1
+    w = np.array([[(i - j) ** 2 for j in range(n_classes)] for i in range(n_classes)], float) / (n_classes - 1) ** 2
+    e = np.outer(o.sum(axis=1), o.sum(axis=0)) / max(o.sum(), 1)
+    denom = (w * e).sum()
+    return float(1.0 - (w * o).sum() / denom) if denom > 0 else float("nan")
+
+
+# --- classifier evaluation ------------------------------------------------------------------------
+
+
+def _phantom_job(args):
+    task_name, seed = args
+    import torch
+
+    torch.set_num_threads(1)
+    from models.data import phantom_case
+    from models.tasks import TASKS
+
+    case, _ = phantom_case(TASKS[task_name], seed)
+    case.target.lesion = None  # not needed for evaluation; keeps the pickle small
+    return case
+
+
+def iter_cases(spec: DataSpec, task: TaskSpec, workers: int = 1) -> Iterable:
+    if spec.kind == "synthetic" and workers > 1 and spec.n > 1:
+        import multiprocessing as mp
+
+        jobs = [(task.name, s) for s in range(spec.seed, spec.seed + spec.n)]
+        with mp.get_context("spawn").Pool(workers) as pool:
+            yield from pool.imap(_phantom_job, jobs, chunksize=2)
+    else:
+        yield from open_cases(spec, task)
+
+
+def evaluate_classifier(model, spec: DataSpec, *, gate=None, workers: int = 1, saliency: bool = True,
+                        log: Callable[[str], None] | None = None, bootstrap: int = N_BOOTSTRAP) -> dict[str, Any]:
+    """Score a ClassifierModel on every case of ``spec`` (QC refusals counted, not skipped)."""
+    from models.phantoms.shortcut import global_features, shortcut_auc
+
+    task: TaskSpec = model.task
+    rows = []
+    feats = []
+    refused = 0
+    reasons: dict[str, int] = {}
+    t0 = time.time()
+    for i, case in enumerate(iter_cases(spec, task, workers)):
+        if gate is not None:
+            qc = gate.check(case.volume, task)
+            if not qc.accepted:
+                refused += 1
+                reasons[qc.reason] = reasons.get(qc.reason, 0) + 1
+        want_sal = saliency and bool(case.target.lesion_centers_mm)
+        results = model.analyse(case.volume, extras=case.extras, saliency=want_sal, uncertainty=False)
+        rows.append((case, results))
+        if spec.kind == "synthetic":
+            feats.append(global_features(case.volume))
+        if log and (i + 1) % 50 == 0:
+            log(f"evaluated {i + 1} cases in {time.time() - t0:.0f} s")
+    if not rows:
+        raise DataSpecError(f"{spec}: no cases")
+    out: dict[str, Any] = {"n": len(rows), "qc_refused": refused}
+    if reasons:
+        out["qc_reasons"] = reasons
+    heads = task.heads
+    if task.kind == "binary":
+        head = heads[0]
+        n_cls = len(head.classes)
+        neg = [head.classes.index(c) for c in head.negative]
+        p = np.array([r[1][0].p_finding for r in rows], float)
+        allowed = np.array([c.target.allowed[0, :n_cls] for c, _ in rows])
+        known = ~allowed.all(axis=1)
+        y = (~allowed[:, neg].any(axis=1)).astype(int)
+        p, y = p[known], y[known]
+        thr = float(model.threshold)
+        pred = p >= thr
+        out["auc"] = round(auc(p, y), 4)
+        out["auc_ci"] = bootstrap_ci(lambda idx: auc(p[idx], y[idx]), len(p), reps=bootstrap)
+        sens = lambda idx: float(pred[idx][y[idx] == 1].mean()) if (y[idx] == 1).any() else float("nan")  # noqa: E731
+        spec_ = lambda idx: float((~pred[idx])[y[idx] == 0].mean()) if (y[idx] == 0).any() else float("nan")  # noqa: E731
+        all_idx = np.arange(len(p))
+        out["sensitivity"] = round(sens(all_idx), 4)
+        out["sensitivity_ci"] = bootstrap_ci(sens, len(p), reps=bootstrap, seed=1)
+        out["specificity"] = round(spec_(all_idx), 4)
+        out["specificity_ci"] = bootstrap_ci(spec_, len(p), reps=bootstrap, seed=2)
+        out["ece"] = round(binary_ece(p, y), 4)
+        out["threshold"] = round(thr, 4)
+        if spec.kind == "synthetic" and len(np.unique(y)) == 2:
+            out["shortcut_auc"] = round(shortcut_auc(np.stack(feats)[known], y), 4)
+    else:
+        kappas = {}
+        bal = []
+        confs, corrects = [], []
+        for h, head in enumerate(heads):
+            n_cls = len(head.classes)
+            allowed = np.array([c.target.allowed[h, :n_cls] for c, _ in rows])
+            exact = allowed.sum(axis=1) == 1
+            y_true = allowed.argmax(axis=1)[exact]
+            probs = np.array([r[1][h].probabilities for r in rows])[exact]
+            y_pred = probs.argmax(axis=1)
+            confs.append(probs.max(axis=1))
+            corrects.append(y_pred == y_true)
+            if task.kind == "grading":
+                kappas[head.name] = round(quadratic_kappa(y_true, y_pred, n_cls), 4)
+            else:
+                bal.append(balanced_accuracy(y_true, y_pred, n_cls))
+        out["ece"] = round(ece(np.concatenate(confs), np.concatenate(corrects)), 4)
+        if task.kind == "grading":
+            out["kappa_per_level"] = kappas
+            out["kappa"] = min(kappas.values()) if kappas else float("nan")
+        else:
+            out["balanced_accuracy"] = round(float(np.mean(bal)), 4)
+        if spec.kind == "synthetic":
+            # shortcut baseline on "any finding" of the first head (and per grading head: the minimum is not
+            # meaningful; report the worst, i.e. the highest, AUC over heads)
+            aucs = []
+            for h, head in enumerate(heads):
+                if not head.negative:
+                    continue
+                n_cls = len(head.classes)
+                neg = [head.classes.index(c) for c in head.negative]
+                allowed = np.array([c.target.allowed[h, :n_cls] for c, _ in rows])
+                y = (~allowed[:, neg].any(axis=1)).astype(int)
+                if len(np.unique(y)) == 2:
+                    aucs.append(shortcut_auc(np.stack(feats), y))
+            if aucs:
+                out["shortcut_auc"] = round(float(max(aucs)), 4)
+    if saliency:
+        hits = []
+        for case, results in rows:
+            for r in results:
+                centre = case.target.lesion_centers_mm.get(r.head.name)
+                if centre is None or r.peak_mm is None:
+                    if centre is not None:
+                        hits.append(False)
+                    continue
+                hits.append(float(np.linalg.norm(np.subtract(r.peak_mm, centre))) <= HIT_RADIUS_MM)
+        if hits:
+            out["saliency_hit_rate"] = round(float(np.mean(hits)), 4)
+            out["saliency_cases"] = len(hits)
+    out["seconds"] = round(time.time() - t0, 1)
+    return out
+
+
+# --- super-resolution -------------------------------------------------------------------------------
+
+
+def evaluate_superres(model, spec: DataSpec) -> dict[str, Any]:
+    import models.superres as sr
+
+    if spec.kind != "synthetic":
+        raise DataSpecError("super-resolution evaluates on synthetic:N:SEED (truth = noise-free phantoms)")
+    if hasattr(sr, "evaluate_synthetic"):  # the module's own protocol (refuses its training seeds)
+        try:
+            return dict(sr.evaluate_synthetic(model, spec.n, spec.seed, anatomy="knee"))
+        except sr.SuperResError as e:
+            raise DataSpecError(str(e)) from None
+    from models.superres import evaluate_cases, phantom_case
+    anatomies = ("knee", "shoulder", "lumbar_spine")
+    cases = (phantom_case(anatomies[i % 3], spec.seed + i) for i in range(spec.n))
+    res = evaluate_cases(model, cases)
+    out = {"n": int(res["n"]), "qc_refused": 0, "psnr_gain_db": round(float(res["psnr_gain_db"]), 4),
+           "ssim_gain": round(float(res["ssim_gain"]), 5)}
+    for k in ("psnr_gain_ci", "psnr_db", "psnr_tricubic_db", "ssim", "ssim_tricubic", "consistency_error_max",
+              "consistency_passed"):
+        if k in res:
+            out[k] = res[k]
+    return out
+
+
+def evaluate(name: str, data: str | DataSpec, *, registry, weights: Path | None = None, workers: int = 1,
+             log: Callable[[str], None] | None = None, bootstrap: int = N_BOOTSTRAP) -> dict[str, Any]:
+    """Evaluate model ``name`` (registry weights, or a checkpoint ``weights`` with its .sha256) on a data spec."""
+    from models.registry import MODEL_SUPERRES, read_sha256_file
+    from models.errors import WeightsIntegrityError, WeightsMissingError
+
+    spec = parse_spec(data) if isinstance(data, str) else data
+    entry = registry.entry(name)
+    if weights is not None:
+        weights = Path(weights)
+        side = weights.with_name(weights.name + ".sha256")
+        if not weights.is_file():
+            raise WeightsMissingError(f"weights file {weights} not found")
+        if not side.is_file():
+            raise WeightsMissingError(f"{side} is missing; refusing unverified weights")
+        from models.classifier import sha256_of
+
+        expected, actual = read_sha256_file(side), sha256_of(weights)
+        if expected != actual:
+            raise WeightsIntegrityError(f"{weights}: sha256 {actual} != recorded {expected}; refusing to load")
+        model = entry.loader(registry, weights, actual)
+    else:
+        model = registry.get(name)
+    if name == MODEL_SUPERRES:
+        result = evaluate_superres(model, spec)
+    else:
+        result = evaluate_classifier(model, spec, gate=registry.gate(), workers=workers, log=log, bootstrap=bootstrap)
+    info = model.info
+    return {"model": name, "version": info.version, "weights_sha256": info.weights_sha256, "data": str(spec), **result}

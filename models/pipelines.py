@@ -1,0 +1,144 @@
+"""Pipelines (contract C4): which models run for an anatomy, on which input roles.
+
+``PIPELINES[name].models`` lists the classifiers of the pipeline that have shipped
+weights in the repository (a model appears once its task code and weights land), in
+report order; ``superres`` says whether the super-resolution model ships. Input roles
+per model come from the task (contract C3: knee.acl <- sag_fluid, sag_pd; ...).
+
+``run_pipeline(name, volumes, *, registry, superres=True, saliency=True)`` runs every
+model of the pipeline on the first of its roles present in ``volumes`` (role -> Volume).
+A model whose roles are all missing gets a `ModelOutput` with ``qc.accepted=False`` and
+reason "missing_series" — never silence. Super-resolution runs on the main model's
+input series when that series passed the main model's QC gate. Torch threads are set
+by the caller.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Mapping
+
+from models.errors import PipelineError
+from models.qc import REASONS
+from models.registry import MODEL_SUPERRES, REPO_WEIGHTS, ENTRIES
+from models.tasks import TASKS
+from models.types import PipelineOutput, QCResult, SuperResOutput, Volume, ModelOutput
+
+ROLES: dict[str, tuple[str, ...]] = {
+    "knee": ("sag_fluid", "sag_pd", "cor_fluid", "cor_t1", "ax_fluid", "localizer"),
+    "shoulder": ("cor_fluid", "cor_t1", "sag_fluid", "ax_fluid", "localizer"),
+    "lumbar_spine": ("sag_t2", "sag_t1", "sag_stir", "ax_t2", "localizer"),
+}
+CANDIDATES: dict[str, tuple[str, ...]] = {
+    "knee": ("knee.acl", "knee.meniscus"),
+    "shoulder": ("shoulder.rotator_cuff",),
+    "lumbar_spine": ("lumbar_spine.stenosis",),
+}
+
+
+@dataclass(frozen=True)
+class PipelineSpec:
+    name: str
+    anatomy: str
+    models: tuple[str, ...]  # classifiers with shipped weights, report order
+    roles: tuple[str, ...]  # every role the pipeline knows (routing output)
+    superres: bool  # the super-resolution model ships
+    model_roles: dict[str, tuple[str, ...]]  # model -> input roles, preference order
+
+    @property
+    def main_model(self) -> str | None:
+        return self.models[0] if self.models else None
+
+    @property
+    def superres_roles(self) -> tuple[str, ...]:
+        """Roles super-resolution may take: the first input role(s) of the main model."""
+        main = self.main_model
+        if main is not None:
+            return self.model_roles[main]
+        cands = [m for m in CANDIDATES[self.anatomy] if m in TASKS]
+        return TASKS[cands[0]].input.roles if cands else ()
+
+
+def _shipped(name: str) -> bool:
+    e = ENTRIES.get(name)
+    return e is not None and (REPO_WEIGHTS / name / e.weights_file).is_file()
+
+
+def _build() -> dict[str, PipelineSpec]:
+    out = {}
+    for anatomy, cands in CANDIDATES.items():
+        models = tuple(m for m in cands if m in TASKS and _shipped(m))
+        out[anatomy] = PipelineSpec(
+            name=anatomy, anatomy=anatomy, models=models, roles=ROLES[anatomy], superres=_shipped(MODEL_SUPERRES),
+            model_roles={m: TASKS[m].input.roles for m in cands if m in TASKS},
+        )
+    return out
+
+
+PIPELINES: dict[str, PipelineSpec] = _build()
+
+
+def _missing(registry, model: str, roles: tuple[str, ...]) -> ModelOutput:
+    msg = f"{REASONS['missing_series']}: {model} needs one of {', '.join(roles)}"
+    return ModelOutput(model=registry.info(model), series_uid="", qc=QCResult(False, "missing_series", msg), findings=[])
+
+
+def run_pipeline(
+    name: str,
+    volumes: Mapping[str, Volume],
+    *,
+    registry,
+    superres: bool = True,
+    saliency: bool = True,
+) -> PipelineOutput:
+    """Run pipeline ``name`` on role -> Volume; see the module docstring."""
+    if name not in PIPELINES:
+        raise PipelineError(f"unknown pipeline {name!r}; known: {', '.join(sorted(PIPELINES))}")
+    spec = PIPELINES[name]
+    unknown = sorted(set(volumes) - set(spec.roles))
+    if unknown:
+        raise PipelineError(f"pipeline {name!r} has no role(s) {', '.join(unknown)}; roles: {', '.join(spec.roles)}")
+    t_start = time.perf_counter()
+    outputs: list[ModelOutput] = []
+    used: dict[str, list[str]] = {}
+    timings: dict[str, float] = {}
+    qc_by_series: dict[str, QCResult] = {}
+    for model_name in spec.models:
+        roles = spec.model_roles[model_name]
+        role = next((r for r in roles if r in volumes), None)
+        t0 = time.perf_counter()
+        if role is None:
+            outputs.append(_missing(registry, model_name, roles))
+            continue
+        vol = volumes[role]
+        extras = {r: volumes[r] for r in TASKS[model_name].input.extra_roles if r in volumes}
+        out = registry.get(model_name).predict(vol, extras=extras, saliency=saliency)
+        outputs.append(out)
+        used[model_name] = [vol.series_uid] + [v.series_uid for v in extras.values() if out.qc.accepted]
+        if model_name == spec.main_model:
+            qc_by_series[vol.series_uid] = out.qc
+        timings[model_name] = time.perf_counter() - t0
+    sr_outputs: list[SuperResOutput] = []
+    if superres and spec.superres:
+        role = next((r for r in spec.superres_roles if r in volumes), None)
+        if role is not None:
+            vol = volumes[role]
+            t0 = time.perf_counter()
+            qc = qc_by_series.get(vol.series_uid)
+            if qc is None and spec.main_model is not None:
+                qc = registry.gate().check(vol, TASKS[spec.main_model])
+            model = registry.get(MODEL_SUPERRES)
+            if qc is not None and not qc.accepted:
+                from models.superres import CONSISTENCY_TOLERANCE
+
+                sr_outputs.append(SuperResOutput(
+                    model=model.info, source=vol, volume=vol, qc=qc, consistency_error=float("nan"),
+                    consistency_tolerance=CONSISTENCY_TOLERANCE, consistency_passed=False, timings={},
+                ))
+            else:
+                sr_outputs.append(model.predict(vol))
+                used[MODEL_SUPERRES] = [vol.series_uid]
+            timings[MODEL_SUPERRES] = time.perf_counter() - t0
+    timings["total"] = time.perf_counter() - t_start
+    return PipelineOutput(pipeline=name, outputs=outputs, superres=sr_outputs, used_series=used, timings=timings)

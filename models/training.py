@@ -1,0 +1,309 @@
+"""Training loop for task models (MONAI data pipeline, PyTorch optimisation, CPU).
+
+``train(task, data_spec, out_dir, ...)``:
+
+1. items from the data spec on the task's network grid (`models.data.load_items`; phantoms
+   are generated in worker processes and cached on disk when ``cache_root`` is given);
+2. a fixed split: the last ``val_fraction`` of the items validate (never trained on);
+3. epochs of AdamW with a one-cycle learning rate over MONAI ``Dataset``/``DataLoader``
+   with MONAI augmentation (`models.transforms.training_augmentation`); loss = negative
+   log of the probability of the label's allowed classes per head (a binary label on a
+   3-class head allows both tear grades) + a lesion-evidence BCE where lesion masks exist;
+4. a checkpoint after every epoch (``checkpoint.pt``: resumable), the best epoch by
+   validation loss kept;
+5. temperature scaling and the operating threshold (Youden's J) fitted on validation;
+6. ``model.pt`` + ``model.pt.sha256``, ``recipe.json`` and ``train_log.jsonl`` in ``out_dir``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from models.classifier import ClassifierModel, build_net
+from models.data import load_items, parse_spec
+from models.errors import TrainingError
+from models.tasks.base import TaskSpec
+from models.types import NOT_FOR_DIAGNOSTIC_USE, ModelInfo
+
+
+@dataclass
+class Recipe:
+    data: str
+    seed: int = 0
+    epochs: int = 8
+    batch_size: int = 16
+    lr: float = 2e-3
+    weight_decay: float = 1e-4
+    val_fraction: float = 0.15
+    aux_pos_weight: float = 20.0
+    augment: bool = True
+    threads: int = 2
+    max_steps: int | None = None  # stop early (smoke tests)
+
+
+def _collate(batch: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+    out = {
+        "image": torch.stack([torch.as_tensor(np.asarray(b["image"], np.float32)) for b in batch]),
+        "allowed": torch.stack([torch.as_tensor(np.asarray(b["allowed"], bool)) for b in batch]),
+    }
+    if all("lesion" in b and b["lesion"] is not None for b in batch):
+        out["lesion"] = torch.stack([torch.as_tensor(np.asarray(b["lesion"], np.float32)) for b in batch])
+    return out
+
+
+def allowed_nll(logits: list[torch.Tensor], allowed: torch.Tensor) -> torch.Tensor:
+    """Mean over heads with a known label of -log sum_{allowed} softmax(logits)."""
+    losses = []
+    for h, lg in enumerate(logits):
+        n = lg.shape[1]
+        al = allowed[:, h, :n]
+        known = ~al.all(dim=1)
+        if not known.any():
+            continue
+        logp = torch.log_softmax(lg, dim=1)
+        masked = logp.masked_fill(~al, float("-inf"))
+        losses.append(-(torch.logsumexp(masked, dim=1)[known]).mean())
+    if not losses:
+        return logits[0].sum() * 0.0
+    return torch.stack(losses).mean()
+
+
+def evidence_loss(ev: torch.Tensor, lesion: torch.Tensor, pos_weight: float) -> torch.Tensor:
+    target = (F.adaptive_max_pool3d(lesion, ev.shape[2:]) > 0.25).float()
+    return F.binary_cross_entropy_with_logits(ev, target, pos_weight=torch.tensor(pos_weight))
+
+
+def binary_auc(scores: np.ndarray, labels: np.ndarray) -> float:
+    labels = np.asarray(labels, int)
+    pos, neg = scores[labels == 1], scores[labels == 0]
+    if len(pos) == 0 or len(neg) == 0:
+        return float("nan")
+    order = np.argsort(np.concatenate([pos, neg]), kind="mergesort")
+    ranks = np.empty(len(order))
+    allv = np.concatenate([pos, neg])[order]
+    # average ranks for ties
+    i = 0
+    r = np.arange(1, len(order) + 1, dtype=float)
+    while i < len(allv):
+        j = i
+        while j + 1 < len(allv) and allv[j + 1] == allv[i]:
+            j += 1
+        r[i : j + 1] = (i + j + 2) / 2.0
+        i = j + 1
+    ranks[order] = r
+    return float((ranks[: len(pos)].sum() - len(pos) * (len(pos) + 1) / 2) / (len(pos) * len(neg)))
+
+
+def fit_temperature(logits: np.ndarray, allowed: np.ndarray) -> float:
+    """Temperature minimising the allowed-class NLL of validation logits (1-D search, robust)."""
+    lg = torch.as_tensor(logits, dtype=torch.float64)
+    al = torch.as_tensor(allowed, dtype=torch.bool)
+
+    def nll(t: float) -> float:
+        logp = torch.log_softmax(lg / t, dim=1).masked_fill(~al, float("-inf"))
+        return float(-(torch.logsumexp(logp, dim=1)).mean())
+
+    grid = np.exp(np.linspace(np.log(0.25), np.log(8.0), 61))
+    vals = [nll(t) for t in grid]
+    best = float(grid[int(np.argmin(vals))])
+    lo, hi = best / 1.06, best * 1.06  # golden-section refinement
+    g = (math.sqrt(5) - 1) / 2
+    a, b = lo, hi
+    for _ in range(30):
+        c, d = b - g * (b - a), a + g * (b - a)
+        if nll(c) < nll(d):
+            b = d
+        else:
+            a = c
+    return float((a + b) / 2)
+
+
+def youden_threshold(p: np.ndarray, y: np.ndarray) -> float:
+    best_t, best_j = 0.5, -1.0
+    for t in np.unique(np.round(p, 4)):
+        sens = float((p[y == 1] >= t).mean()) if (y == 1).any() else 0.0
+        spec = float((p[y == 0] < t).mean()) if (y == 0).any() else 0.0
+        j = sens + spec - 1
+        if j > best_j + 1e-9 or (abs(j - best_j) <= 1e-9 and abs(t - 0.5) < abs(best_t - 0.5)):
+            best_t, best_j = float(t), j
+    return float(np.clip(best_t, 0.05, 0.95))
+
+
+def _evaluate_val(net, items, task: TaskSpec, batch_size: int) -> dict[str, Any]:
+    net.eval()
+    logits_all: list[list[np.ndarray]] = [[] for _ in task.heads]
+    with torch.inference_mode():
+        for i in range(0, len(items), batch_size):
+            batch = _collate(items[i : i + batch_size])
+            logits, _ = net(batch["image"])
+            for h, lg in enumerate(logits):
+                logits_all[h].append(lg.numpy())
+    logits_np = [np.concatenate(x) for x in logits_all]
+    allowed = np.stack([np.asarray(it["allowed"], bool) for it in items])
+    with torch.no_grad():
+        loss = float(allowed_nll([torch.as_tensor(x) for x in logits_np], torch.as_tensor(allowed)))
+    out: dict[str, Any] = {"val_loss": loss, "logits": logits_np, "allowed": allowed}
+    head = task.heads[0]
+    if head.negative:
+        n = len(head.classes)
+        neg = [head.classes.index(c) for c in head.negative]
+        p = torch.softmax(torch.as_tensor(logits_np[0]), dim=1).numpy()
+        score = 1 - p[:, neg].sum(axis=1)
+        al = allowed[:, 0, :n]
+        known = ~al.all(axis=1)
+        y = (~al[:, neg].any(axis=1)).astype(int)
+        out["val_auc"] = binary_auc(score[known], y[known])
+    return out
+
+
+def train(
+    task: TaskSpec,
+    recipe: Recipe,
+    out_dir: Path,
+    *,
+    cache_root: Path | None = None,
+    workers: int = 1,
+    log: Callable[[str], None] = print,
+    resume: bool = True,
+) -> Path:
+    """Train ``task`` per ``recipe``; returns the path of the written ``model.pt``."""
+    from monai.data import DataLoader, Dataset
+    from monai.utils import set_determinism
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(max(1, int(recipe.threads)))
+    set_determinism(seed=recipe.seed)
+    spec = parse_spec(recipe.data)
+    t_data = time.time()
+    items = load_items(spec, task, workers=workers, cache_root=cache_root, log=log)
+    log(f"{len(items)} cases from {spec} in {time.time() - t_data:.0f} s")
+    if len(items) < 4:
+        raise TrainingError(f"{spec}: {len(items)} cases are too few to train (need at least 4)")
+    n_val = max(1, int(round(len(items) * recipe.val_fraction)))
+    train_items, val_items = items[:-n_val], items[-n_val:]
+    allowed = np.stack([np.asarray(it["allowed"], bool) for it in train_items])
+    known = ~allowed.all(axis=2)
+    if not known.any():
+        raise TrainingError(f"{spec}: no case carries a label for {task.name}")
+
+    transform = None
+    if recipe.augment:
+        from models.transforms import training_augmentation
+
+        has_lesion = "lesion" in train_items[0]
+        aug = training_augmentation(flip_slices=task.input.flip_slices_ok, lesion_key="lesion" if has_lesion else None,
+                                    seed=recipe.seed)
+
+        def transform(item):
+            d = dict(item)
+            d["image"] = np.asarray(d["image"], np.float32)
+            if has_lesion:
+                d["lesion"] = np.asarray(d["lesion"], np.float32)
+            d = aug(d)
+            d["image"] = np.asarray(d["image"], np.float32)
+            if has_lesion:
+                d["lesion"] = np.asarray(d["lesion"], np.float32)
+            return d
+
+    ds = Dataset(train_items, transform=transform)
+    gen = torch.Generator().manual_seed(recipe.seed)
+    loader = DataLoader(ds, batch_size=recipe.batch_size, shuffle=True, num_workers=0, collate_fn=_collate,
+                        generator=gen, drop_last=len(train_items) > recipe.batch_size)
+    net = build_net(task)
+    opt = torch.optim.AdamW(net.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay)
+    steps_per_epoch = max(1, len(loader))
+    total = steps_per_epoch * recipe.epochs
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=recipe.lr, total_steps=total, pct_start=0.15)
+    ckpt_path = out_dir / "checkpoint.pt"
+    log_path = out_dir / "train_log.jsonl"
+    start_epoch, best = 0, {"val_loss": float("inf"), "epoch": -1, "state": None}
+    if resume and ckpt_path.is_file():
+        ck = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        if ck.get("task") == task.name and ck.get("recipe") == asdict(recipe):
+            net.load_state_dict(ck["net"])
+            opt.load_state_dict(ck["opt"])
+            sched.load_state_dict(ck["sched"])
+            start_epoch = int(ck["epoch"]) + 1
+            best = {"val_loss": float(ck["best_val_loss"]), "epoch": int(ck["best_epoch"]), "state": ck["best_state"]}
+            log(f"resumed from {ckpt_path} at epoch {start_epoch}")
+    (out_dir / "recipe.json").write_text(json.dumps({"task": task.name, "task_version": task.version,
+                                                      **asdict(recipe)}, indent=2) + "\n")
+    step = start_epoch * steps_per_epoch
+    for epoch in range(start_epoch, recipe.epochs):
+        net.train()
+        t0 = time.time()
+        sums = {"loss": 0.0, "cls": 0.0, "aux": 0.0}
+        n_batches = 0
+        for batch in loader:
+            logits, ev = net(batch["image"])
+            cls = allowed_nll(logits, batch["allowed"])
+            aux = evidence_loss(ev, batch["lesion"], recipe.aux_pos_weight) if "lesion" in batch else cls * 0.0
+            loss = cls + task.net.aux_weight * aux
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(net.parameters(), 5.0)
+            opt.step()
+            sched.step()
+            step += 1
+            n_batches += 1
+            sums["loss"] += float(loss.detach())
+            sums["cls"] += float(cls.detach())
+            sums["aux"] += float(aux.detach())
+            if recipe.max_steps is not None and step >= recipe.max_steps:
+                break
+        val = _evaluate_val(net, val_items, task, recipe.batch_size)
+        rec = {"epoch": epoch, "step": step, "seconds": round(time.time() - t0, 1),
+               **{k: round(v / max(1, n_batches), 5) for k, v in sums.items()},
+               "val_loss": round(val["val_loss"], 5), "val_auc": None if "val_auc" not in val else round(val["val_auc"], 4),
+               "lr": opt.param_groups[0]["lr"]}
+        with open(log_path, "a") as fh:
+            fh.write(json.dumps(rec) + "\n")
+        log(json.dumps(rec))
+        if val["val_loss"] < best["val_loss"]:
+            best = {"val_loss": val["val_loss"], "epoch": epoch,
+                    "state": {k: v.detach().clone() for k, v in net.state_dict().items()}}
+        torch.save({"task": task.name, "recipe": asdict(recipe), "epoch": epoch, "net": net.state_dict(),
+                    "opt": opt.state_dict(), "sched": sched.state_dict(), "best_val_loss": best["val_loss"],
+                    "best_epoch": best["epoch"], "best_state": best["state"]}, ckpt_path)
+        if recipe.max_steps is not None and step >= recipe.max_steps:
+            break
+    if best["state"] is not None:
+        net.load_state_dict(best["state"])
+    val = _evaluate_val(net, val_items, task, recipe.batch_size)
+    temperature = fit_temperature(val["logits"][0], val["allowed"][:, 0, : len(task.heads[0].classes)])
+    threshold = 0.5
+    head = task.heads[0]
+    if head.negative:
+        neg = [head.classes.index(c) for c in head.negative]
+        p = torch.softmax(torch.as_tensor(val["logits"][0]) / temperature, dim=1).numpy()
+        al = val["allowed"][:, 0, : len(head.classes)]
+        known = ~al.all(axis=1)
+        y = (~al[:, neg].any(axis=1)).astype(int)
+        score = 1 - p[:, neg].sum(axis=1)
+        if known.any() and len(np.unique(y[known])) == 2:
+            threshold = youden_threshold(score[known], y[known])
+    meta = {
+        "version": task.version, "demo_weights": True, "notice": NOT_FOR_DIAGNOSTIC_USE,
+        "training_data": str(spec), "n_train": len(train_items), "n_val": len(val_items),
+        "best_epoch": best["epoch"], "val_loss": val["val_loss"], "val_auc": val.get("val_auc"),
+        "recipe": asdict(recipe), "trained_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    info = ModelInfo(name=task.name, version=task.version, weights_sha256="", task=task.kind, anatomy=task.anatomy)
+    model = ClassifierModel(task=task, net=net, info=info, temperature=temperature, threshold=threshold, metadata=meta)
+    path = out_dir / "model.pt"
+    sha = model.save(path)
+    summary = {"weights": str(path), "weights_sha256": sha, "temperature": temperature, "threshold": threshold,
+               "best_epoch": best["epoch"], "val_loss": val["val_loss"], "val_auc": val.get("val_auc")}
+    (out_dir / "train_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    log(json.dumps(summary))
+    return path
