@@ -174,8 +174,13 @@ def train(
     workers: int = 1,
     log: Callable[[str], None] = print,
     resume: bool = True,
+    items: list[dict[str, Any]] | None = None,
+    val_items: list[dict[str, Any]] | None = None,
 ) -> Path:
-    """Train ``task`` per ``recipe``; returns the path of the written ``model.pt``."""
+    """Train ``task`` per ``recipe``; returns the path of the written ``model.pt``.
+
+    ``items`` / ``val_items``: network-grid items prepared elsewhere (``recipe.data`` then only describes them);
+    without ``val_items`` the last ``val_fraction`` of the items validates."""
     from monai.data import DataLoader, Dataset
     from monai.utils import set_determinism
 
@@ -183,14 +188,20 @@ def train(
     out_dir.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(max(1, int(recipe.threads)))
     set_determinism(seed=recipe.seed)
-    spec = parse_spec(recipe.data)
-    t_data = time.time()
-    items = load_items(spec, task, workers=workers, cache_root=cache_root, log=log)
-    log(f"{len(items)} cases from {spec} in {time.time() - t_data:.0f} s")
+    if items is None:
+        spec: Any = parse_spec(recipe.data)
+        t_data = time.time()
+        items = load_items(spec, task, workers=workers, cache_root=cache_root, log=log)
+        log(f"{len(items)} cases from {spec} in {time.time() - t_data:.0f} s")
+    else:
+        spec = recipe.data
     if len(items) < 4:
         raise TrainingError(f"{spec}: {len(items)} cases are too few to train (need at least 4)")
-    n_val = max(1, int(round(len(items) * recipe.val_fraction)))
-    train_items, val_items = items[:-n_val], items[-n_val:]
+    if val_items is None:
+        n_val = max(1, int(round(len(items) * recipe.val_fraction)))
+        train_items, val_items = items[:-n_val], items[-n_val:]
+    else:
+        train_items = items
     allowed = np.stack([np.asarray(it["allowed"], bool) for it in train_items])
     known = ~allowed.all(axis=2)
     if not known.any():
