@@ -163,6 +163,7 @@ def claim(db: Database, job_id: int, *, owner: str, lease_seconds: float, now: d
                 started_at=now,
                 finished_at=None,
                 enqueue_pending=False,
+                step=None,
             )
             .execution_options(synchronize_session=False)
         )
@@ -186,6 +187,18 @@ def renew(db: Database, lease: Lease, *, lease_seconds: float, now: dt.datetime 
             .execution_options(synchronize_session=False)
         )
         return expires if res.rowcount == 1 else None
+
+
+def set_step(db: Database, lease: Lease, step: str | None) -> bool:
+    """Records the step the attempt is in (shown as progress); False if the lease is no longer ours."""
+    with db.session() as s:
+        res = s.execute(
+            update(Job)
+            .where(Job.id == lease.job_id, Job.state == "processing", Job.lease_owner == lease.owner)
+            .values(step=step)
+            .execution_options(synchronize_session=False)
+        )
+        return res.rowcount == 1
 
 
 def _locked_job(session: Session, lease: Lease) -> Job:
@@ -213,6 +226,7 @@ def mark_done(
     )
     # a later job over the study finished first: this one is history as soon as it is done
     job.state = "superseded" if newer_done is not None else "done"
+    job.step = None
     job.finished_at = now
     job.lease_owner = None
     job.lease_expires_at = None
@@ -253,6 +267,7 @@ def fail(
     with db.session() as s:
         job = _locked_job(s, lease)
         job.error = error[:4000]
+        job.step = None
         job.lease_owner = None
         job.lease_expires_at = None
         if timings is not None:
@@ -404,6 +419,7 @@ def sweep(
             owner = job.lease_owner
             job.lease_owner = None
             job.lease_expires_at = None
+            job.step = None
             if job.attempts >= job.max_attempts:
                 job.state = "dead"
                 job.finished_at = now

@@ -34,7 +34,7 @@ from sqlalchemy.orm import Session
 
 from node.db import Database, utcnow
 from node.errors import JobError
-from node.jobs import Lease, LeaseKeeper, LeaseLost, PermanentJobError, claim, fail, mark_done, new_lease_owner
+from node.jobs import Lease, LeaseKeeper, LeaseLost, PermanentJobError, claim, fail, mark_done, new_lease_owner, set_step
 from node.settings import Settings
 from node.tables import Finding, Instance, Job, JobInput, OutboxItem, ResultObject, Series, Study
 
@@ -132,8 +132,9 @@ class JobOutcome:
 class Steps:
     """Times named steps (``with steps.step("inference"): ...``) and checks the lease between them."""
 
-    def __init__(self, keeper: LeaseKeeper | None = None):
+    def __init__(self, keeper: LeaseKeeper | None = None, on_step: Callable[[str], object] | None = None):
         self.keeper = keeper
+        self.on_step = on_step
         self.timings: dict[str, float] = {}
         self.current: str | None = None
 
@@ -145,6 +146,8 @@ class Steps:
     def step(self, name: str) -> Iterator[None]:
         self.check()
         self.current = name
+        if self.on_step is not None:
+            self.on_step(name)
         t0 = time.perf_counter()
         try:
             yield
@@ -257,12 +260,15 @@ def store_products(
 
 
 def default_permanent_errors() -> tuple[type[BaseException], ...]:
-    """Errors another attempt cannot fix: bad input volumes, an unknown pipeline."""
-    errors: list[type[BaseException]] = [PermanentJobError]
-    try:
-        from models.errors import VolumeError
+    """Errors another attempt cannot fix: bad input volumes, an unknown pipeline or role, missing or
+    corrupt weights, inputs the result writers cannot make valid. (``msknode jobs retry`` after a fix.)"""
+    from node.errors import ResultsError
 
-        errors.append(VolumeError)
+    errors: list[type[BaseException]] = [PermanentJobError, ResultsError]
+    try:
+        from models.errors import PipelineError, RegistryError, VolumeError
+
+        errors += [VolumeError, PipelineError, RegistryError]
     except ImportError:
         pass
     return tuple(errors)
@@ -299,7 +305,7 @@ def execute_job(
     permanent = permanent_errors if permanent_errors is not None else default_permanent_errors()
     t_start = time.perf_counter()
     with LeaseKeeper(db, lease, lease_seconds=settings.job_lease_seconds, logger=logger) as keeper:
-        steps = Steps(keeper)
+        steps = Steps(keeper, on_step=lambda name: set_step(db, lease, name))
         try:
             with steps.step("load_context"):
                 ctx = load_context(db, settings, lease)
@@ -447,13 +453,15 @@ class ModelPipelineRunner:
 
     def __call__(self, ctx: JobContext, steps: Steps) -> JobProducts:
         settings = self.settings
-        io = _import("models.io", "series loading (models.io)")
-        pipelines = _import("models.pipelines", "the model pipelines")
-        if ctx.pipeline not in pipelines.PIPELINES:
-            raise PermanentJobError(f"unknown pipeline {ctx.pipeline!r}")
-        import torch
+        with steps.step("setup"):  # first job of a process: imports, model registry
+            io = _import("models.io", "series loading (models.io)")
+            pipelines = _import("models.pipelines", "the model pipelines")
+            if ctx.pipeline not in pipelines.PIPELINES:
+                raise PermanentJobError(f"unknown pipeline {ctx.pipeline!r}")
+            import torch
 
-        torch.set_num_threads(settings.torch_threads)
+            torch.set_num_threads(settings.torch_threads)
+            registry = self.registry
 
         volumes: dict[str, Any] = {}
         with steps.step("load"):
@@ -464,7 +472,7 @@ class ModelPipelineRunner:
                     raise PermanentJobError(f"series {inp.series_uid} has no stored instances")
                 volumes[inp.role] = io.load_series(list(inp.paths))
         with steps.step("inference"):
-            output = pipelines.run_pipeline(ctx.pipeline, volumes, registry=self.registry)
+            output = pipelines.run_pipeline(ctx.pipeline, volumes, registry=registry)
         for name, secs in (output.timings or {}).items():
             steps.timings[f"inference.{name}"] = round(float(secs), 4)
 

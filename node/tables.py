@@ -176,6 +176,7 @@ class Job(Base):
     not_before: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
     lease_owner: Mapped[str | None] = mapped_column(String(128))
     lease_expires_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
+    step: Mapped[str | None] = mapped_column(String(32))  # the step the running attempt is in (progress)
     timings: Mapped[dict | None] = mapped_column(JSON)
     model_versions: Mapped[dict | None] = mapped_column(JSON)
     error: Mapped[str | None] = mapped_column(Text)

@@ -84,8 +84,17 @@ def test_lease_keeper_renews_and_detects_loss(db):
 def test_long_job_keeps_its_lease_and_records_timings(db, settings):
     settings.job_lease_seconds = 0.6
     job_id = make_study_job(db)
-    outcome = execute_job(db, settings, job_id, runner=SleepyRunner(settings, seconds=1.5))
-    assert outcome.state == "done"
+    outcomes = []
+    t = threading.Thread(target=lambda: outcomes.append(
+        execute_job(db, settings, job_id, runner=SleepyRunner(settings, seconds=1.5))))
+    t.start()
+    deadline = time.monotonic() + 5
+    while _job(db, job_id).step != "inference":  # progress is visible while it runs
+        assert time.monotonic() < deadline, _job(db, job_id).step
+        time.sleep(0.05)
+    t.join()
+    outcome = outcomes[0]
+    assert outcome.state == "done" and _job(db, job_id).step is None
     job = _job(db, job_id)
     assert job.state == "done" and job.attempts == 1 and job.error is None
     assert job.lease_owner is None and job.finished_at is not None

@@ -2,7 +2,7 @@
 
 Revision ID: 0001
 Revises: 
-Create Date: 2026-11-22 00:10:42.441877
+Create Date: 2026-11-22 01:11:26.845146
 """
 from typing import Sequence, Union
 
@@ -115,6 +115,7 @@ def upgrade() -> None:
     sa.Column('not_before', node.db.UTCDateTime(timezone=True), nullable=True),
     sa.Column('lease_owner', sa.String(length=128), nullable=True),
     sa.Column('lease_expires_at', node.db.UTCDateTime(timezone=True), nullable=True),
+    sa.Column('step', sa.String(length=32), nullable=True),
     sa.Column('timings', sa.JSON(), nullable=True),
     sa.Column('model_versions', sa.JSON(), nullable=True),
     sa.Column('error', sa.Text(), nullable=True),

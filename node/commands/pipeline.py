@@ -84,6 +84,7 @@ def job_rows(db, *, state: str | None = None, study_uid: str | None = None, limi
                 "not_before": iso(j.not_before),
                 "lease_owner": j.lease_owner,
                 "lease_expires_at": iso(j.lease_expires_at),
+                "step": j.step,
                 "timings": j.timings,
                 "model_versions": j.model_versions,
                 "error": j.error,
