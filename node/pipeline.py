@@ -451,6 +451,16 @@ class ModelPipelineRunner:
             self._registry = reg.Registry(self.settings.weights_dir)
         return self._registry
 
+    def warm_up(self) -> None:
+        """Imports the model code and torch and opens the registry (once per worker process)."""
+        _import("models.io", "series loading (models.io)")
+        _import("models.pipelines", "the model pipelines")
+        _import("node.results", "the result writers (node.results)")
+        import torch
+
+        torch.set_num_threads(self.settings.torch_threads)
+        self.registry
+
     def __call__(self, ctx: JobContext, steps: Steps) -> JobProducts:
         settings = self.settings
         with steps.step("setup"):  # first job of a process: imports, model registry

@@ -58,6 +58,17 @@ class WorkerContext:
                 self._runner = ModelPipelineRunner(self.settings)
         return self._runner
 
+    def warm_up(self) -> None:
+        """Builds the runner and lets it import what it needs, so the first job does not pay for it."""
+        try:
+            runner = self.runner
+            warm = getattr(runner, "warm_up", None)
+            if warm is not None:
+                warm()
+            self.finalizers
+        except Exception as e:  # the job itself will report a real problem
+            log.warning("worker warm-up failed: %s", e)
+
     @property
     def finalizers(self):
         self._fresh()
@@ -73,6 +84,16 @@ def register_tasks(app: Celery, settings: Settings, *, runner_factory: RunnerFac
     from node.celery_app import RUN_JOB_TASK
 
     ctx = WorkerContext(settings, runner_factory)
+
+    def _warm_pool_process(**_kw) -> None:
+        # in a thread: the pool process reports itself up at once (billiard waits only seconds for that)
+        import threading
+
+        threading.Thread(target=ctx.warm_up, name="msknode-warm-up", daemon=True).start()
+
+    from celery.signals import worker_process_init
+
+    worker_process_init.connect(_warm_pool_process, weak=False)
 
     @app.task(name=RUN_JOB_TASK, acks_late=True, reject_on_worker_lost=True, ignore_result=True)
     def run_job(job_id: int) -> str:
