@@ -62,10 +62,12 @@ class BenchResult:
     runs: list[Run] = field(default_factory=list)
 
     def ips(self, receiver: str, mode: str) -> float:
-        for r in self.runs:
-            if r.receiver == receiver and r.mode == mode:
-                return r.ips
-        return 0.0
+        """The median over repeated runs (one run unless --repeat)."""
+        values = sorted(r.ips for r in self.runs if r.receiver == receiver and r.mode == mode)
+        if not values:
+            return 0.0
+        mid = len(values) // 2
+        return values[mid] if len(values) % 2 else (values[mid - 1] + values[mid]) / 2
 
     @property
     def all_arrived(self) -> bool:
@@ -374,6 +376,7 @@ def run_bench(
     workdir: Path | None = None,
     listener_processes: int = 2,
     receivers: tuple[str, ...] = ("msknode", "orthanc", "storescp"),
+    repeat: int = 1,
     progress=print,
 ) -> BenchResult:
     for tool in ("storescu", "echoscu", "storescp"):
@@ -396,10 +399,11 @@ def run_bench(
             "orthanc": OrthancReceiver,
             "storescp": StorescpReceiver,
         }
-        for mode, associations in MODES:
+        rounds = [(k, mode, associations) for k in range(repeat) for mode, associations in MODES]
+        for k, mode, associations in rounds:
             for name in receivers:
                 receiver = factories[name]()
-                work = root / f"{name}-{mode}"
+                work = root / f"{name}-{mode}-{k}"
                 work.mkdir()
                 port = receiver.start(work)
                 try:
@@ -430,6 +434,13 @@ def format_report(result: BenchResult) -> str:
     def fmt(v):
         return "n/a" if v is None else f"{v:.2f}"
 
+    if len(result.runs) > len(MODES) * len({r.receiver for r in result.runs}):
+        lines += ["", "medians over the repeated runs:"]
+        for receiver in dict.fromkeys(r.receiver for r in result.runs):
+            lines.append(
+                f"{receiver:10s} {result.ips(receiver, 'single'):>8.1f} instances/s (1 association) "
+                f"{result.ips(receiver, 'parallel'):>8.1f} instances/s (4 associations)"
+            )
     lines += [
         "",
         f"msknode/Orthanc : {fmt(s['ratio_orthanc'])} (1 association), {fmt(s['ratio_orthanc_parallel'])} (4 associations)",

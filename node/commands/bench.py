@@ -28,6 +28,7 @@ def _add_ingest(bench_sub) -> None:
     p.add_argument("--listener-processes", type=int, help="msknode listener processes (default: MSKNODE_LISTENER_PROCESSES)")
     p.add_argument("--workdir", type=Path, help="where the receivers store (default: the system temp dir)")
     p.add_argument("--only", help="comma list of receivers to run (msknode,orthanc,storescp)")
+    p.add_argument("--repeat", type=int, default=1, help="rounds; ratios use the medians (for a busy machine)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=_bench_ingest)
 
@@ -50,6 +51,7 @@ def _bench_ingest(args, settings) -> int:
         workdir=args.workdir,
         listener_processes=args.listener_processes or settings.listener_processes,
         receivers=receivers,
+        repeat=max(1, args.repeat),
         progress=progress,
     )
     if args.json:

@@ -1,0 +1,29 @@
+"""``msknode bench ingest`` runs end to end (a tiny set: this checks the command, not the figures)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+from conftest import ROOT
+
+KEYS = {"msknode_ips", "orthanc_ips", "storescp_ips", "ratio_orthanc", "ratio_storescp", "ratio_orthanc_parallel", "all_arrived"}
+
+
+def test_bench_ingest_json(tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MSKNODE_")}
+    r = subprocess.run(
+        [sys.executable, "-m", "node.cli", "bench", "ingest", "--instances", "8", "--workdir", str(tmp_path), "--json"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    result = json.loads(r.stdout)
+    assert KEYS <= set(result) and result["all_arrived"] is True and result["instances"] == 8
+    for key in ("msknode_ips", "orthanc_ips", "storescp_ips", "ratio_orthanc", "ratio_storescp", "ratio_orthanc_parallel"):
+        assert result[key] > 0, key
+    runs = {(run["receiver"], run["associations"]) for run in result["runs"]}
+    assert runs == {(name, n) for name in ("msknode", "orthanc", "storescp") for n in (1, 4)}
+    assert all(run["arrived"] for run in result["runs"]), result["runs"]
+    assert not list(tmp_path.iterdir())  # the receivers' data is removed
