@@ -364,7 +364,7 @@ class _Statements:
 
     def __init__(self, dialect: str):
         inst, st, se = Instance.__table__, Study.__table__, Series.__table__
-        asr, asc = AssociationSeries.__table__, Association.__table__
+        asr = AssociationSeries.__table__
         self.insert_instance = _insert_ignoring_conflicts(dialect, inst).returning(inst.c.id)
         self.insert_study = _insert_ignoring_conflicts(dialect, st)
         self.insert_series = _insert_ignoring_conflicts(dialect, se)

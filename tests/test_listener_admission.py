@@ -10,7 +10,6 @@ import threading
 import time
 from pathlib import Path
 
-import pytest
 from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage
 from pynetdicom import AE
 from pynetdicom.sop_class import Verification
@@ -195,3 +194,12 @@ def test_serve_runs_the_parts_restarts_a_crashed_one_and_stops_cleanly(tmp_path)
             proc.kill()
             proc.wait()
         log.close()
+
+
+def test_serve_reports_a_missing_part_instead_of_crashing():
+    from node.service import missing_part
+
+    assert missing_part("node.listener", "run_listener") is None
+    assert missing_part("node.worker", "run_worker") is None
+    assert missing_part("node.no_such_part", "run") == "module node.no_such_part is not installed"
+    assert missing_part("node.listener", "run_nothing") == "node.listener.run_nothing does not exist"
