@@ -58,10 +58,10 @@ def scaleout(postgres_url, redis_server, data_dir, tmp_path, monkeypatch):
         pass
 
     node = Node()
-    node.settings, node.db, node.redis, node.workers = settings, db, redis, workers
+    node.settings, node.db, node.redis, node.workers, node.env = settings, db, redis, workers, env_vars
 
-    def start_worker(**kw) -> WorkerProcess:
-        w = WorkerProcess(worker_env(env_vars), tmp_path / f"worker{len(workers)}.log", **kw).start()
+    def start_worker(env: dict | None = None, **kw) -> WorkerProcess:
+        w = WorkerProcess(worker_env({**env_vars, **(env or {})}), tmp_path / f"worker{len(workers)}.log", **kw).start()
         workers.append(w)
         return w
 
@@ -110,43 +110,66 @@ def test_two_workers_one_killed_mid_job_every_job_runs_once(scaleout):
     assert victim_pids and w2.alive()
 
 
-def test_broker_down_jobs_wait_in_the_database_and_run_when_it_is_back(scaleout):
-    node = scaleout
+def test_broker_down_series_keep_arriving_and_jobs_run_when_it_is_back(scaleout, tmp_path):
+    """Redis killed: the listener keeps storing, completeness keeps creating jobs (in PostgreSQL), their
+    wake-ups wait in the database; a wake-up that was inside Redis is lost with it and re-sent."""
+    from jobs_support import ListenerProcess, storescu, write_phantom_series
     from node.celery_app import make_celery, send_job
+    from node.health import health_report
+    from node.tables import Instance, Series
 
+    from conftest import free_port
+
+    node = scaleout
     app = make_celery(node.settings)
     # a job whose wake-up reaches Redis while no worker runs ...
     early = make_study_job(node.db)
     assert enqueue_pending_jobs(node.db, lambda j, q: send_job(app, j, q)).sent == [early]
     # ... and is lost with the broker (no persistence)
     node.redis.stop()
-    w = node.start_worker(sleep=0.3)
-    late = [make_study_job(node.db) for _ in range(3)]
-    # the worker is up (its heartbeat is in the database) and keeps trying; nothing can be enqueued
-    wait_for(lambda: _alive_workers(node) == 1, 40, what="worker heartbeat")
-    time.sleep(2.0)
-    with node.db.session() as s:
-        rows = {j.id: j for j in s.scalars(select(Job))}
-    assert all(rows[j].state == "queued" and rows[j].enqueue_pending for j in late)
-    assert rows[early].state == "queued" and not rows[early].enqueue_pending
-    assert w.alive(), w.output()[-3000:]
-    from node.health import health_report
-
-    report = health_report(node.settings, node.db, check_listener_too=False)
-    assert report["status"] == "degraded" and not report["components"]["broker"]["ok"]
-    assert report["components"]["database"]["backend"] == "postgresql" and report["components"]["workers"]["alive"] == 1
-
-    node.redis.start()  # same port, empty
-    back = time.monotonic()
+    port = free_port()
+    extra = {"MSKNODE_PORT": str(port), "MSKNODE_QUIET_SECONDS": "0.5", "MSKNODE_STUDY_QUIET_SECONDS": "0.5"}
+    listener = ListenerProcess(worker_env({**node.env, **extra}), tmp_path / "listener.log").start()
     try:
-        wait_for(lambda: set(job_states(node.db).values()) == {"done"}, 60, what="all jobs done after broker restart")
-    except AssertionError:
-        print(_dump(node))
-        raise
-    print(f"all jobs done {time.monotonic() - back:.1f} s after the broker came back")
+        listener.wait_ready(port)
+        w = node.start_worker(sleep=0.3, env=extra)
+        wait_for(lambda: _alive_workers(node) == 1, 40, what="worker heartbeat")
+        for k in range(2):
+            files = write_phantom_series(tmp_path / f"s{k}", seed=300 + k, slices=10)
+            assert storescu(port, files).wait(60) == 0  # the listener does not need the broker
+
+        def late_jobs():
+            with node.db.session() as s:
+                return [j for j in s.scalars(select(Job).where(Job.id != early))]
+
+        late = wait_for(lambda: len(late_jobs()) == 2 and late_jobs(), 40, what="jobs created while the broker is down")
+        time.sleep(1.5)  # the worker keeps trying to enqueue them
+        with node.db.session() as s:
+            rows = {j.id: j for j in s.scalars(select(Job))}
+            assert s.scalar(select(func.count()).select_from(Instance)) == 3 + 20  # the early job's rows + 2 × 10 stored
+        assert all(rows[j.id].state == "queued" and rows[j.id].enqueue_pending for j in late)
+        # its wake-up died with Redis; after twice the lease the sweeper marks it for re-sending
+        assert rows[early].state == "queued"
+        assert w.alive(), w.output()[-3000:]
+        report = health_report(node.settings, node.db, check_listener_too=False)
+        assert report["status"] == "degraded" and not report["components"]["broker"]["ok"]
+        assert report["components"]["database"]["backend"] == "postgresql"
+        assert report["components"]["workers"]["alive"] == 1
+
+        node.redis.start()  # same port, empty
+        back = time.monotonic()
+        try:
+            wait_for(lambda: set(job_states(node.db).values()) == {"done"}, 60, what="all jobs done after broker restart")
+        except AssertionError:
+            print(_dump(node))
+            raise
+        print(f"all jobs done {time.monotonic() - back:.1f} s after the broker came back")
+    finally:
+        listener.stop()
     runs = read_runs(node.settings.data_dir)
-    assert sorted(j for k, j, _, _ in runs if k == "end") == sorted([early, *late])
+    assert sorted(j for k, j, _, _ in runs if k == "end") == sorted([early, *(j.id for j in late)])
     with node.db.session() as s:
         assert all(a == 1 for a in s.scalars(select(Job.attempts)))
+        assert set(s.scalars(select(Series.state))) == {"done"}
     report = health_report(node.settings, node.db, check_listener_too=False)
     assert report["components"]["broker"]["ok"] and report["status"] == "ok"
