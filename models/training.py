@@ -46,6 +46,7 @@ class Recipe:
     val_fraction: float = 0.15
     aux_pos_weight: float = 20.0
     augment: bool = True
+    affine: bool = False  # random affine augmentation (rotation/scale/shift) on top of flips and intensity
     threads: int = 2
     max_steps: int | None = None  # stop early (smoke tests)
 
@@ -212,8 +213,8 @@ def train(
         from models.transforms import training_augmentation
 
         has_lesion = "lesion" in train_items[0]
-        aug = training_augmentation(flip_slices=task.input.flip_slices_ok, lesion_key="lesion" if has_lesion else None,
-                                    seed=recipe.seed)
+        aug = training_augmentation(flip_slices=task.input.flip_slices_ok, affine=recipe.affine,
+                                    lesion_key="lesion" if has_lesion else None, seed=recipe.seed)
 
         def transform(item):
             d = dict(item)

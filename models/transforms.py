@@ -273,8 +273,12 @@ def preprocess(volume: Volume, out_shape, roi_mm=None, plane: str | None = None)
     return RobustScale()(img), frame
 
 
-def training_augmentation(*, flip_slices: bool, keys=("image",), lesion_key: str | None = "lesion", seed: int = 0):
-    """MONAI augmentation chain for (1, D, H, W) training inputs (geometric ops also move the lesion mask)."""
+def training_augmentation(*, flip_slices: bool, affine: bool = False, keys=("image",), lesion_key: str | None = "lesion",
+                          seed: int = 0):
+    """MONAI augmentation chain for (C, D, H, W) training inputs (geometric ops also move the lesion mask).
+
+    Phantoms already vary in rotation, shift and size, so the random affine is off by default
+    (it costs more CPU than the network step); sites training on few real cases turn it on."""
     from monai.transforms import (
         Compose,
         RandAdjustContrastd,
@@ -288,12 +292,13 @@ def training_augmentation(*, flip_slices: bool, keys=("image",), lesion_key: str
     ops = []
     if flip_slices:
         ops.append(RandFlipd(keys=spatial, prob=0.5, spatial_axis=0, allow_missing_keys=True))
-    ops += [
-        RandAffined(
+    if affine:
+        ops.append(RandAffined(
             keys=spatial, prob=0.7, rotate_range=(np.deg2rad(6), 0.0, 0.0), scale_range=(0.0, 0.08, 0.08),
             translate_range=(1.0, 6.0, 6.0), mode=["bilinear"] * len(spatial), padding_mode="zeros",
             allow_missing_keys=True,
-        ),
+        ))
+    ops += [
         RandScaleIntensityd(keys=list(keys), factors=0.15, prob=0.5),
         RandAdjustContrastd(keys=list(keys), gamma=(0.8, 1.25), prob=0.3),
         RandGaussianNoised(keys=list(keys), std=0.02, prob=0.3),

@@ -1,0 +1,88 @@
+"""Helpers for the models tests: write any Volume as an MR DICOM series; the MNI152 brain as a sagittal Volume."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from pydicom.dataset import FileDataset, FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
+
+from models.types import Volume
+
+ROOT = "1.2.826.0.1.3680043.8.498."  # pydicom's root, never the node's
+
+
+def write_volume_series(vol: Volume, out_dir: Path, *, body_part: str = "KNEE", description: str = "SAG PD FS",
+                        image_type=("ORIGINAL", "PRIMARY", "M", "NONE")) -> list[Path]:
+    """One MR Image Storage file per slice (uint16 with rescale), geometry from the Volume."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    arr = np.asarray(vol.array, np.float64)
+    lo, hi = float(arr.min()), float(arr.max())
+    slope = (hi - lo) / 65000.0 if hi > lo else 1.0
+    study, series, frame = (generate_uid(prefix=ROOT) for _ in range(3))
+    paths = []
+    for k in range(arr.shape[0]):
+        meta = FileMetaDataset()
+        meta.MediaStorageSOPClassUID = MRImageStorage
+        meta.MediaStorageSOPInstanceUID = generate_uid(prefix=ROOT)
+        meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds = FileDataset(str(out_dir / f"{k:03d}.dcm"), {}, file_meta=meta, preamble=b"\0" * 128)
+        ds.SOPClassUID = MRImageStorage
+        ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
+        ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = study, series, frame
+        ds.Modality = "MR"
+        ds.BodyPartExamined = body_part
+        ds.SeriesDescription = description
+        ds.ImageType = list(image_type)
+        ds.PatientName = "Test^Volume"
+        ds.PatientID = "T1"
+        ds.InstanceNumber = arr.shape[0] - k  # deliberately opposite to the position order
+        ds.ImagePositionPatient = [f"{v:.4f}" for v in vol.positions[k]]
+        ds.ImageOrientationPatient = [f"{v:.6f}" for v in (*vol.row_cosine, *vol.col_cosine)]
+        ds.PixelSpacing = [f"{vol.spacing[1]:.5f}", f"{vol.spacing[2]:.5f}"]
+        ds.SliceThickness = f"{vol.spacing[0]:.4f}"
+        ds.Rows, ds.Columns = arr.shape[1], arr.shape[2]
+        ds.SamplesPerPixel = 1
+        ds.PhotometricInterpretation = "MONOCHROME2"
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
+        ds.RescaleSlope = f"{slope:.8g}"
+        ds.RescaleIntercept = f"{lo:.6g}"
+        ds.PixelData = np.round((arr[k] - lo) / slope).clip(0, 65535).astype(np.uint16).tobytes()
+        path = out_dir / f"{k:03d}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        paths.append(path)
+    return paths
+
+
+def mni_volume(slice_spacing: float = 4.0, pixel: float = 1.0) -> Volume:
+    """The MNI152 T1 template that nilearn ships, resampled to sagittal slices (LPS geometry)."""
+    import glob
+
+    import nibabel as nib
+    import nilearn
+    from scipy import ndimage
+
+    files = glob.glob(str(Path(nilearn.__file__).parent / "datasets" / "data" / "mni_icbm152_t1_*.nii*"))
+    assert files, "nilearn's MNI152 template is missing"
+    img = nib.load(files[0])
+    data = np.asarray(img.get_fdata(), np.float32)
+    inv = np.linalg.inv(img.affine)
+    row, col = np.array([0.0, 1.0, 0.0]), np.array([0.0, 0.0, -1.0])  # LPS: columns to posterior, rows down
+    normal = np.cross(row, col)  # (-1, 0, 0): slices go to patient right
+    xs = np.arange(60, -61, -slice_spacing)  # LPS x from left to right
+    ys = np.arange(-105, 75, pixel)  # LPS y (anterior to posterior)... RAS y = -LPS y
+    zs = np.arange(85, -75, -pixel)  # superior to inferior
+    k = np.arange(len(xs))
+    kk, jj, ii = np.meshgrid(k, np.arange(len(zs)), np.arange(len(ys)), indexing="ij")
+    lps = np.stack([xs[kk], ys[ii], zs[jj]], axis=-1)
+    ras = lps * np.array([-1.0, -1.0, 1.0])
+    vox = (np.c_[ras.reshape(-1, 3), np.ones(ras.size // 3)] @ inv.T)[:, :3].T
+    arr = ndimage.map_coordinates(data, vox, order=1, mode="constant").reshape(kk.shape).astype(np.float32)
+    origin = np.array([xs[0], ys[0], zs[0]])
+    positions = np.array([origin + n * slice_spacing * normal for n in range(len(xs))])
+    assert np.allclose(positions[:, 0], xs)
+    return Volume(array=arr, spacing=(slice_spacing, pixel, pixel), positions=positions, row_cosine=tuple(row),
+                  col_cosine=tuple(col), series_uid="mni152", modality="MR", body_part="KNEE",
+                  sop_instance_uids=tuple(f"mni-{n}" for n in k), frame_numbers=(None,) * len(k))
