@@ -148,13 +148,14 @@ def test_transient_failures_back_off_then_dead(db, settings):
     assert out.state == "queued" and "transient failure on attempt 1" in out.error
     job = _job(db, job_id)
     assert job.enqueue_pending and job.attempts == 1
-    assert 0.25 <= (job.not_before - t0).total_seconds() <= 1.0
+    assert 0.3 <= (job.not_before - job.started_at).total_seconds() <= 1.3  # base backoff after the failure
+    assert job.not_before > t0
     assert _series_states(db, job_id) == {"queued"}
     assert execute_job(db, settings, job_id, runner=runner).state == "skipped"  # not due yet
     time.sleep(0.35)
     assert execute_job(db, settings, job_id, runner=runner).state == "queued"
     job = _job(db, job_id)
-    assert 0.55 <= (job.not_before - utcnow()).total_seconds() <= 0.65  # doubled
+    assert 0.6 <= (job.not_before - job.started_at).total_seconds() <= 1.6  # doubled
     time.sleep(0.65)
     out = execute_job(db, settings, job_id, runner=runner)
     assert out.state == "dead"
