@@ -14,9 +14,11 @@ Logs carry UIDs, AE titles and statuses, never patient data.
 
 from __future__ import annotations
 
+import json
 import logging
 import multiprocessing
 import os
+import select
 import signal
 import socket
 import threading
@@ -29,7 +31,7 @@ from pynetdicom.sop_class import Verification
 from node.db import Database, upgrade
 from node.errors import IngestError, NodeError, OutOfSpaceError, StorageError
 from node.ingest import OUT_OF_RESOURCES, SUCCESS, IndexWriter, Received, publish_new, read_header, validate
-from node.listener_transport import ReusePortServer
+from node.listener_transport import HandoffServer, ReusePortServer
 from node.storage import InstanceStore, encode_file_meta
 
 log = logging.getLogger("node.listener")
@@ -66,8 +68,12 @@ def configure_pynetdicom() -> None:
 class Listener:
     """One listener process: the association server, its handlers and the index writer."""
 
-    def __init__(self, settings, *, db: Database | None = None, logger: logging.Logger | None = None):
+    def __init__(
+        self, settings, *, db: Database | None = None, logger: logging.Logger | None = None, handoff: socket.socket | None = None
+    ):
+        """`handoff`: connections come from a parent process over this socket instead of a bound port."""
         self.settings = settings
+        self.handoff = handoff
         self.log = logger or log
         self.store = InstanceStore.from_settings(settings)
         self.db = db or Database(settings.database_url, migrate=False)
@@ -102,13 +108,18 @@ class Listener:
             (evt.EVT_CONN_CLOSE, self._on_conn_close),
         ]
         address = (self.settings.host, self.settings.port)
+        server_class = HandoffServer if self.handoff is not None else ReusePortServer
         try:
-            server = ae.make_server(address, evt_handlers=handlers, server_class=ReusePortServer)
+            server = ae.make_server(address, evt_handlers=handlers, server_class=server_class)
         except OSError as e:
             raise NodeError(f"cannot listen on {address[0]}:{address[1]}: {e.strerror or e}") from None
         server.store_handler = self.handle_store
         self.server = server
-        self._thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.2}, name="dicom-accept", daemon=True)
+        if self.handoff is not None:
+            target, kwargs = server.serve_handoff, {"handoff": self.handoff}
+        else:
+            target, kwargs = server.serve_forever, {"poll_interval": 0.2}
+        self._thread = threading.Thread(target=target, kwargs=kwargs, name="dicom-accept", daemon=True)
         self._thread.start()
         self.log.info(
             "listening on %s:%d as %s (pid %d, allowed AE titles: %s)",
@@ -186,6 +197,11 @@ class Listener:
         if association_id is not None:
             self._close_row(association_id, reason)
         self.log.info("association %s %s", association_id, reason)
+        if self.handoff is not None:
+            try:
+                self.handoff.send(b"-")  # the parent counts what each process serves
+            except OSError:
+                pass
 
     def _close_row(self, association_id: int, reason: str) -> None:
         try:
@@ -292,9 +308,9 @@ def _wait_for_signal() -> None:
         pass
 
 
-def serve_one(settings) -> int:
+def serve_one(settings, *, handoff: socket.socket | None = None) -> int:
     """Runs one listener process until SIGTERM/SIGINT (the database is already migrated)."""
-    listener = Listener(settings)
+    listener = Listener(settings, handoff=handoff)
     listener.start()
     try:
         _wait_for_signal()
@@ -304,12 +320,13 @@ def serve_one(settings) -> int:
     return 0
 
 
-def _child_main(settings, index: int) -> None:
+def _child_main(settings, index: int, handoff: socket.socket) -> None:
     from node.cli import setup_logging
 
     setup_logging(settings.log_level)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the parent stops us
     try:
-        raise SystemExit(serve_one(settings))
+        raise SystemExit(serve_one(settings, handoff=handoff))
     except NodeError as e:
         log.error("listener process %d: %s", index, e)
         raise SystemExit(1)
@@ -326,8 +343,43 @@ def run_listener(settings) -> int:
     return _supervise(settings, n)
 
 
+class _Child:
+    """A listener process fed by the parent: its hand-off socket and how many associations it serves."""
+
+    def __init__(self, ctx, settings, index: int):
+        self.index = index
+        self.parent_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        self.process = ctx.Process(target=_child_main, args=(settings, index, child_end), name=f"msknode-listener-{index}")
+        self.process.start()
+        child_end.close()
+        self.active = 0
+        self.failures = 0
+        self.restart_at = 0.0
+
+
+def _listening_socket(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if hasattr(socket, "SO_REUSEPORT"):  # other `msknode listen` instances may share the port
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        raise NodeError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+    sock.listen(ReusePortServer.request_queue_size)
+    return sock
+
+
 def _supervise(settings, n: int) -> int:
-    """Starts `n` listener processes on the shared port; restarts a dead one with backoff."""
+    """Accepts connections and hands each to the listener process serving the fewest associations.
+
+    The `n` children are restarted with backoff when they die. (The kernel's SO_REUSEPORT
+    balancing is by a hash of the peer's port: four associations land 2-2 on two processes only
+    6 times in 16.) The listening socket keeps SO_REUSEPORT, so several `msknode listen` may
+    still share a port.
+    """
     ctx = multiprocessing.get_context("spawn")
     stop = threading.Event()
 
@@ -336,35 +388,82 @@ def _supervise(settings, n: int) -> int:
 
     signal.signal(signal.SIGTERM, _handler)
     signal.signal(signal.SIGINT, _handler)
+    lsock = _listening_socket(settings.host, settings.port)
+    children = [_Child(ctx, settings, i) for i in range(n)]
+    lock = threading.Lock()
+    log.info("listening on %s:%d with %d listener processes", settings.host, settings.port, n)
 
-    def start(i: int):
-        p = ctx.Process(target=_child_main, args=(settings, i), name=f"msknode-listener-{i}")
-        p.start()
-        return p
-
-    procs = [start(i) for i in range(n)]
-    failures = [0] * n
-    restart_at = [0.0] * n
-    log.info("started %d listener processes on port %d", n, settings.port)
-    while not stop.wait(0.5):
-        for i, p in enumerate(procs):
-            if p is None or p.is_alive():
+    def accept_loop() -> None:
+        lsock.settimeout(0.5)
+        while not stop.is_set():
+            try:
+                conn, addr = lsock.accept()
+            except (TimeoutError, socket.timeout):
                 continue
-            if restart_at[i] == 0.0:
-                failures[i] += 1
-                delay = min(30.0, 2.0 ** (failures[i] - 1))
-                restart_at[i] = time.monotonic() + delay
-                log.error("listener process %d exited with %s; restarting in %.0f s", i, p.exitcode, delay)
-            elif time.monotonic() >= restart_at[i]:
-                procs[i] = start(i)
-                restart_at[i] = 0.0
-    for p in procs:
-        if p is not None and p.is_alive():
-            p.terminate()
-    for p in procs:
-        if p is not None:
-            p.join(SHUTDOWN_GRACE_SECONDS + 5)
-            if p.is_alive():
-                p.kill()
-                p.join()
+            except OSError:
+                if stop.is_set():
+                    return
+                continue
+            with lock:
+                alive = [c for c in children if c.process.is_alive()]
+                order = sorted(alive, key=lambda c: (c.active, c.index))
+                for child in order:
+                    try:
+                        socket.send_fds(child.parent_end, [json.dumps(list(addr[:2])).encode()], [conn.fileno()])
+                    except OSError:
+                        continue
+                    child.active += 1
+                    break
+                else:
+                    log.error("no listener process can take the connection from %s", addr[0])
+            conn.close()
+
+    def done_loop() -> None:
+        while not stop.is_set():
+            with lock:
+                socks = {c.parent_end: c for c in children if c.process.is_alive()}
+            try:
+                ready, _, _ = select.select(list(socks), [], [], 0.5)
+            except (OSError, ValueError):
+                continue
+            for s in ready:
+                try:
+                    msg = s.recv(64)
+                except OSError:
+                    msg = b""
+                if not msg:  # the process is exiting; the supervisor restarts it
+                    time.sleep(0.1)
+                    continue
+                with lock:
+                    socks[s].active = max(0, socks[s].active - msg.count(b"-"))
+
+    threads = [threading.Thread(target=accept_loop, name="accept", daemon=True),
+               threading.Thread(target=done_loop, name="handoff-done", daemon=True)]
+    for th in threads:
+        th.start()
+    while not stop.wait(0.5):
+        for i, child in enumerate(children):
+            if child.process.is_alive():
+                continue
+            if child.restart_at == 0.0:
+                child.failures += 1
+                delay = min(30.0, 2.0 ** (child.failures - 1))
+                child.restart_at = time.monotonic() + delay
+                log.error("listener process %d exited with %s; restarting in %.0f s", i, child.process.exitcode, delay)
+            elif time.monotonic() >= child.restart_at:
+                replacement = _Child(ctx, settings, i)
+                replacement.failures = child.failures
+                with lock:
+                    children[i] = replacement
+                child.parent_end.close()
+    lsock.close()
+    for child in children:
+        if child.process.is_alive():
+            child.process.terminate()
+    for child in children:
+        child.process.join(SHUTDOWN_GRACE_SECONDS + 5)
+        if child.process.is_alive():
+            child.process.kill()
+            child.process.join()
+        child.parent_end.close()
     return 0

@@ -19,6 +19,7 @@ exercise it on every run.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import queue
@@ -281,3 +282,43 @@ class ReusePortServer(ThreadedAssociationServer):
             self.socket.close()
         except OSError:
             pass
+
+
+class HandoffServer(ReusePortServer):
+    """An association server without a port of its own: a parent process accepts the TCP
+    connections and passes them over a Unix socket (SCM_RIGHTS), see `node.listener._supervise`."""
+
+    def server_bind(self) -> None:
+        pass  # the parent holds the listening socket
+
+    def server_activate(self) -> None:
+        pass
+
+    def serve_handoff(self, handoff: socket.socket) -> None:
+        """Serves each connection received on `handoff` until it is closed or `shutdown()`."""
+        self._handoff = handoff
+        while True:
+            try:
+                msg, fds, _, _ = socket.recv_fds(handoff, 256, 1)
+            except OSError:
+                return
+            if not fds:  # the parent went away
+                return
+            conn = socket.socket(fileno=fds[0])
+            try:
+                host, port = json.loads(msg)
+            except ValueError:
+                host, port = "?", 0
+            self.process_request(conn, (host, port))
+
+    def shutdown(self) -> None:
+        """Stops taking connections (associations in progress go on)."""
+        handoff = getattr(self, "_handoff", None)
+        if handoff is not None:
+            try:
+                handoff.shutdown(socket.SHUT_RD)
+            except OSError:
+                pass
+        self.server_close()
+        if self in self.ae._servers:
+            self.ae._servers.remove(self)
