@@ -8,7 +8,9 @@ calling AE title not recognised); when free disk is under MSKNODE_MIN_FREE_GB ne
 associations are rejected-transient and C-STOREs get 0xA700.
 
 `run_listener` serves until SIGTERM/SIGINT. With ``MSKNODE_LISTENER_PROCESSES`` > 1 it
-starts that many processes sharing the port (SO_REUSEPORT) and restarts any that dies.
+starts that many processes, accepts connections itself and hands each one to the process
+serving the fewest associations (restarting any process that dies). Listening sockets use
+SO_REUSEPORT, so several ``msknode listen`` may also share a port on one host.
 Logs carry UIDs, AE titles and statuses, never patient data.
 """
 
