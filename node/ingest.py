@@ -5,11 +5,13 @@ Three layers, each usable alone:
 - `read_header` parses only the header of the received dataset bytes (stops before the
   pixel data; honours Specific Character Set) into an `InstanceHeader`, and `validate`
   checks it against the C-STORE request. Both raise `IngestError` with the status to return.
-- `index_instances`, `open_association`, `close_association`, `record_quarantine` are plain
-  functions on a session: the rows of contract C1 (studies, series, instances,
-  associations, association_series, quarantine). `index_instances` publishes the staged
-  files (rename + directory fsync) inside the transaction, before the commit, so a row
-  never exists for a file that is not durable.
+- `publish_new` puts a new instance's file in place and fsyncs it (file and directories
+  together) before any index transaction; `index_instances`, `open_association`,
+  `close_association` and `record_quarantine` are plain functions on a session or
+  connection: the rows of contract C1 (studies, series, instances, associations,
+  association_series, quarantine). `index_instances` publishes whatever is not yet durable
+  (resends, replacements) inside the transaction, before the commit, so a row never exists
+  for a file that is not durable.
 - `IndexWriter` writes the index of a listener process with group commit: concurrent
   handlers' rows go into one transaction, so concurrent associations share one fsync.
 
