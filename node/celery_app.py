@@ -131,7 +131,7 @@ def send_job(app: Celery, job_id: int, queue: str) -> None:
 
 
 def _depths(conn, queues: tuple[str, ...]) -> dict[str, int]:
-    conn.ensure_connection(max_retries=1, timeout=3)
+    conn.ensure_connection(max_retries=0, timeout=3)
     depths: dict[str, int] = {}
     for q in queues:
         channel = conn.channel()
@@ -162,16 +162,6 @@ def broker_queue_depths(settings: Settings, queues: tuple[str, ...] = QUEUES) ->
     url = "filesystem://localhost//" if is_filesystem(settings) else settings.broker_url
     with Connection(url, transport_options=transport_options(settings), connect_timeout=3) as conn:
         return _depths(conn, queues)
-
-
-def broker_ok(app: Celery) -> tuple[bool, str | None]:
-    """Whether the broker answers (for health); the error text when it does not."""
-    try:
-        with app.connection_for_read() as conn:
-            conn.ensure_connection(max_retries=1, timeout=3)
-        return True, None
-    except Exception as e:
-        return False, f"{type(e).__name__}: {e}"
 
 
 def cleanup_processed(settings: Settings, *, older_than: float = 3600.0) -> int:

@@ -72,7 +72,7 @@ def check_broker(settings: Settings, *, timeout: float = 3.0) -> dict[str, Any]:
     try:
         with Connection(settings.broker_url, transport_options=transport_options(settings),
                         connect_timeout=timeout) as conn:
-            conn.ensure_connection(max_retries=1, timeout=timeout)
+            conn.ensure_connection(max_retries=0, timeout=timeout)
         return {"ok": True, "transport": transport}
     except Exception as e:
         return {"ok": False, "transport": transport, "error": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"}
