@@ -134,8 +134,8 @@ class Settings(BaseSettings):
     network_timeout: float = Field(default=60.0, gt=0)
 
     # completeness and routing
-    quiet_seconds: float = Field(default=3.0, ge=0)
-    study_quiet_seconds: float = Field(default=2.0, ge=0)
+    quiet_seconds: float = Field(default=2.0, ge=0)
+    study_quiet_seconds: float = Field(default=1.0, ge=0)
     routing_rules: Path = DEFAULT_ROUTING_RULES
 
     # results
@@ -153,7 +153,7 @@ class Settings(BaseSettings):
     job_retry_backoff_seconds: float = Field(default=30.0, ge=0)
     job_soft_time_limit: float = Field(default=600.0, gt=0)
     job_time_limit: float = Field(default=900.0, gt=0)
-    sweep_interval_seconds: float = Field(default=1.0, gt=0)
+    sweep_interval_seconds: float = Field(default=0.5, gt=0)
     weights_dir: Path | None = None
 
     # web

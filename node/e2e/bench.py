@@ -130,7 +130,8 @@ def study_timing(index: int, view: NodeView, receptions, source_uids: list[str],
     if job_s is not None:
         steps["other_job"] = round(max(0.0, job_s - steps["load"] - steps["inference"] - steps["writing"]), 3)
     t.steps = {k: v for k, v in steps.items() if v is not None}
-    t.inference_per_model = {k.split(".", 1)[1]: round(float(v), 3) for k, v in tm.items() if k.startswith("inference.")}
+    t.inference_per_model = {k.split(".", 1)[1]: round(float(v), 3) for k, v in tm.items()
+                             if k.startswith("inference.") and k != "inference.total"}
     return t
 
 
