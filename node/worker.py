@@ -273,6 +273,14 @@ def run_worker(
             stop_loops()
 
     app.steps["worker"].add(PeriodicLoopStep)
+
+    def _forget_parent_connections(**_kw) -> None:
+        # a pool process forked after the loops connected must never use (or close) those connections
+        db.engine.dispose(close=False)
+
+    from celery.signals import worker_process_init
+
+    worker_process_init.connect(_forget_parent_connections, weak=False)
     log.info("worker %s: queues %s, broker %s, concurrency %s", name, ",".join(queues),
              str(settings.broker_url).split("://", 1)[0], settings.worker_concurrency)
     worker = app.Worker(
