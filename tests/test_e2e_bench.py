@@ -1,0 +1,43 @@
+"""`msknode bench e2e --studies 1 --json`: one small knee study through Orthanc and msknode serve, the JSON keys."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+MSKNODE = Path(sys.executable).parent / "msknode"
+
+
+def test_bench_e2e_one_study_json(tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MSKNODE_")}
+    env["TCP_NODELAY"] = "1"
+    proc = subprocess.run(
+        [str(MSKNODE), "bench", "e2e", "--studies", "1", "--warmup", "0", "--slices", "12", "--matrix", "128",
+         "--workdir", str(tmp_path / "bench"), "--json"],
+        capture_output=True, text=True, timeout=400, env=env, cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    result = json.loads(proc.stdout)
+    assert {"median_s", "p95_s", "all_arrived", "breakdown"} <= set(result)
+    assert result["all_arrived"] is True and result["n"] == 1
+    study = result["studies"][0]
+    assert study["arrived"] and study["results"] >= 1  # at least the SR
+    # the total is PACS-to-PACS; the steps inside it are measured on the same clock and fit into it
+    assert 0 < result["median_s"] == result["p95_s"] == study["total_s"] < 400
+    b = result["breakdown"]
+    for step in ("forward_s", "completeness_wait_s", "queue_wait_s", "load_s", "inference_s", "writing_s",
+                 "dispatch_s"):
+        assert step in b and b[step] >= 0, step
+    assert isinstance(b["inference_per_model_s"], dict)
+    parts = sum(b[k] for k in ("forward_s", "completeness_wait_s", "queue_wait_s", "load_s", "inference_s",
+                               "writing_s", "dispatch_s"))
+    assert parts <= study["total_s"] + 0.5
+    # the study's series completed by their announced size or the quiet timer, not by a 60 s timeout
+    assert b["completeness_wait_s"] < 30
