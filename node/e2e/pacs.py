@@ -133,7 +133,8 @@ class OrthancPacs:
             "msknode": {"AET": self.node_ae_title, "Host": self.node_host, "Port": self.node_port, **peer},
         }
         for aet in self.modality_aets:
-            modalities[aet.lower()] = {"AET": aet, "Host": "127.0.0.1", "Port": 104, **peer}
+            if aet != self.node_ae_title:  # msknode's entry already lets it store (its results)
+                modalities[f"modality-{aet.lower()}"] = {"AET": aet, "Host": "127.0.0.1", "Port": 104, **peer}
         config = {
             "Name": "msknode-demo-pacs",
             "StorageDirectory": str(self.workdir / "storage"),
