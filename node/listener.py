@@ -118,7 +118,8 @@ class Listener:
         server.store_handler = self.handle_store
         self.server = server
         if self.handoff is not None:
-            target, kwargs = server.serve_handoff, {"handoff": self.handoff}
+            target = server.serve_handoff
+            kwargs = {"handoff": self.handoff, "on_parent_gone": lambda: os.kill(os.getpid(), signal.SIGTERM)}
         else:
             target, kwargs = server.serve_forever, {"poll_interval": 0.2}
         self._thread = threading.Thread(target=target, kwargs=kwargs, name="dicom-accept", daemon=True)

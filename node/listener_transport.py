@@ -294,15 +294,19 @@ class HandoffServer(ReusePortServer):
     def server_activate(self) -> None:
         pass
 
-    def serve_handoff(self, handoff: socket.socket) -> None:
-        """Serves each connection received on `handoff` until it is closed or `shutdown()`."""
+    def serve_handoff(self, handoff: socket.socket, on_parent_gone: Callable[[], None] | None = None) -> None:
+        """Serves each connection received on `handoff` until `shutdown()`; calls `on_parent_gone`
+        if the parent process closes its end (it died: this process must not linger)."""
         self._handoff = handoff
+        self._stopping = False
         while True:
             try:
                 msg, fds, _, _ = socket.recv_fds(handoff, 256, 1)
             except OSError:
-                return
-            if not fds:  # the parent went away
+                msg, fds = b"", []
+            if not fds:
+                if not self._stopping and on_parent_gone is not None:
+                    on_parent_gone()
                 return
             conn = socket.socket(fileno=fds[0])
             try:
@@ -313,6 +317,7 @@ class HandoffServer(ReusePortServer):
 
     def shutdown(self) -> None:
         """Stops taking connections (associations in progress go on)."""
+        self._stopping = True
         handoff = getattr(self, "_handoff", None)
         if handoff is not None:
             try:

@@ -207,3 +207,19 @@ def test_serve_reports_a_missing_part_instead_of_crashing():
     assert missing_part("node.worker", "run_worker") is None
     assert missing_part("node.no_such_part", "run") == "module node.no_such_part is not installed"
     assert missing_part("node.listener", "run_nothing") == "node.listener.run_nothing does not exist"
+
+
+def test_listener_processes_exit_when_their_parent_is_killed(tmp_path):
+    node = ListenerProcess(tmp_path / "data", env={"MSKNODE_LISTENER_PROCESSES": "2"}).start()
+    out = subprocess.run(["ps", "-ww", "--ppid", str(node.proc.pid), "-o", "pid=,args="], capture_output=True, text=True).stdout
+    children = [int(line.split()[0]) for line in out.splitlines() if "spawn_main" in line]
+    assert len(children) == 2
+    node.proc.kill()
+    node.proc.wait()
+    node._log.close()
+    deadline = time.monotonic() + 30
+    while any(Path(f"/proc/{pid}").exists() and "zombie" not in Path(f"/proc/{pid}/status").read_text().lower()
+              for pid in children):
+        assert time.monotonic() < deadline, "listener processes outlived their parent"
+        time.sleep(0.2)
+    assert echo(node.port) is None  # nothing answers on the port any more
