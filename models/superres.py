@@ -168,34 +168,43 @@ class _Operators:
         return x + _zmul(self.pinv, y - _zmul(self.s, x))
 
 
-def slab_inputs(y: torch.Tensor, base: torch.Tensor, config: SuperResConfig) -> torch.Tensor:
-    """(..., n, H, W) input and (..., f*n, H, W) base -> (..., n, 2c+1+f, H, W) network input."""
+def slab_inputs(y: torch.Tensor, base: torch.Tensor, config: SuperResConfig,
+                rows: torch.Tensor | None = None) -> torch.Tensor:
+    """(..., n, H, W) input and (..., f*n, H, W) base -> (..., k, 2c+1+f, H, W) network input
+    for the input slices ``rows`` (default all n)."""
     n = y.shape[-3]
     f = config.slice_factor
+    rows = torch.arange(n) if rows is None else rows
     offsets = torch.arange(-config.context, config.context + 1)
-    idx = (torch.arange(n)[:, None] + offsets[None, :]).clamp(0, n - 1)  # (n, 2c+1)
-    neighbours = y[..., idx, :, :]  # (..., n, 2c+1, H, W)
-    sub = base.reshape(*base.shape[:-3], n, f, *base.shape[-2:])
+    idx = (rows[:, None] + offsets[None, :]).clamp(0, n - 1)  # (k, 2c+1)
+    neighbours = y[..., idx, :, :]  # (..., k, 2c+1, H, W)
+    sub = base.reshape(*base.shape[:-3], n, f, *base.shape[-2:])[..., rows, :, :, :]
     return torch.cat([neighbours, sub], dim=-3)
 
 
 def forward_detail(net: nn.Module, y: torch.Tensor, ops: _Operators, config: SuperResConfig,
                    chunk: int | None = None, channels_last: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """Normalised input y (..., n, H, W) -> (interpolated input, output before projection)."""
+    """Normalised input y (..., n, H, W) -> (interpolated input, output before projection).
+
+    ``chunk``: input slices per network call (the slab of each chunk is built on demand, so
+    peak memory stays at one chunk)."""
     base = _zmul(ops.base, y)
     lead = y.shape[:-3]
     n, h, w = y.shape[-3:]
     u = config.unshuffle
     ph, pw = (-h) % u, (-w) % u
-    slab = slab_inputs(y, base, config).reshape(-1, config.in_channels, h, w)
-    if ph or pw:
-        slab = torch.nn.functional.pad(slab, (0, pw, 0, ph), mode="replicate")
-    if channels_last:
-        slab = slab.contiguous(memory_format=torch.channels_last)
-    step = chunk or slab.shape[0]
-    parts = [net(slab[i:i + step]) for i in range(0, slab.shape[0], step)]
-    detail = torch.cat(parts, dim=0)[..., :h, :w].contiguous()
-    detail = detail.reshape(*lead, n * config.slice_factor, h, w)
+    step = chunk or n
+    parts = []
+    for start in range(0, n, step):
+        rows = torch.arange(start, min(start + step, n))
+        slab = slab_inputs(y, base, config, rows).reshape(-1, config.in_channels, h, w)
+        if ph or pw:
+            slab = torch.nn.functional.pad(slab, (0, pw, 0, ph), mode="replicate")
+        if channels_last:
+            slab = slab.contiguous(memory_format=torch.channels_last)
+        out = net(slab)[..., :h, :w]
+        parts.append(out.reshape(*lead, len(rows), config.slice_factor, h, w))
+    detail = torch.cat(parts, dim=-4).reshape(*lead, n * config.slice_factor, h, w)
     return base, base + detail
 
 
@@ -336,8 +345,8 @@ class SuperResModel:
         cfg = self.config
         f = cfg.slice_factor
         n_ll = yt.shape[0] // f
-        if n_ll < 3:
-            return 1.0
+        if n_ll < 2:
+            return 0.0  # too few slices to check the detail on this series: add none
         h, w = yt.shape[1:]
         ch, cw = min(h, CALIBRATION_WINDOW), min(w, CALIBRATION_WINDOW)
         win = yt[: n_ll * f, (h - ch) // 2:(h - ch) // 2 + ch, (w - cw) // 2:(w - cw) // 2 + cw]
@@ -348,7 +357,7 @@ class SuperResModel:
         dp = ops.project(pre, ll) - bp
         den = float((dp * dp).sum())
         if den <= 0:
-            return 1.0
+            return 0.0
         return float(min(max(float((dp * (win - bp)).sum()) / den, 0.0), 1.0))
 
     def enhance(self, y: np.ndarray, inplane: bool = False, detail: bool = True,
@@ -398,6 +407,7 @@ class SuperResModel:
     def predict(self, volume: Volume, inplane: bool = False) -> SuperResOutput:
         """Super-resolve one series; the source `Volume` is not modified."""
         t_start = time.perf_counter()
+        cpu_start = time.process_time()
         qc = _input_qc(volume)
         g = 2 if inplane else 1
         tol = CONSISTENCY_TOLERANCE
@@ -432,6 +442,7 @@ class SuperResModel:
             attributes=attrs,
         )
         timings["total_s"] = time.perf_counter() - t_start
+        timings["cpu_s"] = time.process_time() - cpu_start  # CPU seconds of this process (all threads)
         return SuperResOutput(
             model=self.info, source=volume, volume=out, qc=qc,
             consistency_error=err, consistency_tolerance=tol, consistency_passed=bool(err <= tol),
