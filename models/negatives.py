@@ -138,7 +138,7 @@ def generate_negative(seed: int, kind: str | None = None) -> Volume:
     fov = float(rng.uniform(*fov))
     n_slices = int(rng.integers(14, 41))
     spacing = float(rng.uniform(3.0, 6.0))
-    matrix = 96
+    matrix = int(rng.choice([64, 96]))
     p, row, col, positions, pix = _grid(rng, plane, n_slices, matrix, fov, spacing)
     p = p + rng.uniform(-10, 10, 3)
     if kind == "brain":
