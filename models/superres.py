@@ -46,6 +46,8 @@ WEIGHTS_PATH = Path(__file__).resolve().parent / "weights" / "superres" / "super
 CONSISTENCY_TOLERANCE = 1e-3  # relative RMS of A(output) - input
 NONNEG_ITERATIONS = 2  # alternating projections (x >= 0, then A x = y) after the final projection
 CHUNK_SLICES = 8
+BACKGROUND_LEVEL = 0.1  # normalised 8x8-block mean below which the block is background (network skipped)
+BOX_MARGIN = 16  # pixels around the signal box, > the network's receptive-field radius (12)
 CALIBRATION_WINDOW = 160  # in-plane window (pixels) for the per-series detail calibration  # input slices per network call (bounds peak memory)
 
 
@@ -183,29 +185,56 @@ def slab_inputs(y: torch.Tensor, base: torch.Tensor, config: SuperResConfig,
 
 
 def forward_detail(net: nn.Module, y: torch.Tensor, ops: _Operators, config: SuperResConfig,
-                   chunk: int | None = None, channels_last: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                   chunk: int | None = None, channels_last: bool = False,
+                   skip_background: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Normalised input y (..., n, H, W) -> (interpolated input, output before projection).
 
     ``chunk``: input slices per network call (the slab of each chunk is built on demand, so
-    peak memory stays at one chunk)."""
+    peak memory stays at one chunk). ``skip_background``: run the network only inside the
+    box of the chunk's signal (no detail is added in empty background)."""
     base = _zmul(ops.base, y)
     lead = y.shape[:-3]
     n, h, w = y.shape[-3:]
     u = config.unshuffle
-    ph, pw = (-h) % u, (-w) % u
     step = chunk or n
     parts = []
     for start in range(0, n, step):
         rows = torch.arange(start, min(start + step, n))
         slab = slab_inputs(y, base, config, rows).reshape(-1, config.in_channels, h, w)
-        if ph or pw:
-            slab = torch.nn.functional.pad(slab, (0, pw, 0, ph), mode="replicate")
-        if channels_last:
-            slab = slab.contiguous(memory_format=torch.channels_last)
-        out = net(slab)[..., :h, :w]
+        box = _signal_box(slab, u) if skip_background else (0, h, 0, w)
+        out = torch.zeros(slab.shape[0], config.slice_factor, h, w, dtype=slab.dtype)
+        if box is not None:
+            r0, r1, c0, c1 = box
+            sub = slab[..., r0:r1, c0:c1]
+            ph, pw = (-(r1 - r0)) % u, (-(c1 - c0)) % u
+            if ph or pw:
+                sub = torch.nn.functional.pad(sub, (0, pw, 0, ph), mode="replicate")
+            if channels_last:
+                sub = sub.contiguous(memory_format=torch.channels_last)
+            out[..., r0:r1, c0:c1] = net(sub)[..., : r1 - r0, : c1 - c0]
         parts.append(out.reshape(*lead, len(rows), config.slice_factor, h, w))
     detail = torch.cat(parts, dim=-4).reshape(*lead, n * config.slice_factor, h, w)
     return base, base + detail
+
+
+def _signal_box(slab: torch.Tensor, multiple: int) -> tuple[int, int, int, int] | None:
+    """In-plane bounding box (with a margin wider than the network's receptive field) of the pixels
+    where any input of the chunk exceeds BACKGROUND_LEVEL; None when there is no signal at all."""
+    h, w = slab.shape[-2:]
+    peak = slab.abs().flatten(0, -3).amax(dim=0)[None, None]
+    # mean over 8x8 blocks: isolated noise pixels do not count as signal
+    mask = torch.nn.functional.avg_pool2d(peak, 8, ceil_mode=True)[0, 0] > BACKGROUND_LEVEL
+    mask = mask.repeat_interleave(8, dim=0).repeat_interleave(8, dim=1)[:h, :w]
+    rows = torch.nonzero(mask.any(dim=1)).flatten()
+    cols = torch.nonzero(mask.any(dim=0)).flatten()
+    if rows.numel() == 0:
+        return None
+    m = BOX_MARGIN
+    r0, r1 = max(int(rows[0]) - m, 0), min(int(rows[-1]) + 1 + m, h)
+    c0, c1 = max(int(cols[0]) - m, 0), min(int(cols[-1]) + 1 + m, w)
+    r0 -= r0 % multiple
+    c0 -= c0 % multiple
+    return r0, r1, c0, c1
 
 
 # --------------------------------------------------------------------------------------
@@ -352,7 +381,8 @@ class SuperResModel:
         win = yt[: n_ll * f, (h - ch) // 2:(h - ch) // 2 + ch, (w - cw) // 2:(w - cw) // 2 + cw]
         ops = _Operators.build(n_ll, cfg)
         ll = _zmul(ops.s, win)
-        base, pre = forward_detail(self.net, ll, ops, cfg, chunk=CHUNK_SLICES, channels_last=self.channels_last)
+        base, pre = forward_detail(self.net, ll, ops, cfg, chunk=CHUNK_SLICES, channels_last=self.channels_last,
+                                   skip_background=True)
         bp = ops.project(base, ll)
         dp = ops.project(pre, ll) - bp
         den = float((dp * dp).sum())
@@ -387,7 +417,7 @@ class SuperResModel:
             t0 = time.perf_counter()
             if a > 0:
                 base, pre = forward_detail(self.net, yt, ops, cfg, chunk=CHUNK_SLICES,
-                                           channels_last=self.channels_last)
+                                           channels_last=self.channels_last, skip_background=True)
                 x = base + a * (pre - base)
             else:
                 x = _zmul(ops.base, yt)

@@ -206,3 +206,21 @@ def test_shipped_weights_beat_tricubic_on_fresh_phantoms(shipped):
     assert result["psnr_gain_db"] > 0.5
     assert result["ssim_gain"] > 0
     assert all(c["psnr"] > c["psnr_tricubic"] for c in result["cases"])
+
+
+def test_network_skips_empty_background_without_changing_the_signal_region(shipped):
+    from models.superres import BOX_MARGIN, _Operators, forward_detail
+
+    rng = np.random.default_rng(4)
+    y = np.zeros((6, 96, 96), np.float32)
+    y[:, 40:60, 30:50] = rng.random((6, 20, 20)) + 0.5  # signal in a small central block only
+    yt = torch.from_numpy(y)
+    ops = _Operators.build(6, shipped.config)
+    with torch.inference_mode():
+        base, full = forward_detail(shipped.net, yt, ops, shipped.config)
+        _, skipped = forward_detail(shipped.net, yt, ops, shipped.config, chunk=4, skip_background=True)
+    inner = (slice(None), slice(40 - 4, 60 + 4), slice(30 - 4, 50 + 4))
+    assert torch.allclose(full[inner], skipped[inner], atol=1e-5)
+    far = (slice(None), slice(0, 40 - BOX_MARGIN - 8), slice(None))
+    assert torch.equal(skipped[far], base[far])  # no detail where there is no signal
+    assert not torch.equal(full[far], base[far])  # (the network alone would have added some)
