@@ -312,20 +312,28 @@ class Received:
     published: Path | None = None  # set once the staged file was renamed to its final path
     file_meta: bytes = b""  # with `data`: to write the file again under the index lock (see index_instances)
     data: bytes | None = None
+    # published but not fsynced yet: made durable before the commit, or right after it (IndexWriter.overlap)
+    pending_files: list[Path] = field(default_factory=list)
+    pending_dirs: set[Path] = field(default_factory=set)
 
 
-def publish_new(store: InstanceStore, item: Received) -> bool:
-    """Before the index transaction: puts a new instance's file in place and makes it durable.
+def publish_new(store: InstanceStore, item: Received, *, sync: bool = True) -> bool:
+    """Before the index transaction: puts a new instance's file in place (and fsyncs it, with `sync`).
 
     Only when nothing is stored at its final path yet (the common case). The fsyncs then run
     in the handler's thread, outside the index lock, in parallel with other associations'.
+    Without `sync` the file is left in `item.pending_files` for the writer to fsync.
     Returns False (and does nothing) when a file is already there: `index_instances` decides.
     """
     h = item.header
     if store.path_for(h.study_uid, h.series_uid, h.sop_instance_uid).exists():
         return False
     item.published, dirs = store.publish(item.staged, h.study_uid, h.series_uid, h.sop_instance_uid, sync_first=False)
-    store.sync(files=[item.published], dirs=dirs)
+    if sync:
+        store.sync(files=[item.published], dirs=dirs)
+    else:
+        item.pending_files.append(item.published)
+        item.pending_dirs |= dirs
     return True
 
 
@@ -528,14 +536,17 @@ def index_instances(
     now: dt.datetime | None = None,
     audit: Callable | None = None,
     cache: IndexCache | None = None,
+    sync_now: bool = True,
 ) -> list[Outcome]:
     """Publishes the staged files and writes their index rows (C1) in the caller's transaction.
 
-    Items already published by `publish_new` are durable; the others are renamed and
-    fsynced here, before the caller commits, so a committed row always points at a durable
-    file. A duplicate SOP Instance UID with the same bytes changes nothing; with different
-    bytes the file and rows are replaced and changed demographics are audited (field names
-    and UIDs only).
+    With `sync_now` every published file is fsynced here, before the caller commits, so a
+    committed row always points at a durable file. Without it the files (and the stored
+    file of a duplicate) are left in each item's `pending_files` / `pending_dirs`, and the
+    caller must fsync them after the commit, before answering (see `IndexWriter.overlap`).
+    A duplicate SOP Instance UID with the same bytes changes nothing (after checking that the
+    stored file still holds those bytes); with different bytes the file and rows are replaced
+    and changed demographics are audited (field names and UIDs only).
     """
     now = now or utcnow()
     audit = audit or audit_demographics
@@ -543,8 +554,6 @@ def index_instances(
     conn = _connection(session)
     sql = _statements(conn)
     outcomes: list[Outcome] = []
-    dirty_dirs: set[Path] = set()
-    unsynced: list[Path] = []  # new files, renamed before their fsync (see node.storage)
     arrivals: dict[int, int] = {}  # series id -> instances added (may be 0 or negative on a move)
     studies: set[int] = set()
     delivered: set[tuple[int, int]] = set()  # (association id, series id)
@@ -561,9 +570,13 @@ def index_instances(
         replaced = False
         if instance_id is None:  # the SOP Instance UID is already indexed
             existing = conn.execute(sql.select_instance, {"b_uid": h.sop_instance_uid}).one()
-            if existing.sha256 == item.staged.sha256 and Path(existing.path).exists():
+            if existing.sha256 == item.staged.sha256 and store.dataset_digest(Path(existing.path)) == existing.sha256:
                 if item.published is None:
                     store.discard(item.staged)
+                if item.published is None or Path(existing.path) != item.published:
+                    # the stored copy may still be on its way to disk (another association's batch)
+                    item.pending_files.append(Path(existing.path))
+                    item.pending_dirs.add(Path(existing.path).parent)
                 outcomes.append(Outcome(SUCCESS, existing.id, duplicate=True, demographics_changed=changed))
                 continue
             instance_id, replaced = existing.id, True
@@ -585,9 +598,9 @@ def index_instances(
             item.published, dirs = store.publish(
                 item.staged, h.study_uid, h.series_uid, h.sop_instance_uid, sync_first=replaced
             )
-            dirty_dirs |= dirs
+            item.pending_dirs |= dirs
             if not replaced:
-                unsynced.append(item.published)
+                item.pending_files.append(item.published)
         studies.add(study_id)
         if item.association_id is not None and item.association_id not in cache.closed:
             delivered.add((item.association_id, series_id))
@@ -606,7 +619,10 @@ def index_instances(
         conn.execute(sql.series_arrival, {"b_id": series_id, "b_n": n, "b_now": now, "b_deadline": deadline})
     for study_id in sorted(studies):
         conn.execute(sql.study_arrival, {"b_id": study_id, "b_now": now})
-    store.sync(files=unsynced, dirs=dirty_dirs)  # in parallel: about one flush for the batch
+    if sync_now:  # in parallel: about one flush for the batch
+        store.sync(files=[f for it in items for f in it.pending_files], dirs={d for it in items for d in it.pending_dirs})
+        for it in items:
+            it.pending_files, it.pending_dirs = [], set()
     cache.trim()
     return outcomes
 
@@ -687,6 +703,35 @@ def close_association(
     return series_ids
 
 
+def recover_unclean_stop(session, store: InstanceStore, *, since: dt.datetime, logger: logging.Logger | None = None) -> int:
+    """After an unclean stop: removes index rows written since `since` whose file is missing or
+    does not hold the indexed bytes (a power loss between commit and fsync, see `IndexWriter`).
+
+    Their senders got no Success and send them again. Returns the number of rows removed.
+    """
+    logger = logger or log
+    inst, se = Instance.__table__, Series.__table__
+    rows = session.execute(
+        select(inst.c.id, inst.c.series_id, inst.c.sop_instance_uid, inst.c.path, inst.c.sha256).where(
+            (inst.c.received_at >= since) | (inst.c.updated_at >= since)
+        )
+    ).all()
+    removed = 0
+    for row in rows:
+        if row.sha256 is None or store.dataset_digest(Path(row.path)) == row.sha256:
+            continue
+        session.execute(inst.delete().where(inst.c.id == row.id))
+        session.execute(update(se).where(se.c.id == row.series_id).values(instances=se.c.instances - 1))
+        Path(row.path).unlink(missing_ok=True)
+        removed += 1
+        logger.warning(
+            "instance %s was not durable when the node stopped: removed from the index (its sender got no Success)",
+            row.sop_instance_uid,
+        )
+    logger.info("checked %d instance(s) received since %s after an unclean stop; %d removed", len(rows), since, removed)
+    return removed
+
+
 def record_quarantine(session, *, calling_ae: str | None, sop_instance_uid: str | None, status: int, reason: str, path: str | None, now=None) -> int:
     t = Quarantine.__table__
     result = session.execute(
@@ -710,6 +755,7 @@ class _Op:
     kind: str  # "store", "open", "close", "quarantine"
     payload: Any
     future: Future = field(default_factory=Future)
+    taken: bool = False  # in a batch (committed by whoever took it)
 
 
 class IndexWriter:
@@ -717,10 +763,18 @@ class IndexWriter:
 
     Group commit without a thread hop: a handler queues its operation and takes the commit
     lock; whoever holds the lock commits everything queued so far (up to `max_batch`) in one
-    transaction, so handlers that queued meanwhile find their operation already durable when
-    they get the lock. One association pays no hand-over to another thread (measured: on a
-    busy 2-core machine the wake-up of a writer thread cost about 1.5 ms per instance);
-    concurrent associations share one commit (one fsync) per batch.
+    transaction; handlers whose operation was taken by another wait for its result. One
+    association pays no hand-over to another thread (measured: on a busy 2-core machine the
+    wake-up of a writer thread cost about 1.5 ms per instance); concurrent associations share
+    one commit per batch.
+
+    `overlap` (SQLite, where files and database share a disk): the transaction commits
+    without its own fsync, then the batch's files, their directories and the SQLite WAL are
+    fsynced together (the flushes merge: one per batch instead of two) and only then do the
+    handlers answer. A power loss in that window can leave a committed row whose file is
+    incomplete: its sender got no Success and sends it again (a resend checks the stored
+    bytes, `index_instances`), and `recover_unclean_stop` checks the rows of the last minute
+    at the next start. Elsewhere (PostgreSQL) files are fsynced before the commit.
     """
 
     def __init__(self, db: Database, store: InstanceStore, settings, *, max_batch: int = 64, logger: logging.Logger | None = None):
@@ -731,6 +785,8 @@ class IndexWriter:
         self.max_batch = max_batch
         self.log = logger or log
         self.cache = IndexCache()
+        self.overlap = settings.is_sqlite
+        self._wal = Path(str(db.url).split("///", 1)[-1] + "-wal") if settings.is_sqlite else None
         self._pending: collections.deque[_Op] = collections.deque()
         self._commit_lock = threading.Lock()
         self._conn: Connection | None = None
@@ -754,53 +810,89 @@ class IndexWriter:
 
     def flush(self) -> None:
         """Commits whatever is still queued (at shutdown)."""
-        with self._commit_lock:
-            while self._pending:
-                self._commit(self._take())
+        while self._pending:
+            with self._commit_lock:
+                batch = self._take()
+                done = self._commit(batch)
+            self._finish(done)
 
     def _run(self, kind: str, payload: Any, timeout: float | None) -> Any:
         op = _Op(kind, payload)
         self._pending.append(op)
         deadline = None if timeout is None else time.monotonic() + timeout
-        while not op.future.done():
-            wait = -1 if deadline is None else max(0.0, deadline - time.monotonic())
-            if not self._commit_lock.acquire(timeout=wait):
+
+        def remaining() -> float | None:
+            return None if deadline is None else max(0.0, deadline - time.monotonic())
+
+        while not op.taken:
+            wait = remaining()
+            if not self._commit_lock.acquire(timeout=-1 if wait is None else wait):
                 raise StorageError(f"index write timed out after {timeout:.0f} s")
             try:
-                if not op.future.done():
-                    self._commit(self._take())
+                if op.taken:
+                    break
+                done = self._commit(self._take())
             finally:
                 self._commit_lock.release()
-        return op.future.result()
+            self._finish(done)  # fsyncs (overlap) outside the lock: the next batch may commit meanwhile
+        try:
+            return op.future.result(remaining())
+        except TimeoutError:
+            raise StorageError(f"index write timed out after {timeout:.0f} s") from None
 
     def _take(self) -> list[_Op]:
         batch: list[_Op] = []
         while self._pending and len(batch) < self.max_batch:
-            batch.append(self._pending.popleft())
+            op = self._pending.popleft()
+            op.taken = True
+            batch.append(op)
         return batch
 
-    def _commit(self, batch: list[_Op]) -> None:
+    def _commit(self, batch: list[_Op]) -> list[tuple[_Op, Any, BaseException | None]]:
+        """Commits a batch (isolating a failing operation); returns (op, result, error) for each."""
         if not batch:
-            return
+            return []
         try:
             results = self._transaction(batch)
         except Exception as e:
             self.cache.clear()  # it may hold ids of rows that were purged meanwhile
             if len(batch) > 1:  # isolate the failing operation; the others still commit
-                for op in batch:
-                    self._commit([op])
-                return
+                return [entry for op in batch for entry in self._commit([op])]
             self.log.error("index write failed (%s): %s", batch[0].kind, type(e).__name__, exc_info=True)
-            batch[0].future.set_exception(e)
-            return
+            return [(batch[0], None, e)]
         self.batches += 1
         self.committed += len(batch)
-        for op, result in zip(batch, results):
-            op.future.set_result(result)
+        return [(op, result, None) for op, result in zip(batch, results)]
+
+    def _finish(self, done: list[tuple[_Op, Any, BaseException | None]]) -> None:
+        """Makes a committed batch durable (overlap: files, directories and WAL in one go), then answers."""
+        if not done:
+            return
+        error: BaseException | None = None
+        if self.overlap:
+            items = [op.payload for op, _, err in done if op.kind == "store" and err is None]
+            files = [f for it in items for f in it.pending_files]
+            dirs = {d for it in items for d in it.pending_dirs}
+            if self._wal is not None and self._wal.exists():
+                files.append(self._wal)  # (a WAL deleted meanwhile was checkpointed and synced by SQLite)
+            try:
+                self.store.sync(files=files, dirs=dirs)
+            except (OSError, StorageError) as e:
+                error = e  # nothing is acknowledged; the senders retry
+            for it in items:
+                it.pending_files, it.pending_dirs = [], set()
+        for op, result, err in done:
+            err = err or error
+            if err is not None:
+                op.future.set_exception(err)
+            else:
+                op.future.set_result(result)
 
     def _connection(self) -> Connection:
         if self._conn is None or self._conn.invalidated or self._conn.closed:
             self._conn = self.db.engine.connect()
+            if self.overlap:  # the commit is made durable by `_finish` (WAL fsync with the files)
+                self._conn.connection.driver_connection.execute("PRAGMA synchronous=NORMAL")
         return self._conn
 
     def close(self) -> None:
@@ -855,6 +947,7 @@ class IndexWriter:
                 quiet_seconds=self.quiet_seconds,
                 now=now,
                 cache=self.cache,
+                sync_now=not self.overlap,
             )
             for (i, _), outcome in zip(stores, outcomes):
                 results[i] = outcome

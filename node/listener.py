@@ -25,6 +25,7 @@ import signal
 import socket
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 from pynetdicom import AE, _config, evt
@@ -263,7 +264,7 @@ class Listener:
             header, staged, transfer_syntax, calling_ae=calling, association_id=association_id, file_meta=meta, data=data
         )
         try:
-            publish_new(self.store, item)
+            publish_new(self.store, item, sync=not self.writer.overlap)
             outcome = self.writer.store_instance(item, timeout=self.store_timeout)
         except Exception as e:
             if item.published is None:
@@ -335,15 +336,92 @@ def _child_main(settings, index: int, handoff: socket.socket) -> None:
         raise SystemExit(1)
 
 
+class RunMarker:
+    """``<data_dir>/run/listener-<pid>.running``: present while a listener runs, touched every
+    few seconds; left behind by an unclean stop (kill, crash, power loss)."""
+
+    TOUCH_SECONDS = 10.0
+    MARGIN_SECONDS = 60.0  # longer than any commit-to-fsync window
+
+    def __init__(self, settings):
+        self.dir = Path(settings.data_dir) / "run"
+        self.path = self.dir / f"listener-{os.getpid()}.running"
+        self._stop = threading.Event()
+
+    def leftovers(self) -> list[Path]:
+        """Markers of listener processes (on this host) that are gone."""
+        found = []
+        for marker in self.dir.glob("listener-*.running"):
+            try:
+                pid = int(marker.stem.split("-", 1)[1].split(".")[0])
+            except ValueError:
+                continue
+            if pid != os.getpid() and not Path(f"/proc/{pid}").exists():
+                found.append(marker)
+        return found
+
+    def start(self) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self._touch()
+        threading.Thread(target=self._loop, name="run-marker", daemon=True).start()
+
+    def _touch(self) -> None:
+        with open(self.path, "w") as f:
+            f.write(f"{socket.gethostname()} {os.getpid()}\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.TOUCH_SECONDS):
+            try:
+                self._touch()
+            except OSError as e:
+                log.error("cannot touch %s: %s", self.path, e)
+
+    def remove(self) -> None:
+        self._stop.set()
+        self.path.unlink(missing_ok=True)
+
+
+def recover(settings, marker: RunMarker) -> int:
+    """After an unclean stop of a listener on SQLite (overlapped fsync): checks the latest rows."""
+    import datetime as dt
+
+    from node.ingest import recover_unclean_stop
+
+    stale = marker.leftovers()
+    if not stale:
+        return 0
+    newest = max(m.stat().st_mtime for m in stale)
+    since = dt.datetime.fromtimestamp(newest - RunMarker.MARGIN_SECONDS, dt.timezone.utc)
+    log.warning("a listener stopped uncleanly (%d marker(s) left): checking the instances received since %s", len(stale), since)
+    db = Database(settings.database_url, migrate=False)
+    try:
+        with db.session() as s:
+            removed = recover_unclean_stop(s, InstanceStore.from_settings(settings), since=since, logger=log)
+    finally:
+        db.dispose()
+    for m in stale:
+        m.unlink(missing_ok=True)
+    return removed
+
+
 def run_listener(settings) -> int:
     """``msknode listen``: migrates the database, then serves with MSKNODE_LISTENER_PROCESSES processes."""
     settings.ensure_dirs()
     upgrade(settings.database_url)
     InstanceStore.from_settings(settings).prepare()
-    n = settings.listener_processes
-    if n == 1:
-        return serve_one(settings)
-    return _supervise(settings, n)
+    marker = RunMarker(settings)
+    if settings.is_sqlite:
+        recover(settings, marker)
+    marker.start()
+    try:
+        n = settings.listener_processes
+        if n == 1:
+            return serve_one(settings)
+        return _supervise(settings, n)
+    finally:
+        marker.remove()
 
 
 class _Child:

@@ -9,15 +9,15 @@ Layout (paths derive from UIDs only, never from patient data)::
 A file holds the preamble, the File Meta Information written by us and then the
 dataset bytes exactly as the peer sent them (pixel data is never decoded).
 
-Writing (driven by `node.ingest.index_instances`, inside the index transaction, before
-its commit): `stage` writes a new file in ``.incoming``; `publish` renames it to its final
-path (atomic on one filesystem); `sync` fsyncs the files and the
-directories whose entries changed. Only then is the index row committed, so a committed
-row always points at a complete, durable file. A new instance is renamed before its fsync:
-one journal commit then makes both the data and the name durable (instead of two). If the
-machine dies in between, the final name may hold an incomplete file, but no index row
-refers to it and the peer, which got no Success, sends the object again, which replaces
-it. A file that replaces an indexed one is fsynced before the rename.
+Writing (driven by `node.ingest`): `stage` writes a new file in ``.incoming``; `publish`
+renames it to its final path (atomic on one filesystem); `sync` fsyncs files and the
+directories whose entries changed, all at once. A new instance is renamed before its
+fsync: one journal commit then makes both the data and the name durable. Nothing is
+acknowledged to the peer before the file, its name and its index row are durable (the
+order of the fsyncs and the index commit is `node.ingest.IndexWriter`'s). A file that
+replaces an indexed one is fsynced before the rename. If the machine dies before the
+fsync, a final name may hold an incomplete file: its peer got no Success and sends the
+object again, and `node.ingest` checks stored bytes against the index before trusting them.
 """
 
 from __future__ import annotations
@@ -98,6 +98,18 @@ def dataset_offset(path: Path) -> int:
         raise StorageError(f"{path.name}: not a DICOM file with File Meta Information")
     (group_length,) = struct.unpack("<I", head[140:144])
     return 144 + group_length
+
+
+def dataset_digest(path: Path) -> str | None:
+    """sha256 of a stored file's data set bytes (after the file meta), or None if it is missing or broken."""
+    try:
+        data = Path(path).read_bytes()
+        if len(data) < 144 or data[128:132] != b"DICM":
+            return None
+        (group_length,) = struct.unpack("<I", data[140:144])
+        return hashlib.sha256(memoryview(data)[144 + group_length:]).hexdigest()
+    except OSError:
+        return None
 
 
 def _fsync_path(path: Path, is_dir: bool = False) -> None:
@@ -211,6 +223,10 @@ class InstanceStore:
             dirty.add(study_dir)
         os.replace(staged.path, final)
         return final, dirty
+
+    @staticmethod
+    def dataset_digest(path: Path) -> str | None:
+        return dataset_digest(path)
 
     def discard(self, staged: StagedFile) -> None:
         staged.path.unlink(missing_ok=True)

@@ -238,3 +238,70 @@ def test_new_files_are_published_before_the_transaction_and_races_end_consistent
     stored = Path(inst.path).read_bytes()[dataset_offset(Path(inst.path)):]
     assert stored == data and inst.sha256 == second.staged.sha256
     assert not list(store.incoming.iterdir())
+
+
+def test_a_resend_repairs_a_stored_file_that_does_not_hold_the_indexed_bytes(db, settings):
+    """A power loss between commit and fsync can leave a row whose file is incomplete; the resend
+    (its sender got no Success) is then stored again instead of being taken for a duplicate."""
+    store = InstanceStore.from_settings(settings)
+    store.prepare()
+    ds = mr_dataset(generate_uid(), generate_uid(), 0)
+    with db.session() as s:
+        first = index_instances(s, store, [_received(store, ds)], uid_root=settings.uid_root, quiet_seconds=1)[0]
+    with db.session() as s:
+        path = Path(s.get(Instance, first.instance_id).path)
+    path.write_bytes(path.read_bytes()[:400])  # what a power loss may leave
+    with db.session() as s:
+        again = index_instances(s, store, [_received(store, ds)], uid_root=settings.uid_root, quiet_seconds=1)[0]
+    assert again.replaced and not again.duplicate
+    assert path.read_bytes()[dataset_offset(path):] == encode(ds)
+    with db.session() as s:
+        assert index_instances(s, store, [_received(store, ds)], uid_root=settings.uid_root, quiet_seconds=1)[0].duplicate
+
+
+def test_recovery_after_an_unclean_stop_removes_rows_without_their_bytes(db, settings):
+    import datetime as dt
+
+    from node.ingest import recover_unclean_stop
+
+    store = InstanceStore.from_settings(settings)
+    store.prepare()
+    study, series = generate_uid(), generate_uid()
+    datasets = [mr_dataset(study, series, i) for i in range(3)]
+    with db.session() as s:
+        out = index_instances(s, store, [_received(store, d) for d in datasets], uid_root=settings.uid_root, quiet_seconds=1)
+    with db.session() as s:
+        broken = Path(s.get(Instance, out[1].instance_id).path)
+    broken.write_bytes(broken.read_bytes()[:300])
+    with db.session() as s:
+        assert recover_unclean_stop(s, store, since=dt.datetime.now(dt.timezone.utc) - dt.timedelta(minutes=1)) == 1
+    with db.session() as s:
+        left = {i.sop_instance_uid for i in s.scalars(select(Instance).join(Series).where(Series.series_uid == series))}
+        assert left == {datasets[0].SOPInstanceUID, datasets[2].SOPInstanceUID}
+        assert s.scalars(select(Series).where(Series.series_uid == series)).one().instances == 2
+    assert not broken.exists()
+    with db.session() as s:  # rows older than the window are not read at all
+        assert recover_unclean_stop(s, store, since=dt.datetime.now(dt.timezone.utc) + dt.timedelta(minutes=1)) == 0
+
+
+def test_index_writer_on_postgresql_fsyncs_before_the_commit(postgres_url, tmp_path):
+    from node.ingest import publish_new
+
+    settings = load_settings(data_dir=tmp_path / "data", database_url=postgres_url)
+    settings.ensure_dirs()
+    database = Database(postgres_url)
+    store = InstanceStore.from_settings(settings)
+    store.prepare()
+    writer = IndexWriter(database, store, settings)
+    try:
+        assert writer.overlap is False
+        study, series = generate_uid(), generate_uid()
+        for i in range(3):
+            item = _received(store, mr_dataset(study, series, i))
+            assert publish_new(store, item, sync=True) and item.pending_files == []
+            assert writer.store_instance(item, 30).status == 0
+        with database.session() as s:
+            assert s.scalars(select(Series).where(Series.series_uid == series)).one().instances == 3
+    finally:
+        writer.close()
+        database.dispose()

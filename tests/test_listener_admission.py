@@ -223,3 +223,35 @@ def test_listener_processes_exit_when_their_parent_is_killed(tmp_path):
         assert time.monotonic() < deadline, "listener processes outlived their parent"
         time.sleep(0.2)
     assert echo(node.port) is None  # nothing answers on the port any more
+
+
+def test_after_an_unclean_stop_the_listener_checks_the_latest_rows(tmp_path):
+    """A listener killed (or a power loss) leaves its run marker; the next start checks the rows of
+    the last minute and drops those whose file lacks the indexed bytes (their sender resends)."""
+    node = ListenerProcess(tmp_path / "data").start()
+    study_uid, series_uid, paths = write_series(tmp_path / "s", n=3)
+    assert storescu(node.port, paths).returncode == 0
+    node.proc.kill()  # unclean: the run marker stays
+    node.proc.wait()
+    node._log.close()
+    markers = list((node.data_dir / "run").glob("listener-*.running"))
+    assert len(markers) == 1
+    db = Database(f"sqlite:///{node.data_dir / 'msknode.db'}", migrate=False)
+    with db.session() as s:
+        victim = s.scalars(select(Instance).order_by(Instance.id)).all()[1]
+    Path(victim.path).write_bytes(Path(victim.path).read_bytes()[:500])  # as if the data never reached the disk
+    node.start()
+    try:
+        with db.session() as s:
+            left = s.scalars(select(Instance.sop_instance_uid)).all()
+            series = s.scalars(select(Series).where(Series.series_uid == series_uid)).one()
+        assert victim.sop_instance_uid not in left and len(left) == 2 and series.instances == 2
+        assert not markers[0].exists()
+        assert f"instance {victim.sop_instance_uid} was not durable" in node.log()
+        assert storescu(node.port, paths).returncode == 0  # the resend completes the series
+        with db.session() as s:
+            assert s.scalars(select(Series).where(Series.series_uid == series_uid)).one().instances == 3
+    finally:
+        db.dispose()
+        assert node.stop() == 0
+    assert not list((node.data_dir / "run").glob("*.running"))  # a clean stop leaves no marker
