@@ -8,7 +8,9 @@ Through-plane ×2 (in-plane ×2 on request) for 2D multislice MR series:
    adds cubic interpolation whose low k-space is replaced by the input's.
 2. *Learned detail*: a small 2.5D MONAI CNN (`SlabSRNet`) looks at each input
    slice with its neighbours (a slab) plus its interpolated sub-slices and
-   predicts a residual for the ``f`` sub-slices of that slice.
+   predicts a residual for the ``f`` sub-slices of that slice. A per-series
+   share of it (`SuperResModel.detail_gain`, 0..1) is checked on the series
+   itself (degraded once more), so data unlike the training phantoms gets less.
 3. *Data-consistency projection*: ``x ← x + B(y − A x)`` with the documented
    degradation operator ``A`` (`models.degradation`) and its right inverse ``B``.
    Because the projection is the last step, ``A(output) = input`` holds by
@@ -37,18 +39,18 @@ from monai.networks.blocks import Convolution
 from scipy import ndimage
 from torch import nn
 
-from models.errors import ModelsError
 from models.degradation import DegradationModel, kspace_down, kspace_up, slice_pseudo_inverse
+from models.errors import ModelsError
 from models.types import NOT_FOR_DIAGNOSTIC_USE, ModelInfo, QCResult, SuperResOutput, Volume
 
 MODEL_NAME = "superres"
 WEIGHTS_PATH = Path(__file__).resolve().parent / "weights" / "superres" / "superres.pt"
 CONSISTENCY_TOLERANCE = 1e-3  # relative RMS of A(output) - input
 NONNEG_ITERATIONS = 2  # alternating projections (x >= 0, then A x = y) after the final projection
-CHUNK_SLICES = 8
+CHUNK_SLICES = 8  # input slices per network call (bounds peak memory)
 BACKGROUND_LEVEL = 0.1  # normalised 8x8-block mean below which the block is background (network skipped)
 BOX_MARGIN = 16  # pixels around the signal box, > the network's receptive-field radius (12)
-CALIBRATION_WINDOW = 160  # in-plane window (pixels) for the per-series detail calibration  # input slices per network call (bounds peak memory)
+CALIBRATION_WINDOW = 160  # in-plane window (pixels) for the per-series detail calibration
 
 
 class SuperResError(ModelsError, ValueError):
@@ -301,6 +303,10 @@ class SuperResModel:
     metadata: dict[str, Any] = field(default_factory=dict)
     channels_last: bool = True
 
+    def __post_init__(self) -> None:
+        if self.channels_last:
+            self.net.to(memory_format=torch.channels_last)
+
     @classmethod
     def untrained(cls, config: SuperResConfig | None = None, seed: int = 0) -> "SuperResModel":
         config = config or SuperResConfig()
@@ -405,8 +411,6 @@ class SuperResModel:
         ops = _Operators.build(y.shape[0], cfg)
         yt = torch.from_numpy(y) / scale
         stats["prepare_s"] = time.perf_counter() - t0
-        if self.channels_last:
-            self.net.to(memory_format=torch.channels_last)
         with torch.inference_mode():
             t0 = time.perf_counter()
             a = 0.0
