@@ -897,9 +897,7 @@ class IndexWriter:
 
     def close(self) -> None:
         with self._commit_lock:
-            if self._conn is not None:
-                self._conn.close()
-                self._conn = None
+            self._release_connection()
             if self._lock_fd is not None:
                 os.close(self._lock_fd)
                 self._lock_fd = None
@@ -928,10 +926,23 @@ class IndexWriter:
             with self._interprocess_lock(), conn.begin():
                 self._apply(conn, batch, results, now)
         except Exception:
-            conn.close()  # a fresh connection for the next transaction
-            self._conn = None
+            self._release_connection()  # a fresh connection for the next transaction
             raise
         return results
+
+    def _release_connection(self) -> None:
+        """Returns the writer's connection to the pool with SQLite's default durability restored."""
+        conn, self._conn = self._conn, None
+        if conn is None:
+            return
+        if self.overlap and not conn.invalidated:
+            try:
+                if conn.in_transaction():
+                    conn.rollback()
+                conn.connection.driver_connection.execute("PRAGMA synchronous=FULL")
+            except Exception:
+                conn.invalidate()
+        conn.close()
 
     def _apply(self, s: Connection, batch: list[_Op], results: list[Any], now) -> None:
         stores = [(i, op.payload) for i, op in enumerate(batch) if op.kind == "store"]
