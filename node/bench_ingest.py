@@ -374,7 +374,7 @@ def run_bench(
     instances: int = 400,
     input_dir: Path | None = None,
     workdir: Path | None = None,
-    listener_processes: int = 2,
+    listener_processes: int = 1,
     receivers: tuple[str, ...] = ("msknode", "orthanc", "storescp"),
     repeat: int = 1,
     progress=print,

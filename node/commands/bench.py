@@ -26,8 +26,8 @@ def _add_ingest(bench_sub) -> None:
     p.add_argument("--instances", type=int, default=400, help="instances to generate (series of 40 slices; default 400)")
     p.add_argument("--input", type=Path, help="send the DICOM files under this directory instead of a generated set")
     p.add_argument(
-        "--listener-processes", type=int, default=2,
-        help="msknode listener processes (MSKNODE_LISTENER_PROCESSES) for the run; default 2: one per core of a 2-core host",
+        "--listener-processes", type=int,
+        help="msknode listener processes for the run (default: MSKNODE_LISTENER_PROCESSES, i.e. the node as configured)",
     )
     p.add_argument("--workdir", type=Path, help="where the receivers store (default: the system temp dir)")
     p.add_argument("--only", help="comma list of receivers to run (msknode,orthanc,storescp)")
@@ -52,7 +52,7 @@ def _bench_ingest(args, settings) -> int:
         instances=args.instances,
         input_dir=args.input,
         workdir=args.workdir,
-        listener_processes=max(1, args.listener_processes),
+        listener_processes=max(1, args.listener_processes or settings.listener_processes),
         receivers=receivers,
         repeat=max(1, args.repeat),
         progress=progress,
