@@ -274,12 +274,17 @@ class InstanceStore:
 
     # ---- quarantine ----------------------------------------------------------
     def quarantine(self, data: bytes, *, file_meta: bytes = b"") -> Path:
-        """Keeps a refused object for inspection; returns its path (best effort, durable)."""
+        """Keeps a refused object for inspection; returns its path (durable).
+
+        Named by the content's hash: a sender that retries the same refused object keeps one copy.
+        """
         day = time.strftime("%Y%m%d", time.gmtime())
         d = self.quarantine_dir / day
         d.mkdir(parents=True, exist_ok=True)
-        path = d / f"{uuid.uuid4().hex}.dcm"
-        tmp = path.with_suffix(".part")
+        path = d / f"{hashlib.sha256(file_meta + data).hexdigest()[:32]}.dcm"
+        if path.exists():
+            return path
+        tmp = d / f"{uuid.uuid4().hex}.part"
         with open(tmp, "wb") as f:
             f.write(file_meta)
             f.write(data)

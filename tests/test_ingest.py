@@ -305,3 +305,13 @@ def test_index_writer_on_postgresql_fsyncs_before_the_commit(postgres_url, tmp_p
     finally:
         writer.close()
         database.dispose()
+
+
+def test_a_retried_refused_object_is_quarantined_once(tmp_path):
+    store = InstanceStore(tmp_path / "store", tmp_path / "quarantine", min_free_bytes=0)
+    store.prepare()
+    first = store.quarantine(b"garbage" * 10, file_meta=b"meta")
+    assert store.quarantine(b"garbage" * 10, file_meta=b"meta") == first
+    assert store.quarantine(b"other", file_meta=b"meta") != first
+    assert first.read_bytes() == b"meta" + b"garbage" * 10
+    assert len(list((tmp_path / "quarantine").rglob("*.dcm"))) == 2 and not list((tmp_path / "quarantine").rglob("*.part"))
