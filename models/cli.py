@@ -36,6 +36,7 @@ def register(sub) -> None:
     pt.add_argument("--cache", type=Path, default=None, help="folder caching preprocessed phantoms")
     pt.add_argument("--max-steps", type=int, default=None, help="stop after this many optimiser steps")
     pt.add_argument("--no-augment", action="store_true")
+    pt.add_argument("--init", type=Path, default=None, help="start from these weights (with .sha256), e.g. to fine-tune")
     pt.set_defaults(func=cmd_train)
 
     pe = sub.add_parser("evaluate", help="evaluate a model on a data spec (metrics with 95%% bootstrap CIs)")
@@ -136,7 +137,8 @@ def cmd_train(args, settings) -> int:
             from models.training import Recipe, train
 
             recipe = Recipe(data=str(spec), seed=args.seed, epochs=args.epochs or 8, batch_size=args.batch_size,
-                            lr=args.lr, threads=_threads(settings), max_steps=args.max_steps, augment=not args.no_augment)
+                            lr=args.lr, threads=_threads(settings), max_steps=args.max_steps, augment=not args.no_augment,
+                            init=str(args.init) if args.init else None)
             path = train(TASKS[args.model], recipe, args.out, cache_root=args.cache, workers=args.workers, log=log)
     except (DataSpecError, TrainingError, VolumeError) as e:
         _err(str(e))

@@ -49,6 +49,8 @@ class Recipe:
     affine: bool = False  # random affine augmentation (rotation/scale/shift) on top of flips and intensity
     threads: int = 2
     max_steps: int | None = None  # stop early (smoke tests)
+    init: str | None = None  # start from these weights (a checkpoint with its .sha256), e.g. to fine-tune on site data
+    init_sha256: str | None = None  # recorded hash of ``init`` (filled in when training starts)
 
 
 def _collate(batch: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
@@ -232,6 +234,20 @@ def train(
     loader = DataLoader(ds, batch_size=recipe.batch_size, shuffle=True, num_workers=0, collate_fn=_collate,
                         generator=gen, drop_last=len(train_items) > recipe.batch_size)
     net = build_net(task)
+    if recipe.init:
+        from models.classifier import ClassifierModel, sha256_of
+        from models.registry import read_sha256_file
+
+        init = Path(recipe.init)
+        side = init.with_name(init.name + ".sha256")
+        if not init.is_file() or not side.is_file():
+            raise TrainingError(f"--init {init}: the weights and their .sha256 are required")
+        digest = sha256_of(init)
+        if digest != read_sha256_file(side):
+            raise TrainingError(f"--init {init}: sha256 {digest} does not match {side}; refusing")
+        net.load_state_dict(ClassifierModel.load(init, task, sha256=digest).net.state_dict())
+        recipe.init_sha256 = digest
+        log(f"initialised from {init} (sha256 {digest})")
     opt = torch.optim.AdamW(net.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay)
     steps_per_epoch = max(1, len(loader))
     total = steps_per_epoch * recipe.epochs

@@ -56,33 +56,35 @@ def write_volume_series(vol: Volume, out_dir: Path, *, body_part: str = "KNEE", 
     return paths
 
 
-def mni_volume(slice_spacing: float = 4.0, pixel: float = 1.0) -> Volume:
-    """The MNI152 T1 template that nilearn ships, resampled to sagittal slices (LPS geometry)."""
+def mni_volume(slice_spacing: float = 4.0, pixel: float = 1.0, plane: str = "sagittal") -> Volume:
+    """The MNI152 T1 template that nilearn ships, resliced into ``plane`` slices (LPS geometry, the
+    standard row/column directions of that plane)."""
     import glob
 
     import nibabel as nib
     import nilearn
     from scipy import ndimage
 
+    from models.transforms import PLANES
+
     files = glob.glob(str(Path(nilearn.__file__).parent / "datasets" / "data" / "mni_icbm152_t1_*.nii*"))
     assert files, "nilearn's MNI152 template is missing"
     img = nib.load(files[0])
     data = np.asarray(img.get_fdata(), np.float32)
     inv = np.linalg.inv(img.affine)
-    row, col = np.array([0.0, 1.0, 0.0]), np.array([0.0, 0.0, -1.0])  # LPS: columns to posterior, rows down
-    normal = np.cross(row, col)  # (-1, 0, 0): slices go to patient right
-    xs = np.arange(60, -61, -slice_spacing)  # LPS x from left to right
-    ys = np.arange(-105, 75, pixel)  # LPS y (anterior to posterior)... RAS y = -LPS y
-    zs = np.arange(85, -75, -pixel)  # superior to inferior
-    k = np.arange(len(xs))
-    kk, jj, ii = np.meshgrid(k, np.arange(len(zs)), np.arange(len(ys)), indexing="ij")
-    lps = np.stack([xs[kk], ys[ii], zs[jj]], axis=-1)
+    row, col = (np.asarray(v, float) for v in PLANES[plane])
+    normal = np.cross(row, col)
+    centre = np.array([0.0, 18.0, 8.0])  # LPS centre of the brain in MNI space
+    extent = {"sagittal": (120.0, 160.0, 180.0), "coronal": (160.0, 160.0, 150.0), "axial": (140.0, 190.0, 150.0)}[plane]
+    nk = int(extent[0] // slice_spacing) + 1
+    nj, ni = int(extent[1] // pixel), int(extent[2] // pixel)
+    origin = centre - normal * slice_spacing * (nk - 1) / 2 - col * pixel * (nj - 1) / 2 - row * pixel * (ni - 1) / 2
+    kk, jj, ii = np.meshgrid(np.arange(nk), np.arange(nj), np.arange(ni), indexing="ij")
+    lps = origin + kk[..., None] * slice_spacing * normal + jj[..., None] * pixel * col + ii[..., None] * pixel * row
     ras = lps * np.array([-1.0, -1.0, 1.0])
     vox = (np.c_[ras.reshape(-1, 3), np.ones(ras.size // 3)] @ inv.T)[:, :3].T
     arr = ndimage.map_coordinates(data, vox, order=1, mode="constant").reshape(kk.shape).astype(np.float32)
-    origin = np.array([xs[0], ys[0], zs[0]])
-    positions = np.array([origin + n * slice_spacing * normal for n in range(len(xs))])
-    assert np.allclose(positions[:, 0], xs)
+    positions = np.array([origin + n * slice_spacing * normal for n in range(nk)])
     return Volume(array=arr, spacing=(slice_spacing, pixel, pixel), positions=positions, row_cosine=tuple(row),
-                  col_cosine=tuple(col), series_uid="mni152", modality="MR", body_part="KNEE",
-                  sop_instance_uids=tuple(f"mni-{n}" for n in k), frame_numbers=(None,) * len(k))
+                  col_cosine=tuple(col), series_uid=f"mni152-{plane}", modality="MR", body_part="KNEE",
+                  sop_instance_uids=tuple(f"mni-{n}" for n in range(nk)), frame_numbers=(None,) * nk)
