@@ -81,9 +81,10 @@ def noise_sigma(array: np.ndarray) -> float:
     """Robust noise standard deviation: median |Laplacian-like 3x3 residual| per slice (Immerkaer)."""
     a = np.asarray(array, np.float32)
     k = np.array([[1, -2, 1], [-2, 4, -2], [1, -2, 1]], np.float32)
-    step = max(1, a.shape[0] // 12)
+    n = a.shape[0]
+    picks = sorted({int(round(v)) for v in np.linspace(0, n - 1, min(n, 6))})
     vals = []
-    for s in range(0, a.shape[0], step):
+    for s in picks:
         sl = a[s]
         r = ndimage.convolve(sl, k, mode="reflect")[1:-1, 1:-1]
         vals.append(np.abs(r).ravel())
@@ -107,7 +108,8 @@ def _otsu(values: np.ndarray) -> float:
 def pixel_metrics(volume: Volume) -> dict[str, float]:
     """Estimated SNR, foreground share and dynamic range of a volume."""
     a = np.asarray(volume.array, np.float32)
-    sub = a[:, ::2, ::2] if a.shape[1] >= 128 else a
+    step = max(1, int(round(max(a.shape[1:]) / 128)))  # statistics on a ~128-pixel grid; noise at full resolution
+    sub = a[:, ::step, ::step]
     flat = sub.ravel()
     p1, p50, p99 = (float(v) for v in np.percentile(flat, [1, 50, 99.5]))
     metrics: dict[str, float] = {"p99": p99, "range": float(flat.max() - flat.min())}
@@ -322,7 +324,7 @@ _PHANTOM_PLANES = {
 }
 
 
-HEAVY_MOTION_PX = (6.0, 20.0)  # ghost displacement beyond the phantom spec (<= 3 px)
+HEAVY_MOTION_PX = (6.0, 20.0)  # ghost displacement beyond the phantom spec (<= 3 px), pixels of the default matrix
 
 
 def _anatomy_item(args) -> tuple[np.ndarray, int, int]:
@@ -338,16 +340,23 @@ def _anatomy_item(args) -> tuple[np.ndarray, int, int]:
         return anatomy_input(vol), 0, 0
     label = ANATOMY_CLASSES[cls + 1]
     anatomy, plane = label.split("/")
-    from models.phantoms import generate
+    from models.phantoms import SPEC, generate
 
     default_plane = _PHANTOM_PLANES[anatomy][0]
     kw: dict[str, Any] = {} if plane == default_plane else {"orientation": plane}
     rng = np.random.default_rng([seed, 5])
-    heavy = bool(rng.uniform() < 0.2)
+    heavy = bool(rng.uniform() < 0.25)
+    # a coarse matrix and one sub-slice: the classifier's grid is 8 x 5 x 5 mm, finer rendering is wasted CPU.
+    # Motion is drawn in pixels of the spec's default matrix and scaled to the coarse one, so "heavy" means the
+    # same displacement in mm as on a full-resolution series (in-spec: up to 3 px of the default matrix).
+    spec_matrix = SPEC.for_anatomy(anatomy).acquisition.matrix
+    matrix = int(rng.choice([64, 96]))
     if heavy:
-        kw["motion_px"] = float(rng.uniform(*HEAVY_MOTION_PX))
-    # a coarse matrix and one sub-slice: the classifier's grid is 8 x 5 x 5 mm, finer rendering is wasted CPU
-    ph = generate(anatomy, seed, matrix=int(rng.choice([64, 96])), sub_slices=1, **kw)
+        px = float(rng.uniform(*HEAVY_MOTION_PX))
+    else:
+        px = float(rng.uniform(0.5, 3.0)) if rng.uniform() < 0.3 else 0.0
+    kw["motion_px"] = px * matrix / spec_matrix
+    ph = generate(anatomy, seed, matrix=matrix, sub_slices=1, **kw)
     return anatomy_input(ph.volume, plane), ANATOMY_CLASSES.index(label), int(heavy)
 
 

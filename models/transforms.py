@@ -145,7 +145,20 @@ class Frame:
     def to_grid(self, array: np.ndarray, antialias: bool = True) -> np.ndarray:
         """Source-geometry array -> network grid."""
         c = self.to_canonical(np.asarray(array, dtype=np.float32))
-        ms = [interp_matrix(c.shape[a], self.origin[a], self.step[a], self.out_shape[a], antialias) for a in range(3)]
+        origin, step = list(self.origin), list(self.step)
+        if antialias:
+            # strong downsampling: block-average first (cheap), then interpolate the rest of the way
+            for a in range(3):
+                f = int(step[a] // 1.5)
+                if f >= 2 and c.shape[a] >= 2 * f:
+                    n = (c.shape[a] // f) * f
+                    c = np.take(c, np.arange(n), axis=a)
+                    shape = list(c.shape)
+                    shape[a : a + 1] = [n // f, f]
+                    c = c.reshape(shape).mean(axis=a + 1)
+                    origin[a] = (origin[a] - (f - 1) / 2.0) / f
+                    step[a] = step[a] / f
+        ms = [interp_matrix(c.shape[a], origin[a], step[a], self.out_shape[a], antialias) for a in range(3)]
         return apply_separable(c, *ms)
 
     def to_source(self, grid: np.ndarray) -> np.ndarray:
