@@ -235,7 +235,7 @@ def train(
                         generator=gen, drop_last=len(train_items) > recipe.batch_size)
     net = build_net(task)
     if recipe.init:
-        from models.classifier import ClassifierModel, sha256_of
+        from models.classifier import sha256_of
         from models.registry import read_sha256_file
 
         init = Path(recipe.init)
