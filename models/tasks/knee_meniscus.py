@@ -5,16 +5,83 @@ more probable positive class. A mirrored knee (flip along the slice axis) is a v
 the other side with the same labels (medial stays medial), so slice flips are a
 label-preserving augmentation; the side is told by anatomy (the fibula is lateral, the
 medial meniscus is C-shaped with a larger posterior horn), not by the laterality tag.
+
+Input: two channels on the sagittal network grid. Channel 0 is the sagittal series; channel
+1 is the coronal fluid-sensitive series (role ``cor_fluid``) of the same frame of reference
+resampled onto the same grid through the patient coordinates (anti-aliased along each of
+its axes first), or zeros when there is none. Training shows the coronal to a third of the
+phantoms, so the model reads both and works without it.
 """
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any, Mapping, Sequence
 
+import numpy as np
+
 from models.tasks.base import Head, HeadResult, InputSpec, NetConfig, TaskSpec
-from models.types import Finding
+from models.transforms import Frame, make_frame, robust_scale
+from models.types import Finding, Volume
 
 SIDES = ("medial", "lateral")
+CORONAL_ROLE = "cor_fluid"
+CORONAL_SHARE = 3  # phantom seeds divisible by this get a coronal series
+ROI_OFFSET_MM = (0.0, 5.0, 15.0)  # region-of-interest centre from the field-of-view centre (canonical axes)
+
+
+def offset_frame(frame: Frame, offset_mm: Sequence[float]) -> Frame:
+    """The same grid moved by ``offset_mm`` along the canonical axes (through-plane, rows, columns)."""
+    origin = tuple(float(o + off / sp) for o, off, sp in zip(frame.origin, offset_mm, frame.canonical_spacing))
+    return replace(frame, origin=origin)
+
+
+def grid_world_points(volume: Volume, frame: Frame) -> np.ndarray:
+    """Patient coordinates (D, H, W, 3) of the network-grid voxel centres of ``frame`` over ``volume``."""
+    affine = volume.affine()
+    cs = frame.canonical_shape
+    world = np.zeros(tuple(frame.out_shape) + (3,), dtype=np.float64) + affine[:3, 3]
+    for t in range(3):
+        c = frame.origin[t] + np.arange(frame.out_shape[t], dtype=np.float64) * frame.step[t]
+        if frame.flips[t]:
+            c = cs[t] - 1 - c
+        shape = [1, 1, 1, 3]
+        shape[t] = frame.out_shape[t]
+        world = world + (c[:, None] * affine[:3, frame.perm[t]][None, :]).reshape(shape)
+    return world
+
+
+def resample_onto_grid(other: Volume, volume: Volume, frame: Frame) -> np.ndarray:
+    """``other`` (same frame of reference) sampled at the grid voxels of ``frame`` over ``volume``; 0 outside it."""
+    from scipy import ndimage
+
+    world = grid_world_points(volume, frame)
+    a_other = other.affine()
+    inv = np.linalg.inv(a_other)
+    idx = np.einsum("ij,dhwj->idhw", inv[:3, :3], world) + inv[:3, 3][:, None, None, None]
+    # anti-aliasing: blur each axis of `other` to the grid's spacing along that axis
+    grid_dirs = np.stack([volume.affine()[:3, frame.perm[t]] / np.linalg.norm(volume.affine()[:3, frame.perm[t]])
+                          for t in range(3)])
+    sigmas = []
+    for a in range(3):
+        d = a_other[:3, a] / np.linalg.norm(a_other[:3, a])
+        g = float(np.max(np.abs(grid_dirs @ d) * np.asarray(frame.grid_spacing)))
+        s = float(other.spacing[a])
+        sigmas.append(np.sqrt(max(g * g - s * s, 0.0)) / 2.355 / s)
+    src = np.asarray(other.array, np.float32)
+    # only the part of `other` the grid touches (plus the blur's reach) is filtered
+    lo = np.floor(idx.reshape(3, -1).min(axis=1) - 3 * np.asarray(sigmas) - 2).astype(int)
+    hi = np.ceil(idx.reshape(3, -1).max(axis=1) + 3 * np.asarray(sigmas) + 3).astype(int)
+    lo = np.clip(lo, 0, np.asarray(src.shape))
+    hi = np.clip(hi, 0, np.asarray(src.shape))
+    if np.any(hi <= lo):
+        return np.zeros(frame.out_shape, np.float32)
+    src = src[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]]
+    idx = idx - lo[:, None, None, None]
+    if max(sigmas) > 0.3:
+        src = ndimage.gaussian_filter(src, sigma=[x if x > 0.3 else 0.0 for x in sigmas], mode="nearest")
+    out = ndimage.map_coordinates(src, idx.reshape(3, -1), order=1, mode="constant", cval=0.0, prefilter=False)
+    return out.reshape(frame.out_shape).astype(np.float32)
 
 
 class KneeMeniscus(TaskSpec):
@@ -26,19 +93,54 @@ class KneeMeniscus(TaskSpec):
     finding_code = "meniscal_tear"
     site = "meniscus"
     # both menisci lie within about +-30 mm of the centre of a sagittal knee field of view
-    # (through-plane), a few mm below its centre (rows) and behind it (columns): a central
-    # 80 x 48 x 96 mm region on a 20 x 48 x 96 grid (4 x 1 x 1 mm). Tear lines are about one
-    # native pixel thick, so the in-plane grid stays close to the native resolution.
+    # (through-plane), 4 - 15 mm below it (rows) and 4 - 24 mm behind it (columns; the horns
+    # reach 25 mm further): an 80 x 40 x 96 mm region whose centre is moved ROI_OFFSET_MM
+    # (down, back) from the field-of-view centre, on a 20 x 48 x 120 grid (4 x 0.83 x 0.8 mm).
+    # Tear lines are about one native pixel thick, so the in-plane grid keeps the native
+    # resolution.
     input = InputSpec(
-        roles=("sag_fluid", "sag_pd"), plane="sagittal", shape=(20, 48, 96), roi_mm=(80.0, 48.0, 96.0),
+        roles=("sag_fluid", "sag_pd"), plane="sagittal", shape=(20, 48, 120), roi_mm=(80.0, 40.0, 96.0),
         min_slices=12, slice_spacing_mm=(1.0, 7.0), pixel_spacing_mm=(0.15, 1.6), fov_mm=(90.0, 260.0),
-        flip_slices_ok=True, extra_roles=("cor_fluid",), mrnet_plane="sagittal",
+        flip_slices_ok=True, extra_roles=(CORONAL_ROLE,), mrnet_plane="sagittal", channels=2,
     )
     heads = (Head("meniscus", ("none", "medial", "lateral"), negative=("none",)),)
     net = NetConfig(channels=(16, 24, 48), dropout=0.25, aux_weight=1.0)
     phantom_lesion_masks = ("meniscus_lesion",)
     phantom_lesion_keys = ("meniscus",)
     mrnet_columns = ("meniscus",)
+
+    def build_net(self):
+        """LesionNet in the channels-last layout (3-D convolutions with few channels are many times faster
+        that way on CPU, in training and inference)."""
+        import torch
+
+        return super().build_net().to(memory_format=torch.channels_last_3d)
+
+    def network_input(self, volume: Volume, extras: Mapping[str, Volume] | None = None):
+        """(2, D, H, W): the sagittal series and the coronal one on the same grid (zeros without one)."""
+        spec = self.input
+        frame = offset_frame(make_frame(volume, spec.shape, spec.roi_mm, spec.plane), ROI_OFFSET_MM)
+        img = robust_scale(frame.to_grid(volume.array))[None]
+        cor = (extras or {}).get(CORONAL_ROLE)
+        second = np.zeros_like(img)
+        same_frame = cor is not None and (
+            not cor.frame_of_reference_uid or not volume.frame_of_reference_uid
+            or cor.frame_of_reference_uid == volume.frame_of_reference_uid
+        )
+        if same_frame:
+            grid = resample_onto_grid(cor, volume, frame)
+            if float(np.abs(grid).max()) > 0:
+                second = robust_scale(grid)[None]
+        return np.concatenate([img, second], axis=0).astype(np.float32), frame
+
+    def phantom_extras(self, phantom, seed: int) -> dict[str, Volume]:
+        """A coronal fluid-sensitive series of the same knee for every CORONAL_SHARE-th seed."""
+        if int(seed) % CORONAL_SHARE != 0:
+            return {}
+        from models.phantoms import generate
+
+        cor = generate("knee", int(seed), orientation="coronal", **self.phantom_overrides())
+        return {CORONAL_ROLE: cor.volume}
 
     def phantom_labels(self, labels: Mapping[str, Any]) -> list[Any]:
         if not labels["meniscus_tear"]:

@@ -12,6 +12,11 @@ from __future__ import annotations
 from typing import Any, Mapping
 
 from models.tasks.base import Head, InputSpec, NetConfig, TaskSpec
+from models.tasks.knee_meniscus import offset_frame
+from models.transforms import make_frame, robust_scale
+from models.types import Volume
+
+ROI_OFFSET_MM = (0.0, -14.0, 0.0)  # region-of-interest centre from the field-of-view centre (canonical axes)
 
 
 class ShoulderRotatorCuff(TaskSpec):
@@ -22,12 +27,13 @@ class ShoulderRotatorCuff(TaskSpec):
     description = "Supraspinatus tear"
     finding_code = "rotator_cuff_tear"
     site = "supraspinatus tendon"
-    # the tendon's critical zone lies within about 40 mm of the centre of a coronal-oblique
-    # field of view, above it (rows) and to the side of the humeral head (columns): the whole
-    # slice stack, a central 80 x 96 mm in-plane region, on a 24 x 80 x 96 grid (about 1 mm
-    # in-plane: partial-thickness defects are 1.5 - 4 mm deep in a 5 - 6 mm tendon)
+    # the tendon and its tears lie within +-15 mm of the centre slice, 0 - 35 mm above the
+    # centre of the field of view (rows) and 15 - 41 mm to the side of it, left or right
+    # (columns): a 48 x 56 x 88 mm region moved ROI_OFFSET_MM (14 mm up) from the centre, on a
+    # 12 x 64 x 96 grid (4 x 0.88 x 0.92 mm: partial-thickness defects are 1.5 - 4 mm deep in a
+    # 5 - 6 mm tendon)
     input = InputSpec(
-        roles=("cor_fluid",), plane="coronal", shape=(24, 80, 96), roi_mm=(None, 80.0, 96.0),
+        roles=("cor_fluid",), plane="coronal", shape=(12, 64, 96), roi_mm=(48.0, 56.0, 88.0),
         min_slices=12, slice_spacing_mm=(1.0, 7.0), pixel_spacing_mm=(0.15, 1.6), fov_mm=(100.0, 260.0),
         max_obliquity_deg=50.0, flip_slices_ok=True, mrnet_plane="coronal",
     )
@@ -36,6 +42,19 @@ class ShoulderRotatorCuff(TaskSpec):
     phantom_lesion_masks = ("cuff_lesion",)
     phantom_lesion_keys = ("cuff",)
     mrnet_columns = ()
+
+    def build_net(self):
+        """LesionNet in the channels-last layout (3-D convolutions with few channels are many times faster
+        that way on CPU, in training and inference)."""
+        import torch
+
+        return super().build_net().to(memory_format=torch.channels_last_3d)
+
+    def network_input(self, volume: Volume, extras: Mapping[str, Volume] | None = None):
+        """(1, D, H, W): the coronal-oblique series on the grid of the (moved) region of interest."""
+        spec = self.input
+        frame = offset_frame(make_frame(volume, spec.shape, spec.roi_mm, spec.plane), ROI_OFFSET_MM)
+        return robust_scale(frame.to_grid(volume.array))[None], frame
 
     def phantom_labels(self, labels: Mapping[str, Any]) -> list[Any]:
         return [labels["cuff"]]

@@ -2,21 +2,80 @@
 (normal / mild / moderate / severe) at each disc level L1-L2 ... L5-S1, each level located.
 
 One head per level ("grading": quadratic-weighted kappa per level). Each head has its own
-evidence map; on phantoms it is supervised with the canal-narrowing region of its level
-(present at every level, normal ones too), so the peak of a level's evidence gives the
-level's position (slice, row, column and patient mm) for the SR and the viewer, whatever
-its grade. The reported grade is the most probable class; P(stenosis) = 1 - P(normal).
+evidence map; on phantoms it is supervised with a ball around the canal centre of its disc
+level (``level_centers_vox``: present at every level, normal ones too), so each head pools
+the canal at its own level and the peak of its map gives the level's position (slice, row,
+column and patient mm) for the SR and the viewer, whatever its grade. The reported grade
+is the most probable class; P(stenosis) = 1 - P(normal).
 """
 
 from __future__ import annotations
 
 from typing import Any, Mapping, Sequence
 
-from models.tasks.base import Head, HeadResult, InputSpec, NetConfig, TaskSpec
-from models.types import Finding
+import numpy as np
+import torch
+import torch.nn.functional as F
+from monai.networks.blocks import Convolution
+from torch import nn
+
+from models.nets import LesionNet
+from models.tasks.base import Head, HeadResult, InputSpec, NetConfig, Target, TaskSpec
+from models.types import Finding, Volume
 
 LEVELS = ("L1-L2", "L2-L3", "L3-L4", "L4-L5", "L5-S1")
 GRADES = ("normal", "mild", "moderate", "severe")
+LEVEL_RADIUS_MM = 7.0  # radius of the level-location ball (about half the canal's AP diameter)
+
+
+def level_ball(volume: Volume, centre_kji: Sequence[float], radius_mm: float = LEVEL_RADIUS_MM) -> np.ndarray:
+    """Boolean mask (volume shape) of the voxels within ``radius_mm`` of a voxel-index centre."""
+    shape = volume.array.shape
+    mask = np.zeros(shape, dtype=bool)
+    sl = []
+    for a in range(3):
+        r = int(np.ceil(radius_mm / volume.spacing[a]))
+        c = int(round(float(centre_kji[a])))
+        sl.append(slice(max(0, c - r), min(shape[a], c + r + 1)))
+    if any(s.start >= s.stop for s in sl):
+        return mask
+    grids = np.meshgrid(*[(np.arange(s.start, s.stop) - float(centre_kji[a])) * volume.spacing[a]
+                          for a, s in enumerate(sl)], indexing="ij")
+    mask[tuple(sl)] = sum(g * g for g in grids) <= radius_mm * radius_mm
+    return mask
+
+
+class LevelContextNet(LesionNet):
+    """LesionNet with the context to tell the disc levels apart.
+
+    A level is recognised by counting from the sacrum and the conus, 30 - 150 mm away,
+    which is beyond LesionNet's receptive field. Two dilated convolutions (in-plane
+    dilation 2 and 4) on the coarsest map (1/8 in-plane) see the whole region of interest,
+    and the fused feature map F also gets the normalised (row, column) position of each
+    voxel. ``features`` / ``forward_head`` / evidence maps are LesionNet's, so saliency and
+    MC-dropout uncertainty work unchanged.
+    """
+
+    def __init__(self, in_channels, head_sizes, channels=(16, 24, 48), dropout=0.25):
+        super().__init__(in_channels, head_sizes, channels=channels, dropout=dropout)
+        c1, c2, c3 = (int(c) for c in channels)
+
+        def conv(cin, cout, k=3, dil=1):
+            pad = tuple((kk // 2) * d for kk, d in zip((k, k, k) if isinstance(k, int) else k, (1, dil, dil)))
+            return Convolution(3, cin, cout, kernel_size=k, dilation=(1, dil, dil), padding=pad, act="relu", norm="batch")
+
+        self.context = nn.Sequential(conv(c3, c3, dil=2), conv(c3, c3, dil=4))
+        self.fuse = Convolution(3, c2 + c3 + 2, c2, kernel_size=1, act="relu", norm="batch")
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        s2 = self.down2(self.stem(self.s2d(x)))
+        s3 = self.down3(s2)
+        s3 = s3 + self.context(s3)
+        up = F.interpolate(s3, size=s2.shape[2:], mode="nearest")
+        b, _, d, h, w = s2.shape
+        rows = torch.linspace(-1.0, 1.0, h, dtype=s2.dtype).view(1, 1, 1, h, 1).expand(b, 1, d, h, w)
+        cols = torch.linspace(-1.0, 1.0, w, dtype=s2.dtype).view(1, 1, 1, 1, w).expand(b, 1, d, h, w)
+        return self.fuse(torch.cat([s2, up, rows, cols], dim=1))
 
 
 class LumbarStenosis(TaskSpec):
@@ -38,13 +97,26 @@ class LumbarStenosis(TaskSpec):
     )
     heads = tuple(Head(level, GRADES, negative=("normal",)) for level in LEVELS)
     net = NetConfig(channels=(16, 24, 48), dropout=0.25, aux_weight=1.0)
-    phantom_lesion_masks = tuple(f"narrowing_{level}" for level in LEVELS)
+    phantom_lesion_masks = ()  # see target_from_phantom: level balls, not narrowing masks
     phantom_lesion_keys = LEVELS
     mrnet_columns = ()
 
     def phantom_labels(self, labels: Mapping[str, Any]) -> list[Any]:
         grades = labels["stenosis"]
         return [grades[level] for level in LEVELS]
+
+    def build_net(self) -> LevelContextNet:
+        """LevelContextNet in the channels-last layout (3-D convolutions with few channels are many times
+        faster that way on CPU, in training and inference)."""
+        net = LevelContextNet(self.input.channels, self.head_sizes, channels=self.net.channels, dropout=self.net.dropout)
+        return net.to(memory_format=torch.channels_last_3d)
+
+    def target_from_phantom(self, phantom) -> Target:
+        """Exact grades; the lesion map of each level head is the ball around its canal centre."""
+        target = super().target_from_phantom(phantom)
+        centres = phantom.labels["level_centers_vox"]
+        target.lesion = np.stack([level_ball(phantom.volume, centres[level]).astype(np.float32) for level in LEVELS])
+        return target
 
     def findings(self, results: Sequence[HeadResult], *, threshold: float) -> list[Finding]:
         """One finding per level; the grade is the most probable class (normal included)."""
