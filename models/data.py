@@ -97,7 +97,7 @@ def parse_spec(text: str) -> DataSpec:
 def phantom_case(task: TaskSpec, seed: int, **overrides: Any) -> tuple[Case, Any]:
     from models.phantoms import generate
 
-    ph = generate(task.anatomy, int(seed), **{**task.phantom_overrides(), **overrides})
+    ph = generate(task.anatomy, int(seed), **{**task.phantom_overrides_for(int(seed)), **overrides})
     case = Case(key=str(seed), volume=ph.volume, target=task.target_from_phantom(ph), extras=task.phantom_extras(ph, seed))
     return case, ph
 
@@ -145,7 +145,7 @@ def cache_dir_for(task: TaskSpec, root: Path | None) -> Path | None:
     key = json.dumps({
         "task": task.name, "shape": task.input.shape, "roi": task.input.roi_mm, "plane": task.input.plane,
         "phantoms": phantoms.SPEC_VERSION, "generator": getattr(phantoms, "GENERATOR_VERSION", None),
-        "overrides": sorted(task.phantom_overrides().items()), "v": 1,
+        "overrides": sorted(task.phantom_overrides().items()), "sequences": list(task.phantom_sequences), "v": 1,
     }, sort_keys=True, default=str)
     d = Path(root) / task.name / hashlib.sha256(key.encode()).hexdigest()[:12]
     d.mkdir(parents=True, exist_ok=True)

@@ -170,6 +170,46 @@ def anatomy_input(volume: Volume, plane: str | None = None) -> np.ndarray:
     return img
 
 
+MOTION_GRID = 128  # in-plane grid over the whole field of view (ghosts are a field-of-view-relative pattern)
+MOTION_SLICES = 4  # slices from the middle half of the series
+
+
+class MotionNet(nn.Module):
+    """Small 2-D CNN on in-plane slices at near-native resolution -> logit of heavy motion ghosting."""
+
+    def __init__(self):
+        super().__init__()
+        from monai.networks.blocks import Convolution
+
+        def conv(cin, cout, s=1):
+            return Convolution(2, cin, cout, strides=s, kernel_size=3, act="relu", norm="batch")
+
+        self.body = nn.Sequential(conv(1, 16, 2), conv(16, 24, 2), conv(24, 32, 2), conv(32, 48, 2), conv(48, 48))
+        self.fc = nn.Linear(96, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 1, H, W) slices -> (B,) logits."""
+        f = self.body(x)
+        return self.fc(torch.cat([f.mean(dim=(2, 3)), f.amax(dim=(2, 3))], dim=1)).squeeze(1)
+
+
+def motion_input(volume: Volume) -> np.ndarray:
+    """(MOTION_SLICES, 1, 128, 128): middle-half slices, each resampled over its whole field of view."""
+    from models.transforms import apply_separable, interp_matrix, robust_scale
+
+    a = np.asarray(volume.array, np.float32)
+    n = a.shape[0]
+    ks = sorted({int(round(v)) for v in np.linspace(n * 0.25, n * 0.75 - 1, MOTION_SLICES)})
+    while len(ks) < MOTION_SLICES:
+        ks.append(ks[-1])
+    sub = a[ks]
+    mj = interp_matrix(a.shape[1], (a.shape[1] / MOTION_GRID - 1) / 2, a.shape[1] / MOTION_GRID, MOTION_GRID)
+    mi = interp_matrix(a.shape[2], (a.shape[2] / MOTION_GRID - 1) / 2, a.shape[2] / MOTION_GRID, MOTION_GRID)
+    mk = np.eye(len(ks), dtype=np.float32)
+    out = robust_scale(apply_separable(sub, mk, mj, mi))
+    return out[:, None]
+
+
 @dataclass
 class AnatomyClassifier:
     net: AnatomyNet
@@ -178,8 +218,17 @@ class AnatomyClassifier:
     ood_threshold: float
     sha256: str = ""
     metadata: dict[str, Any] = field(default_factory=dict)
+    motion_net: MotionNet | None = None  # native-resolution motion detector (preferred over the coarse head)
 
     FORMAT = "msknode.anatomy/1"
+
+    def motion_probability(self, volume: Volume) -> float | None:
+        if self.motion_net is None:
+            return None
+        self.motion_net.eval()
+        with torch.inference_mode():
+            logits = self.motion_net(torch.from_numpy(motion_input(volume)))
+        return float(torch.sigmoid(logits.mean()))
 
     def predict(self, volume: Volume, plane: str | None = None) -> dict[str, Any]:
         x = torch.from_numpy(anatomy_input(volume, plane)[None])
@@ -188,6 +237,9 @@ class AnatomyClassifier:
             logits, emb = self.net(x)
             p_motion = float(torch.sigmoid(self.net.motion_logit(emb))[0])
         p = torch.softmax(logits, dim=1)[0].numpy()
+        native = self.motion_probability(volume)
+        if native is not None:
+            p_motion = native
         k = int(np.argmax(p))
         e = emb[0].numpy().astype(np.float64)
         d = self.mahalanobis(e)
@@ -203,7 +255,9 @@ class AnatomyClassifier:
         return {"format": self.FORMAT, "classes": list(ANATOMY_CLASSES),
                 "state_dict": {k: v.detach().clone() for k, v in self.net.state_dict().items()},
                 "mean": torch.as_tensor(self.mean), "precision": torch.as_tensor(self.precision),
-                "ood_threshold": float(self.ood_threshold), "metadata": dict(self.metadata)}
+                "ood_threshold": float(self.ood_threshold), "metadata": dict(self.metadata),
+                **({"motion_state_dict": {k: v.detach().clone() for k, v in self.motion_net.state_dict().items()}}
+                   if self.motion_net is not None else {})}
 
     def save(self, path: Path) -> str:
         from models.classifier import sha256_of
@@ -225,8 +279,14 @@ class AnatomyClassifier:
         net = AnatomyNet()
         net.load_state_dict(ck["state_dict"])
         net.eval()
+        motion = None
+        if "motion_state_dict" in ck:
+            motion = MotionNet()
+            motion.load_state_dict(ck["motion_state_dict"])
+            motion.eval()
         return cls(net=net, mean=ck["mean"].numpy(), precision=ck["precision"].numpy(),
-                   ood_threshold=float(ck["ood_threshold"]), sha256=sha256, metadata=dict(ck.get("metadata", {})))
+                   ood_threshold=float(ck["ood_threshold"]), sha256=sha256, metadata=dict(ck.get("metadata", {})),
+                   motion_net=motion)
 
 
 # ------------------------------------------------------------------------------------------
@@ -324,6 +384,11 @@ _PHANTOM_PLANES = {
 }
 
 
+ANATOMY_SEQUENCES = {
+    "knee": ("PD_FS", "PD_FS", "PD", "T1", "T2_FS", "STIR"),
+    "shoulder": ("T2_FS", "T2_FS", "PD_FS", "T1", "PD", "STIR"),
+    "lumbar_spine": ("T2", "T2", "T1", "STIR", "T2_FS"),
+}
 HEAVY_MOTION_PX = (6.0, 20.0)  # ghost displacement beyond the phantom spec (<= 3 px), pixels of the default matrix
 
 
@@ -356,6 +421,8 @@ def _anatomy_item(args) -> tuple[np.ndarray, int, int]:
     else:
         px = float(rng.uniform(0.5, 3.0)) if rng.uniform() < 0.3 else 0.0
     kw["motion_px"] = px * matrix / spec_matrix
+    # every contrast a site may route to the anatomy's models (knee sag_pd = PD without fat saturation, ...)
+    kw["sequence"] = str(rng.choice(ANATOMY_SEQUENCES[anatomy]))
     ph = generate(anatomy, seed, matrix=matrix, sub_slices=1, **kw)
     return anatomy_input(ph.volume, plane), ANATOMY_CLASSES.index(label), int(heavy)
 
@@ -465,3 +532,88 @@ def train_anatomy(n: int, seed: int, out_dir: Path, *, epochs: int = 12, threads
         indent=2) + "\n")
     log(json.dumps({"val_accuracy": val_acc, "ood_threshold": clf.ood_threshold}))
     return path
+
+
+# ------------------------------------------------------------------------------------------
+# training the native-resolution motion detector
+
+
+def _motion_item(args) -> tuple[np.ndarray, int]:
+    idx, seed = args
+    torch.set_num_threads(1)
+    from models.phantoms import SPEC, generate
+
+    anatomy = ("knee", "shoulder", "lumbar_spine")[idx % 3]
+    rng = np.random.default_rng([seed, 11])
+    u = rng.uniform()
+    heavy = u < 0.4
+    if heavy:
+        px = float(rng.uniform(*HEAVY_MOTION_PX))
+    elif u < 0.7:
+        px = float(rng.uniform(0.5, 3.0))  # the spec's own motion range: in distribution, accepted
+    else:
+        px = 0.0
+    ph = generate(anatomy, seed, motion_px=px, n_slices=8, sub_slices=1,
+                  matrix=SPEC.for_anatomy(anatomy).acquisition.matrix)
+    return motion_input(ph.volume), int(heavy)
+
+
+def train_motion(n: int, seed: int, *, epochs: int = 12, threads: int = 2, workers: int = 1,
+                 log: Callable[[str], None] = print) -> tuple[MotionNet, dict[str, Any]]:
+    """Train MotionNet on N phantoms (all anatomies, default matrix): heavy (6-20 px) vs in-spec (0-3 px)."""
+    torch.set_num_threads(threads)
+    jobs = [(i, seed + i) for i in range(n)]
+    if workers > 1:
+        import multiprocessing as mp
+
+        with mp.get_context("spawn").Pool(workers) as pool:
+            items = list(pool.imap(_motion_item, jobs, chunksize=8))
+    else:
+        items = []
+        for i, j in enumerate(jobs):
+            items.append(_motion_item(j))
+            if (i + 1) % 100 == 0:
+                log(f"motion items: {i + 1}/{n}")
+    x = torch.from_numpy(np.stack([it[0] for it in items]).astype(np.float32))  # (N, S, 1, H, W)
+    y = torch.as_tensor([float(it[1]) for it in items])
+    n_val = max(20, int(0.15 * n))
+    xt, yt, xv, yv = x[:-n_val], y[:-n_val], x[-n_val:], y[-n_val:]
+    net = MotionNet()
+    opt = torch.optim.AdamW(net.parameters(), lr=2e-3, weight_decay=1e-4)
+    bs = 16
+    steps = epochs * math.ceil(len(xt) / bs)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=2e-3, total_steps=steps, pct_start=0.2)
+    g = torch.Generator().manual_seed(seed)
+    s_per = x.shape[1]
+
+    def vol_logits(xb):
+        return net(xb.reshape(-1, *xb.shape[2:])).reshape(len(xb), s_per).mean(dim=1)
+
+    for ep in range(epochs):
+        net.train()
+        perm = torch.randperm(len(xt), generator=g)
+        tot = 0.0
+        for i in range(0, len(xt), bs):
+            idx = perm[i : i + bs]
+            xb = xt[idx] * torch.exp(torch.randn(len(idx), 1, 1, 1, 1, generator=g) * 0.1)
+            flip = torch.rand(len(idx), generator=g) < 0.5
+            xb[flip] = torch.flip(xb[flip], dims=[4])
+            loss = nn.functional.binary_cross_entropy_with_logits(vol_logits(xb), yt[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+            tot += float(loss.detach()) * len(idx)
+        net.eval()
+        with torch.inference_mode():
+            pv = torch.sigmoid(vol_logits(xv))
+        acc = float(((pv > 0.5).float() == yv).float().mean())
+        log(json.dumps({"motion_epoch": ep, "loss": round(tot / len(xt), 4), "val_acc": round(acc, 4)}))
+    net.eval()
+    with torch.inference_mode():
+        pv = torch.sigmoid(vol_logits(xv)).numpy()
+    yvn = yv.numpy().astype(bool)
+    stats = {"motion_training_data": f"motion:{n}:{seed}", "motion_val_accuracy": float(((pv > 0.5) == yvn).mean()),
+             "motion_val_recall": float((pv[yvn] > 0.5).mean()) if yvn.any() else None,
+             "motion_val_false_positive_rate": float((pv[~yvn] > 0.5).mean()) if (~yvn).any() else None}
+    return net, stats

@@ -133,6 +133,8 @@ class TaskSpec:
     phantom_lesion_masks: tuple[str, ...] = ()  # phantom mask name per head (same order as heads)
     phantom_lesion_keys: tuple[str, ...] = ()  # key in phantom.labels["lesion_centers_mm"] per head
     mrnet_columns: tuple[str, ...] = ()  # MRNet csv name per head ("acl" -> train-acl.csv)
+    # contrasts of the task's input roles, drawn per phantom seed (name, weight); () = the spec's default sequence
+    phantom_sequences: tuple[tuple[str, float], ...] = ()
 
     # --- shapes ---------------------------------------------------------------------
     @property
@@ -172,8 +174,18 @@ class TaskSpec:
         raise NotImplementedError
 
     def phantom_overrides(self) -> dict[str, Any]:
-        """Overrides passed to ``models.phantoms.generate`` for this task's phantoms."""
+        """Overrides passed to ``models.phantoms.generate`` for this task's phantoms (every seed)."""
         return {}
+
+    def phantom_overrides_for(self, seed: int) -> dict[str, Any]:
+        """Overrides for one seed: ``phantom_overrides()`` plus the contrast drawn from ``phantom_sequences``."""
+        ov = dict(self.phantom_overrides())
+        if self.phantom_sequences and "sequence" not in ov:
+            names = [n for n, _ in self.phantom_sequences]
+            w = np.asarray([float(x) for _, x in self.phantom_sequences])
+            rng = np.random.default_rng([int(seed), 4242])
+            ov["sequence"] = names[int(rng.choice(len(names), p=w / w.sum()))]
+        return ov
 
     def target_from_phantom(self, phantom) -> Target:
         allowed = self.empty_allowed() & False

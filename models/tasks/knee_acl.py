@@ -27,6 +27,8 @@ class KneeACL(TaskSpec):
     phantom_lesion_masks = ("acl_lesion",)
     phantom_lesion_keys = ("acl",)
     mrnet_columns = ("acl",)
+    # both input roles of contract C3: sag_fluid (PD/T2 fat-sat or STIR) and sag_pd (PD/T1 without fat-sat)
+    phantom_sequences = (("PD_FS", 0.5), ("PD", 0.2), ("T1", 0.1), ("T2_FS", 0.1), ("STIR", 0.1))
 
     def phantom_labels(self, labels: Mapping[str, Any]) -> list[Any]:
         return [labels["acl"]]
