@@ -1,4 +1,4 @@
-"""``msknode bench``: measurements that are not tests (ingest now; models and e2e add theirs).
+"""``msknode bench``: measurements that are not tests (ingest, end to end, models).
 
 Each benchmark is one small ``_add_<name>(bench_sub)`` function that adds its subcommand.
 """
@@ -16,6 +16,7 @@ def register(sub) -> None:
     bench_sub.required = True
     _add_ingest(bench_sub)
     _add_e2e(bench_sub)
+    _add_models(bench_sub)
 
 
 def _add_ingest(bench_sub) -> None:
@@ -95,3 +96,33 @@ def _bench_e2e(args, settings) -> int:
         print()
         print(format_report(result))
     return 0 if result.all_arrived else 1
+
+
+def _add_models(bench_sub) -> None:
+    p = bench_sub.add_parser(
+        "models",
+        help="CPU time and peak RSS per study of the shipped models (knee, shoulder, lumbar spine) on typical inputs",
+    )
+    p.add_argument("--anatomy", action="append", choices=("knee", "shoulder", "lumbar_spine"),
+                   help="only this anatomy (repeatable; default all three)")
+    p.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
+    p.add_argument("--repeat", type=int, default=3, help="studies timed after the first one (default 3)")
+    p.add_argument("--no-layouts", action="store_true", help="skip the forward-pass layout/mode comparison")
+    p.add_argument("--workdir", type=Path, help="where the generated DICOM inputs go (default: the system temp dir)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=_bench_models)
+
+
+def _bench_models(args, settings) -> int:
+    from models.bench import BenchError, format_report, run_bench
+
+    progress = (lambda msg: print(msg, file=sys.stderr, flush=True)) if args.json else (lambda msg: print(msg, flush=True))
+    anatomies = tuple(dict.fromkeys(args.anatomy)) if args.anatomy else ("knee", "shoulder", "lumbar_spine")
+    try:
+        result = run_bench(anatomies=anatomies, threads=args.threads, repeats=args.repeat,
+                           layouts=not args.no_layouts, workdir=args.workdir, log=progress)
+    except BenchError as exc:
+        print(f"msknode: bench models: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(result, indent=2) if args.json else format_report(result))
+    return 0
