@@ -37,6 +37,8 @@ def register(sub) -> None:
     pt.add_argument("--max-steps", type=int, default=None, help="stop after this many optimiser steps")
     pt.add_argument("--no-augment", action="store_true")
     pt.add_argument("--init", type=Path, default=None, help="start from these weights (with .sha256), e.g. to fine-tune")
+    pt.add_argument("--motion", default="1200:3500000",
+                    help="qc.anatomy only: N:SEED phantoms for the native-resolution motion detector (default 1200:3500000)")
     pt.set_defaults(func=cmd_train)
 
     pe = sub.add_parser("evaluate", help="evaluate a model on a data spec (metrics with 95%% bootstrap CIs)")
@@ -120,10 +122,18 @@ def cmd_train(args, settings) -> int:
             if spec.kind != "synthetic":
                 _err("qc.anatomy trains on synthetic:N:SEED only (phantoms + synthetic other anatomy)")
                 return EXIT_BAD_INPUT
-            from models.qc import train_anatomy
+            from models.qc import attach_motion_detector, train_anatomy
 
+            try:
+                motion_n, motion_seed = (int(v) for v in str(args.motion).split(":"))
+            except ValueError:
+                _err(f"--motion {args.motion!r}: expected N:SEED, e.g. 1200:3500000")
+                return EXIT_BAD_INPUT
             path = train_anatomy(spec.n, spec.seed, args.out, epochs=args.epochs or 14, threads=_threads(settings),
                                  workers=args.workers, log=log)
+            if motion_n > 0:
+                path = attach_motion_detector(path, motion_n, motion_seed, threads=_threads(settings),
+                                              workers=args.workers, log=log)
         elif args.model == MODEL_SUPERRES:
             import models.superres as sr
 

@@ -617,3 +617,25 @@ def train_motion(n: int, seed: int, *, epochs: int = 12, threads: int = 2, worke
              "motion_val_recall": float((pv[yvn] > 0.5).mean()) if yvn.any() else None,
              "motion_val_false_positive_rate": float((pv[~yvn] > 0.5).mean()) if (~yvn).any() else None}
     return net, stats
+
+
+def attach_motion_detector(path: Path, n: int, seed: int, *, epochs: int = 12, threads: int = 2, workers: int = 1,
+                           log: Callable[[str], None] = print) -> Path:
+    """Train the native-resolution motion detector on N phantoms and store it with the anatomy classifier at
+    ``path`` (weights, .sha256 and train_summary.json rewritten)."""
+    from models.classifier import sha256_of
+
+    path = Path(path)
+    clf = AnatomyClassifier.load(path, sha256=sha256_of(path))
+    net, stats = train_motion(n, seed, epochs=epochs, threads=threads, workers=workers, log=log)
+    clf.motion_net = net
+    clf.metadata = {**clf.metadata, **stats}
+    sha = clf.save(path)
+    summary = path.parent / "train_summary.json"
+    if summary.is_file():
+        data = json.loads(summary.read_text())
+        data.update(stats)
+        data["weights_sha256"] = sha
+        summary.write_text(json.dumps(data, indent=2) + "\n")
+    log(json.dumps({"motion_detector": stats, "weights_sha256": sha}))
+    return path

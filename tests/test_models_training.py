@@ -143,3 +143,26 @@ def test_training_steps_on_dicom_folder_with_labels_csv(tmp_path):
         fh.write(f"SeriesInstanceUID,acl\n{rows[0]['SeriesInstanceUID']},sprained\n")
     with pytest.raises(DataSpecError, match="sprained"):
         list(open_cases(f"dicomcsv:{tmp_path / 'dc'}", ACL))
+
+
+def test_cli_trains_qc_anatomy_with_its_motion_detector(tmp_path):
+    """`msknode train qc.anatomy` trains the anatomy classifier and the motion detector into one verified file."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+    from models.qc import AnatomyClassifier
+
+    out = tmp_path / "qc"
+    cmd = [sys.executable, "-m", "node.cli", "train", "qc.anatomy", "--data", "synthetic:36:9900000", "--epochs", "1",
+           "--motion", "24:9900100", "--out", str(out)]
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    path = out / "model.pt"
+    clf = AnatomyClassifier.load(path, sha256=sha256_of(path))
+    assert clf.motion_net is not None
+    summary = json.loads((out / "train_summary.json").read_text())
+    assert summary["weights_sha256"] == sha256_of(path) and summary["motion_training_data"] == "motion:24:9900100"
+    bad = subprocess.run(cmd[:-4] + ["--motion", "lots", "--out", str(tmp_path / "x")], cwd=ROOT, capture_output=True,
+                         text=True, timeout=120)
+    assert bad.returncode != 0 and "--motion" in bad.stderr
