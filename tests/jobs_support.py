@@ -21,6 +21,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from node.orthanc import OrthancProcess  # noqa: E402
 from node.pipeline import FindingRecord, JobContext, JobProducts, ResultRecord, Steps  # noqa: E402
 
 SR_CLASS = "1.2.840.10008.5.1.4.1.1.88.34"  # Comprehensive 3D SR
@@ -395,67 +396,23 @@ class PostgresServer:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
-class OrthancServer:
-    """A real Orthanc (Debian package) as the PACS: DICOM + REST on loopback, its own storage dir."""
+class OrthancServer(OrthancProcess):
+    """A real Orthanc (Debian package) as the PACS: DICOM + REST on loopback (no auth), its own storage dir."""
 
     def __init__(self, workdir: Path, *, aet: str = "ORTHANC"):
         from conftest import free_port
 
-        self.workdir = Path(workdir)
-        self.aet = aet
-        self.dicom_port = free_port()
-        self.http_port = free_port()
-        self.proc = None
+        super().__init__(workdir, dicom_port=free_port(), http_port=free_port(), aet=aet)
 
-    def start(self) -> "OrthancServer":
-        import json
-        import subprocess
-
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        cfg = self.workdir / "orthanc.json"
-        cfg.write_text(json.dumps({
-            "Name": "pacs", "StorageDirectory": str(self.workdir / "storage"), "IndexDirectory": str(self.workdir / "index"),
-            "DicomAet": self.aet, "DicomPort": self.dicom_port, "HttpPort": self.http_port, "HttpServerEnabled": True,
-            "RemoteAccessAllowed": False, "AuthenticationEnabled": False, "DicomCheckCalledAet": False,
+    def config(self) -> dict:
+        return {
+            "Name": "pacs", **super().config(), "HttpServerEnabled": True, "DicomCheckCalledAet": False,
             "DicomServerEnabled": True, "Plugins": [], "StableAge": 1,
-        }))
-        self.proc = subprocess.Popen(["/usr/sbin/Orthanc", str(cfg)], env={**os.environ, "TCP_NODELAY": "1"},
-                                     stdout=open(self.workdir / "orthanc.log", "ab"), stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 30
-        while subprocess.run(["echoscu", "-aec", self.aet, "127.0.0.1", str(self.dicom_port)], capture_output=True,
-                             env={**os.environ, "TCP_NODELAY": "1"}).returncode != 0:
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"Orthanc did not start: {(self.workdir / 'orthanc.log').read_text()[-2000:]}")
-            time.sleep(0.2)
-        return self
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(20)
-            except Exception:
-                self.proc.kill()
-                self.proc.wait(10)
-        self.proc = None
-
-    def get(self, path: str):
-        import json
-        import urllib.request
-
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.http_port}{path}", timeout=10) as r:
-            return json.load(r)
+        }
 
     def instances_of_study(self, study_uid: str) -> list[dict]:
         """Every instance Orthanc holds in the study (its MainDicomTags: SOPInstanceUID, …)."""
-        import json
-        import urllib.request
-
-        req = urllib.request.Request(f"http://127.0.0.1:{self.http_port}/tools/find", method="POST",
-                                     data=json.dumps({"Level": "Instance", "Query": {"StudyInstanceUID": study_uid},
-                                                      "Expand": True}).encode())
-        with urllib.request.urlopen(req, timeout=10) as r:
-            return json.load(r)
+        return self.post("/tools/find", {"Level": "Instance", "Query": {"StudyInstanceUID": study_uid}, "Expand": True})
 
     @property
     def destination(self) -> dict:
