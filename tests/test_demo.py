@@ -20,10 +20,10 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
-import httpx
 import pytest
 
 from conftest import free_port
+from node.orthanc import OrthancProcess
 
 pytestmark = pytest.mark.slow
 
@@ -44,50 +44,21 @@ def _dciodvfy_errors(path: Path) -> list[str]:
     return [ln for ln in lines if ln.startswith("Error")]
 
 
-class ReopenedPacs:
+class ReopenedPacs(OrthancProcess):
     """Orthanc started again on the demo's index and storage (new ports, no routing)."""
 
     def __init__(self, demo_orthanc: Path, workdir: Path):
-        config = json.loads((demo_orthanc / "orthanc.json").read_text())
-        config.update(HttpPort=free_port(), DicomPort=free_port(), LuaScripts=[])
-        self.auth = next(iter(config["RegisteredUsers"].items()))
-        self.url = f"http://127.0.0.1:{config['HttpPort']}"
-        workdir.mkdir(parents=True, exist_ok=True)
-        path = workdir / "orthanc.json"
-        path.write_text(json.dumps(config))
-        self.log = open(workdir / "orthanc.log", "wb")
-        self.proc = subprocess.Popen(["/usr/sbin/Orthanc", str(path)], stdout=self.log, stderr=subprocess.STDOUT,
-                                     env=dict(os.environ, TCP_NODELAY="1"))
-        deadline = time.monotonic() + 60
-        while True:
-            assert self.proc.poll() is None, "Orthanc did not start on the demo's storage"
-            try:
-                if httpx.get(f"{self.url}/system", auth=self.auth, timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline, "Orthanc did not answer"
-            time.sleep(0.2)
+        self._demo_config = json.loads((demo_orthanc / "orthanc.json").read_text())
+        username, password = next(iter(self._demo_config["RegisteredUsers"].items()))
+        super().__init__(workdir, dicom_port=free_port(), http_port=free_port(), username=username, password=password)
+        self.start()
 
-    def get(self, path: str):
-        r = httpx.get(f"{self.url}{path}", auth=self.auth, timeout=60)
-        r.raise_for_status()
-        return r
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(20)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(10)
-        self.log.close()
+    def config(self) -> dict:
+        return {**self._demo_config, "HttpPort": self.http_port, "DicomPort": self.dicom_port, "LuaScripts": []}
 
     def study_objects(self, study_uid: str) -> dict[str, str]:
         """SOP Instance UID -> Orthanc id of every instance of the study."""
-        found = httpx.post(f"{self.url}/tools/lookup", content=study_uid, auth=self.auth, timeout=30).json()
-        sid = next(f["ID"] for f in found if f["Type"] == "Study")
-        return {i["MainDicomTags"]["SOPInstanceUID"]: i["ID"] for i in self.get(f"/studies/{sid}/instances").json()}
+        return {i["MainDicomTags"]["SOPInstanceUID"]: i["ID"] for i in self.study_instances(study_uid)}
 
 
 def test_demo_once_results_in_pacs_valid_and_triaged(tmp_path):
@@ -166,7 +137,7 @@ def test_demo_once_results_in_pacs_valid_and_triaged(tmp_path):
                 if not ros:
                     continue
                 path = tmp_path / f"{key}-{kind}.dcm"
-                path.write_bytes(pacs.get(f"/instances/{in_pacs[ros[0].sop_instance_uid]}/file").content)
+                path.write_bytes(pacs.instance_file(in_pacs[ros[0].sop_instance_uid]))
                 assert _dciodvfy_errors(path) == [], f"{key} {kind}"
     finally:
         pacs.stop()
