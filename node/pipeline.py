@@ -35,6 +35,7 @@ from sqlalchemy.orm import Session
 from node.db import Database, utcnow
 from node.errors import JobError
 from node.jobs import Lease, LeaseKeeper, LeaseLost, PermanentJobError, claim, fail, mark_done, new_lease_owner, set_step
+from node.optional import optional_module
 from node.settings import Settings
 from node.tables import Finding, Instance, Job, JobInput, OutboxItem, ResultObject, Series, Study
 
@@ -343,14 +344,10 @@ def execute_job(
 
 
 def _import(module: str, what: str):
-    import importlib
-
-    try:
-        return importlib.import_module(module)
-    except ModuleNotFoundError as e:
-        if e.name and module.startswith(e.name):
-            raise JobError(f"{what} is not installed (module {module} missing)") from None
-        raise
+    mod = optional_module(module)
+    if mod is None:
+        raise JobError(f"{what} is not installed (module {module} missing)")
+    return mod
 
 
 def findings_from_output(output: Any) -> list[FindingRecord]:

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from node.db import Database, utcnow
+from node.optional import optional_module
 from node.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -101,20 +102,9 @@ class PeriodicLoop:
             self._thread.join(timeout)
 
 
-def _optional(module: str):
-    import importlib
-
-    try:
-        return importlib.import_module(module)
-    except ModuleNotFoundError as e:
-        if e.name and module.startswith(e.name):
-            return None
-        raise
-
-
 def completeness_duty(db: Database, settings: Settings) -> Duty | None:
     """The completeness tick (routes complete series, creates jobs), if `node.completeness` exists."""
-    completeness = _optional("node.completeness")
+    completeness = optional_module("node.completeness")
     if completeness is None:
         log.warning("node.completeness is not installed: no jobs will be created from received series")
         return None
@@ -132,7 +122,7 @@ def completeness_duty(db: Database, settings: Settings) -> Duty | None:
 
 
 def dispatch_duty(db: Database, settings: Settings) -> Duty | None:
-    dispatch = _optional("node.dispatch")
+    dispatch = optional_module("node.dispatch")
     if dispatch is None:
         log.warning("node.dispatch is not installed: result objects will not be sent")
         return None
@@ -144,7 +134,7 @@ def dispatch_duty(db: Database, settings: Settings) -> Duty | None:
 
 
 def retention_duty(db: Database, settings: Settings) -> Duty | None:
-    retention = _optional("node.retention")
+    retention = optional_module("node.retention")
     fn = getattr(retention, "purge", None) if retention is not None else None
     if fn is None:
         return None

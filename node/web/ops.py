@@ -9,7 +9,6 @@ Nothing here returns patient data: health and metrics answer without login.
 from __future__ import annotations
 
 import datetime as dt
-import importlib
 import logging
 import shutil
 import tomllib
@@ -19,6 +18,7 @@ from sqlalchemy import func, select, text
 
 from node.db import utcnow
 from node.errors import NodeError
+from node.optional import optional_module
 from node.tables import Finding, Job, OutboxItem
 
 log = logging.getLogger(__name__)
@@ -30,21 +30,12 @@ class OpsError(NodeError):
     """An operation requested from the web was refused (the message says why)."""
 
 
-def _optional(module: str):
-    try:
-        return importlib.import_module(module)
-    except ModuleNotFoundError as e:
-        if e.name and module.startswith(e.name):
-            return None
-        raise
-
-
 # ---- health and metrics ------------------------------------------------------------------
 
 
 def health(settings, db) -> tuple[dict, bool]:
     """(report, healthy): ``node.health.health_report`` when installed, else a database + disk check."""
-    mod = _optional("node.health")
+    mod = optional_module("node.health")
     if mod is not None:
         report = mod.health_report(settings, db)
         return report, bool(report.get("ok"))
@@ -67,7 +58,7 @@ def health(settings, db) -> tuple[dict, bool]:
 
 def metrics(settings, db) -> tuple[bytes, str]:
     """Prometheus exposition (body, content type): ``node.metrics.render`` when installed."""
-    mod = _optional("node.metrics")
+    mod = optional_module("node.metrics")
     if mod is not None:
         return mod.render(settings, db)
     from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Gauge, generate_latest
@@ -88,7 +79,7 @@ def metrics(settings, db) -> tuple[bytes, str]:
 
 def retry_job(db, job_id: int, *, actor: str, now: dt.datetime | None = None) -> dict:
     """Puts a failed/dead job back in the queue (``node.jobs.retry_job``)."""
-    jobs_mod = _optional("node.jobs")
+    jobs_mod = optional_module("node.jobs")
     fn = getattr(jobs_mod, "retry_job", None) if jobs_mod else None
     if fn is None:
         raise OpsError("job retry is not available in this installation (node.jobs is missing)")
@@ -101,7 +92,7 @@ def retry_job(db, job_id: int, *, actor: str, now: dt.datetime | None = None) ->
 
 def retry_outbox(db, settings, item_id: int, *, actor: str, now: dt.datetime | None = None) -> dict:
     """Re-queues an outbox item, due now (``node.dispatch.retry_item``; an acknowledged item is never re-sent)."""
-    dispatch = _optional("node.dispatch")
+    dispatch = optional_module("node.dispatch")
     fn = getattr(dispatch, "retry_item", None) if dispatch else None
     if fn is None:
         raise OpsError("outbox retry is not available in this installation (node.dispatch is missing)")
@@ -158,7 +149,7 @@ def models(settings, db) -> dict:
     """The registry's model cards (``models.registry``) and the versions seen in findings."""
     registry: list[dict] = []
     error = None
-    mod = _optional("models.registry")
+    mod = optional_module("models.registry")
     if mod is not None and hasattr(mod, "Registry"):
         try:
             registry = [_card(c) for c in mod.Registry(settings.weights_dir).list()]
