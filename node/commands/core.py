@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import json
+from node.commands import database, print_json_or_empty
 
 
 def register(sub) -> None:
@@ -87,14 +87,9 @@ def series_rows(db) -> list[dict]:
 
 
 def _series(args, settings) -> int:
-    from node.db import Database
-
-    rows = series_rows(Database(settings.database_url))
-    if args.json:
-        print(json.dumps(rows, indent=2))
-        return 0
-    if not rows:
-        print("no series received")
+    with database(settings) as db:
+        rows = series_rows(db)
+    if print_json_or_empty(rows, as_json=args.json, empty="no series received"):
         return 0
     print(f"{'series':<66} {'mod':<4} {'body part':<12} {'n':>5} {'state':<10} {'pipeline':<12} description")
     for r in rows:

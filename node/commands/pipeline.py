@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+from node.commands import database, print_json_or_empty
+
 
 def register(sub) -> None:
     p = sub.add_parser("jobs", help="pipeline jobs (one per study and anatomy)")
@@ -94,18 +96,9 @@ def job_rows(db, *, state: str | None = None, study_uid: str | None = None, limi
 
 
 def _jobs(args, settings) -> int:
-    from node.db import Database
-
-    db = Database(settings.database_url)
-    try:
+    with database(settings) as db:
         rows = job_rows(db, state=args.state, study_uid=args.study, limit=args.limit)
-    finally:
-        db.dispose()
-    if args.json:
-        print(json.dumps(rows, indent=2))
-        return 0
-    if not rows:
-        print("no jobs")
+    if print_json_or_empty(rows, as_json=args.json, empty="no jobs"):
         return 0
     print(f"{'id':>6} {'state':<11} {'pipeline':<13} {'tries':>5} {'created':<20} {'inputs':<40} study")
     for r in rows:
@@ -123,27 +116,19 @@ def _jobs(args, settings) -> int:
 def _jobs_retry(args, settings) -> int:
     import getpass
 
-    from node.db import Database
     from node.jobs import retry_job
 
-    db = Database(settings.database_url)
-    try:
+    with database(settings) as db:
         retry_job(db, args.job_id, actor=f"cli:{getpass.getuser()}")  # JobError → message, exit 1
-    finally:
-        db.dispose()
     print(f"job {args.job_id} queued again")
     return 0
 
 
 def _purge(args, settings) -> int:
-    from node.db import Database
     from node.retention import purge
 
-    db = Database(settings.database_url)
-    try:
+    with database(settings) as db:
         report = purge(db, settings, dry_run=args.dry_run)
-    finally:
-        db.dispose()
     if args.json:
         print(json.dumps(report.as_dict(), indent=2))
         return 0

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+from node.commands import database, print_json_or_empty
+
 
 def register(sub) -> None:
     p = sub.add_parser("outbox", help="result objects waiting for, sent to or refused by the destinations")
@@ -21,26 +23,12 @@ def register(sub) -> None:
     s.set_defaults(func=_send)
 
 
-def _db(settings):
-    from node.db import Database
-
-    return Database(settings.database_url)
-
-
 def _list(args, settings) -> int:
     from node.dispatch import list_items
 
-    db = _db(settings)
-    try:
-        with db.session() as s:
-            rows = list_items(s, state=args.state)
-    finally:
-        db.dispose()
-    if args.json:
-        print(json.dumps(rows, indent=2))
-        return 0
-    if not rows:
-        print("outbox is empty")
+    with database(settings) as db, db.session() as s:
+        rows = list_items(s, state=args.state)
+    if print_json_or_empty(rows, as_json=args.json, empty="outbox is empty"):
         return 0
     print(f"{'ID':>5}  {'STATE':8} {'KIND':8} {'ATT':>3}  {'DESTINATION':30} SOP INSTANCE UID / LAST ERROR")
     for r in rows:
@@ -53,11 +41,8 @@ def _list(args, settings) -> int:
 def _retry(args, settings) -> int:
     from node.dispatch import retry_item
 
-    db = _db(settings)
-    try:
+    with database(settings) as db:
         out = retry_item(db, settings, args.id, actor="cli")
-    finally:
-        db.dispose()
     if args.json:
         print(json.dumps(out))
     else:
@@ -68,11 +53,8 @@ def _retry(args, settings) -> int:
 def _send(args, settings) -> int:
     from node.dispatch import process_outbox
 
-    db = _db(settings)
-    try:
+    with database(settings) as db:
         report = process_outbox(db, settings, limit=args.limit)
-    finally:
-        db.dispose()
     if args.json:
         print(json.dumps(report.as_dict()))
     else:

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import getpass
-import json
 import sys
 
+from node.commands import database, print_json_or_empty
 from node.errors import UserError
 
 
@@ -51,23 +51,13 @@ def _read_password(args) -> str:
     return first
 
 
-def _db(settings):
-    from node.db import Database
-
-    return Database(settings.database_url)
-
-
 def _add(args, settings) -> int:
     from node.web.users import add_user, validate_password
 
     password = _read_password(args)
     validate_password(password)
-    db = _db(settings)
-    try:
-        with db.session() as s:
-            add_user(s, username=args.username, password=password, role=args.role, actor="cli")
-    finally:
-        db.dispose()
+    with database(settings) as db, db.session() as s:
+        add_user(s, username=args.username, password=password, role=args.role, actor="cli")
     print(f"user {args.username} ({args.role}) created")
     return 0
 
@@ -75,17 +65,10 @@ def _add(args, settings) -> int:
 def _list(args, settings) -> int:
     from node.web.users import list_users
 
-    db = _db(settings)
-    try:
-        with db.session() as s:
-            rows = list_users(s)
-    finally:
-        db.dispose()
-    if args.json:
-        print(json.dumps(rows, indent=2))
-        return 0
-    if not rows:
-        print("no users (create the first admin with: msknode users add NAME --role admin)")
+    with database(settings) as db, db.session() as s:
+        rows = list_users(s)
+    if print_json_or_empty(rows, as_json=args.json,
+                           empty="no users (create the first admin with: msknode users add NAME --role admin)"):
         return 0
     print(f"{'user':<24} {'role':<12} {'active':<7} created (UTC)")
     for r in rows:
@@ -97,12 +80,8 @@ def _passwd(args, settings) -> int:
     from node.web.users import set_password
 
     password = _read_password(args)
-    db = _db(settings)
-    try:
-        with db.session() as s:
-            set_password(s, username=args.username, password=password, actor="cli")
-    finally:
-        db.dispose()
+    with database(settings) as db, db.session() as s:
+        set_password(s, username=args.username, password=password, actor="cli")
     print(f"password of {args.username} changed")
     return 0
 
@@ -110,11 +89,7 @@ def _passwd(args, settings) -> int:
 def _set_active(args, settings) -> int:
     from node.web.users import set_active
 
-    db = _db(settings)
-    try:
-        with db.session() as s:
-            set_active(s, username=args.username, active=args.active, actor="cli")
-    finally:
-        db.dispose()
+    with database(settings) as db, db.session() as s:
+        set_active(s, username=args.username, active=args.active, actor="cli")
     print(f"user {args.username} {'enabled' if args.active else 'disabled'}")
     return 0
