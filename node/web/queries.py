@@ -143,18 +143,7 @@ def worklist(
                 "entry_id": e.id,
                 "study_id": st.id,
                 "study_uid": st.study_uid,
-                "priority": r.effective_priority,
-                "assigned_priority": e.priority,
-                "ai_priority": e.ai_priority,
-                "override": {"priority": e.override_priority, "reason": e.override_reason} if e.override_priority else None,
-                "ageing": r.ageing_reason,
-                "score": e.score,
-                "reasons": list(e.reasons or []),
-                "needs_review": bool(e.needs_review),
-                "status": e.status,
-                "assigned_to": e.assigned_to,
-                "read_by": e.read_by,
-                "read_at": node_time(e.read_at, tz),
+                **_entry_state(e, priority=r.effective_priority, ageing=r.ageing_reason, tz=tz),
                 "patient_name": patient_name(st.patient_name),
                 "patient_id": st.patient_id,
                 "accession_number": st.accession_number,
@@ -205,11 +194,19 @@ def _entry_dict(e: WorklistEntry, st: Study, policy: TriagePolicy, tz: ZoneInfo,
     aged = age(e.priority, waiting_since=since, now=now, policy=policy) if e.status != "read" else None
     return {
         "entry_id": e.id,
-        "priority": aged.priority if aged else e.priority,
+        **_entry_state(e, priority=aged.priority if aged else e.priority, ageing=aged.reason if aged else None, tz=tz),
+        "job_id": e.job_id,
+    }
+
+
+def _entry_state(e: WorklistEntry, *, priority: str, ageing: str | None, tz: ZoneInfo) -> dict:
+    """A worklist entry's priorities (``priority``: effective, after ageing), triage and reading state."""
+    return {
+        "priority": priority,
         "assigned_priority": e.priority,
         "ai_priority": e.ai_priority,
         "override": {"priority": e.override_priority, "reason": e.override_reason} if e.override_priority else None,
-        "ageing": aged.reason if aged else None,
+        "ageing": ageing,
         "score": e.score,
         "reasons": list(e.reasons or []),
         "needs_review": bool(e.needs_review),
@@ -217,7 +214,6 @@ def _entry_dict(e: WorklistEntry, st: Study, policy: TriagePolicy, tz: ZoneInfo,
         "assigned_to": e.assigned_to,
         "read_by": e.read_by,
         "read_at": node_time(e.read_at, tz),
-        "job_id": e.job_id,
     }
 
 
