@@ -179,23 +179,21 @@ def renew(db: Database, lease: Lease, *, lease_seconds: float, now: dt.datetime 
     """Extends the lease; returns the new expiry, or None if the lease is no longer ours."""
     now = now or utcnow()
     expires = now + dt.timedelta(seconds=lease_seconds)
-    with db.session() as s:
-        res = s.execute(
-            update(Job)
-            .where(Job.id == lease.job_id, Job.state == "processing", Job.lease_owner == lease.owner)
-            .values(lease_expires_at=expires)
-            .execution_options(synchronize_session=False)
-        )
-        return expires if res.rowcount == 1 else None
+    return expires if _update_leased(db, lease, lease_expires_at=expires) else None
 
 
 def set_step(db: Database, lease: Lease, step: str | None) -> bool:
     """Records the step the attempt is in (shown as progress); False if the lease is no longer ours."""
+    return _update_leased(db, lease, step=step)
+
+
+def _update_leased(db: Database, lease: Lease, **values) -> bool:
+    """Sets columns of the job in one transaction if the lease is still ours (False otherwise)."""
     with db.session() as s:
         res = s.execute(
             update(Job)
             .where(Job.id == lease.job_id, Job.state == "processing", Job.lease_owner == lease.owner)
-            .values(step=step)
+            .values(**values)
             .execution_options(synchronize_session=False)
         )
         return res.rowcount == 1
