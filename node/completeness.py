@@ -13,7 +13,8 @@ work with several listener processes (contract C1):
 3. *Series complete*: either quiet — no association delivering to it is open and its
    ``quiet_deadline`` (set by the listener at release) has passed — or at once, when
    the stored count reaches the count the series announces (Images in Acquisition,
-   frames) and the slice positions along the normal show no gap. A slice without a
+   frames) and the slice positions along the normal show no gap (a multi-planar localizer:
+   the same number of slices in each plane, each plane without a gap). A slice without a
    position means waiting for the quiet period. A complete series is routed at once
    (`node.routing`): ``complete`` with pipeline + role, or ``unrouted``.
 4. *Study settled*: for each study + pipeline with a routed, non-localizer series in
@@ -176,19 +177,29 @@ def check_positions(
         return SliceCheck(False, f"{len(rows)} of {expected} instances")
     if any((frames or 1) > 1 for _, _, frames in rows):
         return SliceCheck(False, "multi-frame objects: positions per frame not indexed")
-    orientation = None
-    positions = []
+    groups: dict[tuple[float, ...], list[tuple[float, ...]]] = {}
     for pos, ori, _ in rows:
         p = _floats(pos, 3)
         o = _floats(ori, 6)
         if p is None or o is None:
             return SliceCheck(False, "an instance has no slice position")
-        if orientation is None:
-            orientation = o
-        elif max(abs(a - b) for a, b in zip(o, orientation)) > 1e-3:
-            return SliceCheck(False, "mixed orientations")
-        positions.append(p)
-    assert orientation is not None
+        key = next((k for k in groups if max(abs(a - b) for a, b in zip(o, k)) <= 1e-3), o)
+        groups.setdefault(key, []).append(p)
+    if len(groups) > 1 and len({len(v) for v in groups.values()}) != 1:
+        # a multi-planar localizer has the same number of slices in each plane; anything else may be incomplete
+        return SliceCheck(False, "mixed orientations")
+    for orientation, positions in groups.items():
+        reason = _stack_gap(orientation, positions)
+        if reason is not None:
+            return SliceCheck(False, reason)
+    if len(groups) > 1:
+        return SliceCheck(True, f"{len(groups)} planes of {len(rows) // len(groups)} slices, each without a gap")
+    (positions,) = groups.values()
+    return SliceCheck(True, f"{len(set(positions))} slice positions without a gap")
+
+
+def _stack_gap(orientation: tuple[float, ...], positions: list[tuple[float, ...]]) -> str | None:
+    """Why the slices of one orientation are not a whole stack (None when they are)."""
     row, col = orientation[:3], orientation[3:]
     normal = (
         row[1] * col[2] - row[2] * col[1],
@@ -196,17 +207,17 @@ def check_positions(
         row[0] * col[1] - row[1] * col[0],
     )
     if math.sqrt(sum(c * c for c in normal)) < 0.5:
-        return SliceCheck(False, "degenerate orientation")
+        return "degenerate orientation"
     along = Counter(round(sum(p[i] * normal[i] for i in range(3)), POSITION_DECIMALS) for p in positions)
     if len(set(along.values())) != 1:
-        return SliceCheck(False, "slice positions are not evenly covered")
+        return "slice positions are not evenly covered"
     distinct = sorted(along)
     if len(distinct) >= 3:
         steps = [b - a for a, b in zip(distinct, distinct[1:])]
-        median = sorted(steps)[len(steps) // 2]
+        median = sorted(steps)[(len(steps) - 1) // 2]  # the lower median: with 3 slices, the smaller step
         if max(steps) > GAP_FACTOR * median + 10 ** -POSITION_DECIMALS:
-            return SliceCheck(False, "a gap in the slice positions")
-    return SliceCheck(True, f"{len(distinct)} slice positions without a gap")
+            return "a gap in the slice positions"
+    return None
 
 
 def _floats(value: str | None, n: int) -> tuple[float, ...] | None:

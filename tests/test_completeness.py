@@ -136,6 +136,16 @@ def test_check_positions():
     assert check_positions(two_echoes, 20).complete
     mixed = rows[:9] + [("0\\0\\22.5", "0\\1\\0\\0\\0\\-1", None)]
     assert check_positions(mixed, 10).reason == "mixed orientations"
+    # a 3-plane localizer announcing 9 images: complete by count when every plane has its 3 slices, no gap
+    planes = ("0\\1\\0\\0\\0\\-1", "1\\0\\0\\0\\0\\-1", "1\\0\\0\\0\\1\\0")  # sagittal, coronal, axial
+    localizer = [(f"{8 * k * (i == 0)}\\{8 * k * (i == 1)}\\{8 * k * (i == 2)}", o, None)
+                 for i, o in enumerate(planes) for k in range(3)]
+    assert check_positions(localizer, 9).complete
+    assert not check_positions(localizer[:8], 9).complete
+    unequal = localizer[:3] + localizer[3:5] + localizer[6:] + [(f"0\\0\\{8 * 3}", planes[2], None)]
+    assert check_positions(unequal, 9).reason == "mixed orientations"  # 3 + 2 + 4: a plane may be incomplete
+    holed = localizer[:6] + [(f"0\\0\\{z}", planes[2], None) for z in (0, 8, 40)]
+    assert check_positions(holed, 9).reason == "a gap in the slice positions"
     assert check_positions([("", "", 40)], 40).complete  # one enhanced multi-frame object
     assert not check_positions([(None, ori, None)] + rows[1:], 10).complete
     quoted = [(f"'0.0'\\'0.0'\\'{z * 2.5}'", "'1.0'\\'0.0'\\'0.0'\\'0.0'\\'1.0'\\'0.0'", None) for z in range(10)]
