@@ -1,7 +1,7 @@
 """Test support: a real ``msknode listen`` subprocess and a pynetdicom client that sends raw bytes.
 
-`ListenerProcess` starts the listener on a free loopback port with its own data dir and
-stops it (SIGTERM, then SIGKILL). `send_raw` sends data set bytes exactly as given (no
+`ListenerProcess` starts the listener on a (free) loopback port with its own data dir and
+stops it (SIGTERM, then SIGKILL) or kills it. `send_raw` sends data set bytes exactly as given (no
 re-encoding), which is what the byte-identity and malformed-input tests need.
 """
 
@@ -31,13 +31,14 @@ IMPLICIT_LE = "1.2.840.10008.1.2"
 class ListenerProcess:
     """``msknode listen`` in a subprocess, on a free port, with its own data dir."""
 
-    def __init__(self, data_dir: Path, *, env: dict[str, str] | None = None, ae_title: str = "MSKNODE"):
+    def __init__(self, data_dir: Path, *, env: dict[str, str] | None = None, ae_title: str = "MSKNODE",
+                 port: int | None = None, log_path: Path | None = None):
         self.data_dir = Path(data_dir)
-        self.port = free_port()
+        self.port = port or free_port()
         self.ae_title = ae_title
         self.extra_env = dict(env or {})
         self.proc: subprocess.Popen | None = None
-        self.log_path = self.data_dir.parent / f"{self.data_dir.name}-listener.log"
+        self.log_path = Path(log_path) if log_path else self.data_dir.parent / f"{self.data_dir.name}-listener.log"
 
     @property
     def env(self) -> dict[str, str]:
@@ -82,6 +83,13 @@ class ListenerProcess:
                 self.proc.wait()
         self._log.close()
         return self.proc.returncode
+
+    def kill(self) -> None:
+        """SIGKILL (a crash: no shutdown code runs)."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+        self._log.close()
 
     def log(self) -> str:
         try:

@@ -24,6 +24,7 @@ from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
 from sqlalchemy import select
 
 from conftest import ROOT, free_port
+from listener_support import ListenerProcess
 from node.completeness import rules_provider, tick
 from node.db import Database, utcnow
 from node.tables import Association, Job, Series, Study
@@ -108,39 +109,13 @@ def node_env(settings, **extra) -> dict:
     return env
 
 
-class Listener:
+class Listener(ListenerProcess):
+    """``msknode listen`` on ``port`` (a restart reuses it) with this module's quiet periods."""
+
     def __init__(self, settings, port: int, log: Path, **extra):
-        self.port = port
-        self.env = node_env(settings, MSKNODE_PORT=port, **extra)
-        self.log = log
-        self.proc: subprocess.Popen | None = None
-
-    def start(self) -> "Listener":
-        out = open(self.log, "ab")
-        self.proc = subprocess.Popen([sys.executable, "-m", "node.cli", "listen"], env=self.env, cwd=ROOT, stdout=out, stderr=out)
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"listener exited: {self.log.read_text()[-3000:]}")
-            r = subprocess.run(["echoscu", "-to", "2", "-aec", "MSKNODE", "127.0.0.1", str(self.port)],
-                               capture_output=True, env=self.env)
-            if r.returncode == 0:
-                return self
-            time.sleep(0.2)
-        raise RuntimeError(f"listener did not answer C-ECHO: {self.log.read_text()[-3000:]}")
-
-    def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL)
-            self.proc.wait(10)
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.kill()
+        env = {"MSKNODE_QUIET_SECONDS": str(Q), "MSKNODE_STUDY_QUIET_SECONDS": str(SQ)}
+        env.update({k: str(v) for k, v in extra.items()})
+        super().__init__(settings.data_dir, env=env, port=port, log_path=log)
 
 
 def storescu(port: int, files: list[Path]) -> None:
