@@ -42,6 +42,8 @@ class ShoulderRotatorCuff(TaskSpec):
     phantom_lesion_masks = ("cuff_lesion",)
     phantom_lesion_keys = ("cuff",)
     mrnet_columns = ()
+    # the input role cor_fluid: coronal-oblique T2 or PD fat-sat (or STIR)
+    phantom_sequences = (("T2_FS", 0.5), ("PD_FS", 0.35), ("STIR", 0.15))
 
     def build_net(self):
         """LesionNet in the channels-last layout (3-D convolutions with few channels are many times faster
