@@ -136,7 +136,7 @@ class ClassifierModel:
         set_mc_dropout(self.net, False)
         with torch.inference_mode():
             feat = self.net.features(x)
-            logits, _ = self.net.forward_head(feat)
+            logits, evidence = self.net.forward_head(feat)
         probs = [torch.softmax(lg / self.temperature, dim=1)[0].numpy() for lg in logits]
         timings["inference_s"] = time.perf_counter() - t0
         t0 = time.perf_counter()
@@ -168,7 +168,7 @@ class ClassifierModel:
                     lg, _ = self.net.forward_head(f)
                     return head_score(lg[_h], _head, _kind)
 
-                cam = grad_cam(score, feat)
+                cam = self.task.head_saliency(h, grad_cam(score, feat), evidence[0, h].numpy())
                 heat = to_heatmap(cam, frame)
                 peak_vox, peak_mm = volume_peak(volume, heat)
                 t_sal += time.perf_counter() - ts

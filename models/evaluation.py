@@ -4,7 +4,8 @@ Every case goes through the QC gate (refusals are counted as ``qc_refused``) and
 anyway, so refusing hard cases cannot flatter a metric. JSON keys (those that apply):
 
 ``n``, ``qc_refused``, ``auc``, ``auc_ci``, ``sensitivity``, ``specificity``, ``ece``,
-``balanced_accuracy``, ``kappa`` (minimum over levels), ``kappa_per_level``,
+``balanced_accuracy``, ``kappa`` (minimum over levels), ``kappa_per_level``, ``kappa_ci``,
+``kappa_ci_per_level``,
 ``psnr_gain_db``, ``ssim_gain``, ``saliency_hit_rate``, ``shortcut_auc``; plus
 ``sensitivity_ci``, ``specificity_ci``, ``threshold`` and the model identity.
 
@@ -176,6 +177,7 @@ def evaluate_classifier(model, spec: DataSpec, *, gate=None, workers: int = 1, s
             out["shortcut_auc"] = round(shortcut_auc(np.stack(feats)[known], y), 4)
     else:
         kappas = {}
+        levels = []  # grading: (name, exact-label mask, y_true, y_pred, n_classes) over all cases, for the CIs
         bal = []
         confs, corrects = [], []
         for h, head in enumerate(heads):
@@ -189,12 +191,24 @@ def evaluate_classifier(model, spec: DataSpec, *, gate=None, workers: int = 1, s
             corrects.append(y_pred == y_true)
             if task.kind == "grading":
                 kappas[head.name] = round(quadratic_kappa(y_true, y_pred, n_cls), 4)
+                all_probs = np.array([r[1][h].probabilities for r in rows])
+                levels.append((head.name, exact, allowed.argmax(axis=1), all_probs.argmax(axis=1), n_cls))
             else:
                 bal.append(balanced_accuracy(y_true, y_pred, n_cls))
         out["ece"] = round(ece(np.concatenate(confs), np.concatenate(corrects)), 4)
         if task.kind == "grading":
             out["kappa_per_level"] = kappas
             out["kappa"] = min(kappas.values()) if kappas else float("nan")
+
+            def level_kappa(idx, level):
+                _, ex, yt, yp, n_cls = level
+                return quadratic_kappa(yt[idx][ex[idx]], yp[idx][ex[idx]], n_cls)
+
+            if levels:
+                out["kappa_ci"] = bootstrap_ci(lambda idx: min(level_kappa(idx, lv) for lv in levels), len(rows),
+                                               reps=bootstrap)
+                out["kappa_ci_per_level"] = {lv[0]: bootstrap_ci(lambda idx, lv=lv: level_kappa(idx, lv), len(rows),
+                                                                 reps=bootstrap, seed=3) for lv in levels}
         else:
             out["balanced_accuracy"] = round(float(np.mean(bal)), 4)
         if spec.kind == "synthetic":

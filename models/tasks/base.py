@@ -252,6 +252,11 @@ class TaskSpec:
         """What the saliency explains: "finding" (log-odds of the positive classes) or "top" (top class)."""
         return "finding" if self.heads[head_index].negative else "top"
 
+    def head_saliency(self, head_index: int, cam: np.ndarray, evidence: np.ndarray) -> np.ndarray:
+        """Feature-grid saliency of one head from its Grad-CAM (d, h, w) and the logits of its own evidence
+        map (same grid). Default: the Grad-CAM; a task may confine it to where the head looks."""
+        return cam
+
     def card_facts(self) -> dict[str, Any]:
         return {
             "name": self.name, "task": self.kind, "anatomy": self.anatomy, "description": self.description,

@@ -5,7 +5,8 @@ One head per level ("grading": quadratic-weighted kappa per level). Each head ha
 evidence map; on phantoms it is supervised with a ball around the canal centre of its disc
 level (``level_centers_vox``: present at every level, normal ones too), so each head pools
 the canal at its own level and the peak of its map gives the level's position (slice, row,
-column and patient mm) for the SR and the viewer, whatever its grade. The reported grade
+column and patient mm) for the SR and the viewer, whatever its grade. The saliency map of a level is its
+Grad-CAM confined to the head's attention (``head_saliency``). The reported grade
 is the most probable class; P(stenosis) = 1 - P(normal).
 """
 
@@ -117,6 +118,21 @@ class LumbarStenosis(TaskSpec):
         centres = phantom.labels["level_centers_vox"]
         target.lesion = np.stack([level_ball(phantom.volume, centres[level]).astype(np.float32) for level in LEVELS])
         return target
+
+    def head_saliency(self, head_index: int, cam: np.ndarray, evidence: np.ndarray) -> np.ndarray:
+        """Grad-CAM confined to where the head looks: ``attention * (0.05 + cam / max cam)``.
+
+        ``attention = exp(evidence - max evidence)`` is the head's own attention-pooling weight
+        (LesionNet pools F with softmax(evidence)), trained to sit on its level ball. Grad-CAM
+        weighs the shared feature map with one weight per channel, so on its own it peaks at the
+        most narrowed canal whichever level asks. Where Grad-CAM is empty (a normal level has no
+        positive evidence for stenosis) the map is the attention, so every level's map peaks at its level."""
+        e = np.asarray(evidence, np.float64)
+        attention = np.exp(e - e.max()).astype(np.float32)
+        top = float(np.max(cam)) if cam.size else 0.0
+        if not np.isfinite(top) or top <= 0:
+            return attention
+        return (attention * (0.05 + np.asarray(cam, np.float32) / top)).astype(np.float32)
 
     def findings(self, results: Sequence[HeadResult], *, threshold: float) -> list[Finding]:
         """One finding per level; the grade is the most probable class (normal included)."""
