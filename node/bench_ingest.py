@@ -15,20 +15,19 @@ and storescp (writes files, no index, no fsync) as the upper bound.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import shutil
-import socket
 import sqlite3
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from node.errors import NodeError
+from node.loopback import echoscu, free_port
+from node.orthanc import OrthancProcess
 
 SLICES_PER_SERIES = 40
 ROWS = COLUMNS = 384
@@ -169,12 +168,6 @@ def _dataset_digest(path: Path) -> tuple[str, str]:
 # ---- helpers ---------------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("MSKNODE_")}
     env["TCP_NODELAY"] = "1"
@@ -187,8 +180,7 @@ def _wait_echo(port: int, aet: str, proc: subprocess.Popen, timeout: float = 60.
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise NodeError(f"the receiver exited with code {proc.returncode} before accepting associations")
-        r = subprocess.run(["echoscu", "-to", "2", "-aec", aet, "127.0.0.1", str(port)], env=_env(), capture_output=True)
-        if r.returncode == 0:
+        if echoscu(port, aet, timeout=2):
             return
         time.sleep(0.2)
     raise NodeError(f"the receiver on port {port} did not answer C-ECHO within {timeout:.0f} s")
@@ -256,7 +248,7 @@ class MsknodeReceiver(Receiver):
 
     def start(self, workdir: Path) -> int:
         self.data_dir = workdir / "msknode"
-        port = _free_port()
+        port = free_port()
         env = _env(
             MSKNODE_DATA_DIR=str(self.data_dir),
             MSKNODE_PORT=str(port),
@@ -301,44 +293,26 @@ class MsknodeReceiver(Receiver):
         return True, ""
 
 
+class _BenchOrthanc(OrthancProcess):
+    """Orthanc as a plain C-STORE receiver: no auth, any called AE title, no compression, no plugins."""
+
+    def config(self) -> dict:
+        return {"Name": "msknode-bench", **super().config(), "HttpServerEnabled": True, "DicomCheckCalledAet": False,
+                "StorageCompression": False, "Plugins": []}
+
+
 class OrthancReceiver(Receiver):
     name, aet = "orthanc", "ORTHANC"
-    binary = "/usr/sbin/Orthanc"
 
     def start(self, workdir: Path) -> int:
-        if not Path(self.binary).exists() and not shutil.which("Orthanc"):
-            raise NodeError("Orthanc is not installed (Debian package orthanc)")
-        self.http_port = _free_port()
-        port = _free_port()
-        config = {
-            "Name": "msknode-bench",
-            "StorageDirectory": str(workdir / "orthanc-storage"),
-            "IndexDirectory": str(workdir / "orthanc-index"),
-            "DicomAet": self.aet,
-            "DicomPort": port,
-            "HttpPort": self.http_port,
-            "HttpServerEnabled": True,
-            "RemoteAccessAllowed": False,
-            "AuthenticationEnabled": False,
-            "DicomCheckCalledAet": False,
-            "StorageCompression": False,
-            "Plugins": [],
-        }
-        cfg = workdir / "orthanc.json"
-        cfg.write_text(json.dumps(config))
-        binary = self.binary if Path(self.binary).exists() else shutil.which("Orthanc")
-        self.log = open(workdir / "orthanc.log", "wb")
-        self.proc = subprocess.Popen([binary, str(cfg)], env=_env(), stdout=self.log, stderr=subprocess.STDOUT)
-        _wait_echo(port, self.aet, self.proc)
-        return port
+        self.orthanc = _BenchOrthanc(workdir, dicom_port=free_port(), http_port=free_port(), aet=self.aet).start()
+        return self.orthanc.dicom_port
 
     def stop(self) -> None:
-        _stop(self.proc)
-        self.log.close()
+        self.orthanc.stop()
 
     def arrived(self, expected: dict[str, str]) -> tuple[bool, str]:
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.http_port}/statistics", timeout=10) as r:
-            count = int(json.load(r)["CountInstances"])
+        count = int(self.orthanc.get("/statistics")["CountInstances"])
         return count == len(expected), f"{count} instances in Orthanc"
 
 
@@ -348,7 +322,7 @@ class StorescpReceiver(Receiver):
     def start(self, workdir: Path) -> int:
         self.out = workdir / "storescp"
         self.out.mkdir()
-        port = _free_port()
+        port = free_port()
         self.proc = subprocess.Popen(
             ["storescp", "-aet", self.aet, "--output-directory", str(self.out), str(port)],
             env=_env(),

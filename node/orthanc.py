@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import time
 from pathlib import Path
@@ -26,6 +27,11 @@ import httpx
 from node.errors import NodeError
 
 ORTHANC = "/usr/sbin/Orthanc"
+
+
+def orthanc_binary() -> str | None:
+    """The Orthanc executable: the Debian package's, else ``Orthanc`` on the PATH; None if there is none."""
+    return ORTHANC if Path(ORTHANC).exists() else shutil.which("Orthanc")
 
 
 def dicom_peer(aet: str, *, host: str = "127.0.0.1", port: int = 104, move_get: bool = False) -> dict[str, Any]:
@@ -98,7 +104,7 @@ class OrthancProcess:
         return config
 
     def write_config(self) -> None:
-        if not Path(ORTHANC).exists():
+        if orthanc_binary() is None:
             raise self.error(f"Orthanc is not installed ({ORTHANC}); run scripts/install-system-deps.sh")
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.config_path.write_text(json.dumps(self.config(), indent=2))
@@ -111,8 +117,8 @@ class OrthancProcess:
         self.write_config()
         env = dict(os.environ, TCP_NODELAY="1", TZ="UTC")
         with open(self.log_path, "ab") as log:
-            self._proc = subprocess.Popen([ORTHANC, str(self.config_path)], stdout=log, stderr=subprocess.STDOUT,
-                                          cwd=self.workdir, env=env, start_new_session=True)
+            self._proc = subprocess.Popen([orthanc_binary(), str(self.config_path)], stdout=log,
+                                          stderr=subprocess.STDOUT, cwd=self.workdir, env=env, start_new_session=True)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self._proc.poll() is not None:

@@ -21,6 +21,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from node.loopback import echoscu  # noqa: E402
 from node.orthanc import OrthancProcess  # noqa: E402
 from node.pipeline import FindingRecord, JobContext, JobProducts, ResultRecord, Steps  # noqa: E402
 
@@ -280,11 +281,8 @@ class ListenerProcess(WorkerProcess):
         self.proc = None
 
     def wait_ready(self, port: int, ae_title: str = "MSKNODE", timeout: float = 30.0) -> "ListenerProcess":
-        import subprocess
-
         deadline = time.monotonic() + timeout
-        while subprocess.run(["echoscu", "-aec", ae_title, "127.0.0.1", str(port)], capture_output=True,
-                             env={**os.environ, "TCP_NODELAY": "1"}).returncode != 0:
+        while not echoscu(port, ae_title):
             if not self.alive() or time.monotonic() > deadline:
                 raise RuntimeError(f"listener did not answer C-ECHO:\n{self.output()[-3000:]}")
             time.sleep(0.2)

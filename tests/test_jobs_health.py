@@ -14,6 +14,7 @@ from conftest import free_port
 from jobs_support import SleepyRunner, make_study_job
 from node import jobs
 from node.health import health_report
+from node.loopback import echoscu
 from node.metrics import render
 from node.pipeline import execute_job
 from node.tables import Study
@@ -29,7 +30,7 @@ def echo_peer(tmp_path):
                             env={**os.environ, "TCP_NODELAY": "1"}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 10
-        while subprocess.run(["echoscu", "-aec", "MSKNODE", "127.0.0.1", str(port)], capture_output=True).returncode:
+        while not echoscu(port, "MSKNODE"):
             assert time.monotonic() < deadline, "storescp did not start"
             time.sleep(0.1)
         yield port

@@ -24,6 +24,7 @@ import httpx
 
 from node.e2e.pacs import OrthancPacs
 from node.errors import EndToEndError
+from node.loopback import echoscu, free_port
 from node.settings import Settings, load_settings
 
 log = logging.getLogger(__name__)
@@ -53,12 +54,6 @@ def port_is_free(port: int) -> bool:
             except OSError:
                 return False
     return True
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def choose_ports(*, free: bool) -> tuple[Ports, list[str]]:
@@ -208,14 +203,7 @@ class NodeStack:
                             f"see {self.node_log}")
 
     def _echo(self) -> bool:
-        try:
-            proc = subprocess.run(
-                ["echoscu", "-aet", PACS_AE_TITLE, "-aec", self.settings.ae_title, "127.0.0.1", str(self.ports.node_dicom)],
-                capture_output=True, timeout=10, env=dict(os.environ, TCP_NODELAY="1"),
-            )
-        except (OSError, subprocess.TimeoutExpired):
-            return False
-        return proc.returncode == 0
+        return echoscu(self.ports.node_dicom, self.settings.ae_title, calling_ae=PACS_AE_TITLE, timeout=5)
 
     @property
     def serve_running(self) -> bool:
