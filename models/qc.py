@@ -553,7 +553,10 @@ def _motion_item(args) -> tuple[np.ndarray, int]:
         px = float(rng.uniform(0.5, 3.0))  # the spec's own motion range: in distribution, accepted
     else:
         px = 0.0
-    ph = generate(anatomy, seed, motion_px=px, n_slices=8, sub_slices=1,
+    # every contrast a site may route to the anatomy's models: ghosting must be told from contrast, not learned
+    # as a property of the default sequence
+    sequence = str(rng.choice(ANATOMY_SEQUENCES[anatomy]))
+    ph = generate(anatomy, seed, motion_px=px, n_slices=8, sub_slices=1, sequence=sequence,
                   matrix=SPEC.for_anatomy(anatomy).acquisition.matrix)
     return motion_input(ph.volume), int(heavy)
 
