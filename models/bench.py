@@ -231,7 +231,7 @@ def format_report(res: dict[str, Any]) -> str:
         lines.append(f"  {anatomy} [{series}] models: {', '.join(r['models'])}")
         lines.append(f"    study {r['study_s']:.2f} s (first after loading {r['first_study_s']:.2f} s; DICOM load "
                      f"{r['dicom_load_s']:.2f} s; model load once {r['model_load_s']:.2f} s), peak RSS "
-                     f"{r['peak_rss_mb']:.0f} MB (interpreter + torch {r['baseline_rss_mb']:.0f} MB)")
+                     f"{r['peak_rss_mb']:.0f} MB (interpreter, torch and MONAI loaded: {r['baseline_rss_mb']:.0f} MB)")
         for name, t in r["per_model"].items():
             parts = ", ".join(f"{k} {v}" for k, v in t.items())
             lines.append(f"    {name}: {parts}")
