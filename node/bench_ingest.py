@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from node.errors import NodeError
-from node.loopback import echoscu, free_port
+from node.loopback import child_env, echoscu, free_port
 from node.orthanc import OrthancProcess
 
 SLICES_PER_SERIES = 40
@@ -168,13 +168,6 @@ def _dataset_digest(path: Path) -> tuple[str, str]:
 # ---- helpers ---------------------------------------------------------------------------------
 
 
-def _env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MSKNODE_")}
-    env["TCP_NODELAY"] = "1"
-    env.update(extra)
-    return env
-
-
 def _wait_echo(port: int, aet: str, proc: subprocess.Popen, timeout: float = 60.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -203,7 +196,7 @@ def send(files: list[Path], port: int, aet: str, associations: int) -> float:
     procs = [
         subprocess.Popen(
             ["storescu", "-aet", "BENCHSCU", "-aec", aet, "127.0.0.1", str(port), *map(str, chunk)],
-            env=_env(),
+            env=child_env(),
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
         )
@@ -249,7 +242,7 @@ class MsknodeReceiver(Receiver):
     def start(self, workdir: Path) -> int:
         self.data_dir = workdir / "msknode"
         port = free_port()
-        env = _env(
+        env = child_env(
             MSKNODE_DATA_DIR=str(self.data_dir),
             MSKNODE_PORT=str(port),
             MSKNODE_AE_TITLE=self.aet,
@@ -325,7 +318,7 @@ class StorescpReceiver(Receiver):
         port = free_port()
         self.proc = subprocess.Popen(
             ["storescp", "-aet", self.aet, "--output-directory", str(self.out), str(port)],
-            env=_env(),
+            env=child_env(),
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )

@@ -7,6 +7,15 @@ import socket
 import subprocess
 
 
+def child_env(*, drop: tuple[str, ...] = ("MSKNODE_",), **extra: object) -> dict[str, str]:
+    """The environment of a process started here: this one's without the variables starting with ``drop``
+    (the caller's msknode settings), ``TCP_NODELAY=1``, then ``extra`` (as strings)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(drop)}
+    env["TCP_NODELAY"] = "1"
+    env.update({k: str(v) for k, v in extra.items()})
+    return env
+
+
 def free_port() -> int:
     """A TCP port nobody listens on at 127.0.0.1 right now."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:

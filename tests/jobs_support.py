@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from node.loopback import echoscu  # noqa: E402
+from node.loopback import child_env, echoscu  # noqa: E402
 from node.orthanc import OrthancProcess  # noqa: E402
 from node.pipeline import FindingRecord, JobContext, JobProducts, ResultRecord, Steps  # noqa: E402
 
@@ -306,11 +306,7 @@ def storescu(port: int, files: list[Path], *, ae_title: str = "MSKNODE", calling
 
 
 def worker_env(settings_env: dict[str, str]) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MSKNODE_")}
-    env.update(settings_env)
-    env["TCP_NODELAY"] = "1"
-    env["PYTHONUNBUFFERED"] = "1"
-    return env
+    return child_env(**{**settings_env, "PYTHONUNBUFFERED": "1"})
 
 
 class RedisServer:

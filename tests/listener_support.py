@@ -8,7 +8,6 @@ re-encoding), which is what the byte-identity and malformed-input tests need.
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -23,6 +22,7 @@ from pynetdicom.dsutils import split_dataset
 from pynetdicom.sop_class import Verification
 
 from conftest import ROOT, free_port
+from node.loopback import child_env
 
 PYDICOM_DATA = Path(__import__("data_store").__file__).parent / "data"
 IMPLICIT_LE = "1.2.840.10008.1.2"
@@ -42,17 +42,9 @@ class ListenerProcess:
 
     @property
     def env(self) -> dict[str, str]:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("MSKNODE_")}
-        env.update(
-            TCP_NODELAY="1",
-            MSKNODE_DATA_DIR=str(self.data_dir),
-            MSKNODE_PORT=str(self.port),
-            MSKNODE_AE_TITLE=self.ae_title,
-            MSKNODE_QUIET_SECONDS="0.5",
-            MSKNODE_LOG_LEVEL="INFO",
-        )
-        env.update(self.extra_env)
-        return env
+        return child_env(**{"MSKNODE_DATA_DIR": self.data_dir, "MSKNODE_PORT": self.port,
+                            "MSKNODE_AE_TITLE": self.ae_title, "MSKNODE_QUIET_SECONDS": "0.5",
+                            "MSKNODE_LOG_LEVEL": "INFO", **self.extra_env})
 
     def start(self, timeout: float = 90.0, ready=None) -> "ListenerProcess":
         """Starts the listener and waits until `ready(port)` (default: C-ECHO succeeds)."""

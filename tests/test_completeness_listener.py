@@ -27,6 +27,7 @@ from conftest import ROOT, free_port
 from listener_support import ListenerProcess
 from node.completeness import rules_provider, tick
 from node.db import Database, utcnow
+from node.loopback import child_env
 from node.tables import Association, Job, Series, Study
 
 Q = 0.5
@@ -97,16 +98,8 @@ def write_series(
 
 # ---- processes ----------------------------------------------------------------------
 def node_env(settings, **extra) -> dict:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MSKNODE_")}
-    env.update(
-        TCP_NODELAY="1",
-        MSKNODE_DATA_DIR=str(settings.data_dir),
-        MSKNODE_QUIET_SECONDS=str(Q),
-        MSKNODE_STUDY_QUIET_SECONDS=str(SQ),
-        MSKNODE_LOG_LEVEL="INFO",
-    )
-    env.update({k: str(v) for k, v in extra.items()})
-    return env
+    return child_env(**{"MSKNODE_DATA_DIR": settings.data_dir, "MSKNODE_QUIET_SECONDS": Q,
+                        "MSKNODE_STUDY_QUIET_SECONDS": SQ, "MSKNODE_LOG_LEVEL": "INFO", **extra})
 
 
 class Listener(ListenerProcess):

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import os
 import ssl
 import subprocess
 import threading
@@ -19,6 +18,7 @@ from sqlalchemy import select
 from conftest import VENV_BIN, free_port
 from node.dispatch import RetryPolicy, claim, process_outbox, retry_item
 from node.errors import DispatchError
+from node.loopback import child_env
 from node.results import build_results, save
 from node.settings import DimseDestination, StowDestination
 from node.tables import Job, OutboxItem, ResultObject, Study
@@ -313,9 +313,8 @@ def test_tls_destination(settings, db, result_files, tmp_path):
 
 
 def _cli(settings, *args) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MSKNODE_")}
-    env["MSKNODE_DATA_DIR"] = str(settings.data_dir)
-    env["MSKNODE_DESTINATIONS"] = json.dumps([d.model_dump() for d in settings.destinations])
+    env = child_env(MSKNODE_DATA_DIR=settings.data_dir,
+                    MSKNODE_DESTINATIONS=json.dumps([d.model_dump() for d in settings.destinations]))
     return subprocess.run([str(VENV_BIN / "msknode"), *args], capture_output=True, text=True, env=env, timeout=120)
 
 

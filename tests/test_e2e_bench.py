@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from node.loopback import child_env
 
 pytestmark = pytest.mark.slow
 
@@ -16,8 +17,7 @@ MSKNODE = Path(sys.executable).parent / "msknode"
 
 
 def test_bench_e2e_one_study_json(tmp_path):
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MSKNODE_")}
-    env["TCP_NODELAY"] = "1"
+    env = child_env()
     proc = subprocess.run(
         [str(MSKNODE), "bench", "e2e", "--studies", "1", "--warmup", "0", "--slices", "12", "--matrix", "128",
          "--workdir", str(tmp_path / "bench"), "--json"],

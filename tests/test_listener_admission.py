@@ -18,6 +18,7 @@ from sqlalchemy import func, select
 from conftest import ROOT, free_port
 from listener_support import PYDICOM_DATA, ListenerProcess, RawSender, dataset_bytes, echo
 from node.db import Database
+from node.loopback import child_env
 from node.tables import Association, Instance, Series
 from test_listener import _good_instance, storescu, write_series
 
@@ -153,9 +154,8 @@ def test_several_listener_processes_share_the_port(tmp_path):
 
 def test_serve_runs_the_parts_restarts_a_crashed_one_and_stops_cleanly(tmp_path):
     port, web_port = free_port(), free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MSKNODE_")}
-    env.update(TCP_NODELAY="1", MSKNODE_DATA_DIR=str(tmp_path / "data"), MSKNODE_PORT=str(port),
-               MSKNODE_WEB_PORT=str(web_port), MSKNODE_LOG_LEVEL="INFO")
+    env = child_env(MSKNODE_DATA_DIR=tmp_path / "data", MSKNODE_PORT=port, MSKNODE_WEB_PORT=web_port,
+                    MSKNODE_LOG_LEVEL="INFO")
     log = open(tmp_path / "serve.log", "wb")
     proc = subprocess.Popen([sys.executable, "-m", "node.cli", "serve"], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
 

@@ -3,17 +3,17 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 
 from conftest import ROOT
+from node.loopback import child_env
 
 KEYS = {"msknode_ips", "orthanc_ips", "storescp_ips", "ratio_orthanc", "ratio_storescp", "ratio_orthanc_parallel", "all_arrived"}
 
 
 def test_bench_ingest_json(tmp_path):
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MSKNODE_")}
+    env = child_env()
     r = subprocess.run(
         [sys.executable, "-m", "node.cli", "bench", "ingest", "--instances", "8", "--workdir", str(tmp_path), "--json"],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,

@@ -2,21 +2,20 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 
 from sqlalchemy import create_engine, inspect
 
 from conftest import ROOT, VENV_BIN
+from node.loopback import child_env
 from node.db import Base, import_all_tables
 
 import_all_tables()
 
 
 def alembic(url: str, *args: str) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MSKNODE_")}
-    env["MSKNODE_ALEMBIC_URL"] = url
+    env = child_env(MSKNODE_ALEMBIC_URL=url)
     return subprocess.run(
         [str(VENV_BIN / "alembic"), "-c", str(ROOT / "alembic.ini"), *args],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=180,
@@ -47,8 +46,7 @@ def test_upgrade_head_on_postgresql_has_no_drift(postgres_url):
 
 
 def test_msknode_db_upgrade_is_idempotent(tmp_path):
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MSKNODE_")}
-    env["MSKNODE_DATA_DIR"] = str(tmp_path / "data")
+    env = child_env(MSKNODE_DATA_DIR=tmp_path / "data")
     for _ in range(2):
         r = subprocess.run([sys.executable, "-m", "node.cli", "db", "upgrade"], cwd=ROOT, env=env,
                            capture_output=True, text=True, timeout=120)

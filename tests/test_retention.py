@@ -14,6 +14,7 @@ from sqlalchemy import func, select
 
 from completeness_rows import uid
 from node.db import utcnow
+from node.loopback import child_env
 from node.retention import purge
 from node.tables import Instance, Job, JobInput, OutboxItem, ResultObject, Series, Study
 
@@ -135,8 +136,7 @@ def test_periodic_call_with_an_explicit_time(db, settings, studies):
 
 
 def test_msknode_purge_command(db, settings, studies):
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MSKNODE_")}
-    env.update(MSKNODE_DATA_DIR=str(settings.data_dir), MSKNODE_RETENTION_DAYS="20")
+    env = child_env(MSKNODE_DATA_DIR=settings.data_dir, MSKNODE_RETENTION_DAYS="20")
     msknode = [sys.executable, "-m", "node.cli"]
     dry = subprocess.run([*msknode, "purge", "--dry-run", "--json"], env=env, capture_output=True, text=True, timeout=120)
     assert dry.returncode == 0, dry.stderr

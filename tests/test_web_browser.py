@@ -29,6 +29,7 @@ from selenium.webdriver.support.ui import Select, WebDriverWait
 
 import web_seed as ws
 from conftest import ROOT, VENV_BIN, free_port
+from node.loopback import child_env
 
 ADMIN = ("alice", "alice-password-1")
 READER = ("rob", "rob-password-12")
@@ -42,10 +43,9 @@ CHROMIUM_FLAGS = (
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     data = tmp_path_factory.mktemp("webui") / "data"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MSKNODE_")}
     port = free_port()
-    env.update(MSKNODE_DATA_DIR=str(data), MSKNODE_WEB_PORT=str(port), MSKNODE_WEB_HOST="127.0.0.1",
-               MSKNODE_SITE_TIMEZONE="Europe/Berlin", MSKNODE_LOG_LEVEL="WARNING")
+    env = child_env(MSKNODE_DATA_DIR=data, MSKNODE_WEB_PORT=port, MSKNODE_WEB_HOST="127.0.0.1",
+                    MSKNODE_SITE_TIMEZONE="Europe/Berlin", MSKNODE_LOG_LEVEL="WARNING")
     mp = pytest.MonkeyPatch()
     for k in list(os.environ):
         if k.startswith("MSKNODE_"):
