@@ -12,7 +12,6 @@ URGENT studies above the normal knee, and none of msknode's own objects came bac
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
 import sys
@@ -23,6 +22,7 @@ from pathlib import Path
 import pytest
 
 from conftest import free_port
+from node.loopback import child_env
 from node.orthanc import OrthancProcess
 
 pytestmark = pytest.mark.slow
@@ -33,9 +33,7 @@ POSITIVE_MODELS = {"knee-acl": "knee.acl", "shoulder-cuff": "shoulder.rotator_cu
 
 
 def _clean_env(**extra) -> dict:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MSKNODE_", "DEMO_"))}
-    env.update(TCP_NODELAY="1", **extra)
-    return env
+    return child_env(drop=("MSKNODE_", "DEMO_"), **extra)
 
 
 def _dciodvfy_errors(path: Path) -> list[str]:
