@@ -15,6 +15,15 @@ VENV_BIN = Path(sys.executable).parent
 os.environ.setdefault("TCP_NODELAY", "1")
 
 
+def isolate_env(monkeypatch, **values: object) -> None:
+    """Removes the caller's MSKNODE_* variables from this process's environment, then sets ``values``."""
+    for k in list(os.environ):
+        if k.startswith("MSKNODE_"):
+            monkeypatch.delenv(k)
+    for k, v in values.items():
+        monkeypatch.setenv(k, str(v))
+
+
 @pytest.fixture
 def data_dir(tmp_path) -> Path:
     d = tmp_path / "data"
@@ -25,10 +34,7 @@ def data_dir(tmp_path) -> Path:
 @pytest.fixture
 def settings(data_dir, monkeypatch):
     """Settings on a fresh data dir (SQLite), isolated from the caller's environment."""
-    for k in list(os.environ):
-        if k.startswith("MSKNODE_"):
-            monkeypatch.delenv(k)
-    monkeypatch.setenv("MSKNODE_DATA_DIR", str(data_dir))
+    isolate_env(monkeypatch, MSKNODE_DATA_DIR=data_dir)
     from node.settings import load_settings
 
     return load_settings()

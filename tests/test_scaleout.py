@@ -12,6 +12,7 @@ import time
 import pytest
 from sqlalchemy import func, select
 
+from conftest import isolate_env
 from jobs_support import (
     WorkerProcess,
     job_states,
@@ -41,13 +42,7 @@ def scaleout(postgres_url, redis_server, data_dir, tmp_path, monkeypatch):
         "MSKNODE_JOB_RETRY_BACKOFF_SECONDS": "0.5",
         "MSKNODE_LOG_LEVEL": "INFO",
     }
-    import os
-
-    for k in list(os.environ):
-        if k.startswith("MSKNODE_"):
-            monkeypatch.delenv(k)
-    for k, v in env_vars.items():
-        monkeypatch.setenv(k, v)
+    isolate_env(monkeypatch, **env_vars)
     from node.settings import load_settings
 
     settings = load_settings()

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import datetime as dt
 import io
-import os
 import re
 import time
 import warnings
@@ -25,6 +24,7 @@ with warnings.catch_warnings():
     from starlette.testclient import TestClient
 
 import web_seed as ws
+from conftest import isolate_env
 
 ADMIN = ("alice", "alice-password-1")
 READER = ("rob", "rob-password-12")
@@ -34,11 +34,8 @@ NOW = dt.datetime.now(dt.timezone.utc)
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
     mp = pytest.MonkeyPatch()
-    for k in list(os.environ):
-        if k.startswith("MSKNODE_"):
-            mp.delenv(k)
     data = tmp_path_factory.mktemp("web") / "data"
-    mp.setenv("MSKNODE_DATA_DIR", str(data))
+    isolate_env(mp, MSKNODE_DATA_DIR=data)
     from node.db import Database
     from node.settings import load_settings
     from node.web.users import add_user

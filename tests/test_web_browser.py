@@ -28,7 +28,7 @@ from selenium.webdriver.support import expected_conditions as EC
 from selenium.webdriver.support.ui import Select, WebDriverWait
 
 import web_seed as ws
-from conftest import ROOT, VENV_BIN, free_port
+from conftest import ROOT, VENV_BIN, free_port, isolate_env
 from node.loopback import child_env
 
 ADMIN = ("alice", "alice-password-1")
@@ -47,10 +47,7 @@ def server(tmp_path_factory):
     env = child_env(MSKNODE_DATA_DIR=data, MSKNODE_WEB_PORT=port, MSKNODE_WEB_HOST="127.0.0.1",
                     MSKNODE_SITE_TIMEZONE="Europe/Berlin", MSKNODE_LOG_LEVEL="WARNING")
     mp = pytest.MonkeyPatch()
-    for k in list(os.environ):
-        if k.startswith("MSKNODE_"):
-            mp.delenv(k)
-    mp.setenv("MSKNODE_DATA_DIR", str(data))
+    isolate_env(mp, MSKNODE_DATA_DIR=data)
     from node.db import Database
     from node.settings import load_settings
     from node.web.users import add_user
