@@ -128,7 +128,7 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = Field(default=11112, ge=1, le=65535)
     allowed_ae_titles: Annotated[list[str], NoDecode] = Field(default_factory=list)
-    listener_processes: int = Field(default=1, ge=1, le=32)
+    listener_processes: int = Field(default=2, ge=1, le=32)
     max_associations: int = Field(default=16, ge=1)
     dimse_timeout: float = Field(default=60.0, gt=0)
     network_timeout: float = Field(default=60.0, gt=0)

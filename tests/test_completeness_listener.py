@@ -407,7 +407,8 @@ def test_listener_killed_mid_association_waits_for_the_network_timeout(settings,
     timeout = 8.0
     port = free_port()
     log = tmp_path / "listener.log"
-    first = Listener(settings, port, log).start()
+    # one process, so that kill -9 takes down the process that holds the association
+    first = Listener(settings, port, log, MSKNODE_LISTENER_PROCESSES=1).start()
     ticker = Ticker(cfg.model_copy(update={"network_timeout": timeout}))
     ticker.start()
     second = None
