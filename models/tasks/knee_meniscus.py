@@ -108,13 +108,7 @@ class KneeMeniscus(TaskSpec):
     phantom_lesion_masks = ("meniscus_lesion",)
     phantom_lesion_keys = ("meniscus",)
     mrnet_columns = ("meniscus",)
-
-    def build_net(self):
-        """LesionNet in the channels-last layout (3-D convolutions with few channels are many times faster
-        that way on CPU, in training and inference)."""
-        import torch
-
-        return super().build_net().to(memory_format=torch.channels_last_3d)
+    channels_last = True
 
     def network_input(self, volume: Volume, extras: Mapping[str, Volume] | None = None):
         """(2, D, H, W): the sagittal series and the coronal one on the same grid (zeros without one)."""

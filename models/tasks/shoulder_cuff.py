@@ -44,13 +44,7 @@ class ShoulderRotatorCuff(TaskSpec):
     mrnet_columns = ()
     # the input role cor_fluid: coronal-oblique T2 or PD fat-sat (or STIR)
     phantom_sequences = (("T2_FS", 0.5), ("PD_FS", 0.35), ("STIR", 0.15))
-
-    def build_net(self):
-        """LesionNet in the channels-last layout (3-D convolutions with few channels are many times faster
-        that way on CPU, in training and inference)."""
-        import torch
-
-        return super().build_net().to(memory_format=torch.channels_last_3d)
+    channels_last = True
 
     def network_input(self, volume: Volume, extras: Mapping[str, Volume] | None = None):
         """(1, D, H, W): the coronal-oblique series on the grid of the (moved) region of interest."""

@@ -106,11 +106,12 @@ class LumbarStenosis(TaskSpec):
         grades = labels["stenosis"]
         return [grades[level] for level in LEVELS]
 
+    channels_last = True
+
     def build_net(self) -> LevelContextNet:
-        """LevelContextNet in the channels-last layout (3-D convolutions with few channels are many times
-        faster that way on CPU, in training and inference)."""
-        net = LevelContextNet(self.input.channels, self.head_sizes, channels=self.net.channels, dropout=self.net.dropout)
-        return net.to(memory_format=torch.channels_last_3d)
+        """LevelContextNet (wider context, to tell the levels apart) in the task's layout."""
+        return self.in_layout(
+            LevelContextNet(self.input.channels, self.head_sizes, channels=self.net.channels, dropout=self.net.dropout))
 
     def target_from_phantom(self, phantom) -> Target:
         """Exact grades; the lesion map of each level head is the ball around its canal centre."""
