@@ -210,10 +210,12 @@ class _Association(Association):
 
             if self.is_established and self.acse.is_release_requested():
                 self.release_requested = True  # read by the connection-closed handler (another thread)
-                self.acse.send_release(is_response=True)
                 self.is_released = True
                 self.is_established = False
+                # record the release before answering it: once the peer holds our A-RELEASE-RP,
+                # the index already shows the association closed (completeness waits on that)
                 evt.trigger(self, evt.EVT_RELEASED, {})
+                self.acse.send_release(is_response=True)
                 self.kill()
                 return
 
