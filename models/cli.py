@@ -36,6 +36,9 @@ def register(sub) -> None:
     pt.add_argument("--cache", type=Path, default=None, help="folder caching preprocessed phantoms")
     pt.add_argument("--max-steps", type=int, default=None, help="stop after this many optimiser steps")
     pt.add_argument("--no-augment", action="store_true")
+    pt.add_argument("--patch-steps", type=int, default=None,
+                    help="lesion-patch pretraining steps before the whole-grid epochs (default: the model's own)")
+    pt.add_argument("--patch-lr", type=float, default=None, help="peak learning rate of the patch stage (default: --lr)")
     pt.add_argument("--init", type=Path, default=None, help="start from these weights (with .sha256), e.g. to fine-tune")
     pt.add_argument("--motion", default="1200:3500000",
                     help="qc.anatomy only: N:SEED phantoms for the native-resolution motion detector (default 1200:3500000)")
@@ -148,7 +151,9 @@ def cmd_train(args, settings) -> int:
 
             recipe = Recipe(data=str(spec), seed=args.seed, epochs=args.epochs or 8, batch_size=args.batch_size,
                             lr=args.lr, threads=_threads(settings), max_steps=args.max_steps, augment=not args.no_augment,
-                            init=str(args.init) if args.init else None)
+                            init=str(args.init) if args.init else None,
+                            patch_steps=TASKS[args.model].patch_pretrain_steps if args.patch_steps is None else args.patch_steps,
+                            patch_lr=args.patch_lr)
             path = train(TASKS[args.model], recipe, args.out, cache_root=args.cache, workers=args.workers, log=log)
     except (DataSpecError, TrainingError, VolumeError) as e:
         _err(str(e))

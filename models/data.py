@@ -143,7 +143,7 @@ def cache_dir_for(task: TaskSpec, root: Path | None) -> Path | None:
     import models.phantoms as phantoms
 
     key = json.dumps({
-        "task": task.name, "shape": task.input.shape, "roi": task.input.roi_mm, "plane": task.input.plane,
+        "task": task.name, "shape": task.input.shape, "roi": task.input.roi_mm, "native": task.input.native_mm, "plane": task.input.plane,
         "phantoms": phantoms.SPEC_VERSION, "generator": getattr(phantoms, "GENERATOR_VERSION", None),
         "overrides": sorted(task.phantom_overrides().items()), "sequences": list(task.phantom_sequences), "v": 1,
     }, sort_keys=True, default=str)

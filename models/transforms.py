@@ -212,6 +212,30 @@ def make_frame(
     )
 
 
+def make_native_frame(
+    volume: Volume, out_shape: Sequence[int], target_mm: Sequence[float], plane: str | None = None,
+    offset_mm: Sequence[float] = (0.0, 0.0, 0.0),
+) -> Frame:
+    """A Frame that samples native voxels: per canonical axis an integer step (the whole number of
+    source voxels nearest ``target_mm``, at least 1) from a voxel-aligned origin, so a line one
+    native pixel thick keeps its full contrast (no interpolation between pixels or slices). The
+    grid is centred on the field of view moved by ``offset_mm``; the millimetres it covers follow
+    the source spacing, and samples outside the source are zero."""
+    perm, flips, plane = canonical_layout(volume, plane)
+    spacing = tuple(float(volume.spacing[p]) for p in perm)
+    shape = tuple(int(volume.array.shape[p]) for p in perm)
+    origin, step = [], []
+    for a in range(3):
+        st = max(1, int(round(float(target_mm[a]) / spacing[a])))
+        centre = (shape[a] - 1) / 2.0 + float(offset_mm[a]) / spacing[a]
+        origin.append(float(np.floor(centre - (out_shape[a] - 1) / 2.0 * st + 0.5)))
+        step.append(float(st))
+    return Frame(
+        source_shape=tuple(int(s) for s in volume.array.shape), perm=perm, flips=flips, plane=plane,
+        canonical_spacing=spacing, origin=tuple(origin), step=tuple(step), out_shape=tuple(int(s) for s in out_shape),
+    )
+
+
 def robust_scale(x: np.ndarray, percentile: float = 99.5) -> np.ndarray:
     sub = x.reshape(-1)
     if sub.size > 200_000:

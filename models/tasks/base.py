@@ -76,6 +76,9 @@ class InputSpec:
     plane: str  # "sagittal", "coronal", "axial"
     shape: tuple[int, int, int]  # network grid (D, H, W)
     roi_mm: tuple[float | None, float | None, float | None] | None  # central ROI (through, rows, cols) in mm
+    # instead of a ROI in mm: sample native voxels, an integer step per axis nearest these mm
+    # (transforms.make_native_frame); the grid then covers shape x step x spacing
+    native_mm: tuple[float, float, float] | None = None
     min_slices: int = 12
     slice_spacing_mm: tuple[float, float] = (1.0, 7.0)
     pixel_spacing_mm: tuple[float, float] = (0.15, 1.6)
@@ -153,6 +156,7 @@ class TaskSpec:
 
     # --- network and its input ---------------------------------------------------------
     channels_last: bool = False  # the network's memory layout (see in_layout)
+    patch_pretrain_steps: int = 0  # `msknode train` default for lesion-patch pretraining (training.pretrain_patches)
 
     def build_net(self):
         """The task's network (default LesionNet); must offer ``features`` / ``forward_head`` like LesionNet."""
@@ -273,6 +277,7 @@ class TaskSpec:
             "input": {
                 "roles": list(self.input.roles), "extra_roles": list(self.input.extra_roles), "plane": self.input.plane,
                 "grid": list(self.input.shape), "roi_mm": None if self.input.roi_mm is None else list(self.input.roi_mm),
+                "native_mm": None if self.input.native_mm is None else list(self.input.native_mm),
                 "min_slices": self.input.min_slices,
             },
             "outputs": {h.name: list(h.classes) for h in self.heads},

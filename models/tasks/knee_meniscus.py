@@ -21,7 +21,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from models.tasks.base import Head, HeadResult, InputSpec, NetConfig, TaskSpec
-from models.transforms import Frame, make_frame, robust_scale
+from models.transforms import Frame, make_native_frame, robust_scale
 from models.types import Finding, Volume
 
 SIDES = ("medial", "lateral")
@@ -94,12 +94,13 @@ class KneeMeniscus(TaskSpec):
     site = "meniscus"
     # both menisci lie within about +-30 mm of the centre of a sagittal knee field of view
     # (through-plane), 4 - 15 mm below it (rows) and 4 - 24 mm behind it (columns; the horns
-    # reach 25 mm further): an 80 x 40 x 96 mm region whose centre is moved ROI_OFFSET_MM
-    # (down, back) from the field-of-view centre, on a 20 x 48 x 120 grid (4 x 0.83 x 0.8 mm).
-    # Tear lines are about one native pixel thick, so the in-plane grid keeps the native
-    # resolution.
+    # reach 25 mm further). Tear lines are about one native pixel thick and often show on one
+    # or two slices only, so the grid samples native voxels (no interpolation between pixels
+    # or slices, which would halve the line's contrast): per axis the integer step nearest
+    # (3.4, 0.8, 0.8) mm, 28 x 60 x 144 voxels about the field-of-view centre moved
+    # ROI_OFFSET_MM (down, back); at 3.5 x 0.75 mm that is 98 x 45 x 108 mm.
     input = InputSpec(
-        roles=("sag_fluid", "sag_pd"), plane="sagittal", shape=(20, 48, 120), roi_mm=(80.0, 40.0, 96.0),
+        roles=("sag_fluid", "sag_pd"), plane="sagittal", shape=(28, 60, 144), roi_mm=None, native_mm=(3.4, 0.8, 0.8),
         min_slices=12, slice_spacing_mm=(1.0, 7.0), pixel_spacing_mm=(0.15, 1.6), fov_mm=(90.0, 260.0),
         flip_slices_ok=True, extra_roles=(CORONAL_ROLE,), mrnet_plane="sagittal", channels=2,
     )
@@ -109,11 +110,17 @@ class KneeMeniscus(TaskSpec):
     phantom_lesion_keys = ("meniscus",)
     mrnet_columns = ("meniscus",)
     channels_last = True
+    # a tear line is a few dozen voxels of the grid: the features that see it are first learnt on
+    # patches around tears and at the same places in other knees (training.pretrain_patches)
+    patch_pretrain_steps = 8000
+    # both input roles of contract C3: sag_fluid (PD/T2 fat-sat or STIR) and sag_pd (PD/T1 without fat-sat)
+    phantom_sequences = (("PD_FS", 0.5), ("PD", 0.2), ("T1", 0.1), ("T2_FS", 0.1), ("STIR", 0.1))
+    coronal_sequences = ("PD_FS", "T2_FS")  # cor_fluid
 
     def network_input(self, volume: Volume, extras: Mapping[str, Volume] | None = None):
         """(2, D, H, W): the sagittal series and the coronal one on the same grid (zeros without one)."""
         spec = self.input
-        frame = offset_frame(make_frame(volume, spec.shape, spec.roi_mm, spec.plane), ROI_OFFSET_MM)
+        frame = make_native_frame(volume, spec.shape, spec.native_mm, spec.plane, ROI_OFFSET_MM)
         img = robust_scale(frame.to_grid(volume.array))[None]
         cor = (extras or {}).get(CORONAL_ROLE)
         second = np.zeros_like(img)
@@ -128,12 +135,14 @@ class KneeMeniscus(TaskSpec):
         return np.concatenate([img, second], axis=0).astype(np.float32), frame
 
     def phantom_extras(self, phantom, seed: int) -> dict[str, Volume]:
-        """A coronal fluid-sensitive series of the same knee for every CORONAL_SHARE-th seed."""
+        """A coronal fluid-sensitive series (PD or T2 fat-sat) of the same knee for every CORONAL_SHARE-th seed."""
         if int(seed) % CORONAL_SHARE != 0:
             return {}
         from models.phantoms import generate
 
-        cor = generate("knee", int(seed), orientation="coronal", **self.phantom_overrides())
+        rng = np.random.default_rng([int(seed), 4343])
+        sequence = self.coronal_sequences[int(rng.integers(len(self.coronal_sequences)))]
+        cor = generate("knee", int(seed), **{**self.phantom_overrides(), "orientation": "coronal", "sequence": sequence})
         return {CORONAL_ROLE: cor.volume}
 
     def phantom_labels(self, labels: Mapping[str, Any]) -> list[Any]:
