@@ -134,14 +134,18 @@ class ClassifierModel:
         timings["preprocess_s"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         set_mc_dropout(self.net, False)
+        # test-time views: the series, and its mirror along the slice axis when the task averages over both
+        flip = bool(self.task.flip_tta and self.task.input.flip_slices_ok)
         with torch.inference_mode():
-            feat = self.net.features(x)
-            logits, evidence = self.net.forward_head(feat)
+            feats = [self.net.features(x)] + ([self.net.features(torch.flip(x, dims=[2]))] if flip else [])
+            outs = [self.net.forward_head(f) for f in feats]
+            logits = [torch.stack([o[0][h] for o in outs]).mean(dim=0) for h in range(len(self.task.heads))]
+            evidence = torch.stack([o[1] if i == 0 else torch.flip(o[1], dims=[2]) for i, o in enumerate(outs)]).mean(dim=0)
         probs = [torch.softmax(lg / self.temperature, dim=1)[0].numpy() for lg in logits]
         timings["inference_s"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         if uncertainty and self.mc_samples > 1:
-            mc = mc_dropout_probabilities(self.net, feat, samples=self.mc_samples, temperature=self.temperature)
+            mc = mc_dropout_probabilities(self.net, feats, samples=self.mc_samples, temperature=self.temperature)
             mc = [m.numpy() for m in mc]
         else:
             mc = None
@@ -168,7 +172,9 @@ class ClassifierModel:
                     lg, _ = self.net.forward_head(f)
                     return head_score(lg[_h], _head, _kind)
 
-                cam = self.task.head_saliency(h, grad_cam(score, feat), evidence[0, h].numpy())
+                cams = [grad_cam(score, f) for f in feats]
+                cam = np.mean([c if i == 0 else c[::-1] for i, c in enumerate(cams)], axis=0)
+                cam = self.task.head_saliency(h, cam, evidence[0, h].numpy())
                 heat = to_heatmap(cam, frame)
                 peak_vox, peak_mm = volume_peak(volume, heat)
                 t_sal += time.perf_counter() - ts
@@ -193,6 +199,6 @@ class ClassifierModel:
             timings["total_s"] = time.perf_counter() - t_start
             return ModelOutput(model=self.info, series_uid=volume.series_uid, qc=qc, findings=[], timings=timings)
         results = self.analyse(volume, extras=extras, saliency=saliency, uncertainty=uncertainty, timings=timings)
-        findings = self.task.findings(results, threshold=self.threshold)
+        findings = self.task.findings(results, threshold=self.threshold, volume=volume)
         timings["total_s"] = time.perf_counter() - t_start
         return ModelOutput(model=self.info, series_uid=volume.series_uid, qc=qc, findings=findings, timings=timings)

@@ -173,6 +173,16 @@ def evaluate_classifier(model, spec: DataSpec, *, gate=None, workers: int = 1, s
         out["specificity_ci"] = bootstrap_ci(spec_, len(p), reps=bootstrap, seed=2)
         out["ece"] = round(binary_ece(p, y), 4)
         out["threshold"] = round(thr, 4)
+        pos_cls = [i for i in range(n_cls) if i not in neg]
+        if len(pos_cls) > 1:  # which positive class (e.g. medial / lateral meniscus), among cases with a known one
+            al = np.array([c.target.allowed[0, :n_cls] for c, _ in rows])
+            one = (al.sum(axis=1) == 1) & al[:, pos_cls].any(axis=1)
+            if one.any():
+                truth = al[one].argmax(axis=1)
+                guess = np.array([head.classes.index(task.positive_class(res[0], case.volume))
+                                  for (case, res), keep in zip(rows, one) if keep])
+                out["positive_class_accuracy"] = round(float(np.mean(truth == guess)), 4)
+                out["positive_class_cases"] = int(one.sum())
         if spec.kind == "synthetic" and len(np.unique(y)) == 2:
             out["shortcut_auc"] = round(shortcut_auc(np.stack(feats)[known], y), 4)
     else:

@@ -8,6 +8,8 @@ probability (standard deviation).
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 from torch import nn
 
@@ -15,16 +17,23 @@ from models.nets import set_mc_dropout
 
 
 def mc_dropout_probabilities(
-    net: nn.Module, features: torch.Tensor, *, samples: int = 24, temperature: float = 1.0, seed: int = 0
+    net: nn.Module, features: torch.Tensor | Sequence[torch.Tensor], *, samples: int = 24, temperature: float = 1.0,
+    seed: int = 0,
 ) -> list[torch.Tensor]:
-    """Per head: (samples, n_classes) softmax probabilities of ``samples`` stochastic head passes on ``features`` (1, ...)."""
+    """Per head: (samples, n_classes) softmax probabilities of ``samples`` stochastic head passes on ``features``
+    (1, ...). Several feature maps (test-time views of one series) share each sample's dropout masks and
+    their logits are averaged, as in the deterministic pass."""
+    views = [features] if isinstance(features, torch.Tensor) else list(features)
     gen_state = torch.random.get_rng_state()
-    torch.manual_seed(seed)  # reproducible uncertainty for the same input
     try:
         set_mc_dropout(net, True)
         with torch.inference_mode():
-            feats = features.expand(samples, *features.shape[1:])
-            logits, _ = net.forward_head(feats)
+            per_view = []
+            for f in views:
+                torch.manual_seed(seed)  # reproducible uncertainty for the same input, the same masks per view
+                per_view.append(net.forward_head(f.expand(samples, *f.shape[1:]))[0])
+            n_heads = len(per_view[0])
+            logits = [torch.stack([v[h] for v in per_view]).mean(dim=0) for h in range(n_heads)]
             return [torch.softmax(lg / temperature, dim=1) for lg in logits]
     finally:
         set_mc_dropout(net, False)

@@ -156,6 +156,9 @@ class TaskSpec:
 
     # --- network and its input ---------------------------------------------------------
     channels_last: bool = False  # the network's memory layout (see in_layout)
+    # inference averages the network over the series and its mirror along the slice axis (logits, evidence,
+    # Grad-CAM and MC-dropout logits; needs input.flip_slices_ok): steadier on lesions a few voxels wide
+    flip_tta: bool = False
     patch_pretrain_steps: int = 0  # `msknode train` default for lesion-patch pretraining (training.pretrain_patches)
 
     def build_net(self):
@@ -233,7 +236,13 @@ class TaskSpec:
         return Target(allowed=allowed, info=info)
 
     # --- outputs ----------------------------------------------------------------------
-    def findings(self, results: Sequence[HeadResult], *, threshold: float) -> list[Finding]:
+    def positive_class(self, result: HeadResult, volume: Volume | None = None) -> str:
+        """Which positive class a positive finding of a head with negatives reports: the most probable one.
+        A task may decide it otherwise (e.g. from where the finding lies)."""
+        probs = dict(zip(result.head.classes, result.probabilities))
+        return max(result.head.positive, key=lambda c: float(probs[c]))
+
+    def findings(self, results: Sequence[HeadResult], *, threshold: float, volume: Volume | None = None) -> list[Finding]:
         """One Finding per head (negative ones too: the SR reports 'evaluated, absent')."""
         out = []
         for r in results:
@@ -241,8 +250,7 @@ class TaskSpec:
             if r.p_finding is not None:
                 p = float(r.p_finding)
                 positive = p >= threshold
-                pos_classes = r.head.positive
-                grade = max(pos_classes, key=lambda c: probs[c]) if positive else None
+                grade = self.positive_class(r, volume) if positive else None
             else:
                 top = max(probs, key=probs.get)
                 p = None
@@ -282,6 +290,19 @@ class TaskSpec:
             },
             "outputs": {h.name: list(h.classes) for h in self.heads},
         }
+
+
+def attention_confined(cam: np.ndarray, evidence: np.ndarray) -> np.ndarray:
+    """Grad-CAM confined to where a head looks: ``attention * (0.05 + cam / max cam)``, with
+    ``attention = exp(evidence - max evidence)`` the head's own attention-pooling weight (LesionNet
+    pools its features with softmax(evidence), trained on the lesion mask); the attention alone
+    where Grad-CAM is empty."""
+    e = np.asarray(evidence, np.float64)
+    attention = np.exp(e - e.max()).astype(np.float32)
+    top = float(np.max(cam)) if cam.size else 0.0
+    if not np.isfinite(top) or top <= 0:
+        return attention
+    return (attention * (0.05 + np.asarray(cam, np.float32) / top)).astype(np.float32)
 
 
 def volume_peak(volume: Volume, heat: np.ndarray) -> tuple[tuple[int, int, int], tuple[float, float, float]] | tuple[None, None]:

@@ -1,10 +1,18 @@
 """``knee.meniscus``: sagittal knee -> P(meniscal tear), and which meniscus (medial / lateral).
 
-One head with the classes none / medial / lateral: P(tear) = 1 - P(none), the side is the
-more probable positive class. A mirrored knee (flip along the slice axis) is a valid knee of
-the other side with the same labels (medial stays medial), so slice flips are a
-label-preserving augmentation; the side is told by anatomy (the fibula is lateral, the
-medial meniscus is C-shaped with a larger posterior horn), not by the laterality tag.
+One head with the classes none / medial / lateral: P(tear) = 1 - P(none). A mirrored knee
+(flip along the slice axis) is a valid knee of the other side with the same labels (medial
+stays medial), so slice flips are a label-preserving augmentation and the network's side
+classes must be told by anatomy alone (the fibula is lateral, the medial meniscus is C-shaped
+with a larger posterior horn).
+
+Which meniscus a positive finding names is decided where a radiologist decides it: from where
+the tear lies. With a known laterality (ImageLaterality / Laterality R or L) and a located
+finding (the saliency peak), the side is the half of the knee that holds the peak: the medial
+compartment of a right knee lies towards the patient's left (+x in DICOM patient
+coordinates), that of a left knee towards the patient's right, split at the centre of the
+sagittal stack (sagittal knee stacks are prescribed about the intercondylar notch). Without a
+laterality or a location the more probable side class of the network is reported.
 
 Input: two channels on the sagittal network grid. Channel 0 is the sagittal series; channel
 1 is the coronal fluid-sensitive series (role ``cor_fluid``) of the same frame of reference
@@ -20,7 +28,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from models.tasks.base import Head, HeadResult, InputSpec, NetConfig, TaskSpec
+from models.tasks.base import Head, HeadResult, InputSpec, NetConfig, TaskSpec, attention_confined
 from models.transforms import Frame, make_native_frame, robust_scale
 from models.types import Finding, Volume
 
@@ -84,6 +92,17 @@ def resample_onto_grid(other: Volume, volume: Volume, frame: Frame) -> np.ndarra
     return out.reshape(frame.out_shape).astype(np.float32)
 
 
+def located_side(peak_mm: Sequence[float] | None, volume: Volume | None) -> str | None:
+    """"medial" / "lateral" from a finding's patient position and the knee's laterality, or None when
+    either is unknown: the medial compartment of a right knee lies towards +x (patient left) of the
+    centre of the sagittal stack, that of a left knee towards -x."""
+    if peak_mm is None or volume is None or volume.laterality not in ("R", "L"):
+        return None
+    centre = volume.affine() @ np.array([(n - 1) / 2.0 for n in volume.shape] + [1.0])
+    towards_left = float(peak_mm[0]) - float(centre[0]) > 0
+    return "medial" if towards_left == (volume.laterality == "R") else "lateral"
+
+
 class KneeMeniscus(TaskSpec):
     name = "knee.meniscus"
     anatomy = "knee"
@@ -110,6 +129,7 @@ class KneeMeniscus(TaskSpec):
     phantom_lesion_keys = ("meniscus",)
     mrnet_columns = ("meniscus",)
     channels_last = True
+    flip_tta = True  # the tear line is one or two voxels wide: the mirrored view steadies both P(tear) and its location
     # a tear line is a few dozen voxels of the grid: the features that see it are first learnt on
     # patches around tears and at the same places in other knees (training.pretrain_patches)
     patch_pretrain_steps = 8000
@@ -150,11 +170,24 @@ class KneeMeniscus(TaskSpec):
             return ["none"]
         return [labels["meniscus_side"]]
 
-    def findings(self, results: Sequence[HeadResult], *, threshold: float) -> list[Finding]:
-        out = super().findings(results, threshold=threshold)
-        for f in out:
+    def head_saliency(self, head_index: int, cam: np.ndarray, evidence: np.ndarray) -> np.ndarray:
+        """Grad-CAM confined to the head's attention (`attention_confined`): a tear line is a few voxels
+        of the 1/4-resolution feature map, and the lesion-evidence map trained on the tear mask
+        finds it where Grad-CAM's channel weighting also lights the rest of the meniscus."""
+        return attention_confined(cam, evidence)
+
+    def positive_class(self, result: HeadResult, volume: Volume | None = None) -> str:
+        side = located_side(result.peak_mm, volume)
+        return side if side is not None else super().positive_class(result, volume)
+
+    def findings(self, results: Sequence[HeadResult], *, threshold: float, volume: Volume | None = None) -> list[Finding]:
+        out = super().findings(results, threshold=threshold, volume=volume)
+        for f, r in zip(out, results):
             if f.positive and f.grade in SIDES:
                 f.site = f"{f.grade} meniscus"
+                if located_side(r.peak_mm, volume) is not None:
+                    # the side is a location, not a class the network scored: report P(tear) alone
+                    f.grade_probabilities = None
         return out
 
     def finding_label(self, head: Head, grade: str | None, positive: bool) -> str:

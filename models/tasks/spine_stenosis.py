@@ -21,7 +21,7 @@ from monai.networks.blocks import Convolution
 from torch import nn
 
 from models.nets import LesionNet
-from models.tasks.base import Head, HeadResult, InputSpec, NetConfig, Target, TaskSpec
+from models.tasks.base import Head, HeadResult, InputSpec, NetConfig, Target, TaskSpec, attention_confined
 from models.types import Finding, Volume
 
 LEVELS = ("L1-L2", "L2-L3", "L3-L4", "L4-L5", "L5-S1")
@@ -121,23 +121,16 @@ class LumbarStenosis(TaskSpec):
         return target
 
     def head_saliency(self, head_index: int, cam: np.ndarray, evidence: np.ndarray) -> np.ndarray:
-        """Grad-CAM confined to where the head looks: ``attention * (0.05 + cam / max cam)``.
+        """Grad-CAM confined to where the head looks (`attention_confined`). Grad-CAM weighs the shared
+        feature map with one weight per channel, so on its own it peaks at the most narrowed canal
+        whichever level asks; the attention of each level head is trained to sit on its level ball.
+        Where Grad-CAM is empty (a normal level has no positive evidence for stenosis) the map is the
+        attention, so every level's map peaks at its level."""
+        return attention_confined(cam, evidence)
 
-        ``attention = exp(evidence - max evidence)`` is the head's own attention-pooling weight
-        (LesionNet pools F with softmax(evidence)), trained to sit on its level ball. Grad-CAM
-        weighs the shared feature map with one weight per channel, so on its own it peaks at the
-        most narrowed canal whichever level asks. Where Grad-CAM is empty (a normal level has no
-        positive evidence for stenosis) the map is the attention, so every level's map peaks at its level."""
-        e = np.asarray(evidence, np.float64)
-        attention = np.exp(e - e.max()).astype(np.float32)
-        top = float(np.max(cam)) if cam.size else 0.0
-        if not np.isfinite(top) or top <= 0:
-            return attention
-        return (attention * (0.05 + np.asarray(cam, np.float32) / top)).astype(np.float32)
-
-    def findings(self, results: Sequence[HeadResult], *, threshold: float) -> list[Finding]:
+    def findings(self, results: Sequence[HeadResult], *, threshold: float, volume: Volume | None = None) -> list[Finding]:
         """One finding per level; the grade is the most probable class (normal included)."""
-        out = super().findings(results, threshold=threshold)
+        out = super().findings(results, threshold=threshold, volume=volume)
         for f, r in zip(out, results):
             probs = {c: float(p) for c, p in zip(r.head.classes, r.probabilities)}
             top = max(probs, key=probs.get)
