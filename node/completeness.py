@@ -18,12 +18,25 @@ work with several listener processes (contract C1):
    position means waiting for the quiet period. A complete series is routed at once
    (`node.routing`): ``complete`` with pipeline + role, or ``unrouted``.
 4. *Study settled*: for each study + pipeline with a routed, non-localizer series in
-   ``complete``: no other series of the study still receiving, nothing received and
-   no series completed for ``study_quiet_seconds`` → one ``jobs`` row (``queued``,
-   ``enqueue_pending``) with ``job_inputs`` (every routed non-localizer series of that
-   pipeline, with its role). A series arriving later re-opens the study: a new job
-   that ``supersedes`` the previous one (a still-queued predecessor becomes
-   ``superseded``); identical inputs never make a second job.
+   ``complete``: no other series of the study still receiving, and either
+   - *protocol complete*: the pipeline has a protocol (``settings.study_protocols``,
+     e.g. knee = sag_fluid, cor_fluid) and every role in it has a complete (or already
+     processed) series, at least one of them new, while no association that delivered
+     to the study is still open — at once, without the quiet period; or
+   - *quiet*: nothing received and no series completed for ``study_quiet_seconds``
+     (a pipeline without a protocol, a protocol role missing, or only series outside
+     the protocol new)
+   → one ``jobs`` row (``queued``, ``enqueue_pending``) with ``job_inputs`` (every
+   routed non-localizer series of that pipeline, with its role). A series arriving later
+   re-opens the study: a new job that ``supersedes`` the previous one (a still-queued
+   predecessor becomes ``superseded``); identical inputs never make a second job.
+
+The protocol is the site's declaration of what its scanners send, beside the quiet
+periods in the settings: only the site knows that its knee exam is, say, five series.
+The roles the models read are a lower bound of it; settling on them alone would start a
+job while the rest of a longer protocol is still on its way, and each later series would
+then supersede it (the work done again, the results sent to the PACS again). So without a
+protocol a pipeline waits for the quiet period, as before.
 """
 
 from __future__ import annotations
@@ -351,8 +364,17 @@ def create_jobs(session: Session, settings: Settings, now: dt.datetime, rules: R
     study_quiet = dt.timedelta(seconds=settings.study_quiet_seconds)
     for study_id, pipeline in pending:
         study = session.get(Study, study_id)
-        if study is None or not _study_settled(session, study, now, study_quiet):
+        if study is None:
             continue
+        protocol = frozenset(settings.study_protocols.get(pipeline, ()))
+        settled = _study_settled(session, study, now, study_quiet, pipeline=pipeline, protocol=protocol)
+        if settled is None:
+            continue
+        if settled == "protocol":
+            log.info(
+                "study %s %s: every protocol role arrived complete (%s): settled without the quiet period",
+                study.study_uid, pipeline, ", ".join(sorted(protocol)),
+            )
         if study_id not in rerouted:
             rerouted.add(study_id)
             _reroute_missing_anatomy(session, settings, rules, study_id)
@@ -362,17 +384,63 @@ def create_jobs(session: Session, settings: Settings, now: dt.datetime, rules: R
     return created
 
 
-def _study_settled(session: Session, study: Study, now: dt.datetime, study_quiet: dt.timedelta) -> bool:
-    if study.study_quiet_deadline is not None and now < study.study_quiet_deadline:
-        return False
-    if study.last_received_at is not None and now < study.last_received_at + study_quiet:
-        return False
+def _study_settled(
+    session: Session,
+    study: Study,
+    now: dt.datetime,
+    study_quiet: dt.timedelta,
+    *,
+    pipeline: str | None = None,
+    protocol: frozenset[str] = frozenset(),
+) -> str | None:
+    """Why the study is settled for ``pipeline`` (``"protocol"`` or ``"quiet"``), or None while it is not.
+
+    Never while one of its series is still receiving. ``"protocol"``: every role of
+    ``protocol`` has a complete (or processed) series, one of them new since the last job,
+    and no association that delivered to the study is still open. ``"quiet"``: nothing
+    arrived and no series completed for ``study_quiet``.
+    """
     receiving = session.scalar(
         select(func.count())
         .select_from(Series)
         .where(Series.study_id == study.id, Series.state == "receiving", Series.own_object.is_(False))
     )
-    return not receiving
+    if receiving:
+        return None
+    if protocol and pipeline is not None and _protocol_arrived(session, study.id, pipeline, protocol):
+        return "protocol"
+    if study.study_quiet_deadline is not None and now < study.study_quiet_deadline:
+        return None
+    if study.last_received_at is not None and now < study.last_received_at + study_quiet:
+        return None
+    return "quiet"
+
+
+def _protocol_arrived(session: Session, study_id: int, pipeline: str, protocol: frozenset[str]) -> bool:
+    """Every protocol role of ``pipeline`` is in the study, at least one of them newly complete, no sender connected.
+
+    A series outside the protocol (an extra axial, a repeat after motion with another role)
+    arriving after the job waits for the quiet period as before; so does a study whose sender
+    still holds an association open (more series may follow on it).
+    """
+    rows = session.execute(
+        select(Series.role, Series.state).where(
+            Series.study_id == study_id,
+            Series.pipeline == pipeline,
+            Series.role.in_(protocol),
+            Series.state.in_(INPUT_STATES),
+        )
+    ).all()
+    if not protocol <= {role for role, _ in rows} or not any(state == "complete" for _, state in rows):
+        return False
+    sending = session.scalar(
+        select(func.count())
+        .select_from(AssociationSeries)
+        .join(Association, Association.id == AssociationSeries.association_id)
+        .join(Series, Series.id == AssociationSeries.series_id)
+        .where(Series.study_id == study_id, Association.ended_at.is_(None))
+    )
+    return not sending
 
 
 def _reroute_missing_anatomy(session: Session, settings: Settings, rules: RoutingRules, study_id: int) -> None:

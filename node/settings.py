@@ -136,6 +136,8 @@ class Settings(BaseSettings):
     # completeness and routing
     quiet_seconds: float = Field(default=2.0, ge=0)
     study_quiet_seconds: float = Field(default=1.0, ge=0)
+    # pipeline -> the roles its study protocol sends; once all arrived complete the study is settled at once
+    study_protocols: Annotated[dict[str, list[str]], NoDecode] = Field(default_factory=dict)
     routing_rules: Path = DEFAULT_ROUTING_RULES
 
     # results
@@ -176,6 +178,42 @@ class Settings(BaseSettings):
                 return json.loads(v)
             return [s.strip() for s in v.split(",") if s.strip()]
         return v
+
+    @field_validator("study_protocols", mode="before")
+    @classmethod
+    def _protocols_text(cls, v: Any) -> Any:
+        """JSON (``{"knee": ["sag_fluid", "cor_fluid"]}``) or ``knee=sag_fluid,cor_fluid; shoulder=cor_fluid``."""
+        if not isinstance(v, str):
+            return v
+        v = v.strip()
+        if v.startswith("{"):
+            try:
+                return json.loads(v)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"not valid JSON: {e}") from None
+        out: dict[str, list[str]] = {}
+        for part in filter(None, (x.strip() for x in v.split(";"))):
+            pipeline, sep, roles = part.partition("=")
+            if not sep:
+                raise ValueError(f"{part!r} is not PIPELINE=ROLE,ROLE (parts are separated by ';')")
+            out[pipeline.strip()] = [r.strip() for r in roles.split(",") if r.strip()]
+        return out
+
+    @field_validator("study_protocols")
+    @classmethod
+    def _protocols(cls, v: dict[str, list[str]]) -> dict[str, list[str]]:
+        from node.routing import LOCALIZER_ROLE, PIPELINE_ROLES
+
+        for pipeline, roles in v.items():
+            if pipeline not in PIPELINE_ROLES:
+                raise ValueError(f"{pipeline!r} is not a pipeline (pipelines: {', '.join(sorted(PIPELINE_ROLES))})")
+            if not roles:
+                raise ValueError(f"{pipeline}: list at least one role")
+            known = [r for r in PIPELINE_ROLES[pipeline] if r != LOCALIZER_ROLE]
+            for role in roles:
+                if role not in known:
+                    raise ValueError(f"{pipeline}: {role!r} is not an input role of {pipeline} (roles: {', '.join(known)})")
+        return {p: sorted(set(roles)) for p, roles in v.items()}
 
     @field_validator("ae_title")
     @classmethod

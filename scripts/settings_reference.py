@@ -37,6 +37,7 @@ DESCRIPTIONS = {
     "network_timeout": "Seconds of network silence before an association is dropped; an open association with no instance for this long counts as lost.",
     "quiet_seconds": "A series is complete this long after the association that delivered it was released (or at once when it announces its size and has no gap).",
     "study_quiet_seconds": "A study is processed when all its routed series are complete and nothing arrived for this long.",
+    "study_protocols": "The roles each pipeline's protocol sends, e.g. `knee=sag_fluid,cor_fluid; shoulder=cor_fluid` (or JSON). A study in which every listed role arrived complete is processed at once, without the study quiet period; a pipeline not listed, or one with a role missing, waits for it.",
     "routing_rules": "TOML routing rules (series -> pipeline and role); reloaded when the file changes.",
     "uid_root": "UID root of every object the node creates; objects with it are never routed again.",
     "destinations": 'JSON list where results go: `{"type": "dimse", "ae_title", "host", "port", "tls": false}` or `{"type": "stow", "url", "username", "password" | "token"}`.',
@@ -67,6 +68,7 @@ SPECIAL_DEFAULTS = {
     "secret_key": "generated, kept in `<data_dir>/secret_key`",
     "weights_dir": "none (repository `models/weights`)",
     "allowed_ae_titles": "empty (any)",
+    "study_protocols": "none (every study waits for the quiet period)",
 }
 
 

@@ -413,3 +413,174 @@ def test_concurrent_ticks_create_one_job(db, settings, cfg, rules):
         per_study = s.execute(select(Job.study_id, func.count()).group_by(Job.study_id)).all()
         assert all(n == 1 for _, n in per_study)
         assert s.scalar(select(func.count()).select_from(JobInput)) == 8
+
+
+# ---- protocol-aware settling ----------------------------------------------------------
+LONG_SQ = 60.0  # a study quiet period long enough that only the protocol can settle the study early
+
+
+@pytest.fixture
+def proto_cfg(cfg):
+    return cfg.model_copy(update={"study_quiet_seconds": LONG_SQ, "study_protocols": {"knee": ["cor_fluid", "sag_fluid"]}})
+
+
+def test_protocol_complete_settles_the_study_without_the_quiet_period(anydb, proto_cfg, rules):
+    db = anydb
+    with db.session() as s:
+        st = make_study(s, description="MR KNEE LEFT")
+        sag = send_series(s, st, description="PD_TSE_FS_SAG", count=30, now=at(0), number=2)
+        study_id = st.id
+    assert run(db, proto_cfg, rules, Q) == []  # sagittal complete; the coronal of the protocol is missing
+    assert state_of(db, sag.series_uid)[:3] == ("complete", "knee", "sag_fluid")
+    assert run(db, proto_cfg, rules, 20.0) == []
+    with db.session() as s:  # the coronal comes in a second association
+        cor = send_series(s, s.get(Study, study_id), description="PD_TSE_FS_COR", count=24, now=at(20.0), number=3)
+    assert run(db, proto_cfg, rules, 20.0 + Q - 0.01) == []  # the series itself still in its quiet period
+    [job] = run(db, proto_cfg, rules, 20.0 + Q)  # complete: the protocol is whole, no study quiet period
+    for t in (21.0, 20.0 + Q + LONG_SQ, 200.0):
+        assert run(db, proto_cfg, rules, t) == []
+    [(job_id, state, pipeline, supersedes, inputs)] = jobs_of(db)
+    assert (job_id, state, pipeline, supersedes) == (job, "queued", "knee", None)
+    assert inputs == sorted([(sag.series_uid, "sag_fluid"), (cor.series_uid, "cor_fluid")])
+
+
+def test_a_missing_protocol_role_waits_for_the_quiet_period(anydb, proto_cfg, rules):
+    db = anydb
+    with db.session() as s:
+        st = make_study(s)
+        send_series(s, st, description="PD_TSE_FS_SAG", count=30, now=at(0), number=2)
+        send_series(s, st, description="t1_tse_cor", count=24, now=at(0.2), number=3)  # cor_t1, not cor_fluid
+    assert run(db, proto_cfg, rules, 0.2 + Q) == []
+    assert run(db, proto_cfg, rules, 0.2 + Q + LONG_SQ - 0.01) == []
+    assert len(run(db, proto_cfg, rules, 0.2 + Q + LONG_SQ)) == 1
+    assert sorted(r for *_, r in jobs_of(db)[0][4]) == ["cor_t1", "sag_fluid"]
+
+
+def test_a_pipeline_without_a_protocol_waits_for_the_quiet_period(db, proto_cfg, rules):
+    with db.session() as s:
+        st = make_study(s)
+        send_series(s, st, description="COR OBL T2 FS", body_part="SHOULDER", count=20, now=at(0))
+    assert run(db, proto_cfg, rules, Q) == []  # the protocol is the knee's; the shoulder waits as before
+    assert [j[2] for j in jobs_of(db)] == []
+    assert len(run(db, proto_cfg, rules, Q + LONG_SQ)) == 1
+
+
+def test_after_the_protocol_job_an_extra_series_waits_for_the_quiet_period(anydb, proto_cfg, rules):
+    db = anydb
+    with db.session() as s:
+        st = make_study(s)
+        send_series(s, st, description="PD_TSE_FS_SAG", count=30, now=at(0), number=2)
+        send_series(s, st, description="PD_TSE_FS_COR", count=24, now=at(0.1), number=3)
+        study_id = st.id
+    [first] = run(db, proto_cfg, rules, 0.1 + Q)
+    with db.session() as s:  # the worker finished it
+        s.get(Job, first).state = "done"
+        for se in s.scalars(select(Series).where(Series.state == "queued")):
+            se.state = "done"
+    with db.session() as s:
+        ax = send_series(s, s.get(Study, study_id), description="pd_tse_fs_tra", count=25, now=at(30.0), number=4)
+    assert run(db, proto_cfg, rules, 30.0 + Q) == []  # outside the protocol: the study quiet period again
+    assert state_of(db, ax.series_uid)[:3] == ("complete", "knee", "ax_fluid")
+    assert run(db, proto_cfg, rules, 30.0 + Q + LONG_SQ - 0.01) == []
+    [second] = run(db, proto_cfg, rules, 30.0 + Q + LONG_SQ)
+    assert [(j[0], j[1], j[3]) for j in jobs_of(db)] == [(first, "done", None), (second, "queued", first)]
+    # a repeated protocol series (e.g. after motion) settles at once again
+    with db.session() as s:
+        s.get(Job, second).state = "done"
+        for se in s.scalars(select(Series).where(Series.state == "queued")):
+            se.state = "done"
+        send_series(s, s.get(Study, study_id), description="PD_TSE_FS_SAG repeat", count=30, now=at(200.0), number=5)
+    [third] = run(db, proto_cfg, rules, 200.0 + Q)
+    assert jobs_of(db)[2][:4] == (third, "queued", "knee", second)
+    assert len(jobs_of(db)[2][4]) == 4
+
+
+def test_an_open_association_holds_a_protocol_complete_study(db, proto_cfg, rules):
+    """Series complete by their announced count while the sender is still connected: more may follow."""
+    with db.session() as s:
+        st = make_study(s)
+        sag = make_series(s, st, description="Sag PD FSE FS", expected=20)
+        cor = make_series(s, st, description="Cor PD FSE FS", expected=20)
+        a = open_association(s, now=at(0))
+        add_instances(s, sag, 20, association=a, now=at(0))
+        add_instances(s, cor, 20, association=a, now=at(0.1))
+        aid, uids = a.id, (sag.series_uid, cor.series_uid)
+    assert run(db, proto_cfg, rules, 0.2) == []
+    assert [state_of(db, u)[3] for u in uids] == ["count", "count"]
+    assert run(db, proto_cfg, rules, 3.0) == []  # still connected
+    with db.session() as s:
+        release(s, s.get(Association, aid), now=at(3.0), quiet_seconds=Q)
+    assert len(run(db, proto_cfg, rules, 3.0)) == 1  # released: settled at once, no quiet period
+
+
+def test_concurrent_ticks_create_one_job_when_the_protocol_settles(db, settings, cfg, rules):
+    """Several engines tick at the same instant the protocol becomes whole: one job per study."""
+    pcfg = cfg.model_copy(update={"study_quiet_seconds": LONG_SQ, "study_protocols": {"knee": ["sag_fluid", "cor_t1"]}})
+    for _ in range(4):
+        knee_study(db, t=0.0)
+    engines = [Database(settings.database_url, migrate=False) for _ in range(4)]
+    barrier = threading.Barrier(len(engines))
+    results: list[list[int]] = []
+    errors: list[BaseException] = []
+
+    def worker(d):
+        try:
+            barrier.wait()
+            for t in (0.2 + Q, 0.2 + Q + 0.1, 3.0, 0.2 + Q + LONG_SQ):
+                with d.session() as s:
+                    results.append(tick(s, pcfg, at(t), rules))
+        except BaseException as e:  # pragma: no cover - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=worker, args=(d,)) for d in engines]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    for d in engines:
+        d.dispose()
+    assert not errors, errors
+    created = [j for r in results for j in r]
+    assert len(created) == 4 and len(set(created)) == 4
+    with db.session() as s:
+        per_study = s.execute(select(Job.study_id, func.count()).group_by(Job.study_id)).all()
+        assert len(per_study) == 4 and all(n == 1 for _, n in per_study)
+        assert s.scalar(select(func.count()).select_from(JobInput)) == 8
+
+
+@pytest.mark.parametrize(
+    "value, expected",
+    [
+        ('{"knee": ["sag_fluid", "cor_fluid"]}', {"knee": ["cor_fluid", "sag_fluid"]}),
+        ("knee=sag_fluid,cor_fluid; shoulder=cor_fluid", {"knee": ["cor_fluid", "sag_fluid"], "shoulder": ["cor_fluid"]}),
+        ("", {}),
+    ],
+)
+def test_study_protocols_setting(monkeypatch, tmp_path, value, expected):
+    from node.settings import load_settings
+
+    monkeypatch.setenv("MSKNODE_DATA_DIR", str(tmp_path))
+    monkeypatch.setenv("MSKNODE_STUDY_PROTOCOLS", value)
+    assert load_settings().study_protocols == expected
+
+
+@pytest.mark.parametrize(
+    "value, why",
+    [
+        ("hip=sag_fluid", "'hip' is not a pipeline"),
+        ("knee=sag_t2", "'sag_t2' is not an input role of knee"),
+        ("knee=localizer", "'localizer' is not an input role of knee"),
+        ("knee=", "list at least one role"),
+        ("knee sag_fluid", "is not PIPELINE=ROLE,ROLE"),
+        ('{"knee": ', "not valid JSON"),
+    ],
+)
+def test_an_invalid_study_protocol_is_refused_with_a_reason(monkeypatch, tmp_path, value, why):
+    from node.errors import SettingsError
+    from node.settings import load_settings
+
+    monkeypatch.setenv("MSKNODE_DATA_DIR", str(tmp_path))
+    monkeypatch.setenv("MSKNODE_STUDY_PROTOCOLS", value)
+    with pytest.raises(SettingsError) as e:
+        load_settings()
+    assert "MSKNODE_STUDY_PROTOCOLS" in str(e.value) and why in str(e.value), str(e.value)
