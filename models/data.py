@@ -10,6 +10,10 @@
   ``PATH/labels.csv`` keyed by ``SeriesInstanceUID`` with one column per head (e.g. ``acl``
   with intact/partial/complete or 0/1). Series without a row are ignored; a row without
   its series is an error.
+- ``realdir:PATH`` — real series without labels: a folder whose subfolders are series (DICOM
+  files, or image stacks / arrays with a ``series.json`` sidecar; see `models.realdir`).
+  For evaluation only: QC acceptance, the distribution of outputs and, on series the
+  sidecar marks ``normal``, the false-positive rate.
 
 `open_cases(spec, task)` yields `Case` objects (a `Volume` + a `Target`);
 `preprocess_cases` turns them into network-grid arrays (cached on disk for phantoms).
@@ -38,7 +42,7 @@ MRNET_PLANES = ("sagittal", "coronal", "axial")
 
 @dataclass(frozen=True)
 class DataSpec:
-    kind: str  # "synthetic" | "mrnet" | "dicomcsv"
+    kind: str  # "synthetic" | "mrnet" | "dicomcsv" | "realdir"
     n: int = 0
     seed: int = 0
     path: Path | None = None
@@ -49,7 +53,7 @@ class DataSpec:
             return f"synthetic:{self.n}:{self.seed}"
         if self.kind == "mrnet":
             return f"mrnet:{self.path}:{self.split}"
-        return f"dicomcsv:{self.path}"
+        return f"{self.kind}:{self.path}"
 
 
 @dataclass
@@ -61,9 +65,10 @@ class Case:
 
 
 def parse_spec(text: str) -> DataSpec:
-    """Parse ``synthetic:N:SEED``, ``mrnet:PATH[:SPLIT]`` or ``dicomcsv:PATH``."""
+    """Parse ``synthetic:N:SEED``, ``mrnet:PATH[:SPLIT]``, ``dicomcsv:PATH`` or ``realdir:PATH``."""
     if not isinstance(text, str) or ":" not in text:
-        raise DataSpecError(f"data spec {text!r}: expected synthetic:N:SEED, mrnet:PATH[:SPLIT] or dicomcsv:PATH")
+        raise DataSpecError(
+            f"data spec {text!r}: expected synthetic:N:SEED, mrnet:PATH[:SPLIT], dicomcsv:PATH or realdir:PATH")
     kind, rest = text.split(":", 1)
     if kind == "synthetic":
         parts = rest.split(":")
@@ -84,11 +89,11 @@ def parse_spec(text: str) -> DataSpec:
         if not path:
             raise DataSpecError(f"data spec {text!r}: missing PATH")
         return DataSpec("mrnet", path=Path(path), split=split)
-    if kind == "dicomcsv":
+    if kind in ("dicomcsv", "realdir"):
         if not rest:
             raise DataSpecError(f"data spec {text!r}: missing PATH")
-        return DataSpec("dicomcsv", path=Path(rest))
-    raise DataSpecError(f"unknown data spec kind {kind!r}; expected synthetic, mrnet or dicomcsv")
+        return DataSpec(kind, path=Path(rest))
+    raise DataSpecError(f"unknown data spec kind {kind!r}; expected synthetic, mrnet, dicomcsv or realdir")
 
 
 # --- synthetic ---------------------------------------------------------------------------
@@ -271,6 +276,8 @@ def open_cases(spec: DataSpec | str, task: TaskSpec) -> Iterator[Case]:
             yield phantom_case(task, s)[0]
     elif spec.kind == "mrnet":
         yield from mrnet_cases(task, spec.path, spec.split)
+    elif spec.kind == "realdir":
+        raise DataSpecError(f"{spec}: real series without labels serve evaluation only (no training targets)")
     else:
         yield from dicomcsv_cases(task, spec.path)
 

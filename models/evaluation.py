@@ -23,6 +23,7 @@ anyway, so refusing hard cases cannot flatter a metric. JSON keys (those that ap
 
 from __future__ import annotations
 
+import math
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterable
@@ -279,10 +280,171 @@ def evaluate_superres(model, spec: DataSpec) -> dict[str, Any]:
     return out
 
 
+# --- real series without labels (realdir:PATH) --------------------------------------------------------
+
+
+def _distribution(values: np.ndarray) -> dict[str, Any]:
+    if not len(values):
+        return {}
+    q = np.percentile(values, [0, 25, 50, 75, 100])
+    hist, _ = np.histogram(values, bins=10, range=(0.0, 1.0))
+    return {"min": round(float(q[0]), 4), "p25": round(float(q[1]), 4), "median": round(float(q[2]), 4),
+            "p75": round(float(q[3]), 4), "max": round(float(q[4]), 4), "histogram_0_1_10": hist.tolist()}
+
+
+def _rate(num: int, den: int) -> float | None:
+    return round(num / den, 4) if den else None
+
+
+def _group_counts(rows: list[dict[str, Any]], key: str) -> dict[str, Any]:
+    groups: dict[str, dict[str, Any]] = {}
+    for r in rows:
+        g = groups.setdefault(r[key] or "unknown", {"n": 0, "qc_accepted": 0, "qc_refused": 0, "qc_reasons": {}})
+        g["n"] += 1
+        if r["accepted"]:
+            g["qc_accepted"] += 1
+        else:
+            g["qc_refused"] += 1
+            g["qc_reasons"][r["reason"]] = g["qc_reasons"].get(r["reason"], 0) + 1
+    for g in groups.values():
+        g["accepted_rate"] = _rate(g["qc_accepted"], g["n"])
+    return dict(sorted(groups.items()))
+
+
+def evaluate_realdir_classifier(model, spec: DataSpec, *, gate, log: Callable[[str], None] | None = None
+                                ) -> dict[str, Any]:
+    """QC outcome and output distribution of a classifier on unlabelled real series.
+
+    Every series goes through the QC gate as at a site; accepted series are analysed (no
+    saliency, no uncertainty). The false-positive rate counts series the sidecar marks
+    ``normal`` that the model calls positive (any head with a non-negative class).
+    """
+    from models.realdir import read_realdir
+
+    task: TaskSpec = model.task
+    rows: list[dict[str, Any]] = []
+    t0 = time.time()
+    for rs in read_realdir(spec.path):
+        qc = gate.check(rs.volume, task) if gate is not None else None
+        accepted = qc is None or qc.accepted
+        row: dict[str, Any] = {"key": rs.key, "anatomy": rs.anatomy_group, "source": rs.source, "normal": rs.normal,
+                               "accepted": accepted, "reason": None if accepted else qc.reason}
+        if accepted:
+            results = model.analyse(rs.volume, saliency=False, uncertainty=False)
+            row["p_finding"] = float(results[0].p_finding) if task.kind == "binary" else None
+            row["classes"] = [r.head.classes[int(np.argmax(r.probabilities))] for r in results]
+            row["positive"] = any(c not in r.head.negative for c, r in zip(row["classes"], results) if r.head.negative)
+        rows.append(row)
+        if log:
+            log(f"{rs.key}: " + ("accepted" if accepted else f"refused ({row['reason']})"))
+    if not rows:
+        raise DataSpecError(f"{spec}: no series")
+    acc = [r for r in rows if r["accepted"]]
+    reasons: dict[str, int] = {}
+    for r in rows:
+        if not r["accepted"]:
+            reasons[r["reason"]] = reasons.get(r["reason"], 0) + 1
+    own = [r for r in rows if r["anatomy"] == task.anatomy]
+    out: dict[str, Any] = {
+        "n": len(rows), "qc_accepted": len(acc), "qc_refused": len(rows) - len(acc), "qc_reasons": reasons,
+        "n_own_anatomy": len(own), "own_anatomy_accepted_rate": _rate(sum(r["accepted"] for r in own), len(own)),
+        "by_anatomy": _group_counts(rows, "anatomy"), "by_source": _group_counts(rows, "source"),
+        "positive_rate": _rate(sum(r["positive"] for r in acc), len(acc)),
+    }
+    if task.kind == "binary":
+        out["p_finding"] = _distribution(np.array([r["p_finding"] for r in acc], float))
+        out["threshold"] = round(float(model.threshold), 4)
+    else:
+        out["predicted_classes"] = {
+            head.name: {c: sum(1 for r in acc if r["classes"][h] == c) for c in head.classes}
+            for h, head in enumerate(task.heads)
+        }
+    normal = [r for r in acc if r["normal"]]
+    out["normal_accepted"] = len(normal)
+    out["false_positive_rate"] = _rate(sum(r["positive"] for r in normal), len(normal))
+    out["series"] = [{k: v for k, v in r.items() if k in ("key", "anatomy", "accepted", "reason", "p_finding",
+                                                          "classes", "positive")} for r in rows]
+    out["seconds"] = round(time.time() - t0, 1)
+    return out
+
+
+def evaluate_realdir_superres(model, spec: DataSpec, *, log: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Super-resolution on unlabelled real series: its input QC and the data-consistency check."""
+    from models.realdir import read_realdir
+
+    rows = []
+    for rs in read_realdir(spec.path):
+        out = model.predict(rs.volume)
+        rows.append({"key": rs.key, "anatomy": rs.anatomy_group, "source": rs.source, "accepted": out.qc.accepted,
+                     "reason": out.qc.reason, "consistency_passed": bool(out.consistency_passed),
+                     "consistency_error": None if math.isnan(out.consistency_error) else float(out.consistency_error)})
+        if log:
+            log(f"{rs.key}: " + ("accepted" if out.qc.accepted else f"refused ({out.qc.reason})"))
+    if not rows:
+        raise DataSpecError(f"{spec}: no series")
+    acc = [r for r in rows if r["accepted"]]
+    reasons: dict[str, int] = {}
+    for r in rows:
+        if not r["accepted"]:
+            reasons[r["reason"]] = reasons.get(r["reason"], 0) + 1
+    errs = np.array([r["consistency_error"] for r in acc if r["consistency_error"] is not None], float)
+    return {"n": len(rows), "qc_accepted": len(acc), "qc_refused": len(rows) - len(acc), "qc_reasons": reasons,
+            "by_anatomy": _group_counts(rows, "anatomy"),
+            "consistency_passed_rate": _rate(sum(r["consistency_passed"] for r in acc), len(acc)),
+            "consistency_error_max": round(float(errs.max()), 5) if len(errs) else None,
+            "series": [{k: r[k] for k in ("key", "anatomy", "accepted", "reason", "consistency_passed")} for r in rows]}
+
+
+def evaluate_realdir_anatomy(registry, spec: DataSpec, *, log: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """The QC gate on unlabelled real series, as every shipped classifier would apply it.
+
+    A series of a served anatomy (knee, shoulder, lumbar spine) counts as accepted when the
+    gate accepts it for every classifier of its anatomy that reads its plane; a series of any
+    other anatomy counts as refused when the gate refuses it for every classifier that reads
+    its plane. Series whose plane no classifier reads are reported, not counted.
+    """
+    from models.realdir import read_realdir
+    from models.tasks import TASKS
+
+    gate = registry.gate()
+    rows = []
+    for rs in read_realdir(spec.path):
+        group = rs.anatomy_group
+        tasks = [t for t in TASKS.values() if t.input.plane == rs.plane and (group not in TASKS_ANATOMIES or
+                                                                          t.anatomy == group)]
+        results = {t.name: gate.check(rs.volume, t) for t in tasks}
+        pred = gate.anatomy.predict(rs.volume, rs.plane) if gate.anatomy is not None else None
+        row = {"key": rs.key, "anatomy": group, "plane": rs.plane, "source": rs.source,
+               "models": {k: (None if q.accepted else q.reason) for k, q in results.items()},
+               "pixels": pred["label"] if pred else None}
+        if not tasks:
+            row["counted"] = False
+        elif group in TASKS_ANATOMIES:
+            row["counted"], row["accepted"] = True, all(q.accepted for q in results.values())
+        else:
+            row["counted"], row["accepted"] = True, not any(q.accepted for q in results.values())
+        rows.append(row)
+        if log:
+            log(f"{rs.key}: {row}")
+    if not rows:
+        raise DataSpecError(f"{spec}: no series")
+    out: dict[str, Any] = {"n": len(rows), "accepted_rate": {}, "refused_rate": {}, "counts": {}}
+    for g in sorted({r["anatomy"] for r in rows}):
+        counted = [r for r in rows if r["anatomy"] == g and r["counted"]]
+        key = "accepted_rate" if g in TASKS_ANATOMIES else "refused_rate"
+        out[key][g] = _rate(sum(r["accepted"] for r in counted), len(counted))
+        out["counts"][g] = {"series": sum(r["anatomy"] == g for r in rows), "counted": len(counted)}
+    out["series"] = rows
+    return out
+
+
+TASKS_ANATOMIES = ("knee", "shoulder", "lumbar_spine")
+
+
 def evaluate(name: str, data: str | DataSpec, *, registry, weights: Path | None = None, workers: int = 1,
              log: Callable[[str], None] | None = None, bootstrap: int = N_BOOTSTRAP) -> dict[str, Any]:
     """Evaluate model ``name`` (registry weights, or a checkpoint ``weights`` with its .sha256) on a data spec."""
-    from models.registry import MODEL_SUPERRES, read_sha256_file
+    from models.registry import MODEL_ANATOMY, MODEL_SUPERRES, read_sha256_file
     from models.errors import WeightsIntegrityError, WeightsMissingError
 
     spec = parse_spec(data) if isinstance(data, str) else data
@@ -302,9 +464,15 @@ def evaluate(name: str, data: str | DataSpec, *, registry, weights: Path | None 
         model = entry.loader(registry, weights, actual)
     else:
         model = registry.get(name)
-    if name == MODEL_SUPERRES:
+    if spec.kind == "realdir" and name == MODEL_SUPERRES:
+        result = evaluate_realdir_superres(model, spec, log=log)
+    elif spec.kind == "realdir" and name == MODEL_ANATOMY:
+        result = evaluate_realdir_anatomy(registry, spec, log=log)
+    elif spec.kind == "realdir":
+        result = evaluate_realdir_classifier(model, spec, gate=registry.gate(), log=log)
+    elif name == MODEL_SUPERRES:
         result = evaluate_superres(model, spec)
     else:
         result = evaluate_classifier(model, spec, gate=registry.gate(), workers=workers, log=log, bootstrap=bootstrap)
-    info = model.info
+    info = model.info if hasattr(model, "info") else registry.info(name)
     return {"model": name, "version": info.version, "weights_sha256": info.weights_sha256, "data": str(spec), **result}
