@@ -4,6 +4,10 @@
 same facts so the two never disagree. Required keys: name, version, task, anatomy,
 weights_sha256, training_data, recipe, metrics, evaluation_data, reproduce (commands),
 limitations (list of str). The notice "not for diagnostic use" is always included.
+
+``real_data`` (optional) holds what the model did on real scans without labels
+(``msknode evaluate MODEL --data realdir:PATH``): the command, the data and the figures
+as measured, good or bad; `record_real_data` writes it into an existing card.
 """
 
 from __future__ import annotations
@@ -60,10 +64,62 @@ def markdown(card: dict[str, Any]) -> str:
     ]
     for k, v in m.items():
         lines.append(f"| {k} | {_fmt(v)} |")
+    lines += _real_data_lines(card.get("real_data"))
     lines += ["", "## Reproduce", "", "```sh", *card["reproduce"], "```", "", "## Limitations", ""]
     lines += [f"- {x}" for x in card["limitations"]]
     lines += ["", f"_{NOT_FOR_DIAGNOSTIC_USE} This model is not for diagnostic use._", ""]
     return "\n".join(lines)
+
+
+_REAL_SUMMARY_KEYS = ("n", "qc_accepted", "qc_refused", "qc_reasons", "own_anatomy_accepted_rate", "positive_rate",
+                      "normal_accepted", "false_positive_rate", "p_finding", "predicted_classes", "accepted_rate",
+                      "refused_rate", "consistency_passed_rate", "consistency_error_max")
+
+
+def _real_data_lines(real: dict[str, Any] | None) -> list[str]:
+    if not real:
+        return []
+    lines = ["", "## On real scans (no labels)", "", str(real.get("data", "")), "",
+             f"Measured with `{real.get('command', '')}`.", "", "| figure | value |", "|---|---|"]
+    for k, v in real.get("figures", {}).items():
+        if k not in ("by_source", "by_anatomy", "loso"):
+            lines.append(f"| {k} | {_fmt(v)} |")
+    for group in ("by_anatomy", "by_source"):
+        rows = real.get("figures", {}).get(group)
+        if not rows:
+            continue
+        lines += ["", f"| {group.replace('by_', '')} | series | QC accepted | QC refused (reasons) |", "|---|---|---|---|"]
+        for name, g in rows.items():
+            lines.append(f"| {name} | {g['n']} | {g['qc_accepted']} | {g['qc_refused']} ({_fmt(g.get('qc_reasons', {}))}) |")
+    return lines
+
+
+def record_real_data(folder: Path, result: dict[str, Any], *, data: str, command: str) -> dict[str, Any]:
+    """Stores the figures of a realdir evaluation (per-series rows left out) in the card at ``folder``."""
+    folder = Path(folder)
+    card = json.loads((folder / "card.json").read_text())
+    figures = {k: result[k] for k in _REAL_SUMMARY_KEYS if k in result and result[k] is not None}
+    for group in ("by_anatomy", "by_source"):
+        if group in result:
+            figures[group] = result[group]
+    card["real_data"] = {"data": data, "command": command, "figures": figures,
+                         "model_weights_sha256": result.get("weights_sha256")}
+    if all(k in card for k in REQUIRED):
+        write_card(folder, {k: v for k, v in card.items() if k not in ("demo_weights", "notice")})
+        return card
+    # a card whose Markdown is written by hand: card.json updated, the section replaced or appended
+    (folder / "card.json").write_text(json.dumps(card, indent=2) + "\n")
+    md_path = folder / "MODEL_CARD.md"
+    text = md_path.read_text() if md_path.is_file() else ""
+    section = "\n".join(_real_data_lines(card["real_data"])).strip() + "\n"
+    head, sep, rest = text.partition("## On real scans (no labels)")
+    if sep:
+        nxt = rest.find("\n## ")
+        text = head + section + (rest[nxt + 1:] if nxt >= 0 else "")
+    else:
+        text = text.rstrip("\n") + "\n\n" + section
+    md_path.write_text(text)
+    return card
 
 
 def write_card(folder: Path, card: dict[str, Any]) -> None:
@@ -75,3 +131,29 @@ def write_card(folder: Path, card: dict[str, Any]) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "card.json").write_text(json.dumps(card, indent=2) + "\n")
     (folder / "MODEL_CARD.md").write_text(markdown(card))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m models.cards record-real FOLDER RESULT.json --data TEXT --command TEXT``."""
+    import argparse
+    import sys
+
+    ap = argparse.ArgumentParser(prog="python -m models.cards")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    rec = sub.add_parser("record-real", help="store a realdir evaluation (msknode evaluate ... --json) in a card")
+    rec.add_argument("folder", type=Path, help="the model's weights folder (card.json, MODEL_CARD.md)")
+    rec.add_argument("result", type=Path, help="the JSON printed by msknode evaluate MODEL --data realdir:PATH --json")
+    rec.add_argument("--data", required=True, help="what the real series are (sources, counts)")
+    rec.add_argument("--command", required=True, help="the command that produced the result")
+    args = ap.parse_args(argv)
+    try:
+        result = json.loads(args.result.read_text())
+        record_real_data(args.folder, result, data=args.data, command=args.command)
+    except (OSError, ValueError, KeyError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -176,3 +176,31 @@ def test_export_corpus_links_every_series_without_copying(tmp_path):
     assert series["dicom/siemens_knee_sagittal"].plane == "sagittal"
     assert series["stacks/normal-hip-coronal"].anatomy == "other:hip"
     assert series["stacks/normal-knee-axial"].volume.shape[0] == 28
+
+
+def test_record_real_data_in_generated_and_hand_written_cards(tmp_path):
+    import shutil
+
+    from models.cards import markdown, record_real_data
+    from models.registry import REPO_WEIGHTS
+
+    result = {"n": 4, "qc_accepted": 3, "qc_refused": 1, "qc_reasons": {"wrong_anatomy": 1}, "positive_rate": 0.25,
+              "false_positive_rate": 0.0, "weights_sha256": "ab" * 32, "series": [{"key": "x"}],
+              "by_source": {"site": {"n": 4, "qc_accepted": 3, "qc_refused": 1, "qc_reasons": {"wrong_anatomy": 1}}}}
+    for name in ("knee.acl", "superres"):
+        folder = tmp_path / name
+        shutil.copytree(REPO_WEIGHTS / name, folder, ignore=shutil.ignore_patterns("*.pt"))
+        before = (folder / "MODEL_CARD.md").read_text()
+        card = record_real_data(folder, result, data="four real series", command="msknode evaluate x")
+        assert "series" not in card["real_data"]["figures"]
+        stored = json.loads((folder / "card.json").read_text())
+        assert stored["real_data"]["figures"]["false_positive_rate"] == 0.0
+        md = (folder / "MODEL_CARD.md").read_text()
+        assert "## On real scans (no labels)" in md and "| site | 4 | 3 | 1 (wrong_anatomy 1) |" in md
+        assert md.count("## On real scans") == 1
+        if name == "knee.acl":
+            assert md == markdown(stored)
+        else:
+            assert md.startswith(before.rstrip("\n"))
+        record_real_data(folder, {**result, "n": 5}, data="five", command="c")  # replaced, not appended
+        assert (folder / "MODEL_CARD.md").read_text().count("## On real scans") == 1
