@@ -460,3 +460,84 @@ def dump(db, tmp_path):
                 c.exec_driver_sql("select * from association_series").all(),
                 c.exec_driver_sql("select id, instances, expected_instances, quiet_deadline, completed_at, completed_reason, last_received_at from series").all(),
                 (tmp_path / "listener.log").read_text()[-3000:])
+
+
+# ---- a real knee study, protocol-aware ---------------------------------------------------
+REALDATA = Path(os.environ.get("MSKNODE_REALDATA") or Path(__file__).resolve().parents[2] / "shared" / "realdata")
+SIEMENS_KNEE = REALDATA / "knee" / "siemens_sagittal_dicom"
+
+
+def real_knee_study(out: Path) -> tuple[str, list[Path], str, list[Path]]:
+    """The real Siemens sagittal PD-FS knee series and, made from it here, a coronal PD-FS series of the same study.
+
+    The coronal copy keeps every acquisition parameter (sequence, scan options, TR/TE) and
+    the pixels, with new Series/SOP Instance UIDs, a coronal orientation and positions
+    stepping along the new slice normal — what a second series of the exam looks like in
+    its headers. Nothing is written outside ``out``.
+    """
+    if not SIEMENS_KNEE.is_dir():
+        pytest.skip(f"real DICOM not available: {SIEMENS_KNEE} is absent (set MSKNODE_REALDATA to ../shared/realdata)")
+    sag = sorted(SIEMENS_KNEE.glob("*.DCM"))
+    assert len(sag) == 25, f"expected the 25 files of {SIEMENS_KNEE}, found {len(sag)}"
+    first = pydicom.dcmread(sag[0], stop_before_pixels=True)
+    cor_uid = generate_uid()
+    out.mkdir(parents=True, exist_ok=True)
+    cor = []
+    for k, path in enumerate(sag):
+        ds = pydicom.dcmread(path)
+        ds.SeriesInstanceUID = cor_uid
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        ds.SeriesNumber = int(first.SeriesNumber) + 1
+        ds.ImageOrientationPatient = [1.0, 0.0, 0.0, 0.0, 0.0, -1.0]  # coronal: normal along y
+        ds.ImagePositionPatient = [-80.0, -20.0 + 3.6 * k, 80.0]
+        ds.SliceLocation = -20.0 + 3.6 * k
+        for seq in ("ReferencedImageSequence",):  # the sagittal's localizer references do not fit a coronal
+            if seq in ds:
+                del ds[seq]
+        p = out / f"cor_{k:03d}.dcm"
+        ds.save_as(p, enforce_file_format=True)
+        cor.append(p)
+    return str(first.SeriesInstanceUID), sag, cor_uid, cor
+
+
+def test_real_two_series_knee_study_in_two_associations_gives_one_knee_job(listener, settings, db, tmp_path):
+    """The real Siemens knee (sagittal PD-FS, descriptions anonymised: routed from its headers) and a
+    coronal series of the same study, each sent by storescu in its own association, seconds apart.
+    With the knee protocol (sag_fluid + cor_fluid) the study is settled the moment the coronal is
+    complete — long before the study quiet period — and exactly one knee job holds both series."""
+    sag_uid, sag_files, cor_uid, cor_files = real_knee_study(tmp_path / "cor")
+    study_quiet = 30.0
+    cfg = settings.model_copy(update={"quiet_seconds": Q, "study_quiet_seconds": study_quiet,
+                                      "study_protocols": {"knee": ["sag_fluid", "cor_fluid"]}})
+    ticker = Ticker(cfg)
+    ticker.start()
+    try:
+        storescu(listener.port, sag_files)
+        row = wait_for(lambda: (r := series_row(db, sag_uid)) is not None and r.state != "receiving" and r, Q + 5)
+        assert row, series_row(db, sag_uid)
+        assert (row.instances, row.state, row.pipeline, row.role) == (25, "complete", "knee", "sag_fluid"), (
+            f"the real sagittal PD-FS knee series was routed {row.state} {row.pipeline}/{row.role} "
+            f"(rule {row.routing_rule!r}); expected knee/sag_fluid from its orientation and acquisition parameters"
+        )
+        time.sleep(2.0)  # what a short study quiet period would have been: no job yet, the coronal is missing
+        assert all_jobs(db) == []
+        storescu(listener.port, cor_files)
+        sent = time.monotonic()
+        jobs = wait_for(lambda: all_jobs(db), Q + 5)
+        waited = time.monotonic() - sent
+        assert jobs, (series_row(db, cor_uid).state, series_row(db, cor_uid).routing_rule)
+        assert waited < study_quiet / 3, waited  # settled by the protocol, not by the quiet period
+        time.sleep(Q + 2.0)  # and nothing more comes of it
+        jobs = all_jobs(db)
+        assert len(jobs) == 1, [(j.id, j.state, j.supersedes_job_id) for j in jobs]
+        job = jobs[0]
+        assert (job.pipeline, job.state, job.supersedes_job_id) == ("knee", "queued", None)
+        assert sorted((i.series.series_uid, i.role) for i in job.inputs) == sorted(
+            [(sag_uid, "sag_fluid"), (cor_uid, "cor_fluid")])
+        with db.session() as s:
+            assocs = s.scalars(select(Association).where(Association.instances == 25).order_by(Association.id)).all()
+            assert len(assocs) == 2 and all(a.end_reason == "released" for a in assocs)
+            created = s.get(Job, job.id).created_at
+        assert (created - assocs[1].ended_at).total_seconds() < study_quiet / 3
+    finally:
+        ticker.stop()
