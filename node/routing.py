@@ -36,9 +36,26 @@ import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 from node.errors import RoutingError
+from node.recognition import (
+    ANATOMY_CODES,
+    CONTRASTS,
+    FLAGS,
+    GENERIC_CODED,
+    PLANE_VALUES,
+    Acquisition,
+    Decision,
+    Recognition,
+    Signal,
+    TextPatterns,
+    anatomy_of_codes,
+    normalize_text,
+    other_anatomy_of_text,
+    recognize,
+    tag_source,
+)
 
 #: pipelines and the roles their series can take (contract C3)
 PIPELINE_ROLES: Mapping[str, tuple[str, ...]] = {
@@ -53,6 +70,7 @@ OWN_MANUFACTURER = "msknode"
 _RULE_KEYS = {
     "name", "pipeline", "role", "route", "modality", "anatomy", "body_part", "description",
     "protocol", "text", "not_text", "laterality", "calling_ae", "manufacturer",
+    "plane", "contrast", "flags", "not_flags", "image_type", "sequence",
 }
 _TOP_KEYS = {"version", "generic_body_parts", "patterns", "anatomy", "rule"}
 _ANATOMY_KEYS = {"body_part", "text"}
@@ -60,16 +78,13 @@ _PATTERN_REF = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
 _FLAGS = re.IGNORECASE
 
 
-def normalize_text(value: str | None) -> str:
-    """A header value as the rules see it: underscores as spaces, runs of blanks collapsed."""
-    if not value:
-        return ""
-    return " ".join(value.replace("_", " ").replace("^", " ").split())
-
-
 @dataclass(frozen=True)
 class SeriesFacts:
-    """The header values routing looks at (all from the index columns)."""
+    """The header values routing looks at (all from the index columns).
+
+    ``orientations``: (ImageOrientationPatient, instance count) per distinct orientation of
+    the series' instances; ``acquisition``: the acquisition parameters of its first instance.
+    """
 
     series_uid: str
     modality: str | None = None
@@ -81,6 +96,16 @@ class SeriesFacts:
     manufacturer: str | None = None
     own_object: bool = False
     study_description: str | None = None
+    orientations: tuple[tuple[str | None, int], ...] = ()
+    acquisition: Acquisition = Acquisition()
+
+    def text(self) -> tuple[str, str]:
+        """The text the rules read (the SeriesDescription, else the ProtocolName) and which header it is."""
+        desc = normalize_text(self.series_description)
+        if desc:
+            return desc, tag_source("SeriesDescription")
+        proto = normalize_text(self.protocol_name)
+        return proto, (tag_source("ProtocolName") if proto else "")
 
 
 @dataclass(frozen=True)
@@ -92,6 +117,9 @@ class Route:
     rule: str
     anatomy: str | None = None
     anatomy_source: str | None = None
+    plane: str | None = None
+    contrast: str | None = None
+    flags: tuple[str, ...] = ()
 
     @property
     def routed(self) -> bool:
@@ -111,6 +139,18 @@ UNROUTED_OWN = "unrouted:own_object"
 UNROUTED_NO_ANATOMY = "unrouted:no_anatomy"
 UNROUTED_NO_RULE = "unrouted:no_rule"
 UNROUTED_OTHER_ANATOMY = "unrouted:other_anatomy"
+UNROUTED_ANATOMY_CONFLICT = "unrouted:anatomy_conflict"
+
+#: the pixel anatomy hook: (series) -> (anatomy or None, probability); consulted only when
+#: every header, text and study signal is silent
+PixelAnatomy = Callable[["SeriesFacts"], "tuple[str | None, float]"]
+#: a pixel anatomy is used at this probability or above
+PIXEL_ANATOMY_MIN_PROBABILITY = 0.9
+#: anatomies the pixels may decide. Not the lumbar spine: the classifier has not learned the
+#: cervical and thoracic spine, which it would take for lumbar; a spine needs a header or text.
+PIXEL_ANATOMIES = ("knee", "shoulder")
+#: flags that make a series no model input under any rule worth a pixel check
+_NOT_ANATOMICAL = frozenset({"localizer", "calibration", "derived", "mpr", "projection"})
 
 
 @dataclass(frozen=True)
@@ -136,8 +176,14 @@ class Rule:
     laterality: frozenset[str] | None = None
     calling_ae: frozenset[str] | None = None
     manufacturer: re.Pattern | None = None
+    plane: frozenset[str] | None = None
+    contrast: frozenset[str] | None = None
+    flags: frozenset[str] = frozenset()
+    not_flags: frozenset[str] = frozenset()
+    image_type: tuple[re.Pattern, ...] = ()
+    sequence: tuple[re.Pattern, ...] = ()
 
-    def matches(self, facts: SeriesFacts, anatomy: str | None) -> bool:
+    def matches(self, facts: SeriesFacts, anatomy: str | None, recognition: Recognition | None = None) -> bool:
         if self.modality is not None and (facts.modality or "").strip().upper() not in self.modality:
             return False
         if self.anatomy is not None and anatomy != self.anatomy:
@@ -162,7 +208,58 @@ class Rule:
             return False
         if self.manufacturer is not None and not self.manufacturer.search(facts.manufacturer or ""):
             return False
+        if self.plane is not None or self.contrast is not None or self.flags or self.not_flags:
+            if recognition is None:
+                return False
+            if self.plane is not None and (recognition.plane.value or "unknown") not in self.plane:
+                return False
+            if self.contrast is not None and (recognition.contrast.value or "unknown") not in self.contrast:
+                return False
+            if not self.flags <= set(recognition.flags) or self.not_flags & set(recognition.flags):
+                return False
+        acq = facts.acquisition
+        if self.image_type and any(not p.search(" ".join(acq.image_type)) for p in self.image_type):
+            return False
+        if self.sequence:
+            names = " ".join(v for v in (acq.sequence_name, acq.pulse_sequence_name, acq.ge_pulse_sequence,
+                                         acq.ge_internal_pulse_sequence, acq.philips_scanning_technique) if v)
+            if any(not p.search(names) for p in self.sequence):
+                return False
         return True
+
+
+@dataclass(frozen=True)
+class AnatomyFinding:
+    """The anatomy decided for a series.
+
+    ``pipeline``: the pipeline anatomy (None when none); ``value``: what was recognised (a
+    pipeline, another region such as ``cervical_spine``, ``other`` for an unnamed region, or
+    None); ``kind``: pipeline / other / conflict / none; ``source``: the routing key of the
+    evidence (body_part, anatomic_region, series_description, protocol_name,
+    study_description, other_series, pixels, other_body_part, conflict).
+    """
+
+    pipeline: str | None
+    value: str | None
+    kind: str
+    source: str | None
+    detail: str
+    signals: tuple[Signal, ...] = ()
+
+
+_SOURCE_LABELS = {
+    "anatomic_region": "AnatomicRegionSequence",
+    "body_part": "BodyPartExamined",
+    "other_body_part": "BodyPartExamined",
+    "series_description": "SeriesDescription",
+    "protocol_name": "ProtocolName",
+    "study_description": "StudyDescription",
+    "other_series": "other series of the study",
+    "pixels": "pixels",
+    "conflict": "conflicting headers",
+}
+_HEADER_NAMES = {"series_description": "SeriesDescription", "protocol_name": "ProtocolName",
+                 "study_description": "StudyDescription"}
 
 
 @dataclass(frozen=True)
@@ -174,6 +271,7 @@ class RoutingRules:
     generic_body_parts: frozenset[str]
     source: str = "<string>"
     digest: str = ""
+    text_patterns: TextPatterns = field(default_factory=TextPatterns.build)
 
     # ---- anatomy -------------------------------------------------------------
     def own_anatomy(self, facts: SeriesFacts) -> tuple[str | None, str | None]:
@@ -182,36 +280,156 @@ class RoutingRules:
         A BodyPartExamined that names another region (HEAD, ANKLE …) is decisive: no
         description can turn a head series into a knee.
         """
-        body = normalize_text(facts.body_part).upper()
-        if body and body not in self.generic_body_parts:
-            for a in self.anatomies:
-                if a.body_part is not None and a.body_part.search(body):
-                    return a.name, "body_part"
-            return None, "other_body_part"
-        for header, value in (("series_description", facts.series_description), ("protocol_name", facts.protocol_name)):
-            found = self._text_anatomy(value)
-            if found:
-                return found, header
+        found = self._own(facts)
+        if found.kind == "pipeline":
+            return found.pipeline, found.source
+        if found.kind in ("other", "conflict"):
+            return None, found.source
         return None, None
 
     def anatomy_of(self, facts: SeriesFacts, siblings: Sequence[SeriesFacts] = ()) -> tuple[str | None, str | None]:
         """The series' anatomy: its own headers, then the study description, then the other series."""
-        found, source = self.own_anatomy(facts)
-        if found or source == "other_body_part":
-            return found, source
-        found = self._text_anatomy(facts.study_description)
-        if found:
-            return found, "study_description"
-        seen = set()
+        found = self.anatomy_finding(facts, siblings)
+        if found.kind == "pipeline":
+            return found.pipeline, found.source
+        return None, found.source
+
+    def _body_part(self, value: str | None) -> tuple[str | None, str | None]:
+        """(kind, anatomy) a BodyPartExamined names: pipeline/other, or (None, None) when empty or generic."""
+        body = normalize_text(value).upper()
+        if not body or body in self.generic_body_parts:
+            return None, None
+        for a in self.anatomies:
+            if a.body_part is not None and a.body_part.search(body):
+                return "pipeline", a.name
+        others = other_anatomy_of_text(body)
+        return "other", (others[0] if len(others) == 1 else "other")
+
+    def _text_anatomies(self, value: str | None) -> list[tuple[str, str]]:
+        """Every (kind, anatomy) a text names: pipelines first, then regions without a pipeline."""
+        text = normalize_text(value)
+        if not text:
+            return []
+        found = [("pipeline", a.name) for a in self.anatomies if a.text is not None and a.text.search(text)]
+        found += [("other", name) for name in other_anatomy_of_text(text)]
+        return found
+
+    def _own(self, facts: SeriesFacts) -> AnatomyFinding:
+        """The anatomy the series' own headers name (coded region, body part, descriptions)."""
+        signals: list[Signal] = []
+        codes = facts.acquisition.anatomic_region
+        coded, code_read = anatomy_of_codes(codes)
+        decisive_code = coded if coded is not None and coded not in GENERIC_CODED else None
+        if codes:
+            signals.append(Signal("anatomy (coded)", f"{coded or 'no known code'} ({code_read})",
+                                  facts.acquisition.origin("anatomic_region", tag_source("AnatomicRegionSequence")), False))
+        body_kind, body_anatomy = self._body_part(facts.body_part)
+        if facts.body_part:
+            shown = body_anatomy or "names no one region"
+            signals.append(Signal("anatomy (body part)", f"{facts.body_part} -> {shown}", tag_source("BodyPartExamined"), False))
+        if facts.laterality:
+            signals.append(Signal("laterality", facts.laterality, tag_source("Laterality"), False))
+
+        def used(i: int) -> tuple[Signal, ...]:
+            out = list(signals)
+            out[i] = Signal(out[i].name, out[i].value, out[i].source, True)
+            return tuple(out)
+
+        pipelines = {a.name for a in self.anatomies}
+        if decisive_code is not None:
+            code_kind = "pipeline" if decisive_code in pipelines else "other"
+            if body_kind is not None and body_anatomy != "other" and body_anatomy != decisive_code:
+                return AnatomyFinding(None, None, "conflict", "conflict",
+                                      f"AnatomicRegionSequence says {decisive_code}, BodyPartExamined {facts.body_part} "
+                                      f"says {body_anatomy}: not guessed", tuple(Signal(s.name, s.value, s.source, True) for s in signals))
+            detail = f"coded {code_read}"
+            if body_anatomy == "other":
+                detail += f" (BodyPartExamined {facts.body_part} names no known region)"
+            return AnatomyFinding(decisive_code if code_kind == "pipeline" else None, decisive_code, code_kind,
+                                  "anatomic_region", detail, used(0))
+        if body_kind is not None:
+            i = 1 if codes else 0
+            if body_kind == "pipeline":
+                return AnatomyFinding(body_anatomy, body_anatomy, "pipeline", "body_part",
+                                      f"BodyPartExamined {facts.body_part}", used(i))
+            return AnatomyFinding(None, body_anatomy, "other", "other_body_part",
+                                  f"BodyPartExamined {facts.body_part} names another region: no description overrides it", used(i))
+        for header, value in (("series_description", facts.series_description), ("protocol_name", facts.protocol_name)):
+            found = self._text_anatomies(value)
+            if not found:
+                continue
+            names = sorted({n for _, n in found})
+            src = tag_source(_HEADER_NAMES[header])
+            if len(names) == 1:
+                kind, name = found[0]
+                signals.append(Signal("anatomy (text)", name, src, True))
+                return AnatomyFinding(name if kind == "pipeline" else None, name, kind, header,
+                                      f"the {_HEADER_NAMES[header]} names {name}", tuple(signals))
+            signals.append(Signal("anatomy (text)", "several: " + ", ".join(names), src, False))
+        return AnatomyFinding(None, None, "none", None, "no header names the anatomy", tuple(signals))
+
+    def anatomy_finding(
+        self,
+        facts: SeriesFacts,
+        siblings: Sequence[SeriesFacts] = (),
+        pixel_anatomy: PixelAnatomy | None = None,
+        recognition: Recognition | None = None,
+    ) -> AnatomyFinding:
+        """The anatomy: own headers, the study description, the other series, then (when all are silent) the pixels."""
+        own = self._own(facts)
+        if own.kind != "none":
+            return own
+        signals = list(own.signals)
+        found = self._text_anatomies(facts.study_description)
+        src = tag_source("StudyDescription")
+        names = sorted({n for _, n in found})
+        if len(names) == 1:
+            kind, name = found[0]
+            signals.append(Signal("anatomy (study)", name, src, True))
+            return AnatomyFinding(name if kind == "pipeline" else None, name, kind, "study_description",
+                                  f"the StudyDescription names {name}", tuple(signals))
+        if names:
+            signals.append(Signal("anatomy (study)", "several: " + ", ".join(names), src, False))
+        seen: dict[str, str] = {}
         for s in siblings:
             if s.series_uid == facts.series_uid or s.own_object:
                 continue
-            a, _ = self.own_anatomy(s)
-            if a:
-                seen.add(a)
+            other = self._own(s)
+            if other.value is not None and other.kind in ("pipeline", "other"):
+                seen[other.value] = other.kind
         if len(seen) == 1:
-            return seen.pop(), "other_series"
-        return None, None
+            (name, kind), = seen.items()
+            signals.append(Signal("anatomy (other series)", name, "the other series of the study", True))
+            return AnatomyFinding(name if kind == "pipeline" else None, name, kind, "other_series",
+                                  f"every other series of the study that names an anatomy names {name}", tuple(signals))
+        if seen:
+            signals.append(Signal("anatomy (other series)", "several: " + ", ".join(sorted(seen)), "the other series of the study", False))
+        if pixel_anatomy is None:
+            return AnatomyFinding(None, None, "none", None, "no header, text or other series names the anatomy", tuple(signals))
+        flags = set(recognition.flags) if recognition is not None else set()
+        plane = recognition.plane.value if recognition is not None else None
+        if (facts.modality or "").strip().upper() != "MR" or flags & _NOT_ANATOMICAL or plane == "multi":
+            signals.append(Signal("anatomy (pixels)", "not consulted (not an anatomical MR series)", "pixel anatomy classifier", False))
+            return AnatomyFinding(None, None, "none", None, "no header, text or other series names the anatomy", tuple(signals))
+        try:
+            label, probability = pixel_anatomy(facts)
+        except Exception as e:  # the hook must never stop routing
+            signals.append(Signal("anatomy (pixels)", f"unavailable ({type(e).__name__})", "pixel anatomy classifier", False))
+            return AnatomyFinding(None, None, "none", None, "no header, text or other series names the anatomy", tuple(signals))
+        if label is None:
+            signals.append(Signal("anatomy (pixels)", "no answer", "pixel anatomy classifier", False))
+            return AnatomyFinding(None, None, "none", None, "no header, text or other series names the anatomy", tuple(signals))
+        value = f"{label} (p={probability:.2f})"
+        if label in PIXEL_ANATOMIES and label in {a.name for a in self.anatomies} and probability >= PIXEL_ANATOMY_MIN_PROBABILITY:
+            signals.append(Signal("anatomy (pixels)", value, "pixel anatomy classifier", True))
+            return AnatomyFinding(label, label, "pipeline", "pixels",
+                                  f"only the pixels tell: {label} with probability {probability:.2f} "
+                                  f"(threshold {PIXEL_ANATOMY_MIN_PROBABILITY:g})", tuple(signals))
+        why = ("below the threshold" if probability < PIXEL_ANATOMY_MIN_PROBABILITY
+               else "the pixels never decide this anatomy" if label not in ("other",) else "not a pipeline anatomy")
+        signals.append(Signal("anatomy (pixels)", f"{value}: {why}", "pixel anatomy classifier", False))
+        return AnatomyFinding(None, None, "none", None, "no header, text or other series names the anatomy; "
+                              f"the pixels say {label} ({why})", tuple(signals))
 
     def _text_anatomy(self, value: str | None) -> str | None:
         text = normalize_text(value)
@@ -223,21 +441,16 @@ class RoutingRules:
         return None
 
     # ---- routing -------------------------------------------------------------
-    def route(self, facts: SeriesFacts, *, uid_root: str, siblings: Sequence[SeriesFacts] = ()) -> Route:
+    def recognize(self, facts: SeriesFacts) -> Recognition:
+        """Plane, contrast and flags of the series (`node.recognition`), with this file's text patterns."""
+        text, text_source = facts.text()
+        return recognize(orientations=facts.orientations, acquisition=facts.acquisition, text=text,
+                         text_source=text_source, patterns=self.text_patterns, manufacturer=facts.manufacturer)
+
+    def route(self, facts: SeriesFacts, *, uid_root: str, siblings: Sequence[SeriesFacts] = (),
+              pixel_anatomy: PixelAnatomy | None = None) -> Route:
         """Pipeline and role for one series (or why it is unrouted)."""
-        if is_own_object(facts, uid_root):
-            return Route(None, None, UNROUTED_OWN)
-        anatomy, source = self.anatomy_of(facts, siblings)
-        for rule in self.rules:
-            if rule.matches(facts, anatomy):
-                if rule.pipeline is None:
-                    return Route(None, None, f"unrouted:{rule.name}", anatomy, source)
-                return Route(rule.pipeline, rule.role, rule.name, anatomy, source)
-        if anatomy is None and source == "other_body_part":
-            return Route(None, None, UNROUTED_OTHER_ANATOMY, None, source)
-        if anatomy is None and (facts.modality or "").strip().upper() == "MR":
-            return Route(None, None, UNROUTED_NO_ANATOMY, None, source)
-        return Route(None, None, UNROUTED_NO_RULE, anatomy, source)
+        return explain(facts, self, uid_root=uid_root, siblings=siblings, pixel_anatomy=pixel_anatomy).route
 
 
 def is_own_object(facts: SeriesFacts, uid_root: str) -> bool:
@@ -247,6 +460,177 @@ def is_own_object(facts: SeriesFacts, uid_root: str) -> bool:
     if uid_root and facts.series_uid.startswith(uid_root):
         return True
     return (facts.manufacturer or "").strip().lower() == OWN_MANUFACTURER
+
+
+# ---- explanation ----------------------------------------------------------------
+@dataclass(frozen=True)
+class Explanation:
+    """Why a series was routed as it was: the decision, plane, contrast, anatomy, flags and every signal.
+
+    `to_json` is the ``routing_explanation`` of the series row, ``msknode routing explain
+    --json`` and what the web pages show::
+
+        {"decision": {"pipeline": str|null, "role": str|null, "rule": str, "routed": bool},
+         "plane": {"value": str|null, "source": str, "detail": str},
+         "contrast": {"value": str|null, "source": str, "detail": str},
+         "anatomy": {"value": str|null, "source": str, "detail": str},
+         "flags": [str],
+         "signals": [{"name": str, "value": str, "source": str, "used": bool}]}
+    """
+
+    route: Route
+    plane: Decision
+    contrast: Decision
+    anatomy: Decision
+    flags: tuple[str, ...]
+    signals: tuple[Signal, ...]
+
+    def to_json(self) -> dict[str, Any]:
+        r = self.route
+        return {
+            "decision": {"pipeline": r.pipeline, "role": r.role, "rule": r.rule, "routed": r.routed},
+            "plane": self.plane.to_json(),
+            "contrast": self.contrast.to_json(),
+            "anatomy": self.anatomy.to_json(),
+            "flags": list(self.flags),
+            "signals": [s.to_json() for s in self.signals],
+        }
+
+    def summary(self) -> str:
+        """One line for the log: decisions and their sources only (no header text, no patient data)."""
+        r = self.route
+        outcome = f"{r.pipeline}/{r.role} (rule {r.rule!r})" if r.routed else r.rule
+        flags = ",".join(self.flags) or "-"
+        return (
+            f"plane {self.plane.value or '?'} ({self.plane.source}), contrast {self.contrast.value or '?'} "
+            f"({self.contrast.source}), anatomy {self.anatomy.value or '?'} ({self.anatomy.source}), "
+            f"flags {flags} -> {outcome}"
+        )
+
+
+def explain(
+    facts: SeriesFacts,
+    rules: RoutingRules,
+    *,
+    uid_root: str,
+    siblings: Sequence[SeriesFacts] = (),
+    pixel_anatomy: PixelAnatomy | None = None,
+) -> Explanation:
+    """Routes one series and says why: plane (geometry first), contrast (parameters first), anatomy, rule.
+
+    ``siblings``: the other series of the study (anatomy context); ``pixel_anatomy``: the
+    pixel classifier hook, called only when every header, text and study signal is silent.
+    """
+    recognition = rules.recognize(facts)
+    signals = list(recognition.signals)
+
+    def done(route: Route, anatomy: Decision, extra: Sequence[Signal] = ()) -> Explanation:
+        route = Route(route.pipeline, route.role, route.rule, route.anatomy, route.anatomy_source,
+                      recognition.plane.value, recognition.contrast.value, recognition.flags)
+        return Explanation(route, recognition.plane, recognition.contrast, anatomy, recognition.flags,
+                           tuple([*extra, *signals]))
+
+    if is_own_object(facts, uid_root):
+        own = Signal("own object", "msknode created it (UID root, Manufacturer or ContributingEquipment)",
+                     "SeriesInstanceUID / Manufacturer (0008,0070)", True)
+        return done(Route(None, None, UNROUTED_OWN), Decision(None, "none", "not evaluated: msknode's own object"), [own])
+    found = rules.anatomy_finding(facts, siblings, pixel_anatomy, recognition)
+    anatomy = Decision(found.value, _SOURCE_LABELS.get(found.source or "", "none"), found.detail)
+    extra = list(found.signals)
+    for rule in rules.rules:
+        if rule.matches(facts, found.pipeline, recognition):
+            extra.append(Signal("rule", f"{rule.index}. {rule.name}", f"routing rules {rules.source}", True))
+            if rule.pipeline is None:
+                return done(Route(None, None, f"unrouted:{rule.name}", found.pipeline, found.source), anatomy, extra)
+            return done(Route(rule.pipeline, rule.role, rule.name, found.pipeline, found.source), anatomy, extra)
+    if found.kind == "conflict":
+        return done(Route(None, None, UNROUTED_ANATOMY_CONFLICT, None, found.source), anatomy, extra)
+    if found.kind == "other":
+        return done(Route(None, None, UNROUTED_OTHER_ANATOMY, None, found.source), anatomy, extra)
+    if found.pipeline is None and (facts.modality or "").strip().upper() == "MR":
+        return done(Route(None, None, UNROUTED_NO_ANATOMY, None, found.source), anatomy, extra)
+    return done(Route(None, None, UNROUTED_NO_RULE, found.pipeline, found.source), anatomy, extra)
+
+
+# ---- a table of series (vendor_series.toml) ------------------------------------------
+#: header keys of a table row (besides vendor, description, body_part, protocol,
+#: study_description, modality, laterality, calling_ae, expect, note)
+TABLE_HEADER_KEYS: Mapping[str, str] = {
+    "orientation": "ImageOrientationPatient of every instance (6 numbers or 'a\\\\b\\\\c\\\\d\\\\e\\\\f')",
+    "orientations": "several orientations: a list of [orientation, instance count]",
+    "instances": "instances of the series (default 20)",
+    "image_type": "ImageType",
+    "scanning_sequence": "ScanningSequence",
+    "sequence_variant": "SequenceVariant",
+    "scan_options": "ScanOptions",
+    "mr_acquisition_type": "MRAcquisitionType",
+    "sequence_name": "SequenceName",
+    "pulse_sequence_name": "PulseSequenceName",
+    "tr": "RepetitionTime (ms)",
+    "te": "EchoTime (ms)",
+    "ti": "InversionTime (ms)",
+    "flip_angle": "FlipAngle",
+    "etl": "EchoTrainLength",
+    "field_strength": "MagneticFieldStrength (T)",
+    "contrast_agent": "ContrastBolusAgent",
+    "spectrally_selected_suppression": "SpectrallySelectedSuppression",
+    "ge_pulse_sequence": "GE (0019,xx9C) pulse sequence name",
+    "philips_scanning_technique": "Philips (2001,xx20) scanning technique",
+    "philips_image_type": "Philips (2005,xx11) image type",
+    "anatomic_region": "AnatomicRegionSequence codes, e.g. ['SCT:72696002']",
+}
+_TABLE_KEYS = {"vendor", "description", "body_part", "protocol", "study_description", "modality", "laterality",
+               "calling_ae", "expect", "note", "expect_plane", "expect_contrast", "expect_flags", *TABLE_HEADER_KEYS}
+_TABLE_ACQ = {
+    "image_type": "image_type", "scanning_sequence": "scanning_sequence", "sequence_variant": "sequence_variant",
+    "scan_options": "scan_options", "mr_acquisition_type": "mr_acquisition_type", "sequence_name": "sequence_name",
+    "pulse_sequence_name": "pulse_sequence_name", "tr": "repetition_time", "te": "echo_time", "ti": "inversion_time",
+    "flip_angle": "flip_angle", "etl": "echo_train_length", "field_strength": "magnetic_field_strength",
+    "contrast_agent": "contrast_bolus_agent", "spectrally_selected_suppression": "spectrally_selected_suppression",
+    "ge_pulse_sequence": "ge_pulse_sequence", "philips_scanning_technique": "philips_scanning_technique",
+    "philips_image_type": "philips_image_type",
+}
+
+
+def facts_from_table_entry(entry: Mapping[str, Any], *, series_uid: str = "1.2.3") -> SeriesFacts:
+    """The `SeriesFacts` of one row of a series table (``vendor_series.toml``): text and, when given, headers."""
+    if not isinstance(entry, Mapping):
+        raise RoutingError("series table: each [[series]] must be a table")
+    unknown = set(entry) - _TABLE_KEYS
+    if unknown:
+        raise RoutingError(f"series table: entry {entry.get('description')!r}: unknown key(s) {sorted(unknown)} "
+                           f"(allowed: {sorted(_TABLE_KEYS)})")
+    acq: dict[str, Any] = {v: entry[k] for k, v in _TABLE_ACQ.items() if k in entry}
+    if "anatomic_region" in entry:
+        codes = entry["anatomic_region"]
+        codes = [codes] if isinstance(codes, str) else list(codes)
+        acq["anatomic_region"] = [[*(str(c).split(":", 1) if ":" in str(c) else ["SCT", str(c)]), ""] for c in codes]
+    n = int(entry.get("instances", 20))
+
+    def orientation_text(v: Any) -> str:
+        return v if isinstance(v, str) else "\\".join(str(x) for x in v)
+
+    orientations: list[tuple[str | None, int]] = []
+    if "orientation" in entry:
+        orientations.append((orientation_text(entry["orientation"]), n))
+    for item in entry.get("orientations", []):
+        if isinstance(item, (list, tuple)) and len(item) == 2 and not isinstance(item[1], float):
+            orientations.append((orientation_text(item[0]), int(item[1])))
+        else:
+            orientations.append((orientation_text(item), 1))
+    return SeriesFacts(
+        series_uid=series_uid,
+        modality=entry.get("modality", "MR"),
+        body_part=entry.get("body_part"),
+        series_description=entry.get("description"),
+        protocol_name=entry.get("protocol"),
+        study_description=entry.get("study_description"),
+        laterality=entry.get("laterality"),
+        calling_ae=entry.get("calling_ae"),
+        manufacturer=entry.get("vendor"),
+        orientations=tuple(orientations),
+        acquisition=Acquisition.from_json(acq),
+    )
 
 
 # ---- loading and validation --------------------------------------------------
@@ -329,7 +713,8 @@ def parse_rules(text: str, *, source: str = "<string>") -> RoutingRules:
             )
         rules.append(rule)
     digest = hashlib.sha256(text.encode("utf-8")).hexdigest()
-    return RoutingRules(tuple(rules), tuple(anatomies), generic_set, source=source, digest=digest)
+    return RoutingRules(tuple(rules), tuple(anatomies), generic_set, source=source, digest=digest,
+                        text_patterns=TextPatterns.build(patterns))
 
 
 def _parse_rule(r: Any, index: int, patterns: Mapping[str, str], where: str) -> Rule:
@@ -393,6 +778,16 @@ def _parse_rule(r: Any, index: int, patterns: Mapping[str, str], where: str) -> 
     manufacturer = r.get("manufacturer")
     if manufacturer is not None and not isinstance(manufacturer, str):
         raise RoutingError(f"{ctx}: manufacturer must be a regex string")
+
+    def vocabulary(key: str, allowed: Sequence[str]) -> frozenset[str] | None:
+        value = str_list(key, upper=False)
+        if value is None:
+            return None
+        value = frozenset(v.strip().lower() for v in value)
+        bad = sorted(value - set(allowed))
+        if bad:
+            raise RoutingError(f"{ctx}: {key} {', '.join(map(repr, bad))} is not one of {', '.join(allowed)}")
+        return value
     return Rule(
         name=name.strip(),
         index=index,
@@ -408,6 +803,12 @@ def _parse_rule(r: Any, index: int, patterns: Mapping[str, str], where: str) -> 
         laterality=str_list("laterality"),
         calling_ae=str_list("calling_ae"),
         manufacturer=_compile(manufacturer, f"{ctx}: manufacturer") if manufacturer else None,
+        plane=vocabulary("plane", PLANE_VALUES),
+        contrast=vocabulary("contrast", CONTRASTS),
+        flags=vocabulary("flags", FLAGS) or frozenset(),
+        not_flags=vocabulary("not_flags", FLAGS) or frozenset(),
+        image_type=regexes("image_type"),
+        sequence=regexes("sequence"),
     )
 
 
