@@ -37,6 +37,9 @@ The roles the models read are a lower bound of it; settling on them alone would 
 job while the rest of a longer protocol is still on its way, and each later series would
 then supersede it (the work done again, the results sent to the PACS again). So without a
 protocol a pipeline waits for the quiet period, as before.
+
+Outside the tick, `reroute_unrouted` routes one ``unrouted`` series again after an admin
+added a rule for it (``complete`` when it is routed now; the tick does the rest).
 """
 
 from __future__ import annotations
@@ -567,3 +570,40 @@ def _create_job(session: Session, settings: Settings, now: dt.datetime, study: S
     else:
         log.info("job %d created for study %s %s: %s", job.id, study.study_uid, pipeline, roles)
     return job.id
+
+
+# ---- 5. re-route after a rule change ----------------------------------------------------------
+def reroute_unrouted(
+    session: Session, settings: Settings, rules: RoutingRules, series_id: int, now: dt.datetime
+) -> Route | None:
+    """Routes one ``unrouted`` series again with ``rules`` (an admin just added a rule for it).
+
+    Routed now: the series becomes ``complete`` with its pipeline and role, and its study's
+    quiet period starts again, so the next tick settles the study as for any newly complete
+    series (one job, or one that supersedes the previous job of that pipeline). Returns the
+    new route (unrouted still: the series stays as it is), or None when the series is not
+    ``unrouted`` (any more).
+    """
+    se = session.get(Series, series_id)
+    if se is None or se.state != "unrouted":
+        return None
+    route = route_series(session, settings, rules, se)
+    if not route.routed:
+        return route
+    res = session.execute(
+        update(Series)
+        .where(Series.id == se.id, Series.state == "unrouted")
+        .values(state="complete", pipeline=route.pipeline, role=route.role, routing_rule=route.rule[:128])
+        .execution_options(synchronize_session=False)
+    )
+    if res.rowcount != 1:
+        return None
+    deadline = now + dt.timedelta(seconds=settings.study_quiet_seconds)
+    session.execute(
+        update(Study)
+        .where(Study.id == se.study_id, or_(Study.study_quiet_deadline.is_(None), Study.study_quiet_deadline < deadline))
+        .values(study_quiet_deadline=deadline)
+    )
+    log.info("series %s re-routed: %s/%s (rule %r)", se.series_uid, route.pipeline, route.role, route.rule)
+    session.expire_all()
+    return route

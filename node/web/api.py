@@ -8,7 +8,7 @@ answer 403 to radiologists. Bad input answers 4xx with a ``detail`` that says wh
 from __future__ import annotations
 
 from enum import Enum
-from typing import Literal
+from typing import Annotated, Literal
 
 import pydicom
 from fastapi import APIRouter, Depends, HTTPException, Path, Query, Request
@@ -17,7 +17,7 @@ from pydantic import BaseModel, Field
 from sqlalchemy import select
 
 from node.db import utcnow
-from node.web import imaging, ops, queries
+from node.web import imaging, ops, queries, rule_editor
 from node.web.auth import Principal, admin, api_admin_csrf, api_csrf, principal
 from node.web.users import authenticate, list_users
 from worklists import audit, entries
@@ -85,6 +85,20 @@ class AssignChange(BaseModel):
 
 class ReadChange(BaseModel):
     read: bool = True
+
+
+class RuleRequest(BaseModel):
+    """A ``[[rule]]`` made from a series (see ``GET /api/admin/series/{id}/routing`` for the prefilled draft)."""
+
+    name: str = Field(min_length=1, max_length=100, description="the rule's name (unique in the file, audited)")
+    pipeline: Anatomy
+    role: str = Field(min_length=1, max_length=32, description="a role of the pipeline, e.g. sag_fluid")
+    anatomy: str | None = Field(default=None, max_length=32, description='a pipeline name or "any"; default the pipeline')
+    plane: str | None = Field(default=None, max_length=32, description="e.g. sagittal (when the rules take a plane)")
+    contrast: list[Annotated[str, Field(max_length=32)]] = Field(
+        default_factory=list, max_length=8, description="contrast classes, e.g. pd_fs, t2_fs, stir")
+    description: str | None = Field(default=None, max_length=200, description="a regex on the SeriesDescription")
+    reroute: bool = Field(default=True, description="route the series again now if it is unrouted")
 
 
 def ctx_of(request: Request):
@@ -412,6 +426,54 @@ def routing(request: Request, p: Principal = Depends(admin)):
     """Routing rules and result destinations (read-only; secrets masked)."""
     ctx = ctx_of(request)
     return {"routing": ops.routing(ctx.settings), "destinations": ops.destinations(ctx.settings)}
+
+
+@router.get("/admin/unrouted", tags=["admin"])
+def unrouted(request: Request, limit: int = Query(default=50, ge=1, le=200),
+             before_id: int | None = Query(default=None, ge=1), p: Principal = Depends(admin)):
+    """Recent series no rule routed, newest first, each with why (``next_before_id`` pages back)."""
+    ctx = ctx_of(request)
+    with ctx.db.session() as s:
+        return queries.unrouted_series(s, tz=ctx.tz, limit=limit, before_id=before_id)
+
+
+@router.get("/admin/series/{series_id}/routing", tags=["admin"], responses={404: {}})
+def series_routing(request: Request, series_id: int = Path(ge=1), p: Principal = Depends(admin)):
+    """A series' routing explanation, a rule drafted from its facts and where rules are written."""
+    ctx = ctx_of(request)
+    with ctx.db.session() as s:
+        d = queries.series_routing(s, series_id, tz=ctx.tz)
+    if d is None:
+        return JSONResponse({"detail": f"series {series_id} not found"}, status_code=404)
+    status = rule_editor.rules_status(ctx.settings)
+    draft = rule_editor.draft_from_series(d, keys=status["fact_keys"],
+                                          anatomy_hint=rule_editor.current_anatomy(ctx.db, ctx.settings, series_id))
+    return {"series": d, "draft": draft.as_dict(), "rules_file": status}
+
+
+def rule_refusal(exc: rule_editor.RuleEditError) -> JSONResponse:
+    """The answer to a refused rule: 404, 422 (invalid) or 409 (with the block for a site copy)."""
+    if isinstance(exc, rule_editor.SeriesNotFound):
+        return JSONResponse({"detail": str(exc)}, status_code=404)
+    if isinstance(exc, rule_editor.RulesReadOnly):
+        return JSONResponse({"detail": str(exc), "block": exc.block, "how": exc.how}, status_code=409)
+    return JSONResponse({"detail": str(exc)}, status_code=422)
+
+
+@router.post("/admin/series/{series_id}/rule", tags=["admin"], status_code=201,
+             responses={403: {}, 404: {}, 409: {"description": "the rules file cannot be changed here (block to paste)"},
+                        422: {"description": "invalid rule, or it does not route the series"}})
+def add_rule(request: Request, body: RuleRequest, series_id: int = Path(ge=1), p: Principal = Depends(api_admin_csrf)):
+    """Inserts a rule made from this series before the first rule of the rules file (audited; the file reloads)."""
+    ctx = ctx_of(request)
+    fields = rule_editor.RuleRequestFields(
+        name=body.name, pipeline=body.pipeline.value, role=body.role, anatomy=body.anatomy, plane=body.plane,
+        contrast=body.contrast, description=body.description, reroute=body.reroute,
+    )
+    try:
+        return rule_editor.make_rule(ctx.db, ctx.settings, series_id, fields, actor=p.username, now=utcnow())
+    except rule_editor.RuleEditError as exc:
+        return rule_refusal(exc)
 
 
 @router.get("/admin/models", tags=["admin"])

@@ -8,7 +8,8 @@ from fastapi import APIRouter, Depends, Form, Query, Request
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 
 from node.db import utcnow
-from node.web import ops, queries
+from node.routing import PIPELINE_ROLES
+from node.web import ops, queries, rule_editor
 from node.web.api import Anatomy, JobState, OutboxState, Priority, Status, audit_view
 from node.web.auth import COOKIE, LOGIN_COOKIE, NotAuthenticated, Principal, admin, check_csrf, principal
 from node.web.users import authenticate, list_users
@@ -17,6 +18,7 @@ from worklists.errors import InvalidChange
 from worklists.tables import PRIORITIES
 
 router = APIRouter(include_in_schema=False)
+ROUTING_PIPELINES = {name: list(roles) for name, roles in PIPELINE_ROLES.items()}
 ops_router = APIRouter(tags=["operations"])  # no login, no patient data
 
 
@@ -299,6 +301,75 @@ def admin_routing(request: Request, p: Principal = Depends(admin)):
     ctx = _ctx(request)
     return _render(request, "admin_routing.html", p, routing=ops.routing(ctx.settings),
                    destinations=ops.destinations(ctx.settings), policy=ctx.policy)
+
+
+@router.get("/admin/unrouted")
+def admin_unrouted(request: Request, before_id: int | None = Query(default=None, ge=1), p: Principal = Depends(admin)):
+    """Recent unrouted series with why, each with "make a rule" (the API is GET /api/admin/unrouted)."""
+    ctx = _ctx(request)
+    with ctx.db.session() as s:
+        page = queries.unrouted_series(s, tz=ctx.tz, limit=50, before_id=before_id)
+    return _render(request, "admin_unrouted.html", p, page=page, before_id=before_id)
+
+
+def _rule_page(request: Request, p: Principal, series_id: int, *, status_code: int = 200, draft: dict | None = None,
+               reroute: bool = True, refusal: str | None = None, readonly: rule_editor.RulesReadOnly | None = None):
+    ctx = _ctx(request)
+    with ctx.db.session() as s:
+        d = queries.series_routing(s, series_id, tz=ctx.tz)
+    if d is None:
+        return _render(request, "error.html", p, 404, status=404, reason=f"series {series_id} not found")
+    rules_file = rule_editor.rules_status(ctx.settings)
+    if draft is None:
+        hint = rule_editor.current_anatomy(ctx.db, ctx.settings, series_id)
+        draft = rule_editor.draft_from_series(d, keys=rules_file["fact_keys"], anatomy_hint=hint).as_dict()
+    return _render(request, "admin_rule.html", p, status_code, series=d, draft=draft, rules_file=rules_file,
+                   pipelines=ROUTING_PIPELINES, reroute=reroute, refusal=refusal, readonly=readonly,
+                   limits={"name": rule_editor.NAME_MAX, "regex": rule_editor.REGEX_MAX, "value": rule_editor.VALUE_MAX})
+
+
+@router.get("/admin/series/{series_id}/rule")
+def admin_rule_form(request: Request, series_id: int, p: Principal = Depends(admin)):
+    """A rule drafted from a series' facts (plane, contrast, anatomy, description), to check and save."""
+    return _rule_page(request, p, series_id)
+
+
+@router.post("/admin/series/{series_id}/rule")
+def admin_rule_add(
+    request: Request,
+    series_id: int,
+    name: str = Form(default="", max_length=rule_editor.NAME_MAX),
+    pipeline: str = Form(default="", max_length=32),
+    role: str = Form(default="", max_length=32),
+    anatomy: str = Form(default="", max_length=32),
+    plane: str = Form(default="", max_length=rule_editor.VALUE_MAX),
+    contrast: str = Form(default="", max_length=300),
+    description: str = Form(default="", max_length=rule_editor.REGEX_MAX),
+    reroute: str = Form(default="", max_length=8),
+    csrf_token: str = Form(default=""),
+    p: Principal = Depends(admin),
+):
+    check_csrf(p, csrf_token)
+    ctx = _ctx(request)
+    fields = rule_editor.RuleRequestFields(
+        name=name, pipeline=pipeline or None, role=role or None, anatomy=anatomy or None, plane=plane or None,
+        contrast=contrast or None, description=description or None, reroute=reroute == "1",
+    )
+    entered = {"name": name, "pipeline": pipeline, "role": role, "anatomy": anatomy or pipeline, "plane": plane,
+               "contrast": [c.strip() for c in contrast.split(",") if c.strip()], "description": description}
+    try:
+        out = rule_editor.make_rule(ctx.db, ctx.settings, series_id, fields, actor=p.username, now=utcnow())
+    except rule_editor.SeriesNotFound as exc:
+        return _render(request, "error.html", p, 404, status=404, reason=str(exc))
+    except rule_editor.RulesReadOnly as exc:
+        return _rule_page(request, p, series_id, status_code=409, draft=entered, reroute=fields.reroute, readonly=exc)
+    except rule_editor.RuleRefused as exc:
+        return _rule_page(request, p, series_id, status_code=422, draft=entered, reroute=fields.reroute, refusal=str(exc))
+    msg = f"rule {name.strip()!r} added first in {out['path']} ({out['rules']} rules; the node reloads them by itself)"
+    r = out["rerouted"]
+    if r is not None:
+        msg += f"; series {out['series_uid']} " + (f"routed {r['pipeline']}/{r['role']}" if r["routed"] else "still unrouted")
+    return _back("/admin/unrouted", msg=msg)
 
 
 @router.get("/admin/models")

@@ -9,10 +9,11 @@ zone (``settings.site_timezone``) and carry it.
 from __future__ import annotations
 
 import datetime as dt
+import json
 from collections import defaultdict
 from zoneinfo import ZoneInfo
 
-from sqlalchemy import func, select
+from sqlalchemy import func, or_, select
 from sqlalchemy.orm import Session
 
 from node.tables import Finding, Instance, Job, JobInput, OutboxItem, ResultObject, Series, Study
@@ -250,6 +251,8 @@ def study_detail(session: Session, study_id: int, *, policy: TriagePolicy, tz: Z
             "role": (inputs.get(se.id) or {}).get("role") or se.role,
             "used_by": (inputs.get(se.id) or {}).get("used_by", []),
             "own_object": bool(se.own_object),
+            "pipeline": se.pipeline,
+            "routing": routing_explanation(se),
         }
         for se in series_rows
     ]
@@ -417,6 +420,119 @@ def audit_log(
     if entity_id:
         q = q.where(AuditEvent.entity_id == entity_id)
     return [audit_dict(a, tz) for a in session.scalars(q)]
+
+
+# ---- routing: why a series went where it went --------------------------------------------------
+
+NOT_RECORDED = "not recorded"
+_FACTS = ("plane", "contrast", "anatomy")
+_TEXT_MAX = 200
+_SIGNALS_MAX = 200
+
+
+def _text(value: object) -> str | None:
+    if value is None:
+        return None
+    s = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False, default=str)
+    return s if len(s) <= _TEXT_MAX else s[: _TEXT_MAX - 1] + "…"
+
+
+def routing_explanation(se: Series) -> dict:
+    """Why a series was routed (or not): the decision, plane / contrast / anatomy with their source, flags, signals.
+
+    The decision comes from the series' columns (what is in force); the facts and signals from
+    the explanation recorded when it was routed (``series.routing_explanation``: decision,
+    plane, contrast, anatomy as {value, source, detail}, flags, signals as {name, value,
+    source, used}). What was not recorded says so (``recorded`` False, source "not recorded").
+    """
+    raw = getattr(se, "routing_explanation", None)
+    if isinstance(raw, str):
+        try:
+            raw = json.loads(raw)
+        except ValueError:
+            raw = None
+    expl = raw if isinstance(raw, dict) else {}
+    recorded_decision = expl.get("decision") if isinstance(expl.get("decision"), dict) else {}
+    if se.state == "receiving":
+        decision = {"routed": False, "pipeline": None, "role": None, "rule": None, "pending": True}
+    elif se.routing_rule is not None or not recorded_decision:
+        decision = {"routed": se.pipeline is not None, "pipeline": se.pipeline, "role": se.role,
+                    "rule": se.routing_rule, "pending": False}
+    else:
+        decision = {"routed": bool(recorded_decision.get("routed")), "pipeline": _text(recorded_decision.get("pipeline")),
+                    "role": _text(recorded_decision.get("role")), "rule": _text(recorded_decision.get("rule")),
+                    "pending": False}
+    facts = {}
+    for name in _FACTS:
+        fact = expl.get(name) if isinstance(expl.get(name), dict) else None
+        column = getattr(se, name, None)
+        if fact is not None:
+            facts[name] = {"value": _text(fact.get("value")), "source": _text(fact.get("source")) or NOT_RECORDED,
+                           "detail": _text(fact.get("detail")) or ""}
+        elif column is not None:
+            facts[name] = {"value": _text(column), "source": "index column", "detail": ""}
+        else:
+            facts[name] = {"value": None, "source": NOT_RECORDED, "detail": ""}
+    flags = [_text(f) for f in expl.get("flags") or [] if f is not None][:50] if isinstance(expl.get("flags"), list) else []
+    signals = []
+    for sig in (expl.get("signals") if isinstance(expl.get("signals"), list) else [])[:_SIGNALS_MAX]:
+        if isinstance(sig, dict):
+            signals.append({"name": _text(sig.get("name")) or "?", "value": _text(sig.get("value")),
+                            "source": _text(sig.get("source")) or "", "used": bool(sig.get("used"))})
+    return {"recorded": bool(expl), "decision": decision, "facts": facts, "flags": flags, "signals": signals}
+
+
+def series_routing_dict(se: Series, st: Study, tz: ZoneInfo) -> dict:
+    """A series with its headers and routing explanation, for the admin (no patient name or ID)."""
+    return {
+        "id": se.id,
+        "series_uid": se.series_uid,
+        "study_id": st.id,
+        "study_uid": st.study_uid,
+        "study_description": st.study_description,
+        "number": se.series_number,
+        "description": se.series_description,
+        "protocol_name": se.protocol_name,
+        "modality": se.modality,
+        "body_part": se.body_part,
+        "laterality": se.laterality,
+        "manufacturer": se.manufacturer,
+        "calling_ae": se.calling_ae,
+        "instances": se.instances,
+        "state": se.state,
+        "own_object": bool(se.own_object),
+        "received_at": node_time(se.first_received_at, tz),
+        "completed_at": node_time(se.completed_at, tz),
+        "routing": routing_explanation(se),
+    }
+
+
+def series_routing(session: Session, series_id: int, *, tz: ZoneInfo) -> dict | None:
+    row = session.execute(select(Series, Study).join(Study, Study.id == Series.study_id).where(Series.id == series_id)).first()
+    return series_routing_dict(row[0], row[1], tz) if row else None
+
+
+def unrouted_series(session: Session, *, tz: ZoneInfo, limit: int = 50, before_id: int | None = None) -> dict:
+    """Recent ``unrouted`` series, newest first, ``limit`` per page (``before_id`` pages back).
+
+    Objects msknode created are left out: no rule routes them.
+    """
+    from node.routing import UNROUTED_OWN
+
+    where = [Series.state == "unrouted", Series.own_object.is_(False),
+             or_(Series.routing_rule.is_(None), Series.routing_rule != UNROUTED_OWN)]
+    q = select(Series, Study).join(Study, Study.id == Series.study_id).where(*where).order_by(Series.id.desc())
+    if before_id:
+        q = q.where(Series.id < before_id)
+    rows = session.execute(q.limit(limit + 1)).all()
+    total = session.scalar(select(func.count()).select_from(Series).where(*where))
+    more = len(rows) > limit
+    rows = rows[:limit]
+    return {
+        "series": [series_routing_dict(se, st, tz) for se, st in rows],
+        "total": total,
+        "next_before_id": rows[-1][0].id if more and rows else None,
+    }
 
 
 def series_paths(session: Session, study_id: int, series_id: int) -> list[str] | None:
