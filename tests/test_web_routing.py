@@ -328,7 +328,7 @@ def test_a_rule_from_the_form_is_written_first_audited_reloaded_and_routes_the_s
     with env["db"].session() as s:
         ev = s.scalars(select(AuditEvent).where(AuditEvent.action == "routing.rule_add")).one()
         assert (ev.actor, ev.entity_type, ev.entity_id) == (ADMIN[0], "routing_rule", "site anonymised knee coronal")
-        assert ev.at is not None and "[[rule]]" in ev.new_value
+        assert ev.at is not None and ev.new_value == "knee/cor_fluid" and "[[rule]]" in ev.details["block"]
         assert ev.details["series_uid"] == env["uids"]["anon"] and ev.details["path"] == str(path.resolve())
         assert ev.details["sha256"] == new_rules.digest
         assert ev.details["rerouted"] == {"routed": True, "pipeline": "knee", "role": "cor_fluid",

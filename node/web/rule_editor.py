@@ -438,9 +438,9 @@ def make_rule(db, settings, series_id: int, fields: RuleRequestFields, *, actor:
                         "role": route.role if route else None, "rule": route.rule if route else None}
         audit.record(
             s, actor=actor, action="routing.rule_add", entity_type="routing_rule", entity_id=draft.name[:128],
-            new=block,
+            new=f"{draft.pipeline}/{draft.role}",
             details={"path": str(Path(settings.routing_rules).resolve()), "sha256": rules.digest, "rules": len(rules.rules),
-                     "series_id": series_id, "series_uid": series_uid, "rerouted": rerouted},
+                     "series_id": series_id, "series_uid": series_uid, "block": block, "rerouted": rerouted},
         )
     log.info("routing rule %r added to %s by %s from series %s (%d rules, sha256 %s)%s",
              draft.name, settings.routing_rules, actor, series_uid, len(rules.rules), rules.digest[:12],

@@ -1,0 +1,129 @@
+"""Making a routing rule in a real headless Chromium (as tests/test_web_browser.py drives it).
+
+The server is the real ``msknode web`` command with ``MSKNODE_ROUTING_RULES`` pointing at a
+site copy of the shipped rules; the series are index rows routed by the real completeness
+tick: one the rules route, one they do not ("ANONYMIZED_SERIES", as an anonymiser leaves it).
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import time
+import tomllib
+import urllib.error
+import urllib.request
+
+import pytest
+from selenium.webdriver.common.by import By
+from selenium.webdriver.support import expected_conditions as EC
+from selenium.webdriver.support.ui import Select
+
+from completeness_rows import at, make_study, send_series
+from conftest import ROOT, VENV_BIN, free_port, isolate_env
+from node.loopback import child_env
+from test_web_browser import ADMIN, browser, console_errors, login, shot, wait  # noqa: F401  (fixture)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    base_dir = tmp_path_factory.mktemp("webrouting-ui")
+    data, site = base_dir / "data", base_dir / "site"
+    site.mkdir()
+    port = free_port()
+    mp = pytest.MonkeyPatch()
+    isolate_env(mp, MSKNODE_DATA_DIR=data)
+    from node.completeness import tick
+    from node.db import Database
+    from node.routing import load_rules
+    from node.settings import DEFAULT_ROUTING_RULES, load_settings
+    from node.web.users import add_user
+
+    rules_path = site / "routing_rules.toml"
+    shutil.copyfile(DEFAULT_ROUTING_RULES, rules_path)
+    settings = load_settings(routing_rules=rules_path, quiet_seconds=0.5, study_quiet_seconds=0.5)
+    settings.ensure_dirs()
+    db = Database(settings.database_url)
+    with db.session() as s:
+        st = make_study(s, description="MR KNEE")
+        send_series(s, st, description="PD_TSE_FS_SAG", count=12, now=at(0), number=2)
+        anon = send_series(s, st, description="ANONYMIZED_SERIES", count=10, now=at(0.1), number=3)
+        anon_id, anon_uid, study_id = anon.id, anon.series_uid, st.id
+    with db.session() as s:
+        tick(s, settings, at(5.0), load_rules(rules_path))
+    with db.session() as s:
+        add_user(s, username=ADMIN[0], password=ADMIN[1], role="admin")
+    db.dispose()
+    mp.undo()
+
+    env = child_env(MSKNODE_DATA_DIR=data, MSKNODE_WEB_PORT=port, MSKNODE_WEB_HOST="127.0.0.1",
+                    MSKNODE_ROUTING_RULES=rules_path, MSKNODE_LOG_LEVEL="WARNING")
+    log = open(base_dir / "web.log", "wb")
+    proc = subprocess.Popen([str(VENV_BIN / "msknode"), "web"], env=env, cwd=str(ROOT), stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                with urllib.request.urlopen(url + "/openapi.json", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except (urllib.error.URLError, ConnectionError):
+                pass
+            if proc.poll() is not None or time.monotonic() > deadline:
+                log.flush()
+                raise RuntimeError("msknode web did not start: " + (base_dir / "web.log").read_text()[-2000:])
+            time.sleep(0.2)
+        yield {"base": url, "settings": settings, "rules_path": rules_path, "anon_id": anon_id, "anon_uid": anon_uid,
+               "study_id": study_id}
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()
+
+
+def test_admin_turns_an_unrouted_series_into_a_rule(server, browser, tmp_path):
+    d, base, sid = browser, server["base"], server["anon_id"]
+    login(d, base, ADMIN)
+    d.find_element(By.ID, "nav-unrouted").click()
+    wait(d).until(EC.presence_of_element_located((By.ID, "unrouted")))
+    row = d.find_element(By.CSS_SELECTOR, f'tr.unrouted-row[data-series="{sid}"]')
+    assert "ANONYMIZED_SERIES" in row.text and "unrouted:no_rule" in row.text and "KNEE" in row.text
+    signals = d.find_element(By.ID, f"signals-{sid}")
+    signals.find_element(By.TAG_NAME, "summary").click()
+    assert signals.get_attribute("open") is not None  # the signals table (or "not recorded") unfolds
+    assert console_errors(d) == []
+    shot(d, tmp_path / "unrouted.png")
+
+    d.find_element(By.ID, f"make-rule-{sid}").click()
+    wait(d).until(EC.presence_of_element_located((By.ID, "rule-form")))
+    assert d.find_element(By.ID, "rule-description").get_attribute("value") == "^ANONYMIZED SERIES$"
+    assert Select(d.find_element(By.ID, "rule-pipeline")).first_selected_option.get_attribute("value") == "knee"
+    assert d.find_element(By.ID, "rule-reroute").is_selected()
+    name = d.find_element(By.ID, "rule-name")
+    name.clear()
+    name.send_keys("site anonymised coronal knee")
+    Select(d.find_element(By.ID, "rule-role")).select_by_visible_text("cor_fluid")
+    shot(d, tmp_path / "rule.png")
+    d.find_element(By.ID, "rule-submit").click()
+    wait(d).until(EC.text_to_be_present_in_element((By.ID, "flash-msg"), "site anonymised coronal knee"))
+    flash = d.find_element(By.ID, "flash-msg").text
+    assert "routed knee/cor_fluid" in flash and str(server["rules_path"]) in flash
+    assert not d.find_elements(By.CSS_SELECTOR, f'tr.unrouted-row[data-series="{sid}"]')
+    rules = tomllib.loads(server["rules_path"].read_text())["rule"]
+    assert rules[0] == {"name": "site anonymised coronal knee", "pipeline": "knee", "role": "cor_fluid",
+                        "description": "^ANONYMIZED SERIES$"}
+
+    d.get(f"{base}/studies/{server['study_id']}")
+    panel = wait(d).until(EC.presence_of_element_located((By.CSS_SELECTOR, f'tr.series-route[data-series="{sid}"]')))
+    assert "knee / cor_fluid" in panel.text and "site anonymised coronal knee" in panel.text
+    console_errors(d)  # index rows only: the viewer has no stored files to show here
+    d.get(base + "/admin/audit?action=routing.")
+    [event] = d.find_elements(By.CSS_SELECTOR, "tr.audit-row")
+    assert event.get_attribute("data-action") == "routing.rule_add"
+    assert "alice" in event.text and "site anonymised coronal knee" in event.text and "knee/cor_fluid" in event.text
+    assert console_errors(d) == []
