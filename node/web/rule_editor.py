@@ -140,10 +140,11 @@ def suggest_role(pipeline: str | None, plane: str | None, contrast: Sequence[str
 
 
 def _fact_value(value: object) -> str | None:
+    """A recognised value usable as a rule condition (not "unknown")."""
     if not isinstance(value, str):
         return None
     v = value.strip().lower()
-    return v if _VALUE.match(v) and len(v) <= VALUE_MAX else None
+    return v if _VALUE.match(v) and len(v) <= VALUE_MAX and v != "unknown" else None
 
 
 def draft_from_series(series: dict, *, keys: Sequence[str] = FACT_KEYS, anatomy_hint: str | None = None) -> RuleDraft:
@@ -371,9 +372,18 @@ class SeriesNotFound(RuleEditError):
     """No series with that id (404)."""
 
 
+def _route_now(session, settings, rules: RoutingRules, se):
+    """How ``rules`` route the series now, without recording anything on its row."""
+    from node import completeness
+
+    explain = getattr(completeness, "explain_series", None)
+    if explain is not None:
+        return explain(session, settings, rules, se).route
+    return completeness.route_series(session, settings, rules, se)
+
+
 def current_anatomy(db, settings, series_id: int) -> str | None:
     """The anatomy the rules in force find for a series (its headers, the study, the other series), or None."""
-    from node.completeness import route_series
     from node.routing import load_rules
     from node.tables import Series
 
@@ -383,7 +393,9 @@ def current_anatomy(db, settings, series_id: int) -> str | None:
         return None
     with db.session() as s:
         se = s.get(Series, series_id)
-        return route_series(s, settings, rules, se).anatomy if se is not None else None
+        anatomy = _route_now(s, settings, rules, se).anatomy if se is not None else None
+        s.rollback()  # a read: nothing of it is kept
+        return anatomy
 
 
 def rules_status(settings) -> dict:
@@ -401,7 +413,7 @@ def make_rule(db, settings, series_id: int, fields: RuleRequestFields, *, actor:
     """
     import logging
 
-    from node.completeness import reroute_unrouted, route_series
+    from node.completeness import reroute_unrouted
     from node.routing import SeriesFacts, is_own_object
     from node.tables import Series
     from worklists import audit
@@ -422,7 +434,7 @@ def make_rule(db, settings, series_id: int, fields: RuleRequestFields, *, actor:
         block = toml_block(draft, comment=comment)
 
         def routes_the_series(rules: RoutingRules) -> None:
-            route = route_series(s, settings, rules, se)
+            route = _route_now(s, settings, rules, se)
             if route.rule != draft.name:
                 outcome = f"{route.pipeline}/{route.role} by rule {route.rule!r}" if route.routed else route.rule
                 raise RuleRefused(
