@@ -45,6 +45,7 @@ added a rule for it (``complete`` when it is routed now; the tick does the rest)
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import hashlib
 import logging
 import math
@@ -55,13 +56,17 @@ from typing import Callable, Iterable, Sequence
 from sqlalchemy import exists, func, or_, select, update
 from sqlalchemy.orm import Session
 
+from node.recognition import PLANES, Acquisition, decide_plane
 from node.routing import (
     LOCALIZER_ROLE,
     UNROUTED_NO_ANATOMY,
+    Explanation,
+    PixelAnatomy,
     Route,
     RoutingRules,
     RulesFile,
     SeriesFacts,
+    explain,
     load_rules,
 )
 from node.settings import Settings
@@ -246,7 +251,10 @@ def _floats(value: str | None, n: int) -> tuple[float, ...] | None:
     return parts if len(parts) == n and all(math.isfinite(v) for v in parts) else None
 
 
-def series_facts(se: Series, study_description: str | None) -> SeriesFacts:
+def series_facts(
+    se: Series, study_description: str | None, orientations: Sequence[tuple[str | None, int]] = ()
+) -> SeriesFacts:
+    """What routing sees of a series: its index columns, acquisition parameters and instance orientations."""
     return SeriesFacts(
         series_uid=se.series_uid,
         modality=se.modality,
@@ -258,7 +266,21 @@ def series_facts(se: Series, study_description: str | None) -> SeriesFacts:
         manufacturer=se.manufacturer,
         own_object=bool(se.own_object),
         study_description=study_description,
+        orientations=tuple(orientations),
+        acquisition=Acquisition.from_json(se.acquisition),
     )
+
+
+def series_orientations(session: Session, series_id: int) -> list[tuple[str | None, int]]:
+    """(ImageOrientationPatient, instance count) per distinct orientation of the series' instances."""
+    rows = session.execute(
+        select(Instance.image_orientation, func.count())
+        .where(Instance.series_id == series_id)
+        .group_by(Instance.image_orientation)
+        .order_by(func.count().desc())
+        .limit(64)  # a series with more distinct orientations than this is no stack anyway
+    ).all()
+    return [(o, int(n)) for o, n in rows]
 
 
 def _study_context(session: Session, study_id: int) -> tuple[str | None, list[SeriesFacts]]:
@@ -267,10 +289,78 @@ def _study_context(session: Session, study_id: int) -> tuple[str | None, list[Se
     return description, siblings
 
 
-def route_series(session: Session, settings: Settings, rules: RoutingRules, se: Series) -> Route:
-    """Routes one series with its study as context (study description, the other series)."""
+def explain_series(session: Session, settings: Settings, rules: RoutingRules, se: Series) -> Explanation:
+    """How routing decides one series now, with its study as context (nothing is written)."""
     description, siblings = _study_context(session, se.study_id)
-    return rules.route(series_facts(se, description), uid_root=settings.uid_root, siblings=siblings)
+    facts = series_facts(se, description, series_orientations(session, se.id))
+    hook = pixel_anatomy_hook(session, settings, se)
+    return explain(facts, rules, uid_root=settings.uid_root, siblings=siblings, pixel_anatomy=hook)
+
+
+def route_series(session: Session, settings: Settings, rules: RoutingRules, se: Series) -> Route:
+    """Routes one series with its study as context; records what was recognised and why on its row."""
+    ex = explain_series(session, settings, rules, se)
+    session.execute(
+        update(Series)
+        .where(Series.id == se.id)
+        .values(
+            plane=(ex.plane.value or None) and ex.plane.value[:16],
+            contrast=(ex.contrast.value or None) and ex.contrast.value[:16],
+            anatomy=(ex.anatomy.value or None) and ex.anatomy.value[:32],
+            routing_explanation=ex.to_json(),
+        )
+        .execution_options(synchronize_session=False)
+    )
+    log.info("series %s routing: %s", se.series_uid, ex.summary())
+    return ex.route
+
+
+def pixel_anatomy_hook(session: Session, settings: Settings, se: Series) -> PixelAnatomy | None:
+    """The pixel anatomy classifier (``qc.anatomy``) for one series, if ``settings.routing_pixel_anatomy``.
+
+    Routing calls it only when every header, text and study signal is silent. It loads the
+    series' stored files and the classifier lazily; any failure is logged and answers "no
+    anatomy" (the tick never fails for it).
+    """
+    if not getattr(settings, "routing_pixel_anatomy", False):
+        return None
+
+    def classify(facts: SeriesFacts) -> tuple[str | None, float]:
+        try:
+            paths = session.scalars(
+                select(Instance.path).where(Instance.series_id == se.id).order_by(Instance.instance_number, Instance.id)
+                .limit(PIXEL_ANATOMY_MAX_INSTANCES)
+            ).all()
+            if not paths:
+                return None, 0.0
+            from models.io import load_series
+
+            volume = load_series(paths)
+            classifier = _anatomy_classifier(str(settings.weights_dir or ""))
+            plane = decide_plane(facts.orientations)[0].value
+            out = classifier.predict(volume, plane if plane in PLANES else None)
+            label = str(out.get("label") or "")
+            anatomy = label.split("/", 1)[0] or None
+            log.info("series %s: pixel anatomy %s (p=%.2f)", se.series_uid, label, float(out.get("probability") or 0.0))
+            return anatomy, float(out.get("probability") or 0.0)
+        except Exception as e:  # never fail the tick: the pixels are then silent
+            log.warning("series %s: pixel anatomy classifier not available (%s: %s); treated as silent",
+                        se.series_uid, type(e).__name__, str(e)[:200])
+            return None, 0.0
+
+    return classify
+
+
+#: the pixel anatomy check reads at most this many instances of a series
+PIXEL_ANATOMY_MAX_INSTANCES = 512
+
+
+@functools.lru_cache(maxsize=2)
+def _anatomy_classifier(weights_dir: str):
+    """The ``qc.anatomy`` classifier, loaded (and its weights verified) once per weights folder."""
+    from models.registry import MODEL_ANATOMY, Registry
+
+    return Registry(weights_dir or None).get(MODEL_ANATOMY)
 
 
 def complete_series(session: Session, settings: Settings, now: dt.datetime, rules: RoutingRules) -> list[int]:

@@ -45,6 +45,7 @@ from sqlalchemy.orm import Session
 
 from node.db import Database, utcnow
 from node.errors import IngestError, StorageError
+from node.recognition import acquisition_from_dataset
 from node.storage import InstanceStore, StagedFile, is_valid_uid
 from node.tables import Association, AssociationSeries, Instance, Quarantine, Series, Study
 
@@ -99,6 +100,8 @@ class InstanceHeader:
     expected_instances: int | None = None
     contributing_manufacturers: tuple[str, ...] = ()
     demographics: dict[str, str | None] = field(default_factory=dict)
+    # the acquisition parameters routing recognises the series by (node.recognition.Acquisition.to_json)
+    acquisition: dict[str, Any] | None = None
 
     def is_own_object(self, uid_root: str) -> bool:
         """Objects msknode made: our UID root, or our name as (contributing) manufacturer."""
@@ -244,6 +247,29 @@ def _safe_text(ds: Dataset, keyword: str) -> str | None:
         return None
 
 
+def header_from_dataset(ds: Dataset) -> InstanceHeader:
+    """The `InstanceHeader` of a dataset read elsewhere (e.g. a file read with ``stop_before_pixels``).
+
+    Raises `IngestError` as `read_header` does for missing or malformed UIDs.
+    """
+    uids = {k: _safe_text(ds, k) for k in ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")}
+    missing = [k for k, v in uids.items() if not v]
+    if missing:
+        raise IngestError(MISSING_UID, f"missing {', '.join(missing)}")
+    bad = [k for k, v in uids.items() if not is_valid_uid(v)]
+    if bad:
+        raise IngestError(MALFORMED_UID, f"malformed {', '.join(bad)}")
+    return _header_from(ds, uids)
+
+
+def _acquisition(ds: Dataset) -> dict[str, Any] | None:
+    """The acquisition parameters (header only, bounded); None when there are none or they cannot be read."""
+    try:
+        return acquisition_from_dataset(ds).to_json() or None
+    except Exception:  # odd values are no reason to refuse the object: routing falls back on the text
+        return None
+
+
 def _header_from(ds: Dataset, uids: dict[str, str | None]) -> InstanceHeader:
     laterality = _safe_text(ds, "Laterality") or _safe_text(ds, "ImageLaterality")
     frames = _int(ds, "NumberOfFrames")
@@ -286,6 +312,7 @@ def _header_from(ds: Dataset, uids: dict[str, str | None]) -> InstanceHeader:
         expected_instances=expected if expected and expected > 0 else None,
         contributing_manufacturers=tuple(contributing),
         demographics=demographics,
+        acquisition=_acquisition(ds),
     )
 
 
@@ -489,6 +516,7 @@ def _upsert_series(conn, sql: _Statements, cache: IndexCache, header: InstanceHe
                 series_number=header.series_number,
                 manufacturer=_fit(c.manufacturer, _norm(header.manufacturer)),
                 calling_ae=_fit(c.calling_ae, calling_ae),
+                acquisition=header.acquisition,
                 instances=0,
                 expected_instances=header.expected_instances,
                 own_object=header.is_own_object(uid_root),

@@ -70,6 +70,7 @@ Siemens writes what is needed in the standard fields.
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from dataclasses import dataclass, field, fields
@@ -327,6 +328,7 @@ _GE_ACQ = (0x0019, "GEMS_ACQU_01")
 _PHILIPS_IMAGING = (0x2001, "PHILIPS IMAGING DD 001")
 _PHILIPS_MR = (0x2005, "PHILIPS MR IMAGING DD 001")
 _PHILIPS_MR5 = (0x2005, "PHILIPS MR IMAGING DD 005")
+_PRIVATE_GROUPS = frozenset({0x0019, 0x2001, 0x2005})
 #: the standard enhanced-MR attributes looked for in functional groups and the Philips private item
 _ENHANCED_TEXT = {
     "pulse_sequence_name": "PulseSequenceName",
@@ -338,11 +340,24 @@ _ENHANCED_TEXT = {
 }
 
 
-def _value(ds, keyword: str) -> Any:
+@functools.lru_cache(maxsize=None)
+def _tag(keyword: str) -> int:
+    from pydicom.datadict import tag_for_keyword
+
+    tag = tag_for_keyword(keyword)
+    if tag is None:
+        raise KeyError(keyword)
+    return int(tag)
+
+
+def _value(ds, keyword: str | int) -> Any:
+    """The value of an element (None when absent or undecodable); looks the tag up without converting others."""
     try:
-        if keyword not in ds:
+        tag = keyword if isinstance(keyword, int) else _tag(keyword)
+        elements = getattr(ds, "_dict", None)
+        if elements is not None and tag not in elements:
             return None
-        return ds[keyword].value
+        return ds[tag].value
     except Exception:  # an undecodable value is no reason to fail: it is simply not a signal
         return None
 
@@ -358,18 +373,14 @@ def _item(ds, keyword: str):
 def _private_creators(ds) -> dict[tuple[int, str], int]:
     """(group, creator upper-case) -> block number, for the groups read here."""
     found: dict[tuple[int, str], int] = {}
-    for group in (0x0019, 0x2001, 0x2005):
-        for element in range(0x10, 0x100):
-            tag = (group << 16) | element
-            if tag not in ds:
-                continue
-            try:
-                raw = ds[tag].value
-            except Exception:
-                continue
-            name = _bounded(raw)
-            if name:
-                found.setdefault((group, name.upper()), element)
+    try:
+        tags = [int(t) for t in getattr(ds, "_dict", {}) if (int(t) >> 16) in _PRIVATE_GROUPS and 0x10 <= (int(t) & 0xFFFF) <= 0xFF]
+    except Exception:
+        return found
+    for tag in tags:
+        name = _bounded(_value(ds, tag))
+        if name:
+            found.setdefault((tag >> 16, name.upper()), tag & 0xFF)
     return found
 
 
@@ -377,11 +388,7 @@ def _private(ds, creators: Mapping[tuple[int, str], int], which: tuple[int, str]
     block = creators.get(which)
     if block is None:
         return None
-    tag = (which[0] << 16) | (block << 8) | offset
-    try:
-        return ds[tag].value if tag in ds else None
-    except Exception:
-        return None
+    return _value(ds, (which[0] << 16) | (block << 8) | offset)
 
 
 def _codes(seq: Any) -> tuple[tuple[str, str, str], ...]:

@@ -139,6 +139,8 @@ class Settings(BaseSettings):
     # pipeline -> the roles its study protocol sends; once all arrived complete the study is settled at once
     study_protocols: Annotated[dict[str, list[str]], NoDecode] = Field(default_factory=dict)
     routing_rules: Path = DEFAULT_ROUTING_RULES
+    # the qc.anatomy classifier names a series' anatomy when no header, text or other series does
+    routing_pixel_anatomy: bool = True
 
     # results
     uid_root: str = DEFAULT_UID_ROOT

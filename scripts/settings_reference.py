@@ -39,6 +39,7 @@ DESCRIPTIONS = {
     "study_quiet_seconds": "A study is processed when all its routed series are complete and nothing arrived for this long.",
     "study_protocols": "The roles each pipeline's protocol sends, e.g. `knee=sag_fluid,cor_fluid; shoulder=cor_fluid` (or JSON). A study in which every listed role arrived complete is processed at once, without the study quiet period; a pipeline not listed, or one with a role missing, waits for it.",
     "routing_rules": "TOML routing rules (series -> pipeline and role); reloaded when the file changes.",
+    "routing_pixel_anatomy": "When no header, description or other series of the study names a series' anatomy, the `qc.anatomy` pixel classifier may (knee or shoulder, probability >= 0.9; never the spine); `false` leaves such series unrouted.",
     "uid_root": "UID root of every object the node creates; objects with it are never routed again.",
     "destinations": 'JSON list where results go: `{"type": "dimse", "ae_title", "host", "port", "tls": false}` or `{"type": "stow", "url", "username", "password" | "token"}`.',
     "institution_name": "Institution Name written into result objects.",

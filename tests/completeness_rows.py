@@ -12,6 +12,9 @@ import itertools
 from node.tables import Association, AssociationSeries, Instance, Series, Study
 
 T0 = dt.datetime(2026, 3, 2, 8, 0, 0, tzinfo=dt.timezone.utc)
+SAGITTAL = "0\\1\\0\\0\\0\\-1"
+CORONAL = "1\\0\\0\\0\\0\\-1"
+AXIAL = "1\\0\\0\\0\\1\\0"
 _counter = itertools.count(1)
 
 
@@ -84,17 +87,27 @@ def add_instances(
     spacing: float = 3.0,
     skip_positions: tuple[int, ...] = (),
     no_position: tuple[int, ...] = (),
-    orientation: str = "0\\1\\0\\0\\0\\-1",
+    orientation: str | None = None,
 ) -> list[Instance]:
-    """``count`` sagittal slices (normal along x); slice i sits at x = i * spacing."""
+    """``count`` slices in the plane the series description names (sagittal by default, normal along x:
+    slice i sits at x = i * spacing); another ``orientation`` puts slice i at i * spacing along its normal.
+    """
+    orientation = orientation or orientation_of(series.series_description or "")
     out = []
     index = start
     made = 0
+    cos = [float(v) for v in orientation.split("\\")]
+    normal = (cos[1] * cos[5] - cos[2] * cos[4], cos[2] * cos[3] - cos[0] * cos[5], cos[0] * cos[4] - cos[1] * cos[3])
     while made < count:
         if index in skip_positions:
             index += 1
             continue
-        pos = None if index in no_position else f"{index * spacing:.3f}\\-100\\100"
+        if orientation == SAGITTAL:
+            pos = f"{index * spacing:.3f}\\-100\\100"
+        else:
+            base = (0.0, -100.0, 100.0)
+            pos = "\\".join(f"{b + index * spacing * n:.3f}" for b, n in zip(base, normal))
+        pos = None if index in no_position else pos
         inst = Instance(
             series_id=series.id,
             sop_instance_uid=uid(),
@@ -142,11 +155,21 @@ def release(s, association: Association, *, now, quiet_seconds: float, reason: s
     s.flush()
 
 
+def orientation_of(description: str) -> str:
+    """The ImageOrientationPatient a scanner writes for the plane a description names (sagittal by default)."""
+    words = description.lower().replace("_", " ").split()
+    if any(w.startswith("cor") for w in words):
+        return CORONAL
+    if any(w in ("ax", "axial", "tra", "trans", "transverse") for w in words):
+        return AXIAL
+    return SAGITTAL
+
+
 def send_series(s, study, *, description, count=20, now=T0, quiet_seconds=0.5, **kw) -> Series:
-    """A series delivered and released in one association at ``now``."""
+    """A series delivered and released in one association at ``now``, in the plane its description names."""
     expected = kw.pop("expected", None)
     se = make_series(s, study, description=description, expected=expected, now=now, **{k: v for k, v in kw.items() if k in {"body_part", "modality", "series_uid", "number", "own_object", "manufacturer", "calling_ae"}})
     a = open_association(s, now=now)
-    add_instances(s, se, count, association=a, now=now, **{k: v for k, v in kw.items() if k in {"spacing", "skip_positions", "no_position"}})
+    add_instances(s, se, count, association=a, now=now, **{k: v for k, v in kw.items() if k in {"spacing", "skip_positions", "no_position", "orientation"}})
     release(s, a, now=now, quiet_seconds=quiet_seconds)
     return se
