@@ -106,24 +106,31 @@ def test_admin_turns_an_unrouted_series_into_a_rule(server, browser, tmp_path):
     assert d.find_element(By.ID, "rule-reroute").is_selected()
     name = d.find_element(By.ID, "rule-name")
     name.clear()
-    name.send_keys("site anonymised coronal knee")
-    Select(d.find_element(By.ID, "rule-role")).select_by_visible_text("cor_fluid")
+    name.send_keys("site anonymised sagittal knee")
+    Select(d.find_element(By.ID, "rule-role")).select_by_visible_text("sag_fluid")
+    facts = {k: d.find_element(By.ID, f"rule-{k}").get_attribute("value")
+             for k in ("plane", "contrast") if d.find_elements(By.ID, f"rule-{k}")}  # prefilled from what was recognised
     shot(d, tmp_path / "rule.png")
     d.find_element(By.ID, "rule-submit").click()
-    wait(d).until(EC.text_to_be_present_in_element((By.ID, "flash-msg"), "site anonymised coronal knee"))
+    wait(d).until(EC.text_to_be_present_in_element((By.ID, "flash-msg"), "site anonymised sagittal knee"))
     flash = d.find_element(By.ID, "flash-msg").text
-    assert "routed knee/cor_fluid" in flash and str(server["rules_path"]) in flash
+    assert "routed knee/sag_fluid" in flash and str(server["rules_path"]) in flash
     assert not d.find_elements(By.CSS_SELECTOR, f'tr.unrouted-row[data-series="{sid}"]')
     rules = tomllib.loads(server["rules_path"].read_text())["rule"]
-    assert rules[0] == {"name": "site anonymised coronal knee", "pipeline": "knee", "role": "cor_fluid",
-                        "description": "^ANONYMIZED SERIES$"}
+    expected = {"name": "site anonymised sagittal knee", "pipeline": "knee", "role": "sag_fluid",
+                "description": "^ANONYMIZED SERIES$"}
+    if facts.get("plane"):
+        expected["plane"] = facts["plane"]
+    if facts.get("contrast"):
+        expected["contrast"] = [c.strip() for c in facts["contrast"].split(",")]
+    assert rules[0] == expected
 
     d.get(f"{base}/studies/{server['study_id']}")
     panel = wait(d).until(EC.presence_of_element_located((By.CSS_SELECTOR, f'tr.series-route[data-series="{sid}"]')))
-    assert "knee / cor_fluid" in panel.text and "site anonymised coronal knee" in panel.text
+    assert "knee / sag_fluid" in panel.text and "site anonymised sagittal knee" in panel.text
     console_errors(d)  # index rows only: the viewer has no stored files to show here
     d.get(base + "/admin/audit?action=routing.")
     [event] = d.find_elements(By.CSS_SELECTOR, "tr.audit-row")
     assert event.get_attribute("data-action") == "routing.rule_add"
-    assert "alice" in event.text and "site anonymised coronal knee" in event.text and "knee/cor_fluid" in event.text
+    assert "alice" in event.text and "site anonymised sagittal knee" in event.text and "knee/sag_fluid" in event.text
     assert console_errors(d) == []
