@@ -410,3 +410,37 @@ def test_suggested_role_follows_plane_and_contrast():
     assert suggest_role("lumbar_spine", "sagittal", ["t2"]) == "sag_t2"
     assert suggest_role("shoulder", "coronal_oblique", ["t2_fs"]) == "cor_fluid"
     assert suggest_role("knee", None, ["pd_fs"]) is None and suggest_role("knee", "sagittal", ["gre"]) is None
+
+
+def test_concurrent_rule_additions_all_land(tmp_path):
+    """Several admins save at once: the folder lock serialises read-modify-rename, no rule is lost."""
+    import threading
+
+    from node.routing import load_rules
+    from node.settings import DEFAULT_ROUTING_RULES
+    from node.web.rule_editor import RuleDraft, add_rule, toml_block
+
+    path = tmp_path / "rules.toml"
+    shutil.copyfile(DEFAULT_ROUTING_RULES, path)
+    before = len(load_rules(path).rules)
+    errors: list[BaseException] = []
+    barrier = threading.Barrier(6)
+
+    def save(i: int) -> None:
+        try:
+            draft = RuleDraft(name=f"site rule {i}", pipeline="knee", role="sag_pd", anatomy="knee", description=f"^x{i}$")
+            barrier.wait()
+            add_rule(path, draft, toml_block(draft))
+        except BaseException as e:  # pragma: no cover - asserted below
+            errors.append(e)
+
+    threads = [threading.Thread(target=save, args=(i,)) for i in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert not errors, errors
+    rules = load_rules(path)
+    assert len(rules.rules) == before + 6
+    assert {r.name for r in rules.rules[:6]} == {f"site rule {i}" for i in range(6)}
+    assert not list(tmp_path.glob(".*.tmp"))
