@@ -262,6 +262,49 @@ def header_from_dataset(ds: Dataset) -> InstanceHeader:
     return _header_from(ds, uids)
 
 
+#: `read_series_headers` reads at most this many files of a folder
+MAX_SERIES_FILES = 4000
+
+
+def read_series_headers(path: Path | str, *, max_files: int = MAX_SERIES_FILES) -> tuple[list[InstanceHeader], int]:
+    """The headers of a DICOM file, or of the files of one folder (not its subfolders), and how many were skipped.
+
+    Reads each file's header only (pydicom stops before the pixel data); files that are not
+    DICOM, or lack the UIDs of an instance, are skipped. Raises `IngestError` (0xC000) when
+    the path is neither a file nor a folder, or the folder holds more than ``max_files`` files.
+    """
+    from pydicom import dcmread
+
+    p = Path(path)
+    if p.is_file():
+        files = [p]
+    elif p.is_dir():
+        files = []
+        for entry in sorted(p.iterdir()):
+            if entry.is_file():
+                files.append(entry)
+                if len(files) > max_files:
+                    raise IngestError(CANNOT_UNDERSTAND, f"{p} holds more than {max_files} files: give the folder of one series")
+    else:
+        raise IngestError(CANNOT_UNDERSTAND, f"{p} is neither a file nor a folder")
+    from pydicom import config as pydicom_config
+
+    headers: list[InstanceHeader] = []
+    skipped = 0
+    mode = pydicom_config.settings.reading_validation_mode
+    pydicom_config.settings.reading_validation_mode = pydicom_config.IGNORE  # odd values: no warning per file
+    try:
+        for f in files:
+            try:
+                ds = dcmread(f, stop_before_pixels=True)
+                headers.append(header_from_dataset(ds))
+            except Exception:  # not DICOM, unreadable, or not an instance: skipped (and counted)
+                skipped += 1
+    finally:
+        pydicom_config.settings.reading_validation_mode = mode
+    return headers, skipped
+
+
 def _acquisition(ds: Dataset) -> dict[str, Any] | None:
     """The acquisition parameters (header only, bounded); None when there are none or they cannot be read."""
     try:

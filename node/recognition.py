@@ -924,8 +924,10 @@ def decide_contrast(
         if "dess" in text_matched:
             return finish("dess", f"gradient echo ({fam_value}); the text names DESS", fs_used=False, text_used=True)
         weighting = ""
-        if acq.flip_angle is not None and te is not None:
-            weighting = "; T1-weighted spoiled" if (acq.flip_angle >= 20 and te < 10) else ("; T2*-weighted" if te >= 10 else "")
+        if te is not None:
+            weighting = "; T2*-weighted (TE >= 10 ms)" if te >= 10 else ("; T1-weighted (short TR/TE)" if tr is not None and tr < 100 else "")
+        if "IR" in acq.scanning_sequence:
+            weighting += "; inversion-prepared"
         return finish("gre", f"gradient echo ({fam_value}{', ' + timing if timing else ''}{weighting})", fs_used=False)
     if family == "ir":
         if ti is None:

@@ -528,7 +528,7 @@ def explain(
         route = Route(route.pipeline, route.role, route.rule, route.anatomy, route.anatomy_source,
                       recognition.plane.value, recognition.contrast.value, recognition.flags)
         return Explanation(route, recognition.plane, recognition.contrast, anatomy, recognition.flags,
-                           tuple([*extra, *signals]))
+                           tuple([*signals, *extra]))
 
     if is_own_object(facts, uid_root):
         own = Signal("own object", "msknode created it (UID root, Manufacturer or ContributingEquipment)",

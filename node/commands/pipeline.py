@@ -1,4 +1,4 @@
-"""``msknode jobs [--json] | jobs retry ID``, ``msknode purge``, ``msknode routing check``."""
+"""``msknode jobs [--json] | jobs retry ID``, ``msknode purge``, ``msknode routing check | explain``."""
 
 from __future__ import annotations
 
@@ -30,6 +30,15 @@ def register(sub) -> None:
     c.add_argument("file", nargs="?", help="the rules file to check")
     c.add_argument("--table", metavar="FILE", help="also check a table of series and expected routes (vendor_series.toml format)")
     c.set_defaults(func=_routing_check)
+    e = rsub.add_parser(
+        "explain",
+        help="why a series is routed as it is: every signal, its value, where it came from, and the decision",
+    )
+    e.add_argument("target", metavar="PATH_OR_SERIES_UID",
+                   help="a DICOM file, a folder holding one series (headers only are read), or a Series Instance UID in the node's index")
+    e.add_argument("--json", action="store_true", help="the explanation as one JSON object (the routing_explanation of the series row)")
+    e.add_argument("--rules", metavar="FILE", help="the rules file to explain with (default MSKNODE_ROUTING_RULES)")
+    e.set_defaults(func=_routing_explain)
 
 
 def register_job_actions(actions) -> None:
@@ -147,7 +156,7 @@ def _routing_check(args, settings) -> int:
     from pathlib import Path
 
     from node.errors import RoutingError
-    from node.routing import SeriesFacts, describe, load_rules
+    from node.routing import describe, facts_from_table_entry, load_rules
 
     path = Path(args.file) if args.file else settings.routing_rules
     rules = load_rules(path)  # RoutingError → "msknode: routing rules FILE: …", exit 1
@@ -162,17 +171,7 @@ def _routing_check(args, settings) -> int:
         raise RoutingError(f"series table {args.table}: cannot read: {e}") from None
     wrong = 0
     for e in table:
-        f = SeriesFacts(
-            series_uid="1.2.3",
-            modality=e.get("modality", "MR"),
-            body_part=e.get("body_part"),
-            series_description=e.get("description"),
-            protocol_name=e.get("protocol"),
-            study_description=e.get("study_description"),
-            laterality=e.get("laterality"),
-            calling_ae=e.get("calling_ae"),
-            manufacturer=e.get("vendor"),
-        )
+        f = facts_from_table_entry(e)  # RoutingError names a row with an unknown key
         route = rules.route(f, uid_root=settings.uid_root)
         got = f"{route.pipeline}/{route.role}" if route.routed else "unrouted"
         if got != e.get("expect"):
@@ -181,3 +180,116 @@ def _routing_check(args, settings) -> int:
                   f"{got} ({route.rule}), expected {e.get('expect')}")
     print(f"{len(table) - wrong} of {len(table)} table entries routed as expected")
     return 1 if wrong else 0
+
+
+def _routing_explain(args, settings) -> int:
+    from pathlib import Path
+
+    from node.errors import RoutingError
+    from node.routing import load_rules
+    from node.storage import is_valid_uid
+
+    rules = load_rules(Path(args.rules) if args.rules else settings.routing_rules)
+    target = str(args.target)
+    if len(target) > 4096:
+        raise RoutingError("routing explain: the argument is too long for a path or a Series Instance UID")
+    path = Path(target)
+    if path.exists():
+        explanation, where = _explain_path(path, rules, settings)
+    elif is_valid_uid(target):
+        explanation, where = _explain_indexed(target, rules, settings)
+    else:
+        raise RoutingError(f"routing explain: {target!r} is neither an existing file or folder nor a Series Instance UID")
+    if args.json:
+        print(json.dumps({"series_uid": where["series_uid"], **explanation.to_json()}, indent=2))
+        return 0
+    print(format_explanation(explanation, where))
+    return 0
+
+
+def _explain_path(path, rules, settings):
+    """The explanation of the series in a DICOM file or a folder of one series (headers only)."""
+    from collections import Counter
+
+    from node.errors import IngestError, RoutingError
+    from node.ingest import read_series_headers
+    from node.recognition import Acquisition
+    from node.routing import SeriesFacts, explain
+
+    try:
+        headers, skipped = read_series_headers(path)
+    except IngestError as e:
+        raise RoutingError(f"routing explain: {e}") from None
+    if not headers:
+        raise RoutingError(f"routing explain: {path} holds no DICOM instance ({skipped} file(s) could not be read as one)")
+    series = Counter(h.series_uid for h in headers)
+    if len(series) > 1:
+        raise RoutingError(
+            f"routing explain: {path} holds {len(series)} series ({len(headers)} instances); give a file or the folder of one series"
+        )
+    headers.sort(key=lambda h: (h.instance_number is None, h.instance_number or 0, h.sop_instance_uid))
+    first = headers[0]
+    orientations = Counter(h.image_orientation for h in headers)
+    facts = SeriesFacts(
+        series_uid=first.series_uid,
+        modality=first.modality,
+        body_part=first.body_part,
+        series_description=first.series_description,
+        protocol_name=first.protocol_name,
+        laterality=first.laterality,
+        manufacturer=first.manufacturer,
+        own_object=first.is_own_object(settings.uid_root),
+        study_description=first.demographics.get("study_description"),
+        orientations=tuple(orientations.most_common()),
+        acquisition=Acquisition.from_json(first.acquisition),
+    )
+    explanation = explain(facts, rules, uid_root=settings.uid_root)
+    where = {"series_uid": first.series_uid, "from": f"{path} ({len(headers)} instance(s) read"
+             + (f", {skipped} file(s) skipped" if skipped else "") + "; headers only: no other series, no pixels)"}
+    return explanation, where
+
+
+def _explain_indexed(series_uid, rules, settings):
+    """The explanation of an indexed series with its study, as the node routes it now (nothing is written)."""
+    from pathlib import Path
+
+    from sqlalchemy import select
+
+    from node.completeness import explain_series
+    from node.errors import RoutingError
+    from node.tables import Series
+
+    if settings.is_sqlite:
+        from sqlalchemy.engine import make_url
+
+        file = make_url(str(settings.database_url)).database
+        if file and file != ":memory:" and not Path(file).exists():
+            raise RoutingError(f"routing explain: no series {series_uid}: there is no index at {file} "
+                               "(and no such file or folder)")
+    with database(settings) as db, db.session() as s:
+        se = s.scalar(select(Series).where(Series.series_uid == series_uid))
+        if se is None:
+            raise RoutingError(f"routing explain: no series {series_uid} in the index of {settings.data_dir} "
+                               "(and no such file or folder)")
+        explanation = explain_series(s, settings, rules, se)
+        recorded = f"{se.pipeline}/{se.role} (rule {se.routing_rule!r})" if se.pipeline else (se.routing_rule or "not routed yet")
+        where = {"series_uid": series_uid,
+                 "from": f"the index ({se.instances} instance(s), state {se.state}; recorded decision: {recorded})"}
+        s.rollback()  # explaining changes nothing
+    return explanation, where
+
+
+def format_explanation(explanation, where: dict) -> str:
+    """The text of ``msknode routing explain``: the decision, plane, contrast, anatomy, flags, then every signal."""
+    r = explanation.route
+    decision = f"{r.pipeline}/{r.role} (rule {r.rule!r})" if r.routed else f"not routed: {r.rule}"
+    lines = [f"series   {where['series_uid']}", f"from     {where['from']}", f"decision {decision}"]
+    for name, d in (("plane", explanation.plane), ("contrast", explanation.contrast), ("anatomy", explanation.anatomy)):
+        lines.append(f"{name:<8} {d.value or '-'} [{d.source}] {d.detail}")
+    lines.append(f"flags    {', '.join(explanation.flags) or '-'}")
+    lines.append("signals  (* = used in the decision)")
+    width = max((len(sig.name) for sig in explanation.signals), default=4)
+    for sig in explanation.signals:
+        lines.append(f"  {'*' if sig.used else ' '} {sig.name:<{width}}  {sig.value}  <- {sig.source}")
+    return "\n".join(lines)
+
