@@ -13,8 +13,11 @@ import pytest
 from node.errors import RoutingError
 from node.routing import (
     PIPELINE_ROLES,
+    TABLE_HEADER_KEYS,
     RulesFile,
     SeriesFacts,
+    explain,
+    facts_from_table_entry,
     load_rules,
     parse_rules,
 )
@@ -42,17 +45,51 @@ def outcome(route) -> str:
     "entry", ENTRIES, ids=[f"{e['vendor']}:{e['description']}:{e.get('body_part', '')}" for e in ENTRIES]
 )
 def test_vendor_series_table(shipped, entry):
-    f = SeriesFacts(
-        series_uid="1.2.840.113619.2.1",
-        modality=entry.get("modality", "MR"),
-        body_part=entry.get("body_part"),
-        series_description=entry["description"],
-        protocol_name=entry.get("protocol"),
-        study_description=entry.get("study_description"),
-        manufacturer=entry["vendor"],
-    )
-    route = shipped.route(f, uid_root=DEFAULT_UID_ROOT)
-    assert outcome(route) == entry["expect"], (route.rule, route.anatomy, route.anatomy_source)
+    f = facts_from_table_entry(entry, series_uid="1.2.840.113619.2.1")
+    ex = explain(f, shipped, uid_root=DEFAULT_UID_ROOT)
+    route = ex.route
+    why = (route.rule, ex.plane, ex.contrast, ex.anatomy, ex.flags)
+    assert outcome(route) == entry["expect"], why
+    if "expect_plane" in entry:
+        assert ex.plane.value == entry["expect_plane"], why
+    if "expect_contrast" in entry:
+        assert ex.contrast.value == entry["expect_contrast"], why
+    for flag in entry.get("expect_flags", []):
+        assert flag in ex.flags, why
+    if is_header_row(entry):  # what the scanner measured decided, not the text
+        if "expect_plane" in entry and entry["expect_plane"] in ("sagittal", "coronal", "axial", "multi"):
+            assert ex.plane.source == "ImageOrientationPatient", why
+        if "expect_contrast" in entry and not entry.get("description", "").strip():
+            assert ex.contrast.source.startswith("acquisition parameters"), why
+
+
+def is_header_row(entry) -> bool:
+    return any(k in entry for k in TABLE_HEADER_KEYS)
+
+
+HEADER_ROWS = [e for e in ENTRIES if is_header_row(e)]
+
+
+def test_header_only_rows_cover_every_vendor_and_what_never_becomes_model_input():
+    """Descriptions without plane or contrast, from every vendor; localizers, calibration, Dixon F/IP/OP,
+    maps and reformats, post-contrast and a cervical spine."""
+    assert {"Siemens", "GE", "Philips", "Canon"} <= {e["vendor"] for e in HEADER_ROWS}
+    for vendor, description in [("Philips", "T2W_TSE"), ("Philips", "PDW_SPAIR"), ("Philips", "T1W_aTSE"),
+                                ("GE", "FSE-XL"), ("GE", "Sag FSE"), ("Siemens", "KNIE ROUTINE 3")]:
+        assert any(e["vendor"] == vendor and e["description"] == description and e["expect"] != "unrouted"
+                   for e in HEADER_ROWS), (vendor, description)
+    flags = {f for e in HEADER_ROWS for f in e.get("expect_flags", [])}
+    assert {"localizer", "calibration", "dixon_fat", "dixon_in_phase", "dixon_opposed_phase", "derived", "mpr",
+            "post_contrast"} <= flags
+    for e in HEADER_ROWS:
+        if {"localizer"} & set(e.get("expect_flags", [])):
+            assert e["expect"].endswith("/localizer")
+        elif set(e.get("expect_flags", [])) - {"dixon", "dixon_water"}:
+            assert e["expect"] == "unrouted", e
+    cervical = [e for e in HEADER_ROWS if "122494005" in str(e.get("anatomic_region")) or
+                e.get("body_part") == "CSPINE" or "spine" in e.get("description", "").lower()]
+    assert len(cervical) >= 3 and all(not e["expect"].startswith("lumbar_spine") for e in cervical
+                                      if "122496007" not in str(e.get("anatomic_region")))
 
 
 def test_vendor_table_covers_every_vendor_role_and_localizers():
