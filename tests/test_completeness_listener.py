@@ -352,8 +352,10 @@ def test_restart_in_the_middle_of_the_quiet_period_completes_once(settings, db, 
         d = tmp_path / "dcm"
         uids = []
         files = []
-        for k, (desc, n) in enumerate((("localizer", 3), ("PD_TSE_FS_SAG", 20), ("t1_tse_cor", 16))):
-            u, f = write_series(d, study_uid=study_uid, description=desc, n=n, number=k + 1)
+        coronal = (1.0, 0.0, 0.0, 0.0, 0.0, -1.0)
+        for k, (desc, n, ori) in enumerate((("localizer", 3, coronal), ("PD_TSE_FS_SAG", 20, (0.0, 1.0, 0.0, 0.0, 0.0, -1.0)),
+                                            ("t1_tse_cor", 16, coronal))):
+            u, f = write_series(d, study_uid=study_uid, description=desc, n=n, number=k + 1, orientation=ori)
             uids.append(u)
             files += f
         storescu(port, files)
