@@ -158,7 +158,13 @@ def test_unrouted_view_lists_unrouted_series_with_why_and_no_patient_data(env):
     assert anon["description"] == "ANONYMIZED_SERIES" and anon["body_part"] == "KNEE" and anon["instances"] == 10
     assert anon["routing"]["decision"] == {"routed": False, "pipeline": None, "role": None, "rule": "unrouted:no_rule",
                                            "pending": False}
-    assert set(anon["routing"]["facts"]) == {"plane", "contrast", "anatomy"}
+    # what routing recorded when it completed the series: the plane from its geometry, the anatomy from its header
+    assert anon["routing"]["recorded"] is True
+    plane, anatomy = anon["routing"]["facts"]["plane"], anon["routing"]["facts"]["anatomy"]
+    assert plane["value"] == "sagittal" and "ImageOrientationPatient" in plane["source"]
+    assert anatomy["value"] == "knee" and "BodyPartExamined" in anatomy["source"]
+    signals = {s["name"]: s for s in anon["routing"]["signals"]}
+    assert any("ImageOrientationPatient" in s["source"] and s["used"] for s in signals.values()), signals
     assert listed[env["ids"]["other"]]["routing"]["decision"]["rule"] == "unrouted:other_anatomy"
     assert "SECRET" not in str(page) and "PID-SECRET" not in str(page)
     first = c.get("/api/admin/unrouted?limit=1", headers=h).json()
@@ -173,6 +179,7 @@ def test_unrouted_view_lists_unrouted_series_with_why_and_no_patient_data(env):
     assert r.status_code == 200
     assert 'id="unrouted"' in r.text and "ANONYMIZED_SERIES" in r.text and "unrouted:no_rule" in r.text
     assert f'id="signals-{env["ids"]["anon"]}"' in r.text and f'href="/admin/series/{env["ids"]["anon"]}/rule"' in r.text
+    assert 'class="ftable signals-table"' in r.text and "ImageOrientationPatient" in r.text
     assert "SECRET" not in r.text and "PID-SECRET" not in r.text
     assert 'id="nav-unrouted"' in r.text
 
@@ -205,11 +212,13 @@ def test_rule_form_is_prefilled_from_the_series(env):
     assert r.status_code == 200
     assert 'id="rule-form"' in r.text and "ANONYMIZED_SERIES" in r.text
     assert 'value="^ANONYMIZED SERIES$"' in r.text  # exactly its description, as the rules read it
+    assert re.search(r'id="rule-plane" name="plane" value="sagittal"', r.text)  # recognised from its geometry
     assert re.search(r'<option value="knee" selected>knee</option>', r.text)  # anatomy from BodyPartExamined KNEE
     assert 'id="rule-reroute"' in r.text and "checked" in r.text
     assert env["rules_path"].name in r.text and 'id="rules-readonly-note"' not in r.text
     api = client(env["app"]).get(f"/api/admin/series/{env['ids']['anon']}/routing", headers=bearer(env["app"], ADMIN)).json()
-    assert api["draft"]["pipeline"] == "knee" and api["draft"]["anatomy"] == "knee"
+    assert api["draft"]["pipeline"] == "knee" and api["draft"]["anatomy"] == "knee" and api["draft"]["plane"] == "sagittal"
+    assert api["rules_file"]["fact_keys"] == ["plane", "contrast"]
     assert api["draft"]["description"] == "^ANONYMIZED SERIES$" and len(api["draft"]["name"]) <= 100
     assert api["rules_file"] == {"path": str(env["rules_path"]), "shipped_default": False, "writable": True,
                                  "fact_keys": api["rules_file"]["fact_keys"]}
