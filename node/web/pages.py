@@ -346,7 +346,7 @@ def admin_rule_add(
     contrast: str = Form(default="", max_length=300),
     description: str = Form(default="", max_length=rule_editor.REGEX_MAX),
     reroute: str = Form(default="", max_length=8),
-    csrf_token: str = Form(default=""),
+    csrf_token: str = Form(default="", max_length=128),
     p: Principal = Depends(admin),
 ):
     check_csrf(p, csrf_token)

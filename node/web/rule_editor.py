@@ -33,8 +33,7 @@ from typing import Callable, Iterator, Sequence
 
 from node.errors import NodeError, RoutingError
 from node.routing import LOCALIZER_ROLE, PIPELINE_ROLES, RoutingRules, normalize_text, parse_rules
-
-PACKAGE_DIR = Path(__file__).resolve().parent.parent  # node/
+from node.settings import PACKAGE_DIR
 NAME_MAX = 100
 REGEX_MAX = 200
 VALUE_MAX = 32
