@@ -931,6 +931,8 @@ def decide_contrast(
         return finish("gre", f"gradient echo ({fam_value}{', ' + timing if timing else ''}{weighting})", fs_used=False)
     if family == "ir":
         if ti is None:
+            if (acq.acquisition_contrast or "").upper() == "STIR":
+                return finish("stir", f"inversion recovery ({fam_value}); AcquisitionContrast STIR", fs_used=False)
             if "stir" in text_matched:
                 return finish("stir", f"inversion recovery ({fam_value}), no TI; the text names STIR", fs_used=False, text_used=True)
             return finish("other", f"inversion recovery ({fam_value}) without an InversionTime", fs_used=False)
@@ -961,6 +963,10 @@ def decide_contrast(
                 weighting, why = "pd", f"long TR ({tr:g} ms), short TE ({te:g} ms < {T2_MIN_TE:g}): PD/intermediate"
             else:
                 weighting, why = None, f"TR {tr:g} ms, TE {te:g} ms: between T1 and PD"
+        stated = {"T1": "t1", "PROTON_DENSITY": "pd", "T2": "t2"}.get((acq.acquisition_contrast or "").upper())
+        if weighting is None and tr is None and te is None and stated:
+            weighting = stated
+            why = f"AcquisitionContrast {acq.acquisition_contrast} ({acq.origin('acquisition_contrast', tag_source('AcquisitionContrast'))})"
         if weighting is None:
             # the parameters give the family only: the text names the weighting
             t_weight = t_contrast if t_contrast in ("t1", "t1_fs", "pd", "pd_fs", "t2", "t2_fs") else None
