@@ -687,3 +687,16 @@ def test_the_pixel_hook_in_completeness_is_lazy_and_never_fails_the_tick(db, set
     with db.session() as s:
         se = s.scalar(select(Series).where(Series.series_uid == uid))
         assert completeness.pixel_anatomy_hook(s, off, se) is None
+
+
+@pytest.mark.parametrize("anatomy", ["knee", "shoulder", "lumbar_spine"])
+def test_phantom_studies_route_from_their_headers(shipped, tmp_path, anatomy):
+    """The demo's phantom series, read from their files as the node reads them, reach the roles they were made for."""
+    from models.phantoms.dicom import write_study
+
+    out = write_study(anatomy, tmp_path / anatomy, 4, matrix=64)
+    for role, paths in out.items():
+        facts = facts_of(sorted(paths))
+        ex = explain(facts, shipped, uid_root=DEFAULT_UID_ROOT)
+        assert (ex.route.pipeline, ex.route.role) == (anatomy, role), ex.summary()
+        assert ex.plane.source == "ImageOrientationPatient" and ex.contrast.source == "acquisition parameters"
