@@ -1,21 +1,36 @@
-"""Routing rules: which received series go to which pipeline, and in which role.
+"""Routing rules: which received series go to which pipeline, and in which role, and why.
+
+A series is first recognised from what the scanner measured (`node.recognition`): its plane
+from ImageOrientationPatient, its contrast class from the acquisition parameters, its flags
+(localizer, calibration, derived, mpr, projection, post_contrast, Dixon components); then its
+anatomy (`RoutingRules.anatomy_finding`): AnatomicRegionSequence codes, BodyPartExamined, the
+descriptions, the study description, the other series of the study and, only when all of these
+are silent, a pixel classifier hook (`PixelAnatomy`). Regions without a pipeline (cervical
+spine, head, hip …) are recognised and never routed.
 
 A rules file (TOML, ``MSKNODE_ROUTING_RULES``; the shipped default is
 ``node/routing_rules.toml``) has four parts:
 
 - ``generic_body_parts``: BodyPartExamined values that do not name one anatomy
   (empty, ``EXTREMITY``, ``SPINE`` …): the anatomy is then inferred from text.
-- ``[patterns]``: named regular-expression fragments, used as ``{name}`` in rules.
+- ``[patterns]``: named regular-expression fragments, used as ``{name}`` in rules. Those
+  named like `node.recognition.DEFAULT_TEXT_PATTERNS` (sag, cor, ax, fat_sat, stir, pd, t1,
+  t2, gre, fse3d, dess, localizer, calibration, post_contrast, derived, dixon, dixon_water)
+  also replace what recognition reads in the text.
 - ``[anatomy.<pipeline>]``: how a series' anatomy is recognised: ``body_part`` (a regex
   on BodyPartExamined) and ``text`` (a regex on SeriesDescription, ProtocolName and,
   last, the StudyDescription).
 - ``[[rule]]``: an ordered list; the first rule whose conditions all hold decides.
-  Conditions: ``modality`` (list), ``anatomy`` (the rule's pipeline by default, or
+  Conditions: ``plane`` (a string or list of `node.recognition.PLANE_VALUES`),
+  ``contrast`` (a list of `node.recognition.CONTRASTS`), ``flags`` (all present),
+  ``not_flags`` (none present), ``image_type`` / ``sequence`` (regexes on ImageType and on
+  the sequence names), ``modality`` (list), ``anatomy`` (the rule's pipeline by default, or
   ``"any"``), ``body_part`` / ``description`` / ``protocol`` / ``text`` (regexes or
   lists of regexes that must all match; ``text`` is the SeriesDescription, or the
   ProtocolName when the description is empty), ``not_text`` (regexes none of which may
   match), ``laterality`` (list), ``calling_ae`` (list), ``manufacturer`` (regex).
   Outcome: ``pipeline`` + ``role``, or ``route = false`` (stored, never processed).
+  Files with text conditions only route exactly as before.
 
 Regexes are case-insensitive and see underscores as spaces (``t2_tse_fs_sag`` reads
 as ``t2 tse fs sag``, so ``\\b`` word boundaries work on vendor names).
@@ -23,6 +38,10 @@ as ``t2 tse fs sag``, so ``\\b`` word boundaries work on vendor names).
 Objects msknode created (our UID root, Manufacturer/ContributingEquipment
 ``msknode``, flagged ``own_object`` by the listener) are never routed, whatever the
 rules say. A series no rule matches is ``unrouted``.
+
+`explain` returns the decision with every signal (`Explanation`, whose ``to_json`` is the
+``routing_explanation`` of the series row and of ``msknode routing explain --json``);
+`RoutingRules.route` is its decision alone.
 
 `RulesFile` reloads the file when it changes; an invalid file is refused with a
 logged message and the previous rules stay in force.
