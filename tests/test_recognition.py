@@ -572,6 +572,22 @@ def route_now(db, settings):
 
 
 def test_ingest_fills_the_acquisition_and_routing_records_the_explanation(db, settings, caplog):
+    _ingest_and_route_mr2(db, settings, caplog)
+
+
+def test_ingest_and_routing_columns_on_postgresql(postgres_url, tmp_path, caplog):
+    from node.db import Database
+    from node.settings import load_settings
+
+    settings = load_settings(data_dir=tmp_path / "data", database_url=postgres_url)
+    database = Database(postgres_url)
+    try:
+        _ingest_and_route_mr2(database, settings, caplog)
+    finally:
+        database.dispose()
+
+
+def _ingest_and_route_mr2(db, settings, caplog):
     uid = index_files(db, settings, [PYDICOM_DATA / "MR2_UNCI.dcm"])
     with db.session() as s:
         se = s.scalar(select(Series).where(Series.series_uid == uid))
