@@ -284,3 +284,44 @@ def test_first_load_of_an_invalid_file_fails(tmp_path):
     path.write_text('[[rule]]\nname = "x"\npipeline = "knee"\n')
     with pytest.raises(RoutingError, match="role None is not a role of knee"):
         RulesFile(path)
+
+
+# ---- the text rows again, as a scanner that writes no description would send them -----------------
+_ORIENTATION = {"sagittal": "0\\1\\0\\0\\0\\-1", "coronal": "1\\0\\0\\0\\0\\-1", "axial": "1\\0\\0\\0\\1\\0"}
+_PARAMETERS = {
+    "pd": dict(scanning_sequence="SE", tr=3000.0, te=30.0),
+    "pd_fs": dict(scanning_sequence="SE", scan_options="FS", tr=3000.0, te=30.0),
+    "t1": dict(scanning_sequence="SE", tr=600.0, te=12.0),
+    "t1_fs": dict(scanning_sequence="SE", scan_options="FS", tr=600.0, te=12.0),
+    "t2": dict(scanning_sequence="SE", tr=3500.0, te=90.0),
+    "t2_fs": dict(scanning_sequence="SE", scan_options="FS", tr=3500.0, te=80.0),
+    "stir": dict(scanning_sequence="SE\\IR", tr=4500.0, te=40.0, ti=160.0),
+    "gre": dict(scanning_sequence="GR", tr=500.0, te=15.0),
+    "dess": dict(scanning_sequence="GR", sequence_name="*de3d1", tr=14.0, te=5.0),
+}
+TEXT_ROWS = [e for e in ENTRIES if not is_header_row(e) and e.get("modality", "MR") == "MR"]
+
+
+@pytest.mark.parametrize("entry", TEXT_ROWS, ids=[f"{e['vendor']}:{e['description']}:{e.get('body_part', '')}" for e in TEXT_ROWS])
+def test_every_text_row_routes_the_same_from_its_headers_alone(shipped, entry):
+    """The plane and contrast a description names, written as orientation and parameters with the description
+    (and protocol name) removed: the same pipeline and role. Rows decided by a flag or by an anatomy only
+    the description names are text-only by nature and are skipped."""
+    text = explain(facts_from_table_entry(entry), shipped, uid_root=DEFAULT_UID_ROOT)
+    if set(text.flags) - {"localizer", "dixon", "dixon_water"} or text.anatomy.source in ("SeriesDescription", "ProtocolName"):
+        pytest.skip("decided by what only the text says")
+    header = {k: v for k, v in entry.items() if k not in ("description", "protocol")}
+    header["description"] = ""
+    if "localizer" in text.flags:
+        header["orientations"] = [[o, 3] for o in _ORIENTATION.values()]
+        header.update(scanning_sequence="GR", tr=8.0, te=4.0)
+    else:
+        if text.plane.value in _ORIENTATION:
+            header["orientation"] = _ORIENTATION[text.plane.value]
+        header.update(_PARAMETERS.get(text.contrast.value or "", {}))
+        if "dixon_water" in text.flags:
+            header["image_type"] = "DERIVED\\PRIMARY\\DIXON\\WATER"
+    ex = explain(facts_from_table_entry(header), shipped, uid_root=DEFAULT_UID_ROOT)
+    assert outcome(ex.route) == entry["expect"], (ex.summary(), text.summary())
+    if text.plane.value in _ORIENTATION:
+        assert ex.plane.source == "ImageOrientationPatient"
