@@ -26,8 +26,10 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e '.[dev]'
 	touch $(STAMP)
 
+# make migration MESSAGE="what changed": the next Alembic revision in node/db/migrations/versions;
+# without MESSAGE: rewrites 0001 (only while no later revision exists)
 migration: install
-	$(PY) -m node.db_tools regenerate-initial
+	$(PY) -m node.db.revisions $(if $(MESSAGE),new "$(MESSAGE)",regenerate-initial)
 
 clean:
 	rm -rf $(VENV) data .bench

@@ -70,7 +70,7 @@ from node.routing import (
     load_rules,
 )
 from node.settings import Settings
-from node.tables import Association, AssociationSeries, Instance, Job, JobInput, Series, Study
+from node.db.schema import Association, AssociationSeries, Instance, Job, JobInput, Series, Study
 
 log = logging.getLogger(__name__)
 

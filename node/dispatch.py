@@ -43,10 +43,10 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 from sqlalchemy import and_, or_, select
 from sqlalchemy.orm import Session
 
-from node.db import Database, utcnow
+from node.db.database import Database, utcnow
 from node.errors import DispatchError, PermanentDispatchError, TransientDispatchError
 from node.settings import DimseDestination, Settings, StowDestination
-from node.tables import Job, OutboxItem, ResultObject, Study
+from node.db.schema import Job, OutboxItem, ResultObject, Study
 
 log = logging.getLogger(__name__)
 

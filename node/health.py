@@ -17,7 +17,7 @@ from typing import Any
 
 from sqlalchemy import func, select, text
 
-from node.db import Database, utcnow
+from node.db.database import Database, utcnow
 from node.settings import Settings
 
 #: a worker whose last heartbeat is older than this many sweep intervals (at least 10 s) is gone
@@ -141,7 +141,7 @@ def check_workers(db: Database, settings: Settings, *, now: dt.datetime | None =
 
 
 def job_counts(db: Database) -> dict[str, Any]:
-    from node.tables import Job, OutboxItem
+    from node.db.schema import Job, OutboxItem
 
     try:
         with db.session() as s:

@@ -43,11 +43,11 @@ from pydicom.tag import BaseTag
 from sqlalchemy import Connection, and_, bindparam, func, select, update
 from sqlalchemy.orm import Session
 
-from node.db import Database, utcnow
+from node.db.database import Database, utcnow
 from node.errors import IngestError, StorageError
 from node.recognition import acquisition_from_dataset
 from node.storage import InstanceStore, StagedFile, is_valid_uid
-from node.tables import Association, AssociationSeries, Instance, Quarantine, Series, Study
+from node.db.schema import Association, AssociationSeries, Instance, Quarantine, Series, Study
 
 log = logging.getLogger(__name__)
 

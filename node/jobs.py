@@ -31,12 +31,12 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Mapping
 
-from sqlalchemy import JSON, Integer, String, and_, or_, select, update
-from sqlalchemy.orm import Mapped, Session, aliased, mapped_column
+from sqlalchemy import and_, or_, select, update
+from sqlalchemy.orm import Session, aliased
 
-from node.db import Base, Database, UTCDateTime, utcnow
+from node.db.database import Database, utcnow
+from node.db.schema import Job, JobInput, Series, WorkerRecord
 from node.errors import JobError
-from node.tables import Job, JobInput, Series
 
 log = logging.getLogger(__name__)
 
@@ -52,20 +52,6 @@ class LeaseLost(JobError):
 
 class PermanentJobError(JobError):
     """An error that another attempt cannot fix (bad input); the job becomes ``failed`` at once."""
-
-
-class WorkerRecord(Base):
-    """A worker process, seen alive by its periodic heartbeat (for health and the admin page)."""
-
-    __tablename__ = "workers"
-
-    name: Mapped[str] = mapped_column(String(128), primary_key=True)  # host:pid
-    hostname: Mapped[str] = mapped_column(String(128))
-    pid: Mapped[int] = mapped_column(Integer)
-    queues: Mapped[list | None] = mapped_column(JSON)
-    started_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
-    last_seen_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
-    stopped_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
 
 
 @dataclass(frozen=True)

@@ -31,7 +31,7 @@ from typing import Any
 from pynetdicom import AE, _config, evt
 from pynetdicom.sop_class import Verification
 
-from node.db import Database, upgrade
+from node.db.database import Database, upgrade
 from node.errors import IngestError, NodeError, OutOfSpaceError, StorageError
 from node.ingest import OUT_OF_RESOURCES, SUCCESS, IndexWriter, Received, publish_new, read_header, validate
 from node.listener_transport import HandoffServer, ReusePortServer

@@ -28,7 +28,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.registry import Collector
 from sqlalchemy import func, select
 
-from node.db import Database, utcnow
+from node.db.database import Database, utcnow
 from node.settings import Settings
 
 #: histogram buckets for step durations, seconds
@@ -74,7 +74,7 @@ class NodeCollector(Collector):
     def collect(self):
         from node.health import STALE_HEARTBEATS
         from node.jobs import live_workers
-        from node.tables import Instance, Job, OutboxItem, Quarantine, Series
+        from node.db.schema import Instance, Job, OutboxItem, Quarantine, Series
 
         now = utcnow()
         with self.db.session() as s:

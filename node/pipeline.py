@@ -32,12 +32,22 @@ from typing import Any, Callable, Iterator, Mapping, Protocol, Sequence
 from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
 
-from node.db import Database, utcnow
+from node.db.database import Database, utcnow
 from node.errors import JobError
-from node.jobs import Lease, LeaseKeeper, LeaseLost, PermanentJobError, claim, fail, mark_done, new_lease_owner, set_step
+from node.jobs import (
+    Lease,
+    LeaseKeeper,
+    LeaseLost,
+    PermanentJobError,
+    claim,
+    fail,
+    mark_done,
+    new_lease_owner,
+    set_step,
+)
 from node.optional import optional_module
 from node.settings import Settings
-from node.tables import Finding, Instance, Job, JobInput, OutboxItem, ResultObject, Series, Study
+from node.db.schema import Finding, Instance, Job, JobInput, OutboxItem, ResultObject, Series, Study
 
 log = logging.getLogger(__name__)
 

@@ -29,10 +29,10 @@ from pathlib import Path
 from sqlalchemy import delete, func, or_, select, update
 from sqlalchemy.orm import Session
 
-from node.db import Database, utcnow
+from node.db.database import Database, utcnow
 from node.routing import LOCALIZER_ROLE
 from node.settings import Settings
-from node.tables import Instance, Job, OutboxItem, ResultObject, Series, Study
+from node.db.schema import Instance, Job, OutboxItem, ResultObject, Series, Study
 
 log = logging.getLogger(__name__)
 

@@ -20,7 +20,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from node.db import upgrade
+from node.db.database import upgrade
 
 log = logging.getLogger("node.service")
 

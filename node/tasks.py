@@ -34,7 +34,7 @@ class WorkerContext:
 
     def _fresh(self) -> None:
         if self._pid != os.getpid():
-            from node.db import Database
+            from node.db.database import Database
 
             self._pid = os.getpid()
             self._db = Database(self.settings.database_url, migrate=False)

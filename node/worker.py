@@ -27,7 +27,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
-from node.db import Database, utcnow
+from node.db.database import Database, utcnow
 from node.optional import optional_module
 from node.settings import Settings
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import datetime as dt
 import itertools
 
-from node.tables import Association, AssociationSeries, Instance, Series, Study
+from node.db.schema import Association, AssociationSeries, Instance, Series, Study
 
 T0 = dt.datetime(2026, 3, 2, 8, 0, 0, tzinfo=dt.timezone.utc)
 SAGITTAL = "0\\1\\0\\0\\0\\-1"

@@ -42,7 +42,7 @@ def settings(data_dir, monkeypatch):
 
 @pytest.fixture
 def db(settings):
-    from node.db import Database
+    from node.db.database import Database
 
     database = Database(settings.database_url)
     yield database

@@ -32,7 +32,7 @@ def make_study_job(db, *, pipeline: str = "knee", n_series: int = 1, instances: 
                    enqueue_pending: bool = True, max_attempts: int = 3, tag: str | None = None,
                    queue: str = "cpu") -> int:
     """A study with ``n_series`` routed series and one job over them (what completeness commits)."""
-    from node.tables import Instance, Job, JobInput, Series, Study
+    from node.db.schema import Instance, Job, JobInput, Series, Study
 
     tag = tag or os.urandom(4).hex()
     root = "1.2.826.0.1.3680043.10.1447.99"
@@ -191,7 +191,7 @@ def wait_for(predicate, timeout: float, interval: float = 0.1, what: str = "cond
 def job_states(db) -> dict[int, str]:
     from sqlalchemy import select
 
-    from node.tables import Job
+    from node.db.schema import Job
 
     with db.session() as s:
         return dict(s.execute(select(Job.id, Job.state)).all())

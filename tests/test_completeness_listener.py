@@ -26,9 +26,9 @@ from sqlalchemy import select
 from conftest import ROOT, free_port
 from listener_support import ListenerProcess
 from node.completeness import rules_provider, tick
-from node.db import Database, utcnow
+from node.db.database import Database, utcnow
 from node.loopback import child_env
-from node.tables import Association, Job, Series, Study
+from node.db.schema import Association, Job, Series, Study
 
 Q = 0.5
 SQ = 0.5
@@ -148,7 +148,7 @@ class Ticker(threading.Thread):
 TICKER_SCRIPT = """
 import sys, time
 from node.settings import load_settings
-from node.db import Database, utcnow
+from node.db.database import Database, utcnow
 from node.completeness import tick, rules_provider
 settings = load_settings()
 db = Database(settings.database_url, migrate=False)
@@ -404,7 +404,7 @@ def test_listener_killed_mid_association_waits_for_the_network_timeout(settings,
     from pynetdicom import AE
     from sqlalchemy import func
 
-    from node.tables import Instance
+    from node.db.schema import Instance
 
     timeout = 8.0
     port = free_port()

@@ -8,9 +8,9 @@ from sqlalchemy import func, select
 
 from completeness_rows import at, make_study, send_series
 from node.completeness import tick
-from node.db import Database
+from node.db.database import Database
 from node.routing import load_rules
-from node.tables import Job, JobInput, Series
+from node.db.schema import Job, JobInput, Series
 
 Q = 0.5
 SQ = 0.5

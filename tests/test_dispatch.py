@@ -21,7 +21,7 @@ from node.errors import DispatchError
 from node.loopback import child_env
 from node.results import build_results, save
 from node.settings import DimseDestination, StowDestination
-from node.tables import Job, OutboxItem, ResultObject, Study
+from node.db.schema import Job, OutboxItem, ResultObject, Study
 from test_results_data import knee_output, volume_from_files, write_mr_series
 
 T0 = dt.datetime(2030, 1, 1, 12, 0, tzinfo=dt.timezone.utc)

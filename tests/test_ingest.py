@@ -15,7 +15,7 @@ from pydicom.uid import MRImageStorage, generate_uid
 from sqlalchemy import select
 
 from listener_support import PYDICOM_DATA, dataset_bytes
-from node.db import Database, utcnow
+from node.db.database import Database, utcnow
 from node.errors import IngestError, StorageError
 from node.ingest import (
     IndexWriter,
@@ -28,7 +28,7 @@ from node.ingest import (
 )
 from node.settings import load_settings
 from node.storage import InstanceStore, dataset_offset, encode_file_meta
-from node.tables import Association, AssociationSeries, Instance, Series, Study
+from node.db.schema import Association, AssociationSeries, Instance, Series, Study
 from test_listener import mr_dataset
 from worklists.tables import AuditEvent
 

@@ -12,10 +12,10 @@ from sqlalchemy import func, select, update
 
 from jobs_support import SleepyRunner, make_study_job
 from node import jobs
-from node.db import utcnow
+from node.db.database import utcnow
 from node.errors import JobError
 from node.pipeline import execute_job
-from node.tables import Finding, Job, JobInput, OutboxItem, ResultObject, Series
+from node.db.schema import Finding, Job, JobInput, OutboxItem, ResultObject, Series
 from worklists.tables import AuditEvent
 
 

@@ -17,7 +17,7 @@ from node.health import health_report
 from node.loopback import echoscu
 from node.metrics import render
 from node.pipeline import execute_job
-from node.tables import Study
+from node.db.schema import Study
 
 
 @pytest.fixture

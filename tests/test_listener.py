@@ -23,9 +23,9 @@ from pydicom.uid import (
 from sqlalchemy import func, select
 
 from listener_support import PYDICOM_DATA, ListenerProcess, RawSender, dataset_bytes, echo
-from node.db import Database
+from node.db.database import Database
 from node.storage import dataset_offset
-from node.tables import Association, AssociationSeries, Instance, Quarantine, Series, Study
+from node.db.schema import Association, AssociationSeries, Instance, Quarantine, Series, Study
 from worklists.tables import AuditEvent
 
 SERIES_KEYS = {"study_uid", "series_uid", "modality", "body_part", "series_description", "instances", "state", "pipeline"}

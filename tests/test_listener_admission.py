@@ -17,9 +17,9 @@ from sqlalchemy import func, select
 
 from conftest import ROOT, free_port
 from listener_support import PYDICOM_DATA, ListenerProcess, RawSender, dataset_bytes, echo
-from node.db import Database
+from node.db.database import Database
 from node.loopback import child_env
-from node.tables import Association, Instance, Series
+from node.db.schema import Association, Instance, Series
 from test_listener import _good_instance, storescu, write_series
 
 
@@ -73,7 +73,7 @@ def test_store_inside_an_open_association_gets_0xA700_when_disk_runs_low(setting
 
     settings.port = free_port()
     settings.ensure_dirs()
-    from node.db import upgrade
+    from node.db.database import upgrade
 
     upgrade(settings.database_url)
     listener = Listener(settings)

@@ -9,7 +9,7 @@ from sqlalchemy import create_engine, inspect
 
 from conftest import ROOT, VENV_BIN
 from node.loopback import child_env
-from node.db import Base, import_all_tables
+from node.db.database import Base, import_all_tables
 
 import_all_tables()
 

@@ -42,7 +42,7 @@ from node.recognition import (
 from node.routing import SeriesFacts, explain, load_rules, parse_rules
 from node.settings import DEFAULT_ROUTING_RULES, DEFAULT_UID_ROOT
 from node.storage import InstanceStore
-from node.tables import Instance, Series
+from node.db.schema import Instance, Series
 
 REALDATA = Path(os.environ.get("MSKNODE_REALDATA") or Path(__file__).resolve().parents[2] / "shared" / "realdata")
 SIEMENS_KNEE = REALDATA / "knee" / "siemens_sagittal_dicom"
@@ -576,7 +576,7 @@ def test_ingest_fills_the_acquisition_and_routing_records_the_explanation(db, se
 
 
 def test_ingest_and_routing_columns_on_postgresql(postgres_url, tmp_path, caplog):
-    from node.db import Database
+    from node.db.database import Database
     from node.settings import load_settings
 
     settings = load_settings(data_dir=tmp_path / "data", database_url=postgres_url)

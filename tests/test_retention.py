@@ -13,10 +13,10 @@ import pytest
 from sqlalchemy import func, select
 
 from completeness_rows import uid
-from node.db import utcnow
+from node.db.database import utcnow
 from node.loopback import child_env
 from node.retention import purge
-from node.tables import Instance, Job, JobInput, OutboxItem, ResultObject, Series, Study
+from node.db.schema import Instance, Job, JobInput, OutboxItem, ResultObject, Series, Study
 
 DAY = dt.timedelta(days=1)
 

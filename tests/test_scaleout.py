@@ -21,9 +21,10 @@ from jobs_support import (
     wait_for,
     worker_env,
 )
-from node.db import Database
-from node.jobs import WorkerRecord, enqueue_pending_jobs
-from node.tables import Job, ResultObject
+from node.db.database import Database
+from node.db.schema import WorkerRecord
+from node.jobs import enqueue_pending_jobs
+from node.db.schema import Job, ResultObject
 
 LEASE = 3.0
 
@@ -111,7 +112,7 @@ def test_broker_down_series_keep_arriving_and_jobs_run_when_it_is_back(scaleout,
     from jobs_support import ListenerProcess, storescu, write_phantom_series
     from node.celery_app import make_celery, send_job
     from node.health import health_report
-    from node.tables import Instance, Series
+    from node.db.schema import Instance, Series
 
     from conftest import free_port
 

@@ -13,8 +13,8 @@ import pytest
 from sqlalchemy import func, select
 
 from jobs_support import WorkerProcess, job_states, make_study_job, read_runs, wait_for, worker_env
-from node.jobs import WorkerRecord
-from node.tables import Finding, Job, ResultObject, Study
+from node.db.schema import WorkerRecord
+from node.db.schema import Finding, Job, ResultObject, Study
 
 LEASE = 3.0
 
@@ -118,7 +118,7 @@ def test_soft_and_hard_time_limits_end_in_a_visible_dead_state(embedded, setting
 def test_load_8_associations_x_40_instances_all_stored_and_processed_once(embedded, settings, db, tmp_path):
     """8 concurrent storescu associations × 40 instances while the worker runs (listener + completeness + worker)."""
     from jobs_support import ListenerProcess, storescu, write_phantom_series
-    from node.tables import Instance, JobInput, Series
+    from node.db.schema import Instance, JobInput, Series
 
     from conftest import free_port
 
@@ -197,7 +197,7 @@ def test_whole_node_restart_with_jobs_queued_processing_and_in_the_outbox(embedd
     import json
 
     from jobs_support import ListenerProcess, OrthancServer, storescu, write_phantom_series
-    from node.tables import OutboxItem
+    from node.db.schema import OutboxItem
 
     from conftest import free_port
 

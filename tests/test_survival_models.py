@@ -15,7 +15,7 @@ from sqlalchemy import select
 
 from conftest import free_port
 from jobs_support import ListenerProcess, OrthancServer, WorkerProcess, job_states, storescu, wait_for, worker_env
-from node.tables import Job, OutboxItem, ResultObject, Study
+from node.db.schema import Job, OutboxItem, ResultObject, Study
 
 LEASE = 5.0
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import select
 
-from node.tables import Finding, Job, Study
+from node.db.schema import Finding, Job, Study
 from worklists import entries
 from worklists.errors import EntryNotFound, InvalidChange, PolicyError
 from worklists.tables import AuditEvent, User, WorklistEntry
@@ -368,7 +368,7 @@ def test_worklist_queries_on_postgresql(postgres_url, policy):
     """The same entries, order and web read models on PostgreSQL (the scale-out database)."""
     from zoneinfo import ZoneInfo
 
-    from node.db import Database
+    from node.db.database import Database
     from node.web import queries
 
     pg = Database(postgres_url)

@@ -36,7 +36,7 @@ def env(tmp_path_factory):
     mp = pytest.MonkeyPatch()
     data = tmp_path_factory.mktemp("web") / "data"
     isolate_env(mp, MSKNODE_DATA_DIR=data)
-    from node.db import Database
+    from node.db.database import Database
     from node.settings import load_settings
     from node.web.users import add_user
     from worklists.triage import load_policy

@@ -48,7 +48,7 @@ def server(tmp_path_factory):
                     MSKNODE_SITE_TIMEZONE="Europe/Berlin", MSKNODE_LOG_LEVEL="WARNING")
     mp = pytest.MonkeyPatch()
     isolate_env(mp, MSKNODE_DATA_DIR=data)
-    from node.db import Database
+    from node.db.database import Database
     from node.settings import load_settings
     from node.web.users import add_user
     from worklists.triage import load_policy
@@ -254,7 +254,7 @@ def test_worklist_refreshes_itself_with_new_studies(server, browser):
     d, base = browser, server["base"]
     login(d, base, READER)
     assert "KOWALSKI" not in d.find_element(By.ID, "rows").text
-    from node.db import Database
+    from node.db.database import Database
     from worklists.triage import load_policy
 
     settings = server["settings"]

@@ -29,7 +29,7 @@ def processed(settings, db, tmp_path):
 
     from node.pipeline import findings_from_output
     from node.results import build_results, save
-    from node.tables import Finding, Instance, Job, JobInput, ResultObject, Series, Study
+    from node.db.schema import Finding, Instance, Job, JobInput, ResultObject, Series, Study
     from node.web.users import add_user
     from worklists.entries import upsert_for_job
     from worklists.triage import compute, findings_from_pipeline, load_policy

@@ -40,7 +40,7 @@ def env(tmp_path_factory):
     site.mkdir()
     isolate_env(mp, MSKNODE_DATA_DIR=base / "data")
     from node.completeness import tick
-    from node.db import Database
+    from node.db.database import Database
     from node.routing import load_rules
     from node.settings import DEFAULT_ROUTING_RULES, load_settings
     from node.web.app import create_app
@@ -103,7 +103,7 @@ def sha(path: Path) -> str:
 
 
 def series_row(env, key):
-    from node.tables import Series
+    from node.db.schema import Series
 
     with env["db"].session() as s:
         se = s.get(Series, env["ids"][key])
@@ -307,9 +307,9 @@ def test_a_file_the_node_cannot_write_is_refused_409(env, monkeypatch):
 def test_a_rule_from_the_form_is_written_first_audited_reloaded_and_routes_the_series(env):
     """Runs after the refusals above (same module state): the first change of the site file."""
     from node.completeness import tick
-    from node.db import utcnow
+    from node.db.database import utcnow
     from node.routing import RulesFile
-    from node.tables import Job, JobInput, Series
+    from node.db.schema import Job, JobInput, Series
     from worklists.tables import AuditEvent
 
     path = env["rules_path"]

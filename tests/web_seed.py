@@ -257,7 +257,7 @@ def seed_study(
     seed: int = 0,
     phantom: dict | None = None,
 ) -> Seeded:
-    from node.tables import Finding, Instance, Job, JobInput, OutboxItem, ResultObject, Series, Study
+    from node.db.schema import Finding, Instance, Job, JobInput, OutboxItem, ResultObject, Series, Study
     from worklists.entries import upsert_for_job
 
     received_at = received_at or dt.datetime.now(dt.timezone.utc)

@@ -16,7 +16,7 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from node.tables import Finding, Job, Study
+from node.db.schema import Finding, Job, Study
 from worklists import audit
 from worklists.errors import EntryNotFound, InvalidChange
 from worklists.tables import PRIORITIES, User, WorklistEntry

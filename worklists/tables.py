@@ -1,4 +1,4 @@
-"""Worklist, users and audit tables (on the one metadata of `node.db`)."""
+"""Worklist, users and audit tables (on the one metadata of `node.db.database`)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import datetime as dt
 from sqlalchemy import JSON, Boolean, Float, ForeignKey, Integer, String, Text
 from sqlalchemy.orm import Mapped, mapped_column
 
-from node.db import Base, UTCDateTime, utcnow
+from node.db.database import Base, UTCDateTime, utcnow
 
 PRIORITIES = ("STAT", "URGENT", "ROUTINE")
 ROLES = ("radiologist", "admin")

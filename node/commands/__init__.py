@@ -7,14 +7,14 @@ from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 if TYPE_CHECKING:
-    from node.db import Database
+    from node.db.database import Database
     from node.settings import Settings
 
 
 @contextmanager
 def database(settings: Settings) -> Iterator[Database]:
     """The node's database for one command (migrated to the current schema), disposed of afterwards."""
-    from node.db import Database
+    from node.db.database import Database
 
     db = Database(settings.database_url)
     try:

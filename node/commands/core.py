@@ -56,7 +56,7 @@ def _web(args, settings) -> int:
 
 
 def _db_upgrade(args, settings) -> int:
-    from node.db import upgrade
+    from node.db.database import upgrade
 
     upgrade(settings.database_url)
     print("database is at the latest schema")
@@ -66,7 +66,7 @@ def _db_upgrade(args, settings) -> int:
 def series_rows(db) -> list[dict]:
     from sqlalchemy import select
 
-    from node.tables import Series, Study
+    from node.db.schema import Series, Study
 
     with db.session() as s:
         rows = s.execute(select(Series, Study.study_uid).join(Study).order_by(Series.id)).all()

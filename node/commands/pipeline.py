@@ -52,7 +52,7 @@ def job_rows(db, *, state: str | None = None, study_uid: str | None = None, limi
     """Jobs as plain dicts (the ``msknode jobs --json`` objects), newest first."""
     from sqlalchemy import select
 
-    from node.tables import Job, JobInput, Series, Study
+    from node.db.schema import Job, JobInput, Series, Study
 
     def iso(t):
         return t.isoformat() if t is not None else None
@@ -257,7 +257,7 @@ def _explain_indexed(series_uid, rules, settings):
 
     from node.completeness import explain_series
     from node.errors import RoutingError
-    from node.tables import Series
+    from node.db.schema import Series
 
     if settings.is_sqlite:
         from sqlalchemy.engine import make_url

@@ -151,7 +151,7 @@ class NodeStack:
     # ---- lifecycle ---------------------------------------------------------------------------
     def prepare_node(self) -> None:
         """Creates the database (migrations) and the demo admin user."""
-        from node.db import Database
+        from node.db.database import Database
         from node.web.users import add_user, set_password
         from worklists.tables import User
         from sqlalchemy import select

@@ -23,7 +23,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from node.e2e.cases import Expectation
 from node.e2e.pacs import OrthancPacs, Reception
-from node.tables import Finding, Instance, Job, OutboxItem, ResultObject, Series, Study
+from node.db.schema import Finding, Instance, Job, OutboxItem, ResultObject, Series, Study
 
 TERMINAL_FAILED = ("failed", "dead")
 KIND_NAMES = {"sr": "SR", "seg": "SEG", "sc": "SC overlay", "superres": "super-resolved series"}

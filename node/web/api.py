@@ -16,7 +16,7 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, Field
 from sqlalchemy import select
 
-from node.db import utcnow
+from node.db.database import utcnow
 from node.web import imaging, ops, queries, rule_editor
 from node.web.auth import Principal, admin, api_admin_csrf, api_csrf, principal
 from node.web.users import authenticate, list_users
@@ -240,7 +240,7 @@ def _seg_refs(path: str) -> dict:
 
 
 def _superres_source_series(path: str, s) -> str | None:
-    from node.tables import Instance, Series
+    from node.db.schema import Instance, Series
 
     ds = pydicom.dcmread(path, stop_before_pixels=True)
     for ref in ds.get("SourceImageSequence", []):

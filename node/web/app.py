@@ -198,7 +198,7 @@ def run_web(settings) -> int:
     """Serves the web app with uvicorn until interrupted."""
     import uvicorn
 
-    from node.db import Database
+    from node.db.database import Database
     from node.errors import SettingsError
 
     db = Database(settings.database_url)

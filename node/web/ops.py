@@ -16,10 +16,10 @@ from typing import Any
 
 from sqlalchemy import func, select, text
 
-from node.db import utcnow
+from node.db.database import utcnow
 from node.errors import NodeError
 from node.optional import optional_module
-from node.tables import Finding, Job, OutboxItem
+from node.db.schema import Finding, Job, OutboxItem
 
 log = logging.getLogger(__name__)
 

@@ -7,7 +7,7 @@ from urllib.parse import quote, urlencode
 from fastapi import APIRouter, Depends, Form, Query, Request
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 
-from node.db import utcnow
+from node.db.database import utcnow
 from node.routing import PIPELINE_ROLES
 from node.web import ops, queries, rule_editor
 from node.web.api import Anatomy, JobState, OutboxState, Priority, Status, audit_view

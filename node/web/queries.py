@@ -16,7 +16,7 @@ from zoneinfo import ZoneInfo
 from sqlalchemy import func, or_, select
 from sqlalchemy.orm import Session
 
-from node.tables import Finding, Instance, Job, JobInput, OutboxItem, ResultObject, Series, Study
+from node.db.schema import Finding, Instance, Job, JobInput, OutboxItem, ResultObject, Series, Study
 from worklists.entries import ordered, waiting_since
 from worklists.tables import AuditEvent, WorklistEntry
 from worklists.triage import TriagePolicy, age

@@ -384,7 +384,7 @@ def _route_now(session, settings, rules: RoutingRules, se):
 def current_anatomy(db, settings, series_id: int) -> str | None:
     """The anatomy the rules in force find for a series (its headers, the study, the other series), or None."""
     from node.routing import load_rules
-    from node.tables import Series
+    from node.db.schema import Series
 
     try:
         rules = load_rules(settings.routing_rules)
@@ -414,7 +414,7 @@ def make_rule(db, settings, series_id: int, fields: RuleRequestFields, *, actor:
 
     from node.completeness import reroute_unrouted
     from node.routing import SeriesFacts, is_own_object
-    from node.tables import Series
+    from node.db.schema import Series
     from worklists import audit
 
     log = logging.getLogger(__name__)

@@ -9,7 +9,7 @@ from argon2.exceptions import InvalidHashError, VerificationError
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from node.db import utcnow
+from node.db.database import utcnow
 from node.errors import UserError
 from worklists import audit
 from worklists.tables import ROLES, User

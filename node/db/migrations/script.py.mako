@@ -8,7 +8,7 @@ from typing import Sequence, Union
 
 from alembic import op
 import sqlalchemy as sa
-import node.db
+import node.db.database
 ${imports if imports else ""}
 
 revision: str = ${repr(up_revision)}

@@ -1,4 +1,8 @@
-"""Alembic environment: one metadata (node.db.Base), SQLite and PostgreSQL."""
+"""Alembic environment: one metadata (`node.db.database.Base`), SQLite and PostgreSQL.
+
+Used by `node.db.database.upgrade` (the configuration built from the package) and by the
+developers' ``alembic`` command (``alembic.ini`` at the top of the checkout points here).
+"""
 
 from __future__ import annotations
 
@@ -7,7 +11,7 @@ import os
 from alembic import context
 from sqlalchemy import create_engine, pool
 
-from node.db import Base, import_all_tables
+from node.db.database import Base, import_all_tables
 
 import_all_tables()
 config = context.config

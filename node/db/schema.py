@@ -1,4 +1,4 @@
-"""The node's tables: the instance index, completeness timers, jobs, results and the outbox.
+"""The node's tables: the instance index, completeness timers, jobs, workers, results and the outbox.
 
 The database stores columns, never Datasets. States are plain strings checked by
 the code that writes them (see the ``*_STATES`` tuples).
@@ -22,7 +22,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 
-from node.db import Base, UTCDateTime, utcnow
+from node.db.database import Base, UTCDateTime, utcnow
 
 SERIES_STATES = ("receiving", "complete", "queued", "processing", "done", "failed", "unrouted")
 JOB_STATES = ("pending", "queued", "processing", "done", "failed", "dead", "superseded")
@@ -270,3 +270,17 @@ class OutboxItem(Base):
     sent_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
 
     result_object: Mapped[ResultObject] = relationship()
+
+
+class WorkerRecord(Base):
+    """A worker process, seen alive by its periodic heartbeat (for health and the admin page)."""
+
+    __tablename__ = "workers"
+
+    name: Mapped[str] = mapped_column(String(128), primary_key=True)  # host:pid
+    hostname: Mapped[str] = mapped_column(String(128))
+    pid: Mapped[int] = mapped_column(Integer)
+    queues: Mapped[list | None] = mapped_column(JSON)
+    started_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
+    last_seen_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
+    stopped_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)

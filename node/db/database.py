@@ -1,8 +1,12 @@
 """Database access: the one SQLAlchemy metadata, engines, sessions and migrations.
 
-The schema changes only through Alembic (``alembic/``); `upgrade` applies the
-migrations and is called at every start. SQLite (WAL) is the embedded default,
-PostgreSQL the production database; the same code runs on both.
+A leaf module: it imports nothing else of msknode, so every module that declares
+tables (`node.db.schema`, `worklists.tables`) imports `Base` from here without a cycle.
+
+The schema changes only through Alembic (the revisions in ``node/db/migrations/``,
+shipped inside the package); `upgrade` applies them and is called at every start.
+SQLite (WAL) is the embedded default, PostgreSQL the production database; the same
+code runs on both.
 """
 
 from __future__ import annotations
@@ -17,9 +21,10 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.orm import DeclarativeBase, Session, sessionmaker
 from sqlalchemy.types import TypeDecorator
 
-ROOT_DIR = Path(__file__).resolve().parent.parent
-ALEMBIC_INI = ROOT_DIR / "alembic.ini"
-ALEMBIC_DIR = ROOT_DIR / "alembic"
+#: the Alembic environment and revisions, inside the package (an installed node migrates too)
+MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
+#: how new revision files are named (``0003_what_changed.py``)
+REVISION_FILE_TEMPLATE = "%%(rev)s_%%(slug)s"
 
 NAMING = {
     "ix": "ix_%(column_0_label)s",
@@ -61,8 +66,7 @@ def utcnow() -> dt.datetime:
 
 def import_all_tables() -> None:
     """Imports every module that declares tables, so `Base.metadata` is complete."""
-    import node.tables  # noqa: F401
-    import node.jobs  # noqa: F401  (workers)
+    import node.db.schema  # noqa: F401
     import worklists.tables  # noqa: F401
 
 
@@ -117,10 +121,12 @@ def session_scope(factory: sessionmaker[Session]) -> Iterator[Session]:
 
 
 def alembic_config(database_url: str):
+    """The Alembic configuration, built from the package (no ``alembic.ini`` needed at run time)."""
     from alembic.config import Config
 
-    cfg = Config(str(ALEMBIC_INI))
-    cfg.set_main_option("script_location", str(ALEMBIC_DIR))
+    cfg = Config()
+    cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
+    cfg.set_main_option("file_template", REVISION_FILE_TEMPLATE)
     cfg.set_main_option("sqlalchemy.url", database_url.replace("%", "%%"))
     return cfg
 
