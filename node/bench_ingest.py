@@ -158,7 +158,7 @@ def _dataset_digest(path: Path) -> tuple[str, str]:
     """(SOP Instance UID, sha256 of the data set bytes after the file meta) of a DICOM file."""
     from pydicom.filereader import read_file_meta_info
 
-    from node.storage import dataset_offset
+    from node.receive.storage import dataset_offset
 
     meta = read_file_meta_info(path)
     data = path.read_bytes()[dataset_offset(path):]
@@ -261,7 +261,7 @@ class MsknodeReceiver(Receiver):
 
     def arrived(self, expected: dict[str, str]) -> tuple[bool, str]:
         """Every sent instance has an index row and a stored file whose data set bytes match."""
-        from node.storage import dataset_offset
+        from node.receive.storage import dataset_offset
 
         db = sqlite3.connect(str(self.data_dir / "msknode.db"))
         try:

@@ -9,7 +9,6 @@ after a grace period) and returns 0.
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 import os
 import signal
@@ -18,18 +17,13 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from node.db.database import upgrade
 
 log = logging.getLogger("node.service")
 
-# (command, module, function): the command is started only if module.function exists
-PARTS = (
-    ("listen", "node.listener", "run_listener"),
-    ("worker", "node.worker", "run_worker"),
-    ("web", "node.web.app", "run_web"),
-)
+#: the parts, each an ``msknode`` command of its own
+PARTS = ("listen", "worker", "web")
 STOP_GRACE_SECONDS = 20.0
 MAX_BACKOFF_SECONDS = 30.0
 STABLE_SECONDS = 60.0
@@ -46,27 +40,6 @@ class Child:
     failures: int = 0
     restart_at: float | None = None
     history: list[int] = field(default_factory=list)  # exit codes, for the log and tests
-
-
-def missing_part(module: str, function: str) -> str | None:
-    """Why a part cannot run (its module or entry function is missing), or None if it can.
-
-    Checked without importing the module (the worker imports torch): the child process
-    reports any import error itself, and is restarted with backoff.
-    """
-    try:
-        spec = importlib.util.find_spec(module)
-    except ModuleNotFoundError:
-        spec = None
-    if spec is None or spec.origin is None:
-        return f"module {module} is not installed"
-    try:
-        source = Path(spec.origin).read_text(encoding="utf-8")
-    except OSError as e:
-        return f"module {module} cannot be read ({e.strerror})"
-    if f"def {function}(" not in source:
-        return f"{module}.{function} does not exist"
-    return None
 
 
 def child_command(name: str) -> list[str]:
@@ -132,19 +105,10 @@ class Supervisor:
 
 
 def serve(settings, *, parts: tuple[str, ...] = ("listen", "worker", "web")) -> int:
-    """Runs the chosen parts until SIGTERM/SIGINT; a part whose code is missing is reported and skipped."""
+    """Runs the chosen parts until SIGTERM/SIGINT."""
     settings.ensure_dirs()
     upgrade(settings.database_url)  # once, before the children start
-    children: list[Child] = []
-    for name, module, function in PARTS:
-        if name not in parts:
-            continue
-        reason = missing_part(module, function)
-        if reason:
-            log.error("msknode serve: the %s part cannot run: %s; starting the others", name, reason)
-            print(f"msknode serve: the {name} part is not available ({reason}); running without it", file=sys.stderr)
-            continue
-        children.append(Child(name, child_command(name)))
+    children = [Child(name, child_command(name)) for name in PARTS if name in parts]
     if not children:
         print("msknode serve: nothing to run", file=sys.stderr)
         return 1

@@ -26,7 +26,7 @@ from pydantic_settings import SettingsError as _SourceError
 from node.errors import SettingsError
 
 PACKAGE_DIR = Path(__file__).resolve().parent
-DEFAULT_ROUTING_RULES = PACKAGE_DIR / "routing_rules.toml"
+DEFAULT_ROUTING_RULES = PACKAGE_DIR / "intake" / "routing_rules.toml"
 DEFAULT_TRIAGE_POLICY = Path(__file__).resolve().parent.parent / "worklists" / "triage_policy.toml"
 
 # A UID root for objects msknode creates. Sites set their own (MSKNODE_UID_ROOT);
@@ -204,7 +204,7 @@ class Settings(BaseSettings):
     @field_validator("study_protocols")
     @classmethod
     def _protocols(cls, v: dict[str, list[str]]) -> dict[str, list[str]]:
-        from node.routing import LOCALIZER_ROLE, PIPELINE_ROLES
+        from node.intake.routing import LOCALIZER_ROLE, PIPELINE_ROLES
 
         for pipeline, roles in v.items():
             if pipeline not in PIPELINE_ROLES:

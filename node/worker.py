@@ -4,7 +4,7 @@
 time limits apply) on the given queues, and — as a worker bootstep, once the pool is up —
 `PeriodicLoop` threads in the main process that run every ``sweep_interval_seconds``:
 
-- the main loop: worker heartbeat (for health) → completeness tick (`node.completeness.tick`,
+- the main loop: worker heartbeat (for health) → completeness tick (`node.intake.completeness.tick`,
   creates jobs; housekeeping workers only) → enqueue (wake-ups for committed jobs with
   ``enqueue_pending``) → sweeper (expired leases, lost wake-ups) → retention and broker file
   cleanup, hourly (housekeeping workers only);
@@ -28,7 +28,6 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from node.db.database import Database, utcnow
-from node.optional import optional_module
 from node.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -102,30 +101,24 @@ class PeriodicLoop:
             self._thread.join(timeout)
 
 
-def completeness_duty(db: Database, settings: Settings) -> Duty | None:
-    """The completeness tick (routes complete series, creates jobs), if `node.completeness` exists."""
-    completeness = optional_module("node.completeness")
-    if completeness is None:
-        log.warning("node.completeness is not installed: no jobs will be created from received series")
-        return None
-    rules_of = getattr(completeness, "rules_provider", None)
-    provider = rules_of(settings) if rules_of is not None else None
+def completeness_duty(db: Database, settings: Settings) -> Duty:
+    """The completeness tick: routes complete series, creates jobs."""
+    from node.intake import completeness
+
+    provider = completeness.rules_provider(settings)
 
     def tick(now: dt.datetime) -> None:
-        rules = provider() if provider is not None else None
         with db.session() as s:
-            created = completeness.tick(s, settings, now, rules)
+            created = completeness.tick(s, settings, now, provider())
         if created:
             log.info("jobs created: %s", list(created))
 
     return Duty("completeness", tick)
 
 
-def dispatch_duty(db: Database, settings: Settings) -> Duty | None:
-    dispatch = optional_module("node.dispatch")
-    if dispatch is None:
-        log.warning("node.dispatch is not installed: result objects will not be sent")
-        return None
+def dispatch_duty(db: Database, settings: Settings) -> Duty:
+    """Sends due result objects to their destinations (the outbox)."""
+    from node import dispatch
 
     def run(now: dt.datetime) -> None:
         dispatch.process_outbox(db, settings, now=now)
@@ -133,14 +126,12 @@ def dispatch_duty(db: Database, settings: Settings) -> Duty | None:
     return Duty("dispatch", run)
 
 
-def retention_duty(db: Database, settings: Settings) -> Duty | None:
-    retention = optional_module("node.retention")
-    fn = getattr(retention, "purge", None) if retention is not None else None
-    if fn is None:
-        return None
+def retention_duty(db: Database, settings: Settings) -> Duty:
+    """Purges stored instances whose results were delivered long enough ago (hourly)."""
+    from node import retention
 
     def run(now: dt.datetime) -> None:
-        fn(db, settings, now=now)
+        retention.purge(db, settings, now=now)
 
     return Duty("retention", run, every=3600.0)
 
@@ -168,18 +159,14 @@ def build_duties(
 
     duties: list[Duty] = [Duty("heartbeat", lambda now: jobs.heartbeat(db, name=name, queues=queues, now=now))]
     if housekeeping:
-        d = completeness_duty(db, settings)
-        if d is not None:
-            duties.append(d)
+        duties.append(completeness_duty(db, settings))
     duties.append(Duty("enqueue", enqueue))
     duties.append(Duty("sweeper", lambda now: jobs.sweep(db, now=now, lease_seconds=settings.job_lease_seconds,
                                                           queue_depths=queue_depths)))
     # a lost wake-up found by the sweeper is sent in the same round
     duties.append(Duty("enqueue-resent", enqueue))
     if housekeeping:
-        d = retention_duty(db, settings)
-        if d is not None:
-            duties.append(d)
+        duties.append(retention_duty(db, settings))
         duties.append(Duty("broker-cleanup", lambda now: cleanup_processed(settings), every=3600.0))
     return duties
 
@@ -189,9 +176,8 @@ def build_loops(db: Database, settings: Settings, *, housekeeping: bool, **kw) -
     loops = [PeriodicLoop(build_duties(db, settings, housekeeping=housekeeping, **kw), interval=settings.sweep_interval_seconds,
                           name="msknode-periodic")]
     if housekeeping:
-        d = dispatch_duty(db, settings)
-        if d is not None:
-            loops.append(PeriodicLoop([d], interval=settings.sweep_interval_seconds, name="msknode-dispatch"))
+        loops.append(PeriodicLoop([dispatch_duty(db, settings)], interval=settings.sweep_interval_seconds,
+                                  name="msknode-dispatch"))
     return loops
 
 

@@ -10,9 +10,9 @@ import pytest
 from sqlalchemy import func, select
 
 from completeness_rows import add_instances, at, make_series, make_study, open_association, release, send_series
-from node.completeness import check_positions, input_fingerprint, tick
+from node.intake.completeness import check_positions, input_fingerprint, tick
 from node.db.database import Database
-from node.routing import load_rules
+from node.intake.routing import load_rules
 from node.db.schema import Association, Instance, Job, JobInput, Series, Study
 
 Q = 0.5  # quiet seconds

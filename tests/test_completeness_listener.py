@@ -25,7 +25,7 @@ from sqlalchemy import select
 
 from conftest import ROOT, free_port
 from listener_support import ListenerProcess
-from node.completeness import rules_provider, tick
+from node.intake.completeness import rules_provider, tick
 from node.db.database import Database, utcnow
 from node.loopback import child_env
 from node.db.schema import Association, Job, Series, Study
@@ -149,7 +149,7 @@ TICKER_SCRIPT = """
 import sys, time
 from node.settings import load_settings
 from node.db.database import Database, utcnow
-from node.completeness import tick, rules_provider
+from node.intake.completeness import tick, rules_provider
 settings = load_settings()
 db = Database(settings.database_url, migrate=False)
 rules = rules_provider(settings)

@@ -7,9 +7,9 @@ import multiprocessing as mp
 from sqlalchemy import func, select
 
 from completeness_rows import at, make_study, send_series
-from node.completeness import tick
+from node.intake.completeness import tick
 from node.db.database import Database
-from node.routing import load_rules
+from node.intake.routing import load_rules
 from node.db.schema import Job, JobInput, Series
 
 Q = 0.5
@@ -20,8 +20,8 @@ PROCESSES = 4
 
 def _ticker(url: str, settings_json: str, start, results) -> None:
     """One process: its own engine, ticks at the same logical instants as the others."""
-    from node.completeness import tick
-    from node.routing import load_rules
+    from node.intake.completeness import tick
+    from node.intake.routing import load_rules
     from node.settings import Settings
 
     cfg = Settings.model_validate_json(settings_json)

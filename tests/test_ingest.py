@@ -17,7 +17,7 @@ from sqlalchemy import select
 from listener_support import PYDICOM_DATA, dataset_bytes
 from node.db.database import Database, utcnow
 from node.errors import IngestError, StorageError
-from node.ingest import (
+from node.receive.index import (
     IndexWriter,
     Received,
     close_association,
@@ -27,7 +27,7 @@ from node.ingest import (
     validate,
 )
 from node.settings import load_settings
-from node.storage import InstanceStore, dataset_offset, encode_file_meta
+from node.receive.storage import InstanceStore, dataset_offset, encode_file_meta
 from node.db.schema import Association, AssociationSeries, Instance, Series, Study
 from test_listener import mr_dataset
 from worklists.tables import AuditEvent
@@ -212,7 +212,7 @@ def test_new_files_are_published_before_the_transaction_and_races_end_consistent
     """publish_new makes a new file durable outside the index lock; if another version of the same
     SOP Instance UID got indexed meanwhile, the file is written again under the lock, so the
     stored bytes and the row's sha256 agree."""
-    from node.ingest import publish_new
+    from node.receive.index import publish_new
 
     store = InstanceStore.from_settings(settings)
     store.prepare()
@@ -262,7 +262,7 @@ def test_a_resend_repairs_a_stored_file_that_does_not_hold_the_indexed_bytes(db,
 def test_recovery_after_an_unclean_stop_removes_rows_without_their_bytes(db, settings):
     import datetime as dt
 
-    from node.ingest import recover_unclean_stop
+    from node.receive.index import recover_unclean_stop
 
     store = InstanceStore.from_settings(settings)
     store.prepare()
@@ -285,7 +285,7 @@ def test_recovery_after_an_unclean_stop_removes_rows_without_their_bytes(db, set
 
 
 def test_index_writer_on_postgresql_fsyncs_before_the_commit(postgres_url, tmp_path):
-    from node.ingest import publish_new
+    from node.receive.index import publish_new
 
     settings = load_settings(data_dir=tmp_path / "data", database_url=postgres_url)
     settings.ensure_dirs()

@@ -24,7 +24,7 @@ from sqlalchemy import func, select
 
 from listener_support import PYDICOM_DATA, ListenerProcess, RawSender, dataset_bytes, echo
 from node.db.database import Database
-from node.storage import dataset_offset
+from node.receive.storage import dataset_offset
 from node.db.schema import Association, AssociationSeries, Instance, Quarantine, Series, Study
 from worklists.tables import AuditEvent
 
@@ -230,7 +230,7 @@ def test_non_mr_series_are_unrouted_by_the_completeness_tick(node):
     """Routing is the completeness module's: after the quiet period, non-MR series become unrouted."""
     import datetime as dt
 
-    from node.completeness import tick
+    from node.intake.completeness import tick
     from node.settings import load_settings
 
     settings = load_settings(data_dir=node.data_dir)
@@ -385,7 +385,7 @@ def test_store_response_encoding_matches_pynetdicom(status):
     from pynetdicom.dimse_primitives import C_STORE
     from pynetdicom.dsutils import encode
 
-    from node.listener_transport import encode_store_response
+    from node.receive.transport import encode_store_response
 
     sop = generate_uid()
     rsp = C_STORE()

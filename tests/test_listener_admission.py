@@ -69,7 +69,7 @@ def test_low_disk_rejects_new_associations_transient(tmp_path):
 
 def test_store_inside_an_open_association_gets_0xA700_when_disk_runs_low(settings):
     """In-process listener: free space drops under the minimum while an association is open."""
-    from node.listener import Listener
+    from node.receive.listener import Listener
 
     settings.port = free_port()
     settings.ensure_dirs()
@@ -198,15 +198,6 @@ def test_serve_runs_the_parts_restarts_a_crashed_one_and_stops_cleanly(tmp_path)
             proc.kill()
             proc.wait()
         log.close()
-
-
-def test_serve_reports_a_missing_part_instead_of_crashing():
-    from node.service import missing_part
-
-    assert missing_part("node.listener", "run_listener") is None
-    assert missing_part("node.worker", "run_worker") is None
-    assert missing_part("node.no_such_part", "run") == "module node.no_such_part is not installed"
-    assert missing_part("node.listener", "run_nothing") == "node.listener.run_nothing does not exist"
 
 
 def test_listener_processes_exit_when_their_parent_is_killed(tmp_path):

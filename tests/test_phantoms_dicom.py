@@ -98,13 +98,13 @@ def test_localizer_has_three_planes(tmp_path):
     ("lumbar_spine", {"localizer", "sag_t2", "sag_t1"}),
 ])
 def test_study_series_share_the_study_and_route_to_their_roles(tmp_path, anatomy, roles):
-    from node.routing import SeriesFacts, load_rules
+    from node.intake.routing import SeriesFacts, load_rules
 
     labels = {"knee": {"acl": "complete"}, "shoulder": {"cuff": "partial"},
               "lumbar_spine": {"stenosis": {"L4-L5": "severe"}}}[anatomy]
     out = write_study(anatomy, tmp_path / "study", 4, matrix=96, **labels)
     assert set(out) == roles
-    rules = load_rules(Path(__file__).resolve().parents[1] / "node" / "routing_rules.toml")
+    rules = load_rules(Path(__file__).resolve().parents[1] / "node" / "intake" / "routing_rules.toml")
     studies, series, frames = set(), set(), set()
     for role, paths in out.items():
         d = pydicom.dcmread(paths[0])

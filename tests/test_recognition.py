@@ -1,4 +1,4 @@
-"""Series recognition (node.recognition) and its use by routing, ingest, completeness and ``routing explain``.
+"""Series recognition (node.intake.recognition) and its use by routing, ingest, completeness and ``routing explain``.
 
 Real headers: pydicom-data's MR files (a Philips T1 spin echo of a shoulder study, an enhanced
 MR head, a Siemens abdomen MPR) and the real Siemens Prisma knee in ../shared/realdata (skipped
@@ -26,9 +26,9 @@ from sqlalchemy import select
 from conftest import ROOT
 from listener_support import PYDICOM_DATA
 from node.errors import RoutingError
-from node.ingest import index_instances, read_header, read_series_headers
+from node.receive.index import index_instances, read_header, read_series_headers
 from node.loopback import child_env
-from node.recognition import (
+from node.intake.recognition import (
     PLANE_TOLERANCE_DEG,
     Acquisition,
     TextPatterns,
@@ -39,9 +39,9 @@ from node.recognition import (
     plane_of_orientation,
     recognize,
 )
-from node.routing import SeriesFacts, explain, load_rules, parse_rules
+from node.intake.routing import SeriesFacts, explain, load_rules, parse_rules
 from node.settings import DEFAULT_ROUTING_RULES, DEFAULT_UID_ROOT
-from node.storage import InstanceStore
+from node.receive.storage import InstanceStore
 from node.db.schema import Instance, Series
 
 REALDATA = Path(os.environ.get("MSKNODE_REALDATA") or Path(__file__).resolve().parents[2] / "shared" / "realdata")
@@ -565,7 +565,7 @@ def index_files(db, settings, files: list[Path]) -> str:
 
 
 def route_now(db, settings):
-    from node.completeness import tick
+    from node.intake.completeness import tick
 
     with db.session() as s:
         tick(s, settings, dt.datetime.now(dt.timezone.utc) + dt.timedelta(seconds=60), load_rules(settings.routing_rules))
@@ -593,7 +593,7 @@ def _ingest_and_route_mr2(db, settings, caplog):
         se = s.scalar(select(Series).where(Series.series_uid == uid))
         assert se.acquisition["scanning_sequence"] == ["SE"] and se.acquisition["repetition_time"] == 350.0
         assert se.plane is None and se.routing_explanation is None
-    caplog.set_level("INFO", logger="node.completeness")
+    caplog.set_level("INFO", logger="node.intake.completeness")
     route_now(db, settings)
     with db.session() as s:
         se = s.scalar(select(Series).where(Series.series_uid == uid))
@@ -657,7 +657,7 @@ def test_routing_explain_refuses_bad_input_with_a_clear_message(settings, tmp_pa
 
 def test_the_pixel_hook_in_completeness_is_lazy_and_never_fails_the_tick(db, settings, monkeypatch):
     """Wired to qc.anatomy through the registry; a failing classifier is logged and silent."""
-    import node.completeness as completeness
+    import node.intake.completeness as completeness
 
     files = siemens_knee_files()
     datasets = []

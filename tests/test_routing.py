@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from node.errors import RoutingError
-from node.routing import (
+from node.intake.routing import (
     PIPELINE_ROLES,
     TABLE_HEADER_KEYS,
     RulesFile,
@@ -23,7 +23,7 @@ from node.routing import (
 )
 from node.settings import DEFAULT_ROUTING_RULES, DEFAULT_UID_ROOT
 
-VENDOR_TABLE = Path(__file__).resolve().parent.parent / "node" / "vendor_series.toml"
+VENDOR_TABLE = Path(__file__).resolve().parent.parent / "node" / "intake" / "vendor_series.toml"
 ENTRIES = tomllib.loads(VENDOR_TABLE.read_text())["series"]
 
 

@@ -39,9 +39,9 @@ def env(tmp_path_factory):
     site = base / "site"
     site.mkdir()
     isolate_env(mp, MSKNODE_DATA_DIR=base / "data")
-    from node.completeness import tick
+    from node.intake.completeness import tick
     from node.db.database import Database
-    from node.routing import load_rules
+    from node.intake.routing import load_rules
     from node.settings import DEFAULT_ROUTING_RULES, load_settings
     from node.web.app import create_app
     from node.web.users import add_user
@@ -306,9 +306,9 @@ def test_a_file_the_node_cannot_write_is_refused_409(env, monkeypatch):
 
 def test_a_rule_from_the_form_is_written_first_audited_reloaded_and_routes_the_series(env):
     """Runs after the refusals above (same module state): the first change of the site file."""
-    from node.completeness import tick
+    from node.intake.completeness import tick
     from node.db.database import utcnow
-    from node.routing import RulesFile
+    from node.intake.routing import RulesFile
     from node.db.schema import Job, JobInput, Series
     from worklists.tables import AuditEvent
 
@@ -384,7 +384,7 @@ def test_a_rule_via_the_api_without_reroute(env):
 
 # ---- the pieces ------------------------------------------------------------------------------------
 def test_insert_before_first_rule_and_toml_block():
-    from node.routing import parse_rules
+    from node.intake.routing import parse_rules
     from node.web.rule_editor import RuleDraft, check_draft, description_regex, insert_before_first_rule, toml_block
 
     text = 'version = 1\n\n[anatomy.knee]\nbody_part = "knee"\n\n# ---- first\n# more\n[[rule]]\nname = "a"\npipeline = "knee"\nrole = "sag_fluid"\ntext = "x"\n'
@@ -425,7 +425,7 @@ def test_concurrent_rule_additions_all_land(tmp_path):
     """Several admins save at once: the folder lock serialises read-modify-rename, no rule is lost."""
     import threading
 
-    from node.routing import load_rules
+    from node.intake.routing import load_rules
     from node.settings import DEFAULT_ROUTING_RULES
     from node.web.rule_editor import RuleDraft, add_rule, toml_block
 

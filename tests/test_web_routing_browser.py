@@ -33,9 +33,9 @@ def server(tmp_path_factory):
     port = free_port()
     mp = pytest.MonkeyPatch()
     isolate_env(mp, MSKNODE_DATA_DIR=data)
-    from node.completeness import tick
+    from node.intake.completeness import tick
     from node.db.database import Database
-    from node.routing import load_rules
+    from node.intake.routing import load_rules
     from node.settings import DEFAULT_ROUTING_RULES, load_settings
     from node.web.users import add_user
 

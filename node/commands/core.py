@@ -37,7 +37,7 @@ def _serve(args, settings) -> int:
 
 
 def _listen(args, settings) -> int:
-    from node.listener import run_listener
+    from node.receive.listener import run_listener
 
     return run_listener(settings)
 

@@ -156,7 +156,7 @@ def _routing_check(args, settings) -> int:
     from pathlib import Path
 
     from node.errors import RoutingError
-    from node.routing import describe, facts_from_table_entry, load_rules
+    from node.intake.routing import describe, facts_from_table_entry, load_rules
 
     path = Path(args.file) if args.file else settings.routing_rules
     rules = load_rules(path)  # RoutingError → "msknode: routing rules FILE: …", exit 1
@@ -186,8 +186,8 @@ def _routing_explain(args, settings) -> int:
     from pathlib import Path
 
     from node.errors import RoutingError
-    from node.routing import load_rules
-    from node.storage import is_valid_uid
+    from node.intake.routing import load_rules
+    from node.receive.storage import is_valid_uid
 
     rules = load_rules(Path(args.rules) if args.rules else settings.routing_rules)
     target = str(args.target)
@@ -212,9 +212,9 @@ def _explain_path(path, rules, settings):
     from collections import Counter
 
     from node.errors import IngestError, RoutingError
-    from node.ingest import read_series_headers
-    from node.recognition import Acquisition
-    from node.routing import SeriesFacts, explain
+    from node.receive.index import read_series_headers
+    from node.intake.recognition import Acquisition
+    from node.intake.routing import SeriesFacts, explain
 
     try:
         headers, skipped = read_series_headers(path)
@@ -255,7 +255,7 @@ def _explain_indexed(series_uid, rules, settings):
 
     from sqlalchemy import select
 
-    from node.completeness import explain_series
+    from node.intake.completeness import explain_series
     from node.errors import RoutingError
     from node.db.schema import Series
 

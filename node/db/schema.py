@@ -78,10 +78,10 @@ class Series(Base):
     pipeline: Mapped[str | None] = mapped_column(String(32))
     role: Mapped[str | None] = mapped_column(String(32))
     routing_rule: Mapped[str | None] = mapped_column(String(128))
-    # the acquisition parameters of its first instance (node.recognition.Acquisition.to_json)
+    # the acquisition parameters of its first instance (node.intake.recognition.Acquisition.to_json)
     acquisition: Mapped[dict | None] = mapped_column(JSON)
-    # what routing recognised (node.recognition): plane, contrast class, anatomy, and why
-    # (node.routing.Explanation.to_json), recorded each time the series is routed
+    # what routing recognised (node.intake.recognition): plane, contrast class, anatomy, and why
+    # (node.intake.routing.Explanation.to_json), recorded each time the series is routed
     plane: Mapped[str | None] = mapped_column(String(16))
     contrast: Mapped[str | None] = mapped_column(String(16))
     anatomy: Mapped[str | None] = mapped_column(String(32))

@@ -8,7 +8,7 @@ from fastapi import APIRouter, Depends, Form, Query, Request
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 
 from node.db.database import utcnow
-from node.routing import PIPELINE_ROLES
+from node.intake.routing import PIPELINE_ROLES
 from node.web import ops, queries, rule_editor
 from node.web.api import Anatomy, JobState, OutboxState, Priority, Status, audit_view
 from node.web.auth import COOKIE, LOGIN_COOKIE, NotAuthenticated, Principal, admin, check_csrf, principal

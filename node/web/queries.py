@@ -517,7 +517,7 @@ def unrouted_series(session: Session, *, tz: ZoneInfo, limit: int = 50, before_i
 
     Objects msknode created are left out: no rule routes them.
     """
-    from node.routing import UNROUTED_OWN
+    from node.intake.routing import UNROUTED_OWN
 
     where = [Series.state == "unrouted", Series.own_object.is_(False),
              or_(Series.routing_rule.is_(None), Series.routing_rule != UNROUTED_OWN)]

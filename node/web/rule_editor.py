@@ -8,8 +8,8 @@ the node recognised — plane, contrast, anatomy, its description — into a ``[
 - `toml_block` writes it as a ``[[rule]]`` block;
 - `add_rule` inserts the block before the first ``[[rule]]`` of the configured rules file
   (rules are tried in order, so the site's own rule wins), validates the whole file with
-  `node.routing.parse_rules`, and replaces the file atomically (temporary file + rename,
-  under a lock on its folder). `node.routing.RulesFile` then reloads it by itself (it
+  `node.intake.routing.parse_rules`, and replaces the file atomically (temporary file + rename,
+  under a lock on its folder). `node.intake.routing.RulesFile` then reloads it by itself (it
   watches modification time and size).
 
 The shipped default inside the package, or a file this process cannot write, is never
@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
 from node.errors import NodeError, RoutingError
-from node.routing import LOCALIZER_ROLE, PIPELINE_ROLES, RoutingRules, normalize_text, parse_rules
+from node.intake.routing import LOCALIZER_ROLE, PIPELINE_ROLES, RoutingRules, normalize_text, parse_rules
 from node.settings import PACKAGE_DIR
 NAME_MAX = 100
 REGEX_MAX = 200
@@ -373,7 +373,7 @@ class SeriesNotFound(RuleEditError):
 
 def _route_now(session, settings, rules: RoutingRules, se):
     """How ``rules`` route the series now, without recording anything on its row."""
-    from node import completeness
+    from node.intake import completeness
 
     explain = getattr(completeness, "explain_series", None)
     if explain is not None:
@@ -383,7 +383,7 @@ def _route_now(session, settings, rules: RoutingRules, se):
 
 def current_anatomy(db, settings, series_id: int) -> str | None:
     """The anatomy the rules in force find for a series (its headers, the study, the other series), or None."""
-    from node.routing import load_rules
+    from node.intake.routing import load_rules
     from node.db.schema import Series
 
     try:
@@ -412,8 +412,8 @@ def make_rule(db, settings, series_id: int, fields: RuleRequestFields, *, actor:
     """
     import logging
 
-    from node.completeness import reroute_unrouted
-    from node.routing import SeriesFacts, is_own_object
+    from node.intake.completeness import reroute_unrouted
+    from node.intake.routing import SeriesFacts, is_own_object
     from node.db.schema import Series
     from worklists import audit
 

@@ -33,11 +33,11 @@ from pynetdicom.sop_class import Verification
 
 from node.db.database import Database, upgrade
 from node.errors import IngestError, NodeError, OutOfSpaceError, StorageError
-from node.ingest import OUT_OF_RESOURCES, SUCCESS, IndexWriter, Received, publish_new, read_header, validate
-from node.listener_transport import HandoffServer, ReusePortServer
-from node.storage import InstanceStore, encode_file_meta
+from node.receive.index import OUT_OF_RESOURCES, SUCCESS, IndexWriter, Received, publish_new, read_header, validate
+from node.receive.transport import HandoffServer, ReusePortServer
+from node.receive.storage import InstanceStore, encode_file_meta
 
-log = logging.getLogger("node.listener")
+log = logging.getLogger("node.receive.listener")
 
 # The largest PDU we accept (0 = no limit): peers then send a data set in few large PDUs.
 MAX_PDU_LENGTH = 0
@@ -387,7 +387,7 @@ def recover(settings, marker: RunMarker) -> int:
     """After an unclean stop of a listener on SQLite (overlapped fsync): checks the latest rows."""
     import datetime as dt
 
-    from node.ingest import recover_unclean_stop
+    from node.receive.index import recover_unclean_stop
 
     stale = marker.leftovers()
     if not stale:

@@ -1,6 +1,6 @@
 """Routing rules: which received series go to which pipeline, and in which role, and why.
 
-A series is first recognised from what the scanner measured (`node.recognition`): its plane
+A series is first recognised from what the scanner measured (`node.intake.recognition`): its plane
 from ImageOrientationPatient, its contrast class from the acquisition parameters, its flags
 (localizer, calibration, derived, mpr, projection, post_contrast, Dixon components); then its
 anatomy (`RoutingRules.anatomy_finding`): AnatomicRegionSequence codes, BodyPartExamined, the
@@ -9,20 +9,20 @@ are silent, a pixel classifier hook (`PixelAnatomy`). Regions without a pipeline
 spine, head, hip …) are recognised and never routed.
 
 A rules file (TOML, ``MSKNODE_ROUTING_RULES``; the shipped default is
-``node/routing_rules.toml``) has four parts:
+``node/intake/routing_rules.toml``) has four parts:
 
 - ``generic_body_parts``: BodyPartExamined values that do not name one anatomy
   (empty, ``EXTREMITY``, ``SPINE`` …): the anatomy is then inferred from text.
 - ``[patterns]``: named regular-expression fragments, used as ``{name}`` in rules. Those
-  named like `node.recognition.DEFAULT_TEXT_PATTERNS` (sag, cor, ax, fat_sat, stir, pd, t1,
+  named like `node.intake.recognition.DEFAULT_TEXT_PATTERNS` (sag, cor, ax, fat_sat, stir, pd, t1,
   t2, gre, fse3d, dess, localizer, calibration, post_contrast, derived, dixon, dixon_water)
   also replace what recognition reads in the text.
 - ``[anatomy.<pipeline>]``: how a series' anatomy is recognised: ``body_part`` (a regex
   on BodyPartExamined) and ``text`` (a regex on SeriesDescription, ProtocolName and,
   last, the StudyDescription).
 - ``[[rule]]``: an ordered list; the first rule whose conditions all hold decides.
-  Conditions: ``plane`` (a string or list of `node.recognition.PLANE_VALUES`),
-  ``contrast`` (a list of `node.recognition.CONTRASTS`), ``flags`` (all present),
+  Conditions: ``plane`` (a string or list of `node.intake.recognition.PLANE_VALUES`),
+  ``contrast`` (a list of `node.intake.recognition.CONTRASTS`), ``flags`` (all present),
   ``not_flags`` (none present), ``image_type`` / ``sequence`` (regexes on ImageType and on
   the sequence names), ``modality`` (list), ``anatomy`` (the rule's pipeline by default, or
   ``"any"``), ``body_part`` / ``description`` / ``protocol`` / ``text`` (regexes or
@@ -58,7 +58,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 from node.errors import RoutingError
-from node.recognition import (
+from node.intake.recognition import (
     ANATOMY_CODES,
     CONTRASTS,
     FLAGS,
@@ -461,7 +461,7 @@ class RoutingRules:
 
     # ---- routing -------------------------------------------------------------
     def recognize(self, facts: SeriesFacts) -> Recognition:
-        """Plane, contrast and flags of the series (`node.recognition`), with this file's text patterns."""
+        """Plane, contrast and flags of the series (`node.intake.recognition`), with this file's text patterns."""
         text, text_source = facts.text()
         return recognize(orientations=facts.orientations, acquisition=facts.acquisition, text=text,
                          text_source=text_source, patterns=self.text_patterns, manufacturer=facts.manufacturer)
@@ -860,7 +860,7 @@ class RulesFile:
     """
 
     path: Path
-    logger: logging.Logger = field(default_factory=lambda: logging.getLogger("node.routing"))
+    logger: logging.Logger = field(default_factory=lambda: logging.getLogger("node.intake.routing"))
     _rules: RoutingRules | None = field(default=None, init=False, repr=False)
     _stamp: tuple[int, int] | None = field(default=None, init=False, repr=False)
     last_error: str | None = field(default=None, init=False)

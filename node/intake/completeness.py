@@ -16,7 +16,7 @@ work with several listener processes (contract C1):
    frames) and the slice positions along the normal show no gap (a multi-planar localizer:
    the same number of slices in each plane, each plane without a gap). A slice without a
    position means waiting for the quiet period. A complete series is routed at once
-   (`node.routing`): ``complete`` with pipeline + role, or ``unrouted``.
+   (`node.intake.routing`): ``complete`` with pipeline + role, or ``unrouted``.
 4. *Study settled*: for each study + pipeline with a routed, non-localizer series in
    ``complete``: no other series of the study still receiving, and either
    - *protocol complete*: the pipeline has a protocol (``settings.study_protocols``,
@@ -56,8 +56,8 @@ from typing import Callable, Iterable, Sequence
 from sqlalchemy import exists, func, or_, select, update
 from sqlalchemy.orm import Session
 
-from node.recognition import PLANES, Acquisition, decide_plane
-from node.routing import (
+from node.intake.recognition import PLANES, Acquisition, decide_plane
+from node.intake.routing import (
     LOCALIZER_ROLE,
     UNROUTED_NO_ANATOMY,
     Explanation,
@@ -87,7 +87,7 @@ POSITION_DECIMALS = 2  # 0.01 mm
 
 def rules_provider(settings: Settings, logger: logging.Logger | None = None) -> Callable[[], RoutingRules]:
     """The rules in force, reloaded when ``settings.routing_rules`` changes (for the periodic loop)."""
-    return RulesFile(settings.routing_rules, logger or logging.getLogger("node.routing")).current
+    return RulesFile(settings.routing_rules, logger or logging.getLogger("node.intake.routing")).current
 
 
 def tick(session: Session, settings: Settings, now: dt.datetime, rules: RoutingRules | RulesFile | None = None) -> list[int]:

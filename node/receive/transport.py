@@ -36,7 +36,7 @@ from pynetdicom.dul import DULServiceProvider
 from pynetdicom.pdu_primitives import P_DATA
 from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
 
-log = logging.getLogger("node.listener")
+log = logging.getLogger("node.receive.listener")
 
 # store_handler(assoc, request: C_STORE, transfer_syntax_uid: str) -> status
 StoreHandler = Callable[[Association, C_STORE, str], int]
@@ -288,7 +288,7 @@ class ReusePortServer(ThreadedAssociationServer):
 
 class HandoffServer(ReusePortServer):
     """An association server without a port of its own: a parent process accepts the TCP
-    connections and passes them over a Unix socket (SCM_RIGHTS), see `node.listener._supervise`."""
+    connections and passes them over a Unix socket (SCM_RIGHTS), see `node.receive.listener._supervise`."""
 
     def server_bind(self) -> None:
         pass  # the parent holds the listening socket

@@ -27,7 +27,7 @@ Descriptions are free text set by sites and vendors; many name neither plane nor
   names of regions msknode has no pipeline for (`OTHER_ANATOMY_TEXT`: cervical and
   thoracic spine, head, hip, elbow, ankle, wrist …), so that a cervical spine is named as
   such and never routed to the lumbar spine. The routing rules decide the rest of the
-  anatomy (`node.routing`).
+  anatomy (`node.intake.routing`).
 
 Every decision returns its signals (`Signal`: name, value, source, used), so an admin can
 see why, and fix it with a rule.

@@ -9,15 +9,15 @@ Layout (paths derive from UIDs only, never from patient data)::
 A file holds the preamble, the File Meta Information written by us and then the
 dataset bytes exactly as the peer sent them (pixel data is never decoded).
 
-Writing (driven by `node.ingest`): `stage` writes a new file in ``.incoming``; `publish`
+Writing (driven by `node.receive.index`): `stage` writes a new file in ``.incoming``; `publish`
 renames it to its final path (atomic on one filesystem); `sync` fsyncs files and the
 directories whose entries changed, all at once. A new instance is renamed before its
 fsync: one journal commit then makes both the data and the name durable. Nothing is
 acknowledged to the peer before the file, its name and its index row are durable (the
-order of the fsyncs and the index commit is `node.ingest.IndexWriter`'s). A file that
+order of the fsyncs and the index commit is `node.receive.index.IndexWriter`'s). A file that
 replaces an indexed one is fsynced before the rename. If the machine dies before the
 fsync, a final name may hold an incomplete file: its peer got no Success and sends the
-object again, and `node.ingest` checks stored bytes against the index before trusting them.
+object again, and `node.receive.index` checks stored bytes against the index before trusting them.
 """
 
 from __future__ import annotations

@@ -45,8 +45,8 @@ from sqlalchemy.orm import Session
 
 from node.db.database import Database, utcnow
 from node.errors import IngestError, StorageError
-from node.recognition import acquisition_from_dataset
-from node.storage import InstanceStore, StagedFile, is_valid_uid
+from node.intake.recognition import acquisition_from_dataset
+from node.receive.storage import InstanceStore, StagedFile, is_valid_uid
 from node.db.schema import Association, AssociationSeries, Instance, Quarantine, Series, Study
 
 log = logging.getLogger(__name__)
