@@ -212,7 +212,7 @@ def _explain_path(path, rules, settings):
     from collections import Counter
 
     from node.errors import IngestError, RoutingError
-    from node.receive.index import read_series_headers
+    from node.receive.header import read_series_headers
     from node.intake.recognition import Acquisition
     from node.intake.routing import SeriesFacts, explain
 

@@ -33,9 +33,11 @@ from pynetdicom.sop_class import Verification
 
 from node.db.database import Database, upgrade
 from node.errors import IngestError, NodeError, OutOfSpaceError, StorageError
-from node.receive.index import OUT_OF_RESOURCES, SUCCESS, IndexWriter, Received, publish_new, read_header, validate
-from node.receive.transport import HandoffServer, ReusePortServer
+from node.receive.header import OUT_OF_RESOURCES, SUCCESS, read_header, validate
+from node.receive.index import Received, publish_new
 from node.receive.storage import InstanceStore, encode_file_meta
+from node.receive.transport import HandoffServer, ReusePortServer
+from node.receive.writer import IndexWriter
 
 log = logging.getLogger("node.receive.listener")
 

@@ -14,7 +14,7 @@ renames it to its final path (atomic on one filesystem); `sync` fsyncs files and
 directories whose entries changed, all at once. A new instance is renamed before its
 fsync: one journal commit then makes both the data and the name durable. Nothing is
 acknowledged to the peer before the file, its name and its index row are durable (the
-order of the fsyncs and the index commit is `node.receive.index.IndexWriter`'s). A file that
+order of the fsyncs and the index commit is `node.receive.writer.IndexWriter`'s). A file that
 replaces an indexed one is fsynced before the rename. If the machine dies before the
 fsync, a final name may hold an incomplete file: its peer got no Success and sends the
 object again, and `node.receive.index` checks stored bytes against the index before trusting them.
