@@ -53,7 +53,7 @@ def check_disk(settings: Settings) -> dict[str, Any]:
 
 def check_broker(settings: Settings, *, timeout: float = 3.0) -> dict[str, Any]:
     """Connects to the broker (the filesystem transport: its folder must be writable)."""
-    from node.celery_app import FilesystemBroker, is_filesystem, transport_options
+    from node.jobs.celery_app import FilesystemBroker, is_filesystem, transport_options
 
     transport = str(settings.broker_url).split("://", 1)[0]
     if is_filesystem(settings):
@@ -119,7 +119,7 @@ def check_listener(settings: Settings, *, timeout: float = 3.0) -> dict[str, Any
 
 
 def check_workers(db: Database, settings: Settings, *, now: dt.datetime | None = None) -> dict[str, Any]:
-    from node.jobs import live_workers
+    from node.jobs.lease import live_workers
 
     now = now or utcnow()
     stale = max(10.0, STALE_HEARTBEATS * settings.sweep_interval_seconds)

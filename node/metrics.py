@@ -73,7 +73,7 @@ class NodeCollector(Collector):
 
     def collect(self):
         from node.health import STALE_HEARTBEATS
-        from node.jobs import live_workers
+        from node.jobs.lease import live_workers
         from node.db.schema import Instance, Job, OutboxItem, Quarantine, Series
 
         now = utcnow()
@@ -126,7 +126,7 @@ class NodeCollector(Collector):
         yield h
 
         g = GaugeMetricFamily("msknode_queue_depth", "Jobs waiting in the database per queue", labels=["queue"])
-        from node.celery_app import QUEUES
+        from node.jobs.celery_app import QUEUES
 
         by_queue = dict(depths)
         for q in sorted(set(QUEUES) | set(by_queue)):
@@ -161,7 +161,7 @@ class NodeCollector(Collector):
 
 def broker_depths(settings: Settings) -> Callable[[], Mapping[str, int]]:
     """Broker queue depths: counted files for the filesystem transport, the broker's own count otherwise."""
-    from node.celery_app import QUEUES, FilesystemBroker, broker_queue_depths, is_filesystem
+    from node.jobs.celery_app import QUEUES, FilesystemBroker, broker_queue_depths, is_filesystem
 
     if not is_filesystem(settings):
         return lambda: broker_queue_depths(settings)

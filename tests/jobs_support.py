@@ -23,7 +23,7 @@ if str(ROOT) not in sys.path:
 
 from node.loopback import child_env, echoscu  # noqa: E402
 from node.orthanc import OrthancProcess  # noqa: E402
-from node.pipeline import FindingRecord, JobContext, JobProducts, ResultRecord, Steps  # noqa: E402
+from node.jobs.runner import FindingRecord, JobContext, JobProducts, ResultRecord, Steps  # noqa: E402
 
 SR_CLASS = "1.2.840.10008.5.1.4.1.1.88.34"  # Comprehensive 3D SR
 
@@ -137,7 +137,7 @@ class SleepyRunner:
                     del e
                 steps.check()
             if self.permanent:
-                from node.jobs import PermanentJobError
+                from node.jobs.lease import PermanentJobError
 
                 raise PermanentJobError(f"series {ctx.inputs[0].series_uid}: not an image series")
             if ctx.attempt <= self.fail_times:
@@ -422,7 +422,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     from node.cli import setup_logging
     from node.settings import load_settings
-    from node.worker import run_worker
+    from node.jobs.worker import run_worker
 
     settings = load_settings()
     setup_logging(settings.log_level)

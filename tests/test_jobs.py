@@ -11,10 +11,10 @@ import pytest
 from sqlalchemy import func, select, update
 
 from jobs_support import SleepyRunner, make_study_job
-from node import jobs
+from node.jobs import lease as jobs
 from node.db.database import utcnow
 from node.errors import JobError
-from node.pipeline import execute_job
+from node.jobs.runner import execute_job
 from node.db.schema import Finding, Job, JobInput, OutboxItem, ResultObject, Series
 from worklists.tables import AuditEvent
 

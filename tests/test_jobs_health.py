@@ -12,11 +12,11 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import free_port
 from jobs_support import SleepyRunner, make_study_job
-from node import jobs
+from node.jobs import lease as jobs
 from node.health import health_report
 from node.loopback import echoscu
 from node.metrics import render
-from node.pipeline import execute_job
+from node.jobs.runner import execute_job
 from node.db.schema import Study
 
 
@@ -76,7 +76,7 @@ def test_metrics_count_jobs_steps_and_queues_without_phi(settings, db):
             st.patient_name = "DOE^JANE"
             st.patient_id = "PID-SECRET-1"
     assert execute_job(db, settings, ids[0], runner=SleepyRunner(settings, seconds=0.3)).state == "done"
-    from node.celery_app import make_celery, send_job
+    from node.jobs.celery_app import make_celery, send_job
 
     app = make_celery(settings)
     send_job(app, ids[1], "cpu")  # one wake-up waiting in the filesystem broker

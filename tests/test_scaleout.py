@@ -23,7 +23,7 @@ from jobs_support import (
 )
 from node.db.database import Database
 from node.db.schema import WorkerRecord
-from node.jobs import enqueue_pending_jobs
+from node.jobs.lease import enqueue_pending_jobs
 from node.db.schema import Job, ResultObject
 
 LEASE = 3.0
@@ -110,7 +110,7 @@ def test_broker_down_series_keep_arriving_and_jobs_run_when_it_is_back(scaleout,
     """Redis killed: the listener keeps storing, completeness keeps creating jobs (in PostgreSQL), their
     wake-ups wait in the database; a wake-up that was inside Redis is lost with it and re-sent."""
     from jobs_support import ListenerProcess, storescu, write_phantom_series
-    from node.celery_app import make_celery, send_job
+    from node.jobs.celery_app import make_celery, send_job
     from node.health import health_report
     from node.db.schema import Instance, Series
 

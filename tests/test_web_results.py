@@ -27,7 +27,7 @@ with warnings.catch_warnings():
 def processed(settings, db, tmp_path):
     from test_results_data import knee_output, volume_from_files, write_mr_series
 
-    from node.pipeline import findings_from_output
+    from node.jobs.runner import findings_from_output
     from node.results import build_results, save
     from node.db.schema import Finding, Instance, Job, JobInput, ResultObject, Series, Study
     from node.web.users import add_user

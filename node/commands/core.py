@@ -43,7 +43,7 @@ def _listen(args, settings) -> int:
 
 
 def _worker(args, settings) -> int:
-    from node.worker import run_worker
+    from node.jobs.worker import run_worker
 
     queues = [q.strip() for q in args.queues.split(",")] if args.queues else None
     return run_worker(settings, queues=queues)

@@ -42,7 +42,7 @@ def register(sub) -> None:
 
 
 def register_job_actions(actions) -> None:
-    """Subcommands of ``msknode jobs``; ``retry`` is `node.jobs.retry_job` (job orchestration)."""
+    """Subcommands of ``msknode jobs``; ``retry`` is `node.jobs.lease.retry_job` (job orchestration)."""
     r = actions.add_parser("retry", help="queue a failed or dead job again")
     r.add_argument("job_id", type=int, metavar="ID")
     r.set_defaults(func=_jobs_retry)
@@ -125,7 +125,7 @@ def _jobs(args, settings) -> int:
 def _jobs_retry(args, settings) -> int:
     import getpass
 
-    from node.jobs import retry_job
+    from node.jobs.lease import retry_job
 
     with database(settings) as db:
         retry_job(db, args.job_id, actor=f"cli:{getpass.getuser()}")  # JobError → message, exit 1

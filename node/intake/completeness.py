@@ -1,6 +1,6 @@
 """Series and study completeness: from stored instances to exactly one job per study and anatomy.
 
-`tick` is called by the periodic loop (``node.worker``). It is pure database work:
+`tick` is called by the periodic loop (``node.jobs.worker``). It is pure database work:
 idempotent, and safe with several processes ticking at once (every state change is a
 conditional UPDATE; the job is created only by whoever moved its series from
 ``complete`` to ``queued``). The timers are columns, so they survive restarts and

@@ -1,8 +1,8 @@
 """Operations seen from the web: health, metrics, retries, routing rules, destinations, models.
 
-Where another part of the node owns the logic (``node.health``, ``node.metrics``,
-``node.jobs.retry_job``, ``node.dispatch``, ``models.registry``) the web calls it; the
-fallbacks here only read the database, so the pages work in any installation.
+The part of the node that owns the logic does the work (``node.health``, ``node.metrics``,
+``node.jobs.lease.retry_job``, ``node.dispatch``, ``models.registry``); this module turns
+its answers and errors into what the pages and the JSON API show.
 Nothing here returns patient data: health and metrics answer without login.
 """
 
@@ -10,16 +10,14 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
-import shutil
 import tomllib
 from typing import Any
 
-from sqlalchemy import func, select, text
+from sqlalchemy import func, select
 
 from node.db.database import utcnow
 from node.errors import NodeError
-from node.optional import optional_module
-from node.db.schema import Finding, Job, OutboxItem
+from node.db.schema import Finding
 
 log = logging.getLogger(__name__)
 
@@ -34,70 +32,40 @@ class OpsError(NodeError):
 
 
 def health(settings, db) -> tuple[dict, bool]:
-    """(report, healthy): ``node.health.health_report`` when installed, else a database + disk check."""
-    mod = optional_module("node.health")
-    if mod is not None:
-        report = mod.health_report(settings, db)
-        return report, bool(report.get("ok"))
-    report: dict[str, Any] = {"components": {}}
-    try:
-        with db.session() as s:
-            s.execute(text("SELECT 1"))
-        report["components"]["database"] = {"ok": True}
-    except Exception as e:  # noqa: BLE001 - the report says what failed
-        report["components"]["database"] = {"ok": False, "error": type(e).__name__}
-    try:
-        free = shutil.disk_usage(settings.data_dir).free / 1e9
-        report["components"]["disk"] = {"ok": free >= settings.min_free_gb, "free_gb": round(free, 2)}
-    except OSError as e:
-        report["components"]["disk"] = {"ok": False, "error": type(e).__name__}
-    ok = all(c.get("ok") for c in report["components"].values())
-    report.update(ok=ok, status="ok" if ok else "down")
-    return report, ok
+    """(report, healthy): `node.health.health_report`."""
+    from node.health import health_report
+
+    report = health_report(settings, db)
+    return report, bool(report.get("ok"))
 
 
 def metrics(settings, db) -> tuple[bytes, str]:
-    """Prometheus exposition (body, content type): ``node.metrics.render`` when installed."""
-    mod = optional_module("node.metrics")
-    if mod is not None:
-        return mod.render(settings, db)
-    from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Gauge, generate_latest
+    """Prometheus exposition (body, content type): `node.metrics.render`."""
+    from node.metrics import render
 
-    reg = CollectorRegistry()
-    jobs_g = Gauge("msknode_jobs", "Jobs by state", ["state"], registry=reg)
-    out_g = Gauge("msknode_outbox_items", "Outbox items by state", ["state"], registry=reg)
-    with db.session() as s:
-        for state, n in s.execute(select(Job.state, func.count()).group_by(Job.state)):
-            jobs_g.labels(state).set(n)
-        for state, n in s.execute(select(OutboxItem.state, func.count()).group_by(OutboxItem.state)):
-            out_g.labels(state).set(n)
-    return generate_latest(reg), CONTENT_TYPE_LATEST
+    return render(settings, db)
 
 
 # ---- retries -----------------------------------------------------------------------------
 
 
 def retry_job(db, job_id: int, *, actor: str, now: dt.datetime | None = None) -> dict:
-    """Puts a failed/dead job back in the queue (``node.jobs.retry_job``)."""
-    jobs_mod = optional_module("node.jobs")
-    fn = getattr(jobs_mod, "retry_job", None) if jobs_mod else None
-    if fn is None:
-        raise OpsError("job retry is not available in this installation (node.jobs is missing)")
+    """Puts a failed/dead job back in the queue (`node.jobs.lease.retry_job`)."""
+    from node.jobs.lease import retry_job as retry
+
     try:
-        job = fn(db, job_id, actor=actor, now=now or utcnow())
+        job = retry(db, job_id, actor=actor, now=now or utcnow())
     except NodeError as e:
         raise OpsError(str(e)) from None
     return {"id": job.id, "state": job.state}
 
 
 def retry_outbox(db, settings, item_id: int, *, actor: str, now: dt.datetime | None = None) -> dict:
-    """Re-queues an outbox item, due now (``node.dispatch.retry_item``; an acknowledged item is never re-sent)."""
-    dispatch = optional_module("node.dispatch")
-    fn = getattr(dispatch, "retry_item", None) if dispatch else None
-    if fn is None:
-        raise OpsError("outbox retry is not available in this installation (node.dispatch is missing)")
+    """Re-queues an outbox item, due now (`node.dispatch.retry_item`; an acknowledged item is never re-sent)."""
+    from node.dispatch import retry_item
+
     try:
-        out = fn(db, settings, item_id, actor=actor, now=now or utcnow())
+        out = retry_item(db, settings, item_id, actor=actor, now=now or utcnow())
     except NodeError as e:
         raise OpsError(str(e)) from None
     return {"id": item_id, "state": out.get("state"), "previous_state": out.get("previous_state")}
@@ -147,16 +115,14 @@ def _card(card: Any) -> dict:
 
 def models(settings, db) -> dict:
     """The registry's model cards (``models.registry``) and the versions seen in findings."""
+    from models.registry import Registry
+
     registry: list[dict] = []
     error = None
-    mod = optional_module("models.registry")
-    if mod is not None and hasattr(mod, "Registry"):
-        try:
-            registry = [_card(c) for c in mod.Registry(settings.weights_dir).list()]
-        except Exception as e:  # noqa: BLE001 - shown on the page
-            error = f"{type(e).__name__}: {e}"
-    else:
-        error = "models.registry is not installed"
+    try:
+        registry = [_card(c) for c in Registry(settings.weights_dir).list()]
+    except Exception as e:  # noqa: BLE001 - shown on the page
+        error = f"{type(e).__name__}: {e}"
     with db.session() as s:
         seen = [
             {"model": m, "version": v, "weights_sha256": h, "findings": n, "last_job_id": last}

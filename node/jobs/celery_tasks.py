@@ -2,7 +2,7 @@
 
 ``msknode.run_job(job_id)`` loads nothing but the id from the message and calls
 `node.pipeline.execute_job`, which claims the job by lease and does the work. Retries,
-backoff and the dead state live in the database (`node.jobs`), not in Celery: a Celery
+backoff and the dead state live in the database (`node.jobs.lease`), not in Celery: a Celery
 retry with a countdown would sit in one worker's memory and die with it.
 """
 
@@ -17,6 +17,9 @@ from celery import Celery
 from node.settings import Settings
 
 log = logging.getLogger(__name__)
+
+#: the task's name on the wire: queued messages carry it, so it never changes (not even with the module path)
+RUN_JOB_TASK = "msknode.run_job"
 
 RunnerFactory = Callable[[Settings], "object"]
 
@@ -53,7 +56,7 @@ class WorkerContext:
             if self.runner_factory is not None:
                 self._runner = self.runner_factory(self.settings)
             else:
-                from node.pipeline import ModelPipelineRunner
+                from node.jobs.runner import ModelPipelineRunner
 
                 self._runner = ModelPipelineRunner(self.settings)
         return self._runner
@@ -73,7 +76,7 @@ class WorkerContext:
     def finalizers(self):
         self._fresh()
         if self._finalizers is None:
-            from node.pipeline import default_finalizers
+            from node.jobs.runner import default_finalizers
 
             self._finalizers = default_finalizers(self.settings)
         return self._finalizers
@@ -81,8 +84,6 @@ class WorkerContext:
 
 def register_tasks(app: Celery, settings: Settings, *, runner_factory: RunnerFactory | None = None) -> WorkerContext:
     """Registers the msknode tasks on ``app``; they use ``settings`` captured here."""
-    from node.celery_app import RUN_JOB_TASK
-
     ctx = WorkerContext(settings, runner_factory)
 
     def _warm_pool_process(**_kw) -> None:
@@ -97,7 +98,7 @@ def register_tasks(app: Celery, settings: Settings, *, runner_factory: RunnerFac
 
     @app.task(name=RUN_JOB_TASK, acks_late=True, reject_on_worker_lost=True, ignore_result=True)
     def run_job(job_id: int) -> str:
-        from node.pipeline import execute_job
+        from node.jobs.runner import execute_job
 
         outcome = execute_job(ctx.db, ctx.settings, int(job_id), runner=ctx.runner, finalizers=ctx.finalizers)
         return outcome.state

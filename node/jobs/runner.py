@@ -2,7 +2,7 @@
 
 `execute_job` is the plain function behind the Celery task (and what tests call):
 
-1. claim the job by lease (`node.jobs.claim`) and keep the lease alive (`LeaseKeeper`);
+1. claim the job by lease (`node.jobs.lease.claim`) and keep the lease alive (`LeaseKeeper`);
 2. load the job's context: pipeline, input series with their roles and stored files, the
    results of the job it supersedes;
 3. call the *runner* — a ``JobRunner`` callable ``(JobContext, Steps) -> JobProducts``.
@@ -33,8 +33,8 @@ from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
 
 from node.db.database import Database, utcnow
-from node.errors import JobError
-from node.jobs import (
+from node.db.schema import Finding, Instance, Job, JobInput, OutboxItem, ResultObject, Series, Study
+from node.jobs.lease import (
     Lease,
     LeaseKeeper,
     LeaseLost,
@@ -45,9 +45,8 @@ from node.jobs import (
     new_lease_owner,
     set_step,
 )
-from node.optional import optional_module
+from node.results.types import ResultRef
 from node.settings import Settings
-from node.db.schema import Finding, Instance, Job, JobInput, OutboxItem, ResultObject, Series, Study
 
 log = logging.getLogger(__name__)
 
@@ -65,17 +64,6 @@ class InputSeries:
 
 
 @dataclass(frozen=True)
-class ResultRef:
-    """A result object of an earlier job (the superseded one): what a new SR lists as predecessor."""
-
-    kind: str
-    sop_class_uid: str
-    sop_instance_uid: str
-    series_uid: str
-    study_uid: str
-
-
-@dataclass(frozen=True)
 class JobContext:
     job_id: int
     pipeline: str
@@ -83,7 +71,7 @@ class JobContext:
     input_fingerprint: str
     attempt: int
     inputs: tuple[InputSeries, ...]
-    predecessors: tuple[ResultRef, ...] = ()
+    predecessors: tuple[ResultRef, ...] = ()  # the result objects of the job this one supersedes
 
     def source_files(self) -> dict[str, list[Path]]:
         """Series UID → stored files, for the result writers."""
@@ -205,7 +193,8 @@ def load_context(db: Database, settings: Settings, lease: Lease) -> JobContext:
         predecessors: list[ResultRef] = []
         if job.supersedes_job_id is not None:
             for ro in s.scalars(select(ResultObject).where(ResultObject.job_id == job.supersedes_job_id).order_by(ResultObject.id)):
-                predecessors.append(ResultRef(ro.kind, ro.sop_class_uid, ro.sop_instance_uid, ro.series_uid, study_uid or ""))
+                predecessors.append(ResultRef(sop_instance_uid=ro.sop_instance_uid, series_uid=ro.series_uid,
+                                              study_uid=study_uid or "", sop_class_uid=ro.sop_class_uid, kind=ro.kind))
         return JobContext(
             job_id=job.id,
             pipeline=job.pipeline,
@@ -273,16 +262,11 @@ def store_products(
 def default_permanent_errors() -> tuple[type[BaseException], ...]:
     """Errors another attempt cannot fix: bad input volumes, an unknown pipeline or role, missing or
     corrupt weights, inputs the result writers cannot make valid. (``msknode jobs retry`` after a fix.)"""
+    from models.errors import PipelineError, RegistryError, VolumeError
+
     from node.errors import ResultsError
 
-    errors: list[type[BaseException]] = [PermanentJobError, ResultsError]
-    try:
-        from models.errors import PipelineError, RegistryError, VolumeError
-
-        errors += [VolumeError, PipelineError, RegistryError]
-    except ImportError:
-        pass
-    return tuple(errors)
+    return (PermanentJobError, ResultsError, VolumeError, PipelineError, RegistryError)
 
 
 def _describe(exc: BaseException, steps: Steps, settings: Settings) -> str:
@@ -351,13 +335,6 @@ def execute_job(
 
 
 # ---- the real runner: models → triage → results ---------------------------------------------
-
-
-def _import(module: str, what: str):
-    mod = optional_module(module)
-    if mod is None:
-        raise JobError(f"{what} is not installed (module {module} missing)")
-    return mod
 
 
 def findings_from_output(output: Any) -> list[FindingRecord]:
@@ -454,16 +431,15 @@ class ModelPipelineRunner:
     @property
     def registry(self):
         if self._registry is None:
-            reg = _import("models.registry", "the model registry")
-            self._registry = reg.Registry(self.settings.weights_dir)
+            from models.registry import Registry
+
+            self._registry = Registry(self.settings.weights_dir)
         return self._registry
 
     def warm_up(self) -> None:
         """Imports the model code and torch and opens the registry (once per worker process)."""
-        _import("models.io", "series loading (models.io)")
-        _import("models.pipelines", "the model pipelines")
-        _import("node.results", "the result writers (node.results)")
         import torch
+        from models import io, pipelines  # noqa: F401
 
         torch.set_num_threads(self.settings.torch_threads)
         self.registry
@@ -471,8 +447,8 @@ class ModelPipelineRunner:
     def __call__(self, ctx: JobContext, steps: Steps) -> JobProducts:
         settings = self.settings
         with steps.step("setup"):  # first job of a process: imports, model registry
-            io = _import("models.io", "series loading (models.io)")
-            pipelines = _import("models.pipelines", "the model pipelines")
+            from models import io, pipelines
+
             if ctx.pipeline not in pipelines.PIPELINES:
                 raise PermanentJobError(f"unknown pipeline {ctx.pipeline!r}")
             import torch
@@ -495,18 +471,15 @@ class ModelPipelineRunner:
 
         findings = findings_from_output(output)
         with steps.step("triage"):
-            triage_mod = _import("worklists.triage", "triage (worklists.triage)")
-            policy = triage_mod.load_policy(settings.triage_policy)
-            summary = triage_mod.compute(triage_mod.findings_from_pipeline(output), policy)
+            from worklists import triage
+
+            policy = triage.load_policy(settings.triage_policy)
+            summary = triage.compute(triage.findings_from_pipeline(output), policy)
         with steps.step("results"):
-            results_mod = _import("node.results", "the result writers (node.results)")
-            predecessors = [
-                results_mod.ResultRef(sop_instance_uid=r.sop_instance_uid, series_uid=r.series_uid, study_uid=r.study_uid,
-                                      sop_class_uid=r.sop_class_uid, kind=r.kind)
-                for r in ctx.predecessors
-                if r.kind == "sr"
-            ]
-            files = results_mod.build_results(
+            from node.results import build_results, save
+
+            predecessors = [r for r in ctx.predecessors if r.kind == "sr"]
+            files = build_results(
                 output=output,
                 source_files=ctx.source_files(),
                 triage=summary,
@@ -516,7 +489,7 @@ class ModelPipelineRunner:
             )
             records = []
             for rf in files:
-                path = results_mod.save(rf, settings)
+                path = save(rf, settings)
                 records.append(ResultRecord(rf.kind, rf.sop_class_uid, rf.sop_instance_uid, rf.series_uid, path))
         used_by: dict[str, list[str]] = {}
         for model_name, series_uids in (output.used_series or {}).items():
@@ -525,12 +498,10 @@ class ModelPipelineRunner:
         return JobProducts(findings=findings, results=records, model_versions=model_versions_of(output), used_by=used_by)
 
 
-def worklist_finalizer(settings: Settings) -> Finalizer | None:
-    """Updates the study's worklist entry after a job is done (None if the worklist module is missing)."""
-    try:
-        from worklists import entries, triage
-    except ImportError:
-        return None
+def worklist_finalizer(settings: Settings) -> Finalizer:
+    """Updates the study's worklist entry after a job is done."""
+    from worklists import entries, triage
+
     policy_cache: dict[str, Any] = {}
 
     def finalize(session: Session, ctx: JobContext, now: dt.datetime) -> None:
@@ -542,5 +513,4 @@ def worklist_finalizer(settings: Settings) -> Finalizer | None:
 
 
 def default_finalizers(settings: Settings) -> list[Finalizer]:
-    fin = worklist_finalizer(settings)
-    return [fin] if fin is not None else []
+    return [worklist_finalizer(settings)]

@@ -7,7 +7,7 @@ Two deployments, one code path:
 - scale-out: ``MSKNODE_BROKER_URL=redis://host:6379/0`` (or ``amqp://``).
 
 Messages carry only a job id. The broker is a wake-up path: jobs are taken by a lease in
-the database and a sweeper re-sends lost wake-ups (`node.jobs`), so neither the
+the database and a sweeper re-sends lost wake-ups (`node.jobs.lease`), so neither the
 filesystem transport (which loses unacknowledged messages on ``kill -9``) nor Redis'
 visibility timeout decides whether a job runs.
 
@@ -25,12 +25,12 @@ from typing import Any
 from celery import Celery
 from kombu import Exchange, Queue
 
+from node.jobs.celery_tasks import RUN_JOB_TASK, register_tasks
 from node.settings import Settings
 
 log = logging.getLogger(__name__)
 
 QUEUES = ("ingest", "cpu", "gpu")
-RUN_JOB_TASK = "msknode.run_job"
 
 
 @dataclass(frozen=True)
@@ -82,8 +82,6 @@ def make_celery(settings: Settings, *, runner_factory=None) -> Celery:
 
     ``runner_factory(settings) -> JobRunner`` replaces the model pipeline runner (tests).
     """
-    from node.tasks import register_tasks
-
     app = Celery("msknode", set_as_current=False)
     filesystem = is_filesystem(settings)
     app.conf.update(

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from node.db.database import Database, utcnow
+from node.jobs import lease
 from node.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -147,21 +148,20 @@ def build_duties(
     housekeeping: bool,
 ) -> list[Duty]:
     """The main loop's duties in their order: heartbeat → completeness → enqueue → sweeper → retention."""
-    from node import jobs
-    from node.celery_app import cleanup_processed
+    from node.jobs.celery_app import cleanup_processed
 
     def enqueue(now: dt.datetime) -> None:
-        report = jobs.enqueue_pending_jobs(db, send, now=now)
+        report = lease.enqueue_pending_jobs(db, send, now=now)
         if report.sent:
             log.info("enqueued jobs %s", report.sent)
         if report.error:  # logged once by the loop until the broker is back
             raise BrokerUnavailable(f"jobs stay pending in the database: {report.error}")
 
-    duties: list[Duty] = [Duty("heartbeat", lambda now: jobs.heartbeat(db, name=name, queues=queues, now=now))]
+    duties: list[Duty] = [Duty("heartbeat", lambda now: lease.heartbeat(db, name=name, queues=queues, now=now))]
     if housekeeping:
         duties.append(completeness_duty(db, settings))
     duties.append(Duty("enqueue", enqueue))
-    duties.append(Duty("sweeper", lambda now: jobs.sweep(db, now=now, lease_seconds=settings.job_lease_seconds,
+    duties.append(Duty("sweeper", lambda now: lease.sweep(db, now=now, lease_seconds=settings.job_lease_seconds,
                                                           queue_depths=queue_depths)))
     # a lost wake-up found by the sweeper is sent in the same round
     duties.append(Duty("enqueue-resent", enqueue))
@@ -182,7 +182,7 @@ def build_loops(db: Database, settings: Settings, *, housekeeping: bool, **kw) -
 
 
 def validate_queues(queues: list[str] | None, settings: Settings) -> list[str]:
-    from node.celery_app import QUEUES
+    from node.jobs.celery_app import QUEUES
     from node.errors import SettingsError
 
     queues = list(queues or settings.worker_queues)
@@ -207,8 +207,7 @@ def run_worker(
     """
     from celery import bootsteps
 
-    from node import jobs
-    from node.celery_app import make_celery, queue_depths, send_job
+    from node.jobs.celery_app import make_celery, queue_depths, send_job
 
     queues = validate_queues(queues, settings)
     if housekeeping is None:
@@ -219,7 +218,7 @@ def run_worker(
     settings.ensure_dirs()
     db = Database(settings.database_url)  # applies migrations
     app = make_celery(settings, runner_factory=runner_factory)
-    name = jobs.worker_name()
+    name = lease.worker_name()
     loops = build_loops(
         db,
         settings,
@@ -275,7 +274,7 @@ def run_worker(
     finally:
         stop_loops()
         try:
-            jobs.worker_stopped(db, name=name)
+            lease.worker_stopped(db, name=name)
         except Exception as e:  # the database may be what stopped us
             log.warning("could not record worker stop: %s", e)
         db.dispose()
