@@ -16,7 +16,7 @@ from pynetdicom import AE, AllStoragePresentationContexts, evt
 from sqlalchemy import select
 
 from conftest import VENV_BIN, free_port
-from node.dispatch import RetryPolicy, claim, process_outbox, retry_item
+from node.dispatch.outbox import RetryPolicy, claim, process_outbox, retry_item
 from node.errors import DispatchError
 from node.loopback import child_env
 from node.results import build_results, save
@@ -345,7 +345,7 @@ def test_outbox_commands(settings, db, result_files):
         out = _cli(s, "outbox", "retry", str(dead[0]["id"]))
         assert out.returncode == 0, out.stderr
         assert "dead -> pending" in out.stdout
-        from node.dispatch import list_items
+        from node.dispatch.outbox import list_items
 
         with db.session() as ses:
             again = {r["id"]: r for r in list_items(ses)}
@@ -371,7 +371,7 @@ def test_outbox_commands(settings, db, result_files):
 def test_stow_response_classification():
     from pydicom import Dataset
 
-    from node.dispatch import _stow_outcome
+    from node.dispatch.senders import _stow_outcome
 
     ok = Dataset()
     ref = Dataset()

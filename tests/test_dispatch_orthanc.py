@@ -15,7 +15,7 @@ from sqlalchemy import select
 
 from models.phantoms import generate, write_dicom_series
 from node.db.database import Database
-from node.dispatch import process_outbox
+from node.dispatch.outbox import process_outbox
 from node.results import TriageSummary, build_results, save
 from node.settings import DimseDestination, StowDestination
 from node.db.schema import OutboxItem
@@ -66,7 +66,7 @@ def test_results_reach_the_original_study_exactly_once_across_pacs_and_node_rest
         assert rep.retrying == len(results)
         assert {att for _st, att, _e in _states(db)} == {2}
         # a sender that dies holding leases: claimed, never recorded
-        from node.dispatch import claim
+        from node.dispatch.outbox import claim
 
         with db.session() as ses:
             claim(ses, now=T0 + dt.timedelta(seconds=15), owner="killed-worker", limit=5, lease_seconds=300)

@@ -15,7 +15,7 @@ from sqlalchemy import func, select
 from completeness_rows import uid
 from node.db.database import utcnow
 from node.loopback import child_env
-from node.retention import purge
+from node.ops.retention import purge
 from node.db.schema import Instance, Job, JobInput, OutboxItem, ResultObject, Series, Study
 
 DAY = dt.timedelta(days=1)
@@ -164,7 +164,7 @@ def test_retention_zero_purges_at_delivery_but_never_undelivered(db, settings, s
 
 def test_an_instance_received_again_during_purge_is_kept(db, settings, studies, monkeypatch):
     """A resend racing with the purge: the re-inserted instance keeps its file."""
-    import node.retention as retention
+    import node.ops.retention as retention
 
     study_uid = studies["delivered_old"]
     with db.session() as s:

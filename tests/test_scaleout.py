@@ -69,7 +69,7 @@ def scaleout(postgres_url, redis_server, data_dir, tmp_path, monkeypatch):
 
 
 def _alive_workers(node) -> int:
-    from node.health import check_workers
+    from node.ops.health import check_workers
 
     return check_workers(node.db, node.settings)["alive"]
 
@@ -111,7 +111,7 @@ def test_broker_down_series_keep_arriving_and_jobs_run_when_it_is_back(scaleout,
     wake-ups wait in the database; a wake-up that was inside Redis is lost with it and re-sent."""
     from jobs_support import ListenerProcess, storescu, write_phantom_series
     from node.jobs.celery_app import make_celery, send_job
-    from node.health import health_report
+    from node.ops.health import health_report
     from node.db.schema import Instance, Series
 
     from conftest import free_port

@@ -31,7 +31,7 @@ def register(sub) -> None:
 
 
 def _serve(args, settings) -> int:
-    from node.service import serve
+    from node.ops.service import serve
 
     return serve(settings)
 

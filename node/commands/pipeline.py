@@ -134,7 +134,7 @@ def _jobs_retry(args, settings) -> int:
 
 
 def _purge(args, settings) -> int:
-    from node.retention import purge
+    from node.ops.retention import purge
 
     with database(settings) as db:
         report = purge(db, settings, dry_run=args.dry_run)

@@ -24,7 +24,7 @@ def register(sub) -> None:
 
 
 def _list(args, settings) -> int:
-    from node.dispatch import list_items
+    from node.dispatch.outbox import list_items
 
     with database(settings) as db, db.session() as s:
         rows = list_items(s, state=args.state)
@@ -39,7 +39,7 @@ def _list(args, settings) -> int:
 
 
 def _retry(args, settings) -> int:
-    from node.dispatch import retry_item
+    from node.dispatch.outbox import retry_item
 
     with database(settings) as db:
         out = retry_item(db, settings, args.id, actor="cli")
@@ -51,7 +51,7 @@ def _retry(args, settings) -> int:
 
 
 def _send(args, settings) -> int:
-    from node.dispatch import process_outbox
+    from node.dispatch.outbox import process_outbox
 
     with database(settings) as db:
         report = process_outbox(db, settings, limit=args.limit)

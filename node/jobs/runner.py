@@ -45,7 +45,7 @@ from node.jobs.lease import (
     new_lease_owner,
     set_step,
 )
-from node.results.types import ResultRef
+from node.results.objects import ResultRef
 from node.settings import Settings
 
 log = logging.getLogger(__name__)

@@ -8,7 +8,7 @@ time limits apply) on the given queues, and — as a worker bootstep, once the p
   creates jobs; housekeeping workers only) → enqueue (wake-ups for committed jobs with
   ``enqueue_pending``) → sweeper (expired leases, lost wake-ups) → retention and broker file
   cleanup, hourly (housekeeping workers only);
-- the dispatch loop (housekeeping workers only): `node.dispatch.process_outbox`, in its own
+- the dispatch loop (housekeeping workers only): `node.dispatch.outbox.process_outbox`, in its own
   thread so that a slow or unreachable PACS never delays the sweeper.
 
 "Housekeeping" workers are those that consume the ``ingest`` queue (the listener host);
@@ -119,20 +119,20 @@ def completeness_duty(db: Database, settings: Settings) -> Duty:
 
 def dispatch_duty(db: Database, settings: Settings) -> Duty:
     """Sends due result objects to their destinations (the outbox)."""
-    from node import dispatch
+    from node.dispatch.outbox import process_outbox
 
     def run(now: dt.datetime) -> None:
-        dispatch.process_outbox(db, settings, now=now)
+        process_outbox(db, settings, now=now)
 
     return Duty("dispatch", run)
 
 
 def retention_duty(db: Database, settings: Settings) -> Duty:
     """Purges stored instances whose results were delivered long enough ago (hourly)."""
-    from node import retention
+    from node.ops.retention import purge
 
     def run(now: dt.datetime) -> None:
-        retention.purge(db, settings, now=now)
+        purge(db, settings, now=now)
 
     return Duty("retention", run, every=3600.0)
 

@@ -33,6 +33,7 @@ from pynetdicom.sop_class import Verification
 
 from node.db.database import Database, upgrade
 from node.errors import IngestError, NodeError, OutOfSpaceError, StorageError
+from node.ops.restart import RestartBackoff
 from node.receive.header import OUT_OF_RESOURCES, SUCCESS, read_header, validate
 from node.receive.index import Received, publish_new
 from node.receive.storage import InstanceStore, encode_file_meta
@@ -436,8 +437,7 @@ class _Child:
         self.process.start()
         child_end.close()
         self.active = 0
-        self.failures = 0
-        self.restart_at = 0.0
+        self.backoff = RestartBackoff(stable_seconds=None)  # 1 s, 2 s ... 30 s
 
 
 def _listening_socket(host: str, port: int) -> socket.socket:
@@ -528,14 +528,14 @@ def _supervise(settings, n: int) -> int:
         for i, child in enumerate(children):
             if child.process.is_alive():
                 continue
-            if child.restart_at == 0.0:
-                child.failures += 1
-                delay = min(30.0, 2.0 ** (child.failures - 1))
-                child.restart_at = time.monotonic() + delay
+            now = time.monotonic()
+            if not child.backoff.waiting:
+                delay = child.backoff.exited(now, started_at=now)
                 log.error("listener process %d exited with %s; restarting in %.0f s", i, child.process.exitcode, delay)
-            elif time.monotonic() >= child.restart_at:
+            elif child.backoff.due(now):
                 replacement = _Child(ctx, settings, i)
-                replacement.failures = child.failures
+                replacement.backoff = child.backoff
+                replacement.backoff.started()
                 with lock:
                     children[i] = replacement
                 child.parent_end.close()

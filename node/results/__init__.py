@@ -11,7 +11,7 @@ Coded concepts are listed in ``node/results/CODES.md``.
 
 from node.errors import ResultsError
 from node.results.build import build_results, result_path, save
-from node.results.types import RESULT_KINDS, ResultFile, ResultRef, TriageSummary
+from node.results.objects import RESULT_KINDS, ResultFile, ResultRef, TriageSummary
 
 __all__ = [
     "RESULT_KINDS",

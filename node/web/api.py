@@ -17,7 +17,7 @@ from pydantic import BaseModel, Field
 from sqlalchemy import select
 
 from node.db.database import utcnow
-from node.web import imaging, ops, queries, rule_editor
+from node.web import admin_views, imaging, queries, rule_editor
 from node.web.auth import Principal, admin, api_admin_csrf, api_csrf, principal
 from node.web.users import authenticate, list_users
 from worklists import audit, entries
@@ -403,7 +403,7 @@ def jobs(request: Request, state: JobState | None = None, limit: int = Query(def
 def retry_job(request: Request, job_id: int = Path(ge=1), p: Principal = Depends(api_admin_csrf)):
     """Puts a failed or dead job back in the queue (audited)."""
     ctx = ctx_of(request)
-    return ops.retry_job(ctx.db, job_id, actor=p.username)
+    return admin_views.retry_job(ctx.db, job_id, actor=p.username)
 
 
 @router.get("/admin/outbox", tags=["admin"])
@@ -418,14 +418,14 @@ def outbox(request: Request, state: OutboxState | None = None, limit: int = Quer
 def retry_outbox(request: Request, item_id: int = Path(ge=1), p: Principal = Depends(api_admin_csrf)):
     """Re-sends a dead-lettered result object (audited)."""
     ctx = ctx_of(request)
-    return ops.retry_outbox(ctx.db, ctx.settings, item_id, actor=p.username)
+    return admin_views.retry_outbox(ctx.db, ctx.settings, item_id, actor=p.username)
 
 
 @router.get("/admin/routing", tags=["admin"])
 def routing(request: Request, p: Principal = Depends(admin)):
     """Routing rules and result destinations (read-only; secrets masked)."""
     ctx = ctx_of(request)
-    return {"routing": ops.routing(ctx.settings), "destinations": ops.destinations(ctx.settings)}
+    return {"routing": admin_views.routing(ctx.settings), "destinations": admin_views.destinations(ctx.settings)}
 
 
 @router.get("/admin/unrouted", tags=["admin"])
@@ -479,7 +479,7 @@ def add_rule(request: Request, body: RuleRequest, series_id: int = Path(ge=1), p
 @router.get("/admin/models", tags=["admin"])
 def models(request: Request, p: Principal = Depends(admin)):
     ctx = ctx_of(request)
-    return ops.models(ctx.settings, ctx.db)
+    return admin_views.models(ctx.settings, ctx.db)
 
 
 @router.get("/admin/audit", tags=["admin"])

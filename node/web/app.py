@@ -22,7 +22,7 @@ from urllib.parse import quote
 
 from node.web.auth import COOKIE, CsrfError, Forbidden, LoginThrottle, NotAuthenticated, SessionCodec
 from node.web.imaging import ImageCache, ImagingError
-from node.web.ops import OpsError
+from node.web.admin_views import OpsError
 from worklists.errors import EntryNotFound, InvalidChange, WorklistError
 from worklists.triage import TriagePolicy, load_policy
 

@@ -9,7 +9,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Resp
 
 from node.db.database import utcnow
 from node.intake.routing import PIPELINE_ROLES
-from node.web import ops, queries, rule_editor
+from node.web import admin_views, queries, rule_editor
 from node.web.api import Anatomy, JobState, OutboxState, Priority, Status, audit_view
 from node.web.auth import COOKIE, LOGIN_COOKIE, NotAuthenticated, Principal, admin, check_csrf, principal
 from node.web.users import authenticate, list_users
@@ -270,8 +270,8 @@ def admin_jobs(request: Request, state: JobState | None = None, p: Principal = D
 def admin_job_retry(request: Request, job_id: int, csrf_token: str = Form(default=""), p: Principal = Depends(admin)):
     check_csrf(p, csrf_token)
     try:
-        out = ops.retry_job(_ctx(request).db, job_id, actor=p.username)
-    except ops.OpsError as exc:
+        out = admin_views.retry_job(_ctx(request).db, job_id, actor=p.username)
+    except admin_views.OpsError as exc:
         return _back("/admin/jobs", error=str(exc))
     return _back("/admin/jobs", msg=f"job {job_id} is {out['state']}")
 
@@ -290,8 +290,8 @@ def admin_outbox_retry(request: Request, item_id: int, csrf_token: str = Form(de
     check_csrf(p, csrf_token)
     ctx = _ctx(request)
     try:
-        out = ops.retry_outbox(ctx.db, ctx.settings, item_id, actor=p.username)
-    except ops.OpsError as exc:
+        out = admin_views.retry_outbox(ctx.db, ctx.settings, item_id, actor=p.username)
+    except admin_views.OpsError as exc:
         return _back("/admin/outbox", error=str(exc))
     return _back("/admin/outbox", msg=f"outbox item {item_id} is {out['state']}")
 
@@ -299,8 +299,8 @@ def admin_outbox_retry(request: Request, item_id: int, csrf_token: str = Form(de
 @router.get("/admin/routing")
 def admin_routing(request: Request, p: Principal = Depends(admin)):
     ctx = _ctx(request)
-    return _render(request, "admin_routing.html", p, routing=ops.routing(ctx.settings),
-                   destinations=ops.destinations(ctx.settings), policy=ctx.policy)
+    return _render(request, "admin_routing.html", p, routing=admin_views.routing(ctx.settings),
+                   destinations=admin_views.destinations(ctx.settings), policy=ctx.policy)
 
 
 @router.get("/admin/unrouted")
@@ -375,7 +375,7 @@ def admin_rule_add(
 @router.get("/admin/models")
 def admin_models(request: Request, p: Principal = Depends(admin)):
     ctx = _ctx(request)
-    return _render(request, "admin_models.html", p, models=ops.models(ctx.settings, ctx.db))
+    return _render(request, "admin_models.html", p, models=admin_views.models(ctx.settings, ctx.db))
 
 
 @router.get("/admin/audit")
@@ -401,9 +401,9 @@ def admin_users(request: Request, p: Principal = Depends(admin)):
 
 @ops_router.get("/health", responses={503: {"description": "a check failed"}})
 def health(request: Request):
-    """Health of the node (database, disk, and what ``node.health`` checks); 503 when failing."""
+    """Health of the node (database, disk, and what ``node.ops.health`` checks); 503 when failing."""
     ctx = _ctx(request)
-    report, ok = ops.health(ctx.settings, ctx.db)
+    report, ok = admin_views.health(ctx.settings, ctx.db)
     return JSONResponse(report, status_code=200 if ok else 503)
 
 
@@ -411,5 +411,5 @@ def health(request: Request):
 def metrics(request: Request):
     """Prometheus metrics (no patient data)."""
     ctx = _ctx(request)
-    body, ctype = ops.metrics(ctx.settings, ctx.db)
+    body, ctype = admin_views.metrics(ctx.settings, ctx.db)
     return Response(body, media_type=ctype)

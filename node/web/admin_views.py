@@ -1,7 +1,7 @@
-"""Operations seen from the web: health, metrics, retries, routing rules, destinations, models.
+"""What the admin pages and API show and do: health, metrics, retries, routing rules, destinations, models.
 
-The part of the node that owns the logic does the work (``node.health``, ``node.metrics``,
-``node.jobs.lease.retry_job``, ``node.dispatch``, ``models.registry``); this module turns
+The part of the node that owns the logic does the work (``node.ops.health``, ``node.ops.metrics``,
+``node.jobs.lease.retry_job``, ``node.dispatch.outbox``, ``models.registry``); this module turns
 its answers and errors into what the pages and the JSON API show.
 Nothing here returns patient data: health and metrics answer without login.
 """
@@ -32,16 +32,16 @@ class OpsError(NodeError):
 
 
 def health(settings, db) -> tuple[dict, bool]:
-    """(report, healthy): `node.health.health_report`."""
-    from node.health import health_report
+    """(report, healthy): `node.ops.health.health_report`."""
+    from node.ops.health import health_report
 
     report = health_report(settings, db)
     return report, bool(report.get("ok"))
 
 
 def metrics(settings, db) -> tuple[bytes, str]:
-    """Prometheus exposition (body, content type): `node.metrics.render`."""
-    from node.metrics import render
+    """Prometheus exposition (body, content type): `node.ops.metrics.render`."""
+    from node.ops.metrics import render
 
     return render(settings, db)
 
@@ -61,8 +61,8 @@ def retry_job(db, job_id: int, *, actor: str, now: dt.datetime | None = None) ->
 
 
 def retry_outbox(db, settings, item_id: int, *, actor: str, now: dt.datetime | None = None) -> dict:
-    """Re-queues an outbox item, due now (`node.dispatch.retry_item`; an acknowledged item is never re-sent)."""
-    from node.dispatch import retry_item
+    """Re-queues an outbox item, due now (`node.dispatch.outbox.retry_item`; an acknowledged item is never re-sent)."""
+    from node.dispatch.outbox import retry_item
 
     try:
         out = retry_item(db, settings, item_id, actor=actor, now=now or utcnow())

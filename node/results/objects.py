@@ -1,8 +1,9 @@
-"""The small types of `node.results`: what `build_results` returns and takes besides models' output."""
+"""The result objects of `node.results`: `ResultFile` (one `build_results` made) and `ResultRef` (one of an
+earlier job, which a new SR lists as predecessor) — the types `build_results` returns and takes besides models' output."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from pydicom import Dataset
 

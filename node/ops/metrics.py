@@ -72,7 +72,7 @@ class NodeCollector(Collector):
         return []
 
     def collect(self):
-        from node.health import STALE_HEARTBEATS
+        from node.ops.health import STALE_HEARTBEATS
         from node.jobs.lease import live_workers
         from node.db.schema import Instance, Job, OutboxItem, Quarantine, Series
 

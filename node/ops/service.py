@@ -19,14 +19,13 @@ import time
 from dataclasses import dataclass, field
 
 from node.db.database import upgrade
+from node.ops.restart import RestartBackoff
 
-log = logging.getLogger("node.service")
+log = logging.getLogger("node.ops.service")
 
 #: the parts, each an ``msknode`` command of its own
 PARTS = ("listen", "worker", "web")
 STOP_GRACE_SECONDS = 20.0
-MAX_BACKOFF_SECONDS = 30.0
-STABLE_SECONDS = 60.0
 
 
 @dataclass
@@ -37,8 +36,7 @@ class Child:
     command: list[str]
     proc: subprocess.Popen | None = None
     started_at: float = 0.0
-    failures: int = 0
-    restart_at: float | None = None
+    backoff: RestartBackoff = field(default_factory=RestartBackoff)  # 1 s, 2 s ... 30 s; reset after a minute up
     history: list[int] = field(default_factory=list)  # exit codes, for the log and tests
 
 
@@ -57,7 +55,7 @@ class Supervisor:
     def start(self, child: Child) -> None:
         child.proc = subprocess.Popen(child.command, env=os.environ.copy())
         child.started_at = time.monotonic()
-        child.restart_at = None
+        child.backoff.started()
         self.log.info("started %s (pid %d)", child.name, child.proc.pid)
 
     def poll(self) -> None:
@@ -65,17 +63,13 @@ class Supervisor:
         for child in self.children:
             if child.proc is not None and child.proc.poll() is None:
                 continue
-            if child.restart_at is None:
+            if not child.backoff.waiting:
                 code = child.proc.returncode if child.proc is not None else None
                 if code is not None:
                     child.history.append(code)
-                if now - child.started_at >= STABLE_SECONDS:
-                    child.failures = 0
-                child.failures += 1
-                delay = min(MAX_BACKOFF_SECONDS, 2.0 ** (child.failures - 1))
-                child.restart_at = now + delay
+                delay = child.backoff.exited(now, child.started_at)
                 self.log.error("%s exited with code %s; restarting in %.0f s", child.name, code, delay)
-            elif now >= child.restart_at:
+            elif child.backoff.due(now):
                 self.start(child)
 
     def run(self) -> int:
