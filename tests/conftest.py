@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from node.loopback import free_port  # noqa: F401  (tests import it from here)
+from node.demo.loopback import free_port  # noqa: F401  (tests import it from here)
 
 ROOT = Path(__file__).resolve().parent.parent
 VENV_BIN = Path(sys.executable).parent

@@ -21,8 +21,8 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from node.loopback import child_env, echoscu  # noqa: E402
-from node.orthanc import OrthancProcess  # noqa: E402
+from node.demo.loopback import child_env, echoscu  # noqa: E402
+from node.demo.orthanc import OrthancProcess  # noqa: E402
 from node.jobs.runner import FindingRecord, JobContext, JobProducts, ResultRecord, Steps  # noqa: E402
 
 SR_CLASS = "1.2.840.10008.5.1.4.1.1.88.34"  # Comprehensive 3D SR

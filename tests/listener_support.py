@@ -22,7 +22,7 @@ from pynetdicom.dsutils import split_dataset
 from pynetdicom.sop_class import Verification
 
 from conftest import ROOT, free_port
-from node.loopback import child_env
+from node.demo.loopback import child_env
 
 PYDICOM_DATA = Path(__import__("data_store").__file__).parent / "data"
 IMPLICIT_LE = "1.2.840.10008.1.2"

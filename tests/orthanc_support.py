@@ -1,6 +1,6 @@
 """A real Orthanc (Debian ``/usr/sbin/Orthanc``) for tests: the PACS our results go to.
 
-`OrthancServer(workdir)` is a `node.orthanc.OrthancProcess` (free loopback ports, SQLite
+`OrthancServer(workdir)` is a `node.demo.orthanc.OrthancProcess` (free loopback ports, SQLite
 index and storage in ``workdir``, HTTP basic auth) with the DICOMweb plugin;
 ``start()`` waits until the REST API answers, ``stop()`` terminates it; ``start()``
 again reuses the same ports and storage, so tests can take the PACS down and bring it
@@ -19,7 +19,7 @@ import re
 from collections import Counter
 from pathlib import Path
 
-from node.orthanc import OrthancProcess, dicom_peer, restricted_peers
+from node.demo.orthanc import OrthancProcess, dicom_peer, restricted_peers
 
 PLUGIN_DIRS = ("/usr/share/orthanc/plugins", "/usr/lib/orthanc")
 _LUA = """

@@ -27,7 +27,7 @@ from conftest import ROOT, free_port
 from listener_support import ListenerProcess
 from node.intake.completeness import rules_provider, tick
 from node.db.database import Database, utcnow
-from node.loopback import child_env
+from node.demo.loopback import child_env
 from node.db.schema import Association, Job, Series, Study
 
 Q = 0.5

@@ -22,8 +22,8 @@ from pathlib import Path
 import pytest
 
 from conftest import free_port
-from node.loopback import child_env
-from node.orthanc import OrthancProcess
+from node.demo.loopback import child_env
+from node.demo.orthanc import OrthancProcess
 
 pytestmark = pytest.mark.slow
 

@@ -18,7 +18,7 @@ from sqlalchemy import select
 from conftest import VENV_BIN, free_port
 from node.dispatch.outbox import RetryPolicy, claim, process_outbox, retry_item
 from node.errors import DispatchError
-from node.loopback import child_env
+from node.demo.loopback import child_env
 from node.results import build_results, save
 from node.settings import DimseDestination, StowDestination
 from node.db.schema import Job, OutboxItem, ResultObject, Study

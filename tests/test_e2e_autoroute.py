@@ -19,7 +19,7 @@ from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 
 from conftest import free_port
-from node.e2e.pacs import OrthancPacs
+from node.demo.pacs import OrthancPacs
 
 UID_ROOT = "1.2.826.0.1.3680043.10.1447."
 

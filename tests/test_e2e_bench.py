@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from node.loopback import child_env
+from node.demo.loopback import child_env
 
 pytestmark = pytest.mark.slow
 

@@ -14,7 +14,7 @@ from conftest import free_port
 from jobs_support import SleepyRunner, make_study_job
 from node.jobs import lease as jobs
 from node.ops.health import health_report
-from node.loopback import echoscu
+from node.demo.loopback import echoscu
 from node.ops.metrics import render
 from node.jobs.runner import execute_job
 from node.db.schema import Study

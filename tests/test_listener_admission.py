@@ -18,7 +18,7 @@ from sqlalchemy import func, select
 from conftest import ROOT, free_port
 from listener_support import PYDICOM_DATA, ListenerProcess, RawSender, dataset_bytes, echo
 from node.db.database import Database
-from node.loopback import child_env
+from node.demo.loopback import child_env
 from node.db.schema import Association, Instance, Series
 from test_listener import _good_instance, storescu, write_series
 

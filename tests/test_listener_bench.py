@@ -7,7 +7,7 @@ import subprocess
 import sys
 
 from conftest import ROOT
-from node.loopback import child_env
+from node.demo.loopback import child_env
 
 KEYS = {"msknode_ips", "orthanc_ips", "storescp_ips", "ratio_orthanc", "ratio_storescp", "ratio_orthanc_parallel", "all_arrived"}
 

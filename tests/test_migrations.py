@@ -8,7 +8,7 @@ import sys
 from sqlalchemy import create_engine, inspect
 
 from conftest import ROOT, VENV_BIN
-from node.loopback import child_env
+from node.demo.loopback import child_env
 from node.db.database import Base, import_all_tables
 
 import_all_tables()

@@ -28,7 +28,7 @@ from listener_support import PYDICOM_DATA
 from node.errors import RoutingError
 from node.receive.header import read_header, read_series_headers
 from node.receive.index import index_instances
-from node.loopback import child_env
+from node.demo.loopback import child_env
 from node.intake.recognition import (
     PLANE_TOLERANCE_DEG,
     Acquisition,

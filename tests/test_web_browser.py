@@ -29,7 +29,7 @@ from selenium.webdriver.support.ui import Select, WebDriverWait
 
 import web_seed as ws
 from conftest import ROOT, VENV_BIN, free_port, isolate_env
-from node.loopback import child_env
+from node.demo.loopback import child_env
 
 ADMIN = ("alice", "alice-password-1")
 READER = ("rob", "rob-password-12")

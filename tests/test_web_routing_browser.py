@@ -21,7 +21,7 @@ from selenium.webdriver.support.ui import Select
 
 from completeness_rows import at, make_study, send_series
 from conftest import ROOT, VENV_BIN, free_port, isolate_env
-from node.loopback import child_env
+from node.demo.loopback import child_env
 from test_web_browser import ADMIN, browser, console_errors, login, shot, wait  # noqa: F401  (fixture)
 
 

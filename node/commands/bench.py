@@ -38,7 +38,7 @@ def _add_ingest(bench_sub) -> None:
 
 
 def _bench_ingest(args, settings) -> int:
-    from node.bench_ingest import format_report, run_bench
+    from node.demo.bench_ingest import format_report, run_bench
 
     if args.instances < 4:
         print("msknode: --instances must be at least 4", file=sys.stderr)
@@ -82,7 +82,7 @@ def _add_e2e(bench_sub) -> None:
 
 
 def _bench_e2e(args, settings) -> int:
-    from node.e2e.bench import format_report, run_bench
+    from node.demo.bench_e2e import format_report, run_bench
 
     if args.studies < 1 or args.slices < 8 or args.matrix < 64 or args.warmup < 0:
         print("msknode: --studies >= 1, --slices >= 8, --matrix >= 64 and --warmup >= 0 are required", file=sys.stderr)

@@ -29,8 +29,8 @@ def register(sub) -> None:
 
 
 def _demo(args, settings) -> int:
-    from node.e2e.cases import cases_by_key
-    from node.e2e.demo import options_from_env, run_demo
+    from node.demo.cases import cases_by_key
+    from node.demo.run_demo import options_from_env, run_demo
 
     opts = options_from_env(args.once, args.free_ports, args.data_dir, args.timeout)
     opts.cases = cases_by_key(args.cases)

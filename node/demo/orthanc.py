@@ -1,7 +1,7 @@
 """An Orthanc process (Debian ``/usr/sbin/Orthanc``) on loopback, and its REST API.
 
 `OrthancProcess(workdir, dicom_port=..., http_port=...)` is the base of every Orthanc msknode
-starts: the demo/benchmark PACS (`node.e2e.pacs.OrthancPacs`) and the test PACSes. A subclass
+starts: the demo/benchmark PACS (`node.demo.pacs.OrthancPacs`) and the test PACSes. A subclass
 returns its JSON configuration from `config()` (starting from the base's: storage, index,
 ports, AE title, loopback HTTP, basic auth when credentials are given); `start()` writes it to
 ``workdir/orthanc.json``, runs Orthanc (``TCP_NODELAY=1``, ``TZ=UTC`` so that its log times are

@@ -2,7 +2,7 @@
 
 1. Resets the demo data dir (``./demo-data`` by default; the phantom cache is kept), takes a
    lock on it, picks the ports (fixed defaults, or free ones).
-2. Writes the four phantom studies (`node.e2e.cases.DEMO_CASES`), unless cached.
+2. Writes the four phantom studies (`node.demo.cases.DEMO_CASES`), unless cached.
 3. Starts Orthanc with the ``docker/orthanc-autoroute.lua`` rule and ``msknode serve`` on the
    embedded default (SQLite, server-less broker), results going back to that Orthanc; creates
    the demo admin user.
@@ -32,9 +32,9 @@ from typing import Callable
 
 import httpx
 
-from node.e2e.cases import DEMO_CASES, CaseFiles, DemoCase, Expectation, expectations, generate_case, shipped_models
-from node.e2e.stack import NodeStack, choose_ports
-from node.e2e.verify import NodeReader, NodeView, check_in_pacs, pacs_to_results_seconds
+from node.demo.cases import DEMO_CASES, CaseFiles, DemoCase, Expectation, expectations, generate_case, shipped_models
+from node.demo.stack import NodeStack, choose_ports
+from node.demo.verify import NodeReader, NodeView, check_in_pacs, pacs_to_results_seconds
 from node.errors import EndToEndError
 from node.settings import Settings
 

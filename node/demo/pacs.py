@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 from node.errors import EndToEndError
-from node.orthanc import OrthancProcess, dicom_peer, restricted_peers
+from node.demo.orthanc import OrthancProcess, dicom_peer, restricted_peers
 REPO_ROOT = Path(__file__).resolve().parent.parent.parent
 AUTOROUTE_LUA = REPO_ROOT / "docker" / "orthanc-autoroute.lua"
 RECEIVED_MARK = "MSKNODE-RECEIVED"

@@ -26,8 +26,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from node.errors import NodeError
-from node.loopback import child_env, echoscu, free_port
-from node.orthanc import OrthancProcess
+from node.demo.loopback import child_env, echoscu, free_port
+from node.demo.orthanc import OrthancProcess
 
 SLICES_PER_SERIES = 40
 ROWS = COLUMNS = 384

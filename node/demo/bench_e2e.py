@@ -37,10 +37,10 @@ from typing import Callable
 
 import numpy as np
 
-from node.e2e.cases import DemoCase, generate_case
-from node.e2e.pacs import ASSOCIATION_CLOSE_DELAY
-from node.e2e.stack import NodeStack, choose_ports
-from node.e2e.verify import NodeReader, NodeView, last_reception
+from node.demo.cases import DemoCase, generate_case
+from node.demo.pacs import ASSOCIATION_CLOSE_DELAY
+from node.demo.stack import NodeStack, choose_ports
+from node.demo.verify import NodeReader, NodeView, last_reception
 from node.errors import EndToEndError
 from node.settings import Settings
 

@@ -21,8 +21,8 @@ from typing import Iterable, Sequence
 from sqlalchemy import create_engine, func, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from node.e2e.cases import Expectation
-from node.e2e.pacs import OrthancPacs, Reception
+from node.demo.cases import Expectation
+from node.demo.pacs import OrthancPacs, Reception
 from node.db.schema import Finding, Instance, Job, OutboxItem, ResultObject, Series, Study
 
 TERMINAL_FAILED = ("failed", "dead")

@@ -22,9 +22,9 @@ from pathlib import Path
 
 import httpx
 
-from node.e2e.pacs import OrthancPacs
+from node.demo.pacs import OrthancPacs
 from node.errors import EndToEndError
-from node.loopback import echoscu, free_port
+from node.demo.loopback import echoscu, free_port
 from node.settings import Settings, load_settings
 
 log = logging.getLogger(__name__)
