@@ -14,6 +14,7 @@ from jobs_support import SleepyRunner, make_study_job
 from node.jobs import lease as jobs
 from node.db.database import utcnow
 from node.errors import JobError
+from node.jobs.listing import JobOut
 from node.jobs.runner import execute_job
 from node.db.schema import Finding, Job, JobInput, OutboxItem, ResultObject, Series
 from worklists.tables import AuditEvent
@@ -349,6 +350,7 @@ def test_cli_jobs_retry(db, settings):
     r = subprocess.run(msknode + ["jobs", "--json"], env=env, capture_output=True, text=True)
     row = next(j for j in json.loads(r.stdout) if j["id"] == job_id)
     assert row["state"] == "queued" and row["attempts"] == 0 and row["error"] is None
+    assert set(row) == set(JobOut.model_fields)  # the shape the web API answers with
     with db.session() as s:
         ev = s.scalars(select(AuditEvent).where(AuditEvent.action == "job.retry")).one()
     assert ev.actor.startswith("cli:") and ev.old_value == "dead"

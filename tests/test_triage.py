@@ -369,6 +369,7 @@ def test_worklist_queries_on_postgresql(postgres_url, policy):
     from zoneinfo import ZoneInfo
 
     from node.db.database import Database
+    from node.jobs.listing import list_jobs
     from node.web import queries
 
     pg = Database(postgres_url)
@@ -392,7 +393,7 @@ def test_worklist_queries_on_postgresql(postgres_url, policy):
             assert [p["patient_name"] for p in queries.pending_studies(s, tz=tz)] == ["running"]
             detail = queries.study_detail(s, rows[0]["study_id"], policy=policy, tz=tz, now=now)
             assert detail["entry"]["priority"] == "ROUTINE" and detail["findings"][0]["code"] == "acl_tear"
-            assert queries.jobs(s, tz=tz, state="processing")[0]["state"] == "processing"
+            assert list_jobs(s, tz=tz, state="processing")[0]["state"] == "processing"
             assert queries.outbox(s, tz=tz) == []
             log = queries.audit_log(s, tz=tz, action="worklist.override")
             assert [(a["actor"], a["old"], a["new"]) for a in log] == [("alice", "URGENT", "ROUTINE")]

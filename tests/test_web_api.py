@@ -159,6 +159,26 @@ def test_public_endpoints_hold_no_patient_data(env):
     assert c.get("/docs").status_code == 404  # no Swagger UI (it would load scripts from a CDN)
 
 
+
+def test_openapi_documents_every_json_answer(env):
+    """Every JSON route under /api declares its response model; the job shape is the one the CLI prints."""
+    from node.jobs.listing import JobOut
+
+    spec = client(env).get("/openapi.json").json()
+    undocumented = []
+    for path, ops in spec["paths"].items():
+        if not path.startswith("/api/") or path.endswith(".png"):
+            continue
+        for method, op in ops.items():
+            ok = next(code for code in op["responses"] if code.startswith("2"))
+            schema = op["responses"][ok].get("content", {}).get("application/json", {}).get("schema", {})
+            if "$ref" not in schema:
+                undocumented.append(f"{method.upper()} {path}")
+    assert not undocumented, undocumented
+    assert set(spec["components"]["schemas"]["JobOut"]["properties"]) == set(JobOut.model_fields)
+    jobs = client(env).get("/api/admin/jobs", headers=bearer(env, ADMIN)).json()["jobs"]
+    assert jobs and all(set(j) == set(JobOut.model_fields) for j in jobs)
+
 def test_security_headers(env):
     r = login(env, READER).get("/worklist")
     assert "default-src 'self'" in r.headers["content-security-policy"]

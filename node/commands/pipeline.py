@@ -49,59 +49,11 @@ def register_job_actions(actions) -> None:
 
 
 def job_rows(db, *, state: str | None = None, study_uid: str | None = None, limit: int | None = None) -> list[dict]:
-    """Jobs as plain dicts (the ``msknode jobs --json`` objects), newest first."""
-    from sqlalchemy import select
-
-    from node.db.schema import Job, JobInput, Series, Study
-
-    def iso(t):
-        return t.isoformat() if t is not None else None
+    """Jobs as plain dicts (the ``msknode jobs --json`` objects, `node.jobs.listing.JobOut`), newest first."""
+    from node.jobs.listing import list_jobs
 
     with db.session() as s:
-        q = select(Job, Study.study_uid).join(Study, Study.id == Job.study_id).order_by(Job.id.desc())
-        if state:
-            q = q.where(Job.state == state)
-        if study_uid:
-            q = q.where(Study.study_uid == study_uid)
-        if limit:
-            q = q.limit(limit)
-        rows = s.execute(q).all()
-        ids = [j.id for j, _ in rows]
-        inputs: dict[int, list[dict]] = {i: [] for i in ids}
-        if ids:
-            for job_id, series_uid, role, used_by in s.execute(
-                select(JobInput.job_id, Series.series_uid, JobInput.role, JobInput.used_by)
-                .join(Series, Series.id == JobInput.series_id)
-                .where(JobInput.job_id.in_(ids))
-                .order_by(JobInput.job_id, Series.series_number, Series.id)
-            ):
-                inputs[job_id].append({"series_uid": series_uid, "role": role, "used_by": used_by})
-        return [
-            {
-                "id": j.id,
-                "study_uid": study_uid_,
-                "pipeline": j.pipeline,
-                "state": j.state,
-                "input_series": inputs[j.id],
-                "supersedes_job_id": j.supersedes_job_id,
-                "input_fingerprint": j.input_fingerprint,
-                "queue": j.queue,
-                "attempts": j.attempts,
-                "max_attempts": j.max_attempts,
-                "created_at": iso(j.created_at),
-                "enqueued_at": iso(j.enqueued_at),
-                "started_at": iso(j.started_at),
-                "finished_at": iso(j.finished_at),
-                "not_before": iso(j.not_before),
-                "lease_owner": j.lease_owner,
-                "lease_expires_at": iso(j.lease_expires_at),
-                "step": j.step,
-                "timings": j.timings,
-                "model_versions": j.model_versions,
-                "error": j.error,
-            }
-            for j, study_uid_ in rows
-        ]
+        return list_jobs(s, tz=None, state=state, study_uid=study_uid, limit=limit)
 
 
 def _jobs(args, settings) -> int:

@@ -17,7 +17,8 @@ from pydantic import BaseModel, Field
 from sqlalchemy import select
 
 from node.db.database import utcnow
-from node.web import admin_views, imaging, queries, rule_editor
+from node.jobs.listing import list_jobs
+from node.web import admin_views, imaging, queries, responses, rule_editor
 from node.web.auth import Principal, admin, api_admin_csrf, api_csrf, principal
 from node.web.users import authenticate, list_users
 from worklists import audit, entries
@@ -129,7 +130,7 @@ def token(body: TokenRequest, request: Request):
     return TokenResponse(access_token=tok, expires_at=p.expires_at, role=p.role)
 
 
-@router.get("/me", tags=["auth"])
+@router.get("/me", tags=["auth"], response_model=responses.MeOut)
 def me(p: Principal = Depends(principal)):
     return {"username": p.username, "role": p.role, "expires_at": p.expires_at, "csrf_token": p.csrf if p.via == "cookie" else None}
 
@@ -137,7 +138,7 @@ def me(p: Principal = Depends(principal)):
 # ---- worklist ------------------------------------------------------------------------------
 
 
-@router.get("/worklist", tags=["worklist"])
+@router.get("/worklist", tags=["worklist"], response_model=responses.WorklistOut)
 def worklist(
     request: Request,
     anatomy: Anatomy | None = None,
@@ -158,7 +159,8 @@ def worklist(
     return {"timezone": str(ctx.tz), "policy_version": ctx.policy.version, "entries": items, "in_progress": pending}
 
 
-@router.get("/worklist/next", tags=["worklist"])
+@router.get("/worklist/next", tags=["worklist"], response_model=responses.NextStudyOut,
+            responses={404: {"description": "no unread study is waiting"}})
 def next_study(request: Request, p: Principal = Depends(principal)):
     """The first unread study for this reader (assigned to them or to nobody)."""
     ctx = ctx_of(request)
@@ -176,7 +178,8 @@ def _entry_or_404(s, entry_id: int) -> WorklistEntry:
     return e
 
 
-@router.post("/entries/{entry_id}/priority", tags=["worklist"], responses={403: {}, 404: {}, 422: {}})
+@router.post("/entries/{entry_id}/priority", tags=["worklist"], response_model=responses.PriorityOut,
+             responses={403: {}, 404: {}, 422: {}})
 def set_priority(request: Request, body: PriorityChange, entry_id: int = Path(ge=1), p: Principal = Depends(api_admin_csrf)):
     """Admin override of an entry's priority (with a reason); null priority clears it."""
     ctx = ctx_of(request)
@@ -188,7 +191,8 @@ def set_priority(request: Request, body: PriorityChange, entry_id: int = Path(ge
         return {"entry_id": e.id, "priority": e.priority, "ai_priority": e.ai_priority, "override": e.override_priority}
 
 
-@router.post("/entries/{entry_id}/assign", tags=["worklist"], responses={403: {}, 404: {}, 422: {}})
+@router.post("/entries/{entry_id}/assign", tags=["worklist"], response_model=responses.AssignOut,
+             responses={403: {}, 404: {}, 422: {}})
 def set_assignee(request: Request, body: AssignChange, entry_id: int = Path(ge=1), p: Principal = Depends(api_admin_csrf)):
     ctx = ctx_of(request)
     with ctx.db.session() as s:
@@ -196,7 +200,7 @@ def set_assignee(request: Request, body: AssignChange, entry_id: int = Path(ge=1
         return {"entry_id": e.id, "assigned_to": e.assigned_to}
 
 
-@router.post("/entries/{entry_id}/read", tags=["worklist"], responses={404: {}})
+@router.post("/entries/{entry_id}/read", tags=["worklist"], response_model=responses.ReadOut, responses={404: {}})
 def set_read(request: Request, body: ReadChange, entry_id: int = Path(ge=1), p: Principal = Depends(api_csrf)):
     """Marks a study read (or unread again)."""
     ctx = ctx_of(request)
@@ -212,7 +216,7 @@ def audit_view(s, p: Principal, study_id: int, via: str) -> None:
     audit.record(s, actor=p.username, action="study.view", entity_type="study", entity_id=study_id, details={"via": via})
 
 
-@router.get("/studies/{study_id}", tags=["study"], responses={404: {}})
+@router.get("/studies/{study_id}", tags=["study"], response_model=responses.StudyOut, responses={404: {}})
 def study(request: Request, study_id: int = Path(ge=1), p: Principal = Depends(principal)):
     """A study with its entry, findings, models, series, results and history (the view is audited)."""
     ctx = ctx_of(request)
@@ -252,7 +256,7 @@ def _superres_source_series(path: str, s) -> str | None:
     return None
 
 
-@router.get("/studies/{study_id}/viewer", tags=["study"], responses={404: {}, 422: {}})
+@router.get("/studies/{study_id}/viewer", tags=["study"], response_model=responses.ViewerOut, responses={404: {}, 422: {}})
 def viewer(request: Request, study_id: int = Path(ge=1), series_id: int | None = Query(default=None, ge=1),
            p: Principal = Depends(principal)):
     """What the slice viewer shows: the original series, its SEG overlays and the super-resolved series."""
@@ -391,22 +395,23 @@ def superres_png(request: Request, study_id: int = Path(ge=1), series_uid: str =
 # ---- admin -----------------------------------------------------------------------------------
 
 
-@router.get("/admin/jobs", tags=["admin"])
+@router.get("/admin/jobs", tags=["admin"], response_model=responses.JobsOut)
 def jobs(request: Request, state: JobState | None = None, limit: int = Query(default=200, ge=1, le=1000),
          p: Principal = Depends(admin)):
     ctx = ctx_of(request)
     with ctx.db.session() as s:
-        return {"jobs": queries.jobs(s, tz=ctx.tz, state=state.value if state else None, limit=limit)}
+        return {"jobs": list_jobs(s, tz=ctx.tz, state=state.value if state else None, limit=limit)}
 
 
-@router.post("/admin/jobs/{job_id}/retry", tags=["admin"], responses={403: {}, 409: {"description": "not retryable"}})
+@router.post("/admin/jobs/{job_id}/retry", tags=["admin"], response_model=responses.JobRetriedOut,
+             responses={403: {}, 409: {"description": "not retryable"}})
 def retry_job(request: Request, job_id: int = Path(ge=1), p: Principal = Depends(api_admin_csrf)):
     """Puts a failed or dead job back in the queue (audited)."""
     ctx = ctx_of(request)
     return admin_views.retry_job(ctx.db, job_id, actor=p.username)
 
 
-@router.get("/admin/outbox", tags=["admin"])
+@router.get("/admin/outbox", tags=["admin"], response_model=responses.OutboxOut)
 def outbox(request: Request, state: OutboxState | None = None, limit: int = Query(default=200, ge=1, le=1000),
            p: Principal = Depends(admin)):
     ctx = ctx_of(request)
@@ -414,21 +419,22 @@ def outbox(request: Request, state: OutboxState | None = None, limit: int = Quer
         return {"items": queries.outbox(s, tz=ctx.tz, state=state.value if state else None, limit=limit)}
 
 
-@router.post("/admin/outbox/{item_id}/retry", tags=["admin"], responses={403: {}, 409: {"description": "not dead"}})
+@router.post("/admin/outbox/{item_id}/retry", tags=["admin"], response_model=responses.OutboxRetriedOut,
+             responses={403: {}, 409: {"description": "not dead"}})
 def retry_outbox(request: Request, item_id: int = Path(ge=1), p: Principal = Depends(api_admin_csrf)):
     """Re-sends a dead-lettered result object (audited)."""
     ctx = ctx_of(request)
     return admin_views.retry_outbox(ctx.db, ctx.settings, item_id, actor=p.username)
 
 
-@router.get("/admin/routing", tags=["admin"])
+@router.get("/admin/routing", tags=["admin"], response_model=responses.RoutingConfigOut)
 def routing(request: Request, p: Principal = Depends(admin)):
     """Routing rules and result destinations (read-only; secrets masked)."""
     ctx = ctx_of(request)
     return {"routing": admin_views.routing(ctx.settings), "destinations": admin_views.destinations(ctx.settings)}
 
 
-@router.get("/admin/unrouted", tags=["admin"])
+@router.get("/admin/unrouted", tags=["admin"], response_model=responses.UnroutedOut)
 def unrouted(request: Request, limit: int = Query(default=50, ge=1, le=200),
              before_id: int | None = Query(default=None, ge=1), p: Principal = Depends(admin)):
     """Recent series no rule routed, newest first, each with why (``next_before_id`` pages back)."""
@@ -437,7 +443,8 @@ def unrouted(request: Request, limit: int = Query(default=50, ge=1, le=200),
         return queries.unrouted_series(s, tz=ctx.tz, limit=limit, before_id=before_id)
 
 
-@router.get("/admin/series/{series_id}/routing", tags=["admin"], responses={404: {}})
+@router.get("/admin/series/{series_id}/routing", tags=["admin"], response_model=responses.SeriesRuleDraftOut,
+            responses={404: {}})
 def series_routing(request: Request, series_id: int = Path(ge=1), p: Principal = Depends(admin)):
     """A series' routing explanation, a rule drafted from its facts and where rules are written."""
     ctx = ctx_of(request)
@@ -460,7 +467,7 @@ def rule_refusal(exc: rule_editor.RuleEditError) -> JSONResponse:
     return JSONResponse({"detail": str(exc)}, status_code=422)
 
 
-@router.post("/admin/series/{series_id}/rule", tags=["admin"], status_code=201,
+@router.post("/admin/series/{series_id}/rule", tags=["admin"], status_code=201, response_model=responses.RuleAddedOut,
              responses={403: {}, 404: {}, 409: {"description": "the rules file cannot be changed here (block to paste)"},
                         422: {"description": "invalid rule, or it does not route the series"}})
 def add_rule(request: Request, body: RuleRequest, series_id: int = Path(ge=1), p: Principal = Depends(api_admin_csrf)):
@@ -476,13 +483,13 @@ def add_rule(request: Request, body: RuleRequest, series_id: int = Path(ge=1), p
         return rule_refusal(exc)
 
 
-@router.get("/admin/models", tags=["admin"])
+@router.get("/admin/models", tags=["admin"], response_model=responses.ModelsOut)
 def models(request: Request, p: Principal = Depends(admin)):
     ctx = ctx_of(request)
     return admin_views.models(ctx.settings, ctx.db)
 
 
-@router.get("/admin/audit", tags=["admin"])
+@router.get("/admin/audit", tags=["admin"], response_model=responses.AuditOut)
 def audit_log(
     request: Request,
     limit: int = Query(default=200, ge=1, le=1000),
@@ -499,14 +506,14 @@ def audit_log(
                                             entity_type=entity_type, entity_id=entity_id)}
 
 
-@router.get("/admin/users", tags=["admin"])
+@router.get("/admin/users", tags=["admin"], response_model=responses.UsersOut)
 def users(request: Request, p: Principal = Depends(admin)):
     ctx = ctx_of(request)
     with ctx.db.session() as s:
         return {"users": list_users(s)}
 
 
-@router.get("/admin/policy", tags=["admin"])
+@router.get("/admin/policy", tags=["admin"], response_model=responses.PolicyOut)
 def policy(request: Request, p: Principal = Depends(admin)):
     """The triage policy in force."""
     ctx = ctx_of(request)

@@ -9,6 +9,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Resp
 
 from node.db.database import utcnow
 from node.intake.routing import PIPELINE_ROLES
+from node.jobs.listing import list_jobs
 from node.web import admin_views, queries, rule_editor
 from node.web.api import Anatomy, JobState, OutboxState, Priority, Status, audit_view
 from node.web.auth import COOKIE, LOGIN_COOKIE, NotAuthenticated, Principal, admin, check_csrf, principal
@@ -261,7 +262,7 @@ def admin_priorities(request: Request, p: Principal = Depends(admin)):
 def admin_jobs(request: Request, state: JobState | None = None, p: Principal = Depends(admin)):
     ctx = _ctx(request)
     with ctx.db.session() as s:
-        rows = queries.jobs(s, tz=ctx.tz, state=state.value if state else None)
+        rows = list_jobs(s, tz=ctx.tz, state=state.value if state else None, limit=200)
     return _render(request, "admin_jobs.html", p, jobs=rows, state=state.value if state else "",
                    states=[x.value for x in JobState])
 

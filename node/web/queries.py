@@ -17,6 +17,7 @@ from sqlalchemy import func, or_, select
 from sqlalchemy.orm import Session
 
 from node.db.schema import Finding, Instance, Job, JobInput, OutboxItem, ResultObject, Series, Study
+from node.jobs.listing import dispatch_by_job, dispatch_json, jobs_json
 from worklists.entries import ordered, waiting_since
 from worklists.tables import AuditEvent, WorklistEntry
 from worklists.triage import TriagePolicy, age
@@ -83,33 +84,6 @@ def finding_dict(f: Finding) -> dict:
     }
 
 
-def _dispatch_by_job(session: Session, job_ids: list[int]) -> dict[int, dict]:
-    out: dict[int, dict] = defaultdict(lambda: {"total": 0, "sent": 0, "pending": 0, "sending": 0, "dead": 0})
-    if not job_ids:
-        return out
-    rows = session.execute(
-        select(ResultObject.job_id, OutboxItem.state, func.count())
-        .join(OutboxItem, OutboxItem.result_object_id == ResultObject.id)
-        .where(ResultObject.job_id.in_(job_ids))
-        .group_by(ResultObject.job_id, OutboxItem.state)
-    ).all()
-    for job_id, state, n in rows:
-        d = out[job_id]
-        d[state] = d.get(state, 0) + n
-        d["total"] += n
-    return out
-
-
-def dispatch_status(d: dict | None) -> str:
-    if not d or not d.get("total"):
-        return "no results sent"
-    if d.get("dead"):
-        return "failed"
-    if d.get("sent") == d["total"]:
-        return "sent"
-    return "sending"
-
-
 def _findings_by_job(session: Session, job_ids: list[int]) -> dict[int, list[Finding]]:
     out: dict[int, list[Finding]] = defaultdict(list)
     if job_ids:
@@ -132,7 +106,7 @@ def worklist(
     rows = ordered(session, policy=policy, now=now, anatomy=anatomy, priority=priority, status=status, limit=limit)
     job_ids = [r.job.id for r in rows if r.job is not None]
     findings = _findings_by_job(session, job_ids)
-    dispatch = _dispatch_by_job(session, job_ids)
+    dispatch = dispatch_by_job(session, job_ids)
     out = []
     for position, r in enumerate(rows, start=1):
         e, st, job = r.entry, r.study, r.job
@@ -154,7 +128,7 @@ def worklist(
                 "waiting_minutes": int((now - r.waiting_since).total_seconds() // 60),
                 "anatomy": job.pipeline if job else None,
                 "job": {"id": job.id, "state": job.state, "finished_at": node_time(job.finished_at, tz)} if job else None,
-                "dispatch": {**(d or {"total": 0}), "status": dispatch_status(d)},
+                "dispatch": dispatch_json(d),
                 "findings": [finding_dict(f) for f in fs if f.code not in policy.informational_codes],
                 "qc_flags": [f"{f.model_name}: {f.qc_reason}" for f in fs
                              if not f.evaluated and f.code not in policy.informational_codes],
@@ -230,7 +204,6 @@ def study_detail(session: Session, study_id: int, *, policy: TriagePolicy, tz: Z
     if current is None:
         current = next((j for j in jobs if j.state == "done"), jobs[0] if jobs else None)
     findings = _findings_by_job(session, [current.id]).get(current.id, []) if current else []
-    dispatch = _dispatch_by_job(session, [j.id for j in jobs])
 
     series_rows = session.scalars(select(Series).where(Series.study_id == study_id).order_by(Series.series_number, Series.id)).all()
     inputs = {}
@@ -301,6 +274,7 @@ def study_detail(session: Session, study_id: int, *, policy: TriagePolicy, tz: Z
         ):
             history.append(audit_dict(a, tz))
 
+    jobs_out = jobs_json(session, jobs, tz=tz)
     return {
         "study_id": st.id,
         "study_uid": st.study_uid,
@@ -314,8 +288,8 @@ def study_detail(session: Session, study_id: int, *, policy: TriagePolicy, tz: Z
         "received_at": node_time(st.last_received_at, tz),
         "timezone": str(tz),
         "entry": _entry_dict(entry, st, policy, tz, now) if entry else None,
-        "job": job_dict(current, tz, dispatch.get(current.id)) if current else None,
-        "jobs": [job_dict(j, tz, dispatch.get(j.id)) for j in jobs],
+        "job": next(d for d in jobs_out if d["id"] == current.id) if current else None,
+        "jobs": jobs_out,
         "findings": [finding_dict(f) for f in findings if f.code not in policy.informational_codes],
         "superres_checks": [
             {**finding_dict(f), **{k: (f.details or {}).get(k) for k in
@@ -329,37 +303,6 @@ def study_detail(session: Session, study_id: int, *, policy: TriagePolicy, tz: Z
         "results": results,
         "history": history,
     }
-
-
-def job_dict(j: Job, tz: ZoneInfo, dispatch: dict | None = None) -> dict:
-    return {
-        "id": j.id,
-        "study_id": j.study_id,
-        "pipeline": j.pipeline,
-        "state": j.state,
-        "attempts": j.attempts,
-        "max_attempts": j.max_attempts,
-        "queue": j.queue,
-        "created_at": node_time(j.created_at, tz),
-        "started_at": node_time(j.started_at, tz),
-        "finished_at": node_time(j.finished_at, tz),
-        "lease_owner": j.lease_owner,
-        "lease_expires_at": node_time(j.lease_expires_at, tz),
-        "timings": j.timings or {},
-        "model_versions": j.model_versions or {},
-        "error": j.error,
-        "supersedes_job_id": j.supersedes_job_id,
-        "dispatch": {**(dispatch or {"total": 0}), "status": dispatch_status(dispatch)},
-    }
-
-
-def jobs(session: Session, *, tz: ZoneInfo, state: str | None = None, limit: int = 200) -> list[dict]:
-    q = select(Job).order_by(Job.id.desc()).limit(limit)
-    if state:
-        q = q.where(Job.state == state)
-    rows = session.scalars(q).all()
-    dispatch = _dispatch_by_job(session, [j.id for j in rows])
-    return [job_dict(j, tz, dispatch.get(j.id)) for j in rows]
 
 
 def outbox(session: Session, *, tz: ZoneInfo, state: str | None = None, limit: int = 200) -> list[dict]:
