@@ -16,12 +16,6 @@ from typing import Any, Iterable, Mapping
 
 from node.errors import EndToEndError
 
-#: model that makes the finding, per pipeline (contract C3/C4)
-MAIN_MODELS = {
-    "knee": ("knee.acl", "knee.meniscus"),
-    "shoulder": ("shoulder.rotator_cuff",),
-    "lumbar_spine": ("lumbar_spine.stenosis",),
-}
 SUPERRES_MODEL = "superres"
 
 
@@ -74,34 +68,27 @@ class Expectation:
 
 def shipped_models(weights_dir: Path | None) -> set[str]:
     """Names of the models whose weights the registry has (site folder first, then the repository's)."""
-    try:
-        from models.registry import ENTRIES, Registry
-    except ImportError:
-        return set()
+    from models.registry import ENTRIES, Registry
+
     reg = Registry(weights_dir)
     return {name for name in ENTRIES if reg.has_weights(name)}
 
 
 def pipeline_models(anatomy: str) -> tuple[str, ...]:
-    """Every model a pipeline can run, shipped or not (`models.pipelines.CANDIDATES`, else contract C4)."""
-    try:
-        from models.pipelines import CANDIDATES
-    except ImportError:
-        return MAIN_MODELS.get(anatomy, ())
+    """Every model a pipeline can run, shipped or not (`models.pipelines.CANDIDATES`)."""
+    from models.pipelines import CANDIDATES
+
     return tuple(CANDIDATES.get(anatomy, ()))
 
 
 def pipeline_has_superres(anatomy: str) -> bool:
-    """Whether the pipeline runs super-resolution (`PipelineSpec.superres`; True when unknown)."""
-    try:
-        from models.pipelines import PIPELINES
-    except ImportError:
-        return True
+    """Whether the pipeline runs super-resolution (it ships and has input roles; True for an unknown pipeline)."""
+    from models.pipelines import PIPELINES
+
     spec = PIPELINES.get(anatomy)
     if spec is None:
         return True
-    roles = getattr(spec, "superres_roles", None)
-    return bool(getattr(spec, "superres", True)) and (roles is None or bool(roles))
+    return bool(spec.superres) and bool(spec.superres_roles)
 
 
 def expectations(case: DemoCase, shipped: set[str]) -> Expectation:
@@ -149,12 +136,8 @@ class CaseFiles:
 
 
 def _manifest_key(case: DemoCase, extra: Mapping[str, Any]) -> dict[str, Any]:
-    from models.phantoms import SPEC_VERSION
+    from models.phantoms import GENERATOR_VERSION, SPEC_VERSION
 
-    try:
-        from models.phantoms.common import GENERATOR_VERSION  # rendering revision, when the phantoms have one
-    except ImportError:
-        GENERATOR_VERSION = None
     return {"anatomy": case.anatomy, "seed": case.seed, "labels": json.loads(json.dumps(dict(case.labels))),
             "extra": json.loads(json.dumps(dict(extra))), "spec": SPEC_VERSION, "generator": GENERATOR_VERSION}
 

@@ -293,6 +293,8 @@ def list_items(session: Session, *, state: str | None = None, ids: Iterable[int]
 
 def retry_item(db: Database, settings: Settings, item_id: int, *, actor: str = "cli", now: dt.datetime | None = None) -> dict[str, Any]:
     """Puts a dead (or waiting) item back in the queue, due now; audited. Never re-sends an acknowledged one."""
+    from worklists import audit
+
     now = now or utcnow()
     with db.session() as s:
         item = s.get(OutboxItem, item_id)
@@ -309,11 +311,6 @@ def retry_item(db: Database, settings: Settings, item_id: int, *, actor: str = "
         item.next_attempt_at = now
         item.lease_owner = None
         item.lease_expires_at = None
-        try:
-            from worklists import audit
-
-            audit.record(s, actor=actor, action="outbox.retry", entity_type="outbox", entity_id=item_id, old=old,
-                         new=PENDING, details={"previous_error": previous_error, "destination": item.destination})
-        except ImportError:  # pragma: no cover - the worklists package ships with the node
-            pass
+        audit.record(s, actor=actor, action="outbox.retry", entity_type="outbox", entity_id=item_id, old=old,
+                     new=PENDING, details={"previous_error": previous_error, "destination": item.destination})
         return {"id": item_id, "state": PENDING, "previous_state": old, "previous_error": previous_error}
