@@ -1,7 +1,7 @@
 """Support for the job tests: rows for a study with a job, a step function that sleeps and writes
 rows, and a worker process entry point (``python tests/jobs_support.py worker --sleep 1``).
 
-The step function is a real `node.pipeline.JobRunner`: it loads nothing heavy, sleeps in small
+The step function is a real `node.jobs.runner.JobRunner`: it loads nothing heavy, sleeps in small
 steps (checking its lease), writes a result file with a UID derived from the job's input
 fingerprint (as `node.results` does) and appends one line per finished run to
 ``<data dir>/runs.log`` so tests can count executions.
@@ -421,8 +421,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--queues", default=None)
     args = p.parse_args(argv)
     from node.cli import setup_logging
-    from node.settings import load_settings
     from node.jobs.worker import run_worker
+    from node.settings import load_settings
 
     settings = load_settings()
     setup_logging(settings.log_level)

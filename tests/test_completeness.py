@@ -10,10 +10,10 @@ import pytest
 from sqlalchemy import func, select
 
 from completeness_rows import add_instances, at, make_series, make_study, open_association, release, send_series
-from node.intake.completeness import check_positions, input_fingerprint, tick
 from node.db.database import Database
-from node.intake.routing import load_rules
 from node.db.schema import Association, Instance, Job, JobInput, Series, Study
+from node.intake.completeness import check_positions, input_fingerprint, tick
+from node.intake.routing import load_rules
 
 Q = 0.5  # quiet seconds
 SQ = 0.5  # study quiet seconds

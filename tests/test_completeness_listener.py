@@ -25,10 +25,10 @@ from sqlalchemy import select
 
 from conftest import ROOT, free_port
 from listener_support import ListenerProcess
-from node.intake.completeness import rules_provider, tick
 from node.db.database import Database, utcnow
-from node.demo.loopback import child_env
 from node.db.schema import Association, Job, Series, Study
+from node.demo.loopback import child_env
+from node.intake.completeness import rules_provider, tick
 
 Q = 0.5
 SQ = 0.5
@@ -147,9 +147,9 @@ class Ticker(threading.Thread):
 
 TICKER_SCRIPT = """
 import sys, time
-from node.settings import load_settings
 from node.db.database import Database, utcnow
 from node.intake.completeness import tick, rules_provider
+from node.settings import load_settings
 settings = load_settings()
 db = Database(settings.database_url, migrate=False)
 rules = rules_provider(settings)

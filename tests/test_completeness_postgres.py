@@ -7,10 +7,10 @@ import multiprocessing as mp
 from sqlalchemy import func, select
 
 from completeness_rows import at, make_study, send_series
-from node.intake.completeness import tick
 from node.db.database import Database
-from node.intake.routing import load_rules
 from node.db.schema import Job, JobInput, Series
+from node.intake.completeness import tick
+from node.intake.routing import load_rules
 
 Q = 0.5
 SQ = 0.5

@@ -89,8 +89,8 @@ def test_demo_once_results_in_pacs_valid_and_triaged(tmp_path):
 
     from models.registry import ENTRIES, Registry
     from node.db.database import Database
-    from node.settings import load_settings
     from node.db.schema import Job, ResultObject, Series, Study
+    from node.settings import load_settings
 
     node_settings = load_settings(data_dir=data / "node", database_url=f"sqlite:///{data / 'node' / 'msknode.db'}",
                                   broker_url="filesystem://")

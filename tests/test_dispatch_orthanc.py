@@ -15,10 +15,10 @@ from sqlalchemy import select
 
 from models.phantoms import generate, write_dicom_series
 from node.db.database import Database
+from node.db.schema import OutboxItem
 from node.dispatch.outbox import process_outbox
 from node.results import TriageSummary, build_results, save
 from node.settings import DimseDestination, StowDestination
-from node.db.schema import OutboxItem
 from test_dispatch import T0, enqueue, with_dest
 from test_results_data import knee_output, volume_from_files
 

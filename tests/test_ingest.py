@@ -16,13 +16,13 @@ from sqlalchemy import select
 
 from listener_support import PYDICOM_DATA, dataset_bytes
 from node.db.database import Database, utcnow
+from node.db.schema import Association, AssociationSeries, Instance, Series, Study
 from node.errors import IngestError, StorageError
 from node.receive.header import read_header, validate
 from node.receive.index import Received, close_association, index_instances, open_association
+from node.receive.storage import InstanceStore, dataset_offset, encode_file_meta
 from node.receive.writer import IndexWriter
 from node.settings import load_settings
-from node.receive.storage import InstanceStore, dataset_offset, encode_file_meta
-from node.db.schema import Association, AssociationSeries, Instance, Series, Study
 from test_listener import mr_dataset
 from worklists.tables import AuditEvent
 

@@ -11,12 +11,12 @@ import pytest
 from sqlalchemy import func, select, update
 
 from jobs_support import SleepyRunner, make_study_job
-from node.jobs import lease as jobs
 from node.db.database import utcnow
+from node.db.schema import Finding, Job, JobInput, OutboxItem, ResultObject, Series
 from node.errors import JobError
+from node.jobs import lease as jobs
 from node.jobs.listing import JobOut
 from node.jobs.runner import execute_job
-from node.db.schema import Finding, Job, JobInput, OutboxItem, ResultObject, Series
 from worklists.tables import AuditEvent
 
 

@@ -12,12 +12,12 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import free_port
 from jobs_support import SleepyRunner, make_study_job
-from node.jobs import lease as jobs
-from node.ops.health import health_report
-from node.demo.loopback import echoscu
-from node.ops.metrics import render
-from node.jobs.runner import execute_job
 from node.db.schema import Study
+from node.demo.loopback import echoscu
+from node.jobs import lease as jobs
+from node.jobs.runner import execute_job
+from node.ops.health import health_report
+from node.ops.metrics import render
 
 
 @pytest.fixture

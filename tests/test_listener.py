@@ -24,8 +24,8 @@ from sqlalchemy import func, select
 
 from listener_support import PYDICOM_DATA, ListenerProcess, RawSender, dataset_bytes, echo
 from node.db.database import Database
-from node.receive.storage import dataset_offset
 from node.db.schema import Association, AssociationSeries, Instance, Quarantine, Series, Study
+from node.receive.storage import dataset_offset
 from worklists.tables import AuditEvent
 
 SERIES_KEYS = {"study_uid", "series_uid", "modality", "body_part", "series_description", "instances", "state", "pipeline"}

@@ -18,8 +18,8 @@ from sqlalchemy import func, select
 from conftest import ROOT, free_port
 from listener_support import PYDICOM_DATA, ListenerProcess, RawSender, dataset_bytes, echo
 from node.db.database import Database
-from node.demo.loopback import child_env
 from node.db.schema import Association, Instance, Series
+from node.demo.loopback import child_env
 from test_listener import _good_instance, storescu, write_series
 
 

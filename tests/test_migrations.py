@@ -8,8 +8,8 @@ import sys
 from sqlalchemy import create_engine, inspect
 
 from conftest import ROOT, VENV_BIN
-from node.demo.loopback import child_env
 from node.db.database import Base, import_all_tables
+from node.demo.loopback import child_env
 
 import_all_tables()
 

@@ -25,10 +25,9 @@ from sqlalchemy import select
 
 from conftest import ROOT
 from listener_support import PYDICOM_DATA
-from node.errors import RoutingError
-from node.receive.header import read_header, read_series_headers
-from node.receive.index import index_instances
+from node.db.schema import Instance, Series
 from node.demo.loopback import child_env
+from node.errors import RoutingError
 from node.intake.recognition import (
     PLANE_TOLERANCE_DEG,
     Acquisition,
@@ -41,9 +40,10 @@ from node.intake.recognition import (
     recognize,
 )
 from node.intake.routing import SeriesFacts, explain, load_rules, parse_rules
-from node.settings import DEFAULT_ROUTING_RULES, DEFAULT_UID_ROOT
+from node.receive.header import read_header, read_series_headers
+from node.receive.index import index_instances
 from node.receive.storage import InstanceStore
-from node.db.schema import Instance, Series
+from node.settings import DEFAULT_ROUTING_RULES, DEFAULT_UID_ROOT
 
 REALDATA = Path(os.environ.get("MSKNODE_REALDATA") or Path(__file__).resolve().parents[2] / "shared" / "realdata")
 SIEMENS_KNEE = REALDATA / "knee" / "siemens_sagittal_dicom"

@@ -14,9 +14,9 @@ from sqlalchemy import func, select
 
 from completeness_rows import uid
 from node.db.database import utcnow
+from node.db.schema import Instance, Job, JobInput, OutboxItem, ResultObject, Series, Study
 from node.demo.loopback import child_env
 from node.ops.retention import purge
-from node.db.schema import Instance, Job, JobInput, OutboxItem, ResultObject, Series, Study
 
 DAY = dt.timedelta(days=1)
 

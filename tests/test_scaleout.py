@@ -23,8 +23,8 @@ from jobs_support import (
 )
 from node.db.database import Database
 from node.db.schema import WorkerRecord
-from node.jobs.lease import enqueue_pending_jobs
 from node.db.schema import Job, ResultObject
+from node.jobs.lease import enqueue_pending_jobs
 
 LEASE = 3.0
 
@@ -110,9 +110,9 @@ def test_broker_down_series_keep_arriving_and_jobs_run_when_it_is_back(scaleout,
     """Redis killed: the listener keeps storing, completeness keeps creating jobs (in PostgreSQL), their
     wake-ups wait in the database; a wake-up that was inside Redis is lost with it and re-sent."""
     from jobs_support import ListenerProcess, storescu, write_phantom_series
+    from node.db.schema import Instance, Series
     from node.jobs.celery_app import make_celery, send_job
     from node.ops.health import health_report
-    from node.db.schema import Instance, Series
 
     from conftest import free_port
 

@@ -1,7 +1,7 @@
 """Survival of the job machinery with real worker processes on the embedded default
 (SQLite WAL + kombu filesystem transport): retries through the broker, kill -9 mid-job.
 
-The worker runs `tests/jobs_support.py worker`: the real `node.worker.run_worker` (Celery prefork
+The worker runs `tests/jobs_support.py worker`: the real `node.jobs.worker.run_worker` (Celery prefork
 worker + periodic loop) with a step function that sleeps and writes rows instead of the models.
 """
 

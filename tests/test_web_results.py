@@ -2,7 +2,7 @@
 
 A knee series is turned into a `PipelineOutput` (an ACL finding with a heatmap blob, a
 meniscus model refused by QC, a super-resolved volume), `node.results.build_results` writes
-the SR, SEG, super-resolved series and SC, `node.pipeline.findings_from_output` gives the
+the SR, SEG, super-resolved series and SC, `node.jobs.runner.findings_from_output` gives the
 `findings` rows, and `worklists.entries.upsert_for_job` writes the worklist entry. The
 web must then place the SEG overlay where the heatmap was, map the super-resolved slices
 and show the refusal.
@@ -27,9 +27,9 @@ with warnings.catch_warnings():
 def processed(settings, db, tmp_path):
     from test_results_data import knee_output, volume_from_files, write_mr_series
 
+    from node.db.schema import Finding, Instance, Job, JobInput, ResultObject, Series, Study
     from node.jobs.runner import findings_from_output
     from node.results import build_results, save
-    from node.db.schema import Finding, Instance, Job, JobInput, ResultObject, Series, Study
     from node.web.users import add_user
     from worklists.entries import upsert_for_job
     from worklists.triage import compute, findings_from_pipeline, load_policy

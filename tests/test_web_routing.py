@@ -39,8 +39,8 @@ def env(tmp_path_factory):
     site = base / "site"
     site.mkdir()
     isolate_env(mp, MSKNODE_DATA_DIR=base / "data")
-    from node.intake.completeness import tick
     from node.db.database import Database
+    from node.intake.completeness import tick
     from node.intake.routing import load_rules
     from node.settings import DEFAULT_ROUTING_RULES, load_settings
     from node.web.app import create_app
@@ -306,10 +306,10 @@ def test_a_file_the_node_cannot_write_is_refused_409(env, monkeypatch):
 
 def test_a_rule_from_the_form_is_written_first_audited_reloaded_and_routes_the_series(env):
     """Runs after the refusals above (same module state): the first change of the site file."""
-    from node.intake.completeness import tick
     from node.db.database import utcnow
-    from node.intake.routing import RulesFile
     from node.db.schema import Job, JobInput, Series
+    from node.intake.completeness import tick
+    from node.intake.routing import RulesFile
     from worklists.tables import AuditEvent
 
     path = env["rules_path"]

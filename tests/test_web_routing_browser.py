@@ -33,8 +33,8 @@ def server(tmp_path_factory):
     port = free_port()
     mp = pytest.MonkeyPatch()
     isolate_env(mp, MSKNODE_DATA_DIR=data)
-    from node.intake.completeness import tick
     from node.db.database import Database
+    from node.intake.completeness import tick
     from node.intake.routing import load_rules
     from node.settings import DEFAULT_ROUTING_RULES, load_settings
     from node.web.users import add_user

@@ -164,9 +164,9 @@ def _explain_path(path, rules, settings):
     from collections import Counter
 
     from node.errors import IngestError, RoutingError
-    from node.receive.header import read_series_headers
     from node.intake.recognition import Acquisition
     from node.intake.routing import SeriesFacts, explain
+    from node.receive.header import read_series_headers
 
     try:
         headers, skipped = read_series_headers(path)
@@ -207,9 +207,9 @@ def _explain_indexed(series_uid, rules, settings):
 
     from sqlalchemy import select
 
-    from node.intake.completeness import explain_series
-    from node.errors import RoutingError
     from node.db.schema import Series
+    from node.errors import RoutingError
+    from node.intake.completeness import explain_series
 
     if settings.is_sqlite:
         from sqlalchemy.engine import make_url

@@ -25,9 +25,9 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from node.errors import NodeError
 from node.demo.loopback import child_env, echoscu, free_port
 from node.demo.orthanc import OrthancProcess
+from node.errors import NodeError
 
 SLICES_PER_SERIES = 40
 ROWS = COLUMNS = 384

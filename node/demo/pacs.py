@@ -25,8 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
 
-from node.errors import EndToEndError
 from node.demo.orthanc import OrthancProcess, dicom_peer, restricted_peers
+from node.errors import EndToEndError
 REPO_ROOT = Path(__file__).resolve().parent.parent.parent
 AUTOROUTE_LUA = REPO_ROOT / "docker" / "orthanc-autoroute.lua"
 RECEIVED_MARK = "MSKNODE-RECEIVED"

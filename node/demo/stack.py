@@ -22,9 +22,9 @@ from pathlib import Path
 
 import httpx
 
+from node.demo.loopback import echoscu, free_port
 from node.demo.pacs import OrthancPacs
 from node.errors import EndToEndError
-from node.demo.loopback import echoscu, free_port
 from node.settings import Settings, load_settings
 
 log = logging.getLogger(__name__)

@@ -21,9 +21,9 @@ from typing import Iterable, Sequence
 from sqlalchemy import create_engine, func, select
 from sqlalchemy.orm import Session, sessionmaker
 
+from node.db.schema import Finding, Instance, Job, OutboxItem, ResultObject, Series, Study
 from node.demo.cases import Expectation
 from node.demo.pacs import OrthancPacs, Reception
-from node.db.schema import Finding, Instance, Job, OutboxItem, ResultObject, Series, Study
 
 TERMINAL_FAILED = ("failed", "dead")
 KIND_NAMES = {"sr": "SR", "seg": "SEG", "sc": "SC overlay", "superres": "super-resolved series"}

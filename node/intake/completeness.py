@@ -56,6 +56,7 @@ from typing import Callable, Iterable, Sequence
 from sqlalchemy import exists, func, or_, select, update
 from sqlalchemy.orm import Session
 
+from node.db.schema import Association, AssociationSeries, Instance, Job, JobInput, Series, Study
 from node.intake.recognition import PLANES, Acquisition, decide_plane
 from node.intake.routing import (
     LOCALIZER_ROLE,
@@ -70,7 +71,6 @@ from node.intake.routing import (
     load_rules,
 )
 from node.settings import Settings
-from node.db.schema import Association, AssociationSeries, Instance, Job, JobInput, Series, Study
 
 log = logging.getLogger(__name__)
 

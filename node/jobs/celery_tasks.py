@@ -1,7 +1,7 @@
 """Celery tasks: thin wrappers, like web views, around plain functions.
 
 ``msknode.run_job(job_id)`` loads nothing but the id from the message and calls
-`node.pipeline.execute_job`, which claims the job by lease and does the work. Retries,
+`node.jobs.runner.execute_job`, which claims the job by lease and does the work. Retries,
 backoff and the dead state live in the database (`node.jobs.lease`), not in Celery: a Celery
 retry with a countdown would sit in one worker's memory and die with it.
 """

@@ -182,8 +182,8 @@ def build_loops(db: Database, settings: Settings, *, housekeeping: bool, **kw) -
 
 
 def validate_queues(queues: list[str] | None, settings: Settings) -> list[str]:
-    from node.jobs.celery_app import QUEUES
     from node.errors import SettingsError
+    from node.jobs.celery_app import QUEUES
 
     queues = list(queues or settings.worker_queues)
     unknown = [q for q in queues if q not in QUEUES]

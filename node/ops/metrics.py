@@ -72,9 +72,9 @@ class NodeCollector(Collector):
         return []
 
     def collect(self):
-        from node.ops.health import STALE_HEARTBEATS
-        from node.jobs.lease import live_workers
         from node.db.schema import Instance, Job, OutboxItem, Quarantine, Series
+        from node.jobs.lease import live_workers
+        from node.ops.health import STALE_HEARTBEATS
 
         now = utcnow()
         with self.db.session() as s:

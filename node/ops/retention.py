@@ -30,9 +30,9 @@ from sqlalchemy import delete, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from node.db.database import Database, utcnow
+from node.db.schema import Instance, Job, OutboxItem, ResultObject, Series, Study
 from node.intake.routing import LOCALIZER_ROLE
 from node.settings import Settings
-from node.db.schema import Instance, Job, OutboxItem, ResultObject, Series, Study
 
 log = logging.getLogger(__name__)
 

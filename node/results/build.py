@@ -14,12 +14,12 @@ from pydicom import Dataset
 
 from models.types import PipelineOutput
 from node.errors import ResultsError
+from node.results.objects import ResultFile, ResultRef
 from node.results.sc import OverlayItem, build_overlays
 from node.results.seg import SegItem, build_seg
 from node.results.sources import SourceSeries, load_sources
 from node.results.sr import SegRef, SuperResRef, build_sr
 from node.results.superres_series import build_superres_series
-from node.results.objects import ResultFile, ResultRef
 from node.results.uids import UidFactory, model_versions_key
 
 log = logging.getLogger(__name__)

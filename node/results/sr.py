@@ -45,9 +45,9 @@ from pydicom import Dataset
 from models.types import Finding, ModelInfo, ModelOutput, PipelineOutput, SuperResOutput
 from node.results import codes
 from node.results.equipment import MANUFACTURER, contributing_equipment, node_software_versions, sr_algorithm
+from node.results.objects import ResultRef
 from node.results.sanitize import clean_text, copy_character_set
 from node.results.sources import SourceSeries
-from node.results.objects import ResultRef
 from node.results.uids import UidFactory
 
 SR_SERIES_NUMBER = 9901

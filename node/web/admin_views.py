@@ -16,8 +16,8 @@ from typing import Any
 from sqlalchemy import func, select
 
 from node.db.database import utcnow
-from node.errors import NodeError
 from node.db.schema import Finding
+from node.errors import NodeError
 
 log = logging.getLogger(__name__)
 

@@ -20,9 +20,9 @@ from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
 from urllib.parse import quote
 
+from node.web.admin_views import OpsError
 from node.web.auth import COOKIE, CsrfError, Forbidden, LoginThrottle, NotAuthenticated, SessionCodec
 from node.web.imaging import ImageCache, ImagingError
-from node.web.admin_views import OpsError
 from worklists.errors import EntryNotFound, InvalidChange, WorklistError
 from worklists.triage import TriagePolicy, load_policy
 

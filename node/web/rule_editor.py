@@ -383,8 +383,8 @@ def _route_now(session, settings, rules: RoutingRules, se):
 
 def current_anatomy(db, settings, series_id: int) -> str | None:
     """The anatomy the rules in force find for a series (its headers, the study, the other series), or None."""
-    from node.intake.routing import load_rules
     from node.db.schema import Series
+    from node.intake.routing import load_rules
 
     try:
         rules = load_rules(settings.routing_rules)
@@ -412,9 +412,9 @@ def make_rule(db, settings, series_id: int, fields: RuleRequestFields, *, actor:
     """
     import logging
 
+    from node.db.schema import Series
     from node.intake.completeness import reroute_unrouted
     from node.intake.routing import SeriesFacts, is_own_object
-    from node.db.schema import Series
     from worklists import audit
 
     log = logging.getLogger(__name__)
