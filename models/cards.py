@@ -5,6 +5,10 @@ same facts so the two never disagree. Required keys: name, version, task, anatom
 weights_sha256, training_data, recipe, metrics, evaluation_data, reproduce (commands),
 limitations (list of str). The notice "not for diagnostic use" is always included.
 
+``notice`` (optional) replaces the default notice for weights that learned from more than phantoms (it
+must say "not for diagnostic use"); ``tables`` (optional) are rendered as Markdown tables
+(``[{"title", "columns", "rows"}]``), e.g. per-source figures and the licences of the sources.
+
 ``real_data`` (optional) holds what the model did on real scans without labels
 (``msknode evaluate MODEL --data realdir:PATH``): the command, the data and the figures
 as measured, good or bad; `record_real_data` writes it into an existing card.
@@ -32,12 +36,29 @@ def _fmt(v: Any) -> str:
     return str(v)
 
 
+def _notice(card: dict[str, Any]) -> str:
+    notice = str(card.get("notice") or NOT_FOR_DIAGNOSTIC_USE)
+    return notice if "not for diagnostic use" in notice.lower() else f"{notice} {NOT_FOR_DIAGNOSTIC_USE}"
+
+
+def _table_lines(tables: list[dict[str, Any]] | None) -> list[str]:
+    lines: list[str] = []
+    for t in tables or []:
+        if not t.get("rows"):
+            continue
+        cols = list(t["columns"])
+        lines += ["", f"### {t['title']}", "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+        lines += ["| " + " | ".join(str(c).replace("|", "/") for c in row) + " |" for row in t["rows"]]
+    return lines
+
+
 def markdown(card: dict[str, Any]) -> str:
     m = card["metrics"]
+    notice = _notice(card)
     lines = [
         f"# Model card: {card['name']} {card['version']}",
         "",
-        f"**Demo weights — not for diagnostic use.** {NOT_FOR_DIAGNOSTIC_USE}",
+        f"**Demo weights — not for diagnostic use.** {notice}",
         "",
         f"- Task: {card['task']} ({card.get('description', '')}); anatomy: {card['anatomy']}",
         f"- Input: {json.dumps(card.get('input', {}))}",
@@ -56,18 +77,22 @@ def markdown(card: dict[str, Any]) -> str:
         "",
         "## Evaluation",
         "",
-        f"Data: {card['evaluation_data']}. Every case scored; QC refusals counted (`qc_refused`). "
-        "95 % bootstrap confidence intervals.",
+        f"Data: {card['evaluation_data']}. "
+        + str(card.get("evaluation_note") or "Every case scored; QC refusals counted (`qc_refused`). "
+                                              "95 % bootstrap confidence intervals."),
         "",
         "| metric | value |",
         "|---|---|",
     ]
     for k, v in m.items():
         lines.append(f"| {k} | {_fmt(v)} |")
+    lines += _table_lines(card.get("tables"))
+    if card.get("licence"):
+        lines += ["", "## Licence", "", str(card["licence"])]
     lines += _real_data_lines(card.get("real_data"))
     lines += ["", "## Reproduce", "", "```sh", *card["reproduce"], "```", "", "## Limitations", ""]
     lines += [f"- {x}" for x in card["limitations"]]
-    lines += ["", f"_{NOT_FOR_DIAGNOSTIC_USE} This model is not for diagnostic use._", ""]
+    lines += ["", f"_{notice} This model is not for diagnostic use._", ""]
     return "\n".join(lines)
 
 
@@ -105,7 +130,7 @@ def record_real_data(folder: Path, result: dict[str, Any], *, data: str, command
     card["real_data"] = {"data": data, "command": command, "figures": figures,
                          "model_weights_sha256": result.get("weights_sha256")}
     if all(k in card for k in REQUIRED):
-        write_card(folder, {k: v for k, v in card.items() if k not in ("demo_weights", "notice")})
+        write_card(folder, {k: v for k, v in card.items() if k != "demo_weights"})
         return card
     # a card whose Markdown is written by hand: card.json updated, the section replaced or appended
     (folder / "card.json").write_text(json.dumps(card, indent=2) + "\n")
@@ -126,7 +151,7 @@ def write_card(folder: Path, card: dict[str, Any]) -> None:
     missing = [k for k in REQUIRED if k not in card]
     if missing:
         raise ValueError(f"model card lacks {', '.join(missing)}")
-    card = {**card, "demo_weights": True, "notice": NOT_FOR_DIAGNOSTIC_USE}
+    card = {**card, "demo_weights": True, "notice": _notice(card)}
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "card.json").write_text(json.dumps(card, indent=2) + "\n")

@@ -42,6 +42,14 @@ def register(sub) -> None:
     pt.add_argument("--init", type=Path, default=None, help="start from these weights (with .sha256), e.g. to fine-tune")
     pt.add_argument("--motion", default="1200:3500000",
                     help="qc.anatomy only: N:SEED phantoms for the native-resolution motion detector (default 1200:3500000)")
+    pt.add_argument("--realdata", default="auto",
+                    help="qc.anatomy only: the real corpus (PATH, 'auto' = MSKNODE_REALDATA or ../shared/realdata, "
+                         "'none' = phantoms only)")
+    pt.add_argument("--exclude-source", action="append", default=[], metavar="SOURCE",
+                    help="qc.anatomy only: leave this real source out (repeatable; see models.realdata.SOURCES)")
+    pt.add_argument("--no-loso-rule", action="store_true",
+                    help="qc.anatomy only: keep the default thresholds instead of calibrating them leave-one-source-"
+                         "out (which trains, or reuses from the cache, one model per real source)")
     pt.set_defaults(func=cmd_train)
 
     pe = sub.add_parser("evaluate", help="evaluate a model on a data spec (metrics with 95%% bootstrap CIs)")
@@ -51,6 +59,8 @@ def register(sub) -> None:
     pe.add_argument("--workers", type=int, default=1, help="processes generating phantoms")
     pe.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the CIs")
     pe.add_argument("--json", action="store_true", help="print one JSON object")
+    pe.add_argument("--loso", action="store_true",
+                    help="qc.anatomy on realdata:PATH: also leave-one-source-out (one training per real source)")
     pe.set_defaults(func=cmd_evaluate)
 
     pp = sub.add_parser("predict", help="QC gate + models on the DICOM series under a folder")
@@ -123,20 +133,42 @@ def cmd_train(args, settings) -> int:
     try:
         if args.model == MODEL_ANATOMY:
             if spec.kind != "synthetic":
-                _err("qc.anatomy trains on synthetic:N:SEED only (phantoms + synthetic other anatomy)")
+                _err("qc.anatomy trains on --data synthetic:N:SEED (phantoms and synthetic other anatomy) plus "
+                     "--realdata PATH|auto|none (real MRI)")
                 return EXIT_BAD_INPUT
-            from models.qc import attach_motion_detector, train_anatomy
+            from models.qc_training import Recipe, set_loso_rule, train_anatomy, train_motion_detector
+            from models.realdata import SOURCES, realdata_root
 
             try:
                 motion_n, motion_seed = (int(v) for v in str(args.motion).split(":"))
             except ValueError:
                 _err(f"--motion {args.motion!r}: expected N:SEED, e.g. 1200:3500000")
                 return EXIT_BAD_INPUT
-            path = train_anatomy(spec.n, spec.seed, args.out, epochs=args.epochs or 14, threads=_threads(settings),
-                                 workers=args.workers, log=log)
+            bad = [s for s in args.exclude_source if s not in SOURCES]
+            if bad:
+                _err(f"--exclude-source {', '.join(bad)}: known sources {', '.join(SOURCES)}")
+                return EXIT_BAD_INPUT
+            use_real = args.realdata != "none"
+            root = None
+            if use_real:
+                root = realdata_root() if args.realdata == "auto" else Path(args.realdata)
+                if root is None or not root.is_dir():
+                    _err(f"--realdata {args.realdata}: the real corpus was not found (MSKNODE_REALDATA, "
+                         "../shared/realdata beside the checkout); --realdata none trains on phantoms only")
+                    return EXIT_BAD_INPUT
+            recipe = Recipe(phantoms=spec.n, seed=spec.seed, epochs=args.epochs or Recipe.epochs, realdata=use_real)
+            clf, summary = train_anatomy(args.out, recipe, realdata_root=root, exclude_sources=args.exclude_source,
+                                         threads=_threads(settings), workers=args.workers, log=log)
+            if use_real and not args.exclude_source and not args.no_loso_rule:
+                # thresholds chosen on predictions of models that never saw the source they predict
+                clf, summary = set_loso_rule(args.out, clf, summary, recipe, realdata_root=root,
+                                             threads=_threads(settings), workers=args.workers, log=log)
+            path = Path(args.out) / "model.pt"
             if motion_n > 0:
-                path = attach_motion_detector(path, motion_n, motion_seed, threads=_threads(settings),
-                                              workers=args.workers, log=log)
+                path = train_motion_detector(path, motion_n, motion_seed, held=set(summary["held_groups"]),
+                                             realdata_root=root, exclude_sources=args.exclude_source,
+                                             use_real=use_real, threads=_threads(settings), workers=args.workers,
+                                             log=log)
         elif args.model == MODEL_SUPERRES:
             import models.superres as sr
 
@@ -176,7 +208,7 @@ def cmd_evaluate(args, settings) -> int:
     progress = (lambda m: print(m, file=sys.stderr, flush=True)) if args.json else (lambda m: print(m, flush=True))
     try:
         result = evaluate(args.model, args.data, registry=registry, weights=args.weights, workers=args.workers,
-                          log=progress, bootstrap=args.bootstrap)
+                          log=progress, bootstrap=args.bootstrap, loso=args.loso)
     except (DataSpecError, VolumeError) as e:
         _err(str(e))
         return EXIT_BAD_INPUT

@@ -14,6 +14,9 @@
   files, or image stacks / arrays with a ``series.json`` sidecar; see `models.realdir`).
   For evaluation only: QC acceptance, the distribution of outputs and, on series the
   sidecar marks ``normal``, the false-positive rate.
+- ``realdata:PATH`` — the labelled development corpus of real MRI (`models.realdata`;
+  ``realdata:auto`` finds it beside the checkout). Only ``qc.anatomy`` trains and evaluates on it
+  (`models.qc_training`, `models.qc_evaluation`).
 
 `open_cases(spec, task)` yields `Case` objects (a `Volume` + a `Target`);
 `preprocess_cases` turns them into network-grid arrays (cached on disk for phantoms).
@@ -42,7 +45,7 @@ MRNET_PLANES = ("sagittal", "coronal", "axial")
 
 @dataclass(frozen=True)
 class DataSpec:
-    kind: str  # "synthetic" | "mrnet" | "dicomcsv" | "realdir"
+    kind: str  # "synthetic" | "mrnet" | "dicomcsv" | "realdir" | "realdata"
     n: int = 0
     seed: int = 0
     path: Path | None = None
@@ -65,7 +68,7 @@ class Case:
 
 
 def parse_spec(text: str) -> DataSpec:
-    """Parse ``synthetic:N:SEED``, ``mrnet:PATH[:SPLIT]``, ``dicomcsv:PATH`` or ``realdir:PATH``."""
+    """Parse ``synthetic:N:SEED``, ``mrnet:PATH[:SPLIT]``, ``dicomcsv:PATH``, ``realdir:PATH`` or ``realdata:PATH``."""
     if not isinstance(text, str) or ":" not in text:
         raise DataSpecError(
             f"data spec {text!r}: expected synthetic:N:SEED, mrnet:PATH[:SPLIT], dicomcsv:PATH or realdir:PATH")
@@ -89,11 +92,11 @@ def parse_spec(text: str) -> DataSpec:
         if not path:
             raise DataSpecError(f"data spec {text!r}: missing PATH")
         return DataSpec("mrnet", path=Path(path), split=split)
-    if kind in ("dicomcsv", "realdir"):
+    if kind in ("dicomcsv", "realdir", "realdata"):
         if not rest:
             raise DataSpecError(f"data spec {text!r}: missing PATH")
         return DataSpec(kind, path=Path(rest))
-    raise DataSpecError(f"unknown data spec kind {kind!r}; expected synthetic, mrnet, dicomcsv or realdir")
+    raise DataSpecError(f"unknown data spec kind {kind!r}; expected synthetic, mrnet, dicomcsv, realdir or realdata")
 
 
 # --- synthetic ---------------------------------------------------------------------------
@@ -278,6 +281,8 @@ def open_cases(spec: DataSpec | str, task: TaskSpec) -> Iterator[Case]:
         yield from mrnet_cases(task, spec.path, spec.split)
     elif spec.kind == "realdir":
         raise DataSpecError(f"{spec}: real series without labels serve evaluation only (no training targets)")
+    elif spec.kind == "realdata":
+        raise DataSpecError(f"{spec}: the real corpus is labelled by anatomy only; qc.anatomy alone uses it")
     else:
         yield from dicomcsv_cases(task, spec.path)
 

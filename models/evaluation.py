@@ -442,8 +442,10 @@ TASKS_ANATOMIES = ("knee", "shoulder", "lumbar_spine")
 
 
 def evaluate(name: str, data: str | DataSpec, *, registry, weights: Path | None = None, workers: int = 1,
-             log: Callable[[str], None] | None = None, bootstrap: int = N_BOOTSTRAP) -> dict[str, Any]:
-    """Evaluate model ``name`` (registry weights, or a checkpoint ``weights`` with its .sha256) on a data spec."""
+             log: Callable[[str], None] | None = None, bootstrap: int = N_BOOTSTRAP, loso: bool = False
+             ) -> dict[str, Any]:
+    """Evaluate model ``name`` (registry weights, or a checkpoint ``weights`` with its .sha256) on a data spec.
+    ``loso``: qc.anatomy on ``realdata:PATH`` only, leave-one-source-out retraining (`models.qc_evaluation`)."""
     from models.registry import MODEL_ANATOMY, MODEL_SUPERRES, read_sha256_file
     from models.errors import WeightsIntegrityError, WeightsMissingError
 
@@ -464,6 +466,24 @@ def evaluate(name: str, data: str | DataSpec, *, registry, weights: Path | None 
         model = entry.loader(registry, weights, actual)
     else:
         model = registry.get(name)
+    if loso and not (name == MODEL_ANATOMY and spec.kind == "realdata"):
+        raise DataSpecError("--loso is for qc.anatomy on realdata:PATH")
+    if name == MODEL_ANATOMY and spec.kind in ("synthetic", "realdata"):
+        import torch
+
+        from models.qc_evaluation import evaluate_realdata, evaluate_synthetic
+
+        if spec.kind == "synthetic":
+            result = evaluate_synthetic(model, spec.n, spec.seed, workers=workers, log=log)
+        else:
+            result = evaluate_realdata(model, spec.path, loso=loso, threads=torch.get_num_threads(), workers=workers,
+                                       log=log)
+        version = str(registry.card(name).get("version", entry.version)) if weights is None else \
+            str(model.metadata.get("version", entry.version))
+        return {"model": name, "version": version, "weights_sha256": model.sha256, "data": str(spec), **result}
+    if spec.kind == "realdata":
+        raise DataSpecError(f"{spec}: the real corpus is labelled by anatomy only; evaluate qc.anatomy on it, or "
+                            "other models on realdir:PATH")
     if spec.kind == "realdir" and name == MODEL_SUPERRES:
         result = evaluate_realdir_superres(model, spec, log=log)
     elif spec.kind == "realdir" and name == MODEL_ANATOMY:

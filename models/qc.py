@@ -14,25 +14,38 @@ returned in ``QCResult.metrics``):
 | empty_image          | (almost) no signal above the noise: nothing imaged                      |
 | constant_image       | no variation in the pixels                                              |
 | low_snr              | estimated SNR (median foreground / noise sigma) below ``min_snr``       |
-| wrong_anatomy        | the anatomy classifier (pixels, not tags) sees another body part       |
-| wrong_orientation    | ... or the right body part in another plane                            |
+| wrong_anatomy        | the anatomy classifier is confident the pixels show another body part   |
+| wrong_orientation    | ... or very confident they show the right body part in another plane   |
 | out_of_distribution  | the classifier's embedding is far from everything it was trained on    |
-| motion               | the classifier's motion head sees ghosting beyond the phantom spec     |
+| motion               | the motion detector sees ghosting beyond the phantom spec              |
 | qc_unavailable       | the anatomy classifier's weights are missing                           |
 
+Who decides what: the plane comes from the header geometry (the slice normal). The anatomy
+is the one the series was routed for (BodyPartExamined / routing); the pixel classifier
+contradicts it when it is confident — P(another anatomy or "other") at or above
+``contradiction_threshold`` — and the gate also refuses pixels that give the claimed anatomy
+almost no support (P below ``support_threshold``: not recognisable as that anatomy) or whose
+embedding lies far from its training data (``ood_threshold``, Mahalanobis distance). The pixels contradict the
+header's plane only when very confident (``plane_threshold``). The four thresholds are
+calibrated leave-one-source-out on real MRI (`models.qc_evaluation`) and stored with the
+weights; `decide` is the rule.
+
 The anatomy classifier (`AnatomyClassifier`, registry name ``qc.anatomy``) is a small
-MONAI 3-D CNN on a physically scaled grid (16 x 64 x 64 over 128 x 320 x 320 mm) trained
-on phantoms of all three anatomies in all three planes and on synthetic
-out-of-distribution volumes (`models.negatives`: brain, abdomen, limb, water phantom,
-noise). Out-of-distribution inputs are also caught by the Mahalanobis distance of the
-embedding to the training classes.
+2-D CNN on a few central slices of the series (`anatomy_input`), each resampled over its
+whole in-plane field of view (field-of-view relative: screen exports have no spacing),
+after a border band is blanked (`mask_overlay`: burned-in orientation letters, slice
+counters and scroll bars of screen exports lie there; every input is masked the same way,
+in training and at inference). Slice logits are averaged. Classes: knee, shoulder and
+lumbar spine in each of three planes, and "other". It learned from phantoms, synthetic
+other anatomy (`models.negatives`) and real MRI (`models.realdata`; the training code is
+`models.qc_training`). Out-of-distribution inputs are also caught by the Mahalanobis
+distance of the series embedding to the class means of the claimed anatomy.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -68,8 +81,6 @@ ANATOMY_CLASSES = (
     "shoulder/coronal", "shoulder/sagittal", "shoulder/axial",
     "lumbar_spine/sagittal", "lumbar_spine/coronal", "lumbar_spine/axial",
 )
-ANATOMY_GRID = (16, 64, 64)
-ANATOMY_ROI_MM = (128.0, 320.0, 320.0)
 _PLANE_AXIS = {"sagittal": 0, "coronal": 1, "axial": 2}
 _LOCALIZER_WORDS = ("localizer", "localiser", "scout", "survey", "3-plane", "3 plane", "tri-pilot", "aahscout")
 
@@ -130,44 +141,106 @@ def pixel_metrics(volume: Volume) -> dict[str, float]:
 # ------------------------------------------------------------------------------------------
 # anatomy classifier
 
+ANATOMIES = ("knee", "shoulder", "lumbar_spine")
+SLICE_GRID = 96  # in-plane grid over the whole field of view (the longer side), square
+INFER_SLICES = 5  # central slices read per series; their logits are averaged
+INFER_SPAN = (0.3, 0.7)  # ... evenly spaced over this fraction of the series
+# border band blanked in every image (fractions of rows top/bottom, of columns left/right): where screen
+# exports carry orientation letters, "N of M" counters and scroll bars
+MASK_BAND = (0.07, 0.11, 0.04, 0.04)
+EMBED_DIM = 128
+
+# BodyPartExamined values (spaces/underscores removed, upper case) -> anatomy
+BODY_PARTS = {
+    "KNEE": "knee", "SHOULDER": "shoulder", "LSPINE": "lumbar_spine", "LUMBAR": "lumbar_spine",
+    "LUMBARSPINE": "lumbar_spine", "LSSPINE": "lumbar_spine", "SPINE": "lumbar_spine",
+}
+
+
+def header_anatomy(body_part: str | None) -> str | None:
+    """The anatomy BodyPartExamined names (None when absent or not one of knee, shoulder, lumbar spine)."""
+    return BODY_PARTS.get((body_part or "").upper().replace(" ", "").replace("_", ""))
+
+
+def mask_overlay(image: np.ndarray, band: tuple[float, float, float, float] = MASK_BAND) -> np.ndarray:
+    """Blank the border band of a 2-D image (or of every slice of a stack): top, bottom, left, right fractions."""
+    a = np.array(image, np.float32, copy=True)
+    h, w = a.shape[-2:]
+    t, b, l, r = (int(math.ceil(f * n)) for f, n in zip(band, (h, h, w, w)))
+    a[..., :t, :] = 0
+    a[..., h - b :, :] = 0
+    a[..., :, :l] = 0
+    a[..., :, w - r :] = 0
+    return a
+
+
+def _canonical(volume: Volume, plane: str | None) -> tuple[np.ndarray, float, float, str]:
+    """The array in the canonical layout of ``plane`` (default: nearest) and its (row, col) spacing."""
+    from models.transforms import canonical_layout
+
+    perm, flips, plane = canonical_layout(volume, plane)
+    a = np.transpose(np.asarray(volume.array, np.float32), perm)
+    for ax, f in enumerate(flips):
+        if f:
+            a = np.flip(a, axis=ax)
+    spacing = [float(volume.spacing[p]) for p in perm]
+    return a, spacing[1], spacing[2], plane
+
+
+def slice_indices(n: int, count: int, span: tuple[float, float]) -> list[int]:
+    """``count`` slice indices evenly over ``span`` (fractions) of ``n`` slices (fewer when n is small)."""
+    if n <= 1:
+        return [0]
+    lo, hi = span[0] * (n - 1), span[1] * (n - 1)
+    return sorted({int(round(v)) for v in np.linspace(lo, hi, max(1, count))})
+
+
+def fov_slices(canonical: np.ndarray, row_mm: float, col_mm: float, ks: list[int], grid: int = SLICE_GRID) -> np.ndarray:
+    """Slices ``ks`` of a canonical array, overlay band blanked, each resampled to grid x grid over a square of
+    the longer physical side (centred; the shorter side is zero-padded) and scaled by the series' 99.5th
+    percentile -> (len(ks), grid, grid) float32."""
+    from models.transforms import apply_separable, interp_matrix, robust_scale
+
+    sub = mask_overlay(canonical[ks])
+    h, w = sub.shape[1:]
+    side = max(h * row_mm, w * col_mm)
+    sj, si = side / grid / row_mm, side / grid / col_mm
+    mj = interp_matrix(h, (h - 1) / 2 - (grid - 1) / 2 * sj, sj, grid)
+    mi = interp_matrix(w, (w - 1) / 2 - (grid - 1) / 2 * si, si, grid)
+    out = apply_separable(sub, np.eye(len(ks), dtype=np.float32), mj, mi)
+    return robust_scale(np.clip(out, 0, None))
+
+
+def anatomy_input(volume: Volume, plane: str | None = None, *, count: int = INFER_SLICES,
+                  span: tuple[float, float] = INFER_SPAN) -> np.ndarray:
+    """Volume -> (slices, 1, SLICE_GRID, SLICE_GRID) input of the anatomy classifier (canonical layout of
+    ``plane``; default: the nearest plane of the slice normal)."""
+    a, rs, cs, _ = _canonical(volume, plane)
+    return fov_slices(a, rs, cs, slice_indices(a.shape[0], count, span))[:, None]
+
 
 class AnatomyNet(nn.Module):
-    """Small MONAI 3-D CNN: (B, 1, 16, 64, 64) -> class logits, 128-d embedding."""
+    """Small MONAI 2-D CNN: (B, 1, 96, 96) slices -> class logits and a 128-d embedding (mean + max pooled)."""
 
-    def __init__(self, n_classes: int = len(ANATOMY_CLASSES), dropout: float = 0.2):
+    def __init__(self, n_classes: int = 10, dropout: float = 0.2):
         super().__init__()
         from monai.networks.blocks import Convolution
 
-        from models.nets import SpaceToDepth
-
         def conv(cin, cout, s=1):
-            return Convolution(3, cin, cout, strides=s, kernel_size=3, act="relu", norm="batch")
+            return Convolution(2, cin, cout, strides=s, kernel_size=3, act="relu", norm="batch")
 
-        self.body = nn.Sequential(
-            SpaceToDepth(2), conv(4, 16), conv(16, 32, 2), conv(32, 48, 2), conv(48, 64, (1, 2, 2)), conv(64, 64)
-        )
+        self.body = nn.Sequential(conv(1, 16, 2), conv(16, 16), conv(16, 32, 2), conv(32, 32), conv(32, 48, 2),
+                                  conv(48, 48), conv(48, 64, 2), conv(64, 64))
         self.drop = nn.Dropout(dropout)
-        self.fc = nn.Linear(128, n_classes)
-        self.motion = nn.Linear(128, 1)  # logit of heavy motion (ghosting beyond the phantom spec)
+        self.fc = nn.Linear(EMBED_DIM, n_classes)
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         f = self.body(x)
-        return torch.cat([f.mean(dim=(2, 3, 4)), f.amax(dim=(2, 3, 4))], dim=1)
+        return torch.cat([f.mean(dim=(2, 3)), f.amax(dim=(2, 3))], dim=1)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         e = self.embed(x)
         return self.fc(self.drop(e)), e
-
-    def motion_logit(self, e: torch.Tensor) -> torch.Tensor:
-        return self.motion(e).squeeze(1)
-
-
-def anatomy_input(volume: Volume, plane: str | None = None) -> np.ndarray:
-    """Volume -> (1, 16, 64, 64) input of the anatomy classifier (canonical ``plane``; default: nearest)."""
-    from models.transforms import preprocess
-
-    img, _ = preprocess(volume, ANATOMY_GRID, ANATOMY_ROI_MM, plane)
-    return img
 
 
 MOTION_GRID = 128  # in-plane grid over the whole field of view (ghosts are a field-of-view-relative pattern)
@@ -193,34 +266,69 @@ class MotionNet(nn.Module):
         return self.fc(torch.cat([f.mean(dim=(2, 3)), f.amax(dim=(2, 3))], dim=1)).squeeze(1)
 
 
-def motion_input(volume: Volume) -> np.ndarray:
-    """(MOTION_SLICES, 1, 128, 128): middle-half slices, each resampled over its whole field of view."""
-    from models.transforms import apply_separable, interp_matrix, robust_scale
-
-    a = np.asarray(volume.array, np.float32)
-    n = a.shape[0]
+def motion_slices(n: int) -> list[int]:
+    """The MOTION_SLICES slice indices (middle half) the motion detector reads of an n-slice series."""
     ks = sorted({int(round(v)) for v in np.linspace(n * 0.25, n * 0.75 - 1, MOTION_SLICES)})
+    ks = [min(max(k, 0), n - 1) for k in ks]
     while len(ks) < MOTION_SLICES:
         ks.append(ks[-1])
-    sub = a[ks]
+    return ks
+
+
+def motion_grid(slices: np.ndarray) -> np.ndarray:
+    """(n, rows, cols) slices -> (n, 1, 128, 128), each resampled over its whole field of view, scaled."""
+    from models.transforms import apply_separable, interp_matrix, robust_scale
+
+    a = np.asarray(slices, np.float32)
     mj = interp_matrix(a.shape[1], (a.shape[1] / MOTION_GRID - 1) / 2, a.shape[1] / MOTION_GRID, MOTION_GRID)
     mi = interp_matrix(a.shape[2], (a.shape[2] / MOTION_GRID - 1) / 2, a.shape[2] / MOTION_GRID, MOTION_GRID)
-    mk = np.eye(len(ks), dtype=np.float32)
-    out = robust_scale(apply_separable(sub, mk, mj, mi))
-    return out[:, None]
+    mk = np.eye(len(a), dtype=np.float32)
+    return robust_scale(apply_separable(a, mk, mj, mi))[:, None]
+
+
+def motion_input(volume: Volume) -> np.ndarray:
+    """(MOTION_SLICES, 1, 128, 128): middle-half slices, each resampled over its whole field of view."""
+    a = np.asarray(volume.array, np.float32)
+    return motion_grid(a[motion_slices(a.shape[0])])
+
+
+def add_ghosting(array: np.ndarray, displacement: float, rng: np.random.Generator, *, pe_axis: int | None = None,
+                 cycles: float | None = None) -> np.ndarray:
+    """Periodic phase-encode motion ghosting on magnitude images (n, rows, cols), as the phantoms render it:
+    the k-space lines of a linear acquisition order are shifted by ``displacement`` (a fraction of the
+    phase-encode field of view) x sin(2 pi cycles t)."""
+    import scipy.fft
+
+    a = np.asarray(array, np.float32)
+    axis = int(rng.integers(1, 3)) if pe_axis is None else int(pe_axis)
+    cycles = float(rng.uniform(2.0, 12.0)) if cycles is None else float(cycles)
+    n_pe = a.shape[axis]
+    kpe = np.fft.fftfreq(n_pe)
+    order = np.argsort(np.argsort(kpe))
+    disp = displacement * n_pe * np.sin(2 * np.pi * cycles * order / n_pe + rng.uniform(0, 2 * np.pi))
+    ghost = np.exp(-2j * np.pi * kpe * disp).astype(np.complex64)
+    shape = [1, 1, 1]
+    shape[axis] = n_pe
+    spec = scipy.fft.fft(a.astype(np.complex64), axis=axis, workers=1) * ghost.reshape(shape)
+    return np.abs(scipy.fft.ifft(spec, axis=axis, workers=1)).astype(np.float32)
 
 
 @dataclass
 class AnatomyClassifier:
     net: AnatomyNet
-    mean: np.ndarray  # (n_classes, 128) class means of the embedding
-    precision: np.ndarray  # (128, 128) shared inverse covariance
-    ood_threshold: float
+    mean: np.ndarray  # (n_classes, EMBED_DIM) class means of the slice embedding
+    precision: np.ndarray  # (EMBED_DIM, EMBED_DIM) shared inverse covariance
+    ood_threshold: float  # series distance to the claimed anatomy's nearest class mean above which it is refused
     sha256: str = ""
     metadata: dict[str, Any] = field(default_factory=dict)
-    motion_net: MotionNet | None = None  # native-resolution motion detector (preferred over the coarse head)
+    motion_net: MotionNet | None = None
+    contradiction_threshold: float = 0.8  # P(another anatomy or other) at which the pixels contradict the header
+    plane_threshold: float = 0.9  # P(the claimed anatomy in another plane) at which the pixels contradict it
+    support_threshold: float = 0.0  # below this P(claimed anatomy) the pixels are not recognisable as it
+    distance_scale: float = 1.0  # this model's in-distribution series distance (ood_threshold = ratio x scale)
+    classes: tuple[str, ...] = ANATOMY_CLASSES
 
-    FORMAT = "msknode.anatomy/1"
+    FORMAT = "msknode.anatomy/2"
 
     def motion_probability(self, volume: Volume) -> float | None:
         if self.motion_net is None:
@@ -230,32 +338,53 @@ class AnatomyClassifier:
             logits = self.motion_net(torch.from_numpy(motion_input(volume)))
         return float(torch.sigmoid(logits.mean()))
 
-    def predict(self, volume: Volume, plane: str | None = None) -> dict[str, Any]:
-        x = torch.from_numpy(anatomy_input(volume, plane)[None])
+    def slice_outputs(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(S, 1, G, G) slices -> (mean logits (n_classes,), mean embedding (EMBED_DIM,))."""
         self.net.eval()
         with torch.inference_mode():
-            logits, emb = self.net(x)
-            p_motion = float(torch.sigmoid(self.net.motion_logit(emb))[0])
-        p = torch.softmax(logits, dim=1)[0].numpy()
-        native = self.motion_probability(volume)
-        if native is not None:
-            p_motion = native
+            logits, emb = self.net(torch.from_numpy(np.ascontiguousarray(x, np.float32)))
+        return logits.mean(0).numpy().astype(np.float64), emb.mean(0).numpy().astype(np.float64)
+
+    def predict_input(self, x: np.ndarray) -> dict[str, Any]:
+        logits, e = self.slice_outputs(x)
+        p = np.exp(logits - logits.max())
+        p /= p.sum()
         k = int(np.argmax(p))
-        e = emb[0].numpy().astype(np.float64)
         d = self.mahalanobis(e)
-        return {"label": ANATOMY_CLASSES[k], "probability": float(p[k]),
-                "probabilities": {c: float(v) for c, v in zip(ANATOMY_CLASSES, p)},
-                "distance": float(d[k]), "min_distance": float(d[1:].min()), "motion_probability": p_motion}
+        anat_p = {a: float(sum(p[i] for i, c in enumerate(self.classes) if c.startswith(a + "/"))) for a in ANATOMIES}
+        anat_p["other"] = float(p[self.classes.index("other")])
+        anat_d = {a: float(min(d[i] for i, c in enumerate(self.classes) if c.startswith(a + "/"))) for a in ANATOMIES}
+        anat_d["other"] = float(d[self.classes.index("other")])
+        return {"label": self.classes[k], "probability": float(p[k]),
+                "probabilities": {c: float(v) for c, v in zip(self.classes, p)},
+                "anatomy_probabilities": anat_p, "distance": float(d[k]),
+                "min_distance": float(min(d[i] for i, c in enumerate(self.classes) if c != "other")),
+                "anatomy_distances": anat_d, "slices": int(len(x))}
+
+    def predict(self, volume: Volume, plane: str | None = None) -> dict[str, Any]:
+        """Anatomy/plane of a series from its pixels. ``plane``: the canonical layout to read it in (the
+        header's plane; default the nearest plane of the slice normal). Keys: label, probability,
+        probabilities (per class), anatomy_probabilities (marginal per anatomy and "other"), distance (to the
+        predicted class), min_distance (to any anatomy class), anatomy_distances, motion_probability."""
+        out = self.predict_input(anatomy_input(volume, plane))
+        out["motion_probability"] = self.motion_probability(volume)
+        return out
 
     def mahalanobis(self, e: np.ndarray) -> np.ndarray:
         diff = self.mean - e[None, :]
-        return np.sqrt(np.einsum("kd,de,ke->k", diff, self.precision, diff))
+        return np.sqrt(np.maximum(np.einsum("kd,de,ke->k", diff, self.precision, diff), 0.0))
 
     def state(self) -> dict[str, Any]:
-        return {"format": self.FORMAT, "classes": list(ANATOMY_CLASSES),
+        return {"format": self.FORMAT, "classes": list(self.classes),
                 "state_dict": {k: v.detach().clone() for k, v in self.net.state_dict().items()},
-                "mean": torch.as_tensor(self.mean), "precision": torch.as_tensor(self.precision),
-                "ood_threshold": float(self.ood_threshold), "metadata": dict(self.metadata),
+                "mean": torch.as_tensor(self.mean, dtype=torch.float32),
+                "precision": torch.as_tensor(self.precision, dtype=torch.float32),
+                "ood_threshold": float(self.ood_threshold),
+                "contradiction_threshold": float(self.contradiction_threshold),
+                "plane_threshold": float(self.plane_threshold), "support_threshold": float(self.support_threshold),
+                "distance_scale": float(self.distance_scale), "metadata": dict(self.metadata),
+                "input": {"grid": SLICE_GRID, "slices": INFER_SLICES, "span": list(INFER_SPAN),
+                          "mask_band": list(MASK_BAND)},
                 **({"motion_state_dict": {k: v.detach().clone() for k, v in self.motion_net.state_dict().items()}}
                    if self.motion_net is not None else {})}
 
@@ -273,10 +402,14 @@ class AnatomyClassifier:
     def load(cls, path: Path, *, sha256: str) -> "AnatomyClassifier":
         ck = torch.load(Path(path), map_location="cpu", weights_only=True)
         if not isinstance(ck, dict) or ck.get("format") != cls.FORMAT:
-            raise RegistryError(f"{path} is not a {cls.FORMAT} checkpoint")
+            found = ck.get("format") if isinstance(ck, dict) else type(ck).__name__
+            raise RegistryError(f"{path} is not a {cls.FORMAT} checkpoint (found {found})")
         if tuple(ck["classes"]) != ANATOMY_CLASSES:
             raise RegistryError(f"{path}: classes {ck['classes']} do not match the code")
-        net = AnatomyNet()
+        inp = ck.get("input", {})
+        if inp and (inp.get("grid") != SLICE_GRID or tuple(inp.get("mask_band", MASK_BAND)) != MASK_BAND):
+            raise RegistryError(f"{path}: input {inp} does not match the code's preprocessing")
+        net = AnatomyNet(len(ANATOMY_CLASSES))
         net.load_state_dict(ck["state_dict"])
         net.eval()
         motion = None
@@ -284,13 +417,78 @@ class AnatomyClassifier:
             motion = MotionNet()
             motion.load_state_dict(ck["motion_state_dict"])
             motion.eval()
-        return cls(net=net, mean=ck["mean"].numpy(), precision=ck["precision"].numpy(),
+        return cls(net=net, mean=ck["mean"].double().numpy(), precision=ck["precision"].double().numpy(),
                    ood_threshold=float(ck["ood_threshold"]), sha256=sha256, metadata=dict(ck.get("metadata", {})),
-                   motion_net=motion)
+                   motion_net=motion, contradiction_threshold=float(ck.get("contradiction_threshold", 0.8)),
+                   plane_threshold=float(ck.get("plane_threshold", 0.9)),
+                   support_threshold=float(ck.get("support_threshold", 0.0)),
+                   distance_scale=float(ck.get("distance_scale", 1.0)))
+
+    def thresholds(self) -> "Thresholds":
+        return Thresholds(contradiction=self.contradiction_threshold, plane=self.plane_threshold,
+                          support=self.support_threshold, ood=self.ood_threshold)
 
 
 # ------------------------------------------------------------------------------------------
 # the gate
+
+
+@dataclass(frozen=True)
+class PixelVerdict:
+    """What the pixels say about a claimed anatomy and plane (`decide`, `QCGate.check_pixels`)."""
+
+    accepted: bool
+    reason: str | None
+    message: str | None
+    metrics: dict[str, float]
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    contradiction: float  # P(rival anatomy or "other") at or above which the pixels contradict the claim
+    plane: float  # P(claimed anatomy in another plane) at or above which they contradict the header's plane
+    support: float  # P(claimed anatomy) below which the pixels are not recognisable as it
+    ood: float  # embedding distance to the claimed anatomy's classes above which the series is refused
+
+
+def decide(pred: dict[str, Any], anatomy: str, plane: str, t: Thresholds, *, model: str | None = None,
+           body_part: str | None = None) -> PixelVerdict:
+    """The pixel verdict on a prediction (`AnatomyClassifier.predict`) for a series claimed to be ``anatomy``
+    in ``plane`` (the plane of its header geometry): confident contradiction of the anatomy, then of the plane,
+    then no support for the claim, then distance."""
+    anat_p = pred["anatomy_probabilities"]
+    expected = f"{anatomy}/{plane}"
+    name = anatomy.replace("_", " ")
+    m = {"anatomy_probability": float(anat_p.get(anatomy, 0.0)),
+         "anatomy_plane_probability": float(pred["probabilities"].get(expected, 0.0)),
+         "anatomy_distance": float(pred["anatomy_distances"].get(anatomy, float("inf")))}
+    rivals = {k: v for k, v in anat_p.items() if k != anatomy}
+    rival = max(rivals, key=rivals.get)
+    m["rival_probability"] = float(rivals[rival])
+    reader = f"{model} reads {name}" if model else f"claimed {name}"
+    if rivals[rival] >= t.contradiction:
+        what = "something other than knee, shoulder or lumbar spine" if rival == "other" else rival.replace("_", " ")
+        said = f" although the header says {body_part}" if body_part else ""
+        return PixelVerdict(False, "wrong_anatomy", f"the pixels look like {what} (p={rivals[rival]:.2f}){said}; "
+                                                    f"{reader}", m)
+    same = {c: p for c, p in pred["probabilities"].items() if c.startswith(anatomy + "/") and c != expected}
+    if same:
+        seen = max(same, key=same.get)
+        if same[seen] >= t.plane:
+            return PixelVerdict(False, "wrong_orientation",
+                                f"the pixels look like a {name} {seen.split('/')[1]} series (p={same[seen]:.2f}) "
+                                f"although the header geometry says {plane}; {model or 'the model'} reads {plane} "
+                                "series", m)
+    if m["anatomy_probability"] < t.support:
+        return PixelVerdict(False, "out_of_distribution",
+                            f"the pixels are not recognisable as {name} (p={m['anatomy_probability']:.2f}, at least "
+                            f"{t.support:.2f} needed; nearest: {rival.replace('_', ' ')} p={rivals[rival]:.2f}); "
+                            f"{reader}", m)
+    if m["anatomy_distance"] > t.ood:
+        return PixelVerdict(False, "out_of_distribution",
+                            f"embedding distance {m['anatomy_distance']:.1f} to the {name} training data exceeds "
+                            f"{t.ood:.1f}", m)
+    return PixelVerdict(True, None, None, m)
 
 
 @dataclass
@@ -301,7 +499,22 @@ class QCGate:
     min_snr: float = 6.0  # estimated; phantoms of the spec (true SNR >= 8) estimate >= ~11
     max_motion_probability: float = 0.5
     min_foreground: float = 0.01
-    min_anatomy_probability: float = 0.5
+    thresholds: Thresholds | None = None  # None: the classifier's calibrated thresholds (stored with its weights)
+
+    def judge(self, pred: dict[str, Any], anatomy: str, plane: str, *, model: str | None = None,
+              body_part: str | None = None) -> PixelVerdict:
+        """`decide` with this gate's thresholds."""
+        assert self.anatomy is not None
+        return decide(pred, anatomy, plane, self.thresholds or self.anatomy.thresholds(), model=model,
+                      body_part=body_part)
+
+    def check_pixels(self, volume: Volume, anatomy: str, plane: str, *, model: str | None = None) -> PixelVerdict:
+        """The anatomy classifier's verdict on ``volume`` claimed as ``anatomy`` in ``plane`` (no header or
+        pixel-statistics checks: also for single slices and screen exports)."""
+        if self.anatomy is None:
+            return PixelVerdict(False, "qc_unavailable", "anatomy classifier weights (qc.anatomy) are missing", {})
+        pred = self.anatomy.predict_input(anatomy_input(volume, plane))
+        return self.judge(pred, anatomy, plane, model=model, body_part=volume.body_part)
 
     def check(self, volume: Volume, task) -> QCResult:
         spec = task.input
@@ -338,9 +551,10 @@ class QCGate:
         angle = float(np.degrees(np.arccos(np.clip(normal[_PLANE_AXIS[spec.plane]] / (np.linalg.norm(normal) + 1e-12), -1, 1))))
         m["obliquity_deg"] = angle
         if angle > spec.max_obliquity_deg:
+            nearest = ("sagittal", "coronal", "axial")[int(np.argmax(normal))]
             return refuse("wrong_orientation",
-                          f"slices are {angle:.0f} deg away from {spec.plane} (limit {spec.max_obliquity_deg:g}); "
-                          f"{task.name} reads {spec.plane} series")
+                          f"the header geometry puts the slices {angle:.0f} deg away from {spec.plane} (nearest plane: "
+                          f"{nearest}; limit {spec.max_obliquity_deg:g} deg); {task.name} reads {spec.plane} series")
         px = pixel_metrics(volume)
         m.update({k: float(v) for k, v in px.items()})
         if px["range"] <= 1e-6 * max(1.0, abs(px["p99"])):
@@ -352,30 +566,19 @@ class QCGate:
         if self.anatomy is None:
             return refuse("qc_unavailable", "anatomy classifier weights (qc.anatomy) are missing; cannot check the pixels")
         pred = self.anatomy.predict(volume, spec.plane)
-        m["motion_probability"] = pred["motion_probability"]
-        expected = f"{task.anatomy}/{spec.plane}"
-        m["anatomy_probability"] = pred["probabilities"].get(expected, 0.0)
-        m["anatomy_distance"] = pred["distance"]
-        header = f" although the header says {volume.body_part}" if volume.body_part else ""
-        if pred["label"] != expected or pred["probabilities"][expected] < self.min_anatomy_probability:
-            seen = pred["label"]
-            if seen.split("/")[0] == task.anatomy:
-                return refuse("wrong_orientation", f"the pixels show a {seen.replace('/', ' ')} series, "
-                                                   f"not {expected.replace('/', ' ')}")
-            what = "something other than knee, shoulder or lumbar spine" if seen == "other" else seen.replace("/", " ")
-            return refuse("wrong_anatomy", f"the pixels look like {what} (p={pred['probability']:.2f}){header}; "
-                                           f"{task.name} reads {task.anatomy}")
-        dist = pred["distance"]
-        if dist > self.anatomy.ood_threshold:
-            return refuse("out_of_distribution", f"embedding distance {dist:.1f} to {expected} training data exceeds "
-                                                 f"{self.anatomy.ood_threshold:.1f}")
-        if pred["motion_probability"] > self.max_motion_probability:
-            return refuse("motion", f"heavy motion ghosting (classifier p={pred['motion_probability']:.2f})")
+        verdict = self.judge(pred, task.anatomy, spec.plane, model=task.name, body_part=volume.body_part)
+        m.update(verdict.metrics)
+        if pred["motion_probability"] is not None:
+            m["motion_probability"] = float(pred["motion_probability"])
+        if not verdict.accepted:
+            return refuse(verdict.reason, verdict.message)
+        if pred["motion_probability"] is not None and pred["motion_probability"] > self.max_motion_probability:
+            return refuse("motion", f"heavy motion ghosting (detector p={pred['motion_probability']:.2f})")
         return QCResult(True, None, None, m)
 
 
 # ------------------------------------------------------------------------------------------
-# training the anatomy classifier
+# phantoms of the classes (training data; models.qc_training)
 
 _PHANTOM_PLANES = {
     "knee": ("sagittal", "coronal", "axial"),
@@ -390,148 +593,9 @@ ANATOMY_SEQUENCES = {
     "lumbar_spine": ("T2", "T2", "T1", "STIR", "T2_FS"),
 }
 HEAVY_MOTION_PX = (6.0, 20.0)  # ghost displacement beyond the phantom spec (<= 3 px), pixels of the default matrix
-
-
-def _anatomy_item(args) -> tuple[np.ndarray, int, int]:
-    """(input, anatomy class, heavy motion 0/1) of item ``idx``."""
-    idx, seed = args
-    torch.set_num_threads(1)
-    n_phantom_classes = len(ANATOMY_CLASSES) - 1
-    cls = idx % (n_phantom_classes + 3)  # 3 in 12 are "other"
-    if cls >= n_phantom_classes:
-        from models.negatives import generate_negative
-
-        vol = generate_negative(seed)
-        return anatomy_input(vol), 0, 0
-    label = ANATOMY_CLASSES[cls + 1]
-    anatomy, plane = label.split("/")
-    from models.phantoms import SPEC, generate
-
-    default_plane = _PHANTOM_PLANES[anatomy][0]
-    kw: dict[str, Any] = {} if plane == default_plane else {"orientation": plane}
-    rng = np.random.default_rng([seed, 5])
-    heavy = bool(rng.uniform() < 0.25)
-    # a coarse matrix and one sub-slice: the classifier's grid is 8 x 5 x 5 mm, finer rendering is wasted CPU.
-    # Motion is drawn in pixels of the spec's default matrix and scaled to the coarse one, so "heavy" means the
-    # same displacement in mm as on a full-resolution series (in-spec: up to 3 px of the default matrix).
-    spec_matrix = SPEC.for_anatomy(anatomy).acquisition.matrix
-    matrix = int(rng.choice([64, 96]))
-    if heavy:
-        px = float(rng.uniform(*HEAVY_MOTION_PX))
-    else:
-        px = float(rng.uniform(0.5, 3.0)) if rng.uniform() < 0.3 else 0.0
-    kw["motion_px"] = px * matrix / spec_matrix
-    # every contrast a site may route to the anatomy's models (knee sag_pd = PD without fat saturation, ...)
-    kw["sequence"] = str(rng.choice(ANATOMY_SEQUENCES[anatomy]))
-    ph = generate(anatomy, seed, matrix=matrix, sub_slices=1, **kw)
-    return anatomy_input(ph.volume, plane), ANATOMY_CLASSES.index(label), int(heavy)
-
-
-def anatomy_items(n: int, seed: int, workers: int = 1, log: Callable[[str], None] | None = None):
-    jobs = [(i, seed + i) for i in range(n)]
-    if workers > 1:
-        import multiprocessing as mp
-
-        with mp.get_context("spawn").Pool(workers) as pool:
-            items = []
-            for i, it in enumerate(pool.imap(_anatomy_item, jobs, chunksize=8)):
-                items.append(it)
-                if log and (i + 1) % 200 == 0:
-                    log(f"anatomy items: {i + 1}/{n}")
-            return items
-    items = []
-    for i, job in enumerate(jobs):
-        items.append(_anatomy_item(job))
-        if log and (i + 1) % 100 == 0:
-            log(f"anatomy items: {i + 1}/{n}")
-    return items
-
-
-def train_anatomy(n: int, seed: int, out_dir: Path, *, epochs: int = 12, threads: int = 2, workers: int = 1,
-                  log: Callable[[str], None] = print) -> Path:
-    """Train ``qc.anatomy`` on N generated items (phantoms of 9 anatomy/plane classes + synthetic others)."""
-    from monai.utils import set_determinism
-
-    torch.set_num_threads(threads)
-    set_determinism(seed=seed)
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    t0 = time.time()
-    items = anatomy_items(n, seed, workers=workers, log=log)
-    log(f"{len(items)} anatomy items in {time.time() - t0:.0f} s")
-    x = torch.from_numpy(np.stack([it[0] for it in items]).astype(np.float32))
-    y = torch.as_tensor([it[1] for it in items])
-    mo = torch.as_tensor([float(it[2]) for it in items])
-    n_val = max(len(ANATOMY_CLASSES), int(0.15 * len(items)))
-    xt, yt, xv, yv = x[:-n_val], y[:-n_val], x[-n_val:], y[-n_val:]
-    mt, mv = mo[:-n_val], mo[-n_val:]
-    net = AnatomyNet()
-    opt = torch.optim.AdamW(net.parameters(), lr=2e-3, weight_decay=1e-4)
-    bs = 32
-    steps = epochs * math.ceil(len(xt) / bs)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=2e-3, total_steps=steps, pct_start=0.2)
-    g = torch.Generator().manual_seed(seed)
-    log_lines = []
-    for ep in range(epochs):
-        net.train()
-        perm = torch.randperm(len(xt), generator=g)
-        tot = 0.0
-        for i in range(0, len(xt) - bs + 1, bs):
-            idx = perm[i : i + bs]
-            xb = xt[idx]
-            # augmentation: intensity scale/gamma, flips along the slice axis
-            scale = torch.exp(torch.randn(len(idx), 1, 1, 1, 1, generator=g) * 0.15)
-            xb = xb.clamp(min=0) ** torch.exp(torch.randn(len(idx), 1, 1, 1, 1, generator=g) * 0.1) * scale
-            flip = torch.rand(len(idx), generator=g) < 0.5
-            xb[flip] = torch.flip(xb[flip], dims=[2])
-            logits, emb = net(xb)
-            loss = nn.functional.cross_entropy(logits, yt[idx], label_smoothing=0.05)
-            loss = loss + 0.5 * nn.functional.binary_cross_entropy_with_logits(net.motion_logit(emb), mt[idx])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            sched.step()
-            tot += float(loss.detach()) * len(idx)
-        net.eval()
-        with torch.inference_mode():
-            lv, ev_ = net(xv)
-            mp = (torch.sigmoid(net.motion_logit(ev_)) > 0.5).float()
-        acc = float((lv.argmax(1) == yv).float().mean())
-        macc = float((mp == mv).float().mean())
-        line = {"epoch": ep, "loss": round(tot / len(xt), 4), "val_acc": round(acc, 4), "val_motion_acc": round(macc, 4)}
-        log_lines.append(line)
-        log(json.dumps(line))
-    net.eval()
-    with torch.inference_mode():
-        _, et = net(xt)
-        lv, ev = net(xv)
-    et, ev = et.numpy().astype(np.float64), ev.numpy().astype(np.float64)
-    ytn, yvn = yt.numpy(), yv.numpy()
-    mean = np.stack([et[ytn == k].mean(axis=0) if (ytn == k).any() else et.mean(axis=0) for k in range(len(ANATOMY_CLASSES))])
-    centred = et - mean[ytn]
-    cov = np.cov(centred.T) + 1e-3 * np.eye(et.shape[1])
-    cov = 0.9 * cov + 0.1 * np.diag(np.diag(cov))  # shrinkage
-    precision = np.linalg.inv(cov)
-    clf = AnatomyClassifier(net=net, mean=mean, precision=precision, ood_threshold=0.0)
-    d_val = np.array([clf.mahalanobis(e)[k] for e, k in zip(ev, yvn) if k != 0])
-    d_tr = np.array([clf.mahalanobis(e)[k] for e, k in zip(et, ytn) if k != 0])
-    clf.ood_threshold = float(max(np.percentile(d_tr, 99.9), d_val.max()) * 1.5)
-    val_acc = float((lv.argmax(1).numpy() == yvn).mean())
-    confusion = np.zeros((len(ANATOMY_CLASSES),) * 2, int)
-    for t, p in zip(yvn, lv.argmax(1).numpy()):
-        confusion[t, p] += 1
-    clf.metadata = {"version": "1", "training_data": f"anatomy:{n}:{seed}", "n_train": int(len(xt)),
-                    "n_val": int(n_val), "val_accuracy": val_acc, "epochs": epochs,
-                    "ood_threshold": clf.ood_threshold, "val_distance_max": float(d_val.max()),
-                    "train_distance_p99": float(np.percentile(d_tr, 99))}
-    path = out_dir / "model.pt"
-    sha = clf.save(path)
-    (out_dir / "train_log.jsonl").write_text("".join(json.dumps(line) + "\n" for line in log_lines))
-    (out_dir / "train_summary.json").write_text(json.dumps(
-        {**clf.metadata, "weights_sha256": sha, "classes": list(ANATOMY_CLASSES), "confusion_val": confusion.tolist()},
-        indent=2) + "\n")
-    log(json.dumps({"val_accuracy": val_acc, "ood_threshold": clf.ood_threshold}))
-    return path
+# the same as fractions of the phase-encode field of view (default matrices 192-256), for real images
+HEAVY_MOTION_FRACTION = (0.03, 0.09)
+IN_SPEC_MOTION_FRACTION = (0.002, 0.015)
 
 
 # ------------------------------------------------------------------------------------------
@@ -562,25 +626,42 @@ def _motion_item(args) -> tuple[np.ndarray, int]:
 
 
 def train_motion(n: int, seed: int, *, epochs: int = 12, threads: int = 2, workers: int = 1,
-                 log: Callable[[str], None] = print) -> tuple[MotionNet, dict[str, Any]]:
-    """Train MotionNet on N phantoms (all anatomies, default matrix): heavy (6-20 px) vs in-spec (0-3 px)."""
+                 log: Callable[[str], None] = print, extra_items: list[tuple[np.ndarray, int]] | None = None,
+                 extra_name: str = "", cache: Path | None = None) -> tuple[MotionNet, dict[str, Any]]:
+    """Train MotionNet on N phantoms (all anatomies, default matrix): heavy (6-20 px) vs in-spec (0-3 px);
+    ``extra_items`` ((MOTION_SLICES, 1, 128, 128) input, heavy 0/1), e.g. real series with and without
+    added ghosting (`models.qc_training.real_motion_items`), join the training part (validation: phantoms).
+    ``cache``: a file (outside the repository) holding the generated phantom inputs of N:SEED."""
     torch.set_num_threads(threads)
-    jobs = [(i, seed + i) for i in range(n)]
-    if workers > 1:
-        import multiprocessing as mp
-
-        with mp.get_context("spawn").Pool(workers) as pool:
-            items = list(pool.imap(_motion_item, jobs, chunksize=8))
+    if cache is not None and Path(cache).is_file():
+        with np.load(cache, allow_pickle=False) as z:
+            x = torch.from_numpy(z["x"].astype(np.float32))
+            y = torch.from_numpy(z["y"].astype(np.float32))
     else:
-        items = []
-        for i, j in enumerate(jobs):
-            items.append(_motion_item(j))
-            if (i + 1) % 100 == 0:
-                log(f"motion items: {i + 1}/{n}")
-    x = torch.from_numpy(np.stack([it[0] for it in items]).astype(np.float32))  # (N, S, 1, H, W)
-    y = torch.as_tensor([float(it[1]) for it in items])
+        jobs = [(i, seed + i) for i in range(n)]
+        if workers > 1:
+            import multiprocessing as mp
+
+            with mp.get_context("spawn").Pool(workers) as pool:
+                items = list(pool.imap(_motion_item, jobs, chunksize=8))
+        else:
+            items = []
+            for i, j in enumerate(jobs):
+                items.append(_motion_item(j))
+                if (i + 1) % 100 == 0:
+                    log(f"motion items: {i + 1}/{n}")
+        x = torch.from_numpy(np.stack([it[0] for it in items]).astype(np.float32))  # (N, S, 1, H, W)
+        y = torch.as_tensor([float(it[1]) for it in items])
+        if cache is not None:
+            Path(cache).parent.mkdir(parents=True, exist_ok=True)
+            tmp = Path(cache).with_suffix(".tmp.npz")
+            np.savez(tmp, x=x.numpy().astype(np.float16), y=y.numpy().astype(np.uint8))
+            tmp.replace(cache)
     n_val = max(20, int(0.15 * n))
     xt, yt, xv, yv = x[:-n_val], y[:-n_val], x[-n_val:], y[-n_val:]
+    if extra_items:
+        xt = torch.cat([xt, torch.from_numpy(np.stack([it[0] for it in extra_items]).astype(np.float32))])
+        yt = torch.cat([yt, torch.as_tensor([float(it[1]) for it in extra_items])])
     net = MotionNet()
     opt = torch.optim.AdamW(net.parameters(), lr=2e-3, weight_decay=1e-4)
     bs = 16
@@ -616,21 +697,28 @@ def train_motion(n: int, seed: int, *, epochs: int = 12, threads: int = 2, worke
     with torch.inference_mode():
         pv = torch.sigmoid(vol_logits(xv)).numpy()
     yvn = yv.numpy().astype(bool)
-    stats = {"motion_training_data": f"motion:{n}:{seed}", "motion_val_accuracy": float(((pv > 0.5) == yvn).mean()),
+    stats = {"motion_training_data": f"motion:{n}:{seed}" + (f" + {extra_name}" if extra_name else ""),
+             "motion_val_accuracy": float(((pv > 0.5) == yvn).mean()),
              "motion_val_recall": float((pv[yvn] > 0.5).mean()) if yvn.any() else None,
              "motion_val_false_positive_rate": float((pv[~yvn] > 0.5).mean()) if (~yvn).any() else None}
     return net, stats
 
 
 def attach_motion_detector(path: Path, n: int, seed: int, *, epochs: int = 12, threads: int = 2, workers: int = 1,
-                           log: Callable[[str], None] = print) -> Path:
-    """Train the native-resolution motion detector on N phantoms and store it with the anatomy classifier at
-    ``path`` (weights, .sha256 and train_summary.json rewritten)."""
+                           log: Callable[[str], None] = print, extra_items: list[tuple[np.ndarray, int]] | None = None,
+                           extra_name: str = "", extra_stats: Callable[[MotionNet], dict[str, Any]] | None = None,
+                           cache: Path | None = None) -> Path:
+    """Train the native-resolution motion detector on N phantoms (and ``extra_items``) and store it with the
+    anatomy classifier at ``path`` (weights, .sha256 and train_summary.json rewritten). ``extra_stats(net)``
+    adds figures measured on data the detector did not learn from."""
     from models.classifier import sha256_of
 
     path = Path(path)
     clf = AnatomyClassifier.load(path, sha256=sha256_of(path))
-    net, stats = train_motion(n, seed, epochs=epochs, threads=threads, workers=workers, log=log)
+    net, stats = train_motion(n, seed, epochs=epochs, threads=threads, workers=workers, log=log,
+                              extra_items=extra_items, extra_name=extra_name, cache=cache)
+    if extra_stats is not None:
+        stats.update(extra_stats(net))
     clf.motion_net = net
     clf.metadata = {**clf.metadata, **stats}
     sha = clf.save(path)

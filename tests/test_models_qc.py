@@ -172,13 +172,55 @@ def test_knee_in_another_plane_with_a_sagittal_header_is_refused_from_pixels(gat
     ph = _relabel_as_sagittal_knee(generate("knee", 9_600_100, orientation="axial"))
     qc = gate.check(ph.volume, ACL)
     _assert_pixel_refusal(qc, "axial knee labelled sagittal")
+    if qc.reason == "wrong_orientation":  # the message names what the pixels show and what the header says
+        assert "knee axial series" in qc.message and "header geometry says sagittal" in qc.message, qc.message
+        assert qc.metrics["anatomy_plane_probability"] < gate.anatomy.plane_threshold
+
+
+def test_pixel_plane_contradicts_the_header_only_when_very_confident(gate):
+    """The plane comes from the header: a knee whose pixels lean to another plane, but not with the
+    classifier's calibrated confidence, is accepted; a confident wrong anatomy is refused, an unsure one not."""
+    probs = {c: 0.0 for c in gate.anatomy.classes}
+    probs.update({"knee/sagittal": 0.2, "knee/axial": 0.75, "shoulder/coronal": 0.05})
+    pred = {"probabilities": probs, "anatomy_probabilities": {"knee": 0.95, "shoulder": 0.05, "lumbar_spine": 0.0,
+                                                             "other": 0.0},
+            "anatomy_distances": {"knee": 0.0, "shoulder": 9.0, "lumbar_spine": 9.0, "other": 9.0}}
+    assert gate.judge(pred, "knee", "sagittal").accepted
+    probs.update({"knee/sagittal": 0.01, "knee/axial": 0.94})
+    v = gate.judge(pred, "knee", "sagittal", model="knee.acl")
+    if 0.94 >= gate.anatomy.plane_threshold:
+        assert v.reason == "wrong_orientation" and "knee axial series" in v.message
+        assert "header geometry says sagittal" in v.message and "knee sagittal series" not in v.message
+    unsure = dict(pred, anatomy_probabilities={"knee": 0.55, "shoulder": 0.45, "lumbar_spine": 0.0, "other": 0.0})
+    assert gate.judge(unsure, "knee", "sagittal").reason != "wrong_anatomy"
+    sure = dict(pred, anatomy_probabilities={"knee": 0.04, "shoulder": 0.96, "lumbar_spine": 0.0, "other": 0.0})
+    v = gate.judge(sure, "knee", "sagittal", model="knee.acl", body_part="KNEE")
+    assert v.reason == "wrong_anatomy" and "shoulder" in v.message and "header says KNEE" in v.message
+    far = dict(pred, anatomy_distances={"knee": gate.anatomy.ood_threshold + 1.0, "shoulder": 0.0,
+                                        "lumbar_spine": 0.0, "other": 0.0})
+    far["probabilities"] = dict(probs, **{"knee/sagittal": 0.95, "knee/axial": 0.0})
+    assert gate.judge(far, "knee", "sagittal").reason == "out_of_distribution"
+
+
+def test_predict_reports_anatomy_marginals_for_routing(gate):
+    """What routing asks of a series without header anatomy: the label and the marginal per anatomy."""
+    pred = gate.anatomy.predict(generate("knee", 9_600_400).volume)
+    assert {"label", "probability", "probabilities", "distance", "min_distance", "motion_probability",
+            "anatomy_probabilities"} <= set(pred)
+    marg = pred["anatomy_probabilities"]
+    assert set(marg) == {"knee", "shoulder", "lumbar_spine", "other"}
+    assert abs(sum(marg.values()) - 1.0) < 1e-5 and abs(sum(pred["probabilities"].values()) - 1.0) < 1e-5
+    assert pred["label"].startswith("knee/") and marg["knee"] > 0.5
+    assert 0.0 <= pred["motion_probability"] <= 1.0
 
 
 def test_header_checks(gate, tmp_path):
     # true coronal knee: refused by the header geometry before the pixels are looked at
     qc = gate.check(generate("knee", 9_600_200, orientation="coronal").volume, ACL)
-    assert (qc.accepted, qc.reason) == (False, "wrong_orientation") and "coronal" not in qc.message or True
-    assert qc.reason == "wrong_orientation"
+    assert (qc.accepted, qc.reason) == (False, "wrong_orientation")
+    # decided from the header geometry, before any pixel is classified; the message names both planes
+    assert "header geometry" in qc.message and "nearest plane: coronal" in qc.message, qc.message
+    assert "reads sagittal" in qc.message and "anatomy_probability" not in qc.metrics
     # too few slices
     qc = gate.check(generate("knee", 9_600_201, n_slices=8).volume, ACL)
     assert qc.reason == "too_few_slices" and "12" in qc.message

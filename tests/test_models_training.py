@@ -155,7 +155,7 @@ def test_cli_trains_qc_anatomy_with_its_motion_detector(tmp_path):
 
     out = tmp_path / "qc"
     cmd = [sys.executable, "-m", "node.cli", "train", "qc.anatomy", "--data", "synthetic:36:9900000", "--epochs", "1",
-           "--motion", "24:9900100", "--out", str(out)]
+           "--realdata", "none", "--motion", "24:9900100", "--out", str(out)]
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     path = out / "model.pt"
