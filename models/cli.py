@@ -225,16 +225,12 @@ def cmd_evaluate(args, settings) -> int:
 
 # --- predict -------------------------------------------------------------------------------------------
 
-_BODY_PARTS = {
-    "KNEE": "knee", "SHOULDER": "shoulder", "LSPINE": "lumbar_spine", "LUMBAR": "lumbar_spine",
-    "LUMBARSPINE": "lumbar_spine", "SPINE": "lumbar_spine", "LSSPINE": "lumbar_spine",
-}
-
-
 def _anatomy_of(volume, registry) -> tuple[str | None, str]:
-    part = (volume.body_part or "").upper().replace(" ", "").replace("_", "")
-    if part in _BODY_PARTS:
-        return _BODY_PARTS[part], "header"
+    from models.qc import header_anatomy
+
+    anatomy = header_anatomy(volume.body_part)
+    if anatomy:
+        return anatomy, "header"
     from models.registry import MODEL_ANATOMY
 
     if registry.has_weights(MODEL_ANATOMY):

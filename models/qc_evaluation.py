@@ -17,12 +17,15 @@ claimed as each served anatomy), ``cross_anatomy_refused_rate``.
 - ``cross_anatomy_refused_rate``: served-anatomy series claimed as another served anatomy.
 
 The shipped model learned from most of the corpus, so those figures are not an independent
-estimate; ``held_out`` repeats them on the groups it never saw (the calibration quarter). The
+estimate; ``held_out`` repeats them on the groups it never saw (the held quarter). The
 independent figures come from ``--loso``: for each source, a model trained (same recipe) without
-it and tested on all of it; ``loso.pooled`` counts every test series once.
+it, its thresholds chosen (`choose_rule`) on the *other* folds' predictions of the sources those
+folds left out — never on the tested source — and tested on all of the source;
+``loso.pooled`` counts every test series once. The rule chosen on all folds is the one the
+shipped model carries (`models.qc_training.set_loso_rule`).
 
-A series is accepted when the pixel stage of the gate (`QCGate.judge`: anatomy, plane,
-distance) accepts it; the header checks (slice count, spacing, obliquity) and the motion
+A series is accepted when the pixel stage of the gate (`models.qc.decide`: contradiction,
+plane, support, distance) accepts it; the header checks (slice count, spacing, obliquity) and the motion
 detector are not part of these figures (single slices and screen exports have no header).
 """
 
