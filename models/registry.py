@@ -85,8 +85,9 @@ def _build_entries() -> dict[str, ModelEntry]:
     )
     entries[MODEL_ANATOMY] = ModelEntry(
         name=MODEL_ANATOMY, task="qc", anatomy="any",
-        description="QC gate anatomy/orientation classifier (knee sagittal, shoulder coronal, spine sagittal, other)",
-        input_roles=(), weights_file="model.pt", version="1", loader=_anatomy_loader,
+        description="QC gate pixel anatomy classifier (knee, shoulder, lumbar spine in three planes, other; plane "
+                    "from the header), out-of-distribution distance, motion detector",
+        input_roles=(), weights_file="model.pt", version="2", loader=_anatomy_loader,
         input_spec={"roles": "every model input", "plane": "any"},
     )
     return entries
