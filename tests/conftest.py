@@ -1,27 +1,101 @@
-"""Shared fixtures. Servers started here bind to 127.0.0.1 and are stopped by the fixture."""
+"""Shared fixtures, the test markers, and the check that no server outlives the run.
+
+Servers started here bind to 127.0.0.1 and are stopped by the fixture. Helpers live in
+``tests/support`` (import them as ``support.<module>``), not here.
+"""
 
 from __future__ import annotations
 
 import os
-import sys
+import signal
 from pathlib import Path
 
 import pytest
 
-from node.demo.loopback import free_port  # noqa: F401  (tests import it from here)
+from support import servers
+from support.env import ROOT, VENV_BIN, free_port, isolate_env  # noqa: F401  (old imports from conftest)
 
-ROOT = Path(__file__).resolve().parent.parent
-VENV_BIN = Path(sys.executable).parent
 os.environ.setdefault("TCP_NODELAY", "1")
+servers.mark_run()
+
+# ---- markers: every module is unit, integration or slow (pyproject.toml registers them) ---------
+#
+# unit: pure in-process and sub-second; integration: real servers, sockets or subprocesses
+# (listener, Orthanc, dcmtk, Redis, PostgreSQL, Chromium); slow: model training or evaluation, or
+# anything over ~10 s. A module says so with `pytestmark`; the modules listed here get theirs
+# from this hook (their files are maintained apart from the markers).
+MODULE_MARKERS: dict[str, tuple[str, ...]] = {
+    "test_ingest.py": ("unit",),
+    "test_listener.py": ("integration",),
+    "test_listener_admission.py": ("integration",),
+    "test_listener_bench.py": ("integration", "slow"),
+    "test_models_io.py": ("unit",),
+    "test_models_protocol.py": ("unit",),
+    "test_models_qc.py": ("slow",),
+    "test_models_qc_realdata.py": ("slow",),
+    "test_models_registry.py": ("unit",),
+    "test_models_superres.py": ("slow",),
+    "test_models_training.py": ("slow",),
+}
+KINDS = ("unit", "integration", "slow")
 
 
-def isolate_env(monkeypatch, **values: object) -> None:
-    """Removes the caller's MSKNODE_* variables from this process's environment, then sets ``values``."""
-    for k in list(os.environ):
-        if k.startswith("MSKNODE_"):
-            monkeypatch.delenv(k)
-    for k, v in values.items():
-        monkeypatch.setenv(k, str(v))
+def pytest_collection_modifyitems(config, items):
+    """Adds the markers of `MODULE_MARKERS`; a module with none of `KINDS` counts as integration
+    (so the fast loop leaves it out) and is named in a warning."""
+    unmarked = set()
+    for item in items:
+        name = Path(str(item.fspath)).name
+        for marker in MODULE_MARKERS.get(name, ()):
+            if not item.get_closest_marker(marker):
+                item.add_marker(marker)
+        if not any(item.get_closest_marker(k) for k in KINDS):
+            item.add_marker("integration")
+            unmarked.add(name)
+    if unmarked:
+        import warnings
+
+        warnings.warn(pytest.PytestWarning(
+            f"test modules without a unit/integration/slow marker (run as integration): {', '.join(sorted(unmarked))}; "
+            "set pytestmark in the module (see tests/conftest.py)"))
+
+
+# ---- no server outlives the run ---------------------------------------------------------------
+
+
+def pytest_configure(config):
+    # SIGTERM (a CI time limit, `kill`) ends the run like Ctrl-C: fixture finalizers and atexit run
+    if signal.getsignal(signal.SIGTERM) in (signal.SIG_DFL, None):
+        signal.signal(signal.SIGTERM, _terminate)
+
+
+def _terminate(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_sessionfinish(session, exitstatus):
+    """Fails the run if a server it started is still alive (after every fixture finalizer ran)."""
+    if hasattr(session.config, "workerinput"):
+        return
+    still_tracked = servers.stop_all()
+    leaks = servers.leaked_processes()
+    if not still_tracked and not leaks:
+        return
+    servers.kill_leaks(leaks)
+    lines = [f"  still registered, stopped now: {name}" for name in still_tracked]
+    lines += [f"  still running, killed now: {leak}" for leak in leaks]
+    message = "error: the test run left servers running (a fixture did not stop them):\n" + "\n".join(lines)
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    if reporter is not None:
+        reporter.write_line(message, red=True, bold=True)
+    else:
+        print(message)
+    if session.exitstatus in (pytest.ExitCode.OK, pytest.ExitCode.NO_TESTS_COLLECTED):
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+# ---- settings and database --------------------------------------------------------------------
 
 
 @pytest.fixture
@@ -55,11 +129,11 @@ def db(settings):
 @pytest.fixture(scope="session")
 def pg_server():
     """One PostgreSQL 15 cluster for the test session (initdb as user postgres, loopback, fsync off)."""
-    from jobs_support import PostgresServer
-
-    server = PostgresServer(free_port()).start()
-    yield server
-    server.stop()
+    server = servers.PostgresServer(free_port()).start()
+    try:
+        yield server
+    finally:
+        server.stop()
 
 
 @pytest.fixture
@@ -73,11 +147,11 @@ def postgres_url(pg_server) -> str:
 @pytest.fixture
 def redis_server(tmp_path):
     """A real redis-server on a free port (no persistence); ``.stop()``/``.start()`` restart it on the same port."""
-    from jobs_support import RedisServer
-
-    server = RedisServer(tmp_path / "redis", free_port()).start()
-    yield server
-    server.stop()
+    server = servers.RedisServer(tmp_path / "redis", free_port()).start()
+    try:
+        yield server
+    finally:
+        server.stop()
 
 
 @pytest.fixture
@@ -96,7 +170,7 @@ def orthanc(tmp_path_factory):
     ``.start()`` restart it on the same ports and storage; ``.study_series(uid)`` and ``.received()``
     show what arrived. AE titles MSKNODE, STORESCU, ECHOSCU, FINDSCU, MOVESCU from 127.0.0.1 may store.
     """
-    from orthanc_support import OrthancServer
+    from support.orthanc import OrthancServer
 
     server = OrthancServer(tmp_path_factory.mktemp("orthanc"), dicom_port=free_port(), http_port=free_port())
     server.start()

@@ -9,7 +9,7 @@ import threading
 import pytest
 from sqlalchemy import func, select
 
-from completeness_rows import add_instances, at, make_series, make_study, open_association, release, send_series
+from support.index_rows import add_instances, at, make_series, make_study, open_association, release, send_series
 from node.db.database import Database
 from node.db.schema import Association, Instance, Job, JobInput, Series, Study
 from node.intake.completeness import check_positions, input_fingerprint, tick

@@ -23,8 +23,8 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
 from sqlalchemy import select
 
-from conftest import ROOT, free_port
-from listener_support import ListenerProcess
+from support.env import ROOT, free_port
+from support.listener import ListenerProcess
 from node.db.database import Database, utcnow
 from node.db.schema import Association, Job, Series, Study
 from node.demo.loopback import child_env

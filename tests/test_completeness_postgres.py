@@ -6,7 +6,7 @@ import multiprocessing as mp
 
 from sqlalchemy import func, select
 
-from completeness_rows import at, make_study, send_series
+from support.index_rows import at, make_study, send_series
 from node.db.database import Database
 from node.db.schema import Job, JobInput, Series
 from node.intake.completeness import tick

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import free_port
+from support.env import free_port
 from node.demo.loopback import child_env
 from node.demo.orthanc import OrthancProcess
 

@@ -15,14 +15,14 @@ from pydicom.uid import MRImageStorage
 from pynetdicom import AE, AllStoragePresentationContexts, evt
 from sqlalchemy import select
 
-from conftest import VENV_BIN, free_port
+from support.env import VENV_BIN, free_port
 from node.db.schema import Job, OutboxItem, ResultObject, Study
 from node.demo.loopback import child_env
 from node.dispatch.outbox import RetryPolicy, claim, process_outbox, retry_item
 from node.errors import DispatchError
 from node.results import build_results, save
 from node.settings import DimseDestination, StowDestination
-from test_results_data import knee_output, volume_from_files, write_mr_series
+from support.results_data import knee_output, volume_from_files, write_mr_series
 
 T0 = dt.datetime(2030, 1, 1, 12, 0, tzinfo=dt.timezone.utc)
 

@@ -20,7 +20,7 @@ from node.dispatch.outbox import process_outbox
 from node.results import TriageSummary, build_results, save
 from node.settings import DimseDestination, StowDestination
 from test_dispatch import T0, enqueue, with_dest
-from test_results_data import knee_output, volume_from_files
+from support.results_data import knee_output, volume_from_files
 
 
 def _phantom_study(tmp_path, seed: int):

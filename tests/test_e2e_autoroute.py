@@ -18,7 +18,7 @@ from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 
-from conftest import free_port
+from support.env import free_port
 from node.demo.pacs import OrthancPacs
 
 UID_ROOT = "1.2.826.0.1.3680043.10.1447."

@@ -10,7 +10,7 @@ import time
 import pytest
 from sqlalchemy import func, select, update
 
-from jobs_support import SleepyRunner, make_study_job
+from support.jobs import SleepyRunner, make_study_job
 from node.db.database import utcnow
 from node.db.schema import Finding, Job, JobInput, OutboxItem, ResultObject, Series
 from node.errors import JobError

@@ -10,8 +10,8 @@ import time
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import free_port
-from jobs_support import SleepyRunner, make_study_job
+from support.env import free_port
+from support.jobs import SleepyRunner, make_study_job
 from node.db.schema import Study
 from node.demo.loopback import echoscu
 from node.jobs import lease as jobs

@@ -7,7 +7,7 @@ import sys
 
 from sqlalchemy import create_engine, inspect
 
-from conftest import ROOT, VENV_BIN
+from support.env import ROOT, VENV_BIN
 from node.db.database import Base, import_all_tables
 from node.demo.loopback import child_env
 

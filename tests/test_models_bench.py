@@ -8,7 +8,7 @@ import os
 import subprocess
 import sys
 
-from conftest import ROOT
+from support.env import ROOT
 from models.pipelines import PIPELINES
 
 

@@ -13,7 +13,7 @@ from models.classifier import sha256_of
 from models.evaluation import evaluate
 from models.phantoms import generate
 from models.registry import REPO_WEIGHTS, Registry
-from models_support import mni_volume
+from support.volumes import mni_volume
 
 NAME = "shoulder.rotator_cuff"
 CLASSES = ("none", "partial", "full_thickness")

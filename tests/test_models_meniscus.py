@@ -16,7 +16,7 @@ from models.pipelines import run_pipeline
 from models.registry import REPO_WEIGHTS, Registry
 from models.tasks.knee_meniscus import CORONAL_ROLE, TASK, located_side, resample_onto_grid
 from models.transforms import make_frame, make_native_frame
-from models_support import mni_volume
+from support.volumes import mni_volume
 
 NAME = "knee.meniscus"
 FRESH_SEED = 6_100_300  # never used in training (training seeds 7_000_000+, see the model card)

@@ -14,7 +14,7 @@ from models.evaluation import evaluate
 from models.phantoms import generate
 from models.registry import REPO_WEIGHTS, Registry
 from models.tasks.spine_stenosis import GRADES, LEVELS, TASK
-from models_support import mni_volume
+from support.volumes import mni_volume
 
 NAME = "lumbar_spine.stenosis"
 FRESH_SEED = 6_300_000  # never used in training (training seeds 100_000+, see the model card)

@@ -23,8 +23,8 @@ from pydicom.sequence import Sequence
 from pydicom.uid import generate_uid
 from sqlalchemy import select
 
-from conftest import ROOT
-from listener_support import PYDICOM_DATA
+from support.env import ROOT
+from support.listener import PYDICOM_DATA
 from node.db.schema import Instance, Series
 from node.demo.loopback import child_env
 from node.errors import RoutingError

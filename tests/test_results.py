@@ -11,8 +11,9 @@ from pydicom.uid import MRImageStorage
 from models.types import Finding, ModelOutput, PipelineOutput, QCResult
 from node.errors import ResultsError
 from node.results import ResultRef, TriageSummary, build_results, save
-from test_results_data import (
+from support.results_data import (
     assert_valid,
+    dciodvfy,
     knee_output,
     measurement_groups,
     model,
@@ -21,6 +22,17 @@ from test_results_data import (
     volume_from_files,
     write_mr_series,
 )
+
+
+def test_synthetic_series_is_a_valid_mr_series(tmp_path):
+    paths = write_mr_series(tmp_path / "s", n_slices=3)
+    errors, _warnings = dciodvfy(paths[0])
+    assert errors == []
+    vol = volume_from_files(paths)
+    assert vol.array.shape == (3, 40, 36)
+    # slices are ordered ascending along the normal although written in reverse
+    proj = vol.positions @ vol.normal
+    assert np.all(np.diff(proj) > 0)
 
 
 @pytest.fixture
@@ -285,7 +297,7 @@ def test_superres_series_geometry_and_derivation(settings, knee):
 
 
 def test_failed_consistency_check_writes_no_superres_series_but_says_so(settings, knee):
-    from test_results_data import superres_of
+    from support.results_data import superres_of
 
     paths, vol = knee
     out = knee_output(vol)

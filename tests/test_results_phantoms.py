@@ -10,7 +10,7 @@ import pytest
 from models.phantoms import generate, write_dicom_series
 from models.types import Finding, ModelOutput, PipelineOutput, QCResult
 from node.results import TriageSummary, build_results, save
-from test_results_data import assert_valid, blob, knee_output, model, spine_output, superres_of, volume_from_files
+from support.results_data import assert_valid, blob, knee_output, model, spine_output, superres_of, volume_from_files
 
 
 def _shoulder_output(vol) -> PipelineOutput:

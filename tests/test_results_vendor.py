@@ -15,7 +15,7 @@ from pydicom.dataset import Dataset
 
 from models.types import Finding, ModelOutput, PipelineOutput, QCResult
 from node.results import TriageSummary, build_results, save
-from test_results_data import (
+from support.results_data import (
     assert_valid,
     blob,
     copy_real,

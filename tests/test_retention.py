@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import func, select
 
-from completeness_rows import uid
+from support.index_rows import uid
 from node.db.database import utcnow
 from node.db.schema import Instance, Job, JobInput, OutboxItem, ResultObject, Series, Study
 from node.demo.loopback import child_env

@@ -12,8 +12,8 @@ import time
 import pytest
 from sqlalchemy import func, select
 
-from conftest import isolate_env
-from jobs_support import (
+from support.env import isolate_env
+from support.jobs import (
     WorkerProcess,
     job_states,
     make_study_job,
@@ -109,12 +109,12 @@ def test_two_workers_one_killed_mid_job_every_job_runs_once(scaleout):
 def test_broker_down_series_keep_arriving_and_jobs_run_when_it_is_back(scaleout, tmp_path):
     """Redis killed: the listener keeps storing, completeness keeps creating jobs (in PostgreSQL), their
     wake-ups wait in the database; a wake-up that was inside Redis is lost with it and re-sent."""
-    from jobs_support import ListenerProcess, storescu, write_phantom_series
+    from support.jobs import ListenerProcess, storescu, write_phantom_series
     from node.db.schema import Instance, Series
     from node.jobs.celery_app import make_celery, send_job
     from node.ops.health import health_report
 
-    from conftest import free_port
+    from support.env import free_port
 
     node = scaleout
     app = make_celery(node.settings)

@@ -1,7 +1,7 @@
 """Survival of the job machinery with real worker processes on the embedded default
 (SQLite WAL + kombu filesystem transport): retries through the broker, kill -9 mid-job.
 
-The worker runs `tests/jobs_support.py worker`: the real `node.jobs.worker.run_worker` (Celery prefork
+The worker runs `tests/support/jobs.py` (`main`): the real `node.jobs.worker.run_worker` (Celery prefork
 worker + periodic loop) with a step function that sleeps and writes rows instead of the models.
 """
 
@@ -12,7 +12,7 @@ import time
 import pytest
 from sqlalchemy import func, select
 
-from jobs_support import WorkerProcess, job_states, make_study_job, read_runs, wait_for, worker_env
+from support.jobs import WorkerProcess, job_states, make_study_job, read_runs, wait_for, worker_env
 from node.db.schema import WorkerRecord
 from node.db.schema import Finding, Job, ResultObject, Study
 
@@ -117,10 +117,10 @@ def test_soft_and_hard_time_limits_end_in_a_visible_dead_state(embedded, setting
 
 def test_load_8_associations_x_40_instances_all_stored_and_processed_once(embedded, settings, db, tmp_path):
     """8 concurrent storescu associations × 40 instances while the worker runs (listener + completeness + worker)."""
-    from jobs_support import ListenerProcess, storescu, write_phantom_series
+    from support.jobs import ListenerProcess, storescu, write_phantom_series
     from node.db.schema import Instance, JobInput, Series
 
-    from conftest import free_port
+    from support.env import free_port
 
     port = free_port()
     env = {"MSKNODE_PORT": str(port), "MSKNODE_QUIET_SECONDS": "1", "MSKNODE_STUDY_QUIET_SECONDS": "1"}
@@ -196,12 +196,13 @@ def test_whole_node_restart_with_jobs_queued_processing_and_in_the_outbox(embedd
     after the restart everything finishes, nothing runs or arrives twice."""
     import json
 
-    from jobs_support import ListenerProcess, OrthancServer, storescu, write_phantom_series
+    from support.jobs import ListenerProcess, storescu, write_phantom_series
+    from support.orthanc import OrthancPacs
     from node.db.schema import OutboxItem
 
-    from conftest import free_port
+    from support.env import free_port
 
-    pacs = OrthancServer(tmp_path / "orthanc")  # ports reserved, not started: the PACS is down at first
+    pacs = OrthancPacs(tmp_path / "orthanc")  # ports reserved, not started: the PACS is down at first
     port = free_port()
     env = {"MSKNODE_PORT": str(port), "MSKNODE_QUIET_SECONDS": "0.5", "MSKNODE_STUDY_QUIET_SECONDS": "0.5",
            "MSKNODE_DESTINATIONS": json.dumps([pacs.destination])}

@@ -13,8 +13,9 @@ from pathlib import Path
 
 from sqlalchemy import select
 
-from conftest import free_port
-from jobs_support import ListenerProcess, OrthancServer, WorkerProcess, job_states, storescu, wait_for, worker_env
+from support.env import free_port
+from support.jobs import ListenerProcess, WorkerProcess, job_states, storescu, wait_for, worker_env
+from support.orthanc import OrthancPacs
 from node.db.schema import Job, OutboxItem, ResultObject, Study
 
 LEASE = 5.0
@@ -31,7 +32,7 @@ class NodeWorker(WorkerProcess):
 def test_kill9_mid_inference_job_completes_once_and_results_reach_orthanc_once(settings, db, tmp_path):
     from models.phantoms import write_study
 
-    pacs = OrthancServer(tmp_path / "orthanc").start()
+    pacs = OrthancPacs(tmp_path / "orthanc").start()
     port = free_port()
     env = worker_env({
         "MSKNODE_DATA_DIR": str(settings.data_dir),

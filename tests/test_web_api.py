@@ -1,6 +1,6 @@
 """The web app over HTTP (in-process ASGI client): authentication, roles, CSRF, bad input, data and pixels.
 
-The database is seeded with real rows and real DICOM files (tests/web_seed.py): an MR
+The database is seeded with real rows and real DICOM files (tests/support/web_seed.py): an MR
 series written with pydicom, a fractional SEG written with highdicom, a super-resolved
 derived series, jobs, findings, result objects and outbox rows; worklist entries come
 from the real `worklists.entries.upsert_for_job`.
@@ -23,8 +23,8 @@ with warnings.catch_warnings():
     warnings.simplefilter("ignore")
     from starlette.testclient import TestClient
 
-import web_seed as ws
-from conftest import isolate_env
+from support import web_seed as ws
+from support.env import isolate_env
 
 ADMIN = ("alice", "alice-password-1")
 READER = ("rob", "rob-password-12")

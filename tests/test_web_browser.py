@@ -27,8 +27,8 @@ from selenium.webdriver.common.keys import Keys
 from selenium.webdriver.support import expected_conditions as EC
 from selenium.webdriver.support.ui import Select, WebDriverWait
 
-import web_seed as ws
-from conftest import ROOT, VENV_BIN, free_port, isolate_env
+from support import web_seed as ws
+from support.env import ROOT, VENV_BIN, free_port, isolate_env
 from node.demo.loopback import child_env
 
 ADMIN = ("alice", "alice-password-1")

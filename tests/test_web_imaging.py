@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 from pydicom.data import get_testdata_file
 
-import web_seed as ws
+from support import web_seed as ws
 from node.web import imaging
 
 

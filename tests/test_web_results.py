@@ -25,7 +25,7 @@ with warnings.catch_warnings():
 
 @pytest.fixture
 def processed(settings, db, tmp_path):
-    from test_results_data import knee_output, volume_from_files, write_mr_series
+    from support.results_data import knee_output, volume_from_files, write_mr_series
 
     from node.db.schema import Finding, Instance, Job, JobInput, ResultObject, Series, Study
     from node.jobs.runner import findings_from_output

@@ -24,8 +24,8 @@ with warnings.catch_warnings():
     warnings.simplefilter("ignore")
     from starlette.testclient import TestClient
 
-from completeness_rows import at, make_study, send_series
-from conftest import isolate_env
+from support.index_rows import at, make_study, send_series
+from support.env import isolate_env
 
 ADMIN = ("alice", "alice-password-1")
 READER = ("rob", "rob-password-12")

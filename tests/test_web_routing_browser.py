@@ -19,8 +19,8 @@ from selenium.webdriver.common.by import By
 from selenium.webdriver.support import expected_conditions as EC
 from selenium.webdriver.support.ui import Select
 
-from completeness_rows import at, make_study, send_series
-from conftest import ROOT, VENV_BIN, free_port, isolate_env
+from support.index_rows import at, make_study, send_series
+from support.env import ROOT, VENV_BIN, free_port, isolate_env
 from node.demo.loopback import child_env
 from test_web_browser import ADMIN, browser, console_errors, login, shot, wait  # noqa: F401  (fixture)
 

@@ -29,7 +29,7 @@ from pathlib import Path
 import pytest
 from pydicom.data import get_testdata_file
 
-from conftest import ROOT
+from support.env import ROOT
 from node.demo.loopback import child_env, echoscu, free_port
 
 pytestmark = pytest.mark.slow

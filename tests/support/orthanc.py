@@ -1,4 +1,7 @@
-"""A real Orthanc (Debian ``/usr/sbin/Orthanc``) for tests: the PACS our results go to.
+"""Real Orthanc instances (Debian ``/usr/sbin/Orthanc``) for tests: the PACS our results go to.
+
+`OrthancPacs(workdir)` is the plain one (DICOM + REST on loopback, no auth, no plugins), the PACS
+of the job and survival tests. The rest of this docstring is about `OrthancServer`.
 
 `OrthancServer(workdir)` is a `node.demo.orthanc.OrthancProcess` (free loopback ports, SQLite
 index and storage in ``workdir``, HTTP basic auth) with the DICOMweb plugin;
@@ -19,7 +22,9 @@ import re
 from collections import Counter
 from pathlib import Path
 
+from node.demo.loopback import free_port
 from node.demo.orthanc import OrthancProcess, dicom_peer, restricted_peers
+from support.servers import track, untrack
 
 PLUGIN_DIRS = ("/usr/share/orthanc/plugins", "/usr/lib/orthanc")
 _LUA = """
@@ -37,7 +42,25 @@ def dicomweb_plugin() -> Path:
     raise FileNotFoundError("the orthanc-dicomweb plugin (libOrthancDicomWeb.so) is not installed")
 
 
-class OrthancServer(OrthancProcess):
+class _Tracked(OrthancProcess):
+    """Registers the running Orthanc with `support.servers.track`, so no run leaves one behind."""
+
+    _token = None
+
+    def start(self, timeout: float = 60.0):
+        if not self.running:
+            self._token = track(f"Orthanc {self.workdir} :{self.dicom_port}/{self.http_port}", self.stop)
+        return super().start(timeout)
+
+    def stop(self, timeout: float = 20.0) -> None:
+        try:
+            super().stop(timeout)
+        finally:
+            untrack(self._token)
+            self._token = None
+
+
+class OrthancServer(_Tracked):
     """The test PACS: DICOMweb, basic auth, the listed AE titles may store/find/move, a reception log."""
 
     def __init__(self, workdir: Path, *, dicom_port: int, http_port: int, aet: str = "ORTHANC",
@@ -89,3 +112,24 @@ class OrthancServer(OrthancProcess):
             return Counter()
         text = self.log_path.read_text(errors="replace")
         return Counter(re.findall(r"MSKTEST-RECEIVED (\S+) ", text))
+
+
+class OrthancPacs(_Tracked):
+    """A real Orthanc as the PACS: DICOM + REST on loopback (no auth), its own storage dir, free ports."""
+
+    def __init__(self, workdir: Path, *, aet: str = "ORTHANC"):
+        super().__init__(workdir, dicom_port=free_port(), http_port=free_port(), aet=aet)
+
+    def config(self) -> dict:
+        return {
+            "Name": "pacs", **super().config(), "HttpServerEnabled": True, "DicomCheckCalledAet": False,
+            "DicomServerEnabled": True, "Plugins": [], "StableAge": 1,
+        }
+
+    def instances_of_study(self, study_uid: str) -> list[dict]:
+        """Every instance Orthanc holds in the study (its MainDicomTags: SOPInstanceUID, ...)."""
+        return self.post("/tools/find", {"Level": "Instance", "Query": {"StudyInstanceUID": study_uid}, "Expand": True})
+
+    @property
+    def destination(self) -> dict:
+        return {"type": "dimse", "name": "pacs", "ae_title": self.aet, "host": "127.0.0.1", "port": self.dicom_port}

@@ -1,5 +1,5 @@
 """Support for the job tests: rows for a study with a job, a step function that sleeps and writes
-rows, and a worker process entry point (``python tests/jobs_support.py worker --sleep 1``).
+rows, and a worker process entry point (`WorkerProcess`: ``main(["worker", "--sleep", "1"])`` in a child).
 
 The step function is a real `node.jobs.runner.JobRunner`: it loads nothing heavy, sleeps in small
 steps (checking its lease), writes a result file with a UID derived from the job's input
@@ -17,13 +17,14 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+from node.demo.loopback import child_env, echoscu
+from node.jobs.runner import FindingRecord, JobContext, JobProducts, ResultRecord, Steps
+from support.env import ROOT, TESTS
+from support.servers import track, untrack
 
-from node.demo.loopback import child_env, echoscu  # noqa: E402
-from node.demo.orthanc import OrthancProcess  # noqa: E402
-from node.jobs.runner import FindingRecord, JobContext, JobProducts, ResultRecord, Steps  # noqa: E402
+# the child runs `main` of this module with the checkout and tests/ on its path
+_WORKER_MAIN = ("import sys; sys.path[:0] = [{root!r}, {tests!r}]; from support.jobs import main; "
+                "sys.exit(main(sys.argv[1:]))").format(root=str(ROOT), tests=str(TESTS))
 
 SR_CLASS = "1.2.840.10008.5.1.4.1.1.88.34"  # Comprehensive 3D SR
 
@@ -201,15 +202,16 @@ def job_states(db) -> dict[int, str]:
 
 
 class WorkerProcess:
-    """``python tests/jobs_support.py worker`` in its own process group (so kill -9 takes its pool too)."""
+    """The worker of `main` (`SleepyRunner` jobs) in its own process group (so kill -9 takes its pool too)."""
 
     def __init__(self, env: dict[str, str], log_path: Path, *, sleep: float = 0.2, fail_times: int = 0,
                  queues: str | None = None):
         self.env = env
         self.log_path = Path(log_path)
-        self.args = [sys.executable, str(Path(__file__).resolve()), "worker", "--sleep", str(sleep),
+        self.args = [sys.executable, "-c", _WORKER_MAIN, "worker", "--sleep", str(sleep),
                      "--fail-times", str(fail_times)] + (["--queues", queues] if queues else [])
         self.proc = None
+        self._token = None
 
     def start(self) -> "WorkerProcess":
         import subprocess
@@ -217,6 +219,7 @@ class WorkerProcess:
         self._log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(self.args, env=self.env, stdout=self._log, stderr=subprocess.STDOUT,
                                      start_new_session=True, cwd=str(ROOT))
+        self._token = track(f"{type(self).__name__} pid {self.proc.pid}", lambda: self.stop(graceful=False))
         return self
 
     @property
@@ -237,6 +240,7 @@ class WorkerProcess:
         self.proc.wait(10)
         if not self._log.closed:
             self._log.close()
+        untrack(self._token)
 
     def stop(self, timeout: float = 20.0, *, graceful: bool = True) -> int | None:
         """SIGTERM and wait (``graceful``), else SIGKILL at once (test teardown: the state is already checked)."""
@@ -265,6 +269,7 @@ class WorkerProcess:
                 pass
         if not self._log.closed:
             self._log.close()
+        untrack(self._token)
         return self.proc.returncode
 
     def output(self) -> str:
@@ -279,6 +284,7 @@ class ListenerProcess(WorkerProcess):
         self.log_path = Path(log_path)
         self.args = [str(Path(sys.executable).parent / "msknode"), "listen"]
         self.proc = None
+        self._token = None
 
     def wait_ready(self, port: int, ae_title: str = "MSKNODE", timeout: float = 30.0) -> "ListenerProcess":
         deadline = time.monotonic() + timeout
@@ -307,110 +313,6 @@ def storescu(port: int, files: list[Path], *, ae_title: str = "MSKNODE", calling
 
 def worker_env(settings_env: dict[str, str]) -> dict[str, str]:
     return child_env(**{**settings_env, "PYTHONUNBUFFERED": "1"})
-
-
-class RedisServer:
-    """A real redis-server on 127.0.0.1 without persistence, stoppable and restartable on the same port."""
-
-    def __init__(self, workdir: Path, port: int):
-        self.workdir = Path(workdir)
-        self.port = port
-        self.proc = None
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self) -> "RedisServer":
-        import socket
-        import subprocess
-
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        self.proc = subprocess.Popen(
-            ["redis-server", "--bind", "127.0.0.1", "--port", str(self.port), "--save", "", "--appendonly", "no",
-             "--dir", str(self.workdir), "--protected-mode", "yes"],
-            stdout=open(self.workdir / "redis.log", "ab"), stderr=subprocess.STDOUT, start_new_session=True)
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as sock:
-                    sock.sendall(b"PING\r\n")
-                    if sock.recv(16).startswith(b"+PONG"):
-                        return self
-            except OSError:
-                pass
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"redis-server did not start: {(self.workdir / 'redis.log').read_text()[-2000:]}")
-            time.sleep(0.05)
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()  # SIGKILL: nothing is saved (no persistence anyway)
-            self.proc.wait(10)
-        self.proc = None
-
-
-class PostgresServer:
-    """A real PostgreSQL 15 cluster in a temporary directory (initdb as the ``postgres`` user), loopback only."""
-
-    BIN = Path("/usr/lib/postgresql/15/bin")
-
-    def __init__(self, port: int):
-        import tempfile
-
-        self.port = port
-        self.dir = Path(tempfile.mkdtemp(prefix="msknode-pg-"))
-        self.data = self.dir / "data"
-
-    def _as_postgres(self, *cmd: str, check: bool = True):
-        import subprocess
-
-        return subprocess.run(["runuser", "-u", "postgres", "--", *cmd], check=check, capture_output=True, text=True)
-
-    def start(self) -> "PostgresServer":
-        import shutil
-
-        shutil.chown(self.dir, user="postgres", group="postgres")
-        self._as_postgres(str(self.BIN / "initdb"), "-D", str(self.data), "-U", "postgres", "--auth=trust",
-                          "--no-sync", "-E", "UTF8", "--locale=C.UTF-8")
-        opts = f"-c listen_addresses=127.0.0.1 -p {self.port} -c unix_socket_directories={self.dir} -c fsync=off"
-        self._as_postgres(str(self.BIN / "pg_ctl"), "-D", str(self.data), "-o", opts, "-l", str(self.dir / "pg.log"),
-                          "-w", "-t", "30", "start")
-        return self
-
-    def create_database(self, name: str) -> str:
-        """A new empty database; returns its SQLAlchemy URL (psycopg 3)."""
-        self._as_postgres(str(self.BIN / "createdb"), "-h", "127.0.0.1", "-p", str(self.port), "-U", "postgres", name)
-        return f"postgresql+psycopg://postgres@127.0.0.1:{self.port}/{name}"
-
-    def stop(self) -> None:
-        import shutil
-
-        self._as_postgres(str(self.BIN / "pg_ctl"), "-D", str(self.data), "-m", "immediate", "-w", "stop", check=False)
-        shutil.rmtree(self.dir, ignore_errors=True)
-
-
-class OrthancServer(OrthancProcess):
-    """A real Orthanc (Debian package) as the PACS: DICOM + REST on loopback (no auth), its own storage dir."""
-
-    def __init__(self, workdir: Path, *, aet: str = "ORTHANC"):
-        from conftest import free_port
-
-        super().__init__(workdir, dicom_port=free_port(), http_port=free_port(), aet=aet)
-
-    def config(self) -> dict:
-        return {
-            "Name": "pacs", **super().config(), "HttpServerEnabled": True, "DicomCheckCalledAet": False,
-            "DicomServerEnabled": True, "Plugins": [], "StableAge": 1,
-        }
-
-    def instances_of_study(self, study_uid: str) -> list[dict]:
-        """Every instance Orthanc holds in the study (its MainDicomTags: SOPInstanceUID, …)."""
-        return self.post("/tools/find", {"Level": "Instance", "Query": {"StudyInstanceUID": study_uid}, "Expand": True})
-
-    @property
-    def destination(self) -> dict:
-        return {"type": "dimse", "name": "pacs", "ae_title": self.aet, "host": "127.0.0.1", "port": self.dicom_port}
 
 
 def main(argv: list[str] | None = None) -> int:
