@@ -73,8 +73,13 @@ atexit.register(stop_all)
 
 
 def mark_run() -> str:
-    """Sets the run's marker in this process's environment (inherited by every child); returns it."""
-    return os.environ.setdefault(RUN_MARKER_ENV, f"{os.getpid()}-{time.time_ns()}")
+    """Sets the run's marker in this process's environment (inherited by every child); returns it.
+
+    A pytest started by a test gets a marker of its own (the marker starts with the pid of its pytest)."""
+    value = os.environ.get(RUN_MARKER_ENV, "")
+    if not value.startswith(f"{os.getpid()}-"):
+        value = os.environ[RUN_MARKER_ENV] = f"{os.getpid()}-{time.time_ns()}"
+    return value
 
 
 # ---- finding what the run left behind ---------------------------------------------------------
@@ -134,6 +139,16 @@ def _pids() -> list[int]:
     return [int(p) for p in os.listdir("/proc") if p.isdigit()]
 
 
+def _ancestors(pid: int) -> set[int]:
+    """``pid`` and the processes it descends from (never reported, never killed)."""
+    out = set()
+    while pid > 0 and pid not in out:
+        out.add(pid)
+        st = _proc_stat(pid)
+        pid = st[0] if st else 0
+    return out
+
+
 def descendants(root: int | None = None) -> list[int]:
     """Live (not zombie) descendants of ``root`` (default: this process)."""
     root = os.getpid() if root is None else root
@@ -187,9 +202,10 @@ def leaked_processes(root: int | None = None, *, marker: str | None = None, tmp:
         if pid is not None:
             found[pid] = f"postmaster of {d}"
     leaks = []
+    spared = _ancestors(os.getpid())
     for pid, why in sorted(found.items()):
         cmd = _cmdline(pid)
-        if pid == os.getpid() or any(b in cmd for b in _BENIGN):
+        if pid in spared or any(b in cmd for b in _BENIGN):
             continue
         leaks.append(Leak(pid, cmd or "?", why))
     return leaks
