@@ -132,6 +132,8 @@ class Settings(BaseSettings):
     max_associations: int = Field(default=16, ge=1)
     dimse_timeout: float = Field(default=60.0, gt=0)
     network_timeout: float = Field(default=60.0, gt=0)
+    # pynetdicom with the event-driven loops of node.receive.transport; false: stock pynetdicom
+    fast_transport: bool = True
 
     # completeness and routing
     quiet_seconds: float = Field(default=2.0, ge=0)

@@ -8,8 +8,11 @@ msknode/storescp. For msknode every instance is then checked in the index and in
 store (the stored data set bytes hash to what was sent): `all_arrived`.
 
 Receivers: msknode (``msknode listen``, SQLite, every instance fsynced and indexed before
-Success), Orthanc (Debian package, SQLite index, default durability: SyncStorageArea)
-and storescp (writes files, no index, no fsync) as the upper bound.
+Success) twice, with its fast transport (``msknode``, the default) and with stock
+pynetdicom (``msknode-stock``, MSKNODE_FAST_TRANSPORT=0), Orthanc (Debian package, SQLite
+index, default durability: SyncStorageArea) and storescp (writes files, no index, no fsync)
+as the upper bound. The receivers take turns within each round, so a busy machine slows
+them alike; with ``--repeat`` the ratios use the medians.
 """
 
 from __future__ import annotations
@@ -32,6 +35,8 @@ from node.errors import NodeError
 SLICES_PER_SERIES = 40
 ROWS = COLUMNS = 384
 MODES = (("single", 1), ("parallel", 4))
+RECEIVERS = ("msknode", "msknode-stock", "orthanc", "storescp")
+MSKNODE_RECEIVERS = ("msknode", "msknode-stock")
 
 
 @dataclass
@@ -59,6 +64,7 @@ class BenchResult:
     instances: int
     listener_processes: int
     runs: list[Run] = field(default_factory=list)
+    load_start: tuple[float, ...] = field(default_factory=os.getloadavg)
 
     def ips(self, receiver: str, mode: str) -> float:
         """The median over repeated runs (one run unless --repeat)."""
@@ -70,28 +76,38 @@ class BenchResult:
 
     @property
     def all_arrived(self) -> bool:
-        return bool(self.runs) and all(r.arrived for r in self.runs if r.receiver == "msknode")
+        return bool(self.runs) and all(r.arrived for r in self.runs if r.receiver in MSKNODE_RECEIVERS)
 
     def summary(self) -> dict:
         def ratio(a: float, b: float) -> float | None:
-            return round(a / b, 3) if b else None
+            return round(a / b, 3) if a and b else None
 
         m1, m4 = self.ips("msknode", "single"), self.ips("msknode", "parallel")
+        k1, k4 = self.ips("msknode-stock", "single"), self.ips("msknode-stock", "parallel")
         o1, o4 = self.ips("orthanc", "single"), self.ips("orthanc", "parallel")
         s1, s4 = self.ips("storescp", "single"), self.ips("storescp", "parallel")
         return {
             "instances": self.instances,
             "listener_processes": self.listener_processes,
             "msknode_ips": round(m1, 1),
+            "msknode_stock_ips": round(k1, 1),
             "orthanc_ips": round(o1, 1),
             "storescp_ips": round(s1, 1),
             "msknode_parallel_ips": round(m4, 1),
+            "msknode_stock_parallel_ips": round(k4, 1),
             "orthanc_parallel_ips": round(o4, 1),
             "storescp_parallel_ips": round(s4, 1),
             "ratio_orthanc": ratio(m1, o1),
             "ratio_storescp": ratio(m1, s1),
             "ratio_orthanc_parallel": ratio(m4, o4),
             "ratio_storescp_parallel": ratio(m4, s4),
+            "ratio_orthanc_stock": ratio(k1, o1),
+            "ratio_orthanc_stock_parallel": ratio(k4, o4),
+            # the fast transport's gain: msknode with it / msknode with stock pynetdicom
+            "ratio_fast_stock": ratio(m1, k1),
+            "ratio_fast_stock_parallel": ratio(m4, k4),
+            "load_average_start": [round(x, 2) for x in self.load_start],
+            "load_average": [round(x, 2) for x in os.getloadavg()],
             "all_arrived": self.all_arrived,
             "runs": [dict(asdict(r), ips=round(r.ips, 1), mbps=round(r.mbps, 1)) for r in self.runs],
         }
@@ -234,8 +250,11 @@ class Receiver:
 class MsknodeReceiver(Receiver):
     name, aet = "msknode", "MSKNODE"
 
-    def __init__(self, listener_processes: int):
+    def __init__(self, listener_processes: int, *, fast_transport: bool = True):
         self.listener_processes = listener_processes
+        self.fast_transport = fast_transport
+        if not fast_transport:
+            self.name = "msknode-stock"
         self.proc: subprocess.Popen | None = None
         self.data_dir: Path | None = None
 
@@ -247,6 +266,7 @@ class MsknodeReceiver(Receiver):
             MSKNODE_PORT=str(port),
             MSKNODE_AE_TITLE=self.aet,
             MSKNODE_LISTENER_PROCESSES=str(self.listener_processes),
+            MSKNODE_FAST_TRANSPORT="1" if self.fast_transport else "0",
             MSKNODE_LOG_LEVEL="WARNING",
         )
         self.log = open(workdir / "msknode.log", "wb")
@@ -342,7 +362,7 @@ def run_bench(
     input_dir: Path | None = None,
     workdir: Path | None = None,
     listener_processes: int = 1,
-    receivers: tuple[str, ...] = ("msknode", "orthanc", "storescp"),
+    receivers: tuple[str, ...] = RECEIVERS,
     repeat: int = 1,
     progress=print,
 ) -> BenchResult:
@@ -363,6 +383,7 @@ def run_bench(
         result = BenchResult(instances=len(files), listener_processes=listener_processes)
         factories = {
             "msknode": lambda: MsknodeReceiver(listener_processes),
+            "msknode-stock": lambda: MsknodeReceiver(listener_processes, fast_transport=False),
             "orthanc": OrthancReceiver,
             "storescp": StorescpReceiver,
         }
@@ -381,7 +402,7 @@ def run_bench(
                 run = Run(name, mode, associations, len(files), seconds, total_bytes, ok, note)
                 result.runs.append(run)
                 progress(
-                    f"{name:9s} {associations} association(s): {run.ips:7.1f} instances/s "
+                    f"{name:13s} {associations} association(s): {run.ips:7.1f} instances/s "
                     f"{run.mbps:6.1f} MB/s{'' if ok else '  NOT ALL ARRIVED: ' + note}"
                 )
                 shutil.rmtree(work, ignore_errors=True)
@@ -390,29 +411,46 @@ def run_bench(
         shutil.rmtree(root, ignore_errors=True)
 
 
+LABELS = {"msknode": "msknode, fast transport", "msknode-stock": "msknode, stock pynetdicom"}
+
+
 def format_report(result: BenchResult) -> str:
     s = result.summary()
     lines = [
-        f"{'receiver':10s} {'associations':>12s} {'instances/s':>12s} {'MB/s':>8s} {'seconds':>8s}",
+        f"{'receiver':14s} {'associations':>12s} {'instances/s':>12s} {'MB/s':>8s} {'seconds':>8s}",
     ]
     for r in result.runs:
-        lines.append(f"{r.receiver:10s} {r.associations:>12d} {r.ips:>12.1f} {r.mbps:>8.1f} {r.seconds:>8.2f}")
+        lines.append(f"{r.receiver:14s} {r.associations:>12d} {r.ips:>12.1f} {r.mbps:>8.1f} {r.seconds:>8.2f}")
 
     def fmt(v):
         return "n/a" if v is None else f"{v:.2f}"
 
-    if len(result.runs) > len(MODES) * len({r.receiver for r in result.runs}):
-        lines += ["", "medians over the repeated runs:"]
-        for receiver in dict.fromkeys(r.receiver for r in result.runs):
-            lines.append(
-                f"{receiver:10s} {result.ips(receiver, 'single'):>8.1f} instances/s (1 association) "
-                f"{result.ips(receiver, 'parallel'):>8.1f} instances/s (4 associations)"
-            )
+    def ratio(a: float, b: float) -> str:
+        return fmt(a / b if a and b else None)
+
+    repeated = len(result.runs) > len(MODES) * len({r.receiver for r in result.runs})
+    o1, o4 = result.ips("orthanc", "single"), result.ips("orthanc", "parallel")
     lines += [
         "",
-        f"msknode/Orthanc : {fmt(s['ratio_orthanc'])} (1 association), {fmt(s['ratio_orthanc_parallel'])} (4 associations)",
+        "medians over the repeated runs:" if repeated else "instances/s:",
+        f"{'receiver':27s} {'1 association':>14s} {'/Orthanc':>9s} {'4 associations':>15s} {'/Orthanc':>9s}",
+    ]
+    for receiver in dict.fromkeys(r.receiver for r in result.runs):
+        i1, i4 = result.ips(receiver, "single"), result.ips(receiver, "parallel")
+        lines.append(
+            f"{LABELS.get(receiver, receiver):27s} {i1:>14.1f} {ratio(i1, o1):>9s} {i4:>15.1f} {ratio(i4, o4):>9s}"
+        )
+    lines.append("")
+    if s["ratio_fast_stock"] is not None or s["ratio_fast_stock_parallel"] is not None:
+        lines.append(
+            f"fast transport / stock pynetdicom: {fmt(s['ratio_fast_stock'])} (1 association), "
+            f"{fmt(s['ratio_fast_stock_parallel'])} (4 associations)"
+        )
+    lines += [
         f"msknode/storescp: {fmt(s['ratio_storescp'])} (1 association), {fmt(s['ratio_storescp_parallel'])} (4 associations)",
-        f"all {result.instances} instances durable in msknode's store and index (both runs): {s['all_arrived']}",
-        f"(msknode with {result.listener_processes} listener process(es))",
+        f"all {result.instances} instances durable in msknode's store and index (every msknode run): {s['all_arrived']}",
+        f"(msknode with {result.listener_processes} listener process(es); load average "
+        f"{' '.join(str(x) for x in s['load_average_start'])} at the start, "
+        f"{' '.join(str(x) for x in s['load_average'])} at the end)",
     ]
     return "\n".join(lines)

@@ -37,7 +37,7 @@ from node.ops.restart import RestartBackoff
 from node.receive.header import OUT_OF_RESOURCES, SUCCESS, read_header, validate
 from node.receive.index import Received, publish_new
 from node.receive.storage import InstanceStore, encode_file_meta
-from node.receive.transport import HandoffServer, ReusePortServer
+from node.receive.transport import HandoffServer, ReusePortServer, request_handler
 from node.receive.writer import IndexWriter
 
 log = logging.getLogger("node.receive.listener")
@@ -115,11 +115,15 @@ class Listener:
         ]
         address = (self.settings.host, self.settings.port)
         server_class = HandoffServer if self.handoff is not None else ReusePortServer
+        fast = self.settings.fast_transport
         try:
-            server = ae.make_server(address, evt_handlers=handlers, server_class=server_class)
+            server = ae.make_server(
+                address, evt_handlers=handlers, server_class=server_class, request_handler=request_handler(fast)
+            )
         except OSError as e:
             raise NodeError(f"cannot listen on {address[0]}:{address[1]}: {e.strerror or e}") from None
-        server.store_handler = self.handle_store
+        if fast:
+            server.store_handler = self.handle_store  # else C-STOREs go through EVT_C_STORE
         self.server = server
         if self.handoff is not None:
             target = server.serve_handoff
@@ -129,9 +133,9 @@ class Listener:
         self._thread = threading.Thread(target=target, kwargs=kwargs, name="dicom-accept", daemon=True)
         self._thread.start()
         self.log.info(
-            "listening on %s:%d as %s (pid %d, allowed AE titles: %s)",
+            "listening on %s:%d as %s (pid %d, allowed AE titles: %s, transport: %s)",
             address[0], server.server_address[1], self.settings.ae_title, os.getpid(),
-            ",".join(self.settings.allowed_ae_titles) or "any",
+            ",".join(self.settings.allowed_ae_titles) or "any", "fast" if fast else "stock pynetdicom",
         )
         return server
 
@@ -192,6 +196,7 @@ class Listener:
         except Exception as e:  # instances are still stored; completeness then just cannot wait for release
             self.log.error("cannot record the association from %s: %s", calling, e)
             association_id = None
+        assoc.index_id = association_id  # named in the transport's log lines
         with self._lock:
             self._assocs[assoc] = association_id
         self.log.info("association %s from %s (%s:%s) accepted", association_id, calling, peer.address, peer.port)

@@ -14,7 +14,11 @@ durable write itself. Here:
 
 Everything else (state machine, PDU coding, negotiation, other services) is pynetdicom's own.
 This relies on pynetdicom 3.0 internals (pinned in pyproject.toml); the listener tests
-exercise it on every run.
+exercise it on every run, with it and without it. ``MSKNODE_FAST_TRANSPORT=0`` serves with
+pynetdicom's own loops instead (`request_handler(fast=False)`); so does any association for
+which the swap fails (logged as a WARNING). Where the event-driven loops abort an association
+(the DUL loop raised, the network timeout, the C-STORE handler raised), they log a WARNING
+naming the association, the calling AE title and the peer address (never patient data).
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ import select
 import socket
 import socketserver
 import struct
+import threading
 from typing import Callable
 
 from pynetdicom import evt
@@ -46,19 +51,47 @@ _IDLE_WAIT = 0.05
 _QUEUE_WAIT = 0.01
 
 
+def describe(assoc) -> str:
+    """``association 12 from STORESCU at 127.0.0.1:40412``: identifiers only, for log lines."""
+    requestor = getattr(assoc, "requestor", None)
+    calling = (getattr(requestor, "ae_title", "") or "").strip() or "?"
+    try:
+        peer = requestor.address_info
+        where = f"{peer.address}:{peer.port}"
+    except Exception:
+        where = "?"
+    return f"association {getattr(assoc, 'index_id', None)} from {calling} at {where}"
+
+
 class _WakingQueue(queue.Queue):
     """A queue that writes a byte to a pipe on every put, waking a ``select()``."""
 
     def __init__(self, wake_fd: int):
         super().__init__()
         self._wake_fd = wake_fd
+        self._wake_lock = threading.Lock()
 
     def put(self, item, block=True, timeout=None):
         super().put(item, block, timeout)
-        try:
-            os.write(self._wake_fd, b"\0")
-        except (BlockingIOError, OSError):
-            pass  # the pipe is full (already awake) or closed (the DUL has stopped)
+        with self._wake_lock:
+            if self._wake_fd < 0:
+                return  # the DUL has stopped (its fd number may already belong to another file)
+            try:
+                os.write(self._wake_fd, b"\0")
+            except (BlockingIOError, OSError):
+                pass  # the pipe is full: the DUL is already awake
+
+    def close_wake(self, *fds: int) -> None:
+        """Closes the pipe; later puts write nothing."""
+        with self._wake_lock:
+            if self._wake_fd < 0:
+                return
+            self._wake_fd = -1
+            for fd in fds:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
 
 
 class _DUL(DULServiceProvider):
@@ -105,21 +138,8 @@ class _DUL(DULServiceProvider):
                         pass
                     elif self._is_transport_event():
                         self._idle_timer.restart()
-                except Exception:
-                    # as pynetdicom does: bypass the state machine and abort
-                    from pynetdicom.pdu import A_ABORT_RQ
-
-                    abort_pdu = A_ABORT_RQ()
-                    abort_pdu.source = 0x02
-                    abort_pdu.reason_diagnostic = 0x00
-                    try:
-                        self.socket.send(abort_pdu.encode())
-                    except Exception:
-                        pass
-                    self.assoc.is_aborted = True
-                    self.assoc.is_established = False
-                    self.assoc._kill = True
-                    self._kill_thread = True
+                except Exception as e:
+                    self._abort_on_error(e)
                     return
                 try:
                     event = self.event_queue.get(block=False)
@@ -129,11 +149,35 @@ class _DUL(DULServiceProvider):
                 self.state_machine.do_action(event)
                 idle = False
         finally:
-            for fd in (self._wake_r, self._wake_w):
-                try:
-                    os.close(fd)
-                except OSError:
-                    pass
+            self.close_pipe()
+
+    def close_pipe(self) -> None:
+        self.to_provider_queue.close_wake(self._wake_r, self._wake_w)
+
+
+    def _abort_on_error(self, error: Exception) -> None:
+        """As pynetdicom does on an error in its DUL loop: bypass the state machine, send an
+        A-ABORT and stop both loops; then close the connection (pynetdicom leaves it open), so
+        the association is recorded as aborted at once (EVT_CONN_CLOSE)."""
+        from pynetdicom.pdu import A_ABORT_RQ
+
+        log.warning("%s: the DUL loop failed (%s): aborting", describe(self.assoc), type(error).__name__)
+        log.debug("DUL loop failure", exc_info=True)
+        abort_pdu = A_ABORT_RQ()
+        abort_pdu.source = 0x02
+        abort_pdu.reason_diagnostic = 0x00
+        try:
+            self.socket.send(abort_pdu.encode())
+        except Exception:
+            pass
+        self.assoc.is_aborted = True
+        self.assoc.is_established = False
+        self.assoc._kill = True
+        self._kill_thread = True
+        try:
+            self.socket.close()
+        except Exception:
+            pass
 
 
 def _uid_element(element: int, value: str) -> bytes:
@@ -175,12 +219,13 @@ class _Association(Association):
             super()._serve_request(msg, context_id)
             return
         if not msg.is_valid_request:
-            log.warning("invalid C-STORE request ignored")
+            log.warning("%s: invalid C-STORE request ignored", describe(self))
             return
         try:
             status = handler(self, msg, str(context.transfer_syntax[0]))
-        except Exception:  # as pynetdicom: a failing handler aborts the association
-            log.exception("C-STORE handler failed: aborting the association")
+        except Exception as e:  # as pynetdicom: a failing handler aborts the association
+            log.warning("%s: the C-STORE handler failed (%s): aborting", describe(self), type(e).__name__)
+            log.debug("C-STORE handler failure", exc_info=True)
             self.abort()
             return
         finally:
@@ -232,6 +277,8 @@ class _Association(Association):
                 return
 
             if self.dul.idle_timer_expired():
+                log.warning("%s: nothing received for %.0f s (network timeout): aborting", describe(self),
+                            self.network_timeout or 0)
                 self.abort()
                 self.kill()
                 return
@@ -239,22 +286,42 @@ class _Association(Association):
 
 class _RequestHandler(RequestHandler):
     def _create_association(self) -> Association:
-        """pynetdicom's acceptor, switched to `_Association` with a fresh `_DUL` (before any thread starts)."""
+        """pynetdicom's acceptor, switched to `_Association` with a fresh `_DUL` (before any thread starts).
+
+        If the switch fails (pynetdicom's internals are not what this module expects), the
+        association is served by pynetdicom's own loops, with a WARNING."""
         assoc = super()._create_association()
-        assoc.__class__ = _Association
-        old = assoc.dul
-        dul = _DUL(assoc)
-        dul.socket = old.socket
-        dul.event_queue = old.event_queue  # holds Evt5, the transport connection indication
-        assoc.dul = dul
-        assoc.acse_timeout = assoc.acse_timeout  # the setters configure the DUL's timers
-        assoc.network_timeout = assoc.network_timeout
-        assoc.store_handler = self.server.store_handler
+        old_class, old = assoc.__class__, assoc.dul
+        dul = None
+        try:
+            dul = _DUL(assoc)
+            dul.socket = old.socket
+            dul.event_queue = old.event_queue  # holds Evt5, the transport connection indication
+            assoc.__class__ = _Association
+            assoc.dul = dul
+            assoc.acse_timeout = assoc.acse_timeout  # the setters configure the DUL's timers
+            assoc.network_timeout = assoc.network_timeout
+            assoc.store_handler = self.server.store_handler
+        except Exception as e:
+            assoc.__class__, assoc.dul = old_class, old  # its timers were set by pynetdicom already
+            if dul is not None:
+                dul.close_pipe()
+            peer = self.client_address
+            log.warning(
+                "connection from %s:%s: the fast transport is unavailable (%s): served by stock pynetdicom",
+                peer[0], peer[1], type(e).__name__,
+            )
         return assoc
 
 
+def request_handler(fast: bool = True) -> type[RequestHandler]:
+    """The request handler of the association server: the event-driven loops, or pynetdicom's own."""
+    return _RequestHandler if fast else RequestHandler
+
+
 class ReusePortServer(ThreadedAssociationServer):
-    """A threaded association server on a SO_REUSEPORT socket with the event-driven reactors."""
+    """A threaded association server on a SO_REUSEPORT socket (with the event-driven reactors unless
+    `request_handler` says otherwise)."""
 
     daemon_threads = True
     request_queue_size = 64  # listen backlog: many PACS connect at once
