@@ -35,6 +35,7 @@ DESCRIPTIONS = {
     "max_associations": "Concurrent associations per listener process.",
     "dimse_timeout": "Seconds to wait for a DIMSE message inside an association.",
     "network_timeout": "Seconds of network silence before an association is dropped; an open association with no instance for this long counts as lost.",
+    "fast_transport": "The listener's event-driven pynetdicom loops (no 1 ms polling; `msknode bench ingest` measures both); `0` serves with stock pynetdicom.",
     "quiet_seconds": "A series is complete this long after the association that delivered it was released (or at once when it announces its size and has no gap).",
     "study_quiet_seconds": "A study is processed when all its routed series are complete and nothing arrived for this long.",
     "study_protocols": "The roles each pipeline's protocol sends, e.g. `knee=sag_fluid,cor_fluid; shoulder=cor_fluid` (or JSON). A study in which every listed role arrived complete is processed at once, without the study quiet period; a pipeline not listed, or one with a role missing, waits for it.",
