@@ -2,7 +2,8 @@
 
 Checkpoint (``torch.save`` of plain tensors and values, loaded with ``weights_only=True``):
 ``{"format": "msknode.classifier/1", "task": name, "net": {...}, "state_dict": ...,
-"temperature": T, "threshold": t, "metadata": {...}}``.
+"temperature": T, "threshold": t, "metadata": {...}}``; saved and loaded through
+`models.protocol` (atomic save, sha256 verified before anything is deserialised).
 
 ``predict(volume)``: QC gate -> preprocessing (`models.transforms`) -> feature map under
 ``torch.inference_mode`` -> calibrated probabilities (temperature scaling) -> MC-dropout
@@ -12,7 +13,6 @@ uncertainty (`models.uncertainty`) -> Grad-CAM heatmap in the input geometry
 
 from __future__ import annotations
 
-import hashlib
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +23,7 @@ import torch
 
 from models.errors import RegistryError
 from models.nets import set_mc_dropout
+from models.protocol import Checkpoint, load_checkpoint, save_checkpoint, sha256_of
 from models.saliency import grad_cam, to_heatmap
 from models.tasks.base import HeadResult, TaskSpec, volume_peak
 from models.types import NOT_FOR_DIAGNOSTIC_USE, ModelInfo, ModelOutput, QCResult, Volume
@@ -31,12 +32,7 @@ from models.uncertainty import mc_dropout_probabilities
 FORMAT = "msknode.classifier/1"
 
 
-def sha256_of(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+__all__ = ["FORMAT", "ClassifierModel", "build_net", "head_score", "sha256_of"]
 
 
 def build_net(task: TaskSpec):
@@ -78,40 +74,38 @@ class ClassifierModel:
         }
 
     def save(self, path: Path) -> str:
-        """Write the checkpoint and ``<file>.sha256`` beside it; returns the sha256."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        torch.save(self.state(), tmp)
-        tmp.replace(path)
-        digest = sha256_of(path)
-        path.with_name(path.name + ".sha256").write_text(f"{digest}  {path.name}\n")
-        return digest
+        """Write the checkpoint and ``<file>.sha256`` beside it (atomically); returns the sha256."""
+        return save_checkpoint(self.state(), path)
 
     @classmethod
-    def load(cls, path: Path, task: TaskSpec, *, sha256: str, gate: Any = None) -> "ClassifierModel":
-        """Load an (already verified) checkpoint for ``task``."""
-        ckpt = torch.load(Path(path), map_location="cpu", weights_only=True)
-        if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
+    def load(cls, path: Path, task: TaskSpec, *, sha256: str | None = None, gate: Any = None) -> "ClassifierModel":
+        """Load a checkpoint for ``task``, verified against ``sha256`` (default: the ``.sha256`` file beside it)."""
+        return cls.from_checkpoint(load_checkpoint(path, sha256), task, gate=gate)
+
+    @classmethod
+    def from_checkpoint(cls, ckpt: Checkpoint, task: TaskSpec, *, gate: Any = None) -> "ClassifierModel":
+        """The model of a verified checkpoint (`models.protocol.load_checkpoint`) for ``task``."""
+        path, data = ckpt.path, ckpt.data
+        if data.get("format") != FORMAT:
             raise RegistryError(f"{path} is not a {FORMAT} checkpoint")
-        if ckpt.get("task") != task.name:
-            raise RegistryError(f"{path} holds weights of {ckpt.get('task')!r}, not {task.name!r}")
-        net_cfg = ckpt["net"]
+        if data.get("task") != task.name:
+            raise RegistryError(f"{path} holds weights of {data.get('task')!r}, not {task.name!r}")
+        net_cfg = data["net"]
         if list(net_cfg["head_sizes"]) != task.head_sizes or tuple(net_cfg["channels"]) != tuple(task.net.channels):
             raise RegistryError(f"{path}: network shape {net_cfg} does not match the code of {task.name}")
         net = build_net(task)
         try:
-            net.load_state_dict(ckpt["state_dict"], strict=True)
+            net.load_state_dict(data["state_dict"], strict=True)
         except RuntimeError as e:
             raise RegistryError(f"{path}: weights do not fit the network of {task.name}: {e}") from None
         net.eval()
-        meta = dict(ckpt.get("metadata", {}))
+        meta = dict(data.get("metadata", {}))
         info = ModelInfo(
-            name=task.name, version=str(meta.get("version", task.version)), weights_sha256=sha256, task=task.kind,
+            name=task.name, version=str(meta.get("version", task.version)), weights_sha256=ckpt.sha256, task=task.kind,
             anatomy=task.anatomy, demo_weights=bool(meta.get("demo_weights", True)), notice=NOT_FOR_DIAGNOSTIC_USE,
         )
-        return cls(task=task, net=net, info=info, temperature=float(ckpt.get("temperature", 1.0)),
-                   threshold=float(ckpt.get("threshold", 0.5)), metadata=meta, gate=gate)
+        return cls(task=task, net=net, info=info, temperature=float(data.get("temperature", 1.0)),
+                   threshold=float(data.get("threshold", 0.5)), metadata=meta, gate=gate)
 
     # --- inference ------------------------------------------------------------------------
     def preprocess(self, volume: Volume, extras=None):

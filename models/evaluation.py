@@ -446,24 +446,14 @@ def evaluate(name: str, data: str | DataSpec, *, registry, weights: Path | None 
              ) -> dict[str, Any]:
     """Evaluate model ``name`` (registry weights, or a checkpoint ``weights`` with its .sha256) on a data spec.
     ``loso``: qc.anatomy on ``realdata:PATH`` only, leave-one-source-out retraining (`models.qc_evaluation`)."""
-    from models.registry import MODEL_ANATOMY, MODEL_SUPERRES, read_sha256_file
-    from models.errors import WeightsIntegrityError, WeightsMissingError
+    from models.protocol import verify_weights
+    from models.registry import MODEL_ANATOMY, MODEL_SUPERRES
 
     spec = parse_spec(data) if isinstance(data, str) else data
     entry = registry.entry(name)
     if weights is not None:
         weights = Path(weights)
-        side = weights.with_name(weights.name + ".sha256")
-        if not weights.is_file():
-            raise WeightsMissingError(f"weights file {weights} not found")
-        if not side.is_file():
-            raise WeightsMissingError(f"{side} is missing; refusing unverified weights")
-        from models.classifier import sha256_of
-
-        expected, actual = read_sha256_file(side), sha256_of(weights)
-        if expected != actual:
-            raise WeightsIntegrityError(f"{weights}: sha256 {actual} != recorded {expected}; refusing to load")
-        model = entry.loader(registry, weights, actual)
+        model = entry.loader(registry, weights, verify_weights(weights))
     else:
         model = registry.get(name)
     if loso and not (name == MODEL_ANATOMY and spec.kind == "realdata"):

@@ -9,7 +9,8 @@ and ``MODEL_CARD.md``. The roots are searched in order: the site-supplied folder
 (``Registry(weights_dir)``, settings.weights_dir) first, then the repository's
 ``models/weights``. The sha256 of the file is computed and compared before the file is
 deserialised; a mismatch raises `WeightsIntegrityError` and nothing is loaded. Nothing
-is ever downloaded.
+is ever downloaded. Verification and loading are `models.protocol`'s (``load``), the same
+for every model.
 """
 
 from __future__ import annotations
@@ -19,7 +20,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from models import protocol
 from models.errors import UnknownModelError, WeightsIntegrityError, WeightsMissingError
+from models.protocol import read_sha256_file, sha256_path
 from models.types import NOT_FOR_DIAGNOSTIC_USE, ModelInfo
 
 REPO_WEIGHTS = Path(__file__).resolve().parent / "weights"
@@ -41,25 +44,20 @@ class ModelEntry:
 
 def _classifier_loader(task_name: str):
     def load(registry: "Registry", path: Path, sha: str):
-        from models.classifier import ClassifierModel
         from models.tasks import TASKS
 
-        return ClassifierModel.load(path, TASKS[task_name], sha256=sha, gate=registry.gate())
+        return protocol.load(path, sha256=sha, task=TASKS[task_name], gate=registry.gate())
 
     return load
 
 
 def _superres_loader(registry: "Registry", path: Path, sha: str):
-    from models.superres import SuperResModel
-
     card = registry.card(MODEL_SUPERRES)
-    return SuperResModel.load(path, expected_sha256=sha, version=card.get("version"))
+    return protocol.load(path, sha256=sha, version=card.get("version"))
 
 
 def _anatomy_loader(registry: "Registry", path: Path, sha: str):
-    from models.qc import AnatomyClassifier
-
-    return AnatomyClassifier.load(path, sha256=sha)
+    return protocol.load(path, sha256=sha)
 
 
 MODEL_SUPERRES = "superres"
@@ -94,16 +92,6 @@ def _build_entries() -> dict[str, ModelEntry]:
 
 
 ENTRIES: dict[str, ModelEntry] = _build_entries()
-
-
-def read_sha256_file(path: Path) -> str:
-    text = path.read_text().strip()
-    if not text:
-        raise WeightsIntegrityError(f"{path} is empty")
-    digest = text.split()[0].lower()
-    if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
-        raise WeightsIntegrityError(f"{path} does not hold a sha256 hex digest")
-    return digest
 
 
 class Registry:
@@ -156,23 +144,10 @@ class Registry:
         if path is None:
             where = ", ".join(str(r / name) for r in self.roots)
             raise WeightsMissingError(f"no weights for {name!r} (looked in {where})")
-        side = path.with_name(path.name + ".sha256")
+        side = sha256_path(path)
         if not side.is_file():
             raise WeightsMissingError(f"{side} is missing; refusing unverified weights for {name!r}")
-        expected = read_sha256_file(side)
-        from models.classifier import sha256_of
-
-        actual = sha256_of(path)
-        if actual != expected:
-            raise WeightsIntegrityError(
-                f"weights of {name!r} at {path} fail the integrity check: sha256 {actual} != recorded {expected}; "
-                "refusing to load (corrupted or replaced file)"
-            )
-        card_sha = self.card(name).get("weights_sha256")
-        if card_sha and card_sha != actual:
-            raise WeightsIntegrityError(
-                f"weights of {name!r} at {path}: sha256 {actual} differs from the model card's {card_sha}; refusing to load"
-            )
+        actual = protocol.verify_weights(path, what=f"weights of {name!r}")
         return path, actual
 
     def get(self, name: str):
@@ -189,7 +164,7 @@ class Registry:
         path = self.weights_path(name)
         sha = ""
         if path is not None:
-            side = path.with_name(path.name + ".sha256")
+            side = sha256_path(path)
             if side.is_file():
                 try:
                     sha = read_sha256_file(side)

@@ -25,7 +25,6 @@ never modified; a new `Volume` with the new geometry is returned.
 
 from __future__ import annotations
 
-import hashlib
 import math
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -40,10 +39,12 @@ from scipy import ndimage
 from torch import nn
 
 from models.degradation import DegradationModel, kspace_down, kspace_up, slice_pseudo_inverse
-from models.errors import ModelsError
+from models.errors import ModelsError, RegistryError
+from models.protocol import Checkpoint, load_checkpoint, save_checkpoint
 from models.types import NOT_FOR_DIAGNOSTIC_USE, ModelInfo, QCResult, SuperResOutput, Volume
 
 MODEL_NAME = "superres"
+FORMAT = "msknode.superres/1"
 WEIGHTS_PATH = Path(__file__).resolve().parent / "weights" / "superres" / "superres.pt"
 CONSISTENCY_TOLERANCE = 1e-3  # relative RMS of A(output) - input
 NONNEG_ITERATIONS = 2  # alternating projections (x >= 0, then A x = y) after the final projection
@@ -270,14 +271,6 @@ def superres_geometry(source: Volume, slice_factor: int, inplane_factor: int) ->
 # the model
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _input_qc(volume: Volume) -> QCResult:
     a = volume.array
     if a.ndim != 3:
@@ -318,20 +311,15 @@ class SuperResModel:
     def state(self) -> dict[str, Any]:
         """Checkpoint content (tensors and plain values only; loads with weights_only=True)."""
         return {
-            "format": "msknode.superres/1",
+            "format": FORMAT,
             "config": asdict(self.config),
             "state_dict": {k: v.detach().clone() for k, v in self.net.state_dict().items()},
             "metadata": dict(self.metadata),
         }
 
     def save(self, path: Path) -> str:
-        """Write the checkpoint and ``path.sha256``; returns the hash."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(self.state(), path)
-        digest = _sha256(path)
-        path.with_name(path.name + ".sha256").write_text(f"{digest}  {path.name}\n")
-        return digest
+        """Write the checkpoint and ``path.sha256`` (atomically, `models.protocol`); returns the hash."""
+        return save_checkpoint(self.state(), path)
 
     @classmethod
     def load(cls, path: Path, expected_sha256: str | None = None, version: str | None = None) -> "SuperResModel":
@@ -339,28 +327,27 @@ class SuperResModel:
         path = Path(path)
         if not path.is_file():
             raise SuperResError(f"super-resolution weights not found: {path}")
-        digest = _sha256(path)
-        if expected_sha256 is None:
-            side = path.with_name(path.name + ".sha256")
-            if not side.is_file():
-                raise SuperResError(f"no sha256 file beside {path}; refusing unverified weights")
-            expected_sha256 = side.read_text().split()[0]
-        if digest != expected_sha256.strip().lower():
-            raise SuperResError(
-                f"sha256 mismatch for {path}: expected {expected_sha256.strip()}, file has {digest}; refusing to load"
-            )
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-        if not isinstance(ckpt, dict) or ckpt.get("format") != "msknode.superres/1":
-            raise SuperResError(f"{path} is not a super-resolution checkpoint")
-        config = SuperResConfig(**ckpt["config"])
+        try:
+            ckpt = load_checkpoint(path, expected_sha256)
+        except RegistryError as exc:
+            raise SuperResError(str(exc)) from exc
+        return cls.from_checkpoint(ckpt, version=version)
+
+    @classmethod
+    def from_checkpoint(cls, ckpt: Checkpoint, version: str | None = None) -> "SuperResModel":
+        """The model of a verified checkpoint (`models.protocol.load_checkpoint`)."""
+        data = ckpt.data
+        if data.get("format") != FORMAT:
+            raise SuperResError(f"{ckpt.path} is not a super-resolution checkpoint")
+        config = SuperResConfig(**data["config"])
         net = SlabSRNet(config)
-        net.load_state_dict(ckpt["state_dict"])
+        net.load_state_dict(data["state_dict"])
         net.eval()
-        meta = dict(ckpt.get("metadata", {}))
+        meta = dict(data.get("metadata", {}))
         info = ModelInfo(
             name=MODEL_NAME,
             version=version or str(meta.get("version", "0")),
-            weights_sha256=digest,
+            weights_sha256=ckpt.sha256,
             task="superres",
             anatomy="any",
             demo_weights=True,

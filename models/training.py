@@ -9,8 +9,8 @@
    with MONAI augmentation (`models.transforms.training_augmentation`); loss = negative
    log of the probability of the label's allowed classes per head (a binary label on a
    3-class head allows both tear grades) + a lesion-evidence BCE where lesion masks exist;
-4. a checkpoint after every epoch (``checkpoint.pt``: resumable), the best epoch by
-   validation loss kept;
+4. a checkpoint after every epoch (``checkpoint.pt`` + ``.sha256``, written atomically by
+   `models.protocol.save_checkpoint`: resumable), the best epoch by validation loss kept;
 5. temperature scaling and the operating threshold (Youden's J) fitted on validation;
 6. ``model.pt`` + ``model.pt.sha256``, ``recipe.json`` and ``train_log.jsonl`` in ``out_dir``.
 """
@@ -30,7 +30,8 @@ import torch.nn.functional as F
 
 from models.classifier import ClassifierModel, build_net
 from models.data import load_items, parse_spec
-from models.errors import TrainingError
+from models.errors import TrainingError, WeightsIntegrityError, WeightsMissingError
+from models.protocol import load_checkpoint, save_checkpoint
 from models.tasks.base import TaskSpec
 from models.types import NOT_FOR_DIAGNOSTIC_USE, ModelInfo
 
@@ -259,6 +260,17 @@ def pretrain_patches(net, items: list[dict[str, Any]], task: TaskSpec, recipe: R
             sums = [0.0, 0.0, 0]
 
 
+def _resumable(ckpt_path: Path, log: Callable[[str], None]) -> dict[str, Any] | None:
+    """The content of the epoch checkpoint ``ckpt_path`` when it exists and verifies (else None: start over)."""
+    if not ckpt_path.is_file():
+        return None
+    try:
+        return load_checkpoint(ckpt_path).data
+    except (WeightsMissingError, WeightsIntegrityError) as e:
+        log(f"not resuming: {e}")
+        return None
+
+
 def train(
     task: TaskSpec,
     recipe: Recipe,
@@ -326,30 +338,28 @@ def train(
                         generator=gen, drop_last=len(train_items) > recipe.batch_size)
     net = build_net(task)
     if recipe.init:
-        from models.classifier import sha256_of
-        from models.registry import read_sha256_file
-
         init = Path(recipe.init)
-        side = init.with_name(init.name + ".sha256")
-        if not init.is_file() or not side.is_file():
-            raise TrainingError(f"--init {init}: the weights and their .sha256 are required")
-        digest = sha256_of(init)
-        if digest != read_sha256_file(side):
-            raise TrainingError(f"--init {init}: sha256 {digest} does not match {side}; refusing")
-        net.load_state_dict(ClassifierModel.load(init, task, sha256=digest).net.state_dict())
+        try:
+            start = ClassifierModel.load(init, task)  # verified against the .sha256 beside it
+        except WeightsMissingError:
+            raise TrainingError(f"--init {init}: the weights and their .sha256 are required") from None
+        except WeightsIntegrityError as e:
+            raise TrainingError(f"--init {init}: {e}") from None
+        net.load_state_dict(start.net.state_dict())
+        digest = start.info.weights_sha256
         recipe.init_sha256 = digest
         log(f"initialised from {init} (sha256 {digest})")
-    if recipe.patch_steps > 0 and not (resume and (out_dir / "checkpoint.pt").is_file()):
+    ckpt_path = out_dir / "checkpoint.pt"
+    ck = _resumable(ckpt_path, log) if resume else None
+    if recipe.patch_steps > 0 and ck is None:
         pretrain_patches(net, train_items, task, recipe, log=log)
     opt = torch.optim.AdamW(net.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay)
     steps_per_epoch = max(1, len(loader))
     total = steps_per_epoch * recipe.epochs
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=recipe.lr, total_steps=total, pct_start=0.15)
-    ckpt_path = out_dir / "checkpoint.pt"
     log_path = out_dir / "train_log.jsonl"
     start_epoch, best = 0, {"val_loss": float("inf"), "epoch": -1, "state": None}
-    if resume and ckpt_path.is_file():
-        ck = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    if ck is not None:
         if ck.get("task") == task.name and ck.get("recipe") == asdict(recipe):
             net.load_state_dict(ck["net"])
             opt.load_state_dict(ck["opt"])
@@ -393,9 +403,9 @@ def train(
         if val["val_loss"] < best["val_loss"]:
             best = {"val_loss": val["val_loss"], "epoch": epoch,
                     "state": {k: v.detach().clone() for k, v in net.state_dict().items()}}
-        torch.save({"task": task.name, "recipe": asdict(recipe), "epoch": epoch, "net": net.state_dict(),
-                    "opt": opt.state_dict(), "sched": sched.state_dict(), "best_val_loss": best["val_loss"],
-                    "best_epoch": best["epoch"], "best_state": best["state"]}, ckpt_path)
+        save_checkpoint({"task": task.name, "recipe": asdict(recipe), "epoch": epoch, "net": net.state_dict(),
+                         "opt": opt.state_dict(), "sched": sched.state_dict(), "best_val_loss": best["val_loss"],
+                         "best_epoch": best["epoch"], "best_state": best["state"]}, ckpt_path)
         if recipe.max_steps is not None and step >= recipe.max_steps:
             break
     if best["state"] is not None:
