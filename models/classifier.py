@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from models.errors import RegistryError
-from models.nets import set_mc_dropout
+from models.nets import LesionNet, set_mc_dropout
 from models.protocol import Checkpoint, load_checkpoint, save_checkpoint, sha256_of
 from models.saliency import grad_cam, to_heatmap
 from models.tasks.base import HeadResult, TaskSpec, volume_peak

@@ -170,12 +170,12 @@ def cmd_train(args, settings) -> int:
                                              use_real=use_real, threads=_threads(settings), workers=args.workers,
                                              log=log)
         elif args.model == MODEL_SUPERRES:
-            import models.superres as sr
+            from models.superres.training import train_to
 
             if spec.kind != "synthetic":
                 _err("superres trains on synthetic:N:SEED (noise-free phantoms as truth)")
                 return EXIT_BAD_INPUT
-            sr.train_to(args.out, n_phantoms=spec.n, seed=spec.seed, threads=_threads(settings))
+            train_to(args.out, n_phantoms=spec.n, seed=spec.seed, threads=_threads(settings))
             path = Path(args.out) / "superres.pt"
         else:
             from models.tasks import TASKS

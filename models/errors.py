@@ -9,10 +9,11 @@
     │   └── WeightsIntegrityError sha256 of the weights file differs from the recorded one
     ├── DataSpecError          a --data spec or the data it points to is malformed
     ├── TrainingError          training cannot run (no data, one class only, ...)
+    ├── SuperResError          bad input for super-resolution or a bad checkpoint (a ValueError too;
+    │                          `models.superres` re-exports it)
     └── PipelineError          unknown pipeline or role
 
-The phantom generator (`models.phantoms.PhantomError`) and the super-resolution module
-(`models.superres.SuperResError`) keep their own errors; they are ValueErrors too.
+The phantom generator (`models.phantoms.PhantomError`) keeps its own error; it is a ValueError too.
 """
 
 from __future__ import annotations
@@ -49,6 +50,10 @@ class DataSpecError(ModelsError, ValueError):
 
 class TrainingError(ModelsError):
     """Training cannot proceed."""
+
+
+class SuperResError(ModelsError, ValueError):
+    """Bad input for super-resolution or a bad checkpoint."""
 
 
 class PipelineError(ModelsError, KeyError):

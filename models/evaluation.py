@@ -18,7 +18,7 @@ anyway, so refusing hard cases cannot flatter a metric. JSON keys (those that ap
 - Shortcut AUC: the phantom shortcut baseline (`models.phantoms.shortcut`, logistic
   regression on global intensity/size statistics, cross-validated) on the same volumes.
 - Super-resolution: foreground PSNR/SSIM gain over tricubic with the documented
-  degradation model (`models.superres.evaluate_cases`).
+  degradation model (`models.superres.quality.evaluate_cases`).
 """
 
 from __future__ import annotations
@@ -258,26 +258,17 @@ def evaluate_classifier(model, spec: DataSpec, *, gate=None, workers: int = 1, s
 
 
 def evaluate_superres(model, spec: DataSpec) -> dict[str, Any]:
-    import models.superres as sr
+    """Super-resolution on fresh knee phantoms (`models.superres.quality.evaluate_synthetic`: refuses the
+    training seeds)."""
+    from models.errors import SuperResError
+    from models.superres.quality import evaluate_synthetic
 
     if spec.kind != "synthetic":
         raise DataSpecError("super-resolution evaluates on synthetic:N:SEED (truth = noise-free phantoms)")
-    if hasattr(sr, "evaluate_synthetic"):  # the module's own protocol (refuses its training seeds)
-        try:
-            return dict(sr.evaluate_synthetic(model, spec.n, spec.seed, anatomy="knee"))
-        except sr.SuperResError as e:
-            raise DataSpecError(str(e)) from None
-    from models.superres import evaluate_cases, phantom_case
-    anatomies = ("knee", "shoulder", "lumbar_spine")
-    cases = (phantom_case(anatomies[i % 3], spec.seed + i) for i in range(spec.n))
-    res = evaluate_cases(model, cases)
-    out = {"n": int(res["n"]), "qc_refused": 0, "psnr_gain_db": round(float(res["psnr_gain_db"]), 4),
-           "ssim_gain": round(float(res["ssim_gain"]), 5)}
-    for k in ("psnr_gain_ci", "psnr_db", "psnr_tricubic_db", "ssim", "ssim_tricubic", "consistency_error_max",
-              "consistency_passed"):
-        if k in res:
-            out[k] = res[k]
-    return out
+    try:
+        return dict(evaluate_synthetic(model, spec.n, spec.seed, anatomy="knee"))
+    except SuperResError as e:
+        raise DataSpecError(str(e)) from None
 
 
 # --- real series without labels (realdir:PATH) --------------------------------------------------------

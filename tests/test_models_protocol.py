@@ -197,6 +197,7 @@ def test_weights_are_read_and_written_only_by_the_protocol():
 # --- import direction ----------------------------------------------------------------------------------
 
 
+@pytest.mark.integration  # a fresh interpreter
 def test_models_never_imports_node_when_every_module_is_imported():
     code = (
         "import importlib, pkgutil, sys, models\n"
@@ -208,3 +209,23 @@ def test_models_never_imports_node_when_every_module_is_imported():
     )
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr[-2000:]
+
+
+@pytest.mark.integration  # a fresh interpreter
+def test_inference_loads_no_training_code():
+    """The node's path (registry -> every model -> pipeline) imports neither training loops nor data layers."""
+    code = (
+        "import sys\n"
+        "from models.registry import ENTRIES, Registry\n"
+        "import models.pipelines\n"
+        "r = Registry()\n"
+        "for n in ENTRIES: r.get(n)\n"
+        "print(sorted(k for k in sys.modules if k.startswith('models')))\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    loaded = set(ast.literal_eval(r.stdout.strip().splitlines()[-1]))
+    assert "models.superres.inference" in loaded and "models.classifier" in loaded
+    training = {"models.training", "models.qc_training", "models.superres.training", "models.data",
+                "models.superres.data", "models.superres.quality", "models.evaluation", "models.labels"}
+    assert not loaded & training, sorted(loaded & training)

@@ -16,10 +16,10 @@ from models.superres import (
     SuperResConfig,
     SuperResError,
     SuperResModel,
-    evaluate_cases,
-    phantom_case,
-    smooth_consistent_matrix,
 )
+from models.superres.data import phantom_case
+from models.superres.net import smooth_consistent_matrix
+from models.superres.quality import evaluate_cases
 from models.types import Volume
 
 # evaluation seeds far from the training seeds (7_000_000 + i, see the model card)
@@ -209,7 +209,7 @@ def test_shipped_weights_beat_tricubic_on_fresh_phantoms(shipped):
 
 
 def test_network_skips_empty_background_without_changing_the_signal_region(shipped):
-    from models.superres import BOX_MARGIN, _Operators, forward_detail
+    from models.superres.net import BOX_MARGIN, _Operators, forward_detail
 
     rng = np.random.default_rng(4)
     y = np.zeros((6, 96, 96), np.float32)
