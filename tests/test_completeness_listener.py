@@ -19,12 +19,12 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
-from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
 from sqlalchemy import select
 
 from support.env import ROOT, free_port
 from support.listener import ListenerProcess
+from support.mr import mr_dataset, save
 from node.db.database import Database, utcnow
 from node.db.schema import Association, Job, Series, Study
 from node.demo.loopback import child_env
@@ -55,43 +55,16 @@ def write_series(
     paths = []
     rng = np.random.default_rng(number)
     for i in range(n):
-        meta = FileMetaDataset()
-        meta.MediaStorageSOPClassUID = MRImageStorage
-        meta.MediaStorageSOPInstanceUID = generate_uid()
-        meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        ds = Dataset()
-        ds.file_meta = meta
-        ds.SOPClassUID = MRImageStorage
-        ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
-        ds.StudyInstanceUID = study_uid
-        ds.SeriesInstanceUID = series_uid
-        ds.Modality = "MR"
-        ds.Manufacturer = "SIEMENS"
-        ds.PatientName = "Test^Completeness"
-        ds.PatientID = "C0001"
-        ds.StudyDate = "20260302"
-        ds.StudyDescription = study_description
-        ds.SeriesDescription = description
-        ds.ProtocolName = description
-        ds.BodyPartExamined = body_part
-        ds.SeriesNumber = number
-        ds.InstanceNumber = i + 1
-        ds.ImageOrientationPatient = list(orientation)
-        if i not in no_position:
-            ds.ImagePositionPatient = [i * 3.0 - 60.0, -80.0, 80.0]
-        ds.SliceThickness = 3.0
-        ds.PixelSpacing = [0.5, 0.5]
-        if images_in_acquisition:
-            ds.ImagesInAcquisition = images_in_acquisition
-        ds.Rows = ds.Columns = 32
-        ds.SamplesPerPixel = 1
-        ds.PhotometricInterpretation = "MONOCHROME2"
-        ds.BitsAllocated = ds.BitsStored = 16
-        ds.HighBit = 15
-        ds.PixelRepresentation = 0
-        ds.PixelData = rng.integers(0, 1000, (32, 32), dtype=np.uint16).tobytes()
-        p = folder / f"{series_uid}_{i:03d}.dcm"
-        ds.save_as(p, enforce_file_format=True)
+        ds = mr_dataset(
+            study_uid=study_uid, series_uid=series_uid, pixels=rng.integers(0, 1000, (32, 32), dtype=np.uint16),
+            Manufacturer="SIEMENS", PatientName="Test^Completeness", PatientID="C0001", StudyDate="20260302",
+            StudyDescription=study_description, SeriesDescription=description, ProtocolName=description,
+            BodyPartExamined=body_part, SeriesNumber=number, InstanceNumber=i + 1,
+            ImageOrientationPatient=list(orientation),
+            ImagePositionPatient=None if i in no_position else [i * 3.0 - 60.0, -80.0, 80.0],
+            SliceThickness=3.0, PixelSpacing=[0.5, 0.5], ImagesInAcquisition=images_in_acquisition or None,
+        )
+        p = save(ds, folder / f"{series_uid}_{i:03d}.dcm")
         paths.append(p)
     return series_uid, paths
 

@@ -16,15 +16,16 @@ import sys
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pytest
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
-from pydicom.uid import generate_uid
 from sqlalchemy import select
 
 from support.env import ROOT
 from support.listener import PYDICOM_DATA
+from support.mr import mr_dataset
 from node.db.schema import Instance, Series
 from node.demo.loopback import child_env
 from node.errors import RoutingError
@@ -269,9 +270,12 @@ def test_acquisition_from_real_pydicom_data_headers():
 
 
 def _private_dataset() -> Dataset:
-    from test_listener import mr_dataset
-
-    ds = mr_dataset(generate_uid(), generate_uid(), 0)
+    ds = mr_dataset(
+        pixels=np.zeros((32, 32), np.uint16), bits_stored=12, SpecificCharacterSet="ISO_IR 100", PatientName="Doe^Jane",
+        PatientID="PID0001", StudyDescription="MR KNEE", BodyPartExamined="KNEE", SeriesDescription="SAG PD FS",
+        ProtocolName="SAG PD FS", SeriesNumber=3, InstanceNumber=1, ImagePositionPatient=[-50.0, -40.0, 0.0],
+        ImageOrientationPatient=[0.0, 1.0, 0.0, 0.0, 0.0, -1.0],
+    )
     ds.Manufacturer = "Philips Medical Systems"
     ds.private_block(0x2001, "Philips Imaging DD 001", create=True).add_new(0x20, "LO", "TSE")
     ds.private_block(0x2005, "Philips MR Imaging DD 001", create=True).add_new(0x11, "CS", "W")

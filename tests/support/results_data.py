@@ -13,8 +13,8 @@ from pathlib import Path
 
 import numpy as np
 import pydicom
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
+from pydicom.dataset import Dataset
+from pydicom.uid import generate_uid
 
 from models.types import (
     Finding,
@@ -25,6 +25,7 @@ from models.types import (
     SuperResOutput,
     Volume,
 )
+from support.mr import mr_dataset, save
 
 TEST_ROOT = "1.2.826.0.1.3680043.10.1447.99."
 SHA = "ab" * 32
@@ -61,70 +62,29 @@ def write_mr_series(
     paths = []
     # written in reverse slice order so the writers must sort by position
     for k in reversed(range(n_slices)):
-        ds = Dataset()
-        ds.file_meta = FileMetaDataset()
-        ds.file_meta.MediaStorageSOPClassUID = MRImageStorage
-        sop_uid = generate_uid(prefix=TEST_ROOT)
-        ds.file_meta.MediaStorageSOPInstanceUID = sop_uid
-        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        if charset is not None:
-            ds.SpecificCharacterSet = charset
-        ds.SOPClassUID = MRImageStorage
-        ds.SOPInstanceUID = sop_uid
-        ds.ImageType = ["ORIGINAL", "PRIMARY", "OTHER"]
-        ds.StudyDate = study_date
-        ds.SeriesDate = study_date
-        ds.ContentDate = study_date
-        ds.StudyTime = "101500"
-        ds.SeriesTime = "101600"
-        ds.ContentTime = "101700"
-        ds.AccessionNumber = "ACC1"
-        ds.Modality = "MR"
-        ds.Manufacturer = "Phantom Inc"
-        ds.ReferringPhysicianName = "Doc^Ref"
-        ds.StudyDescription = "MRI KNEE"
-        ds.SeriesDescription = description
-        ds.ProtocolName = description
-        ds.PatientName = patient_name
-        ds.PatientID = patient_id
-        ds.PatientBirthDate = "19800101"
-        ds.PatientSex = patient_sex
-        ds.BodyPartExamined = body_part
-        ds.PatientPosition = "FFS"
-        ds.ScanningSequence = "SE"
-        ds.SequenceVariant = "SK"
-        ds.ScanOptions = "FS"
-        ds.MRAcquisitionType = "2D"
-        ds.RepetitionTime = "3000"
-        ds.EchoTime = "30"
-        ds.EchoTrainLength = "8"
-        ds.MagneticFieldStrength = "1.5"
-        ds.SliceThickness = str(spacing[0])
-        ds.SpacingBetweenSlices = str(spacing[0])
-        ds.StudyInstanceUID = study_uid
-        ds.SeriesInstanceUID = series_uid
-        ds.StudyID = "1"
-        ds.SeriesNumber = 3
-        ds.InstanceNumber = k + 1
-        ds.FrameOfReferenceUID = for_uid
-        ds.PositionReferenceIndicator = ""
-        if laterality:
-            ds.Laterality = laterality
-        pos = np.array([-20.0, -10.0, 30.0]) + normal * spacing[0] * k
-        ds.ImagePositionPatient = [f"{v:.4f}" for v in pos]
-        ds.ImageOrientationPatient = [str(v) for v in (*row_cos, *col_cos)]
-        ds.SliceLocation = f"{float(np.dot(normal, pos)):.4f}"
-        ds.PixelSpacing = [str(spacing[1]), str(spacing[2])]
-        ds.SamplesPerPixel = 1
-        ds.PhotometricInterpretation = "MONOCHROME2"
-        ds.Rows, ds.Columns = rows, cols
-        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
-        ds.WindowCenter, ds.WindowWidth = "800", "1600"
         ellipse = ((yy - rows / 2) / (rows / 3)) ** 2 + ((xx - cols / 2) / (cols / 3)) ** 2 < 1
         img = 300 + 900 * ellipse + 40 * k + rng.normal(0, 20, (rows, cols))
-        ds.PixelData = np.clip(img, 0, 4095).astype(np.uint16).tobytes()
-        path = directory / f"slice{k:03d}.dcm"
-        ds.save_as(path, enforce_file_format=True)
+        pos = np.array([-20.0, -10.0, 30.0]) + normal * spacing[0] * k
+        ds = mr_dataset(
+            study_uid=study_uid, series_uid=series_uid, uid_prefix=TEST_ROOT,
+            pixels=np.clip(img, 0, 4095).astype(np.uint16), bits_stored=12,
+            SpecificCharacterSet=charset, ImageType=["ORIGINAL", "PRIMARY", "OTHER"],
+            StudyDate=study_date, SeriesDate=study_date, ContentDate=study_date,
+            StudyTime="101500", SeriesTime="101600", ContentTime="101700", AccessionNumber="ACC1",
+            Manufacturer="Phantom Inc", ReferringPhysicianName="Doc^Ref", StudyDescription="MRI KNEE",
+            SeriesDescription=description, ProtocolName=description, PatientName=patient_name, PatientID=patient_id,
+            PatientBirthDate="19800101", PatientSex=patient_sex, BodyPartExamined=body_part, PatientPosition="FFS",
+            ScanningSequence="SE", SequenceVariant="SK", ScanOptions="FS", MRAcquisitionType="2D",
+            RepetitionTime="3000", EchoTime="30", EchoTrainLength="8", MagneticFieldStrength="1.5",
+            SliceThickness=str(spacing[0]), SpacingBetweenSlices=str(spacing[0]), StudyID="1", SeriesNumber=3,
+            InstanceNumber=k + 1, FrameOfReferenceUID=for_uid, PositionReferenceIndicator="",
+            Laterality=laterality or None,
+            ImagePositionPatient=[f"{v:.4f}" for v in pos],
+            ImageOrientationPatient=[str(v) for v in (*row_cos, *col_cos)],
+            SliceLocation=f"{float(np.dot(normal, pos)):.4f}",
+            PixelSpacing=[str(spacing[1]), str(spacing[2])], WindowCenter="800", WindowWidth="1600",
+        )
+        path = save(ds, directory / f"slice{k:03d}.dcm")
         paths.append(path)
     return paths
 

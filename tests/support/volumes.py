@@ -5,10 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-from pydicom.dataset import FileDataset, FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
+from pydicom.uid import generate_uid
 
 from models.types import Volume
+from support.mr import mr_dataset, save
 
 ROOT = "1.2.826.0.1.3680043.8.498."  # pydicom's root, never the node's
 
@@ -24,34 +24,18 @@ def write_volume_series(vol: Volume, out_dir: Path, *, body_part: str = "KNEE", 
     study, series, frame = (generate_uid(prefix=ROOT) for _ in range(3))
     paths = []
     for k in range(arr.shape[0]):
-        meta = FileMetaDataset()
-        meta.MediaStorageSOPClassUID = MRImageStorage
-        meta.MediaStorageSOPInstanceUID = generate_uid(prefix=ROOT)
-        meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        ds = FileDataset(str(out_dir / f"{k:03d}.dcm"), {}, file_meta=meta, preamble=b"\0" * 128)
-        ds.SOPClassUID = MRImageStorage
-        ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
-        ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = study, series, frame
-        ds.Modality = "MR"
-        ds.BodyPartExamined = body_part
-        ds.SeriesDescription = description
-        ds.ImageType = list(image_type)
-        ds.PatientName = "Test^Volume"
-        ds.PatientID = "T1"
-        ds.InstanceNumber = arr.shape[0] - k  # deliberately opposite to the position order
-        ds.ImagePositionPatient = [f"{v:.4f}" for v in vol.positions[k]]
-        ds.ImageOrientationPatient = [f"{v:.6f}" for v in (*vol.row_cosine, *vol.col_cosine)]
-        ds.PixelSpacing = [f"{vol.spacing[1]:.5f}", f"{vol.spacing[2]:.5f}"]
-        ds.SliceThickness = f"{vol.spacing[0]:.4f}"
-        ds.Rows, ds.Columns = arr.shape[1], arr.shape[2]
-        ds.SamplesPerPixel = 1
-        ds.PhotometricInterpretation = "MONOCHROME2"
-        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
-        ds.RescaleSlope = f"{slope:.8g}"
-        ds.RescaleIntercept = f"{lo:.6g}"
-        ds.PixelData = np.round((arr[k] - lo) / slope).clip(0, 65535).astype(np.uint16).tobytes()
-        path = out_dir / f"{k:03d}.dcm"
-        ds.save_as(path, enforce_file_format=True)
+        ds = mr_dataset(
+            study_uid=study, series_uid=series, uid_prefix=ROOT,
+            pixels=np.round((arr[k] - lo) / slope).clip(0, 65535).astype(np.uint16),
+            FrameOfReferenceUID=frame, BodyPartExamined=body_part, SeriesDescription=description,
+            ImageType=list(image_type), PatientName="Test^Volume", PatientID="T1",
+            InstanceNumber=arr.shape[0] - k,  # deliberately opposite to the position order
+            ImagePositionPatient=[f"{v:.4f}" for v in vol.positions[k]],
+            ImageOrientationPatient=[f"{v:.6f}" for v in (*vol.row_cosine, *vol.col_cosine)],
+            PixelSpacing=[f"{vol.spacing[1]:.5f}", f"{vol.spacing[2]:.5f}"], SliceThickness=f"{vol.spacing[0]:.4f}",
+            RescaleSlope=f"{slope:.8g}", RescaleIntercept=f"{lo:.6g}",
+        )
+        path = save(ds, out_dir / f"{k:03d}.dcm")
         paths.append(path)
     return paths
 

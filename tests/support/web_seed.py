@@ -15,8 +15,10 @@ from pathlib import Path
 
 import numpy as np
 import pydicom
-from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
+
+from support.mr import mr_dataset
 
 ROOT = "1.2.826.0.1.3680043.10.1447.99."  # test objects
 SOURCE_ROOT = "1.2.826.0.1.3680043.8.498."  # "modality" objects (not ours)
@@ -81,63 +83,22 @@ def _mr_dataset(
     pixel: float, body_part: str, description: str, patient_name: str, patient_id: str, study_date: str,
     study_time: str, accession: str, series_number: int, derived: bool = False, source: Dataset | None = None,
 ) -> Dataset:
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = MRImageStorage
-    meta.MediaStorageSOPInstanceUID = sop_uid
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    meta.ImplementationClassUID = ROOT + "1"
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SpecificCharacterSet = "ISO_IR 100"
-    ds.SOPClassUID = MRImageStorage
-    ds.SOPInstanceUID = sop_uid
-    ds.StudyInstanceUID = study_uid
-    ds.SeriesInstanceUID = series_uid
-    ds.FrameOfReferenceUID = for_uid
-    ds.PatientName = patient_name
-    ds.PatientID = patient_id
-    ds.PatientBirthDate = "19800101"
-    ds.PatientSex = "F"
-    ds.StudyDate = study_date
-    ds.StudyTime = study_time
-    ds.SeriesDate = study_date
-    ds.ContentDate = study_date
-    ds.ContentTime = study_time
-    ds.AccessionNumber = accession
-    ds.ReferringPhysicianName = ""
-    ds.StudyID = "1"
-    ds.Modality = "MR"
-    ds.Manufacturer = "msknode-tests" if derived else "TESTVENDOR"
-    ds.BodyPartExamined = body_part
-    ds.SeriesDescription = description
-    ds.SeriesNumber = series_number
-    ds.InstanceNumber = k + 1
-    ds.ImageType = ["DERIVED", "SECONDARY"] if derived else ["ORIGINAL", "PRIMARY", "M", "NONE"]
-    ds.ScanningSequence = "SE"
-    ds.SequenceVariant = "NONE"
-    ds.ScanOptions = ""
-    ds.MRAcquisitionType = "2D"
-    ds.EchoTime = 30
-    ds.RepetitionTime = 3000
-    ds.EchoTrainLength = 8
-    ds.MagneticFieldStrength = 3
-    ds.SliceThickness = spacing
-    ds.SpacingBetweenSlices = spacing
-    ds.PixelSpacing = [pixel, pixel]
-    # sagittal: rows run anterior->posterior... (0,1,0) and columns head->foot (0,0,-1); slices along x
-    ds.ImageOrientationPatient = [0, 1, 0, 0, 0, -1]
-    ds.ImagePositionPatient = [-20.0 + k * spacing, -50.0, 50.0]
-    ds.SliceLocation = -20.0 + k * spacing
-    ds.PositionReferenceIndicator = ""
-    ds.Laterality = "R"
-    ds.SamplesPerPixel = 1
-    ds.PhotometricInterpretation = "MONOCHROME2"
-    ds.Rows, ds.Columns = arr2d.shape
-    ds.BitsAllocated = 16
-    ds.BitsStored = 16
-    ds.HighBit = 15
-    ds.PixelRepresentation = 0
-    ds.PixelData = arr2d.astype(np.uint16).tobytes()
+    ds = mr_dataset(
+        study_uid=study_uid, series_uid=series_uid, sop_uid=sop_uid, pixels=arr2d.astype(np.uint16),
+        file_meta={"ImplementationClassUID": ROOT + "1"}, SpecificCharacterSet="ISO_IR 100",
+        FrameOfReferenceUID=for_uid, PatientName=patient_name, PatientID=patient_id, PatientBirthDate="19800101",
+        PatientSex="F", StudyDate=study_date, StudyTime=study_time, SeriesDate=study_date, ContentDate=study_date,
+        ContentTime=study_time, AccessionNumber=accession, ReferringPhysicianName="", StudyID="1",
+        Manufacturer="msknode-tests" if derived else "TESTVENDOR", BodyPartExamined=body_part,
+        SeriesDescription=description, SeriesNumber=series_number, InstanceNumber=k + 1,
+        ImageType=["DERIVED", "SECONDARY"] if derived else ["ORIGINAL", "PRIMARY", "M", "NONE"],
+        ScanningSequence="SE", SequenceVariant="NONE", ScanOptions="", MRAcquisitionType="2D", EchoTime=30,
+        RepetitionTime=3000, EchoTrainLength=8, MagneticFieldStrength=3, SliceThickness=spacing,
+        SpacingBetweenSlices=spacing, PixelSpacing=[pixel, pixel],
+        # sagittal: rows run anterior->posterior (0,1,0) and columns head->foot (0,0,-1); slices along x
+        ImageOrientationPatient=[0, 1, 0, 0, 0, -1], ImagePositionPatient=[-20.0 + k * spacing, -50.0, 50.0],
+        SliceLocation=-20.0 + k * spacing, PositionReferenceIndicator="", Laterality="R",
+    )
     if derived and source is not None:
         ds.DerivationDescription = "super-resolution (test seed)"
         src = Dataset()
