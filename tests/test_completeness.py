@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import datetime as dt
 import hashlib
 import threading
 
@@ -174,13 +173,39 @@ def test_lost_association_is_closed_and_its_series_completes(anydb, cfg, rules):
 
 
 # ---- study → job -------------------------------------------------------------------
-def knee_study(db, *, t=0.0, number_offset=0):
+def study_with(db, *series: dict, description: str | None = None, t: float = 0.0) -> tuple[int, str, list[str]]:
+    """A study and its series as the listener stores them (one dict of `send_series` keywords per
+    series, in order); returns (study id, study uid, series uids)."""
     with db.session() as s:
-        st = make_study(s, description="MR KNEE LEFT", now=at(t))
-        loc = send_series(s, st, description="localizer", count=3, now=at(t), number=1)
-        sag = send_series(s, st, description="PD_TSE_FS_SAG", count=30, now=at(t + 0.1), number=2)
-        cor = send_series(s, st, description="t1_tse_cor", count=24, now=at(t + 0.2), number=3)
-        return st.study_uid, loc.series_uid, sag.series_uid, cor.series_uid
+        st = make_study(s, description=description, now=at(t))
+        uids = [send_series(s, st, **kw).series_uid for kw in series]
+        return st.id, st.study_uid, uids
+
+
+def add_series(db, study: int | str, **kw) -> str:
+    """One more series for a study (its id or uid) arriving later; returns its uid."""
+    with db.session() as s:
+        st = s.get(Study, study) if isinstance(study, int) else s.scalar(select(Study).where(Study.study_uid == study))
+        return send_series(s, st, **kw).series_uid
+
+
+def finish(db, job_id: int) -> None:
+    """What the worker does when it has finished a job: the job and its queued series are done."""
+    with db.session() as s:
+        s.get(Job, job_id).state = "done"
+        for se in s.scalars(select(Series).where(Series.state == "queued")):
+            se.state = "done"
+
+
+def knee_study(db, *, t=0.0):
+    _, study_uid, (loc, sag, cor) = study_with(
+        db,
+        dict(description="localizer", count=3, now=at(t), number=1),
+        dict(description="PD_TSE_FS_SAG", count=30, now=at(t + 0.1), number=2),
+        dict(description="t1_tse_cor", count=24, now=at(t + 0.2), number=3),
+        description="MR KNEE LEFT", t=t,
+    )
+    return study_uid, loc, sag, cor
 
 
 def test_three_series_knee_study_yields_exactly_one_job(anydb, cfg, rules):
@@ -236,14 +261,8 @@ def test_late_series_supersedes_processed_job(anydb, cfg, rules):
     db = anydb
     study_uid, loc, sag, cor = knee_study(db)
     [first] = run(db, cfg, rules, 2.0)
-    with db.session() as s:  # the worker finished it
-        s.get(Job, first).state = "done"
-        for se in s.scalars(select(Series).where(Series.state == "queued")):
-            se.state = "done"
-    with db.session() as s:
-        st = s.scalar(select(Study).where(Study.study_uid == study_uid))
-        ax = send_series(s, st, description="pd_tse_fs_tra", count=25, now=at(60.0), number=4)
-        ax_uid = ax.series_uid
+    finish(db, first)
+    ax_uid = add_series(db, study_uid, description="pd_tse_fs_tra", count=25, now=at(60.0), number=4)
     assert run(db, cfg, rules, 60.0 + Q) == []
     [second] = run(db, cfg, rules, 60.0 + Q + SQ)
     jobs = jobs_of(db)
@@ -257,9 +276,7 @@ def test_late_series_replaces_a_job_still_queued(anydb, cfg, rules):
     db = anydb
     study_uid, loc, sag, cor = knee_study(db)
     [first] = run(db, cfg, rules, 2.0)
-    with db.session() as s:
-        st = s.scalar(select(Study).where(Study.study_uid == study_uid))
-        send_series(s, st, description="Ax T2 FS", count=25, now=at(3.0), number=4)
+    add_series(db, study_uid, description="Ax T2 FS", count=25, now=at(3.0), number=4)
     [second] = run(db, cfg, rules, 3.0 + Q + SQ)
     jobs = jobs_of(db)
     assert [(j[0], j[1]) for j in jobs] == [(first, "superseded"), (second, "queued")]
@@ -309,14 +326,14 @@ def test_identical_resend_makes_no_second_job(db, cfg, rules):
 
 def test_non_mr_and_own_objects_are_never_routed(anydb, cfg, rules):
     db = anydb
-    with db.session() as s:
-        st = make_study(s)
-        ct = send_series(s, st, description="Knee 1.0 Bone", modality="CT", count=5)
-        ours = send_series(s, st, description="SAG PD FS", count=5, own_object=True)
-        ours_by_uid = send_series(s, st, description="SAG PD FS", count=5, series_uid=cfg.uid_root + "5.6.7")
-        ours_by_maker = send_series(s, st, description="SAG PD FS", count=5, manufacturer="msknode")
-        sr = send_series(s, st, description="msknode findings", modality="SR", count=1)
-        uids = [x.series_uid for x in (ct, ours, ours_by_uid, ours_by_maker, sr)]
+    _, _, uids = study_with(
+        db,
+        dict(description="Knee 1.0 Bone", modality="CT", count=5),
+        dict(description="SAG PD FS", count=5, own_object=True),
+        dict(description="SAG PD FS", count=5, series_uid=cfg.uid_root + "5.6.7"),
+        dict(description="SAG PD FS", count=5, manufacturer="msknode"),
+        dict(description="msknode findings", modality="SR", count=1),
+    )
     assert run(db, cfg, rules, 5.0) == []
     assert run(db, cfg, rules, 10.0) == []
     states = [state_of(db, u) for u in uids]
@@ -341,25 +358,18 @@ def test_own_objects_do_not_hold_or_reopen_a_study(db, cfg, rules):
 
 
 def test_localizer_without_anatomy_gets_it_from_the_study(db, cfg, rules):
-    with db.session() as s:
-        st = make_study(s)  # no study description
-        loc = send_series(s, st, description="3 Plane Loc", body_part="", count=3, now=at(0))
-        loc_uid = loc.series_uid
+    study_id, _, [loc_uid] = study_with(db, dict(description="3 Plane Loc", body_part="", count=3, now=at(0)))  # no study description
     run(db, cfg, rules, Q)  # only the localizer so far: anatomy unknown
     assert state_of(db, loc_uid)[:2] == ("unrouted", None)
-    with db.session() as s:
-        st = s.get(Study, st.id)
-        sag = send_series(s, st, description="Sag PD FSE FS", body_part="KNEE", count=20, now=at(1.0))
+    sag = add_series(db, study_id, description="Sag PD FSE FS", body_part="KNEE", count=20, now=at(1.0))
     [job] = run(db, cfg, rules, 1.0 + Q + SQ)
     assert state_of(db, loc_uid)[:3] == ("complete", "knee", "localizer")
-    assert jobs_of(db)[0][4] == [(sag.series_uid, "sag_fluid")]
+    assert jobs_of(db)[0][4] == [(sag, "sag_fluid")]
 
 
 def test_two_anatomies_in_one_study_make_one_job_each(db, cfg, rules):
-    with db.session() as s:
-        st = make_study(s)
-        send_series(s, st, description="SAG PD FS", body_part="KNEE", count=10)
-        send_series(s, st, description="COR OBL T2 FS", body_part="SHOULDER", count=10)
+    study_with(db, dict(description="SAG PD FS", body_part="KNEE", count=10),
+               dict(description="COR OBL T2 FS", body_part="SHOULDER", count=10))
     created = run(db, cfg, rules, Q + SQ)
     assert sorted(j[2] for j in jobs_of(db)) == ["knee", "shoulder"] and len(created) == 2
 
@@ -380,33 +390,39 @@ def test_timers_survive_a_restart(db, settings, cfg, rules):
         restarted.dispose()
 
 
-def test_concurrent_ticks_create_one_job(db, settings, cfg, rules):
-    """Several threads with their own engines tick the same SQLite database at the same instant."""
-    for i in range(4):
-        knee_study(db, t=0.0)
-    engines = [Database(settings.database_url, migrate=False) for _ in range(4)]
-    barrier = threading.Barrier(len(engines))
+def tick_concurrently(settings, cfg, rules, times, engines: int = 4) -> list[int]:
+    """``engines`` threads, each with its own engine, tick at each of ``times`` from the same instant;
+    returns every job id the ticks created."""
+    dbs = [Database(settings.database_url, migrate=False) for _ in range(engines)]
+    barrier = threading.Barrier(len(dbs))
     results: list[list[int]] = []
     errors: list[BaseException] = []
 
     def worker(d):
         try:
             barrier.wait()
-            for t in (0.2 + Q, 0.2 + Q + SQ, 0.2 + Q + SQ + 0.1, 3.0):
+            for t in times:
                 with d.session() as s:
                     results.append(tick(s, cfg, at(t), rules))
-        except BaseException as e:  # pragma: no cover - reported below
+        except BaseException as e:  # reported below
             errors.append(e)
 
-    threads = [threading.Thread(target=worker, args=(d,)) for d in engines]
+    threads = [threading.Thread(target=worker, args=(d,)) for d in dbs]
     for t in threads:
         t.start()
     for t in threads:
         t.join(60)
-    for d in engines:
+    for d in dbs:
         d.dispose()
     assert not errors, errors
-    created = [j for r in results for j in r]
+    return [j for r in results for j in r]
+
+
+def test_concurrent_ticks_create_one_job(db, settings, cfg, rules):
+    """Several threads with their own engines tick the same SQLite database at the same instant."""
+    for i in range(4):
+        knee_study(db, t=0.0)
+    created = tick_concurrently(settings, cfg, rules, (0.2 + Q, 0.2 + Q + SQ, 0.2 + Q + SQ + 0.1, 3.0))
     assert len(created) == 4 and len(set(created)) == 4
     with db.session() as s:
         assert s.scalar(select(func.count()).select_from(Job)) == 4
@@ -426,30 +442,26 @@ def proto_cfg(cfg):
 
 def test_protocol_complete_settles_the_study_without_the_quiet_period(anydb, proto_cfg, rules):
     db = anydb
-    with db.session() as s:
-        st = make_study(s, description="MR KNEE LEFT")
-        sag = send_series(s, st, description="PD_TSE_FS_SAG", count=30, now=at(0), number=2)
-        study_id = st.id
+    study_id, _, [sag] = study_with(db, dict(description="PD_TSE_FS_SAG", count=30, now=at(0), number=2),
+                                    description="MR KNEE LEFT")
     assert run(db, proto_cfg, rules, Q) == []  # sagittal complete; the coronal of the protocol is missing
-    assert state_of(db, sag.series_uid)[:3] == ("complete", "knee", "sag_fluid")
+    assert state_of(db, sag)[:3] == ("complete", "knee", "sag_fluid")
     assert run(db, proto_cfg, rules, 20.0) == []
-    with db.session() as s:  # the coronal comes in a second association
-        cor = send_series(s, s.get(Study, study_id), description="PD_TSE_FS_COR", count=24, now=at(20.0), number=3)
+    # the coronal comes in a second association
+    cor = add_series(db, study_id, description="PD_TSE_FS_COR", count=24, now=at(20.0), number=3)
     assert run(db, proto_cfg, rules, 20.0 + Q - 0.01) == []  # the series itself still in its quiet period
     [job] = run(db, proto_cfg, rules, 20.0 + Q)  # complete: the protocol is whole, no study quiet period
     for t in (21.0, 20.0 + Q + LONG_SQ, 200.0):
         assert run(db, proto_cfg, rules, t) == []
     [(job_id, state, pipeline, supersedes, inputs)] = jobs_of(db)
     assert (job_id, state, pipeline, supersedes) == (job, "queued", "knee", None)
-    assert inputs == sorted([(sag.series_uid, "sag_fluid"), (cor.series_uid, "cor_fluid")])
+    assert inputs == sorted([(sag, "sag_fluid"), (cor, "cor_fluid")])
 
 
 def test_a_missing_protocol_role_waits_for_the_quiet_period(anydb, proto_cfg, rules):
     db = anydb
-    with db.session() as s:
-        st = make_study(s)
-        send_series(s, st, description="PD_TSE_FS_SAG", count=30, now=at(0), number=2)
-        send_series(s, st, description="t1_tse_cor", count=24, now=at(0.2), number=3)  # cor_t1, not cor_fluid
+    study_with(db, dict(description="PD_TSE_FS_SAG", count=30, now=at(0), number=2),
+               dict(description="t1_tse_cor", count=24, now=at(0.2), number=3))  # cor_t1, not cor_fluid
     assert run(db, proto_cfg, rules, 0.2 + Q) == []
     assert run(db, proto_cfg, rules, 0.2 + Q + LONG_SQ - 0.01) == []
     assert len(run(db, proto_cfg, rules, 0.2 + Q + LONG_SQ)) == 1
@@ -457,9 +469,7 @@ def test_a_missing_protocol_role_waits_for_the_quiet_period(anydb, proto_cfg, ru
 
 
 def test_a_pipeline_without_a_protocol_waits_for_the_quiet_period(db, proto_cfg, rules):
-    with db.session() as s:
-        st = make_study(s)
-        send_series(s, st, description="COR OBL T2 FS", body_part="SHOULDER", count=20, now=at(0))
+    study_with(db, dict(description="COR OBL T2 FS", body_part="SHOULDER", count=20, now=at(0)))
     assert run(db, proto_cfg, rules, Q) == []  # the protocol is the knee's; the shoulder waits as before
     assert [j[2] for j in jobs_of(db)] == []
     assert len(run(db, proto_cfg, rules, Q + LONG_SQ)) == 1
@@ -467,29 +477,19 @@ def test_a_pipeline_without_a_protocol_waits_for_the_quiet_period(db, proto_cfg,
 
 def test_after_the_protocol_job_an_extra_series_waits_for_the_quiet_period(anydb, proto_cfg, rules):
     db = anydb
-    with db.session() as s:
-        st = make_study(s)
-        send_series(s, st, description="PD_TSE_FS_SAG", count=30, now=at(0), number=2)
-        send_series(s, st, description="PD_TSE_FS_COR", count=24, now=at(0.1), number=3)
-        study_id = st.id
+    study_id, _, _ = study_with(db, dict(description="PD_TSE_FS_SAG", count=30, now=at(0), number=2),
+                                dict(description="PD_TSE_FS_COR", count=24, now=at(0.1), number=3))
     [first] = run(db, proto_cfg, rules, 0.1 + Q)
-    with db.session() as s:  # the worker finished it
-        s.get(Job, first).state = "done"
-        for se in s.scalars(select(Series).where(Series.state == "queued")):
-            se.state = "done"
-    with db.session() as s:
-        ax = send_series(s, s.get(Study, study_id), description="pd_tse_fs_tra", count=25, now=at(30.0), number=4)
+    finish(db, first)
+    ax = add_series(db, study_id, description="pd_tse_fs_tra", count=25, now=at(30.0), number=4)
     assert run(db, proto_cfg, rules, 30.0 + Q) == []  # outside the protocol: the study quiet period again
-    assert state_of(db, ax.series_uid)[:3] == ("complete", "knee", "ax_fluid")
+    assert state_of(db, ax)[:3] == ("complete", "knee", "ax_fluid")
     assert run(db, proto_cfg, rules, 30.0 + Q + LONG_SQ - 0.01) == []
     [second] = run(db, proto_cfg, rules, 30.0 + Q + LONG_SQ)
     assert [(j[0], j[1], j[3]) for j in jobs_of(db)] == [(first, "done", None), (second, "queued", first)]
     # a repeated protocol series (e.g. after motion) settles at once again
-    with db.session() as s:
-        s.get(Job, second).state = "done"
-        for se in s.scalars(select(Series).where(Series.state == "queued")):
-            se.state = "done"
-        send_series(s, s.get(Study, study_id), description="PD_TSE_FS_SAG repeat", count=30, now=at(200.0), number=5)
+    finish(db, second)
+    add_series(db, study_id, description="PD_TSE_FS_SAG repeat", count=30, now=at(200.0), number=5)
     [third] = run(db, proto_cfg, rules, 200.0 + Q)
     assert jobs_of(db)[2][:4] == (third, "queued", "knee", second)
     assert len(jobs_of(db)[2][4]) == 4
@@ -518,29 +518,7 @@ def test_concurrent_ticks_create_one_job_when_the_protocol_settles(db, settings,
     pcfg = cfg.model_copy(update={"study_quiet_seconds": LONG_SQ, "study_protocols": {"knee": ["sag_fluid", "cor_t1"]}})
     for _ in range(4):
         knee_study(db, t=0.0)
-    engines = [Database(settings.database_url, migrate=False) for _ in range(4)]
-    barrier = threading.Barrier(len(engines))
-    results: list[list[int]] = []
-    errors: list[BaseException] = []
-
-    def worker(d):
-        try:
-            barrier.wait()
-            for t in (0.2 + Q, 0.2 + Q + 0.1, 3.0, 0.2 + Q + LONG_SQ):
-                with d.session() as s:
-                    results.append(tick(s, pcfg, at(t), rules))
-        except BaseException as e:  # pragma: no cover - reported below
-            errors.append(e)
-
-    threads = [threading.Thread(target=worker, args=(d,)) for d in engines]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60)
-    for d in engines:
-        d.dispose()
-    assert not errors, errors
-    created = [j for r in results for j in r]
+    created = tick_concurrently(settings, pcfg, rules, (0.2 + Q, 0.2 + Q + 0.1, 3.0, 0.2 + Q + LONG_SQ))
     assert len(created) == 4 and len(set(created)) == 4
     with db.session() as s:
         per_study = s.execute(select(Job.study_id, func.count()).group_by(Job.study_id)).all()

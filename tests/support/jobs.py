@@ -10,7 +10,6 @@ fingerprint (as `node.results` does) and appends one line per finished run to
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import hashlib
 import os
 import sys
