@@ -14,7 +14,7 @@ from pydicom.filewriter import write_dataset
 from pydicom.uid import MRImageStorage, generate_uid
 from sqlalchemy import select
 
-from listener_support import PYDICOM_DATA, dataset_bytes
+from support.listener import PYDICOM_DATA, dataset_bytes
 from node.db.database import Database, utcnow
 from node.db.schema import Association, AssociationSeries, Instance, Series, Study
 from node.errors import IngestError, StorageError

@@ -1,4 +1,8 @@
-"""The DICOM listener as a subprocess (``msknode listen``) with real clients: dcmtk and pynetdicom."""
+"""The DICOM listener as a subprocess (``msknode listen``) with real clients: dcmtk and pynetdicom.
+
+Every test against the listener runs twice: with the fast transport (the default) and with stock
+pynetdicom (``MSKNODE_FAST_TRANSPORT=0``); ``-k fast`` or ``-k stock`` picks one.
+"""
 
 from __future__ import annotations
 
@@ -22,7 +26,7 @@ from pydicom.uid import (
 )
 from sqlalchemy import func, select
 
-from listener_support import PYDICOM_DATA, ListenerProcess, RawSender, dataset_bytes, echo
+from support.listener import PYDICOM_DATA, ListenerProcess, RawSender, dataset_bytes, echo
 from node.db.database import Database
 from node.db.schema import Association, AssociationSeries, Instance, Quarantine, Series, Study
 from node.receive.storage import dataset_offset
@@ -96,9 +100,20 @@ def stored_dataset(path: str | Path) -> bytes:
     return Path(path).read_bytes()[dataset_offset(Path(path)):]
 
 
-@pytest.fixture(scope="module")
-def node(tmp_path_factory):
-    listener = ListenerProcess(tmp_path_factory.mktemp("listener") / "data").start()
+# the listener's transport: MSKNODE_FAST_TRANSPORT, and what its start-up line says
+TRANSPORTS = {"fast": "1", "stock": "0"}
+TRANSPORT_LOG = {"fast": "transport: fast)", "stock": "transport: stock pynetdicom)"}
+
+
+def transport_env(mode: str, **env: str) -> dict[str, str]:
+    return {"MSKNODE_FAST_TRANSPORT": TRANSPORTS[mode], **env}
+
+
+@pytest.fixture(scope="module", params=list(TRANSPORTS))
+def node(request, tmp_path_factory):
+    mode = request.param
+    listener = ListenerProcess(tmp_path_factory.mktemp(f"listener-{mode}") / "data", env=transport_env(mode)).start()
+    assert TRANSPORT_LOG[mode] in listener.log(), listener.log()
     listener.db = Database(f"sqlite:///{listener.data_dir / 'msknode.db'}", migrate=False)
     yield listener
     listener.db.dispose()

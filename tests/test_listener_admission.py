@@ -1,4 +1,8 @@
-"""Who may send and when: AE allow-list, low disk, several listener processes, clean shutdown, `msknode serve`."""
+"""Who may send and when: AE allow-list, low disk, several listener processes, clean shutdown, `msknode serve`.
+
+The tests of admission and of the association path run with the fast transport and with stock
+pynetdicom (``mode``); those of process management run with the default.
+"""
 
 from __future__ import annotations
 
@@ -15,12 +19,16 @@ from pynetdicom import AE
 from pynetdicom.sop_class import Verification
 from sqlalchemy import func, select
 
-from conftest import ROOT, free_port
-from listener_support import PYDICOM_DATA, ListenerProcess, RawSender, dataset_bytes, echo
+import pytest
+
+from support.env import ROOT, free_port
+from support.listener import PYDICOM_DATA, ListenerProcess, RawSender, dataset_bytes, echo
 from node.db.database import Database
 from node.db.schema import Association, Instance, Series
 from node.demo.loopback import child_env
-from test_listener import _good_instance, storescu, write_series
+from test_listener import TRANSPORT_LOG, TRANSPORTS, _good_instance, storescu, transport_env, write_series
+
+modes = pytest.mark.parametrize("mode", list(TRANSPORTS))
 
 
 def associate(port: int, calling: str):
@@ -35,8 +43,9 @@ def rejection(assoc) -> tuple[int, int, int]:
     return rj.result, rj.result_source, rj.diagnostic
 
 
-def test_calling_ae_not_in_allow_list_is_rejected_permanent(tmp_path):
-    node = ListenerProcess(tmp_path / "data", env={"MSKNODE_ALLOWED_AE_TITLES": "GOODSCU, OTHERSCU"})
+@modes
+def test_calling_ae_not_in_allow_list_is_rejected_permanent(tmp_path, mode):
+    node = ListenerProcess(tmp_path / "data", env=transport_env(mode, MSKNODE_ALLOWED_AE_TITLES="GOODSCU, OTHERSCU"))
     node.start(ready=lambda port: echo(port, calling="GOODSCU") == 0)
     try:
         assoc = associate(node.port, "BADSCU")
@@ -55,8 +64,9 @@ def test_calling_ae_not_in_allow_list_is_rejected_permanent(tmp_path):
         assert node.stop() == 0
 
 
-def test_low_disk_rejects_new_associations_transient(tmp_path):
-    node = ListenerProcess(tmp_path / "data", env={"MSKNODE_MIN_FREE_GB": "100000000"})
+@modes
+def test_low_disk_rejects_new_associations_transient(tmp_path, mode):
+    node = ListenerProcess(tmp_path / "data", env=transport_env(mode, MSKNODE_MIN_FREE_GB="100000000"))
     node.start(ready=lambda port: associate(port, "STORESCU").is_rejected)
     try:
         assoc = associate(node.port, "STORESCU")
@@ -67,11 +77,13 @@ def test_low_disk_rejects_new_associations_transient(tmp_path):
         assert node.stop() == 0
 
 
-def test_store_inside_an_open_association_gets_0xA700_when_disk_runs_low(settings):
+@modes
+def test_store_inside_an_open_association_gets_0xA700_when_disk_runs_low(settings, mode):
     """In-process listener: free space drops under the minimum while an association is open."""
     from node.receive.listener import Listener
 
     settings.port = free_port()
+    settings.fast_transport = mode == "fast"
     settings.ensure_dirs()
     from node.db.database import upgrade
 
@@ -92,11 +104,12 @@ def test_store_inside_an_open_association_gets_0xA700_when_disk_runs_low(setting
         listener.stop()
 
 
-def test_compressed_transfer_syntaxes_from_storescu(tmp_path):
+@modes
+def test_compressed_transfer_syntaxes_from_storescu(tmp_path, mode):
     """dcmtk proposes the files' own compressed syntax; msknode stores the encapsulated pixel data as received."""
     from pydicom import dcmread
 
-    node = ListenerProcess(tmp_path / "data").start()
+    node = ListenerProcess(tmp_path / "data", env=transport_env(mode)).start()
     cases = {
         "-xv": "MR2_J2KR.dcm",  # JPEG 2000 lossless
         "-xs": "JPGLosslessP14SV1_1s_1f_8b.dcm",  # JPEG lossless SV1
@@ -120,8 +133,9 @@ def test_compressed_transfer_syntaxes_from_storescu(tmp_path):
         assert node.stop() == 0
 
 
-def test_several_listener_processes_share_the_port(tmp_path):
-    node = ListenerProcess(tmp_path / "data", env={"MSKNODE_LISTENER_PROCESSES": "3"}).start()
+@modes
+def test_several_listener_processes_share_the_port(tmp_path, mode):
+    node = ListenerProcess(tmp_path / "data", env=transport_env(mode, MSKNODE_LISTENER_PROCESSES="3")).start()
     batches = [write_series(tmp_path / f"b{k}", n=6, size=32) for k in range(8)]
     try:
         results = []
@@ -134,6 +148,7 @@ def test_several_listener_processes_share_the_port(tmp_path):
         out = subprocess.run(["ps", "-ww", "--ppid", str(node.proc.pid), "-o", "pid=,args="], capture_output=True, text=True).stdout
         children = [line.split()[0] for line in out.splitlines() if "spawn_main" in line]
         assert len(children) == 3, out
+        assert node.log().count(TRANSPORT_LOG[mode]) == 3, node.log()  # every listener process serves in `mode`
         db = Database(f"sqlite:///{node.data_dir / 'msknode.db'}", migrate=False)
         with db.session() as s:
             counts = [s.scalar(select(Series.instances).where(Series.series_uid == uid)) for _, uid, _ in batches]
@@ -205,9 +220,7 @@ def test_listener_processes_exit_when_their_parent_is_killed(tmp_path):
     out = subprocess.run(["ps", "-ww", "--ppid", str(node.proc.pid), "-o", "pid=,args="], capture_output=True, text=True).stdout
     children = [int(line.split()[0]) for line in out.splitlines() if "spawn_main" in line]
     assert len(children) == 2
-    node.proc.kill()
-    node.proc.wait()
-    node._log.close()
+    node.kill()  # SIGKILL to the parent only
     deadline = time.monotonic() + 30
     while any(Path(f"/proc/{pid}").exists() and "zombie" not in Path(f"/proc/{pid}/status").read_text().lower()
               for pid in children):
@@ -222,9 +235,7 @@ def test_after_an_unclean_stop_the_listener_checks_the_latest_rows(tmp_path):
     node = ListenerProcess(tmp_path / "data").start()
     study_uid, series_uid, paths = write_series(tmp_path / "s", n=3)
     assert storescu(node.port, paths).returncode == 0
-    node.proc.kill()  # unclean: the run marker stays
-    node.proc.wait()
-    node._log.close()
+    node.kill()  # unclean: the run marker stays
     markers = list((node.data_dir / "run").glob("listener-*.running"))
     assert len(markers) == 1
     db = Database(f"sqlite:///{node.data_dir / 'msknode.db'}", migrate=False)

@@ -25,6 +25,7 @@ import signal
 import socket
 import threading
 import time
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -86,6 +87,8 @@ class Listener:
         self.writer = IndexWriter(self.db, self.store, settings, logger=self.log)
         self.server: ReusePortServer | None = None
         self._assocs: dict[Any, int | None] = {}
+        # associations that ended (an abort from the DUL thread) before EVT_ACCEPTED was handled
+        self._ended_early: weakref.WeakKeyDictionary[Any, str] = weakref.WeakKeyDictionary()
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self.listener = listener_id()
@@ -199,11 +202,15 @@ class Listener:
         assoc.index_id = association_id  # named in the transport's log lines
         with self._lock:
             self._assocs[assoc] = association_id
+            early = self._ended_early.pop(assoc, None)
         self.log.info("association %s from %s (%s:%s) accepted", association_id, calling, peer.address, peer.port)
+        if early is not None:
+            self._end(assoc, early)
 
     def _end(self, assoc, reason: str) -> None:
         with self._lock:
             if assoc not in self._assocs:
+                self._ended_early.setdefault(assoc, reason)
                 return
             association_id = self._assocs.pop(assoc)
         if association_id is not None:

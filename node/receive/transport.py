@@ -9,7 +9,8 @@ durable write itself. Here:
   association queues a PDU to send, so it reacts to either at once;
 - `_Association` blocks on the DIMSE message queue instead of sleeping, and answers a
   C-STORE by calling the server's `store_handler` directly and sending a C-STORE-RSP
-  encoded here (pynetdicom builds a pydicom Dataset for each response: ~0.7 ms of CPU);
+  encoded here (pynetdicom builds a pydicom Dataset for each response: ~0.7 ms of CPU),
+  0xC211 if the handler raises, as pynetdicom's storage service does;
 - `ReusePortServer` binds with SO_REUSEPORT so several listener processes share the port.
 
 Everything else (state machine, PDU coding, negotiation, other services) is pynetdicom's own.
@@ -17,8 +18,9 @@ This relies on pynetdicom 3.0 internals (pinned in pyproject.toml); the listener
 exercise it on every run, with it and without it. ``MSKNODE_FAST_TRANSPORT=0`` serves with
 pynetdicom's own loops instead (`request_handler(fast=False)`); so does any association for
 which the swap fails (logged as a WARNING). Where the event-driven loops abort an association
-(the DUL loop raised, the network timeout, the C-STORE handler raised), they log a WARNING
-naming the association, the calling AE title and the peer address (never patient data).
+(the DUL loop raised, the network timeout) or a C-STORE fails in the handler (0xC211), they
+log a WARNING naming the association, the calling AE title and the peer address (never
+patient data).
 """
 
 from __future__ import annotations
@@ -49,6 +51,7 @@ StoreHandler = Callable[[Association, C_STORE, str], int]
 # longest wait of an idle loop: bounds how late the ARTIM timer and kill flags are seen
 _IDLE_WAIT = 0.05
 _QUEUE_WAIT = 0.01
+HANDLER_FAILED = 0xC211  # the status pynetdicom answers when its EVT_C_STORE handler raises
 
 
 def describe(assoc) -> str:
@@ -157,8 +160,8 @@ class _DUL(DULServiceProvider):
 
     def _abort_on_error(self, error: Exception) -> None:
         """As pynetdicom does on an error in its DUL loop: bypass the state machine, send an
-        A-ABORT and stop both loops; then close the connection (pynetdicom leaves it open), so
-        the association is recorded as aborted at once (EVT_CONN_CLOSE)."""
+        A-ABORT and stop both loops; then (unlike pynetdicom, which leaves both as they are)
+        close the connection and trigger EVT_ABORTED, so the index records the end at once."""
         from pynetdicom.pdu import A_ABORT_RQ
 
         log.warning("%s: the DUL loop failed (%s): aborting", describe(self.assoc), type(error).__name__)
@@ -178,6 +181,7 @@ class _DUL(DULServiceProvider):
             self.socket.close()
         except Exception:
             pass
+        evt.trigger(self.assoc, evt.EVT_ABORTED, {})
 
 
 def _uid_element(element: int, value: str) -> bytes:
@@ -223,11 +227,10 @@ class _Association(Association):
             return
         try:
             status = handler(self, msg, str(context.transfer_syntax[0]))
-        except Exception as e:  # as pynetdicom: a failing handler aborts the association
-            log.warning("%s: the C-STORE handler failed (%s): aborting", describe(self), type(e).__name__)
+        except Exception as e:  # as pynetdicom's storage service: 0xC211 (error in the handler)
+            log.warning("%s: the C-STORE handler failed (%s): answering 0xC211", describe(self), type(e).__name__)
             log.debug("C-STORE handler failure", exc_info=True)
-            self.abort()
-            return
+            status = HANDLER_FAILED
         finally:
             msg.DataSet = None  # free the received bytes now
         if not self.is_established:

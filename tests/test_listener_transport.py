@@ -1,0 +1,192 @@
+"""The listener's transport where it leaves the happy path: a silent peer, a failing DUL loop, a
+failing C-STORE handler, and pynetdicom internals that do not fit (stock fallback).
+
+Each case logs one WARNING naming the association (index id, calling AE title, peer address),
+never patient data. Real listeners on localhost, dcmtk and pynetdicom clients.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import pytest
+from pynetdicom import AE
+from pynetdicom.sop_class import Verification
+from sqlalchemy import select
+from support.env import free_port
+from support.listener import ListenerProcess
+from test_listener import TRANSPORTS, storescu, transport_env, write_series
+
+from node.db.database import Database
+from node.db.schema import Association, Instance
+
+pytestmark = pytest.mark.integration
+
+
+def wait_for(predicate, timeout: float = 15.0, interval: float = 0.05):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value or time.monotonic() > deadline:
+            return value
+        time.sleep(interval)
+
+
+def association_row(db: Database, calling: str) -> Association | None:
+    with db.session() as s:
+        return s.scalars(select(Association).where(Association.calling_ae == calling).order_by(Association.id.desc())).first()
+
+
+def ended(db: Database, calling: str) -> Association | None:
+    row = association_row(db, calling)
+    return row if row is not None and row.ended_at is not None else None
+
+
+@pytest.fixture
+def listener(settings):
+    """An in-process listener (fast transport) on a free loopback port."""
+    from node.db.database import upgrade
+    from node.receive.listener import Listener
+
+    settings.port = free_port()
+    settings.fast_transport = True
+    settings.ensure_dirs()
+    upgrade(settings.database_url)
+    node = Listener(settings)
+    node.start()
+    yield node
+    node.stop()
+
+
+def warnings_of(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and r.name == "node.receive.listener"]
+
+
+@pytest.mark.parametrize("mode", list(TRANSPORTS))
+def test_a_silent_peer_is_aborted_at_the_network_timeout(tmp_path, mode):
+    """An association that sends nothing for MSKNODE_NETWORK_TIMEOUT is aborted and recorded as such,
+    in both modes; the fast loop says so in a WARNING with the association's identifiers."""
+    node = ListenerProcess(
+        tmp_path / "data", env=transport_env(mode, MSKNODE_NETWORK_TIMEOUT="1", MSKNODE_LISTENER_PROCESSES="1")
+    ).start()
+    db = Database(f"sqlite:///{node.data_dir / 'msknode.db'}", migrate=False)
+    try:
+        ae = AE(ae_title="IDLESCU")
+        ae.add_requested_context(Verification)
+        ae.acse_timeout = ae.network_timeout = ae.dimse_timeout = 60  # the listener must be the one to give up
+        assoc = ae.associate("127.0.0.1", node.port, ae_title="MSKNODE")
+        assert assoc.is_established
+        client_port = assoc.dul.socket.socket.getsockname()[1]
+        started = time.monotonic()
+        assert wait_for(lambda: assoc.is_aborted, timeout=15), "the listener did not abort the silent association"
+        assert 0.9 < time.monotonic() - started < 10
+        row = wait_for(lambda: ended(db, "IDLESCU"))
+        assert row is not None and row.end_reason == "aborted"
+        lines = [line for line in node.log().splitlines() if "network timeout" in line]
+        if mode == "fast":
+            expected = f"association {row.id} from IDLESCU at 127.0.0.1:{client_port}: nothing received for 1 s"
+            assert any(" WARNING " in line and expected in line for line in lines), node.log()
+        else:
+            assert lines == [], lines  # stock pynetdicom aborts on its own, without the transport's line
+        assert echo_ok(node.port)  # and the listener keeps serving
+    finally:
+        db.dispose()
+        assert node.stop() == 0
+
+
+def echo_ok(port: int) -> bool:
+    from node.demo.loopback import echoscu
+
+    return echoscu(port, "MSKNODE")
+
+
+@pytest.mark.parametrize("when", ["after_accept", "during_accept"])
+def test_a_failing_dul_loop_aborts_the_association_with_a_warning(listener, monkeypatch, caplog, tmp_path, when):
+    """An error inside the fast DUL loop: A-ABORT to the peer, the connection closed, the association
+    recorded as aborted at once, a WARNING naming it; the next association is served as usual.
+    `during_accept`: the error comes while the association row is still being written."""
+    from node.receive import transport
+
+    armed = {"on": True}
+    read_pdu = transport._DUL._read_pdu_data
+
+    def failing(self):
+        established = self.state_machine.current_state == "Sta6"  # a P-DATA is coming
+        accepted = getattr(self.assoc, "index_id", None) is not None
+        if armed["on"] and established and (accepted or when == "during_accept"):
+            raise RuntimeError("Doe^Jane")  # an exception whose text must not reach the log
+        return read_pdu(self)
+
+    monkeypatch.setattr(transport._DUL, "_read_pdu_data", failing)
+    caplog.set_level(logging.INFO, logger="node.receive.listener")
+    *_, paths = write_series(tmp_path / "s", n=2)
+    r = storescu(listener.port, paths, calling="FAILSCU")
+    assert r.returncode != 0 or "abort" in (r.stdout + r.stderr).lower(), r.stderr
+    row = wait_for(lambda: ended(listener.db, "FAILSCU"), timeout=5)
+    assert row is not None and row.end_reason == "aborted" and row.instances < len(paths)
+    expected = f"association {row.id if when == 'after_accept' else ''}"
+    assert any(m.startswith(expected) and " from FAILSCU at 127.0.0.1:" in m
+               and m.endswith("the DUL loop failed (RuntimeError): aborting") for m in warnings_of(caplog)), caplog.text
+    assert "Doe" not in caplog.text and "PID0001" not in caplog.text
+
+    armed["on"] = False
+    assert storescu(listener.port, paths, calling="GOODSCU").returncode == 0
+    with listener.db.session() as s:
+        assert len(s.scalars(select(Instance.id)).all()) == 2
+    assert wait_for(lambda: ended(listener.db, "GOODSCU")).end_reason == "released"
+
+
+def test_a_failing_store_handler_answers_0xC211_with_a_warning(listener, caplog, tmp_path):
+    """The fast path answers a C-STORE whose handler raises as pynetdicom's storage service does
+    (0xC211, the association goes on), with a WARNING naming the association."""
+    from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage
+    from support.listener import RawSender
+    from test_listener import _good_instance
+
+    calls = {"n": 0}
+    handle_store = listener.handle_store
+
+    def flaky(assoc, req, ts):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise RuntimeError("Doe^Jane")
+        return handle_store(assoc, req, ts)
+
+    listener.server.store_handler = flaky  # taken by each new association
+    caplog.set_level(logging.INFO, logger="node.receive.listener")
+    ds, data = _good_instance()
+    with RawSender(listener.port, [(MRImageStorage, ExplicitVRLittleEndian)], calling="FLAKYSCU") as sender:
+        assert sender.send(MRImageStorage, ds.SOPInstanceUID, ExplicitVRLittleEndian, data) == 0xC211
+        assert sender.send(MRImageStorage, ds.SOPInstanceUID, ExplicitVRLittleEndian, data) == 0x0000
+    row = wait_for(lambda: ended(listener.db, "FLAKYSCU"), timeout=5)
+    assert row is not None and row.end_reason == "released" and row.instances == 1
+    expected = f"association {row.id} from FLAKYSCU at 127.0.0.1:"
+    assert any(expected in m and "the C-STORE handler failed (RuntimeError): answering 0xC211" in m
+               for m in warnings_of(caplog)), caplog.text
+    assert "Doe" not in caplog.text
+
+
+def test_when_the_fast_transport_cannot_be_set_up_the_association_is_served_by_stock_pynetdicom(
+    listener, monkeypatch, caplog, tmp_path
+):
+    """pynetdicom internals that do not fit (here: the DUL cannot be built): a WARNING naming the
+    peer, and the association is served by pynetdicom's own loops, instances stored and indexed."""
+    from node.receive import transport
+
+    def broken(self, assoc):
+        raise AttributeError("DULServiceProvider has no attribute ...")
+
+    monkeypatch.setattr(transport._DUL, "__init__", broken)
+    caplog.set_level(logging.INFO, logger="node.receive.listener")
+    *_, paths = write_series(tmp_path / "s", n=3)
+    r = storescu(listener.port, paths, calling="OLDSCU")
+    assert r.returncode == 0, r.stderr
+    row = wait_for(lambda: ended(listener.db, "OLDSCU"))
+    assert row is not None and row.end_reason == "released" and row.instances == 3
+    with listener.db.session() as s:
+        assert len(s.scalars(select(Instance.id).where(Instance.association_id == row.id)).all()) == 3
+    fallback = [m for m in warnings_of(caplog) if "the fast transport is unavailable (AttributeError)" in m]
+    assert len(fallback) == 1 and fallback[0].startswith("connection from 127.0.0.1:"), caplog.text
+    assert fallback[0].endswith("served by stock pynetdicom")
+    assert "Doe" not in caplog.text
