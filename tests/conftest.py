@@ -178,3 +178,15 @@ def orthanc(tmp_path_factory):
         yield server
     finally:
         server.stop()
+
+
+# ---- a real browser ----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def browser():
+    """Headless Chromium (Selenium driver) for the test module; quit with its chromedriver at the end."""
+    from support.browser import chromium
+
+    with chromium() as driver:
+        yield driver

@@ -10,42 +10,24 @@ from __future__ import annotations
 
 import datetime as dt
 import os
-import subprocess
-import sys
-import tempfile
 import time
-import urllib.error
-import urllib.request
-from pathlib import Path
 
 import pytest
-from PIL import Image
-from selenium import webdriver
-from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.common.keys import Keys
 from selenium.webdriver.support import expected_conditions as EC
-from selenium.webdriver.support.ui import Select, WebDriverWait
+from selenium.webdriver.support.ui import Select
 
 from support import web_seed as ws
-from support.env import ROOT, VENV_BIN, free_port, isolate_env
-from node.demo.loopback import child_env
+from support.browser import ADMIN, READER, console_errors, image_loaded, login, shot, wait, web_server
+from support.env import ROOT, isolate_env
 
-ADMIN = ("alice", "alice-password-1")
-READER = ("rob", "rob-password-12")
-CHROMIUM_FLAGS = (
-    "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-quic",
-    "--no-first-run", "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage",
-    "--window-size=1600,1000", "--force-device-scale-factor=1",
-)
+pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     data = tmp_path_factory.mktemp("webui") / "data"
-    port = free_port()
-    env = child_env(MSKNODE_DATA_DIR=data, MSKNODE_WEB_PORT=port, MSKNODE_WEB_HOST="127.0.0.1",
-                    MSKNODE_SITE_TIMEZONE="Europe/Berlin", MSKNODE_LOG_LEVEL="WARNING")
     mp = pytest.MonkeyPatch()
     isolate_env(mp, MSKNODE_DATA_DIR=data)
     from node.db.database import Database
@@ -83,50 +65,8 @@ def server(tmp_path_factory):
     db.dispose()
     mp.undo()
 
-    log = open(data.parent / "web.log", "wb")
-    proc = subprocess.Popen([str(VENV_BIN / "msknode"), "web"], env=env, cwd=str(ROOT), stdout=log, stderr=subprocess.STDOUT)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                with urllib.request.urlopen(base + "/openapi.json", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except (urllib.error.URLError, ConnectionError):
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                log.flush()
-                raise RuntimeError("msknode web did not start: " + (data.parent / "web.log").read_text()[-2000:])
-            time.sleep(0.2)
+    with web_server(data, data.parent / "web.log", MSKNODE_SITE_TIMEZONE="Europe/Berlin") as base:
         yield {"base": base, "seeded": seeded, "settings": settings}
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
-
-
-@pytest.fixture(scope="module")
-def browser():
-    opts = webdriver.ChromeOptions()
-    opts.binary_location = "/usr/bin/chromium"
-    profile = tempfile.mkdtemp(prefix="msknode-chromium-")
-    for flag in CHROMIUM_FLAGS + (f"--user-data-dir={profile}",):
-        opts.add_argument(flag)
-    opts.set_capability("goog:loggingPrefs", {"browser": "ALL"})
-    driver = webdriver.Chrome(service=Service("/usr/bin/chromedriver"), options=opts)
-    driver.set_page_load_timeout(30)
-    try:
-        yield driver
-    finally:
-        driver.quit()
-        import shutil
-
-        shutil.rmtree(profile, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
@@ -136,37 +76,6 @@ def shots(tmp_path_factory):
         d.mkdir(parents=True, exist_ok=True)
         return d
     return tmp_path_factory.mktemp("screenshots")
-
-
-def wait(driver, seconds=10):
-    return WebDriverWait(driver, seconds)
-
-
-def login(driver, base, who):
-    driver.delete_all_cookies()
-    driver.get(base + "/worklist")
-    wait(driver).until(EC.presence_of_element_located((By.ID, "login-form")))
-    driver.find_element(By.ID, "username").send_keys(who[0])
-    driver.find_element(By.ID, "password").send_keys(who[1])
-    driver.find_element(By.ID, "login-submit").click()
-    wait(driver).until(EC.presence_of_element_located((By.ID, "worklist")))
-
-
-def shot(driver, path: Path) -> None:
-    driver.save_screenshot(str(path))
-    with Image.open(path) as img:
-        assert img.size[0] >= 1200 and img.getbbox() is not None
-
-
-def console_errors(driver) -> list[str]:
-    """Errors the page logged (script errors, CSP violations, failed loads) since the last call."""
-    return [e["message"] for e in driver.get_log("browser") if e["level"] == "SEVERE"]
-
-
-def image_loaded(driver, element_id: str) -> bool:
-    return driver.execute_script(
-        "var i = document.getElementById(arguments[0]); return !!(i && i.complete && i.naturalWidth > 0);", element_id
-    )
 
 
 def test_admin_reads_the_urgent_study_first_toggles_the_overlay_and_reprioritises(server, browser, shots):

@@ -8,21 +8,18 @@ tick: one the rules route, one they do not ("ANONYMIZED_SERIES", as an anonymise
 from __future__ import annotations
 
 import shutil
-import subprocess
-import time
 import tomllib
-import urllib.error
-import urllib.request
 
 import pytest
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support import expected_conditions as EC
 from selenium.webdriver.support.ui import Select
 
+from support.browser import ADMIN, console_errors, login, shot, wait, web_server
+from support.env import isolate_env
 from support.index_rows import at, make_study, send_series
-from support.env import ROOT, VENV_BIN, free_port, isolate_env
-from node.demo.loopback import child_env
-from test_web_browser import ADMIN, browser, console_errors, login, shot, wait  # noqa: F401  (fixture)
+
+pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +27,6 @@ def server(tmp_path_factory):
     base_dir = tmp_path_factory.mktemp("webrouting-ui")
     data, site = base_dir / "data", base_dir / "site"
     site.mkdir()
-    port = free_port()
     mp = pytest.MonkeyPatch()
     isolate_env(mp, MSKNODE_DATA_DIR=data)
     from node.db.database import Database
@@ -56,34 +52,9 @@ def server(tmp_path_factory):
     db.dispose()
     mp.undo()
 
-    env = child_env(MSKNODE_DATA_DIR=data, MSKNODE_WEB_PORT=port, MSKNODE_WEB_HOST="127.0.0.1",
-                    MSKNODE_ROUTING_RULES=rules_path, MSKNODE_LOG_LEVEL="WARNING")
-    log = open(base_dir / "web.log", "wb")
-    proc = subprocess.Popen([str(VENV_BIN / "msknode"), "web"], env=env, cwd=str(ROOT), stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                with urllib.request.urlopen(url + "/openapi.json", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except (urllib.error.URLError, ConnectionError):
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                log.flush()
-                raise RuntimeError("msknode web did not start: " + (base_dir / "web.log").read_text()[-2000:])
-            time.sleep(0.2)
+    with web_server(data, base_dir / "web.log", MSKNODE_ROUTING_RULES=rules_path) as url:
         yield {"base": url, "settings": settings, "rules_path": rules_path, "anon_id": anon_id, "anon_uid": anon_uid,
                "study_id": study_id}
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
 
 
 def test_admin_turns_an_unrouted_series_into_a_rule(server, browser, tmp_path):
