@@ -12,14 +12,18 @@ code runs on both.
 from __future__ import annotations
 
 import datetime as dt
-from contextlib import contextmanager
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import DateTime, MetaData, create_engine, event
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Connection, Dialect, Engine
 from sqlalchemy.orm import DeclarativeBase, Session, sessionmaker
 from sqlalchemy.types import TypeDecorator
+
+if TYPE_CHECKING:
+    from alembic.config import Config
 
 #: the Alembic environment and revisions, inside the package (an installed node migrates too)
 MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
@@ -39,29 +43,29 @@ class Base(DeclarativeBase):
     metadata = MetaData(naming_convention=NAMING)
 
 
-class UTCDateTime(TypeDecorator):
+class UTCDateTime(TypeDecorator[dt.datetime]):
     """A timestamp stored as UTC and always returned timezone-aware (SQLite keeps no zone)."""
 
     impl = DateTime(timezone=True)
     cache_ok = True
 
-    def process_bind_param(self, value, dialect):
+    def process_bind_param(self, value: dt.datetime | None, dialect: Dialect) -> dt.datetime | None:
         if value is None:
             return None
         if value.tzinfo is None:
             raise ValueError("naive datetime given to a UTC column")
-        return value.astimezone(dt.timezone.utc)
+        return value.astimezone(dt.UTC)
 
-    def process_result_value(self, value, dialect):
+    def process_result_value(self, value: dt.datetime | None, dialect: Dialect) -> dt.datetime | None:
         if value is None:
             return None
         if value.tzinfo is None:
-            return value.replace(tzinfo=dt.timezone.utc)
-        return value.astimezone(dt.timezone.utc)
+            return value.replace(tzinfo=dt.UTC)
+        return value.astimezone(dt.UTC)
 
 
 def utcnow() -> dt.datetime:
-    return dt.datetime.now(dt.timezone.utc)
+    return dt.datetime.now(dt.UTC)
 
 
 def import_all_tables() -> None:
@@ -82,7 +86,7 @@ def make_engine(database_url: str, *, echo: bool = False) -> Engine:
         )
 
         @event.listens_for(engine, "connect")
-        def _sqlite_pragmas(dbapi_conn, _record):  # pragma: no cover - exercised by every test
+        def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:  # pragma: no cover - exercised by every test
             # Disable pysqlite's implicit BEGIN handling; we emit BEGIN ourselves so that
             # write transactions take the lock up front (BEGIN IMMEDIATE) and never
             # deadlock on a read-to-write upgrade.
@@ -95,7 +99,7 @@ def make_engine(database_url: str, *, echo: bool = False) -> Engine:
             cur.close()
 
         @event.listens_for(engine, "begin")
-        def _sqlite_begin(conn):  # pragma: no cover - exercised by every test
+        def _sqlite_begin(conn: Connection) -> None:  # pragma: no cover - exercised by every test
             conn.exec_driver_sql("BEGIN IMMEDIATE")
 
         return engine
@@ -120,7 +124,7 @@ def session_scope(factory: sessionmaker[Session]) -> Iterator[Session]:
         session.close()
 
 
-def alembic_config(database_url: str):
+def alembic_config(database_url: str) -> Config:
     """The Alembic configuration, built from the package (no ``alembic.ini`` needed at run time)."""
     from alembic.config import Config
 
@@ -145,14 +149,14 @@ def upgrade(database_url: str) -> None:
 class Database:
     """Engine + session factory for one database URL, passed down to whoever needs it."""
 
-    def __init__(self, database_url: str, *, migrate: bool = True):
+    def __init__(self, database_url: str, *, migrate: bool = True) -> None:
         self.url = database_url
         if migrate:
             upgrade(database_url)
         self.engine = make_engine(database_url)
         self.sessions = make_session_factory(self.engine)
 
-    def session(self):
+    def session(self) -> AbstractContextManager[Session]:
         return session_scope(self.sessions)
 
     def dispose(self) -> None:

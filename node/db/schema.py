@@ -7,6 +7,7 @@ the code that writes them (see the ``*_STATES`` tuples).
 from __future__ import annotations
 
 import datetime as dt
+from typing import Any
 
 from sqlalchemy import (
     JSON,
@@ -53,7 +54,7 @@ class Study(Base):
     study_quiet_deadline: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
     purged_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
 
-    series: Mapped[list["Series"]] = relationship(back_populates="study")
+    series: Mapped[list[Series]] = relationship(back_populates="study")
 
 
 class Series(Base):
@@ -79,13 +80,13 @@ class Series(Base):
     role: Mapped[str | None] = mapped_column(String(32))
     routing_rule: Mapped[str | None] = mapped_column(String(128))
     # the acquisition parameters of its first instance (node.intake.recognition.Acquisition.to_json)
-    acquisition: Mapped[dict | None] = mapped_column(JSON)
+    acquisition: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     # what routing recognised (node.intake.recognition): plane, contrast class, anatomy, and why
     # (node.intake.routing.Explanation.to_json), recorded each time the series is routed
     plane: Mapped[str | None] = mapped_column(String(16))
     contrast: Mapped[str | None] = mapped_column(String(16))
     anatomy: Mapped[str | None] = mapped_column(String(32))
-    routing_explanation: Mapped[dict | None] = mapped_column(JSON)
+    routing_explanation: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     first_received_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
     last_received_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
     # the series is complete at this time unless another instance arrives (a timer in the database);
@@ -185,12 +186,12 @@ class Job(Base):
     lease_owner: Mapped[str | None] = mapped_column(String(128))
     lease_expires_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
     step: Mapped[str | None] = mapped_column(String(32))  # the step the running attempt is in (progress)
-    timings: Mapped[dict | None] = mapped_column(JSON)
-    model_versions: Mapped[dict | None] = mapped_column(JSON)
+    timings: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    model_versions: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     error: Mapped[str | None] = mapped_column(Text)
 
     study: Mapped[Study] = relationship()
-    inputs: Mapped[list["JobInput"]] = relationship(back_populates="job", cascade="all, delete-orphan")
+    inputs: Mapped[list[JobInput]] = relationship(back_populates="job", cascade="all, delete-orphan")
 
 
 class JobInput(Base):
@@ -200,7 +201,7 @@ class JobInput(Base):
     series_id: Mapped[int] = mapped_column(ForeignKey("series.id", ondelete="CASCADE"), primary_key=True)
     role: Mapped[str | None] = mapped_column(String(32))
     # which model took this series as its input (filled by the pipeline)
-    used_by: Mapped[list | None] = mapped_column(JSON)
+    used_by: Mapped[list[str] | None] = mapped_column(JSON)
 
     job: Mapped[Job] = relationship(back_populates="inputs")
     series: Mapped[Series] = relationship()
@@ -229,7 +230,7 @@ class Finding(Base):
     level: Mapped[str | None] = mapped_column(String(16))
     site: Mapped[str | None] = mapped_column(String(64))
     laterality: Mapped[str | None] = mapped_column(String(16))
-    details: Mapped[dict | None] = mapped_column(JSON)
+    details: Mapped[dict[str, Any] | None] = mapped_column(JSON)
 
 
 class ResultObject(Base):
@@ -280,7 +281,7 @@ class WorkerRecord(Base):
     name: Mapped[str] = mapped_column(String(128), primary_key=True)  # host:pid
     hostname: Mapped[str] = mapped_column(String(128))
     pid: Mapped[int] = mapped_column(Integer)
-    queues: Mapped[list | None] = mapped_column(JSON)
+    queues: Mapped[list[str] | None] = mapped_column(JSON)
     started_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
     last_seen_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
     stopped_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)

@@ -10,9 +10,10 @@ says "not evaluated" (and the expectations tighten by themselves as weights land
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any
 
 from node.errors import EndToEndError
 

@@ -21,12 +21,13 @@ import datetime as dt
 import os
 import re
 import subprocess
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
 
 from node.demo.orthanc import OrthancProcess, dicom_peer, restricted_peers
 from node.errors import EndToEndError
+
 REPO_ROOT = Path(__file__).resolve().parent.parent.parent
 AUTOROUTE_LUA = REPO_ROOT / "docker" / "orthanc-autoroute.lua"
 RECEIVED_MARK = "MSKNODE-RECEIVED"
@@ -37,12 +38,12 @@ _RECEIVED_RE = re.compile(
 #: seconds Orthanc keeps the association Lua opened after the last forwarded instance (its default: 5)
 ASSOCIATION_CLOSE_DELAY = 1
 
-_TIMING_LUA = """-- Logs every instance Orthanc receives (the log line carries a microsecond timestamp).
+_TIMING_LUA = f"""-- Logs every instance Orthanc receives (the log line carries a microsecond timestamp).
 function ReceivedInstanceFilter(dicom, origin, info)
-  print('%s ' .. tostring(dicom.SOPInstanceUID) .. ' ' .. tostring(origin.RemoteAet or ''))
+  print('{RECEIVED_MARK} ' .. tostring(dicom.SOPInstanceUID) .. ' ' .. tostring(origin.RemoteAet or ''))
   return true
 end
-""" % RECEIVED_MARK
+"""
 
 
 @dataclass(frozen=True)
@@ -153,9 +154,9 @@ class OrthancPacs(OrthancProcess):
         """SOP Instance UID → its FIRST reception by Orthanc (UTC, microseconds), from the log."""
         if not self.log_path.exists():
             return {}
-        now = dt.datetime.now(dt.timezone.utc)
+        now = dt.datetime.now(dt.UTC)
         out: dict[str, Reception] = {}
-        with open(self.log_path, "r", errors="replace") as fh:
+        with open(self.log_path, errors="replace") as fh:
             for line in fh:
                 if RECEIVED_MARK not in line:
                     continue
@@ -174,7 +175,7 @@ def _log_time(now: dt.datetime, month: int, day: int, hh: int, mm: int, ss: int,
     best = None
     for year in (now.year - 1, now.year, now.year + 1):
         try:
-            t = dt.datetime(year, month, day, hh, mm, ss, us, tzinfo=dt.timezone.utc)
+            t = dt.datetime(year, month, day, hh, mm, ss, us, tzinfo=dt.UTC)
         except ValueError:  # 29 February
             continue
         if best is None or abs((t - now).total_seconds()) < abs((best - now).total_seconds()):

@@ -26,9 +26,9 @@ import secrets
 import shutil
 import signal
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import httpx
 
@@ -123,7 +123,7 @@ class DataDir:
                                 "choose another with --data-dir")
         root.mkdir(parents=True, exist_ok=True)
         (root / MARKER).write_text("msknode demo data directory: reset at every `msknode demo` run\n")
-        self._lock_fh = open(root / ".lock", "w")
+        self._lock_fh = open(root / ".lock", "w")  # noqa: SIM115 - held open: the lock lives as long as the file
         try:
             fcntl.flock(self._lock_fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -151,10 +151,11 @@ class NodeStack:
     # ---- lifecycle ---------------------------------------------------------------------------
     def prepare_node(self) -> None:
         """Creates the database (migrations) and the demo admin user."""
+        from sqlalchemy import select
+
         from node.db.database import Database
         from node.web.users import add_user, set_password
         from worklists.tables import User
-        from sqlalchemy import select
 
         self.settings.ensure_dirs()
         db = Database(self.settings.database_url)
@@ -171,14 +172,11 @@ class NodeStack:
         self.root.mkdir(parents=True, exist_ok=True)
         self.prepare_node()
         self.pacs.start()
-        log_fh = open(self.node_log, "ab")
-        try:
+        with open(self.node_log, "ab") as log_fh:
             self._serve = subprocess.Popen(
                 [sys.executable, "-m", "node.cli", "serve"], env=self.node_env(), stdout=log_fh,
                 stderr=subprocess.STDOUT, cwd=self.node_dir, start_new_session=True,
             )
-        finally:
-            log_fh.close()
         self.wait_ready(timeout)
 
     def wait_ready(self, timeout: float) -> None:
@@ -232,7 +230,7 @@ class NodeStack:
                 serve.wait(timeout=10)
         self.pacs.stop()
 
-    def __enter__(self) -> "NodeStack":
+    def __enter__(self) -> NodeStack:
         self.start()
         return self
 

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import socket
 import ssl
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any
 
 from node.settings import DimseDestination, Settings, StowDestination
 
@@ -32,15 +33,15 @@ class Outcome:
     error: str | None = None
 
     @classmethod
-    def sent(cls, status: int | None = 0) -> "Outcome":
+    def sent(cls, status: int | None = 0) -> Outcome:
         return cls(True, status=status)
 
     @classmethod
-    def transient(cls, error: str, status: int | None = None) -> "Outcome":
+    def transient(cls, error: str, status: int | None = None) -> Outcome:
         return cls(False, False, status, error)
 
     @classmethod
-    def permanent_failure(cls, error: str, status: int | None = None) -> "Outcome":
+    def permanent_failure(cls, error: str, status: int | None = None) -> Outcome:
         return cls(False, True, status, error)
 
 
@@ -101,13 +102,13 @@ def _probe(host: str, port: int) -> str:
             return "association aborted or not answered"
     except ConnectionRefusedError:
         return "connection refused"
-    except socket.timeout:
+    except TimeoutError:
         return "connection timed out"
     except OSError as e:
         return f"connection failed: {e.strerror or e}"
 
 
-def _read(item: Claimed) -> "pydicom.Dataset | Outcome":
+def _read(item: Claimed) -> pydicom.Dataset | Outcome:
     import pydicom  # imported when sending: listing and retrying stay fast
 
     try:
@@ -120,8 +121,8 @@ def _read(item: Claimed) -> "pydicom.Dataset | Outcome":
 
 def send_dimse(dest: DimseDestination, items: Sequence[Claimed], settings: Settings) -> Iterator[tuple[int, Outcome]]:
     """C-STORE of ``items`` over one association; yields (item id, outcome) as each answer comes."""
-    from pynetdicom import AE, build_context
     from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+    from pynetdicom import AE, build_context
 
     # our result files are uncompressed (Explicit VR Little Endian); pynetdicom re-encodes for Implicit
     sop_classes = list(dict.fromkeys(it.sop_class_uid for it in items))[:128]

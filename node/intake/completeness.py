@@ -47,13 +47,15 @@ from __future__ import annotations
 import datetime as dt
 import functools
 import hashlib
+import itertools
 import logging
 import math
 from collections import Counter
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Iterable, Sequence
+from typing import Any, cast
 
-from sqlalchemy import exists, func, or_, select, update
+from sqlalchemy import CursorResult, Executable, exists, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from node.db.schema import Association, AssociationSeries, Instance, Job, JobInput, Series, Study
@@ -73,6 +75,12 @@ from node.intake.routing import (
 from node.settings import Settings
 
 log = logging.getLogger(__name__)
+
+
+def _update(session: Session, statement: Executable) -> CursorResult[Any]:
+    """Runs an UPDATE; its result is a `CursorResult`, which has the ``rowcount`` the callers check."""
+    return cast(CursorResult[Any], session.execute(statement))
+
 
 #: series states that count as processed (or being processed) by a job of their pipeline
 INPUT_STATES = ("complete", "queued", "processing", "done", "failed")
@@ -117,7 +125,7 @@ def close_lost_associations(session: Session, settings: Settings, now: dt.dateti
         activity = max(t for t in (started_at, last_at) if t is not None)
         if activity > cutoff:
             continue
-        res = session.execute(
+        res = _update(session,
             update(Association)
             .where(Association.id == assoc_id, Association.ended_at.is_(None))
             .values(ended_at=now, end_reason="lost")
@@ -153,7 +161,8 @@ def reopen_series(session: Session, settings: Settings, now: dt.datetime) -> lis
     ).all()
     reopened = []
     for series_id, uid, state, count, before in rows:
-        res = session.execute(
+        assert before is not None  # selected: completed_instances IS NOT NULL
+        res = _update(session,
             update(Series)
             .where(Series.id == series_id, Series.state == state, Series.completed_instances == before)
             .values(
@@ -234,7 +243,7 @@ def _stack_gap(orientation: tuple[float, ...], positions: list[tuple[float, ...]
         return "slice positions are not evenly covered"
     distinct = sorted(along)
     if len(distinct) >= 3:
-        steps = [b - a for a, b in zip(distinct, distinct[1:])]
+        steps = [b - a for a, b in itertools.pairwise(distinct)]
         median = sorted(steps)[(len(steps) - 1) // 2]  # the lower median: with 3 slices, the smaller step
         if max(steps) > GAP_FACTOR * median + 10 ** -POSITION_DECIMALS:
             return "a gap in the slice positions"
@@ -386,7 +395,7 @@ def complete_series(session: Session, settings: Settings, now: dt.datetime, rule
                     Instance.series_id == se.id
                 )
             ).all()
-            check = check_positions([tuple(r) for r in rows], se.expected_instances)
+            check = check_positions([(pos, ori, frames) for pos, ori, frames in rows], se.expected_instances)
             if check.complete:
                 reason = "count"
             else:
@@ -410,7 +419,7 @@ def complete_series(session: Session, settings: Settings, now: dt.datetime, rule
                     Association.ended_at.is_(None),
                 )
             )
-        res = session.execute(
+        res = _update(session,
             update(Series)
             .where(*conditions)
             .values(
@@ -456,6 +465,7 @@ def create_jobs(session: Session, settings: Settings, now: dt.datetime, rules: R
     rerouted: set[int] = set()
     study_quiet = dt.timedelta(seconds=settings.study_quiet_seconds)
     for study_id, pipeline in pending:
+        assert pipeline is not None  # selected: pipeline IS NOT NULL
         study = session.get(Study, study_id)
         if study is None:
             continue
@@ -546,7 +556,7 @@ def _reroute_missing_anatomy(session: Session, settings: Settings, rules: Routin
         route = route_series(session, settings, rules, se)
         if not route.routed:
             continue
-        res = session.execute(
+        res = _update(session,
             update(Series)
             .where(Series.id == se.id, Series.state == "unrouted", Series.routing_rule == UNROUTED_NO_ANATOMY)
             .values(state="complete", pipeline=route.pipeline, role=route.role, routing_rule=route.rule[:128])
@@ -605,7 +615,7 @@ def _create_job(session: Session, settings: Settings, now: dt.datetime, study: S
     waiting = [j.id for j in jobs if j.state in WAITING_JOB_STATES]
     try:
         with session.begin_nested():
-            claimed = session.execute(
+            claimed = _update(session,
                 update(Series)
                 .where(Series.id.in_(new), Series.state == "complete")
                 .values(state="queued")
@@ -680,7 +690,7 @@ def reroute_unrouted(
     route = route_series(session, settings, rules, se)
     if not route.routed:
         return route
-    res = session.execute(
+    res = _update(session,
         update(Series)
         .where(Series.id == se.id, Series.state == "unrouted")
         .values(state="complete", pipeline=route.pipeline, role=route.role, routing_rule=route.rule[:128])

@@ -73,8 +73,9 @@ from __future__ import annotations
 import functools
 import math
 import re
-from dataclasses import dataclass, field, fields
-from typing import Any, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, fields
+from typing import Any
 
 # ---- vocabulary ------------------------------------------------------------------------------
 PLANES = ("sagittal", "coronal", "axial")
@@ -251,7 +252,7 @@ class Acquisition:
         return out
 
     @classmethod
-    def from_json(cls, data: Mapping[str, Any] | None) -> "Acquisition":
+    def from_json(cls, data: Mapping[str, Any] | None) -> Acquisition:
         """Tolerant of unknown keys and wrong types (an older or hand-written row): those are dropped."""
         if not isinstance(data, Mapping):
             return cls()
@@ -312,7 +313,7 @@ def _number(v: Any) -> float | None:
         return None
     try:
         if isinstance(v, (list, tuple)) or type(v).__name__ == "MultiValue":
-            v = list(v)[0] if len(v) else None
+            v = next(iter(v)) if len(v) else None
             if v is None:
                 return None
         if isinstance(v, bytes):
@@ -340,7 +341,7 @@ _ENHANCED_TEXT = {
 }
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _tag(keyword: str) -> int:
     from pydicom.datadict import tag_for_keyword
 
@@ -437,7 +438,7 @@ def acquisition_from_dataset(ds) -> Acquisition:
     # enhanced (multi-frame) objects: the functional groups (shared first, then the first frame)
     groups = [g for g in (_item(ds, "SharedFunctionalGroupsSequence"), _item(ds, "PerFrameFunctionalGroupsSequence")) if g is not None]
     for name, g in zip(("shared functional groups", "first frame's functional groups"), groups):
-        def fill(key: str, value: Any, what: str) -> None:
+        def fill(key: str, value: Any, what: str, name: str = name) -> None:
             if value is not None and value != () and kw.get(key) in (None, ()):
                 kw[key] = value
                 origins[key] = f"{what} in the {name}"
@@ -677,7 +678,7 @@ class TextPatterns:
     patterns: Mapping[str, re.Pattern]
 
     @classmethod
-    def build(cls, overrides: Mapping[str, str] | None = None) -> "TextPatterns":
+    def build(cls, overrides: Mapping[str, str] | None = None) -> TextPatterns:
         merged = dict(DEFAULT_TEXT_PATTERNS)
         for k, v in (overrides or {}).items():
             if k in merged:
@@ -923,12 +924,12 @@ def decide_contrast(
     if family == "gre":
         if "dess" in text_matched:
             return finish("dess", f"gradient echo ({fam_value}); the text names DESS", fs_used=False, text_used=True)
-        weighting = ""
+        gre_weighting = ""
         if te is not None:
-            weighting = "; T2*-weighted (TE >= 10 ms)" if te >= 10 else ("; T1-weighted (short TR/TE)" if tr is not None and tr < 100 else "")
+            gre_weighting = "; T2*-weighted (TE >= 10 ms)" if te >= 10 else ("; T1-weighted (short TR/TE)" if tr is not None and tr < 100 else "")
         if "IR" in acq.scanning_sequence:
-            weighting += "; inversion-prepared"
-        return finish("gre", f"gradient echo ({fam_value}{', ' + timing if timing else ''}{weighting})", fs_used=False)
+            gre_weighting += "; inversion-prepared"
+        return finish("gre", f"gradient echo ({fam_value}{', ' + timing if timing else ''}{gre_weighting})", fs_used=False)
     if family == "ir":
         if ti is None:
             if (acq.acquisition_contrast or "").upper() == "STIR":
@@ -949,7 +950,7 @@ def decide_contrast(
     if family == "se":
         three_d = (acq.mr_acquisition_type or "").upper() == "3D"
         t1_max_tr = T1_MAX_TR_3D if three_d else T1_MAX_TR_2D
-        weighting = None
+        weighting: str | None = None
         why = ""
         if tr is not None and te is not None:
             if te >= T2_MIN_TE:

@@ -53,13 +53,13 @@ import hashlib
 import logging
 import re
 import tomllib
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any
 
 from node.errors import RoutingError
 from node.intake.recognition import (
-    ANATOMY_CODES,
     CONTRASTS,
     FLAGS,
     GENERIC_CODED,
@@ -116,7 +116,7 @@ class SeriesFacts:
     own_object: bool = False
     study_description: str | None = None
     orientations: tuple[tuple[str | None, int], ...] = ()
-    acquisition: Acquisition = Acquisition()
+    acquisition: Acquisition = field(default_factory=Acquisition)
 
     def text(self) -> tuple[str, str]:
         """The text the rules read (the SeriesDescription, else the ProtocolName) and which header it is."""
@@ -175,8 +175,8 @@ _NOT_ANATOMICAL = frozenset({"localizer", "calibration", "derived", "mpr", "proj
 @dataclass(frozen=True)
 class Anatomy:
     name: str
-    body_part: re.Pattern | None
-    text: re.Pattern | None
+    body_part: re.Pattern[str] | None
+    text: re.Pattern[str] | None
 
 
 @dataclass(frozen=True)
@@ -187,20 +187,20 @@ class Rule:
     role: str | None
     modality: frozenset[str] | None
     anatomy: str | None  # a pipeline name, or None for "any"
-    body_part: tuple[re.Pattern, ...] = ()
-    description: tuple[re.Pattern, ...] = ()
-    protocol: tuple[re.Pattern, ...] = ()
-    text: tuple[re.Pattern, ...] = ()
-    not_text: tuple[re.Pattern, ...] = ()
+    body_part: tuple[re.Pattern[str], ...] = ()
+    description: tuple[re.Pattern[str], ...] = ()
+    protocol: tuple[re.Pattern[str], ...] = ()
+    text: tuple[re.Pattern[str], ...] = ()
+    not_text: tuple[re.Pattern[str], ...] = ()
     laterality: frozenset[str] | None = None
     calling_ae: frozenset[str] | None = None
-    manufacturer: re.Pattern | None = None
+    manufacturer: re.Pattern[str] | None = None
     plane: frozenset[str] | None = None
     contrast: frozenset[str] | None = None
     flags: frozenset[str] = frozenset()
     not_flags: frozenset[str] = frozenset()
-    image_type: tuple[re.Pattern, ...] = ()
-    sequence: tuple[re.Pattern, ...] = ()
+    image_type: tuple[re.Pattern[str], ...] = ()
+    sequence: tuple[re.Pattern[str], ...] = ()
 
     def matches(self, facts: SeriesFacts, anatomy: str | None, recognition: Recognition | None = None) -> bool:
         if self.modality is not None and (facts.modality or "").strip().upper() not in self.modality:
@@ -547,7 +547,7 @@ def explain(
         route = Route(route.pipeline, route.role, route.rule, route.anatomy, route.anatomy_source,
                       recognition.plane.value, recognition.contrast.value, recognition.flags)
         return Explanation(route, recognition.plane, recognition.contrast, anatomy, recognition.flags,
-                           tuple([*signals, *extra]))
+                           (*signals, *extra))
 
     if is_own_object(facts, uid_root):
         own = Signal("own object", "msknode created it (UID root, Manufacturer or ContributingEquipment)",
@@ -705,7 +705,7 @@ def parse_rules(text: str, *, source: str = "<string>") -> RoutingRules:
         bad = set(spec) - _ANATOMY_KEYS
         if bad:
             raise RoutingError(f"{ctx}: unknown key(s) {sorted(bad)} (allowed: {sorted(_ANATOMY_KEYS)})")
-        compiled = {}
+        compiled: dict[str, re.Pattern[str] | None] = {}
         for key in _ANATOMY_KEYS:
             value = spec.get(key)
             if value is None:
@@ -754,7 +754,7 @@ def _parse_rule(r: Any, index: int, patterns: Mapping[str, str], where: str) -> 
     pipeline = r.get("pipeline")
     role = r.get("role")
     if route:
-        if pipeline not in PIPELINE_ROLES:
+        if pipeline is None or pipeline not in PIPELINE_ROLES:
             raise RoutingError(
                 f"{ctx}: pipeline {pipeline!r} is not one of {', '.join(sorted(PIPELINE_ROLES))}"
                 " (or set route = false)"
@@ -784,7 +784,7 @@ def _parse_rule(r: Any, index: int, patterns: Mapping[str, str], where: str) -> 
             raise RoutingError(f"{ctx}: {key} must be a string or a non-empty list of strings")
         return frozenset(v.strip().upper() if upper else v for v in value)
 
-    def regexes(key: str) -> tuple[re.Pattern, ...]:
+    def regexes(key: str) -> tuple[re.Pattern[str], ...]:
         value = r.get(key)
         if value is None:
             return ()
@@ -832,7 +832,7 @@ def _parse_rule(r: Any, index: int, patterns: Mapping[str, str], where: str) -> 
 
 
 def _expand(value: str, patterns: Mapping[str, str], ctx: str) -> str:
-    def sub(m: re.Match) -> str:
+    def sub(m: re.Match[str]) -> str:
         name = m.group(1)
         if name not in patterns:
             raise RoutingError(f"{ctx}: pattern {{{name}}} is not defined in [patterns]")
@@ -841,7 +841,7 @@ def _expand(value: str, patterns: Mapping[str, str], ctx: str) -> str:
     return _PATTERN_REF.sub(sub, value)
 
 
-def _compile(value: str, ctx: str) -> re.Pattern:
+def _compile(value: str, ctx: str) -> re.Pattern[str]:
     try:
         return re.compile(value, _FLAGS)
     except re.error as e:

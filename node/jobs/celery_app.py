@@ -42,7 +42,7 @@ class FilesystemBroker:
     control_dir: Path  # exchange bindings
 
     @classmethod
-    def of(cls, settings: Settings) -> "FilesystemBroker":
+    def of(cls, settings: Settings) -> FilesystemBroker:
         base = settings.broker_dir
         return cls(base / "queue", base / "processed", base / "control")
 

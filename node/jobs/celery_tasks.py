@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Callable
+from collections.abc import Callable
 
 from celery import Celery
 
@@ -68,7 +68,7 @@ class WorkerContext:
             warm = getattr(runner, "warm_up", None)
             if warm is not None:
                 warm()
-            self.finalizers
+            _ = self.finalizers  # built now, not by the first job
         except Exception as e:  # the job itself will report a real problem
             log.warning("worker warm-up failed: %s", e)
 

@@ -28,8 +28,8 @@ import os
 import socket
 import threading
 import uuid
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Mapping
 
 from sqlalchemy import and_, or_, select, update
 from sqlalchemy.orm import Session, aliased
@@ -293,7 +293,7 @@ class LeaseKeeper:
         self._lost = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"lease-{lease.job_id}", daemon=True)
 
-    def __enter__(self) -> "LeaseKeeper":
+    def __enter__(self) -> LeaseKeeper:
         self._thread.start()
         return self
 

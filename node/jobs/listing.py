@@ -19,7 +19,8 @@ from __future__ import annotations
 
 import datetime as dt
 from collections import defaultdict
-from typing import Any, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 from zoneinfo import ZoneInfo
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -85,9 +86,9 @@ def json_time(value: dt.datetime | None, tz: ZoneInfo | None) -> str | None:
     return value.astimezone(tz).isoformat(timespec="seconds")
 
 
-def dispatch_by_job(session: Session, job_ids: Sequence[int]) -> dict[int, dict]:
+def dispatch_by_job(session: Session, job_ids: Sequence[int]) -> dict[int, dict[str, int]]:
     """Job id -> its result objects by outbox state (``total``, ``sent``, ``pending``, ``sending``, ``dead``)."""
-    out: dict[int, dict] = defaultdict(lambda: {"total": 0, "sent": 0, "pending": 0, "sending": 0, "dead": 0})
+    out: dict[int, dict[str, int]] = defaultdict(lambda: {"total": 0, "sent": 0, "pending": 0, "sending": 0, "dead": 0})
     if not job_ids:
         return out
     rows = session.execute(
@@ -103,7 +104,7 @@ def dispatch_by_job(session: Session, job_ids: Sequence[int]) -> dict[int, dict]
     return out
 
 
-def dispatch_status(d: dict | None) -> str:
+def dispatch_status(d: Mapping[str, int] | None) -> str:
     if not d or not d.get("total"):
         return "no results sent"
     if d.get("dead"):
@@ -113,16 +114,16 @@ def dispatch_status(d: dict | None) -> str:
     return "sending"
 
 
-def dispatch_json(d: dict | None) -> dict:
+def dispatch_json(d: Mapping[str, int] | None) -> dict[str, Any]:
     """The ``dispatch`` object of a job: counts by outbox state and a ``status``."""
     counts = {"total": 0, "sent": 0, "pending": 0, "sending": 0, "dead": 0}
     return {**counts, **(d or {}), "status": dispatch_status(d)}
 
 
-def jobs_json(session: Session, jobs: Sequence[Job], *, tz: ZoneInfo | None) -> list[dict]:
+def jobs_json(session: Session, jobs: Sequence[Job], *, tz: ZoneInfo | None) -> list[dict[str, Any]]:
     """``jobs`` as `JobOut` dicts, in the order given (times in UTC when ``tz`` is None)."""
     ids = [j.id for j in jobs]
-    inputs: dict[int, list[dict]] = {i: [] for i in ids}
+    inputs: dict[int, list[dict[str, Any]]] = {i: [] for i in ids}
     study_uids: dict[int, str] = {}
     if ids:
         for job_id, series_uid, role, used_by in session.execute(
@@ -166,7 +167,7 @@ def jobs_json(session: Session, jobs: Sequence[Job], *, tz: ZoneInfo | None) -> 
 
 
 def list_jobs(session: Session, *, tz: ZoneInfo | None, state: str | None = None, study_uid: str | None = None,
-              limit: int | None = None) -> list[dict]:
+              limit: int | None = None) -> list[dict[str, Any]]:
     """Jobs newest first, as `JobOut` dicts (``state``, ``study_uid`` filter; at most ``limit``)."""
     q = select(Job).order_by(Job.id.desc())
     if state:

@@ -24,10 +24,11 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping, Protocol, Sequence
+from typing import Any, Protocol
 
 from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
@@ -263,7 +264,6 @@ def default_permanent_errors() -> tuple[type[BaseException], ...]:
     """Errors another attempt cannot fix: bad input volumes, an unknown pipeline or role, missing or
     corrupt weights, inputs the result writers cannot make valid. (``msknode jobs retry`` after a fix.)"""
     from models.errors import PipelineError, RegistryError, VolumeError
-
     from node.errors import ResultsError
 
     return (PermanentJobError, ResultsError, VolumeError, PipelineError, RegistryError)
@@ -439,10 +439,11 @@ class ModelPipelineRunner:
     def warm_up(self) -> None:
         """Imports the model code and torch and opens the registry (once per worker process)."""
         import torch
+
         from models import io, pipelines  # noqa: F401
 
         torch.set_num_threads(self.settings.torch_threads)
-        self.registry
+        _ = self.registry  # opened now, not by the first job
 
     def __call__(self, ctx: JobContext, steps: Steps) -> JobProducts:
         settings = self.settings

@@ -24,8 +24,8 @@ import os
 import socket
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 from node.db.database import Database, utcnow
 from node.jobs import lease
@@ -234,7 +234,7 @@ def run_worker(
             loop.stop()
 
     class PeriodicLoopStep(bootsteps.StartStopStep):
-        requires = {"celery.worker.components:Pool"}
+        requires = ("celery.worker.components:Pool",)
 
         def start(self, worker):
             for loop in loops:

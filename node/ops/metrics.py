@@ -21,7 +21,7 @@ Labels are states, queues and step names only: no PHI.
 from __future__ import annotations
 
 import shutil
-from typing import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
@@ -168,7 +168,7 @@ def broker_depths(settings: Settings) -> Callable[[], Mapping[str, int]]:
     fs = FilesystemBroker.of(settings)
 
     def depths() -> Mapping[str, int]:
-        counts = {q: 0 for q in QUEUES}
+        counts = dict.fromkeys(QUEUES, 0)
         for p in fs.queue_dir.iterdir():
             q = p.name.partition(".")[2].removesuffix(".msg")
             if q in counts and p.name.endswith(".msg"):

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import logging
 import os
-from contextlib import contextmanager
 import tempfile
+from collections.abc import Sequence
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 from pydicom import Dataset
@@ -17,7 +18,7 @@ from node.errors import ResultsError
 from node.results.objects import ResultFile, ResultRef
 from node.results.sc import OverlayItem, build_overlays
 from node.results.seg import SegItem, build_seg
-from node.results.sources import SourceSeries, load_sources
+from node.results.sources import load_sources
 from node.results.sr import SegRef, SuperResRef, build_sr
 from node.results.superres_series import build_superres_series
 from node.results.uids import UidFactory, model_versions_key

@@ -7,6 +7,12 @@ from dataclasses import dataclass
 
 from pydicom import Dataset
 
+# The triage outcome written into the SR: `worklists.triage.TriageSummary` (priority, score,
+# reasons, needs_review). `build_results` accepts any object with those attributes.
+from worklists.triage import TriageSummary
+
+__all__ = ["RESULT_KINDS", "ResultFile", "ResultRef", "TriageSummary"]
+
 RESULT_KINDS = ("sr", "seg", "superres", "sc")
 
 
@@ -37,7 +43,3 @@ class ResultRef:
     sop_class_uid: str = "1.2.840.10008.5.1.4.1.1.88.34"  # Comprehensive 3D SR
     kind: str = "sr"
 
-
-# The triage outcome written into the SR: `worklists.triage.TriageSummary` (priority, score,
-# reasons, needs_review). `build_results` accepts any object with those attributes.
-from worklists.triage import TriageSummary  # noqa: E402

@@ -18,8 +18,8 @@ from typing import Any
 
 from pydicom import Dataset
 from pydicom.charset import convert_encodings, encode_string
-from pydicom.dataelem import DataElement
 from pydicom.datadict import dictionary_has_tag, dictionary_is_retired
+from pydicom.dataelem import DataElement
 from pydicom.multival import MultiValue
 from pydicom.valuerep import PersonName
 

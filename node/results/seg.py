@@ -17,7 +17,13 @@ import numpy as np
 from models.types import Finding, ModelInfo
 from node.errors import ResultsError
 from node.results import codes
-from node.results.equipment import MANUFACTURER, MANUFACTURER_MODEL, contributing_equipment, node_software_versions, seg_algorithm
+from node.results.equipment import (
+    MANUFACTURER,
+    MANUFACTURER_MODEL,
+    contributing_equipment,
+    node_software_versions,
+    seg_algorithm,
+)
 from node.results.sanitize import clean_text, copy_character_set
 from node.results.sources import SourceSeries
 from node.results.uids import UidFactory

@@ -9,9 +9,9 @@ slice ``k`` (a frame of a multi-frame object counts as a slice).
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import pydicom

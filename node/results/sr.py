@@ -17,8 +17,9 @@ Content (one measurement group per statement, so nothing is implied by silence):
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import highdicom as hd
 from highdicom.sr import (
@@ -27,8 +28,8 @@ from highdicom.sr import (
     ImageContentItem,
     Measurement,
     MeasurementProperties,
-    MeasurementStatisticalProperties,
     MeasurementsAndQualitativeEvaluations,
+    MeasurementStatisticalProperties,
     NumContentItem,
     QualitativeEvaluation,
     ReferencedSegment,

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import datetime as dt
 
-import numpy as np
 import highdicom as hd
+import numpy as np
 from pydicom import Dataset
 from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage
 
@@ -92,7 +92,7 @@ def build_superres_series(
         derivation += " " + m.notice
     lo, hi = np.percentile(stored, [1, 99]) if stored.size else (0, 1)
     center, width = float(lo + hi) / 2.0, max(float(hi - lo), 1.0)
-    now = dt.datetime.now()
+    now = dt.datetime.now().astimezone()  # the node's local time, as DICOM dates and times are
     equipment = contributing_equipment([m])
     out: list[Dataset] = []
     row, col = vol.row_cosine, vol.col_cosine
@@ -129,7 +129,7 @@ def build_superres_series(
         )
         ds.copy_patient_and_study_information(ref)
         copy_character_set(ds, ref)
-        ds._add_contributing_equipment(equipment, ref)  # noqa: SLF001 - highdicom's own helper
+        ds._add_contributing_equipment(equipment, ref)  # private, but highdicom's own helper
         lat = series.series_laterality(ref.get("BodyPartExamined"))
         if lat is not None:
             ds.Laterality = lat

@@ -7,8 +7,8 @@ PACS; a re-opened study (new inputs) or a new model version gives new UIDs.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Iterable
 
 from pydicom.uid import generate_uid
 

@@ -276,7 +276,7 @@ def viewer(request: Request, study_id: int = Path(ge=1), series_id: int | None =
                     if path:
                         try:
                             segs.append({"result_id": rid, **_seg_refs(path[0])})
-                        except Exception:  # noqa: BLE001 - listed as unreadable
+                        except Exception:  # broad on purpose: listed as unreadable
                             segs.append({"result_id": rid, "series": [], "segments": [], "error": "unreadable SEG"})
         by_uid = {x["series_uid"]: x for x in originals}
         if series_id is None:

@@ -12,9 +12,9 @@ from __future__ import annotations
 import io
 import threading
 from collections import OrderedDict
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
 
 import numpy as np
 
@@ -75,7 +75,7 @@ def _load_with_pydicom(paths: Sequence[Path]) -> SliceStack:
         try:
             ds = pydicom.dcmread(str(p))
             px = ds.pixel_array
-        except Exception as e:  # noqa: BLE001 - any decoder failure becomes one clear message
+        except Exception as e:  # broad on purpose: any decoder failure becomes one clear message
             raise ImagingError(f"{Path(p).name}: cannot decode pixel data ({type(e).__name__}: {e})") from None
         slope = float(getattr(ds, "RescaleSlope", 1) or 1)
         intercept = float(getattr(ds, "RescaleIntercept", 0) or 0)
@@ -141,7 +141,7 @@ def load_stack(paths: Sequence[Path]) -> SliceStack:
         return _load_with_pydicom(paths)
     try:
         vol = load_series([Path(p) for p in paths])
-    except Exception as e:  # noqa: BLE001 - models.errors.VolumeError and decoder errors
+    except Exception as e:  # broad on purpose: models.errors.VolumeError and decoder errors
         raise ImagingError(str(e)) from None
     array = np.asarray(vol.array, dtype=np.float32)
     return SliceStack(
@@ -248,14 +248,14 @@ def load_overlay(seg_path: Path, stack: SliceStack) -> Overlay:
         raise ImagingError(f"the SEG file {Path(seg_path).name} is missing from the results store")
     try:
         seg = hd.seg.segread(str(seg_path))
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:
         raise ImagingError(f"cannot read the SEG: {e}") from None
     segments = _segments(seg)
     numbers = [s["number"] for s in segments]
     method = "source_instance"
     try:
         maps = _seg_by_source(seg, stack, numbers)
-    except Exception:  # noqa: BLE001 - fall back to geometry
+    except Exception:  # broad on purpose: fall back to geometry
         maps = _seg_by_position(seg, stack, numbers)
         method = "plane_position"
     maps = np.clip(maps, 0.0, 1.0)
@@ -274,7 +274,7 @@ def slice_map(source: SliceStack, target: SliceStack) -> list[int]:
         return [int(np.argmin(np.abs(pt - p))) for p in ps]
     if source.n <= 1:
         return [0] * source.n
-    return [int(round(k * (target.n - 1) / (source.n - 1))) for k in range(source.n)]
+    return [round(k * (target.n - 1) / (source.n - 1)) for k in range(source.n)]
 
 
 # ---- PNG ---------------------------------------------------------------------------------

@@ -91,7 +91,7 @@ def login(
             else:
                 ctx.throttle.succeeded(user.username)
                 audit.record(s, actor=user.username, action="auth.login", entity_type="user", entity_id=user.username)
-                token, p = ctx.codec.issue(user.username, user.role)
+                token, _principal = ctx.codec.issue(user.username, user.role)
     if user is None:
         cookie, nonce = ctx.codec.login_nonce()
         error = (f"too many failed logins for this user; try again in {wait} s" if wait

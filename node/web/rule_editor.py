@@ -27,13 +27,15 @@ import os
 import re
 import secrets
 import stat
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
 
 from node.errors import NodeError, RoutingError
-from node.intake.routing import LOCALIZER_ROLE, PIPELINE_ROLES, RoutingRules, normalize_text, parse_rules
+from node.intake.recognition import normalize_text
+from node.intake.routing import LOCALIZER_ROLE, PIPELINE_ROLES, RoutingRules, parse_rules
 from node.settings import PACKAGE_DIR
+
 NAME_MAX = 100
 REGEX_MAX = 200
 VALUE_MAX = 32
@@ -118,12 +120,13 @@ def description_regex(description: str | None) -> str | None:
 
 def suggest_role(pipeline: str | None, plane: str | None, contrast: Sequence[str]) -> str | None:
     """The role plane + contrast point to in ``pipeline`` (a prefill the admin may change)."""
-    if pipeline not in PIPELINE_ROLES or not plane:
+    if pipeline is None or pipeline not in PIPELINE_ROLES or not plane:
         return None
     prefix = next((p for key, p in (("sag", "sag"), ("cor", "cor"), ("ax", "ax"), ("tra", "ax")) if plane.startswith(key)), None)
     if prefix is None:
         return None
     contrasts = set(contrast)
+    order: tuple[str, ...]
     if contrasts & FLUID_CONTRASTS:
         order = ("fluid", "stir", "t2")
     elif "t1" in contrasts:
@@ -169,7 +172,7 @@ def draft_from_series(series: dict, *, keys: Sequence[str] = FACT_KEYS, anatomy_
         name=name[:NAME_MAX],
         pipeline=pipeline,
         role=role,
-        anatomy=anatomy if anatomy in PIPELINE_ROLES else "any",
+        anatomy=anatomy if anatomy is not None and anatomy in PIPELINE_ROLES else "any",
         plane=plane,
         contrast=contrast,
         description=description_regex(series.get("description")),
@@ -184,7 +187,7 @@ def check_draft(
     name = (name or "").strip()
     if not name or len(name) > NAME_MAX or _CONTROL.search(name):
         raise RuleRefused(f"name: 1-{NAME_MAX} characters, no control characters")
-    if pipeline not in PIPELINE_ROLES:
+    if pipeline is None or pipeline not in PIPELINE_ROLES:
         raise RuleRefused(f"pipeline: one of {', '.join(sorted(PIPELINE_ROLES))}")
     if role not in PIPELINE_ROLES[pipeline]:
         raise RuleRefused(f"role: {role!r} is not a role of {pipeline} (roles: {', '.join(PIPELINE_ROLES[pipeline])})")
