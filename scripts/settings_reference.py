@@ -1,10 +1,10 @@
-"""The README's configuration reference, generated from `node.settings.Settings`.
+"""The configuration reference (docs/configuration.md), generated from `node.settings.Settings`.
 
     .venv/bin/python scripts/settings_reference.py            # print the Markdown table
-    .venv/bin/python scripts/settings_reference.py --write    # replace it in README.md
+    .venv/bin/python scripts/settings_reference.py --write    # replace it in docs/configuration.md
 
 Every field of `Settings` is one row: environment variable, TOML key, default, meaning.
-tests/test_e2e_docs.py fails when the README lacks a setting or shows a stale default.
+tests/test_e2e_docs.py fails when docs/configuration.md lacks a setting or shows a stale default.
 """
 
 from __future__ import annotations
@@ -119,13 +119,13 @@ def write(readme: Path) -> None:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--write", action="store_true", help="replace the table in README.md")
+    ap.add_argument("--write", action="store_true", help="replace the table in docs/configuration.md")
     args = ap.parse_args()
     missing = [n for n in Settings.model_fields if not (DESCRIPTIONS.get(n) or Settings.model_fields[n].description)]
     if missing:
         print(f"warning: settings without a description: {', '.join(missing)}", file=sys.stderr)
     if args.write:
-        write(ROOT / "README.md")
+        write(ROOT / "docs" / "configuration.md")
     else:
         print(markdown())
     return 0
