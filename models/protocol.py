@@ -24,9 +24,10 @@ import io
 import json
 import os
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from models.errors import RegistryError, WeightsIntegrityError, WeightsMissingError
 
@@ -143,7 +144,7 @@ def load_checkpoint(path: Path, sha256: str | None = None) -> Checkpoint:
     check_sha256(path, actual, sha256)
     try:
         data = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - any unpickling failure is a bad checkpoint
+    except Exception as exc:
         raise RegistryError(f"{path} cannot be read as a checkpoint: {exc}") from None
     if not isinstance(data, dict):
         raise RegistryError(f"{path} is not a checkpoint (found {type(data).__name__})")

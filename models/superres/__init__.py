@@ -50,7 +50,17 @@ from models.superres.inference import (
 from models.superres.net import SlabSRNet, SuperResConfig
 
 __all__ = [
-    "CALIBRATION_WINDOW", "CHUNK_SLICES", "CONSISTENCY_TOLERANCE", "FORMAT", "MODEL_NAME", "NONNEG_ITERATIONS",
-    "WEIGHTS_PATH", "SlabSRNet", "SuperResConfig", "SuperResError", "SuperResModel", "inplane_upsample",
+    "CALIBRATION_WINDOW",
+    "CHUNK_SLICES",
+    "CONSISTENCY_TOLERANCE",
+    "FORMAT",
+    "MODEL_NAME",
+    "NONNEG_ITERATIONS",
+    "WEIGHTS_PATH",
+    "SlabSRNet",
+    "SuperResConfig",
+    "SuperResError",
+    "SuperResModel",
+    "inplane_upsample",
     "superres_geometry",
 ]

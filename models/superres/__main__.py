@@ -41,8 +41,15 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.cmd == "train":
             log = lambda rec: print(json.dumps(rec), file=sys.stderr, flush=True)  # noqa: E731
-            recipe = train_to(args.out, n_phantoms=args.phantoms, seed=args.seed, steps=args.steps,
-                              threads=args.threads, reformat_share=args.reformat_share, log=log)
+            recipe = train_to(
+                args.out,
+                n_phantoms=args.phantoms,
+                seed=args.seed,
+                steps=args.steps,
+                threads=args.threads,
+                reformat_share=args.reformat_share,
+                log=log,
+            )
             print(json.dumps({"weights": recipe["weights"], "sha256": recipe["sha256"]}))
             return 0
         torch.set_num_threads(args.threads)

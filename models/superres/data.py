@@ -42,8 +42,9 @@ def phantom_truth(anatomy: str, seed: int, **overrides: Any) -> np.ndarray:
     return np.asarray(generate(anatomy, seed, snr=None, **overrides).volume.array, dtype=np.float32)
 
 
-def phantom_case(anatomy: str, seed: int, *, slice_factor: int = 2, inplane_factor: int = 1,
-                 slice_sigma_frac: float = 0.15) -> SRCase:
+def phantom_case(
+    anatomy: str, seed: int, *, slice_factor: int = 2, inplane_factor: int = 1, slice_sigma_frac: float = 0.15
+) -> SRCase:
     """Truth = noise-free phantom; input = S (and K) of it plus Rician noise at an SNR drawn
     log-uniformly from `lr_snr_range` with a generator seeded by (seed, anatomy)."""
     truth = phantom_truth(anatomy, seed)
@@ -55,17 +56,25 @@ def phantom_case(anatomy: str, seed: int, *, slice_factor: int = 2, inplane_fact
     return SRCase(name=f"{anatomy}:{seed}", truth=truth, lr=deg.degrade(truth, rng))
 
 
-def volume_case(name: str, truth: np.ndarray, *, snr: float | None, seed: int = 0, slice_factor: int = 2,
-                inplane_factor: int = 1, slice_sigma_frac: float = 0.15) -> SRCase:
+def volume_case(
+    name: str,
+    truth: np.ndarray,
+    *,
+    snr: float | None,
+    seed: int = 0,
+    slice_factor: int = 2,
+    inplane_factor: int = 1,
+    slice_sigma_frac: float = 0.15,
+) -> SRCase:
     """A case from any volume used as truth (e.g. real MR), degraded by the fixed model."""
     deg = DegradationModel(slice_factor, inplane_factor, slice_sigma_frac, snr=snr)
     truth = deg.crop_to_multiple(np.asarray(truth, dtype=np.float32))
     return SRCase(name=name, truth=truth, lr=deg.degrade(truth, np.random.default_rng(seed)))
 
 
-
-def training_volumes(n_phantoms: int, *, seed: int = TRAIN_SEED, anatomies=TRAIN_ANATOMIES,
-                     thin_share: float = 0.5, log=None) -> list[np.ndarray]:
+def training_volumes(
+    n_phantoms: int, *, seed: int = TRAIN_SEED, anatomies=TRAIN_ANATOMIES, thin_share: float = 0.5, log=None
+) -> list[np.ndarray]:
     """Noise-free training truth: phantoms with seeds ``seed + i`` (anatomies in turn); a share
     ``thin_share`` of them re-acquired with 1.5-2 mm slices and no gap (finer through-plane truth)."""
     rng = np.random.default_rng(seed)
@@ -105,7 +114,9 @@ def check_fresh(n: int, seed: int) -> None:
     if n < 1 or seed < 0:
         raise SuperResError("N must be >= 1 and SEED >= 0")
     if seed < TRAIN_SEED + 10_000 and seed + n > TRAIN_SEED:
-        raise SuperResError(f"seeds {seed}..{seed + n - 1} overlap the training seeds {TRAIN_SEED}..{TRAIN_SEED + 9_999}")
+        raise SuperResError(
+            f"seeds {seed}..{seed + n - 1} overlap the training seeds {TRAIN_SEED}..{TRAIN_SEED + 9_999}"
+        )
 
 
 def parse_synthetic(spec: str) -> tuple[int, int]:
@@ -116,5 +127,3 @@ def parse_synthetic(spec: str) -> tuple[int, int]:
         return int(parts[1]), int(parts[2])
     except ValueError as exc:
         raise SuperResError(f"data spec {spec!r}: N and SEED must be integers") from exc
-
-

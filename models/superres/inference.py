@@ -88,7 +88,7 @@ class SuperResModel:
             self.net.to(memory_format=torch.channels_last)
 
     @classmethod
-    def untrained(cls, config: SuperResConfig | None = None, seed: int = 0) -> "SuperResModel":
+    def untrained(cls, config: SuperResConfig | None = None, seed: int = 0) -> SuperResModel:
         config = config or SuperResConfig()
         torch.manual_seed(seed)
         net = SlabSRNet(config).eval()
@@ -109,7 +109,7 @@ class SuperResModel:
         return save_checkpoint(self.state(), path)
 
     @classmethod
-    def load(cls, path: Path, expected_sha256: str | None = None, version: str | None = None) -> "SuperResModel":
+    def load(cls, path: Path, expected_sha256: str | None = None, version: str | None = None) -> SuperResModel:
         """Load a checkpoint, verified against ``expected_sha256`` or the ``.sha256`` file beside it."""
         path = Path(path)
         if not path.is_file():
@@ -121,7 +121,7 @@ class SuperResModel:
         return cls.from_checkpoint(ckpt, version=version)
 
     @classmethod
-    def from_checkpoint(cls, ckpt: Checkpoint, version: str | None = None) -> "SuperResModel":
+    def from_checkpoint(cls, ckpt: Checkpoint, version: str | None = None) -> SuperResModel:
         """The model of a verified checkpoint (`models.protocol.load_checkpoint`)."""
         data = ckpt.data
         if data.get("format") != FORMAT:
@@ -158,11 +158,12 @@ class SuperResModel:
             return 0.0  # too few slices to check the detail on this series: add none
         h, w = yt.shape[1:]
         ch, cw = min(h, CALIBRATION_WINDOW), min(w, CALIBRATION_WINDOW)
-        win = yt[: n_ll * f, (h - ch) // 2:(h - ch) // 2 + ch, (w - cw) // 2:(w - cw) // 2 + cw]
+        win = yt[: n_ll * f, (h - ch) // 2 : (h - ch) // 2 + ch, (w - cw) // 2 : (w - cw) // 2 + cw]
         ops = _Operators.build(n_ll, cfg)
         ll = _zmul(ops.s, win)
-        base, pre = forward_detail(self.net, ll, ops, cfg, chunk=CHUNK_SLICES, channels_last=self.channels_last,
-                                   skip_background=True)
+        base, pre = forward_detail(
+            self.net, ll, ops, cfg, chunk=CHUNK_SLICES, channels_last=self.channels_last, skip_background=True
+        )
         bp = ops.project(base, ll)
         dp = ops.project(pre, ll) - bp
         den = float((dp * dp).sum())
@@ -170,8 +171,9 @@ class SuperResModel:
             return 0.0
         return float(min(max(float((dp * (win - bp)).sum()) / den, 0.0), 1.0))
 
-    def enhance(self, y: np.ndarray, inplane: bool = False, detail: bool = True,
-                gain: float | None = None) -> tuple[np.ndarray, dict[str, float]]:
+    def enhance(
+        self, y: np.ndarray, inplane: bool = False, detail: bool = True, gain: float | None = None
+    ) -> tuple[np.ndarray, dict[str, float]]:
         """Input array (n, H, W) -> super-resolved array and figures (timings ``*_s``, ``detail_gain``).
 
         ``detail=False``: the interpolated input only; ``gain`` fixes the detail share instead of
@@ -194,8 +196,9 @@ class SuperResModel:
             stats["detail_gain"] = a
             t0 = time.perf_counter()
             if a > 0:
-                base, pre = forward_detail(self.net, yt, ops, cfg, chunk=CHUNK_SLICES,
-                                           channels_last=self.channels_last, skip_background=True)
+                base, pre = forward_detail(
+                    self.net, yt, ops, cfg, chunk=CHUNK_SLICES, channels_last=self.channels_last, skip_background=True
+                )
                 x = base + a * (pre - base)
             else:
                 x = _zmul(ops.base, yt)
@@ -220,9 +223,16 @@ class SuperResModel:
         g = 2 if inplane else 1
         tol = CONSISTENCY_TOLERANCE
         if not qc.accepted:
-            return SuperResOutput(model=self.info, source=volume, volume=volume, qc=qc,
-                                  consistency_error=math.nan, consistency_tolerance=tol, consistency_passed=False,
-                                  timings={"total_s": time.perf_counter() - t_start})
+            return SuperResOutput(
+                model=self.info,
+                source=volume,
+                volume=volume,
+                qc=qc,
+                consistency_error=math.nan,
+                consistency_tolerance=tol,
+                consistency_passed=False,
+                timings={"total_s": time.perf_counter() - t_start},
+            )
         y = np.asarray(volume.array, dtype=np.float32)
         x, stats = self.enhance(y, inplane=inplane)
         timings = {k: v for k, v in stats.items() if k.endswith("_s")}
@@ -233,13 +243,15 @@ class SuperResModel:
         timings["consistency_s"] = time.perf_counter() - t0
         geo = superres_geometry(volume, self.config.slice_factor, g)
         attrs = dict(volume.attributes)
-        attrs.update({
-            "derived_from_series_uid": volume.series_uid,
-            "superres_slice_factor": self.config.slice_factor,
-            "superres_inplane_factor": g,
-            "slice_thickness": geo["spacing"][0],
-            "image_type": ["DERIVED", "SECONDARY"],
-        })
+        attrs.update(
+            {
+                "derived_from_series_uid": volume.series_uid,
+                "superres_slice_factor": self.config.slice_factor,
+                "superres_inplane_factor": g,
+                "slice_thickness": geo["spacing"][0],
+                "image_type": ["DERIVED", "SECONDARY"],
+            }
+        )
         out = replace(
             volume,
             array=x.astype(np.float32),
@@ -252,8 +264,13 @@ class SuperResModel:
         timings["total_s"] = time.perf_counter() - t_start
         timings["cpu_s"] = time.process_time() - cpu_start  # CPU seconds of this process (all threads)
         return SuperResOutput(
-            model=self.info, source=volume, volume=out, qc=qc,
-            consistency_error=err, consistency_tolerance=tol, consistency_passed=bool(err <= tol),
+            model=self.info,
+            source=volume,
+            volume=out,
+            qc=qc,
+            consistency_error=err,
+            consistency_tolerance=tol,
+            consistency_passed=bool(err <= tol),
             timings=timings,
         )
 

@@ -25,6 +25,7 @@ BOX_MARGIN = 16  # pixels around the signal box, > the network's receptive-field
 # --------------------------------------------------------------------------------------
 # configuration and network
 
+
 @dataclass(frozen=True)
 class SuperResConfig:
     slice_factor: int = 2
@@ -123,7 +124,7 @@ class _Operators:
     base: torch.Tensor
 
     @classmethod
-    def build(cls, n_lr: int, config: SuperResConfig) -> "_Operators":
+    def build(cls, n_lr: int, config: SuperResConfig) -> _Operators:
         f, sig = config.slice_factor, config.slice_sigma_frac
         s = DegradationModel(slice_factor=f, slice_sigma_frac=sig).slice_matrix(n_lr)
         return cls(
@@ -136,8 +137,9 @@ class _Operators:
         return x + _zmul(self.pinv, y - _zmul(self.s, x))
 
 
-def slab_inputs(y: torch.Tensor, base: torch.Tensor, config: SuperResConfig,
-                rows: torch.Tensor | None = None) -> torch.Tensor:
+def slab_inputs(
+    y: torch.Tensor, base: torch.Tensor, config: SuperResConfig, rows: torch.Tensor | None = None
+) -> torch.Tensor:
     """(..., n, H, W) input and (..., f*n, H, W) base -> (..., k, 2c+1+f, H, W) network input
     for the input slices ``rows`` (default all n)."""
     n = y.shape[-3]
@@ -150,9 +152,15 @@ def slab_inputs(y: torch.Tensor, base: torch.Tensor, config: SuperResConfig,
     return torch.cat([neighbours, sub], dim=-3)
 
 
-def forward_detail(net: nn.Module, y: torch.Tensor, ops: _Operators, config: SuperResConfig,
-                   chunk: int | None = None, channels_last: bool = False,
-                   skip_background: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+def forward_detail(
+    net: nn.Module,
+    y: torch.Tensor,
+    ops: _Operators,
+    config: SuperResConfig,
+    chunk: int | None = None,
+    channels_last: bool = False,
+    skip_background: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Normalised input y (..., n, H, W) -> (interpolated input, output before projection).
 
     ``chunk``: input slices per network call (the slab of each chunk is built on demand, so

@@ -54,8 +54,7 @@ def ssim(x: np.ndarray, hr: np.ndarray, mask: np.ndarray) -> float:
     return float(s[mask].mean())
 
 
-def evaluate_cases(model: "SuperResModel", cases, *, inplane: bool = False,
-                   keep_cases: bool = False) -> dict[str, Any]:
+def evaluate_cases(model: SuperResModel, cases, *, inplane: bool = False, keep_cases: bool = False) -> dict[str, Any]:
     """Foreground PSNR/SSIM of the model and of tricubic on the same inputs, and their gains.
 
     Keys: ``n``, ``psnr_gain_db``, ``ssim_gain`` (means over cases of model − tricubic),
@@ -72,12 +71,17 @@ def evaluate_cases(model: "SuperResModel", cases, *, inplane: bool = False,
         base = deg.tricubic(case.lr)
         mask = foreground_mask(case.truth)
         err = deg.consistency_error(out, case.lr)
-        rows.append({
-            "name": case.name,
-            "psnr": psnr(out, case.truth, mask), "psnr_tricubic": psnr(base, case.truth, mask),
-            "ssim": ssim(out, case.truth, mask), "ssim_tricubic": ssim(base, case.truth, mask),
-            "consistency_error": err, "detail_gain": stats["detail_gain"],
-        })
+        rows.append(
+            {
+                "name": case.name,
+                "psnr": psnr(out, case.truth, mask),
+                "psnr_tricubic": psnr(base, case.truth, mask),
+                "ssim": ssim(out, case.truth, mask),
+                "ssim_tricubic": ssim(base, case.truth, mask),
+                "consistency_error": err,
+                "detail_gain": stats["detail_gain"],
+            }
+        )
     n = len(rows)
     if n == 0:
         raise SuperResError("no evaluation cases")
@@ -106,8 +110,9 @@ def evaluate_cases(model: "SuperResModel", cases, *, inplane: bool = False,
     return result
 
 
-def evaluate_synthetic(model: "SuperResModel", n: int, seed: int, *, anatomy: str = "knee",
-                       inplane: bool = False) -> dict[str, Any]:
+def evaluate_synthetic(
+    model: SuperResModel, n: int, seed: int, *, anatomy: str = "knee", inplane: bool = False
+) -> dict[str, Any]:
     """`evaluate_cases` on ``n`` fresh phantoms ``seed .. seed+n-1`` (refuses training seeds)."""
     check_fresh(n, seed)
     g = 2 if inplane else 1
@@ -115,4 +120,3 @@ def evaluate_synthetic(model: "SuperResModel", n: int, seed: int, *, anatomy: st
     result = evaluate_cases(model, cases, inplane=inplane)
     result["qc_refused"] = 0  # the fixed degradation of a phantom is always a valid input
     return result
-

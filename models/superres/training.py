@@ -39,8 +39,9 @@ def _fg_mean_and_scale(x: np.ndarray) -> tuple[float, float]:
     return (float(fg.mean()) if fg.size else 1.0), float(np.percentile(x[:, ::2, ::2], 99.5)) or 1.0
 
 
-def train_superres(volumes: list[np.ndarray], config: SuperResConfig | None = None,
-                   train: TrainConfig | None = None, log=None) -> tuple["SuperResModel", list[dict[str, float]]]:
+def train_superres(
+    volumes: list[np.ndarray], config: SuperResConfig | None = None, train: TrainConfig | None = None, log=None
+) -> tuple[SuperResModel, list[dict[str, float]]]:
     """Train the detail network on noise-free truth volumes, degraded on the fly by the fixed
     model (slice profile + Rician noise), through the data-consistency projection (L1 loss)."""
     config = config or SuperResConfig()
@@ -74,10 +75,10 @@ def train_superres(volumes: list[np.ndarray], config: SuperResConfig | None = No
             # structure along z than the native slices), windowed to a slab of slices
             vol = vol.transpose((1, 0, 2) if rng.uniform() < 0.5 else (2, 1, 0))
             z0 = int(rng.integers(0, max(1, vol.shape[0] - train.reformat_slices + 1)))
-            vol = vol[z0:z0 + train.reformat_slices]
+            vol = vol[z0 : z0 + train.reformat_slices]
         phase = int(rng.integers(f)) if vol.shape[0] >= 2 * f + 1 else 0
         n_hr = (vol.shape[0] - phase) // f * f
-        hr = vol[phase:phase + n_hr]
+        hr = vol[phase : phase + n_hr]
         h, w = hr.shape[1:]
         c = min(train.crop, h, w)
         if vol.shape[1:] == volumes[vi].shape[1:]:
@@ -87,7 +88,7 @@ def train_superres(volumes: list[np.ndarray], config: SuperResConfig | None = No
             pick = np.stack([rng.integers(0, h, size=train.crops), rng.integers(0, w, size=train.crops)], axis=1)
         ys = np.clip(pick[:, 0] - c // 2 + rng.integers(-c // 4, c // 4 + 1, size=train.crops), 0, h - c)
         xs = np.clip(pick[:, 1] - c // 2 + rng.integers(-c // 4, c // 4 + 1, size=train.crops), 0, w - c)
-        crops = np.stack([hr[:, y:y + c, x:x + c] for y, x in zip(ys, xs)])  # (B, n_hr, c, c)
+        crops = np.stack([hr[:, y : y + c, x : x + c] for y, x in zip(ys, xs)])  # (B, n_hr, c, c)
         if rng.uniform() < 0.5:
             crops = crops[:, ::-1]
         if rng.uniform() < 0.5:
@@ -116,8 +117,12 @@ def train_superres(volumes: list[np.ndarray], config: SuperResConfig | None = No
         run_loss += float(loss.detach())
         if step % train.log_every == 0 or step == train.steps:
             k = train.log_every if step % train.log_every == 0 else step % train.log_every
-            rec = {"step": step, "l1": run_loss / k, "l1_interpolated": run_base / k,
-                   "seconds": time.perf_counter() - t0}
+            rec = {
+                "step": step,
+                "l1": run_loss / k,
+                "l1_interpolated": run_base / k,
+                "seconds": time.perf_counter() - t0,
+            }
             history.append(rec)
             if log is not None:
                 log(rec)
@@ -126,8 +131,16 @@ def train_superres(volumes: list[np.ndarray], config: SuperResConfig | None = No
     return model, history
 
 
-def train_to(out_dir: Path, *, n_phantoms: int = 150, seed: int = TRAIN_SEED, steps: int = TrainConfig.steps,
-             threads: int = 1, reformat_share: float = 0.0, log=None) -> dict[str, Any]:
+def train_to(
+    out_dir: Path,
+    *,
+    n_phantoms: int = 150,
+    seed: int = TRAIN_SEED,
+    steps: int = TrainConfig.steps,
+    threads: int = 1,
+    reformat_share: float = 0.0,
+    log=None,
+) -> dict[str, Any]:
     """The whole training recipe: phantoms -> `train_superres` -> ``out_dir/superres.pt`` (+ .sha256,
     training_log.json). Returns the recipe with the weights' sha256."""
     out_dir = Path(out_dir)
@@ -137,11 +150,14 @@ def train_to(out_dir: Path, *, n_phantoms: int = 150, seed: int = TRAIN_SEED, st
     train = TrainConfig(steps=steps, seed=0, threads=threads, reformat_share=reformat_share)
     model, history = train_superres(vols, SuperResConfig(), train, log=log)
     model.metadata = {
-        "version": "1", "config": asdict(model.config), "train": asdict(train), "phantoms": n_phantoms,
-        "anatomies": list(TRAIN_ANATOMIES), "phantom_seeds": [seed, seed + n_phantoms - 1],
+        "version": "1",
+        "config": asdict(model.config),
+        "train": asdict(train),
+        "phantoms": n_phantoms,
+        "anatomies": list(TRAIN_ANATOMIES),
+        "phantom_seeds": [seed, seed + n_phantoms - 1],
         "seconds": time.perf_counter() - t0,
     }
     digest = model.save(out_dir / "superres.pt")
     (out_dir / "training_log.json").write_text(json.dumps({**model.metadata, "history": history}, indent=1))
     return {**model.metadata, "weights": str(out_dir / "superres.pt"), "sha256": digest}
-
