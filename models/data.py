@@ -5,7 +5,7 @@
 - ``mrnet:PATH[:SPLIT]`` — the MRNet layout: ``PATH/SPLIT/{sagittal,coronal,axial}/NNNN.npy``
   (uint8 stacks, slices first) and ``PATH/SPLIT-{acl,meniscus,abnormal}.csv`` (``NNNN,0|1``
   without header). SPLIT defaults to ``train``. The stacks carry no geometry; the task's
-  ``mrnet_spacing_mm`` is assumed.
+  ``mrnet_spacing_mm`` (`models.labels`) is assumed.
 - ``dicomcsv:PATH`` — a folder of DICOM series (any layout below PATH) and
   ``PATH/labels.csv`` keyed by ``SeriesInstanceUID`` with one column per head (e.g. ``acl``
   with intact/partial/complete or 0/1). Series without a row are ignored; a row without
@@ -18,8 +18,8 @@
   ``realdata:auto`` finds it beside the checkout). Only ``qc.anatomy`` trains and evaluates on it
   (`models.qc_training`, `models.qc_evaluation`).
 
-`open_cases(spec, task)` yields `Case` objects (a `Volume` + a `Target`);
-`preprocess_cases` turns them into network-grid arrays (cached on disk for phantoms).
+`open_cases(spec, task)` yields `Case` objects (a `Volume` + a `Target`, labelled by the task's
+`models.labels` mapping); `load_items` turns them into network-grid arrays (cached on disk for phantoms).
 """
 
 from __future__ import annotations
@@ -35,7 +35,8 @@ from typing import Any, Iterator
 import numpy as np
 
 from models.errors import DataSpecError
-from models.tasks.base import Target, TaskSpec
+from models.labels import Target, labels_for
+from models.tasks.base import TaskSpec
 from models.transforms import PLANES
 from models.types import Volume
 
@@ -105,8 +106,10 @@ def parse_spec(text: str) -> DataSpec:
 def phantom_case(task: TaskSpec, seed: int, **overrides: Any) -> tuple[Case, Any]:
     from models.phantoms import generate
 
-    ph = generate(task.anatomy, int(seed), **{**task.phantom_overrides_for(int(seed)), **overrides})
-    case = Case(key=str(seed), volume=ph.volume, target=task.target_from_phantom(ph), extras=task.phantom_extras(ph, seed))
+    labels = labels_for(task)
+    ph = generate(task.anatomy, int(seed), **{**labels.phantom_overrides_for(int(seed)), **overrides})
+    case = Case(key=str(seed), volume=ph.volume, target=labels.target_from_phantom(ph),
+                extras=labels.phantom_extras(ph, seed))
     return case, ph
 
 
@@ -150,10 +153,11 @@ def cache_dir_for(task: TaskSpec, root: Path | None) -> Path | None:
         return None
     import models.phantoms as phantoms
 
+    labels = labels_for(task)
     key = json.dumps({
         "task": task.name, "shape": task.input.shape, "roi": task.input.roi_mm, "native": task.input.native_mm, "plane": task.input.plane,
         "phantoms": phantoms.SPEC_VERSION, "generator": getattr(phantoms, "GENERATOR_VERSION", None),
-        "overrides": sorted(task.phantom_overrides().items()), "sequences": list(task.phantom_sequences), "v": 1,
+        "overrides": sorted(labels.phantom_overrides().items()), "sequences": list(labels.phantom_sequences), "v": 1,
     }, sort_keys=True, default=str)
     d = Path(root) / task.name / hashlib.sha256(key.encode()).hexdigest()[:12]
     d.mkdir(parents=True, exist_ok=True)
@@ -228,7 +232,8 @@ def mrnet_cases(task: TaskSpec, root: Path, split: str) -> Iterator[Case]:
     if not root.is_dir():
         raise DataSpecError(f"MRNet folder {root} does not exist")
     labels = _read_mrnet_labels(root, split)
-    plane = task.input.mrnet_plane
+    mapping = labels_for(task)
+    plane = mapping.mrnet_plane
     stack_dir = root / split / plane
     if not stack_dir.is_dir():
         raise DataSpecError(f"MRNet folder {stack_dir} does not exist")
@@ -237,8 +242,8 @@ def mrnet_cases(task: TaskSpec, root: Path, split: str) -> Iterator[Case]:
         if not path.is_file():
             raise DataSpecError(f"MRNet labels list case {key} but {path} is missing")
         arr = np.load(path, allow_pickle=False)
-        vol = mrnet_volume(arr, plane, task.input.mrnet_spacing_mm, key)
-        yield Case(key=key, volume=vol, target=task.target_from_row(labels[key]))
+        vol = mrnet_volume(arr, plane, mapping.mrnet_spacing_mm, key)
+        yield Case(key=key, volume=vol, target=mapping.target_from_row(labels[key]))
 
 
 # --- DICOM folder + labels.csv ------------------------------------------------------------------
@@ -263,9 +268,10 @@ def dicomcsv_cases(task: TaskSpec, root: Path) -> Iterator[Case]:
     missing = sorted(set(rows) - set(groups))
     if missing:
         raise DataSpecError(f"{labels_path}: {len(missing)} labelled series not found under {root}, e.g. {missing[0]}")
+    mapping = labels_for(task)
     for uid in sorted(rows):
         try:
-            target = task.target_from_row(rows[uid])
+            target = mapping.target_from_row(rows[uid])
         except ValueError as e:
             raise DataSpecError(f"{labels_path}, series {uid}: {e}") from None
         yield Case(key=uid, volume=load_series(groups[uid]), target=target)

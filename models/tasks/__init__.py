@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import importlib
 
-from models.tasks.base import Head, HeadResult, InputSpec, NetConfig, Target, TaskSpec
+from models.tasks.base import Head, HeadResult, InputSpec, NetConfig, TaskSpec
 
 TASK_MODULES = (
     "models.tasks.knee_acl",
@@ -34,4 +34,4 @@ def _load() -> dict[str, TaskSpec]:
 
 TASKS: dict[str, TaskSpec] = _load()
 
-__all__ = ["Head", "HeadResult", "InputSpec", "NetConfig", "TASKS", "TASK_MODULES", "Target", "TaskSpec"]
+__all__ = ["TASKS", "TASK_MODULES", "Head", "HeadResult", "InputSpec", "NetConfig", "TaskSpec"]

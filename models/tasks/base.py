@@ -1,4 +1,4 @@
-"""Task heads: what a model looks at, what it predicts, and how labels map to targets.
+"""Task heads: what a model looks at and what it predicts (the inference contract).
 
 A `TaskSpec` describes one classifier/grader of the node (``knee.acl``,
 ``knee.meniscus``, ``shoulder.rotator_cuff``, ``lumbar_spine.stenosis``):
@@ -9,25 +9,24 @@ A `TaskSpec` describes one classifier/grader of the node (``knee.acl``,
   grading model has one head per level), each with the classes that mean "no finding";
 - ``kind``: "binary" (P(finding) = 1 - P(negative classes); AUC/sens/spec/ECE),
   "multiclass" (balanced accuracy) or "grading" (quadratic-weighted kappa per head);
-- label mapping from phantoms (exact labels + lesion masks + lesion centres), from
-  MRNet CSV rows and from ``labels.csv`` rows of a DICOM folder;
+- ``net``, ``build_net``, ``network_input``: the network and what it is fed;
 - ``findings``: head probabilities -> `Finding` objects for results and triage.
 
-A new model is one file under ``models/tasks/`` defining a TaskSpec subclass instance
-named ``TASK``; add its module to ``models.tasks.TASK_MODULES``.
+How training and evaluation data (phantoms, MRNet, ``labels.csv``) are labelled for the heads is
+the data layer's: `models.labels`. A new model is one file under ``models/tasks/`` defining a
+TaskSpec subclass instance named ``TASK`` (add its module to ``models.tasks.TASK_MODULES``) and its
+label mapping in `models.labels.LABELS`.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
 from models.types import Finding, Volume
-
-_TRUE = {"1", "true", "yes", "y", "positive", "pos", "tear", "torn", "present"}
-_FALSE = {"0", "false", "no", "n", "negative", "neg", "none", "absent", "normal", "intact"}
 
 
 @dataclass(frozen=True)
@@ -39,35 +38,6 @@ class Head:
     @property
     def positive(self) -> tuple[str, ...]:
         return tuple(c for c in self.classes if c not in self.negative)
-
-    def allowed_for(self, value: Any) -> np.ndarray:
-        """Boolean mask over classes compatible with a label value (class name, index, or 0/1 for binary)."""
-        mask = np.zeros(len(self.classes), dtype=bool)
-        if value is None or (isinstance(value, float) and np.isnan(value)):
-            mask[:] = True
-            return mask
-        text = str(value).strip().lower()
-        if text == "" or text in {"?", "na", "nan", "unknown"}:
-            mask[:] = True
-            return mask
-        lowered = [c.lower() for c in self.classes]
-        if text in lowered:
-            mask[lowered.index(text)] = True
-            return mask
-        if self.negative and text in _TRUE:
-            mask[[self.classes.index(c) for c in self.positive]] = True
-            return mask
-        if self.negative and text in _FALSE:
-            mask[[self.classes.index(c) for c in self.negative]] = True
-            return mask
-        try:
-            idx = int(float(text))
-        except ValueError:
-            idx = -1
-        if not self.negative and 0 <= idx < len(self.classes):
-            mask[idx] = True
-            return mask
-        raise ValueError(f"label {value!r} is not one of {', '.join(self.classes)} (or 0/1) for {self.name!r}")
 
 
 @dataclass(frozen=True)
@@ -87,8 +57,6 @@ class InputSpec:
     flip_slices_ok: bool = True  # mirroring along the slice axis keeps the labels (augmentation)
     extra_roles: tuple[str, ...] = ()  # optional further inputs (e.g. cor_fluid for the meniscus)
     channels: int = 1  # network input channels (e.g. 2 when an extra role is resampled in as a channel)
-    mrnet_plane: str = "sagittal"  # which MRNet stack feeds the model
-    mrnet_spacing_mm: tuple[float, float, float] = (3.0, 0.625, 0.625)  # MRNet .npy carry no geometry
 
 
 @dataclass(frozen=True)
@@ -96,16 +64,6 @@ class NetConfig:
     channels: tuple[int, ...] = (16, 24, 48)
     dropout: float = 0.25
     aux_weight: float = 1.0  # weight of the lesion-evidence loss where lesion masks exist
-
-
-@dataclass
-class Target:
-    """Training/evaluation target of one case."""
-
-    allowed: np.ndarray  # (n_heads, n_classes_max) bool; a row of all True = unknown label
-    lesion: np.ndarray | None = None  # source-shaped float mask (n_heads, k, j, i) or None
-    lesion_centers_mm: dict[str, tuple[float, float, float]] = field(default_factory=dict)  # head -> mm
-    info: dict[str, Any] = field(default_factory=dict)  # e.g. exact labels for reports
 
 
 @dataclass
@@ -121,7 +79,8 @@ class HeadResult:
 
 
 class TaskSpec:
-    """Base of every task head. Subclasses set the class attributes and may override the label mapping."""
+    """Base of every task head. Subclasses set the class attributes and may override the network, its
+    input and the findings."""
 
     name: str = ""
     anatomy: str = ""
@@ -133,11 +92,6 @@ class TaskSpec:
     input: InputSpec
     heads: tuple[Head, ...] = ()
     net: NetConfig = NetConfig()
-    phantom_lesion_masks: tuple[str, ...] = ()  # phantom mask name per head (same order as heads)
-    phantom_lesion_keys: tuple[str, ...] = ()  # key in phantom.labels["lesion_centers_mm"] per head
-    mrnet_columns: tuple[str, ...] = ()  # MRNet csv name per head ("acl" -> train-acl.csv)
-    # contrasts of the task's input roles, drawn per phantom seed (name, weight); () = the spec's default sequence
-    phantom_sequences: tuple[tuple[str, float], ...] = ()
 
     # --- shapes ---------------------------------------------------------------------
     @property
@@ -147,12 +101,6 @@ class TaskSpec:
     @property
     def head_sizes(self) -> list[int]:
         return [len(h.classes) for h in self.heads]
-
-    def empty_allowed(self) -> np.ndarray:
-        a = np.zeros((len(self.heads), self.n_classes), dtype=bool)
-        for i, h in enumerate(self.heads):
-            a[i, : len(h.classes)] = True
-        return a
 
     # --- network and its input ---------------------------------------------------------
     channels_last: bool = False  # the network's memory layout (see in_layout)
@@ -181,59 +129,12 @@ class TaskSpec:
 
         return preprocess(volume, self.input.shape, self.input.roi_mm, self.input.plane)
 
-    def phantom_extras(self, phantom, seed: int) -> dict[str, Volume]:
-        """Extra-role volumes for a phantom case (default none)."""
-        return {}
+    def target_from_phantom(self, phantom):
+        """The training target of a phantom: `models.labels` (``labels_for(task).target_from_phantom``);
+        kept here for callers written before the label mapping moved to the data layer."""
+        from models.labels import labels_for
 
-    # --- labels -----------------------------------------------------------------------
-    def phantom_labels(self, labels: Mapping[str, Any]) -> list[Any]:
-        """Per-head label value from phantom labels (override)."""
-        raise NotImplementedError
-
-    def phantom_overrides(self) -> dict[str, Any]:
-        """Overrides passed to ``models.phantoms.generate`` for this task's phantoms (every seed)."""
-        return {}
-
-    def phantom_overrides_for(self, seed: int) -> dict[str, Any]:
-        """Overrides for one seed: ``phantom_overrides()`` plus the contrast drawn from ``phantom_sequences``."""
-        ov = dict(self.phantom_overrides())
-        if self.phantom_sequences and "sequence" not in ov:
-            names = [n for n, _ in self.phantom_sequences]
-            w = np.asarray([float(x) for _, x in self.phantom_sequences])
-            rng = np.random.default_rng([int(seed), 4242])
-            ov["sequence"] = names[int(rng.choice(len(names), p=w / w.sum()))]
-        return ov
-
-    def target_from_phantom(self, phantom) -> Target:
-        allowed = self.empty_allowed() & False
-        for i, (h, v) in enumerate(zip(self.heads, self.phantom_labels(phantom.labels))):
-            allowed[i, : len(h.classes)] = h.allowed_for(v)
-        lesion = None
-        if self.phantom_lesion_masks:
-            shape = phantom.volume.array.shape
-            lesion = np.stack([
-                np.asarray(phantom.masks.get(m, np.zeros(shape, bool)), dtype=np.float32) for m in self.phantom_lesion_masks
-            ])
-        centers = {}
-        lc = phantom.labels.get("lesion_centers_mm", {}) or {}
-        for h, key in zip(self.heads, self.phantom_lesion_keys):
-            if key in lc:
-                centers[h.name] = tuple(float(v) for v in lc[key])
-        info = {h.name: v for h, v in zip(self.heads, self.phantom_labels(phantom.labels))}
-        return Target(allowed=allowed, lesion=lesion, lesion_centers_mm=centers, info=info)
-
-    def target_from_row(self, row: Mapping[str, Any]) -> Target:
-        """From a labels.csv row (column per head name) or MRNet labels (keys = mrnet_columns)."""
-        allowed = self.empty_allowed() & False
-        info = {}
-        for i, h in enumerate(self.heads):
-            keys = [h.name]
-            if i < len(self.mrnet_columns):
-                keys.append(self.mrnet_columns[i])
-            value = next((row[k] for k in keys if k in row), None)
-            allowed[i, : len(h.classes)] = h.allowed_for(value)
-            info[h.name] = value
-        return Target(allowed=allowed, info=info)
+        return labels_for(self).target_from_phantom(phantom)
 
     # --- outputs ----------------------------------------------------------------------
     def positive_class(self, result: HeadResult, volume: Volume | None = None) -> str:

@@ -18,13 +18,13 @@ Input: two channels on the sagittal network grid. Channel 0 is the sagittal seri
 1 is the coronal fluid-sensitive series (role ``cor_fluid``) of the same frame of reference
 resampled onto the same grid through the patient coordinates (anti-aliased along each of
 its axes first), or zeros when there is none. Training shows the coronal to a third of the
-phantoms, so the model reads both and works without it.
+phantoms (`models.labels.KneeMeniscusLabels`), so the model reads both and works without it.
 """
 
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import Any, Mapping, Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 
@@ -34,7 +34,6 @@ from models.types import Finding, Volume
 
 SIDES = ("medial", "lateral")
 CORONAL_ROLE = "cor_fluid"
-CORONAL_SHARE = 3  # phantom seeds divisible by this get a coronal series
 ROI_OFFSET_MM = (0.0, 5.0, 15.0)  # region-of-interest centre from the field-of-view centre (canonical axes)
 
 
@@ -121,21 +120,15 @@ class KneeMeniscus(TaskSpec):
     input = InputSpec(
         roles=("sag_fluid", "sag_pd"), plane="sagittal", shape=(28, 60, 144), roi_mm=None, native_mm=(3.4, 0.8, 0.8),
         min_slices=12, slice_spacing_mm=(1.0, 7.0), pixel_spacing_mm=(0.15, 1.6), fov_mm=(90.0, 260.0),
-        flip_slices_ok=True, extra_roles=(CORONAL_ROLE,), mrnet_plane="sagittal", channels=2,
+        flip_slices_ok=True, extra_roles=(CORONAL_ROLE,), channels=2,
     )
     heads = (Head("meniscus", ("none", "medial", "lateral"), negative=("none",)),)
     net = NetConfig(channels=(16, 24, 48), dropout=0.25, aux_weight=1.0)
-    phantom_lesion_masks = ("meniscus_lesion",)
-    phantom_lesion_keys = ("meniscus",)
-    mrnet_columns = ("meniscus",)
     channels_last = True
     flip_tta = True  # the tear line is one or two voxels wide: the mirrored view steadies both P(tear) and its location
     # a tear line is a few dozen voxels of the grid: the features that see it are first learnt on
     # patches around tears and at the same places in other knees (training.pretrain_patches)
     patch_pretrain_steps = 8000
-    # both input roles of contract C3: sag_fluid (PD/T2 fat-sat or STIR) and sag_pd (PD/T1 without fat-sat)
-    phantom_sequences = (("PD_FS", 0.5), ("PD", 0.2), ("T1", 0.1), ("T2_FS", 0.1), ("STIR", 0.1))
-    coronal_sequences = ("PD_FS", "T2_FS")  # cor_fluid
 
     def network_input(self, volume: Volume, extras: Mapping[str, Volume] | None = None):
         """(2, D, H, W): the sagittal series and the coronal one on the same grid (zeros without one)."""
@@ -153,22 +146,6 @@ class KneeMeniscus(TaskSpec):
             if float(np.abs(grid).max()) > 0:
                 second = robust_scale(grid)[None]
         return np.concatenate([img, second], axis=0).astype(np.float32), frame
-
-    def phantom_extras(self, phantom, seed: int) -> dict[str, Volume]:
-        """A coronal fluid-sensitive series (PD or T2 fat-sat) of the same knee for every CORONAL_SHARE-th seed."""
-        if int(seed) % CORONAL_SHARE != 0:
-            return {}
-        from models.phantoms import generate
-
-        rng = np.random.default_rng([int(seed), 4343])
-        sequence = self.coronal_sequences[int(rng.integers(len(self.coronal_sequences)))]
-        cor = generate("knee", int(seed), **{**self.phantom_overrides(), "orientation": "coronal", "sequence": sequence})
-        return {CORONAL_ROLE: cor.volume}
-
-    def phantom_labels(self, labels: Mapping[str, Any]) -> list[Any]:
-        if not labels["meniscus_tear"]:
-            return ["none"]
-        return [labels["meniscus_side"]]
 
     def head_saliency(self, head_index: int, cam: np.ndarray, evidence: np.ndarray) -> np.ndarray:
         """Grad-CAM confined to the head's attention (`attention_confined`): a tear line is a few voxels

@@ -9,7 +9,7 @@ region of interest covers both halves of the field of view.
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
 
 from models.tasks.base import Head, InputSpec, NetConfig, TaskSpec
 from models.tasks.knee_meniscus import offset_frame
@@ -35,15 +35,10 @@ class ShoulderRotatorCuff(TaskSpec):
     input = InputSpec(
         roles=("cor_fluid",), plane="coronal", shape=(12, 64, 96), roi_mm=(48.0, 56.0, 88.0),
         min_slices=12, slice_spacing_mm=(1.0, 7.0), pixel_spacing_mm=(0.15, 1.6), fov_mm=(100.0, 260.0),
-        max_obliquity_deg=50.0, flip_slices_ok=True, mrnet_plane="coronal",
+        max_obliquity_deg=50.0, flip_slices_ok=True,
     )
     heads = (Head("cuff", ("none", "partial", "full_thickness"), negative=("none",)),)
     net = NetConfig(channels=(16, 24, 48), dropout=0.25, aux_weight=1.0)
-    phantom_lesion_masks = ("cuff_lesion",)
-    phantom_lesion_keys = ("cuff",)
-    mrnet_columns = ()
-    # the input role cor_fluid: coronal-oblique T2 or PD fat-sat (or STIR)
-    phantom_sequences = (("T2_FS", 0.5), ("PD_FS", 0.35), ("STIR", 0.15))
     channels_last = True
 
     def network_input(self, volume: Volume, extras: Mapping[str, Volume] | None = None):
@@ -51,9 +46,6 @@ class ShoulderRotatorCuff(TaskSpec):
         spec = self.input
         frame = offset_frame(make_frame(volume, spec.shape, spec.roi_mm, spec.plane), ROI_OFFSET_MM)
         return robust_scale(frame.to_grid(volume.array))[None], frame
-
-    def phantom_labels(self, labels: Mapping[str, Any]) -> list[Any]:
-        return [labels["cuff"]]
 
     def finding_label(self, head: Head, grade: str | None, positive: bool) -> str:
         if not positive:

@@ -3,7 +3,7 @@
 
 One head per level ("grading": quadratic-weighted kappa per level). Each head has its own
 evidence map; on phantoms it is supervised with a ball around the canal centre of its disc
-level (``level_centers_vox``: present at every level, normal ones too), so each head pools
+level (``level_centers_vox``: present at every level, normal ones too; `models.labels`), so each head pools
 the canal at its own level and the peak of its map gives the level's position (slice, row,
 column and patient mm) for the SR and the viewer, whatever its grade. The saliency map of a level is its
 Grad-CAM confined to the head's attention (``head_saliency``). The reported grade
@@ -12,7 +12,7 @@ is the most probable class; P(stenosis) = 1 - P(normal).
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -21,31 +21,11 @@ from monai.networks.blocks import Convolution
 from torch import nn
 
 from models.nets import LesionNet
-from models.tasks.base import Head, HeadResult, InputSpec, NetConfig, Target, TaskSpec, attention_confined
+from models.tasks.base import Head, HeadResult, InputSpec, NetConfig, TaskSpec, attention_confined
 from models.types import Finding, Volume
 
 LEVELS = ("L1-L2", "L2-L3", "L3-L4", "L4-L5", "L5-S1")
 GRADES = ("normal", "mild", "moderate", "severe")
-LEVEL_RADIUS_MM = 7.0  # radius of the level-location ball (about half the canal's AP diameter)
-
-
-def level_ball(volume: Volume, centre_kji: Sequence[float], radius_mm: float = LEVEL_RADIUS_MM) -> np.ndarray:
-    """Boolean mask (volume shape) of the voxels within ``radius_mm`` of a voxel-index centre."""
-    shape = volume.array.shape
-    mask = np.zeros(shape, dtype=bool)
-    sl = []
-    for a in range(3):
-        r = int(np.ceil(radius_mm / volume.spacing[a]))
-        c = int(round(float(centre_kji[a])))
-        sl.append(slice(max(0, c - r), min(shape[a], c + r + 1)))
-    if any(s.start >= s.stop for s in sl):
-        return mask
-    grids = np.meshgrid(*[(np.arange(s.start, s.stop) - float(centre_kji[a])) * volume.spacing[a]
-                          for a, s in enumerate(sl)], indexing="ij")
-    mask[tuple(sl)] = sum(g * g for g in grids) <= radius_mm * radius_mm
-    return mask
-
-
 class LevelContextNet(LesionNet):
     """LesionNet with the context to tell the disc levels apart.
 
@@ -94,31 +74,16 @@ class LumbarStenosis(TaskSpec):
     input = InputSpec(
         roles=("sag_t2",), plane="sagittal", shape=(8, 96, 96), roi_mm=(32.0, 224.0, 96.0),
         min_slices=9, slice_spacing_mm=(1.0, 7.0), pixel_spacing_mm=(0.3, 2.0), fov_mm=(200.0, 420.0),
-        flip_slices_ok=True, mrnet_plane="sagittal",
+        flip_slices_ok=True,
     )
     heads = tuple(Head(level, GRADES, negative=("normal",)) for level in LEVELS)
     net = NetConfig(channels=(16, 24, 48), dropout=0.25, aux_weight=1.0)
-    phantom_lesion_masks = ()  # see target_from_phantom: level balls, not narrowing masks
-    phantom_lesion_keys = LEVELS
-    mrnet_columns = ()
-
-    def phantom_labels(self, labels: Mapping[str, Any]) -> list[Any]:
-        grades = labels["stenosis"]
-        return [grades[level] for level in LEVELS]
-
     channels_last = True
 
     def build_net(self) -> LevelContextNet:
         """LevelContextNet (wider context, to tell the levels apart) in the task's layout."""
         return self.in_layout(
             LevelContextNet(self.input.channels, self.head_sizes, channels=self.net.channels, dropout=self.net.dropout))
-
-    def target_from_phantom(self, phantom) -> Target:
-        """Exact grades; the lesion map of each level head is the ball around its canal centre."""
-        target = super().target_from_phantom(phantom)
-        centres = phantom.labels["level_centers_vox"]
-        target.lesion = np.stack([level_ball(phantom.volume, centres[level]).astype(np.float32) for level in LEVELS])
-        return target
 
     def head_saliency(self, head_index: int, cam: np.ndarray, evidence: np.ndarray) -> np.ndarray:
         """Grad-CAM confined to where the head looks (`attention_confined`). Grad-CAM weighs the shared
