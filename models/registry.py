@@ -43,7 +43,7 @@ class ModelEntry:
 
 
 def _classifier_loader(task_name: str):
-    def load(registry: "Registry", path: Path, sha: str):
+    def load(registry: "Registry", path: Path, sha: str) -> Any:
         from models.tasks import TASKS
 
         return protocol.load(path, sha256=sha, task=TASKS[task_name], gate=registry.gate())
@@ -51,12 +51,12 @@ def _classifier_loader(task_name: str):
     return load
 
 
-def _superres_loader(registry: "Registry", path: Path, sha: str):
+def _superres_loader(registry: "Registry", path: Path, sha: str) -> Any:
     card = registry.card(MODEL_SUPERRES)
     return protocol.load(path, sha256=sha, version=card.get("version"))
 
 
-def _anatomy_loader(registry: "Registry", path: Path, sha: str):
+def _anatomy_loader(registry: "Registry", path: Path, sha: str) -> Any:
     return protocol.load(path, sha256=sha)
 
 
