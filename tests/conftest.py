@@ -23,7 +23,8 @@ servers.mark_run()
 # unit: pure in-process and sub-second; integration: real servers, sockets or subprocesses
 # (listener, Orthanc, dcmtk, Redis, PostgreSQL, Chromium); slow: model training or evaluation, or
 # anything over ~10 s. A module says so with `pytestmark`; the modules listed here get theirs
-# from this hook (their files are maintained apart from the markers).
+# from this hook (their files are maintained apart from the markers). `make test-fast` runs
+# ``-m "not integration and not slow"``.
 MODULE_MARKERS: dict[str, tuple[str, ...]] = {
     "test_ingest.py": ("unit",),
     "test_listener.py": ("integration",),
@@ -38,17 +39,22 @@ MODULE_MARKERS: dict[str, tuple[str, ...]] = {
     "test_models_training.py": ("slow",),
 }
 KINDS = ("unit", "integration", "slow")
+# a test that uses one of these fixtures talks to a real server: integration, whatever its module says
+SERVER_FIXTURES = {"pg_server", "postgres_url", "redis_server", "redis_url", "orthanc", "browser"}
 
 
 def pytest_collection_modifyitems(config, items):
-    """Adds the markers of `MODULE_MARKERS`; a module with none of `KINDS` counts as integration
-    (so the fast loop leaves it out) and is named in a warning."""
+    """Adds the markers of `MODULE_MARKERS`, and `integration` to every test that uses a server
+    fixture (`SERVER_FIXTURES`); a module with none of `KINDS` counts as integration (so the fast
+    loop leaves it out) and is named in a warning."""
     unmarked = set()
     for item in items:
         name = Path(str(item.fspath)).name
         for marker in MODULE_MARKERS.get(name, ()):
             if not item.get_closest_marker(marker):
                 item.add_marker(marker)
+        if SERVER_FIXTURES & set(getattr(item, "fixturenames", ())) and not item.get_closest_marker("integration"):
+            item.add_marker("integration")
         if not any(item.get_closest_marker(k) for k in KINDS):
             item.add_marker("integration")
             unmarked.add(name)

@@ -14,6 +14,8 @@ from node.db.schema import Association, Instance, Job, JobInput, Series, Study
 from node.intake.completeness import check_positions, input_fingerprint, tick
 from node.intake.routing import load_rules
 
+pytestmark = pytest.mark.unit
+
 Q = 0.5  # quiet seconds
 SQ = 0.5  # study quiet seconds
 
@@ -23,7 +25,7 @@ def cfg(settings):
     return settings.model_copy(update={"quiet_seconds": Q, "study_quiet_seconds": SQ, "network_timeout": 5.0})
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.integration)])
 def anydb(request, db):
     """The same test on the embedded SQLite and on PostgreSQL (the session's server)."""
     if request.param == "sqlite":

@@ -30,6 +30,8 @@ from node.db.schema import Association, Job, Series, Study
 from node.demo.loopback import child_env
 from node.intake.completeness import rules_provider, tick
 
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
 Q = 0.5
 SQ = 0.5
 TICK = 0.1

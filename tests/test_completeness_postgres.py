@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 
+import pytest
 from sqlalchemy import func, select
 
 from support.index_rows import at, make_study, send_series
@@ -11,6 +12,8 @@ from node.db.database import Database
 from node.db.schema import Job, JobInput, Series
 from node.intake.completeness import tick
 from node.intake.routing import load_rules
+
+pytestmark = pytest.mark.integration
 
 Q = 0.5
 SQ = 0.5

@@ -25,7 +25,7 @@ from support.env import free_port
 from node.demo.loopback import child_env
 from node.demo.orthanc import OrthancProcess
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 MSKNODE = Path(sys.executable).parent / "msknode"
 POSITIVE_MODELS = {"knee-acl": "knee.acl", "shoulder-cuff": "shoulder.rotator_cuff",

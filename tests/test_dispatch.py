@@ -24,6 +24,8 @@ from node.results import build_results, save
 from node.settings import DimseDestination, StowDestination
 from support.results_data import knee_output, volume_from_files, write_mr_series
 
+pytestmark = pytest.mark.integration
+
 T0 = dt.datetime(2030, 1, 1, 12, 0, tzinfo=dt.timezone.utc)
 
 

@@ -11,6 +11,7 @@ import datetime as dt
 import os
 import subprocess
 
+import pytest
 from sqlalchemy import select
 
 from models.phantoms import generate, write_dicom_series
@@ -21,6 +22,8 @@ from node.results import TriageSummary, build_results, save
 from node.settings import DimseDestination, StowDestination
 from test_dispatch import T0, enqueue, with_dest
 from support.results_data import knee_output, volume_from_files
+
+pytestmark = pytest.mark.integration
 
 
 def _phantom_study(tmp_path, seed: int):
@@ -72,7 +75,7 @@ def test_results_reach_the_original_study_exactly_once_across_pacs_and_node_rest
             claim(ses, now=T0 + dt.timedelta(seconds=15), owner="killed-worker", limit=5, lease_seconds=300)
     finally:
         orthanc.start()
-    assert all(n == 0 for uid, n in orthanc.received().items() if uid in ours)
+    assert not set(ours) & set(orthanc.received())  # none of ours reached the PACS
 
     # the node restarts: a new process, the same database
     db2 = Database(s.database_url)

@@ -21,6 +21,8 @@ from pydicom.uid import generate_uid
 from support.env import free_port
 from node.demo.pacs import OrthancPacs
 
+pytestmark = pytest.mark.integration
+
 UID_ROOT = "1.2.826.0.1.3680043.10.1447."
 
 

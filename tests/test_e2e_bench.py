@@ -11,7 +11,7 @@ import pytest
 
 from node.demo.loopback import child_env
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 MSKNODE = Path(sys.executable).parent / "msknode"
 

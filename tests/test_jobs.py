@@ -19,6 +19,8 @@ from node.jobs.listing import JobOut
 from node.jobs.runner import execute_job
 from worklists.tables import AuditEvent
 
+pytestmark = pytest.mark.unit
+
 
 def _job(db, job_id) -> Job:
     with db.session() as s:
@@ -329,6 +331,7 @@ def test_older_job_finishing_late_does_not_touch_a_newer_jobs_series(db, setting
     assert _job(db, old).state == "superseded"
 
 
+@pytest.mark.integration  # a msknode subprocess
 def test_cli_jobs_retry(db, settings):
     import json
     import os

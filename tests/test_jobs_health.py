@@ -19,6 +19,8 @@ from node.jobs.runner import execute_job
 from node.ops.health import health_report
 from node.ops.metrics import render
 
+pytestmark = pytest.mark.integration
+
 
 @pytest.fixture
 def echo_peer(tmp_path):

@@ -5,11 +5,14 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
 from sqlalchemy import create_engine, inspect
 
 from support.env import ROOT, VENV_BIN
 from node.db.database import Base, import_all_tables
 from node.demo.loopback import child_env
+
+pytestmark = pytest.mark.integration
 
 import_all_tables()
 

@@ -12,6 +12,8 @@ from models.evaluation import evaluate
 from models.phantoms import generate
 from models.registry import REPO_WEIGHTS, Registry
 
+pytestmark = pytest.mark.slow
+
 FRESH_SEED = 6_100_000  # never used in training (training seeds 2_000_000+, see the model card)
 
 

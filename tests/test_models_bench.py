@@ -8,8 +8,12 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from support.env import ROOT
 from models.pipelines import PIPELINES
+
+pytestmark = pytest.mark.slow
 
 
 def _run(*args, tmp_path):

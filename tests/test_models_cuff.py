@@ -15,6 +15,8 @@ from models.phantoms import generate
 from models.registry import REPO_WEIGHTS, Registry
 from support.volumes import mni_volume
 
+pytestmark = pytest.mark.slow
+
 NAME = "shoulder.rotator_cuff"
 CLASSES = ("none", "partial", "full_thickness")
 FRESH_SEED = 6_200_000  # never used in training (training seeds 100_000+, see the model card)

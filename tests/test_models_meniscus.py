@@ -18,6 +18,8 @@ from models.tasks.knee_meniscus import CORONAL_ROLE, TASK, located_side, resampl
 from models.transforms import make_frame, make_native_frame
 from support.volumes import mni_volume
 
+pytestmark = pytest.mark.slow
+
 NAME = "knee.meniscus"
 FRESH_SEED = 6_100_300  # never used in training (training seeds 7_000_000+, see the model card)
 

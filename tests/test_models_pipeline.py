@@ -18,6 +18,8 @@ from models.phantoms import write_study
 from models.pipelines import PIPELINES, run_pipeline
 from models.registry import Registry
 
+pytestmark = pytest.mark.slow
+
 ROOT = Path(__file__).resolve().parents[1]
 
 

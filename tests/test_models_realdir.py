@@ -16,6 +16,8 @@ from models.data import parse_spec
 from models.errors import DataSpecError
 from models.realdir import export_corpus, export_public_other, read_realdir
 
+pytestmark = pytest.mark.slow
+
 ROOT = Path(__file__).resolve().parent.parent
 REALDATA = Path(os.environ.get("MSKNODE_REALDATA") or ROOT.parent / "shared" / "realdata")
 

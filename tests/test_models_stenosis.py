@@ -16,6 +16,8 @@ from models.registry import REPO_WEIGHTS, Registry
 from models.tasks.spine_stenosis import GRADES, LEVELS, TASK
 from support.volumes import mni_volume
 
+pytestmark = pytest.mark.slow
+
 NAME = "lumbar_spine.stenosis"
 FRESH_SEED = 6_300_000  # never used in training (training seeds 100_000+, see the model card)
 

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import pytest
+
 from node.ops.restart import RestartBackoff
+
+pytestmark = pytest.mark.unit
 
 
 def test_delays_double_up_to_the_cap_and_reset_after_a_stable_run():

@@ -10,6 +10,8 @@ from models.phantoms import SPEC, PhantomError, generate
 from models.phantoms.shortcut import global_features, shortcut_auc
 from models.types import Volume
 
+pytestmark = pytest.mark.unit
+
 SMALL = dict(matrix=96)
 
 

@@ -12,6 +12,8 @@ import pytest
 
 from models.phantoms import PhantomError, generate, write_dicom_series, write_localizer, write_study
 
+pytestmark = pytest.mark.integration
+
 MR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.4"
 
 

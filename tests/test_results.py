@@ -23,6 +23,8 @@ from support.results_data import (
     write_mr_series,
 )
 
+pytestmark = pytest.mark.integration
+
 
 def test_synthetic_series_is_a_valid_mr_series(tmp_path):
     paths = write_mr_series(tmp_path / "s", n_slices=3)

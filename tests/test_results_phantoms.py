@@ -12,6 +12,8 @@ from models.types import Finding, ModelOutput, PipelineOutput, QCResult
 from node.results import TriageSummary, build_results, save
 from support.results_data import assert_valid, blob, knee_output, model, spine_output, superres_of, volume_from_files
 
+pytestmark = pytest.mark.integration
+
 
 def _shoulder_output(vol) -> PipelineOutput:
     shape = vol.array.shape

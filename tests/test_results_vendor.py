@@ -25,6 +25,8 @@ from support.results_data import (
     volume_from_files,
 )
 
+pytestmark = pytest.mark.integration
+
 VENDOR_FILES = [
     # (file, build a super-resolved series too)
     ("MR_small.dcm", True),  # Toshiba, no Specific Character Set, retired PN forms

@@ -18,6 +18,8 @@ from node.db.schema import Instance, Job, JobInput, OutboxItem, ResultObject, Se
 from node.demo.loopback import child_env
 from node.ops.retention import purge
 
+pytestmark = pytest.mark.unit
+
 DAY = dt.timedelta(days=1)
 
 
@@ -135,6 +137,7 @@ def test_periodic_call_with_an_explicit_time(db, settings, studies):
     assert files_of(settings, studies["one_destination_pending"])  # still never
 
 
+@pytest.mark.integration  # a msknode subprocess
 def test_msknode_purge_command(db, settings, studies):
     env = child_env(MSKNODE_DATA_DIR=settings.data_dir, MSKNODE_RETENTION_DAYS="20")
     msknode = [sys.executable, "-m", "node.cli"]

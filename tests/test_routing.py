@@ -23,6 +23,8 @@ from node.intake.routing import (
 )
 from node.settings import DEFAULT_ROUTING_RULES, DEFAULT_UID_ROOT
 
+pytestmark = pytest.mark.unit
+
 VENDOR_TABLE = Path(__file__).resolve().parent.parent / "node" / "intake" / "vendor_series.toml"
 ENTRIES = tomllib.loads(VENDOR_TABLE.read_text())["series"]
 

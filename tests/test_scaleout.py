@@ -26,6 +26,8 @@ from node.db.schema import WorkerRecord
 from node.db.schema import Job, ResultObject
 from node.jobs.lease import enqueue_pending_jobs
 
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
 LEASE = 3.0
 
 

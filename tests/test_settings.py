@@ -7,6 +7,8 @@ import pytest
 from node.errors import SettingsError
 from node.settings import DimseDestination, StowDestination, load_settings
 
+pytestmark = pytest.mark.unit
+
 
 def test_env_names_are_read(monkeypatch, tmp_path):
     monkeypatch.setenv("MSKNODE_DATA_DIR", str(tmp_path))
@@ -62,6 +64,7 @@ def test_toml_file_and_env_precedence(monkeypatch, tmp_path):
     monkeypatch.delenv("MSKNODE_CONFIG")
 
 
+@pytest.mark.integration  # a msknode subprocess
 def test_cli_refuses_invalid_setting_with_one_message(tmp_path):
     env = {"PATH": "/usr/bin:/bin", "MSKNODE_DATA_DIR": str(tmp_path), "MSKNODE_PORT": "notaport"}
     r = subprocess.run([sys.executable, "-m", "node.cli", "series", "--json"], env=env, capture_output=True, text=True)

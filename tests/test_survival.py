@@ -16,6 +16,8 @@ from support.jobs import WorkerProcess, job_states, make_study_job, read_runs, w
 from node.db.schema import WorkerRecord
 from node.db.schema import Finding, Job, ResultObject, Study
 
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
 LEASE = 3.0
 
 

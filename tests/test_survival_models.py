@@ -11,12 +11,15 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 from sqlalchemy import select
 
 from support.env import free_port
 from support.jobs import ListenerProcess, WorkerProcess, job_states, storescu, wait_for, worker_env
 from support.orthanc import OrthancPacs
 from node.db.schema import Job, OutboxItem, ResultObject, Study
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 LEASE = 5.0
 

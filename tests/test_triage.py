@@ -22,6 +22,8 @@ from worklists.triage import (
     parse_policy,
 )
 
+pytestmark = pytest.mark.unit
+
 T0 = dt.datetime(2025, 3, 5, 12, 0, tzinfo=dt.timezone.utc)
 
 

@@ -26,6 +26,8 @@ with warnings.catch_warnings():
 from support import web_seed as ws
 from support.env import isolate_env
 
+pytestmark = pytest.mark.unit
+
 ADMIN = ("alice", "alice-password-1")
 READER = ("rob", "rob-password-12")
 NOW = dt.datetime.now(dt.timezone.utc)

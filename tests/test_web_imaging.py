@@ -14,6 +14,8 @@ from pydicom.data import get_testdata_file
 from support import web_seed as ws
 from node.web import imaging
 
+pytestmark = pytest.mark.unit
+
 
 def test_pydicom_loader_on_vendor_files_and_transfer_syntaxes():
     plain = imaging._load_with_pydicom([get_testdata_file("MR_small.dcm")])

@@ -18,6 +18,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+pytestmark = pytest.mark.unit
+
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")
     from starlette.testclient import TestClient

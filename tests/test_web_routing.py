@@ -27,6 +27,8 @@ with warnings.catch_warnings():
 from support.index_rows import at, make_study, send_series
 from support.env import isolate_env
 
+pytestmark = pytest.mark.unit
+
 ADMIN = ("alice", "alice-password-1")
 READER = ("rob", "rob-password-12")
 Q = 0.5

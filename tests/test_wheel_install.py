@@ -32,7 +32,7 @@ from pydicom.data import get_testdata_file
 from support.env import ROOT
 from node.demo.loopback import child_env, echoscu, free_port
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 #: what the Docker image copies before ``pip install .``
 SOURCES = ("pyproject.toml", "README.md", "node", "models", "worklists")
