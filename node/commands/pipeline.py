@@ -122,14 +122,14 @@ def _routing_check(args, settings) -> int:
     except (OSError, KeyError, tomllib.TOMLDecodeError) as e:
         raise RoutingError(f"series table {args.table}: cannot read: {e}") from None
     wrong = 0
-    for e in table:
-        f = facts_from_table_entry(e)  # RoutingError names a row with an unknown key
+    for entry in table:
+        f = facts_from_table_entry(entry)  # RoutingError names a row with an unknown key
         route = rules.route(f, uid_root=settings.uid_root)
         got = f"{route.pipeline}/{route.role}" if route.routed else "unrouted"
-        if got != e.get("expect"):
+        if got != entry.get("expect"):
             wrong += 1
-            print(f"MISMATCH {e.get('vendor', '')} {e.get('description')!r} body part {e.get('body_part')!r}: "
-                  f"{got} ({route.rule}), expected {e.get('expect')}")
+            print(f"MISMATCH {entry.get('vendor', '')} {entry.get('description')!r} body part {entry.get('body_part')!r}: "
+                  f"{got} ({route.rule}), expected {entry.get('expect')}")
     print(f"{len(table) - wrong} of {len(table)} table entries routed as expected")
     return 1 if wrong else 0
 

@@ -15,9 +15,9 @@ import datetime as dt
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
-from sqlalchemy import DateTime, MetaData, create_engine, event
+from sqlalchemy import CursorResult, DateTime, Executable, MetaData, create_engine, event
 from sqlalchemy.engine import Connection, Dialect, Engine
 from sqlalchemy.orm import DeclarativeBase, Session, sessionmaker
 from sqlalchemy.types import TypeDecorator
@@ -108,6 +108,11 @@ def make_engine(database_url: str, *, echo: bool = False) -> Engine:
 
 def make_session_factory(engine: Engine) -> sessionmaker[Session]:
     return sessionmaker(engine, expire_on_commit=False)
+
+
+def execute_dml(session: Session, statement: Executable) -> CursorResult[Any]:
+    """Runs an INSERT, UPDATE or DELETE: its result is a `CursorResult`, with ``rowcount``."""
+    return cast(CursorResult[Any], session.execute(statement))
 
 
 @contextmanager

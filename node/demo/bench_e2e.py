@@ -117,18 +117,21 @@ def study_timing(index: int, view: NodeView, receptions, source_uids: list[str],
     def secs(a, b) -> float | None:
         return round((b - a).total_seconds(), 3) if a is not None and b is not None else None
 
+    load = round(float(tm.get("load", 0.0)) + float(tm.get("load_context", 0.0)), 3)
+    inference = round(float(tm.get("inference", 0.0)), 3)
+    writing = round(float(tm.get("results", 0.0)) + float(tm.get("triage", 0.0)), 3)
     steps = {
         "forward": secs(src, view.last_instance_at),
         "completeness_wait": secs(view.last_instance_at, view.created_at),
         "queue_wait": secs(view.created_at, view.started_at),
-        "load": round(float(tm.get("load", 0.0)) + float(tm.get("load_context", 0.0)), 3),
-        "inference": round(float(tm.get("inference", 0.0)), 3),
-        "writing": round(float(tm.get("results", 0.0)) + float(tm.get("triage", 0.0)), 3),
+        "load": load,
+        "inference": inference,
+        "writing": writing,
         "dispatch": secs(view.finished_at, res),
     }
     job_s = secs(view.started_at, view.finished_at)
     if job_s is not None:
-        steps["other_job"] = round(max(0.0, job_s - steps["load"] - steps["inference"] - steps["writing"]), 3)
+        steps["other_job"] = round(max(0.0, job_s - load - inference - writing), 3)
     t.steps = {k: v for k, v in steps.items() if v is not None}
     t.inference_per_model = {k.split(".", 1)[1]: round(float(v), 3) for k, v in tm.items()
                              if k.startswith("inference.") and k != "inference.total"}
@@ -150,7 +153,7 @@ def run_bench(
         raise EndToEndError("--studies must be at least 1")
     logging.getLogger("httpx").setLevel(logging.WARNING)
     temp = workdir is None
-    root = Path(tempfile.mkdtemp(prefix="msknode-bench-e2e-")) if temp else Path(workdir).resolve()
+    root = Path(workdir).resolve() if workdir is not None else Path(tempfile.mkdtemp(prefix="msknode-bench-e2e-"))
     stack: NodeStack | None = None
     try:
         for sub in ("orthanc", "node"):

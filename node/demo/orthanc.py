@@ -77,7 +77,7 @@ class OrthancProcess:
     @property
     def auth(self) -> tuple[str, str] | None:
         """HTTP basic-auth credentials, or None when authentication is off."""
-        return (self.username, self.password) if self.username is not None else None
+        return (self.username, self.password or "") if self.username is not None else None
 
     @property
     def proc(self) -> subprocess.Popen | None:
@@ -103,9 +103,14 @@ class OrthancProcess:
             config["RegisteredUsers"] = {self.username: self.password}
         return config
 
-    def write_config(self) -> None:
-        if orthanc_binary() is None:
+    def _binary(self) -> str:
+        binary = orthanc_binary()
+        if binary is None:
             raise self.error(f"Orthanc is not installed ({ORTHANC}); run scripts/install-system-deps.sh")
+        return binary
+
+    def write_config(self) -> None:
+        self._binary()
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.config_path.write_text(json.dumps(self.config(), indent=2))
 
@@ -117,7 +122,7 @@ class OrthancProcess:
         self.write_config()
         env = dict(os.environ, TCP_NODELAY="1", TZ="UTC")
         with open(self.log_path, "ab") as log:
-            self._proc = subprocess.Popen([orthanc_binary(), str(self.config_path)], stdout=log,
+            self._proc = subprocess.Popen([self._binary(), str(self.config_path)], stdout=log,
                                           stderr=subprocess.STDOUT, cwd=self.workdir, env=env, start_new_session=True)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

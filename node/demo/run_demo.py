@@ -29,6 +29,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TextIO
 
 import httpx
 
@@ -112,7 +113,7 @@ class DataDir:
 
     def __init__(self, root: Path):
         self.root = Path(root).expanduser().resolve()
-        self._lock_fh = None
+        self._lock_fh: TextIO | None = None
 
     def claim(self) -> None:
         root = self.root

@@ -248,4 +248,4 @@ def send_stow(dest: StowDestination, items: Sequence[Claimed], settings: Setting
         yield it.id, outcome
 
 
-SENDERS: dict[str, Sender] = {"dimse": send_dimse, "stow": send_stow}  # type: ignore[dict-item]
+SENDERS: dict[str, Sender] = {"dimse": send_dimse, "stow": send_stow}

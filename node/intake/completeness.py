@@ -53,11 +53,11 @@ import math
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, cast
 
-from sqlalchemy import CursorResult, Executable, exists, func, or_, select, update
+from sqlalchemy import exists, func, or_, select, update
 from sqlalchemy.orm import Session
 
+from node.db.database import execute_dml
 from node.db.schema import Association, AssociationSeries, Instance, Job, JobInput, Series, Study
 from node.intake.recognition import PLANES, Acquisition, decide_plane
 from node.intake.routing import (
@@ -75,11 +75,6 @@ from node.intake.routing import (
 from node.settings import Settings
 
 log = logging.getLogger(__name__)
-
-
-def _update(session: Session, statement: Executable) -> CursorResult[Any]:
-    """Runs an UPDATE; its result is a `CursorResult`, which has the ``rowcount`` the callers check."""
-    return cast(CursorResult[Any], session.execute(statement))
 
 
 #: series states that count as processed (or being processed) by a job of their pipeline
@@ -125,7 +120,7 @@ def close_lost_associations(session: Session, settings: Settings, now: dt.dateti
         activity = max(t for t in (started_at, last_at) if t is not None)
         if activity > cutoff:
             continue
-        res = _update(session,
+        res = execute_dml(session,
             update(Association)
             .where(Association.id == assoc_id, Association.ended_at.is_(None))
             .values(ended_at=now, end_reason="lost")
@@ -162,7 +157,7 @@ def reopen_series(session: Session, settings: Settings, now: dt.datetime) -> lis
     reopened = []
     for series_id, uid, state, count, before in rows:
         assert before is not None  # selected: completed_instances IS NOT NULL
-        res = _update(session,
+        res = execute_dml(session,
             update(Series)
             .where(Series.id == series_id, Series.state == state, Series.completed_instances == before)
             .values(
@@ -419,7 +414,7 @@ def complete_series(session: Session, settings: Settings, now: dt.datetime, rule
                     Association.ended_at.is_(None),
                 )
             )
-        res = _update(session,
+        res = execute_dml(session,
             update(Series)
             .where(*conditions)
             .values(
@@ -556,7 +551,7 @@ def _reroute_missing_anatomy(session: Session, settings: Settings, rules: Routin
         route = route_series(session, settings, rules, se)
         if not route.routed:
             continue
-        res = _update(session,
+        res = execute_dml(session,
             update(Series)
             .where(Series.id == se.id, Series.state == "unrouted", Series.routing_rule == UNROUTED_NO_ANATOMY)
             .values(state="complete", pipeline=route.pipeline, role=route.role, routing_rule=route.rule[:128])
@@ -615,7 +610,7 @@ def _create_job(session: Session, settings: Settings, now: dt.datetime, study: S
     waiting = [j.id for j in jobs if j.state in WAITING_JOB_STATES]
     try:
         with session.begin_nested():
-            claimed = _update(session,
+            claimed = execute_dml(session,
                 update(Series)
                 .where(Series.id.in_(new), Series.state == "complete")
                 .values(state="queued")
@@ -690,7 +685,7 @@ def reroute_unrouted(
     route = route_series(session, settings, rules, se)
     if not route.routed:
         return route
-    res = _update(session,
+    res = execute_dml(session,
         update(Series)
         .where(Series.id == se.id, Series.state == "unrouted")
         .values(state="complete", pipeline=route.pipeline, role=route.role, routing_rule=route.rule[:128])

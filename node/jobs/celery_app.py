@@ -158,6 +158,7 @@ def broker_queue_depths(settings: Settings, queues: tuple[str, ...] = QUEUES) ->
     from kombu import Connection
 
     url = "filesystem://localhost//" if is_filesystem(settings) else settings.broker_url
+    assert url is not None  # resolved by Settings' validator
     with Connection(url, transport_options=transport_options(settings), connect_timeout=3) as conn:
         return _depths(conn, queues)
 

@@ -11,10 +11,14 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from celery import Celery
 
 from node.settings import Settings
+
+if TYPE_CHECKING:
+    from node.db.database import Database
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +35,7 @@ class WorkerContext:
         self.settings = settings
         self.runner_factory = runner_factory
         self._pid: int | None = None
-        self._db = None
+        self._db: Database | None = None
         self._runner = None
         self._finalizers = None
 
@@ -40,6 +44,7 @@ class WorkerContext:
             from node.db.database import Database
 
             self._pid = os.getpid()
+            assert self.settings.database_url is not None  # resolved by Settings' validator
             self._db = Database(self.settings.database_url, migrate=False)
             self._runner = None
             self._finalizers = None

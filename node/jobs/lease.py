@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from sqlalchemy import and_, or_, select, update
 from sqlalchemy.orm import Session, aliased
 
-from node.db.database import Database, utcnow
+from node.db.database import Database, execute_dml, utcnow
 from node.db.schema import Job, JobInput, Series, WorkerRecord
 from node.errors import JobError
 
@@ -134,7 +134,7 @@ def claim(db: Database, job_id: int, *, owner: str, lease_seconds: float, now: d
     now = now or utcnow()
     expires = now + dt.timedelta(seconds=lease_seconds)
     with db.session() as s:
-        res = s.execute(
+        res = execute_dml(s,
             update(Job)
             .where(
                 Job.id == job_id,
@@ -176,7 +176,7 @@ def set_step(db: Database, lease: Lease, step: str | None) -> bool:
 def _update_leased(db: Database, lease: Lease, **values) -> bool:
     """Sets columns of the job in one transaction if the lease is still ours (False otherwise)."""
     with db.session() as s:
-        res = s.execute(
+        res = execute_dml(s,
             update(Job)
             .where(Job.id == lease.job_id, Job.state == "processing", Job.lease_owner == lease.owner)
             .values(**values)
@@ -256,6 +256,7 @@ def fail(
         job.lease_expires_at = None
         if timings is not None:
             job.timings = dict(timings)
+        retry_at: dt.datetime | None = None
         if not retryable:
             job.state = "failed"
             job.finished_at = now
@@ -263,13 +264,14 @@ def fail(
             job.state = "dead"
             job.finished_at = now
         else:
+            retry_at = now + dt.timedelta(seconds=backoff_seconds(job.attempts, backoff_base))
             job.state = "queued"
-            job.not_before = now + dt.timedelta(seconds=backoff_seconds(job.attempts, backoff_base))
+            job.not_before = retry_at
             job.enqueue_pending = True
-        if job.state == "queued":
+        if retry_at is not None:  # queued again
             _set_series_state(s, job.id, "queued", only_from=("processing",))
             _audit(s, "job.retry_scheduled", job.id, "processing", "queued", attempt=job.attempts, error=job.error,
-                   not_before=job.not_before.isoformat())
+                   not_before=retry_at.isoformat())
         else:
             _set_series_state(s, job.id, "failed", only_from=("processing", "queued"))
             _audit(s, f"job.{job.state}", job.id, "processing", job.state, attempt=job.attempts, error=job.error)

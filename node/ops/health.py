@@ -69,10 +69,11 @@ def check_broker(settings: Settings, *, timeout: float = 3.0) -> dict[str, Any]:
             return {"ok": False, "transport": transport, "error": f"{type(e).__name__}: {e}"}
     from kombu import Connection
 
+    assert settings.broker_url is not None  # resolved by Settings' validator
     try:
         with Connection(settings.broker_url, transport_options=transport_options(settings),
                         connect_timeout=timeout) as conn:
-            conn.ensure_connection(max_retries=0, timeout=timeout)
+            conn.ensure_connection(max_retries=0, timeout=timeout)  # type: ignore[arg-type]  # seconds, a float: kombu's stubs say int
         return {"ok": True, "transport": transport}
     except Exception as e:
         return {"ok": False, "transport": transport, "error": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"}
@@ -81,7 +82,7 @@ def check_broker(settings: Settings, *, timeout: float = 3.0) -> dict[str, Any]:
 def check_listener(settings: Settings, *, timeout: float = 3.0) -> dict[str, Any]:
     """A C-ECHO to the configured listener. A reject for an unknown calling AE still proves it answers."""
     from pynetdicom import AE
-    from pynetdicom.sop_class import Verification
+    from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]  # made at import time from the UID tables
 
     host = "127.0.0.1" if settings.host in ("0.0.0.0", "", "::") else settings.host
     out: dict[str, Any] = {"address": f"{host}:{settings.port}", "ae_title": settings.ae_title}

@@ -37,7 +37,7 @@ STEP_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800
 TIMING_WINDOW = 5000
 
 
-def _histogram(values: Iterable[float]) -> tuple[list[tuple[str, float]], float]:
+def _histogram(values: Iterable[float]) -> tuple[list[tuple[str, int]], float]:
     counts = [0] * (len(STEP_BUCKETS) + 1)
     total = 0.0
     n = 0

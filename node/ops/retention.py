@@ -29,7 +29,7 @@ from pathlib import Path
 from sqlalchemy import delete, func, or_, select, update
 from sqlalchemy.orm import Session
 
-from node.db.database import Database, utcnow
+from node.db.database import Database, execute_dml, utcnow
 from node.db.schema import Instance, Job, OutboxItem, ResultObject, Series, Study
 from node.intake.routing import LOCALIZER_ROLE
 from node.settings import Settings
@@ -131,7 +131,7 @@ def delivered_at(session: Session, study_id: int) -> dt.datetime | None:
         )
         if covered != objects or any(state != "sent" or sent_at is None for state, sent_at in items):
             return None
-        acknowledged.append(max(sent_at for _, sent_at in items))
+        acknowledged.append(max(sent_at for _, sent_at in items if sent_at is not None))  # none is (checked above)
     return max(acknowledged)
 
 
@@ -204,7 +204,7 @@ def _purge_study(db: Database, settings: Settings, cand: PurgeCandidate, now: dt
             if dry_run:
                 s.rollback()
                 return PurgedStudy(cand.study_uid, at, len(rows), total)
-            claimed = s.execute(
+            claimed = execute_dml(s,
                 update(Study).where(Study.id == cand.study_id, Study.purged_at.is_(None)).values(purged_at=now)
             )
             if claimed.rowcount != 1:

@@ -81,20 +81,20 @@ class Supervisor:
         return 0
 
     def stop_all(self) -> None:
-        running = [c for c in self.children if c.proc is not None and c.proc.poll() is None]
-        for child in running:
+        running = [(c, c.proc) for c in self.children if c.proc is not None and c.proc.poll() is None]
+        for _child, proc in running:
             try:
-                child.proc.send_signal(signal.SIGTERM)
+                proc.send_signal(signal.SIGTERM)
             except ProcessLookupError:
                 pass
         deadline = time.monotonic() + STOP_GRACE_SECONDS
-        for child in running:
+        for child, proc in running:
             try:
-                child.proc.wait(max(0.1, deadline - time.monotonic()))
+                proc.wait(max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 self.log.warning("%s did not stop within %.0f s: killing it", child.name, STOP_GRACE_SECONDS)
-                child.proc.kill()
-                child.proc.wait()
+                proc.kill()
+                proc.wait()
         self.log.info("all parts stopped")
 
 

@@ -83,9 +83,9 @@ def render_overlay(image: np.ndarray, heat: np.ndarray, lines: list[str]) -> tup
     rows, cols = image.shape
     factor = max(1, math.ceil(MIN_SIDE / max(1, min(rows, cols))))
     size = (cols * factor, rows * factor)
-    gray = Image.fromarray(_window(image.astype(np.float32))).resize(size, Image.BILINEAR)
+    gray = Image.fromarray(_window(image.astype(np.float32))).resize(size, Image.Resampling.BILINEAR)
     hmap = np.asarray(
-        Image.fromarray(np.clip(heat, 0, 1).astype(np.float32), mode="F").resize(size, Image.BILINEAR),
+        Image.fromarray(np.clip(heat, 0, 1).astype(np.float32), mode="F").resize(size, Image.Resampling.BILINEAR),
         dtype=np.float32,
     )
     base = np.repeat(np.asarray(gray, dtype=np.float32)[..., None], 3, axis=-1)
@@ -94,7 +94,7 @@ def render_overlay(image: np.ndarray, heat: np.ndarray, lines: list[str]) -> tup
     img = Image.fromarray(np.clip(rgb, 0, 255).astype(np.uint8), mode="RGB")
     draw = ImageDraw.Draw(img)
     base_size = max(10, min(size) // 18)
-    y = 4
+    y: float = 4
     for i, text in enumerate(lines):
         fsize = base_size
         font = _font(fsize)
@@ -187,7 +187,7 @@ def build_overlays(
             sop_instance_uid=uids.instance("sc", index, first_instance + n),
             instance_number=first_instance + n + 1,
             manufacturer=MANUFACTURER,
-            pixel_spacing=spacing,
+            pixel_spacing=spacing,  # type: ignore[arg-type]  # highdicom annotates tuple[int, int]; it takes millimetres
             laterality=series.laterality if series.laterality in ("R", "L") else None,
             patient_orientation=patient_orientation(sl.dataset),
             transfer_syntax_uid=ExplicitVRLittleEndian,

@@ -162,13 +162,13 @@ def load_series(series_uid: str, paths: Sequence[Path]) -> SourceSeries:
                 order += 1
         else:
             ipp = ds.get("ImagePositionPatient")
-            pos = tuple(float(v) for v in ipp) if ipp is not None and len(ipp) == 3 else None
+            pos = (float(ipp[0]), float(ipp[1]), float(ipp[2])) if ipp is not None and len(ipp) == 3 else None
             n = _normal(ds)
             if pos is not None and n is not None:
                 key = float(np.dot(n, pos))
             else:
                 key = float(ds.get("InstanceNumber", order) or order)
-            entries.append((key, order, SourceSlice(ds, Path(path), None, pos)))  # type: ignore[arg-type]
+            entries.append((key, order, SourceSlice(ds, Path(path), None, pos)))
             order += 1
     studies = {str(d.StudyInstanceUID) for d in datasets}
     if len(studies) != 1:

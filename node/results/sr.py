@@ -153,7 +153,7 @@ def _finding_group(
     if f.grade:
         name, value = codes.grade_concept(f.grade)
         evaluations.append(QualitativeEvaluation(name=name, value=value))
-    common = dict(
+    common: dict[str, Any] = dict(
         tracking_identifier=tracking,
         finding_type=concept,
         algorithm_id=sr_algorithm(mo.model, f.threshold),
@@ -161,6 +161,7 @@ def _finding_group(
         measurements=_probability(f) or None,
         qualitative_evaluations=evaluations,
     )
+    group: VolumetricROIMeasurementsAndQualitativeEvaluations | MeasurementsAndQualitativeEvaluations
     if seg is not None:
         ref = ReferencedSegment(
             sop_class_uid=str(seg.dataset.SOPClassUID),

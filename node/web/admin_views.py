@@ -106,7 +106,7 @@ def _card(card: Any) -> dict:
 
     if isinstance(card, dict):
         return card
-    if dataclasses.is_dataclass(card):
+    if dataclasses.is_dataclass(card) and not isinstance(card, type):  # an instance, not the class
         return dataclasses.asdict(card)
     if hasattr(card, "to_dict"):
         return card.to_dict()

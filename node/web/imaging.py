@@ -15,6 +15,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 
@@ -67,10 +68,11 @@ def _floats(v) -> list[float]:
     return [float(x) for x in v]
 
 
-def _load_with_pydicom(paths: Sequence[Path]) -> SliceStack:
+def _load_with_pydicom(paths: Sequence[str | Path]) -> SliceStack:
     import pydicom
 
-    items = []  # (array2d, sop, frame, position, orientation, instance number)
+    # (array2d, sop, frame, position, orientation, instance number)
+    items: list[tuple[np.ndarray, str, int | None, list[float] | None, list[float] | None, int]] = []
     for p in paths:
         try:
             ds = pydicom.dcmread(str(p))
@@ -114,7 +116,8 @@ def _load_with_pydicom(paths: Sequence[Path]) -> SliceStack:
     ori = next((it[4] for it in items if it[4] is not None), None)
     normal = np.cross(ori[:3], ori[3:]) if ori is not None else None
     if normal is not None and all(it[3] is not None for it in items):
-        items.sort(key=lambda it: float(np.dot(it[3], normal)))
+        # every position is set (checked above)
+        items.sort(key=lambda it: float(np.dot(cast("list[float]", it[3]), normal)))
         positions = np.array([it[3] for it in items], dtype=float)
     else:
         items.sort(key=lambda it: (it[5], it[2] or 0))
@@ -130,7 +133,7 @@ def _load_with_pydicom(paths: Sequence[Path]) -> SliceStack:
     )
 
 
-def load_stack(paths: Sequence[Path]) -> SliceStack:
+def load_stack(paths: Sequence[str | Path]) -> SliceStack:
     """Decodes a stored series into a display stack, sorted by position along the normal."""
     missing = [str(p) for p in paths if not Path(p).exists()]
     if missing:
@@ -240,7 +243,7 @@ def _seg_by_position(seg, stack: SliceStack, numbers: list[int]) -> np.ndarray:
     return out
 
 
-def load_overlay(seg_path: Path, stack: SliceStack) -> Overlay:
+def load_overlay(seg_path: str | Path, stack: SliceStack) -> Overlay:
     """The SEG's segments as float maps on the slices of `stack` (max over segments in ``array``)."""
     import highdicom as hd
 
@@ -323,7 +326,7 @@ class ImageCache:
         self._lock = threading.Lock()
 
     @staticmethod
-    def key_for(kind: str, paths: Sequence[Path], extra: str = "") -> tuple:
+    def key_for(kind: str, paths: Sequence[str | Path], extra: str = "") -> tuple:
         stamps = []
         for p in paths:
             try:

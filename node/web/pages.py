@@ -100,11 +100,11 @@ def login(
                     error=error, username=username)
         r.set_cookie(LOGIN_COOKIE, cookie, max_age=3600, httponly=True, samesite="strict", path="/login")
         return r
-    r = RedirectResponse(_safe_next(next), status_code=303)
-    r.set_cookie(COOKIE, token, max_age=ctx.codec.max_age, httponly=True, samesite="strict",
-                 secure=request.url.scheme == "https", path="/")
-    r.delete_cookie(LOGIN_COOKIE, path="/login")
-    return r
+    redirect = RedirectResponse(_safe_next(next), status_code=303)
+    redirect.set_cookie(COOKIE, token, max_age=ctx.codec.max_age, httponly=True, samesite="strict",
+                        secure=request.url.scheme == "https", path="/")
+    redirect.delete_cookie(LOGIN_COOKIE, path="/login")
+    return redirect
 
 
 def _logout(request: Request) -> RedirectResponse:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 from collections import defaultdict
+from typing import Any
 from zoneinfo import ZoneInfo
 
 from sqlalchemy import func, or_, select
@@ -252,7 +253,7 @@ def study_detail(session: Session, study_id: int, *, policy: TriagePolicy, tz: Z
             g["dispatch"] = dict(g["dispatch"])
             results.append(g)
 
-    models = {}
+    models: dict[str, dict[str, Any]] = {}
     for f in findings:
         models.setdefault(
             f.model_name,
@@ -396,6 +397,7 @@ def routing_explanation(se: Series) -> dict:
             raw = None
     expl = raw if isinstance(raw, dict) else {}
     recorded_decision = expl.get("decision") if isinstance(expl.get("decision"), dict) else {}
+    decision: dict[str, Any]
     if se.state == "receiving":
         decision = {"routed": False, "pipeline": None, "role": None, "rule": None, "pending": True}
     elif se.routing_rule is not None or not recorded_decision:
@@ -418,7 +420,8 @@ def routing_explanation(se: Series) -> dict:
             facts[name] = {"value": None, "source": NOT_RECORDED, "detail": ""}
     flags = [_text(f) for f in expl.get("flags") or [] if f is not None][:50] if isinstance(expl.get("flags"), list) else []
     signals = []
-    for sig in (expl.get("signals") if isinstance(expl.get("signals"), list) else [])[:_SIGNALS_MAX]:
+    raw_signals = expl.get("signals")
+    for sig in (raw_signals if isinstance(raw_signals, list) else [])[:_SIGNALS_MAX]:
         if isinstance(sig, dict):
             signals.append({"name": _text(sig.get("name")) or "?", "value": _text(sig.get("value")),
                             "source": _text(sig.get("source")) or "", "used": bool(sig.get("used"))})

@@ -33,7 +33,9 @@ def run_migrations_online() -> None:
     if not url:
         from node.settings import load_settings
 
-        url = load_settings().database_url
+        resolved = load_settings().database_url
+        assert resolved is not None  # resolved by Settings' validator
+        url = resolved
     connectable = create_engine(url, poolclass=pool.NullPool)
     with connectable.connect() as connection:
         context.configure(
