@@ -1,17 +1,21 @@
-# The README's two commands: `make demo` and `make test`.
+# The README's two commands: `make demo` and `make test`; `make test-fast` is the quick loop (CONTRIBUTING.md).
 SHELL := /bin/bash
 PYTHON ?= python3.11
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test install system-deps venv migration bench clean
+.PHONY: demo test test-fast install system-deps venv migration bench clean
 
 demo: install
 	$(VENV)/bin/msknode demo
 
 test: install
 	bash scripts/run-tests.sh
+
+# the unit tests only (markers in pyproject.toml): no servers, no subprocesses, no training
+test-fast: install
+	TCP_NODELAY=1 $(PY) -m pytest tests -q -m "not integration and not slow"
 
 install: system-deps $(STAMP)
 

@@ -38,19 +38,24 @@ MODULE_MARKERS: dict[str, tuple[str, ...]] = {
     "test_models_superres.py": ("slow",),
     "test_models_training.py": ("slow",),
 }
+# single tests of those modules that differ from their module (file::test name, parameters aside)
+TEST_MARKERS: dict[str, tuple[str, ...]] = {
+    "test_models_registry.py::test_cli_models_list_json_and_refusal_of_corrupted_site_weights": ("integration", "slow"),
+}
 KINDS = ("unit", "integration", "slow")
 # a test that uses one of these fixtures talks to a real server: integration, whatever its module says
 SERVER_FIXTURES = {"pg_server", "postgres_url", "redis_server", "redis_url", "orthanc", "browser"}
 
 
 def pytest_collection_modifyitems(config, items):
-    """Adds the markers of `MODULE_MARKERS`, and `integration` to every test that uses a server
+    """Adds the markers of `MODULE_MARKERS` and `TEST_MARKERS`, and `integration` to every test that uses a server
     fixture (`SERVER_FIXTURES`); a module with none of `KINDS` counts as integration (so the fast
     loop leaves it out) and is named in a warning."""
     unmarked = set()
     for item in items:
         name = Path(str(item.fspath)).name
-        for marker in MODULE_MARKERS.get(name, ()):
+        test_id = f"{name}::{getattr(item, 'originalname', item.name)}"
+        for marker in MODULE_MARKERS.get(name, ()) + TEST_MARKERS.get(test_id, ()):
             if not item.get_closest_marker(marker):
                 item.add_marker(marker)
         if SERVER_FIXTURES & set(getattr(item, "fixturenames", ())) and not item.get_closest_marker("integration"):

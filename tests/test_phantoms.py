@@ -268,6 +268,7 @@ def _tasks(anatomy, labs):
             for lv in ("L3-L4", "L4-L5", "L5-S1")}
 
 
+@pytest.mark.slow  # generates and fits hundreds of phantoms: 10-20 s per anatomy
 @pytest.mark.parametrize("anatomy", ["knee", "shoulder", "lumbar_spine"])
 def test_global_statistics_do_not_predict_the_label(anatomy):
     """Shortcut baseline on 100 phantoms: logistic regression on global intensity and size
