@@ -11,7 +11,6 @@ import signal
 from pathlib import Path
 
 import pytest
-
 from support import servers
 from support.env import ROOT, free_port, isolate_env  # noqa: F401  (ROOT: tests/test_models_training.py still imports it from here)
 
@@ -68,7 +67,7 @@ def pytest_collection_modifyitems(config, items):
 
         warnings.warn(pytest.PytestWarning(
             f"test modules without a unit/integration/slow marker (run as integration): {', '.join(sorted(unmarked))}; "
-            "set pytestmark in the module (see tests/conftest.py)"))
+            "set pytestmark in the module (see tests/conftest.py)"), stacklevel=2)
 
 
 # ---- no server outlives the run ---------------------------------------------------------------

@@ -5,10 +5,8 @@ from __future__ import annotations
 
 import importlib.util
 import re
-from pathlib import Path
 
 import pytest
-
 from support.env import ROOT
 
 pytestmark = pytest.mark.unit

@@ -9,7 +9,6 @@ import textwrap
 import time
 
 import pytest
-
 from support import servers
 from support.env import TESTS
 

@@ -15,9 +15,9 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 from node.demo.loopback import child_env
 from support.env import ROOT, VENV_BIN, free_port

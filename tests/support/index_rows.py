@@ -11,7 +11,7 @@ import itertools
 
 from node.db.schema import Association, AssociationSeries, Instance, Series, Study
 
-T0 = dt.datetime(2026, 3, 2, 8, 0, 0, tzinfo=dt.timezone.utc)
+T0 = dt.datetime(2026, 3, 2, 8, 0, 0, tzinfo=dt.UTC)
 SAGITTAL = "0\\1\\0\\0\\0\\-1"
 CORONAL = "1\\0\\0\\0\\0\\-1"
 AXIAL = "1\\0\\0\\0\\1\\0"

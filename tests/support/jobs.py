@@ -22,8 +22,8 @@ from support.env import ROOT, TESTS
 from support.servers import track, untrack
 
 # the child runs `main` of this module with the checkout and tests/ on its path
-_WORKER_MAIN = ("import sys; sys.path[:0] = [{root!r}, {tests!r}]; from support.jobs import main; "
-                "sys.exit(main(sys.argv[1:]))").format(root=str(ROOT), tests=str(TESTS))
+_WORKER_MAIN = (f"import sys; sys.path[:0] = [{str(ROOT)!r}, {str(TESTS)!r}]; from support.jobs import main; "
+                "sys.exit(main(sys.argv[1:]))")
 
 SR_CLASS = "1.2.840.10008.5.1.4.1.1.88.34"  # Comprehensive 3D SR
 
@@ -61,7 +61,7 @@ def make_study_job(db, *, pipeline: str = "knee", n_series: int = 1, instances: 
                   enqueue_pending=enqueue_pending, max_attempts=max_attempts, queue=queue)
         s.add(job)
         s.flush()
-        for k, se in enumerate(series_rows):
+        for se in series_rows:
             s.add(JobInput(job_id=job.id, series_id=se.id, role=se.role))
         return job.id
 
@@ -212,7 +212,7 @@ class WorkerProcess:
         self.proc = None
         self._token = None
 
-    def start(self) -> "WorkerProcess":
+    def start(self) -> WorkerProcess:
         import subprocess
 
         self._log = open(self.log_path, "ab")
@@ -285,7 +285,7 @@ class ListenerProcess(WorkerProcess):
         self.proc = None
         self._token = None
 
-    def wait_ready(self, port: int, ae_title: str = "MSKNODE", timeout: float = 30.0) -> "ListenerProcess":
+    def wait_ready(self, port: int, ae_title: str = "MSKNODE", timeout: float = 30.0) -> ListenerProcess:
         deadline = time.monotonic() + timeout
         while not echoscu(port, ae_title):
             if not self.alive() or time.monotonic() > deadline:

@@ -48,7 +48,7 @@ class ListenerProcess:
                             "MSKNODE_AE_TITLE": self.ae_title, "MSKNODE_QUIET_SECONDS": "0.5",
                             "MSKNODE_LOG_LEVEL": "INFO", **self.extra_env})
 
-    def start(self, timeout: float = 90.0, ready=None) -> "ListenerProcess":
+    def start(self, timeout: float = 90.0, ready=None) -> ListenerProcess:
         """Starts the listener and waits until `ready(port)` (default: C-ECHO succeeds)."""
         ready = ready or (lambda port: echo(port, self.ae_title) == 0)
         self._log = open(self.log_path, "ab")
@@ -147,7 +147,7 @@ class RawSender:
         self.assoc = ae.associate("127.0.0.1", port, ae_title=called)
         self._msg_id = 0
 
-    def __enter__(self) -> "RawSender":
+    def __enter__(self) -> RawSender:
         assert self.assoc.is_established, "association not accepted"
         return self
 

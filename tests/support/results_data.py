@@ -247,7 +247,7 @@ def dciodvfy(path: Path) -> tuple[list[str], list[str]]:
 
 
 def now() -> dt.datetime:
-    return dt.datetime.now(dt.timezone.utc)
+    return dt.datetime.now(dt.UTC)
 
 
 class DciodvfyWarning(UserWarning):

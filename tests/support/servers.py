@@ -24,9 +24,9 @@ import subprocess
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 RUN_MARKER_ENV = "MSKTEST_RUN"  # not MSKNODE_*: child_env drops those from a child's environment
 PG_PREFIX = "msknode-pg-"
@@ -190,7 +190,7 @@ def leaked_processes(root: int | None = None, *, marker: str | None = None, tmp:
     postmasters of this run's PostgreSQL clusters. Interpreter helpers (`_BENIGN`) do not count."""
     root = os.getpid() if root is None else root
     marker = os.environ.get(RUN_MARKER_ENV) if marker is None else marker
-    found: dict[int, str] = {pid: f"child of pytest pid {root}" for pid in descendants(root)}
+    found: dict[int, str] = dict.fromkeys(descendants(root), f"child of pytest pid {root}")
     if marker:
         needle = f"{RUN_MARKER_ENV}={marker}".encode()
         for pid in _pids():
@@ -235,7 +235,7 @@ class RedisServer:
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
 
-    def start(self) -> "RedisServer":
+    def start(self) -> RedisServer:
         self.workdir.mkdir(parents=True, exist_ok=True)
         with open(self.workdir / "redis.log", "ab") as log:
             self.proc = subprocess.Popen(
@@ -292,7 +292,7 @@ class PostgresServer:
         except (OSError, ValueError, IndexError):
             return None
 
-    def start(self) -> "PostgresServer":
+    def start(self) -> PostgresServer:
         shutil.chown(self.dir, user="postgres", group="postgres")
         self._token = track(f"PostgreSQL cluster {self.dir} :{self.port}", self.stop)
         try:

@@ -221,7 +221,7 @@ def seed_study(
     from node.db.schema import Finding, Instance, Job, JobInput, OutboxItem, ResultObject, Series, Study
     from worklists.entries import upsert_for_job
 
-    received_at = received_at or dt.datetime.now(dt.timezone.utc)
+    received_at = received_at or dt.datetime.now(dt.UTC)
     body_part, description, role, model = ANATOMY[anatomy]
     study_uid = generate_uid(prefix=SOURCE_ROOT)
     series_uid = generate_uid(prefix=SOURCE_ROOT)
