@@ -157,7 +157,6 @@ class _DUL(DULServiceProvider):
     def close_pipe(self) -> None:
         self.to_provider_queue.close_wake(self._wake_r, self._wake_w)
 
-
     def _abort_on_error(self, error: Exception) -> None:
         """As pynetdicom does on an error in its DUL loop: bypass the state machine, send an
         A-ABORT and stop both loops; then (unlike pynetdicom, which leaves both as they are)
