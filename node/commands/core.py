@@ -81,9 +81,44 @@ def series_rows(db) -> list[dict]:
                 "state": se.state,
                 "pipeline": se.pipeline,
                 "role": se.role,
+                "routing_rule": routing_rule(se),
+                "routing_summary": routing_summary(se.routing_explanation),
             }
             for se, study_uid in rows
         ]
+
+
+def routing_rule(se) -> str | None:
+    """The name of the routing rule in force (the column), else the one recorded with the explanation."""
+    if se.routing_rule:
+        return se.routing_rule
+    expl = se.routing_explanation if isinstance(se.routing_explanation, dict) else {}
+    decision = expl.get("decision") if isinstance(expl.get("decision"), dict) else {}
+    rule = decision.get("rule")
+    return str(rule) if rule else None
+
+
+def routing_summary(expl) -> str | None:
+    """The one-line summary of a recorded routing explanation (what the log says, `Explanation.summary`);
+    None while nothing was recorded (a series still receiving)."""
+    if isinstance(expl, str):
+        import json
+
+        try:
+            expl = json.loads(expl)
+        except ValueError:
+            return None
+    if not isinstance(expl, dict) or not expl:
+        return None
+
+    def fact(name: str) -> str:
+        f = expl.get(name) if isinstance(expl.get(name), dict) else {}
+        return f"{name} {f.get('value') or '?'} ({f.get('source') or 'not recorded'})"
+
+    d = expl.get("decision") if isinstance(expl.get("decision"), dict) else {}
+    outcome = f"{d.get('pipeline')}/{d.get('role')} (rule {d.get('rule')!r})" if d.get("routed") else d.get("rule")
+    flags = ",".join(str(f) for f in expl.get("flags") or []) or "-"
+    return f"{fact('plane')}, {fact('contrast')}, {fact('anatomy')}, flags {flags} -> {outcome}"
 
 
 def _series(args, settings) -> int:
