@@ -110,14 +110,19 @@ def routing_summary(expl) -> str | None:
             return None
     if not isinstance(expl, dict) or not expl:
         return None
+    recorded: dict = expl
+
+    def part(name: str) -> dict:
+        value = recorded.get(name)
+        return value if isinstance(value, dict) else {}
 
     def fact(name: str) -> str:
-        f = expl.get(name) if isinstance(expl.get(name), dict) else {}
+        f = part(name)
         return f"{name} {f.get('value') or '?'} ({f.get('source') or 'not recorded'})"
 
-    d = expl.get("decision") if isinstance(expl.get("decision"), dict) else {}
+    d = part("decision")
     outcome = f"{d.get('pipeline')}/{d.get('role')} (rule {d.get('rule')!r})" if d.get("routed") else d.get("rule")
-    flags = ",".join(str(f) for f in expl.get("flags") or []) or "-"
+    flags = ",".join(str(f) for f in recorded.get("flags") or []) or "-"
     return f"{fact('plane')}, {fact('contrast')}, {fact('anatomy')}, flags {flags} -> {outcome}"
 
 
