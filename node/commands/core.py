@@ -92,9 +92,9 @@ def routing_rule(se) -> str | None:
     """The name of the routing rule in force (the column), else the one recorded with the explanation."""
     if se.routing_rule:
         return se.routing_rule
-    expl = se.routing_explanation if isinstance(se.routing_explanation, dict) else {}
-    decision = expl.get("decision") if isinstance(expl.get("decision"), dict) else {}
-    rule = decision.get("rule")
+    expl: dict = se.routing_explanation if isinstance(se.routing_explanation, dict) else {}
+    decision = expl.get("decision")
+    rule = decision.get("rule") if isinstance(decision, dict) else None
     return str(rule) if rule else None
 
 
