@@ -172,6 +172,13 @@ class Settings(BaseSettings):
 
     # logging
     log_level: str = "INFO"
+    log_format: Literal["text", "json"] = "text"  # json: one object per line (time, level, logger, message, UIDs)
+    # highdicom, pynetdicom, celery, kombu, httpx, alembic, monai, uvicorn ...: WARNING unless raised for debugging
+    log_library_level: str = "WARNING"
+    # msknode serve's log file (rotated); empty: <data_dir>/logs/msknode.log
+    log_file: Path | None = None
+    log_file_max_mb: float = Field(default=20.0, gt=0)
+    log_file_backups: int = Field(default=5, ge=0)
 
     @field_validator("allowed_ae_titles", "worker_queues", mode="before")
     @classmethod
@@ -253,7 +260,7 @@ class Settings(BaseSettings):
             raise ValueError("the secret key must be at least 16 characters and not a placeholder")
         return v
 
-    @field_validator("log_level")
+    @field_validator("log_level", "log_library_level")
     @classmethod
     def _level(cls, v: str) -> str:
         v = v.upper()

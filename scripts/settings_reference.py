@@ -61,7 +61,12 @@ DESCRIPTIONS = {
     "session_minutes": "Lifetime of a web session or API token.",
     "site_timezone": "Time zone the web UI shows the node's own timestamps in (IANA name).",
     "triage_policy": "TOML triage policy (priorities from findings).",
-    "log_level": "DEBUG, INFO, WARNING or ERROR.",
+    "log_level": "DEBUG, INFO, WARNING or ERROR: the node's own log lines (one line per study and stage at INFO; per-series and per-object detail at DEBUG).",
+    "log_format": "`text` (time, level, process, logger, message) or `json` (one object per line: `time`, `level`, `logger`, `message`, `process`, and `study_uid`, `series_uid`, `job_id` when the line names them). `msknode --log-format json` sets it for one run.",
+    "log_library_level": "Level of the libraries' loggers (highdicom, pynetdicom, celery, kombu, urllib3, httpx, alembic, monai, uvicorn ...): raise to INFO or DEBUG to debug them.",
+    "log_file": "The log file `msknode serve` writes (every part's output, also on stderr); directory mode 0700, file mode 0600.",
+    "log_file_max_mb": "The log file is rotated at this size (MB).",
+    "log_file_backups": "Rotated log files kept (`msknode.log.1` ... ); 0 keeps none.",
 }
 
 SPECIAL_DEFAULTS = {
@@ -71,6 +76,7 @@ SPECIAL_DEFAULTS = {
     "weights_dir": "none (repository `models/weights`)",
     "allowed_ae_titles": "empty (any)",
     "study_protocols": "none (every study waits for the quiet period)",
+    "log_file": "`<data_dir>/logs/msknode.log`",
 }
 
 
