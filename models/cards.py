@@ -58,7 +58,8 @@ def markdown(card: dict[str, Any]) -> str:
     lines = [
         f"# Model card: {card['name']} {card['version']}",
         "",
-        f"**Demo weights — not for diagnostic use.** {notice}",
+        (f"**Demo weights — not for diagnostic use.** {notice}" if card.get("demo_weights", True)
+         else f"**Not for diagnostic use.** {notice}"),
         "",
         f"- Task: {card['task']} ({card.get('description', '')}); anatomy: {card['anatomy']}",
         f"- Input: {json.dumps(card.get('input', {}))}",
@@ -130,7 +131,7 @@ def record_real_data(folder: Path, result: dict[str, Any], *, data: str, command
     card["real_data"] = {"data": data, "command": command, "figures": figures,
                          "model_weights_sha256": result.get("weights_sha256")}
     if all(k in card for k in REQUIRED):
-        write_card(folder, {k: v for k, v in card.items() if k != "demo_weights"})
+        write_card(folder, card)
         return card
     # a card whose Markdown is written by hand: card.json updated, the section replaced or appended
     (folder / "card.json").write_text(json.dumps(card, indent=2) + "\n")
@@ -151,7 +152,8 @@ def write_card(folder: Path, card: dict[str, Any]) -> None:
     missing = [k for k in REQUIRED if k not in card]
     if missing:
         raise ValueError(f"model card lacks {', '.join(missing)}")
-    card = {**card, "demo_weights": True, "notice": _notice(card)}
+    card = {"demo_weights": True, **card}
+    card["notice"] = _notice(card)
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "card.json").write_text(json.dumps(card, indent=2) + "\n")

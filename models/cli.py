@@ -85,6 +85,60 @@ def _registry(settings):
     return Registry(getattr(settings, "weights_dir", None))
 
 
+# --- readable output ----------------------------------------------------------------------------
+
+
+def readable(value: Any, indent: int = 0, width: int = 100) -> list[str]:
+    """Text lines for a JSON-like value: ``key: value`` per line, nested mappings indented, short lists inline,
+    numbers rounded; never a Python repr (``--json`` prints the JSON)."""
+    pad = "  " * indent
+
+    def scalar(v: Any) -> str:
+        if v is None:
+            return "-"
+        if isinstance(v, bool):
+            return "yes" if v else "no"
+        if isinstance(v, float):
+            return f"{v:.4g}"
+        return str(v)
+
+    def inline(v: Any) -> str | None:
+        if isinstance(v, dict):
+            if all(not isinstance(x, (dict, list, tuple)) for x in v.values()):
+                text = ", ".join(f"{k} {scalar(x)}" for k, x in v.items())
+                return text if len(text) <= width else None
+            return None
+        if isinstance(v, (list, tuple)):
+            if all(not isinstance(x, (dict, list, tuple)) for x in v):
+                text = "[" + ", ".join(scalar(x) for x in v) + "]"
+                return text if len(text) <= width else None
+            return None
+        return scalar(v)
+
+    lines: list[str] = []
+    if isinstance(value, dict):
+        for k, v in value.items():
+            one = inline(v)
+            if one is not None:
+                lines.append(f"{pad}{k}: {one}")
+            elif isinstance(v, dict):
+                lines.append(f"{pad}{k}:")
+                lines += readable(v, indent + 1, width)
+            else:
+                lines.append(f"{pad}{k}: ({len(v)})")
+                for x in v:
+                    sub = readable(x, indent + 2, width)
+                    if sub:
+                        lines.append(f"{pad}  - " + sub[0].strip())
+                        lines += sub[1:]
+    elif isinstance(value, (list, tuple)):
+        for x in value:
+            lines.append(f"{pad}- {inline(x) or ''}")
+    else:
+        lines.append(f"{pad}{scalar(value)}")
+    return lines
+
+
 # --- models list --------------------------------------------------------------------------------
 
 
@@ -102,10 +156,15 @@ def cmd_list(args, settings) -> int:
         print(f"    sha256: {c['weights_sha256'] or '-'}")
         if c.get("error"):
             print(f"    REFUSED: {c['error']}")
-        if c.get("training_data"):
-            print(f"    training data: {c['training_data']}")
-        if c.get("metrics"):
-            print(f"    metrics: {json.dumps(c['metrics'])}")
+        for label, key in (("training data", "training_data"), ("metrics", "metrics")):
+            v = c.get(key)
+            if not v:
+                continue
+            if isinstance(v, dict):
+                print(f"    {label}:")
+                print("\n".join(readable(v, indent=3)))
+            else:
+                print(f"    {label}: {v}")
         print(f"    {c['notice']}")
     return 0
 
@@ -176,7 +235,7 @@ def cmd_train(args, settings) -> int:
                 _err("superres trains on synthetic:N:SEED (noise-free phantoms as truth)")
                 return EXIT_BAD_INPUT
             train_to(args.out, n_phantoms=spec.n, seed=spec.seed, threads=_threads(settings))
-            path = Path(args.out) / "superres.pt"
+            path = Path(args.out) / "model.pt"
         else:
             from models.tasks import TASKS
             from models.training import Recipe, train
@@ -218,8 +277,9 @@ def cmd_evaluate(args, settings) -> int:
     if args.json:
         print(json.dumps(result))
     else:
-        for k, v in result.items():
-            print(f"{k}: {v}")
+        for w in result.get("warnings", []):
+            print(f"WARNING: {w}")
+        print("\n".join(readable({k: v for k, v in result.items() if k != "warnings"})))
     return 0
 
 

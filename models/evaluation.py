@@ -251,7 +251,40 @@ def evaluate_classifier(model, spec: DataSpec, *, gate=None, workers: int = 1, s
             out["saliency_hit_rate"] = round(float(np.mean(hits)), 4)
             out["saliency_cases"] = len(hits)
     out["seconds"] = round(time.time() - t0, 1)
+    if task.kind == "binary":
+        out["cases_positive"], out["cases_negative"] = int((y == 1).sum()), int((y == 0).sum())
+    warnings = small_sample_warnings(out["n"], out.get("cases_positive"), out.get("cases_negative"))
+    if warnings:
+        out["warnings"] = warnings
     return out
+
+
+SMALL_SAMPLE_CASES = 30  # below this many cases a bootstrap interval says little
+SMALL_SAMPLE_CLASS = 10  # ... or this many of a class
+
+
+def small_sample_warnings(n: int, positives: int | None = None, negatives: int | None = None) -> list[str]:
+    """Warnings for figures on few cases: a percentile bootstrap over 4 cases can give [1.0, 1.0], which is not
+    certainty but the absence of evidence."""
+    out = []
+    if n < SMALL_SAMPLE_CASES:
+        out.append(f"only {n} cases: the 95 % bootstrap intervals are unreliable below {SMALL_SAMPLE_CASES} cases "
+                   "(an interval such as [1.0, 1.0] reflects the few cases, not certainty)")
+    for name, k in (("positive", positives), ("negative", negatives)):
+        if k is not None and k < SMALL_SAMPLE_CLASS:
+            out.append(f"only {k} {name} cases: sensitivity/specificity/AUC and their intervals rest on them")
+    return out
+
+
+def finite_or_none(v: Any) -> Any:
+    """The result with every non-finite float (NaN, inf) as None, recursively: strict JSON."""
+    if isinstance(v, float):
+        return v if math.isfinite(v) else None
+    if isinstance(v, dict):
+        return {k: finite_or_none(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [finite_or_none(x) for x in v]
+    return v
 
 
 # --- super-resolution -------------------------------------------------------------------------------
@@ -476,4 +509,5 @@ def evaluate(name: str, data: str | DataSpec, *, registry, weights: Path | None 
     else:
         result = evaluate_classifier(model, spec, gate=registry.gate(), workers=workers, log=log, bootstrap=bootstrap)
     info = model.info if hasattr(model, "info") else registry.info(name)
-    return {"model": name, "version": info.version, "weights_sha256": info.weights_sha256, "data": str(spec), **result}
+    return finite_or_none({"model": name, "version": info.version, "weights_sha256": info.weights_sha256,
+                           "data": str(spec), **result})

@@ -1,6 +1,6 @@
 """The model protocol: how every model's weights are saved, verified and loaded.
 
-A model's weights are one file (``model.pt``, ``superres.pt``): ``torch.save`` of a dict of
+A model's weights are one file (``model.pt``): ``torch.save`` of a dict of
 plain tensors and values with a ``"format"`` key (``msknode.classifier/1``,
 ``msknode.superres/1``, ``msknode.anatomy/2``), read back with ``weights_only=True``. Beside it:
 

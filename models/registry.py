@@ -40,6 +40,7 @@ class ModelEntry:
     version: str
     loader: Callable[["Registry", Path, str], Any]  # (registry, verified weights path, sha256) -> loaded model
     input_spec: dict[str, Any]
+    legacy_files: tuple[str, ...] = ()  # earlier names of the weights file, still found in a site folder
 
 
 def _classifier_loader(task_name: str):
@@ -77,7 +78,8 @@ def _build_entries() -> dict[str, ModelEntry]:
     entries[MODEL_SUPERRES] = ModelEntry(
         name=MODEL_SUPERRES, task="superres", anatomy="any",
         description="Residual super-resolution, through-plane x2 (in-plane x2 on request), data-consistent",
-        input_roles=("sag_fluid", "sag_pd", "cor_fluid", "sag_t2"), weights_file="superres.pt", version="1",
+        input_roles=("sag_fluid", "sag_pd", "cor_fluid", "sag_t2"), weights_file="model.pt", version="1",
+        legacy_files=("superres.pt",),
         loader=_superres_loader,
         input_spec={"roles": "first input role of the pipeline's main model", "plane": "any 2-D multislice series"},
     )
@@ -119,9 +121,10 @@ class Registry:
         """The weights file of ``name`` in the first root that has it (None if none does)."""
         e = self.entry(name)
         for root in self.roots:
-            p = root / name / e.weights_file
-            if p.is_file():
-                return p
+            for file in (e.weights_file, *e.legacy_files):
+                p = root / name / file
+                if p.is_file():
+                    return p
         return None
 
     def has_weights(self, name: str) -> bool:

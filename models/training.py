@@ -306,8 +306,15 @@ def train(
     if val_items is None:
         n_val = max(1, int(round(len(items) * recipe.val_fraction)))
         train_items, val_items = items[:-n_val], items[-n_val:]
+        split_rule = (f"the last {recipe.val_fraction:.0%} of the cases in the order of the data spec validate "
+                      f"(chose the epoch, the temperature and the threshold; never trained on); by case, never by slice")
     else:
         train_items = items
+        split_rule = "validation cases given separately (never trained on)"
+    split = split_record(task, train_items, val_items, split_rule)
+    log(f"split: {split['n_train']} train / {split['n_validation']} validation cases ({split_rule})")
+    for w in split["warnings"]:
+        log(f"WARNING: {w}")
     allowed = np.stack([np.asarray(it["allowed"], bool) for it in train_items])
     known = ~allowed.all(axis=2)
     if not known.any():
@@ -368,7 +375,7 @@ def train(
             best = {"val_loss": float(ck["best_val_loss"]), "epoch": int(ck["best_epoch"]), "state": ck["best_state"]}
             log(f"resumed from {ckpt_path} at epoch {start_epoch}")
     (out_dir / "recipe.json").write_text(json.dumps({"task": task.name, "task_version": task.version,
-                                                      **asdict(recipe)}, indent=2) + "\n")
+                                                      **asdict(recipe), "split": split}, indent=2) + "\n")
     step = start_epoch * steps_per_epoch
     for epoch in range(start_epoch, recipe.epochs):
         net.train()
@@ -395,7 +402,7 @@ def train(
         val = _evaluate_val(net, val_items, task, recipe.batch_size)
         rec = {"epoch": epoch, "step": step, "seconds": round(time.time() - t0, 1),
                **{k: round(v / max(1, n_batches), 5) for k, v in sums.items()},
-               "val_loss": round(val["val_loss"], 5), "val_auc": None if "val_auc" not in val else round(val["val_auc"], 4),
+               "val_loss": round(val["val_loss"], 5), "val_auc": (round(val["val_auc"], 4) if math.isfinite(val.get("val_auc", math.nan)) else None),
                "lr": opt.param_groups[0]["lr"]}
         with open(log_path, "a") as fh:
             fh.write(json.dumps(rec) + "\n")
@@ -411,6 +418,8 @@ def train(
     if best["state"] is not None:
         net.load_state_dict(best["state"])
     val = _evaluate_val(net, val_items, task, recipe.batch_size)
+    if "val_auc" in val and not math.isfinite(val["val_auc"]):
+        val["val_auc"] = None  # one class only in validation (warned above); JSON has no NaN
     temperature = fit_temperature(val["logits"][0], val["allowed"][:, 0, : len(task.heads[0].classes)])
     threshold = 0.5
     head = task.heads[0]
@@ -435,6 +444,98 @@ def train(
     sha = model.save(path)
     summary = {"weights": str(path), "weights_sha256": sha, "temperature": temperature, "threshold": threshold,
                "best_epoch": best["epoch"], "val_loss": val["val_loss"], "val_auc": val.get("val_auc")}
+    summary["warnings"] = split["warnings"]
     (out_dir / "train_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    write_training_card(out_dir, task, recipe, summary, split, temperature=temperature, threshold=threshold)
     log(json.dumps(summary))
     return path
+
+
+def _class_of(allowed_row: np.ndarray, classes: Sequence[str]) -> str | None:
+    """The label a case carries on one head: its class, "any of a, b" (a binary label on a graded head),
+    or None (no label)."""
+    ok = [c for c, a in zip(classes, allowed_row[: len(classes)]) if a]
+    if len(ok) == len(classes):
+        return None
+    return ok[0] if len(ok) == 1 else "any of " + ", ".join(ok)
+
+
+def split_record(task: TaskSpec, train_items: list[dict[str, Any]], val_items: list[dict[str, Any]],
+                 rule: str) -> dict[str, Any]:
+    """The split as recorded in recipe.json: the case ids on each side, the label counts per head on each side,
+    and a warning for every class of a head that the validation cases lack (their AUC and threshold are then
+    undefined or meaningless) or that the training cases lack."""
+    out: dict[str, Any] = {"rule": rule, "n_train": len(train_items), "n_validation": len(val_items),
+                           "train_cases": [str(it.get("key", i)) for i, it in enumerate(train_items)],
+                           "validation_cases": [str(it.get("key", i)) for i, it in enumerate(val_items)],
+                           "label_counts": {}, "warnings": []}
+    for side, rows in (("train", train_items), ("validation", val_items)):
+        for h, head in enumerate(task.heads):
+            counts: dict[str, int] = {}
+            for it in rows:
+                label = _class_of(np.asarray(it["allowed"], bool)[h], head.classes)
+                counts[label or "unlabelled"] = counts.get(label or "unlabelled", 0) + 1
+            out["label_counts"].setdefault(side, {})[head.name] = counts
+    for h, head in enumerate(task.heads):
+        val = out["label_counts"]["validation"][head.name]
+        train = out["label_counts"]["train"][head.name]
+        for c in head.classes:
+            covered_val = any(k == c or (k.startswith("any of ") and c in k[7:].split(", ")) for k in val)
+            if not covered_val:
+                out["warnings"].append(f"no validation case of {head.name} = {c!r} ({len(val_items)} validation "
+                                       "cases): validation AUC, temperature and threshold cannot reflect it; "
+                                       "train on more cases or give validation cases that hold every class")
+            if not any(k == c or (k.startswith("any of ") and c in k[7:].split(", ")) for k in train):
+                out["warnings"].append(f"no training case of {head.name} = {c!r}: the model cannot learn it")
+    if len(val_items) < 20:
+        out["warnings"].append(f"only {len(val_items)} validation cases: the validation figures are very uncertain")
+    return out
+
+
+def _reproduce(task: TaskSpec, recipe: Recipe) -> str:
+    parts = [f"msknode train {task.name} --data {recipe.data} --out OUT --epochs {recipe.epochs}",
+             f"--batch-size {recipe.batch_size} --lr {recipe.lr:g} --seed {recipe.seed}"]
+    if recipe.max_steps is not None:
+        parts.append(f"--max-steps {recipe.max_steps}")
+    if not recipe.augment:
+        parts.append("--no-augment")
+    if recipe.init:
+        parts.append(f"--init {recipe.init}")
+    parts.append(f"--patch-steps {recipe.patch_steps}")
+    if recipe.patch_lr is not None:
+        parts.append(f"--patch-lr {recipe.patch_lr:g}")
+    return " ".join(parts)
+
+
+def write_training_card(out_dir: Path, task: TaskSpec, recipe: Recipe, summary: dict[str, Any],
+                        split: dict[str, Any], *, temperature: float, threshold: float) -> None:
+    """card.json + MODEL_CARD.md of freshly trained weights, from what training knows: the data spec, the cases on
+    each side of the split, the recipe and the validation figures (which chose the epoch and the calibration,
+    so they are not an independent estimate: `msknode evaluate` on held-out cases gives that)."""
+    from models.cards import write_card
+
+    init = f", fine-tuned from {recipe.init} (sha256 {recipe.init_sha256})" if recipe.init else ""
+    metrics = {"validation_loss": round(float(summary["val_loss"]), 5), "best_epoch": summary["best_epoch"],
+               "temperature": round(float(temperature), 4), "threshold": round(float(threshold), 4),
+               "n_train": split["n_train"], "n_validation": split["n_validation"]}
+    auc = summary.get("val_auc")
+    metrics["validation_auc"] = None if auc is None or not math.isfinite(float(auc)) else round(float(auc), 4)
+    card = {
+        **task.card_facts(), "version": task.version, "weights_file": "model.pt",
+        "weights_sha256": summary["weights_sha256"], "demo_weights": False,
+        "notice": "Weights trained with msknode train on the data named below; validated on their own split "
+                  "only. Not for diagnostic use.",
+        "training_data": f"{recipe.data}: {split['n_train']} training cases{init}; validation "
+                         f"{split['n_validation']} cases. Label counts: {json.dumps(split['label_counts'])}. "
+                         f"The case ids of each side are in recipe.json.",
+        "recipe": {k: v for k, v in asdict(recipe).items() if k != "threads"} | {"split": split["rule"]},
+        "metrics": metrics,
+        "evaluation_data": f"the validation split ({split['n_validation']} cases), which chose the epoch, the "
+                           "temperature and the threshold: not an independent estimate; run msknode evaluate on "
+                           "held-out cases before use",
+        "evaluation_note": "Validation figures of training only.",
+        "reproduce": [_reproduce(task, recipe), f"msknode evaluate {task.name} --data HELD_OUT --weights OUT/model.pt"],
+        "limitations": ["Not for diagnostic use.", *split["warnings"],
+                        "Figures come from the validation split that also chose the epoch and calibration."],
+    }
+    write_card(out_dir, card)

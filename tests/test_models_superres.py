@@ -185,9 +185,9 @@ def test_qc_refuses_unusable_input(shipped):
 
 
 def test_corrupted_weights_are_refused(tmp_path):
-    target = tmp_path / "superres.pt"
+    target = tmp_path / "model.pt"
     shutil.copy(WEIGHTS_PATH, target)
-    shutil.copy(WEIGHTS_PATH.with_name(WEIGHTS_PATH.name + ".sha256"), tmp_path / "superres.pt.sha256")
+    shutil.copy(WEIGHTS_PATH.with_name(WEIGHTS_PATH.name + ".sha256"), tmp_path / "model.pt.sha256")
     assert SuperResModel.load(target).info.weights_sha256
     data = bytearray(target.read_bytes())
     data[-10] ^= 0xFF

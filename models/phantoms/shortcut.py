@@ -64,6 +64,8 @@ def shortcut_auc(features: np.ndarray, labels: Sequence[int], *, folds: int = 5,
     if len(np.unique(y)) < 2:
         raise ValueError("shortcut_auc needs both classes")
     n_min = int(np.bincount(y).min())
+    if n_min < 2:
+        return float("nan")  # a class with one case cannot be on both sides of a fold: no cross-validated AUC
     folds = max(2, min(folds, n_min))
     # log-compress the scale-like features so a few extreme volumes do not dominate
     x = np.sign(x) * np.log1p(np.abs(x))

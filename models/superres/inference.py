@@ -20,7 +20,7 @@ from models.types import NOT_FOR_DIAGNOSTIC_USE, ModelInfo, QCResult, SuperResOu
 
 MODEL_NAME = "superres"
 FORMAT = "msknode.superres/1"
-WEIGHTS_PATH = Path(__file__).resolve().parent.parent / "weights" / "superres" / "superres.pt"
+WEIGHTS_PATH = Path(__file__).resolve().parent.parent / "weights" / "superres" / "model.pt"
 CONSISTENCY_TOLERANCE = 1e-3  # relative RMS of A(output) - input
 NONNEG_ITERATIONS = 2  # alternating projections (x >= 0, then A x = y) after the final projection
 CHUNK_SLICES = 8  # input slices per network call (bounds peak memory)

@@ -141,7 +141,7 @@ def train_to(
     reformat_share: float = 0.0,
     log=None,
 ) -> dict[str, Any]:
-    """The whole training recipe: phantoms -> `train_superres` -> ``out_dir/superres.pt`` (+ .sha256,
+    """The whole training recipe: phantoms -> `train_superres` -> ``out_dir/model.pt`` (+ .sha256,
     training_log.json). Returns the recipe with the weights' sha256."""
     out_dir = Path(out_dir)
     torch.set_num_threads(threads)
@@ -158,6 +158,6 @@ def train_to(
         "phantom_seeds": [seed, seed + n_phantoms - 1],
         "seconds": time.perf_counter() - t0,
     }
-    digest = model.save(out_dir / "superres.pt")
+    digest = model.save(out_dir / "model.pt")
     (out_dir / "training_log.json").write_text(json.dumps({**model.metadata, "history": history}, indent=1))
-    return {**model.metadata, "weights": str(out_dir / "superres.pt"), "sha256": digest}
+    return {**model.metadata, "weights": str(out_dir / "model.pt"), "sha256": digest}
