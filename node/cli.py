@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import logging
 import os
 import sys
 
@@ -33,6 +32,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Clinical AI node for knee, shoulder and lumbar-spine MRI beside a PACS.",
     )
     parser.add_argument("--config", metavar="FILE", help="TOML settings file (env MSKNODE_CONFIG); MSKNODE_* variables win")
+    parser.add_argument("--log-format", choices=("text", "json"),
+                        help="log lines as text or one JSON object per line (env MSKNODE_LOG_FORMAT; default text)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     for name in COMMAND_MODULES:
@@ -40,14 +41,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=getattr(logging, level, logging.INFO),
-        format="%(asctime)s %(levelname)s %(process)d %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-    for noisy in ("alembic", "pynetdicom", "celery", "kombu", "amqp", "multipart", "PIL", "matplotlib"):
-        logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))
+def setup_logging(level: str, fmt: str | None = None, library_level: str | None = None) -> None:
+    """This process's logging (`node.ops.logs.setup_logging`): stderr, text or JSON, the libraries at WARNING."""
+    from node.ops.logs import setup_logging as configure
+
+    configure(level, fmt, library_level)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -55,6 +53,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.config:
         os.environ["MSKNODE_CONFIG"] = os.path.abspath(args.config)
+    if getattr(args, "log_format", None):
+        os.environ["MSKNODE_LOG_FORMAT"] = args.log_format  # the parts msknode serve starts log alike
     from node.settings import load_settings
 
     try:
@@ -62,7 +62,11 @@ def main(argv: list[str] | None = None) -> int:
     except SettingsError as e:
         print(f"msknode: {e}", file=sys.stderr)
         return 2
-    setup_logging(settings.log_level)
+    setup_logging(settings.log_level, settings.log_format, settings.log_library_level)
+    if args.command in ("serve", "listen"):
+        # the listener's processes configure their logging from the environment (a settings file too)
+        os.environ["MSKNODE_LOG_FORMAT"] = settings.log_format
+        os.environ["MSKNODE_LOG_LIBRARY_LEVEL"] = settings.log_library_level
     try:
         rc = args.func(args, settings)
     except KeyboardInterrupt:
