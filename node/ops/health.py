@@ -11,7 +11,9 @@ Only counts, states, versions and host:port appear — never a patient attribute
 from __future__ import annotations
 
 import datetime as dt
+import logging
 import shutil
+import threading
 import time
 from typing import Any
 
@@ -79,18 +81,55 @@ def check_broker(settings: Settings, *, timeout: float = 3.0) -> dict[str, Any]:
         return {"ok": False, "transport": transport, "error": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"}
 
 
+#: the calling AE title of the listener check when the node accepts any AE title
+HEALTH_AE_TITLE = "MSKNODE_HEALTH"
+
+#: what pynetdicom logs at ERROR when an association is rejected: not an error for the listener check
+_REJECTION_LINES = ("Association Rejected", "Result: Rejected", "Reason: ")
+
+
+def health_calling_ae(settings: Settings) -> str:
+    """The calling AE title of the listener check: one the listener accepts, when there is one.
+
+    No allow-list: ``MSKNODE_HEALTH`` (any AE title is accepted). An allow-list that names the
+    node's own AE title (``MSKNODE_AE_TITLE``): that one, so the check is a full C-ECHO. An
+    allow-list without it: ``MSKNODE_HEALTH`` again; the listener rejects it (calling AE not
+    recognised), which proves it answers, and the check keeps that expected rejection out of the log.
+    """
+    allowed = settings.allowed_ae_titles
+    return settings.ae_title if allowed and settings.ae_title in allowed else HEALTH_AE_TITLE
+
+
+class _QuietRejection(logging.Filter):
+    """Drops pynetdicom's rejection lines of the check: logged by the thread that runs it or by
+    an association thread of its AE."""
+
+    def __init__(self, ae: Any):
+        super().__init__()
+        self.ae = ae
+        self.thread = threading.get_ident()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        ours = record.thread == self.thread or getattr(threading.current_thread(), "ae", None) is self.ae
+        return not (ours and str(record.msg).startswith(_REJECTION_LINES))
+
+
 def check_listener(settings: Settings, *, timeout: float = 3.0) -> dict[str, Any]:
     """A C-ECHO to the configured listener. A reject for an unknown calling AE still proves it answers."""
     from pynetdicom import AE
     from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]  # made at import time from the UID tables
 
     host = "127.0.0.1" if settings.host in ("0.0.0.0", "", "::") else settings.host
-    out: dict[str, Any] = {"address": f"{host}:{settings.port}", "ae_title": settings.ae_title}
-    ae = AE(ae_title="MSKNODE_HEALTH")
+    calling = health_calling_ae(settings)
+    out: dict[str, Any] = {"address": f"{host}:{settings.port}", "ae_title": settings.ae_title, "calling_ae": calling}
+    ae = AE(ae_title=calling)
     ae.add_requested_context(Verification)
     ae.acse_timeout = timeout
     ae.network_timeout = timeout
     ae.dimse_timeout = timeout
+    quiet = _QuietRejection(ae)
+    acse_log = logging.getLogger("pynetdicom.acse")
+    acse_log.addFilter(quiet)
     t0 = time.perf_counter()
     try:
         assoc = ae.associate(host, settings.port, ae_title=settings.ae_title)
@@ -107,7 +146,9 @@ def check_listener(settings: Settings, *, timeout: float = 3.0) -> dict[str, Any
                                       getattr(rj, "diagnostic", None))
             if result == 0x01 and source == 0x01 and reason == 0x03:
                 # rejected-permanent, service user, calling AE not recognised: it answers, with an allow-list
-                out.update(ok=True, note="answers (the health check's AE title is not in the allow-list)")
+                out.update(ok=True, latency_ms=round((time.perf_counter() - t0) * 1000, 1),
+                           note="answers; the check's AE title is not in MSKNODE_ALLOWED_AE_TITLES (add "
+                                "MSKNODE_AE_TITLE to it for a full C-ECHO)")
             else:
                 out.update(ok=False, error=f"association rejected (result {result}, source {source}, reason {reason})")
         else:
@@ -116,6 +157,7 @@ def check_listener(settings: Settings, *, timeout: float = 3.0) -> dict[str, Any
         out.update(ok=False, error=f"{type(e).__name__}: {e}")
     finally:
         ae.shutdown()
+        acse_log.removeFilter(quiet)
     return out
 
 
