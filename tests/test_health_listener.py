@@ -5,11 +5,11 @@ from __future__ import annotations
 import logging
 
 import pytest
-from support.env import isolate_env
-from support.listener import ListenerProcess
 
 from node.ops.health import HEALTH_AE_TITLE, check_listener, health_calling_ae
 from node.settings import load_settings
+from support.env import isolate_env
+from support.listener import ListenerProcess
 
 pytestmark = pytest.mark.integration
 
