@@ -1,15 +1,19 @@
 """The configuration reference (docs/configuration.md), generated from `node.settings.Settings`.
 
-    .venv/bin/python scripts/settings_reference.py            # print the Markdown table
+    .venv/bin/python scripts/settings_reference.py            # print the generated Markdown
     .venv/bin/python scripts/settings_reference.py --write    # replace it in docs/configuration.md
 
-Every field of `Settings` is one row: environment variable, TOML key, default, meaning.
-tests/test_e2e_docs.py fails when docs/configuration.md lacks a setting or shows a stale default.
+Every field of `Settings` is one row: environment variable, TOML key, default, meaning. Then a
+settings file with every key at its default, and the settings whose value is a list or a table
+in both forms (`EXAMPLES`: environment variable and settings file).
+tests/test_e2e_docs.py fails when docs/configuration.md lacks a setting, names one that does
+not exist, shows a stale default, or shows a form that `Settings` does not read.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -80,6 +84,103 @@ SPECIAL_DEFAULTS = {
 }
 
 
+#: values of the settings that are lists or tables, shown in both forms (and loaded by the docs test)
+EXAMPLES: dict[str, object] = {
+    "allowed_ae_titles": ["PACS_AET", "MODALITY1"],
+    "worker_queues": ["ingest", "cpu"],
+    "study_protocols": {"knee": ["cor_fluid", "sag_fluid"], "shoulder": ["cor_fluid"]},  # roles sorted, as read
+    "destinations": [
+        {"type": "dimse", "ae_title": "PACS_AET", "host": "pacs.example.org", "port": 104},
+        {"type": "dimse", "ae_title": "PACS_TLS", "host": "pacs.example.org", "port": 2762, "tls": True,
+         "tls_ca_file": "/etc/msknode/ca.pem"},
+        {"type": "stow", "url": "https://pacs.example.org/dicom-web", "token": "..."},
+    ],
+}
+
+
+def env_value(name: str, value: object) -> str:
+    """How a value is written in the environment variable: a comma list, the protocols' text form, else JSON."""
+    if name in ("allowed_ae_titles", "worker_queues") and isinstance(value, list):
+        return ",".join(map(str, value))
+    if name == "study_protocols" and isinstance(value, dict):
+        return "; ".join(f"{k}={','.join(v)}" for k, v in value.items())
+    if isinstance(value, (list, dict)):
+        return json.dumps(value)
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
+
+
+def _toml_scalar(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_scalar(v) for v in value) + "]"
+    return json.dumps(str(value))  # a TOML basic string is a JSON string
+
+
+def toml_lines(name: str, value: object, section: str = "msknode") -> list[str]:
+    """The settings-file form of one setting, under ``[section]``: a key, a table or an array of tables."""
+    if isinstance(value, dict):
+        return [f"[{section}.{name}]", *(f"{k} = {_toml_scalar(v)}" for k, v in value.items())]
+    if isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
+        out: list[str] = []
+        for item in value:
+            out += [f"[[{section}.{name}]]", *(f"{k} = {_toml_scalar(v)}" for k, v in item.items())]
+        return out
+    return [f"{name} = {_toml_scalar(value)}"]
+
+
+#: settings whose default is a file shipped with the code (a relative path in a settings file is read from the working directory)
+PACKAGE_FILES = {"routing_rules": " (shipped with msknode)", "triage_policy": " (shipped with msknode)"}
+
+
+def _plain_default(field) -> object:
+    value = field.default_factory() if field.default_factory is not None else field.default
+    if isinstance(value, Path) and not value.is_absolute():
+        return str(value)
+    if isinstance(value, Path):
+        try:
+            value = value.resolve().relative_to(ROOT)
+        except ValueError:
+            pass
+        return str(value)
+    return value
+
+
+def settings_file() -> str:
+    """A settings file with every key: its default, or commented out when the default is computed."""
+    plain: list[str] = ["[msknode]"]
+    tables: list[str] = []
+    for name, field in Settings.model_fields.items():
+        if name in EXAMPLES:
+            lines = toml_lines(name, EXAMPLES[name])
+            if lines[0].startswith("["):
+                tables += ["", f"# {name} (default: {_default(name, field).strip('`')})", *lines]
+            else:
+                plain.append(f"{lines[0]}  # default: {_default(name, field).strip('`')}")
+            continue
+        value = _plain_default(field)
+        if value is None or (isinstance(value, str) and name in PACKAGE_FILES):
+            shown = "..." if value is None else _toml_scalar(value)
+            plain.append(f"# {name} = {shown}  # default: {_default(name, field).replace('`', '')}{PACKAGE_FILES.get(name, '')}")
+        else:
+            plain.append(toml_lines(name, value)[0])
+    return "\n".join(["```toml", *plain, *tables, "```"])
+
+
+def both_forms() -> str:
+    """The list and table settings as environment variable and as settings file."""
+    lines = ["| setting | environment variable | settings file |", "|---|---|---|"]
+    for name, value in EXAMPLES.items():
+        env = f"MSKNODE_{name.upper()}='{env_value(name, value)}'"
+        toml = "<br>".join(toml_lines(name, value))
+        lines.append(f"| `{name}` | `{env}` | `{toml}` |".replace("<br>", "`<br>`"))
+    return "\n".join(lines)
+
+
 def _default(name: str, field) -> str:
     if name in SPECIAL_DEFAULTS:
         return SPECIAL_DEFAULTS[name]
@@ -110,7 +211,21 @@ def markdown() -> str:
     lines = [BEGIN, "", "| environment variable | TOML key | default | meaning |", "|---|---|---|---|"]
     for env, key, default, desc in rows():
         lines.append(f"| `{env}` | `{key}` | {default} | {desc.replace('|', '/')} |")
-    lines += ["", END]
+    lines += [
+        "",
+        "Settings whose value is a list or a table, in both forms (an environment variable holds "
+        "text: a comma list, the protocols' `pipeline=role,role; ...` form, or JSON; the settings "
+        "file holds TOML arrays and tables):",
+        "",
+        both_forms(),
+        "",
+        "The same settings as a settings file (`msknode --config msknode.toml ...`), every key at its "
+        "default; the list and table settings show the values above. Keep only the keys you change:",
+        "",
+        settings_file(),
+        "",
+        END,
+    ]
     return "\n".join(lines)
 
 
