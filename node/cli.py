@@ -22,6 +22,7 @@ COMMAND_MODULES = (
     "node.commands.web",  # users
     "node.commands.bench",  # bench ingest|models|e2e
     "node.commands.demo",  # demo
+    "node.commands.orthanc",  # orthanc autoroute-script
     "models.cli",  # models, train, evaluate, predict
 )
 
