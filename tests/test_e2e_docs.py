@@ -1,5 +1,7 @@
 """The documentation: the README's two commands first, every setting with its current default in
-docs/configuration.md, links that resolve in every document, a card link for every shipped model."""
+docs/configuration.md (both forms, both ways), every command and option the documents name, links
+that resolve in every document, a card link for every shipped model, the commands an admin copies
+from docs/operations.md."""
 
 from __future__ import annotations
 
@@ -201,3 +203,33 @@ def test_every_documented_command_and_option_exists():
         _walk(parser, text.split(), doc, text)
         seen += 1
     assert seen > 20
+
+
+# ---- what an admin copies from docs/operations.md ------------------------------------------------
+OPERATIONS = ROOT / "docs" / "operations.md"
+
+
+def test_echoscu_in_the_docs_names_a_calling_ae_title():
+    for doc in DOCUMENTS:
+        for line in re.findall(r"echoscu[^`\n]*", doc.read_text()):
+            assert "-aet " in line, f"{doc.relative_to(ROOT)}: `{line}` is refused once an allow-list is set"
+
+
+@pytest.mark.slow
+def test_the_documented_phantom_command_writes_a_study(tmp_path):
+    import json
+    import shlex
+    import subprocess
+    import sys
+
+    line = next(x for x in OPERATIONS.read_text().splitlines() if x.startswith("python -m models.phantoms study "))
+    args = shlex.split(line)
+    out_dir = args[5]
+    args[5] = str(tmp_path / "study")
+    r = subprocess.run([sys.executable, *args[1:]], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    counts = json.loads(r.stdout)
+    assert counts and all(n > 0 for n in counts.values())
+    assert sorted(p.name for p in (tmp_path / "study").iterdir()) == sorted(counts)
+    # the storescu line sends what the generator wrote
+    assert any(x.startswith("storescu -aet ") and x.endswith(out_dir) for x in OPERATIONS.read_text().splitlines())
