@@ -215,7 +215,6 @@ def test_echoscu_in_the_docs_names_a_calling_ae_title():
             assert "-aet " in line, f"{doc.relative_to(ROOT)}: `{line}` is refused once an allow-list is set"
 
 
-@pytest.mark.slow
 def test_the_documented_phantom_command_writes_a_study(tmp_path):
     import json
     import shlex
