@@ -20,9 +20,12 @@ def register(sub) -> None:
             "(docker/orthanc-autoroute.lua): every new MR instance is forwarded, never msknode's own objects."
         ),
     )
-    s.add_argument("--host", help="the address Orthanc reaches msknode at (default: MSKNODE_HOST, "
-                   "required when it is 0.0.0.0)")
-    s.add_argument("--modality", default="msknode", help="msknode's name in Orthanc's DicomModalities (default msknode)")
+    s.add_argument(
+        "--host", help="the address Orthanc reaches msknode at (default: MSKNODE_HOST, required when it is 0.0.0.0)"
+    )
+    s.add_argument(
+        "--modality", default="msknode", help="msknode's name in Orthanc's DicomModalities (default msknode)"
+    )
     s.add_argument("--route-modalities", default="MR", help="comma list of Modality values to forward (default MR)")
     s.add_argument("-o", "--output", metavar="FILE", help="write the script to FILE instead of printing it")
     s.set_defaults(func=_autoroute_script)

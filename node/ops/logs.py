@@ -37,26 +37,50 @@ FORMATS = ("text", "json")
 
 #: third-party loggers held at MSKNODE_LOG_LIBRARY_LEVEL (default WARNING)
 LIBRARY_LOGGERS = (
-    "highdicom", "pynetdicom", "pydicom", "celery", "kombu", "amqp", "urllib3", "httpx", "httpcore", "alembic",
-    "monai", "uvicorn", "uvicorn.access", "uvicorn.error", "multipart", "python_multipart", "PIL", "matplotlib",
-    "asyncio", "filelock", "torch",
+    "highdicom",
+    "pynetdicom",
+    "pydicom",
+    "celery",
+    "kombu",
+    "amqp",
+    "urllib3",
+    "httpx",
+    "httpcore",
+    "alembic",
+    "monai",
+    "uvicorn",
+    "uvicorn.access",
+    "uvicorn.error",
+    "multipart",
+    "python_multipart",
+    "PIL",
+    "matplotlib",
+    "asyncio",
+    "filelock",
+    "torch",
 )
 
 #: (logger, message template) of the per-series / per-object INFO lines of the stages, logged at DEBUG.
 #: The line of the same stage that names the study stays at INFO (tests/test_ops_logs.py checks
 #: that every template is still in its module).
 DETAIL_LINES: dict[str, frozenset[str]] = {
-    "node.intake.completeness": frozenset({
-        "series %s routing: %s",  # per series; the job's line lists its series and roles
-        "series %s complete (%s, %d instances): %s",
-    }),
-    "node.jobs.worker": frozenset({
-        "jobs created: %s",  # repeats the completeness line "job N created for study ..."
-        "enqueued jobs %s",
-    }),
-    "node.dispatch.outbox": frozenset({
-        "sent %s to %s",  # one per result object and destination (a super-resolved series: one per slice)
-    }),
+    "node.intake.completeness": frozenset(
+        {
+            "series %s routing: %s",  # per series; the job's line lists its series and roles
+            "series %s complete (%s, %d instances): %s",
+        }
+    ),
+    "node.jobs.worker": frozenset(
+        {
+            "jobs created: %s",  # repeats the completeness line "job N created for study ..."
+            "enqueued jobs %s",
+        }
+    ),
+    "node.dispatch.outbox": frozenset(
+        {
+            "sent %s to %s",  # one per result object and destination (a super-resolved series: one per slice)
+        }
+    ),
 }
 
 _UID = r"([0-9]+(?:\.[0-9]+){2,})"
@@ -131,8 +155,9 @@ def _tagged(handler: logging.Handler) -> bool:
     return getattr(handler, "_msknode", False)
 
 
-def setup_logging(level: str, fmt: str | None = None, library_level: str | None = None, *,
-                  stream: IO[str] | None = None) -> None:
+def setup_logging(
+    level: str, fmt: str | None = None, library_level: str | None = None, *, stream: IO[str] | None = None
+) -> None:
     """Configures this process's logging (again, replacing what an earlier call installed).
 
     ``fmt`` and ``library_level`` default to ``MSKNODE_LOG_FORMAT`` / ``MSKNODE_LOG_LIBRARY_LEVEL``
@@ -162,7 +187,11 @@ def setup_logging(level: str, fmt: str | None = None, library_level: str | None 
 
 # ---- the log file of msknode serve ------------------------------------------------------------
 def log_file_path(settings: Settings) -> Path:
-    return Path(settings.log_file).expanduser().resolve() if settings.log_file else settings.data_dir / "logs" / "msknode.log"
+    return (
+        Path(settings.log_file).expanduser().resolve()
+        if settings.log_file
+        else settings.data_dir / "logs" / "msknode.log"
+    )
 
 
 class _PrivateRotatingFile(logging.handlers.RotatingFileHandler):
@@ -193,15 +222,20 @@ class LogFile:
         self.fmt = fmt
         self.path.parent.mkdir(parents=True, exist_ok=True)
         os.chmod(self.path.parent, 0o700)
-        self.handler = _PrivateRotatingFile(self.path, maxBytes=max(1, int(max_mb * 1024 * 1024)),
-                                            backupCount=backups, encoding="utf-8")
+        self.handler = _PrivateRotatingFile(
+            self.path, maxBytes=max(1, int(max_mb * 1024 * 1024)), backupCount=backups, encoding="utf-8"
+        )
         self.handler.setFormatter(_PassRaw(formatter(fmt)))
         self.handler._msknode = True  # type: ignore[attr-defined]
 
     @classmethod
     def of(cls, settings: Settings, fmt: str | None = None) -> LogFile:
-        return cls(log_file_path(settings), max_mb=settings.log_file_max_mb, backups=settings.log_file_backups,
-                   fmt=fmt or settings.log_format)
+        return cls(
+            log_file_path(settings),
+            max_mb=settings.log_file_max_mb,
+            backups=settings.log_file_backups,
+            fmt=fmt or settings.log_format,
+        )
 
     def attach(self) -> None:
         """The records of this process go to the file too."""
@@ -217,8 +251,15 @@ class LogFile:
         text = text.rstrip("\r\n")
         if self.fmt == "json" and not (text.startswith("{") and text.endswith("}")):
             level = "ERROR" if text.startswith("Traceback") else "INFO"
-            text = json.dumps({"time": dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds"), "level": level,
-                               "logger": source, "message": text}, ensure_ascii=False)
+            text = json.dumps(
+                {
+                    "time": dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds"),
+                    "level": level,
+                    "logger": source,
+                    "message": text,
+                },
+                ensure_ascii=False,
+            )
         record = logging.LogRecord(source, logging.INFO, __file__, 0, text, None, None)
         record.raw_line = True
         self.handler.handle(record)  # the handler's lock: one line at a time, rotation included
