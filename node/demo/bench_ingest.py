@@ -269,20 +269,23 @@ class MsknodeReceiver(Receiver):
             MSKNODE_FAST_TRANSPORT="1" if self.fast_transport else "0",
             MSKNODE_LOG_LEVEL="WARNING",
         )
-        self.log = open(workdir / "msknode.log", "wb")
-        self.proc = subprocess.Popen([sys.executable, "-m", "node.cli", "listen"], env=env, stdout=self.log, stderr=subprocess.STDOUT)
+        with open(workdir / "msknode.log", "wb") as log_file:  # the listener keeps its own descriptor
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "node.cli", "listen"], env=env, stdout=log_file, stderr=subprocess.STDOUT
+            )
         _wait_echo(port, self.aet, self.proc)
         return port
 
     def stop(self) -> None:
         if self.proc is not None:
             _stop(self.proc)
-            self.log.close()
 
     def arrived(self, expected: dict[str, str]) -> tuple[bool, str]:
         """Every sent instance has an index row and a stored file whose data set bytes match."""
         from node.receive.storage import dataset_offset
 
+        if self.data_dir is None:
+            raise NodeError("the msknode receiver was not started")
         db = sqlite3.connect(str(self.data_dir / "msknode.db"))
         try:
             rows = dict(db.execute("SELECT sop_instance_uid, path FROM instances").fetchall())

@@ -26,7 +26,6 @@ from node.errors import IngestError
 from node.intake.recognition import acquisition_from_dataset
 from node.receive.storage import is_valid_uid
 
-
 # C-STORE statuses (PS3.4 Annex B.2.3)
 SUCCESS = 0x0000
 OUT_OF_RESOURCES = 0xA700  # Refused: out of resources (the peer retries later)

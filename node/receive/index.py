@@ -18,14 +18,15 @@ from __future__ import annotations
 import datetime as dt
 import functools
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
-from sqlalchemy import Connection, and_, bindparam, func, select, update
+from sqlalchemy import Connection, Table, and_, bindparam, func, select, update
 from sqlalchemy.orm import Session
 
-from node.db.database import utcnow
+from node.db.database import Base, utcnow
 from node.db.schema import Association, AssociationSeries, Instance, Quarantine, Series, Study
 from node.errors import StorageError
 from node.receive.header import SUCCESS, InstanceHeader
@@ -92,23 +93,32 @@ def _norm(value: str | None) -> str | None:
     return value if value else None
 
 
-def _insert_ignoring_conflicts(dialect: str, table):
+def _table(model: type[Base]) -> Table:
+    """The table of a mapped class (SQLAlchemy types ``__table__`` as any FromClause)."""
+    table = model.__table__
+    assert isinstance(table, Table)
+    return table
+
+
+def _insert_ignoring_conflicts(dialect: str, table: Table):
     """INSERT ... ON CONFLICT DO NOTHING for SQLite and PostgreSQL."""
     if dialect == "sqlite":
-        from sqlalchemy.dialects.sqlite import insert
-    elif dialect == "postgresql":
-        from sqlalchemy.dialects.postgresql import insert
-    else:
-        raise StorageError(f"unsupported database dialect {dialect!r} (SQLite or PostgreSQL)")
-    return insert(table).on_conflict_do_nothing()
+        from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+
+        return sqlite_insert(table).on_conflict_do_nothing()
+    if dialect == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert as postgresql_insert
+
+        return postgresql_insert(table).on_conflict_do_nothing()
+    raise StorageError(f"unsupported database dialect {dialect!r} (SQLite or PostgreSQL)")
 
 
 class _Statements:
     """The index statements, built once per dialect (compiled once, executed with parameters)."""
 
     def __init__(self, dialect: str):
-        inst, st, se = Instance.__table__, Study.__table__, Series.__table__
-        asr = AssociationSeries.__table__
+        inst, st, se = _table(Instance), _table(Study), _table(Series)
+        asr = _table(AssociationSeries)
         self.insert_instance = _insert_ignoring_conflicts(dialect, inst).returning(inst.c.id)
         self.insert_study = _insert_ignoring_conflicts(dialect, st)
         self.insert_series = _insert_ignoring_conflicts(dialect, se)
@@ -176,7 +186,7 @@ def _statements(conn: Connection) -> _Statements:
 
 
 def _study_values(header: InstanceHeader) -> dict:
-    t = Study.__table__.c
+    t = _table(Study).c
     return {k: _fit(t[k], _norm(v)) for k, v in header.demographics.items()}
 
 
@@ -195,7 +205,7 @@ def _upsert_study(conn, sql: _Statements, cache: IndexCache, header: InstanceHea
     changed = {k: v for k, v in values.items() if header.demographics.get(k) is not None and v != row[k]}
     current = {k: row[k] for k in values}
     if changed:
-        st = Study.__table__
+        st = _table(Study)
         conn.execute(update(st).where(st.c.id == row["id"]).values(**changed))
         current.update(changed)
         audit(session, "study", header.study_uid, tuple(sorted(changed)), header)
@@ -209,7 +219,7 @@ def _upsert_series(conn, sql: _Statements, cache: IndexCache, header: InstanceHe
         return cached[0]
     row = conn.execute(sql.select_series, {"b_uid": header.series_uid}).first()
     if row is None:
-        c = Series.__table__.c
+        c = _table(Series).c
         conn.execute(
             sql.insert_series,
             dict(
@@ -244,7 +254,7 @@ def _upsert_series(conn, sql: _Statements, cache: IndexCache, header: InstanceHe
 
 
 def _instance_values(item: Received, series_id: int, path: Path) -> dict:
-    h, c = item.header, Instance.__table__.c
+    h, c = item.header, _table(Instance).c
     return dict(
         series_id=series_id,
         sop_class_uid=h.sop_class_uid,
@@ -319,7 +329,7 @@ def index_instances(
                 # published outside the lock while another version is indexed (a concurrent resend):
                 # write our bytes again now, under the lock, so that file and row agree
                 item.staged, item.published = store.stage(item.file_meta, item.data), None
-            inst = Instance.__table__
+            inst = _table(Instance)
             conn.execute(update(inst).where(inst.c.id == existing.id).values(updated_at=now, **item_values))
             if existing.series_id != series_id:  # the resend moved it to another series
                 arrivals[existing.series_id] = arrivals.get(existing.series_id, 0) - 1
@@ -393,7 +403,7 @@ def audit_demographics(session, entity_type: str, study_uid: str, fields: tuple[
 
 
 def open_association(session, *, calling_ae: str | None, called_ae: str | None, peer_address: str | None, listener: str, now=None) -> int:
-    t = Association.__table__
+    t = _table(Association)
     result = session.execute(
         t.insert().values(
             calling_ae=_fit(t.c.calling_ae, calling_ae),
@@ -412,7 +422,7 @@ def close_association(
 ) -> list[int]:
     """Ends an association; starts the quiet timer of each series no other open association delivers to."""
     now = now or utcnow()
-    asc, asr, se, inst = Association.__table__, AssociationSeries.__table__, Series.__table__, Instance.__table__
+    asc, asr, se, inst = _table(Association), _table(AssociationSeries), _table(Series), _table(Instance)
     stored = select(func.count()).select_from(inst).where(inst.c.association_id == association_id).scalar_subquery()
     done = session.execute(
         update(asc)
@@ -445,7 +455,7 @@ def recover_unclean_stop(session, store: InstanceStore, *, since: dt.datetime, l
     Their senders got no Success and send them again. Returns the number of rows removed.
     """
     logger = logger or log
-    inst, se = Instance.__table__, Series.__table__
+    inst, se = _table(Instance), _table(Series)
     rows = session.execute(
         select(inst.c.id, inst.c.series_id, inst.c.sop_instance_uid, inst.c.path, inst.c.sha256).where(
             (inst.c.received_at >= since) | (inst.c.updated_at >= since)
@@ -468,7 +478,7 @@ def recover_unclean_stop(session, store: InstanceStore, *, since: dt.datetime, l
 
 
 def record_quarantine(session, *, calling_ae: str | None, sop_instance_uid: str | None, status: int, reason: str, path: str | None, now=None) -> int:
-    t = Quarantine.__table__
+    t = _table(Quarantine)
     result = session.execute(
         t.insert().values(
             received_at=now or utcnow(),

@@ -26,11 +26,12 @@ import socket
 import threading
 import time
 import weakref
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from pynetdicom import AE, _config, evt
-from pynetdicom.sop_class import Verification
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]  # generated at import, not in its stubs
 
 from node.db.database import Database, upgrade
 from node.errors import IngestError, NodeError, OutOfSpaceError, StorageError
@@ -107,7 +108,7 @@ class Listener:
         ae.dimse_timeout = self.settings.dimse_timeout
         ae.acse_timeout = 30
         ae.require_calling_aet = list(self.settings.allowed_ae_titles)
-        handlers = [
+        handlers: list[evt.EventHandlerType] = [
             (evt.EVT_REQUESTED, self._on_requested),
             (evt.EVT_ACCEPTED, self._on_accepted),
             (evt.EVT_C_ECHO, self._on_echo),
@@ -125,10 +126,14 @@ class Listener:
             )
         except OSError as e:
             raise NodeError(f"cannot listen on {address[0]}:{address[1]}: {e.strerror or e}") from None
+        assert isinstance(server, ReusePortServer)  # an instance of `server_class`
         if fast:
             server.store_handler = self.handle_store  # else C-STOREs go through EVT_C_STORE
         self.server = server
+        target: Callable[..., None]
+        kwargs: dict[str, Any]
         if self.handoff is not None:
+            assert isinstance(server, HandoffServer)
             target = server.serve_handoff
             kwargs = {"handoff": self.handoff, "on_parent_gone": lambda: os.kill(os.getpid(), signal.SIGTERM)}
         else:
@@ -348,7 +353,7 @@ def _child_main(settings, index: int, handoff: socket.socket) -> None:
         raise SystemExit(serve_one(settings, handoff=handoff))
     except NodeError as e:
         log.error("listener process %d: %s", index, e)
-        raise SystemExit(1)
+        raise SystemExit(1) from None
 
 
 class RunMarker:
@@ -408,7 +413,7 @@ def recover(settings, marker: RunMarker) -> int:
     if not stale:
         return 0
     newest = max(m.stat().st_mtime for m in stale)
-    since = dt.datetime.fromtimestamp(newest - RunMarker.MARGIN_SECONDS, dt.timezone.utc)
+    since = dt.datetime.fromtimestamp(newest - RunMarker.MARGIN_SECONDS, dt.UTC)
     log.warning("a listener stopped uncleanly (%d marker(s) left): checking the instances received since %s", len(stale), since)
     db = Database(settings.database_url, migrate=False)
     try:
@@ -493,7 +498,7 @@ def _supervise(settings, n: int) -> int:
         while not stop.is_set():
             try:
                 conn, addr = lsock.accept()
-            except (TimeoutError, socket.timeout):
+            except TimeoutError:
                 continue
             except OSError:
                 if stop.is_set():

@@ -29,10 +29,10 @@ import struct
 import threading
 import time
 import uuid
+from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
 
 from node import __version__
 from node.errors import OutOfSpaceError, StorageError
@@ -136,7 +136,7 @@ class InstanceStore:
         self._pool_lock = threading.Lock()
 
     @classmethod
-    def from_settings(cls, settings) -> "InstanceStore":
+    def from_settings(cls, settings) -> InstanceStore:
         return cls(settings.store_dir, settings.quarantine_dir, min_free_bytes=int(settings.min_free_gb * 1024**3))
 
     def prepare(self) -> None:

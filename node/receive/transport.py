@@ -34,7 +34,7 @@ import socket
 import socketserver
 import struct
 import threading
-from typing import Callable
+from collections.abc import Callable
 
 from pynetdicom import evt
 from pynetdicom.association import Association
@@ -58,11 +58,13 @@ def describe(assoc) -> str:
     """``association 12 from STORESCU at 127.0.0.1:40412``: identifiers only, for log lines."""
     requestor = getattr(assoc, "requestor", None)
     calling = (getattr(requestor, "ae_title", "") or "").strip() or "?"
+    where = "?"
     try:
-        peer = requestor.address_info
-        where = f"{peer.address}:{peer.port}"
+        peer = requestor.address_info if requestor is not None else None
+        if peer is not None:
+            where = f"{peer.address}:{peer.port}"
     except Exception:
-        where = "?"
+        pass
     return f"association {getattr(assoc, 'index_id', None)} from {calling} at {where}"
 
 
@@ -105,7 +107,8 @@ class _DUL(DULServiceProvider):
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
-        self.to_provider_queue = _WakingQueue(self._wake_w)
+        self._waking = _WakingQueue(self._wake_w)
+        self.to_provider_queue = self._waking
 
     def _wait(self) -> None:
         fds: list = [self._wake_r]
@@ -155,7 +158,7 @@ class _DUL(DULServiceProvider):
             self.close_pipe()
 
     def close_pipe(self) -> None:
-        self.to_provider_queue.close_wake(self._wake_r, self._wake_w)
+        self._waking.close_wake(self._wake_r, self._wake_w)
 
     def _abort_on_error(self, error: Exception) -> None:
         """As pynetdicom does on an error in its DUL loop: bypass the state machine, send an
@@ -168,18 +171,21 @@ class _DUL(DULServiceProvider):
         abort_pdu = A_ABORT_RQ()
         abort_pdu.source = 0x02
         abort_pdu.reason_diagnostic = 0x00
-        try:
-            self.socket.send(abort_pdu.encode())
-        except Exception:
-            pass
+        sock = self.socket
+        if sock is not None:
+            try:
+                sock.send(abort_pdu.encode())
+            except Exception:
+                pass
         self.assoc.is_aborted = True
         self.assoc.is_established = False
         self.assoc._kill = True
         self._kill_thread = True
-        try:
-            self.socket.close()
-        except Exception:
-            pass
+        if sock is not None:
+            try:
+                sock.close()
+            except Exception:
+                pass
         evt.trigger(self.assoc, evt.EVT_ABORTED, {})
 
 
@@ -221,7 +227,8 @@ class _Association(Association):
         if handler is None or not isinstance(msg, C_STORE) or context is None or self._sent_release:
             super()._serve_request(msg, context_id)
             return
-        if not msg.is_valid_request:
+        message_id = msg.MessageID
+        if not msg.is_valid_request or message_id is None:  # (a valid request has a Message ID)
             log.warning("%s: invalid C-STORE request ignored", describe(self))
             return
         try:
@@ -235,7 +242,7 @@ class _Association(Association):
         if not self.is_established:
             return
         command = encode_store_response(
-            str(msg.AffectedSOPClassUID or ""), str(msg.AffectedSOPInstanceUID or ""), int(msg.MessageID), int(status)
+            str(msg.AffectedSOPClassUID or ""), str(msg.AffectedSOPInstanceUID or ""), message_id, int(status)
         )
         pdata = P_DATA()
         pdata.presentation_data_value_list.append((context_id, b"\x03" + command))
@@ -251,9 +258,10 @@ class _Association(Association):
             try:
                 context_id, msg = self.dimse.msg_queue.get(timeout=_QUEUE_WAIT)
             except queue.Empty:
-                context_id, msg = None, None
-            if msg:
-                self._serve_request(msg, context_id)
+                pass
+            else:
+                if msg and context_id is not None:  # (None, None) carries no request
+                    self._serve_request(msg, context_id)
 
             if self.is_established and self.acse.is_release_requested():
                 self.release_requested = True  # read by the connection-closed handler (another thread)
@@ -300,10 +308,11 @@ class _RequestHandler(RequestHandler):
             dul.socket = old.socket
             dul.event_queue = old.event_queue  # holds Evt5, the transport connection indication
             assoc.__class__ = _Association
+            assert isinstance(assoc, _Association)
             assoc.dul = dul
             assoc.acse_timeout = assoc.acse_timeout  # the setters configure the DUL's timers
             assoc.network_timeout = assoc.network_timeout
-            assoc.store_handler = self.server.store_handler
+            assoc.store_handler = getattr(self.server, "store_handler", None)  # a ReusePortServer's
         except Exception as e:
             assoc.__class__, assoc.dul = old_class, old  # its timers were set by pynetdicom already
             if dul is not None:
@@ -336,7 +345,7 @@ class ReusePortServer(ThreadedAssociationServer):
         )
 
     def server_bind(self) -> None:
-        if hasattr(socket, "SO_REUSEPORT"):
+        if self.socket is not None and hasattr(socket, "SO_REUSEPORT"):
             self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         super().server_bind()
 
@@ -349,6 +358,8 @@ class ReusePortServer(ThreadedAssociationServer):
 
     def server_close(self) -> None:
         # only the listening socket; open associations are ended by their own threads
+        if self.socket is None:
+            return
         try:
             self.socket.close()
         except OSError:

@@ -44,6 +44,14 @@ class _Op:
     taken: bool = False  # in a batch (committed by whoever took it)
 
 
+def _driver(conn: Connection) -> Any:
+    """The DB-API connection under `conn` (None only once SQLAlchemy has detached it)."""
+    driver = conn.connection.driver_connection
+    if driver is None:
+        raise StorageError("the database connection is no longer attached")
+    return driver
+
+
 class IndexWriter:
     """Writes the index for one listener process, committing concurrent work in shared transactions.
 
@@ -178,7 +186,7 @@ class IndexWriter:
         if self._conn is None or self._conn.invalidated or self._conn.closed:
             self._conn = self.db.engine.connect()
             if self.overlap:  # the commit is made durable by `_finish` (WAL fsync with the files)
-                self._conn.connection.driver_connection.execute("PRAGMA synchronous=NORMAL")
+                _driver(self._conn).execute("PRAGMA synchronous=NORMAL")
         return self._conn
 
     def close(self) -> None:
@@ -225,7 +233,7 @@ class IndexWriter:
             try:
                 if conn.in_transaction():
                     conn.rollback()
-                conn.connection.driver_connection.execute("PRAGMA synchronous=FULL")
+                _driver(conn).execute("PRAGMA synchronous=FULL")
             except Exception:
                 conn.invalidate()
         conn.close()
