@@ -15,11 +15,9 @@ import os
 import re
 import tomllib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
-from typing import Annotated
-
+from pydantic import BaseModel, Field, ValidationError, ValidatorFunctionWrapHandler, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
 from pydantic_settings import SettingsError as _SourceError
 
@@ -32,6 +30,10 @@ DEFAULT_TRIAGE_POLICY = Path(__file__).resolve().parent.parent / "worklists" / "
 # A UID root for objects msknode creates. Sites set their own (MSKNODE_UID_ROOT);
 # this default is only unique to msknode installations.
 DEFAULT_UID_ROOT = "1.2.826.0.1.3680043.10.1447."
+
+# The default of a setting that `Settings._derived` fills in: None until then, and the field's
+# type (str) once the settings are validated.
+_DERIVED: Any = None
 
 _AE_RE = re.compile(r"^[\x20-\x7e]{1,16}$")
 _UID_ROOT_RE = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*\.$")
@@ -118,8 +120,8 @@ class Settings(BaseSettings):
 
     # storage
     data_dir: Path = Path("data")
-    database_url: str | None = None
-    broker_url: str | None = None
+    database_url: str = _DERIVED
+    broker_url: str = _DERIVED
     min_free_gb: float = Field(default=1.0, ge=0)
     retention_days: float = Field(default=30.0, ge=0)
 
@@ -260,6 +262,11 @@ class Settings(BaseSettings):
             raise ValueError("the secret key must be at least 16 characters and not a placeholder")
         return v
 
+    @field_validator("database_url", "broker_url", mode="wrap")
+    @classmethod
+    def _unset(cls, v: Any, handler: ValidatorFunctionWrapHandler) -> str | None:
+        return None if v is None else handler(v)  # unset: `_derived` fills it in
+
     @field_validator("log_level", "log_library_level")
     @classmethod
     def _level(cls, v: str) -> str:
@@ -269,7 +276,7 @@ class Settings(BaseSettings):
         return v
 
     @model_validator(mode="after")
-    def _derived(self) -> "Settings":
+    def _derived(self) -> Settings:
         self.data_dir = Path(self.data_dir).expanduser().resolve()
         if self.database_url is None:
             self.database_url = f"sqlite:///{self.data_dir / 'msknode.db'}"

@@ -17,7 +17,6 @@ def database(settings: Settings) -> Iterator[Database]:
     """The node's database for one command (migrated to the current schema), disposed of afterwards."""
     from node.db.database import Database
 
-    assert settings.database_url is not None  # resolved by Settings' validator
     db = Database(settings.database_url)
     try:
         yield db

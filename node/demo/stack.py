@@ -158,7 +158,6 @@ class NodeStack:
         from worklists.tables import User
 
         self.settings.ensure_dirs()
-        assert self.settings.database_url is not None  # resolved by Settings' validator
         db = Database(self.settings.database_url)
         try:
             with db.session() as s:

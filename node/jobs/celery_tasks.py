@@ -44,7 +44,6 @@ class WorkerContext:
             from node.db.database import Database
 
             self._pid = os.getpid()
-            assert self.settings.database_url is not None  # resolved by Settings' validator
             self._db = Database(self.settings.database_url, migrate=False)
             self._runner = None
             self._finalizers = None

@@ -216,7 +216,6 @@ def run_worker(
     for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
         os.environ[var] = str(settings.torch_threads)
     settings.ensure_dirs()
-    assert settings.database_url is not None  # resolved by Settings' validator
     db = Database(settings.database_url)  # applies migrations
     app = make_celery(settings, runner_factory=runner_factory)
     name = lease.worker_name()

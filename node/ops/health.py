@@ -71,7 +71,6 @@ def check_broker(settings: Settings, *, timeout: float = 3.0) -> dict[str, Any]:
             return {"ok": False, "transport": transport, "error": f"{type(e).__name__}: {e}"}
     from kombu import Connection
 
-    assert settings.broker_url is not None  # resolved by Settings' validator
     try:
         with Connection(settings.broker_url, transport_options=transport_options(settings),
                         connect_timeout=timeout) as conn:
