@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -32,7 +33,7 @@ def policy():
     return load_policy(DEFAULT_POLICY_PATH)
 
 
-def acl(p_complete: float, *, p_tear: float = 0.9, u: float = 0.04) -> TriageFinding:
+def acl(p_complete: float, *, p_tear: float = 0.85, u: float = 0.04) -> TriageFinding:
     rest = 1 - p_complete
     return TriageFinding(
         code="acl_tear", label="ACL tear", model_name="knee.acl", probability=p_tear, uncertainty=u, positive=p_tear >= 0.5,
@@ -66,17 +67,39 @@ def test_complete_acl_tear_above_threshold_is_urgent_with_its_reason(policy):
     s = compute([acl(0.82)], policy)
     assert s.priority == "URGENT"
     assert "acl_complete" in s.matched_rules
-    assert s.reasons[0].startswith("URGENT: ACL tear complete, P(complete) 0.82 >= 0.70")
+    # the finding as every view writes it (headline P(tear), grade split), then the rule's own test
+    assert s.reasons[0].startswith("URGENT: ACL tear 85 % (complete 82 %, partial 3 %) (+/-4); P(complete) 82 % >= 70 %")
     assert "early orthopaedic referral" in s.reasons[0]
     assert 0 < s.score <= 100 and not s.needs_review
 
 
 def test_probable_tear_with_low_complete_probability_stays_routine_but_scores(policy):
-    s = compute([acl(0.30, p_tear=0.9)], policy)
+    s = compute([acl(0.30, p_tear=0.85)], policy)
     assert s.priority == "ROUTINE"
     assert s.matched_rules == ("acl_tear",)
-    assert s.score == pytest.approx(30 * 0.9, abs=0.1)
-    assert any(r.startswith("score +27: ACL tear") for r in s.reasons)
+    assert s.score == pytest.approx(30 * 0.85, abs=0.1)
+    assert any(r.startswith("score +26: ACL tear 85 % (partial 55 %, complete 30 %)") for r in s.reasons)
+
+
+def test_a_sure_tear_of_either_grade_is_urgent_because_the_grade_is_unreliable(policy):
+    # the model calls a complete tear "partial" (98 %): P(tear) decides, not the grade it names
+    misgraded = TriageFinding(code="acl_tear", label="Partial ACL tear", model_name="knee.acl", probability=0.98,
+                              uncertainty=0.01, positive=True, grade="partial",
+                              grade_probabilities={"intact": 0.02, "partial": 0.71, "complete": 0.27})
+    s = compute([misgraded], policy)
+    assert s.priority == "URGENT" and "acl_tear_high" in s.matched_rules and "acl_complete" not in s.matched_rules
+    assert s.reasons[0].startswith("URGENT: ACL tear 98 % (partial 71 %, complete 27 %) (+/-1);"
+                                   " P(partial or complete) 98 % >= 90 %")
+    # below the threshold the grade rules decide as before
+    assert compute([acl(0.30, p_tear=0.85)], policy).priority == "ROUTINE"
+    # the threshold is the site's: a copy of the policy with a lower one raises the same study
+    data = tomllib.loads(DEFAULT_POLICY_PATH.read_text())
+    (rule,) = [r for r in data["rule"] if r["id"] == "acl_tear_high"]
+    assert rule["priority"] == "URGENT" and set(rule["grades"]) == {"partial", "complete"}
+    rule["min_probability"] = 0.80
+    assert compute([acl(0.30, p_tear=0.85)], parse_policy(data)).priority == "URGENT"
+    rule["min_probability"] = 0.99
+    assert compute([misgraded], parse_policy(data)).priority == "ROUTINE"
 
 
 def test_near_threshold_with_wide_uncertainty_is_flagged_not_promoted(policy):
@@ -91,7 +114,7 @@ def test_severe_stenosis_at_any_level_is_urgent_and_names_levels(policy):
     one = compute([stenosis("L3-L4", "moderate"), stenosis("L4-L5", "severe"), stenosis("L5-S1", "mild")], policy)
     assert one.priority == "URGENT"
     assert "stenosis_severe" in one.matched_rules and "stenosis_severe_multilevel" not in one.matched_rules
-    assert any("Spinal stenosis severe at L4-L5" in r for r in one.reasons)
+    assert any(r.startswith("URGENT: Central canal stenosis L4-L5 95 % (severe 85 %,") for r in one.reasons)
     two = compute([stenosis("L3-L4", "severe"), stenosis("L4-L5", "severe")], policy)
     assert "stenosis_severe_multilevel" in two.matched_rules
     assert any("2 levels: L3-L4, L4-L5" in r for r in two.reasons)
@@ -113,7 +136,8 @@ def test_qc_refusals_flag_review_and_silence_is_never_negative(policy):
     refused = TriageFinding(code="knee.acl", label="knee.acl", model_name="knee.acl", evaluated=False, qc_reason="wrong_anatomy")
     s = compute([refused], policy)
     assert s.priority == "ROUTINE" and s.needs_review
-    assert any("not evaluated by knee.acl: wrong_anatomy" in r for r in s.reasons)
+    assert "ACL tear not evaluated: the quality check could not confirm the expected body part in the images" \
+        " - needs human review" in s.reasons
     assert any("no model could evaluate" in r for r in s.reasons)
     empty = compute([], policy)
     assert empty.needs_review and any("no AI result" in r for r in empty.reasons)
@@ -235,11 +259,11 @@ def test_upsert_creates_entry_and_audits_as_system(db, policy):
         job = make_job(s, findings=[COMPLETE])
         e = entries.upsert_for_job(s, job_id=job.id, policy=policy, now=T0)
         assert (e.priority, e.ai_priority, e.status) == ("URGENT", "URGENT", "unread")
-        assert e.reasons[0].startswith("URGENT: ACL tear complete") and e.score > 0
+        assert e.reasons[0].startswith("URGENT: ACL tear 95 % (complete 85 %, partial 10 %)") and e.score > 0
         (ev,) = events(s, e.id)
         assert (ev.actor, ev.action, ev.old_value, ev.new_value) == ("system", "worklist.create", None, "URGENT")
         assert ev.details["job_id"] == job.id and ev.details["rules"][0] == "acl_complete"
-        assert "P(complete) 0.85" in ev.reason
+        assert "P(complete) 85 %" in ev.reason
 
 
 def test_upsert_is_idempotent_and_keeps_an_admin_override(db, policy):

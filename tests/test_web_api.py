@@ -358,7 +358,7 @@ def test_worklist_api_order_fields_and_times(env):
     # two URGENT (spine waited longer than the ACL study), then the routine knee
     assert names[:3] == ["ROSSI, MARIA", "DOE, JANE", "NORMAL, KNEE"]
     first = body["entries"][0]
-    assert first["priority"] == "URGENT" and first["reasons"][0].startswith("URGENT: Spinal stenosis severe at L4-L5")
+    assert first["priority"] == "URGENT" and first["reasons"][0].startswith("URGENT: Central canal stenosis L4-L5 95 %")
     assert first["study_datetime_as_sent"] == "2024-03-05 14:22:10"  # as sent, no offset invented
     assert re.match(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\+0[12]:00$", first["received_at"])  # Berlin time with its offset
     acl = body["entries"][1]

@@ -104,12 +104,13 @@ def test_findings_refusal_and_superres_check_are_shown(processed):
     c, ids = processed["client"], processed["ids"]
     d = c.get(f"/api/studies/{ids['study']}").json()
     assert d["entry"]["priority"] == "URGENT" and d["entry"]["needs_review"]
-    assert any(r.startswith("not evaluated by knee.meniscus: low_snr") for r in d["entry"]["reasons"])
+    assert "Meniscal tear not evaluated: the images are too noisy for the model - needs human review" in d["entry"]["reasons"]
     refused = [f for f in d["findings"] if not f["evaluated"]]
     assert [(f["model"], f["qc_reason"]) for f in refused] == [("knee.meniscus", "low_snr")]
+    assert refused[0]["qc_message"] is None  # the gate's own message is for the admin's view only
     (check,) = d["superres_checks"]
     assert check["consistency_passed"] is True and check["consistency_error"] == pytest.approx(0.012)
     assert {g["kind"] for g in d["results"]} == {"sr", "seg", "superres", "sc"}
     page = c.get(f"/studies/{ids['study']}")
     assert page.status_code == 200
-    assert "knee.meniscus: not evaluated" in page.text and re.search(r"data consistency 0\.012", page.text)
+    assert "Meniscal tear not evaluated: the images are too noisy for the model" in page.text and re.search(r"data consistency 0\.012", page.text)

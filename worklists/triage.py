@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import datetime as dt
 import tomllib
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 from worklists.errors import PolicyError
 from worklists.tables import PRIORITIES
@@ -272,25 +273,153 @@ def rule_probability(rule: Rule, f: TriageFinding) -> float | None:
     return None
 
 
-def _fmt_p(p: float | None) -> str:
-    return "n/a" if p is None else f"{p:.2f}"
-
-
 def _p_name(rule: Rule) -> str:
-    return f"P({' or '.join(rule.grades)})" if rule.grades else "P"
-
-
-def _unc(u: float | None) -> str:
-    return f" (+/-{u:.2f})" if u is not None else ""
+    return f"P({' or '.join(rule.grades)})" if rule.grades else "P(finding)"
 
 
 def _describe(f: TriageFinding) -> str:
-    parts = [f.label]
-    if f.grade and f.grade.lower() not in f.label.lower():
-        parts.append(f.grade.replace("_", "-"))
-    if f.level:
-        parts.append(f"at {f.level}")
-    return " ".join(parts)
+    return display_finding(f).text + spread(f.uncertainty)
+
+
+def _unique(items: list[str]) -> list[str]:
+    """The items once each, in order (two refusals with the same words are one reason)."""
+    return list(dict.fromkeys(items))
+
+
+# ---- how a finding is written: the one wording of the worklist, the study page, the reasons and the API ----
+#
+# The headline number of a finding is the probability of the finding itself, whatever its grade:
+# P(tear of any grade) = 1 - P(intact) for the ACL, 1 - P(normal) for a stenosis level (the model's
+# `probability`). The grade split (the probability of each positive grade, most probable first) is
+# written beside it: "ACL tear 98 % (complete 71 %, partial 27 %)". Everything here is ASCII (the
+# reasons also go into the DICOM SR).
+
+NEGATIVE_GRADES = frozenset({"intact", "none", "normal", "absent", "negative"})
+FINDING_NAMES = {
+    "acl_tear": "ACL tear",
+    "meniscal_tear": "Meniscal tear",
+    "rotator_cuff_tear": "Supraspinatus tear",
+    "spinal_stenosis": "Central canal stenosis",
+    "superres": "Super-resolution",
+}
+# a model that did not evaluate is recorded under its own name: the finding it would have reported
+MODEL_FINDINGS = {
+    "knee.acl": "acl_tear",
+    "knee.meniscus": "meniscal_tear",
+    "shoulder.rotator_cuff": "rotator_cuff_tear",
+    "lumbar_spine.stenosis": "spinal_stenosis",
+    "superres": "superres",
+}
+# QC gate reason codes in words. They name no plane and no anatomy: the gate's own message (which
+# may, e.g., call a sagittal series "coronal" when the pixel classifier disagrees with the header)
+# is kept for the admin's details view and never shown to a reader.
+QC_SENTENCES = {
+    "missing_series": "the series this model reads was not received",
+    "wrong_modality": "the series is not an MR series",
+    "missing_geometry": "the series has no slice position or orientation in its header",
+    "localizer": "the series is a localizer, which the model does not read",
+    "too_few_slices": "the series has too few slices for the model",
+    "extreme_spacing": "the slice spacing, pixel size or field of view is outside the range the model was built for",
+    "wrong_orientation": "the quality check judged the slice orientation unsuitable for the model",
+    "empty_image": "the images hold almost no signal",
+    "constant_image": "the images are blank",
+    "low_snr": "the images are too noisy for the model",
+    "motion": "the images show heavy motion artefacts",
+    "wrong_anatomy": "the quality check could not confirm the expected body part in the images",
+    "out_of_distribution": "the images are unlike those the model was trained on",
+    "qc_unavailable": "the image quality check is not available on this node",
+    "qc_refused": "the series did not pass the image quality check",
+}
+
+
+def qc_sentence(code: str | None) -> str:
+    """A QC reason code as a plain sentence for a reader (an unknown code is named, never a free text)."""
+    if not code:
+        return "no reason was recorded"
+    sentence = QC_SENTENCES.get(code)
+    if sentence is None:
+        return f"the series did not pass the image quality check ({code.replace('_', ' ')})"
+    return sentence
+
+
+def percent(p: float | None) -> str:
+    """A probability in whole percent: "98 %", "<1 %", ">99 %" (never "0 %" or "100 %"); "n/a" for None."""
+    if p is None:
+        return "n/a"
+    if p >= 0.995:
+        return ">99 %"
+    if p < 0.005:
+        return "<1 %"
+    return f"{p * 100:.0f} %"
+
+
+def spread(u: float | None) -> str:
+    """The uncertainty (one SD of the probability) in percentage points, as written after a finding."""
+    return "" if u is None else f" (+/-{u * 100:.0f})"
+
+
+def finding_name(code: str, label: str | None = None, model_name: str | None = None) -> str:
+    """The name of a finding without its grade ("ACL tear", never "Partial ACL tear" or "knee.acl: ...")."""
+    for key in (code, MODEL_FINDINGS.get(code), MODEL_FINDINGS.get(model_name or "")):
+        if key in FINDING_NAMES:
+            return FINDING_NAMES[key]
+    return label or code
+
+
+@dataclass(frozen=True)
+class FindingDisplay:
+    """How a finding is written everywhere: its name, the headline probability and the grade split."""
+
+    name: str
+    level: str | None
+    evaluated: bool
+    probability: float | None  # the headline: P(finding, any grade)
+    grades: tuple[tuple[str, float], ...]  # positive grades, most probable first
+    grade: str | None  # the grade the model reports (its most probable positive grade)
+    short: str  # "ACL tear 98 %"
+    text: str  # "ACL tear 98 % (complete 71 %, partial 27 %)", or "ACL tear not evaluated: <why>"
+    qc_reason: str | None = None
+    qc_text: str | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "level": self.level,
+            "evaluated": self.evaluated,
+            "probability": self.probability,
+            "probability_text": percent(self.probability) if self.evaluated else None,
+            "grade": self.grade,
+            "grades": [{"grade": g, "probability": p, "text": percent(p)} for g, p in self.grades],
+            "short": self.short,
+            "text": self.text,
+            "qc_reason": self.qc_reason,
+            "qc_text": self.qc_text,
+        }
+
+
+def display_finding(f: Any) -> FindingDisplay:
+    """The one formatting of a finding (a `findings` row, a model `Finding` or a `TriageFinding`)."""
+    t = as_triage_finding(f)
+    name = finding_name(t.code, t.label, t.model_name)
+    where = f" {t.level}" if t.level else ""
+    if not t.evaluated:
+        why = qc_sentence(t.qc_reason)
+        verb = "not done" if t.code == "superres" else "not evaluated"
+        return FindingDisplay(name=name, level=t.level, evaluated=False, probability=None, grades=(), grade=None,
+                              short=f"{name}{where} {verb}", text=f"{name}{where} {verb}: {why}",
+                              qc_reason=t.qc_reason, qc_text=why)
+    probs = {g: float(p) for g, p in (t.grade_probabilities or {}).items() if p is not None}
+    positive = [(g, p) for g, p in probs.items() if g not in NEGATIVE_GRADES]
+    grades = tuple(sorted(positive, key=lambda gp: -gp[1]))
+    headline = t.probability
+    if headline is None and probs:
+        headline = sum(p for _, p in positive)
+    grade = t.grade if t.grade and t.grade not in NEGATIVE_GRADES else (grades[0][0] if grades and t.positive else None)
+    short = f"{name}{where} {percent(headline)}"
+    split = ", ".join(f"{g.replace('_', '-')} {percent(p)}" for g, p in grades)
+    text = f"{short} ({split})" if len(grades) > 1 else short  # one positive grade is the headline itself
+    return FindingDisplay(name=name, level=t.level, evaluated=True, probability=headline, grades=grades, grade=grade,
+                          short=short, text=text)
 
 
 def compute(
@@ -329,7 +458,7 @@ def compute(
             if rule.min_levels > 1 or len(hits) > 1:
                 named = sorted(f.level for _, f in hits if f.level)
                 where = f"; {len(hits)} levels: {', '.join(named)}" if named else f"; {len(hits)} findings"
-            evidence = f"{_describe(best)}, {_p_name(rule)} {best_p:.2f} >= {rule.min_probability:.2f}{_unc(best.uncertainty)}{where}"
+            evidence = f"{_describe(best)}; {_p_name(rule)} {percent(best_p)} >= {percent(rule.min_probability)}{where}"
             if rank(rule.priority) < rank(policy.default_priority):
                 reasons.append(f"{rule.priority}: {evidence} - {rule.why} [rule {rule.id}]")
             else:
@@ -347,23 +476,20 @@ def compute(
             if p + k * f.uncertainty >= rule.min_probability:
                 review = True
                 reasons.append(
-                    f"uncertain: {_describe(f)}, {_p_name(rule)} {p:.2f}{_unc(f.uncertainty)} is within {k:g}"
-                    f" SD of the {rule.priority} threshold {rule.min_probability:.2f} - needs review [rule {rule.id}]"
+                    f"uncertain: {_describe(f)}; {_p_name(rule)} {percent(p)} is within {k:g} SD of the"
+                    f" {rule.priority} threshold {percent(rule.min_probability)} - needs review [rule {rule.id}]"
                 )
                 break
 
     # positive findings that no rule mentions are still listed
     for f in evaluated:
         if f.positive and not any(rule_probability(r, f) is not None and r.id in matched for r in policy.rules):
-            reasons.append(f"finding: {_describe(f)}, P {_fmt_p(f.probability)} (no rule reached){_unc(f.uncertainty)}")
+            reasons.append(f"finding: {_describe(f)} (no rule reached)")
 
     if refused and policy.qc_failure_flag:
         review = True
-        for f in refused:
-            reasons.append(f"not evaluated by {f.model_name or f.code}: {f.qc_reason or 'no reason given'} - needs human review")
-    for f in info:
-        if not f.evaluated:
-            reasons.append(f"{f.label or f.code}: not done ({f.qc_reason or 'no reason given'}) - does not change the priority")
+        reasons.extend(_unique([f"{display_finding(f).text} - needs human review" for f in refused]))
+    reasons.extend(_unique([f"{display_finding(f).text} - does not change the priority" for f in info if not f.evaluated]))
     if not evaluated:
         review = review or policy.qc_failure_flag
         priority = higher(priority, policy.qc_failure_priority)

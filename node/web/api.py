@@ -156,6 +156,8 @@ def worklist(
             status=status.value if status else None, limit=limit,
         )
         pending = queries.pending_studies(s, tz=ctx.tz)
+    if not p.is_admin:
+        items = [queries.hide_model_messages(i) for i in items]
     return {"timezone": str(ctx.tz), "policy_version": ctx.policy.version, "entries": items, "in_progress": pending}
 
 
@@ -225,7 +227,7 @@ def study(request: Request, study_id: int = Path(ge=1), p: Principal = Depends(p
         if d is None:
             return JSONResponse({"detail": f"study {study_id} not found"}, status_code=404)
         audit_view(s, p, study_id, "api")
-    return d
+    return d if p.is_admin else queries.hide_model_messages(d)
 
 
 def _stack(ctx, paths: list[str]) -> imaging.SliceStack:

@@ -23,8 +23,9 @@ from fastapi.templating import Jinja2Templates
 from node.web.admin_views import OpsError
 from node.web.auth import COOKIE, CsrfError, Forbidden, LoginThrottle, NotAuthenticated, SessionCodec
 from node.web.imaging import ImageCache, ImagingError
+from node.web.queries import display_time
 from worklists.errors import EntryNotFound, InvalidChange, WorklistError
-from worklists.triage import TriagePolicy, load_policy
+from worklists.triage import TriagePolicy, load_policy, percent, spread
 
 log = logging.getLogger(__name__)
 
@@ -54,14 +55,6 @@ def _is_api(request: Request) -> bool:
     return request.url.path.startswith("/api/")
 
 
-def _fmt_local(value: str | None, with_seconds: bool = False) -> str:
-    """ISO timestamp (already in the site zone) -> 'YYYY-MM-DD HH:MM'."""
-    if not value:
-        return "—"
-    s = value.replace("T", " ")
-    return s[:19] if with_seconds else s[:16]
-
-
 def _fmt_wait(minutes: int | None) -> str:
     if minutes is None:
         return "—"
@@ -75,14 +68,15 @@ def _fmt_wait(minutes: int | None) -> str:
 
 
 def _pct(p: float | None) -> str:
-    return "—" if p is None else f"{p * 100:.0f}%"
+    return "—" if p is None else percent(p)
 
 
-def _templates() -> Jinja2Templates:
+def _templates(tz: ZoneInfo) -> Jinja2Templates:
     t = Jinja2Templates(directory=str(WEB_DIR / "templates"))
-    t.env.filters["local"] = _fmt_local
+    t.env.filters["local"] = lambda value, with_seconds=False: display_time(value, tz, seconds=with_seconds)
     t.env.filters["wait"] = _fmt_wait
     t.env.filters["pct"] = _pct
+    t.env.filters["spread"] = spread
     t.env.filters["short"] = lambda s, n=12: (s[:n] + "…") if s and len(s) > n else (s or "—")
     t.env.filters["label"] = lambda s: (s or "").replace("_", " ")
     return t
@@ -93,6 +87,7 @@ def create_app(settings, db, *, policy: TriagePolicy | None = None) -> FastAPI:
     from node.web import api, pages
 
     policy = policy or load_policy(settings.triage_policy)
+    tz = ZoneInfo(settings.site_timezone)
     ctx = WebContext(
         settings=settings,
         db=db,
@@ -100,8 +95,8 @@ def create_app(settings, db, *, policy: TriagePolicy | None = None) -> FastAPI:
         codec=SessionCodec(settings.effective_secret_key(), settings.session_minutes),
         throttle=LoginThrottle(),
         images=ImageCache(),
-        tz=ZoneInfo(settings.site_timezone),
-        templates=_templates(),
+        tz=tz,
+        templates=_templates(tz),
     )
     app = FastAPI(
         title="msknode",

@@ -157,6 +157,7 @@ def worklist_page(request: Request, anatomy: Anatomy | None = None, priority: Pr
     items, pending = _worklist_data(request, anatomy, priority, status)
     counts = {pr: sum(1 for i in items if i["priority"] == pr and i["status"] == "unread") for pr in PRIORITIES}
     return _render(request, "worklist.html", p, items=items, pending=pending, counts=counts,
+                   rendered_at=queries.display_time(utcnow(), _ctx(request).tz, seconds=True),
                    filters={"anatomy": anatomy.value if anatomy else "", "priority": priority.value if priority else "",
                             "status": status.value if status else ""},
                    anatomies=queries.ANATOMIES, query=request.url.query, policy_version=_ctx(request).policy.version)
@@ -167,7 +168,9 @@ def worklist_rows(request: Request, anatomy: Anatomy | None = None, priority: Pr
                   status: Status | None = None, p: Principal = Depends(principal)):
     """The table body alone, for the page's auto-refresh."""
     items, pending = _worklist_data(request, anatomy, priority, status)
-    return _render(request, "_worklist_rows.html", p, items=items, pending=pending)
+    r = _render(request, "_worklist_rows.html", p, items=items, pending=pending)
+    r.headers["X-Rendered-At"] = queries.display_time(utcnow(), _ctx(request).tz, seconds=True)
+    return r
 
 
 @router.get("/worklist/next")

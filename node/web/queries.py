@@ -21,7 +21,7 @@ from node.db.schema import Finding, Instance, Job, JobInput, OutboxItem, ResultO
 from node.jobs.listing import dispatch_by_job, dispatch_json, jobs_json
 from worklists.entries import ordered, waiting_since
 from worklists.tables import AuditEvent, WorklistEntry
-from worklists.triage import TriagePolicy, age
+from worklists.triage import TriagePolicy, age, display_finding
 
 ANATOMIES = ("knee", "shoulder", "lumbar_spine")
 DEMO_NOTICE = "Demo weights trained on synthetic phantoms only. Not for diagnostic use."
@@ -32,6 +32,27 @@ def node_time(value: dt.datetime | None, tz: ZoneInfo) -> str | None:
     if value is None:
         return None
     return value.astimezone(tz).isoformat(timespec="seconds")
+
+
+def display_time(value: dt.datetime | str | None, tz: ZoneInfo, *, seconds: bool = False) -> str:
+    """The one way a page writes a node timestamp: the site's zone, 24-hour, ``YYYY-MM-DD HH:MM[:SS]``.
+
+    Takes a datetime or an ISO 8601 string with its offset (what the API returns); a value without
+    an offset is UTC (the node stores UTC). Pages that refresh themselves get this text from the
+    server too (``X-Rendered-At``), so no time is ever formatted in the browser's zone.
+    """
+    if value is None or value == "":
+        return "—"
+    if isinstance(value, str):
+        try:
+            when = dt.datetime.fromisoformat(value)
+        except ValueError:
+            return value
+    else:
+        when = value
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=dt.UTC)
+    return when.astimezone(tz).strftime("%Y-%m-%d %H:%M:%S" if seconds else "%Y-%m-%d %H:%M")
 
 
 def dicom_datetime(date: str | None, time: str | None) -> str | None:
@@ -61,6 +82,7 @@ def patient_name(raw: str | None) -> str | None:
 
 
 def finding_dict(f: Finding) -> dict:
+    """A finding for the pages and the API; ``display`` is its one wording (`worklists.triage.display_finding`)."""
     details = f.details or {}
     return {
         "id": f.id,
@@ -82,7 +104,21 @@ def finding_dict(f: Finding) -> dict:
         "laterality": f.laterality,
         "series_uid": f.series_uid,
         "demo_weights": bool(details.get("demo_weights", True)),
+        "display": display_finding(f).as_dict(),
     }
+
+
+def hide_model_messages(d: dict) -> dict:
+    """Drops the QC gate's own messages (``qc_message``) from a worklist item or a study, for a reader.
+
+    The gate's message may name what its pixel classifier saw ("coronal", "shoulder"), which can
+    contradict the series' headers; a reader gets the reason code in words (``display.qc_text``),
+    the message stays on the admin's view.
+    """
+    for key in ("findings", "superres_checks"):
+        for f in d.get(key) or []:
+            f["qc_message"] = None
+    return d
 
 
 def _findings_by_job(session: Session, job_ids: list[int]) -> dict[int, list[Finding]]:
@@ -131,8 +167,8 @@ def worklist(
                 "job": {"id": job.id, "state": job.state, "finished_at": node_time(job.finished_at, tz)} if job else None,
                 "dispatch": dispatch_json(d),
                 "findings": [finding_dict(f) for f in fs if f.code not in policy.informational_codes],
-                "qc_flags": [f"{f.model_name}: {f.qc_reason}" for f in fs
-                             if not f.evaluated and f.code not in policy.informational_codes],
+                "qc_flags": list(dict.fromkeys(display_finding(f).text for f in fs
+                                               if not f.evaluated and f.code not in policy.informational_codes)),
             }
         )
     return out

@@ -36,6 +36,28 @@ class OverrideOut(Out):
     reason: str | None
 
 
+class GradeShareOut(Out):
+    grade: str
+    probability: float
+    text: str = Field(description='the probability as the pages write it, e.g. "71 %"')
+
+
+class FindingDisplayOut(Out):
+    """How every page writes the finding (`worklists.triage.display_finding`)."""
+
+    name: str = Field(description='the finding without its grade, e.g. "ACL tear"')
+    level: str | None
+    evaluated: bool
+    probability: float | None = Field(description="the headline: P(finding, any grade), e.g. P(tear) = 1 - P(intact)")
+    probability_text: str | None = Field(description='the headline as written, e.g. "98 %", ">99 %"')
+    grade: str | None = Field(description="the grade the model reports (its most probable positive grade)")
+    grades: list[GradeShareOut] = Field(description="the positive grades, most probable first (the grade split)")
+    short: str = Field(description='e.g. "ACL tear 98 %"')
+    text: str = Field(description='e.g. "ACL tear 98 % (complete 71 %, partial 27 %)", or why it was not evaluated')
+    qc_reason: str | None
+    qc_text: str | None = Field(description="the QC reason code in words (not evaluated only)")
+
+
 class FindingOut(Out):
     id: int
     model: str
@@ -45,7 +67,7 @@ class FindingOut(Out):
     label: str
     evaluated: bool
     qc_reason: str | None
-    qc_message: str | None
+    qc_message: str | None = Field(description="the QC gate's own message (admins only; null for a reader)")
     probability: float | None
     uncertainty: float | None
     positive: bool | None
@@ -56,6 +78,7 @@ class FindingOut(Out):
     laterality: str | None
     series_uid: str | None
     demo_weights: bool
+    display: FindingDisplayOut
 
 
 class EntryStateOut(Out):

@@ -10,6 +10,8 @@
   var toggle = $("overlay-toggle"), opacity = $("overlay-opacity"), segSel = $("segment-select");
   var srToggle = $("sr-toggle"), paneSr = $("pane-sr"), seriesSel = $("series-select");
   var info = null, k = 0, cache = {};
+  // what the reader asked for; a toggle is only ticked when its result exists for the series shown
+  var overlayWanted = toggle.checked, srWanted = srToggle.checked;
 
   function err(msg) { $("viewer-error").textContent = msg || ""; }
   function preload(url) { if (!cache[url]) { var i = new Image(); i.src = url; cache[url] = i; } }
@@ -96,13 +98,17 @@
         (b.overlays[0] ? b.overlays[0].segments : []).forEach(function (s) {
           var o = document.createElement("option"); o.value = s.number; o.textContent = s.label; segSel.appendChild(o);
         });
-        segSel.disabled = !b.overlays.length;
-        toggle.disabled = !b.overlays.length;
+        var hasOvl = b.overlays.length > 0;
+        segSel.disabled = !hasOvl;
+        opacity.disabled = !hasOvl;
+        toggle.disabled = !hasOvl;
+        toggle.checked = hasOvl && overlayWanted;
         $("c-series").textContent = b.selected.description || "";
         $("cap-orig").textContent = "Original · " + (b.selected.description || "") + " · " + b.selected.cols + "×" + b.selected.rows;
         if (b.superres) $("cap-sr").textContent = "Super-resolved (derived) · " + b.superres.slices + " slices · " + b.superres.cols + "×" + b.superres.rows;
         else $("cap-sr").textContent = "no super-resolved series";
         srToggle.disabled = !b.superres;
+        srToggle.checked = !!b.superres && srWanted;
         slider.max = b.selected.slices - 1;
         k = b.start_slice;
         strip();
@@ -123,17 +129,19 @@
   slider.addEventListener("input", function () { show(parseInt(slider.value, 10)); });
   $("slice-prev").addEventListener("click", function () { show(k - 1); });
   $("slice-next").addEventListener("click", function () { show(k + 1); });
-  toggle.addEventListener("change", applyOverlayState);
+  toggle.addEventListener("change", function () { overlayWanted = toggle.checked; applyOverlayState(); });
   opacity.addEventListener("input", applyOverlayState);
   segSel.addEventListener("change", function () { show(k); });
-  srToggle.addEventListener("change", applySr);
+  srToggle.addEventListener("change", function () { srWanted = srToggle.checked; applySr(); });
   seriesSel.addEventListener("change", function () { load(seriesSel.value); });
   $("stage-orig").addEventListener("wheel", function (ev) { ev.preventDefault(); show(k + (ev.deltaY > 0 ? 1 : -1)); }, { passive: false });
   document.addEventListener("keydown", function (ev) {
     if (ev.target.closest("input, select, textarea")) return;
     if (ev.key === "ArrowUp") { ev.preventDefault(); show(k - 1); }
     else if (ev.key === "ArrowDown") { ev.preventDefault(); show(k + 1); }
-    else if (ev.key === "o" || ev.key === "O") { toggle.checked = !toggle.checked; applyOverlayState(); }
+    else if ((ev.key === "o" || ev.key === "O") && !toggle.disabled) {
+      toggle.checked = !toggle.checked; overlayWanted = toggle.checked; applyOverlayState();
+    }
   });
   // Brightness/contrast by dragging on the image (display only); double-click resets.
   var wl = { b: 1, c: 1 }, drag = null;

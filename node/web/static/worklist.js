@@ -12,16 +12,17 @@
       .then(function (r) {
         if (r.status === 401 || r.redirected) { window.location.href = "/login?next=/worklist"; return null; }
         if (!r.ok) throw new Error("HTTP " + r.status);
-        return r.text();
+        // the time comes from the server, in the node's display zone and format (never the browser's)
+        var at = r.headers.get("X-Rendered-At") || "";
+        return r.text().then(function (html) { return { html: html, at: at }; });
       })
-      .then(function (html) {
-        if (html === null) return;
-        rows.innerHTML = html;
-        stamp("updated " + new Date().toLocaleTimeString([], { hour: "2-digit", minute: "2-digit", second: "2-digit" }) + " · every 30 s");
+      .then(function (got) {
+        if (got === null) return;
+        rows.innerHTML = got.html;
+        stamp("updated " + got.at + " · every 30 s");
       })
       .catch(function (e) { stamp("refresh failed (" + e.message + "), retrying"); });
   }
-  stamp("updated " + new Date().toLocaleTimeString([], { hour: "2-digit", minute: "2-digit", second: "2-digit" }) + " · every 30 s");
   setInterval(refresh, PERIOD_MS);
   window.msknodeRefresh = refresh;  // lets a test (or a console user) refresh at once
   ["f-anatomy", "f-priority", "f-status"].forEach(function (id) {
