@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import logging
 import ssl
 import subprocess
 import threading
@@ -15,18 +16,18 @@ from pydicom.uid import MRImageStorage
 from pynetdicom import AE, AllStoragePresentationContexts, evt
 from sqlalchemy import select
 
-from support.env import VENV_BIN, free_port
 from node.db.schema import Job, OutboxItem, ResultObject, Study
 from node.demo.loopback import child_env
 from node.dispatch.outbox import RetryPolicy, claim, process_outbox, retry_item
 from node.errors import DispatchError
 from node.results import build_results, save
 from node.settings import DimseDestination, StowDestination
+from support.env import VENV_BIN, free_port
 from support.results_data import knee_output, volume_from_files, write_mr_series
 
 pytestmark = pytest.mark.integration
 
-T0 = dt.datetime(2030, 1, 1, 12, 0, tzinfo=dt.timezone.utc)
+T0 = dt.datetime(2030, 1, 1, 12, 0, tzinfo=dt.UTC)
 
 
 class StoreSCP:
@@ -131,6 +132,32 @@ def test_acknowledged_objects_are_sent_once(settings, db, result_files):
         assert rep2.claimed == 0 and len(scp.received) == len(results)
         with pytest.raises(DispatchError, match="acknowledged"):
             retry_item(db, s, next(iter(items(db))))
+    finally:
+        scp.stop()
+
+
+def test_one_info_line_per_job_and_destination_once_everything_is_sent(settings, db, result_files, caplog):
+    vol, results = result_files
+    calls = {"n": 0}
+
+    def status(ds):  # the first object is refused once: the job is complete only after the retry
+        calls["n"] += 1
+        return 0xA700 if calls["n"] == 1 else 0x0000
+
+    scp = StoreSCP(status=status)
+    try:
+        s = with_dest(settings, scp.destination())
+        enqueue(db, results, [s.destinations[0].key], study_uid=vol.study_uid)
+        with caplog.at_level(logging.INFO, logger="node.dispatch.outbox"):
+            process_outbox(db, s, now=T0)
+            info = [r.getMessage() for r in caplog.records if r.levelno == logging.INFO]
+            assert not [m for m in info if "results of job" in m]  # one object still pending
+            assert not [m for m in info if m.startswith("sent ")]  # per-object lines are DEBUG
+            process_outbox(db, s, now=T0 + dt.timedelta(seconds=5))
+        done = [r.getMessage() for r in caplog.records if "results of job" in r.getMessage()]
+        assert len(done) == 1, done
+        assert done[0].startswith(f"study {vol.study_uid}: results of job ")
+        assert done[0].endswith(f" sent to {s.destinations[0].key} ({len(results)} objects)")
     finally:
         scp.stop()
 

@@ -14,7 +14,7 @@ import time
 import pytest
 
 from node.ops import logs
-from node.ops.logs import DETAIL_LINES, LIBRARY_LOGGERS, LogFile, log_file_path, setup_logging
+from node.ops.logs import LIBRARY_LOGGERS, LogFile, log_file_path, setup_logging
 from node.ops.service import Child, Supervisor
 
 pytestmark = pytest.mark.unit
@@ -28,15 +28,12 @@ def restore_logging():
     """Puts back what setup_logging changes in this (the test) process."""
     root = logging.getLogger()
     handlers, level = list(root.handlers), root.level
-    levels = {n: logging.getLogger(n).level for n in (*LIBRARY_LOGGERS, *DETAIL_LINES)}
-    filters = {n: list(logging.getLogger(n).filters) for n in DETAIL_LINES}
+    levels = {n: logging.getLogger(n).level for n in LIBRARY_LOGGERS}
     yield
     root.handlers[:] = handlers
     root.setLevel(level)
     for n, lv in levels.items():
         logging.getLogger(n).setLevel(lv)
-    for n, fs in filters.items():
-        logging.getLogger(n).filters[:] = fs
 
 
 def _configure(level="INFO", fmt="text", library_level=None) -> io.StringIO:
@@ -46,23 +43,25 @@ def _configure(level="INFO", fmt="text", library_level=None) -> io.StringIO:
 
 
 def _one_study():
-    """The INFO lines one knee study produced before (a demo run), from the loggers that wrote them."""
+    """The lines one knee study produces (a demo run), at the levels their modules log them (`DETAIL`)."""
     logging.getLogger("node.receive.listener").info("association %s from %s (%s:%s) accepted", 2, "ORTHANC", "127.0.0.1", 49118)
     for uid in (SERIES, SERIES + "1", SERIES + "2"):
-        logging.getLogger("node.intake.completeness").info("series %s routing: %s", uid, "plane sagittal -> knee/sag_fluid")
-        logging.getLogger("node.intake.completeness").info("series %s complete (%s, %d instances): %s", uid, "count", 34, "knee")
+        logging.getLogger("node.intake.completeness").debug("series %s routing: %s", uid, "plane sagittal -> knee/sag_fluid")
+        logging.getLogger("node.intake.completeness").debug("series %s complete (%s, %d instances): %s", uid, "count", 34, "knee")
     logging.getLogger("node.receive.listener").info("association %s released", 2)
     logging.getLogger("node.intake.completeness").info("job %d created for study %s %s: %s", 1, STUDY, "knee",
                                                        f"{SERIES}=sag_fluid")
-    logging.getLogger("node.jobs.worker").info("jobs created: %s", [1])
-    logging.getLogger("node.jobs.worker").info("enqueued jobs %s", [1])
+    logging.getLogger("node.jobs.worker").debug("jobs created: %s", [1])
+    logging.getLogger("node.jobs.worker").debug("enqueued jobs %s", [1])
     logging.getLogger("node.jobs.runner").info("job %s: attempt %s of %s started by %s", 1, 1, 3, "vm:1")
     for k in range(120):
         logging.getLogger("highdicom.base").info("copy attributes of module %s", k)
     logging.getLogger("worklists.entries").info("worklist entry %s created for job %s: %s", 1, 1, "URGENT")
     logging.getLogger("node.jobs.runner").info("job %s: done in %.2f s (attempt %s)", 1, 2.44, 1)
     for k in range(70):
-        logging.getLogger("node.dispatch.outbox").info("sent %s to %s", f"1.2.826.0.1.3680043.10.1447.{k}", "ORTHANC")
+        logging.getLogger("node.dispatch.outbox").debug("sent %s to %s", f"1.2.826.0.1.3680043.10.1447.{k}", "ORTHANC")
+    logging.getLogger("node.dispatch.outbox").info("study %s: results of job %d sent to %s (%d objects)", STUDY, 1,
+                                                   "ORTHANC", 70)
 
 
 def test_libraries_log_warnings_only_and_a_study_is_a_few_info_lines(restore_logging):
@@ -73,8 +72,8 @@ def test_libraries_log_warnings_only_and_a_study_is_a_few_info_lines(restore_log
     assert not [x for x in lines if "highdicom" in x or "sent 1.2" in x or "routing:" in x]
     assert "a library's warning" in lines[-1]
     info = [x for x in lines if " INFO " in x]
-    # received (association), settled and routed (the job with its series), started, worklist, done
-    assert len(info) == 6, "\n".join(info)
+    # received (association), settled and routed (the job with its series), started, worklist, done, sent
+    assert len(info) == 7, "\n".join(info)
 
 
 def test_the_library_level_and_debug_bring_the_detail_back(restore_logging):
@@ -86,11 +85,19 @@ def test_the_library_level_and_debug_bring_the_detail_back(restore_logging):
     assert " INFO " not in "".join(x for x in text.splitlines() if "sent 1.2" in x)
 
 
-@pytest.mark.parametrize("logger", sorted(DETAIL_LINES))
-def test_every_detail_template_is_still_logged_by_its_module(logger):
+DETAIL = {
+    "node.intake.completeness": ("series %s routing: %s", "series %s complete (%s, %d instances): %s"),
+    "node.jobs.worker": ("jobs created: %s", "enqueued jobs %s"),
+    "node.dispatch.outbox": ("sent %s to %s",),
+}
+
+
+@pytest.mark.parametrize("logger", sorted(DETAIL))
+def test_the_stages_log_their_per_series_and_per_object_lines_at_debug(logger):
     source = open(importlib.util.find_spec(logger).origin, encoding="utf-8").read()  # noqa: SIM115
-    for template in DETAIL_LINES[logger]:
-        assert json.dumps(template) in source or repr(template) in source, f"{logger} no longer logs {template!r}"
+    for template in DETAIL[logger]:
+        assert f"log.debug({json.dumps(template)}" in source, f"{logger} does not log {template!r} at DEBUG"
+        assert f"log.info({json.dumps(template)}" not in source
 
 
 def test_json_lines_carry_time_level_logger_message_and_uids_only(restore_logging):

@@ -169,7 +169,7 @@ def _count(report: DispatchReport, c: Claimed, state: str | None, outcome: Outco
         log.warning("outbox %s (%s): lease lost before the outcome was stored", c.id, c.sop_instance_uid)
     elif state == SENT:
         report.sent += 1
-        log.info("sent %s to %s", c.sop_instance_uid, c.destination)
+        log.debug("sent %s to %s", c.sop_instance_uid, c.destination)
     elif state == DEAD:
         report.dead += 1
         report.errors.append(f"{c.sop_instance_uid}: {outcome.error}")
@@ -245,7 +245,31 @@ def process_outbox(
         for c in items:
             if c.id in pending_ids:
                 store(c, Outcome.transient(f"{key}: no outcome reported"))
+    if report.sent:
+        _log_finished_jobs(db, [c.id for c in claimed])
     return report
+
+
+def _log_finished_jobs(db: Database, item_ids: list[int]) -> None:
+    """One INFO line per job and destination whose every result object this batch finished sending (the per-
+    object lines are DEBUG): ``study UID: results of job N sent to DEST (K objects)``."""
+    with db.session() as s:
+        touched = s.execute(
+            select(ResultObject.job_id, OutboxItem.destination)
+            .join(ResultObject, ResultObject.id == OutboxItem.result_object_id)
+            .where(OutboxItem.id.in_(item_ids), OutboxItem.state == SENT)
+            .distinct()
+        ).all()
+        for job_id, dest in touched:
+            rows = s.execute(
+                select(OutboxItem.state, Study.study_uid)
+                .join(ResultObject, ResultObject.id == OutboxItem.result_object_id)
+                .join(Job, Job.id == ResultObject.job_id)
+                .join(Study, Study.id == Job.study_id)
+                .where(ResultObject.job_id == job_id, OutboxItem.destination == dest)
+            ).all()
+            if rows and all(state == SENT for state, _ in rows):
+                log.info("study %s: results of job %d sent to %s (%d objects)", rows[0][1], job_id, dest, len(rows))
 
 
 # ---- listing and manual retry ------------------------------------------------------------------------

@@ -315,7 +315,7 @@ def route_series(session: Session, settings: Settings, rules: RoutingRules, se: 
         )
         .execution_options(synchronize_session=False)
     )
-    log.info("series %s routing: %s", se.series_uid, ex.summary())
+    log.debug("series %s routing: %s", se.series_uid, ex.summary())
     return ex.route
 
 
@@ -442,7 +442,7 @@ def complete_series(session: Session, settings: Settings, now: dt.datetime, rule
             .values(study_quiet_deadline=new_deadline)
         )
         outcome = f"{route.pipeline}/{route.role} (rule {route.rule!r})" if route.routed else route.rule
-        log.info("series %s complete (%s, %d instances): %s", se.series_uid, reason, se.instances, outcome)
+        log.debug("series %s complete (%s, %d instances): %s", se.series_uid, reason, se.instances, outcome)
     session.expire_all()
     return done
 

@@ -112,7 +112,7 @@ def completeness_duty(db: Database, settings: Settings) -> Duty:
         with db.session() as s:
             created = completeness.tick(s, settings, now, provider())
         if created:
-            log.info("jobs created: %s", list(created))
+            log.debug("jobs created: %s", list(created))
 
     return Duty("completeness", tick)
 
@@ -153,7 +153,7 @@ def build_duties(
     def enqueue(now: dt.datetime) -> None:
         report = lease.enqueue_pending_jobs(db, send, now=now)
         if report.sent:
-            log.info("enqueued jobs %s", report.sent)
+            log.debug("enqueued jobs %s", report.sent)
         if report.error:  # logged once by the loop until the broker is back
             raise BrokerUnavailable(f"jobs stay pending in the database: {report.error}")
 

@@ -5,9 +5,10 @@
 - the libraries (`LIBRARY_LOGGERS`: highdicom, pynetdicom, celery, kombu, httpx, alembic,
   monai, uvicorn ...) log at ``MSKNODE_LOG_LIBRARY_LEVEL`` (WARNING): highdicom alone writes
   a line per copied attribute;
-- the per-series and per-object lines of the stages (`DETAIL_LINES`) are DEBUG, so that INFO
-  says once per study and stage what happened: received (the association), settled and routed
-  (the job created, with its series and roles), job started, job done or failed, results sent;
+- the stages log their per-series and per-object lines at DEBUG, so that INFO says once per
+  study and stage what happened: received (the association), settled and routed (the job
+  created, with its series and roles), job started, job done or failed, results sent (one line
+  per job and destination once every object is stored there);
 - ``json``: one object per line with ``time`` (UTC, ISO 8601), ``level``, ``logger``,
   ``message``, ``process`` and, when the line names them, ``study_uid``, ``series_uid``,
   ``sop_instance_uid`` and ``job_id``. Nothing else is added: log lines carry UIDs, never a
@@ -63,26 +64,6 @@ LIBRARY_LOGGERS = (
 #: (logger, message template) of the per-series / per-object INFO lines of the stages, logged at DEBUG.
 #: The line of the same stage that names the study stays at INFO (tests/test_ops_logs.py checks
 #: that every template is still in its module).
-DETAIL_LINES: dict[str, frozenset[str]] = {
-    "node.intake.completeness": frozenset(
-        {
-            "series %s routing: %s",  # per series; the job's line lists its series and roles
-            "series %s complete (%s, %d instances): %s",
-        }
-    ),
-    "node.jobs.worker": frozenset(
-        {
-            "jobs created: %s",  # repeats the completeness line "job N created for study ..."
-            "enqueued jobs %s",
-        }
-    ),
-    "node.dispatch.outbox": frozenset(
-        {
-            "sent %s to %s",  # one per result object and destination (a super-resolved series: one per slice)
-        }
-    ),
-}
-
 _UID = r"([0-9]+(?:\.[0-9]+){2,})"
 _NAMED = (
     ("study_uid", re.compile(r"\bstudy " + _UID)),
@@ -130,22 +111,6 @@ def formatter(fmt: str) -> logging.Formatter:
     return JsonFormatter() if fmt == "json" else logging.Formatter(TEXT_FORMAT)
 
 
-class DetailFilter(logging.Filter):
-    """On a stage's logger: its per-series / per-object INFO lines become DEBUG (dropped above DEBUG)."""
-
-    def __init__(self, templates: frozenset[str], level: int):
-        super().__init__()
-        self.templates = templates
-        self.level = level
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if record.levelno == logging.INFO and record.msg in self.templates:
-            if self.level > logging.DEBUG:
-                return False
-            record.levelno, record.levelname = logging.DEBUG, "DEBUG"
-        return True
-
-
 def _level(name: str | None, default: int) -> int:
     value = logging.getLevelName(str(name).upper()) if name else default
     return value if isinstance(value, int) else default
@@ -178,11 +143,6 @@ def setup_logging(
     root.setLevel(root_level)
     for name in LIBRARY_LOGGERS:
         logging.getLogger(name).setLevel(lib_level)
-    for name, templates in DETAIL_LINES.items():
-        logger = logging.getLogger(name)
-        for f in [f for f in logger.filters if isinstance(f, DetailFilter)]:
-            logger.removeFilter(f)
-        logger.addFilter(DetailFilter(templates, root_level))
 
 
 # ---- the log file of msknode serve ------------------------------------------------------------
