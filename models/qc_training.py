@@ -46,19 +46,20 @@ import numpy as np
 import torch
 from torch import nn
 
-from models.qc import (
-    ANATOMY_CLASSES,
+from models.qc.classifier import AnatomyClassifier
+from models.qc.motion_training import (
     ANATOMY_SEQUENCES,
     HEAVY_MOTION_FRACTION,
     HEAVY_MOTION_PX,
     IN_SPEC_MOTION_FRACTION,
+    add_ghosting,
+)
+from models.qc.net import ANATOMY_CLASSES, AnatomyNet
+from models.qc.preprocess import (
     INFER_SLICES,
     INFER_SPAN,
     MASK_BAND,
     SLICE_GRID,
-    AnatomyClassifier,
-    AnatomyNet,
-    add_ghosting,
     anatomy_input,
     motion_grid,
     motion_slices,
@@ -542,7 +543,7 @@ def train_motion_detector(path: Path | str, n: int, seed: int, *, held: set[str]
                           log: Callable[[str], None] = print) -> Path:
     """Train the motion detector on N:SEED phantoms and (``use_real``) real series of the training groups, with
     and without added ghosting (at most MOTION_SERIES_PER_SOURCE per source); report it on the held groups."""
-    from models.qc import attach_motion_detector
+    from models.qc.motion_training import attach_motion_detector
     from models.realdata import catalogue
 
     held = set(held or ())
