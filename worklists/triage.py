@@ -350,7 +350,7 @@ def percent(p: float | None) -> str:
         return ">99 %"
     if p < 0.005:
         return "<1 %"
-    return f"{p * 100:.0f} %"
+    return f"{int(p * 100 + 0.5)} %"  # halves round up, as a reader expects
 
 
 def spread(u: float | None) -> str:
