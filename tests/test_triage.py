@@ -25,7 +25,7 @@ from worklists.triage import (
 
 pytestmark = pytest.mark.unit
 
-T0 = dt.datetime(2025, 3, 5, 12, 0, tzinfo=dt.timezone.utc)
+T0 = dt.datetime(2025, 3, 5, 12, 0, tzinfo=dt.UTC)
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +43,7 @@ def acl(p_complete: float, *, p_tear: float = 0.85, u: float = 0.04) -> TriageFi
 
 
 def stenosis(level: str, grade: str, p: float = 0.85, u: float = 0.05) -> TriageFinding:
-    probs = {g: (1 - p) / 3 for g in ("normal", "mild", "moderate", "severe")}
+    probs = dict.fromkeys(("normal", "mild", "moderate", "severe"), (1 - p) / 3)
     probs[grade] = p
     return TriageFinding(code="spinal_stenosis", label="Spinal stenosis", probability=1 - probs["normal"], uncertainty=u,
                          positive=grade in ("moderate", "severe"), grade=grade, level=level, grade_probabilities=probs)
@@ -175,7 +175,8 @@ def test_ageing_steps_chain():
 
 
 def test_findings_from_a_pipeline_output(policy):
-    from models.types import Finding as MFinding, ModelInfo, ModelOutput, PipelineOutput, QCResult
+    from models.types import Finding as MFinding
+    from models.types import ModelInfo, ModelOutput, PipelineOutput, QCResult
 
     info = ModelInfo(name="knee.acl", version="1", weights_sha256="0" * 64, task="binary", anatomy="knee")
     men = ModelInfo(name="knee.meniscus", version="1", weights_sha256="1" * 64, task="binary", anatomy="knee")

@@ -30,7 +30,7 @@ pytestmark = pytest.mark.unit
 
 ADMIN = ("alice", "alice-password-1")
 READER = ("rob", "rob-password-12")
-NOW = dt.datetime.now(dt.timezone.utc)
+NOW = dt.datetime.now(dt.UTC)
 
 
 @pytest.fixture(scope="module")
@@ -268,7 +268,7 @@ def test_radiologist_gets_403_from_every_admin_route(env):
     c = login(env, READER)
     csrf = csrf_of(c)
     admin_routes = [(p, r) for p, r in api_routes(env["app"])
-                    if p.startswith("/admin") or p.startswith("/api/admin") or "/priority" in p or "/assign" in p]
+                    if p.startswith(("/admin", "/api/admin")) or "/priority" in p or "/assign" in p]
     assert len(admin_routes) >= 20
     for raw, route in admin_routes:
         for method in route.methods:

@@ -27,12 +27,11 @@ with warnings.catch_warnings():
 
 @pytest.fixture
 def processed(settings, db, tmp_path):
-    from support.results_data import knee_output, volume_from_files, write_mr_series
-
     from node.db.schema import Finding, Instance, Job, JobInput, ResultObject, Series, Study
     from node.jobs.runner import findings_from_output
     from node.results import build_results, save
     from node.web.users import add_user
+    from support.results_data import knee_output, volume_from_files, write_mr_series
     from worklists.entries import upsert_for_job
     from worklists.triage import compute, findings_from_pipeline, load_policy
 
@@ -82,7 +81,7 @@ def processed(settings, db, tmp_path):
 
 
 def test_overlay_from_the_real_seg_sits_where_the_heatmap_was(processed):
-    c, ids, vol = processed["client"], processed["ids"], processed["vol"]
+    c, ids = processed["client"], processed["ids"]
     heat = processed["output"].outputs[0].findings[0].heatmap
     v = c.get(f"/api/studies/{ids['study']}/viewer").json()
     assert v["selected"]["id"] == ids["series"] and v["selected"]["slices"] == 8
