@@ -221,11 +221,6 @@ class Listener:
         if association_id is not None:
             self._close_row(association_id, reason)
         self.log.info("association %s %s", association_id, reason)
-        if self.handoff is not None:
-            try:
-                self.handoff.send(b"-")  # the parent counts what each process serves
-            except OSError:
-                pass
 
     def _close_row(self, association_id: int, reason: str) -> None:
         try:
@@ -445,7 +440,8 @@ def run_listener(settings) -> int:
 
 
 class _Child:
-    """A listener process fed by the parent: its hand-off socket and how many associations it serves."""
+    """A listener process fed by the parent: its hand-off socket and how many connections it serves
+    (counted up when one is handed to it, down when it reports one ended: `HandoffServer`)."""
 
     def __init__(self, ctx, settings, index: int):
         self.index = index
@@ -493,6 +489,9 @@ def _supervise(settings, n: int) -> int:
     lock = threading.Lock()
     log.info("listening on %s:%d with %d listener processes", settings.host, settings.port, n)
 
+    def tally() -> str:
+        return ", ".join(str(c.active) for c in children)
+
     def accept_loop() -> None:
         lsock.settimeout(0.5)
         while not stop.is_set():
@@ -513,6 +512,8 @@ def _supervise(settings, n: int) -> int:
                     except OSError:
                         continue
                     child.active += 1
+                    log.debug("connection from %s handed to listener process %d (connections per process: %s)",
+                              addr[0], child.index, tally())
                     break
                 else:
                     log.error("no listener process can take the connection from %s", addr[0])
@@ -535,7 +536,10 @@ def _supervise(settings, n: int) -> int:
                     time.sleep(0.1)
                     continue
                 with lock:
-                    socks[s].active = max(0, socks[s].active - msg.count(b"-"))
+                    child = socks[s]
+                    child.active = max(0, child.active - msg.count(b"-"))
+                    log.debug("listener process %d: a connection ended (connections per process: %s)",
+                              child.index, tally())
 
     threads = [threading.Thread(target=accept_loop, name="accept", daemon=True),
                threading.Thread(target=done_loop, name="handoff-done", daemon=True)]

@@ -35,6 +35,7 @@ import socketserver
 import struct
 import threading
 from collections.abc import Callable
+from typing import Self
 
 from pynetdicom import evt
 from pynetdicom.association import Association
@@ -294,7 +295,18 @@ class _Association(Association):
                 return
 
 
-class _RequestHandler(RequestHandler):
+class _StockRequestHandler(RequestHandler):
+    """pynetdicom's request handler, which also keeps the association it starts (`HandoffServer`
+    waits for it to end)."""
+
+    assoc: Association | None = None
+
+    def _create_association(self) -> Association:
+        self.assoc = super()._create_association()
+        return self.assoc
+
+
+class _RequestHandler(_StockRequestHandler):
     def _create_association(self) -> Association:
         """pynetdicom's acceptor, switched to `_Association` with a fresh `_DUL` (before any thread starts).
 
@@ -327,7 +339,7 @@ class _RequestHandler(RequestHandler):
 
 def request_handler(fast: bool = True) -> type[RequestHandler]:
     """The request handler of the association server: the event-driven loops, or pynetdicom's own."""
-    return _RequestHandler if fast else RequestHandler
+    return _RequestHandler if fast else _StockRequestHandler
 
 
 class ReusePortServer(ThreadedAssociationServer):
@@ -368,7 +380,13 @@ class ReusePortServer(ThreadedAssociationServer):
 
 class HandoffServer(ReusePortServer):
     """An association server without a port of its own: a parent process accepts the TCP
-    connections and passes them over a Unix socket (SCM_RIGHTS), see `node.receive.listener._supervise`."""
+    connections and passes them over a Unix socket (SCM_RIGHTS), see `node.receive.listener._supervise`.
+
+    The parent counts the connections each process serves: when one ends, however it ends
+    (released, aborted, rejected, or closed before any association was requested), this process
+    sends one ``-`` back over the same socket."""
+
+    _handoff: socket.socket | None = None
 
     def server_bind(self) -> None:
         pass  # the parent holds the listening socket
@@ -396,6 +414,25 @@ class HandoffServer(ReusePortServer):
             except ValueError:
                 host, port = "?", 0
             self.process_request(conn, (host, port))
+
+    def finish_request(self: Self, request, client_address) -> None:  # (Self: as typeshed types the handler's server)
+        """Serves one handed-off connection (in its own thread) until its association thread ends,
+        then tells the parent."""
+        try:
+            handler = self.RequestHandlerClass(request, client_address, self)
+            assoc = getattr(handler, "assoc", None)
+            if assoc is not None and assoc.ident is not None:  # (started)
+                assoc.join()
+        finally:
+            self._connection_ended()
+
+    def _connection_ended(self) -> None:
+        if self._handoff is None:
+            return
+        try:
+            self._handoff.send(b"-")
+        except OSError:
+            pass  # the parent is gone (this process is stopping)
 
     def shutdown(self) -> None:
         """Stops taking connections (associations in progress go on)."""
