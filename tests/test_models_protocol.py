@@ -190,8 +190,7 @@ def _calls(tree: ast.AST, dotted: str) -> list[int]:
 
 
 def test_weights_are_read_and_written_only_by_the_protocol():
-    # models/qc/classifier.py (the QC gate's anatomy classifier) still reads and writes its checkpoint itself
-    exempt = {"models/protocol.py", "models/qc/classifier.py"}
+    exempt = {"models/protocol.py"}
     bad = []
     for path in sorted(MODELS.rglob("*.py")):
         rel = path.relative_to(ROOT).as_posix()

@@ -1,4 +1,5 @@
-"""The anatomy classifier ``qc.anatomy``: `AnatomyClassifier` (inference and its checkpoint).
+"""The anatomy classifier ``qc.anatomy``: `AnatomyClassifier` (inference; its checkpoint through
+`models.protocol`).
 
 Slice logits are averaged over the series' central slices (`models.qc.preprocess.anatomy_input`);
 out-of-distribution inputs are caught by the Mahalanobis distance of the series embedding to the class
@@ -15,6 +16,7 @@ import numpy as np
 import torch
 
 from models.errors import RegistryError
+from models.protocol import Checkpoint, load_checkpoint, save_checkpoint
 from models.qc.gate import Thresholds
 from models.qc.net import ANATOMIES, ANATOMY_CLASSES, AnatomyNet, MotionNet
 from models.qc.preprocess import INFER_SLICES, INFER_SPAN, MASK_BAND, SLICE_GRID, anatomy_input, motion_input
@@ -97,21 +99,20 @@ class AnatomyClassifier:
                    if self.motion_net is not None else {})}
 
     def save(self, path: Path) -> str:
-        from models.classifier import sha256_of
-
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(self.state(), path)
-        digest = sha256_of(path)
-        path.with_name(path.name + ".sha256").write_text(f"{digest}  {path.name}\n")
-        return digest
+        """Write the checkpoint and ``path.sha256`` (atomically, `models.protocol`); returns the hash."""
+        return save_checkpoint(self.state(), Path(path))
 
     @classmethod
-    def load(cls, path: Path, *, sha256: str) -> "AnatomyClassifier":
-        ck = torch.load(Path(path), map_location="cpu", weights_only=True)
-        if not isinstance(ck, dict) or ck.get("format") != cls.FORMAT:
-            found = ck.get("format") if isinstance(ck, dict) else type(ck).__name__
-            raise RegistryError(f"{path} is not a {cls.FORMAT} checkpoint (found {found})")
+    def load(cls, path: Path, *, sha256: str | None = None) -> AnatomyClassifier:
+        """Load a checkpoint, verified against ``sha256`` or the ``.sha256`` file beside it (and the card)."""
+        return cls.from_checkpoint(load_checkpoint(Path(path), sha256))
+
+    @classmethod
+    def from_checkpoint(cls, ckpt: Checkpoint) -> AnatomyClassifier:
+        """The classifier of a verified checkpoint (`models.protocol.load_checkpoint`)."""
+        ck, path = ckpt.data, ckpt.path
+        if ck.get("format") != cls.FORMAT:
+            raise RegistryError(f"{path} is not a {cls.FORMAT} checkpoint (found {ck.get('format')})")
         if tuple(ck["classes"]) != ANATOMY_CLASSES:
             raise RegistryError(f"{path}: classes {ck['classes']} do not match the code")
         inp = ck.get("input", {})
@@ -126,7 +127,8 @@ class AnatomyClassifier:
             motion.load_state_dict(ck["motion_state_dict"])
             motion.eval()
         return cls(net=net, mean=ck["mean"].double().numpy(), precision=ck["precision"].double().numpy(),
-                   ood_threshold=float(ck["ood_threshold"]), sha256=sha256, metadata=dict(ck.get("metadata", {})),
+                   ood_threshold=float(ck["ood_threshold"]), sha256=ckpt.sha256,
+                   metadata=dict(ck.get("metadata", {})),
                    motion_net=motion, contradiction_threshold=float(ck.get("contradiction_threshold", 0.8)),
                    plane_threshold=float(ck.get("plane_threshold", 0.9)),
                    support_threshold=float(ck.get("support_threshold", 0.0)),
