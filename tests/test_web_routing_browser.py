@@ -99,7 +99,9 @@ def test_admin_turns_an_unrouted_series_into_a_rule(server, browser, tmp_path):
     d.get(f"{base}/studies/{server['study_id']}")
     panel = wait(d).until(EC.presence_of_element_located((By.CSS_SELECTOR, f'tr.series-route[data-series="{sid}"]')))
     assert "knee / sag_fluid" in panel.text and "site anonymised sagittal knee" in panel.text
-    console_errors(d)  # index rows only: the viewer has no stored files to show here
+    # index rows only: the viewer has no stored files to show here (its 422 is logged once it has answered)
+    wait(d, 20).until(lambda x: x.find_element(By.ID, "viewer").get_attribute("data-ready") in ("1", "error"))
+    console_errors(d)
     d.get(base + "/admin/audit?action=routing.")
     [event] = d.find_elements(By.CSS_SELECTOR, "tr.audit-row")
     assert event.get_attribute("data-action") == "routing.rule_add"
