@@ -266,6 +266,7 @@ def test_task_specs_carry_no_label_mapping_and_every_task_has_one_in_the_data_la
         "phantom_overrides",
         "phantom_overrides_for",
         "target_from_row",
+        "target_from_phantom",
         "empty_allowed",
         "coronal_sequences",
     }

@@ -9,7 +9,6 @@ orientation), loaded back with models.io and put through the gate of knee.acl: n
 from __future__ import annotations
 
 import dataclasses
-import datetime as dt
 import warnings
 from pathlib import Path
 
@@ -17,13 +16,13 @@ import numpy as np
 import pydicom
 import pytest
 from pydicom.data import get_testdata_file
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
+from pydicom.uid import generate_uid
 
 from models.io import load_series
 from models.phantoms import generate, write_dicom_series, write_localizer
 from models.registry import Registry
 from models.tasks import TASKS
+from support.mr import mr_dataset, save
 
 SAG_ROW, SAG_COL = (0.0, 1.0, 0.0), (0.0, 0.0, -1.0)
 ACL = TASKS["knee.acl"]
@@ -40,40 +39,34 @@ def gate():
 def write_mr_series(array: np.ndarray, spacing, out: Path, *, row=SAG_ROW, col=SAG_COL, body_part="KNEE",
                     description="SAG PD FS", image_type=("ORIGINAL", "PRIMARY", "M", "ND")) -> list[Path]:
     """(slices, rows, cols) array -> one MR Image Storage file per slice, slices along cross(row, col)."""
-    out.mkdir(parents=True, exist_ok=True)
     a = np.asarray(array, np.float64)
     a = a - min(0.0, float(a.min()))
     scale = 4000.0 / max(float(a.max()), 1e-6)
     pix = np.round(a * scale).astype(np.uint16)
     normal = np.cross(row, col)
     study, series, frame = generate_uid(), generate_uid(), generate_uid()
-    now = dt.datetime(2026, 1, 1, 12, 0, 0)
     paths = []
     for k in range(pix.shape[0]):
-        meta = FileMetaDataset()
-        meta.MediaStorageSOPClassUID = MRImageStorage
-        meta.MediaStorageSOPInstanceUID = generate_uid()
-        meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        ds = Dataset()
-        ds.file_meta = meta
-        ds.SOPClassUID, ds.SOPInstanceUID = MRImageStorage, meta.MediaStorageSOPInstanceUID
-        ds.Modality, ds.BodyPartExamined, ds.SeriesDescription = "MR", body_part, description
-        ds.ImageType = list(image_type)
-        ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = study, series, frame
-        ds.StudyDate, ds.StudyTime = now.strftime("%Y%m%d"), now.strftime("%H%M%S")
-        ds.PatientName, ds.PatientID = "QC^TEST", "QC1"
-        ds.SeriesNumber, ds.InstanceNumber = 3, pix.shape[0] - k  # instance numbers reversed on purpose
-        ds.ImageOrientationPatient = [f"{v:.6f}" for v in (*row, *col)]
-        ds.ImagePositionPatient = [f"{v:.4f}" for v in np.asarray(normal) * spacing[0] * (k - pix.shape[0] / 2)]
-        ds.PixelSpacing = [f"{spacing[1]:.4f}", f"{spacing[2]:.4f}"]
-        ds.SliceThickness = f"{spacing[0]:.3f}"
-        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-        ds.Rows, ds.Columns = pix.shape[1], pix.shape[2]
-        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
-        ds.PixelData = np.ascontiguousarray(pix[k]).tobytes()
-        p = out / f"im{k:03d}.dcm"
-        ds.save_as(p, enforce_file_format=True)
-        paths.append(p)
+        ds = mr_dataset(
+            study_uid=study,
+            series_uid=series,
+            pixels=pix[k],
+            BodyPartExamined=body_part,
+            SeriesDescription=description,
+            ImageType=list(image_type),
+            FrameOfReferenceUID=frame,
+            StudyDate="20260101",
+            StudyTime="120000",
+            PatientName="QC^TEST",
+            PatientID="QC1",
+            SeriesNumber=3,
+            InstanceNumber=pix.shape[0] - k,  # instance numbers reversed on purpose
+            ImageOrientationPatient=[f"{v:.6f}" for v in (*row, *col)],
+            ImagePositionPatient=[f"{v:.4f}" for v in np.asarray(normal) * spacing[0] * (k - pix.shape[0] / 2)],
+            PixelSpacing=[f"{spacing[1]:.4f}", f"{spacing[2]:.4f}"],
+            SliceThickness=f"{spacing[0]:.3f}",
+        )
+        paths.append(save(ds, out / f"im{k:03d}.dcm"))
     return paths
 
 
@@ -180,7 +173,7 @@ def test_knee_in_another_plane_with_a_sagittal_header_is_refused_from_pixels(gat
 def test_pixel_plane_contradicts_the_header_only_when_very_confident(gate):
     """The plane comes from the header: a knee whose pixels lean to another plane, but not with the
     classifier's calibrated confidence, is accepted; a confident wrong anatomy is refused, an unsure one not."""
-    probs = {c: 0.0 for c in gate.anatomy.classes}
+    probs = dict.fromkeys(gate.anatomy.classes, 0.0)
     probs.update({"knee/sagittal": 0.2, "knee/axial": 0.75, "shoulder/coronal": 0.05})
     pred = {"probabilities": probs, "anatomy_probabilities": {"knee": 0.95, "shoulder": 0.05, "lumbar_spine": 0.0,
                                                              "other": 0.0},
@@ -188,7 +181,7 @@ def test_pixel_plane_contradicts_the_header_only_when_very_confident(gate):
     assert gate.judge(pred, "knee", "sagittal").accepted
     probs.update({"knee/sagittal": 0.01, "knee/axial": 0.94})
     v = gate.judge(pred, "knee", "sagittal", model="knee.acl")
-    if 0.94 >= gate.anatomy.plane_threshold:
+    if gate.anatomy.plane_threshold <= 0.94:
         assert v.reason == "wrong_orientation" and "knee axial series" in v.message
         assert "header geometry says sagittal" in v.message and "knee sagittal series" not in v.message
     unsure = dict(pred, anatomy_probabilities={"knee": 0.55, "shoulder": 0.45, "lumbar_spine": 0.0, "other": 0.0})

@@ -11,6 +11,7 @@ import torch
 
 from models.classifier import sha256_of
 from models.evaluation import evaluate
+from models.labels import labels_for
 from models.phantoms import generate
 from models.registry import REPO_WEIGHTS, Registry
 from models.tasks.spine_stenosis import GRADES, LEVELS, TASK
@@ -90,7 +91,7 @@ def test_qc_refuses_other_anatomy_from_pixels_even_when_tagged_lspine(registry):
 
 def test_level_balls_mark_each_disc_level():
     ph = generate("lumbar_spine", FRESH_SEED + 503, matrix=128)
-    target = TASK.target_from_phantom(ph)
+    target = labels_for(TASK).target_from_phantom(ph)
     assert target.lesion.shape == (len(LEVELS),) + ph.volume.shape
     aff = ph.volume.affine()
     for h, level in enumerate(LEVELS):

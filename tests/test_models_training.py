@@ -151,8 +151,8 @@ def test_cli_trains_qc_anatomy_with_its_motion_detector(tmp_path):
     import subprocess
     import sys
 
-    from conftest import ROOT
     from models.qc import AnatomyClassifier
+    from support.env import ROOT
 
     out = tmp_path / "qc"
     cmd = [sys.executable, "-m", "node.cli", "train", "qc.anatomy", "--data", "synthetic:36:9900000", "--epochs", "1",
@@ -160,8 +160,8 @@ def test_cli_trains_qc_anatomy_with_its_motion_detector(tmp_path):
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     path = out / "model.pt"
-    clf = AnatomyClassifier.load(path, sha256=sha256_of(path))
-    assert clf.motion_net is not None
+    clf = AnatomyClassifier.load(path)  # verified against the .sha256 file written beside it
+    assert clf.motion_net is not None and clf.sha256 == sha256_of(path)
     summary = json.loads((out / "train_summary.json").read_text())
     assert summary["weights_sha256"] == sha256_of(path) and summary["motion_training_data"] == "motion:24:9900100"
     bad = subprocess.run(cmd[:-4] + ["--motion", "lots", "--out", str(tmp_path / "x")], cwd=ROOT, capture_output=True,

@@ -129,13 +129,6 @@ class TaskSpec:
 
         return preprocess(volume, self.input.shape, self.input.roi_mm, self.input.plane)
 
-    def target_from_phantom(self, phantom):
-        """The training target of a phantom: `models.labels` (``labels_for(task).target_from_phantom``);
-        kept here for callers written before the label mapping moved to the data layer."""
-        from models.labels import labels_for
-
-        return labels_for(self).target_from_phantom(phantom)
-
     # --- outputs ----------------------------------------------------------------------
     def positive_class(self, result: HeadResult, volume: Volume | None = None) -> str:
         """Which positive class a positive finding of a head with negatives reports: the most probable one.
