@@ -140,6 +140,7 @@ def test_times_are_the_site_zone_24_hour_iso_like():
     # what the API returns (ISO 8601 with any offset), and naive node times (UTC)
     assert display_time("2025-01-15T17:46:39+00:00", BERLIN, seconds=True) == "2025-01-15 18:46:39"
     assert display_time("2025-01-15T12:46:39-05:00", BERLIN, seconds=True) == "2025-01-15 18:46:39"
-    assert display_time(dt.datetime(2025, 1, 15, 17, 46, 39), BERLIN, seconds=True) == "2025-01-15 18:46:39"
+    naive = dt.datetime(2025, 1, 15, 17, 46, 39)  # noqa: DTZ001 - a naive node time is UTC
+    assert display_time(naive, BERLIN, seconds=True) == "2025-01-15 18:46:39"
     assert display_time(None, BERLIN) == "—" and display_time("", BERLIN) == "—"
     assert "PM" not in display_time(evening, ZoneInfo("America/New_York"), seconds=True)
