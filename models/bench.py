@@ -45,7 +45,7 @@ STUDIES: dict[str, tuple[StudyInput, ...]] = {
     "lumbar_spine": (StudyInput("sag_t2", None, "T2", 15, 512),),
 }
 SEEDS = {"knee": 8_800_001, "shoulder": 8_800_002, "lumbar_spine": 8_800_003}
-LABELS = {"knee": {"acl": "complete"}, "shoulder": {"cuff": "full_thickness"}, "lumbar_spine": {}}
+LABELS: dict[str, dict[str, Any]] = {"knee": {"acl": "complete"}, "shoulder": {"cuff": "full_thickness"}, "lumbar_spine": {}}
 
 
 class BenchError(ModelsError):
@@ -131,7 +131,7 @@ def run_anatomy(anatomy: str, dirs: dict[str, Path], *, threads: int, repeats: i
         registry.get(MODEL_SUPERRES)
     registry.gate()
     model_load_s = time.perf_counter() - t0
-    studies = []
+    studies: list[dict[str, Any]] = []
     for _ in range(1 + repeats):
         t0 = time.perf_counter()
         volumes = {}
@@ -194,7 +194,7 @@ def run_bench(*, anatomies: tuple[str, ...] = ("knee", "shoulder", "lumbar_spine
     with tempfile.TemporaryDirectory(prefix="msknode-bench-models-", dir=workdir) as tmp:
         log("writing typical series as DICOM ...")
         inputs = write_inputs(Path(tmp), anatomies)
-        per_anatomy = {}
+        per_anatomy: dict[str, dict[str, Any]] = {}
         for anatomy in anatomies:
             if not PIPELINES[anatomy].models and not PIPELINES[anatomy].superres:
                 per_anatomy[anatomy] = {"anatomy": anatomy, "skipped": "no shipped weights"}

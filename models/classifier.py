@@ -78,12 +78,12 @@ class ClassifierModel:
         return save_checkpoint(self.state(), path)
 
     @classmethod
-    def load(cls, path: Path, task: TaskSpec, *, sha256: str | None = None, gate: Any = None) -> "ClassifierModel":
+    def load(cls, path: Path, task: TaskSpec, *, sha256: str | None = None, gate: Any = None) -> ClassifierModel:
         """Load a checkpoint for ``task``, verified against ``sha256`` (default: the ``.sha256`` file beside it)."""
         return cls.from_checkpoint(load_checkpoint(path, sha256), task, gate=gate)
 
     @classmethod
-    def from_checkpoint(cls, ckpt: Checkpoint, task: TaskSpec, *, gate: Any = None) -> "ClassifierModel":
+    def from_checkpoint(cls, ckpt: Checkpoint, task: TaskSpec, *, gate: Any = None) -> ClassifierModel:
         """The model of a verified checkpoint (`models.protocol.load_checkpoint`) for ``task``."""
         path, data = ckpt.path, ckpt.data
         if data.get("format") != FORMAT:
@@ -138,11 +138,10 @@ class ClassifierModel:
         probs = [torch.softmax(lg / self.temperature, dim=1)[0].numpy() for lg in logits]
         timings["inference_s"] = time.perf_counter() - t0
         t0 = time.perf_counter()
+        mc: list[np.ndarray] | None = None
         if uncertainty and self.mc_samples > 1:
-            mc = mc_dropout_probabilities(self.net, feats, samples=self.mc_samples, temperature=self.temperature)
-            mc = [m.numpy() for m in mc]
-        else:
-            mc = None
+            mc_t = mc_dropout_probabilities(self.net, feats, samples=self.mc_samples, temperature=self.temperature)
+            mc = [m.numpy() for m in mc_t]
         timings["uncertainty_s"] = time.perf_counter() - t0
         results = []
         t_sal = 0.0

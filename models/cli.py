@@ -177,7 +177,7 @@ def cmd_train(args, settings) -> int:
 
     from models.data import parse_spec
     from models.errors import DataSpecError, TrainingError, VolumeError
-    from models.registry import MODEL_ANATOMY, MODEL_SUPERRES, ENTRIES
+    from models.registry import ENTRIES, MODEL_ANATOMY, MODEL_SUPERRES
 
     torch.set_num_threads(_threads(settings))
     if args.model not in ENTRIES:
@@ -238,14 +238,17 @@ def cmd_train(args, settings) -> int:
             path = Path(args.out) / "model.pt"
         else:
             from models.tasks import TASKS
-            from models.training import Recipe, train
+            from models.training import Recipe as ClassifierRecipe
+            from models.training import train
 
-            recipe = Recipe(data=str(spec), seed=args.seed, epochs=args.epochs or 8, batch_size=args.batch_size,
-                            lr=args.lr, threads=_threads(settings), max_steps=args.max_steps, augment=not args.no_augment,
-                            init=str(args.init) if args.init else None,
-                            patch_steps=TASKS[args.model].patch_pretrain_steps if args.patch_steps is None else args.patch_steps,
-                            patch_lr=args.patch_lr)
-            path = train(TASKS[args.model], recipe, args.out, cache_root=args.cache, workers=args.workers, log=log)
+            classifier_recipe = ClassifierRecipe(
+                data=str(spec), seed=args.seed, epochs=args.epochs or 8, batch_size=args.batch_size, lr=args.lr,
+                threads=_threads(settings), max_steps=args.max_steps, augment=not args.no_augment,
+                init=str(args.init) if args.init else None,
+                patch_steps=TASKS[args.model].patch_pretrain_steps if args.patch_steps is None else args.patch_steps,
+                patch_lr=args.patch_lr,
+            )
+            path = train(TASKS[args.model], classifier_recipe, args.out, cache_root=args.cache, workers=args.workers, log=log)
     except (DataSpecError, TrainingError, VolumeError) as e:
         _err(str(e))
         return EXIT_BAD_INPUT

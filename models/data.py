@@ -28,9 +28,10 @@ import csv
 import hashlib
 import json
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 
@@ -58,6 +59,12 @@ class DataSpec:
         if self.kind == "mrnet":
             return f"mrnet:{self.path}:{self.split}"
         return f"{self.kind}:{self.path}"
+
+    def required_path(self) -> Path:
+        """PATH of a spec that reads files (every kind but synthetic)."""
+        if self.path is None:
+            raise DataSpecError(f"data spec {self}: missing PATH")
+        return self.path
 
 
 @dataclass
@@ -221,7 +228,7 @@ def mrnet_volume(array: np.ndarray, plane: str, spacing: tuple[float, float, flo
     normal = np.cross(row, col)
     positions = np.array([k * spacing[0] * normal for k in range(arr.shape[0])], dtype=float)
     return Volume(
-        array=arr, spacing=tuple(float(s) for s in spacing), positions=positions, row_cosine=row, col_cosine=col,
+        array=arr, spacing=(float(spacing[0]), float(spacing[1]), float(spacing[2])), positions=positions, row_cosine=row, col_cosine=col,
         series_uid=f"mrnet-{key}-{plane}", sop_instance_uids=tuple(f"mrnet-{key}-{k}" for k in range(arr.shape[0])),
         frame_numbers=(None,) * arr.shape[0], modality="MR", attributes={"source": "mrnet"},
     )
@@ -284,13 +291,13 @@ def open_cases(spec: DataSpec | str, task: TaskSpec) -> Iterator[Case]:
         for s in range(spec.seed, spec.seed + spec.n):
             yield phantom_case(task, s)[0]
     elif spec.kind == "mrnet":
-        yield from mrnet_cases(task, spec.path, spec.split)
+        yield from mrnet_cases(task, spec.required_path(), spec.split)
     elif spec.kind == "realdir":
         raise DataSpecError(f"{spec}: real series without labels serve evaluation only (no training targets)")
     elif spec.kind == "realdata":
         raise DataSpecError(f"{spec}: the real corpus is labelled by anatomy only; qc.anatomy alone uses it")
     else:
-        yield from dicomcsv_cases(task, spec.path)
+        yield from dicomcsv_cases(task, spec.required_path())
 
 
 def load_items(spec: DataSpec | str, task: TaskSpec, *, workers: int = 1, cache_root: Path | None = None,

@@ -57,7 +57,6 @@ from scipy.special import ndtr
 
 from models.errors import ModelsError
 
-
 FFT_WORKERS = 2  # threads for scipy.fft (the node runs models on 2 cores)
 
 

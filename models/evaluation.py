@@ -23,10 +23,12 @@ anyway, so refusing hard cases cannot flatter a metric. JSON keys (those that ap
 
 from __future__ import annotations
 
+import functools
 import math
 import time
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any
 
 import numpy as np
 
@@ -218,7 +220,7 @@ def evaluate_classifier(model, spec: DataSpec, *, gate=None, workers: int = 1, s
             if levels:
                 out["kappa_ci"] = bootstrap_ci(lambda idx: min(level_kappa(idx, lv) for lv in levels), len(rows),
                                                reps=bootstrap)
-                out["kappa_ci_per_level"] = {lv[0]: bootstrap_ci(lambda idx, lv=lv: level_kappa(idx, lv), len(rows),
+                out["kappa_ci_per_level"] = {lv[0]: bootstrap_ci(functools.partial(level_kappa, level=lv), len(rows),
                                                                  reps=bootstrap, seed=3) for lv in levels}
         else:
             out["balanced_accuracy"] = round(float(np.mean(bal)), 4)
@@ -348,11 +350,11 @@ def evaluate_realdir_classifier(model, spec: DataSpec, *, gate, log: Callable[[s
     task: TaskSpec = model.task
     rows: list[dict[str, Any]] = []
     t0 = time.time()
-    for rs in read_realdir(spec.path):
+    for rs in read_realdir(spec.required_path()):
         qc = gate.check(rs.volume, task) if gate is not None else None
         accepted = qc is None or qc.accepted
         row: dict[str, Any] = {"key": rs.key, "anatomy": rs.anatomy_group, "source": rs.source, "normal": rs.normal,
-                               "accepted": accepted, "reason": None if accepted else qc.reason}
+                               "accepted": accepted, "reason": None if accepted or qc is None else qc.reason}
         if accepted:
             results = model.analyse(rs.volume, saliency=False, uncertainty=False)
             row["p_finding"] = float(results[0].p_finding) if task.kind == "binary" else None
@@ -397,7 +399,7 @@ def evaluate_realdir_superres(model, spec: DataSpec, *, log: Callable[[str], Non
     from models.realdir import read_realdir
 
     rows = []
-    for rs in read_realdir(spec.path):
+    for rs in read_realdir(spec.required_path()):
         out = model.predict(rs.volume)
         rows.append({"key": rs.key, "anatomy": rs.anatomy_group, "source": rs.source, "accepted": out.qc.accepted,
                      "reason": out.qc.reason, "consistency_passed": bool(out.consistency_passed),
@@ -431,14 +433,14 @@ def evaluate_realdir_anatomy(registry, spec: DataSpec, *, log: Callable[[str], N
     from models.tasks import TASKS
 
     gate = registry.gate()
-    rows = []
-    for rs in read_realdir(spec.path):
+    rows: list[dict[str, Any]] = []
+    for rs in read_realdir(spec.required_path()):
         group = rs.anatomy_group
         tasks = [t for t in TASKS.values() if t.input.plane == rs.plane and (group not in TASKS_ANATOMIES or
                                                                           t.anatomy == group)]
         results = {t.name: gate.check(rs.volume, t) for t in tasks}
         pred = gate.anatomy.predict(rs.volume, rs.plane) if gate.anatomy is not None else None
-        row = {"key": rs.key, "anatomy": group, "plane": rs.plane, "source": rs.source,
+        row: dict[str, Any] = {"key": rs.key, "anatomy": group, "plane": rs.plane, "source": rs.source,
                "models": {k: (None if q.accepted else q.reason) for k, q in results.items()},
                "pixels": pred["label"] if pred else None}
         if not tasks:

@@ -22,9 +22,10 @@ from __future__ import annotations
 
 import os
 from collections import defaultdict
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -105,7 +106,7 @@ def _decode(ds, name: str) -> np.ndarray:
         raise VolumeError(f"{name}: colour images ({spp} samples per pixel) are not MR volumes")
     try:
         arr = ds.pixel_array
-    except Exception as e:  # noqa: BLE001 - decoder plugins raise many types
+    except Exception as e:
         ts = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
         ts_name = getattr(ts, "name", str(ts))
         raise VolumeError(f"{name}: cannot decode the pixel data ({ts_name}): {e}") from None
@@ -140,7 +141,7 @@ def _single_frame_slices(ds, name: str) -> list[_Slice]:
         if pos is not None and n > 1 and iop is not None:
             # legacy multi-frame: frames advance along the normal by SpacingBetweenSlices
             step = _f(ds.get("SpacingBetweenSlices"), None) or _f(ds.get("SliceThickness"), 1.0) or 1.0
-            pos = ipp + f * step * np.cross(iop[:3], iop[3:])
+            pos = pos + f * step * np.cross(iop[:3], iop[3:])
         out.append(
             _Slice(
                 pixels=_rescale(frames[f], ds.get("RescaleSlope"), ds.get("RescaleIntercept")),
@@ -188,7 +189,7 @@ def _enhanced_slices(ds, name: str) -> list[_Slice]:
         ftype = _seq_item(fg, "MRImageFrameTypeSequence") or _seq_item(shared, "MRImageFrameTypeSequence")
         itype = _image_type(ftype) if ftype is not None else _image_type(ds)
         content = _seq_item(fg, "FrameContentSequence")
-        extra = {}
+        extra: dict[str, Any] = {}
         if content is not None:
             if "StackID" in content:
                 extra["stack_id"] = str(content.StackID)
@@ -251,10 +252,10 @@ def _unit(v: np.ndarray) -> np.ndarray:
 
 def load_series(paths: Sequence[Path | str]) -> Volume:
     """Decode one DICOM series into a `Volume` (slices sorted along the normal)."""
-    paths = [Path(p) for p in paths]
-    if not paths:
+    files = [Path(p) for p in paths]
+    if not files:
         raise VolumeError("no files given for the series")
-    missing = [p for p in paths if not p.is_file()]
+    missing = [p for p in files if not p.is_file()]
     if missing:
         raise VolumeError(f"{len(missing)} file(s) of the series are missing, e.g. {missing[0]}")
     slices: list[_Slice] = []
@@ -262,7 +263,7 @@ def load_series(paths: Sequence[Path | str]) -> Volume:
     first = None
     transfer_syntaxes: set[str] = set()
     sop_classes: set[str] = set()
-    for p in sorted(paths):
+    for p in sorted(files):
         ds = _read(p)
         if first is None:
             first = ds
@@ -278,7 +279,7 @@ def load_series(paths: Sequence[Path | str]) -> Volume:
     if len(series_uids) > 1:
         raise VolumeError(f"files belong to {len(series_uids)} different series; load one series at a time")
     assert first is not None
-    return _assemble(slices, first, n_files=len(paths), transfer_syntaxes=transfer_syntaxes, sop_classes=sop_classes)
+    return _assemble(slices, first, n_files=len(files), transfer_syntaxes=transfer_syntaxes, sop_classes=sop_classes)
 
 
 def _assemble(slices: list[_Slice], first, *, n_files: int, transfer_syntaxes: set[str], sop_classes: set[str]) -> Volume:
@@ -289,7 +290,7 @@ def _assemble(slices: list[_Slice], first, *, n_files: int, transfer_syntaxes: s
     have_geo = [s.position is not None and s.orientation is not None for s in slices]
     attributes: dict[str, Any] = _header_facts(first)
     if all(have_geo):
-        iops = np.stack([s.orientation for s in slices])
+        iops = np.stack([s.orientation for s in slices if s.orientation is not None])
         spread = float(np.abs(iops - iops[0]).max())
         if spread > ORIENTATION_TOLERANCE:
             n_distinct = len({tuple(np.round(o, 3)) for o in iops})
@@ -300,11 +301,11 @@ def _assemble(slices: list[_Slice], first, *, n_files: int, transfer_syntaxes: s
         row = _unit(iops.mean(axis=0)[:3])
         col = _unit(iops.mean(axis=0)[3:])
         normal = np.cross(row, col)
-        d = np.array([float(np.dot(s.position, normal)) for s in slices])
+        d = np.array([float(np.dot(s.position, normal)) for s in slices if s.position is not None])
         order = np.argsort(d, kind="stable")
         slices = [slices[i] for i in order]
         d = d[order]
-        positions = np.stack([s.position for s in slices]).astype(float)
+        positions = np.stack([s.position for s in slices if s.position is not None]).astype(float)
         if len(slices) > 1:
             diffs = np.diff(d)
             if (diffs < 1e-3).any():
@@ -325,7 +326,8 @@ def _assemble(slices: list[_Slice], first, *, n_files: int, transfer_syntaxes: s
             attributes["max_lateral_offset_mm"] = float(np.linalg.norm(lateral, axis=1).max())
         else:
             slice_spacing = _f(first.get("SpacingBetweenSlices")) or slices[0].slice_thickness or 1.0
-        row_cos, col_cos = tuple(float(v) for v in row), tuple(float(v) for v in col)
+        row_cos: tuple[float, float, float] = (float(row[0]), float(row[1]), float(row[2]))
+        col_cos: tuple[float, float, float] = (float(col[0]), float(col[1]), float(col[2]))
     elif any(have_geo):
         n_bad = len(have_geo) - sum(have_geo)
         raise VolumeError(f"{n_bad} of {len(slices)} slices have no position/orientation; the series geometry is incomplete")
@@ -347,7 +349,7 @@ def _assemble(slices: list[_Slice], first, *, n_files: int, transfer_syntaxes: s
         imager = _floats(first.get("ImagerPixelSpacing"), 2)
         row_sp, col_sp = (float(imager[0]), float(imager[1])) if imager is not None else (1.0, 1.0)
         attributes["pixel_spacing_assumed"] = True
-    if len(slices) != len(set((s.sop_instance_uid, s.frame_number) for s in slices)):
+    if len(slices) != len({(s.sop_instance_uid, s.frame_number) for s in slices}):
         raise VolumeError("the same SOP Instance UID (and frame) occurs twice in the series")
     array = np.stack([s.pixels for s in slices]).astype(np.float32, copy=False)
     if not np.isfinite(array).all():

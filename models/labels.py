@@ -130,11 +130,12 @@ class TaskLabels:
             lesion = np.stack(
                 [np.asarray(phantom.masks.get(m, np.zeros(shape, bool)), dtype=np.float32) for m in self.lesion_masks]
             )
-        centers = {}
+        centers: dict[str, tuple[float, float, float]] = {}
         lc = phantom.labels.get("lesion_centers_mm", {}) or {}
         for h, key in zip(task.heads, self.lesion_keys):
             if key in lc:
-                centers[h.name] = tuple(float(v) for v in lc[key])
+                x, y, z = (float(v) for v in lc[key])
+                centers[h.name] = (x, y, z)
         info = {h.name: v for h, v in zip(task.heads, values)}
         return Target(allowed=allowed, lesion=lesion, lesion_centers_mm=centers, info=info)
 

@@ -20,7 +20,7 @@ MC-dropout layers; `forward_head` runs only the cheap part after F, so uncertain
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -67,6 +67,7 @@ class LesionNet(nn.Module):
         self.evidence = nn.Conv3d(c2, n_heads, kernel_size=1)
         self.drop_vec = nn.Dropout(dropout)
         self.classifiers = nn.ModuleList([nn.Linear(2 * c2 + 1, n) for n in self.head_sizes])
+        assert self.evidence.bias is not None  # a Conv3d has a bias unless bias=False
         nn.init.constant_(self.evidence.bias, -2.0)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:

@@ -16,14 +16,14 @@ by the caller.
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Mapping
 
 from models.errors import PipelineError
 from models.qc import REASONS
-from models.registry import MODEL_SUPERRES, REPO_WEIGHTS, ENTRIES
+from models.registry import ENTRIES, MODEL_SUPERRES, REPO_WEIGHTS, Registry
 from models.tasks import TASKS
-from models.types import PipelineOutput, QCResult, SuperResOutput, Volume, ModelOutput
+from models.types import ModelOutput, PipelineOutput, QCResult, SuperResOutput, Volume
 
 ROLES: dict[str, tuple[str, ...]] = {
     "knee": ("sag_fluid", "sag_pd", "cor_fluid", "cor_t1", "ax_fluid", "localizer"),
@@ -79,7 +79,7 @@ def _build() -> dict[str, PipelineSpec]:
 PIPELINES: dict[str, PipelineSpec] = _build()
 
 
-def _missing(registry, model: str, roles: tuple[str, ...]) -> ModelOutput:
+def _missing(registry: Registry, model: str, roles: tuple[str, ...]) -> ModelOutput:
     msg = f"{REASONS['missing_series']}: {model} needs one of {', '.join(roles)}"
     return ModelOutput(model=registry.info(model), series_uid="", qc=QCResult(False, "missing_series", msg), findings=[])
 
@@ -88,7 +88,7 @@ def run_pipeline(
     name: str,
     volumes: Mapping[str, Volume],
     *,
-    registry,
+    registry: Registry,
     superres: bool = True,
     saliency: bool = True,
 ) -> PipelineOutput:

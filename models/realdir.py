@@ -32,9 +32,10 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 
@@ -124,7 +125,7 @@ def stack_volume(slices: np.ndarray, plane: str, spacing: tuple[float, float, fl
     positions = np.array([k * spacing[0] * normal for k in range(arr.shape[0])], dtype=float)
     uid = "realdir-" + re.sub(r"[^A-Za-z0-9.-]", "-", key)[:48]
     return Volume(
-        array=arr, spacing=tuple(float(s) for s in spacing), positions=positions, row_cosine=row, col_cosine=col,
+        array=arr, spacing=(float(spacing[0]), float(spacing[1]), float(spacing[2])), positions=positions, row_cosine=row, col_cosine=col,
         series_uid=uid, sop_instance_uids=tuple(f"{uid}-{k}" for k in range(arr.shape[0])),
         frame_numbers=(None,) * arr.shape[0], modality="MR", attributes={"source": "realdir", **attrs},
     )
@@ -354,7 +355,7 @@ def export_public_other(out: Path | str) -> list[str]:
         key = f"public/mni152_brain_{plane}"
         d = out / key
         d.mkdir(parents=True, exist_ok=True)
-        step = max(1, int(round(4.0 / sk)))  # 4 mm slices, as a clinical brain series
+        step = max(1, round(4.0 / sk))  # 4 mm slices, as a clinical brain series
         np.save(d / "volume.npy", np.ascontiguousarray(arr[::step]))
         (d / SIDECAR).write_text(json.dumps({
             "anatomy": "other:brain", "plane": plane, "pixel_spacing_mm": [rj, ci], "slice_spacing_mm": sk * step,

@@ -16,14 +16,18 @@ for every model.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any
 
 from models import protocol
 from models.errors import UnknownModelError, WeightsIntegrityError, WeightsMissingError
 from models.protocol import read_sha256_file, sha256_path
 from models.types import NOT_FOR_DIAGNOSTIC_USE, ModelInfo
+
+if TYPE_CHECKING:
+    from models.qc import QCGate
 
 REPO_WEIGHTS = Path(__file__).resolve().parent / "weights"
 CARD_FILE = "card.json"
@@ -38,13 +42,13 @@ class ModelEntry:
     input_roles: tuple[str, ...]
     weights_file: str
     version: str
-    loader: Callable[["Registry", Path, str], Any]  # (registry, verified weights path, sha256) -> loaded model
+    loader: Callable[[Registry, Path, str], Any]  # (registry, verified weights path, sha256) -> loaded model
     input_spec: dict[str, Any]
     legacy_files: tuple[str, ...] = ()  # earlier names of the weights file, still found in a site folder
 
 
-def _classifier_loader(task_name: str):
-    def load(registry: "Registry", path: Path, sha: str) -> Any:
+def _classifier_loader(task_name: str) -> Callable[[Registry, Path, str], Any]:
+    def load(registry: Registry, path: Path, sha: str) -> Any:
         from models.tasks import TASKS
 
         return protocol.load(path, sha256=sha, task=TASKS[task_name], gate=registry.gate())
@@ -52,12 +56,12 @@ def _classifier_loader(task_name: str):
     return load
 
 
-def _superres_loader(registry: "Registry", path: Path, sha: str) -> Any:
+def _superres_loader(registry: Registry, path: Path, sha: str) -> Any:
     card = registry.card(MODEL_SUPERRES)
     return protocol.load(path, sha256=sha, version=card.get("version"))
 
 
-def _anatomy_loader(registry: "Registry", path: Path, sha: str) -> Any:
+def _anatomy_loader(registry: Registry, path: Path, sha: str) -> Any:
     return protocol.load(path, sha256=sha)
 
 
@@ -106,7 +110,7 @@ class Registry:
         if include_repo:
             self.roots.append(REPO_WEIGHTS)
         self._loaded: dict[str, Any] = {}
-        self._gate = None
+        self._gate: QCGate | None = None
 
     # --- lookup -------------------------------------------------------------------------
     def entry(self, name: str) -> ModelEntry:
@@ -137,9 +141,10 @@ class Registry:
         if folder is None or not (folder / CARD_FILE).is_file():
             return {}
         try:
-            return json.loads((folder / CARD_FILE).read_text())
+            card: dict[str, Any] = json.loads((folder / CARD_FILE).read_text())
         except (OSError, ValueError):
             return {}
+        return card
 
     def verify(self, name: str) -> tuple[Path, str]:
         """(path, sha256) of verified weights; raises WeightsMissingError / WeightsIntegrityError."""
@@ -153,7 +158,7 @@ class Registry:
         actual = protocol.verify_weights(path, what=f"weights of {name!r}")
         return path, actual
 
-    def get(self, name: str):
+    def get(self, name: str) -> Any:
         """The loaded model (verified once per Registry instance)."""
         if name not in self._loaded:
             e = self.entry(name)
@@ -178,7 +183,7 @@ class Registry:
                          anatomy=e.anatomy, demo_weights=bool(card.get("demo_weights", True)),
                          notice=NOT_FOR_DIAGNOSTIC_USE)
 
-    def gate(self):
+    def gate(self) -> QCGate:
         """The QC gate (with the anatomy classifier when its weights are present)."""
         if self._gate is None:
             from models.qc import QCGate

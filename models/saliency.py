@@ -8,7 +8,7 @@ copy of F, so the backward pass covers the (cheap) head only. Output: a float32 
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 import torch

@@ -20,9 +20,10 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -253,7 +254,9 @@ def pretrain_patches(net, items: list[dict[str, Any]], task: TaskSpec, recipe: R
         torch.nn.utils.clip_grad_norm_(net.parameters(), 5.0)
         opt.step()
         sched.step()
-        sums[0] += float(aux.detach()); sums[1] += float(patch.detach()); sums[2] += 1
+        sums[0] += float(aux.detach())
+        sums[1] += float(patch.detach())
+        sums[2] += 1
         if step % 100 == 0 or step == recipe.patch_steps:
             log(json.dumps({"patch_step": step, "aux": round(sums[0] / sums[2], 5), "patch": round(sums[1] / sums[2], 5),
                             "seconds": round(time.time() - t0, 1)}))
@@ -304,7 +307,7 @@ def train(
     if len(items) < 4:
         raise TrainingError(f"{spec}: {len(items)} cases are too few to train (need at least 4)")
     if val_items is None:
-        n_val = max(1, int(round(len(items) * recipe.val_fraction)))
+        n_val = max(1, round(len(items) * recipe.val_fraction))
         train_items, val_items = items[:-n_val], items[-n_val:]
         split_rule = (f"the last {recipe.val_fraction:.0%} of the cases in the order of the data spec validate "
                       f"(chose the epoch, the temperature and the threshold; never trained on); by case, never by slice")
@@ -365,15 +368,15 @@ def train(
     total = steps_per_epoch * recipe.epochs
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=recipe.lr, total_steps=total, pct_start=0.15)
     log_path = out_dir / "train_log.jsonl"
-    start_epoch, best = 0, {"val_loss": float("inf"), "epoch": -1, "state": None}
-    if ck is not None:
-        if ck.get("task") == task.name and ck.get("recipe") == asdict(recipe):
-            net.load_state_dict(ck["net"])
-            opt.load_state_dict(ck["opt"])
-            sched.load_state_dict(ck["sched"])
-            start_epoch = int(ck["epoch"]) + 1
-            best = {"val_loss": float(ck["best_val_loss"]), "epoch": int(ck["best_epoch"]), "state": ck["best_state"]}
-            log(f"resumed from {ckpt_path} at epoch {start_epoch}")
+    start_epoch = 0
+    best: dict[str, Any] = {"val_loss": float("inf"), "epoch": -1, "state": None}
+    if ck is not None and ck.get("task") == task.name and ck.get("recipe") == asdict(recipe):
+        net.load_state_dict(ck["net"])
+        opt.load_state_dict(ck["opt"])
+        sched.load_state_dict(ck["sched"])
+        start_epoch = int(ck["epoch"]) + 1
+        best = {"val_loss": float(ck["best_val_loss"]), "epoch": int(ck["best_epoch"]), "state": ck["best_state"]}
+        log(f"resumed from {ckpt_path} at epoch {start_epoch}")
     (out_dir / "recipe.json").write_text(json.dumps({"task": task.name, "task_version": task.version,
                                                       **asdict(recipe), "split": split}, indent=2) + "\n")
     step = start_epoch * steps_per_epoch
@@ -476,7 +479,7 @@ def split_record(task: TaskSpec, train_items: list[dict[str, Any]], val_items: l
                 label = _class_of(np.asarray(it["allowed"], bool)[h], head.classes)
                 counts[label or "unlabelled"] = counts.get(label or "unlabelled", 0) + 1
             out["label_counts"].setdefault(side, {})[head.name] = counts
-    for h, head in enumerate(task.heads):
+    for head in task.heads:
         val = out["label_counts"]["validation"][head.name]
         train = out["label_counts"]["train"][head.name]
         for c in head.classes:

@@ -17,8 +17,9 @@ maps go back into the geometry of the input series:
 
 from __future__ import annotations
 
+from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Hashable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 from monai.transforms import MapTransform, Transform
@@ -60,7 +61,7 @@ def canonical_layout(volume: Volume, plane: str | None = None) -> tuple[tuple[in
     targets = np.stack([np.cross(r0, c0), c0, r0])  # canonical directions of axes (k, j, i)
     dirs = _array_axis_directions(volume)
     dots = targets @ dirs.T  # [target, source]
-    best = None
+    best: tuple[float, tuple[int, int, int]] | None = None
     # the slice axis stays first (the acquisition's normal is the through-plane direction even for
     # strongly oblique planes such as the coronal-oblique shoulder; a wrong plane is QC's business):
     # only the in-plane order and the flips are chosen
@@ -68,9 +69,10 @@ def canonical_layout(volume: Volume, plane: str | None = None) -> tuple[tuple[in
         score = sum(abs(dots[t, perm[t]]) for t in range(3))
         if best is None or score > best[0] + 1e-9:
             best = (score, perm)
+    assert best is not None
     perm = best[1]
-    flips = tuple(bool(dots[t, perm[t]] < 0) for t in range(3))
-    return perm, flips, plane  # type: ignore[return-value]
+    flips = (bool(dots[0, perm[0]] < 0), bool(dots[1, perm[1]] < 0), bool(dots[2, perm[2]] < 0))
+    return perm, flips, plane
 
 
 def interp_matrix(n_src: int, origin: float, step: float, n_out: int, antialias: bool = True) -> np.ndarray:
@@ -191,6 +193,14 @@ class Frame:
         return tuple((c[a] - self.origin[a]) / self.step[a] for a in range(3))  # type: ignore[return-value]
 
 
+def _int3(v: Sequence[Any]) -> tuple[int, int, int]:
+    return int(v[0]), int(v[1]), int(v[2])
+
+
+def _float3(v: Sequence[Any]) -> tuple[float, float, float]:
+    return float(v[0]), float(v[1]), float(v[2])
+
+
 def make_frame(
     volume: Volume, out_shape: Sequence[int], roi_mm: Sequence[float | None] | None = None, plane: str | None = None
 ) -> Frame:
@@ -201,14 +211,15 @@ def make_frame(
     origin, step = [], []
     for a in range(3):
         extent = shape[a] * spacing[a]
-        roi = extent if roi_mm is None or roi_mm[a] is None else float(roi_mm[a])
+        roi_a = None if roi_mm is None else roi_mm[a]
+        roi = extent if roi_a is None else float(roi_a)
         st = (roi / out_shape[a]) / spacing[a]
         centre = (shape[a] - 1) / 2.0
         origin.append(centre - (out_shape[a] - 1) / 2.0 * st)
         step.append(st)
     return Frame(
-        source_shape=tuple(int(s) for s in volume.array.shape), perm=perm, flips=flips, plane=plane,
-        canonical_spacing=spacing, origin=tuple(origin), step=tuple(step), out_shape=tuple(int(s) for s in out_shape),
+        source_shape=_int3(volume.array.shape), perm=perm, flips=flips, plane=plane,
+        canonical_spacing=_float3(spacing), origin=_float3(origin), step=_float3(step), out_shape=_int3(out_shape),
     )
 
 
@@ -226,13 +237,13 @@ def make_native_frame(
     shape = tuple(int(volume.array.shape[p]) for p in perm)
     origin, step = [], []
     for a in range(3):
-        st = max(1, int(round(float(target_mm[a]) / spacing[a])))
+        st = max(1, round(float(target_mm[a]) / spacing[a]))
         centre = (shape[a] - 1) / 2.0 + float(offset_mm[a]) / spacing[a]
         origin.append(float(np.floor(centre - (out_shape[a] - 1) / 2.0 * st + 0.5)))
         step.append(float(st))
     return Frame(
-        source_shape=tuple(int(s) for s in volume.array.shape), perm=perm, flips=flips, plane=plane,
-        canonical_spacing=spacing, origin=tuple(origin), step=tuple(step), out_shape=tuple(int(s) for s in out_shape),
+        source_shape=_int3(volume.array.shape), perm=perm, flips=flips, plane=plane,
+        canonical_spacing=_float3(spacing), origin=_float3(origin), step=_float3(step), out_shape=_int3(out_shape),
     )
 
 
@@ -326,7 +337,7 @@ def training_augmentation(*, flip_slices: bool, affine: bool = False, keys=("ima
     )
 
     spatial = list(keys) + ([lesion_key] if lesion_key else [])
-    ops = []
+    ops: list[MapTransform] = []
     if flip_slices:
         ops.append(RandFlipd(keys=spatial, prob=0.5, spatial_axis=0, allow_missing_keys=True))
     if affine:

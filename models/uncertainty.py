@@ -8,16 +8,15 @@ probability (standard deviation).
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
-from torch import nn
 
-from models.nets import set_mc_dropout
+from models.nets import LesionNet, set_mc_dropout
 
 
 def mc_dropout_probabilities(
-    net: nn.Module, features: torch.Tensor | Sequence[torch.Tensor], *, samples: int = 24, temperature: float = 1.0,
+    net: LesionNet, features: torch.Tensor | Sequence[torch.Tensor], *, samples: int = 24, temperature: float = 1.0,
     seed: int = 0,
 ) -> list[torch.Tensor]:
     """Per head: (samples, n_classes) softmax probabilities of ``samples`` stochastic head passes on ``features``

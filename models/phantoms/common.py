@@ -46,6 +46,12 @@ class Streams:
     does not change the anatomy or the other nuisances."""
 
     NAMES = ("labels", "anatomy", "lesion", "acquisition", "texture", "noise")
+    labels: np.random.Generator
+    anatomy: np.random.Generator
+    lesion: np.random.Generator
+    acquisition: np.random.Generator
+    texture: np.random.Generator
+    noise: np.random.Generator
 
     def __init__(self, anatomy: str, seed: int):
         if not isinstance(seed, (int, np.integer)) or seed < 0:
@@ -72,7 +78,7 @@ def choice(rng: np.random.Generator, probs: dict[str, float]) -> str:
 
 def draw_nuisances(rng: np.random.Generator, a: AcquisitionSpec) -> dict[str, Any]:
     """Every acquisition nuisance, drawn in a fixed order (never depends on labels)."""
-    n = {}
+    n: dict[str, Any] = {}
     n["sequence"] = a.sequence
     n["snr"] = loguniform(rng, a.snr)
     n["slice_thickness"] = uniform(rng, a.slice_thickness_mm)
@@ -223,7 +229,7 @@ def render(
         lut = np.zeros(256, dtype=bool)
         lut[sids] = True
         if g in lesion_groups:
-            masks[g] = lut[ids4].any(axis=1)
+            masks[g] = np.asarray(lut[ids4].any(axis=1))
         else:
             masks[g] = lut[mid]
     for g in lesion_groups:
@@ -253,18 +259,20 @@ def centre_of(mask: np.ndarray) -> tuple[int, int, int] | None:
     c = idx.mean(axis=0)
     # the voxel of the mask closest to the centroid (a centroid can fall outside a curved lesion)
     best = idx[np.argmin(((idx - c) ** 2).sum(axis=1))]
-    return tuple(int(v) for v in best)
+    k, j, i = (int(v) for v in best)
+    return k, j, i
 
 
 def vox_and_mm(geom: Geometry, kji) -> tuple[tuple[int, int, int], tuple[float, float, float]]:
-    kji = tuple(int(round(float(v))) for v in kji)
+    kji = tuple(round(float(v)) for v in kji)
     kji = (
         int(np.clip(kji[0], 0, geom.n_slices - 1)),
         int(np.clip(kji[1], 0, geom.rows - 1)),
         int(np.clip(kji[2], 0, geom.cols - 1)),
     )
     mm = geom.patient_of_index(np.asarray(kji, float))
-    return kji, tuple(round(float(v), 3) for v in mm)
+    x, y, z = (round(float(v), 3) for v in mm)
+    return kji, (x, y, z)
 
 
 def series_uids(anatomy: str, seed: int, n: dict[str, Any], plane: str, uid_root: str = PHANTOM_UID_ROOT):

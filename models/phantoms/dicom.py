@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, PYDICOM_IMPLEMENTATION_UID, generate_uid
+from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian, generate_uid
 
 from models.phantoms.common import ANATOMIES, PHANTOM_UID_ROOT, Phantom
 from models.phantoms.errors import PhantomError
@@ -53,7 +53,7 @@ STUDY_SERIES: dict[str, tuple[tuple[str, str, dict[str, Any]], ...]] = {
 
 
 def _study_datetime(seed: int) -> dt.datetime:
-    base = dt.datetime(2024, 1, 1, 7, 30, 0)
+    base = dt.datetime(2024, 1, 1, 7, 30, 0)  # noqa: DTZ001 -- StudyDate/StudyTime are the site's wall clock, no zone
     return base + dt.timedelta(days=int(seed) % 700, minutes=(int(seed) * 37) % 600)
 
 
@@ -70,7 +70,7 @@ def _pixels(array: np.ndarray) -> np.ndarray:
 
 
 def _base_dataset(
-    *, anatomy: str, patient_name: str, patient_id: str, study_uid: str, series_uid: str, frame_uid: str,
+    *, anatomy: str, patient_name: str, patient_id: str, study_uid: str, series_uid: str, frame_uid: str | None,
     when: dt.datetime, series_number: int, description: str, body_part: str, laterality: str | None,
 ) -> Dataset:
     ds = Dataset()
@@ -141,8 +141,8 @@ def _mr_attributes(ds: Dataset, sequence: str, *, localizer: bool, rows: int, co
     ds.MagneticFieldStrength = "1.5"
     ds.PixelBandwidth = "200"
     ds.FlipAngle = "150" if not localizer else "20"
-    n_pe = int(round((rows if pe_axis == 1 else cols) * acq_fraction_pe))
-    n_ro = int(round((cols if pe_axis == 1 else rows) * acq_fraction_ro))
+    n_pe = round((rows if pe_axis == 1 else cols) * acq_fraction_pe)
+    n_ro = round((cols if pe_axis == 1 else rows) * acq_fraction_ro)
     ds.NumberOfPhaseEncodingSteps = n_pe
     ds.PercentSampling = "100"
     ds.PercentPhaseFieldOfView = "100"

@@ -19,12 +19,33 @@ from typing import Any
 import numpy as np
 
 from models.phantoms.common import (
-    Phantom, Streams, apply_overrides, centre_of, choice, draw_nuisances, fat_septa, make_geometry, render,
-    series_uids, uniform, vox_and_mm,
+    Phantom,
+    Streams,
+    apply_overrides,
+    centre_of,
+    choice,
+    draw_nuisances,
+    fat_septa,
+    make_geometry,
+    render,
+    series_uids,
+    uniform,
+    vox_and_mm,
 )
 from models.phantoms.errors import PhantomError
 from models.phantoms.shapes import (
-    Ellipsoid, Func, HalfSpace, Intersection, Layer, Rod, SmoothUnion, Structure, Transformed, Tube, Union, rotation,
+    Ellipsoid,
+    Func,
+    HalfSpace,
+    Intersection,
+    Layer,
+    Rod,
+    SmoothUnion,
+    Structure,
+    Transformed,
+    Tube,
+    Union,
+    rotation,
 )
 from models.phantoms.spec import GENERATOR_VERSION, KneeSpec
 

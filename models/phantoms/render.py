@@ -90,14 +90,16 @@ class Geometry:
 
     def volume(self, array: np.ndarray, **kwargs) -> Volume:
         row_p, col_p = self.patient_cosines()
+        rx, ry, rz = (float(x) for x in np.round(row_p, 6))
+        cx, cy, cz = (float(x) for x in np.round(col_p, 6))
         ks = np.arange(self.n_slices)
         positions = self.patient_of_index(np.stack([ks, np.zeros_like(ks), np.zeros_like(ks)], axis=-1))
         return Volume(
             array=np.ascontiguousarray(array, dtype=np.float32),
             spacing=(float(self.slice_spacing), float(self.row_spacing), float(self.col_spacing)),
             positions=positions,
-            row_cosine=tuple(float(x) for x in np.round(row_p, 6)),
-            col_cosine=tuple(float(x) for x in np.round(col_p, 6)),
+            row_cosine=(rx, ry, rz),
+            col_cosine=(cx, cy, cz),
             **kwargs,
         )
 

@@ -6,12 +6,16 @@ evaluates it where it can be, and ``inside(coords) -> bool array`` over a `Coord
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
 
 import numpy as np
 
 _BIG = 1e4
+
+# a point or a vector in anatomy millimetres: a tuple from the specs or an array from the geometry
+# (the shapes store it as a float64 array)
+Vec = Sequence[float] | np.ndarray
 
 
 def _even_power(a: np.ndarray, p: int) -> np.ndarray:
@@ -118,7 +122,7 @@ class Coords:
         return out
 
 
-def _inside_sub(shape: "Shape", c: Coords) -> np.ndarray:
+def _inside_sub(shape: Shape, c: Coords) -> np.ndarray:
     """``shape.inside`` evaluated only on the part of the box within the shape's own bounds."""
     if np.all(shape.lo <= -_BIG + 1) and np.all(shape.hi >= _BIG - 1):
         return shape.inside(c)
@@ -140,13 +144,13 @@ class Shape:
     def inside(self, c: Coords) -> np.ndarray:  # pragma: no cover - interface
         raise NotImplementedError
 
-    def __or__(self, other: "Shape") -> "Shape":
+    def __or__(self, other: Shape) -> Shape:
         return Union((self, other))
 
-    def __and__(self, other: "Shape") -> "Shape":
+    def __and__(self, other: Shape) -> Shape:
         return Intersection((self, other))
 
-    def __sub__(self, other: "Shape") -> "Shape":
+    def __sub__(self, other: Shape) -> Shape:
         return Difference(self, other)
 
 
@@ -154,8 +158,8 @@ class Shape:
 class Ellipsoid(Shape):
     """Super-ellipsoid: sum(|R^T (p - c) / r| ** p) <= 1, optional rotation R (local -> anatomy)."""
 
-    center: Sequence[float]
-    radii: Sequence[float]
+    center: Vec
+    radii: Vec
     power: tuple[int, int, int] | int = 2
     rot: np.ndarray | None = None
 
@@ -176,7 +180,7 @@ class Ellipsoid(Shape):
     def level(self, c: Coords):
         if self.power == (2, 2, 2):
             rot = np.eye(3) if self.rot is None else self.rot
-            w_mat = (rot.T @ c.a) / self.radii[:, None]
+            w_mat = (rot.T @ c.a) / np.asarray(self.radii)[:, None]
             t = (rot.T @ (c.b - self.center)) / self.radii
             return c.quadratic(w_mat, t)
         x, y, z = c.x, c.y, c.z
@@ -189,7 +193,7 @@ class Ellipsoid(Shape):
             ly = dx * r[0, 1] + dy * r[1, 1] + dz * r[2, 1]
             lz = dx * r[0, 2] + dy * r[1, 2] + dz * r[2, 2]
             dx, dy, dz = lx, ly, lz
-        px, py, pz = self.power
+        px, py, pz = (self.power,) * 3 if isinstance(self.power, int) else self.power
         return (
             _even_power(dx * np.float32(1.0 / self.radii[0]), px)
             + _even_power(dy * np.float32(1.0 / self.radii[1]), py)
@@ -199,8 +203,8 @@ class Ellipsoid(Shape):
     def inside(self, c: Coords):
         return self.level(c) <= 1.0
 
-    def grown(self, d: float) -> "Ellipsoid":
-        return Ellipsoid(self.center, np.maximum(self.radii + d, 0.2), self.power, self.rot)
+    def grown(self, d: float) -> Ellipsoid:
+        return Ellipsoid(self.center, np.maximum(np.asarray(self.radii) + d, 0.2), self.power, self.rot)
 
 
 @dataclass
@@ -212,9 +216,9 @@ class Tube(Shape):
     point) and the cross-section coordinates of every point, used to cut tears.
     """
 
-    points: Sequence[Sequence[float]]
+    points: Sequence[Vec] | np.ndarray
     radii: tuple[float, float]
-    up: Sequence[float] = (1.0, 0.0, 0.0)
+    up: Vec = (1.0, 0.0, 0.0)
     flat_ends: bool = False  # cut square at the first and last point (no rounded caps)
 
     def __post_init__(self):
@@ -297,8 +301,8 @@ class Tube(Shape):
 class HalfSpace(Shape):
     """n . (p - p0) <= 0 (unbounded box; use inside an Intersection)."""
 
-    point: Sequence[float]
-    normal: Sequence[float]
+    point: Vec
+    normal: Vec
 
     def __post_init__(self):
         self.point = np.asarray(self.point, dtype=np.float64)
@@ -320,8 +324,8 @@ class HalfSpace(Shape):
 
 @dataclass
 class Box(Shape):
-    lo_: Sequence[float]
-    hi_: Sequence[float]
+    lo_: Vec
+    hi_: Vec
 
     def __post_init__(self):
         self.lo = np.asarray(self.lo_, dtype=np.float64)
@@ -339,8 +343,8 @@ class Func(Shape):
     """An arbitrary inside-function ``fn(coords)`` with an explicit bounding box."""
 
     fn: Callable
-    lo_: Sequence[float]
-    hi_: Sequence[float]
+    lo_: Vec
+    hi_: Vec
 
     def __post_init__(self):
         self.lo = np.asarray(self.lo_, dtype=np.float64)
@@ -416,7 +420,7 @@ class SmoothUnion(Shape):
     blends less.
     """
 
-    parts: Sequence[Shape]  # Ellipsoid / Rod: anything with level() (<= 1 inside)
+    parts: Sequence[Ellipsoid | Rod]  # anything with level() (<= 1 inside)
     k: int = 4
 
     def __post_init__(self):
@@ -448,7 +452,7 @@ class SmoothUnion(Shape):
     def inside(self, c: Coords):
         return self.field(c) >= 1.0
 
-    def grown(self, d: float) -> "SmoothUnion":
+    def grown(self, d: float) -> SmoothUnion:
         return SmoothUnion([p.grown(d) for p in self.parts], self.k)
 
 
@@ -458,7 +462,7 @@ class Layer(Shape):
     evaluated from the base's cached field: nested skin / fat / muscle layers cost one
     evaluation of the outline instead of one each."""
 
-    base: Shape  # Ellipsoid or SmoothUnion
+    base: Ellipsoid | SmoothUnion
     depth: float
     r_ref: float
 
@@ -488,12 +492,12 @@ class Rod(Shape):
     from ``start`` along ``direction`` for ``length`` mm, with a rounded cap of ``cap`` mm at
     the start; constant width (unlike an elongated ellipsoid). Level <= 1 inside."""
 
-    start: Sequence[float]
-    direction: Sequence[float]
+    start: Vec
+    direction: Vec
     radii: tuple[float, float]
     length: float
     cap: float = 10.0
-    e1: Sequence[float] = (1.0, 0.0, 0.0)
+    e1: Vec = (1.0, 0.0, 0.0)
 
     def __post_init__(self):
         self.start = np.asarray(self.start, float)
@@ -520,7 +524,7 @@ class Rod(Shape):
     def inside(self, c: Coords):
         return self.level(c) <= 1.0
 
-    def grown(self, d: float) -> "Rod":
+    def grown(self, d: float) -> Rod:
         return Rod(self.start, self._t, (self.radii[0] + d, self.radii[1] + d), self.length, max(self.cap + d, 0.5),
                    self._e1)
 
@@ -532,7 +536,7 @@ class Transformed(Shape):
 
     shape: Shape
     rot: np.ndarray
-    pivot: Sequence[float]
+    pivot: Vec
 
     def __post_init__(self):
         self.rot = np.asarray(self.rot, float)

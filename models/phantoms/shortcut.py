@@ -7,7 +7,7 @@ lesion. ``shortcut_auc`` must stay <= 0.65 on every task (SPEC.md).
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -50,7 +50,7 @@ def global_features(volume: Volume | np.ndarray, spacing: Sequence[float] | None
     )
 
 
-def shortcut_auc(features: np.ndarray, labels: Sequence[int], *, folds: int = 5, repeats: int = 3, seed: int = 0) -> float:
+def shortcut_auc(features: np.ndarray, labels: Sequence[int] | np.ndarray, *, folds: int = 5, repeats: int = 3, seed: int = 0) -> float:
     """Cross-validated ROC AUC of a standardized, L2-regularized logistic regression on
     ``features`` (n, d) for binary ``labels``; mean over repeated stratified folds."""
     from sklearn.linear_model import LogisticRegression

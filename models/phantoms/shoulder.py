@@ -21,12 +21,30 @@ from typing import Any
 import numpy as np
 
 from models.phantoms.common import (
-    Phantom, Streams, apply_overrides, centre_of, choice, draw_nuisances, fat_septa, make_geometry, render,
-    series_uids, uniform, vox_and_mm,
+    Phantom,
+    Streams,
+    apply_overrides,
+    centre_of,
+    choice,
+    draw_nuisances,
+    fat_septa,
+    make_geometry,
+    render,
+    series_uids,
+    uniform,
+    vox_and_mm,
 )
 from models.phantoms.errors import PhantomError
 from models.phantoms.shapes import (
-    Ellipsoid, Func, HalfSpace, Intersection, Layer, SmoothUnion, Structure, Tube, rotation,
+    Ellipsoid,
+    Func,
+    HalfSpace,
+    Intersection,
+    Layer,
+    SmoothUnion,
+    Structure,
+    Tube,
+    rotation,
 )
 from models.phantoms.spec import GENERATOR_VERSION, ShoulderSpec
 
@@ -75,7 +93,7 @@ def generate_shoulder(seed: int, spec: ShoulderSpec, overrides: dict[str, Any]) 
     A = _draw_anatomy(st.anatomy)
     L = st.lesion
     small = bool(L.uniform() < spec.full_retraction_small_share)
-    les = dict(
+    les: dict[str, Any] = dict(
         dist_ins=float(L.uniform(3.0, 14.0)),  # tear centre from the footprint (critical zone), mm
         y_c=float(L.uniform(-6.0, 6.0)),
         side=choice(L, spec.partial_side_probs),
@@ -205,7 +223,7 @@ def _structures(A, les, cuff: str):
         s_m, h = s_ins - les["tend_pos"], les["tend_len"] / 2
 
         def tend(cc, _s=s_m, _h=h):
-            lev, s, a, b = tendon.param(cc)
+            lev, s, _a, b = tendon.param(cc)
             return (lev <= 0.8) & (np.abs(s - _s) <= _h) & (np.abs(b) <= T * 0.3)
 
         S.append(Structure("tendinosis", "lesion", Func(tend, tendon.lo, tendon.hi), over=("supraspinatus_tendon",),
@@ -235,7 +253,7 @@ def _structures(A, les, cuff: str):
         hw = les["f_width"] / 2
 
         def full(cc):
-            lev, s, a, b = tendon.param(cc)
+            lev, s, a, _b = tendon.param(cc)
             return (lev <= 1.0) & (s >= s0) & (np.abs(a - yc) <= hw)
 
         S.append(Structure("cuff_tear", "lesion", Func(full, tendon.lo, tendon.hi),

@@ -20,8 +20,17 @@ from typing import Any
 import numpy as np
 
 from models.phantoms.common import (
-    Phantom, Streams, apply_overrides, choice, draw_nuisances, fat_septa, make_geometry, render, series_uids,
-    uniform, vox_and_mm,
+    Phantom,
+    Streams,
+    apply_overrides,
+    choice,
+    draw_nuisances,
+    fat_septa,
+    make_geometry,
+    render,
+    series_uids,
+    uniform,
+    vox_and_mm,
 )
 from models.phantoms.errors import PhantomError
 from models.phantoms.shapes import Ellipsoid, Layer, Structure, Tube, rotation
@@ -57,7 +66,7 @@ def generate_spine(seed: int, spec: SpineSpec, overrides: dict[str, Any]) -> Pha
     if "stenosis" in overrides:
         forced = overrides["stenosis"]
         if isinstance(forced, str):
-            forced = {lv: forced for lv in LEVELS}
+            forced = dict.fromkeys(LEVELS, forced)
         if not isinstance(forced, dict):
             raise PhantomError("stenosis must be a grade or a dict level -> grade")
         for lv, g in forced.items():
@@ -143,7 +152,9 @@ def generate_spine(seed: int, spec: SpineSpec, overrides: dict[str, Any]) -> Pha
     return Phantom(anatomy="lumbar_spine", seed=seed, volume=volume, labels=labels, masks=rendered.masks, params=params)
 
 
-def _structures(A, per, narrowing, grades):
+def _structures(
+    A: dict[str, Any], per: dict[str, dict[str, Any]], narrowing: dict[str, float], grades: dict[str, str],
+) -> tuple[list[Structure], dict[str, np.ndarray]]:
     S: list[Structure] = []
     ct = A["cortex"]
     # ---- build the column from the S1 endplate upwards
@@ -220,10 +231,10 @@ def _structures(A, per, narrowing, grades):
     ap0 = A["canal_ap"]
     items = sorted(verts + discs, key=lambda t: -t[1][2])  # top to bottom
     canal_pts = []
-    for name, cen, ph, _h, _rx, ry in items:
+    for _name, cen, ph, _h, _rx, ry in items:
         _, post = _frame(ph)
         canal_pts.append(cen + post * (ry + 1.5 + ap0 / 2))
-    for name, cen, ph, _h, _rx, ry in sac[:2]:
+    for _name, cen, ph, _h, _rx, ry in sac[:2]:
         _, post = _frame(ph)
         canal_pts.append(cen + post * (ry + 1.5 + ap0 / 2 * 0.8))
     top = canal_pts[0] + np.array([0.0, 0.0, 60.0])
@@ -267,7 +278,7 @@ def _structures(A, per, narrowing, grades):
         S.append(Structure(f"{name}_marrow", "red_marrow", Ellipsoid(cen, (rx - ct, ry - ct, h / 2 - ct), power=(2, 4, 6),
                                                                     rot=rot), group="vertebrae"))
     # posterior elements per vertebra: pedicles, lamina, spinous process
-    for name, cen, ph, h, rx, ry in verts + sac[:1]:
+    for name, cen, ph, h, _rx, ry in verts + sac[:1]:
         up, post = _frame(ph)
         rot = rotation("x", ph)
         wall = cen + post * (ry + 1.5 + ap0 + 1.5)  # posterior canal wall
@@ -284,7 +295,7 @@ def _structures(A, per, narrowing, grades):
             S.append(Structure(f"{name}_post{k}_marrow", "red_marrow", part.grown(-ct), group="vertebrae"))
     # ---- per disc level: foramina, ligamentum flavum, bulge (stenosis)
     level_points = {}
-    for name, cen, ph, h, rx, ry in discs:
+    for name, cen, ph, h, _rx, ry in discs:
         up, post = _frame(ph)
         rot = rotation("x", ph)
         k = [d[0] for d in _DISCS].index(name)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -101,7 +101,8 @@ def real_mr_cases(snr: float | None) -> list[SRCase]:
     cases = []
     data_dir = Path(nilearn.__file__).parent / "datasets" / "data"
     for path in sorted(data_dir.glob("mni_icbm152_t1_*.nii*")):
-        arr = np.asarray(nibabel.load(str(path)).get_fdata(), dtype=np.float32)  # (x, y, z): x = sagittal slices
+        image = cast(nibabel.Nifti1Image, nibabel.load(str(path)))  # a .nii / .nii.gz file
+        arr = np.asarray(image.get_fdata(), dtype=np.float32)  # (x, y, z): x = sagittal slices
         cases.append(volume_case(f"mni152:{path.name}", arr, snr=snr, seed=1))
     emri = get_testdata_file("emri_small.dcm")
     if emri:

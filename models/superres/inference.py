@@ -85,7 +85,8 @@ class SuperResModel:
 
     def __post_init__(self) -> None:
         if self.channels_last:
-            self.net.to(memory_format=torch.channels_last)
+            # Module.to takes memory_format; torch's overloads of it leave it out
+            self.net.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
 
     @classmethod
     def untrained(cls, config: SuperResConfig | None = None, seed: int = 0) -> SuperResModel:
@@ -207,13 +208,13 @@ class SuperResModel:
             x = ops.project(x, yt)
             for _ in range(NONNEG_ITERATIONS):  # pull background-noise undershoot towards >= 0, end consistent
                 x = ops.project(torch.clamp_min(x, 0.0), yt)
-            x = (x * scale).numpy()
+            out = (x * scale).numpy()
         stats["projection_s"] = time.perf_counter() - t0
         if inplane:
             t0 = time.perf_counter()
-            x = inplane_upsample(x, 2)
+            out = inplane_upsample(out, 2)
             stats["inplane_s"] = time.perf_counter() - t0
-        return x, stats
+        return out, stats
 
     def predict(self, volume: Volume, inplane: bool = False) -> SuperResOutput:
         """Super-resolve one series; the source `Volume` is not modified."""

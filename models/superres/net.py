@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import cast
 
 import numpy as np
 import torch
@@ -78,8 +79,10 @@ class SlabSRNet(nn.Module):
         self.head = Convolution(2, config.in_channels * u * u, config.width, act="relu", norm=None)
         self.body = nn.Sequential(*[_ResBlock(config.width) for _ in range(config.blocks)])
         self.tail = Convolution(2, config.width, config.slice_factor * u * u, conv_only=True)
-        nn.init.zeros_(self.tail.conv.weight)
-        nn.init.zeros_(self.tail.conv.bias)
+        tail_conv = cast(nn.Conv2d, self.tail.conv)  # MONAI's Convolution keeps its layer as ``conv``
+        nn.init.zeros_(tail_conv.weight)
+        assert tail_conv.bias is not None  # conv_only keeps the bias
+        nn.init.zeros_(tail_conv.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.shuffle(self.tail(self.body(self.head(self.unshuffle(x)))))

@@ -52,7 +52,8 @@ def train_superres(
     torch.manual_seed(train.seed)
     rng = np.random.default_rng(train.seed)
     model = SuperResModel.untrained(config, seed=train.seed)
-    net = model.net.to(memory_format=torch.channels_last).train()
+    # Module.to takes memory_format; torch's overloads of it leave it out
+    net = model.net.to(memory_format=torch.channels_last).train()  # type: ignore[call-overload]
     opt = torch.optim.AdamW(net.parameters(), lr=train.lr, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=train.lr, total_steps=train.steps, pct_start=0.1)
     stats = [_fg_mean_and_scale(v) for v in volumes]

@@ -27,7 +27,7 @@ def _load() -> dict[str, TaskSpec]:
             if e.name == mod_name:
                 continue
             raise
-        task = getattr(mod, "TASK")
+        task = mod.TASK
         tasks[task.name] = task
     return tasks
 

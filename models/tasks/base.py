@@ -146,7 +146,7 @@ class TaskSpec:
                 positive = p >= threshold
                 grade = self.positive_class(r, volume) if positive else None
             else:
-                top = max(probs, key=probs.get)
+                top = max(probs, key=probs.__getitem__)
                 p = None
                 positive = top not in r.head.negative
                 grade = top
@@ -204,4 +204,5 @@ def volume_peak(volume: Volume, heat: np.ndarray) -> tuple[tuple[int, int, int],
         return None, None
     kji = np.unravel_index(int(np.argmax(heat)), heat.shape)
     mm = volume.affine() @ np.array([kji[0], kji[1], kji[2], 1.0])
-    return tuple(int(v) for v in kji), tuple(round(float(v), 2) for v in mm[:3])
+    x, y, z = (round(float(v), 2) for v in mm[:3])
+    return (int(kji[0]), int(kji[1]), int(kji[2])), (x, y, z)

@@ -23,8 +23,8 @@ phantoms (`models.labels.KneeMeniscusLabels`), so the model reads both and works
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import replace
-from typing import Mapping, Sequence
 
 import numpy as np
 
@@ -39,8 +39,8 @@ ROI_OFFSET_MM = (0.0, 5.0, 15.0)  # region-of-interest centre from the field-of-
 
 def offset_frame(frame: Frame, offset_mm: Sequence[float]) -> Frame:
     """The same grid moved by ``offset_mm`` along the canonical axes (through-plane, rows, columns)."""
-    origin = tuple(float(o + off / sp) for o, off, sp in zip(frame.origin, offset_mm, frame.canonical_spacing))
-    return replace(frame, origin=origin)
+    ox, oy, oz = (float(o + off / sp) for o, off, sp in zip(frame.origin, offset_mm, frame.canonical_spacing))
+    return replace(frame, origin=(ox, oy, oz))
 
 
 def grid_world_points(volume: Volume, frame: Frame) -> np.ndarray:
@@ -133,6 +133,7 @@ class KneeMeniscus(TaskSpec):
     def network_input(self, volume: Volume, extras: Mapping[str, Volume] | None = None):
         """(2, D, H, W): the sagittal series and the coronal one on the same grid (zeros without one)."""
         spec = self.input
+        assert spec.native_mm is not None, "the meniscus input samples native voxels"
         frame = make_native_frame(volume, spec.shape, spec.native_mm, spec.plane, ROI_OFFSET_MM)
         img = robust_scale(frame.to_grid(volume.array))[None]
         cor = (extras or {}).get(CORONAL_ROLE)
@@ -141,7 +142,7 @@ class KneeMeniscus(TaskSpec):
             not cor.frame_of_reference_uid or not volume.frame_of_reference_uid
             or cor.frame_of_reference_uid == volume.frame_of_reference_uid
         )
-        if same_frame:
+        if same_frame and cor is not None:
             grid = resample_onto_grid(cor, volume, frame)
             if float(np.abs(grid).max()) > 0:
                 second = robust_scale(grid)[None]

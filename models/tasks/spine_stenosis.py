@@ -39,7 +39,7 @@ class LevelContextNet(LesionNet):
 
     def __init__(self, in_channels, head_sizes, channels=(16, 24, 48), dropout=0.25):
         super().__init__(in_channels, head_sizes, channels=channels, dropout=dropout)
-        c1, c2, c3 = (int(c) for c in channels)
+        _c1, c2, c3 = (int(c) for c in channels)
 
         def conv(cin, cout, k=3, dil=1):
             pad = tuple((kk // 2) * d for kk, d in zip((k, k, k) if isinstance(k, int) else k, (1, dil, dil)))
@@ -98,7 +98,7 @@ class LumbarStenosis(TaskSpec):
         out = super().findings(results, threshold=threshold, volume=volume)
         for f, r in zip(out, results):
             probs = {c: float(p) for c, p in zip(r.head.classes, r.probabilities)}
-            top = max(probs, key=probs.get)
+            top = max(probs, key=probs.__getitem__)
             f.grade = top
             f.positive = top not in r.head.negative
             f.label = self.finding_label(r.head, top, f.positive)
