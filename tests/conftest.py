@@ -11,6 +11,7 @@ import signal
 from pathlib import Path
 
 import pytest
+
 from support import servers
 from support.env import ROOT, free_port, isolate_env  # noqa: F401  (ROOT: tests/test_models_training.py still imports it from here)
 

@@ -8,11 +8,11 @@ import threading
 import pytest
 from sqlalchemy import func, select
 
-from support.index_rows import add_instances, at, make_series, make_study, open_association, release, send_series
 from node.db.database import Database
 from node.db.schema import Association, Instance, Job, JobInput, Series, Study
 from node.intake.completeness import check_positions, input_fingerprint, tick
 from node.intake.routing import load_rules
+from support.index_rows import add_instances, at, make_series, make_study, open_association, release, send_series
 
 pytestmark = pytest.mark.unit
 
@@ -212,7 +212,7 @@ def knee_study(db, *, t=0.0):
 
 def test_three_series_knee_study_yields_exactly_one_job(anydb, cfg, rules):
     db = anydb
-    study_uid, loc, sag, cor = knee_study(db)
+    _study_uid, loc, sag, cor = knee_study(db)
     assert run(db, cfg, rules, 0.2 + Q) == []  # series complete, study not settled yet
     assert [state_of(db, u)[:3] for u in (loc, sag, cor)] == [
         ("complete", "knee", "localizer"),
@@ -261,7 +261,7 @@ def test_study_waits_for_a_series_still_receiving(db, cfg, rules):
 
 def test_late_series_supersedes_processed_job(anydb, cfg, rules):
     db = anydb
-    study_uid, loc, sag, cor = knee_study(db)
+    study_uid, _loc, sag, cor = knee_study(db)
     [first] = run(db, cfg, rules, 2.0)
     finish(db, first)
     ax_uid = add_series(db, study_uid, description="pd_tse_fs_tra", count=25, now=at(60.0), number=4)
@@ -276,7 +276,7 @@ def test_late_series_supersedes_processed_job(anydb, cfg, rules):
 
 def test_late_series_replaces_a_job_still_queued(anydb, cfg, rules):
     db = anydb
-    study_uid, loc, sag, cor = knee_study(db)
+    study_uid, _loc, _sag, _cor = knee_study(db)
     [first] = run(db, cfg, rules, 2.0)
     add_series(db, study_uid, description="Ax T2 FS", count=25, now=at(3.0), number=4)
     [second] = run(db, cfg, rules, 3.0 + Q + SQ)
@@ -290,7 +290,7 @@ def test_late_series_replaces_a_job_still_queued(anydb, cfg, rules):
 
 def test_late_instances_reopen_a_series_and_the_study(anydb, cfg, rules):
     db = anydb
-    study_uid, loc, sag, cor = knee_study(db)
+    _study_uid, _loc, sag, _cor = knee_study(db)
     [first] = run(db, cfg, rules, 2.0)
     with db.session() as s:
         s.get(Job, first).state = "done"
@@ -310,7 +310,7 @@ def test_late_instances_reopen_a_series_and_the_study(anydb, cfg, rules):
 
 
 def test_identical_resend_makes_no_second_job(db, cfg, rules):
-    study_uid, loc, sag, cor = knee_study(db)
+    _study_uid, _loc, sag, _cor = knee_study(db)
     [first] = run(db, cfg, rules, 2.0)
     with db.session() as s:
         s.get(Job, first).state = "done"
@@ -347,7 +347,7 @@ def test_non_mr_and_own_objects_are_never_routed(anydb, cfg, rules):
 
 
 def test_own_objects_do_not_hold_or_reopen_a_study(db, cfg, rules):
-    study_uid, loc, sag, cor = knee_study(db)
+    study_uid, _loc, _sag, _cor = knee_study(db)
     [first] = run(db, cfg, rules, 2.0)
     with db.session() as s:
         s.get(Job, first).state = "done"
@@ -364,7 +364,7 @@ def test_localizer_without_anatomy_gets_it_from_the_study(db, cfg, rules):
     run(db, cfg, rules, Q)  # only the localizer so far: anatomy unknown
     assert state_of(db, loc_uid)[:2] == ("unrouted", None)
     sag = add_series(db, study_id, description="Sag PD FSE FS", body_part="KNEE", count=20, now=at(1.0))
-    [job] = run(db, cfg, rules, 1.0 + Q + SQ)
+    [_job] = run(db, cfg, rules, 1.0 + Q + SQ)
     assert state_of(db, loc_uid)[:3] == ("complete", "knee", "localizer")
     assert jobs_of(db)[0][4] == [(sag, "sag_fluid")]
 
@@ -378,7 +378,7 @@ def test_two_anatomies_in_one_study_make_one_job_each(db, cfg, rules):
 
 def test_timers_survive_a_restart(db, settings, cfg, rules):
     """The quiet timers are columns: a fresh process (new engine) completes the series once."""
-    study_uid, loc, sag, cor = knee_study(db)
+    _study_uid, _loc, sag, _cor = knee_study(db)
     run(db, cfg, rules, 0.3)  # mid quiet period: nothing complete
     assert state_of(db, sag)[0] == "receiving"
     db.dispose()
@@ -422,7 +422,7 @@ def tick_concurrently(settings, cfg, rules, times, engines: int = 4) -> list[int
 
 def test_concurrent_ticks_create_one_job(db, settings, cfg, rules):
     """Several threads with their own engines tick the same SQLite database at the same instant."""
-    for i in range(4):
+    for _ in range(4):
         knee_study(db, t=0.0)
     created = tick_concurrently(settings, cfg, rules, (0.2 + Q, 0.2 + Q + SQ, 0.2 + Q + SQ + 0.1, 3.0))
     assert len(created) == 4 and len(set(created)) == 4

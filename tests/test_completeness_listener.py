@@ -22,13 +22,13 @@ import pytest
 from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
 from sqlalchemy import select
 
-from support.env import ROOT, free_port
-from support.listener import ListenerProcess
-from support.mr import mr_dataset, save
 from node.db.database import Database, utcnow
 from node.db.schema import Association, Job, Series, Study
 from node.demo.loopback import child_env
 from node.intake.completeness import rules_provider, tick
+from support.env import ROOT, free_port
+from support.listener import ListenerProcess
+from support.mr import mr_dataset, save
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -120,7 +120,7 @@ class Ticker(threading.Thread):
         assert self.error is None, self.error
 
 
-TICKER_SCRIPT = """
+TICKER_SCRIPT = f"""
 import sys, time
 from node.db.database import Database, utcnow
 from node.intake.completeness import tick, rules_provider
@@ -133,8 +133,8 @@ while True:
         created = tick(s, settings, utcnow(), rules())
     if created:
         print("created", created, flush=True)
-    time.sleep(%s)
-""" % TICK
+    time.sleep({TICK})
+"""
 
 
 def wait_for(predicate, timeout: float, step: float = 0.05):
@@ -320,7 +320,7 @@ def test_restart_in_the_middle_of_the_quiet_period_completes_once(settings, db, 
     first = Listener(settings, port, log, **extra).start()
     env = node_env(settings, MSKNODE_PORT=port, **extra)
     tickers = [subprocess.Popen([sys.executable, "-c", TICKER_SCRIPT], env=env, cwd=ROOT,
-                                stdout=open(tmp_path / "t0.log", "wb"), stderr=subprocess.STDOUT)]
+                                stdout=open(tmp_path / "t0.log", "wb"), stderr=subprocess.STDOUT)]  # noqa: SIM115 -- the ticker's log for the rest of the test
     second = None
     try:
         study_uid = generate_uid()
@@ -347,7 +347,7 @@ def test_restart_in_the_middle_of_the_quiet_period_completes_once(settings, db, 
         second = Listener(settings, port, log, **extra).start()
         for i in (1, 2):
             tickers.append(subprocess.Popen([sys.executable, "-c", TICKER_SCRIPT], env=env, cwd=ROOT,
-                                            stdout=open(tmp_path / f"t{i}.log", "wb"), stderr=subprocess.STDOUT))
+                                            stdout=open(tmp_path / f"t{i}.log", "wb"), stderr=subprocess.STDOUT))  # noqa: SIM115 -- as t0.log
         jobs = wait_for(lambda: all_jobs(db), quiet + SQ + 15)
         assert jobs, (tmp_path / "t1.log").read_text()[-2000:]
         time.sleep(SQ + 1.0)

@@ -7,11 +7,11 @@ import multiprocessing as mp
 import pytest
 from sqlalchemy import func, select
 
-from support.index_rows import at, make_study, send_series
 from node.db.database import Database
 from node.db.schema import Job, JobInput, Series
 from node.intake.completeness import tick
 from node.intake.routing import load_rules
+from support.index_rows import at, make_study, send_series
 
 pytestmark = pytest.mark.integration
 
@@ -51,7 +51,7 @@ def test_concurrent_processes_on_postgres_create_one_job_per_study(postgres_url,
     db = Database(pg_url)
     try:
         with db.session() as s:
-            for i in range(STUDIES):
+            for _ in range(STUDIES):
                 st = make_study(s, description="MR KNEE")
                 send_series(s, st, description="localizer", count=3, now=at(0.0), number=1)
                 send_series(s, st, description="Sag PD FSE FS", count=24, now=at(0.1), number=2, expected=24)

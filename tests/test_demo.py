@@ -21,9 +21,9 @@ from pathlib import Path
 
 import pytest
 
-from support.env import free_port
 from node.demo.loopback import child_env
 from node.demo.orthanc import OrthancProcess
+from support.env import free_port
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

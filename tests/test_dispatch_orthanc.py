@@ -13,6 +13,7 @@ import subprocess
 
 import pytest
 from sqlalchemy import select
+from test_dispatch import T0, enqueue, with_dest
 
 from models.phantoms import generate, write_dicom_series
 from node.db.database import Database
@@ -20,7 +21,6 @@ from node.db.schema import OutboxItem
 from node.dispatch.outbox import process_outbox
 from node.results import TriageSummary, build_results, save
 from node.settings import DimseDestination, StowDestination
-from test_dispatch import T0, enqueue, with_dest
 from support.results_data import knee_output, volume_from_files
 
 pytestmark = pytest.mark.integration
@@ -100,7 +100,7 @@ def test_results_reach_the_original_study_exactly_once_across_pacs_and_node_rest
         assert r.sop_instance_uid in series[r.series_uid]
     assert sum(len(v) for k, v in series.items() if k != vol.series_uid) == len(results)
     received = orthanc.received()
-    assert {uid: received[uid] for uid in ours} == {uid: 1 for uid in ours}
+    assert {uid: received[uid] for uid in ours} == dict.fromkeys(ours, 1)
 
 
 def test_stow_rs_to_orthanc_dicomweb(settings, db, orthanc, tmp_path):

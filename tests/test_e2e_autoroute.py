@@ -18,8 +18,8 @@ from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 
-from support.env import free_port
 from node.demo.pacs import OrthancPacs
+from support.env import free_port
 
 pytestmark = pytest.mark.integration
 

@@ -10,13 +10,13 @@ import time
 import pytest
 from sqlalchemy import func, select, update
 
-from support.jobs import SleepyRunner, make_study_job
 from node.db.database import utcnow
 from node.db.schema import Finding, Job, JobInput, OutboxItem, ResultObject, Series
 from node.errors import JobError
 from node.jobs import lease as jobs
 from node.jobs.listing import JobOut
 from node.jobs.runner import execute_job
+from support.jobs import SleepyRunner, make_study_job
 from worklists.tables import AuditEvent
 
 pytestmark = pytest.mark.unit
@@ -195,9 +195,8 @@ def test_sweeper_requeues_expired_leases_and_kills_the_last_attempt(db, settings
     # the worker that lost its lease comes back: it cannot finish or fail the job any more
     with pytest.raises(jobs.LeaseLost):
         jobs.fail(db, la, error="late", retryable=True, backoff_base=1)
-    with pytest.raises(jobs.LeaseLost):
-        with db.session() as s:
-            jobs.mark_done(s, la, now=later)
+    with pytest.raises(jobs.LeaseLost), db.session() as s:
+        jobs.mark_done(s, la, now=later)
     assert _job(db, a).state == "queued"
 
 

@@ -10,14 +10,14 @@ import time
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from support.env import free_port
-from support.jobs import SleepyRunner, make_study_job
 from node.db.schema import Study
 from node.demo.loopback import echoscu
 from node.jobs import lease as jobs
 from node.jobs.runner import execute_job
 from node.ops.health import health_report
 from node.ops.metrics import render
+from support.env import free_port
+from support.jobs import SleepyRunner, make_study_job
 
 pytestmark = pytest.mark.integration
 

@@ -8,9 +8,9 @@ import sys
 import pytest
 from sqlalchemy import create_engine, inspect
 
-from support.env import ROOT, VENV_BIN
 from node.db.database import Base, import_all_tables
 from node.demo.loopback import child_env
+from support.env import ROOT, VENV_BIN
 
 pytestmark = pytest.mark.integration
 

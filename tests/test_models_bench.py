@@ -10,8 +10,8 @@ import sys
 
 import pytest
 
-from support.env import ROOT
 from models.pipelines import PIPELINES
+from support.env import ROOT
 
 pytestmark = pytest.mark.slow
 
@@ -40,7 +40,7 @@ def test_bench_models_knee_json(tmp_path):
             f"{layout}_{mode}_s" for layout in ("ncdhw", "channels_last") for mode in ("grad", "inference_mode")}
     if PIPELINES["knee"].superres:
         assert knee["per_model"]["superres"]["consistency_passed"] is True
-    assert 0 < res["knee_study_s"] and res["knee_peak_rss_mb"] > knee["baseline_rss_mb"] > 0
+    assert res["knee_study_s"] > 0 and res["knee_peak_rss_mb"] > knee["baseline_rss_mb"] > 0
     assert "knee.acl:acl_tear:True" in knee["findings"]  # the typical input is a complete ACL tear
     assert not list(tmp_path.iterdir())  # the generated inputs are removed
 

@@ -15,7 +15,7 @@ from models.phantoms import generate
 from models.pipelines import run_pipeline
 from models.registry import REPO_WEIGHTS, Registry
 from models.tasks.knee_meniscus import CORONAL_ROLE, TASK, located_side, resample_onto_grid
-from models.transforms import make_frame, make_native_frame
+from models.transforms import make_native_frame
 from support.volumes import mni_volume
 
 pytestmark = pytest.mark.slow

@@ -56,7 +56,7 @@ def test_run_pipeline_on_a_knee_phantom_study(knee_study, registry):
     (f,) = acl.findings
     assert f.code == "acl_tear" and f.probability is not None and f.uncertainty is not None
     assert f.heatmap.shape == volumes["sag_fluid"].shape and f.heatmap.dtype == np.float32
-    assert 0.0 <= f.heatmap.min() and f.heatmap.max() <= 1.0
+    assert f.heatmap.min() >= 0.0 and f.heatmap.max() <= 1.0
     if PIPELINES["knee"].superres:
         (sr,) = out.superres
         assert sr.source.series_uid == volumes["sag_fluid"].series_uid

@@ -75,9 +75,9 @@ def test_weights_without_recorded_hash_are_refused(tmp_path):
 
 def test_unknown_model_and_missing_weights(tmp_path):
     reg = Registry(tmp_path, include_repo=False)
-    with pytest.raises(UnknownModelError, match="unknown model 'knee.pcl'"):
+    with pytest.raises(UnknownModelError, match=r"unknown model 'knee\.pcl'"):
         reg.get("knee.pcl")
-    with pytest.raises(WeightsMissingError, match="no weights for 'knee.acl'"):
+    with pytest.raises(WeightsMissingError, match=r"no weights for 'knee\.acl'"):
         reg.get("knee.acl")
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 from scipy import ndimage
@@ -196,13 +198,13 @@ def test_stenosis_grade_is_canal_narrowing():
     for g in ("normal", "mild", "moderate", "severe"):
         p = generate("lumbar_spine", 80, stenosis={"L4-L5": g, "L2-L3": "normal"}, snr=None)
         assert p.labels["stenosis"]["L4-L5"] == g
-        k, j, i = p.labels["level_centers_vox"]["L4-L5"]
-        k2, j2, i2 = p.labels["level_centers_vox"]["L2-L3"]
+        _k, j, i = p.labels["level_centers_vox"]["L4-L5"]
+        _k2, j2, i2 = p.labels["level_centers_vox"]["L2-L3"]
         canal = p.masks["canal"] | p.masks["cauda_equina"]
         csf_near.append((canal[:, j - 4 : j + 5, i - 20 : i + 21].sum(), canal[:, j2 - 4 : j2 + 5, i2 - 20 : i2 + 21].sum()))
         assert p.masks["narrowing_L4-L5"].any() == (g != "normal")
     at, other = zip(*csf_near)
-    assert all(a > b for a, b in zip(at, at[1:])), at
+    assert all(a > b for a, b in itertools.pairwise(at)), at
     assert len(set(other)) == 1
     assert at[-1] < 0.5 * at[0]
 

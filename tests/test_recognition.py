@@ -10,8 +10,8 @@ from __future__ import annotations
 import datetime as dt
 import json
 import math
-import re
 import os
+import re
 import subprocess
 import sys
 from collections import Counter
@@ -24,9 +24,6 @@ from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 from sqlalchemy import select
 
-from support.env import ROOT
-from support.listener import PYDICOM_DATA
-from support.mr import mr_dataset
 from node.db.schema import Instance, Series
 from node.demo.loopback import child_env
 from node.errors import RoutingError
@@ -46,6 +43,9 @@ from node.receive.header import read_header, read_series_headers
 from node.receive.index import index_instances
 from node.receive.storage import InstanceStore
 from node.settings import DEFAULT_ROUTING_RULES, DEFAULT_UID_ROOT
+from support.env import ROOT
+from support.listener import PYDICOM_DATA
+from support.mr import mr_dataset
 
 pytestmark = pytest.mark.unit
 
@@ -100,7 +100,7 @@ def test_orthogonal_planes(cosines, plane):
 def test_a_shoulder_coronal_oblique_up_to_45_degrees_is_coronal(degrees):
     p = plane_of_orientation(rotated(COR, degrees))
     assert p.plane == "coronal" and abs(p.angle - degrees) < 0.2
-    decision, signals = decide_plane([(iop(rotated(COR, degrees)), 24)])
+    decision, _signals = decide_plane([(iop(rotated(COR, degrees)), 24)])
     assert decision.value == "coronal" and decision.source == "ImageOrientationPatient"
     assert f"{PLANE_TOLERANCE_DEG:g} deg" in decision.detail
 
@@ -117,7 +117,7 @@ def test_double_oblique_beyond_the_tolerance_is_oblique_and_the_text_may_only_pi
     decision, _ = decide_plane([(iop(cos), 20)])
     assert decision.value == "oblique" and "beyond the 45 deg tolerance" in decision.detail
     near = plane_of_orientation(cos).nearest
-    chosen, signals = decide_plane([(iop(cos), 20)], text_planes=[near[0]], text_source="SeriesDescription")
+    chosen, _signals = decide_plane([(iop(cos), 20)], text_planes=[near[0]], text_source="SeriesDescription")
     assert chosen.value == near[0] and chosen.source == "ImageOrientationPatient + text"
 
 
@@ -131,7 +131,7 @@ def test_between_two_planes_the_text_breaks_the_tie_but_never_overrides():
     clear = rotated(COR, 25)
     d, signals = decide_plane([(iop(clear), 20)], text_planes=["sagittal"], text_source="SeriesDescription")
     assert d.value == "coronal" and d.source == "ImageOrientationPatient"
-    text = [s for s in signals if s.name == "plane"][0]
+    text = next(s for s in signals if s.name == "plane")
     assert not text.used and "the geometry decides" in text.value
 
 
@@ -351,7 +351,7 @@ def test_odd_values_never_fail_and_are_bounded():
 
 # ---- real headers routed ----------------------------------------------------------------------------
 def facts_of(files: list[Path], **override) -> SeriesFacts:
-    headers, skipped = read_series_headers(files[0].parent if len(files) > 1 else files[0])
+    headers, _skipped = read_series_headers(files[0].parent if len(files) > 1 else files[0])
     headers = [h for h in headers if h.series_uid == headers[0].series_uid]
     first = headers[0]
     values = dict(
@@ -576,7 +576,7 @@ def route_now(db, settings):
     from node.intake.completeness import tick
 
     with db.session() as s:
-        tick(s, settings, dt.datetime.now(dt.timezone.utc) + dt.timedelta(seconds=60), load_rules(settings.routing_rules))
+        tick(s, settings, dt.datetime.now(dt.UTC) + dt.timedelta(seconds=60), load_rules(settings.routing_rules))
 
 
 def test_ingest_fills_the_acquisition_and_routing_records_the_explanation(db, settings, caplog):

@@ -228,10 +228,10 @@ def test_uids_are_deterministic_per_job_and_model_versions(settings, knee):
 def test_reopened_study_sr_lists_its_predecessor(settings, knee):
     paths, vol = knee
     first = _build(settings, paths, vol, knee_output(vol), fingerprint="job-1")
-    old_sr = [r for r in first if r.kind == "sr"][0]
+    old_sr = next(r for r in first if r.kind == "sr")
     pred = ResultRef(sop_instance_uid=old_sr.sop_instance_uid, series_uid=old_sr.series_uid, study_uid=vol.study_uid)
     second = _build(settings, paths, vol, knee_output(vol), fingerprint="job-2", predecessors=[pred])
-    new_sr = [r for r in second if r.kind == "sr"][0]
+    new_sr = next(r for r in second if r.kind == "sr")
     path = save(new_sr, settings)
     assert_valid(path, "sr with predecessor")
     ds = pydicom.dcmread(path)
@@ -248,7 +248,7 @@ def test_seg_holds_the_heatmap_on_the_source_geometry(settings, knee):
     out = knee_output(vol, superres=False)
     heat = out.outputs[0].findings[0].heatmap
     results = _build(settings, paths, vol, out)
-    seg_rf = [r for r in results if r.kind == "seg"][0]
+    seg_rf = next(r for r in results if r.kind == "seg")
     path = save(seg_rf, settings)
     seg = hd.seg.segread(path)
     desc = seg.get_segment_description(1)
@@ -306,7 +306,7 @@ def test_failed_consistency_check_writes_no_superres_series_but_says_so(settings
     out.superres = [superres_of(vol, passed=False)]
     results = _build(settings, paths, vol, out)
     assert "superres" not in {r.kind for r in results}
-    sr = [r for r in results if r.kind == "sr"][0].dataset
+    sr = next(r for r in results if r.kind == "sr").dataset
     g = measurement_groups(sr)[2]
     assert group_has(g, "/Data consistency check", "Failed")
     assert any("not written" in str(v) for _p, t, v in g if t == "TEXT")
@@ -320,7 +320,7 @@ def test_overlay_never_depends_on_patient_identity(settings, tmp_path):
     for paths in (p1, p2):
         vol = volume_from_files(paths)
         results = _build(settings, paths, vol, knee_output(vol, superres=False))
-        sc = [r for r in results if r.kind == "sc"][0]
+        sc = next(r for r in results if r.kind == "sc")
         path = save(sc, settings)
         assert_valid(path, "sc overlay")
         ds = pydicom.dcmread(path)
@@ -355,7 +355,7 @@ def test_spine_grades_every_level(settings, tmp_path):
     groups = measurement_groups(pydicom.dcmread(sr_path))
     assert len(groups) == 3
     assert all(value_of(g, "/Finding Site") == "Vertebral canal" for g in groups)
-    levels = [[v for p, _t, v in g if p.endswith("/Finding Site") and v.startswith("Level")][0] for g in groups]
+    levels = [next(v for p, _t, v in g if p.endswith("/Finding Site") and v.startswith("Level")) for g in groups]
     assert levels == [
         "Level of L3/L4 intervertebral disc",
         "Level of L4/L5 intervertebral disc",
@@ -412,7 +412,7 @@ def test_series_no_model_used_is_neither_read_nor_evidence(settings, knee, tmp_p
     junk.write_bytes(b"\x00" * 200)  # unreadable, and no model took it as input
     results = build_results(output=knee_output(vol, superres=False), source_files={vol.series_uid: paths, "1.2.3.4": [junk]},
                             triage=None, predecessors=[], settings=settings, job_fingerprint="fp-loc")
-    sr = [r for r in results if r.kind == "sr"][0].dataset
+    sr = next(r for r in results if r.kind == "sr").dataset
     series = {s.SeriesInstanceUID for e in sr.CurrentRequestedProcedureEvidenceSequence for s in e.ReferencedSeriesSequence}
     assert "1.2.3.4" not in series and vol.series_uid in series
 
@@ -454,7 +454,7 @@ def test_multiframe_source_frames_are_mapped_by_position(settings, tmp_path):
     sc = kinds["sc"][0].dataset
     k = out.outputs[0].findings[0].location[0]
     assert sc.SourceImageSequence[0].ReferencedFrameNumber == n - k
-    first = [r.dataset for r in kinds["superres"] if r.dataset.InstanceNumber == 1][0]
+    first = next(r.dataset for r in kinds["superres"] if r.dataset.InstanceNumber == 1)
     assert first.SourceImageSequence[0].ReferencedFrameNumber == n  # volume slice 0 is the last frame
 
 

@@ -105,7 +105,7 @@ def _quirky_copy(tmp_path: Path, charset_file: str | None, *, bad_charset: str |
     ds = pydicom.dcmread(src)
     with config.disable_value_validation():
         if charset_file:
-            ref = pydicom.dcmread([f for f in get_charset_files(charset_file)][0])
+            ref = pydicom.dcmread(next(iter(get_charset_files(charset_file))))
             ds.SpecificCharacterSet = ref.SpecificCharacterSet
             ds.PatientName = ref.PatientName
             ds.SeriesDescription = str(ref.PatientName).split("=")[-1][:20] + " SAG PD"

@@ -12,11 +12,11 @@ from pathlib import Path
 import pytest
 from sqlalchemy import func, select
 
-from support.index_rows import uid
 from node.db.database import utcnow
 from node.db.schema import Instance, Job, JobInput, OutboxItem, ResultObject, Series, Study
 from node.demo.loopback import child_env
 from node.ops.retention import purge
+from support.index_rows import uid
 
 pytestmark = pytest.mark.unit
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import os
-import time
 import tomllib
 from pathlib import Path
 

@@ -12,6 +12,9 @@ import time
 import pytest
 from sqlalchemy import func, select
 
+from node.db.database import Database
+from node.db.schema import Job, ResultObject, WorkerRecord
+from node.jobs.lease import enqueue_pending_jobs
 from support.env import isolate_env
 from support.jobs import (
     WorkerProcess,
@@ -21,10 +24,6 @@ from support.jobs import (
     wait_for,
     worker_env,
 )
-from node.db.database import Database
-from node.db.schema import WorkerRecord
-from node.db.schema import Job, ResultObject
-from node.jobs.lease import enqueue_pending_jobs
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -111,12 +110,11 @@ def test_two_workers_one_killed_mid_job_every_job_runs_once(scaleout):
 def test_broker_down_series_keep_arriving_and_jobs_run_when_it_is_back(scaleout, tmp_path):
     """Redis killed: the listener keeps storing, completeness keeps creating jobs (in PostgreSQL), their
     wake-ups wait in the database; a wake-up that was inside Redis is lost with it and re-sent."""
-    from support.jobs import ListenerProcess, storescu, write_phantom_series
     from node.db.schema import Instance, Series
     from node.jobs.celery_app import make_celery, send_job
     from node.ops.health import health_report
-
     from support.env import free_port
+    from support.jobs import ListenerProcess, storescu, write_phantom_series
 
     node = scaleout
     app = make_celery(node.settings)
@@ -138,7 +136,7 @@ def test_broker_down_series_keep_arriving_and_jobs_run_when_it_is_back(scaleout,
 
         def late_jobs():
             with node.db.session() as s:
-                return [j for j in s.scalars(select(Job).where(Job.id != early))]
+                return list(s.scalars(select(Job).where(Job.id != early)))
 
         late = wait_for(lambda: len(late_jobs()) == 2 and late_jobs(), 40, what="jobs created while the broker is down")
         time.sleep(1.5)  # the worker keeps trying to enqueue them

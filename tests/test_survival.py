@@ -12,9 +12,8 @@ import time
 import pytest
 from sqlalchemy import func, select
 
+from node.db.schema import Finding, Job, ResultObject, Study, WorkerRecord
 from support.jobs import WorkerProcess, job_states, make_study_job, read_runs, wait_for, worker_env
-from node.db.schema import WorkerRecord
-from node.db.schema import Finding, Job, ResultObject, Study
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -119,10 +118,9 @@ def test_soft_and_hard_time_limits_end_in_a_visible_dead_state(embedded, setting
 
 def test_load_8_associations_x_40_instances_all_stored_and_processed_once(embedded, settings, db, tmp_path):
     """8 concurrent storescu associations × 40 instances while the worker runs (listener + completeness + worker)."""
-    from support.jobs import ListenerProcess, storescu, write_phantom_series
     from node.db.schema import Instance, JobInput, Series
-
     from support.env import free_port
+    from support.jobs import ListenerProcess, storescu, write_phantom_series
 
     port = free_port()
     env = {"MSKNODE_PORT": str(port), "MSKNODE_QUIET_SECONDS": "1", "MSKNODE_STUDY_QUIET_SECONDS": "1"}
@@ -198,11 +196,10 @@ def test_whole_node_restart_with_jobs_queued_processing_and_in_the_outbox(embedd
     after the restart everything finishes, nothing runs or arrives twice."""
     import json
 
+    from node.db.schema import OutboxItem
+    from support.env import free_port
     from support.jobs import ListenerProcess, storescu, write_phantom_series
     from support.orthanc import OrthancPacs
-    from node.db.schema import OutboxItem
-
-    from support.env import free_port
 
     pacs = OrthancPacs(tmp_path / "orthanc")  # ports reserved, not started: the PACS is down at first
     port = free_port()

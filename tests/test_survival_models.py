@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 from sqlalchemy import select
 
+from node.db.schema import Job, OutboxItem, ResultObject, Study
 from support.env import free_port
 from support.jobs import ListenerProcess, WorkerProcess, job_states, storescu, wait_for, worker_env
 from support.orthanc import OrthancPacs
-from node.db.schema import Job, OutboxItem, ResultObject, Study
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -67,7 +67,7 @@ def test_kill9_mid_inference_job_completes_once_and_results_reach_orthanc_once(s
             raise
         time.sleep(1.0)
         workers[0].kill9()
-        killed_at = dt.datetime.now(dt.timezone.utc)
+        killed_at = dt.datetime.now(dt.UTC)
         with db.session() as s:
             assert s.get(Job, job.id).state == "processing"
             assert not s.scalars(select(ResultObject)).all()  # nothing committed by the killed attempt
@@ -95,7 +95,7 @@ def test_kill9_mid_inference_job_completes_once_and_results_reach_orthanc_once(s
         print(f"attempt 2 started {restart_delay:.1f} s after kill -9 (lease {LEASE:g} s); timings {done.timings}")
         assert restart_delay < LEASE + 20, restart_delay
         kinds = sorted(r.kind for r in results)
-        assert kinds.count("sr") == 1 and len(set(r.sop_instance_uid for r in results)) == len(results)
+        assert kinds.count("sr") == 1 and len({r.sop_instance_uid for r in results}) == len(results)
         in_pacs = pacs.instances_of_study(study_uid)
         assert sorted(i["MainDicomTags"]["SOPInstanceUID"] for i in in_pacs) == sorted(r.sop_instance_uid for r in results)
         assert pacs.get("/statistics")["CountInstances"] == len(results)  # one set, nothing else

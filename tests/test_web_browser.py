@@ -39,7 +39,7 @@ def server(tmp_path_factory):
     settings.ensure_dirs()
     db = Database(settings.database_url)
     policy = load_policy(settings.triage_policy)
-    now = dt.datetime.now(dt.timezone.utc)
+    now = dt.datetime.now(dt.UTC)
     seeded = {
         "acl": ws.seed_study(db, settings, policy, findings=ws.acl_complete(), phantom={"acl": "complete"}, seed=7,
                              patient_name="DOE^JANE", patient_id="MRN-20417", accession="A24-1187",
@@ -172,7 +172,7 @@ def test_worklist_refreshes_itself_with_new_studies(server, browser):
     try:
         ws.seed_study(db, settings, load_policy(settings.triage_policy), anatomy="lumbar_spine", findings=ws.spine_severe(),
                       patient_name="KOWALSKI^ANNA", patient_id="MRN-20430", with_seg=False, with_superres=False, seed=5,
-                      received_at=dt.datetime.now(dt.timezone.utc) - dt.timedelta(minutes=1))
+                      received_at=dt.datetime.now(dt.UTC) - dt.timedelta(minutes=1))
     finally:
         db.dispose()
     d.execute_script("window.msknodeRefresh()")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pydicom
@@ -11,8 +12,8 @@ import pytest
 from PIL import Image
 from pydicom.data import get_testdata_file
 
-from support import web_seed as ws
 from node.web import imaging
+from support import web_seed as ws
 
 pytestmark = pytest.mark.unit
 
@@ -41,8 +42,8 @@ def test_series_that_cannot_be_shown_are_refused_with_a_reason(tmp_path):
     with pytest.raises(imaging.ImagingError, match="1 stored file\\(s\\) of the series are missing"):
         imaging.load_stack([a, tmp_path / "gone.dcm"])
     broken = tmp_path / "broken.dcm"
-    broken.write_bytes(open(a, "rb").read()[:1200])
-    with pytest.raises(imaging.ImagingError, match="broken.dcm: cannot decode pixel data"):
+    broken.write_bytes(Path(a).read_bytes()[:1200])
+    with pytest.raises(imaging.ImagingError, match=r"broken\.dcm: cannot decode pixel data"):
         imaging._load_with_pydicom([broken])
 
 

@@ -24,8 +24,8 @@ with warnings.catch_warnings():
     warnings.simplefilter("ignore")
     from starlette.testclient import TestClient
 
-from support.index_rows import at, make_study, send_series
 from support.env import isolate_env
+from support.index_rows import at, make_study, send_series
 
 pytestmark = pytest.mark.unit
 
@@ -345,7 +345,7 @@ def test_a_rule_from_the_form_is_written_first_audited_reloaded_and_routes_the_s
         assert ev.details["rerouted"] == {"routed": True, "pipeline": "knee", "role": "cor_fluid",
                                           "rule": "site anonymised knee coronal"}
     assert series_row(env, "anon") == ("complete", "knee", "cor_fluid", "site anonymised knee coronal")
-    api = client(env["app"]).get(f"/api/admin/audit?action=routing.", headers=bearer(env["app"], ADMIN)).json()
+    api = client(env["app"]).get("/api/admin/audit?action=routing.", headers=bearer(env["app"], ADMIN)).json()
     assert api["events"][0]["entity_id"] == "site anonymised knee coronal"
 
     # the next completeness round settles the study again: a job that takes the series as cor_fluid

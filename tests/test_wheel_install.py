@@ -29,8 +29,8 @@ from pathlib import Path
 import pytest
 from pydicom.data import get_testdata_file
 
-from support.env import ROOT
 from node.demo.loopback import child_env, echoscu, free_port
+from support.env import ROOT
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -128,7 +128,7 @@ def test_installed_node_migrates_serves_echoes_and_stores(installed, tmp_path):
         assert conn.execute("SELECT version_num FROM alembic_version").fetchone()[0] == heads[-1]
 
     log_path = tmp_path / "serve.log"
-    log = open(log_path, "wb")
+    log = open(log_path, "wb")  # noqa: SIM115 -- msknode serve writes to it while the test runs; closed below
     proc = subprocess.Popen([str(bin_dir / "msknode"), "serve"], cwd=scratch, env=env, stdout=log, stderr=subprocess.STDOUT,
                             start_new_session=True)
     try:

@@ -215,7 +215,7 @@ class WorkerProcess:
     def start(self) -> WorkerProcess:
         import subprocess
 
-        self._log = open(self.log_path, "ab")
+        self._log = open(self.log_path, "ab")  # noqa: SIM115 -- the worker writes to it until stop() closes it
         self.proc = subprocess.Popen(self.args, env=self.env, stdout=self._log, stderr=subprocess.STDOUT,
                                      start_new_session=True, cwd=str(ROOT))
         self._token = track(f"{type(self).__name__} pid {self.proc.pid}", lambda: self.stop(graceful=False))

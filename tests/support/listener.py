@@ -51,7 +51,7 @@ class ListenerProcess:
     def start(self, timeout: float = 90.0, ready=None) -> ListenerProcess:
         """Starts the listener and waits until `ready(port)` (default: C-ECHO succeeds)."""
         ready = ready or (lambda port: echo(port, self.ae_title) == 0)
-        self._log = open(self.log_path, "ab")
+        self._log = open(self.log_path, "ab")  # noqa: SIM115 -- the listener writes to it until it is stopped
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "node.cli", "listen"], cwd=ROOT, env=self.env, stdout=self._log, stderr=subprocess.STDOUT
         )

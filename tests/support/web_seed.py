@@ -133,7 +133,7 @@ def superres_series(sources: list[Dataset], series_uid: str, description: str) -
         k0 = int(np.floor(z))
         k1 = min(k0 + 1, n - 1)
         t = float(z - k0)
-        ds = copy.deepcopy(sources[int(round(z))])
+        ds = copy.deepcopy(sources[round(z)])
         ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID = generate_uid(prefix=ROOT)
         ds.SeriesInstanceUID = series_uid
         ds.SeriesNumber = 902
@@ -150,8 +150,8 @@ def superres_series(sources: list[Dataset], series_uid: str, description: str) -
         ds.PixelData = pix.tobytes()
         ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
         src = Dataset()
-        src.ReferencedSOPClassUID = sources[int(round(z))].SOPClassUID
-        src.ReferencedSOPInstanceUID = sources[int(round(z))].SOPInstanceUID
+        src.ReferencedSOPClassUID = sources[round(z)].SOPClassUID
+        src.ReferencedSOPInstanceUID = sources[round(z)].SOPInstanceUID
         ds.SourceImageSequence = [src]
         out.append(ds)
     return out
