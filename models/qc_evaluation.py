@@ -34,8 +34,9 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any
 
 import numpy as np
 
@@ -74,25 +75,50 @@ def judge_items(gate: QCGate, items: Iterable, *, log: Callable[[str], None] | N
             v = gate.judge(pred, anatomy, it.plane)
             claims[anatomy] = {"accepted": v.accepted, "reason": v.reason}
         own = ANATOMY_CLASSES[it.label].split("/")[0] if it.label else None
-        rows.append({"key": it.key, "source": it.source, "group": it.group, "anatomy": it.anatomy,
-                     "served": own, "plane": it.plane, "label": ANATOMY_CLASSES[it.label],
-                     "predicted": pred["label"], "p": round(pred["probability"], 3),
-                     "anatomy_probabilities": {k: round(v, 3) for k, v in pred["anatomy_probabilities"].items()},
-                     "distance": round(pred["anatomy_distances"][own], 2) if own else None,
-                     "claims": claims, "notes": getattr(it, "notes", "")})
+        rows.append(
+            {
+                "key": it.key,
+                "source": it.source,
+                "group": it.group,
+                "anatomy": it.anatomy,
+                "served": own,
+                "plane": it.plane,
+                "label": ANATOMY_CLASSES[it.label],
+                "predicted": pred["label"],
+                "p": round(pred["probability"], 3),
+                "anatomy_probabilities": {k: round(v, 3) for k, v in pred["anatomy_probabilities"].items()},
+                "distance": round(pred["anatomy_distances"][own], 2) if own else None,
+                "claims": claims,
+                "notes": getattr(it, "notes", ""),
+            }
+        )
         if log:
-            log(f"{it.key}: {pred['label']} p={pred['probability']:.2f} "
-                + ("accepted" if own and claims[own]["accepted"] else
-                   f"{claims[own]['reason']}" if own else
-                   f"refused {sum(not c['accepted'] for c in claims.values())}/3"))
+            log(
+                f"{it.key}: {pred['label']} p={pred['probability']:.2f} "
+                + (
+                    "accepted"
+                    if own and claims[own]["accepted"]
+                    else f"{claims[own]['reason']}"
+                    if own
+                    else f"refused {sum(not c['accepted'] for c in claims.values())}/3"
+                )
+            )
     return rows
 
 
 def summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:
     """accepted_rate per served anatomy, refused_rate of other anatomy, cross-anatomy refusal, per source."""
-    out: dict[str, Any] = {"n": len(rows), "accepted_rate": {}, "refused_rate": None, "refused_rate_by_claim": {},
-                           "refused_all_rate": None, "cross_anatomy_refused_rate": None, "counts": {},
-                           "reasons": {}, "by_source": {}}
+    out: dict[str, Any] = {
+        "n": len(rows),
+        "accepted_rate": {},
+        "refused_rate": None,
+        "refused_rate_by_claim": {},
+        "refused_all_rate": None,
+        "cross_anatomy_refused_rate": None,
+        "counts": {},
+        "reasons": {},
+        "by_source": {},
+    }
     served = [r for r in rows if r["served"]]
     other = [r for r in rows if not r["served"]]
     for a in ANATOMIES:
@@ -111,10 +137,12 @@ def summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:
         out["refused_rate"] = _rate(k, len(pairs))
         out["refused_count"] = f"{k}/{len(pairs)}"
         out["refused_ci"] = wilson(k, len(pairs))
-        out["refused_rate_by_claim"] = {a: _rate(sum(not r["claims"][a]["accepted"] for r in other), len(other))
-                                        for a in ANATOMIES}
-        out["refused_all_rate"] = _rate(sum(all(not c["accepted"] for c in r["claims"].values()) for r in other),
-                                        len(other))
+        out["refused_rate_by_claim"] = {
+            a: _rate(sum(not r["claims"][a]["accepted"] for r in other), len(other)) for a in ANATOMIES
+        }
+        out["refused_all_rate"] = _rate(
+            sum(all(not c["accepted"] for c in r["claims"].values()) for r in other), len(other)
+        )
         out["counts"]["other"] = len(other)
     cross = [(r, a) for r in served for a in ANATOMIES if a != r["served"]]
     if cross:
@@ -139,11 +167,15 @@ def summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:
         out["by_source"][src] = entry
     out["failures"] = [
         {"key": r["key"], "claim": a, "reason": r["claims"][a]["reason"], "predicted": r["predicted"], "p": r["p"]}
-        for r in rows for a in ([r["served"]] if r["served"] else [])
+        for r in rows
+        for a in ([r["served"]] if r["served"] else [])
         if not r["claims"][a]["accepted"]
     ] + [
         {"key": r["key"], "claim": a, "accepted_as": a, "predicted": r["predicted"], "p": r["p"]}
-        for r in rows if not r["served"] for a in ANATOMIES if r["claims"][a]["accepted"]
+        for r in rows
+        if not r["served"]
+        for a in ANATOMIES
+        if r["claims"][a]["accepted"]
     ]
     return out
 
@@ -152,15 +184,18 @@ def summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:
 # phantoms
 
 
-def evaluate_synthetic(clf, n: int, seed: int, *, workers: int = 1, log: Callable[[str], None] | None = None
-                       ) -> dict[str, Any]:
+def evaluate_synthetic(
+    clf, n: int, seed: int, *, workers: int = 1, log: Callable[[str], None] | None = None
+) -> dict[str, Any]:
     from models.qc_training import phantom_items
 
     used = (clf.metadata or {}).get("recipe", {})
     lo, hi = int(used.get("seed", -1)), int(used.get("seed", -1)) + int(used.get("phantoms", 0)) * 7 // 6 + 1
     if used and lo <= seed + n - 1 and seed < hi:
-        raise DataSpecError(f"synthetic:{n}:{seed} overlaps the seeds the model trained or calibrated on "
-                            f"({lo}..{hi - 1}); pick fresh seeds")
+        raise DataSpecError(
+            f"synthetic:{n}:{seed} overlaps the seeds the model trained or calibrated on "
+            f"({lo}..{hi - 1}); pick fresh seeds"
+        )
     items = phantom_items(n, seed, with_infer=True, workers=workers, cache=False, log=log)
     gate = QCGate(clf)
     rows = judge_items(gate, items)
@@ -168,8 +203,9 @@ def evaluate_synthetic(clf, n: int, seed: int, *, workers: int = 1, log: Callabl
     y = np.array([ANATOMY_CLASSES.index(r["label"]) for r in rows])
     p = np.array([ANATOMY_CLASSES.index(r["predicted"]) for r in rows])
     out["accuracy"] = round(float((y == p).mean()), ROUND)
-    out["per_class_recall"] = {c: round(float((p[y == k] == k).mean()), ROUND) for k, c in enumerate(ANATOMY_CLASSES)
-                               if (y == k).any()}
+    out["per_class_recall"] = {
+        c: round(float((p[y == k] == k).mean()), ROUND) for k, c in enumerate(ANATOMY_CLASSES) if (y == k).any()
+    }
     anat_y = np.array([r["served"] or "other" for r in rows])
     anat_p = np.array([max(r["anatomy_probabilities"], key=r["anatomy_probabilities"].get) for r in rows])
     out["anatomy_accuracy"] = round(float((anat_y == anat_p).mean()), ROUND)
@@ -199,8 +235,9 @@ def claim_table(clf, items, *, fold: str) -> dict[str, np.ndarray]:
     """One row per claim the evaluation makes of each item (own anatomy for served ones, each served anatomy
     for other anatomy), with what the rule needs: P(rival), P(claimed anatomy, other plane), P(claimed
     anatomy), distance / the model's distance scale."""
-    cols: dict[str, list] = {k: [] for k in ("fold", "source", "kind", "key", "rival", "other_plane", "support",
-                                             "ratio")}
+    cols: dict[str, list] = {
+        k: [] for k in ("fold", "source", "kind", "key", "rival", "other_plane", "support", "ratio")
+    }
     for it in items:
         pred = _predict(clf, it)
         real = it.kind == "real"
@@ -212,8 +249,16 @@ def claim_table(clf, items, *, fold: str) -> dict[str, np.ndarray]:
             cols["kind"].append(("real_" if real else "phantom_") + ("in" if own else "other"))
             cols["key"].append(it.key)
             cols["rival"].append(max(v for k, v in ap.items() if k != anatomy))
-            cols["other_plane"].append(max([v for k, v in pred["probabilities"].items()
-                                            if k.startswith(anatomy + "/") and k != f"{anatomy}/{it.plane}"] or [0.0]))
+            cols["other_plane"].append(
+                max(
+                    [
+                        v
+                        for k, v in pred["probabilities"].items()
+                        if k.startswith(anatomy + "/") and k != f"{anatomy}/{it.plane}"
+                    ]
+                    or [0.0]
+                )
+            )
             cols["support"].append(ap[anatomy])
             cols["ratio"].append(pred["anatomy_distances"][anatomy] / clf.distance_scale)
     return {k: np.asarray(v) for k, v in cols.items()}
@@ -224,8 +269,12 @@ def _concat(tables: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
 
 
 def _accepted(t: dict[str, np.ndarray], rule: dict[str, float]) -> np.ndarray:
-    return ((t["rival"] < rule["contradiction"]) & (t["other_plane"] < rule["plane"])
-            & (t["support"] >= rule["support"]) & (t["ratio"] <= rule["ood_ratio"]))
+    return (
+        (t["rival"] < rule["contradiction"])
+        & (t["other_plane"] < rule["plane"])
+        & (t["support"] >= rule["support"])
+        & (t["ratio"] <= rule["ood_ratio"])
+    )
 
 
 def _rates(t: dict[str, np.ndarray], acc: np.ndarray) -> dict[str, float]:
@@ -250,14 +299,20 @@ def choose_rule(t: dict[str, np.ndarray]) -> tuple[dict[str, float], dict[str, f
     real_in = t["kind"] == "real_in"
     op = t["other_plane"][real_in]
     plane = float(min(0.95, max(0.9, (np.percentile(op, 99) if len(op) else 0.0) + 0.02)))
-    best, best_key, fallback, fb_key = None, None, None, None
+    best: tuple[dict[str, float], dict[str, float]] | None = None
+    fallback: tuple[dict[str, float], dict[str, float]] | None = None
+    best_key: tuple[Any, ...] | None = None
+    fb_key: tuple[Any, ...] | None = None
     for c in RULE_GRID["contradiction"]:
         for sup in RULE_GRID["support"]:
             for r in RULE_GRID["ood_ratio"]:
                 rule = {"contradiction": c, "plane": plane, "support": sup, "ood_ratio": r}
                 f = _rates(t, _accepted(t, rule))
-                ok = (f.get("real_in_pooled", 1) >= ACCEPT_TARGET and f.get("real_in_macro", 1) >= MACRO_ACCEPT_TARGET
-                      and f.get("phantom_in_pooled", 1) >= PHANTOM_ACCEPT_TARGET)
+                ok = (
+                    f.get("real_in_pooled", 1) >= ACCEPT_TARGET
+                    and f.get("real_in_macro", 1) >= MACRO_ACCEPT_TARGET
+                    and f.get("phantom_in_pooled", 1) >= PHANTOM_ACCEPT_TARGET
+                )
                 gentle = (c, -sup, r)
                 if ok:
                     key = (f.get("real_other_macro", 0), f.get("real_other_pooled", 0), gentle)
@@ -266,12 +321,23 @@ def choose_rule(t: dict[str, np.ndarray]) -> tuple[dict[str, float], dict[str, f
                 key = (f.get("real_in_pooled", 0) + f.get("real_in_macro", 0), f.get("real_other_macro", 0), gentle)
                 if fb_key is None or key > fb_key:
                     fallback, fb_key = (rule, f), key
-    rule, f = best or fallback
+    chosen = best or fallback
+    if chosen is None:
+        raise ValueError("RULE_GRID is empty")
+    rule, f = chosen
     return rule, {**{k: round(v, 4) for k, v in f.items()}, "targets_met": best is not None}
 
 
-def fold_models(real, recipe, *, sources: Iterable[str] | None = None, threads: int = 2, workers: int = 1,
-                log: Callable[[str], None] = print, reuse: bool = True) -> dict[str, Any]:
+def fold_models(
+    real,
+    recipe,
+    *,
+    sources: Iterable[str] | None = None,
+    threads: int = 2,
+    workers: int = 1,
+    log: Callable[[str], None] = print,
+    reuse: bool = True,
+) -> dict[str, Any]:
     """One model per real source, trained (``recipe``) without it, with its distances fitted and its distance
     scale set. The networks are cached outside the repository, keyed by the recipe, the preprocessing and
     `models.qc_training.TRAINING_REVISION`; the distances are refitted (cheap) so their code may change."""
@@ -289,8 +355,9 @@ def fold_models(real, recipe, *, sources: Iterable[str] | None = None, threads: 
     )
     from models.realdata import SOURCES
 
-    cal = phantom_items(max(24, recipe.phantoms // 6), recipe.seed + recipe.phantoms, with_infer=True,
-                        workers=workers, log=log)
+    cal = phantom_items(
+        max(24, recipe.phantoms // 6), recipe.seed + recipe.phantoms, with_infer=True, workers=workers, log=log
+    )
     present = [s for s in (sources or SOURCES) if any(it.source == s for it in real)]
     key = hashlib.sha256(json.dumps([recipe.as_dict(), _code_key(), TRAINING_REVISION]).encode()).hexdigest()[:12]
     out = {}
@@ -302,8 +369,16 @@ def fold_models(real, recipe, *, sources: Iterable[str] | None = None, threads: 
             log(f"fold {src}: cached model {path}")
         else:
             log(f"fold {src}: training without it")
-            clf, _ = train_anatomy(path.parent, recipe, exclude_sources=[src], real=real, threads=threads,
-                                   workers=workers, log=log, save=True)
+            clf, _ = train_anatomy(
+                path.parent,
+                recipe,
+                exclude_sources=[src],
+                real=real,
+                threads=threads,
+                workers=workers,
+                log=log,
+                save=True,
+            )
         held = set(clf.metadata.get("held_groups", []))
         rest = [it for it in real if it.source != src]
         if ph is None:
@@ -316,13 +391,27 @@ def fold_models(real, recipe, *, sources: Iterable[str] | None = None, threads: 
 
 def loso_tables(real, folds: dict[str, Any]) -> dict[str, dict[str, np.ndarray]]:
     """Per fold: claims on the left-out source's series and on the calibration phantoms, by the fold's model."""
-    return {src: _concat([claim_table(clf, [it for it in real if it.source == src], fold=src),
-                          claim_table(clf, folds["cal_phantoms"], fold=src)])
-            for src, clf in folds["models"].items()}
+    return {
+        src: _concat(
+            [
+                claim_table(clf, [it for it in real if it.source == src], fold=src),
+                claim_table(clf, folds["cal_phantoms"], fold=src),
+            ]
+        )
+        for src, clf in folds["models"].items()
+    }
 
 
-def leave_one_source_out(root: Path | str | None, recipe, *, sources: Iterable[str] | None = None, threads: int = 2,
-                         workers: int = 1, log: Callable[[str], None] = print, reuse: bool = True) -> dict[str, Any]:
+def leave_one_source_out(
+    root: Path | str | None,
+    recipe,
+    *,
+    sources: Iterable[str] | None = None,
+    threads: int = 2,
+    workers: int = 1,
+    log: Callable[[str], None] = print,
+    reuse: bool = True,
+) -> dict[str, Any]:
     """For each real source: the model trained without it, with the rule chosen on the other folds' predictions
     (never on this source), tested on every series of the source. Also the rule chosen on all folds (the one
     the shipped model carries)."""
@@ -339,33 +428,74 @@ def leave_one_source_out(root: Path | str | None, recipe, *, sources: Iterable[s
         apply_rule(clf, rule)
         rows = judge_items(QCGate(clf), [it for it in real if it.source == src])
         s = summarise(rows)
-        out_folds[src] = {k: s[k] for k in ("n", "accepted_rate", "accepted_rate_all", "refused_rate",
-                                            "refused_rate_by_claim", "refused_all_rate", "cross_anatomy_refused_rate",
-                                            "reasons", "failures") if k in s and s[k] not in (None, {}, [])}
+        out_folds[src] = {
+            k: s[k]
+            for k in (
+                "n",
+                "accepted_rate",
+                "accepted_rate_all",
+                "refused_rate",
+                "refused_rate_by_claim",
+                "refused_all_rate",
+                "cross_anatomy_refused_rate",
+                "reasons",
+                "failures",
+            )
+            if k in s and s[k] not in (None, {}, [])
+        }
         out_folds[src]["rule"] = rule
         out_folds[src]["rule_calibration"] = fig
         all_rows += rows
-        log(json.dumps({"fold": src, **{k: out_folds[src].get(k) for k in ("n", "accepted_rate_all", "refused_rate")},
-                        "rule": rule}))
+        log(
+            json.dumps(
+                {
+                    "fold": src,
+                    **{k: out_folds[src].get(k) for k in ("n", "accepted_rate_all", "refused_rate")},
+                    "rule": rule,
+                }
+            )
+        )
     rule, fig = choose_rule(_concat(list(tables.values())))
     pooled = summarise(all_rows)
     acc = [f["accepted_rate_all"] for f in out_folds.values() if f.get("accepted_rate_all") is not None]
     ref = [f["refused_rate"] for f in out_folds.values() if f.get("refused_rate") is not None]
-    return {"recipe": recipe.as_dict(), "folds": out_folds,
-            "pooled": {k: pooled[k] for k in ("n", "accepted_rate", "accepted_rate_all", "accepted_count",
-                                              "accepted_ci", "refused_rate", "refused_count", "refused_ci",
-                                              "refused_rate_by_claim", "refused_all_rate",
-                                              "cross_anatomy_refused_rate", "counts", "reasons")},
-            "macro_accepted_rate": round(float(np.mean(acc)), ROUND) if acc else None,
-            "macro_refused_rate": round(float(np.mean(ref)), ROUND) if ref else None,
-            "rule_all_folds": rule, "rule_all_folds_calibration": fig,
-            "targets": {"accepted_pooled": ACCEPT_TARGET, "accepted_macro": MACRO_ACCEPT_TARGET,
-                        "phantom_accepted": PHANTOM_ACCEPT_TARGET},
-            "seconds": round(time.time() - t0, 1)}
+    return {
+        "recipe": recipe.as_dict(),
+        "folds": out_folds,
+        "pooled": {
+            k: pooled[k]
+            for k in (
+                "n",
+                "accepted_rate",
+                "accepted_rate_all",
+                "accepted_count",
+                "accepted_ci",
+                "refused_rate",
+                "refused_count",
+                "refused_ci",
+                "refused_rate_by_claim",
+                "refused_all_rate",
+                "cross_anatomy_refused_rate",
+                "counts",
+                "reasons",
+            )
+        },
+        "macro_accepted_rate": round(float(np.mean(acc)), ROUND) if acc else None,
+        "macro_refused_rate": round(float(np.mean(ref)), ROUND) if ref else None,
+        "rule_all_folds": rule,
+        "rule_all_folds_calibration": fig,
+        "targets": {
+            "accepted_pooled": ACCEPT_TARGET,
+            "accepted_macro": MACRO_ACCEPT_TARGET,
+            "phantom_accepted": PHANTOM_ACCEPT_TARGET,
+        },
+        "seconds": round(time.time() - t0, 1),
+    }
 
 
-def loso_rule(root: Path | str | None, recipe, *, threads: int = 2, workers: int = 1,
-              log: Callable[[str], None] = print) -> tuple[dict[str, float], dict[str, Any]]:
+def loso_rule(
+    root: Path | str | None, recipe, *, threads: int = 2, workers: int = 1, log: Callable[[str], None] = print
+) -> tuple[dict[str, float], dict[str, Any]]:
     """The rule chosen on every fold's out-of-source predictions (trains or reuses the fold models)."""
     from models.qc_training import real_items
 
@@ -375,15 +505,24 @@ def loso_rule(root: Path | str | None, recipe, *, threads: int = 2, workers: int
     return rule, {"rule": rule, "calibration": fig, "folds": sorted(folds["models"]), "fold_key": folds["key"]}
 
 
-def evaluate_realdata(clf, root: Path | str | None, *, loso: bool = False, threads: int = 2, workers: int = 1,
-                      log: Callable[[str], None] | None = None) -> dict[str, Any]:
+def evaluate_realdata(
+    clf,
+    root: Path | str | None,
+    *,
+    loso: bool = False,
+    threads: int = 2,
+    workers: int = 1,
+    log: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
     from models.qc_training import Recipe, real_items
     from models.realdata import realdata_root
 
     root = realdata_root() if root in (None, "auto", Path("auto")) else Path(root)
     if root is None or not Path(root).is_dir():
-        raise DataSpecError("real corpus not found: give realdata:PATH, set MSKNODE_REALDATA, or place it at "
-                            "../shared/realdata beside the checkout")
+        raise DataSpecError(
+            "real corpus not found: give realdata:PATH, set MSKNODE_REALDATA, or place it at "
+            "../shared/realdata beside the checkout"
+        )
     items = real_items(root, log=log)
     rows = judge_items(QCGate(clf), items)
     out: dict[str, Any] = {"corpus": str(root), **summarise(rows)}
@@ -391,17 +530,21 @@ def evaluate_realdata(clf, root: Path | str | None, *, loso: bool = False, threa
     excluded = set((clf.metadata or {}).get("excluded_sources", []))
     if held:
         h = summarise([r for r in rows if r["group"] in held])
-        out["held_out"] = {k: h[k] for k in ("n", "accepted_rate", "accepted_rate_all", "cross_anatomy_refused_rate",
-                                             "by_source") if h.get(k) not in (None, {})}
+        out["held_out"] = {
+            k: h[k]
+            for k in ("n", "accepted_rate", "accepted_rate_all", "cross_anatomy_refused_rate", "by_source")
+            if h.get(k) not in (None, {})
+        }
     if excluded:
         out["excluded_sources"] = sorted(excluded)
-    out["note"] = ("the shipped model trained on every source except its held groups; the independent figures are "
-                   "held_out and (with --loso) loso")
+    out["note"] = (
+        "the shipped model trained on every source except its held groups; the independent figures are "
+        "held_out and (with --loso) loso"
+    )
     if loso:
         recipe_d = (clf.metadata or {}).get("recipe") or {}
         recipe = Recipe(**{k: v for k, v in recipe_d.items() if k in Recipe.__dataclass_fields__})
-        out["loso"] = leave_one_source_out(root, recipe, threads=threads, workers=workers,
-                                           log=log or (lambda m: None))
+        out["loso"] = leave_one_source_out(root, recipe, threads=threads, workers=workers, log=log or (lambda m: None))
     return out
 
 
@@ -409,29 +552,57 @@ def evaluate_realdata(clf, root: Path | str | None, *, loso: bool = False, threa
 # the model card
 
 LICENCES = [
-    ("knee_stacks, shoulder_stacks, elbow_stacks, hip_stacks",
-     "teaching screen exports (JPEG) of normal knee, shoulder, elbow and hip series; repository "
-     "jeremyswisher13/kneemri @ 3e5b3c2",
-     "attributed to Radiopaedia, CC BY-NC-SA 3.0 (non-commercial, share-alike, attribution); the source "
-     "repository records no origin, so unverified: the most restrictive terms are treated as binding"),
-    ("shoulder_stacks (figure panels)",
-     "cuff-tear: Uludag V et al., Cureus 2024;16(8):e66272, Fig 1; slap: SA J Radiol 2023, PMC10879901, Fig 14",
-     "CC BY 4.0 (as attributed by the source repository); evaluated only, never trained on"),
-    ("siemens_knee", "one sagittal knee DICOM series (Siemens Prisma 3 T); repository "
-     "ataa599/AI-based-Sagittal-MRI-fine-grading-of-meniscus-injury @ 86bbacd", "not stated (no licence file)"),
-    ("acl_slices", "110 sagittal knee slices; repository CEMRR/Knee-ACL-Tear-Segmentation @ 3919b7f, upstream "
-     "Zenodo 10.5281/zenodo.18054534", "not stated (no licence file; Zenodo terms not verified)"),
-    ("lumbar_volumes", "28 sagittal lumbar volumes (VB1: Zukic et al., Comput Graph Forum 33:190-204, 2014; VB2: "
-     "Chu et al., PLoS ONE 10(11):e0143327, 2015); repository JonathanRamos/fastcleverseg @ b476612 (cite Ramos "
-     "et al., Magn Reson Imaging 109:134-146, 2024)", "repository GPL-3.0; the datasets' own licence is not stated"),
-    ("spider", "357 SPIDER mid-sagittal lumbar slices, 175 patients (van der Graaf et al., Sci Data 11:264, 2024); "
-     "repository ejd230001/medvisor @ 4e4fb31", "CC BY 4.0"),
-    ("mni152", "MNI ICBM152 2009a nonlinear symmetric T1 template (Collins 1999; Fonov et al. 2009, 2011) as shipped "
-     "inside nilearn", "nilearn's description records it as unknown; the MNI distribution carries a permissive "
-     "copyright notice (McConnell Brain Imaging Centre, MNI, McGill University) that asks to be kept with copies "
-     "(not verified here)"),
-    ("pydicom_mr", "pydicom-data 1.0.0: emri_small (head), MR-SIEMENS-DICOM-WithOverlays (abdomen), MR2_UNCR "
-     "(Philips shoulder, oblique coronal)", "MIT (pydicom-data package)"),
+    (
+        "knee_stacks, shoulder_stacks, elbow_stacks, hip_stacks",
+        "teaching screen exports (JPEG) of normal knee, shoulder, elbow and hip series; repository "
+        "jeremyswisher13/kneemri @ 3e5b3c2",
+        "attributed to Radiopaedia, CC BY-NC-SA 3.0 (non-commercial, share-alike, attribution); the source "
+        "repository records no origin, so unverified: the most restrictive terms are treated as binding",
+    ),
+    (
+        "shoulder_stacks (figure panels)",
+        "cuff-tear: Uludag V et al., Cureus 2024;16(8):e66272, Fig 1; slap: SA J Radiol 2023, PMC10879901, Fig 14",
+        "CC BY 4.0 (as attributed by the source repository); evaluated only, never trained on",
+    ),
+    (
+        "siemens_knee",
+        "one sagittal knee DICOM series (Siemens Prisma 3 T); repository "
+        "ataa599/AI-based-Sagittal-MRI-fine-grading-of-meniscus-injury @ 86bbacd",
+        "not stated (no licence file)",
+    ),
+    (
+        "acl_slices",
+        "110 sagittal knee slices; repository CEMRR/Knee-ACL-Tear-Segmentation @ 3919b7f, upstream "
+        "Zenodo 10.5281/zenodo.18054534",
+        "not stated (no licence file; Zenodo terms not verified)",
+    ),
+    (
+        "lumbar_volumes",
+        "28 sagittal lumbar volumes (VB1: Zukic et al., Comput Graph Forum 33:190-204, 2014; VB2: "
+        "Chu et al., PLoS ONE 10(11):e0143327, 2015); repository JonathanRamos/fastcleverseg @ b476612 (cite Ramos "
+        "et al., Magn Reson Imaging 109:134-146, 2024)",
+        "repository GPL-3.0; the datasets' own licence is not stated",
+    ),
+    (
+        "spider",
+        "357 SPIDER mid-sagittal lumbar slices, 175 patients (van der Graaf et al., Sci Data 11:264, 2024); "
+        "repository ejd230001/medvisor @ 4e4fb31",
+        "CC BY 4.0",
+    ),
+    (
+        "mni152",
+        "MNI ICBM152 2009a nonlinear symmetric T1 template (Collins 1999; Fonov et al. 2009, 2011) as shipped "
+        "inside nilearn",
+        "nilearn's description records it as unknown; the MNI distribution carries a permissive "
+        "copyright notice (McConnell Brain Imaging Centre, MNI, McGill University) that asks to be kept with copies "
+        "(not verified here)",
+    ),
+    (
+        "pydicom_mr",
+        "pydicom-data 1.0.0: emri_small (head), MR-SIEMENS-DICOM-WithOverlays (abdomen), MR2_UNCR "
+        "(Philips shoulder, oblique coronal)",
+        "MIT (pydicom-data package)",
+    ),
 ]
 
 
@@ -439,16 +610,22 @@ def _loso_rows(loso: dict[str, Any]) -> list[list[str]]:
     rows = []
     for src, f in loso["folds"].items():
         acc = f.get("accepted_rate", {})
-        rows.append([src, str(f.get("n", "")),
-                     ", ".join(f"{a} {v:.3f}" for a, v in acc.items()) if acc else "-",
-                     f"{f['refused_rate']:.3f}" if f.get("refused_rate") is not None else "-",
-                     f"{f['cross_anatomy_refused_rate']:.3f}" if f.get("cross_anatomy_refused_rate") is not None else "-",
-                     ", ".join(f"{k} {v}" for k, v in f.get("reasons", {}).items()) or "-"])
+        rows.append(
+            [
+                src,
+                str(f.get("n", "")),
+                ", ".join(f"{a} {v:.3f}" for a, v in acc.items()) if acc else "-",
+                f"{f['refused_rate']:.3f}" if f.get("refused_rate") is not None else "-",
+                f"{f['cross_anatomy_refused_rate']:.3f}" if f.get("cross_anatomy_refused_rate") is not None else "-",
+                ", ".join(f"{k} {v}" for k, v in f.get("reasons", {}).items()) or "-",
+            ]
+        )
     return rows
 
 
-def anatomy_card(summary: dict[str, Any], synthetic: dict[str, Any], realdata: dict[str, Any],
-                 commands: list[str]) -> dict[str, Any]:
+def anatomy_card(
+    summary: dict[str, Any], synthetic: dict[str, Any], realdata: dict[str, Any], commands: list[str]
+) -> dict[str, Any]:
     """card.json content of ``qc.anatomy`` from its train_summary.json and the two evaluations' JSON."""
     loso = realdata.get("loso", {})
     pooled = loso.get("pooled", {})
@@ -481,30 +658,44 @@ def anatomy_card(summary: dict[str, Any], synthetic: dict[str, Any], realdata: d
         "ood_threshold": cal.get("ood_threshold"),
         "rule_calibration_out_of_source": cal.get("rule_calibration"),
     }
-    for k in ("motion_val_accuracy", "motion_val_recall", "motion_val_false_positive_rate",
-              "motion_real_held_series", "motion_real_held_false_positive_rate",
-              "motion_real_held_in_spec_false_positive_rate", "motion_real_held_heavy_recall"):
+    for k in (
+        "motion_val_accuracy",
+        "motion_val_recall",
+        "motion_val_false_positive_rate",
+        "motion_real_held_series",
+        "motion_real_held_false_positive_rate",
+        "motion_real_held_in_spec_false_positive_rate",
+        "motion_real_held_heavy_recall",
+    ):
         if summary.get(k) is not None:
             metrics[k] = summary[k]
     metrics = {k: v for k, v in metrics.items() if v is not None}
     real_train = summary.get("real_training_series", {})
     trained = ", ".join(f"{s} {v['series']} series / {v['slices']} slices" for s, v in real_train.items())
     return {
-        "name": "qc.anatomy", "version": str(summary.get("version", "2")), "task": "qc", "anatomy": "any",
+        "name": "qc.anatomy",
+        "version": str(summary.get("version", "2")),
+        "task": "qc",
+        "anatomy": "any",
         "description": "QC gate: pixel anatomy/plane classifier (2-D, central slices, 10 classes), Mahalanobis "
-                       "out-of-distribution distance, heavy-motion detector",
-        "input": {"anatomy": f"{INFER_SLICES_TEXT}; border band blanked (overlays of screen exports)",
-                  "motion": "4 middle-half slices, each 128 x 128 over its field of view"},
-        "outputs": {"classes": list(ANATOMY_CLASSES),
-                    "anatomy_probabilities": "marginal per anatomy (knee, shoulder, lumbar_spine, other)",
-                    "motion": "P(heavy motion ghosting)"},
-        "weights_file": "model.pt", "weights_sha256": summary["weights_sha256"],
+        "out-of-distribution distance, heavy-motion detector",
+        "input": {
+            "anatomy": f"{INFER_SLICES_TEXT}; border band blanked (overlays of screen exports)",
+            "motion": "4 middle-half slices, each 128 x 128 over its field of view",
+        },
+        "outputs": {
+            "classes": list(ANATOMY_CLASSES),
+            "anatomy_probabilities": "marginal per anatomy (knee, shoulder, lumbar_spine, other)",
+            "motion": "P(heavy motion ghosting)",
+        },
+        "weights_file": "model.pt",
+        "weights_sha256": summary["weights_sha256"],
         "notice": "Demo weights trained on synthetic phantoms and public real MRI (non-commercial terms apply). "
-                  "Not for diagnostic use.",
+        "Not for diagnostic use.",
         "licence": "The weights learned from the teaching stacks (CC BY-NC-SA 3.0, attribution unverified) and carry "
-                   "that restriction: non-commercial use only, share-alike, with attribution. Other sources: "
-                   "CC BY 4.0 (SPIDER), GPL-3.0 repository with unstated dataset licence (lumbar volumes), "
-                   "licence not stated (ACL slices, Siemens knee), MIT (pydicom-data), MNI152 (see sources).",
+        "that restriction: non-commercial use only, share-alike, with attribution. Other sources: "
+        "CC BY 4.0 (SPIDER), GPL-3.0 repository with unstated dataset licence (lumbar volumes), "
+        "licence not stated (ACL slices, Siemens knee), MIT (pydicom-data), MNI152 (see sources).",
         "training_data": (
             f"{summary.get('training_data')}: phantoms of knee, shoulder and lumbar spine in three planes with every "
             "routed contrast, synthetic other anatomy (models.negatives: heads, abdomen, limbs, water phantoms, "
@@ -512,26 +703,43 @@ def anatomy_card(summary: dict[str, Any], synthetic: dict[str, Any], realdata: d
             "and elbow stacks, the MNI152 brain, pydicom-data head and abdomen, synthetic negatives. Held out of "
             f"training (calibration): {summary.get('real_held_series')} real series (a quarter of the ACL, lumbar "
             "volume and SPIDER groups); journal figure panels never trained on. Motion detector: "
-            f"{summary.get('motion_training_data', '-')}."),
+            f"{summary.get('motion_training_data', '-')}."
+        ),
         "sources": [{"source": s, "what": w, "licence": lic} for s, w, lic in LICENCES],
-        "recipe": {**summary.get("recipe", {}), "calibration": cal,
-                   "split": "by group (patient or series), never by slice; held quarter by CRC32 of the group name"},
+        "recipe": {
+            **summary.get("recipe", {}),
+            "calibration": cal,
+            "split": "by group (patient or series), never by slice; held quarter by CRC32 of the group name",
+        },
         "metrics": metrics,
         "tables": [
-            {"title": "Leave-one-source-out (trained without the source, tested on all of it)",
-             "columns": ["source", "series", "accepted (served anatomy)", "refused (other anatomy, 3 claims each)",
-                         "refused when claimed as another served anatomy", "refusal reasons"],
-             "rows": _loso_rows(loso) if loso else []},
-            {"title": "Sources and licences", "columns": ["source", "what", "licence"],
-             "rows": [[s, w, lic] for s, w, lic in LICENCES]},
+            {
+                "title": "Leave-one-source-out (trained without the source, tested on all of it)",
+                "columns": [
+                    "source",
+                    "series",
+                    "accepted (served anatomy)",
+                    "refused (other anatomy, 3 claims each)",
+                    "refused when claimed as another served anatomy",
+                    "refusal reasons",
+                ],
+                "rows": _loso_rows(loso) if loso else [],
+            },
+            {
+                "title": "Sources and licences",
+                "columns": ["source", "what", "licence"],
+                "rows": [[s, w, lic] for s, w, lic in LICENCES],
+            },
         ],
-        "evaluation_data": ("leave-one-source-out on the real corpus (the rule of each fold chosen on the other "
-                            "folds' out-of-source predictions; each source tested by a model that never saw "
-                            "it; a served-anatomy series is claimed as its own anatomy in its own plane, an other-"
-                            "anatomy series as each served anatomy); the shipped model on its held quarter; "
-                            f"{synthetic.get('data', 'fresh phantoms')} (seeds never trained or calibrated on)"),
+        "evaluation_data": (
+            "leave-one-source-out on the real corpus (the rule of each fold chosen on the other "
+            "folds' out-of-source predictions; each source tested by a model that never saw "
+            "it; a served-anatomy series is claimed as its own anatomy in its own plane, an other-"
+            "anatomy series as each served anatomy); the shipped model on its held quarter; "
+            f"{synthetic.get('data', 'fresh phantoms')} (seeds never trained or calibrated on)"
+        ),
         "evaluation_note": "Every series scored; rates per series (other anatomy: per claim), 95 % Wilson intervals "
-                           "where given.",
+        "where given.",
         "reproduce": commands,
         "limitations": [
             "Not for diagnostic use.",
@@ -577,8 +785,9 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--command", action="append", default=[], help="reproduce command (repeatable)")
     args = ap.parse_args(argv)
     summary = json.loads(args.summary.read_text())
-    card = anatomy_card(summary, json.loads(args.synthetic.read_text()), json.loads(args.realdata.read_text()),
-                        args.command)
+    card = anatomy_card(
+        summary, json.loads(args.synthetic.read_text()), json.loads(args.realdata.read_text()), args.command
+    )
     write_card(args.folder, card)
     return 0
 

@@ -38,9 +38,10 @@ import math
 import os
 import time
 import zlib
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any
 
 import numpy as np
 import torch
@@ -83,8 +84,19 @@ def cache_root() -> Path:
 
 
 def _code_key() -> str:
-    text = json.dumps([CACHE_VERSION, SLICE_GRID, MASK_BAND, INFER_SLICES, INFER_SPAN, TRAIN_SLICES, TRAIN_SPAN,
-                       PHANTOM_TRAIN_SLICES, PHANTOM_TRAIN_SPAN])
+    text = json.dumps(
+        [
+            CACHE_VERSION,
+            SLICE_GRID,
+            MASK_BAND,
+            INFER_SLICES,
+            INFER_SPAN,
+            TRAIN_SLICES,
+            TRAIN_SPAN,
+            PHANTOM_TRAIN_SLICES,
+            PHANTOM_TRAIN_SPAN,
+        ]
+    )
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
@@ -141,15 +153,28 @@ def _phantom_item(args) -> dict[str, Any]:
         kw["sequence"] = str(rng.choice(ANATOMY_SEQUENCES[anatomy]))
         vol = generate(anatomy, seed, matrix=matrix, sub_slices=1, **kw).volume
         label = cls + 1
-    out = {"train": anatomy_input(vol, plane, count=PHANTOM_TRAIN_SLICES, span=PHANTOM_TRAIN_SPAN)[:, 0]
-           .astype(np.float16), "label": label, "anatomy": anatomy, "plane": plane}
+    out = {
+        "train": anatomy_input(vol, plane, count=PHANTOM_TRAIN_SLICES, span=PHANTOM_TRAIN_SPAN)[:, 0].astype(
+            np.float16
+        ),
+        "label": label,
+        "anatomy": anatomy,
+        "plane": plane,
+    }
     if with_infer:
         out["infer"] = anatomy_input(vol, plane)[:, 0].astype(np.float16)
     return out
 
 
-def phantom_items(n: int, seed: int, *, with_infer: bool = False, workers: int = 1, cache: bool = True,
-                  log: Callable[[str], None] | None = None) -> list[Item]:
+def phantom_items(
+    n: int,
+    seed: int,
+    *,
+    with_infer: bool = False,
+    workers: int = 1,
+    cache: bool = True,
+    log: Callable[[str], None] | None = None,
+) -> list[Item]:
     """Items of ``synthetic:n:seed`` (phantoms of the nine classes and synthetic other anatomy), cached."""
     path = cache_root() / _code_key() / f"phantoms-{n}-{seed}{'-infer' if with_infer else ''}.npz"
     if cache and path.is_file():
@@ -177,20 +202,33 @@ def phantom_items(n: int, seed: int, *, with_infer: bool = False, workers: int =
         infer = None
         if with_infer:
             k = max(len(r["infer"]) for r in rows)
-            infer = np.stack([np.concatenate([r["infer"], np.repeat(r["infer"][-1:], k - len(r["infer"]), 0)])
-                              for r in rows])
+            infer = np.stack(
+                [np.concatenate([r["infer"], np.repeat(r["infer"][-1:], k - len(r["infer"]), 0)]) for r in rows]
+            )
         if cache:
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_suffix(f".tmp{os.getpid()}.npz")
-            np.savez(tmp, label=labels, anatomy=anat, plane=planes, train=train,
-                     **({"infer": infer} if infer is not None else {}))
+            arrays: dict[str, Any] = {"label": labels, "anatomy": anat, "plane": planes, "train": train}
+            if infer is not None:
+                arrays["infer"] = infer
+            np.savez(tmp, **arrays)
             os.replace(tmp, path)
     items = []
     for i in range(len(labels)):
         kind = "negative" if int(labels[i]) == 0 else "phantom"
-        items.append(Item(key=f"{kind}/{seed + i}", kind=kind, source=kind, group=f"{kind}:{seed + i}",
-                          label=int(labels[i]), anatomy=str(anat[i]), plane=str(planes[i]), train=train[i],
-                          infer=None if infer is None else infer[i]))
+        items.append(
+            Item(
+                key=f"{kind}/{seed + i}",
+                kind=kind,
+                source=kind,
+                group=f"{kind}:{seed + i}",
+                label=int(labels[i]),
+                anatomy=str(anat[i]),
+                plane=str(planes[i]),
+                train=train[i],
+                infer=None if infer is None else infer[i],
+            )
+        )
     return items
 
 
@@ -198,15 +236,18 @@ def phantom_items(n: int, seed: int, *, with_infer: bool = False, workers: int =
 # real items
 
 
-def _real_arrays(series) -> dict[str, np.ndarray]:
+def _real_arrays(series) -> dict[str, Any]:
     vol = series.volume()
     plane = series.plane
-    return {"train": anatomy_input(vol, plane, count=TRAIN_SLICES, span=TRAIN_SPAN)[:, 0].astype(np.float16),
-            "infer": anatomy_input(vol, plane)[:, 0].astype(np.float16)}
+    return {
+        "train": anatomy_input(vol, plane, count=TRAIN_SLICES, span=TRAIN_SPAN)[:, 0].astype(np.float16),
+        "infer": anatomy_input(vol, plane)[:, 0].astype(np.float16),
+    }
 
 
-def real_items(root: Path | str | None = None, sources: Iterable[str] | None = None, *,
-               log: Callable[[str], None] | None = None) -> list[Item]:
+def real_items(
+    root: Path | str | None = None, sources: Iterable[str] | None = None, *, log: Callable[[str], None] | None = None
+) -> list[Item]:
     """One `Item` per series of the real corpus (`models.realdata.catalogue`), arrays cached per series."""
     from models.realdata import catalogue
 
@@ -218,7 +259,7 @@ def real_items(root: Path | str | None = None, sources: Iterable[str] | None = N
     for i, s in enumerate(series):
         digest = hashlib.sha256(f"{s.key}|{s.path}|{_mtime(s.path)}".encode()).hexdigest()[:16]
         path = base / f"{digest}.npz"
-        arrays = None
+        arrays: dict[str, Any] | None = None
         if path.is_file():
             try:
                 with np.load(path, allow_pickle=False) as z:
@@ -231,8 +272,20 @@ def real_items(root: Path | str | None = None, sources: Iterable[str] | None = N
             np.savez(tmp, **arrays)
             os.replace(tmp, path)
         label = ANATOMY_CLASSES.index(s.label)
-        out.append(Item(key=s.key, kind="real", source=s.source, group=s.group, label=label, anatomy=s.anatomy,
-                        plane=s.plane, train=arrays["train"], infer=arrays["infer"], notes=s.notes))
+        out.append(
+            Item(
+                key=s.key,
+                kind="real",
+                source=s.source,
+                group=s.group,
+                label=label,
+                anatomy=s.anatomy,
+                plane=s.plane,
+                train=arrays["train"],
+                infer=arrays["infer"],
+                notes=s.notes,
+            )
+        )
         if log and (i + 1) % 100 == 0:
             log(f"real series: {i + 1}/{len(series)} ({time.time() - t0:.0f} s)")
     return out
@@ -326,8 +379,16 @@ def _buckets(items: list[Item]) -> list[tuple[float, list[int]]]:
     return [(share / s, idx) for share, idx in out]
 
 
-def fit_net(items: list[Item], *, epochs: int, samples_per_epoch: int, seed: int, batch_size: int = 64,
-            lr: float = 2e-3, log: Callable[[str], None] = print) -> tuple[AnatomyNet, list[dict[str, Any]]]:
+def fit_net(
+    items: list[Item],
+    *,
+    epochs: int,
+    samples_per_epoch: int,
+    seed: int,
+    batch_size: int = 64,
+    lr: float = 2e-3,
+    log: Callable[[str], None] = print,
+) -> tuple[AnatomyNet, list[dict[str, Any]]]:
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     g = torch.Generator().manual_seed(seed)
@@ -364,8 +425,12 @@ def fit_net(items: list[Item], *, epochs: int, samples_per_epoch: int, seed: int
             tot += float(loss.detach()) * len(y)
             correct += int((logits.argmax(1) == y).sum())
             seen += len(y)
-        line = {"epoch": ep, "loss": round(tot / seen, 4), "train_acc": round(correct / seen, 4),
-                "seconds": round(time.time() - t0, 1)}
+        line = {
+            "epoch": ep,
+            "loss": round(tot / seen, 4),
+            "train_acc": round(correct / seen, 4),
+            "seconds": round(time.time() - t0, 1),
+        }
         lines.append(line)
         log(json.dumps(line))
     net.eval()
@@ -421,8 +486,12 @@ def distance_scale(clf: AnatomyClassifier, held_real: list[Item], cal_phantoms: 
     q_real = float(np.percentile(d["real"], 99)) if d["real"] else 0.0
     q_ph = float(np.percentile(d["phantom"], 99.5)) if d["phantom"] else 0.0
     clf.distance_scale = max(q_real, q_ph, 1e-6)
-    return {"series": {"real": len(d["real"]), "phantom": len(d["phantom"])}, "held_real_distance_p99": round(q_real, 3),
-            "phantom_distance_p995": round(q_ph, 3), "distance_scale": round(clf.distance_scale, 3)}
+    return {
+        "series": {"real": len(d["real"]), "phantom": len(d["phantom"])},
+        "held_real_distance_p99": round(q_real, 3),
+        "phantom_distance_p995": round(q_ph, 3),
+        "distance_scale": round(clf.distance_scale, 3),
+    }
 
 
 def apply_rule(clf: AnatomyClassifier, rule: dict[str, float]) -> None:
@@ -432,16 +501,23 @@ def apply_rule(clf: AnatomyClassifier, rule: dict[str, float]) -> None:
     clf.ood_threshold = float(rule["ood_ratio"]) * float(clf.distance_scale)
 
 
-def calibrate(clf: AnatomyClassifier, held_real: list[Item], cal_phantoms: list[Item],
-              rule: dict[str, float] | None = None) -> dict[str, Any]:
+def calibrate(
+    clf: AnatomyClassifier, held_real: list[Item], cal_phantoms: list[Item], rule: dict[str, float] | None = None
+) -> dict[str, Any]:
     """Distance scale from held real series and calibration phantoms, then the thresholds of ``rule``
     (default `DEFAULT_RULE`; the shipped rule comes from `models.qc_evaluation.choose_rule`)."""
     stats = distance_scale(clf, held_real, cal_phantoms)
     rule = dict(rule or DEFAULT_RULE)
     apply_rule(clf, rule)
-    stats.update({"rule": rule, "contradiction_threshold": clf.contradiction_threshold,
-                  "plane_threshold": clf.plane_threshold, "support_threshold": clf.support_threshold,
-                  "ood_threshold": round(clf.ood_threshold, 4)})
+    stats.update(
+        {
+            "rule": rule,
+            "contradiction_threshold": clf.contradiction_threshold,
+            "plane_threshold": clf.plane_threshold,
+            "support_threshold": clf.support_threshold,
+            "ood_threshold": round(clf.ood_threshold, 4),
+        }
+    )
     return stats
 
 
@@ -459,10 +535,18 @@ class Recipe:
         return dict(self.__dict__)
 
 
-def train_anatomy(out_dir: Path | str, recipe: Recipe = Recipe(), *, realdata_root: Path | str | None = None,
-                  exclude_sources: Iterable[str] = (), threads: int = 2, workers: int = 1,
-                  log: Callable[[str], None] = print, real: list[Item] | None = None,
-                  save: bool = True) -> tuple[AnatomyClassifier, dict[str, Any]]:
+def train_anatomy(
+    out_dir: Path | str,
+    recipe: Recipe = Recipe(),
+    *,
+    realdata_root: Path | str | None = None,
+    exclude_sources: Iterable[str] = (),
+    threads: int = 2,
+    workers: int = 1,
+    log: Callable[[str], None] = print,
+    real: list[Item] | None = None,
+    save: bool = True,
+) -> tuple[AnatomyClassifier, dict[str, Any]]:
     """Train ``qc.anatomy`` (phantoms + synthetic other + real MRI unless ``recipe.realdata`` is False), calibrate
     it, and (``save``) write ``out_dir/model.pt`` + ``.sha256`` + ``train_summary.json``."""
     torch.set_num_threads(threads)
@@ -477,17 +561,35 @@ def train_anatomy(out_dir: Path | str, recipe: Recipe = Recipe(), *, realdata_ro
         if not real:
             from models.errors import DataSpecError
 
-            raise DataSpecError("no real MRI found (MSKNODE_REALDATA or ../shared/realdata); train with --realdata none "
-                                "for phantoms only")
+            raise DataSpecError(
+                "no real MRI found (MSKNODE_REALDATA or ../shared/realdata); train with --realdata none "
+                "for phantoms only"
+            )
     real = [it for it in (real or []) if it.source not in exclude]
     held = held_groups(real)
     train = training_items(real, ph, held)
-    train_real = train[len(ph):]
+    train_real = train[len(ph) :]
     held_real = [it for it in real if it.group in held]
-    log(json.dumps({"phantom_items": len(ph), "real_train_series": len(train_real), "real_held_series": len(held_real),
-                    "excluded_sources": sorted(exclude), "prepared_seconds": round(time.time() - t0, 1)}))
-    net, lines = fit_net(train, epochs=recipe.epochs, samples_per_epoch=recipe.samples_per_epoch, seed=recipe.seed,
-                         batch_size=recipe.batch_size, lr=recipe.lr, log=log)
+    log(
+        json.dumps(
+            {
+                "phantom_items": len(ph),
+                "real_train_series": len(train_real),
+                "real_held_series": len(held_real),
+                "excluded_sources": sorted(exclude),
+                "prepared_seconds": round(time.time() - t0, 1),
+            }
+        )
+    )
+    net, lines = fit_net(
+        train,
+        epochs=recipe.epochs,
+        samples_per_epoch=recipe.samples_per_epoch,
+        seed=recipe.seed,
+        batch_size=recipe.batch_size,
+        lr=recipe.lr,
+        log=log,
+    )
     clf = AnatomyClassifier(net=net, mean=np.zeros(1), precision=np.zeros(1), ood_threshold=0.0)
     fit_distance(clf, train)
     cal = calibrate(clf, held_real, cal_ph)
@@ -495,12 +597,19 @@ def train_anatomy(out_dir: Path | str, recipe: Recipe = Recipe(), *, realdata_ro
     for it in train_real:
         by_source.setdefault(it.source, {"series": 0, "slices": 0})
         by_source[it.source]["series"] += 1
-        by_source[it.source]["slices"] += int(len(it.train))
-    summary = {"version": "2", "recipe": recipe.as_dict(), "training_data": f"synthetic:{recipe.phantoms}:{recipe.seed}"
-               + (" + realdata" if recipe.realdata else ""), "excluded_sources": sorted(exclude),
-               "real_training_series": by_source, "real_held_series": len(held_real),
-               "held_groups": sorted(held), "calibration": cal, "train_log": lines,
-               "seconds": round(time.time() - t0, 1)}
+        by_source[it.source]["slices"] += len(it.train)
+    summary = {
+        "version": "2",
+        "recipe": recipe.as_dict(),
+        "training_data": f"synthetic:{recipe.phantoms}:{recipe.seed}" + (" + realdata" if recipe.realdata else ""),
+        "excluded_sources": sorted(exclude),
+        "real_training_series": by_source,
+        "real_held_series": len(held_real),
+        "held_groups": sorted(held),
+        "calibration": cal,
+        "train_log": lines,
+        "seconds": round(time.time() - t0, 1),
+    }
     clf.metadata = {k: summary[k] for k in ("version", "recipe", "training_data", "excluded_sources", "calibration")}
     clf.metadata["held_groups"] = sorted(held)
     log(json.dumps({"calibration": cal}))
@@ -517,8 +626,9 @@ def train_anatomy(out_dir: Path | str, recipe: Recipe = Recipe(), *, realdata_ro
 # the motion detector on real images
 
 
-def real_motion_items(items_series, seed: int, *, log: Callable[[str], None] | None = None
-                      ) -> list[tuple[np.ndarray, int]]:
+def real_motion_items(
+    items_series, seed: int, *, log: Callable[[str], None] | None = None
+) -> list[tuple[np.ndarray, int]]:
     """Motion-detector items from real series (`models.realdata.CorpusSeries`): each as it is (in spec), with
     in-spec ghosting (0.2-1.5 % of the field of view) and with heavy ghosting (3-9 %)."""
     out = []
@@ -537,10 +647,19 @@ def real_motion_items(items_series, seed: int, *, log: Callable[[str], None] | N
 MOTION_SERIES_PER_SOURCE = 120
 
 
-def train_motion_detector(path: Path | str, n: int, seed: int, *, held: set[str] | None = None,
-                          realdata_root: Path | str | None = None, exclude_sources: Iterable[str] = (),
-                          use_real: bool = True, threads: int = 2, workers: int = 1,
-                          log: Callable[[str], None] = print) -> Path:
+def train_motion_detector(
+    path: Path | str,
+    n: int,
+    seed: int,
+    *,
+    held: set[str] | None = None,
+    realdata_root: Path | str | None = None,
+    exclude_sources: Iterable[str] = (),
+    use_real: bool = True,
+    threads: int = 2,
+    workers: int = 1,
+    log: Callable[[str], None] = print,
+) -> Path:
     """Train the motion detector on N:SEED phantoms and (``use_real``) real series of the training groups, with
     and without added ghosting (at most MOTION_SERIES_PER_SOURCE per source); report it on the held groups."""
     from models.qc.motion_training import attach_motion_detector
@@ -549,8 +668,11 @@ def train_motion_detector(path: Path | str, n: int, seed: int, *, held: set[str]
     held = set(held or ())
     series = []
     if use_real:
-        series = [s for s in catalogue(realdata_root) if s.source not in set(exclude_sources)
-                  and "figure panel" not in s.notes]
+        series = [
+            s
+            for s in catalogue(realdata_root)
+            if s.source not in set(exclude_sources) and "figure panel" not in s.notes
+        ]
     rng = np.random.default_rng([seed, 31])
     train_s: list = []
     for src in sorted({s.source for s in series}):
@@ -570,20 +692,39 @@ def train_motion_detector(path: Path | str, n: int, seed: int, *, held: set[str]
         with torch.inference_mode():
             p = torch.sigmoid(net(x.reshape(-1, *x.shape[2:])).reshape(len(x), -1).mean(dim=1)).numpy()
         p = p.reshape(-1, 3)  # as is, in-spec ghosting, heavy ghosting
-        return {"motion_real_held_series": int(len(p)),
-                "motion_real_held_false_positive_rate": round(float((p[:, 0] > 0.5).mean()), 4),
-                "motion_real_held_in_spec_false_positive_rate": round(float((p[:, 1] > 0.5).mean()), 4),
-                "motion_real_held_heavy_recall": round(float((p[:, 2] > 0.5).mean()), 4)}
+        return {
+            "motion_real_held_series": len(p),
+            "motion_real_held_false_positive_rate": round(float((p[:, 0] > 0.5).mean()), 4),
+            "motion_real_held_in_spec_false_positive_rate": round(float((p[:, 1] > 0.5).mean()), 4),
+            "motion_real_held_heavy_recall": round(float((p[:, 2] > 0.5).mean()), 4),
+        }
 
     name = f"real series of the training groups ({len(train_s)}) as they are, with in-spec and heavy added ghosting"
-    return attach_motion_detector(Path(path), n, seed, threads=threads, workers=workers, log=log,
-                                  extra_items=extra, extra_name=name if train_s else "", extra_stats=held_stats,
-                                  cache=cache_root() / f"motion-phantoms-v1-{n}-{seed}.npz")
+    return attach_motion_detector(
+        Path(path),
+        n,
+        seed,
+        threads=threads,
+        workers=workers,
+        log=log,
+        extra_items=extra,
+        extra_name=name if train_s else "",
+        extra_stats=held_stats,
+        cache=cache_root() / f"motion-phantoms-v1-{n}-{seed}.npz",
+    )
 
 
-def set_loso_rule(out_dir: Path | str, clf: AnatomyClassifier, summary: dict[str, Any], recipe: Recipe, *,
-                  realdata_root: Path | str | None = None, threads: int = 2, workers: int = 1,
-                  log: Callable[[str], None] = print) -> tuple[AnatomyClassifier, dict[str, Any]]:
+def set_loso_rule(
+    out_dir: Path | str,
+    clf: AnatomyClassifier,
+    summary: dict[str, Any],
+    recipe: Recipe,
+    *,
+    realdata_root: Path | str | None = None,
+    threads: int = 2,
+    workers: int = 1,
+    log: Callable[[str], None] = print,
+) -> tuple[AnatomyClassifier, dict[str, Any]]:
     """Give the model the rule chosen leave-one-source-out (`models.qc_evaluation.loso_rule`: one model per real
     source, trained with the same recipe, cached) and save it again with its summary."""
     from models.qc_evaluation import loso_rule
@@ -591,9 +732,17 @@ def set_loso_rule(out_dir: Path | str, clf: AnatomyClassifier, summary: dict[str
     rule, info = loso_rule(realdata_root, recipe, threads=threads, workers=workers, log=log)
     apply_rule(clf, rule)
     cal = dict(summary.get("calibration", {}))
-    cal.update({"rule": rule, "rule_source": "leave-one-source-out", "rule_calibration": info["calibration"],
-                "contradiction_threshold": clf.contradiction_threshold, "plane_threshold": clf.plane_threshold,
-                "support_threshold": clf.support_threshold, "ood_threshold": round(clf.ood_threshold, 4)})
+    cal.update(
+        {
+            "rule": rule,
+            "rule_source": "leave-one-source-out",
+            "rule_calibration": info["calibration"],
+            "contradiction_threshold": clf.contradiction_threshold,
+            "plane_threshold": clf.plane_threshold,
+            "support_threshold": clf.support_threshold,
+            "ood_threshold": round(clf.ood_threshold, 4),
+        }
+    )
     summary["calibration"] = cal
     clf.metadata["calibration"] = cal
     out = Path(out_dir)

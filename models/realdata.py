@@ -38,9 +38,10 @@ import csv
 import os
 import re
 import warnings
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, cast
 
 import numpy as np
 
@@ -49,23 +50,43 @@ from models.transforms import PLANES
 from models.types import Volume
 
 QC_ANATOMIES = ("knee", "shoulder", "lumbar_spine")
-SOURCES = ("knee_stacks", "siemens_knee", "acl_slices", "shoulder_stacks", "lumbar_volumes", "spider",
-           "elbow_stacks", "hip_stacks", "mni152", "pydicom_mr")
+SOURCES = (
+    "knee_stacks",
+    "siemens_knee",
+    "acl_slices",
+    "shoulder_stacks",
+    "lumbar_volumes",
+    "spider",
+    "elbow_stacks",
+    "hip_stacks",
+    "mni152",
+    "pydicom_mr",
+)
 ENV = "MSKNODE_REALDATA"
 ASSUMED_FOV_MM = {"knee": 160.0, "shoulder": 170.0, "elbow": 140.0, "hip": 340.0}
 ASSUMED_SLICE_MM = 3.5
 # the teaching stacks: folder -> (plane, sequence); the direction of each stack is in the corpus manifest
 _STACK_PLANE = {"axial": "axial", "coronal": "coronal", "sagittal": "sagittal"}
-_FIGURE_PANELS = {"cuff-tear": ("coronal", "oblique coronal MR arthrogram (journal figure panel)"),
-                  "slap": ("axial", "axial fat-suppressed T1 MR arthrogram (journal figure panel)")}
+_FIGURE_PANELS = {
+    "cuff-tear": ("coronal", "oblique coronal MR arthrogram (journal figure panel)"),
+    "slap": ("axial", "axial fat-suppressed T1 MR arthrogram (journal figure panel)"),
+}
 # pydicom-data files, looked at before labelling (the MR2_* files are the same Philips shoulder image
 # in four encodings, emri_small* the same head volume; one of each is used)
 _PYDICOM = {
     "emri_small.dcm": ("brain", None, "pydicom:emri_small", "head (brain), 10-frame enhanced MR, 64 x 64 crop"),
-    "MR-SIEMENS-DICOM-WithOverlays.dcm": ("abdomen", "axial", "pydicom:abdomen",
-                                          "abdomen (liver, kidneys), Siemens, axial"),
-    "MR2_UNCR.dcm": ("shoulder", "coronal", "pydicom:mr2_shoulder",
-                     "shoulder, Philips, oblique coronal (StudyDescription SHOULDER)"),
+    "MR-SIEMENS-DICOM-WithOverlays.dcm": (
+        "abdomen",
+        "axial",
+        "pydicom:abdomen",
+        "abdomen (liver, kidneys), Siemens, axial",
+    ),
+    "MR2_UNCR.dcm": (
+        "shoulder",
+        "coronal",
+        "pydicom:mr2_shoulder",
+        "shoulder, Philips, oblique coronal (StudyDescription SHOULDER)",
+    ),
 }
 
 
@@ -113,8 +134,17 @@ class CorpusSeries:
 # volumes
 
 
-def image_volume(slices: np.ndarray, plane: str, *, pixel_mm: float, slice_mm: float, uid: str, body_part: str | None,
-                 description: str, attributes: dict[str, Any] | None = None) -> Volume:
+def image_volume(
+    slices: np.ndarray,
+    plane: str,
+    *,
+    pixel_mm: float,
+    slice_mm: float,
+    uid: str,
+    body_part: str | None,
+    description: str,
+    attributes: dict[str, Any] | None = None,
+) -> Volume:
     """(n, rows, cols) images already in the display layout of ``plane`` -> a `Volume` with the canonical
     direction cosines of that plane (rows head->feet / anterior->posterior, as a radiology viewer shows them)."""
     a = np.asarray(slices, np.float32)
@@ -123,10 +153,19 @@ def image_volume(slices: np.ndarray, plane: str, *, pixel_mm: float, slice_mm: f
     row, col = PLANES[plane]
     normal = np.cross(row, col)
     positions = np.array([normal * slice_mm * k for k in range(a.shape[0])], float)
-    return Volume(array=a, spacing=(float(slice_mm), float(pixel_mm), float(pixel_mm)), positions=positions,
-                  row_cosine=row, col_cosine=col, study_uid=f"realdata.{uid}", series_uid=f"realdata.{uid}",
-                  modality="MR", body_part=body_part, series_description=description,
-                  attributes=dict(attributes or {}))
+    return Volume(
+        array=a,
+        spacing=(float(slice_mm), float(pixel_mm), float(pixel_mm)),
+        positions=positions,
+        row_cosine=row,
+        col_cosine=col,
+        study_uid=f"realdata.{uid}",
+        series_uid=f"realdata.{uid}",
+        modality="MR",
+        body_part=body_part,
+        series_description=description,
+        attributes=dict(attributes or {}),
+    )
 
 
 def _gray(path: Path) -> np.ndarray:
@@ -141,8 +180,15 @@ def _trailing_number(p: Path) -> int:
     return int(m.group(1)) if m else 0
 
 
-_BODY_PART = {"knee": "KNEE", "shoulder": "SHOULDER", "lumbar_spine": "LSPINE", "elbow": "ELBOW", "hip": "HIP",
-              "brain": "HEAD", "abdomen": "ABDOMEN"}
+_BODY_PART = {
+    "knee": "KNEE",
+    "shoulder": "SHOULDER",
+    "lumbar_spine": "LSPINE",
+    "elbow": "ELBOW",
+    "hip": "HIP",
+    "brain": "HEAD",
+    "abdomen": "ABDOMEN",
+}
 
 
 def _load_stack(s: CorpusSeries) -> Volume:
@@ -152,9 +198,16 @@ def _load_stack(s: CorpusSeries) -> Volume:
     w = min(i.shape[1] for i in imgs)
     arr = np.stack([i[:h, :w] for i in imgs])
     fov = ASSUMED_FOV_MM.get(s.anatomy, 160.0)
-    return image_volume(arr, s.plane, pixel_mm=fov / max(h, w), slice_mm=ASSUMED_SLICE_MM, uid=s.key,
-                        body_part=_BODY_PART.get(s.anatomy), description=s.description,
-                        attributes={"assumed_spacing": True, "screen_export": True, "realdata_key": s.key})
+    return image_volume(
+        arr,
+        s.plane,
+        pixel_mm=fov / max(h, w),
+        slice_mm=ASSUMED_SLICE_MM,
+        uid=s.key,
+        body_part=_BODY_PART.get(s.anatomy),
+        description=s.description,
+        attributes={"assumed_spacing": True, "screen_export": True, "realdata_key": s.key},
+    )
 
 
 def _load_slice(s: CorpusSeries) -> Volume:
@@ -165,9 +218,16 @@ def _load_slice(s: CorpusSeries) -> Volume:
         img = img[::-1]  # stored upside down (sacrum at the top)
     fov = float(s.extra.get("fov_mm") or 160.0)
     pixel = float(s.extra.get("pixel_mm") or fov / max(img.shape))
-    return image_volume(img, s.plane, pixel_mm=pixel, slice_mm=ASSUMED_SLICE_MM, uid=s.key,
-                        body_part=_BODY_PART.get(s.anatomy), description=s.description,
-                        attributes={"assumed_spacing": "pixel_mm" not in s.extra, "realdata_key": s.key})
+    return image_volume(
+        img,
+        s.plane,
+        pixel_mm=pixel,
+        slice_mm=ASSUMED_SLICE_MM,
+        uid=s.key,
+        body_part=_BODY_PART.get(s.anatomy),
+        description=s.description,
+        attributes={"assumed_spacing": "pixel_mm" not in s.extra, "realdata_key": s.key},
+    )
 
 
 def _load_dicom(s: CorpusSeries) -> Volume:
@@ -183,8 +243,16 @@ def _load_dicom(s: CorpusSeries) -> Volume:
 def _load_npz(s: CorpusSeries) -> Volume:
     arr = np.load(s.path)["I"]  # I[row, col, k]: row 0 superior, col 0 anterior, k left-right; 1 mm
     a = np.ascontiguousarray(np.transpose(arr, (2, 0, 1)), dtype=np.float32)
-    return image_volume(a, "sagittal", pixel_mm=1.0, slice_mm=1.0, uid=s.key, body_part="LSPINE",
-                        description=s.description, attributes={"realdata_key": s.key})
+    return image_volume(
+        a,
+        "sagittal",
+        pixel_mm=1.0,
+        slice_mm=1.0,
+        uid=s.key,
+        body_part="LSPINE",
+        description=s.description,
+        attributes={"realdata_key": s.key},
+    )
 
 
 def mni152_path() -> Path | None:
@@ -202,7 +270,9 @@ def mni_slices(plane: str, step: int = 3) -> np.ndarray:
     path = mni152_path()
     if path is None:
         raise DataSpecError("nilearn's MNI152 template is not installed")
-    d = np.asarray(nib.load(str(path)).dataobj, np.float32)  # (x: left->right, y: posterior->anterior, z: up)
+    d = np.asarray(
+        cast(nib.Nifti1Image, nib.load(str(path))).dataobj, np.float32
+    )  # (x: left->right, y: posterior->anterior, z: up)
     if plane == "sagittal":  # slices along x; rows head->feet (z down), cols anterior->posterior (y down)
         a = d.transpose(0, 2, 1)[:, ::-1, ::-1]
     elif plane == "coronal":  # slices along y; rows z down, cols patient right->left (x down)
@@ -216,8 +286,16 @@ def mni_slices(plane: str, step: int = 3) -> np.ndarray:
 
 def _load_nifti(s: CorpusSeries) -> Volume:
     step = 3
-    return image_volume(mni_slices(s.plane, step), s.plane, pixel_mm=1.0, slice_mm=float(step), uid=s.key,
-                        body_part="HEAD", description=s.description, attributes={"realdata_key": s.key})
+    return image_volume(
+        mni_slices(s.plane, step),
+        s.plane,
+        pixel_mm=1.0,
+        slice_mm=float(step),
+        uid=s.key,
+        body_part="HEAD",
+        description=s.description,
+        attributes={"realdata_key": s.key},
+    )
 
 
 _LOADERS = {"stack": _load_stack, "slice": _load_slice, "dicom": _load_dicom, "npz": _load_npz, "nifti": _load_nifti}
@@ -228,7 +306,7 @@ _LOADERS = {"stack": _load_stack, "slice": _load_slice, "dicom": _load_dicom, "n
 
 
 def _stacks(root: Path, folder: str, source: str, anatomy_filter: str | None = None) -> list[CorpusSeries]:
-    out = []
+    out: list[CorpusSeries] = []
     base = root / folder / "teaching_stacks"
     if not base.is_dir():
         return out
@@ -242,28 +320,49 @@ def _stacks(root: Path, folder: str, source: str, anatomy_filter: str | None = N
             m = re.match(r"normal-([a-z]+)-([a-z]+)", name)
             if not m:
                 continue
-            anatomy, plane = m.group(1), _STACK_PLANE.get(m.group(2))
-            if plane is None:
+            stack_plane = _STACK_PLANE.get(m.group(2))
+            if stack_plane is None:
                 continue
+            anatomy, plane = m.group(1), stack_plane
             desc = name.replace("-", " ")
             group, notes = f"teaching:{anatomy}", "screen export (orientation letters, counter, scroll bar)"
         if anatomy_filter and anatomy != anatomy_filter:
             continue
-        out.append(CorpusSeries(source=source, key=f"{source}/{name}", group=group, anatomy=anatomy, plane=plane,
-                              description=desc, kind="stack", path=str(d), notes=notes))
+        out.append(
+            CorpusSeries(
+                source=source,
+                key=f"{source}/{name}",
+                group=group,
+                anatomy=anatomy,
+                plane=plane,
+                description=desc,
+                kind="stack",
+                path=str(d),
+                notes=notes,
+            )
+        )
     return out
 
 
 def _acl(root: Path) -> list[CorpusSeries]:
     base = root / "knee" / "acl_tear_slices"
-    out = []
+    out: list[CorpusSeries] = []
     if not base.is_dir():
         return out
     for d in sorted((p for p in base.iterdir() if p.is_dir() and p.name.isdigit()), key=lambda p: int(p.name)):
         if (d / "img.png").is_file():
-            out.append(CorpusSeries(source="acl_slices", key=f"acl_slices/{d.name}", group=f"acl:{d.name}",
-                                  anatomy="knee", plane="sagittal", description="sagittal knee slice (ACL tear)",
-                                  kind="slice", path=str(d / "img.png")))
+            out.append(
+                CorpusSeries(
+                    source="acl_slices",
+                    key=f"acl_slices/{d.name}",
+                    group=f"acl:{d.name}",
+                    anatomy="knee",
+                    plane="sagittal",
+                    description="sagittal knee slice (ACL tear)",
+                    kind="slice",
+                    path=str(d / "img.png"),
+                )
+            )
     return out
 
 
@@ -271,9 +370,18 @@ def _siemens(root: Path) -> list[CorpusSeries]:
     d = root / "knee" / "siemens_sagittal_dicom"
     if not d.is_dir():
         return []
-    return [CorpusSeries(source="siemens_knee", key="siemens_knee/sagittal", group="siemens_knee", anatomy="knee",
-                       plane="sagittal", description="Siemens Prisma 3 T sagittal PD FS TSE, left knee", kind="dicom",
-                       path=str(d))]
+    return [
+        CorpusSeries(
+            source="siemens_knee",
+            key="siemens_knee/sagittal",
+            group="siemens_knee",
+            anatomy="knee",
+            plane="sagittal",
+            description="Siemens Prisma 3 T sagittal PD FS TSE, left knee",
+            kind="dicom",
+            path=str(d),
+        )
+    ]
 
 
 def _lumbar(root: Path) -> list[CorpusSeries]:
@@ -281,10 +389,18 @@ def _lumbar(root: Path) -> list[CorpusSeries]:
     out = []
     for p in sorted(base.glob("VB*/*.npz")):
         key = f"{p.parent.name}/{p.stem}"
-        out.append(CorpusSeries(source="lumbar_volumes", key=f"lumbar_volumes/{key}", group=f"lumbar:{key}",
-                              anatomy="lumbar_spine", plane="sagittal",
-                              description=f"sagittal lumbar spine volume {key} (1 mm isotropic)", kind="npz",
-                              path=str(p)))
+        out.append(
+            CorpusSeries(
+                source="lumbar_volumes",
+                key=f"lumbar_volumes/{key}",
+                group=f"lumbar:{key}",
+                anatomy="lumbar_spine",
+                plane="sagittal",
+                description=f"sagittal lumbar spine volume {key} (1 mm isotropic)",
+                kind="npz",
+                path=str(p),
+            )
+        )
     return out
 
 
@@ -303,10 +419,19 @@ def _spider(root: Path) -> list[CorpusSeries]:
     for p in sorted((base / "midsagittal_images").glob("*.png"), key=lambda p: (int(p.stem.split("_")[0]), p.stem)):
         patient = p.stem.split("_")[0]
         extra = {"header_pixel_mm": spacing[p.stem]} if p.stem in spacing else {}
-        out.append(CorpusSeries(source="spider", key=f"spider/{p.stem}", group=f"spider:{patient}",
-                              anatomy="lumbar_spine", plane="sagittal",
-                              description=f"SPIDER mid-sagittal {p.stem.split('_', 1)[1]}", kind="slice", path=str(p),
-                              extra={**extra, "fov_mm": 300.0}))
+        out.append(
+            CorpusSeries(
+                source="spider",
+                key=f"spider/{p.stem}",
+                group=f"spider:{patient}",
+                anatomy="lumbar_spine",
+                plane="sagittal",
+                description=f"SPIDER mid-sagittal {p.stem.split('_', 1)[1]}",
+                kind="slice",
+                path=str(p),
+                extra={**extra, "fov_mm": 300.0},
+            )
+        )
     return out
 
 
@@ -314,9 +439,19 @@ def _mni() -> list[CorpusSeries]:
     p = mni152_path()
     if p is None:
         return []
-    return [CorpusSeries(source="mni152", key=f"mni152/{plane}", group="mni152", anatomy="brain", plane=plane,
-                       description=f"MNI152 T1 template, {plane}", kind="nifti", path=str(p))
-            for plane in ("sagittal", "coronal", "axial")]
+    return [
+        CorpusSeries(
+            source="mni152",
+            key=f"mni152/{plane}",
+            group="mni152",
+            anatomy="brain",
+            plane=plane,
+            description=f"MNI152 T1 template, {plane}",
+            kind="nifti",
+            path=str(p),
+        )
+        for plane in ("sagittal", "coronal", "axial")
+    ]
 
 
 def _pydicom() -> list[CorpusSeries]:
@@ -330,13 +465,23 @@ def _pydicom() -> list[CorpusSeries]:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 path = get_testdata_file(name)
-        except Exception:  # noqa: BLE001 - pydicom-data not installed / not downloadable
+        except Exception:  # pydicom-data not installed / not downloadable
             path = None
         if not path:
             continue
-        out.append(CorpusSeries(source="pydicom_mr", key=f"pydicom_mr/{Path(name).stem}", group=group, anatomy=anatomy,
-                              plane=plane or "sagittal", description=desc, kind="dicom", path=str(path),
-                              notes="" if plane else "no plane geometry in the file; shown as stored"))
+        out.append(
+            CorpusSeries(
+                source="pydicom_mr",
+                key=f"pydicom_mr/{Path(name).stem}",
+                group=group,
+                anatomy=anatomy,
+                plane=plane or "sagittal",
+                description=desc,
+                kind="dicom",
+                path=str(path),
+                notes="" if plane else "no plane geometry in the file; shown as stored",
+            )
+        )
     return out
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import warnings
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import pydicom
@@ -36,8 +37,17 @@ def gate():
     return g
 
 
-def write_mr_series(array: np.ndarray, spacing, out: Path, *, row=SAG_ROW, col=SAG_COL, body_part="KNEE",
-                    description="SAG PD FS", image_type=("ORIGINAL", "PRIMARY", "M", "ND")) -> list[Path]:
+def write_mr_series(
+    array: np.ndarray,
+    spacing,
+    out: Path,
+    *,
+    row=SAG_ROW,
+    col=SAG_COL,
+    body_part="KNEE",
+    description="SAG PD FS",
+    image_type=("ORIGINAL", "PRIMARY", "M", "ND"),
+) -> list[Path]:
     """(slices, rows, cols) array -> one MR Image Storage file per slice, slices along cross(row, col)."""
     a = np.asarray(array, np.float64)
     a = a - min(0.0, float(a.min()))
@@ -76,7 +86,7 @@ def mni_brain_as_sagittal() -> tuple[np.ndarray, tuple[float, float, float]]:
     import nilearn
 
     path = next((Path(nilearn.__file__).parent / "datasets" / "data").glob("mni_icbm152_t1_*.nii*"))
-    img = nib.load(str(path))
+    img = cast(nib.Nifti1Image, nib.load(str(path)))  # a .nii.gz file
     data = np.asarray(img.dataobj, np.float32)  # RAS voxel axes (x, y, z), 1 mm
     centre = data.shape[0] // 2
     xs = centre + 4 * (np.arange(28) - 14)
@@ -89,7 +99,9 @@ def _vendor_2d_as_stack(name: str, n: int = 24) -> np.ndarray:
     """A single real vendor MR slice made into n slices (small shifts, slight intensity change)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        img = pydicom.dcmread(get_testdata_file(name)).pixel_array.astype(np.float32)
+        path = get_testdata_file(name)
+        assert isinstance(path, str), name
+        img = pydicom.dcmread(path).pixel_array.astype(np.float32)
     rng = np.random.default_rng(0)
     out = []
     for k in range(n):
@@ -115,11 +127,14 @@ def test_mni_brain_mislabelled_knee_is_refused(tmp_path, gate):
     assert "KNEE" in qc.message or qc.reason == "out_of_distribution"
 
 
-@pytest.mark.parametrize("name, spacing", [
-    ("MR-SIEMENS-DICOM-WithOverlays.dcm", (4.0, 0.45, 0.45)),  # abdomen, axial slice (header FOV of a knee)
-    ("examples_overlay.dcm", (4.0, 0.7231, 0.7231)),  # abdomen (cropped)
-    ("MR2_UNCR.dcm", (4.0, 0.1953, 0.1953)),  # a real shoulder (oblique coronal)
-])
+@pytest.mark.parametrize(
+    "name, spacing",
+    [
+        ("MR-SIEMENS-DICOM-WithOverlays.dcm", (4.0, 0.45, 0.45)),  # abdomen, axial slice (header FOV of a knee)
+        ("examples_overlay.dcm", (4.0, 0.7231, 0.7231)),  # abdomen (cropped)
+        ("MR2_UNCR.dcm", (4.0, 0.1953, 0.1953)),  # a real shoulder (oblique coronal)
+    ],
+)
 def test_pydicom_mr_of_other_body_parts_mislabelled_knee_is_refused(tmp_path, gate, name, spacing):
     arr = _vendor_2d_as_stack(name)
     if name == "MR2_UNCR.dcm":  # 1024 x 1024 at 0.195 mm = 200 mm FOV; keep the FOV, halve the matrix twice
@@ -141,8 +156,10 @@ def _relabel_as_sagittal_knee(ph):
     return dataclasses.replace(ph, volume=vol)
 
 
-@pytest.mark.parametrize("anatomy, seed", [("shoulder", 9_500_001), ("lumbar_spine", 9_500_002),
-                                           ("shoulder", 9_500_003), ("lumbar_spine", 9_500_004)])
+@pytest.mark.parametrize(
+    "anatomy, seed",
+    [("shoulder", 9_500_001), ("lumbar_spine", 9_500_002), ("shoulder", 9_500_003), ("lumbar_spine", 9_500_004)],
+)
 def test_phantoms_of_other_anatomies_labelled_knee_are_refused(tmp_path, gate, anatomy, seed):
     ph = _relabel_as_sagittal_knee(generate(anatomy, seed, matrix=160))
     files = write_dicom_series(ph, tmp_path / anatomy, series_description="SAG PD FS", body_part="KNEE")
@@ -175,9 +192,11 @@ def test_pixel_plane_contradicts_the_header_only_when_very_confident(gate):
     classifier's calibrated confidence, is accepted; a confident wrong anatomy is refused, an unsure one not."""
     probs = dict.fromkeys(gate.anatomy.classes, 0.0)
     probs.update({"knee/sagittal": 0.2, "knee/axial": 0.75, "shoulder/coronal": 0.05})
-    pred = {"probabilities": probs, "anatomy_probabilities": {"knee": 0.95, "shoulder": 0.05, "lumbar_spine": 0.0,
-                                                             "other": 0.0},
-            "anatomy_distances": {"knee": 0.0, "shoulder": 9.0, "lumbar_spine": 9.0, "other": 9.0}}
+    pred = {
+        "probabilities": probs,
+        "anatomy_probabilities": {"knee": 0.95, "shoulder": 0.05, "lumbar_spine": 0.0, "other": 0.0},
+        "anatomy_distances": {"knee": 0.0, "shoulder": 9.0, "lumbar_spine": 9.0, "other": 9.0},
+    }
     assert gate.judge(pred, "knee", "sagittal").accepted
     probs.update({"knee/sagittal": 0.01, "knee/axial": 0.94})
     v = gate.judge(pred, "knee", "sagittal", model="knee.acl")
@@ -189,8 +208,15 @@ def test_pixel_plane_contradicts_the_header_only_when_very_confident(gate):
     sure = dict(pred, anatomy_probabilities={"knee": 0.04, "shoulder": 0.96, "lumbar_spine": 0.0, "other": 0.0})
     v = gate.judge(sure, "knee", "sagittal", model="knee.acl", body_part="KNEE")
     assert v.reason == "wrong_anatomy" and "shoulder" in v.message and "header says KNEE" in v.message
-    far = dict(pred, anatomy_distances={"knee": gate.anatomy.ood_threshold + 1.0, "shoulder": 0.0,
-                                        "lumbar_spine": 0.0, "other": 0.0})
+    far = dict(
+        pred,
+        anatomy_distances={
+            "knee": gate.anatomy.ood_threshold + 1.0,
+            "shoulder": 0.0,
+            "lumbar_spine": 0.0,
+            "other": 0.0,
+        },
+    )
     far["probabilities"] = dict(probs, **{"knee/sagittal": 0.95, "knee/axial": 0.0})
     assert gate.judge(far, "knee", "sagittal").reason == "out_of_distribution"
 
@@ -198,8 +224,15 @@ def test_pixel_plane_contradicts_the_header_only_when_very_confident(gate):
 def test_predict_reports_anatomy_marginals_for_routing(gate):
     """What routing asks of a series without header anatomy: the label and the marginal per anatomy."""
     pred = gate.anatomy.predict(generate("knee", 9_600_400).volume)
-    assert {"label", "probability", "probabilities", "distance", "min_distance", "motion_probability",
-            "anatomy_probabilities"} <= set(pred)
+    assert {
+        "label",
+        "probability",
+        "probabilities",
+        "distance",
+        "min_distance",
+        "motion_probability",
+        "anatomy_probabilities",
+    } <= set(pred)
     marg = pred["anatomy_probabilities"]
     assert set(marg) == {"knee", "shoulder", "lumbar_spine", "other"}
     assert abs(sum(marg.values()) - 1.0) < 1e-5 and abs(sum(pred["probabilities"].values()) - 1.0) < 1e-5

@@ -31,7 +31,8 @@ from models.tasks import TASKS
 
 ROOT = realdata_root()
 pytestmark = pytest.mark.skipif(
-    ROOT is None, reason="real MRI corpus absent (../shared/realdata beside the checkout or $MSKNODE_REALDATA)")
+    ROOT is None, reason="real MRI corpus absent (../shared/realdata beside the checkout or $MSKNODE_REALDATA)"
+)
 
 KNEE_MODELS = ("knee.acl", "knee.meniscus")
 OTHER_SOURCES = ("mni152", "hip_stacks", "elbow_stacks")
@@ -61,8 +62,9 @@ def _accepted(qc) -> bool:
     return bool(qc.accepted)
 
 
-@pytest.mark.parametrize("key", ["knee_stacks/normal-knee-sagittal", "knee_stacks/normal-knee-sagittal-t1",
-                                 "siemens_knee/sagittal"])
+@pytest.mark.parametrize(
+    "key", ["knee_stacks/normal-knee-sagittal", "knee_stacks/normal-knee-sagittal-t1", "siemens_knee/sagittal"]
+)
 @pytest.mark.parametrize("model", KNEE_MODELS)
 def test_real_sagittal_knees_pass_the_knee_gates(gate, corpus, key, model):
     vol = corpus[key].volume()
@@ -170,8 +172,10 @@ def test_pydicom_mr_of_other_body_parts_is_refused_and_its_shoulder_accepted(gat
 
 
 def test_cervical_spine():
-    pytest.skip("no real cervical spine MRI in the corpus; a crop of the lumbar volumes or of the brain template "
-                "would not be one, so the cervical refusal is not tested on real data")
+    pytest.skip(
+        "no real cervical spine MRI in the corpus; a crop of the lumbar volumes or of the brain template "
+        "would not be one, so the cervical refusal is not tested on real data"
+    )
 
 
 def test_overlay_band_is_invisible_to_the_classifier(corpus):
@@ -183,8 +187,8 @@ def test_overlay_band_is_invisible_to_the_classifier(corpus):
     a = vol.array.copy()
     h, w = a.shape[1:]
     rng = np.random.default_rng(0)
-    t, b, l, r = (int(np.ceil(f * n)) for f, n in zip(MASK_BAND, (h, h, w, w)))
-    for sl in (np.s_[:, :t, :], np.s_[:, h - b:, :], np.s_[:, :, :l], np.s_[:, :, w - r:]):
+    t, b, left, right = (int(np.ceil(f * n)) for f, n in zip(MASK_BAND, (h, h, w, w)))
+    for sl in (np.s_[:, :t, :], np.s_[:, h - b :, :], np.s_[:, :, :left], np.s_[:, :, w - right :]):
         a[sl] = rng.uniform(0, 255, a[sl].shape)
     scribbled = dataclasses.replace(vol, array=a)
     x0, x1 = anatomy_input(vol, "sagittal"), anatomy_input(scribbled, "sagittal")
@@ -209,9 +213,14 @@ def test_corpus_orientation_fixes(corpus):
 
 def test_cli_evaluate_realdata_reports_rates_per_anatomy_and_source():
     env = dict(os.environ, MSKNODE_REALDATA=str(ROOT))
-    r = subprocess.run([sys.executable, "-m", "node.cli", "evaluate", "qc.anatomy", "--data", "realdata:auto",
-                        "--json"], capture_output=True, text=True, timeout=600, env=env,
-                       cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    r = subprocess.run(
+        [sys.executable, "-m", "node.cli", "evaluate", "qc.anatomy", "--data", "realdata:auto", "--json"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     out = json.loads(r.stdout)
     assert set(out["accepted_rate"]) == {"knee", "shoulder", "lumbar_spine"}

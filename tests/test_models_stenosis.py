@@ -76,8 +76,12 @@ def test_qc_refuses_other_anatomy_from_pixels_even_when_tagged_lspine(registry):
     # a knee's field of view (~150 mm) alone is outside the spine's geometry range: widen its pixels to a
     # spine-sized 260 mm field so that only the pixels can tell it is not a lumbar spine
     scale = 260.0 / (max(knee.shape[1:]) * max(knee.spacing[1:]))
-    knee = dataclasses.replace(knee, spacing=(knee.spacing[0], knee.spacing[1] * scale, knee.spacing[2] * scale),
-                               body_part="LSPINE", series_description="SAG T2 TSE")
+    knee = dataclasses.replace(
+        knee,
+        spacing=(knee.spacing[0], knee.spacing[1] * scale, knee.spacing[2] * scale),
+        body_part="LSPINE",
+        series_description="SAG T2 TSE",
+    )
     out = model.predict(knee)
     assert not out.qc.accepted and out.qc.reason in ("wrong_anatomy", "out_of_distribution"), out.qc
     assert out.findings == []

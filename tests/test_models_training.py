@@ -155,8 +155,23 @@ def test_cli_trains_qc_anatomy_with_its_motion_detector(tmp_path):
     from support.env import ROOT
 
     out = tmp_path / "qc"
-    cmd = [sys.executable, "-m", "node.cli", "train", "qc.anatomy", "--data", "synthetic:36:9900000", "--epochs", "1",
-           "--realdata", "none", "--motion", "24:9900100", "--out", str(out)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "node.cli",
+        "train",
+        "qc.anatomy",
+        "--data",
+        "synthetic:36:9900000",
+        "--epochs",
+        "1",
+        "--realdata",
+        "none",
+        "--motion",
+        "24:9900100",
+        "--out",
+        str(out),
+    ]
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     path = out / "model.pt"
@@ -164,8 +179,13 @@ def test_cli_trains_qc_anatomy_with_its_motion_detector(tmp_path):
     assert clf.motion_net is not None and clf.sha256 == sha256_of(path)
     summary = json.loads((out / "train_summary.json").read_text())
     assert summary["weights_sha256"] == sha256_of(path) and summary["motion_training_data"] == "motion:24:9900100"
-    bad = subprocess.run(cmd[:-4] + ["--motion", "lots", "--out", str(tmp_path / "x")], cwd=ROOT, capture_output=True,
-                         text=True, timeout=120)
+    bad = subprocess.run(
+        cmd[:-4] + ["--motion", "lots", "--out", str(tmp_path / "x")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert bad.returncode != 0 and "--motion" in bad.stderr
 
 
@@ -178,14 +198,16 @@ def _line_items(n: int, seed: int) -> list[dict]:
         img = rng.normal(0.3, 0.05, (2, 16, 40, 64)).astype(np.float32)
         les = np.zeros((1, 16, 40, 64), np.float32)
         k, j, c = rng.integers(2, 14), rng.integers(4, 36), rng.integers(4, 50)
-        img[0, k - 1:k + 2, j - 1:j + 2, c - 1:c + 2] += 0.6  # a distractor in every item
+        img[0, k - 1 : k + 2, j - 1 : j + 2, c - 1 : c + 2] += 0.6  # a distractor in every item
         if i % 2:
             k, j, c = rng.integers(2, 14), rng.integers(4, 36), rng.integers(4, 50)
-            img[0, k, j, c:c + 8] += 0.5
-            les[0, k, j, c:c + 8] = 1.0
+            img[0, k, j, c : c + 8] += 0.5
+            les[0, k, j, c : c + 8] = 1.0
         allowed = np.zeros((1, 3), bool)
         allowed[0, 1 if i % 2 else 0] = True
-        items.append({"image": img.astype(np.float16), "lesion": les.astype(np.float16), "allowed": allowed, "key": str(i)})
+        items.append(
+            {"image": img.astype(np.float16), "lesion": les.astype(np.float16), "allowed": allowed, "key": str(i)}
+        )
     return items
 
 

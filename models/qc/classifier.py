@@ -65,11 +65,16 @@ class AnatomyClassifier:
         anat_p["other"] = float(p[self.classes.index("other")])
         anat_d = {a: float(min(d[i] for i, c in enumerate(self.classes) if c.startswith(a + "/"))) for a in ANATOMIES}
         anat_d["other"] = float(d[self.classes.index("other")])
-        return {"label": self.classes[k], "probability": float(p[k]),
-                "probabilities": {c: float(v) for c, v in zip(self.classes, p)},
-                "anatomy_probabilities": anat_p, "distance": float(d[k]),
-                "min_distance": float(min(d[i] for i, c in enumerate(self.classes) if c != "other")),
-                "anatomy_distances": anat_d, "slices": int(len(x))}
+        return {
+            "label": self.classes[k],
+            "probability": float(p[k]),
+            "probabilities": {c: float(v) for c, v in zip(self.classes, p)},
+            "anatomy_probabilities": anat_p,
+            "distance": float(d[k]),
+            "min_distance": float(min(d[i] for i, c in enumerate(self.classes) if c != "other")),
+            "anatomy_distances": anat_d,
+            "slices": len(x),
+        }
 
     def predict(self, volume: Volume, plane: str | None = None) -> dict[str, Any]:
         """Anatomy/plane of a series from its pixels. ``plane``: the canonical layout to read it in (the
@@ -85,18 +90,30 @@ class AnatomyClassifier:
         return np.sqrt(np.maximum(np.einsum("kd,de,ke->k", diff, self.precision, diff), 0.0))
 
     def state(self) -> dict[str, Any]:
-        return {"format": self.FORMAT, "classes": list(self.classes),
-                "state_dict": {k: v.detach().clone() for k, v in self.net.state_dict().items()},
-                "mean": torch.as_tensor(self.mean, dtype=torch.float32),
-                "precision": torch.as_tensor(self.precision, dtype=torch.float32),
-                "ood_threshold": float(self.ood_threshold),
-                "contradiction_threshold": float(self.contradiction_threshold),
-                "plane_threshold": float(self.plane_threshold), "support_threshold": float(self.support_threshold),
-                "distance_scale": float(self.distance_scale), "metadata": dict(self.metadata),
-                "input": {"grid": SLICE_GRID, "slices": INFER_SLICES, "span": list(INFER_SPAN),
-                          "mask_band": list(MASK_BAND)},
-                **({"motion_state_dict": {k: v.detach().clone() for k, v in self.motion_net.state_dict().items()}}
-                   if self.motion_net is not None else {})}
+        return {
+            "format": self.FORMAT,
+            "classes": list(self.classes),
+            "state_dict": {k: v.detach().clone() for k, v in self.net.state_dict().items()},
+            "mean": torch.as_tensor(self.mean, dtype=torch.float32),
+            "precision": torch.as_tensor(self.precision, dtype=torch.float32),
+            "ood_threshold": float(self.ood_threshold),
+            "contradiction_threshold": float(self.contradiction_threshold),
+            "plane_threshold": float(self.plane_threshold),
+            "support_threshold": float(self.support_threshold),
+            "distance_scale": float(self.distance_scale),
+            "metadata": dict(self.metadata),
+            "input": {
+                "grid": SLICE_GRID,
+                "slices": INFER_SLICES,
+                "span": list(INFER_SPAN),
+                "mask_band": list(MASK_BAND),
+            },
+            **(
+                {"motion_state_dict": {k: v.detach().clone() for k, v in self.motion_net.state_dict().items()}}
+                if self.motion_net is not None
+                else {}
+            ),
+        }
 
     def save(self, path: Path) -> str:
         """Write the checkpoint and ``path.sha256`` (atomically, `models.protocol`); returns the hash."""
@@ -126,15 +143,24 @@ class AnatomyClassifier:
             motion = MotionNet()
             motion.load_state_dict(ck["motion_state_dict"])
             motion.eval()
-        return cls(net=net, mean=ck["mean"].double().numpy(), precision=ck["precision"].double().numpy(),
-                   ood_threshold=float(ck["ood_threshold"]), sha256=ckpt.sha256,
-                   metadata=dict(ck.get("metadata", {})),
-                   motion_net=motion, contradiction_threshold=float(ck.get("contradiction_threshold", 0.8)),
-                   plane_threshold=float(ck.get("plane_threshold", 0.9)),
-                   support_threshold=float(ck.get("support_threshold", 0.0)),
-                   distance_scale=float(ck.get("distance_scale", 1.0)))
+        return cls(
+            net=net,
+            mean=ck["mean"].double().numpy(),
+            precision=ck["precision"].double().numpy(),
+            ood_threshold=float(ck["ood_threshold"]),
+            sha256=ckpt.sha256,
+            metadata=dict(ck.get("metadata", {})),
+            motion_net=motion,
+            contradiction_threshold=float(ck.get("contradiction_threshold", 0.8)),
+            plane_threshold=float(ck.get("plane_threshold", 0.9)),
+            support_threshold=float(ck.get("support_threshold", 0.0)),
+            distance_scale=float(ck.get("distance_scale", 1.0)),
+        )
 
-    def thresholds(self) -> "Thresholds":
-        return Thresholds(contradiction=self.contradiction_threshold, plane=self.plane_threshold,
-                          support=self.support_threshold, ood=self.ood_threshold)
-
+    def thresholds(self) -> Thresholds:
+        return Thresholds(
+            contradiction=self.contradiction_threshold,
+            plane=self.plane_threshold,
+            support=self.support_threshold,
+            ood=self.ood_threshold,
+        )

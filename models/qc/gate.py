@@ -46,7 +46,7 @@ def noise_sigma(array: np.ndarray) -> float:
     a = np.asarray(array, np.float32)
     k = np.array([[1, -2, 1], [-2, 4, -2], [1, -2, 1]], np.float32)
     n = a.shape[0]
-    picks = sorted({int(round(v)) for v in np.linspace(0, n - 1, min(n, 6))})
+    picks = sorted({round(v) for v in np.linspace(0, n - 1, min(n, 6))})
     vals = []
     for s in picks:
         sl = a[s]
@@ -72,10 +72,10 @@ def _otsu(values: np.ndarray) -> float:
 def pixel_metrics(volume: Volume) -> dict[str, float]:
     """Estimated SNR, foreground share and dynamic range of a volume."""
     a = np.asarray(volume.array, np.float32)
-    step = max(1, int(round(max(a.shape[1:]) / 128)))  # statistics on a ~128-pixel grid; noise at full resolution
+    step = max(1, round(max(a.shape[1:]) / 128))  # statistics on a ~128-pixel grid; noise at full resolution
     sub = a[:, ::step, ::step]
     flat = sub.ravel()
-    p1, p50, p99 = (float(v) for v in np.percentile(flat, [1, 50, 99.5]))
+    _p1, _p50, p99 = (float(v) for v in np.percentile(flat, [1, 50, 99.5]))
     metrics: dict[str, float] = {"p99": p99, "range": float(flat.max() - flat.min())}
     if metrics["range"] <= 1e-6 * max(1.0, abs(p99)):
         metrics.update(snr=0.0, foreground_fraction=0.0)
@@ -91,18 +91,21 @@ def pixel_metrics(volume: Volume) -> dict[str, float]:
     return metrics
 
 
-
 # BodyPartExamined values (spaces/underscores removed, upper case) -> anatomy
 BODY_PARTS = {
-    "KNEE": "knee", "SHOULDER": "shoulder", "LSPINE": "lumbar_spine", "LUMBAR": "lumbar_spine",
-    "LUMBARSPINE": "lumbar_spine", "LSSPINE": "lumbar_spine", "SPINE": "lumbar_spine",
+    "KNEE": "knee",
+    "SHOULDER": "shoulder",
+    "LSPINE": "lumbar_spine",
+    "LUMBAR": "lumbar_spine",
+    "LUMBARSPINE": "lumbar_spine",
+    "LSSPINE": "lumbar_spine",
+    "SPINE": "lumbar_spine",
 }
 
 
 def header_anatomy(body_part: str | None) -> str | None:
     """The anatomy BodyPartExamined names (None when absent or not one of knee, shoulder, lumbar spine)."""
     return BODY_PARTS.get((body_part or "").upper().replace(" ", "").replace("_", ""))
-
 
 
 # ------------------------------------------------------------------------------------------
@@ -127,43 +130,64 @@ class Thresholds:
     ood: float  # embedding distance to the claimed anatomy's classes above which the series is refused
 
 
-def decide(pred: dict[str, Any], anatomy: str, plane: str, t: Thresholds, *, model: str | None = None,
-           body_part: str | None = None) -> PixelVerdict:
+def decide(
+    pred: dict[str, Any],
+    anatomy: str,
+    plane: str,
+    t: Thresholds,
+    *,
+    model: str | None = None,
+    body_part: str | None = None,
+) -> PixelVerdict:
     """The pixel verdict on a prediction (`AnatomyClassifier.predict`) for a series claimed to be ``anatomy``
     in ``plane`` (the plane of its header geometry): confident contradiction of the anatomy, then of the plane,
     then no support for the claim, then distance."""
     anat_p = pred["anatomy_probabilities"]
     expected = f"{anatomy}/{plane}"
     name = anatomy.replace("_", " ")
-    m = {"anatomy_probability": float(anat_p.get(anatomy, 0.0)),
-         "anatomy_plane_probability": float(pred["probabilities"].get(expected, 0.0)),
-         "anatomy_distance": float(pred["anatomy_distances"].get(anatomy, float("inf")))}
+    m = {
+        "anatomy_probability": float(anat_p.get(anatomy, 0.0)),
+        "anatomy_plane_probability": float(pred["probabilities"].get(expected, 0.0)),
+        "anatomy_distance": float(pred["anatomy_distances"].get(anatomy, float("inf"))),
+    }
     rivals = {k: v for k, v in anat_p.items() if k != anatomy}
-    rival = max(rivals, key=rivals.get)
+    rival = max(rivals, key=rivals.__getitem__)
     m["rival_probability"] = float(rivals[rival])
     reader = f"{model} reads {name}" if model else f"claimed {name}"
     if rivals[rival] >= t.contradiction:
         what = "something other than knee, shoulder or lumbar spine" if rival == "other" else rival.replace("_", " ")
         said = f" although the header says {body_part}" if body_part else ""
-        return PixelVerdict(False, "wrong_anatomy", f"the pixels look like {what} (p={rivals[rival]:.2f}){said}; "
-                                                    f"{reader}", m)
+        return PixelVerdict(
+            False, "wrong_anatomy", f"the pixels look like {what} (p={rivals[rival]:.2f}){said}; {reader}", m
+        )
     same = {c: p for c, p in pred["probabilities"].items() if c.startswith(anatomy + "/") and c != expected}
     if same:
-        seen = max(same, key=same.get)
+        seen = max(same, key=same.__getitem__)
         if same[seen] >= t.plane:
-            return PixelVerdict(False, "wrong_orientation",
-                                f"the pixels look like a {name} {seen.split('/')[1]} series (p={same[seen]:.2f}) "
-                                f"although the header geometry says {plane}; {model or 'the model'} reads {plane} "
-                                "series", m)
+            return PixelVerdict(
+                False,
+                "wrong_orientation",
+                f"the pixels look like a {name} {seen.split('/')[1]} series (p={same[seen]:.2f}) "
+                f"although the header geometry says {plane}; {model or 'the model'} reads {plane} "
+                "series",
+                m,
+            )
     if m["anatomy_probability"] < t.support:
-        return PixelVerdict(False, "out_of_distribution",
-                            f"the pixels are not recognisable as {name} (p={m['anatomy_probability']:.2f}, at least "
-                            f"{t.support:.2f} needed; nearest: {rival.replace('_', ' ')} p={rivals[rival]:.2f}); "
-                            f"{reader}", m)
+        return PixelVerdict(
+            False,
+            "out_of_distribution",
+            f"the pixels are not recognisable as {name} (p={m['anatomy_probability']:.2f}, at least "
+            f"{t.support:.2f} needed; nearest: {rival.replace('_', ' ')} p={rivals[rival]:.2f}); "
+            f"{reader}",
+            m,
+        )
     if m["anatomy_distance"] > t.ood:
-        return PixelVerdict(False, "out_of_distribution",
-                            f"embedding distance {m['anatomy_distance']:.1f} to the {name} training data exceeds "
-                            f"{t.ood:.1f}", m)
+        return PixelVerdict(
+            False,
+            "out_of_distribution",
+            f"embedding distance {m['anatomy_distance']:.1f} to the {name} training data exceeds {t.ood:.1f}",
+            m,
+        )
     return PixelVerdict(True, None, None, m)
 
 
@@ -177,12 +201,14 @@ class QCGate:
     min_foreground: float = 0.01
     thresholds: Thresholds | None = None  # None: the classifier's calibrated thresholds (stored with its weights)
 
-    def judge(self, pred: dict[str, Any], anatomy: str, plane: str, *, model: str | None = None,
-              body_part: str | None = None) -> PixelVerdict:
+    def judge(
+        self, pred: dict[str, Any], anatomy: str, plane: str, *, model: str | None = None, body_part: str | None = None
+    ) -> PixelVerdict:
         """`decide` with this gate's thresholds."""
         assert self.anatomy is not None
-        return decide(pred, anatomy, plane, self.thresholds or self.anatomy.thresholds(), model=model,
-                      body_part=body_part)
+        return decide(
+            pred, anatomy, plane, self.thresholds or self.anatomy.thresholds(), model=model, body_part=body_part
+        )
 
     def check_pixels(self, volume: Volume, anatomy: str, plane: str, *, model: str | None = None) -> PixelVerdict:
         """The anatomy classifier's verdict on ``volume`` claimed as ``anatomy`` in ``plane`` (no header or
@@ -197,7 +223,7 @@ class QCGate:
         m: dict[str, float] = {"slices": float(volume.array.shape[0])}
         attrs = volume.attributes or {}
 
-        def refuse(reason: str, message: str) -> QCResult:
+        def refuse(reason: str | None, message: str | None) -> QCResult:
             return QCResult(False, reason, message, dict(m))
 
         if volume.modality and volume.modality.upper() != "MR":
@@ -224,13 +250,17 @@ class QCGate:
         if not lo <= fov <= hi:
             return refuse("extreme_spacing", f"in-plane field of view {fov:.0f} mm outside {lo:g}-{hi:g} mm")
         normal = np.abs(volume.normal)
-        angle = float(np.degrees(np.arccos(np.clip(normal[_PLANE_AXIS[spec.plane]] / (np.linalg.norm(normal) + 1e-12), -1, 1))))
+        angle = float(
+            np.degrees(np.arccos(np.clip(normal[_PLANE_AXIS[spec.plane]] / (np.linalg.norm(normal) + 1e-12), -1, 1)))
+        )
         m["obliquity_deg"] = angle
         if angle > spec.max_obliquity_deg:
             nearest = ("sagittal", "coronal", "axial")[int(np.argmax(normal))]
-            return refuse("wrong_orientation",
-                          f"the header geometry puts the slices {angle:.0f} deg away from {spec.plane} (nearest plane: "
-                          f"{nearest}; limit {spec.max_obliquity_deg:g} deg); {task.name} reads {spec.plane} series")
+            return refuse(
+                "wrong_orientation",
+                f"the header geometry puts the slices {angle:.0f} deg away from {spec.plane} (nearest plane: "
+                f"{nearest}; limit {spec.max_obliquity_deg:g} deg); {task.name} reads {spec.plane} series",
+            )
         px = pixel_metrics(volume)
         m.update({k: float(v) for k, v in px.items()})
         if px["range"] <= 1e-6 * max(1.0, abs(px["p99"])):
@@ -240,7 +270,9 @@ class QCGate:
         if px["snr"] < self.min_snr:
             return refuse("low_snr", f"estimated SNR {px['snr']:.1f} below {self.min_snr:g}")
         if self.anatomy is None:
-            return refuse("qc_unavailable", "anatomy classifier weights (qc.anatomy) are missing; cannot check the pixels")
+            return refuse(
+                "qc_unavailable", "anatomy classifier weights (qc.anatomy) are missing; cannot check the pixels"
+            )
         pred = self.anatomy.predict(volume, spec.plane)
         verdict = self.judge(pred, task.anatomy, spec.plane, model=task.name, body_part=volume.body_part)
         m.update(verdict.metrics)
@@ -251,4 +283,3 @@ class QCGate:
         if pred["motion_probability"] is not None and pred["motion_probability"] > self.max_motion_probability:
             return refuse("motion", f"heavy motion ghosting (detector p={pred['motion_probability']:.2f})")
         return QCResult(True, None, None, m)
-

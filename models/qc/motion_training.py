@@ -33,8 +33,14 @@ HEAVY_MOTION_FRACTION = (0.03, 0.09)
 IN_SPEC_MOTION_FRACTION = (0.002, 0.015)
 
 
-def add_ghosting(array: np.ndarray, displacement: float, rng: np.random.Generator, *, pe_axis: int | None = None,
-                 cycles: float | None = None) -> np.ndarray:
+def add_ghosting(
+    array: np.ndarray,
+    displacement: float,
+    rng: np.random.Generator,
+    *,
+    pe_axis: int | None = None,
+    cycles: float | None = None,
+) -> np.ndarray:
     """Periodic phase-encode motion ghosting on magnitude images (n, rows, cols), as the phantoms render it:
     the k-space lines of a linear acquisition order are shifted by ``displacement`` (a fraction of the
     phase-encode field of view) x sin(2 pi cycles t)."""
@@ -76,14 +82,30 @@ def _motion_item(args) -> tuple[np.ndarray, int]:
     # every contrast a site may route to the anatomy's models: ghosting must be told from contrast, not learned
     # as a property of the default sequence
     sequence = str(rng.choice(ANATOMY_SEQUENCES[anatomy]))
-    ph = generate(anatomy, seed, motion_px=px, n_slices=8, sub_slices=1, sequence=sequence,
-                  matrix=SPEC.for_anatomy(anatomy).acquisition.matrix)
+    ph = generate(
+        anatomy,
+        seed,
+        motion_px=px,
+        n_slices=8,
+        sub_slices=1,
+        sequence=sequence,
+        matrix=SPEC.for_anatomy(anatomy).acquisition.matrix,
+    )
     return motion_input(ph.volume), int(heavy)
 
 
-def train_motion(n: int, seed: int, *, epochs: int = 12, threads: int = 2, workers: int = 1,
-                 log: Callable[[str], None] = print, extra_items: list[tuple[np.ndarray, int]] | None = None,
-                 extra_name: str = "", cache: Path | None = None) -> tuple[MotionNet, dict[str, Any]]:
+def train_motion(
+    n: int,
+    seed: int,
+    *,
+    epochs: int = 12,
+    threads: int = 2,
+    workers: int = 1,
+    log: Callable[[str], None] = print,
+    extra_items: list[tuple[np.ndarray, int]] | None = None,
+    extra_name: str = "",
+    cache: Path | None = None,
+) -> tuple[MotionNet, dict[str, Any]]:
     """Train MotionNet on N phantoms (all anatomies, default matrix): heavy (6-20 px) vs in-spec (0-3 px);
     ``extra_items`` ((MOTION_SLICES, 1, 128, 128) input, heavy 0/1), e.g. real series with and without
     added ghosting (`models.qc_training.real_motion_items`), join the training part (validation: phantoms).
@@ -151,19 +173,31 @@ def train_motion(n: int, seed: int, *, epochs: int = 12, threads: int = 2, worke
         log(json.dumps({"motion_epoch": ep, "loss": round(tot / len(xt), 4), "val_acc": round(acc, 4)}))
     net.eval()
     with torch.inference_mode():
-        pv = torch.sigmoid(vol_logits(xv)).numpy()
+        pvn = torch.sigmoid(vol_logits(xv)).numpy()
     yvn = yv.numpy().astype(bool)
-    stats = {"motion_training_data": f"motion:{n}:{seed}" + (f" + {extra_name}" if extra_name else ""),
-             "motion_val_accuracy": float(((pv > 0.5) == yvn).mean()),
-             "motion_val_recall": float((pv[yvn] > 0.5).mean()) if yvn.any() else None,
-             "motion_val_false_positive_rate": float((pv[~yvn] > 0.5).mean()) if (~yvn).any() else None}
+    stats = {
+        "motion_training_data": f"motion:{n}:{seed}" + (f" + {extra_name}" if extra_name else ""),
+        "motion_val_accuracy": float(((pvn > 0.5) == yvn).mean()),
+        "motion_val_recall": float((pvn[yvn] > 0.5).mean()) if yvn.any() else None,
+        "motion_val_false_positive_rate": float((pvn[~yvn] > 0.5).mean()) if (~yvn).any() else None,
+    }
     return net, stats
 
 
-def attach_motion_detector(path: Path, n: int, seed: int, *, epochs: int = 12, threads: int = 2, workers: int = 1,
-                           log: Callable[[str], None] = print, extra_items: list[tuple[np.ndarray, int]] | None = None,
-                           extra_name: str = "", extra_stats: Callable[[MotionNet], dict[str, Any]] | None = None,
-                           cache: Path | None = None) -> Path:
+def attach_motion_detector(
+    path: Path,
+    n: int,
+    seed: int,
+    *,
+    epochs: int = 12,
+    threads: int = 2,
+    workers: int = 1,
+    log: Callable[[str], None] = print,
+    extra_items: list[tuple[np.ndarray, int]] | None = None,
+    extra_name: str = "",
+    extra_stats: Callable[[MotionNet], dict[str, Any]] | None = None,
+    cache: Path | None = None,
+) -> Path:
     """Train the native-resolution motion detector on N phantoms (and ``extra_items``) and store it with the
     anatomy classifier at ``path`` (weights, .sha256 and train_summary.json rewritten). ``extra_stats(net)``
     adds figures measured on data the detector did not learn from."""
@@ -171,8 +205,17 @@ def attach_motion_detector(path: Path, n: int, seed: int, *, epochs: int = 12, t
 
     path = Path(path)
     clf = AnatomyClassifier.load(path, sha256=sha256_of(path))
-    net, stats = train_motion(n, seed, epochs=epochs, threads=threads, workers=workers, log=log,
-                              extra_items=extra_items, extra_name=extra_name, cache=cache)
+    net, stats = train_motion(
+        n,
+        seed,
+        epochs=epochs,
+        threads=threads,
+        workers=workers,
+        log=log,
+        extra_items=extra_items,
+        extra_name=extra_name,
+        cache=cache,
+    )
     if extra_stats is not None:
         stats.update(extra_stats(net))
     clf.motion_net = net

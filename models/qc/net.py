@@ -8,9 +8,15 @@ from torch import nn
 
 ANATOMY_CLASSES = (
     "other",
-    "knee/sagittal", "knee/coronal", "knee/axial",
-    "shoulder/coronal", "shoulder/sagittal", "shoulder/axial",
-    "lumbar_spine/sagittal", "lumbar_spine/coronal", "lumbar_spine/axial",
+    "knee/sagittal",
+    "knee/coronal",
+    "knee/axial",
+    "shoulder/coronal",
+    "shoulder/sagittal",
+    "shoulder/axial",
+    "lumbar_spine/sagittal",
+    "lumbar_spine/coronal",
+    "lumbar_spine/axial",
 )
 
 ANATOMIES = ("knee", "shoulder", "lumbar_spine")
@@ -27,8 +33,16 @@ class AnatomyNet(nn.Module):
         def conv(cin, cout, s=1):
             return Convolution(2, cin, cout, strides=s, kernel_size=3, act="relu", norm="batch")
 
-        self.body = nn.Sequential(conv(1, 16, 2), conv(16, 16), conv(16, 32, 2), conv(32, 32), conv(32, 48, 2),
-                                  conv(48, 48), conv(48, 64, 2), conv(64, 64))
+        self.body = nn.Sequential(
+            conv(1, 16, 2),
+            conv(16, 16),
+            conv(16, 32, 2),
+            conv(32, 32),
+            conv(32, 48, 2),
+            conv(48, 48),
+            conv(48, 64, 2),
+            conv(64, 64),
+        )
         self.drop = nn.Dropout(dropout)
         self.fc = nn.Linear(EMBED_DIM, n_classes)
 
@@ -39,7 +53,6 @@ class AnatomyNet(nn.Module):
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         e = self.embed(x)
         return self.fc(self.drop(e)), e
-
 
 
 class MotionNet(nn.Module):
@@ -59,4 +72,3 @@ class MotionNet(nn.Module):
         """(B, 1, H, W) slices -> (B,) logits."""
         f = self.body(x)
         return self.fc(torch.cat([f.mean(dim=(2, 3)), f.amax(dim=(2, 3))], dim=1)).squeeze(1)
-

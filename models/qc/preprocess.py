@@ -29,11 +29,11 @@ def mask_overlay(image: np.ndarray, band: tuple[float, float, float, float] = MA
     """Blank the border band of a 2-D image (or of every slice of a stack): top, bottom, left, right fractions."""
     a = np.array(image, np.float32, copy=True)
     h, w = a.shape[-2:]
-    t, b, l, r = (int(math.ceil(f * n)) for f, n in zip(band, (h, h, w, w)))
+    t, b, left, right = (math.ceil(f * n) for f, n in zip(band, (h, h, w, w)))
     a[..., :t, :] = 0
     a[..., h - b :, :] = 0
-    a[..., :, :l] = 0
-    a[..., :, w - r :] = 0
+    a[..., :, :left] = 0
+    a[..., :, w - right :] = 0
     return a
 
 
@@ -55,10 +55,12 @@ def slice_indices(n: int, count: int, span: tuple[float, float]) -> list[int]:
     if n <= 1:
         return [0]
     lo, hi = span[0] * (n - 1), span[1] * (n - 1)
-    return sorted({int(round(v)) for v in np.linspace(lo, hi, max(1, count))})
+    return sorted({round(v) for v in np.linspace(lo, hi, max(1, count))})
 
 
-def fov_slices(canonical: np.ndarray, row_mm: float, col_mm: float, ks: list[int], grid: int = SLICE_GRID) -> np.ndarray:
+def fov_slices(
+    canonical: np.ndarray, row_mm: float, col_mm: float, ks: list[int], grid: int = SLICE_GRID
+) -> np.ndarray:
     """Slices ``ks`` of a canonical array, overlay band blanked, each resampled to grid x grid over a square of
     the longer physical side (centred; the shorter side is zero-padded) and scaled by the series' 99.5th
     percentile -> (len(ks), grid, grid) float32."""
@@ -74,18 +76,18 @@ def fov_slices(canonical: np.ndarray, row_mm: float, col_mm: float, ks: list[int
     return robust_scale(np.clip(out, 0, None))
 
 
-def anatomy_input(volume: Volume, plane: str | None = None, *, count: int = INFER_SLICES,
-                  span: tuple[float, float] = INFER_SPAN) -> np.ndarray:
+def anatomy_input(
+    volume: Volume, plane: str | None = None, *, count: int = INFER_SLICES, span: tuple[float, float] = INFER_SPAN
+) -> np.ndarray:
     """Volume -> (slices, 1, SLICE_GRID, SLICE_GRID) input of the anatomy classifier (canonical layout of
     ``plane``; default: the nearest plane of the slice normal)."""
     a, rs, cs, _ = _canonical(volume, plane)
     return fov_slices(a, rs, cs, slice_indices(a.shape[0], count, span))[:, None]
 
 
-
 def motion_slices(n: int) -> list[int]:
     """The MOTION_SLICES slice indices (middle half) the motion detector reads of an n-slice series."""
-    ks = sorted({int(round(v)) for v in np.linspace(n * 0.25, n * 0.75 - 1, MOTION_SLICES)})
+    ks = sorted({round(v) for v in np.linspace(n * 0.25, n * 0.75 - 1, MOTION_SLICES)})
     ks = [min(max(k, 0), n - 1) for k in ks]
     while len(ks) < MOTION_SLICES:
         ks.append(ks[-1])
@@ -107,4 +109,3 @@ def motion_input(volume: Volume) -> np.ndarray:
     """(MOTION_SLICES, 1, 128, 128): middle-half slices, each resampled over its whole field of view."""
     a = np.asarray(volume.array, np.float32)
     return motion_grid(a[motion_slices(a.shape[0])])
-
