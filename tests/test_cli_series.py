@@ -5,12 +5,12 @@ from __future__ import annotations
 import json
 
 import pytest
-from support.index_rows import make_series, make_study
 
 from node.cli import main
 from node.commands.core import routing_summary
 from node.intake.routing import explain, facts_from_table_entry, load_rules
 from node.settings import DEFAULT_ROUTING_RULES, DEFAULT_UID_ROOT
+from support.index_rows import make_series, make_study
 
 pytestmark = pytest.mark.unit
 
