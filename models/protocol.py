@@ -232,7 +232,7 @@ def _superres(ckpt: Checkpoint, options: dict[str, Any]):
 def _anatomy(ckpt: Checkpoint, options: dict[str, Any]):
     from models.qc import AnatomyClassifier
 
-    return AnatomyClassifier.load(ckpt.path, sha256=ckpt.sha256)
+    return AnatomyClassifier.from_checkpoint(ckpt)
 
 
 #: checkpoint format (up to the version) -> builder of the loaded model

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from support import servers
-from support.env import ROOT, free_port, isolate_env  # noqa: F401  (ROOT: tests/test_models_training.py still imports it from here)
+from support.env import free_port, isolate_env
 
 os.environ.setdefault("TCP_NODELAY", "1")
 servers.mark_run()
