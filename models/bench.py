@@ -45,7 +45,11 @@ STUDIES: dict[str, tuple[StudyInput, ...]] = {
     "lumbar_spine": (StudyInput("sag_t2", None, "T2", 15, 512),),
 }
 SEEDS = {"knee": 8_800_001, "shoulder": 8_800_002, "lumbar_spine": 8_800_003}
-LABELS: dict[str, dict[str, Any]] = {"knee": {"acl": "complete"}, "shoulder": {"cuff": "full_thickness"}, "lumbar_spine": {}}
+LABELS: dict[str, dict[str, Any]] = {
+    "knee": {"acl": "complete"},
+    "shoulder": {"cuff": "full_thickness"},
+    "lumbar_spine": {},
+}
 
 
 class BenchError(ModelsError):
@@ -66,8 +70,9 @@ def write_inputs(root: Path, anatomies: tuple[str, ...]) -> dict[str, dict[str, 
                 kw["orientation"] = s.orientation
             ph = generate(anatomy, SEEDS[anatomy], **kw, **LABELS[anatomy])
             d = root / anatomy / s.role
-            paths = write_dicom_series(ph, d, series_description=f"{s.role} {s.sequence}", study_uid=study_uid,
-                                       series_number=number)
+            paths = write_dicom_series(
+                ph, d, series_description=f"{s.role} {s.sequence}", study_uid=study_uid, series_number=number
+            )
             if study_uid is None:
                 from pydicom import dcmread
 
@@ -89,8 +94,11 @@ def _forward_modes(model, volume, extras, repeats: int) -> dict[str, float]:
     net = model.net
     out: dict[str, float] = {}
     conv = next(p for p in net.parameters() if p.dim() == 5)
-    shipped_layout = torch.channels_last_3d if conv.is_contiguous(memory_format=torch.channels_last_3d) and not \
-        conv.is_contiguous() else torch.contiguous_format
+    shipped_layout = (
+        torch.channels_last_3d
+        if conv.is_contiguous(memory_format=torch.channels_last_3d) and not conv.is_contiguous()
+        else torch.contiguous_format
+    )
     for layout in ("ncdhw", "channels_last"):
         fmt = torch.channels_last_3d if layout == "channels_last" else torch.contiguous_format
         net.to(memory_format=fmt)
@@ -148,12 +156,20 @@ def run_anatomy(anatomy: str, dirs: dict[str, Path], *, threads: int, repeats: i
                 **{k: round(v, 3) for k, v in (o.timings or {}).items()},
             }
         for sr in res.superres:
-            per_model[sr.model.name] = {"qc": "accepted" if sr.qc is None or sr.qc.accepted else sr.qc.reason,
-                                        "consistency_passed": bool(sr.consistency_passed),
-                                        **{k: round(v, 3) for k, v in (sr.timings or {}).items()},
-                                        "total_s": round(res.timings.get(MODEL_SUPERRES, 0.0), 3)}
-        studies.append({"study_s": total, "load_s": t_load, "models": per_model,
-                        "findings": [f"{o.model.name}:{f.code}:{f.positive}" for o in res.outputs for f in o.findings]})
+            per_model[sr.model.name] = {
+                "qc": "accepted" if sr.qc is None or sr.qc.accepted else sr.qc.reason,
+                "consistency_passed": bool(sr.consistency_passed),
+                **{k: round(v, 3) for k, v in (sr.timings or {}).items()},
+                "total_s": round(res.timings.get(MODEL_SUPERRES, 0.0), 3),
+            }
+        studies.append(
+            {
+                "study_s": total,
+                "load_s": t_load,
+                "models": per_model,
+                "findings": [f"{o.model.name}:{f.code}:{f.positive}" for o in res.outputs for f in o.findings],
+            }
+        )
     steady = studies[1:] or studies
     result: dict[str, Any] = {
         "anatomy": anatomy,
@@ -171,18 +187,26 @@ def run_anatomy(anatomy: str, dirs: dict[str, Path], *, threads: int, repeats: i
     }
     if layouts:
         result["forward_modes"] = {
-            name: _forward_modes(registry.get(name), volumes[next(r for r in registry.get(name).task.input.roles
-                                                                  if r in volumes)],
-                                 {r: volumes[r] for r in registry.get(name).task.input.extra_roles if r in volumes},
-                                 repeats=max(2, repeats))
+            name: _forward_modes(
+                registry.get(name),
+                volumes[next(r for r in registry.get(name).task.input.roles if r in volumes)],
+                {r: volumes[r] for r in registry.get(name).task.input.extra_roles if r in volumes},
+                repeats=max(2, repeats),
+            )
             for name in spec.models
         }
     return result
 
 
-def run_bench(*, anatomies: tuple[str, ...] = ("knee", "shoulder", "lumbar_spine"), threads: int = 2,
-              repeats: int = 3, layouts: bool = True, workdir: Path | None = None,
-              log=lambda m: None) -> dict[str, Any]:
+def run_bench(
+    *,
+    anatomies: tuple[str, ...] = ("knee", "shoulder", "lumbar_spine"),
+    threads: int = 2,
+    repeats: int = 3,
+    layouts: bool = True,
+    workdir: Path | None = None,
+    log=lambda m: None,
+) -> dict[str, Any]:
     """Write the inputs, run each anatomy in a fresh process, collect the figures."""
     from models.pipelines import PIPELINES
 
@@ -200,11 +224,17 @@ def run_bench(*, anatomies: tuple[str, ...] = ("knee", "shoulder", "lumbar_spine
                 per_anatomy[anatomy] = {"anatomy": anatomy, "skipped": "no shipped weights"}
                 continue
             log(f"{anatomy}: models {', '.join(PIPELINES[anatomy].models) or '-'} ...")
-            args = {"anatomy": anatomy, "dirs": {r: str(p) for r, p in inputs[anatomy].items()},
-                    "threads": threads, "repeats": repeats, "layouts": layouts}
+            args = {
+                "anatomy": anatomy,
+                "dirs": {r: str(p) for r, p in inputs[anatomy].items()},
+                "threads": threads,
+                "repeats": repeats,
+                "layouts": layouts,
+            }
             env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
-            proc = subprocess.run([sys.executable, "-m", "models.bench", json.dumps(args)], capture_output=True,
-                                  text=True, env=env)
+            proc = subprocess.run(
+                [sys.executable, "-m", "models.bench", json.dumps(args)], capture_output=True, text=True, env=env
+            )
             if proc.returncode != 0:
                 raise BenchError(f"{anatomy} run failed (exit {proc.returncode}): {proc.stderr.strip()[-2000:]}")
             per_anatomy[anatomy] = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -215,38 +245,50 @@ def run_bench(*, anatomies: tuple[str, ...] = ("knee", "shoulder", "lumbar_spine
     out["knee_peak_rss_mb"] = knee.get("peak_rss_mb")
     out["knee_models"] = knee.get("models")
     out["targets"] = {"knee_study_s": 10.0, "knee_peak_rss_mb": 3072.0}
-    out["within_targets"] = (knee.get("study_s") is not None and knee["study_s"] <= 10.0
-                             and knee["peak_rss_mb"] <= 3072.0)
+    out["within_targets"] = (
+        knee.get("study_s") is not None and knee["study_s"] <= 10.0 and knee["peak_rss_mb"] <= 3072.0
+    )
     return out
 
 
 def format_report(res: dict[str, Any]) -> str:
-    lines = [f"models benchmark: {res['threads']} torch thread(s), steady state = median of {res['repeats']} "
-             f"studies after the first"]
+    lines = [
+        f"models benchmark: {res['threads']} torch thread(s), steady state = median of {res['repeats']} "
+        f"studies after the first"
+    ]
     for anatomy, r in res["per_anatomy"].items():
         if "skipped" in r:
             lines.append(f"  {anatomy}: skipped ({r['skipped']})")
             continue
         series = ", ".join(f"{role} {'x'.join(map(str, shape))}" for role, shape in r["series"].items())
         lines.append(f"  {anatomy} [{series}] models: {', '.join(r['models'])}")
-        lines.append(f"    study {r['study_s']:.2f} s (first after loading {r['first_study_s']:.2f} s; DICOM load "
-                     f"{r['dicom_load_s']:.2f} s; model load once {r['model_load_s']:.2f} s), peak RSS "
-                     f"{r['peak_rss_mb']:.0f} MB (interpreter, torch and MONAI loaded: {r['baseline_rss_mb']:.0f} MB)")
+        lines.append(
+            f"    study {r['study_s']:.2f} s (first after loading {r['first_study_s']:.2f} s; DICOM load "
+            f"{r['dicom_load_s']:.2f} s; model load once {r['model_load_s']:.2f} s), peak RSS "
+            f"{r['peak_rss_mb']:.0f} MB (interpreter, torch and MONAI loaded: {r['baseline_rss_mb']:.0f} MB)"
+        )
         for name, t in r["per_model"].items():
             parts = ", ".join(f"{k} {v}" for k, v in t.items())
             lines.append(f"    {name}: {parts}")
         for name, modes in (r.get("forward_modes") or {}).items():
             lines.append(f"    {name} forward: " + ", ".join(f"{k[:-2]} {v * 1000:.0f} ms" for k, v in modes.items()))
     verdict = "within" if res["within_targets"] else "OUTSIDE"
-    lines.append(f"knee study {res['knee_study_s']} s, peak RSS {res['knee_peak_rss_mb']} MB: {verdict} the targets "
-                 f"(<= 10 s, <= 3072 MB)")
+    lines.append(
+        f"knee study {res['knee_study_s']} s, peak RSS {res['knee_peak_rss_mb']} MB: {verdict} the targets "
+        f"(<= 10 s, <= 3072 MB)"
+    )
     return "\n".join(lines)
 
 
 def _child(arg: str) -> int:
     a = json.loads(arg)
-    res = run_anatomy(a["anatomy"], {r: Path(p) for r, p in a["dirs"].items()}, threads=int(a["threads"]),
-                      repeats=int(a["repeats"]), layouts=bool(a["layouts"]))
+    res = run_anatomy(
+        a["anatomy"],
+        {r: Path(p) for r, p in a["dirs"].items()},
+        threads=int(a["threads"]),
+        repeats=int(a["repeats"]),
+        layouts=bool(a["layouts"]),
+    )
     print(json.dumps(res))
     return 0
 

@@ -22,8 +22,19 @@ from typing import Any
 
 from models.types import NOT_FOR_DIAGNOSTIC_USE
 
-REQUIRED = ("name", "version", "task", "anatomy", "weights_sha256", "training_data", "recipe", "metrics",
-            "evaluation_data", "reproduce", "limitations")
+REQUIRED = (
+    "name",
+    "version",
+    "task",
+    "anatomy",
+    "weights_sha256",
+    "training_data",
+    "recipe",
+    "metrics",
+    "evaluation_data",
+    "reproduce",
+    "limitations",
+)
 
 
 def _fmt(v: Any) -> str:
@@ -58,8 +69,11 @@ def markdown(card: dict[str, Any]) -> str:
     lines = [
         f"# Model card: {card['name']} {card['version']}",
         "",
-        (f"**Demo weights — not for diagnostic use.** {notice}" if card.get("demo_weights", True)
-         else f"**Not for diagnostic use.** {notice}"),
+        (
+            f"**Demo weights — not for diagnostic use.** {notice}"
+            if card.get("demo_weights", True)
+            else f"**Not for diagnostic use.** {notice}"
+        ),
         "",
         f"- Task: {card['task']} ({card.get('description', '')}); anatomy: {card['anatomy']}",
         f"- Input: {json.dumps(card.get('input', {}))}",
@@ -79,8 +93,10 @@ def markdown(card: dict[str, Any]) -> str:
         "## Evaluation",
         "",
         f"Data: {card['evaluation_data']}. "
-        + str(card.get("evaluation_note") or "Every case scored; QC refusals counted (`qc_refused`). "
-                                              "95 % bootstrap confidence intervals."),
+        + str(
+            card.get("evaluation_note")
+            or "Every case scored; QC refusals counted (`qc_refused`). 95 % bootstrap confidence intervals."
+        ),
         "",
         "| metric | value |",
         "|---|---|",
@@ -97,16 +113,38 @@ def markdown(card: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-_REAL_SUMMARY_KEYS = ("n", "qc_accepted", "qc_refused", "qc_reasons", "own_anatomy_accepted_rate", "positive_rate",
-                      "normal_accepted", "false_positive_rate", "p_finding", "predicted_classes", "accepted_rate",
-                      "refused_rate", "consistency_passed_rate", "consistency_error_max")
+_REAL_SUMMARY_KEYS = (
+    "n",
+    "qc_accepted",
+    "qc_refused",
+    "qc_reasons",
+    "own_anatomy_accepted_rate",
+    "positive_rate",
+    "normal_accepted",
+    "false_positive_rate",
+    "p_finding",
+    "predicted_classes",
+    "accepted_rate",
+    "refused_rate",
+    "consistency_passed_rate",
+    "consistency_error_max",
+)
 
 
 def _real_data_lines(real: dict[str, Any] | None) -> list[str]:
     if not real:
         return []
-    lines = ["", "## On real scans (no labels)", "", str(real.get("data", "")), "",
-             f"Measured with `{real.get('command', '')}`.", "", "| figure | value |", "|---|---|"]
+    lines = [
+        "",
+        "## On real scans (no labels)",
+        "",
+        str(real.get("data", "")),
+        "",
+        f"Measured with `{real.get('command', '')}`.",
+        "",
+        "| figure | value |",
+        "|---|---|",
+    ]
     for k, v in real.get("figures", {}).items():
         if k not in ("by_source", "by_anatomy", "loso"):
             lines.append(f"| {k} | {_fmt(v)} |")
@@ -114,9 +152,15 @@ def _real_data_lines(real: dict[str, Any] | None) -> list[str]:
         rows = real.get("figures", {}).get(group)
         if not rows:
             continue
-        lines += ["", f"| {group.replace('by_', '')} | series | QC accepted | QC refused (reasons) |", "|---|---|---|---|"]
+        lines += [
+            "",
+            f"| {group.replace('by_', '')} | series | QC accepted | QC refused (reasons) |",
+            "|---|---|---|---|",
+        ]
         for name, g in rows.items():
-            lines.append(f"| {name} | {g['n']} | {g['qc_accepted']} | {g['qc_refused']} ({_fmt(g.get('qc_reasons', {}))}) |")
+            lines.append(
+                f"| {name} | {g['n']} | {g['qc_accepted']} | {g['qc_refused']} ({_fmt(g.get('qc_reasons', {}))}) |"
+            )
     return lines
 
 
@@ -128,8 +172,12 @@ def record_real_data(folder: Path, result: dict[str, Any], *, data: str, command
     for group in ("by_anatomy", "by_source"):
         if group in result:
             figures[group] = result[group]
-    card["real_data"] = {"data": data, "command": command, "figures": figures,
-                         "model_weights_sha256": result.get("weights_sha256")}
+    card["real_data"] = {
+        "data": data,
+        "command": command,
+        "figures": figures,
+        "model_weights_sha256": result.get("weights_sha256"),
+    }
     if all(k in card for k in REQUIRED):
         write_card(folder, card)
         return card
@@ -141,7 +189,7 @@ def record_real_data(folder: Path, result: dict[str, Any], *, data: str, command
     head, sep, rest = text.partition("## On real scans (no labels)")
     if sep:
         nxt = rest.find("\n## ")
-        text = head + section + (rest[nxt + 1:] if nxt >= 0 else "")
+        text = head + section + (rest[nxt + 1 :] if nxt >= 0 else "")
     else:
         text = text.rstrip("\n") + "\n\n" + section
     md_path.write_text(text)

@@ -65,8 +65,12 @@ class ClassifierModel:
         return {
             "format": FORMAT,
             "task": self.task.name,
-            "net": {"in_channels": int(self.task.input.channels), "head_sizes": self.task.head_sizes, "channels": list(self.task.net.channels),
-                    "dropout": float(self.task.net.dropout)},
+            "net": {
+                "in_channels": int(self.task.input.channels),
+                "head_sizes": self.task.head_sizes,
+                "channels": list(self.task.net.channels),
+                "dropout": float(self.task.net.dropout),
+            },
             "state_dict": {k: v.detach().clone() for k, v in self.net.state_dict().items()},
             "temperature": float(self.temperature),
             "threshold": float(self.threshold),
@@ -101,11 +105,23 @@ class ClassifierModel:
         net.eval()
         meta = dict(data.get("metadata", {}))
         info = ModelInfo(
-            name=task.name, version=str(meta.get("version", task.version)), weights_sha256=ckpt.sha256, task=task.kind,
-            anatomy=task.anatomy, demo_weights=bool(meta.get("demo_weights", True)), notice=NOT_FOR_DIAGNOSTIC_USE,
+            name=task.name,
+            version=str(meta.get("version", task.version)),
+            weights_sha256=ckpt.sha256,
+            task=task.kind,
+            anatomy=task.anatomy,
+            demo_weights=bool(meta.get("demo_weights", True)),
+            notice=NOT_FOR_DIAGNOSTIC_USE,
         )
-        return cls(task=task, net=net, info=info, temperature=float(data.get("temperature", 1.0)),
-                   threshold=float(data.get("threshold", 0.5)), metadata=meta, gate=gate)
+        return cls(
+            task=task,
+            net=net,
+            info=info,
+            temperature=float(data.get("temperature", 1.0)),
+            threshold=float(data.get("threshold", 0.5)),
+            metadata=meta,
+            gate=gate,
+        )
 
     # --- inference ------------------------------------------------------------------------
     def preprocess(self, volume: Volume, extras=None):
@@ -118,8 +134,15 @@ class ClassifierModel:
             logits, _ = self.net(x)
         return [torch.softmax(lg / self.temperature, dim=1).numpy() for lg in logits]
 
-    def analyse(self, volume: Volume, *, extras=None, saliency: bool = True, uncertainty: bool = True,
-                timings: dict[str, float] | None = None) -> list[HeadResult]:
+    def analyse(
+        self,
+        volume: Volume,
+        *,
+        extras=None,
+        saliency: bool = True,
+        uncertainty: bool = True,
+        timings: dict[str, float] | None = None,
+    ) -> list[HeadResult]:
         """Head results for one volume (+ extra-role volumes) without QC."""
         timings = {} if timings is None else timings
         t0 = time.perf_counter()
@@ -134,7 +157,9 @@ class ClassifierModel:
             feats = [self.net.features(x)] + ([self.net.features(torch.flip(x, dims=[2]))] if flip else [])
             outs = [self.net.forward_head(f) for f in feats]
             logits = [torch.stack([o[0][h] for o in outs]).mean(dim=0) for h in range(len(self.task.heads))]
-            evidence = torch.stack([o[1] if i == 0 else torch.flip(o[1], dims=[2]) for i, o in enumerate(outs)]).mean(dim=0)
+            evidence = torch.stack([o[1] if i == 0 else torch.flip(o[1], dims=[2]) for i, o in enumerate(outs)]).mean(
+                dim=0
+            )
         probs = [torch.softmax(lg / self.temperature, dim=1)[0].numpy() for lg in logits]
         timings["inference_s"] = time.perf_counter() - t0
         t0 = time.perf_counter()
@@ -171,13 +196,30 @@ class ClassifierModel:
                 heat = to_heatmap(cam, frame)
                 peak_vox, peak_mm = volume_peak(volume, heat)
                 t_sal += time.perf_counter() - ts
-            results.append(HeadResult(head=head, probabilities=p, std=std, p_finding=p_find, p_finding_std=p_std,
-                                      heatmap=heat, peak_vox=peak_vox, peak_mm=peak_mm))
+            results.append(
+                HeadResult(
+                    head=head,
+                    probabilities=p,
+                    std=std,
+                    p_finding=p_find,
+                    p_finding_std=p_std,
+                    heatmap=heat,
+                    peak_vox=peak_vox,
+                    peak_mm=peak_mm,
+                )
+            )
         timings["saliency_s"] = t_sal
         return results
 
-    def predict(self, volume: Volume, *, extras=None, saliency: bool = True, uncertainty: bool = True,
-                qc: QCResult | None = None) -> ModelOutput:
+    def predict(
+        self,
+        volume: Volume,
+        *,
+        extras=None,
+        saliency: bool = True,
+        uncertainty: bool = True,
+        qc: QCResult | None = None,
+    ) -> ModelOutput:
         """QC gate + analysis -> ModelOutput (no findings when QC refuses the series)."""
         t_start = time.perf_counter()
         timings: dict[str, float] = {}

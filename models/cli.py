@@ -36,31 +36,58 @@ def register(sub) -> None:
     pt.add_argument("--cache", type=Path, default=None, help="folder caching preprocessed phantoms")
     pt.add_argument("--max-steps", type=int, default=None, help="stop after this many optimiser steps")
     pt.add_argument("--no-augment", action="store_true")
-    pt.add_argument("--patch-steps", type=int, default=None,
-                    help="lesion-patch pretraining steps before the whole-grid epochs (default: the model's own)")
-    pt.add_argument("--patch-lr", type=float, default=None, help="peak learning rate of the patch stage (default: --lr)")
-    pt.add_argument("--init", type=Path, default=None, help="start from these weights (with .sha256), e.g. to fine-tune")
-    pt.add_argument("--motion", default="1200:3500000",
-                    help="qc.anatomy only: N:SEED phantoms for the native-resolution motion detector (default 1200:3500000)")
-    pt.add_argument("--realdata", default="auto",
-                    help="qc.anatomy only: the real corpus (PATH, 'auto' = MSKNODE_REALDATA or ../shared/realdata, "
-                         "'none' = phantoms only)")
-    pt.add_argument("--exclude-source", action="append", default=[], metavar="SOURCE",
-                    help="qc.anatomy only: leave this real source out (repeatable; see models.realdata.SOURCES)")
-    pt.add_argument("--no-loso-rule", action="store_true",
-                    help="qc.anatomy only: keep the default thresholds instead of calibrating them leave-one-source-"
-                         "out (which trains, or reuses from the cache, one model per real source)")
+    pt.add_argument(
+        "--patch-steps",
+        type=int,
+        default=None,
+        help="lesion-patch pretraining steps before the whole-grid epochs (default: the model's own)",
+    )
+    pt.add_argument(
+        "--patch-lr", type=float, default=None, help="peak learning rate of the patch stage (default: --lr)"
+    )
+    pt.add_argument(
+        "--init", type=Path, default=None, help="start from these weights (with .sha256), e.g. to fine-tune"
+    )
+    pt.add_argument(
+        "--motion",
+        default="1200:3500000",
+        help="qc.anatomy only: N:SEED phantoms for the native-resolution motion detector (default 1200:3500000)",
+    )
+    pt.add_argument(
+        "--realdata",
+        default="auto",
+        help="qc.anatomy only: the real corpus (PATH, 'auto' = MSKNODE_REALDATA or ../shared/realdata, "
+        "'none' = phantoms only)",
+    )
+    pt.add_argument(
+        "--exclude-source",
+        action="append",
+        default=[],
+        metavar="SOURCE",
+        help="qc.anatomy only: leave this real source out (repeatable; see models.realdata.SOURCES)",
+    )
+    pt.add_argument(
+        "--no-loso-rule",
+        action="store_true",
+        help="qc.anatomy only: keep the default thresholds instead of calibrating them leave-one-source-"
+        "out (which trains, or reuses from the cache, one model per real source)",
+    )
     pt.set_defaults(func=cmd_train)
 
     pe = sub.add_parser("evaluate", help="evaluate a model on a data spec (metrics with 95%% bootstrap CIs)")
     pe.add_argument("model")
     pe.add_argument("--data", required=True, help="synthetic:N:SEED | mrnet:PATH[:SPLIT] | dicomcsv:PATH")
-    pe.add_argument("--weights", type=Path, default=None, help="a checkpoint (with its .sha256) instead of the registry's")
+    pe.add_argument(
+        "--weights", type=Path, default=None, help="a checkpoint (with its .sha256) instead of the registry's"
+    )
     pe.add_argument("--workers", type=int, default=1, help="processes generating phantoms")
     pe.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the CIs")
     pe.add_argument("--json", action="store_true", help="print one JSON object")
-    pe.add_argument("--loso", action="store_true",
-                    help="qc.anatomy on realdata:PATH: also leave-one-source-out (one training per real source)")
+    pe.add_argument(
+        "--loso",
+        action="store_true",
+        help="qc.anatomy on realdata:PATH: also leave-one-source-out (one training per real source)",
+    )
     pe.set_defaults(func=cmd_evaluate)
 
     pp = sub.add_parser("predict", help="QC gate + models on the DICOM series under a folder")
@@ -192,8 +219,10 @@ def cmd_train(args, settings) -> int:
     try:
         if args.model == MODEL_ANATOMY:
             if spec.kind != "synthetic":
-                _err("qc.anatomy trains on --data synthetic:N:SEED (phantoms and synthetic other anatomy) plus "
-                     "--realdata PATH|auto|none (real MRI)")
+                _err(
+                    "qc.anatomy trains on --data synthetic:N:SEED (phantoms and synthetic other anatomy) plus "
+                    "--realdata PATH|auto|none (real MRI)"
+                )
                 return EXIT_BAD_INPUT
             from models.qc_training import Recipe, set_loso_rule, train_anatomy, train_motion_detector
             from models.realdata import SOURCES, realdata_root
@@ -212,22 +241,47 @@ def cmd_train(args, settings) -> int:
             if use_real:
                 root = realdata_root() if args.realdata == "auto" else Path(args.realdata)
                 if root is None or not root.is_dir():
-                    _err(f"--realdata {args.realdata}: the real corpus was not found (MSKNODE_REALDATA, "
-                         "../shared/realdata beside the checkout); --realdata none trains on phantoms only")
+                    _err(
+                        f"--realdata {args.realdata}: the real corpus was not found (MSKNODE_REALDATA, "
+                        "../shared/realdata beside the checkout); --realdata none trains on phantoms only"
+                    )
                     return EXIT_BAD_INPUT
             recipe = Recipe(phantoms=spec.n, seed=spec.seed, epochs=args.epochs or Recipe.epochs, realdata=use_real)
-            clf, summary = train_anatomy(args.out, recipe, realdata_root=root, exclude_sources=args.exclude_source,
-                                         threads=_threads(settings), workers=args.workers, log=log)
+            clf, summary = train_anatomy(
+                args.out,
+                recipe,
+                realdata_root=root,
+                exclude_sources=args.exclude_source,
+                threads=_threads(settings),
+                workers=args.workers,
+                log=log,
+            )
             if use_real and not args.exclude_source and not args.no_loso_rule:
                 # thresholds chosen on predictions of models that never saw the source they predict
-                clf, summary = set_loso_rule(args.out, clf, summary, recipe, realdata_root=root,
-                                             threads=_threads(settings), workers=args.workers, log=log)
+                clf, summary = set_loso_rule(
+                    args.out,
+                    clf,
+                    summary,
+                    recipe,
+                    realdata_root=root,
+                    threads=_threads(settings),
+                    workers=args.workers,
+                    log=log,
+                )
             path = Path(args.out) / "model.pt"
             if motion_n > 0:
-                path = train_motion_detector(path, motion_n, motion_seed, held=set(summary["held_groups"]),
-                                             realdata_root=root, exclude_sources=args.exclude_source,
-                                             use_real=use_real, threads=_threads(settings), workers=args.workers,
-                                             log=log)
+                path = train_motion_detector(
+                    path,
+                    motion_n,
+                    motion_seed,
+                    held=set(summary["held_groups"]),
+                    realdata_root=root,
+                    exclude_sources=args.exclude_source,
+                    use_real=use_real,
+                    threads=_threads(settings),
+                    workers=args.workers,
+                    log=log,
+                )
         elif args.model == MODEL_SUPERRES:
             from models.superres.training import train_to
 
@@ -242,13 +296,21 @@ def cmd_train(args, settings) -> int:
             from models.training import train
 
             classifier_recipe = ClassifierRecipe(
-                data=str(spec), seed=args.seed, epochs=args.epochs or 8, batch_size=args.batch_size, lr=args.lr,
-                threads=_threads(settings), max_steps=args.max_steps, augment=not args.no_augment,
+                data=str(spec),
+                seed=args.seed,
+                epochs=args.epochs or 8,
+                batch_size=args.batch_size,
+                lr=args.lr,
+                threads=_threads(settings),
+                max_steps=args.max_steps,
+                augment=not args.no_augment,
                 init=str(args.init) if args.init else None,
                 patch_steps=TASKS[args.model].patch_pretrain_steps if args.patch_steps is None else args.patch_steps,
                 patch_lr=args.patch_lr,
             )
-            path = train(TASKS[args.model], classifier_recipe, args.out, cache_root=args.cache, workers=args.workers, log=log)
+            path = train(
+                TASKS[args.model], classifier_recipe, args.out, cache_root=args.cache, workers=args.workers, log=log
+            )
     except (DataSpecError, TrainingError, VolumeError) as e:
         _err(str(e))
         return EXIT_BAD_INPUT
@@ -269,8 +331,16 @@ def cmd_evaluate(args, settings) -> int:
     registry = _registry(settings)
     progress = (lambda m: print(m, file=sys.stderr, flush=True)) if args.json else (lambda m: print(m, flush=True))
     try:
-        result = evaluate(args.model, args.data, registry=registry, weights=args.weights, workers=args.workers,
-                          log=progress, bootstrap=args.bootstrap, loso=args.loso)
+        result = evaluate(
+            args.model,
+            args.data,
+            registry=registry,
+            weights=args.weights,
+            workers=args.workers,
+            log=progress,
+            bootstrap=args.bootstrap,
+            loso=args.loso,
+        )
     except (DataSpecError, VolumeError) as e:
         _err(str(e))
         return EXIT_BAD_INPUT
@@ -287,6 +357,7 @@ def cmd_evaluate(args, settings) -> int:
 
 
 # --- predict -------------------------------------------------------------------------------------------
+
 
 def _anatomy_of(volume, registry) -> tuple[str | None, str]:
     from models.qc import header_anatomy
@@ -305,9 +376,17 @@ def _anatomy_of(volume, registry) -> tuple[str | None, str]:
 
 def _finding_json(f) -> dict[str, Any]:
     return {
-        "code": f.code, "label": f.label, "probability": f.probability, "uncertainty": f.uncertainty,
-        "positive": f.positive, "threshold": f.threshold, "grade": f.grade, "grade_probabilities": f.grade_probabilities,
-        "level": f.level, "site": f.site, "location": list(f.location) if f.location else None,
+        "code": f.code,
+        "label": f.label,
+        "probability": f.probability,
+        "uncertainty": f.uncertainty,
+        "positive": f.positive,
+        "threshold": f.threshold,
+        "grade": f.grade,
+        "grade_probabilities": f.grade_probabilities,
+        "level": f.level,
+        "site": f.site,
+        "location": list(f.location) if f.location else None,
         "location_mm": list(f.location_mm) if f.location_mm else None,
     }
 
@@ -334,8 +413,12 @@ def cmd_predict(args, settings) -> int:
     report: dict[str, Any] = {"folder": str(args.dicom_dir), "series": [], "notice": NOT_FOR_DIAGNOSTIC_USE}
     try:
         for uid, vol in sorted(volumes.items()):
-            entry: dict[str, Any] = {"series_uid": uid, "description": vol.series_description, "shape": list(vol.shape),
-                                     "models": []}
+            entry: dict[str, Any] = {
+                "series_uid": uid,
+                "description": vol.series_description,
+                "shape": list(vol.shape),
+                "models": [],
+            }
             if args.model:
                 names = [args.model]
                 entry["anatomy"], entry["anatomy_source"] = TASKS[args.model].anatomy, "--model"
@@ -344,17 +427,24 @@ def cmd_predict(args, settings) -> int:
                 entry["anatomy"], entry["anatomy_source"] = anatomy, source
                 names = list(PIPELINES[anatomy].models) if anatomy in PIPELINES else []
                 if not names:
-                    entry["note"] = ("no shipped model for this anatomy" if anatomy else
-                                     "anatomy unknown (no BodyPartExamined, pixels not recognised); use --model")
+                    entry["note"] = (
+                        "no shipped model for this anatomy"
+                        if anatomy
+                        else "anatomy unknown (no BodyPartExamined, pixels not recognised); use --model"
+                    )
             for name in names:
                 model = registry.get(name)
                 out = model.predict(vol, saliency=not args.no_saliency)
-                entry["models"].append({
-                    "model": out.model.name, "version": out.model.version, "weights_sha256": out.model.weights_sha256,
-                    "qc": {"accepted": out.qc.accepted, "reason": out.qc.reason, "message": out.qc.message},
-                    "findings": [_finding_json(f) for f in out.findings],
-                    "timings": {k: round(v, 3) for k, v in out.timings.items()},
-                })
+                entry["models"].append(
+                    {
+                        "model": out.model.name,
+                        "version": out.model.version,
+                        "weights_sha256": out.model.weights_sha256,
+                        "qc": {"accepted": out.qc.accepted, "reason": out.qc.reason, "message": out.qc.message},
+                        "findings": [_finding_json(f) for f in out.findings],
+                        "timings": {k: round(v, 3) for k, v in out.timings.items()},
+                    }
+                )
             report["series"].append(entry)
     except RegistryError as e:
         _err(str(e))
@@ -363,14 +453,18 @@ def cmd_predict(args, settings) -> int:
         print(json.dumps(report, indent=2))
         return 0
     for s in report["series"]:
-        print(f"series {s['series_uid']} ({s['description'] or '-'}), {s['shape'][0]} slices, anatomy "
-              f"{s['anatomy'] or '?'} ({s['anatomy_source']})")
+        print(
+            f"series {s['series_uid']} ({s['description'] or '-'}), {s['shape'][0]} slices, anatomy "
+            f"{s['anatomy'] or '?'} ({s['anatomy_source']})"
+        )
         if s.get("note"):
             print(f"  {s['note']}")
         for m in s["models"]:
             qc = m["qc"]
-            print(f"  {m['model']} {m['version']} (weights {m['weights_sha256'][:12]}): "
-                  + ("QC accepted" if qc["accepted"] else f"QC refused [{qc['reason']}] {qc['message']}"))
+            print(
+                f"  {m['model']} {m['version']} (weights {m['weights_sha256'][:12]}): "
+                + ("QC accepted" if qc["accepted"] else f"QC refused [{qc['reason']}] {qc['message']}")
+            )
             for f in m["findings"]:
                 prob = "" if f["probability"] is None else f" P={f['probability']:.3f} +/- {f['uncertainty'] or 0:.3f}"
                 grades = ", ".join(f"{k} {v:.2f}" for k, v in (f["grade_probabilities"] or {}).items())

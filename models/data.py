@@ -79,7 +79,8 @@ def parse_spec(text: str) -> DataSpec:
     """Parse ``synthetic:N:SEED``, ``mrnet:PATH[:SPLIT]``, ``dicomcsv:PATH``, ``realdir:PATH`` or ``realdata:PATH``."""
     if not isinstance(text, str) or ":" not in text:
         raise DataSpecError(
-            f"data spec {text!r}: expected synthetic:N:SEED, mrnet:PATH[:SPLIT], dicomcsv:PATH or realdir:PATH")
+            f"data spec {text!r}: expected synthetic:N:SEED, mrnet:PATH[:SPLIT], dicomcsv:PATH or realdir:PATH"
+        )
     kind, rest = text.split(":", 1)
     if kind == "synthetic":
         parts = rest.split(":")
@@ -115,8 +116,9 @@ def phantom_case(task: TaskSpec, seed: int, **overrides: Any) -> tuple[Case, Any
 
     labels = labels_for(task)
     ph = generate(task.anatomy, int(seed), **{**labels.phantom_overrides_for(int(seed)), **overrides})
-    case = Case(key=str(seed), volume=ph.volume, target=labels.target_from_phantom(ph),
-                extras=labels.phantom_extras(ph, seed))
+    case = Case(
+        key=str(seed), volume=ph.volume, target=labels.target_from_phantom(ph), extras=labels.phantom_extras(ph, seed)
+    )
     return case, ph
 
 
@@ -161,18 +163,30 @@ def cache_dir_for(task: TaskSpec, root: Path | None) -> Path | None:
     import models.phantoms as phantoms
 
     labels = labels_for(task)
-    key = json.dumps({
-        "task": task.name, "shape": task.input.shape, "roi": task.input.roi_mm, "native": task.input.native_mm, "plane": task.input.plane,
-        "phantoms": phantoms.SPEC_VERSION, "generator": getattr(phantoms, "GENERATOR_VERSION", None),
-        "overrides": sorted(labels.phantom_overrides().items()), "sequences": list(labels.phantom_sequences), "v": 1,
-    }, sort_keys=True, default=str)
+    key = json.dumps(
+        {
+            "task": task.name,
+            "shape": task.input.shape,
+            "roi": task.input.roi_mm,
+            "native": task.input.native_mm,
+            "plane": task.input.plane,
+            "phantoms": phantoms.SPEC_VERSION,
+            "generator": getattr(phantoms, "GENERATOR_VERSION", None),
+            "overrides": sorted(labels.phantom_overrides().items()),
+            "sequences": list(labels.phantom_sequences),
+            "v": 1,
+        },
+        sort_keys=True,
+        default=str,
+    )
     d = Path(root) / task.name / hashlib.sha256(key.encode()).hexdigest()[:12]
     d.mkdir(parents=True, exist_ok=True)
     return d
 
 
-def synthetic_items(task: TaskSpec, n: int, seed: int, *, workers: int = 1, cache_root: Path | None = None,
-                    log=None) -> list[dict[str, Any]]:
+def synthetic_items(
+    task: TaskSpec, n: int, seed: int, *, workers: int = 1, cache_root: Path | None = None, log=None
+) -> list[dict[str, Any]]:
     """Network-grid items of N phantoms (seeds SEED…SEED+N-1), generated in ``workers`` processes."""
     cache = cache_dir_for(task, cache_root)
     jobs = [(task.name, s, str(cache) if cache else None) for s in range(seed, seed + n)]
@@ -228,9 +242,16 @@ def mrnet_volume(array: np.ndarray, plane: str, spacing: tuple[float, float, flo
     normal = np.cross(row, col)
     positions = np.array([k * spacing[0] * normal for k in range(arr.shape[0])], dtype=float)
     return Volume(
-        array=arr, spacing=(float(spacing[0]), float(spacing[1]), float(spacing[2])), positions=positions, row_cosine=row, col_cosine=col,
-        series_uid=f"mrnet-{key}-{plane}", sop_instance_uids=tuple(f"mrnet-{key}-{k}" for k in range(arr.shape[0])),
-        frame_numbers=(None,) * arr.shape[0], modality="MR", attributes={"source": "mrnet"},
+        array=arr,
+        spacing=(float(spacing[0]), float(spacing[1]), float(spacing[2])),
+        positions=positions,
+        row_cosine=row,
+        col_cosine=col,
+        series_uid=f"mrnet-{key}-{plane}",
+        sop_instance_uids=tuple(f"mrnet-{key}-{k}" for k in range(arr.shape[0])),
+        frame_numbers=(None,) * arr.shape[0],
+        modality="MR",
+        attributes={"source": "mrnet"},
     )
 
 
@@ -300,8 +321,9 @@ def open_cases(spec: DataSpec | str, task: TaskSpec) -> Iterator[Case]:
         yield from dicomcsv_cases(task, spec.required_path())
 
 
-def load_items(spec: DataSpec | str, task: TaskSpec, *, workers: int = 1, cache_root: Path | None = None,
-               log=None) -> list[dict[str, Any]]:
+def load_items(
+    spec: DataSpec | str, task: TaskSpec, *, workers: int = 1, cache_root: Path | None = None, log=None
+) -> list[dict[str, Any]]:
     """Network-grid training items of a data spec."""
     spec = parse_spec(spec) if isinstance(spec, str) else spec
     if spec.kind == "synthetic":

@@ -78,11 +78,13 @@ def slice_matrix_for(n_lr: int, factor: int, sigma_frac: float) -> np.ndarray:
     i = np.arange(-3 * factor, n_hr + 3 * factor)
     a = np.arange(n_lr)[:, None] * factor - 0.5  # box start (high-resolution index units)
     b = a + t
-    lo = (i[None, :] - 0.5)
-    hi = (i[None, :] + 0.5)
+    lo = i[None, :] - 0.5
+    hi = i[None, :] + 0.5
     w = (sigma / t) * (
-        _profile_integral((hi - a) / sigma) - _profile_integral((lo - a) / sigma)
-        - _profile_integral((hi - b) / sigma) + _profile_integral((lo - b) / sigma)
+        _profile_integral((hi - a) / sigma)
+        - _profile_integral((lo - a) / sigma)
+        - _profile_integral((hi - b) / sigma)
+        + _profile_integral((lo - b) / sigma)
     )
     w = np.where(w > 1e-12, w, 0.0)  # exact zeros outside the profile support
     m = np.zeros((n_lr, n_hr))
@@ -129,11 +131,11 @@ def _fold_rows(spec: np.ndarray, small: int) -> np.ndarray:
     half = small // 2
     if small % 2 == 0:
         out[..., :half, :] = spec[..., :half, :]
-        out[..., half + 1:, :] = spec[..., big - half + 1:, :]
+        out[..., half + 1 :, :] = spec[..., big - half + 1 :, :]
         out[..., half, :] = spec[..., half, :] + spec[..., big - half, :]
     else:
         out[..., : half + 1, :] = spec[..., : half + 1, :]
-        out[..., half + 1:, :] = spec[..., big - half:, :]
+        out[..., half + 1 :, :] = spec[..., big - half :, :]
     return out
 
 
@@ -144,12 +146,12 @@ def _unfold_rows(spec: np.ndarray, big: int) -> np.ndarray:
     half = small // 2
     if small % 2 == 0:
         out[..., :half, :] = spec[..., :half, :]
-        out[..., big - half + 1:, :] = spec[..., half + 1:, :]
+        out[..., big - half + 1 :, :] = spec[..., half + 1 :, :]
         out[..., half, :] = spec[..., half, :] / 2
         out[..., big - half, :] = spec[..., half, :] / 2
     else:
         out[..., : half + 1, :] = spec[..., : half + 1, :]
-        out[..., big - half:, :] = spec[..., half + 1:, :]
+        out[..., big - half :, :] = spec[..., half + 1 :, :]
     return out
 
 
@@ -167,11 +169,11 @@ def kspace_down(x: np.ndarray, factor: int) -> np.ndarray:
     small_r, small_c = big_r // factor, big_c // factor
     out = np.empty(x.shape[:-2] + (small_r, small_c), dtype=np.float32)
     for k in range(0, x.shape[0], 8):
-        spec = _fold_rows(sfft.rfft2(x[k:k + 8], workers=FFT_WORKERS), small_r)
+        spec = _fold_rows(sfft.rfft2(x[k : k + 8], workers=FFT_WORKERS), small_r)
         spec = spec[..., : small_c // 2 + 1].copy()
         if small_c % 2 == 0:
             spec[..., small_c // 2] *= 2
-        out[k:k + 8] = sfft.irfft2(spec, s=(small_r, small_c), workers=FFT_WORKERS) / (factor * factor)
+        out[k : k + 8] = sfft.irfft2(spec, s=(small_r, small_c), workers=FFT_WORKERS) / (factor * factor)
     return out
 
 
@@ -182,12 +184,12 @@ def kspace_up(y: np.ndarray, factor: int) -> np.ndarray:
     big_r, big_c = small_r * factor, small_c * factor
     out = np.empty(y.shape[:-2] + (big_r, big_c), dtype=np.float32)
     for k in range(0, y.shape[0], 8):
-        spec = _unfold_rows(sfft.rfft2(y[k:k + 8], workers=FFT_WORKERS), big_r)
+        spec = _unfold_rows(sfft.rfft2(y[k : k + 8], workers=FFT_WORKERS), big_r)
         if small_c % 2 == 0:
             spec[..., small_c // 2] /= 2
         full = np.zeros(spec.shape[:-1] + (big_c // 2 + 1,), dtype=spec.dtype)
         full[..., : spec.shape[-1]] = spec
-        out[k:k + 8] = sfft.irfft2(full, s=(big_r, big_c), workers=FFT_WORKERS) * (factor * factor)
+        out[k : k + 8] = sfft.irfft2(full, s=(big_r, big_c), workers=FFT_WORKERS) * (factor * factor)
     return out
 
 

@@ -124,8 +124,16 @@ def iter_cases(spec: DataSpec, task: TaskSpec, workers: int = 1) -> Iterable:
         yield from open_cases(spec, task)
 
 
-def evaluate_classifier(model, spec: DataSpec, *, gate=None, workers: int = 1, saliency: bool = True,
-                        log: Callable[[str], None] | None = None, bootstrap: int = N_BOOTSTRAP) -> dict[str, Any]:
+def evaluate_classifier(
+    model,
+    spec: DataSpec,
+    *,
+    gate=None,
+    workers: int = 1,
+    saliency: bool = True,
+    log: Callable[[str], None] | None = None,
+    bootstrap: int = N_BOOTSTRAP,
+) -> dict[str, Any]:
     """Score a ClassifierModel on every case of ``spec`` (QC refusals counted, not skipped)."""
     from models.phantoms.shortcut import global_features, shortcut_auc
 
@@ -182,8 +190,13 @@ def evaluate_classifier(model, spec: DataSpec, *, gate=None, workers: int = 1, s
             one = (al.sum(axis=1) == 1) & al[:, pos_cls].any(axis=1)
             if one.any():
                 truth = al[one].argmax(axis=1)
-                guess = np.array([head.classes.index(task.positive_class(res[0], case.volume))
-                                  for (case, res), keep in zip(rows, one) if keep])
+                guess = np.array(
+                    [
+                        head.classes.index(task.positive_class(res[0], case.volume))
+                        for (case, res), keep in zip(rows, one)
+                        if keep
+                    ]
+                )
                 out["positive_class_accuracy"] = round(float(np.mean(truth == guess)), 4)
                 out["positive_class_cases"] = int(one.sum())
         if spec.kind == "synthetic" and len(np.unique(y)) == 2:
@@ -218,10 +231,13 @@ def evaluate_classifier(model, spec: DataSpec, *, gate=None, workers: int = 1, s
                 return quadratic_kappa(yt[idx][ex[idx]], yp[idx][ex[idx]], n_cls)
 
             if levels:
-                out["kappa_ci"] = bootstrap_ci(lambda idx: min(level_kappa(idx, lv) for lv in levels), len(rows),
-                                               reps=bootstrap)
-                out["kappa_ci_per_level"] = {lv[0]: bootstrap_ci(functools.partial(level_kappa, level=lv), len(rows),
-                                                                 reps=bootstrap, seed=3) for lv in levels}
+                out["kappa_ci"] = bootstrap_ci(
+                    lambda idx: min(level_kappa(idx, lv) for lv in levels), len(rows), reps=bootstrap
+                )
+                out["kappa_ci_per_level"] = {
+                    lv[0]: bootstrap_ci(functools.partial(level_kappa, level=lv), len(rows), reps=bootstrap, seed=3)
+                    for lv in levels
+                }
         else:
             out["balanced_accuracy"] = round(float(np.mean(bal)), 4)
         if spec.kind == "synthetic":
@@ -270,8 +286,10 @@ def small_sample_warnings(n: int, positives: int | None = None, negatives: int |
     certainty but the absence of evidence."""
     out = []
     if n < SMALL_SAMPLE_CASES:
-        out.append(f"only {n} cases: the 95 % bootstrap intervals are unreliable below {SMALL_SAMPLE_CASES} cases "
-                   "(an interval such as [1.0, 1.0] reflects the few cases, not certainty)")
+        out.append(
+            f"only {n} cases: the 95 % bootstrap intervals are unreliable below {SMALL_SAMPLE_CASES} cases "
+            "(an interval such as [1.0, 1.0] reflects the few cases, not certainty)"
+        )
     for name, k in (("positive", positives), ("negative", negatives)):
         if k is not None and k < SMALL_SAMPLE_CLASS:
             out.append(f"only {k} {name} cases: sensitivity/specificity/AUC and their intervals rest on them")
@@ -314,8 +332,14 @@ def _distribution(values: np.ndarray) -> dict[str, Any]:
         return {}
     q = np.percentile(values, [0, 25, 50, 75, 100])
     hist, _ = np.histogram(values, bins=10, range=(0.0, 1.0))
-    return {"min": round(float(q[0]), 4), "p25": round(float(q[1]), 4), "median": round(float(q[2]), 4),
-            "p75": round(float(q[3]), 4), "max": round(float(q[4]), 4), "histogram_0_1_10": hist.tolist()}
+    return {
+        "min": round(float(q[0]), 4),
+        "p25": round(float(q[1]), 4),
+        "median": round(float(q[2]), 4),
+        "p75": round(float(q[3]), 4),
+        "max": round(float(q[4]), 4),
+        "histogram_0_1_10": hist.tolist(),
+    }
 
 
 def _rate(num: int, den: int) -> float | None:
@@ -337,8 +361,9 @@ def _group_counts(rows: list[dict[str, Any]], key: str) -> dict[str, Any]:
     return dict(sorted(groups.items()))
 
 
-def evaluate_realdir_classifier(model, spec: DataSpec, *, gate, log: Callable[[str], None] | None = None
-                                ) -> dict[str, Any]:
+def evaluate_realdir_classifier(
+    model, spec: DataSpec, *, gate, log: Callable[[str], None] | None = None
+) -> dict[str, Any]:
     """QC outcome and output distribution of a classifier on unlabelled real series.
 
     Every series goes through the QC gate as at a site; accepted series are analysed (no
@@ -353,8 +378,14 @@ def evaluate_realdir_classifier(model, spec: DataSpec, *, gate, log: Callable[[s
     for rs in read_realdir(spec.required_path()):
         qc = gate.check(rs.volume, task) if gate is not None else None
         accepted = qc is None or qc.accepted
-        row: dict[str, Any] = {"key": rs.key, "anatomy": rs.anatomy_group, "source": rs.source, "normal": rs.normal,
-                               "accepted": accepted, "reason": None if accepted or qc is None else qc.reason}
+        row: dict[str, Any] = {
+            "key": rs.key,
+            "anatomy": rs.anatomy_group,
+            "source": rs.source,
+            "normal": rs.normal,
+            "accepted": accepted,
+            "reason": None if accepted or qc is None else qc.reason,
+        }
         if accepted:
             results = model.analyse(rs.volume, saliency=False, uncertainty=False)
             row["p_finding"] = float(results[0].p_finding) if task.kind == "binary" else None
@@ -372,9 +403,14 @@ def evaluate_realdir_classifier(model, spec: DataSpec, *, gate, log: Callable[[s
             reasons[r["reason"]] = reasons.get(r["reason"], 0) + 1
     own = [r for r in rows if r["anatomy"] == task.anatomy]
     out: dict[str, Any] = {
-        "n": len(rows), "qc_accepted": len(acc), "qc_refused": len(rows) - len(acc), "qc_reasons": reasons,
-        "n_own_anatomy": len(own), "own_anatomy_accepted_rate": _rate(sum(r["accepted"] for r in own), len(own)),
-        "by_anatomy": _group_counts(rows, "anatomy"), "by_source": _group_counts(rows, "source"),
+        "n": len(rows),
+        "qc_accepted": len(acc),
+        "qc_refused": len(rows) - len(acc),
+        "qc_reasons": reasons,
+        "n_own_anatomy": len(own),
+        "own_anatomy_accepted_rate": _rate(sum(r["accepted"] for r in own), len(own)),
+        "by_anatomy": _group_counts(rows, "anatomy"),
+        "by_source": _group_counts(rows, "source"),
         "positive_rate": _rate(sum(r["positive"] for r in acc), len(acc)),
     }
     if task.kind == "binary":
@@ -388,8 +424,14 @@ def evaluate_realdir_classifier(model, spec: DataSpec, *, gate, log: Callable[[s
     normal = [r for r in acc if r["normal"]]
     out["normal_accepted"] = len(normal)
     out["false_positive_rate"] = _rate(sum(r["positive"] for r in normal), len(normal))
-    out["series"] = [{k: v for k, v in r.items() if k in ("key", "anatomy", "accepted", "reason", "p_finding",
-                                                          "classes", "positive")} for r in rows]
+    out["series"] = [
+        {
+            k: v
+            for k, v in r.items()
+            if k in ("key", "anatomy", "accepted", "reason", "p_finding", "classes", "positive")
+        }
+        for r in rows
+    ]
     out["seconds"] = round(time.time() - t0, 1)
     return out
 
@@ -401,9 +443,17 @@ def evaluate_realdir_superres(model, spec: DataSpec, *, log: Callable[[str], Non
     rows = []
     for rs in read_realdir(spec.required_path()):
         out = model.predict(rs.volume)
-        rows.append({"key": rs.key, "anatomy": rs.anatomy_group, "source": rs.source, "accepted": out.qc.accepted,
-                     "reason": out.qc.reason, "consistency_passed": bool(out.consistency_passed),
-                     "consistency_error": None if math.isnan(out.consistency_error) else float(out.consistency_error)})
+        rows.append(
+            {
+                "key": rs.key,
+                "anatomy": rs.anatomy_group,
+                "source": rs.source,
+                "accepted": out.qc.accepted,
+                "reason": out.qc.reason,
+                "consistency_passed": bool(out.consistency_passed),
+                "consistency_error": None if math.isnan(out.consistency_error) else float(out.consistency_error),
+            }
+        )
         if log:
             log(f"{rs.key}: " + ("accepted" if out.qc.accepted else f"refused ({out.qc.reason})"))
     if not rows:
@@ -414,11 +464,16 @@ def evaluate_realdir_superres(model, spec: DataSpec, *, log: Callable[[str], Non
         if not r["accepted"]:
             reasons[r["reason"]] = reasons.get(r["reason"], 0) + 1
     errs = np.array([r["consistency_error"] for r in acc if r["consistency_error"] is not None], float)
-    return {"n": len(rows), "qc_accepted": len(acc), "qc_refused": len(rows) - len(acc), "qc_reasons": reasons,
-            "by_anatomy": _group_counts(rows, "anatomy"),
-            "consistency_passed_rate": _rate(sum(r["consistency_passed"] for r in acc), len(acc)),
-            "consistency_error_max": round(float(errs.max()), 5) if len(errs) else None,
-            "series": [{k: r[k] for k in ("key", "anatomy", "accepted", "reason", "consistency_passed")} for r in rows]}
+    return {
+        "n": len(rows),
+        "qc_accepted": len(acc),
+        "qc_refused": len(rows) - len(acc),
+        "qc_reasons": reasons,
+        "by_anatomy": _group_counts(rows, "anatomy"),
+        "consistency_passed_rate": _rate(sum(r["consistency_passed"] for r in acc), len(acc)),
+        "consistency_error_max": round(float(errs.max()), 5) if len(errs) else None,
+        "series": [{k: r[k] for k in ("key", "anatomy", "accepted", "reason", "consistency_passed")} for r in rows],
+    }
 
 
 def evaluate_realdir_anatomy(registry, spec: DataSpec, *, log: Callable[[str], None] | None = None) -> dict[str, Any]:
@@ -436,13 +491,21 @@ def evaluate_realdir_anatomy(registry, spec: DataSpec, *, log: Callable[[str], N
     rows: list[dict[str, Any]] = []
     for rs in read_realdir(spec.required_path()):
         group = rs.anatomy_group
-        tasks = [t for t in TASKS.values() if t.input.plane == rs.plane and (group not in TASKS_ANATOMIES or
-                                                                          t.anatomy == group)]
+        tasks = [
+            t
+            for t in TASKS.values()
+            if t.input.plane == rs.plane and (group not in TASKS_ANATOMIES or t.anatomy == group)
+        ]
         results = {t.name: gate.check(rs.volume, t) for t in tasks}
         pred = gate.anatomy.predict(rs.volume, rs.plane) if gate.anatomy is not None else None
-        row: dict[str, Any] = {"key": rs.key, "anatomy": group, "plane": rs.plane, "source": rs.source,
-               "models": {k: (None if q.accepted else q.reason) for k, q in results.items()},
-               "pixels": pred["label"] if pred else None}
+        row: dict[str, Any] = {
+            "key": rs.key,
+            "anatomy": group,
+            "plane": rs.plane,
+            "source": rs.source,
+            "models": {k: (None if q.accepted else q.reason) for k, q in results.items()},
+            "pixels": pred["label"] if pred else None,
+        }
         if not tasks:
             row["counted"] = False
         elif group in TASKS_ANATOMIES:
@@ -467,9 +530,17 @@ def evaluate_realdir_anatomy(registry, spec: DataSpec, *, log: Callable[[str], N
 TASKS_ANATOMIES = ("knee", "shoulder", "lumbar_spine")
 
 
-def evaluate(name: str, data: str | DataSpec, *, registry, weights: Path | None = None, workers: int = 1,
-             log: Callable[[str], None] | None = None, bootstrap: int = N_BOOTSTRAP, loso: bool = False
-             ) -> dict[str, Any]:
+def evaluate(
+    name: str,
+    data: str | DataSpec,
+    *,
+    registry,
+    weights: Path | None = None,
+    workers: int = 1,
+    log: Callable[[str], None] | None = None,
+    bootstrap: int = N_BOOTSTRAP,
+    loso: bool = False,
+) -> dict[str, Any]:
     """Evaluate model ``name`` (registry weights, or a checkpoint ``weights`` with its .sha256) on a data spec.
     ``loso``: qc.anatomy on ``realdata:PATH`` only, leave-one-source-out retraining (`models.qc_evaluation`)."""
     from models.protocol import verify_weights
@@ -492,14 +563,20 @@ def evaluate(name: str, data: str | DataSpec, *, registry, weights: Path | None 
         if spec.kind == "synthetic":
             result = evaluate_synthetic(model, spec.n, spec.seed, workers=workers, log=log)
         else:
-            result = evaluate_realdata(model, spec.path, loso=loso, threads=torch.get_num_threads(), workers=workers,
-                                       log=log)
-        version = str(registry.card(name).get("version", entry.version)) if weights is None else \
-            str(model.metadata.get("version", entry.version))
+            result = evaluate_realdata(
+                model, spec.path, loso=loso, threads=torch.get_num_threads(), workers=workers, log=log
+            )
+        version = (
+            str(registry.card(name).get("version", entry.version))
+            if weights is None
+            else str(model.metadata.get("version", entry.version))
+        )
         return {"model": name, "version": version, "weights_sha256": model.sha256, "data": str(spec), **result}
     if spec.kind == "realdata":
-        raise DataSpecError(f"{spec}: the real corpus is labelled by anatomy only; evaluate qc.anatomy on it, or "
-                            "other models on realdir:PATH")
+        raise DataSpecError(
+            f"{spec}: the real corpus is labelled by anatomy only; evaluate qc.anatomy on it, or "
+            "other models on realdir:PATH"
+        )
     if spec.kind == "realdir" and name == MODEL_SUPERRES:
         result = evaluate_realdir_superres(model, spec, log=log)
     elif spec.kind == "realdir" and name == MODEL_ANATOMY:
@@ -511,5 +588,6 @@ def evaluate(name: str, data: str | DataSpec, *, registry, weights: Path | None 
     else:
         result = evaluate_classifier(model, spec, gate=registry.gate(), workers=workers, log=log, bootstrap=bootstrap)
     info = model.info if hasattr(model, "info") else registry.info(name)
-    return finite_or_none({"model": name, "version": info.version, "weights_sha256": info.weights_sha256,
-                           "data": str(spec), **result})
+    return finite_or_none(
+        {"model": name, "version": info.version, "weights_sha256": info.weights_sha256, "data": str(spec), **result}
+    )

@@ -223,19 +223,28 @@ def _header_facts(ds) -> dict[str, Any]:
     """Acquisition facts useful to QC and reports (never patient identifiers)."""
     facts: dict[str, Any] = {}
     for kw, key in (
-        ("Manufacturer", "manufacturer"), ("ManufacturerModelName", "manufacturer_model"),
-        ("ProtocolName", "protocol_name"), ("ScanningSequence", "scanning_sequence"),
-        ("SequenceVariant", "sequence_variant"), ("ScanOptions", "scan_options"),
-        ("MRAcquisitionType", "mr_acquisition_type"), ("PulseSequenceName", "pulse_sequence_name"),
-        ("SequenceName", "sequence_name"), ("AcquisitionContrast", "acquisition_contrast"),
+        ("Manufacturer", "manufacturer"),
+        ("ManufacturerModelName", "manufacturer_model"),
+        ("ProtocolName", "protocol_name"),
+        ("ScanningSequence", "scanning_sequence"),
+        ("SequenceVariant", "sequence_variant"),
+        ("ScanOptions", "scan_options"),
+        ("MRAcquisitionType", "mr_acquisition_type"),
+        ("PulseSequenceName", "pulse_sequence_name"),
+        ("SequenceName", "sequence_name"),
+        ("AcquisitionContrast", "acquisition_contrast"),
     ):
         v = ds.get(kw)
         if v not in (None, ""):
             facts[key] = list(v) if isinstance(v, (list, tuple)) or type(v).__name__ == "MultiValue" else str(v)
     for kw, key in (
-        ("RepetitionTime", "repetition_time"), ("EchoTime", "echo_time"), ("InversionTime", "inversion_time"),
-        ("FlipAngle", "flip_angle"), ("MagneticFieldStrength", "field_strength"),
-        ("SpacingBetweenSlices", "spacing_between_slices"), ("SliceThickness", "slice_thickness"),
+        ("RepetitionTime", "repetition_time"),
+        ("EchoTime", "echo_time"),
+        ("InversionTime", "inversion_time"),
+        ("FlipAngle", "flip_angle"),
+        ("MagneticFieldStrength", "field_strength"),
+        ("SpacingBetweenSlices", "spacing_between_slices"),
+        ("SliceThickness", "slice_thickness"),
     ):
         v = _f(ds.get(kw))
         if v is not None:
@@ -282,7 +291,9 @@ def load_series(paths: Sequence[Path | str]) -> Volume:
     return _assemble(slices, first, n_files=len(files), transfer_syntaxes=transfer_syntaxes, sop_classes=sop_classes)
 
 
-def _assemble(slices: list[_Slice], first, *, n_files: int, transfer_syntaxes: set[str], sop_classes: set[str]) -> Volume:
+def _assemble(
+    slices: list[_Slice], first, *, n_files: int, transfer_syntaxes: set[str], sop_classes: set[str]
+) -> Volume:
     shapes = {s.pixels.shape for s in slices}
     if len(shapes) > 1:
         desc = ", ".join(f"{r}x{c}" for r, c in sorted(shapes))
@@ -330,7 +341,9 @@ def _assemble(slices: list[_Slice], first, *, n_files: int, transfer_syntaxes: s
         col_cos: tuple[float, float, float] = (float(col[0]), float(col[1]), float(col[2]))
     elif any(have_geo):
         n_bad = len(have_geo) - sum(have_geo)
-        raise VolumeError(f"{n_bad} of {len(slices)} slices have no position/orientation; the series geometry is incomplete")
+        raise VolumeError(
+            f"{n_bad} of {len(slices)} slices have no position/orientation; the series geometry is incomplete"
+        )
     else:
         # no plane geometry at all: keep the stored order, assume an identity orientation
         slices.sort(key=lambda s: (s.instance_number or 0, s.source, s.frame_number or 0))
@@ -403,7 +416,8 @@ def group_folder(directory: Path | str) -> dict[str, list[Path]]:
             continue
         try:
             ds = pydicom.dcmread(
-                str(path), stop_before_pixels=True,
+                str(path),
+                stop_before_pixels=True,
                 specific_tags=["SeriesInstanceUID", "Modality", "SOPClassUID", "Rows"],
             )
         except (InvalidDicomError, OSError, EOFError, ValueError, TypeError):

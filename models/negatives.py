@@ -134,7 +134,9 @@ def generate_negative(seed: int, kind: str | None = None) -> Volume:
     kind = kind or str(rng.choice(KINDS, p=[0.35, 0.25, 0.15, 0.1, 0.075, 0.075]))
     plane = str(rng.choice(("sagittal", "coronal", "axial")))
     contrast = str(rng.choice(("T1", "T2", "PD")))
-    fov_range = {"brain": (200, 260), "abdomen": (320, 440), "limb": (140, 220), "water_phantom": (200, 300)}.get(kind, (120, 400))
+    fov_range = {"brain": (200, 260), "abdomen": (320, 440), "limb": (140, 220), "water_phantom": (200, 300)}.get(
+        kind, (120, 400)
+    )
     fov = float(rng.uniform(*fov_range))
     n_slices = int(rng.integers(14, 41))
     spacing = float(rng.uniform(3.0, 6.0))
@@ -164,8 +166,15 @@ def generate_negative(seed: int, kind: str | None = None) -> Volume:
     gain = float(np.exp(rng.uniform(np.log(300), np.log(3000))))
     arr = (noisy * gain).astype(np.float32)
     return Volume(
-        array=arr, spacing=(spacing, pix, pix), positions=positions, row_cosine=tuple(row), col_cosine=tuple(col),
-        series_uid=f"negative-{kind}-{seed}", modality="MR", body_part="KNEE",
-        sop_instance_uids=tuple(f"neg-{seed}-{k}" for k in range(n_slices)), frame_numbers=(None,) * n_slices,
+        array=arr,
+        spacing=(spacing, pix, pix),
+        positions=positions,
+        row_cosine=tuple(row),
+        col_cosine=tuple(col),
+        series_uid=f"negative-{kind}-{seed}",
+        modality="MR",
+        body_part="KNEE",
+        sop_instance_uids=tuple(f"neg-{seed}-{k}" for k in range(n_slices)),
+        frame_numbers=(None,) * n_slices,
         attributes={"synthetic_kind": kind, "plane": plane},
     )

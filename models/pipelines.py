@@ -70,7 +70,11 @@ def _build() -> dict[str, PipelineSpec]:
     for anatomy, cands in CANDIDATES.items():
         models = tuple(m for m in cands if m in TASKS and _shipped(m))
         out[anatomy] = PipelineSpec(
-            name=anatomy, anatomy=anatomy, models=models, roles=ROLES[anatomy], superres=_shipped(MODEL_SUPERRES),
+            name=anatomy,
+            anatomy=anatomy,
+            models=models,
+            roles=ROLES[anatomy],
+            superres=_shipped(MODEL_SUPERRES),
             model_roles={m: TASKS[m].input.roles for m in cands if m in TASKS},
         )
     return out
@@ -81,7 +85,9 @@ PIPELINES: dict[str, PipelineSpec] = _build()
 
 def _missing(registry: Registry, model: str, roles: tuple[str, ...]) -> ModelOutput:
     msg = f"{REASONS['missing_series']}: {model} needs one of {', '.join(roles)}"
-    return ModelOutput(model=registry.info(model), series_uid="", qc=QCResult(False, "missing_series", msg), findings=[])
+    return ModelOutput(
+        model=registry.info(model), series_uid="", qc=QCResult(False, "missing_series", msg), findings=[]
+    )
 
 
 def run_pipeline(
@@ -132,10 +138,18 @@ def run_pipeline(
             if qc is not None and not qc.accepted:
                 from models.superres import CONSISTENCY_TOLERANCE
 
-                sr_outputs.append(SuperResOutput(
-                    model=model.info, source=vol, volume=vol, qc=qc, consistency_error=float("nan"),
-                    consistency_tolerance=CONSISTENCY_TOLERANCE, consistency_passed=False, timings={},
-                ))
+                sr_outputs.append(
+                    SuperResOutput(
+                        model=model.info,
+                        source=vol,
+                        volume=vol,
+                        qc=qc,
+                        consistency_error=float("nan"),
+                        consistency_tolerance=CONSISTENCY_TOLERANCE,
+                        consistency_passed=False,
+                        timings={},
+                    )
+                )
             else:
                 sr_outputs.append(model.predict(vol))
                 used[MODEL_SUPERRES] = [vol.series_uid]

@@ -90,8 +90,9 @@ def _read_sidecar(folder: Path) -> dict[str, Any] | None:
     if not isinstance(data, dict):
         raise DataSpecError(f"{path}: must be a JSON object")
     anatomy = data.get("anatomy")
-    if anatomy is not None and (not isinstance(anatomy, str)
-                                or not (anatomy in ANATOMIES or re.fullmatch(r"other(:[\w-]{1,40})?", anatomy))):
+    if anatomy is not None and (
+        not isinstance(anatomy, str) or not (anatomy in ANATOMIES or re.fullmatch(r"other(:[\w-]{1,40})?", anatomy))
+    ):
         raise DataSpecError(f"{path}: anatomy {anatomy!r} is not one of {', '.join(ANATOMIES)} or other:<name>")
     plane = data.get("plane")
     if plane is not None and plane not in PLANES:
@@ -114,8 +115,7 @@ def _slice_order_key(p: Path) -> tuple[int, str]:
     return (int(m.group(1)) if m else -1, p.name)
 
 
-def stack_volume(slices: np.ndarray, plane: str, spacing: tuple[float, float, float], key: str,
-                 **attrs: Any) -> Volume:
+def stack_volume(slices: np.ndarray, plane: str, spacing: tuple[float, float, float], key: str, **attrs: Any) -> Volume:
     """A (slices, rows, cols) stack in the canonical display orientation of ``plane`` as a Volume."""
     arr = np.asarray(slices, dtype=np.float32)
     if arr.ndim != 3 or min(arr.shape) < 1:
@@ -125,9 +125,16 @@ def stack_volume(slices: np.ndarray, plane: str, spacing: tuple[float, float, fl
     positions = np.array([k * spacing[0] * normal for k in range(arr.shape[0])], dtype=float)
     uid = "realdir-" + re.sub(r"[^A-Za-z0-9.-]", "-", key)[:48]
     return Volume(
-        array=arr, spacing=(float(spacing[0]), float(spacing[1]), float(spacing[2])), positions=positions, row_cosine=row, col_cosine=col,
-        series_uid=uid, sop_instance_uids=tuple(f"{uid}-{k}" for k in range(arr.shape[0])),
-        frame_numbers=(None,) * arr.shape[0], modality="MR", attributes={"source": "realdir", **attrs},
+        array=arr,
+        spacing=(float(spacing[0]), float(spacing[1]), float(spacing[2])),
+        positions=positions,
+        row_cosine=row,
+        col_cosine=col,
+        series_uid=uid,
+        sop_instance_uids=tuple(f"{uid}-{k}" for k in range(arr.shape[0])),
+        frame_numbers=(None,) * arr.shape[0],
+        modality="MR",
+        attributes={"source": "realdir", **attrs},
     )
 
 
@@ -181,8 +188,15 @@ def _stack_series(folder: Path, key: str, side: dict[str, Any] | None, data: np.
         raise DataSpecError(f"{where}: pixel_spacing_mm or field_of_view_mm is required for an image stack")
     slice_mm = _positive(side.get("slice_spacing_mm", 3.0), "slice_spacing_mm", where)
     vol = stack_volume(data, plane, (slice_mm, row_mm, col_mm), key)
-    return RealSeries(key, vol, side.get("anatomy"), plane, side.get("label"), side.get("source"),
-                      {k: v for k, v in side.items() if k in ("sequence", "assumed", "note")})
+    return RealSeries(
+        key,
+        vol,
+        side.get("anatomy"),
+        plane,
+        side.get("label"),
+        side.get("source"),
+        {k: v for k, v in side.items() if k in ("sequence", "assumed", "note")},
+    )
 
 
 def _dicom_series(folder: Path, key: str, side: dict[str, Any] | None, files: list[Path]) -> RealSeries:
@@ -193,13 +207,24 @@ def _dicom_series(folder: Path, key: str, side: dict[str, Any] | None, files: li
     side = side or {}
     anatomy = side.get("anatomy") or _header_anatomy(vol.body_part)
     plane = side.get("plane") or detect_plane(vol)[0]
-    return RealSeries(key, vol, anatomy, plane, side.get("label"), side.get("source"),
-                      {k: v for k, v in side.items() if k in ("sequence", "note")})
+    return RealSeries(
+        key,
+        vol,
+        anatomy,
+        plane,
+        side.get("label"),
+        side.get("source"),
+        {k: v for k, v in side.items() if k in ("sequence", "note")},
+    )
 
 
 _BODY_PART_ANATOMY = {
-    "KNEE": "knee", "SHOULDER": "shoulder", "LSPINE": "lumbar_spine", "LUMBARSPINE": "lumbar_spine",
-    "LUMBAR": "lumbar_spine", "LSSPINE": "lumbar_spine",
+    "KNEE": "knee",
+    "SHOULDER": "shoulder",
+    "LSPINE": "lumbar_spine",
+    "LUMBARSPINE": "lumbar_spine",
+    "LUMBAR": "lumbar_spine",
+    "LSSPINE": "lumbar_spine",
 }
 
 
@@ -259,7 +284,10 @@ def read_realdir(root: Path | str) -> Iterator[RealSeries]:
 #: display conventions and nominal geometry of the corpus' teaching stacks (screen exports without
 #: spacing): field of view of the image width and slice spacing as typical for each protocol
 _STACK_GEOMETRY = {
-    "knee": (160.0, 3.5), "shoulder": (170.0, 3.5), "elbow": (150.0, 3.5), "hip": (360.0, 4.0),
+    "knee": (160.0, 3.5),
+    "shoulder": (170.0, 3.5),
+    "elbow": (150.0, 3.5),
+    "hip": (360.0, 4.0),
 }
 _STACK_PLANE = re.compile(r"(axial|coronal|sagittal)")
 
@@ -302,11 +330,20 @@ def export_corpus(corpus: Path | str, out: Path | str) -> list[str]:
                 if f.suffix.lower() in IMAGE_SUFFIXES:
                     (d / f.name).symlink_to(f.resolve())
             anatomy = body if body in ANATOMIES else f"other:{body}"
-            (d / SIDECAR).write_text(json.dumps({
-                "anatomy": anatomy, "plane": m.group(1), "field_of_view_mm": fov, "slice_spacing_mm": step,
-                "label": "normal" if stack.name.startswith("normal") else None,
-                "source": f"{group}/teaching_stacks", "assumed": "field of view and slice spacing (screen export)",
-            }, indent=1))
+            (d / SIDECAR).write_text(
+                json.dumps(
+                    {
+                        "anatomy": anatomy,
+                        "plane": m.group(1),
+                        "field_of_view_mm": fov,
+                        "slice_spacing_mm": step,
+                        "label": "normal" if stack.name.startswith("normal") else None,
+                        "source": f"{group}/teaching_stacks",
+                        "assumed": "field of view and slice spacing (screen export)",
+                    },
+                    indent=1,
+                )
+            )
     dicom = corpus / "knee" / "siemens_sagittal_dicom"
     if dicom.is_dir():
         d = series_dir("dicom/siemens_knee_sagittal")
@@ -320,10 +357,17 @@ def export_corpus(corpus: Path | str, out: Path | str) -> list[str]:
             arr = np.asarray(z["I"])  # I[row (superior 0), col (anterior 0), k (left-right)]
         d = series_dir(f"lumbar_volumes/{npz.parent.name}_{npz.stem}")
         np.save(d / "volume.npy", np.ascontiguousarray(np.transpose(arr, (2, 0, 1))))
-        (d / SIDECAR).write_text(json.dumps({
-            "anatomy": "lumbar_spine", "plane": "sagittal", "pixel_spacing_mm": 1.0, "slice_spacing_mm": 1.0,
-            "source": f"lumbar_spine/segmented_volumes/{npz.parent.name}",
-        }))
+        (d / SIDECAR).write_text(
+            json.dumps(
+                {
+                    "anatomy": "lumbar_spine",
+                    "plane": "sagittal",
+                    "pixel_spacing_mm": 1.0,
+                    "slice_spacing_mm": 1.0,
+                    "source": f"lumbar_spine/segmented_volumes/{npz.parent.name}",
+                }
+            )
+        )
     return keys
 
 
@@ -357,10 +401,17 @@ def export_public_other(out: Path | str) -> list[str]:
         d.mkdir(parents=True, exist_ok=True)
         step = max(1, round(4.0 / sk))  # 4 mm slices, as a clinical brain series
         np.save(d / "volume.npy", np.ascontiguousarray(arr[::step]))
-        (d / SIDECAR).write_text(json.dumps({
-            "anatomy": "other:brain", "plane": plane, "pixel_spacing_mm": [rj, ci], "slice_spacing_mm": sk * step,
-            "source": "nilearn MNI152 T1 template",
-        }))
+        (d / SIDECAR).write_text(
+            json.dumps(
+                {
+                    "anatomy": "other:brain",
+                    "plane": plane,
+                    "pixel_spacing_mm": [rj, ci],
+                    "slice_spacing_mm": sk * step,
+                    "source": "nilearn MNI152 T1 template",
+                }
+            )
+        )
         keys.append(key)
     return keys
 

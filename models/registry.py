@@ -75,23 +75,38 @@ def _build_entries() -> dict[str, ModelEntry]:
     entries: dict[str, ModelEntry] = {}
     for name, task in TASKS.items():
         entries[name] = ModelEntry(
-            name=name, task=task.kind, anatomy=task.anatomy, description=task.description,
-            input_roles=task.input.roles, weights_file="model.pt", version=task.version,
-            loader=_classifier_loader(name), input_spec=task.card_facts()["input"],
+            name=name,
+            task=task.kind,
+            anatomy=task.anatomy,
+            description=task.description,
+            input_roles=task.input.roles,
+            weights_file="model.pt",
+            version=task.version,
+            loader=_classifier_loader(name),
+            input_spec=task.card_facts()["input"],
         )
     entries[MODEL_SUPERRES] = ModelEntry(
-        name=MODEL_SUPERRES, task="superres", anatomy="any",
+        name=MODEL_SUPERRES,
+        task="superres",
+        anatomy="any",
         description="Residual super-resolution, through-plane x2 (in-plane x2 on request), data-consistent",
-        input_roles=("sag_fluid", "sag_pd", "cor_fluid", "sag_t2"), weights_file="model.pt", version="1",
+        input_roles=("sag_fluid", "sag_pd", "cor_fluid", "sag_t2"),
+        weights_file="model.pt",
+        version="1",
         legacy_files=("superres.pt",),
         loader=_superres_loader,
         input_spec={"roles": "first input role of the pipeline's main model", "plane": "any 2-D multislice series"},
     )
     entries[MODEL_ANATOMY] = ModelEntry(
-        name=MODEL_ANATOMY, task="qc", anatomy="any",
+        name=MODEL_ANATOMY,
+        task="qc",
+        anatomy="any",
         description="QC gate pixel anatomy classifier (knee, shoulder, lumbar spine in three planes, other; plane "
-                    "from the header), out-of-distribution distance, motion detector",
-        input_roles=(), weights_file="model.pt", version="2", loader=_anatomy_loader,
+        "from the header), out-of-distribution distance, motion detector",
+        input_roles=(),
+        weights_file="model.pt",
+        version="2",
+        loader=_anatomy_loader,
         input_spec={"roles": "every model input", "plane": "any"},
     )
     return entries
@@ -179,9 +194,15 @@ class Registry:
                 except WeightsIntegrityError:
                     sha = ""
         card = self.card(name)
-        return ModelInfo(name=name, version=str(card.get("version", e.version)), weights_sha256=sha, task=e.task,
-                         anatomy=e.anatomy, demo_weights=bool(card.get("demo_weights", True)),
-                         notice=NOT_FOR_DIAGNOSTIC_USE)
+        return ModelInfo(
+            name=name,
+            version=str(card.get("version", e.version)),
+            weights_sha256=sha,
+            task=e.task,
+            anatomy=e.anatomy,
+            demo_weights=bool(card.get("demo_weights", True)),
+            notice=NOT_FOR_DIAGNOSTIC_USE,
+        )
 
     def gate(self) -> QCGate:
         """The QC gate (with the anatomy classifier when its weights are present)."""
@@ -207,23 +228,25 @@ class Registry:
                     status = "verified"
                 except (WeightsMissingError, WeightsIntegrityError) as exc:
                     status, error = "refused", str(exc)
-            out.append({
-                "name": name,
-                "task": e.task,
-                "anatomy": e.anatomy,
-                "description": e.description,
-                "input": card.get("input", e.input_spec),
-                "input_roles": list(e.input_roles),
-                "version": str(card.get("version", e.version)),
-                "weights_sha256": sha,
-                "weights_path": str(path) if path else None,
-                "weights_source": None if path is None else ("repo" if REPO_WEIGHTS in path.parents else "site"),
-                "status": status,
-                "error": error,
-                "training_data": card.get("training_data"),
-                "metrics": card.get("metrics"),
-                "recipe": card.get("recipe"),
-                "demo_weights": bool(card.get("demo_weights", True)),
-                "notice": card.get("notice", NOT_FOR_DIAGNOSTIC_USE),
-            })
+            out.append(
+                {
+                    "name": name,
+                    "task": e.task,
+                    "anatomy": e.anatomy,
+                    "description": e.description,
+                    "input": card.get("input", e.input_spec),
+                    "input_roles": list(e.input_roles),
+                    "version": str(card.get("version", e.version)),
+                    "weights_sha256": sha,
+                    "weights_path": str(path) if path else None,
+                    "weights_source": None if path is None else ("repo" if REPO_WEIGHTS in path.parents else "site"),
+                    "status": status,
+                    "error": error,
+                    "training_data": card.get("training_data"),
+                    "metrics": card.get("metrics"),
+                    "recipe": card.get("recipe"),
+                    "demo_weights": bool(card.get("demo_weights", True)),
+                    "notice": card.get("notice", NOT_FOR_DIAGNOSTIC_USE),
+                }
+            )
         return out

@@ -16,9 +16,7 @@ import torch
 from models.transforms import Frame
 
 
-def grad_cam(
-    head: Callable[[torch.Tensor], torch.Tensor], features: torch.Tensor
-) -> np.ndarray:
+def grad_cam(head: Callable[[torch.Tensor], torch.Tensor], features: torch.Tensor) -> np.ndarray:
     """Grad-CAM of the scalar ``head(features)`` w.r.t. ``features`` (1, C, d, h, w) -> (d, h, w) >= 0."""
     with torch.inference_mode(False), torch.enable_grad():
         feat = features.detach().clone().requires_grad_(True)

@@ -219,8 +219,9 @@ class PatchSampler:
         return np.stack(imgs), np.stack(less), np.asarray(ys, np.float32)
 
 
-def pretrain_patches(net, items: list[dict[str, Any]], task: TaskSpec, recipe: Recipe, *,
-                     log: Callable[[str], None] = print) -> None:
+def pretrain_patches(
+    net, items: list[dict[str, Any]], task: TaskSpec, recipe: Recipe, *, log: Callable[[str], None] = print
+) -> None:
     """Lesion-patch pretraining: ``recipe.patch_steps`` steps on small patches (``recipe.patch_shape``) around
     lesions and at the same places in other cases, with the lesion-evidence loss and a patch-level
     lesion / no-lesion loss on the head's evidence maximum. Small lesions (a meniscal tear line is a
@@ -258,8 +259,16 @@ def pretrain_patches(net, items: list[dict[str, Any]], task: TaskSpec, recipe: R
         sums[1] += float(patch.detach())
         sums[2] += 1
         if step % 100 == 0 or step == recipe.patch_steps:
-            log(json.dumps({"patch_step": step, "aux": round(sums[0] / sums[2], 5), "patch": round(sums[1] / sums[2], 5),
-                            "seconds": round(time.time() - t0, 1)}))
+            log(
+                json.dumps(
+                    {
+                        "patch_step": step,
+                        "aux": round(sums[0] / sums[2], 5),
+                        "patch": round(sums[1] / sums[2], 5),
+                        "seconds": round(time.time() - t0, 1),
+                    }
+                )
+            )
             sums = [0.0, 0.0, 0]
 
 
@@ -309,8 +318,10 @@ def train(
     if val_items is None:
         n_val = max(1, round(len(items) * recipe.val_fraction))
         train_items, val_items = items[:-n_val], items[-n_val:]
-        split_rule = (f"the last {recipe.val_fraction:.0%} of the cases in the order of the data spec validate "
-                      f"(chose the epoch, the temperature and the threshold; never trained on); by case, never by slice")
+        split_rule = (
+            f"the last {recipe.val_fraction:.0%} of the cases in the order of the data spec validate "
+            f"(chose the epoch, the temperature and the threshold; never trained on); by case, never by slice"
+        )
     else:
         train_items = items
         split_rule = "validation cases given separately (never trained on)"
@@ -328,8 +339,12 @@ def train(
         from models.transforms import training_augmentation
 
         has_lesion = "lesion" in train_items[0]
-        aug = training_augmentation(flip_slices=task.input.flip_slices_ok, affine=recipe.affine,
-                                    lesion_key="lesion" if has_lesion else None, seed=recipe.seed)
+        aug = training_augmentation(
+            flip_slices=task.input.flip_slices_ok,
+            affine=recipe.affine,
+            lesion_key="lesion" if has_lesion else None,
+            seed=recipe.seed,
+        )
 
         def transform(item):
             d = dict(item)
@@ -344,8 +359,15 @@ def train(
 
     ds = Dataset(train_items, transform=transform)
     gen = torch.Generator().manual_seed(recipe.seed)
-    loader = DataLoader(ds, batch_size=recipe.batch_size, shuffle=True, num_workers=0, collate_fn=_collate,
-                        generator=gen, drop_last=len(train_items) > recipe.batch_size)
+    loader = DataLoader(
+        ds,
+        batch_size=recipe.batch_size,
+        shuffle=True,
+        num_workers=0,
+        collate_fn=_collate,
+        generator=gen,
+        drop_last=len(train_items) > recipe.batch_size,
+    )
     net = build_net(task)
     if recipe.init:
         init = Path(recipe.init)
@@ -377,8 +399,9 @@ def train(
         start_epoch = int(ck["epoch"]) + 1
         best = {"val_loss": float(ck["best_val_loss"]), "epoch": int(ck["best_epoch"]), "state": ck["best_state"]}
         log(f"resumed from {ckpt_path} at epoch {start_epoch}")
-    (out_dir / "recipe.json").write_text(json.dumps({"task": task.name, "task_version": task.version,
-                                                      **asdict(recipe), "split": split}, indent=2) + "\n")
+    (out_dir / "recipe.json").write_text(
+        json.dumps({"task": task.name, "task_version": task.version, **asdict(recipe), "split": split}, indent=2) + "\n"
+    )
     step = start_epoch * steps_per_epoch
     for epoch in range(start_epoch, recipe.epochs):
         net.train()
@@ -403,19 +426,38 @@ def train(
             if recipe.max_steps is not None and step >= recipe.max_steps:
                 break
         val = _evaluate_val(net, val_items, task, recipe.batch_size)
-        rec = {"epoch": epoch, "step": step, "seconds": round(time.time() - t0, 1),
-               **{k: round(v / max(1, n_batches), 5) for k, v in sums.items()},
-               "val_loss": round(val["val_loss"], 5), "val_auc": (round(val["val_auc"], 4) if math.isfinite(val.get("val_auc", math.nan)) else None),
-               "lr": opt.param_groups[0]["lr"]}
+        rec = {
+            "epoch": epoch,
+            "step": step,
+            "seconds": round(time.time() - t0, 1),
+            **{k: round(v / max(1, n_batches), 5) for k, v in sums.items()},
+            "val_loss": round(val["val_loss"], 5),
+            "val_auc": (round(val["val_auc"], 4) if math.isfinite(val.get("val_auc", math.nan)) else None),
+            "lr": opt.param_groups[0]["lr"],
+        }
         with open(log_path, "a") as fh:
             fh.write(json.dumps(rec) + "\n")
         log(json.dumps(rec))
         if val["val_loss"] < best["val_loss"]:
-            best = {"val_loss": val["val_loss"], "epoch": epoch,
-                    "state": {k: v.detach().clone() for k, v in net.state_dict().items()}}
-        save_checkpoint({"task": task.name, "recipe": asdict(recipe), "epoch": epoch, "net": net.state_dict(),
-                         "opt": opt.state_dict(), "sched": sched.state_dict(), "best_val_loss": best["val_loss"],
-                         "best_epoch": best["epoch"], "best_state": best["state"]}, ckpt_path)
+            best = {
+                "val_loss": val["val_loss"],
+                "epoch": epoch,
+                "state": {k: v.detach().clone() for k, v in net.state_dict().items()},
+            }
+        save_checkpoint(
+            {
+                "task": task.name,
+                "recipe": asdict(recipe),
+                "epoch": epoch,
+                "net": net.state_dict(),
+                "opt": opt.state_dict(),
+                "sched": sched.state_dict(),
+                "best_val_loss": best["val_loss"],
+                "best_epoch": best["epoch"],
+                "best_state": best["state"],
+            },
+            ckpt_path,
+        )
         if recipe.max_steps is not None and step >= recipe.max_steps:
             break
     if best["state"] is not None:
@@ -436,17 +478,31 @@ def train(
         if known.any() and len(np.unique(y[known])) == 2:
             threshold = youden_threshold(score[known], y[known])
     meta = {
-        "version": task.version, "demo_weights": True, "notice": NOT_FOR_DIAGNOSTIC_USE,
-        "training_data": str(spec), "n_train": len(train_items), "n_val": len(val_items),
-        "best_epoch": best["epoch"], "val_loss": val["val_loss"], "val_auc": val.get("val_auc"),
-        "recipe": asdict(recipe), "trained_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "version": task.version,
+        "demo_weights": True,
+        "notice": NOT_FOR_DIAGNOSTIC_USE,
+        "training_data": str(spec),
+        "n_train": len(train_items),
+        "n_val": len(val_items),
+        "best_epoch": best["epoch"],
+        "val_loss": val["val_loss"],
+        "val_auc": val.get("val_auc"),
+        "recipe": asdict(recipe),
+        "trained_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     info = ModelInfo(name=task.name, version=task.version, weights_sha256="", task=task.kind, anatomy=task.anatomy)
     model = ClassifierModel(task=task, net=net, info=info, temperature=temperature, threshold=threshold, metadata=meta)
     path = out_dir / "model.pt"
     sha = model.save(path)
-    summary = {"weights": str(path), "weights_sha256": sha, "temperature": temperature, "threshold": threshold,
-               "best_epoch": best["epoch"], "val_loss": val["val_loss"], "val_auc": val.get("val_auc")}
+    summary = {
+        "weights": str(path),
+        "weights_sha256": sha,
+        "temperature": temperature,
+        "threshold": threshold,
+        "best_epoch": best["epoch"],
+        "val_loss": val["val_loss"],
+        "val_auc": val.get("val_auc"),
+    }
     summary["warnings"] = split["warnings"]
     (out_dir / "train_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     write_training_card(out_dir, task, recipe, summary, split, temperature=temperature, threshold=threshold)
@@ -463,15 +519,21 @@ def _class_of(allowed_row: np.ndarray, classes: Sequence[str]) -> str | None:
     return ok[0] if len(ok) == 1 else "any of " + ", ".join(ok)
 
 
-def split_record(task: TaskSpec, train_items: list[dict[str, Any]], val_items: list[dict[str, Any]],
-                 rule: str) -> dict[str, Any]:
+def split_record(
+    task: TaskSpec, train_items: list[dict[str, Any]], val_items: list[dict[str, Any]], rule: str
+) -> dict[str, Any]:
     """The split as recorded in recipe.json: the case ids on each side, the label counts per head on each side,
     and a warning for every class of a head that the validation cases lack (their AUC and threshold are then
     undefined or meaningless) or that the training cases lack."""
-    out: dict[str, Any] = {"rule": rule, "n_train": len(train_items), "n_validation": len(val_items),
-                           "train_cases": [str(it.get("key", i)) for i, it in enumerate(train_items)],
-                           "validation_cases": [str(it.get("key", i)) for i, it in enumerate(val_items)],
-                           "label_counts": {}, "warnings": []}
+    out: dict[str, Any] = {
+        "rule": rule,
+        "n_train": len(train_items),
+        "n_validation": len(val_items),
+        "train_cases": [str(it.get("key", i)) for i, it in enumerate(train_items)],
+        "validation_cases": [str(it.get("key", i)) for i, it in enumerate(val_items)],
+        "label_counts": {},
+        "warnings": [],
+    }
     for side, rows in (("train", train_items), ("validation", val_items)):
         for h, head in enumerate(task.heads):
             counts: dict[str, int] = {}
@@ -485,9 +547,11 @@ def split_record(task: TaskSpec, train_items: list[dict[str, Any]], val_items: l
         for c in head.classes:
             covered_val = any(k == c or (k.startswith("any of ") and c in k[7:].split(", ")) for k in val)
             if not covered_val:
-                out["warnings"].append(f"no validation case of {head.name} = {c!r} ({len(val_items)} validation "
-                                       "cases): validation AUC, temperature and threshold cannot reflect it; "
-                                       "train on more cases or give validation cases that hold every class")
+                out["warnings"].append(
+                    f"no validation case of {head.name} = {c!r} ({len(val_items)} validation "
+                    "cases): validation AUC, temperature and threshold cannot reflect it; "
+                    "train on more cases or give validation cases that hold every class"
+                )
             if not any(k == c or (k.startswith("any of ") and c in k[7:].split(", ")) for k in train):
                 out["warnings"].append(f"no training case of {head.name} = {c!r}: the model cannot learn it")
     if len(val_items) < 20:
@@ -496,8 +560,10 @@ def split_record(task: TaskSpec, train_items: list[dict[str, Any]], val_items: l
 
 
 def _reproduce(task: TaskSpec, recipe: Recipe) -> str:
-    parts = [f"msknode train {task.name} --data {recipe.data} --out OUT --epochs {recipe.epochs}",
-             f"--batch-size {recipe.batch_size} --lr {recipe.lr:g} --seed {recipe.seed}"]
+    parts = [
+        f"msknode train {task.name} --data {recipe.data} --out OUT --epochs {recipe.epochs}",
+        f"--batch-size {recipe.batch_size} --lr {recipe.lr:g} --seed {recipe.seed}",
+    ]
     if recipe.max_steps is not None:
         parts.append(f"--max-steps {recipe.max_steps}")
     if not recipe.augment:
@@ -510,35 +576,54 @@ def _reproduce(task: TaskSpec, recipe: Recipe) -> str:
     return " ".join(parts)
 
 
-def write_training_card(out_dir: Path, task: TaskSpec, recipe: Recipe, summary: dict[str, Any],
-                        split: dict[str, Any], *, temperature: float, threshold: float) -> None:
+def write_training_card(
+    out_dir: Path,
+    task: TaskSpec,
+    recipe: Recipe,
+    summary: dict[str, Any],
+    split: dict[str, Any],
+    *,
+    temperature: float,
+    threshold: float,
+) -> None:
     """card.json + MODEL_CARD.md of freshly trained weights, from what training knows: the data spec, the cases on
     each side of the split, the recipe and the validation figures (which chose the epoch and the calibration,
     so they are not an independent estimate: `msknode evaluate` on held-out cases gives that)."""
     from models.cards import write_card
 
     init = f", fine-tuned from {recipe.init} (sha256 {recipe.init_sha256})" if recipe.init else ""
-    metrics = {"validation_loss": round(float(summary["val_loss"]), 5), "best_epoch": summary["best_epoch"],
-               "temperature": round(float(temperature), 4), "threshold": round(float(threshold), 4),
-               "n_train": split["n_train"], "n_validation": split["n_validation"]}
+    metrics = {
+        "validation_loss": round(float(summary["val_loss"]), 5),
+        "best_epoch": summary["best_epoch"],
+        "temperature": round(float(temperature), 4),
+        "threshold": round(float(threshold), 4),
+        "n_train": split["n_train"],
+        "n_validation": split["n_validation"],
+    }
     auc = summary.get("val_auc")
     metrics["validation_auc"] = None if auc is None or not math.isfinite(float(auc)) else round(float(auc), 4)
     card = {
-        **task.card_facts(), "version": task.version, "weights_file": "model.pt",
-        "weights_sha256": summary["weights_sha256"], "demo_weights": False,
+        **task.card_facts(),
+        "version": task.version,
+        "weights_file": "model.pt",
+        "weights_sha256": summary["weights_sha256"],
+        "demo_weights": False,
         "notice": "Weights trained with msknode train on the data named below; validated on their own split "
-                  "only. Not for diagnostic use.",
+        "only. Not for diagnostic use.",
         "training_data": f"{recipe.data}: {split['n_train']} training cases{init}; validation "
-                         f"{split['n_validation']} cases. Label counts: {json.dumps(split['label_counts'])}. "
-                         f"The case ids of each side are in recipe.json.",
+        f"{split['n_validation']} cases. Label counts: {json.dumps(split['label_counts'])}. "
+        f"The case ids of each side are in recipe.json.",
         "recipe": {k: v for k, v in asdict(recipe).items() if k != "threads"} | {"split": split["rule"]},
         "metrics": metrics,
         "evaluation_data": f"the validation split ({split['n_validation']} cases), which chose the epoch, the "
-                           "temperature and the threshold: not an independent estimate; run msknode evaluate on "
-                           "held-out cases before use",
+        "temperature and the threshold: not an independent estimate; run msknode evaluate on "
+        "held-out cases before use",
         "evaluation_note": "Validation figures of training only.",
         "reproduce": [_reproduce(task, recipe), f"msknode evaluate {task.name} --data HELD_OUT --weights OUT/model.pt"],
-        "limitations": ["Not for diagnostic use.", *split["warnings"],
-                        "Figures come from the validation split that also chose the epoch and calibration."],
+        "limitations": [
+            "Not for diagnostic use.",
+            *split["warnings"],
+            "Figures come from the validation split that also chose the epoch and calibration.",
+        ],
     }
     write_card(out_dir, card)

@@ -53,7 +53,9 @@ def _array_axis_directions(volume: Volume) -> np.ndarray:
     return np.stack([normal, np.asarray(volume.col_cosine, float), np.asarray(volume.row_cosine, float)])
 
 
-def canonical_layout(volume: Volume, plane: str | None = None) -> tuple[tuple[int, int, int], tuple[bool, bool, bool], str]:
+def canonical_layout(
+    volume: Volume, plane: str | None = None
+) -> tuple[tuple[int, int, int], tuple[bool, bool, bool], str]:
     """(perm, flips, plane): canonical = flip(transpose(array, perm)); axis t of the result is source axis perm[t]
     (perm[0] is always 0)."""
     plane = plane or detect_plane(volume)[0]
@@ -168,7 +170,9 @@ class Frame:
         cs = self.canonical_shape
         ms = []
         for a in range(3):
-            m = interp_matrix(self.out_shape[a], -self.origin[a] / self.step[a], 1.0 / self.step[a], cs[a], antialias=False)
+            m = interp_matrix(
+                self.out_shape[a], -self.origin[a] / self.step[a], 1.0 / self.step[a], cs[a], antialias=False
+            )
             ms.append(m)
         return self.from_canonical(apply_separable(np.asarray(grid, np.float32), *ms))
 
@@ -218,13 +222,22 @@ def make_frame(
         origin.append(centre - (out_shape[a] - 1) / 2.0 * st)
         step.append(st)
     return Frame(
-        source_shape=_int3(volume.array.shape), perm=perm, flips=flips, plane=plane,
-        canonical_spacing=_float3(spacing), origin=_float3(origin), step=_float3(step), out_shape=_int3(out_shape),
+        source_shape=_int3(volume.array.shape),
+        perm=perm,
+        flips=flips,
+        plane=plane,
+        canonical_spacing=_float3(spacing),
+        origin=_float3(origin),
+        step=_float3(step),
+        out_shape=_int3(out_shape),
     )
 
 
 def make_native_frame(
-    volume: Volume, out_shape: Sequence[int], target_mm: Sequence[float], plane: str | None = None,
+    volume: Volume,
+    out_shape: Sequence[int],
+    target_mm: Sequence[float],
+    plane: str | None = None,
     offset_mm: Sequence[float] = (0.0, 0.0, 0.0),
 ) -> Frame:
     """A Frame that samples native voxels: per canonical axis an integer step (the whole number of
@@ -242,8 +255,14 @@ def make_native_frame(
         origin.append(float(np.floor(centre - (out_shape[a] - 1) / 2.0 * st + 0.5)))
         step.append(float(st))
     return Frame(
-        source_shape=_int3(volume.array.shape), perm=perm, flips=flips, plane=plane,
-        canonical_spacing=_float3(spacing), origin=_float3(origin), step=_float3(step), out_shape=_int3(out_shape),
+        source_shape=_int3(volume.array.shape),
+        perm=perm,
+        flips=flips,
+        plane=plane,
+        canonical_spacing=_float3(spacing),
+        origin=_float3(origin),
+        step=_float3(step),
+        out_shape=_int3(out_shape),
     )
 
 
@@ -263,7 +282,9 @@ def robust_scale(x: np.ndarray, percentile: float = 99.5) -> np.ndarray:
 class ResampleToRoi(Transform):
     """Volume -> (1, D, H, W) float32 on the network grid; also returns the Frame."""
 
-    def __init__(self, out_shape: Sequence[int], roi_mm: Sequence[float | None] | None = None, plane: str | None = None):
+    def __init__(
+        self, out_shape: Sequence[int], roi_mm: Sequence[float | None] | None = None, plane: str | None = None
+    ):
         self.out_shape = tuple(int(s) for s in out_shape)
         self.roi_mm = roi_mm
         self.plane = plane
@@ -321,8 +342,9 @@ def preprocess(volume: Volume, out_shape, roi_mm=None, plane: str | None = None)
     return RobustScale()(img), frame
 
 
-def training_augmentation(*, flip_slices: bool, affine: bool = False, keys=("image",), lesion_key: str | None = "lesion",
-                          seed: int = 0):
+def training_augmentation(
+    *, flip_slices: bool, affine: bool = False, keys=("image",), lesion_key: str | None = "lesion", seed: int = 0
+):
     """MONAI augmentation chain for (C, D, H, W) training inputs (geometric ops also move the lesion mask).
 
     Phantoms already vary in rotation, shift and size, so the random affine is off by default
@@ -341,11 +363,18 @@ def training_augmentation(*, flip_slices: bool, affine: bool = False, keys=("ima
     if flip_slices:
         ops.append(RandFlipd(keys=spatial, prob=0.5, spatial_axis=0, allow_missing_keys=True))
     if affine:
-        ops.append(RandAffined(
-            keys=spatial, prob=0.7, rotate_range=(np.deg2rad(6), 0.0, 0.0), scale_range=(0.0, 0.08, 0.08),
-            translate_range=(1.0, 6.0, 6.0), mode=["bilinear"] * len(spatial), padding_mode="zeros",
-            allow_missing_keys=True,
-        ))
+        ops.append(
+            RandAffined(
+                keys=spatial,
+                prob=0.7,
+                rotate_range=(np.deg2rad(6), 0.0, 0.0),
+                scale_range=(0.0, 0.08, 0.08),
+                translate_range=(1.0, 6.0, 6.0),
+                mode=["bilinear"] * len(spatial),
+                padding_mode="zeros",
+                allow_missing_keys=True,
+            )
+        )
     ops += [
         RandScaleIntensityd(keys=list(keys), factors=0.15, prob=0.5),
         RandAdjustContrastd(keys=list(keys), gamma=(0.8, 1.25), prob=0.3),

@@ -19,9 +19,7 @@ from typing import Any
 
 import numpy as np
 
-NOT_FOR_DIAGNOSTIC_USE = (
-    "Demo weights trained on synthetic phantoms only. Not for diagnostic use."
-)
+NOT_FOR_DIAGNOSTIC_USE = "Demo weights trained on synthetic phantoms only. Not for diagnostic use."
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,11 @@ from models.nets import LesionNet, set_mc_dropout
 
 
 def mc_dropout_probabilities(
-    net: LesionNet, features: torch.Tensor | Sequence[torch.Tensor], *, samples: int = 24, temperature: float = 1.0,
+    net: LesionNet,
+    features: torch.Tensor | Sequence[torch.Tensor],
+    *,
+    samples: int = 24,
+    temperature: float = 1.0,
     seed: int = 0,
 ) -> list[torch.Tensor]:
     """Per head: (samples, n_classes) softmax probabilities of ``samples`` stochastic head passes on ``features``

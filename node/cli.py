@@ -32,9 +32,14 @@ def build_parser() -> argparse.ArgumentParser:
         prog="msknode",
         description="Clinical AI node for knee, shoulder and lumbar-spine MRI beside a PACS.",
     )
-    parser.add_argument("--config", metavar="FILE", help="TOML settings file (env MSKNODE_CONFIG); MSKNODE_* variables win")
-    parser.add_argument("--log-format", choices=("text", "json"),
-                        help="log lines as text or one JSON object per line (env MSKNODE_LOG_FORMAT; default text)")
+    parser.add_argument(
+        "--config", metavar="FILE", help="TOML settings file (env MSKNODE_CONFIG); MSKNODE_* variables win"
+    )
+    parser.add_argument(
+        "--log-format",
+        choices=("text", "json"),
+        help="log lines as text or one JSON object per line (env MSKNODE_LOG_FORMAT; default text)",
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     for name in COMMAND_MODULES:

@@ -1,18 +1,18 @@
 """The exceptions of the `node` package.
 
-    NodeError                 base of every error msknode raises on purpose
-    ├── SettingsError         invalid settings; the message names the setting
-    ├── StorageError          the instance store cannot take an object
-    │   └── OutOfSpaceError   free disk below MSKNODE_MIN_FREE_GB
-    ├── IngestError           a received object is refused; carries the DICOM status to return
-    ├── RoutingError          an invalid routing rules file
-    ├── ResultsError          a result object cannot be built
-    ├── DispatchError         a destination refused or could not be reached
-    │   ├── TransientDispatchError   try again later (connection refused, 0xA7xx, rejected-transient)
-    │   └── PermanentDispatchError   never retried (0x0122, rejected-permanent)
-    ├── JobError              a pipeline job failed
-    ├── UserError             a web user cannot be created or changed (name, role, password)
-    └── EndToEndError         the demo or the end-to-end benchmark cannot run or its results are wrong
+NodeError                 base of every error msknode raises on purpose
+├── SettingsError         invalid settings; the message names the setting
+├── StorageError          the instance store cannot take an object
+│   └── OutOfSpaceError   free disk below MSKNODE_MIN_FREE_GB
+├── IngestError           a received object is refused; carries the DICOM status to return
+├── RoutingError          an invalid routing rules file
+├── ResultsError          a result object cannot be built
+├── DispatchError         a destination refused or could not be reached
+│   ├── TransientDispatchError   try again later (connection refused, 0xA7xx, rejected-transient)
+│   └── PermanentDispatchError   never retried (0x0122, rejected-permanent)
+├── JobError              a pipeline job failed
+├── UserError             a web user cannot be created or changed (name, role, password)
+└── EndToEndError         the demo or the end-to-end benchmark cannot run or its results are wrong
 """
 
 

@@ -225,7 +225,9 @@ class Settings(BaseSettings):
             known = [r for r in PIPELINE_ROLES[pipeline] if r != LOCALIZER_ROLE]
             for role in roles:
                 if role not in known:
-                    raise ValueError(f"{pipeline}: {role!r} is not an input role of {pipeline} (roles: {', '.join(known)})")
+                    raise ValueError(
+                        f"{pipeline}: {role!r} is not an input role of {pipeline} (roles: {', '.join(known)})"
+                    )
         return {p: sorted(set(roles)) for p, roles in v.items()}
 
     @field_validator("ae_title")
@@ -287,9 +289,16 @@ class Settings(BaseSettings):
         return self
 
     @classmethod
-    def settings_customise_sources(cls, settings_cls, init_settings, env_settings, dotenv_settings, file_secret_settings):
+    def settings_customise_sources(
+        cls, settings_cls, init_settings, env_settings, dotenv_settings, file_secret_settings
+    ):
         path = os.environ.get("MSKNODE_CONFIG") or None
-        return (init_settings, env_settings, _TomlSource(settings_cls, Path(path) if path else None), file_secret_settings)
+        return (
+            init_settings,
+            env_settings,
+            _TomlSource(settings_cls, Path(path) if path else None),
+            file_secret_settings,
+        )
 
     # ---- derived paths -------------------------------------------------------
     @property

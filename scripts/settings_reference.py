@@ -91,8 +91,14 @@ EXAMPLES: dict[str, object] = {
     "study_protocols": {"knee": ["cor_fluid", "sag_fluid"], "shoulder": ["cor_fluid"]},  # roles sorted, as read
     "destinations": [
         {"type": "dimse", "ae_title": "PACS_AET", "host": "pacs.example.org", "port": 104},
-        {"type": "dimse", "ae_title": "PACS_TLS", "host": "pacs.example.org", "port": 2762, "tls": True,
-         "tls_ca_file": "/etc/msknode/ca.pem"},
+        {
+            "type": "dimse",
+            "ae_title": "PACS_TLS",
+            "host": "pacs.example.org",
+            "port": 2762,
+            "tls": True,
+            "tls_ca_file": "/etc/msknode/ca.pem",
+        },
         {"type": "stow", "url": "https://pacs.example.org/dicom-web", "token": "..."},
     ],
 }
@@ -165,7 +171,9 @@ def settings_file() -> str:
         value = _plain_default(field)
         if value is None or (isinstance(value, str) and name in PACKAGE_FILES):
             shown = "..." if value is None else _toml_scalar(value)
-            plain.append(f"# {name} = {shown}  # default: {_default(name, field).replace('`', '')}{PACKAGE_FILES.get(name, '')}")
+            plain.append(
+                f"# {name} = {shown}  # default: {_default(name, field).replace('`', '')}{PACKAGE_FILES.get(name, '')}"
+            )
         else:
             plain.append(toml_lines(name, value)[0])
     return "\n".join(["```toml", *plain, *tables, "```"])

@@ -66,9 +66,13 @@ def pytest_collection_modifyitems(config, items):
     if unmarked:
         import warnings
 
-        warnings.warn(pytest.PytestWarning(
-            f"test modules without a unit/integration/slow marker (run as integration): {', '.join(sorted(unmarked))}; "
-            "set pytestmark in the module (see tests/conftest.py)"), stacklevel=2)
+        warnings.warn(
+            pytest.PytestWarning(
+                f"test modules without a unit/integration/slow marker (run as integration): {', '.join(sorted(unmarked))}; "
+                "set pytestmark in the module (see tests/conftest.py)"
+            ),
+            stacklevel=2,
+        )
 
 
 # ---- no server outlives the run ---------------------------------------------------------------

@@ -46,10 +46,25 @@ ALLOWED: dict[str, set[str]] = {
     "node.receive": {"node.db", "node.errors", "node.settings", "node.intake", "node.ops.restart"},
     "node.dispatch": {"node.db", "node.errors", "node.settings"},
     "node.jobs": {"node.db", "node.errors", "node.settings", "node.results", "worklists"},
-    "node.ops": {"node.db", "node.errors", "node.settings", "node.intake", "node.jobs", "node.dispatch",
-                 "node.ops.restart"},
-    "node.web": {"node.db", "node.errors", "node.settings", "node.intake", "node.jobs", "node.dispatch", "node.ops",
-                 "worklists"},
+    "node.ops": {
+        "node.db",
+        "node.errors",
+        "node.settings",
+        "node.intake",
+        "node.jobs",
+        "node.dispatch",
+        "node.ops.restart",
+    },
+    "node.web": {
+        "node.db",
+        "node.errors",
+        "node.settings",
+        "node.intake",
+        "node.jobs",
+        "node.dispatch",
+        "node.ops",
+        "worklists",
+    },
     "node.demo": {"node.db", "node.errors", "node.settings", "node.web"},
     "node.commands": {"node.db", "node.errors", "node.settings"},
     "node.cli": {"node.db", "node.errors", "node.settings"},
@@ -76,7 +91,8 @@ MODULES = _modules()
 
 def _is_type_checking(test: ast.expr) -> bool:
     return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
-        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING")
+        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING"
+    )
 
 
 def imports_of(name: str) -> list[tuple[str, bool]]:
@@ -136,14 +152,24 @@ def test_the_units_cover_every_module():
 
 
 def test_models_never_imports_node():
-    bad = [(m, i) for m in MODULES if m.split(".")[0] == "models" for i, _ in imports_of(m)
-           if i == "node" or i.startswith("node.")]
+    bad = [
+        (m, i)
+        for m in MODULES
+        if m.split(".")[0] == "models"
+        for i, _ in imports_of(m)
+        if i == "node" or i.startswith("node.")
+    ]
     assert not bad, bad
 
 
 def test_receive_and_worklists_never_import_the_web():
-    bad = [(m, i) for m in MODULES if m.startswith(("node.receive", "worklists")) for i, _ in imports_of(m)
-           if i == "node.web" or i.startswith("node.web.")]
+    bad = [
+        (m, i)
+        for m in MODULES
+        if m.startswith(("node.receive", "worklists"))
+        for i, _ in imports_of(m)
+        if i == "node.web" or i.startswith("node.web.")
+    ]
     assert not bad, bad
 
 
@@ -177,7 +203,7 @@ def test_no_import_cycle_between_units_at_module_level():
         stack.append(u)
         for v in sorted(graph.get(u, ())):
             if state.get(v) == 1:
-                raise AssertionError("import cycle: " + " -> ".join(stack[stack.index(v):] + [v]))
+                raise AssertionError("import cycle: " + " -> ".join(stack[stack.index(v) :] + [v]))
             if v not in state:
                 visit(v)
         stack.pop()

@@ -14,14 +14,24 @@ from support.index_rows import make_series, make_study
 
 pytestmark = pytest.mark.unit
 
-KEYS = {"study_uid", "series_uid", "modality", "body_part", "series_description", "instances", "state",
-        "pipeline", "role"}
+KEYS = {
+    "study_uid",
+    "series_uid",
+    "modality",
+    "body_part",
+    "series_description",
+    "instances",
+    "state",
+    "pipeline",
+    "role",
+}
 
 
 def test_series_json_names_the_matched_rule_and_the_explanation(settings, db, capsys):
     rules = load_rules(DEFAULT_ROUTING_RULES)
-    ex = explain(facts_from_table_entry({"description": "t2_tse_fs_sag", "body_part": "KNEE"}), rules,
-                 uid_root=DEFAULT_UID_ROOT)
+    ex = explain(
+        facts_from_table_entry({"description": "t2_tse_fs_sag", "body_part": "KNEE"}), rules, uid_root=DEFAULT_UID_ROOT
+    )
     assert ex.route.routed, ex.summary()
     with db.session() as s:
         st = make_study(s)
@@ -43,7 +53,9 @@ def test_series_json_names_the_matched_rule_and_the_explanation(settings, db, ca
 
 def test_routing_summary_of_an_unrouted_series_names_why():
     rules = load_rules(DEFAULT_ROUTING_RULES)
-    ex = explain(facts_from_table_entry({"description": "survey", "body_part": "HEAD"}), rules, uid_root=DEFAULT_UID_ROOT)
+    ex = explain(
+        facts_from_table_entry({"description": "survey", "body_part": "HEAD"}), rules, uid_root=DEFAULT_UID_ROOT
+    )
     assert routing_summary(ex.to_json()) == ex.summary()
     assert routing_summary(json.dumps(ex.to_json())) == ex.summary()
     assert routing_summary(None) is None

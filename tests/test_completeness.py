@@ -139,8 +139,11 @@ def test_check_positions():
     assert check_positions(mixed, 10).reason == "mixed orientations"
     # a 3-plane localizer announcing 9 images: complete by count when every plane has its 3 slices, no gap
     planes = ("0\\1\\0\\0\\0\\-1", "1\\0\\0\\0\\0\\-1", "1\\0\\0\\0\\1\\0")  # sagittal, coronal, axial
-    localizer = [(f"{8 * k * (i == 0)}\\{8 * k * (i == 1)}\\{8 * k * (i == 2)}", o, None)
-                 for i, o in enumerate(planes) for k in range(3)]
+    localizer = [
+        (f"{8 * k * (i == 0)}\\{8 * k * (i == 1)}\\{8 * k * (i == 2)}", o, None)
+        for i, o in enumerate(planes)
+        for k in range(3)
+    ]
     assert check_positions(localizer, 9).complete
     assert not check_positions(localizer[:8], 9).complete
     unequal = localizer[:3] + localizer[3:5] + localizer[6:] + [(f"0\\0\\{8 * 3}", planes[2], None)]
@@ -205,7 +208,8 @@ def knee_study(db, *, t=0.0):
         dict(description="localizer", count=3, now=at(t), number=1),
         dict(description="PD_TSE_FS_SAG", count=30, now=at(t + 0.1), number=2),
         dict(description="t1_tse_cor", count=24, now=at(t + 0.2), number=3),
-        description="MR KNEE LEFT", t=t,
+        description="MR KNEE LEFT",
+        t=t,
     )
     return study_uid, loc, sag, cor
 
@@ -231,12 +235,13 @@ def test_three_series_knee_study_yields_exactly_one_job(anydb, cfg, rules):
     with db.session() as s:
         job = s.get(Job, job_id)
         assert job.enqueue_pending is True and job.max_attempts == cfg.job_max_attempts
-        uids = s.scalars(
-            select(Instance.sop_instance_uid).join(Series).where(Series.series_uid.in_([sag, cor]))
-        ).all()
+        uids = s.scalars(select(Instance.sop_instance_uid).join(Series).where(Series.series_uid.in_([sag, cor]))).all()
         assert len(uids) == 54
         assert job.input_fingerprint == input_fingerprint("knee", uids)
-        assert job.input_fingerprint == hashlib.sha256(("knee" + "".join("\n" + u for u in sorted(uids))).encode()).hexdigest()
+        assert (
+            job.input_fingerprint
+            == hashlib.sha256(("knee" + "".join("\n" + u for u in sorted(uids))).encode()).hexdigest()
+        )
 
 
 def test_study_waits_for_a_series_still_receiving(db, cfg, rules):
@@ -342,7 +347,13 @@ def test_non_mr_and_own_objects_are_never_routed(anydb, cfg, rules):
     assert all(st[:3] == ("unrouted", None, None) for st in states), states
     with db.session() as s:
         reasons = s.scalars(select(Series.routing_rule).order_by(Series.id)).all()
-    assert reasons == ["unrouted:no_rule", "unrouted:own_object", "unrouted:own_object", "unrouted:own_object", "unrouted:no_rule"]
+    assert reasons == [
+        "unrouted:no_rule",
+        "unrouted:own_object",
+        "unrouted:own_object",
+        "unrouted:own_object",
+        "unrouted:no_rule",
+    ]
     assert jobs_of(db) == []
 
 
@@ -353,14 +364,18 @@ def test_own_objects_do_not_hold_or_reopen_a_study(db, cfg, rules):
         s.get(Job, first).state = "done"
         st = s.scalar(select(Study).where(Study.study_uid == study_uid))
         # our SR and SEG forwarded back by the PACS
-        send_series(s, st, description="AI findings", modality="SR", count=1, series_uid=cfg.uid_root + "9.1", now=at(20))
+        send_series(
+            s, st, description="AI findings", modality="SR", count=1, series_uid=cfg.uid_root + "9.1", now=at(20)
+        )
         send_series(s, st, description="SAG PD FS superres", count=30, own_object=True, now=at(20))
     assert run(db, cfg, rules, 30.0) == []
     assert len(jobs_of(db)) == 1
 
 
 def test_localizer_without_anatomy_gets_it_from_the_study(db, cfg, rules):
-    study_id, _, [loc_uid] = study_with(db, dict(description="3 Plane Loc", body_part="", count=3, now=at(0)))  # no study description
+    study_id, _, [loc_uid] = study_with(
+        db, dict(description="3 Plane Loc", body_part="", count=3, now=at(0))
+    )  # no study description
     run(db, cfg, rules, Q)  # only the localizer so far: anatomy unknown
     assert state_of(db, loc_uid)[:2] == ("unrouted", None)
     sag = add_series(db, study_id, description="Sag PD FSE FS", body_part="KNEE", count=20, now=at(1.0))
@@ -370,8 +385,11 @@ def test_localizer_without_anatomy_gets_it_from_the_study(db, cfg, rules):
 
 
 def test_two_anatomies_in_one_study_make_one_job_each(db, cfg, rules):
-    study_with(db, dict(description="SAG PD FS", body_part="KNEE", count=10),
-               dict(description="COR OBL T2 FS", body_part="SHOULDER", count=10))
+    study_with(
+        db,
+        dict(description="SAG PD FS", body_part="KNEE", count=10),
+        dict(description="COR OBL T2 FS", body_part="SHOULDER", count=10),
+    )
     created = run(db, cfg, rules, Q + SQ)
     assert sorted(j[2] for j in jobs_of(db)) == ["knee", "shoulder"] and len(created) == 2
 
@@ -439,13 +457,16 @@ LONG_SQ = 60.0  # a study quiet period long enough that only the protocol can se
 
 @pytest.fixture
 def proto_cfg(cfg):
-    return cfg.model_copy(update={"study_quiet_seconds": LONG_SQ, "study_protocols": {"knee": ["cor_fluid", "sag_fluid"]}})
+    return cfg.model_copy(
+        update={"study_quiet_seconds": LONG_SQ, "study_protocols": {"knee": ["cor_fluid", "sag_fluid"]}}
+    )
 
 
 def test_protocol_complete_settles_the_study_without_the_quiet_period(anydb, proto_cfg, rules):
     db = anydb
-    study_id, _, [sag] = study_with(db, dict(description="PD_TSE_FS_SAG", count=30, now=at(0), number=2),
-                                    description="MR KNEE LEFT")
+    study_id, _, [sag] = study_with(
+        db, dict(description="PD_TSE_FS_SAG", count=30, now=at(0), number=2), description="MR KNEE LEFT"
+    )
     assert run(db, proto_cfg, rules, Q) == []  # sagittal complete; the coronal of the protocol is missing
     assert state_of(db, sag)[:3] == ("complete", "knee", "sag_fluid")
     assert run(db, proto_cfg, rules, 20.0) == []
@@ -462,8 +483,11 @@ def test_protocol_complete_settles_the_study_without_the_quiet_period(anydb, pro
 
 def test_a_missing_protocol_role_waits_for_the_quiet_period(anydb, proto_cfg, rules):
     db = anydb
-    study_with(db, dict(description="PD_TSE_FS_SAG", count=30, now=at(0), number=2),
-               dict(description="t1_tse_cor", count=24, now=at(0.2), number=3))  # cor_t1, not cor_fluid
+    study_with(
+        db,
+        dict(description="PD_TSE_FS_SAG", count=30, now=at(0), number=2),
+        dict(description="t1_tse_cor", count=24, now=at(0.2), number=3),
+    )  # cor_t1, not cor_fluid
     assert run(db, proto_cfg, rules, 0.2 + Q) == []
     assert run(db, proto_cfg, rules, 0.2 + Q + LONG_SQ - 0.01) == []
     assert len(run(db, proto_cfg, rules, 0.2 + Q + LONG_SQ)) == 1
@@ -479,8 +503,11 @@ def test_a_pipeline_without_a_protocol_waits_for_the_quiet_period(db, proto_cfg,
 
 def test_after_the_protocol_job_an_extra_series_waits_for_the_quiet_period(anydb, proto_cfg, rules):
     db = anydb
-    study_id, _, _ = study_with(db, dict(description="PD_TSE_FS_SAG", count=30, now=at(0), number=2),
-                                dict(description="PD_TSE_FS_COR", count=24, now=at(0.1), number=3))
+    study_id, _, _ = study_with(
+        db,
+        dict(description="PD_TSE_FS_SAG", count=30, now=at(0), number=2),
+        dict(description="PD_TSE_FS_COR", count=24, now=at(0.1), number=3),
+    )
     [first] = run(db, proto_cfg, rules, 0.1 + Q)
     finish(db, first)
     ax = add_series(db, study_id, description="pd_tse_fs_tra", count=25, now=at(30.0), number=4)
@@ -532,7 +559,10 @@ def test_concurrent_ticks_create_one_job_when_the_protocol_settles(db, settings,
     "value, expected",
     [
         ('{"knee": ["sag_fluid", "cor_fluid"]}', {"knee": ["cor_fluid", "sag_fluid"]}),
-        ("knee=sag_fluid,cor_fluid; shoulder=cor_fluid", {"knee": ["cor_fluid", "sag_fluid"], "shoulder": ["cor_fluid"]}),
+        (
+            "knee=sag_fluid,cor_fluid; shoulder=cor_fluid",
+            {"knee": ["cor_fluid", "sag_fluid"], "shoulder": ["cor_fluid"]},
+        ),
         ("", {}),
     ],
 )

@@ -58,13 +58,24 @@ def write_series(
     rng = np.random.default_rng(number)
     for i in range(n):
         ds = mr_dataset(
-            study_uid=study_uid, series_uid=series_uid, pixels=rng.integers(0, 1000, (32, 32), dtype=np.uint16),
-            Manufacturer="SIEMENS", PatientName="Test^Completeness", PatientID="C0001", StudyDate="20260302",
-            StudyDescription=study_description, SeriesDescription=description, ProtocolName=description,
-            BodyPartExamined=body_part, SeriesNumber=number, InstanceNumber=i + 1,
+            study_uid=study_uid,
+            series_uid=series_uid,
+            pixels=rng.integers(0, 1000, (32, 32), dtype=np.uint16),
+            Manufacturer="SIEMENS",
+            PatientName="Test^Completeness",
+            PatientID="C0001",
+            StudyDate="20260302",
+            StudyDescription=study_description,
+            SeriesDescription=description,
+            ProtocolName=description,
+            BodyPartExamined=body_part,
+            SeriesNumber=number,
+            InstanceNumber=i + 1,
             ImageOrientationPatient=list(orientation),
             ImagePositionPatient=None if i in no_position else [i * 3.0 - 60.0, -80.0, 80.0],
-            SliceThickness=3.0, PixelSpacing=[0.5, 0.5], ImagesInAcquisition=images_in_acquisition or None,
+            SliceThickness=3.0,
+            PixelSpacing=[0.5, 0.5],
+            ImagesInAcquisition=images_in_acquisition or None,
         )
         p = save(ds, folder / f"{series_uid}_{i:03d}.dcm")
         paths.append(p)
@@ -73,8 +84,15 @@ def write_series(
 
 # ---- processes ----------------------------------------------------------------------
 def node_env(settings, **extra) -> dict:
-    return child_env(**{"MSKNODE_DATA_DIR": settings.data_dir, "MSKNODE_QUIET_SECONDS": Q,
-                        "MSKNODE_STUDY_QUIET_SECONDS": SQ, "MSKNODE_LOG_LEVEL": "INFO", **extra})
+    return child_env(
+        **{
+            "MSKNODE_DATA_DIR": settings.data_dir,
+            "MSKNODE_QUIET_SECONDS": Q,
+            "MSKNODE_STUDY_QUIET_SECONDS": SQ,
+            "MSKNODE_LOG_LEVEL": "INFO",
+            **extra,
+        }
+    )
 
 
 class Listener(ListenerProcess):
@@ -87,8 +105,13 @@ class Listener(ListenerProcess):
 
 
 def storescu(port: int, files: list[Path]) -> None:
-    r = subprocess.run(["storescu", "-aec", "MSKNODE", "-aet", "MODALITY", "127.0.0.1", str(port), *map(str, files)],
-                       capture_output=True, text=True, env={**os.environ, "TCP_NODELAY": "1"}, timeout=120)
+    r = subprocess.run(
+        ["storescu", "-aec", "MSKNODE", "-aet", "MODALITY", "127.0.0.1", str(port), *map(str, files)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "TCP_NODELAY": "1"},
+        timeout=120,
+    )
     assert r.returncode == 0, r.stderr
 
 
@@ -161,8 +184,14 @@ def all_jobs(db) -> list[Job]:
 
 
 def msknode_json(settings, *args) -> list[dict]:
-    r = subprocess.run([sys.executable, "-m", "node.cli", *args, "--json"], env=node_env(settings), cwd=ROOT,
-                       capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [sys.executable, "-m", "node.cli", *args, "--json"],
+        env=node_env(settings),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 0, r.stderr
     return json.loads(r.stdout)
 
@@ -209,11 +238,13 @@ def test_forty_slices_complete_within_quiet_period_plus_one_second(listener, tic
 def test_three_series_knee_study_through_the_listener_yields_one_job(listener, ticker, db, settings, tmp_path):
     study_uid = generate_uid()
     d = tmp_path / "dcm"
-    loc, f1 = write_series(d, study_uid=study_uid, description="localizer", n=3, number=1,
-                           orientation=(1.0, 0.0, 0.0, 0.0, 1.0, 0.0))
+    loc, f1 = write_series(
+        d, study_uid=study_uid, description="localizer", n=3, number=1, orientation=(1.0, 0.0, 0.0, 0.0, 1.0, 0.0)
+    )
     sag, f2 = write_series(d, study_uid=study_uid, description="PD_TSE_FS_SAG", n=20, number=2)
-    cor, f3 = write_series(d, study_uid=study_uid, description="t1_tse_cor", n=16, number=3,
-                           orientation=(1.0, 0.0, 0.0, 0.0, 0.0, -1.0))
+    cor, f3 = write_series(
+        d, study_uid=study_uid, description="t1_tse_cor", n=16, number=3, orientation=(1.0, 0.0, 0.0, 0.0, 0.0, -1.0)
+    )
     storescu(listener.port, f1 + f2)  # two associations, as a modality sends series as they finish
     storescu(listener.port, f3)
     jobs = wait_for(lambda: all_jobs(db), Q + SQ + 5)
@@ -225,8 +256,12 @@ def test_three_series_knee_study_through_the_listener_yields_one_job(listener, t
     assert sorted((i.series.series_uid, i.role) for i in job.inputs) == sorted([(sag, "sag_fluid"), (cor, "cor_t1")])
 
     listed = msknode_json(settings, "jobs")
-    assert [(j["id"], j["study_uid"], j["pipeline"], j["state"]) for j in listed] == [(job.id, study_uid, "knee", "queued")]
-    assert sorted((i["series_uid"], i["role"]) for i in listed[0]["input_series"]) == sorted([(sag, "sag_fluid"), (cor, "cor_t1")])
+    assert [(j["id"], j["study_uid"], j["pipeline"], j["state"]) for j in listed] == [
+        (job.id, study_uid, "knee", "queued")
+    ]
+    assert sorted((i["series_uid"], i["role"]) for i in listed[0]["input_series"]) == sorted(
+        [(sag, "sag_fluid"), (cor, "cor_t1")]
+    )
     for key in ("attempts", "max_attempts", "timings", "error", "created_at", "finished_at", "started_at"):
         assert key in listed[0]
     series = {r["series_uid"]: r for r in msknode_json(settings, "series")}
@@ -254,9 +289,19 @@ def _send_holding_association(port: int, files: list[Path], hold: float) -> None
 def test_announced_count_completes_at_once_but_a_missing_position_waits(listener, ticker, db, tmp_path):
     study_uid = generate_uid()
     d = tmp_path / "dcm"
-    good, fg = write_series(d, study_uid=study_uid, description="Sag PD FSE FS", n=40, number=2, images_in_acquisition=40)
-    holey, fh = write_series(d, study_uid=study_uid, description="Cor PD FS", n=40, number=3, images_in_acquisition=40,
-                             no_position=(23,), orientation=(1.0, 0.0, 0.0, 0.0, 0.0, -1.0))
+    good, fg = write_series(
+        d, study_uid=study_uid, description="Sag PD FSE FS", n=40, number=2, images_in_acquisition=40
+    )
+    holey, fh = write_series(
+        d,
+        study_uid=study_uid,
+        description="Cor PD FS",
+        n=40,
+        number=3,
+        images_in_acquisition=40,
+        no_position=(23,),
+        orientation=(1.0, 0.0, 0.0, 0.0, 0.0, -1.0),
+    )
     hold = Q + 2.0
     errors: list[BaseException] = []
 
@@ -297,15 +342,18 @@ def test_late_series_supersedes_the_processed_job(listener, ticker, db, tmp_path
     with db.session() as s:  # the worker processed it
         s.get(Job, first.id).state = "done"
         s.scalar(select(Series).where(Series.series_uid == sag)).state = "done"
-    cor, f2 = write_series(d, study_uid=study_uid, description="pd_tse_fs_cor", n=12, number=3,
-                           orientation=(1.0, 0.0, 0.0, 0.0, 0.0, -1.0))
+    cor, f2 = write_series(
+        d, study_uid=study_uid, description="pd_tse_fs_cor", n=12, number=3, orientation=(1.0, 0.0, 0.0, 0.0, 0.0, -1.0)
+    )
     storescu(listener.port, f2)
     jobs = wait_for(lambda: len(j := all_jobs(db)) == 2 and j, Q + SQ + 5)
     assert jobs, all_jobs(db)
     time.sleep(Q + SQ)
     jobs = all_jobs(db)
     assert [(j.state, j.supersedes_job_id) for j in jobs] == [("done", None), ("queued", first.id)]
-    assert sorted((i.series.series_uid, i.role) for i in jobs[1].inputs) == sorted([(sag, "sag_fluid"), (cor, "cor_fluid")])
+    assert sorted((i.series.series_uid, i.role) for i in jobs[1].inputs) == sorted(
+        [(sag, "sag_fluid"), (cor, "cor_fluid")]
+    )
     with db.session() as s:
         assert s.scalar(select(Study.study_quiet_deadline).where(Study.study_uid == study_uid)) is not None
 
@@ -319,8 +367,15 @@ def test_restart_in_the_middle_of_the_quiet_period_completes_once(settings, db, 
     log = tmp_path / "node.log"
     first = Listener(settings, port, log, **extra).start()
     env = node_env(settings, MSKNODE_PORT=port, **extra)
-    tickers = [subprocess.Popen([sys.executable, "-c", TICKER_SCRIPT], env=env, cwd=ROOT,
-                                stdout=open(tmp_path / "t0.log", "wb"), stderr=subprocess.STDOUT)]  # noqa: SIM115 -- the ticker's log for the rest of the test
+    tickers = [
+        subprocess.Popen(
+            [sys.executable, "-c", TICKER_SCRIPT],
+            env=env,
+            cwd=ROOT,
+            stdout=open(tmp_path / "t0.log", "wb"),  # noqa: SIM115 -- the ticker's log for the rest of the test
+            stderr=subprocess.STDOUT,
+        )
+    ]
     second = None
     try:
         study_uid = generate_uid()
@@ -328,8 +383,13 @@ def test_restart_in_the_middle_of_the_quiet_period_completes_once(settings, db, 
         uids = []
         files = []
         coronal = (1.0, 0.0, 0.0, 0.0, 0.0, -1.0)
-        for k, (desc, n, ori) in enumerate((("localizer", 3, coronal), ("PD_TSE_FS_SAG", 20, (0.0, 1.0, 0.0, 0.0, 0.0, -1.0)),
-                                            ("t1_tse_cor", 16, coronal))):
+        for k, (desc, n, ori) in enumerate(
+            (
+                ("localizer", 3, coronal),
+                ("PD_TSE_FS_SAG", 20, (0.0, 1.0, 0.0, 0.0, 0.0, -1.0)),
+                ("t1_tse_cor", 16, coronal),
+            )
+        ):
             u, f = write_series(d, study_uid=study_uid, description=desc, n=n, number=k + 1, orientation=ori)
             uids.append(u)
             files += f
@@ -346,8 +406,15 @@ def test_restart_in_the_middle_of_the_quiet_period_completes_once(settings, db, 
         # restart: a new listener and two tickers (as two worker hosts would run)
         second = Listener(settings, port, log, **extra).start()
         for i in (1, 2):
-            tickers.append(subprocess.Popen([sys.executable, "-c", TICKER_SCRIPT], env=env, cwd=ROOT,
-                                            stdout=open(tmp_path / f"t{i}.log", "wb"), stderr=subprocess.STDOUT))  # noqa: SIM115 -- as t0.log
+            tickers.append(
+                subprocess.Popen(
+                    [sys.executable, "-c", TICKER_SCRIPT],
+                    env=env,
+                    cwd=ROOT,
+                    stdout=open(tmp_path / f"t{i}.log", "wb"),  # noqa: SIM115 -- as t0.log
+                    stderr=subprocess.STDOUT,
+                )
+            )
         jobs = wait_for(lambda: all_jobs(db), quiet + SQ + 15)
         assert jobs, (tmp_path / "t1.log").read_text()[-2000:]
         time.sleep(SQ + 1.0)
@@ -369,7 +436,6 @@ def test_restart_in_the_middle_of_the_quiet_period_completes_once(settings, db, 
         first.kill()
         if second is not None:
             second.stop()
-
 
 
 def test_listener_killed_mid_association_waits_for_the_network_timeout(settings, cfg, db, tmp_path):
@@ -417,8 +483,11 @@ def test_listener_killed_mid_association_waits_for_the_network_timeout(settings,
         assert row, series_row(db, uid_).state
         with db.session() as s:
             orphan = s.get(Association, orphan_id)
-            resend = s.scalar(select(Association).where(Association.calling_ae == "MODALITY", Association.id != orphan_id)
-                              .order_by(Association.id.desc()))
+            resend = s.scalar(
+                select(Association)
+                .where(Association.calling_ae == "MODALITY", Association.id != orphan_id)
+                .order_by(Association.id.desc())
+            )
         assert orphan.end_reason == "lost"
         assert (orphan.ended_at - orphan_last).total_seconds() >= timeout
         assert row.completed_at >= orphan.ended_at
@@ -431,12 +500,17 @@ def test_listener_killed_mid_association_waits_for_the_network_timeout(settings,
         if second is not None:
             second.stop()
 
+
 def dump(db, tmp_path):
     with db.engine.connect() as c:
-        return (c.exec_driver_sql("select * from associations").all(),
-                c.exec_driver_sql("select * from association_series").all(),
-                c.exec_driver_sql("select id, instances, expected_instances, quiet_deadline, completed_at, completed_reason, last_received_at from series").all(),
-                (tmp_path / "listener.log").read_text()[-3000:])
+        return (
+            c.exec_driver_sql("select * from associations").all(),
+            c.exec_driver_sql("select * from association_series").all(),
+            c.exec_driver_sql(
+                "select id, instances, expected_instances, quiet_deadline, completed_at, completed_reason, last_received_at from series"
+            ).all(),
+            (tmp_path / "listener.log").read_text()[-3000:],
+        )
 
 
 # ---- a real knee study, protocol-aware ---------------------------------------------------
@@ -484,8 +558,13 @@ def test_real_two_series_knee_study_in_two_associations_gives_one_knee_job(liste
     complete — long before the study quiet period — and exactly one knee job holds both series."""
     sag_uid, sag_files, cor_uid, cor_files = real_knee_study(tmp_path / "cor")
     study_quiet = 30.0
-    cfg = settings.model_copy(update={"quiet_seconds": Q, "study_quiet_seconds": study_quiet,
-                                      "study_protocols": {"knee": ["sag_fluid", "cor_fluid"]}})
+    cfg = settings.model_copy(
+        update={
+            "quiet_seconds": Q,
+            "study_quiet_seconds": study_quiet,
+            "study_protocols": {"knee": ["sag_fluid", "cor_fluid"]},
+        }
+    )
     ticker = Ticker(cfg)
     ticker.start()
     try:
@@ -510,7 +589,8 @@ def test_real_two_series_knee_study_in_two_associations_gives_one_knee_job(liste
         job = jobs[0]
         assert (job.pipeline, job.state, job.supersedes_job_id) == ("knee", "queued", None)
         assert sorted((i.series.series_uid, i.role) for i in job.inputs) == sorted(
-            [(sag_uid, "sag_fluid"), (cor_uid, "cor_fluid")])
+            [(sag_uid, "sag_fluid"), (cor_uid, "cor_fluid")]
+        )
         with db.session() as s:
             assocs = s.scalars(select(Association).where(Association.instances == 25).order_by(Association.id)).all()
             assert len(assocs) == 2 and all(a.end_reason == "released" for a in assocs)

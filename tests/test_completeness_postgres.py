@@ -63,7 +63,9 @@ def test_concurrent_processes_on_postgres_create_one_job_per_study(postgres_url,
         ctx = mp.get_context("spawn")
         start = ctx.Barrier(PROCESSES)
         results = ctx.Queue()
-        procs = [ctx.Process(target=_ticker, args=(pg_url, cfg.model_dump_json(), start, results)) for _ in range(PROCESSES)]
+        procs = [
+            ctx.Process(target=_ticker, args=(pg_url, cfg.model_dump_json(), start, results)) for _ in range(PROCESSES)
+        ]
         for p in procs:
             p.start()
         created = [j for _ in procs for j in results.get(timeout=120)]

@@ -28,8 +28,11 @@ from support.env import free_port
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 MSKNODE = Path(sys.executable).parent / "msknode"
-POSITIVE_MODELS = {"knee-acl": "knee.acl", "shoulder-cuff": "shoulder.rotator_cuff",
-                   "spine-stenosis": "lumbar_spine.stenosis"}
+POSITIVE_MODELS = {
+    "knee-acl": "knee.acl",
+    "shoulder-cuff": "shoulder.rotator_cuff",
+    "spine-stenosis": "lumbar_spine.stenosis",
+}
 
 
 def _clean_env(**extra) -> dict:
@@ -63,15 +66,23 @@ def test_demo_once_results_in_pacs_valid_and_triaged(tmp_path):
     data = tmp_path / "demo-data"
     t0 = time.monotonic()
     proc = subprocess.run(
-        [str(MSKNODE), "demo"], cwd=tmp_path, capture_output=True, text=True, timeout=560,
+        [str(MSKNODE), "demo"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=560,
         env=_clean_env(DEMO_ONCE="1", DEMO_DATA_DIR=str(data), DEMO_FREE_PORTS="1", DEMO_TIMEOUT="420"),
     )
     elapsed = time.monotonic() - t0
     assert proc.returncode == 0, f"demo failed after {elapsed:.0f} s:\n{proc.stdout[-4000:]}\n{proc.stderr[-3000:]}"
     out = proc.stdout
     # the table and the login
-    for title in ("Knee, complete ACL tear", "Shoulder, full-thickness cuff tear", "Lumbar spine, severe stenosis",
-                  "Knee, normal"):
+    for title in (
+        "Knee, complete ACL tear",
+        "Shoulder, full-thickness cuff tear",
+        "Lumbar spine, severe stenosis",
+        "Knee, normal",
+    ):
         assert title in out
     m = re.search(r"worklist: (http://127\.0\.0\.1:\d+/worklist)\s+login: (\S+) / (\S+)", out)
     assert m, out[-2000:]
@@ -92,15 +103,18 @@ def test_demo_once_results_in_pacs_valid_and_triaged(tmp_path):
     from node.db.schema import Job, ResultObject, Series, Study
     from node.settings import load_settings
 
-    node_settings = load_settings(data_dir=data / "node", database_url=f"sqlite:///{data / 'node' / 'msknode.db'}",
-                                  broker_url="filesystem://")
+    node_settings = load_settings(
+        data_dir=data / "node", database_url=f"sqlite:///{data / 'node' / 'msknode.db'}", broker_url="filesystem://"
+    )
     db = Database(node_settings.database_url)
     try:
         with db.session() as s:
             results: dict[str, list[ResultObject]] = defaultdict(list)
             for ro, study_uid in s.execute(
-                select(ResultObject, Study.study_uid).join(Job, Job.id == ResultObject.job_id)
-                .join(Study, Study.id == Job.study_id).where(Job.state == "done")
+                select(ResultObject, Study.study_uid)
+                .join(Job, Job.id == ResultObject.job_id)
+                .join(Study, Study.id == Job.study_id)
+                .where(Job.state == "done")
             ):
                 results[study_uid].append(ro)
             # no routing loop: Orthanc never forwarded msknode's own objects back
@@ -150,7 +164,9 @@ def test_demo_once_results_in_pacs_valid_and_triaged(tmp_path):
         with TestClient(create_app(node_settings, db)) as client:
             r = client.post("/api/auth/token", json={"username": username, "password": password})
             assert r.status_code == 200, r.text
-            entries = client.get("/api/worklist", headers={"Authorization": f"Bearer {r.json()['access_token']}"}).json()["entries"]
+            entries = client.get(
+                "/api/worklist", headers={"Authorization": f"Bearer {r.json()['access_token']}"}
+            ).json()["entries"]
     finally:
         db.dispose()
     order = [e["study_uid"] for e in entries]
@@ -166,7 +182,11 @@ def test_demo_once_results_in_pacs_valid_and_triaged(tmp_path):
 
     # --- a second run on the same data dir works (reset, phantom cache reused); one study keeps it short
     proc = subprocess.run(
-        [str(MSKNODE), "demo", "--case", "knee-normal"], cwd=tmp_path, capture_output=True, text=True, timeout=400,
+        [str(MSKNODE), "demo", "--case", "knee-normal"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=400,
         env=_clean_env(DEMO_ONCE="1", DEMO_DATA_DIR=str(data), DEMO_FREE_PORTS="1", DEMO_TIMEOUT="300"),
     )
     assert proc.returncode == 0, f"second run failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-2000:]}"

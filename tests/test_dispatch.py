@@ -33,8 +33,16 @@ T0 = dt.datetime(2030, 1, 1, 12, 0, tzinfo=dt.UTC)
 class StoreSCP:
     """A real C-STORE SCP on 127.0.0.1 that records what it received and answers ``status(ds)``."""
 
-    def __init__(self, *, ae_title="PACS", sop_classes=None, status=None, require_called_aet=False,
-                 maximum_associations=10, ssl_context=None):
+    def __init__(
+        self,
+        *,
+        ae_title="PACS",
+        sop_classes=None,
+        status=None,
+        require_called_aet=False,
+        maximum_associations=10,
+        ssl_context=None,
+    ):
         self.port = free_port()
         self.received: list[str] = []
         self.status = status or (lambda ds: 0x0000)
@@ -48,7 +56,9 @@ class StoreSCP:
             for uid in sop_classes:
                 self.ae.add_supported_context(uid)
         self.server = self.ae.start_server(
-            ("127.0.0.1", self.port), block=False, evt_handlers=[(evt.EVT_C_STORE, self._on_store)],
+            ("127.0.0.1", self.port),
+            block=False,
+            evt_handlers=[(evt.EVT_C_STORE, self._on_store)],
             ssl_context=ssl_context,
         )
 
@@ -77,8 +87,14 @@ def result_files(tmp_path_factory):
     settings = Settings(data_dir=tmp / "data")
     paths = write_mr_series(tmp / "src", n_slices=4)
     vol = volume_from_files(paths)
-    results = build_results(output=knee_output(vol), source_files={vol.series_uid: paths}, triage=None,
-                            predecessors=[], settings=settings, job_fingerprint="dispatch-tests")
+    results = build_results(
+        output=knee_output(vol),
+        source_files={vol.series_uid: paths},
+        triage=None,
+        predecessors=[],
+        settings=settings,
+        job_fingerprint="dispatch-tests",
+    )
     return vol, [(r, save(r, settings)) for r in results]
 
 
@@ -95,8 +111,14 @@ def enqueue(db, results, destinations: list[str], *, study_uid: str, now=T0) -> 
         s.add(job)
         s.flush()
         for r, path in results:
-            ro = ResultObject(job_id=job.id, kind=r.kind, sop_class_uid=r.sop_class_uid,
-                              sop_instance_uid=r.sop_instance_uid, series_uid=r.series_uid, path=str(path))
+            ro = ResultObject(
+                job_id=job.id,
+                kind=r.kind,
+                sop_class_uid=r.sop_class_uid,
+                sop_instance_uid=r.sop_instance_uid,
+                series_uid=r.series_uid,
+                path=str(path),
+            )
             s.add(ro)
             s.flush()
             for d in destinations:
@@ -109,8 +131,10 @@ def enqueue(db, results, destinations: list[str], *, study_uid: str, now=T0) -> 
 
 def items(db):
     with db.session() as s:
-        return {i.id: (i.state, i.attempts, i.last_status, i.last_error, i.next_attempt_at)
-                for i in s.scalars(select(OutboxItem))}
+        return {
+            i.id: (i.state, i.attempts, i.last_status, i.last_error, i.next_attempt_at)
+            for i in s.scalars(select(OutboxItem))
+        }
 
 
 def with_dest(settings, *dests):
@@ -234,8 +258,10 @@ def test_unsupported_sop_class_goes_to_dead_letter_and_the_rest_is_sent(settings
         scp.stop()
 
 
-@pytest.mark.parametrize("code,state", [(0x0122, "dead"), (0xA900, "dead"), (0xC000, "dead"), (0x0110, "pending"),
-                                        (0xA702, "pending"), (0xB007, "sent")])
+@pytest.mark.parametrize(
+    "code,state",
+    [(0x0122, "dead"), (0xA900, "dead"), (0xC000, "dead"), (0x0110, "pending"), (0xA702, "pending"), (0xB007, "sent")],
+)
 def test_store_status_codes(settings, db, result_files, code, state):
     vol, results = result_files
     scp = StoreSCP(status=lambda ds: code)
@@ -314,9 +340,27 @@ def test_unconfigured_destination_and_missing_file_are_dead_letters(settings, db
 def _self_signed(tmp: Path) -> tuple[Path, Path]:
     cert, key = tmp / "pacs.crt", tmp / "pacs.key"
     subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=localhost",
-         "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
-        check=True, capture_output=True, timeout=60,
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=localhost",
+            "-addext",
+            "subjectAltName=DNS:localhost,IP:127.0.0.1",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=60,
     )
     return cert, key
 
@@ -342,8 +386,10 @@ def test_tls_destination(settings, db, result_files, tmp_path):
 
 
 def _cli(settings, *args) -> subprocess.CompletedProcess:
-    env = child_env(MSKNODE_DATA_DIR=settings.data_dir,
-                    MSKNODE_DESTINATIONS=json.dumps([d.model_dump() for d in settings.destinations]))
+    env = child_env(
+        MSKNODE_DATA_DIR=settings.data_dir,
+        MSKNODE_DESTINATIONS=json.dumps([d.model_dump() for d in settings.destinations]),
+    )
     return subprocess.run([str(VENV_BIN / "msknode"), *args], capture_output=True, text=True, env=env, timeout=120)
 
 
@@ -352,22 +398,34 @@ def test_outbox_commands(settings, db, result_files):
     scp = StoreSCP(sop_classes=[MRImageStorage])
     try:
         s = with_dest(settings, scp.destination())
-        chosen = [r for r in results if r[0].kind in ("sr", "seg")] + [r for r in results if r[0].kind == "superres"][:1]
-        enqueue(db, chosen, [s.destinations[0].key],
-                study_uid=vol.study_uid)
+        chosen = [r for r in results if r[0].kind in ("sr", "seg")] + [r for r in results if r[0].kind == "superres"][
+            :1
+        ]
+        enqueue(db, chosen, [s.destinations[0].key], study_uid=vol.study_uid)
         process_outbox(db, s, now=T0)
         out = _cli(s, "outbox", "--json")
         assert out.returncode == 0, out.stderr
         rows = json.loads(out.stdout)
         assert {r["kind"]: r["state"] for r in rows} == {"sr": "dead", "seg": "dead", "superres": "sent"}
         for r in rows:
-            assert set(r) >= {"id", "state", "destination", "attempts", "last_error", "sop_instance_uid", "kind", "study_uid"}
+            assert set(r) >= {
+                "id",
+                "state",
+                "destination",
+                "attempts",
+                "last_error",
+                "sop_instance_uid",
+                "kind",
+                "study_uid",
+            }
             assert r["study_uid"] == vol.study_uid and r["attempts"] == 1 and r["destination"] == s.destinations[0].key
         dead = [r for r in rows if r["state"] == "dead"]
         assert all("0x0122" in r["last_error"] for r in dead)
         human = _cli(s, "outbox", "--state", "dead")  # the table for people, filtered
         assert human.returncode == 0
-        listed = [line.split()[0] for line in human.stdout.splitlines()[1:] if line.strip() and line.split()[0].isdigit()]
+        listed = [
+            line.split()[0] for line in human.stdout.splitlines()[1:] if line.strip() and line.split()[0].isdigit()
+        ]
         assert sorted(map(int, listed)) == sorted(r["id"] for r in dead)
         assert "0x0122 SOP class not supported" in human.stdout
         # retry a dead item: back to pending, audited
@@ -436,8 +494,10 @@ def test_a_long_batch_keeps_its_leases(settings, db, result_files):
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline and not extended:
             with db.session() as ses:
-                extended = any(i.state == "sending" and i.lease_expires_at > T0 + dt.timedelta(seconds=0.6)
-                               for i in ses.scalars(select(OutboxItem)))
+                extended = any(
+                    i.state == "sending" and i.lease_expires_at > T0 + dt.timedelta(seconds=0.6)
+                    for i in ses.scalars(select(OutboxItem))
+                )
             time.sleep(0.05)
         assert extended
         with db.session() as ses:  # another sender, at a time the original lease would have expired

@@ -28,15 +28,22 @@ pytestmark = pytest.mark.integration
 
 def _phantom_study(tmp_path, seed: int):
     phantom = generate("knee", seed, n_slices=12, matrix=96)
-    paths = write_dicom_series(phantom, tmp_path / f"phantom{seed}", patient_name="Phantom^Knee", patient_id=f"PH{seed}")
+    paths = write_dicom_series(
+        phantom, tmp_path / f"phantom{seed}", patient_name="Phantom^Knee", patient_id=f"PH{seed}"
+    )
     return paths, volume_from_files(paths)
 
 
 def _send_to_pacs(orthanc, paths):
     """The modality/PACS side: the source series is in Orthanc before the node answers."""
     env = dict(os.environ, TCP_NODELAY="1")
-    proc = subprocess.run(["storescu", "-aet", "STORESCU", "-aec", orthanc.aet, "127.0.0.1", str(orthanc.dicom_port),
-                           *map(str, paths)], capture_output=True, text=True, env=env, timeout=120)
+    proc = subprocess.run(
+        ["storescu", "-aet", "STORESCU", "-aec", orthanc.aet, "127.0.0.1", str(orthanc.dicom_port), *map(str, paths)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr
 
 
@@ -49,8 +56,11 @@ def test_results_reach_the_original_study_exactly_once_across_pacs_and_node_rest
     paths, vol = _phantom_study(tmp_path, seed=11)
     _send_to_pacs(orthanc, paths)
     results = build_results(
-        output=knee_output(vol), source_files={vol.series_uid: paths},
-        triage=TriageSummary("URGENT", 0.9, ["complete ACL tear"]), predecessors=[], settings=settings,
+        output=knee_output(vol),
+        source_files={vol.series_uid: paths},
+        triage=TriageSummary("URGENT", 0.9, ["complete ACL tear"]),
+        predecessors=[],
+        settings=settings,
         job_fingerprint="orthanc-job-1",
     )
     saved = [(r, save(r, settings)) for r in results]
@@ -106,13 +116,21 @@ def test_results_reach_the_original_study_exactly_once_across_pacs_and_node_rest
 def test_stow_rs_to_orthanc_dicomweb(settings, db, orthanc, tmp_path):
     paths, vol = _phantom_study(tmp_path, seed=12)
     out = knee_output(vol, superres=False)
-    results = build_results(output=out, source_files={vol.series_uid: paths}, triage=None, predecessors=[],
-                            settings=settings, job_fingerprint="orthanc-stow-1")
+    results = build_results(
+        output=out,
+        source_files={vol.series_uid: paths},
+        triage=None,
+        predecessors=[],
+        settings=settings,
+        job_fingerprint="orthanc-stow-1",
+    )
     saved = [(r, save(r, settings)) for r in results]
-    good = StowDestination(type="stow", name="stow", url=orthanc.dicomweb_url, username=orthanc.username,
-                           password=orthanc.password)
-    wrong = StowDestination(type="stow", name="stow-badauth", url=orthanc.dicomweb_url, username=orthanc.username,
-                            password="wrong-password")
+    good = StowDestination(
+        type="stow", name="stow", url=orthanc.dicomweb_url, username=orthanc.username, password=orthanc.password
+    )
+    wrong = StowDestination(
+        type="stow", name="stow-badauth", url=orthanc.dicomweb_url, username=orthanc.username, password="wrong-password"
+    )
     s = with_dest(settings, good, wrong)
     enqueue(db, saved, ["stow", "stow-badauth"], study_uid=vol.study_uid)
 
@@ -141,8 +159,14 @@ def test_stow_rs_to_orthanc_dicomweb(settings, db, orthanc, tmp_path):
 def test_orthanc_refuses_an_unknown_calling_ae_permanently(settings, db, orthanc, tmp_path):
     paths, vol = _phantom_study(tmp_path, seed=13)
     out = knee_output(vol, superres=False, positive=False)
-    results = build_results(output=out, source_files={vol.series_uid: paths}, triage=None, predecessors=[],
-                            settings=settings, job_fingerprint="orthanc-unknown-ae")
+    results = build_results(
+        output=out,
+        source_files={vol.series_uid: paths},
+        triage=None,
+        predecessors=[],
+        settings=settings,
+        job_fingerprint="orthanc-unknown-ae",
+    )
     saved = [(r, save(r, settings)) for r in results]
     dest = DimseDestination(ae_title=orthanc.aet, host="127.0.0.1", port=orthanc.dicom_port)
     s = with_dest(settings, dest).model_copy(update={"ae_title": "UNKNOWNAE"})

@@ -19,8 +19,21 @@ def test_compose_file_is_valid_and_has_every_service(tmp_path):
     env = tmp_path / ".env"
     env.write_text((DOCKER / "env.example").read_text())
     r = subprocess.run(
-        ["docker-compose", "-f", str(DOCKER / "compose.yaml"), "--env-file", str(env), "--profile", "gpu", "config", "--services"],
-        capture_output=True, text=True, cwd=DOCKER, env={"PATH": "/usr/bin:/bin", "MSKNODE_ENV_FILE": str(env)},
+        [
+            "docker-compose",
+            "-f",
+            str(DOCKER / "compose.yaml"),
+            "--env-file",
+            str(env),
+            "--profile",
+            "gpu",
+            "config",
+            "--services",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=DOCKER,
+        env={"PATH": "/usr/bin:/bin", "MSKNODE_ENV_FILE": str(env)},
     )
     assert r.returncode == 0, r.stderr
     services = set(r.stdout.split())
@@ -32,7 +45,10 @@ def test_compose_refuses_missing_secrets(tmp_path):
     env.write_text("MSKNODE_AE_TITLE=MSKNODE\n")
     r = subprocess.run(
         ["docker-compose", "-f", str(DOCKER / "compose.yaml"), "--env-file", str(env), "config"],
-        capture_output=True, text=True, cwd=DOCKER, env={"PATH": "/usr/bin:/bin", "MSKNODE_ENV_FILE": str(env)},
+        capture_output=True,
+        text=True,
+        cwd=DOCKER,
+        env={"PATH": "/usr/bin:/bin", "MSKNODE_ENV_FILE": str(env)},
     )
     assert r.returncode != 0
     assert "POSTGRES_PASSWORD" in r.stderr

@@ -32,11 +32,23 @@ def routed(tmp_path):
     received = tmp_path / "received"
     received.mkdir()
     scp_port = free_port()
-    scp = subprocess.Popen(["storescp", "-aet", "MSKNODE", "-od", str(received), "-uf", str(scp_port)],
-                           env=dict(os.environ, TCP_NODELAY="1"), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    pacs = OrthancPacs(tmp_path / "orthanc", dicom_port=free_port(), http_port=free_port(), node_ae_title="MSKNODE",
-                       node_port=scp_port, node_uid_root=UID_ROOT, username="test", password="test-password-1",
-                       modality_aets=("MODALITY", "MSKNODE"))
+    scp = subprocess.Popen(
+        ["storescp", "-aet", "MSKNODE", "-od", str(received), "-uf", str(scp_port)],
+        env=dict(os.environ, TCP_NODELAY="1"),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    pacs = OrthancPacs(
+        tmp_path / "orthanc",
+        dicom_port=free_port(),
+        http_port=free_port(),
+        node_ae_title="MSKNODE",
+        node_port=scp_port,
+        node_uid_root=UID_ROOT,
+        username="test",
+        password="test-password-1",
+        modality_aets=("MODALITY", "MSKNODE"),
+    )
     try:
         pacs.start()
         yield pacs, received
@@ -86,8 +98,10 @@ def test_rule_forwards_scanner_mr_and_never_msknode_objects(routed, tmp_path):
     while not expected <= _forwarded(received) and time.monotonic() < deadline:
         time.sleep(0.2)
     time.sleep(1.5)  # anything wrongly forwarded would have arrived by now (it was stored before plain2)
-    all_sent = {str(dcmread(p).SOPInstanceUID) for p in (plain, plain2, own_sop, own_series, own_manufacturer,
-                                                          own_equipment, from_node, ct)}
+    all_sent = {
+        str(dcmread(p).SOPInstanceUID)
+        for p in (plain, plain2, own_sop, own_series, own_manufacturer, own_equipment, from_node, ct)
+    }
     assert all_sent <= set(stored), "Orthanc did not receive every object"
     assert _forwarded(received) == expected
     # the reception log records who sent what

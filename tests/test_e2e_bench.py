@@ -19,9 +19,27 @@ MSKNODE = Path(sys.executable).parent / "msknode"
 def test_bench_e2e_one_study_json(tmp_path):
     env = child_env()
     proc = subprocess.run(
-        [str(MSKNODE), "bench", "e2e", "--studies", "1", "--warmup", "0", "--slices", "12", "--matrix", "128",
-         "--workdir", str(tmp_path / "bench"), "--json"],
-        capture_output=True, text=True, timeout=400, env=env, cwd=tmp_path,
+        [
+            str(MSKNODE),
+            "bench",
+            "e2e",
+            "--studies",
+            "1",
+            "--warmup",
+            "0",
+            "--slices",
+            "12",
+            "--matrix",
+            "128",
+            "--workdir",
+            str(tmp_path / "bench"),
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=400,
+        env=env,
+        cwd=tmp_path,
     )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     result = json.loads(proc.stdout)
@@ -32,12 +50,29 @@ def test_bench_e2e_one_study_json(tmp_path):
     # the total is PACS-to-PACS; the steps inside it are measured on the same clock and fit into it
     assert 0 < result["median_s"] == result["p95_s"] == study["total_s"] < 400
     b = result["breakdown"]
-    for step in ("forward_s", "completeness_wait_s", "queue_wait_s", "load_s", "inference_s", "writing_s",
-                 "dispatch_s"):
+    for step in (
+        "forward_s",
+        "completeness_wait_s",
+        "queue_wait_s",
+        "load_s",
+        "inference_s",
+        "writing_s",
+        "dispatch_s",
+    ):
         assert step in b and b[step] >= 0, step
     assert isinstance(b["inference_per_model_s"], dict)
-    parts = sum(b[k] for k in ("forward_s", "completeness_wait_s", "queue_wait_s", "load_s", "inference_s",
-                               "writing_s", "dispatch_s"))
+    parts = sum(
+        b[k]
+        for k in (
+            "forward_s",
+            "completeness_wait_s",
+            "queue_wait_s",
+            "load_s",
+            "inference_s",
+            "writing_s",
+            "dispatch_s",
+        )
+    )
     assert parts <= study["total_s"] + 0.5
     # the study's series completed by their announced size or the quiet timer, not by a 60 s timeout
     assert b["completeness_wait_s"] < 30

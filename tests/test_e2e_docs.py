@@ -111,7 +111,9 @@ def test_every_documented_setting_exists():
     settings = {f"MSKNODE_{n.upper()}" for n in Settings.model_fields}
     for doc in DOCUMENTS:
         for name in set(re.findall(r"\bMSKNODE_[A-Z0-9_]*[A-Z0-9]\b", doc.read_text())):
-            assert name in settings or name in NOT_SETTINGS, f"{doc.relative_to(ROOT)} names {name}, which is no setting"
+            assert name in settings or name in NOT_SETTINGS, (
+                f"{doc.relative_to(ROOT)} names {name}, which is no setting"
+            )
     _, block = _configuration_block()
     keys = set(re.findall(r"^\| `MSKNODE_\w+` \| `(\w+)` \|", block, re.M))
     assert keys == set(Settings.model_fields)

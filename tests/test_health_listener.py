@@ -16,8 +16,10 @@ pytestmark = pytest.mark.integration
 
 @pytest.fixture(scope="module")
 def listener(tmp_path_factory):
-    lp = ListenerProcess(tmp_path_factory.mktemp("health") / "data",
-                         env={"MSKNODE_ALLOWED_AE_TITLES": "PACS_AET,ECHOSCU", "MSKNODE_LISTENER_PROCESSES": "1"})
+    lp = ListenerProcess(
+        tmp_path_factory.mktemp("health") / "data",
+        env={"MSKNODE_ALLOWED_AE_TITLES": "PACS_AET,ECHOSCU", "MSKNODE_LISTENER_PROCESSES": "1"},
+    )
     lp.start()
     yield lp
     lp.stop()
@@ -44,8 +46,10 @@ def test_allow_list_without_the_nodes_own_title_answers_without_an_error_line(li
 
 def test_allow_list_with_the_nodes_own_title_is_a_full_c_echo(listener, monkeypatch, caplog):
     # the listener was started with PACS_AET,ECHOSCU; a second one that also allows its own title
-    lp = ListenerProcess(listener.data_dir.parent / "own", env={
-        "MSKNODE_ALLOWED_AE_TITLES": "PACS_AET,ECHOSCU,MSKNODE", "MSKNODE_LISTENER_PROCESSES": "1"}).start()
+    lp = ListenerProcess(
+        listener.data_dir.parent / "own",
+        env={"MSKNODE_ALLOWED_AE_TITLES": "PACS_AET,ECHOSCU,MSKNODE", "MSKNODE_LISTENER_PROCESSES": "1"},
+    ).start()
     try:
         settings = _settings(monkeypatch, lp, "PACS_AET,MSKNODE")
         assert health_calling_ae(settings) == "MSKNODE"

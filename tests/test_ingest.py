@@ -13,8 +13,8 @@ from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_dataset
 from pydicom.uid import MRImageStorage, generate_uid
 from sqlalchemy import select
+from test_listener import mr_dataset
 
-from support.listener import PYDICOM_DATA, dataset_bytes
 from node.db.database import Database, utcnow
 from node.db.schema import Association, AssociationSeries, Instance, Series, Study
 from node.errors import IngestError, StorageError
@@ -23,7 +23,7 @@ from node.receive.index import Received, close_association, index_instances, ope
 from node.receive.storage import InstanceStore, dataset_offset, encode_file_meta
 from node.receive.writer import IndexWriter
 from node.settings import load_settings
-from test_listener import mr_dataset
+from support.listener import PYDICOM_DATA, dataset_bytes
 from worklists.tables import AuditEvent
 
 TEST_FILES = Path(__import__("pydicom").__file__).parent / "data" / "test_files"
@@ -38,14 +38,24 @@ def encode(ds: Dataset, *, implicit=False) -> bytes:
 
 @pytest.mark.parametrize(
     "name",
-    ["MR_small_bigendian.dcm", "MR_small_implicit.dcm", "image_dfl.dcm", "MR_small_jp2klossless.dcm", "emri_small_RLE.dcm"],
+    [
+        "MR_small_bigendian.dcm",
+        "MR_small_implicit.dcm",
+        "image_dfl.dcm",
+        "MR_small_jp2klossless.dcm",
+        "emri_small_RLE.dcm",
+    ],
 )
 def test_read_header_in_each_transfer_syntax(name):
     path = TEST_FILES / name if (TEST_FILES / name).exists() else PYDICOM_DATA / name
     _, sop, ts, data = dataset_bytes(path)
     header = read_header(data, ts)
     ds = dcmread(path, stop_before_pixels=True)
-    assert (header.sop_instance_uid, header.study_uid, header.series_uid) == (sop, ds.StudyInstanceUID, ds.SeriesInstanceUID)
+    assert (header.sop_instance_uid, header.study_uid, header.series_uid) == (
+        sop,
+        ds.StudyInstanceUID,
+        ds.SeriesInstanceUID,
+    )
     assert header.modality == ds.Modality
     assert header.demographics["patient_name"] == str(ds.get("PatientName", ""))
 
@@ -97,7 +107,7 @@ def test_file_meta_and_uid_paths(tmp_path):
     assert dirs == {tmp_path / "store", tmp_path / "store" / "1.2", tmp_path / "store" / "1.2" / "1.2.3"}
     fm = dcmread(final).file_meta
     assert fm.MediaStorageSOPInstanceUID == "1.2.3.4" and fm.SourceApplicationEntityTitle == "PACS"
-    assert final.read_bytes()[dataset_offset(final):].startswith(b"\x08\x00\x16\x00")
+    assert final.read_bytes()[dataset_offset(final) :].startswith(b"\x08\x00\x16\x00")
     for bad in ("../etc", "1.2/3", "1.2.3a", "", "1." * 40):
         with pytest.raises(StorageError):
             store.path_for(bad, "1.2", "1.2.3")
@@ -121,7 +131,9 @@ def _exercise_index(database: Database, settings) -> None:
         a2 = open_association(s, calling_ae="PACS", called_ae="MSKNODE", peer_address="127.0.0.1:2", listener="t:1")
     first = [mr_dataset(study, series, i, name="Müller^Jörg") for i in range(3)]
     with database.session() as s:
-        out = index_instances(s, store, [_received(store, d, a1) for d in first[:2]], uid_root=settings.uid_root, quiet_seconds=5)
+        out = index_instances(
+            s, store, [_received(store, d, a1) for d in first[:2]], uid_root=settings.uid_root, quiet_seconds=5
+        )
         out += index_instances(s, store, [_received(store, first[2], a2)], uid_root=settings.uid_root, quiet_seconds=5)
     assert [o.status for o in out] == [0, 0, 0] and not any(o.duplicate for o in out)
     with database.session() as s:
@@ -187,7 +199,10 @@ def test_group_commit_puts_concurrent_instances_in_one_transaction(db, settings)
     items = [_received(store, mr_dataset(study, series, i)) for i in range(8)]
     results = [None] * 8
     writer._commit_lock.acquire()  # a commit in progress: the eight handlers queue behind it
-    threads = [threading.Thread(target=lambda i=i: results.__setitem__(i, writer.store_instance(items[i], 30))) for i in range(8)]
+    threads = [
+        threading.Thread(target=lambda i=i: results.__setitem__(i, writer.store_instance(items[i], 30)))
+        for i in range(8)
+    ]
     for t in threads:
         t.start()
     deadline = time.monotonic() + 10
@@ -218,7 +233,10 @@ def test_new_files_are_published_before_the_transaction_and_races_end_consistent
     ds.PatientName = "Second^Version"
     second = _received(store, ds)
     data = encode(ds)
-    second.file_meta, second.data = encode_file_meta(MRImageStorage, ds.SOPInstanceUID, "1.2.840.10008.1.2.1", "PACS"), data
+    second.file_meta, second.data = (
+        encode_file_meta(MRImageStorage, ds.SOPInstanceUID, "1.2.840.10008.1.2.1", "PACS"),
+        data,
+    )
     assert not publish_new(store, second)  # a file is there: the transaction decides
     # the race: a concurrent handler renamed its bytes over the path before this transaction ran
     racer = _received(store, mr_dataset(ds.StudyInstanceUID, ds.SeriesInstanceUID, 0, name="Racer^Version"))
@@ -229,7 +247,7 @@ def test_new_files_are_published_before_the_transaction_and_races_end_consistent
     assert out.replaced
     with db.session() as s:
         inst = s.scalars(select(Instance).where(Instance.sop_instance_uid == ds.SOPInstanceUID)).one()
-    stored = Path(inst.path).read_bytes()[dataset_offset(Path(inst.path)):]
+    stored = Path(inst.path).read_bytes()[dataset_offset(Path(inst.path)) :]
     assert stored == data and inst.sha256 == second.staged.sha256
     assert not list(store.incoming.iterdir())
 
@@ -248,9 +266,11 @@ def test_a_resend_repairs_a_stored_file_that_does_not_hold_the_indexed_bytes(db,
     with db.session() as s:
         again = index_instances(s, store, [_received(store, ds)], uid_root=settings.uid_root, quiet_seconds=1)[0]
     assert again.replaced and not again.duplicate
-    assert path.read_bytes()[dataset_offset(path):] == encode(ds)
+    assert path.read_bytes()[dataset_offset(path) :] == encode(ds)
     with db.session() as s:
-        assert index_instances(s, store, [_received(store, ds)], uid_root=settings.uid_root, quiet_seconds=1)[0].duplicate
+        assert index_instances(s, store, [_received(store, ds)], uid_root=settings.uid_root, quiet_seconds=1)[
+            0
+        ].duplicate
 
 
 def test_recovery_after_an_unclean_stop_removes_rows_without_their_bytes(db, settings):
@@ -263,19 +283,21 @@ def test_recovery_after_an_unclean_stop_removes_rows_without_their_bytes(db, set
     study, series = generate_uid(), generate_uid()
     datasets = [mr_dataset(study, series, i) for i in range(3)]
     with db.session() as s:
-        out = index_instances(s, store, [_received(store, d) for d in datasets], uid_root=settings.uid_root, quiet_seconds=1)
+        out = index_instances(
+            s, store, [_received(store, d) for d in datasets], uid_root=settings.uid_root, quiet_seconds=1
+        )
     with db.session() as s:
         broken = Path(s.get(Instance, out[1].instance_id).path)
     broken.write_bytes(broken.read_bytes()[:300])
     with db.session() as s:
-        assert recover_unclean_stop(s, store, since=dt.datetime.now(dt.timezone.utc) - dt.timedelta(minutes=1)) == 1
+        assert recover_unclean_stop(s, store, since=dt.datetime.now(dt.UTC) - dt.timedelta(minutes=1)) == 1
     with db.session() as s:
         left = {i.sop_instance_uid for i in s.scalars(select(Instance).join(Series).where(Series.series_uid == series))}
         assert left == {datasets[0].SOPInstanceUID, datasets[2].SOPInstanceUID}
         assert s.scalars(select(Series).where(Series.series_uid == series)).one().instances == 2
     assert not broken.exists()
     with db.session() as s:  # rows older than the window are not read at all
-        assert recover_unclean_stop(s, store, since=dt.datetime.now(dt.timezone.utc) + dt.timedelta(minutes=1)) == 0
+        assert recover_unclean_stop(s, store, since=dt.datetime.now(dt.UTC) + dt.timedelta(minutes=1)) == 0
 
 
 def test_index_writer_on_postgresql_fsyncs_before_the_commit(postgres_url, tmp_path):
@@ -308,4 +330,6 @@ def test_a_retried_refused_object_is_quarantined_once(tmp_path):
     assert store.quarantine(b"garbage" * 10, file_meta=b"meta") == first
     assert store.quarantine(b"other", file_meta=b"meta") != first
     assert first.read_bytes() == b"meta" + b"garbage" * 10
-    assert len(list((tmp_path / "quarantine").rglob("*.dcm"))) == 2 and not list((tmp_path / "quarantine").rglob("*.part"))
+    assert len(list((tmp_path / "quarantine").rglob("*.dcm"))) == 2 and not list(
+        (tmp_path / "quarantine").rglob("*.part")
+    )

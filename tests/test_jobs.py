@@ -29,8 +29,11 @@ def _job(db, job_id) -> Job:
 
 def _series_states(db, job_id) -> set[str]:
     with db.session() as s:
-        return set(s.scalars(select(Series.state).join(JobInput, JobInput.series_id == Series.id)
-                             .where(JobInput.job_id == job_id)))
+        return set(
+            s.scalars(
+                select(Series.state).join(JobInput, JobInput.series_id == Series.id).where(JobInput.job_id == job_id)
+            )
+        )
 
 
 def test_claim_is_exclusive_under_concurrency(db):
@@ -88,8 +91,9 @@ def test_long_job_keeps_its_lease_and_records_timings(db, settings):
     settings.job_lease_seconds = 0.6
     job_id = make_study_job(db)
     outcomes = []
-    t = threading.Thread(target=lambda: outcomes.append(
-        execute_job(db, settings, job_id, runner=SleepyRunner(settings, seconds=1.5))))
+    t = threading.Thread(
+        target=lambda: outcomes.append(execute_job(db, settings, job_id, runner=SleepyRunner(settings, seconds=1.5)))
+    )
     t.start()
     deadline = time.monotonic() + 5
     while _job(db, job_id).step != "inference":  # progress is visible while it runs
@@ -109,8 +113,9 @@ def test_long_job_keeps_its_lease_and_records_timings(db, settings):
         f = s.scalars(select(Finding).where(Finding.job_id == job_id)).one()
         assert (f.model_name, f.model_version, f.weights_sha256) == ("fake.sleep", "1.0", "0" * 64)
         assert s.scalars(select(JobInput.used_by).where(JobInput.job_id == job_id)).first() == ["fake.sleep"]
-        actions = s.scalars(select(AuditEvent.action).where(AuditEvent.entity_type == "job",
-                                                            AuditEvent.entity_id == str(job_id))).all()
+        actions = s.scalars(
+            select(AuditEvent.action).where(AuditEvent.entity_type == "job", AuditEvent.entity_id == str(job_id))
+        ).all()
     assert actions[:2] == ["job.processing", "job.done"]
 
 
@@ -226,8 +231,11 @@ def test_enqueue_outbox_keeps_jobs_until_the_broker_takes_them(db):
     assert sent == [(i, "cpu") for i in ids]
     # a job waiting for its backoff is not sent before it is due
     with db.session() as s:
-        s.execute(update(Job).where(Job.id == ids[0]).values(enqueue_pending=True,
-                                                             not_before=utcnow() + dt.timedelta(seconds=60)))
+        s.execute(
+            update(Job)
+            .where(Job.id == ids[0])
+            .values(enqueue_pending=True, not_before=utcnow() + dt.timedelta(seconds=60))
+        )
     assert jobs.enqueue_pending_jobs(db, lambda j, q: sent.append((j, q))).sent == []
 
 
@@ -250,13 +258,20 @@ def test_sweeper_resends_lost_wakeups(db):
         raise ConnectionError("down")
 
     jobs.enqueue_pending_jobs(db, lambda j, q: None, now=later)
-    assert jobs.sweep(db, now=later + dt.timedelta(seconds=7), lease_seconds=3, queue_depths=unreachable).resent == [a, b, c]
+    assert jobs.sweep(db, now=later + dt.timedelta(seconds=7), lease_seconds=3, queue_depths=unreachable).resent == [
+        a,
+        b,
+        c,
+    ]
 
 
 def test_results_are_stored_once_per_uid(db, settings, monkeypatch):
     """Running a job again (retry) reuses its result UIDs: one result object, one outbox row per destination."""
-    monkeypatch.setenv("MSKNODE_DESTINATIONS", '[{"ae_title": "PACS", "host": "127.0.0.1", "port": 11113},'
-                                               ' {"type": "stow", "url": "http://127.0.0.1:8042/dicom-web"}]')
+    monkeypatch.setenv(
+        "MSKNODE_DESTINATIONS",
+        '[{"ae_title": "PACS", "host": "127.0.0.1", "port": 11113},'
+        ' {"type": "stow", "url": "http://127.0.0.1:8042/dicom-web"}]',
+    )
     from node.settings import load_settings
 
     settings = load_settings()
@@ -273,7 +288,11 @@ def test_results_are_stored_once_per_uid(db, settings, monkeypatch):
         twin = Job(study_id=study_id, pipeline="knee", state="queued", input_fingerprint=fp, supersedes_job_id=job_id)
         s.add(twin)
         s.flush()
-        s.add(JobInput(job_id=twin.id, series_id=s.scalars(select(JobInput.series_id).where(JobInput.job_id == job_id)).first()))
+        s.add(
+            JobInput(
+                job_id=twin.id, series_id=s.scalars(select(JobInput.series_id).where(JobInput.job_id == job_id)).first()
+            )
+        )
         twin_id = twin.id
     assert execute_job(db, settings, twin_id, runner=SleepyRunner(settings, seconds=0)).state == "done"
     with db.session() as s:
@@ -313,8 +332,9 @@ def test_older_job_finishing_late_does_not_touch_a_newer_jobs_series(db, setting
     lease = jobs.claim(db, old, owner="old", lease_seconds=30)
     with db.session() as s:
         j = s.get(Job, old)
-        new = Job(study_id=j.study_id, pipeline="knee", state="queued", input_fingerprint="f" * 64,
-                  supersedes_job_id=old)
+        new = Job(
+            study_id=j.study_id, pipeline="knee", state="queued", input_fingerprint="f" * 64, supersedes_job_id=old
+        )
         s.add(new)
         s.flush()
         for ji in s.scalars(select(JobInput).where(JobInput.job_id == old)).all():

@@ -28,8 +28,12 @@ def echo_peer(tmp_path):
     port = free_port()
     out = tmp_path / "storescp"
     out.mkdir()
-    proc = subprocess.Popen(["storescp", "--aetitle", "MSKNODE", "--output-directory", str(out), str(port)],
-                            env={**os.environ, "TCP_NODELAY": "1"}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        ["storescp", "--aetitle", "MSKNODE", "--output-directory", str(out), str(port)],
+        env={**os.environ, "TCP_NODELAY": "1"},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         deadline = time.monotonic() + 10
         while not echoscu(port, "MSKNODE"):
@@ -102,11 +106,17 @@ def test_metrics_count_jobs_steps_and_queues_without_phi(settings, db):
     assert value("msknode_job_attempts") == 1
     steps = {s.labels["step"] for s in fams["msknode_job_step_duration_seconds"].samples}
     assert {"inference", "total"} <= steps
-    count = [s for s in fams["msknode_job_step_duration_seconds"].samples
-             if s.name.endswith("_count") and s.labels["step"] == "inference"]
+    count = [
+        s
+        for s in fams["msknode_job_step_duration_seconds"].samples
+        if s.name.endswith("_count") and s.labels["step"] == "inference"
+    ]
     assert count[0].value == 1
-    le_05 = [s for s in fams["msknode_job_step_duration_seconds"].samples
-             if s.name.endswith("_bucket") and s.labels["step"] == "inference" and s.labels["le"] in ("0.25", "0.5")]
+    le_05 = [
+        s
+        for s in fams["msknode_job_step_duration_seconds"].samples
+        if s.name.endswith("_bucket") and s.labels["step"] == "inference" and s.labels["le"] in ("0.25", "0.5")
+    ]
     assert [s.value for s in sorted(le_05, key=lambda s: float(s.labels["le"]))] == [0, 1]  # 0.3 s
     assert value("msknode_workers_alive") == 0
     assert value("msknode_disk_free_bytes") > 0

@@ -26,16 +26,27 @@ from pydicom.uid import (
 )
 from sqlalchemy import func, select
 
-from support.listener import PYDICOM_DATA, ListenerProcess, RawSender, dataset_bytes, echo
 from node.db.database import Database
 from node.db.schema import Association, AssociationSeries, Instance, Quarantine, Series, Study
 from node.receive.storage import dataset_offset
+from support.listener import PYDICOM_DATA, ListenerProcess, RawSender, dataset_bytes, echo
 from worklists.tables import AuditEvent
 
-SERIES_KEYS = {"study_uid", "series_uid", "modality", "body_part", "series_description", "instances", "state", "pipeline"}
+SERIES_KEYS = {
+    "study_uid",
+    "series_uid",
+    "modality",
+    "body_part",
+    "series_description",
+    "instances",
+    "state",
+    "pipeline",
+}
 
 
-def mr_dataset(study_uid: str, series_uid: str, i: int, *, name="Doe^Jane", description="SAG PD FS", size=32) -> Dataset:
+def mr_dataset(
+    study_uid: str, series_uid: str, i: int, *, name="Doe^Jane", description="SAG PD FS", size=32
+) -> Dataset:
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = MRImageStorage
     meta.MediaStorageSOPInstanceUID = generate_uid()
@@ -97,7 +108,7 @@ def storescu(port: int, paths: list[Path], *args: str, calling: str = "STORESCU"
 
 
 def stored_dataset(path: str | Path) -> bytes:
-    return Path(path).read_bytes()[dataset_offset(Path(path)):]
+    return Path(path).read_bytes()[dataset_offset(Path(path)) :]
 
 
 # the listener's transport: MSKNODE_FAST_TRANSPORT, and what its start-up line says
@@ -132,21 +143,39 @@ def test_storescu_series_is_stored_and_indexed(node, tmp_path):
     assert r.returncode == 0, r.stderr
 
     rows = [s for s in node.series_json() if s["series_uid"] == series_uid]
-    assert len(rows) == 1 and SERIES_KEYS <= set(rows[0])
+    assert len(rows) == 1 and set(rows[0]) >= SERIES_KEYS
     row = rows[0]
-    assert row == {**row, "study_uid": study_uid, "modality": "MR", "body_part": "KNEE", "series_description": "SAG PD FS",
-                   "instances": 5, "pipeline": None}
+    assert row == {
+        **row,
+        "study_uid": study_uid,
+        "modality": "MR",
+        "body_part": "KNEE",
+        "series_description": "SAG PD FS",
+        "instances": 5,
+        "pipeline": None,
+    }
     assert row["state"] in {"receiving", "complete", "queued", "processing", "done", "failed", "unrouted"}
 
     with node.db.session() as s:
         study = s.scalars(select(Study).where(Study.study_uid == study_uid)).one()
         series = s.scalars(select(Series).where(Series.series_uid == series_uid)).one()
-        instances = s.scalars(select(Instance).where(Instance.series_id == series.id).order_by(Instance.instance_number)).all()
+        instances = s.scalars(
+            select(Instance).where(Instance.series_id == series.id).order_by(Instance.instance_number)
+        ).all()
         assoc = s.get(Association, instances[0].association_id)
         links = s.scalars(select(AssociationSeries).where(AssociationSeries.series_id == series.id)).all()
     assert (study.patient_name, study.patient_id, study.accession_number, study.specific_character_set) == (
-        "Doe^Jane", "PID0001", "ACC0001", "ISO_IR 100")
-    assert (series.laterality, series.series_number, series.manufacturer, series.calling_ae) == ("L", 3, "SIEMENS", "STORESCU")
+        "Doe^Jane",
+        "PID0001",
+        "ACC0001",
+        "ISO_IR 100",
+    )
+    assert (series.laterality, series.series_number, series.manufacturer, series.calling_ae) == (
+        "L",
+        3,
+        "SIEMENS",
+        "STORESCU",
+    )
     assert series.expected_instances == 5 and series.own_object is False
     # released association: ended, and the series' quiet timer started (C1)
     assert assoc.calling_ae == "STORESCU" and assoc.called_ae == "MSKNODE" and assoc.listener
@@ -162,7 +191,9 @@ def test_storescu_series_is_stored_and_indexed(node, tmp_path):
         assert inst.image_position == f"-50.0\\-40.0\\{3.0 * i}"
         assert inst.image_orientation == "0.0\\1.0\\0.0\\0.0\\0.0\\-1.0"
         meta = dcmread(inst.path, stop_before_pixels=True).file_meta
-        assert meta.MediaStorageSOPInstanceUID == inst.sop_instance_uid and meta.SourceApplicationEntityTitle == "STORESCU"
+        assert (
+            meta.MediaStorageSOPInstanceUID == inst.sop_instance_uid and meta.SourceApplicationEntityTitle == "STORESCU"
+        )
 
 
 def _transfer_syntax_variants(tmp_path: Path) -> list[tuple[str, list[Path]]]:
@@ -238,7 +269,7 @@ def test_every_pydicom_data_file_is_stored_byte_identical(node):
     assert set(sent_series) <= set(listed)
     for uid, modality in sent_series.items():
         assert listed[uid]["modality"] == modality and listed[uid]["instances"] >= 1
-    assert {m for m in sent_series.values()} >= {"MR", "CT", "US", "CR", "OT", "NM", "SEG"}
+    assert set(sent_series.values()) >= {"MR", "CT", "US", "CR", "OT", "NM", "SEG"}
 
 
 def test_non_mr_series_are_unrouted_by_the_completeness_tick(node):
@@ -249,7 +280,7 @@ def test_non_mr_series_are_unrouted_by_the_completeness_tick(node):
     from node.settings import load_settings
 
     settings = load_settings(data_dir=node.data_dir)
-    later = dt.datetime.now(dt.timezone.utc) + dt.timedelta(minutes=5)
+    later = dt.datetime.now(dt.UTC) + dt.timedelta(minutes=5)
     with node.db.session() as s:
         tick(s, settings, later)
     with node.db.session() as s:
@@ -261,8 +292,8 @@ def test_non_mr_series_are_unrouted_by_the_completeness_tick(node):
 def _good_instance(sop_class=MRImageStorage) -> tuple[Dataset, bytes]:
     ds = mr_dataset(generate_uid(), generate_uid(), 0)
     ds.SOPClassUID = sop_class
-    from pydicom.filewriter import write_dataset
     from pydicom.filebase import DicomBytesIO
+    from pydicom.filewriter import write_dataset
 
     buf = DicomBytesIO()
     buf.is_little_endian, buf.is_implicit_VR = True, False
@@ -273,7 +304,11 @@ def _good_instance(sop_class=MRImageStorage) -> tuple[Dataset, bytes]:
 def test_malformed_inputs_get_failure_statuses_and_are_quarantined(node):
     ds, good = _good_instance()
     no_study = Dataset()
-    no_study.SOPClassUID, no_study.SOPInstanceUID, no_study.SeriesInstanceUID = MRImageStorage, generate_uid(), generate_uid()
+    no_study.SOPClassUID, no_study.SOPInstanceUID, no_study.SeriesInstanceUID = (
+        MRImageStorage,
+        generate_uid(),
+        generate_uid(),
+    )
     from pydicom.filebase import DicomBytesIO
     from pydicom.filewriter import write_dataset
 
@@ -357,7 +392,9 @@ def test_duplicate_is_idempotent_and_corrected_demographics_update_and_audit(nod
 def test_charsets_are_honoured_when_indexing(node):
     """pydicom's character-set files (ISO-IR 100, 126, 127, 138, 144, 192, GB18030, ISO 2022 IR 13/87/149)."""
     charset_dir = Path(__import__("pydicom").__file__).parent / "data" / "charset_files"
-    files = [p for p in sorted(charset_dir.glob("chr*.dcm")) if "StudyInstanceUID" in dcmread(p, stop_before_pixels=True)]
+    files = [
+        p for p in sorted(charset_dir.glob("chr*.dcm")) if "StudyInstanceUID" in dcmread(p, stop_before_pixels=True)
+    ]
     assert len(files) >= 14
     with RawSender(node.port, [(dataset_bytes(p)[0], dataset_bytes(p)[2]) for p in files]) as sender:
         for path in files:
@@ -381,7 +418,7 @@ def test_eight_concurrent_associations_lose_nothing(node, tmp_path):
         t.join()
     assert [r.returncode for r in results] == [0] * 8, [r.stderr for r in results]
     with node.db.session() as s:
-        for study_uid, series_uid, paths in batches:
+        for _study_uid, series_uid, paths in batches:
             series = s.scalars(select(Series).where(Series.series_uid == series_uid)).one()
             assert series.instances == 12 and series.open_associations == 0 and series.quiet_deadline is not None
             stored = s.scalars(select(Instance).where(Instance.series_id == series.id)).all()
@@ -404,7 +441,12 @@ def test_store_response_encoding_matches_pynetdicom(status):
 
     sop = generate_uid()
     rsp = C_STORE()
-    rsp.MessageIDBeingRespondedTo, rsp.AffectedSOPInstanceUID, rsp.AffectedSOPClassUID, rsp.Status = 7, sop, MRImageStorage, status
+    rsp.MessageIDBeingRespondedTo, rsp.AffectedSOPInstanceUID, rsp.AffectedSOPClassUID, rsp.Status = (
+        7,
+        sop,
+        MRImageStorage,
+        status,
+    )
     message = C_STORE_RSP()
     message.primitive_to_message(rsp)
     assert encode_store_response(MRImageStorage, sop, 7, status) == encode(message.command_set, True, True)

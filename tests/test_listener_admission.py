@@ -14,19 +14,18 @@ import threading
 import time
 from pathlib import Path
 
+import pytest
 from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage
 from pynetdicom import AE
 from pynetdicom.sop_class import Verification
 from sqlalchemy import func, select
+from test_listener import TRANSPORT_LOG, TRANSPORTS, _good_instance, storescu, transport_env, write_series
 
-import pytest
-
-from support.env import ROOT, free_port
-from support.listener import PYDICOM_DATA, ListenerProcess, RawSender, dataset_bytes, echo
 from node.db.database import Database
 from node.db.schema import Association, Instance, Series
 from node.demo.loopback import child_env
-from test_listener import TRANSPORT_LOG, TRANSPORTS, _good_instance, storescu, transport_env, write_series
+from support.env import ROOT, free_port
+from support.listener import PYDICOM_DATA, ListenerProcess, RawSender, dataset_bytes, echo
 
 modes = pytest.mark.parametrize("mode", list(TRANSPORTS))
 
@@ -51,8 +50,12 @@ def test_calling_ae_not_in_allow_list_is_rejected_permanent(tmp_path, mode):
         assoc = associate(node.port, "BADSCU")
         assert assoc.is_rejected and not assoc.is_established
         assert rejection(assoc) == (0x01, 0x01, 0x03)  # rejected-permanent, service-user, calling AE not recognised
-        r = subprocess.run(["echoscu", "-aet", "BADSCU", "-aec", "MSKNODE", "127.0.0.1", str(node.port)],
-                           capture_output=True, text=True, env=dict(os.environ, TCP_NODELAY="1"))
+        r = subprocess.run(
+            ["echoscu", "-aet", "BADSCU", "-aec", "MSKNODE", "127.0.0.1", str(node.port)],
+            capture_output=True,
+            text=True,
+            env=dict(os.environ, TCP_NODELAY="1"),
+        )
         assert r.returncode != 0 and "Rejected" in (r.stdout + r.stderr)
         assert echo(node.port, calling="OTHERSCU") == 0
         db = Database(f"sqlite:///{node.data_dir / 'msknode.db'}", migrate=False)
@@ -123,7 +126,7 @@ def test_compressed_transfer_syntaxes_from_storescu(tmp_path, mode):
             path = PYDICOM_DATA / name
             r = storescu(node.port, [path], "-R", option)
             assert r.returncode == 0, (name, r.stderr)
-            sop_class, sop, ts, _ = dataset_bytes(path)
+            _sop_class, sop, ts, _ = dataset_bytes(path)
             with db.session() as s:
                 inst = s.scalars(select(Instance).where(Instance.sop_instance_uid == sop)).one()
             assert inst.transfer_syntax_uid == ts, name
@@ -145,7 +148,9 @@ def test_several_listener_processes_share_the_port(tmp_path, mode):
         for t in threads:
             t.join()
         assert [r.returncode for r in results] == [0] * 8
-        out = subprocess.run(["ps", "-ww", "--ppid", str(node.proc.pid), "-o", "pid=,args="], capture_output=True, text=True).stdout
+        out = subprocess.run(
+            ["ps", "-ww", "--ppid", str(node.proc.pid), "-o", "pid=,args="], capture_output=True, text=True
+        ).stdout
         children = [line.split()[0] for line in out.splitlines() if "spawn_main" in line]
         assert len(children) == 3, out
         assert node.log().count(TRANSPORT_LOG[mode]) == 3, node.log()  # every listener process serves in `mode`
@@ -169,13 +174,18 @@ def test_several_listener_processes_share_the_port(tmp_path, mode):
 
 def test_serve_runs_the_parts_restarts_a_crashed_one_and_stops_cleanly(tmp_path):
     port, web_port = free_port(), free_port()
-    env = child_env(MSKNODE_DATA_DIR=tmp_path / "data", MSKNODE_PORT=port, MSKNODE_WEB_PORT=web_port,
-                    MSKNODE_LOG_LEVEL="INFO")
-    log = open(tmp_path / "serve.log", "wb")
-    proc = subprocess.Popen([sys.executable, "-m", "node.cli", "serve"], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    env = child_env(
+        MSKNODE_DATA_DIR=tmp_path / "data", MSKNODE_PORT=port, MSKNODE_WEB_PORT=web_port, MSKNODE_LOG_LEVEL="INFO"
+    )
+    log = open(tmp_path / "serve.log", "wb")  # noqa: SIM115  (the server writes it until it is stopped)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "node.cli", "serve"], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT
+    )
 
     def children() -> dict[str, int]:
-        out = subprocess.run(["ps", "-ww", "--ppid", str(proc.pid), "-o", "pid=,args="], capture_output=True, text=True).stdout
+        out = subprocess.run(
+            ["ps", "-ww", "--ppid", str(proc.pid), "-o", "pid=,args="], capture_output=True, text=True
+        ).stdout
         found = {}
         for line in out.splitlines():
             pid, args = line.strip().split(None, 1)
@@ -217,13 +227,17 @@ def test_serve_runs_the_parts_restarts_a_crashed_one_and_stops_cleanly(tmp_path)
 
 def test_listener_processes_exit_when_their_parent_is_killed(tmp_path):
     node = ListenerProcess(tmp_path / "data", env={"MSKNODE_LISTENER_PROCESSES": "2"}).start()
-    out = subprocess.run(["ps", "-ww", "--ppid", str(node.proc.pid), "-o", "pid=,args="], capture_output=True, text=True).stdout
+    out = subprocess.run(
+        ["ps", "-ww", "--ppid", str(node.proc.pid), "-o", "pid=,args="], capture_output=True, text=True
+    ).stdout
     children = [int(line.split()[0]) for line in out.splitlines() if "spawn_main" in line]
     assert len(children) == 2
     node.kill()  # SIGKILL to the parent only
     deadline = time.monotonic() + 30
-    while any(Path(f"/proc/{pid}").exists() and "zombie" not in Path(f"/proc/{pid}/status").read_text().lower()
-              for pid in children):
+    while any(
+        Path(f"/proc/{pid}").exists() and "zombie" not in Path(f"/proc/{pid}/status").read_text().lower()
+        for pid in children
+    ):
         assert time.monotonic() < deadline, "listener processes outlived their parent"
         time.sleep(0.2)
     assert echo(node.port) is None  # nothing answers on the port any more
@@ -233,7 +247,7 @@ def test_after_an_unclean_stop_the_listener_checks_the_latest_rows(tmp_path):
     """A listener killed (or a power loss) leaves its run marker; the next start checks the rows of
     the last minute and drops those whose file lacks the indexed bytes (their sender resends)."""
     node = ListenerProcess(tmp_path / "data").start()
-    study_uid, series_uid, paths = write_series(tmp_path / "s", n=3)
+    _study_uid, series_uid, paths = write_series(tmp_path / "s", n=3)
     assert storescu(node.port, paths).returncode == 0
     node.kill()  # unclean: the run marker stays
     markers = list((node.data_dir / "run").glob("listener-*.running"))

@@ -57,14 +57,24 @@ def settled(node: ListenerProcess, timeout: float = 15.0) -> list[int] | None:
 
 
 def dcmtk_echo(port: int, calling: str) -> subprocess.CompletedProcess:
-    return subprocess.run(["echoscu", "-aet", calling, "-aec", "MSKNODE", "127.0.0.1", str(port)],
-                          capture_output=True, text=True, timeout=60, env=dict(os.environ, TCP_NODELAY="1"))
+    return subprocess.run(
+        ["echoscu", "-aet", calling, "-aec", "MSKNODE", "127.0.0.1", str(port)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=dict(os.environ, TCP_NODELAY="1"),
+    )
 
 
 @modes
 def test_rejected_associations_are_counted_off(tmp_path, mode):
-    env = transport_env(mode, MSKNODE_LISTENER_PROCESSES=str(PROCESSES), MSKNODE_MAX_ASSOCIATIONS=str(MAX_ASSOCIATIONS),
-                        MSKNODE_ALLOWED_AE_TITLES="GOODSCU,STORESCU", MSKNODE_LOG_LEVEL="DEBUG")
+    env = transport_env(
+        mode,
+        MSKNODE_LISTENER_PROCESSES=str(PROCESSES),
+        MSKNODE_MAX_ASSOCIATIONS=str(MAX_ASSOCIATIONS),
+        MSKNODE_ALLOWED_AE_TITLES="GOODSCU,STORESCU",
+        MSKNODE_LOG_LEVEL="DEBUG",
+    )
     node = ListenerProcess(tmp_path / "data", env=env)
     node.start(ready=lambda port: echo(port, calling="GOODSCU") == 0)
     try:

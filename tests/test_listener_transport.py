@@ -14,12 +14,12 @@ import pytest
 from pynetdicom import AE
 from pynetdicom.sop_class import Verification
 from sqlalchemy import select
-from support.env import free_port
-from support.listener import ListenerProcess
 from test_listener import TRANSPORTS, storescu, transport_env, write_series
 
 from node.db.database import Database
 from node.db.schema import Association, Instance
+from support.env import free_port
+from support.listener import ListenerProcess
 
 pytestmark = pytest.mark.integration
 
@@ -35,7 +35,9 @@ def wait_for(predicate, timeout: float = 15.0, interval: float = 0.05):
 
 def association_row(db: Database, calling: str) -> Association | None:
     with db.session() as s:
-        return s.scalars(select(Association).where(Association.calling_ae == calling).order_by(Association.id.desc())).first()
+        return s.scalars(
+            select(Association).where(Association.calling_ae == calling).order_by(Association.id.desc())
+        ).first()
 
 
 def ended(db: Database, calling: str) -> Association | None:
@@ -60,7 +62,9 @@ def listener(settings):
 
 
 def warnings_of(caplog) -> list[str]:
-    return [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and r.name == "node.receive.listener"]
+    return [
+        r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and r.name == "node.receive.listener"
+    ]
 
 
 @pytest.mark.parametrize("mode", list(TRANSPORTS))
@@ -126,8 +130,12 @@ def test_a_failing_dul_loop_aborts_the_association_with_a_warning(listener, monk
     row = wait_for(lambda: ended(listener.db, "FAILSCU"), timeout=5)
     assert row is not None and row.end_reason == "aborted" and row.instances < len(paths)
     expected = f"association {row.id if when == 'after_accept' else ''}"
-    assert any(m.startswith(expected) and " from FAILSCU at 127.0.0.1:" in m
-               and m.endswith("the DUL loop failed (RuntimeError): aborting") for m in warnings_of(caplog)), caplog.text
+    assert any(
+        m.startswith(expected)
+        and " from FAILSCU at 127.0.0.1:" in m
+        and m.endswith("the DUL loop failed (RuntimeError): aborting")
+        for m in warnings_of(caplog)
+    ), caplog.text
     assert "Doe" not in caplog.text and "PID0001" not in caplog.text
 
     armed["on"] = False
@@ -141,8 +149,9 @@ def test_a_failing_store_handler_answers_0xC211_with_a_warning(listener, caplog,
     """The fast path answers a C-STORE whose handler raises as pynetdicom's storage service does
     (0xC211, the association goes on), with a WARNING naming the association."""
     from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage
-    from support.listener import RawSender
     from test_listener import _good_instance
+
+    from support.listener import RawSender
 
     calls = {"n": 0}
     handle_store = listener.handle_store
@@ -162,8 +171,10 @@ def test_a_failing_store_handler_answers_0xC211_with_a_warning(listener, caplog,
     row = wait_for(lambda: ended(listener.db, "FLAKYSCU"), timeout=5)
     assert row is not None and row.end_reason == "released" and row.instances == 1
     expected = f"association {row.id} from FLAKYSCU at 127.0.0.1:"
-    assert any(expected in m and "the C-STORE handler failed (RuntimeError): answering 0xC211" in m
-               for m in warnings_of(caplog)), caplog.text
+    assert any(
+        expected in m and "the C-STORE handler failed (RuntimeError): answering 0xC211" in m
+        for m in warnings_of(caplog)
+    ), caplog.text
     assert "Doe" not in caplog.text
 
 

@@ -21,7 +21,11 @@ def alembic(url: str, *args: str) -> subprocess.CompletedProcess:
     env = child_env(MSKNODE_ALEMBIC_URL=url)
     return subprocess.run(
         [str(VENV_BIN / "alembic"), "-c", str(ROOT / "alembic.ini"), *args],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=180,
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
     )
 
 
@@ -51,7 +55,13 @@ def test_upgrade_head_on_postgresql_has_no_drift(postgres_url):
 def test_msknode_db_upgrade_is_idempotent(tmp_path):
     env = child_env(MSKNODE_DATA_DIR=tmp_path / "data")
     for _ in range(2):
-        r = subprocess.run([sys.executable, "-m", "node.cli", "db", "upgrade"], cwd=ROOT, env=env,
-                           capture_output=True, text=True, timeout=120)
+        r = subprocess.run(
+            [sys.executable, "-m", "node.cli", "db", "upgrade"],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert r.returncode == 0 and "latest schema" in r.stdout, r.stderr
     assert (tmp_path / "data" / "msknode.db").exists()

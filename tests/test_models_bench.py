@@ -18,8 +18,14 @@ pytestmark = pytest.mark.slow
 
 def _run(*args, tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("MSKNODE_")}
-    return subprocess.run([sys.executable, "-m", "node.cli", "bench", "models", *args, "--workdir", str(tmp_path)],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", "node.cli", "bench", "models", *args, "--workdir", str(tmp_path)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
 
 
 def test_bench_models_knee_json(tmp_path):
@@ -37,7 +43,8 @@ def test_bench_models_knee_json(tmp_path):
         # saliency and uncertainty are part of the timed study
         assert {"inference_s", "saliency_s", "uncertainty_s"} <= set(timing), timing
         assert set(knee["forward_modes"][name]) == {
-            f"{layout}_{mode}_s" for layout in ("ncdhw", "channels_last") for mode in ("grad", "inference_mode")}
+            f"{layout}_{mode}_s" for layout in ("ncdhw", "channels_last") for mode in ("grad", "inference_mode")
+        }
     if PIPELINES["knee"].superres:
         assert knee["per_model"]["superres"]["consistency_passed"] is True
     assert res["knee_study_s"] > 0 and res["knee_peak_rss_mb"] > knee["baseline_rss_mb"] > 0

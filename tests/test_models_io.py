@@ -157,7 +157,12 @@ def test_not_dicom_and_truncated_files_refused(tmp_path):
 
 
 def test_multiframe_without_functional_groups_loads_with_assumed_geometry():
-    for name in ("emri_small.dcm", "emri_small_RLE.dcm", "emri_small_jpeg_2k_lossless.dcm", "emri_small_big_endian.dcm"):
+    for name in (
+        "emri_small.dcm",
+        "emri_small_RLE.dcm",
+        "emri_small_jpeg_2k_lossless.dcm",
+        "emri_small_big_endian.dcm",
+    ):
         vol = load_series([_path(name)])
         assert vol.shape == (10, 64, 64), name
         assert vol.spacing[0] == pytest.approx(1.2)

@@ -113,9 +113,14 @@ def test_coronal_series_is_resampled_onto_the_sagittal_grid():
     assert np.corrcoef(direct[inside], via_world[inside])[0, 1] > 0.97
     # the coronal series of the same knee lands on the same anatomy (bone masks of both acquisitions agree)
     bone_sag = frame.to_grid((sag.masks["femur"] | sag.masks["tibia"]).astype(np.float32)) > 0.5
-    bone_cor = resample_onto_grid(
-        dataclasses.replace(cor.volume, array=(cor.masks["femur"] | cor.masks["tibia"]).astype(np.float32)),
-        sag.volume, frame) > 0.5
+    bone_cor = (
+        resample_onto_grid(
+            dataclasses.replace(cor.volume, array=(cor.masks["femur"] | cor.masks["tibia"]).astype(np.float32)),
+            sag.volume,
+            frame,
+        )
+        > 0.5
+    )
     both = bone_sag & bone_cor
     assert both.sum() / max(1, (bone_sag | bone_cor).sum()) > 0.6
     img, _ = TASK.network_input(sag.volume, {CORONAL_ROLE: cor.volume})
@@ -131,8 +136,9 @@ def test_coronal_series_is_resampled_onto_the_sagittal_grid():
 def test_pipeline_uses_the_coronal_series_when_present(registry):
     sag = generate("knee", FRESH_SEED + 503)
     cor = generate("knee", FRESH_SEED + 503, orientation="coronal")
-    out = run_pipeline("knee", {"sag_fluid": sag.volume, CORONAL_ROLE: cor.volume}, registry=registry,
-                       superres=False, saliency=False)
+    out = run_pipeline(
+        "knee", {"sag_fluid": sag.volume, CORONAL_ROLE: cor.volume}, registry=registry, superres=False, saliency=False
+    )
     men = next(o for o in out.outputs if o.model.name == NAME)
     assert men.qc.accepted, men.qc
     assert out.used_series[NAME] == [sag.volume.series_uid, cor.volume.series_uid]
@@ -143,8 +149,12 @@ def test_qc_refuses_other_anatomy_from_pixels_even_when_tagged_knee(registry):
     spine = generate("lumbar_spine", FRESH_SEED + 504).volume
     # a knee-sized field of view, so only the pixels can tell
     k = min(1.0, 180.0 / (max(spine.shape[1:]) * max(spine.spacing[1:])))
-    spine = dataclasses.replace(spine, body_part="KNEE", series_description="SAG PD FS",
-                                spacing=(spine.spacing[0], spine.spacing[1] * k, spine.spacing[2] * k))
+    spine = dataclasses.replace(
+        spine,
+        body_part="KNEE",
+        series_description="SAG PD FS",
+        spacing=(spine.spacing[0], spine.spacing[1] * k, spine.spacing[2] * k),
+    )
     out = model.predict(spine)
     assert not out.qc.accepted and out.qc.reason in ("wrong_anatomy", "out_of_distribution"), out.qc
     assert out.findings == []

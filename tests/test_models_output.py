@@ -29,8 +29,9 @@ def test_a_site_folder_with_the_earlier_superres_file_name_still_loads(tmp_path)
     site = tmp_path / "superres"
     site.mkdir()
     shutil.copy(REPO_WEIGHTS / "superres" / "model.pt", site / "superres.pt")
-    (site / "superres.pt.sha256").write_text((REPO_WEIGHTS / "superres" / "model.pt.sha256").read_text()
-                                             .replace("model.pt", "superres.pt"))
+    (site / "superres.pt.sha256").write_text(
+        (REPO_WEIGHTS / "superres" / "model.pt.sha256").read_text().replace("model.pt", "superres.pt")
+    )
     reg = Registry(tmp_path)
     assert reg.weights_path("superres") == site / "superres.pt"
     path, sha = reg.verify("superres")
@@ -39,8 +40,17 @@ def test_a_site_folder_with_the_earlier_superres_file_name_still_loads(tmp_path)
 
 def test_readable_output_has_no_python_reprs():
     card = json.loads((REPO_WEIGHTS / "superres" / "card.json").read_text())
-    text = "\n".join(readable({"training_data": card["training_data"], "qc_reasons": {"motion": 2, "low_snr": 1},
-                               "auc_ci": [0.81234, 0.9], "ok": True, "none": None}))
+    text = "\n".join(
+        readable(
+            {
+                "training_data": card["training_data"],
+                "qc_reasons": {"motion": 2, "low_snr": 1},
+                "auc_ci": [0.81234, 0.9],
+                "ok": True,
+                "none": None,
+            }
+        )
+    )
     assert "{" not in text and "'" not in text
     assert "qc_reasons: motion 2, low_snr 1" in text
     assert "auc_ci: [0.8123, 0.9]" in text

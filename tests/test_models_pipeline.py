@@ -94,8 +94,14 @@ def test_unknown_pipeline_or_role_is_an_error(registry):
 def test_predict_cli_on_a_series_folder(knee_study):
     out, _ = knee_study
     env = dict(os.environ, MSKNODE_DATA_DIR=str(out / "data"))
-    res = subprocess.run([sys.executable, "-m", "node.cli", "predict", str(out / "sag_fluid"), "--json"], cwd=ROOT,
-                         env=env, capture_output=True, text=True, timeout=300)
+    res = subprocess.run(
+        [sys.executable, "-m", "node.cli", "predict", str(out / "sag_fluid"), "--json"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert res.returncode == 0, res.stderr
     report = json.loads(res.stdout)
     (series,) = report["series"]
@@ -103,6 +109,12 @@ def test_predict_cli_on_a_series_folder(knee_study):
     acl = next(m for m in series["models"] if m["model"] == "knee.acl")
     assert acl["qc"]["accepted"] and acl["findings"][0]["code"] == "acl_tear"
     assert acl["weights_sha256"] and "Not for diagnostic use" in report["notice"]
-    bad = subprocess.run([sys.executable, "-m", "node.cli", "predict", str(out / "nope")], cwd=ROOT, env=env,
-                         capture_output=True, text=True, timeout=120)
+    bad = subprocess.run(
+        [sys.executable, "-m", "node.cli", "predict", str(out / "nope")],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert bad.returncode == 2 and "not a folder" in bad.stderr

@@ -48,16 +48,28 @@ def realdir(tmp_path_factory):
     root = tmp_path_factory.mktemp("realdir")
     knee = _phantom("knee", 4100, acl="intact")
     sp = knee.volume.spacing
-    _write_stack(root / "site" / "knee_png", knee.volume.array,
-                 {"anatomy": "knee", "plane": "sagittal", "pixel_spacing_mm": [sp[1], sp[2]], "slice_spacing_mm": sp[0],
-                  "label": "normal", "source": "phantom stack"})
+    _write_stack(
+        root / "site" / "knee_png",
+        knee.volume.array,
+        {
+            "anatomy": "knee",
+            "plane": "sagittal",
+            "pixel_spacing_mm": [sp[1], sp[2]],
+            "slice_spacing_mm": sp[0],
+            "label": "normal",
+            "source": "phantom stack",
+        },
+    )
     write_dicom_series(knee, root / "site" / "knee_dicom", series_description="pd_tse_fs_sag", body_part="KNEE")
     spine = _phantom("lumbar_spine", 4101)
     (root / "spine").mkdir()
     np.save(root / "spine" / "volume.npy", spine.volume.array)
     s = spine.volume.spacing
-    (root / "spine" / "series.json").write_text(json.dumps(
-        {"anatomy": "lumbar_spine", "plane": "sagittal", "pixel_spacing_mm": [s[1], s[2]], "slice_spacing_mm": s[0]}))
+    (root / "spine" / "series.json").write_text(
+        json.dumps(
+            {"anatomy": "lumbar_spine", "plane": "sagittal", "pixel_spacing_mm": [s[1], s[2]], "slice_spacing_mm": s[0]}
+        )
+    )
     return root, knee
 
 
@@ -78,22 +90,36 @@ def test_read_realdir_gives_each_series_with_geometry_and_sidecar(realdir):
 
 def test_descending_order_and_field_of_view(tmp_path):
     arr = np.stack([np.full((20, 30), k, np.float32) for k in range(5)])
-    _write_stack(tmp_path / "s", arr, {"anatomy": "other:hip", "plane": "coronal", "field_of_view_mm": 300,
-                                       "slice_spacing_mm": 4, "order": "descending"})
+    _write_stack(
+        tmp_path / "s",
+        arr,
+        {
+            "anatomy": "other:hip",
+            "plane": "coronal",
+            "field_of_view_mm": 300,
+            "slice_spacing_mm": 4,
+            "order": "descending",
+        },
+    )
     (rs,) = read_realdir(tmp_path)
     assert rs.anatomy_group == "other"
     assert rs.volume.spacing == (4.0, 10.0, 10.0)
-    assert [float(s.mean()) for s in rs.volume.array] == sorted((float(s.mean()) for s in rs.volume.array), reverse=True)
+    assert [float(s.mean()) for s in rs.volume.array] == sorted(
+        (float(s.mean()) for s in rs.volume.array), reverse=True
+    )
 
 
-@pytest.mark.parametrize("sidecar, message", [
-    (None, "needs a series.json"),
-    ({"anatomy": "knee", "pixel_spacing_mm": 0.5}, "plane is required"),
-    ({"anatomy": "knee", "plane": "oblique", "pixel_spacing_mm": 0.5}, "plane 'oblique'"),
-    ({"anatomy": "elbow", "plane": "axial", "pixel_spacing_mm": 0.5}, "other:<name>"),
-    ({"anatomy": "knee", "plane": "axial"}, "pixel_spacing_mm or field_of_view_mm"),
-    ({"anatomy": "knee", "plane": "axial", "pixel_spacing_mm": -1}, "out of range"),
-])
+@pytest.mark.parametrize(
+    "sidecar, message",
+    [
+        (None, "needs a series.json"),
+        ({"anatomy": "knee", "pixel_spacing_mm": 0.5}, "plane is required"),
+        ({"anatomy": "knee", "plane": "oblique", "pixel_spacing_mm": 0.5}, "plane 'oblique'"),
+        ({"anatomy": "elbow", "plane": "axial", "pixel_spacing_mm": 0.5}, "other:<name>"),
+        ({"anatomy": "knee", "plane": "axial"}, "pixel_spacing_mm or field_of_view_mm"),
+        ({"anatomy": "knee", "plane": "axial", "pixel_spacing_mm": -1}, "out of range"),
+    ],
+)
 def test_bad_sidecars_are_refused_with_the_reason(tmp_path, sidecar, message):
     _write_stack(tmp_path / "s", np.ones((3, 8, 8)), sidecar)
     with pytest.raises(DataSpecError, match=message):
@@ -111,8 +137,13 @@ def test_realdir_spec_is_for_evaluation_only():
 
 
 def _evaluate(model: str, data: str, timeout: int = 900) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "node.cli", "evaluate", model, "--data", data, "--json"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "node.cli", "evaluate", model, "--data", data, "--json"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def test_cli_evaluate_realdir_reports_qc_outputs_and_false_positive_rate(realdir):
@@ -140,8 +171,9 @@ def test_cli_evaluate_realdir_grading_model_and_superres(realdir):
     assert r.returncode == 0, r.stderr[-3000:]
     out = json.loads(r.stdout)
     assert out["by_anatomy"]["lumbar_spine"]["n"] == 1
-    assert set(out["predicted_classes"]) and all(sum(v.values()) == out["qc_accepted"]
-                                                 for v in out["predicted_classes"].values())
+    assert set(out["predicted_classes"]) and all(
+        sum(v.values()) == out["qc_accepted"] for v in out["predicted_classes"].values()
+    )
     r = _evaluate("superres", f"realdir:{root}")
     assert r.returncode == 0, r.stderr[-3000:]
     out = json.loads(r.stdout)
@@ -169,7 +201,9 @@ def test_export_corpus_links_every_series_without_copying(tmp_path):
     keys = export_corpus(REALDATA, tmp_path)
     groups = {k.split("/")[0] for k in keys}
     assert groups == {"stacks", "dicom", "lumbar_volumes"}
-    assert sum(k.startswith("stacks/") for k in keys) == 14  # knee 4, shoulder 4, elbow 3, hip 3 (figure panels left out)
+    assert (
+        sum(k.startswith("stacks/") for k in keys) == 14
+    )  # knee 4, shoulder 4, elbow 3, hip 3 (figure panels left out)
     assert sum(k.startswith("lumbar_volumes/") for k in keys) == 28
     stack = tmp_path / "stacks" / "normal-knee-sagittal"
     assert all(p.is_symlink() for p in stack.glob("*.jpg"))
@@ -186,9 +220,17 @@ def test_record_real_data_in_generated_and_hand_written_cards(tmp_path):
     from models.cards import markdown, record_real_data
     from models.registry import REPO_WEIGHTS
 
-    result = {"n": 4, "qc_accepted": 3, "qc_refused": 1, "qc_reasons": {"wrong_anatomy": 1}, "positive_rate": 0.25,
-              "false_positive_rate": 0.0, "weights_sha256": "ab" * 32, "series": [{"key": "x"}],
-              "by_source": {"site": {"n": 4, "qc_accepted": 3, "qc_refused": 1, "qc_reasons": {"wrong_anatomy": 1}}}}
+    result = {
+        "n": 4,
+        "qc_accepted": 3,
+        "qc_refused": 1,
+        "qc_reasons": {"wrong_anatomy": 1},
+        "positive_rate": 0.25,
+        "false_positive_rate": 0.0,
+        "weights_sha256": "ab" * 32,
+        "series": [{"key": "x"}],
+        "by_source": {"site": {"n": 4, "qc_accepted": 3, "qc_refused": 1, "qc_reasons": {"wrong_anatomy": 1}}},
+    }
     for name in ("knee.acl", "superres"):
         folder = tmp_path / name
         shutil.copytree(REPO_WEIGHTS / name, folder, ignore=shutil.ignore_patterns("*.pt"))

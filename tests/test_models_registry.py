@@ -26,9 +26,12 @@ def _site_weights(root: Path, *, seed: int = 0, version_note: str = "site") -> P
     """A freshly initialised knee.acl checkpoint in a site weights folder."""
     task = TASKS["knee.acl"]
     torch.manual_seed(seed)
-    model = ClassifierModel(task=task, net=build_net(task).eval(),
-                            info=ModelInfo("knee.acl", "site", "", task.kind, task.anatomy),
-                            metadata={"version": f"1.0.0-{version_note}"})
+    model = ClassifierModel(
+        task=task,
+        net=build_net(task).eval(),
+        info=ModelInfo("knee.acl", "site", "", task.kind, task.anatomy),
+        metadata={"version": f"1.0.0-{version_note}"},
+    )
     path = root / "knee.acl" / "model.pt"
     model.save(path)
     return path
@@ -97,8 +100,9 @@ def test_shipped_cards_list_hash_and_notice():
 
 def _cli(*args: str, env_extra: dict | None = None) -> subprocess.CompletedProcess:
     env = dict(os.environ, **(env_extra or {}))
-    return subprocess.run([sys.executable, "-m", "node.cli", *args], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "node.cli", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
+    )
 
 
 def test_cli_models_list_json_and_refusal_of_corrupted_site_weights(tmp_path):
@@ -111,7 +115,13 @@ def test_cli_models_list_json_and_refusal_of_corrupted_site_weights(tmp_path):
     shutil.copytree(REPO_WEIGHTS / "knee.acl", site / "knee.acl")
     w = site / "knee.acl" / "model.pt"
     w.write_bytes(w.read_bytes()[:-1] + bytes([w.read_bytes()[-1] ^ 1]))
-    res = _cli("evaluate", "knee.acl", "--data", "synthetic:2:123", "--json",
-               env_extra={"MSKNODE_WEIGHTS_DIR": str(site), "MSKNODE_DATA_DIR": str(tmp_path / "data")})
+    res = _cli(
+        "evaluate",
+        "knee.acl",
+        "--data",
+        "synthetic:2:123",
+        "--json",
+        env_extra={"MSKNODE_WEIGHTS_DIR": str(site), "MSKNODE_DATA_DIR": str(tmp_path / "data")},
+    )
     assert res.returncode == 3
     assert "integrity check" in res.stderr and res.stdout.strip() == ""

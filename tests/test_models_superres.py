@@ -39,14 +39,22 @@ def _volume(array: np.ndarray, spacing=(3.5, 0.5, 0.5)) -> Volume:
     origin = np.array([-40.0, -60.0, 70.0])
     positions = np.stack([origin + k * spacing[0] * normal for k in range(n)])
     return Volume(
-        array=array.astype(np.float32), spacing=spacing, positions=positions, row_cosine=row, col_cosine=col,
-        study_uid="1.2.3", series_uid="1.2.3.4", frame_of_reference_uid="1.2.3.5",
-        sop_instance_uids=tuple(f"1.2.3.4.{k}" for k in range(n)), frame_numbers=(None,) * n,
+        array=array.astype(np.float32),
+        spacing=spacing,
+        positions=positions,
+        row_cosine=row,
+        col_cosine=col,
+        study_uid="1.2.3",
+        series_uid="1.2.3.4",
+        frame_of_reference_uid="1.2.3.5",
+        sop_instance_uids=tuple(f"1.2.3.4.{k}" for k in range(n)),
+        frame_numbers=(None,) * n,
         series_description="SAG PD FS",
     )
 
 
 # --- degradation model -----------------------------------------------------------------
+
 
 def test_slice_profile_rows_sum_to_one_and_cross_talk_is_small():
     s = DegradationModel().slice_matrix(6)
@@ -107,6 +115,7 @@ def test_interpolated_input_is_consistent_and_smooth():
 
 
 # --- the model ---------------------------------------------------------------------------
+
 
 def test_untrained_network_adds_no_detail_so_output_is_the_interpolated_input():
     model = SuperResModel.untrained(SuperResConfig())

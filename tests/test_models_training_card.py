@@ -17,14 +17,34 @@ pytestmark = pytest.mark.slow
 
 
 def _msknode(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "node.cli", *args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=600, env={**os.environ, "MSKNODE_TORCH_THREADS": "2", **(env or {})})
+    return subprocess.run(
+        [sys.executable, "-m", "node.cli", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "MSKNODE_TORCH_THREADS": "2", **(env or {})},
+    )
 
 
 def test_train_writes_card_and_split_record_and_models_list_shows_them(tmp_path):
     out = tmp_path / "weights" / "knee.acl"
-    run = _msknode("train", "knee.acl", "--data", "synthetic:8:881500", "--out", str(out), "--epochs", "1",
-                   "--batch-size", "2", "--max-steps", "2", "--patch-steps", "0")
+    run = _msknode(
+        "train",
+        "knee.acl",
+        "--data",
+        "synthetic:8:881500",
+        "--out",
+        str(out),
+        "--epochs",
+        "1",
+        "--batch-size",
+        "2",
+        "--max-steps",
+        "2",
+        "--patch-steps",
+        "0",
+    )
     assert run.returncode == 0, run.stderr
     # the split is printed, and a validation set without every class is warned about
     assert "split: 7 train / 1 validation cases" in run.stdout

@@ -44,13 +44,20 @@ def _configure(level="INFO", fmt="text", library_level=None) -> io.StringIO:
 
 def _one_study():
     """The lines one knee study produces (a demo run), at the levels their modules log them (`DETAIL`)."""
-    logging.getLogger("node.receive.listener").info("association %s from %s (%s:%s) accepted", 2, "ORTHANC", "127.0.0.1", 49118)
+    logging.getLogger("node.receive.listener").info(
+        "association %s from %s (%s:%s) accepted", 2, "ORTHANC", "127.0.0.1", 49118
+    )
     for uid in (SERIES, SERIES + "1", SERIES + "2"):
-        logging.getLogger("node.intake.completeness").debug("series %s routing: %s", uid, "plane sagittal -> knee/sag_fluid")
-        logging.getLogger("node.intake.completeness").debug("series %s complete (%s, %d instances): %s", uid, "count", 34, "knee")
+        logging.getLogger("node.intake.completeness").debug(
+            "series %s routing: %s", uid, "plane sagittal -> knee/sag_fluid"
+        )
+        logging.getLogger("node.intake.completeness").debug(
+            "series %s complete (%s, %d instances): %s", uid, "count", 34, "knee"
+        )
     logging.getLogger("node.receive.listener").info("association %s released", 2)
-    logging.getLogger("node.intake.completeness").info("job %d created for study %s %s: %s", 1, STUDY, "knee",
-                                                       f"{SERIES}=sag_fluid")
+    logging.getLogger("node.intake.completeness").info(
+        "job %d created for study %s %s: %s", 1, STUDY, "knee", f"{SERIES}=sag_fluid"
+    )
     logging.getLogger("node.jobs.worker").debug("jobs created: %s", [1])
     logging.getLogger("node.jobs.worker").debug("enqueued jobs %s", [1])
     logging.getLogger("node.jobs.runner").info("job %s: attempt %s of %s started by %s", 1, 1, 3, "vm:1")
@@ -60,8 +67,9 @@ def _one_study():
     logging.getLogger("node.jobs.runner").info("job %s: done in %.2f s (attempt %s)", 1, 2.44, 1)
     for k in range(70):
         logging.getLogger("node.dispatch.outbox").debug("sent %s to %s", f"1.2.826.0.1.3680043.10.1447.{k}", "ORTHANC")
-    logging.getLogger("node.dispatch.outbox").info("study %s: results of job %d sent to %s (%d objects)", STUDY, 1,
-                                                   "ORTHANC", 70)
+    logging.getLogger("node.dispatch.outbox").info(
+        "study %s: results of job %d sent to %s (%d objects)", STUDY, 1, "ORTHANC", 70
+    )
 
 
 def test_libraries_log_warnings_only_and_a_study_is_a_few_info_lines(restore_logging):
@@ -113,7 +121,11 @@ def test_json_lines_carry_time_level_logger_message_and_uids_only(restore_loggin
     first, second, third = objs
     assert set(first) == {"time", "level", "logger", "message", "process", "study_uid", "job_id"}
     assert (first["level"], first["logger"], first["study_uid"], first["job_id"]) == (
-        "INFO", "node.intake.completeness", STUDY, 7)
+        "INFO",
+        "node.intake.completeness",
+        STUDY,
+        7,
+    )
     assert first["time"].endswith("+00:00")
     assert second["series_uid"] == SERIES and second["level"] == "WARNING"
     assert "ValueError: boom" in third["exception"]
@@ -154,9 +166,11 @@ def test_serve_writes_every_parts_lines_to_the_log_file_as_json(tmp_path, restor
     _configure(fmt="json")
     lf = LogFile(tmp_path / "logs" / "msknode.log", max_mb=1, backups=1, fmt="json")
     lf.attach()
-    code = ("import logging, sys; from node.ops.logs import setup_logging; setup_logging('INFO'); "
-            f"logging.getLogger('node.intake.completeness').info('job 3 created for study {STUDY} knee: x'); "
-            "print('a banner line, not a log record'); sys.stdout.flush(); import time; time.sleep(30)")
+    code = (
+        "import logging, sys; from node.ops.logs import setup_logging; setup_logging('INFO'); "
+        f"logging.getLogger('node.intake.completeness').info('job 3 created for study {STUDY} knee: x'); "
+        "print('a banner line, not a log record'); sys.stdout.flush(); import time; time.sleep(30)"
+    )
     sup = Supervisor([Child("worker", [sys.executable, "-c", code])], log_file=lf)
     t = threading.Thread(target=sup.run)
     t.start()

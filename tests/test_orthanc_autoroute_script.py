@@ -17,14 +17,22 @@ pytestmark = pytest.mark.unit
 
 @pytest.fixture
 def site(tmp_path, monkeypatch):
-    isolate_env(monkeypatch, MSKNODE_DATA_DIR=tmp_path / "data", MSKNODE_AE_TITLE="SITE_AI", MSKNODE_PORT=4100,
-                MSKNODE_HOST="0.0.0.0", MSKNODE_UID_ROOT="1.2.3.4.5")
+    isolate_env(
+        monkeypatch,
+        MSKNODE_DATA_DIR=tmp_path / "data",
+        MSKNODE_AE_TITLE="SITE_AI",
+        MSKNODE_PORT=4100,
+        MSKNODE_HOST="0.0.0.0",
+        MSKNODE_UID_ROOT="1.2.3.4.5",
+    )
     return load_settings()
 
 
 def test_the_script_carries_the_configured_ae_title_host_port_and_uid_root(site, tmp_path, capsys):
     out = tmp_path / "msknode-autoroute.lua"
-    assert main(["orthanc", "autoroute-script", "--host", "10.0.0.5", "--route-modalities", "MR,CT", "-o", str(out)]) == 0
+    assert (
+        main(["orthanc", "autoroute-script", "--host", "10.0.0.5", "--route-modalities", "MR,CT", "-o", str(out)]) == 0
+    )
     text = out.read_text()
     assert "MSKNODE_AE_TITLE = 'SITE_AI'\n" in text
     assert "MSKNODE_HOST = '10.0.0.5'\n" in text

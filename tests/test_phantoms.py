@@ -163,8 +163,9 @@ def test_meniscal_tear_reaches_an_articular_surface(side):
         assert d_side < d_other
         # reaches the surface: touches cartilage, joint fluid or bone, not only meniscus
         ring = ndimage.binary_dilation(lesion, iterations=1) & ~lesion
-        outside = p.masks["cartilage"] | p.masks["joint_fluid"] | p.masks["femur"] | p.masks["tibia"] | \
-            p.masks["soft_tissue"]
+        outside = (
+            p.masks["cartilage"] | p.masks["joint_fluid"] | p.masks["femur"] | p.masks["tibia"] | p.masks["soft_tissue"]
+        )
         assert (ring & outside).any(), seed
     q = generate("knee", 50, meniscus_tear=False, **SMALL)
     assert not q.masks["meniscus_lesion"].any() and q.labels["meniscus_side"] is None
@@ -178,16 +179,22 @@ def test_cuff_tear_lies_in_the_supraspinatus_tendon(cuff):
         assert lesion.any(), seed
         near = ndimage.binary_dilation(lesion, iterations=2)
         assert (near & p.masks["supraspinatus_tendon"]).any() or cuff == "full_thickness"
-        assert _dist_mm(p.volume, p.labels["lesion_centers_vox"]["cuff"],
-                        p.labels["structure_centers_vox"]["supraspinatus"]) < 30.0
+        assert (
+            _dist_mm(
+                p.volume, p.labels["lesion_centers_vox"]["cuff"], p.labels["structure_centers_vox"]["supraspinatus"]
+            )
+            < 30.0
+        )
     none = generate("shoulder", 60, cuff="none", **SMALL)
     assert not none.masks["cuff_lesion"].any() and none.labels["lesion_centers_vox"] == {}
 
 
 def test_full_thickness_tear_removes_more_tendon_than_partial():
     kw = dict(snr=None, **SMALL)
-    sizes = {c: generate("shoulder", 70, cuff=c, **kw).masks["supraspinatus_tendon"].sum()
-             for c in ("none", "partial", "full_thickness")}
+    sizes = {
+        c: generate("shoulder", 70, cuff=c, **kw).masks["supraspinatus_tendon"].sum()
+        for c in ("none", "partial", "full_thickness")
+    }
     assert sizes["none"] > sizes["partial"] > sizes["full_thickness"]
 
 
@@ -201,7 +208,9 @@ def test_stenosis_grade_is_canal_narrowing():
         _k, j, i = p.labels["level_centers_vox"]["L4-L5"]
         _k2, j2, i2 = p.labels["level_centers_vox"]["L2-L3"]
         canal = p.masks["canal"] | p.masks["cauda_equina"]
-        csf_near.append((canal[:, j - 4 : j + 5, i - 20 : i + 21].sum(), canal[:, j2 - 4 : j2 + 5, i2 - 20 : i2 + 21].sum()))
+        csf_near.append(
+            (canal[:, j - 4 : j + 5, i - 20 : i + 21].sum(), canal[:, j2 - 4 : j2 + 5, i2 - 20 : i2 + 21].sum())
+        )
         assert p.masks["narrowing_L4-L5"].any() == (g != "normal")
     at, other = zip(*csf_near)
     assert all(a > b for a, b in itertools.pairwise(at)), at
@@ -223,12 +232,18 @@ def test_stenosis_labels_cover_every_level():
         assert np.allclose(p.volume.affine() @ np.array([k, j, i, 1.0]), [*mm, 1.0], atol=0.01)
         # the level centre is in the canal
         assert (p.masks["canal"] | p.masks["cauda_equina"] | p.masks[f"narrowing_{lv}"])[
-            max(k - 1, 0) : k + 2, j - 2 : j + 3, i - 2 : i + 3].any()
+            max(k - 1, 0) : k + 2, j - 2 : j + 3, i - 2 : i + 3
+        ].any()
 
 
-@pytest.mark.parametrize("anatomy,label", [("knee", {"acl": "complete", "meniscus_tear": True}),
-                                           ("shoulder", {"cuff": "partial"}),
-                                           ("lumbar_spine", {"stenosis": "severe"})])
+@pytest.mark.parametrize(
+    "anatomy,label",
+    [
+        ("knee", {"acl": "complete", "meniscus_tear": True}),
+        ("shoulder", {"cuff": "partial"}),
+        ("lumbar_spine", {"stenosis": "severe"}),
+    ],
+)
 def test_lesion_centres_are_on_the_lesion(anatomy, label):
     p = generate(anatomy, 90, **label, **SMALL)
     masks = {"acl": "acl_lesion", "meniscus": "meniscus_lesion", "cuff": "cuff_lesion"}
@@ -264,10 +279,14 @@ def _tasks(anatomy, labs):
     if anatomy == "knee":
         return {"acl_tear": [lb["acl_tear"] for lb in labs], "meniscus_tear": [lb["meniscus_tear"] for lb in labs]}
     if anatomy == "shoulder":
-        return {"cuff_tear": [int(lb["cuff"] != "none") for lb in labs],
-                "cuff_full": [int(lb["cuff"] == "full_thickness") for lb in labs]}
-    return {f"{lv}_stenosis": [int(lb["stenosis"][lv] in ("moderate", "severe")) for lb in labs]
-            for lv in ("L3-L4", "L4-L5", "L5-S1")}
+        return {
+            "cuff_tear": [int(lb["cuff"] != "none") for lb in labs],
+            "cuff_full": [int(lb["cuff"] == "full_thickness") for lb in labs],
+        }
+    return {
+        f"{lv}_stenosis": [int(lb["stenosis"][lv] in ("moderate", "severe")) for lb in labs]
+        for lv in ("L3-L4", "L4-L5", "L5-S1")
+    }
 
 
 @pytest.mark.slow  # generates and fits hundreds of phantoms: 10-20 s per anatomy

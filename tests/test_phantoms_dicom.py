@@ -23,8 +23,14 @@ def dciodvfy_errors(path: Path) -> list[str]:
     return [ln for ln in text.splitlines() if ln.startswith("Error")]
 
 
-@pytest.mark.parametrize("anatomy,desc,body", [("knee", "SAG PD FS", "KNEE"), ("shoulder", "COR OBL T2 FS", "SHOULDER"),
-                                               ("lumbar_spine", "SAG T2 TSE", "LSPINE")])
+@pytest.mark.parametrize(
+    "anatomy,desc,body",
+    [
+        ("knee", "SAG PD FS", "KNEE"),
+        ("shoulder", "COR OBL T2 FS", "SHOULDER"),
+        ("lumbar_spine", "SAG T2 TSE", "LSPINE"),
+    ],
+)
 def test_series_round_trips_and_validates(tmp_path, anatomy, desc, body):
     p = generate(anatomy, 7, matrix=128)
     paths = write_dicom_series(p, tmp_path / anatomy)
@@ -68,8 +74,15 @@ def test_series_round_trips_and_validates(tmp_path, anatomy, desc, body):
 def test_writer_options(tmp_path):
     p = generate("knee", 8, matrix=64, n_slices=6, laterality="L")
     paths = write_dicom_series(
-        p, tmp_path / "s", series_description="SAG PD", body_part="KNEE", study_uid="1.2.3.4",
-        series_uid="1.2.3.4.5", patient_name="DOE^JANE", patient_id="X1", uid_root="1.2.826.0.1.3680043.8.498.77.",
+        p,
+        tmp_path / "s",
+        series_description="SAG PD",
+        body_part="KNEE",
+        study_uid="1.2.3.4",
+        series_uid="1.2.3.4.5",
+        patient_name="DOE^JANE",
+        patient_id="X1",
+        uid_root="1.2.826.0.1.3680043.8.498.77.",
         sequence="*tse2d1_5",
     )
     d = pydicom.dcmread(paths[2])
@@ -86,24 +99,41 @@ def test_localizer_has_three_planes(tmp_path):
     assert len(dss) == 9
     assert {d.SeriesDescription for d in dss} == {"3-PLANE LOC"}
     assert len({d.SeriesInstanceUID for d in dss}) == 1
-    normals = {tuple(np.round(np.abs(np.cross([float(x) for x in d.ImageOrientationPatient[:3]],
-                                               [float(x) for x in d.ImageOrientationPatient[3:]])), 0))
-               for d in dss}
+    normals = {
+        tuple(
+            np.round(
+                np.abs(
+                    np.cross(
+                        [float(x) for x in d.ImageOrientationPatient[:3]],
+                        [float(x) for x in d.ImageOrientationPatient[3:]],
+                    )
+                ),
+                0,
+            )
+        )
+        for d in dss
+    }
     assert len(normals) == 3
     assert all("LOCALIZER" in d.ImageType for d in dss)
     assert dciodvfy_errors(paths[0]) == []
 
 
-@pytest.mark.parametrize("anatomy,roles", [
-    ("knee", {"localizer", "sag_fluid", "sag_pd", "cor_fluid"}),
-    ("shoulder", {"localizer", "cor_fluid", "cor_t1"}),
-    ("lumbar_spine", {"localizer", "sag_t2", "sag_t1"}),
-])
+@pytest.mark.parametrize(
+    "anatomy,roles",
+    [
+        ("knee", {"localizer", "sag_fluid", "sag_pd", "cor_fluid"}),
+        ("shoulder", {"localizer", "cor_fluid", "cor_t1"}),
+        ("lumbar_spine", {"localizer", "sag_t2", "sag_t1"}),
+    ],
+)
 def test_study_series_share_the_study_and_route_to_their_roles(tmp_path, anatomy, roles):
     from node.intake.routing import SeriesFacts, load_rules
 
-    labels = {"knee": {"acl": "complete"}, "shoulder": {"cuff": "partial"},
-              "lumbar_spine": {"stenosis": {"L4-L5": "severe"}}}[anatomy]
+    labels = {
+        "knee": {"acl": "complete"},
+        "shoulder": {"cuff": "partial"},
+        "lumbar_spine": {"stenosis": {"L4-L5": "severe"}},
+    }[anatomy]
     out = write_study(anatomy, tmp_path / "study", 4, matrix=96, **labels)
     assert set(out) == roles
     rules = load_rules(Path(__file__).resolve().parents[1] / "node" / "intake" / "routing_rules.toml")
@@ -113,9 +143,17 @@ def test_study_series_share_the_study_and_route_to_their_roles(tmp_path, anatomy
         studies.add(d.StudyInstanceUID)
         series.add(d.SeriesInstanceUID)
         frames.add(d.FrameOfReferenceUID)
-        route = rules.route(SeriesFacts(series_uid=d.SeriesInstanceUID, modality=d.Modality, body_part=d.BodyPartExamined,
-                                        series_description=d.SeriesDescription, protocol_name=d.ProtocolName,
-                                        laterality=d.get("Laterality")), uid_root="1.2.826.0.1.3680043.10.1447.")
+        route = rules.route(
+            SeriesFacts(
+                series_uid=d.SeriesInstanceUID,
+                modality=d.Modality,
+                body_part=d.BodyPartExamined,
+                series_description=d.SeriesDescription,
+                protocol_name=d.ProtocolName,
+                laterality=d.get("Laterality"),
+            ),
+            uid_root="1.2.826.0.1.3680043.10.1447.",
+        )
         assert (route.pipeline, route.role) == (anatomy, role), (role, d.SeriesDescription, route)
         assert dciodvfy_errors(paths[-1]) == []
     assert len(studies) == 1 and len(frames) == 1 and len(series) == len(out)
@@ -171,8 +209,21 @@ def test_models_io_refuses_the_three_plane_localizer_as_a_volume(tmp_path):
 def test_command_line_writes_a_series_and_refuses_bad_labels(tmp_path, capsys):
     from models.phantoms.__main__ import main
 
-    rc = main(["series", "knee", str(tmp_path / "s"), "--seed", "4", "--set", "acl=complete", "--set", "matrix=64",
-               "--set", "n_slices=5"])
+    rc = main(
+        [
+            "series",
+            "knee",
+            str(tmp_path / "s"),
+            "--seed",
+            "4",
+            "--set",
+            "acl=complete",
+            "--set",
+            "matrix=64",
+            "--set",
+            "n_slices=5",
+        ]
+    )
     assert rc == 0
     files = sorted((tmp_path / "s").glob("*.dcm"))
     assert len(files) == 5 and pydicom.dcmread(files[0]).SeriesDescription == "SAG PD FS"

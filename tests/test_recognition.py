@@ -89,8 +89,16 @@ def rotated(base: tuple[float, ...], degrees: float, axis: str = "z") -> tuple[f
 
 
 # ---- plane ------------------------------------------------------------------------------------
-@pytest.mark.parametrize("cosines, plane", [(SAG, "sagittal"), (COR, "coronal"), (AX, "axial"),
-                                            ((0, -1, 0, 0, 0, 1), "sagittal"), ((-1, 0, 0, 0, -1, 0), "axial")])
+@pytest.mark.parametrize(
+    "cosines, plane",
+    [
+        (SAG, "sagittal"),
+        (COR, "coronal"),
+        (AX, "axial"),
+        ((0, -1, 0, 0, 0, 1), "sagittal"),
+        ((-1, 0, 0, 0, -1, 0), "axial"),
+    ],
+)
 def test_orthogonal_planes(cosines, plane):
     p = plane_of_orientation(cosines)
     assert (p.plane, p.angle) == (plane, 0.0)
@@ -166,48 +174,131 @@ def test_majority_over_the_instances_and_the_multi_plane_localizer():
 # ---- contrast -----------------------------------------------------------------------------------
 CONTRAST_TABLE = [
     # (acquisition, text, expected contrast, expected source)
-    (dict(scanning_sequence=("SE",), scan_options=("PFP", "SAT1", "FS"), sequence_name="*tseR2d1rr6",
-          repetition_time=3060, echo_time=40), "", "pd_fs", "acquisition parameters"),
+    (
+        dict(
+            scanning_sequence=("SE",),
+            scan_options=("PFP", "SAT1", "FS"),
+            sequence_name="*tseR2d1rr6",
+            repetition_time=3060,
+            echo_time=40,
+        ),
+        "",
+        "pd_fs",
+        "acquisition parameters",
+    ),
     (dict(scanning_sequence=("SE",), repetition_time=3000, echo_time=30), "", "pd", "acquisition parameters"),
     (dict(scanning_sequence=("SE",), repetition_time=3500, echo_time=95), "", "t2", "acquisition parameters"),
-    (dict(scanning_sequence=("SE",), scan_options=("FS",), repetition_time=3500, echo_time=80), "", "t2_fs",
-     "acquisition parameters"),
+    (
+        dict(scanning_sequence=("SE",), scan_options=("FS",), repetition_time=3500, echo_time=80),
+        "",
+        "t2_fs",
+        "acquisition parameters",
+    ),
     (dict(scanning_sequence=("SE",), repetition_time=550, echo_time=12), "", "t1", "acquisition parameters"),
-    (dict(scanning_sequence=("SE",), scan_options=("FS",), repetition_time=600, echo_time=10), "", "t1_fs",
-     "acquisition parameters"),
-    (dict(scanning_sequence=("SE",), mr_acquisition_type="3D", repetition_time=1000, echo_time=30), "", "pd",
-     "acquisition parameters"),  # a 3D VFA FSE runs PD at short TR
-    (dict(scanning_sequence=("SE", "IR"), sequence_name="*tir2d1_11", inversion_time=220, repetition_time=5000,
-          echo_time=40, magnetic_field_strength=3.0), "", "stir", "acquisition parameters"),
-    (dict(scanning_sequence=("SE", "IR"), inversion_time=2500, repetition_time=9000, echo_time=100), "", "other",
-     "acquisition parameters"),  # FLAIR
-    (dict(scanning_sequence=("SE", "IR"), inversion_time=860, repetition_time=2200, echo_time=12), "", "t1",
-     "acquisition parameters"),  # T1-FLAIR
-    (dict(scanning_sequence=("GR",), sequence_name="*fl3d1", repetition_time=5.5, echo_time=2.8), "", "gre",
-     "acquisition parameters"),
-    (dict(scanning_sequence=("GR", "IR"), sequence_name="*tfl3d1_16ns", inversion_time=900, repetition_time=2300,
-          echo_time=2.3), "", "gre", "acquisition parameters"),  # MPRAGE is a gradient echo
-    (dict(scanning_sequence=("GR",), sequence_name="*de3d1", repetition_time=14, echo_time=5), "", "dess",
-     "acquisition parameters"),
-    (dict(scanning_sequence=("GR",), repetition_time=14, echo_time=5), "3D DESS SAG", "dess",
-     "acquisition parameters + text"),  # GE DESS: a gradient echo the name refines
+    (
+        dict(scanning_sequence=("SE",), scan_options=("FS",), repetition_time=600, echo_time=10),
+        "",
+        "t1_fs",
+        "acquisition parameters",
+    ),
+    (
+        dict(scanning_sequence=("SE",), mr_acquisition_type="3D", repetition_time=1000, echo_time=30),
+        "",
+        "pd",
+        "acquisition parameters",
+    ),  # a 3D VFA FSE runs PD at short TR
+    (
+        dict(
+            scanning_sequence=("SE", "IR"),
+            sequence_name="*tir2d1_11",
+            inversion_time=220,
+            repetition_time=5000,
+            echo_time=40,
+            magnetic_field_strength=3.0,
+        ),
+        "",
+        "stir",
+        "acquisition parameters",
+    ),
+    (
+        dict(scanning_sequence=("SE", "IR"), inversion_time=2500, repetition_time=9000, echo_time=100),
+        "",
+        "other",
+        "acquisition parameters",
+    ),  # FLAIR
+    (
+        dict(scanning_sequence=("SE", "IR"), inversion_time=860, repetition_time=2200, echo_time=12),
+        "",
+        "t1",
+        "acquisition parameters",
+    ),  # T1-FLAIR
+    (
+        dict(scanning_sequence=("GR",), sequence_name="*fl3d1", repetition_time=5.5, echo_time=2.8),
+        "",
+        "gre",
+        "acquisition parameters",
+    ),
+    (
+        dict(
+            scanning_sequence=("GR", "IR"),
+            sequence_name="*tfl3d1_16ns",
+            inversion_time=900,
+            repetition_time=2300,
+            echo_time=2.3,
+        ),
+        "",
+        "gre",
+        "acquisition parameters",
+    ),  # MPRAGE is a gradient echo
+    (
+        dict(scanning_sequence=("GR",), sequence_name="*de3d1", repetition_time=14, echo_time=5),
+        "",
+        "dess",
+        "acquisition parameters",
+    ),
+    (
+        dict(scanning_sequence=("GR",), repetition_time=14, echo_time=5),
+        "3D DESS SAG",
+        "dess",
+        "acquisition parameters + text",
+    ),  # GE DESS: a gradient echo the name refines
     (dict(scanning_sequence=("EP",), sequence_name="*ep_b0_1000"), "", "other", "acquisition parameters"),
     # GE and Philips name the sequence in private fields only
-    (dict(ge_pulse_sequence="fse-xl", scan_options=("FAST_GEMS", "FS"), repetition_time=3000, echo_time=35), "",
-     "pd_fs", "acquisition parameters"),
+    (
+        dict(ge_pulse_sequence="fse-xl", scan_options=("FAST_GEMS", "FS"), repetition_time=3000, echo_time=35),
+        "",
+        "pd_fs",
+        "acquisition parameters",
+    ),
     (dict(ge_pulse_sequence="fgre", repetition_time=500, echo_time=15), "", "gre", "acquisition parameters"),
     (dict(philips_scanning_technique="TSE", repetition_time=3200, echo_time=80), "", "t2", "acquisition parameters"),
     (dict(philips_scanning_technique="FFE", repetition_time=20, echo_time=4.6), "", "gre", "acquisition parameters"),
     # enhanced MR: what the scanner states
-    (dict(echo_pulse_sequence="SPIN", acquisition_contrast="PROTON_DENSITY", spectrally_selected_suppression="FAT"),
-     "", "pd_fs", "acquisition parameters"),
-    (dict(pulse_sequence_name="TSE", acquisition_contrast="T2", spectrally_selected_suppression="FAT"), "", "t2_fs",
-     "acquisition parameters"),
-    (dict(echo_pulse_sequence="SPIN", repetition_time=3000, echo_time=30, spectrally_selected_suppression="NONE"),
-     "PD FS", "pd", "acquisition parameters"),  # an explicit NONE: the text cannot add fat suppression
+    (
+        dict(echo_pulse_sequence="SPIN", acquisition_contrast="PROTON_DENSITY", spectrally_selected_suppression="FAT"),
+        "",
+        "pd_fs",
+        "acquisition parameters",
+    ),
+    (
+        dict(pulse_sequence_name="TSE", acquisition_contrast="T2", spectrally_selected_suppression="FAT"),
+        "",
+        "t2_fs",
+        "acquisition parameters",
+    ),
+    (
+        dict(echo_pulse_sequence="SPIN", repetition_time=3000, echo_time=30, spectrally_selected_suppression="NONE"),
+        "PD FS",
+        "pd",
+        "acquisition parameters",
+    ),  # an explicit NONE: the text cannot add fat suppression
     # the header states no fat suppression either way: the text fills it
-    (dict(scanning_sequence=("SE",), repetition_time=2800, echo_time=30), "PDW_SPAIR", "pd_fs",
-     "acquisition parameters + text"),
+    (
+        dict(scanning_sequence=("SE",), repetition_time=2800, echo_time=30),
+        "PDW_SPAIR",
+        "pd_fs",
+        "acquisition parameters + text",
+    ),
     # the parameters decide the weighting even when the name says otherwise
     (dict(scanning_sequence=("SE",), repetition_time=3000, echo_time=90), "pd_tse", "t2", "acquisition parameters"),
     # spin echo without TR/TE: the weighting from the text
@@ -220,8 +311,9 @@ CONTRAST_TABLE = [
 ]
 
 
-@pytest.mark.parametrize("acq, text, expected, source", CONTRAST_TABLE,
-                         ids=[f"{i}-{e}" for i, (_, _, e, _) in enumerate(CONTRAST_TABLE)])
+@pytest.mark.parametrize(
+    "acq, text, expected, source", CONTRAST_TABLE, ids=[f"{i}-{e}" for i, (_, _, e, _) in enumerate(CONTRAST_TABLE)]
+)
 def test_contrast_classification(acq, text, expected, source):
     patterns = TextPatterns.build()
     acquisition = Acquisition.from_json(acq)
@@ -253,20 +345,39 @@ def test_flags_from_image_type_sequence_names_and_the_contrast_agent():
 
 
 def test_text_flags_add_to_header_flags_and_text_never_overrides_geometry():
-    r = recognize(orientations=[(iop(COR), 20)], acquisition=Acquisition(), text="t1 tse sag localizer",
-                  text_source="SeriesDescription", patterns=TextPatterns.build())
+    r = recognize(
+        orientations=[(iop(COR), 20)],
+        acquisition=Acquisition(),
+        text="t1 tse sag localizer",
+        text_source="SeriesDescription",
+        patterns=TextPatterns.build(),
+    )
     assert r.plane.value == "coronal" and r.flags == ("localizer",)
-    r = recognize(orientations=[(iop(SAG), 3), (iop(COR), 3), (iop(AX), 3)], acquisition=Acquisition(), text="",
-                  text_source="", patterns=TextPatterns.build())
+    r = recognize(
+        orientations=[(iop(SAG), 3), (iop(COR), 3), (iop(AX), 3)],
+        acquisition=Acquisition(),
+        text="",
+        text_source="",
+        patterns=TextPatterns.build(),
+    )
     assert r.plane.value == "multi" and r.flags == ("localizer",)
 
 
 # ---- reading the header ----------------------------------------------------------------------------
 def test_acquisition_from_real_pydicom_data_headers():
     mr2 = acquisition_from_dataset(dcmread(PYDICOM_DATA / "MR2_UNCI.dcm", stop_before_pixels=True))
-    assert (mr2.scanning_sequence, mr2.repetition_time, mr2.echo_time, mr2.magnetic_field_strength) == (("SE",), 350.0, 27.0, 1.5)
+    assert (mr2.scanning_sequence, mr2.repetition_time, mr2.echo_time, mr2.magnetic_field_strength) == (
+        ("SE",),
+        350.0,
+        27.0,
+        1.5,
+    )
     emri = acquisition_from_dataset(dcmread(PYDICOM_DATA / "emri_small.dcm", stop_before_pixels=True))
-    assert (emri.pulse_sequence_name, emri.echo_pulse_sequence, emri.acquisition_contrast) == ("T1TFE", "GRADIENT", "T1")
+    assert (emri.pulse_sequence_name, emri.echo_pulse_sequence, emri.acquisition_contrast) == (
+        "T1TFE",
+        "GRADIENT",
+        "T1",
+    )
     assert emri.spectrally_selected_excitation == "WATER"
     mpr = acquisition_from_dataset(dcmread(PYDICOM_DATA / "MR-SIEMENS-DICOM-WithOverlays.dcm", stop_before_pixels=True))
     assert mpr.sequence_name == "*fl3d1" and "MPR" in mpr.image_type and mpr.contrast_bolus_agent
@@ -275,9 +386,18 @@ def test_acquisition_from_real_pydicom_data_headers():
 
 def _private_dataset() -> Dataset:
     ds = mr_dataset(
-        pixels=np.zeros((32, 32), np.uint16), bits_stored=12, SpecificCharacterSet="ISO_IR 100", PatientName="Doe^Jane",
-        PatientID="PID0001", StudyDescription="MR KNEE", BodyPartExamined="KNEE", SeriesDescription="SAG PD FS",
-        ProtocolName="SAG PD FS", SeriesNumber=3, InstanceNumber=1, ImagePositionPatient=[-50.0, -40.0, 0.0],
+        pixels=np.zeros((32, 32), np.uint16),
+        bits_stored=12,
+        SpecificCharacterSet="ISO_IR 100",
+        PatientName="Doe^Jane",
+        PatientID="PID0001",
+        StudyDescription="MR KNEE",
+        BodyPartExamined="KNEE",
+        SeriesDescription="SAG PD FS",
+        ProtocolName="SAG PD FS",
+        SeriesNumber=3,
+        InstanceNumber=1,
+        ImagePositionPatient=[-50.0, -40.0, 0.0],
         ImageOrientationPatient=[0.0, 1.0, 0.0, 0.0, 0.0, -1.0],
     )
     ds.Manufacturer = "Philips Medical Systems"
@@ -340,13 +460,18 @@ def test_odd_values_never_fail_and_are_bounded():
     from pydicom.dataelem import RawDataElement
 
     ds = Dataset()
-    for tag, vr, value in ((0x00180024, "SH", b"x" * 500), (0x00180022, "CS", b"\\".join([b"FS"] * 40)),
-                           (0x00180080, "DS", b"not a number "), (0x00180081, "DS", b"\xff\xfe")):
+    for tag, vr, value in (
+        (0x00180024, "SH", b"x" * 500),
+        (0x00180022, "CS", b"\\".join([b"FS"] * 40)),
+        (0x00180080, "DS", b"not a number "),
+        (0x00180081, "DS", b"\xff\xfe"),
+    ):
         ds[tag] = RawDataElement(tag, vr, len(value), value, 0, False, True)
     acq = acquisition_from_dataset(ds)
     assert len(acq.sequence_name) == 64 and len(acq.scan_options) == 16 and acq.repetition_time is None
-    assert Acquisition.from_json({"repetition_time": "nan", "scan_options": 3, "bogus": 1, "anatomic_region": "x"}) \
-        == Acquisition(scan_options=("3",))
+    assert Acquisition.from_json(
+        {"repetition_time": "nan", "scan_options": 3, "bogus": 1, "anatomic_region": "x"}
+    ) == Acquisition(scan_options=("3",))
 
 
 # ---- real headers routed ----------------------------------------------------------------------------
@@ -355,9 +480,13 @@ def facts_of(files: list[Path], **override) -> SeriesFacts:
     headers = [h for h in headers if h.series_uid == headers[0].series_uid]
     first = headers[0]
     values = dict(
-        series_uid=first.series_uid, modality=first.modality, body_part=first.body_part,
-        series_description=first.series_description, protocol_name=first.protocol_name,
-        laterality=first.laterality, manufacturer=first.manufacturer,
+        series_uid=first.series_uid,
+        modality=first.modality,
+        body_part=first.body_part,
+        series_description=first.series_description,
+        protocol_name=first.protocol_name,
+        laterality=first.laterality,
+        manufacturer=first.manufacturer,
         study_description=first.demographics.get("study_description"),
         orientations=tuple(Counter(h.image_orientation for h in headers).items()),
         acquisition=Acquisition.from_json(first.acquisition),
@@ -396,7 +525,12 @@ def test_real_siemens_knee_routes_from_its_parameters(shipped):
 def test_real_pydicom_data_headers_route_as_what_they_are(shipped):
     # Philips T1 spin echo of a shoulder study (no description, no body part): sagittal 35 deg oblique, T1
     ex = explain(facts_of([PYDICOM_DATA / "MR2_UNCI.dcm"]), shipped, uid_root=DEFAULT_UID_ROOT)
-    assert (ex.plane.value, ex.contrast.value, ex.anatomy.value, ex.anatomy.source) == ("sagittal", "t1", "shoulder", "StudyDescription")
+    assert (ex.plane.value, ex.contrast.value, ex.anatomy.value, ex.anatomy.source) == (
+        "sagittal",
+        "t1",
+        "shoulder",
+        "StudyDescription",
+    )
     assert "34.7 deg" in ex.plane.detail and ex.route.rule == "unrouted:no_rule"  # the shoulder has no sagittal T1 role
     # enhanced MR of a head: never routed
     ex = explain(facts_of([PYDICOM_DATA / "emri_small.dcm"]), shipped, uid_root=DEFAULT_UID_ROOT)
@@ -405,43 +539,75 @@ def test_real_pydicom_data_headers_route_as_what_they_are(shipped):
     ex = explain(facts_of([PYDICOM_DATA / "MR-SIEMENS-DICOM-WithOverlays.dcm"]), shipped, uid_root=DEFAULT_UID_ROOT)
     assert {"derived", "mpr", "post_contrast"} <= set(ex.flags) and not ex.route.routed
     # the same MPR headers with BodyPartExamined KNEE are still never model input
-    ex = explain(facts_of([PYDICOM_DATA / "MR-SIEMENS-DICOM-WithOverlays.dcm"], body_part="KNEE"), shipped,
-                 uid_root=DEFAULT_UID_ROOT)
+    ex = explain(
+        facts_of([PYDICOM_DATA / "MR-SIEMENS-DICOM-WithOverlays.dcm"], body_part="KNEE"),
+        shipped,
+        uid_root=DEFAULT_UID_ROOT,
+    )
     assert not ex.route.routed and ex.route.rule.startswith("unrouted:")
 
 
 # ---- anatomy --------------------------------------------------------------------------------------
 def knee_sag(**kw) -> SeriesFacts:
-    base = dict(series_uid="1.2.3.1", modality="MR", body_part="KNEE", orientations=((iop(SAG), 20),),
-                acquisition=Acquisition(scanning_sequence=("SE",), scan_options=("FS",), repetition_time=3000.0,
-                                        echo_time=35.0))
+    base = dict(
+        series_uid="1.2.3.1",
+        modality="MR",
+        body_part="KNEE",
+        orientations=((iop(SAG), 20),),
+        acquisition=Acquisition(
+            scanning_sequence=("SE",), scan_options=("FS",), repetition_time=3000.0, echo_time=35.0
+        ),
+    )
     base.update(kw)
     return SeriesFacts(**base)
 
 
 def test_coded_anatomy_and_conflicts(shipped):
-    coded = Acquisition(scanning_sequence=("SE",), repetition_time=3000.0, echo_time=100.0,
-                        anatomic_region=(("SCT", "122496007", "Lumbar spine"),))
+    coded = Acquisition(
+        scanning_sequence=("SE",),
+        repetition_time=3000.0,
+        echo_time=100.0,
+        anatomic_region=(("SCT", "122496007", "Lumbar spine"),),
+    )
     ex = explain(knee_sag(body_part="SPINE", acquisition=coded), shipped, uid_root="9.")
     assert (ex.route.pipeline, ex.anatomy.source) == ("lumbar_spine", "AnatomicRegionSequence")
-    cervical = Acquisition(scanning_sequence=("SE",), repetition_time=3000.0, echo_time=100.0,
-                           anatomic_region=(("SCT", "122494005", "Cervical spine"),))
+    cervical = Acquisition(
+        scanning_sequence=("SE",),
+        repetition_time=3000.0,
+        echo_time=100.0,
+        anatomic_region=(("SCT", "122494005", "Cervical spine"),),
+    )
     for body in ("", "SPINE", "LSPINE"):
-        ex = explain(knee_sag(body_part=body, acquisition=cervical, study_description="MR LUMBAR SPINE"), shipped,
-                     uid_root="9.")
+        ex = explain(
+            knee_sag(body_part=body, acquisition=cervical, study_description="MR LUMBAR SPINE"), shipped, uid_root="9."
+        )
         assert not ex.route.routed, body
-    assert explain(knee_sag(body_part="LSPINE", acquisition=cervical), shipped, uid_root="9.").route.rule == \
-        "unrouted:anatomy_conflict"
+    assert (
+        explain(knee_sag(body_part="LSPINE", acquisition=cervical), shipped, uid_root="9.").route.rule
+        == "unrouted:anatomy_conflict"
+    )
     # a code naming the knee with a BodyPartExamined nobody knows: the code
-    knee = Acquisition(scanning_sequence=("SE",), scan_options=("FS",), repetition_time=3000.0, echo_time=35.0,
-                       anatomic_region=(("SCT", "72696002", "Knee"),))
+    knee = Acquisition(
+        scanning_sequence=("SE",),
+        scan_options=("FS",),
+        repetition_time=3000.0,
+        echo_time=35.0,
+        anatomic_region=(("SCT", "72696002", "Knee"),),
+    )
     assert explain(knee_sag(body_part="LKNEE", acquisition=knee), shipped, uid_root="9.").route.role == "sag_fluid"
 
 
-@pytest.mark.parametrize("description, study", [
-    ("Sag T2 C-spine", None), ("t2_tse_sag cervical", None), ("T2_TSE_SAG", "MRT HWS"), ("Sag T2 C3-C4", None),
-    ("Sag T2", "MR T-SPINE"), ("Sag T2", "MR CERVICAL AND LUMBAR SPINE"),
-])
+@pytest.mark.parametrize(
+    "description, study",
+    [
+        ("Sag T2 C-spine", None),
+        ("t2_tse_sag cervical", None),
+        ("T2_TSE_SAG", "MRT HWS"),
+        ("Sag T2 C3-C4", None),
+        ("Sag T2", "MR T-SPINE"),
+        ("Sag T2", "MR CERVICAL AND LUMBAR SPINE"),
+    ],
+)
 def test_a_cervical_or_thoracic_spine_is_never_routed_to_the_lumbar_spine(shipped, description, study):
     t2 = Acquisition(scanning_sequence=("SE",), repetition_time=3000.0, echo_time=100.0)
     f = knee_sag(body_part="SPINE", series_description=description, study_description=study, acquisition=t2)
@@ -470,6 +636,7 @@ def test_the_pixel_hook_is_asked_only_when_everything_else_is_silent(shipped):
             if isinstance(answer, Exception):
                 raise answer
             return answer
+
         return classify
 
     silent = knee_sag(body_part="")
@@ -519,24 +686,34 @@ def test_rule_conditions_plane_contrast_flags_image_type_sequence():
     f = knee_sag()
     assert rules.route(f, uid_root="9.").rule == "sagittal fluid"
     assert not rules.route(knee_sag(orientations=((iop(AX), 20),)), uid_root="9.").routed
-    pd = Acquisition(scanning_sequence=("SE",), sequence_name="*tse2d1_5", image_type=("ORIGINAL", "PRIMARY", "M", "NORM"),
-                     repetition_time=3000.0, echo_time=30.0)
+    pd = Acquisition(
+        scanning_sequence=("SE",),
+        sequence_name="*tse2d1_5",
+        image_type=("ORIGINAL", "PRIMARY", "M", "NORM"),
+        repetition_time=3000.0,
+        echo_time=30.0,
+    )
     assert rules.route(knee_sag(acquisition=pd), uid_root="9.").rule == "research TSE"
     assert rules.route(knee_sag(acquisition=pd, orientations=((iop(COR), 20),)), uid_root="9.").rule == "research TSE"
     dixon_fat = Acquisition(image_type=("DERIVED", "PRIMARY", "DIXON", "FAT"))
     assert rules.route(knee_sag(acquisition=dixon_fat), uid_root="9.").rule == "unrouted:no Dixon except water"
 
 
-@pytest.mark.parametrize("line, message", [
-    ('plane = "sideways"', "plane 'sideways' is not one of sagittal, coronal, axial, oblique, multi, unknown"),
-    ('contrast = ["pd_fs", "flair"]', "contrast 'flair' is not one of"),
-    ('flags = ["scout"]', "flags 'scout' is not one of"),
-    ("plane = 3", "plane must be a string or a non-empty list of strings"),
-    ("image_type = '(('", "image_type: invalid regex"),
-])
+@pytest.mark.parametrize(
+    "line, message",
+    [
+        ('plane = "sideways"', "plane 'sideways' is not one of sagittal, coronal, axial, oblique, multi, unknown"),
+        ('contrast = ["pd_fs", "flair"]', "contrast 'flair' is not one of"),
+        ('flags = ["scout"]', "flags 'scout' is not one of"),
+        ("plane = 3", "plane must be a string or a non-empty list of strings"),
+        ("image_type = '(('", "image_type: invalid regex"),
+    ],
+)
 def test_invalid_new_conditions_are_refused(line, message):
     with pytest.raises(RoutingError, match=re.escape(message)):
-        parse_rules(f'[[rule]]\nname = "x"\npipeline = "knee"\nrole = "sag_pd"\nanatomy = "any"\n{line}\n', source="site.toml")
+        parse_rules(
+            f'[[rule]]\nname = "x"\npipeline = "knee"\nrole = "sag_pd"\nanatomy = "any"\n{line}\n', source="site.toml"
+        )
 
 
 def test_an_old_text_rule_file_keeps_routing_by_text():
@@ -554,7 +731,10 @@ def test_an_old_text_rule_file_keeps_routing_by_text():
         text = '{sag}'
         """
     )
-    assert rules.route(knee_sag(series_description="sag pd", orientations=((iop(COR), 20),)), uid_root="9.").rule == "site sagittal"
+    assert (
+        rules.route(knee_sag(series_description="sag pd", orientations=((iop(COR), 20),)), uid_root="9.").rule
+        == "site sagittal"
+    )
     assert not rules.route(knee_sag(series_description="cor pd"), uid_root="9.").routed
 
 
@@ -617,8 +797,14 @@ def _ingest_and_route_mr2(db, settings, caplog):
 
 def run_cli(settings, *args: str) -> subprocess.CompletedProcess:
     env = child_env(MSKNODE_DATA_DIR=settings.data_dir)
-    return subprocess.run([sys.executable, "-m", "node.cli", "routing", "explain", *args], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "node.cli", "routing", "explain", *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 @pytest.mark.integration  # a msknode subprocess
@@ -638,7 +824,13 @@ def test_routing_explain_on_a_real_series_folder_and_on_the_indexed_series(db, s
     with db.session() as s:
         se = s.scalar(select(Series).where(Series.series_uid == uid))
         assert se.state in ("complete", "queued")  # routed (and its study settled into a job)
-        assert (se.pipeline, se.role, se.plane, se.contrast, se.anatomy) == ("knee", "sag_fluid", "sagittal", "pd_fs", "knee")
+        assert (se.pipeline, se.role, se.plane, se.contrast, se.anatomy) == (
+            "knee",
+            "sag_fluid",
+            "sagittal",
+            "pd_fs",
+            "knee",
+        )
         assert se.acquisition["sequence_name"] == "*tseR2d1rr6"
         assert s.scalar(select(Instance.image_orientation).where(Instance.series_id == se.id)).startswith("-0.23")
         recorded = se.routing_explanation

@@ -195,8 +195,15 @@ def test_negative_study_gets_an_sr_with_explicit_negative_findings(settings, kne
 def test_all_refused_study_says_not_evaluated(settings, knee):
     paths, vol = knee
     outs = [
-        ModelOutput(model=model("knee.acl"), series_uid="", qc=QCResult(False, "missing_series", "no sagittal fluid-sensitive series"), findings=[]),
-        ModelOutput(model=model("knee.meniscus"), series_uid=vol.series_uid, qc=QCResult(False, "wrong_anatomy"), findings=[]),
+        ModelOutput(
+            model=model("knee.acl"),
+            series_uid="",
+            qc=QCResult(False, "missing_series", "no sagittal fluid-sensitive series"),
+            findings=[],
+        ),
+        ModelOutput(
+            model=model("knee.meniscus"), series_uid=vol.series_uid, qc=QCResult(False, "wrong_anatomy"), findings=[]
+        ),
     ]
     out = PipelineOutput(pipeline="knee", outputs=outs, superres=[], used_series={"knee.meniscus": [vol.series_uid]})
     results = _build(settings, paths, vol, out)
@@ -258,7 +265,9 @@ def test_seg_holds_the_heatmap_on_the_source_geometry(settings, knee):
     assert desc.AnatomicRegionSequence[0].AnatomicRegionModifierSequence[0].CodeMeaning == "Right"
     # frames in volume order: the pixels of segment 1 for each source instance equal the heatmap
     arr = seg.get_pixels_by_source_instance(
-        source_sop_instance_uids=list(vol.sop_instance_uids), segment_numbers=[1], combine_segments=False,
+        source_sop_instance_uids=list(vol.sop_instance_uids),
+        segment_numbers=[1],
+        combine_segments=False,
         rescale_fractional=True,
     )
     assert arr.shape == heat.shape + (1,)
@@ -315,7 +324,9 @@ def test_failed_consistency_check_writes_no_superres_series_but_says_so(settings
 def test_overlay_never_depends_on_patient_identity(settings, tmp_path):
     common = dict(n_slices=6, laterality="L", seed=7)
     p1 = write_mr_series(tmp_path / "a", patient_name="Alpha^Ann", patient_id="ID-A", study_date="20230101", **common)
-    p2 = write_mr_series(tmp_path / "b", patient_name="Beta^Bob", patient_id="ID-B-LONGER", study_date="20240606", **common)
+    p2 = write_mr_series(
+        tmp_path / "b", patient_name="Beta^Bob", patient_id="ID-B-LONGER", study_date="20240606", **common
+    )
     pixels = []
     for paths in (p1, p2):
         vol = volume_from_files(paths)
@@ -338,8 +349,9 @@ def test_overlay_never_depends_on_patient_identity(settings, tmp_path):
 
 
 def test_spine_grades_every_level(settings, tmp_path):
-    paths = write_mr_series(tmp_path / "spine", n_slices=7, rows=48, cols=40, laterality=None,
-                            description="SAG T2 TSE", body_part="LSPINE")
+    paths = write_mr_series(
+        tmp_path / "spine", n_slices=7, rows=48, cols=40, laterality=None, description="SAG T2 TSE", body_part="LSPINE"
+    )
     vol = volume_from_files(paths)
     results = _build(settings, paths, vol, spine_output(vol))
     kinds = _by_kind(results)
@@ -349,7 +361,10 @@ def test_spine_grades_every_level(settings, tmp_path):
     seg = hd.seg.segread(seg_path)
     assert seg.number_of_segments == 2
     labels = {seg.get_segment_description(i).segment_label for i in (1, 2)}
-    assert labels == {"Spinal canal stenosis L4-L5 (lumbar_spine.stenosis)", "Spinal canal stenosis L5-S1 (lumbar_spine.stenosis)"}
+    assert labels == {
+        "Spinal canal stenosis L4-L5 (lumbar_spine.stenosis)",
+        "Spinal canal stenosis L5-S1 (lumbar_spine.stenosis)",
+    }
     sr_path = save(kinds["sr"][0], settings)
     assert_valid(sr_path, "spine sr")
     groups = measurement_groups(pydicom.dcmread(sr_path))
@@ -374,8 +389,14 @@ def test_bad_inputs_give_clear_errors(settings, knee, tmp_path):
     with pytest.raises(ResultsError, match="heatmap shape"):
         _build(settings, paths, vol, out)
     with pytest.raises(ResultsError, match="belongs to series"):
-        build_results(output=out, source_files={"1.2.3": paths}, triage=None, predecessors=[],
-                      settings=settings, job_fingerprint="x")
+        build_results(
+            output=out,
+            source_files={"1.2.3": paths},
+            triage=None,
+            predecessors=[],
+            settings=settings,
+            job_fingerprint="x",
+        )
     out = knee_output(vol, superres=False)
     out.outputs[0].series_uid = "1.2.3"
     with pytest.raises(ResultsError, match="not among the source files"):
@@ -383,8 +404,14 @@ def test_bad_inputs_give_clear_errors(settings, knee, tmp_path):
     bad = tmp_path / "garbage.dcm"
     bad.write_bytes(b"not dicom at all")
     with pytest.raises(ResultsError, match="cannot read source file"):
-        build_results(output=out, source_files={vol.series_uid: [bad]}, triage=None, predecessors=[],
-                      settings=settings, job_fingerprint="x")
+        build_results(
+            output=out,
+            source_files={vol.series_uid: [bad]},
+            triage=None,
+            predecessors=[],
+            settings=settings,
+            job_fingerprint="x",
+        )
     with pytest.raises(ResultsError, match="fingerprint"):
         _build(settings, paths, vol, out, fingerprint="")
 
@@ -394,8 +421,16 @@ def test_finding_without_heatmap_or_with_empty_heatmap_is_still_reported(setting
     out = knee_output(vol, superres=False, refused_meniscus=False)
     out.outputs[0].findings[0].heatmap = np.zeros(vol.array.shape, dtype=np.float32)
     out.outputs[1].findings.append(
-        Finding(code="meniscal_tear", label="Lateral meniscal tear", probability=0.7, uncertainty=None, positive=True,
-                threshold=0.5, site="lateral meniscus", heatmap=None)
+        Finding(
+            code="meniscal_tear",
+            label="Lateral meniscal tear",
+            probability=0.7,
+            uncertainty=None,
+            positive=True,
+            threshold=0.5,
+            site="lateral meniscus",
+            heatmap=None,
+        )
     )
     results = _build(settings, paths, vol, out)
     assert [r.kind for r in results] == ["sr"]
@@ -410,10 +445,18 @@ def test_series_no_model_used_is_neither_read_nor_evidence(settings, knee, tmp_p
     paths, vol = knee
     junk = tmp_path / "localizer.dcm"
     junk.write_bytes(b"\x00" * 200)  # unreadable, and no model took it as input
-    results = build_results(output=knee_output(vol, superres=False), source_files={vol.series_uid: paths, "1.2.3.4": [junk]},
-                            triage=None, predecessors=[], settings=settings, job_fingerprint="fp-loc")
+    results = build_results(
+        output=knee_output(vol, superres=False),
+        source_files={vol.series_uid: paths, "1.2.3.4": [junk]},
+        triage=None,
+        predecessors=[],
+        settings=settings,
+        job_fingerprint="fp-loc",
+    )
     sr = next(r for r in results if r.kind == "sr").dataset
-    series = {s.SeriesInstanceUID for e in sr.CurrentRequestedProcedureEvidenceSequence for s in e.ReferencedSeriesSequence}
+    series = {
+        s.SeriesInstanceUID for e in sr.CurrentRequestedProcedureEvidenceSequence for s in e.ReferencedSeriesSequence
+    }
     assert "1.2.3.4" not in series and vol.series_uid in series
 
 
@@ -427,27 +470,44 @@ def test_multiframe_source_frames_are_mapped_by_position(settings, tmp_path):
     vol = volume_from_files(paths)
     dss = [pydicom.dcmread(p) for p in paths]  # written in reverse slice order
     mf = hd.legacy.LegacyConvertedEnhancedMRImage(
-        dss, series_instance_uid=generate_uid(prefix="1.2.826.0.1.3680043.10.1447.99."), series_number=5,
-        sop_instance_uid=generate_uid(prefix="1.2.826.0.1.3680043.10.1447.99."), instance_number=1,
+        dss,
+        series_instance_uid=generate_uid(prefix="1.2.826.0.1.3680043.10.1447.99."),
+        series_number=5,
+        sop_instance_uid=generate_uid(prefix="1.2.826.0.1.3680043.10.1447.99."),
+        instance_number=1,
     )
     mf_path = tmp_path / "enhanced.dcm"
     mf.save_as(mf_path)
     n = len(dss)
     # frame f (1-based) holds file f-1, i.e. volume slice n-f
     frames = tuple(n - k for k in range(n))
-    mvol = dataclasses.replace(vol, series_uid=str(mf.SeriesInstanceUID), sop_class_uid=str(mf.SOPClassUID),
-                               sop_instance_uids=(str(mf.SOPInstanceUID),) * n, frame_numbers=frames)
+    mvol = dataclasses.replace(
+        vol,
+        series_uid=str(mf.SeriesInstanceUID),
+        sop_class_uid=str(mf.SOPClassUID),
+        sop_instance_uids=(str(mf.SOPInstanceUID),) * n,
+        frame_numbers=frames,
+    )
     out = knee_output(mvol)
     heat = out.outputs[0].findings[0].heatmap
-    results = build_results(output=out, source_files={mvol.series_uid: [mf_path]}, triage=None, predecessors=[],
-                            settings=settings, job_fingerprint="fp-mf")
+    results = build_results(
+        output=out,
+        source_files={mvol.series_uid: [mf_path]},
+        triage=None,
+        predecessors=[],
+        settings=settings,
+        job_fingerprint="fp-mf",
+    )
     kinds = _by_kind(results)
     for r in results:
         assert_valid(save(r, settings), f"multi-frame source {r.kind}")
     seg = hd.seg.segread(save(kinds["seg"][0], settings))
     arr = seg.get_pixels_by_source_frame(
-        source_sop_instance_uid=str(mf.SOPInstanceUID), source_frame_numbers=list(range(1, n + 1)),
-        segment_numbers=[1], combine_segments=False, rescale_fractional=True,
+        source_sop_instance_uid=str(mf.SOPInstanceUID),
+        source_frame_numbers=list(range(1, n + 1)),
+        segment_numbers=[1],
+        combine_segments=False,
+        rescale_fractional=True,
     )
     for f in range(1, n + 1):
         assert np.max(np.abs(arr[f - 1, ..., 0] - heat[n - f])) <= 1.0 / 255 + 1e-6
@@ -471,7 +531,8 @@ def test_slice_order_matches_the_models_loader(tmp_path):
     assert v.sop_instance_uids == tuple(sl.sop_instance_uid for sl in s.slices)
     dss = [pydicom.dcmread(p) for p in paths]
     mf = hd.legacy.LegacyConvertedEnhancedMRImage(
-        dss, series_instance_uid=generate_uid(), series_number=5, sop_instance_uid=generate_uid(), instance_number=1)
+        dss, series_instance_uid=generate_uid(), series_number=5, sop_instance_uid=generate_uid(), instance_number=1
+    )
     mf_path = tmp_path / "mf.dcm"
     mf.save_as(mf_path)
     vm = load_series([mf_path])
@@ -492,5 +553,11 @@ def test_source_without_geometry_gives_a_clear_error(settings, knee, tmp_path):
         broken.append(out_path)
     out = knee_output(vol, superres=False)
     with pytest.raises(ResultsError, match=f"cannot build the SEG of series {vol.series_uid}"):
-        build_results(output=out, source_files={vol.series_uid: broken}, triage=None, predecessors=[],
-                      settings=settings, job_fingerprint="fp-broken")
+        build_results(
+            output=out,
+            source_files={vol.series_uid: broken},
+            triage=None,
+            predecessors=[],
+            settings=settings,
+            job_fingerprint="fp-broken",
+        )

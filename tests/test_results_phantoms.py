@@ -18,13 +18,30 @@ pytestmark = pytest.mark.integration
 def _shoulder_output(vol) -> PipelineOutput:
     shape = vol.array.shape
     c = (shape[0] // 2, shape[1] // 3, shape[2] // 2)
-    cuff = Finding(code="rotator_cuff_tear", label="Full-thickness supraspinatus tear", probability=0.83,
-                   uncertainty=0.05, positive=True, threshold=0.5, grade="full_thickness", site="supraspinatus",
-                   location=c, heatmap=blob(shape, c))
-    mo = ModelOutput(model=model("shoulder.rotator_cuff", anatomy="shoulder"), series_uid=vol.series_uid,
-                     qc=QCResult(True), findings=[cuff])
-    return PipelineOutput(pipeline="shoulder", outputs=[mo], superres=[superres_of(vol)],
-                          used_series={mo.model.name: [vol.series_uid], "superres": [vol.series_uid]})
+    cuff = Finding(
+        code="rotator_cuff_tear",
+        label="Full-thickness supraspinatus tear",
+        probability=0.83,
+        uncertainty=0.05,
+        positive=True,
+        threshold=0.5,
+        grade="full_thickness",
+        site="supraspinatus",
+        location=c,
+        heatmap=blob(shape, c),
+    )
+    mo = ModelOutput(
+        model=model("shoulder.rotator_cuff", anatomy="shoulder"),
+        series_uid=vol.series_uid,
+        qc=QCResult(True),
+        findings=[cuff],
+    )
+    return PipelineOutput(
+        pipeline="shoulder",
+        outputs=[mo],
+        superres=[superres_of(vol)],
+        used_series={mo.model.name: [vol.series_uid], "superres": [vol.series_uid]},
+    )
 
 
 @pytest.mark.parametrize("anatomy", ["knee", "shoulder", "lumbar_spine"])
@@ -39,9 +56,14 @@ def test_objects_on_phantoms_are_valid(settings, tmp_path, anatomy):
     else:
         output = spine_output(vol)
         output.superres = [superres_of(vol)]
-    results = build_results(output=output, source_files={vol.series_uid: paths},
-                            triage=TriageSummary("ROUTINE", 20.0, ("phantom",)), predecessors=[],
-                            settings=settings, job_fingerprint=f"phantom-{anatomy}")
+    results = build_results(
+        output=output,
+        source_files={vol.series_uid: paths},
+        triage=TriageSummary("ROUTINE", 20.0, ("phantom",)),
+        predecessors=[],
+        settings=settings,
+        job_fingerprint=f"phantom-{anatomy}",
+    )
     assert {r.kind for r in results} == {"sr", "seg", "sc", "superres"}
     source = pydicom.dcmread(paths[0], stop_before_pixels=True)
     for r in results:

@@ -40,17 +40,34 @@ VENDOR_FILES = [
 def _output(vol, *, superres: bool) -> PipelineOutput:
     shape = vol.array.shape
     center = (0, shape[1] // 2, shape[2] // 2)
-    acl = Finding(code="acl_tear", label="ACL tear", probability=0.77, uncertainty=0.1, positive=True,
-                  threshold=0.5, grade="partial", location=center,
-                  heatmap=blob(shape, center, radius=max(3.0, shape[1] / 10)))
-    men = Finding(code="meniscal_tear", label="Meniscal tear", probability=0.2, uncertainty=0.07,
-                  positive=False, threshold=0.5, site="medial meniscus")
+    acl = Finding(
+        code="acl_tear",
+        label="ACL tear",
+        probability=0.77,
+        uncertainty=0.1,
+        positive=True,
+        threshold=0.5,
+        grade="partial",
+        location=center,
+        heatmap=blob(shape, center, radius=max(3.0, shape[1] / 10)),
+    )
+    men = Finding(
+        code="meniscal_tear",
+        label="Meniscal tear",
+        probability=0.2,
+        uncertainty=0.07,
+        positive=False,
+        threshold=0.5,
+        site="medial meniscus",
+    )
     outs = [
         ModelOutput(model=model("knee.acl"), series_uid=vol.series_uid, qc=QCResult(True), findings=[acl]),
         ModelOutput(model=model("knee.meniscus"), series_uid=vol.series_uid, qc=QCResult(True), findings=[men]),
     ]
     return PipelineOutput(
-        pipeline="knee", outputs=outs, superres=[superres_inplane(vol)] if superres else [],
+        pipeline="knee",
+        outputs=outs,
+        superres=[superres_inplane(vol)] if superres else [],
         used_series={o.model.name: [vol.series_uid] for o in outs},
     )
 
@@ -77,8 +94,11 @@ def test_objects_from_real_vendor_input_are_valid(settings, tmp_path, name, supe
     src = copy_real(name, tmp_path / "src")
     vol = volume_from_files([src])
     results = build_results(
-        output=_output(vol, superres=superres), source_files={vol.series_uid: [src]},
-        triage=TriageSummary("ROUTINE", 0.4, ["partial ACL tear"]), predecessors=[], settings=settings,
+        output=_output(vol, superres=superres),
+        source_files={vol.series_uid: [src]},
+        triage=TriageSummary("ROUTINE", 0.4, ["partial ACL tear"]),
+        predecessors=[],
+        settings=settings,
         job_fingerprint=f"vendor-{name}",
     )
     kinds = {r.kind for r in results}
@@ -140,8 +160,12 @@ def test_invalid_source_values_are_sanitised(settings, tmp_path, charset_file, b
     raw = pydicom.dcmread(src, stop_before_pixels=True)
     vol = volume_from_files([src])
     results = build_results(
-        output=_output(vol, superres=True), source_files={vol.series_uid: [src]}, triage=None,
-        predecessors=[], settings=settings, job_fingerprint=f"quirky-{charset_file}-{bad_charset}",
+        output=_output(vol, superres=True),
+        source_files={vol.series_uid: [src]},
+        triage=None,
+        predecessors=[],
+        settings=settings,
+        job_fingerprint=f"quirky-{charset_file}-{bad_charset}",
     )
     paths = _check_all(results, settings, f"sanitised {charset_file or bad_charset}", source=raw)
     for kind, files in paths.items():

@@ -42,8 +42,16 @@ def make_processed_study(
     series = []
     specs = [("sag_fluid", series_state, 4)] + ([("localizer", "complete", 2)] if with_localizer else [])
     for role, state, n in specs:
-        se = Series(study_id=st.id, series_uid=uid(), modality="MR", state=state, pipeline="knee", role=role,
-                    instances=n, completed_instances=n)
+        se = Series(
+            study_id=st.id,
+            series_uid=uid(),
+            modality="MR",
+            state=state,
+            pipeline="knee",
+            role=role,
+            instances=n,
+            completed_instances=n,
+        )
         s.add(se)
         s.flush()
         for i in range(n):
@@ -51,21 +59,45 @@ def make_processed_study(
             path = settings.store_dir / rel
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_bytes(b"\0" * 128 + b"DICM" + os.urandom(64))
-            s.add(Instance(series_id=se.id, sop_instance_uid=uid(), sop_class_uid="1.2.840.10008.5.1.4.1.1.4",
-                           transfer_syntax_uid="1.2.840.10008.1.2.1", path=str(rel), size=196))
+            s.add(
+                Instance(
+                    series_id=se.id,
+                    sop_instance_uid=uid(),
+                    sop_class_uid="1.2.840.10008.5.1.4.1.1.4",
+                    transfer_syntax_uid="1.2.840.10008.1.2.1",
+                    path=str(rel),
+                    size=196,
+                )
+            )
         series.append(se)
-    job = Job(study_id=st.id, pipeline="knee", state=job_state, input_fingerprint="x" * 64,
-              created_at=now - 45 * DAY, finished_at=now - 45 * DAY)
+    job = Job(
+        study_id=st.id,
+        pipeline="knee",
+        state=job_state,
+        input_fingerprint="x" * 64,
+        created_at=now - 45 * DAY,
+        finished_at=now - 45 * DAY,
+    )
     s.add(job)
     s.flush()
     s.add(JobInput(job_id=job.id, series_id=series[0].id, role="sag_fluid"))
     if with_results:
-        ro = ResultObject(job_id=job.id, kind="sr", sop_class_uid="1.2.840.10008.5.1.4.1.1.88.34",
-                          sop_instance_uid=uid(), series_uid=uid(), path="results/x.dcm")
+        ro = ResultObject(
+            job_id=job.id,
+            kind="sr",
+            sop_class_uid="1.2.840.10008.5.1.4.1.1.88.34",
+            sop_instance_uid=uid(),
+            series_uid=uid(),
+            path="results/x.dcm",
+        )
         s.add(ro)
         s.flush()
         for k, state in enumerate(outbox_states):
-            sent = now - dt.timedelta(days=delivered_days_ago) if state == "sent" and delivered_days_ago is not None else None
+            sent = (
+                now - dt.timedelta(days=delivered_days_ago)
+                if state == "sent" and delivered_days_ago is not None
+                else None
+            )
             s.add(OutboxItem(result_object_id=ro.id, destination=f"dest{k}", state=state, sent_at=sent))
     s.flush()
     return st.study_uid
@@ -77,7 +109,9 @@ def files_of(settings, study_uid) -> list[Path]:
 
 def instance_count(db, study_uid) -> int:
     with db.session() as s:
-        return s.scalar(select(func.count()).select_from(Instance).join(Series).join(Study).where(Study.study_uid == study_uid))
+        return s.scalar(
+            select(func.count()).select_from(Instance).join(Series).join(Study).where(Study.study_uid == study_uid)
+        )
 
 
 @pytest.fixture
@@ -86,12 +120,16 @@ def studies(db, settings):
     with db.session() as s:
         out = {
             "delivered_old": make_processed_study(s, settings, delivered_days_ago=40),
-            "two_destinations_old": make_processed_study(s, settings, delivered_days_ago=35, outbox_states=("sent", "sent")),
+            "two_destinations_old": make_processed_study(
+                s, settings, delivered_days_ago=35, outbox_states=("sent", "sent")
+            ),
             "delivered_recently": make_processed_study(s, settings, delivered_days_ago=10),
             "one_destination_pending": make_processed_study(s, settings, outbox_states=("sent", "pending")),
             "one_destination_dead": make_processed_study(s, settings, outbox_states=("sent", "dead")),
             "job_failed": make_processed_study(s, settings, job_state="failed", series_state="failed"),
-            "job_queued": make_processed_study(s, settings, job_state="queued", series_state="queued", outbox_states=()),
+            "job_queued": make_processed_study(
+                s, settings, job_state="queued", series_state="queued", outbox_states=()
+            ),
             "no_results": make_processed_study(s, settings, with_results=False),
             "no_destinations": make_processed_study(s, settings, outbox_states=()),
         }
@@ -99,13 +137,17 @@ def studies(db, settings):
         st = Study(study_uid=uid(), first_received_at=utcnow() - 90 * DAY, last_received_at=utcnow() - 90 * DAY)
         s.add(st)
         s.flush()
-        s.add(Series(study_id=st.id, series_uid=uid(), state="complete", pipeline="knee", role="sag_fluid", instances=0))
+        s.add(
+            Series(study_id=st.id, series_uid=uid(), state="complete", pipeline="knee", role="sag_fluid", instances=0)
+        )
         out["unprocessed"] = st.study_uid
     # processed and delivered long ago, but a later series re-opened it and is being processed now
     with db.session() as s:
         reopened = make_processed_study(s, settings, delivered_days_ago=60)
         st = s.scalar(select(Study).where(Study.study_uid == reopened))
-        s.add(Series(study_id=st.id, series_uid=uid(), state="processing", pipeline="knee", role="cor_fluid", instances=1))
+        s.add(
+            Series(study_id=st.id, series_uid=uid(), state="processing", pipeline="knee", role="cor_fluid", instances=1)
+        )
         s.add(Job(study_id=st.id, pipeline="knee", state="processing", input_fingerprint="y" * 64))
         out["reopened"] = reopened
     return out
@@ -113,7 +155,9 @@ def studies(db, settings):
 
 def test_purge_removes_only_delivered_studies_older_than_the_setting(db, settings, studies):
     report = purge(db, settings)  # default 30 days
-    assert sorted(p.study_uid for p in report.studies) == sorted([studies["delivered_old"], studies["two_destinations_old"]])
+    assert sorted(p.study_uid for p in report.studies) == sorted(
+        [studies["delivered_old"], studies["two_destinations_old"]]
+    )
     assert report.instances == 12 and report.bytes == 12 * 196
     for key, study_uid in studies.items():
         purged = key in ("delivered_old", "two_destinations_old")
@@ -131,7 +175,9 @@ def test_purge_removes_only_delivered_studies_older_than_the_setting(db, setting
 
 def test_periodic_call_with_an_explicit_time(db, settings, studies):
     # 10 days after a 10-day-old delivery is not yet 30 days; 25 days later it is
-    assert studies["delivered_recently"] not in [p.study_uid for p in purge(db, settings, now=utcnow() + 10 * DAY).studies]
+    assert studies["delivered_recently"] not in [
+        p.study_uid for p in purge(db, settings, now=utcnow() + 10 * DAY).studies
+    ]
     later = purge(db, settings, now=utcnow() + 25 * DAY)
     assert studies["delivered_recently"] in [p.study_uid for p in later.studies]
     assert files_of(settings, studies["one_destination_pending"])  # still never
@@ -141,7 +187,9 @@ def test_periodic_call_with_an_explicit_time(db, settings, studies):
 def test_msknode_purge_command(db, settings, studies):
     env = child_env(MSKNODE_DATA_DIR=settings.data_dir, MSKNODE_RETENTION_DAYS="20")
     msknode = [sys.executable, "-m", "node.cli"]
-    dry = subprocess.run([*msknode, "purge", "--dry-run", "--json"], env=env, capture_output=True, text=True, timeout=120)
+    dry = subprocess.run(
+        [*msknode, "purge", "--dry-run", "--json"], env=env, capture_output=True, text=True, timeout=120
+    )
     assert dry.returncode == 0, dry.stderr
     out = json.loads(dry.stdout)
     expected = sorted([studies["delivered_old"], studies["two_destinations_old"]])
@@ -160,8 +208,15 @@ def test_retention_zero_purges_at_delivery_but_never_undelivered(db, settings, s
     now_settings = settings.model_copy(update={"retention_days": 0.0})
     report = purge(db, now_settings)
     assert studies["delivered_recently"] in [p.study_uid for p in report.studies]
-    for key in ("one_destination_pending", "one_destination_dead", "job_failed", "job_queued", "no_results",
-                "no_destinations", "reopened"):
+    for key in (
+        "one_destination_pending",
+        "one_destination_dead",
+        "job_failed",
+        "job_queued",
+        "no_results",
+        "no_destinations",
+        "reopened",
+    ):
         assert files_of(settings, studies[key]), key
 
 
@@ -172,8 +227,12 @@ def test_an_instance_received_again_during_purge_is_kept(db, settings, studies, 
     study_uid = studies["delivered_old"]
     with db.session() as s:
         victim = s.execute(
-            select(Instance.sop_instance_uid, Instance.path, Series.id).join(Series).join(Study)
-            .where(Study.study_uid == study_uid).order_by(Instance.id).limit(1)
+            select(Instance.sop_instance_uid, Instance.path, Series.id)
+            .join(Series)
+            .join(Study)
+            .where(Study.study_uid == study_uid)
+            .order_by(Instance.id)
+            .limit(1)
         ).one()
     real_check = retention._received_again
 
@@ -183,8 +242,16 @@ def test_an_instance_received_again_during_purge_is_kept(db, settings, studies, 
             return real_check(db_, sop_uids)
         calls.append(sop_uids)
         with db.session() as s:
-            s.add(Instance(series_id=victim[2], sop_instance_uid=victim[0], sop_class_uid="1.2.840.10008.5.1.4.1.1.4",
-                           transfer_syntax_uid="1.2.840.10008.1.2.1", path=victim[1], size=196))
+            s.add(
+                Instance(
+                    series_id=victim[2],
+                    sop_instance_uid=victim[0],
+                    sop_class_uid="1.2.840.10008.5.1.4.1.1.4",
+                    transfer_syntax_uid="1.2.840.10008.1.2.1",
+                    path=victim[1],
+                    size=196,
+                )
+            )
         return real_check(db_, sop_uids)
 
     calls = []

@@ -34,8 +34,13 @@ def shipped():
 
 
 def facts(description, body_part="KNEE", **kw) -> SeriesFacts:
-    return SeriesFacts(series_uid=kw.pop("series_uid", "1.2.3.4"), modality=kw.pop("modality", "MR"),
-                       body_part=body_part, series_description=description, **kw)
+    return SeriesFacts(
+        series_uid=kw.pop("series_uid", "1.2.3.4"),
+        modality=kw.pop("modality", "MR"),
+        body_part=body_part,
+        series_description=description,
+        **kw,
+    )
 
 
 def outcome(route) -> str:
@@ -75,22 +80,43 @@ def test_header_only_rows_cover_every_vendor_and_what_never_becomes_model_input(
     """Descriptions without plane or contrast, from every vendor; localizers, calibration, Dixon F/IP/OP,
     maps and reformats, post-contrast and a cervical spine."""
     assert {"Siemens", "GE", "Philips", "Canon"} <= {e["vendor"] for e in HEADER_ROWS}
-    for vendor, description in [("Philips", "T2W_TSE"), ("Philips", "PDW_SPAIR"), ("Philips", "T1W_aTSE"),
-                                ("GE", "FSE-XL"), ("GE", "Sag FSE"), ("Siemens", "KNIE ROUTINE 3")]:
-        assert any(e["vendor"] == vendor and e["description"] == description and e["expect"] != "unrouted"
-                   for e in HEADER_ROWS), (vendor, description)
+    for vendor, description in [
+        ("Philips", "T2W_TSE"),
+        ("Philips", "PDW_SPAIR"),
+        ("Philips", "T1W_aTSE"),
+        ("GE", "FSE-XL"),
+        ("GE", "Sag FSE"),
+        ("Siemens", "KNIE ROUTINE 3"),
+    ]:
+        assert any(
+            e["vendor"] == vendor and e["description"] == description and e["expect"] != "unrouted" for e in HEADER_ROWS
+        ), (vendor, description)
     flags = {f for e in HEADER_ROWS for f in e.get("expect_flags", [])}
-    assert {"localizer", "calibration", "dixon_fat", "dixon_in_phase", "dixon_opposed_phase", "derived", "mpr",
-            "post_contrast"} <= flags
+    assert {
+        "localizer",
+        "calibration",
+        "dixon_fat",
+        "dixon_in_phase",
+        "dixon_opposed_phase",
+        "derived",
+        "mpr",
+        "post_contrast",
+    } <= flags
     for e in HEADER_ROWS:
         if {"localizer"} & set(e.get("expect_flags", [])):
             assert e["expect"].endswith("/localizer")
         elif set(e.get("expect_flags", [])) - {"dixon", "dixon_water"}:
             assert e["expect"] == "unrouted", e
-    cervical = [e for e in HEADER_ROWS if "122494005" in str(e.get("anatomic_region")) or
-                e.get("body_part") == "CSPINE" or "spine" in e.get("description", "").lower()]
-    assert len(cervical) >= 3 and all(not e["expect"].startswith("lumbar_spine") for e in cervical
-                                      if "122496007" not in str(e.get("anatomic_region")))
+    cervical = [
+        e
+        for e in HEADER_ROWS
+        if "122494005" in str(e.get("anatomic_region"))
+        or e.get("body_part") == "CSPINE"
+        or "spine" in e.get("description", "").lower()
+    ]
+    assert len(cervical) >= 3 and all(
+        not e["expect"].startswith("lumbar_spine") for e in cervical if "122496007" not in str(e.get("anatomic_region"))
+    )
 
 
 def test_vendor_table_covers_every_vendor_role_and_localizers():
@@ -172,8 +198,16 @@ def test_conditions_laterality_calling_ae_protocol_body_part_manufacturer():
         description = ['\bsag', '\bfs\b']
         """
     )
-    base = dict(series_uid="1.2", modality="MR", body_part="", series_description="whatever",
-                protocol_name="STUDY_42", laterality="L", calling_ae="RESEARCH_MR", manufacturer="SIEMENS")
+    base = dict(
+        series_uid="1.2",
+        modality="MR",
+        body_part="",
+        series_description="whatever",
+        protocol_name="STUDY_42",
+        laterality="L",
+        calling_ae="RESEARCH_MR",
+        manufacturer="SIEMENS",
+    )
     assert rules.route(SeriesFacts(**base), uid_root="9.9.").rule == "left knees from the research scanner"
     for change in ({"laterality": "R"}, {"calling_ae": "OTHER"}, {"protocol_name": "routine"}, {"manufacturer": "GE"}):
         assert not rules.route(SeriesFacts(**{**base, **change}), uid_root="9.9.").routed, change
@@ -216,18 +250,30 @@ def test_first_matching_rule_wins_and_route_false_stops():
         ("version = 2\n", "version 2 is not supported"),
         ("version = 1\n", "no [[rule]] entries"),
         ('[[rule]]\npipeline = "knee"\nrole = "sag_pd"', "rule 1: needs a name"),
-        ('[[rule]]\nname = "x"\npipeline = "elbow"\nrole = "sag_pd"', "pipeline 'elbow' is not one of knee, lumbar_spine, shoulder"),
+        (
+            '[[rule]]\nname = "x"\npipeline = "elbow"\nrole = "sag_pd"',
+            "pipeline 'elbow' is not one of knee, lumbar_spine, shoulder",
+        ),
         ('[[rule]]\nname = "x"\npipeline = "knee"\nrole = "sag_t2"', "role 'sag_t2' is not a role of knee"),
-        ('[[rule]]\nname = "x"\npipeline = "knee"\nrole = "sag_pd"\nanatomy = "any"\ndescripton = "sag"',
-         "rule 1 ('x'): unknown key(s) ['descripton']"),
-        ('[[rule]]\nname = "x"\npipeline = "knee"\nrole = "sag_pd"\nanatomy = "any"\ntext = "sag(("',
-         "rule 1 ('x'): text: invalid regex 'sag(('"),
-        ('[[rule]]\nname = "x"\npipeline = "knee"\nrole = "sag_pd"\nanatomy = "any"\ntext = "{nope}"',
-         "pattern {nope} is not defined in [patterns]"),
+        (
+            '[[rule]]\nname = "x"\npipeline = "knee"\nrole = "sag_pd"\nanatomy = "any"\ndescripton = "sag"',
+            "rule 1 ('x'): unknown key(s) ['descripton']",
+        ),
+        (
+            '[[rule]]\nname = "x"\npipeline = "knee"\nrole = "sag_pd"\nanatomy = "any"\ntext = "sag(("',
+            "rule 1 ('x'): text: invalid regex 'sag(('",
+        ),
+        (
+            '[[rule]]\nname = "x"\npipeline = "knee"\nrole = "sag_pd"\nanatomy = "any"\ntext = "{nope}"',
+            "pattern {nope} is not defined in [patterns]",
+        ),
         ('[[rule]]\nname = "x"\npipeline = "knee"\nrole = "sag_pd"', "anatomy 'knee' has no [anatomy.knee] table"),
         ('[[rule]]\nname = "x"\nroute = false\nrole = "sag_pd"', "a rule with route = false has no role"),
         ('[anatomy.elbow]\ntext = "elbow"\n[[rule]]\nname = "x"\nroute = false', "'elbow' is not a pipeline"),
-        ('[[rule]]\nname = "x"\nroute = false\n[[rule]]\nname = "x"\nroute = false', "rule 2: the name 'x' is used twice"),
+        (
+            '[[rule]]\nname = "x"\nroute = false\n[[rule]]\nname = "x"\nroute = false',
+            "rule 2: the name 'x' is used twice",
+        ),
         ('[[rule]]\nname = "x"\nroute = false\nlaterality = 3', "laterality must be a string or a non-empty list"),
         ('[patterns]\na = "x{b}"\n[[rule]]\nname = "x"\nroute = false', "patterns cannot nest"),
     ],
@@ -268,7 +314,11 @@ def test_rules_file_is_reloaded_when_it_changes_and_an_invalid_file_is_refused(t
     current = rf.current()
     assert current.route(knee_sag_t2, uid_root="9.").rule == "site: knee sagittal T2"  # old rules stay
     errors = [r for r in caplog.records if r.levelno == logging.ERROR]
-    assert len(errors) == 1 and "invalid regex" in errors[0].getMessage() and "previous rules stay" in errors[0].getMessage()
+    assert (
+        len(errors) == 1
+        and "invalid regex" in errors[0].getMessage()
+        and "previous rules stay" in errors[0].getMessage()
+    )
     assert "invalid regex" in rf.last_error
     rf.current()  # unchanged broken file: not logged again
     assert len([r for r in caplog.records if r.levelno == logging.ERROR]) == 1
@@ -303,13 +353,18 @@ _PARAMETERS = {
 TEXT_ROWS = [e for e in ENTRIES if not is_header_row(e) and e.get("modality", "MR") == "MR"]
 
 
-@pytest.mark.parametrize("entry", TEXT_ROWS, ids=[f"{e['vendor']}:{e['description']}:{e.get('body_part', '')}" for e in TEXT_ROWS])
+@pytest.mark.parametrize(
+    "entry", TEXT_ROWS, ids=[f"{e['vendor']}:{e['description']}:{e.get('body_part', '')}" for e in TEXT_ROWS]
+)
 def test_every_text_row_routes_the_same_from_its_headers_alone(shipped, entry):
     """The plane and contrast a description names, written as orientation and parameters with the description
     (and protocol name) removed: the same pipeline and role. Rows decided by a flag or by an anatomy only
     the description names are text-only by nature and are skipped."""
     text = explain(facts_from_table_entry(entry), shipped, uid_root=DEFAULT_UID_ROOT)
-    if set(text.flags) - {"localizer", "dixon", "dixon_water"} or text.anatomy.source in ("SeriesDescription", "ProtocolName"):
+    if set(text.flags) - {"localizer", "dixon", "dixon_water"} or text.anatomy.source in (
+        "SeriesDescription",
+        "ProtocolName",
+    ):
         pytest.skip("decided by what only the text says")
     header = {k: v for k, v in entry.items() if k not in ("description", "protocol")}
     header["description"] = ""

@@ -85,8 +85,11 @@ def test_two_workers_one_killed_mid_job_every_job_runs_once(scaleout):
     w1 = node.start_worker(sleep=2.0)
     w2 = node.start_worker(sleep=2.0)
     # wait until both workers hold a job, then crash the first one
-    wait_for(lambda: len({pid for k, _, _, pid in read_runs(node.settings.data_dir) if k == "start"}) >= 2, 40,
-             what="both workers busy")
+    wait_for(
+        lambda: len({pid for k, _, _, pid in read_runs(node.settings.data_dir) if k == "start"}) >= 2,
+        40,
+        what="both workers busy",
+    )
     victim_pids = {pid for k, _, _, pid in read_runs(node.settings.data_dir)}
     w1.kill9()
     try:
@@ -101,7 +104,9 @@ def test_two_workers_one_killed_mid_job_every_job_runs_once(scaleout):
         assert s.scalar(select(func.count()).select_from(ResultObject)) == len(ids)
         attempts = dict(s.execute(select(Job.id, Job.attempts)).all())
         assert s.scalar(select(func.count()).select_from(WorkerRecord)) == 2
-    interrupted = {j for k, j, a, pid in runs if k == "start" and a == 1} - {j for k, j, a, _ in runs if k == "end" and a == 1}
+    interrupted = {j for k, j, a, pid in runs if k == "start" and a == 1} - {
+        j for k, j, a, _ in runs if k == "end" and a == 1
+    }
     assert interrupted, runs  # the killed worker was in the middle of a job ...
     assert all(attempts[j] == 2 for j in interrupted)  # ... which ran again, once
     assert victim_pids and w2.alive()
@@ -142,7 +147,9 @@ def test_broker_down_series_keep_arriving_and_jobs_run_when_it_is_back(scaleout,
         time.sleep(1.5)  # the worker keeps trying to enqueue them
         with node.db.session() as s:
             rows = {j.id: j for j in s.scalars(select(Job))}
-            assert s.scalar(select(func.count()).select_from(Instance)) == 3 + 20  # the early job's rows + 2 × 10 stored
+            assert (
+                s.scalar(select(func.count()).select_from(Instance)) == 3 + 20
+            )  # the early job's rows + 2 × 10 stored
         assert all(rows[j.id].state == "queued" and rows[j.id].enqueue_pending for j in late)
         # its wake-up died with Redis; after twice the lease the sweeper marks it for re-sending
         assert rows[early].state == "queued"
@@ -155,7 +162,9 @@ def test_broker_down_series_keep_arriving_and_jobs_run_when_it_is_back(scaleout,
         node.redis.start()  # same port, empty
         back = time.monotonic()
         try:
-            wait_for(lambda: set(job_states(node.db).values()) == {"done"}, 60, what="all jobs done after broker restart")
+            wait_for(
+                lambda: set(job_states(node.db).values()) == {"done"}, 60, what="all jobs done after broker restart"
+            )
         except AssertionError:
             print(_dump(node))
             raise

@@ -22,7 +22,9 @@ def test_env_names_are_read(monkeypatch, tmp_path):
     monkeypatch.setenv("MSKNODE_RETENTION_DAYS", "7")
     monkeypatch.setenv(
         "MSKNODE_DESTINATIONS",
-        json.dumps([{"ae_title": "ORTHANC", "host": "127.0.0.1", "port": 4242}, {"type": "stow", "url": "http://x/dicom-web/"}]),
+        json.dumps(
+            [{"ae_title": "ORTHANC", "host": "127.0.0.1", "port": 4242}, {"type": "stow", "url": "http://x/dicom-web/"}]
+        ),
     )
     s = load_settings()
     assert s.ae_title == "AINODE" and s.port == 11999 and s.web_port == 8999

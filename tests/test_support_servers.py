@@ -41,7 +41,9 @@ def test_a_detached_process_is_found_by_the_run_marker():
     """A daemon that left the process tree (as pg_ctl's postmaster does) still carries the run's marker."""
     marker = servers.mark_run()
     # the shell starts sleep in the background and exits: sleep's parent is then init, not pytest
-    out = subprocess.run(["sh", "-c", "sleep 300 >/dev/null 2>&1 & echo $!"], capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        ["sh", "-c", "sleep 300 >/dev/null 2>&1 & echo $!"], capture_output=True, text=True, check=True
+    )
     pid = int(out.stdout.strip())
     try:
         assert pid not in servers.descendants()
@@ -95,15 +97,18 @@ def test_stop_all_stops_what_is_still_registered():
 def test_a_run_that_leaks_a_process_fails_and_names_it(tmp_path):
     """pytest in a subprocess with this suite's session-end hook: a passing test that leaves ``sleep``
     running makes the run fail, the message names the process, and the process is killed."""
-    (tmp_path / "conftest.py").write_text(textwrap.dedent(f"""
+    (tmp_path / "conftest.py").write_text(
+        textwrap.dedent(f"""
         import importlib.util, sys
         sys.path.insert(0, {str(TESTS)!r})
         spec = importlib.util.spec_from_file_location("suite_conftest", {str(TESTS / "conftest.py")!r})
         suite = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(suite)
         pytest_sessionfinish = suite.pytest_sessionfinish
-    """))
-    (tmp_path / "test_leaky.py").write_text(textwrap.dedent("""
+    """)
+    )
+    (tmp_path / "test_leaky.py").write_text(
+        textwrap.dedent("""
         import subprocess
 
         def test_leaks(tmp_path):
@@ -112,20 +117,53 @@ def test_a_run_that_leaks_a_process_fails_and_names_it(tmp_path):
 
         def test_clean():
             subprocess.run(["true"], check=True)
-    """))
+    """)
+    )
     (tmp_path / "pytest.ini").write_text("[pytest]\n")
-    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--basetemp", str(tmp_path / "bt"),
-                          str(tmp_path)], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            "--basetemp",
+            str(tmp_path / "bt"),
+            str(tmp_path),
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     pid = int((tmp_path / "leaked.pid").read_text())
     assert run.returncode == 1, run.stdout + run.stderr
     assert "2 passed" in run.stdout
-    assert "the test run left servers running" in run.stdout and f"pid {pid}" in run.stdout and "sleep 313" in run.stdout
+    assert (
+        "the test run left servers running" in run.stdout and f"pid {pid}" in run.stdout and "sleep 313" in run.stdout
+    )
     deadline = time.monotonic() + 10
     while servers._proc_stat(pid) is not None and time.monotonic() < deadline:
         time.sleep(0.05)
     assert servers._proc_stat(pid) is None  # killed by the hook (and reaped by init)
 
     (tmp_path / "test_leaky.py").write_text("def test_clean():\n    pass\n")
-    clean = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--basetemp",
-                            str(tmp_path / "bt"), str(tmp_path)], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    clean = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            "--basetemp",
+            str(tmp_path / "bt"),
+            str(tmp_path),
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert clean.returncode == 0 and "left servers running" not in clean.stdout, clean.stdout

@@ -125,8 +125,10 @@ def test_load_8_associations_x_40_instances_all_stored_and_processed_once(embedd
     port = free_port()
     env = {"MSKNODE_PORT": str(port), "MSKNODE_QUIET_SECONDS": "1", "MSKNODE_STUDY_QUIET_SECONDS": "1"}
     series_files = [write_phantom_series(tmp_path / f"s{k}", seed=100 + k) for k in range(8)]
-    listener = ListenerProcess(worker_env({"MSKNODE_DATA_DIR": str(settings.data_dir), "MSKNODE_LOG_LEVEL": "INFO", **env}),
-                               tmp_path / "listener.log").start()
+    listener = ListenerProcess(
+        worker_env({"MSKNODE_DATA_DIR": str(settings.data_dir), "MSKNODE_LOG_LEVEL": "INFO", **env}),
+        tmp_path / "listener.log",
+    ).start()
     try:
         listener.wait_ready(port)
         w = embedded(env=env, sleep=0.3)
@@ -136,12 +138,15 @@ def test_load_8_associations_x_40_instances_all_stored_and_processed_once(embedd
         sent_in = time.monotonic() - t0
         assert [p.returncode for p in senders] == [0] * 8, outs
         try:
-            wait_for(lambda: len(job_states(db)) == 8 and set(job_states(db).values()) == {"done"}, 90,
-                     what="8 jobs done")
+            wait_for(
+                lambda: len(job_states(db)) == 8 and set(job_states(db).values()) == {"done"}, 90, what="8 jobs done"
+            )
         except AssertionError:
             print(w.output()[-3000:], listener.output()[-3000:])
             raise
-        print(f"320 instances sent in {sent_in:.1f} s; all 8 studies processed {time.monotonic() - t0:.1f} s after the first send")
+        print(
+            f"320 instances sent in {sent_in:.1f} s; all 8 studies processed {time.monotonic() - t0:.1f} s after the first send"
+        )
     finally:
         listener.stop()
 
@@ -203,8 +208,12 @@ def test_whole_node_restart_with_jobs_queued_processing_and_in_the_outbox(embedd
 
     pacs = OrthancPacs(tmp_path / "orthanc")  # ports reserved, not started: the PACS is down at first
     port = free_port()
-    env = {"MSKNODE_PORT": str(port), "MSKNODE_QUIET_SECONDS": "0.5", "MSKNODE_STUDY_QUIET_SECONDS": "0.5",
-           "MSKNODE_DESTINATIONS": json.dumps([pacs.destination])}
+    env = {
+        "MSKNODE_PORT": str(port),
+        "MSKNODE_QUIET_SECONDS": "0.5",
+        "MSKNODE_STUDY_QUIET_SECONDS": "0.5",
+        "MSKNODE_DESTINATIONS": json.dumps([pacs.destination]),
+    }
     listener_env = worker_env({"MSKNODE_DATA_DIR": str(settings.data_dir), "MSKNODE_LOG_LEVEL": "INFO", **env})
     studies = [write_phantom_series(tmp_path / f"s{k}", seed=200 + k, slices=12) for k in range(3)]
     listener = ListenerProcess(listener_env, tmp_path / "listener1.log").start()
@@ -217,7 +226,9 @@ def test_whole_node_restart_with_jobs_queued_processing_and_in_the_outbox(embedd
         def mid_flight():
             states = sorted(job_states(db).values())
             with db.session() as s:
-                tried = s.scalars(select(OutboxItem).where(OutboxItem.attempts >= 1, OutboxItem.state == "pending")).all()
+                tried = s.scalars(
+                    select(OutboxItem).where(OutboxItem.attempts >= 1, OutboxItem.state == "pending")
+                ).all()
             return states == ["done", "processing", "queued"] and len(tried) == 1
 
         wait_for(mid_flight, 60, what="one job done with its result undelivered, one processing, one queued")

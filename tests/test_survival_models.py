@@ -37,17 +37,19 @@ def test_kill9_mid_inference_job_completes_once_and_results_reach_orthanc_once(s
 
     pacs = OrthancPacs(tmp_path / "orthanc").start()
     port = free_port()
-    env = worker_env({
-        "MSKNODE_DATA_DIR": str(settings.data_dir),
-        "MSKNODE_PORT": str(port),
-        "MSKNODE_QUIET_SECONDS": "0.5",
-        "MSKNODE_STUDY_QUIET_SECONDS": "0.5",
-        "MSKNODE_DESTINATIONS": json.dumps([pacs.destination]),
-        "MSKNODE_JOB_LEASE_SECONDS": str(LEASE),
-        "MSKNODE_SWEEP_INTERVAL_SECONDS": "0.5",
-        "MSKNODE_TORCH_THREADS": "1",
-        "MSKNODE_LOG_LEVEL": "INFO",
-    })
+    env = worker_env(
+        {
+            "MSKNODE_DATA_DIR": str(settings.data_dir),
+            "MSKNODE_PORT": str(port),
+            "MSKNODE_QUIET_SECONDS": "0.5",
+            "MSKNODE_STUDY_QUIET_SECONDS": "0.5",
+            "MSKNODE_DESTINATIONS": json.dumps([pacs.destination]),
+            "MSKNODE_JOB_LEASE_SECONDS": str(LEASE),
+            "MSKNODE_SWEEP_INTERVAL_SECONDS": "0.5",
+            "MSKNODE_TORCH_THREADS": "1",
+            "MSKNODE_LOG_LEVEL": "INFO",
+        }
+    )
     files = write_study("knee", tmp_path / "study", 11, acl="complete")
     listener = ListenerProcess(env, tmp_path / "listener.log").start()
     workers: list[WorkerProcess] = []
@@ -97,7 +99,9 @@ def test_kill9_mid_inference_job_completes_once_and_results_reach_orthanc_once(s
         kinds = sorted(r.kind for r in results)
         assert kinds.count("sr") == 1 and len({r.sop_instance_uid for r in results}) == len(results)
         in_pacs = pacs.instances_of_study(study_uid)
-        assert sorted(i["MainDicomTags"]["SOPInstanceUID"] for i in in_pacs) == sorted(r.sop_instance_uid for r in results)
+        assert sorted(i["MainDicomTags"]["SOPInstanceUID"] for i in in_pacs) == sorted(
+            r.sop_instance_uid for r in results
+        )
         assert pacs.get("/statistics")["CountInstances"] == len(results)  # one set, nothing else
     finally:
         for w in workers:

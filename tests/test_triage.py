@@ -36,7 +36,12 @@ def policy():
 def acl(p_complete: float, *, p_tear: float = 0.85, u: float = 0.04) -> TriageFinding:
     rest = 1 - p_complete
     return TriageFinding(
-        code="acl_tear", label="ACL tear", model_name="knee.acl", probability=p_tear, uncertainty=u, positive=p_tear >= 0.5,
+        code="acl_tear",
+        label="ACL tear",
+        model_name="knee.acl",
+        probability=p_tear,
+        uncertainty=u,
+        positive=p_tear >= 0.5,
         grade="complete" if p_complete >= 0.5 else "partial",
         grade_probabilities={"intact": 1 - p_tear, "partial": max(0.0, rest - (1 - p_tear)), "complete": p_complete},
     )
@@ -45,8 +50,16 @@ def acl(p_complete: float, *, p_tear: float = 0.85, u: float = 0.04) -> TriageFi
 def stenosis(level: str, grade: str, p: float = 0.85, u: float = 0.05) -> TriageFinding:
     probs = dict.fromkeys(("normal", "mild", "moderate", "severe"), (1 - p) / 3)
     probs[grade] = p
-    return TriageFinding(code="spinal_stenosis", label="Spinal stenosis", probability=1 - probs["normal"], uncertainty=u,
-                         positive=grade in ("moderate", "severe"), grade=grade, level=level, grade_probabilities=probs)
+    return TriageFinding(
+        code="spinal_stenosis",
+        label="Spinal stenosis",
+        probability=1 - probs["normal"],
+        uncertainty=u,
+        positive=grade in ("moderate", "severe"),
+        grade=grade,
+        level=level,
+        grade_probabilities=probs,
+    )
 
 
 # ---- the shipped policy ----------------------------------------------------------------------
@@ -68,7 +81,9 @@ def test_complete_acl_tear_above_threshold_is_urgent_with_its_reason(policy):
     assert s.priority == "URGENT"
     assert "acl_complete" in s.matched_rules
     # the finding as every view writes it (headline P(tear), grade split), then the rule's own test
-    assert s.reasons[0].startswith("URGENT: ACL tear 85 % (complete 82 %, partial 3 %) (+/-4); P(complete) 82 % >= 70 %")
+    assert s.reasons[0].startswith(
+        "URGENT: ACL tear 85 % (complete 82 %, partial 3 %) (+/-4); P(complete) 82 % >= 70 %"
+    )
     assert "early orthopaedic referral" in s.reasons[0]
     assert 0 < s.score <= 100 and not s.needs_review
 
@@ -83,13 +98,21 @@ def test_probable_tear_with_low_complete_probability_stays_routine_but_scores(po
 
 def test_a_sure_tear_of_either_grade_is_urgent_because_the_grade_is_unreliable(policy):
     # the model calls a complete tear "partial" (98 %): P(tear) decides, not the grade it names
-    misgraded = TriageFinding(code="acl_tear", label="Partial ACL tear", model_name="knee.acl", probability=0.98,
-                              uncertainty=0.01, positive=True, grade="partial",
-                              grade_probabilities={"intact": 0.02, "partial": 0.71, "complete": 0.27})
+    misgraded = TriageFinding(
+        code="acl_tear",
+        label="Partial ACL tear",
+        model_name="knee.acl",
+        probability=0.98,
+        uncertainty=0.01,
+        positive=True,
+        grade="partial",
+        grade_probabilities={"intact": 0.02, "partial": 0.71, "complete": 0.27},
+    )
     s = compute([misgraded], policy)
     assert s.priority == "URGENT" and "acl_tear_high" in s.matched_rules and "acl_complete" not in s.matched_rules
-    assert s.reasons[0].startswith("URGENT: ACL tear 98 % (partial 71 %, complete 27 %) (+/-1);"
-                                   " P(partial or complete) 98 % >= 90 %")
+    assert s.reasons[0].startswith(
+        "URGENT: ACL tear 98 % (partial 71 %, complete 27 %) (+/-1); P(partial or complete) 98 % >= 90 %"
+    )
     # below the threshold the grade rules decide as before
     assert compute([acl(0.30, p_tear=0.85)], policy).priority == "ROUTINE"
     # the threshold is the site's: a copy of the policy with a lower one raises the same study
@@ -125,19 +148,30 @@ def test_severe_stenosis_at_any_level_is_urgent_and_names_levels(policy):
 
 def test_full_thickness_cuff_tear_needs_the_higher_threshold(policy):
     def cuff(p):
-        return TriageFinding(code="rotator_cuff_tear", label="Supraspinatus tear", probability=0.95, uncertainty=0.03,
-                             positive=True, grade="full_thickness",
-                             grade_probabilities={"none": 0.05, "partial": 0.95 - p, "full_thickness": p})
+        return TriageFinding(
+            code="rotator_cuff_tear",
+            label="Supraspinatus tear",
+            probability=0.95,
+            uncertainty=0.03,
+            positive=True,
+            grade="full_thickness",
+            grade_probabilities={"none": 0.05, "partial": 0.95 - p, "full_thickness": p},
+        )
+
     assert compute([cuff(0.86)], policy).priority == "URGENT"
     assert compute([cuff(0.75)], policy).priority == "ROUTINE"
 
 
 def test_qc_refusals_flag_review_and_silence_is_never_negative(policy):
-    refused = TriageFinding(code="knee.acl", label="knee.acl", model_name="knee.acl", evaluated=False, qc_reason="wrong_anatomy")
+    refused = TriageFinding(
+        code="knee.acl", label="knee.acl", model_name="knee.acl", evaluated=False, qc_reason="wrong_anatomy"
+    )
     s = compute([refused], policy)
     assert s.priority == "ROUTINE" and s.needs_review
-    assert "ACL tear not evaluated: the quality check could not confirm the expected body part in the images" \
+    assert (
+        "ACL tear not evaluated: the quality check could not confirm the expected body part in the images"
         " - needs human review" in s.reasons
+    )
     assert any("no model could evaluate" in r for r in s.reasons)
     empty = compute([], policy)
     assert empty.needs_review and any("no AI result" in r for r in empty.reasons)
@@ -147,8 +181,9 @@ def test_qc_refusals_flag_review_and_silence_is_never_negative(policy):
 
 
 def test_superres_is_informational(policy):
-    sr_failed = TriageFinding(code="superres", label="Super-resolution not done (too_few_slices)", evaluated=False,
-                              qc_reason="too_few_slices")
+    sr_failed = TriageFinding(
+        code="superres", label="Super-resolution not done (too_few_slices)", evaluated=False, qc_reason="too_few_slices"
+    )
     s = compute([sr_failed, acl(0.1, p_tear=0.1)], policy)
     assert not s.needs_review and s.priority == "ROUTINE"
     assert any("does not change the priority" in r for r in s.reasons)
@@ -166,10 +201,15 @@ def test_ageing_promotes_routine_after_the_window(policy):
 
 
 def test_ageing_steps_chain():
-    pol = parse_policy({
-        "ageing": [{"from": "ROUTINE", "to": "URGENT", "after_hours": 2}, {"from": "URGENT", "to": "STAT", "after_hours": 4}],
-        "rule": [],
-    })
+    pol = parse_policy(
+        {
+            "ageing": [
+                {"from": "ROUTINE", "to": "URGENT", "after_hours": 2},
+                {"from": "URGENT", "to": "STAT", "after_hours": 4},
+            ],
+            "rule": [],
+        }
+    )
     assert age("ROUTINE", waiting_since=T0, now=T0 + dt.timedelta(hours=3), policy=pol).priority == "URGENT"
     assert age("ROUTINE", waiting_since=T0, now=T0 + dt.timedelta(hours=5), policy=pol).priority == "STAT"
 
@@ -183,16 +223,32 @@ def test_findings_from_a_pipeline_output(policy):
     out = PipelineOutput(
         pipeline="knee",
         outputs=[
-            ModelOutput(model=info, series_uid="1.2", qc=QCResult(True), findings=[
-                MFinding(code="acl_tear", label="ACL tear", probability=0.9, uncertainty=0.03, positive=True, grade="complete",
-                         grade_probabilities={"intact": 0.1, "partial": 0.1, "complete": 0.8})]),
+            ModelOutput(
+                model=info,
+                series_uid="1.2",
+                qc=QCResult(True),
+                findings=[
+                    MFinding(
+                        code="acl_tear",
+                        label="ACL tear",
+                        probability=0.9,
+                        uncertainty=0.03,
+                        positive=True,
+                        grade="complete",
+                        grade_probabilities={"intact": 0.1, "partial": 0.1, "complete": 0.8},
+                    )
+                ],
+            ),
             ModelOutput(model=men, series_uid="1.2", qc=QCResult(False, "low_snr", "SNR 2.1 below 4"), findings=[]),
         ],
         superres=[],
         used_series={},
     )
     tf = findings_from_pipeline(out)
-    assert [(f.code, f.evaluated, f.model_name) for f in tf] == [("acl_tear", True, "knee.acl"), ("knee.meniscus", False, "knee.meniscus")]
+    assert [(f.code, f.evaluated, f.model_name) for f in tf] == [
+        ("acl_tear", True, "knee.acl"),
+        ("knee.meniscus", False, "knee.meniscus"),
+    ]
     s = compute(tf, policy)
     assert s.priority == "URGENT" and s.needs_review
 
@@ -202,11 +258,31 @@ def test_findings_from_a_pipeline_output(policy):
     [
         ({"rules": []}, "unknown key 'rules'"),
         ({"default_priority": "HIGH"}, "default_priority: priority must be one of STAT, URGENT, ROUTINE"),
-        ({"rule": [{"id": "a", "code": "x", "why": "w", "min_probability": 1.5, "priority": "URGENT"}]}, "rule[0].min_probability: must be between 0 and 1"),
-        ({"rule": [{"id": "a", "code": "x", "why": "w", "min_probability": 0.5, "priority": "URGENT"}] * 2}, "duplicate rule id 'a'"),
+        (
+            {"rule": [{"id": "a", "code": "x", "why": "w", "min_probability": 1.5, "priority": "URGENT"}]},
+            "rule[0].min_probability: must be between 0 and 1",
+        ),
+        (
+            {"rule": [{"id": "a", "code": "x", "why": "w", "min_probability": 0.5, "priority": "URGENT"}] * 2},
+            "duplicate rule id 'a'",
+        ),
         ({"rule": [{"id": "a", "code": "x", "min_probability": 0.5, "priority": "URGENT"}]}, "'why' is required"),
-        ({"rule": [{"id": "a", "code": "x", "why": "w", "min_probability": 0.5, "priority": "URGENT", "grade": "x"}]}, "unknown key 'grade'"),
-        ({"rule": [{"id": "a", "code": "x", "why": "w", "min_probability": 0.5, "priority": "URGENT", "min_levels": 0}]}, "min_levels must be an integer >= 1"),
+        (
+            {
+                "rule": [
+                    {"id": "a", "code": "x", "why": "w", "min_probability": 0.5, "priority": "URGENT", "grade": "x"}
+                ]
+            },
+            "unknown key 'grade'",
+        ),
+        (
+            {
+                "rule": [
+                    {"id": "a", "code": "x", "why": "w", "min_probability": 0.5, "priority": "URGENT", "min_levels": 0}
+                ]
+            },
+            "min_levels must be an integer >= 1",
+        ),
         ({"ageing": [{"from": "URGENT", "to": "ROUTINE", "after_hours": 1}]}, "ageing must promote"),
         ({"review": {"uncertainty": 2}}, "unknown key review.uncertainty"),
     ],
@@ -231,8 +307,13 @@ def test_policy_file_errors(tmp_path):
 
 def make_job(s, *, findings: list[dict], received: dt.datetime = T0, name: str = "X^Y", state: str = "done") -> Job:
     n = s.query(Study).count() + 1
-    st = Study(study_uid=f"1.2.3.{n}", patient_name=name, patient_id=f"P{n}", first_received_at=received,
-               last_received_at=received)
+    st = Study(
+        study_uid=f"1.2.3.{n}",
+        patient_name=name,
+        patient_id=f"P{n}",
+        first_received_at=received,
+        last_received_at=received,
+    )
     s.add(st)
     s.flush()
     job = Job(study_id=st.id, pipeline="knee", state=state, created_at=received)
@@ -244,15 +325,25 @@ def make_job(s, *, findings: list[dict], received: dt.datetime = T0, name: str =
     return job
 
 
-COMPLETE = dict(code="acl_tear", label="ACL tear", probability=0.95, uncertainty=0.02, positive=True, grade="complete",
-                details={"grade_probabilities": {"intact": 0.05, "partial": 0.1, "complete": 0.85}})
+COMPLETE = dict(
+    code="acl_tear",
+    label="ACL tear",
+    probability=0.95,
+    uncertainty=0.02,
+    positive=True,
+    grade="complete",
+    details={"grade_probabilities": {"intact": 0.05, "partial": 0.1, "complete": 0.85}},
+)
 NORMAL = dict(code="acl_tear", label="ACL tear", probability=0.05, uncertainty=0.02, positive=False, grade="intact")
 REFUSED = dict(code="knee.acl", label="knee.acl: not evaluated (low_snr)", evaluated=False, qc_reason="low_snr")
 
 
 def events(s, entry_id):
-    return s.scalars(select(AuditEvent).where(AuditEvent.entity_type == "worklist_entry",
-                                              AuditEvent.entity_id == str(entry_id)).order_by(AuditEvent.id)).all()
+    return s.scalars(
+        select(AuditEvent)
+        .where(AuditEvent.entity_type == "worklist_entry", AuditEvent.entity_id == str(entry_id))
+        .order_by(AuditEvent.id)
+    ).all()
 
 
 def test_upsert_creates_entry_and_audits_as_system(db, policy):
@@ -271,11 +362,20 @@ def test_upsert_is_idempotent_and_keeps_an_admin_override(db, policy):
     with db.session() as s:
         job = make_job(s, findings=[COMPLETE])
         e = entries.upsert_for_job(s, job_id=job.id, policy=policy, now=T0)
-        entries.override_priority(s, entry_id=e.id, priority="STAT", reason="referrer called: locked knee", actor="alice",
-                                  now=T0 + dt.timedelta(minutes=5))
+        entries.override_priority(
+            s,
+            entry_id=e.id,
+            priority="STAT",
+            reason="referrer called: locked knee",
+            actor="alice",
+            now=T0 + dt.timedelta(minutes=5),
+        )
         again = entries.upsert_for_job(s, job_id=job.id, policy=policy, now=T0 + dt.timedelta(minutes=6))
         assert again.id == e.id and again.priority == "STAT" and again.override_priority == "STAT"
-        assert [x.action for x in events(s, e.id)] == ["worklist.create", "worklist.override_priority"]  # no change, no event
+        assert [x.action for x in events(s, e.id)] == [
+            "worklist.create",
+            "worklist.override_priority",
+        ]  # no change, no event
         assert s.query(WorklistEntry).count() == 1
 
 
@@ -316,11 +416,19 @@ def test_override_assign_read_are_validated_and_audited(db, policy):
         with pytest.raises(EntryNotFound, match="job 4242 not found"):
             entries.upsert_for_job(s, job_id=4242, policy=policy, now=T0)
 
-        entries.override_priority(s, entry_id=e.id, priority="URGENT", reason="clinical question: infection?", actor="alice", now=T0)
+        entries.override_priority(
+            s, entry_id=e.id, priority="URGENT", reason="clinical question: infection?", actor="alice", now=T0
+        )
         entries.assign(s, entry_id=e.id, assignee="carol", actor="alice", now=T0)
         entries.mark_read(s, entry_id=e.id, actor="carol", now=T0)
         entries.override_priority(s, entry_id=e.id, priority=None, reason="answered by phone", actor="alice", now=T0)
-        assert (e.priority, e.override_priority, e.assigned_to, e.status, e.read_by) == ("ROUTINE", None, "carol", "read", "carol")
+        assert (e.priority, e.override_priority, e.assigned_to, e.status, e.read_by) == (
+            "ROUTINE",
+            None,
+            "carol",
+            "read",
+            "carol",
+        )
         got = [(x.actor, x.action, x.old_value, x.new_value, x.reason) for x in events(s, e.id)][1:]
         assert got == [
             ("alice", "worklist.override_priority", "ROUTINE", "URGENT", "clinical question: infection?"),
@@ -355,7 +463,9 @@ def test_reading_order_is_priority_then_waiting_then_stable(db, policy):
         again = [o.study.patient_name for o in entries.ordered(s, policy=policy, now=now)]
         assert again == order
         aged = next(o for o in entries.ordered(s, policy=policy, now=now) if o.study.patient_name == "aged")
-        assert aged.effective_priority == "URGENT" and aged.entry.priority == "ROUTINE" and "ageing" in aged.ageing_reason
+        assert (
+            aged.effective_priority == "URGENT" and aged.entry.priority == "ROUTINE" and "ageing" in aged.ageing_reason
+        )
         urgent = [o.study.patient_name for o in entries.ordered(s, policy=policy, now=now, priority="URGENT")]
         assert urgent == ["aged", "urgent_old", "urgent_new", "read"]
         review = [o.study.patient_name for o in entries.ordered(s, policy=policy, now=now, status="review")]
@@ -364,7 +474,9 @@ def test_reading_order_is_priority_then_waiting_then_stable(db, policy):
         limited = [o.study.patient_name for o in entries.ordered(s, policy=policy, now=now, limit=7)]
         assert limited == order[:7] and "read" not in limited
         # an admin's STAT goes to the very top
-        entries.override_priority(s, entry_id=ids["tie_b"], priority="STAT", reason="surgeon waiting", actor="alice", now=now)
+        entries.override_priority(
+            s, entry_id=ids["tie_b"], priority="STAT", reason="surgeon waiting", actor="alice", now=now
+        )
         assert entries.ordered(s, policy=policy, now=now)[0].study.patient_name == "tie_b"
 
 
@@ -403,15 +515,19 @@ def test_worklist_queries_on_postgresql(postgres_url, policy):
     try:
         now = T0 + dt.timedelta(hours=10)
         with pg.session() as s:
-            for name, findings, received in [("routine", [NORMAL], T0), ("urgent", [COMPLETE], T0 + dt.timedelta(hours=9)),
-                                             ("review", [REFUSED], T0 + dt.timedelta(hours=2))]:
+            for name, findings, received in [
+                ("routine", [NORMAL], T0),
+                ("urgent", [COMPLETE], T0 + dt.timedelta(hours=9)),
+                ("review", [REFUSED], T0 + dt.timedelta(hours=2)),
+            ]:
                 job = make_job(s, findings=findings, received=received, name=name)
                 entries.upsert_for_job(s, job_id=job.id, policy=policy, now=received)
             make_job(s, findings=[], name="running", state="processing")
         with pg.session() as s:
             first = entries.ordered(s, policy=policy, now=now)[0]
-            entries.override_priority(s, entry_id=first.entry.id, priority="ROUTINE", reason="seen on the phone",
-                                      actor="alice", now=now)
+            entries.override_priority(
+                s, entry_id=first.entry.id, priority="ROUTINE", reason="seen on the phone", actor="alice", now=now
+            )
         with pg.session() as s:
             tz = ZoneInfo("Europe/Berlin")
             rows = queries.worklist(s, policy=policy, tz=tz, now=now)

@@ -43,22 +43,64 @@ def env(tmp_path_factory):
     from node.web.users import add_user
     from worklists.triage import load_policy
 
-    settings = load_settings(site_timezone="Europe/Berlin", session_minutes=30,
-                             destinations=[{"ae_title": "PACS", "host": "127.0.0.1", "port": 4242, "name": "pacs"},
-                                           {"type": "stow", "url": "http://127.0.0.1:8042/dicom-web", "password": "s3cret-pass"}])
+    settings = load_settings(
+        site_timezone="Europe/Berlin",
+        session_minutes=30,
+        destinations=[
+            {"ae_title": "PACS", "host": "127.0.0.1", "port": 4242, "name": "pacs"},
+            {"type": "stow", "url": "http://127.0.0.1:8042/dicom-web", "password": "s3cret-pass"},
+        ],
+    )
     settings.ensure_dirs()
     db = Database(settings.database_url)
     policy = load_policy(settings.triage_policy)
     seeded = {
-        "normal": ws.seed_study(db, settings, policy, findings=ws.knee_normal(), patient_name="NORMAL^KNEE",
-                                patient_id="PIDNORM", received_at=NOW - dt.timedelta(hours=3), seed=1),
-        "acl": ws.seed_study(db, settings, policy, findings=ws.acl_complete(), patient_name="DOE^JANE", patient_id="PIDACL",
-                             received_at=NOW - dt.timedelta(minutes=30), outbox_states=("sent", "dead"), seed=2),
-        "spine": ws.seed_study(db, settings, policy, anatomy="lumbar_spine", findings=ws.spine_severe(),
-                               patient_name="ROSSI^MARIA", patient_id="PIDSPINE", received_at=NOW - dt.timedelta(hours=1),
-                               with_superres=False, seed=3),
-        "failed": ws.seed_study(db, settings, policy, findings=[], patient_name="FAIL^JOB", patient_id="PIDFAIL",
-                                job_state="failed", with_seg=False, with_superres=False, outbox_states=(), seed=4),
+        "normal": ws.seed_study(
+            db,
+            settings,
+            policy,
+            findings=ws.knee_normal(),
+            patient_name="NORMAL^KNEE",
+            patient_id="PIDNORM",
+            received_at=NOW - dt.timedelta(hours=3),
+            seed=1,
+        ),
+        "acl": ws.seed_study(
+            db,
+            settings,
+            policy,
+            findings=ws.acl_complete(),
+            patient_name="DOE^JANE",
+            patient_id="PIDACL",
+            received_at=NOW - dt.timedelta(minutes=30),
+            outbox_states=("sent", "dead"),
+            seed=2,
+        ),
+        "spine": ws.seed_study(
+            db,
+            settings,
+            policy,
+            anatomy="lumbar_spine",
+            findings=ws.spine_severe(),
+            patient_name="ROSSI^MARIA",
+            patient_id="PIDSPINE",
+            received_at=NOW - dt.timedelta(hours=1),
+            with_superres=False,
+            seed=3,
+        ),
+        "failed": ws.seed_study(
+            db,
+            settings,
+            policy,
+            findings=[],
+            patient_name="FAIL^JOB",
+            patient_id="PIDFAIL",
+            job_state="failed",
+            with_seg=False,
+            with_superres=False,
+            outbox_states=(),
+            seed=4,
+        ),
     }
     with db.session() as s:
         add_user(s, username=ADMIN[0], password=ADMIN[1], role="admin")
@@ -79,8 +121,11 @@ def login(env, who) -> TestClient:
     c = client(env)
     page = c.get("/login")
     nonce = re.search(r'name="csrf_token" value="([^"]+)"', page.text).group(1)
-    r = c.post("/login", data={"username": who[0], "password": who[1], "csrf_token": nonce, "next": "/worklist"},
-               follow_redirects=False)
+    r = c.post(
+        "/login",
+        data={"username": who[0], "password": who[1], "csrf_token": nonce, "next": "/worklist"},
+        follow_redirects=False,
+    )
     assert r.status_code == 303 and r.headers["location"] == "/worklist", r.text
     return c
 
@@ -161,7 +206,6 @@ def test_public_endpoints_hold_no_patient_data(env):
     assert c.get("/docs").status_code == 404  # no Swagger UI (it would load scripts from a CDN)
 
 
-
 def test_openapi_documents_every_json_answer(env):
     """Every JSON route under /api declares its response model; the job shape is the one the CLI prints."""
     from node.jobs.listing import JobOut
@@ -180,6 +224,7 @@ def test_openapi_documents_every_json_answer(env):
     assert set(spec["components"]["schemas"]["JobOut"]["properties"]) == set(JobOut.model_fields)
     jobs = client(env).get("/api/admin/jobs", headers=bearer(env, ADMIN)).json()["jobs"]
     assert jobs and all(set(j) == set(JobOut.model_fields) for j in jobs)
+
 
 def test_security_headers(env):
     r = login(env, READER).get("/worklist")
@@ -207,11 +252,18 @@ def test_login_failures_and_audit(env):
 def test_login_cookie_flags_and_safe_redirect(env):
     c = client(env)
     nonce = re.search(r'name="csrf_token" value="([^"]+)"', c.get("/login").text).group(1)
-    r = c.post("/login", data={"username": READER[0], "password": READER[1], "csrf_token": nonce, "next": "//evil.example/x"},
-               follow_redirects=False)
+    r = c.post(
+        "/login",
+        data={"username": READER[0], "password": READER[1], "csrf_token": nonce, "next": "//evil.example/x"},
+        follow_redirects=False,
+    )
     assert r.status_code == 303 and r.headers["location"] == "/worklist"
     cookie = r.headers["set-cookie"]
-    assert "msknode_session=" in cookie and "HttpOnly" in cookie and "SameSite=strict" in cookie.replace("Strict", "strict")
+    assert (
+        "msknode_session=" in cookie
+        and "HttpOnly" in cookie
+        and "SameSite=strict" in cookie.replace("Strict", "strict")
+    )
     assert f"Max-Age={30 * 60}" in cookie
 
 
@@ -267,16 +319,29 @@ def test_logout_clears_the_cookie(env):
 def test_radiologist_gets_403_from_every_admin_route(env):
     c = login(env, READER)
     csrf = csrf_of(c)
-    admin_routes = [(p, r) for p, r in api_routes(env["app"])
-                    if p.startswith(("/admin", "/api/admin")) or "/priority" in p or "/assign" in p]
+    admin_routes = [
+        (p, r)
+        for p, r in api_routes(env["app"])
+        if p.startswith(("/admin", "/api/admin")) or "/priority" in p or "/assign" in p
+    ]
     assert len(admin_routes) >= 20
     for raw, route in admin_routes:
         for method in route.methods:
             path = _concrete(raw)
             if method == "POST":
-                r = c.post(path, json={"priority": "STAT", "reason": "x", "username": None},
-                           data=None, headers={"X-CSRF-Token": csrf}, follow_redirects=False) if path.startswith("/api/") else \
-                    c.post(path, data={"csrf_token": csrf, "priority": "STAT", "reason": "x"}, follow_redirects=False)
+                r = (
+                    c.post(
+                        path,
+                        json={"priority": "STAT", "reason": "x", "username": None},
+                        data=None,
+                        headers={"X-CSRF-Token": csrf},
+                        follow_redirects=False,
+                    )
+                    if path.startswith("/api/")
+                    else c.post(
+                        path, data={"csrf_token": csrf, "priority": "STAT", "reason": "x"}, follow_redirects=False
+                    )
+                )
             else:
                 r = c.get(path, follow_redirects=False)
             assert r.status_code == 403, (method, path, r.status_code, r.text[:200])
@@ -294,7 +359,11 @@ def test_cookie_changes_need_the_csrf_token_bearer_changes_do_not(env):
     assert r.status_code == 403 and r.json()["detail"] == "missing or wrong CSRF token"
     r = c.post(f"/api/entries/{entry}/read", json={"read": True}, headers={"X-CSRF-Token": "not-it"})
     assert r.status_code == 403
-    r = c.post(f"/studies/{env['seeded']['normal'].study_id}/read", data={"entry_id": entry, "read": "1"}, follow_redirects=False)
+    r = c.post(
+        f"/studies/{env['seeded']['normal'].study_id}/read",
+        data={"entry_id": entry, "read": "1"},
+        follow_redirects=False,
+    )
     assert r.status_code == 403 and "CSRF" in r.text
     r = c.post(f"/api/entries/{entry}/read", json={"read": True}, headers={"X-CSRF-Token": csrf_of(c)})
     assert r.status_code == 200 and r.json() == {"entry_id": entry, "status": "read", "read_by": READER[0]}
@@ -316,28 +385,66 @@ def test_bad_input_is_refused_with_a_reason(env):
         assert r.status_code == status, (r.status_code, r.text)
         assert text in r.json()["detail"], r.json()
 
-    check(c.post(f"/api/entries/{acl.entry_id}/priority", json={"priority": "HIGH", "reason": "x"}, headers=h), 422, "priority")
-    check(c.post(f"/api/entries/{acl.entry_id}/priority", json={"priority": "STAT", "reason": ""}, headers=h), 422, "reason")
-    check(c.post(f"/api/entries/{acl.entry_id}/priority", json={"priority": "STAT"}, headers=h), 422, "reason: Field required")
-    check(c.post(f"/api/entries/{acl.entry_id}/priority", content=b"{not json", headers={**h, "Content-Type": "application/json"}),
-          422, "JSON")
-    check(c.post("/api/entries/99999/priority", json={"priority": "STAT", "reason": "x"}, headers=h), 404, "worklist entry 99999 not found")
+    check(
+        c.post(f"/api/entries/{acl.entry_id}/priority", json={"priority": "HIGH", "reason": "x"}, headers=h),
+        422,
+        "priority",
+    )
+    check(
+        c.post(f"/api/entries/{acl.entry_id}/priority", json={"priority": "STAT", "reason": ""}, headers=h),
+        422,
+        "reason",
+    )
+    check(
+        c.post(f"/api/entries/{acl.entry_id}/priority", json={"priority": "STAT"}, headers=h),
+        422,
+        "reason: Field required",
+    )
+    check(
+        c.post(
+            f"/api/entries/{acl.entry_id}/priority",
+            content=b"{not json",
+            headers={**h, "Content-Type": "application/json"},
+        ),
+        422,
+        "JSON",
+    )
+    check(
+        c.post("/api/entries/99999/priority", json={"priority": "STAT", "reason": "x"}, headers=h),
+        404,
+        "worklist entry 99999 not found",
+    )
     check(c.post("/api/entries/0/priority", json={"priority": "STAT", "reason": "x"}, headers=h), 422, "entry_id")
-    check(c.post(f"/api/entries/{acl.entry_id}/assign", json={"username": "nobody"}, headers=h), 422, "no active user 'nobody'")
+    check(
+        c.post(f"/api/entries/{acl.entry_id}/assign", json={"username": "nobody"}, headers=h),
+        422,
+        "no active user 'nobody'",
+    )
     check(c.get("/api/worklist?priority=HIGH", headers=h), 422, "query.priority")
     check(c.get("/api/worklist?anatomy=elbow", headers=h), 422, "query.anatomy")
     check(c.get("/api/studies/abc", headers=h), 422, "path.study_id")
     check(c.get("/api/studies/4242", headers=h), 404, "study 4242 not found")
-    check(c.get(f"/api/studies/{acl.study_id}/series/{acl.series_id}/slices/99.png", headers=h), 404, "slice 99 is out of range 0..11")
+    check(
+        c.get(f"/api/studies/{acl.study_id}/series/{acl.series_id}/slices/99.png", headers=h),
+        404,
+        "slice 99 is out of range 0..11",
+    )
     spine = env["seeded"]["spine"]
     check(c.get(f"/api/studies/{acl.study_id}/series/{spine.series_id}/slices/0.png", headers=h), 404, "not found")
-    check(c.get(f"/api/studies/{acl.study_id}/viewer?series_id={spine.series_id}", headers=h), 404, "is not an image series of study")
+    check(
+        c.get(f"/api/studies/{acl.study_id}/viewer?series_id={spine.series_id}", headers=h),
+        404,
+        "is not an image series of study",
+    )
     check(c.get(f"/api/studies/{acl.study_id}/superres/1.2.3/slices/0.png", headers=h), 404, "no super-resolved series")
     check(c.get(f"/api/studies/{acl.study_id}/superres/abc/slices/0.png", headers=h), 422, "series_uid")
     failed = env["seeded"]["failed"]
     failed.source_paths[3].unlink()  # a stored file lost from disk
-    check(c.get(f"/api/studies/{failed.study_id}/viewer", headers=h), 422,
-          "cannot display: 1 stored file(s) of the series are missing")
+    check(
+        c.get(f"/api/studies/{failed.study_id}/viewer", headers=h),
+        422,
+        "cannot display: 1 stored file(s) of the series are missing",
+    )
     done_job = env["seeded"]["normal"].job_id
     check(c.post(f"/api/admin/jobs/{done_job}/retry", headers=h), 409, "only failed or dead jobs can be retried")
     check(c.post("/api/admin/jobs/777/retry", headers=h), 409, "no job with id 777")
@@ -383,7 +490,9 @@ def test_worklist_page_shows_names_only_after_login(env):
     rows = re.findall(r'<tr class="entry prio-(\w+)', page.text)
     assert rows[:3] == ["URGENT", "URGENT", "ROUTINE"]
     frag = login(env, READER).get("/worklist/rows?anatomy=knee")
-    assert frag.status_code == 200 and "<html" not in frag.text and "DOE, JANE" in frag.text and "ROSSI" not in frag.text
+    assert (
+        frag.status_code == 200 and "<html" not in frag.text and "DOE, JANE" in frag.text and "ROSSI" not in frag.text
+    )
 
 
 def test_study_api_and_page_are_audited_views(env):
@@ -414,7 +523,10 @@ def test_original_slices_are_sorted_by_position_and_decoded(env):
     assert v["overlay_slices"] == sorted(11 - k for k in acl.seg_slices) and v["start_slice"] in v["overlay_slices"]
     assert v["superres"]["slices"] == 23 and len(v["superres"]["map"]) == 12 and v["superres"]["map"][3] == 6
     datasets = [pydicom.dcmread(p) for p in acl.source_paths]
-    normal = np.cross([float(x) for x in datasets[0].ImageOrientationPatient[:3]], [float(x) for x in datasets[0].ImageOrientationPatient[3:]])
+    normal = np.cross(
+        [float(x) for x in datasets[0].ImageOrientationPatient[:3]],
+        [float(x) for x in datasets[0].ImageOrientationPatient[3:]],
+    )
     by_pos = sorted(datasets, key=lambda ds: float(np.dot([float(x) for x in ds.ImagePositionPatient], normal)))
     assert float(by_pos[0].ImagePositionPatient[0]) > float(by_pos[-1].ImagePositionPatient[0])
     for k in (0, 5, 11):
@@ -440,11 +552,23 @@ def test_overlay_comes_from_the_seg_and_sits_on_the_right_slices(env):
     centre = 11 - 6  # the seed's evidence centre (slice 6 along +x) in viewer order
     assert alpha[centre] > 200 and alpha[0] == 0 and alpha[11] == 0
     assert alpha[centre] == max(alpha.values()) and alpha[centre - 1] == alpha[centre + 1]
-    img = np.asarray(Image.open(io.BytesIO(c.get(f"/api/studies/{acl.study_id}/series/{acl.series_id}/overlay/{rid}/{centre}.png",
-                                                  headers=h).content)))
+    img = np.asarray(
+        Image.open(
+            io.BytesIO(
+                c.get(
+                    f"/api/studies/{acl.study_id}/series/{acl.series_id}/overlay/{rid}/{centre}.png", headers=h
+                ).content
+            )
+        )
+    )
     peak = np.unravel_index(np.argmax(img[..., 3]), img.shape[:2])
     assert abs(peak[0] - 48) <= 2 and abs(peak[1] - 43) <= 2  # where the seed put the evidence
-    assert c.get(f"/api/studies/{acl.study_id}/series/{acl.series_id}/overlay/{rid}/6.png?segment=1", headers=h).status_code == 200
+    assert (
+        c.get(
+            f"/api/studies/{acl.study_id}/series/{acl.series_id}/overlay/{rid}/6.png?segment=1", headers=h
+        ).status_code
+        == 200
+    )
     r = c.get(f"/api/studies/{acl.study_id}/series/{acl.series_id}/overlay/{rid}/6.png?segment=7", headers=h)
     assert r.status_code == 404 and "no segment 7" in r.json()["detail"]
 
@@ -463,7 +587,9 @@ def test_admin_views_and_retries(env):
     assert dead and dead[0]["last_error"].startswith("0x0122")
     r = c.post(f"/api/admin/outbox/{dead[0]['id']}/retry", headers=h)
     assert r.status_code == 200 and r.json()["state"] == "pending" and r.json()["previous_state"] == "dead"
-    assert (ADMIN[0], "outbox.retry", str(dead[0]["id"]), "dead", "pending", None) in audit_rows(env, action="outbox.retry")
+    assert (ADMIN[0], "outbox.retry", str(dead[0]["id"]), "dead", "pending", None) in audit_rows(
+        env, action="outbox.retry"
+    )
     sent = c.get("/api/admin/outbox?state=sent", headers=h).json()["items"][0]
     r = c.post(f"/api/admin/outbox/{sent['id']}/retry", headers=h)
     assert r.status_code == 409 and "it is not sent again" in r.json()["detail"]
@@ -480,7 +606,15 @@ def test_admin_views_and_retries(env):
     assert any(r["id"] == "acl_complete" for r in pol["rules"])
     assert {u["username"] for u in c.get("/api/admin/users", headers=h).json()["users"]} == {ADMIN[0], READER[0]}
     browser = login(env, ADMIN)
-    for page in ("/admin/priorities", "/admin/jobs", "/admin/outbox", "/admin/routing", "/admin/models", "/admin/audit", "/admin/users"):
+    for page in (
+        "/admin/priorities",
+        "/admin/jobs",
+        "/admin/outbox",
+        "/admin/routing",
+        "/admin/models",
+        "/admin/audit",
+        "/admin/users",
+    ):
         r = browser.get(page)
         assert r.status_code == 200, page
         assert "s3cret" not in r.text
@@ -490,8 +624,11 @@ def test_admin_priority_change_via_api_reorders_and_is_audited(env):
     normal = env["seeded"]["normal"]
     c = login(env, ADMIN)
     csrf = csrf_of(c)
-    r = c.post(f"/api/entries/{normal.entry_id}/priority", json={"priority": "STAT", "reason": "orthopaedics on the phone"},
-               headers={"X-CSRF-Token": csrf})
+    r = c.post(
+        f"/api/entries/{normal.entry_id}/priority",
+        json={"priority": "STAT", "reason": "orthopaedics on the phone"},
+        headers={"X-CSRF-Token": csrf},
+    )
     assert r.status_code == 200 and r.json()["priority"] == "STAT" and r.json()["ai_priority"] == "ROUTINE"
     top = c.get("/api/worklist").json()["entries"][0]
     assert top["patient_name"] == "NORMAL, KNEE" and top["override"]["reason"] == "orthopaedics on the phone"
@@ -499,7 +636,11 @@ def test_admin_priority_change_via_api_reorders_and_is_audited(env):
     assert events[0]["actor"] == ADMIN[0] and (events[0]["old"], events[0]["new"]) == ("ROUTINE", "STAT")
     assert events[0]["reason"] == "orthopaedics on the phone"
     assert events[0]["at"][-6:] in ("+01:00", "+02:00")  # node time in the site's zone (Europe/Berlin)
-    r = c.post(f"/api/entries/{normal.entry_id}/priority", json={"priority": None, "reason": "done"}, headers={"X-CSRF-Token": csrf})
+    r = c.post(
+        f"/api/entries/{normal.entry_id}/priority",
+        json={"priority": None, "reason": "done"},
+        headers={"X-CSRF-Token": csrf},
+    )
     assert r.json()["priority"] == "ROUTINE" and r.json()["override"] is None
 
 
@@ -561,11 +702,22 @@ def test_priority_form_on_the_admin_page(env):
     assert page.status_code == 200 and f'id="prio-{spine.entry_id}"' in page.text
     csrf = re.search(r'name="csrf_token" value="([^"]+)"', page.text).group(1)
     url = f"/admin/entries/{spine.entry_id}/priority"
-    r = c.post(url, data={"csrf_token": csrf, "priority": "ROUTINE", "reason": "  ", "next": "/admin/priorities"},
-               follow_redirects=False)
+    r = c.post(
+        url,
+        data={"csrf_token": csrf, "priority": "ROUTINE", "reason": "  ", "next": "/admin/priorities"},
+        follow_redirects=False,
+    )
     assert r.status_code == 303 and "error=a+reason+is+required" in r.headers["location"]
-    r = c.post(url, data={"csrf_token": csrf, "priority": "ROUTINE", "reason": "known chronic finding, compared to 2023",
-                          "next": "https://evil.example/"}, follow_redirects=False)
+    r = c.post(
+        url,
+        data={
+            "csrf_token": csrf,
+            "priority": "ROUTINE",
+            "reason": "known chronic finding, compared to 2023",
+            "next": "https://evil.example/",
+        },
+        follow_redirects=False,
+    )
     assert r.status_code == 303 and r.headers["location"].startswith("/worklist?msg=priority+set+to+ROUTINE")
     items = {e["entry_id"]: e for e in c.get("/api/worklist").json()["entries"]}
     assert items[spine.entry_id]["priority"] == "ROUTINE" and items[spine.entry_id]["ai_priority"] == "URGENT"
@@ -581,7 +733,9 @@ def test_repeated_failed_logins_lock_the_name_for_a_while(env):
         add_user(s, username="mallory-target", password="target-password-1", role="radiologist")
     c = client(env)
     for _ in range(5):
-        assert c.post("/api/auth/token", json={"username": "mallory-target", "password": "guess-guess"}).status_code == 401
+        assert (
+            c.post("/api/auth/token", json={"username": "mallory-target", "password": "guess-guess"}).status_code == 401
+        )
     r = c.post("/api/auth/token", json={"username": "mallory-target", "password": "target-password-1"})
     assert r.status_code == 429 and "too many failed logins" in r.json()["detail"] and int(r.headers["retry-after"]) > 0
     nonce = re.search(r'name="csrf_token" value="([^"]+)"', c.get("/login").text).group(1)
@@ -602,9 +756,17 @@ def test_header_values_are_escaped_in_pages(env):
     from worklists.triage import load_policy
 
     s = env["settings"]
-    evil = ws.seed_study(env["db"], s, load_policy(s.triage_policy), findings=ws.knee_normal(),
-                         patient_name='<script>alert(1)</script>^"X', patient_id="<b>P</b>", with_seg=False,
-                         with_superres=False, seed=9)
+    evil = ws.seed_study(
+        env["db"],
+        s,
+        load_policy(s.triage_policy),
+        findings=ws.knee_normal(),
+        patient_name='<script>alert(1)</script>^"X',
+        patient_id="<b>P</b>",
+        with_seg=False,
+        with_superres=False,
+        seed=9,
+    )
     c = login(env, READER)
     for page in ("/worklist", f"/studies/{evil.study_id}"):
         text = c.get(page).text

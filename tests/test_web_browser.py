@@ -41,23 +41,83 @@ def server(tmp_path_factory):
     policy = load_policy(settings.triage_policy)
     now = dt.datetime.now(dt.UTC)
     seeded = {
-        "acl": ws.seed_study(db, settings, policy, findings=ws.acl_complete(), phantom={"acl": "complete"}, seed=7,
-                             patient_name="DOE^JANE", patient_id="MRN-20417", accession="A24-1187",
-                             received_at=now - dt.timedelta(minutes=52)),
-        "spine": ws.seed_study(db, settings, policy, anatomy="lumbar_spine", findings=ws.spine_severe(),
-                               phantom={"stenosis": {"L4-L5": "severe"}}, seed=11, patient_name="ROSSI^MARIA",
-                               patient_id="MRN-20398", accession="A24-1192", received_at=now - dt.timedelta(minutes=18)),
-        "normal": ws.seed_study(db, settings, policy, findings=ws.knee_normal(), patient_name="MUELLER^HANS",
-                                patient_id="MRN-20311", accession="A24-1160", received_at=now - dt.timedelta(hours=3, minutes=5),
-                                study_date="20240305", study_time="081512", seed=1),
-        "qc": ws.seed_study(db, settings, policy, anatomy="shoulder", findings=[
-                                ws.F("rotator_cuff_tear", "Supraspinatus tear", None, None, None, evaluated=False,
-                                     qc_reason="motion", model_name="shoulder.rotator_cuff")],
-                            patient_name="NOVAK^PETRA", patient_id="MRN-20355", accession="A24-1171",
-                            received_at=now - dt.timedelta(hours=1, minutes=40), study_time="101003", with_seg=False, seed=2),
-        "pending": ws.seed_study(db, settings, policy, findings=[], patient_name="SILVA^JOAO", patient_id="MRN-20421",
-                                 job_state="processing", with_seg=False, with_superres=False, outbox_states=(),
-                                 received_at=now - dt.timedelta(minutes=2), seed=3),
+        "acl": ws.seed_study(
+            db,
+            settings,
+            policy,
+            findings=ws.acl_complete(),
+            phantom={"acl": "complete"},
+            seed=7,
+            patient_name="DOE^JANE",
+            patient_id="MRN-20417",
+            accession="A24-1187",
+            received_at=now - dt.timedelta(minutes=52),
+        ),
+        "spine": ws.seed_study(
+            db,
+            settings,
+            policy,
+            anatomy="lumbar_spine",
+            findings=ws.spine_severe(),
+            phantom={"stenosis": {"L4-L5": "severe"}},
+            seed=11,
+            patient_name="ROSSI^MARIA",
+            patient_id="MRN-20398",
+            accession="A24-1192",
+            received_at=now - dt.timedelta(minutes=18),
+        ),
+        "normal": ws.seed_study(
+            db,
+            settings,
+            policy,
+            findings=ws.knee_normal(),
+            patient_name="MUELLER^HANS",
+            patient_id="MRN-20311",
+            accession="A24-1160",
+            received_at=now - dt.timedelta(hours=3, minutes=5),
+            study_date="20240305",
+            study_time="081512",
+            seed=1,
+        ),
+        "qc": ws.seed_study(
+            db,
+            settings,
+            policy,
+            anatomy="shoulder",
+            findings=[
+                ws.F(
+                    "rotator_cuff_tear",
+                    "Supraspinatus tear",
+                    None,
+                    None,
+                    None,
+                    evaluated=False,
+                    qc_reason="motion",
+                    model_name="shoulder.rotator_cuff",
+                )
+            ],
+            patient_name="NOVAK^PETRA",
+            patient_id="MRN-20355",
+            accession="A24-1171",
+            received_at=now - dt.timedelta(hours=1, minutes=40),
+            study_time="101003",
+            with_seg=False,
+            seed=2,
+        ),
+        "pending": ws.seed_study(
+            db,
+            settings,
+            policy,
+            findings=[],
+            patient_name="SILVA^JOAO",
+            patient_id="MRN-20421",
+            job_state="processing",
+            with_seg=False,
+            with_superres=False,
+            outbox_states=(),
+            received_at=now - dt.timedelta(minutes=2),
+            seed=3,
+        ),
     }
     with db.session() as s:
         add_user(s, username=ADMIN[0], password=ADMIN[1], role="admin")
@@ -117,7 +177,9 @@ def test_admin_reads_the_urgent_study_first_toggles_the_overlay_and_reprioritise
     assert d.find_element(By.ID, "overlay-state").text == "AI overlay hidden"
     d.find_element(By.ID, "overlay-toggle").click()
     assert ovl.is_displayed() and d.find_element(By.ID, "viewer").get_attribute("data-overlay") == "on"
-    d.execute_script("var r = document.getElementById('overlay-opacity'); r.value = 30; r.dispatchEvent(new Event('input'));")
+    d.execute_script(
+        "var r = document.getElementById('overlay-opacity'); r.value = 30; r.dispatchEvent(new Event('input'));"
+    )
     assert float(ovl.value_of_css_property("opacity")) == pytest.approx(0.3, abs=0.01)
 
     from selenium.webdriver import ActionChains
@@ -150,11 +212,16 @@ def test_admin_reads_the_urgent_study_first_toggles_the_overlay_and_reprioritise
     assert top.get_attribute("data-priority") == "STAT" and "DOE, JANE" in top.text and "override" in top.text
 
     d.get(base + "/admin/audit")
-    audit = [r for r in d.find_elements(By.CSS_SELECTOR, "tr.audit-row")
-             if r.get_attribute("data-action") == "worklist.override_priority"]
+    audit = [
+        r
+        for r in d.find_elements(By.CSS_SELECTOR, "tr.audit-row")
+        if r.get_attribute("data-action") == "worklist.override_priority"
+    ]
     assert len(audit) == 1
     assert "alice" in audit[0].text and "URGENT → STAT" in audit[0].text and "orthopaedic surgeon" in audit[0].text
-    views = [r for r in d.find_elements(By.CSS_SELECTOR, "tr.audit-row") if r.get_attribute("data-action") == "study.view"]
+    views = [
+        r for r in d.find_elements(By.CSS_SELECTOR, "tr.audit-row") if r.get_attribute("data-action") == "study.view"
+    ]
     assert views and "alice" in views[0].text
     assert console_errors(d) == []
     shot(d, shots / "audit.png")
@@ -170,9 +237,19 @@ def test_worklist_refreshes_itself_with_new_studies(server, browser):
     settings = server["settings"]
     db = Database(settings.database_url)
     try:
-        ws.seed_study(db, settings, load_policy(settings.triage_policy), anatomy="lumbar_spine", findings=ws.spine_severe(),
-                      patient_name="KOWALSKI^ANNA", patient_id="MRN-20430", with_seg=False, with_superres=False, seed=5,
-                      received_at=dt.datetime.now(dt.UTC) - dt.timedelta(minutes=1))
+        ws.seed_study(
+            db,
+            settings,
+            load_policy(settings.triage_policy),
+            anatomy="lumbar_spine",
+            findings=ws.spine_severe(),
+            patient_name="KOWALSKI^ANNA",
+            patient_id="MRN-20430",
+            with_seg=False,
+            with_superres=False,
+            seed=5,
+            received_at=dt.datetime.now(dt.UTC) - dt.timedelta(minutes=1),
+        )
     finally:
         db.dispose()
     d.execute_script("window.msknodeRefresh()")

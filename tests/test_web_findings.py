@@ -33,8 +33,16 @@ BERLIN = ZoneInfo("Europe/Berlin")
 
 def misgraded_acl(**kw) -> TriageFinding:
     """The radiologist's case: P(tear) 0.98, the model names the grade "partial"."""
-    base = dict(code="acl_tear", label="Partial ACL tear", model_name="knee.acl", probability=0.98, uncertainty=0.01,
-                positive=True, grade="partial", grade_probabilities={"intact": 0.02, "partial": 0.71, "complete": 0.27})
+    base = dict(
+        code="acl_tear",
+        label="Partial ACL tear",
+        model_name="knee.acl",
+        probability=0.98,
+        uncertainty=0.01,
+        positive=True,
+        grade="partial",
+        grade_probabilities={"intact": 0.02, "partial": 0.71, "complete": 0.27},
+    )
     return TriageFinding(**{**base, **kw})
 
 
@@ -63,25 +71,63 @@ def test_the_name_never_carries_a_grade_or_a_model_name():
 
 
 def test_levels_negatives_and_findings_without_a_headline():
-    level = TriageFinding(code="spinal_stenosis", label="L4-L5: severe central canal stenosis", probability=0.95,
-                          positive=True, grade="severe", level="L4-L5",
-                          grade_probabilities={"normal": 0.05, "mild": 0.04, "moderate": 0.06, "severe": 0.85})
+    level = TriageFinding(
+        code="spinal_stenosis",
+        label="L4-L5: severe central canal stenosis",
+        probability=0.95,
+        positive=True,
+        grade="severe",
+        level="L4-L5",
+        grade_probabilities={"normal": 0.05, "mild": 0.04, "moderate": 0.06, "severe": 0.85},
+    )
     assert display_finding(level).text == "Central canal stenosis L4-L5 95 % (severe 85 %, moderate 6 %, mild 4 %)"
-    negative = TriageFinding(code="acl_tear", label="No ACL tear", probability=0.04, positive=False, grade=None,
-                             grade_probabilities={"intact": 0.96, "partial": 0.03, "complete": 0.01})
+    negative = TriageFinding(
+        code="acl_tear",
+        label="No ACL tear",
+        probability=0.04,
+        positive=False,
+        grade=None,
+        grade_probabilities={"intact": 0.96, "partial": 0.03, "complete": 0.01},
+    )
     d = display_finding(negative)
     assert d.short == "ACL tear 4 %" and d.grade is None
     # no headline recorded: the sum of the positive grades
-    assert display_finding(TriageFinding(code="acl_tear", label="x", probability=None,
-                                         grade_probabilities={"intact": 0.4, "partial": 0.35, "complete": 0.25})
-                           ).short == "ACL tear 60 %"
+    assert (
+        display_finding(
+            TriageFinding(
+                code="acl_tear",
+                label="x",
+                probability=None,
+                grade_probabilities={"intact": 0.4, "partial": 0.35, "complete": 0.25},
+            )
+        ).short
+        == "ACL tear 60 %"
+    )
     # one positive grade is the headline itself: no split
-    assert display_finding(TriageFinding(code="x", label="Effusion", probability=0.7,
-                                         grade_probabilities={"none": 0.3, "effusion": 0.7})).text == "Effusion 70 %"
+    assert (
+        display_finding(
+            TriageFinding(
+                code="x", label="Effusion", probability=0.7, grade_probabilities={"none": 0.3, "effusion": 0.7}
+            )
+        ).text
+        == "Effusion 70 %"
+    )
 
 
-@pytest.mark.parametrize("p, text", [(None, "n/a"), (0.0, "<1 %"), (0.004, "<1 %"), (0.005, "1 %"), (0.5, "50 %"),
-                                     (0.984, "98 %"), (0.994, "99 %"), (0.995, ">99 %"), (1.0, ">99 %")])
+@pytest.mark.parametrize(
+    "p, text",
+    [
+        (None, "n/a"),
+        (0.0, "<1 %"),
+        (0.004, "<1 %"),
+        (0.005, "1 %"),
+        (0.5, "50 %"),
+        (0.984, "98 %"),
+        (0.994, "99 %"),
+        (0.995, ">99 %"),
+        (1.0, ">99 %"),
+    ],
+)
 def test_percent_never_claims_certainty(p, text):
     assert percent(p) == text
 
@@ -113,10 +159,20 @@ def test_every_qc_reason_code_of_the_gate_has_words_that_name_no_plane_or_anatom
 
 def test_a_refusal_is_written_once_in_words_without_the_gate_message():
     policy = load_policy(DEFAULT_POLICY_PATH)
-    sr = TriageFinding(code="superres", label="Super-resolution not done (wrong_orientation)", model_name="superres",
-                       evaluated=False, qc_reason="wrong_orientation")
-    acl = TriageFinding(code="knee.acl", label="knee.acl: not evaluated (wrong_orientation)", model_name="knee.acl",
-                        evaluated=False, qc_reason="wrong_orientation")
+    sr = TriageFinding(
+        code="superres",
+        label="Super-resolution not done (wrong_orientation)",
+        model_name="superres",
+        evaluated=False,
+        qc_reason="wrong_orientation",
+    )
+    acl = TriageFinding(
+        code="knee.acl",
+        label="knee.acl: not evaluated (wrong_orientation)",
+        model_name="knee.acl",
+        evaluated=False,
+        qc_reason="wrong_orientation",
+    )
     s = compute([sr, sr, acl], policy)
     assert s.reasons[:2] == (
         "ACL tear not evaluated: the quality check judged the slice orientation unsuitable for the model"

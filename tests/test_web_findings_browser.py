@@ -45,26 +45,84 @@ def server(tmp_path_factory):
     policy = load_policy(settings.triage_policy)
     now = dt.datetime.now(dt.UTC)
     misgraded = [
-        ws.F("acl_tear", "Partial ACL tear", 0.98, 0.01, True, grade="partial", site="anterior cruciate ligament",
-             grade_probabilities={"intact": 0.02, "partial": 0.71, "complete": 0.27}),
-        ws.F("meniscal_tear", "No meniscal tear", 0.12, 0.05, False, model_name="knee.meniscus",
-             grade_probabilities={"none": 0.88, "medial": 0.08, "lateral": 0.04}),
+        ws.F(
+            "acl_tear",
+            "Partial ACL tear",
+            0.98,
+            0.01,
+            True,
+            grade="partial",
+            site="anterior cruciate ligament",
+            grade_probabilities={"intact": 0.02, "partial": 0.71, "complete": 0.27},
+        ),
+        ws.F(
+            "meniscal_tear",
+            "No meniscal tear",
+            0.12,
+            0.05,
+            False,
+            model_name="knee.meniscus",
+            grade_probabilities={"none": 0.88, "medial": 0.08, "lateral": 0.04},
+        ),
     ]
     refused = [
-        ws.F("knee.acl", "knee.acl: not evaluated (wrong_orientation)", None, None, None, evaluated=False,
-             qc_reason="wrong_orientation", model_name="knee.acl"),
-        ws.F("superres", "Super-resolution not done (wrong_orientation)", None, None, None, evaluated=False,
-             qc_reason="wrong_orientation", model_name="superres"),
+        ws.F(
+            "knee.acl",
+            "knee.acl: not evaluated (wrong_orientation)",
+            None,
+            None,
+            None,
+            evaluated=False,
+            qc_reason="wrong_orientation",
+            model_name="knee.acl",
+        ),
+        ws.F(
+            "superres",
+            "Super-resolution not done (wrong_orientation)",
+            None,
+            None,
+            None,
+            evaluated=False,
+            qc_reason="wrong_orientation",
+            model_name="superres",
+        ),
     ]
     seeded = {
-        "acl": ws.seed_study(db, settings, policy, findings=misgraded, patient_name="KLEIN^ANNA", patient_id="MRN-1",
-                             received_at=now - dt.timedelta(minutes=40), seed=7),
-        "refused": ws.seed_study(db, settings, policy, findings=refused, patient_name="BRAUN^OTTO", patient_id="MRN-2",
-                                 received_at=now - dt.timedelta(minutes=30), with_seg=False, with_superres=False,
-                                 seed=8),
-        "bare": ws.seed_study(db, settings, policy, findings=ws.knee_normal(), patient_name="WOLF^EVA",
-                              patient_id="MRN-3", received_at=now - dt.timedelta(minutes=20), with_seg=False,
-                              with_superres=False, outbox_states=(), seed=9),
+        "acl": ws.seed_study(
+            db,
+            settings,
+            policy,
+            findings=misgraded,
+            patient_name="KLEIN^ANNA",
+            patient_id="MRN-1",
+            received_at=now - dt.timedelta(minutes=40),
+            seed=7,
+        ),
+        "refused": ws.seed_study(
+            db,
+            settings,
+            policy,
+            findings=refused,
+            patient_name="BRAUN^OTTO",
+            patient_id="MRN-2",
+            received_at=now - dt.timedelta(minutes=30),
+            with_seg=False,
+            with_superres=False,
+            seed=8,
+        ),
+        "bare": ws.seed_study(
+            db,
+            settings,
+            policy,
+            findings=ws.knee_normal(),
+            patient_name="WOLF^EVA",
+            patient_id="MRN-3",
+            received_at=now - dt.timedelta(minutes=20),
+            with_seg=False,
+            with_superres=False,
+            outbox_states=(),
+            seed=9,
+        ),
     }
     with db.session() as s:
         for f in s.query(Finding).filter(Finding.job_id == seeded["refused"].job_id):
@@ -87,9 +145,12 @@ def reader(server, browser):
 
 
 def api(server, who, path):
-    req = urllib.request.Request(server["base"] + "/api/auth/token", method="POST",
-                                 data=json.dumps({"username": who[0], "password": who[1]}).encode(),
-                                 headers={"Content-Type": "application/json"})
+    req = urllib.request.Request(
+        server["base"] + "/api/auth/token",
+        method="POST",
+        data=json.dumps({"username": who[0], "password": who[1]}).encode(),
+        headers={"Content-Type": "application/json"},
+    )
     with urllib.request.urlopen(req, timeout=10) as r:
         token = json.load(r)["access_token"]
     req = urllib.request.Request(server["base"] + path, headers={"Authorization": f"Bearer {token}"})

@@ -53,10 +53,24 @@ def test_seg_without_per_frame_references_is_placed_by_position(settings, tmp_pa
     sources = []
     paths = []
     for k in range(10):
-        ds = ws._mr_dataset(arr2d=vol[k], study_uid=study, series_uid="1.2.826.0.1.3680043.8.498.77", for_uid="1.2.826.0.1.3680043.8.498.78",
-                            sop_uid=pydicom.uid.generate_uid(), k=k, spacing=3.0, pixel=2.0, body_part="KNEE",
-                            description="SAG PD FS", patient_name="X^Y", patient_id="P", study_date="20240101",
-                            study_time="101010", accession="A", series_number=3)
+        ds = ws._mr_dataset(
+            arr2d=vol[k],
+            study_uid=study,
+            series_uid="1.2.826.0.1.3680043.8.498.77",
+            for_uid="1.2.826.0.1.3680043.8.498.78",
+            sop_uid=pydicom.uid.generate_uid(),
+            k=k,
+            spacing=3.0,
+            pixel=2.0,
+            body_part="KNEE",
+            description="SAG PD FS",
+            patient_name="X^Y",
+            patient_id="P",
+            study_date="20240101",
+            study_time="101010",
+            accession="A",
+            series_number=3,
+        )
         paths.append(ws._write(ds, tmp_path / f"{k}.dcm"))
         sources.append(ds)
     heat = ws._heatmap(vol.shape, (7, 20, 40))

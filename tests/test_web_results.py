@@ -41,33 +41,72 @@ def processed(settings, db, tmp_path):
     output = knee_output(vol)
     policy = load_policy(settings.triage_policy)
     triage = compute(findings_from_pipeline(output), policy)
-    results = build_results(output=output, source_files={vol.series_uid: paths}, triage=triage, predecessors=[],
-                            settings=settings, job_fingerprint="web-results-1")
+    results = build_results(
+        output=output,
+        source_files={vol.series_uid: paths},
+        triage=triage,
+        predecessors=[],
+        settings=settings,
+        job_fingerprint="web-results-1",
+    )
     import pydicom
 
     first = pydicom.dcmread(paths[0])
     with db.session() as s:
-        st = Study(study_uid=vol.study_uid, patient_name=str(first.PatientName), patient_id=str(first.PatientID),
-                   study_date=str(first.StudyDate), study_time=str(first.get("StudyTime", "")))
+        st = Study(
+            study_uid=vol.study_uid,
+            patient_name=str(first.PatientName),
+            patient_id=str(first.PatientID),
+            study_date=str(first.StudyDate),
+            study_time=str(first.get("StudyTime", "")),
+        )
         s.add(st)
         s.flush()
-        se = Series(study_id=st.id, series_uid=vol.series_uid, modality="MR", series_description="SAG PD FS",
-                    instances=len(paths), state="done", pipeline="knee", role="sag_fluid")
+        se = Series(
+            study_id=st.id,
+            series_uid=vol.series_uid,
+            modality="MR",
+            series_description="SAG PD FS",
+            instances=len(paths),
+            state="done",
+            pipeline="knee",
+            role="sag_fluid",
+        )
         s.add(se)
         s.flush()
         for p in paths:
             ds = pydicom.dcmread(p, stop_before_pixels=True)
-            s.add(Instance(series_id=se.id, sop_instance_uid=str(ds.SOPInstanceUID), sop_class_uid=str(ds.SOPClassUID),
-                           transfer_syntax_uid=str(ds.file_meta.TransferSyntaxUID), path=str(p), size=p.stat().st_size))
+            s.add(
+                Instance(
+                    series_id=se.id,
+                    sop_instance_uid=str(ds.SOPInstanceUID),
+                    sop_class_uid=str(ds.SOPClassUID),
+                    transfer_syntax_uid=str(ds.file_meta.TransferSyntaxUID),
+                    path=str(p),
+                    size=p.stat().st_size,
+                )
+            )
         job = Job(study_id=st.id, pipeline="knee", state="done", model_versions={"knee.acl": {"version": "0.1.0"}})
         s.add(job)
         s.flush()
-        s.add(JobInput(job_id=job.id, series_id=se.id, role="sag_fluid", used_by=["knee.acl", "knee.meniscus", "superres"]))
+        s.add(
+            JobInput(
+                job_id=job.id, series_id=se.id, role="sag_fluid", used_by=["knee.acl", "knee.meniscus", "superres"]
+            )
+        )
         for rec in findings_from_output(output):
             s.add(Finding(job_id=job.id, **rec.__dict__))
         for r in results:
-            s.add(ResultObject(job_id=job.id, kind=r.kind, sop_class_uid=r.sop_class_uid, sop_instance_uid=r.sop_instance_uid,
-                               series_uid=r.series_uid, path=str(save(r, settings))))
+            s.add(
+                ResultObject(
+                    job_id=job.id,
+                    kind=r.kind,
+                    sop_class_uid=r.sop_class_uid,
+                    sop_instance_uid=r.sop_instance_uid,
+                    series_uid=r.series_uid,
+                    path=str(save(r, settings)),
+                )
+            )
         s.flush()
         entry = upsert_for_job(s, job_id=job.id, policy=policy, now=st.last_received_at)
         add_user(s, username="reader", password="reader-password-1", role="radiologist")
@@ -75,7 +114,9 @@ def processed(settings, db, tmp_path):
     from node.web.app import create_app
 
     client = TestClient(create_app(settings, db))
-    token = client.post("/api/auth/token", json={"username": "reader", "password": "reader-password-1"}).json()["access_token"]
+    token = client.post("/api/auth/token", json={"username": "reader", "password": "reader-password-1"}).json()[
+        "access_token"
+    ]
     client.headers["Authorization"] = f"Bearer {token}"
     return {"client": client, "ids": ids, "vol": vol, "output": output}
 
@@ -103,7 +144,10 @@ def test_findings_refusal_and_superres_check_are_shown(processed):
     c, ids = processed["client"], processed["ids"]
     d = c.get(f"/api/studies/{ids['study']}").json()
     assert d["entry"]["priority"] == "URGENT" and d["entry"]["needs_review"]
-    assert "Meniscal tear not evaluated: the images are too noisy for the model - needs human review" in d["entry"]["reasons"]
+    assert (
+        "Meniscal tear not evaluated: the images are too noisy for the model - needs human review"
+        in d["entry"]["reasons"]
+    )
     refused = [f for f in d["findings"] if not f["evaluated"]]
     assert [(f["model"], f["qc_reason"]) for f in refused] == [("knee.meniscus", "low_snr")]
     assert refused[0]["qc_message"] is None  # the gate's own message is for the admin's view only
@@ -112,4 +156,6 @@ def test_findings_refusal_and_superres_check_are_shown(processed):
     assert {g["kind"] for g in d["results"]} == {"sr", "seg", "superres", "sc"}
     page = c.get(f"/studies/{ids['study']}")
     assert page.status_code == 200
-    assert "Meniscal tear not evaluated: the images are too noisy for the model" in page.text and re.search(r"data consistency 0\.012", page.text)
+    assert "Meniscal tear not evaluated: the images are too noisy for the model" in page.text and re.search(
+        r"data consistency 0\.012", page.text
+    )

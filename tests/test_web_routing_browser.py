@@ -53,8 +53,14 @@ def server(tmp_path_factory):
     mp.undo()
 
     with web_server(data, base_dir / "web.log", MSKNODE_ROUTING_RULES=rules_path) as url:
-        yield {"base": url, "settings": settings, "rules_path": rules_path, "anon_id": anon_id, "anon_uid": anon_uid,
-               "study_id": study_id}
+        yield {
+            "base": url,
+            "settings": settings,
+            "rules_path": rules_path,
+            "anon_id": anon_id,
+            "anon_uid": anon_uid,
+            "study_id": study_id,
+        }
 
 
 def test_admin_turns_an_unrouted_series_into_a_rule(server, browser, tmp_path):
@@ -79,8 +85,11 @@ def test_admin_turns_an_unrouted_series_into_a_rule(server, browser, tmp_path):
     name.clear()
     name.send_keys("site anonymised sagittal knee")
     Select(d.find_element(By.ID, "rule-role")).select_by_visible_text("sag_fluid")
-    facts = {k: d.find_element(By.ID, f"rule-{k}").get_attribute("value")
-             for k in ("plane", "contrast") if d.find_elements(By.ID, f"rule-{k}")}  # prefilled from what was recognised
+    facts = {
+        k: d.find_element(By.ID, f"rule-{k}").get_attribute("value")
+        for k in ("plane", "contrast")
+        if d.find_elements(By.ID, f"rule-{k}")
+    }  # prefilled from what was recognised
     shot(d, tmp_path / "rule.png")
     d.find_element(By.ID, "rule-submit").click()
     wait(d).until(EC.text_to_be_present_in_element((By.ID, "flash-msg"), "site anonymised sagittal knee"))
@@ -88,8 +97,12 @@ def test_admin_turns_an_unrouted_series_into_a_rule(server, browser, tmp_path):
     assert "routed knee/sag_fluid" in flash and str(server["rules_path"]) in flash
     assert not d.find_elements(By.CSS_SELECTOR, f'tr.unrouted-row[data-series="{sid}"]')
     rules = tomllib.loads(server["rules_path"].read_text())["rule"]
-    expected = {"name": "site anonymised sagittal knee", "pipeline": "knee", "role": "sag_fluid",
-                "description": "^ANONYMIZED SERIES$"}
+    expected = {
+        "name": "site anonymised sagittal knee",
+        "pipeline": "knee",
+        "role": "sag_fluid",
+        "description": "^ANONYMIZED SERIES$",
+    }
     if facts.get("plane"):
         expected["plane"] = facts["plane"]
     if facts.get("contrast"):

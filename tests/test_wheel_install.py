@@ -51,7 +51,9 @@ def _copy_sources(dest: Path) -> None:
 
 def _run(cmd: list[str], **kw) -> subprocess.CompletedProcess:
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=kw.pop("timeout", 600), **kw)
-    assert r.returncode == 0, f"{' '.join(map(str, cmd))} failed ({r.returncode}):\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
+    assert r.returncode == 0, (
+        f"{' '.join(map(str, cmd))} failed ({r.returncode}):\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
+    )
     return r
 
 
@@ -60,8 +62,21 @@ def wheel(tmp_path_factory) -> Path:
     work = tmp_path_factory.mktemp("wheel")
     src = work / "src"
     _copy_sources(src)
-    _run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", ".", "-w", str(work / "dist")],
-         cwd=src)
+    _run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            ".",
+            "-w",
+            str(work / "dist"),
+        ],
+        cwd=src,
+    )
     (whl,) = (work / "dist").glob("msknode-*.whl")
     return whl
 
@@ -85,7 +100,9 @@ def test_the_wheel_carries_migrations_weights_rules_templates_and_static_files(w
     expected += sorted((ROOT / "node").rglob("*.toml"))  # routing rules, vendor table
     expected += sorted((ROOT / "worklists").glob("*.toml"))  # triage policy
     web = ROOT / "node" / "web"
-    expected += sorted((web / "templates").glob("*.html")) + sorted(p for p in (web / "static").iterdir() if p.is_file())
+    expected += sorted((web / "templates").glob("*.html")) + sorted(
+        p for p in (web / "static").iterdir() if p.is_file()
+    )
     missing = [str(p.relative_to(ROOT)) for p in expected if not has(p)]
     assert not missing, f"not in the wheel: {missing}"
     assert len(expected) > 40  # (a glob that matched nothing would make this test pass for nothing)
@@ -109,28 +126,51 @@ def test_installed_node_migrates_serves_echoes_and_stores(installed, tmp_path):
     scratch.mkdir()
     data = tmp_path / "data"
     port, web_port = free_port(), free_port()
-    env = child_env(MSKNODE_DATA_DIR=data, MSKNODE_PORT=port, MSKNODE_HOST="127.0.0.1", MSKNODE_WEB_PORT=web_port,
-                    MSKNODE_WEB_HOST="127.0.0.1", MSKNODE_LOG_LEVEL="INFO", MSKNODE_QUIET_SECONDS="0.5",
-                    MSKNODE_WORKER_CONCURRENCY="1")
+    env = child_env(
+        MSKNODE_DATA_DIR=data,
+        MSKNODE_PORT=port,
+        MSKNODE_HOST="127.0.0.1",
+        MSKNODE_WEB_PORT=web_port,
+        MSKNODE_WEB_HOST="127.0.0.1",
+        MSKNODE_LOG_LEVEL="INFO",
+        MSKNODE_QUIET_SECONDS="0.5",
+        MSKNODE_WORKER_CONCURRENCY="1",
+    )
     env.pop("PYTHONPATH", None)
     env["PATH"] = f"{bin_dir}{os.pathsep}{env.get('PATH', '')}"
 
-    where = json.loads(_run([str(bin_dir / "python"), "-c",
-                             "import json, node, models, worklists, node.db.database as d;"
-                             "print(json.dumps([node.__file__, models.__file__, worklists.__file__, str(d.MIGRATIONS_DIR)]))"],
-                            cwd=scratch, env=env).stdout)
+    where = json.loads(
+        _run(
+            [
+                str(bin_dir / "python"),
+                "-c",
+                "import json, node, models, worklists, node.db.database as d;"
+                "print(json.dumps([node.__file__, models.__file__, worklists.__file__, str(d.MIGRATIONS_DIR)]))",
+            ],
+            cwd=scratch,
+            env=env,
+        ).stdout
+    )
     for path in where:
         assert Path(path).resolve().is_relative_to(installed.resolve()), f"{path} is not from the installed wheel"
 
     _run([str(bin_dir / "msknode"), "db", "upgrade"], cwd=scratch, env=env)
-    heads = sorted(p.name.split("_", 1)[0] for p in (ROOT / "node" / "db" / "migrations" / "versions").glob("[0-9]*_*.py"))
+    heads = sorted(
+        p.name.split("_", 1)[0] for p in (ROOT / "node" / "db" / "migrations" / "versions").glob("[0-9]*_*.py")
+    )
     with sqlite3.connect(data / "msknode.db") as conn:
         assert conn.execute("SELECT version_num FROM alembic_version").fetchone()[0] == heads[-1]
 
     log_path = tmp_path / "serve.log"
     log = open(log_path, "wb")  # noqa: SIM115 -- msknode serve writes to it while the test runs; closed below
-    proc = subprocess.Popen([str(bin_dir / "msknode"), "serve"], cwd=scratch, env=env, stdout=log, stderr=subprocess.STDOUT,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        [str(bin_dir / "msknode"), "serve"],
+        cwd=scratch,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     try:
         deadline = time.monotonic() + 180
         while not echoscu(port, "MSKNODE"):  # dcmtk C-ECHO

@@ -123,8 +123,12 @@ def _update(
             old=old_ai,
             new=summary.priority,
             reason="; ".join(summary.reasons),
-            details={**details, "priority_before": old_priority, "priority_after": entry.priority,
-                     "override_kept": entry.override_priority is not None},
+            details={
+                **details,
+                "priority_before": old_priority,
+                "priority_after": entry.priority,
+                "override_kept": entry.override_priority is not None,
+            },
         )
     if new_results and entry.status == "read":
         entry.status = "unread"
@@ -247,8 +251,10 @@ def ordered(
 
     With `limit`, unread entries come first and read ones fill the rest, most recently read first.
     """
-    q = select(WorklistEntry, Study, Job).join(Study, Study.id == WorklistEntry.study_id).outerjoin(
-        Job, Job.id == WorklistEntry.job_id
+    q = (
+        select(WorklistEntry, Study, Job)
+        .join(Study, Study.id == WorklistEntry.study_id)
+        .outerjoin(Job, Job.id == WorklistEntry.job_id)
     )
     if anatomy:
         q = q.where(Job.pipeline == anatomy)
@@ -265,11 +271,18 @@ def ordered(
         if priority and aged.priority != priority:
             continue
         out.append(OrderedEntry(entry, study, job, aged.priority, aged.reason, since))
-    out.sort(key=lambda o: (o.entry.status == "read",) + sort_key(o.effective_priority, o.waiting_since, o.entry.score, o.entry.id))
+    out.sort(
+        key=lambda o: (
+            (o.entry.status == "read",) + sort_key(o.effective_priority, o.waiting_since, o.entry.score, o.entry.id)
+        )
+    )
     if limit is not None and len(out) > limit:
         unread = [o for o in out if o.entry.status != "read"]
-        read = sorted((o for o in out if o.entry.status == "read"), key=lambda o: o.entry.read_at or o.entry.updated_at,
-                      reverse=True)
+        read = sorted(
+            (o for o in out if o.entry.status == "read"),
+            key=lambda o: o.entry.read_at or o.entry.updated_at,
+            reverse=True,
+        )
         keep = {id(o) for o in (unread + read)[:limit]}
         out = [o for o in out if id(o) in keep]
     return out

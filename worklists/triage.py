@@ -405,9 +405,18 @@ def display_finding(f: Any) -> FindingDisplay:
     if not t.evaluated:
         why = qc_sentence(t.qc_reason)
         verb = "not done" if t.code == "superres" else "not evaluated"
-        return FindingDisplay(name=name, level=t.level, evaluated=False, probability=None, grades=(), grade=None,
-                              short=f"{name}{where} {verb}", text=f"{name}{where} {verb}: {why}",
-                              qc_reason=t.qc_reason, qc_text=why)
+        return FindingDisplay(
+            name=name,
+            level=t.level,
+            evaluated=False,
+            probability=None,
+            grades=(),
+            grade=None,
+            short=f"{name}{where} {verb}",
+            text=f"{name}{where} {verb}: {why}",
+            qc_reason=t.qc_reason,
+            qc_text=why,
+        )
     probs = {g: float(p) for g, p in (t.grade_probabilities or {}).items() if p is not None}
     positive = [(g, p) for g, p in probs.items() if g not in NEGATIVE_GRADES]
     grades = tuple(sorted(positive, key=lambda gp: -gp[1]))
@@ -418,8 +427,16 @@ def display_finding(f: Any) -> FindingDisplay:
     short = f"{name}{where} {percent(headline)}"
     split = ", ".join(f"{g.replace('_', '-')} {percent(p)}" for g, p in grades)
     text = f"{short} ({split})" if len(grades) > 1 else short  # one positive grade is the headline itself
-    return FindingDisplay(name=name, level=t.level, evaluated=True, probability=headline, grades=grades, grade=grade,
-                          short=short, text=text)
+    return FindingDisplay(
+        name=name,
+        level=t.level,
+        evaluated=True,
+        probability=headline,
+        grades=grades,
+        grade=grade,
+        short=short,
+        text=text,
+    )
 
 
 def compute(
@@ -489,7 +506,9 @@ def compute(
     if refused and policy.qc_failure_flag:
         review = True
         reasons.extend(_unique([f"{display_finding(f).text} - needs human review" for f in refused]))
-    reasons.extend(_unique([f"{display_finding(f).text} - does not change the priority" for f in info if not f.evaluated]))
+    reasons.extend(
+        _unique([f"{display_finding(f).text} - does not change the priority" for f in info if not f.evaluated])
+    )
     if not evaluated:
         review = review or policy.qc_failure_flag
         priority = higher(priority, policy.qc_failure_priority)

@@ -16,8 +16,17 @@ from models.phantoms.errors import PhantomError
 from models.phantoms.spec import GENERATOR_VERSION, SPEC, SPEC_VERSION, Spec
 
 __all__ = [
-    "ANATOMIES", "GENERATOR_VERSION", "SPEC", "SPEC_VERSION", "Phantom", "PhantomError", "Spec", "generate", "write_dicom_series",
-    "write_localizer", "write_study",
+    "ANATOMIES",
+    "GENERATOR_VERSION",
+    "SPEC",
+    "SPEC_VERSION",
+    "Phantom",
+    "PhantomError",
+    "Spec",
+    "generate",
+    "write_dicom_series",
+    "write_localizer",
+    "write_study",
 ]
 
 

@@ -164,10 +164,21 @@ def make_geometry(
     su, sv, sw = n["shift"]
     c = np.asarray(center, float) + r_n @ (su * normal + sv * np.asarray(base_col) + sw * np.asarray(base_row))
     return Geometry(
-        n_slices=n_slices, rows=matrix, cols=matrix, slice_spacing=spacing, slice_thickness=thick,
-        row_spacing=pix, col_spacing=pix, base_row=base_row, base_col=base_col, center=tuple(c),
-        r_nuisance=r_n, scale=tuple(n["scale"]), mirror=tuple(mirror),
-        r_patient=np.eye(3) if r_patient is None else np.asarray(r_patient, float), t_patient=tuple(t_patient),
+        n_slices=n_slices,
+        rows=matrix,
+        cols=matrix,
+        slice_spacing=spacing,
+        slice_thickness=thick,
+        row_spacing=pix,
+        col_spacing=pix,
+        base_row=base_row,
+        base_col=base_col,
+        center=tuple(c),
+        r_nuisance=r_n,
+        scale=tuple(n["scale"]),
+        mirror=tuple(mirror),
+        r_patient=np.eye(3) if r_patient is None else np.asarray(r_patient, float),
+        t_patient=tuple(t_patient),
     )
 
 
@@ -183,10 +194,17 @@ def slice_profile(n_sub: int) -> tuple[float, ...]:
 def acquisition_of(n: dict[str, Any]) -> Acquisition:
     snr = float("inf") if n["snr"] is None else float(n["snr"])
     return Acquisition(
-        sequence=n["sequence"], snr=snr, acq_fraction_pe=float(n["acq_fraction_pe"]),
-        acq_fraction_ro=float(n["acq_fraction_ro"]), taper=float(n["taper"]), pe_axis=int(n["pe_axis"]),
-        bias=float(n["bias"]), motion_px=float(n["motion_px"]), motion_cycles=float(n["motion_cycles"]),
-        contrast_jitter=float(n["contrast_jitter"]), gain=float(n["gain"]),
+        sequence=n["sequence"],
+        snr=snr,
+        acq_fraction_pe=float(n["acq_fraction_pe"]),
+        acq_fraction_ro=float(n["acq_fraction_ro"]),
+        taper=float(n["taper"]),
+        pe_axis=int(n["pe_axis"]),
+        bias=float(n["bias"]),
+        motion_px=float(n["motion_px"]),
+        motion_cycles=float(n["motion_cycles"]),
+        contrast_jitter=float(n["contrast_jitter"]),
+        gain=float(n["gain"]),
         slice_profile=slice_profile(int(n["sub_slices"])),
     )
 
@@ -280,8 +298,16 @@ def series_uids(anatomy: str, seed: int, n: dict[str, Any], plane: str, uid_root
     study = generate_uid(prefix=uid_root, entropy_srcs=["study", anatomy, str(seed)])
     frame = generate_uid(prefix=uid_root, entropy_srcs=["frame", anatomy, str(seed)])
     key = [
-        "series", anatomy, str(seed), plane, str(n["sequence"]), str(n["matrix"]), str(n["n_slices"]),
-        f"{float(n['slice_thickness']):.4f}", f"{float(n['fov']):.4f}", repr(sorted(n.get("_overrides", {}).items())),
+        "series",
+        anatomy,
+        str(seed),
+        plane,
+        str(n["sequence"]),
+        str(n["matrix"]),
+        str(n["n_slices"]),
+        f"{float(n['slice_thickness']):.4f}",
+        f"{float(n['fov']):.4f}",
+        repr(sorted(n.get("_overrides", {}).items())),
     ]
     series = generate_uid(prefix=uid_root, entropy_srcs=key)
     return study, series, frame

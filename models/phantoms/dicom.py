@@ -31,8 +31,14 @@ PATIENT_NAME = {"knee": "PHANTOM^KNEE", "shoulder": "PHANTOM^SHOULDER", "lumbar_
 PATIENT_POSITION = {"knee": "FFS", "shoulder": "HFS", "lumbar_spine": "HFS"}
 STUDY_DESCRIPTION = {"knee": "MR KNEE", "shoulder": "MR SHOULDER", "lumbar_spine": "MR LUMBAR SPINE"}
 # Siemens-like sequence names per contrast
-SEQUENCE_NAME = {"PD_FS": "*tse2d1_9", "PD": "*tse2d1_9", "T1": "*tse2d1_3", "T2_FS": "*tse2d1_12",
-                 "T2": "*tse2d1_17", "STIR": "*tir2d1_12"}
+SEQUENCE_NAME = {
+    "PD_FS": "*tse2d1_9",
+    "PD": "*tse2d1_9",
+    "T1": "*tse2d1_3",
+    "T2_FS": "*tse2d1_12",
+    "T2": "*tse2d1_17",
+    "STIR": "*tir2d1_12",
+}
 
 # (role, SeriesDescription, overrides) of the series write_study writes, in series-number order
 STUDY_SERIES: dict[str, tuple[tuple[str, str, dict[str, Any]], ...]] = {
@@ -70,8 +76,18 @@ def _pixels(array: np.ndarray) -> np.ndarray:
 
 
 def _base_dataset(
-    *, anatomy: str, patient_name: str, patient_id: str, study_uid: str, series_uid: str, frame_uid: str | None,
-    when: dt.datetime, series_number: int, description: str, body_part: str, laterality: str | None,
+    *,
+    anatomy: str,
+    patient_name: str,
+    patient_id: str,
+    study_uid: str,
+    series_uid: str,
+    frame_uid: str | None,
+    when: dt.datetime,
+    series_number: int,
+    description: str,
+    body_part: str,
+    laterality: str | None,
 ) -> Dataset:
     ds = Dataset()
     ds.SpecificCharacterSet = "ISO_IR 100"
@@ -119,8 +135,18 @@ def _base_dataset(
     return ds
 
 
-def _mr_attributes(ds: Dataset, sequence: str, *, localizer: bool, rows: int, cols: int, pe_axis: int,
-                   acq_fraction_pe: float, acq_fraction_ro: float, sequence_name: str | None) -> None:
+def _mr_attributes(
+    ds: Dataset,
+    sequence: str,
+    *,
+    localizer: bool,
+    rows: int,
+    cols: int,
+    pe_axis: int,
+    acq_fraction_pe: float,
+    acq_fraction_ro: float,
+    sequence_name: str | None,
+) -> None:
     scanning, variant, options, tr, te, ti, etl = SEQUENCE_FACTS[sequence]
     ds.ImageType = ["ORIGINAL", "PRIMARY", "LOCALIZER"] if localizer else ["ORIGINAL", "PRIMARY", "OTHER"]
     ds.ScanningSequence = scanning.split("\\") if "\\" in scanning else scanning
@@ -168,8 +194,15 @@ def _save(ds: Dataset, path: Path) -> Path:
 
 
 def _slices(
-    ds_base: Dataset, volume, out_dir: Path, *, series_uid: str, uid_root: str, instance_offset: int = 0,
-    n_in_acquisition: int | None = None, prefix: str = "IM",
+    ds_base: Dataset,
+    volume,
+    out_dir: Path,
+    *,
+    series_uid: str,
+    uid_root: str,
+    instance_offset: int = 0,
+    n_in_acquisition: int | None = None,
+    prefix: str = "IM",
 ) -> list[Path]:
     arr = _pixels(volume.array)
     normal = np.cross(np.asarray(volume.row_cosine), np.asarray(volume.col_cosine))
@@ -234,25 +267,44 @@ def write_dicom_series(
     seed = phantom.seed
     own_uids = uid_root == PHANTOM_UID_ROOT and bool(vol.series_uid)
     key = [anatomy, str(seed), str(vol.series_uid), str(vol.shape), str(series_description)]
-    study_uid = study_uid or (vol.study_uid if own_uids else generate_uid(prefix=uid_root, entropy_srcs=["study", anatomy, str(seed)]))
-    series_uid = series_uid or (vol.series_uid if own_uids and series_description is None
-                                else generate_uid(prefix=uid_root, entropy_srcs=["series", *key]))
+    study_uid = study_uid or (
+        vol.study_uid if own_uids else generate_uid(prefix=uid_root, entropy_srcs=["study", anatomy, str(seed)])
+    )
+    series_uid = series_uid or (
+        vol.series_uid
+        if own_uids and series_description is None
+        else generate_uid(prefix=uid_root, entropy_srcs=["series", *key])
+    )
     frame_uid = frame_of_reference_uid or (
-        vol.frame_of_reference_uid if own_uids else generate_uid(prefix=uid_root, entropy_srcs=["frame", anatomy, str(seed)])
+        vol.frame_of_reference_uid
+        if own_uids
+        else generate_uid(prefix=uid_root, entropy_srcs=["frame", anatomy, str(seed)])
     )
     lat = laterality if laterality is not None else (vol.laterality if anatomy in ("knee", "shoulder") else None)
     base = _base_dataset(
-        anatomy=anatomy, patient_name=patient_name or PATIENT_NAME[anatomy],
-        patient_id=patient_id or f"PH-{BODY_PART[anatomy]}-{seed}", study_uid=study_uid, series_uid=series_uid,
-        frame_uid=frame_uid, when=_study_datetime(seed), series_number=series_number,
-        description=series_description or DEFAULT_DESCRIPTION[anatomy], body_part=body_part or BODY_PART[anatomy],
+        anatomy=anatomy,
+        patient_name=patient_name or PATIENT_NAME[anatomy],
+        patient_id=patient_id or f"PH-{BODY_PART[anatomy]}-{seed}",
+        study_uid=study_uid,
+        series_uid=series_uid,
+        frame_uid=frame_uid,
+        when=_study_datetime(seed),
+        series_number=series_number,
+        description=series_description or DEFAULT_DESCRIPTION[anatomy],
+        body_part=body_part or BODY_PART[anatomy],
         laterality=lat,
     )
     p = phantom.params
     _mr_attributes(
-        base, vol.attributes.get("sequence", "PD_FS"), localizer=False, rows=vol.shape[1], cols=vol.shape[2],
-        pe_axis=int(p.get("pe_axis", 1)), acq_fraction_pe=float(p.get("acq_fraction_pe", 1.0)),
-        acq_fraction_ro=float(p.get("acq_fraction_ro", 1.0)), sequence_name=sequence,
+        base,
+        vol.attributes.get("sequence", "PD_FS"),
+        localizer=False,
+        rows=vol.shape[1],
+        cols=vol.shape[2],
+        pe_axis=int(p.get("pe_axis", 1)),
+        acq_fraction_pe=float(p.get("acq_fraction_pe", 1.0)),
+        acq_fraction_ro=float(p.get("acq_fraction_ro", 1.0)),
+        sequence_name=sequence,
     )
     return _slices(base, vol, out, series_uid=series_uid, uid_root=uid_root)
 
@@ -283,30 +335,64 @@ def write_localizer(
     series_uid = series_uid or generate_uid(prefix=uid_root, entropy_srcs=["localizer", anatomy, str(seed)])
     frame_uid = frame_of_reference_uid or generate_uid(prefix=uid_root, entropy_srcs=["frame", anatomy, str(seed)])
     base = _base_dataset(
-        anatomy=anatomy, patient_name=patient_name or PATIENT_NAME[anatomy],
-        patient_id=patient_id or f"PH-{BODY_PART[anatomy]}-{seed}", study_uid=study_uid, series_uid=series_uid,
-        frame_uid=frame_uid, when=_study_datetime(seed), series_number=series_number, description=series_description,
-        body_part=BODY_PART[anatomy], laterality=None,
+        anatomy=anatomy,
+        patient_name=patient_name or PATIENT_NAME[anatomy],
+        patient_id=patient_id or f"PH-{BODY_PART[anatomy]}-{seed}",
+        study_uid=study_uid,
+        series_uid=series_uid,
+        frame_uid=frame_uid,
+        when=_study_datetime(seed),
+        series_number=series_number,
+        description=series_description,
+        body_part=BODY_PART[anatomy],
+        laterality=None,
     )
     paths: list[Path] = []
     total = 3 * slices_per_plane
     for idx, plane in enumerate(("sagittal", "coronal", "axial")):
-        ph = generate(anatomy, seed, orientation=plane, n_slices=slices_per_plane, slice_thickness=8.0,
-                      slice_gap_fraction=1.0, matrix=matrix, fov=max(300.0, 0.0), sequence="PD", motion_px=0.0,
-                      sub_slices=1)
+        ph = generate(
+            anatomy,
+            seed,
+            orientation=plane,
+            n_slices=slices_per_plane,
+            slice_thickness=8.0,
+            slice_gap_fraction=1.0,
+            matrix=matrix,
+            fov=max(300.0, 0.0),
+            sequence="PD",
+            motion_px=0.0,
+            sub_slices=1,
+        )
         if anatomy in ("knee", "shoulder") and ph.volume.laterality:
             base.Laterality = ph.volume.laterality
         ds = Dataset()
         ds.update(base)
-        _mr_attributes(ds, "PD", localizer=True, rows=matrix, cols=matrix, pe_axis=1, acq_fraction_pe=0.5,
-                       acq_fraction_ro=1.0, sequence_name="*fl2d1")
+        _mr_attributes(
+            ds,
+            "PD",
+            localizer=True,
+            rows=matrix,
+            cols=matrix,
+            pe_axis=1,
+            acq_fraction_pe=0.5,
+            acq_fraction_ro=1.0,
+            sequence_name="*fl2d1",
+        )
         ds.ScanningSequence = "GR"
         ds.SequenceVariant = "SP"
         ds.RepetitionTime = "8.6"
         ds.EchoTime = "4"
         ds.EchoTrainLength = 1
-        paths += _slices(ds, ph.volume, out, series_uid=series_uid, uid_root=uid_root,
-                         instance_offset=idx * slices_per_plane, n_in_acquisition=total, prefix="LOC")
+        paths += _slices(
+            ds,
+            ph.volume,
+            out,
+            series_uid=series_uid,
+            uid_root=uid_root,
+            instance_offset=idx * slices_per_plane,
+            n_in_acquisition=total,
+            prefix="LOC",
+        )
     return paths
 
 
@@ -321,22 +407,40 @@ def write_study(anatomy: str, out_dir, seed: int, **labels) -> dict[str, list[Pa
         raise PhantomError(f"unknown anatomy {anatomy!r}; expected one of {', '.join(ANATOMIES)}")
     out = Path(out_dir)
     uid_root = labels.pop("uid_root", PHANTOM_UID_ROOT)
-    study_uid = labels.pop("study_uid", None) or generate_uid(prefix=uid_root, entropy_srcs=["study", anatomy, str(seed)])
+    study_uid = labels.pop("study_uid", None) or generate_uid(
+        prefix=uid_root, entropy_srcs=["study", anatomy, str(seed)]
+    )
     frame_uid = generate_uid(prefix=uid_root, entropy_srcs=["frame", anatomy, str(seed)])
     patient_id = labels.pop("patient_id", None)
     patient_name = labels.pop("patient_name", None)
     result: dict[str, list[Path]] = {}
     result["localizer"] = write_localizer(
-        anatomy, out / "localizer", seed, study_uid=study_uid, uid_root=uid_root, series_number=1,
-        frame_of_reference_uid=frame_uid, patient_id=patient_id, patient_name=patient_name,
+        anatomy,
+        out / "localizer",
+        seed,
+        study_uid=study_uid,
+        uid_root=uid_root,
+        series_number=1,
+        frame_of_reference_uid=frame_uid,
+        patient_id=patient_id,
+        patient_name=patient_name,
     )
     for number, (role, description, over) in enumerate(STUDY_SERIES[anatomy], start=2):
         kw = dict(over)
         kw.update({k: v for k, v in labels.items() if k not in ("sequence", "orientation")})
         ph = generate(anatomy, seed, **kw)
         result[role] = write_dicom_series(
-            ph, out / role, series_description=description, study_uid=study_uid, uid_root=uid_root,
-            series_number=number, frame_of_reference_uid=frame_uid, patient_id=patient_id, patient_name=patient_name,
-            series_uid=generate_uid(prefix=uid_root, entropy_srcs=["study-series", anatomy, str(seed), role, study_uid]),
+            ph,
+            out / role,
+            series_description=description,
+            study_uid=study_uid,
+            uid_root=uid_root,
+            series_number=number,
+            frame_of_reference_uid=frame_uid,
+            patient_id=patient_id,
+            patient_name=patient_name,
+            series_uid=generate_uid(
+                prefix=uid_root, entropy_srcs=["study-series", anatomy, str(seed), role, study_uid]
+            ),
         )
     return result

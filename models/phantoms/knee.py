@@ -222,10 +222,21 @@ def generate_knee(seed: int, spec: KneeSpec, overrides: dict[str, Any]) -> Phant
 
     study, series, frame = series_uids("knee", seed, n, plane)
     volume = geom.volume(
-        rendered.array, study_uid=study, series_uid=series, frame_of_reference_uid=frame,
-        sop_class_uid="1.2.840.10008.5.1.4.1.1.4", modality="MR", body_part="KNEE",
-        laterality=n["laterality"], attributes={"sequence": n["sequence"], "orientation": plane,
-                                                "slice_thickness": geom.slice_thickness, "phantom_seed": seed, "phantom_generator": GENERATOR_VERSION},
+        rendered.array,
+        study_uid=study,
+        series_uid=series,
+        frame_of_reference_uid=frame,
+        sop_class_uid="1.2.840.10008.5.1.4.1.1.4",
+        modality="MR",
+        body_part="KNEE",
+        laterality=n["laterality"],
+        attributes={
+            "sequence": n["sequence"],
+            "orientation": plane,
+            "slice_thickness": geom.slice_thickness,
+            "phantom_seed": seed,
+            "phantom_generator": GENERATOR_VERSION,
+        },
     )
     params = dict(n)
     params["flexion"] = A["flexion"]
@@ -257,43 +268,101 @@ def _structures(A, les, acl: str, men_tear: bool, men_side: str):
     for c, radii, rot in A["septa"]:
         S.append(Structure("septum", "fat", Ellipsoid(c, radii, rot=rot), over=inner, group="soft_tissue"))
     S.append(Structure("popliteal_fat", "fat", Ellipsoid((0, 36, 2), (26, 14, 45)), over=inner, group="soft_tissue"))
-    S.append(Structure("popliteal_artery", "artery", Tube([(-3, 42, -80), (-2, 40, 0), (-4, 41, 80)], (3.0, 3.0)),
-                       group="soft_tissue"))
-    S.append(Structure("popliteal_vein", "vein", Tube([(4, 44, -80), (5, 43, 0), (3, 44, 80)], (3.8, 3.8)),
-                       group="soft_tissue"))
-    S.append(Structure("hoffa_fat", "fat", Ellipsoid((0, -26, 7), (24, 12, 13)), over=inner + ("subcutaneous_fat",),
-                       group="soft_tissue"))
+    S.append(
+        Structure(
+            "popliteal_artery",
+            "artery",
+            Tube([(-3, 42, -80), (-2, 40, 0), (-4, 41, 80)], (3.0, 3.0)),
+            group="soft_tissue",
+        )
+    )
+    S.append(
+        Structure(
+            "popliteal_vein", "vein", Tube([(4, 44, -80), (5, 43, 0), (3, 44, 80)], (3.8, 3.8)), group="soft_tissue"
+        )
+    )
+    S.append(
+        Structure(
+            "hoffa_fat",
+            "fat",
+            Ellipsoid((0, -26, 7), (24, 12, 13)),
+            over=inner + ("subcutaneous_fat",),
+            group="soft_tissue",
+        )
+    )
     S.append(Structure("prefemoral_fat", "fat", Ellipsoid((0, -27, 52), (20, 7, 14)), over=inner, group="soft_tissue"))
     # --- joint fluid: effusion in the suprapatellar recess, thin rim around the articular surfaces
     eff = les["effusion"]
-    S.append(Structure("effusion", "fluid", Ellipsoid((0, -30, 50), (26, 1.0 + eff, 22)), over=inner + ("prefemoral_fat",),
-                       group="joint_fluid"))
+    S.append(
+        Structure(
+            "effusion",
+            "fluid",
+            Ellipsoid((0, -30, 50), (26, 1.0 + eff, 22)),
+            over=inner + ("prefemoral_fat",),
+            group="joint_fluid",
+        )
+    )
     rim = A["fluid_rim"]
     cm = Ellipsoid((21, 8, 27), A["cond_med"])
     cl = Ellipsoid((-21, 6, 27), A["cond_lat"])
     # articular part of the condyles: inferior and posterior surfaces
     artic = HalfSpace((0, 8, 33), (0, -0.6, 1))
-    S.append(Structure("joint_fluid", "fluid",
-                       Intersection((Union((cm.grown(A["fem_cart"] + rim), cl.grown(A["fem_cart"] + rim))),
-                                     HalfSpace((0, 8, 36), (0, -0.6, 1)))),
-                       over=inner + ("popliteal_fat", "hoffa_fat"), group="joint_fluid"))
+    S.append(
+        Structure(
+            "joint_fluid",
+            "fluid",
+            Intersection(
+                (
+                    Union((cm.grown(A["fem_cart"] + rim), cl.grown(A["fem_cart"] + rim))),
+                    HalfSpace((0, 8, 36), (0, -0.6, 1)),
+                )
+            ),
+            over=inner + ("popliteal_fat", "hoffa_fat"),
+            group="joint_fluid",
+        )
+    )
     if les["baker"]:
         S.append(Structure("baker_cyst", "fluid", Ellipsoid((14, 44, 0), (8, 6, 16)), group="joint_fluid"))
     # --- tendons
-    S.append(Structure("quadriceps_tendon", "tendon", Tube([(0, -40, 50), (0, -33, 75), (0, -28, 110)], (14.0, 2.6)),
-                       group="tendon"))
-    S.append(Structure("patellar_tendon", "tendon", Tube([(0, -45, 18), tib_point((0, -36, -8)), tib_point((0, -28, -30))],
-                                                         (12.0, 2.4)),
-                       group="tendon"))
+    S.append(
+        Structure(
+            "quadriceps_tendon",
+            "tendon",
+            Tube([(0, -40, 50), (0, -33, 75), (0, -28, 110)], (14.0, 2.6)),
+            group="tendon",
+        )
+    )
+    S.append(
+        Structure(
+            "patellar_tendon",
+            "tendon",
+            Tube([(0, -45, 18), tib_point((0, -36, -8)), tib_point((0, -28, -30))], (12.0, 2.4)),
+            group="tendon",
+        )
+    )
     # --- intercondylar notch (synovium / fat around the cruciates)
     notch = Ellipsoid((0, 24 + A["notch_y"], 10), (9.5, 22, 21), power=(4, 2, 2))
-    S.append(Structure("notch", "synovium", Intersection((notch, HalfSpace((0, 0, 0), (0, 0, -1)))), group="soft_tissue"))
+    S.append(
+        Structure("notch", "synovium", Intersection((notch, HalfSpace((0, 0, 0), (0, 0, -1)))), group="soft_tissue")
+    )
     # --- tibial cartilage (bone painted later covers the inside)
     tib = Ellipsoid((0, 3, -24), (38, 27, 24), power=(4, 2, 6))
-    S.append(Structure("tibial_cartilage", "cartilage",
-                       tib_shape(Intersection((tib.grown(A["tib_cart"]), HalfSpace((0, 0, -3), (0, 0, -1)),
-                                               Func(lambda c: np.abs(c.x) > 7.0, (-60, -60, -60), (60, 60, 60))))),
-                       group="cartilage"))
+    S.append(
+        Structure(
+            "tibial_cartilage",
+            "cartilage",
+            tib_shape(
+                Intersection(
+                    (
+                        tib.grown(A["tib_cart"]),
+                        HalfSpace((0, 0, -3), (0, 0, -1)),
+                        Func(lambda c: np.abs(c.x) > 7.0, (-60, -60, -60), (60, 60, 60)),
+                    )
+                )
+            ),
+            group="cartilage",
+        )
+    )
     # --- menisci
     men = {}
     geo = {
@@ -303,8 +372,9 @@ def _structures(A, les, acl: str, men_tear: bool, men_side: str):
     h_ant, h_post = A["men_h"]
     z0 = 0.8
     for side, g in geo.items():
-        fn, lo, hi = _meniscus_fn(g["cx"], g["cy"], g["rx"], g["ry"], g["rin_ant"], g["rin_post"], h_ant, h_post, z0,
-                                  g["side"], g["gap"])
+        fn, lo, hi = _meniscus_fn(
+            g["cx"], g["cy"], g["rx"], g["ry"], g["rin_ant"], g["rin_post"], h_ant, h_post, z0, g["side"], g["gap"]
+        )
         S.append(Structure(f"meniscus_{side}", "fibrocartilage", tib_shape(Func(fn, lo, hi)), group=f"meniscus_{side}"))
         # centre of the posterior horn (structure centre reported for negatives)
         rmid = (g["rin_post"] + 1) / 2
@@ -318,11 +388,30 @@ def _structures(A, les, acl: str, men_tear: bool, men_side: str):
         def core(dx, dy, rho, frac, zl, hl, rin):
             return win(dx, dy, rho) & (frac > 0.35) & (frac < 0.8) & (zl > 0.3 * hl) & (zl < 0.65 * hl)
 
-        fn, lo, hi = _meniscus_fn(g["cx"], g["cy"], g["rx"], g["ry"], g["rin_ant"], g["rin_post"], h_ant, h_post, z0,
-                                  g["side"], g["gap"], core=core)
-        S.append(Structure("meniscus_mimic", "lesion", tib_shape(Func(fn, lo, hi)), over=(f"meniscus_{les['men_mimic_side']}",),
-                           group=f"meniscus_{les['men_mimic_side']}",
-                           extra={"contrast": les["men_mimic_contrast"], "texture": 2.0}))
+        fn, lo, hi = _meniscus_fn(
+            g["cx"],
+            g["cy"],
+            g["rx"],
+            g["ry"],
+            g["rin_ant"],
+            g["rin_post"],
+            h_ant,
+            h_post,
+            z0,
+            g["side"],
+            g["gap"],
+            core=core,
+        )
+        S.append(
+            Structure(
+                "meniscus_mimic",
+                "lesion",
+                tib_shape(Func(fn, lo, hi)),
+                over=(f"meniscus_{les['men_mimic_side']}",),
+                group=f"meniscus_{les['men_mimic_side']}",
+                extra={"contrast": les["men_mimic_contrast"], "texture": 2.0},
+            )
+        )
     # meniscal tear: a bright line reaching an articular surface
     men_lesion_point = None
     if men_tear:
@@ -351,28 +440,66 @@ def _structures(A, les, acl: str, men_tear: bool, men_side: str):
             d = (rl - x0) * np.float32(np.cos(phi)) - zz * np.float32(np.sin(phi))
             return w & (np.abs(d) <= width / 2) & (zz <= 0.85 * hl)
 
-        fn, lo, hi = _meniscus_fn(g["cx"], g["cy"], g["rx"], g["ry"], g["rin_ant"], g["rin_post"], h_ant, h_post, z0,
-                                  g["side"], g["gap"], tear=tear)
-        S.append(Structure("meniscus_tear", "lesion", tib_shape(Func(fn, lo, hi)), over=(f"meniscus_{men_side}", "meniscus_mimic"),
-                           group="meniscus_lesion", extra={"contrast": les["men_contrast"]}))
+        fn, lo, hi = _meniscus_fn(
+            g["cx"],
+            g["cy"],
+            g["rx"],
+            g["ry"],
+            g["rin_ant"],
+            g["rin_post"],
+            h_ant,
+            h_post,
+            z0,
+            g["side"],
+            g["gap"],
+            tear=tear,
+        )
+        S.append(
+            Structure(
+                "meniscus_tear",
+                "lesion",
+                tib_shape(Func(fn, lo, hi)),
+                over=(f"meniscus_{men_side}", "meniscus_mimic"),
+                group="meniscus_lesion",
+                extra={"contrast": les["men_contrast"]},
+            )
+        )
         rin = g["rin_ant"] + (g["rin_post"] - g["rin_ant"]) * (0.5 + 0.5 * np.sin(th))
         rho = rin + (1 - rin) * 0.6
-        men_lesion_point = tib_point((g["cx"] + g["side"] * g["rx"] * rho * np.cos(th),
-                                      g["cy"] + g["ry"] * rho * np.sin(th), z0 + 0.3 * (h_ant + h_post) / 2))
+        men_lesion_point = tib_point(
+            (
+                g["cx"] + g["side"] * g["rx"] * rho * np.cos(th),
+                g["cy"] + g["ry"] * rho * np.sin(th),
+                z0 + 0.3 * (h_ant + h_post) / 2,
+            )
+        )
     men["lesion"] = men_lesion_point
 
     # --- femoral and patellar cartilage (bone painted next covers the inside)
     troch = Ellipsoid((0, -4, 40), (33, 19, 22))
     notch_cut = notch.grown(1.0)
-    troch_art = Intersection((troch.grown(A["fem_cart"]), HalfSpace((0, -10, 0), (0, 1, 0)),
-                              HalfSpace((0, 0, 18), (0, 0, -1)), HalfSpace((0, 0, 56), (0, 0, 1))))
-    cart = Union((Intersection((Union((cm.grown(A["fem_cart"]), cl.grown(A["fem_cart"]))), artic)), troch_art)) - notch_cut
+    troch_art = Intersection(
+        (
+            troch.grown(A["fem_cart"]),
+            HalfSpace((0, -10, 0), (0, 1, 0)),
+            HalfSpace((0, 0, 18), (0, 0, -1)),
+            HalfSpace((0, 0, 56), (0, 0, 1)),
+        )
+    )
+    cart = (
+        Union((Intersection((Union((cm.grown(A["fem_cart"]), cl.grown(A["fem_cart"]))), artic)), troch_art)) - notch_cut
+    )
     S.append(Structure("femoral_cartilage", "cartilage", cart, group="cartilage"))
     pat_c = np.array([0.0, -38.5, 38.0])
     pat = Ellipsoid(pat_c, A["patella"])
-    S.append(Structure("patellar_cartilage", "cartilage",
-                       Intersection((pat.grown(A["pat_cart"]), HalfSpace(pat_c + (0, 2.0, 0), (0, -1, 0)))),
-                       group="cartilage"))
+    S.append(
+        Structure(
+            "patellar_cartilage",
+            "cartilage",
+            Intersection((pat.grown(A["pat_cart"]), HalfSpace(pat_c + (0, 2.0, 0), (0, -1, 0)))),
+            group="cartilage",
+        )
+    )
     # --- cruciate ligaments
     pcl = Tube([(7, 2, 17), (4, 13, 24), (2, 25, 15), tib_point((1, 30, -9))], tuple(A["pcl_r"]), up=(1, 0, 0))
     S.append(Structure("pcl", "ligament", pcl, group="pcl"))
@@ -393,13 +520,27 @@ def _structures(A, les, acl: str, men_tear: bool, men_side: str):
         rot = np.array([[1, 0, 0], [0, np.cos(t), np.sin(t)], [0, -np.sin(t), np.cos(t)]])
         p1r = tibp + rot @ v
         # stumps end square at the gap (the femoral / tibial ends are inside bone anyway)
-        S.append(Structure("acl_proximal", "ligament", Tube([fem, p0], (r_a, r_b), up=(1, 0, 0), flat_ends=True),
-                           group="acl"))
-        S.append(Structure("acl_distal", "ligament", Tube([p1r, tibp], (r_a, r_b), up=(1, 0, 0), flat_ends=True),
-                           group="acl"))
+        S.append(
+            Structure(
+                "acl_proximal", "ligament", Tube([fem, p0], (r_a, r_b), up=(1, 0, 0), flat_ends=True), group="acl"
+            )
+        )
+        S.append(
+            Structure(
+                "acl_distal", "ligament", Tube([p1r, tibp], (r_a, r_b), up=(1, 0, 0), flat_ends=True), group="acl"
+            )
+        )
         gap_tube = Tube([p0, p1r], (r_a * 1.15, r_b * 1.25), up=(1, 0, 0))
-        S.append(Structure("acl_tear", "lesion", gap_tube, over=("notch", "muscle", "hoffa_fat", "joint_fluid"),
-                           group="acl_lesion", extra={"contrast": les["acl_contrast"]}))
+        S.append(
+            Structure(
+                "acl_tear",
+                "lesion",
+                gap_tube,
+                over=("notch", "muscle", "hoffa_fat", "joint_fluid"),
+                group="acl_lesion",
+                extra={"contrast": les["acl_contrast"]},
+            )
+        )
         acl_info["lesion"] = 0.5 * (p0 + p1r)
     else:
         S.append(Structure("acl", "ligament", acl_tube, group="acl"))
@@ -410,8 +551,16 @@ def _structures(A, les, acl: str, men_tear: bool, men_side: str):
             lev, s, _a, _b = _t.param(c)
             return (lev <= 0.3) & (np.abs(s - _sm) <= _h)
 
-        S.append(Structure("acl_mimic", "lesion", Func(mimic, acl_tube.lo, acl_tube.hi), over=("acl", "acl_proximal", "acl_distal"),
-                           group="acl", extra={"contrast": les["acl_mimic_contrast"], "texture": 2.0}))
+        S.append(
+            Structure(
+                "acl_mimic",
+                "lesion",
+                Func(mimic, acl_tube.lo, acl_tube.hi),
+                over=("acl", "acl_proximal", "acl_distal"),
+                group="acl",
+                extra={"contrast": les["acl_mimic_contrast"], "texture": 2.0},
+            )
+        )
     if acl == "partial":
         gap = les["acl_partial_gap"]
         frac = les["acl_partial_frac"]
@@ -422,8 +571,16 @@ def _structures(A, les, acl: str, men_tear: bool, men_side: str):
             c = (a / np.float32(r_a)) * np.float32(_ca) + (b / np.float32(r_b)) * np.float32(_sa)
             return (lev <= 1.0) & (np.abs(s - _s) <= _g / 2) & (c >= 1.0 - 2.0 * _f)
 
-        S.append(Structure("acl_tear", "lesion", Func(partial, acl_tube.lo, acl_tube.hi), over=("acl", "acl_mimic"),
-                           group="acl_lesion", extra={"contrast": les["acl_contrast"]}))
+        S.append(
+            Structure(
+                "acl_tear",
+                "lesion",
+                Func(partial, acl_tube.lo, acl_tube.hi),
+                over=("acl", "acl_mimic"),
+                group="acl_lesion",
+                extra={"contrast": les["acl_contrast"]},
+            )
+        )
 
     # --- bones: cortex (outer) then marrow (inner)
     ct = A["cortex"]
@@ -431,7 +588,9 @@ def _structures(A, les, acl: str, men_tear: bool, men_side: str):
     shaft = Rod((0, 4, 62), (0, 0, 1), (15.0, 14.0), 400.0, cap=22.0)
     fem_parts = (cm, cl, troch, meta, shaft)
     femur_outer = SmoothUnion(fem_parts, 2) - notch
-    femur_inner = SmoothUnion(tuple(p.grown(-ct) for p in fem_parts[:3]) + (meta.grown(-2.5), shaft.grown(-3.5)), 2) - notch.grown(ct)
+    femur_inner = SmoothUnion(
+        tuple(p.grown(-ct) for p in fem_parts[:3]) + (meta.grown(-2.5), shaft.grown(-3.5)), 2
+    ) - notch.grown(ct)
     tib_shaft = Rod((0, 6, -34), (0, 0, -1), (16.0, 15.0), 400.0, cap=18.0)
     spines = (Ellipsoid((4, 2, 0), (3.5, 7, 7.5)), Ellipsoid((-5, 3, 0), (3.5, 7, 6.5)))
     tuber = Ellipsoid((0, -20, -32), (13, 8, 12))
@@ -440,8 +599,12 @@ def _structures(A, les, acl: str, men_tear: bool, men_side: str):
     fib_shaft = Rod((-34, 21, -34), (0, 0, -1), (7.0, 7.0), 400.0, cap=6.0)
     fib = tib_shape(SmoothUnion((Ellipsoid((-33, 20, -26), (9, 9, 12)), fib_shaft), 2))
     fib_in = tib_shape(SmoothUnion((Ellipsoid((-33, 20, -26), (9 - ct, 9 - ct, 12 - ct)), fib_shaft.grown(-2.5)), 2))
-    for name, outer, inn in (("femur", femur_outer, femur_inner), ("tibia", tibia_outer, tibia_inner),
-                             ("patella", pat, pat.grown(-ct)), ("fibula", fib, fib_in)):
+    for name, outer, inn in (
+        ("femur", femur_outer, femur_inner),
+        ("tibia", tibia_outer, tibia_inner),
+        ("patella", pat, pat.grown(-ct)),
+        ("fibula", fib, fib_in),
+    ):
         S.append(Structure(f"{name}_cortex", "cortex", outer, group=name))
         S.append(Structure(f"{name}_marrow", "marrow", inn, group=name))
     return S, acl_info, men

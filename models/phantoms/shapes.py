@@ -263,9 +263,11 @@ class Tube(Shape):
             ca = cc.linear(e1, a)
             cb = cc.linear(e2, a)
             off = along - along_c
-            lev = (ca * np.float32(1.0 / self.radii[0])) ** 2 + (cb * np.float32(1.0 / self.radii[1])) ** 2 + (
-                off * np.float32(1.0 / min(self.radii))
-            ) ** 2
+            lev = (
+                (ca * np.float32(1.0 / self.radii[0])) ** 2
+                + (cb * np.float32(1.0 / self.radii[1])) ** 2
+                + (off * np.float32(1.0 / min(self.radii))) ** 2
+            )
             if self.flat_ends and n_seg == 0:
                 lev[along < 0] = np.float32(1e6)
             if self.flat_ends and n_seg == last:
@@ -525,8 +527,9 @@ class Rod(Shape):
         return self.level(c) <= 1.0
 
     def grown(self, d: float) -> Rod:
-        return Rod(self.start, self._t, (self.radii[0] + d, self.radii[1] + d), self.length, max(self.cap + d, 0.5),
-                   self._e1)
+        return Rod(
+            self.start, self._t, (self.radii[0] + d, self.radii[1] + d), self.length, max(self.cap + d, 0.5), self._e1
+        )
 
 
 @dataclass

@@ -14,9 +14,30 @@ import numpy as np
 from models.types import Volume
 
 FEATURE_NAMES = (
-    "n_slices", "rows", "cols", "slice_spacing", "row_spacing", "col_spacing", "extent_mm3", "mean", "std",
-    "p1", "p5", "p25", "p50", "p75", "p95", "p99", "max", "bright_fraction", "fg_fraction", "fg_mean", "fg_std",
-    "skewness", "kurtosis", "cv",
+    "n_slices",
+    "rows",
+    "cols",
+    "slice_spacing",
+    "row_spacing",
+    "col_spacing",
+    "extent_mm3",
+    "mean",
+    "std",
+    "p1",
+    "p5",
+    "p25",
+    "p50",
+    "p75",
+    "p95",
+    "p99",
+    "max",
+    "bright_fraction",
+    "fg_fraction",
+    "fg_mean",
+    "fg_std",
+    "skewness",
+    "kurtosis",
+    "cv",
 )
 
 
@@ -42,15 +63,32 @@ def global_features(volume: Volume | np.ndarray, spacing: Sequence[float] | None
     sk, sj, si = (float(s) for s in spacing)
     return np.array(
         [
-            nk, nj, ni, sk, sj, si, nk * nj * ni * sk * sj * si, mean, std, *pct, mx,
-            float((flat > 0.5 * pct[-1]).mean()), float(fg.size / flat.size), float(fg.mean()) if fg.size else 0.0,
-            float(fg.std()) if fg.size else 0.0, float((z**3).mean()), float((z**4).mean()), std / (abs(mean) + 1e-6),
+            nk,
+            nj,
+            ni,
+            sk,
+            sj,
+            si,
+            nk * nj * ni * sk * sj * si,
+            mean,
+            std,
+            *pct,
+            mx,
+            float((flat > 0.5 * pct[-1]).mean()),
+            float(fg.size / flat.size),
+            float(fg.mean()) if fg.size else 0.0,
+            float(fg.std()) if fg.size else 0.0,
+            float((z**3).mean()),
+            float((z**4).mean()),
+            std / (abs(mean) + 1e-6),
         ],
         dtype=np.float64,
     )
 
 
-def shortcut_auc(features: np.ndarray, labels: Sequence[int] | np.ndarray, *, folds: int = 5, repeats: int = 3, seed: int = 0) -> float:
+def shortcut_auc(
+    features: np.ndarray, labels: Sequence[int] | np.ndarray, *, folds: int = 5, repeats: int = 3, seed: int = 0
+) -> float:
     """Cross-validated ROC AUC of a standardized, L2-regularized logistic regression on
     ``features`` (n, d) for binary ``labels``; mean over repeated stratified folds."""
     from sklearn.linear_model import LogisticRegression

@@ -120,8 +120,13 @@ def generate_shoulder(seed: int, spec: ShoulderSpec, overrides: dict[str, Any]) 
     alpha = les["oblique_deg"] if lat == "R" else -les["oblique_deg"]
     centre = np.array([-6.0, 0.0, 6.0]) * np.asarray(mirror)
     geom = make_geometry(
-        n, plane=n["orientation"], center=tuple(centre), mirror=mirror, r_patient=rotation("z", alpha),
-        t_patient=(-170.0 if lat == "R" else 170.0, 10.0, 0.0), spec_slices=spec.acquisition.n_slices,
+        n,
+        plane=n["orientation"],
+        center=tuple(centre),
+        mirror=mirror,
+        r_patient=rotation("z", alpha),
+        t_patient=(-170.0 if lat == "R" else 170.0, 10.0, 0.0),
+        spec_slices=spec.acquisition.n_slices,
     )
     structures, info = _structures(A, les, cuff)
     rendered = render(structures, geom, n, st, lesion_groups=("cuff_lesion",))
@@ -141,10 +146,21 @@ def generate_shoulder(seed: int, spec: ShoulderSpec, overrides: dict[str, Any]) 
 
     study, series, frame = series_uids("shoulder", seed, n, n["orientation"])
     volume = geom.volume(
-        rendered.array, study_uid=study, series_uid=series, frame_of_reference_uid=frame,
-        sop_class_uid="1.2.840.10008.5.1.4.1.1.4", modality="MR", body_part="SHOULDER", laterality=lat,
-        attributes={"sequence": n["sequence"], "orientation": n["orientation"], "slice_thickness": geom.slice_thickness,
-                    "phantom_seed": seed, "phantom_generator": GENERATOR_VERSION},
+        rendered.array,
+        study_uid=study,
+        series_uid=series,
+        frame_of_reference_uid=frame,
+        sop_class_uid="1.2.840.10008.5.1.4.1.1.4",
+        modality="MR",
+        body_part="SHOULDER",
+        laterality=lat,
+        attributes={
+            "sequence": n["sequence"],
+            "orientation": n["orientation"],
+            "slice_thickness": geom.slice_thickness,
+            "phantom_seed": seed,
+            "phantom_generator": GENERATOR_VERSION,
+        },
     )
     params = dict(n)
     params.update({f"lesion_{k}": v for k, v in les.items()})
@@ -177,22 +193,44 @@ def _structures(A, les, cuff: str):
     for cc, radii, rot in A["septa"]:
         S.append(Structure("septum", "fat", Ellipsoid(cc, radii, rot=rot), over=inner, group="soft_tissue"))
     # deltoid: separated from the cuff and the trapezius by a fat plane over the head
-    S.append(Structure("subdeltoid_fat", "fat",
-                       Intersection((Ellipsoid((0, 0, 0), (R + A["deltoid"] * 0.45 + 1.0,) * 3),
-                                     HalfSpace((0, 0, 0), (-1.0, 0.0, -0.35)))) - Ellipsoid((0, 0, 0), (R + A["deltoid"] * 0.45,) * 3),
-                       over=inner, group="soft_tissue"))
+    S.append(
+        Structure(
+            "subdeltoid_fat",
+            "fat",
+            Intersection(
+                (Ellipsoid((0, 0, 0), (R + A["deltoid"] * 0.45 + 1.0,) * 3), HalfSpace((0, 0, 0), (-1.0, 0.0, -0.35)))
+            )
+            - Ellipsoid((0, 0, 0), (R + A["deltoid"] * 0.45,) * 3),
+            over=inner,
+            group="soft_tissue",
+        )
+    )
     # ---- supraspinatus muscle in its fossa, wrapped in a thin fat plane
     ssp = Ellipsoid((-62.0, 6.0, 24.0), (46.0, 15.0, 12.0), rot=rotation("y", -6.0))
     S.append(Structure("supraspinatus_fat", "fat", ssp.grown(1.6), over=inner, group="soft_tissue"))
     S.append(Structure("supraspinatus_muscle", "muscle", ssp, group="supraspinatus_muscle"))
     # ---- glenohumeral joint fluid (thin rim + axillary recess)
     jf = A["joint_fluid"]
-    S.append(Structure("joint_fluid", "fluid",
-                       Intersection((Ellipsoid((0, 0, 0), (R + c + jf + 1.2,) * 3),
-                                     Ellipsoid((-R, 0.0, -2.0), (12.0, 17.0, 25.0)))),
-                       over=inner, group="joint_fluid"))
-    S.append(Structure("axillary_recess", "fluid", Ellipsoid((-12.0, 0.0, -R - 2.0), (7.0, 10.0, 3.0 + jf)),
-                       over=inner, group="joint_fluid"))
+    S.append(
+        Structure(
+            "joint_fluid",
+            "fluid",
+            Intersection(
+                (Ellipsoid((0, 0, 0), (R + c + jf + 1.2,) * 3), Ellipsoid((-R, 0.0, -2.0), (12.0, 17.0, 25.0)))
+            ),
+            over=inner,
+            group="joint_fluid",
+        )
+    )
+    S.append(
+        Structure(
+            "axillary_recess",
+            "fluid",
+            Ellipsoid((-12.0, 0.0, -R - 2.0), (7.0, 10.0, 3.0 + jf)),
+            over=inner,
+            group="joint_fluid",
+        )
+    )
     # ---- supraspinatus tendon: a band draped over the head to the greater tuberosity
     r_mid = R + c + 0.2 + T / 2
     th_ins = A["insertion_deg"]
@@ -211,8 +249,11 @@ def _structures(A, les, cuff: str):
     # infraspinatus tendon (posterior) and long head of biceps (anterior)
     infra = Tube(_arc(r_mid, -20.0, th_ins + 15.0, 8.0, y=W / 2 + 9.0), (9.0, T / 2), up=(0, 1, 0))
     S.append(Structure("infraspinatus_tendon", "tendon", infra, group="tendon"))
-    biceps = Tube([(-24.0, -4.0, 18.0), (-2.0, -16.0, R + c + 2.5), (16.0, -20.0, 8.0), (24.0, -20.0, -40.0)],
-                  (2.6, 2.2), up=(0, 1, 0))
+    biceps = Tube(
+        [(-24.0, -4.0, 18.0), (-2.0, -16.0, R + c + 2.5), (16.0, -20.0, 8.0), (24.0, -20.0, -40.0)],
+        (2.6, 2.2),
+        up=(0, 1, 0),
+    )
     S.append(Structure("biceps_tendon", "tendon", biceps, group="tendon"))
     S.append(Structure("supraspinatus_tendon", "tendon", tendon, group="supraspinatus_tendon"))
     s_ins = L_t  # insertion at the end of the band
@@ -226,8 +267,16 @@ def _structures(A, les, cuff: str):
             lev, s, _a, b = tendon.param(cc)
             return (lev <= 0.8) & (np.abs(s - _s) <= _h) & (np.abs(b) <= T * 0.3)
 
-        S.append(Structure("tendinosis", "lesion", Func(tend, tendon.lo, tendon.hi), over=("supraspinatus_tendon",),
-                           group="supraspinatus_tendon", extra={"contrast": les["tend_contrast"], "texture": 2.0}))
+        S.append(
+            Structure(
+                "tendinosis",
+                "lesion",
+                Func(tend, tendon.lo, tendon.hi),
+                over=("supraspinatus_tendon",),
+                group="supraspinatus_tendon",
+                extra={"contrast": les["tend_contrast"], "texture": 2.0},
+            )
+        )
     # ---- tears
     yc = les["y_c"]
     if cuff == "partial":
@@ -243,9 +292,16 @@ def _structures(A, les, cuff: str):
                 return m & (b >= T / 2 - depth * T)
             return m & (np.abs(b) <= depth * T / 2)
 
-        S.append(Structure("cuff_tear", "lesion", Func(partial, tendon.lo, tendon.hi),
-                           over=("supraspinatus_tendon", "tendinosis"), group="cuff_lesion",
-                           extra={"contrast": les["contrast"]}))
+        S.append(
+            Structure(
+                "cuff_tear",
+                "lesion",
+                Func(partial, tendon.lo, tendon.hi),
+                over=("supraspinatus_tendon", "tendinosis"),
+                group="cuff_lesion",
+                extra={"contrast": les["contrast"]},
+            )
+        )
         info["lesion"] = tendon.point_at(s_t)
     elif cuff == "full_thickness":
         gap = les["retraction"] + les["footprint_gap"]
@@ -256,28 +312,49 @@ def _structures(A, les, cuff: str):
             lev, s, a, _b = tendon.param(cc)
             return (lev <= 1.0) & (s >= s0) & (np.abs(a - yc) <= hw)
 
-        S.append(Structure("cuff_tear", "lesion", Func(full, tendon.lo, tendon.hi),
-                           over=("supraspinatus_tendon", "tendinosis"), group="cuff_lesion",
-                           extra={"contrast": les["contrast"]}))
+        S.append(
+            Structure(
+                "cuff_tear",
+                "lesion",
+                Func(full, tendon.lo, tendon.hi),
+                over=("supraspinatus_tendon", "tendinosis"),
+                group="cuff_lesion",
+                extra={"contrast": les["contrast"]},
+            )
+        )
         info["lesion"] = tendon.point_at(s_ins - gap / 2)
     # ---- bones: humerus (head, tuberosity, shaft), cartilage first
     head = Ellipsoid((0, 0, 0), (R, R, R))
     tub = Ellipsoid((R * 0.95, 0.0, -R * 0.1), (8.0, 12.0, 14.0))  # greater tuberosity: footprint at the band end
     shaft = Ellipsoid(shaft_dir * 95.0, (13.0, 13.0, 80.0), rot=arm_rot)
-    S.append(Structure("humeral_cartilage", "cartilage",
-                       Intersection((head.grown(c), HalfSpace((0, 0, 0), (0.75, 0.0, -0.66)))), group="cartilage"))
+    S.append(
+        Structure(
+            "humeral_cartilage",
+            "cartilage",
+            Intersection((head.grown(c), HalfSpace((0, 0, 0), (0.75, 0.0, -0.66)))),
+            group="cartilage",
+        )
+    )
     ct = A["cortex"]
     hum = SmoothUnion((head, tub, shaft), 2)
     hum_in = SmoothUnion((head.grown(-ct), tub.grown(-ct), shaft.grown(-3.5)), 2)
     # glenoid: a cup facing the head, scapular neck and body (plate in the scapular plane)
     gap = c + 0.6 + 1.6
     cup = Ellipsoid((0, 0, 0), (R + gap,) * 3)
-    S.append(Structure("glenoid_cartilage", "cartilage",
-                       Intersection((Ellipsoid((-R - gap - 6.0, 0.0, -3.0), (12.0, 14.0, 19.0)), cup.grown(1.6))) - cup,
-                       group="cartilage"))
+    S.append(
+        Structure(
+            "glenoid_cartilage",
+            "cartilage",
+            Intersection((Ellipsoid((-R - gap - 6.0, 0.0, -3.0), (12.0, 14.0, 19.0)), cup.grown(1.6))) - cup,
+            group="cartilage",
+        )
+    )
     for zc in (17.0, -20.0):
-        S.append(Structure("labrum", "fibrocartilage", Ellipsoid((-R - 1.5, 0.0, zc), (4.0, 9.0, 4.5)), over=inner,
-                           group="labrum"))
+        S.append(
+            Structure(
+                "labrum", "fibrocartilage", Ellipsoid((-R - 1.5, 0.0, zc), (4.0, 9.0, 4.5)), over=inner, group="labrum"
+            )
+        )
     scap_neck = Ellipsoid((-52.0, 4.0, -8.0), (22.0, 8.0, 16.0))
     scap_body = Ellipsoid((-95.0, 10.0, -30.0), (50.0, 3.5, 45.0))
     spine = Tube([(-90.0, 24.0, 18.0), (-40.0, 22.0, 26.0), (-12.0, 14.0, R + c + T + 9.0)], (4.0, 6.0), up=(0, 1, 0))
@@ -287,9 +364,14 @@ def _structures(A, les, cuff: str):
     coracoid = Ellipsoid((-24.0, -30.0, 6.0), (14.0, 7.0, 7.0), rot=rotation("z", 20.0))
     bones = (
         ("humerus", hum, hum_in),
-        ("glenoid", SmoothUnion((Ellipsoid((-R - gap - 6.0, 0.0, -3.0), (12.0, 14.0, 19.0)), scap_neck), 2) - cup,
-         SmoothUnion((Ellipsoid((-R - gap - 6.0, 0.0, -3.0), (12.0 - ct, 14.0 - ct, 19.0 - ct)), scap_neck.grown(-ct)), 2)
-         - cup.grown(ct)),
+        (
+            "glenoid",
+            SmoothUnion((Ellipsoid((-R - gap - 6.0, 0.0, -3.0), (12.0, 14.0, 19.0)), scap_neck), 2) - cup,
+            SmoothUnion(
+                (Ellipsoid((-R - gap - 6.0, 0.0, -3.0), (12.0 - ct, 14.0 - ct, 19.0 - ct)), scap_neck.grown(-ct)), 2
+            )
+            - cup.grown(ct),
+        ),
         ("scapula", scap_body, scap_body.grown(-1.2)),
         ("scapular_spine", spine, Tube(spine.points, (2.6, 4.4), up=(0, 1, 0))),
         ("acromion", acromion, acromion.grown(-ct)),

@@ -42,13 +42,23 @@ LABEL_KEYS = {"stenosis"}
 
 # (name, body height mm, body half-width x, body half-depth y), top to bottom
 _VERTEBRAE = (
-    ("T11", 22.0, 18.0, 13.5), ("T12", 23.5, 19.5, 14.5), ("L1", 25.0, 21.0, 15.0), ("L2", 26.0, 22.0, 15.5),
-    ("L3", 27.0, 23.0, 16.0), ("L4", 27.0, 24.0, 16.5), ("L5", 26.0, 25.0, 17.0),
+    ("T11", 22.0, 18.0, 13.5),
+    ("T12", 23.5, 19.5, 14.5),
+    ("L1", 25.0, 21.0, 15.0),
+    ("L2", 26.0, 22.0, 15.5),
+    ("L3", 27.0, 23.0, 16.0),
+    ("L4", 27.0, 24.0, 16.5),
+    ("L5", 26.0, 25.0, 17.0),
 )
 # disc below each vertebra above: (name, height, lordotic wedge deg)
 _DISCS = (
-    ("T11-T12", 6.0, -3.0), ("T12-L1", 7.0, 0.0), ("L1-L2", 8.5, 4.0), ("L2-L3", 9.5, 6.0), ("L3-L4", 10.0, 9.0),
-    ("L4-L5", 11.0, 12.0), ("L5-S1", 10.0, 15.0),
+    ("T11-T12", 6.0, -3.0),
+    ("T12-L1", 7.0, 0.0),
+    ("L1-L2", 8.5, 4.0),
+    ("L2-L3", 9.5, 6.0),
+    ("L3-L4", 10.0, 9.0),
+    ("L4-L5", 11.0, 12.0),
+    ("L5-S1", 10.0, 15.0),
 )
 # wedge of the vertebral body itself (lordotic, degrees), same order as _VERTEBRAE
 _BODY_WEDGE = (0.0, 0.0, -2.0, -1.0, 0.0, 2.0, 4.0)
@@ -92,8 +102,15 @@ def generate_spine(seed: int, spec: SpineSpec, overrides: dict[str, Any]) -> Pha
         "roots": int(ra.integers(8, 13)),
         "root_xy": ra.uniform(-1.0, 1.0, size=(12, 2)),
         "cortex": float(ra.uniform(0.9, 1.4)),
-        "bowel": [(ra.uniform((-90.0, -170.0, -150.0), (90.0, -45.0, 150.0)), ra.uniform(6.0, 22.0, size=3),
-                   float(ra.uniform(0, 180)), float(ra.uniform())) for _ in range(16)],
+        "bowel": [
+            (
+                ra.uniform((-90.0, -170.0, -150.0), (90.0, -45.0, 150.0)),
+                ra.uniform(6.0, 22.0, size=3),
+                float(ra.uniform(0, 180)),
+                float(ra.uniform()),
+            )
+            for _ in range(16)
+        ],
         "septa": fat_septa(ra, 5, (-60.0, 30.0, -150.0), (60.0, 90.0, 150.0), size=(20.0, 50.0), length=(60.0, 150.0)),
         # mild scoliosis: lateral offset of the column, 0 at the sacrum
         "scoliosis_mm": float(ra.uniform(-5.0, 5.0)),
@@ -120,8 +137,13 @@ def generate_spine(seed: int, spec: SpineSpec, overrides: dict[str, Any]) -> Pha
         lo, hi = spec.narrowing[g]
         narrowing[name] = lo + (hi - lo) * per[name]["u"]
 
-    geom = make_geometry(n, plane=n["orientation"], center=(0.0, 15.0, 0.0), t_patient=(0.0, 0.0, -100.0),
-                         spec_slices=spec.acquisition.n_slices)
+    geom = make_geometry(
+        n,
+        plane=n["orientation"],
+        center=(0.0, 15.0, 0.0),
+        t_patient=(0.0, 0.0, -100.0),
+        spec_slices=spec.acquisition.n_slices,
+    )
     structures, level_points = _structures(A, per, narrowing, grades)
     lesion_groups = tuple(f"narrowing_{lv}" for lv in LEVELS)
     rendered = render(structures, geom, n, st, lesion_groups=lesion_groups)
@@ -141,10 +163,20 @@ def generate_spine(seed: int, spec: SpineSpec, overrides: dict[str, Any]) -> Pha
     }
     study, series, frame = series_uids("lumbar_spine", seed, n, n["orientation"])
     volume = geom.volume(
-        rendered.array, study_uid=study, series_uid=series, frame_of_reference_uid=frame,
-        sop_class_uid="1.2.840.10008.5.1.4.1.1.4", modality="MR", body_part="LSPINE",
-        attributes={"sequence": n["sequence"], "orientation": n["orientation"], "slice_thickness": geom.slice_thickness,
-                    "phantom_seed": seed, "phantom_generator": GENERATOR_VERSION},
+        rendered.array,
+        study_uid=study,
+        series_uid=series,
+        frame_of_reference_uid=frame,
+        sop_class_uid="1.2.840.10008.5.1.4.1.1.4",
+        modality="MR",
+        body_part="LSPINE",
+        attributes={
+            "sequence": n["sequence"],
+            "orientation": n["orientation"],
+            "slice_thickness": geom.slice_thickness,
+            "phantom_seed": seed,
+            "phantom_generator": GENERATOR_VERSION,
+        },
     )
     params = dict(n)
     params["canal_ap_mm"] = A["canal_ap"]
@@ -153,7 +185,10 @@ def generate_spine(seed: int, spec: SpineSpec, overrides: dict[str, Any]) -> Pha
 
 
 def _structures(
-    A: dict[str, Any], per: dict[str, dict[str, Any]], narrowing: dict[str, float], grades: dict[str, str],
+    A: dict[str, Any],
+    per: dict[str, dict[str, Any]],
+    narrowing: dict[str, float],
+    grades: dict[str, str],
 ) -> tuple[list[Structure], dict[str, np.ndarray]]:
     S: list[Structure] = []
     ct = A["cortex"]
@@ -178,6 +213,7 @@ def _structures(
         verts.append((vname, c + up * vh / 2, phi - bw / 2, vh, vrx, vry))
         c = c + up * vh
         phi = phi - bw
+
     # mild scoliosis: shift every lumbar/thoracic element sideways along a smooth curve
     def lateral(z):
         return A["scoliosis_mm"] * np.sin(np.pi * min(max((z + 95.0) / A["scoliosis_len"], 0.0), 1.0))
@@ -201,31 +237,68 @@ def _structures(
     S.append(Structure("subcutaneous_fat", "fat", Layer(outline, 2.0, 105.0 + sub), group="soft_tissue"))
     S.append(Structure("muscle", "muscle", Layer(outline, 2.0 + sub, 105.0 + sub), group="soft_tissue"))
     ab = A["abdomen"]
-    S.append(Structure("viscera", "viscera", Ellipsoid((0.0, -100.0, 10.0), (120.0 * ab, 62.0 * ab, 1e3)),
-                       over=("muscle",), group="soft_tissue", extra={"texture": 0.7}))
+    S.append(
+        Structure(
+            "viscera",
+            "viscera",
+            Ellipsoid((0.0, -100.0, 10.0), (120.0 * ab, 62.0 * ab, 1e3)),
+            over=("muscle",),
+            group="soft_tissue",
+            extra={"texture": 0.7},
+        )
+    )
     # bowel loops: fluid-filled (bright on T2) or gas-filled (signal void)
     for c, r, ang, kind in A["bowel"]:
         shape = Ellipsoid(c, r, rot=rotation("y", ang))
         if kind < 0.6:
-            S.append(Structure("bowel_fluid", "fluid", shape, over=("viscera",), group="soft_tissue",
-                               extra={"contrast": 0.45 + 0.5 * kind, "texture": 2.0}))
+            S.append(
+                Structure(
+                    "bowel_fluid",
+                    "fluid",
+                    shape,
+                    over=("viscera",),
+                    group="soft_tissue",
+                    extra={"contrast": 0.45 + 0.5 * kind, "texture": 2.0},
+                )
+            )
         else:
             S.append(Structure("bowel_gas", "air", shape, over=("viscera", "bowel_fluid"), group="soft_tissue"))
     for c, radii, rot in A["septa"]:
         S.append(Structure("septum", "fat", Ellipsoid(c, radii, rot=rot), over=("muscle",), group="soft_tissue"))
     # retroperitoneal fat anterior to the column, vessels
     ant = min(v[1][1] - v[5] for v in verts)  # most anterior body margin (y)
-    S.append(Structure("retroperitoneal_fat", "fat", Ellipsoid((0.0, ant - 10.0, 0.0), (38.0, 14.0, 1e3)),
-                       over=("muscle", "viscera"), group="soft_tissue"))
+    S.append(
+        Structure(
+            "retroperitoneal_fat",
+            "fat",
+            Ellipsoid((0.0, ant - 10.0, 0.0), (38.0, 14.0, 1e3)),
+            over=("muscle", "viscera"),
+            group="soft_tissue",
+        )
+    )
     aorta_pts = [(14.0, v[1][1] - v[5] - 11.0, v[1][2]) for v in verts if v[0] not in ("L5",)]
     S.append(Structure("aorta", "artery", Tube(aorta_pts[::-1], (9.0, 9.0)), group="vessels"))
     ivc_pts = [(-16.0, v[1][1] - v[5] - 9.0, v[1][2]) for v in verts]
     S.append(Structure("ivc", "vein", Tube(ivc_pts[::-1], (10.0, 8.0)), group="vessels"))
     for sgn in (-1.0, 1.0):
-        S.append(Structure("psoas", "muscle", Ellipsoid((sgn * 42.0, 0.0, -40.0), (22.0, 22.0, 120.0)),
-                           over=("viscera", "retroperitoneal_fat"), group="soft_tissue"))
-        S.append(Structure("paraspinal_fat", "fat", Ellipsoid((sgn * 9.0, 68.0, 0.0), (5.0, 24.0, 1e3)),
-                           over=("muscle",), group="soft_tissue"))
+        S.append(
+            Structure(
+                "psoas",
+                "muscle",
+                Ellipsoid((sgn * 42.0, 0.0, -40.0), (22.0, 22.0, 120.0)),
+                over=("viscera", "retroperitoneal_fat"),
+                group="soft_tissue",
+            )
+        )
+        S.append(
+            Structure(
+                "paraspinal_fat",
+                "fat",
+                Ellipsoid((sgn * 9.0, 68.0, 0.0), (5.0, 24.0, 1e3)),
+                over=("muscle",),
+                group="soft_tissue",
+            )
+        )
 
     # ---- canal centreline: body / disc centres moved posteriorly
     ap0 = A["canal_ap"]
@@ -256,27 +329,46 @@ def _structures(
     for r in range(A["roots"]):
         dx, dy = A["root_xy"][r]
         off = np.array([dx * cw * 0.55, (0.35 + 0.3 * abs(dy)) * ap0 / 2, 0.0])
-        pts = [conus_tip + off * 0.3] + [p + off for p in canal_pts[1: sac_end + 1] if p[2] < conus_tip[2]]
+        pts = [conus_tip + off * 0.3] + [p + off for p in canal_pts[1 : sac_end + 1] if p[2] < conus_tip[2]]
         if len(pts) >= 2:
-            S.append(Structure("root", "nerve", Tube(pts, (0.9, 0.9), up=(1, 0, 0)), over=("csf",),
-                               group="cauda_equina"))
+            S.append(
+                Structure("root", "nerve", Tube(pts, (0.9, 0.9), up=(1, 0, 0)), over=("csf",), group="cauda_equina")
+            )
 
     # ---- discs (annulus + nucleus)
     for name, cen, ph, h, rx, ry in discs:
         rot = rotation("x", ph)
-        S.append(Structure(f"disc_{name}", "annulus", Ellipsoid(cen, (rx - 0.5, ry - 0.3, h / 2 + 2.5), power=(2, 4, 2),
-                                                             rot=rot), group="discs"))
+        S.append(
+            Structure(
+                f"disc_{name}",
+                "annulus",
+                Ellipsoid(cen, (rx - 0.5, ry - 0.3, h / 2 + 2.5), power=(2, 4, 2), rot=rot),
+                group="discs",
+            )
+        )
         degen = per[name]["degenerated"]
-        S.append(Structure(f"nucleus_{name}", "nucleus",
-                           Ellipsoid(cen + _frame(ph)[1] * 1.5, (rx * 0.55, ry * 0.5, h / 2 * 0.7), rot=rot),
-                           group="discs", extra={"contrast": 0.3} if degen else {}))
+        S.append(
+            Structure(
+                f"nucleus_{name}",
+                "nucleus",
+                Ellipsoid(cen + _frame(ph)[1] * 1.5, (rx * 0.55, ry * 0.5, h / 2 * 0.7), rot=rot),
+                group="discs",
+                extra={"contrast": 0.3} if degen else {},
+            )
+        )
     # ---- bony column: bodies (cortex + marrow), sacrum
     for name, cen, ph, h, rx, ry in verts + sac:
         rot = rotation("x", ph)
         body = Ellipsoid(cen, (rx, ry, h / 2), power=(2, 4, 6), rot=rot)
         S.append(Structure(f"{name}_cortex", "cortex", body, group="vertebrae"))
-        S.append(Structure(f"{name}_marrow", "red_marrow", Ellipsoid(cen, (rx - ct, ry - ct, h / 2 - ct), power=(2, 4, 6),
-                                                                    rot=rot), group="vertebrae"))
+        S.append(
+            Structure(
+                f"{name}_marrow",
+                "red_marrow",
+                Ellipsoid(cen, (rx - ct, ry - ct, h / 2 - ct), power=(2, 4, 6), rot=rot),
+                group="vertebrae",
+            )
+        )
     # posterior elements per vertebra: pedicles, lamina, spinous process
     for name, cen, ph, h, _rx, ry in verts + sac[:1]:
         up, post = _frame(ph)
@@ -284,12 +376,19 @@ def _structures(
         wall = cen + post * (ry + 1.5 + ap0 + 1.5)  # posterior canal wall
         parts = []
         for sgn in (-1.0, 1.0):
-            parts.append(Ellipsoid(cen + post * (ry + 1.5 + ap0 / 2) + np.array([sgn * (cw + 4.5), 0.0, 0.0]) + up * 3.0,
-                                   (4.5, ap0 / 2 + 6.0, 7.0), rot=rot))
+            parts.append(
+                Ellipsoid(
+                    cen + post * (ry + 1.5 + ap0 / 2) + np.array([sgn * (cw + 4.5), 0.0, 0.0]) + up * 3.0,
+                    (4.5, ap0 / 2 + 6.0, 7.0),
+                    rot=rot,
+                )
+            )
         lam = Ellipsoid(wall + post * 4.0 - up * 2.0, (cw + 5.0, 4.0, h * 0.38), rot=rot)
         sp = Ellipsoid(wall + post * 22.0 - up * 5.0, (3.5, 17.0, 9.0), rot=rotation("x", ph + 12.0))
         for sgn in (-1.0, 1.0):  # facets (articular processes) lateral to the canal
-            parts.append(Ellipsoid(wall + np.array([sgn * (cw + 5.0), 0.0, 0.0]) - up * (h / 2), (5.5, 6.0, 9.0), rot=rot))
+            parts.append(
+                Ellipsoid(wall + np.array([sgn * (cw + 5.0), 0.0, 0.0]) - up * (h / 2), (5.5, 6.0, 9.0), rot=rot)
+            )
         for k, part in enumerate(parts + [lam, sp]):
             S.append(Structure(f"{name}_post{k}", "cortex", part, group="vertebrae"))
             S.append(Structure(f"{name}_post{k}_marrow", "red_marrow", part.grown(-ct), group="vertebrae"))
@@ -306,10 +405,24 @@ def _structures(
         level_points[name] = canal_c
         for sgn in (-1.0, 1.0):
             fo = cen + post * (ry + 4.0) + np.array([sgn * (cw + 5.0), 0.0, 0.0]) + up * (h / 2 + 4.0)
-            S.append(Structure("foraminal_fat", "fat", Ellipsoid(fo, (4.5, 5.0, 8.0), rot=rot),
-                               over=("muscle", "epidural_fat", "paraspinal_fat"), group="soft_tissue"))
-            S.append(Structure("exiting_root", "nerve", Ellipsoid(fo + up * 2.0, (3.0, 2.2, 2.5), rot=rot),
-                               over=("foraminal_fat",), group="cauda_equina"))
+            S.append(
+                Structure(
+                    "foraminal_fat",
+                    "fat",
+                    Ellipsoid(fo, (4.5, 5.0, 8.0), rot=rot),
+                    over=("muscle", "epidural_fat", "paraspinal_fat"),
+                    group="soft_tissue",
+                )
+            )
+            S.append(
+                Structure(
+                    "exiting_root",
+                    "nerve",
+                    Ellipsoid(fo + up * 2.0, (3.0, 2.2, 2.5), rot=rot),
+                    over=("foraminal_fat",),
+                    group="cauda_equina",
+                )
+            )
         nar = narrowing[name] * ap
         share = per[name]["disc_share"]
         b, f = nar * share, nar * (1.0 - share)
@@ -319,17 +432,32 @@ def _structures(
         grp = f"narrowing_{name}" if graded else "discs"
         soft = ("csf", "epidural_fat", "root", "cord", "conus")
         # ligamentum flavum: from tf behind the posterior wall to f in front of it
-        S.append(Structure("flavum", "ligament",
-                           Ellipsoid(post_wall + post * tf / 2, (cw * 0.85 + 1.0, tf / 2 + 0.3, h / 2 + 6.0), rot=rot),
-                           over=soft + ("muscle",), group="flavum"))
+        S.append(
+            Structure(
+                "flavum",
+                "ligament",
+                Ellipsoid(post_wall + post * tf / 2, (cw * 0.85 + 1.0, tf / 2 + 0.3, h / 2 + 6.0), rot=rot),
+                over=soft + ("muscle",),
+                group="flavum",
+            )
+        )
         if f > 0.3 and name in LEVELS:
-            S.append(Structure("flavum_thickening", "ligament",
-                               Ellipsoid(post_wall - post * f / 2, (cw * 0.85 + 1.0, f / 2 + 0.3, h / 2 + 5.0), rot=rot),
-                               over=soft, group=grp if graded else "flavum"))
+            S.append(
+                Structure(
+                    "flavum_thickening",
+                    "ligament",
+                    Ellipsoid(post_wall - post * f / 2, (cw * 0.85 + 1.0, f / 2 + 0.3, h / 2 + 5.0), rot=rot),
+                    over=soft,
+                    group=grp if graded else "flavum",
+                )
+            )
         # posterior disc bulge: from inside the disc to b in front of the anterior canal wall
         y0, y1 = ry - 3.0, ry + 1.5 + b
         xo = per[name]["x_off"]
-        bulge = Ellipsoid(cen + post * (y0 + y1) / 2 + np.array([xo, 0.0, 0.0]),
-                          (cw * 0.9 + 0.4 * b, (y1 - y0) / 2, h / 2 + 0.6), rot=rot)
+        bulge = Ellipsoid(
+            cen + post * (y0 + y1) / 2 + np.array([xo, 0.0, 0.0]),
+            (cw * 0.9 + 0.4 * b, (y1 - y0) / 2, h / 2 + 0.6),
+            rot=rot,
+        )
         S.append(Structure("bulge", "annulus", bulge, over=soft + ("flavum", "flavum_thickening"), group=grp))
     return S, level_points

@@ -114,7 +114,8 @@ class TaskSpec:
         from models.nets import LesionNet
 
         return self.in_layout(
-            LesionNet(self.input.channels, self.head_sizes, channels=self.net.channels, dropout=self.net.dropout))
+            LesionNet(self.input.channels, self.head_sizes, channels=self.net.channels, dropout=self.net.dropout)
+        )
 
     def in_layout(self, net):
         """``net`` in the task's memory layout: channels-last-3D when ``channels_last`` (3-D convolutions with few
@@ -136,7 +137,9 @@ class TaskSpec:
         probs = dict(zip(result.head.classes, result.probabilities))
         return max(result.head.positive, key=lambda c: float(probs[c]))
 
-    def findings(self, results: Sequence[HeadResult], *, threshold: float, volume: Volume | None = None) -> list[Finding]:
+    def findings(
+        self, results: Sequence[HeadResult], *, threshold: float, volume: Volume | None = None
+    ) -> list[Finding]:
         """One Finding per head (negative ones too: the SR reports 'evaluated, absent')."""
         out = []
         for r in results:
@@ -152,11 +155,19 @@ class TaskSpec:
                 grade = top
             out.append(
                 Finding(
-                    code=self.finding_code, label=self.finding_label(r.head, grade, positive), probability=p,
-                    uncertainty=None if r.p_finding_std is None else float(r.p_finding_std), positive=bool(positive),
-                    threshold=threshold if r.p_finding is not None else None, grade=grade, grade_probabilities=probs,
-                    level=r.head.name if len(self.heads) > 1 else None, site=self.site, location=r.peak_vox,
-                    location_mm=r.peak_mm, heatmap=r.heatmap,
+                    code=self.finding_code,
+                    label=self.finding_label(r.head, grade, positive),
+                    probability=p,
+                    uncertainty=None if r.p_finding_std is None else float(r.p_finding_std),
+                    positive=bool(positive),
+                    threshold=threshold if r.p_finding is not None else None,
+                    grade=grade,
+                    grade_probabilities=probs,
+                    level=r.head.name if len(self.heads) > 1 else None,
+                    site=self.site,
+                    location=r.peak_vox,
+                    location_mm=r.peak_mm,
+                    heatmap=r.heatmap,
                 )
             )
         return out
@@ -175,10 +186,16 @@ class TaskSpec:
 
     def card_facts(self) -> dict[str, Any]:
         return {
-            "name": self.name, "task": self.kind, "anatomy": self.anatomy, "description": self.description,
+            "name": self.name,
+            "task": self.kind,
+            "anatomy": self.anatomy,
+            "description": self.description,
             "input": {
-                "roles": list(self.input.roles), "extra_roles": list(self.input.extra_roles), "plane": self.input.plane,
-                "grid": list(self.input.shape), "roi_mm": None if self.input.roi_mm is None else list(self.input.roi_mm),
+                "roles": list(self.input.roles),
+                "extra_roles": list(self.input.extra_roles),
+                "plane": self.input.plane,
+                "grid": list(self.input.shape),
+                "roi_mm": None if self.input.roi_mm is None else list(self.input.roi_mm),
                 "native_mm": None if self.input.native_mm is None else list(self.input.native_mm),
                 "min_slices": self.input.min_slices,
             },
@@ -199,7 +216,9 @@ def attention_confined(cam: np.ndarray, evidence: np.ndarray) -> np.ndarray:
     return (attention * (0.05 + np.asarray(cam, np.float32) / top)).astype(np.float32)
 
 
-def volume_peak(volume: Volume, heat: np.ndarray) -> tuple[tuple[int, int, int], tuple[float, float, float]] | tuple[None, None]:
+def volume_peak(
+    volume: Volume, heat: np.ndarray
+) -> tuple[tuple[int, int, int], tuple[float, float, float]] | tuple[None, None]:
     if heat is None or not np.isfinite(heat).all() or float(heat.max()) <= 0:
         return None, None
     kji = np.unravel_index(int(np.argmax(heat)), heat.shape)

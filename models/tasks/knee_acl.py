@@ -16,8 +16,14 @@ class KneeACL(TaskSpec):
     # the intercondylar notch lies near the centre of a sagittal knee field of view: a central
     # 48 x 80 x 80 mm region (through-plane, rows, columns) on a 12 x 64 x 64 grid (4 x 1.25 x 1.25 mm)
     input = InputSpec(
-        roles=("sag_fluid", "sag_pd"), plane="sagittal", shape=(12, 64, 64), roi_mm=(48.0, 80.0, 80.0),
-        min_slices=12, slice_spacing_mm=(1.0, 7.0), pixel_spacing_mm=(0.15, 1.6), fov_mm=(90.0, 260.0),
+        roles=("sag_fluid", "sag_pd"),
+        plane="sagittal",
+        shape=(12, 64, 64),
+        roi_mm=(48.0, 80.0, 80.0),
+        min_slices=12,
+        slice_spacing_mm=(1.0, 7.0),
+        pixel_spacing_mm=(0.15, 1.6),
+        fov_mm=(90.0, 260.0),
         flip_slices_ok=True,
     )
     heads = (Head("acl", ("intact", "partial", "complete"), negative=("intact",)),)

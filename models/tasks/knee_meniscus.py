@@ -67,8 +67,9 @@ def resample_onto_grid(other: Volume, volume: Volume, frame: Frame) -> np.ndarra
     inv = np.linalg.inv(a_other)
     idx = np.einsum("ij,dhwj->idhw", inv[:3, :3], world) + inv[:3, 3][:, None, None, None]
     # anti-aliasing: blur each axis of `other` to the grid's spacing along that axis
-    grid_dirs = np.stack([volume.affine()[:3, frame.perm[t]] / np.linalg.norm(volume.affine()[:3, frame.perm[t]])
-                          for t in range(3)])
+    grid_dirs = np.stack(
+        [volume.affine()[:3, frame.perm[t]] / np.linalg.norm(volume.affine()[:3, frame.perm[t]]) for t in range(3)]
+    )
     sigmas = []
     for a in range(3):
         d = a_other[:3, a] / np.linalg.norm(a_other[:3, a])
@@ -83,7 +84,7 @@ def resample_onto_grid(other: Volume, volume: Volume, frame: Frame) -> np.ndarra
     hi = np.clip(hi, 0, np.asarray(src.shape))
     if np.any(hi <= lo):
         return np.zeros(frame.out_shape, np.float32)
-    src = src[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]]
+    src = src[lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]]
     idx = idx - lo[:, None, None, None]
     if max(sigmas) > 0.3:
         src = ndimage.gaussian_filter(src, sigma=[x if x > 0.3 else 0.0 for x in sigmas], mode="nearest")
@@ -92,7 +93,7 @@ def resample_onto_grid(other: Volume, volume: Volume, frame: Frame) -> np.ndarra
 
 
 def located_side(peak_mm: Sequence[float] | None, volume: Volume | None) -> str | None:
-    """"medial" / "lateral" from a finding's patient position and the knee's laterality, or None when
+    """ "medial" / "lateral" from a finding's patient position and the knee's laterality, or None when
     either is unknown: the medial compartment of a right knee lies towards +x (patient left) of the
     centre of the sagittal stack, that of a left knee towards -x."""
     if peak_mm is None or volume is None or volume.laterality not in ("R", "L"):
@@ -118,9 +119,18 @@ class KneeMeniscus(TaskSpec):
     # (3.4, 0.8, 0.8) mm, 28 x 60 x 144 voxels about the field-of-view centre moved
     # ROI_OFFSET_MM (down, back); at 3.5 x 0.75 mm that is 98 x 45 x 108 mm.
     input = InputSpec(
-        roles=("sag_fluid", "sag_pd"), plane="sagittal", shape=(28, 60, 144), roi_mm=None, native_mm=(3.4, 0.8, 0.8),
-        min_slices=12, slice_spacing_mm=(1.0, 7.0), pixel_spacing_mm=(0.15, 1.6), fov_mm=(90.0, 260.0),
-        flip_slices_ok=True, extra_roles=(CORONAL_ROLE,), channels=2,
+        roles=("sag_fluid", "sag_pd"),
+        plane="sagittal",
+        shape=(28, 60, 144),
+        roi_mm=None,
+        native_mm=(3.4, 0.8, 0.8),
+        min_slices=12,
+        slice_spacing_mm=(1.0, 7.0),
+        pixel_spacing_mm=(0.15, 1.6),
+        fov_mm=(90.0, 260.0),
+        flip_slices_ok=True,
+        extra_roles=(CORONAL_ROLE,),
+        channels=2,
     )
     heads = (Head("meniscus", ("none", "medial", "lateral"), negative=("none",)),)
     net = NetConfig(channels=(16, 24, 48), dropout=0.25, aux_weight=1.0)
@@ -139,7 +149,8 @@ class KneeMeniscus(TaskSpec):
         cor = (extras or {}).get(CORONAL_ROLE)
         second = np.zeros_like(img)
         same_frame = cor is not None and (
-            not cor.frame_of_reference_uid or not volume.frame_of_reference_uid
+            not cor.frame_of_reference_uid
+            or not volume.frame_of_reference_uid
             or cor.frame_of_reference_uid == volume.frame_of_reference_uid
         )
         if same_frame and cor is not None:
@@ -158,7 +169,9 @@ class KneeMeniscus(TaskSpec):
         side = located_side(result.peak_mm, volume)
         return side if side is not None else super().positive_class(result, volume)
 
-    def findings(self, results: Sequence[HeadResult], *, threshold: float, volume: Volume | None = None) -> list[Finding]:
+    def findings(
+        self, results: Sequence[HeadResult], *, threshold: float, volume: Volume | None = None
+    ) -> list[Finding]:
         out = super().findings(results, threshold=threshold, volume=volume)
         for f, r in zip(out, results):
             if f.positive and f.grade in SIDES:

@@ -33,9 +33,16 @@ class ShoulderRotatorCuff(TaskSpec):
     # 12 x 64 x 96 grid (4 x 0.88 x 0.92 mm: partial-thickness defects are 1.5 - 4 mm deep in a
     # 5 - 6 mm tendon)
     input = InputSpec(
-        roles=("cor_fluid",), plane="coronal", shape=(12, 64, 96), roi_mm=(48.0, 56.0, 88.0),
-        min_slices=12, slice_spacing_mm=(1.0, 7.0), pixel_spacing_mm=(0.15, 1.6), fov_mm=(100.0, 260.0),
-        max_obliquity_deg=50.0, flip_slices_ok=True,
+        roles=("cor_fluid",),
+        plane="coronal",
+        shape=(12, 64, 96),
+        roi_mm=(48.0, 56.0, 88.0),
+        min_slices=12,
+        slice_spacing_mm=(1.0, 7.0),
+        pixel_spacing_mm=(0.15, 1.6),
+        fov_mm=(100.0, 260.0),
+        max_obliquity_deg=50.0,
+        flip_slices_ok=True,
     )
     heads = (Head("cuff", ("none", "partial", "full_thickness"), negative=("none",)),)
     net = NetConfig(channels=(16, 24, 48), dropout=0.25, aux_weight=1.0)

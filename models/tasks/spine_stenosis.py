@@ -26,6 +26,8 @@ from models.types import Finding, Volume
 
 LEVELS = ("L1-L2", "L2-L3", "L3-L4", "L4-L5", "L5-S1")
 GRADES = ("normal", "mild", "moderate", "severe")
+
+
 class LevelContextNet(LesionNet):
     """LesionNet with the context to tell the disc levels apart.
 
@@ -43,7 +45,9 @@ class LevelContextNet(LesionNet):
 
         def conv(cin, cout, k=3, dil=1):
             pad = tuple((kk // 2) * d for kk, d in zip((k, k, k) if isinstance(k, int) else k, (1, dil, dil)))
-            return Convolution(3, cin, cout, kernel_size=k, dilation=(1, dil, dil), padding=pad, act="relu", norm="batch")
+            return Convolution(
+                3, cin, cout, kernel_size=k, dilation=(1, dil, dil), padding=pad, act="relu", norm="batch"
+            )
 
         self.context = nn.Sequential(conv(c3, c3, dil=2), conv(c3, c3, dil=4))
         self.fuse = Convolution(3, c2 + c3 + 2, c2, kernel_size=1, act="relu", norm="batch")
@@ -72,8 +76,14 @@ class LumbarStenosis(TaskSpec):
     # head-feet, antero-posterior) on an 8 x 96 x 96 grid (4 x 2.33 x 1 mm: the canal's
     # antero-posterior diameter is what is graded, so that axis stays fine)
     input = InputSpec(
-        roles=("sag_t2",), plane="sagittal", shape=(8, 96, 96), roi_mm=(32.0, 224.0, 96.0),
-        min_slices=9, slice_spacing_mm=(1.0, 7.0), pixel_spacing_mm=(0.3, 2.0), fov_mm=(200.0, 420.0),
+        roles=("sag_t2",),
+        plane="sagittal",
+        shape=(8, 96, 96),
+        roi_mm=(32.0, 224.0, 96.0),
+        min_slices=9,
+        slice_spacing_mm=(1.0, 7.0),
+        pixel_spacing_mm=(0.3, 2.0),
+        fov_mm=(200.0, 420.0),
         flip_slices_ok=True,
     )
     heads = tuple(Head(level, GRADES, negative=("normal",)) for level in LEVELS)
@@ -83,7 +93,8 @@ class LumbarStenosis(TaskSpec):
     def build_net(self) -> LevelContextNet:
         """LevelContextNet (wider context, to tell the levels apart) in the task's layout."""
         return self.in_layout(
-            LevelContextNet(self.input.channels, self.head_sizes, channels=self.net.channels, dropout=self.net.dropout))
+            LevelContextNet(self.input.channels, self.head_sizes, channels=self.net.channels, dropout=self.net.dropout)
+        )
 
     def head_saliency(self, head_index: int, cam: np.ndarray, evidence: np.ndarray) -> np.ndarray:
         """Grad-CAM confined to where the head looks (`attention_confined`). Grad-CAM weighs the shared
@@ -93,7 +104,9 @@ class LumbarStenosis(TaskSpec):
         attention, so every level's map peaks at its level."""
         return attention_confined(cam, evidence)
 
-    def findings(self, results: Sequence[HeadResult], *, threshold: float, volume: Volume | None = None) -> list[Finding]:
+    def findings(
+        self, results: Sequence[HeadResult], *, threshold: float, volume: Volume | None = None
+    ) -> list[Finding]:
         """One finding per level; the grade is the most probable class (normal included)."""
         out = super().findings(results, threshold=threshold, volume=volume)
         for f, r in zip(out, results):

@@ -25,14 +25,19 @@ def _add_ingest(bench_sub) -> None:
         help="C-STORE throughput: msknode (fast transport and stock pynetdicom) vs Orthanc vs dcmtk storescp, "
         "one and four associations",
     )
-    p.add_argument("--instances", type=int, default=400, help="instances to generate (series of 40 slices; default 400)")
+    p.add_argument(
+        "--instances", type=int, default=400, help="instances to generate (series of 40 slices; default 400)"
+    )
     p.add_argument("--input", type=Path, help="send the DICOM files under this directory instead of a generated set")
     p.add_argument(
-        "--listener-processes", type=int,
+        "--listener-processes",
+        type=int,
         help="msknode listener processes for the run (default: MSKNODE_LISTENER_PROCESSES, i.e. the node as configured)",
     )
     p.add_argument("--workdir", type=Path, help="where the receivers store (default: the system temp dir)")
-    p.add_argument("--only", help="comma list of receivers to run (msknode,msknode-stock,orthanc,storescp; default all)")
+    p.add_argument(
+        "--only", help="comma list of receivers to run (msknode,msknode-stock,orthanc,storescp; default all)"
+    )
     p.add_argument("--repeat", type=int, default=1, help="rounds; ratios use the medians (for a busy machine)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=_bench_ingest)
@@ -88,9 +93,19 @@ def _bench_e2e(args, settings) -> int:
     if args.studies < 1 or args.slices < 8 or args.matrix < 64 or args.warmup < 0:
         print("msknode: --studies >= 1, --slices >= 8, --matrix >= 64 and --warmup >= 0 are required", file=sys.stderr)
         return 2
-    progress = (lambda msg: print(msg, file=sys.stderr, flush=True)) if args.json else (lambda msg: print(msg, flush=True))
-    result = run_bench(settings, studies=args.studies, slices=args.slices, matrix=args.matrix, warmup=args.warmup,
-                       workdir=args.workdir, timeout=args.timeout, progress=progress)
+    progress = (
+        (lambda msg: print(msg, file=sys.stderr, flush=True)) if args.json else (lambda msg: print(msg, flush=True))
+    )
+    result = run_bench(
+        settings,
+        studies=args.studies,
+        slices=args.slices,
+        matrix=args.matrix,
+        warmup=args.warmup,
+        workdir=args.workdir,
+        timeout=args.timeout,
+        progress=progress,
+    )
     if args.json:
         print(json.dumps(result.summary(), indent=2))
     else:
@@ -104,8 +119,12 @@ def _add_models(bench_sub) -> None:
         "models",
         help="CPU time and peak RSS per study of the shipped models (knee, shoulder, lumbar spine) on typical inputs",
     )
-    p.add_argument("--anatomy", action="append", choices=("knee", "shoulder", "lumbar_spine"),
-                   help="only this anatomy (repeatable; default all three)")
+    p.add_argument(
+        "--anatomy",
+        action="append",
+        choices=("knee", "shoulder", "lumbar_spine"),
+        help="only this anatomy (repeatable; default all three)",
+    )
     p.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     p.add_argument("--repeat", type=int, default=3, help="studies timed after the first one (default 3)")
     p.add_argument("--no-layouts", action="store_true", help="skip the forward-pass layout/mode comparison")
@@ -117,11 +136,19 @@ def _add_models(bench_sub) -> None:
 def _bench_models(args, settings) -> int:
     from models.bench import BenchError, format_report, run_bench
 
-    progress = (lambda msg: print(msg, file=sys.stderr, flush=True)) if args.json else (lambda msg: print(msg, flush=True))
+    progress = (
+        (lambda msg: print(msg, file=sys.stderr, flush=True)) if args.json else (lambda msg: print(msg, flush=True))
+    )
     anatomies = tuple(dict.fromkeys(args.anatomy)) if args.anatomy else ("knee", "shoulder", "lumbar_spine")
     try:
-        result = run_bench(anatomies=anatomies, threads=args.threads, repeats=args.repeat,
-                           layouts=not args.no_layouts, workdir=args.workdir, log=progress)
+        result = run_bench(
+            anatomies=anatomies,
+            threads=args.threads,
+            repeats=args.repeat,
+            layouts=not args.no_layouts,
+            workdir=args.workdir,
+            log=progress,
+        )
     except BenchError as exc:
         print(f"msknode: bench models: {exc}", file=sys.stderr)
         return 2

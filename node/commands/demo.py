@@ -17,13 +17,22 @@ def register(sub) -> None:
         ),
     )
     p.add_argument("--data-dir", help="demo data directory (env DEMO_DATA_DIR; default ./demo-data)")
-    p.add_argument("--once", action="store_true", help="stop the services and exit 0 once all results arrived "
-                   "(env DEMO_ONCE=1)")
-    p.add_argument("--free-ports", action="store_true",
-                   help="use free ports instead of 4242/8042 (Orthanc) and 11112/8080 (msknode) (env DEMO_FREE_PORTS=1)")
+    p.add_argument(
+        "--once", action="store_true", help="stop the services and exit 0 once all results arrived (env DEMO_ONCE=1)"
+    )
+    p.add_argument(
+        "--free-ports",
+        action="store_true",
+        help="use free ports instead of 4242/8042 (Orthanc) and 11112/8080 (msknode) (env DEMO_FREE_PORTS=1)",
+    )
     p.add_argument("--timeout", type=float, help="seconds to wait for all results (env DEMO_TIMEOUT; default 900)")
-    p.add_argument("--case", action="append", dest="cases", metavar="NAME",
-                   help="only this demo study (repeatable): knee-acl, shoulder-cuff, spine-stenosis, knee-normal")
+    p.add_argument(
+        "--case",
+        action="append",
+        dest="cases",
+        metavar="NAME",
+        help="only this demo study (repeatable): knee-acl, shoulder-cuff, spine-stenosis, knee-normal",
+    )
     p.add_argument("--no-validate", action="store_true", help="skip dciodvfy on the results (faster)")
     p.set_defaults(func=_demo)
 

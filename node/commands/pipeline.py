@@ -28,15 +28,24 @@ def register(sub) -> None:
     rsub.required = True
     c = rsub.add_parser("check", help="validate a rules file (default MSKNODE_ROUTING_RULES) and list its rules")
     c.add_argument("file", nargs="?", help="the rules file to check")
-    c.add_argument("--table", metavar="FILE", help="also check a table of series and expected routes (vendor_series.toml format)")
+    c.add_argument(
+        "--table", metavar="FILE", help="also check a table of series and expected routes (vendor_series.toml format)"
+    )
     c.set_defaults(func=_routing_check)
     e = rsub.add_parser(
         "explain",
         help="why a series is routed as it is: every signal, its value, where it came from, and the decision",
     )
-    e.add_argument("target", metavar="PATH_OR_SERIES_UID",
-                   help="a DICOM file, a folder holding one series (headers only are read), or a Series Instance UID in the node's index")
-    e.add_argument("--json", action="store_true", help="the explanation as one JSON object (the routing_explanation of the series row)")
+    e.add_argument(
+        "target",
+        metavar="PATH_OR_SERIES_UID",
+        help="a DICOM file, a folder holding one series (headers only are read), or a Series Instance UID in the node's index",
+    )
+    e.add_argument(
+        "--json",
+        action="store_true",
+        help="the explanation as one JSON object (the routing_explanation of the series row)",
+    )
     e.add_argument("--rules", metavar="FILE", help="the rules file to explain with (default MSKNODE_ROUTING_RULES)")
     e.set_defaults(func=_routing_explain)
 
@@ -98,7 +107,9 @@ def _purge(args, settings) -> int:
         print(f"nothing to purge (retention {settings.retention_days:g} days after delivery)")
         return 0
     for st in report.studies:
-        print(f"{verb} study {st.study_uid}: {st.instances} instances, {st.bytes} bytes (delivered {st.delivered_at:%Y-%m-%d %H:%M})")
+        print(
+            f"{verb} study {st.study_uid}: {st.instances} instances, {st.bytes} bytes (delivered {st.delivered_at:%Y-%m-%d %H:%M})"
+        )
     print(f"{verb} {report.instances} instances ({report.bytes} bytes) of {len(report.studies)} stud(ies)")
     return 0
 
@@ -128,8 +139,10 @@ def _routing_check(args, settings) -> int:
         got = f"{route.pipeline}/{route.role}" if route.routed else "unrouted"
         if got != entry.get("expect"):
             wrong += 1
-            print(f"MISMATCH {entry.get('vendor', '')} {entry.get('description')!r} body part {entry.get('body_part')!r}: "
-                  f"{got} ({route.rule}), expected {entry.get('expect')}")
+            print(
+                f"MISMATCH {entry.get('vendor', '')} {entry.get('description')!r} body part {entry.get('body_part')!r}: "
+                f"{got} ({route.rule}), expected {entry.get('expect')}"
+            )
     print(f"{len(table) - wrong} of {len(table)} table entries routed as expected")
     return 1 if wrong else 0
 
@@ -151,7 +164,9 @@ def _routing_explain(args, settings) -> int:
     elif is_valid_uid(target):
         explanation, where = _explain_indexed(target, rules, settings)
     else:
-        raise RoutingError(f"routing explain: {target!r} is neither an existing file or folder nor a Series Instance UID")
+        raise RoutingError(
+            f"routing explain: {target!r} is neither an existing file or folder nor a Series Instance UID"
+        )
     if args.json:
         print(json.dumps({"series_uid": where["series_uid"], **explanation.to_json()}, indent=2))
         return 0
@@ -173,7 +188,9 @@ def _explain_path(path, rules, settings):
     except IngestError as e:
         raise RoutingError(f"routing explain: {e}") from None
     if not headers:
-        raise RoutingError(f"routing explain: {path} holds no DICOM instance ({skipped} file(s) could not be read as one)")
+        raise RoutingError(
+            f"routing explain: {path} holds no DICOM instance ({skipped} file(s) could not be read as one)"
+        )
     series = Counter(h.series_uid for h in headers)
     if len(series) > 1:
         raise RoutingError(
@@ -196,8 +213,12 @@ def _explain_path(path, rules, settings):
         acquisition=Acquisition.from_json(first.acquisition),
     )
     explanation = explain(facts, rules, uid_root=settings.uid_root)
-    where = {"series_uid": first.series_uid, "from": f"{path} ({len(headers)} instance(s) read"
-             + (f", {skipped} file(s) skipped" if skipped else "") + "; headers only: no other series, no pixels)"}
+    where = {
+        "series_uid": first.series_uid,
+        "from": f"{path} ({len(headers)} instance(s) read"
+        + (f", {skipped} file(s) skipped" if skipped else "")
+        + "; headers only: no other series, no pixels)",
+    }
     return explanation, where
 
 
@@ -216,17 +237,26 @@ def _explain_indexed(series_uid, rules, settings):
 
         file = make_url(str(settings.database_url)).database
         if file and file != ":memory:" and not Path(file).exists():
-            raise RoutingError(f"routing explain: no series {series_uid}: there is no index at {file} "
-                               "(and no such file or folder)")
+            raise RoutingError(
+                f"routing explain: no series {series_uid}: there is no index at {file} (and no such file or folder)"
+            )
     with database(settings) as db, db.session() as s:
         se = s.scalar(select(Series).where(Series.series_uid == series_uid))
         if se is None:
-            raise RoutingError(f"routing explain: no series {series_uid} in the index of {settings.data_dir} "
-                               "(and no such file or folder)")
+            raise RoutingError(
+                f"routing explain: no series {series_uid} in the index of {settings.data_dir} "
+                "(and no such file or folder)"
+            )
         explanation = explain_series(s, settings, rules, se)
-        recorded = f"{se.pipeline}/{se.role} (rule {se.routing_rule!r})" if se.pipeline else (se.routing_rule or "not routed yet")
-        where = {"series_uid": series_uid,
-                 "from": f"the index ({se.instances} instance(s), state {se.state}; recorded decision: {recorded})"}
+        recorded = (
+            f"{se.pipeline}/{se.role} (rule {se.routing_rule!r})"
+            if se.pipeline
+            else (se.routing_rule or "not routed yet")
+        )
+        where = {
+            "series_uid": series_uid,
+            "from": f"the index ({se.instances} instance(s), state {se.state}; recorded decision: {recorded})",
+        }
         s.rollback()  # explaining changes nothing
     return explanation, where
 
@@ -244,4 +274,3 @@ def format_explanation(explanation, where: dict) -> str:
     for sig in explanation.signals:
         lines.append(f"  {'*' if sig.used else ' '} {sig.name:<{width}}  {sig.value}  <- {sig.source}")
     return "\n".join(lines)
-

@@ -32,7 +32,9 @@ def _list(args, settings) -> int:
         return 0
     print(f"{'ID':>5}  {'STATE':8} {'KIND':8} {'ATT':>3}  {'DESTINATION':30} SOP INSTANCE UID / LAST ERROR")
     for r in rows:
-        print(f"{r['id']:>5}  {r['state']:8} {r['kind']:8} {r['attempts']:>3}  {r['destination'][:30]:30} {r['sop_instance_uid']}")
+        print(
+            f"{r['id']:>5}  {r['state']:8} {r['kind']:8} {r['attempts']:>3}  {r['destination'][:30]:30} {r['sop_instance_uid']}"
+        )
         if r["last_error"] and r["state"] != "sent":
             print(f"{'':>56}{r['last_error']}")
     return 0

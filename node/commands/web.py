@@ -67,8 +67,9 @@ def _list(args, settings) -> int:
 
     with database(settings) as db, db.session() as s:
         rows = list_users(s)
-    if print_json_or_empty(rows, as_json=args.json,
-                           empty="no users (create the first admin with: msknode users add NAME --role admin)"):
+    if print_json_or_empty(
+        rows, as_json=args.json, empty="no users (create the first admin with: msknode users add NAME --role admin)"
+    ):
         return 0
     print(f"{'user':<24} {'role':<12} {'active':<7} created (UTC)")
     for r in rows:

@@ -31,8 +31,7 @@ def regenerate_initial() -> Path:
     if later:
         what = f"revision {later[0]} is" if len(later) == 1 else f"revisions {', '.join(later)} are"
         raise SystemExit(
-            f"{what} built on 0001: add a new revision instead "
-            '(python -m node.db.revisions new "what changed")'
+            f'{what} built on 0001: add a new revision instead (python -m node.db.revisions new "what changed")'
         )
     for old in VERSIONS_DIR.glob("0001_*.py"):
         old.unlink()

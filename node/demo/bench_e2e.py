@@ -84,7 +84,9 @@ class BenchResult:
                 breakdown[f"{step}_s"] = round(statistics.median(vals), 3)
         models = sorted({m for s in self.studies for m in s.inference_per_model})
         breakdown["inference_per_model_s"] = {
-            m: round(statistics.median([s.inference_per_model[m] for s in self.studies if m in s.inference_per_model]), 3)
+            m: round(
+                statistics.median([s.inference_per_model[m] for s in self.studies if m in s.inference_per_model]), 3
+            )
             for m in models
         }
         return {
@@ -133,8 +135,11 @@ def study_timing(index: int, view: NodeView, receptions, source_uids: list[str],
     if job_s is not None:
         steps["other_job"] = round(max(0.0, job_s - load - inference - writing), 3)
     t.steps = {k: v for k, v in steps.items() if v is not None}
-    t.inference_per_model = {k.split(".", 1)[1]: round(float(v), 3) for k, v in tm.items()
-                             if k.startswith("inference.") and k != "inference.total"}
+    t.inference_per_model = {
+        k.split(".", 1)[1]: round(float(v), 3)
+        for k, v in tm.items()
+        if k.startswith("inference.") and k != "inference.total"
+    }
     return t
 
 
@@ -158,8 +163,10 @@ def run_bench(
     try:
         for sub in ("orthanc", "node"):
             shutil.rmtree(root / sub, ignore_errors=True)
-        cases = [DemoCase(f"bench-knee-{i:03d}", f"knee {i}", "knee", 5000 + i, {}, None, None, False)
-                 for i in range(warmup + studies)]
+        cases = [
+            DemoCase(f"bench-knee-{i:03d}", f"knee {i}", "knee", 5000 + i, {}, None, None, False)
+            for i in range(warmup + studies)
+        ]
         files = []
         for c in cases:
             t0 = time.monotonic()
@@ -199,8 +206,10 @@ def run_bench(
                     t.error = view.failed or f"not delivered within {timeout:.0f} s"
                 label = "warm-up" if i < warmup else f"study {i - warmup + 1}/{studies}"
                 if t.total_s is not None and t.arrived:
-                    progress(f"{label}: {t.total_s:.2f} s from PACS to results ({t.results} objects) "
-                             + " ".join(f"{k}={v:.2f}" for k, v in t.steps.items()))
+                    progress(
+                        f"{label}: {t.total_s:.2f} s from PACS to results ({t.results} objects) "
+                        + " ".join(f"{k}={v:.2f}" for k, v in t.steps.items())
+                    )
                 else:
                     progress(f"{label}: results did not all arrive ({t.error})")
                 if i >= warmup:
@@ -216,9 +225,13 @@ def run_bench(
             studies=timings,
             warmup=warm,
             settings={
-                "slices_per_series": slices, "matrix": matrix, "quiet_seconds": s.quiet_seconds,
-                "study_quiet_seconds": s.study_quiet_seconds, "sweep_interval_seconds": s.sweep_interval_seconds,
-                "torch_threads": s.torch_threads, "orthanc_association_close_delay_s": ASSOCIATION_CLOSE_DELAY,
+                "slices_per_series": slices,
+                "matrix": matrix,
+                "quiet_seconds": s.quiet_seconds,
+                "study_quiet_seconds": s.study_quiet_seconds,
+                "sweep_interval_seconds": s.sweep_interval_seconds,
+                "torch_threads": s.torch_threads,
+                "orthanc_association_close_delay_s": ASSOCIATION_CLOSE_DELAY,
             },
         )
     finally:

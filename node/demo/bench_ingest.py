@@ -177,7 +177,7 @@ def _dataset_digest(path: Path) -> tuple[str, str]:
     from node.receive.storage import dataset_offset
 
     meta = read_file_meta_info(path)
-    data = path.read_bytes()[dataset_offset(path):]
+    data = path.read_bytes()[dataset_offset(path) :]
     return str(meta.MediaStorageSOPInstanceUID), hashlib.sha256(data).hexdigest()
 
 
@@ -298,7 +298,7 @@ class MsknodeReceiver(Receiver):
         for uid, digest in expected.items():
             path = Path(rows[uid])
             try:
-                data = path.read_bytes()[dataset_offset(path):]
+                data = path.read_bytes()[dataset_offset(path) :]
             except (OSError, NodeError):
                 bad += 1
                 continue
@@ -313,8 +313,14 @@ class _BenchOrthanc(OrthancProcess):
     """Orthanc as a plain C-STORE receiver: no auth, any called AE title, no compression, no plugins."""
 
     def config(self) -> dict:
-        return {"Name": "msknode-bench", **super().config(), "HttpServerEnabled": True, "DicomCheckCalledAet": False,
-                "StorageCompression": False, "Plugins": []}
+        return {
+            "Name": "msknode-bench",
+            **super().config(),
+            "HttpServerEnabled": True,
+            "DicomCheckCalledAet": False,
+            "StorageCompression": False,
+            "Plugins": [],
+        }
 
 
 class OrthancReceiver(Receiver):

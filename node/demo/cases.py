@@ -44,16 +44,49 @@ class DemoCase:
 
 # Seeds are chosen so that the planted lesion is clear (the demo shows the pipeline, not a hard case).
 DEMO_CASES: tuple[DemoCase, ...] = (
-    DemoCase("knee-acl", "Knee, complete ACL tear", "knee", 3,
-             {"acl": "complete", "meniscus_tear": False, "snr": 30.0}, "knee.acl", "acl_tear", True),
-    DemoCase("shoulder-cuff", "Shoulder, full-thickness cuff tear", "shoulder", 5,
-             {"cuff": "full_thickness", "snr": 25.0}, "shoulder.rotator_cuff", "rotator_cuff_tear", True),
-    DemoCase("spine-stenosis", "Lumbar spine, severe stenosis L4-L5", "lumbar_spine", 7,
-             {"stenosis": {"L1-L2": "normal", "L2-L3": "normal", "L3-L4": "normal", "L4-L5": "severe", "L5-S1": "normal"},
-              "snr": 30.0},
-             "lumbar_spine.stenosis", "spinal_stenosis", True),
-    DemoCase("knee-normal", "Knee, normal", "knee", 11,
-             {"acl": "intact", "meniscus_tear": False, "snr": 30.0}, None, None, False),
+    DemoCase(
+        "knee-acl",
+        "Knee, complete ACL tear",
+        "knee",
+        3,
+        {"acl": "complete", "meniscus_tear": False, "snr": 30.0},
+        "knee.acl",
+        "acl_tear",
+        True,
+    ),
+    DemoCase(
+        "shoulder-cuff",
+        "Shoulder, full-thickness cuff tear",
+        "shoulder",
+        5,
+        {"cuff": "full_thickness", "snr": 25.0},
+        "shoulder.rotator_cuff",
+        "rotator_cuff_tear",
+        True,
+    ),
+    DemoCase(
+        "spine-stenosis",
+        "Lumbar spine, severe stenosis L4-L5",
+        "lumbar_spine",
+        7,
+        {
+            "stenosis": {"L1-L2": "normal", "L2-L3": "normal", "L3-L4": "normal", "L4-L5": "severe", "L5-S1": "normal"},
+            "snr": 30.0,
+        },
+        "lumbar_spine.stenosis",
+        "spinal_stenosis",
+        True,
+    ),
+    DemoCase(
+        "knee-normal",
+        "Knee, normal",
+        "knee",
+        11,
+        {"acl": "intact", "meniscus_tear": False, "snr": 30.0},
+        None,
+        None,
+        False,
+    ),
 )
 
 
@@ -139,8 +172,14 @@ class CaseFiles:
 def _manifest_key(case: DemoCase, extra: Mapping[str, Any]) -> dict[str, Any]:
     from models.phantoms import GENERATOR_VERSION, SPEC_VERSION
 
-    return {"anatomy": case.anatomy, "seed": case.seed, "labels": json.loads(json.dumps(dict(case.labels))),
-            "extra": json.loads(json.dumps(dict(extra))), "spec": SPEC_VERSION, "generator": GENERATOR_VERSION}
+    return {
+        "anatomy": case.anatomy,
+        "seed": case.seed,
+        "labels": json.loads(json.dumps(dict(case.labels))),
+        "extra": json.loads(json.dumps(dict(extra))),
+        "spec": SPEC_VERSION,
+        "generator": GENERATOR_VERSION,
+    }
 
 
 def generate_case(case: DemoCase, cache_dir: Path, *, study_uid: str | None = None, **extra: Any) -> CaseFiles:
@@ -160,8 +199,14 @@ def generate_case(case: DemoCase, cache_dir: Path, *, study_uid: str | None = No
         except ValueError:
             manifest = {}
         if manifest.get("key") == key and all((folder / f).is_file() for f in manifest.get("files", [])):
-            return CaseFiles(case, folder, manifest["study_uid"], [folder / f for f in manifest["files"]],
-                             manifest["sop_instance_uids"], manifest["series"])
+            return CaseFiles(
+                case,
+                folder,
+                manifest["study_uid"],
+                [folder / f for f in manifest["files"]],
+                manifest["sop_instance_uids"],
+                manifest["series"],
+            )
     if folder.exists():
         shutil.rmtree(folder)
     labels = dict(case.labels)
@@ -185,10 +230,18 @@ def generate_case(case: DemoCase, cache_dir: Path, *, study_uid: str | None = No
             study = str(ds.StudyInstanceUID)
     if study is None:
         raise EndToEndError(f"the {case.key} phantom study has no files")
-    manifest_path.write_text(json.dumps({
-        "key": key, "study_uid": study, "files": [str(p.relative_to(folder)) for p in files],
-        "sop_instance_uids": uids, "series": series,
-    }, indent=1))
+    manifest_path.write_text(
+        json.dumps(
+            {
+                "key": key,
+                "study_uid": study,
+                "files": [str(p.relative_to(folder)) for p in files],
+                "sop_instance_uids": uids,
+                "series": series,
+            },
+            indent=1,
+        )
+    )
     return CaseFiles(case, folder, study, files, uids, series)
 
 

@@ -23,15 +23,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def echoscu(port: int, called_ae: str, *, calling_ae: str | None = None, host: str = "127.0.0.1",
-            timeout: float = 10.0) -> bool:
+def echoscu(
+    port: int, called_ae: str, *, calling_ae: str | None = None, host: str = "127.0.0.1", timeout: float = 10.0
+) -> bool:
     """True if a dcmtk ``echoscu`` C-ECHO to ``called_ae`` at ``host:port`` succeeds (``TCP_NODELAY=1``)."""
     cmd = ["echoscu", "-to", str(max(1, round(timeout))), "-aec", called_ae]
     if calling_ae:
         cmd += ["-aet", calling_ae]
     try:
-        proc = subprocess.run([*cmd, host, str(port)], capture_output=True, timeout=timeout + 5,
-                              env=dict(os.environ, TCP_NODELAY="1"))
+        proc = subprocess.run(
+            [*cmd, host, str(port)], capture_output=True, timeout=timeout + 5, env=dict(os.environ, TCP_NODELAY="1")
+        )
     except (OSError, subprocess.TimeoutExpired):
         return False
     return proc.returncode == 0

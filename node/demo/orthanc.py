@@ -36,8 +36,16 @@ def orthanc_binary() -> str | None:
 
 def dicom_peer(aet: str, *, host: str = "127.0.0.1", port: int = 104, move_get: bool = False) -> dict[str, Any]:
     """A ``DicomModalities`` entry: may store, echo and find (and move/get with ``move_get``)."""
-    return {"AET": aet, "Host": host, "Port": port, "AllowStore": True, "AllowEcho": True, "AllowFind": True,
-            "AllowMove": move_get, "AllowGet": move_get}
+    return {
+        "AET": aet,
+        "Host": host,
+        "Port": port,
+        "AllowStore": True,
+        "AllowEcho": True,
+        "AllowFind": True,
+        "AllowMove": move_get,
+        "AllowGet": move_get,
+    }
 
 
 def restricted_peers(modalities: dict[str, dict[str, Any]]) -> dict[str, Any]:
@@ -57,8 +65,16 @@ class OrthancProcess:
     #: raised when Orthanc is missing, exits at start or does not answer
     error: type[Exception] = NodeError
 
-    def __init__(self, workdir: Path, *, dicom_port: int, http_port: int, aet: str = "ORTHANC",
-                 username: str | None = None, password: str | None = None):
+    def __init__(
+        self,
+        workdir: Path,
+        *,
+        dicom_port: int,
+        http_port: int,
+        aet: str = "ORTHANC",
+        username: str | None = None,
+        password: str | None = None,
+    ):
         self.workdir = Path(workdir)
         self.dicom_port = dicom_port
         self.http_port = http_port
@@ -122,13 +138,20 @@ class OrthancProcess:
         self.write_config()
         env = dict(os.environ, TCP_NODELAY="1", TZ="UTC")
         with open(self.log_path, "ab") as log:
-            self._proc = subprocess.Popen([self._binary(), str(self.config_path)], stdout=log,
-                                          stderr=subprocess.STDOUT, cwd=self.workdir, env=env, start_new_session=True)
+            self._proc = subprocess.Popen(
+                [self._binary(), str(self.config_path)],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd=self.workdir,
+                env=env,
+                start_new_session=True,
+            )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self._proc.poll() is not None:
-                raise self.error(f"Orthanc exited with code {self._proc.returncode}; see {self.log_path}"
-                                 f"{self._log_tail()}")
+                raise self.error(
+                    f"Orthanc exited with code {self._proc.returncode}; see {self.log_path}{self._log_tail()}"
+                )
             try:
                 if httpx.get(f"{self.url}/system", auth=self.auth, timeout=2).status_code == 200:
                     return self
@@ -136,8 +159,9 @@ class OrthancProcess:
                 pass
             time.sleep(0.2)
         self.stop()
-        raise self.error(f"Orthanc did not answer on {self.url} within {timeout:.0f} s; see {self.log_path}"
-                         f"{self._log_tail()}")
+        raise self.error(
+            f"Orthanc did not answer on {self.url} within {timeout:.0f} s; see {self.log_path}{self._log_tail()}"
+        )
 
     def stop(self, timeout: float = 20.0) -> None:
         """Terminates Orthanc (SIGKILL if it has not stopped within ``timeout``)."""
@@ -175,8 +199,12 @@ class OrthancProcess:
 
     def post(self, path: str, body: Any) -> Any:
         """POSTs bytes/str as they are, anything else as JSON; returns the JSON answer."""
-        r = httpx.post(f"{self.url}{path}", auth=self.auth, timeout=60,
-                       content=body if isinstance(body, (bytes, str)) else json.dumps(body))
+        r = httpx.post(
+            f"{self.url}{path}",
+            auth=self.auth,
+            timeout=60,
+            content=body if isinstance(body, (bytes, str)) else json.dumps(body),
+        )
         r.raise_for_status()
         return r.json()
 
@@ -196,7 +224,6 @@ class OrthancProcess:
         return self.get_bytes(f"/instances/{orthanc_id}/file")
 
 
-
 # ---- the auto-routing script for a site's Orthanc ------------------------------------------------
 AUTOROUTE_RULE = Path(__file__).resolve().parent.parent.parent / "docker" / "orthanc-autoroute.lua"
 _WILDCARD_HOSTS = ("", "0.0.0.0", "::")
@@ -206,19 +233,27 @@ def lua_string(value: str) -> str:
     return "'" + value.replace("\\", "\\\\").replace("'", "\\'").replace("\n", "\\n") + "'"
 
 
-def autoroute_script(settings: Any, *, host: str | None = None, modality: str = "msknode",
-                     route_modalities: str = "MR", rule: Path | None = None) -> str:
+def autoroute_script(
+    settings: Any,
+    *,
+    host: str | None = None,
+    modality: str = "msknode",
+    route_modalities: str = "MR",
+    rule: Path | None = None,
+) -> str:
     """One Lua file for Orthanc's ``LuaScripts``: msknode's AE title, host, port and UID root from the
     settings, an ``Initialize`` that registers msknode as the modality ``modality`` (``PUT
     /modalities/<modality>``: no ``DicomModalities`` entry needed), then the shipped rule
     (``docker/orthanc-autoroute.lua``), which reads those globals."""
     host = host or settings.host
     if host in _WILDCARD_HOSTS:
-        raise NodeError(f"MSKNODE_HOST is {settings.host or 'empty'}: give the address Orthanc reaches msknode at (--host)")
+        raise NodeError(
+            f"MSKNODE_HOST is {settings.host or 'empty'}: give the address Orthanc reaches msknode at (--host)"
+        )
     rule_text = (rule or AUTOROUTE_RULE).read_text(encoding="utf-8")
     return (
         "-- msknode auto-routing for Orthanc, generated by `msknode orthanc autoroute-script` from the node's settings.\n"
-        "-- Load it in Orthanc's configuration: \"LuaScripts\": [ \"/etc/orthanc/msknode-autoroute.lua\" ].\n"
+        '-- Load it in Orthanc\'s configuration: "LuaScripts": [ "/etc/orthanc/msknode-autoroute.lua" ].\n'
         f"MSKNODE_MODALITY = {lua_string(modality)}\n"
         f"MSKNODE_AE_TITLE = {lua_string(settings.ae_title)}\n"
         f"MSKNODE_HOST = {lua_string(host)}\n"
@@ -231,6 +266,5 @@ def autoroute_script(settings: Any, *, host: str | None = None, modality: str = 
         "  RestApiPut('/modalities/' .. MSKNODE_MODALITY,\n"
         "             DumpJson({ AET = MSKNODE_AE_TITLE, Host = MSKNODE_HOST, Port = MSKNODE_PORT }, true))\n"
         "end\n"
-        "\n"
-        + rule_text
+        "\n" + rule_text
     )

@@ -80,8 +80,9 @@ class OrthancPacs(OrthancProcess):
         node_host: str = "127.0.0.1",
         autoroute_lua: Path = AUTOROUTE_LUA,
     ):
-        super().__init__(workdir, dicom_port=dicom_port, http_port=http_port, aet=aet,
-                         username=username, password=password)
+        super().__init__(
+            workdir, dicom_port=dicom_port, http_port=http_port, aet=aet, username=username, password=password
+        )
         self.node_ae_title = node_ae_title
         self.node_port = node_port
         self.node_host = node_host
@@ -133,8 +134,9 @@ class OrthancPacs(OrthancProcess):
         aet = calling_aet or self.modality_aets[0]
         cmd = ["storescu", "-aet", aet, "-aec", self.aet, "127.0.0.1", str(self.dicom_port), *files]
         try:
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
-                                  env=dict(os.environ, TCP_NODELAY="1"))
+            proc = subprocess.run(
+                cmd, capture_output=True, text=True, timeout=timeout, env=dict(os.environ, TCP_NODELAY="1")
+            )
         except FileNotFoundError:
             raise EndToEndError("dcmtk storescu is not installed; run scripts/install-system-deps.sh") from None
         if proc.returncode != 0:

@@ -120,8 +120,10 @@ class DataDir:
         if root.exists() and not root.is_dir():
             raise EndToEndError(f"{root} exists and is not a directory")
         if root.exists() and any(root.iterdir()) and not (root / MARKER).exists():
-            raise EndToEndError(f"{root} is not empty and is not a demo data directory ({MARKER} missing); "
-                                "choose another with --data-dir")
+            raise EndToEndError(
+                f"{root} is not empty and is not a demo data directory ({MARKER} missing); "
+                "choose another with --data-dir"
+            )
         root.mkdir(parents=True, exist_ok=True)
         (root / MARKER).write_text("msknode demo data directory: reset at every `msknode demo` run\n")
         self._lock_fh = open(root / ".lock", "w")  # noqa: SIM115 - held open: the lock lives as long as the file
@@ -216,12 +218,18 @@ def write_summary(path: Path, outcomes: list[StudyOutcome], *, stack: NodeStack,
                 "case": o.case.key,
                 "title": o.case.title,
                 "study_uid": o.files.study_uid,
-                "expected": {"min_counts": o.expectation.min_counts, "absent": list(o.expectation.absent),
-                             "priority": o.expectation.priority, "notes": list(o.expectation.notes)},
+                "expected": {
+                    "min_counts": o.expectation.min_counts,
+                    "absent": list(o.expectation.absent),
+                    "priority": o.expectation.priority,
+                    "notes": list(o.expectation.notes),
+                },
                 "priority": o.view.priority if o.view else None,
                 "findings": o.view.findings if o.view else [],
-                "results": [{"kind": r.kind, "sop_instance_uid": r.sop_instance_uid, "series_uid": r.series_uid}
-                            for r in (o.view.results if o.view else [])],
+                "results": [
+                    {"kind": r.kind, "sop_instance_uid": r.sop_instance_uid, "series_uid": r.series_uid}
+                    for r in (o.view.results if o.view else [])
+                ],
                 "pacs_to_results_s": o.seconds,
                 "dciodvfy_checked": o.validated,
                 "problems": o.problems,
@@ -253,16 +261,20 @@ def run_demo(settings: Settings, options: DemoOptions, *, say: Callable[[str], N
             files = generate_case(case, data.root / "phantoms")
             exp = expectations(case, shipped)
             outcomes.append(StudyOutcome(case, files, exp))
-            say(f"phantom study {case.key}: {len(files.files)} instances ({case.describe_labels()}) "
-                f"[{time.monotonic() - t0:.1f} s]")
+            say(
+                f"phantom study {case.key}: {len(files.files)} instances ({case.describe_labels()}) "
+                f"[{time.monotonic() - t0:.1f} s]"
+            )
             for note in exp.notes:
                 say(f"  {note}")
         password = secrets.token_urlsafe(12)
         stack = NodeStack(data.root, ports=ports, base_settings=settings, password=password)
         say(f"starting Orthanc (PACS) and msknode serve under {data.root} ...")
         stack.start()
-        say(f"PACS: Orthanc {stack.pacs.aet}@127.0.0.1:{ports.orthanc_dicom}, web {stack.pacs.url} "
-            f"| msknode: {stack.settings.ae_title}@127.0.0.1:{ports.node_dicom}, web {stack.web_url}")
+        say(
+            f"PACS: Orthanc {stack.pacs.aet}@127.0.0.1:{ports.orthanc_dicom}, web {stack.pacs.url} "
+            f"| msknode: {stack.settings.ae_title}@127.0.0.1:{ports.node_dicom}, web {stack.web_url}"
+        )
         for o in outcomes:
             stack.pacs.store_files(o.files.files)
             say(f"sent {o.case.key} to the PACS ({len(o.files.files)} instances)")
@@ -286,8 +298,11 @@ def run_demo(settings: Settings, options: DemoOptions, *, say: Callable[[str], N
             say(f"logs: {stack.node_log}, {stack.pacs.log_path}")
             return 1
         checked = sum(o.validated for o in outcomes)
-        say(f"all results are in the PACS; {checked} objects passed dciodvfy with no error" if options.validate
-            else "all results are in the PACS")
+        say(
+            f"all results are in the PACS; {checked} objects passed dciodvfy with no error"
+            if options.validate
+            else "all results are in the PACS"
+        )
         say(f"worklist: {stack.web_url}/worklist   login: {stack.username} / {password}")
         say(f"PACS (Orthanc Explorer): {stack.pacs.url}/app/explorer.html   login: {stack.username} / {password}")
         if options.once:
@@ -309,8 +324,9 @@ def run_demo(settings: Settings, options: DemoOptions, *, say: Callable[[str], N
         data.release()
 
 
-def wait_for_results(stack: NodeStack, outcomes: list[StudyOutcome], options: DemoOptions, *,
-                     say: Callable[[str], None]) -> list[str]:
+def wait_for_results(
+    stack: NodeStack, outcomes: list[StudyOutcome], options: DemoOptions, *, say: Callable[[str], None]
+) -> list[str]:
     """Polls the node until every study is delivered (then checks it in the PACS); the first problem ends it."""
     reader = NodeReader(stack.settings.data_dir / "msknode.db")
     deadline = time.monotonic() + options.timeout
@@ -329,11 +345,11 @@ def wait_for_results(stack: NodeStack, outcomes: list[StudyOutcome], options: De
                     return [f"{o.case.key}: {why}"]
                 if not view.delivered:
                     continue
-                check = check_in_pacs(view, o.expectation, stack.pacs, validate=options.validate,
-                                      scratch=stack.root)
+                check = check_in_pacs(view, o.expectation, stack.pacs, validate=options.validate, scratch=stack.root)
                 o.validated = check.validated
-                o.seconds = pacs_to_results_seconds(stack.pacs.receptions(), o.files.sop_instance_uids,
-                                                    [r.sop_instance_uid for r in view.results])
+                o.seconds = pacs_to_results_seconds(
+                    stack.pacs.receptions(), o.files.sop_instance_uids, [r.sop_instance_uid for r in view.results]
+                )
                 o.done = True
                 if check.problems:
                     o.problems += check.problems
@@ -341,8 +357,11 @@ def wait_for_results(stack: NodeStack, outcomes: list[StudyOutcome], options: De
                 secs = f"{o.seconds:.1f} s after its last image reached the PACS" if o.seconds is not None else ""
                 say(f"{o.case.key}: {len(view.results)} result objects in the PACS {secs}")
             if time.monotonic() > deadline:
-                return [f"{o.case.key}: no complete results after {options.timeout:.0f} s ({describe_progress(o.view)})"
-                        for o in outcomes if not o.done]
+                return [
+                    f"{o.case.key}: no complete results after {options.timeout:.0f} s ({describe_progress(o.view)})"
+                    for o in outcomes
+                    if not o.done
+                ]
             time.sleep(POLL_SECONDS)
     finally:
         reader.dispose()
@@ -378,8 +397,11 @@ def wait_for_interrupt(stack: NodeStack) -> None:
         signal.signal(signal.SIGTERM, old)
 
 
-def options_from_env(args_once: bool, args_free_ports: bool, data_dir: str | None, timeout: float | None) -> DemoOptions:
+def options_from_env(
+    args_once: bool, args_free_ports: bool, data_dir: str | None, timeout: float | None
+) -> DemoOptions:
     """Command-line flags, with DEMO_ONCE, DEMO_DATA_DIR, DEMO_FREE_PORTS and DEMO_TIMEOUT from the environment."""
+
     def flag(name: str) -> bool:
         return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
 

@@ -93,8 +93,15 @@ class NodeStack:
         self.extra_env = dict(extra_env or {})
         self.node_dir = self.root / "node"
         self.node_log = self.root / "msknode.log"
-        destinations = [{"type": "dimse", "name": "pacs", "ae_title": PACS_AE_TITLE, "host": "127.0.0.1",
-                         "port": ports.orthanc_dicom}]
+        destinations = [
+            {
+                "type": "dimse",
+                "name": "pacs",
+                "ae_title": PACS_AE_TITLE,
+                "host": "127.0.0.1",
+                "port": ports.orthanc_dicom,
+            }
+        ]
         self.settings = load_settings(
             data_dir=self.node_dir,
             database_url=f"sqlite:///{(self.node_dir / 'msknode.db').resolve()}",
@@ -131,20 +138,22 @@ class NodeStack:
         """The environment of ``msknode serve``: the caller's, minus what would leave the embedded default."""
         env = {k: v for k, v in os.environ.items() if k not in _DROPPED_ENV}
         s = self.settings
-        env.update({
-            "MSKNODE_DATA_DIR": str(s.data_dir),
-            "MSKNODE_HOST": s.host,
-            "MSKNODE_PORT": str(s.port),
-            "MSKNODE_WEB_HOST": s.web_host,
-            "MSKNODE_WEB_PORT": str(s.web_port),
-            "MSKNODE_AE_TITLE": s.ae_title,
-            "MSKNODE_UID_ROOT": s.uid_root,
-            "MSKNODE_ALLOWED_AE_TITLES": ",".join(s.allowed_ae_titles),
-            "MSKNODE_DESTINATIONS": json.dumps([d.model_dump(exclude_none=True) for d in s.destinations]),
-            "TCP_NODELAY": "1",
-            # never import packages from the working directory (a folder named "node" would shadow msknode)
-            "PYTHONSAFEPATH": "1",
-        })
+        env.update(
+            {
+                "MSKNODE_DATA_DIR": str(s.data_dir),
+                "MSKNODE_HOST": s.host,
+                "MSKNODE_PORT": str(s.port),
+                "MSKNODE_WEB_HOST": s.web_host,
+                "MSKNODE_WEB_PORT": str(s.web_port),
+                "MSKNODE_AE_TITLE": s.ae_title,
+                "MSKNODE_UID_ROOT": s.uid_root,
+                "MSKNODE_ALLOWED_AE_TITLES": ",".join(s.allowed_ae_titles),
+                "MSKNODE_DESTINATIONS": json.dumps([d.model_dump(exclude_none=True) for d in s.destinations]),
+                "TCP_NODELAY": "1",
+                # never import packages from the working directory (a folder named "node" would shadow msknode)
+                "PYTHONSAFEPATH": "1",
+            }
+        )
         env.update(self.extra_env)
         return env
 
@@ -174,8 +183,12 @@ class NodeStack:
         self.pacs.start()
         with open(self.node_log, "ab") as log_fh:
             self._serve = subprocess.Popen(
-                [sys.executable, "-m", "node.cli", "serve"], env=self.node_env(), stdout=log_fh,
-                stderr=subprocess.STDOUT, cwd=self.node_dir, start_new_session=True,
+                [sys.executable, "-m", "node.cli", "serve"],
+                env=self.node_env(),
+                stdout=log_fh,
+                stderr=subprocess.STDOUT,
+                cwd=self.node_dir,
+                start_new_session=True,
             )
         self.wait_ready(timeout)
 
@@ -197,8 +210,9 @@ class NodeStack:
                 return
             time.sleep(0.3)
         missing = [n for n, ok in (("DICOM listener", echo_ok), ("web", web_ok)) if not ok]
-        raise EndToEndError(f"msknode did not start within {timeout:.0f} s ({', '.join(missing)} not answering); "
-                            f"see {self.node_log}")
+        raise EndToEndError(
+            f"msknode did not start within {timeout:.0f} s ({', '.join(missing)} not answering); see {self.node_log}"
+        )
 
     def _echo(self) -> bool:
         return echoscu(self.ports.node_dicom, self.settings.ae_title, calling_ae=PACS_AE_TITLE, timeout=5)

@@ -74,8 +74,11 @@ class NodeView:
     @property
     def delivered(self) -> bool:
         """The job is done and every result object was acknowledged by every destination."""
-        return (self.job_state == "done" and bool(self.results)
-                and all(r.outbox_states and set(r.outbox_states) == {"sent"} for r in self.results))
+        return (
+            self.job_state == "done"
+            and bool(self.results)
+            and all(r.outbox_states and set(r.outbox_states) == {"sent"} for r in self.results)
+        )
 
     def counts(self) -> Counter:
         return Counter(r.kind for r in self.results)
@@ -130,7 +133,11 @@ def _view(s: Session, study_uid: str) -> NodeView:
         return view
     view.job_id, view.job_state, view.job_error, view.attempts = job.id, job.state, job.error, job.attempts
     view.timings = dict(job.timings or {})
-    view.created_at, view.started_at, view.finished_at = _utc(job.created_at), _utc(job.started_at), _utc(job.finished_at)
+    view.created_at, view.started_at, view.finished_at = (
+        _utc(job.created_at),
+        _utc(job.started_at),
+        _utc(job.finished_at),
+    )
     rows = s.execute(
         select(ResultObject, OutboxItem.state, OutboxItem.sent_at, OutboxItem.last_error)
         .outerjoin(OutboxItem, OutboxItem.result_object_id == ResultObject.id)
@@ -148,14 +155,27 @@ def _view(s: Session, study_uid: str) -> NodeView:
             d["error"] = last_error
     for uid, d in by_uid.items():
         ro = d["ro"]
-        view.results.append(ResultRow(ro.kind, uid, ro.series_uid, tuple(d["states"]),
-                                      max(d["sent"]) if d["sent"] else None, d["error"]))
+        view.results.append(
+            ResultRow(
+                ro.kind, uid, ro.series_uid, tuple(d["states"]), max(d["sent"]) if d["sent"] else None, d["error"]
+            )
+        )
     for f in s.scalars(select(Finding).where(Finding.job_id == job.id).order_by(Finding.id)):
-        view.findings.append({
-            "model": f.model_name, "model_version": f.model_version, "code": f.code, "label": f.label,
-            "evaluated": bool(f.evaluated), "qc_reason": f.qc_reason, "probability": f.probability,
-            "uncertainty": f.uncertainty, "positive": bool(f.positive), "grade": f.grade, "level": f.level,
-        })
+        view.findings.append(
+            {
+                "model": f.model_name,
+                "model_version": f.model_version,
+                "code": f.code,
+                "label": f.label,
+                "evaluated": bool(f.evaluated),
+                "qc_reason": f.qc_reason,
+                "probability": f.probability,
+                "uncertainty": f.uncertainty,
+                "positive": bool(f.positive),
+                "grade": f.grade,
+                "level": f.level,
+            }
+        )
     entry = s.scalar(select(WorklistEntry).where(WorklistEntry.study_id == study.id))
     if entry is not None:
         view.priority = entry.override_priority or entry.priority
@@ -193,7 +213,11 @@ class PacsCheck:
 
 
 def check_in_pacs(
-    view: NodeView, expectation: Expectation, pacs: OrthancPacs, *, validate: bool = True,
+    view: NodeView,
+    expectation: Expectation,
+    pacs: OrthancPacs,
+    *,
+    validate: bool = True,
     scratch: Path | None = None,
 ) -> PacsCheck:
     """Every result of ``view`` is in the PACS, the expected kinds are there, and each passes dciodvfy."""
@@ -227,8 +251,11 @@ def check_in_pacs(
             check.validated += 1
             check.warnings += len(warnings)
             if errors:
-                check.problems.append(f"{KIND_NAMES.get(r.kind, r.kind)} {r.sop_instance_uid} fails dciodvfy: "
-                                      + "; ".join(errors[:3]) + (f" (+{len(errors) - 3} more)" if len(errors) > 3 else ""))
+                check.problems.append(
+                    f"{KIND_NAMES.get(r.kind, r.kind)} {r.sop_instance_uid} fails dciodvfy: "
+                    + "; ".join(errors[:3])
+                    + (f" (+{len(errors) - 3} more)" if len(errors) > 3 else "")
+                )
             path.unlink()
     return check
 
@@ -241,8 +268,9 @@ def last_reception(receptions: dict[str, Reception], uids: Iterable[str]) -> dt.
     return max(times) if times else None
 
 
-def pacs_to_results_seconds(receptions: dict[str, Reception], source_uids: Sequence[str],
-                            result_uids: Sequence[str]) -> float | None:
+def pacs_to_results_seconds(
+    receptions: dict[str, Reception], source_uids: Sequence[str], result_uids: Sequence[str]
+) -> float | None:
     """Seconds from the last source instance stored in the PACS to the last result object stored there."""
     src = last_reception(receptions, source_uids)
     res = last_reception(receptions, result_uids)

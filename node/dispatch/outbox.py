@@ -77,8 +77,14 @@ class DispatchReport:
     errors: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
-        return {"claimed": self.claimed, "sent": self.sent, "retrying": self.retrying, "dead": self.dead,
-                "lease_lost": self.lease_lost, "errors": list(self.errors)}
+        return {
+            "claimed": self.claimed,
+            "sent": self.sent,
+            "retrying": self.retrying,
+            "dead": self.dead,
+            "lease_lost": self.lease_lost,
+            "errors": list(self.errors),
+        }
 
 
 # ---- the outbox ------------------------------------------------------------------------------------
@@ -91,7 +97,9 @@ def new_owner() -> str:
 def _due(now: dt.datetime):
     return or_(
         and_(OutboxItem.state == PENDING, or_(OutboxItem.next_attempt_at.is_(None), OutboxItem.next_attempt_at <= now)),
-        and_(OutboxItem.state == SENDING, or_(OutboxItem.lease_expires_at.is_(None), OutboxItem.lease_expires_at < now)),
+        and_(
+            OutboxItem.state == SENDING, or_(OutboxItem.lease_expires_at.is_(None), OutboxItem.lease_expires_at < now)
+        ),
     )
 
 
@@ -112,8 +120,12 @@ def claim(session: Session, *, now: dt.datetime, owner: str, limit: int, lease_s
         already = session.scalar(
             select(OutboxItem.id)
             .join(ResultObject, ResultObject.id == OutboxItem.result_object_id)
-            .where(ResultObject.sop_instance_uid == ro.sop_instance_uid, OutboxItem.destination == item.destination,
-                   OutboxItem.state == SENT, OutboxItem.id != item.id)
+            .where(
+                ResultObject.sop_instance_uid == ro.sop_instance_uid,
+                OutboxItem.destination == item.destination,
+                OutboxItem.state == SENT,
+                OutboxItem.id != item.id,
+            )
             .limit(1)
         )
         if already is not None:  # the same SOP instance was acknowledged by this destination
@@ -123,11 +135,15 @@ def claim(session: Session, *, now: dt.datetime, owner: str, limit: int, lease_s
         item.state = SENDING
         item.lease_owner = owner
         item.lease_expires_at = expires
-        claimed.append(Claimed(item.id, item.destination, ro.sop_instance_uid, ro.sop_class_uid, Path(ro.path), item.attempts))
+        claimed.append(
+            Claimed(item.id, item.destination, ro.sop_instance_uid, ro.sop_class_uid, Path(ro.path), item.attempts)
+        )
     return claimed
 
 
-def record(session: Session, c: Claimed, outcome: Outcome, *, owner: str, now: dt.datetime, policy: RetryPolicy) -> str | None:
+def record(
+    session: Session, c: Claimed, outcome: Outcome, *, owner: str, now: dt.datetime, policy: RetryPolicy
+) -> str | None:
     """Stores one outcome if the lease is still ours; returns the new state (None: lease lost)."""
     pg = session.bind is not None and session.bind.dialect.name == "postgresql"
     item = session.get(OutboxItem, c.id, with_for_update=True if pg else None)
@@ -158,8 +174,11 @@ def record(session: Session, c: Claimed, outcome: Outcome, *, owner: str, now: d
 
 
 def extend_leases(session: Session, ids: Iterable[int], *, owner: str, until: dt.datetime) -> None:
-    for item in session.scalars(select(OutboxItem).where(OutboxItem.id.in_(list(ids)), OutboxItem.lease_owner == owner,
-                                                         OutboxItem.state == SENDING)):
+    for item in session.scalars(
+        select(OutboxItem).where(
+            OutboxItem.id.in_(list(ids)), OutboxItem.lease_owner == owner, OutboxItem.state == SENDING
+        )
+    ):
         item.lease_expires_at = until
 
 
@@ -316,7 +335,9 @@ def list_items(session: Session, *, state: str | None = None, ids: Iterable[int]
     return rows
 
 
-def retry_item(db: Database, settings: Settings, item_id: int, *, actor: str = "cli", now: dt.datetime | None = None) -> dict[str, Any]:
+def retry_item(
+    db: Database, settings: Settings, item_id: int, *, actor: str = "cli", now: dt.datetime | None = None
+) -> dict[str, Any]:
     """Puts a dead (or waiting) item back in the queue, due now; audited. Never re-sends an acknowledged one."""
     from worklists import audit
 
@@ -326,7 +347,9 @@ def retry_item(db: Database, settings: Settings, item_id: int, *, actor: str = "
         if item is None:
             raise DispatchError(f"no outbox item with id {item_id}")
         if item.state == SENT:
-            raise PermanentDispatchError(f"outbox item {item_id} was acknowledged at {_iso(item.sent_at)}; it is not sent again")
+            raise PermanentDispatchError(
+                f"outbox item {item_id} was acknowledged at {_iso(item.sent_at)}; it is not sent again"
+            )
         if item.state == SENDING and item.lease_expires_at and item.lease_expires_at > now:
             raise TransientDispatchError(f"outbox item {item_id} is being sent right now")
         old = item.state
@@ -336,6 +359,14 @@ def retry_item(db: Database, settings: Settings, item_id: int, *, actor: str = "
         item.next_attempt_at = now
         item.lease_owner = None
         item.lease_expires_at = None
-        audit.record(s, actor=actor, action="outbox.retry", entity_type="outbox", entity_id=item_id, old=old,
-                     new=PENDING, details={"previous_error": previous_error, "destination": item.destination})
+        audit.record(
+            s,
+            actor=actor,
+            action="outbox.retry",
+            entity_type="outbox",
+            entity_id=item_id,
+            old=old,
+            new=PENDING,
+            details={"previous_error": previous_error, "destination": item.destination},
+        )
         return {"id": item_id, "state": PENDING, "previous_state": old, "previous_error": previous_error}

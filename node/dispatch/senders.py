@@ -130,7 +130,9 @@ def send_dimse(dest: DimseDestination, items: Sequence[Claimed], settings: Setti
     ae.acse_timeout = min(settings.network_timeout, 30.0)
     ae.dimse_timeout = settings.dimse_timeout
     ae.network_timeout = settings.network_timeout
-    ae.requested_contexts = [build_context(sop, [ExplicitVRLittleEndian, ImplicitVRLittleEndian]) for sop in sop_classes]
+    ae.requested_contexts = [
+        build_context(sop, [ExplicitVRLittleEndian, ImplicitVRLittleEndian]) for sop in sop_classes
+    ]
     tls_args = (_tls_context(dest), dest.host) if dest.tls else None
     try:
         assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title, tls_args=tls_args)
@@ -143,8 +145,12 @@ def send_dimse(dest: DimseDestination, items: Sequence[Claimed], settings: Setti
             accepted = {str(cx.abstract_syntax) for cx in assoc.accepted_contexts}
             for it in items:
                 if it.sop_class_uid not in accepted:
-                    yield it.id, Outcome.permanent_failure(
-                        f"0x0122 SOP class not supported: no presentation context accepted for {it.sop_class_uid}", 0x0122
+                    yield (
+                        it.id,
+                        Outcome.permanent_failure(
+                            f"0x0122 SOP class not supported: no presentation context accepted for {it.sop_class_uid}",
+                            0x0122,
+                        ),
                     )
                     continue
                 if not assoc.is_established:
@@ -160,7 +166,10 @@ def send_dimse(dest: DimseDestination, items: Sequence[Claimed], settings: Setti
                     yield it.id, Outcome.transient(f"{dest.key}: C-STORE failed: {e}")
                     continue
                 if not status or "Status" not in status:
-                    yield it.id, Outcome.transient(f"{dest.key}: no C-STORE response (association aborted or timed out)")
+                    yield (
+                        it.id,
+                        Outcome.transient(f"{dest.key}: no C-STORE response (association aborted or timed out)"),
+                    )
                     continue
                 yield it.id, classify_status(int(status.Status))
             if assoc.is_established:
@@ -176,9 +185,12 @@ def send_dimse(dest: DimseDestination, items: Sequence[Claimed], settings: Setti
                     yield it.id, Outcome.transient(f"{dest.key}: association rejected (transient): {why}")
         elif assoc.rejected_contexts and not assoc.accepted_contexts:
             for it in items:
-                yield it.id, Outcome.permanent_failure(
-                    f"0x0122 SOP class not supported: {dest.key} accepted no presentation context for {it.sop_class_uid}",
-                    0x0122,
+                yield (
+                    it.id,
+                    Outcome.permanent_failure(
+                        f"0x0122 SOP class not supported: {dest.key} accepted no presentation context for {it.sop_class_uid}",
+                        0x0122,
+                    ),
                 )
         else:
             reason = _probe(dest.host, dest.port)

@@ -93,7 +93,9 @@ def rules_provider(settings: Settings, logger: logging.Logger | None = None) -> 
     return RulesFile(settings.routing_rules, logger or logging.getLogger("node.intake.routing")).current
 
 
-def tick(session: Session, settings: Settings, now: dt.datetime, rules: RoutingRules | RulesFile | None = None) -> list[int]:
+def tick(
+    session: Session, settings: Settings, now: dt.datetime, rules: RoutingRules | RulesFile | None = None
+) -> list[int]:
     """One completeness round; returns the ids of the jobs it created (contract C2)."""
     if rules is None:
         rules = load_rules(settings.routing_rules)
@@ -120,10 +122,11 @@ def close_lost_associations(session: Session, settings: Settings, now: dt.dateti
         activity = max(t for t in (started_at, last_at) if t is not None)
         if activity > cutoff:
             continue
-        res = execute_dml(session,
+        res = execute_dml(
+            session,
             update(Association)
             .where(Association.id == assoc_id, Association.ended_at.is_(None))
-            .values(ended_at=now, end_reason="lost")
+            .values(ended_at=now, end_reason="lost"),
         )
         if res.rowcount != 1:
             continue
@@ -139,7 +142,9 @@ def close_lost_associations(session: Session, settings: Settings, now: dt.dateti
             )
         log.warning(
             "association %d: no instance for %.0f s and still open: closed as lost (%d series)",
-            assoc_id, settings.network_timeout, len(series_ids),
+            assoc_id,
+            settings.network_timeout,
+            len(series_ids),
         )
     return closed
 
@@ -157,7 +162,8 @@ def reopen_series(session: Session, settings: Settings, now: dt.datetime) -> lis
     reopened = []
     for series_id, uid, state, count, before in rows:
         assert before is not None  # selected: completed_instances IS NOT NULL
-        res = execute_dml(session,
+        res = execute_dml(
+            session,
             update(Series)
             .where(Series.id == series_id, Series.state == state, Series.completed_instances == before)
             .values(
@@ -168,10 +174,8 @@ def reopen_series(session: Session, settings: Settings, now: dt.datetime) -> lis
                 pipeline=None,
                 role=None,
                 routing_rule=None,
-                quiet_deadline=func.coalesce(
-                    Series.quiet_deadline, now + dt.timedelta(seconds=settings.quiet_seconds)
-                ),
-            )
+                quiet_deadline=func.coalesce(Series.quiet_deadline, now + dt.timedelta(seconds=settings.quiet_seconds)),
+            ),
         )
         if res.rowcount == 1:
             reopened.append(series_id)
@@ -186,9 +190,7 @@ class SliceCheck:
     reason: str
 
 
-def check_positions(
-    rows: Sequence[tuple[str | None, str | None, int | None]], expected: int
-) -> SliceCheck:
+def check_positions(rows: Sequence[tuple[str | None, str | None, int | None]], expected: int) -> SliceCheck:
     """Whether stored instances cover an announced count without a slice gap.
 
     ``rows`` are (image_position "x\\y\\z", image_orientation, number_of_frames) per
@@ -240,7 +242,7 @@ def _stack_gap(orientation: tuple[float, ...], positions: list[tuple[float, ...]
     if len(distinct) >= 3:
         steps = [b - a for a, b in itertools.pairwise(distinct)]
         median = sorted(steps)[(len(steps) - 1) // 2]  # the lower median: with 3 slices, the smaller step
-        if max(steps) > GAP_FACTOR * median + 10 ** -POSITION_DECIMALS:
+        if max(steps) > GAP_FACTOR * median + 10**-POSITION_DECIMALS:
             return "a gap in the slice positions"
     return None
 
@@ -289,7 +291,9 @@ def series_orientations(session: Session, series_id: int) -> list[tuple[str | No
 
 def _study_context(session: Session, study_id: int) -> tuple[str | None, list[SeriesFacts]]:
     description = session.scalar(select(Study.study_description).where(Study.id == study_id))
-    siblings = [series_facts(s, description) for s in session.scalars(select(Series).where(Series.study_id == study_id))]
+    siblings = [
+        series_facts(s, description) for s in session.scalars(select(Series).where(Series.study_id == study_id))
+    ]
     return description, siblings
 
 
@@ -332,7 +336,9 @@ def pixel_anatomy_hook(session: Session, settings: Settings, se: Series) -> Pixe
     def classify(facts: SeriesFacts) -> tuple[str | None, float]:
         try:
             paths = session.scalars(
-                select(Instance.path).where(Instance.series_id == se.id).order_by(Instance.instance_number, Instance.id)
+                select(Instance.path)
+                .where(Instance.series_id == se.id)
+                .order_by(Instance.instance_number, Instance.id)
                 .limit(PIXEL_ANATOMY_MAX_INSTANCES)
             ).all()
             if not paths:
@@ -348,8 +354,12 @@ def pixel_anatomy_hook(session: Session, settings: Settings, se: Series) -> Pixe
             log.info("series %s: pixel anatomy %s (p=%.2f)", se.series_uid, label, float(out.get("probability") or 0.0))
             return anatomy, float(out.get("probability") or 0.0)
         except Exception as e:  # never fail the tick: the pixels are then silent
-            log.warning("series %s: pixel anatomy classifier not available (%s: %s); treated as silent",
-                        se.series_uid, type(e).__name__, str(e)[:200])
+            log.warning(
+                "series %s: pixel anatomy classifier not available (%s: %s); treated as silent",
+                se.series_uid,
+                type(e).__name__,
+                str(e)[:200],
+            )
             return None, 0.0
 
     return classify
@@ -394,7 +404,11 @@ def complete_series(session: Session, settings: Settings, now: dt.datetime, rule
             if check.complete:
                 reason = "count"
             else:
-                log.debug("series %s: announced count reached but %s: waiting for the quiet period", se.series_uid, check.reason)
+                log.debug(
+                    "series %s: announced count reached but %s: waiting for the quiet period",
+                    se.series_uid,
+                    check.reason,
+                )
         became = now
         if reason is None and se.id not in open_ids:
             deadline = se.quiet_deadline or (se.last_received_at + quiet)
@@ -414,7 +428,8 @@ def complete_series(session: Session, settings: Settings, now: dt.datetime, rule
                     Association.ended_at.is_(None),
                 )
             )
-        res = execute_dml(session,
+        res = execute_dml(
+            session,
             update(Series)
             .where(*conditions)
             .values(
@@ -426,7 +441,7 @@ def complete_series(session: Session, settings: Settings, now: dt.datetime, rule
                 completed_reason=reason,
                 completed_instances=Series.instances,
             )
-            .execution_options(synchronize_session=False)
+            .execution_options(synchronize_session=False),
         )
         if res.rowcount != 1:
             continue
@@ -471,7 +486,9 @@ def create_jobs(session: Session, settings: Settings, now: dt.datetime, rules: R
         if settled == "protocol":
             log.info(
                 "study %s %s: every protocol role arrived complete (%s): settled without the quiet period",
-                study.study_uid, pipeline, ", ".join(sorted(protocol)),
+                study.study_uid,
+                pipeline,
+                ", ".join(sorted(protocol)),
             )
         if study_id not in rerouted:
             rerouted.add(study_id)
@@ -551,16 +568,21 @@ def _reroute_missing_anatomy(session: Session, settings: Settings, rules: Routin
         route = route_series(session, settings, rules, se)
         if not route.routed:
             continue
-        res = execute_dml(session,
+        res = execute_dml(
+            session,
             update(Series)
             .where(Series.id == se.id, Series.state == "unrouted", Series.routing_rule == UNROUTED_NO_ANATOMY)
             .values(state="complete", pipeline=route.pipeline, role=route.role, routing_rule=route.rule[:128])
-            .execution_options(synchronize_session=False)
+            .execution_options(synchronize_session=False),
         )
         if res.rowcount == 1:
             log.info(
                 "series %s: anatomy from the %s: %s/%s (rule %r)",
-                se.series_uid, route.anatomy_source, route.pipeline, route.role, route.rule,
+                se.series_uid,
+                route.anatomy_source,
+                route.pipeline,
+                route.role,
+                route.rule,
             )
     session.expire_all()
 
@@ -591,18 +613,22 @@ def _create_job(session: Session, settings: Settings, now: dt.datetime, study: S
     new = [s.id for s in inputs if s.state == "complete"]
     if not new:
         return None
-    uids = session.scalars(select(Instance.sop_instance_uid).where(Instance.series_id.in_([s.id for s in inputs]))).all()
+    uids = session.scalars(
+        select(Instance.sop_instance_uid).where(Instance.series_id.in_([s.id for s in inputs]))
+    ).all()
     fingerprint = input_fingerprint(pipeline, uids)
     jobs = session.scalars(
         select(Job).where(Job.study_id == study.id, Job.pipeline == pipeline).order_by(Job.id.desc())
     ).all()
     latest = next((j for j in jobs if j.state != "superseded"), None)
-    if latest is not None and latest.input_fingerprint == fingerprint and latest.state in WAITING_JOB_STATES + RESULT_JOB_STATES:
+    if (
+        latest is not None
+        and latest.input_fingerprint == fingerprint
+        and latest.state in WAITING_JOB_STATES + RESULT_JOB_STATES
+    ):
         # the same instances again (e.g. a resend): the existing job already covers them
         state = "queued" if latest.state in WAITING_JOB_STATES else latest.state
-        session.execute(
-            update(Series).where(Series.id.in_(new), Series.state == "complete").values(state=state)
-        )
+        session.execute(update(Series).where(Series.id.in_(new), Series.state == "complete").values(state=state))
         log.info("study %s %s: inputs unchanged since job %d: no new job", study.study_uid, pipeline, latest.id)
         return None
     roles = ", ".join(f"{s.series_uid}={s.role}" for s in inputs)
@@ -610,11 +636,12 @@ def _create_job(session: Session, settings: Settings, now: dt.datetime, study: S
     waiting = [j.id for j in jobs if j.state in WAITING_JOB_STATES]
     try:
         with session.begin_nested():
-            claimed = execute_dml(session,
+            claimed = execute_dml(
+                session,
                 update(Series)
                 .where(Series.id.in_(new), Series.state == "complete")
                 .values(state="queued")
-                .execution_options(synchronize_session=False)
+                .execution_options(synchronize_session=False),
             )
             if claimed.rowcount != len(new):
                 raise _Conflict
@@ -641,7 +668,9 @@ def _create_job(session: Session, settings: Settings, now: dt.datetime, study: S
                 state="queued",
                 enqueue_pending=True,
                 input_fingerprint=fingerprint,
-                supersedes_job_id=predecessor.id if predecessor is not None else (superseded[0] if superseded else None),
+                supersedes_job_id=predecessor.id
+                if predecessor is not None
+                else (superseded[0] if superseded else None),
                 max_attempts=settings.job_max_attempts,
                 queue=settings.inference_queue,
                 created_at=now,
@@ -659,8 +688,12 @@ def _create_job(session: Session, settings: Settings, now: dt.datetime, study: S
     if job.supersedes_job_id is not None:
         log.info(
             "job %d created for study %s %s, superseding job %d%s: %s",
-            job.id, study.study_uid, pipeline, job.supersedes_job_id,
-            f" (queued job(s) {superseded} superseded)" if superseded else "", roles,
+            job.id,
+            study.study_uid,
+            pipeline,
+            job.supersedes_job_id,
+            f" (queued job(s) {superseded} superseded)" if superseded else "",
+            roles,
         )
     else:
         log.info("job %d created for study %s %s: %s", job.id, study.study_uid, pipeline, roles)
@@ -685,18 +718,21 @@ def reroute_unrouted(
     route = route_series(session, settings, rules, se)
     if not route.routed:
         return route
-    res = execute_dml(session,
+    res = execute_dml(
+        session,
         update(Series)
         .where(Series.id == se.id, Series.state == "unrouted")
         .values(state="complete", pipeline=route.pipeline, role=route.role, routing_rule=route.rule[:128])
-        .execution_options(synchronize_session=False)
+        .execution_options(synchronize_session=False),
     )
     if res.rowcount != 1:
         return None
     deadline = now + dt.timedelta(seconds=settings.study_quiet_seconds)
     session.execute(
         update(Study)
-        .where(Study.id == se.study_id, or_(Study.study_quiet_deadline.is_(None), Study.study_quiet_deadline < deadline))
+        .where(
+            Study.id == se.study_id, or_(Study.study_quiet_deadline.is_(None), Study.study_quiet_deadline < deadline)
+        )
         .values(study_quiet_deadline=deadline)
     )
     log.info("series %s re-routed: %s/%s (rule %r)", se.series_uid, route.pipeline, route.role, route.rule)

@@ -83,8 +83,17 @@ PLANES = ("sagittal", "coronal", "axial")
 PLANE_VALUES = PLANES + ("oblique", "multi", "unknown")
 CONTRASTS = ("t1", "t1_fs", "pd", "pd_fs", "t2", "t2_fs", "stir", "gre", "dess", "other", "unknown")
 FLAGS = (
-    "localizer", "calibration", "derived", "mpr", "projection", "post_contrast",
-    "dixon", "dixon_water", "dixon_fat", "dixon_in_phase", "dixon_opposed_phase",
+    "localizer",
+    "calibration",
+    "derived",
+    "mpr",
+    "projection",
+    "post_contrast",
+    "dixon",
+    "dixon_water",
+    "dixon_fat",
+    "dixon_in_phase",
+    "dixon_opposed_phase",
 )
 
 #: a slice normal within this angle of a patient axis names that plane
@@ -263,7 +272,7 @@ class Acquisition:
                 continue
             if f.name == "origins":
                 if isinstance(v, Mapping):
-                    kw[f.name] = tuple((_bounded(k), _bounded(x)) for k, x in list(v.items())[:MAX_VALUES * 2])
+                    kw[f.name] = tuple((_bounded(k), _bounded(x)) for k, x in list(v.items())[: MAX_VALUES * 2])
             elif f.name == "anatomic_region":
                 if isinstance(v, (list, tuple)):
                     codes = []
@@ -375,7 +384,11 @@ def _private_creators(ds) -> dict[tuple[int, str], int]:
     """(group, creator upper-case) -> block number, for the groups read here."""
     found: dict[tuple[int, str], int] = {}
     try:
-        tags = [int(t) for t in getattr(ds, "_dict", {}) if (int(t) >> 16) in _PRIVATE_GROUPS and 0x10 <= (int(t) & 0xFFFF) <= 0xFF]
+        tags = [
+            int(t)
+            for t in getattr(ds, "_dict", {})
+            if (int(t) >> 16) in _PRIVATE_GROUPS and 0x10 <= (int(t) & 0xFFFF) <= 0xFF
+        ]
     except Exception:
         return found
     for tag in tags:
@@ -424,45 +437,87 @@ def acquisition_from_dataset(ds) -> Acquisition:
     kw["scanning_sequence"] = _tokens(_value(ds, "ScanningSequence"))
     kw["sequence_variant"] = _tokens(_value(ds, "SequenceVariant"))
     kw["scan_options"] = _tokens(_value(ds, "ScanOptions"))
-    for key, keyword in (("mr_acquisition_type", "MRAcquisitionType"), ("sequence_name", "SequenceName"),
-                         ("contrast_bolus_agent", "ContrastBolusAgent")):
+    for key, keyword in (
+        ("mr_acquisition_type", "MRAcquisitionType"),
+        ("sequence_name", "SequenceName"),
+        ("contrast_bolus_agent", "ContrastBolusAgent"),
+    ):
         kw[key] = _bounded(_value(ds, keyword))
-    for key, keyword in (("repetition_time", "RepetitionTime"), ("echo_time", "EchoTime"),
-                         ("inversion_time", "InversionTime"), ("flip_angle", "FlipAngle"),
-                         ("echo_train_length", "EchoTrainLength"), ("magnetic_field_strength", "MagneticFieldStrength")):
+    for key, keyword in (
+        ("repetition_time", "RepetitionTime"),
+        ("echo_time", "EchoTime"),
+        ("inversion_time", "InversionTime"),
+        ("flip_angle", "FlipAngle"),
+        ("echo_train_length", "EchoTrainLength"),
+        ("magnetic_field_strength", "MagneticFieldStrength"),
+    ):
         kw[key] = _number(_value(ds, keyword))
     for key, keyword in _ENHANCED_TEXT.items():
         kw[key] = _bounded(_value(ds, keyword))
     kw["anatomic_region"] = _codes(_value(ds, "AnatomicRegionSequence"))
 
     # enhanced (multi-frame) objects: the functional groups (shared first, then the first frame)
-    groups = [g for g in (_item(ds, "SharedFunctionalGroupsSequence"), _item(ds, "PerFrameFunctionalGroupsSequence")) if g is not None]
+    groups = [
+        g
+        for g in (_item(ds, "SharedFunctionalGroupsSequence"), _item(ds, "PerFrameFunctionalGroupsSequence"))
+        if g is not None
+    ]
     for name, g in zip(("shared functional groups", "first frame's functional groups"), groups):
+
         def fill(key: str, value: Any, what: str, name: str = name) -> None:
             if value is not None and value != () and kw.get(key) in (None, ()):
                 kw[key] = value
                 origins[key] = f"{what} in the {name}"
+
         timing = _item(g, "MRTimingAndRelatedParametersSequence")
         if timing is not None:
-            fill("repetition_time", _number(_value(timing, "RepetitionTime")), "MRTimingAndRelatedParametersSequence (0018,9112)")
+            fill(
+                "repetition_time",
+                _number(_value(timing, "RepetitionTime")),
+                "MRTimingAndRelatedParametersSequence (0018,9112)",
+            )
             fill("flip_angle", _number(_value(timing, "FlipAngle")), "MRTimingAndRelatedParametersSequence (0018,9112)")
-            fill("echo_train_length", _number(_value(timing, "EchoTrainLength")), "MRTimingAndRelatedParametersSequence (0018,9112)")
+            fill(
+                "echo_train_length",
+                _number(_value(timing, "EchoTrainLength")),
+                "MRTimingAndRelatedParametersSequence (0018,9112)",
+            )
         echo = _item(g, "MREchoSequence")
         if echo is not None:
-            fill("echo_time", _number(_value(echo, "EffectiveEchoTime")), "EffectiveEchoTime in MREchoSequence (0018,9114)")
+            fill(
+                "echo_time",
+                _number(_value(echo, "EffectiveEchoTime")),
+                "EffectiveEchoTime in MREchoSequence (0018,9114)",
+            )
         modifier = _item(g, "MRModifierSequence")
         if modifier is not None:
-            fill("inversion_recovery", _bounded(_value(modifier, "InversionRecovery")), "MRModifierSequence (0018,9115)")
-            fill("inversion_time", _number(_value(modifier, "InversionTimes")), "InversionTimes in MRModifierSequence (0018,9115)")
+            fill(
+                "inversion_recovery", _bounded(_value(modifier, "InversionRecovery")), "MRModifierSequence (0018,9115)"
+            )
+            fill(
+                "inversion_time",
+                _number(_value(modifier, "InversionTimes")),
+                "InversionTimes in MRModifierSequence (0018,9115)",
+            )
         frame_type = _item(g, "MRImageFrameTypeSequence")
         if frame_type is not None:
-            fill("image_type", _tokens(_value(frame_type, "FrameType")), "FrameType in MRImageFrameTypeSequence (0018,9226)")
+            fill(
+                "image_type",
+                _tokens(_value(frame_type, "FrameType")),
+                "FrameType in MRImageFrameTypeSequence (0018,9226)",
+            )
         plane = _item(g, "PlaneOrientationSequence")
         if plane is not None:
-            fill("orientation", _orientation_text(_value(plane, "ImageOrientationPatient")), "PlaneOrientationSequence (0020,9116)")
+            fill(
+                "orientation",
+                _orientation_text(_value(plane, "ImageOrientationPatient")),
+                "PlaneOrientationSequence (0020,9116)",
+            )
         anatomy = _item(g, "FrameAnatomySequence")
         if anatomy is not None:
-            fill("anatomic_region", _codes(_value(anatomy, "AnatomicRegionSequence")), "FrameAnatomySequence (0020,9071)")
+            fill(
+                "anatomic_region", _codes(_value(anatomy, "AnatomicRegionSequence")), "FrameAnatomySequence (0020,9071)"
+            )
 
     # vendors' private fields
     creators = _private_creators(ds)
@@ -541,9 +596,7 @@ def plane_of_orientation(cosines: Sequence[float]) -> PlaneOfOrientation | None:
     n = slice_normal(cosines)
     if n is None:
         return None
-    angles = sorted(
-        (math.degrees(math.acos(min(1.0, abs(c)))), plane) for c, plane in zip(n, PLANES)
-    )
+    angles = sorted((math.degrees(math.acos(min(1.0, abs(c)))), plane) for c, plane in zip(n, PLANES))
     (a1, p1), (a2, p2) = angles[0], angles[1]
     plane = p1 if a1 <= PLANE_TOLERANCE_DEG else "oblique"
     return PlaneOfOrientation(plane, round(a1, 1), (p1, p2), round(a2 - a1, 1))
@@ -580,7 +633,9 @@ def decide_plane(
     if not groups:
         if len(set(text_planes)) == 1:
             signals.append(Signal("plane", text_planes[0], text_source, True))
-            return Decision(text_planes[0], "text", f"no ImageOrientationPatient; the {text_source or 'text'} names it"), signals
+            return Decision(
+                text_planes[0], "text", f"no ImageOrientationPatient; the {text_source or 'text'} names it"
+            ), signals
         if text_planes:
             signals.append(Signal("plane", text_value, text_source, False))
             return Decision(None, "none", "no ImageOrientationPatient; the text names several planes"), signals
@@ -596,13 +651,20 @@ def decide_plane(
         by_plane[name] = by_plane.get(name, 0) + n
         if p is not None and (name not in detail_of or n > detail_of[name][0]):
             detail_of[name] = (n, p)
-        signals.append(Signal(
-            "orientation",
-            ("degenerate" if p is None else
-             f"{p.plane}{f' (nearest {p.nearest[0]})' if p.plane == 'oblique' else ''}, "
-             f"normal {p.angle:g} deg from the {p.nearest[0]} axis") + f"; {n} instance(s)",
-            iop_source, False,
-        ))
+        signals.append(
+            Signal(
+                "orientation",
+                (
+                    "degenerate"
+                    if p is None
+                    else f"{p.plane}{f' (nearest {p.nearest[0]})' if p.plane == 'oblique' else ''}, "
+                    f"normal {p.angle:g} deg from the {p.nearest[0]} axis"
+                )
+                + f"; {n} instance(s)",
+                iop_source,
+                False,
+            )
+        )
     ranked = sorted(by_plane.items(), key=lambda kv: -kv[1])
     strong = [p for p, n in ranked if p in PLANES and n >= max(1, MULTI_PLANE_MIN_SHARE * total)]
     if len(strong) > 1:
@@ -610,8 +672,11 @@ def decide_plane(
         detail = ", ".join(f"{p} {n}" for p, n in ranked)
         if text_planes:
             signals.append(Signal("plane", text_value, text_source, False))
-        return Decision("multi", "ImageOrientationPatient",
-                        f"{len(strong)} planes in one series ({detail} instances): a multi-plane localizer"), signals
+        return Decision(
+            "multi",
+            "ImageOrientationPatient",
+            f"{len(strong)} planes in one series ({detail} instances): a multi-plane localizer",
+        ), signals
     plane, count = ranked[0]
     signals = [Signal(s.name, s.value, s.source, s.value.startswith(plane) or plane == "degenerate") for s in signals]
     share = f"{count} of {total} instances" if len(groups) > 1 or missing else f"{total} instance(s)"
@@ -626,21 +691,28 @@ def decide_plane(
         if len(set(chosen)) == 1:
             signals.append(Signal("plane", text_value, text_source, True))
             how = "beyond the tolerance" if plane == "oblique" else "between two planes"
-            return Decision(chosen[0], "ImageOrientationPatient + text",
-                            f"normal {p.angle:g} deg from the {p.nearest[0]} axis, {how} ({candidates[0]}/{candidates[1]}); "
-                            f"the {text_source or 'text'} names {chosen[0]} ({share})"), signals
+            return Decision(
+                chosen[0],
+                "ImageOrientationPatient + text",
+                f"normal {p.angle:g} deg from the {p.nearest[0]} axis, {how} ({candidates[0]}/{candidates[1]}); "
+                f"the {text_source or 'text'} names {chosen[0]} ({share})",
+            ), signals
         if plane == "oblique":
             if text_planes:
                 signals.append(Signal("plane", text_value, text_source, False))
-            return Decision("oblique", "ImageOrientationPatient",
-                            f"double oblique: normal {p.angle:g} deg from the nearest axis ({p.nearest[0]}), "
-                            f"beyond the {PLANE_TOLERANCE_DEG:g} deg tolerance ({share})"), signals
+            return Decision(
+                "oblique",
+                "ImageOrientationPatient",
+                f"double oblique: normal {p.angle:g} deg from the nearest axis ({p.nearest[0]}), "
+                f"beyond the {PLANE_TOLERANCE_DEG:g} deg tolerance ({share})",
+            ), signals
     oblique = f"oblique, normal {p.angle:g} deg from the {plane} axis" if p.angle >= 1.0 else "orthogonal"
     if text_planes:
         agrees = plane in text_planes
         signals.append(Signal("plane", text_value + ("" if agrees else " (the geometry decides)"), text_source, False))
-    return Decision(plane, "ImageOrientationPatient",
-                    f"{oblique} (tolerance {PLANE_TOLERANCE_DEG:g} deg; {share})"), signals
+    return Decision(
+        plane, "ImageOrientationPatient", f"{oblique} (tolerance {PLANE_TOLERANCE_DEG:g} deg; {share})"
+    ), signals
 
 
 # ---- text patterns -----------------------------------------------------------------------------------
@@ -717,15 +789,49 @@ def text_contrast(matched: frozenset[str]) -> tuple[str | None, str]:
 
 
 # ---- contrast and flags from the parameters ---------------------------------------------------------
-_FAT_SAT_OPTIONS = frozenset({"FS", "FSS", "SFS", "FAT_SAT", "FATSAT", "SPAIR", "SPIR", "WE", "WATER_EXCITATION", "CHESS"})
+_FAT_SAT_OPTIONS = frozenset(
+    {"FS", "FSS", "SFS", "FAT_SAT", "FATSAT", "SPAIR", "SPIR", "WE", "WATER_EXCITATION", "CHESS"}
+)
 _NO_AGENT = frozenset({"", "NONE", "NO", "N/A", "NA", "0", "-", "NIL", "NOT USED", "NONE USED"})
-_MAP_TOKENS = frozenset({
-    "ADC", "EADC", "TRACEW", "TRACE", "FA", "DIFFUSION", "T1MAP", "T2MAP", "T1_MAP", "T2_MAP", "T2STAR_MAP",
-    "T2*MAP", "R2STAR", "R2*", "MAP", "CALC", "CALCULATED", "SUB", "SUBTRACT", "SUBTRACTION", "PERFUSION",
-    "TTP", "MTT", "CBF", "CBV", "MOCO", "EXP", "COLLAPSE", "T1RHO", "T1_RHO", "MOSAIC",
-})
+_MAP_TOKENS = frozenset(
+    {
+        "ADC",
+        "EADC",
+        "TRACEW",
+        "TRACE",
+        "FA",
+        "DIFFUSION",
+        "T1MAP",
+        "T2MAP",
+        "T1_MAP",
+        "T2_MAP",
+        "T2STAR_MAP",
+        "T2*MAP",
+        "R2STAR",
+        "R2*",
+        "MAP",
+        "CALC",
+        "CALCULATED",
+        "SUB",
+        "SUBTRACT",
+        "SUBTRACTION",
+        "PERFUSION",
+        "TTP",
+        "MTT",
+        "CBF",
+        "CBV",
+        "MOCO",
+        "EXP",
+        "COLLAPSE",
+        "T1RHO",
+        "T1_RHO",
+        "MOSAIC",
+    }
+)
 _NON_MAGNITUDE = frozenset({"P", "PHASE", "R", "REAL", "I", "IMAGINARY", "PHASE MAP"})
-_MPR_TOKENS = frozenset({"MPR", "CSA MPR", "CSAMPR", "REFORMATTED", "RESAMPLED", "CSA RESAMPLED", "CSARESAMPLED", "CSAPARALLEL", "CURVED"})
+_MPR_TOKENS = frozenset(
+    {"MPR", "CSA MPR", "CSAMPR", "REFORMATTED", "RESAMPLED", "CSA RESAMPLED", "CSARESAMPLED", "CSAPARALLEL", "CURVED"}
+)
 _PROJECTION_TOKENS = frozenset({"PROJECTION IMAGE", "PROJECTION", "MIP", "MINIP", "MNIP", "CSA MIP", "VOLUME RENDER"})
 _LOCALIZER_TOKENS = frozenset({"LOCALIZER", "SCOUT", "SURVEY"})
 _DIXON_TOKENS = {
@@ -736,11 +842,18 @@ _DIXON_TOKENS = {
 }
 _SEQ_DESS = re.compile(r"de3d|\bdess|\*de", re.IGNORECASE)
 _SEQ_IR = re.compile(r"\*tir|\btir|stir|fse-?ir|\bir\b|ir-?tse|tirm|spcir|\*ir", re.IGNORECASE)
-_SEQ_GRE = re.compile(r"\*fl|\*tfl|\*me[23]d|\*swi|\*fi|fgre|\bgre|spgr|mpgr|ffe|tfe|flash|medic|merge|fiesta|vibe|lava|thrive|\bfe\b|\bgr\b", re.IGNORECASE)
-_SEQ_SE = re.compile(r"\*tse|\*se|\*spc|\*h2d|\*haste|tse|fse|frfse|\bse\b|space|cube|vista|ssfse|haste|grase|\*tseR", re.IGNORECASE)
+_SEQ_GRE = re.compile(
+    r"\*fl|\*tfl|\*me[23]d|\*swi|\*fi|fgre|\bgre|spgr|mpgr|ffe|tfe|flash|medic|merge|fiesta|vibe|lava|thrive|\bfe\b|\bgr\b",
+    re.IGNORECASE,
+)
+_SEQ_SE = re.compile(
+    r"\*tse|\*se|\*spc|\*h2d|\*haste|tse|fse|frfse|\bse\b|space|cube|vista|ssfse|haste|grase|\*tseR", re.IGNORECASE
+)
 _SEQ_EPI = re.compile(r"\*ep|\bepi|ep2d|\bdwi|diff", re.IGNORECASE)
 _SEQ_LOCALIZER = re.compile(r"3-?plane|3pl|localizer|scout|survey", re.IGNORECASE)
-_SEQ_CALIBRATION = re.compile(r"\bcal\b|calib|3dcal|asset ?cal|purecal|senseref|coil ?survey|refscan|\bprescan", re.IGNORECASE)
+_SEQ_CALIBRATION = re.compile(
+    r"\bcal\b|calib|3dcal|asset ?cal|purecal|senseref|coil ?survey|refscan|\bprescan", re.IGNORECASE
+)
 
 
 def _sequence_names(acq: Acquisition) -> list[tuple[str, str]]:
@@ -882,7 +995,9 @@ def decide_contrast(
     t_contrast, t_how = text_contrast(text_matched)
     family, fam_value, fam_source = _family(acq)
     tr, te, ti = acq.repetition_time, acq.echo_time, acq.inversion_time
-    timing_source = tag_source(*[n for n, v in (("RepetitionTime", tr), ("EchoTime", te), ("InversionTime", ti)) if v is not None])
+    timing_source = tag_source(
+        *[n for n, v in (("RepetitionTime", tr), ("EchoTime", te), ("InversionTime", ti)) if v is not None]
+    )
     if tr is not None or te is not None or ti is not None:
         timing = ", ".join(f"{k} {_ms(v)}" for k, v in (("TR", tr), ("TE", te), ("TI", ti)) if v is not None)
     else:
@@ -893,14 +1008,22 @@ def decide_contrast(
         if text_source:
             signals.append(Signal("contrast (text)", f"{t_contrast or 'none'}: {t_how}{note}", text_source, used))
 
-    def finish(value: str, detail: str, *, fs_used: bool, text_used: bool = False, text_note: str = "") -> tuple[Decision, list[Signal]]:
+    def finish(
+        value: str, detail: str, *, fs_used: bool, text_used: bool = False, text_note: str = ""
+    ) -> tuple[Decision, list[Signal]]:
         if family is not None:
             signals.insert(0, Signal("sequence family", f"{family} ({fam_value})", fam_source, True))
         if timing:
             signals.append(Signal("timing", timing, timing_source, True))
         if fs is not None or fs_value != "not stated":
-            signals.append(Signal("fat suppression", {True: "yes", False: "no", None: "not stated"}[fs] + f" ({fs_value})",
-                                  fs_source, fs_used))
+            signals.append(
+                Signal(
+                    "fat suppression",
+                    {True: "yes", False: "no", None: "not stated"}[fs] + f" ({fs_value})",
+                    fs_source,
+                    fs_used,
+                )
+            )
         text_signal(text_used, text_note)
         source = "acquisition parameters + text" if text_used else "acquisition parameters"
         return Decision(value, source, detail), signals
@@ -920,32 +1043,50 @@ def decide_contrast(
     if family == "dess":
         return finish("dess", f"double-echo steady state ({fam_value})", fs_used=False)
     if family == "epi":
-        return finish("other", f"echo planar ({fam_value}): diffusion/functional, not an anatomical contrast", fs_used=False)
+        return finish(
+            "other", f"echo planar ({fam_value}): diffusion/functional, not an anatomical contrast", fs_used=False
+        )
     if family == "gre":
         if "dess" in text_matched:
             return finish("dess", f"gradient echo ({fam_value}); the text names DESS", fs_used=False, text_used=True)
         gre_weighting = ""
         if te is not None:
-            gre_weighting = "; T2*-weighted (TE >= 10 ms)" if te >= 10 else ("; T1-weighted (short TR/TE)" if tr is not None and tr < 100 else "")
+            gre_weighting = (
+                "; T2*-weighted (TE >= 10 ms)"
+                if te >= 10
+                else ("; T1-weighted (short TR/TE)" if tr is not None and tr < 100 else "")
+            )
         if "IR" in acq.scanning_sequence:
             gre_weighting += "; inversion-prepared"
-        return finish("gre", f"gradient echo ({fam_value}{', ' + timing if timing else ''}{gre_weighting})", fs_used=False)
+        return finish(
+            "gre", f"gradient echo ({fam_value}{', ' + timing if timing else ''}{gre_weighting})", fs_used=False
+        )
     if family == "ir":
         if ti is None:
             if (acq.acquisition_contrast or "").upper() == "STIR":
                 return finish("stir", f"inversion recovery ({fam_value}); AcquisitionContrast STIR", fs_used=False)
             if "stir" in text_matched:
-                return finish("stir", f"inversion recovery ({fam_value}), no TI; the text names STIR", fs_used=False, text_used=True)
+                return finish(
+                    "stir",
+                    f"inversion recovery ({fam_value}), no TI; the text names STIR",
+                    fs_used=False,
+                    text_used=True,
+                )
             return finish("other", f"inversion recovery ({fam_value}) without an InversionTime", fs_used=False)
         field_t = f" at {acq.magnetic_field_strength:g} T" if acq.magnetic_field_strength else ""
         if STIR_TI[0] <= ti <= STIR_TI[1]:
-            return finish("stir", f"inversion recovery, TI {ti:g} ms{field_t} nulls fat (STIR window {STIR_TI[0]:g}-{STIR_TI[1]:g} ms)",
-                          fs_used=False)
+            return finish(
+                "stir",
+                f"inversion recovery, TI {ti:g} ms{field_t} nulls fat (STIR window {STIR_TI[0]:g}-{STIR_TI[1]:g} ms)",
+                fs_used=False,
+            )
         if ti >= FLAIR_MIN_TI:
             return finish("other", f"inversion recovery, TI {ti:g} ms nulls fluid (FLAIR)", fs_used=False)
         if T1_FLAIR_TI[0] <= ti <= T1_FLAIR_TI[1] and te is not None and te < T1_MAX_TE:
             value = "t1_fs" if fs else "t1"
-            return finish(value, f"inversion recovery, TI {ti:g} ms, TE {te:g} ms: T1-weighted (T1-FLAIR)", fs_used=bool(fs))
+            return finish(
+                value, f"inversion recovery, TI {ti:g} ms, TE {te:g} ms: T1-weighted (T1-FLAIR)", fs_used=bool(fs)
+            )
         return finish("other", f"inversion recovery, TI {ti:g} ms: neither STIR nor FLAIR", fs_used=False)
     if family == "se":
         three_d = (acq.mr_acquisition_type or "").upper() == "3D"
@@ -959,7 +1100,10 @@ def decide_contrast(
                 else:
                     weighting, why = None, f"short TR ({tr:g} ms) with long TE ({te:g} ms): mixed weighting"
             elif tr < t1_max_tr and te < T1_MAX_TE:
-                weighting, why = "t1", f"short TR ({tr:g} ms < {t1_max_tr:g}{' for 3D' if three_d else ''}), short TE ({te:g} ms)"
+                weighting, why = (
+                    "t1",
+                    f"short TR ({tr:g} ms < {t1_max_tr:g}{' for 3D' if three_d else ''}), short TE ({te:g} ms)",
+                )
             elif tr >= t1_max_tr:
                 weighting, why = "pd", f"long TR ({tr:g} ms), short TE ({te:g} ms < {T2_MIN_TE:g}): PD/intermediate"
             else:
@@ -980,25 +1124,49 @@ def decide_contrast(
                     signals.insert(0, Signal("sequence family", f"{family} ({fam_value})", fam_source, True))
                 if timing:
                     signals.append(Signal("timing", timing + (f" ({why})" if why else ""), timing_source, False))
-                return Decision("other" if why else None, "acquisition parameters" if why else "none",
-                                f"spin echo ({fam_value}); {why or 'no TR/TE'}; the text names no weighting"), signals
+                return Decision(
+                    "other" if why else None,
+                    "acquisition parameters" if why else "none",
+                    f"spin echo ({fam_value}); {why or 'no TR/TE'}; the text names no weighting",
+                ), signals
             base = t_weight.removesuffix("_fs")
             use_fs = fs if fs is not None else t_weight.endswith("_fs")
             value = base + ("_fs" if use_fs else "")
-            return finish(value, f"spin echo ({fam_value}); {why or 'no TR/TE'}: the weighting from the text ({t_how})"
-                          + ("; fat suppression from the header" if fs else ""), fs_used=bool(fs), text_used=True)
+            return finish(
+                value,
+                f"spin echo ({fam_value}); {why or 'no TR/TE'}: the weighting from the text ({t_how})"
+                + ("; fat suppression from the header" if fs else ""),
+                fs_used=bool(fs),
+                text_used=True,
+            )
         # parameters decide the weighting; fat suppression from the header, else from the text
         if fs is True:
-            return finish(weighting + "_fs", f"spin echo ({fam_value}): {why}; fat suppressed ({fs_value})", fs_used=True,
-                          text_note="" if t_contrast in (None, weighting + "_fs") else " (the parameters decide)")
+            return finish(
+                weighting + "_fs",
+                f"spin echo ({fam_value}): {why}; fat suppressed ({fs_value})",
+                fs_used=True,
+                text_note="" if t_contrast in (None, weighting + "_fs") else " (the parameters decide)",
+            )
         if fs is False:
-            return finish(weighting, f"spin echo ({fam_value}): {why}; no fat suppression ({fs_value})", fs_used=True,
-                          text_note="" if t_contrast in (None, weighting) else " (the parameters decide)")
+            return finish(
+                weighting,
+                f"spin echo ({fam_value}): {why}; no fat suppression ({fs_value})",
+                fs_used=True,
+                text_note="" if t_contrast in (None, weighting) else " (the parameters decide)",
+            )
         if "fat_sat" in text_matched:
-            return finish(weighting + "_fs", f"spin echo ({fam_value}): {why}; fat suppression from the text "
-                          "(the header does not state it)", fs_used=False, text_used=True)
-        return finish(weighting, f"spin echo ({fam_value}): {why}; no fat suppression stated", fs_used=False,
-                      text_note="" if t_contrast in (None, weighting) else " (the parameters decide)")
+            return finish(
+                weighting + "_fs",
+                f"spin echo ({fam_value}): {why}; fat suppression from the text (the header does not state it)",
+                fs_used=False,
+                text_used=True,
+            )
+        return finish(
+            weighting,
+            f"spin echo ({fam_value}): {why}; no fat suppression stated",
+            fs_used=False,
+            text_note="" if t_contrast in (None, weighting) else " (the parameters decide)",
+        )
 
     # no sequence family in the header: the text decides (fat suppression from the header if it says so)
     if timing:
@@ -1040,7 +1208,9 @@ def recognize(
     for flag in _TEXT_FLAGS:
         if flag in matched:
             if flag == "dixon":
-                parts = [f for f in ("dixon_water", "dixon_fat", "dixon_in_phase", "dixon_opposed_phase") if f in matched]
+                parts = [
+                    f for f in ("dixon_water", "dixon_fat", "dixon_in_phase", "dixon_opposed_phase") if f in matched
+                ]
                 for f in ["dixon", *parts[:1]]:
                     if f not in flags:
                         flags.append(f)
@@ -1050,7 +1220,9 @@ def recognize(
             if fresh:
                 flags.append(flag)
             signals.append(Signal(flag, "named in the text", text_source, fresh))
-    contrast, contrast_signals = decide_contrast(acquisition, text_matched=matched, text_source=text_source, flags=flags)
+    contrast, contrast_signals = decide_contrast(
+        acquisition, text_matched=matched, text_source=text_source, flags=flags
+    )
     signals.extend(contrast_signals)
     ordered = tuple(f for f in FLAGS if f in flags)
     return Recognition(plane, contrast, ordered, tuple(signals))
@@ -1059,24 +1231,31 @@ def recognize(
 # ---- coded anatomy ------------------------------------------------------------------------------------
 #: SNOMED CT codes (DICOM CID 4031 and the joints) -> anatomy; "spine"/"whole_body" name no one region
 ANATOMY_CODES: Mapping[str, str] = {
-    "72696002": "knee", "49076000": "knee",
-    "16982005": "shoulder", "91775009": "shoulder",
+    "72696002": "knee",
+    "49076000": "knee",
+    "16982005": "shoulder",
+    "91775009": "shoulder",
     "122496007": "lumbar_spine",
     "122494005": "cervical_spine",
     "122495006": "thoracic_spine",
     "421060004": "spine",
     "38266002": "whole_body",
-    "69536005": "head", "12738006": "head",
+    "69536005": "head",
+    "12738006": "head",
     "45048000": "neck",
-    "29836001": "hip", "24136001": "hip",
+    "29836001": "hip",
+    "24136001": "hip",
     "12921003": "pelvis",
-    "127949000": "elbow", "16953009": "elbow",
-    "344001": "ankle", "70258002": "ankle",
+    "127949000": "elbow",
+    "16953009": "elbow",
+    "344001": "ankle",
+    "70258002": "ankle",
     "74670003": "wrist",
     "85562004": "hand",
     "56459004": "foot",
     "51185008": "chest",
-    "818981001": "abdomen", "113345001": "abdomen",
+    "818981001": "abdomen",
+    "113345001": "abdomen",
     "54735007": "sacrum",
 }
 #: coded regions that name no single anatomy (like BodyPartExamined SPINE)

@@ -87,9 +87,26 @@ LOCALIZER_ROLE = "localizer"
 OWN_MANUFACTURER = "msknode"
 
 _RULE_KEYS = {
-    "name", "pipeline", "role", "route", "modality", "anatomy", "body_part", "description",
-    "protocol", "text", "not_text", "laterality", "calling_ae", "manufacturer",
-    "plane", "contrast", "flags", "not_flags", "image_type", "sequence",
+    "name",
+    "pipeline",
+    "role",
+    "route",
+    "modality",
+    "anatomy",
+    "body_part",
+    "description",
+    "protocol",
+    "text",
+    "not_text",
+    "laterality",
+    "calling_ae",
+    "manufacturer",
+    "plane",
+    "contrast",
+    "flags",
+    "not_flags",
+    "image_type",
+    "sequence",
 }
 _TOP_KEYS = {"version", "generic_body_parts", "patterns", "anatomy", "rule"}
 _ANATOMY_KEYS = {"body_part", "text"}
@@ -240,8 +257,17 @@ class Rule:
         if self.image_type and any(not p.search(" ".join(acq.image_type)) for p in self.image_type):
             return False
         if self.sequence:
-            names = " ".join(v for v in (acq.sequence_name, acq.pulse_sequence_name, acq.ge_pulse_sequence,
-                                         acq.ge_internal_pulse_sequence, acq.philips_scanning_technique) if v)
+            names = " ".join(
+                v
+                for v in (
+                    acq.sequence_name,
+                    acq.pulse_sequence_name,
+                    acq.ge_pulse_sequence,
+                    acq.ge_internal_pulse_sequence,
+                    acq.philips_scanning_technique,
+                )
+                if v
+            )
             if any(not p.search(names) for p in self.sequence):
                 return False
         return True
@@ -277,8 +303,11 @@ _SOURCE_LABELS = {
     "pixels": "pixels",
     "conflict": "conflicting headers",
 }
-_HEADER_NAMES = {"series_description": "SeriesDescription", "protocol_name": "ProtocolName",
-                 "study_description": "StudyDescription"}
+_HEADER_NAMES = {
+    "series_description": "SeriesDescription",
+    "protocol_name": "ProtocolName",
+    "study_description": "StudyDescription",
+}
 
 
 @dataclass(frozen=True)
@@ -340,12 +369,20 @@ class RoutingRules:
         coded, code_read = anatomy_of_codes(codes)
         decisive_code = coded if coded is not None and coded not in GENERIC_CODED else None
         if codes:
-            signals.append(Signal("anatomy (coded)", f"{coded or 'no known code'} ({code_read})",
-                                  facts.acquisition.origin("anatomic_region", tag_source("AnatomicRegionSequence")), False))
+            signals.append(
+                Signal(
+                    "anatomy (coded)",
+                    f"{coded or 'no known code'} ({code_read})",
+                    facts.acquisition.origin("anatomic_region", tag_source("AnatomicRegionSequence")),
+                    False,
+                )
+            )
         body_kind, body_anatomy = self._body_part(facts.body_part)
         if facts.body_part:
             shown = body_anatomy or "names no one region"
-            signals.append(Signal("anatomy (body part)", f"{facts.body_part} -> {shown}", tag_source("BodyPartExamined"), False))
+            signals.append(
+                Signal("anatomy (body part)", f"{facts.body_part} -> {shown}", tag_source("BodyPartExamined"), False)
+            )
         if facts.laterality:
             signals.append(Signal("laterality", facts.laterality, tag_source("Laterality"), False))
 
@@ -358,21 +395,40 @@ class RoutingRules:
         if decisive_code is not None:
             code_kind = "pipeline" if decisive_code in pipelines else "other"
             if body_kind is not None and body_anatomy != "other" and body_anatomy != decisive_code:
-                return AnatomyFinding(None, None, "conflict", "conflict",
-                                      f"AnatomicRegionSequence says {decisive_code}, BodyPartExamined {facts.body_part} "
-                                      f"says {body_anatomy}: not guessed", tuple(Signal(s.name, s.value, s.source, True) for s in signals))
+                return AnatomyFinding(
+                    None,
+                    None,
+                    "conflict",
+                    "conflict",
+                    f"AnatomicRegionSequence says {decisive_code}, BodyPartExamined {facts.body_part} "
+                    f"says {body_anatomy}: not guessed",
+                    tuple(Signal(s.name, s.value, s.source, True) for s in signals),
+                )
             detail = f"coded {code_read}"
             if body_anatomy == "other":
                 detail += f" (BodyPartExamined {facts.body_part} names no known region)"
-            return AnatomyFinding(decisive_code if code_kind == "pipeline" else None, decisive_code, code_kind,
-                                  "anatomic_region", detail, used(0))
+            return AnatomyFinding(
+                decisive_code if code_kind == "pipeline" else None,
+                decisive_code,
+                code_kind,
+                "anatomic_region",
+                detail,
+                used(0),
+            )
         if body_kind is not None:
             i = 1 if codes else 0
             if body_kind == "pipeline":
-                return AnatomyFinding(body_anatomy, body_anatomy, "pipeline", "body_part",
-                                      f"BodyPartExamined {facts.body_part}", used(i))
-            return AnatomyFinding(None, body_anatomy, "other", "other_body_part",
-                                  f"BodyPartExamined {facts.body_part} names another region: no description overrides it", used(i))
+                return AnatomyFinding(
+                    body_anatomy, body_anatomy, "pipeline", "body_part", f"BodyPartExamined {facts.body_part}", used(i)
+                )
+            return AnatomyFinding(
+                None,
+                body_anatomy,
+                "other",
+                "other_body_part",
+                f"BodyPartExamined {facts.body_part} names another region: no description overrides it",
+                used(i),
+            )
         for header, value in (("series_description", facts.series_description), ("protocol_name", facts.protocol_name)):
             found = self._text_anatomies(value)
             if not found:
@@ -382,8 +438,14 @@ class RoutingRules:
             if len(names) == 1:
                 kind, name = found[0]
                 signals.append(Signal("anatomy (text)", name, src, True))
-                return AnatomyFinding(name if kind == "pipeline" else None, name, kind, header,
-                                      f"the {_HEADER_NAMES[header]} names {name}", tuple(signals))
+                return AnatomyFinding(
+                    name if kind == "pipeline" else None,
+                    name,
+                    kind,
+                    header,
+                    f"the {_HEADER_NAMES[header]} names {name}",
+                    tuple(signals),
+                )
             signals.append(Signal("anatomy (text)", "several: " + ", ".join(names), src, False))
         return AnatomyFinding(None, None, "none", None, "no header names the anatomy", tuple(signals))
 
@@ -405,8 +467,14 @@ class RoutingRules:
         if len(names) == 1:
             kind, name = found[0]
             signals.append(Signal("anatomy (study)", name, src, True))
-            return AnatomyFinding(name if kind == "pipeline" else None, name, kind, "study_description",
-                                  f"the StudyDescription names {name}", tuple(signals))
+            return AnatomyFinding(
+                name if kind == "pipeline" else None,
+                name,
+                kind,
+                "study_description",
+                f"the StudyDescription names {name}",
+                tuple(signals),
+            )
         if names:
             signals.append(Signal("anatomy (study)", "several: " + ", ".join(names), src, False))
         seen: dict[str, str] = {}
@@ -417,38 +485,86 @@ class RoutingRules:
             if other.value is not None and other.kind in ("pipeline", "other"):
                 seen[other.value] = other.kind
         if len(seen) == 1:
-            (name, kind), = seen.items()
+            ((name, kind),) = seen.items()
             signals.append(Signal("anatomy (other series)", name, "the other series of the study", True))
-            return AnatomyFinding(name if kind == "pipeline" else None, name, kind, "other_series",
-                                  f"every other series of the study that names an anatomy names {name}", tuple(signals))
+            return AnatomyFinding(
+                name if kind == "pipeline" else None,
+                name,
+                kind,
+                "other_series",
+                f"every other series of the study that names an anatomy names {name}",
+                tuple(signals),
+            )
         if seen:
-            signals.append(Signal("anatomy (other series)", "several: " + ", ".join(sorted(seen)), "the other series of the study", False))
+            signals.append(
+                Signal(
+                    "anatomy (other series)",
+                    "several: " + ", ".join(sorted(seen)),
+                    "the other series of the study",
+                    False,
+                )
+            )
         if pixel_anatomy is None:
-            return AnatomyFinding(None, None, "none", None, "no header, text or other series names the anatomy", tuple(signals))
+            return AnatomyFinding(
+                None, None, "none", None, "no header, text or other series names the anatomy", tuple(signals)
+            )
         flags = set(recognition.flags) if recognition is not None else set()
         plane = recognition.plane.value if recognition is not None else None
         if (facts.modality or "").strip().upper() != "MR" or flags & _NOT_ANATOMICAL or plane == "multi":
-            signals.append(Signal("anatomy (pixels)", "not consulted (not an anatomical MR series)", "pixel anatomy classifier", False))
-            return AnatomyFinding(None, None, "none", None, "no header, text or other series names the anatomy", tuple(signals))
+            signals.append(
+                Signal(
+                    "anatomy (pixels)", "not consulted (not an anatomical MR series)", "pixel anatomy classifier", False
+                )
+            )
+            return AnatomyFinding(
+                None, None, "none", None, "no header, text or other series names the anatomy", tuple(signals)
+            )
         try:
             label, probability = pixel_anatomy(facts)
         except Exception as e:  # the hook must never stop routing
-            signals.append(Signal("anatomy (pixels)", f"unavailable ({type(e).__name__})", "pixel anatomy classifier", False))
-            return AnatomyFinding(None, None, "none", None, "no header, text or other series names the anatomy", tuple(signals))
+            signals.append(
+                Signal("anatomy (pixels)", f"unavailable ({type(e).__name__})", "pixel anatomy classifier", False)
+            )
+            return AnatomyFinding(
+                None, None, "none", None, "no header, text or other series names the anatomy", tuple(signals)
+            )
         if label is None:
             signals.append(Signal("anatomy (pixels)", "no answer", "pixel anatomy classifier", False))
-            return AnatomyFinding(None, None, "none", None, "no header, text or other series names the anatomy", tuple(signals))
+            return AnatomyFinding(
+                None, None, "none", None, "no header, text or other series names the anatomy", tuple(signals)
+            )
         value = f"{label} (p={probability:.2f})"
-        if label in PIXEL_ANATOMIES and label in {a.name for a in self.anatomies} and probability >= PIXEL_ANATOMY_MIN_PROBABILITY:
+        if (
+            label in PIXEL_ANATOMIES
+            and label in {a.name for a in self.anatomies}
+            and probability >= PIXEL_ANATOMY_MIN_PROBABILITY
+        ):
             signals.append(Signal("anatomy (pixels)", value, "pixel anatomy classifier", True))
-            return AnatomyFinding(label, label, "pipeline", "pixels",
-                                  f"only the pixels tell: {label} with probability {probability:.2f} "
-                                  f"(threshold {PIXEL_ANATOMY_MIN_PROBABILITY:g})", tuple(signals))
-        why = ("below the threshold" if probability < PIXEL_ANATOMY_MIN_PROBABILITY
-               else "the pixels never decide this anatomy" if label not in ("other",) else "not a pipeline anatomy")
+            return AnatomyFinding(
+                label,
+                label,
+                "pipeline",
+                "pixels",
+                f"only the pixels tell: {label} with probability {probability:.2f} "
+                f"(threshold {PIXEL_ANATOMY_MIN_PROBABILITY:g})",
+                tuple(signals),
+            )
+        why = (
+            "below the threshold"
+            if probability < PIXEL_ANATOMY_MIN_PROBABILITY
+            else "the pixels never decide this anatomy"
+            if label not in ("other",)
+            else "not a pipeline anatomy"
+        )
         signals.append(Signal("anatomy (pixels)", f"{value}: {why}", "pixel anatomy classifier", False))
-        return AnatomyFinding(None, None, "none", None, "no header, text or other series names the anatomy; "
-                              f"the pixels say {label} ({why})", tuple(signals))
+        return AnatomyFinding(
+            None,
+            None,
+            "none",
+            None,
+            f"no header, text or other series names the anatomy; the pixels say {label} ({why})",
+            tuple(signals),
+        )
 
     def _text_anatomy(self, value: str | None) -> str | None:
         text = normalize_text(value)
@@ -463,11 +579,23 @@ class RoutingRules:
     def recognize(self, facts: SeriesFacts) -> Recognition:
         """Plane, contrast and flags of the series (`node.intake.recognition`), with this file's text patterns."""
         text, text_source = facts.text()
-        return recognize(orientations=facts.orientations, acquisition=facts.acquisition, text=text,
-                         text_source=text_source, patterns=self.text_patterns, manufacturer=facts.manufacturer)
+        return recognize(
+            orientations=facts.orientations,
+            acquisition=facts.acquisition,
+            text=text,
+            text_source=text_source,
+            patterns=self.text_patterns,
+            manufacturer=facts.manufacturer,
+        )
 
-    def route(self, facts: SeriesFacts, *, uid_root: str, siblings: Sequence[SeriesFacts] = (),
-              pixel_anatomy: PixelAnatomy | None = None) -> Route:
+    def route(
+        self,
+        facts: SeriesFacts,
+        *,
+        uid_root: str,
+        siblings: Sequence[SeriesFacts] = (),
+        pixel_anatomy: PixelAnatomy | None = None,
+    ) -> Route:
         """Pipeline and role for one series (or why it is unrouted)."""
         return explain(facts, self, uid_root=uid_root, siblings=siblings, pixel_anatomy=pixel_anatomy).route
 
@@ -544,15 +672,30 @@ def explain(
     signals = list(recognition.signals)
 
     def done(route: Route, anatomy: Decision, extra: Sequence[Signal] = ()) -> Explanation:
-        route = Route(route.pipeline, route.role, route.rule, route.anatomy, route.anatomy_source,
-                      recognition.plane.value, recognition.contrast.value, recognition.flags)
-        return Explanation(route, recognition.plane, recognition.contrast, anatomy, recognition.flags,
-                           (*signals, *extra))
+        route = Route(
+            route.pipeline,
+            route.role,
+            route.rule,
+            route.anatomy,
+            route.anatomy_source,
+            recognition.plane.value,
+            recognition.contrast.value,
+            recognition.flags,
+        )
+        return Explanation(
+            route, recognition.plane, recognition.contrast, anatomy, recognition.flags, (*signals, *extra)
+        )
 
     if is_own_object(facts, uid_root):
-        own = Signal("own object", "msknode created it (UID root, Manufacturer or ContributingEquipment)",
-                     "SeriesInstanceUID / Manufacturer (0008,0070)", True)
-        return done(Route(None, None, UNROUTED_OWN), Decision(None, "none", "not evaluated: msknode's own object"), [own])
+        own = Signal(
+            "own object",
+            "msknode created it (UID root, Manufacturer or ContributingEquipment)",
+            "SeriesInstanceUID / Manufacturer (0008,0070)",
+            True,
+        )
+        return done(
+            Route(None, None, UNROUTED_OWN), Decision(None, "none", "not evaluated: msknode's own object"), [own]
+        )
     found = rules.anatomy_finding(facts, siblings, pixel_anatomy, recognition)
     anatomy = Decision(found.value, _SOURCE_LABELS.get(found.source or "", "none"), found.detail)
     extra = list(found.signals)
@@ -598,15 +741,40 @@ TABLE_HEADER_KEYS: Mapping[str, str] = {
     "philips_image_type": "Philips (2005,xx11) image type",
     "anatomic_region": "AnatomicRegionSequence codes, e.g. ['SCT:72696002']",
 }
-_TABLE_KEYS = {"vendor", "description", "body_part", "protocol", "study_description", "modality", "laterality",
-               "calling_ae", "expect", "note", "expect_plane", "expect_contrast", "expect_flags", *TABLE_HEADER_KEYS}
+_TABLE_KEYS = {
+    "vendor",
+    "description",
+    "body_part",
+    "protocol",
+    "study_description",
+    "modality",
+    "laterality",
+    "calling_ae",
+    "expect",
+    "note",
+    "expect_plane",
+    "expect_contrast",
+    "expect_flags",
+    *TABLE_HEADER_KEYS,
+}
 _TABLE_ACQ = {
-    "image_type": "image_type", "scanning_sequence": "scanning_sequence", "sequence_variant": "sequence_variant",
-    "scan_options": "scan_options", "mr_acquisition_type": "mr_acquisition_type", "sequence_name": "sequence_name",
-    "pulse_sequence_name": "pulse_sequence_name", "tr": "repetition_time", "te": "echo_time", "ti": "inversion_time",
-    "flip_angle": "flip_angle", "etl": "echo_train_length", "field_strength": "magnetic_field_strength",
-    "contrast_agent": "contrast_bolus_agent", "spectrally_selected_suppression": "spectrally_selected_suppression",
-    "ge_pulse_sequence": "ge_pulse_sequence", "philips_scanning_technique": "philips_scanning_technique",
+    "image_type": "image_type",
+    "scanning_sequence": "scanning_sequence",
+    "sequence_variant": "sequence_variant",
+    "scan_options": "scan_options",
+    "mr_acquisition_type": "mr_acquisition_type",
+    "sequence_name": "sequence_name",
+    "pulse_sequence_name": "pulse_sequence_name",
+    "tr": "repetition_time",
+    "te": "echo_time",
+    "ti": "inversion_time",
+    "flip_angle": "flip_angle",
+    "etl": "echo_train_length",
+    "field_strength": "magnetic_field_strength",
+    "contrast_agent": "contrast_bolus_agent",
+    "spectrally_selected_suppression": "spectrally_selected_suppression",
+    "ge_pulse_sequence": "ge_pulse_sequence",
+    "philips_scanning_technique": "philips_scanning_technique",
     "philips_image_type": "philips_image_type",
 }
 
@@ -617,8 +785,10 @@ def facts_from_table_entry(entry: Mapping[str, Any], *, series_uid: str = "1.2.3
         raise RoutingError("series table: each [[series]] must be a table")
     unknown = set(entry) - _TABLE_KEYS
     if unknown:
-        raise RoutingError(f"series table: entry {entry.get('description')!r}: unknown key(s) {sorted(unknown)} "
-                           f"(allowed: {sorted(_TABLE_KEYS)})")
+        raise RoutingError(
+            f"series table: entry {entry.get('description')!r}: unknown key(s) {sorted(unknown)} "
+            f"(allowed: {sorted(_TABLE_KEYS)})"
+        )
     acq: dict[str, Any] = {v: entry[k] for k, v in _TABLE_ACQ.items() if k in entry}
     if "anatomic_region" in entry:
         codes = entry["anatomic_region"]
@@ -732,8 +902,14 @@ def parse_rules(text: str, *, source: str = "<string>") -> RoutingRules:
             )
         rules.append(rule)
     digest = hashlib.sha256(text.encode("utf-8")).hexdigest()
-    return RoutingRules(tuple(rules), tuple(anatomies), generic_set, source=source, digest=digest,
-                        text_patterns=TextPatterns.build(patterns))
+    return RoutingRules(
+        tuple(rules),
+        tuple(anatomies),
+        generic_set,
+        source=source,
+        digest=digest,
+        text_patterns=TextPatterns.build(patterns),
+    )
 
 
 def _parse_rule(r: Any, index: int, patterns: Mapping[str, str], where: str) -> Rule:
@@ -756,11 +932,12 @@ def _parse_rule(r: Any, index: int, patterns: Mapping[str, str], where: str) -> 
     if route:
         if pipeline is None or pipeline not in PIPELINE_ROLES:
             raise RoutingError(
-                f"{ctx}: pipeline {pipeline!r} is not one of {', '.join(sorted(PIPELINE_ROLES))}"
-                " (or set route = false)"
+                f"{ctx}: pipeline {pipeline!r} is not one of {', '.join(sorted(PIPELINE_ROLES))} (or set route = false)"
             )
         if role not in PIPELINE_ROLES[pipeline]:
-            raise RoutingError(f"{ctx}: role {role!r} is not a role of {pipeline} (roles: {', '.join(PIPELINE_ROLES[pipeline])})")
+            raise RoutingError(
+                f"{ctx}: role {role!r} is not a role of {pipeline} (roles: {', '.join(PIPELINE_ROLES[pipeline])})"
+            )
     else:
         if role is not None:
             raise RoutingError(f"{ctx}: a rule with route = false has no role")
@@ -769,10 +946,10 @@ def _parse_rule(r: Any, index: int, patterns: Mapping[str, str], where: str) -> 
 
     anatomy = r.get("anatomy", pipeline if pipeline is not None else "any")
     if not isinstance(anatomy, str):
-        raise RoutingError(f"{ctx}: anatomy must be a pipeline name or \"any\"")
+        raise RoutingError(f'{ctx}: anatomy must be a pipeline name or "any"')
     anatomy_value = None if anatomy == "any" else anatomy
     if anatomy_value is not None and anatomy_value not in PIPELINE_ROLES:
-        raise RoutingError(f"{ctx}: anatomy {anatomy!r} is not a pipeline name or \"any\"")
+        raise RoutingError(f'{ctx}: anatomy {anatomy!r} is not a pipeline name or "any"')
 
     def str_list(key: str, upper: bool = True) -> frozenset[str] | None:
         value = r.get(key)
@@ -807,6 +984,7 @@ def _parse_rule(r: Any, index: int, patterns: Mapping[str, str], where: str) -> 
         if bad:
             raise RoutingError(f"{ctx}: {key} {', '.join(map(repr, bad))} is not one of {', '.join(allowed)}")
         return value
+
     return Rule(
         name=name.strip(),
         index=index,
@@ -870,7 +1048,10 @@ class RulesFile:
         self._stamp = self._file_stamp()
         self._rules = load_rules(self.path)
         self.logger.info(
-            "routing rules loaded from %s (%d rules, sha256 %s)", self.path, len(self._rules.rules), self._rules.digest[:12]
+            "routing rules loaded from %s (%d rules, sha256 %s)",
+            self.path,
+            len(self._rules.rules),
+            self._rules.digest[:12],
         )
 
     def _file_stamp(self) -> tuple[int, int] | None:

@@ -129,12 +129,15 @@ def _set_series_state(session: Session, job_id: int, state: str, *, only_from: I
 # ---- claim, renew, finish, fail ------------------------------------------------------------
 
 
-def claim(db: Database, job_id: int, *, owner: str, lease_seconds: float, now: dt.datetime | None = None) -> Lease | None:
+def claim(
+    db: Database, job_id: int, *, owner: str, lease_seconds: float, now: dt.datetime | None = None
+) -> Lease | None:
     """Takes the job if it is queued and due; returns the lease, or None if someone else has it / it is not due."""
     now = now or utcnow()
     expires = now + dt.timedelta(seconds=lease_seconds)
     with db.session() as s:
-        res = execute_dml(s,
+        res = execute_dml(
+            s,
             update(Job)
             .where(
                 Job.id == job_id,
@@ -151,7 +154,7 @@ def claim(db: Database, job_id: int, *, owner: str, lease_seconds: float, now: d
                 enqueue_pending=False,
                 step=None,
             )
-            .execution_options(synchronize_session=False)
+            .execution_options(synchronize_session=False),
         )
         if res.rowcount != 1:
             return None
@@ -176,11 +179,12 @@ def set_step(db: Database, lease: Lease, step: str | None) -> bool:
 def _update_leased(db: Database, lease: Lease, **values) -> bool:
     """Sets columns of the job in one transaction if the lease is still ours (False otherwise)."""
     with db.session() as s:
-        res = execute_dml(s,
+        res = execute_dml(
+            s,
             update(Job)
             .where(Job.id == lease.job_id, Job.state == "processing", Job.lease_owner == lease.owner)
             .values(**values)
-            .execution_options(synchronize_session=False)
+            .execution_options(synchronize_session=False),
         )
         return res.rowcount == 1
 
@@ -205,9 +209,7 @@ def mark_done(
     Raises `LeaseLost` if the lease is no longer ours, which rolls the whole transaction back.
     """
     job = _locked_job(session, lease)
-    newer_done = session.scalar(
-        select(Job.id).where(Job.supersedes_job_id == job.id, Job.state == "done").limit(1)
-    )
+    newer_done = session.scalar(select(Job.id).where(Job.supersedes_job_id == job.id, Job.state == "done").limit(1))
     # a later job over the study finished first: this one is history as soon as it is done
     job.state = "superseded" if newer_done is not None else "done"
     job.step = None
@@ -270,8 +272,16 @@ def fail(
             job.enqueue_pending = True
         if retry_at is not None:  # queued again
             _set_series_state(s, job.id, "queued", only_from=("processing",))
-            _audit(s, "job.retry_scheduled", job.id, "processing", "queued", attempt=job.attempts, error=job.error,
-                   not_before=retry_at.isoformat())
+            _audit(
+                s,
+                "job.retry_scheduled",
+                job.id,
+                "processing",
+                "queued",
+                attempt=job.attempts,
+                error=job.error,
+                not_before=retry_at.isoformat(),
+            )
         else:
             _set_series_state(s, job.id, "failed", only_from=("processing", "queued"))
             _audit(s, f"job.{job.state}", job.id, "processing", job.state, attempt=job.attempts, error=job.error)
@@ -319,7 +329,9 @@ class LeaseKeeper:
         while not self._stop.wait(self.interval):
             try:
                 if renew(self.db, self.lease, lease_seconds=self.lease_seconds) is None:
-                    self.log.warning("job %s: lease %s lost; this attempt will not commit", self.lease.job_id, self.lease.owner)
+                    self.log.warning(
+                        "job %s: lease %s lost; this attempt will not commit", self.lease.job_id, self.lease.owner
+                    )
                     self._lost.set()
                     return
             except Exception as e:  # a database hiccup: keep trying until the lease would expire
@@ -409,7 +421,9 @@ def sweep(
             if job.attempts >= job.max_attempts:
                 job.state = "dead"
                 job.finished_at = now
-                job.error = f"worker lost on the last attempt ({job.attempts} of {job.max_attempts}); lease of {owner} expired"
+                job.error = (
+                    f"worker lost on the last attempt ({job.attempts} of {job.max_attempts}); lease of {owner} expired"
+                )
                 _set_series_state(s, job_id, "failed", only_from=("processing",))
                 _audit(s, "job.dead", job_id, "processing", "dead", attempt=job.attempts, error=job.error)
                 report.dead.append(job_id)
@@ -489,8 +503,16 @@ def retry_job(db: Database, job_id: int, *, actor: str = "system", now: dt.datet
         job.error = None
         job.enqueue_pending = True
         _set_series_state(s, job_id, "queued", only_from=("failed", "processing", "done"))
-        record(s, actor=actor, action="job.retry", entity_type="job", entity_id=job_id, old=old_state, new="queued",
-               details={"previous_error": old_error} if old_error else None)
+        record(
+            s,
+            actor=actor,
+            action="job.retry",
+            entity_type="job",
+            entity_id=job_id,
+            old=old_state,
+            new="queued",
+            details={"previous_error": old_error} if old_error else None,
+        )
         return job
 
 
@@ -504,8 +526,16 @@ def heartbeat(db: Database, *, name: str, queues: list[str], now: dt.datetime | 
     with db.session() as s:
         rec = s.get(WorkerRecord, name)
         if rec is None:
-            s.add(WorkerRecord(name=name, hostname=hostname, pid=int(pid or 0), queues=list(queues), started_at=now,
-                               last_seen_at=now))
+            s.add(
+                WorkerRecord(
+                    name=name,
+                    hostname=hostname,
+                    pid=int(pid or 0),
+                    queues=list(queues),
+                    started_at=now,
+                    last_seen_at=now,
+                )
+            )
         else:
             rec.last_seen_at = now
             rec.queues = list(queues)

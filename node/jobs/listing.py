@@ -166,8 +166,14 @@ def jobs_json(session: Session, jobs: Sequence[Job], *, tz: ZoneInfo | None) -> 
     ]
 
 
-def list_jobs(session: Session, *, tz: ZoneInfo | None, state: str | None = None, study_uid: str | None = None,
-              limit: int | None = None) -> list[dict[str, Any]]:
+def list_jobs(
+    session: Session,
+    *,
+    tz: ZoneInfo | None,
+    state: str | None = None,
+    study_uid: str | None = None,
+    limit: int | None = None,
+) -> list[dict[str, Any]]:
     """Jobs newest first, as `JobOut` dicts (``state``, ``study_uid`` filter; at most ``limit``)."""
     q = select(Job).order_by(Job.id.desc())
     if state:

@@ -187,15 +187,32 @@ def load_context(db: Database, settings: Settings, lease: Lease) -> JobContext:
         ).all()
         inputs = []
         for series_id, role, series_uid, series_number in rows:
-            paths = s.execute(
-                select(Instance.path).where(Instance.series_id == series_id).order_by(Instance.instance_number, Instance.id)
-            ).scalars().all()
-            inputs.append(InputSeries(series_id, series_uid, role, series_number, tuple(_resolve(settings, p) for p in paths)))
+            paths = (
+                s.execute(
+                    select(Instance.path)
+                    .where(Instance.series_id == series_id)
+                    .order_by(Instance.instance_number, Instance.id)
+                )
+                .scalars()
+                .all()
+            )
+            inputs.append(
+                InputSeries(series_id, series_uid, role, series_number, tuple(_resolve(settings, p) for p in paths))
+            )
         predecessors: list[ResultRef] = []
         if job.supersedes_job_id is not None:
-            for ro in s.scalars(select(ResultObject).where(ResultObject.job_id == job.supersedes_job_id).order_by(ResultObject.id)):
-                predecessors.append(ResultRef(sop_instance_uid=ro.sop_instance_uid, series_uid=ro.series_uid,
-                                              study_uid=study_uid or "", sop_class_uid=ro.sop_class_uid, kind=ro.kind))
+            for ro in s.scalars(
+                select(ResultObject).where(ResultObject.job_id == job.supersedes_job_id).order_by(ResultObject.id)
+            ):
+                predecessors.append(
+                    ResultRef(
+                        sop_instance_uid=ro.sop_instance_uid,
+                        series_uid=ro.series_uid,
+                        study_uid=study_uid or "",
+                        sop_class_uid=ro.sop_class_uid,
+                        kind=ro.kind,
+                    )
+                )
         return JobContext(
             job_id=job.id,
             pipeline=job.pipeline,
@@ -326,8 +343,14 @@ def execute_job(
             else:
                 logger.error("job %s: attempt %s failed permanently: %s", job_id, lease.attempt, error)
             try:
-                state = fail(db, lease, error=error, retryable=retryable, backoff_base=settings.job_retry_backoff_seconds,
-                             timings=timings)
+                state = fail(
+                    db,
+                    lease,
+                    error=error,
+                    retryable=retryable,
+                    backoff_base=settings.job_retry_backoff_seconds,
+                    timings=timings,
+                )
             except LeaseLost as lost:
                 logger.warning("job %s: %s", job_id, lost)
                 return JobOutcome(job_id, "lease_lost", error=error)
@@ -346,18 +369,24 @@ def findings_from_output(output: Any) -> list[FindingRecord]:
     rows: list[FindingRecord] = []
     for mo in output.outputs:
         info = mo.model
-        base = dict(model_name=info.name, model_version=info.version, weights_sha256=info.weights_sha256,
-                    series_uid=mo.series_uid or None)
+        base = dict(
+            model_name=info.name,
+            model_version=info.version,
+            weights_sha256=info.weights_sha256,
+            series_uid=mo.series_uid or None,
+        )
         if not mo.qc.accepted:
-            rows.append(FindingRecord(
-                **base,
-                code=info.name,
-                label=f"{info.name}: not evaluated ({mo.qc.reason or 'quality check failed'})",
-                evaluated=False,
-                qc_reason=mo.qc.reason,
-                qc_message=mo.qc.message,
-                details={"qc_metrics": dict(mo.qc.metrics)} if mo.qc.metrics else None,
-            ))
+            rows.append(
+                FindingRecord(
+                    **base,
+                    code=info.name,
+                    label=f"{info.name}: not evaluated ({mo.qc.reason or 'quality check failed'})",
+                    evaluated=False,
+                    qc_reason=mo.qc.reason,
+                    qc_message=mo.qc.message,
+                    details={"qc_metrics": dict(mo.qc.metrics)} if mo.qc.metrics else None,
+                )
+            )
             continue
         for f in mo.findings:
             details: dict[str, Any] = {}
@@ -369,37 +398,41 @@ def findings_from_output(output: Any) -> list[FindingRecord]:
                 details["location"] = [int(v) for v in f.location]
             if f.location_mm is not None:
                 details["location_mm"] = [float(v) for v in f.location_mm]
-            rows.append(FindingRecord(
-                **base,
-                code=f.code,
-                label=f.label,
-                evaluated=True,
-                probability=None if f.probability is None else float(f.probability),
-                uncertainty=None if f.uncertainty is None else float(f.uncertainty),
-                positive=bool(f.positive),
-                grade=f.grade,
-                level=f.level,
-                site=f.site,
-                details=details or None,
-            ))
+            rows.append(
+                FindingRecord(
+                    **base,
+                    code=f.code,
+                    label=f.label,
+                    evaluated=True,
+                    probability=None if f.probability is None else float(f.probability),
+                    uncertainty=None if f.uncertainty is None else float(f.uncertainty),
+                    positive=bool(f.positive),
+                    grade=f.grade,
+                    level=f.level,
+                    site=f.site,
+                    details=details or None,
+                )
+            )
     for sr in output.superres:
         info = sr.model
-        rows.append(FindingRecord(
-            model_name=info.name,
-            model_version=info.version,
-            weights_sha256=info.weights_sha256,
-            series_uid=sr.source.series_uid or None,
-            code="superres",
-            label="Super-resolved series" if sr.qc.accepted else f"Super-resolution not done ({sr.qc.reason})",
-            evaluated=bool(sr.qc.accepted),
-            qc_reason=sr.qc.reason,
-            qc_message=sr.qc.message,
-            details={
-                "consistency_error": float(sr.consistency_error),
-                "consistency_tolerance": float(sr.consistency_tolerance),
-                "consistency_passed": bool(sr.consistency_passed),
-            },
-        ))
+        rows.append(
+            FindingRecord(
+                model_name=info.name,
+                model_version=info.version,
+                weights_sha256=info.weights_sha256,
+                series_uid=sr.source.series_uid or None,
+                code="superres",
+                label="Super-resolved series" if sr.qc.accepted else f"Super-resolution not done ({sr.qc.reason})",
+                evaluated=bool(sr.qc.accepted),
+                qc_reason=sr.qc.reason,
+                qc_message=sr.qc.message,
+                details={
+                    "consistency_error": float(sr.consistency_error),
+                    "consistency_tolerance": float(sr.consistency_tolerance),
+                    "consistency_passed": bool(sr.consistency_passed),
+                },
+            )
+        )
     return rows
 
 
@@ -409,15 +442,19 @@ def model_versions_of(output: Any) -> dict[str, Any]:
     for mo in output.outputs:
         versions[mo.model.name] = {"version": mo.model.version, "weights_sha256": mo.model.weights_sha256}
     for sr in output.superres:
-        entry = versions.setdefault(sr.model.name, {"version": sr.model.version, "weights_sha256": sr.model.weights_sha256})
-        entry.setdefault("superres", []).append({
-            "series_uid": sr.source.series_uid,
-            "accepted": bool(sr.qc.accepted),
-            "qc_reason": sr.qc.reason,
-            "consistency_error": float(sr.consistency_error),
-            "consistency_tolerance": float(sr.consistency_tolerance),
-            "consistency_passed": bool(sr.consistency_passed),
-        })
+        entry = versions.setdefault(
+            sr.model.name, {"version": sr.model.version, "weights_sha256": sr.model.weights_sha256}
+        )
+        entry.setdefault("superres", []).append(
+            {
+                "series_uid": sr.source.series_uid,
+                "accepted": bool(sr.qc.accepted),
+                "qc_reason": sr.qc.reason,
+                "consistency_error": float(sr.consistency_error),
+                "consistency_tolerance": float(sr.consistency_tolerance),
+                "consistency_passed": bool(sr.consistency_passed),
+            }
+        )
     return versions
 
 
@@ -496,7 +533,9 @@ class ModelPipelineRunner:
         for model_name, series_uids in (output.used_series or {}).items():
             for uid in series_uids:
                 used_by.setdefault(uid, []).append(model_name)
-        return JobProducts(findings=findings, results=records, model_versions=model_versions_of(output), used_by=used_by)
+        return JobProducts(
+            findings=findings, results=records, model_versions=model_versions_of(output), used_by=used_by
+        )
 
 
 def worklist_finalizer(settings: Settings) -> Finalizer:

@@ -55,8 +55,14 @@ class BrokerUnavailable(Exception):
 class PeriodicLoop:
     """Runs the duties in order, every ``interval`` seconds, in a daemon thread; a failing duty is logged, not fatal."""
 
-    def __init__(self, duties: list[Duty], *, interval: float, name: str = "msknode-periodic",
-                 logger: logging.Logger | None = None):
+    def __init__(
+        self,
+        duties: list[Duty],
+        *,
+        interval: float,
+        name: str = "msknode-periodic",
+        logger: logging.Logger | None = None,
+    ):
         self.duties = duties
         self.interval = interval
         self.name = name
@@ -161,8 +167,12 @@ def build_duties(
     if housekeeping:
         duties.append(completeness_duty(db, settings))
     duties.append(Duty("enqueue", enqueue))
-    duties.append(Duty("sweeper", lambda now: lease.sweep(db, now=now, lease_seconds=settings.job_lease_seconds,
-                                                          queue_depths=queue_depths)))
+    duties.append(
+        Duty(
+            "sweeper",
+            lambda now: lease.sweep(db, now=now, lease_seconds=settings.job_lease_seconds, queue_depths=queue_depths),
+        )
+    )
     # a lost wake-up found by the sweeper is sent in the same round
     duties.append(Duty("enqueue-resent", enqueue))
     if housekeeping:
@@ -173,11 +183,19 @@ def build_duties(
 
 def build_loops(db: Database, settings: Settings, *, housekeeping: bool, **kw) -> list[PeriodicLoop]:
     """The main loop and, on housekeeping workers, a dispatch loop of its own (a slow PACS never delays the sweeper)."""
-    loops = [PeriodicLoop(build_duties(db, settings, housekeeping=housekeeping, **kw), interval=settings.sweep_interval_seconds,
-                          name="msknode-periodic")]
+    loops = [
+        PeriodicLoop(
+            build_duties(db, settings, housekeeping=housekeeping, **kw),
+            interval=settings.sweep_interval_seconds,
+            name="msknode-periodic",
+        )
+    ]
     if housekeeping:
-        loops.append(PeriodicLoop([dispatch_duty(db, settings)], interval=settings.sweep_interval_seconds,
-                                  name="msknode-dispatch"))
+        loops.append(
+            PeriodicLoop(
+                [dispatch_duty(db, settings)], interval=settings.sweep_interval_seconds, name="msknode-dispatch"
+            )
+        )
     return loops
 
 
@@ -256,8 +274,13 @@ def run_worker(
     from celery.signals import worker_process_init
 
     worker_process_init.connect(_forget_parent_connections, weak=False)
-    log.info("worker %s: queues %s, broker %s, concurrency %s", name, ",".join(queues),
-             str(settings.broker_url).split("://", 1)[0], settings.worker_concurrency)
+    log.info(
+        "worker %s: queues %s, broker %s, concurrency %s",
+        name,
+        ",".join(queues),
+        str(settings.broker_url).split("://", 1)[0],
+        settings.worker_concurrency,
+    )
     worker = app.Worker(
         hostname=f"msknode-{os.getpid()}@{socket.gethostname()}",
         queues=queues,

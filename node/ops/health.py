@@ -31,9 +31,17 @@ def check_database(db: Database) -> dict[str, Any]:
     try:
         with db.session() as s:
             s.execute(text("SELECT 1"))
-        return {"ok": True, "backend": db.engine.dialect.name, "latency_ms": round((time.perf_counter() - t0) * 1000, 1)}
+        return {
+            "ok": True,
+            "backend": db.engine.dialect.name,
+            "latency_ms": round((time.perf_counter() - t0) * 1000, 1),
+        }
     except Exception as e:
-        return {"ok": False, "backend": db.engine.dialect.name, "error": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"}
+        return {
+            "ok": False,
+            "backend": db.engine.dialect.name,
+            "error": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}",
+        }
 
 
 def check_disk(settings: Settings) -> dict[str, Any]:
@@ -72,8 +80,9 @@ def check_broker(settings: Settings, *, timeout: float = 3.0) -> dict[str, Any]:
     from kombu import Connection
 
     try:
-        with Connection(settings.broker_url, transport_options=transport_options(settings),
-                        connect_timeout=timeout) as conn:
+        with Connection(
+            settings.broker_url, transport_options=transport_options(settings), connect_timeout=timeout
+        ) as conn:
             conn.ensure_connection(max_retries=0, timeout=timeout)  # type: ignore[arg-type]  # seconds, a float: kombu's stubs say int
         return {"ok": True, "transport": transport}
     except Exception as e:
@@ -141,13 +150,19 @@ def check_listener(settings: Settings, *, timeout: float = 3.0) -> dict[str, Any
                 out["error"] = "C-ECHO did not succeed"
         elif assoc.is_rejected:
             rj = assoc.acceptor.primitive
-            result, source, reason = (getattr(rj, "result", None), getattr(rj, "result_source", None),
-                                      getattr(rj, "diagnostic", None))
+            result, source, reason = (
+                getattr(rj, "result", None),
+                getattr(rj, "result_source", None),
+                getattr(rj, "diagnostic", None),
+            )
             if result == 0x01 and source == 0x01 and reason == 0x03:
                 # rejected-permanent, service user, calling AE not recognised: it answers, with an allow-list
-                out.update(ok=True, latency_ms=round((time.perf_counter() - t0) * 1000, 1),
-                           note="answers; the check's AE title is not in MSKNODE_ALLOWED_AE_TITLES (add "
-                                "MSKNODE_AE_TITLE to it for a full C-ECHO)")
+                out.update(
+                    ok=True,
+                    latency_ms=round((time.perf_counter() - t0) * 1000, 1),
+                    note="answers; the check's AE title is not in MSKNODE_ALLOWED_AE_TITLES (add "
+                    "MSKNODE_AE_TITLE to it for a full C-ECHO)",
+                )
             else:
                 out.update(ok=False, error=f"association rejected (result {result}, source {source}, reason {reason})")
         else:
@@ -169,8 +184,12 @@ def check_workers(db: Database, settings: Settings, *, now: dt.datetime | None =
         with db.session() as s:
             alive = live_workers(s, now=now, stale_after=stale)
             workers = [
-                {"name": w.name, "queues": w.queues or [], "last_seen_at": w.last_seen_at.isoformat(),
-                 "started_at": w.started_at.isoformat()}
+                {
+                    "name": w.name,
+                    "queues": w.queues or [],
+                    "last_seen_at": w.last_seen_at.isoformat(),
+                    "started_at": w.started_at.isoformat(),
+                }
                 for w in alive
             ]
     except Exception as e:
@@ -194,8 +213,9 @@ def job_counts(db: Database) -> dict[str, Any]:
         return {}
 
 
-def health_report(settings: Settings, db: Database, *, check_listener_too: bool = True,
-                  now: dt.datetime | None = None) -> dict[str, Any]:
+def health_report(
+    settings: Settings, db: Database, *, check_listener_too: bool = True, now: dt.datetime | None = None
+) -> dict[str, Any]:
     """Every component's state; ``ok`` is True only when all are fine."""
     now = now or utcnow()
     components: dict[str, dict[str, Any]] = {
@@ -205,8 +225,11 @@ def health_report(settings: Settings, db: Database, *, check_listener_too: bool 
     }
     if check_listener_too:
         components["listener"] = check_listener(settings)
-    components["workers"] = check_workers(db, settings, now=now) if components["database"]["ok"] else {
-        "ok": False, "alive": 0, "error": "database unreachable"}
+    components["workers"] = (
+        check_workers(db, settings, now=now)
+        if components["database"]["ok"]
+        else {"ok": False, "alive": 0, "error": "database unreachable"}
+    )
     if not components["database"]["ok"] or not components["disk"]["ok"]:
         status = "down"
     elif all(c["ok"] for c in components.values()):

@@ -62,8 +62,7 @@ def _histogram(values: Iterable[float]) -> tuple[list[tuple[str, int]], float]:
 class NodeCollector(Collector):
     """Collects the node's metrics from the database on every scrape."""
 
-    def __init__(self, settings: Settings, db: Database,
-                 broker_depths: Callable[[], Mapping[str, int]] | None = None):
+    def __init__(self, settings: Settings, db: Database, broker_depths: Callable[[], Mapping[str, int]] | None = None):
         self.settings = settings
         self.db = db
         self.broker_depths = broker_depths
@@ -81,12 +80,12 @@ class NodeCollector(Collector):
             instances = s.scalar(select(func.count()).select_from(Instance)) or 0
             quarantined = s.scalar(select(func.count()).select_from(Quarantine)) or 0
             series_states = s.execute(select(Series.state, func.count()).group_by(Series.state)).all()
-            series_completed = s.scalar(select(func.count()).select_from(Series).where(Series.completed_at.is_not(None))) or 0
+            series_completed = (
+                s.scalar(select(func.count()).select_from(Series).where(Series.completed_at.is_not(None))) or 0
+            )
             job_states = s.execute(select(Job.state, func.count()).group_by(Job.state)).all()
             attempts = s.scalar(select(func.coalesce(func.sum(Job.attempts), 0))) or 0
-            depths = s.execute(
-                select(Job.queue, func.count()).where(Job.state == "queued").group_by(Job.queue)
-            ).all()
+            depths = s.execute(select(Job.queue, func.count()).where(Job.state == "queued").group_by(Job.queue)).all()
             timings = s.scalars(
                 select(Job.timings)
                 .where(Job.state.in_(("done", "superseded")), Job.timings.is_not(None))
@@ -96,10 +95,14 @@ class NodeCollector(Collector):
             outbox_states = s.execute(select(OutboxItem.state, func.count()).group_by(OutboxItem.state)).all()
             out_attempts = s.scalar(select(func.coalesce(func.sum(OutboxItem.attempts), 0))) or 0
             sent = s.scalar(select(func.count()).select_from(OutboxItem).where(OutboxItem.state == "sent")) or 0
-            alive = len(live_workers(s, now=now, stale_after=max(10.0, STALE_HEARTBEATS * self.settings.sweep_interval_seconds)))
+            alive = len(
+                live_workers(s, now=now, stale_after=max(10.0, STALE_HEARTBEATS * self.settings.sweep_interval_seconds))
+            )
 
         yield CounterMetricFamily("msknode_instances_received", "Instances stored in the index", value=instances)
-        yield CounterMetricFamily("msknode_instances_quarantined", "Objects refused and kept for inspection", value=quarantined)
+        yield CounterMetricFamily(
+            "msknode_instances_quarantined", "Objects refused and kept for inspection", value=quarantined
+        )
 
         g = GaugeMetricFamily("msknode_series", "Series by state", labels=["state"])
         for state, n in series_states:
@@ -118,8 +121,11 @@ class NodeCollector(Collector):
             for step, secs in (t or {}).items():
                 if isinstance(secs, (int, float)):
                     per_step.setdefault(step, []).append(float(secs))
-        h = HistogramMetricFamily("msknode_job_step_duration_seconds",
-                                  f"Duration of each job step (the last {TIMING_WINDOW} finished jobs)", labels=["step"])
+        h = HistogramMetricFamily(
+            "msknode_job_step_duration_seconds",
+            f"Duration of each job step (the last {TIMING_WINDOW} finished jobs)",
+            labels=["step"],
+        )
         for step in sorted(per_step):
             buckets, total = _histogram(per_step[step])
             h.add_metric([step], buckets, total)
@@ -138,7 +144,9 @@ class NodeCollector(Collector):
             except Exception:
                 broker = None
             if broker is not None:
-                g = GaugeMetricFamily("msknode_broker_queue_messages", "Messages waiting in the broker", labels=["queue"])
+                g = GaugeMetricFamily(
+                    "msknode_broker_queue_messages", "Messages waiting in the broker", labels=["queue"]
+                )
                 for q, n in sorted(broker.items()):
                     g.add_metric([q], n)
                 yield g
@@ -147,14 +155,19 @@ class NodeCollector(Collector):
         for state, n in outbox_states:
             g.add_metric([state], n)
         yield g
-        yield CounterMetricFamily("msknode_dispatch_failures", "Send attempts that did not succeed",
-                                  value=max(int(out_attempts) - int(sent), 0))
+        yield CounterMetricFamily(
+            "msknode_dispatch_failures",
+            "Send attempts that did not succeed",
+            value=max(int(out_attempts) - int(sent), 0),
+        )
         yield CounterMetricFamily("msknode_dispatch_sent", "Result objects acknowledged by a destination", value=sent)
 
         yield GaugeMetricFamily("msknode_workers_alive", "Workers with a recent heartbeat", value=alive)
         try:
             free = shutil.disk_usage(self.settings.data_dir).free
-            yield GaugeMetricFamily("msknode_disk_free_bytes", "Free space on the data directory's file system", value=free)
+            yield GaugeMetricFamily(
+                "msknode_disk_free_bytes", "Free space on the data directory's file system", value=free
+            )
         except OSError:
             pass
 
@@ -178,10 +191,13 @@ def broker_depths(settings: Settings) -> Callable[[], Mapping[str, int]]:
     return depths
 
 
-def make_registry(settings: Settings, db: Database,
-                  broker_depths_fn: Callable[[], Mapping[str, int]] | None = None) -> CollectorRegistry:
+def make_registry(
+    settings: Settings, db: Database, broker_depths_fn: Callable[[], Mapping[str, int]] | None = None
+) -> CollectorRegistry:
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(NodeCollector(settings, db, broker_depths_fn if broker_depths_fn is not None else broker_depths(settings)))
+    registry.register(
+        NodeCollector(settings, db, broker_depths_fn if broker_depths_fn is not None else broker_depths(settings))
+    )
     return registry
 
 

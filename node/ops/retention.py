@@ -186,7 +186,9 @@ def _inside(path: Path, root: Path) -> bool:
     return True
 
 
-def _purge_study(db: Database, settings: Settings, cand: PurgeCandidate, now: dt.datetime, *, dry_run: bool) -> PurgedStudy | None:
+def _purge_study(
+    db: Database, settings: Settings, cand: PurgeCandidate, now: dt.datetime, *, dry_run: bool
+) -> PurgedStudy | None:
     trash = settings.tmp_dir / f"purge-{cand.study_id}-{os.getpid()}"
     moved: list[tuple[str, Path, Path]] = []  # (sop uid, original, aside)
     try:
@@ -204,8 +206,8 @@ def _purge_study(db: Database, settings: Settings, cand: PurgeCandidate, now: dt
             if dry_run:
                 s.rollback()
                 return PurgedStudy(cand.study_uid, at, len(rows), total)
-            claimed = execute_dml(s,
-                update(Study).where(Study.id == cand.study_id, Study.purged_at.is_(None)).values(purged_at=now)
+            claimed = execute_dml(
+                s, update(Study).where(Study.id == cand.study_id, Study.purged_at.is_(None)).values(purged_at=now)
             )
             if claimed.rowcount != 1:
                 return None
@@ -223,7 +225,7 @@ def _purge_study(db: Database, settings: Settings, cand: PurgeCandidate, now: dt
                 moved.append((r.sop_instance_uid, src, aside))
             ids = [r.id for r in rows]
             for chunk in range(0, len(ids), 500):
-                s.execute(delete(Instance).where(Instance.id.in_(ids[chunk:chunk + 500])))
+                s.execute(delete(Instance).where(Instance.id.in_(ids[chunk : chunk + 500])))
     except BaseException:
         for _, src, aside in moved:  # the transaction rolled back: everything goes back
             if not src.exists():
@@ -241,7 +243,10 @@ def _purge_study(db: Database, settings: Settings, cand: PurgeCandidate, now: dt
     shutil.rmtree(trash, ignore_errors=True)
     log.info(
         "retention: study %s purged (%d instances, %d bytes; results acknowledged %s)",
-        cand.study_uid, len(rows), total, at.isoformat(),
+        cand.study_uid,
+        len(rows),
+        total,
+        at.isoformat(),
     )
     return PurgedStudy(cand.study_uid, at, len(rows), total)
 
@@ -251,7 +256,7 @@ def _received_again(db: Database, sop_uids: list[str]) -> set[str]:
     found: set[str] = set()
     with db.session() as s:
         for i in range(0, len(sop_uids), 500):
-            chunk = sop_uids[i:i + 500]
+            chunk = sop_uids[i : i + 500]
             found.update(s.scalars(select(Instance.sop_instance_uid).where(Instance.sop_instance_uid.in_(chunk))).all())
     return found
 

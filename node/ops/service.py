@@ -52,8 +52,7 @@ def child_command(name: str) -> list[str]:
 class Supervisor:
     """Starts children, restarts the ones that exit, stops them all on request."""
 
-    def __init__(self, children: list[Child], *, logger: logging.Logger | None = None,
-                 log_file: LogFile | None = None):
+    def __init__(self, children: list[Child], *, logger: logging.Logger | None = None, log_file: LogFile | None = None):
         self.children = children
         self.log = logger or log
         self.log_file = log_file
@@ -67,10 +66,19 @@ class Supervisor:
             child.proc = subprocess.Popen(child.command, env=env)
         else:
             env["MSKNODE_LOG_FORMAT"] = self.log_file.fmt
-            child.proc = subprocess.Popen(child.command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                          text=True, encoding="utf-8", errors="replace", bufsize=1)
-            relay = threading.Thread(target=self._relay, args=(child.name, child.proc), name=f"log-{child.name}",
-                                     daemon=True)
+            child.proc = subprocess.Popen(
+                child.command,
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+                encoding="utf-8",
+                errors="replace",
+                bufsize=1,
+            )
+            relay = threading.Thread(
+                target=self._relay, args=(child.name, child.proc), name=f"log-{child.name}", daemon=True
+            )
             relay.start()
             self._relays = [t for t in self._relays if t.is_alive()] + [relay]
         child.started_at = time.monotonic()

@@ -159,7 +159,7 @@ def _check_tail(data: bytes, pos: int, *, implicit: bool, little: bool) -> None:
         if implicit:
             (length,) = struct.unpack_from(e + "L", data, pos + 4)
             pos += 8
-        elif data[pos + 4:pos + 6] in _LONG_VRS:
+        elif data[pos + 4 : pos + 6] in _LONG_VRS:
             if n - pos < 12:
                 raise truncated()
             (length,) = struct.unpack_from(e + "L", data, pos + 8)
@@ -259,7 +259,9 @@ def read_series_headers(path: Path | str, *, max_files: int = MAX_SERIES_FILES) 
             if entry.is_file():
                 files.append(entry)
                 if len(files) > max_files:
-                    raise IngestError(CANNOT_UNDERSTAND, f"{p} holds more than {max_files} files: give the folder of one series")
+                    raise IngestError(
+                        CANNOT_UNDERSTAND, f"{p} holds more than {max_files} files: give the folder of one series"
+                    )
     else:
         raise IngestError(CANNOT_UNDERSTAND, f"{p} is neither a file nor a folder")
     from pydicom import config as pydicom_config
@@ -340,5 +342,3 @@ def validate(header: InstanceHeader, *, request_sop_class_uid: str, request_sop_
         raise IngestError(SOP_MISMATCH, "SOP Class UID of the data set differs from the request")
     if header.sop_instance_uid != str(request_sop_instance_uid).strip("\0 "):
         raise IngestError(SOP_MISMATCH, "SOP Instance UID of the data set differs from the request")
-
-

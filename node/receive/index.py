@@ -128,9 +128,11 @@ class _Statements:
         )
         self.select_study = select(st).where(st.c.study_uid == bindparam("b_uid"))
         self.select_series = select(se.c.id, se.c.expected_instances).where(se.c.series_uid == bindparam("b_uid"))
-        self.series_expected = update(se).where(se.c.id == bindparam("b_id")).values(expected_instances=bindparam("b_n"))
-        self.series_open = update(se).where(se.c.id == bindparam("b_id")).values(
-            open_associations=se.c.open_associations + 1
+        self.series_expected = (
+            update(se).where(se.c.id == bindparam("b_id")).values(expected_instances=bindparam("b_n"))
+        )
+        self.series_open = (
+            update(se).where(se.c.id == bindparam("b_id")).values(open_associations=se.c.open_associations + 1)
         )
         self.series_arrival = (
             update(se)
@@ -194,11 +196,15 @@ def _upsert_study(conn, sql: _Statements, cache: IndexCache, header: InstanceHea
     """The study row (created, or demographics corrected); returns (id, changed field names)."""
     values = _study_values(header)
     cached = cache.studies.get(header.study_uid)
-    if cached is not None and all(header.demographics.get(k) is None or v == cached[1].get(k) for k, v in values.items()):
+    if cached is not None and all(
+        header.demographics.get(k) is None or v == cached[1].get(k) for k, v in values.items()
+    ):
         return cached[0], ()
     row = conn.execute(sql.select_study, {"b_uid": header.study_uid}).mappings().first()
     if row is None:
-        conn.execute(sql.insert_study, dict(study_uid=header.study_uid, first_received_at=now, last_received_at=now, **values))
+        conn.execute(
+            sql.insert_study, dict(study_uid=header.study_uid, first_received_at=now, last_received_at=now, **values)
+        )
         row = conn.execute(sql.select_study, {"b_uid": header.study_uid}).mappings().one()
         cache.studies[header.study_uid] = (row["id"], {k: row[k] for k in values})
         return row["id"], ()
@@ -213,7 +219,9 @@ def _upsert_study(conn, sql: _Statements, cache: IndexCache, header: InstanceHea
     return row["id"], tuple(sorted(changed))
 
 
-def _upsert_series(conn, sql: _Statements, cache: IndexCache, header: InstanceHeader, study_id: int, calling_ae, uid_root: str, now) -> int:
+def _upsert_series(
+    conn, sql: _Statements, cache: IndexCache, header: InstanceHeader, study_id: int, calling_ae, uid_root: str, now
+) -> int:
     cached = cache.series.get(header.series_uid)
     if cached is not None and (cached[1] or not header.expected_instances):
         return cached[0]
@@ -365,14 +373,18 @@ def index_instances(
     for study_id in sorted(studies):
         conn.execute(sql.study_arrival, {"b_id": study_id, "b_now": now})
     if sync_now:  # in parallel: about one flush for the batch
-        store.sync(files=[f for it in items for f in it.pending_files], dirs={d for it in items for d in it.pending_dirs})
+        store.sync(
+            files=[f for it in items for f in it.pending_files], dirs={d for it in items for d in it.pending_dirs}
+        )
         for it in items:
             it.pending_files, it.pending_dirs = [], set()
     cache.trim()
     return outcomes
 
 
-def audit_demographics(session, entity_type: str, study_uid: str, fields: tuple[str, ...], header: InstanceHeader) -> None:
+def audit_demographics(
+    session, entity_type: str, study_uid: str, fields: tuple[str, ...], header: InstanceHeader
+) -> None:
     """Audits a demographics correction with UIDs and field names only (no patient data).
 
     `session` is a Session or a Connection (then a Session joins its transaction for the audit row).
@@ -402,7 +414,9 @@ def audit_demographics(session, entity_type: str, study_uid: str, fields: tuple[
     )
 
 
-def open_association(session, *, calling_ae: str | None, called_ae: str | None, peer_address: str | None, listener: str, now=None) -> int:
+def open_association(
+    session, *, calling_ae: str | None, called_ae: str | None, peer_address: str | None, listener: str, now=None
+) -> int:
     t = _table(Association)
     result = session.execute(
         t.insert().values(
@@ -448,7 +462,9 @@ def close_association(
     return series_ids
 
 
-def recover_unclean_stop(session, store: InstanceStore, *, since: dt.datetime, logger: logging.Logger | None = None) -> int:
+def recover_unclean_stop(
+    session, store: InstanceStore, *, since: dt.datetime, logger: logging.Logger | None = None
+) -> int:
     """After an unclean stop: removes index rows written since `since` whose file is missing or
     does not hold the indexed bytes (a power loss between commit and fsync, see `IndexWriter`).
 
@@ -477,7 +493,16 @@ def recover_unclean_stop(session, store: InstanceStore, *, since: dt.datetime, l
     return removed
 
 
-def record_quarantine(session, *, calling_ae: str | None, sop_instance_uid: str | None, status: int, reason: str, path: str | None, now=None) -> int:
+def record_quarantine(
+    session,
+    *,
+    calling_ae: str | None,
+    sop_instance_uid: str | None,
+    status: int,
+    reason: str,
+    path: str | None,
+    now=None,
+) -> int:
     t = _table(Quarantine)
     result = session.execute(
         t.insert().values(
@@ -490,5 +515,3 @@ def record_quarantine(session, *, calling_ae: str | None, sop_instance_uid: str 
         )
     )
     return int(result.inserted_primary_key[0])
-
-

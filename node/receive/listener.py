@@ -77,7 +77,12 @@ class Listener:
     """One listener process: the association server, its handlers and the index writer."""
 
     def __init__(
-        self, settings, *, db: Database | None = None, logger: logging.Logger | None = None, handoff: socket.socket | None = None
+        self,
+        settings,
+        *,
+        db: Database | None = None,
+        logger: logging.Logger | None = None,
+        handoff: socket.socket | None = None,
     ):
         """`handoff`: connections come from a parent process over this socket instead of a bound port."""
         self.settings = settings
@@ -142,8 +147,12 @@ class Listener:
         self._thread.start()
         self.log.info(
             "listening on %s:%d as %s (pid %d, allowed AE titles: %s, transport: %s)",
-            address[0], server.server_address[1], self.settings.ae_title, os.getpid(),
-            ",".join(self.settings.allowed_ae_titles) or "any", "fast" if fast else "stock pynetdicom",
+            address[0],
+            server.server_address[1],
+            self.settings.ae_title,
+            os.getpid(),
+            ",".join(self.settings.allowed_ae_titles) or "any",
+            "fast" if fast else "stock pynetdicom",
         )
         return server
 
@@ -276,7 +285,13 @@ class Listener:
         with self._lock:
             association_id = self._assocs.get(assoc)
         item = Received(
-            header, staged, transfer_syntax, calling_ae=calling, association_id=association_id, file_meta=meta, data=data
+            header,
+            staged,
+            transfer_syntax,
+            calling_ae=calling,
+            association_id=association_id,
+            file_meta=meta,
+            data=data,
         )
         try:
             publish_new(self.store, item, sync=not self.writer.overlap)
@@ -289,7 +304,9 @@ class Listener:
         if outcome.demographics_changed:
             self.log.info(
                 "study %s: demographics corrected by instance %s (fields: %s)",
-                header.study_uid, header.sop_instance_uid, ",".join(outcome.demographics_changed),
+                header.study_uid,
+                header.sop_instance_uid,
+                ",".join(outcome.demographics_changed),
             )
         return outcome.status
 
@@ -299,10 +316,18 @@ class Listener:
         sop = str(req.AffectedSOPInstanceUID or "")
         path = None
         try:
-            meta = encode_file_meta(sop_class, sop, transfer_syntax, calling) if sop.isascii() and sop_class.isascii() else b""
+            meta = (
+                encode_file_meta(sop_class, sop, transfer_syntax, calling)
+                if sop.isascii() and sop_class.isascii()
+                else b""
+            )
             path = str(self.store.quarantine(data, file_meta=meta))
             self.writer.quarantine(
-                calling_ae=calling, sop_instance_uid=sop or None, status=error.status, reason=error.reason, path=path,
+                calling_ae=calling,
+                sop_instance_uid=sop or None,
+                status=error.status,
+                reason=error.reason,
+                path=path,
                 timeout=self.store_timeout,
             )
         except Exception as e:
@@ -409,7 +434,9 @@ def recover(settings, marker: RunMarker) -> int:
         return 0
     newest = max(m.stat().st_mtime for m in stale)
     since = dt.datetime.fromtimestamp(newest - RunMarker.MARGIN_SECONDS, dt.UTC)
-    log.warning("a listener stopped uncleanly (%d marker(s) left): checking the instances received since %s", len(stale), since)
+    log.warning(
+        "a listener stopped uncleanly (%d marker(s) left): checking the instances received since %s", len(stale), since
+    )
     db = Database(settings.database_url, migrate=False)
     try:
         with db.session() as s:
@@ -446,7 +473,9 @@ class _Child:
     def __init__(self, ctx, settings, index: int):
         self.index = index
         self.parent_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        self.process = ctx.Process(target=_child_main, args=(settings, index, child_end), name=f"msknode-listener-{index}")
+        self.process = ctx.Process(
+            target=_child_main, args=(settings, index, child_end), name=f"msknode-listener-{index}"
+        )
         self.process.start()
         child_end.close()
         self.active = 0
@@ -512,8 +541,12 @@ def _supervise(settings, n: int) -> int:
                     except OSError:
                         continue
                     child.active += 1
-                    log.debug("connection from %s handed to listener process %d (connections per process: %s)",
-                              addr[0], child.index, tally())
+                    log.debug(
+                        "connection from %s handed to listener process %d (connections per process: %s)",
+                        addr[0],
+                        child.index,
+                        tally(),
+                    )
                     break
                 else:
                     log.error("no listener process can take the connection from %s", addr[0])
@@ -538,11 +571,14 @@ def _supervise(settings, n: int) -> int:
                 with lock:
                     child = socks[s]
                     child.active = max(0, child.active - msg.count(b"-"))
-                    log.debug("listener process %d: a connection ended (connections per process: %s)",
-                              child.index, tally())
+                    log.debug(
+                        "listener process %d: a connection ended (connections per process: %s)", child.index, tally()
+                    )
 
-    threads = [threading.Thread(target=accept_loop, name="accept", daemon=True),
-               threading.Thread(target=done_loop, name="handoff-done", daemon=True)]
+    threads = [
+        threading.Thread(target=accept_loop, name="accept", daemon=True),
+        threading.Thread(target=done_loop, name="handoff-done", daemon=True),
+    ]
     for th in threads:
         th.start()
     while not stop.wait(0.5):

@@ -60,7 +60,9 @@ class StagedFile:
     sha256: str  # of the dataset bytes (what the peer sent), not of the file meta
 
 
-def encode_file_meta(sop_class_uid: str, sop_instance_uid: str, transfer_syntax_uid: str, source_ae: str | None) -> bytes:
+def encode_file_meta(
+    sop_class_uid: str, sop_instance_uid: str, transfer_syntax_uid: str, source_ae: str | None
+) -> bytes:
     """Preamble + ``DICM`` + File Meta Information (group 0002, explicit VR little endian)."""
 
     def uid(tag_elem: int, value: str) -> bytes:
@@ -107,7 +109,7 @@ def dataset_digest(path: Path) -> str | None:
         if len(data) < 144 or data[128:132] != b"DICM":
             return None
         (group_length,) = struct.unpack("<I", data[140:144])
-        return hashlib.sha256(memoryview(data)[144 + group_length:]).hexdigest()
+        return hashlib.sha256(memoryview(data)[144 + group_length :]).hexdigest()
     except OSError:
         return None
 
@@ -191,7 +193,7 @@ class InstanceStore:
             if written < size:  # a short write: finish the rest
                 rest = memoryview(file_meta + dataset)[written:]
                 while rest:
-                    rest = rest[os.write(fd, rest):]
+                    rest = rest[os.write(fd, rest) :]
         except OSError as e:
             os.close(fd)
             path.unlink(missing_ok=True)

@@ -288,8 +288,11 @@ class _Association(Association):
                 return
 
             if self.dul.idle_timer_expired():
-                log.warning("%s: nothing received for %.0f s (network timeout): aborting", describe(self),
-                            self.network_timeout or 0)
+                log.warning(
+                    "%s: nothing received for %.0f s (network timeout): aborting",
+                    describe(self),
+                    self.network_timeout or 0,
+                )
                 self.abort()
                 self.kill()
                 return
@@ -332,7 +335,9 @@ class _RequestHandler(_StockRequestHandler):
             peer = self.client_address
             log.warning(
                 "connection from %s:%s: the fast transport is unavailable (%s): served by stock pynetdicom",
-                peer[0], peer[1], type(e).__name__,
+                peer[0],
+                peer[1],
+                type(e).__name__,
             )
         return assoc
 
@@ -352,7 +357,12 @@ class ReusePortServer(ThreadedAssociationServer):
 
     def __init__(self, ae, address, ae_title, contexts, ssl_context=None, evt_handlers=None, request_handler=None):
         super().__init__(
-            ae, address, ae_title, contexts, ssl_context=ssl_context, evt_handlers=evt_handlers,
+            ae,
+            address,
+            ae_title,
+            contexts,
+            ssl_context=ssl_context,
+            evt_handlers=evt_handlers,
             request_handler=request_handler or _RequestHandler,
         )
 

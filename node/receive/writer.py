@@ -71,7 +71,9 @@ class IndexWriter:
     at the next start. Elsewhere (PostgreSQL) files are fsynced before the commit.
     """
 
-    def __init__(self, db: Database, store: InstanceStore, settings, *, max_batch: int = 64, logger: logging.Logger | None = None):
+    def __init__(
+        self, db: Database, store: InstanceStore, settings, *, max_batch: int = 64, logger: logging.Logger | None = None
+    ):
         self.db = db
         self.store = store
         self.uid_root = settings.uid_root

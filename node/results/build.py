@@ -40,7 +40,9 @@ def _building(what: str):
 def _uid_factory(output: PipelineOutput, settings: Any, job_fingerprint: str) -> UidFactory:
     models = [(m.model.name, m.model.version, m.model.weights_sha256) for m in output.outputs]
     models += [(s.model.name, s.model.version, s.model.weights_sha256) for s in output.superres]
-    return UidFactory(root=settings.uid_root, job_fingerprint=job_fingerprint, model_versions=model_versions_key(models))
+    return UidFactory(
+        root=settings.uid_root, job_fingerprint=job_fingerprint, model_versions=model_versions_key(models)
+    )
 
 
 def _result(kind: str, ds: Dataset, description: str = "") -> ResultFile:

@@ -42,4 +42,3 @@ class ResultRef:
     study_uid: str
     sop_class_uid: str = "1.2.840.10008.5.1.4.1.1.88.34"  # Comprehensive 3D SR
     kind: str = "sr"
-

@@ -27,8 +27,20 @@ log = logging.getLogger(__name__)
 
 # Maximum value length per VR (PS3.5 table 6.2-1); PN is per component group.
 MAX_LENGTH = {
-    "AE": 16, "AS": 4, "CS": 16, "DA": 8, "DS": 16, "DT": 26, "IS": 12, "LO": 64,
-    "LT": 10240, "PN": 64, "SH": 16, "ST": 1024, "TM": 14, "UI": 64,
+    "AE": 16,
+    "AS": 4,
+    "CS": 16,
+    "DA": 8,
+    "DS": 16,
+    "DT": 26,
+    "IS": 12,
+    "LO": 64,
+    "LT": 10240,
+    "PN": 64,
+    "SH": 16,
+    "ST": 1024,
+    "TM": 14,
+    "UI": 64,
 }
 TEXT_VRS = {"SH", "LO", "ST", "LT", "UC", "UT", "PN"}  # affected by Specific Character Set
 STRING_VRS = TEXT_VRS | {"AE", "AS", "CS", "DA", "DS", "DT", "IS", "TM", "UI", "UR"}
@@ -163,7 +175,13 @@ def _walk(ds: Dataset) -> None:
 
 
 # Type 1/1C attributes of what we copy: an empty value is worse than none.
-_REMOVE_WHEN_EMPTY = {"Laterality", "ImageLaterality", "BodyPartExamined", "FrameOfReferenceUID", "SpecificCharacterSet"}
+_REMOVE_WHEN_EMPTY = {
+    "Laterality",
+    "ImageLaterality",
+    "BodyPartExamined",
+    "FrameOfReferenceUID",
+    "SpecificCharacterSet",
+}
 
 
 def safe_character_set(ds: Dataset) -> list[str] | str | None:
@@ -229,8 +247,17 @@ def sanitize_dataset(ds: Dataset) -> Dataset:
         if not _encodable(ds, encodings):
             ds.SpecificCharacterSet = "ISO_IR 192"
     # Type 2 attributes of the patient/study modules our objects must carry
-    for kw in ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime",
-               "AccessionNumber", "ReferringPhysicianName", "StudyID"):
+    for kw in (
+        "PatientName",
+        "PatientID",
+        "PatientBirthDate",
+        "PatientSex",
+        "StudyDate",
+        "StudyTime",
+        "AccessionNumber",
+        "ReferringPhysicianName",
+        "StudyID",
+    ):
         if kw not in ds:
             setattr(ds, kw, "" if kw != "PatientName" else None)
     return ds

@@ -138,4 +138,3 @@ def build_seg(
     )
     copy_character_set(seg, series.first)
     return seg, numbers
-

@@ -24,9 +24,37 @@ log = logging.getLogger(__name__)
 
 
 PAIRED_BODY_PARTS = (
-    "KNEE", "SHOULDER", "HIP", "ANKLE", "ELBOW", "WRIST", "HAND", "FOOT", "ARM", "LEG", "BREAST", "EYE",
-    "EAR", "KIDNEY", "LUNG", "FEMUR", "TIBIA", "FIBULA", "HUMERUS", "CLAVICLE", "SCAPULA", "EXTREMITY",
-    "FINGER", "TOE", "HEEL", "THIGH", "CALF", "FOREARM", "PATELLA", "ORBIT", "TMJ",
+    "KNEE",
+    "SHOULDER",
+    "HIP",
+    "ANKLE",
+    "ELBOW",
+    "WRIST",
+    "HAND",
+    "FOOT",
+    "ARM",
+    "LEG",
+    "BREAST",
+    "EYE",
+    "EAR",
+    "KIDNEY",
+    "LUNG",
+    "FEMUR",
+    "TIBIA",
+    "FIBULA",
+    "HUMERUS",
+    "CLAVICLE",
+    "SCAPULA",
+    "EXTREMITY",
+    "FINGER",
+    "TOE",
+    "HEEL",
+    "THIGH",
+    "CALF",
+    "FOREARM",
+    "PATELLA",
+    "ORBIT",
+    "TMJ",
 )
 
 
@@ -146,9 +174,7 @@ def load_series(series_uid: str, paths: Sequence[Path]) -> SourceSeries:
                 raise ResultsError(f"series {series_uid}: source file {path} has no {kw}")
         sanitize_dataset(ds)
         if str(ds.SeriesInstanceUID) != series_uid:
-            raise ResultsError(
-                f"source file {path} belongs to series {ds.SeriesInstanceUID}, not {series_uid}"
-            )
+            raise ResultsError(f"source file {path} belongs to series {ds.SeriesInstanceUID}, not {series_uid}")
         datasets.append(ds)
         frames = int(ds.get("NumberOfFrames", 1) or 1)
         if frames > 1 or "PerFrameFunctionalGroupsSequence" in ds:
@@ -178,7 +204,9 @@ def load_series(series_uid: str, paths: Sequence[Path]) -> SourceSeries:
     seen: dict[str, Dataset] = {}
     for s in slices:
         seen.setdefault(s.sop_instance_uid, s.dataset)
-    return SourceSeries(series_uid=series_uid, slices=slices, datasets=list(seen.values()), paths=[Path(p) for p in paths])
+    return SourceSeries(
+        series_uid=series_uid, slices=slices, datasets=list(seen.values()), paths=[Path(p) for p in paths]
+    )
 
 
 def load_sources(source_files: dict[str, list[Path]]) -> dict[str, SourceSeries]:

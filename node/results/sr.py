@@ -70,7 +70,9 @@ class SuperResRef:
 
 
 def _text(value: str, name: CodedConcept = codes.COMMENT) -> TextContentItem:
-    return TextContentItem(name=name, value=clean_text(value, "UT")[:1024] or "-", relationship_type=RelationshipTypeValues.CONTAINS)
+    return TextContentItem(
+        name=name, value=clean_text(value, "UT")[:1024] or "-", relationship_type=RelationshipTypeValues.CONTAINS
+    )
 
 
 def _source_images(series_list: Sequence[SourceSeries]) -> list[SourceImageForMeasurementGroup]:
@@ -226,7 +228,9 @@ def _superres_group(*, ref: SuperResRef, index: int, uids: UidFactory) -> Any:
         evaluations.append(QualitativeEvaluation(name=codes.QC_REASON, value=codes.qc_reason_code(out.qc.reason)))
     else:
         evaluations.append(
-            QualitativeEvaluation(name=codes.CONSISTENCY, value=codes.PASSED if out.consistency_passed else codes.FAILED)
+            QualitativeEvaluation(
+                name=codes.CONSISTENCY, value=codes.PASSED if out.consistency_passed else codes.FAILED
+            )
         )
     measurements = None
     if accepted:
@@ -261,7 +265,9 @@ def _triage_group(triage: Any, uids: UidFactory) -> Any:
         finding_type=codes.TRIAGE,
         algorithm_id=hd.sr.AlgorithmIdentification(name="msknode.triage", version=node_software_versions()),
         measurements=[Measurement(name=codes.TRIAGE_SCORE, value=float(triage.score), unit=codes.NO_UNITS)],
-        qualitative_evaluations=[QualitativeEvaluation(name=codes.PRIORITY, value=codes.priority_code(triage.priority))],
+        qualitative_evaluations=[
+            QualitativeEvaluation(name=codes.PRIORITY, value=codes.priority_code(triage.priority))
+        ],
     )
     texts = [_text(str(r)) for r in (triage.reasons or [])]
     if getattr(triage, "needs_review", False):
@@ -298,15 +304,28 @@ def build_sr(
             continue
         if not mo.findings:
             # an accepted input with no finding object is reported as evaluated and absent
-            f = Finding(code=codes.MODEL_FINDING.get(mo.model.name, mo.model.name), label="", probability=None,
-                        uncertainty=None, positive=False)
-            groups.append(_finding_group(mo=mo, f=f, index=0, uids=uids, used=used, laterality=laterality, seg=None, sc=None))
+            f = Finding(
+                code=codes.MODEL_FINDING.get(mo.model.name, mo.model.name),
+                label="",
+                probability=None,
+                uncertainty=None,
+                positive=False,
+            )
+            groups.append(
+                _finding_group(mo=mo, f=f, index=0, uids=uids, used=used, laterality=laterality, seg=None, sc=None)
+            )
             continue
         for i, f in enumerate(mo.findings):
             groups.append(
                 _finding_group(
-                    mo=mo, f=f, index=i, uids=uids, used=used, laterality=laterality,
-                    seg=seg_refs.get(id(f)), sc=sc_refs.get(id(f)),
+                    mo=mo,
+                    f=f,
+                    index=i,
+                    uids=uids,
+                    used=used,
+                    laterality=laterality,
+                    seg=seg_refs.get(id(f)),
+                    sc=sc_refs.get(id(f)),
                 )
             )
     for i, ref in enumerate(superres_refs):

@@ -26,9 +26,23 @@ from node.results.sources import SourceSeries
 from node.results.uids import UidFactory
 
 SUPERRES_SERIES_NUMBER = 9701
-_MR_COPY = ("ScanningSequence", "SequenceVariant", "ScanOptions", "MRAcquisitionType", "RepetitionTime",
-            "EchoTime", "EchoTrainLength", "InversionTime", "MagneticFieldStrength", "ImagedNucleus",
-            "SequenceName", "FlipAngle", "BodyPartExamined", "ProtocolName", "PatientPosition")
+_MR_COPY = (
+    "ScanningSequence",
+    "SequenceVariant",
+    "ScanOptions",
+    "MRAcquisitionType",
+    "RepetitionTime",
+    "EchoTime",
+    "EchoTrainLength",
+    "InversionTime",
+    "MagneticFieldStrength",
+    "ImagedNucleus",
+    "SequenceName",
+    "FlipAngle",
+    "BodyPartExamined",
+    "ProtocolName",
+    "PatientPosition",
+)
 _MR_DEFAULTS = {"ScanningSequence": "RM", "SequenceVariant": "NONE"}
 _MR_TYPE2 = ("ScanOptions", "MRAcquisitionType", "EchoTime", "EchoTrainLength", "RepetitionTime", "PatientPosition")
 

@@ -127,7 +127,13 @@ def models(settings, db) -> dict:
         seen = [
             {"model": m, "version": v, "weights_sha256": h, "findings": n, "last_job_id": last}
             for m, v, h, n, last in s.execute(
-                select(Finding.model_name, Finding.model_version, Finding.weights_sha256, func.count(), func.max(Finding.job_id))
+                select(
+                    Finding.model_name,
+                    Finding.model_version,
+                    Finding.weights_sha256,
+                    func.count(),
+                    func.max(Finding.job_id),
+                )
                 .group_by(Finding.model_name, Finding.model_version, Finding.weights_sha256)
                 .order_by(Finding.model_name)
             )

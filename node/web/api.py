@@ -76,7 +76,9 @@ class TokenResponse(BaseModel):
 
 
 class PriorityChange(BaseModel):
-    priority: Priority | None = Field(description="the new priority; null clears the override (back to the AI priority)")
+    priority: Priority | None = Field(
+        description="the new priority; null clears the override (back to the AI priority)"
+    )
     reason: str = Field(min_length=1, max_length=500, description="why (required, audited)")
 
 
@@ -94,10 +96,13 @@ class RuleRequest(BaseModel):
     name: str = Field(min_length=1, max_length=100, description="the rule's name (unique in the file, audited)")
     pipeline: Anatomy
     role: str = Field(min_length=1, max_length=32, description="a role of the pipeline, e.g. sag_fluid")
-    anatomy: str | None = Field(default=None, max_length=32, description='a pipeline name or "any"; default the pipeline')
+    anatomy: str | None = Field(
+        default=None, max_length=32, description='a pipeline name or "any"; default the pipeline'
+    )
     plane: str | None = Field(default=None, max_length=32, description="e.g. sagittal (when the rules take a plane)")
     contrast: list[Annotated[str, Field(max_length=32)]] = Field(
-        default_factory=list, max_length=8, description="contrast classes, e.g. pd_fs, t2_fs, stir")
+        default_factory=list, max_length=8, description="contrast classes, e.g. pd_fs, t2_fs, stir"
+    )
     description: str | None = Field(default=None, max_length=200, description="a regex on the SeriesDescription")
     reroute: bool = Field(default=True, description="route the series again now if it is unrouted")
 
@@ -109,20 +114,33 @@ def ctx_of(request: Request):
 # ---- auth ----------------------------------------------------------------------------------
 
 
-@router.post("/auth/token", response_model=TokenResponse, tags=["auth"],
-             responses={401: {"description": "wrong credentials"}, 429: {"description": "too many failed attempts"}})
+@router.post(
+    "/auth/token",
+    response_model=TokenResponse,
+    tags=["auth"],
+    responses={401: {"description": "wrong credentials"}, 429: {"description": "too many failed attempts"}},
+)
 def token(body: TokenRequest, request: Request):
     """A bearer token for scripts (expires after MSKNODE_SESSION_MINUTES)."""
     ctx = ctx_of(request)
     wait = ctx.throttle.retry_after(body.username)
     if wait:
-        return JSONResponse({"detail": f"too many failed logins for this user; try again in {wait} s"}, status_code=429,
-                            headers={"Retry-After": str(wait)})
+        return JSONResponse(
+            {"detail": f"too many failed logins for this user; try again in {wait} s"},
+            status_code=429,
+            headers={"Retry-After": str(wait)},
+        )
     with ctx.db.session() as s:
         user = authenticate(s, body.username, body.password)
         if user is None:
             ctx.throttle.failed(body.username)
-            audit.record(s, actor=body.username[:64], action="auth.token_failed", entity_type="user", entity_id=body.username[:64])
+            audit.record(
+                s,
+                actor=body.username[:64],
+                action="auth.token_failed",
+                entity_type="user",
+                entity_id=body.username[:64],
+            )
             return JSONResponse({"detail": "wrong username or password, or the account is disabled"}, status_code=401)
         ctx.throttle.succeeded(user.username)
         audit.record(s, actor=user.username, action="auth.token", entity_type="user", entity_id=user.username)
@@ -132,7 +150,12 @@ def token(body: TokenRequest, request: Request):
 
 @router.get("/me", tags=["auth"], response_model=responses.MeOut)
 def me(p: Principal = Depends(principal)):
-    return {"username": p.username, "role": p.role, "expires_at": p.expires_at, "csrf_token": p.csrf if p.via == "cookie" else None}
+    return {
+        "username": p.username,
+        "role": p.role,
+        "expires_at": p.expires_at,
+        "csrf_token": p.csrf if p.via == "cookie" else None,
+    }
 
 
 # ---- worklist ------------------------------------------------------------------------------
@@ -151,9 +174,14 @@ def worklist(
     ctx = ctx_of(request)
     with ctx.db.session() as s:
         items = queries.worklist(
-            s, policy=ctx.policy, tz=ctx.tz, now=utcnow(),
-            anatomy=anatomy.value if anatomy else None, priority=priority.value if priority else None,
-            status=status.value if status else None, limit=limit,
+            s,
+            policy=ctx.policy,
+            tz=ctx.tz,
+            now=utcnow(),
+            anatomy=anatomy.value if anatomy else None,
+            priority=priority.value if priority else None,
+            status=status.value if status else None,
+            limit=limit,
         )
         pending = queries.pending_studies(s, tz=ctx.tz)
     if not p.is_admin:
@@ -161,8 +189,12 @@ def worklist(
     return {"timezone": str(ctx.tz), "policy_version": ctx.policy.version, "entries": items, "in_progress": pending}
 
 
-@router.get("/worklist/next", tags=["worklist"], response_model=responses.NextStudyOut,
-            responses={404: {"description": "no unread study is waiting"}})
+@router.get(
+    "/worklist/next",
+    tags=["worklist"],
+    response_model=responses.NextStudyOut,
+    responses={404: {"description": "no unread study is waiting"}},
+)
 def next_study(request: Request, p: Principal = Depends(principal)):
     """The first unread study for this reader (assigned to them or to nobody)."""
     ctx = ctx_of(request)
@@ -180,22 +212,38 @@ def _entry_or_404(s, entry_id: int) -> WorklistEntry:
     return e
 
 
-@router.post("/entries/{entry_id}/priority", tags=["worklist"], response_model=responses.PriorityOut,
-             responses={403: {}, 404: {}, 422: {}})
-def set_priority(request: Request, body: PriorityChange, entry_id: int = Path(ge=1), p: Principal = Depends(api_admin_csrf)):
+@router.post(
+    "/entries/{entry_id}/priority",
+    tags=["worklist"],
+    response_model=responses.PriorityOut,
+    responses={403: {}, 404: {}, 422: {}},
+)
+def set_priority(
+    request: Request, body: PriorityChange, entry_id: int = Path(ge=1), p: Principal = Depends(api_admin_csrf)
+):
     """Admin override of an entry's priority (with a reason); null priority clears it."""
     ctx = ctx_of(request)
     with ctx.db.session() as s:
         e = entries.override_priority(
-            s, entry_id=entry_id, priority=body.priority.value if body.priority else None, reason=body.reason,
-            actor=p.username, now=utcnow(),
+            s,
+            entry_id=entry_id,
+            priority=body.priority.value if body.priority else None,
+            reason=body.reason,
+            actor=p.username,
+            now=utcnow(),
         )
         return {"entry_id": e.id, "priority": e.priority, "ai_priority": e.ai_priority, "override": e.override_priority}
 
 
-@router.post("/entries/{entry_id}/assign", tags=["worklist"], response_model=responses.AssignOut,
-             responses={403: {}, 404: {}, 422: {}})
-def set_assignee(request: Request, body: AssignChange, entry_id: int = Path(ge=1), p: Principal = Depends(api_admin_csrf)):
+@router.post(
+    "/entries/{entry_id}/assign",
+    tags=["worklist"],
+    response_model=responses.AssignOut,
+    responses={403: {}, 404: {}, 422: {}},
+)
+def set_assignee(
+    request: Request, body: AssignChange, entry_id: int = Path(ge=1), p: Principal = Depends(api_admin_csrf)
+):
     ctx = ctx_of(request)
     with ctx.db.session() as s:
         e = entries.assign(s, entry_id=entry_id, assignee=body.username or None, actor=p.username, now=utcnow())
@@ -215,7 +263,9 @@ def set_read(request: Request, body: ReadChange, entry_id: int = Path(ge=1), p: 
 
 
 def audit_view(s, p: Principal, study_id: int, via: str) -> None:
-    audit.record(s, actor=p.username, action="study.view", entity_type="study", entity_id=study_id, details={"via": via})
+    audit.record(
+        s, actor=p.username, action="study.view", entity_type="study", entity_id=study_id, details={"via": via}
+    )
 
 
 @router.get("/studies/{study_id}", tags=["study"], response_model=responses.StudyOut, responses={404: {}})
@@ -258,9 +308,15 @@ def _superres_source_series(path: str, s) -> str | None:
     return None
 
 
-@router.get("/studies/{study_id}/viewer", tags=["study"], response_model=responses.ViewerOut, responses={404: {}, 422: {}})
-def viewer(request: Request, study_id: int = Path(ge=1), series_id: int | None = Query(default=None, ge=1),
-           p: Principal = Depends(principal)):
+@router.get(
+    "/studies/{study_id}/viewer", tags=["study"], response_model=responses.ViewerOut, responses={404: {}, 422: {}}
+)
+def viewer(
+    request: Request,
+    study_id: int = Path(ge=1),
+    series_id: int | None = Query(default=None, ge=1),
+    p: Principal = Depends(principal),
+):
     """What the slice viewer shows: the original series, its SEG overlays and the super-resolved series."""
     ctx = ctx_of(request)
     with ctx.db.session() as s:
@@ -288,7 +344,9 @@ def viewer(request: Request, study_id: int = Path(ge=1), series_id: int | None =
         else:
             chosen = next((x for x in originals if x["id"] == series_id), None)
             if chosen is None:
-                return JSONResponse({"detail": f"series {series_id} is not an image series of study {study_id}"}, status_code=404)
+                return JSONResponse(
+                    {"detail": f"series {series_id} is not an image series of study {study_id}"}, status_code=404
+                )
         paths = queries.series_paths(s, study_id, chosen["id"]) or []
         superres = []
         for g in d["results"]:
@@ -306,8 +364,13 @@ def viewer(request: Request, study_id: int = Path(ge=1), series_id: int | None =
     for sr in superres:
         if sr["source_series_uid"] in (None, chosen["series_uid"]):
             sr_stack = _stack(ctx, sr["paths"])
-            sr_out = {"series_uid": sr["series_uid"], "slices": sr_stack.n, "rows": int(sr_stack.array.shape[1]),
-                      "cols": int(sr_stack.array.shape[2]), "map": imaging.slice_map(stack, sr_stack)}
+            sr_out = {
+                "series_uid": sr["series_uid"],
+                "slices": sr_stack.n,
+                "rows": int(sr_stack.array.shape[1]),
+                "cols": int(sr_stack.array.shape[2]),
+                "map": imaging.slice_map(stack, sr_stack),
+            }
             break
     overlay_slices: list[int] = []
     if overlays:
@@ -315,9 +378,18 @@ def viewer(request: Request, study_id: int = Path(ge=1), series_id: int | None =
         overlay_slices = [k for k in range(stack.n) if float(ov.array[k].max()) >= 0.05]
     return {
         "study_id": study_id,
-        "series": [{"id": x["id"], "description": x["description"], "number": x["number"], "role": x["role"]} for x in originals],
-        "selected": {"id": chosen["id"], "series_uid": chosen["series_uid"], "description": chosen["description"],
-                     "slices": stack.n, "rows": int(stack.array.shape[1]), "cols": int(stack.array.shape[2])},
+        "series": [
+            {"id": x["id"], "description": x["description"], "number": x["number"], "role": x["role"]}
+            for x in originals
+        ],
+        "selected": {
+            "id": chosen["id"],
+            "series_uid": chosen["series_uid"],
+            "description": chosen["description"],
+            "slices": stack.n,
+            "rows": int(stack.array.shape[1]),
+            "cols": int(stack.array.shape[2]),
+        },
         "overlays": overlays,
         "overlay_slices": overlay_slices,
         "start_slice": overlay_slices[len(overlay_slices) // 2] if overlay_slices else stack.n // 2,
@@ -335,10 +407,19 @@ def _slice_index(k: int, n: int) -> None:
         raise HTTPException(status_code=404, detail=f"slice {k} is out of range 0..{n - 1}")
 
 
-@router.get("/studies/{study_id}/series/{series_id}/slices/{k}.png", tags=["study"], response_class=Response,
-            responses={200: {"content": {"image/png": {}}}, 404: {}, 422: {}})
-def slice_png(request: Request, study_id: int = Path(ge=1), series_id: int = Path(ge=1), k: int = Path(ge=0),
-              p: Principal = Depends(principal)):
+@router.get(
+    "/studies/{study_id}/series/{series_id}/slices/{k}.png",
+    tags=["study"],
+    response_class=Response,
+    responses={200: {"content": {"image/png": {}}}, 404: {}, 422: {}},
+)
+def slice_png(
+    request: Request,
+    study_id: int = Path(ge=1),
+    series_id: int = Path(ge=1),
+    k: int = Path(ge=0),
+    p: Principal = Depends(principal),
+):
     """One original slice (sorted by position), windowed, as an 8-bit PNG."""
     ctx = ctx_of(request)
     with ctx.db.session() as s:
@@ -359,10 +440,21 @@ def _overlay(ctx, study_id: int, result_id: int, series_paths: list[str], stack)
     return ctx.images.get(key, lambda: imaging.load_overlay(seg_paths[0], stack))
 
 
-@router.get("/studies/{study_id}/series/{series_id}/overlay/{result_id}/{k}.png", tags=["study"], response_class=Response,
-            responses={200: {"content": {"image/png": {}}}, 404: {}, 422: {}})
-def overlay_png(request: Request, study_id: int = Path(ge=1), series_id: int = Path(ge=1), result_id: int = Path(ge=1),
-                k: int = Path(ge=0), segment: int | None = Query(default=None, ge=1), p: Principal = Depends(principal)):
+@router.get(
+    "/studies/{study_id}/series/{series_id}/overlay/{result_id}/{k}.png",
+    tags=["study"],
+    response_class=Response,
+    responses={200: {"content": {"image/png": {}}}, 404: {}, 422: {}},
+)
+def overlay_png(
+    request: Request,
+    study_id: int = Path(ge=1),
+    series_id: int = Path(ge=1),
+    result_id: int = Path(ge=1),
+    k: int = Path(ge=0),
+    segment: int | None = Query(default=None, ge=1),
+    p: Principal = Depends(principal),
+):
     """The SEG overlay on slice k of the original series (RGBA PNG; one segment or all)."""
     ctx = ctx_of(request)
     with ctx.db.session() as s:
@@ -374,15 +466,26 @@ def overlay_png(request: Request, study_id: int = Path(ge=1), series_id: int = P
     ov = _overlay(ctx, study_id, result_id, paths, stack)
     if segment is not None:
         if segment not in ov.per_segment:
-            return JSONResponse({"detail": f"the SEG has no segment {segment} (has {sorted(ov.per_segment)})"}, status_code=404)
+            return JSONResponse(
+                {"detail": f"the SEG has no segment {segment} (has {sorted(ov.per_segment)})"}, status_code=404
+            )
         return _png(imaging.heat_png(ov.per_segment[segment][k]))
     return _png(imaging.heat_png(ov.array[k]))
 
 
-@router.get("/studies/{study_id}/superres/{series_uid}/slices/{k}.png", tags=["study"], response_class=Response,
-            responses={200: {"content": {"image/png": {}}}, 404: {}, 422: {}})
-def superres_png(request: Request, study_id: int = Path(ge=1), series_uid: str = Path(max_length=64, pattern=r"^[0-9.]+$"),
-                 k: int = Path(ge=0), p: Principal = Depends(principal)):
+@router.get(
+    "/studies/{study_id}/superres/{series_uid}/slices/{k}.png",
+    tags=["study"],
+    response_class=Response,
+    responses={200: {"content": {"image/png": {}}}, 404: {}, 422: {}},
+)
+def superres_png(
+    request: Request,
+    study_id: int = Path(ge=1),
+    series_uid: str = Path(max_length=64, pattern=r"^[0-9.]+$"),
+    k: int = Path(ge=0),
+    p: Principal = Depends(principal),
+):
     """One slice of the super-resolved series (a derived series; the original is never replaced)."""
     ctx = ctx_of(request)
     with ctx.db.session() as s:
@@ -398,15 +501,23 @@ def superres_png(request: Request, study_id: int = Path(ge=1), series_uid: str =
 
 
 @router.get("/admin/jobs", tags=["admin"], response_model=responses.JobsOut)
-def jobs(request: Request, state: JobState | None = None, limit: int = Query(default=200, ge=1, le=1000),
-         p: Principal = Depends(admin)):
+def jobs(
+    request: Request,
+    state: JobState | None = None,
+    limit: int = Query(default=200, ge=1, le=1000),
+    p: Principal = Depends(admin),
+):
     ctx = ctx_of(request)
     with ctx.db.session() as s:
         return {"jobs": list_jobs(s, tz=ctx.tz, state=state.value if state else None, limit=limit)}
 
 
-@router.post("/admin/jobs/{job_id}/retry", tags=["admin"], response_model=responses.JobRetriedOut,
-             responses={403: {}, 409: {"description": "not retryable"}})
+@router.post(
+    "/admin/jobs/{job_id}/retry",
+    tags=["admin"],
+    response_model=responses.JobRetriedOut,
+    responses={403: {}, 409: {"description": "not retryable"}},
+)
 def retry_job(request: Request, job_id: int = Path(ge=1), p: Principal = Depends(api_admin_csrf)):
     """Puts a failed or dead job back in the queue (audited)."""
     ctx = ctx_of(request)
@@ -414,15 +525,23 @@ def retry_job(request: Request, job_id: int = Path(ge=1), p: Principal = Depends
 
 
 @router.get("/admin/outbox", tags=["admin"], response_model=responses.OutboxOut)
-def outbox(request: Request, state: OutboxState | None = None, limit: int = Query(default=200, ge=1, le=1000),
-           p: Principal = Depends(admin)):
+def outbox(
+    request: Request,
+    state: OutboxState | None = None,
+    limit: int = Query(default=200, ge=1, le=1000),
+    p: Principal = Depends(admin),
+):
     ctx = ctx_of(request)
     with ctx.db.session() as s:
         return {"items": queries.outbox(s, tz=ctx.tz, state=state.value if state else None, limit=limit)}
 
 
-@router.post("/admin/outbox/{item_id}/retry", tags=["admin"], response_model=responses.OutboxRetriedOut,
-             responses={403: {}, 409: {"description": "not dead"}})
+@router.post(
+    "/admin/outbox/{item_id}/retry",
+    tags=["admin"],
+    response_model=responses.OutboxRetriedOut,
+    responses={403: {}, 409: {"description": "not dead"}},
+)
 def retry_outbox(request: Request, item_id: int = Path(ge=1), p: Principal = Depends(api_admin_csrf)):
     """Re-sends a dead-lettered result object (audited)."""
     ctx = ctx_of(request)
@@ -437,16 +556,24 @@ def routing(request: Request, p: Principal = Depends(admin)):
 
 
 @router.get("/admin/unrouted", tags=["admin"], response_model=responses.UnroutedOut)
-def unrouted(request: Request, limit: int = Query(default=50, ge=1, le=200),
-             before_id: int | None = Query(default=None, ge=1), p: Principal = Depends(admin)):
+def unrouted(
+    request: Request,
+    limit: int = Query(default=50, ge=1, le=200),
+    before_id: int | None = Query(default=None, ge=1),
+    p: Principal = Depends(admin),
+):
     """Recent series no rule routed, newest first, each with why (``next_before_id`` pages back)."""
     ctx = ctx_of(request)
     with ctx.db.session() as s:
         return queries.unrouted_series(s, tz=ctx.tz, limit=limit, before_id=before_id)
 
 
-@router.get("/admin/series/{series_id}/routing", tags=["admin"], response_model=responses.SeriesRuleDraftOut,
-            responses={404: {}})
+@router.get(
+    "/admin/series/{series_id}/routing",
+    tags=["admin"],
+    response_model=responses.SeriesRuleDraftOut,
+    responses={404: {}},
+)
 def series_routing(request: Request, series_id: int = Path(ge=1), p: Principal = Depends(admin)):
     """A series' routing explanation, a rule drafted from its facts and where rules are written."""
     ctx = ctx_of(request)
@@ -455,8 +582,9 @@ def series_routing(request: Request, series_id: int = Path(ge=1), p: Principal =
     if d is None:
         return JSONResponse({"detail": f"series {series_id} not found"}, status_code=404)
     status = rule_editor.rules_status(ctx.settings)
-    draft = rule_editor.draft_from_series(d, keys=status["fact_keys"],
-                                          anatomy_hint=rule_editor.current_anatomy(ctx.db, ctx.settings, series_id))
+    draft = rule_editor.draft_from_series(
+        d, keys=status["fact_keys"], anatomy_hint=rule_editor.current_anatomy(ctx.db, ctx.settings, series_id)
+    )
     return {"series": d, "draft": draft.as_dict(), "rules_file": status}
 
 
@@ -469,15 +597,30 @@ def rule_refusal(exc: rule_editor.RuleEditError) -> JSONResponse:
     return JSONResponse({"detail": str(exc)}, status_code=422)
 
 
-@router.post("/admin/series/{series_id}/rule", tags=["admin"], status_code=201, response_model=responses.RuleAddedOut,
-             responses={403: {}, 404: {}, 409: {"description": "the rules file cannot be changed here (block to paste)"},
-                        422: {"description": "invalid rule, or it does not route the series"}})
+@router.post(
+    "/admin/series/{series_id}/rule",
+    tags=["admin"],
+    status_code=201,
+    response_model=responses.RuleAddedOut,
+    responses={
+        403: {},
+        404: {},
+        409: {"description": "the rules file cannot be changed here (block to paste)"},
+        422: {"description": "invalid rule, or it does not route the series"},
+    },
+)
 def add_rule(request: Request, body: RuleRequest, series_id: int = Path(ge=1), p: Principal = Depends(api_admin_csrf)):
     """Inserts a rule made from this series before the first rule of the rules file (audited; the file reloads)."""
     ctx = ctx_of(request)
     fields = rule_editor.RuleRequestFields(
-        name=body.name, pipeline=body.pipeline.value, role=body.role, anatomy=body.anatomy, plane=body.plane,
-        contrast=body.contrast, description=body.description, reroute=body.reroute,
+        name=body.name,
+        pipeline=body.pipeline.value,
+        role=body.role,
+        anatomy=body.anatomy,
+        plane=body.plane,
+        contrast=body.contrast,
+        description=body.description,
+        reroute=body.reroute,
     )
     try:
         return rule_editor.make_rule(ctx.db, ctx.settings, series_id, fields, actor=p.username, now=utcnow())
@@ -504,8 +647,18 @@ def audit_log(
 ):
     ctx = ctx_of(request)
     with ctx.db.session() as s:
-        return {"events": queries.audit_log(s, tz=ctx.tz, limit=limit, before_id=before_id, actor=actor, action=action,
-                                            entity_type=entity_type, entity_id=entity_id)}
+        return {
+            "events": queries.audit_log(
+                s,
+                tz=ctx.tz,
+                limit=limit,
+                before_id=before_id,
+                actor=actor,
+                action=action,
+                entity_type=entity_type,
+                entity_id=entity_id,
+            )
+        }
 
 
 @router.get("/admin/users", tags=["admin"], response_model=responses.UsersOut)
@@ -525,8 +678,11 @@ def policy(request: Request, p: Principal = Depends(admin)):
         "source": pol.source,
         "default_priority": pol.default_priority,
         "priorities": list(PRIORITIES),
-        "review": {"qc_failure_flag": pol.qc_failure_flag, "qc_failure_priority": pol.qc_failure_priority,
-                   "uncertainty_k": pol.uncertainty_k},
+        "review": {
+            "qc_failure_flag": pol.qc_failure_flag,
+            "qc_failure_priority": pol.qc_failure_priority,
+            "uncertainty_k": pol.uncertainty_k,
+        },
         "ageing": [{"from": a.from_priority, "to": a.to_priority, "after_hours": a.after_hours} for a in pol.ageing],
         "rules": [r.__dict__ | {"grades": list(r.grades)} for r in pol.rules],
     }

@@ -143,8 +143,15 @@ def create_app(settings, db, *, policy: TriagePolicy | None = None) -> FastAPI:
         return ctx.templates.TemplateResponse(
             request,
             "error.html",
-            {"user": p, "status": status, "reason": reason, "path": request.url.path, "tz": str(ctx.tz),
-             "msg": None, "error": None},
+            {
+                "user": p,
+                "status": status,
+                "reason": reason,
+                "path": request.url.path,
+                "tz": str(ctx.tz),
+                "msg": None,
+                "error": None,
+            },
             status_code=status,
         )
 

@@ -31,7 +31,9 @@ CSRF_HEADER = "X-CSRF-Token"
 
 # declared for the OpenAPI schema (both optional here; `principal` decides)
 BEARER = HTTPBearer(auto_error=False, description="a token from POST /api/auth/token")
-SESSION_COOKIE = APIKeyCookie(name=COOKIE, auto_error=False, description="the browser session (changes need X-CSRF-Token)")
+SESSION_COOKIE = APIKeyCookie(
+    name=COOKIE, auto_error=False, description="the browser session (changes need X-CSRF-Token)"
+)
 
 
 class NotAuthenticated(Exception):

@@ -164,7 +164,9 @@ def load_stack(paths: Sequence[str | Path]) -> SliceStack:
 def _segments(seg) -> list[dict]:
     out = []
     for item in seg.SegmentSequence:
-        prop = item.SegmentedPropertyTypeCodeSequence[0].CodeMeaning if "SegmentedPropertyTypeCodeSequence" in item else ""
+        prop = (
+            item.SegmentedPropertyTypeCodeSequence[0].CodeMeaning if "SegmentedPropertyTypeCodeSequence" in item else ""
+        )
         out.append(
             {
                 "number": int(item.SegmentNumber),
@@ -189,8 +191,12 @@ def _seg_by_source(seg, stack: SliceStack, numbers: list[int]) -> np.ndarray:
             raise ImagingError("the SEG references none of this series' images")
         for sop, pairs in by_sop.items():
             px = seg.get_pixels_by_source_frame(
-                sop, [fr for _, fr in pairs], segment_numbers=numbers, assert_missing_frames_are_empty=True,
-                rescale_fractional=True, dtype=np.float32,
+                sop,
+                [fr for _, fr in pairs],
+                segment_numbers=numbers,
+                assert_missing_frames_are_empty=True,
+                rescale_fractional=True,
+                dtype=np.float32,
             )
             for (k, _), frame in zip(pairs, px):
                 out[k] = frame
@@ -199,8 +205,11 @@ def _seg_by_source(seg, stack: SliceStack, numbers: list[int]) -> np.ndarray:
     if not idx:
         raise ImagingError("the SEG references none of this series' images")
     px = seg.get_pixels_by_source_instance(
-        [stack.sop_instance_uids[k] for k in idx], segment_numbers=numbers, assert_missing_frames_are_empty=True,
-        rescale_fractional=True, dtype=np.float32,
+        [stack.sop_instance_uids[k] for k in idx],
+        segment_numbers=numbers,
+        assert_missing_frames_are_empty=True,
+        rescale_fractional=True,
+        dtype=np.float32,
     )
     for k, frame in zip(idx, px):
         out[k] = frame
@@ -299,7 +308,9 @@ def gray_png(stack: SliceStack, k: int) -> bytes:
 
 def _heat_lut() -> np.ndarray:
     """256 x 3 colour map: dark red -> red -> orange -> yellow -> white."""
-    anchors = np.array([[0.0, 80, 0, 0], [0.35, 220, 20, 0], [0.65, 255, 140, 0], [0.85, 255, 230, 40], [1.0, 255, 255, 220]])
+    anchors = np.array(
+        [[0.0, 80, 0, 0], [0.35, 220, 20, 0], [0.65, 255, 140, 0], [0.85, 255, 230, 40], [1.0, 255, 255, 220]]
+    )
     x = np.linspace(0, 1, 256)
     return np.stack([np.interp(x, anchors[:, 0], anchors[:, c]) for c in (1, 2, 3)], axis=1).astype(np.uint8)
 

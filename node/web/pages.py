@@ -60,7 +60,15 @@ def login_form(request: Request, next: str | None = None):
     ctx = _ctx(request)
     cookie, nonce = ctx.codec.login_nonce()
     r = _render(request, "login.html", None, next=_safe_next(next), nonce=nonce)
-    r.set_cookie(LOGIN_COOKIE, cookie, max_age=3600, httponly=True, samesite="strict", secure=request.url.scheme == "https", path="/login")
+    r.set_cookie(
+        LOGIN_COOKIE,
+        cookie,
+        max_age=3600,
+        httponly=True,
+        samesite="strict",
+        secure=request.url.scheme == "https",
+        path="/login",
+    )
     return r
 
 
@@ -75,8 +83,15 @@ def login(
     ctx = _ctx(request)
     if not ctx.codec.check_login_nonce(request.cookies.get(LOGIN_COOKIE), csrf_token):
         cookie, nonce = ctx.codec.login_nonce()
-        r = _render(request, "login.html", None, 400, next=_safe_next(next), nonce=nonce,
-                    error="the login form expired, please try again")
+        r = _render(
+            request,
+            "login.html",
+            None,
+            400,
+            next=_safe_next(next),
+            nonce=nonce,
+            error="the login form expired, please try again",
+        )
         r.set_cookie(LOGIN_COOKIE, cookie, max_age=3600, httponly=True, samesite="strict", path="/login")
         return r
     wait = ctx.throttle.retry_after(username) if username else 0
@@ -86,23 +101,46 @@ def login(
             user = authenticate(s, username, password) if username and password else None
             if user is None:
                 ctx.throttle.failed(username or "-")
-                audit.record(s, actor=(username or "-")[:64], action="auth.login_failed", entity_type="user",
-                             entity_id=(username or "-")[:64])
+                audit.record(
+                    s,
+                    actor=(username or "-")[:64],
+                    action="auth.login_failed",
+                    entity_type="user",
+                    entity_id=(username or "-")[:64],
+                )
             else:
                 ctx.throttle.succeeded(user.username)
                 audit.record(s, actor=user.username, action="auth.login", entity_type="user", entity_id=user.username)
                 token, _principal = ctx.codec.issue(user.username, user.role)
     if user is None:
         cookie, nonce = ctx.codec.login_nonce()
-        error = (f"too many failed logins for this user; try again in {wait} s" if wait
-                 else "wrong username or password, or the account is disabled")
-        r = _render(request, "login.html", None, 429 if wait else 401, next=_safe_next(next), nonce=nonce,
-                    error=error, username=username)
+        error = (
+            f"too many failed logins for this user; try again in {wait} s"
+            if wait
+            else "wrong username or password, or the account is disabled"
+        )
+        r = _render(
+            request,
+            "login.html",
+            None,
+            429 if wait else 401,
+            next=_safe_next(next),
+            nonce=nonce,
+            error=error,
+            username=username,
+        )
         r.set_cookie(LOGIN_COOKIE, cookie, max_age=3600, httponly=True, samesite="strict", path="/login")
         return r
     redirect = RedirectResponse(_safe_next(next), status_code=303)
-    redirect.set_cookie(COOKIE, token, max_age=ctx.codec.max_age, httponly=True, samesite="strict",
-                        secure=request.url.scheme == "https", path="/")
+    redirect.set_cookie(
+        COOKIE,
+        token,
+        max_age=ctx.codec.max_age,
+        httponly=True,
+        samesite="strict",
+        secure=request.url.scheme == "https",
+        path="/",
+    )
     redirect.delete_cookie(LOGIN_COOKIE, path="/login")
     return redirect
 
@@ -144,28 +182,55 @@ def _worklist_data(request: Request, anatomy, priority, status):
     ctx = _ctx(request)
     with ctx.db.session() as s:
         items = queries.worklist(
-            s, policy=ctx.policy, tz=ctx.tz, now=utcnow(), anatomy=anatomy.value if anatomy else None,
-            priority=priority.value if priority else None, status=status.value if status else None,
+            s,
+            policy=ctx.policy,
+            tz=ctx.tz,
+            now=utcnow(),
+            anatomy=anatomy.value if anatomy else None,
+            priority=priority.value if priority else None,
+            status=status.value if status else None,
         )
         pending = queries.pending_studies(s, tz=ctx.tz)
     return items, pending
 
 
 @router.get("/worklist")
-def worklist_page(request: Request, anatomy: Anatomy | None = None, priority: Priority | None = None,
-                  status: Status | None = None, p: Principal = Depends(principal)):
+def worklist_page(
+    request: Request,
+    anatomy: Anatomy | None = None,
+    priority: Priority | None = None,
+    status: Status | None = None,
+    p: Principal = Depends(principal),
+):
     items, pending = _worklist_data(request, anatomy, priority, status)
     counts = {pr: sum(1 for i in items if i["priority"] == pr and i["status"] == "unread") for pr in PRIORITIES}
-    return _render(request, "worklist.html", p, items=items, pending=pending, counts=counts,
-                   rendered_at=queries.display_time(utcnow(), _ctx(request).tz, seconds=True),
-                   filters={"anatomy": anatomy.value if anatomy else "", "priority": priority.value if priority else "",
-                            "status": status.value if status else ""},
-                   anatomies=queries.ANATOMIES, query=request.url.query, policy_version=_ctx(request).policy.version)
+    return _render(
+        request,
+        "worklist.html",
+        p,
+        items=items,
+        pending=pending,
+        counts=counts,
+        rendered_at=queries.display_time(utcnow(), _ctx(request).tz, seconds=True),
+        filters={
+            "anatomy": anatomy.value if anatomy else "",
+            "priority": priority.value if priority else "",
+            "status": status.value if status else "",
+        },
+        anatomies=queries.ANATOMIES,
+        query=request.url.query,
+        policy_version=_ctx(request).policy.version,
+    )
 
 
 @router.get("/worklist/rows")
-def worklist_rows(request: Request, anatomy: Anatomy | None = None, priority: Priority | None = None,
-                  status: Status | None = None, p: Principal = Depends(principal)):
+def worklist_rows(
+    request: Request,
+    anatomy: Anatomy | None = None,
+    priority: Priority | None = None,
+    status: Status | None = None,
+    p: Principal = Depends(principal),
+):
     """The table body alone, for the page's auto-refresh."""
     items, pending = _worklist_data(request, anatomy, priority, status)
     r = _render(request, "_worklist_rows.html", p, items=items, pending=pending)
@@ -201,8 +266,14 @@ def study_page(request: Request, study_id: int, p: Principal = Depends(principal
 
 
 @router.post("/studies/{study_id}/read")
-def study_read(request: Request, study_id: int, entry_id: int = Form(...), read: str = Form(default="1"),
-               csrf_token: str = Form(default=""), p: Principal = Depends(principal)):
+def study_read(
+    request: Request,
+    study_id: int,
+    entry_id: int = Form(...),
+    read: str = Form(default="1"),
+    csrf_token: str = Form(default=""),
+    p: Principal = Depends(principal),
+):
     check_csrf(p, csrf_token)
     ctx = _ctx(request)
     with ctx.db.session() as s:
@@ -212,8 +283,15 @@ def study_read(request: Request, study_id: int, entry_id: int = Form(...), read:
 
 
 @router.post("/admin/entries/{entry_id}/priority")
-def priority_form(request: Request, entry_id: int, priority: str = Form(default=""), reason: str = Form(default=""),
-                  csrf_token: str = Form(default=""), next: str = Form(default="/worklist"), p: Principal = Depends(admin)):
+def priority_form(
+    request: Request,
+    entry_id: int,
+    priority: str = Form(default=""),
+    reason: str = Form(default=""),
+    csrf_token: str = Form(default=""),
+    next: str = Form(default="/worklist"),
+    p: Principal = Depends(admin),
+):
     check_csrf(p, csrf_token)
     ctx = _ctx(request)
     target = _safe_next(next)
@@ -222,7 +300,9 @@ def priority_form(request: Request, entry_id: int, priority: str = Form(default=
         return _back(target, error=f"unknown priority {priority!r}")
     try:
         with ctx.db.session() as s:
-            e = entries.override_priority(s, entry_id=entry_id, priority=new, reason=reason, actor=p.username, now=utcnow())
+            e = entries.override_priority(
+                s, entry_id=entry_id, priority=new, reason=reason, actor=p.username, now=utcnow()
+            )
             result = e.priority
     except InvalidChange as exc:
         return _back(target, error=str(exc))
@@ -230,8 +310,14 @@ def priority_form(request: Request, entry_id: int, priority: str = Form(default=
 
 
 @router.post("/admin/entries/{entry_id}/assign")
-def assign_form(request: Request, entry_id: int, username: str = Form(default=""), csrf_token: str = Form(default=""),
-                next: str = Form(default="/worklist"), p: Principal = Depends(admin)):
+def assign_form(
+    request: Request,
+    entry_id: int,
+    username: str = Form(default=""),
+    csrf_token: str = Form(default=""),
+    next: str = Form(default="/worklist"),
+    p: Principal = Depends(admin),
+):
     check_csrf(p, csrf_token)
     ctx = _ctx(request)
     target = _safe_next(next)
@@ -266,8 +352,9 @@ def admin_jobs(request: Request, state: JobState | None = None, p: Principal = D
     ctx = _ctx(request)
     with ctx.db.session() as s:
         rows = list_jobs(s, tz=ctx.tz, state=state.value if state else None, limit=200)
-    return _render(request, "admin_jobs.html", p, jobs=rows, state=state.value if state else "",
-                   states=[x.value for x in JobState])
+    return _render(
+        request, "admin_jobs.html", p, jobs=rows, state=state.value if state else "", states=[x.value for x in JobState]
+    )
 
 
 @router.post("/admin/jobs/{job_id}/retry")
@@ -285,12 +372,20 @@ def admin_outbox(request: Request, state: OutboxState | None = None, p: Principa
     ctx = _ctx(request)
     with ctx.db.session() as s:
         rows = queries.outbox(s, tz=ctx.tz, state=state.value if state else None)
-    return _render(request, "admin_outbox.html", p, items=rows, state=state.value if state else "",
-                   states=[x.value for x in OutboxState])
+    return _render(
+        request,
+        "admin_outbox.html",
+        p,
+        items=rows,
+        state=state.value if state else "",
+        states=[x.value for x in OutboxState],
+    )
 
 
 @router.post("/admin/outbox/{item_id}/retry")
-def admin_outbox_retry(request: Request, item_id: int, csrf_token: str = Form(default=""), p: Principal = Depends(admin)):
+def admin_outbox_retry(
+    request: Request, item_id: int, csrf_token: str = Form(default=""), p: Principal = Depends(admin)
+):
     check_csrf(p, csrf_token)
     ctx = _ctx(request)
     try:
@@ -303,8 +398,14 @@ def admin_outbox_retry(request: Request, item_id: int, csrf_token: str = Form(de
 @router.get("/admin/routing")
 def admin_routing(request: Request, p: Principal = Depends(admin)):
     ctx = _ctx(request)
-    return _render(request, "admin_routing.html", p, routing=admin_views.routing(ctx.settings),
-                   destinations=admin_views.destinations(ctx.settings), policy=ctx.policy)
+    return _render(
+        request,
+        "admin_routing.html",
+        p,
+        routing=admin_views.routing(ctx.settings),
+        destinations=admin_views.destinations(ctx.settings),
+        policy=ctx.policy,
+    )
 
 
 @router.get("/admin/unrouted")
@@ -316,8 +417,17 @@ def admin_unrouted(request: Request, before_id: int | None = Query(default=None,
     return _render(request, "admin_unrouted.html", p, page=page, before_id=before_id)
 
 
-def _rule_page(request: Request, p: Principal, series_id: int, *, status_code: int = 200, draft: dict | None = None,
-               reroute: bool = True, refusal: str | None = None, readonly: rule_editor.RulesReadOnly | None = None):
+def _rule_page(
+    request: Request,
+    p: Principal,
+    series_id: int,
+    *,
+    status_code: int = 200,
+    draft: dict | None = None,
+    reroute: bool = True,
+    refusal: str | None = None,
+    readonly: rule_editor.RulesReadOnly | None = None,
+):
     ctx = _ctx(request)
     with ctx.db.session() as s:
         d = queries.series_routing(s, series_id, tz=ctx.tz)
@@ -327,9 +437,20 @@ def _rule_page(request: Request, p: Principal, series_id: int, *, status_code: i
     if draft is None:
         hint = rule_editor.current_anatomy(ctx.db, ctx.settings, series_id)
         draft = rule_editor.draft_from_series(d, keys=rules_file["fact_keys"], anatomy_hint=hint).as_dict()
-    return _render(request, "admin_rule.html", p, status_code, series=d, draft=draft, rules_file=rules_file,
-                   pipelines=ROUTING_PIPELINES, reroute=reroute, refusal=refusal, readonly=readonly,
-                   limits={"name": rule_editor.NAME_MAX, "regex": rule_editor.REGEX_MAX, "value": rule_editor.VALUE_MAX})
+    return _render(
+        request,
+        "admin_rule.html",
+        p,
+        status_code,
+        series=d,
+        draft=draft,
+        rules_file=rules_file,
+        pipelines=ROUTING_PIPELINES,
+        reroute=reroute,
+        refusal=refusal,
+        readonly=readonly,
+        limits={"name": rule_editor.NAME_MAX, "regex": rule_editor.REGEX_MAX, "value": rule_editor.VALUE_MAX},
+    )
 
 
 @router.get("/admin/series/{series_id}/rule")
@@ -356,11 +477,24 @@ def admin_rule_add(
     check_csrf(p, csrf_token)
     ctx = _ctx(request)
     fields = rule_editor.RuleRequestFields(
-        name=name, pipeline=pipeline or None, role=role or None, anatomy=anatomy or None, plane=plane or None,
-        contrast=contrast or None, description=description or None, reroute=reroute == "1",
+        name=name,
+        pipeline=pipeline or None,
+        role=role or None,
+        anatomy=anatomy or None,
+        plane=plane or None,
+        contrast=contrast or None,
+        description=description or None,
+        reroute=reroute == "1",
     )
-    entered = {"name": name, "pipeline": pipeline, "role": role, "anatomy": anatomy or pipeline, "plane": plane,
-               "contrast": [c.strip() for c in contrast.split(",") if c.strip()], "description": description}
+    entered = {
+        "name": name,
+        "pipeline": pipeline,
+        "role": role,
+        "anatomy": anatomy or pipeline,
+        "plane": plane,
+        "contrast": [c.strip() for c in contrast.split(",") if c.strip()],
+        "description": description,
+    }
     try:
         out = rule_editor.make_rule(ctx.db, ctx.settings, series_id, fields, actor=p.username, now=utcnow())
     except rule_editor.SeriesNotFound as exc:
@@ -368,11 +502,15 @@ def admin_rule_add(
     except rule_editor.RulesReadOnly as exc:
         return _rule_page(request, p, series_id, status_code=409, draft=entered, reroute=fields.reroute, readonly=exc)
     except rule_editor.RuleRefused as exc:
-        return _rule_page(request, p, series_id, status_code=422, draft=entered, reroute=fields.reroute, refusal=str(exc))
+        return _rule_page(
+            request, p, series_id, status_code=422, draft=entered, reroute=fields.reroute, refusal=str(exc)
+        )
     msg = f"rule {name.strip()!r} added first in {out['path']} ({out['rules']} rules; the node reloads them by itself)"
     r = out["rerouted"]
     if r is not None:
-        msg += f"; series {out['series_uid']} " + (f"routed {r['pipeline']}/{r['role']}" if r["routed"] else "still unrouted")
+        msg += f"; series {out['series_uid']} " + (
+            f"routed {r['pipeline']}/{r['role']}" if r["routed"] else "still unrouted"
+        )
     return _back("/admin/unrouted", msg=msg)
 
 
@@ -383,12 +521,18 @@ def admin_models(request: Request, p: Principal = Depends(admin)):
 
 
 @router.get("/admin/audit")
-def admin_audit(request: Request, actor: str | None = Query(default=None, max_length=64),
-                action: str | None = Query(default=None, max_length=64), before_id: int | None = Query(default=None, ge=1),
-                p: Principal = Depends(admin)):
+def admin_audit(
+    request: Request,
+    actor: str | None = Query(default=None, max_length=64),
+    action: str | None = Query(default=None, max_length=64),
+    before_id: int | None = Query(default=None, ge=1),
+    p: Principal = Depends(admin),
+):
     ctx = _ctx(request)
     with ctx.db.session() as s:
-        events = queries.audit_log(s, tz=ctx.tz, limit=200, before_id=before_id, actor=actor or None, action=action or None)
+        events = queries.audit_log(
+            s, tz=ctx.tz, limit=200, before_id=before_id, actor=actor or None, action=action or None
+        )
     return _render(request, "admin_audit.html", p, events=events, actor=actor or "", action=action or "")
 
 

@@ -164,11 +164,18 @@ def worklist(
                 "received_at": node_time(r.waiting_since, tz),
                 "waiting_minutes": int((now - r.waiting_since).total_seconds() // 60),
                 "anatomy": job.pipeline if job else None,
-                "job": {"id": job.id, "state": job.state, "finished_at": node_time(job.finished_at, tz)} if job else None,
+                "job": {"id": job.id, "state": job.state, "finished_at": node_time(job.finished_at, tz)}
+                if job
+                else None,
                 "dispatch": dispatch_json(d),
                 "findings": [finding_dict(f) for f in fs if f.code not in policy.informational_codes],
-                "qc_flags": list(dict.fromkeys(display_finding(f).text for f in fs
-                                               if not f.evaluated and f.code not in policy.informational_codes)),
+                "qc_flags": list(
+                    dict.fromkeys(
+                        display_finding(f).text
+                        for f in fs
+                        if not f.evaluated and f.code not in policy.informational_codes
+                    )
+                ),
             }
         )
     return out
@@ -229,7 +236,9 @@ def _entry_state(e: WorklistEntry, *, priority: str, ageing: str | None, tz: Zon
     }
 
 
-def study_detail(session: Session, study_id: int, *, policy: TriagePolicy, tz: ZoneInfo, now: dt.datetime) -> dict | None:
+def study_detail(
+    session: Session, study_id: int, *, policy: TriagePolicy, tz: ZoneInfo, now: dt.datetime
+) -> dict | None:
     st = session.get(Study, study_id)
     if st is None:
         return None
@@ -242,7 +251,9 @@ def study_detail(session: Session, study_id: int, *, policy: TriagePolicy, tz: Z
         current = next((j for j in jobs if j.state == "done"), jobs[0] if jobs else None)
     findings = _findings_by_job(session, [current.id]).get(current.id, []) if current else []
 
-    series_rows = session.scalars(select(Series).where(Series.study_id == study_id).order_by(Series.series_number, Series.id)).all()
+    series_rows = session.scalars(
+        select(Series).where(Series.study_id == study_id).order_by(Series.series_number, Series.id)
+    ).all()
     inputs = {}
     if current is not None:
         for ji in session.scalars(select(JobInput).where(JobInput.job_id == current.id)):
@@ -269,7 +280,9 @@ def study_detail(session: Session, study_id: int, *, policy: TriagePolicy, tz: Z
 
     results = []
     if current is not None:
-        objs = session.scalars(select(ResultObject).where(ResultObject.job_id == current.id).order_by(ResultObject.id)).all()
+        objs = session.scalars(
+            select(ResultObject).where(ResultObject.job_id == current.id).order_by(ResultObject.id)
+        ).all()
         items = defaultdict(list)
         for ob in session.scalars(
             select(OutboxItem).where(OutboxItem.result_object_id.in_([o.id for o in objs] or [-1]))
@@ -279,7 +292,13 @@ def study_detail(session: Session, study_id: int, *, policy: TriagePolicy, tz: Z
         for o in objs:
             g = grouped.setdefault(
                 (o.kind, o.series_uid),
-                {"kind": o.kind, "series_uid": o.series_uid, "objects": 0, "result_ids": [], "dispatch": defaultdict(int)},
+                {
+                    "kind": o.kind,
+                    "series_uid": o.series_uid,
+                    "objects": 0,
+                    "result_ids": [],
+                    "dispatch": defaultdict(int),
+                },
             )
             g["objects"] += 1
             g["result_ids"].append(o.id)
@@ -293,13 +312,21 @@ def study_detail(session: Session, study_id: int, *, policy: TriagePolicy, tz: Z
     for f in findings:
         models.setdefault(
             f.model_name,
-            {"model": f.model_name, "version": f.model_version, "weights_sha256": f.weights_sha256,
-             "demo_weights": bool((f.details or {}).get("demo_weights", True))},
+            {
+                "model": f.model_name,
+                "version": f.model_version,
+                "weights_sha256": f.weights_sha256,
+                "demo_weights": bool((f.details or {}).get("demo_weights", True)),
+            },
         )
     for name, info in ((current.model_versions or {}) if current else {}).items():
         if name not in models and isinstance(info, dict):
-            models[name] = {"model": name, "version": info.get("version"), "weights_sha256": info.get("weights_sha256"),
-                            "demo_weights": bool(info.get("demo_weights", True))}
+            models[name] = {
+                "model": name,
+                "version": info.get("version"),
+                "weights_sha256": info.get("weights_sha256"),
+                "demo_weights": bool(info.get("demo_weights", True)),
+            }
 
     history = []
     if entry is not None:
@@ -329,9 +356,15 @@ def study_detail(session: Session, study_id: int, *, policy: TriagePolicy, tz: Z
         "jobs": jobs_out,
         "findings": [finding_dict(f) for f in findings if f.code not in policy.informational_codes],
         "superres_checks": [
-            {**finding_dict(f), **{k: (f.details or {}).get(k) for k in
-                                   ("consistency_error", "consistency_tolerance", "consistency_passed")}}
-            for f in findings if f.code == "superres"
+            {
+                **finding_dict(f),
+                **{
+                    k: (f.details or {}).get(k)
+                    for k in ("consistency_error", "consistency_tolerance", "consistency_passed")
+                },
+            }
+            for f in findings
+            if f.code == "superres"
         ],
         "models": list(models.values()),
         "demo_weights": any(m["demo_weights"] for m in models.values()) or not models,
@@ -362,8 +395,13 @@ def outbox(session: Session, *, tz: ZoneInfo, state: str | None = None, limit: i
             "last_status": ob.last_status,
             "created_at": node_time(ob.created_at, tz),
             "sent_at": node_time(ob.sent_at, tz),
-            "result": {"id": ro.id, "job_id": ro.job_id, "kind": ro.kind, "sop_instance_uid": ro.sop_instance_uid,
-                       "series_uid": ro.series_uid},
+            "result": {
+                "id": ro.id,
+                "job_id": ro.job_id,
+                "kind": ro.kind,
+                "sop_instance_uid": ro.sop_instance_uid,
+                "series_uid": ro.series_uid,
+            },
         }
         for ob, ro in session.execute(q).all()
     ]
@@ -385,8 +423,15 @@ def audit_dict(a: AuditEvent, tz: ZoneInfo) -> dict:
 
 
 def audit_log(
-    session: Session, *, tz: ZoneInfo, limit: int = 200, before_id: int | None = None, actor: str | None = None,
-    action: str | None = None, entity_type: str | None = None, entity_id: str | None = None,
+    session: Session,
+    *,
+    tz: ZoneInfo,
+    limit: int = 200,
+    before_id: int | None = None,
+    actor: str | None = None,
+    action: str | None = None,
+    entity_type: str | None = None,
+    entity_id: str | None = None,
 ) -> list[dict]:
     q = select(AuditEvent).order_by(AuditEvent.id.desc()).limit(limit)
     if before_id:
@@ -437,30 +482,50 @@ def routing_explanation(se: Series) -> dict:
     if se.state == "receiving":
         decision = {"routed": False, "pipeline": None, "role": None, "rule": None, "pending": True}
     elif se.routing_rule is not None or not recorded_decision:
-        decision = {"routed": se.pipeline is not None, "pipeline": se.pipeline, "role": se.role,
-                    "rule": se.routing_rule, "pending": False}
+        decision = {
+            "routed": se.pipeline is not None,
+            "pipeline": se.pipeline,
+            "role": se.role,
+            "rule": se.routing_rule,
+            "pending": False,
+        }
     else:
-        decision = {"routed": bool(recorded_decision.get("routed")), "pipeline": _text(recorded_decision.get("pipeline")),
-                    "role": _text(recorded_decision.get("role")), "rule": _text(recorded_decision.get("rule")),
-                    "pending": False}
+        decision = {
+            "routed": bool(recorded_decision.get("routed")),
+            "pipeline": _text(recorded_decision.get("pipeline")),
+            "role": _text(recorded_decision.get("role")),
+            "rule": _text(recorded_decision.get("rule")),
+            "pending": False,
+        }
     facts = {}
     for name in _FACTS:
         fact = expl.get(name) if isinstance(expl.get(name), dict) else None
         column = getattr(se, name, None)
         if fact is not None:
-            facts[name] = {"value": _text(fact.get("value")), "source": _text(fact.get("source")) or NOT_RECORDED,
-                           "detail": _text(fact.get("detail")) or ""}
+            facts[name] = {
+                "value": _text(fact.get("value")),
+                "source": _text(fact.get("source")) or NOT_RECORDED,
+                "detail": _text(fact.get("detail")) or "",
+            }
         elif column is not None:
             facts[name] = {"value": _text(column), "source": "index column", "detail": ""}
         else:
             facts[name] = {"value": None, "source": NOT_RECORDED, "detail": ""}
-    flags = [_text(f) for f in expl.get("flags") or [] if f is not None][:50] if isinstance(expl.get("flags"), list) else []
+    flags = (
+        [_text(f) for f in expl.get("flags") or [] if f is not None][:50] if isinstance(expl.get("flags"), list) else []
+    )
     signals = []
     raw_signals = expl.get("signals")
     for sig in (raw_signals if isinstance(raw_signals, list) else [])[:_SIGNALS_MAX]:
         if isinstance(sig, dict):
-            signals.append({"name": _text(sig.get("name")) or "?", "value": _text(sig.get("value")),
-                            "source": _text(sig.get("source")) or "", "used": bool(sig.get("used"))})
+            signals.append(
+                {
+                    "name": _text(sig.get("name")) or "?",
+                    "value": _text(sig.get("value")),
+                    "source": _text(sig.get("source")) or "",
+                    "used": bool(sig.get("used")),
+                }
+            )
     return {"recorded": bool(expl), "decision": decision, "facts": facts, "flags": flags, "signals": signals}
 
 
@@ -490,7 +555,9 @@ def series_routing_dict(se: Series, st: Study, tz: ZoneInfo) -> dict:
 
 
 def series_routing(session: Session, series_id: int, *, tz: ZoneInfo) -> dict | None:
-    row = session.execute(select(Series, Study).join(Study, Study.id == Series.study_id).where(Series.id == series_id)).first()
+    row = session.execute(
+        select(Series, Study).join(Study, Study.id == Series.study_id).where(Series.id == series_id)
+    ).first()
     return series_routing_dict(row[0], row[1], tz) if row else None
 
 
@@ -501,8 +568,11 @@ def unrouted_series(session: Session, *, tz: ZoneInfo, limit: int = 50, before_i
     """
     from node.intake.routing import UNROUTED_OWN
 
-    where = [Series.state == "unrouted", Series.own_object.is_(False),
-             or_(Series.routing_rule.is_(None), Series.routing_rule != UNROUTED_OWN)]
+    where = [
+        Series.state == "unrouted",
+        Series.own_object.is_(False),
+        or_(Series.routing_rule.is_(None), Series.routing_rule != UNROUTED_OWN),
+    ]
     q = select(Series, Study).join(Study, Study.id == Series.study_id).where(*where).order_by(Series.id.desc())
     if before_id:
         q = q.where(Series.id < before_id)
@@ -521,11 +591,19 @@ def series_paths(session: Session, study_id: int, series_id: int) -> list[str] |
     se = session.get(Series, series_id)
     if se is None or se.study_id != study_id:
         return None
-    return [i.path for i in session.scalars(select(Instance).where(Instance.series_id == series_id).order_by(Instance.id))]
+    return [
+        i.path for i in session.scalars(select(Instance).where(Instance.series_id == series_id).order_by(Instance.id))
+    ]
 
 
-def result_paths(session: Session, study_id: int, *, kind: str, series_uid: str | None = None, result_id: int | None = None) -> list[str]:
-    q = select(ResultObject).join(Job, Job.id == ResultObject.job_id).where(Job.study_id == study_id, ResultObject.kind == kind)
+def result_paths(
+    session: Session, study_id: int, *, kind: str, series_uid: str | None = None, result_id: int | None = None
+) -> list[str]:
+    q = (
+        select(ResultObject)
+        .join(Job, Job.id == ResultObject.job_id)
+        .where(Job.study_id == study_id, ResultObject.kind == kind)
+    )
     if series_uid:
         q = q.where(ResultObject.series_uid == series_uid)
     if result_id:

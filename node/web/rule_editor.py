@@ -89,8 +89,13 @@ class RuleDraft:
 
     def as_dict(self) -> dict:
         return {
-            "name": self.name, "pipeline": self.pipeline, "role": self.role, "anatomy": self.anatomy,
-            "plane": self.plane, "contrast": list(self.contrast), "description": self.description,
+            "name": self.name,
+            "pipeline": self.pipeline,
+            "role": self.role,
+            "anatomy": self.anatomy,
+            "plane": self.plane,
+            "contrast": list(self.contrast),
+            "description": self.description,
         }
 
 
@@ -122,7 +127,9 @@ def suggest_role(pipeline: str | None, plane: str | None, contrast: Sequence[str
     """The role plane + contrast point to in ``pipeline`` (a prefill the admin may change)."""
     if pipeline is None or pipeline not in PIPELINE_ROLES or not plane:
         return None
-    prefix = next((p for key, p in (("sag", "sag"), ("cor", "cor"), ("ax", "ax"), ("tra", "ax")) if plane.startswith(key)), None)
+    prefix = next(
+        (p for key, p in (("sag", "sag"), ("cor", "cor"), ("ax", "ax"), ("tra", "ax")) if plane.startswith(key)), None
+    )
     if prefix is None:
         return None
     contrasts = set(contrast)
@@ -180,8 +187,15 @@ def draft_from_series(series: dict, *, keys: Sequence[str] = FACT_KEYS, anatomy_
 
 
 def check_draft(
-    *, name: str, pipeline: str | None, role: str | None, anatomy: str | None, plane: str | None,
-    contrast: str | Sequence[str] | None, description: str | None, keys: Sequence[str] = FACT_KEYS,
+    *,
+    name: str,
+    pipeline: str | None,
+    role: str | None,
+    anatomy: str | None,
+    plane: str | None,
+    contrast: str | Sequence[str] | None,
+    description: str | None,
+    keys: Sequence[str] = FACT_KEYS,
 ) -> RuleDraft:
     """The admin's answer as a `RuleDraft`, or `RuleRefused` naming the field and the problem."""
     name = (name or "").strip()
@@ -193,7 +207,7 @@ def check_draft(
         raise RuleRefused(f"role: {role!r} is not a role of {pipeline} (roles: {', '.join(PIPELINE_ROLES[pipeline])})")
     anatomy = (anatomy or pipeline).strip()
     if anatomy != "any" and anatomy not in PIPELINE_ROLES:
-        raise RuleRefused(f"anatomy: a pipeline name or \"any\", not {anatomy!r}")
+        raise RuleRefused(f'anatomy: a pipeline name or "any", not {anatomy!r}')
     plane = (plane or "").strip().lower() or None
     if plane is not None:
         if "plane" not in keys:
@@ -221,8 +235,15 @@ def check_draft(
             "a rule needs a condition (plane, contrast or description): without one it would route every "
             "series of its anatomy, ahead of every other rule"
         )
-    return RuleDraft(name=name, pipeline=pipeline, role=role, anatomy=anatomy, plane=plane, contrast=contrasts,
-                     description=description)
+    return RuleDraft(
+        name=name,
+        pipeline=pipeline,
+        role=role,
+        anatomy=anatomy,
+        plane=plane,
+        contrast=contrasts,
+        description=description,
+    )
 
 
 # ---- TOML --------------------------------------------------------------------------------------
@@ -277,7 +298,9 @@ def is_shipped_default(path: Path) -> bool:
 def writable(path: Path) -> bool:
     """Whether `add_rule` may change ``path`` (not the shipped default; file and folder writable)."""
     p = Path(path).resolve()
-    return not is_shipped_default(p) and p.is_file() and os.access(p, os.W_OK) and os.access(p.parent, os.W_OK | os.X_OK)
+    return (
+        not is_shipped_default(p) and p.is_file() and os.access(p, os.W_OK) and os.access(p.parent, os.W_OK | os.X_OK)
+    )
 
 
 @contextlib.contextmanager
@@ -329,7 +352,8 @@ def add_rule(
         raise RulesReadOnly(
             f"the routing rules in force are the shipped default ({target}), which an update replaces: "
             "rules are added to a site copy only",
-            path=target, block=block,
+            path=target,
+            block=block,
         )
     if not target.is_file():
         raise RulesReadOnly(f"the routing rules file {target} does not exist", path=target, block=block)
@@ -347,11 +371,13 @@ def add_rule(
                 check(rules)
             _replace(target, new_text)
     except PermissionError as e:
-        raise RulesReadOnly(f"the routing rules file {target} cannot be written by the node: {e.strerror}",
-                            path=target, block=block) from None
+        raise RulesReadOnly(
+            f"the routing rules file {target} cannot be written by the node: {e.strerror}", path=target, block=block
+        ) from None
     except OSError as e:
-        raise RulesReadOnly(f"the routing rules file {target} cannot be changed: {e.strerror or e}",
-                            path=target, block=block) from None
+        raise RulesReadOnly(
+            f"the routing rules file {target} cannot be changed: {e.strerror or e}", path=target, block=block
+        ) from None
     return rules
 
 
@@ -403,8 +429,12 @@ def current_anatomy(db, settings, series_id: int) -> str | None:
 def rules_status(settings) -> dict:
     """Where rules go and whether this node may write them (for the form)."""
     path = Path(settings.routing_rules)
-    return {"path": str(path), "shipped_default": is_shipped_default(path), "writable": writable(path),
-            "fact_keys": list(supported_fact_keys())}
+    return {
+        "path": str(path),
+        "shipped_default": is_shipped_default(path),
+        "writable": writable(path),
+        "fact_keys": list(supported_fact_keys()),
+    }
 
 
 def make_rule(db, settings, series_id: int, fields: RuleRequestFields, *, actor: str, now) -> dict:
@@ -422,8 +452,16 @@ def make_rule(db, settings, series_id: int, fields: RuleRequestFields, *, actor:
 
     log = logging.getLogger(__name__)
     keys = supported_fact_keys()
-    draft = check_draft(name=fields.name, pipeline=fields.pipeline, role=fields.role, anatomy=fields.anatomy,
-                        plane=fields.plane, contrast=fields.contrast, description=fields.description, keys=keys)
+    draft = check_draft(
+        name=fields.name,
+        pipeline=fields.pipeline,
+        role=fields.role,
+        anatomy=fields.anatomy,
+        plane=fields.plane,
+        contrast=fields.contrast,
+        description=fields.description,
+        keys=keys,
+    )
     with db.session() as s:
         se = s.get(Series, series_id)
         if se is None:
@@ -448,16 +486,45 @@ def make_rule(db, settings, series_id: int, fields: RuleRequestFields, *, actor:
         rerouted = None
         if fields.reroute and state_before == "unrouted":
             route = reroute_unrouted(s, settings, rules, series_id, now)
-            rerouted = {"routed": bool(route and route.routed), "pipeline": route.pipeline if route else None,
-                        "role": route.role if route else None, "rule": route.rule if route else None}
+            rerouted = {
+                "routed": bool(route and route.routed),
+                "pipeline": route.pipeline if route else None,
+                "role": route.role if route else None,
+                "rule": route.rule if route else None,
+            }
         audit.record(
-            s, actor=actor, action="routing.rule_add", entity_type="routing_rule", entity_id=draft.name[:128],
+            s,
+            actor=actor,
+            action="routing.rule_add",
+            entity_type="routing_rule",
+            entity_id=draft.name[:128],
             new=f"{draft.pipeline}/{draft.role}",
-            details={"path": str(Path(settings.routing_rules).resolve()), "sha256": rules.digest, "rules": len(rules.rules),
-                     "series_id": series_id, "series_uid": series_uid, "block": block, "rerouted": rerouted},
+            details={
+                "path": str(Path(settings.routing_rules).resolve()),
+                "sha256": rules.digest,
+                "rules": len(rules.rules),
+                "series_id": series_id,
+                "series_uid": series_uid,
+                "block": block,
+                "rerouted": rerouted,
+            },
         )
-    log.info("routing rule %r added to %s by %s from series %s (%d rules, sha256 %s)%s",
-             draft.name, settings.routing_rules, actor, series_uid, len(rules.rules), rules.digest[:12],
-             f"; series routed {rerouted['pipeline']}/{rerouted['role']}" if rerouted and rerouted["routed"] else "")
-    return {"rule": draft.as_dict(), "path": str(Path(settings.routing_rules).resolve()), "sha256": rules.digest,
-            "rules": len(rules.rules), "block": block, "series_uid": series_uid, "rerouted": rerouted}
+    log.info(
+        "routing rule %r added to %s by %s from series %s (%d rules, sha256 %s)%s",
+        draft.name,
+        settings.routing_rules,
+        actor,
+        series_uid,
+        len(rules.rules),
+        rules.digest[:12],
+        f"; series routed {rerouted['pipeline']}/{rerouted['role']}" if rerouted and rerouted["routed"] else "",
+    )
+    return {
+        "rule": draft.as_dict(),
+        "path": str(Path(settings.routing_rules).resolve()),
+        "sha256": rules.digest,
+        "rules": len(rules.rules),
+        "block": block,
+        "series_uid": series_uid,
+        "rerouted": rerouted,
+    }

@@ -63,7 +63,9 @@ def set_active(session: Session, *, username: str, active: bool, actor: str = "s
         raise UserError(f"no user {username!r}")
     old = user.active
     user.active = active
-    audit.record(session, actor=actor, action="user.active", entity_type="user", entity_id=username, old=old, new=active)
+    audit.record(
+        session, actor=actor, action="user.active", entity_type="user", entity_id=username, old=old, new=active
+    )
     return user
 
 

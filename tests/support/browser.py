@@ -28,9 +28,17 @@ READER = ("rob", "rob-password-12")
 CHROMIUM = "/usr/bin/chromium"
 CHROMEDRIVER = "/usr/bin/chromedriver"
 CHROMIUM_FLAGS = (
-    "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-quic",
-    "--no-first-run", "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage",
-    "--window-size=1600,1000", "--force-device-scale-factor=1",
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-component-update",
+    "--disable-sync",
+    "--disable-dev-shm-usage",
+    "--window-size=1600,1000",
+    "--force-device-scale-factor=1",
 )
 
 
@@ -39,12 +47,18 @@ def web_server(data_dir: Path, log_path: Path, *, timeout: float = 30.0, **env: 
     """``msknode web`` on a free 127.0.0.1 port with ``MSKNODE_DATA_DIR=data_dir`` and ``env``
     (``MSKNODE_*`` settings); yields ``http://127.0.0.1:PORT`` once ``/openapi.json`` answers."""
     port = free_port()
-    child = child_env(MSKNODE_DATA_DIR=data_dir, MSKNODE_WEB_PORT=port, MSKNODE_WEB_HOST="127.0.0.1",
-                      MSKNODE_LOG_LEVEL="WARNING", **env)
+    child = child_env(
+        MSKNODE_DATA_DIR=data_dir,
+        MSKNODE_WEB_PORT=port,
+        MSKNODE_WEB_HOST="127.0.0.1",
+        MSKNODE_LOG_LEVEL="WARNING",
+        **env,
+    )
     url = f"http://127.0.0.1:{port}"
     with open(log_path, "wb") as log:
-        proc = subprocess.Popen([str(VENV_BIN / "msknode"), "web"], env=child, cwd=str(ROOT), stdout=log,
-                                stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            [str(VENV_BIN / "msknode"), "web"], env=child, cwd=str(ROOT), stdout=log, stderr=subprocess.STDOUT
+        )
 
         def stop() -> None:
             if proc.poll() is None:

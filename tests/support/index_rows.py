@@ -70,7 +70,9 @@ def make_series(
 
 
 def open_association(s, *, now=T0, calling_ae: str = "MODALITY") -> Association:
-    a = Association(calling_ae=calling_ae, called_ae="MSKNODE", peer_address="127.0.0.1", listener="test:1", started_at=now)
+    a = Association(
+        calling_ae=calling_ae, called_ae="MSKNODE", peer_address="127.0.0.1", listener="test:1", started_at=now
+    )
     s.add(a)
     s.flush()
     return a
@@ -168,8 +170,26 @@ def orientation_of(description: str) -> str:
 def send_series(s, study, *, description, count=20, now=T0, quiet_seconds=0.5, **kw) -> Series:
     """A series delivered and released in one association at ``now``, in the plane its description names."""
     expected = kw.pop("expected", None)
-    se = make_series(s, study, description=description, expected=expected, now=now, **{k: v for k, v in kw.items() if k in {"body_part", "modality", "series_uid", "number", "own_object", "manufacturer", "calling_ae"}})
+    se = make_series(
+        s,
+        study,
+        description=description,
+        expected=expected,
+        now=now,
+        **{
+            k: v
+            for k, v in kw.items()
+            if k in {"body_part", "modality", "series_uid", "number", "own_object", "manufacturer", "calling_ae"}
+        },
+    )
     a = open_association(s, now=now)
-    add_instances(s, se, count, association=a, now=now, **{k: v for k, v in kw.items() if k in {"spacing", "skip_positions", "no_position", "orientation"}})
+    add_instances(
+        s,
+        se,
+        count,
+        association=a,
+        now=now,
+        **{k: v for k, v in kw.items() if k in {"spacing", "skip_positions", "no_position", "orientation"}},
+    )
     release(s, a, now=now, quiet_seconds=quiet_seconds)
     return se

@@ -22,15 +22,26 @@ from support.env import ROOT, TESTS
 from support.servers import track, untrack
 
 # the child runs `main` of this module with the checkout and tests/ on its path
-_WORKER_MAIN = (f"import sys; sys.path[:0] = [{str(ROOT)!r}, {str(TESTS)!r}]; from support.jobs import main; "
-                "sys.exit(main(sys.argv[1:]))")
+_WORKER_MAIN = (
+    f"import sys; sys.path[:0] = [{str(ROOT)!r}, {str(TESTS)!r}]; from support.jobs import main; "
+    "sys.exit(main(sys.argv[1:]))"
+)
 
 SR_CLASS = "1.2.840.10008.5.1.4.1.1.88.34"  # Comprehensive 3D SR
 
 
-def make_study_job(db, *, pipeline: str = "knee", n_series: int = 1, instances: int = 3, state: str = "queued",
-                   enqueue_pending: bool = True, max_attempts: int = 3, tag: str | None = None,
-                   queue: str = "cpu") -> int:
+def make_study_job(
+    db,
+    *,
+    pipeline: str = "knee",
+    n_series: int = 1,
+    instances: int = 3,
+    state: str = "queued",
+    enqueue_pending: bool = True,
+    max_attempts: int = 3,
+    tag: str | None = None,
+    queue: str = "cpu",
+) -> int:
     """A study with ``n_series`` routed series and one job over them (what completeness commits)."""
     from node.db.schema import Instance, Job, JobInput, Series, Study
 
@@ -44,21 +55,43 @@ def make_study_job(db, *, pipeline: str = "knee", n_series: int = 1, instances: 
         sops = []
         series_rows = []
         for k in range(n_series):
-            se = Series(study_id=study.id, series_uid=f"{root}.2.{num}.{k}", modality="MR", state="queued",
-                        pipeline=pipeline, role="sag_fluid" if k == 0 else f"role{k}", series_number=k + 1,
-                        instances=instances)
+            se = Series(
+                study_id=study.id,
+                series_uid=f"{root}.2.{num}.{k}",
+                modality="MR",
+                state="queued",
+                pipeline=pipeline,
+                role="sag_fluid" if k == 0 else f"role{k}",
+                series_number=k + 1,
+                instances=instances,
+            )
             s.add(se)
             s.flush()
             series_rows.append(se)
             for i in range(instances):
                 sop = f"{root}.3.{num}.{k}.{i}"
                 sops.append(sop)
-                s.add(Instance(series_id=se.id, sop_instance_uid=sop, sop_class_uid="1.2.840.10008.5.1.4.1.1.4",
-                               transfer_syntax_uid="1.2.840.10008.1.2.1", path=f"x/{sop}.dcm", size=1,
-                               instance_number=i + 1))
+                s.add(
+                    Instance(
+                        series_id=se.id,
+                        sop_instance_uid=sop,
+                        sop_class_uid="1.2.840.10008.5.1.4.1.1.4",
+                        transfer_syntax_uid="1.2.840.10008.1.2.1",
+                        path=f"x/{sop}.dcm",
+                        size=1,
+                        instance_number=i + 1,
+                    )
+                )
         fp = hashlib.sha256(("\n".join(sorted(sops)) + "\n" + pipeline).encode()).hexdigest()
-        job = Job(study_id=study.id, pipeline=pipeline, state=state, input_fingerprint=fp,
-                  enqueue_pending=enqueue_pending, max_attempts=max_attempts, queue=queue)
+        job = Job(
+            study_id=study.id,
+            pipeline=pipeline,
+            state=state,
+            input_fingerprint=fp,
+            enqueue_pending=enqueue_pending,
+            max_attempts=max_attempts,
+            queue=queue,
+        )
         s.add(job)
         s.flush()
         for se in series_rows:
@@ -78,8 +111,19 @@ def secondary_capture(source: Path, *, sop_uid: str, series_uid: str):
 
     src = pydicom.dcmread(source, stop_before_pixels=True)
     ds = Dataset()
-    for kw in ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyInstanceUID", "StudyDate",
-               "StudyTime", "AccessionNumber", "ReferringPhysicianName", "StudyID", "SpecificCharacterSet"):
+    for kw in (
+        "PatientName",
+        "PatientID",
+        "PatientBirthDate",
+        "PatientSex",
+        "StudyInstanceUID",
+        "StudyDate",
+        "StudyTime",
+        "AccessionNumber",
+        "ReferringPhysicianName",
+        "StudyID",
+        "SpecificCharacterSet",
+    ):
         if kw in src:
             setattr(ds, kw, src.data_element(kw).value)
     ds.SOPClassUID, ds.SOPInstanceUID = SC_CLASS, sop_uid
@@ -157,9 +201,19 @@ class SleepyRunner:
             os.replace(tmp, path)
         self._log(f"end {ctx.job_id} {ctx.attempt} {os.getpid()}")
         return JobProducts(
-            findings=[FindingRecord(model_name="fake.sleep", model_version="1.0", weights_sha256="0" * 64,
-                                    code="acl_tear", label="ACL tear", series_uid=ctx.inputs[0].series_uid,
-                                    probability=0.9, uncertainty=0.01, positive=True)],
+            findings=[
+                FindingRecord(
+                    model_name="fake.sleep",
+                    model_version="1.0",
+                    weights_sha256="0" * 64,
+                    code="acl_tear",
+                    label="ACL tear",
+                    series_uid=ctx.inputs[0].series_uid,
+                    probability=0.9,
+                    uncertainty=0.01,
+                    positive=True,
+                )
+            ],
             results=[ResultRecord(kind, sop_class, uid, uid + ".1", path)],
             model_versions={"fake.sleep": {"version": "1.0", "weights_sha256": "0" * 64}},
             used_by={ctx.inputs[0].series_uid: ["fake.sleep"]},
@@ -203,12 +257,21 @@ def job_states(db) -> dict[int, str]:
 class WorkerProcess:
     """The worker of `main` (`SleepyRunner` jobs) in its own process group (so kill -9 takes its pool too)."""
 
-    def __init__(self, env: dict[str, str], log_path: Path, *, sleep: float = 0.2, fail_times: int = 0,
-                 queues: str | None = None):
+    def __init__(
+        self, env: dict[str, str], log_path: Path, *, sleep: float = 0.2, fail_times: int = 0, queues: str | None = None
+    ):
         self.env = env
         self.log_path = Path(log_path)
-        self.args = [sys.executable, "-c", _WORKER_MAIN, "worker", "--sleep", str(sleep),
-                     "--fail-times", str(fail_times)] + (["--queues", queues] if queues else [])
+        self.args = [
+            sys.executable,
+            "-c",
+            _WORKER_MAIN,
+            "worker",
+            "--sleep",
+            str(sleep),
+            "--fail-times",
+            str(fail_times),
+        ] + (["--queues", queues] if queues else [])
         self.proc = None
         self._token = None
 
@@ -216,8 +279,9 @@ class WorkerProcess:
         import subprocess
 
         self._log = open(self.log_path, "ab")  # noqa: SIM115 -- the worker writes to it until stop() closes it
-        self.proc = subprocess.Popen(self.args, env=self.env, stdout=self._log, stderr=subprocess.STDOUT,
-                                     start_new_session=True, cwd=str(ROOT))
+        self.proc = subprocess.Popen(
+            self.args, env=self.env, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True, cwd=str(ROOT)
+        )
         self._token = track(f"{type(self).__name__} pid {self.proc.pid}", lambda: self.stop(graceful=False))
         return self
 
@@ -306,8 +370,12 @@ def storescu(port: int, files: list[Path], *, ae_title: str = "MSKNODE", calling
     """Starts dcmtk storescu sending ``files`` in one association (returns the Popen)."""
     import subprocess
 
-    return subprocess.Popen(["storescu", "-aet", calling, "-aec", ae_title, "127.0.0.1", str(port), *map(str, files)],
-                            env={**os.environ, "TCP_NODELAY": "1"}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    return subprocess.Popen(
+        ["storescu", "-aet", calling, "-aec", ae_title, "127.0.0.1", str(port), *map(str, files)],
+        env={**os.environ, "TCP_NODELAY": "1"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
 
 
 def worker_env(settings_env: dict[str, str]) -> dict[str, str]:

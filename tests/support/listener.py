@@ -32,8 +32,15 @@ IMPLICIT_LE = "1.2.840.10008.1.2"
 class ListenerProcess:
     """``msknode listen`` in a subprocess, on a free port, with its own data dir."""
 
-    def __init__(self, data_dir: Path, *, env: dict[str, str] | None = None, ae_title: str = "MSKNODE",
-                 port: int | None = None, log_path: Path | None = None):
+    def __init__(
+        self,
+        data_dir: Path,
+        *,
+        env: dict[str, str] | None = None,
+        ae_title: str = "MSKNODE",
+        port: int | None = None,
+        log_path: Path | None = None,
+    ):
         self.data_dir = Path(data_dir)
         self.port = port or free_port()
         self.ae_title = ae_title
@@ -44,16 +51,27 @@ class ListenerProcess:
 
     @property
     def env(self) -> dict[str, str]:
-        return child_env(**{"MSKNODE_DATA_DIR": self.data_dir, "MSKNODE_PORT": self.port,
-                            "MSKNODE_AE_TITLE": self.ae_title, "MSKNODE_QUIET_SECONDS": "0.5",
-                            "MSKNODE_LOG_LEVEL": "INFO", **self.extra_env})
+        return child_env(
+            **{
+                "MSKNODE_DATA_DIR": self.data_dir,
+                "MSKNODE_PORT": self.port,
+                "MSKNODE_AE_TITLE": self.ae_title,
+                "MSKNODE_QUIET_SECONDS": "0.5",
+                "MSKNODE_LOG_LEVEL": "INFO",
+                **self.extra_env,
+            }
+        )
 
     def start(self, timeout: float = 90.0, ready=None) -> ListenerProcess:
         """Starts the listener and waits until `ready(port)` (default: C-ECHO succeeds)."""
         ready = ready or (lambda port: echo(port, self.ae_title) == 0)
         self._log = open(self.log_path, "ab")  # noqa: SIM115 -- the listener writes to it until it is stopped
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "node.cli", "listen"], cwd=ROOT, env=self.env, stdout=self._log, stderr=subprocess.STDOUT
+            [sys.executable, "-m", "node.cli", "listen"],
+            cwd=ROOT,
+            env=self.env,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
         )
         self._token = track(f"msknode listen :{self.port} pid {self.proc.pid}", self.kill)
         deadline = time.monotonic() + timeout
@@ -97,7 +115,12 @@ class ListenerProcess:
     def msknode(self, *args: str) -> subprocess.CompletedProcess:
         """Runs another ``msknode`` command against the same data dir."""
         return subprocess.run(
-            [sys.executable, "-m", "node.cli", *args], cwd=ROOT, env=self.env, capture_output=True, text=True, timeout=120
+            [sys.executable, "-m", "node.cli", *args],
+            cwd=ROOT,
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=120,
         )
 
     def series_json(self) -> list[dict]:
@@ -138,7 +161,9 @@ def dataset_bytes(path: Path) -> tuple[str, str, str, bytes]:
 class RawSender:
     """A pynetdicom association that sends data set bytes unchanged (C-STORE as the SCU)."""
 
-    def __init__(self, port: int, contexts: list[tuple[str, str]], *, called: str = "MSKNODE", calling: str = "PYNETSCU"):
+    def __init__(
+        self, port: int, contexts: list[tuple[str, str]], *, called: str = "MSKNODE", calling: str = "PYNETSCU"
+    ):
         ae = AE(ae_title=calling)
         ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 60
         for sop_class, ts in sorted(set(contexts)):
@@ -158,7 +183,8 @@ class RawSender:
     def send(self, sop_class: str, sop_instance: str, transfer_syntax: str, data: bytes) -> int:
         """Sends one C-STORE with `data` as its data set; returns the status."""
         context = next(
-            cx for cx in self.assoc.accepted_contexts
+            cx
+            for cx in self.assoc.accepted_contexts
             if cx.abstract_syntax == sop_class and cx.transfer_syntax[0] == transfer_syntax
         )
         self._msg_id += 1

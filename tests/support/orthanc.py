@@ -63,10 +63,18 @@ class _Tracked(OrthancProcess):
 class OrthancServer(_Tracked):
     """The test PACS: DICOMweb, basic auth, the listed AE titles may store/find/move, a reception log."""
 
-    def __init__(self, workdir: Path, *, dicom_port: int, http_port: int, aet: str = "ORTHANC",
-                 allowed_aets: tuple[str, ...] = ("MSKNODE", "STORESCU", "ECHOSCU", "FINDSCU", "MOVESCU")):
-        super().__init__(workdir, dicom_port=dicom_port, http_port=http_port, aet=aet,
-                         username="msknode", password="orthanc-test-pw")
+    def __init__(
+        self,
+        workdir: Path,
+        *,
+        dicom_port: int,
+        http_port: int,
+        aet: str = "ORTHANC",
+        allowed_aets: tuple[str, ...] = ("MSKNODE", "STORESCU", "ECHOSCU", "FINDSCU", "MOVESCU"),
+    ):
+        super().__init__(
+            workdir, dicom_port=dicom_port, http_port=http_port, aet=aet, username="msknode", password="orthanc-test-pw"
+        )
         self.allowed_aets = allowed_aets
         self._lua_path = self.workdir / "received.lua"
 
@@ -122,8 +130,13 @@ class OrthancPacs(_Tracked):
 
     def config(self) -> dict:
         return {
-            "Name": "pacs", **super().config(), "HttpServerEnabled": True, "DicomCheckCalledAet": False,
-            "DicomServerEnabled": True, "Plugins": [], "StableAge": 1,
+            "Name": "pacs",
+            **super().config(),
+            "HttpServerEnabled": True,
+            "DicomCheckCalledAet": False,
+            "DicomServerEnabled": True,
+            "Plugins": [],
+            "StableAge": 1,
         }
 
     def instances_of_study(self, study_uid: str) -> list[dict]:

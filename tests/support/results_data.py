@@ -66,23 +66,53 @@ def write_mr_series(
         img = 300 + 900 * ellipse + 40 * k + rng.normal(0, 20, (rows, cols))
         pos = np.array([-20.0, -10.0, 30.0]) + normal * spacing[0] * k
         ds = mr_dataset(
-            study_uid=study_uid, series_uid=series_uid, uid_prefix=TEST_ROOT,
-            pixels=np.clip(img, 0, 4095).astype(np.uint16), bits_stored=12,
-            SpecificCharacterSet=charset, ImageType=["ORIGINAL", "PRIMARY", "OTHER"],
-            StudyDate=study_date, SeriesDate=study_date, ContentDate=study_date,
-            StudyTime="101500", SeriesTime="101600", ContentTime="101700", AccessionNumber="ACC1",
-            Manufacturer="Phantom Inc", ReferringPhysicianName="Doc^Ref", StudyDescription="MRI KNEE",
-            SeriesDescription=description, ProtocolName=description, PatientName=patient_name, PatientID=patient_id,
-            PatientBirthDate="19800101", PatientSex=patient_sex, BodyPartExamined=body_part, PatientPosition="FFS",
-            ScanningSequence="SE", SequenceVariant="SK", ScanOptions="FS", MRAcquisitionType="2D",
-            RepetitionTime="3000", EchoTime="30", EchoTrainLength="8", MagneticFieldStrength="1.5",
-            SliceThickness=str(spacing[0]), SpacingBetweenSlices=str(spacing[0]), StudyID="1", SeriesNumber=3,
-            InstanceNumber=k + 1, FrameOfReferenceUID=for_uid, PositionReferenceIndicator="",
+            study_uid=study_uid,
+            series_uid=series_uid,
+            uid_prefix=TEST_ROOT,
+            pixels=np.clip(img, 0, 4095).astype(np.uint16),
+            bits_stored=12,
+            SpecificCharacterSet=charset,
+            ImageType=["ORIGINAL", "PRIMARY", "OTHER"],
+            StudyDate=study_date,
+            SeriesDate=study_date,
+            ContentDate=study_date,
+            StudyTime="101500",
+            SeriesTime="101600",
+            ContentTime="101700",
+            AccessionNumber="ACC1",
+            Manufacturer="Phantom Inc",
+            ReferringPhysicianName="Doc^Ref",
+            StudyDescription="MRI KNEE",
+            SeriesDescription=description,
+            ProtocolName=description,
+            PatientName=patient_name,
+            PatientID=patient_id,
+            PatientBirthDate="19800101",
+            PatientSex=patient_sex,
+            BodyPartExamined=body_part,
+            PatientPosition="FFS",
+            ScanningSequence="SE",
+            SequenceVariant="SK",
+            ScanOptions="FS",
+            MRAcquisitionType="2D",
+            RepetitionTime="3000",
+            EchoTime="30",
+            EchoTrainLength="8",
+            MagneticFieldStrength="1.5",
+            SliceThickness=str(spacing[0]),
+            SpacingBetweenSlices=str(spacing[0]),
+            StudyID="1",
+            SeriesNumber=3,
+            InstanceNumber=k + 1,
+            FrameOfReferenceUID=for_uid,
+            PositionReferenceIndicator="",
             Laterality=laterality or None,
             ImagePositionPatient=[f"{v:.4f}" for v in pos],
             ImageOrientationPatient=[str(v) for v in (*row_cos, *col_cos)],
             SliceLocation=f"{float(np.dot(normal, pos)):.4f}",
-            PixelSpacing=[str(spacing[1]), str(spacing[2])], WindowCenter="800", WindowWidth="1600",
+            PixelSpacing=[str(spacing[1]), str(spacing[2])],
+            WindowCenter="800",
+            WindowWidth="1600",
         )
         path = save(ds, directory / f"slice{k:03d}.dcm")
         paths.append(path)
@@ -162,7 +192,9 @@ def superres_of(vol: Volume, factor: int = 2, *, passed: bool = True) -> SuperRe
     )
 
 
-def knee_output(vol: Volume, *, positive: bool = True, superres: bool = True, refused_meniscus: bool = True) -> PipelineOutput:
+def knee_output(
+    vol: Volume, *, positive: bool = True, superres: bool = True, refused_meniscus: bool = True
+) -> PipelineOutput:
     """knee: ACL positive (complete) with a heatmap, meniscus refused by QC (or negative)."""
     shape = vol.array.shape
     acl = Finding(
@@ -177,7 +209,9 @@ def knee_output(vol: Volume, *, positive: bool = True, superres: bool = True, re
         location=(shape[0] // 2, shape[1] // 2, shape[2] // 2),
         heatmap=blob(shape, (shape[0] // 2, shape[1] // 2, shape[2] // 2)),
     )
-    outputs = [ModelOutput(model=model("knee.acl"), series_uid=vol.series_uid, qc=QCResult(accepted=True), findings=[acl])]
+    outputs = [
+        ModelOutput(model=model("knee.acl"), series_uid=vol.series_uid, qc=QCResult(accepted=True), findings=[acl])
+    ]
     if refused_meniscus:
         outputs.append(
             ModelOutput(
@@ -193,8 +227,17 @@ def knee_output(vol: Volume, *, positive: bool = True, superres: bool = True, re
                 model=model("knee.meniscus"),
                 series_uid=vol.series_uid,
                 qc=QCResult(accepted=True),
-                findings=[Finding(code="meniscal_tear", label="Meniscal tear", probability=0.12, uncertainty=0.05,
-                                  positive=False, threshold=0.5, site="medial meniscus")],
+                findings=[
+                    Finding(
+                        code="meniscal_tear",
+                        label="Meniscal tear",
+                        probability=0.12,
+                        uncertainty=0.05,
+                        positive=False,
+                        threshold=0.5,
+                        site="medial meniscus",
+                    )
+                ],
             )
         )
     used = {o.model.name: [vol.series_uid] for o in outputs}
@@ -208,17 +251,33 @@ def spine_output(vol: Volume) -> PipelineOutput:
     """lumbar spine: stenosis graded per level, two levels positive with heatmaps, one negative."""
     shape = vol.array.shape
     findings = []
-    for i, (level, grade, p) in enumerate((("L3-L4", "mild", 0.3), ("L4-L5", "severe", 0.88), ("L5-S1", "moderate", 0.64))):
+    for i, (level, grade, p) in enumerate(
+        (("L3-L4", "mild", 0.3), ("L4-L5", "severe", 0.88), ("L5-S1", "moderate", 0.64))
+    ):
         c = (min(shape[0] - 1, shape[0] // 2), 8 + 10 * i, shape[2] // 2)
         findings.append(
-            Finding(code="spinal_stenosis", label="Spinal canal stenosis", probability=p, uncertainty=0.06,
-                    positive=p >= 0.5, threshold=0.5, grade=grade, level=level, location=c,
-                    heatmap=blob(shape, c, 3.0) if p >= 0.5 else None)
+            Finding(
+                code="spinal_stenosis",
+                label="Spinal canal stenosis",
+                probability=p,
+                uncertainty=0.06,
+                positive=p >= 0.5,
+                threshold=0.5,
+                grade=grade,
+                level=level,
+                location=c,
+                heatmap=blob(shape, c, 3.0) if p >= 0.5 else None,
+            )
         )
-    out = ModelOutput(model=model("lumbar_spine.stenosis", task="grading", anatomy="lumbar_spine"),
-                      series_uid=vol.series_uid, qc=QCResult(accepted=True), findings=findings)
-    return PipelineOutput(pipeline="lumbar_spine", outputs=[out], superres=[],
-                          used_series={out.model.name: [vol.series_uid]})
+    out = ModelOutput(
+        model=model("lumbar_spine.stenosis", task="grading", anatomy="lumbar_spine"),
+        series_uid=vol.series_uid,
+        qc=QCResult(accepted=True),
+        findings=findings,
+    )
+    return PipelineOutput(
+        pipeline="lumbar_spine", outputs=[out], superres=[], used_series={out.model.name: [vol.series_uid]}
+    )
 
 
 def real_file(name: str) -> Path:
@@ -269,15 +328,28 @@ def superres_inplane(vol: Volume, factor: int = 2) -> SuperResOutput:
     """An in-plane x`factor` super-resolved volume (for single-slice real inputs)."""
     arr = np.kron(vol.array, np.ones((1, factor, factor), dtype=np.float32))
     rs, cs = vol.spacing[1] / factor, vol.spacing[2] / factor
-    shift = -np.asarray(vol.row_cosine) * (vol.spacing[2] - cs) / 2 - np.asarray(vol.col_cosine) * (vol.spacing[1] - rs) / 2
-    out = Volume(
-        array=arr, spacing=(vol.spacing[0], rs, cs), positions=vol.positions + shift,
-        row_cosine=vol.row_cosine, col_cosine=vol.col_cosine, study_uid=vol.study_uid,
-        series_uid=vol.series_uid, frame_of_reference_uid=vol.frame_of_reference_uid,
+    shift = (
+        -np.asarray(vol.row_cosine) * (vol.spacing[2] - cs) / 2 - np.asarray(vol.col_cosine) * (vol.spacing[1] - rs) / 2
     )
-    return SuperResOutput(model=model("superres", task="superres"), source=vol, volume=out,
-                          qc=QCResult(accepted=True), consistency_error=0.01, consistency_tolerance=0.05,
-                          consistency_passed=True)
+    out = Volume(
+        array=arr,
+        spacing=(vol.spacing[0], rs, cs),
+        positions=vol.positions + shift,
+        row_cosine=vol.row_cosine,
+        col_cosine=vol.col_cosine,
+        study_uid=vol.study_uid,
+        series_uid=vol.series_uid,
+        frame_of_reference_uid=vol.frame_of_reference_uid,
+    )
+    return SuperResOutput(
+        model=model("superres", task="superres"),
+        source=vol,
+        volume=out,
+        qc=QCResult(accepted=True),
+        consistency_error=0.01,
+        consistency_tolerance=0.05,
+        consistency_passed=True,
+    )
 
 
 def sr_items(ds) -> list[tuple[str, str, object]]:
@@ -316,7 +388,10 @@ def measurement_groups(ds) -> list[list[tuple[str, str, object]]]:
     """One flattened item list per Measurement Group, in document order."""
     groups = []
     for container in ds.ContentSequence:
-        if container.ValueType == "CONTAINER" and container.ConceptNameCodeSequence[0].CodeMeaning == "Imaging Measurements":
+        if (
+            container.ValueType == "CONTAINER"
+            and container.ConceptNameCodeSequence[0].CodeMeaning == "Imaging Measurements"
+        ):
             for g in container.ContentSequence:
                 fake = Dataset()
                 fake.ContentSequence = g.ContentSequence

@@ -239,9 +239,25 @@ class RedisServer:
         self.workdir.mkdir(parents=True, exist_ok=True)
         with open(self.workdir / "redis.log", "ab") as log:
             self.proc = subprocess.Popen(
-                ["redis-server", "--bind", "127.0.0.1", "--port", str(self.port), "--save", "", "--appendonly", "no",
-                 "--dir", str(self.workdir), "--protected-mode", "yes"],
-                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+                [
+                    "redis-server",
+                    "--bind",
+                    "127.0.0.1",
+                    "--port",
+                    str(self.port),
+                    "--save",
+                    "",
+                    "--appendonly",
+                    "no",
+                    "--dir",
+                    str(self.workdir),
+                    "--protected-mode",
+                    "yes",
+                ],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
         self._token = track(f"redis-server :{self.port}", self.stop)
         deadline = time.monotonic() + 10
         while True:
@@ -283,8 +299,9 @@ class PostgresServer:
         self._token = None
 
     def _as_postgres(self, *cmd: str, check: bool = True, timeout: float = 120):
-        return subprocess.run(["runuser", "-u", "postgres", "--", *cmd], check=check, capture_output=True, text=True,
-                              timeout=timeout)
+        return subprocess.run(
+            ["runuser", "-u", "postgres", "--", *cmd], check=check, capture_output=True, text=True, timeout=timeout
+        )
 
     def postmaster_pid(self) -> int | None:
         try:
@@ -296,11 +313,32 @@ class PostgresServer:
         shutil.chown(self.dir, user="postgres", group="postgres")
         self._token = track(f"PostgreSQL cluster {self.dir} :{self.port}", self.stop)
         try:
-            self._as_postgres(str(self.BIN / "initdb"), "-D", str(self.data), "-U", "postgres", "--auth=trust",
-                              "--no-sync", "-E", "UTF8", "--locale=C.UTF-8")
+            self._as_postgres(
+                str(self.BIN / "initdb"),
+                "-D",
+                str(self.data),
+                "-U",
+                "postgres",
+                "--auth=trust",
+                "--no-sync",
+                "-E",
+                "UTF8",
+                "--locale=C.UTF-8",
+            )
             opts = f"-c listen_addresses=127.0.0.1 -p {self.port} -c unix_socket_directories={self.dir} -c fsync=off"
-            self._as_postgres(str(self.BIN / "pg_ctl"), "-D", str(self.data), "-o", opts, "-l", str(self.dir / "pg.log"),
-                              "-w", "-t", "60", "start")
+            self._as_postgres(
+                str(self.BIN / "pg_ctl"),
+                "-D",
+                str(self.data),
+                "-o",
+                opts,
+                "-l",
+                str(self.dir / "pg.log"),
+                "-w",
+                "-t",
+                "60",
+                "start",
+            )
         except BaseException:
             self.stop()
             raise
@@ -315,8 +353,19 @@ class PostgresServer:
         pid = self.postmaster_pid()
         if self.data.exists():
             try:
-                self._as_postgres(str(self.BIN / "pg_ctl"), "-D", str(self.data), "-m", "immediate", "-w", "-t", "30",
-                                  "stop", check=False, timeout=60)
+                self._as_postgres(
+                    str(self.BIN / "pg_ctl"),
+                    "-D",
+                    str(self.data),
+                    "-m",
+                    "immediate",
+                    "-w",
+                    "-t",
+                    "30",
+                    "stop",
+                    check=False,
+                    timeout=60,
+                )
             except subprocess.TimeoutExpired:
                 pass
         if pid is not None and not _wait_gone(pid, 5.0):

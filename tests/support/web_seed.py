@@ -79,25 +79,69 @@ def phantom_volume(n_slices: int = 12, size: int = 96, seed: int = 0) -> np.ndar
 
 
 def _mr_dataset(
-    *, arr2d: np.ndarray, study_uid: str, series_uid: str, sop_uid: str, for_uid: str, k: int, spacing: float,
-    pixel: float, body_part: str, description: str, patient_name: str, patient_id: str, study_date: str,
-    study_time: str, accession: str, series_number: int, derived: bool = False, source: Dataset | None = None,
+    *,
+    arr2d: np.ndarray,
+    study_uid: str,
+    series_uid: str,
+    sop_uid: str,
+    for_uid: str,
+    k: int,
+    spacing: float,
+    pixel: float,
+    body_part: str,
+    description: str,
+    patient_name: str,
+    patient_id: str,
+    study_date: str,
+    study_time: str,
+    accession: str,
+    series_number: int,
+    derived: bool = False,
+    source: Dataset | None = None,
 ) -> Dataset:
     ds = mr_dataset(
-        study_uid=study_uid, series_uid=series_uid, sop_uid=sop_uid, pixels=arr2d.astype(np.uint16),
-        file_meta={"ImplementationClassUID": ROOT + "1"}, SpecificCharacterSet="ISO_IR 100",
-        FrameOfReferenceUID=for_uid, PatientName=patient_name, PatientID=patient_id, PatientBirthDate="19800101",
-        PatientSex="F", StudyDate=study_date, StudyTime=study_time, SeriesDate=study_date, ContentDate=study_date,
-        ContentTime=study_time, AccessionNumber=accession, ReferringPhysicianName="", StudyID="1",
-        Manufacturer="msknode-tests" if derived else "TESTVENDOR", BodyPartExamined=body_part,
-        SeriesDescription=description, SeriesNumber=series_number, InstanceNumber=k + 1,
+        study_uid=study_uid,
+        series_uid=series_uid,
+        sop_uid=sop_uid,
+        pixels=arr2d.astype(np.uint16),
+        file_meta={"ImplementationClassUID": ROOT + "1"},
+        SpecificCharacterSet="ISO_IR 100",
+        FrameOfReferenceUID=for_uid,
+        PatientName=patient_name,
+        PatientID=patient_id,
+        PatientBirthDate="19800101",
+        PatientSex="F",
+        StudyDate=study_date,
+        StudyTime=study_time,
+        SeriesDate=study_date,
+        ContentDate=study_date,
+        ContentTime=study_time,
+        AccessionNumber=accession,
+        ReferringPhysicianName="",
+        StudyID="1",
+        Manufacturer="msknode-tests" if derived else "TESTVENDOR",
+        BodyPartExamined=body_part,
+        SeriesDescription=description,
+        SeriesNumber=series_number,
+        InstanceNumber=k + 1,
         ImageType=["DERIVED", "SECONDARY"] if derived else ["ORIGINAL", "PRIMARY", "M", "NONE"],
-        ScanningSequence="SE", SequenceVariant="NONE", ScanOptions="", MRAcquisitionType="2D", EchoTime=30,
-        RepetitionTime=3000, EchoTrainLength=8, MagneticFieldStrength=3, SliceThickness=spacing,
-        SpacingBetweenSlices=spacing, PixelSpacing=[pixel, pixel],
+        ScanningSequence="SE",
+        SequenceVariant="NONE",
+        ScanOptions="",
+        MRAcquisitionType="2D",
+        EchoTime=30,
+        RepetitionTime=3000,
+        EchoTrainLength=8,
+        MagneticFieldStrength=3,
+        SliceThickness=spacing,
+        SpacingBetweenSlices=spacing,
+        PixelSpacing=[pixel, pixel],
         # sagittal: rows run anterior->posterior (0,1,0) and columns head->foot (0,0,-1); slices along x
-        ImageOrientationPatient=[0, 1, 0, 0, 0, -1], ImagePositionPatient=[-20.0 + k * spacing, -50.0, 50.0],
-        SliceLocation=-20.0 + k * spacing, PositionReferenceIndicator="", Laterality="R",
+        ImageOrientationPatient=[0, 1, 0, 0, 0, -1],
+        ImagePositionPatient=[-20.0 + k * spacing, -50.0, 50.0],
+        SliceLocation=-20.0 + k * spacing,
+        PositionReferenceIndicator="",
+        Laterality="R",
     )
     if derived and source is not None:
         ds.DerivationDescription = "super-resolution (test seed)"
@@ -232,10 +276,18 @@ def seed_study(
         from models.phantoms import generate, write_dicom_series
 
         ph = generate(anatomy, seed, **phantom)
-        paths = [Path(p) for p in write_dicom_series(
-            ph, store, patient_name=patient_name, patient_id=patient_id, study_uid=study_uid, series_uid=series_uid,
-            series_number=3,
-        )]
+        paths = [
+            Path(p)
+            for p in write_dicom_series(
+                ph,
+                store,
+                patient_name=patient_name,
+                patient_id=patient_id,
+                study_uid=study_uid,
+                series_uid=series_uid,
+                series_number=3,
+            )
+        ]
         sources = [pydicom.dcmread(str(p)) for p in paths]
         study_date, study_time = str(sources[0].StudyDate), str(sources[0].StudyTime)
         description = str(sources[0].SeriesDescription)
@@ -245,15 +297,29 @@ def seed_study(
     else:
         vol = phantom_volume(n_slices, size, seed)
         common = dict(
-            study_uid=study_uid, for_uid=for_uid, spacing=3.0, pixel=160.0 / size, body_part=body_part,
-            patient_name=patient_name, patient_id=patient_id, study_date=study_date, study_time=study_time,
+            study_uid=study_uid,
+            for_uid=for_uid,
+            spacing=3.0,
+            pixel=160.0 / size,
+            body_part=body_part,
+            patient_name=patient_name,
+            patient_id=patient_id,
+            study_date=study_date,
+            study_time=study_time,
             accession=accession,
         )
         sources, paths = [], []
         for k in range(n_slices):
             sop = generate_uid(prefix=SOURCE_ROOT)
-            ds = _mr_dataset(arr2d=vol[k], series_uid=series_uid, sop_uid=sop, k=k, description=description,
-                             series_number=3, **common)
+            ds = _mr_dataset(
+                arr2d=vol[k],
+                series_uid=series_uid,
+                sop_uid=sop,
+                k=k,
+                description=description,
+                series_number=3,
+                **common,
+            )
             # files in reverse order on disk so the loader must sort by position, not by name
             paths.append(_write(ds, store / f"{n_slices - k:04d}.dcm"))
             sources.append(ds)
@@ -281,61 +347,121 @@ def seed_study(
 
     with db.session() as s:
         study = Study(
-            study_uid=study_uid, patient_name=patient_name, patient_id=patient_id, patient_birth_date="19800101",
-            patient_sex="F", accession_number=accession, study_date=study_date, study_time=study_time,
-            study_description=f"MR {body_part}", specific_character_set="ISO_IR 100",
-            first_received_at=received_at, last_received_at=received_at,
+            study_uid=study_uid,
+            patient_name=patient_name,
+            patient_id=patient_id,
+            patient_birth_date="19800101",
+            patient_sex="F",
+            accession_number=accession,
+            study_date=study_date,
+            study_time=study_time,
+            study_description=f"MR {body_part}",
+            specific_character_set="ISO_IR 100",
+            first_received_at=received_at,
+            last_received_at=received_at,
         )
         s.add(study)
         s.flush()
         series = Series(
-            study_id=study.id, series_uid=series_uid, modality="MR", body_part=body_part,
-            series_description=description, series_number=3, manufacturer="TESTVENDOR", instances=n_slices,
-            state="done" if job_state == "done" else "processing", pipeline=anatomy, role=role,
-            first_received_at=received_at, last_received_at=received_at,
+            study_id=study.id,
+            series_uid=series_uid,
+            modality="MR",
+            body_part=body_part,
+            series_description=description,
+            series_number=3,
+            manufacturer="TESTVENDOR",
+            instances=n_slices,
+            state="done" if job_state == "done" else "processing",
+            pipeline=anatomy,
+            role=role,
+            first_received_at=received_at,
+            last_received_at=received_at,
         )
         s.add(series)
         s.flush()
         for ds, p in zip(sources, paths):
-            s.add(Instance(
-                series_id=series.id, sop_instance_uid=str(ds.SOPInstanceUID), sop_class_uid=MRImageStorage,
-                transfer_syntax_uid=ExplicitVRLittleEndian, path=str(p), size=p.stat().st_size,
-                instance_number=int(ds.InstanceNumber),
-                image_position="\\".join(str(v) for v in ds.ImagePositionPatient),
-                image_orientation="\\".join(str(v) for v in ds.ImageOrientationPatient), received_at=received_at,
-            ))
+            s.add(
+                Instance(
+                    series_id=series.id,
+                    sop_instance_uid=str(ds.SOPInstanceUID),
+                    sop_class_uid=MRImageStorage,
+                    transfer_syntax_uid=ExplicitVRLittleEndian,
+                    path=str(p),
+                    size=p.stat().st_size,
+                    instance_number=int(ds.InstanceNumber),
+                    image_position="\\".join(str(v) for v in ds.ImagePositionPatient),
+                    image_orientation="\\".join(str(v) for v in ds.ImageOrientationPatient),
+                    received_at=received_at,
+                )
+            )
         versions = {model: {"version": "0.1.0", "weights_sha256": "ab" * 32}}
         job = Job(
-            study_id=study.id, pipeline=anatomy, state=job_state, input_fingerprint="f" * 64, attempts=1,
-            created_at=received_at, started_at=received_at,
+            study_id=study.id,
+            pipeline=anatomy,
+            state=job_state,
+            input_fingerprint="f" * 64,
+            attempts=1,
+            created_at=received_at,
+            started_at=received_at,
             finished_at=received_at + dt.timedelta(seconds=8) if job_state == "done" else None,
-            enqueue_pending=False, model_versions=versions, timings={"load": 0.4, "inference": 2.1},
+            enqueue_pending=False,
+            model_versions=versions,
+            timings={"load": 0.4, "inference": 2.1},
             error="model crashed: test" if job_state in ("failed", "dead") else None,
         )
         s.add(job)
         s.flush()
         s.add(JobInput(job_id=job.id, series_id=series.id, role=role, used_by=[model]))
         for f in findings:
-            s.add(Finding(
-                job_id=job.id, model_name=f.model_name or model, model_version="0.1.0", weights_sha256="ab" * 32,
-                series_uid=series_uid, code=f.code, label=f.label, evaluated=f.evaluated, qc_reason=f.qc_reason,
-                qc_message=f"QC refused: {f.qc_reason}" if f.qc_reason else None, probability=f.probability,
-                uncertainty=f.uncertainty, positive=f.positive, grade=f.grade, level=f.level, site=f.site,
-                laterality="R",
-                details={"grade_probabilities": f.grade_probabilities, "demo_weights": True,
-                         "location": list(center) if f.positive else None},
-            ))
+            s.add(
+                Finding(
+                    job_id=job.id,
+                    model_name=f.model_name or model,
+                    model_version="0.1.0",
+                    weights_sha256="ab" * 32,
+                    series_uid=series_uid,
+                    code=f.code,
+                    label=f.label,
+                    evaluated=f.evaluated,
+                    qc_reason=f.qc_reason,
+                    qc_message=f"QC refused: {f.qc_reason}" if f.qc_reason else None,
+                    probability=f.probability,
+                    uncertainty=f.uncertainty,
+                    positive=f.positive,
+                    grade=f.grade,
+                    level=f.level,
+                    site=f.site,
+                    laterality="R",
+                    details={
+                        "grade_probabilities": f.grade_probabilities,
+                        "demo_weights": True,
+                        "location": list(center) if f.positive else None,
+                    },
+                )
+            )
         for kind, sop_class, sop, ser_uid, p in result_rows:
-            ro = ResultObject(job_id=job.id, kind=kind, sop_class_uid=sop_class, sop_instance_uid=sop,
-                              series_uid=ser_uid, path=str(p), created_at=received_at)
+            ro = ResultObject(
+                job_id=job.id,
+                kind=kind,
+                sop_class_uid=sop_class,
+                sop_instance_uid=sop,
+                series_uid=ser_uid,
+                path=str(p),
+                created_at=received_at,
+            )
             s.add(ro)
             s.flush()
             for i, state in enumerate(outbox_states):
-                s.add(OutboxItem(
-                    result_object_id=ro.id, destination=f"dest{i}", state=state, attempts=1 if state != "dead" else 5,
-                    last_error="0x0122 SOP class not supported" if state == "dead" else None,
-                    sent_at=received_at + dt.timedelta(seconds=10) if state == "sent" else None,
-                ))
+                s.add(
+                    OutboxItem(
+                        result_object_id=ro.id,
+                        destination=f"dest{i}",
+                        state=state,
+                        attempts=1 if state != "dead" else 5,
+                        last_error="0x0122 SOP class not supported" if state == "dead" else None,
+                        sent_at=received_at + dt.timedelta(seconds=10) if state == "sent" else None,
+                    )
+                )
         s.flush()
         entry_id = None
         if job_state == "done":
@@ -343,24 +469,46 @@ def seed_study(
             s.flush()
             entry_id = entry.id
         return Seeded(
-            study_id=study.id, job_id=job.id, entry_id=entry_id, study_uid=study_uid, series_id=series.id,
-            series_uid=series_uid, source_paths=paths, seg_path=seg_path, superres_uid=superres_uid,
+            study_id=study.id,
+            job_id=job.id,
+            entry_id=entry_id,
+            study_uid=study_uid,
+            series_id=series.id,
+            series_uid=series_uid,
+            source_paths=paths,
+            seg_path=seg_path,
+            superres_uid=superres_uid,
             seg_slices=seg_slices,
         )
 
 
 def acl_complete() -> list[F]:
     return [
-        F("acl_tear", "ACL tear", 0.93, 0.04, True, grade="complete", site="anterior cruciate ligament",
-          grade_probabilities={"intact": 0.07, "partial": 0.11, "complete": 0.82}),
+        F(
+            "acl_tear",
+            "ACL tear",
+            0.93,
+            0.04,
+            True,
+            grade="complete",
+            site="anterior cruciate ligament",
+            grade_probabilities={"intact": 0.07, "partial": 0.11, "complete": 0.82},
+        ),
         F("meniscal_tear", "Meniscal tear", 0.12, 0.05, False, site="medial meniscus", model_name="knee.meniscus"),
     ]
 
 
 def knee_normal() -> list[F]:
     return [
-        F("acl_tear", "ACL tear", 0.04, 0.02, False, grade="intact",
-          grade_probabilities={"intact": 0.96, "partial": 0.03, "complete": 0.01}),
+        F(
+            "acl_tear",
+            "ACL tear",
+            0.04,
+            0.02,
+            False,
+            grade="intact",
+            grade_probabilities={"intact": 0.96, "partial": 0.03, "complete": 0.01},
+        ),
         F("meniscal_tear", "Meniscal tear", 0.08, 0.03, False, model_name="knee.meniscus"),
     ]
 
@@ -371,8 +519,18 @@ def spine_severe() -> list[F]:
     for level, g in grades.items():
         probs = {"normal": 0.05, "mild": 0.05, "moderate": 0.05, "severe": 0.05}
         probs[g] = 0.85
-        out.append(F("spinal_stenosis", "Spinal stenosis", 1 - probs["normal"], 0.06, g in ("moderate", "severe"),
-                     grade=g, level=level, grade_probabilities=probs))
+        out.append(
+            F(
+                "spinal_stenosis",
+                "Spinal stenosis",
+                1 - probs["normal"],
+                0.06,
+                g in ("moderate", "severe"),
+                grade=g,
+                level=level,
+                grade_probabilities=probs,
+            )
+        )
     return out
 
 
