@@ -9,7 +9,7 @@ Content (one measurement group per statement, so nothing is implied by silence):
   algorithm (name, version, weights hash, threshold), the series the model used and
   its source images, the SEG segment of its heatmap (TID 1411) and the SC overlay;
 - per model whose input the QC gate refused: presence "Not Evaluated", QC refused
-  and the coded reason plus the gate's message;
+  and the coded reason plus its reader-facing sentence (`worklists.triage.qc_sentence`);
 - per super-resolved series: the consistency check and the new series' UID;
 - the triage priority and score with its reasons;
 - predecessors (a re-opened study) in the Predecessor Documents Sequence.
@@ -50,6 +50,7 @@ from node.results.objects import ResultRef
 from node.results.sanitize import clean_text, copy_character_set
 from node.results.sources import SourceSeries
 from node.results.uids import UidFactory
+from worklists.triage import qc_sentence
 
 SR_SERIES_NUMBER = 9901
 SR_DESCRIPTION = "AI findings SR - not for diagnostic use"
@@ -213,8 +214,9 @@ def _not_evaluated_group(*, mo: ModelOutput, uids: UidFactory, used: list[Source
         ],
         source_images=_source_images(used) or None,
     )
-    message = mo.qc.message or codes.QC_REASONS.get(mo.qc.reason or "", mo.qc.reason or "refused by the quality gate")
-    _extend(group, [_text(f"Not evaluated: {message}")] + _series_items(used_uids))
+    # the reader-facing sentence of the coded reason: the gate's own message may name a plane or anatomy that
+    # contradicts the series headers, so it stays in the node's log and admin views
+    _extend(group, [_text(f"Not evaluated: {qc_sentence(mo.qc.reason)}")] + _series_items(used_uids))
     return group
 
 
@@ -253,7 +255,7 @@ def _superres_group(*, ref: SuperResRef, index: int, uids: UidFactory) -> Any:
     elif accepted:
         items.append(_text("Super-resolved series not written: the data consistency check failed."))
     else:
-        items.append(_text(f"Super-resolution not performed: {out.qc.message or out.qc.reason or 'refused'}"))
+        items.append(_text(f"Super-resolution not performed: {qc_sentence(out.qc.reason)}"))
     items += _series_items([u for u in (out.source.series_uid, ref.series_uid) if u])
     _extend(group, items)
     return group
