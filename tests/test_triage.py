@@ -10,6 +10,7 @@ import pytest
 from sqlalchemy import select
 
 from node.db.schema import Finding, Job, Study
+from support.findings import misgraded_acl
 from worklists import entries
 from worklists.errors import EntryNotFound, InvalidChange, PolicyError
 from worklists.tables import AuditEvent, User, WorklistEntry
@@ -98,16 +99,7 @@ def test_probable_tear_with_low_complete_probability_stays_routine_but_scores(po
 
 def test_a_sure_tear_of_either_grade_is_urgent_because_the_grade_is_unreliable(policy):
     # the model calls a complete tear "partial" (98 %): P(tear) decides, not the grade it names
-    misgraded = TriageFinding(
-        code="acl_tear",
-        label="Partial ACL tear",
-        model_name="knee.acl",
-        probability=0.98,
-        uncertainty=0.01,
-        positive=True,
-        grade="partial",
-        grade_probabilities={"intact": 0.02, "partial": 0.71, "complete": 0.27},
-    )
+    misgraded = misgraded_acl()
     s = compute([misgraded], policy)
     assert s.priority == "URGENT" and "acl_tear_high" in s.matched_rules and "acl_complete" not in s.matched_rules
     assert s.reasons[0].startswith(

@@ -14,6 +14,7 @@ from zoneinfo import ZoneInfo
 import pytest
 
 from node.web.queries import display_time
+from support.findings import misgraded_acl
 from worklists.triage import (
     DEFAULT_POLICY_PATH,
     QC_SENTENCES,
@@ -29,21 +30,6 @@ from worklists.triage import (
 pytestmark = pytest.mark.unit
 
 BERLIN = ZoneInfo("Europe/Berlin")
-
-
-def misgraded_acl(**kw) -> TriageFinding:
-    """The radiologist's case: P(tear) 0.98, the model names the grade "partial"."""
-    base = dict(
-        code="acl_tear",
-        label="Partial ACL tear",
-        model_name="knee.acl",
-        probability=0.98,
-        uncertainty=0.01,
-        positive=True,
-        grade="partial",
-        grade_probabilities={"intact": 0.02, "partial": 0.71, "complete": 0.27},
-    )
-    return TriageFinding(**{**base, **kw})
 
 
 # ---- the headline number and the grade split --------------------------------------------------
