@@ -7,6 +7,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from pathlib import Path
 
 import pytest
 
@@ -22,6 +23,17 @@ def _wait_dead(proc: subprocess.Popen, timeout: float = 10.0) -> bool:
         return True
     except subprocess.TimeoutExpired:
         return False
+
+
+def _pytest_in(folder: Path) -> subprocess.CompletedProcess[str]:
+    """A pytest run of the tests in ``folder`` (its own session, so its own leak check)."""
+    return subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--basetemp", str(folder / "bt"), str(folder)],
+        cwd=folder,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 def test_a_leaked_child_is_found_by_pid_and_command():
@@ -120,23 +132,7 @@ def test_a_run_that_leaks_a_process_fails_and_names_it(tmp_path):
     """)
     )
     (tmp_path / "pytest.ini").write_text("[pytest]\n")
-    run = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pytest",
-            "-q",
-            "-p",
-            "no:cacheprovider",
-            "--basetemp",
-            str(tmp_path / "bt"),
-            str(tmp_path),
-        ],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    run = _pytest_in(tmp_path)
     pid = int((tmp_path / "leaked.pid").read_text())
     assert run.returncode == 1, run.stdout + run.stderr
     assert "2 passed" in run.stdout
@@ -149,21 +145,5 @@ def test_a_run_that_leaks_a_process_fails_and_names_it(tmp_path):
     assert servers._proc_stat(pid) is None  # killed by the hook (and reaped by init)
 
     (tmp_path / "test_leaky.py").write_text("def test_clean():\n    pass\n")
-    clean = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pytest",
-            "-q",
-            "-p",
-            "no:cacheprovider",
-            "--basetemp",
-            str(tmp_path / "bt"),
-            str(tmp_path),
-        ],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    clean = _pytest_in(tmp_path)
     assert clean.returncode == 0 and "left servers running" not in clean.stdout, clean.stdout
