@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import subprocess
 import threading
 from pathlib import Path
@@ -386,6 +387,7 @@ def test_duplicate_is_idempotent_and_corrected_demographics_update_and_audit(nod
     assert sorted(audit.details["fields"]) == ["patient_birth_date", "patient_name"]
     assert audit.details["sop_instance_uid"] == ds.SOPInstanceUID
     flat = " ".join(str(v) for v in (audit.old_value, audit.new_value, audit.reason, audit.details))
+    flat = re.sub(r"\d+(?:\.\d+)+", "UID", flat)  # a random UID may hold the digits 1971
     assert "Name" not in flat.replace("patient_name", "") and "1971" not in flat
 
 
