@@ -326,6 +326,9 @@ class PostgresServer:
                 "--locale=C.UTF-8",
             )
             opts = f"-c listen_addresses=127.0.0.1 -p {self.port} -c unix_socket_directories={self.dir} -c fsync=off"
+            # one cluster serves the whole session: engines of many tests (and their worker subprocesses) hold
+            # connections until garbage-collected, more than the default 100
+            opts += " -c max_connections=500"
             self._as_postgres(
                 str(self.BIN / "pg_ctl"),
                 "-D",
@@ -346,7 +349,11 @@ class PostgresServer:
 
     def create_database(self, name: str) -> str:
         """A new empty database; returns its SQLAlchemy URL (psycopg 3)."""
-        self._as_postgres(str(self.BIN / "createdb"), "-h", "127.0.0.1", "-p", str(self.port), "-U", "postgres", name)
+        run = self._as_postgres(
+            str(self.BIN / "createdb"), "-h", "127.0.0.1", "-p", str(self.port), "-U", "postgres", name, check=False
+        )
+        if run.returncode != 0:
+            raise RuntimeError(f"createdb {name} on port {self.port} failed: {(run.stderr or run.stdout).strip()}")
         return f"postgresql+psycopg://postgres@127.0.0.1:{self.port}/{name}"
 
     def stop(self) -> None:
