@@ -90,7 +90,9 @@ def test_a_cluster_directory_with_a_live_postmaster_is_a_leak(tmp_path):
         postmaster.wait()
 
 
-def test_stop_all_stops_what_is_still_registered():
+def test_stop_all_stops_what_is_still_registered(monkeypatch):
+    # a registry of this test's own: the session's servers (PostgreSQL, Orthanc, ...) stay registered and running
+    monkeypatch.setattr(servers, "_live", {})
     proc = subprocess.Popen(["sleep", "300"])
     token = servers.track("sleeper", lambda: (proc.kill(), proc.wait()))
     try:
