@@ -534,25 +534,27 @@ def split_record(
         "label_counts": {},
         "warnings": [],
     }
+    covered: dict[tuple[str, str], set[str]] = {}  # (side, head) -> classes some labelled case allows
     for side, rows in (("train", train_items), ("validation", val_items)):
         for h, head in enumerate(task.heads):
             counts: dict[str, int] = {}
+            seen = covered.setdefault((side, head.name), set())
             for it in rows:
-                label = _class_of(np.asarray(it["allowed"], bool)[h], head.classes)
+                row = np.asarray(it["allowed"], bool)[h][: len(head.classes)]
+                label = _class_of(row, head.classes)
                 counts[label or "unlabelled"] = counts.get(label or "unlabelled", 0) + 1
+                if label is not None:
+                    seen.update(c for c, ok in zip(head.classes, row) if ok)
             out["label_counts"].setdefault(side, {})[head.name] = counts
     for head in task.heads:
-        val = out["label_counts"]["validation"][head.name]
-        train = out["label_counts"]["train"][head.name]
         for c in head.classes:
-            covered_val = any(k == c or (k.startswith("any of ") and c in k[7:].split(", ")) for k in val)
-            if not covered_val:
+            if c not in covered[("validation", head.name)]:
                 out["warnings"].append(
                     f"no validation case of {head.name} = {c!r} ({len(val_items)} validation "
                     "cases): validation AUC, temperature and threshold cannot reflect it; "
                     "train on more cases or give validation cases that hold every class"
                 )
-            if not any(k == c or (k.startswith("any of ") and c in k[7:].split(", ")) for k in train):
+            if c not in covered[("train", head.name)]:
                 out["warnings"].append(f"no training case of {head.name} = {c!r}: the model cannot learn it")
     if len(val_items) < 20:
         out["warnings"].append(f"only {len(val_items)} validation cases: the validation figures are very uncertain")
@@ -601,7 +603,7 @@ def write_training_card(
         "n_validation": split["n_validation"],
     }
     auc = summary.get("val_auc")
-    metrics["validation_auc"] = None if auc is None or not math.isfinite(float(auc)) else round(float(auc), 4)
+    metrics["validation_auc"] = None if auc is None else round(float(auc), 4)  # None: one class in validation
     card = {
         **task.card_facts(),
         "version": task.version,
