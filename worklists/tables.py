@@ -60,3 +60,15 @@ class AuditEvent(Base):
     new_value: Mapped[str | None] = mapped_column(Text)
     reason: Mapped[str | None] = mapped_column(Text)
     details: Mapped[dict | None] = mapped_column(JSON)
+
+
+class ReadingTarget(Base):
+    """A site's reading target for a priority (minutes from the study's arrival to "read"),
+    overriding the triage policy's ``[targets]``; changed from the admin dashboard, audited."""
+
+    __tablename__ = "reading_targets"
+
+    priority: Mapped[str] = mapped_column(String(16), primary_key=True)
+    minutes: Mapped[int] = mapped_column(Integer)
+    updated_by: Mapped[str] = mapped_column(String(64))
+    updated_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)

@@ -285,3 +285,46 @@ class WorkerRecord(Base):
     started_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
     last_seen_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
     stopped_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
+
+
+class FindingFeedback(Base):
+    """A radiologist's answer to one AI finding (or to a model's negative result): agree or disagree,
+    and the radiologist's own answer on the model's scale.
+
+    One row per user and finding reference. The reference is the AI SR (SOP Instance UID) and
+    the finding's identifier in it (``finding_key``: the finding code, ``@level`` for a
+    per-level finding, e.g. ``spinal_stenosis@L4-L5``), so it survives a re-processing of the
+    study; ``finding_id`` points at the row the node showed. Editable by its author until the
+    study is marked read; every write is audited. Read by ``node.monitor`` (dashboard) and by the
+    feedback export (the labelled set for retraining).
+    """
+
+    __tablename__ = "finding_feedback"
+    __table_args__ = (UniqueConstraint("study_id", "finding_key", "created_by", name="uq_feedback_finding_user"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    study_id: Mapped[int] = mapped_column(ForeignKey("studies.id", ondelete="CASCADE"), index=True)
+    job_id: Mapped[int | None] = mapped_column(ForeignKey("jobs.id", ondelete="SET NULL"))
+    finding_id: Mapped[int | None] = mapped_column(ForeignKey("findings.id", ondelete="SET NULL"))
+    # the AI SR the finding was reported in (NULL when the job wrote no SR)
+    sr_sop_instance_uid: Mapped[str | None] = mapped_column(UID)
+    finding_key: Mapped[str] = mapped_column(String(96))
+    code: Mapped[str] = mapped_column(String(64))
+    level: Mapped[str | None] = mapped_column(String(16))
+    model_name: Mapped[str] = mapped_column(String(64), index=True)
+    model_version: Mapped[str] = mapped_column(String(32))
+    weights_sha256: Mapped[str] = mapped_column(String(64))
+    # the scale both answers are on (the model's classes, normal first) and the two answers
+    scale: Mapped[list[str]] = mapped_column(JSON)
+    ai_answer: Mapped[str] = mapped_column(String(32))
+    ai_positive: Mapped[bool] = mapped_column(Boolean)
+    ai_probability: Mapped[float | None] = mapped_column(Float)
+    agree: Mapped[bool] = mapped_column(Boolean)
+    answer: Mapped[str] = mapped_column(String(32))  # the radiologist's answer (= ai_answer when agreeing)
+    answer_positive: Mapped[bool] = mapped_column(Boolean)
+    comment: Mapped[str | None] = mapped_column(Text)
+    source: Mapped[str] = mapped_column(String(16), default="web")  # web (study page) or api
+    created_by: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
+    updated_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
+
