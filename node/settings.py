@@ -39,6 +39,61 @@ _AE_RE = re.compile(r"^[\x20-\x7e]{1,16}$")
 _UID_ROOT_RE = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*\.$")
 
 
+#: words found in the placeholders of examples and tutorials: a key holding one was copied, not generated
+_PLACEHOLDER_WORDS = (
+    "replace",
+    "change",
+    "placeholder",
+    "example",
+    "secret",
+    "password",
+    "random",
+    "generator",
+    "insecure",
+    "default",
+    "msknode",
+    "django",
+)
+#: the bits a secret key must carry at least (32 bytes)
+SECRET_KEY_MIN_BITS = 256
+_BASE64 = set("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/-_=")
+
+
+def secret_key_problem(key: str) -> str | None:
+    """Why `key` cannot sign sessions (a well-known placeholder, or under 32 bytes of entropy), or None.
+
+    The entropy is estimated from the length and the character classes the key uses (lower case,
+    upper case, digits, other), e.g. ``python -c 'import secrets; print(secrets.token_urlsafe(32))'``
+    (43 characters) or ``openssl rand -hex 32`` (64 characters) pass; a repeated or dictionary-like
+    string does not.
+    """
+    import math
+
+    low = key.lower()
+    if any(word in low for word in _PLACEHOLDER_WORDS):
+        return "the secret key is a placeholder; leave it empty (one is generated) or use 32 random bytes"
+    chars = set(key)
+    if chars <= set("0123456789abcdef") or chars <= set("0123456789ABCDEF"):
+        alphabet = 16  # hex
+    elif chars <= _BASE64:
+        alphabet = 64  # base64 or its URL-safe variant
+    else:
+        alphabet = (
+            26 * any(c.islower() for c in key)
+            + 26 * any(c.isupper() for c in key)
+            + 10 * any(c.isdigit() for c in key)
+            + 33 * any(not c.isalnum() for c in key)
+        )
+    bits = len(key) * math.log2(max(alphabet, 2))
+    if bits < SECRET_KEY_MIN_BITS or len(chars) < 12:
+        return (
+            f"the secret key carries at most {bits if len(chars) >= 12 else 0:.0f} bits of entropy; at least "
+            f"{SECRET_KEY_MIN_BITS} (32 random bytes) are needed: leave it empty (one is generated) or use "
+            "`python -c 'import secrets; print(secrets.token_urlsafe(32))'`"
+        )
+    return None
+
+
 class DimseDestination(BaseModel):
     """A DICOM peer that receives results by C-STORE."""
 
@@ -260,8 +315,11 @@ class Settings(BaseSettings):
     @field_validator("secret_key")
     @classmethod
     def _secret(cls, v: str | None) -> str | None:
-        if v is not None and (len(v) < 16 or v.lower() in {"changeme", "changethis", "secret"}):
-            raise ValueError("the secret key must be at least 16 characters and not a placeholder")
+        if v is None or not v.strip():
+            return None  # blank: one is generated and kept in the data dir
+        problem = secret_key_problem(v)
+        if problem:
+            raise ValueError(problem)
         return v
 
     @field_validator("database_url", "broker_url", mode="wrap")

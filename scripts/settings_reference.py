@@ -61,7 +61,7 @@ DESCRIPTIONS = {
     "weights_dir": "Site folder of model weights, searched before the repository's `models/weights`.",
     "web_host": "Address the web server binds to.",
     "web_port": "Web worklist and JSON API port.",
-    "secret_key": "Key that signs web sessions and tokens (>= 16 characters). Empty: generated once and kept in the data dir.",
+    "secret_key": "Key that signs web sessions and tokens: at least 32 random bytes (e.g. `python -c 'import secrets; print(secrets.token_urlsafe(32))'`); placeholders and weaker keys are refused at start. Empty: generated once and kept in the data dir (mode 0600).",
     "session_minutes": "Lifetime of a web session or API token.",
     "site_timezone": "Time zone the web UI shows the node's own timestamps in (IANA name).",
     "triage_policy": "TOML triage policy (priorities from findings).",
