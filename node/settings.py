@@ -237,13 +237,16 @@ class Settings(BaseSettings):
     log_file_max_mb: float = Field(default=20.0, gt=0)
     log_file_backups: int = Field(default=5, ge=0)
 
-    @field_validator("allowed_ae_titles", "worker_queues", mode="before")
+    @field_validator("allowed_ae_titles", "worker_queues", "trusted_proxies", mode="before")
     @classmethod
     def _comma_list(cls, v: Any) -> Any:
         if isinstance(v, str):
             v = v.strip()
             if v.startswith("["):
                 return json.loads(v)
+    # refused objects (quarantine rows and files) and association rows are deleted this long after they were made
+    quarantine_retention_days: float = Field(default=30.0, ge=0)
+    association_retention_days: float = Field(default=30.0, ge=0)
             return [s.strip() for s in v.split(",") if s.strip()]
         return v
 
@@ -291,6 +294,15 @@ class Settings(BaseSettings):
         if not _AE_RE.match(v) or "\\" in v or not v.strip():
             raise ValueError("an AE title is 1-16 printable characters, no backslash")
         return v
+    # always mark the session cookie Secure (else only when the request came over https)
+    cookie_secure: bool = False
+    # proxies whose X-Forwarded-For / X-Forwarded-Proto are believed (addresses or networks; "*" any)
+    trusted_proxies: Annotated[list[str], NoDecode] = Field(default_factory=lambda: ["127.0.0.1", "::1"])
+    # failed logins (any user name) from one client address within the window before it gets 429
+    login_ip_max_failures: int = Field(default=20, ge=1)
+    login_ip_window_seconds: float = Field(default=300.0, gt=0)
+    # the detailed health check runs in the background at most this often (never per request)
+    health_interval_seconds: float = Field(default=5.0, ge=1)
 
     @field_validator("uid_root")
     @classmethod
@@ -310,6 +322,19 @@ class Settings(BaseSettings):
             ZoneInfo(v)
         except (ZoneInfoNotFoundError, ValueError):
             raise ValueError(f"unknown time zone {v!r}") from None
+        return v
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _proxies(cls, v: list[str]) -> list[str]:
+        import ipaddress
+
+        for item in v:
+            if item != "*":
+                try:
+                    ipaddress.ip_network(item, strict=False)
+                except ValueError:
+                    raise ValueError(f"{item!r} is not an IP address or network (or *)") from None
         return v
 
     @field_validator("secret_key")

@@ -31,6 +31,8 @@ DESCRIPTIONS = {
     "broker_url": "Celery broker. Empty: kombu's server-less filesystem transport in the data dir. Scale-out: `redis://host:6379/0`.",
     "min_free_gb": "Below this free disk space the listener refuses new associations (rejected-transient) and C-STOREs (0xA700).",
     "retention_days": "Stored instances are purged this long after every destination acknowledged the study's results.",
+    "quarantine_retention_days": "Refused objects in the quarantine (rows and files) are deleted this many days after they arrived (by `msknode purge` and the periodic retention).",
+    "association_retention_days": "Association rows (who connected, when, how it ended) are deleted this many days after the association ended.",
     "ae_title": "The node's AE title (the PACS sends to it; results are sent from it).",
     "host": "Address the DICOM listener binds to.",
     "port": "DICOM listener port.",
@@ -63,6 +65,11 @@ DESCRIPTIONS = {
     "web_port": "Web worklist and JSON API port.",
     "secret_key": "Key that signs web sessions and tokens: at least 32 random bytes (e.g. `python -c 'import secrets; print(secrets.token_urlsafe(32))'`); placeholders and weaker keys are refused at start. Empty: generated once and kept in the data dir (mode 0600).",
     "session_minutes": "Lifetime of a web session or API token.",
+    "cookie_secure": "Always mark the session cookie `Secure` (sent over HTTPS only). Set it when a TLS proxy is in front; false: `Secure` only when the request arrived over https (directly or per a trusted proxy's `X-Forwarded-Proto`).",
+    "trusted_proxies": "Comma list of proxy addresses or networks (or `*`) whose `X-Forwarded-For` and `X-Forwarded-Proto` headers are believed: the client address (login throttling, audit) and scheme come from them only when the connection comes from one of these. Empty: forwarded headers are ignored.",
+    "login_ip_max_failures": "Failed logins (whatever the user name) from one client address within `login_ip_window_seconds` before further attempts from it get 429 with `Retry-After`.",
+    "login_ip_window_seconds": "The window of `login_ip_max_failures` (seconds).",
+    "health_interval_seconds": "The detailed health check (listener C-ECHO, broker, database, disk, workers) runs in the background at most this often; `/health/details` shows its last result.",
     "site_timezone": "Time zone the web UI shows the node's own timestamps in (IANA name).",
     "triage_policy": "TOML triage policy (priorities from findings).",
     "log_level": "DEBUG, INFO, WARNING or ERROR: the node's own log lines (one line per study and stage at INFO; per-series and per-object detail at DEBUG).",
@@ -81,6 +88,7 @@ SPECIAL_DEFAULTS = {
     "allowed_ae_titles": "empty (any)",
     "study_protocols": "none (every study waits for the quiet period)",
     "log_file": "`<data_dir>/logs/msknode.log`",
+    "trusted_proxies": "`127.0.0.1,::1`",
 }
 
 
@@ -106,7 +114,7 @@ EXAMPLES: dict[str, object] = {
 
 def env_value(name: str, value: object) -> str:
     """How a value is written in the environment variable: a comma list, the protocols' text form, else JSON."""
-    if name in ("allowed_ae_titles", "worker_queues") and isinstance(value, list):
+    if name in ("allowed_ae_titles", "worker_queues", "trusted_proxies") and isinstance(value, list):
         return ",".join(map(str, value))
     if name == "study_protocols" and isinstance(value, dict):
         return "; ".join(f"{k}={','.join(v)}" for k, v in value.items())
