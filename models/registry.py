@@ -16,7 +16,7 @@ for every model.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -118,7 +118,15 @@ ENTRIES: dict[str, ModelEntry] = _build_entries()
 class Registry:
     """Model cards and verified weights. ``weights_dir``: a site folder searched before the repository's."""
 
-    def __init__(self, weights_dir: Path | str | None = None, *, include_repo: bool = True):
+    def __init__(
+        self,
+        weights_dir: Path | str | None = None,
+        *,
+        include_repo: bool = True,
+        overrides: Mapping[str, Path | str] | None = None,
+    ):
+        # model name -> the folder of the version to use instead of the roots (a site's registered version)
+        self.overrides: dict[str, Path] = {k: Path(v) for k, v in (overrides or {}).items()}
         self.roots: list[Path] = []
         if weights_dir:
             self.roots.append(Path(weights_dir))
@@ -139,6 +147,9 @@ class Registry:
     def weights_path(self, name: str) -> Path | None:
         """The weights file of ``name`` in the first root that has it (None if none does)."""
         e = self.entry(name)
+        if name in self.overrides:
+            p = self.overrides[name] / e.weights_file
+            return p if p.is_file() else None
         for root in self.roots:
             for file in (e.weights_file, *e.legacy_files):
                 p = root / name / file
@@ -165,7 +176,9 @@ class Registry:
         """(path, sha256) of verified weights; raises WeightsMissingError / WeightsIntegrityError."""
         path = self.weights_path(name)
         if path is None:
-            where = ", ".join(str(r / name) for r in self.roots)
+            where = (
+                str(self.overrides[name]) if name in self.overrides else ", ".join(str(r / name) for r in self.roots)
+            )
             raise WeightsMissingError(f"no weights for {name!r} (looked in {where})")
         side = sha256_path(path)
         if not side.is_file():

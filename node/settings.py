@@ -218,6 +218,8 @@ class Settings(BaseSettings):
     job_time_limit: float = Field(default=900.0, gt=0)
     sweep_interval_seconds: float = Field(default=0.5, gt=0)
     weights_dir: Path | None = None
+    # models whose shipped version starts active at this site (node.jobs.deployments); "all" for every model
+    activate_models: Annotated[list[str], NoDecode] = Field(default_factory=list)
 
     # web
     web_host: str = "127.0.0.1"
@@ -237,7 +239,7 @@ class Settings(BaseSettings):
     log_file_max_mb: float = Field(default=20.0, gt=0)
     log_file_backups: int = Field(default=5, ge=0)
 
-    @field_validator("allowed_ae_titles", "worker_queues", "trusted_proxies", mode="before")
+    @field_validator("allowed_ae_titles", "worker_queues", "trusted_proxies", "activate_models", mode="before")
     @classmethod
     def _comma_list(cls, v: Any) -> Any:
         if isinstance(v, str):

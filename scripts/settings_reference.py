@@ -42,6 +42,13 @@ DESCRIPTIONS = {
     "dimse_timeout": "Seconds to wait for a DIMSE message inside an association.",
     "network_timeout": "Seconds of network silence before an association is dropped; an open association with no instance for this long counts as lost.",
     "fast_transport": "The listener's event-driven pynetdicom loops (no 1 ms polling; `msknode bench ingest` measures both); `0` serves with stock pynetdicom.",
+    "association_request_timeout": "Seconds from a TCP connection (TLS handshake included) to its complete A-ASSOCIATE-RQ; a peer that is slower is disconnected (logged, counted in `msknode_listener_refusals_total`).",
+    "negotiating_per_address": "Connections of one peer address that may be open before their A-ASSOCIATE-RQ is complete (across all listener processes); more are closed at once.",
+    "max_pdu_length": "The maximum PDU length the listener advertises in A-ASSOCIATE-AC and enforces: a larger PDU aborts the association.",
+    "require_called_ae_title": "Refuse associations whose called AE title is not `ae_title` (A-ASSOCIATE-RJ, called AE title not recognised); `0` accepts any.",
+    "listener_tls_cert_file": "PEM certificate chain of the listener: when set (with `listener_tls_key_file`) the DICOM port speaks TLS only (DICOM TLS, PS3.15 B.1).",
+    "listener_tls_key_file": "PEM private key of `listener_tls_cert_file`.",
+    "listener_tls_ca_file": "PEM CA certificates: when set, peers must present a client certificate signed by one of them.",
     "quiet_seconds": "A series is complete this long after the association that delivered it was released (or at once when it announces its size and has no gap).",
     "study_quiet_seconds": "A study is processed when all its routed series are complete and nothing arrived for this long.",
     "study_protocols": "The roles each pipeline's protocol sends, e.g. `knee=sag_fluid,cor_fluid; shoulder=cor_fluid` (or JSON). A study in which every listed role arrived complete is processed at once, without the study quiet period; a pipeline not listed, or one with a role missing, waits for it.",
@@ -61,6 +68,7 @@ DESCRIPTIONS = {
     "job_time_limit": "Seconds after which a job's process is killed (hard time limit).",
     "sweep_interval_seconds": "Period of the worker loop: completeness, enqueue, sweeper, dispatch.",
     "weights_dir": "Site folder of model weights, searched before the repository's `models/weights`.",
+    "activate_models": "Comma list of models (or `all`) whose version is active from their first use at this site. Any other model whose card records no real-data validation starts in shadow (a silent trial: findings stored and shown as SHADOW, no priority change, nothing sent) until an admin activates it; an admin's decision is never overridden. The demo and the benchmarks set `all` (docs/models.md).",
     "web_host": "Address the web server binds to.",
     "web_port": "Web worklist and JSON API port.",
     "secret_key": "Key that signs web sessions and tokens: at least 32 random bytes (e.g. `python -c 'import secrets; print(secrets.token_urlsafe(32))'`); placeholders and weaker keys are refused at start. Empty: generated once and kept in the data dir (mode 0600).",
@@ -86,6 +94,7 @@ SPECIAL_DEFAULTS = {
     "secret_key": "generated, kept in `<data_dir>/secret_key`",
     "weights_dir": "none (repository `models/weights`)",
     "allowed_ae_titles": "empty (any)",
+    "activate_models": "empty (cards decide: shadow without real-data validation)",
     "study_protocols": "none (every study waits for the quiet period)",
     "log_file": "`<data_dir>/logs/msknode.log`",
     "trusted_proxies": "`127.0.0.1,::1`",
@@ -96,6 +105,7 @@ SPECIAL_DEFAULTS = {
 EXAMPLES: dict[str, object] = {
     "allowed_ae_titles": ["PACS_AET", "MODALITY1"],
     "worker_queues": ["ingest", "cpu"],
+    "activate_models": ["knee.acl", "knee.meniscus"],
     "study_protocols": {"knee": ["cor_fluid", "sag_fluid"], "shoulder": ["cor_fluid"]},  # roles sorted, as read
     "destinations": [
         {"type": "dimse", "ae_title": "PACS_AET", "host": "pacs.example.org", "port": 104},

@@ -45,7 +45,10 @@ def upsert_for_job(session: Session, *, job_id: int, policy: TriagePolicy, now: 
     job = session.get(Job, job_id)
     if job is None:
         raise EntryNotFound(f"job {job_id} not found")
-    findings = session.scalars(select(Finding).where(Finding.job_id == job_id).order_by(Finding.id)).all()
+    # findings of models in shadow (silent trial, node.jobs.deployments) never set a priority
+    findings = session.scalars(
+        select(Finding).where(Finding.job_id == job_id, Finding.shadow.is_(False)).order_by(Finding.id)
+    ).all()
     summary = compute(findings, policy)
     entry = _find_entry(session, job.study_id)
     details = {

@@ -28,6 +28,7 @@ from node.db.database import Base, UTCDateTime, utcnow
 SERIES_STATES = ("receiving", "complete", "queued", "processing", "done", "failed", "unrouted")
 JOB_STATES = ("pending", "queued", "processing", "done", "failed", "dead", "superseded")
 OUTBOX_STATES = ("pending", "sending", "sent", "dead")
+DEPLOYMENT_STATES = ("shadow", "active", "retired")
 
 UID = String(64)
 
@@ -231,6 +232,8 @@ class Finding(Base):
     site: Mapped[str | None] = mapped_column(String(64))
     laterality: Mapped[str | None] = mapped_column(String(16))
     details: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    # the model ran in shadow (silent trial): stored and shown, but no priority, nothing sent
+    shadow: Mapped[bool] = mapped_column(Boolean, default=False, server_default="0")
 
 
 class ResultObject(Base):
@@ -271,6 +274,31 @@ class OutboxItem(Base):
     sent_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
 
     result_object: Mapped[ResultObject] = relationship()
+
+
+class ModelDeployment(Base):
+    """A model version at this site, per pipeline: shadow (silent trial) or active; one version selected.
+
+    Written only through `node.jobs.deployments` (every change audited).
+    """
+
+    __tablename__ = "model_deployments"
+    __table_args__ = (UniqueConstraint("pipeline", "model_name", "version", name="uq_deployment_version"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    pipeline: Mapped[str] = mapped_column(String(32))
+    model_name: Mapped[str] = mapped_column(String(64))
+    version: Mapped[str] = mapped_column(String(32))
+    weights_sha256: Mapped[str] = mapped_column(String(64))
+    # the folder of a registered site version (model.pt, .sha256, card.json); NULL: the registry's own weights
+    weights_dir: Mapped[str | None] = mapped_column(String(512))
+    state: Mapped[str] = mapped_column(String(16), default="shadow")  # DEPLOYMENT_STATES
+    selected: Mapped[bool] = mapped_column(Boolean, default=False)  # the version the pipeline runs
+    real_data_validated: Mapped[bool] = mapped_column(Boolean, default=False)  # from its card
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
+    changed_by: Mapped[str] = mapped_column(String(64))
+    changed_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
+    note: Mapped[str | None] = mapped_column(Text)
 
 
 class WorkerRecord(Base):

@@ -100,6 +100,7 @@ class FindingRecord:
     site: str | None = None
     laterality: str | None = None
     details: dict[str, Any] | None = None
+    shadow: bool = False  # the model runs in shadow at this site (node.jobs.deployments)
 
 
 @dataclass(frozen=True)
@@ -459,11 +460,35 @@ def model_versions_of(output: Any) -> dict[str, Any]:
 
 
 class ModelPipelineRunner:
-    """The production runner: load volumes by role, run the pipeline, triage, write result objects."""
+    """The production runner: load volumes by role, run the pipeline, triage, write result objects.
 
-    def __init__(self, settings: Settings, *, registry: Any = None):
+    Each model runs in the version selected for the pipeline at this site, in its state
+    (`node.jobs.deployments`): a model in shadow has its findings stored (``shadow``) but left out of
+    triage and of every result object; when all of them are in shadow the job writes no result object.
+    """
+
+    def __init__(self, settings: Settings, *, registry: Any = None, db: Database | None = None):
         self.settings = settings
         self._registry = registry
+        self._db = db
+        self._registries: dict[tuple[tuple[str, str], ...], Any] = {}
+
+    @property
+    def db(self) -> Database:
+        if self._db is None:
+            self._db = Database(self.settings.database_url, migrate=False)
+        return self._db
+
+    def registry_for(self, overrides: Mapping[str, Path]) -> Any:
+        """The registry with the site versions ``overrides`` (model -> folder) in place, one per combination."""
+        if not overrides:
+            return self.registry
+        key = tuple(sorted((k, str(v)) for k, v in overrides.items()))
+        if key not in self._registries:
+            from models.registry import Registry
+
+            self._registries[key] = Registry(self.settings.weights_dir, overrides=overrides)
+        return self._registries[key]
 
     @property
     def registry(self):
@@ -492,7 +517,11 @@ class ModelPipelineRunner:
             import torch
 
             torch.set_num_threads(settings.torch_threads)
-            registry = self.registry
+            from node.jobs import deployments
+
+            deployed = deployments.for_pipeline(self.db, settings, self.registry, ctx.pipeline)
+            registry = self.registry_for(deployments.registry_overrides(deployed))
+            shadow = {m for m, d in deployed.items() if d.shadow}
 
         volumes: dict[str, Any] = {}
         with steps.step("load"):
@@ -508,34 +537,60 @@ class ModelPipelineRunner:
             steps.timings[f"inference.{name}"] = round(float(secs), 4)
 
         findings = findings_from_output(output)
+        for f in findings:
+            f.shadow = f.model_name in shadow
+        live = without_models(output, shadow)
         with steps.step("triage"):
             from worklists import triage
 
             policy = triage.load_policy(settings.triage_policy)
-            summary = triage.compute(triage.findings_from_pipeline(output), policy)
-        with steps.step("results"):
-            from node.results import build_results, save
-
-            predecessors = [r for r in ctx.predecessors if r.kind == "sr"]
-            files = build_results(
-                output=output,
-                source_files=ctx.source_files(),
-                triage=summary,
-                predecessors=predecessors,
-                settings=settings,
-                job_fingerprint=ctx.input_fingerprint,
+            summary = triage.compute(triage.findings_from_pipeline(live), policy)
+        records = []
+        if shadow and not live.outputs:
+            log.info(
+                "job %s: every model of pipeline %s is in shadow (%s); findings stored, no result object written",
+                ctx.job_id,
+                ctx.pipeline,
+                ", ".join(sorted(shadow)),
             )
-            records = []
-            for rf in files:
-                path = save(rf, settings)
-                records.append(ResultRecord(rf.kind, rf.sop_class_uid, rf.sop_instance_uid, rf.series_uid, path))
+        else:
+            with steps.step("results"):
+                from node.results import build_results, save
+
+                predecessors = [r for r in ctx.predecessors if r.kind == "sr"]
+                files = build_results(
+                    output=live,
+                    source_files=ctx.source_files(),
+                    triage=summary,
+                    predecessors=predecessors,
+                    settings=settings,
+                    job_fingerprint=ctx.input_fingerprint,
+                )
+                for rf in files:
+                    path = save(rf, settings)
+                    records.append(ResultRecord(rf.kind, rf.sop_class_uid, rf.sop_instance_uid, rf.series_uid, path))
         used_by: dict[str, list[str]] = {}
         for model_name, series_uids in (output.used_series or {}).items():
             for uid in series_uids:
                 used_by.setdefault(uid, []).append(model_name)
-        return JobProducts(
-            findings=findings, results=records, model_versions=model_versions_of(output), used_by=used_by
-        )
+        versions = model_versions_of(output)
+        for name, d in deployed.items():
+            if name in versions:
+                versions[name]["state"] = d.state
+        return JobProducts(findings=findings, results=records, model_versions=versions, used_by=used_by)
+
+
+def without_models(output: Any, names: set[str]) -> Any:
+    """The `PipelineOutput` without the outputs of the models ``names`` (the ones in shadow)."""
+    if not names:
+        return output
+    import dataclasses
+
+    return dataclasses.replace(
+        output,
+        outputs=[o for o in output.outputs if o.model.name not in names],
+        used_series={k: v for k, v in (output.used_series or {}).items() if k not in names},
+    )
 
 
 def worklist_finalizer(settings: Settings) -> Finalizer:
