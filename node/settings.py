@@ -191,6 +191,15 @@ class Settings(BaseSettings):
     network_timeout: float = Field(default=60.0, gt=0)
     # pynetdicom with the event-driven loops of node.receive.transport; false: stock pynetdicom
     fast_transport: bool = True
+    # hostile peers: a hard deadline for the A-ASSOCIATE-RQ, connections of one address before it,
+    # the PDU length we advertise and enforce, the called AE title, DICOM TLS
+    association_request_timeout: float = Field(default=5.0, gt=0, le=120)
+    negotiating_per_address: int = Field(default=8, ge=1)
+    max_pdu_length: int = Field(default=4 * 1024 * 1024, ge=4096, le=128 * 1024 * 1024)
+    require_called_ae_title: bool = True
+    listener_tls_cert_file: Path | None = None
+    listener_tls_key_file: Path | None = None
+    listener_tls_ca_file: Path | None = None
 
     # completeness and routing
     quiet_seconds: float = Field(default=2.0, ge=0)
