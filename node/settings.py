@@ -17,7 +17,16 @@ import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, Field, ValidationError, ValidatorFunctionWrapHandler, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    Discriminator,
+    Field,
+    Tag,
+    ValidationError,
+    ValidatorFunctionWrapHandler,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
 from pydantic_settings import SettingsError as _SourceError
 
@@ -142,7 +151,74 @@ class StowDestination(BaseModel):
         return self.name or f"stow:{self.url}"
 
 
-Destination = DimseDestination | StowDestination
+_HL7_HD_RE = re.compile(r"^[^|^~\\&\r\n]{1,180}$")
+
+
+class Hl7Destination(BaseModel):
+    """An HL7 v2 receiver (RIS, EHR interface engine) that gets one ORU^R01 per finished study over MLLP."""
+
+    type: Literal["hl7"]
+    name: str | None = None
+    host: str
+    port: int = Field(ge=1, le=65535)
+    sending_application: str = "MSKNODE"
+    sending_facility: str = "MSKNODE"
+    receiving_application: str = "RIS"
+    receiving_facility: str = "HOSPITAL"
+    timeout: float = Field(default=30.0, gt=0, le=600)  # connect + send + wait for the ACK
+
+    @field_validator("sending_application", "sending_facility", "receiving_application", "receiving_facility")
+    @classmethod
+    def _hd(cls, v: str) -> str:
+        if not _HL7_HD_RE.match(v):
+            raise ValueError("1-180 characters without HL7 delimiters (| ^ ~ \\ &) or line breaks")
+        return v
+
+    @property
+    def key(self) -> str:
+        return self.name or f"hl7:{self.host}:{self.port}"
+
+
+class FhirDestination(BaseModel):
+    """A FHIR R4 server that gets one transaction Bundle (DiagnosticReport + Observations) per finished study."""
+
+    type: Literal["fhir"]
+    name: str | None = None
+    url: str
+    username: str | None = None
+    password: str | None = None
+    token: str | None = None
+    verify_tls: bool = True
+    timeout: float = Field(default=30.0, gt=0, le=600)
+    # the system (URI) of the hospital's patient IDs, e.g. "urn:oid:1.2.3.4"; unset: the ID alone
+    patient_identifier_system: str | None = None
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, v: str) -> str:
+        if not re.match(r"^https?://", v):
+            raise ValueError("a FHIR base url starts with http:// or https://")
+        return v.rstrip("/")
+
+    @property
+    def key(self) -> str:
+        return self.name or f"fhir:{self.url}"
+
+
+def _destination_type(v: Any) -> str:
+    return str(v.get("type", "dimse") if isinstance(v, dict) else getattr(v, "type", "dimse"))
+
+
+# a destination without "type" is a DIMSE peer (as before the other types existed)
+Destination = Annotated[
+    Annotated[DimseDestination, Tag("dimse")]
+    | Annotated[StowDestination, Tag("stow")]
+    | Annotated[Hl7Destination, Tag("hl7")]
+    | Annotated[FhirDestination, Tag("fhir")],
+    Discriminator(_destination_type),
+]
+# destination types that get one message per finished study (built from its SR's job), not every result object
+REPORT_DESTINATION_TYPES = frozenset({"hl7", "fhir"})
 
 
 class _TomlSource(PydanticBaseSettingsSource):
@@ -179,6 +255,9 @@ class Settings(BaseSettings):
     broker_url: str = _DERIVED
     min_free_gb: float = Field(default=1.0, ge=0)
     retention_days: float = Field(default=30.0, ge=0)
+    # refused objects (quarantine rows and files) and association rows are deleted this long after they were made
+    quarantine_retention_days: float = Field(default=30.0, ge=0)
+    association_retention_days: float = Field(default=30.0, ge=0)
 
     # DICOM listener
     ae_title: str = "MSKNODE"
@@ -237,6 +316,15 @@ class Settings(BaseSettings):
     session_minutes: int = Field(default=480, ge=1)
     site_timezone: str = "UTC"
     triage_policy: Path = DEFAULT_TRIAGE_POLICY
+    # always mark the session cookie Secure (else only when the request came over https)
+    cookie_secure: bool = False
+    # proxies whose X-Forwarded-For / X-Forwarded-Proto are believed (addresses or networks; "*" any)
+    trusted_proxies: Annotated[list[str], NoDecode] = Field(default_factory=lambda: ["127.0.0.1", "::1"])
+    # failed logins (any user name) from one client address within the window before it gets 429
+    login_ip_max_failures: int = Field(default=20, ge=1)
+    login_ip_window_seconds: float = Field(default=300.0, gt=0)
+    # the detailed health check runs in the background at most this often (never per request)
+    health_interval_seconds: float = Field(default=5.0, ge=1)
 
     # logging
     log_level: str = "INFO"
@@ -255,10 +343,20 @@ class Settings(BaseSettings):
             v = v.strip()
             if v.startswith("["):
                 return json.loads(v)
-    # refused objects (quarantine rows and files) and association rows are deleted this long after they were made
-    quarantine_retention_days: float = Field(default=30.0, ge=0)
-    association_retention_days: float = Field(default=30.0, ge=0)
             return [s.strip() for s in v.split(",") if s.strip()]
+        return v
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _proxies(cls, v: list[str]) -> list[str]:
+        import ipaddress
+
+        for item in v:
+            if item != "*":
+                try:
+                    ipaddress.ip_network(item, strict=False)
+                except ValueError:
+                    raise ValueError(f"{item!r} is not an IP address or network (or *)") from None
         return v
 
     @field_validator("study_protocols", mode="before")
@@ -305,15 +403,6 @@ class Settings(BaseSettings):
         if not _AE_RE.match(v) or "\\" in v or not v.strip():
             raise ValueError("an AE title is 1-16 printable characters, no backslash")
         return v
-    # always mark the session cookie Secure (else only when the request came over https)
-    cookie_secure: bool = False
-    # proxies whose X-Forwarded-For / X-Forwarded-Proto are believed (addresses or networks; "*" any)
-    trusted_proxies: Annotated[list[str], NoDecode] = Field(default_factory=lambda: ["127.0.0.1", "::1"])
-    # failed logins (any user name) from one client address within the window before it gets 429
-    login_ip_max_failures: int = Field(default=20, ge=1)
-    login_ip_window_seconds: float = Field(default=300.0, gt=0)
-    # the detailed health check runs in the background at most this often (never per request)
-    health_interval_seconds: float = Field(default=5.0, ge=1)
 
     @field_validator("uid_root")
     @classmethod
@@ -333,19 +422,6 @@ class Settings(BaseSettings):
             ZoneInfo(v)
         except (ZoneInfoNotFoundError, ValueError):
             raise ValueError(f"unknown time zone {v!r}") from None
-        return v
-
-    @field_validator("trusted_proxies")
-    @classmethod
-    def _proxies(cls, v: list[str]) -> list[str]:
-        import ipaddress
-
-        for item in v:
-            if item != "*":
-                try:
-                    ipaddress.ip_network(item, strict=False)
-                except ValueError:
-                    raise ValueError(f"{item!r} is not an IP address or network (or *)") from None
         return v
 
     @field_validator("secret_key")

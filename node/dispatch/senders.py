@@ -1,4 +1,5 @@
-"""The senders of the outbox: C-STORE (DIMSE) and STOW-RS, one registry entry per destination type.
+"""The senders of the outbox: C-STORE (DIMSE), STOW-RS, HL7 v2 ORU^R01 over MLLP and FHIR R4, one registry
+entry per destination type.
 
 A sender takes a destination and the items leased for it and yields ``(item id, Outcome)`` as
 each answer comes; `classify_status` turns a DICOM status (PS3.4 B.2.3, PS3.7 C) into an outcome:
@@ -260,4 +261,21 @@ def send_stow(dest: StowDestination, items: Sequence[Claimed], settings: Setting
         yield it.id, outcome
 
 
-SENDERS: dict[str, Sender] = {"dimse": send_dimse, "stow": send_stow}
+# ---- HL7 v2 and FHIR (one report per finished job; modules of their own) ---------------------------------
+
+
+def send_hl7(dest: Any, items: Sequence[Claimed], settings: Settings) -> Iterable[tuple[int, Outcome]]:
+    """ORU^R01 over MLLP (`node.dispatch.hl7v2`)."""
+    from node.dispatch.hl7v2 import send_hl7 as send
+
+    return send(dest, items, settings)
+
+
+def send_fhir(dest: Any, items: Sequence[Claimed], settings: Settings) -> Iterable[tuple[int, Outcome]]:
+    """A FHIR R4 transaction Bundle over HTTP (`node.dispatch.fhir`)."""
+    from node.dispatch.fhir import send_fhir as send
+
+    return send(dest, items, settings)
+
+
+SENDERS: dict[str, Sender] = {"dimse": send_dimse, "stow": send_stow, "hl7": send_hl7, "fhir": send_fhir}

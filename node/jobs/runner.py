@@ -47,7 +47,7 @@ from node.jobs.lease import (
     set_step,
 )
 from node.results.objects import ResultRef
-from node.settings import Settings
+from node.settings import REPORT_DESTINATION_TYPES, Settings
 
 log = logging.getLogger(__name__)
 
@@ -245,6 +245,8 @@ def store_products(
     for f in products.findings:
         session.add(Finding(job_id=ctx.job_id, **f.__dict__))
     destinations = [d.key for d in settings.destinations]
+    # HL7 and FHIR destinations get one report per job, hung on its SR (the message is built from the job)
+    report_destinations = {d.key for d in settings.destinations if d.type in REPORT_DESTINATION_TYPES}
     for r in products.results:
         ro = session.scalar(select(ResultObject).where(ResultObject.sop_instance_uid == r.sop_instance_uid))
         if ro is None:
@@ -263,6 +265,8 @@ def store_products(
             log.info("job %s: result %s already stored by job %s", ctx.job_id, r.sop_instance_uid, ro.job_id)
         have = set(session.scalars(select(OutboxItem.destination).where(OutboxItem.result_object_id == ro.id)))
         for dest in destinations:
+            if dest in report_destinations and r.kind != "sr":
+                continue
             if dest not in have:
                 session.add(OutboxItem(result_object_id=ro.id, destination=dest, state="pending", next_attempt_at=now))
     if products.used_by:
