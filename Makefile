@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-fast install system-deps venv migration bench clean
+.PHONY: demo test test-fast install system-deps venv migration bench clean lock
 
 demo: install
 	$(VENV)/bin/msknode demo
@@ -22,13 +22,19 @@ install: system-deps $(STAMP)
 system-deps:
 	bash scripts/install-system-deps.sh
 
-$(STAMP): pyproject.toml
+# every package of the environment, pinned with its sha256, from requirements.lock (`make lock` writes it
+# from pyproject.toml); the project itself is then installed without dependencies
+$(STAMP): pyproject.toml requirements.lock
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "error: $(PYTHON) not found (Python 3.11 is required)"; exit 1; }
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q --require-hashes -r requirements.lock
+	$(PY) -m pip install -q --no-deps -e .
 	touch $(STAMP)
+
+# rewrites requirements.lock from pyproject.toml (after a dependency changed there): exact versions and hashes
+lock: $(STAMP)
+	$(VENV)/bin/pip-compile -q --generate-hashes --extra dev --strip-extras --allow-unsafe \
+		--no-emit-index-url --no-emit-find-links -o requirements.lock pyproject.toml
 
 # make migration MESSAGE="what changed": the next Alembic revision in node/db/migrations/versions;
 # without MESSAGE: rewrites 0001 (only while no later revision exists)
