@@ -39,18 +39,35 @@ from node.ops.restart import RestartBackoff
 from node.receive.header import OUT_OF_RESOURCES, SUCCESS, read_header, validate
 from node.receive.index import Received, publish_new
 from node.receive.storage import InstanceStore, encode_file_meta
-from node.receive.transport import HandoffServer, ReusePortServer, request_handler
+from node.receive.transport import (
+    REFUSED_PER_IP,
+    HandoffServer,
+    NegotiationGate,
+    Refusals,
+    ReusePortServer,
+    quiet_pynetdicom,
+    request_handler,
+)
 from node.receive.writer import IndexWriter
 
 log = logging.getLogger("node.receive.listener")
 
-# The largest PDU we accept (0 = no limit): peers then send a data set in few large PDUs.
-MAX_PDU_LENGTH = 0
 SHUTDOWN_GRACE_SECONDS = 10.0
 
 # A-ASSOCIATE-RJ (result, source, reason)
 REJECT_CALLING_AE = (0x01, 0x01, 0x03)  # rejected-permanent, service-user, calling AE not recognised
+REJECT_CALLED_AE = (0x01, 0x01, 0x07)  # rejected-permanent, service-user, called AE not recognised
 REJECT_LOW_DISK = (0x02, 0x01, 0x01)  # rejected-transient, service-user, no reason given
+REJECT_LOCAL_LIMIT = (0x02, 0x03, 0x02)  # rejected-transient, service-provider (presentation), local limit exceeded
+
+# why an association was rejected: (reason label, words) for the log line and the refusal count
+REJECTIONS = {
+    REJECT_CALLING_AE: ("calling_ae_title", "calling AE title not recognised"),
+    REJECT_CALLED_AE: ("called_ae_title", "called AE title not recognised"),
+    REJECT_LOW_DISK: ("low_disk", "free disk below MSKNODE_MIN_FREE_GB"),
+    REJECT_LOCAL_LIMIT: ("local_limit", "local limit exceeded (MSKNODE_MAX_ASSOCIATIONS associations established)"),
+}
+REFUSALS_FLUSH_SECONDS = 2.0
 
 
 def listener_id() -> str:
@@ -71,6 +88,29 @@ def configure_pynetdicom() -> None:
     _config.UNRESTRICTED_STORAGE_SERVICE = True
     pydicom_config.settings.reading_validation_mode = pydicom_config.IGNORE
     pydicom_config.settings.writing_validation_mode = pydicom_config.IGNORE
+    quiet_pynetdicom()
+
+
+def listener_ssl_context(settings):
+    """The listener's TLS context (None without MSKNODE_LISTENER_TLS_CERT_FILE): TLS 1.2 or later,
+    client certificates required and verified against MSKNODE_LISTENER_TLS_CA_FILE when it is set."""
+    import ssl
+
+    cert, key, ca = settings.listener_tls_cert_file, settings.listener_tls_key_file, settings.listener_tls_ca_file
+    if cert is None:
+        if key is not None or ca is not None:
+            raise NodeError("MSKNODE_LISTENER_TLS_KEY_FILE/CA_FILE are set without MSKNODE_LISTENER_TLS_CERT_FILE")
+        return None
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        context.load_cert_chain(str(cert), str(key) if key is not None else None)
+        if ca is not None:
+            context.load_verify_locations(cafile=str(ca))
+            context.verify_mode = ssl.CERT_REQUIRED
+    except (OSError, ssl.SSLError) as e:
+        raise NodeError(f"cannot load the listener's TLS certificate, key or CA: {e}") from None
+    return context
 
 
 class Listener:
@@ -99,6 +139,10 @@ class Listener:
         self._thread: threading.Thread | None = None
         self.listener = listener_id()
         self.store_timeout = max(5.0, settings.dimse_timeout * 0.8)
+        self.refusals = Refusals()  # refused connections and associations by reason, not yet recorded
+        self.refusal_counts = RefusalCounts(settings)
+        self._stopping = threading.Event()
+        self._flusher: threading.Thread | None = None
 
     # ---- lifecycle -------------------------------------------------------------
     def start(self) -> ReusePortServer:
@@ -107,15 +151,19 @@ class Listener:
         self.store.prepare()
         ae = AE(ae_title=self.settings.ae_title)
         ae.add_supported_context(Verification)
-        ae.maximum_pdu_size = MAX_PDU_LENGTH
+        ae.maximum_pdu_size = self.settings.max_pdu_length  # advertised in A-ASSOCIATE-AC, enforced on receive
+        # counts association threads: they start only once the A-ASSOCIATE-RQ is in (transport's admission)
         ae.maximum_associations = self.settings.max_associations
         ae.network_timeout = self.settings.network_timeout
         ae.dimse_timeout = self.settings.dimse_timeout
         ae.acse_timeout = 30
         ae.require_calling_aet = list(self.settings.allowed_ae_titles)
+        ae.require_called_aet = self.settings.require_called_ae_title
+        ssl_context = listener_ssl_context(self.settings)
         handlers: list[evt.EventHandlerType] = [
             (evt.EVT_REQUESTED, self._on_requested),
             (evt.EVT_ACCEPTED, self._on_accepted),
+            (evt.EVT_REJECTED, self._on_rejected),
             (evt.EVT_C_ECHO, self._on_echo),
             (evt.EVT_C_STORE, self._on_store),
             (evt.EVT_RELEASED, self._on_released),
@@ -127,11 +175,18 @@ class Listener:
         fast = self.settings.fast_transport
         try:
             server = ae.make_server(
-                address, evt_handlers=handlers, server_class=server_class, request_handler=request_handler(fast)
+                address,
+                evt_handlers=handlers,
+                server_class=server_class,
+                request_handler=request_handler(fast),
+                ssl_context=ssl_context,
             )
         except OSError as e:
             raise NodeError(f"cannot listen on {address[0]}:{address[1]}: {e.strerror or e}") from None
         assert isinstance(server, ReusePortServer)  # an instance of `server_class`
+        server.request_timeout = self.settings.association_request_timeout
+        server.gate = NegotiationGate(self.settings.negotiating_per_address)
+        server.refusals = self.refusals
         if fast:
             server.store_handler = self.handle_store  # else C-STOREs go through EVT_C_STORE
         self.server = server
@@ -145,14 +200,17 @@ class Listener:
             target, kwargs = server.serve_forever, {"poll_interval": 0.2}
         self._thread = threading.Thread(target=target, kwargs=kwargs, name="dicom-accept", daemon=True)
         self._thread.start()
+        self._flusher = threading.Thread(target=self._flush_loop, name="refusals", daemon=True)
+        self._flusher.start()
         self.log.info(
-            "listening on %s:%d as %s (pid %d, allowed AE titles: %s, transport: %s)",
+            "listening on %s:%d as %s (pid %d, allowed AE titles: %s, transport: %s%s)",
             address[0],
             server.server_address[1],
             self.settings.ae_title,
             os.getpid(),
             ",".join(self.settings.allowed_ae_titles) or "any",
             "fast" if fast else "stock pynetdicom",
+            ", TLS" if ssl_context is not None else "",
         )
         return server
 
@@ -174,11 +232,19 @@ class Listener:
         for _, association_id in leftover:
             if association_id is not None:
                 self._close_row(association_id, "aborted")
+        self._stopping.set()
+        if self._flusher is not None:
+            self._flusher.join(5.0)
+        self.refusal_counts.flush(self.refusals)
         self.writer.flush()
         self.writer.close()
         self.store.close()
         self.db.dispose()
         self.server = None
+
+    def _flush_loop(self) -> None:
+        while not self._stopping.wait(REFUSALS_FLUSH_SECONDS):
+            self.refusal_counts.flush(self.refusals)
 
     @property
     def port(self) -> int:
@@ -193,8 +259,7 @@ class Listener:
         if allowed and calling not in allowed:
             return  # pynetdicom rejects it (require_calling_aet): rejected-permanent, calling AE
         if not self.store.has_space():
-            self.log.warning("rejecting association from %s: free disk below MSKNODE_MIN_FREE_GB", calling)
-            assoc.acse.send_reject(*REJECT_LOW_DISK)
+            assoc.acse.send_reject(*REJECT_LOW_DISK)  # logged by _on_rejected
             evt.trigger(assoc, evt.EVT_REJECTED, {})
             assoc.kill()
 
@@ -220,6 +285,27 @@ class Listener:
         self.log.info("association %s from %s (%s:%s) accepted", association_id, calling, peer.address, peer.port)
         if early is not None:
             self._end(assoc, early)
+
+    def _on_rejected(self, event) -> None:
+        """One WARNING line per rejected association (why, who, from where) and its count by reason."""
+        assoc = event.assoc
+        rj = assoc.acceptor.primitive
+        key = (rj.result, rj.result_source, rj.diagnostic) if rj is not None else None
+        reason, words = REJECTIONS.get(key, ("rejected", f"result {key}"))  # type: ignore[arg-type]
+        rq = assoc.requestor.primitive
+        called = (getattr(rq, "called_ae_title", "") or "").strip()
+        calling = (getattr(rq, "calling_ae_title", "") or "").strip()
+        peer = assoc.requestor.address_info
+        self.refusals.add(reason)
+        self.log.warning(
+            "association from %s (called %s) at %s:%s rejected (%s): %s",
+            calling or "?",
+            called or "?",
+            peer.address,
+            peer.port,
+            reason,
+            words,
+        )
 
     def _end(self, assoc, reason: str) -> None:
         with self._lock:
@@ -335,6 +421,38 @@ class Listener:
         self.log.warning(
             "C-STORE %s from %s refused: 0x%04X (%s); quarantined at %s", sop, calling, error.status, error.reason, path
         )
+
+
+class RefusalCounts:
+    """This process's refused connections and associations by reason since it started, in
+    ``<data_dir>/run/refusals-<host>-<pid>.json`` (rewritten atomically when they change): the
+    ``msknode_listener_refusals_total`` metric sums these files (`node.ops.metrics`)."""
+
+    def __init__(self, settings):
+        self.path = Path(settings.data_dir) / "run" / f"refusals-{socket.gethostname()}-{os.getpid()}.json"
+        self.totals: dict[str, int] = {}
+        try:  # a process that had this pid before: its counts go on
+            self.totals = {str(k): int(v) for k, v in json.loads(self.path.read_text()).items()}
+        except (OSError, ValueError, AttributeError):
+            pass
+
+    def flush(self, refusals: Refusals) -> None:
+        new = refusals.take()
+        if not new:
+            return
+        totals = dict(self.totals)
+        for reason, n in new.items():
+            totals[reason] = totals.get(reason, 0) + n
+        tmp = self.path.with_suffix(".tmp")
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            tmp.write_text(json.dumps(totals, sort_keys=True))
+            os.replace(tmp, self.path)
+        except OSError as e:
+            refusals.put_back(new)
+            log.error("cannot record the refusal counts in %s: %s", self.path, e)
+            return
+        self.totals = totals
 
 
 # ---- process entry points -----------------------------------------------------------------
@@ -479,6 +597,7 @@ class _Child:
         self.process.start()
         child_end.close()
         self.active = 0
+        self.negotiating: dict[tuple[str, int], str] = {}  # handed-off connections before their association
         self.backoff = RestartBackoff(stable_seconds=None)  # 1 s, 2 s ... 30 s
 
 
@@ -516,6 +635,11 @@ def _supervise(settings, n: int) -> int:
     lsock = _listening_socket(settings.host, settings.port)
     children = [_Child(ctx, settings, i) for i in range(n)]
     lock = threading.Lock()
+    # connections of each peer address before their association, across all processes: a child
+    # reports ``n<address>`` when a connection's admission ends (`HandoffServer.negotiated`)
+    gate = NegotiationGate(settings.negotiating_per_address)
+    refusals = Refusals()
+    refusal_counts = RefusalCounts(settings)
     log.info("listening on %s:%d with %d listener processes", settings.host, settings.port, n)
 
     def tally() -> str:
@@ -532,15 +656,28 @@ def _supervise(settings, n: int) -> int:
                 if stop.is_set():
                     return
                 continue
+            peer = (str(addr[0]), int(addr[1]))
+            if not gate.enter(peer[0]):
+                log.warning(
+                    "connection from %s:%s refused (%s): %d connections from this address are already negotiating",
+                    peer[0],
+                    peer[1],
+                    REFUSED_PER_IP,
+                    gate.per_ip,
+                )
+                refusals.add(REFUSED_PER_IP)
+                conn.close()
+                continue
             with lock:
                 alive = [c for c in children if c.process.is_alive()]
                 order = sorted(alive, key=lambda c: (c.active, c.index))
                 for child in order:
                     try:
-                        socket.send_fds(child.parent_end, [json.dumps(list(addr[:2])).encode()], [conn.fileno()])
+                        socket.send_fds(child.parent_end, [json.dumps(list(peer)).encode()], [conn.fileno()])
                     except OSError:
                         continue
                     child.active += 1
+                    child.negotiating[peer] = peer[0]
                     log.debug(
                         "connection from %s handed to listener process %d (connections per process: %s)",
                         addr[0],
@@ -549,6 +686,7 @@ def _supervise(settings, n: int) -> int:
                     )
                     break
                 else:
+                    gate.leave(peer[0])
                     log.error("no listener process can take the connection from %s", addr[0])
             conn.close()
 
@@ -562,11 +700,21 @@ def _supervise(settings, n: int) -> int:
                 continue
             for s in ready:
                 try:
-                    msg = s.recv(64)
+                    msg = s.recv(512)
                 except OSError:
                     msg = b""
                 if not msg:  # the process is exiting; the supervisor restarts it
                     time.sleep(0.1)
+                    continue
+                if msg.startswith(b"n"):  # a connection's admission ended
+                    try:
+                        host, port = json.loads(msg[1:])
+                    except ValueError:
+                        continue
+                    with lock:
+                        ip = socks[s].negotiating.pop((str(host), int(port)), None)
+                    if ip is not None:
+                        gate.leave(ip)
                     continue
                 with lock:
                     child = socks[s]
@@ -581,10 +729,18 @@ def _supervise(settings, n: int) -> int:
     ]
     for th in threads:
         th.start()
+    last_flush = time.monotonic()
     while not stop.wait(0.5):
+        if time.monotonic() - last_flush >= REFUSALS_FLUSH_SECONDS:
+            refusal_counts.flush(refusals)
+            last_flush = time.monotonic()
         for i, child in enumerate(children):
             if child.process.is_alive():
                 continue
+            with lock:  # its connections before association are gone with it
+                for ip in child.negotiating.values():
+                    gate.leave(ip)
+                child.negotiating.clear()
             now = time.monotonic()
             if not child.backoff.waiting:
                 delay = child.backoff.exited(now, started_at=now)
@@ -597,6 +753,7 @@ def _supervise(settings, n: int) -> int:
                     children[i] = replacement
                 child.parent_end.close()
     lsock.close()
+    refusal_counts.flush(refusals)
     for child in children:
         if child.process.is_alive():
             child.process.terminate()

@@ -32,8 +32,10 @@ import queue
 import select
 import socket
 import socketserver
+import ssl
 import struct
 import threading
+import time
 from collections.abc import Callable
 from typing import Self
 
@@ -42,7 +44,7 @@ from pynetdicom.association import Association
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.dul import DULServiceProvider
 from pynetdicom.pdu_primitives import P_DATA
-from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
+from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
 
 log = logging.getLogger("node.receive.listener")
 
@@ -67,6 +69,237 @@ def describe(assoc) -> str:
     except Exception:
         pass
     return f"association {getattr(assoc, 'index_id', None)} from {calling} at {where}"
+
+
+# ---- admission: everything before an association exists -----------------------------------
+#
+# A connection is only handed to pynetdicom once its whole A-ASSOCIATE-RQ has been read here,
+# within a hard deadline (`ReusePortServer.request_timeout`, from the TCP connection: TLS
+# handshake included), at most `ASSOCIATE_RQ_LIMIT` bytes of it, and with at most
+# `negotiating_per_ip` connections of one peer address in this phase at once. Until then no
+# association thread exists, so pynetdicom's association limit (it counts association threads)
+# only counts associations that are negotiated or established. A connection refused here is
+# closed at once with one log line (peer address and reason) and counted by reason (`Refusals`).
+
+#: the largest A-ASSOCIATE-RQ (variable field) read: real ones are a few KiB
+ASSOCIATE_RQ_LIMIT = 64 * 1024
+_ASSOCIATE_RQ = 0x01
+_ASSOCIATE_RQ_FIXED = 68  # protocol version, reserved, called and calling AE titles, reserved
+
+# reasons of refusal (the metric's label values and the log lines' parenthesis)
+REFUSED_DEADLINE = "request_deadline"
+REFUSED_PER_IP = "negotiating_per_ip"
+REFUSED_CLOSED = "closed_before_request"
+REFUSED_NOT_REQUEST = "not_associate_request"
+REFUSED_REQUEST_TOO_LARGE = "associate_request_too_large"
+REFUSED_TLS = "tls_handshake"
+REFUSED_PDU_TOO_LARGE = "pdu_too_large"
+REFUSED_PROTOCOL = "protocol_error"
+
+
+class Refusals:
+    """Refused connections and associations by reason since the last `take()` (thread-safe)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._counts: dict[str, int] = {}
+
+    def add(self, reason: str, n: int = 1) -> None:
+        with self._lock:
+            self._counts[reason] = self._counts.get(reason, 0) + n
+
+    def take(self) -> dict[str, int]:
+        with self._lock:
+            counts, self._counts = self._counts, {}
+        return counts
+
+    def put_back(self, counts: dict[str, int]) -> None:
+        for reason, n in counts.items():
+            self.add(reason, n)
+
+
+class NegotiationGate:
+    """How many connections of each peer address are still before their association (thread-safe)."""
+
+    def __init__(self, per_ip: int) -> None:
+        self.per_ip = per_ip
+        self._lock = threading.Lock()
+        self._open: dict[str, int] = {}
+
+    def enter(self, ip: str) -> bool:
+        """Counts a connection in, unless `per_ip` of this address are in already."""
+        with self._lock:
+            n = self._open.get(ip, 0)
+            if self.per_ip and n >= self.per_ip:
+                return False
+            self._open[ip] = n + 1
+            return True
+
+    def leave(self, ip: str) -> None:
+        with self._lock:
+            n = self._open.get(ip, 0) - 1
+            if n > 0:
+                self._open[ip] = n
+            else:
+                self._open.pop(ip, None)
+
+    def negotiating(self, ip: str | None = None) -> int:
+        with self._lock:
+            return self._open.get(ip, 0) if ip is not None else sum(self._open.values())
+
+
+class Refused(Exception):
+    """A connection refused before its association: `reason` (a REFUSED_* value) and what happened."""
+
+    def __init__(self, reason: str, detail: str, *, abort: bool = False, level: int = logging.WARNING):
+        super().__init__(detail)
+        self.reason = reason
+        self.detail = detail
+        self.abort = abort  # answer with an A-ABORT before closing
+        self.level = level
+
+
+def abort_pdu(source: int = 0x02, reason: int = 0x00) -> bytes:
+    """An A-ABORT PDU (PS3.8 9.3.8): `source` 0x02 service provider, `reason` 0x00 not specified,
+    0x01 unrecognised PDU, 0x02 unexpected PDU, 0x06 invalid PDU parameter value."""
+    return struct.pack(">BBLBBBB", 0x07, 0x00, 4, 0x00, 0x00, source, reason)
+
+
+def _recv_exact(sock: socket.socket, n: int, deadline: float, what: str) -> bytes:
+    """`n` bytes from `sock` by `deadline` (time.monotonic), however slowly they come."""
+    buf = bytearray()
+    while len(buf) < n:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise Refused(REFUSED_DEADLINE, f"no complete {what} within the deadline ({len(buf)} of {n} bytes)")
+        sock.settimeout(remaining)
+        try:
+            chunk = sock.recv(min(n - len(buf), 65536))
+        except TimeoutError:
+            raise Refused(
+                REFUSED_DEADLINE, f"no complete {what} within the deadline ({len(buf)} of {n} bytes)"
+            ) from None
+        except OSError as e:
+            raise Refused(REFUSED_CLOSED, f"connection failed inside the {what} ({type(e).__name__})") from None
+        if not chunk:
+            raise Refused(REFUSED_CLOSED, f"connection closed inside the {what} ({len(buf)} of {n} bytes)")
+        buf += chunk
+    return bytes(buf)
+
+
+def read_associate_request(sock: socket.socket, deadline: float, limit: int = ASSOCIATE_RQ_LIMIT) -> bytes:
+    """The whole A-ASSOCIATE-RQ PDU (header included) read from `sock` by `deadline`; raises `Refused`."""
+    try:
+        header = _recv_exact(sock, 6, deadline, "PDU header")
+    except Refused as e:
+        if e.reason == REFUSED_CLOSED and "(0 of 6" in e.detail:  # a port probe: connected and closed
+            e.detail, e.level = "connection closed before any PDU", logging.INFO
+        raise
+    pdu_type, _, length = struct.unpack(">BBL", header)
+    if pdu_type != _ASSOCIATE_RQ:
+        raise Refused(
+            REFUSED_NOT_REQUEST, f"PDU type 0x{pdu_type:02X} where an A-ASSOCIATE-RQ was expected", abort=True
+        )
+    if length > limit:
+        raise Refused(
+            REFUSED_REQUEST_TOO_LARGE, f"an A-ASSOCIATE-RQ of {length} bytes declared (at most {limit})", abort=True
+        )
+    if length < _ASSOCIATE_RQ_FIXED:
+        raise Refused(REFUSED_PROTOCOL, f"an A-ASSOCIATE-RQ of {length} bytes declared (too short)", abort=True)
+    return header + _recv_exact(sock, length, deadline, "A-ASSOCIATE-RQ")
+
+
+def tls_handshake(raw: socket.socket, context: ssl.SSLContext, deadline: float) -> ssl.SSLSocket:
+    """The server side of a TLS handshake on `raw`, finished by `deadline`; raises `Refused`."""
+    tls = context.wrap_socket(raw, server_side=True, do_handshake_on_connect=False)
+    tls.setblocking(False)
+    while True:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            tls.close()
+            raise Refused(REFUSED_DEADLINE, "no TLS handshake within the deadline")
+        try:
+            tls.do_handshake()
+            break
+        except ssl.SSLWantReadError:
+            select.select([tls], [], [], remaining)
+        except ssl.SSLWantWriteError:
+            select.select([], [tls], [], remaining)
+        except (ssl.SSLError, OSError) as e:
+            tls.close()
+            why = getattr(e, "reason", None) or type(e).__name__
+            raise Refused(REFUSED_TLS, f"TLS handshake failed ({why})") from None
+    tls.setblocking(True)
+    return tls
+
+
+class _GuardedSocket(AssociationSocket):
+    """pynetdicom's socket wrapper that first hands out the A-ASSOCIATE-RQ read at admission, and
+    refuses to read a PDU longer than the maximum length we advertised (`max_pdu`, 0: any): it
+    logs, sends an A-ABORT and fails the read (pynetdicom then ends the association as closed).
+
+    pynetdicom reads each PDU as ``recv(6)`` (the header) then ``recv(length)``."""
+
+    _primed: bytearray
+    _max_pdu: int = 0
+    _refusals: Refusals | None = None
+
+    @property
+    def ready(self) -> bool:
+        if self._primed:
+            return True
+        return AssociationSocket.ready.fget(self)  # type: ignore[attr-defined]
+
+    def recv(self, nr_bytes: int) -> bytearray:
+        if self._primed:
+            data = self._primed[:nr_bytes]
+            del self._primed[:nr_bytes]
+            if len(data) < nr_bytes:
+                data += super().recv(nr_bytes - len(data))
+            return data
+        if self._max_pdu and nr_bytes > self._max_pdu:
+            log.warning(
+                "%s: a PDU of %d bytes declared (we accept at most %d): aborting",
+                describe(self.assoc),
+                nr_bytes,
+                self._max_pdu,
+            )
+            if self._refusals is not None:
+                self._refusals.add(REFUSED_PDU_TOO_LARGE)
+            sock = self.socket
+            if sock is not None:
+                try:
+                    sock.sendall(abort_pdu(0x02, 0x06))
+                except OSError:
+                    pass
+            raise ConnectionAbortedError("PDU longer than the maximum length advertised")
+        return super().recv(nr_bytes)
+
+
+class _QuietLibrary(logging.Filter):
+    """pynetdicom's own error lines (with tracebacks) about peers that break the protocol, at DEBUG:
+    the transport logs one line per bad peer itself."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno > logging.DEBUG:
+            record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+        return logging.getLogger(record.name).isEnabledFor(logging.DEBUG)
+
+
+_QUIET = _QuietLibrary()
+
+
+def quiet_pynetdicom() -> None:
+    """Routes pynetdicom's log records through `_QuietLibrary` (idempotent)."""
+    import pkgutil
+
+    import pynetdicom
+
+    names = ["pynetdicom"] + [f"pynetdicom.{m.name}" for m in pkgutil.iter_modules(pynetdicom.__path__)]
+    for name in names:
+        logger = logging.getLogger(name)
+        if _QUIET not in logger.filters:
+            logger.addFilter(_QUIET)
 
 
 class _WakingQueue(queue.Queue):
@@ -299,14 +532,32 @@ class _Association(Association):
 
 
 class _StockRequestHandler(RequestHandler):
-    """pynetdicom's request handler, which also keeps the association it starts (`HandoffServer`
-    waits for it to end)."""
+    """pynetdicom's request handler, after admission (`ReusePortServer.admit`); it also keeps the
+    association it starts (`HandoffServer` waits for it to end)."""
 
     assoc: Association | None = None
+    primed: bytes = b""  # the A-ASSOCIATE-RQ read at admission
+
+    def handle(self) -> None:
+        admit = getattr(self.server, "admit", None)
+        if admit is not None:
+            admitted = admit(self.request, self.client_address)
+            if admitted is None:
+                return  # refused, logged and closed
+            self.request, self.primed = admitted
+        super().handle()
 
     def _create_association(self) -> Association:
-        self.assoc = super()._create_association()
-        return self.assoc
+        assoc = super()._create_association()
+        sock = assoc.dul.socket
+        if sock is not None and type(sock) is AssociationSocket:
+            sock.__class__ = _GuardedSocket
+            assert isinstance(sock, _GuardedSocket)
+            sock._primed = bytearray(self.primed)
+            sock._max_pdu = int(self.ae.maximum_pdu_size or 0)
+            sock._refusals = getattr(self.server, "refusals", None)
+        self.assoc = assoc
+        return assoc
 
 
 class _RequestHandler(_StockRequestHandler):
@@ -354,8 +605,11 @@ class ReusePortServer(ThreadedAssociationServer):
     daemon_threads = True
     request_queue_size = 64  # listen backlog: many PACS connect at once
     store_handler: StoreHandler | None = None  # answers C-STOREs without pynetdicom's service class
+    request_timeout = 5.0  # seconds from the TCP connection to the complete A-ASSOCIATE-RQ
 
     def __init__(self, ae, address, ae_title, contexts, ssl_context=None, evt_handlers=None, request_handler=None):
+        self.gate = NegotiationGate(8)
+        self.refusals = Refusals()
         super().__init__(
             ae,
             address,
@@ -365,6 +619,58 @@ class ReusePortServer(ThreadedAssociationServer):
             evt_handlers=evt_handlers,
             request_handler=request_handler or _RequestHandler,
         )
+
+    def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
+        """The accepted connection as it is: a TLS handshake happens in its own thread (`admit`),
+        never in the accepting one."""
+        assert self.socket is not None
+        conn, address = self.socket.accept()
+        return conn, address
+
+    def admit(self, request: socket.socket, client_address) -> tuple[socket.socket, bytes] | None:
+        """The connection (TLS-wrapped if the server has an ssl_context) and its A-ASSOCIATE-RQ,
+        read within `request_timeout`; or None: refused (one log line, counted in `refusals`) and closed."""
+        host, port = str(client_address[0]), client_address[1]
+        deadline = time.monotonic() + self.request_timeout
+        sock = request
+        try:
+            if not self.gate.enter(host):
+                raise Refused(
+                    REFUSED_PER_IP, f"{self.gate.per_ip} connections from this address are already negotiating"
+                )
+            try:
+                if self.ssl_context is not None and not isinstance(sock, ssl.SSLSocket):
+                    sock = tls_handshake(sock, self.ssl_context, deadline)
+                primed = read_associate_request(sock, deadline)
+            finally:
+                self.gate.leave(host)
+        except Refused as e:
+            log.log(e.level, "connection from %s:%s refused (%s): %s", host, port, e.reason, e.detail)
+            self.refusals.add(e.reason)
+            if e.abort:
+                try:
+                    sock.settimeout(1.0)
+                    sock.sendall(abort_pdu(0x02, 0x02 if e.reason == REFUSED_NOT_REQUEST else 0x06))
+                except OSError:
+                    pass
+            _close(sock)
+            return None
+        finally:
+            self.negotiated(client_address)
+        sock.settimeout(self.ae.network_timeout)
+        return sock, primed
+
+    def negotiated(self, client_address) -> None:
+        """Called once per connection when its admission ends (admitted or refused)."""
+
+    def handle_error(self, request, client_address) -> None:
+        """One WARNING line for a connection whose handler failed (the traceback at DEBUG)."""
+        import sys
+
+        error = sys.exc_info()[1]
+        log.warning("connection from %s:%s failed (%s)", client_address[0], client_address[1], type(error).__name__)
+        log.debug("connection failure", exc_info=True)
+        _close(request)
 
     def server_bind(self) -> None:
         if self.socket is not None and hasattr(socket, "SO_REUSEPORT"):
@@ -386,6 +692,17 @@ class ReusePortServer(ThreadedAssociationServer):
             self.socket.close()
         except OSError:
             pass
+
+
+def _close(sock) -> None:
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+    try:
+        sock.close()
+    except OSError:
+        pass
 
 
 class HandoffServer(ReusePortServer):
@@ -435,6 +752,16 @@ class HandoffServer(ReusePortServer):
                 assoc.join()
         finally:
             self._connection_ended()
+
+    def negotiated(self, client_address) -> None:
+        """Tells the parent that this connection's admission ended (``n`` and its address): the
+        parent counts connections still negotiating per peer address across all processes."""
+        if self._handoff is None:
+            return
+        try:
+            self._handoff.send(b"n" + json.dumps([str(client_address[0]), client_address[1]]).encode())
+        except OSError:
+            pass
 
     def _connection_ended(self) -> None:
         if self._handoff is None:
