@@ -8,6 +8,7 @@ non-zero exit code and a one-line message on stderr.
 from __future__ import annotations
 
 import json
+import math
 import sys
 from pathlib import Path
 from typing import Any
@@ -46,7 +47,10 @@ def register(sub) -> None:
         "--patch-lr", type=float, default=None, help="peak learning rate of the patch stage (default: --lr)"
     )
     pt.add_argument(
-        "--init", type=Path, default=None, help="start from these weights (with .sha256), e.g. to fine-tune"
+        "--init",
+        default=None,
+        help="start from these weights (with .sha256), e.g. to fine-tune; 'registry': the weights the registry "
+        "holds for the model (the site's weights folder, else the shipped ones)",
     )
     pt.add_argument(
         "--motion",
@@ -79,6 +83,13 @@ def register(sub) -> None:
     pe.add_argument("--data", required=True, help="synthetic:N:SEED | mrnet:PATH[:SPLIT] | dicomcsv:PATH")
     pe.add_argument(
         "--weights", type=Path, default=None, help="a checkpoint (with its .sha256) instead of the registry's"
+    )
+    pe.add_argument(
+        "--compare",
+        default=None,
+        metavar="WEIGHTS|registry",
+        help="also evaluate these weights ('registry': the registry's) on the same cases and report both and "
+        "the differences (new = --weights)",
     )
     pe.add_argument("--workers", type=int, default=1, help="processes generating phantoms")
     pe.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the CIs")
@@ -295,6 +306,14 @@ def cmd_train(args, settings) -> int:
             from models.training import Recipe as ClassifierRecipe
             from models.training import train
 
+            init = args.init
+            if init == "registry":
+                found = _registry(settings).weights_path(args.model)
+                if found is None:
+                    _err(f"--init registry: the registry holds no weights for {args.model}")
+                    return EXIT_BAD_INPUT
+                init = str(found)
+                print(f"fine-tuning from the registry's weights: {init}", flush=True)
             classifier_recipe = ClassifierRecipe(
                 data=str(spec),
                 seed=args.seed,
@@ -304,7 +323,7 @@ def cmd_train(args, settings) -> int:
                 threads=_threads(settings),
                 max_steps=args.max_steps,
                 augment=not args.no_augment,
-                init=str(args.init) if args.init else None,
+                init=str(init) if init else None,
                 patch_steps=TASKS[args.model].patch_pretrain_steps if args.patch_steps is None else args.patch_steps,
                 patch_lr=args.patch_lr,
             )
@@ -341,6 +360,19 @@ def cmd_evaluate(args, settings) -> int:
             bootstrap=args.bootstrap,
             loso=args.loso,
         )
+        if args.compare:
+            old_weights = None if args.compare == "registry" else Path(args.compare)
+            old = evaluate(
+                args.model,
+                args.data,
+                registry=registry,
+                weights=old_weights,
+                workers=args.workers,
+                log=progress,
+                bootstrap=args.bootstrap,
+                loso=args.loso,
+            )
+            result = comparison(old, result, old_label=args.compare, new_label=str(args.weights or "registry"))
     except (DataSpecError, VolumeError) as e:
         _err(str(e))
         return EXIT_BAD_INPUT
@@ -354,6 +386,25 @@ def cmd_evaluate(args, settings) -> int:
             print(f"WARNING: {w}")
         print("\n".join(readable({k: v for k, v in result.items() if k != "warnings"})))
     return 0
+
+
+def comparison(old: dict[str, Any], new: dict[str, Any], *, old_label: str, new_label: str) -> dict[str, Any]:
+    """Two evaluations on the same cases side by side: ``old``, ``new`` and ``difference`` (new - old) of every
+    number both report at the top level; ``warnings`` of both."""
+    diff: dict[str, float] = {}
+    for k, v in new.items():
+        o = old.get(k)
+        numbers = isinstance(v, (int, float)) and isinstance(o, (int, float)) and not isinstance(v, bool)
+        if numbers and math.isfinite(float(v)) and math.isfinite(float(o)):
+            diff[k] = round(float(v) - float(o), 6)
+    warnings = list(dict.fromkeys([*old.get("warnings", []), *new.get("warnings", [])]))
+    return {
+        "data": new.get("data"),
+        "old": {"weights": old_label, **{k: v for k, v in old.items() if k != "warnings"}},
+        "new": {"weights": new_label, **{k: v for k, v in new.items() if k != "warnings"}},
+        "difference": diff,
+        "warnings": warnings,
+    }
 
 
 # --- predict -------------------------------------------------------------------------------------------

@@ -628,4 +628,41 @@ def write_training_card(
             "Figures come from the validation split that also chose the epoch and calibration.",
         ],
     }
+    site = site_data(recipe.data)
+    if site is not None:
+        card["site_data"] = site
+        card["training_data"] += (
+            f" Site data: {site.get('studies')} studies answered by the site's radiologists "
+            f"(msknode export feedback, {site.get('exported_at')}), "
+            + ("de-identified." if site.get("deidentified") else "not de-identified.")
+        )
     write_card(out_dir, card)
+
+
+def site_data(data: str) -> dict[str, Any] | None:
+    """What a ``dicomcsv:`` folder written by ``msknode export feedback`` says of itself (its ``export.json``):
+    the model, the number of studies and labels, the versions the radiologists answered, the de-identification
+    and the split; None for other data."""
+    if not str(data).startswith("dicomcsv:"):
+        return None
+    manifest = Path(str(data).split(":", 1)[1]) / "export.json"
+    if not manifest.is_file():
+        return None
+    try:
+        m = json.loads(manifest.read_text())
+    except (OSError, ValueError):
+        return None
+    keys = (
+        "model",
+        "exported_at",
+        "side",
+        "studies",
+        "sides",
+        "answered_model_versions",
+        "deidentified",
+        "deidentification_profile",
+        "holdout_fraction",
+        "holdout_rule",
+        "source",
+    )
+    return {"data": str(data), **{k: m[k] for k in keys if k in m}}
