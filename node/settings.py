@@ -270,6 +270,8 @@ class Settings(BaseSettings):
     network_timeout: float = Field(default=60.0, gt=0)
     # pynetdicom with the event-driven loops of node.receive.transport; false: stock pynetdicom
     fast_transport: bool = True
+    # the largest data set one C-STORE may carry (inflated size for deflated transfer syntaxes)
+    max_object_mb: int = Field(default=512, ge=1, le=65536)
     # hostile peers: a hard deadline for the A-ASSOCIATE-RQ, connections of one address before it,
     # the PDU length we advertise and enforce, the called AE title, DICOM TLS
     association_request_timeout: float = Field(default=5.0, gt=0, le=120)

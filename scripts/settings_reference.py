@@ -41,6 +41,7 @@ DESCRIPTIONS = {
     "max_associations": "Concurrent associations per listener process.",
     "dimse_timeout": "Seconds to wait for a DIMSE message inside an association.",
     "network_timeout": "Seconds of network silence before an association is dropped; an open association with no instance for this long counts as lost.",
+    "max_object_mb": "The largest data set one C-STORE may carry, in MB (for deflated transfer syntaxes: once inflated). Larger objects are refused with 0xA700 without being kept; the listener streams data sets over 8 MB to disk as they arrive, so this bounds disk use per C-STORE, not memory.",
     "fast_transport": "The listener's event-driven pynetdicom loops (no 1 ms polling; `msknode bench ingest` measures both); `0` serves with stock pynetdicom.",
     "association_request_timeout": "Seconds from a TCP connection (TLS handshake included) to its complete A-ASSOCIATE-RQ; a peer that is slower is disconnected (logged, counted in `msknode_listener_refusals_total`).",
     "negotiating_per_address": "Connections of one peer address that may be open before their A-ASSOCIATE-RQ is complete (across all listener processes); more are closed at once.",
