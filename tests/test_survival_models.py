@@ -48,6 +48,8 @@ def test_kill9_mid_inference_job_completes_once_and_results_reach_orthanc_once(s
             "MSKNODE_SWEEP_INTERVAL_SECONDS": "0.5",
             "MSKNODE_TORCH_THREADS": "1",
             "MSKNODE_LOG_LEVEL": "INFO",
+            # the shipped models live, as the demo runs them (at a site they start in shadow: nothing sent)
+            "MSKNODE_ACTIVATE_MODELS": "all",
         }
     )
     files = write_study("knee", tmp_path / "study", 11, acl="complete")

@@ -174,7 +174,10 @@ def run_bench(
             progress(f"phantom {c.key}: {len(files[-1].files)} instances [{time.monotonic() - t0:.1f} s]")
         ports, _ = choose_ports(free=True)
         stack = NodeStack(root, ports=ports, base_settings=settings, password=secrets.token_urlsafe(12))
-        progress("starting Orthanc and msknode serve ...")
+        progress(
+            "starting Orthanc and msknode serve (the shipped models activated by this benchmark's configuration: "
+            f"MSKNODE_ACTIVATE_MODELS={','.join(stack.settings.activate_models)}) ..."
+        )
         stack.start()
         reader = NodeReader(stack.settings.data_dir / "msknode.db")
         timings: list[StudyTiming] = []

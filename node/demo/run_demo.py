@@ -270,6 +270,10 @@ def run_demo(settings: Settings, options: DemoOptions, *, say: Callable[[str], N
         password = secrets.token_urlsafe(12)
         stack = NodeStack(data.root, ports=ports, base_settings=settings, password=password)
         say(f"starting Orthanc (PACS) and msknode serve under {data.root} ...")
+        say(
+            "models: this demo's configuration activates the shipped models (MSKNODE_ACTIVATE_MODELS="
+            f"{','.join(stack.settings.activate_models)}); at a site they start in shadow (docs/models.md)"
+        )
         stack.start()
         say(
             f"PACS: Orthanc {stack.pacs.aet}@127.0.0.1:{ports.orthanc_dicom}, web {stack.pacs.url} "

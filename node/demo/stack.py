@@ -29,6 +29,9 @@ from node.settings import Settings, load_settings
 
 log = logging.getLogger(__name__)
 
+#: MSKNODE_ACTIVATE_MODELS of the embedded stack (demo, bench e2e): every shipped model active, said in the log
+ACTIVATED_MODELS = ("all",)
+
 DEFAULT_PORTS = {"orthanc_dicom": 4242, "orthanc_http": 8042, "node_dicom": 11112, "node_web": 8080}
 #: MSKNODE_* variables of the caller that must not leak into the embedded stack
 _DROPPED_ENV = ("MSKNODE_CONFIG", "MSKNODE_DATABASE_URL", "MSKNODE_BROKER_URL")
@@ -114,6 +117,9 @@ class NodeStack:
             uid_root=base_settings.uid_root,
             destinations=destinations,
             allowed_ae_titles=[PACS_AE_TITLE],
+            # the demo and the benchmarks show the models at work: their shipped versions are active from the
+            # start (a site's node runs a model without real-data validation in shadow until an admin activates it)
+            activate_models=list(ACTIVATED_MODELS),
         )
         self.pacs = OrthancPacs(
             self.root / "orthanc",
@@ -149,6 +155,7 @@ class NodeStack:
                 "MSKNODE_UID_ROOT": s.uid_root,
                 "MSKNODE_ALLOWED_AE_TITLES": ",".join(s.allowed_ae_titles),
                 "MSKNODE_DESTINATIONS": json.dumps([d.model_dump(exclude_none=True) for d in s.destinations]),
+                "MSKNODE_ACTIVATE_MODELS": ",".join(s.activate_models),
                 "TCP_NODELAY": "1",
                 # never import packages from the working directory (a folder named "node" would shadow msknode)
                 "PYTHONSAFEPATH": "1",
@@ -179,6 +186,11 @@ class NodeStack:
 
     def start(self, *, timeout: float = 120.0) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
+        log.info(
+            "this stack's configuration activates the shipped models (MSKNODE_ACTIVATE_MODELS=%s); at a site a model "
+            "without real-data validation starts in shadow",
+            ",".join(self.settings.activate_models),
+        )
         self.prepare_node()
         self.pacs.start()
         with open(self.node_log, "ab") as log_fh:
