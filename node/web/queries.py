@@ -84,7 +84,7 @@ def patient_name(raw: str | None) -> str | None:
 def finding_dict(f: Finding) -> dict:
     """A finding for the pages and the API; ``display`` is its one wording (`worklists.triage.display_finding`)."""
     details = f.details or {}
-    return {
+    out = {
         "id": f.id,
         "model": f.model_name,
         "model_version": f.model_version,
@@ -105,7 +105,21 @@ def finding_dict(f: Finding) -> dict:
         "series_uid": f.series_uid,
         "demo_weights": bool(details.get("demo_weights", True)),
         "display": display_finding(f).as_dict(),
+        # the model ran in shadow (a silent trial, node.jobs.deployments): shown, labelled, never sent or triaged
+        "shadow": bool(getattr(f, "shadow", False)),
     }
+    return label_shadow(out)
+
+
+def label_shadow(d: dict) -> dict:
+    """Marks a shadow model's finding in its one wording (``display``): "SHADOW · " before the text."""
+    if d.get("shadow"):
+        disp = dict(d["display"])
+        for key in ("text", "short"):
+            if disp.get(key):
+                disp[key] = f"SHADOW · {disp[key]}"
+        d["display"] = disp
+    return d
 
 
 def hide_model_messages(d: dict) -> dict:
