@@ -61,6 +61,8 @@ class TriagePolicy:
     uncertainty_k: float = 2.0
     informational_codes: tuple[str, ...] = ("superres",)
     source: str = ""
+    # reading targets: minutes from the study's arrival to "read", per priority ([targets])
+    targets: tuple[tuple[str, float], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -117,7 +119,7 @@ def _number(value: Any, where: str, lo: float | None = None, hi: float | None = 
 
 def parse_policy(data: dict[str, Any], *, source: str = "<policy>") -> TriagePolicy:
     """Validates a policy mapping (the parsed TOML) and returns it typed."""
-    known = {"version", "default_priority", "review", "ageing", "rule"}
+    known = {"version", "default_priority", "review", "ageing", "rule", "targets"}
     unknown = sorted(set(data) - known)
     if unknown:
         raise PolicyError(f"{source}: unknown key {unknown[0]!r} (known: {', '.join(sorted(known))})")
@@ -151,6 +153,14 @@ def parse_policy(data: dict[str, Any], *, source: str = "<policy>") -> TriagePol
         if rank(to) >= rank(frm):
             raise PolicyError(f"{where}: ageing must promote ({frm} -> {to} is not a promotion)")
         steps.append(AgeingStep(frm, to, _number(raw.get("after_hours"), f"{where}.after_hours", 0)))
+
+    raw_targets = data.get("targets", {})
+    if not isinstance(raw_targets, dict):
+        raise PolicyError(f"{source}: [targets] must be a table of priority = minutes")
+    targets = []
+    for prio, minutes in raw_targets.items():
+        _priority(prio, f"{source}: targets")
+        targets.append((prio, _number(minutes, f"{source}: targets.{prio}", 1, 60 * 24 * 30)))
 
     rules = []
     seen: set[str] = set()
@@ -200,6 +210,7 @@ def parse_policy(data: dict[str, Any], *, source: str = "<policy>") -> TriagePol
         uncertainty_k=k,
         informational_codes=tuple(info_codes),
         source=source,
+        targets=tuple(targets),
     )
 
 

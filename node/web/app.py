@@ -84,7 +84,7 @@ def _templates(tz: ZoneInfo) -> Jinja2Templates:
 
 def create_app(settings, db, *, policy: TriagePolicy | None = None) -> FastAPI:
     """The web app for one node database. Raises `WorklistError` for an invalid triage policy."""
-    from node.web import api, pages
+    from node.web import api, dashboard, feedback_routes, pages
 
     policy = policy or load_policy(settings.triage_policy)
     tz = ZoneInfo(settings.site_timezone)
@@ -111,6 +111,8 @@ def create_app(settings, db, *, policy: TriagePolicy | None = None) -> FastAPI:
     app.include_router(api.router)
     app.include_router(pages.router)
     app.include_router(pages.ops_router)
+    app.include_router(feedback_routes.router)
+    app.include_router(dashboard.router)
 
     @app.middleware("http")
     async def _headers(request: Request, call_next):

@@ -16,6 +16,7 @@ from node.web.auth import COOKIE, LOGIN_COOKIE, NotAuthenticated, Principal, adm
 from node.web.users import authenticate, list_users
 from worklists import audit, entries
 from worklists.errors import InvalidChange
+from worklists.feedback import study_feedback
 from worklists.tables import PRIORITIES
 
 router = APIRouter(include_in_schema=False)
@@ -259,10 +260,13 @@ def study_page(request: Request, study_id: int, p: Principal = Depends(principal
         if d is None:
             return _render(request, "error.html", p, 404, status=404, reason=f"study {study_id} not found")
         audit_view(s, p, study_id, "page")
+        answers = study_feedback(s, study_id, user=p.username)
         users = [u["username"] for u in list_users(s) if u["active"]] if p.is_admin else []
     stenosis = [f for f in d["findings"] if f["level"]]
     other = [f for f in d["findings"] if not f["level"]]
-    return _render(request, "study.html", p, study=d, stenosis=stenosis, other_findings=other, users=users)
+    return _render(
+        request, "study.html", p, study=d, stenosis=stenosis, other_findings=other, users=users, feedback=answers
+    )
 
 
 @router.post("/studies/{study_id}/read")

@@ -21,6 +21,7 @@ from node.db.schema import Finding, Instance, Job, JobInput, OutboxItem, ResultO
 from node.jobs.listing import dispatch_by_job, dispatch_json, jobs_json
 from worklists.entries import ordered, waiting_since
 from worklists.tables import AuditEvent, WorklistEntry
+from worklists.targets import due_state, effective_targets
 from worklists.triage import TriagePolicy, age, display_finding
 
 ANATOMIES = ("knee", "shoulder", "lumbar_spine")
@@ -158,9 +159,11 @@ def worklist(
     job_ids = [r.job.id for r in rows if r.job is not None]
     findings = _findings_by_job(session, job_ids)
     dispatch = dispatch_by_job(session, job_ids)
+    targets = effective_targets(session, policy)
     out = []
     for position, r in enumerate(rows, start=1):
         e, st, job = r.entry, r.study, r.job
+        due = due_state(r.effective_priority, r.waiting_since, now, targets, e.status == "read")
         fs = findings.get(job.id, []) if job else []
         d = dispatch.get(job.id) if job else None
         out.append(
@@ -177,6 +180,9 @@ def worklist(
                 "study_datetime_as_sent": dicom_datetime(st.study_date, st.study_time),
                 "received_at": node_time(r.waiting_since, tz),
                 "waiting_minutes": int((now - r.waiting_since).total_seconds() // 60),
+                "due_at": node_time(due["due_at"], tz),
+                "target_minutes": due["target_minutes"],
+                "overdue": due["overdue"],
                 "anatomy": job.pipeline if job else None,
                 "job": {"id": job.id, "state": job.state, "finished_at": node_time(job.finished_at, tz)}
                 if job
