@@ -56,7 +56,7 @@ DESCRIPTIONS = {
     "routing_rules": "TOML routing rules (series -> pipeline and role); reloaded when the file changes.",
     "routing_pixel_anatomy": "When no header, description or other series of the study names a series' anatomy, the `qc.anatomy` pixel classifier may (knee or shoulder, probability >= 0.9; never the spine); `false` leaves such series unrouted.",
     "uid_root": "UID root of every object the node creates; objects with it are never routed again.",
-    "destinations": 'JSON list where results go: `{"type": "dimse", "ae_title", "host", "port", "tls": false}` or `{"type": "stow", "url", "username", "password" | "token"}`.',
+    "destinations": 'JSON list where results go: `{"type": "dimse", "ae_title", "host", "port", "tls": false}`, `{"type": "stow", "url", "username", "password" | "token"}` (every result object), `{"type": "hl7", "host", "port", "sending_application", "sending_facility", "receiving_application", "receiving_facility", "timeout"}` (one ORU^R01 2.5.1 per finished job over MLLP) or `{"type": "fhir", "url", "username", "password" | "token", "patient_identifier_system", "timeout"}` (one R4 transaction Bundle per finished job); see docs/conformance.md.',
     "institution_name": "Institution Name written into result objects.",
     "torch_threads": "PyTorch CPU threads per worker process.",
     "worker_concurrency": "Pipeline jobs a worker runs at once (processes).",
@@ -119,6 +119,8 @@ EXAMPLES: dict[str, object] = {
             "tls_ca_file": "/etc/msknode/ca.pem",
         },
         {"type": "stow", "url": "https://pacs.example.org/dicom-web", "token": "..."},
+        {"type": "hl7", "name": "ris", "host": "ris.example.org", "port": 2575, "receiving_application": "RIS"},
+        {"type": "fhir", "name": "ehr", "url": "https://ehr.example.org/fhir", "token": "..."},
     ],
 }
 
