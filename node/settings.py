@@ -327,6 +327,9 @@ class Settings(BaseSettings):
     login_ip_window_seconds: float = Field(default=300.0, gt=0)
     # the detailed health check runs in the background at most this often (never per request)
     health_interval_seconds: float = Field(default=5.0, ge=1)
+    # model monitoring (worklists.monitoring): the current window and the reference window before it
+    monitor_window_days: int = Field(default=7, ge=1, le=365)
+    monitor_reference_days: int = Field(default=56, ge=7, le=3650)
 
     # logging
     log_level: str = "INFO"

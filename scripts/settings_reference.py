@@ -79,6 +79,8 @@ DESCRIPTIONS = {
     "login_ip_max_failures": "Failed logins (whatever the user name) from one client address within `login_ip_window_seconds` before further attempts from it get 429 with `Retry-After`.",
     "login_ip_window_seconds": "The window of `login_ip_max_failures` (seconds).",
     "health_interval_seconds": "The detailed health check (listener C-ECHO, broker, database, disk, workers) runs in the background at most this often; `/health/details` shows its last result.",
+    "monitor_window_days": "Model monitoring (dashboard, `/metrics`, `msknode monitor`): the current window in days, whose positive rate, QC refusal rate and agreement are judged against their control bands (docs/monitoring.md).",
+    "monitor_reference_days": "Model monitoring: the reference window in days before the current one (a model's own baseline positive rate, agreement, usual gap between studies, input distribution).",
     "site_timezone": "Time zone the web UI shows the node's own timestamps in (IANA name).",
     "triage_policy": "TOML triage policy (priorities from findings).",
     "log_level": "DEBUG, INFO, WARNING or ERROR: the node's own log lines (one line per study and stage at INFO; per-series and per-object detail at DEBUG).",
