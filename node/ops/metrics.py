@@ -13,13 +13,18 @@ deployment reports the same numbers, and nothing is kept in module state).
   ``msknode_broker_queue_messages{queue}`` — messages waiting in the broker (when reachable);
 - ``msknode_outbox_items{state}``, ``msknode_dispatch_failures_total`` (send attempts that did
   not succeed), ``msknode_dispatch_sent_total``;
-- ``msknode_workers_alive``; ``msknode_disk_free_bytes``.
+- ``msknode_workers_alive``; ``msknode_disk_free_bytes``;
+- ``msknode_listener_refusals_total{reason}`` — connections and associations the DICOM listener
+  refused (request deadline, connections per address, calling/called AE title, local limit, PDU
+  too large ...): the only figure not from the database, but from the listener processes' counts
+  in ``<data_dir>/run/refusals-*.json`` (`node.receive.listener.RefusalCounts`).
 
 Labels are states, queues and step names only: no PHI.
 """
 
 from __future__ import annotations
 
+import json
 import shutil
 from collections.abc import Callable, Iterable, Mapping
 
@@ -170,6 +175,35 @@ class NodeCollector(Collector):
             )
         except OSError:
             pass
+        c = CounterMetricFamily(
+            "msknode_listener_refusals",
+            "Connections and associations the DICOM listener refused, by reason",
+            labels=["reason"],
+        )
+        for reason, n in sorted(listener_refusals(self.settings).items()):
+            c.add_metric([reason], n)
+        yield c
+
+
+def listener_refusals(settings: Settings) -> dict[str, int]:
+    """The listener processes' refusal counts by reason, summed over ``<data_dir>/run/refusals-*.json``."""
+    totals: dict[str, int] = {}
+    run = settings.data_dir / "run"
+    try:
+        files = sorted(run.glob("refusals-*.json"))
+    except OSError:
+        return totals
+    for f in files:
+        try:
+            counts = json.loads(f.read_text())
+        except (OSError, ValueError):
+            continue
+        if not isinstance(counts, dict):
+            continue
+        for reason, n in counts.items():
+            if isinstance(n, int):
+                totals[str(reason)] = totals.get(str(reason), 0) + n
+    return totals
 
 
 def broker_depths(settings: Settings) -> Callable[[], Mapping[str, int]]:

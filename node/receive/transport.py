@@ -206,7 +206,16 @@ def read_associate_request(sock: socket.socket, deadline: float, limit: int = AS
         )
     if length < _ASSOCIATE_RQ_FIXED:
         raise Refused(REFUSED_PROTOCOL, f"an A-ASSOCIATE-RQ of {length} bytes declared (too short)", abort=True)
-    return header + _recv_exact(sock, length, deadline, "A-ASSOCIATE-RQ")
+    pdu = header + _recv_exact(sock, length, deadline, "A-ASSOCIATE-RQ")
+    try:  # pynetdicom decodes it again; one it cannot decode would leave its association waiting 30 s
+        from pynetdicom.pdu import A_ASSOCIATE_RQ
+
+        rq = A_ASSOCIATE_RQ()
+        rq.decode(pdu)
+        rq.to_primitive()
+    except Exception as e:
+        raise Refused(REFUSED_PROTOCOL, f"a malformed A-ASSOCIATE-RQ ({type(e).__name__})", abort=True) from None
+    return pdu
 
 
 def tls_handshake(raw: socket.socket, context: ssl.SSLContext, deadline: float) -> ssl.SSLSocket:
