@@ -23,6 +23,7 @@ COMMAND_MODULES = (
     "node.commands.bench",  # bench ingest|models|e2e
     "node.commands.demo",  # demo
     "node.commands.orthanc",  # orthanc autoroute-script
+    "node.commands.monitor",  # monitor
     "node.commands.deployments",  # deployments [register|activate|shadow]
     "node.commands.export",  # export feedback
     "models.cli",  # models, train, evaluate, predict

@@ -596,3 +596,28 @@ def report(
         "turnaround": turnaround(session, policy=policy, windows=w),
         "drift": input_drift(session, windows=w),
     }
+
+
+def load_cards(weights_dir) -> dict[str, dict[str, Any]]:
+    """The model cards of the weights in use (name -> card); {} when the registry cannot be read."""
+    try:
+        from models.registry import Registry
+
+        reg = Registry(weights_dir)
+        return {name: reg.card(name) for name in reg.names()}
+    except Exception:
+        return {}
+
+
+def node_report(settings: Any, db: Any, policy: TriagePolicy, now: dt.datetime) -> dict[str, Any]:
+    """`report` for a node: its database, its model cards and its monitoring windows (settings)."""
+    cards = load_cards(settings.weights_dir)
+    with db.session() as s:
+        return report(
+            s,
+            policy=policy,
+            now=now,
+            cards=cards,
+            current_days=int(settings.monitor_window_days),
+            reference_days=int(settings.monitor_reference_days),
+        )

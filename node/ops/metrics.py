@@ -232,6 +232,9 @@ def make_registry(
     registry.register(
         NodeCollector(settings, db, broker_depths_fn if broker_depths_fn is not None else broker_depths(settings))
     )
+    from node.ops.monitor_metrics import MonitorCollector
+
+    registry.register(MonitorCollector(settings, db))  # model monitoring and reading targets
     return registry
 
 

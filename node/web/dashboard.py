@@ -22,29 +22,9 @@ from worklists.tables import PRIORITIES
 router = APIRouter()
 
 
-def load_cards(settings) -> dict[str, dict[str, Any]]:
-    """The model cards of the registry's weights in use (name -> card), {} when unreadable."""
-    try:
-        from models.registry import Registry
-
-        reg = Registry(settings.weights_dir)
-        return {name: reg.card(name) for name in reg.names()}
-    except Exception:
-        return {}
-
-
 def monitor_report(settings, db, policy) -> dict[str, Any]:
-    """The monitoring report of `worklists.monitoring.report` for this node's settings."""
-    cards = load_cards(settings)
-    with db.session() as s:
-        return monitoring.report(
-            s,
-            policy=policy,
-            now=utcnow(),
-            cards=cards,
-            current_days=int(getattr(settings, "monitor_window_days", 7)),
-            reference_days=int(getattr(settings, "monitor_reference_days", 56)),
-        )
+    """The monitoring report of `worklists.monitoring.node_report` for this node."""
+    return monitoring.node_report(settings, db, policy, utcnow())
 
 
 class TargetChange(BaseModel):
