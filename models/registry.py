@@ -15,6 +15,7 @@ for every model.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -51,7 +52,13 @@ def _classifier_loader(task_name: str) -> Callable[[Registry, Path, str], Any]:
     def load(registry: Registry, path: Path, sha: str) -> Any:
         from models.tasks import TASKS
 
-        return protocol.load(path, sha256=sha, task=TASKS[task_name], gate=registry.gate())
+        model = protocol.load(path, sha256=sha, task=TASKS[task_name], gate=registry.gate())
+        # a version registered at a site is named by its card (the checkpoint keeps the task version it was
+        # trained as): every finding and SR of it carries the card's version
+        version = registry.card(task_name).get("version")
+        if version and str(version) != model.info.version:
+            model.info = dataclasses.replace(model.info, version=str(version))
+        return model
 
     return load
 

@@ -138,4 +138,7 @@ def models(settings, db) -> dict:
                 .order_by(Finding.model_name)
             )
         ]
-    return {"registry": registry, "registry_error": error, "seen_in_findings": seen}
+    from node.web.deployment_routes import panel
+
+    # the versions each pipeline runs, shadow or active (node.jobs.deployments)
+    return {"registry": registry, "registry_error": error, "seen_in_findings": seen, "deployments": panel(settings, db)}

@@ -111,6 +111,9 @@ def create_app(settings, db, *, policy: TriagePolicy | None = None) -> FastAPI:
     app.include_router(api.router)
     app.include_router(pages.router)
     app.include_router(pages.ops_router)
+    from node.web import deployment_routes  # model versions per pipeline: shadow or active
+
+    app.include_router(deployment_routes.router)
     app.include_router(feedback_routes.router)
     app.include_router(dashboard.router)
 
