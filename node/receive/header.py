@@ -16,7 +16,7 @@ import zlib
 from dataclasses import dataclass, field
 from io import BytesIO
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO, cast
 
 from pydicom.dataset import Dataset
 from pydicom.filereader import read_dataset
@@ -93,16 +93,165 @@ def _stop_at_pixels(tag: BaseTag, vr: str | None, length: int) -> bool:
     return tag >= 0x7FE00000
 
 
-def read_header(data: bytes, transfer_syntax_uid: str) -> InstanceHeader:
-    """Parses the header of dataset bytes received in `transfer_syntax_uid` (no pixel decoding).
+#: the elements before the pixel data are read into memory up to this size (a larger header is refused)
+MAX_HEADER_BYTES = 64 * 1024 * 1024
+_CHUNK = 1024 * 1024
+NATIVE_TRANSFER_SYNTAXES = frozenset(
+    {IMPLICIT_VR_LITTLE_ENDIAN, "1.2.840.10008.1.2.1", EXPLICIT_VR_BIG_ENDIAN, "1.2.840.10008.1.2.1.99"}
+)
 
-    Raises `IngestError` (0xC000 cannot understand, 0xC001 missing UID, 0xC002 malformed UID).
+
+class _HeaderTooLarge(Exception):
+    pass
+
+
+class _InflatesTooLarge(Exception):
+    pass
+
+
+class _Seekable:
+    """The data set in a seekable file (or bytes) from its current position: what pydicom reads the
+    header from (at most `limit` bytes from the start) and what the tail check skips through."""
+
+    def __init__(self, fp: BinaryIO, limit: int | None):
+        self._fp = fp
+        self._start = fp.tell()
+        self.size = fp.seek(0, 2) - self._start
+        fp.seek(self._start)
+        self.limit = limit
+
+    def tell(self) -> int:
+        return self._fp.tell() - self._start
+
+    def seek(self, pos: int, whence: int = 0) -> int:
+        base = {0: self._start, 1: self._fp.tell(), 2: self._start + self.size}[whence]
+        return self._fp.seek(base + pos) - self._start
+
+    def read(self, n: int = -1) -> bytes:
+        pos = self.tell()
+        if n is None or n < 0:
+            n = self.size - pos
+        if self.limit is not None and min(pos + n, self.size) > self.limit:
+            raise _HeaderTooLarge()
+        return self._fp.read(n)
+
+    def skip(self, n: int) -> bool:
+        """Moves `n` bytes on; False (and at the end) if the data set ends before."""
+        pos = self.tell() + n
+        if pos > self.size:
+            self._fp.seek(self._start + self.size)
+            return False
+        self._fp.seek(self._start + pos)
+        return True
+
+
+class _Inflater:
+    """A deflated data set (PS3.5 A.5) inflated as it is read, never more than `max_bytes` in all.
+
+    While `limit` is set (the header) everything inflated so far is kept, up to `limit` bytes,
+    so that pydicom may seek back; then (`limit` None) only what was not yet read is kept:
+    the tail check skips through the rest in 1 MB steps."""
+
+    def __init__(self, raw: BinaryIO, *, max_bytes: int, limit: int | None):
+        self._raw = raw
+        self._z = zlib.decompressobj(-zlib.MAX_WBITS)
+        self._buf = bytearray()
+        self._base = 0  # offset of _buf[0] in the inflated data
+        self._pos = 0
+        self._done = False
+        self.max_bytes = max_bytes
+        self.limit = limit
+        self.size: int | None = None  # known once all is inflated
+
+    @property
+    def total(self) -> int:
+        return self._base + len(self._buf)
+
+    def _fill(self, upto: int) -> None:
+        """Inflates until `upto` bytes are available (or the data ends)."""
+        while self.total < upto and not self._done:
+            if self.limit is not None and self.total > self.limit:
+                raise _HeaderTooLarge()
+            src = self._z.unconsumed_tail
+            if not src:
+                src = self._raw.read(64 * 1024)
+                if not src or self._z.eof:
+                    self._done = True
+                    self.size = self.total
+                    break
+            out = self._z.decompress(src, min(_CHUNK, max(upto - self.total, 64 * 1024)))
+            if self.total + len(out) > self.max_bytes:
+                raise _InflatesTooLarge()
+            self._buf += out
+            if self._z.eof:
+                self._done = True
+                self.size = self.total
+
+    def _trim(self) -> None:
+        if self.limit is None and self._pos - self._base > _CHUNK:
+            del self._buf[: self._pos - self._base]
+            self._base = self._pos
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, pos: int, whence: int = 0) -> int:
+        if whence == 1:
+            pos += self._pos
+        elif whence == 2:
+            self._fill(self.max_bytes + 1)
+            pos += self.total
+        if pos < self._base:
+            raise OSError("cannot seek back in a deflated data set")
+        self._pos = pos
+        return pos
+
+    def read(self, n: int = -1) -> bytes:
+        if n is None or n < 0:
+            n = (self.limit if self.limit is not None else self.max_bytes) - self._pos + 1
+        self._fill(self._pos + n)
+        start = self._pos - self._base
+        out = bytes(self._buf[start : start + n])
+        self._pos += len(out)
+        self._trim()
+        return out
+
+    def skip(self, n: int) -> bool:
+        target = self._pos + n
+        while self._pos < target:
+            self._fill(min(target, self._pos + _CHUNK))
+            step = min(target, self.total) - self._pos
+            if step <= 0:
+                return False
+            self._pos += step
+            self._trim()
+        return True
+
+
+def read_header(data: bytes | BinaryIO, transfer_syntax_uid: str, *, max_bytes: int | None = None) -> InstanceHeader:
+    """Parses the header of a received data set (no pixel decoding) and checks the rest is complete.
+
+    `data`: the data set's bytes, or a seekable file positioned at its start. `max_bytes`: the
+    largest data set accepted once inflated (deflated transfer syntaxes are inflated as they are
+    read, never more than that). Raises `IngestError`: 0xA700 when the data set inflates to
+    more than `max_bytes` (or its header is over `MAX_HEADER_BYTES`), 0xA900 when the pixel
+    data contradicts the header (`check_pixel_data`), 0xC000 cannot understand (truncated,
+    unparseable), 0xC001 missing UID, 0xC002 malformed UID.
     """
     try:
-        ds = _parse(data, str(transfer_syntax_uid))
+        ds = _parse(data, str(transfer_syntax_uid), max_bytes=max_bytes)
         uids = {k: _text(ds, k) for k in ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")}
     except IngestError:
         raise
+    except _InflatesTooLarge:
+        assert max_bytes is not None
+        raise IngestError(
+            OUT_OF_RESOURCES, f"the data set would inflate to more than {max_bytes // 2**20} MB"
+        ) from None
+    except _HeaderTooLarge:
+        raise IngestError(
+            OUT_OF_RESOURCES, f"the elements before the pixel data exceed {MAX_HEADER_BYTES // 2**20} MB"
+        ) from None
     except Exception as e:  # pydicom raises many types for broken input
         raise IngestError(CANNOT_UNDERSTAND, f"cannot parse the data set: {type(e).__name__}") from None
     missing = [k for k, v in uids.items() if not v]
@@ -117,22 +266,31 @@ def read_header(data: bytes, transfer_syntax_uid: str) -> InstanceHeader:
         raise IngestError(CANNOT_UNDERSTAND, f"cannot read the header: {type(e).__name__}") from None
 
 
-def _parse(data: bytes, ts: str) -> Dataset:
+def _parse(data: bytes | BinaryIO, ts: str, *, max_bytes: int | None) -> Dataset:
+    raw: BinaryIO = BytesIO(data) if isinstance(data, (bytes, bytearray, memoryview)) else data
+    fp: _Seekable | _Inflater
     if ts in DEFLATED_TRANSFER_SYNTAXES:
-        data = zlib.decompressobj(-zlib.MAX_WBITS).decompress(data)
+        fp = _Inflater(raw, max_bytes=max_bytes or 2**62, limit=MAX_HEADER_BYTES)
+        fp._fill(8)
+        short = fp.total < 8
+    else:
+        fp = _Seekable(raw, MAX_HEADER_BYTES)
+        short = fp.size < 8
     implicit = ts == IMPLICIT_VR_LITTLE_ENDIAN
     little = ts != EXPLICIT_VR_BIG_ENDIAN
-    if len(data) < 8:
+    if short:
         raise IngestError(CANNOT_UNDERSTAND, "the data set is empty or too short")
-    fp = BytesIO(data)
-    ds = read_dataset(fp, implicit, little, stop_when=_stop_at_pixels)
+    ds = read_dataset(cast(BinaryIO, fp), implicit, little, stop_when=_stop_at_pixels)
     if len(ds) == 0:
         raise IngestError(CANNOT_UNDERSTAND, "no data elements")
-    for raw in ds._dict.values():  # a value cut short by the end of the data
-        length, value = getattr(raw, "length", None), getattr(raw, "value", None)
+    for raw_elem in ds._dict.values():  # a value cut short by the end of the data
+        length, value = getattr(raw_elem, "length", None), getattr(raw_elem, "value", None)
         if length is not None and length != 0xFFFFFFFF and isinstance(value, bytes) and len(value) < length:
             raise IngestError(CANNOT_UNDERSTAND, "the data set is truncated")
-    _check_tail(data, fp.tell(), implicit=implicit, little=little)
+    fp.limit = None  # the header is read: the rest is only skipped through
+    pixels = _check_tail(fp, implicit=implicit, little=little)
+    if pixels is not None:
+        check_pixel_data(ds, ts, pixels)
     return ds
 
 
@@ -140,53 +298,105 @@ _LONG_VRS = frozenset({b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b
 _ITEM, _SEQUENCE_END = (0xFFFE, 0xE000), (0xFFFE, 0xE0DD)
 
 
-def _check_tail(data: bytes, pos: int, *, implicit: bool, little: bool) -> None:
-    """Checks that the elements after the header (pixel data ...) are complete, without reading them.
+@dataclass(frozen=True)
+class PixelDataShape:
+    """What the tail check saw of (7FE0,0010): its length (native) or its items (encapsulated)."""
+
+    length: int | None  # None: undefined length (encapsulated)
+    items: int = 0  # encapsulated: items including the basic offset table
+
+
+def _check_tail(fp: _Seekable | _Inflater, *, implicit: bool, little: bool) -> PixelDataShape | None:
+    """Checks that the elements after the header (pixel data ...) are complete, without keeping them.
 
     Walks element headers and lengths only: a truncated data set is refused here instead of
     being stored. An undefined-length element other than encapsulated pixel data ends the check.
+    Returns what it saw of the pixel data element (None if there is none).
     """
     e = "<" if little else ">"
-    n = len(data)
+    pixels: PixelDataShape | None = None
 
     def truncated() -> IngestError:
         return IngestError(CANNOT_UNDERSTAND, "the data set is truncated")
 
-    while pos < n:
-        if n - pos < 8:
+    while True:
+        head = fp.read(8)
+        if not head:
+            return pixels
+        if len(head) < 8:
             raise truncated()
-        group, element = struct.unpack_from(e + "HH", data, pos)
+        group, element = struct.unpack_from(e + "HH", head)
         if implicit:
-            (length,) = struct.unpack_from(e + "L", data, pos + 4)
-            pos += 8
-        elif data[pos + 4 : pos + 6] in _LONG_VRS:
-            if n - pos < 12:
+            (length,) = struct.unpack_from(e + "L", head, 4)
+        elif head[4:6] in _LONG_VRS:
+            more = fp.read(4)
+            if len(more) < 4:
                 raise truncated()
-            (length,) = struct.unpack_from(e + "L", data, pos + 8)
-            pos += 12
+            (length,) = struct.unpack(e + "L", more)
         else:
-            (length,) = struct.unpack_from(e + "H", data, pos + 6)
-            pos += 8
+            (length,) = struct.unpack_from(e + "H", head, 6)
+        is_pixels = (group, element) == (0x7FE0, 0x0010)
         if length != 0xFFFFFFFF:
-            pos += length
-            if pos > n:
+            if is_pixels:
+                pixels = PixelDataShape(length)
+            if not fp.skip(length):
                 raise truncated()
             continue
-        if (group, element) != (0x7FE0, 0x0010):
-            return
+        if not is_pixels:
+            return pixels
+        items = 0
         while True:  # encapsulated pixel data: items of defined length, then a sequence delimiter
-            if n - pos < 8:
+            item = fp.read(8)
+            if len(item) < 8:
                 raise truncated()
-            tag = struct.unpack_from(e + "HH", data, pos)
-            (length,) = struct.unpack_from(e + "L", data, pos + 4)
-            pos += 8
+            tag = struct.unpack_from(e + "HH", item)
+            (length,) = struct.unpack_from(e + "L", item, 4)
             if tag == _SEQUENCE_END:
                 break
             if tag != _ITEM or length == 0xFFFFFFFF:
                 raise IngestError(CANNOT_UNDERSTAND, "malformed encapsulated pixel data")
-            pos += length
-            if pos > n:
+            items += 1
+            if not fp.skip(length):
                 raise truncated()
+        pixels = PixelDataShape(None, items)
+
+
+def check_pixel_data(ds: Dataset, transfer_syntax_uid: str, pixels: PixelDataShape) -> None:
+    """The pixel data must be what the header says (else 0xA900, data set does not match the SOP class).
+
+    Native transfer syntaxes: a defined length of Rows x Columns x Samples per Pixel x Number of
+    Frames x Bits Allocated / 8 bytes (Bits Allocated 1: packed bits, rounded up to a byte), plus
+    one pad byte when that is odd. Encapsulated: a basic offset table item and at least one fragment.
+    """
+
+    def mismatch(reason: str) -> IngestError:
+        return IngestError(SOP_MISMATCH, f"pixel data does not match the header: {reason}")
+
+    native = transfer_syntax_uid in NATIVE_TRANSFER_SYNTAXES
+    if pixels.length is None:
+        if native:
+            raise mismatch("encapsulated pixel data in a native transfer syntax")
+        if pixels.items < 2:
+            raise mismatch(f"{max(pixels.items - 1, 0)} fragments (a basic offset table and at least one expected)")
+        return
+    if not native:
+        raise mismatch("native pixel data in an encapsulated transfer syntax")
+    values = {k: _int(ds, k) for k in ("Rows", "Columns", "BitsAllocated")}
+    absent = [k for k, v in values.items() if v is None]
+    if absent:
+        raise mismatch(f"no {', '.join(absent)}")
+    rows, columns, bits = (int(values[k] or 0) for k in ("Rows", "Columns", "BitsAllocated"))
+    samples = _int(ds, "SamplesPerPixel") or 1
+    frames = _int(ds, "NumberOfFrames") or 1
+    if min(rows, columns, bits, samples, frames) < 1 or (bits != 1 and bits % 8):
+        raise mismatch(f"{rows} x {columns}, {samples} samples, {bits} bits, {frames} frames")
+    pixel_count = rows * columns * samples * frames
+    expected = (pixel_count + 7) // 8 if bits == 1 else pixel_count * bits // 8
+    if pixels.length not in (expected, expected + expected % 2):
+        raise mismatch(
+            f"{pixels.length} bytes for {rows} x {columns} x {samples} samples x {frames} frames"
+            f" of {bits} bits ({expected} expected)"
+        )
 
 
 def _text(ds: Dataset, keyword: str) -> str | None:

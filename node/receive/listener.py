@@ -38,7 +38,8 @@ from node.errors import IngestError, NodeError, OutOfSpaceError, StorageError
 from node.ops.restart import RestartBackoff
 from node.receive.header import OUT_OF_RESOURCES, SUCCESS, read_header, validate
 from node.receive.index import Received, publish_new
-from node.receive.storage import InstanceStore, encode_file_meta
+from node.receive.spool import SPOOL_MEMORY_BYTES, Spool, install, spool_of
+from node.receive.storage import InstanceStore, StagedFile, encode_file_meta
 from node.receive.transport import (
     REFUSED_PER_IP,
     HandoffServer,
@@ -139,6 +140,7 @@ class Listener:
         self._thread: threading.Thread | None = None
         self.listener = listener_id()
         self.store_timeout = max(5.0, settings.dimse_timeout * 0.8)
+        self.max_object_bytes = int(settings.max_object_mb) * 1024 * 1024
         self.refusals = Refusals()  # refused connections and associations by reason, not yet recorded
         self.refusal_counts = RefusalCounts(settings)
         self._stopping = threading.Event()
@@ -162,6 +164,7 @@ class Listener:
         ssl_context = listener_ssl_context(self.settings)
         handlers: list[evt.EventHandlerType] = [
             (evt.EVT_REQUESTED, self._on_requested),
+            (evt.EVT_REQUESTED, self._install_spool),
             (evt.EVT_ACCEPTED, self._on_accepted),
             (evt.EVT_REJECTED, self._on_rejected),
             (evt.EVT_C_ECHO, self._on_echo),
@@ -342,25 +345,82 @@ class Listener:
         """EVT_C_STORE (pynetdicom's own path, used when the fast path is off)."""
         return self.handle_store(event.assoc, event.request, str(event.context.transfer_syntax))
 
+    # ---- C-STORE ----------------------------------------------------------------------
+    def _install_spool(self, event) -> None:
+        """EVT_REQUESTED (before any P-DATA): C-STORE data sets of this association go to a `Spool`."""
+        install(event.assoc, self._new_spool)
+
+    def _new_spool(self, assoc, msg) -> Spool:
+        """The spool of one C-STORE request, made once its command set is in: headed by the File
+        Meta Information the stored file will carry (from the request's UIDs, which the data
+        set's must equal)."""
+        cs = msg.command_set
+        sop_class = str(cs.AffectedSOPClassUID or "").strip("\0 ")
+        sop = str(cs.AffectedSOPInstanceUID or "").strip("\0 ")
+        context = assoc._accepted_cx.get(msg.context_id)
+        ts = str(context.transfer_syntax[0]) if context is not None else ""
+        calling = (assoc.requestor.ae_title or "").strip()
+        try:
+            meta = encode_file_meta(sop_class, sop, ts, calling)
+        except UnicodeError:  # refused anyway (validate): quarantined without file meta
+            meta = b""
+        return Spool(
+            self.store.incoming, file_meta=meta, memory_limit=SPOOL_MEMORY_BYTES, max_bytes=self.max_object_bytes
+        )
+
     def handle_store(self, assoc, req, transfer_syntax: str) -> int:
         """One C-STORE: the status to answer, returned only once file and index row are durable."""
+        spool = spool_of(req)
+        try:
+            return self._store(assoc, req, transfer_syntax, spool)
+        finally:
+            if spool is not None:
+                spool.close()  # frees its bytes; deletes its file unless published or quarantined
+
+    def _store(self, assoc, req, transfer_syntax: str, spool: Spool | None) -> int:
         calling = (assoc.requestor.ae_title or "").strip()
         request_sop = str(req.AffectedSOPInstanceUID or "")
-        data = req.DataSet.getvalue() if req.DataSet is not None else b""
-
-        if not self.store.has_space(len(data)):
+        data: bytes | None
+        if spool is None:  # (no spool: the data set is in pynetdicom's BytesIO)
+            data = req.DataSet.getvalue() if req.DataSet is not None else b""
+            size = len(data)
+        else:
+            data = spool.data() if spool.in_memory else None
+            size = spool.size
+        if size > self.max_object_bytes:
+            limit = self.max_object_bytes // 2**20
+            error = IngestError(
+                OUT_OF_RESOURCES, f"a data set of {size / 2**20:.0f} MB (MSKNODE_MAX_OBJECT_MB {limit})"
+            )
+            self._refuse(None, req, transfer_syntax, calling, error)
+            return OUT_OF_RESOURCES
+        if spool is not None and spool.error is not None:
+            self.log.error("C-STORE %s from %s: 0xA700 (cannot stage: %s)", request_sop, calling, spool.error)
+            return OUT_OF_RESOURCES
+        if not self.store.has_space(size if data is not None else 0):  # (a spooled data set is on disk already)
             self.log.warning("C-STORE %s from %s: 0xA700 (free disk below MSKNODE_MIN_FREE_GB)", request_sop, calling)
             return OUT_OF_RESOURCES
         try:
-            header = read_header(data, transfer_syntax)
+            if data is not None:
+                header = read_header(data, transfer_syntax, max_bytes=self.max_object_bytes)
+            else:
+                assert spool is not None
+                with spool.open_dataset() as f:
+                    header = read_header(f, transfer_syntax, max_bytes=self.max_object_bytes)
             validate(header, request_sop_class_uid=str(req.AffectedSOPClassUID), request_sop_instance_uid=request_sop)
         except IngestError as e:
-            self._refuse(data, req, transfer_syntax, calling, e)
+            self._refuse(data, req, transfer_syntax, calling, e, spool=spool)
             return e.status
 
         meta = encode_file_meta(header.sop_class_uid, header.sop_instance_uid, transfer_syntax, calling)
         try:
-            staged = self.store.stage(meta, data)
+            if data is not None:
+                staged = self.store.stage(meta, data)
+            else:
+                assert spool is not None
+                if spool.file_meta != meta:  # (cannot happen: the request's UIDs are the data set's)
+                    raise StorageError("the spooled file's meta information differs")
+                staged = StagedFile(path=spool.take(), size=len(meta) + spool.size, sha256=spool.sha256)
         except OutOfSpaceError:
             self.log.warning("C-STORE %s from %s: 0xA700 (disk full)", request_sop, calling)
             return OUT_OF_RESOURCES
@@ -380,7 +440,8 @@ class Listener:
             data=data,
         )
         try:
-            publish_new(self.store, item, sync=not self.writer.overlap)
+            if data is not None:  # a spooled file is published under the index lock (`index_instances`)
+                publish_new(self.store, item, sync=not self.writer.overlap)
             outcome = self.writer.store_instance(item, timeout=self.store_timeout)
         except Exception as e:
             if item.published is None:
@@ -396,18 +457,31 @@ class Listener:
             )
         return outcome.status
 
-    def _refuse(self, data: bytes, req, transfer_syntax: str, calling: str, error: IngestError) -> None:
-        """Keeps a refused object in the quarantine (file + row); never raises."""
+    def _refuse(
+        self,
+        data: bytes | None,
+        req,
+        transfer_syntax: str,
+        calling: str,
+        error: IngestError,
+        *,
+        spool: Spool | None = None,
+    ) -> None:
+        """Keeps a refused object in the quarantine (file + row; without `data` or a spooled file,
+        the row only, e.g. for a data set over MSKNODE_MAX_OBJECT_MB); never raises."""
         sop_class = str(req.AffectedSOPClassUID or "")
         sop = str(req.AffectedSOPInstanceUID or "")
         path = None
         try:
-            meta = (
-                encode_file_meta(sop_class, sop, transfer_syntax, calling)
-                if sop.isascii() and sop_class.isascii()
-                else b""
-            )
-            path = str(self.store.quarantine(data, file_meta=meta))
+            if data is not None:
+                meta = (
+                    encode_file_meta(sop_class, sop, transfer_syntax, calling)
+                    if sop.isascii() and sop_class.isascii()
+                    else b""
+                )
+                path = str(self.store.quarantine(data, file_meta=meta))
+            elif spool is not None and not spool.in_memory:
+                path = str(self.store.quarantine_file(spool.take(), digest=spool.sha256))
             self.writer.quarantine(
                 calling_ae=calling,
                 sop_instance_uid=sop or None,

@@ -103,13 +103,20 @@ def dataset_offset(path: Path) -> int:
 
 
 def dataset_digest(path: Path) -> str | None:
-    """sha256 of a stored file's data set bytes (after the file meta), or None if it is missing or broken."""
+    """sha256 of a stored file's data set bytes (after the file meta), or None if it is missing or broken.
+
+    Read in 1 MB blocks: a large object is never held in memory whole."""
     try:
-        data = Path(path).read_bytes()
-        if len(data) < 144 or data[128:132] != b"DICM":
-            return None
-        (group_length,) = struct.unpack("<I", data[140:144])
-        return hashlib.sha256(memoryview(data)[144 + group_length :]).hexdigest()
+        with open(path, "rb") as f:
+            head = f.read(144)
+            if len(head) < 144 or head[128:132] != b"DICM":
+                return None
+            (group_length,) = struct.unpack("<I", head[140:144])
+            f.seek(144 + group_length)
+            digest = hashlib.sha256()
+            while block := f.read(1024 * 1024):
+                digest.update(block)
+            return digest.hexdigest()
     except OSError:
         return None
 
@@ -293,5 +300,20 @@ class InstanceStore:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+        _fsync_dir(d)
+        return path
+
+    def quarantine_file(self, staged: Path, *, digest: str) -> Path:
+        """Moves a refused object already written as a file (meta + data set, `node.receive.spool`)
+        into the quarantine (durable); named by `digest`, the data set's sha256."""
+        day = time.strftime("%Y%m%d", time.gmtime())
+        d = self.quarantine_dir / day
+        d.mkdir(parents=True, exist_ok=True)
+        path = d / f"{hashlib.sha256(digest.encode()).hexdigest()[:32]}.dcm"
+        if path.exists():
+            Path(staged).unlink(missing_ok=True)
+            return path
+        _fsync_path(Path(staged))
+        os.replace(staged, path)
         _fsync_dir(d)
         return path

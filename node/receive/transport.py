@@ -471,17 +471,21 @@ class _Association(Association):
             super()._serve_request(msg, context_id)
             return
         message_id = msg.MessageID
-        if not msg.is_valid_request or message_id is None:  # (a valid request has a Message ID)
-            log.warning("%s: invalid C-STORE request ignored", describe(self))
-            return
         try:
-            status = handler(self, msg, str(context.transfer_syntax[0]))
-        except Exception as e:  # as pynetdicom's storage service: 0xC211 (error in the handler)
-            log.warning("%s: the C-STORE handler failed (%s): answering 0xC211", describe(self), type(e).__name__)
-            log.debug("C-STORE handler failure", exc_info=True)
-            status = HANDLER_FAILED
+            if not msg.is_valid_request or message_id is None:  # (a valid request has a Message ID)
+                log.warning("%s: invalid C-STORE request ignored", describe(self))
+                return
+            try:
+                status = handler(self, msg, str(context.transfer_syntax[0]))
+            except Exception as e:  # as pynetdicom's storage service: 0xC211 (error in the handler)
+                log.warning("%s: the C-STORE handler failed (%s): answering 0xC211", describe(self), type(e).__name__)
+                log.debug("C-STORE handler failure", exc_info=True)
+                status = HANDLER_FAILED
         finally:
             msg.DataSet = None  # free the received bytes now
+            spool, msg._dataset_file = msg._dataset_file, None
+            if spool is not None:  # (node.receive.spool: its staged file, unless published or quarantined)
+                spool.close()
         if not self.is_established:
             return
         command = encode_store_response(
