@@ -1,4 +1,4 @@
-"""``/health``'s listener check against a listener with an allow-list: up, and no ERROR line."""
+"""The detailed health's (``/api/health``) listener check against a listener with an allow-list: up, and no ERROR line."""
 
 from __future__ import annotations
 
@@ -69,13 +69,19 @@ def test_health_endpoint_reports_the_listener_up_without_an_error_line(listener,
     from node.db.database import Database, upgrade
     from node.web.app import create_app
 
+    from node.web.users import add_user
+
     settings = _settings(monkeypatch, listener, "PACS_AET,ECHOSCU")
     upgrade(settings.database_url)
     db = Database(settings.database_url)
+    with db.session() as s:
+        add_user(s, username="ops", password="ops-password-1", role="admin")
     try:
         caplog.set_level(logging.INFO)
         with TestClient(create_app(settings, db), base_url="http://testserver") as client:
-            body = client.get("/health").json()
+            assert client.get("/health").json() == {"status": "ok"}  # anonymous: liveness only
+            tok = client.post("/api/auth/token", json={"username": "ops", "password": "ops-password-1"}).json()
+            body = client.get("/api/health", headers={"Authorization": f"Bearer {tok['access_token']}"}).json()
     finally:
         db.dispose()
     assert body["components"]["listener"]["ok"], body

@@ -22,6 +22,8 @@ from sqlalchemy.engine import Connection, Dialect, Engine
 from sqlalchemy.orm import DeclarativeBase, Session, sessionmaker
 from sqlalchemy.types import TypeDecorator
 
+from node.db import finite
+
 if TYPE_CHECKING:
     from alembic.config import Config
 
@@ -41,6 +43,9 @@ NAMING = {
 
 class Base(DeclarativeBase):
     metadata = MetaData(naming_convention=NAMING)
+
+
+finite.install(Base)  # a NaN or infinite Float value is stored as NULL (node.db.finite)
 
 
 class UTCDateTime(TypeDecorator[dt.datetime]):
@@ -83,6 +88,7 @@ def make_engine(database_url: str, *, echo: bool = False) -> Engine:
             database_url,
             echo=echo,
             connect_args={"timeout": 30, "check_same_thread": False},
+            json_serializer=finite.json_dumps,
         )
 
         @event.listens_for(engine, "connect")
@@ -103,7 +109,14 @@ def make_engine(database_url: str, *, echo: bool = False) -> Engine:
             conn.exec_driver_sql("BEGIN IMMEDIATE")
 
         return engine
-    return create_engine(database_url, echo=echo, pool_pre_ping=True, pool_size=10, max_overflow=20)
+    return create_engine(
+        database_url,
+        echo=echo,
+        pool_pre_ping=True,
+        pool_size=10,
+        max_overflow=20,
+        json_serializer=finite.json_dumps,
+    )
 
 
 def make_session_factory(engine: Engine) -> sessionmaker[Session]:

@@ -245,3 +245,60 @@ def health_report(
     if components["database"]["ok"]:
         report.update(job_counts(db))
     return report
+
+
+class HealthMonitor:
+    """The detailed report, probed in the background at most every `interval` seconds.
+
+    `latest()` answers the last report at once; when it is older than `interval` it starts one probe
+    in a background thread (never two at a time), so however many clients ask, the listener sees at
+    most one C-ECHO association per interval. Only the very first call waits for a probe.
+    """
+
+    def __init__(self, settings: Settings, db: Database, *, interval: float, first_wait: float = 15.0):
+        self.settings, self.db, self.interval, self.first_wait = settings, db, interval, first_wait
+        self._lock = threading.Lock()
+        self._report: dict[str, Any] | None = None
+        self._at = 0.0  # monotonic time the last probe started
+        self._report_at = 0.0  # ... and the one the report is from
+        self._running: threading.Thread | None = None
+        self._first = threading.Event()
+        self.probes = 0
+
+    def _probe(self, started: float) -> None:
+        try:
+            report = health_report(self.settings, self.db)
+        except Exception as e:
+            report = {"ok": False, "status": "down", "checked_at": utcnow().isoformat(), "error": type(e).__name__}
+        with self._lock:
+            self._report, self._report_at = report, started
+            self._running = None
+        self._first.set()
+
+    def latest(self) -> dict[str, Any]:
+        now = time.monotonic()
+        with self._lock:
+            if self._running is None and (self._report is None or now - self._at >= self.interval):
+                self._at = now
+                self.probes += 1
+                self._running = threading.Thread(target=self._probe, args=(now,), name="msknode-health", daemon=True)
+                self._running.start()
+            report = self._report
+        if report is None:
+            self._first.wait(self.first_wait)
+        with self._lock:
+            report = self._report
+            at = self._report_at
+        if report is None:
+            return {"ok": False, "status": "unknown", "error": "the first health check has not finished yet"}
+        return report | {"age_seconds": round(max(0.0, now - at), 1)}
+
+    def stop(self, timeout: float = 10.0) -> None:
+        t = self._running
+        if t is not None:
+            t.join(timeout)
+
+
+def liveness(settings: Settings, db: Database) -> bool:
+    """What the anonymous ``GET /health`` answers: the database answers and the disk has room (no association)."""
+    return bool(check_database(db)["ok"] and check_disk(settings)["ok"])

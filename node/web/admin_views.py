@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import re
 import tomllib
 from typing import Any
 
@@ -22,6 +23,40 @@ from node.errors import NodeError
 log = logging.getLogger(__name__)
 
 SECRET_KEYS = {"password", "token", "secret", "tls_key_file"}
+
+#: a URL's user information (``https://user:pass@host``): every part of it may be a credential
+_URL_USERINFO = re.compile(r"(?P<scheme>\b[A-Za-z][A-Za-z0-9+.-]{0,15}://)(?P<userinfo>[^/?#\s@\"'<>]+)@")
+#: query parameters that carry credentials (``?token=...``, ``&api_key=...``, signed URLs ...)
+_URL_SECRET_PARAM = re.compile(
+    r"(?P<name>[?&;](?:access_token|id_token|token|api[_-]?key|apikey|key|password|passwd|pwd|pass|secret"
+    r"|client_secret|auth|authorization|sig|signature|x-amz-signature|x-amz-credential|code|session)=)"
+    r"(?P<value>[^&#;\s\"'<>]+)",
+    re.IGNORECASE,
+)
+
+
+def mask_urls(text: str) -> str:
+    """`text` with the credentials inside any URL masked: user information and secret query parameters.
+
+    ``https://user:pass@host/x?token=abc&page=2`` becomes ``https://***@host/x?token=***&page=2``.
+    Used on every string the admin pages and the JSON API answer (`node.web.app`), so a destination
+    URL in a setting, an outbox row's destination key or an error message shows no credential.
+    """
+    if "://" not in text and "=" not in text:
+        return text
+    text = _URL_USERINFO.sub(lambda m: m.group("scheme") + "***@", text)
+    return _URL_SECRET_PARAM.sub(lambda m: m.group("name") + "***", text)
+
+
+def mask_strings(value: Any) -> Any:
+    """`mask_urls` on every string inside `value` (dicts, lists, tuples)."""
+    if isinstance(value, str):
+        return mask_urls(value)
+    if isinstance(value, dict):
+        return {k: mask_strings(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [mask_strings(v) for v in value]
+    return value
 
 
 class OpsError(NodeError):
@@ -75,11 +110,11 @@ def retry_outbox(db, settings, item_id: int, *, actor: str, now: dt.datetime | N
 
 
 def mask(d: dict) -> dict:
-    return {k: ("***" if k in SECRET_KEYS and v else v) for k, v in d.items()}
+    return {k: ("***" if k in SECRET_KEYS and v else mask_strings(v)) for k, v in d.items()}
 
 
 def destinations(settings) -> list[dict]:
-    return [{"key": d.key, **mask(d.model_dump())} for d in settings.destinations]
+    return [{"key": mask_urls(d.key), **mask(d.model_dump())} for d in settings.destinations]
 
 
 def routing(settings) -> dict:

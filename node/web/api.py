@@ -17,10 +17,11 @@ from pydantic import BaseModel, Field
 from sqlalchemy import select
 
 from node.db.database import utcnow
+from node.errors import UserError
 from node.jobs.listing import list_jobs
 from node.web import admin_views, imaging, queries, responses, rule_editor
-from node.web.auth import Principal, admin, api_admin_csrf, api_csrf, principal
-from node.web.users import authenticate, list_users
+from node.web.auth import Principal, admin, api_admin_csrf, api_csrf, client_address, principal
+from node.web.users import authenticate, end_sessions, list_users, set_password
 from worklists import audit, entries
 from worklists.errors import EntryNotFound
 from worklists.tables import PRIORITIES, WorklistEntry
@@ -75,6 +76,27 @@ class TokenResponse(BaseModel):
     role: str
 
 
+class PasswordChange(BaseModel):
+    current_password: str = Field(min_length=1, max_length=1024)
+    new_password: str = Field(min_length=1, max_length=1024)
+
+
+class SessionsEnded(BaseModel):
+    username: str
+    detail: str
+
+
+class HealthOut(BaseModel):
+    """The detailed health report (`node.ops.health.health_report`), at most `health_interval_seconds` old."""
+
+    model_config = {"extra": "allow"}
+    ok: bool
+    status: str
+    checked_at: str | None = None
+    age_seconds: float | None = None
+    components: dict = Field(default_factory=dict)
+
+
 class PriorityChange(BaseModel):
     priority: Priority | None = Field(
         description="the new priority; null clears the override (back to the AI priority)"
@@ -123,17 +145,25 @@ def ctx_of(request: Request):
 def token(body: TokenRequest, request: Request):
     """A bearer token for scripts (expires after MSKNODE_SESSION_MINUTES)."""
     ctx = ctx_of(request)
-    wait = ctx.throttle.retry_after(body.username)
+    address = client_address(request)
+    key = f"{body.username}\n{address}"  # per name and address: nobody else can lock an account
+    wait_address = ctx.ip_throttle.retry_after(address)
+    wait = wait_address or ctx.throttle.retry_after(key)
     if wait:
         return JSONResponse(
-            {"detail": f"too many failed logins for this user; try again in {wait} s"},
+            {
+                "detail": f"too many failed logins from this address; try again in {wait} s"
+                if wait_address
+                else f"too many failed logins for this user; try again in {wait} s"
+            },
             status_code=429,
             headers={"Retry-After": str(wait)},
         )
     with ctx.db.session() as s:
         user = authenticate(s, body.username, body.password)
         if user is None:
-            ctx.throttle.failed(body.username)
+            ctx.throttle.failed(key)
+            ctx.ip_throttle.failed(address)
             audit.record(
                 s,
                 actor=body.username[:64],
@@ -142,10 +172,66 @@ def token(body: TokenRequest, request: Request):
                 entity_id=body.username[:64],
             )
             return JSONResponse({"detail": "wrong username or password, or the account is disabled"}, status_code=401)
-        ctx.throttle.succeeded(user.username)
+        ctx.throttle.succeeded(f"{user.username}\n{address}")
         audit.record(s, actor=user.username, action="auth.token", entity_type="user", entity_id=user.username)
-        tok, p = ctx.codec.issue(user.username, user.role, kind="token")
+        tok, p = ctx.codec.issue(user.username, user.role, kind="token", epoch=user.session_epoch)
     return TokenResponse(access_token=tok, expires_at=p.expires_at, role=p.role)
+
+
+@router.post("/auth/logout", tags=["auth"], response_model=SessionsEnded)
+def api_logout(request: Request, p: Principal = Depends(api_csrf)):
+    """Ends every session and token of the caller (this one included)."""
+    with ctx_of(request).db.session() as s:
+        end_sessions(s, username=p.username, actor=p.username, action="auth.logout")
+    r = JSONResponse({"username": p.username, "detail": "logged out: every session and token of this user ended"})
+    r.delete_cookie("msknode_session", path="/")
+    return r
+
+
+@router.post(
+    "/auth/password",
+    tags=["auth"],
+    response_model=SessionsEnded,
+    responses={401: {"description": "wrong current password"}, 422: {"description": "the new password is refused"}},
+)
+def change_password(request: Request, body: PasswordChange, p: Principal = Depends(api_csrf)):
+    """Changes the caller's password; every session and token issued before ends (log in again)."""
+    ctx = ctx_of(request)
+    with ctx.db.session() as s:
+        if authenticate(s, p.username, body.current_password) is None:
+            return JSONResponse({"detail": "the current password is wrong"}, status_code=401)
+        try:
+            set_password(s, username=p.username, password=body.new_password, actor=p.username)
+        except UserError as e:
+            s.rollback()
+            return JSONResponse({"detail": str(e)}, status_code=422)
+    r = JSONResponse({"username": p.username, "detail": "password changed: log in again"})
+    r.delete_cookie("msknode_session", path="/")
+    return r
+
+
+@router.post(
+    "/admin/users/{username}/signout",
+    tags=["admin"],
+    response_model=SessionsEnded,
+    responses={404: {"description": "no such user"}},
+)
+def sign_out_everywhere(request: Request, username: str = Path(max_length=64), p: Principal = Depends(api_admin_csrf)):
+    """Ends every session and token of `username`."""
+    try:
+        with ctx_of(request).db.session() as s:
+            end_sessions(s, username=username, actor=p.username)
+    except UserError as e:
+        return JSONResponse({"detail": str(e)}, status_code=404)
+    return {"username": username, "detail": "every session and token of this user ended"}
+
+
+@router.get("/health", tags=["operations"], response_model=HealthOut, responses={503: {"model": HealthOut}})
+def health_details(request: Request, p: Principal = Depends(principal)):
+    """The detailed health report (listener C-ECHO, broker, database, disk, workers, job counts), from the
+    background check that runs at most every ``MSKNODE_HEALTH_INTERVAL_SECONDS``; 503 when not ok."""
+    report = ctx_of(request).health.latest()
+    return JSONResponse(report, status_code=200 if report.get("ok") else 503)
 
 
 @router.get("/me", tags=["auth"], response_model=responses.MeOut)
@@ -399,7 +485,7 @@ def viewer(
 
 
 def _png(data: bytes) -> Response:
-    return Response(data, media_type="image/png", headers={"Cache-Control": "private, max-age=300"})
+    return Response(data, media_type="image/png", headers={"Cache-Control": "no-store"})  # patient images: no cache
 
 
 def _slice_index(k: int, n: int) -> None:

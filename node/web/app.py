@@ -2,26 +2,40 @@
 
 `create_app(settings, db)` builds an app bound to one database; `run_web(settings)`
 serves it with uvicorn on ``settings.web_host:web_port``. Without a valid session
-only these answer: /login, /logout, /static/*, /health, /metrics, /openapi.json and
-``POST /api/auth/token``.
+only these answer: /login, ``POST /logout``, /static/*, /health (liveness only), /metrics
+and ``POST /api/auth/token``; /openapi.json and the detailed ``/api/health`` need a login.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import quote
 from zoneinfo import ZoneInfo
 
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
+from markupsafe import Markup
 
-from node.web.admin_views import OpsError
-from node.web.auth import COOKIE, CsrfError, Forbidden, LoginThrottle, NotAuthenticated, SessionCodec
+from node.db.finite import finite
+from node.web.admin_views import OpsError, mask_strings, mask_urls
+from node.web.auth import (
+    COOKIE,
+    CsrfError,
+    Forbidden,
+    LoginThrottle,
+    NotAuthenticated,
+    Principal,
+    SessionCodec,
+    principal,
+)
 from node.web.imaging import ImageCache, ImagingError
 from node.web.queries import display_time
 from worklists.errors import EntryNotFound, InvalidChange, WorklistError
@@ -37,6 +51,14 @@ CSP = (
 )
 
 
+class SafeJSONResponse(JSONResponse):
+    """JSON whose non-finite floats (NaN, inf) are null (JSON has none, and a bare NaN would be a 500)
+    and whose strings show no credential inside a URL (`node.web.admin_views.mask_urls`)."""
+
+    def render(self, content) -> bytes:
+        return super().render(mask_strings(finite(content)))
+
+
 @dataclass
 class WebContext:
     """What every request handler needs, built once per app (no module-level state)."""
@@ -49,10 +71,26 @@ class WebContext:
     images: ImageCache
     tz: ZoneInfo
     templates: Jinja2Templates
+    ip_throttle: LoginThrottle
+    health: object  # node.ops.health.HealthMonitor
+    _live: tuple[float, bool] = (0.0, False)
+    _live_lock: threading.Lock = field(default_factory=threading.Lock)
+    _live_check: Callable[[], bool] | None = None
+
+    def liveness(self, max_age: float = 1.0) -> bool:
+        """The anonymous /health answer (database and disk), computed at most once per `max_age` seconds."""
+        with self._live_lock:
+            at, ok = self._live
+            if time.monotonic() - at >= max_age:
+                from node.ops.health import liveness
+
+                ok = liveness(self.settings, self.db)  # type: ignore[arg-type]
+                self._live = (time.monotonic(), ok)
+            return ok
 
 
 def _is_api(request: Request) -> bool:
-    return request.url.path.startswith("/api/")
+    return request.url.path.startswith("/api/") or request.url.path == "/openapi.json"
 
 
 def _fmt_wait(minutes: int | None) -> str:
@@ -71,8 +109,19 @@ def _pct(p: float | None) -> str:
     return "—" if p is None else percent(p)
 
 
+def _finalize(v):
+    """Every value a template prints, with the credentials inside URLs masked (Markup stays Markup)."""
+    if isinstance(v, str):
+        masked = mask_urls(v)
+        if masked != v:
+            return Markup(masked) if isinstance(v, Markup) else masked
+    return v
+
+
 def _templates(tz: ZoneInfo) -> Jinja2Templates:
     t = Jinja2Templates(directory=str(WEB_DIR / "templates"))
+    # every value a page shows: no credential inside a URL (destination keys, settings, error messages)
+    t.env.finalize = _finalize
     t.env.filters["local"] = lambda value, with_seconds=False: display_time(value, tz, seconds=with_seconds)
     t.env.filters["wait"] = _fmt_wait
     t.env.filters["pct"] = _pct
@@ -84,6 +133,7 @@ def _templates(tz: ZoneInfo) -> Jinja2Templates:
 
 def create_app(settings, db, *, policy: TriagePolicy | None = None) -> FastAPI:
     """The web app for one node database. Raises `WorklistError` for an invalid triage policy."""
+    from node.ops.health import HealthMonitor
     from node.web import api, dashboard, feedback_routes, pages
 
     policy = policy or load_policy(settings.triage_policy)
@@ -97,8 +147,16 @@ def create_app(settings, db, *, policy: TriagePolicy | None = None) -> FastAPI:
         images=ImageCache(),
         tz=tz,
         templates=_templates(tz),
+        ip_throttle=LoginThrottle(
+            failures=settings.login_ip_max_failures,
+            window=settings.login_ip_window_seconds,
+            lockout=settings.login_ip_window_seconds,
+        ),
+        health=HealthMonitor(settings, db, interval=settings.health_interval_seconds),
     )
     app = FastAPI(
+        default_response_class=SafeJSONResponse,
+        openapi_url=None,  # served below, behind login
         title="msknode",
         summary="Triage worklist, study viewer and administration of an MSK MRI AI node",
         version="0.1.0",
@@ -107,6 +165,12 @@ def create_app(settings, db, *, policy: TriagePolicy | None = None) -> FastAPI:
         telemetry={"tracing": False, "metrics": False},
     )
     app.state.ctx = ctx
+    app.router.on_shutdown.append(ctx.health.stop)  # type: ignore[attr-defined]
+
+    @app.get("/openapi.json", include_in_schema=False)
+    def openapi(p: Principal = Depends(principal)):
+        return SafeJSONResponse(app.openapi())
+
     app.mount("/static", StaticFiles(directory=str(WEB_DIR / "static")), name="static")
     app.include_router(api.router)
     app.include_router(pages.router)
@@ -215,13 +279,23 @@ def run_web(settings) -> int:
     except WorklistError as e:
         raise SettingsError(str(e)) from None
     log.info("web UI on http://%s:%s/", settings.web_host, settings.web_port)
-    uvicorn.run(
-        app,
-        host=settings.web_host,
-        port=settings.web_port,
-        log_level=settings.log_level.lower(),
-        access_log=False,
-        proxy_headers=True,  # X-Forwarded-Proto is trusted from FORWARDED_ALLOW_IPS only (uvicorn: 127.0.0.1)
-    )
+    uvicorn.Server(uvicorn_config(settings, app)).run()
     db.dispose()
     return 0
+
+
+def uvicorn_config(settings, app, *, port: int | None = None):
+    """uvicorn's configuration of the node's web server: forwarded headers (client address, scheme)
+    are believed only from `MSKNODE_TRUSTED_PROXIES`; without any, they are ignored."""
+    import uvicorn
+
+    trusted = list(settings.trusted_proxies)
+    return uvicorn.Config(
+        app,
+        host=settings.web_host,
+        port=settings.web_port if port is None else port,
+        log_level=settings.log_level.lower(),
+        access_log=False,
+        proxy_headers=bool(trusted),
+        forwarded_allow_ips=trusted or None,
+    )

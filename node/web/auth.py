@@ -4,7 +4,9 @@ A login issues a signed, timestamped session (itsdangerous, key from
 ``settings.effective_secret_key()``) that expires after ``settings.session_minutes``:
 as an HttpOnly cookie for the browser, or as a bearer token from ``POST /api/auth/token``
 for scripts. Every request re-reads the user, so a disabled user or a changed role
-takes effect at once. Cookie sessions carry a CSRF token that every state-changing
+takes effect at once. Each session also carries the user's session epoch (``users.session_epoch``):
+logging out, a password change and an admin's "sign out everywhere" raise it, and every
+session or token issued before is refused from then on. Cookie sessions carry a CSRF token that every state-changing
 request must echo (form field ``csrf_token`` or header ``X-CSRF-Token``); bearer
 tokens cannot be sent by a browser on its own and need none.
 """
@@ -67,6 +69,7 @@ class Principal:
     csrf: str
     expires_at: float  # epoch seconds
     via: str  # "cookie" or "token"
+    epoch: int = 0  # the user's session epoch when it was issued
 
     @property
     def is_admin(self) -> bool:
@@ -85,11 +88,11 @@ class SessionCodec:
     def _serializer(self, kind: str) -> URLSafeTimedSerializer:
         return self._token if kind == "token" else self._cookie
 
-    def issue(self, username: str, role: str, *, kind: str = "cookie") -> tuple[str, Principal]:
+    def issue(self, username: str, role: str, *, kind: str = "cookie", epoch: int = 0) -> tuple[str, Principal]:
         exp = time.time() + self.max_age
         csrf = secrets.token_urlsafe(24)
-        token = self._serializer(kind).dumps({"u": username, "c": csrf, "x": exp})
-        return token, Principal(username, role, csrf, exp, kind)
+        token = self._serializer(kind).dumps({"u": username, "c": csrf, "x": exp, "e": int(epoch)})
+        return token, Principal(username, role, csrf, exp, kind, int(epoch))
 
     def read(self, token: str, *, kind: str = "cookie") -> dict:
         try:
@@ -98,7 +101,7 @@ class SessionCodec:
             raise NotAuthenticated("session expired, please log in again") from None
         except BadSignature:
             raise NotAuthenticated("invalid session") from None
-        if not isinstance(data, dict) or not {"u", "c", "x"} <= set(data):
+        if not isinstance(data, dict) or not {"u", "c", "x", "e"} <= set(data):
             raise NotAuthenticated("invalid session")
         if float(data["x"]) < time.time():
             raise NotAuthenticated("session expired, please log in again")
@@ -152,6 +155,17 @@ class LoginThrottle:
             self._seen.pop(username.lower(), None)
 
 
+def client_address(request: Request) -> str:
+    """The client's address: the peer, or what a trusted proxy forwarded (`MSKNODE_TRUSTED_PROXIES`,
+    applied by uvicorn's proxy-headers middleware, see `node.web.app.uvicorn_config`)."""
+    return request.client.host if request.client else "-"
+
+
+def cookie_secure(request: Request) -> bool:
+    """The session cookie's Secure flag: always with `MSKNODE_COOKIE_SECURE`, else when the request came over https."""
+    return bool(request.app.state.ctx.settings.cookie_secure) or request.url.scheme == "https"
+
+
 def _bearer(request: Request) -> str | None:
     header = request.headers.get("authorization", "")
     if header.lower().startswith("bearer "):
@@ -178,8 +192,10 @@ def principal(
         user = s.scalars(select(User).where(User.username == data["u"])).first()
         if user is None or not user.active:
             raise NotAuthenticated("this account is disabled")
+        if data["e"] != user.session_epoch:
+            raise NotAuthenticated("this session has ended (logged out or password changed), please log in again")
         role = user.role
-    p = Principal(data["u"], role, data["c"], float(data["x"]), kind)
+    p = Principal(data["u"], role, data["c"], float(data["x"]), kind, int(data["e"]))
     request.state.principal = p
     return p
 

@@ -8,12 +8,24 @@ from fastapi import APIRouter, Depends, Form, Query, Request
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 
 from node.db.database import utcnow
+from node.errors import UserError
 from node.intake.routing import PIPELINE_ROLES
 from node.jobs.listing import list_jobs
 from node.web import admin_views, queries, rule_editor
 from node.web.api import Anatomy, JobState, OutboxState, Priority, Status, audit_view
-from node.web.auth import COOKIE, LOGIN_COOKIE, NotAuthenticated, Principal, admin, check_csrf, principal
-from node.web.users import authenticate, list_users
+from node.web.auth import (
+    COOKIE,
+    CSRF_HEADER,
+    LOGIN_COOKIE,
+    NotAuthenticated,
+    Principal,
+    admin,
+    check_csrf,
+    client_address,
+    cookie_secure,
+    principal,
+)
+from node.web.users import authenticate, end_sessions, list_users
 from worklists import audit, entries
 from worklists.errors import InvalidChange
 from worklists.feedback import study_feedback
@@ -21,7 +33,7 @@ from worklists.tables import PRIORITIES
 
 router = APIRouter(include_in_schema=False)
 ROUTING_PIPELINES = {name: list(roles) for name, roles in PIPELINE_ROLES.items()}
-ops_router = APIRouter(tags=["operations"])  # no login, no patient data
+ops_router = APIRouter(tags=["operations"])  # no login, no patient data, no detail
 
 
 def _ctx(request: Request):
@@ -67,7 +79,7 @@ def login_form(request: Request, next: str | None = None):
         max_age=3600,
         httponly=True,
         samesite="strict",
-        secure=request.url.scheme == "https",
+        secure=cookie_secure(request),
         path="/login",
     )
     return r
@@ -93,15 +105,26 @@ def login(
             nonce=nonce,
             error="the login form expired, please try again",
         )
-        r.set_cookie(LOGIN_COOKIE, cookie, max_age=3600, httponly=True, samesite="strict", path="/login")
+        r.set_cookie(
+            LOGIN_COOKIE,
+            cookie,
+            max_age=3600,
+            httponly=True,
+            samesite="strict",
+            secure=cookie_secure(request),
+            path="/login",
+        )
         return r
-    wait = ctx.throttle.retry_after(username) if username else 0
+    address = client_address(request)
+    wait_address = ctx.ip_throttle.retry_after(address)
+    wait = wait_address or (ctx.throttle.retry_after(f"{username}\n{address}") if username else 0)
     user = None
     if not wait:
         with ctx.db.session() as s:
             user = authenticate(s, username, password) if username and password else None
             if user is None:
-                ctx.throttle.failed(username or "-")
+                ctx.throttle.failed(f"{username or '-'}\n{address}")
+                ctx.ip_throttle.failed(address)
                 audit.record(
                     s,
                     actor=(username or "-")[:64],
@@ -110,13 +133,15 @@ def login(
                     entity_id=(username or "-")[:64],
                 )
             else:
-                ctx.throttle.succeeded(user.username)
+                ctx.throttle.succeeded(f"{user.username}\n{address}")
                 audit.record(s, actor=user.username, action="auth.login", entity_type="user", entity_id=user.username)
-                token, _principal = ctx.codec.issue(user.username, user.role)
+                token, _principal = ctx.codec.issue(user.username, user.role, epoch=user.session_epoch)
     if user is None:
         cookie, nonce = ctx.codec.login_nonce()
         error = (
-            f"too many failed logins for this user; try again in {wait} s"
+            f"too many failed logins from this address; try again in {wait} s"
+            if wait_address
+            else f"too many failed logins for this user; try again in {wait} s"
             if wait
             else "wrong username or password, or the account is disabled"
         )
@@ -130,7 +155,17 @@ def login(
             error=error,
             username=username,
         )
-        r.set_cookie(LOGIN_COOKIE, cookie, max_age=3600, httponly=True, samesite="strict", path="/login")
+        r.set_cookie(
+            LOGIN_COOKIE,
+            cookie,
+            max_age=3600,
+            httponly=True,
+            samesite="strict",
+            secure=cookie_secure(request),
+            path="/login",
+        )
+        if wait:
+            r.headers["Retry-After"] = str(wait)
         return r
     redirect = RedirectResponse(_safe_next(next), status_code=303)
     redirect.set_cookie(
@@ -139,36 +174,33 @@ def login(
         max_age=ctx.codec.max_age,
         httponly=True,
         samesite="strict",
-        secure=request.url.scheme == "https",
+        secure=cookie_secure(request),
         path="/",
     )
     redirect.delete_cookie(LOGIN_COOKIE, path="/login")
     return redirect
 
 
-def _logout(request: Request) -> RedirectResponse:
+@router.post("/logout")
+def logout(request: Request, csrf_token: str = Form(default="", max_length=128)):
+    """Ends the user's sessions (this cookie and every other session or token of the user: the session
+    epoch is raised). POST only, with the session's CSRF token; a cookie that is no session any more is
+    just cleared."""
     ctx = _ctx(request)
     token = request.cookies.get(COOKIE)
+    p = None
     if token:
         try:
-            data = ctx.codec.read(token)
-            with ctx.db.session() as s:
-                audit.record(s, actor=data["u"], action="auth.logout", entity_type="user", entity_id=data["u"])
+            p = principal(request, None, token)
         except NotAuthenticated:
-            pass
+            p = None
+    if p is not None:
+        check_csrf(p, csrf_token or request.headers.get(CSRF_HEADER))
+        with ctx.db.session() as s:
+            end_sessions(s, username=p.username, actor=p.username, action="auth.logout")
     r = RedirectResponse("/login?msg=" + quote("logged out"), status_code=303)
     r.delete_cookie(COOKIE, path="/")
     return r
-
-
-@router.post("/logout")
-def logout_post(request: Request):
-    return _logout(request)
-
-
-@router.get("/logout")
-def logout_get(request: Request):
-    return _logout(request)
 
 
 # ---- worklist ------------------------------------------------------------------------------
@@ -548,15 +580,30 @@ def admin_users(request: Request, p: Principal = Depends(admin)):
     return _render(request, "admin_users.html", p, users=rows)
 
 
+@router.post("/admin/users/{username}/signout")
+def admin_user_signout(
+    request: Request, username: str, csrf_token: str = Form(default="", max_length=128), p: Principal = Depends(admin)
+):
+    """Sign out everywhere: every session and token of the user ends (the user's session epoch is raised)."""
+    check_csrf(p, csrf_token)
+    try:
+        with _ctx(request).db.session() as s:
+            end_sessions(s, username=username, actor=p.username)
+    except UserError as exc:
+        return _back("/admin/users", error=str(exc))
+    return _back("/admin/users", msg=f"every session of {username} ended")
+
+
 # ---- unauthenticated operations -----------------------------------------------------------
 
 
-@ops_router.get("/health", responses={503: {"description": "a check failed"}})
+@ops_router.get("/health", responses={503: {"description": "the node cannot accept anything"}})
 def health(request: Request):
-    """Health of the node (database, disk, and what ``node.ops.health`` checks); 503 when failing."""
-    ctx = _ctx(request)
-    report, ok = admin_views.health(ctx.settings, ctx.db)
-    return JSONResponse(report, status_code=200 if ok else 503)
+    """Liveness for load balancers and monitors: ``{"status": "ok"}``, or 503 ``{"status": "down"}`` when the
+    database does not answer or the disk is full. Cached for a second; no DICOM association, no detail
+    (the detailed report is ``GET /api/health``, behind login)."""
+    ok = _ctx(request).liveness()
+    return JSONResponse({"status": "ok" if ok else "down"}, status_code=200 if ok else 503)
 
 
 @ops_router.get("/metrics", response_class=Response)

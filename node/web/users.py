@@ -53,7 +53,19 @@ def set_password(session: Session, *, username: str, password: str, actor: str =
         raise UserError(f"no user {username!r}")
     validate_password(password)
     user.password_hash = hasher().hash(password)
+    user.session_epoch = (user.session_epoch or 0) + 1  # every session and token issued before ends
     audit.record(session, actor=actor, action="user.password", entity_type="user", entity_id=username)
+    return user
+
+
+def end_sessions(session: Session, *, username: str, actor: str, action: str = "user.sessions_ended") -> User:
+    """Ends every session and bearer token of `username` (raises its session epoch)."""
+    user = session.scalars(select(User).where(User.username == username)).first()
+    if user is None:
+        raise UserError(f"no user {username!r}")
+    old = user.session_epoch or 0
+    user.session_epoch = old + 1
+    audit.record(session, actor=actor, action=action, entity_type="user", entity_id=username, old=old, new=old + 1)
     return user
 
 
