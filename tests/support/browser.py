@@ -1,7 +1,7 @@
 """The web UI tests' processes and page helpers: ``msknode web`` in a subprocess, headless Chromium.
 
 `web_server(data_dir, log_path, **env)` runs the real ``msknode web`` on a free loopback port
-until its API answers and yields its base URL; `chromium()` yields a Selenium driver of the
+until it answers and yields its base URL; `chromium()` yields a Selenium driver of the
 Debian chromium + chromedriver with a throw-away profile. Both stop what they started when the
 ``with`` block ends (and are registered with `support.servers`, so an interrupted run stops
 them too). ``tests/conftest.py`` has the ``browser`` fixture.
@@ -45,7 +45,7 @@ CHROMIUM_FLAGS = (
 @contextmanager
 def web_server(data_dir: Path, log_path: Path, *, timeout: float = 30.0, **env: object) -> Iterator[str]:
     """``msknode web`` on a free 127.0.0.1 port with ``MSKNODE_DATA_DIR=data_dir`` and ``env``
-    (``MSKNODE_*`` settings); yields ``http://127.0.0.1:PORT`` once ``/openapi.json`` answers."""
+    (``MSKNODE_*`` settings); yields ``http://127.0.0.1:PORT`` once ``/health`` answers (no login)."""
     port = free_port()
     child = child_env(
         MSKNODE_DATA_DIR=data_dir,
@@ -74,7 +74,7 @@ def web_server(data_dir: Path, log_path: Path, *, timeout: float = 30.0, **env: 
             deadline = time.monotonic() + timeout
             while True:
                 try:
-                    with urllib.request.urlopen(url + "/openapi.json", timeout=2) as r:
+                    with urllib.request.urlopen(url + "/health", timeout=2) as r:
                         if r.status == 200:
                             break
                 except (urllib.error.URLError, ConnectionError):
