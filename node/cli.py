@@ -57,7 +57,12 @@ def setup_logging(level: str, fmt: str | None = None, library_level: str | None 
     configure(level, fmt, library_level)
 
 
+#: every file and folder the node makes is its own alone (database and its WAL, images, quarantine, logs, keys)
+PRIVATE_UMASK = 0o077
+
+
 def main(argv: list[str] | None = None) -> int:
+    os.umask(PRIVATE_UMASK)  # before anything is written; the parts msknode serve starts inherit it
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.config:

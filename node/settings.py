@@ -270,6 +270,8 @@ class Settings(BaseSettings):
     network_timeout: float = Field(default=60.0, gt=0)
     # pynetdicom with the event-driven loops of node.receive.transport; false: stock pynetdicom
     fast_transport: bool = True
+    # UPS (node.ups): AE title -> "host:port" of each peer that may subscribe to workitem events
+    ups_event_receivers: Annotated[dict[str, str], NoDecode] = Field(default_factory=dict)
     # the largest data set one C-STORE may carry (inflated size for deflated transfer syntaxes)
     max_object_mb: int = Field(default=512, ge=1, le=65536)
     # hostile peers: a hard deadline for the A-ASSOCIATE-RQ, connections of one address before it,
@@ -362,6 +364,29 @@ class Settings(BaseSettings):
                     ipaddress.ip_network(item, strict=False)
                 except ValueError:
                     raise ValueError(f"{item!r} is not an IP address or network (or *)") from None
+        return v
+
+    @field_validator("ups_event_receivers", mode="before")
+    @classmethod
+    def _ups_receivers(cls, v: Any) -> Any:
+        """JSON (``{"RIS": "ris.example.org:104"}``) or ``RIS=ris.example.org:104, VIEWER=10.0.0.5:11112``."""
+        if isinstance(v, str):
+            v = v.strip()
+            if v.startswith("{"):
+                v = json.loads(v)
+            else:
+                pairs = [p.split("=", 1) for p in re.split(r"[,;]", v) if p.strip()]
+                if any(len(p) != 2 for p in pairs):
+                    raise ValueError("expected AE=host:port, AE2=host:port or a JSON object")
+                v = {k.strip(): a.strip() for k, a in pairs}
+        if not isinstance(v, dict):
+            raise ValueError("expected an object of AE title -> host:port")
+        for ae, address in v.items():
+            if not _AE_RE.match(str(ae)) or "\\" in str(ae) or not str(ae).strip():
+                raise ValueError(f"{ae!r}: an AE title is 1-16 printable characters, no backslash")
+            host, _, port = str(address).rpartition(":")
+            if not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+                raise ValueError(f"{ae}: {address!r} is not host:port")
         return v
 
     @field_validator("study_protocols", mode="before")
@@ -518,6 +543,7 @@ class Settings(BaseSettings):
     def ensure_dirs(self) -> None:
         for d in (self.data_dir, self.store_dir, self.quarantine_dir, self.results_dir, self.tmp_dir):
             d.mkdir(parents=True, exist_ok=True)
+        os.chmod(self.data_dir, 0o700)  # patient data: the node's user alone (also a data dir made before)
 
 
 def load_settings(config: str | Path | None = None, **overrides: Any) -> Settings:

@@ -50,6 +50,7 @@ DESCRIPTIONS = {
     "listener_tls_cert_file": "PEM certificate chain of the listener: when set (with `listener_tls_key_file`) the DICOM port speaks TLS only (DICOM TLS, PS3.15 B.1).",
     "listener_tls_key_file": "PEM private key of `listener_tls_cert_file`.",
     "listener_tls_ca_file": "PEM CA certificates: when set, peers must present a client certificate signed by one of them.",
+    "ups_event_receivers": "The peers that may subscribe to UPS workitem events (IHE AIW-I watchers: RIS, reading worklists), AE title to `host:port`: `RIS=ris.example.org:104, VIEWER=10.0.0.5:11112` (or JSON). N-EVENT-REPORTs go only to these addresses; a subscription for any other AE title is refused (0xC308). See docs/ups.md.",
     "quiet_seconds": "A series is complete this long after the association that delivered it was released (or at once when it announces its size and has no gap).",
     "study_quiet_seconds": "A study is processed when all its routed series are complete and nothing arrived for this long.",
     "study_protocols": "The roles each pipeline's protocol sends, e.g. `knee=sag_fluid,cor_fluid; shoulder=cor_fluid` (or JSON). A study in which every listed role arrived complete is processed at once, without the study quiet period; a pipeline not listed, or one with a role missing, waits for it.",
@@ -100,6 +101,7 @@ SPECIAL_DEFAULTS = {
     "activate_models": "empty (cards decide: shadow without real-data validation)",
     "study_protocols": "none (every study waits for the quiet period)",
     "log_file": "`<data_dir>/logs/msknode.log`",
+    "ups_event_receivers": "none (no peer can subscribe)",
     "trusted_proxies": "`127.0.0.1,::1`",
 }
 
@@ -110,6 +112,7 @@ EXAMPLES: dict[str, object] = {
     "worker_queues": ["ingest", "cpu"],
     "activate_models": ["knee.acl", "knee.meniscus"],
     "study_protocols": {"knee": ["cor_fluid", "sag_fluid"], "shoulder": ["cor_fluid"]},  # roles sorted, as read
+    "ups_event_receivers": {"RIS_AE": "ris.example.org:104", "READING_WL": "10.0.0.5:11112"},
     "destinations": [
         {"type": "dimse", "ae_title": "PACS_AET", "host": "pacs.example.org", "port": 104},
         {

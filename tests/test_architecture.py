@@ -65,6 +65,7 @@ ALLOWED: dict[str, set[str]] = {
         "node.ops",
         "worklists",
     },
+    "node.ups": {"node.db", "node.errors", "node.settings", "worklists"},
     "node.demo": {"node.db", "node.errors", "node.settings", "node.web"},
     "node.commands": {"node.db", "node.errors", "node.settings"},
     "node.cli": {"node.db", "node.errors", "node.settings"},

@@ -103,6 +103,8 @@ def _purge(args, settings) -> int:
         print(json.dumps(report.as_dict(), indent=2))
         return 0
     verb = "would purge" if report.dry_run else "purged"
+    if report.quarantined or report.associations:
+        print(f"{verb} {report.quarantined} quarantined object(s) and {report.associations} association row(s)")
     if not report.studies:
         print(f"nothing to purge (retention {settings.retention_days:g} days after delivery)")
         return 0

@@ -356,3 +356,59 @@ class FindingFeedback(Base):
     created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
     updated_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
 
+
+UPS_STATES = ("SCHEDULED", "IN PROGRESS", "CANCELED", "COMPLETED")
+UPS_EVENT_STATES = ("pending", "sent", "dead")
+
+
+class UpsWorkitem(Base):
+    """A Unified Procedure Step (PS3.4 CC): the AI task of one job as hospital systems see it (node.ups)."""
+
+    __tablename__ = "ups_workitems"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    sop_instance_uid: Mapped[str] = mapped_column(UID, unique=True)
+    # the job it follows; NULL for a workitem a peer created by N-CREATE
+    job_id: Mapped[int | None] = mapped_column(ForeignKey("jobs.id", ondelete="SET NULL"), index=True)
+    study_uid: Mapped[str | None] = mapped_column(UID, index=True)
+    state: Mapped[str] = mapped_column(String(16), default="SCHEDULED", index=True)
+    priority: Mapped[str] = mapped_column(String(8), default="MEDIUM")
+    # set when the workitem is claimed (IN PROGRESS); never returned to a peer
+    transaction_uid: Mapped[str | None] = mapped_column(UID)
+    # the UPS attributes as DICOM JSON (PS3.18 F.2), without the Transaction UID
+    dataset: Mapped[dict[str, Any]] = mapped_column(JSON)
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
+    updated_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class UpsSubscription(Base):
+    """A peer AE subscribed to one workitem's events, or to all (``workitem_uid`` NULL: global)."""
+
+    __tablename__ = "ups_subscriptions"
+    __table_args__ = (UniqueConstraint("ae_title", "workitem_uid", name="uq_ups_subscription"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    ae_title: Mapped[str] = mapped_column(String(16))
+    workitem_uid: Mapped[str | None] = mapped_column(UID)
+    deletion_lock: Mapped[bool] = mapped_column(Boolean, default=False)
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class UpsEvent(Base):
+    """One N-EVENT-REPORT owed to one subscriber, delivered in id order per AE (an outbox of events)."""
+
+    __tablename__ = "ups_events"
+    __table_args__ = (Index("ix_ups_events_state_ae", "state", "ae_title"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    ae_title: Mapped[str] = mapped_column(String(16))
+    workitem_uid: Mapped[str] = mapped_column(UID)
+    event_type: Mapped[int] = mapped_column(Integer)
+    # the Event Information as DICOM JSON
+    info: Mapped[dict[str, Any]] = mapped_column(JSON)
+    state: Mapped[str] = mapped_column(String(16), default="pending")
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
+    last_error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
+    sent_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)

@@ -128,7 +128,12 @@ class OrthancProcess:
     def write_config(self) -> None:
         self._binary()
         self.workdir.mkdir(parents=True, exist_ok=True)
-        self.config_path.write_text(json.dumps(self.config(), indent=2))
+        os.chmod(self.workdir, 0o700)
+        # it holds the REST password: readable by this user alone, also when it existed before
+        fd = os.open(self.config_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        os.fchmod(fd, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(json.dumps(self.config(), indent=2))
 
     # ---- lifecycle ---------------------------------------------------------------------------
     def start(self, timeout: float = 60.0):

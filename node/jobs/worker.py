@@ -10,6 +10,8 @@ time limits apply) on the given queues, and — as a worker bootstep, once the p
   cleanup, hourly (housekeeping workers only);
 - the dispatch loop (housekeeping workers only): `node.dispatch.outbox.process_outbox`, in its own
   thread so that a slow or unreachable PACS never delays the sweeper.
+- the UPS loop (housekeeping workers only): `node.ups.events.run_round` — workitems follow the
+  jobs, their events go to subscribers — in its own thread for the same reason.
 
 "Housekeeping" workers are those that consume the ``ingest`` queue (the listener host);
 inference-only workers (``--queues gpu``) heartbeat, enqueue and sweep only. Every step is
@@ -143,6 +145,16 @@ def retention_duty(db: Database, settings: Settings) -> Duty:
     return Duty("retention", run, every=3600.0)
 
 
+def ups_duty(db: Database, settings: Settings) -> Duty:
+    """Unified Procedure Steps follow the jobs; their events go to subscribers (node.ups)."""
+    from node.ups.events import run_round
+
+    def run(now: dt.datetime) -> None:
+        run_round(db, settings, now)
+
+    return Duty("ups", run)
+
+
 def build_duties(
     db: Database,
     settings: Settings,
@@ -195,6 +207,10 @@ def build_loops(db: Database, settings: Settings, *, housekeeping: bool, **kw) -
             PeriodicLoop(
                 [dispatch_duty(db, settings)], interval=settings.sweep_interval_seconds, name="msknode-dispatch"
             )
+        )
+        # workitems and their events in a loop of their own: a subscriber that is down never delays results
+        loops.append(
+            PeriodicLoop([ups_duty(db, settings)], interval=settings.sweep_interval_seconds, name="msknode-ups")
         )
     return loops
 

@@ -14,6 +14,12 @@ Study and series rows stay (with ``studies.purged_at``) for the worklist and aud
 Files are first moved aside, the rows deleted and committed, then the files removed;
 a file whose instance was received again meanwhile is put back.
 
+The same pass deletes what the listener keeps about refused objects and connections:
+
+- quarantine rows and their files (only files inside ``<data_dir>/quarantine``) whose object
+  arrived ``quarantine_retention_days`` ago or earlier;
+- association rows that ended ``association_retention_days`` ago or earlier (open ones stay).
+
 `purge` is what ``msknode purge`` and the periodic loop call.
 """
 
@@ -30,7 +36,7 @@ from sqlalchemy import delete, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from node.db.database import Database, execute_dml, utcnow
-from node.db.schema import Instance, Job, OutboxItem, ResultObject, Series, Study
+from node.db.schema import Association, Instance, Job, OutboxItem, Quarantine, ResultObject, Series, Study
 from node.intake.routing import LOCALIZER_ROLE
 from node.settings import Settings
 
@@ -69,6 +75,8 @@ class PurgeReport:
     dry_run: bool
     retention_days: float
     studies: list[PurgedStudy] = field(default_factory=list)
+    quarantined: int = 0  # quarantine rows (with their files) deleted
+    associations: int = 0  # association rows deleted
 
     @property
     def instances(self) -> int:
@@ -83,6 +91,8 @@ class PurgeReport:
             "dry_run": self.dry_run,
             "retention_days": self.retention_days,
             "studies": [s.as_dict() for s in self.studies],
+            "quarantined": self.quarantined,
+            "associations": self.associations,
             "instances": self.instances,
             "bytes": self.bytes,
         }
@@ -170,7 +180,65 @@ def purge(
             report.studies.append(done)
     if report.studies and not dry_run:
         log.info("retention: purged %d instance(s) of %d stud(ies)", report.instances, len(report.studies))
+    report.quarantined = purge_quarantine(db, settings, now=now, dry_run=dry_run, limit=limit)
+    report.associations = purge_associations(db, settings, now=now, dry_run=dry_run)
     return report
+
+
+def purge_quarantine(
+    db: Database, settings: Settings, *, now: dt.datetime, dry_run: bool = False, limit: int | None = None
+) -> int:
+    """Deletes quarantine rows (and their files) older than ``quarantine_retention_days``; returns how many."""
+    cutoff = now - dt.timedelta(days=settings.quarantine_retention_days)
+    old = Quarantine.received_at <= cutoff
+    if dry_run:
+        with db.session() as s:
+            n = int(s.scalar(select(func.count()).select_from(Quarantine).where(old)) or 0)
+        return n if limit is None else min(n, limit)
+    n = 0
+    while limit is None or n < limit:
+        batch = 500 if limit is None else min(500, limit - n)
+        with db.session() as s:
+            rows = s.execute(
+                select(Quarantine.id, Quarantine.path, Quarantine.sop_instance_uid)
+                .where(old)
+                .order_by(Quarantine.id)
+                .limit(batch)
+            ).all()
+            if not rows:
+                break
+            s.execute(delete(Quarantine).where(Quarantine.id.in_([r.id for r in rows])))
+        # committed: the rows are gone, now their files
+        for r in rows:
+            if not r.path:
+                continue
+            path = Path(r.path)
+            if not path.is_absolute():
+                path = settings.quarantine_dir / path
+            if not _inside(path, settings.quarantine_dir):
+                log.warning("retention: quarantined %s is outside the quarantine; file left alone", r.sop_instance_uid)
+                continue
+            path.unlink(missing_ok=True)
+            _remove_empty_parents(path.parent, settings.quarantine_dir)
+        n += len(rows)
+    if n:
+        log.info(
+            "retention: deleted %d quarantined object(s) older than %g days", n, settings.quarantine_retention_days
+        )
+    return n
+
+
+def purge_associations(db: Database, settings: Settings, *, now: dt.datetime, dry_run: bool = False) -> int:
+    """Deletes association rows that ended more than ``association_retention_days`` ago; returns how many."""
+    cutoff = now - dt.timedelta(days=settings.association_retention_days)
+    old = Association.ended_at.is_not(None) & (Association.ended_at <= cutoff)
+    with db.session() as s:
+        if dry_run:
+            return int(s.scalar(select(func.count()).select_from(Association).where(old)) or 0)
+        n = execute_dml(s, delete(Association).where(old)).rowcount or 0
+    if n:
+        log.info("retention: deleted %d association row(s) older than %g days", n, settings.association_retention_days)
+    return n
 
 
 def _resolve(settings: Settings, path: str) -> Path:

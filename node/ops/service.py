@@ -141,6 +141,7 @@ class Supervisor:
 
 def serve(settings, *, parts: tuple[str, ...] = ("listen", "worker", "web")) -> int:
     """Runs the chosen parts until SIGTERM/SIGINT."""
+    os.umask(0o077)  # (as node.cli does) the database, images, quarantine and logs are the node's alone
     settings.ensure_dirs()
     upgrade(settings.database_url)  # once, before the children start
     children = [Child(name, child_command(name)) for name in PARTS if name in parts]

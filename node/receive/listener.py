@@ -173,6 +173,10 @@ class Listener:
             (evt.EVT_ABORTED, self._on_aborted),
             (evt.EVT_CONN_CLOSE, self._on_conn_close),
         ]
+        # Unified Procedure Steps on the same AE, behind the same AE-title allow-list
+        from node.ups.dimse import add_ups_service
+
+        add_ups_service(ae, handlers, self.db, self.settings)
         address = (self.settings.host, self.settings.port)
         server_class = HandoffServer if self.handoff is not None else ReusePortServer
         fast = self.settings.fast_transport

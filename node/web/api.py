@@ -318,6 +318,9 @@ def set_priority(
             actor=p.username,
             now=utcnow(),
         )
+        from node.ups.workitems import follow_worklist_priority  # the study's UPS workitems follow, subscribers hear
+
+        follow_worklist_priority(s, utcnow(), study_id=e.study_id)
         return {"entry_id": e.id, "priority": e.priority, "ai_priority": e.ai_priority, "override": e.override_priority}
 
 

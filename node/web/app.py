@@ -178,6 +178,9 @@ def create_app(settings, db, *, policy: TriagePolicy | None = None) -> FastAPI:
     from node.web import deployment_routes  # model versions per pipeline: shadow or active
 
     app.include_router(deployment_routes.router)
+    from node.ups import rest as ups_rest  # UPS-RS (PS3.18): the AI workitems
+
+    app.include_router(ups_rest.router)
     app.include_router(feedback_routes.router)
     app.include_router(dashboard.router)
 

@@ -113,7 +113,7 @@ def test_anonymous_health_opens_no_association_and_shows_no_detail(node):
 
 
 def test_the_detailed_report_needs_a_login_and_probes_at_most_once_per_interval(node):
-    lp, web, db = node
+    _lp, web, db = node
     with web.client() as c:
         assert c.get("/api/health").status_code == 401
     bearer = {"Authorization": f"Bearer {token(web.client(), *USER).json()['access_token']}"}
