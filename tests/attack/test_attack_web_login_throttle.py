@@ -89,4 +89,3 @@ def test_behind_a_trusted_proxy_each_client_address_is_limited_on_its_own(proxie
     assert token(c, USER[0], USER[1], headers=victim).status_code == 200
     r = login_form(c, USER[0], USER[1], headers=victim)
     assert r.status_code == 303, r.text
-

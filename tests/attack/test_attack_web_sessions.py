@@ -119,17 +119,13 @@ def test_an_admin_signs_a_user_out_everywhere(web):
     # a radiologist cannot sign anyone out
     r = web.client().post(f"/api/admin/users/{ADMIN[0]}/signout", headers={"Authorization": f"Bearer {bearer}"})
     assert r.status_code == 403
-    r = web.client().post(
-        f"/api/admin/users/{READER[0]}/signout", headers={"Authorization": f"Bearer {admin_bearer}"}
-    )
+    r = web.client().post(f"/api/admin/users/{READER[0]}/signout", headers={"Authorization": f"Bearer {admin_bearer}"})
     assert r.status_code == 200, r.text
     assert _me(web, cookie=cookie) == 401 and _me(web, bearer=bearer) == 401
     assert _me(web, bearer=admin_bearer) == 200  # the admin's own sessions go on
     # the users page's button does the same
     _b2, cookie2, _c2, bearer2 = _sessions(web, READER)
-    r = admin_browser.post(
-        f"/admin/users/{READER[0]}/signout", data={"csrf_token": admin_csrf}, follow_redirects=False
-    )
+    r = admin_browser.post(f"/admin/users/{READER[0]}/signout", data={"csrf_token": admin_csrf}, follow_redirects=False)
     assert r.status_code == 303 and "error" not in r.headers["location"], r.headers["location"]
     assert _me(web, cookie=cookie2) == 401 and _me(web, bearer=bearer2) == 401
     with web.db.session() as s:
