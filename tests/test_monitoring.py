@@ -324,3 +324,26 @@ def test_msknode_monitor_json_exits_3_on_an_alert_and_0_without(settings, db, po
         [str(VENV_BIN / "msknode"), "monitor"], env=env, cwd=ROOT, capture_output=True, text=True, timeout=120
     )
     assert r.returncode == 3 and "ALERT positive_rate: knee.acl 1.0.0: positive rate 70.0 %" in r.stdout
+
+
+def test_each_model_version_shows_its_deployment_state(db, policy):
+    from node.db.schema import ModelDeployment
+    from worklists.monitoring import report
+
+    seed_history(db, policy, now=NOW, phases=[Phase(12, 3, 1, positive_rate=0.5)], version="1.1.0")
+    seed_history(db, policy, now=NOW, phases=[Phase(12, 3, 1, positive_rate=0.5)], version="1.0.0", seed=2)
+    with db.session() as s:
+        s.add(
+            ModelDeployment(
+                pipeline="knee",
+                model_name="knee.acl",
+                version="1.1.0",
+                weights_sha256="cd" * 32,
+                state="shadow",
+                changed_by="alice",
+            )
+        )
+        s.flush()
+        models = {m["version"]: m for m in report(s, policy=policy, now=NOW)["models"]}
+    assert models["1.1.0"]["deployment"] == ["shadow (knee)"] and models["1.0.0"]["deployment"] == []
+    assert models["1.1.0"]["current"]["studies"] == 12 == models["1.0.0"]["current"]["studies"]
