@@ -357,6 +357,8 @@ def silence(session: Session, *, windows: Windows) -> list[dict[str, Any]]:
         .where(Series.pipeline.is_not(None), Series.own_object.is_(False))
         .where(Series.first_received_at >= windows.reference_start)
     ):
+        if pipeline is None:
+            continue
         seen = arrivals[pipeline].get(study_id)
         if seen is None or first < seen:
             arrivals[pipeline][study_id] = first
@@ -389,7 +391,7 @@ def silence(session: Session, *, windows: Windows) -> list[dict[str, Any]]:
         )
         silent = limit is not None and quiet > limit
         msg = []
-        if silent:
+        if silent and usual is not None:
             msg.append(
                 f"pipeline {pipeline}: no study for {quiet / 60:.1f} h, more than twice its usual gap "
                 f"({usual / 60:.1f} h, 95th percentile)"
@@ -498,6 +500,8 @@ def turnaround(session: Session, *, policy: TriagePolicy, windows: Windows) -> d
     ).all()
     cells: dict[tuple[str, str], list[float]] = defaultdict(list)
     for e, st in rows:
+        if e.read_at is None:
+            continue
         minutes = (e.read_at - waiting_since(st)).total_seconds() / 60
         cells[(e.priority, week_of(e.read_at))].append(minutes)
     out = []
