@@ -172,7 +172,10 @@ class UpsService:
         action = int(event.action_type or 0)
         calling = _calling(event)
         try:
-            info = event.action_information
+            try:
+                info = event.action_information
+            except Exception:  # no Action Information (a request cancel may carry none)
+                info = None
             with self.db.session() as s:
                 status = action_from_peer(s, self.settings, uid, action, info, calling=calling)
             return status, None
