@@ -124,7 +124,7 @@ EXAMPLES: dict[str, object] = {
             "tls_ca_file": "/etc/msknode/ca.pem",
         },
         {"type": "stow", "url": "https://pacs.example.org/dicom-web", "token": "..."},
-        {"type": "hl7", "name": "ris", "host": "ris.example.org", "port": 2575, "receiving_application": "RIS"},
+        {"type": "hl7", "name": "ris", "host": "ris.example.org", "port": 2575, "receiving_facility": "RADIOLOGY"},
         {"type": "fhir", "name": "ehr", "url": "https://ehr.example.org/fhir", "token": "..."},
     ],
 }

@@ -16,7 +16,7 @@ Every entry is a conditional create (``ifNoneExist`` on its identifier) and its 
 from the SR's UID, so a bundle sent again after a lost answer creates nothing twice on a conforming
 server. Answers: 2xx with a ``transaction-response`` whose entries are all 2xx → sent; 5xx, 408, 429,
 no connection or no answer within the destination's timeout → retried; any other 4xx → dead at once
-(the server refused the content). The answer is read up to `MAX_RESPONSE_BYTES`.
+(the server refused the content). The answer is read up to 1 MiB (`MAX_RESPONSE_BYTES`).
 """
 
 from __future__ import annotations

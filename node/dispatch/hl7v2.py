@@ -15,7 +15,7 @@ The message (built and validated against the 2.5.1 ORU_R01 structure with hl7apy
   or the reason it was not evaluated;
 - a last OBX (ST) with the Study Instance UID (``110180^Study Instance UID^DCM``).
 
-The ACK (read with the ``hl7`` package's MLLP streams, at most `MAX_ACK_BYTES`, within the destination's
+The ACK (read with the ``hl7`` package's MLLP streams, at most 64 KiB (`MAX_ACK_BYTES`), within the destination's
 timeout): MSA-1 ``AA``/``CA`` → sent; ``AE``/``CE`` (application error) → retried with the outbox's
 backoff, dead after its last attempt; ``AR``/``CR`` (rejected: wrong version, message type or
 processing ID, which a retry of the same message cannot fix) → dead at once. No connection, no answer

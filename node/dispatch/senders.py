@@ -22,6 +22,9 @@ if TYPE_CHECKING:
     import pydicom
 
 _OK_STATUSES = {0x0000, 0xB000, 0xB006, 0xB007}
+#: the transfer syntaxes C-STORE proposes for every result object, in order of preference (our files are
+#: Explicit VR Little Endian; pynetdicom re-encodes for Implicit)
+SEND_TRANSFER_SYNTAXES = ("1.2.840.10008.1.2.1", "1.2.840.10008.1.2")
 
 
 @dataclass(frozen=True)
@@ -122,18 +125,14 @@ def _read(item: Claimed) -> pydicom.Dataset | Outcome:
 
 def send_dimse(dest: DimseDestination, items: Sequence[Claimed], settings: Settings) -> Iterator[tuple[int, Outcome]]:
     """C-STORE of ``items`` over one association; yields (item id, outcome) as each answer comes."""
-    from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
     from pynetdicom import AE, build_context
 
-    # our result files are uncompressed (Explicit VR Little Endian); pynetdicom re-encodes for Implicit
     sop_classes = list(dict.fromkeys(it.sop_class_uid for it in items))[:128]
     ae = AE(ae_title=settings.ae_title)
     ae.acse_timeout = min(settings.network_timeout, 30.0)
     ae.dimse_timeout = settings.dimse_timeout
     ae.network_timeout = settings.network_timeout
-    ae.requested_contexts = [
-        build_context(sop, [ExplicitVRLittleEndian, ImplicitVRLittleEndian]) for sop in sop_classes
-    ]
+    ae.requested_contexts = [build_context(sop, list(SEND_TRANSFER_SYNTAXES)) for sop in sop_classes]
     tls_args = (_tls_context(dest), dest.host) if dest.tls else None
     try:
         assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title, tls_args=tls_args)

@@ -11,9 +11,16 @@ from pydicom import Dataset
 # reasons, needs_review). `build_results` accepts any object with those attributes.
 from worklists.triage import TriageSummary
 
-__all__ = ["RESULT_KINDS", "ResultFile", "ResultRef", "TriageSummary"]
+__all__ = ["RESULT_KINDS", "RESULT_SOP_CLASSES", "ResultFile", "ResultRef", "TriageSummary"]
 
 RESULT_KINDS = ("sr", "seg", "superres", "sc")
+#: the SOP class of each kind of result object (what the node sends as SCU; docs/conformance.md)
+RESULT_SOP_CLASSES: dict[str, str] = {
+    "sr": "1.2.840.10008.5.1.4.1.1.88.34",  # Comprehensive 3D SR Storage (TID 1500)
+    "seg": "1.2.840.10008.5.1.4.1.1.66.4",  # Segmentation Storage
+    "superres": "1.2.840.10008.5.1.4.1.1.4",  # MR Image Storage (a super-resolved series)
+    "sc": "1.2.840.10008.5.1.4.1.1.7",  # Secondary Capture Image Storage (overlays)
+}
 
 
 @dataclass
