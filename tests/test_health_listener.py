@@ -68,7 +68,6 @@ def test_health_endpoint_reports_the_listener_up_without_an_error_line(listener,
 
     from node.db.database import Database, upgrade
     from node.web.app import create_app
-
     from node.web.users import add_user
 
     settings = _settings(monkeypatch, listener, "PACS_AET,ECHOSCU")
