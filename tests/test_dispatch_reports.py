@@ -20,7 +20,7 @@ from hl7apy.parser import parse_message
 from sqlalchemy import select
 
 from node.db.schema import Job, OutboxItem, Study
-from node.dispatch.outbox import process_outbox
+from node.dispatch.outbox import list_items, process_outbox
 from node.jobs.runner import JobProducts, ResultRecord, execute_job, findings_from_output, model_versions_of
 from node.results import build_results, save
 from node.settings import DimseDestination, FhirDestination, Hl7Destination
@@ -194,6 +194,9 @@ def test_one_oru_per_study_reaches_a_listener_that_was_down(settings, db, knee_r
         assert [f.name for f in files] == ["0001.hl7"]  # one ORU for the study, none invalid, no repeat
         (item,) = outbox(db, "ris")
         assert item.state == "sent" and item.attempts == 2
+        with db.session() as ses:  # what `msknode outbox --json` and the web admin list
+            (row,) = [r for r in list_items(ses) if r["destination"] == "ris"]
+        assert (row["state"], row["kind"], row["sop_instance_uid"]) == ("sent", "sr", sr_uid)
 
         er7 = files[0].read_bytes().decode("utf-8")  # CR-separated segments, no newline translation
         msg = parse_message(er7, validation_level=VALIDATION_LEVEL.STRICT)

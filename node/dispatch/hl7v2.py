@@ -143,7 +143,7 @@ def build_oru(report: StudyReport, dest: Hl7Destination, control_id: str, *, now
 def ack_outcome(ack: object, control_id: str) -> Outcome:
     """The receiver's answer (an ``hl7.Message``) as an outbox outcome."""
     try:
-        msh9 = str(ack.segment("MSH")[9][0][0])  # type: ignore[attr-defined]
+        msh9 = str(ack.segment("MSH")[9]).split("^")[0]  # type: ignore[attr-defined]  # ACK or ACK^R01^ACK
         msa = ack.segment("MSA")  # type: ignore[attr-defined]
         code = str(msa[1]).strip().upper()
         acked = str(msa[2]).strip()
