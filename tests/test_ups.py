@@ -271,7 +271,7 @@ def test_settings_read_event_receivers_and_refuse_bad_ones(monkeypatch):
     assert load_settings().ups_event_receivers == {"RIS": "ris:104"}
     for bad in ("RIS=ris", "RIS=ris:0", "A_TITLE_LONGER_THAN_16=h:1", "RIS"):
         monkeypatch.setenv("MSKNODE_UPS_EVENT_RECEIVERS", bad)
-        with pytest.raises(Exception, match="MSKNODE_UPS_EVENT_RECEIVERS|ups_event_receivers|host:port|AE"):
+        with pytest.raises(Exception, match=r"MSKNODE_UPS_EVENT_RECEIVERS|ups_event_receivers|host:port|AE"):
             load_settings()
 
 

@@ -138,9 +138,24 @@ def c_find(port: int, **keys) -> list[Dataset]:
         assoc.release()
 
 
-def test_watcher_sees_a_real_study_scheduled_in_progress_completed_with_its_sr(settings, db, tmp_path):
-    from models.phantoms import write_study
+def study_files(source: str, tmp_path: Path) -> list[Path]:
+    """A knee phantom study (three series and a localizer), or the real Siemens sagittal PD-FS knee series."""
+    if source == "phantom":
+        from models.phantoms import write_study
 
+        files = write_study("knee", tmp_path / "study", 23, acl="complete")
+        return [p for paths in files.values() for p in paths]
+    from models.realdata import realdata_root
+
+    root = realdata_root()
+    series = root / "knee" / "siemens_sagittal_dicom" if root is not None else None
+    if series is None or not series.is_dir():
+        pytest.skip("the real MRI corpus (../shared/realdata or MSKNODE_REALDATA) is absent")
+    return sorted(p for p in series.iterdir() if p.is_file() and not p.name.endswith((".md", ".json", ".csv")))
+
+
+@pytest.mark.parametrize("source", ["phantom", "realdata"])
+def test_watcher_sees_a_real_study_scheduled_in_progress_completed_with_its_sr(settings, db, tmp_path, source):
     port, watch_port = free_port(), free_port()
     env = worker_env(
         {
@@ -156,7 +171,7 @@ def test_watcher_sees_a_real_study_scheduled_in_progress_completed_with_its_sr(s
             "MSKNODE_UPS_EVENT_RECEIVERS": json.dumps({"WATCHER": f"127.0.0.1:{watch_port}"}),
         }
     )
-    files = write_study("knee", tmp_path / "study", 23, acl="complete")
+    files = study_files(source, tmp_path)
     watcher = Watcher("WATCHER", watch_port).start()
     listener = ListenerProcess(env, tmp_path / "listener.log").start()
     worker = None
@@ -166,7 +181,7 @@ def test_watcher_sees_a_real_study_scheduled_in_progress_completed_with_its_sr(s
         assert subscribe_globally(port, "STRANGER") == 0xC308
         assert subscribe_globally(port, "WATCHER") == 0x0000
         worker = NodeWorker(env, tmp_path / "worker.log").start()
-        assert storescu(port, [p for paths in files.values() for p in paths]).wait(120) == 0
+        assert storescu(port, files).wait(120) == 0
 
         def completed():
             for uid in watcher.uids():
