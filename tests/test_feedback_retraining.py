@@ -198,6 +198,8 @@ def test_export_train_evaluate_activate_and_the_next_sr_names_the_new_version(se
         assert PATIENT not in str(ds.get("PatientName", "")) and not str(ds.get("PatientID", "")).startswith("PID")
         assert str(ds.SeriesInstanceUID) in exported
         assert b"DOE^JANE" not in f.read_bytes()
+        errors, _ = dciodvfy(f)
+        assert not errors, errors  # a de-identified copy is still a valid MR object
 
     # 2. fine-tune from the shipped weights on the exported training studies (one short epoch)
     runs = tmp_path / "run"

@@ -157,12 +157,30 @@ def _holdout_side(cases: list[ExportCase], fraction: float) -> set[str]:
     return {c.study_uid for c in ranked[-k:]}
 
 
-def _deidentify(ds: Any) -> None:
-    from dicomanonymizer import anonymize_dataset
+def basic_profile_rules() -> dict[Any, Any]:
+    """The actions of the PS3.15 basic profile (table E.1-1, 2026c), built once per export."""
     from dicomanonymizer.simpledicomanonymizer import initialize_actions
+
+    return dict(initialize_actions("dicomfields_2026c"))
+
+
+#: the library's dummy date (year 1) is not a valid DA/DT for dciodvfy; the profile's "D" (a dummy value consistent
+#: with the VR) is kept with a valid dummy instead
+_DUMMY_DATES = {"DA": ("00010101", "19000101"), "DT": ("00010101", "19000101")}
+
+
+def _valid_dummy_dates(_ds: Any, elem: Any) -> None:
+    swap = _DUMMY_DATES.get(elem.VR)
+    if swap and isinstance(elem.value, str) and elem.value.startswith(swap[0]):
+        elem.value = swap[1] + elem.value[len(swap[0]) :]
+
+
+def _deidentify(ds: Any, rules: dict[Any, Any]) -> None:
+    from dicomanonymizer import anonymize_dataset
     from pydicom.dataset import Dataset
 
-    anonymize_dataset(ds, delete_private_tags=True, base_rules_gen=lambda: initialize_actions("dicomfields_2026c"))
+    anonymize_dataset(ds, delete_private_tags=True, base_rules_gen=lambda: rules)
+    ds.walk(_valid_dummy_dates)
     ds.PatientIdentityRemoved = "YES"
     ds.DeidentificationMethod = "PS3.15 Basic Profile (dicom-anonymizer)"
     code = Dataset()
@@ -173,7 +191,7 @@ def _deidentify(ds: Any) -> None:
     ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
 
 
-def _write_case(case: ExportCase, folder: Path, *, deidentify: bool) -> str:
+def _write_case(case: ExportCase, folder: Path, *, rules: dict[Any, Any] | None) -> str:
     """Copies (or de-identifies) the case's files into ``folder``; returns the SeriesInstanceUID written."""
     import pydicom
 
@@ -181,11 +199,11 @@ def _write_case(case: ExportCase, folder: Path, *, deidentify: bool) -> str:
     series_uid = case.series_uid
     for k, src in enumerate(case.files):
         dst = folder / f"{k:04d}.dcm"
-        if not deidentify:
+        if rules is None:
             shutil.copyfile(src, dst)
             continue
         ds = pydicom.dcmread(src)
-        _deidentify(ds)
+        _deidentify(ds, rules)
         series_uid = str(ds.SeriesInstanceUID)
         ds.save_as(dst, enforce_file_format=True)
     return series_uid
@@ -222,12 +240,13 @@ def export_feedback(
     if not held:
         sides = {"": cases}
     out.mkdir(parents=True, exist_ok=True)
+    rules = basic_profile_rules() if deidentify else None
     counts: dict[str, Any] = {}
     for side, side_cases in sides.items():
         root = out / side if side else out
         rows = []
         for n, case in enumerate(side_cases, start=1):
-            uid = _write_case(case, root / f"case{n:05d}", deidentify=deidentify)
+            uid = _write_case(case, root / f"case{n:05d}", rules=rules)
             rows.append({"SeriesInstanceUID": uid, **case.labels})
             log.info("export %s: series %s -> %s (%s)", model, case.series_uid, uid, side or "all")
         with open(root / "labels.csv", "w", newline="") as fh:
