@@ -510,6 +510,9 @@ class ModelPipelineRunner:
 
         torch.set_num_threads(self.settings.torch_threads)
         _ = self.registry  # opened now, not by the first job
+        from node.jobs import deployments
+
+        deployments.log_configured(self.settings, log)  # which models this configuration activates, if any
 
     def __call__(self, ctx: JobContext, steps: Steps) -> JobProducts:
         settings = self.settings
