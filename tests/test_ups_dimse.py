@@ -187,3 +187,66 @@ def test_events_wait_for_a_watcher_that_is_down_and_then_arrive_in_order(node, s
         assert deliver(db, settings, now=now + dt.timedelta(minutes=20)) == 0  # nothing twice
     finally:
         watcher.stop()
+
+
+def test_on_postgresql_two_housekeeping_workers_make_one_workitem_and_one_event_per_change(settings, postgres_url):
+    """Two workers' rounds at once: the second insert of a job's workitem waits for the first and fails
+    on its unique UID (that round is rolled back; the next one sees the workitem), and a transition made
+    by one worker is not made again by the other."""
+    import sqlalchemy.exc
+
+    from node.db.database import Database
+    from node.db.schema import Job, UpsSubscription, UpsWorkitem
+    from node.ups.events import forget_old_events
+    from node.ups.workitems import sync
+
+    def in_thread(session, now):
+        out: dict[str, object] = {}
+
+        def run():
+            try:
+                out["n"] = sync(session, settings, now)
+                session.commit()
+            except Exception as e:
+                session.rollback()
+                out["error"] = e
+
+        t = threading.Thread(target=run)
+        t.start()
+        return t, out
+
+    db = Database(postgres_url)
+    try:
+        with db.session() as s:
+            s.add(UpsSubscription(ae_title=WATCHER, workitem_uid=None, deletion_lock=False))
+        job_id = make_study_job(db)
+        now = dt.datetime.now(dt.UTC)
+        for round_ in ("create", "start"):
+            a, b = db.sessions(), db.sessions()
+            try:
+                assert sync(a, settings, now) == 1
+                t, out = in_thread(b, now)
+                t.join(1.0)
+                assert t.is_alive()  # waits for the first worker's uncommitted row
+                a.commit()
+                t.join(20)
+                assert not t.is_alive()
+                if round_ == "create":
+                    assert isinstance(out.get("error"), sqlalchemy.exc.IntegrityError)
+                    with db.session() as s:
+                        job = s.get(Job, job_id)
+                        job.state, job.attempts = "processing", 1
+                else:
+                    assert out == {"n": 0}
+            finally:
+                a.close()
+                b.close()
+        with db.session() as s:
+            assert [w.state for w in s.scalars(select(UpsWorkitem))] == ["IN PROGRESS"]
+            states = [e.info["00741000"]["Value"][0] for e in s.scalars(select(UpsEvent).order_by(UpsEvent.id))]
+            assert states == ["SCHEDULED", "IN PROGRESS"]
+            for e in s.scalars(select(UpsEvent)):
+                e.state, e.created_at = "sent", now - dt.timedelta(days=8)
+        assert forget_old_events(db, now) == 2
+    finally:
+        db.dispose()

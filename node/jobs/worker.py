@@ -155,6 +155,13 @@ def ups_duty(db: Database, settings: Settings) -> Duty:
     return Duty("ups", run)
 
 
+def ups_cleanup_duty(db: Database) -> Duty:
+    """Forgets UPS events delivered (or dead) a week ago (hourly)."""
+    from node.ups.events import forget_old_events
+
+    return Duty("ups-cleanup", lambda now: forget_old_events(db, now), every=3600.0)
+
+
 def build_duties(
     db: Database,
     settings: Settings,
@@ -210,7 +217,11 @@ def build_loops(db: Database, settings: Settings, *, housekeeping: bool, **kw) -
         )
         # workitems and their events in a loop of their own: a subscriber that is down never delays results
         loops.append(
-            PeriodicLoop([ups_duty(db, settings)], interval=settings.sweep_interval_seconds, name="msknode-ups")
+            PeriodicLoop(
+                [ups_duty(db, settings), ups_cleanup_duty(db)],
+                interval=settings.sweep_interval_seconds,
+                name="msknode-ups",
+            )
         )
     return loops
 

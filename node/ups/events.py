@@ -16,7 +16,7 @@ import datetime as dt
 import logging
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import delete, select
 
 from node.db.database import Database, utcnow
 from node.db.schema import UpsEvent
@@ -29,6 +29,7 @@ MAX_ATTEMPTS = 10
 BACKOFF_SECONDS = 2.0
 MAX_BACKOFF_SECONDS = 300.0
 BATCH = 200  # events per subscriber and round
+KEEP_EVENTS = dt.timedelta(days=7)  # delivered and dead events are kept this long (then deleted)
 
 
 def parse_address(address: str) -> tuple[str, int]:
@@ -129,6 +130,15 @@ def deliver(db: Database, settings: Settings, *, now: dt.datetime | None = None)
     if sent:
         log.info("UPS: %d event(s) delivered", sent)
     return sent
+
+
+def forget_old_events(db: Database, now: dt.datetime) -> int:
+    """Deletes events delivered (or dead) longer than KEEP_EVENTS ago; the workitems stay."""
+    with db.session() as s:
+        res = s.execute(
+            delete(UpsEvent).where(UpsEvent.state.in_(("sent", "dead")), UpsEvent.created_at < now - KEEP_EVENTS)
+        )
+        return int(getattr(res, "rowcount", 0) or 0)
 
 
 def run_round(db: Database, settings: Settings, now: dt.datetime | None = None) -> int:
