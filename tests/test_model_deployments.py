@@ -4,6 +4,7 @@ the selected version, the CLI and the admin Models page / API."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import shutil
@@ -148,9 +149,9 @@ def test_register_select_activate_and_the_registry_loads_that_version(settings, 
     with db.session() as s, pytest.raises(DeploymentError, match="already registered with other weights"):
         other = _site_copy(tmp_path / "b", model="knee.acl")
         (other / "model.pt").write_bytes(b"not the same")
-        (other / "model.pt.sha256").write_text(__import__("hashlib").sha256(b"not the same").hexdigest() + "\n")
+        (other / "model.pt.sha256").write_text(hashlib.sha256(b"not the same").hexdigest() + "\n")
         card = json.loads((other / "card.json").read_text())
-        card["weights_sha256"] = __import__("hashlib").sha256(b"not the same").hexdigest()
+        card["weights_sha256"] = hashlib.sha256(b"not the same").hexdigest()
         (other / "card.json").write_text(json.dumps(card))
         deployments.register(s, settings, model_name="knee.acl", version="1.1.0-site", weights=other, actor="dora")
 
