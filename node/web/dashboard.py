@@ -1,7 +1,7 @@
 """The admin's model dashboard and the reading targets (`worklists.monitoring`, `worklists.targets`).
 
 ``GET /admin/dashboard`` (page) and ``GET /api/admin/monitor`` (JSON, what ``msknode monitor
---json`` prints) show the same report; ``POST /admin/targets`` and ``PUT
+--json`` prints) show the same report; ``POST /admin/targets`` and ``POST
 /api/admin/targets/{priority}`` change a reading target (admin, reason required, audited).
 """
 
@@ -34,18 +34,45 @@ class TargetChange(BaseModel):
     reason: str = Field(min_length=1, max_length=targets.MAX_REASON, description="why (required, audited)")
 
 
+class MonitorOut(BaseModel):
+    """The monitoring report (`worklists.monitoring.report`; docs/monitoring.md describes each part)."""
+
+    status: str = Field(description="ok, or alert when any alert is raised")
+    generated_at: str
+    windows: dict[str, Any]
+    alerts: list[dict[str, Any]] = Field(description="kind, message, and the model/version, pipeline or priority")
+    models: list[dict[str, Any]] = Field(description="per model and version: rates, feedback figures, checks, weeks")
+    silence: list[dict[str, Any]]
+    overdue: dict[str, Any]
+    turnaround: dict[str, Any]
+    drift: list[dict[str, Any]]
+
+
+class TargetOut(BaseModel):
+    priority: str
+    minutes: float
+    policy_minutes: float
+    source: str = Field(description="site (set by an admin) or policy")
+    updated_by: str | None
+    updated_at: str | None
+
+
+class TargetsOut(BaseModel):
+    targets: list[TargetOut]
+
+
 def _ctx(request: Request):
     return request.app.state.ctx
 
 
-@router.get("/api/admin/monitor", tags=["monitoring"])
+@router.get("/api/admin/monitor", tags=["monitoring"], response_model=MonitorOut)
 def api_monitor(request: Request, p: Principal = Depends(admin)):
     """Per model version figures with control bands, silence, drift, turnaround, overdue studies and alerts."""
     ctx = _ctx(request)
     return monitor_report(ctx.settings, ctx.db, ctx.policy)
 
 
-@router.put("/api/admin/targets/{priority}", tags=["monitoring"], responses={422: {}})
+@router.post("/api/admin/targets/{priority}", tags=["monitoring"], response_model=TargetsOut, responses={422: {}})
 def api_target(request: Request, priority: str, body: TargetChange, p: Principal = Depends(api_admin_csrf)):
     """Sets the site's reading target of a priority (null: back to the triage policy's); audited."""
     ctx = _ctx(request)

@@ -31,6 +31,58 @@ class FeedbackIn(BaseModel):
     comment: str | None = Field(default=None, max_length=feedback.MAX_COMMENT, description="optional free text")
 
 
+class ModelRef(BaseModel):
+    name: str
+    version: str
+    weights_sha256: str
+
+
+class FeedbackOut(BaseModel):
+    """One stored answer (table ``finding_feedback``)."""
+
+    id: int
+    study_id: int
+    finding_id: int | None
+    finding_key: str = Field(description="the finding's identifier in the AI SR: its code, code@level per level")
+    sr_sop_instance_uid: str | None = Field(description="the AI SR the finding was reported in")
+    model: ModelRef
+    scale: list[str] = Field(description="the model's classes, normal first")
+    ai_answer: str
+    ai_positive: bool
+    agree: bool
+    answer: str = Field(description="the radiologist's answer on the scale (the model's when agreeing)")
+    answer_positive: bool
+    comment: str | None
+    source: str = Field(description="web (a browser session) or api (a bearer token)")
+    created_by: str
+    created_at: str
+    updated_at: str
+
+
+class FeedbackItemOut(BaseModel):
+    finding_id: int
+    finding_key: str
+    code: str
+    name: str
+    level: str | None
+    model: ModelRef
+    shadow: bool
+    scale: list[str]
+    ai_answer: str
+    ai_positive: bool
+    probability: float | None
+    mine: FeedbackOut | None = Field(description="your answer, if any")
+    others: int = Field(description="how many other users answered this finding")
+
+
+class StudyFeedbackOut(BaseModel):
+    study_id: int
+    job_id: int | None
+    sr_sop_instance_uid: str | None
+    locked: bool = Field(description="the study was marked read: answers no longer change")
+    items: list[FeedbackItemOut]
+
+
 class FeedbackByReference(FeedbackIn):
     """An answer from another system, naming the finding by the AI SR (or the study) and the finding key."""
 
@@ -64,15 +116,20 @@ def _save(request: Request, p: Principal, study_id: int, body: FeedbackIn, *, fi
         return JSONResponse({"detail": str(exc)}, status_code=409)
 
 
-@router.get("/api/studies/{study_id}/feedback", tags=["feedback"], responses={404: {}})
+@router.get("/api/studies/{study_id}/feedback", tags=["feedback"], response_model=StudyFeedbackOut, responses={404: {}})
 def get_feedback(request: Request, study_id: int = Path(ge=1), p: Principal = Depends(principal)):
     """The study's answerable AI findings, each with its scale, the model's answer and yours."""
     with _ctx(request).db.session() as s:
         return feedback.study_feedback(s, study_id, user=p.username)
 
 
-@router.put("/api/studies/{study_id}/feedback/{finding_id}", tags=["feedback"], responses={404: {}, 409: {}, 422: {}})
-def put_feedback(
+@router.post(
+    "/api/studies/{study_id}/feedback/{finding_id}",
+    tags=["feedback"],
+    response_model=FeedbackOut,
+    responses={404: {}, 409: {}, 422: {}},
+)
+def set_feedback(
     request: Request,
     body: FeedbackIn,
     study_id: int = Path(ge=1),
@@ -83,7 +140,7 @@ def put_feedback(
     return _save(request, p, study_id, body, finding_id=finding_id)
 
 
-@router.post("/api/feedback", tags=["feedback"], responses={404: {}, 409: {}, 422: {}})
+@router.post("/api/feedback", tags=["feedback"], response_model=FeedbackOut, responses={404: {}, 409: {}, 422: {}})
 def post_feedback(request: Request, body: FeedbackByReference, p: Principal = Depends(api_csrf)):
     """An answer named by the AI SR's SOP Instance UID (or the Study Instance UID) and the finding key."""
     if not body.sr_sop_instance_uid and not body.study_uid:

@@ -1,6 +1,6 @@
 // The reader's answer to each AI finding, by keyboard: J/K move, A agree, D disagree (then a digit),
 // 1-9 the answer on the model's scale, C comment (Enter saves, Escape leaves). Saved at once through
-// PUT /api/studies/{id}/feedback/{finding}; without script the forms post to the page route.
+// POST /api/studies/{id}/feedback/{finding}; without script the forms post to the page route.
 (function () {
   "use strict";
   var panel = document.getElementById("feedback");
@@ -32,7 +32,7 @@
     var url = "/api/studies/" + study + "/feedback/" + item.getAttribute("data-finding");
     item.classList.add("saving");
     fetch(url, {
-      method: "PUT",
+      method: "POST",
       credentials: "same-origin",
       headers: { "Content-Type": "application/json", "X-CSRF-Token": csrf },
       body: JSON.stringify(body)
