@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from node.db.database import Database, utcnow
@@ -178,9 +179,17 @@ def for_pipeline(db: Database, settings: Settings, registry: Any, pipeline: str)
     models = pipeline_models().get(pipeline, ())
     if not models:
         return out
-    with db.session() as s:
-        for m in models:
-            out[m] = _view(ensure(s, settings, registry, pipeline, m))
+    for attempt in (1, 2):
+        try:
+            with db.session() as s:
+                for m in models:
+                    out[m] = _view(ensure(s, settings, registry, pipeline, m))
+            return out
+        except IntegrityError:
+            # another worker recorded the same first sight at the same moment: read what it wrote
+            if attempt == 2:
+                raise
+            log.info("pipeline %s: deployment rows created concurrently; reading them", pipeline)
     return out
 
 

@@ -114,6 +114,9 @@ class WorklistItemOut(EntryStateOut):
     study_datetime_as_sent: str | None
     received_at: str | None
     waiting_minutes: int
+    due_at: str | None = Field(default=None, description="reading target reached at (unread studies)")
+    target_minutes: float | None = Field(default=None, description="the reading target of its priority")
+    overdue: bool = Field(default=False, description="unread and past its reading target")
     anatomy: str | None
     job: WorklistJobOut | None
     dispatch: DispatchOut
