@@ -44,7 +44,7 @@ ALLOWED: dict[str, set[str]] = {
     "node.intake": {"node.db", "node.errors", "node.settings"},
     "node.ops.restart": set(),
     "node.receive": {"node.db", "node.errors", "node.settings", "node.intake", "node.ops.restart"},
-    "node.dispatch": {"node.db", "node.errors", "node.settings"},
+    "node.dispatch": {"node.db", "node.errors", "node.settings", "node.results"},
     "node.jobs": {"node.db", "node.errors", "node.settings", "node.results", "worklists"},
     "node.ops": {
         "node.db",
