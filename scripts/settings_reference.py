@@ -79,7 +79,7 @@ DESCRIPTIONS = {
     "trusted_proxies": "Comma list of proxy addresses or networks (or `*`) whose `X-Forwarded-For` and `X-Forwarded-Proto` headers are believed: the client address (login throttling, audit) and scheme come from them only when the connection comes from one of these. Empty: forwarded headers are ignored.",
     "login_ip_max_failures": "Failed logins (whatever the user name) from one client address within `login_ip_window_seconds` before further attempts from it get 429 with `Retry-After`.",
     "login_ip_window_seconds": "The window of `login_ip_max_failures` (seconds).",
-    "health_interval_seconds": "The detailed health check (listener C-ECHO, broker, database, disk, workers) runs in the background at most this often; `/health/details` shows its last result.",
+    "health_interval_seconds": "The detailed health check (listener C-ECHO, broker, database, disk, workers) runs in the background at most this often (never once per request); `GET /api/health` (behind login) shows its last result.",
     "monitor_window_days": "Model monitoring (dashboard, `/metrics`, `msknode monitor`): the current window in days, whose positive rate, QC refusal rate and agreement are judged against their control bands (docs/monitoring.md).",
     "monitor_reference_days": "Model monitoring: the reference window in days before the current one (a model's own baseline positive rate, agreement, usual gap between studies, input distribution).",
     "site_timezone": "Time zone the web UI shows the node's own timestamps in (IANA name).",

@@ -1,7 +1,9 @@
 """The node's health: listener, broker, database, disk, workers — as one PHI-free dict.
 
-`health_report(settings, db)` is what ``GET /health`` returns (the web app answers 503 when
-``ok`` is false) and what ``msknode health`` could print. Each component has ``ok`` and, when
+`health_report(settings, db)` is the detailed report: ``GET /api/health`` (behind login; 503 when
+``ok`` is false) shows the last one `HealthMonitor` made in the background, at most one every
+``MSKNODE_HEALTH_INTERVAL_SECONDS`` however many ask. The anonymous ``GET /health`` answers only
+`liveness` (database and disk; no association, no detail). Each component has ``ok`` and, when
 not ok, an ``error``. ``status`` is ``ok`` (all fine), ``degraded`` (the node stores what it
 receives but something else is wrong: no live worker, broker down, listener refusing) or
 ``down`` (database unreachable or disk below ``MSKNODE_MIN_FREE_GB``: nothing can be accepted).
