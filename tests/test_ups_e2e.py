@@ -274,6 +274,12 @@ def test_watcher_sees_a_real_study_scheduled_in_progress_completed_with_its_sr(s
                 client.get("/ups-rs/workitems", params={"ProcedureStepState": "SCHEDULED"}, headers=auth).status_code
                 == 204
             )
+            from worklists.tables import AuditEvent
+
+            with db.session() as s:
+                seen = s.scalars(select(AuditEvent).where(AuditEvent.action.in_(("ups.search", "ups.view")))).all()
+                assert {(e.actor, e.action) for e in seen} == {("alice", "ups.search"), ("alice", "ups.view")}
+                assert uid in {e.entity_id for e in seen}
             assert client.get("/ups-rs/workitems").status_code == 401
             assert client.get(f"/ups-rs/workitems/{uid}").status_code == 401
     finally:

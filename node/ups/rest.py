@@ -8,7 +8,8 @@ Behind the web app's authentication (a bearer token from ``POST /api/auth/token`
 cookie): without it ``401``. Query keys are attribute keywords or tags (``ProcedureStepState``,
 ``00741000``), one sequence level with a dot (``InputInformationSequence.StudyInstanceUID``);
 values match as in C-FIND (`node.ups.query`). A bad key or value answers ``400`` with the reason.
-The Transaction UID is never returned.
+The Transaction UID is never returned. Every search and retrieve is in the audit log (``ups.search``,
+``ups.view``), as every view of a study is.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from pydicom.datadict import dictionary_VR, tag_for_keyword
 
 from node.ups import query, workitems
 from node.ups.errors import UpsRefused
+from worklists import audit
 
 DICOM_JSON = "application/dicom+json"
 MAX_LIMIT = 1000
@@ -129,6 +131,14 @@ def search(
             out.append(workitems.to_json(workitems.dataset_of(w)))
             if len(out) >= limit:
                 break
+        # every view of patient data is audited, as the study pages are
+        audit.record(
+            s,
+            actor=p.username,
+            action="ups.search",
+            entity_type="workitem",
+            details={"matches": len(out), "via": "ups-rs"},
+        )
     if not out:
         return Response(status_code=204)
     return _dicom_json(out)
@@ -143,6 +153,7 @@ def retrieve(request: Request, uid: str, p: Any = Depends(authenticated)):
     try:
         with ctx.db.session() as s:
             ds = workitems.dataset_of(workitems.get(s, uid))
+            audit.record(s, actor=p.username, action="ups.view", entity_type="workitem", entity_id=uid)
     except UpsRefused as e:
         return JSONResponse({"detail": str(e)}, status_code=e.http_status)
     return _dicom_json([workitems.to_json(ds)])
