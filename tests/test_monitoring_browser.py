@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import os
 import subprocess
 import urllib.request
 
@@ -21,7 +22,7 @@ from selenium.webdriver.common.action_chains import ActionChains
 from selenium.webdriver.common.by import By
 
 from support import web_seed as ws
-from support.browser import ADMIN, READER, console_errors, login, wait, web_server
+from support.browser import ADMIN, READER, console_errors, login, shot, wait, web_server
 from support.env import ROOT, VENV_BIN, isolate_env
 from support.monitor_seed import Phase, answer, seed_history
 
@@ -93,6 +94,16 @@ def server(tmp_path_factory):
         yield {"base": base, "acl": acl, "data": data}
 
 
+@pytest.fixture(scope="module")
+def shots(tmp_path_factory):
+    """Where the screenshots go: docs/screenshots with MSKNODE_UPDATE_SCREENSHOTS=1, else a temporary folder."""
+    if os.environ.get("MSKNODE_UPDATE_SCREENSHOTS") == "1":
+        d = ROOT / "docs" / "screenshots"
+        d.mkdir(parents=True, exist_ok=True)
+        return d
+    return tmp_path_factory.mktemp("screenshots")
+
+
 def api(server, who, path):
     req = urllib.request.Request(
         server["base"] + "/api/auth/token",
@@ -115,7 +126,7 @@ def item(d, key):
     return d.find_element(By.CSS_SELECTOR, f"#feedback .fb-item[data-key='{key}']")
 
 
-def test_a_reader_records_agreement_and_a_corrected_grade_with_the_keyboard(server, browser):
+def test_a_reader_records_agreement_and_a_corrected_grade_with_the_keyboard(server, browser, shots):
     d, acl = browser, server["acl"]
     login(d, server["base"], READER)
     d.get(f"{server['base']}/studies/{acl.study_id}")
@@ -150,10 +161,12 @@ def test_a_reader_records_agreement_and_a_corrected_grade_with_the_keyboard(serv
     d.refresh()
     wait(d).until(lambda x: item(x, "acl_tear").is_displayed())
     assert item(d, "acl_tear").find_element(By.CSS_SELECTOR, ".fb-state").text.startswith("You disagreed: complete")
+    d.execute_script("document.getElementById('feedback').scrollIntoView()")
+    shot(d, shots / "feedback.png")
     assert console_errors(d) == []
 
 
-def test_the_dashboard_shows_agreement_ppv_with_intervals_and_the_positive_rate_alert(server, browser):
+def test_the_dashboard_shows_agreement_ppv_with_intervals_and_the_positive_rate_alert(server, browser, shots):
     d = browser
     login(d, server["base"], ADMIN)
     d.get(server["base"] + "/admin/dashboard")
@@ -183,6 +196,7 @@ def test_the_dashboard_shows_agreement_ppv_with_intervals_and_the_positive_rate_
         == row.find_element(By.CSS_SELECTOR, ".ta-p90").text
     )
     assert row.find_element(By.CSS_SELECTOR, ".ta-within").text == "100.0 %"
+    shot(d, shots / "dashboard.png")
     assert console_errors(d) == []
 
     with urllib.request.urlopen(server["base"] + "/metrics", timeout=30) as r:
