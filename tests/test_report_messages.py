@@ -136,3 +136,9 @@ def test_the_bundle_validates_and_names_patient_study_and_sr():
 def test_fhir_answers(status, body, ok, permanent):
     out = response_outcome(status, json.dumps(body).encode())
     assert (out.ok, out.permanent) == (ok, permanent)
+
+
+def test_a_receivers_error_text_loses_the_patient_id_and_name():
+    text = "AE: patient P&42 (MÜLLER, Jürgen) unknown; study 1.2.826.0.1.3680043.10.1447.99.1"
+    assert report().redact(text) == "AE: patient *** (***, ***) unknown; study 1.2.826.0.1.3680043.10.1447.99.1"
+    assert report().redact("address Drive") == "address Drive"  # whole words only ("Dr" is a name part)

@@ -272,7 +272,8 @@ def send_fhir(dest: FhirDestination, items: Sequence[Claimed], settings: Setting
         try:
             bundle = build_bundle(report, dest, tz=settings.site_timezone)
         except Exception as e:  # our own bundle is invalid: a retry builds the same one
-            yield it.id, Outcome.permanent_failure(f"FHIR bundle invalid: {type(e).__name__}: {e}"[:500])
+            why = report.redact(f"FHIR bundle invalid: {type(e).__name__}: {e}")[:500]
+            yield it.id, Outcome.permanent_failure(why)
             continue
         try:
             status, body = post_bundle(dest, bundle)
@@ -284,6 +285,7 @@ def send_fhir(dest: FhirDestination, items: Sequence[Claimed], settings: Setting
             continue
         outcome = response_outcome(status, body)
         if not outcome.ok:
-            outcome = Outcome(False, outcome.permanent, outcome.status, f"{dest.key}: {outcome.error}"[:500])
+            why = report.redact(f"{dest.key}: {outcome.error}")[:500]
+            outcome = Outcome(False, outcome.permanent, outcome.status, why)
         log.debug("study %s: FHIR bundle to %s: %s", report.study_uid, dest.key, outcome)
         yield it.id, outcome

@@ -187,8 +187,20 @@ async def _exchange(dest: Hl7Destination, message: str) -> object:
 
 
 def exchange(dest: Hl7Destination, message: str) -> object:
-    """Sends ``message`` over MLLP and returns the parsed answer, all within ``dest.timeout`` seconds."""
-    return asyncio.run(asyncio.wait_for(_exchange(dest, message), dest.timeout))
+    """Sends ``message`` over MLLP and returns the parsed answer, all within ``dest.timeout`` seconds
+    (in an event loop of its own: in a thread of its own when the caller's thread already runs one)."""
+
+    def run() -> object:
+        return asyncio.run(asyncio.wait_for(_exchange(dest, message), dest.timeout))
+
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return run()
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(1) as pool:
+        return pool.submit(run).result()
 
 
 def control_id(item: Claimed) -> str:
@@ -197,8 +209,6 @@ def control_id(item: Claimed) -> str:
 
 def send_hl7(dest: Hl7Destination, items: Sequence[Claimed], settings: Settings) -> Iterator[tuple[int, Outcome]]:
     """One ORU^R01 per item (each the SR of a finished job), one MLLP connection per message."""
-    from hl7.mllp import InvalidBlockError
-
     for it in items:
         report = load_report(settings, it.sop_instance_uid)
         if report is None:
@@ -208,7 +218,8 @@ def send_hl7(dest: Hl7Destination, items: Sequence[Claimed], settings: Settings)
         try:
             message = build_oru(report, dest, cid)
         except Exception as e:  # our own message is invalid: a retry builds the same one
-            yield it.id, Outcome.permanent_failure(f"ORU^R01 could not be built: {type(e).__name__}: {e}"[:500])
+            why = report.redact(f"ORU^R01 could not be built: {type(e).__name__}: {e}")[:500]
+            yield it.id, Outcome.permanent_failure(why)
             continue
         try:
             ack = exchange(dest, message)
@@ -221,17 +232,16 @@ def send_hl7(dest: Hl7Destination, items: Sequence[Claimed], settings: Settings)
         except (OSError, EOFError, asyncio.IncompleteReadError) as e:
             yield it.id, Outcome.transient(f"{dest.key}: {type(e).__name__}: {e}"[:500])
             continue
-        except (asyncio.LimitOverrunError, ValueError, InvalidBlockError) as e:
-            yield it.id, Outcome.transient(f"{dest.key}: unreadable answer: {type(e).__name__}: {e}"[:500])
-            continue
-        except Exception as e:  # the hl7 parser's own errors: an answer that is not HL7
-            yield it.id, Outcome.transient(f"{dest.key}: unreadable answer: {type(e).__name__}: {e}"[:500])
+        except Exception as e:  # too long (ValueError), not MLLP (InvalidBlockError), not HL7 (the parser's errors)
+            why = report.redact(f"{dest.key}: unreadable answer: {type(e).__name__}: {e}")[:500]
+            yield it.id, Outcome.transient(why)
             continue
         if ack is None:
             yield it.id, Outcome.transient(f"{dest.key}: connection closed without an ACK")
             continue
         outcome = ack_outcome(ack, cid)
         if not outcome.ok:
-            outcome = Outcome(False, outcome.permanent, outcome.status, f"{dest.key}: {outcome.error}")
+            why = report.redact(f"{dest.key}: {outcome.error}")
+            outcome = Outcome(False, outcome.permanent, outcome.status, why)
         log.debug("study %s: ORU^R01 %s to %s: %s", report.study_uid, cid, dest.key, outcome)
         yield it.id, outcome

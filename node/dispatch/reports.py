@@ -8,6 +8,7 @@ database by the SR's SOP Instance UID. Findings carry the same codes as the SR (
 from __future__ import annotations
 
 import datetime as dt
+import re
 import threading
 from dataclasses import dataclass, field
 from typing import Any
@@ -104,6 +105,15 @@ class StudyReport:
     findings: tuple[ReportFinding, ...]
     models: dict[str, dict[str, Any]] = field(default_factory=dict)
 
+    def redact(self, text: str) -> str:
+        """``text`` (a receiver's error message) without this report's patient ID and name parts: what a
+        receiver answers goes to the outbox's error column and the log, which never carry them."""
+        secrets = [self.patient_id or ""]
+        secrets += [p for p in re.split(r"[\^=]", self.patient_name or "") if len(p.strip()) >= 2]
+        for s in sorted({x.strip() for x in secrets if x and x.strip()}, key=len, reverse=True):
+            text = re.sub(rf"(?<!\w){re.escape(s)}(?!\w)", "***", text, flags=re.IGNORECASE)
+        return text
+
     @property
     def study_datetime(self) -> str | None:
         """YYYYMMDD[HHMMSS] of the study, as HL7 DTM (None without a study date)."""
@@ -115,13 +125,17 @@ class StudyReport:
 
 _DATABASES: dict[str, Database] = {}
 _DB_LOCK = threading.Lock()
+_MAX_DATABASES = 4  # a process sends for one database; tests use many: the oldest engines are disposed
 
 
 def _database(settings: Settings) -> Database:
     with _DB_LOCK:
-        db = _DATABASES.get(settings.database_url)
+        db = _DATABASES.pop(settings.database_url, None)
         if db is None:
-            db = _DATABASES[settings.database_url] = Database(settings.database_url, migrate=False)
+            db = Database(settings.database_url, migrate=False)
+        _DATABASES[settings.database_url] = db  # most recently used last
+        while len(_DATABASES) > _MAX_DATABASES:
+            _DATABASES.pop(next(iter(_DATABASES))).dispose()
         return db
 
 
