@@ -246,12 +246,25 @@ class _GuardedSocket(AssociationSocket):
     """pynetdicom's socket wrapper that first hands out the A-ASSOCIATE-RQ read at admission, and
     refuses to read a PDU longer than the maximum length we advertised (`max_pdu`, 0: any): it
     logs, sends an A-ABORT and fails the read (pynetdicom then ends the association as closed).
+    A peer that breaks the protocol (an unknown PDU type, a PDU cut short, one that cannot be
+    decoded: `protocol_error`) gets one WARNING line; pynetdicom aborts the association.
 
     pynetdicom reads each PDU as ``recv(6)`` (the header) then ``recv(length)``."""
 
     _primed: bytearray
     _max_pdu: int = 0
     _refusals: Refusals | None = None
+    _body: int | None = None  # the length of the PDU whose header was read last
+    _complained = False
+
+    def protocol_error(self, what: str) -> None:
+        """One WARNING line per association for a peer that breaks the protocol (then aborted)."""
+        if self._complained:
+            return
+        self._complained = True
+        log.warning("%s: %s: aborting", describe(self.assoc), what)
+        if self._refusals is not None:
+            self._refusals.add(REFUSED_PROTOCOL)
 
     @property
     def ready(self) -> bool:
@@ -266,6 +279,20 @@ class _GuardedSocket(AssociationSocket):
             if len(data) < nr_bytes:
                 data += super().recv(nr_bytes - len(data))
             return data
+        if self._complained:  # aborted: the rest is not read (it could hold pynetdicom in recv)
+            return bytearray()
+        if self._body is None:  # a PDU header
+            data = super().recv(nr_bytes)
+            if len(data) == 6:
+                pdu_type, _, length = struct.unpack(">BBL", data)
+                if 0x01 <= pdu_type <= 0x07:
+                    self._body = length
+                else:
+                    self.protocol_error(f"an unrecognised PDU type 0x{pdu_type:02X}")
+            elif data:
+                self.protocol_error(f"the connection closed inside a PDU header ({len(data)} of 6 bytes)")
+            return data
+        self._body = None
         if self._max_pdu and nr_bytes > self._max_pdu:
             log.warning(
                 "%s: a PDU of %d bytes declared (we accept at most %d): aborting",
@@ -275,6 +302,7 @@ class _GuardedSocket(AssociationSocket):
             )
             if self._refusals is not None:
                 self._refusals.add(REFUSED_PDU_TOO_LARGE)
+            self._complained = True
             sock = self.socket
             if sock is not None:
                 try:
@@ -282,7 +310,10 @@ class _GuardedSocket(AssociationSocket):
                 except OSError:
                     pass
             raise ConnectionAbortedError("PDU longer than the maximum length advertised")
-        return super().recv(nr_bytes)
+        data = super().recv(nr_bytes)
+        if len(data) < nr_bytes:
+            self.protocol_error(f"the connection closed inside a PDU ({len(data)} of {nr_bytes} bytes)")
+        return data
 
 
 class _QuietLibrary(logging.Filter):
@@ -552,13 +583,24 @@ class _StockRequestHandler(RequestHandler):
     primed: bytes = b""  # the A-ASSOCIATE-RQ read at admission
 
     def handle(self) -> None:
+        """Admission, then pynetdicom's association (as `RequestHandler.handle`), served to its end in
+        this connection's thread; then the connection is closed, however the association ended."""
         admit = getattr(self.server, "admit", None)
         if admit is not None:
             admitted = admit(self.request, self.client_address)
             if admitted is None:
                 return  # refused, logged and closed
             self.request, self.primed = admitted
-        super().handle()
+        assoc = self._create_association()
+        _watch_decoding(assoc)
+        evt.trigger(assoc, evt.EVT_CONN_OPEN, {"address": self.client_address})
+        assoc.start()
+        assoc.join()
+        sock = assoc.dul.socket
+        raw = getattr(sock, "socket", None)
+        if raw is not None:  # (pynetdicom leaves it open after an abort, until the peer closes it)
+            _close(raw)
+        _close(self.request)
 
     def _create_association(self) -> Association:
         assoc = super()._create_association()
@@ -604,6 +646,24 @@ class _RequestHandler(_StockRequestHandler):
                 type(e).__name__,
             )
         return assoc
+
+
+def _watch_decoding(assoc) -> None:
+    """A PDU that pynetdicom cannot decode is a protocol error (one WARNING line; pynetdicom aborts)."""
+    dul = assoc.dul
+    sock = dul.socket
+    decode = dul._decode_pdu
+    if not isinstance(sock, _GuardedSocket):
+        return
+
+    def _decode_pdu(bytestream):
+        try:
+            return decode(bytestream)
+        except Exception as e:
+            sock.protocol_error(f"a PDU that cannot be decoded (type 0x{bytestream[0]:02X}, {type(e).__name__})")
+            raise
+
+    dul._decode_pdu = _decode_pdu
 
 
 def request_handler(fast: bool = True) -> type[RequestHandler]:

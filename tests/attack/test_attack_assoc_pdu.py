@@ -23,7 +23,8 @@ from test_listener import TRANSPORTS, storescu, transport_env, write_series
 
 from node.db.database import Database
 from node.db.schema import Instance
-from node.ops.metrics import render
+from node.ops.metrics import listener_refusals, render
+from node.receive.listener import REFUSALS_FLUSH_SECONDS
 from node.settings import load_settings
 from support.hostile import A_ABORT, A_ASSOCIATE_AC, associate_rq, closed_within, connect, pdata_header, read_pdu
 from support.listener import ListenerProcess, echo
@@ -31,23 +32,22 @@ from support.listener import ListenerProcess, echo
 pytestmark = [pytest.mark.integration]
 
 
-def refusals_metric(node: ListenerProcess, timeout: float = 10.0) -> dict[str, float]:
-    """``msknode_listener_refusals_total`` by reason as /metrics renders it (waits for the listener's
-    periodic record of its counts, until `timeout` or a non-empty answer)."""
+def refusals_metric(node: ListenerProcess, timeout: float = 15.0) -> dict[str, float]:
+    """``msknode_listener_refusals_total`` by reason as /metrics renders it, once the listener has
+    recorded its counts (it does every few seconds; waits up to `timeout`)."""
     settings = load_settings(data_dir=node.data_dir)
-    db = Database(f"sqlite:///{node.data_dir / 'msknode.db'}", migrate=False)
     deadline = time.monotonic() + timeout
+    while not listener_refusals(settings) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    time.sleep(REFUSALS_FLUSH_SECONDS + 0.5)  # (refusals of the last moments: in the next record)
+    db = Database(f"sqlite:///{node.data_dir / 'msknode.db'}", migrate=False)
     try:
-        while True:
-            body, _ = render(settings, db)
-            families = {f.name: f for f in text_string_to_metric_families(body.decode())}
-            family = families.get("msknode_listener_refusals")
-            found = {s.labels["reason"]: s.value for s in family.samples} if family is not None else {}
-            if found or time.monotonic() > deadline:
-                return found
-            time.sleep(0.5)
+        body, _ = render(settings, db)
     finally:
         db.dispose()
+    families = {f.name: f for f in text_string_to_metric_families(body.decode())}
+    family = families.get("msknode_listener_refusals")
+    return {s.labels["reason"]: s.value for s in family.samples} if family is not None else {}
 
 
 def test_a_declared_4_gib_associate_request_is_refused_at_once(tmp_path):
