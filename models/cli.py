@@ -394,8 +394,9 @@ def comparison(old: dict[str, Any], new: dict[str, Any], *, old_label: str, new_
     diff: dict[str, float] = {}
     for k, v in new.items():
         o = old.get(k)
-        numbers = isinstance(v, (int, float)) and isinstance(o, (int, float)) and not isinstance(v, bool)
-        if numbers and math.isfinite(float(v)) and math.isfinite(float(o)):
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not isinstance(o, (int, float)):
+            continue
+        if math.isfinite(v) and math.isfinite(o):
             diff[k] = round(float(v) - float(o), 6)
     warnings = list(dict.fromkeys([*old.get("warnings", []), *new.get("warnings", [])]))
     return {
