@@ -12,6 +12,7 @@ code runs on both.
 from __future__ import annotations
 
 import datetime as dt
+import os
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
@@ -79,6 +80,19 @@ def import_all_tables() -> None:
     import worklists.tables  # noqa: F401
 
 
+def _private(path: str) -> None:
+    """The SQLite database and its WAL and shm files: readable by the node's user alone (0600), also
+    when they were made before, or by a process with a wider umask (SQLite gives the WAL and shm files
+    the database file's mode)."""
+    if not path or path == ":memory:":
+        return
+    for suffix in ("", "-wal", "-shm"):
+        try:
+            os.chmod(path + suffix, 0o600)
+        except (FileNotFoundError, PermissionError):
+            pass
+
+
 def make_engine(database_url: str, *, echo: bool = False) -> Engine:
     if database_url.startswith("sqlite"):
         path = database_url.split("///", 1)[-1]
@@ -103,6 +117,7 @@ def make_engine(database_url: str, *, echo: bool = False) -> Engine:
             cur.execute("PRAGMA foreign_keys=ON")
             cur.execute("PRAGMA busy_timeout=30000")
             cur.close()
+            _private(path)
 
         @event.listens_for(engine, "begin")
         def _sqlite_begin(conn: Connection) -> None:  # pragma: no cover - exercised by every test

@@ -82,6 +82,14 @@ def test_a_skipped_super_resolution_answers_null_not_500(settings, db, tmp_path)
             worker.stop()
         listener.stop()
 
+    # what the listener and the worker wrote (database, store, broker, results, logs) is theirs alone
+    leaky = {
+        str(p.relative_to(settings.data_dir)): oct(p.lstat().st_mode & 0o777)
+        for p in settings.data_dir.rglob("*")
+        if p.lstat().st_mode & 0o077
+    }
+    assert not leaky and settings.data_dir.stat().st_mode & 0o777 == 0o700, leaky
+
     with db.session() as s:
         sr = s.scalars(select(Finding).where(Finding.job_id == job.id, Finding.code == "superres")).one()
         assert not sr.evaluated and sr.details["consistency_error"] is None
