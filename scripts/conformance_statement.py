@@ -103,6 +103,39 @@ def negotiate(host: str, port: int, called_ae: str, *, calling_ae: str = "CONFOR
 class ListenerFacts:
     negotiated: Negotiated
     ae: dict[str, Any]
+    tls: dict[str, str] = field(default_factory=dict)
+
+
+def tls_facts(settings: Any, tmp: Path) -> dict[str, str]:
+    """The listener's TLS context (`node.receive.listener.listener_ssl_context`) for a throw-away
+    self-signed certificate used as certificate and CA: its minimum version and client verification."""
+    import ssl
+    import subprocess
+
+    from node.receive.listener import listener_ssl_context
+
+    cert, key = tmp / "cert.pem", tmp / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=conformance"]
+        + ["-keyout", str(key), "-out", str(cert)],
+        check=True,
+        capture_output=True,
+    )
+    plain = listener_ssl_context(
+        settings.model_copy(update={"listener_tls_cert_file": cert, "listener_tls_key_file": key})
+    )
+    mutual = listener_ssl_context(
+        settings.model_copy(
+            update={"listener_tls_cert_file": cert, "listener_tls_key_file": key, "listener_tls_ca_file": cert}
+        )
+    )
+    names = {ssl.TLSVersion.TLSv1_2: "TLS 1.2", ssl.TLSVersion.TLSv1_3: "TLS 1.3"}
+    verify = {ssl.CERT_NONE: "not asked for", ssl.CERT_OPTIONAL: "verified if sent", ssl.CERT_REQUIRED: "required"}
+    return {
+        "minimum": names.get(plain.minimum_version, str(plain.minimum_version.name)),
+        "client_without_ca": verify[plain.verify_mode],
+        "client_with_ca": verify[mutual.verify_mode],
+    }
 
 
 def probe_listener() -> ListenerFacts:
@@ -150,7 +183,8 @@ def _probe(load_settings: Any) -> ListenerFacts:
         finally:
             listener.stop(grace=2)
             db.dispose()
-    return ListenerFacts(negotiated, facts)
+        tls = tls_facts(settings, Path(tmp))
+    return ListenerFacts(negotiated, facts, tls)
 
 
 # ---- rendering ----------------------------------------------------------------------------------------
@@ -205,6 +239,7 @@ def render(facts: ListenerFacts) -> str:
     ups = [s for s in neg.accepted if names.get(s, "").startswith("Unified Procedure Step")]
     if ups:
         w("| Unified Procedure Step (Push, Pull, Watch, Event, Query) | SCP | the DICOM listener |")
+        w("| Unified Procedure Step - Event (N-EVENT-REPORT to subscribers) | SCU | the worker's UPS loop |")
     w(f"| Storage ({len(RESULT_SOP_CLASSES)} SOP classes of our results) | SCU | the outbox (`dimse` destinations) |")
     w("| STOW-RS of our results | user agent | the outbox (`stow` destinations) |")
     w("")
@@ -272,6 +307,17 @@ def render(facts: ListenerFacts) -> str:
     w("")
     w(f"Transfer syntaxes proposed: {', '.join(f'{uid_name(t)} (`{t}`)' for t in SEND_TRANSFER_SYNTAXES)}.")
     w("")
+    if ups:
+        from pynetdicom.presentation import DEFAULT_TRANSFER_SYNTAXES
+
+        from node.ups.workitems import UPS_EVENT
+
+        w(
+            f"UPS events: N-EVENT-REPORT of the {uid_name(UPS_EVENT)} (`{UPS_EVENT}`) as SCU to each subscriber, "
+            "at the address `MSKNODE_UPS_EVENT_RECEIVERS` gives for its AE title (never one a peer names), "
+            f"proposing {_ts_list(DEFAULT_TRANSFER_SYNTAXES)}; see [ups.md](ups.md)."
+        )
+        w("")
     w("C-STORE response statuses: success and the warnings 0xB000, 0xB006, 0xB007 are acknowledged;")
     w("0xA7xx (out of resources) and 0x0110 are retried with backoff; 0x0122, 0x0124, 0x0117, 0xA9xx and")
     w("0xCxxx are permanent (dead letter, `msknode outbox retry ID` after a fix); see node/dispatch/senders.py.")
@@ -340,7 +386,6 @@ def render(facts: ListenerFacts) -> str:
     w(f"| Implementation Version Name | `{PYNETDICOM_IMPLEMENTATION_VERSION}` |")
     w(f"| UID root of the objects the node creates | `{defaults['uid_root'].default}` (`MSKNODE_UID_ROOT`) |")
     w("")
-    ups = [s for s in neg.accepted if names.get(s, "").startswith("Unified Procedure Step")]
     w("### 2.6 Web services")
     w("")
     w("The node serves no DICOMweb (QIDO-RS, WADO-RS, STOW-RS) of its own: its results are read from the PACS")
@@ -363,11 +408,13 @@ def render(facts: ListenerFacts) -> str:
     w("")
     w("| | |")
     w("| --- | --- |")
+    tls = facts.tls
     w(
-        "| DICOM TLS (PS3.15 B.1) | the listener speaks TLS 1.2 or later only when `MSKNODE_LISTENER_TLS_CERT_FILE` "
-        "and `MSKNODE_LISTENER_TLS_KEY_FILE` are set; with `MSKNODE_LISTENER_TLS_CA_FILE` peers must present a "
-        'certificate signed by it. `dimse` destinations: `"tls": true` with `tls_ca_file` (and a client '
-        "certificate) |"
+        "| DICOM TLS (PS3.15 B.1) | off by default; with `MSKNODE_LISTENER_TLS_CERT_FILE` and "
+        f"`MSKNODE_LISTENER_TLS_KEY_FILE` the listener speaks TLS only, {tls['minimum']} or later; a client "
+        f"certificate is {tls['client_without_ca']}, and {tls['client_with_ca']} (signed by it) with "
+        '`MSKNODE_LISTENER_TLS_CA_FILE`. `dimse` destinations: `"tls": true` with `tls_ca_file` (and '
+        "`tls_cert_file`/`tls_key_file` for a client certificate) |"
     )
     w("| Access control | calling and called AE title checks (2.4); the web UI and API need a login |")
     w(
