@@ -124,6 +124,24 @@ class _QuietRejection(logging.Filter):
         return not (ours and str(record.msg).startswith(_REJECTION_LINES))
 
 
+def listener_tls_args(settings: Settings) -> tuple[Any, None] | None:
+    """pynetdicom's ``tls_args`` for the check of a TLS listener (MSKNODE_LISTENER_TLS_CERT_FILE), else
+    None. The check only needs the listener to answer: it does not verify the listener's certificate,
+    and presents the node's own certificate when clients must have one (MSKNODE_LISTENER_TLS_CA_FILE:
+    the node's certificate must then be signed by one of those CAs and allowed for client authentication)."""
+    if settings.listener_tls_cert_file is None:
+        return None
+    import ssl
+
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    if settings.listener_tls_ca_file is not None:
+        key = settings.listener_tls_key_file
+        context.load_cert_chain(str(settings.listener_tls_cert_file), str(key) if key is not None else None)
+    return context, None
+
+
 def check_listener(settings: Settings, *, timeout: float = 3.0) -> dict[str, Any]:
     """A C-ECHO to the configured listener. A reject for an unknown calling AE still proves it answers."""
     from pynetdicom import AE
@@ -142,7 +160,7 @@ def check_listener(settings: Settings, *, timeout: float = 3.0) -> dict[str, Any
     acse_log.addFilter(quiet)
     t0 = time.perf_counter()
     try:
-        assoc = ae.associate(host, settings.port, ae_title=settings.ae_title)
+        assoc = ae.associate(host, settings.port, ae_title=settings.ae_title, tls_args=listener_tls_args(settings))
         if assoc.is_established:
             status = assoc.send_c_echo()
             assoc.release()

@@ -22,6 +22,8 @@ from test_listener import write_series
 
 from node.db.database import Database
 from node.db.schema import Instance
+from node.ops.health import check_listener
+from node.settings import load_settings
 from support.hostile import closed_within, connect
 from support.listener import ListenerProcess
 
@@ -44,7 +46,7 @@ def make_pki(folder: Path) -> dict[str, Path]:
         "-keyout", str(p["ca.key"]), "-out", str(p["ca.crt"]),
     )  # fmt: skip
     for name, ext in (
-        ("node", "subjectAltName=DNS:localhost,IP:127.0.0.1\nextendedKeyUsage=serverAuth\n"),
+        ("node", "subjectAltName=DNS:localhost,IP:127.0.0.1\nextendedKeyUsage=serverAuth,clientAuth\n"),
         ("pacs", "extendedKeyUsage=clientAuth\n"),
     ):
         csr, extfile = folder / f"{name}.csr", folder / f"{name}.ext"
@@ -127,6 +129,16 @@ def test_dicom_tls_with_client_certificates(tmp_path):
         assert waited is not None and waited < DEADLINE + 1.5, waited
 
         assert tls_echo(node.port, pki)  # still serving
+        # msknode health's listener check speaks TLS too (presenting the node's certificate)
+        settings = load_settings(
+            data_dir=node.data_dir,
+            port=node.port,
+            listener_tls_cert_file=pki["node.crt"],
+            listener_tls_key_file=pki["node.key"],
+            listener_tls_ca_file=pki["ca.crt"],
+        )
+        health = check_listener(settings)
+        assert health["ok"], health
         log = node.log_path.read_text(errors="replace")
         handshakes = re.findall(
             r"connection from 127\.0\.0\.1:\d+ refused \(tls_handshake\): TLS handshake failed", log
