@@ -208,7 +208,7 @@ def test_admin_models_page_activates_with_csrf_and_the_api_needs_an_admin(web, d
     r = admin.post("/admin/deployments", data={**form, "csrf_token": csrf}, follow_redirects=False)
     assert r.status_code == 303 and "is+active+in+pipeline+knee" in r.headers["location"]
     assert _audit(db)[-1] == ("dora", "knee/knee.acl", "1.0.0 shadow", "1.0.0 active", "figures ok")
-    listed = {(d["model"], d["pipeline"]): d for d in admin.get("/api/admin/deployments").json()}
+    listed = {(d["model"], d["pipeline"]): d for d in admin.get("/api/admin/deployments").json()["deployments"]}
     assert listed[("knee.acl", "knee")]["state"] == "active" and listed[("knee.meniscus", "knee")]["state"] == "shadow"
     assert set(listed[("knee.acl", "knee")]["figures"]) >= {"findings", "positive_rate", "answered", "agreement"}
     # the JSON API: CSRF header for a cookie session, an admin only, a clear 400 for an unknown version

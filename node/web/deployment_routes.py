@@ -29,6 +29,42 @@ class DeploymentChange(BaseModel):
     reason: str | None = Field(default=None, max_length=500, description="why (audit)")
 
 
+class DeploymentFigures(BaseModel):
+    findings: int = Field(description="evaluated findings of this version so far")
+    shadow_findings: int = Field(description="of which made in shadow")
+    positive_rate: float | None
+    answered: int = Field(description="radiologists' answers to its findings")
+    agreement: float | None = Field(description="share of the answers that agree with the model")
+
+
+class DeploymentOut(BaseModel):
+    pipeline: str
+    model: str
+    version: str
+    weights_sha256: str
+    weights_dir: str | None = Field(description="the folder of a registered site version; null: the registry's")
+    state: str = Field(description="shadow or active")
+    selected: bool = Field(description="the version the pipeline runs")
+    real_data_validated: bool
+    changed_by: str
+    changed_at: str | None
+    note: str | None
+    figures: DeploymentFigures
+
+
+class DeploymentsOut(BaseModel):
+    deployments: list[DeploymentOut]
+
+
+class DeploymentChanged(BaseModel):
+    pipeline: str
+    model: str
+    version: str
+    state: str
+    selected: bool
+    changed_by: str
+
+
 def _ctx(request: Request):
     return request.app.state.ctx
 
@@ -98,14 +134,14 @@ def _change(request: Request, p: Principal, body: DeploymentChange) -> dict[str,
         }
 
 
-@router.get("/api/admin/deployments", tags=["admin"])
+@router.get("/api/admin/deployments", tags=["admin"], response_model=DeploymentsOut)
 def list_deployments(request: Request, p: Principal = Depends(admin)):
     """Model versions per pipeline: state (shadow or active), whether selected, who changed it, its figures."""
     ctx = _ctx(request)
-    return panel(ctx.settings, ctx.db)
+    return {"deployments": panel(ctx.settings, ctx.db)}
 
 
-@router.post("/api/admin/deployments", tags=["admin"], responses={400: {}, 422: {}})
+@router.post("/api/admin/deployments", tags=["admin"], response_model=DeploymentChanged, responses={400: {}, 422: {}})
 def change_deployment(request: Request, body: DeploymentChange, p: Principal = Depends(api_admin_csrf)):
     """Selects a version for a pipeline in shadow or active (audited)."""
     from node.jobs.deployments import DeploymentError
