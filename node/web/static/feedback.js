@@ -14,10 +14,10 @@
 
   function label(v) { return String(v).replace(/_/g, " "); }
 
-  function focus(k) {
+  function focus(k, quiet) {
     cur = Math.max(0, Math.min(items.length - 1, k));
     items.forEach(function (it, i) { it.classList.toggle("current", i === cur); });
-    items[cur].scrollIntoView({ block: "nearest" });
+    if (!quiet) { items[cur].scrollIntoView({ block: "nearest" }); }  // never on load: the viewer stays in view
   }
 
   function state(item, text, bad) {
@@ -70,7 +70,7 @@
       var agree = !ev.submitter || ev.submitter.value !== "0";
       save(item, agree, item.querySelector(".fb-answer").value, false);
     });
-    item.addEventListener("click", function () { focus(i); });
+    item.addEventListener("click", function () { focus(i, true); });
     var c = item.querySelector(".fb-comment");
     c.addEventListener("keydown", function (ev) {
       if (ev.key === "Enter") {
@@ -97,5 +97,5 @@
     else { return; }
     ev.preventDefault();
   });
-  focus(0);
+  focus(0, true);
 })();
