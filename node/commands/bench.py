@@ -140,6 +140,8 @@ def _bench_models(args, settings) -> int:
         (lambda msg: print(msg, file=sys.stderr, flush=True)) if args.json else (lambda msg: print(msg, flush=True))
     )
     anatomies = tuple(dict.fromkeys(args.anatomy)) if args.anatomy else ("knee", "shoulder", "lumbar_spine")
+    # no site deployment here: every shipped model runs as if active (at a site they start in shadow)
+    progress("models: the shipped models run active in this benchmark (no site deployment state; docs/models.md)")
     try:
         result = run_bench(
             anatomies=anatomies,
