@@ -45,10 +45,13 @@ def peak_kb(pid: int) -> int:
     raise AssertionError(f"no VmHWM for pid {pid}")
 
 
-def listener(tmp_path: Path, **env: str) -> ListenerProcess:
-    return ListenerProcess(
-        tmp_path / "data", env={"MSKNODE_LISTENER_PROCESSES": "1", "MSKNODE_DIMSE_TIMEOUT": "120", **env}
-    ).start()
+TRANSPORTS = {"fast": "1", "stock": "0"}  # MSKNODE_FAST_TRANSPORT
+transports = pytest.mark.parametrize("mode", list(TRANSPORTS))
+
+
+def listener(tmp_path: Path, mode: str = "fast", **env: str) -> ListenerProcess:
+    env = {"MSKNODE_LISTENER_PROCESSES": "1", "MSKNODE_FAST_TRANSPORT": TRANSPORTS[mode], **env}
+    return ListenerProcess(tmp_path / "data", env={"MSKNODE_DIMSE_TIMEOUT": "120", **env}).start()
 
 
 def header_bytes(ds, *, explicit: bool = True) -> bytes:
@@ -80,16 +83,19 @@ def deflate_bomb(inflated_pixels: int) -> tuple[str, bytes]:
     return str(ds.SOPInstanceUID), b"".join(parts)
 
 
-def test_a_deflate_bomb_is_refused_without_inflating_it(tmp_path):
+@transports
+def test_a_deflate_bomb_is_refused_without_inflating_it(tmp_path, mode):
     sop, bomb = deflate_bomb(1536 * MB)
     assert len(bomb) < 2 * MB
-    node = listener(tmp_path)
+    node = listener(tmp_path, mode)
     try:
         before = peak_kb(node.proc.pid)
         with RawSender(node.port, [(MRImageStorage, DeflatedExplicitVRLittleEndian)]) as sender:
             status = sender.send(MRImageStorage, sop, DeflatedExplicitVRLittleEndian, bomb)
         grown_mb = (peak_kb(node.proc.pid) - before) / 1024
-        print(f"deflate bomb ({len(bomb) / MB:.2f} MB -> 1536 MB): status 0x{status:04X}, peak grew {grown_mb:.0f} MB")
+        print(
+            f"{mode}: deflate bomb ({len(bomb) / MB:.2f} MB -> 1536 MB): status 0x{status:04X}, peak grew {grown_mb:.0f} MB"
+        )
         assert status == 0xA700
         assert grown_mb < 100, f"the listener's peak memory grew by {grown_mb:.0f} MB"
         # a normal deflated object on the same listener is still stored as received (deflated bytes)
@@ -153,15 +159,16 @@ def storescu(port: int, path: Path) -> subprocess.CompletedProcess:
     )
 
 
-def test_a_300_mb_object_is_stored_with_bounded_memory(tmp_path):
+@transports
+def test_a_300_mb_object_is_stored_with_bounded_memory(tmp_path, mode):
     path = tmp_path / "big.dcm"
     sop, digest = big_object(path, 300)
-    node = listener(tmp_path)
+    node = listener(tmp_path, mode)
     try:
         before = peak_kb(node.proc.pid)
         r = storescu(node.port, path)
         grown_mb = (peak_kb(node.proc.pid) - before) / 1024
-        print(f"300 MB object: storescu exit {r.returncode}, peak grew {grown_mb:.0f} MB")
+        print(f"{mode}: 300 MB object: storescu exit {r.returncode}, peak grew {grown_mb:.0f} MB")
         assert r.returncode == 0, r.stderr
         db = Database(f"sqlite:///{node.data_dir / 'msknode.db'}", migrate=False)
         try:
@@ -177,6 +184,11 @@ def test_a_300_mb_object_is_stored_with_bounded_memory(tmp_path):
                 h.update(block)
         assert h.hexdigest() == digest
         assert grown_mb < 150, f"the listener's peak memory grew by {grown_mb:.0f} MB for a 300 MB object"
+        assert not list((node.data_dir / "store" / ".incoming").iterdir())
+        # sent again: a duplicate (Success), still one file, nothing left staged, memory still bounded
+        assert storescu(node.port, path).returncode == 0
+        assert (peak_kb(node.proc.pid) - before) / 1024 < 150
+        assert [p.name for p in (node.data_dir / "store").rglob("*.dcm")] == [f"{sop}.dcm"]
         assert not list((node.data_dir / "store" / ".incoming").iterdir())
     finally:
         assert node.stop() == 0, node.log()
