@@ -329,3 +329,64 @@ def test_triage_priority_is_announced_with_completed(db, settings):
         s.add(WorklistEntry(study_id=job.study_id, job_id=job_id, priority="STAT", ai_priority="STAT", updated_at=NOW))
     _sync(db, settings)
     assert [(e[1], e[2]) for e in _events(db)] == [("SCHEDULED", "LOW"), ("IN PROGRESS", "LOW"), ("COMPLETED", "HIGH")]
+
+
+def test_ups_rs_answers_dicom_json_to_an_authenticated_client_and_refuses_bad_requests(db, settings):
+    import warnings
+
+    from node.web.app import create_app
+    from node.web.users import add_user
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from starlette.testclient import TestClient
+
+    for _ in range(3):
+        make_study_job(db)
+    _sync(db, settings)
+    uids = [w.sop_instance_uid for w in _workitems(db)]
+    with db.session() as s:
+        add_user(s, username="rob", password="rob-password-12", role="radiologist")
+    with TestClient(create_app(settings, db)) as client:
+        token = client.post("/api/auth/token", json={"username": "rob", "password": "rob-password-12"}).json()
+        auth = {"Authorization": f"Bearer {token['access_token']}"}
+        r = client.get("/ups-rs/workitems", params={"ProcedureStepState": "SCHEDULED"}, headers=auth)
+        assert r.status_code == 200 and r.headers["content-type"].startswith("application/dicom+json")
+        assert [i["00080018"]["Value"][0] for i in r.json()] == uids
+        r = client.get(
+            "/ups-rs/workitems", params={"ScheduledProcedureStepPriority": "LOW", "limit": 1, "offset": 1}, headers=auth
+        )
+        assert [i["00080018"]["Value"][0] for i in r.json()] == uids[1:2]
+        assert (
+            client.get("/ups-rs/workitems", params={"ProcedureStepState": "COMPLETED"}, headers=auth).status_code == 204
+        )
+        r = client.get("/ups-rs/workitems", params={"NoSuchKeyword": "x"}, headers=auth)
+        assert r.status_code == 400 and "NoSuchKeyword" in r.json()["detail"]
+        assert client.get("/ups-rs/workitems", params={"limit": 5000}, headers=auth).status_code == 422
+        r = client.get(f"/ups-rs/workitems/{uids[0]}", headers=auth)
+        assert r.status_code == 200 and r.json()[0]["00741000"]["Value"] == ["SCHEDULED"]
+        assert client.get("/ups-rs/workitems/1.2.3.999", headers=auth).status_code == 404
+        assert client.get("/ups-rs/workitems/not-a-uid", headers=auth).status_code == 400
+        assert client.get(f"/ups-rs/workitems/{uids[0]}").status_code == 401
+        bad = {"Authorization": "Bearer not-a-token"}
+        assert client.get("/ups-rs/workitems", headers=bad).status_code == 401
+
+
+def test_matching_reads_the_table_a_page_at_a_time(db, monkeypatch):
+    from node.ups import query
+    from node.ups.dimse import create_from_peer
+
+    monkeypatch.setattr(query, "PAGE", 2)
+    with db.session() as s:
+        for k in range(5):
+            ds = Dataset()
+            ds.ProcedureStepState = "SCHEDULED"
+            ds.ScheduledProcedureStepPriority = "HIGH" if k % 2 else "LOW"
+            create_from_peer(s, ds, f"1.2.826.0.1.3680043.10.1447.99.9.{k}", calling="RIS")
+    with db.session() as s:
+        every = [w.sop_instance_uid for w in query.matches(s, {"00741000": {"vr": "CS", "Value": ["SCHEDULED"]}})]
+        high = [w.sop_instance_uid for w in query.matches(s, {"00741200": {"vr": "CS", "Value": ["HIGH"]}})]
+        low = [w.sop_instance_uid for w in query.matches(s, {"00741200": {"vr": "CS", "Value": ["L*"]}})]
+    assert every == [f"1.2.826.0.1.3680043.10.1447.99.9.{k}" for k in range(5)]
+    assert high == [f"1.2.826.0.1.3680043.10.1447.99.9.{k}" for k in (1, 3)]
+    assert low == [f"1.2.826.0.1.3680043.10.1447.99.9.{k}" for k in (0, 2, 4)]

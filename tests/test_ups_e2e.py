@@ -8,6 +8,7 @@ JSON to an authenticated httpx client (401 without)."""
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import sys
 import threading
@@ -52,6 +53,7 @@ class Watcher:
         self.ae_title = ae_title
         self.port = port
         self.events: list[tuple[int, str, Dataset]] = []
+        self.received_at: list[dt.datetime] = []
         self.lock = threading.Lock()
         self.server = None
 
@@ -64,6 +66,7 @@ class Watcher:
                 self.events.append(
                     (event.event_type, str(event.request.AffectedSOPInstanceUID), event.event_information)
                 )
+                self.received_at.append(dt.datetime.now(dt.UTC))
             return 0x0000, None
 
         self.server = ae.start_server(
@@ -203,6 +206,15 @@ def test_watcher_sees_a_real_study_scheduled_in_progress_completed_with_its_sr(s
             results = s.scalars(select(ResultObject).where(ResultObject.job_id == job.id)).all()
         sr = [r for r in results if r.kind == "sr"]
         assert job.state == "done" and len(sr) == 1
+        with watcher.lock:
+            completed_at = next(
+                t
+                for (kind, u, info), t in zip(watcher.events, watcher.received_at, strict=True)
+                if u == uid and kind == 1 and info.ProcedureStepState == "COMPLETED"
+            )
+        print(
+            f"COMPLETED reached the watcher {(completed_at - job.finished_at).total_seconds():.2f} s after the job was done"
+        )
 
         # N-GET: COMPLETED, the input study, the SR (and every other result) in the Output Information
         status, ds = n_get(port, uid)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Iterator
+from itertools import islice
 from typing import Any
 
 from pydicom import Dataset
@@ -200,20 +201,14 @@ class UpsService:
         if len(q) > query.MAX_KEYS:
             yield IDENTIFIER_MISMATCH, None
             return
-        with self.db.session() as s:
-            rows = [(w.sop_instance_uid, w.dataset) for w in s.scalars(query.prefilter(q))]
-        n = 0
-        for _uid, stored in rows:
+        with self.db.session() as s:  # read first: no transaction stays open while answering
+            found = [query.response(q, w.dataset) for w in islice(query.matches(s, q), MAX_FIND_RESULTS)]
+        for answer in found:
             if event.is_cancelled:
                 yield CANCEL, None
                 return
-            if not query.match(q, stored):
-                continue
-            n += 1
-            if n > MAX_FIND_RESULTS:
-                break
-            yield PENDING, workitems.from_json(query.response(q, stored))
-        log.info("UPS C-FIND from %s: %d match(es)", _calling(event), min(n, MAX_FIND_RESULTS))
+            yield PENDING, workitems.from_json(answer)
+        log.info("UPS C-FIND from %s: %d match(es)", _calling(event), len(found))
         yield SUCCESS, None
 
 

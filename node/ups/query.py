@@ -9,9 +9,11 @@ the workitem's sequence matches every key of the query's item (one level, as C-F
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
 from typing import Any
 
 from sqlalchemy import Select, select
+from sqlalchemy.orm import Session
 
 from node.db.schema import UpsWorkitem
 
@@ -112,3 +114,19 @@ def prefilter(query: JSON) -> Select[Any]:
     if uids:
         q = q.where(UpsWorkitem.sop_instance_uid.in_([u for v in uids for u in str(v).split("\\")]))
     return q.order_by(UpsWorkitem.id)
+
+
+PAGE = 500
+
+
+def matches(session: Session, query: JSON) -> Iterator[UpsWorkitem]:
+    """The matching workitems, oldest first, read a page at a time (never the whole table at once)."""
+    last = 0
+    while True:
+        page = session.scalars(prefilter(query).where(UpsWorkitem.id > last).limit(PAGE)).all()
+        for w in page:
+            if match(query, w.dataset):
+                yield w
+        if len(page) < PAGE:
+            return
+        last = page[-1].id

@@ -122,9 +122,7 @@ def search(
     out: list[dict[str, Any]] = []
     skipped = 0
     with ctx.db.session() as s:
-        for w in s.scalars(query.prefilter(q)):
-            if not query.match(q, w.dataset):
-                continue
+        for w in query.matches(s, q):
             if skipped < offset:
                 skipped += 1
                 continue

@@ -27,8 +27,8 @@ from typing import Any
 from pydicom import Dataset
 from pydicom.sequence import Sequence as DicomSequence
 from pydicom.uid import generate_uid
-from sqlalchemy import or_, select, update
-from sqlalchemy.orm import Session
+from sqlalchemy import and_, case, exists, or_, select, update
+from sqlalchemy.orm import Session, aliased
 
 from node.db.schema import (
     Instance,
@@ -457,59 +457,85 @@ def advance(session: Session, settings: Settings, w: UpsWorkitem, job: Job, now:
     return steps
 
 
+ACTIVE_JOB_STATES = ("pending", "queued", "processing")
+
+
 def sync(session: Session, settings: Settings, now: dt.datetime, *, limit: int = 500) -> int:
     """One round: workitems for new jobs, every non-final workitem brought to its job's state, priorities
-    following the worklist. Returns the number of changes."""
+    following the worklist. Returns the number of changes.
+
+    Each question is one query that returns only the rows needing a change, so an idle round reads
+    no workitem and no job."""
     changes = 0
     since = now - BACKFILL
-    latest: dict[int, UpsWorkitem | None] = {}
-    active_jobs = session.scalars(
+    # jobs without a workitem: new, or finished recently (a node that just started using UPS)
+    for job in session.scalars(
         select(Job)
+        .outerjoin(UpsWorkitem, UpsWorkitem.job_id == Job.id)
         .where(
-            or_(
-                Job.state.in_(("pending", "queued", "processing")),
-                Job.finished_at >= since,
-                Job.created_at >= since,
-            ),
+            UpsWorkitem.id.is_(None),
+            Job.state != "superseded",
+            or_(Job.state.in_(ACTIVE_JOB_STATES), Job.created_at >= since, Job.finished_at >= since),
         )
         .order_by(Job.id)
-        .limit(limit * 4)
-    ).all()
-    if active_jobs:
-        for item in session.scalars(
-            select(UpsWorkitem).where(UpsWorkitem.job_id.in_([j.id for j in active_jobs])).order_by(UpsWorkitem.id)
-        ):
-            assert item.job_id is not None
-            latest[item.job_id] = item  # the newest workitem of each job
-    created = 0
-    for job in active_jobs:
-        cur = latest.get(job.id)
-        if cur is None:
-            if job.state == "superseded" or created >= limit:
-                continue
-            latest[job.id] = create_for_job(session, settings, job, now)
-            created += 1
-            changes += 1
-        elif cur.state == CANCELED and job.state in ("pending", "queued", "processing"):
-            # retried by an admin after it failed: a new workitem replaces the canceled one
-            latest[job.id] = create_for_job(session, settings, job, now, replaces=cur)
-            changes += 1
-    for job in active_jobs:
-        cur = latest.get(job.id)
-        if cur is not None and cur.state not in FINAL_STATES:
-            changes += advance(session, settings, cur, job, now)
+        .limit(limit)
+    ).all():
+        create_for_job(session, settings, job, now)
+        changes += 1
+    # canceled workitems of jobs an admin retried (no newer workitem yet): a new one replaces each
+    newer = aliased(UpsWorkitem)
+    for w, job in session.execute(
+        select(UpsWorkitem, Job)
+        .join(Job, Job.id == UpsWorkitem.job_id)
+        .where(
+            UpsWorkitem.state == CANCELED,
+            Job.state.in_(ACTIVE_JOB_STATES),
+            ~exists().where(newer.job_id == UpsWorkitem.job_id, newer.id > UpsWorkitem.id),
+        )
+        .order_by(UpsWorkitem.id)
+        .limit(limit)
+    ).all():
+        create_for_job(session, settings, job, now, replaces=w)
+        changes += 1
+    # open workitems whose job moved on
+    started = or_(Job.state.notin_(("pending", "queued")), Job.attempts > 0)
+    ended = Job.state.in_(("done", "failed", "dead", "superseded"))
+    for w, job in session.execute(
+        select(UpsWorkitem, Job)
+        .join(Job, Job.id == UpsWorkitem.job_id)
+        .where(
+            or_(
+                and_(UpsWorkitem.state == SCHEDULED, started),
+                and_(UpsWorkitem.state == IN_PROGRESS, ended),
+            )
+        )
+        .order_by(UpsWorkitem.id)
+        .limit(limit)
+    ).all():
+        changes += advance(session, settings, w, job, now)
     changes += follow_worklist_priority(session, now, since=since)
     return changes
+
+
+def _ups_priority_of(column: Any) -> Any:
+    """The worklist priority column as a UPS priority, in SQL."""
+    return case(
+        *((column == wl, ups) for wl, ups in PRIORITY_OF_WORKLIST.items()),
+        else_=DEFAULT_PRIORITY,
+    )
 
 
 def follow_worklist_priority(
     session: Session, now: dt.datetime, *, study_id: int | None = None, since: dt.datetime | None = None
 ) -> int:
-    """Sets each workitem's priority from its study's worklist entry (an admin's override or triage)."""
+    """Sets each workitem's priority from its study's worklist entry (an admin's override or triage).
+
+    Only workitems whose priority differs are read."""
     q = (
         select(UpsWorkitem, WorklistEntry.priority)
         .join(Job, Job.id == UpsWorkitem.job_id)
         .join(WorklistEntry, WorklistEntry.study_id == Job.study_id)
+        .where(UpsWorkitem.priority != _ups_priority_of(WorklistEntry.priority))
     )
     if study_id is not None:
         q = q.where(Job.study_id == study_id)
