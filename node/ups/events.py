@@ -29,6 +29,7 @@ MAX_ATTEMPTS = 10
 BACKOFF_SECONDS = 2.0
 MAX_BACKOFF_SECONDS = 300.0
 BATCH = 200  # events per subscriber and round
+CONNECT_TIMEOUT_SECONDS = 10.0
 KEEP_EVENTS = dt.timedelta(days=7)  # delivered and dead events are kept this long (then deleted)
 
 
@@ -50,6 +51,7 @@ def _send(
     host, port = parse_address(settings.ups_event_receivers[ae_title])
     ae = AE(ae_title=settings.ae_title)
     ae.add_requested_context(workitems.UPS_EVENT)
+    ae.connection_timeout = CONNECT_TIMEOUT_SECONDS  # an unreachable host must not hold the loop
     ae.acse_timeout = min(settings.network_timeout, 30)
     ae.dimse_timeout = settings.dimse_timeout
     ae.network_timeout = settings.network_timeout
