@@ -223,3 +223,25 @@ def test_admin_models_page_activates_with_csrf_and_the_api_needs_an_admin(web, d
     assert reader.get("/api/admin/deployments").status_code == 403
     token = reader.get("/api/me").json()["csrf_token"]
     assert reader.post("/api/admin/deployments", json=body, headers={"X-CSRF-Token": token}).status_code == 403
+
+
+def test_other_weights_under_the_selected_version_start_a_silent_trial_again(settings, db, tmp_path):
+    from node.jobs import deployments
+
+    site = _site_copy(tmp_path)  # the shipped weights copied into a site folder: the same hash, nothing changes
+    reg = _registry(site.parent)
+    deployments.for_pipeline(db, settings, reg, "knee")
+    with db.session() as s:
+        deployments.change(s, pipeline="knee", model_name="knee.acl", version="1.0.0", state="active", actor="dora")
+    assert deployments.for_pipeline(db, settings, reg, "knee")["knee.acl"].state == "active"
+    # someone drops other weights into the site folder under the same version
+    data = b"other weights"
+    digest = hashlib.sha256(data).hexdigest()
+    (site / "model.pt").write_bytes(data)
+    (site / "model.pt.sha256").write_text(digest + "\n")
+    card = json.loads((site / "card.json").read_text())
+    (site / "card.json").write_text(json.dumps({**card, "weights_sha256": digest}))
+    got = deployments.for_pipeline(db, settings, _registry(site.parent), "knee")["knee.acl"]
+    assert got.state == "shadow" and got.weights_sha256 == digest
+    last = _audit(db)[-1]
+    assert last[0] == "system" and last[2].startswith("1.0.0 active") and "weights in use changed" in last[4]

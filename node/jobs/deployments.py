@@ -161,12 +161,33 @@ def ensure(session: Session, settings: Settings, registry: Any, pipeline: str, m
         _audit(session, actor=actor, row=row, old=None, reason=reason)
         level = logging.WARNING if row.state == "shadow" else logging.INFO
         log.log(level, "model %s %s in pipeline %s: %s (%s)", model_name, row.version, pipeline, row.state, reason)
+    elif row.weights_dir is None and _weights_replaced(registry, model_name, row):
+        # other weights were dropped into the weights folder under the selected version: a model nobody has
+        # watched at this site yet, so a silent trial again (unless its card or the configuration says otherwise)
+        info = registry.info(model_name)
+        old = f"{row.version} {row.state} (sha256 {row.weights_sha256[:12]})"
+        row.weights_sha256 = info.weights_sha256
+        row.real_data_validated = card_validated(registry.card(model_name))
+        if row.real_data_validated or configured(settings, model_name):
+            row.state, actor = "active", SYSTEM if row.real_data_validated else CONFIG
+        else:
+            row.state, actor = "shadow", SYSTEM
+        row.changed_by, row.changed_at = actor, now
+        session.flush()
+        reason = f"the weights in use changed (sha256 {info.weights_sha256[:12]}): {row.state}"
+        _audit(session, actor=actor, row=row, old=old, reason=reason)
+        log.warning("model %s %s in pipeline %s: %s", model_name, row.version, pipeline, reason)
     elif row.state == "shadow" and row.changed_by == SYSTEM and configured(settings, model_name):
         row.state, row.changed_by, row.changed_at = "active", CONFIG, now
         session.flush()
         _audit(session, actor=CONFIG, row=row, old=f"{row.version} shadow", reason="MSKNODE_ACTIVATE_MODELS")
         log.info("model %s %s in pipeline %s: active (MSKNODE_ACTIVATE_MODELS)", model_name, row.version, pipeline)
     return row
+
+
+def _weights_replaced(registry: Any, model_name: str, row: ModelDeployment) -> bool:
+    sha = registry.info(model_name).weights_sha256
+    return bool(sha) and sha != row.weights_sha256
 
 
 def _view(row: ModelDeployment) -> Deployment:
