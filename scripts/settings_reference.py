@@ -82,6 +82,7 @@ DESCRIPTIONS = {
     "health_interval_seconds": "The detailed health check (listener C-ECHO, broker, database, disk, workers) runs in the background at most this often (never once per request); `GET /api/health` (behind login) shows its last result.",
     "monitor_window_days": "Model monitoring (dashboard, `/metrics`, `msknode monitor`): the current window in days, whose positive rate, QC refusal rate and agreement are judged against their control bands (docs/monitoring.md).",
     "monitor_reference_days": "Model monitoring: the reference window in days before the current one (a model's own baseline positive rate, agreement, usual gap between studies, input distribution).",
+    "feedback_sr": "Send each radiologist's answers to the AI findings of a study, once it is marked read, to the DICOM destinations as a TID 1500 SR that references the AI SR (docs/monitoring.md); off: the answers stay in the node.",
     "site_timezone": "Time zone the web UI shows the node's own timestamps in (IANA name).",
     "triage_policy": "TOML triage policy (priorities from findings).",
     "log_level": "DEBUG, INFO, WARNING or ERROR: the node's own log lines (one line per study and stage at INFO; per-series and per-object detail at DEBUG).",

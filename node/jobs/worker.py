@@ -162,6 +162,13 @@ def ups_cleanup_duty(db: Database) -> Duty:
     return Duty("ups-cleanup", lambda now: forget_old_events(db, now), every=3600.0)
 
 
+def answers_duty(db: Database, settings: Settings) -> Duty:
+    """Radiologists' answers of read studies to the PACS as SRs (node.jobs.answers; MSKNODE_FEEDBACK_SR)."""
+    from node.jobs.answers import send_answers
+
+    return Duty("answers", lambda now: send_answers(db, settings, now=now), every=30.0)
+
+
 def build_duties(
     db: Database,
     settings: Settings,
@@ -196,6 +203,8 @@ def build_duties(
     duties.append(Duty("enqueue-resent", enqueue))
     if housekeeping:
         duties.append(retention_duty(db, settings))
+        if settings.feedback_sr:
+            duties.append(answers_duty(db, settings))
         duties.append(Duty("broker-cleanup", lambda now: cleanup_processed(settings), every=3600.0))
     return duties
 
