@@ -13,6 +13,13 @@ durable write itself. Here:
   0xC211 if the handler raises, as pynetdicom's storage service does;
 - `ReusePortServer` binds with SO_REUSEPORT so several listener processes share the port.
 
+Both transports share the admission (`ReusePortServer.admit`): a connection becomes a pynetdicom
+association only once its whole A-ASSOCIATE-RQ (at most 64 KiB, decodable) arrived within
+``request_timeout`` of the TCP connection (TLS handshake included), with at most ``gate.per_ip``
+connections of one address in that phase; so pynetdicom's association limit counts associations,
+never idle sockets. `_GuardedSocket` then enforces the maximum PDU length we advertise and logs
+one line for a peer that breaks the protocol; each connection is closed when its association ends.
+
 Everything else (state machine, PDU coding, negotiation, other services) is pynetdicom's own.
 This relies on pynetdicom 3.0 internals (pinned in pyproject.toml); the listener tests
 exercise it on every run, with it and without it. ``MSKNODE_FAST_TRANSPORT=0`` serves with
@@ -68,7 +75,8 @@ def describe(assoc) -> str:
             where = f"{peer.address}:{peer.port}"
     except Exception:
         pass
-    return f"association {getattr(assoc, 'index_id', None)} from {calling} at {where}"
+    index_id = getattr(assoc, "index_id", None)  # (None until the association is recorded)
+    return f"association {index_id if index_id is not None else '(new)'} from {calling} at {where}"
 
 
 # ---- admission: everything before an association exists -----------------------------------
