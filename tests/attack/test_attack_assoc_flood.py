@@ -18,6 +18,7 @@ import select
 import subprocess
 import threading
 import time
+from pathlib import Path
 
 import pytest
 from sqlalchemy import func
@@ -104,8 +105,26 @@ class Flood:
             self.stop.wait(0.2)  # then the same peer tries again
 
 
+REALDATA = Path(os.environ.get("MSKNODE_REALDATA") or Path(__file__).resolve().parents[3] / "shared" / "realdata")
+SIEMENS_KNEE = REALDATA / "knee" / "siemens_sagittal_dicom"
+
+
 @pytest.mark.parametrize("processes", ["1", "2"])
 def test_idle_and_drip_feeding_sockets_do_not_take_the_slots_of_a_real_pacs(tmp_path, processes):
+    _, _, paths = write_series(tmp_path / "study", n=40)
+    flood_while_sending(tmp_path, processes, paths)
+
+
+def test_a_real_knee_series_arrives_whole_through_the_flood(tmp_path):
+    if not SIEMENS_KNEE.is_dir():
+        pytest.skip(f"real DICOM not available: {SIEMENS_KNEE} is absent (set MSKNODE_REALDATA to ../shared/realdata)")
+    paths = sorted(SIEMENS_KNEE.glob("*.DCM"))
+    assert paths, f"no DICOM files in {SIEMENS_KNEE}"
+    flood_while_sending(tmp_path, "2", paths)
+
+
+def flood_while_sending(tmp_path: Path, processes: str, paths: list[Path]) -> None:
+    """The flood of `Flood` while storescu sends `paths` and echoscu echoes; checks all arrived."""
     node = ListenerProcess(
         tmp_path / "data",
         env={
@@ -114,7 +133,6 @@ def test_idle_and_drip_feeding_sockets_do_not_take_the_slots_of_a_real_pacs(tmp_
             "MSKNODE_NEGOTIATING_PER_ADDRESS": str(PER_ADDRESS),
         },
     ).start()
-    _, _, paths = write_series(tmp_path / "study", n=40)
     try:
         with Flood(node.port) as flood:
             t0 = time.monotonic()
@@ -149,7 +167,7 @@ def test_idle_and_drip_feeding_sockets_do_not_take_the_slots_of_a_real_pacs(tmp_
         log = node.log_path.read_text(errors="replace")
         assert "local_limit" not in log and "Local Limit" not in log
         drips = [s for d, s in flood.lifetimes if d]
-        assert drips and max(drips) < DEADLINE + 1.5, drips  # cut at the deadline however they drip
+        assert drips and max(drips) < DEADLINE + 3, drips  # cut at the deadline (plus scheduling) however they drip
         assert re.search(r"connection from 127\.0\.2\.\d+:\d+ refused \(request_deadline\)", log)
         assert re.search(r"connection from 127\.0\.3\.1:\d+ refused \(negotiating_per_ip\)", log)
         assert "DRIPPER" not in log  # never got as far as an association
