@@ -15,6 +15,7 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import shutil
+import ssl
 import threading
 import time
 from typing import Any
@@ -124,22 +125,20 @@ class _QuietRejection(logging.Filter):
         return not (ours and str(record.msg).startswith(_REJECTION_LINES))
 
 
-def listener_tls_args(settings: Settings) -> tuple[Any, None] | None:
+def listener_tls_args(settings: Settings) -> tuple[ssl.SSLContext, str] | None:
     """pynetdicom's ``tls_args`` for the check of a TLS listener (MSKNODE_LISTENER_TLS_CERT_FILE), else
     None. The check only needs the listener to answer: it does not verify the listener's certificate,
     and presents the node's own certificate when clients must have one (MSKNODE_LISTENER_TLS_CA_FILE:
     the node's certificate must then be signed by one of those CAs and allowed for client authentication)."""
     if settings.listener_tls_cert_file is None:
         return None
-    import ssl
-
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     context.check_hostname = False
     context.verify_mode = ssl.CERT_NONE
     if settings.listener_tls_ca_file is not None:
         key = settings.listener_tls_key_file
         context.load_cert_chain(str(settings.listener_tls_cert_file), str(key) if key is not None else None)
-    return context, None
+    return context, "localhost"  # (the name sent in the handshake; not verified)
 
 
 def check_listener(settings: Settings, *, timeout: float = 3.0) -> dict[str, Any]:
