@@ -390,3 +390,33 @@ def test_matching_reads_the_table_a_page_at_a_time(db, monkeypatch):
     assert every == [f"1.2.826.0.1.3680043.10.1447.99.9.{k}" for k in range(5)]
     assert high == [f"1.2.826.0.1.3680043.10.1447.99.9.{k}" for k in (1, 3)]
     assert low == [f"1.2.826.0.1.3680043.10.1447.99.9.{k}" for k in (0, 2, 4)]
+
+
+def test_a_running_jobs_steps_are_progress_reports(db, settings):
+    from node.ups.workitems import dataset_of
+
+    _subscribe_all(db)
+    job_id = make_study_job(db)
+    _set_job(db, job_id, state="processing", attempts=1, step="load")
+    _sync(db, settings)
+    _sync(db, settings)  # the same step is not reported twice
+    _set_job(db, job_id, step="inference")
+    _sync(db, settings)
+    (w,) = _workitems(db)
+    progress = dataset_of(w).ProcedureStepProgressInformationSequence[0]
+    assert (progress.ProcedureStepProgress, progress.ProcedureStepProgressDescription) == (50, "AI job step: inference")
+    with db.session() as s:
+        reports = [
+            (e.event_type, e.info["00741002"]["Value"][0]["00741004"]["Value"][0])
+            for e in s.scalars(select(UpsEvent).order_by(UpsEvent.id))
+            if e.event_type == 3
+        ]
+    assert reports == [(3, 20), (3, 50)]
+    _set_job(db, job_id, state="done", finished_at=NOW)
+    _sync(db, settings)
+    (w,) = _workitems(db)
+    assert (
+        w.state == "COMPLETED"
+        and dataset_of(w).ProcedureStepProgressInformationSequence[0].ProcedureStepProgress == 100
+    )
+    assert [e[1] for e in _events(db)] == ["SCHEDULED", "IN PROGRESS", "COMPLETED"]

@@ -199,6 +199,13 @@ def test_watcher_sees_a_real_study_scheduled_in_progress_completed_with_its_sr(s
             print(listener.output()[-2000:])
             raise
         assert watcher.states(uid) == ["SCHEDULED", "IN PROGRESS", "COMPLETED"]
+        with watcher.lock:  # the running job's steps as UPS Progress Reports
+            steps = [
+                str(info.ProcedureStepProgressInformationSequence[0].ProcedureStepProgressDescription)
+                for t, u, info in watcher.events
+                if u == uid and t == 3
+            ]
+        assert steps and all(s.startswith("AI job step: ") for s in steps), steps
 
         with db.session() as s:
             job = s.scalars(select(Job)).one()

@@ -67,6 +67,9 @@ DEFAULT_PRIORITY = "LOW"  # triage has not spoken yet: ROUTINE
 # N-EVENT-REPORT event types (PS3.4 CC.2.4.2)
 STATE_REPORT, CANCEL_REQUESTED, PROGRESS_REPORT, SCP_STATUS_CHANGE, ASSIGNED = 1, 2, 3, 4, 5
 
+#: the job's steps (`node.jobs.runner`) as the Procedure Step Progress (%) of its workitem
+STEP_PROGRESS = {"load_context": 5, "setup": 10, "load": 20, "inference": 50, "triage": 80, "results": 90}
+
 #: jobs created (or finished) longer ago than this get no workitem (a node that starts using UPS
 #: does not announce its whole history)
 BACKFILL = dt.timedelta(days=1)
@@ -380,6 +383,25 @@ def set_priority(session: Session, w: UpsWorkitem, priority: str, now: dt.dateti
     return True
 
 
+def report_progress(session: Session, w: UpsWorkitem, step: str, now: dt.datetime) -> bool:
+    """The running job's step as the workitem's progress, and a UPS Progress Report (event type 3)
+    to subscribers when it changed (PS3.4 Table CC.2.4-1). False: unchanged."""
+    ds = from_json(w.dataset)
+    seq = ds.get("ProcedureStepProgressInformationSequence") or []
+    item = seq[0] if seq else Dataset()
+    description = f"AI job step: {step}"[:64]
+    if item.get("ProcedureStepProgressDescription") == description:
+        return False
+    item.ProcedureStepProgress = STEP_PROGRESS.get(step, int(item.get("ProcedureStepProgress", 0) or 0))
+    item.ProcedureStepProgressDescription = description
+    ds.ProcedureStepProgressInformationSequence = DicomSequence([item])
+    _save(session, w, ds, now)
+    info = Dataset()
+    info.ProcedureStepProgressInformationSequence = DicomSequence([item])
+    queue_event(session, w.sop_instance_uid, info, now, event_type=PROGRESS_REPORT)
+    return True
+
+
 # ---- following the jobs table ---------------------------------------------------------------------------
 
 
@@ -513,6 +535,15 @@ def sync(session: Session, settings: Settings, now: dt.datetime, *, limit: int =
         .limit(limit)
     ).all():
         changes += advance(session, settings, w, job, now)
+    # running jobs: their step as progress
+    for w, step in session.execute(
+        select(UpsWorkitem, Job.step)
+        .join(Job, Job.id == UpsWorkitem.job_id)
+        .where(UpsWorkitem.state == IN_PROGRESS, Job.state == "processing", Job.step.is_not(None))
+        .order_by(UpsWorkitem.id)
+        .limit(limit)
+    ).all():
+        changes += report_progress(session, w, str(step), now)
     changes += follow_worklist_priority(session, now, since=since)
     return changes
 
