@@ -38,7 +38,7 @@ from node.errors import IngestError, NodeError, OutOfSpaceError, StorageError
 from node.ops.restart import RestartBackoff
 from node.receive.header import OUT_OF_RESOURCES, SUCCESS, read_header, validate
 from node.receive.index import Received, publish_new
-from node.receive.spool import SPOOL_MEMORY_BYTES, Spool, install, spool_of
+from node.receive.spool import SPOOL_MEMORY_BYTES, Spool, close_pending, install, spool_of
 from node.receive.storage import InstanceStore, StagedFile, encode_file_meta
 from node.receive.transport import (
     REFUSED_PER_IP,
@@ -172,6 +172,7 @@ class Listener:
             (evt.EVT_RELEASED, self._on_released),
             (evt.EVT_ABORTED, self._on_aborted),
             (evt.EVT_CONN_CLOSE, self._on_conn_close),
+            (evt.EVT_CONN_CLOSE, self._close_spools),
         ]
         # Unified Procedure Steps on the same AE, behind the same AE-title allow-list
         from node.ups.dimse import add_ups_service
@@ -369,8 +370,22 @@ class Listener:
         except UnicodeError:  # refused anyway (validate): quarantined without file meta
             meta = b""
         return Spool(
-            self.store.incoming, file_meta=meta, memory_limit=SPOOL_MEMORY_BYTES, max_bytes=self.max_object_bytes
+            self.store.incoming,
+            file_meta=meta,
+            memory_limit=SPOOL_MEMORY_BYTES,
+            max_bytes=self.max_object_bytes,
+            has_space=self.store.has_space,
         )
+
+    def _close_spools(self, event) -> None:
+        """EVT_CONN_CLOSE: C-STOREs cut off by the end of the connection leave no staged file behind."""
+        dropped = close_pending(event.assoc)
+        if dropped:
+            self.log.info(
+                "association %s closed with %d C-STORE(s) unanswered: dropped",
+                getattr(event.assoc, "index_id", None),
+                dropped,
+            )
 
     def handle_store(self, assoc, req, transfer_syntax: str) -> int:
         """One C-STORE: the status to answer, returned only once file and index row are durable."""

@@ -23,6 +23,7 @@ object's size.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import logging
 import os
@@ -39,6 +40,8 @@ log = logging.getLogger("node.receive.listener")
 
 #: a data set stays in memory up to this size; a larger one goes to a file as it arrives
 SPOOL_MEMORY_BYTES = 8 * 1024 * 1024
+#: while a data set is written to its file, free disk space is checked every this many bytes
+SPACE_CHECK_BYTES = 64 * 1024 * 1024
 
 
 class Spool:
@@ -49,7 +52,15 @@ class Spool:
     and unlinks `name` after the handler (a file already published or quarantined has moved on).
     """
 
-    def __init__(self, directory: Path, *, file_meta: bytes, memory_limit: int, max_bytes: int):
+    def __init__(
+        self,
+        directory: Path,
+        *,
+        file_meta: bytes,
+        memory_limit: int,
+        max_bytes: int,
+        has_space: Callable[[], bool] | None = None,
+    ):
         self.directory = Path(directory)
         self.file_meta = file_meta
         self.memory_limit = int(memory_limit)
@@ -62,6 +73,10 @@ class Spool:
         self._fd: int | None = None
         self._sha = hashlib.sha256()
         self._taken = False
+        self._closed = False
+        # asked every SPACE_CHECK_BYTES written to the file: False stops keeping (0xA700)
+        self._has_space = has_space
+        self._next_check = SPACE_CHECK_BYTES
 
     # -- the file-like side pynetdicom writes to --
     def __bool__(self) -> bool:  # pynetdicom tests ``if self._data_set_file``
@@ -81,7 +96,7 @@ class Spool:
     def write(self, data: bytes) -> int:
         n = len(data)
         self.size += n
-        if self.too_large or self.error is not None:
+        if self.too_large or self.error is not None or self._closed:
             return n
         if self.size > self.max_bytes:
             self.too_large = True
@@ -94,6 +109,11 @@ class Spool:
         else:
             self._sha.update(data)
             self._write_all(data)
+            if self.size >= self._next_check:
+                self._next_check += SPACE_CHECK_BYTES
+                if self._has_space is not None and not self._has_space():
+                    self.error = OSError(errno.ENOSPC, "free disk below MSKNODE_MIN_FREE_GB")
+                    self.discard()
         return n
 
     def _write_all(self, data: bytes | bytearray | memoryview) -> None:
@@ -162,6 +182,8 @@ class Spool:
             self.path.unlink(missing_ok=True)
 
     def close(self) -> None:
+        """Frees the bytes and deletes the file (unless taken); later fragments are dropped."""
+        self._closed = True
         self.discard()
 
 
@@ -210,6 +232,23 @@ def install(assoc, factory: SpoolFactory) -> bool:
     dimse.__class__ = SpoolingDIMSE
     dimse.spool_factory = factory
     return True
+
+
+def close_pending(assoc) -> int:
+    """Closes the spools of C-STOREs an association will never answer (it has ended): the one
+    still arriving and those queued; returns how many. (One being handled is neither.)"""
+    dimse = getattr(assoc, "dimse", None)
+    if dimse is None:
+        return 0
+    spools = [getattr(dimse.message, "_data_set_file", None)]
+    with contextlib.suppress(Exception):
+        spools += [getattr(msg, "_dataset_file", None) for _, msg in list(dimse.msg_queue.queue)]
+    closed = 0
+    for spool in spools:
+        if isinstance(spool, Spool):
+            spool.close()
+            closed += 1
+    return closed
 
 
 def spool_of(request) -> Spool | None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import os
 import subprocess
+import time
 import zlib
 from pathlib import Path
 
@@ -217,5 +218,69 @@ def test_an_object_over_the_maximum_is_refused_with_0xA700(tmp_path):
         small = tmp_path / "small.dcm"
         big_object(small, 2)
         assert storescu(node.port, small).returncode == 0
+    finally:
+        assert node.stop() == 0, node.log()
+
+
+def open_incoming_files(pid: int) -> list[str]:
+    """Files in a staging directory the process holds open."""
+    found = []
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            target = os.readlink(fd)
+        except OSError:
+            continue
+        if "/.incoming/" in target:
+            found.append(target)
+    return found
+
+
+@transports
+def test_a_c_store_cut_off_by_an_abort_leaves_nothing_staged(tmp_path, mode):
+    """20 MB of a 40 MB data set, then A-ABORT: the spooled part is deleted and its file closed."""
+    from io import BytesIO
+
+    from pydicom.uid import ExplicitVRLittleEndian
+    from pynetdicom.dimse_messages import C_STORE_RQ
+    from pynetdicom.dimse_primitives import C_STORE
+
+    path = tmp_path / "big.dcm"
+    sop, _ = big_object(path, 40)
+    data = path.read_bytes()[dataset_offset(path) :]
+    node = listener(tmp_path, mode)
+    incoming = node.data_dir / "store" / ".incoming"
+    try:
+        sender = RawSender(node.port, [(MRImageStorage, ExplicitVRLittleEndian)])
+        assoc = sender.assoc
+        assert assoc.is_established
+        cx = next(c for c in assoc.accepted_contexts if c.abstract_syntax == MRImageStorage)
+        req = C_STORE()
+        req.MessageID, req.AffectedSOPClassUID, req.AffectedSOPInstanceUID, req.Priority = 1, MRImageStorage, sop, 2
+        req.DataSet = BytesIO(data)
+        msg = C_STORE_RQ()
+        msg.primitive_to_message(req)
+        assoc._reactor_checkpoint.clear()
+        sent = 0
+        for pdata in msg.encode_msg(cx.context_id, assoc.acceptor.maximum_length):
+            assoc.dul.send_pdu(pdata)
+            sent += sum(len(v) for _, v in pdata.presentation_data_value_list)
+            if sent >= 20 * MB:
+                break
+        deadline = time.monotonic() + 30
+        while not list(incoming.iterdir()) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert list(incoming.iterdir()), "the data set was not spooled to a staged file"
+        assoc.abort()
+        deadline = time.monotonic() + 15
+        while (list(incoming.iterdir()) or open_incoming_files(node.proc.pid)) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not list(incoming.iterdir())
+        assert not open_incoming_files(node.proc.pid)
+        db = Database(f"sqlite:///{node.data_dir / 'msknode.db'}", migrate=False)
+        try:
+            with db.session() as s:
+                assert s.scalars(select(Instance)).first() is None
+        finally:
+            db.dispose()
     finally:
         assert node.stop() == 0, node.log()
