@@ -420,3 +420,18 @@ def test_a_running_jobs_steps_are_progress_reports(db, settings):
         and dataset_of(w).ProcedureStepProgressInformationSequence[0].ProcedureStepProgress == 100
     )
     assert [e[1] for e in _events(db)] == ["SCHEDULED", "IN PROGRESS", "COMPLETED"]
+
+
+def test_metrics_count_workitems_and_events_by_state(db, settings):
+    from node.ops.metrics import render
+
+    _subscribe_all(db)
+    for _ in range(2):
+        make_study_job(db)
+    _sync(db, settings)
+    with db.session() as s:
+        s.scalars(select(UpsEvent)).first().state = "dead"
+    body, _ = render(settings, db)
+    text = body.decode()
+    assert 'msknode_ups_workitems{state="SCHEDULED"} 2.0' in text
+    assert 'msknode_ups_events{state="pending"} 1.0' in text and 'msknode_ups_events{state="dead"} 1.0' in text

@@ -168,7 +168,6 @@ def test_watcher_sees_a_real_study_scheduled_in_progress_completed_with_its_sr(s
             "MSKNODE_STUDY_QUIET_SECONDS": "0.5",
             "MSKNODE_SWEEP_INTERVAL_SECONDS": "0.3",
             "MSKNODE_TORCH_THREADS": "1",
-            "MSKNODE_LISTENER_PROCESSES": "1",
             "MSKNODE_LOG_LEVEL": "INFO",
             "MSKNODE_ACTIVATE_MODELS": "all",  # results are written (no silent trial)
             "MSKNODE_UPS_EVENT_RECEIVERS": json.dumps({"WATCHER": f"127.0.0.1:{watch_port}"}),

@@ -13,6 +13,8 @@ deployment reports the same numbers, and nothing is kept in module state).
   ``msknode_broker_queue_messages{queue}`` — messages waiting in the broker (when reachable);
 - ``msknode_outbox_items{state}``, ``msknode_dispatch_failures_total`` (send attempts that did
   not succeed), ``msknode_dispatch_sent_total``;
+- ``msknode_ups_workitems{state}`` (SCHEDULED, IN PROGRESS, COMPLETED, CANCELED) and
+  ``msknode_ups_events{state}`` (pending, sent, dead: N-EVENT-REPORTs owed to UPS subscribers);
 - ``msknode_workers_alive``; ``msknode_disk_free_bytes``;
 - ``msknode_listener_refusals_total{reason}`` — connections and associations the DICOM listener
   refused (request deadline, connections per address, calling/called AE title, local limit, PDU
@@ -76,7 +78,7 @@ class NodeCollector(Collector):
         return []
 
     def collect(self):
-        from node.db.schema import Instance, Job, OutboxItem, Quarantine, Series
+        from node.db.schema import Instance, Job, OutboxItem, Quarantine, Series, UpsEvent, UpsWorkitem
         from node.jobs.lease import live_workers
         from node.ops.health import STALE_HEARTBEATS
 
@@ -98,6 +100,8 @@ class NodeCollector(Collector):
                 .limit(TIMING_WINDOW)
             ).all()
             outbox_states = s.execute(select(OutboxItem.state, func.count()).group_by(OutboxItem.state)).all()
+            ups_states = s.execute(select(UpsWorkitem.state, func.count()).group_by(UpsWorkitem.state)).all()
+            ups_events = s.execute(select(UpsEvent.state, func.count()).group_by(UpsEvent.state)).all()
             out_attempts = s.scalar(select(func.coalesce(func.sum(OutboxItem.attempts), 0))) or 0
             sent = s.scalar(select(func.count()).select_from(OutboxItem).where(OutboxItem.state == "sent")) or 0
             alive = len(
@@ -166,6 +170,17 @@ class NodeCollector(Collector):
             value=max(int(out_attempts) - int(sent), 0),
         )
         yield CounterMetricFamily("msknode_dispatch_sent", "Result objects acknowledged by a destination", value=sent)
+
+        g = GaugeMetricFamily("msknode_ups_workitems", "UPS workitems (AI tasks) by state", labels=["state"])
+        for state, n in ups_states:
+            g.add_metric([state], n)
+        yield g
+        g = GaugeMetricFamily(
+            "msknode_ups_events", "UPS events owed to subscribers by state (pending, sent, dead)", labels=["state"]
+        )
+        for state, n in ups_events:
+            g.add_metric([state], n)
+        yield g
 
         yield GaugeMetricFamily("msknode_workers_alive", "Workers with a recent heartbeat", value=alive)
         try:
