@@ -24,7 +24,7 @@ import pytest
 from sqlalchemy import func
 from sqlalchemy import select as sql_select
 from test_attack_assoc_pdu import refusals_metric
-from test_listener import storescu, write_series
+from test_listener import TRANSPORTS, storescu, write_series
 
 from node.db.database import Database
 from node.db.schema import Instance
@@ -109,10 +109,10 @@ REALDATA = Path(os.environ.get("MSKNODE_REALDATA") or Path(__file__).resolve().p
 SIEMENS_KNEE = REALDATA / "knee" / "siemens_sagittal_dicom"
 
 
-@pytest.mark.parametrize("processes", ["1", "2"])
-def test_idle_and_drip_feeding_sockets_do_not_take_the_slots_of_a_real_pacs(tmp_path, processes):
+@pytest.mark.parametrize(("processes", "mode"), [("1", "fast"), ("2", "fast"), ("2", "stock")])
+def test_idle_and_drip_feeding_sockets_do_not_take_the_slots_of_a_real_pacs(tmp_path, processes, mode):
     _, _, paths = write_series(tmp_path / "study", n=40)
-    flood_while_sending(tmp_path, processes, paths)
+    flood_while_sending(tmp_path, processes, paths, mode)
 
 
 def test_a_real_knee_series_arrives_whole_through_the_flood(tmp_path):
@@ -123,11 +123,12 @@ def test_a_real_knee_series_arrives_whole_through_the_flood(tmp_path):
     flood_while_sending(tmp_path, "2", paths)
 
 
-def flood_while_sending(tmp_path: Path, processes: str, paths: list[Path]) -> None:
+def flood_while_sending(tmp_path: Path, processes: str, paths: list[Path], mode: str = "fast") -> None:
     """The flood of `Flood` while storescu sends `paths` and echoscu echoes; checks all arrived."""
     node = ListenerProcess(
         tmp_path / "data",
         env={
+            "MSKNODE_FAST_TRANSPORT": TRANSPORTS[mode],
             "MSKNODE_LISTENER_PROCESSES": processes,
             "MSKNODE_ASSOCIATION_REQUEST_TIMEOUT": str(DEADLINE),
             "MSKNODE_NEGOTIATING_PER_ADDRESS": str(PER_ADDRESS),
@@ -174,7 +175,7 @@ def flood_while_sending(tmp_path: Path, processes: str, paths: list[Path]) -> No
         counts = refusals_metric(node)
         assert counts.get("request_deadline", 0) >= 20 and counts.get("negotiating_per_ip", 0) >= 1, counts
         print(
-            f"\nflood ({processes} listener processes): {stored}/{len(paths)} instances stored, "
+            f"\nflood ({processes} listener processes, {mode} transport): {stored}/{len(paths)} instances stored, "
             f"storescu rc {r.returncode}, {sum(e.returncode == 0 for e in echoes)}/3 echoes, "
             f"{connections} hostile connections ({open_at_end} open at the end), refusals {counts}, "
             f"longest drip-feeder {max(drips):.1f} s"
