@@ -435,3 +435,13 @@ def test_metrics_count_workitems_and_events_by_state(db, settings):
     text = body.decode()
     assert 'msknode_ups_workitems{state="SCHEDULED"} 2.0' in text
     assert 'msknode_ups_events{state="pending"} 1.0' in text and 'msknode_ups_events{state="dead"} 1.0' in text
+
+
+def test_a_job_failed_before_any_attempt_is_canceled_from_scheduled(db, settings):
+    _subscribe_all(db)
+    job_id = make_study_job(db)
+    _sync(db, settings)
+    _set_job(db, job_id, state="failed", attempts=0, error="PermanentJobError: no input series")
+    assert _sync(db, settings) == 1
+    assert _sync(db, settings) == 0  # and never looked at again
+    assert [e[1] for e in _events(db)] == ["SCHEDULED", "CANCELED"]

@@ -460,6 +460,10 @@ def advance(session: Session, settings: Settings, w: UpsWorkitem, job: Job, now:
         return int(
             change_state(session, w, CANCELED, now, reason=f"superseded by a newer job of the study (job {job.id})")
         )
+    if w.state == SCHEDULED and job.state in ("failed", "dead") and not started:
+        # refused before any attempt ran (not a path the job table takes today): canceled from SCHEDULED
+        reason = f"the AI job failed ({job.state}): {job.error or 'no reason recorded'}"
+        return int(change_state(session, w, CANCELED, now, reason=reason))
     if w.state == SCHEDULED and started:
         steps += change_state(session, w, IN_PROGRESS, now)
     if w.state != IN_PROGRESS:
