@@ -186,7 +186,16 @@ def _history(db, policy, *, current_positive: float):
         now=NOW,
         phases=[
             Phase(120, 56, 7.5, positive_rate=0.2, refused_rate=0.05, read_after_minutes=90),
-            Phase(40, 6.5, 0.5, positive_rate=current_positive, manufacturer="GE", field_strength=1.5),
+            Phase(
+                40,
+                6.5,
+                0.5,
+                positive_rate=current_positive,
+                manufacturer="GE",
+                field_strength=1.5,
+                pixel_spacing_mm=0.8,
+                qc_distance=3.0,
+            ),
         ],
     )
 
@@ -247,6 +256,11 @@ def test_positive_rate_out_of_band_agreement_ppv_turnaround_and_drift(db, policy
     assert (
         feats["field_strength_t"]["current"]["median"] == 1.5 and feats["field_strength_t"]["reference"]["median"] == 3
     )
+    # what the QC gate measured: voxel size and embedding distance moved, the SNR did not
+    px = feats["pixel_spacing_mm"]
+    assert (px["current"]["median"], px["reference"]["median"], px["current"]["n"]) == (0.8, 0.4, 40)
+    assert feats["qc_embedding_distance"]["current"]["median"] == 3.0 and feats["snr"]["distance"] == 0.0
+    assert px["distance"] > 0.3
 
 
 def test_overdue_urgent_study_raises_an_alert(db, settings, policy):
@@ -347,3 +361,18 @@ def test_each_model_version_shows_its_deployment_state(db, policy):
         models = {m["version"]: m for m in report(s, policy=policy, now=NOW)["models"]}
     assert models["1.1.0"]["deployment"] == ["shadow (knee)"] and models["1.0.0"]["deployment"] == []
     assert models["1.1.0"]["current"]["studies"] == 12 == models["1.0.0"]["current"]["studies"]
+
+
+@pytest.mark.unit
+def test_the_worker_keeps_what_the_qc_gate_measured_on_an_accepted_input():
+    from models.types import Finding, ModelOutput, PipelineOutput, QCResult
+    from node.jobs.runner import findings_from_output
+    from support.results_data import model
+
+    qc = QCResult(True, metrics={"pixel_spacing_mm": 0.5, "snr": 21.5, "anatomy_distance": float("inf")})
+    f = Finding(code="acl_tear", label="ACL tear", probability=0.2, uncertainty=0.05, positive=False)
+    out = PipelineOutput(
+        pipeline="knee", outputs=[ModelOutput(model("knee.acl"), "1.2.3", qc, [f])], superres=[], used_series={}
+    )
+    (row,) = findings_from_output(out)
+    assert row.details["qc_metrics"] == {"pixel_spacing_mm": 0.5, "snr": 21.5}  # JSON has no infinity

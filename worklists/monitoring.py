@@ -16,7 +16,8 @@ Everything is computed from the database at request time (the dashboard, ``/metr
   percentile of the gaps between its studies in the reference window), or whose routed studies
   stopped producing results;
 - input drift: per model, the accepted series' manufacturer, field strength, contrast and
-  TR/TE in the current window against the reference window;
+  TR/TE, and what the QC gate measured on them (voxel size, intensity, SNR, foreground share,
+  embedding distance, motion probability), in the current window against the reference window;
 - reading turnaround (arrival -> marked read) per priority and week, and overdue studies.
 
 Estimates from feedback describe the studies radiologists answered, which need not be a random
@@ -449,6 +450,16 @@ def _distance(cur: dict, ref: dict) -> float | None:
 
 
 DRIFT_FEATURES = ("manufacturer", "field_strength_t", "contrast", "repetition_time_ms", "echo_time_ms")
+#: what the QC gate measured on each accepted input (`Finding.details["qc_metrics"]`), shown under these names
+QC_DRIFT_FEATURES = {
+    "slice_spacing_mm": "slice_spacing_mm",
+    "pixel_spacing_mm": "pixel_spacing_mm",
+    "p99": "intensity_p99",
+    "snr": "snr",
+    "foreground_fraction": "foreground_fraction",
+    "anatomy_distance": "qc_embedding_distance",
+    "motion_probability": "qc_motion_probability",
+}
 
 
 def input_drift(session: Session, *, windows: Windows) -> list[dict[str, Any]]:
@@ -476,10 +487,27 @@ def input_drift(session: Session, *, windows: Windows) -> list[dict[str, Any]]:
         for model in used_by or []:
             for k, v in facts.items():
                 per[model][side][k].append(v)
+    seen: set[tuple[str, int]] = set()
+    for f, job_id, at in session.execute(
+        select(Finding, Job.id, Study.last_received_at)
+        .join(Job, Job.id == Finding.job_id)
+        .join(Study, Study.id == Job.study_id)
+        .where(Job.state == "done", Finding.evaluated.is_(True), Study.last_received_at >= windows.reference_start)
+    ):
+        qc = (f.details or {}).get("qc_metrics")
+        if not isinstance(qc, dict) or (f.model_name, job_id) in seen:
+            continue
+        seen.add((f.model_name, job_id))  # one input per model and study (a per-level model has many rows)
+        side = "current" if at >= windows.current_start else "reference"
+        for key, name in QC_DRIFT_FEATURES.items():
+            if isinstance(qc.get(key), (int, float)):
+                per[f.model_name][side][name].append(float(qc[key]))
     out = []
     for model in sorted(per):
         feats = []
-        for k in DRIFT_FEATURES:
+        for k in DRIFT_FEATURES + tuple(QC_DRIFT_FEATURES.values()):
+            if not per[model]["current"].get(k) and not per[model]["reference"].get(k):
+                continue
             cur = _summary(per[model]["current"].get(k, []))
             ref = _summary(per[model]["reference"].get(k, []))
             feats.append({"feature": k, "current": cur, "reference": ref, "distance": _distance(cur, ref)})

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import math
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -393,8 +394,14 @@ def findings_from_output(output: Any) -> list[FindingRecord]:
                 )
             )
             continue
+        # what the QC gate measured on the accepted input (voxel size, intensity, embedding distance ...):
+        # the input-drift figures of the model dashboard (worklists.monitoring)
+        qc_metrics = {k: float(v) for k, v in (mo.qc.metrics or {}).items() if isinstance(v, (int, float))}
+        qc_metrics = {k: v for k, v in qc_metrics.items() if math.isfinite(v)}
         for f in mo.findings:
             details: dict[str, Any] = {}
+            if qc_metrics:
+                details["qc_metrics"] = qc_metrics
             if f.threshold is not None:
                 details["threshold"] = f.threshold
             if f.grade_probabilities:

@@ -30,6 +30,8 @@ class Phase:
     manufacturer: str = "SIEMENS"
     field_strength: float = 3.0
     read_after_minutes: float | None = None  # marked read this long after arrival (None: unread)
+    pixel_spacing_mm: float = 0.4  # what the QC gate measured on the accepted input
+    qc_distance: float = 1.0
 
 
 def seed_history(
@@ -125,7 +127,14 @@ def seed_history(
                             uncertainty=0.05,
                             positive=pos,
                             grade="complete" if pos else None,
-                            details={"grade_probabilities": probs},
+                            details={
+                                "grade_probabilities": probs,
+                                "qc_metrics": {
+                                    "pixel_spacing_mm": ph.pixel_spacing_mm,
+                                    "anatomy_distance": ph.qc_distance,
+                                    "snr": 25.0,
+                                },
+                            },
                         )
                     )
                 s.flush()
