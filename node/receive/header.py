@@ -239,7 +239,7 @@ def read_header(data: bytes | BinaryIO, transfer_syntax_uid: str, *, max_bytes: 
     unparseable), 0xC001 missing UID, 0xC002 malformed UID.
     """
     try:
-        ds = _parse(data, str(transfer_syntax_uid), max_bytes=max_bytes)
+        ds, pixels = _parse(data, str(transfer_syntax_uid), max_bytes=max_bytes)
         uids = {k: _text(ds, k) for k in ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")}
     except IngestError:
         raise
@@ -260,13 +260,16 @@ def read_header(data: bytes | BinaryIO, transfer_syntax_uid: str, *, max_bytes: 
     bad = [k for k, v in uids.items() if not is_valid_uid(v)]
     if bad:
         raise IngestError(MALFORMED_UID, f"malformed {', '.join(bad)}")
+    if pixels is not None:
+        check_pixel_data(ds, str(transfer_syntax_uid), pixels)
     try:
         return _header_from(ds, uids)
     except Exception as e:
         raise IngestError(CANNOT_UNDERSTAND, f"cannot read the header: {type(e).__name__}") from None
 
 
-def _parse(data: bytes | BinaryIO, ts: str, *, max_bytes: int | None) -> Dataset:
+def _parse(data: bytes | BinaryIO, ts: str, *, max_bytes: int | None) -> tuple[Dataset, PixelDataShape | None]:
+    """The header (up to the pixel data) and what the rest held of the pixel data element."""
     raw: BinaryIO = BytesIO(data) if isinstance(data, (bytes, bytearray, memoryview)) else data
     fp: _Seekable | _Inflater
     if ts in DEFLATED_TRANSFER_SYNTAXES:
@@ -288,10 +291,7 @@ def _parse(data: bytes | BinaryIO, ts: str, *, max_bytes: int | None) -> Dataset
         if length is not None and length != 0xFFFFFFFF and isinstance(value, bytes) and len(value) < length:
             raise IngestError(CANNOT_UNDERSTAND, "the data set is truncated")
     fp.limit = None  # the header is read: the rest is only skipped through
-    pixels = _check_tail(fp, implicit=implicit, little=little)
-    if pixels is not None:
-        check_pixel_data(ds, ts, pixels)
-    return ds
+    return ds, _check_tail(fp, implicit=implicit, little=little)
 
 
 _LONG_VRS = frozenset({b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"})
