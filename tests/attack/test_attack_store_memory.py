@@ -150,6 +150,11 @@ def big_object(path: Path, size_mb: int) -> tuple[str, str]:
     return str(ds.SOPInstanceUID), digest.hexdigest()
 
 
+def dciodvfy_errors(path: Path) -> set[str]:
+    r = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True, timeout=120)
+    return {line for line in (r.stdout + r.stderr).splitlines() if line.startswith("Error")}
+
+
 def storescu(port: int, path: Path) -> subprocess.CompletedProcess:
     return subprocess.run(
         ["storescu", "-v", "-aet", "STORESCU", "-aec", "MSKNODE", "-xe", "127.0.0.1", str(port), str(path)],
@@ -184,6 +189,9 @@ def test_a_300_mb_object_is_stored_with_bounded_memory(tmp_path, mode):
             while block := f.read(MB):
                 h.update(block)
         assert h.hexdigest() == digest
+        # the stored file (our File Meta Information + the data set as sent) says nothing dciodvfy did
+        # not already say of the sent file (the test object lacks type 2 attributes)
+        assert dciodvfy_errors(Path(inst.path)) == dciodvfy_errors(path)
         assert grown_mb < 150, f"the listener's peak memory grew by {grown_mb:.0f} MB for a 300 MB object"
         assert not list((node.data_dir / "store" / ".incoming").iterdir())
         # sent again: a duplicate (Success), still one file, nothing left staged, memory still bounded
