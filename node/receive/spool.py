@@ -137,7 +137,9 @@ class Spool:
         self.path = path
         self._sha.update(self._buf)
         buf, self._buf = self._buf, bytearray()
-        self._write_all(bytes(self.file_meta) + bytes(buf))
+        self._write_all(self.file_meta)
+        if self.error is None:
+            self._write_all(buf)
 
     # -- the handler's side --
     @property
