@@ -142,3 +142,10 @@ def test_a_receivers_error_text_loses_the_patient_id_and_name():
     text = "AE: patient P&42 (MÜLLER, Jürgen) unknown; study 1.2.826.0.1.3680043.10.1447.99.1"
     assert report().redact(text) == "AE: patient *** (***, ***) unknown; study 1.2.826.0.1.3680043.10.1447.99.1"
     assert report().redact("address Drive") == "address Drive"  # whole words only ("Dr" is a name part)
+
+
+def test_a_study_without_patient_name_or_id_still_makes_a_valid_oru():
+    er7 = build_oru(report(patient_name=None, patient_id=None, patient_sex=None, patient_birth_date=None), HL7, "M")
+    assert parse_message(er7, validation_level=VALIDATION_LEVEL.STRICT).validate()
+    pid = hl7.parse(er7).segment("PID")
+    assert str(pid[5]) == '""' and str(pid[3][0][0]) == "UNKNOWN" and str(pid[8]) == "U"

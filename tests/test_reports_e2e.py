@@ -1,4 +1,5 @@
-"""HL7 and FHIR end to end: dcmtk storescu sends a knee study to ``msknode listen``; the production
+"""HL7 and FHIR end to end: dcmtk storescu sends a knee study (a phantom, and the real MRI corpus's
+Siemens knee series when it is present) to ``msknode listen``; the production
 ``msknode worker`` routes it, runs the model pipeline, writes the SR and sends the report to an ``hl7``
 and a ``fhir`` destination whose receivers (real processes: an MLLP listener and an HTTP FHIR server,
 tests/support) are down until the job is done. The outbox keeps retrying; once they are up, each gets
@@ -32,14 +33,30 @@ class NodeWorker(WorkerProcess):
         self.args = [str(Path(sys.executable).parent / "msknode"), "worker"]
 
 
+def study_files(source: str, tmp_path: Path) -> list[Path]:
+    """A knee phantom study (three series and a localizer), or the real Siemens sagittal PD-FS knee series."""
+    if source == "phantom":
+        from models.phantoms import write_study
+
+        files = write_study("knee", tmp_path / "study", 31, acl="complete")
+        return [p for paths in files.values() for p in paths]
+    from models.realdata import realdata_root
+
+    root = realdata_root()
+    series = root / "knee" / "siemens_sagittal_dicom" if root is not None else None
+    if series is None or not series.is_dir():
+        pytest.skip("the real MRI corpus (../shared/realdata or MSKNODE_REALDATA) is absent")
+    return sorted(p for p in series.iterdir() if p.is_file() and not p.name.endswith((".md", ".json", ".csv")))
+
+
 def _items(db) -> dict[str, tuple[str, int, str | None]]:
     with db.session() as s:
         return {i.destination: (i.state, i.attempts, i.last_error) for i in s.scalars(select(OutboxItem))}
 
 
-def test_a_processed_study_reaches_ris_and_ehr_once_after_they_come_up(settings, db, tmp_path):
-    from models.phantoms import write_study
-
+@pytest.mark.parametrize("source", ["phantom", "realdata"])
+def test_a_processed_study_reaches_ris_and_ehr_once_after_they_come_up(settings, db, tmp_path, source):
+    """``realdata``: the real Siemens sagittal PD-FS knee series (skipped when the corpus is absent)."""
     port = free_port()
     mllp = Receiver("hl7_receiver.py", tmp_path / "hl7")
     fhir = Receiver("fhir_receiver.py", tmp_path / "fhir")
@@ -61,8 +78,7 @@ def test_a_processed_study_reaches_ris_and_ehr_once_after_they_come_up(settings,
             "MSKNODE_DESTINATIONS": json.dumps(destinations),
         }
     )
-    files = write_study("knee", tmp_path / "study", 31, acl="complete")
-    paths = [p for series in files.values() for p in series]
+    paths = study_files(source, tmp_path)
     patient_id = str(pydicom.dcmread(paths[0], stop_before_pixels=True).PatientID)
     listener = ListenerProcess(env, tmp_path / "listener.log").start()
     worker = None

@@ -4,7 +4,8 @@ The message (built and validated against the 2.5.1 ORU_R01 structure with hl7apy
 
 - MSH: sending/receiving application and facility from the destination, UTF-8 (MSH-18 ``UNICODE UTF-8``),
   message control ID ``MSK<outbox item id>`` (the same on every retry, so a receiver can drop a repeat);
-- PID: patient ID (PID-3), name (PID-5, DICOM PN reordered as XPN), birth date, sex;
+- PID: patient ID (PID-3), name (PID-5, DICOM PN reordered as XPN; ``""``, the null value, when the
+  study has none), birth date, sex;
 - ORC ``RE`` and OBR: procedure ``363679005^Imaging procedure^SCT`` (the SR's procedure reported), filler
   order number = the SR's SOP Instance UID, accession number in OBR-18, result status F (C when the job
   supersedes an earlier one, i.e. this report corrects the earlier report);
@@ -89,8 +90,7 @@ def build_oru(report: StudyReport, dest: Hl7Destination, control_id: str, *, now
     pid = pr.add_group("ORU_R01_PATIENT").pid
     pid.pid_1 = "1"
     pid.pid_3 = f"{escape(report.patient_id or 'UNKNOWN')}^^^^MR"
-    if report.patient_name:
-        pid.pid_5 = _xpn(report.patient_name)
+    pid.pid_5 = _xpn(report.patient_name) or '""'  # required; "" is HL7's explicit null (an anonymous study)
     if report.patient_birth_date:
         pid.pid_7 = escape(report.patient_birth_date)
     pid.pid_8 = _SEX.get((report.patient_sex or "").upper()[:1], "U")
