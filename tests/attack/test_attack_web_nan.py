@@ -47,7 +47,6 @@ def _finished(db, study_uid: str):
 
 
 def test_a_skipped_super_resolution_answers_null_not_500(settings, db, tmp_path):
-    from node.db.finite import finite
     from node.db.schema import Finding
     from node.web.users import add_user
 
@@ -82,24 +81,8 @@ def test_a_skipped_super_resolution_answers_null_not_500(settings, db, tmp_path)
             worker.stop()
         listener.stop()
 
-    # what the listener and the worker wrote (database, store, broker, results, logs) is theirs alone
-    leaky = {
-        str(p.relative_to(settings.data_dir)): oct(p.lstat().st_mode & 0o777)
-        for p in settings.data_dir.rglob("*")
-        if p.lstat().st_mode & 0o077
-    }
-    assert not leaky and settings.data_dir.stat().st_mode & 0o777 == 0o700, leaky
-
     with db.session() as s:
-        sr = s.scalars(select(Finding).where(Finding.job_id == job.id, Finding.code == "superres")).one()
-        assert not sr.evaluated and sr.details["consistency_error"] is None
-        # stored as JSON null, not as a bare NaN that PostgreSQL and strict parsers refuse
-        raw = [r[0] for r in s.execute(text("SELECT details FROM findings WHERE job_id = :j"), {"j": job.id})]
-        raw += [s.execute(text("SELECT model_versions FROM jobs WHERE id = :j"), {"j": job.id}).scalar_one()]
-        assert raw and not any("NaN" in str(r) or "Infinity" in str(r) for r in raw), raw
         add_user(s, username=ADMIN[0], password=ADMIN[1], role="admin")
-    assert finite(job.model_versions) == job.model_versions
-
     with WebServer(settings, db) as web, web.client() as c:
         headers = {"Authorization": f"Bearer {token(c, *ADMIN).json()['access_token']}"}
         r = c.get(f"/api/studies/{job.study_id}", headers=headers)
@@ -114,9 +97,26 @@ def test_a_skipped_super_resolution_answers_null_not_500(settings, db, tmp_path)
         assert any(j["id"] == job.id for j in jobs)
         assert "NaN" not in r.text
         assert c.get(f"/studies/{job.study_id}", headers=headers).status_code == 200
+    with db.session() as s:
+        sr = s.scalars(select(Finding).where(Finding.job_id == job.id, Finding.code == "superres")).one()
+        assert not sr.evaluated and sr.details["consistency_error"] is None
+        # stored as JSON null, not as a bare NaN that PostgreSQL and strict parsers refuse
+        raw = [r[0] for r in s.execute(text("SELECT details FROM findings WHERE job_id = :j"), {"j": job.id})]
+        raw += [s.execute(text("SELECT model_versions FROM jobs WHERE id = :j"), {"j": job.id}).scalar_one()]
+        assert raw and not any("NaN" in str(r) or "Infinity" in str(r) for r in raw), raw
+    json.dumps(job.model_versions, allow_nan=False)  # standard JSON: no NaN or Infinity inside
+
     # the floats that are there are finite
     for f in superres:
         assert all(not (isinstance(v, float) and not math.isfinite(v)) for v in f.values())
+
+    # what the listener and the worker wrote (database, store, broker, results, logs) is theirs alone
+    leaky = {
+        str(p.relative_to(settings.data_dir)): oct(p.lstat().st_mode & 0o777)
+        for p in settings.data_dir.rglob("*")
+        if p.lstat().st_mode & 0o077
+    }
+    assert not leaky and settings.data_dir.stat().st_mode & 0o777 == 0o700, leaky
 
 
 @pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
