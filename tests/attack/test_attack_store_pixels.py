@@ -208,3 +208,19 @@ def test_real_knee_mri_is_stored_and_its_cut_copy_refused(node):
         assert sender.send(sop_class, sop, ts, data) == 0
     assert quarantine_row(node, cut_sop).reason.startswith(MISMATCH)
     assert stored(node, sop) is not None and stored(node, cut_sop) is None
+
+
+def test_a_large_object_that_contradicts_its_header_is_quarantined_from_its_spooled_file(node):
+    """Over 8 MB the data set arrives in a staged file: refused, that file itself goes to the quarantine."""
+    ds = image(2048, 2048, frames=2)
+    data = with_pixels(ds, bytes(2048 * 2048 * 2))  # one frame of two
+    assert len(data) > 8 * 1024 * 1024
+    with RawSender(node.port, [(MRImageStorage, ExplicitVRLittleEndian)]) as sender:
+        assert sender.send(MRImageStorage, ds.SOPInstanceUID, ExplicitVRLittleEndian, data) == 0xA900
+    row = quarantine_row(node, str(ds.SOPInstanceUID))
+    assert row.reason.startswith(MISMATCH) and "2 frames" in row.reason
+    kept = Path(row.path).read_bytes()
+    assert kept.endswith(data) and kept[128:132] == b"DICM"
+    assert dcmread(row.path, stop_before_pixels=True).SOPInstanceUID == ds.SOPInstanceUID
+    assert not list((node.data_dir / "store" / ".incoming").iterdir())
+    assert stored(node, str(ds.SOPInstanceUID)) is None
