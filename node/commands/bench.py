@@ -16,6 +16,7 @@ def register(sub) -> None:
     bench_sub.required = True
     _add_ingest(bench_sub)
     _add_e2e(bench_sub)
+    _add_load(bench_sub)
     _add_models(bench_sub)
 
 
@@ -112,6 +113,73 @@ def _bench_e2e(args, settings) -> int:
         print()
         print(format_report(result))
     return 0 if result.all_arrived else 1
+
+
+def _add_load(bench_sub) -> None:
+    p = bench_sub.add_parser(
+        "load",
+        help="a busy day: knee, shoulder and spine studies arriving from Orthanc at a steady rate; throughput, "
+        "latency, queue depth, CPU and memory",
+    )
+    p.add_argument("--studies", type=int, default=20, help="studies to send (default 20)")
+    p.add_argument("--rate", type=float, default=4.0, help="studies per minute arriving in Orthanc (default 4)")
+    p.add_argument("--slices", type=int, default=40, help="slices per series (default 40, as bench e2e)")
+    p.add_argument("--matrix", type=int, default=384, help="image matrix (default 384, as bench e2e)")
+    p.add_argument(
+        "--workers",
+        type=int,
+        choices=(1, 2, 3, 4),
+        default=1,
+        help="worker processes (more than 1: extra "
+        "`msknode worker` processes on the cpu queue, as worker machines would be; default 1)",
+    )
+    p.add_argument(
+        "--database-url",
+        help="the node's database (e.g. postgresql+psycopg://...; an empty database; default: SQLite in the run's "
+        "directory). MSKNODE_DATABASE_URL is not read: the benchmark never touches a configured node",
+    )
+    p.add_argument("--broker-url", help="the broker (e.g. redis://127.0.0.1:6379/0; default: the filesystem broker)")
+    p.add_argument("--workdir", type=Path, help="keep Orthanc, the node data and the phantom cache here")
+    p.add_argument(
+        "--timeout", type=float, default=900.0, help="seconds to wait for results after the last study was sent"
+    )
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=_bench_load)
+
+
+def _bench_load(args, settings) -> int:
+    from node.demo.bench_load import format_report, run_bench
+    from node.errors import EndToEndError
+
+    if args.studies < 1 or args.rate <= 0 or args.slices < 8 or args.matrix < 64:
+        print("msknode: --studies >= 1, --rate > 0, --slices >= 8 and --matrix >= 64 are required", file=sys.stderr)
+        return 2
+    progress = (
+        (lambda msg: print(msg, file=sys.stderr, flush=True)) if args.json else (lambda msg: print(msg, flush=True))
+    )
+    try:
+        result = run_bench(
+            settings,
+            studies=args.studies,
+            rate=args.rate,
+            slices=args.slices,
+            matrix=args.matrix,
+            workers=args.workers,
+            database_url=args.database_url,
+            broker_url=args.broker_url,
+            workdir=args.workdir,
+            timeout=args.timeout,
+            progress=progress,
+        )
+    except EndToEndError as exc:
+        print(f"msknode: bench load: {exc}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(result.summary(), indent=2))
+    else:
+        print()
+        print(format_report(result))
+    return 0 if result.summary()["all_once"] else 1
 
 
 def _add_models(bench_sub) -> None:
