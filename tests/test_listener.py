@@ -138,6 +138,51 @@ def test_echo_with_dcmtk_and_pynetdicom(node):
     assert echo(node.port) == 0x0000
 
 
+NOT_SERVED = {
+    "1.2.840.10008.5.1.4.31": "Modality Worklist Information Model - FIND",
+    "1.2.840.10008.5.1.4.39.2": "Color Palette Query/Retrieve Information Model - FIND",
+    "1.2.840.10008.5.1.4.39.3": "Color Palette Query/Retrieve Information Model - MOVE",
+    "1.2.840.10008.5.1.4.39.4": "Color Palette Query/Retrieve Information Model - GET",
+}
+
+
+def test_only_storage_verification_and_ups_contexts_are_accepted(node):
+    """Worklist and Color Palette query/retrieve (known SOP classes, not storage, which pynetdicom's
+    unrestricted storage negotiation took as storage) are refused in the A-ASSOCIATE-AC; storage
+    (known, private and unknown), Verification and UPS are accepted in the same association."""
+    from pynetdicom import AE
+
+    ae = AE(ae_title="STORESCU")
+    for uid in NOT_SERVED:
+        ae.add_requested_context(uid)
+    served = [
+        MRImageStorage,
+        "1.2.840.10008.1.1",  # Verification
+        "1.2.840.10008.5.1.4.34.6.1",  # UPS Push
+        "1.2.826.0.1.3680043.10.1447.999.1",  # private / unknown: taken as storage
+    ]
+    for uid in served:
+        ae.add_requested_context(uid)
+    assoc = ae.associate("127.0.0.1", node.port, ae_title="MSKNODE")
+    try:
+        assert assoc.is_established
+        accepted = {str(cx.abstract_syntax) for cx in assoc.accepted_contexts}
+        rejected = {str(cx.abstract_syntax) for cx in assoc.rejected_contexts}
+    finally:
+        assoc.release()
+    assert accepted == set(served)
+    assert rejected == set(NOT_SERVED)
+    # and dcmtk's worklist query gets no presentation context at all
+    r = subprocess.run(
+        ["findscu", "-W", "-k", "PatientName=", "-aec", "MSKNODE", "127.0.0.1", str(node.port)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert r.returncode != 0
+    assert "No Acceptable Presentation Contexts" in r.stdout + r.stderr, r.stdout + r.stderr
+
+
 def test_storescu_series_is_stored_and_indexed(node, tmp_path):
     study_uid, series_uid, paths = write_series(tmp_path / "s", n=5)
     r = storescu(node.port, paths)

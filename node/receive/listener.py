@@ -83,13 +83,45 @@ def configure_pynetdicom() -> None:
     refused object forever); no pydicom value validation (the listener stores bytes as
     received and checks what it indexes itself; validation warnings cost CPU per element).
     """
+    import pynetdicom.acse
     from pydicom import config as pydicom_config
 
     _config.LOG_HANDLER_LEVEL = "none"
     _config.UNRESTRICTED_STORAGE_SERVICE = True
+    pynetdicom.acse.negotiate_unrestricted = negotiate_storage  # type: ignore[attr-defined]
     pydicom_config.settings.reading_validation_mode = pydicom_config.IGNORE
     pydicom_config.settings.writing_validation_mode = pydicom_config.IGNORE
     quiet_pynetdicom()
+
+
+def is_known_non_storage(uid: str) -> bool:
+    """True for a SOP class pydicom knows that is not a storage SOP class (e.g. Modality Worklist
+    FIND, Color Palette query/retrieve): pynetdicom's unrestricted storage negotiation takes every
+    SOP class it has no service class of its own for as storage, these included."""
+    from pydicom._uid_dict import UID_dictionary
+    from pynetdicom.sop_class import _STORAGE_CLASSES  # type: ignore[attr-defined]
+
+    entry = UID_dictionary.get(uid)
+    if entry is None or entry[1] != "SOP Class" or uid in _STORAGE_CLASSES.values():
+        return False
+    return "Storage" not in entry[0]
+
+
+def negotiate_storage(rq_contexts, ac_contexts, roles=None):
+    """pynetdicom's unrestricted storage negotiation (every storage SOP class, private and unknown
+    ones too, with the first transfer syntax proposed) except that a SOP class known not to be
+    storage is negotiated against the supported contexts (Verification, the UPS classes) like any
+    other service, and so refused unless the node serves it."""
+    from pynetdicom.presentation import negotiate_as_acceptor, negotiate_unrestricted
+
+    storage = [cx for cx in rq_contexts if not is_known_non_storage(str(cx.abstract_syntax))]
+    other = [cx for cx in rq_contexts if is_known_non_storage(str(cx.abstract_syntax))]
+    result, ac_roles = negotiate_unrestricted(storage, ac_contexts, roles)
+    if other:
+        other_result, other_roles = negotiate_as_acceptor(other, ac_contexts, roles)
+        result = sorted(result + other_result, key=lambda cx: cx.context_id)
+        ac_roles = ac_roles + other_roles
+    return result, ac_roles
 
 
 def listener_ssl_context(settings):
