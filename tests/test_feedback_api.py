@@ -42,26 +42,7 @@ def env(tmp_path_factory):
     settings.ensure_dirs()
     db = Database(settings.database_url)
     policy = load_policy(settings.triage_policy)
-    findings = [
-        ws.F(
-            "acl_tear",
-            "Partial ACL tear",
-            0.98,
-            0.01,
-            True,
-            grade="partial",
-            grade_probabilities={"intact": 0.02, "partial": 0.71, "complete": 0.27},
-        ),
-        ws.F(
-            "meniscal_tear",
-            "No meniscal tear",
-            0.12,
-            0.05,
-            False,
-            model_name="knee.meniscus",
-            grade_probabilities={"none": 0.88, "medial": 0.08, "lateral": 0.04},
-        ),
-    ]
+    findings = ws.acl_misgraded()
     acl = ws.seed_study(db, settings, policy, findings=findings, with_seg=False, with_superres=False, seed=5)
     other = ws.seed_study(db, settings, policy, findings=findings, with_seg=False, with_superres=False, seed=6)
     with db.session() as s:

@@ -44,27 +44,7 @@ def server(tmp_path_factory):
     db = Database(settings.database_url)
     policy = load_policy(settings.triage_policy)
     now = dt.datetime.now(dt.UTC)
-    misgraded = [
-        ws.F(
-            "acl_tear",
-            "Partial ACL tear",
-            0.98,
-            0.01,
-            True,
-            grade="partial",
-            site="anterior cruciate ligament",
-            grade_probabilities={"intact": 0.02, "partial": 0.71, "complete": 0.27},
-        ),
-        ws.F(
-            "meniscal_tear",
-            "No meniscal tear",
-            0.12,
-            0.05,
-            False,
-            model_name="knee.meniscus",
-            grade_probabilities={"none": 0.88, "medial": 0.08, "lateral": 0.04},
-        ),
-    ]
+    misgraded = ws.acl_misgraded(site="anterior cruciate ligament")
     refused = [
         ws.F(
             "knee.acl",

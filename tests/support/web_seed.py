@@ -482,6 +482,33 @@ def seed_study(
         )
 
 
+def acl_misgraded(*, site: str | None = None) -> list[F]:
+    """A knee whose ACL tear the model is sure of but grades "partial" (P(tear) 98 %: partial 71 %,
+    complete 27 %), with a negative meniscus result on the meniscus model's scale (none/medial/lateral).
+    ``site`` is the ACL finding's site."""
+    return [
+        F(
+            "acl_tear",
+            "Partial ACL tear",
+            0.98,
+            0.01,
+            True,
+            grade="partial",
+            site=site,
+            grade_probabilities={"intact": 0.02, "partial": 0.71, "complete": 0.27},
+        ),
+        F(
+            "meniscal_tear",
+            "No meniscal tear",
+            0.12,
+            0.05,
+            False,
+            model_name="knee.meniscus",
+            grade_probabilities={"none": 0.88, "medial": 0.08, "lateral": 0.04},
+        ),
+    ]
+
+
 def acl_complete() -> list[F]:
     return [
         F(
