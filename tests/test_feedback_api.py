@@ -7,17 +7,13 @@ finding by the SR's SOP Instance UID); answers are stored by the real `worklists
 from __future__ import annotations
 
 import re
-import warnings
 
 import pytest
 from sqlalchemy import select
 
-with warnings.catch_warnings():
-    warnings.simplefilter("ignore")
-    from starlette.testclient import TestClient
-
 from support import web_seed as ws
 from support.env import isolate_env
+from support.web_client import bearer, client, login
 
 pytestmark = pytest.mark.unit
 
@@ -64,37 +60,15 @@ def env(tmp_path_factory):
     mp.undo()
 
 
-def client(env) -> TestClient:
-    return TestClient(env["app"], base_url="http://testserver")
-
-
-def login(env, who) -> TestClient:
-    c = client(env)
-    page = c.get("/login")
-    nonce = re.search(r'name="csrf_token" value="([^"]+)"', page.text).group(1)
-    r = c.post(
-        "/login",
-        data={"username": who[0], "password": who[1], "csrf_token": nonce, "next": "/worklist"},
-        follow_redirects=False,
-    )
-    assert r.status_code == 303, r.text
-    return c
-
-
-def bearer(env, who) -> dict:
-    r = client(env).post("/api/auth/token", json={"username": who[0], "password": who[1]})
-    return {"Authorization": f"Bearer {r.json()['access_token']}"}
-
-
 def finding_ids(env, study) -> dict[str, int]:
-    r = client(env).get(f"/api/studies/{study.study_id}/feedback", headers=bearer(env, READER))
+    r = client(env["app"]).get(f"/api/studies/{study.study_id}/feedback", headers=bearer(env["app"], READER))
     assert r.status_code == 200, r.text
     return {i["finding_key"]: i["finding_id"] for i in r.json()["items"]}
 
 
 def test_a_ris_answers_by_the_ai_sr_uid_and_finding_key_with_a_bearer_token(env):
-    c = client(env)
-    h = bearer(env, READER)
+    c = client(env["app"])
+    h = bearer(env["app"], READER)
     r = c.post(
         "/api/feedback",
         headers=h,
@@ -118,8 +92,8 @@ def test_a_ris_answers_by_the_ai_sr_uid_and_finding_key_with_a_bearer_token(env)
 def test_cookie_sessions_need_the_csrf_header_and_anonymous_requests_are_refused(env):
     ids = finding_ids(env, env["other"])
     url = f"/api/studies/{env['other'].study_id}/feedback/{ids['meniscal_tear']}"
-    assert client(env).post(url, json={"agree": True}).status_code == 401
-    c = login(env, ADMIN)
+    assert client(env["app"]).post(url, json={"agree": True}).status_code == 401
+    c = login(env["app"], ADMIN)
     r = c.post(url, json={"agree": True})
     assert r.status_code == 403 and "CSRF" in r.json()["detail"]
     csrf = c.get("/api/me").json()["csrf_token"]
@@ -132,7 +106,7 @@ def test_the_page_form_saves_and_the_study_page_shows_it_until_the_read_locks_it
 
     st = env["other"]
     ids = finding_ids(env, st)
-    c = login(env, READER)
+    c = login(env["app"], READER)
     page = c.get(f"/studies/{st.study_id}")
     assert page.status_code == 200 and 'id="feedback"' in page.text and 'data-ai="partial"' in page.text
     csrf = re.search(r'name="csrf_token" value="([^"]+)"', page.text).group(1)
@@ -154,26 +128,30 @@ def test_the_page_form_saves_and_the_study_page_shows_it_until_the_read_locks_it
     c.post(f"/studies/{st.study_id}/read", data={"csrf_token": csrf, "entry_id": st.entry_id, "read": "1"})
     page = c.get(f"/studies/{st.study_id}").text
     assert 'id="feedback-locked"' in page
-    r = client(env).post(
-        f"/api/studies/{st.study_id}/feedback/{ids['acl_tear']}", headers=bearer(env, READER), json={"agree": True}
+    r = client(env["app"]).post(
+        f"/api/studies/{st.study_id}/feedback/{ids['acl_tear']}",
+        headers=bearer(env["app"], READER),
+        json={"agree": True},
     )
     assert r.status_code == 409 and "locked" in r.json()["detail"]
 
 
 def test_the_dashboard_and_the_target_api_are_for_admins(env):
-    r = client(env).get("/api/admin/monitor", headers=bearer(env, READER))
+    r = client(env["app"]).get("/api/admin/monitor", headers=bearer(env["app"], READER))
     assert r.status_code == 403
-    h = bearer(env, ADMIN)
-    r = client(env).get("/api/admin/monitor", headers=h)
+    h = bearer(env["app"], ADMIN)
+    r = client(env["app"]).get("/api/admin/monitor", headers=h)
     assert r.status_code == 200 and r.json()["status"] in ("ok", "alert")
-    r = client(env).post("/api/admin/targets/URGENT", headers=h, json={"minutes": 90})
+    r = client(env["app"]).post("/api/admin/targets/URGENT", headers=h, json={"minutes": 90})
     assert r.status_code == 422  # no reason
-    r = client(env).post("/api/admin/targets/URGENT", headers=h, json={"minutes": 90, "reason": "night shift"})
+    r = client(env["app"]).post("/api/admin/targets/URGENT", headers=h, json={"minutes": 90, "reason": "night shift"})
     assert r.status_code == 200
     row = next(t for t in r.json()["targets"] if t["priority"] == "URGENT")
     assert (row["minutes"], row["source"], row["updated_by"]) == (90.0, "site", ADMIN[0])
-    wl = client(env).get("/api/worklist", headers=h).json()["entries"]
+    wl = client(env["app"]).get("/api/worklist", headers=h).json()["entries"]
     urgent = [e for e in wl if e["priority"] == "URGENT" and e["status"] == "unread"]
     assert urgent and all(e["target_minutes"] == 90.0 and e["due_at"] for e in urgent)
-    r = client(env).post("/api/admin/targets/URGENT", headers=h, json={"minutes": None, "reason": "back to policy"})
+    r = client(env["app"]).post(
+        "/api/admin/targets/URGENT", headers=h, json={"minutes": None, "reason": "back to policy"}
+    )
     assert next(t for t in r.json()["targets"] if t["priority"] == "URGENT")["source"] == "policy"

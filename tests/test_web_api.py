@@ -12,19 +12,15 @@ import datetime as dt
 import io
 import re
 import time
-import warnings
 
 import numpy as np
 import pytest
 from PIL import Image
 from sqlalchemy import select
 
-with warnings.catch_warnings():
-    warnings.simplefilter("ignore")
-    from starlette.testclient import TestClient
-
 from support import web_seed as ws
 from support.env import isolate_env
+from support.web_client import bearer, client, csrf_of, login
 
 pytestmark = pytest.mark.unit
 
@@ -113,33 +109,6 @@ def env(tmp_path_factory):
     mp.undo()
 
 
-def client(env) -> TestClient:
-    return TestClient(env["app"], base_url="http://testserver")
-
-
-def login(env, who) -> TestClient:
-    c = client(env)
-    page = c.get("/login")
-    nonce = re.search(r'name="csrf_token" value="([^"]+)"', page.text).group(1)
-    r = c.post(
-        "/login",
-        data={"username": who[0], "password": who[1], "csrf_token": nonce, "next": "/worklist"},
-        follow_redirects=False,
-    )
-    assert r.status_code == 303 and r.headers["location"] == "/worklist", r.text
-    return c
-
-
-def csrf_of(c: TestClient) -> str:
-    return c.get("/api/me").json()["csrf_token"]
-
-
-def bearer(env, who) -> dict:
-    r = client(env).post("/api/auth/token", json={"username": who[0], "password": who[1]})
-    assert r.status_code == 200, r.text
-    return {"Authorization": f"Bearer {r.json()['access_token']}"}
-
-
 def audit_rows(env, **where):
     from worklists.tables import AuditEvent
 
@@ -176,7 +145,7 @@ def _concrete(path: str) -> str:
 
 
 def test_every_route_but_the_public_ones_refuses_anonymous_requests(env):
-    c = client(env)
+    c = client(env["app"])
     checked = 0
     for path, route in api_routes(env["app"]):
         if path in PUBLIC:
@@ -195,7 +164,7 @@ def test_every_route_but_the_public_ones_refuses_anonymous_requests(env):
 
 
 def test_public_endpoints_hold_no_patient_data(env):
-    c = client(env)
+    c = client(env["app"])
     for path in ("/health", "/metrics", "/login", "/static/app.css"):
         r = c.get(path)
         assert r.status_code in (200, 503), path
@@ -203,7 +172,7 @@ def test_public_endpoints_hold_no_patient_data(env):
             assert phi not in r.text, (path, phi)
     assert "msknode" in c.get("/metrics").text
     assert c.get("/openapi.json").status_code == 401  # the API's map is for logged-in users
-    spec = login(env, READER).get("/openapi.json").json()
+    spec = login(env["app"], READER).get("/openapi.json").json()
     assert "/api/worklist" in spec["paths"] and "/api/entries/{entry_id}/priority" in spec["paths"]
     assert c.get("/docs").status_code == 404  # no Swagger UI (it would load scripts from a CDN)
 
@@ -212,7 +181,7 @@ def test_openapi_documents_every_json_answer(env):
     """Every JSON route under /api declares its response model; the job shape is the one the CLI prints."""
     from node.jobs.listing import JobOut
 
-    spec = client(env).get("/openapi.json", headers=bearer(env, READER)).json()
+    spec = client(env["app"]).get("/openapi.json", headers=bearer(env["app"], READER)).json()
     undocumented = []
     for path, ops in spec["paths"].items():
         if not path.startswith("/api/") or path.endswith(".png"):
@@ -224,12 +193,12 @@ def test_openapi_documents_every_json_answer(env):
                 undocumented.append(f"{method.upper()} {path}")
     assert not undocumented, undocumented
     assert set(spec["components"]["schemas"]["JobOut"]["properties"]) == set(JobOut.model_fields)
-    jobs = client(env).get("/api/admin/jobs", headers=bearer(env, ADMIN)).json()["jobs"]
+    jobs = client(env["app"]).get("/api/admin/jobs", headers=bearer(env["app"], ADMIN)).json()["jobs"]
     assert jobs and all(set(j) == set(JobOut.model_fields) for j in jobs)
 
 
 def test_security_headers(env):
-    r = login(env, READER).get("/worklist")
+    r = login(env["app"], READER).get("/worklist")
     assert "default-src 'self'" in r.headers["content-security-policy"]
     assert r.headers["x-frame-options"] == "DENY" and r.headers["cache-control"] == "no-store"
 
@@ -238,21 +207,21 @@ def test_security_headers(env):
 
 
 def test_login_failures_and_audit(env):
-    c = client(env)
+    c = client(env["app"])
     nonce = re.search(r'name="csrf_token" value="([^"]+)"', c.get("/login").text).group(1)
     r = c.post("/login", data={"username": ADMIN[0], "password": "wrong-password", "csrf_token": nonce})
     assert r.status_code == 401 and "wrong username or password" in r.text
     assert "msknode_session" not in c.cookies
-    r = client(env).post("/login", data={"username": ADMIN[0], "password": ADMIN[1], "csrf_token": "forged"})
+    r = client(env["app"]).post("/login", data={"username": ADMIN[0], "password": ADMIN[1], "csrf_token": "forged"})
     assert r.status_code == 400 and "login form expired" in r.text
     assert (ADMIN[0], "auth.login_failed", ADMIN[0], None, None, None) in audit_rows(env, action="auth.login_failed")
-    r = client(env).post("/api/auth/token", json={"username": ADMIN[0], "password": "nope-nope-nope"})
+    r = client(env["app"]).post("/api/auth/token", json={"username": ADMIN[0], "password": "nope-nope-nope"})
     assert r.status_code == 401 and "wrong username or password" in r.json()["detail"]
-    assert client(env).post("/api/auth/token", json={"username": ""}).status_code == 422
+    assert client(env["app"]).post("/api/auth/token", json={"username": ""}).status_code == 422
 
 
 def test_login_cookie_flags_and_safe_redirect(env):
-    c = client(env)
+    c = client(env["app"])
     nonce = re.search(r'name="csrf_token" value="([^"]+)"', c.get("/login").text).group(1)
     r = c.post(
         "/login",
@@ -279,23 +248,23 @@ def test_expired_tampered_and_disabled_sessions_are_refused(env, monkeypatch):
     old_bearer, _ = codec.issue(READER[0], "radiologist", kind="token")
     monkeypatch.setattr(time, "time", real)
 
-    c = client(env)
+    c = client(env["app"])
     c.cookies.set("msknode_session", old_token)
     r = c.get("/api/worklist")
     assert r.status_code == 401 and r.json()["detail"] == "session expired, please log in again"
     r = c.get("/worklist", follow_redirects=False)
     assert r.status_code == 303 and "session%20expired" in r.headers["location"]
-    r = client(env).get("/api/worklist", headers={"Authorization": f"Bearer {old_bearer}"})
+    r = client(env["app"]).get("/api/worklist", headers={"Authorization": f"Bearer {old_bearer}"})
     assert r.status_code == 401 and "expired" in r.json()["detail"]
 
     fresh, _ = codec.issue(READER[0], "radiologist")
-    c = client(env)
+    c = client(env["app"])
     c.cookies.set("msknode_session", fresh[:-3] + ("AAA" if not fresh.endswith("AAA") else "BBB"))
     assert c.get("/api/worklist").json()["detail"] == "invalid session"
     # a cookie token is not a bearer token (different signing salt)
-    assert client(env).get("/api/me", headers={"Authorization": f"Bearer {fresh}"}).status_code == 401
+    assert client(env["app"]).get("/api/me", headers={"Authorization": f"Bearer {fresh}"}).status_code == 401
 
-    c = login(env, READER)
+    c = login(env["app"], READER)
     assert c.get("/api/me").json()["username"] == READER[0]
     with env["db"].session() as s:
         set_active(s, username=READER[0], active=False)
@@ -307,7 +276,7 @@ def test_expired_tampered_and_disabled_sessions_are_refused(env, monkeypatch):
 
 
 def test_logout_clears_the_cookie(env):
-    c = login(env, READER)
+    c = login(env["app"], READER)
     r = c.post("/logout", data={"csrf_token": csrf_of(c)}, follow_redirects=False)
     assert r.status_code == 303
     assert 'msknode_session=""' in r.headers["set-cookie"] and "Max-Age=0" in r.headers["set-cookie"]
@@ -319,7 +288,7 @@ def test_logout_clears_the_cookie(env):
 
 
 def test_radiologist_gets_403_from_every_admin_route(env):
-    c = login(env, READER)
+    c = login(env["app"], READER)
     csrf = csrf_of(c)
     admin_routes = [
         (p, r)
@@ -356,7 +325,7 @@ def test_radiologist_gets_403_from_every_admin_route(env):
 
 def test_cookie_changes_need_the_csrf_token_bearer_changes_do_not(env):
     entry = env["seeded"]["normal"].entry_id
-    c = login(env, READER)
+    c = login(env["app"], READER)
     r = c.post(f"/api/entries/{entry}/read", json={"read": True})
     assert r.status_code == 403 and r.json()["detail"] == "missing or wrong CSRF token"
     r = c.post(f"/api/entries/{entry}/read", json={"read": True}, headers={"X-CSRF-Token": "not-it"})
@@ -369,7 +338,7 @@ def test_cookie_changes_need_the_csrf_token_bearer_changes_do_not(env):
     assert r.status_code == 403 and "CSRF" in r.text
     r = c.post(f"/api/entries/{entry}/read", json={"read": True}, headers={"X-CSRF-Token": csrf_of(c)})
     assert r.status_code == 200 and r.json() == {"entry_id": entry, "status": "read", "read_by": READER[0]}
-    r = client(env).post(f"/api/entries/{entry}/read", json={"read": False}, headers=bearer(env, READER))
+    r = client(env["app"]).post(f"/api/entries/{entry}/read", json={"read": False}, headers=bearer(env["app"], READER))
     assert r.status_code == 200 and r.json()["status"] == "unread"
     acts = [(a[0], a[3], a[4]) for a in audit_rows(env, action="worklist.status", entity_id=str(entry))]
     assert acts[-2:] == [(READER[0], "unread", "read"), (READER[0], "read", "unread")]
@@ -379,8 +348,8 @@ def test_cookie_changes_need_the_csrf_token_bearer_changes_do_not(env):
 
 
 def test_bad_input_is_refused_with_a_reason(env):
-    h = bearer(env, ADMIN)
-    c = client(env)
+    h = bearer(env["app"], ADMIN)
+    c = client(env["app"])
     acl = env["seeded"]["acl"]
 
     def check(r, status, text):
@@ -459,8 +428,8 @@ def test_bad_input_is_refused_with_a_reason(env):
 
 
 def test_worklist_api_order_fields_and_times(env):
-    c = client(env)
-    h = bearer(env, READER)
+    c = client(env["app"])
+    h = bearer(env["app"], READER)
     body = c.get("/api/worklist", headers=h).json()
     assert body["timezone"] == "Europe/Berlin"
     names = [e["patient_name"] for e in body["entries"]]
@@ -483,15 +452,15 @@ def test_worklist_api_order_fields_and_times(env):
 
 
 def test_worklist_page_shows_names_only_after_login(env):
-    anon = client(env).get("/worklist", follow_redirects=True)
+    anon = client(env["app"]).get("/worklist", follow_redirects=True)
     assert "DOE" not in anon.text and 'id="login-form"' in anon.text
-    page = login(env, READER).get("/worklist")
+    page = login(env["app"], READER).get("/worklist")
     assert page.status_code == 200
     for text in ("DOE, JANE", "PIDACL", "2024-03-05 14:22:10", "as sent by the modality", "Europe/Berlin", "URGENT"):
         assert text in page.text
     rows = re.findall(r'<tr class="entry prio-(\w+)', page.text)
     assert rows[:3] == ["URGENT", "URGENT", "ROUTINE"]
-    frag = login(env, READER).get("/worklist/rows?anatomy=knee")
+    frag = login(env["app"], READER).get("/worklist/rows?anatomy=knee")
     assert (
         frag.status_code == 200 and "<html" not in frag.text and "DOE, JANE" in frag.text and "ROSSI" not in frag.text
     )
@@ -499,13 +468,13 @@ def test_worklist_page_shows_names_only_after_login(env):
 
 def test_study_api_and_page_are_audited_views(env):
     spine = env["seeded"]["spine"]
-    h = bearer(env, READER)
-    d = client(env).get(f"/api/studies/{spine.study_id}", headers=h).json()
+    h = bearer(env["app"], READER)
+    d = client(env["app"]).get(f"/api/studies/{spine.study_id}", headers=h).json()
     levels = {f["level"]: f["grade"] for f in d["findings"] if f["level"]}
     assert levels == {"L1-L2": "normal", "L2-L3": "mild", "L3-L4": "moderate", "L4-L5": "severe", "L5-S1": "mild"}
     assert d["models"][0]["model"] == "lumbar_spine.stenosis" and d["models"][0]["weights_sha256"] == "ab" * 32
     assert d["demo_weights"] and "Not for diagnostic use" in d["notice"]
-    page = login(env, READER).get(f"/studies/{spine.study_id}")
+    page = login(env["app"], READER).get(f"/studies/{spine.study_id}")
     assert 'id="demo-notice"' in page.text and "NOT FOR DIAGNOSTIC USE" in page.text
     assert 'id="stenosis-levels"' in page.text and "grade-severe" in page.text
     views = [(a[0], a[2]) for a in audit_rows(env, action="study.view")]
@@ -516,8 +485,8 @@ def test_original_slices_are_sorted_by_position_and_decoded(env):
     import pydicom
 
     acl = env["seeded"]["acl"]
-    c = client(env)
-    h = bearer(env, READER)
+    c = client(env["app"])
+    h = bearer(env["app"], READER)
     v = c.get(f"/api/studies/{acl.study_id}/viewer", headers=h).json()
     assert v["selected"]["id"] == acl.series_id and v["selected"]["slices"] == 12
     assert v["overlays"] and v["overlays"][0]["segments"][0]["label"] == "ACL tear"
@@ -542,8 +511,8 @@ def test_original_slices_are_sorted_by_position_and_decoded(env):
 
 def test_overlay_comes_from_the_seg_and_sits_on_the_right_slices(env):
     acl = env["seeded"]["acl"]
-    c = client(env)
-    h = bearer(env, READER)
+    c = client(env["app"])
+    h = bearer(env["app"], READER)
     rid = c.get(f"/api/studies/{acl.study_id}/viewer", headers=h).json()["overlays"][0]["result_id"]
     alpha = {}
     for k in range(12):
@@ -576,8 +545,8 @@ def test_overlay_comes_from_the_seg_and_sits_on_the_right_slices(env):
 
 
 def test_admin_views_and_retries(env):
-    h = bearer(env, ADMIN)
-    c = client(env)
+    h = bearer(env["app"], ADMIN)
+    c = client(env["app"])
     jobs = c.get("/api/admin/jobs", headers=h).json()["jobs"]
     failed = next(j for j in jobs if j["state"] == "failed")
     assert failed["error"] == "model crashed: test"
@@ -607,7 +576,7 @@ def test_admin_views_and_retries(env):
     pol = c.get("/api/admin/policy", headers=h).json()
     assert any(r["id"] == "acl_complete" for r in pol["rules"])
     assert {u["username"] for u in c.get("/api/admin/users", headers=h).json()["users"]} == {ADMIN[0], READER[0]}
-    browser = login(env, ADMIN)
+    browser = login(env["app"], ADMIN)
     for page in (
         "/admin/priorities",
         "/admin/jobs",
@@ -624,7 +593,7 @@ def test_admin_views_and_retries(env):
 
 def test_admin_priority_change_via_api_reorders_and_is_audited(env):
     normal = env["seeded"]["normal"]
-    c = login(env, ADMIN)
+    c = login(env["app"], ADMIN)
     csrf = csrf_of(c)
     r = c.post(
         f"/api/entries/{normal.entry_id}/priority",
@@ -699,7 +668,7 @@ def test_web_command_refuses_an_invalid_triage_policy(settings, tmp_path, monkey
 
 def test_priority_form_on_the_admin_page(env):
     spine = env["seeded"]["spine"]
-    c = login(env, ADMIN)
+    c = login(env["app"], ADMIN)
     page = c.get("/admin/priorities")
     assert page.status_code == 200 and f'id="prio-{spine.entry_id}"' in page.text
     csrf = re.search(r'name="csrf_token" value="([^"]+)"', page.text).group(1)
@@ -733,7 +702,7 @@ def test_repeated_failed_logins_lock_the_name_for_a_while(env):
 
     with env["db"].session() as s:
         add_user(s, username="mallory-target", password="target-password-1", role="radiologist")
-    c = client(env)
+    c = client(env["app"])
     for _ in range(5):
         assert (
             c.post("/api/auth/token", json={"username": "mallory-target", "password": "guess-guess"}).status_code == 401
@@ -769,7 +738,7 @@ def test_header_values_are_escaped_in_pages(env):
         with_superres=False,
         seed=9,
     )
-    c = login(env, READER)
+    c = login(env["app"], READER)
     for page in ("/worklist", f"/studies/{evil.study_id}"):
         text = c.get(page).text
         assert "<script>alert" not in text and "<b>P</b>" not in text

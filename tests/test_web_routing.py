@@ -13,19 +13,15 @@ import hashlib
 import re
 import shutil
 import tomllib
-import warnings
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 from sqlalchemy import select
 
-with warnings.catch_warnings():
-    warnings.simplefilter("ignore")
-    from starlette.testclient import TestClient
-
 from support.env import isolate_env
 from support.index_rows import at, make_study, send_series
+from support.web_client import bearer, client, csrf_of, login
 
 pytestmark = pytest.mark.unit
 
@@ -84,33 +80,6 @@ def env(tmp_path_factory):
     }
     db.dispose()
     mp.undo()
-
-
-def client(app) -> TestClient:
-    return TestClient(app, base_url="http://testserver")
-
-
-def login(app, who) -> TestClient:
-    c = client(app)
-    page = c.get("/login")
-    nonce = re.search(r'name="csrf_token" value="([^"]+)"', page.text).group(1)
-    r = c.post(
-        "/login",
-        data={"username": who[0], "password": who[1], "csrf_token": nonce, "next": "/worklist"},
-        follow_redirects=False,
-    )
-    assert r.status_code == 303, r.text
-    return c
-
-
-def bearer(app, who) -> dict:
-    r = client(app).post("/api/auth/token", json={"username": who[0], "password": who[1]})
-    assert r.status_code == 200, r.text
-    return {"Authorization": f"Bearer {r.json()['access_token']}"}
-
-
-def csrf_of(c: TestClient) -> str:
-    return c.get("/api/me").json()["csrf_token"]
 
 
 def sha(path: Path) -> str:
