@@ -507,3 +507,62 @@ def test_a_long_batch_keeps_its_leases(settings, db, result_files):
         assert sorted(scp.received) == sorted(r.sop_instance_uid for r, _ in results[:4])
     finally:
         scp.stop()
+
+
+class OrderSCP(StoreSCP):
+    """A StoreSCP that also records, per stored object, the association (the requestor's port) it came on."""
+
+    def __init__(self, **kw):
+        self.via: dict[str, int] = {}
+        super().__init__(**kw)
+
+    def _on_store(self, event):
+        code = super()._on_store(event)
+        with self.lock:
+            self.via[str(event.request.AffectedSOPInstanceUID)] = int(event.assoc.requestor.port)
+        return code
+
+
+@pytest.mark.parametrize("associations", [1, 3])
+def test_findings_go_first_then_the_derived_objects_over_several_associations(settings, db, result_files, associations):
+    vol, results = result_files
+    kinds = {r.sop_instance_uid: r.kind for r, _ in results}
+    # the job writes the SR last; the outbox must still send it (and the SEG) before any derived object
+    assert [r.kind for r, _ in results][-1] == "sr" and {"seg", "sc", "superres"} <= set(kinds.values())
+    scp = OrderSCP()
+    try:
+        s = with_dest(settings, scp.destination()).model_copy(update={"dispatch_associations": associations})
+        enqueue(db, results, [s.destinations[0].key], study_uid=vol.study_uid)
+        rep = process_outbox(db, s, now=T0)
+        assert (rep.claimed, rep.sent, rep.dead, rep.retrying) == (len(results), len(results), 0, 0)
+        assert sorted(scp.received) == sorted(kinds)  # each object once
+        order = [kinds[u] for u in scp.received]
+        assert order[0] == "sr"
+        n_findings = sum(1 for k in order if k in ("sr", "seg"))
+        assert set(order[:n_findings]) == {"sr", "seg"}, order
+        # the findings on one association of their own; the derived objects on `associations` others
+        findings_assoc = {scp.via[u] for u in scp.received if kinds[u] in ("sr", "seg")}
+        derived_assoc = {scp.via[u] for u in scp.received if kinds[u] not in ("sr", "seg")}
+        assert len(findings_assoc) == 1
+        assert len(derived_assoc) == associations and not derived_assoc & findings_assoc
+        assert all(st == "sent" and att == 1 for st, att, _s, _e, _n in items(db).values())
+    finally:
+        scp.stop()
+
+
+def test_a_failing_association_among_several_leaves_the_others_sent(settings, db, result_files):
+    vol, results = result_files
+    refused = {r.sop_instance_uid for r, _ in results if r.kind == "superres"}
+    refused = set(sorted(refused)[:2])
+    scp = OrderSCP(status=lambda ds: 0xA700 if str(ds.SOPInstanceUID) in refused else 0x0000)
+    try:
+        s = with_dest(settings, scp.destination()).model_copy(update={"dispatch_associations": 4})
+        enqueue(db, results, [s.destinations[0].key], study_uid=vol.study_uid)
+        rep = process_outbox(db, s, now=T0)
+        assert (rep.sent, rep.retrying, rep.dead) == (len(results) - 2, 2, 0)
+        assert set(scp.received) == {r.sop_instance_uid for r, _ in results} - refused
+        rep = process_outbox(db, s.model_copy(update={"dispatch_associations": 4}), now=T0 + dt.timedelta(seconds=5))
+        assert rep.claimed == 2 and rep.retrying == 2  # still refused: pending again, nothing else re-sent
+        assert len(scp.received) == len(results) - 2
+    finally:
+        scp.stop()

@@ -6,7 +6,11 @@ the destination acknowledged it (state ``sent``). `process_outbox`:
 1. claims due items in one transaction — ``pending`` ones whose ``next_attempt_at`` has
    come, and ``sending`` ones whose lease expired (a sender that died: a restart resumes
    them) — by setting a lease (owner + expiry) on each;
-2. sends them, one association (or HTTP session) per destination;
+2. sends them per destination, findings first: the SR and SEG objects of the batch over one
+   association (or HTTP session), and only once they are answered the derived objects (overlays,
+   super-resolved series) over up to ``MSKNODE_DISPATCH_ASSOCIATIONS`` associations at once, so a
+   PACS shows the findings of a study before its derived series and a long series is not sent
+   one instance after another over a single association;
 3. records each outcome in its own transaction as soon as the destination answered, only while
    the lease is still ours (a long batch extends the leases of its remaining items):
    - acknowledged (0x0000 or a warning 0xB000/0xB006/0xB007, STOW 200/202 with the instance
@@ -31,7 +35,9 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import os
+import queue
 import socket
+import threading
 import time
 import uuid
 from collections import defaultdict
@@ -40,7 +46,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import and_, or_, select
+from sqlalchemy import and_, case, or_, select
 from sqlalchemy.orm import Session
 
 from node.db.database import Database, utcnow
@@ -52,6 +58,13 @@ from node.settings import Settings
 log = logging.getLogger(__name__)
 
 SENT, PENDING, SENDING, DEAD = "sent", "pending", "sending", "dead"
+
+#: the order result objects are sent in: findings (SR, then SEG) before derived objects
+KIND_ORDER = {"sr": 0, "seg": 1, "sc": 2, "superres": 3}
+#: the kinds sent first, over one association, before any derived object of the batch
+FINDINGS_KINDS = frozenset({"sr", "seg"})
+#: destination types whose derived objects may go over several associations (sessions) at once
+PARALLEL_TYPES = frozenset({"dimse", "stow"})
 
 
 @dataclass(frozen=True)
@@ -104,12 +117,23 @@ def _due(now: dt.datetime):
 
 
 def claim(session: Session, *, now: dt.datetime, owner: str, limit: int, lease_seconds: float) -> list[Claimed]:
-    """Leases up to ``limit`` due items to ``owner`` (inside the caller's transaction)."""
+    """Leases up to ``limit`` due items to ``owner`` (inside the caller's transaction), findings first."""
+    return [c for c, _ in claim_with_kinds(session, now=now, owner=owner, limit=limit, lease_seconds=lease_seconds)]
+
+
+def _kind_rank():
+    return case(KIND_ORDER, value=ResultObject.kind, else_=len(KIND_ORDER))
+
+
+def claim_with_kinds(
+    session: Session, *, now: dt.datetime, owner: str, limit: int, lease_seconds: float
+) -> list[tuple[Claimed, str]]:
+    """`claim`, each item with its result object's kind; in order of due time, then SR, SEG, SC, super-resolved."""
     q = (
         select(OutboxItem, ResultObject)
         .join(ResultObject, ResultObject.id == OutboxItem.result_object_id)
         .where(_due(now))
-        .order_by(OutboxItem.next_attempt_at, OutboxItem.id)
+        .order_by(OutboxItem.next_attempt_at, _kind_rank(), OutboxItem.id)
         .limit(limit)
     )
     if session.bind is not None and session.bind.dialect.name == "postgresql":
@@ -136,7 +160,10 @@ def claim(session: Session, *, now: dt.datetime, owner: str, limit: int, lease_s
         item.lease_owner = owner
         item.lease_expires_at = expires
         claimed.append(
-            Claimed(item.id, item.destination, ro.sop_instance_uid, ro.sop_class_uid, Path(ro.path), item.attempts)
+            (
+                Claimed(item.id, item.destination, ro.sop_instance_uid, ro.sop_class_uid, Path(ro.path), item.attempts),
+                ro.kind,
+            )
         )
     return claimed
 
@@ -220,7 +247,9 @@ def process_outbox(
     senders = senders or SENDERS
     report = DispatchReport()
     with db.session() as s:
-        claimed = claim(s, now=now, owner=owner, limit=limit, lease_seconds=policy.lease_seconds)
+        claimed_kinds = claim_with_kinds(s, now=now, owner=owner, limit=limit, lease_seconds=policy.lease_seconds)
+    claimed = [c for c, _ in claimed_kinds]
+    kinds = {c.id: k for c, k in claimed_kinds}
     report.claimed = len(claimed)
     if not claimed:
         return report
@@ -232,6 +261,7 @@ def process_outbox(
     last_extension = started
     pending_ids = {c.id for c in claimed}
     by_id = {c.id: c for c in claimed}
+    associations = max(1, int(getattr(settings, "dispatch_associations", 1)))
 
     def store(c: Claimed, outcome: Outcome) -> None:
         nonlocal last_extension
@@ -246,24 +276,83 @@ def process_outbox(
             with db.session() as s:
                 extend_leases(s, pending_ids, owner=owner, until=until)
 
+    def settle(key: str, items: list[Claimed], error: BaseException | None) -> None:
+        if error is not None:  # a sender bug must not strand leased items
+            log.error("dispatch to %s failed", key, exc_info=error)
+            for c in items:
+                if c.id in pending_ids:
+                    store(c, Outcome.transient(f"{key}: {type(error).__name__}: {error}"[:500]))
+        for c in items:
+            if c.id in pending_ids:
+                store(c, Outcome.transient(f"{key}: no outcome reported"))
+
+    def send_one(key: str, sender: Sender, dest: Any, items: list[Claimed]) -> None:
+        """Sends ``items`` over one association in this thread, storing each outcome as it comes."""
+        error: BaseException | None = None
+        try:
+            for item_id, outcome in sender(dest, items, settings):
+                if item_id in pending_ids:
+                    store(by_id[item_id], outcome)
+        except Exception as e:
+            error = e
+        settle(key, items, error)
+
+    def send_parallel(key: str, sender: Sender, dest: Any, chunks: list[list[Claimed]]) -> None:
+        """Sends each chunk over its own association (a thread each); the outcomes are stored here, in this
+        thread, as they come (the database sessions stay in one thread)."""
+        answers: queue.Queue[tuple[int, Any]] = queue.Queue()
+
+        def run(n: int, chunk: list[Claimed]) -> None:
+            try:
+                for item_id, outcome in sender(dest, chunk, settings):
+                    answers.put((n, (item_id, outcome)))
+            except Exception as e:
+                answers.put((n, e))
+            finally:
+                answers.put((n, None))
+
+        threads = [
+            threading.Thread(target=run, args=(n, chunk), name=f"msknode-dispatch-{key}-{n}", daemon=True)
+            for n, chunk in enumerate(chunks)
+        ]
+        for t in threads:
+            t.start()
+        errors: dict[int, BaseException] = {}
+        running = len(threads)
+        while running:
+            n, answer = answers.get()
+            if answer is None:
+                running -= 1
+            elif isinstance(answer, BaseException):
+                errors[n] = answer
+            else:
+                item_id, outcome = answer
+                if item_id in pending_ids:
+                    store(by_id[item_id], outcome)
+        for t in threads:
+            t.join()
+        for n, chunk in enumerate(chunks):
+            settle(key, chunk, errors.get(n))
+
     for key, items in by_dest.items():
         dest = dests.get(key)
         if dest is None:
             for c in items:
                 store(c, Outcome.permanent_failure(f"destination {key!r} is not configured (MSKNODE_DESTINATIONS)"))
             continue
-        try:
-            for item_id, outcome in senders[dest.type](dest, items, settings):
-                if item_id in pending_ids:
-                    store(by_id[item_id], outcome)
-        except Exception as e:  # a sender bug must not strand leased items
-            log.exception("dispatch to %s failed", key)
-            for c in items:
-                if c.id in pending_ids:
-                    store(c, Outcome.transient(f"{key}: {type(e).__name__}: {e}"[:500]))
-        for c in items:
-            if c.id in pending_ids:
-                store(c, Outcome.transient(f"{key}: no outcome reported"))
+        sender = senders[dest.type]
+        # the findings first, on their own association: the PACS has them before any derived object
+        findings = [c for c in items if kinds.get(c.id) in FINDINGS_KINDS]
+        derived = [c for c in items if kinds.get(c.id) not in FINDINGS_KINDS]
+        if findings:
+            send_one(key, sender, dest, findings)
+        if not derived:
+            continue
+        n = min(associations, len(derived)) if dest.type in PARALLEL_TYPES else 1
+        if n <= 1:
+            send_one(key, sender, dest, derived)
+        else:  # round robin keeps each association's share in the batch's order
+            send_parallel(key, sender, dest, [derived[i::n] for i in range(n)])
     if report.sent:
         _log_finished_jobs(db, [c.id for c in claimed])
     return report
