@@ -340,6 +340,7 @@ QC_SENTENCES = {
     "out_of_distribution": "the images are unlike those the model was trained on",
     "qc_unavailable": "the image quality check is not available on this node",
     "qc_refused": "the series did not pass the image quality check",
+    "series_too_large": "the series is larger than this node reads (too many voxels)",
 }
 
 

@@ -539,14 +539,19 @@ class ModelPipelineRunner:
 
         volumes: dict[str, Any] = {}
         with steps.step("load"):
+            from node.jobs import limits
+
+            refused = limits.oversized(ctx.inputs, settings.max_series_voxels)  # never loaded: series_too_large
             for inp in ctx.inputs:
-                if not inp.role or inp.role == "localizer" or inp.role in volumes:
+                if not inp.role or inp.role == "localizer" or inp.role in volumes or inp.role in refused:
                     continue
                 if not inp.paths:
                     raise PermanentJobError(f"series {inp.series_uid} has no stored instances")
                 volumes[inp.role] = io.load_series(list(inp.paths))
         with steps.step("inference"):
-            output = pipelines.run_pipeline(ctx.pipeline, volumes, registry=registry)
+            output = limits.mark_refused(
+                pipelines.run_pipeline(ctx.pipeline, volumes, registry=registry), ctx.pipeline, refused
+            )
         for name, secs in (output.timings or {}).items():
             steps.timings[f"inference.{name}"] = round(float(secs), 4)
 

@@ -169,6 +169,7 @@ QC_REASONS: dict[str, str] = {
     "motion": "Motion artefact",
     "out_of_distribution": "Out of distribution",
     "unreadable": "Series could not be read",
+    "series_too_large": "Series too large",
 }
 
 
