@@ -22,7 +22,7 @@ from selenium.webdriver.common.action_chains import ActionChains
 from selenium.webdriver.common.by import By
 
 from support import web_seed as ws
-from support.browser import ADMIN, READER, console_errors, login, shot, wait, web_server
+from support.browser import ADMIN, READER, api_get, console_errors, login, shot, wait, web_server
 from support.env import ROOT, VENV_BIN, isolate_env
 from support.monitor_seed import Phase, answer, seed_history
 
@@ -85,20 +85,6 @@ def shots(tmp_path_factory):
     return tmp_path_factory.mktemp("screenshots")
 
 
-def api(server, who, path):
-    req = urllib.request.Request(
-        server["base"] + "/api/auth/token",
-        method="POST",
-        data=json.dumps({"username": who[0], "password": who[1]}).encode(),
-        headers={"Content-Type": "application/json"},
-    )
-    with urllib.request.urlopen(req, timeout=10) as r:
-        token = json.load(r)["access_token"]
-    req = urllib.request.Request(server["base"] + path, headers={"Authorization": f"Bearer {token}"})
-    with urllib.request.urlopen(req, timeout=30) as r:
-        return json.load(r)
-
-
 def keys(d, text):
     ActionChains(d).send_keys(text).perform()
 
@@ -129,7 +115,7 @@ def test_a_reader_records_agreement_and_a_corrected_grade_with_the_keyboard(serv
     wait(d).until(lambda x: item(x, "acl_tear").find_element(By.CSS_SELECTOR, ".fb-comment").get_attribute("value"))
 
     def stored():
-        body = api(server, READER, f"/api/studies/{acl.study_id}/feedback")
+        body = api_get(server["base"], READER, f"/api/studies/{acl.study_id}/feedback")
         return {i["finding_key"]: i["mine"] for i in body["items"]}
 
     wait(d).until(lambda _: (stored()["acl_tear"] or {}).get("comment") == "stump retracted")
@@ -156,7 +142,7 @@ def test_the_dashboard_shows_agreement_ppv_with_intervals_and_the_positive_rate_
     alert = d.find_element(By.CSS_SELECTOR, ".alert-item[data-kind='positive_rate'][data-model='knee.acl']").text
     assert "knee.acl 1.0.0: positive rate 60.0 % (24/40)" in alert and "outside its control band" in alert
 
-    rep = api(server, ADMIN, "/api/admin/monitor")
+    rep = api_get(server["base"], ADMIN, "/api/admin/monitor")
     m = next(x for x in rep["models"] if (x["model"], x["version"]) == ("knee.acl", "1.0.0"))
     card = d.find_element(By.CSS_SELECTOR, ".model-card[data-model='knee.acl'][data-version='1.0.0']")
     for cls, w in (("agreement", m["feedback"]["agreement"]), ("ppv", m["feedback"]["ppv"])):
@@ -224,7 +210,7 @@ def test_overdue_urgent_studies_are_red_until_the_admin_changes_the_target(serve
     d.get(server["base"] + "/worklist")
     wait(d).until(lambda x: x.find_element(By.ID, "worklist"))
     assert not d.find_elements(By.ID, "overdue-banner")
-    audit = api(server, ADMIN, "/api/admin/audit?action=targets.change")
+    audit = api_get(server["base"], ADMIN, "/api/admin/audit?action=targets.change")
     ev = audit["events"][0]
     assert ev["actor"] == ADMIN[0] and ev["new"] == "43200 min" and "backlog" in ev["reason"]
     assert console_errors(d) == []

@@ -12,14 +12,13 @@ from __future__ import annotations
 import datetime as dt
 import json
 import re
-import urllib.request
 from zoneinfo import ZoneInfo
 
 import pytest
 from selenium.webdriver.common.by import By
 
 from support import web_seed as ws
-from support.browser import ADMIN, READER, console_errors, login, wait, web_server
+from support.browser import ADMIN, READER, api_get, console_errors, login, wait, web_server
 from support.env import isolate_env
 
 pytestmark = pytest.mark.integration
@@ -124,20 +123,6 @@ def reader(server, browser):
     return browser
 
 
-def api(server, who, path):
-    req = urllib.request.Request(
-        server["base"] + "/api/auth/token",
-        method="POST",
-        data=json.dumps({"username": who[0], "password": who[1]}).encode(),
-        headers={"Content-Type": "application/json"},
-    )
-    with urllib.request.urlopen(req, timeout=10) as r:
-        token = json.load(r)["access_token"]
-    req = urllib.request.Request(server["base"] + path, headers={"Authorization": f"Bearer {token}"})
-    with urllib.request.urlopen(req, timeout=10) as r:
-        return json.load(r)
-
-
 def row_of(d, study_id):
     return d.find_element(By.CSS_SELECTOR, f"#rows tr.entry[data-href='/studies/{study_id}']")
 
@@ -160,11 +145,11 @@ def test_worklist_study_page_reasons_and_api_show_the_same_number(server, reader
     headline = d.find_element(By.CSS_SELECTOR, "#findings tr.finding-row[data-code='acl_tear'] .prob").text
     assert headline == "98 %"
 
-    body = api(server, READER, f"/api/studies/{acl.study_id}")
+    body = api_get(server["base"], READER, f"/api/studies/{acl.study_id}", timeout=10)
     (f,) = [f for f in body["findings"] if f["code"] == "acl_tear"]
     assert f["display"]["text"] == TEXT and f["display"]["probability"] == pytest.approx(0.98)
     assert [g["grade"] for g in f["display"]["grades"]] == ["partial", "complete"]
-    wl = api(server, READER, "/api/worklist")
+    wl = api_get(server["base"], READER, "/api/worklist", timeout=10)
     (entry,) = [e for e in wl["entries"] if e["study_id"] == acl.study_id]
     assert any(x["display"]["text"] == TEXT for x in entry["findings"]) and TEXT in entry["reasons"][0]
     assert console_errors(d) == []
@@ -186,14 +171,14 @@ def test_a_refusal_reaches_the_reader_in_words_once_and_never_contradicts_the_im
     reasons = [li.text for li in d.find_elements(By.CSS_SELECTOR, "#reasons li")]
     assert len(reasons) == len(set(reasons))
     assert not d.find_elements(By.CSS_SELECTOR, ".qc-details")  # the gate's message is the admin's
-    body = api(server, READER, f"/api/studies/{refused.study_id}")
+    body = api_get(server["base"], READER, f"/api/studies/{refused.study_id}", timeout=10)
     assert "coronal" not in json.dumps(body)
     # the admin still sees what the gate said, folded under details
     login(d, server["base"], ADMIN)
     d.get(f"{server['base']}/studies/{refused.study_id}")
     details = d.find_elements(By.CSS_SELECTOR, ".qc-details")
     assert details and GATE_MESSAGE in details[0].get_attribute("textContent")
-    assert GATE_MESSAGE in json.dumps(api(server, ADMIN, f"/api/studies/{refused.study_id}"))
+    assert GATE_MESSAGE in json.dumps(api_get(server["base"], ADMIN, f"/api/studies/{refused.study_id}", timeout=10))
     login(d, server["base"], READER)
 
 

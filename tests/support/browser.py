@@ -9,6 +9,7 @@ them too). ``tests/conftest.py`` has the ``browser`` fixture.
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import tempfile
@@ -133,6 +134,22 @@ def login(driver, base: str, who: tuple[str, str]) -> None:
     driver.find_element(By.ID, "password").send_keys(who[1])
     driver.find_element(By.ID, "login-submit").click()
     wait(driver).until(EC.presence_of_element_located((By.ID, "worklist")))
+
+
+def api_get(base: str, who: tuple[str, str], path: str, *, timeout: float = 30.0):
+    """The JSON answer of ``GET base+path`` with a bearer token of ``who`` (``POST /api/auth/token``,
+    10 s); ``timeout`` is the GET's deadline."""
+    req = urllib.request.Request(
+        base + "/api/auth/token",
+        method="POST",
+        data=json.dumps({"username": who[0], "password": who[1]}).encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(req, timeout=10) as r:
+        token = json.load(r)["access_token"]
+    req = urllib.request.Request(base + path, headers={"Authorization": f"Bearer {token}"})
+    with urllib.request.urlopen(req, timeout=timeout) as r:
+        return json.load(r)
 
 
 def shot(driver, path: Path) -> None:
