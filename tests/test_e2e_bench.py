@@ -47,6 +47,11 @@ def test_bench_e2e_one_study_json(tmp_path):
     assert result["all_arrived"] is True and result["n"] == 1
     study = result["studies"][0]
     assert study["arrived"] and study["results"] >= 1  # at least the SR
+    # findings first: the SR (and SEG) were stored in Orthanc before any derived object (Orthanc's reception log)
+    assert study["kinds"].get("sr") == 1 and set(study["kinds"]) - {"sr", "seg"}, study["kinds"]
+    assert study["findings_first"] is True and result["findings_first"] is True
+    assert 0 < result["first_result_s"] == study["first_result_s"] <= study["total_s"]
+    assert result["first_result_p95_s"] == result["first_result_s"]
     # the total is PACS-to-PACS; the steps inside it are measured on the same clock and fit into it
     assert 0 < result["median_s"] == result["p95_s"] == study["total_s"] < 400
     b = result["breakdown"]

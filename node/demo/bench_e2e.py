@@ -6,10 +6,12 @@ forwards each instance to msknode (``msknode serve``, embedded default) as it is
 is sent only when the previous one's results are all back in Orthanc, so each figure is the
 latency of one study on an idle node. For each study:
 
-    total = last result object stored in Orthanc - last source instance stored in Orthanc
+    total        = last result object stored in Orthanc - last source instance stored in Orthanc
+    first_result = the SR (the findings) stored in Orthanc - last source instance stored in Orthanc
 
-(both from Orthanc's reception log, microsecond timestamps), broken down with the node's own
-timestamps and ``jobs.timings``:
+(both from Orthanc's reception log, microsecond timestamps); ``findings_first`` says whether the SR and
+SEG objects of the study were all stored in Orthanc before any derived object (overlay, super-resolved
+instance). The total is broken down with the node's own timestamps and ``jobs.timings``:
 
     forward            last source instance in Orthanc -> last instance stored by msknode
     completeness_wait  last instance at msknode -> job created (series/study complete)
@@ -31,6 +33,7 @@ import shutil
 import statistics
 import tempfile
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -45,6 +48,7 @@ from node.errors import EndToEndError
 from node.settings import Settings
 
 POLL_SECONDS = 0.05
+FINDINGS_KINDS = ("sr", "seg")  # what a reader needs first; overlays and super-resolved series are derived
 STEPS = ("forward", "completeness_wait", "queue_wait", "load", "inference", "writing", "other_job", "dispatch")
 
 
@@ -55,9 +59,12 @@ class StudyTiming:
     instances: int
     arrived: bool
     total_s: float | None = None
+    first_result_s: float | None = None
+    findings_first: bool | None = None
     steps: dict[str, float] = field(default_factory=dict)
     inference_per_model: dict[str, float] = field(default_factory=dict)
     results: int = 0
+    kinds: dict[str, int] = field(default_factory=dict)  # result objects by kind (sr, seg, sc, superres)
     error: str | None = None
 
 
@@ -70,6 +77,14 @@ class BenchResult:
     @property
     def totals(self) -> list[float]:
         return [s.total_s for s in self.studies if s.total_s is not None]
+
+    @property
+    def first_results(self) -> list[float]:
+        return [s.first_result_s for s in self.studies if s.first_result_s is not None]
+
+    @property
+    def findings_first(self) -> bool:
+        return bool(self.studies) and all(s.findings_first for s in self.studies)
 
     @property
     def all_arrived(self) -> bool:
@@ -89,8 +104,12 @@ class BenchResult:
             )
             for m in models
         }
+        firsts = self.first_results
         return {
             "n": len(self.studies),
+            "first_result_s": round(statistics.median(firsts), 3) if firsts else None,
+            "first_result_p95_s": round(float(np.percentile(firsts, 95)), 3) if firsts else None,
+            "findings_first": self.findings_first,
             "median_s": round(statistics.median(totals), 3) if totals else None,
             "p95_s": round(float(np.percentile(totals, 95)), 3) if totals else None,
             "min_s": round(min(totals), 3) if totals else None,
@@ -110,10 +129,23 @@ def study_timing(index: int, view: NodeView, receptions, source_uids: list[str],
     res = last_reception(receptions, result_uids)
     arrived = view.delivered and bool(result_uids) and all(u in receptions for u in result_uids)
     t = StudyTiming(index, view.study_uid, instances, arrived, results=len(result_uids))
+    t.kinds = dict(sorted(Counter(r.kind for r in view.results).items()))
     if src is None or res is None:
         t.error = "no reception times in the Orthanc log"
         return t
     t.total_s = round((res - src).total_seconds(), 3)
+    findings = [r.sop_instance_uid for r in view.results if r.kind in FINDINGS_KINDS]
+    derived = [
+        receptions[r.sop_instance_uid].at
+        for r in view.results
+        if r.kind not in FINDINGS_KINDS and r.sop_instance_uid in receptions
+    ]
+    sr = last_reception(receptions, [r.sop_instance_uid for r in view.results if r.kind == "sr"])
+    if sr is not None:
+        t.first_result_s = round((sr - src).total_seconds(), 3)
+    last_finding = last_reception(receptions, findings)
+    if last_finding is not None and all(u in receptions for u in findings):
+        t.findings_first = not derived or last_finding < min(derived)
     tm = view.timings or {}
 
     def secs(a, b) -> float | None:
@@ -210,7 +242,8 @@ def run_bench(
                 label = "warm-up" if i < warmup else f"study {i - warmup + 1}/{studies}"
                 if t.total_s is not None and t.arrived:
                     progress(
-                        f"{label}: {t.total_s:.2f} s from PACS to results ({t.results} objects) "
+                        f"{label}: {t.total_s:.2f} s from PACS to results ({t.results} objects), "
+                        f"SR after {t.first_result_s} s (findings first: {t.findings_first}) "
                         + " ".join(f"{k}={v:.2f}" for k, v in t.steps.items())
                     )
                 else:
@@ -234,6 +267,7 @@ def run_bench(
                 "study_quiet_seconds": s.study_quiet_seconds,
                 "sweep_interval_seconds": s.sweep_interval_seconds,
                 "torch_threads": s.torch_threads,
+                "dispatch_associations": s.dispatch_associations,
                 "orthanc_association_close_delay_s": ASSOCIATION_CLOSE_DELAY,
             },
         )
@@ -249,7 +283,9 @@ def format_report(result: BenchResult) -> str:
     lines = [
         f"end-to-end latency, PACS -> results in the PACS, {s['n']} knee studies "
         f"({s['settings']['slices_per_series']} slices, {s['settings']['matrix']}x{s['settings']['matrix']}):",
-        f"  median {s['median_s']} s   p95 {s['p95_s']} s   (min {s['min_s']}, max {s['max_s']}; "
+        f"  findings (SR): median {s['first_result_s']} s   p95 {s['first_result_p95_s']} s   "
+        f"(SR and SEG before every derived object: {s['findings_first']})",
+        f"  everything:    median {s['median_s']} s   p95 {s['p95_s']} s   (min {s['min_s']}, max {s['max_s']}; "
         f"warm-up study {s['warmup_s']} s)   all arrived: {s['all_arrived']}",
         "  breakdown (median seconds):",
     ]
