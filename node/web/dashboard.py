@@ -15,9 +15,9 @@ from pydantic import BaseModel, Field
 
 from node.db.database import utcnow
 from node.web.auth import Principal, admin, api_admin_csrf, check_csrf
+from node.web.pages import _render
 from worklists import monitoring, targets
 from worklists.errors import InvalidChange
-from worklists.tables import PRIORITIES
 
 router = APIRouter()
 
@@ -89,20 +89,7 @@ def dashboard_page(request: Request, p: Principal = Depends(admin)):
     rep = monitor_report(ctx.settings, ctx.db, ctx.policy)
     with ctx.db.session() as s:
         rows = targets.target_rows(s, ctx.policy)
-    return ctx.templates.TemplateResponse(
-        request,
-        "admin_dashboard.html",
-        {
-            "user": p,
-            "tz": str(ctx.tz),
-            "priorities": PRIORITIES,
-            "msg": request.query_params.get("msg"),
-            "error": request.query_params.get("error"),
-            "path": request.url.path,
-            "report": rep,
-            "target_rows": rows,
-        },
-    )
+    return _render(request, "admin_dashboard.html", p, report=rep, target_rows=rows)
 
 
 @router.post("/admin/targets", include_in_schema=False)

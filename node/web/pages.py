@@ -68,11 +68,10 @@ def _back(target: str, *, msg: str | None = None, error: str | None = None) -> R
 # ---- login -------------------------------------------------------------------------------
 
 
-@router.get("/login")
-def login_form(request: Request, next: str | None = None):
-    ctx = _ctx(request)
-    cookie, nonce = ctx.codec.login_nonce()
-    r = _render(request, "login.html", None, next=_safe_next(next), nonce=nonce)
+def _login_page(request: Request, next_target: str | None, status_code: int = 200, **context) -> HTMLResponse:
+    """The login form with a fresh nonce; its cookie (an hour, HttpOnly, SameSite=Strict) goes only to /login."""
+    cookie, nonce = _ctx(request).codec.login_nonce()
+    r = _render(request, "login.html", None, status_code, next=_safe_next(next_target), nonce=nonce, **context)
     r.set_cookie(
         LOGIN_COOKIE,
         cookie,
@@ -85,6 +84,11 @@ def login_form(request: Request, next: str | None = None):
     return r
 
 
+@router.get("/login")
+def login_form(request: Request, next: str | None = None):
+    return _login_page(request, next)
+
+
 @router.post("/login")
 def login(
     request: Request,
@@ -95,26 +99,7 @@ def login(
 ):
     ctx = _ctx(request)
     if not ctx.codec.check_login_nonce(request.cookies.get(LOGIN_COOKIE), csrf_token):
-        cookie, nonce = ctx.codec.login_nonce()
-        r = _render(
-            request,
-            "login.html",
-            None,
-            400,
-            next=_safe_next(next),
-            nonce=nonce,
-            error="the login form expired, please try again",
-        )
-        r.set_cookie(
-            LOGIN_COOKIE,
-            cookie,
-            max_age=3600,
-            httponly=True,
-            samesite="strict",
-            secure=cookie_secure(request),
-            path="/login",
-        )
-        return r
+        return _login_page(request, next, 400, error="the login form expired, please try again")
     address = client_address(request)
     wait_address = ctx.ip_throttle.retry_after(address)
     wait = wait_address or (ctx.throttle.retry_after(f"{username}\n{address}") if username else 0)
@@ -137,7 +122,6 @@ def login(
                 audit.record(s, actor=user.username, action="auth.login", entity_type="user", entity_id=user.username)
                 token, _principal = ctx.codec.issue(user.username, user.role, epoch=user.session_epoch)
     if user is None:
-        cookie, nonce = ctx.codec.login_nonce()
         error = (
             f"too many failed logins from this address; try again in {wait} s"
             if wait_address
@@ -145,25 +129,7 @@ def login(
             if wait
             else "wrong username or password, or the account is disabled"
         )
-        r = _render(
-            request,
-            "login.html",
-            None,
-            429 if wait else 401,
-            next=_safe_next(next),
-            nonce=nonce,
-            error=error,
-            username=username,
-        )
-        r.set_cookie(
-            LOGIN_COOKIE,
-            cookie,
-            max_age=3600,
-            httponly=True,
-            samesite="strict",
-            secure=cookie_secure(request),
-            path="/login",
-        )
+        r = _login_page(request, next, 429 if wait else 401, error=error, username=username)
         if wait:
             r.headers["Retry-After"] = str(wait)
         return r
