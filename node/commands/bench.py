@@ -133,6 +133,7 @@ def _add_load(bench_sub) -> None:
         help="worker processes (more than 1: extra "
         "`msknode worker` processes on the cpu queue, as worker machines would be; default 1)",
     )
+    p.add_argument("--warmup", type=int, default=1, help="untimed knee studies first, to load the models (default 1)")
     p.add_argument(
         "--database-url",
         help="the node's database (e.g. postgresql+psycopg://...; an empty database; default: SQLite in the run's "
@@ -165,6 +166,7 @@ def _bench_load(args, settings) -> int:
             slices=args.slices,
             matrix=args.matrix,
             workers=args.workers,
+            warmup=max(0, args.warmup),
             database_url=args.database_url,
             broker_url=args.broker_url,
             workdir=args.workdir,

@@ -119,12 +119,20 @@ def clone_study(src: list[Path], dest: Path, index: int, uid_prefix: str) -> tup
 
 
 def prepare_studies(
-    root: Path, n: int, *, slices: int, matrix: int, uid_prefix: str, progress: Callable[[str], None]
+    root: Path,
+    n: int,
+    *,
+    slices: int,
+    matrix: int,
+    uid_prefix: str,
+    progress: Callable[[str], None],
+    offset: int = 0,
 ) -> list[LoadStudy]:
+    """``n`` studies of the mix; the first ``offset`` ones come before it (the warm-up: knee for 1)."""
     templates: dict[str, list[Path]] = {}
     studies: list[LoadStudy] = []
     for i in range(n):
-        anatomy = MIX[i % len(MIX)]
+        anatomy = MIX[(i - offset) % len(MIX)]
         if anatomy not in templates:
             t0 = time.monotonic()
             case = DemoCase(f"load-{anatomy}", anatomy, anatomy, 9100 + len(templates), {}, None, None, False)
@@ -239,13 +247,14 @@ class ProcessWatch:
         """The largest RSS of one ``role`` process sampled between two unix times."""
         return max((s.get(role, 0) for t, s in self.samples if start <= t <= end), default=0)
 
-    def summary(self) -> dict[str, dict]:
+    def summary(self, cpu0: dict[int, float] | None = None) -> dict[str, dict]:
+        """Per role: processes, peak RSS (VmHWM) and CPU seconds (since ``cpu0``, pid -> CPU seconds then)."""
         out: dict[str, dict] = {}
-        for rec in self.procs.values():
+        for pid, rec in self.procs.items():
             d = out.setdefault(rec["role"], {"processes": 0, "peak_rss_mb": 0.0, "cpu_s": 0.0})
             d["processes"] += 1
             d["peak_rss_mb"] = round(max(d["peak_rss_mb"], rec["hwm"] / 2**20), 1)
-            d["cpu_s"] = round(d["cpu_s"] + rec["cpu"], 1)
+            d["cpu_s"] = round(d["cpu_s"] + rec["cpu"] - (cpu0 or {}).get(pid, 0.0), 1)
         return out
 
 
@@ -411,6 +420,7 @@ def run_bench(
     slices: int = 40,
     matrix: int = 384,
     workers: int = 1,
+    warmup: int = 1,
     database_url: str | None = None,
     broker_url: str | None = None,
     workdir: Path | None = None,
@@ -431,8 +441,17 @@ def run_bench(
         for sub in ("orthanc", "node", "studies"):
             shutil.rmtree(root / sub, ignore_errors=True)
         load = prepare_studies(
-            root, studies, slices=slices, matrix=matrix, uid_prefix="1.2.826.0.1.3680043.10.1417.", progress=progress
+            root,
+            studies + warmup,
+            slices=slices,
+            matrix=matrix,
+            uid_prefix="1.2.826.0.1.3680043.10.1417.",
+            progress=progress,
+            offset=warmup,
         )
+        warm, load = load[:warmup], load[warmup:]
+        for i, st in enumerate(load):
+            st.index = i
         ports, _ = choose_ports(free=True)
         env: dict[str, str] = {}
         if database_url:
@@ -466,7 +485,18 @@ def run_bench(
         watch.start()
         reader = LoadReader(str(stack.settings.database_url))
         pacs: OrthancPacs = stack.pacs
+        for st in warm:  # untimed: the worker loads torch and the models
+            t0 = time.monotonic()
+            pacs.store_files(st.files, timeout=timeout)
+            while not reader.view(st.study_uid).delivered:
+                stack.check_running()
+                if time.monotonic() - t0 > timeout:
+                    raise EndToEndError(f"the warm-up study did not complete within {timeout:.0f} s")
+                time.sleep(POLL_SECONDS)
+            progress(f"warm-up study ({st.anatomy}) delivered in {time.monotonic() - t0:.1f} s (not counted)")
+        watch.samples.clear()
         orthanc_cpu0 = _cpu_seconds(pacs.pid) if pacs.pid else None
+        cpu0 = {pid: rec["cpu"] for pid, rec in watch.procs.items()}
         interval = 60.0 / rate
         queue: list[dict] = []
         done: dict[str, NodeView] = {}
@@ -496,8 +526,6 @@ def run_bench(
                     t = time.monotonic()
                     q = reader.depth()
                     q["t_s"] = round(t - t_start, 1)
-                    q["completed"] = len(done)
-                    queue.append(q)
                     for st in load:
                         if st.study_uid in done or st.study_uid in failed or st.sent_at is None:
                             continue
@@ -513,6 +541,8 @@ def run_bench(
                         elif v.failed:
                             failed[st.study_uid] = v.failed
                             progress(f"study {st.index + 1} ({st.anatomy}) failed: {v.failed}")
+                    q["completed"] = len(done)
+                    queue.append(q)
                     if len(done) + len(failed) == studies:
                         break
                     if deadline is None and all(f.done() for f in futures):
@@ -562,7 +592,7 @@ def run_bench(
             rate_per_min=rate,
             wall_s=max(wall, 1e-3),
             queue=queue,
-            processes=watch.summary(),
+            processes=watch.summary(cpu0),
             orthanc_cpu_s=round(orthanc_cpu - orthanc_cpu0, 1)
             if orthanc_cpu is not None and orthanc_cpu0 is not None
             else None,
@@ -570,6 +600,7 @@ def run_bench(
                 "backend": backend,
                 "workers": workers,
                 "worker_concurrency": s.worker_concurrency,
+                "warmup_studies": warmup,
                 "slices_per_series": slices,
                 "matrix": matrix,
                 "mix": list(MIX),
