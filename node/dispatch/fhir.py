@@ -26,9 +26,10 @@ import json
 import logging
 import uuid
 from collections.abc import Iterator, Sequence
+from functools import partial
 from typing import Any
 
-from node.dispatch.reports import NOT_FOR_DIAGNOSTIC_USE, ReportFinding, StudyReport, load_report
+from node.dispatch.reports import NOT_FOR_DIAGNOSTIC_USE, ReportFinding, StudyReport, report_message
 from node.dispatch.senders import Claimed, Outcome
 from node.results import codes
 from node.settings import FhirDestination, Settings
@@ -90,6 +91,14 @@ def _subject(report: StudyReport, dest: FhirDestination) -> dict[str, Any]:
     return {"type": "Patient", "identifier": ident}
 
 
+def _ratio_component(concept: codes.CodedConcept, value: float) -> dict[str, Any]:
+    """An Observation component: ``concept`` with a ratio (UCUM unit "1") to six decimals."""
+    return {
+        "code": _cc(concept),
+        "valueQuantity": {"value": round(float(value), 6), "unit": "1", "system": SYSTEMS["UCUM"], "code": "1"},
+    }
+
+
 def _observation(report: StudyReport, f: ReportFinding, n: int, dest: FhirDestination, tz: str) -> dict[str, Any]:
     status = "corrected" if report.corrects_earlier else "final"
     obs: dict[str, Any] = {
@@ -114,29 +123,9 @@ def _observation(report: StudyReport, f: ReportFinding, n: int, dest: FhirDestin
         obs["bodySite"] = _cc(site)
     components: list[dict[str, Any]] = []
     if f.probability is not None:
-        components.append(
-            {
-                "code": _cc(codes.PROBABILITY),
-                "valueQuantity": {
-                    "value": round(float(f.probability), 6),
-                    "unit": "1",
-                    "system": SYSTEMS["UCUM"],
-                    "code": "1",
-                },
-            }
-        )
+        components.append(_ratio_component(codes.PROBABILITY, f.probability))
     if f.uncertainty is not None:
-        components.append(
-            {
-                "code": _cc(codes.STANDARD_DEVIATION),
-                "valueQuantity": {
-                    "value": round(float(f.uncertainty), 6),
-                    "unit": "1",
-                    "system": SYSTEMS["UCUM"],
-                    "code": "1",
-                },
-            }
-        )
+        components.append(_ratio_component(codes.STANDARD_DEVIATION, f.uncertainty))
     if f.grade:
         name, value = codes.grade_concept(f.grade)
         components.append({"code": _cc(name), "valueCodeableConcept": _cc(value)})
@@ -265,16 +254,13 @@ def send_fhir(dest: FhirDestination, items: Sequence[Claimed], settings: Setting
     import httpx
 
     for it in items:
-        report = load_report(settings, it.sop_instance_uid)
-        if report is None:
-            yield it.id, Outcome.permanent_failure(f"no job has the SR {it.sop_instance_uid}: nothing to report")
+        got = report_message(
+            settings, it, partial(build_bundle, dest=dest, tz=settings.site_timezone), "FHIR bundle invalid"
+        )
+        if isinstance(got, Outcome):
+            yield it.id, got
             continue
-        try:
-            bundle = build_bundle(report, dest, tz=settings.site_timezone)
-        except Exception as e:  # our own bundle is invalid: a retry builds the same one
-            why = report.redact(f"FHIR bundle invalid: {type(e).__name__}: {e}")[:500]
-            yield it.id, Outcome.permanent_failure(why)
-            continue
+        report, bundle = got
         try:
             status, body = post_bundle(dest, bundle)
         except httpx.TimeoutException:

@@ -29,8 +29,9 @@ import asyncio
 import datetime as dt
 import logging
 from collections.abc import Iterator, Sequence
+from functools import partial
 
-from node.dispatch.reports import NOT_FOR_DIAGNOSTIC_USE, StudyReport, load_report
+from node.dispatch.reports import NOT_FOR_DIAGNOSTIC_USE, StudyReport, report_message
 from node.dispatch.senders import Claimed, Outcome
 from node.results import codes
 from node.settings import Hl7Destination, Settings
@@ -210,17 +211,12 @@ def control_id(item: Claimed) -> str:
 def send_hl7(dest: Hl7Destination, items: Sequence[Claimed], settings: Settings) -> Iterator[tuple[int, Outcome]]:
     """One ORU^R01 per item (each the SR of a finished job), one MLLP connection per message."""
     for it in items:
-        report = load_report(settings, it.sop_instance_uid)
-        if report is None:
-            yield it.id, Outcome.permanent_failure(f"no job has the SR {it.sop_instance_uid}: nothing to report")
-            continue
         cid = control_id(it)
-        try:
-            message = build_oru(report, dest, cid)
-        except Exception as e:  # our own message is invalid: a retry builds the same one
-            why = report.redact(f"ORU^R01 could not be built: {type(e).__name__}: {e}")[:500]
-            yield it.id, Outcome.permanent_failure(why)
+        got = report_message(settings, it, partial(build_oru, dest=dest, control_id=cid), "ORU^R01 could not be built")
+        if isinstance(got, Outcome):
+            yield it.id, got
             continue
+        report, message = got
         try:
             ack = exchange(dest, message)
         except TimeoutError:

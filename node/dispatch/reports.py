@@ -10,15 +10,19 @@ from __future__ import annotations
 import datetime as dt
 import re
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy import select
 
 from node.db.database import Database
 from node.db.schema import Finding, Job, ResultObject, Study
+from node.dispatch.senders import Claimed, Outcome
 from node.results import codes
 from node.settings import Settings
+
+M = TypeVar("M")
 
 SUPERRES_CODE = "superres"  # the informational findings row of a super-resolved series
 
@@ -192,3 +196,18 @@ def load_report(settings: Settings, sr_sop_instance_uid: str) -> StudyReport | N
             findings=findings,
             models=dict(job.model_versions or {}),
         )
+
+
+def report_message(
+    settings: Settings, item: Claimed, build: Callable[[StudyReport], M], invalid: str
+) -> tuple[StudyReport, M] | Outcome:
+    """The report of ``item``'s SR and the message ``build`` makes of it; or the permanent failure when no
+    job has that SR or the message cannot be built (a retry would build the same one), ``invalid`` naming
+    what is wrong (its text is redacted of the patient's identity)."""
+    report = load_report(settings, item.sop_instance_uid)
+    if report is None:
+        return Outcome.permanent_failure(f"no job has the SR {item.sop_instance_uid}: nothing to report")
+    try:
+        return report, build(report)
+    except Exception as e:  # our own message is invalid: a retry builds the same one
+        return Outcome.permanent_failure(report.redact(f"{invalid}: {type(e).__name__}: {e}")[:500])
