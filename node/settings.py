@@ -15,7 +15,7 @@ import os
 import re
 import tomllib
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import (
     BaseModel,
@@ -128,10 +128,12 @@ class DimseDestination(BaseModel):
         return self.name or f"dimse:{self.ae_title}@{self.host}:{self.port}"
 
 
-class StowDestination(BaseModel):
-    """A DICOMweb server that receives results by STOW-RS."""
+class _HttpDestination(BaseModel):
+    """A destination reached over HTTP(S): its base url, basic or bearer credentials, TLS verification."""
 
-    type: Literal["stow"]
+    _url_name: ClassVar[str] = "a url"  # in the error of a url that is not http(s)
+
+    type: str
     name: str | None = None
     url: str
     username: str | None = None
@@ -143,8 +145,16 @@ class StowDestination(BaseModel):
     @classmethod
     def _url(cls, v: str) -> str:
         if not re.match(r"^https?://", v):
-            raise ValueError("a STOW-RS url starts with http:// or https://")
+            raise ValueError(f"{cls._url_name} starts with http:// or https://")
         return v.rstrip("/")
+
+
+class StowDestination(_HttpDestination):
+    """A DICOMweb server that receives results by STOW-RS."""
+
+    _url_name: ClassVar[str] = "a STOW-RS url"
+
+    type: Literal["stow"]
 
     @property
     def key(self) -> str:
@@ -179,26 +189,15 @@ class Hl7Destination(BaseModel):
         return self.name or f"hl7:{self.host}:{self.port}"
 
 
-class FhirDestination(BaseModel):
+class FhirDestination(_HttpDestination):
     """A FHIR R4 server that gets one transaction Bundle (DiagnosticReport + Observations) per finished study."""
 
+    _url_name: ClassVar[str] = "a FHIR base url"
+
     type: Literal["fhir"]
-    name: str | None = None
-    url: str
-    username: str | None = None
-    password: str | None = None
-    token: str | None = None
-    verify_tls: bool = True
     timeout: float = Field(default=30.0, gt=0, le=600)
     # the system (URI) of the hospital's patient IDs, e.g. "urn:oid:1.2.3.4"; unset: the ID alone
     patient_identifier_system: str | None = None
-
-    @field_validator("url")
-    @classmethod
-    def _url(cls, v: str) -> str:
-        if not re.match(r"^https?://", v):
-            raise ValueError("a FHIR base url starts with http:// or https://")
-        return v.rstrip("/")
 
     @property
     def key(self) -> str:
