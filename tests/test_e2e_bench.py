@@ -66,6 +66,7 @@ def test_bench_e2e_one_study_json(tmp_path):
     ):
         assert step in b and b[step] >= 0, step
     assert isinstance(b["inference_per_model_s"], dict)
+    assert 0 <= b["findings_dispatch_s"] <= b["dispatch_s"]  # the SR goes before the derived objects
     parts = sum(
         b[k]
         for k in (

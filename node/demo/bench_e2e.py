@@ -61,6 +61,7 @@ class StudyTiming:
     total_s: float | None = None
     first_result_s: float | None = None
     findings_first: bool | None = None
+    findings_dispatch_s: float | None = None
     steps: dict[str, float] = field(default_factory=dict)
     inference_per_model: dict[str, float] = field(default_factory=dict)
     results: int = 0
@@ -98,6 +99,9 @@ class BenchResult:
             if vals:
                 breakdown[f"{step}_s"] = round(statistics.median(vals), 3)
         models = sorted({m for s in self.studies for m in s.inference_per_model})
+        fd = [s.findings_dispatch_s for s in self.studies if s.findings_dispatch_s is not None]
+        if fd:
+            breakdown["findings_dispatch_s"] = round(statistics.median(fd), 3)
         breakdown["inference_per_model_s"] = {
             m: round(
                 statistics.median([s.inference_per_model[m] for s in self.studies if m in s.inference_per_model]), 3
@@ -143,6 +147,8 @@ def study_timing(index: int, view: NodeView, receptions, source_uids: list[str],
     sr = last_reception(receptions, [r.sop_instance_uid for r in view.results if r.kind == "sr"])
     if sr is not None:
         t.first_result_s = round((sr - src).total_seconds(), 3)
+        if view.finished_at is not None:  # job done -> the SR in the PACS (not a step of the total: inside dispatch)
+            t.findings_dispatch_s = round((sr - view.finished_at).total_seconds(), 3)
     last_finding = last_reception(receptions, findings)
     if last_finding is not None and all(u in receptions for u in findings):
         t.findings_first = not derived or last_finding < min(derived)
@@ -295,4 +301,6 @@ def format_report(result: BenchResult) -> str:
             lines.append(f"    {step:<18} {v:7.2f}")
     for m, v in s["breakdown"]["inference_per_model_s"].items():
         lines.append(f"      {m:<16} {v:7.2f}")
+    if "findings_dispatch_s" in s["breakdown"]:
+        lines.append(f"    (of dispatch: job done -> SR in the PACS {s['breakdown']['findings_dispatch_s']:.2f})")
     return "\n".join(lines)
