@@ -20,7 +20,7 @@ from node.db.database import utcnow
 from node.errors import UserError
 from node.jobs.listing import list_jobs
 from node.web import admin_views, imaging, queries, responses, rule_editor
-from node.web.auth import Principal, admin, api_admin_csrf, api_csrf, client_address, principal
+from node.web.auth import COOKIE, Principal, admin, api_admin_csrf, api_csrf, client_address, principal
 from node.web.users import authenticate, end_sessions, list_users, set_password
 from worklists import audit, entries
 from worklists.errors import EntryNotFound
@@ -178,14 +178,19 @@ def token(body: TokenRequest, request: Request):
     return TokenResponse(access_token=tok, expires_at=p.expires_at, role=p.role)
 
 
+def _signed_out(username: str, detail: str) -> JSONResponse:
+    """The answer once the caller's sessions ended: the session cookie is removed too."""
+    r = JSONResponse({"username": username, "detail": detail})
+    r.delete_cookie(COOKIE, path="/")
+    return r
+
+
 @router.post("/auth/logout", tags=["auth"], response_model=SessionsEnded)
 def api_logout(request: Request, p: Principal = Depends(api_csrf)):
     """Ends every session and token of the caller (this one included)."""
     with ctx_of(request).db.session() as s:
         end_sessions(s, username=p.username, actor=p.username, action="auth.logout")
-    r = JSONResponse({"username": p.username, "detail": "logged out: every session and token of this user ended"})
-    r.delete_cookie("msknode_session", path="/")
-    return r
+    return _signed_out(p.username, "logged out: every session and token of this user ended")
 
 
 @router.post(
@@ -205,9 +210,7 @@ def change_password(request: Request, body: PasswordChange, p: Principal = Depen
         except UserError as e:
             s.rollback()
             return JSONResponse({"detail": str(e)}, status_code=422)
-    r = JSONResponse({"username": p.username, "detail": "password changed: log in again"})
-    r.delete_cookie("msknode_session", path="/")
-    return r
+    return _signed_out(p.username, "password changed: log in again")
 
 
 @router.post(
