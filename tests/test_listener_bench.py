@@ -44,4 +44,8 @@ def test_bench_ingest_json(tmp_path):
     runs = {(run["receiver"], run["associations"]) for run in result["runs"]}
     assert runs == {(name, n) for name in ("msknode", "msknode-stock", "orthanc", "storescp") for n in (1, 4)}
     assert all(run["arrived"] for run in result["runs"]), result["runs"]
+    # the listener's peak RSS (VmHWM of its real processes, read before they stop): a Python process with
+    # pydicom and pynetdicom loaded is tens of MB
+    for key in ("msknode_listener_peak_rss_mb", "msknode_listener_parallel_peak_rss_mb"):
+        assert 20 < result[key] < 2048, (key, result[key])
     assert not list(tmp_path.iterdir())  # the receivers' data is removed

@@ -49,6 +49,7 @@ class Run:
     bytes: int
     arrived: bool
     note: str = ""
+    peak_rss_mb: float | None = None  # the largest VmHWM of one of its processes (msknode: a listener)
 
     @property
     def ips(self) -> float:
@@ -73,6 +74,10 @@ class BenchResult:
             return 0.0
         mid = len(values) // 2
         return values[mid] if len(values) % 2 else (values[mid - 1] + values[mid]) / 2
+
+    def peak_rss(self, mode: str) -> float | None:
+        values = [r.peak_rss_mb for r in self.runs if r.receiver == "msknode" and r.mode == mode and r.peak_rss_mb]
+        return max(values) if values else None
 
     @property
     def all_arrived(self) -> bool:
@@ -109,6 +114,9 @@ class BenchResult:
             "load_average_start": [round(x, 2) for x in self.load_start],
             "load_average": [round(x, 2) for x in os.getloadavg()],
             "all_arrived": self.all_arrived,
+            # the largest VmHWM of one msknode listener process over the runs, one and four associations
+            "msknode_listener_peak_rss_mb": self.peak_rss("single"),
+            "msknode_listener_parallel_peak_rss_mb": self.peak_rss("parallel"),
             "runs": [dict(asdict(r), ips=round(r.ips, 1), mbps=round(r.mbps, 1)) for r in self.runs],
         }
 
@@ -246,6 +254,10 @@ class Receiver:
     def arrived(self, expected: dict[str, str]) -> tuple[bool, str]:
         raise NotImplementedError
 
+    def peak_rss_mb(self) -> float | None:
+        """The largest peak RSS (VmHWM) of one of the receiver's processes (msknode: the listeners); None: not read."""
+        return None
+
 
 class MsknodeReceiver(Receiver):
     name, aet = "msknode", "MSKNODE"
@@ -279,6 +291,12 @@ class MsknodeReceiver(Receiver):
     def stop(self) -> None:
         if self.proc is not None:
             _stop(self.proc)
+
+    def peak_rss_mb(self) -> float | None:
+        from node.demo.bench_load import tree_peak_rss_mb
+
+        peaks = tree_peak_rss_mb(self.proc.pid) if self.proc is not None else {}
+        return max(peaks.values()) if peaks else None
 
     def arrived(self, expected: dict[str, str]) -> tuple[bool, str]:
         """Every sent instance has an index row and a stored file whose data set bytes match."""
@@ -406,9 +424,10 @@ def run_bench(
                 try:
                     seconds = send(files, port, receiver.aet, associations)
                     ok, note = receiver.arrived(expected)
+                    peak = receiver.peak_rss_mb()  # before it stops: VmHWM of its live processes
                 finally:
                     receiver.stop()
-                run = Run(name, mode, associations, len(files), seconds, total_bytes, ok, note)
+                run = Run(name, mode, associations, len(files), seconds, total_bytes, ok, note, peak)
                 result.runs.append(run)
                 progress(
                     f"{name:13s} {associations} association(s): {run.ips:7.1f} instances/s "

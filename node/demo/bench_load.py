@@ -181,6 +181,19 @@ def _children(pid: int) -> list[int]:
     return out
 
 
+def tree_peak_rss_mb(pid: int) -> dict[int, float]:
+    """Pid -> peak RSS (VmHWM, MB) of a process and every process below it that is alive now."""
+    out: dict[int, float] = {}
+    todo = [pid]
+    while todo:
+        p = todo.pop()
+        st = _status(p)
+        if st:
+            out[p] = round(st.get("VmHWM", 0) / 2**20, 1)
+            todo += _children(p)
+    return out
+
+
 def _role(pid: int) -> str | None:
     try:
         argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
