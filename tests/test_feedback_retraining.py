@@ -26,7 +26,8 @@ from sqlalchemy import select
 from node.db.schema import Finding, Job, ResultObject, Series, Study
 from support.env import free_port
 from support.feedback_rows import PATIENT, answered_study
-from support.jobs import ListenerProcess, WorkerProcess, storescu, wait_for, worker_env
+from support.jobs import ListenerProcess, storescu, wait_for
+from support.node_stack import NodeWorker, node_env
 from support.results_data import dciodvfy
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -35,12 +36,6 @@ MSKNODE = str(Path(sys.executable).parent / "msknode")
 NEW_VERSION = "1.1.0-site1"
 #: seed -> the radiologist's ACL answer (the phantom's truth)
 ANSWERS = {21: "intact", 22: "complete", 23: "partial", 24: "intact", 25: "complete", 26: "intact", 27: "complete"}
-
-
-class NodeWorker(WorkerProcess):
-    def __init__(self, env, log_path):
-        super().__init__(env, log_path)
-        self.args = [MSKNODE, "worker"]
 
 
 def run(env: dict[str, str], *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
@@ -58,16 +53,10 @@ def test_export_train_evaluate_activate_and_the_next_sr_names_the_new_version(se
         answered_study(db, tmp_path, seed, answer)
     answered_study(db, tmp_path, 28, "medial", model="knee.meniscus")  # answers to another model: not exported
     port = free_port()
-    env = worker_env(
-        {
-            "MSKNODE_DATA_DIR": str(settings.data_dir),
-            "MSKNODE_PORT": str(port),
-            "MSKNODE_QUIET_SECONDS": "0.5",
-            "MSKNODE_STUDY_QUIET_SECONDS": "0.5",
-            "MSKNODE_SWEEP_INTERVAL_SECONDS": "0.5",
-            "MSKNODE_TORCH_THREADS": "2",
-            "MSKNODE_LOG_LEVEL": "INFO",
-        }
+    env = node_env(
+        settings,
+        port,
+        MSKNODE_TORCH_THREADS="2",
     )
 
     # 1. export: de-identified, two held-out studies

@@ -9,7 +9,6 @@ and no repeat follows."""
 from __future__ import annotations
 
 import json
-import sys
 import time
 from pathlib import Path
 
@@ -20,33 +19,10 @@ from test_dispatch_reports import Receiver, sr_evaluations
 
 from node.db.schema import Job, OutboxItem, ResultObject, Study
 from support.env import free_port
-from support.jobs import ListenerProcess, WorkerProcess, storescu, wait_for, worker_env
+from support.jobs import ListenerProcess, storescu, wait_for
+from support.node_stack import NodeWorker, knee_study_files, node_env
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
-
-
-class NodeWorker(WorkerProcess):
-    """The production ``msknode worker``."""
-
-    def __init__(self, env, log_path):
-        super().__init__(env, log_path)
-        self.args = [str(Path(sys.executable).parent / "msknode"), "worker"]
-
-
-def study_files(source: str, tmp_path: Path) -> list[Path]:
-    """A knee phantom study (three series and a localizer), or the real Siemens sagittal PD-FS knee series."""
-    if source == "phantom":
-        from models.phantoms import write_study
-
-        files = write_study("knee", tmp_path / "study", 31, acl="complete")
-        return [p for paths in files.values() for p in paths]
-    from models.realdata import realdata_root
-
-    root = realdata_root()
-    series = root / "knee" / "siemens_sagittal_dicom" if root is not None else None
-    if series is None or not series.is_dir():
-        pytest.skip("the real MRI corpus (../shared/realdata or MSKNODE_REALDATA) is absent")
-    return sorted(p for p in series.iterdir() if p.is_file() and not p.name.endswith((".md", ".json", ".csv")))
 
 
 def _items(db) -> dict[str, tuple[str, int, str | None]]:
@@ -64,21 +40,15 @@ def test_a_processed_study_reaches_ris_and_ehr_once_after_they_come_up(settings,
         {"type": "hl7", "name": "ris", "host": "127.0.0.1", "port": mllp.port, "timeout": 10},
         {"type": "fhir", "name": "ehr", "url": f"http://127.0.0.1:{fhir.port}/fhir", "timeout": 10},
     ]
-    env = worker_env(
-        {
-            "MSKNODE_DATA_DIR": str(settings.data_dir),
-            "MSKNODE_PORT": str(port),
-            "MSKNODE_QUIET_SECONDS": "0.5",
-            "MSKNODE_STUDY_QUIET_SECONDS": "0.5",
-            "MSKNODE_SWEEP_INTERVAL_SECONDS": "0.3",
-            "MSKNODE_TORCH_THREADS": "1",
-            "MSKNODE_LISTENER_PROCESSES": "1",
-            "MSKNODE_LOG_LEVEL": "INFO",
-            "MSKNODE_ACTIVATE_MODELS": "all",  # results are written (no silent trial)
-            "MSKNODE_DESTINATIONS": json.dumps(destinations),
-        }
+    env = node_env(
+        settings,
+        port,
+        MSKNODE_SWEEP_INTERVAL_SECONDS="0.3",
+        MSKNODE_LISTENER_PROCESSES="1",
+        MSKNODE_ACTIVATE_MODELS="all",  # results are written (no silent trial)
+        MSKNODE_DESTINATIONS=json.dumps(destinations),
     )
-    paths = study_files(source, tmp_path)
+    paths = knee_study_files(source, tmp_path, 31)
     patient_id = str(pydicom.dcmread(paths[0], stop_before_pixels=True).PatientID)
     listener = ListenerProcess(env, tmp_path / "listener.log").start()
     worker = None

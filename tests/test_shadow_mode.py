@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import re
-import sys
 import warnings
 from pathlib import Path
 
@@ -20,7 +19,8 @@ from sqlalchemy import select
 
 from node.db.schema import Finding, Job, OutboxItem, ResultObject, Study
 from support.env import free_port
-from support.jobs import ListenerProcess, WorkerProcess, storescu, wait_for, worker_env
+from support.jobs import ListenerProcess, storescu, wait_for
+from support.node_stack import NodeWorker, node_env
 from support.orthanc import OrthancPacs
 
 with warnings.catch_warnings():
@@ -30,14 +30,6 @@ with warnings.catch_warnings():
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 ADMIN = ("dora", "correct-horse-battery-staple-1")
-
-
-class NodeWorker(WorkerProcess):
-    """The production ``msknode worker``."""
-
-    def __init__(self, env, log_path):
-        super().__init__(env, log_path)
-        self.args = [str(Path(sys.executable).parent / "msknode"), "worker"]
 
 
 def _done_job(db, study_uid: str):
@@ -76,17 +68,10 @@ def test_shadow_models_store_and_label_but_change_no_priority_and_send_nothing(s
     policy = load_policy(settings.triage_policy)
     pacs = OrthancPacs(tmp_path / "orthanc").start()
     port = free_port()
-    env = worker_env(
-        {
-            "MSKNODE_DATA_DIR": str(settings.data_dir),
-            "MSKNODE_PORT": str(port),
-            "MSKNODE_QUIET_SECONDS": "0.5",
-            "MSKNODE_STUDY_QUIET_SECONDS": "0.5",
-            "MSKNODE_DESTINATIONS": json.dumps([pacs.destination]),
-            "MSKNODE_SWEEP_INTERVAL_SECONDS": "0.5",
-            "MSKNODE_TORCH_THREADS": "1",
-            "MSKNODE_LOG_LEVEL": "INFO",
-        }
+    env = node_env(
+        settings,
+        port,
+        MSKNODE_DESTINATIONS=json.dumps([pacs.destination]),
     )
     assert "MSKNODE_ACTIVATE_MODELS" not in env  # a new site: nothing activated by configuration
     first = write_study("knee", tmp_path / "first", 11, acl="complete")

@@ -7,16 +7,15 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import sys
 import time
-from pathlib import Path
 
 import pytest
 from sqlalchemy import select
 
 from node.db.schema import Job, OutboxItem, ResultObject, Study
 from support.env import free_port
-from support.jobs import ListenerProcess, WorkerProcess, job_states, storescu, wait_for, worker_env
+from support.jobs import ListenerProcess, WorkerProcess, job_states, storescu, wait_for
+from support.node_stack import NodeWorker, node_env
 from support.orthanc import OrthancPacs
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -24,33 +23,18 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 LEASE = 5.0
 
 
-class NodeWorker(WorkerProcess):
-    """The production ``msknode worker`` (not the test step function)."""
-
-    def __init__(self, env, log_path):
-        super().__init__(env, log_path)
-        self.args = [str(Path(sys.executable).parent / "msknode"), "worker"]
-
-
 def test_kill9_mid_inference_job_completes_once_and_results_reach_orthanc_once(settings, db, tmp_path):
     from models.phantoms import write_study
 
     pacs = OrthancPacs(tmp_path / "orthanc").start()
     port = free_port()
-    env = worker_env(
-        {
-            "MSKNODE_DATA_DIR": str(settings.data_dir),
-            "MSKNODE_PORT": str(port),
-            "MSKNODE_QUIET_SECONDS": "0.5",
-            "MSKNODE_STUDY_QUIET_SECONDS": "0.5",
-            "MSKNODE_DESTINATIONS": json.dumps([pacs.destination]),
-            "MSKNODE_JOB_LEASE_SECONDS": str(LEASE),
-            "MSKNODE_SWEEP_INTERVAL_SECONDS": "0.5",
-            "MSKNODE_TORCH_THREADS": "1",
-            "MSKNODE_LOG_LEVEL": "INFO",
-            # the shipped models live, as the demo runs them (at a site they start in shadow: nothing sent)
-            "MSKNODE_ACTIVATE_MODELS": "all",
-        }
+    env = node_env(
+        settings,
+        port,
+        MSKNODE_DESTINATIONS=json.dumps([pacs.destination]),
+        MSKNODE_JOB_LEASE_SECONDS=str(LEASE),
+        # the shipped models live, as the demo runs them (at a site they start in shadow: nothing sent)
+        MSKNODE_ACTIVATE_MODELS="all",
     )
     files = write_study("knee", tmp_path / "study", 11, acl="complete")
     listener = ListenerProcess(env, tmp_path / "listener.log").start()

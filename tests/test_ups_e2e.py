@@ -10,10 +10,8 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import sys
 import threading
 import warnings
-from pathlib import Path
 
 import pytest
 from pydicom import Dataset
@@ -22,7 +20,8 @@ from sqlalchemy import select
 
 from node.db.schema import Job, ResultObject, Study
 from support.env import free_port
-from support.jobs import ListenerProcess, WorkerProcess, storescu, wait_for, worker_env
+from support.jobs import ListenerProcess, storescu, wait_for
+from support.node_stack import NodeWorker, knee_study_files, node_env
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")
@@ -36,14 +35,6 @@ UPS_EVENT = "1.2.840.10008.5.1.4.34.6.4"
 UPS_QUERY = "1.2.840.10008.5.1.4.34.6.5"
 GLOBAL_SUBSCRIPTION = "1.2.840.10008.5.1.4.34.5"
 SR_CLASSES = {"1.2.840.10008.5.1.4.1.1.88.22", "1.2.840.10008.5.1.4.1.1.88.33", "1.2.840.10008.5.1.4.1.1.88.34"}
-
-
-class NodeWorker(WorkerProcess):
-    """The production ``msknode worker`` (not the test step function)."""
-
-    def __init__(self, env, log_path):
-        super().__init__(env, log_path)
-        self.args = [str(Path(sys.executable).parent / "msknode"), "worker"]
 
 
 class Watcher:
@@ -141,39 +132,17 @@ def c_find(port: int, **keys) -> list[Dataset]:
         assoc.release()
 
 
-def study_files(source: str, tmp_path: Path) -> list[Path]:
-    """A knee phantom study (three series and a localizer), or the real Siemens sagittal PD-FS knee series."""
-    if source == "phantom":
-        from models.phantoms import write_study
-
-        files = write_study("knee", tmp_path / "study", 23, acl="complete")
-        return [p for paths in files.values() for p in paths]
-    from models.realdata import realdata_root
-
-    root = realdata_root()
-    series = root / "knee" / "siemens_sagittal_dicom" if root is not None else None
-    if series is None or not series.is_dir():
-        pytest.skip("the real MRI corpus (../shared/realdata or MSKNODE_REALDATA) is absent")
-    return sorted(p for p in series.iterdir() if p.is_file() and not p.name.endswith((".md", ".json", ".csv")))
-
-
 @pytest.mark.parametrize("source", ["phantom", "realdata"])
 def test_watcher_sees_a_real_study_scheduled_in_progress_completed_with_its_sr(settings, db, tmp_path, source):
     port, watch_port = free_port(), free_port()
-    env = worker_env(
-        {
-            "MSKNODE_DATA_DIR": str(settings.data_dir),
-            "MSKNODE_PORT": str(port),
-            "MSKNODE_QUIET_SECONDS": "0.5",
-            "MSKNODE_STUDY_QUIET_SECONDS": "0.5",
-            "MSKNODE_SWEEP_INTERVAL_SECONDS": "0.3",
-            "MSKNODE_TORCH_THREADS": "1",
-            "MSKNODE_LOG_LEVEL": "INFO",
-            "MSKNODE_ACTIVATE_MODELS": "all",  # results are written (no silent trial)
-            "MSKNODE_UPS_EVENT_RECEIVERS": json.dumps({"WATCHER": f"127.0.0.1:{watch_port}"}),
-        }
+    env = node_env(
+        settings,
+        port,
+        MSKNODE_SWEEP_INTERVAL_SECONDS="0.3",
+        MSKNODE_ACTIVATE_MODELS="all",  # results are written (no silent trial)
+        MSKNODE_UPS_EVENT_RECEIVERS=json.dumps({"WATCHER": f"127.0.0.1:{watch_port}"}),
     )
-    files = study_files(source, tmp_path)
+    files = knee_study_files(source, tmp_path, 23)
     watcher = Watcher("WATCHER", watch_port).start()
     listener = ListenerProcess(env, tmp_path / "listener.log").start()
     worker = None

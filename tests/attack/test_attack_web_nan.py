@@ -11,28 +11,19 @@ from __future__ import annotations
 
 import json
 import math
-import sys
-from pathlib import Path
 
 import pydicom
 import pytest
 from sqlalchemy import select, text
 
 from support.env import free_port
-from support.jobs import ListenerProcess, WorkerProcess, storescu, wait_for, worker_env, write_phantom_series
+from support.jobs import ListenerProcess, storescu, wait_for, write_phantom_series
+from support.node_stack import NodeWorker, node_env
 from support.web_server import WebServer, token
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 ADMIN = ("ada", "ada-password-12")
-
-
-class NodeWorker(WorkerProcess):
-    """The production ``msknode worker``."""
-
-    def __init__(self, env, log_path):
-        super().__init__(env, log_path)
-        self.args = [str(Path(sys.executable).parent / "msknode"), "worker"]
 
 
 def _finished(db, study_uid: str):
@@ -51,16 +42,10 @@ def test_a_skipped_super_resolution_answers_null_not_500(settings, db, tmp_path)
     from node.web.users import add_user
 
     port = free_port()
-    env = worker_env(
-        {
-            "MSKNODE_DATA_DIR": str(settings.data_dir),
-            "MSKNODE_PORT": str(port),
-            "MSKNODE_QUIET_SECONDS": "0.5",
-            "MSKNODE_STUDY_QUIET_SECONDS": "0.5",
-            "MSKNODE_SWEEP_INTERVAL_SECONDS": "0.5",
-            "MSKNODE_TORCH_THREADS": "1",
-            "MSKNODE_ACTIVATE_MODELS": "all",
-        }
+    env = node_env(
+        settings,
+        port,
+        MSKNODE_ACTIVATE_MODELS="all",
     )
     files = write_phantom_series(tmp_path / "short", seed=21, slices=5, matrix=64)  # too few slices
     study_uid = str(pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)
