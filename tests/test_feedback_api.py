@@ -12,7 +12,6 @@ import pytest
 from sqlalchemy import select
 
 from support import web_seed as ws
-from support.env import isolate_env
 from support.web_client import bearer, client, login
 
 pytestmark = pytest.mark.unit
@@ -24,40 +23,27 @@ SR_UID = "1.2.826.0.1.3680043.10.1447.99.777"
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
-    mp = pytest.MonkeyPatch()
-    data = tmp_path_factory.mktemp("feedback") / "data"
-    isolate_env(mp, MSKNODE_DATA_DIR=data)
-    from node.db.database import Database
     from node.db.schema import ResultObject
-    from node.settings import load_settings
     from node.web.app import create_app
-    from node.web.users import add_user
-    from worklists.triage import load_policy
 
-    settings = load_settings()
-    settings.ensure_dirs()
-    db = Database(settings.database_url)
-    policy = load_policy(settings.triage_policy)
-    findings = ws.acl_misgraded()
-    acl = ws.seed_study(db, settings, policy, findings=findings, with_seg=False, with_superres=False, seed=5)
-    other = ws.seed_study(db, settings, policy, findings=findings, with_seg=False, with_superres=False, seed=6)
-    with db.session() as s:
-        s.add(
-            ResultObject(
-                job_id=acl.job_id,
-                kind="sr",
-                sop_class_uid="1.2.840.10008.5.1.4.1.1.88.34",
-                sop_instance_uid=SR_UID,
-                series_uid=SR_UID + ".1",
-                path=str(settings.results_dir / "sr.dcm"),
+    with ws.isolated_node(tmp_path_factory.mktemp("feedback") / "data") as (settings, db, policy):
+        findings = ws.acl_misgraded()
+        acl = ws.seed_study(db, settings, policy, findings=findings, with_seg=False, with_superres=False, seed=5)
+        other = ws.seed_study(db, settings, policy, findings=findings, with_seg=False, with_superres=False, seed=6)
+        with db.session() as s:
+            s.add(
+                ResultObject(
+                    job_id=acl.job_id,
+                    kind="sr",
+                    sop_class_uid="1.2.840.10008.5.1.4.1.1.88.34",
+                    sop_instance_uid=SR_UID,
+                    series_uid=SR_UID + ".1",
+                    path=str(settings.results_dir / "sr.dcm"),
+                )
             )
-        )
-        add_user(s, username=ADMIN[0], password=ADMIN[1], role="admin")
-        add_user(s, username=READER[0], password=READER[1], role="radiologist")
-    app = create_app(settings, db)
-    yield {"db": db, "app": app, "acl": acl, "other": other}
-    db.dispose()
-    mp.undo()
+        ws.add_users(db, admin=ADMIN, radiologist=READER)
+        app = create_app(settings, db)
+        yield {"db": db, "app": app, "acl": acl, "other": other}
 
 
 def finding_ids(env, study) -> dict[str, int]:

@@ -23,7 +23,7 @@ from selenium.webdriver.common.by import By
 
 from support import web_seed as ws
 from support.browser import ADMIN, READER, api_get, console_errors, login, shot, wait, web_server
-from support.env import ROOT, VENV_BIN, isolate_env
+from support.env import ROOT, VENV_BIN
 from support.monitor_seed import Phase, answer, seed_history
 
 pytestmark = pytest.mark.integration
@@ -32,45 +32,31 @@ pytestmark = pytest.mark.integration
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     data = tmp_path_factory.mktemp("monitoring") / "data"
-    mp = pytest.MonkeyPatch()
-    isolate_env(mp, MSKNODE_DATA_DIR=data)
-    from node.db.database import Database
-    from node.settings import load_settings
-    from node.web.users import add_user
-    from worklists.triage import load_policy
-
-    settings = load_settings()
-    settings.ensure_dirs()
-    db = Database(settings.database_url)
-    policy = load_policy(settings.triage_policy)
-    now = dt.datetime.now(dt.UTC)
-    ids = seed_history(
-        db,
-        policy,
-        now=now,
-        phases=[
-            Phase(120, 56, 7.5, positive_rate=0.2, read_after_minutes=90),
-            Phase(40, 6.5, 0.5, positive_rate=0.6),
-        ],
-    )
-    answer(db, ids[:120], user="eve", agree_rate=0.75, now=now - dt.timedelta(days=8))
-    acl = ws.seed_study(
-        db,
-        settings,
-        policy,
-        findings=ws.acl_misgraded(),
-        patient_name="KLEIN^ANNA",
-        patient_id="MRN-1",
-        received_at=now - dt.timedelta(minutes=20),
-        with_seg=False,
-        with_superres=False,
-        seed=3,
-    )
-    with db.session() as s:
-        add_user(s, username=ADMIN[0], password=ADMIN[1], role="admin")
-        add_user(s, username=READER[0], password=READER[1], role="radiologist")
-    db.dispose()
-    mp.undo()
+    with ws.isolated_node(data) as (settings, db, policy):
+        now = dt.datetime.now(dt.UTC)
+        ids = seed_history(
+            db,
+            policy,
+            now=now,
+            phases=[
+                Phase(120, 56, 7.5, positive_rate=0.2, read_after_minutes=90),
+                Phase(40, 6.5, 0.5, positive_rate=0.6),
+            ],
+        )
+        answer(db, ids[:120], user="eve", agree_rate=0.75, now=now - dt.timedelta(days=8))
+        acl = ws.seed_study(
+            db,
+            settings,
+            policy,
+            findings=ws.acl_misgraded(),
+            patient_name="KLEIN^ANNA",
+            patient_id="MRN-1",
+            received_at=now - dt.timedelta(minutes=20),
+            with_seg=False,
+            with_superres=False,
+            seed=3,
+        )
+        ws.add_users(db, admin=ADMIN, radiologist=READER)
     with web_server(data, data.parent / "web.log") as base:
         yield {"base": base, "acl": acl, "data": data}
 

@@ -19,7 +19,6 @@ from PIL import Image
 from sqlalchemy import select
 
 from support import web_seed as ws
-from support.env import isolate_env
 from support.web_client import bearer, client, csrf_of, login
 
 pytestmark = pytest.mark.unit
@@ -31,82 +30,69 @@ NOW = dt.datetime.now(dt.UTC)
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
-    mp = pytest.MonkeyPatch()
     data = tmp_path_factory.mktemp("web") / "data"
-    isolate_env(mp, MSKNODE_DATA_DIR=data)
-    from node.db.database import Database
-    from node.settings import load_settings
-    from node.web.users import add_user
-    from worklists.triage import load_policy
-
-    settings = load_settings(
+    with ws.isolated_node(
+        data,
         site_timezone="Europe/Berlin",
         session_minutes=30,
         destinations=[
             {"ae_title": "PACS", "host": "127.0.0.1", "port": 4242, "name": "pacs"},
             {"type": "stow", "url": "http://127.0.0.1:8042/dicom-web", "password": "s3cret-pass"},
         ],
-    )
-    settings.ensure_dirs()
-    db = Database(settings.database_url)
-    policy = load_policy(settings.triage_policy)
-    seeded = {
-        "normal": ws.seed_study(
-            db,
-            settings,
-            policy,
-            findings=ws.knee_normal(),
-            patient_name="NORMAL^KNEE",
-            patient_id="PIDNORM",
-            received_at=NOW - dt.timedelta(hours=3),
-            seed=1,
-        ),
-        "acl": ws.seed_study(
-            db,
-            settings,
-            policy,
-            findings=ws.acl_complete(),
-            patient_name="DOE^JANE",
-            patient_id="PIDACL",
-            received_at=NOW - dt.timedelta(minutes=30),
-            outbox_states=("sent", "dead"),
-            seed=2,
-        ),
-        "spine": ws.seed_study(
-            db,
-            settings,
-            policy,
-            anatomy="lumbar_spine",
-            findings=ws.spine_severe(),
-            patient_name="ROSSI^MARIA",
-            patient_id="PIDSPINE",
-            received_at=NOW - dt.timedelta(hours=1),
-            with_superres=False,
-            seed=3,
-        ),
-        "failed": ws.seed_study(
-            db,
-            settings,
-            policy,
-            findings=[],
-            patient_name="FAIL^JOB",
-            patient_id="PIDFAIL",
-            job_state="failed",
-            with_seg=False,
-            with_superres=False,
-            outbox_states=(),
-            seed=4,
-        ),
-    }
-    with db.session() as s:
-        add_user(s, username=ADMIN[0], password=ADMIN[1], role="admin")
-        add_user(s, username=READER[0], password=READER[1], role="radiologist")
-    from node.web.app import create_app
+    ) as (settings, db, policy):
+        seeded = {
+            "normal": ws.seed_study(
+                db,
+                settings,
+                policy,
+                findings=ws.knee_normal(),
+                patient_name="NORMAL^KNEE",
+                patient_id="PIDNORM",
+                received_at=NOW - dt.timedelta(hours=3),
+                seed=1,
+            ),
+            "acl": ws.seed_study(
+                db,
+                settings,
+                policy,
+                findings=ws.acl_complete(),
+                patient_name="DOE^JANE",
+                patient_id="PIDACL",
+                received_at=NOW - dt.timedelta(minutes=30),
+                outbox_states=("sent", "dead"),
+                seed=2,
+            ),
+            "spine": ws.seed_study(
+                db,
+                settings,
+                policy,
+                anatomy="lumbar_spine",
+                findings=ws.spine_severe(),
+                patient_name="ROSSI^MARIA",
+                patient_id="PIDSPINE",
+                received_at=NOW - dt.timedelta(hours=1),
+                with_superres=False,
+                seed=3,
+            ),
+            "failed": ws.seed_study(
+                db,
+                settings,
+                policy,
+                findings=[],
+                patient_name="FAIL^JOB",
+                patient_id="PIDFAIL",
+                job_state="failed",
+                with_seg=False,
+                with_superres=False,
+                outbox_states=(),
+                seed=4,
+            ),
+        }
+        ws.add_users(db, admin=ADMIN, radiologist=READER)
+        from node.web.app import create_app
 
-    app = create_app(settings, db)
-    yield {"settings": settings, "db": db, "app": app, "seeded": seeded}
-    db.dispose()
-    mp.undo()
+        app = create_app(settings, db)
+        yield {"settings": settings, "db": db, "app": app, "seeded": seeded}
 
 
 def audit_rows(env, **where):

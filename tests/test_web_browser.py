@@ -20,7 +20,7 @@ from selenium.webdriver.support.ui import Select
 
 from support import web_seed as ws
 from support.browser import ADMIN, READER, console_errors, image_loaded, login, shot, wait, web_server
-from support.env import ROOT, isolate_env
+from support.env import ROOT
 
 pytestmark = pytest.mark.integration
 
@@ -28,102 +28,88 @@ pytestmark = pytest.mark.integration
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     data = tmp_path_factory.mktemp("webui") / "data"
-    mp = pytest.MonkeyPatch()
-    isolate_env(mp, MSKNODE_DATA_DIR=data)
-    from node.db.database import Database
-    from node.settings import load_settings
-    from node.web.users import add_user
-    from worklists.triage import load_policy
-
-    settings = load_settings()
-    settings.ensure_dirs()
-    db = Database(settings.database_url)
-    policy = load_policy(settings.triage_policy)
-    now = dt.datetime.now(dt.UTC)
-    seeded = {
-        "acl": ws.seed_study(
-            db,
-            settings,
-            policy,
-            findings=ws.acl_complete(),
-            phantom={"acl": "complete"},
-            seed=7,
-            patient_name="DOE^JANE",
-            patient_id="MRN-20417",
-            accession="A24-1187",
-            received_at=now - dt.timedelta(minutes=52),
-        ),
-        "spine": ws.seed_study(
-            db,
-            settings,
-            policy,
-            anatomy="lumbar_spine",
-            findings=ws.spine_severe(),
-            phantom={"stenosis": {"L4-L5": "severe"}},
-            seed=11,
-            patient_name="ROSSI^MARIA",
-            patient_id="MRN-20398",
-            accession="A24-1192",
-            received_at=now - dt.timedelta(minutes=18),
-        ),
-        "normal": ws.seed_study(
-            db,
-            settings,
-            policy,
-            findings=ws.knee_normal(),
-            patient_name="MUELLER^HANS",
-            patient_id="MRN-20311",
-            accession="A24-1160",
-            received_at=now - dt.timedelta(hours=3, minutes=5),
-            study_date="20240305",
-            study_time="081512",
-            seed=1,
-        ),
-        "qc": ws.seed_study(
-            db,
-            settings,
-            policy,
-            anatomy="shoulder",
-            findings=[
-                ws.F(
-                    "rotator_cuff_tear",
-                    "Supraspinatus tear",
-                    None,
-                    None,
-                    None,
-                    evaluated=False,
-                    qc_reason="motion",
-                    model_name="shoulder.rotator_cuff",
-                )
-            ],
-            patient_name="NOVAK^PETRA",
-            patient_id="MRN-20355",
-            accession="A24-1171",
-            received_at=now - dt.timedelta(hours=1, minutes=40),
-            study_time="101003",
-            with_seg=False,
-            seed=2,
-        ),
-        "pending": ws.seed_study(
-            db,
-            settings,
-            policy,
-            findings=[],
-            patient_name="SILVA^JOAO",
-            patient_id="MRN-20421",
-            job_state="processing",
-            with_seg=False,
-            with_superres=False,
-            outbox_states=(),
-            received_at=now - dt.timedelta(minutes=2),
-            seed=3,
-        ),
-    }
-    with db.session() as s:
-        add_user(s, username=ADMIN[0], password=ADMIN[1], role="admin")
-        add_user(s, username=READER[0], password=READER[1], role="radiologist")
-    db.dispose()
-    mp.undo()
+    with ws.isolated_node(data) as (settings, db, policy):
+        now = dt.datetime.now(dt.UTC)
+        seeded = {
+            "acl": ws.seed_study(
+                db,
+                settings,
+                policy,
+                findings=ws.acl_complete(),
+                phantom={"acl": "complete"},
+                seed=7,
+                patient_name="DOE^JANE",
+                patient_id="MRN-20417",
+                accession="A24-1187",
+                received_at=now - dt.timedelta(minutes=52),
+            ),
+            "spine": ws.seed_study(
+                db,
+                settings,
+                policy,
+                anatomy="lumbar_spine",
+                findings=ws.spine_severe(),
+                phantom={"stenosis": {"L4-L5": "severe"}},
+                seed=11,
+                patient_name="ROSSI^MARIA",
+                patient_id="MRN-20398",
+                accession="A24-1192",
+                received_at=now - dt.timedelta(minutes=18),
+            ),
+            "normal": ws.seed_study(
+                db,
+                settings,
+                policy,
+                findings=ws.knee_normal(),
+                patient_name="MUELLER^HANS",
+                patient_id="MRN-20311",
+                accession="A24-1160",
+                received_at=now - dt.timedelta(hours=3, minutes=5),
+                study_date="20240305",
+                study_time="081512",
+                seed=1,
+            ),
+            "qc": ws.seed_study(
+                db,
+                settings,
+                policy,
+                anatomy="shoulder",
+                findings=[
+                    ws.F(
+                        "rotator_cuff_tear",
+                        "Supraspinatus tear",
+                        None,
+                        None,
+                        None,
+                        evaluated=False,
+                        qc_reason="motion",
+                        model_name="shoulder.rotator_cuff",
+                    )
+                ],
+                patient_name="NOVAK^PETRA",
+                patient_id="MRN-20355",
+                accession="A24-1171",
+                received_at=now - dt.timedelta(hours=1, minutes=40),
+                study_time="101003",
+                with_seg=False,
+                seed=2,
+            ),
+            "pending": ws.seed_study(
+                db,
+                settings,
+                policy,
+                findings=[],
+                patient_name="SILVA^JOAO",
+                patient_id="MRN-20421",
+                job_state="processing",
+                with_seg=False,
+                with_superres=False,
+                outbox_states=(),
+                received_at=now - dt.timedelta(minutes=2),
+                seed=3,
+            ),
+        }
+        ws.add_users(db, admin=ADMIN, radiologist=READER)
 
     with web_server(data, data.parent / "web.log", MSKNODE_SITE_TIMEZONE="Europe/Berlin") as base:
         yield {"base": base, "seeded": seeded, "settings": settings}

@@ -19,7 +19,6 @@ from selenium.webdriver.common.by import By
 
 from support import web_seed as ws
 from support.browser import ADMIN, READER, api_get, console_errors, login, wait, web_server
-from support.env import isolate_env
 
 pytestmark = pytest.mark.integration
 
@@ -30,86 +29,74 @@ GATE_MESSAGE = "anatomy classifier: pixels look like knee/coronal (P=0.97)"
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     data = tmp_path_factory.mktemp("webfindings") / "data"
-    mp = pytest.MonkeyPatch()
-    isolate_env(mp, MSKNODE_DATA_DIR=data)
-    from node.db.database import Database
     from node.db.schema import Finding
-    from node.settings import load_settings
-    from node.web.users import add_user
-    from worklists.triage import load_policy
 
-    settings = load_settings()
-    settings.ensure_dirs()
-    db = Database(settings.database_url)
-    policy = load_policy(settings.triage_policy)
-    now = dt.datetime.now(dt.UTC)
-    misgraded = ws.acl_misgraded(site="anterior cruciate ligament")
-    refused = [
-        ws.F(
-            "knee.acl",
-            "knee.acl: not evaluated (wrong_orientation)",
-            None,
-            None,
-            None,
-            evaluated=False,
-            qc_reason="wrong_orientation",
-            model_name="knee.acl",
-        ),
-        ws.F(
-            "superres",
-            "Super-resolution not done (wrong_orientation)",
-            None,
-            None,
-            None,
-            evaluated=False,
-            qc_reason="wrong_orientation",
-            model_name="superres",
-        ),
-    ]
-    seeded = {
-        "acl": ws.seed_study(
-            db,
-            settings,
-            policy,
-            findings=misgraded,
-            patient_name="KLEIN^ANNA",
-            patient_id="MRN-1",
-            received_at=now - dt.timedelta(minutes=40),
-            seed=7,
-        ),
-        "refused": ws.seed_study(
-            db,
-            settings,
-            policy,
-            findings=refused,
-            patient_name="BRAUN^OTTO",
-            patient_id="MRN-2",
-            received_at=now - dt.timedelta(minutes=30),
-            with_seg=False,
-            with_superres=False,
-            seed=8,
-        ),
-        "bare": ws.seed_study(
-            db,
-            settings,
-            policy,
-            findings=ws.knee_normal(),
-            patient_name="WOLF^EVA",
-            patient_id="MRN-3",
-            received_at=now - dt.timedelta(minutes=20),
-            with_seg=False,
-            with_superres=False,
-            outbox_states=(),
-            seed=9,
-        ),
-    }
-    with db.session() as s:
-        for f in s.query(Finding).filter(Finding.job_id == seeded["refused"].job_id):
-            f.qc_message = GATE_MESSAGE  # what the gate said: contradicts the series' sagittal header
-        add_user(s, username=ADMIN[0], password=ADMIN[1], role="admin")
-        add_user(s, username=READER[0], password=READER[1], role="radiologist")
-    db.dispose()
-    mp.undo()
+    with ws.isolated_node(data) as (settings, db, policy):
+        now = dt.datetime.now(dt.UTC)
+        misgraded = ws.acl_misgraded(site="anterior cruciate ligament")
+        refused = [
+            ws.F(
+                "knee.acl",
+                "knee.acl: not evaluated (wrong_orientation)",
+                None,
+                None,
+                None,
+                evaluated=False,
+                qc_reason="wrong_orientation",
+                model_name="knee.acl",
+            ),
+            ws.F(
+                "superres",
+                "Super-resolution not done (wrong_orientation)",
+                None,
+                None,
+                None,
+                evaluated=False,
+                qc_reason="wrong_orientation",
+                model_name="superres",
+            ),
+        ]
+        seeded = {
+            "acl": ws.seed_study(
+                db,
+                settings,
+                policy,
+                findings=misgraded,
+                patient_name="KLEIN^ANNA",
+                patient_id="MRN-1",
+                received_at=now - dt.timedelta(minutes=40),
+                seed=7,
+            ),
+            "refused": ws.seed_study(
+                db,
+                settings,
+                policy,
+                findings=refused,
+                patient_name="BRAUN^OTTO",
+                patient_id="MRN-2",
+                received_at=now - dt.timedelta(minutes=30),
+                with_seg=False,
+                with_superres=False,
+                seed=8,
+            ),
+            "bare": ws.seed_study(
+                db,
+                settings,
+                policy,
+                findings=ws.knee_normal(),
+                patient_name="WOLF^EVA",
+                patient_id="MRN-3",
+                received_at=now - dt.timedelta(minutes=20),
+                with_seg=False,
+                with_superres=False,
+                outbox_states=(),
+                seed=9,
+            ),
+        }
+        with db.session() as s:
+            for f in s.query(Finding).filter(Finding.job_id == seeded["refused"].job_id):
+                f.qc_message = GATE_MESSAGE  # what the gate said: contradicts the series' sagittal header
+        ws.add_users(db, admin=ADMIN, radiologist=READER)
     with web_server(data, data.parent / "web.log", MSKNODE_SITE_TIMEZONE="Europe/Berlin") as base:
         yield {"base": base, "seeded": seeded}
 

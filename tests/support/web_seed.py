@@ -10,14 +10,18 @@ rows. The worklist entry is then written by the real `worklists.entries.upsert_f
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pydicom
+import pytest
 from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
 
+from support.env import isolate_env
 from support.mr import mr_dataset
 
 ROOT = "1.2.826.0.1.3680043.10.1447.99."  # test objects
@@ -60,6 +64,38 @@ class Seeded:
     seg_path: Path | None
     superres_uid: str | None
     seg_slices: list[int] = field(default_factory=list)
+
+
+@contextmanager
+def isolated_node(data_dir: Path, **overrides) -> Iterator[tuple]:
+    """A node of its own to seed: ``MSKNODE_DATA_DIR=data_dir`` (the caller's ``MSKNODE_*`` variables set
+    aside), its settings (with ``overrides``) and folders, its database and triage policy, as
+    ``(settings, db, policy)``; at the end the database is closed and the environment restored."""
+    mp = pytest.MonkeyPatch()
+    isolate_env(mp, MSKNODE_DATA_DIR=data_dir)
+    try:
+        from node.db.database import Database
+        from node.settings import load_settings
+        from worklists.triage import load_policy
+
+        settings = load_settings(**overrides)
+        settings.ensure_dirs()
+        db = Database(settings.database_url)
+        try:
+            yield settings, db, load_policy(settings.triage_policy)
+        finally:
+            db.dispose()
+    finally:
+        mp.undo()
+
+
+def add_users(db, *, admin: tuple[str, str], radiologist: tuple[str, str]) -> None:
+    """An admin and a radiologist, each ``(username, password)``, as the web tests log in."""
+    from node.web.users import add_user
+
+    with db.session() as s:
+        add_user(s, username=admin[0], password=admin[1], role="admin")
+        add_user(s, username=radiologist[0], password=radiologist[1], role="radiologist")
 
 
 def phantom_volume(n_slices: int = 12, size: int = 96, seed: int = 0) -> np.ndarray:
