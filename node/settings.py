@@ -305,7 +305,7 @@ class Settings(BaseSettings):
     job_lease_seconds: float = Field(default=60.0, gt=0)
     job_max_attempts: int = Field(default=3, ge=1)
     # the largest series a job loads (rows x columns x frames); a larger one is refused (series_too_large)
-    max_series_voxels: int = Field(default=48 * 1024 * 1024, ge=1024)
+    max_series_voxels: int = Field(default=24 * 1024 * 1024, ge=1024)
     job_retry_backoff_seconds: float = Field(default=30.0, ge=0)
     job_soft_time_limit: float = Field(default=600.0, gt=0)
     job_time_limit: float = Field(default=900.0, gt=0)

@@ -65,7 +65,7 @@ DESCRIPTIONS = {
     "inference_queue": "Queue new pipeline jobs go to: `cpu` or `gpu`.",
     "job_lease_seconds": "A worker's lease on a job; renewed while it works. An expired lease is re-queued by the sweeper.",
     "job_max_attempts": "Attempts before a job is `dead` (visible, retried only by `msknode jobs retry`).",
-    "max_series_voxels": "The largest series a job loads, in voxels (rows x columns x frames, from the headers); the models that would read a larger one report it not evaluated (`series_too_large`, in the SR and the worklist) and the rest of the study is evaluated. The default (about 50 million, e.g. 512 x 512 x 192) keeps the worker under 3 GB (docs/benchmarks.md).",
+    "max_series_voxels": "The largest series a job loads, in voxels (rows x columns x frames, from the headers); the models that would read a larger one report it not evaluated (`series_too_large`, in the SR and the worklist) and the rest of the study is evaluated. The default, 25165824 (512 x 512 x 96), keeps the worker under 3 GB with three such series in a study, every model and super-resolution running (2.6 GB measured; docs/benchmarks.md, Memory).",
     "job_retry_backoff_seconds": "Base of the exponential backoff between attempts.",
     "job_soft_time_limit": "Seconds after which a job is asked to stop (soft time limit).",
     "job_time_limit": "Seconds after which a job's process is killed (hard time limit).",
