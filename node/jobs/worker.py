@@ -8,7 +8,8 @@ time limits apply) on the given queues, and — as a worker bootstep, once the p
   creates jobs; housekeeping workers only) → enqueue (wake-ups for committed jobs with
   ``enqueue_pending``) → sweeper (expired leases, lost wake-ups) → retention and broker file
   cleanup, hourly (housekeeping workers only);
-- the dispatch loop (housekeeping workers only): `node.dispatch.outbox.process_outbox`, in its own
+- the dispatch loop (housekeeping workers only, every ``DISPATCH_POLL_SECONDS`` at most, so a
+  finished job's findings leave at once): `node.dispatch.outbox.process_outbox`, in its own
   thread so that a slow or unreachable PACS never delays the sweeper.
 - the UPS loop (housekeeping workers only): `node.ups.events.run_round` — workitems follow the
   jobs, their events go to subscribers — in its own thread for the same reason.
@@ -34,6 +35,10 @@ from node.jobs import lease
 from node.settings import Settings
 
 log = logging.getLogger(__name__)
+
+#: the longest the dispatch loop waits between two looks at the outbox (a short transaction when nothing is due;
+#: on SQLite it takes the write lock for about a millisecond, so not much more often than this)
+DISPATCH_POLL_SECONDS = 0.2
 
 
 @dataclass
@@ -219,9 +224,12 @@ def build_loops(db: Database, settings: Settings, *, housekeeping: bool, **kw) -
         )
     ]
     if housekeeping:
+        # the outbox is looked at more often than the rest: a finished job's SR leaves within DISPATCH_POLL_SECONDS
         loops.append(
             PeriodicLoop(
-                [dispatch_duty(db, settings)], interval=settings.sweep_interval_seconds, name="msknode-dispatch"
+                [dispatch_duty(db, settings)],
+                interval=min(settings.sweep_interval_seconds, DISPATCH_POLL_SECONDS),
+                name="msknode-dispatch",
             )
         )
         # workitems and their events in a loop of their own: a subscriber that is down never delays results
