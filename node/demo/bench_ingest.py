@@ -396,6 +396,8 @@ def run_bench(
     for tool in ("storescu", "echoscu", "storescp"):
         if not shutil.which(tool):
             raise NodeError(f"{tool} not found (Debian package dcmtk)")
+    if workdir is not None:
+        Path(workdir).mkdir(parents=True, exist_ok=True)
     root = Path(tempfile.mkdtemp(prefix="msknode-bench-", dir=workdir))
     try:
         if input_dir is not None:

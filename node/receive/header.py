@@ -399,8 +399,49 @@ def check_pixel_data(ds: Dataset, transfer_syntax_uid: str, pixels: PixelDataSha
         )
 
 
+# VRs whose printable-ASCII value pydicom returns as the same text (no charset, no number
+# conversion that could fail): read straight from the raw element, without building a DataElement
+_PLAIN_VRS = frozenset({"AE", "AS", "CS", "DA", "DT", "LO", "SH", "TM", "UI"})
+_PRINTABLE = frozenset(range(0x20, 0x7F))
+_TAGS: dict[str, int | None] = {}
+
+
+def _tag(keyword: str) -> int | None:
+    if keyword not in _TAGS:
+        from pydicom.datadict import tag_for_keyword
+
+        found = tag_for_keyword(keyword)
+        _TAGS[keyword] = None if found is None else int(found)
+    return _TAGS[keyword]
+
+
+def _plain_text(ds: Dataset, keyword: str) -> tuple[bool, str | None]:
+    """(True, value) when the element is absent or a raw explicit-VR element of a plain VR with a
+    printable-ASCII value: its text as pydicom would give it (components stripped, trailing
+    NULs and spaces dropped); (False, None) when pydicom must convert it."""
+    tag = _tag(keyword)
+    if tag is None:  # (a repeating-group keyword: pydicom looks it up)
+        return False, None
+    elem = ds._dict.get(BaseTag(tag))
+    if elem is None:
+        return True, None
+    vr, raw = getattr(elem, "VR", None), getattr(elem, "value", None)
+    if not getattr(elem, "is_raw", False) or vr not in _PLAIN_VRS or not isinstance(raw, bytes):
+        return False, None
+    raw = raw.rstrip(b"\0 ")
+    if not _PRINTABLE.issuperset(raw):
+        return False, None
+    text = raw.decode("ascii")
+    if "\\" in text:
+        return True, "\\".join(part.strip() for part in text.split("\\"))
+    return True, text.strip()
+
+
 def _text(ds: Dataset, keyword: str) -> str | None:
     """A text value: None if absent, '' if empty; multi-valued joined with backslash."""
+    plain, text = _plain_text(ds, keyword)
+    if plain:
+        return text
     if keyword not in ds:
         return None
     value = ds[keyword].value

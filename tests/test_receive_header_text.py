@@ -1,0 +1,71 @@
+"""The header's text values read straight from raw elements are what pydicom itself decodes, for
+every element of a plain VR in every file of pydicom's test data (many charsets, odd values)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from pydicom import config as pydicom_config
+from pydicom import dcmread
+from pydicom.data import get_testdata_file
+from pydicom.datadict import keyword_for_tag, tag_for_keyword
+
+from node.receive.header import _PLAIN_VRS, _plain_text, _text
+from support.listener import PYDICOM_DATA
+
+pytestmark = [pytest.mark.unit]
+
+
+def _pydicom_text(ds, keyword: str) -> str | None:
+    """What `_text` answered before its raw fast path: the value pydicom converts."""
+    if keyword not in ds:
+        return None
+    value = ds[keyword].value
+    if value is None:
+        return ""
+    if isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue":
+        return "\\".join(str(v).strip() for v in value)
+    return str(value).strip()
+
+
+def test_plain_text_equals_pydicom_for_every_plain_element_of_the_test_files(monkeypatch):
+    monkeypatch.setattr(pydicom_config.settings, "reading_validation_mode", pydicom_config.IGNORE)
+    files = sorted(PYDICOM_DATA.rglob("*.dcm")) + sorted(Path(get_testdata_file("MR_small.dcm")).parent.glob("*.dcm"))
+    assert len(files) > 50, PYDICOM_DATA
+    fast = checked = 0
+    for path in files:
+        try:
+            ds = dcmread(path, stop_before_pixels=True)
+        except Exception:
+            continue  # (files that are broken on purpose)
+        raws = {}
+        for tag, elem in list(ds._dict.items()):
+            keyword = keyword_for_tag(tag)
+            if keyword and tag_for_keyword(keyword) is not None and getattr(elem, "VR", None) in _PLAIN_VRS:
+                raws[keyword] = elem
+        for keyword in raws:
+            plain, value = _plain_text(ds, keyword)
+            got = _text(ds, keyword)  # the fast path when `plain` (before pydicom converts the element)
+            fast += plain
+            try:
+                expected = _pydicom_text(ds, keyword)
+            except Exception:
+                assert not plain, (path.name, keyword)  # pydicom cannot read it: neither do we
+                continue
+            checked += 1
+            assert got == expected, (path.name, keyword, got, expected)
+            if plain:
+                assert value == expected
+    assert fast > 1000 and checked > 1000, (fast, checked)
+
+
+def test_absent_elements_are_none_and_non_plain_vrs_go_through_pydicom():
+    ds = dcmread(get_testdata_file("MR_small.dcm"), stop_before_pixels=True)
+    assert "ImageLaterality" not in ds and ds.Laterality == ""
+    assert _plain_text(ds, "ImageLaterality") == (True, None)
+    assert _text(ds, "ImageLaterality") is None
+    assert _text(ds, "Laterality") == ""
+    assert _plain_text(ds, "PatientName")[0] is False  # PN: charset-dependent, pydicom decodes it
+    assert _plain_text(ds, "ImagePositionPatient")[0] is False  # DS: pydicom's number text
+    assert _text(ds, "SOPInstanceUID") == str(ds.SOPInstanceUID)
