@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from support import servers
-from support.env import free_port, isolate_env
+from support.env import ROOT, free_port, isolate_env
 
 os.environ.setdefault("TCP_NODELAY", "1")
 servers.mark_run()
@@ -205,3 +205,14 @@ def browser():
 
     with chromium() as driver:
         yield driver
+
+
+@pytest.fixture(scope="module")
+def shots(tmp_path_factory):
+    """Where the browser tests' screenshots go: docs/screenshots with MSKNODE_UPDATE_SCREENSHOTS=1, else a
+    temporary folder."""
+    if os.environ.get("MSKNODE_UPDATE_SCREENSHOTS") == "1":
+        d = ROOT / "docs" / "screenshots"
+        d.mkdir(parents=True, exist_ok=True)
+        return d
+    return tmp_path_factory.mktemp("screenshots")

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import os
 import subprocess
 import urllib.request
 
@@ -59,16 +58,6 @@ def server(tmp_path_factory):
         ws.add_users(db, admin=ADMIN, radiologist=READER)
     with web_server(data, data.parent / "web.log") as base:
         yield {"base": base, "acl": acl, "data": data}
-
-
-@pytest.fixture(scope="module")
-def shots(tmp_path_factory):
-    """Where the screenshots go: docs/screenshots with MSKNODE_UPDATE_SCREENSHOTS=1, else a temporary folder."""
-    if os.environ.get("MSKNODE_UPDATE_SCREENSHOTS") == "1":
-        d = ROOT / "docs" / "screenshots"
-        d.mkdir(parents=True, exist_ok=True)
-        return d
-    return tmp_path_factory.mktemp("screenshots")
 
 
 def keys(d, text):

@@ -9,7 +9,6 @@ super-resolved series). Screenshots go to a temporary directory; with
 from __future__ import annotations
 
 import datetime as dt
-import os
 import time
 
 import pytest
@@ -20,7 +19,6 @@ from selenium.webdriver.support.ui import Select
 
 from support import web_seed as ws
 from support.browser import ADMIN, READER, console_errors, image_loaded, login, shot, wait, web_server
-from support.env import ROOT
 
 pytestmark = pytest.mark.integration
 
@@ -113,15 +111,6 @@ def server(tmp_path_factory):
 
     with web_server(data, data.parent / "web.log", MSKNODE_SITE_TIMEZONE="Europe/Berlin") as base:
         yield {"base": base, "seeded": seeded, "settings": settings}
-
-
-@pytest.fixture(scope="module")
-def shots(tmp_path_factory):
-    if os.environ.get("MSKNODE_UPDATE_SCREENSHOTS") == "1":
-        d = ROOT / "docs" / "screenshots"
-        d.mkdir(parents=True, exist_ok=True)
-        return d
-    return tmp_path_factory.mktemp("screenshots")
 
 
 def test_admin_reads_the_urgent_study_first_toggles_the_overlay_and_reprioritises(server, browser, shots):
