@@ -19,7 +19,7 @@ from types import SimpleNamespace
 import pytest
 from sqlalchemy import select
 
-from support.env import isolate_env
+from support import web_seed as ws
 from support.index_rows import at, make_study, send_series
 from support.web_client import bearer, client, csrf_of, login
 
@@ -32,54 +32,45 @@ Q = 0.5
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
-    mp = pytest.MonkeyPatch()
     base = tmp_path_factory.mktemp("webrouting")
     site = base / "site"
     site.mkdir()
-    isolate_env(mp, MSKNODE_DATA_DIR=base / "data")
-    from node.db.database import Database
     from node.intake.completeness import tick
     from node.intake.routing import load_rules
-    from node.settings import DEFAULT_ROUTING_RULES, load_settings
+    from node.settings import DEFAULT_ROUTING_RULES
     from node.web.app import create_app
-    from node.web.users import add_user
 
     rules_path = site / "routing_rules.toml"
     shutil.copyfile(DEFAULT_ROUTING_RULES, rules_path)
-    settings = load_settings(routing_rules=rules_path, quiet_seconds=Q, study_quiet_seconds=Q)
-    settings.ensure_dirs()
-    db = Database(settings.database_url)
-    with db.session() as s:
-        st = make_study(s, description="ANONYMIZED STUDY")
-        st.patient_name, st.patient_id = "SECRET^PATIENT", "PID-SECRET"
-        sag = send_series(s, st, description="PD_TSE_FS_SAG", count=12, now=at(0), number=2)
-        anon = send_series(s, st, description="ANONYMIZED_SERIES", count=10, now=at(0.1), number=3)
-        other = send_series(s, st, description="T1 MPRAGE", body_part="HEAD", count=8, now=at(0.2), number=4)
-        ours = send_series(
-            s, st, description="AI findings", modality="SR", count=1, series_uid=settings.uid_root + "7.7"
-        )
-        ids = {"study": st.id, "sag": sag.id, "anon": anon.id, "other": other.id, "ours": ours.id}
-        uids = {"sag": sag.series_uid, "anon": anon.series_uid}
-    rules = load_rules(rules_path)
-    with db.session() as s:
-        tick(s, settings, at(5.0), rules)
-    with db.session() as s:
-        add_user(s, username=ADMIN[0], password=ADMIN[1], role="admin")
-        add_user(s, username=READER[0], password=READER[1], role="radiologist")
-    app = create_app(settings, db)
-    shipped = create_app(settings.model_copy(update={"routing_rules": DEFAULT_ROUTING_RULES}), db)
-    yield {
-        "settings": settings,
-        "db": db,
-        "app": app,
-        "shipped_app": shipped,
-        "ids": ids,
-        "uids": uids,
-        "rules_path": rules_path,
-        "shipped_path": DEFAULT_ROUTING_RULES,
-    }
-    db.dispose()
-    mp.undo()
+    node = ws.isolated_node(base / "data", routing_rules=rules_path, quiet_seconds=Q, study_quiet_seconds=Q)
+    with node as (settings, db, _policy):
+        with db.session() as s:
+            st = make_study(s, description="ANONYMIZED STUDY")
+            st.patient_name, st.patient_id = "SECRET^PATIENT", "PID-SECRET"
+            sag = send_series(s, st, description="PD_TSE_FS_SAG", count=12, now=at(0), number=2)
+            anon = send_series(s, st, description="ANONYMIZED_SERIES", count=10, now=at(0.1), number=3)
+            other = send_series(s, st, description="T1 MPRAGE", body_part="HEAD", count=8, now=at(0.2), number=4)
+            ours = send_series(
+                s, st, description="AI findings", modality="SR", count=1, series_uid=settings.uid_root + "7.7"
+            )
+            ids = {"study": st.id, "sag": sag.id, "anon": anon.id, "other": other.id, "ours": ours.id}
+            uids = {"sag": sag.series_uid, "anon": anon.series_uid}
+        rules = load_rules(rules_path)
+        with db.session() as s:
+            tick(s, settings, at(5.0), rules)
+        ws.add_users(db, admin=ADMIN, radiologist=READER)
+        app = create_app(settings, db)
+        shipped = create_app(settings.model_copy(update={"routing_rules": DEFAULT_ROUTING_RULES}), db)
+        yield {
+            "settings": settings,
+            "db": db,
+            "app": app,
+            "shipped_app": shipped,
+            "ids": ids,
+            "uids": uids,
+            "rules_path": rules_path,
+            "shipped_path": DEFAULT_ROUTING_RULES,
+        }
 
 
 def sha(path: Path) -> str:

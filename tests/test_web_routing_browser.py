@@ -15,8 +15,8 @@ from selenium.webdriver.common.by import By
 from selenium.webdriver.support import expected_conditions as EC
 from selenium.webdriver.support.ui import Select
 
+from support import web_seed as ws
 from support.browser import ADMIN, console_errors, login, shot, wait, web_server
-from support.env import isolate_env
 from support.index_rows import at, make_study, send_series
 
 pytestmark = pytest.mark.integration
@@ -27,30 +27,24 @@ def server(tmp_path_factory):
     base_dir = tmp_path_factory.mktemp("webrouting-ui")
     data, site = base_dir / "data", base_dir / "site"
     site.mkdir()
-    mp = pytest.MonkeyPatch()
-    isolate_env(mp, MSKNODE_DATA_DIR=data)
-    from node.db.database import Database
     from node.intake.completeness import tick
     from node.intake.routing import load_rules
-    from node.settings import DEFAULT_ROUTING_RULES, load_settings
+    from node.settings import DEFAULT_ROUTING_RULES
     from node.web.users import add_user
 
     rules_path = site / "routing_rules.toml"
     shutil.copyfile(DEFAULT_ROUTING_RULES, rules_path)
-    settings = load_settings(routing_rules=rules_path, quiet_seconds=0.5, study_quiet_seconds=0.5)
-    settings.ensure_dirs()
-    db = Database(settings.database_url)
-    with db.session() as s:
-        st = make_study(s, description="MR KNEE")
-        send_series(s, st, description="PD_TSE_FS_SAG", count=12, now=at(0), number=2)
-        anon = send_series(s, st, description="ANONYMIZED_SERIES", count=10, now=at(0.1), number=3)
-        anon_id, anon_uid, study_id = anon.id, anon.series_uid, st.id
-    with db.session() as s:
-        tick(s, settings, at(5.0), load_rules(rules_path))
-    with db.session() as s:
-        add_user(s, username=ADMIN[0], password=ADMIN[1], role="admin")
-    db.dispose()
-    mp.undo()
+    node = ws.isolated_node(data, routing_rules=rules_path, quiet_seconds=0.5, study_quiet_seconds=0.5)
+    with node as (settings, db, _policy):
+        with db.session() as s:
+            st = make_study(s, description="MR KNEE")
+            send_series(s, st, description="PD_TSE_FS_SAG", count=12, now=at(0), number=2)
+            anon = send_series(s, st, description="ANONYMIZED_SERIES", count=10, now=at(0.1), number=3)
+            anon_id, anon_uid, study_id = anon.id, anon.series_uid, st.id
+        with db.session() as s:
+            tick(s, settings, at(5.0), load_rules(rules_path))
+        with db.session() as s:
+            add_user(s, username=ADMIN[0], password=ADMIN[1], role="admin")
 
     with web_server(data, base_dir / "web.log", MSKNODE_ROUTING_RULES=rules_path) as url:
         yield {
