@@ -23,11 +23,11 @@ import pydicom
 import pytest
 from sqlalchemy import select
 
-from node.db.schema import Finding, Job, ResultObject, Series, Study
+from node.db.schema import Finding, ResultObject, Series
 from support.env import free_port
 from support.feedback_rows import PATIENT, answered_study
 from support.jobs import ListenerProcess, storescu, wait_for
-from support.node_stack import NodeWorker, node_env
+from support.node_stack import NodeWorker, node_env, study_job
 from support.results_data import dciodvfy
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -179,16 +179,8 @@ def test_export_train_evaluate_activate_and_the_next_sr_names_the_new_version(se
         worker = NodeWorker(env, tmp_path / "worker.log").start()
         assert storescu(port, nxt).wait(120) == 0
 
-        def done():
-            with db.session() as s:
-                return s.scalars(
-                    select(Job)
-                    .join(Study, Study.id == Job.study_id)
-                    .where(Study.study_uid == study_uid, Job.state == "done")
-                ).first()
-
         try:
-            job = wait_for(done, 300, interval=0.5, what="the next study's job done")
+            job = wait_for(lambda: study_job(db, study_uid), 300, interval=0.5, what="the next study's job done")
         except AssertionError:
             print(worker.output()[-4000:])
             raise

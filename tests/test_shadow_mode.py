@@ -17,10 +17,10 @@ import pydicom
 import pytest
 from sqlalchemy import select
 
-from node.db.schema import Finding, Job, OutboxItem, ResultObject, Study
+from node.db.schema import Finding, OutboxItem, ResultObject
 from support.env import free_port
 from support.jobs import ListenerProcess, storescu, wait_for
-from support.node_stack import NodeWorker, node_env
+from support.node_stack import NodeWorker, node_env, study_job
 from support.orthanc import OrthancPacs
 
 with warnings.catch_warnings():
@@ -30,13 +30,6 @@ with warnings.catch_warnings():
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 ADMIN = ("dora", "correct-horse-battery-staple-1")
-
-
-def _done_job(db, study_uid: str):
-    with db.session() as s:
-        return s.scalars(
-            select(Job).join(Study, Study.id == Job.study_id).where(Study.study_uid == study_uid, Job.state == "done")
-        ).first()
 
 
 def _sr_texts(path: Path) -> str:
@@ -85,7 +78,7 @@ def test_shadow_models_store_and_label_but_change_no_priority_and_send_nothing(s
         worker = NodeWorker(env, tmp_path / "worker.log").start()
         assert storescu(port, [p for paths in first.values() for p in paths]).wait(120) == 0
         try:
-            job = wait_for(lambda: _done_job(db, uid_first), 300, interval=0.5, what="the first study's job done")
+            job = wait_for(lambda: study_job(db, uid_first), 300, interval=0.5, what="the first study's job done")
         except AssertionError:
             print(worker.output()[-4000:])
             raise
@@ -139,7 +132,7 @@ def test_shadow_models_store_and_label_but_change_no_priority_and_send_nothing(s
         assert r.status_code == 303 and "error" not in r.headers["location"]
 
         assert storescu(port, [p for paths in second.values() for p in paths]).wait(120) == 0
-        job2 = wait_for(lambda: _done_job(db, uid_second), 300, interval=0.5, what="the second study's job done")
+        job2 = wait_for(lambda: study_job(db, uid_second), 300, interval=0.5, what="the second study's job done")
 
         def sent():
             with db.session() as s:

@@ -18,23 +18,12 @@ from sqlalchemy import select, text
 
 from support.env import free_port
 from support.jobs import ListenerProcess, storescu, wait_for, write_phantom_series
-from support.node_stack import NodeWorker, node_env
+from support.node_stack import NodeWorker, node_env, study_job
 from support.web_server import WebServer, token
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 ADMIN = ("ada", "ada-password-12")
-
-
-def _finished(db, study_uid: str):
-    from node.db.schema import Job, Study
-
-    with db.session() as s:
-        return s.scalars(
-            select(Job)
-            .join(Study, Study.id == Job.study_id)
-            .where(Study.study_uid == study_uid, Job.state.in_(("done", "failed", "dead")))
-        ).first()
 
 
 def test_a_skipped_super_resolution_answers_null_not_500(settings, db, tmp_path):
@@ -56,7 +45,12 @@ def test_a_skipped_super_resolution_answers_null_not_500(settings, db, tmp_path)
         worker = NodeWorker(env, tmp_path / "worker.log").start()
         assert storescu(port, files).wait(120) == 0
         try:
-            job = wait_for(lambda: _finished(db, study_uid), 300, interval=0.5, what="the short series' job finished")
+            job = wait_for(
+                lambda: study_job(db, study_uid, ("done", "failed", "dead")),
+                300,
+                interval=0.5,
+                what="the short series' job finished",
+            )
         except AssertionError:
             print(worker.output()[-4000:])
             raise

@@ -2,7 +2,8 @@
 
 `NodeWorker` is the real ``msknode worker`` (where `support.jobs.WorkerProcess` runs the test's step
 function); `node_env` the environment ``msknode listen`` and ``msknode worker`` share (the test's
-data directory and port, short quiet times and sweeps, one torch thread); `knee_study_files` a knee
+data directory and port, short quiet times and sweeps, one torch thread); `study_job` a study's job
+once it reached a state; `knee_study_files` a knee
 study to send: a phantom, or the real Siemens sagittal PD-FS series (skipped when the corpus is absent).
 """
 
@@ -42,6 +43,18 @@ def node_env(settings, port: int, **overrides: str) -> dict[str, str]:
             **overrides,
         }
     )
+
+
+def study_job(db, study_uid: str, states: tuple[str, ...] = ("done",)):
+    """A job of the study ``study_uid`` in one of ``states`` (None: none yet), for `support.jobs.wait_for`."""
+    from sqlalchemy import select
+
+    from node.db.schema import Job, Study
+
+    with db.session() as s:
+        return s.scalars(
+            select(Job).join(Study, Study.id == Job.study_id).where(Study.study_uid == study_uid, Job.state.in_(states))
+        ).first()
 
 
 def knee_study_files(source: str, folder: Path, seed: int) -> list[Path]:
