@@ -8,16 +8,13 @@ import hashlib
 import json
 import re
 import shutil
-import warnings
 
 import pytest
 from sqlalchemy import select
 
+from support import web_seed as ws
 from support.env import ROOT, isolate_env
-
-with warnings.catch_warnings():
-    warnings.simplefilter("ignore", DeprecationWarning)
-    from starlette.testclient import TestClient
+from support.web_client import login
 
 pytestmark = [pytest.mark.unit]
 
@@ -179,24 +176,13 @@ def test_cli_lists_registers_and_activates(settings, tmp_path, capsys):
 @pytest.fixture
 def web(settings, db):
     from node.web.app import create_app
-    from node.web.users import add_user
 
-    with db.session() as s:
-        add_user(s, username=ADMIN[0], password=ADMIN[1], role="admin")
-        add_user(s, username=READER[0], password=READER[1], role="radiologist")
+    ws.add_users(db, admin=ADMIN, radiologist=READER)
     return create_app(settings, db)
 
 
-def _login(app, who) -> TestClient:
-    c = TestClient(app, base_url="http://testserver")
-    nonce = re.search(r'name="csrf_token" value="([^"]+)"', c.get("/login").text).group(1)
-    r = c.post("/login", data={"username": who[0], "password": who[1], "csrf_token": nonce}, follow_redirects=False)
-    assert r.status_code == 303, r.text
-    return c
-
-
 def test_admin_models_page_activates_with_csrf_and_the_api_needs_an_admin(web, db):
-    admin = _login(web, ADMIN)
+    admin = login(web, ADMIN)
     page = admin.get("/admin/models")
     assert page.status_code == 200 and 'id="deployments"' in page.text
     row = re.search(r'<tr class="deployment" data-pipeline="knee" data-model="knee.acl"[^>]*>', page.text).group(0)
@@ -219,7 +205,7 @@ def test_admin_models_page_activates_with_csrf_and_the_api_needs_an_admin(web, d
     assert r.status_code == 200 and r.json()["state"] == "shadow"
     r = admin.post("/api/admin/deployments", json={**body, "version": "7"}, headers={"X-CSRF-Token": token})
     assert r.status_code == 400 and "no version '7'" in r.json()["detail"]
-    reader = _login(web, READER)
+    reader = login(web, READER)
     assert reader.get("/api/admin/deployments").status_code == 403
     token = reader.get("/api/me").json()["csrf_token"]
     assert reader.post("/api/admin/deployments", json=body, headers={"X-CSRF-Token": token}).status_code == 403
