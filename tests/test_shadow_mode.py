@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import re
-import warnings
 from pathlib import Path
 
 import pydicom
@@ -22,10 +21,7 @@ from support.env import free_port
 from support.jobs import ListenerProcess, storescu, wait_for
 from support.node_stack import NodeWorker, node_env, study_job
 from support.orthanc import OrthancPacs
-
-with warnings.catch_warnings():
-    warnings.simplefilter("ignore", DeprecationWarning)
-    from starlette.testclient import TestClient
+from support.web_client import login
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -108,9 +104,7 @@ def test_shadow_models_store_and_label_but_change_no_priority_and_send_nothing(s
         with db.session() as s:
             add_user(s, username=ADMIN[0], password=ADMIN[1], role="admin")
         app = create_app(settings, db)
-        c = TestClient(app, base_url="http://testserver")
-        nonce = re.search(r'name="csrf_token" value="([^"]+)"', c.get("/login").text).group(1)
-        c.post("/login", data={"username": ADMIN[0], "password": ADMIN[1], "csrf_token": nonce})
+        c = login(app, ADMIN)
         study = c.get(f"/api/studies/{job.study_id}").json()
         shown = [f for f in study["findings"] if f["model"] == "knee.acl"]
         assert shown and all(f["shadow"] and f["display"]["text"].startswith("SHADOW · ") for f in shown)
