@@ -14,4 +14,7 @@
 - `support.results_data`: inputs for the results tests (series, vendor files, model outputs).
 - `support.web_seed`: a node database seeded with studies, results and worklist entries.
 - `support.browser`: ``msknode web`` in a subprocess and headless Chromium driven by Selenium.
+- `support.web_client`: the web app in process (Starlette's TestClient): login, bearer token, CSRF token.
+- `support.node_stack`: the production ``msknode worker``, the environment the node's processes share
+  in end-to-end tests, a knee study to send (phantom or the real Siemens series), a study's job.
 """
