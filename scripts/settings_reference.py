@@ -70,7 +70,7 @@ DESCRIPTIONS = {
     "job_soft_time_limit": "Seconds after which a job is asked to stop (soft time limit).",
     "job_time_limit": "Seconds after which a job's process is killed (hard time limit).",
     "sweep_interval_seconds": "Period of the worker loop: completeness, enqueue, sweeper, dispatch.",
-    "dispatch_associations": "Associations (or STOW-RS sessions) per DICOM destination over which the derived objects of a batch (overlays, super-resolved series) are sent at once; the SR and SEG go first, on one association, before any of them (1 to 8).",
+    "dispatch_associations": "Associations (or STOW-RS sessions) per DICOM destination over which the derived objects of a batch (overlays, super-resolved series) are sent at once; the SR and SEG go first, on one association, before any of them (1 to 8; lower it for a PACS that limits concurrent associations per calling AE).",
     "weights_dir": "Site folder of model weights, searched before the repository's `models/weights`.",
     "activate_models": "Comma list of models (or `all`) whose version is active from their first use at this site. Any other model whose card records no real-data validation starts in shadow (a silent trial: findings stored and shown as SHADOW, no priority change, nothing sent) until an admin activates it; an admin's decision is never overridden. The demo and the benchmarks set `all` (docs/models.md).",
     "web_host": "Address the web server binds to.",
