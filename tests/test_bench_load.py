@@ -61,6 +61,7 @@ def _check(result: dict, studies: int) -> None:
         assert s["series"] >= 3  # the localizer and the anatomy's series
         assert 0 < s["latency_s"] <= result["max_s"]
     assert 0 < result["median_s"] <= result["p95_s"] <= result["max_s"]
+    assert result["redelivered_objects"] == sum(s["redelivered"] for s in result["studies"])
     assert result["studies_per_hour"] > 0
     # the queue was sampled while the studies went through, and the last sample saw them done
     assert len(result["queue"]) >= 2 and result["queue"][-1]["completed"] == studies

@@ -18,9 +18,11 @@ node's database and, every quarter second, the resident memory of every msknode 
 (listener, worker and its pool processes, web) from ``/proc``; at the end it reads each one's
 ``VmHWM`` (the kernel's own peak) and the CPU seconds of msknode and of Orthanc.
 
-*Exactly once*: a study counts when exactly one job of it (not superseded) is done, every one of
-its result objects was received by Orthanc exactly once (reception log), and Orthanc holds no
-other object of the study than the ones sent and the ones that job produced.
+*Exactly once*: a study counts when exactly one job of it is done (none superseded, failed or
+repeated), Orthanc received every one of its result objects, and Orthanc holds exactly the sent
+objects and that job's results (no second SR, no object of another attempt). An object received
+twice with the same SOP Instance UID (a C-STORE resent because its response was lost: the PACS
+keeps one copy) is counted apart, ``redelivered``.
 
 Backends: the embedded default (SQLite and the filesystem broker under the run's directory), or
 ``database_url``/``broker_url`` (PostgreSQL, Redis: already running, given by URL; the database
@@ -354,6 +356,7 @@ class StudyOutcome:
     latency_s: float | None = None
     results: int = 0
     once: bool = False
+    redelivered: int = 0  # result objects Orthanc received more than once (a C-STORE resent after a lost response)
     job_states: dict[str, int] = field(default_factory=dict)
     worker_peak_rss_mb: float | None = None
     error: str | None = None
@@ -394,6 +397,7 @@ class LoadResult:
             "max_s": round(max(lat), 2) if lat else None,
             "p95_within_60s": p95 is not None and p95 <= P95_TARGET_S and len(lat) == len(self.studies),
             "all_once": bool(self.studies) and all(s.once for s in self.studies),
+            "redelivered_objects": sum(s.redelivered for s in self.studies),
             "completed": len(done),
             "per_type": per_type,
             "queue_max": {
@@ -584,15 +588,11 @@ def run_bench(
                     o.worker_peak_rss_mb = round(peak / 2**20, 1) if peak else None
                 in_pacs = pacs.study_instance_uids(st.study_uid) if v.delivered else set()
                 expected = set(st.sop_instance_uids) | {r.sop_instance_uid for r in v.results}
-                o.once = (
-                    v.delivered
-                    and o.job_states.get("done", 0) == 1
-                    and all(len(r) == 1 for r in res)
-                    and in_pacs == expected
-                )
+                o.redelivered = sum(1 for r in res if len(r) > 1)
+                o.once = v.delivered and o.job_states.get("done", 0) == 1 and all(res) and in_pacs == expected
                 if v.delivered and not o.once and o.error is None:
                     o.error = (
-                        f"jobs {o.job_states}, result receptions {[len(r) for r in res]}, "
+                        f"jobs {o.job_states}, {sum(1 for r in res if not r)} result(s) never received, "
                         f"{len(in_pacs - expected)} unexpected and {len(expected - in_pacs)} missing object(s) in Orthanc"
                     )
                 outcomes.append(o)
@@ -645,7 +645,8 @@ def format_report(result: LoadResult) -> str:
         f"{s['settings']['backend']}, {s['settings']['workers']} worker process(es):",
         f"  throughput {s['studies_per_hour']} studies/h ({s['completed']} completed in {s['wall_s']} s)",
         f"  latency median {s['median_s']} s   p95 {s['p95_s']} s   max {s['max_s']} s   "
-        f"(p95 <= 60 s: {s['p95_within_60s']})   every study's results exactly once: {s['all_once']}",
+        f"(p95 <= 60 s: {s['p95_within_60s']})   every study's results exactly once: {s['all_once']} "
+        f"({s['redelivered_objects']} object(s) resent after a lost C-STORE response)",
         f"  queue max: {s['queue_max']}",
         f"  CPU: msknode {s['cpu']['msknode_cpu_s']} s ({s['cpu']['msknode_cores_mean']} cores on average), "
         f"Orthanc {s['cpu']['orthanc_cpu_s']} s; load average {s['cpu']['load_average']}",
