@@ -88,7 +88,7 @@ def configure_pynetdicom() -> None:
 
     _config.LOG_HANDLER_LEVEL = "none"
     _config.UNRESTRICTED_STORAGE_SERVICE = True
-    pynetdicom.acse.negotiate_unrestricted = negotiate_storage  # type: ignore[attr-defined]
+    pynetdicom.acse.negotiate_unrestricted = negotiate_storage
     pydicom_config.settings.reading_validation_mode = pydicom_config.IGNORE
     pydicom_config.settings.writing_validation_mode = pydicom_config.IGNORE
     quiet_pynetdicom()
@@ -99,7 +99,7 @@ def is_known_non_storage(uid: str) -> bool:
     FIND, Color Palette query/retrieve): pynetdicom's unrestricted storage negotiation takes every
     SOP class it has no service class of its own for as storage, these included."""
     from pydicom._uid_dict import UID_dictionary
-    from pynetdicom.sop_class import _STORAGE_CLASSES  # type: ignore[attr-defined]
+    from pynetdicom.sop_class import _STORAGE_CLASSES
 
     entry = UID_dictionary.get(uid)
     if entry is None or entry[1] != "SOP Class" or uid in _STORAGE_CLASSES.values():
