@@ -311,7 +311,7 @@ class Settings(BaseSettings):
     job_time_limit: float = Field(default=900.0, gt=0)
     sweep_interval_seconds: float = Field(default=0.5, gt=0)
     # associations (STOW sessions) per destination for the derived objects of a batch (the findings go first, on one)
-    dispatch_associations: int = Field(default=4, ge=1, le=8)
+    dispatch_associations: int = Field(default=2, ge=1, le=8)
     weights_dir: Path | None = None
     # models whose shipped version starts active at this site (node.jobs.deployments); "all" for every model
     activate_models: Annotated[list[str], NoDecode] = Field(default_factory=list)
