@@ -80,7 +80,8 @@ def configure_pynetdicom() -> None:
 
     No per-PDU debug handlers (they cost CPU on every PDU); an unrestricted storage
     service: private and unknown SOP classes are accepted as storage (a PACS retries a
-    refused object forever); no pydicom value validation (the listener stores bytes as
+    refused object forever), but SOP classes known not to be storage only when the node serves
+    them (`negotiate_storage`); no pydicom value validation (the listener stores bytes as
     received and checks what it indexes itself; validation warnings cost CPU per element).
     """
     import pynetdicom.acse
