@@ -77,6 +77,8 @@ class ListenerProcess:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
+                self._log.close()
+                untrack(self._token)  # it is gone: nothing is left to stop
                 raise RuntimeError(f"listener exited with {self.proc.returncode}:\n{self.log()}")
             if ready(self.port):
                 return self
