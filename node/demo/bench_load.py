@@ -220,7 +220,7 @@ class ProcessWatch:
 
     def tree(self) -> list[tuple[int, str, bool]]:
         out: list[tuple[int, str, bool]] = []
-        todo = [(p, None) for p in self.roots()]
+        todo: list[tuple[int, str | None]] = [(p, None) for p in self.roots()]
         while todo:
             pid, parent_role = todo.pop()
             role = _role(pid) or parent_role
@@ -541,7 +541,7 @@ def run_bench(
                 while True:
                     stack.check_running()
                     t = time.monotonic()
-                    q = reader.depth()
+                    q: dict[str, float] = dict(reader.depth())
                     q["t_s"] = round(t - t_start, 1)
                     for st in load:
                         if st.study_uid in done or st.study_uid in failed or st.sent_at is None:
