@@ -36,9 +36,15 @@ def restore_logging():
         logging.getLogger(n).setLevel(lv)
 
 
-def _configure(level="INFO", fmt="text", library_level=None) -> io.StringIO:
+def _configure(level="INFO", fmt="text", library_level=None, this_thread_only=True) -> io.StringIO:
+    """setup_logging into a string; by default only this thread's records reach it (a thread another test
+    left behind in this process — a listener's association, a web app's health probe — logs too)."""
     out = io.StringIO()
     setup_logging(level, fmt, library_level, stream=out)
+    if this_thread_only:
+        me = threading.get_ident()
+        for handler in logging.getLogger().handlers:
+            handler.addFilter(lambda record: record.thread == me)
     return out
 
 
