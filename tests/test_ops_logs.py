@@ -44,7 +44,8 @@ def _configure(level="INFO", fmt="text", library_level=None, this_thread_only=Tr
     if this_thread_only:
         me = threading.get_ident()
         for handler in logging.getLogger().handlers:
-            handler.addFilter(lambda record: record.thread == me)
+            if getattr(handler, "_msknode", False):  # the one setup_logging installed (not pytest's)
+                handler.addFilter(lambda record: record.thread == me)
     return out
 
 
@@ -195,3 +196,19 @@ def test_serve_writes_every_parts_lines_to_the_log_file_as_json(tmp_path, restor
     assert any(o["message"].startswith("started worker") for o in objs)  # the supervisor's own lines
     assert "a banner line" in capsys.readouterr().err  # still on stderr (console, journald)
     assert logs.FORMATS == ("text", "json")
+
+
+def test_a_listener_quiets_only_pynetdicoms_wire_loggers(restore_logging):
+    """Once a listener ran in this process, pynetdicom's lines about bytes on the wire drop to DEBUG (the
+    transport logs one line per bad peer), while its other warnings — a rejected association — still show."""
+    from node.receive.transport import PROTOCOL_LOGGERS, quiet_pynetdicom
+
+    quiet_pynetdicom()
+    out = _configure()
+    logging.getLogger("pynetdicom.dul").error("Exception in DUL.run(), aborting association")
+    logging.getLogger("pynetdicom.utils").error("Unable to decode with ascii")
+    logging.getLogger("pynetdicom.acse").warning("Association Rejected")
+    text = out.getvalue()
+    assert "Association Rejected" in text
+    assert "DUL.run" not in text and "Unable to decode" not in text
+    assert "pynetdicom.acse" not in PROTOCOL_LOGGERS

@@ -337,14 +337,24 @@ class _QuietLibrary(logging.Filter):
 _QUIET = _QuietLibrary()
 
 
+#: pynetdicom's loggers that speak of the bytes on the wire (the DUL loop, its state machine, PDU
+#: and value decoding, the socket): what they say of a peer that breaks the protocol is what the transport says
+#: once itself. The others (acse, association, dimse, services ...) keep their warnings: a rejected
+#: association or a refused context is worth a line at the library level.
+PROTOCOL_LOGGERS = (
+    "pynetdicom.dul",
+    "pynetdicom.fsm",
+    "pynetdicom.pdu",
+    "pynetdicom.pdu_items",
+    "pynetdicom.pdu_primitives",
+    "pynetdicom.transport",
+    "pynetdicom.utils",  # decoding of the AE titles and UIDs a peer sent
+)
+
+
 def quiet_pynetdicom() -> None:
-    """Routes pynetdicom's log records through `_QuietLibrary` (idempotent)."""
-    import pkgutil
-
-    import pynetdicom
-
-    names = ["pynetdicom"] + [f"pynetdicom.{m.name}" for m in pkgutil.iter_modules(pynetdicom.__path__)]
-    for name in names:
+    """Routes the records of pynetdicom's `PROTOCOL_LOGGERS` through `_QuietLibrary` (idempotent)."""
+    for name in PROTOCOL_LOGGERS:
         logger = logging.getLogger(name)
         if _QUIET not in logger.filters:
             logger.addFilter(_QUIET)
