@@ -445,3 +445,17 @@ def test_a_job_failed_before_any_attempt_is_canceled_from_scheduled(db, settings
     assert _sync(db, settings) == 1
     assert _sync(db, settings) == 0  # and never looked at again
     assert [e[1] for e in _events(db)] == ["SCHEDULED", "CANCELED"]
+
+
+def test_a_workitem_another_worker_created_first_is_skipped_not_an_error(db, settings):
+    """Two workers' rounds may both see a job without a workitem; the second insert meets the unique
+    UID of the first (same job, same UID) and that round goes on without an error or a second item."""
+    from node.ups.workitems import _create_once
+
+    job_id = make_study_job(db, n_series=1, instances=1)
+    assert _sync(db, settings) == 1  # the other worker's round, committed
+    with db.session() as s:
+        job = s.get(Job, job_id)
+        assert _create_once(s, settings, job, NOW) == 0  # this round: skipped, the session still usable
+        assert s.scalar(select(Job.state).where(Job.id == job_id)) == job.state
+    assert [w.job_id for w in _workitems(db)] == [job_id]

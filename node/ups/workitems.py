@@ -28,6 +28,7 @@ from pydicom import Dataset
 from pydicom.sequence import Sequence as DicomSequence
 from pydicom.uid import generate_uid
 from sqlalchemy import and_, case, exists, or_, select, update
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, aliased
 
 from node.db.schema import (
@@ -486,6 +487,21 @@ def advance(session: Session, settings: Settings, w: UpsWorkitem, job: Job, now:
 ACTIVE_JOB_STATES = ("pending", "queued", "processing")
 
 
+def _create_once(
+    session: Session, settings: Settings, job: Job, now: dt.datetime, *, replaces: UpsWorkitem | None = None
+) -> int:
+    """`create_for_job` in a savepoint: when another worker's round created the same workitem first (same
+    UID, see `workitem_uid`), the unique constraint refuses this one and the round goes on without it.
+    Returns 1 when this round created it."""
+    try:
+        with session.begin_nested():
+            create_for_job(session, settings, job, now, replaces=replaces)
+    except IntegrityError:
+        log.debug("UPS workitem of job %s already created by another worker", job.id)
+        return 0
+    return 1
+
+
 def sync(session: Session, settings: Settings, now: dt.datetime, *, limit: int = 500) -> int:
     """One round: workitems for new jobs, every non-final workitem brought to its job's state, priorities
     following the worklist. Returns the number of changes.
@@ -506,8 +522,7 @@ def sync(session: Session, settings: Settings, now: dt.datetime, *, limit: int =
         .order_by(Job.id)
         .limit(limit)
     ).all():
-        create_for_job(session, settings, job, now)
-        changes += 1
+        changes += _create_once(session, settings, job, now)
     # canceled workitems of jobs an admin retried (no newer workitem yet): a new one replaces each
     newer = aliased(UpsWorkitem)
     for w, job in session.execute(
@@ -521,8 +536,7 @@ def sync(session: Session, settings: Settings, now: dt.datetime, *, limit: int =
         .order_by(UpsWorkitem.id)
         .limit(limit)
     ).all():
-        create_for_job(session, settings, job, now, replaces=w)
-        changes += 1
+        changes += _create_once(session, settings, job, now, replaces=w)
     # open workitems whose job moved on
     started = or_(Job.state.notin_(("pending", "queued")), Job.attempts > 0)
     ended = Job.state.in_(("done", "failed", "dead", "superseded"))
