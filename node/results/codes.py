@@ -46,6 +46,8 @@ FINDING_CODES: dict[str, CodedConcept] = {
     "meniscal_tear": sct("239720000", "Tear of meniscus of knee"),
     "rotator_cuff_tear": private("MSK-F-RCT", "Rotator cuff tear"),
     "spinal_stenosis": sct("76107001", "Spinal stenosis"),
+    "disc_degeneration": sct("77547008", "Degeneration of intervertebral disc"),
+    "disc_herniation": sct("73589001", "Herniation of intervertebral disc"),
 }
 # a model that refused its input still names what it would have looked for
 MODEL_FINDING: dict[str, str] = {
@@ -53,6 +55,7 @@ MODEL_FINDING: dict[str, str] = {
     "knee.meniscus": "meniscal_tear",
     "shoulder.rotator_cuff": "rotator_cuff_tear",
     "lumbar_spine.stenosis": "spinal_stenosis",
+    "lumbar_spine.discs": "disc_degeneration",
 }
 
 
@@ -75,12 +78,15 @@ SHOULDER = sct("16982005", "Shoulder")
 KNEE = sct("72696002", "Knee")
 LUMBAR_SPINE = sct("122496007", "Lumbar spine")
 VERTEBRAL_CANAL = sct("61853006", "Vertebral canal")
+INTERVERTEBRAL_DISC = sct("360499006", "Intervertebral disc structure")
 
 DEFAULT_SITE: dict[str, CodedConcept] = {
     "acl_tear": KNEE_JOINT,
     "meniscal_tear": MENISCUS,
     "rotator_cuff_tear": ROTATOR_CUFF_TENDON,
     "spinal_stenosis": VERTEBRAL_CANAL,
+    "disc_degeneration": INTERVERTEBRAL_DISC,
+    "disc_herniation": INTERVERTEBRAL_DISC,
 }
 ANATOMY_REGION: dict[str, CodedConcept] = {
     "knee": KNEE,
@@ -147,8 +153,30 @@ SEVERITY_GRADES = {"normal", "none", "mild", "moderate", "severe"}
 TEAR_EXTENT = private("MSK-C-EXTENT", "Tear extent")
 
 
-def grade_concept(grade: str) -> tuple[CodedConcept, CodedConcept]:
-    """(concept name, value) for a model grade."""
+# Pfirrmann grade of disc degeneration (Pfirrmann et al., Spine 26:1873-1878, 2001): I-V on
+# sagittal T2. No SNOMED CT or DICOM concept for the grading system or its grades exists that we
+# know of, so name and values are private codes (CODES.md).
+PFIRRMANN_GRADE = private("MSK-C-PFIRRMANN", "Pfirrmann grade")
+PFIRRMANN_VALUES: dict[str, CodedConcept] = {
+    g: private(f"MSK-G-PFIRR{g}", f"Pfirrmann grade {roman}")
+    for g, roman in (("1", "I"), ("2", "II"), ("3", "III"), ("4", "IV"), ("5", "V"))
+}
+# graded findings whose grade is not a severity or tear extent: finding code -> (grade name, values)
+GRADING_SYSTEMS: dict[str, tuple[CodedConcept, dict[str, CodedConcept]]] = {
+    "disc_degeneration": (PFIRRMANN_GRADE, PFIRRMANN_VALUES),
+}
+
+
+def grade_concept(grade: str, finding: str | None = None) -> tuple[CodedConcept, CodedConcept]:
+    """(concept name, value) for a model grade; ``finding`` (the finding code) selects its grading
+    system where it has its own (a Pfirrmann grade "3" of ``disc_degeneration``)."""
+    if finding in GRADING_SYSTEMS:
+        name, values = GRADING_SYSTEMS[finding]
+        key = grade.strip().upper()
+        key = {"I": "1", "II": "2", "III": "3", "IV": "4", "V": "5"}.get(key, key)
+        if key in values:
+            return name, values[key]
+        return name, private(f"MSK-G-{key}"[:16], grade[:64])
     g = grade.lower().replace("-", "_").replace(" ", "_")
     value = GRADE_VALUES.get(g) or private(f"MSK-G-{g.upper()}"[:16], grade[:64])
     name = SEVERITY if g in SEVERITY_GRADES else TEAR_EXTENT
@@ -180,6 +208,9 @@ def qc_reason_code(reason: str | None) -> CodedConcept:
 
 
 PROBABILITY = dcm("122157", "Probability")
+# the per-disc group holds two probabilities, so each is named by what it is the probability of
+PROBABILITY_HERNIATION = private("MSK-M-PHERN", "Probability of disc herniation")
+PROBABILITY_DEGENERATION = private("MSK-M-PDEGEN", "Probability of Pfirrmann grade III-V")
 STANDARD_DEVIATION = sct("386136009", "Standard Deviation")
 PRIORITY = sct("260870009", "Priority")
 TRIAGE = private("MSK-F-TRIAGE", "AI triage assessment")

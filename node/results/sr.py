@@ -8,6 +8,11 @@ Content (one measurement group per statement, so nothing is implied by silence):
   extent), QC outcome, probability with its standard deviation (uncertainty), the
   algorithm (name, version, weights hash, threshold), the series the model used and
   its source images, the SEG segment of its heatmap (TID 1411) and the SC overlay;
+- per intervertebral disc graded (``disc_degeneration`` / ``disc_herniation`` findings of one
+  level): one group, finding type "Intervertebral disc structure", finding sites the disc and
+  its level, degeneration Present/Absent with the coded Pfirrmann grade, herniation
+  Present/Absent, each probability under its own name (`codes.PROBABILITY_DEGENERATION`,
+  `codes.PROBABILITY_HERNIATION`) with its standard deviation, the Pfirrmann grade split as text;
 - per model whose input the QC gate refused: presence "Not Evaluated", QC refused
   and the coded reason plus its reader-facing sentence (`worklists.triage.qc_sentence`);
 - per super-resolved series: the consistency check and the new series' UID;
@@ -90,7 +95,7 @@ def _source_images(series_list: Sequence[SourceSeries]) -> list[SourceImageForMe
     return items
 
 
-def _probability(f: Finding) -> list[Measurement]:
+def _probability(f: Finding, name: CodedConcept = codes.PROBABILITY) -> list[Measurement]:
     if f.probability is None:
         return []
     props = None
@@ -108,7 +113,7 @@ def _probability(f: Finding) -> list[Measurement]:
                 description="Standard deviation of the probability (model uncertainty)",
             )
         )
-    return [Measurement(name=codes.PROBABILITY, value=float(f.probability), unit=codes.NO_UNITS, properties=props)]
+    return [Measurement(name=name, value=float(f.probability), unit=codes.NO_UNITS, properties=props)]
 
 
 def _sites(f: Finding, laterality: str | None) -> list[FindingSite]:
@@ -154,7 +159,7 @@ def _finding_group(
         QualitativeEvaluation(name=codes.QC_GATE, value=codes.QC_ACCEPTED),
     ]
     if f.grade:
-        name, value = codes.grade_concept(f.grade)
+        name, value = codes.grade_concept(f.grade, f.code)
         evaluations.append(QualitativeEvaluation(name=name, value=value))
     common: dict[str, Any] = dict(
         tracking_identifier=tracking,
@@ -164,6 +169,14 @@ def _finding_group(
         measurements=_probability(f) or None,
         qualitative_evaluations=evaluations,
     )
+    extra: list[Any] = [_text(f.label)] if f.label else []
+    return _group(common, extra=extra, used=used, seg=seg, scs=[sc] if sc is not None else [])
+
+
+def _group(
+    common: dict[str, Any], *, extra: list[Any], used: list[SourceSeries], seg: SegRef | None, scs: list[Dataset]
+) -> Any:
+    """A TID 1501 group (TID 1411 when it references a SEG segment) with text, series and SC items appended."""
     group: VolumetricROIMeasurementsAndQualitativeEvaluations | MeasurementsAndQualitativeEvaluations
     if seg is not None:
         ref = ReferencedSegment(
@@ -182,9 +195,8 @@ def _finding_group(
         group = VolumetricROIMeasurementsAndQualitativeEvaluations(referenced_segment=ref, **common)
     else:
         group = MeasurementsAndQualitativeEvaluations(source_images=_source_images(used) or None, **common)
-    extra: list[Any] = [_text(f.label)] if f.label else []
-    extra += _series_items([s.series_uid for s in used])
-    if sc is not None:
+    extra = extra + list(_series_items([s.series_uid for s in used]))
+    for sc in scs:
         extra.append(
             ImageContentItem(
                 name=codes.ILLUSTRATION,
@@ -195,6 +207,70 @@ def _finding_group(
         )
     _extend(group, extra)
     return group
+
+
+DISC_CODES = ("disc_degeneration", "disc_herniation")
+ROMAN = {"1": "I", "2": "II", "3": "III", "4": "IV", "5": "V"}
+
+
+def _disc_group(
+    *,
+    mo: ModelOutput,
+    level: str,
+    findings: dict[str, Finding],
+    uids: UidFactory,
+    used: list[SourceSeries],
+    seg_refs: dict[int, SegRef],
+    sc_refs: dict[int, Dataset],
+) -> Any:
+    """One group per intervertebral disc: degeneration with its Pfirrmann grade, herniation, both probabilities."""
+    degeneration = findings.get("disc_degeneration")
+    herniation = findings.get("disc_herniation")
+    evaluations = []
+    measurements: list[Measurement] = []
+    texts: list[Any] = []
+    if degeneration is not None:
+        deg_concept = codes.finding_code("disc_degeneration")
+        evaluations.append(
+            QualitativeEvaluation(name=deg_concept, value=codes.PRESENT if degeneration.positive else codes.ABSENT)
+        )
+        if degeneration.grade:
+            name, value = codes.grade_concept(degeneration.grade, "disc_degeneration")
+            evaluations.append(QualitativeEvaluation(name=name, value=value))
+        measurements += _probability(degeneration, codes.PROBABILITY_DEGENERATION)
+        split = degeneration.grade_probabilities or {}
+        if split:
+            words = ", ".join(f"{ROMAN.get(g, g)} {float(p):.2f}" for g, p in sorted(split.items()) if p is not None)
+            texts.append(_text(f"Pfirrmann grade probabilities at {level}: {words}"))
+    if herniation is not None:
+        hern_concept = codes.finding_code("disc_herniation")
+        evaluations.append(
+            QualitativeEvaluation(name=hern_concept, value=codes.PRESENT if herniation.positive else codes.ABSENT)
+        )
+        measurements += _probability(herniation, codes.PROBABILITY_HERNIATION)
+        if herniation.threshold is not None:
+            texts.append(_text(f"Herniation reported present at probability >= {herniation.threshold:.2f}"))
+    evaluations.append(QualitativeEvaluation(name=codes.QC_GATE, value=codes.QC_ACCEPTED))
+    tracking = TrackingIdentifier(
+        uid=uids.uid("sr-tracking", mo.model.name, "disc", level),
+        identifier=clean_text(f"{mo.model.name} disc {level}", "UT")[:64],
+    )
+    common: dict[str, Any] = dict(
+        tracking_identifier=tracking,
+        finding_type=codes.INTERVERTEBRAL_DISC,
+        # the threshold of the group's one Present/Absent call made at a threshold (degeneration is the grade itself)
+        algorithm_id=sr_algorithm(mo.model, herniation.threshold if herniation is not None else None),
+        finding_sites=[
+            FindingSite(anatomic_location=codes.INTERVERTEBRAL_DISC),
+            FindingSite(anatomic_location=codes.level_code(level)),
+        ],
+        measurements=measurements or None,
+        qualitative_evaluations=evaluations,
+    )
+    parts = [f for f in (herniation, degeneration) if f is not None]
+    seg = next((seg_refs[id(f)] for f in parts if id(f) in seg_refs), None)
+    scs = [sc_refs[id(f)] for f in parts if id(f) in sc_refs]
+    return _group(common, extra=texts, used=used, seg=seg, scs=scs)
 
 
 def _not_evaluated_group(*, mo: ModelOutput, uids: UidFactory, used: list[SourceSeries], used_uids: list[str]) -> Any:
@@ -317,7 +393,19 @@ def build_sr(
                 _finding_group(mo=mo, f=f, index=0, uids=uids, used=used, laterality=laterality, seg=None, sc=None)
             )
             continue
+        discs: dict[str, dict[str, Finding]] = {}
+        for f in mo.findings:
+            if f.code in DISC_CODES and f.level:
+                discs.setdefault(f.level, {})[f.code] = f
+        for level, parts in discs.items():
+            groups.append(
+                _disc_group(
+                    mo=mo, level=level, findings=parts, uids=uids, used=used, seg_refs=seg_refs, sc_refs=sc_refs
+                )
+            )
         for i, f in enumerate(mo.findings):
+            if f.code in DISC_CODES and f.level:
+                continue
             groups.append(
                 _finding_group(
                     mo=mo,
