@@ -28,7 +28,7 @@ GRADED = (("L3-L4", "2", 0.18, 0.07), ("L4-L5", "4", 0.93, 0.81), ("L5-S1", "3",
 
 
 def _grade_split(grade: str) -> dict[str, float]:
-    split = {g: 0.02 for g in "12345"}
+    split = dict.fromkeys("12345", 0.02)
     split[grade] = 0.92
     return split
 
@@ -113,7 +113,7 @@ def test_one_group_per_disc_with_pfirrmann_and_herniation_beside_the_stenosis_le
         qc=QCResult(accepted=True),
         findings=disc_findings(vol.array.shape),
     )
-    ds, results = _sr(settings, paths, vol, _lumbar_output(vol, discs))
+    ds, _results = _sr(settings, paths, vol, _lumbar_output(vol, discs))
     groups = measurement_groups(ds)
     stenosis = [g for g in groups if _value(g, "/Finding") == "Spinal stenosis"]
     disc_groups = [g for g in groups if _value(g, "/Finding") == "Intervertebral disc structure"]
