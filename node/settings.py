@@ -335,6 +335,8 @@ class Settings(BaseSettings):
     # model monitoring (worklists.monitoring): the current window and the reference window before it
     monitor_window_days: int = Field(default=7, ge=1, le=365)
     monitor_reference_days: int = Field(default=56, ge=7, le=3650)
+    # /metrics serves the last monitoring report and refreshes it in the background once older than this
+    monitor_refresh_seconds: float = Field(default=60.0, ge=0, le=86400)
     # send each reader's answers to the AI findings of a read study to the DICOM destinations (an SR)
     feedback_sr: bool = False
 

@@ -357,3 +357,42 @@ def test_the_worker_keeps_what_the_qc_gate_measured_on_an_accepted_input():
     )
     (row,) = findings_from_output(out)
     assert row.details["qc_metrics"] == {"pixel_spacing_mm": 0.5, "snr": 21.5}  # JSON has no infinity
+
+
+def test_metrics_serve_the_last_report_and_refresh_it_in_the_background(settings, db, policy):
+    """A scrape does not recompute the monitoring report: it is served from the last one (its age in
+    msknode_monitor_report_age_seconds) and recomputed in a background thread once older than
+    MSKNODE_MONITOR_REFRESH_SECONDS; the next scrape after that shows the new state."""
+    import threading
+    import time
+
+    from node.ops import monitor_metrics
+    from node.ops.metrics import render
+
+    def age(text: str) -> float:
+        (line,) = [x for x in text.splitlines() if x.startswith("msknode_monitor_report_age_seconds ")]
+        return float(line.split()[1])
+
+    s = settings.model_copy(update={"monitor_refresh_seconds": 3600.0})
+    monitor_metrics._CACHE.clear()
+    first = render(s, db)[0].decode()
+    assert "msknode_monitor_status 0.0" in first and age(first) == 0.0
+    now = dt.datetime.now(dt.UTC)
+    seed_history(
+        db,
+        policy,
+        now=now,
+        phases=[Phase(100, 50, 7.5, positive_rate=0.1, read_after_minutes=60), Phase(30, 6, 0.5, positive_rate=0.7)],
+    )
+    assert "msknode_monitor_status 0.0" in render(s, db)[0].decode()  # younger than the refresh age: as it was
+    s = settings.model_copy(update={"monitor_refresh_seconds": 0.0})
+    stale = render(s, db)[0].decode()  # answered from the previous report while a thread computes the new one
+    assert "msknode_monitor_status 0.0" in stale
+    assert age(stale) > 0
+    deadline = time.monotonic() + 60
+    while any(t.name == "monitor-report" for t in threading.enumerate()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    fresh = render(s, db)[0].decode()
+    assert "msknode_monitor_status 1.0" in fresh
+    assert 'msknode_model_check_alert{check="positive_rate",model="knee.acl",version="1.0.0"} 1.0' in fresh
+    monitor_metrics._CACHE.clear()

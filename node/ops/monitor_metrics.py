@@ -12,12 +12,22 @@
 - ``msknode_worklist_overdue{priority}`` — unread studies past their reading target.
 
 Labels are model names, versions, pipelines and priorities: no PHI.
+
+The report reads every finding of the windows (about a second on a few thousand studies), so a scrape
+does not recompute it: `cached_report` serves the last report and, once it is older than
+``MSKNODE_MONITOR_REFRESH_SECONDS``, refreshes it in a background thread (one at a time) while the
+scrape is answered from the previous one; ``msknode_monitor_report_age_seconds`` says how old it is.
+Only the very first scrape of a process waits for a report.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
+import time
 from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
 
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
@@ -30,6 +40,61 @@ log = logging.getLogger(__name__)
 KINDS = ("positive_rate", "qc_refusal_rate", "agreement", "silence", "no_results", "overdue")
 
 
+@dataclass
+class _Cached:
+    report: dict[str, Any] | None = None
+    at: float = 0.0  # time.monotonic() when `report` was computed
+    refreshing: bool = False
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+_CACHE: dict[tuple, _Cached] = {}
+_CACHE_LOCK = threading.Lock()
+
+
+def _compute(settings: Settings, db: Database) -> dict[str, Any]:
+    from worklists.monitoring import node_report
+    from worklists.triage import load_policy
+
+    return node_report(settings, db, load_policy(settings.triage_policy), utcnow())
+
+
+def cached_report(settings: Settings, db: Database) -> tuple[dict[str, Any], float]:
+    """(report, age in seconds): the last monitoring report of this database and configuration,
+    refreshed in the background once older than ``settings.monitor_refresh_seconds``; computed here
+    (raising on failure) only when there is none yet."""
+    key = (
+        db.url,
+        str(settings.weights_dir),
+        str(settings.triage_policy),
+        settings.monitor_window_days,
+        settings.monitor_reference_days,
+    )
+    with _CACHE_LOCK:
+        entry = _CACHE.setdefault(key, _Cached())
+    with entry.lock:
+        if entry.report is None:
+            entry.report, entry.at = _compute(settings, db), time.monotonic()
+            return entry.report, 0.0
+        age = time.monotonic() - entry.at
+        if age > float(settings.monitor_refresh_seconds) and not entry.refreshing:
+            entry.refreshing = True
+            threading.Thread(target=_refresh, args=(entry, settings, db), name="monitor-report", daemon=True).start()
+        return entry.report, age
+
+
+def _refresh(entry: _Cached, settings: Settings, db: Database) -> None:
+    try:
+        report = _compute(settings, db)
+    except Exception:  # the previous report is served; the next scrape tries again
+        log.exception("monitoring report refresh failed")
+        with entry.lock:
+            entry.refreshing = False
+        return
+    with entry.lock:
+        entry.report, entry.at, entry.refreshing = report, time.monotonic(), False
+
+
 class MonitorCollector(Collector):
     def __init__(self, settings: Settings, db: Database):
         self.settings = settings
@@ -39,12 +104,9 @@ class MonitorCollector(Collector):
         return []
 
     def collect(self):
-        from worklists.monitoring import node_report
-        from worklists.triage import load_policy
-
         error = GaugeMetricFamily("msknode_monitor_error", "1 when the monitoring report could not be computed")
         try:
-            rep = node_report(self.settings, self.db, load_policy(self.settings.triage_policy), utcnow())
+            rep, age = cached_report(self.settings, self.db)
         except Exception:  # the node's other metrics are still served; the error is logged
             log.exception("monitoring report failed")
             error.add_metric([], 1.0)
@@ -52,6 +114,9 @@ class MonitorCollector(Collector):
             return
         error.add_metric([], 0.0)
         yield error
+        age_g = GaugeMetricFamily("msknode_monitor_report_age_seconds", "age of the monitoring report served")
+        age_g.add_metric([], round(age, 3))
+        yield age_g
         status = GaugeMetricFamily("msknode_monitor_status", "1 when a monitoring alert is raised")
         status.add_metric([], 1.0 if rep["alerts"] else 0.0)
         yield status
