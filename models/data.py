@@ -10,6 +10,9 @@
   ``PATH/labels.csv`` keyed by ``SeriesInstanceUID`` with one column per head (e.g. ``acl``
   with intact/partial/complete or 0/1). Series without a row are ignored; a row without
   its series is an error.
+- ``images:PATH`` — one folder per series (PNG/JPEG slices, a NIfTI or a MATLAB .mat volume, with a
+  ``series.json`` sidecar for spacing and orientation) and ``PATH/labels.csv`` (a ``series`` column and
+  the label columns of ``dicomcsv:``); see `models.images`.
 - ``realdir:PATH`` — real series without labels: a folder whose subfolders are series (DICOM
   files, or image stacks / arrays with a ``series.json`` sidecar; see `models.realdir`).
   For evaluation only: QC acceptance, the distribution of outputs and, on series the
@@ -101,11 +104,13 @@ def parse_spec(text: str) -> DataSpec:
         if not path:
             raise DataSpecError(f"data spec {text!r}: missing PATH")
         return DataSpec("mrnet", path=Path(path), split=split)
-    if kind in ("dicomcsv", "realdir", "realdata"):
+    if kind in ("dicomcsv", "realdir", "realdata", "images"):
         if not rest:
             raise DataSpecError(f"data spec {text!r}: missing PATH")
         return DataSpec(kind, path=Path(rest))
-    raise DataSpecError(f"unknown data spec kind {kind!r}; expected synthetic, mrnet, dicomcsv, realdir or realdata")
+    raise DataSpecError(
+        f"unknown data spec kind {kind!r}; expected synthetic, mrnet, dicomcsv, images, realdir or realdata"
+    )
 
 
 # --- synthetic ---------------------------------------------------------------------------
@@ -313,6 +318,10 @@ def open_cases(spec: DataSpec | str, task: TaskSpec) -> Iterator[Case]:
             yield phantom_case(task, s)[0]
     elif spec.kind == "mrnet":
         yield from mrnet_cases(task, spec.required_path(), spec.split)
+    elif spec.kind == "images":
+        from models.images import images_cases
+
+        yield from images_cases(task, spec.required_path())
     elif spec.kind == "realdir":
         raise DataSpecError(f"{spec}: real series without labels serve evaluation only (no training targets)")
     elif spec.kind == "realdata":
