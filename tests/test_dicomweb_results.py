@@ -4,20 +4,16 @@ finds and loads them there with QIDO-RS and WADO-RS, next to the images, behind 
 
 from __future__ import annotations
 
-import os
-import subprocess
-
 import pydicom
 import pytest
 import requests
 from dicomweb_client.api import DICOMwebClient
 from test_dispatch import T0, enqueue, with_dest
 
-from models.phantoms import generate, write_dicom_series
 from node.dispatch.outbox import process_outbox
 from node.results import TriageSummary, build_results, save
 from node.settings import DimseDestination
-from support.results_data import knee_output, volume_from_files
+from support.results_data import knee_output, phantom_knee_study, send_to_pacs
 
 pytestmark = [pytest.mark.integration]
 
@@ -35,17 +31,8 @@ def _viewer(orthanc, *, auth: bool = True) -> DICOMwebClient:
 
 
 def test_a_viewer_finds_and_loads_our_sr_and_seg_through_the_pacs_dicomweb(settings, db, orthanc, tmp_path):
-    phantom = generate("knee", 21, n_slices=12, matrix=96)
-    paths = write_dicom_series(phantom, tmp_path / "src", patient_name="Phantom^Web", patient_id="PHWEB")
-    vol = volume_from_files(paths)
-    proc = subprocess.run(
-        ["storescu", "-aet", "STORESCU", "-aec", orthanc.aet, "127.0.0.1", str(orthanc.dicom_port), *map(str, paths)],
-        capture_output=True,
-        text=True,
-        env=dict(os.environ, TCP_NODELAY="1"),
-        timeout=120,
-    )
-    assert proc.returncode == 0, proc.stderr
+    paths, vol = phantom_knee_study(tmp_path / "src", 21, patient_name="Phantom^Web", patient_id="PHWEB")
+    send_to_pacs(orthanc, paths)
     results = build_results(
         output=knee_output(vol),
         source_files={vol.series_uid: paths},

@@ -8,43 +8,23 @@ also when the node itself restarted in between (a new process = a new `Database`
 from __future__ import annotations
 
 import datetime as dt
-import os
-import subprocess
 
 import pytest
 from sqlalchemy import select
 from test_dispatch import T0, enqueue, with_dest
 
-from models.phantoms import generate, write_dicom_series
 from node.db.database import Database
 from node.db.schema import OutboxItem
 from node.dispatch.outbox import process_outbox
 from node.results import TriageSummary, build_results, save
 from node.settings import DimseDestination, StowDestination
-from support.results_data import knee_output, volume_from_files
+from support.results_data import knee_output, phantom_knee_study, send_to_pacs
 
 pytestmark = pytest.mark.integration
 
 
 def _phantom_study(tmp_path, seed: int):
-    phantom = generate("knee", seed, n_slices=12, matrix=96)
-    paths = write_dicom_series(
-        phantom, tmp_path / f"phantom{seed}", patient_name="Phantom^Knee", patient_id=f"PH{seed}"
-    )
-    return paths, volume_from_files(paths)
-
-
-def _send_to_pacs(orthanc, paths):
-    """The modality/PACS side: the source series is in Orthanc before the node answers."""
-    env = dict(os.environ, TCP_NODELAY="1")
-    proc = subprocess.run(
-        ["storescu", "-aet", "STORESCU", "-aec", orthanc.aet, "127.0.0.1", str(orthanc.dicom_port), *map(str, paths)],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=120,
-    )
-    assert proc.returncode == 0, proc.stderr
+    return phantom_knee_study(tmp_path / f"phantom{seed}", seed, patient_name="Phantom^Knee", patient_id=f"PH{seed}")
 
 
 def _states(db):
@@ -54,7 +34,7 @@ def _states(db):
 
 def test_results_reach_the_original_study_exactly_once_across_pacs_and_node_restarts(settings, db, orthanc, tmp_path):
     paths, vol = _phantom_study(tmp_path, seed=11)
-    _send_to_pacs(orthanc, paths)
+    send_to_pacs(orthanc, paths)
     results = build_results(
         output=knee_output(vol),
         source_files={vol.series_uid: paths},

@@ -402,3 +402,26 @@ def measurement_groups(ds) -> list[list[tuple[str, str, object]]]:
 def group_value(group, path_suffix: str):
     vals = [v for p, _t, v in group if p.endswith(path_suffix)]
     return vals[0] if vals else None
+
+
+def phantom_knee_study(directory: Path, seed: int, *, patient_name: str, patient_id: str) -> tuple[list[Path], Volume]:
+    """A small knee phantom series written as DICOM (12 slices of 96 x 96) and its `Volume`."""
+    from models.phantoms import generate, write_dicom_series
+
+    phantom = generate("knee", seed, n_slices=12, matrix=96)
+    paths = write_dicom_series(phantom, directory, patient_name=patient_name, patient_id=patient_id)
+    return paths, volume_from_files(paths)
+
+
+def send_to_pacs(orthanc, paths: list[Path]) -> None:
+    """The modality/PACS side: dcmtk storescu sends the series into Orthanc (and it answered Success)."""
+    import os
+
+    proc = subprocess.run(
+        ["storescu", "-aet", "STORESCU", "-aec", orthanc.aet, "127.0.0.1", str(orthanc.dicom_port), *map(str, paths)],
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, TCP_NODELAY="1"),
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
