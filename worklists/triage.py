@@ -32,6 +32,15 @@ def higher(a: str, b: str) -> str:
 
 
 @dataclass(frozen=True)
+class SameLevel:
+    """A second finding a rule requires at the same vertebral level (``[rule.same_level]``)."""
+
+    code: str
+    min_probability: float
+    grades: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
 class Rule:
     id: str
     code: str
@@ -41,6 +50,9 @@ class Rule:
     why: str
     grades: tuple[str, ...] = ()
     min_levels: int = 1
+    # with it, a finding matches only where this other finding reaches its own threshold at the same
+    # level; the rule's probability is then the lower of the two (the pair is no surer than either)
+    same_level: SameLevel | None = None
 
 
 @dataclass(frozen=True)
@@ -171,7 +183,7 @@ def parse_policy(data: dict[str, Any], *, source: str = "<policy>") -> TriagePol
         where = f"{source}: rule[{i}]"
         if not isinstance(raw, dict):
             raise PolicyError(f"{where} must be a table")
-        allowed = {"id", "code", "grades", "min_probability", "min_levels", "priority", "weight", "why"}
+        allowed = {"id", "code", "grades", "min_probability", "min_levels", "priority", "weight", "why", "same_level"}
         bad = sorted(set(raw) - allowed)
         if bad:
             raise PolicyError(f"{where}: unknown key {bad[0]!r} (known: {', '.join(sorted(allowed))})")
@@ -188,6 +200,7 @@ def parse_policy(data: dict[str, Any], *, source: str = "<policy>") -> TriagePol
         min_levels = raw.get("min_levels", 1)
         if isinstance(min_levels, bool) or not isinstance(min_levels, int) or min_levels < 1:
             raise PolicyError(f"{where}: min_levels must be an integer >= 1")
+        same_level = _same_level(raw.get("same_level"), f"{where}.same_level")
         rules.append(
             Rule(
                 id=rid,
@@ -198,6 +211,7 @@ def parse_policy(data: dict[str, Any], *, source: str = "<policy>") -> TriagePol
                 priority=_priority(raw.get("priority"), f"{where}.priority"),
                 weight=_number(raw.get("weight", 0), f"{where}.weight", 0, 100),
                 why=raw["why"],
+                same_level=same_level,
             )
         )
     return TriagePolicy(
@@ -211,6 +225,26 @@ def parse_policy(data: dict[str, Any], *, source: str = "<policy>") -> TriagePol
         informational_codes=tuple(info_codes),
         source=source,
         targets=tuple(targets),
+    )
+
+
+def _same_level(raw: Any, where: str) -> SameLevel | None:
+    if raw is None:
+        return None
+    if not isinstance(raw, dict):
+        raise PolicyError(f"{where} must be a table (code, grades, min_probability)")
+    bad = sorted(set(raw) - {"code", "grades", "min_probability"})
+    if bad:
+        raise PolicyError(f"{where}: unknown key {bad[0]!r} (known: code, grades, min_probability)")
+    if not isinstance(raw.get("code"), str) or not raw["code"].strip():
+        raise PolicyError(f"{where}: 'code' is required (a non-empty string)")
+    grades = raw.get("grades", [])
+    if not isinstance(grades, list) or not all(isinstance(g, str) and g for g in grades):
+        raise PolicyError(f"{where}: grades must be a list of strings")
+    return SameLevel(
+        code=raw["code"],
+        grades=tuple(grades),
+        min_probability=_number(raw.get("min_probability"), f"{where}.min_probability", 0, 1),
     )
 
 
@@ -284,7 +318,34 @@ def rule_probability(rule: Rule, f: TriageFinding) -> float | None:
     return None
 
 
-def _p_name(rule: Rule) -> str:
+def level_key(level: str | None) -> str | None:
+    """A vertebral level as one spelling ("L4/L5", "l4-l5" and "L4-L5" are one level)."""
+    return level.upper().replace("/", "-").replace(" ", "") if level else None
+
+
+def same_level_partner(
+    rule: Rule, f: TriageFinding, evaluated: Iterable[TriageFinding]
+) -> tuple[float, TriageFinding] | None:
+    """For a rule with ``same_level``: the most probable other finding at ``f``'s level that reaches
+    the ``same_level`` threshold, with its probability (None: there is none, or ``f`` has no level)."""
+    need = rule.same_level
+    key = level_key(f.level)
+    if need is None or key is None:
+        return None
+    other = Rule(
+        id="", code=need.code, grades=need.grades, min_probability=need.min_probability, priority="", weight=0, why=""
+    )
+    best: tuple[float, TriageFinding] | None = None
+    for g in evaluated:
+        if g is f or level_key(g.level) != key:
+            continue
+        p = rule_probability(other, g)
+        if p is not None and p >= need.min_probability and (best is None or p > best[0]):
+            best = (p, g)
+    return best
+
+
+def _p_name(rule: Rule | SameLevel) -> str:
     return f"P({' or '.join(rule.grades)})" if rule.grades else "P(finding)"
 
 
@@ -306,11 +367,33 @@ def _unique(items: list[str]) -> list[str]:
 # reasons also go into the DICOM SR).
 
 NEGATIVE_GRADES = frozenset({"intact", "none", "normal", "absent", "negative"})
+# findings graded on a numbered scale: the grades that are not the finding, and how a grade is written
+# (Pfirrmann I-II is a normal disc; degeneration is P(Pfirrmann III-V))
+NEGATIVE_GRADES_OF = {"disc_degeneration": frozenset({"1", "2"})}
+PFIRRMANN_NAMES = {
+    "1": "Pfirrmann I",
+    "2": "Pfirrmann II",
+    "3": "Pfirrmann III",
+    "4": "Pfirrmann IV",
+    "5": "Pfirrmann V",
+}
+
+
+def grade_name(code: str, grade: str) -> str:
+    """How a grade is written: "Pfirrmann IV" for a disc's "4", "full-thickness" for "full_thickness"."""
+    if code == "disc_degeneration":
+        return PFIRRMANN_NAMES.get(str(grade), f"Pfirrmann {grade}")
+    return grade.replace("_", "-")
+
+
 FINDING_NAMES = {
     "acl_tear": "ACL tear",
     "meniscal_tear": "Meniscal tear",
     "rotator_cuff_tear": "Supraspinatus tear",
     "spinal_stenosis": "Central canal stenosis",
+    "disc_degeneration": "Disc degeneration",
+    "disc_herniation": "Disc herniation",
+    "disc_grading": "Disc degeneration and herniation",
     "superres": "Super-resolution",
 }
 # a model that did not evaluate is recorded under its own name: the finding it would have reported
@@ -319,6 +402,7 @@ MODEL_FINDINGS = {
     "knee.meniscus": "meniscal_tear",
     "shoulder.rotator_cuff": "rotator_cuff_tear",
     "lumbar_spine.stenosis": "spinal_stenosis",
+    "lumbar_spine.discs": "disc_grading",
     "superres": "superres",
 }
 # QC gate reason codes in words. They name no plane and no anatomy: the gate's own message (which
@@ -430,14 +514,15 @@ def display_finding(f: Any) -> FindingDisplay:
             qc_text=why,
         )
     probs = {g: float(p) for g, p in (t.grade_probabilities or {}).items() if p is not None}
-    positive = [(g, p) for g, p in probs.items() if g not in NEGATIVE_GRADES]
+    negative = NEGATIVE_GRADES | NEGATIVE_GRADES_OF.get(t.code, frozenset())
+    positive = [(g, p) for g, p in probs.items() if g not in negative]
     grades = tuple(sorted(positive, key=lambda gp: -gp[1]))
     headline = t.probability
     if headline is None and probs:
         headline = sum(p for _, p in positive)
-    grade = t.grade if t.grade and t.grade not in NEGATIVE_GRADES else (grades[0][0] if grades and t.positive else None)
+    grade = t.grade if t.grade and t.grade not in negative else (grades[0][0] if grades and t.positive else None)
     short = f"{name}{where} {percent(headline)}"
-    split = ", ".join(f"{g.replace('_', '-')} {percent(p)}" for g, p in grades)
+    split = ", ".join(f"{grade_name(t.code, g)} {percent(p)}" for g, p in grades)
     text = f"{short} ({split})" if len(grades) > 1 else short  # one positive grade is the headline itself
     return FindingDisplay(
         name=name,
@@ -473,10 +558,18 @@ def compute(
 
     for rule in policy.rules:
         hits = []
+        partners: dict[int, tuple[float, TriageFinding]] = {}
         for f in evaluated:
             p = rule_probability(rule, f)
-            if p is not None and p >= rule.min_probability:
-                hits.append((p, f))
+            if p is None or p < rule.min_probability:
+                continue
+            if rule.same_level is not None:
+                partner = same_level_partner(rule, f, evaluated)
+                if partner is None:
+                    continue
+                partners[id(f)] = partner
+                p = min(p, partner[0])
+            hits.append((p, f))
         levels = {f.level or f"#{i}" for i, (_, f) in enumerate(hits)}
         if hits and len(levels) >= rule.min_levels:
             best_p, best = max(hits, key=lambda h: h[0])
@@ -488,6 +581,15 @@ def compute(
                 named = sorted(f.level for _, f in hits if f.level)
                 where = f"; {len(hits)} levels: {', '.join(named)}" if named else f"; {len(hits)} findings"
             evidence = f"{_describe(best)}; {_p_name(rule)} {percent(best_p)} >= {percent(rule.min_probability)}{where}"
+            if id(best) in partners and rule.same_level is not None:
+                pp, pf = partners[id(best)]
+                need = rule.same_level
+                evidence = (
+                    f"{_describe(best)} with {_describe(pf)} at the same level;"
+                    f" {_p_name(rule)} {percent(rule_probability(rule, best))} >= {percent(rule.min_probability)},"
+                    f" {_p_name(need)} {percent(pp)}"
+                    f" >= {percent(need.min_probability)}{where}"
+                )
             if rank(rule.priority) < rank(policy.default_priority):
                 reasons.append(f"{rule.priority}: {evidence} - {rule.why} [rule {rule.id}]")
             else:
@@ -502,6 +604,8 @@ def compute(
             p = rule_probability(rule, f)
             if p is None or f.uncertainty is None or p >= rule.min_probability:
                 continue
+            if rule.same_level is not None and same_level_partner(rule, f, evaluated) is None:
+                continue  # a near miss of a pair rule counts only where the other finding is there
             if p + k * f.uncertainty >= rule.min_probability:
                 review = True
                 reasons.append(
