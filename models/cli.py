@@ -15,6 +15,7 @@ from typing import Any
 
 EXIT_BAD_INPUT = 2
 EXIT_REFUSED = 3  # weights missing or failing their integrity check
+EXIT_INTERRUPTED = 130  # Ctrl-C (SIGINT) during training: rerun the command to resume
 
 
 def register(sub) -> None:
@@ -27,7 +28,7 @@ def register(sub) -> None:
 
     pt = sub.add_parser("train", help="train a model on a data spec")
     pt.add_argument("model", help="model name, e.g. knee.acl (or qc.anatomy, superres)")
-    pt.add_argument("--data", required=True, help="synthetic:N:SEED | mrnet:PATH[:SPLIT] | dicomcsv:PATH")
+    pt.add_argument("--data", required=True, help="synthetic:N:SEED | mrnet:PATH[:SPLIT] | dicomcsv:PATH | images:PATH")
     pt.add_argument("--out", required=True, type=Path, help="output folder (weights, sha256, recipe, log)")
     pt.add_argument("--epochs", type=int, default=None)
     pt.add_argument("--batch-size", type=int, default=16)
@@ -37,6 +38,9 @@ def register(sub) -> None:
     pt.add_argument("--cache", type=Path, default=None, help="folder caching preprocessed phantoms")
     pt.add_argument("--max-steps", type=int, default=None, help="stop after this many optimiser steps")
     pt.add_argument("--no-augment", action="store_true")
+    pt.add_argument(
+        "--no-progress", action="store_true", help="no progress bar on stderr (the JSON log lines stay on stdout)"
+    )
     pt.add_argument(
         "--patch-steps",
         type=int,
@@ -80,7 +84,11 @@ def register(sub) -> None:
 
     pe = sub.add_parser("evaluate", help="evaluate a model on a data spec (metrics with 95%% bootstrap CIs)")
     pe.add_argument("model")
-    pe.add_argument("--data", required=True, help="synthetic:N:SEED | mrnet:PATH[:SPLIT] | dicomcsv:PATH")
+    pe.add_argument(
+        "--data",
+        required=True,
+        help="synthetic:N:SEED | mrnet:PATH[:SPLIT] | dicomcsv:PATH | images:PATH | realdir:PATH",
+    )
     pe.add_argument(
         "--weights", type=Path, default=None, help="a checkpoint (with its .sha256) instead of the registry's"
     )
@@ -327,12 +335,28 @@ def cmd_train(args, settings) -> int:
                 patch_steps=TASKS[args.model].patch_pretrain_steps if args.patch_steps is None else args.patch_steps,
                 patch_lr=args.patch_lr,
             )
+            from models.training import ProgressBar
+
+            bar = None if getattr(args, "no_progress", False) else ProgressBar()
             path = train(
-                TASKS[args.model], classifier_recipe, args.out, cache_root=args.cache, workers=args.workers, log=log
+                TASKS[args.model],
+                classifier_recipe,
+                args.out,
+                cache_root=args.cache,
+                workers=args.workers,
+                log=bar.write if bar is not None else log,
+                progress=bar,
             )
     except (DataSpecError, TrainingError, VolumeError) as e:
         _err(str(e))
         return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        _err(
+            f"interrupted; run the same command again to resume from the last finished epoch "
+            f"({Path(args.out) / 'checkpoint.pt'})"
+        )
+        return EXIT_INTERRUPTED
     print(f"weights: {path}")
     return 0
 

@@ -283,6 +283,86 @@ def _resumable(ckpt_path: Path, log: Callable[[str], None]) -> dict[str, Any] | 
         return None
 
 
+def read_log_epochs(log_path: Path) -> list[dict[str, Any]]:
+    """The epoch records of ``train_log.jsonl``, one per epoch (the last written wins), in epoch order."""
+    by_epoch: dict[int, dict[str, Any]] = {}
+    if not Path(log_path).is_file():
+        return []
+    for line in Path(log_path).read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            continue  # a line cut short by an interruption
+        if isinstance(rec, dict) and isinstance(rec.get("epoch"), int):
+            by_epoch[rec["epoch"]] = rec
+    return [by_epoch[k] for k in sorted(by_epoch)]
+
+
+def _keep_log_epochs(log_path: Path, start_epoch: int) -> None:
+    """Keeps in ``train_log.jsonl`` only the epochs before ``start_epoch`` (those the checkpoint holds)."""
+    if not log_path.is_file():
+        return
+    kept = [r for r in read_log_epochs(log_path) if r["epoch"] < start_epoch]
+    if not kept:
+        log_path.unlink()
+        return
+    tmp = log_path.with_suffix(".jsonl.tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+    tmp.replace(log_path)
+
+
+class ProgressBar:
+    """Per-epoch progress of `train` (its ``progress`` callback) with the loss and the validation metric.
+
+    On a terminal: a bar redrawn in place (carriage return) with the running loss, finished by the epoch's
+    validation loss and AUC. Elsewhere (CI logs, files): one line per epoch. ``write`` prints a log line
+    without tearing a bar that is being drawn."""
+
+    def __init__(self, stream: Any = None, *, tty: bool | None = None, width: int = 24, min_interval: float = 0.2):
+        import sys
+
+        self.stream = stream if stream is not None else sys.stderr
+        self.tty = bool(self.stream.isatty()) if tty is None else tty
+        self.width = width
+        self.min_interval = min_interval
+        self._drawn = False
+        self._last = 0.0
+
+    def _bar(self, done: int, total: int) -> str:
+        filled = round(self.width * min(1.0, done / max(1, total)))
+        return "[" + "#" * filled + "." * (self.width - filled) + f"] {done}/{total}"
+
+    def __call__(self, ev: dict[str, Any]) -> None:
+        epoch = f"epoch {int(ev['epoch']) + 1}/{ev['epochs']}"
+        if ev.get("event") == "step":
+            now = time.monotonic()
+            if not self.tty or (now - self._last < self.min_interval and ev["batch"] < ev["batches"]):
+                return
+            self._last = now
+            self.stream.write(f"\r{epoch} {self._bar(ev['batch'], ev['batches'])} loss {ev['loss']:.4f}")
+            self.stream.flush()
+            self._drawn = True
+            return
+        auc = ev.get("val_auc")
+        text = (
+            f"{epoch} {self._bar(ev['batches'], ev['batches'])} loss {ev['loss']:.4f} "
+            f"val_loss {ev['val_loss']:.4f} val_auc {'-' if auc is None else f'{auc:.3f}'} {ev['seconds']:.1f} s"
+        )
+        self.stream.write(("\r\033[K" if self.tty else "") + text + "\n")
+        self.stream.flush()
+        self._drawn = False
+
+    def write(self, message: str, out: Any = None) -> None:
+        """Prints ``message`` (to ``out``, default stdout) below a bar being drawn, which the next step redraws."""
+        import sys
+
+        if self._drawn:
+            self.stream.write("\r\033[K")
+            self.stream.flush()
+            self._drawn = False
+        print(message, file=out if out is not None else sys.stdout, flush=True)
+
+
 def train(
     task: TaskSpec,
     recipe: Recipe,
@@ -294,14 +374,18 @@ def train(
     resume: bool = True,
     items: list[dict[str, Any]] | None = None,
     val_items: list[dict[str, Any]] | None = None,
+    progress: Callable[[dict[str, Any]], None] | None = None,
 ) -> Path:
     """Train ``task`` per ``recipe``; returns the path of the written ``model.pt``.
 
     ``items`` / ``val_items``: network-grid items prepared elsewhere (``recipe.data`` then only describes them);
-    without ``val_items`` the last ``val_fraction`` of the items validates."""
+    without ``val_items`` the last ``val_fraction`` of the items validates. ``progress`` (e.g. a `ProgressBar`)
+    gets ``{"event": "step", ...}`` after every optimiser step and ``{"event": "epoch", ...}`` (the epoch's
+    log record) once its checkpoint is written."""
     from monai.data import DataLoader, Dataset
     from monai.utils import set_determinism
 
+    t_start = time.time()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(max(1, int(recipe.threads)))
@@ -398,7 +482,12 @@ def train(
         sched.load_state_dict(ck["sched"])
         start_epoch = int(ck["epoch"]) + 1
         best = {"val_loss": float(ck["best_val_loss"]), "epoch": int(ck["best_epoch"]), "state": ck["best_state"]}
+        if ck.get("generator") is not None:
+            gen.set_state(ck["generator"])
         log(f"resumed from {ckpt_path} at epoch {start_epoch}")
+    elif ck is not None:
+        log(f"not resuming: {ckpt_path} was written for another task or recipe; training starts over")
+    _keep_log_epochs(log_path, start_epoch)  # a fresh start forgets an earlier run's epochs
     (out_dir / "recipe.json").write_text(
         json.dumps({"task": task.name, "task_version": task.version, **asdict(recipe), "split": split}, indent=2) + "\n"
     )
@@ -423,6 +512,17 @@ def train(
             sums["loss"] += float(loss.detach())
             sums["cls"] += float(cls.detach())
             sums["aux"] += float(aux.detach())
+            if progress is not None:
+                progress(
+                    {
+                        "event": "step",
+                        "epoch": epoch,
+                        "epochs": recipe.epochs,
+                        "batch": n_batches,
+                        "batches": steps_per_epoch,
+                        "loss": sums["loss"] / n_batches,
+                    }
+                )
             if recipe.max_steps is not None and step >= recipe.max_steps:
                 break
         val = _evaluate_val(net, val_items, task, recipe.batch_size)
@@ -455,9 +555,12 @@ def train(
                 "best_val_loss": best["val_loss"],
                 "best_epoch": best["epoch"],
                 "best_state": best["state"],
+                "generator": gen.get_state(),
             },
             ckpt_path,
         )
+        if progress is not None:
+            progress({"event": "epoch", "epochs": recipe.epochs, "batches": steps_per_epoch, **rec})
         if recipe.max_steps is not None and step >= recipe.max_steps:
             break
     if best["state"] is not None:
@@ -504,8 +607,14 @@ def train(
         "val_auc": val.get("val_auc"),
     }
     summary["warnings"] = split["warnings"]
+    epochs_log = read_log_epochs(log_path)
+    summary["wall_time_s"] = round(time.time() - t_start, 1)
+    summary["epoch_seconds_total"] = round(sum(float(r.get("seconds") or 0) for r in epochs_log), 1)
+    summary["resumed_at_epoch"] = start_epoch if start_epoch > 0 else None
     (out_dir / "train_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    write_training_card(out_dir, task, recipe, summary, split, temperature=temperature, threshold=threshold)
+    write_training_card(
+        out_dir, task, recipe, summary, split, temperature=temperature, threshold=threshold, epochs_log=epochs_log
+    )
     log(json.dumps(summary))
     return path
 
@@ -587,10 +696,12 @@ def write_training_card(
     *,
     temperature: float,
     threshold: float,
+    epochs_log: list[dict[str, Any]] | None = None,
 ) -> None:
     """card.json + MODEL_CARD.md of freshly trained weights, from what training knows: the data spec, the cases on
-    each side of the split, the recipe and the validation figures (which chose the epoch and the calibration,
-    so they are not an independent estimate: `msknode evaluate` on held-out cases gives that)."""
+    each side of the split, the recipe, the figures of every epoch (``epochs_log``), the wall time and the
+    validation figures (which chose the epoch and the calibration, so they are not an independent estimate:
+    `msknode evaluate` on held-out cases gives that)."""
     from models.cards import write_card
 
     init = f", fine-tuned from {recipe.init} (sha256 {recipe.init_sha256})" if recipe.init else ""
@@ -604,6 +715,17 @@ def write_training_card(
     }
     auc = summary.get("val_auc")
     metrics["validation_auc"] = None if auc is None else round(float(auc), 4)  # None: one class in validation
+    if summary.get("wall_time_s") is not None:
+        metrics["wall_time_s"] = summary["wall_time_s"]  # of the run that finished (after a resume: that run only)
+    if summary.get("epoch_seconds_total") is not None:
+        metrics["epoch_seconds_total"] = summary["epoch_seconds_total"]  # every epoch, resumed runs included
+    if summary.get("resumed_at_epoch") is not None:
+        metrics["resumed_at_epoch"] = summary["resumed_at_epoch"]
+    epoch_columns = ["epoch", "step", "seconds", "loss", "val_loss", "val_auc", "lr"]
+    epoch_rows = [
+        ["-" if r.get(c) is None else (f"{r[c]:.3g}" if c == "lr" else r[c]) for c in epoch_columns]
+        for r in (epochs_log or [])
+    ]
     card = {
         **task.card_facts(),
         "version": task.version,
@@ -628,6 +750,15 @@ def write_training_card(
             "Figures come from the validation split that also chose the epoch and calibration.",
         ],
     }
+    if epoch_rows:
+        card["epochs"] = [{c: r.get(c) for c in epoch_columns} for r in epochs_log or []]
+        card["tables"] = [
+            {
+                "title": "Per epoch (counted from 0 like best_epoch): training loss, validation loss and AUC",
+                "columns": epoch_columns,
+                "rows": epoch_rows,
+            }
+        ]
     site = site_data(recipe.data)
     if site is not None:
         card["site_data"] = site
