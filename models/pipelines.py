@@ -33,7 +33,7 @@ ROLES: dict[str, tuple[str, ...]] = {
 CANDIDATES: dict[str, tuple[str, ...]] = {
     "knee": ("knee.acl", "knee.meniscus"),
     "shoulder": ("shoulder.rotator_cuff",),
-    "lumbar_spine": ("lumbar_spine.stenosis",),
+    "lumbar_spine": ("lumbar_spine.stenosis", "lumbar_spine.discs"),
 }
 
 

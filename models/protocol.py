@@ -235,11 +235,18 @@ def _anatomy(ckpt: Checkpoint, options: dict[str, Any]):
     return AnatomyClassifier.from_checkpoint(ckpt)
 
 
+def _discs(ckpt: Checkpoint, options: dict[str, Any]):
+    from models.discs.model import DiscModel
+
+    return DiscModel.from_checkpoint(ckpt, task=options.get("task"), gate=options.get("gate"))
+
+
 #: checkpoint format (up to the version) -> builder of the loaded model
 FORMATS: dict[str, Callable[[Checkpoint, dict[str, Any]], Any]] = {
     "msknode.classifier": _classifier,
     "msknode.superres": _superres,
     "msknode.anatomy": _anatomy,
+    "msknode.discs": _discs,
 }
 
 

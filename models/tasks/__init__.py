@@ -15,6 +15,7 @@ TASK_MODULES = (
     "models.tasks.knee_meniscus",
     "models.tasks.shoulder_cuff",
     "models.tasks.spine_stenosis",
+    "models.tasks.spine_discs",
 )
 
 
