@@ -30,6 +30,7 @@ from worklists import audit, entries
 from worklists.errors import InvalidChange
 from worklists.feedback import study_feedback
 from worklists.tables import PRIORITIES
+from worklists.triage import PFIRRMANN_NAMES, level_key
 
 router = APIRouter(include_in_schema=False)
 ROUTING_PIPELINES = {name: list(roles) for name, roles in PIPELINE_ROLES.items()}
@@ -249,6 +250,41 @@ def worklist_next(request: Request, p: Principal = Depends(principal)):
 
 # ---- study ---------------------------------------------------------------------------------
 
+# the lumbar levels every spine study's table lists (a model that located no disc at one leaves its cells empty)
+LUMBAR_LEVELS = ("L1-L2", "L2-L3", "L3-L4", "L4-L5", "L5-S1")
+# the findings graded per level and their column in the study page's level table
+LEVEL_COLUMNS = {"spinal_stenosis": "stenosis", "disc_degeneration": "degeneration", "disc_herniation": "herniation"}
+
+
+def level_rows(findings: list[dict]) -> tuple[list[dict], list[dict]]:
+    """The per-level table of a spine study and the findings it does not hold.
+
+    One row per vertebral level, L1-L2 ... L5-S1 always (and any other level a model named, such as
+    T12-L1, in head-to-feet order), each with its stenosis, disc degeneration (Pfirrmann) and disc
+    herniation findings; a cell is a list (a shadow version's finding sits beside the active one's).
+    Findings without a level, or with a level but no column, are returned apart.
+    """
+    rows: dict[str, dict] = {}
+    rest = []
+    for f in findings:
+        key = level_key(f.get("level"))
+        column = LEVEL_COLUMNS.get(f["code"])
+        if key is None or column is None:
+            rest.append(f)
+            continue
+        rows.setdefault(key, {"level": key, "stenosis": [], "degeneration": [], "herniation": []})[column].append(f)
+    if not rows:
+        return [], rest
+    for key in LUMBAR_LEVELS:
+        rows.setdefault(key, {"level": key, "stenosis": [], "degeneration": [], "herniation": []})
+
+    def order(level: str) -> tuple[int, int, str]:
+        region = {"C": 0, "T": 1, "L": 2, "S": 3}.get(level[:1], 4)
+        digits = "".join(ch for ch in level.split("-")[0][1:] if ch.isdigit())
+        return region, int(digits or 99), level
+
+    return [rows[k] for k in sorted(rows, key=order)], rest
+
 
 @router.get("/studies/{study_id}")
 def study_page(request: Request, study_id: int, p: Principal = Depends(principal)):
@@ -260,10 +296,17 @@ def study_page(request: Request, study_id: int, p: Principal = Depends(principal
         audit_view(s, p, study_id, "page")
         answers = study_feedback(s, study_id, user=p.username)
         users = [u["username"] for u in list_users(s) if u["active"]] if p.is_admin else []
-    stenosis = [f for f in d["findings"] if f["level"]]
-    other = [f for f in d["findings"] if not f["level"]]
+    levels, other = level_rows(d["findings"])
     return _render(
-        request, "study.html", p, study=d, stenosis=stenosis, other_findings=other, users=users, feedback=answers
+        request,
+        "study.html",
+        p,
+        study=d,
+        levels=levels,
+        other_findings=other,
+        pfirrmann=PFIRRMANN_NAMES,
+        users=users,
+        feedback=answers,
     )
 
 
