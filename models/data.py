@@ -17,6 +17,9 @@
   files, or image stacks / arrays with a ``series.json`` sidecar; see `models.realdir`).
   For evaluation only: QC acceptance, the distribution of outputs and, on series the
   sidecar marks ``normal``, the false-positive rate.
+- ``spider:PATH`` — a folder in the layout of the SPIDER mid-sagittal corpus (``midsagittal_images/``,
+  ``radiological_gradings.csv``, ``overview.csv``, ``disc_crops/``): ``lumbar_spine.discs`` trains and
+  evaluates on it (`models.discs.spider`).
 - ``realdata:PATH`` — the labelled development corpus of real MRI (`models.realdata`;
   ``realdata:auto`` finds it beside the checkout). Only ``qc.anatomy`` trains and evaluates on it
   (`models.qc_training`, `models.qc_evaluation`).
@@ -96,6 +99,10 @@ def parse_spec(text: str) -> DataSpec:
         if n < 1 or seed < 0:
             raise DataSpecError(f"data spec {text!r}: N must be >= 1 and SEED >= 0")
         return DataSpec("synthetic", n=n, seed=seed)
+    if kind == "spider":
+        if not rest:
+            raise DataSpecError(f"data spec {text!r}: missing PATH")
+        return DataSpec("spider", path=Path(rest))
     if kind == "mrnet":
         path, split = rest, "train"
         head, sep, tail = rest.rpartition(":")
@@ -322,6 +329,8 @@ def open_cases(spec: DataSpec | str, task: TaskSpec) -> Iterator[Case]:
         from models.images import images_cases
 
         yield from images_cases(task, spec.required_path())
+    elif spec.kind == "spider":
+        raise DataSpecError(f"{spec}: SPIDER-layout folders serve lumbar_spine.discs only (models.discs)")
     elif spec.kind == "realdir":
         raise DataSpecError(f"{spec}: real series without labels serve evaluation only (no training targets)")
     elif spec.kind == "realdata":

@@ -114,6 +114,7 @@ def patch(
     mm: float = PATCH_MM,
     angle: float = 0.0,
     scale: float = 1.0,
+    normalise: bool = True,
 ) -> np.ndarray:
     """A ``size`` x ``size`` patch of ``mm`` mm pixels centred on canonical pixel (r, c), rotated by
     ``angle`` radians and zoomed by ``scale`` (augmentation), renormalised to its own 99th percentile."""
@@ -123,5 +124,10 @@ def patch(
     ca, sa = np.cos(angle), np.sin(angle)
     ry, rx = ca * dy - sa * dx, sa * dy + ca * dx
     out = map_coordinates(canon.image, [r + ry / sr, c + rx / sc], order=1, mode="constant", cval=0.0)
+    return normalise_patch(out) if normalise else out.astype(np.float32)
+
+
+def normalise_patch(out: np.ndarray) -> np.ndarray:
+    """A patch divided by its own 99th percentile, clipped to [0, 1.5]."""
     hi = float(np.percentile(out, 99)) if out.size else 1.0
     return np.clip(out / max(hi, 1e-3), 0.0, 1.5).astype(np.float32)
