@@ -301,6 +301,22 @@ def cmd_train(args, settings) -> int:
                     workers=args.workers,
                     log=log,
                 )
+        elif args.model == "lumbar_spine.discs":
+            from models.discs.training import DiscRecipe, train_discs
+
+            if spec.kind != "spider":
+                _err("lumbar_spine.discs trains on --data spider:PATH (a folder in the SPIDER mid-sagittal layout)")
+                return EXIT_BAD_INPUT
+            disc_recipe = DiscRecipe(
+                data=str(spec),
+                seed=args.seed,
+                loc_epochs=args.epochs or DiscRecipe.loc_epochs,
+                grade_epochs=args.epochs or DiscRecipe.grade_epochs,
+                lr=args.lr or DiscRecipe.lr,
+                threads=_threads(settings),
+                augment=not args.no_augment,
+            )
+            path = train_discs(spec.required_path(), args.out, disc_recipe, log=log)
         elif args.model == MODEL_SUPERRES:
             from models.superres.training import train_to
 

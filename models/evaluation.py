@@ -553,6 +553,21 @@ def evaluate(
         model = entry.loader(registry, weights, verify_weights(weights))
     else:
         model = registry.get(name)
+    if (spec.kind == "spider") != (name == "lumbar_spine.discs"):
+        raise DataSpecError(f"{spec}: lumbar_spine.discs evaluates on spider:PATH, and spider:PATH serves it only")
+    if spec.kind == "spider":
+        from models.discs.evaluation import evaluate_spider
+
+        result = evaluate_spider(model, spec.required_path(), bootstrap=bootstrap, log=log)
+        return finite_or_none(
+            {
+                "model": name,
+                "version": model.info.version,
+                "weights_sha256": model.info.weights_sha256,
+                "data": str(spec),
+                **result,
+            }
+        )
     if loso and not (name == MODEL_ANATOMY and spec.kind == "realdata"):
         raise DataSpecError("--loso is for qc.anatomy on realdata:PATH")
     if name == MODEL_ANATOMY and spec.kind in ("synthetic", "realdata"):

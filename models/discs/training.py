@@ -55,7 +55,7 @@ CITATION = (
 class DiscRecipe:
     data: str
     seed: int = 0
-    loc_epochs: int = 40
+    loc_epochs: int = 30
     grade_epochs: int = 30
     loc_batch: int = 8
     grade_batch: int = 64
