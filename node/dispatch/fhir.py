@@ -127,7 +127,7 @@ def _observation(report: StudyReport, f: ReportFinding, n: int, dest: FhirDestin
     if f.uncertainty is not None:
         components.append(_ratio_component(codes.STANDARD_DEVIATION, f.uncertainty))
     if f.grade:
-        name, value = codes.grade_concept(f.grade)
+        name, value = codes.grade_concept(f.grade, f.code)
         components.append({"code": _cc(name), "valueCodeableConcept": _cc(value)})
     if components:
         obs["component"] = components
