@@ -32,7 +32,12 @@ def register(sub) -> None:
     pt.add_argument("--out", required=True, type=Path, help="output folder (weights, sha256, recipe, log)")
     pt.add_argument("--epochs", type=int, default=None)
     pt.add_argument("--batch-size", type=int, default=16)
-    pt.add_argument("--lr", type=float, default=2e-3)
+    pt.add_argument(
+        "--lr",
+        type=float,
+        default=None,
+        help="peak learning rate (default 2e-3; superres fine-tuning from --init: 5e-4)",
+    )
     pt.add_argument("--seed", type=int, default=0)
     pt.add_argument("--workers", type=int, default=1, help="processes generating phantoms")
     pt.add_argument("--cache", type=Path, default=None, help="folder caching preprocessed phantoms")
@@ -79,6 +84,17 @@ def register(sub) -> None:
         action="store_true",
         help="qc.anatomy only: keep the default thresholds instead of calibrating them leave-one-source-"
         "out (which trains, or reuses from the cache, one model per real source)",
+    )
+    pt.add_argument(
+        "--resume",
+        action="store_true",
+        help="superres only: continue the run in --out from its last epoch (train_state.pt)",
+    )
+    pt.add_argument(
+        "--phantoms",
+        type=int,
+        default=None,
+        help="superres with --data realdata:PATH: phantoms mixed with the real volumes (default 40)",
     )
     pt.set_defaults(func=cmd_train)
 
@@ -318,12 +334,9 @@ def cmd_train(args, settings) -> int:
             )
             path = train_discs(spec.required_path(), args.out, disc_recipe, log=log)
         elif args.model == MODEL_SUPERRES:
-            from models.superres.training import train_to
-
-            if spec.kind != "synthetic":
-                _err("superres trains on synthetic:N:SEED (noise-free phantoms as truth)")
-                return EXIT_BAD_INPUT
-            train_to(args.out, n_phantoms=spec.n, seed=spec.seed, threads=_threads(settings))
+            rc = _train_superres(args, spec, settings, log)
+            if rc:
+                return rc
             path = Path(args.out) / "model.pt"
         else:
             from models.tasks import TASKS
@@ -343,7 +356,7 @@ def cmd_train(args, settings) -> int:
                 seed=args.seed,
                 epochs=args.epochs or 8,
                 batch_size=args.batch_size,
-                lr=args.lr,
+                lr=args.lr if args.lr is not None else 2e-3,
                 threads=_threads(settings),
                 max_steps=args.max_steps,
                 augment=not args.no_augment,
@@ -374,6 +387,77 @@ def cmd_train(args, settings) -> int:
         )
         return EXIT_INTERRUPTED
     print(f"weights: {path}")
+    return 0
+
+
+def _train_superres(args, spec, settings, log) -> int:
+    """``train superres``: phantoms (``synthetic:N:SEED``) + the real corpus (``--realdata PATH|auto|none``, or
+    ``--data realdata:PATH``), fine-tuned from ``--init`` when given; one progress line per epoch; the model card
+    written into ``--out``; ``--resume`` continues an interrupted run."""
+    from models.errors import SuperResError
+    from models.realdata import realdata_root
+    from models.superres.data import TRAIN_SEED, resolve_families
+    from models.superres.training import train_mix_to
+
+    if spec.kind == "synthetic":
+        n_phantoms, seed = spec.n, spec.seed
+        where = args.realdata
+        root = None if where == "none" else (realdata_root() if where == "auto" else Path(where))
+        if where not in ("auto", "none") and (root is None or not root.is_dir()):
+            _err(f"--realdata {where}: not a folder")
+            return EXIT_BAD_INPUT
+        if where == "auto" and root is None:
+            print("real corpus not found (MSKNODE_REALDATA, ../shared/realdata): phantoms only", flush=True)
+    elif spec.kind == "realdata":
+        root = spec.required_path()
+        if not root.is_dir():
+            _err(f"{spec}: not a folder")
+            return EXIT_BAD_INPUT
+        n_phantoms, seed = (40 if args.phantoms is None else args.phantoms), TRAIN_SEED
+    else:
+        _err("superres trains on synthetic:N:SEED (phantoms; plus --realdata) or realdata:PATH (real MR + phantoms)")
+        return EXIT_BAD_INPUT
+    try:
+        exclude = resolve_families(args.exclude_source)
+    except SuperResError as e:
+        _err(f"--exclude-source: {e}; families: knee, shoulder, lumbar, brain, other")
+        return EXIT_BAD_INPUT
+    init = args.init
+    if init == "registry":
+        found = _registry(settings).weights_path("superres")
+        if found is None:
+            _err("--init registry: the registry holds no weights for superres")
+            return EXIT_BAD_INPUT
+        init = found
+
+    def progress(rec: dict[str, Any]) -> None:
+        if "step" in rec and "l1" in rec:
+            val = "  ".join(f"{k[4:]} {v:+.3f}" for k, v in rec.items() if k.startswith("val_"))
+            log(
+                f"epoch {rec['step'] // max(1, rec.get('epoch_steps', 50))}: step {rec['step']}  loss {rec['l1']:.5f} "
+                f"(interpolated {rec['l1_interpolated']:.5f})  {val}  {rec['seconds']:.0f} s"
+            )
+        elif "real_volume" not in rec:
+            log(json.dumps(rec))
+
+    try:
+        train_mix_to(
+            args.out,
+            realdata_root=root,
+            n_phantoms=n_phantoms,
+            seed=seed,
+            exclude=exclude,
+            epochs=args.epochs,
+            steps=args.max_steps,
+            init=Path(init) if init else None,
+            lr=args.lr,
+            threads=_threads(settings),
+            resume=args.resume,
+            log=progress,
+        )
+    except SuperResError as e:
+        _err(str(e))
+        return EXIT_BAD_INPUT
     return 0
 
 

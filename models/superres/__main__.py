@@ -29,6 +29,12 @@ def main(argv: list[str] | None = None) -> int:
     tr.add_argument("--seed", type=int, default=TRAIN_SEED)
     tr.add_argument("--threads", type=int, default=1)
     tr.add_argument("--reformat-share", type=float, default=0.0)
+    lo = sub.add_parser("loso", help="leave-one-source-out on real MR: fold weights vs current vs tricubic")
+    lo.add_argument("--realdata", type=Path, required=True, help="the real corpus (models.realdata)")
+    lo.add_argument("--realdir", type=Path, required=True, help="its realdir view (python -m models.realdir export)")
+    lo.add_argument("--out", type=Path, required=True)
+    lo.add_argument("--epochs", type=int, default=8)
+    lo.add_argument("--phantoms", type=int, default=40)
     ev = sub.add_parser("evaluate", help="foreground PSNR/SSIM gain over tricubic")
     ev.add_argument("--weights", type=Path, default=WEIGHTS_PATH)
     ev.add_argument("--data", default="synthetic:200:9000000", help="synthetic:N:SEED, or 'real' for real MR")
@@ -51,6 +57,13 @@ def main(argv: list[str] | None = None) -> int:
                 log=log,
             )
             print(json.dumps({"weights": recipe["weights"], "sha256": recipe["sha256"]}))
+            return 0
+        if args.cmd == "loso":
+            from models.superres.loso import run
+
+            torch.set_num_threads(1)
+            loso = run(args.realdata, args.realdir, args.out, epochs=args.epochs, n_phantoms=args.phantoms)
+            print(json.dumps(loso["decision"]))
             return 0
         torch.set_num_threads(args.threads)
         model = SuperResModel.load(args.weights)

@@ -128,3 +128,77 @@ def parse_synthetic(spec: str) -> tuple[int, int]:
         return int(parts[1]), int(parts[2])
     except ValueError as exc:
         raise SuperResError(f"data spec {spec!r}: N and SEED must be integers") from exc
+
+
+# --------------------------------------------------------------------------------------
+# real MR as training truth (no labels needed: the thick-slice acquisition is simulated from it)
+
+#: the real sources usable as volumes, grouped by family (the unit of the leave-one-source-out folds)
+REAL_FAMILIES: dict[str, tuple[str, ...]] = {
+    "knee": ("knee_stacks", "siemens_knee"),
+    "shoulder": ("shoulder_stacks",),
+    "lumbar": ("lumbar_volumes",),
+    "brain": ("mni152", "pydicom_mr"),
+    "other": ("elbow_stacks", "hip_stacks"),
+}
+MIN_TRUTH_SLICES = 8  # fewer slices (journal figure panels, single images) are not a volume
+
+
+@dataclass
+class RealTruth:
+    key: str
+    family: str
+    array: np.ndarray  # (slices, rows, cols); uint8 when the source is 8-bit (memory), else float32
+
+
+def family_of(source: str) -> str:
+    for fam, sources in REAL_FAMILIES.items():
+        if source in sources:
+            return fam
+    raise SuperResError(f"real source {source!r} is not usable as a super-resolution volume")
+
+
+def resolve_families(names) -> list[str]:
+    """Family names (knee, shoulder, lumbar, brain, other) or source names -> family names."""
+    out: list[str] = []
+    for name in names:
+        fam = name if name in REAL_FAMILIES else family_of(name)
+        if fam not in out:
+            out.append(fam)
+    return out
+
+
+def real_truth_volumes(root: Path | str | None, *, exclude=(), log=None) -> list[RealTruth]:
+    """Real volumes of the corpus (`models.realdata.catalogue`) as super-resolution truth.
+
+    - teaching stacks (knee, shoulder, elbow, hip): the burned-in overlays masked as the QC gate does
+      (`models.qc.preprocess.mask_overlay`); their native 3.5 mm slice axis is the truth's slice axis;
+    - the Siemens knee DICOM and pydicom-data's ``emri_small`` as acquired;
+    - the lumbar volumes: their sagittal axis was resampled from thicker slices (runs of equal slice-to-slice
+      differences), so the volume is reformatted with the native anterior-posterior axis as slice axis;
+    - MNI152 (1 mm) in its three planes, every slice.
+    Series with fewer than `MIN_TRUTH_SLICES` slices and the families in ``exclude`` are left out."""
+    from models.qc.preprocess import mask_overlay
+    from models.realdata import catalogue, mni_slices
+
+    skip = set(resolve_families(exclude))
+    sources = [s for fam, srcs in REAL_FAMILIES.items() if fam not in skip for s in srcs]
+    out: list[RealTruth] = []
+    for s in catalogue(root, sources):
+        fam = family_of(s.source)
+        if s.kind == "nifti":
+            arr = mni_slices(s.plane, step=1)
+        else:
+            arr = np.asarray(s.volume().array, dtype=np.float32)
+            if s.kind == "stack":
+                arr = mask_overlay(arr)
+            elif s.kind == "npz":
+                arr = np.ascontiguousarray(arr.transpose(2, 1, 0))  # slices along the native A-P axis
+        if arr.ndim != 3 or arr.shape[0] < MIN_TRUTH_SLICES:
+            continue
+        if arr.min() >= 0 and arr.max() <= 255 and np.array_equal(arr, np.round(arr)):
+            arr = arr.astype(np.uint8)
+        out.append(RealTruth(s.key, fam, np.ascontiguousarray(arr)))
+        if log is not None:
+            log({"real_volume": s.key, "family": fam, "shape": list(arr.shape)})
+    return out
