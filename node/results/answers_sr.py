@@ -48,7 +48,7 @@ def _group(a: Any, index: int, uids: UidFactory) -> MeasurementsAndQualitativeEv
     if a.answer in SIDES:
         sites.append(FindingSite(anatomic_location=codes.MENISCUS, topographical_modifier=SIDES[a.answer]))
     elif a.answer_positive:
-        name, value = codes.grade_concept(a.answer)
+        name, value = codes.grade_concept(a.answer, a.code)
         evaluations.append(QualitativeEvaluation(name=name, value=value))
     group = MeasurementsAndQualitativeEvaluations(
         tracking_identifier=TrackingIdentifier(
