@@ -230,3 +230,18 @@ def test_grade_concepts_of_the_pfirrmann_scale():
     assert result_codes.grade_concept("severe", "spinal_stenosis")[0].meaning == "Severity"
     assert result_codes.grade_concept("3")[0].meaning != "Pfirrmann grade"
     assert np.all([len(v.value) <= 16 for v in result_codes.PFIRRMANN_VALUES.values()])
+
+
+def test_no_disc_located_is_not_evaluated_never_absent(settings, spine):
+    paths, vol = spine
+    discs = ModelOutput(
+        model=model(DISCS, task="grading", anatomy="lumbar_spine"),
+        series_uid=vol.series_uid,
+        qc=QCResult(accepted=True),
+        findings=[],
+    )
+    ds, _ = _sr(settings, paths, vol, _lumbar_output(vol, discs))
+    (g,) = [g for g in measurement_groups(ds) if _value(g, "/Algorithm Name") == DISCS]
+    assert _value(g, "/Degeneration of intervertebral disc") == "Not Evaluated"
+    assert _value(g, "/Input quality gate") == "Accepted"
+    assert "located no intervertebral disc" in str(_value(g, "/Comment"))

@@ -273,6 +273,34 @@ def _disc_group(
     return _group(common, extra=texts, used=used, seg=seg, scs=scs)
 
 
+# models that report one finding set per structure they locate (a disc not found is left out): no
+# finding at all means nothing was located, which is "not evaluated", never "absent"
+LOCATING_MODELS = frozenset({"lumbar_spine.discs"})
+
+
+def _nothing_located_group(*, mo: ModelOutput, uids: UidFactory, used: list[SourceSeries]) -> Any:
+    concept = codes.finding_for_model(mo.model.name)
+    group = MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=TrackingIdentifier(
+            uid=uids.uid("sr-tracking", mo.model.name, "nothing-located"),
+            identifier=clean_text(f"{mo.model.name} nothing located", "LO"),
+        ),
+        finding_type=concept,
+        algorithm_id=sr_algorithm(mo.model),
+        qualitative_evaluations=[
+            QualitativeEvaluation(name=concept, value=codes.NOT_EVALUATED),
+            QualitativeEvaluation(name=codes.QC_GATE, value=codes.QC_ACCEPTED),
+        ],
+        source_images=_source_images(used) or None,
+    )
+    _extend(
+        group,
+        [_text("Not evaluated: the model located no intervertebral disc in the series.")]
+        + _series_items([u.series_uid for u in used]),
+    )
+    return group
+
+
 def _not_evaluated_group(*, mo: ModelOutput, uids: UidFactory, used: list[SourceSeries], used_uids: list[str]) -> Any:
     concept = codes.finding_for_model(mo.model.name)
     tracking = TrackingIdentifier(
@@ -379,6 +407,10 @@ def build_sr(
         laterality = next((s.laterality for s in used if s.laterality), None)
         if not mo.qc.accepted:
             groups.append(_not_evaluated_group(mo=mo, uids=uids, used=used, used_uids=used_uids))
+            continue
+        if not mo.findings and mo.model.name in LOCATING_MODELS:
+            # a model that reports per located structure and located none has not evaluated anything
+            groups.append(_nothing_located_group(mo=mo, uids=uids, used=used))
             continue
         if not mo.findings:
             # an accepted input with no finding object is reported as evaluated and absent
