@@ -262,3 +262,31 @@ def test_a_killed_run_resumes_where_its_checkpoint_left_off(images_root, tmp_pat
     assert progress[0].startswith(f"epoch {start + 1}/40 ") and len(progress) == 40 - start
     card = json.loads((out / "card.json").read_text())
     assert card["metrics"]["resumed_at_epoch"] == start and len(card["epochs"]) == 40
+
+
+def test_progress_bar_redraws_in_place_on_a_terminal_and_log_lines_do_not_tear_it():
+    import io
+
+    from models.training import ProgressBar
+
+    term, out = io.StringIO(), io.StringIO()
+    bar = ProgressBar(term, tty=True, width=10, min_interval=0.0)
+    for b in (1, 2):
+        bar({"event": "step", "epoch": 0, "epochs": 3, "batch": b, "batches": 2, "loss": 0.5 * b})
+    bar.write('{"epoch": 0}', out)
+    bar({"event": "epoch", "epoch": 0, "epochs": 3, "batches": 2, "loss": 0.75, "val_loss": 0.61, "val_auc": 0.8,
+         "seconds": 1.25})  # fmt: skip
+    assert term.getvalue() == (
+        "\repoch 1/3 [#####.....] 1/2 loss 0.5000"
+        "\repoch 1/3 [##########] 2/2 loss 1.0000"
+        "\r\033[K"
+        "\r\033[Kepoch 1/3 [##########] 2/2 loss 0.7500 val_loss 0.6100 val_auc 0.800 1.2 s\n"
+    )
+    assert out.getvalue() == '{"epoch": 0}\n'
+    # no terminal: the steps draw nothing, the epoch is one plain line
+    log = io.StringIO()
+    plain = ProgressBar(log, tty=False)
+    plain({"event": "step", "epoch": 1, "epochs": 3, "batch": 1, "batches": 2, "loss": 0.5})
+    plain({"event": "epoch", "epoch": 1, "epochs": 3, "batches": 2, "loss": 0.5, "val_loss": 0.4, "val_auc": None,
+           "seconds": 2.0})  # fmt: skip
+    assert log.getvalue() == "epoch 2/3 [########################] 2/2 loss 0.5000 val_loss 0.4000 val_auc - 2.0 s\n"
