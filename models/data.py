@@ -17,6 +17,9 @@
   files, or image stacks / arrays with a ``series.json`` sidecar; see `models.realdir`).
   For evaluation only: QC acceptance, the distribution of outputs and, on series the
   sidecar marks ``normal``, the false-positive rate.
+- ``spinevol:PATH`` — a folder of segmented spine volumes (``.npz`` with ``I`` and ``GT`` and a
+  ``volumes.csv``, like the real corpus' ``lumbar_spine/segmented_volumes``): ``lumbar_spine.levels``
+  trains and evaluates on it (`models.levels.data`).
 - ``spider:PATH`` — a folder in the layout of the SPIDER mid-sagittal corpus (``midsagittal_images/``,
   ``radiological_gradings.csv``, ``overview.csv``, ``disc_crops/``): ``lumbar_spine.discs`` trains and
   evaluates on it (`models.discs.spider`).
@@ -53,7 +56,7 @@ MRNET_PLANES = ("sagittal", "coronal", "axial")
 
 @dataclass(frozen=True)
 class DataSpec:
-    kind: str  # "synthetic" | "mrnet" | "dicomcsv" | "realdir" | "realdata"
+    kind: str  # "synthetic" | "mrnet" | "dicomcsv" | "realdir" | "realdata" | "spinevol"
     n: int = 0
     seed: int = 0
     path: Path | None = None

@@ -9,7 +9,9 @@ per model come from the task (contract C3: knee.acl <- sag_fluid, sag_pd; ...).
 model of the pipeline on the first of its roles present in ``volumes`` (role -> Volume).
 A model whose roles are all missing gets a `ModelOutput` with ``qc.accepted=False`` and
 reason "missing_series" — never silence. Super-resolution runs on the main model's
-input series when that series passed the main model's QC gate. Torch threads are set
+input series when that series passed the main model's QC gate. The level segmentation
+(``PipelineSpec.levels``, lumbar spine) runs on the first of its roles present; its disc
+centres place the level findings of `PLACED_BY_LEVELS` on the same series. Torch threads are set
 by the caller.
 """
 
@@ -21,9 +23,9 @@ from dataclasses import dataclass
 
 from models.errors import PipelineError
 from models.qc import REASONS
-from models.registry import ENTRIES, MODEL_SUPERRES, REPO_WEIGHTS, Registry
+from models.registry import ENTRIES, MODEL_LEVELS, MODEL_SUPERRES, REPO_WEIGHTS, Registry
 from models.tasks import TASKS
-from models.types import ModelOutput, PipelineOutput, QCResult, SuperResOutput, Volume
+from models.types import LevelsOutput, ModelOutput, PipelineOutput, QCResult, SuperResOutput, Volume
 
 ROLES: dict[str, tuple[str, ...]] = {
     "knee": ("sag_fluid", "sag_pd", "cor_fluid", "cor_t1", "ax_fluid", "localizer"),
@@ -35,6 +37,12 @@ CANDIDATES: dict[str, tuple[str, ...]] = {
     "shoulder": ("shoulder.rotator_cuff",),
     "lumbar_spine": ("lumbar_spine.stenosis", "lumbar_spine.discs"),
 }
+# the vertebra / disc segmentation of an anatomy (runs on the first of its roles present, e.g. sag_t2, sag_t1,
+# sag_stir), and the models whose level findings it places (their grades are theirs; the location of each
+# level's finding becomes the segmented disc centre of that level, on the same series): measured on held-out
+# real volumes (models/weights/lumbar_spine.levels/MODEL_CARD.md, "stenosis_levels")
+LEVELS: dict[str, str] = {"lumbar_spine": MODEL_LEVELS}
+PLACED_BY_LEVELS: tuple[str, ...] = ("lumbar_spine.stenosis",)
 
 
 @dataclass(frozen=True)
@@ -45,6 +53,7 @@ class PipelineSpec:
     roles: tuple[str, ...]  # every role the pipeline knows (routing output)
     superres: bool  # the super-resolution model ships
     model_roles: dict[str, tuple[str, ...]]  # model -> input roles, preference order
+    levels: str | None = None  # the level segmentation model, when its weights ship
 
     @property
     def main_model(self) -> str | None:
@@ -76,6 +85,7 @@ def _build() -> dict[str, PipelineSpec]:
             roles=ROLES[anatomy],
             superres=_shipped(MODEL_SUPERRES),
             model_roles={m: TASKS[m].input.roles for m in cands if m in TASKS},
+            levels=LEVELS[anatomy] if anatomy in LEVELS and _shipped(LEVELS[anatomy]) else None,
         )
     return out
 
@@ -97,6 +107,7 @@ def run_pipeline(
     registry: Registry,
     superres: bool = True,
     saliency: bool = True,
+    levels: bool = True,
 ) -> PipelineOutput:
     """Run pipeline ``name`` on role -> Volume; see the module docstring."""
     if name not in PIPELINES:
@@ -154,5 +165,39 @@ def run_pipeline(
                 sr_outputs.append(model.predict(vol))
                 used[MODEL_SUPERRES] = [vol.series_uid]
             timings[MODEL_SUPERRES] = time.perf_counter() - t0
+    level_outputs: list[LevelsOutput] = []
+    if levels and spec.levels is not None:
+        model = registry.get(spec.levels)
+        role = next((r for r in model_input_roles(spec.levels) if r in volumes), None)
+        if role is not None:
+            t0 = time.perf_counter()
+            lv = model.predict(volumes[role])
+            level_outputs.append(lv)
+            if lv.qc.accepted:
+                used[spec.levels] = [lv.series_uid]
+                place_levels(outputs, lv)
+            timings[spec.levels] = time.perf_counter() - t0
     timings["total"] = time.perf_counter() - t_start
-    return PipelineOutput(pipeline=name, outputs=outputs, superres=sr_outputs, used_series=used, timings=timings)
+    return PipelineOutput(
+        pipeline=name, outputs=outputs, superres=sr_outputs, used_series=used, timings=timings, levels=level_outputs
+    )
+
+
+def model_input_roles(name: str) -> tuple[str, ...]:
+    return ENTRIES[name].input_roles
+
+
+def place_levels(outputs: list[ModelOutput], levels: LevelsOutput) -> int:
+    """The location of each level finding of the `PLACED_BY_LEVELS` models on the levels' own series becomes the
+    segmented centre of that disc (voxel and patient mm); grades, probabilities and heatmaps stay the model's.
+    Returns how many findings were placed."""
+    placed = 0
+    for mo in outputs:
+        if mo.model.name not in PLACED_BY_LEVELS or mo.series_uid != levels.series_uid or not mo.qc.accepted:
+            continue
+        for f in mo.findings:
+            if f.level and f.level in levels.centres_vox:
+                f.location = levels.centres_vox[f.level]
+                f.location_mm = levels.centres_mm[f.level]
+                placed += 1
+    return placed

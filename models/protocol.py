@@ -241,19 +241,26 @@ def _discs(ckpt: Checkpoint, options: dict[str, Any]):
     return DiscModel.from_checkpoint(ckpt, task=options.get("task"), gate=options.get("gate"))
 
 
+def _levels(ckpt: Checkpoint, options: dict[str, Any]):
+    from models.levels.model import LevelsModel
+
+    return LevelsModel.from_checkpoint(ckpt, gate=options.get("gate"), version=options.get("version"))
+
+
 #: checkpoint format (up to the version) -> builder of the loaded model
 FORMATS: dict[str, Callable[[Checkpoint, dict[str, Any]], Any]] = {
     "msknode.classifier": _classifier,
     "msknode.superres": _superres,
     "msknode.anatomy": _anatomy,
     "msknode.discs": _discs,
+    "msknode.levels": _levels,
 }
 
 
 def load(path: Path, *, sha256: str | None = None, **options: Any):
     """Any model from its weights file: verified (``sha256``, else the ``.sha256`` file; and the card),
     then built by the format the checkpoint names. ``options``: ``task`` and ``gate`` (classifiers),
-    ``version`` (super-resolution)."""
+    ``version`` (super-resolution), ``gate`` and ``version`` (levels)."""
     ckpt = load_checkpoint(path, sha256)
     fmt = str(ckpt.format or "")
     builder = FORMATS.get(fmt.split("/")[0])

@@ -127,9 +127,31 @@ class SuperResOutput:
 
 
 @dataclass
+class LevelsOutput:
+    """Vertebral bodies and discs of a sagittal spine series, named (``lumbar_spine.levels``)."""
+
+    model: ModelInfo
+    series_uid: str
+    qc: QCResult
+    # (slices, rows, cols) uint8 in the input geometry: 0 background, else 1 + index into ``structures``
+    labels: np.ndarray | None
+    structures: tuple[str, ...]  # ("L1", ..., "L5", "L1-L2", ..., "L5-S1")
+    centres_vox: dict[str, tuple[int, int, int]] = field(default_factory=dict)  # structure -> (slice, row, col)
+    centres_mm: dict[str, tuple[float, float, float]] = field(default_factory=dict)  # patient coordinates
+    bodies_found: tuple[str, ...] = ()  # every body found head -> feet (may include T12, T11 ...)
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def found(self) -> tuple[str, ...]:
+        """The named structures present in ``labels``."""
+        return tuple(s for s in self.structures if s in self.centres_vox)
+
+
+@dataclass
 class PipelineOutput:
     pipeline: str  # "knee", "shoulder", "lumbar_spine"
     outputs: list[ModelOutput]
     superres: list[SuperResOutput]
     used_series: dict[str, list[str]]  # model name -> series UIDs it took as input
     timings: dict[str, float] = field(default_factory=dict)
+    levels: list[LevelsOutput] = field(default_factory=list)  # vertebra / disc segmentation (lumbar spine)

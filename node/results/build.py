@@ -17,7 +17,7 @@ from models.types import PipelineOutput
 from node.errors import ResultsError
 from node.results.objects import ResultFile, ResultRef
 from node.results.sc import OverlayItem, build_overlays
-from node.results.seg import SegItem, build_seg
+from node.results.seg import SegItem, build_levels_seg, build_seg
 from node.results.sources import load_sources
 from node.results.sr import SegRef, SuperResRef, build_sr
 from node.results.superres_series import build_superres_series
@@ -40,6 +40,7 @@ def _building(what: str):
 def _uid_factory(output: PipelineOutput, settings: Any, job_fingerprint: str) -> UidFactory:
     models = [(m.model.name, m.model.version, m.model.weights_sha256) for m in output.outputs]
     models += [(s.model.name, s.model.version, s.model.weights_sha256) for s in output.superres]
+    models += [(lv.model.name, lv.model.version, lv.model.weights_sha256) for lv in getattr(output, "levels", [])]
     return UidFactory(
         root=settings.uid_root, job_fingerprint=job_fingerprint, model_versions=model_versions_key(models)
     )
@@ -57,6 +58,15 @@ def _result(kind: str, ds: Dataset, description: str = "") -> ResultFile:
     )
 
 
+def _level_outputs(output: PipelineOutput) -> list[Any]:
+    """The level segmentations that make a SEG: accepted, with at least one named structure."""
+    return [
+        lv
+        for lv in getattr(output, "levels", [])
+        if lv.qc.accepted and lv.labels is not None and bool(np.any(np.asarray(lv.labels) > 0))
+    ]
+
+
 def build_results(
     *,
     output: PipelineOutput,
@@ -66,7 +76,8 @@ def build_results(
     settings: Any,
     job_fingerprint: str,
 ) -> list[ResultFile]:
-    """Every result object of one job: SEG(s), SC overlays, super-resolved series, and the SR.
+    """Every result object of one job: SEG(s) (saliency; the named vertebrae and discs of the level
+    segmentation), SC overlays, super-resolved series, and the SR.
 
     ``source_files`` maps each input series UID to its stored files. Raises
     `ResultsError` with a clear message when the inputs cannot make valid objects.
@@ -81,6 +92,7 @@ def build_results(
         for uid in (output.used_series or {}).get(mo.model.name) or ([mo.series_uid] if mo.series_uid else []):
             needed.append(uid)
     needed += [s.source.series_uid for s in output.superres if s.source.series_uid]
+    needed += [lv.series_uid for lv in _level_outputs(output)]
     selected = [uid for uid in dict.fromkeys(needed) if uid in source_files] or [next(iter(source_files))]
     sources = load_sources({uid: [Path(p) for p in source_files[uid]] for uid in selected})
     studies = {str(s.first.StudyInstanceUID) for s in sources.values()}
@@ -132,6 +144,21 @@ def build_results(
             sc_refs[id(it.finding)] = sc
             results.append(_result("sc", sc, f"overlay of {it.model.name} {it.finding.code}"))
             extra_evidence.append(sc)
+
+    for lv in _level_outputs(output):
+        if lv.series_uid not in sources:
+            raise ResultsError(f"{lv.model.name}: its series {lv.series_uid} is not among the source files")
+        with _building(f"the level SEG of series {lv.series_uid}"):
+            level_seg, _ = build_levels_seg(
+                series=sources[lv.series_uid],
+                labels=lv.labels,  # type: ignore[arg-type]
+                structures=lv.structures,
+                model=lv.model,
+                uids=uids,
+                institution_name=institution,
+            )
+        results.append(_result("seg", level_seg, f"vertebra and disc SEG of series {lv.series_uid}"))
+        extra_evidence.append(level_seg)
 
     superres_refs: list[SuperResRef] = []
     written = 0

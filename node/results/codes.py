@@ -241,6 +241,16 @@ DEVICE = dcm("121007", "Device")
 
 # ---- SEG ---------------------------------------------------------------------
 SEG_CATEGORY = sct("49755003", "Morphologically Abnormal Structure")
+# the level SEG (lumbar_spine.levels): anatomical structures (CID 7150), vertebrae as in the DICOM anatomic
+# master list (CID 7151 / 7304); a disc is the intervertebral disc structure with its level as the region
+SEG_ANATOMY_CATEGORY = sct("123037004", "Anatomical Structure")
+VERTEBRA = {
+    "L1": sct("66794005", "L1 vertebra"),
+    "L2": sct("14293000", "L2 vertebra"),
+    "L3": sct("36470004", "L3 vertebra"),
+    "L4": sct("11994002", "L4 vertebra"),
+    "L5": sct("49668003", "L5 vertebra"),
+}
 AI_FAMILY = dcm("123110", "Artificial Intelligence")
 
 # ---- equipment / derivation ------------------------------------------------------

@@ -4,6 +4,10 @@ One SEG per source series; one coded segment per finding at or above its reporti
 threshold; frames reference the source images (Source Image Sequence per frame and
 Referenced Series Sequence, written by highdicom). The label-map SEG variant is not
 used (older validators reject it).
+
+`build_levels_seg`: the BINARY SEG of the level segmentation (``lumbar_spine.levels``): one segment
+per vertebral body (L1 ... L5 vertebra codes) and per disc (intervertebral disc structure, its level
+as the anatomic region) found in the series.
 """
 
 from __future__ import annotations
@@ -132,6 +136,115 @@ def build_seg(
         series_description="AI saliency SEG - not for diagnostic use",
         omit_empty_frames=True,
         contributing_equipment=contributing_equipment([i.model for i in items]),
+        coding_schemes=codes.coding_schemes(),
+        institution_name=institution_name,
+        specific_character_set=None,
+    )
+    copy_character_set(seg, series.first)
+    return seg, numbers
+
+
+# --- the level SEG (lumbar_spine.levels) ----------------------------------------------------------------
+
+LEVELS_SEG_SERIES_NUMBER = 9851
+
+
+def levels_labels_for(series: SourceSeries, labels: np.ndarray, n_structures: int) -> np.ndarray:
+    """The level label volume validated against the source geometry: (slices, rows, cols) integers in
+    0..n_structures."""
+    rows, cols = int(series.first.Rows), int(series.first.Columns)
+    expected = (len(series.slices), rows, cols)
+    lab = np.asarray(labels)
+    if lab.shape != expected:
+        raise ResultsError(
+            f"series {series.series_uid}: level label shape {lab.shape} does not match the source volume {expected}"
+        )
+    if lab.dtype.kind not in "iu" or (lab.size and (int(lab.min()) < 0 or int(lab.max()) > n_structures)):
+        raise ResultsError(f"series {series.series_uid}: level labels outside 0..{n_structures}")
+    return lab
+
+
+def level_segment_codes(structure: str) -> tuple[hd.sr.CodedConcept, list[hd.sr.CodedConcept]]:
+    """(segmented property type, anatomic regions) of a vertebral body ("L1") or a disc ("L1-L2")."""
+    if structure in codes.VERTEBRA:
+        return codes.VERTEBRA[structure], [codes.LUMBAR_SPINE]
+    if "-" in structure:
+        return codes.INTERVERTEBRAL_DISC, [codes.level_code(structure)]
+    raise ResultsError(f"unknown spine structure {structure!r}")
+
+
+def build_levels_seg(
+    *,
+    series: SourceSeries,
+    labels: np.ndarray,
+    structures: tuple[str, ...],
+    model: ModelInfo,
+    uids: UidFactory,
+    institution_name: str | None = None,
+) -> tuple[hd.seg.Segmentation, dict[str, int]]:
+    """One BINARY SEG of the named vertebral bodies and discs (one segment per structure present in ``labels``,
+    value ``i + 1`` = ``structures[i]``). Returns the SEG and structure -> segment number."""
+    lab = levels_labels_for(series, labels, len(structures))
+    present = [i for i in range(1, len(structures) + 1) if bool(np.any(lab == i))]
+    if not present:
+        raise ResultsError(f"series {series.series_uid}: no vertebra or disc segmented; no level SEG")
+    seg_map = np.zeros(lab.shape, np.uint8)
+    descriptions = []
+    numbers: dict[str, int] = {}
+    for s, value in enumerate(present, start=1):
+        name = structures[value - 1]
+        seg_map[lab == value] = s
+        numbers[name] = s
+        prop, regions = level_segment_codes(name)
+        text = f"{name} vertebral body" if "-" not in name else f"{name} intervertebral disc"
+        descriptions.append(
+            hd.seg.SegmentDescription(
+                segment_number=s,
+                segment_label=clean_text(text, "LO"),
+                segmented_property_category=codes.SEG_ANATOMY_CATEGORY,
+                segmented_property_type=prop,
+                algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
+                algorithm_identification=hd.AlgorithmIdentificationSequence(
+                    name=model.name,
+                    family=codes.AI_FAMILY,
+                    version=model.version,
+                    source=MANUFACTURER,
+                    parameters={"weights_sha256": model.weights_sha256},
+                ),
+                tracking_uid=uids.uid("levels-seg-tracking", s, name),
+                tracking_id=clean_text(f"{model.name} {name}", "LO"),
+                anatomic_regions=regions,
+            )
+        )
+    if series.is_multiframe:
+        if len(series.datasets) != 1:
+            raise ResultsError(f"series {series.series_uid}: more than one multi-frame source object")
+        by_frame = np.zeros_like(seg_map)
+        for k, sl in enumerate(series.slices):
+            by_frame[(sl.frame_number or 1) - 1] = seg_map[k]
+        seg_map = by_frame
+        source_images = series.datasets
+    else:
+        source_images = [sl.dataset for sl in series.slices]
+    seg = hd.seg.Segmentation(
+        source_images=source_images,
+        pixel_array=seg_map,
+        segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+        segment_descriptions=descriptions,
+        series_instance_uid=uids.series("levels-seg"),
+        series_number=LEVELS_SEG_SERIES_NUMBER,
+        sop_instance_uid=uids.instance("levels-seg"),
+        instance_number=1,
+        manufacturer=MANUFACTURER,
+        manufacturer_model_name=MANUFACTURER_MODEL,
+        software_versions=node_software_versions(),
+        device_serial_number=MANUFACTURER,
+        content_label="AI_LEVELS",
+        content_description="AI vertebral bodies and discs, named. Not for diagnostic use.",
+        content_creator_name=None,
+        series_description="AI spine levels SEG - not for diagnostic use",
+        omit_empty_frames=True,
+        contributing_equipment=contributing_equipment([model]),
         coding_schemes=codes.coding_schemes(),
         institution_name=institution_name,
         specific_character_set=None,
