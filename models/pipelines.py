@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 from models.errors import PipelineError
 from models.qc import REASONS
-from models.registry import ENTRIES, MODEL_LEVELS, MODEL_SUPERRES, REPO_WEIGHTS, Registry
+from models.registry import ENTRIES, MODEL_SUPERRES, REPO_WEIGHTS, Registry
 from models.tasks import TASKS
 from models.types import LevelsOutput, ModelOutput, PipelineOutput, QCResult, SuperResOutput, Volume
 
@@ -41,7 +41,7 @@ CANDIDATES: dict[str, tuple[str, ...]] = {
 # sag_stir), and the models whose level findings it places (their grades are theirs; the location of each
 # level's finding becomes the segmented disc centre of that level, on the same series): measured on held-out
 # real volumes (models/weights/lumbar_spine.levels/MODEL_CARD.md, "stenosis_levels")
-LEVELS: dict[str, str] = {"lumbar_spine": MODEL_LEVELS}
+LEVELS: dict[str, str] = {"lumbar_spine": "lumbar_spine.levels"}
 PLACED_BY_LEVELS: tuple[str, ...] = ("lumbar_spine.stenosis",)
 
 
