@@ -149,7 +149,7 @@ def figures(rows: list[dict[str, Any]], *, threshold: float, bootstrap: int = 10
         out["herniation_specificity"] = round(float((~pos[yh == 0]).mean()), 4) if (yh == 0).any() else None
         out["ece"] = round(float(binary_ece(ph, yh)), 4)
     else:
-        for k in (
+        for key in (
             "pfirrmann_accuracy",
             "pfirrmann_within_one",
             "pfirrmann_kappa_linear",
@@ -158,7 +158,7 @@ def figures(rows: list[dict[str, Any]], *, threshold: float, bootstrap: int = 10
             "herniation_specificity",
             "ece",
         ):
-            out[k] = None
+            out[key] = None
         out["pfirrmann_kappa_linear_ci"] = [None, None]
     loc = [r for r in rows if "loc_error_mm" in r]
     if loc:

@@ -85,9 +85,7 @@ class LumbarDiscs(TaskSpec):
 
         return volume_midslice(volume)
 
-    def findings(  # type: ignore[override]
-        self, results: Sequence[Any], *, threshold: float, volume: Volume | None = None
-    ) -> list[Finding]:
+    def findings(self, results: Sequence[Any], *, threshold: float, volume: Volume | None = None) -> list[Finding]:
         """Two findings per located disc (degeneration, herniation), in level order L1-L2 ... L5-S1.
         ``results``: `DiscResult` per located level; ``threshold``: the herniation threshold."""
         by_level = {r.level: r for r in results}
