@@ -538,8 +538,13 @@ def evaluate_realdir_superres(model, spec: DataSpec, *, log: Callable[[str], Non
     if acc:
         out.update(figures(acc))
         out["consistency_error"] = [r["consistency_error"] for r in acc]
-        sources = sorted({r["source"] for r in acc})
-        out["by_source"] = {src: figures([r for r in acc if r["source"] == src]) for src in sources}
+        sources = sorted({r["source"] for r in rows})
+        counts = _group_counts(rows, "source")
+        out["by_source"] = {
+            src: {**counts[src], **{("n_scored" if k == "n" else k): v for k, v in figures(group).items()}}
+            for src in sources
+            if (group := [r for r in acc if r["source"] == src])
+        }
     else:
         out["consistency_error_max"] = None
     keys = (

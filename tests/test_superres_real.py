@@ -50,8 +50,8 @@ def _check_restore_result(out: dict, n_scored: int) -> None:
     assert out["psnr_gain_db"] == pytest.approx(out["psnr_db"] - out["psnr_tricubic_db"], abs=2e-3)
     # per source: the series of each source, and the pooled mean is the series-weighted mean of the sources
     by = out["by_source"]
-    assert sum(g["n"] for g in by.values()) == n_scored
-    pooled = sum(g["n"] * g["psnr_gain_db"] for g in by.values()) / n_scored
+    assert sum(g["n_scored"] for g in by.values()) == n_scored == sum(g["qc_accepted"] for g in by.values())
+    pooled = sum(g["n_scored"] * g["psnr_gain_db"] for g in by.values()) / n_scored
     assert pooled == pytest.approx(out["psnr_gain_db"], abs=1e-3)
 
 

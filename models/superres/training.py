@@ -380,7 +380,11 @@ def train_mix_to(
             "task": "superres",
             "anatomy": "any",
             "weights_sha256": digest,
-            "notice": "Demo weights trained on phantoms and a small real MR corpus. Not for diagnostic use.",
+            "notice": (
+                "Demo weights trained on phantoms and a small real MR corpus. Not for diagnostic use."
+                if real
+                else "Demo weights trained on synthetic phantoms only. Not for diagnostic use."
+            ),
             "training_data": {
                 "phantoms": n_phantoms,
                 "phantom_seeds": [seed, seed + n_phantoms - 1],
@@ -421,9 +425,9 @@ def train_mix_to(
                     "rows": [
                         [
                             h.get("step"),
-                            h.get("l1"),
-                            h.get("l1_interpolated"),
-                            *(h.get(k) for k in sorted(last) if k.startswith("val_")),
+                            round(float(h["l1"]), 5),
+                            round(float(h["l1_interpolated"]), 5),
+                            *(round(float(h[k]), 3) if k in h else None for k in sorted(last) if k.startswith("val_")),
                         ]
                         for h in history
                     ],
