@@ -253,9 +253,21 @@ class LumbarStenosisLabels(TaskLabels):
         return target
 
 
+class LumbarDiscsLabels(TaskLabels):
+    """``lumbar_spine.discs`` learns from real gradings only: SPIDER-layout folders (``spider:PATH``), read by
+    `models.discs.spider` (IVD label 1 = L5-S1 ... 5 = L1-L2; Pfirrmann grade, herniation, narrowing,
+    bulging per disc). There are no phantom labels for it."""
+
+    task_name = "lumbar_spine.discs"
+
+    def phantom_labels(self, labels: Mapping[str, Any]) -> list[Any]:
+        raise ValueError("lumbar_spine.discs has no phantom labels; it trains on spider:PATH (models.discs.spider)")
+
+
 #: task name -> its label mapping
 LABELS: dict[str, type[TaskLabels]] = {
-    cls.task_name: cls for cls in (KneeACLLabels, KneeMeniscusLabels, ShoulderRotatorCuffLabels, LumbarStenosisLabels)
+    cls.task_name: cls
+    for cls in (KneeACLLabels, KneeMeniscusLabels, ShoulderRotatorCuffLabels, LumbarStenosisLabels, LumbarDiscsLabels)
 }
 
 
