@@ -10,7 +10,8 @@ task (`LABELS`, `labels_for`):
   (``phantom_extras``);
 - MRNet (``mrnet:PATH``): the CSV column per head (``mrnet_columns``), the stack that feeds the
   model (``mrnet_plane``) and the spacing assumed for stacks without geometry;
-- ``labels.csv`` of a DICOM folder: one column per head name.
+- ``labels.csv`` of a DICOM folder (``dicomcsv:``) or of an images folder (``images:``, `models.images`):
+  one column per head name.
 
 A label value becomes the set of classes it allows on a head (`allowed_for`): a class name, an
 index, or 0/1 (no finding / finding) on a head with negative classes; unknown allows every class.

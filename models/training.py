@@ -298,6 +298,13 @@ def read_log_epochs(log_path: Path) -> list[dict[str, Any]]:
     return [by_epoch[k] for k in sorted(by_epoch)]
 
 
+def _same_recipe(saved: Any, recipe: dict[str, Any]) -> bool:
+    """Whether a checkpoint's recipe is this one; the CPU threads (a machine setting) may differ."""
+    if not isinstance(saved, dict):
+        return False
+    return {k: v for k, v in saved.items() if k != "threads"} == {k: v for k, v in recipe.items() if k != "threads"}
+
+
 def _keep_log_epochs(log_path: Path, start_epoch: int) -> None:
     """Keeps in ``train_log.jsonl`` only the epochs before ``start_epoch`` (those the checkpoint holds)."""
     if not log_path.is_file():
@@ -476,7 +483,7 @@ def train(
     log_path = out_dir / "train_log.jsonl"
     start_epoch = 0
     best: dict[str, Any] = {"val_loss": float("inf"), "epoch": -1, "state": None}
-    if ck is not None and ck.get("task") == task.name and ck.get("recipe") == asdict(recipe):
+    if ck is not None and ck.get("task") == task.name and _same_recipe(ck.get("recipe"), asdict(recipe)):
         net.load_state_dict(ck["net"])
         opt.load_state_dict(ck["opt"])
         sched.load_state_dict(ck["sched"])
