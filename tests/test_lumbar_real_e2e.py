@@ -225,9 +225,14 @@ def test_a_real_lumbar_series_reaches_the_pacs_and_the_study_page(settings, db, 
         seg_path = tmp_path / f"seg_{i}.dcm"
         seg.save_as(seg_path, enforce_file_format=True)
         assert_valid(seg_path, f"SEG {i} from Orthanc")
+    level_segs = [seg for seg in objects.get("SEG", []) if seg.get("ContentLabel") == "AI_LEVELS"]
+    print("level SEGs in the PACS:", len(level_segs), "(levels model installed)" if levels_installed else "")
     if levels_installed:
-        labels = [str(s.SegmentLabel) for seg in objects.get("SEG", []) for s in seg.SegmentSequence]
-        assert any(lv.split("-")[0] in lab for lab in labels for lv in LEVELS), labels
+        assert len(level_segs) == 1, "the levels model is installed but no SEG of the levels reached the PACS"
+        labels = {str(s.SegmentLabel) for s in level_segs[0].SegmentSequence}
+        print("level SEG segments:", sorted(labels))
+        assert any(f"{lv} intervertebral disc" in labels for lv in LEVELS), labels
+        assert any(label.endswith("vertebral body") for label in labels), labels
 
     # the study page: the level table, from the node's own database
     ws.add_users(db, admin=ADMIN, radiologist=READER)
