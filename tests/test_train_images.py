@@ -172,6 +172,18 @@ def test_refusals_name_the_file_and_the_problem(images_root):
     refused("anatomy 'shoulder', but knee.acl takes knee")
 
 
+def test_volumes_and_labels_over_their_limits_are_refused(images_root, monkeypatch):
+    import models.images
+
+    root, _ = images_root
+    monkeypatch.setattr(models.images, "MAX_VOXELS", 14 * 64 * 64 - 1)  # one voxel fewer than each volume
+    with pytest.raises(DataSpecError, match=r"nifti_a/volume.nii.gz: 57344 voxels .* exceeds the limit"):
+        list(open_cases(f"images:{root}", ACL))
+    monkeypatch.setattr(models.images, "MAX_LABELS_BYTES", 40)
+    with pytest.raises(DataSpecError, match=r"labels.csv: larger than 40 bytes"):
+        list(open_cases(f"images:{root}", ACL))
+
+
 def test_cli_refuses_bad_input_with_a_non_zero_exit_and_a_clear_message(images_root, tmp_path):
     root, _ = images_root
     labels = (root / "labels.csv").read_text()
