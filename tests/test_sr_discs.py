@@ -245,3 +245,52 @@ def test_no_disc_located_is_not_evaluated_never_absent(settings, spine):
     assert _value(g, "/Degeneration of intervertebral disc") == "Not Evaluated"
     assert _value(g, "/Input quality gate") == "Accepted"
     assert "located no intervertebral disc" in str(_value(g, "/Comment"))
+
+
+def test_a_disc_group_references_its_disc_in_the_level_seg(settings, spine):
+    from models.types import LevelsOutput
+
+    paths, vol = spine
+    structures = ("L4", "L5", "L4-L5", "L5-S1")
+    labels = np.zeros(vol.array.shape, np.uint8)
+    labels[2:5, 8:16, 10:30] = 1  # L4 body
+    labels[2:5, 22:30, 10:30] = 2  # L5 body
+    labels[2:5, 17:21, 12:28] = 3  # L4-L5 disc
+    labels[2:5, 31:34, 12:28] = 4  # L5-S1 disc
+    levels = LevelsOutput(
+        model=model("lumbar_spine.levels", task="segmentation", anatomy="lumbar_spine"),
+        series_uid=vol.series_uid,
+        qc=QCResult(accepted=True),
+        labels=labels,
+        structures=structures,
+        centres_vox={"L4": (3, 12, 20), "L5": (3, 26, 20), "L4-L5": (3, 19, 20), "L5-S1": (3, 32, 20)},
+    )
+    discs = ModelOutput(
+        model=model(DISCS, task="grading", anatomy="lumbar_spine"),
+        series_uid=vol.series_uid,
+        qc=QCResult(accepted=True),
+        findings=disc_findings(vol.array.shape, threshold=0.95),  # no herniation called: no evidence segment
+    )
+    output = _lumbar_output(vol, discs)
+    output.levels = [levels]
+    output.used_series["lumbar_spine.levels"] = [vol.series_uid]
+    ds, results = _sr(settings, paths, vol, output)
+    level_seg = next(r.dataset for r in results if r.kind == "seg" and r.dataset.get("ContentLabel") == "AI_LEVELS")
+    segment_of = {str(s.SegmentLabel): int(s.SegmentNumber) for s in level_seg.SegmentSequence}
+
+    disc_groups = {
+        next(str(v) for p, _t, v in g if p.endswith("/Finding Site") and str(v).startswith("Level")): g
+        for g in measurement_groups(ds)
+        if _value(g, "/Finding") == "Intervertebral disc structure"
+    }
+    for level, site in (
+        ("L4-L5", "Level of L4/L5 intervertebral disc"),
+        ("L5-S1", "Level of L5/S1 intervertebral disc"),
+    ):
+        refs = [v for p, vt, v in disc_groups[site] if vt == "IMAGE" and p.endswith("/Referenced Segment")]
+        assert refs == [
+            (str(level_seg.SOPClassUID), str(level_seg.SOPInstanceUID), [segment_of[f"{level} intervertebral disc"]])
+        ], (level, refs)
+    # a disc the levels model did not segment has no region, only its source images
+    l34 = disc_groups["Level of L3/L4 intervertebral disc"]
+    assert not [v for p, vt, v in l34 if vt == "IMAGE" and p.endswith("/Referenced Segment")]

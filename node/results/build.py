@@ -145,13 +145,14 @@ def build_results(
             results.append(_result("sc", sc, f"overlay of {it.model.name} {it.finding.code}"))
             extra_evidence.append(sc)
 
+    disc_segments: dict[str, SegRef] = {}  # "L4-L5" -> its disc segment in the level SEG (the SR's disc groups)
     for lv in _level_outputs(output):
         if lv.series_uid not in sources:
             raise ResultsError(f"{lv.model.name}: its series {lv.series_uid} is not among the source files")
         with _building(f"the level SEG of series {lv.series_uid}"):
-            level_seg, _ = build_levels_seg(
+            level_seg, level_numbers = build_levels_seg(
                 series=sources[lv.series_uid],
-                labels=lv.labels,  # type: ignore[arg-type]
+                labels=lv.labels,
                 structures=lv.structures,
                 model=lv.model,
                 uids=uids,
@@ -159,6 +160,9 @@ def build_results(
             )
         results.append(_result("seg", level_seg, f"vertebra and disc SEG of series {lv.series_uid}"))
         extra_evidence.append(level_seg)
+        for name, number in level_numbers.items():
+            if "-" in name:  # a disc ("L4-L5"); a vertebral body is "L4"
+                disc_segments.setdefault(name, SegRef(level_seg, number, sources[lv.series_uid]))
 
     superres_refs: list[SuperResRef] = []
     written = 0
@@ -184,6 +188,7 @@ def build_results(
             sources=sources,
             seg_refs=seg_refs,
             sc_refs=sc_refs,
+            disc_segments=disc_segments,
             superres_refs=superres_refs,
             triage=triage,
             predecessors=predecessors,

@@ -13,6 +13,8 @@ Content (one measurement group per statement, so nothing is implied by silence):
   its level, degeneration Present/Absent with the coded Pfirrmann grade, herniation
   Present/Absent, each probability under its own name (`codes.PROBABILITY_DEGENERATION`,
   `codes.PROBABILITY_HERNIATION`) with its standard deviation, the Pfirrmann grade split as text;
+  its region (TID 1411) the herniation's evidence segment, else the disc's segment in the level
+  SEG of ``lumbar_spine.levels`` when that model segmented it;
 - per model whose input the QC gate refused: presence "Not Evaluated", QC refused
   and the coded reason plus its reader-facing sentence (`worklists.triage.qc_sentence`);
 - per super-resolved series: the consistency check and the new series' UID;
@@ -55,7 +57,7 @@ from node.results.objects import ResultRef
 from node.results.sanitize import clean_text, copy_character_set
 from node.results.sources import SourceSeries
 from node.results.uids import UidFactory
-from worklists.triage import qc_sentence
+from worklists.triage import level_key, qc_sentence
 
 SR_SERIES_NUMBER = 9901
 SR_DESCRIPTION = "AI findings SR - not for diagnostic use"
@@ -222,6 +224,7 @@ def _disc_group(
     used: list[SourceSeries],
     seg_refs: dict[int, SegRef],
     sc_refs: dict[int, Dataset],
+    disc_segment: SegRef | None = None,
 ) -> Any:
     """One group per intervertebral disc: degeneration with its Pfirrmann grade, herniation, both probabilities."""
     degeneration = findings.get("disc_degeneration")
@@ -268,7 +271,8 @@ def _disc_group(
         qualitative_evaluations=evaluations,
     )
     parts = [f for f in (herniation, degeneration) if f is not None]
-    seg = next((seg_refs[id(f)] for f in parts if id(f) in seg_refs), None)
+    # the region of the group: a finding's evidence segment, else the disc itself in the level SEG
+    seg = next((seg_refs[id(f)] for f in parts if id(f) in seg_refs), None) or disc_segment
     scs = [sc_refs[id(f)] for f in parts if id(f) in sc_refs]
     return _group(common, extra=texts, used=used, seg=seg, scs=scs)
 
@@ -394,6 +398,7 @@ def build_sr(
     uids: UidFactory,
     evidence_extra: Sequence[Dataset],
     institution_name: str | None = None,
+    disc_segments: dict[str, SegRef] | None = None,
 ) -> hd.sr.Comprehensive3DSR:
     ordered_sources = list(sources.values())
     groups: list[Any] = []
@@ -432,7 +437,14 @@ def build_sr(
         for level, parts in discs.items():
             groups.append(
                 _disc_group(
-                    mo=mo, level=level, findings=parts, uids=uids, used=used, seg_refs=seg_refs, sc_refs=sc_refs
+                    mo=mo,
+                    level=level,
+                    findings=parts,
+                    uids=uids,
+                    used=used,
+                    seg_refs=seg_refs,
+                    sc_refs=sc_refs,
+                    disc_segment=(disc_segments or {}).get(level_key(level) or ""),
                 )
             )
         for i, f in enumerate(mo.findings):
