@@ -233,6 +233,15 @@ def test_a_real_lumbar_series_reaches_the_pacs_and_the_study_page(settings, db, 
         print("level SEG segments:", sorted(labels))
         assert any(f"{lv} intervertebral disc" in labels for lv in LEVELS), labels
         assert any(label.endswith("vertebral body") for label in labels), labels
+        if discs_installed:  # the disc groups of the SR point at their discs in the level SEG
+            seg_uid = str(level_segs[0].SOPInstanceUID)
+            linked = [
+                _level(g)
+                for g in discs
+                if any(vt == "IMAGE" and p.endswith("/Referenced Segment") and v[1] == seg_uid for p, vt, v in g)
+            ]
+            print("disc groups with their level SEG segment:", linked)
+            assert linked, "no disc group references the level SEG"
 
     # the study page: the level table, from the node's own database
     ws.add_users(db, admin=ADMIN, radiologist=READER)
