@@ -102,6 +102,10 @@ def parse_spec(text: str) -> DataSpec:
         if n < 1 or seed < 0:
             raise DataSpecError(f"data spec {text!r}: N must be >= 1 and SEED >= 0")
         return DataSpec("synthetic", n=n, seed=seed)
+    if kind == "spinevol":
+        if not rest:
+            raise DataSpecError(f"data spec {text!r}: missing PATH")
+        return DataSpec("spinevol", path=Path(rest))
     if kind == "spider":
         if not rest:
             raise DataSpecError(f"data spec {text!r}: missing PATH")
@@ -119,7 +123,8 @@ def parse_spec(text: str) -> DataSpec:
             raise DataSpecError(f"data spec {text!r}: missing PATH")
         return DataSpec(kind, path=Path(rest))
     raise DataSpecError(
-        f"unknown data spec kind {kind!r}; expected synthetic, mrnet, dicomcsv, images, realdir or realdata"
+        f"unknown data spec kind {kind!r}; expected synthetic, mrnet, dicomcsv, images, realdir, realdata, spider "
+        "or spinevol"
     )
 
 
