@@ -16,7 +16,7 @@ from models.discs.spider import load_spider
 from models.errors import WeightsIntegrityError
 from models.registry import Registry
 from models.tasks import TASKS
-from models.tasks.spine_discs import LEVELS, DiscResult
+from models.tasks.spine_discs import LEVELS, DiscResult, median_grade
 from models.types import Volume
 
 pytestmark = [pytest.mark.unit]
@@ -92,7 +92,8 @@ def test_findings_on_a_real_image_both_slice_orders():
         assert deg.grade in ("1", "2", "3", "4", "5")
         probs = deg.grade_probabilities
         assert list(probs) == ["1", "2", "3", "4", "5"] and abs(sum(probs.values()) - 1) < 1e-6
-        assert deg.grade == max(probs, key=probs.__getitem__)
+        top = max(probs, key=probs.__getitem__)
+        assert deg.grade == (median_grade(np.array(list(probs.values()))) if model.decode == "median" else top)
         assert deg.probability == pytest.approx(probs["3"] + probs["4"] + probs["5"])
         assert deg.positive == (int(deg.grade) >= 3) and deg.threshold is None
         assert deg.label == f"{lv}: Pfirrmann grade {deg.grade}" and deg.site == f"intervertebral disc {lv}"
@@ -127,6 +128,12 @@ def test_a_level_not_located_gets_no_finding():
     assert deg.grade == "3" and deg.positive and deg.probability == pytest.approx(0.7)
     assert hern.positive and hern.probability == pytest.approx(0.3) and hern.threshold == 0.25
     assert not task.findings(results, threshold=0.5)[1].positive
+    # the grade the model reports (e.g. the median of the distribution) wins over the most probable one
+    median = DiscResult(level="L4-L5", grade_probabilities=np.array([0.3, 0.05, 0.3, 0.05, 0.3]), p_herniation=0.1)
+    assert median_grade(median.grade_probabilities) == "3"
+    median.grade = "3"
+    (deg, _) = task.findings([median], threshold=0.5)
+    assert deg.grade == "3" and deg.label == "L4-L5: Pfirrmann grade 3" and deg.positive
 
 
 def test_pipeline_runs_it_and_tampered_weights_are_refused(tmp_path):

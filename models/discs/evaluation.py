@@ -74,7 +74,8 @@ def predict_series(model, pt: Patient, s: Series) -> list[dict[str, Any]]:
         }
         if r is not None:
             p = np.asarray(r.grade_probabilities, float)
-            row.update(probs=p.tolist(), pred=int(np.argmax(p)) + 1, p_herniation=float(r.p_herniation))
+            pred = int(r.grade) if r.grade else int(np.argmax(p)) + 1
+            row.update(probs=p.tolist(), pred=pred, p_herniation=float(r.p_herniation))
         if level in s.centres:
             tr, tc = s.centres[level]
             d = located.get(level)

@@ -17,6 +17,7 @@ from models.types import Volume
 GRID = 256  # localiser grid (square, isotropic)
 PATCH = 64  # grader patch (pixels)
 PATCH_MM = 0.9  # grader patch pixel size: 57.6 mm around the disc centre
+CONTEXT_MM = 1.8  # second grader channel: 115 mm around the disc (neighbouring discs, CSF as reference)
 
 
 @dataclass
@@ -131,3 +132,19 @@ def normalise_patch(out: np.ndarray) -> np.ndarray:
     """A patch divided by its own 99th percentile, clipped to [0, 1.5]."""
     hi = float(np.percentile(out, 99)) if out.size else 1.0
     return np.clip(out / max(hi, 1e-3), 0.0, 1.5).astype(np.float32)
+
+
+def disc_input(canon: Canonical, r: float, c: float, channels: int = 2, size: int = PATCH) -> np.ndarray:
+    """Grader input (channels, size, size) around canonical pixel (r, c): the disc patch (``PATCH_MM``) and,
+    with two channels, the wider context (``CONTEXT_MM``), both scaled by the context's 99th percentile
+    (the disc's signal relative to its surroundings, e.g. CSF on T2)."""
+    if channels == 1:
+        return patch(canon, r, c, size=size)[None]
+    local = patch(canon, r, c, size=size, mm=PATCH_MM, normalise=False)
+    context = patch(canon, r, c, size=size, mm=CONTEXT_MM, normalise=False)
+    return normalise_pair(local, context)
+
+
+def normalise_pair(local: np.ndarray, context: np.ndarray) -> np.ndarray:
+    hi = max(float(np.percentile(context, 99)) if context.size else 1.0, 1e-3)
+    return np.clip(np.stack([local, context]) / hi, 0.0, 1.5).astype(np.float32)

@@ -20,11 +20,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from models.discs.images import GRID, Canonical, GridMap, patch, to_grid, volume_midslice
+from models.discs.images import GRID, Canonical, GridMap, disc_input, to_grid, volume_midslice
 from models.discs.nets import HEAT, DiscGrader, DiscLocaliser
 from models.errors import RegistryError
 from models.protocol import Checkpoint, load_checkpoint, save_checkpoint
-from models.tasks.spine_discs import LEVELS, DiscResult, LumbarDiscs
+from models.tasks.spine_discs import GRADES, LEVELS, DiscResult, LumbarDiscs, median_grade
 from models.types import NOT_FOR_DIAGNOSTIC_USE, ModelInfo, ModelOutput, QCResult, Volume
 
 FORMAT = "msknode.discs/1"
@@ -68,6 +68,7 @@ class DiscModel:
     herniation_temperature: float = 1.0
     threshold: float = 0.5
     min_peak: float = 0.1
+    decode: str = "argmax"  # grade reported: "argmax" (most probable) or "median" of the grade distribution
     metadata: dict[str, Any] = field(default_factory=dict)
     gate: Any = None
 
@@ -82,6 +83,8 @@ class DiscModel:
             "herniation_temperature": float(self.herniation_temperature),
             "threshold": float(self.threshold),
             "min_peak": float(self.min_peak),
+            "grader_channels": int(self.grader.in_channels),
+            "decode": self.decode,
             "metadata": dict(self.metadata),
         }
 
@@ -101,7 +104,7 @@ class DiscModel:
             raise RegistryError(f"{ckpt.path} is not a {FORMAT} checkpoint")
         if data.get("task") != TASK.name or (task is not None and task.name != TASK.name):
             raise RegistryError(f"{ckpt.path} holds weights of {data.get('task')!r}, not {TASK.name!r}")
-        loc, grader = DiscLocaliser(), DiscGrader()
+        loc, grader = DiscLocaliser(), DiscGrader(in_channels=int(data.get("grader_channels", 1)))
         try:
             loc.load_state_dict(data["localiser"], strict=True)
             grader.load_state_dict(data["grader"], strict=True)
@@ -128,6 +131,7 @@ class DiscModel:
             herniation_temperature=float(data.get("herniation_temperature", 1.0)),
             threshold=float(data.get("threshold", 0.5)),
             min_peak=float(data.get("min_peak", 0.1)),
+            decode=str(data.get("decode", "argmax")),
             metadata=meta,
             gate=gate,
         )
@@ -148,11 +152,11 @@ class DiscModel:
         xs, lv = [], []
         for d in located:
             for dy, dx in TTA_OFFSETS_MM:
-                xs.append(patch(canon, d.row + dy / sr, d.col + dx / sc))
+                xs.append(disc_input(canon, d.row + dy / sr, d.col + dx / sc, self.grader.in_channels))
                 lv.append(LEVELS.index(d.level))
         self.grader.eval()
         with torch.inference_mode():
-            g, b = self.grader(torch.from_numpy(np.stack(xs))[:, None], torch.tensor(lv))
+            g, b = self.grader(torch.from_numpy(np.stack(xs)), torch.tensor(lv))
         n, v = len(located), len(TTA_OFFSETS_MM)
         return g.view(n, v, 5).numpy(), b.view(n, v, 3).numpy()
 
@@ -168,10 +172,13 @@ class DiscModel:
                 loc = canon.to_voxel(d.row, d.col)
                 mm = volume.affine() @ np.array([loc[0], loc[1], loc[2], 1.0])
                 loc_mm = tuple(round(float(v), 2) for v in mm[:3])
+            mean = pg.mean(axis=0)
+            grade = median_grade(mean) if self.decode == "median" else GRADES[int(np.argmax(mean))]
             out.append(
                 DiscResult(
                     level=d.level,
-                    grade_probabilities=pg.mean(axis=0),
+                    grade=grade,
+                    grade_probabilities=mean,
                     p_herniation=float(ph.mean()),
                     location=loc,
                     location_mm=loc_mm,  # type: ignore[arg-type]

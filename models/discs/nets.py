@@ -55,14 +55,15 @@ class DiscLocaliser(nn.Module):
 
 
 class DiscGrader(nn.Module):
-    """(B, 1, 64, 64) disc patch + level one-hot -> Pfirrmann logits (B, 5), herniation, narrowing and
+    """(B, C, 64, 64) disc patch (and its wider context) + level one-hot -> Pfirrmann logits (B, 5), herniation, narrowing and
     bulging logits (B,) each."""
 
-    def __init__(self, width: int = 24, dropout: float = 0.3):
+    def __init__(self, width: int = 24, dropout: float = 0.3, in_channels: int = 2):
         super().__init__()
         w = width
+        self.in_channels = in_channels
         self.features = nn.Sequential(
-            _block(1, w),
+            _block(in_channels, w),
             _block(w, w),
             nn.MaxPool2d(2),  # 32
             _block(w, 2 * w),

@@ -34,7 +34,17 @@ import torch.nn.functional as F
 from scipy.ndimage import map_coordinates
 
 from models.discs.evaluation import figures, predict_patients
-from models.discs.images import GRID, PATCH, PATCH_MM, normalise_patch, patch, to_grid
+from models.discs.images import (
+    CONTEXT_MM,
+    GRID,
+    PATCH,
+    PATCH_MM,
+    disc_input,
+    normalise_pair,
+    normalise_patch,
+    patch,
+    to_grid,
+)
 from models.discs.model import TTA_OFFSETS_MM, DiscModel, decode_heatmaps
 from models.discs.nets import HEAT, DiscGrader, DiscLocaliser
 from models.discs.spider import Patient, load_spider
@@ -67,6 +77,7 @@ class DiscRecipe:
     augment: bool = True
     threads: int = 1
     min_peak: float = 0.1
+    grader_channels: int = 2  # disc patch + wider context
 
 
 # --- data ----------------------------------------------------------------------------------------
@@ -175,7 +186,7 @@ def _loc_val(loc: DiscLocaliser, patients: list[Patient], min_peak: float) -> di
 
 @dataclass
 class GradeItem:
-    patch: np.ndarray  # (PRECUT, PRECUT) canonical intensities around the centre (not renormalised)
+    patch: np.ndarray  # (channels, PRECUT, PRECUT) canonical intensities around the centre (not renormalised)
     level: int
     grade: int  # 0..4
     herniation: int
@@ -183,7 +194,7 @@ class GradeItem:
     bulging: int
 
 
-def _grade_items(patients: list[Patient], model: DiscModel) -> list[GradeItem]:
+def _grade_items(patients: list[Patient], model: DiscModel, channels: int) -> list[GradeItem]:
     items = []
     for pt in patients:
         for s in pt.series:
@@ -196,7 +207,11 @@ def _grade_items(patients: list[Patient], model: DiscModel) -> list[GradeItem]:
                 lab = pt.discs.get(lv)
                 if lab is None:
                     continue
-                raw = patch(canon, r, c, size=PRECUT, mm=PATCH_MM, normalise=False)
+                raw = np.stack(
+                    [patch(canon, r, c, size=PRECUT, mm=mm, normalise=False) for mm in (PATCH_MM, CONTEXT_MM)][
+                        :channels
+                    ]
+                )
                 items.append(
                     GradeItem(raw, LEVELS.index(lv), lab.pfirrmann - 1, lab.herniation, lab.narrowing, lab.bulging)
                 )
@@ -204,25 +219,29 @@ def _grade_items(patients: list[Patient], model: DiscModel) -> list[GradeItem]:
 
 
 def _augment_patch(raw: np.ndarray, rng: np.random.Generator, augment: bool) -> np.ndarray:
-    """A PATCH x PATCH crop of a precut patch: random rotation, zoom and shift, then intensity changes."""
+    """(channels, PATCH, PATCH) crop of a precut patch (and its context): the same random rotation, zoom and
+    shift (in mm) for every channel, then intensity changes."""
     c0 = (PRECUT - 1) / 2
     d = np.arange(PATCH, dtype=np.float64) - (PATCH - 1) / 2
     dy, dx = np.meshgrid(d, d, indexing="ij")
     if augment:
         a, s = rng.uniform(-0.25, 0.25), rng.uniform(0.88, 1.12)
-        ty, tx = rng.uniform(-3.5, 3.5), rng.uniform(-3.0, 3.0)  # precut pixels (~0.9 mm)
+        ty, tx = rng.uniform(-3.2, 3.2), rng.uniform(-2.7, 2.7)  # mm
     else:
         a, s, ty, tx = 0.0, 1.0, 0.0, 0.0
     ca, sa = math.cos(a) * s, math.sin(a) * s
-    out = map_coordinates(raw, [c0 + ty + ca * dy - sa * dx, c0 + tx + sa * dy + ca * dx], order=1, mode="constant")
-    out = normalise_patch(out)
+    chans = []
+    for ch, mm in zip(raw, (PATCH_MM, CONTEXT_MM)):
+        yy, xx = c0 + ty / mm + ca * dy - sa * dx, c0 + tx / mm + sa * dy + ca * dx
+        chans.append(map_coordinates(ch, [yy, xx], order=1, mode="constant"))
+    out = normalise_pair(chans[0], chans[1]) if len(chans) == 2 else normalise_patch(chans[0])[None]
     if augment:
         out = np.clip(out, 0, None) ** rng.uniform(0.7, 1.4) * rng.uniform(0.85, 1.15)
         out = out + rng.normal(0, 0.02, out.shape)
     return out.astype(np.float32)
 
 
-def _val_views(patients: list[Patient], model: DiscModel) -> list[dict[str, Any]]:
+def _val_views(patients: list[Patient], model: DiscModel, channels: int) -> list[dict[str, Any]]:
     """Validation discs graded end to end: the trained localiser's centres, the test-time views, labels."""
     views = []
     for pt in patients:
@@ -235,7 +254,7 @@ def _val_views(patients: list[Patient], model: DiscModel) -> list[dict[str, Any]
             lab = pt.discs.get(d.level)
             if lab is None:
                 continue
-            xs = np.stack([patch(canon, d.row + dy / sr, d.col + dx / sc) for dy, dx in TTA_OFFSETS_MM])
+            xs = np.stack([disc_input(canon, d.row + dy / sr, d.col + dx / sc, channels) for dy, dx in TTA_OFFSETS_MM])
             views.append(
                 {
                     "x": xs,
@@ -252,7 +271,7 @@ def _val_logits(grader: DiscGrader, views: list[dict[str, Any]]) -> tuple[np.nda
     grader.eval()
     if not views:
         return np.zeros((0, 5)), np.zeros((0,))
-    x = torch.from_numpy(np.concatenate([v["x"] for v in views]))[:, None]
+    x = torch.from_numpy(np.concatenate([v["x"] for v in views]))
     lv = torch.tensor([v["level"] for v in views for _ in TTA_OFFSETS_MM])
     with torch.inference_mode():
         g, b = grader(x, lv)
@@ -294,6 +313,21 @@ def _fit_temperatures(grader: DiscGrader, views: list[dict[str, Any]]) -> tuple[
     ph = 1.0 / (1.0 + np.exp(-b / th))
     thr = youden_threshold(ph, yh.astype(int)) if 0 < yh.sum() < len(yh) else 0.5
     return tg, th, float(thr)
+
+
+def _choose_decode(grader: DiscGrader, views: list[dict[str, Any]], temperature: float) -> str:
+    """ "argmax" or "median": whichever gives the validation discs the higher linear-weighted kappa (ties: argmax)."""
+    from models.discs.evaluation import linear_kappa
+    from models.tasks.spine_discs import median_grade
+
+    g, _ = _val_logits(grader, views)
+    if not len(g):
+        return "argmax"
+    p = torch.softmax(torch.from_numpy(g).double() / temperature, dim=1).numpy()
+    yt = np.array([v["grade"] for v in views])
+    k_arg = linear_kappa(yt, p.argmax(axis=1))
+    k_med = linear_kappa(yt, np.array([int(median_grade(row)) - 1 for row in p]))
+    return "median" if np.isfinite(k_med) and k_med > k_arg + 1e-9 else "argmax"
 
 
 # --- the run --------------------------------------------------------------------------------------
@@ -349,7 +383,7 @@ def train_discs(
         except Exception as e:  # a torn or foreign file: start afresh
             log(f"cannot resume from {state_p} ({e}); starting afresh")
             state = {}
-    loc, grader = DiscLocaliser(), DiscGrader()
+    loc, grader = DiscLocaliser(), DiscGrader(in_channels=recipe.grader_channels)
     epochs_log: list[dict[str, Any]] = state.get("epochs_log", [])
     seconds_before = float(state.get("seconds", 0.0))
     # --- phase 1: localiser
@@ -427,8 +461,8 @@ def train_discs(
     model = DiscModel(task=TASK, localiser=loc, grader=grader, info=info, min_peak=recipe.min_peak)
     # --- phase 2: grader
     t_prep = time.perf_counter()
-    items = _grade_items(split["train"], model)
-    views = _val_views(val, model)
+    items = _grade_items(split["train"], model, recipe.grader_channels)
+    views = _val_views(val, model, recipe.grader_channels)
     log(
         f"grader: {len(items)} training discs, {len(views)} validation discs (prepared in "
         f"{time.perf_counter() - t_prep:.0f} s)"
@@ -454,7 +488,7 @@ def train_discs(
         losses = []
         for i in range(0, len(order), recipe.grade_batch):
             batch = [items[j] for j in order[i : i + recipe.grade_batch]]
-            x = torch.from_numpy(np.stack([_augment_patch(it.patch, rng, recipe.augment) for it in batch]))[:, None]
+            x = torch.from_numpy(np.stack([_augment_patch(it.patch, rng, recipe.augment) for it in batch]))
             lv = torch.tensor([it.level for it in batch])
             yg = torch.tensor([it.grade for it in batch])
             yb = torch.tensor([[it.herniation, it.narrowing, it.bulging] for it in batch], dtype=torch.float32)
@@ -509,10 +543,12 @@ def train_discs(
     t0 = time.perf_counter()
     tg, th, thr = _fit_temperatures(grader, views)
     model.grade_temperature, model.herniation_temperature, model.threshold = tg, th, thr
+    model.decode = _choose_decode(grader, views, tg)
     log(
         f"calibration on the {val_note}: grade temperature {tg:.3f}, herniation temperature {th:.3f}, "
         f"herniation threshold {thr:.3f}"
     )
+    log(f"grade reported: the {model.decode} of the calibrated distribution (chosen on the {val_note})")
     # --- held-out test patients: evaluated once, after everything was chosen
     test_fig = None
     if split["test"]:
@@ -544,6 +580,7 @@ def train_discs(
         n_items=len(items),
         val_note=val_note,
         calibration=(tg, th, thr),
+        decode=model.decode,
     )
     from models.cards import write_card
 
@@ -581,6 +618,7 @@ def build_card(
     n_items: int,
     val_note: str,
     calibration: tuple[float, float, float],
+    decode: str = "argmax",
 ) -> dict[str, Any]:
     n_all = sum(len(v) for v in split.values())
     metrics: dict[str, Any] = {}
@@ -664,6 +702,7 @@ def build_card(
             "split": {k: len(v) for k, v in split.items()},
             "validation": val_note,
             "calibration": {
+                "grade_reported": decode,
                 "grade_temperature": calibration[0],
                 "herniation_temperature": calibration[1],
                 "herniation_threshold": calibration[2],

@@ -10,7 +10,8 @@ through `models.protocol` like every model, and the lumbar pipeline runs it on t
 
 Findings per located level (a level whose disc was not found is left out, never invented):
 
-- ``disc_degeneration``: grade "1".."5" (most probable Pfirrmann grade), ``grade_probabilities``
+- ``disc_degeneration``: grade "1".."5" (the Pfirrmann grade: the most probable one, or the median of
+  the distribution when the model was calibrated so, ``decode``), ``grade_probabilities``
   {"1": p1, ..., "5": p5}, probability = P(grade >= 3), positive = grade >= 3, threshold None;
 - ``disc_herniation``: probability = calibrated P(herniation), positive = probability >= the
   model's threshold (chosen on the validation split), grade None.
@@ -47,6 +48,13 @@ class DiscResult:
     localisation_score: float | None = None  # peak of the level's heatmap, [0, 1]
     grade_std: float | None = None  # std of P(grade >= 3) over test-time views
     herniation_std: float | None = None
+    grade: str | None = None  # the grade reported; None = the most probable one
+
+
+def median_grade(p: np.ndarray) -> str:
+    """The median of a grade distribution: the lowest grade whose cumulative probability reaches 1/2."""
+    c = np.cumsum(np.asarray(p, dtype=np.float64) / max(float(np.sum(p)), 1e-12))
+    return GRADES[int(min(np.searchsorted(c, 0.5 - 1e-9), len(GRADES) - 1))]
 
 
 class LumbarDiscs(TaskSpec):
@@ -97,7 +105,7 @@ class LumbarDiscs(TaskSpec):
             p = np.asarray(r.grade_probabilities, dtype=np.float64)
             p = p / max(float(p.sum()), 1e-12)
             probs = {g: float(v) for g, v in zip(GRADES, p)}
-            grade = GRADES[int(np.argmax(p))]
+            grade = r.grade if r.grade in GRADES else GRADES[int(np.argmax(p))]
             p_degen = float(p[DEGENERATED_FROM - 1 :].sum())
             site = f"{self.site} {level}"
             loc = None if r.location is None else tuple(int(v) for v in r.location)
