@@ -54,7 +54,8 @@ class DiscResult:
 def median_grade(p: np.ndarray) -> str:
     """The median of a grade distribution: the lowest grade whose cumulative probability reaches 1/2."""
     c = np.cumsum(np.asarray(p, dtype=np.float64) / max(float(np.sum(p)), 1e-12))
-    return GRADES[int(min(np.searchsorted(c, 0.5 - 1e-9), len(GRADES) - 1))]
+    idx = int(np.searchsorted(c, 0.5 - 1e-9))
+    return GRADES[min(idx, len(GRADES) - 1)]
 
 
 class LumbarDiscs(TaskSpec):
