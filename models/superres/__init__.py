@@ -30,8 +30,10 @@ The package keeps inference apart from training:
   projection, geometry of the new series), in-plane upsampling; re-exported here;
 - `quality`: foreground PSNR / SSIM and the evaluation against tricubic;
 - `data`: truth volumes and degraded cases (phantoms, real MR), the training seeds;
-- `training`: the training loop and recipe (imported only to train);
-- ``python -m models.superres train|evaluate`` (`__main__`).
+- `training`: the training loop and the recipes (phantoms; real MR + phantoms, `train_mix_to`), imported
+  only to train;
+- `loso`: leave-one-source-out on real MR (fold weights vs the current weights vs tricubic);
+- ``python -m models.superres train|evaluate|loso`` (`__main__`).
 """
 
 from models.errors import SuperResError
