@@ -678,8 +678,9 @@ def build_card(
         "weights_sha256": sha,
         "demo_weights": False,
         "notice": (
-            f"Trained on {n_all} real patients of the SPIDER lumbar spine MRI dataset (SPIDER-derived gradings, CC BY 4.0). "
-            "Research weights: not for diagnostic use."
+            f"Learned from {len(split['train'])} training and {len(split['val'])} validation patients of the SPIDER "
+            f"lumbar spine MRI dataset (SPIDER-derived gradings, CC BY 4.0; {len(split['test'])} more held out for "
+            "the figures). Research weights: not for diagnostic use."
         ),
         "training_data": (
             f"Real patients: SPIDER-derived mid-sagittal lumbar MRI (T1, T2, T2 SPACE) with per-disc radiological "
