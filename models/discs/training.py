@@ -49,6 +49,7 @@ from models.discs.model import TTA_OFFSETS_MM, DiscModel, decode_heatmaps
 from models.discs.nets import HEAT, DiscGrader, DiscLocaliser
 from models.discs.spider import Patient, load_spider
 from models.errors import DataSpecError
+from models.protocol import load_checkpoint
 from models.tasks.spine_discs import LEVELS, TASK
 from models.types import ModelInfo
 
@@ -334,13 +335,10 @@ def _choose_decode(grader: DiscGrader, views: list[dict[str, Any]], temperature:
 
 
 def _save_state(path: Path, state: dict[str, Any]) -> None:
-    import io
+    """The training state after an epoch, written (atomically, with its sha256) by `models.protocol`."""
+    from models.protocol import save_checkpoint
 
-    from models.protocol import atomic_write_bytes
-
-    buf = io.BytesIO()
-    torch.save(state, buf)
-    atomic_write_bytes(path, buf.getvalue())
+    save_checkpoint(state, path)
 
 
 def train_discs(
@@ -374,7 +372,7 @@ def train_discs(
     state: dict[str, Any] = {}
     if resume and state_p.is_file():
         try:
-            state = torch.load(state_p, weights_only=False)
+            state = load_checkpoint(state_p).data
             if state.get("recipe") != asdict(recipe):
                 log(f"{state_p} was written by another recipe; starting afresh")
                 state = {}
