@@ -14,7 +14,7 @@ import pytest
 from selenium.webdriver.common.by import By
 
 from support import web_seed as ws
-from support.browser import ADMIN, READER, login, wait, web_server
+from support.browser import ADMIN, READER, login, shot, wait, web_server
 
 pytestmark = pytest.mark.integration
 
@@ -96,12 +96,14 @@ def _cell(row, column: str):
     return row.find_element(By.CSS_SELECTOR, f"td.level-cell.{column}")
 
 
-def test_the_study_page_shows_stenosis_pfirrmann_and_herniation_per_level(server, browser):
+def test_the_study_page_shows_stenosis_pfirrmann_and_herniation_per_level(server, browser, shots):
     d = browser
     login(d, server["base"], READER)
     d.get(server["base"] + f"/studies/{server['spine'].study_id}")
     wait(d, 20).until(lambda x: x.find_element(By.ID, "viewer").get_attribute("data-ready") == "1")
     table = d.find_element(By.ID, "stenosis-levels")
+    d.execute_script("arguments[0].scrollIntoView()", table)
+    shot(d, shots / "study_spine_levels.png")
     rows = {r.get_attribute("data-level"): r for r in table.find_elements(By.CSS_SELECTOR, "tr.level-row")}
     assert list(rows) == ["L1-L2", "L2-L3", "L3-L4", "L4-L5", "L5-S1"]
     heads = [th.text for th in table.find_elements(By.CSS_SELECTOR, "tr th")]
@@ -109,7 +111,11 @@ def test_the_study_page_shows_stenosis_pfirrmann_and_herniation_per_level(server
 
     l45 = rows["L4-L5"]
     assert _cell(l45, "stenosis").find_element(By.CSS_SELECTOR, ".grade").text == "severe"
-    assert "Central canal stenosis L4-L5 95 %" in _cell(l45, "stenosis").text
+    # P(stenosis) and its grade split; the full wording (as on the worklist) is the tooltip
+    assert _cell(l45, "stenosis").find_element(By.CSS_SELECTOR, ".stenosis-p").text == "95 %"
+    assert _cell(l45, "stenosis").find_element(By.CSS_SELECTOR, ".grade-split").text.startswith("severe 85 %, ")
+    title = _cell(l45, "stenosis").find_element(By.CSS_SELECTOR, ".prob").get_attribute("title")
+    assert title.startswith("Central canal stenosis L4-L5 95 % (severe 85 %")
     assert _cell(l45, "degeneration").find_element(By.CSS_SELECTOR, ".pfirrmann").text == "Pfirrmann IV"
     assert "P(III-V) 93 %" in _cell(l45, "degeneration").text
     assert _cell(l45, "herniation").find_element(By.CSS_SELECTOR, ".herniation-call").text == "present"
