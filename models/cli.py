@@ -42,6 +42,9 @@ def register(sub) -> None:
     pt.add_argument("--workers", type=int, default=1, help="processes generating phantoms")
     pt.add_argument("--cache", type=Path, default=None, help="folder caching preprocessed phantoms")
     pt.add_argument("--max-steps", type=int, default=None, help="stop after this many optimiser steps")
+    pt.add_argument(
+        "--steps-per-epoch", type=int, default=None, help="lumbar_spine.levels: optimiser steps per epoch (150)"
+    )
     pt.add_argument("--no-augment", action="store_true")
     pt.add_argument(
         "--no-progress", action="store_true", help="no progress bar on stderr (the JSON log lines stay on stdout)"
@@ -239,7 +242,7 @@ def cmd_train(args, settings) -> int:
 
     from models.data import parse_spec
     from models.errors import DataSpecError, TrainingError, VolumeError
-    from models.registry import ENTRIES, MODEL_ANATOMY, MODEL_SUPERRES
+    from models.registry import ENTRIES, MODEL_ANATOMY, MODEL_LEVELS, MODEL_SUPERRES
 
     torch.set_num_threads(_threads(settings))
     if args.model not in ENTRIES:
@@ -317,6 +320,10 @@ def cmd_train(args, settings) -> int:
                     workers=args.workers,
                     log=log,
                 )
+        elif args.model == MODEL_LEVELS:
+            from models.levels.cli import train_levels_cmd
+
+            return train_levels_cmd(args, spec, threads=_threads(settings))
         elif args.model == "lumbar_spine.discs":
             from models.discs.training import DiscRecipe, train_discs
 
@@ -473,6 +480,12 @@ def cmd_evaluate(args, settings) -> int:
     torch.set_num_threads(_threads(settings))
     registry = _registry(settings)
     progress = (lambda m: print(m, file=sys.stderr, flush=True)) if args.json else (lambda m: print(m, flush=True))
+    from models.registry import MODEL_LEVELS
+
+    if args.model == MODEL_LEVELS:
+        from models.levels.cli import evaluate_levels_cmd
+
+        return evaluate_levels_cmd(args, registry, log=progress)
     try:
         result = evaluate(
             args.model,

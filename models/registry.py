@@ -72,8 +72,14 @@ def _anatomy_loader(registry: Registry, path: Path, sha: str) -> Any:
     return protocol.load(path, sha256=sha)
 
 
+def _levels_loader(registry: Registry, path: Path, sha: str) -> Any:
+    card = registry.card(MODEL_LEVELS)
+    return protocol.load(path, sha256=sha, gate=registry.gate(), version=card.get("version"))
+
+
 MODEL_SUPERRES = "superres"
 MODEL_ANATOMY = "qc.anatomy"
+MODEL_LEVELS = "lumbar_spine.levels"
 
 
 def _build_entries() -> dict[str, ModelEntry]:
@@ -103,6 +109,19 @@ def _build_entries() -> dict[str, ModelEntry]:
         legacy_files=("superres.pt",),
         loader=_superres_loader,
         input_spec={"roles": "first input role of the pipeline's main model", "plane": "any 2-D multislice series"},
+    )
+    from models.levels.model import TASK as LEVELS_TASK
+
+    entries[MODEL_LEVELS] = ModelEntry(
+        name=MODEL_LEVELS,
+        task="segmentation",
+        anatomy="lumbar_spine",
+        description=LEVELS_TASK.description,
+        input_roles=LEVELS_TASK.input.roles,
+        weights_file="model.pt",
+        version=LEVELS_TASK.version,
+        loader=_levels_loader,
+        input_spec=LEVELS_TASK.card_facts()["input"],
     )
     entries[MODEL_ANATOMY] = ModelEntry(
         name=MODEL_ANATOMY,

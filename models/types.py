@@ -139,12 +139,13 @@ class LevelsOutput:
     centres_vox: dict[str, tuple[int, int, int]] = field(default_factory=dict)  # structure -> (slice, row, col)
     centres_mm: dict[str, tuple[float, float, float]] = field(default_factory=dict)  # patient coordinates
     bodies_found: tuple[str, ...] = ()  # every body found head -> feet (may include T12, T11 ...)
+    estimated: tuple[str, ...] = ()  # centres placed without voxels in ``labels`` (e.g. L5-S1 from L4-L5 and L5)
     timings: dict[str, float] = field(default_factory=dict)
 
     @property
     def found(self) -> tuple[str, ...]:
         """The named structures present in ``labels``."""
-        return tuple(s for s in self.structures if s in self.centres_vox)
+        return tuple(s for s in self.structures if s in self.centres_vox and s not in self.estimated)
 
 
 @dataclass

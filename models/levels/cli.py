@@ -49,6 +49,7 @@ def train_levels_cmd(args, spec, *, threads: int) -> int:
         recipe = Recipe(
             data=f"spinevol:{root}",
             epochs=args.epochs or Recipe.epochs,
+            steps_per_epoch=getattr(args, "steps_per_epoch", None) or Recipe.steps_per_epoch,
             batch_size=Recipe.batch_size if args.batch_size == 16 else int(args.batch_size),
             lr=Recipe.lr if args.lr in (None, 2e-3) else float(args.lr),
             seed=int(args.seed),
@@ -71,7 +72,7 @@ def train_levels_cmd(args, spec, *, threads: int) -> int:
             recipe,
             log=lambda m: print(m, flush=True),
             progress=stderr_progress if sys.stderr.isatty() else None,
-            card_phantoms=6,
+            card_phantoms=3,
             card_stenosis=registry_stenosis,
         )
     except (DataSpecError, TrainingError) as e:

@@ -7,8 +7,9 @@ predicts three classes per pixel: background, vertebral body, intervertebral dis
 per-slice predictions are stacked back into the series' own slices, so the label volume is in
 the input geometry.
 
-Naming (`name_structures`): 3-D connected components of the body class (small ones dropped)
-are ordered head -> feet by their centroid; the lowest one is L5 and the names go up from
+Naming (`name_structures`): vertebral body instances (3-D components of the in-plane eroded
+body class, every body voxel given to its nearest core; fragments smaller than a third of the
+median body dropped) are ordered head -> feet by their centroid; the lowest one is L5 and the names go up from
 there (L4 ... L1, then T12, T11 ...). The anchor is the sacrum: the network is trained to mark
 the mobile vertebral bodies down to L5 and never the sacrum (S1 is background in every
 training target), so the lowest complete body it finds is the one above the sacrum. Disc
@@ -35,6 +36,7 @@ _COLUMN = ("S1", "L5", "L4", "L3", "L2", "L1", "T12", "T11", "T10", "T9", "T8", 
 MIN_BODY_MM3 = 2500.0  # a vertebral body is >= ~10 cm^3; fragments below this are dropped
 MIN_DISC_MM3 = 300.0
 MIN_CORE_MM3 = 800.0
+MIN_BODY_SHARE = 0.35  # of the median body volume of the series
 ERODE_MM = 4.0  # in-plane erosion of the body mask before the instances are counted
 
 
@@ -145,6 +147,7 @@ class Named:
     bodies: list[str]  # every body found, head -> feet (T11 ... L5)
     centroids: dict[str, tuple[float, float, float]]  # structure -> canonical (k, row, col) voxel centroid
     volumes_mm3: dict[str, float]
+    estimated: tuple[str, ...] = ()  # structures with a centre but no voxels (L5-S1 placed from L4-L5 and L5)
 
 
 def _components(mask: np.ndarray) -> tuple[np.ndarray, int]:
@@ -177,8 +180,13 @@ def _body_instances(body: np.ndarray, spacing: tuple[float, float, float]) -> tu
     nearest = lab[tuple(idx)]
     inst = np.where(body, nearest, 0).astype(np.int32)
     ids = [int(i) for i in np.unique(inst) if i > 0]
-    vol = ndimage.sum(np.ones(body.shape, np.float32), inst, ids) * vox if ids else []
-    return inst, [i for i, v in zip(ids, vol) if v >= MIN_BODY_MM3]
+    vols: list[float] = [float(v) * vox for v in ndimage.sum(np.ones(body.shape, np.float32), inst, ids)] if ids else []
+    keep = [(i, v) for i, v in zip(ids, vols) if v >= MIN_BODY_MM3]
+    if len(keep) >= 3:
+        # fragments (a piece of the sacral ala, a partial-volume sliver) are far smaller than the bodies
+        typical = float(np.median([v for _, v in keep]))
+        keep = [(i, v) for i, v in keep if v >= MIN_BODY_SHARE * typical]
+    return inst, [i for i, _ in keep]
 
 
 def name_structures(classes: np.ndarray, spacing: tuple[float, float, float]) -> Named:

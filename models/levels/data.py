@@ -16,8 +16,9 @@ Targets (`targets_of`):
   ``2 * DISC_REACH_MM`` (so the space between the two endplates, bounded front and back by the
   bodies' overlap);
 - ignored in the loss (label 255): everything above the top of the highest labelled body (the
-  vertebrae above it are unlabelled but look the same) and the band within ``SACRAL_BAND_MM`` below
-  L5 (the L5-S1 disc, not derivable without an S1 mask, and the top of S1).
+  vertebrae above it are unlabelled but look the same) and a ``SACRAL_BAND_MM`` margin below L5
+  (its outline's uncertainty). The L5-S1 disc (not derivable without an S1 mask) and the sacrum are
+  background: the network learns to stop at L5, which anchors the names.
 
 The split is by patient and deterministic (`split_keys`): per source, the volumes are ordered by a hash
 of their key; the first quarter is the held-out test set, the next ones validation, the rest training.
@@ -36,7 +37,7 @@ from models.errors import DataSpecError
 from models.levels.core import BODIES, DISCS, STRUCTURES, disc_name, vertebra_names_from_bottom
 
 DISC_REACH_MM = 10.0
-SACRAL_BAND_MM = 16.0
+SACRAL_BAND_MM = 4.0
 IGNORE = 255
 MAX_VOLUMES = 500
 MAX_FILE_BYTES = 200 * 1024 * 1024
@@ -185,13 +186,13 @@ def targets_of(vol: SpineVolume) -> tuple[np.ndarray, np.ndarray]:
         l5 = gt == vol.order[-1]
         c_row = ndimage.center_of_mass(l5)[1]
         band = SACRAL_BAND_MM / vol.spacing[1]
-        for k in range(gt.shape[0]):
-            if not l5[k].any():
+        for kk in range(gt.shape[0]):
+            if not l5[kk].any():
                 continue
-            d = ndimage.distance_transform_edt(~l5[k])
-            m = (d <= band) & ~l5[k]
+            d = ndimage.distance_transform_edt(~l5[kk])
+            m = (d <= band) & ~l5[kk]
             m[: int(c_row), :] = False
-            classes[k][m & (classes[k] != 1)] = IGNORE
+            classes[kk][m & (classes[kk] != 1)] = IGNORE
     return classes, named
 
 

@@ -249,7 +249,7 @@ def write_levels_card(
     """card.json + MODEL_CARD.md of freshly trained weights in ``out_dir`` (held-out real evaluation, and the
     phantom / stenosis comparison when asked)."""
     from models.cards import write_card
-    from models.levels.model import TASK, LevelsModel
+    from models.levels.model import NOTICE, TASK, LevelsModel
     from models.protocol import load
 
     model = load(Path(out_dir) / "model.pt")
@@ -263,14 +263,18 @@ def write_levels_card(
     if stenosis_model is not None:
         metrics["stenosis_levels"] = stenosis_levels(model, stenosis_model, root, keys=split["test"], log=log)
     n = {k: len(v) for k, v in split.items()}
+    where = str(root)
+    if where.rstrip("/").endswith("lumbar_spine/segmented_volumes"):
+        where = "the real-MRI corpus, lumbar_spine/segmented_volumes"
     card = {
         **TASK.card_facts(),
         "version": model.info.version,
         "weights_file": "model.pt",
         "weights_sha256": model.info.weights_sha256,
         "demo_weights": True,
+        "notice": NOTICE,
         "training_data": (
-            f"Real sagittal lumbar MRI with vertebral-body masks ({root}): VB1 (Zukic et al., Computer Graphics "
+            f"Real sagittal lumbar MRI with vertebral-body masks ({where}): VB1 (Zukic et al., Computer Graphics "
             "Forum 33:190-204, 2014; multi-centre, T1 and T2) and VB2 (Chu et al., PLoS ONE 10(11):e0143327, 2015; "
             "T2 TSE, T11-L5), both as re-packed in the JonathanRamos/fastcleverseg repository (GPL-3.0; the licence "
             "of the underlying datasets is not stated there). 1 mm isotropic, intensities rescaled to 8 bits by the "
@@ -304,8 +308,8 @@ def write_levels_card(
             "L1..L5 bodies and L1-L2..L4-L5 discs. Phantoms: disc Dice (all discs) and disc naming against the "
             "phantom level centres."
         ),
-        "reproduce": f"msknode train lumbar_spine.levels --data spinevol:{root} --out DIR --epochs {recipe.epochs}; "
-        f"msknode evaluate lumbar_spine.levels --data spinevol:{root} --json",
+        "reproduce": "msknode train lumbar_spine.levels --data realdata:auto --out DIR (MSKNODE_TORCH_THREADS=1); "
+        "msknode evaluate lumbar_spine.levels --data realdata:auto --json",
         "limitations": [
             "Not for diagnostic use.",
             f"Trained on {n['train']} real volumes from two research datasets; the L5-S1 disc has no reference "

@@ -24,9 +24,13 @@ from models.levels.core import (
 )
 from models.tasks.base import InputSpec, TaskSpec
 from models.transforms import canonical_layout
-from models.types import NOT_FOR_DIAGNOSTIC_USE, LevelsOutput, ModelInfo, QCResult, Volume
+from models.types import LevelsOutput, ModelInfo, QCResult, Volume
 
 FORMAT = "msknode.levels/1"
+NOTICE = (
+    "Research weights trained on real MRI of 17 patients from two public research datasets; not clinically "
+    "validated. Not for diagnostic use."
+)
 MODEL_NAME = "lumbar_spine.levels"
 VERSION = "1.0.0"
 
@@ -165,6 +169,11 @@ class LevelsModel:
         for i, c in zip(ids, cents):
             if np.all(np.isfinite(c)):
                 named.centroids[STRUCTURES[i - 1]] = (float(c[0]), float(c[1]), float(c[2]))
+        c = named.centroids
+        if "L5-S1" not in c and "L5" in c and "L4-L5" in c:
+            # no L5-S1 disc segmented (the training masks have none): its centre mirrors L4-L5 about L5's centre
+            c["L5-S1"] = tuple(2 * a - b for a, b in zip(c["L5"], c["L4-L5"]))  # type: ignore[assignment]
+            named.estimated = ("L5-S1",)
         return class_map, named
 
     def predict(self, volume: Volume, *, check_qc: bool = True) -> LevelsOutput:
@@ -206,6 +215,7 @@ class LevelsModel:
             centres_vox=centres_vox,
             centres_mm=centres_mm,
             bodies_found=tuple(named.bodies),
+            estimated=tuple(named.estimated),
             timings=timings,
         )
 
@@ -218,5 +228,5 @@ def _info(sha: str, version: str) -> ModelInfo:
         task="segmentation",
         anatomy="lumbar_spine",
         demo_weights=True,
-        notice=NOT_FOR_DIAGNOSTIC_USE,
+        notice=NOTICE,
     )

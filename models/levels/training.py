@@ -35,13 +35,14 @@ from models.levels.model import LevelsModel
 from models.protocol import load_checkpoint, save_checkpoint
 
 CROP = 128
+SACRAL_CROPS = 0.35  # share of crops centred below the lowest labelled body (L5 / sacrum)
 
 
 @dataclass
 class Recipe:
     data: str
-    epochs: int = 12
-    steps_per_epoch: int = 100
+    epochs: int = 16
+    steps_per_epoch: int = 150
     batch_size: int = 8
     lr: float = 3e-3
     seed: int = 0
@@ -57,6 +58,7 @@ class Prepared:
     image: np.ndarray  # (K, gh, gw) float32 at GRID_MM (scaled)
     classes: np.ndarray  # (K, gh, gw) uint8 (255 ignored)
     spine_slices: np.ndarray  # slice indices with a vertebral body
+    lowest: np.ndarray  # (K, gh, gw) bool: the lowest labelled body (L5) at the grid
 
 
 def prepare(vol: SpineVolume) -> Prepared:
@@ -67,7 +69,9 @@ def prepare(vol: SpineVolume) -> Prepared:
     img = F.interpolate(x, size=(gh, gw), mode="bilinear", antialias=True, align_corners=False)[:, 0].numpy()
     cls = F.interpolate(torch.from_numpy(classes)[:, None].float(), size=(gh, gw), mode="nearest")[:, 0]
     spine = np.nonzero((classes == 1).any(axis=(1, 2)))[0]
-    return Prepared(vol.key, img.astype(np.float32), cls.numpy().astype(np.uint8), spine)
+    low_t = torch.from_numpy((vol.gt == vol.order[-1]).astype(np.float32))[:, None]
+    low = F.interpolate(low_t, size=(gh, gw), mode="nearest")[:, 0].numpy() > 0.5
+    return Prepared(vol.key, img.astype(np.float32), cls.numpy().astype(np.uint8), spine, low)
 
 
 def _bias_field(rng: np.random.Generator, shape: tuple[int, int], strength: float) -> torch.Tensor:
@@ -93,7 +97,7 @@ def augment_intensity(x: torch.Tensor, rng: np.random.Generator) -> torch.Tensor
         x = torch.where(fg, 1.0 - x * rng.uniform(0.7, 1.0), x)
     x = x.clamp(0, 1) ** float(np.exp(rng.uniform(-0.6, 0.6)))
     if rng.uniform() < 0.7:
-        x = x * _bias_field(rng, tuple(x.shape), rng.uniform(0.1, 0.4))
+        x = x * _bias_field(rng, (int(x.shape[0]), int(x.shape[1])), rng.uniform(0.1, 0.4))
     if rng.uniform() < 0.7:
         x = x + torch.from_numpy(rng.normal(0, rng.uniform(0.005, 0.06), size=x.shape).astype(np.float32))
     x = x.clamp(min=0)
@@ -140,7 +144,14 @@ def sample_batch(
             y = F.pad(y, (0, pw, 0, ph), value=IGNORE)
             h, w = x.shape
         body = torch.nonzero(y == 1)
-        if body.shape[0] and rng.uniform() < 0.9:
+        u = rng.uniform()
+        if u < SACRAL_CROPS and p.lowest[k].any():
+            # around the lumbosacral junction: where L5 must be told from S1 (in the un-augmented frame; the
+            # affine moves it by a few pixels at most)
+            rr, cc = np.nonzero(p.lowest[k])
+            cy = int(rr.max()) + int(rng.integers(-10, 30))
+            cx = int(cc.mean()) + int(rng.integers(-30, 31))
+        elif body.shape[0] and u < 0.9:
             cy, cx = body[int(rng.integers(body.shape[0]))].tolist()
             cy += int(rng.integers(-40, 41))
             cx += int(rng.integers(-30, 31))
@@ -237,7 +248,9 @@ def train_levels(
     if resume and ckpt_path.is_file():
         try:
             ck = load_checkpoint(ckpt_path).data
-            if ck.get("recipe", {}).get("data") == recipe.data:
+            if ck.get("recipe") != {**asdict(recipe), "channels": list(recipe.channels)}:
+                log(f"checkpoint {ckpt_path} was made with another recipe; starting over")
+            else:
                 net.load_state_dict(ck["state_dict"])
                 opt.load_state_dict(ck["optimizer"])
                 sched.load_state_dict(ck["scheduler"])
@@ -277,11 +290,6 @@ def train_levels(
         history.append(rec)
         if progress is not None:
             progress("\n")
-        log(
-            f"epoch {epoch + 1}/{recipe.epochs}: loss {rec['loss']:.4f}"
-            + "".join(f", validation {k} {v:.3f}" for k, v in val.items())
-            + f" ({rec['seconds']:.0f} s)"
-        )
         save_checkpoint(
             {
                 "format": "msknode.levels-training/1",
@@ -295,6 +303,11 @@ def train_levels(
                 "recipe": {**asdict(recipe), "channels": list(recipe.channels)},
             },
             ckpt_path,
+        )
+        log(
+            f"epoch {epoch + 1}/{recipe.epochs}: loss {rec['loss']:.4f}"
+            + "".join(f", validation {k} {v:.3f}" for k, v in val.items())
+            + f" ({rec['seconds']:.0f} s)"
         )
     wall = seconds_before + time.perf_counter() - t0
     model.metadata = {
