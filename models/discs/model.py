@@ -12,6 +12,7 @@ Pfirrmann probabilities and P(herniation) -> `LumbarDiscs.findings`.
 
 from __future__ import annotations
 
+import itertools
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -55,7 +56,27 @@ def decode_heatmaps(logits: torch.Tensor, gm: GridMap, min_peak: float) -> list[
         r, c = gm.to_canonical(gy, gx)
         if mass >= min_peak:
             out.append(Located(level, float(r), float(c), mass))
-    return out
+    return consistent(out, gm)
+
+
+MIN_DISC_GAP_MM = 12.0  # adjacent lumbar discs lie at least this far apart head to feet
+
+
+def consistent(located: list[Located], gm: GridMap) -> list[Located]:
+    """The located levels that run head to feet in level order, at least ``MIN_DISC_GAP_MM`` apart: of two
+    adjacent located levels out of order (or on top of each other), the less certain one is dropped (left
+    out, never renamed)."""
+    out = list(located)  # level order
+    while True:
+        bad = [
+            (a, b)
+            for a, b in itertools.pairwise(out)
+            if (b.row - a.row) * gm.sr < MIN_DISC_GAP_MM * (LEVELS.index(b.level) - LEVELS.index(a.level))
+        ]
+        if not bad:
+            return out
+        a, b = bad[0]
+        out.remove(a if a.score < b.score else b)
 
 
 @dataclass
