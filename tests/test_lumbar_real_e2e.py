@@ -277,3 +277,7 @@ def test_a_real_lumbar_series_reaches_the_pacs_and_the_study_page(settings, db, 
                 assert (
                     call == {"Present": "present", "Absent": "absent"}[_value(g, "/Herniation of intervertebral disc")]
                 )
+            # triage read the same findings: a degenerated disc (Pfirrmann III-V) scores by the shipped rule
+            reasons = browser.find_element(By.ID, "reasons").text
+            if any(_value(g, "/Degeneration of intervertebral disc") == "Present" for g in discs):
+                assert "[rule disc_degeneration]" in reasons, reasons
