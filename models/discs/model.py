@@ -59,7 +59,7 @@ def decode_heatmaps(logits: torch.Tensor, gm: GridMap, min_peak: float) -> list[
     return consistent(out, gm)
 
 
-MIN_DISC_GAP_MM = 12.0  # adjacent lumbar discs lie at least this far apart head to feet
+MIN_DISC_GAP_MM = 5.0  # adjacent located discs must lie at least this far apart head to feet (order and duplicates)
 
 
 def consistent(located: list[Located], gm: GridMap) -> list[Located]:
