@@ -194,6 +194,7 @@ def run_anatomy(anatomy: str, dirs: dict[str, Path], *, threads: int, repeats: i
                 repeats=max(2, repeats),
             )
             for name in spec.models
+            if hasattr(registry.get(name), "net")  # 3-D classifiers (lumbar_spine.discs runs two 2-D networks)
         }
     return result
 
