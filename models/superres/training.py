@@ -172,11 +172,11 @@ def train_superres(
                 net.train()
             rec["seconds"] = time.perf_counter() - t0
             history.append(rec)
+            run_loss = run_base = 0.0
+            if state_path is not None:  # before the progress line: a reported epoch is a resume point
+                _save_state(Path(state_path), net, opt, sched, rng, step, train.steps, history, rec["seconds"])
             if log is not None:
                 log(rec)
-            run_loss = run_base = 0.0
-            if state_path is not None:
-                _save_state(Path(state_path), net, opt, sched, rng, step, train.steps, history, rec["seconds"])
     net.eval()
     return model, history
 
