@@ -197,3 +197,37 @@ def test_cli_train_shows_epochs_writes_the_card_and_resumes(tmp_path):
     # resuming a run of another length is refused with a message
     r = _msknode(*cmd[3:-4], "--epochs", "3", "--out", str(out), "--resume")
     assert r.returncode == 2 and "100 steps" in r.stderr
+
+
+def test_cli_train_refuses_an_unknown_source_family(tmp_path):
+    r = _msknode(
+        "train", "superres", "--data", "synthetic:2:7000000", "--realdata", "none", "--exclude-source", "ankle",
+        "--out", str(tmp_path / "x"), timeout=300,
+    )  # fmt: skip
+    assert r.returncode == 2 and "ankle" in r.stderr and "knee, shoulder, lumbar, brain, other" in r.stderr
+    assert not (tmp_path / "x" / "model.pt").exists()
+
+
+@pytest.mark.skipif(not REALDATA.is_dir(), reason=NO_REALDATA)
+def test_cli_train_on_real_knee_with_the_other_families_held_out(tmp_path):
+    """realdata:PATH + phantoms, every family but the knee held out: the card and the checkpoint say what was
+    trained on, and the per-epoch line carries the held-out families' validation gain."""
+    out = tmp_path / "run"
+    held = ["shoulder", "lumbar", "brain", "other"]
+    r = _msknode(
+        "train", "superres", "--data", f"realdata:{REALDATA}", "--phantoms", "2", "--epochs", "1",
+        *(a for h in held for a in ("--exclude-source", h)), "--out", str(out),
+    )  # fmt: skip
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "epoch 1: step 50" in r.stdout and "heldout_psnr_gain_db" in r.stdout
+    card = json.loads((out / "card.json").read_text())
+    assert set(card["training_data"]["real_families"]) == {"knee"}
+    assert card["training_data"]["held_out_families"] == held
+    assert card["training_data"]["real_volumes"] >= 2 and card["training_data"]["phantoms"] == 2
+    assert "val_heldout_psnr_gain_db" in card["metrics"]
+    log = json.loads((out / "training_log.json").read_text())
+    assert all(k.startswith(("knee_stacks/", "siemens_knee/")) for k in log["real_volumes"])
+    from models.superres import SuperResModel
+
+    model = SuperResModel.load(out / "model.pt")
+    assert model.metadata["held_out_families"] == held and model.info.weights_sha256 == card["weights_sha256"]
