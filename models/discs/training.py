@@ -79,6 +79,9 @@ class DiscRecipe:
     threads: int = 1
     min_peak: float = 0.1
     grader_channels: int = 2  # disc patch + wider context
+    loc_zoom_min: float = 0.7  # localiser augmentation: zoom range, and the share of images blanked above L1-L2
+    loc_zoom_max: float = 1.4
+    loc_cut_top: float = 0.3
 
 
 # --- data ----------------------------------------------------------------------------------------
@@ -121,12 +124,18 @@ def _loc_items(patients: list[Patient]) -> list[tuple[np.ndarray, np.ndarray]]:
     return items
 
 
-def _augment_loc(imgs: torch.Tensor, pts: torch.Tensor, rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+def _augment_loc(
+    imgs: torch.Tensor,
+    pts: torch.Tensor,
+    rng: np.random.Generator,
+    zoom: tuple[float, float] = (0.8, 1.2),
+    cut_top: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Random zoom/rotation/shift (points follow) and intensity changes of a (B, 1, G, G) batch."""
     b = imgs.shape[0]
     thetas, new_pts = [], pts.clone()
     for i in range(b):
-        s = float(rng.uniform(0.8, 1.2))
+        s = float(rng.uniform(*zoom))
         a = float(rng.uniform(-0.2, 0.2))
         t = rng.uniform(-0.15, 0.15, 2)
         A = np.array([[math.cos(a), -math.sin(a)], [math.sin(a), math.cos(a)]]) * s  # output -> input (x, y)
@@ -144,6 +153,11 @@ def _augment_loc(imgs: torch.Tensor, pts: torch.Tensor, rng: np.random.Generator
     gain = torch.tensor(rng.uniform(0.8, 1.2, b), dtype=torch.float32).view(b, 1, 1, 1)
     out = out.clamp(min=0).pow(gamma) * gain
     out = out + 0.02 * torch.randn(out.shape, generator=torch.Generator().manual_seed(int(rng.integers(1 << 31))))
+    # a field of view that ends higher or lower on the spine: the image above a random row over L1-L2 is blank
+    for i in range(b):
+        top = float(new_pts[i, 0, 0]) if torch.isfinite(new_pts[i, 0, 0]) else float("nan")
+        if cut_top > 0 and np.isfinite(top) and top > 24 and rng.random() < cut_top:
+            out[i, :, : int(rng.uniform(0, top - 16))] = 0.0
     return out.clamp(0, 1.5), new_pts
 
 
@@ -411,7 +425,7 @@ def train_discs(
             x = torch.from_numpy(np.stack([loc_items[j][0] for j in idx]))[:, None]
             p = torch.from_numpy(np.stack([loc_items[j][1] for j in idx]))
             if recipe.augment:
-                x, p = _augment_loc(x, p, rng)
+                x, p = _augment_loc(x, p, rng, (recipe.loc_zoom_min, recipe.loc_zoom_max), recipe.loc_cut_top)
             loss = _heat_loss(loc(x), p, recipe.heat_sigma)
             opt.zero_grad()
             loss.backward()
