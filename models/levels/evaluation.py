@@ -234,6 +234,12 @@ def stenosis_levels(
     return out
 
 
+def _training_constants() -> dict[str, Any]:
+    from models.levels import training
+
+    return {"crop_px": training.CROP, "sacral_crops": training.SACRAL_CROPS}
+
+
 def write_levels_card(
     out_dir: Path,
     root: Path | str,
@@ -284,8 +290,8 @@ def write_levels_card(
             "(never trained on, nothing chosen on them). Discs are not labelled in the source: the disc target "
             "between two consecutive bodies is, per sagittal slice and antero-posterior column crossing both, the "
             "gap between the lower endplate of the upper body and the upper endplate of the lower one (at most "
-            "20 mm). Above the highest labelled body and in a 16 mm band below L5 (L5-S1 disc, top of S1) the loss "
-            "is not applied."
+            "20 mm). Above the highest labelled body and in a 4 mm margin below L5 the loss is not applied; the "
+            "L5-S1 disc and the sacrum are background (a third of the crops are centred at the lumbosacral junction)."
         ),
         "recipe": {
             **{k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(recipe).items()},
@@ -295,6 +301,8 @@ def write_levels_card(
             "thickness); contrast: random non-monotone intensity curve or inversion inside the body, gamma, bias "
             "field, Gaussian noise",
             "loss": "cross-entropy + soft Dice (body, disc), ignored pixels out",
+            "crop_px": _training_constants()["crop_px"],
+            "sacral_crops": _training_constants()["sacral_crops"],
             "naming": "3-D components of the body class (>= 2.5 cm^3) ordered head -> feet; the lowest is L5 "
             "(anchored at the sacrum: S1 is background in every target, so the lowest body found is the last "
             "mobile one), L4 .. L1 above it; discs named by the bodies their centroid lies between, a disc below "
@@ -313,7 +321,7 @@ def write_levels_card(
         "limitations": [
             "Not for diagnostic use.",
             f"Trained on {n['train']} real volumes from two research datasets; the L5-S1 disc has no reference "
-            "mask (its segmentation is learned from the other discs only and is not scored).",
+            "mask (it is background in training: usually not segmented, its centre is then estimated).",
             "Naming assumes a normal count of lumbar vertebrae (5) and a sacrum below L5; transitional "
             "vertebrae (lumbarised S1, sacralised L5) will be misnamed.",
             "Bodies are counted from the sacrum upwards; a series whose field of view cuts off the sacrum "
