@@ -116,6 +116,13 @@ def test_pipeline_labels_a_real_series_places_stenosis_levels_and_writes_a_valid
     assert lv.series_uid == uid and lv.labels is not None and lv.labels.shape == vol.shape
     assert set(lv.found) >= {"L1", "L2", "L3", "L4", "L5", "L1-L2", "L2-L3", "L3-L4", "L4-L5"}
     assert out.used_series["lumbar_spine.levels"] == [uid]
+    # the job records the level model's version and weights hash like every model's
+    from node.jobs.runner import model_versions_of
+
+    rec = model_versions_of(out)["lumbar_spine.levels"]
+    assert (rec["version"], rec["weights_sha256"]) == (lv.model.version, lv.model.weights_sha256)
+    assert len(rec["weights_sha256"]) == 64 and rec["levels"]["series_uid"] == uid
+    assert rec["levels"]["found"] == list(lv.found)
     # centres in patient mm follow the series geometry: head -> feet is -z, L1 above L5 by 4 bodies and discs
     z = {k: v[2] for k, v in lv.centres_mm.items()}
     assert z["L1"] > z["L1-L2"] > z["L2"] > z["L3"] > z["L4"] > z["L4-L5"] > z["L5"]

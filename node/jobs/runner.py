@@ -467,6 +467,16 @@ def model_versions_of(output: Any) -> dict[str, Any]:
                 "consistency_passed": bool(sr.consistency_passed),
             }
         )
+    for lv in getattr(output, "levels", None) or []:  # the level segmentation (its SEG and the stenosis placement)
+        versions.setdefault(lv.model.name, {"version": lv.model.version, "weights_sha256": lv.model.weights_sha256})[
+            "levels"
+        ] = {
+            "series_uid": lv.series_uid,
+            "accepted": bool(lv.qc.accepted),
+            "qc_reason": lv.qc.reason,
+            "found": list(lv.found),
+            "estimated": list(lv.estimated),
+        }
     return versions
 
 
