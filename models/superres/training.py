@@ -12,7 +12,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from models.errors import SuperResError
+from models.errors import RegistryError, SuperResError
+from models.protocol import load_checkpoint, save_checkpoint
 from models.superres.data import TRAIN_ANATOMIES, TRAIN_SEED, training_volumes
 from models.superres.inference import SuperResModel
 from models.superres.net import SuperResConfig, _Operators, _zmul, forward_detail
@@ -82,7 +83,10 @@ def train_superres(
     if resume:
         if state_path is None or not Path(state_path).is_file():
             raise SuperResError(f"nothing to resume: no training state at {state_path}")
-        saved = torch.load(state_path, map_location="cpu", weights_only=True)
+        try:
+            saved = load_checkpoint(Path(state_path)).data
+        except RegistryError as exc:
+            raise SuperResError(f"cannot resume: {exc}") from None
         if int(saved["total_steps"]) != train.steps:
             raise SuperResError(f"{state_path} was written by a run of {saved['total_steps']} steps, not {train.steps}")
         net.load_state_dict(saved["net"])
@@ -182,9 +186,9 @@ def train_superres(
 
 
 def _save_state(path: Path, net, opt, sched, rng, step: int, total: int, history, seconds: float) -> None:
-    """The resume point (tensors and plain values only: loads with ``weights_only=True``), written atomically."""
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(
+    """The resume point (tensors and plain values only: loads with ``weights_only=True``), written atomically
+    with its sha256 beside it (`models.protocol.save_checkpoint`)."""
+    save_checkpoint(
         {
             "net": net.state_dict(),
             "optimizer": opt.state_dict(),
@@ -196,41 +200,8 @@ def _save_state(path: Path, net, opt, sched, rng, step: int, total: int, history
             "total_steps": total,
             "seconds": seconds,
         },
-        tmp,
+        path,
     )
-    tmp.replace(path)
-
-
-def train_to(
-    out_dir: Path,
-    *,
-    n_phantoms: int = 150,
-    seed: int = TRAIN_SEED,
-    steps: int = TrainConfig.steps,
-    threads: int = 1,
-    reformat_share: float = 0.0,
-    log=None,
-) -> dict[str, Any]:
-    """The whole training recipe: phantoms -> `train_superres` -> ``out_dir/model.pt`` (+ .sha256,
-    training_log.json). Returns the recipe with the weights' sha256."""
-    out_dir = Path(out_dir)
-    torch.set_num_threads(threads)
-    t0 = time.perf_counter()
-    vols = training_volumes(n_phantoms, seed=seed, log=log)
-    train = TrainConfig(steps=steps, seed=0, threads=threads, reformat_share=reformat_share)
-    model, history = train_superres(vols, SuperResConfig(), train, log=log)
-    model.metadata = {
-        "version": "1",
-        "config": asdict(model.config),
-        "train": asdict(train),
-        "phantoms": n_phantoms,
-        "anatomies": list(TRAIN_ANATOMIES),
-        "phantom_seeds": [seed, seed + n_phantoms - 1],
-        "seconds": time.perf_counter() - t0,
-    }
-    digest = model.save(out_dir / "model.pt")
-    (out_dir / "training_log.json").write_text(json.dumps({**model.metadata, "history": history}, indent=1))
-    return {**model.metadata, "weights": str(out_dir / "model.pt"), "sha256": digest}
 
 
 # --------------------------------------------------------------------------------------
