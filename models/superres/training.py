@@ -351,6 +351,7 @@ def train_mix_to(
             "task": "superres",
             "anatomy": "any",
             "weights_sha256": digest,
+            "weights_file": "model.pt",  # the card describes model.pt, not the resume point beside it
             "notice": (
                 "Demo weights trained on phantoms and a small real MR corpus. Not for diagnostic use."
                 if real
