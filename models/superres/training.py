@@ -204,6 +204,38 @@ def _save_state(path: Path, net, opt, sched, rng, step: int, total: int, history
     )
 
 
+def train_to(
+    out_dir: Path,
+    *,
+    n_phantoms: int = 150,
+    seed: int = TRAIN_SEED,
+    steps: int = TrainConfig.steps,
+    threads: int = 1,
+    reformat_share: float = 0.0,
+    log=None,
+) -> dict[str, Any]:
+    """The whole training recipe: phantoms -> `train_superres` -> ``out_dir/model.pt`` (+ .sha256,
+    training_log.json). Returns the recipe with the weights' sha256."""
+    out_dir = Path(out_dir)
+    torch.set_num_threads(threads)
+    t0 = time.perf_counter()
+    vols = training_volumes(n_phantoms, seed=seed, log=log)
+    train = TrainConfig(steps=steps, seed=0, threads=threads, reformat_share=reformat_share)
+    model, history = train_superres(vols, SuperResConfig(), train, log=log)
+    model.metadata = {
+        "version": "1",
+        "config": asdict(model.config),
+        "train": asdict(train),
+        "phantoms": n_phantoms,
+        "anatomies": list(TRAIN_ANATOMIES),
+        "phantom_seeds": [seed, seed + n_phantoms - 1],
+        "seconds": time.perf_counter() - t0,
+    }
+    digest = model.save(out_dir / "model.pt")
+    (out_dir / "training_log.json").write_text(json.dumps({**model.metadata, "history": history}, indent=1))
+    return {**model.metadata, "weights": str(out_dir / "model.pt"), "sha256": digest}
+
+
 # --------------------------------------------------------------------------------------
 # the recipe on real MR + phantoms (the shipped weights' recipe since version 2)
 
