@@ -79,9 +79,9 @@ class DiscRecipe:
     threads: int = 1
     min_peak: float = 0.1
     grader_channels: int = 2  # disc patch + wider context
-    loc_zoom_min: float = 0.7  # localiser augmentation: zoom range, and the share of images blanked above L1-L2
-    loc_zoom_max: float = 1.4
-    loc_cut_top: float = 0.3
+    loc_zoom_min: float = 0.8  # localiser augmentation: zoom range, and the share of images blanked above L1-L2
+    loc_zoom_max: float = 1.2
+    loc_cut_top: float = 0.0
 
 
 # --- data ----------------------------------------------------------------------------------------
