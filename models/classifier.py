@@ -23,10 +23,11 @@ import torch
 
 from models.errors import RegistryError
 from models.nets import LesionNet, set_mc_dropout
+from models.predicting import gated_predict, model_info
 from models.protocol import Checkpoint, load_checkpoint, save_checkpoint, sha256_of
 from models.saliency import grad_cam, to_heatmap
 from models.tasks.base import HeadResult, TaskSpec, volume_peak
-from models.types import NOT_FOR_DIAGNOSTIC_USE, ModelInfo, ModelOutput, QCResult, Volume
+from models.types import ModelInfo, ModelOutput, QCResult, Volume
 from models.uncertainty import mc_dropout_probabilities
 
 FORMAT = "msknode.classifier/1"
@@ -104,15 +105,7 @@ class ClassifierModel:
             raise RegistryError(f"{path}: weights do not fit the network of {task.name}: {e}") from None
         net.eval()
         meta = dict(data.get("metadata", {}))
-        info = ModelInfo(
-            name=task.name,
-            version=str(meta.get("version", task.version)),
-            weights_sha256=ckpt.sha256,
-            task=task.kind,
-            anatomy=task.anatomy,
-            demo_weights=bool(meta.get("demo_weights", True)),
-            notice=NOT_FOR_DIAGNOSTIC_USE,
-        )
+        info = model_info(task, ckpt.sha256, meta, demo_weights=True)
         return cls(
             task=task,
             net=net,
@@ -221,19 +214,11 @@ class ClassifierModel:
         qc: QCResult | None = None,
     ) -> ModelOutput:
         """QC gate + analysis -> ModelOutput (no findings when QC refuses the series)."""
-        t_start = time.perf_counter()
-        timings: dict[str, float] = {}
-        if qc is None:
-            if self.gate is not None:
-                t0 = time.perf_counter()
-                qc = self.gate.check(volume, self.task)
-                timings["qc_s"] = time.perf_counter() - t0
-            else:
-                qc = QCResult(True, metrics={})
-        if not qc.accepted:
-            timings["total_s"] = time.perf_counter() - t_start
-            return ModelOutput(model=self.info, series_uid=volume.series_uid, qc=qc, findings=[], timings=timings)
-        results = self.analyse(volume, extras=extras, saliency=saliency, uncertainty=uncertainty, timings=timings)
-        findings = self.task.findings(results, threshold=self.threshold, volume=volume)
-        timings["total_s"] = time.perf_counter() - t_start
-        return ModelOutput(model=self.info, series_uid=volume.series_uid, qc=qc, findings=findings, timings=timings)
+        return gated_predict(
+            self,
+            volume,
+            qc,
+            lambda timings: self.analyse(
+                volume, extras=extras, saliency=saliency, uncertainty=uncertainty, timings=timings
+            ),
+        )

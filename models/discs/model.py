@@ -24,9 +24,10 @@ import torch
 from models.discs.images import GRID, Canonical, GridMap, disc_input, to_grid, volume_midslice
 from models.discs.nets import HEAT, DiscGrader, DiscLocaliser
 from models.errors import RegistryError
+from models.predicting import gated_predict, model_info
 from models.protocol import Checkpoint, load_checkpoint, save_checkpoint
 from models.tasks.spine_discs import GRADES, LEVELS, DiscResult, LumbarDiscs, median_grade
-from models.types import NOT_FOR_DIAGNOSTIC_USE, ModelInfo, ModelOutput, QCResult, Volume
+from models.types import ModelInfo, ModelOutput, QCResult, Volume
 
 FORMAT = "msknode.discs/1"
 TTA_OFFSETS_MM = ((0.0, 0.0), (-1.5, 0.0), (1.5, 0.0), (0.0, -1.5), (0.0, 1.5))
@@ -134,15 +135,7 @@ class DiscModel:
         loc.eval()
         grader.eval()
         meta = dict(data.get("metadata", {}))
-        info = ModelInfo(
-            name=TASK.name,
-            version=str(meta.get("version", TASK.version)),
-            weights_sha256=ckpt.sha256,
-            task=TASK.kind,
-            anatomy=TASK.anatomy,
-            demo_weights=bool(meta.get("demo_weights", False)),
-            notice=NOT_FOR_DIAGNOSTIC_USE,
-        )
+        info = model_info(TASK, ckpt.sha256, meta, demo_weights=False)
         return cls(
             task=TASK,
             localiser=loc,
@@ -223,21 +216,11 @@ class DiscModel:
         qc: QCResult | None = None,
     ) -> ModelOutput:
         """QC gate + localisation + grading -> ModelOutput (no findings when QC refuses the series)."""
-        t_start = time.perf_counter()
-        timings: dict[str, float] = {}
-        if qc is None:
-            if self.gate is not None:
-                t0 = time.perf_counter()
-                qc = self.gate.check(volume, self.task)
-                timings["qc_s"] = time.perf_counter() - t0
-            else:
-                qc = QCResult(True, metrics={})
-        if not qc.accepted:
-            timings["total_s"] = time.perf_counter() - t_start
-            return ModelOutput(model=self.info, series_uid=volume.series_uid, qc=qc, findings=[], timings=timings)
-        t0 = time.perf_counter()
-        results = self.analyse(volume)
-        timings["inference_s"] = time.perf_counter() - t0
-        findings = self.task.findings(results, threshold=self.threshold, volume=volume)
-        timings["total_s"] = time.perf_counter() - t_start
-        return ModelOutput(model=self.info, series_uid=volume.series_uid, qc=qc, findings=findings, timings=timings)
+
+        def analyse(timings: dict[str, float]) -> list[DiscResult]:
+            t0 = time.perf_counter()
+            results = self.analyse(volume)
+            timings["inference_s"] = time.perf_counter() - t0
+            return results
+
+        return gated_predict(self, volume, qc, analyse)
