@@ -64,6 +64,19 @@ def segment_label(item: SegItem) -> str:
     return clean_text(f"{text} ({item.model.name})", "LO")
 
 
+def in_source_order(series: SourceSeries, frames: np.ndarray) -> tuple[np.ndarray, list]:
+    """Frames in slice order -> (the frames in the order of the source images, those source images): a
+    multi-frame source (one object) gets its own frame order back; single-frame sources are the slices."""
+    if series.is_multiframe:
+        if len(series.datasets) != 1:
+            raise ResultsError(f"series {series.series_uid}: more than one multi-frame source object")
+        by_frame = np.zeros_like(frames)
+        for k, sl in enumerate(series.slices):
+            by_frame[(sl.frame_number or 1) - 1] = frames[k]
+        return by_frame, series.datasets
+    return frames, [sl.dataset for sl in series.slices]
+
+
 def build_seg(
     *,
     series: SourceSeries,
@@ -104,16 +117,7 @@ def build_seg(
             desc.AnatomicRegionSequence = [region]
         descriptions.append(desc)
 
-    if series.is_multiframe:
-        if len(series.datasets) != 1:
-            raise ResultsError(f"series {series.series_uid}: more than one multi-frame source object")
-        by_frame = np.zeros_like(frames)
-        for k, sl in enumerate(series.slices):
-            by_frame[(sl.frame_number or 1) - 1] = frames[k]
-        frames = by_frame
-        source_images = series.datasets
-    else:
-        source_images = [sl.dataset for sl in series.slices]
+    frames, source_images = in_source_order(series, frames)
 
     seg = hd.seg.Segmentation(
         source_images=source_images,
@@ -216,16 +220,7 @@ def build_levels_seg(
                 anatomic_regions=regions,
             )
         )
-    if series.is_multiframe:
-        if len(series.datasets) != 1:
-            raise ResultsError(f"series {series.series_uid}: more than one multi-frame source object")
-        by_frame = np.zeros_like(seg_map)
-        for k, sl in enumerate(series.slices):
-            by_frame[(sl.frame_number or 1) - 1] = seg_map[k]
-        seg_map = by_frame
-        source_images = series.datasets
-    else:
-        source_images = [sl.dataset for sl in series.slices]
+    seg_map, source_images = in_source_order(series, seg_map)
     seg = hd.seg.Segmentation(
         source_images=source_images,
         pixel_array=seg_map,
