@@ -14,12 +14,11 @@ from pathlib import Path
 import highdicom as hd
 import numpy as np
 import pytest
-from pydicom.uid import generate_uid
 
 from models.levels.core import STRUCTURES
 from models.registry import REPO_WEIGHTS, Registry
-from support.mr import SAGITTAL, mr_dataset, save
 from support.results_data import assert_valid
+from support.spine_series import write_sagittal_series
 
 pytestmark = [pytest.mark.slow]
 
@@ -40,60 +39,6 @@ def _held_out_volume() -> Path:
     return root / f"{key}.npz"
 
 
-def _series(npz: Path, folder: Path) -> list[Path]:
-    """Sagittal T2 series of the volume: ``I[row, col, k]`` rows head -> feet (column direction (0, 0, -1)),
-    columns anterior -> posterior (row direction (0, 1, 0)), k left-right 1 mm apart; 12-bit pixels."""
-    arr = np.load(npz)["I"]
-    rows, cols, n = arr.shape
-    study, series, frame = generate_uid(), generate_uid(), generate_uid()
-    paths = []
-    for k in range(n):
-        ds = mr_dataset(
-            study_uid=study,
-            series_uid=series,
-            pixels=arr[:, :, k].astype(np.uint16) * 16,
-            bits_stored=12,
-            PatientName="LEVELS^REAL",
-            PatientID="LEVELS-1",
-            PatientBirthDate="",
-            PatientSex="",
-            StudyDate="20240611",
-            StudyTime="101500",
-            StudyID="1",
-            AccessionNumber="ACC-LV-1",
-            ReferringPhysicianName="",
-            StudyDescription="MRI LUMBAR SPINE",
-            SeriesDescription="T2_TSE_SAG",
-            SeriesNumber=3,
-            InstanceNumber=k + 1,
-            BodyPartExamined="LSPINE",
-            PatientPosition="HFS",
-            Manufacturer="",
-            FrameOfReferenceUID=frame,
-            PositionReferenceIndicator="",
-            ImageType=["ORIGINAL", "PRIMARY", "OTHER"],
-            ImageOrientationPatient=list(SAGITTAL),
-            ImagePositionPatient=[-(n - 1) / 2.0 + k, -(cols - 1) / 2.0, (rows - 1) / 2.0],
-            SliceLocation=-(n - 1) / 2.0 + k,
-            PixelSpacing=[1.0, 1.0],
-            SliceThickness=1.0,
-            SpacingBetweenSlices=1.0,
-            ScanningSequence=["SE"],
-            SequenceVariant=["SK", "SP"],
-            ScanOptions="",
-            MRAcquisitionType="2D",
-            RepetitionTime=3500.0,
-            EchoTime=100.0,
-            EchoTrainLength=17,
-            MagneticFieldStrength=1.5,
-            ImagingFrequency=63.6,
-            ImagedNucleus="1H",
-            FlipAngle=150.0,
-        )
-        paths.append(save(ds, folder / f"{k + 1:03d}.dcm"))
-    return paths
-
-
 def test_pipeline_labels_a_real_series_places_stenosis_levels_and_writes_a_valid_level_seg(tmp_path, settings):
     import torch
 
@@ -105,7 +50,14 @@ def test_pipeline_labels_a_real_series_places_stenosis_levels_and_writes_a_valid
 
     torch.set_num_threads(1)
     npz = _held_out_volume()
-    paths = _series(npz, tmp_path / "series")
+    _, paths = write_sagittal_series(
+        npz,
+        tmp_path / "series",
+        patient_name="LEVELS^REAL",
+        patient_id="LEVELS-1",
+        accession="ACC-LV-1",
+        scanner_detail=False,
+    )
     ((uid, vol),) = load_folder(tmp_path / "series").items()
     assert PIPELINES["lumbar_spine"].levels == "lumbar_spine.levels"
     out = run_pipeline("lumbar_spine", {"sag_t2": vol}, registry=Registry(), superres=False, saliency=False)

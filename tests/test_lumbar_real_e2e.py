@@ -20,10 +20,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
 import pydicom
 import pytest
-from pydicom.uid import generate_uid
 from selenium.webdriver.common.by import By
 from sqlalchemy import select
 
@@ -31,9 +29,9 @@ from support import web_seed as ws
 from support.browser import ADMIN, READER, login, shot, wait, web_server
 from support.env import free_port
 from support.jobs import ListenerProcess, storescu, wait_for
-from support.mr import SAGITTAL, mr_dataset, save
 from support.node_stack import NodeWorker, node_env, study_job
 from support.results_data import assert_valid, measurement_groups
+from support.spine_series import write_sagittal_series
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -49,75 +47,6 @@ def real_volume() -> Path:
     if path is None or not path.is_file():
         pytest.skip(f"the real MRI corpus (../shared/realdata or MSKNODE_REALDATA) has no {VOLUME}")
     return path
-
-
-def write_sagittal_series(npz: Path, folder: Path) -> tuple[str, list[Path]]:
-    """The volume as a sagittal T2 TSE series, one MR image per slice; (study UID, files).
-
-    ``I[row, col, k]``: rows run superior -> inferior (DICOM column direction (0, 0, -1)), columns
-    anterior -> posterior (row direction (0, 1, 0)), k is the left-right slice index (1 mm apart,
-    along +x, patient left); the volume is centred on the isocentre. The 8-bit corpus intensities
-    are scaled to 12 bits as an MR scanner stores them.
-    """
-    arr = np.load(npz)["I"]
-    rows, cols, n = arr.shape
-    study_uid, series_uid, frame_uid = generate_uid(), generate_uid(), generate_uid()
-    x0, y0, z0 = -(n - 1) / 2.0, -(cols - 1) / 2.0, (rows - 1) / 2.0
-    paths = []
-    for k in range(n):
-        pixels = arr[:, :, k].astype(np.uint16) * 16
-        x = x0 + k
-        ds = mr_dataset(
-            study_uid=study_uid,
-            series_uid=series_uid,
-            pixels=pixels,
-            bits_stored=12,
-            PatientName="LUMBAR^REAL",
-            PatientID="LSPINE-REAL-06",
-            PatientBirthDate="",
-            PatientSex="",
-            StudyDate="20240611",
-            StudyTime="101500",
-            StudyID="1",
-            AccessionNumber="ACC-LS-06",
-            ReferringPhysicianName="",
-            StudyDescription="MRI LUMBAR SPINE",
-            SeriesDescription="T2_TSE_SAG",
-            ProtocolName="T2_TSE_SAG",
-            SeriesNumber=3,
-            InstanceNumber=k + 1,
-            BodyPartExamined="LSPINE",
-            PatientPosition="HFS",
-            Manufacturer="",
-            FrameOfReferenceUID=frame_uid,
-            PositionReferenceIndicator="",
-            ImageType=["ORIGINAL", "PRIMARY", "OTHER"],
-            ImageOrientationPatient=list(SAGITTAL),
-            ImagePositionPatient=[x, y0, z0],
-            SliceLocation=x,
-            PixelSpacing=[1.0, 1.0],
-            SliceThickness=1.0,
-            SpacingBetweenSlices=1.0,
-            ScanningSequence=["SE"],
-            SequenceVariant=["SK", "SP"],
-            ScanOptions="",
-            MRAcquisitionType="2D",
-            SequenceName="*tse2d1_17",
-            RepetitionTime=3500.0,
-            EchoTime=100.0,
-            EchoTrainLength=17,
-            NumberOfAverages=1.0,
-            ImagingFrequency=63.6,
-            ImagedNucleus="1H",
-            MagneticFieldStrength=1.5,
-            FlipAngle=150.0,
-            AcquisitionMatrix=[0, cols, rows, 0],
-            InPlanePhaseEncodingDirection="ROW",
-            WindowCenter=int(np.percentile(arr, 99) * 16 / 2),
-            WindowWidth=int(np.percentile(arr, 99) * 16),
-        )
-        paths.append(save(ds, folder / f"{k + 1:03d}.dcm"))
-    return study_uid, paths
 
 
 def _orthanc_objects(orthanc, study_uid: str) -> dict[str, list[pydicom.Dataset]]:
@@ -145,7 +74,9 @@ def _level(group) -> str | None:
 
 def test_a_real_lumbar_series_reaches_the_pacs_and_the_study_page(settings, db, orthanc, browser, tmp_path):
     npz = real_volume()
-    study_uid, paths = write_sagittal_series(npz, tmp_path / "series")
+    study_uid, paths = write_sagittal_series(
+        npz, tmp_path / "series", patient_name="LUMBAR^REAL", patient_id="LSPINE-REAL-06", accession="ACC-LS-06"
+    )
     for path in (paths[0], paths[len(paths) // 2]):
         assert_valid(path, "the real series as written for the test")
     from models.pipelines import PIPELINES
