@@ -516,13 +516,18 @@ def cmd_evaluate(args, settings) -> int:
     except RegistryError as e:
         _err(str(e))
         return EXIT_REFUSED
-    if args.json:
+    print_evaluation(result, as_json=args.json)
+    return 0
+
+
+def print_evaluation(result: dict[str, Any], *, as_json: bool) -> None:
+    """An evaluation on stdout: one JSON line, or its ``warnings`` (``WARNING: ...``) then the readable lines."""
+    if as_json:
         print(json.dumps(result))
     else:
         for w in result.get("warnings", []):
             print(f"WARNING: {w}")
         print("\n".join(readable({k: v for k, v in result.items() if k != "warnings"})))
-    return 0
 
 
 def comparison(old: dict[str, Any], new: dict[str, Any], *, old_label: str, new_label: str) -> dict[str, Any]:

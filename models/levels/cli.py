@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -115,10 +114,7 @@ def evaluate_levels_cmd(args, registry, *, log) -> int:
     except RegistryError as e:
         _err(str(e))
         return EXIT_REFUSED
-    if args.json:
-        print(json.dumps(result))
-    else:
-        from models.cli import readable
+    from models.cli import print_evaluation
 
-        print("\n".join(readable(result)))
+    print_evaluation(result, as_json=args.json)
     return 0
