@@ -56,19 +56,15 @@ class LevelsTask(TaskSpec):
     )
 
     def card_facts(self) -> dict[str, Any]:
-        return {
-            "name": self.name,
-            "task": self.kind,
-            "anatomy": self.anatomy,
-            "description": self.description,
-            "input": {
-                "roles": list(self.input.roles),
-                "plane": self.input.plane,
-                "grid": f"every sagittal slice, in-plane resampled to {GRID_MM:g} mm",
-                "min_slices": self.input.min_slices,
-            },
-            "outputs": {"labels": list(STRUCTURES)},
+        facts = super().card_facts()
+        facts["input"] = {
+            "roles": list(self.input.roles),
+            "plane": self.input.plane,
+            "grid": f"every sagittal slice, in-plane resampled to {GRID_MM:g} mm",
+            "min_slices": self.input.min_slices,
         }
+        facts["outputs"] = {"labels": list(STRUCTURES)}
+        return facts
 
 
 TASK = LevelsTask()
