@@ -355,6 +355,13 @@ def _save_state(path: Path, state: dict[str, Any]) -> None:
     save_checkpoint(state, path)
 
 
+def _end_epoch(out: Path, state_p: Path, rec: dict[str, Any], state: dict[str, Any]) -> None:
+    """After an epoch: the training state to resume from, then the epoch's line in the training log."""
+    _save_state(state_p, state)
+    with open(out / LOG_FILE, "a") as fh:
+        fh.write(json.dumps(rec) + "\n")
+
+
 def train_discs(
     root: Path | str,
     out: Path | str,
@@ -450,8 +457,10 @@ def train_discs(
             f"{rec['val_named_within_15mm']:.3f} (median error {rec['val_median_error_mm']:.1f} mm), {rec['seconds']:.0f} s"
         )
         seconds_before += time.perf_counter() - t0
-        _save_state(
+        _end_epoch(
+            out,
             state_p,
+            rec,
             {
                 "recipe": asdict(recipe),
                 "phase": "loc",
@@ -464,8 +473,6 @@ def train_discs(
                 "seconds": seconds_before,
             },
         )
-        with open(out / LOG_FILE, "a") as fh:
-            fh.write(json.dumps(rec) + "\n")
     assert best_loc is not None
     loc.load_state_dict(best_loc)
     loc.eval()
@@ -531,8 +538,10 @@ def train_discs(
             f"{rec['val_herniation_auc']}, {rec['seconds']:.0f} s"
         )
         seconds_before += time.perf_counter() - t0
-        _save_state(
+        _end_epoch(
+            out,
             state_p,
+            rec,
             {
                 "recipe": asdict(recipe),
                 "phase": "grade",
@@ -547,8 +556,6 @@ def train_discs(
                 "seconds": seconds_before,
             },
         )
-        with open(out / LOG_FILE, "a") as fh:
-            fh.write(json.dumps(rec) + "\n")
     assert best_grader is not None
     grader.load_state_dict(best_grader)
     grader.eval()
