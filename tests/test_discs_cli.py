@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from support.spine_corpus import spider_root
+
 pytestmark = [pytest.mark.slow]
 
 REPO = Path(__file__).resolve().parents[1]
@@ -30,18 +32,6 @@ KEYS = (
     "herniation_specificity",
     "ece",
 )
-
-
-def spider_root() -> Path:
-    from models.realdata import realdata_root
-
-    root = realdata_root()
-    folder = root / "lumbar_spine" / "spider_midsagittal" if root is not None else None
-    if folder is None or not folder.is_dir():
-        pytest.skip(
-            "the real MRI corpus (../shared/realdata or MSKNODE_REALDATA) has no lumbar_spine/spider_midsagittal"
-        )
-    return folder
 
 
 def copy_patients(src: Path, dst: Path, ids: set[str]) -> Path:

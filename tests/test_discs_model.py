@@ -18,23 +18,12 @@ from models.registry import Registry
 from models.tasks import TASKS
 from models.tasks.spine_discs import LEVELS, DiscResult, median_grade
 from models.types import Volume
+from support.spine_corpus import spider_root
 
 pytestmark = [pytest.mark.unit]
 
 NAME = "lumbar_spine.discs"
 PATIENT = "4"  # a held-out test patient (CRC32 split) whose crops name all five lumbar discs
-
-
-def spider_root() -> Path:
-    from models.realdata import realdata_root
-
-    root = realdata_root()
-    folder = root / "lumbar_spine" / "spider_midsagittal" if root is not None else None
-    if folder is None or not folder.is_dir():
-        pytest.skip(
-            "the real MRI corpus (../shared/realdata or MSKNODE_REALDATA) has no lumbar_spine/spider_midsagittal"
-        )
-    return folder
 
 
 def registry() -> Registry:

@@ -15,6 +15,7 @@ from models.data import parse_spec
 from models.discs.spider import LEVEL_OF_IVD, load_spider, split_of
 from models.errors import DataSpecError
 from models.tasks.spine_discs import LEVELS
+from support.spine_corpus import spider_root
 
 pytestmark = [pytest.mark.unit]
 
@@ -118,20 +119,8 @@ def test_split_is_by_patient_and_deterministic():
     assert 0.5 < share["train"] < 0.7 and 0.12 < share["val"] < 0.28 and 0.12 < share["test"] < 0.28
 
 
-def _real_root() -> Path:
-    from models.realdata import realdata_root
-
-    root = realdata_root()
-    folder = root / "lumbar_spine" / "spider_midsagittal" if root is not None else None
-    if folder is None or not folder.is_dir():
-        pytest.skip(
-            "the real MRI corpus (../shared/realdata or MSKNODE_REALDATA) has no lumbar_spine/spider_midsagittal"
-        )
-    return folder
-
-
 def test_real_corpus_patients_levels_and_split():
-    root = _real_root()
+    root = spider_root()
     patients = load_spider(root)
     assert len(patients) == 175
     by_split: dict[str, set[str]] = {"train": set(), "val": set(), "test": set()}
