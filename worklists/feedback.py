@@ -42,6 +42,9 @@ SCALES: dict[str, tuple[str, ...]] = {
     "disc_degeneration": ("1", "2", "3", "4", "5"),  # Pfirrmann grade per disc
 }
 BINARY = ("absent", "present")
+#: how many classes at the start of a code's scale are negative findings (1 unless said here): a
+#: Pfirrmann grade I or II disc is not degenerated (the model's own cut: positive from grade III)
+NEGATIVE_CLASSES: dict[str, int] = {"disc_degeneration": 2}
 
 
 class FeedbackLocked(InvalidChange):
@@ -64,14 +67,26 @@ def finding_key(f: Finding) -> str:
     return f"{f.code}@{f.level}" if f.level else f.code
 
 
+def negative_answers(code: str, scale: tuple[str, ...]) -> tuple[str, ...]:
+    """The answers on `scale` that say "no finding" for `code` (the first one, or more: Pfirrmann I and II)."""
+    n = NEGATIVE_CLASSES.get(code, 1) if scale == SCALES.get(code) else 1
+    return scale[:n]
+
+
+def is_positive_answer(code: str, scale: tuple[str, ...], answer: str) -> bool:
+    return answer not in negative_answers(code, scale)
+
+
 def ai_answer(f: Finding, scale: tuple[str, ...]) -> str:
-    """The model's answer on `scale`: normal when negative, else its grade (or the most probable positive class)."""
+    """The model's answer on `scale`: its grade when it has one on the scale, else normal when negative and
+    the most probable positive class when positive."""
+    negatives = negative_answers(f.code, scale)
+    if f.grade and f.grade in scale and (f.grade in negatives) != bool(f.positive):
+        return f.grade
     if not f.positive:
         return scale[0]
-    if f.grade and f.grade in scale[1:]:
-        return f.grade
     probs = (f.details or {}).get("grade_probabilities") or {}
-    positive = [(float(p), g) for g, p in probs.items() if g in scale[1:] and p is not None]
+    positive = [(float(p), g) for g, p in probs.items() if g in scale and g not in negatives and p is not None]
     if positive:
         return max(positive)[1]
     return scale[1] if len(scale) == 2 else scale[-1]
@@ -210,7 +225,7 @@ def record(
     fb.ai_probability = f.probability
     fb.agree = answer.agree
     fb.answer = given
-    fb.answer_positive = given != scale[0]
+    fb.answer_positive = is_positive_answer(f.code, scale, given)
     fb.comment = comment
     fb.source = source
     fb.updated_at = now
