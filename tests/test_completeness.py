@@ -10,7 +10,7 @@ from sqlalchemy import func, select
 
 from node.db.database import Database
 from node.db.schema import Association, Instance, Job, JobInput, Series, Study
-from node.intake.completeness import check_positions, input_fingerprint, tick
+from node.intake.completeness import check_positions, count_reached, input_fingerprint, tick
 from node.intake.routing import load_rules
 from support.index_rows import add_instances, at, make_series, make_study, open_association, release, send_series
 
@@ -524,22 +524,79 @@ def test_after_the_protocol_job_an_extra_series_waits_for_the_quiet_period(anydb
     assert len(jobs_of(db)[2][4]) == 4
 
 
-def test_an_open_association_holds_a_protocol_complete_study(db, proto_cfg, rules):
-    """Series complete by their announced count while the sender is still connected: more may follow."""
+def test_a_protocol_complete_study_is_settled_while_its_sender_is_still_connected(anydb, proto_cfg, rules):
+    """Series complete by their announced count while the sender still holds its association open (as
+    Orthanc does for DicomAssociationCloseDelay) and a localizer is still arriving on it: the protocol
+    is whole, so the job is made at once; the localizer, once complete, changes nothing."""
+    db = anydb
     with db.session() as s:
-        st = make_study(s)
-        sag = make_series(s, st, description="Sag PD FSE FS", expected=20)
-        cor = make_series(s, st, description="Cor PD FSE FS", expected=20)
+        st = make_study(s, description="MR KNEE LEFT")
+        loc = make_series(s, st, description="localizer", number=1)
+        sag = make_series(s, st, description="Sag PD FSE FS", expected=20, number=2)
+        cor = make_series(s, st, description="Cor PD FSE FS", expected=20, number=3)
+        a = open_association(s, now=at(0))
+        add_instances(s, loc, 2, association=a, now=at(0))
+        add_instances(s, sag, 20, association=a, now=at(0))
+        add_instances(s, cor, 20, association=a, now=at(0.1))
+        aid, ids, uids = a.id, (loc.id, sag.id, cor.id), (loc.series_uid, sag.series_uid, cor.series_uid)
+    [job] = run(db, proto_cfg, rules, 0.2)  # still connected, the localizer still receiving: settled all the same
+    assert [state_of(db, u)[0] for u in uids] == ["receiving", "queued", "queued"]
+    assert jobs_of(db) == [(job, "queued", "knee", None, sorted([(uids[1], "sag_fluid"), (uids[2], "cor_fluid")]))]
+    with db.session() as s:
+        assert s.get(Association, aid).ended_at is None
+        add_instances(s, s.get(Series, ids[0]), 1, association=s.get(Association, aid), now=at(0.5), start=2)
+        release(s, s.get(Association, aid), now=at(1.5), quiet_seconds=Q)
+    for t in (1.0, 1.5 + Q, 1.5 + Q + LONG_SQ, 200.0):
+        assert run(db, proto_cfg, rules, t) == []
+    assert state_of(db, uids[0])[:3] == ("complete", "knee", "localizer")
+    assert jobs_of(db) == [(job, "queued", "knee", None, sorted([(uids[1], "sag_fluid"), (uids[2], "cor_fluid")]))]
+
+
+def test_a_series_outside_the_protocol_still_arriving_supersedes_the_protocol_job(db, proto_cfg, rules):
+    """The protocol job does not wait for an axial (not in the site's protocol) arriving on the same
+    association; the axial, once complete, settles by the quiet period and its job supersedes."""
+    with db.session() as s:
+        st = make_study(s, description="MR KNEE LEFT")
+        sag = make_series(s, st, description="Sag PD FSE FS", expected=20, number=2)
+        cor = make_series(s, st, description="Cor PD FSE FS", expected=20, number=3)
+        ax = make_series(s, st, description="Ax PD FSE FS", expected=20, number=4)
         a = open_association(s, now=at(0))
         add_instances(s, sag, 20, association=a, now=at(0))
         add_instances(s, cor, 20, association=a, now=at(0.1))
-        aid, uids = a.id, (sag.series_uid, cor.series_uid)
-    assert run(db, proto_cfg, rules, 0.2) == []
-    assert [state_of(db, u)[3] for u in uids] == ["count", "count"]
-    assert run(db, proto_cfg, rules, 3.0) == []  # still connected
+        add_instances(s, ax, 5, association=a, now=at(0.1))
+        aid, ax_id = a.id, ax.id
+    [first] = run(db, proto_cfg, rules, 0.2)
     with db.session() as s:
-        release(s, s.get(Association, aid), now=at(3.0), quiet_seconds=Q)
-    assert len(run(db, proto_cfg, rules, 3.0)) == 1  # released: settled at once, no quiet period
+        add_instances(s, s.get(Series, ax_id), 15, association=s.get(Association, aid), now=at(0.4), start=5)
+    assert run(db, proto_cfg, rules, 0.4) == []  # the axial complete (count): outside the protocol, quiet period
+    assert run(db, proto_cfg, rules, 0.4 + LONG_SQ - 0.01) == []
+    [second] = run(db, proto_cfg, rules, 0.4 + LONG_SQ)
+    jobs = jobs_of(db)
+    assert [(j[0], j[1], j[3]) for j in jobs] == [(first, "superseded", None), (second, "queued", first)]
+    assert sorted(r for _, r in jobs[1][4]) == ["ax_fluid", "cor_fluid", "sag_fluid"]
+
+
+def test_count_reached_names_the_series_the_tick_will_find_complete(anydb, cfg, rules):
+    """The completeness watch's question: receiving series at their announced count (and nothing else)."""
+    db = anydb
+    with db.session() as s:
+        st = make_study(s)
+        whole = make_series(s, st, description="Sag PD FSE FS", expected=20)
+        short = make_series(s, st, description="Cor PD FSE FS", expected=20)
+        unannounced = make_series(s, st, description="Ax PD FSE FS")
+        holey = make_series(s, st, description="Sag T1", expected=20)
+        a = open_association(s)
+        add_instances(s, whole, 20, association=a)
+        add_instances(s, short, 19, association=a)
+        add_instances(s, unannounced, 20, association=a)
+        add_instances(s, holey, 20, association=a, no_position=(7,))
+        ids = {n: se.id for n, se in (("whole", whole), ("short", short), ("holey", holey))}
+    assert count_reached(db.engine) == {(ids["whole"], 20), (ids["holey"], 20)}
+    run(db, cfg, rules, 0.1)  # the whole one completes; the one with a slice lacking its position waits
+    assert count_reached(db.engine) == {(ids["holey"], 20)}
+    with db.session() as s:
+        add_instances(s, s.get(Series, ids["short"]), 1, association=s.get(Association, a.id), start=19)
+    assert count_reached(db.engine) == {(ids["holey"], 20), (ids["short"], 20)}
 
 
 def test_concurrent_ticks_create_one_job_when_the_protocol_settles(db, settings, cfg, rules):

@@ -18,14 +18,15 @@ work with several listener processes (contract C1):
    position means waiting for the quiet period. A complete series is routed at once
    (`node.intake.routing`): ``complete`` with pipeline + role, or ``unrouted``.
 4. *Study settled*: for each study + pipeline with a routed, non-localizer series in
-   ``complete``: no other series of the study still receiving, and either
+   ``complete``, either
    - *protocol complete*: the pipeline has a protocol (``settings.study_protocols``,
      e.g. knee = sag_fluid, cor_fluid) and every role in it has a complete (or already
-     processed) series, at least one of them new, while no association that delivered
-     to the study is still open — at once, without the quiet period; or
-   - *quiet*: nothing received and no series completed for ``study_quiet_seconds``
-     (a pipeline without a protocol, a protocol role missing, or only series outside
-     the protocol new)
+     processed) series, at least one of them new — at once: without the quiet period,
+     without waiting for the sender to close its association and whatever other series
+     of the study are still arriving; or
+   - *quiet*: no other series of the study still receiving, and nothing received and no
+     series completed for ``study_quiet_seconds`` (a pipeline without a protocol, a
+     protocol role missing, or only series outside the protocol new)
    → one ``jobs`` row (``queued``, ``enqueue_pending``) with ``job_inputs`` (every
    routed non-localizer series of that pipeline, with its role). A series arriving later
    re-opens the study: a new job that ``supersedes`` the previous one (a still-queued
@@ -36,7 +37,21 @@ periods in the settings: only the site knows that its knee exam is, say, five se
 The roles the models read are a lower bound of it; settling on them alone would start a
 job while the rest of a longer protocol is still on its way, and each later series would
 then supersede it (the work done again, the results sent to the PACS again). So without a
-protocol a pipeline waits for the quiet period, as before.
+protocol a pipeline waits for the quiet period, as before. With one, the study's pipeline
+has everything it will get once the protocol's roles are complete, so nothing else is
+waited for: not the sender's association (a PACS such as Orthanc keeps it open for
+``DicomAssociationCloseDelay`` after its last instance) and not a series still arriving
+beside them. Such a series, once complete, is a localizer (never an input: no job, no
+change to the job made), a series of another pipeline or unrouted (not this job's), or a
+series outside the protocol for this pipeline (it settles by the quiet period and its job
+supersedes the protocol's job, as any later series does). An announced count is trusted
+only with every slice position present and no gap (step 3), so a series complete on it is
+whole; if more instances of it arrive after all, it re-opens (step 2) and supersedes.
+
+The tick runs in the worker's periodic loop; `count_reached` is the cheap look (no write
+lock) that the worker's completeness watch makes many times a second, so that the round
+runs as soon as a listener process, on any host, has stored the instance that brought a
+series to its announced size (``node.jobs.worker``).
 
 Outside the tick, `reroute_unrouted` routes one ``unrouted`` series again after an admin
 added a rule for it (``complete`` when it is routed now; the tick does the rest).
@@ -54,7 +69,7 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
-from sqlalchemy import exists, func, or_, select, update
+from sqlalchemy import Engine, exists, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from node.db.database import execute_dml
@@ -105,6 +120,37 @@ def tick(
     reopen_series(session, settings, now)
     complete_series(session, settings, now, rules)
     return create_jobs(session, settings, now, rules)
+
+
+#: receiving series whose stored count reached the count they announce (the completeness watch's question)
+COUNT_REACHED_SQL = (
+    "SELECT id, instances FROM series"
+    " WHERE state = 'receiving' AND expected_instances > 0 AND instances >= expected_instances"
+)
+
+
+def count_reached(engine: Engine) -> frozenset[tuple[int, int]]:
+    """(series id, stored count) of the receiving series whose count reached the count they announce.
+
+    The question the worker's completeness watch asks many times a second: a series in it
+    is (most likely) complete now, so the tick should run. Asked on a plain DBAPI
+    connection outside a transaction, so that on SQLite it takes no write lock (the node's
+    sessions begin IMMEDIATE) and never holds up a listener's index writes; on PostgreSQL
+    it is one index scan (``series.state``).
+    """
+    conn = engine.raw_connection()
+    try:
+        cur = conn.cursor()
+        try:
+            cur.execute(COUNT_REACHED_SQL)
+            rows = cur.fetchall()
+        finally:
+            cur.close()
+        if engine.dialect.name != "sqlite":
+            conn.rollback()  # the driver began a transaction for the SELECT: end it before the pool takes it back
+    finally:
+        conn.close()
+    return frozenset((int(i), int(n)) for i, n in rows)
 
 
 # ---- 1. lost associations --------------------------------------------------------
@@ -510,11 +556,13 @@ def _study_settled(
 ) -> str | None:
     """Why the study is settled for ``pipeline`` (``"protocol"`` or ``"quiet"``), or None while it is not.
 
-    Never while one of its series is still receiving. ``"protocol"``: every role of
-    ``protocol`` has a complete (or processed) series, one of them new since the last job,
-    and no association that delivered to the study is still open. ``"quiet"``: nothing
-    arrived and no series completed for ``study_quiet``.
+    ``"protocol"``: every role of ``protocol`` has a complete (or processed) series, one
+    of them new since the last job — whatever else of the study is still arriving, and
+    whether or not its sender is still connected. ``"quiet"``: no series of the study
+    still receiving, and nothing arrived and no series completed for ``study_quiet``.
     """
+    if protocol and pipeline is not None and _protocol_arrived(session, study.id, pipeline, protocol):
+        return "protocol"
     receiving = session.scalar(
         select(func.count())
         .select_from(Series)
@@ -522,8 +570,6 @@ def _study_settled(
     )
     if receiving:
         return None
-    if protocol and pipeline is not None and _protocol_arrived(session, study.id, pipeline, protocol):
-        return "protocol"
     if study.study_quiet_deadline is not None and now < study.study_quiet_deadline:
         return None
     if study.last_received_at is not None and now < study.last_received_at + study_quiet:
@@ -532,11 +578,10 @@ def _study_settled(
 
 
 def _protocol_arrived(session: Session, study_id: int, pipeline: str, protocol: frozenset[str]) -> bool:
-    """Every protocol role of ``pipeline`` is in the study, at least one of them newly complete, no sender connected.
+    """Every protocol role of ``pipeline`` is in the study, at least one of them newly complete.
 
     A series outside the protocol (an extra axial, a repeat after motion with another role)
-    arriving after the job waits for the quiet period as before; so does a study whose sender
-    still holds an association open (more series may follow on it).
+    arriving after the job waits for the quiet period as before.
     """
     rows = session.execute(
         select(Series.role, Series.state).where(
@@ -546,16 +591,7 @@ def _protocol_arrived(session: Session, study_id: int, pipeline: str, protocol: 
             Series.state.in_(INPUT_STATES),
         )
     ).all()
-    if not protocol <= {role for role, _ in rows} or not any(state == "complete" for _, state in rows):
-        return False
-    sending = session.scalar(
-        select(func.count())
-        .select_from(AssociationSeries)
-        .join(Association, Association.id == AssociationSeries.association_id)
-        .join(Series, Series.id == AssociationSeries.series_id)
-        .where(Series.study_id == study_id, Association.ended_at.is_(None))
-    )
-    return not sending
+    return protocol <= {role for role, _ in rows} and any(state == "complete" for _, state in rows)
 
 
 def _reroute_missing_anatomy(session: Session, settings: Settings, rules: RoutingRules, study_id: int) -> None:

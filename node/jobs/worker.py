@@ -13,6 +13,12 @@ time limits apply) on the given queues, and — as a worker bootstep, once the p
   thread so that a slow or unreachable PACS never delays the sweeper.
 - the UPS loop (housekeeping workers only): `node.ups.events.run_round` — workitems follow the
   jobs, their events go to subscribers — in its own thread for the same reason.
+- the completeness watch (housekeeping workers only, every ``COMPLETENESS_WATCH_SECONDS``): asks
+  the database whether a receiving series has reached its announced count
+  (`node.intake.completeness.count_reached`, no write lock) and, when one newly has, wakes the
+  main loop, which runs its round at once instead of at its next interval: the series is found
+  complete and its study settled (protocol complete) within tens of milliseconds of the
+  instance that completed it being indexed, by whichever listener process or host stored it.
 
 "Housekeeping" workers are those that consume the ``ingest`` queue (the listener host);
 inference-only workers (``--queues gpu``) heartbeat, enqueue and sweep only. Every step is
@@ -39,6 +45,8 @@ log = logging.getLogger(__name__)
 #: the longest the dispatch loop waits between two looks at the outbox (a short transaction when nothing is due;
 #: on SQLite it takes the write lock for about a millisecond, so not much more often than this)
 DISPATCH_POLL_SECONDS = 0.2
+#: how often the completeness watch asks whether a receiving series reached its announced count (a read, no lock)
+COMPLETENESS_WATCH_SECONDS = 0.05
 
 
 @dataclass
@@ -60,7 +68,10 @@ class BrokerUnavailable(Exception):
 
 
 class PeriodicLoop:
-    """Runs the duties in order, every ``interval`` seconds, in a daemon thread; a failing duty is logged, not fatal."""
+    """Runs the duties in order, every ``interval`` seconds, in a daemon thread; a failing duty is logged, not fatal.
+
+    `wake` starts the next round at once (or right after the current one, if a round is running).
+    """
 
     def __init__(
         self,
@@ -75,8 +86,10 @@ class PeriodicLoop:
         self.name = name
         self.log = logger or log
         self._stop = threading.Event()
+        self._wake = threading.Event()
         self._thread: threading.Thread | None = None
         self.rounds = 0
+        self.wakes = 0
 
     def run_once(self) -> None:
         for duty in self.duties:
@@ -99,11 +112,17 @@ class PeriodicLoop:
                 duty.last_error = msg
         self.rounds += 1
 
+    def wake(self) -> None:
+        """The next round now, not at the interval (thread-safe; a wake during a round runs one more)."""
+        self.wakes += 1
+        self._wake.set()
+
     def _run(self) -> None:
         while not self._stop.is_set():
             t0 = time.monotonic()
+            self._wake.clear()  # before the round: a wake while it runs starts the next one right after
             self.run_once()
-            self._stop.wait(max(self.interval - (time.monotonic() - t0), 0.01))
+            self._wake.wait(max(self.interval - (time.monotonic() - t0), 0.01))
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
@@ -111,6 +130,7 @@ class PeriodicLoop:
 
     def stop(self, timeout: float = 10.0) -> None:
         self._stop.set()
+        self._wake.set()
         if self._thread is not None:
             self._thread.join(timeout)
 
@@ -128,6 +148,27 @@ def completeness_duty(db: Database, settings: Settings) -> Duty:
             log.debug("jobs created: %s", list(created))
 
     return Duty("completeness", tick)
+
+
+def completeness_watch_duty(db: Database, main: PeriodicLoop) -> Duty:
+    """Wakes ``main`` (the loop with the completeness tick) when a receiving series newly reached its announced count.
+
+    Newly: a series whose count was reached but that the tick left receiving (a slice without
+    a position, a gap: it waits for the quiet period) wakes the loop once, not on every look;
+    another instance of it wakes it again.
+    """
+    from node.intake.completeness import count_reached
+
+    seen: frozenset[tuple[int, int]] = frozenset()
+
+    def look(now: dt.datetime) -> None:
+        nonlocal seen
+        reached = count_reached(db.engine)
+        if reached - seen:
+            main.wake()
+        seen = reached
+
+    return Duty("completeness-watch", look)
 
 
 def dispatch_duty(db: Database, settings: Settings) -> Duty:
@@ -215,15 +256,23 @@ def build_duties(
 
 
 def build_loops(db: Database, settings: Settings, *, housekeeping: bool, **kw) -> list[PeriodicLoop]:
-    """The main loop and, on housekeeping workers, a dispatch loop of its own (a slow PACS never delays the sweeper)."""
-    loops = [
-        PeriodicLoop(
-            build_duties(db, settings, housekeeping=housekeeping, **kw),
-            interval=settings.sweep_interval_seconds,
-            name="msknode-periodic",
-        )
-    ]
+    """The main loop and, on housekeeping workers, a dispatch loop of its own (a slow PACS never delays the sweeper),
+    the UPS loop and the completeness watch that wakes the main loop."""
+    main = PeriodicLoop(
+        build_duties(db, settings, housekeeping=housekeeping, **kw),
+        interval=settings.sweep_interval_seconds,
+        name="msknode-periodic",
+    )
+    loops = [main]
     if housekeeping:
+        # a series that reached its announced count is found complete (and its study settled) at once
+        loops.append(
+            PeriodicLoop(
+                [completeness_watch_duty(db, main)],
+                interval=min(settings.sweep_interval_seconds, COMPLETENESS_WATCH_SECONDS),
+                name="msknode-completeness-watch",
+            )
+        )
         # the outbox is looked at more often than the rest: a finished job's SR leaves within DISPATCH_POLL_SECONDS
         loops.append(
             PeriodicLoop(
