@@ -15,10 +15,15 @@ VENV_BIN = Path(sys.executable).parent
 __all__ = ["ROOT", "TESTS", "VENV_BIN", "free_port", "isolate_env"]
 
 
+#: where the tests find the real MRI corpus: not a node setting, so isolated settings keep it
+KEEP = ("MSKNODE_REALDATA",)
+
+
 def isolate_env(monkeypatch, **values: object) -> None:
-    """Removes the caller's MSKNODE_* variables from this process's environment, then sets ``values``."""
+    """Removes the caller's MSKNODE_* variables (but the corpus location) from this process's environment,
+    then sets ``values``."""
     for k in list(os.environ):
-        if k.startswith("MSKNODE_"):
+        if k.startswith("MSKNODE_") and k not in KEEP:
             monkeypatch.delenv(k)
     for k, v in values.items():
         monkeypatch.setenv(k, str(v))
