@@ -9,7 +9,8 @@ per model come from the task (contract C3: knee.acl <- sag_fluid, sag_pd; ...).
 model of the pipeline on the first of its roles present in ``volumes`` (role -> Volume).
 A model whose roles are all missing gets a `ModelOutput` with ``qc.accepted=False`` and
 reason "missing_series" — never silence. Super-resolution runs on the main model's
-input series when that series passed the main model's QC gate. The level segmentation
+input series when that series passed the main model's QC gate; `run_superres` is that step alone, so a
+caller can run the findings first (``superres=False``), publish them, and super-resolve afterwards. The level segmentation
 (``PipelineSpec.levels``, lumbar spine) runs on the first of its roles present; its disc
 centres place the level findings of `PLACED_BY_LEVELS` on the same series. Torch threads are set
 by the caller.
@@ -19,7 +20,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from models.errors import PipelineError
 from models.qc import REASONS
@@ -136,35 +137,6 @@ def run_pipeline(
         if model_name == spec.main_model:
             qc_by_series[vol.series_uid] = out.qc
         timings[model_name] = time.perf_counter() - t0
-    sr_outputs: list[SuperResOutput] = []
-    if superres and spec.superres:
-        role = next((r for r in spec.superres_roles if r in volumes), None)
-        if role is not None:
-            vol = volumes[role]
-            t0 = time.perf_counter()
-            qc = qc_by_series.get(vol.series_uid)
-            if qc is None and spec.main_model is not None:
-                qc = registry.gate().check(vol, TASKS[spec.main_model])
-            model = registry.get(MODEL_SUPERRES)
-            if qc is not None and not qc.accepted:
-                from models.superres import CONSISTENCY_TOLERANCE
-
-                sr_outputs.append(
-                    SuperResOutput(
-                        model=model.info,
-                        source=vol,
-                        volume=vol,
-                        qc=qc,
-                        consistency_error=float("nan"),
-                        consistency_tolerance=CONSISTENCY_TOLERANCE,
-                        consistency_passed=False,
-                        timings={},
-                    )
-                )
-            else:
-                sr_outputs.append(model.predict(vol))
-                used[MODEL_SUPERRES] = [vol.series_uid]
-            timings[MODEL_SUPERRES] = time.perf_counter() - t0
     level_outputs: list[LevelsOutput] = []
     if levels and spec.levels is not None:
         model = registry.get(spec.levels)
@@ -178,9 +150,56 @@ def run_pipeline(
                 place_levels(outputs, lv)
             timings[spec.levels] = time.perf_counter() - t0
     timings["total"] = time.perf_counter() - t_start
-    return PipelineOutput(
-        pipeline=name, outputs=outputs, superres=sr_outputs, used_series=used, timings=timings, levels=level_outputs
+    output = PipelineOutput(
+        pipeline=name, outputs=outputs, superres=[], used_series=used, timings=timings, levels=level_outputs
     )
+    return run_superres(output, volumes, registry=registry) if superres else output
+
+
+def run_superres(output: PipelineOutput, volumes: Mapping[str, Volume], *, registry: Registry) -> PipelineOutput:
+    """The second stage of a pipeline: super-resolution of the main model's input series, added to ``output``
+    (the findings of `run_pipeline` with ``superres=False``, on the same ``volumes``).
+
+    The series is taken when it passed the main model's QC gate (the gate is asked when the main model did
+    not read it); a refused series gets a `SuperResOutput` with that QC result and no new volume. ``output``
+    is returned unchanged when the pipeline has no super-resolution or none of its roles is present."""
+    spec = PIPELINES[output.pipeline]
+    if not spec.superres:
+        return output
+    role = next((r for r in spec.superres_roles if r in volumes), None)
+    if role is None:
+        return output
+    vol = volumes[role]
+    t0 = time.perf_counter()
+    qc = next(
+        (mo.qc for mo in output.outputs if mo.model.name == spec.main_model and mo.series_uid == vol.series_uid),
+        None,
+    )
+    if qc is None and spec.main_model is not None:
+        qc = registry.gate().check(vol, TASKS[spec.main_model])
+    model = registry.get(MODEL_SUPERRES)
+    used = dict(output.used_series)
+    if qc is not None and not qc.accepted:
+        from models.superres import CONSISTENCY_TOLERANCE
+
+        sr = SuperResOutput(
+            model=model.info,
+            source=vol,
+            volume=vol,
+            qc=qc,
+            consistency_error=float("nan"),
+            consistency_tolerance=CONSISTENCY_TOLERANCE,
+            consistency_passed=False,
+            timings={},
+        )
+    else:
+        sr = model.predict(vol)
+        used[MODEL_SUPERRES] = [vol.series_uid]
+    timings = dict(output.timings or {})
+    timings[MODEL_SUPERRES] = time.perf_counter() - t0
+    if "total" in timings:
+        timings["total"] += timings[MODEL_SUPERRES]
+    return replace(output, superres=[*output.superres, sr], used_series=used, timings=timings)
 
 
 def model_input_roles(name: str) -> tuple[str, ...]:

@@ -196,6 +196,12 @@ def _locked_job(session: Session, lease: Lease) -> Job:
     return job
 
 
+def locked_job(session: Session, lease: Lease) -> Job:
+    """The leased job, locked for the caller's transaction (e.g. to publish its findings before it is done);
+    raises `LeaseLost` if the lease is no longer ours, which rolls the whole transaction back."""
+    return _locked_job(session, lease)
+
+
 def mark_done(
     session: Session,
     lease: Lease,

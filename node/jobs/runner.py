@@ -1,4 +1,4 @@
-"""The per-job runner: claim the job, run its steps, store everything it produced in one transaction.
+"""The per-job runner: claim the job, run its steps, publish its findings, then store the rest.
 
 `execute_job` is the plain function behind the Celery task (and what tests call):
 
@@ -8,15 +8,24 @@
 3. call the *runner* — a ``JobRunner`` callable ``(JobContext, Steps) -> JobProducts``.
    `ModelPipelineRunner` is the real one (models.io → models.pipelines → worklists.triage →
    node.results); tests pass their own;
-4. in ONE transaction that re-checks the lease: findings rows (model name, version, weights
-   hash), ``result_objects``, one ``outbox`` row per destination, the job ``done`` with
-   timings and model versions, then the *finalizers* (the worklist entry);
-5. on error: a failed attempt (retry with backoff, ``dead`` after max attempts, ``failed`` at
-   once for bad input).
+4. *findings first*: once the runner has its findings objects (SR, SEG(s), overlays) on disk it
+   calls ``steps.publish(products)``: ONE transaction that re-checks the lease and writes those
+   findings rows, their ``result_objects`` and ``outbox`` rows and runs the *finalizers* (the
+   worklist entry), leaving the job ``processing`` (step ``published``). The outbox sends them at
+   once, while the runner goes on with super-resolution;
+5. the final commit, ONE transaction that re-checks the lease: the remaining findings rows (the
+   informational ``superres`` ones), ``result_objects`` and ``outbox`` rows (the super-resolved
+   series), the job ``done`` with timings (``publish`` among them) and model versions. A runner that
+   never publishes has everything written here, with the finalizers, as one transaction;
+6. on error: a failed attempt (retry with backoff, ``dead`` after max attempts, ``failed`` at
+   once for bad input). What an attempt published stays published (it is in the PACS already).
 
 Idempotent: result UIDs are derived from the job's input fingerprint and model versions, and
 ``result_objects.sop_instance_uid`` and ``outbox (result_object_id, destination)`` are unique, so a
-re-leased job never creates a second SR/SEG. An attempt whose lease was lost cannot commit.
+re-leased job never creates a second SR/SEG: a worker that dies between the publication and the final
+commit leaves a ``processing`` job whose lease expires; the next attempt computes the same objects,
+publishes them again (nothing new is stored or queued; the job's findings rows are replaced) and commits
+the rest. An attempt whose lease was lost cannot publish or commit.
 """
 
 from __future__ import annotations
@@ -27,7 +36,7 @@ import math
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -43,6 +52,7 @@ from node.jobs.lease import (
     PermanentJobError,
     claim,
     fail,
+    locked_job,
     mark_done,
     new_lease_owner,
     set_step,
@@ -51,6 +61,9 @@ from node.results.objects import ResultRef
 from node.settings import REPORT_DESTINATION_TYPES, Settings
 
 log = logging.getLogger(__name__)
+
+#: the step of a job whose findings are published (committed, being sent) while the rest is computed
+PUBLISHED_STEP = "published"
 
 
 # ---- what a runner gets and returns -----------------------------------------------------------
@@ -132,13 +145,37 @@ class JobOutcome:
 
 
 class Steps:
-    """Times named steps (``with steps.step("inference"): ...``) and checks the lease between them."""
+    """Times named steps (``with steps.step("inference"): ...``) and checks the lease between them.
 
-    def __init__(self, keeper: LeaseKeeper | None = None, on_step: Callable[[str], object] | None = None):
+    `publish` hands the findings of the job to `execute_job` before the runner goes on (findings first);
+    without ``on_publish`` (a runner called on its own) it does nothing and everything is committed at the end.
+    """
+
+    def __init__(
+        self,
+        keeper: LeaseKeeper | None = None,
+        on_step: Callable[[str], object] | None = None,
+        on_publish: Callable[[JobProducts], object] | None = None,
+    ):
         self.keeper = keeper
         self.on_step = on_step
+        self.on_publish = on_publish
         self.timings: dict[str, float] = {}
         self.current: str | None = None
+        self.published: JobProducts | None = None
+
+    def publish(self, products: JobProducts) -> bool:
+        """Commits ``products`` (the findings rows and findings objects, saved) as the job's published results, in
+        the step ``publish``; the job stays ``processing``. Once per attempt. True if they were published; raises
+        `LeaseLost` when the lease is gone (nothing is written then)."""
+        if self.on_publish is None:
+            return False
+        if self.published is not None:
+            raise RuntimeError("a job's findings are published once per attempt")
+        with self.step("publish"):
+            self.on_publish(products)
+        self.published = products
+        return True
 
     def check(self) -> None:
         if self.keeper is not None:
@@ -239,10 +276,29 @@ def store_products(
     timings: Mapping[str, float],
     now: dt.datetime,
     finalizers: Sequence[Finalizer] = (),
+    stage: str = "all",
 ) -> None:
-    """Writes everything a job produced, inside the caller's transaction (raises `LeaseLost` if not ours)."""
-    mark_done(session, lease, now=now, timings=timings, model_versions=products.model_versions)
-    session.execute(delete(Finding).where(Finding.job_id == ctx.job_id))
+    """Writes what a job produced, inside the caller's transaction (raises `LeaseLost` if not ours).
+
+    ``stage``: ``all`` — everything, the job ``done``, the job's findings rows replaced, the finalizers;
+    ``publish`` — the findings first: the job's findings rows replaced by ``products.findings``, their
+    objects and outbox rows, the finalizers, the job left ``processing`` at step ``published`` (with the
+    model versions known so far); ``final`` — after a publication: ``products.findings`` are added to the
+    published rows, the job ``done`` (the finalizers ran at the publication).
+    Result objects and outbox rows are written once per SOP instance and destination in every stage.
+    """
+    if stage not in ("all", "publish", "final"):
+        raise ValueError(f"unknown stage {stage!r}")
+    if stage == "publish":
+        job = locked_job(session, lease)
+        job.step = PUBLISHED_STEP
+        job.model_versions = dict(products.model_versions)
+        if timings is not None:
+            job.timings = dict(timings)
+    else:
+        mark_done(session, lease, now=now, timings=timings, model_versions=products.model_versions)
+    if stage != "final":
+        session.execute(delete(Finding).where(Finding.job_id == ctx.job_id))
     for f in products.findings:
         session.add(Finding(job_id=ctx.job_id, **f.__dict__))
     destinations = [d.key for d in settings.destinations]
@@ -276,6 +332,8 @@ def store_products(
             if uid in products.used_by:
                 ji.used_by = list(products.used_by[uid])
     session.flush()
+    if stage == "final":
+        return
     for fin in finalizers:
         fin(session, ctx, now)
 
@@ -323,17 +381,63 @@ def execute_job(
     permanent = permanent_errors if permanent_errors is not None else default_permanent_errors()
     t_start = time.perf_counter()
     with LeaseKeeper(db, lease, lease_seconds=settings.job_lease_seconds, logger=logger) as keeper:
-        steps = Steps(keeper, on_step=lambda name: set_step(db, lease, name))
+        loaded: list[JobContext] = []
+        marks: dict[str, float] = {}  # published_after: seconds from the claim to the published findings
+
+        def on_step(name: str) -> None:
+            # after the publication the step says so (the job stays processing while the rest is computed)
+            set_step(db, lease, name if steps.published is None else f"{PUBLISHED_STEP}: {name}"[:32])
+
+        def on_publish(products: JobProducts) -> None:
+            if not loaded:
+                raise RuntimeError("publish before the job's context is loaded")
+            marks["published_after"] = round(time.perf_counter() - t_start, 4)
+            timings = {**steps.timings, **marks}
+            with db.session() as s:
+                store_products(
+                    s,
+                    settings,
+                    loaded[0],
+                    lease,
+                    products,
+                    timings=timings,
+                    now=utcnow(),
+                    finalizers=finalizers,
+                    stage="publish",
+                )
+            logger.info(
+                "job %s: findings published after %.2f s (%d objects; attempt %s)",
+                job_id,
+                marks["published_after"],
+                len(products.results),
+                lease.attempt,
+            )
+
+        steps = Steps(keeper, on_step=on_step, on_publish=on_publish)
         try:
             with steps.step("load_context"):
                 ctx = load_context(db, settings, lease)
+            loaded.append(ctx)
             products = runner(ctx, steps)
             steps.check()
             timings = dict(steps.timings)
             timings["total"] = round(time.perf_counter() - t_start, 4)
+            timings.update(marks)
+            published = steps.published
             now = utcnow()
             with db.session() as s:
-                store_products(s, settings, ctx, lease, products, timings=timings, now=now, finalizers=finalizers)
+                if published is None:
+                    store_products(s, settings, ctx, lease, products, timings=timings, now=now, finalizers=finalizers)
+                else:
+                    # the findings rows already published are not written again (feedback may point at them)
+                    done_ids = {id(f) for f in published.findings}
+                    rest = JobProducts(
+                        findings=[f for f in products.findings if id(f) not in done_ids],
+                        results=list(products.results),
+                        model_versions=products.model_versions,
+                        used_by=products.used_by,
+                    )
+                    store_products(s, settings, ctx, lease, rest, timings=timings, now=now, stage="final")
             logger.info("job %s: done in %.2f s (attempt %s)", job_id, timings["total"], lease.attempt)
             return JobOutcome(job_id, "done", timings=timings)
         except LeaseLost as e:
@@ -558,9 +662,11 @@ class ModelPipelineRunner:
                 if not inp.paths:
                     raise PermanentJobError(f"series {inp.series_uid} has no stored instances")
                 volumes[inp.role] = io.load_series(list(inp.paths))
-        with steps.step("inference"):
+        with steps.step("inference"):  # the findings: classifiers, level segmentation (no super-resolution yet)
             output = limits.mark_refused(
-                pipelines.run_pipeline(ctx.pipeline, volumes, registry=registry), ctx.pipeline, refused
+                pipelines.run_pipeline(ctx.pipeline, volumes, registry=registry, superres=False),
+                ctx.pipeline,
+                refused,
             )
         for name, secs in (output.timings or {}).items():
             steps.timings[f"inference.{name}"] = round(float(secs), 4)
@@ -574,8 +680,10 @@ class ModelPipelineRunner:
 
             policy = triage.load_policy(settings.triage_policy)
             summary = triage.compute(triage.findings_from_pipeline(live), policy)
-        records = []
-        if shadow and not live.outputs:
+        records: list[ResultRecord] = []
+        writes = not (shadow and not live.outputs)
+        sources: dict[str, Any] = {}  # source series read for the findings objects, reused for the derived series
+        if not writes:
             log.info(
                 "job %s: every model of pipeline %s is in shadow (%s); findings stored, no result object written",
                 ctx.job_id,
@@ -584,28 +692,70 @@ class ModelPipelineRunner:
             )
         else:
             with steps.step("results"):
-                from node.results import build_results
+                from node.results.build import build_findings
 
                 predecessors = [r for r in ctx.predecessors if r.kind == "sr"]
-                files = build_results(
+                files = build_findings(
                     output=live,
                     source_files=ctx.source_files(),
                     triage=summary,
                     predecessors=predecessors,
                     settings=settings,
                     job_fingerprint=ctx.input_fingerprint,
+                    sources_cache=sources,
                 )
-                for rf, path in zip(files, save_all(files, settings)):
-                    records.append(ResultRecord(rf.kind, rf.sop_class_uid, rf.sop_instance_uid, rf.series_uid, path))
-        used_by: dict[str, list[str]] = {}
-        for model_name, series_uids in (output.used_series or {}).items():
-            for uid in series_uids:
-                used_by.setdefault(uid, []).append(model_name)
-        versions = model_versions_of(output)
-        for name, d in deployed.items():
-            if name in versions:
-                versions[name]["state"] = d.state
-        return JobProducts(findings=findings, results=records, model_versions=versions, used_by=used_by)
+                records += _records(files, settings)
+
+        def products_of(out: Any) -> JobProducts:
+            used_by: dict[str, list[str]] = {}
+            for model_name, series_uids in (out.used_series or {}).items():
+                for uid in series_uids:
+                    used_by.setdefault(uid, []).append(model_name)
+            versions = model_versions_of(out)
+            for name, d in deployed.items():
+                if name in versions:
+                    versions[name]["state"] = d.state
+            return JobProducts(findings=list(findings), results=list(records), model_versions=versions, used_by=used_by)
+
+        if not pipelines.PIPELINES[ctx.pipeline].superres:
+            return products_of(output)
+        # findings first: committed and on their way to the PACS while super-resolution runs
+        steps.publish(products_of(output))
+
+        with steps.step("superres"):
+            output = self.super_resolve(ctx, output, volumes, registry)
+        for name, secs in (output.timings or {}).items():
+            steps.timings[f"inference.{name}"] = round(float(secs), 4)
+        findings += findings_from_output(replace(output, outputs=[], levels=[]))  # the informational superres rows
+        for f in findings:
+            f.shadow = f.model_name in shadow
+        if writes and output.superres:
+            with steps.step("superres_results"):
+                from node.results.build import build_superres
+
+                files = build_superres(
+                    output=without_models(output, shadow),
+                    source_files=ctx.source_files(),
+                    settings=settings,
+                    job_fingerprint=ctx.input_fingerprint,
+                    sources_cache=sources,
+                )
+                records += _records(files, settings)
+        return products_of(output)
+
+    def super_resolve(self, ctx: JobContext, output: Any, volumes: Mapping[str, Any], registry: Any) -> Any:
+        """The second stage, after the findings are published: `models.pipelines.run_superres`."""
+        from models import pipelines
+
+        return pipelines.run_superres(output, volumes, registry=registry)
+
+
+def _records(files: Sequence[Any], settings: Settings) -> list[ResultRecord]:
+    """Saves result files (`save_all`) and returns their records."""
+    return [
+        ResultRecord(rf.kind, rf.sop_class_uid, rf.sop_instance_uid, rf.series_uid, path)
+        for rf, path in zip(files, save_all(files, settings))
+    ]
 
 
 #: threads that fsync a job's result files at once (the file system commits concurrent fsyncs together)

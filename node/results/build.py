@@ -1,4 +1,11 @@
-"""`build_results` (every object of one job) and `save` (atomic write under results_dir)."""
+"""`build_results` (every object of one job) and `save` (atomic write under results_dir).
+
+A job writes its objects in two stages: `build_findings` (the SR, the SEG(s) and the overlays: what a
+reader needs, published as soon as the models found it) and `build_superres` (the super-resolved
+series, written after super-resolution). The SR describes the findings only, so it never waits for
+super-resolution; each super-resolved series says what it is itself (derivation description with its
+data-consistency check, source image references). `build_results` is both stages at once.
+"""
 
 from __future__ import annotations
 
@@ -18,8 +25,8 @@ from node.errors import ResultsError
 from node.results.objects import ResultFile, ResultRef
 from node.results.sc import OverlayItem, build_overlays
 from node.results.seg import SegItem, build_levels_seg, build_seg
-from node.results.sources import load_sources
-from node.results.sr import SegRef, SuperResRef, build_sr
+from node.results.sources import SourceSeries, load_sources
+from node.results.sr import SegRef, build_sr
 from node.results.superres_series import build_superres_series
 from node.results.uids import UidFactory, model_versions_key
 
@@ -37,9 +44,13 @@ def _building(what: str):
         raise ResultsError(f"cannot build {what}: {type(e).__name__}: {e}") from e
 
 
-def _uid_factory(output: PipelineOutput, settings: Any, job_fingerprint: str) -> UidFactory:
+def _uid_factory(output: PipelineOutput, settings: Any, job_fingerprint: str, *, superres: bool) -> UidFactory:
+    """UIDs from the job's inputs and the versions of the models each object depends on: the findings
+    objects on the classifiers and the level segmentation (so they are the same whether or not
+    super-resolution has run yet), the super-resolved series also on the super-resolution model."""
     models = [(m.model.name, m.model.version, m.model.weights_sha256) for m in output.outputs]
-    models += [(s.model.name, s.model.version, s.model.weights_sha256) for s in output.superres]
+    if superres:
+        models += [(s.model.name, s.model.version, s.model.weights_sha256) for s in output.superres]
     models += [(lv.model.name, lv.model.version, lv.model.weights_sha256) for lv in getattr(output, "levels", [])]
     return UidFactory(
         root=settings.uid_root, job_fingerprint=job_fingerprint, model_versions=model_versions_key(models)
@@ -67,6 +78,37 @@ def _level_outputs(output: PipelineOutput) -> list[Any]:
     ]
 
 
+def _needed_series(output: PipelineOutput, *, superres: bool) -> list[str]:
+    """The input series whose instances an object refers to: those some model used (not e.g. a localizer)."""
+    needed: list[str] = []
+    for mo in output.outputs:
+        for uid in (output.used_series or {}).get(mo.model.name) or ([mo.series_uid] if mo.series_uid else []):
+            needed.append(uid)
+    if superres:
+        needed += [s.source.series_uid for s in output.superres if s.source.series_uid]
+    needed += [lv.series_uid for lv in _level_outputs(output)]
+    return list(dict.fromkeys(needed))
+
+
+def _load(
+    source_files: dict[str, list[Path]], wanted: Sequence[str], cache: dict[str, SourceSeries] | None
+) -> dict[str, SourceSeries]:
+    """The source series ``wanted`` (the first given one when none is), read once: ``cache`` (series UID ->
+    `SourceSeries`, filled here) lets the second stage reuse what the first one read."""
+    if not source_files:
+        raise ResultsError("no source series given")
+    selected = [uid for uid in wanted if uid in source_files] or [next(iter(source_files))]
+    cache = {} if cache is None else cache
+    missing = [uid for uid in selected if uid not in cache]
+    if missing:
+        cache.update(load_sources({uid: [Path(p) for p in source_files[uid]] for uid in missing}))
+    sources = {uid: cache[uid] for uid in selected}
+    studies = {str(s.first.StudyInstanceUID) for s in sources.values()}
+    if len(studies) != 1:
+        raise ResultsError(f"source series belong to {len(studies)} studies; results go into one study")
+    return sources
+
+
 def build_results(
     *,
     output: PipelineOutput,
@@ -76,31 +118,49 @@ def build_results(
     settings: Any,
     job_fingerprint: str,
 ) -> list[ResultFile]:
-    """Every result object of one job: SEG(s) (saliency; the named vertebrae and discs of the level
-    segmentation), SC overlays, super-resolved series, and the SR.
+    """Every result object of one job: `build_findings` (SEG(s), SC overlays, the SR last) and then
+    `build_superres` (the super-resolved series of ``output.superres``).
 
     ``source_files`` maps each input series UID to its stored files. Raises
     `ResultsError` with a clear message when the inputs cannot make valid objects.
     """
+    cache: dict[str, SourceSeries] = {}
+    findings = build_findings(
+        output=output,
+        source_files=source_files,
+        triage=triage,
+        predecessors=predecessors,
+        settings=settings,
+        job_fingerprint=job_fingerprint,
+        sources_cache=cache,
+    )
+    return findings + build_superres(
+        output=output,
+        source_files=source_files,
+        settings=settings,
+        job_fingerprint=job_fingerprint,
+        sources_cache=cache,
+    )
+
+
+def build_findings(
+    *,
+    output: PipelineOutput,
+    source_files: dict[str, list[Path]],
+    triage: Any | None,
+    predecessors: Sequence[ResultRef],
+    settings: Any,
+    job_fingerprint: str,
+    sources_cache: dict[str, SourceSeries] | None = None,
+) -> list[ResultFile]:
+    """The findings objects of one job: SEG(s) (saliency; the named vertebrae and discs of the level
+    segmentation), SC overlays, and the SR (last). Super-resolution (``output.superres``) is not
+    described in them: its series are `build_superres`'s. ``sources_cache``: see `_load`."""
     if not job_fingerprint:
         raise ResultsError("a job fingerprint is required (it makes the result UIDs)")
-    if not source_files:
-        raise ResultsError("no source series given")
-    # only the series some model used are read and become evidence (not e.g. a localizer)
-    needed: list[str] = []
-    for mo in output.outputs:
-        for uid in (output.used_series or {}).get(mo.model.name) or ([mo.series_uid] if mo.series_uid else []):
-            needed.append(uid)
-    needed += [s.source.series_uid for s in output.superres if s.source.series_uid]
-    needed += [lv.series_uid for lv in _level_outputs(output)]
-    selected = [uid for uid in dict.fromkeys(needed) if uid in source_files] or [next(iter(source_files))]
-    sources = load_sources({uid: [Path(p) for p in source_files[uid]] for uid in selected})
-    studies = {str(s.first.StudyInstanceUID) for s in sources.values()}
-    if len(studies) != 1:
-        raise ResultsError(f"source series belong to {len(studies)} studies; results go into one study")
-    uids = _uid_factory(output, settings, job_fingerprint)
+    sources = _load(source_files, _needed_series(output, superres=False), sources_cache)
+    uids = _uid_factory(output, settings, job_fingerprint, superres=False)
     institution = getattr(settings, "institution_name", None) or None
-
     # positive findings with a (non-empty) heatmap, grouped by the series the heatmap is in
     seg_groups: dict[str, list[SegItem]] = {}
     for mo in output.outputs:
@@ -164,24 +224,6 @@ def build_results(
             if "-" in name:  # a disc ("L4-L5"); a vertebral body is "L4"
                 disc_segments.setdefault(name, SegRef(level_seg, number, sources[lv.series_uid]))
 
-    superres_refs: list[SuperResRef] = []
-    written = 0
-    for sr_out in output.superres:
-        src_uid = sr_out.source.series_uid
-        if not (sr_out.qc.accepted and sr_out.consistency_passed):
-            superres_refs.append(SuperResRef(sr_out, None))
-            continue
-        if src_uid not in sources:
-            raise ResultsError(f"{sr_out.model.name}: its source series {src_uid} is not among the source files")
-        with _building(f"the super-resolved series of {src_uid}"):
-            datasets = build_superres_series(
-                output=sr_out, series=sources[src_uid], uids=uids, index=written, institution_name=institution
-            )
-        written += 1
-        for ds in datasets:
-            results.append(_result("superres", ds, f"super-resolved {src_uid}"))
-        superres_refs.append(SuperResRef(sr_out, str(datasets[0].SeriesInstanceUID) if datasets else None))
-
     with _building("the SR"):
         sr = build_sr(
             output=output,
@@ -189,7 +231,6 @@ def build_results(
             seg_refs=seg_refs,
             sc_refs=sc_refs,
             disc_segments=disc_segments,
-            superres_refs=superres_refs,
             triage=triage,
             predecessors=predecessors,
             uids=uids,
@@ -197,6 +238,39 @@ def build_results(
             institution_name=institution,
         )
     results.append(_result("sr", sr, "TID 1500 measurement report"))
+    return results
+
+
+def build_superres(
+    *,
+    output: PipelineOutput,
+    source_files: dict[str, list[Path]],
+    settings: Any,
+    job_fingerprint: str,
+    sources_cache: dict[str, SourceSeries] | None = None,
+) -> list[ResultFile]:
+    """The super-resolved series of ``output.superres`` (one MR instance per slice), for each one that passed
+    its QC gate and data-consistency check; nothing for the others (their check is in the job's findings
+    rows and model versions). ``sources_cache``: see `_load`."""
+    if not job_fingerprint:
+        raise ResultsError("a job fingerprint is required (it makes the result UIDs)")
+    wanted = [s for s in output.superres if s.qc.accepted and s.consistency_passed]
+    if not wanted:
+        return []
+    sources = _load(source_files, [s.source.series_uid for s in wanted if s.source.series_uid], sources_cache)
+    uids = _uid_factory(output, settings, job_fingerprint, superres=True)
+    institution = getattr(settings, "institution_name", None) or None
+    results: list[ResultFile] = []
+    for written, sr_out in enumerate(wanted):
+        src_uid = sr_out.source.series_uid
+        if src_uid not in sources:
+            raise ResultsError(f"{sr_out.model.name}: its source series {src_uid} is not among the source files")
+        with _building(f"the super-resolved series of {src_uid}"):
+            datasets = build_superres_series(
+                output=sr_out, series=sources[src_uid], uids=uids, index=written, institution_name=institution
+            )
+        for ds in datasets:
+            results.append(_result("superres", ds, f"super-resolved {src_uid}"))
     return results
 
 

@@ -17,7 +17,10 @@ Content (one measurement group per statement, so nothing is implied by silence):
   SEG of ``lumbar_spine.levels`` when that model segmented it;
 - per model whose input the QC gate refused: presence "Not Evaluated", QC refused
   and the coded reason plus its reader-facing sentence (`worklists.triage.qc_sentence`);
-- per super-resolved series: the consistency check and the new series' UID;
+- nothing about super-resolution: the SR is written before it runs (`node.jobs.runner`: findings first),
+  and each super-resolved series describes itself (`node.results.superres_series`: DERIVED image type,
+  derivation description with its data-consistency check, source image references); the check of every
+  series, passed or not, is also in the job's findings rows (code ``superres``) and model versions;
 - the triage priority and score with its reasons;
 - predecessors (a re-opened study) in the Predecessor Documents Sequence.
 """
@@ -50,7 +53,7 @@ from highdicom.sr import (
 )
 from pydicom import Dataset
 
-from models.types import Finding, ModelInfo, ModelOutput, PipelineOutput, SuperResOutput
+from models.types import Finding, ModelInfo, ModelOutput, PipelineOutput
 from node.results import codes
 from node.results.equipment import MANUFACTURER, contributing_equipment, node_software_versions, sr_algorithm
 from node.results.objects import ResultRef
@@ -69,12 +72,6 @@ class SegRef:
     dataset: Dataset  # the SEG
     segment_number: int
     series: SourceSeries
-
-
-@dataclass
-class SuperResRef:
-    output: SuperResOutput
-    series_uid: str | None  # None when the derived series was not written (QC or consistency failed)
 
 
 def _text(value: str, name: CodedConcept = codes.COMMENT) -> TextContentItem:
@@ -328,47 +325,6 @@ def _not_evaluated_group(*, mo: ModelOutput, uids: UidFactory, used: list[Source
     return group
 
 
-def _superres_group(*, ref: SuperResRef, index: int, uids: UidFactory) -> Any:
-    out = ref.output
-    accepted = out.qc.accepted
-    evaluations = [
-        QualitativeEvaluation(name=codes.QC_GATE, value=codes.QC_ACCEPTED if accepted else codes.QC_REFUSED),
-    ]
-    if not accepted:
-        evaluations.append(QualitativeEvaluation(name=codes.QC_REASON, value=codes.qc_reason_code(out.qc.reason)))
-    else:
-        evaluations.append(
-            QualitativeEvaluation(
-                name=codes.CONSISTENCY, value=codes.PASSED if out.consistency_passed else codes.FAILED
-            )
-        )
-    measurements = None
-    if accepted:
-        measurements = [
-            Measurement(name=codes.CONSISTENCY_ERROR, value=float(out.consistency_error), unit=codes.NO_UNITS)
-        ]
-    group = MeasurementsAndQualitativeEvaluations(
-        tracking_identifier=TrackingIdentifier(
-            uid=uids.uid("sr-tracking", out.model.name, "superres", index),
-            identifier=clean_text(f"{out.model.name} super-resolution", "LO"),
-        ),
-        finding_type=codes.SUPERRES,
-        algorithm_id=sr_algorithm(out.model),
-        measurements=measurements,
-        qualitative_evaluations=evaluations,
-    )
-    items: list[Any] = []
-    if ref.series_uid:
-        items.append(_text(f"Super-resolved series written (tolerance {out.consistency_tolerance:g})."))
-    elif accepted:
-        items.append(_text("Super-resolved series not written: the data consistency check failed."))
-    else:
-        items.append(_text(f"Super-resolution not performed: {qc_sentence(out.qc.reason)}"))
-    items += _series_items([u for u in (out.source.series_uid, ref.series_uid) if u])
-    _extend(group, items)
-    return group
-
-
 def _triage_group(triage: Any, uids: UidFactory) -> Any:
     group = MeasurementsAndQualitativeEvaluations(
         tracking_identifier=TrackingIdentifier(uid=uids.uid("sr-tracking", "triage"), identifier="AI triage"),
@@ -392,7 +348,6 @@ def build_sr(
     sources: dict[str, SourceSeries],
     seg_refs: dict[int, SegRef],
     sc_refs: dict[int, Dataset],
-    superres_refs: list[SuperResRef],
     triage: Any | None,
     predecessors: Sequence[ResultRef],
     uids: UidFactory,
@@ -462,10 +417,6 @@ def build_sr(
                     sc=sc_refs.get(id(f)),
                 )
             )
-    for i, ref in enumerate(superres_refs):
-        models.append(ref.output.model)
-        demo = demo or ref.output.model.demo_weights
-        groups.append(_superres_group(ref=ref, index=i, uids=uids))
     if triage is not None:
         groups.append(_triage_group(triage, uids))
     if not groups:
