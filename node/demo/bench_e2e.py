@@ -23,12 +23,20 @@ instance). The total is broken down with the node's own timestamps and ``jobs.ti
     dispatch           job done -> last result object stored in Orthanc
 
 One warm-up study (not counted) first loads the models in the worker.
+
+The node is configured as a site would be for the studies its scanners send: a study protocol
+per pipeline (``MSKNODE_STUDY_PROTOCOLS``, `BENCH_STUDY_PROTOCOLS`: the series of the phantom
+studies, `models.phantoms.write_study`), so a study is settled the moment its last protocol
+series is complete, while Orthanc still holds its association open. A caller's own
+``MSKNODE_STUDY_PROTOCOLS`` replaces it (empty: no protocol, every study waits for the study
+quiet period, for a comparison).
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import logging
+import os
 import secrets
 import shutil
 import statistics
@@ -50,6 +58,8 @@ from node.settings import Settings
 
 POLL_SECONDS = 0.05
 FINDINGS_KINDS = ("sr", "seg")  # what a reader needs first; overlays and super-resolved series are derived
+#: the site protocol of the benchmark's node (MSKNODE_STUDY_PROTOCOLS): the series each phantom study sends
+BENCH_STUDY_PROTOCOLS = "knee=sag_fluid,sag_pd,cor_fluid; shoulder=cor_fluid,cor_t1; lumbar_spine=sag_t2,sag_t1"
 STEPS = ("forward", "completeness_wait", "queue_wait", "load", "inference", "writing", "other_job", "dispatch")
 
 
@@ -219,10 +229,18 @@ def run_bench(
             files.append(generate_case(c, root / "phantoms", n_slices=slices, matrix=matrix))
             progress(f"phantom {c.key}: {len(files[-1].files)} instances [{time.monotonic() - t0:.1f} s]")
         ports, _ = choose_ports(free=True)
-        stack = NodeStack(root, ports=ports, base_settings=settings, password=secrets.token_urlsafe(12))
+        protocols = os.environ.get("MSKNODE_STUDY_PROTOCOLS", BENCH_STUDY_PROTOCOLS)
+        stack = NodeStack(
+            root,
+            ports=ports,
+            base_settings=settings,
+            password=secrets.token_urlsafe(12),
+            extra_env={"MSKNODE_STUDY_PROTOCOLS": protocols},
+        )
         progress(
             "starting Orthanc and msknode serve (the shipped models activated by this benchmark's configuration: "
-            f"MSKNODE_ACTIVATE_MODELS={','.join(stack.settings.activate_models)}) ..."
+            f"MSKNODE_ACTIVATE_MODELS={','.join(stack.settings.activate_models)}; "
+            f"MSKNODE_STUDY_PROTOCOLS={protocols!r}) ..."
         )
         stack.start()
         reader = NodeReader(stack.settings.data_dir / "msknode.db")
@@ -279,6 +297,7 @@ def run_bench(
                 "matrix": matrix,
                 "quiet_seconds": s.quiet_seconds,
                 "study_quiet_seconds": s.study_quiet_seconds,
+                "study_protocols": protocols,
                 "sweep_interval_seconds": s.sweep_interval_seconds,
                 "torch_threads": s.torch_threads,
                 "dispatch_associations": s.dispatch_associations,
