@@ -82,3 +82,9 @@ def test_bench_e2e_one_study_json(tmp_path):
     assert parts <= study["total_s"] + 0.5
     # the study's series completed by their announced size or the quiet timer, not by a 60 s timeout
     assert b["completeness_wait_s"] < 30
+    # the bench's node declares the phantom studies' series as its protocol: the study is settled by it, at once,
+    # while Orthanc still holds its association open (DicomAssociationCloseDelay) and before the study quiet period
+    from node.demo.bench_e2e import BENCH_STUDY_PROTOCOLS
+
+    assert result["settings"]["study_protocols"] == BENCH_STUDY_PROTOCOLS
+    assert b["completeness_wait_s"] < min(result["settings"]["study_quiet_seconds"], 1.0), b
