@@ -118,8 +118,8 @@ def build_results(
     settings: Any,
     job_fingerprint: str,
 ) -> list[ResultFile]:
-    """Every result object of one job: `build_findings` (SEG(s), SC overlays, the SR last) and then
-    `build_superres` (the super-resolved series of ``output.superres``).
+    """Every result object of one job: `build_findings` (SEG(s), SC overlays, the SR) and `build_superres`
+    (the super-resolved series of ``output.superres``); the SR is the last object.
 
     ``source_files`` maps each input series UID to its stored files. Raises
     `ResultsError` with a clear message when the inputs cannot make valid objects.
@@ -134,13 +134,14 @@ def build_results(
         job_fingerprint=job_fingerprint,
         sources_cache=cache,
     )
-    return findings + build_superres(
+    derived = build_superres(
         output=output,
         source_files=source_files,
         settings=settings,
         job_fingerprint=job_fingerprint,
         sources_cache=cache,
     )
+    return findings[:-1] + derived + findings[-1:]  # the SR last, as always
 
 
 def build_findings(
