@@ -16,6 +16,7 @@ Logs carry UIDs, AE titles and statuses, never patient data.
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import multiprocessing
@@ -596,10 +597,23 @@ def _wait_for_signal() -> None:
         pass
 
 
+def settle_garbage_collector() -> None:
+    """Moves everything allocated so far (modules, the AE, the engine: ~120 000 objects) out of the
+    cyclic garbage collector's reach (`gc.freeze`).
+
+    They live as long as the process; without this, the first full collection during ingest
+    walks all of them while holding the GIL: measured 0.36-0.50 s in which no association of
+    the process moved (a 400-instance send, loaded 2-core machine), about 1 ms per instance of
+    that send. After it a full collection walks only what ingest allocates (~1.4 ms)."""
+    gc.collect()
+    gc.freeze()
+
+
 def serve_one(settings, *, handoff: socket.socket | None = None) -> int:
     """Runs one listener process until SIGTERM/SIGINT (the database is already migrated)."""
     listener = Listener(settings, handoff=handoff)
     listener.start()
+    settle_garbage_collector()
     try:
         _wait_for_signal()
     finally:
