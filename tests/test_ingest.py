@@ -333,3 +333,56 @@ def test_a_retried_refused_object_is_quarantined_once(tmp_path):
     assert len(list((tmp_path / "quarantine").rglob("*.dcm"))) == 2 and not list(
         (tmp_path / "quarantine").rglob("*.part")
     )
+
+
+def test_the_driver_level_statements_write_what_sqlalchemy_writes(tmp_path, monkeypatch):
+    """On SQLite the per-instance INSERT and arrival UPDATEs run on the DB-API connection
+    (`_DriverStatement`); the rows must be byte for byte those `Connection.execute` writes."""
+    import sqlite3
+
+    from node.receive import index as index_module
+
+    study, series = generate_uid(), generate_uid()
+    datasets = [mr_dataset(study, series, i, name="Müller^Jörg") for i in range(3)]
+    now = utcnow()
+    dumps = {}
+    for mode in ("driver", "sqlalchemy"):
+        settings = load_settings(data_dir=tmp_path / mode)
+        settings.ensure_dirs()
+        database = Database(settings.database_url)
+        sql = index_module._Statements("sqlite")
+        if mode == "driver":
+            assert set(sql.driver) == {"insert_instance", "series_arrival", "study_arrival"}
+        else:
+            sql.driver = {}
+        monkeypatch.setattr(index_module, "_statements", lambda conn, sql=sql: sql)
+        try:
+            store = InstanceStore.from_settings(settings)
+            store.prepare()
+            with database.session() as s:
+                a = open_association(s, calling_ae="PACS", called_ae="MSKNODE", peer_address="x", listener="t", now=now)
+            with database.session() as s:
+                items = [_received(store, d, a) for d in datasets[:2]]
+                out = index_instances(s, store, items, uid_root=settings.uid_root, quiet_seconds=5, now=now)
+            with database.session() as s:  # a second batch: the UPDATEs add to what is there; a duplicate
+                items = [_received(store, datasets[2], a), _received(store, datasets[0], a)]
+                out += index_instances(s, store, items, uid_root=settings.uid_root, quiet_seconds=5, now=now)
+            assert [o.status for o in out] == [0, 0, 0, 0] and out[3].duplicate
+        finally:
+            database.dispose()
+        raw = sqlite3.connect(str(tmp_path / mode / "msknode.db"))
+        try:
+            dumps[mode] = {
+                table: raw.execute(f"SELECT * FROM {table} ORDER BY id").fetchall()
+                for table in ("studies", "series", "instances")
+            }
+        finally:
+            raw.close()
+    driver, orm = dumps["driver"], dumps["sqlalchemy"]
+    assert len(driver["instances"]) == 3 and driver["series"][0][0] == orm["series"][0][0]
+    for table in ("studies", "series", "instances"):
+        # the same values, apart from the data directory in each instance's path
+        def same_dir(rows, mode):
+            return [tuple(str(v).replace(str(tmp_path / mode), "DIR") for v in row) for row in rows]
+
+        assert same_dir(driver[table], "driver") == same_dir(orm[table], "sqlalchemy"), table
