@@ -328,6 +328,41 @@ def choose_rule(t: dict[str, np.ndarray]) -> tuple[dict[str, float], dict[str, f
     return rule, {**{k: round(v, 4) for k, v in f.items()}, "targets_met": best is not None}
 
 
+#: acceptance rates at which `frontier` reports the most refusing rule (the served-anatomy series, pooled)
+FRONTIER_ACCEPT = (0.97, 0.95, 0.9, 0.85, 0.8)
+#: a finer grid than `RULE_GRID` for the trade-off (support up to 0.95: the refusing end of the curve)
+FRONTIER_GRID = {
+    "contradiction": (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9),
+    "support": tuple(round(0.05 * k, 2) for k in range(20)),
+    "ood_ratio": (0.8, 1.0, 1.1, 1.2, 1.3, 1.5, 1.75, 2.0, 3.0),
+}
+
+
+def frontier(t: dict[str, np.ndarray], plane: float = 0.9) -> list[dict[str, Any]]:
+    """The trade-off between accepting real served anatomy and refusing real other anatomy that the gate's rule
+    allows on out-of-source predictions: for each acceptance in `FRONTIER_ACCEPT`, the most refusing rule of
+    `FRONTIER_GRID` that still accepts that share of served-anatomy series (pooled), with both rates. Chosen on
+    the very predictions it reports, so an upper bound of what a rule chosen elsewhere would reach."""
+    pts = []
+    for c in FRONTIER_GRID["contradiction"]:
+        for sup in FRONTIER_GRID["support"]:
+            for r in FRONTIER_GRID["ood_ratio"]:
+                rule = {"contradiction": c, "plane": plane, "support": sup, "ood_ratio": r}
+                f = _rates(t, _accepted(t, rule))
+                if "real_in_pooled" in f and "real_other_pooled" in f:
+                    pts.append((f["real_in_pooled"], f["real_other_pooled"], rule))
+    out = []
+    for target in FRONTIER_ACCEPT:
+        ok = [p for p in pts if p[0] >= target]
+        if not ok:
+            continue
+        acc, ref, rule = max(ok, key=lambda p: (p[1], p[0]))
+        out.append(
+            {"accept_at_least": target, "accepted": round(acc, ROUND), "refused": round(ref, ROUND), "rule": rule}
+        )
+    return out
+
+
 def fold_models(
     real,
     recipe,
@@ -456,6 +491,7 @@ def leave_one_source_out(
             )
         )
     rule, fig = choose_rule(_concat(list(tables.values())))
+    trade_off = frontier(_concat(list(tables.values())), plane=rule["plane"])
     pooled = summarise(all_rows)
     acc = [f["accepted_rate_all"] for f in out_folds.values() if f.get("accepted_rate_all") is not None]
     ref = [f["refused_rate"] for f in out_folds.values() if f.get("refused_rate") is not None]
@@ -484,6 +520,7 @@ def leave_one_source_out(
         "macro_refused_rate": round(float(np.mean(ref)), ROUND) if ref else None,
         "rule_all_folds": rule,
         "rule_all_folds_calibration": fig,
+        "frontier": trade_off,
         "targets": {
             "accepted_pooled": ACCEPT_TARGET,
             "accepted_macro": MACRO_ACCEPT_TARGET,
@@ -606,6 +643,24 @@ LICENCES = [
 ]
 
 
+def frontier_table(points: list[dict[str, Any]]) -> dict[str, Any]:
+    """The card's table of `frontier`: what refusing more of the unseen other anatomy costs in acceptance."""
+    return {
+        "title": "Out-of-source trade-off: the most refusing rule at each acceptance (chosen on these predictions, "
+        "an upper bound)",
+        "columns": ["served anatomy accepted at least", "accepted", "other anatomy refused", "rule"],
+        "rows": [
+            [
+                f"{p['accept_at_least']:.2f}",
+                f"{p['accepted']:.3f}",
+                f"{p['refused']:.3f}",
+                ", ".join(f"{k} {v:g}" for k, v in p["rule"].items()),
+            ]
+            for p in points
+        ],
+    }
+
+
 def _loso_rows(loso: dict[str, Any]) -> list[list[str]]:
     rows = []
     for src, f in loso["folds"].items():
@@ -725,6 +780,7 @@ def anatomy_card(
                 ],
                 "rows": _loso_rows(loso) if loso else [],
             },
+            *([frontier_table(loso["frontier"])] if loso.get("frontier") else []),
             {
                 "title": "Sources and licences",
                 "columns": ["source", "what", "licence"],
