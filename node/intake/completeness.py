@@ -22,8 +22,8 @@ work with several listener processes (contract C1):
    - *protocol complete*: the pipeline has a protocol (``settings.study_protocols``,
      e.g. knee = sag_fluid, cor_fluid) and every role in it has a complete (or already
      processed) series, at least one of them new — at once: without the quiet period,
-     without waiting for the sender to close its association and whatever other series
-     of the study are still arriving; or
+     without waiting for the sender to close its association or for whatever other
+     series of the study are still arriving; or
    - *quiet*: no other series of the study still receiving, and nothing received and no
      series completed for ``study_quiet_seconds`` (a pipeline without a protocol, a
      protocol role missing, or only series outside the protocol new)
