@@ -92,6 +92,8 @@ def _msknode(*args: str, **kw) -> subprocess.CompletedProcess[str]:
 
 
 TRAIN = ("--epochs", "2", "--batch-size", "2", "--patch-steps", "0")
+#: the killed run's length: enough epochs after the first checkpoint that the kill lands before the last one
+RESUME_EPOCHS = 12
 
 
 def test_each_format_is_read_with_its_geometry_and_labels_in_csv_order(images_root):
@@ -240,10 +242,11 @@ def test_train_shows_progress_writes_the_card_and_evaluate_prints_metrics(images
 
 
 def test_a_killed_run_resumes_where_its_checkpoint_left_off(images_root, tmp_path):
+    """Killed once its first checkpoint is written; the resumed run trains only the epochs after it."""
     root, _ = images_root
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "node.cli", "train", "knee.acl", "--data", f"images:{root}", "--out", str(out)]
-    cmd += ["--epochs", "40", "--batch-size", "2", "--patch-steps", "0"]
+    cmd += ["--epochs", str(RESUME_EPOCHS), "--batch-size", "2", "--patch-steps", "0"]
     env = {**os.environ, "MSKNODE_TORCH_THREADS": "1"}
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
@@ -259,7 +262,7 @@ def test_a_killed_run_resumes_where_its_checkpoint_left_off(images_root, tmp_pat
     assert proc.returncode == -signal.SIGKILL
     assert not (out / "model.pt").exists()
     done_before = [json.loads(x)["epoch"] for x in (out / "train_log.jsonl").read_text().splitlines()]
-    assert done_before and done_before[-1] < 39
+    assert done_before and done_before[-1] < RESUME_EPOCHS - 1
 
     run = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr
@@ -269,11 +272,11 @@ def test_a_killed_run_resumes_where_its_checkpoint_left_off(images_root, tmp_pat
     assert 1 <= start <= done_before[-1] + 1
     # the log holds every epoch once; only the epochs after the checkpoint ran again
     log = [json.loads(x)["epoch"] for x in (out / "train_log.jsonl").read_text().splitlines()]
-    assert log == list(range(40))
+    assert log == list(range(RESUME_EPOCHS))
     progress = [x for x in run.stderr.splitlines() if x.startswith("epoch ")]
-    assert progress[0].startswith(f"epoch {start + 1}/40 ") and len(progress) == 40 - start
+    assert progress[0].startswith(f"epoch {start + 1}/{RESUME_EPOCHS} ") and len(progress) == RESUME_EPOCHS - start
     card = json.loads((out / "card.json").read_text())
-    assert card["metrics"]["resumed_at_epoch"] == start and len(card["epochs"]) == 40
+    assert card["metrics"]["resumed_at_epoch"] == start and len(card["epochs"]) == RESUME_EPOCHS
 
 
 def test_progress_bar_redraws_in_place_on_a_terminal_and_log_lines_do_not_tear_it():
