@@ -441,7 +441,8 @@ def execute_job(
             logger.info("job %s: done in %.2f s (attempt %s)", job_id, timings["total"], lease.attempt)
             return JobOutcome(job_id, "done", timings=timings)
         except LeaseLost as e:
-            logger.warning("job %s: %s; results of this attempt discarded", job_id, e)
+            kept = "; its published findings stay (the next attempt makes the same objects)" if steps.published else ""
+            logger.warning("job %s: %s; results of this attempt discarded%s", job_id, e, kept)
             return JobOutcome(job_id, "lease_lost", error=str(e))
         except Exception as e:
             error = _describe(e, steps, settings)
