@@ -141,6 +141,11 @@ def test_several_listener_processes_share_the_port(tmp_path, mode):
     node = ListenerProcess(tmp_path / "data", env=transport_env(mode, MSKNODE_LISTENER_PROCESSES="3")).start()
     batches = [write_series(tmp_path / f"b{k}", n=6, size=32) for k in range(8)]
     try:
+        # connections go to processes that serve already; here all three have started
+        deadline = time.monotonic() + 60
+        while node.log().count("ready") < 3 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert all(f"listener process {i} ready" in node.log() for i in range(3)), node.log()
         results = []
         threads = [threading.Thread(target=lambda p=p: results.append(storescu(node.port, p))) for _, _, p in batches]
         for t in threads:

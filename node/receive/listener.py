@@ -597,6 +597,10 @@ def _wait_for_signal() -> None:
         pass
 
 
+#: what a listener process sends its parent once it serves (`serve_one`)
+READY = b"r"
+
+
 def settle_garbage_collector() -> None:
     """Moves everything allocated so far (modules, the AE, the engine: ~120 000 objects) out of the
     cyclic garbage collector's reach (`gc.freeze`).
@@ -614,6 +618,11 @@ def serve_one(settings, *, handoff: socket.socket | None = None) -> int:
     listener = Listener(settings, handoff=handoff)
     listener.start()
     settle_garbage_collector()
+    if handoff is not None:  # the parent hands connections to started processes first
+        try:
+            handoff.send(READY)
+        except OSError:
+            pass
     try:
         _wait_for_signal()
     finally:
@@ -737,6 +746,7 @@ class _Child:
         self.process.start()
         child_end.close()
         self.active = 0
+        self.ready = False  # it said it serves (`READY`): until then it is handed connections only if none is ready
         self.negotiating: dict[tuple[str, int], str] = {}  # handed-off connections before their association
         self.backoff = RestartBackoff(stable_seconds=None)  # 1 s, 2 s ... 30 s
 
@@ -757,7 +767,8 @@ def _listening_socket(host: str, port: int) -> socket.socket:
 
 
 def _supervise(settings, n: int) -> int:
-    """Accepts connections and hands each to the listener process serving the fewest associations.
+    """Accepts connections and hands each to the listener process serving the fewest associations
+    (among those that have started serving, while any has).
 
     The `n` children are restarted with backoff when they die. (The kernel's SO_REUSEPORT
     balancing is by a hash of the peer's port: four associations land 2-2 on two processes only
@@ -785,6 +796,8 @@ def _supervise(settings, n: int) -> int:
     def tally() -> str:
         return ", ".join(str(c.active) for c in children)
 
+    limit = settings.max_associations or 1 << 30
+
     def accept_loop() -> None:
         lsock.settimeout(0.5)
         while not stop.is_set():
@@ -810,7 +823,9 @@ def _supervise(settings, n: int) -> int:
                 continue
             with lock:
                 alive = [c for c in children if c.process.is_alive()]
-                order = sorted(alive, key=lambda c: (c.active, c.index))
+                # a process still starting keeps a connection waiting until it serves: a started
+                # one takes it first, unless it is at its association limit (it would reject it)
+                order = sorted(alive, key=lambda c: (c.active >= limit, not c.ready, c.active, c.index))
                 for child in order:
                     try:
                         socket.send_fds(child.parent_end, [json.dumps(list(peer)).encode()], [conn.fileno()])
@@ -845,6 +860,11 @@ def _supervise(settings, n: int) -> int:
                     msg = b""
                 if not msg:  # the process is exiting; the supervisor restarts it
                     time.sleep(0.1)
+                    continue
+                if msg == READY:
+                    with lock:
+                        socks[s].ready = True
+                    log.info("listener process %d ready", socks[s].index)
                     continue
                 if msg.startswith(b"n"):  # a connection's admission ended
                     try:

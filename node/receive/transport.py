@@ -264,6 +264,11 @@ class _GuardedSocket(AssociationSocket):
     _refusals: Refusals | None = None
     _body: int | None = None  # the length of the PDU whose header was read last
     _complained = False
+    _send_lock: threading.Lock  # the DUL thread and the association thread (`send_store_response`) both send
+
+    def send(self, bytestream: bytes) -> None:
+        with self._send_lock:
+            super().send(bytestream)
 
     def protocol_error(self, what: str) -> None:
         """One WARNING line per association for a peer that breaks the protocol (then aborted)."""
@@ -540,9 +545,34 @@ class _Association(Association):
         command = encode_store_response(
             str(msg.AffectedSOPClassUID or ""), str(msg.AffectedSOPInstanceUID or ""), message_id, int(status)
         )
+        if self._send_direct(context_id, command):
+            return
         pdata = P_DATA()
         pdata.presentation_data_value_list.append((context_id, b"\x03" + command))
         self.dul.send_pdu(pdata)
+
+    def _send_direct(self, context_id: int, command: bytes) -> bool:
+        """Writes a C-STORE-RSP as one P-DATA-TF PDU from this thread; False: send it through the DUL.
+
+        Through the DUL the response is a primitive queued for the DUL thread, which wakes up,
+        runs the state machine (DT-1: send P-DATA-TF, stay in Sta6) and writes it: one more
+        thread hand-over per C-STORE, which on a loaded machine waits for a CPU. Written here
+        instead, in the states where DT-1 / AR-7 would send it (Sta6, Sta7), with nothing queued
+        for the DUL before it (so the order of what we send is kept), under the socket's send lock.
+        """
+        dul = self.dul
+        sock = dul.socket
+        if not isinstance(sock, _GuardedSocket) or not dul.to_provider_queue.empty():
+            return False
+        if dul.state_machine.current_state not in ("Sta6", "Sta7"):
+            return False
+        # PDV item: length, presentation context ID, message control header (command, last fragment)
+        item = struct.pack(">LBB", len(command) + 2, context_id, 0x03) + command
+        peer_max = int(getattr(self.requestor, "maximum_length", 0) or 0)
+        if peer_max and len(item) > peer_max:
+            return False
+        sock.send(struct.pack(">BBL", 0x04, 0x00, len(item)) + item)
+        return True
 
     def _run_reactor(self) -> None:
         self._is_paused = False
@@ -626,6 +656,7 @@ class _StockRequestHandler(RequestHandler):
         if sock is not None and type(sock) is AssociationSocket:
             sock.__class__ = _GuardedSocket
             assert isinstance(sock, _GuardedSocket)
+            sock._send_lock = threading.Lock()
             sock._primed = bytearray(self.primed)
             sock._max_pdu = int(self.ae.maximum_pdu_size or 0)
             sock._refusals = getattr(self.server, "refusals", None)
