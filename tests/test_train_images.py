@@ -186,21 +186,30 @@ def test_volumes_and_labels_over_their_limits_are_refused(images_root, monkeypat
         list(open_cases(f"images:{root}", ACL))
 
 
-def test_cli_refuses_bad_input_with_a_non_zero_exit_and_a_clear_message(images_root, tmp_path):
+def test_cli_refuses_bad_input_with_a_non_zero_exit_and_a_clear_message(images_root, tmp_path, settings, capsys):
+    """The exit status and message of `msknode` (its entry point, `node.cli.main`, called in this process: the
+    refusals come before any training, so a process of their own would only add the import time)."""
+    from node.cli import main
+
+    def msknode(*args: str) -> tuple[int, str]:
+        capsys.readouterr()
+        rc = main(list(args))
+        return rc, capsys.readouterr().err
+
     root, _ = images_root
     labels = (root / "labels.csv").read_text()
     (root / "labels.csv").write_text(labels.replace("mat_a,intact", "mat_a,sprained"))
-    run = _msknode("train", "knee.acl", "--data", f"images:{root}", "--out", str(tmp_path / "o1"), *TRAIN)
-    assert run.returncode == 2
-    assert f"{root / 'labels.csv'} line 4, series 'mat_a': label 'sprained' is not one of intact" in run.stderr
+    rc, err = msknode("train", "knee.acl", "--data", f"images:{root}", "--out", str(tmp_path / "o1"), *TRAIN)
+    assert rc == 2
+    assert f"{root / 'labels.csv'} line 4, series 'mat_a': label 'sprained' is not one of intact" in err
     (root / "labels.csv").write_text(labels.replace("mat_a,intact", "mat_a,intact,extra"))
-    run = _msknode("evaluate", "knee.acl", "--data", f"images:{root}")
-    assert run.returncode == 2 and "labels.csv line 4: more fields than the header (2)" in run.stderr
+    rc, err = msknode("evaluate", "knee.acl", "--data", f"images:{root}")
+    assert rc == 2 and "labels.csv line 4: more fields than the header (2)" in err
     (root / "labels.csv").write_text(labels)
     (root / "png_b" / "series.json").unlink()
-    run = _msknode("train", "knee.acl", "--data", f"images:{root}", "--out", str(tmp_path / "o2"), *TRAIN)
-    assert run.returncode == 2
-    assert f"{root / 'png_b'}: image slices need a series.json (plane, pixel spacing or field of view)" in run.stderr
+    rc, err = msknode("train", "knee.acl", "--data", f"images:{root}", "--out", str(tmp_path / "o2"), *TRAIN)
+    assert rc == 2
+    assert f"{root / 'png_b'}: image slices need a series.json (plane, pixel spacing or field of view)" in err
     assert not (tmp_path / "o1" / "model.pt").exists() and not (tmp_path / "o2" / "model.pt").exists()
 
 
