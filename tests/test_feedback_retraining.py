@@ -3,8 +3,8 @@
 ``msknode export feedback --deidentify --holdout`` (the answered studies as dicomcsv:, PS3.15 basic profile) →
 ``msknode train knee.acl --init registry`` (one short epoch, fine-tuned from the shipped weights; the card records
 the site data) → ``msknode evaluate --compare registry`` (old and new weights on the same held-out studies) →
-``msknode deployments register`` + ``activate`` (audited) → the next study through the real ``msknode listen`` and
-``msknode worker`` is reported by the new version: its findings and its SR name it.
+``msknode deployments register`` + ``activate`` (audited; run in the test's process) → the next study through the
+real ``msknode listen`` and ``msknode worker`` is reported by the new version: its findings and its SR name it.
 
 The answered studies are index, job and feedback rows over real phantom DICOM files (what the node holds after a
 silent trial in which radiologists answered; the answering itself is tested with the feedback API).
@@ -46,7 +46,7 @@ def run(env: dict[str, str], *args: str, timeout: float = 300) -> subprocess.Com
     return r
 
 
-def test_export_train_evaluate_activate_and_the_next_sr_names_the_new_version(settings, db, tmp_path):
+def test_export_train_evaluate_activate_and_the_next_sr_names_the_new_version(settings, db, tmp_path, capsys):
     from models.phantoms import generate, write_dicom_series
 
     for seed, answer in ANSWERS.items():
@@ -145,23 +145,19 @@ def test_export_train_evaluate_activate_and_the_next_sr_names_the_new_version(se
     assert compared["old"]["weights_sha256"] != compared["new"]["weights_sha256"]
     assert compared["warnings"]  # two held-out cases: the figures say how little they rest on
 
-    # 4. register the new weights as a site version and activate it for the knee pipeline (audited)
-    run(env, "deployments", "register", "knee.acl", "--weights", str(runs), "--version", NEW_VERSION, "--by", "mlops")
-    run(
-        env,
-        "deployments",
-        "activate",
-        "knee.acl",
-        "--version",
-        NEW_VERSION,
-        "--pipeline",
-        "knee",
-        "--by",
-        "dora",
-        "--reason",
-        "held-out comparison",
-    )
-    listing = json.loads(run(env, "deployments", "--json").stdout)
+    # 4. register the new weights as a site version and activate it for the knee pipeline (audited): the same
+    # `msknode deployments` commands, run in this process on the node's data directory (a separate process
+    # each would only add the model registry's import time; the listener and worker below are processes)
+    from node.cli import main
+
+    capsys.readouterr()
+    assert main(["deployments", "register", "knee.acl", "--weights", str(runs), "--version", NEW_VERSION,
+                 "--by", "mlops"]) == 0  # fmt: skip
+    assert main(["deployments", "activate", "knee.acl", "--version", NEW_VERSION, "--pipeline", "knee",
+                 "--by", "dora", "--reason", "held-out comparison"]) == 0  # fmt: skip
+    capsys.readouterr()
+    assert main(["deployments", "--json"]) == 0
+    listing = json.loads(capsys.readouterr().out)
     acl = {(d["version"], d["selected"], d["state"]) for d in listing if d["model"] == "knee.acl"}
     assert (NEW_VERSION, True, "active") in acl and ("1.0.0", False, "shadow") in acl
 
