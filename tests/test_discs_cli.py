@@ -6,10 +6,8 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -18,8 +16,6 @@ from support.spine_corpus import spider_root
 
 pytestmark = [pytest.mark.slow]
 
-REPO = Path(__file__).resolve().parents[1]
-MSKNODE = [str(Path(sys.executable).parent / "msknode")]
 KEYS = (
     "n_patients",
     "n_discs",
@@ -54,12 +50,23 @@ def copy_patients(src: Path, dst: Path, ids: set[str]) -> Path:
     return dst
 
 
-def run(args: list[str], timeout: float = 240) -> subprocess.CompletedProcess:
-    env = {**os.environ, "MSKNODE_TORCH_THREADS": "1"}
-    return subprocess.run(MSKNODE + args, capture_output=True, text=True, timeout=timeout, cwd=REPO, env=env)
+@pytest.fixture
+def run(settings, capsys):
+    """``msknode ARGS`` through its entry point (`node.cli.main`) in the test's process, on the test's data
+    directory: (exit status, stdout, stderr). A process per command would only add the model registry's import
+    time."""
+    from node.cli import main
+
+    def _run(args: list[str]) -> subprocess.CompletedProcess:
+        capsys.readouterr()
+        rc = main(args)
+        out, err = capsys.readouterr()
+        return subprocess.CompletedProcess(["msknode", *args], rc, out, err)
+
+    return _run
 
 
-def test_evaluate_json_on_another_set_of_patients(tmp_path):
+def test_evaluate_json_on_another_set_of_patients(tmp_path, run):
     from models.registry import Registry
 
     if not Registry().has_weights("lumbar_spine.discs"):
@@ -87,7 +94,7 @@ def test_evaluate_json_on_another_set_of_patients(tmp_path):
     assert loc["n_series"] >= 3 and loc["level_named_within_15mm"] >= 0.8, loc
 
 
-def test_train_writes_a_card_and_resumes(tmp_path):
+def test_train_writes_a_card_and_resumes(tmp_path, run):
     # three training patients with crops, one validation and one held-out test patient (CRC32 split)
     folder = copy_patients(spider_root(), tmp_path / "few", {"6", "12", "17", "7", "9"})
     out = tmp_path / "run"
