@@ -186,6 +186,49 @@ def test_one_info_line_per_job_and_destination_once_everything_is_sent(settings,
         scp.stop()
 
 
+def test_a_job_that_published_its_findings_gets_its_info_line_once_everything_is_sent(
+    settings, db, result_files, caplog
+):
+    """Findings first: the SR and SEG of a job still processing are sent at once, without the job's line; the line
+    comes when the rest, committed with the job done, is sent too."""
+    vol, results = result_files
+    findings = [(r, p) for r, p in results if r.kind in ("sr", "seg")]
+    rest = [(r, p) for r, p in results if r.kind not in ("sr", "seg")]
+    assert findings and rest
+    scp = StoreSCP()
+    try:
+        s = with_dest(settings, scp.destination())
+        key = s.destinations[0].key
+        enqueue(db, findings, [key], study_uid=vol.study_uid)
+        with db.session() as ses:
+            job = ses.scalars(select(Job)).one()
+            job.state = "processing"  # published, super-resolution still running
+        with caplog.at_level(logging.INFO, logger="node.dispatch.outbox"):
+            process_outbox(db, s, now=T0)
+            assert sorted(scp.received) == sorted(r.sop_instance_uid for r, _ in findings)  # sent at once
+            assert not [r for r in caplog.records if "results of job" in r.getMessage()]
+            with db.session() as ses:  # the final commit: the rest of the objects, the job done
+                job = ses.scalars(select(Job)).one()
+                job.state = "done"
+                for r, path in rest:
+                    ro = ResultObject(
+                        job_id=job.id,
+                        kind=r.kind,
+                        sop_class_uid=r.sop_class_uid,
+                        sop_instance_uid=r.sop_instance_uid,
+                        series_uid=r.series_uid,
+                        path=str(path),
+                    )
+                    ses.add(ro)
+                    ses.flush()
+                    ses.add(OutboxItem(result_object_id=ro.id, destination=key, state="pending", next_attempt_at=T0))
+            process_outbox(db, s, now=T0 + dt.timedelta(seconds=1))
+        done = [r.getMessage() for r in caplog.records if "results of job" in r.getMessage()]
+        assert len(done) == 1 and done[0].endswith(f" sent to {key} ({len(results)} objects)"), done
+    finally:
+        scp.stop()
+
+
 def test_out_of_resources_backs_off_then_succeeds(settings, db, result_files):
     vol, results = result_files
     calls = {"n": 0}

@@ -370,13 +370,14 @@ def _log_finished_jobs(db: Database, item_ids: list[int]) -> None:
         ).all()
         for job_id, dest in touched:
             rows = s.execute(
-                select(OutboxItem.state, Study.study_uid)
+                select(OutboxItem.state, Study.study_uid, Job.state)
                 .join(ResultObject, ResultObject.id == OutboxItem.result_object_id)
                 .join(Job, Job.id == ResultObject.job_id)
                 .join(Study, Study.id == Job.study_id)
                 .where(ResultObject.job_id == job_id, OutboxItem.destination == dest)
             ).all()
-            if rows and all(state == SENT for state, _ in rows):
+            # a job still processing has published its findings only: its line comes once the rest is sent too
+            if rows and all(state == SENT and job_state != "processing" for state, _, job_state in rows):
                 log.info("study %s: results of job %d sent to %s (%d objects)", rows[0][1], job_id, dest, len(rows))
 
 
