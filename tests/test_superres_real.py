@@ -32,6 +32,16 @@ def _msknode(*args: str, timeout: int = 900, env: dict | None = None) -> subproc
     )
 
 
+def _main(capsys, *args: str) -> tuple[int, str]:
+    """The exit status and stderr of `msknode` (its entry point, `node.cli.main`) called in this process: for
+    refusals that come before any training, where a process of their own would only add the import time."""
+    from node.cli import main
+
+    capsys.readouterr()
+    rc = main(list(args))
+    return rc, capsys.readouterr().err
+
+
 def _check_restore_result(out: dict, n_scored: int) -> None:
     for key in ("n", "psnr_gain_db", "psnr_gain_db_ci", "ssim_gain", "ssim_gain_ci", "consistency_error"):
         assert key in out, key
@@ -148,7 +158,7 @@ def test_real_truth_volumes_mask_overlays_and_leave_out_held_out_families():
             assert v.array[:, h // 2].any()
 
 
-def test_cli_train_shows_epochs_writes_the_card_and_resumes(tmp_path):
+def test_cli_train_shows_epochs_writes_the_card_and_resumes(tmp_path, settings, capsys):
     """A short phantom run fine-tuned from the shipped weights: stopped after its first epoch, resumed."""
     out = tmp_path / "run"
     cmd = [
@@ -194,17 +204,17 @@ def test_cli_train_shows_epochs_writes_the_card_and_resumes(tmp_path):
     assert "val_phantom_psnr_gain_db" in card["metrics"]
     md = (out / "MODEL_CARD.md").read_text()
     assert "Training progress (per epoch)" in md and "not for diagnostic use" in md.lower()
-    # resuming a run of another length is refused with a message
-    r = _msknode(*cmd[3:-4], "--epochs", "3", "--out", str(out), "--resume")
-    assert r.returncode == 2 and "100 steps" in r.stderr
+    # resuming a run of another length is refused with a message (msknode's entry point in this process)
+    rc, err = _main(capsys, *cmd[3:-4], "--epochs", "3", "--out", str(out), "--resume")
+    assert rc == 2 and "100 steps" in err
 
 
-def test_cli_train_refuses_an_unknown_source_family(tmp_path):
-    r = _msknode(
-        "train", "superres", "--data", "synthetic:2:7000000", "--realdata", "none", "--exclude-source", "ankle",
-        "--out", str(tmp_path / "x"), timeout=300,
+def test_cli_train_refuses_an_unknown_source_family(tmp_path, settings, capsys):
+    rc, err = _main(
+        capsys, "train", "superres", "--data", "synthetic:2:7000000", "--realdata", "none", "--exclude-source",
+        "ankle", "--out", str(tmp_path / "x"),
     )  # fmt: skip
-    assert r.returncode == 2 and "ankle" in r.stderr and "knee, shoulder, lumbar, brain, other" in r.stderr
+    assert rc == 2 and "ankle" in err and "knee, shoulder, lumbar, brain, other" in err
     assert not (tmp_path / "x" / "model.pt").exists()
 
 
