@@ -21,25 +21,20 @@ REALDATA = Path(os.environ.get("MSKNODE_REALDATA") or ROOT.parent / "shared" / "
 NO_REALDATA = f"the real-data corpus is not present at {REALDATA}"
 
 
-def _msknode(*args: str, timeout: int = 900, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "node.cli", *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        cwd=ROOT,
-        env={**os.environ, "MSKNODE_TORCH_THREADS": "1", **(env or {})},
-    )
-
-
-def _main(capsys, *args: str) -> tuple[int, str]:
-    """The exit status and stderr of `msknode` (its entry point, `node.cli.main`) called in this process: for
-    refusals that come before any training, where a process of their own would only add the import time."""
+@pytest.fixture
+def msknode(settings, capsys):
+    """``msknode ARGS`` through its entry point (`node.cli.main`) in the test's process, on the test's data
+    directory: a CompletedProcess with the exit status, stdout and stderr. A process per command would only add
+    the model registry's import time (the run stopped after its first epoch is a process of its own)."""
     from node.cli import main
 
-    capsys.readouterr()
-    rc = main(list(args))
-    return rc, capsys.readouterr().err
+    def run(*args: str) -> subprocess.CompletedProcess:
+        capsys.readouterr()
+        rc = main(list(args))
+        out, err = capsys.readouterr()
+        return subprocess.CompletedProcess(["msknode", *args], rc, out, err)
+
+    return run
 
 
 def _check_restore_result(out: dict, n_scored: int) -> None:
@@ -89,13 +84,13 @@ def test_restore_uses_only_the_kept_slices_and_scores_the_removed_ones():
     assert s["m"]["detail_gain"] == pytest.approx(r["m"]["detail_gain"])
 
 
-def test_cli_evaluate_realdir_on_the_public_brain(tmp_path):
+def test_cli_evaluate_realdir_on_the_public_brain(tmp_path, msknode):
     """nilearn's MNI152 (every machine) as a realdir: the keys, CIs, per-series consistency, per source."""
     from models.realdir import export_public_other
 
     keys = export_public_other(tmp_path / "rd")
     assert len(keys) == 3
-    r = _msknode("evaluate", "superres", "--data", f"realdir:{tmp_path / 'rd'}", "--json")
+    r = msknode("evaluate", "superres", "--data", f"realdir:{tmp_path / 'rd'}", "--json")
     assert r.returncode == 0, r.stderr[-3000:]
     out = json.loads(r.stdout)
     assert out["n"] == 3
@@ -105,7 +100,7 @@ def test_cli_evaluate_realdir_on_the_public_brain(tmp_path):
 
 
 @pytest.mark.skipif(not REALDATA.is_dir(), reason=NO_REALDATA)
-def test_cli_evaluate_realdir_on_real_knee_dicom_and_lumbar_volume(tmp_path):
+def test_cli_evaluate_realdir_on_real_knee_dicom_and_lumbar_volume(tmp_path, msknode):
     """The Siemens knee DICOM copied into a tmp realdir and one lumbar volume written as volume.npz."""
     rd = tmp_path / "rd"
     knee = rd / "site" / "knee"
@@ -130,7 +125,7 @@ def test_cli_evaluate_realdir_on_real_knee_dicom_and_lumbar_volume(tmp_path):
             }
         )
     )
-    r = _msknode("evaluate", "superres", "--data", f"realdir:{rd}", "--json")
+    r = msknode("evaluate", "superres", "--data", f"realdir:{rd}", "--json")
     assert r.returncode == 0, r.stderr[-3000:]
     out = json.loads(r.stdout)
     assert out["n"] == 2
@@ -158,7 +153,7 @@ def test_real_truth_volumes_mask_overlays_and_leave_out_held_out_families():
             assert v.array[:, h // 2].any()
 
 
-def test_cli_train_shows_epochs_writes_the_card_and_resumes(tmp_path, settings, capsys):
+def test_cli_train_shows_epochs_writes_the_card_and_resumes(tmp_path, msknode):
     """A short phantom run fine-tuned from the shipped weights: stopped after its first epoch, resumed."""
     out = tmp_path / "run"
     cmd = [
@@ -192,7 +187,7 @@ def test_cli_train_shows_epochs_writes_the_card_and_resumes(tmp_path, settings, 
         proc.wait(timeout=60)
     assert first is not None and "loss" in first and "phantom_psnr_gain_db" in first, first
     assert (out / "train_state.pt").is_file() and not (out / "model.pt").exists()
-    r = _msknode(*cmd[3:], "--resume")
+    r = msknode(*cmd[3:], "--resume")
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert '"resumed_at_step": 50' in r.stdout and "epoch 2: step 100" in r.stdout
     assert "epoch 1:" not in r.stdout  # the first epoch was not trained again
@@ -204,22 +199,22 @@ def test_cli_train_shows_epochs_writes_the_card_and_resumes(tmp_path, settings, 
     assert "val_phantom_psnr_gain_db" in card["metrics"]
     md = (out / "MODEL_CARD.md").read_text()
     assert "Training progress (per epoch)" in md and "not for diagnostic use" in md.lower()
-    # resuming a run of another length is refused with a message (msknode's entry point in this process)
-    rc, err = _main(capsys, *cmd[3:-4], "--epochs", "3", "--out", str(out), "--resume")
-    assert rc == 2 and "100 steps" in err
+    # resuming a run of another length is refused with a message
+    r = msknode(*cmd[3:-4], "--epochs", "3", "--out", str(out), "--resume")
+    assert r.returncode == 2 and "100 steps" in r.stderr
 
 
-def test_cli_train_refuses_an_unknown_source_family(tmp_path, settings, capsys):
-    rc, err = _main(
-        capsys, "train", "superres", "--data", "synthetic:2:7000000", "--realdata", "none", "--exclude-source",
-        "ankle", "--out", str(tmp_path / "x"),
+def test_cli_train_refuses_an_unknown_source_family(tmp_path, msknode):
+    r = msknode(
+        "train", "superres", "--data", "synthetic:2:7000000", "--realdata", "none", "--exclude-source", "ankle",
+        "--out", str(tmp_path / "x"),
     )  # fmt: skip
-    assert rc == 2 and "ankle" in err and "knee, shoulder, lumbar, brain, other" in err
+    assert r.returncode == 2 and "ankle" in r.stderr and "knee, shoulder, lumbar, brain, other" in r.stderr
     assert not (tmp_path / "x" / "model.pt").exists()
 
 
 @pytest.mark.skipif(not REALDATA.is_dir(), reason=NO_REALDATA)
-def test_cli_train_on_real_knee_with_the_other_families_held_out(tmp_path):
+def test_cli_train_on_real_knee_with_the_other_families_held_out(tmp_path, msknode):
     """realdata:PATH + phantoms, every family but the knee held out: the card and the checkpoint say what was
     trained on, and the per-epoch line carries the held-out families' validation gain.
 
@@ -232,7 +227,7 @@ def test_cli_train_on_real_knee_with_the_other_families_held_out(tmp_path):
         (corpus / part).symlink_to(REALDATA / part, target_is_directory=True)
     out = tmp_path / "run"
     held = ["shoulder", "lumbar", "brain", "other"]
-    r = _msknode(
+    r = msknode(
         "train", "superres", "--data", f"realdata:{corpus}", "--phantoms", "2", "--epochs", "1",
         *(a for h in held for a in ("--exclude-source", h)), "--out", str(out),
     )  # fmt: skip
