@@ -79,16 +79,20 @@ def images_root(tmp_path):
     return root, vols
 
 
-def _msknode(*args: str, **kw) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "node.cli", *args],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**os.environ, "MSKNODE_TORCH_THREADS": "1"},
-        **kw,
-    )
+@pytest.fixture
+def msknode(settings, capsys):
+    """``msknode ARGS`` through its entry point (`node.cli.main`) in the test's process, on the test's data
+    directory: a CompletedProcess with the exit status, stdout and stderr (not a terminal). A process per command
+    would only add the model registry's import time (the run killed mid-training is a process of its own)."""
+    from node.cli import main
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        capsys.readouterr()
+        rc = main(list(args))
+        out, err = capsys.readouterr()
+        return subprocess.CompletedProcess(["msknode", *args], rc, out, err)
+
+    return run
 
 
 TRAIN = ("--epochs", "2", "--batch-size", "2", "--patch-steps", "0")
@@ -186,37 +190,28 @@ def test_volumes_and_labels_over_their_limits_are_refused(images_root, monkeypat
         list(open_cases(f"images:{root}", ACL))
 
 
-def test_cli_refuses_bad_input_with_a_non_zero_exit_and_a_clear_message(images_root, tmp_path, settings, capsys):
-    """The exit status and message of `msknode` (its entry point, `node.cli.main`, called in this process: the
-    refusals come before any training, so a process of their own would only add the import time)."""
-    from node.cli import main
-
-    def msknode(*args: str) -> tuple[int, str]:
-        capsys.readouterr()
-        rc = main(list(args))
-        return rc, capsys.readouterr().err
-
+def test_cli_refuses_bad_input_with_a_non_zero_exit_and_a_clear_message(images_root, tmp_path, msknode):
     root, _ = images_root
     labels = (root / "labels.csv").read_text()
     (root / "labels.csv").write_text(labels.replace("mat_a,intact", "mat_a,sprained"))
-    rc, err = msknode("train", "knee.acl", "--data", f"images:{root}", "--out", str(tmp_path / "o1"), *TRAIN)
-    assert rc == 2
-    assert f"{root / 'labels.csv'} line 4, series 'mat_a': label 'sprained' is not one of intact" in err
+    run = msknode("train", "knee.acl", "--data", f"images:{root}", "--out", str(tmp_path / "o1"), *TRAIN)
+    assert run.returncode == 2
+    assert f"{root / 'labels.csv'} line 4, series 'mat_a': label 'sprained' is not one of intact" in run.stderr
     (root / "labels.csv").write_text(labels.replace("mat_a,intact", "mat_a,intact,extra"))
-    rc, err = msknode("evaluate", "knee.acl", "--data", f"images:{root}")
-    assert rc == 2 and "labels.csv line 4: more fields than the header (2)" in err
+    run = msknode("evaluate", "knee.acl", "--data", f"images:{root}")
+    assert run.returncode == 2 and "labels.csv line 4: more fields than the header (2)" in run.stderr
     (root / "labels.csv").write_text(labels)
     (root / "png_b" / "series.json").unlink()
-    rc, err = msknode("train", "knee.acl", "--data", f"images:{root}", "--out", str(tmp_path / "o2"), *TRAIN)
-    assert rc == 2
-    assert f"{root / 'png_b'}: image slices need a series.json (plane, pixel spacing or field of view)" in err
+    run = msknode("train", "knee.acl", "--data", f"images:{root}", "--out", str(tmp_path / "o2"), *TRAIN)
+    assert run.returncode == 2
+    assert f"{root / 'png_b'}: image slices need a series.json (plane, pixel spacing or field of view)" in run.stderr
     assert not (tmp_path / "o1" / "model.pt").exists() and not (tmp_path / "o2" / "model.pt").exists()
 
 
-def test_train_shows_progress_writes_the_card_and_evaluate_prints_metrics(images_root, tmp_path):
+def test_train_shows_progress_writes_the_card_and_evaluate_prints_metrics(images_root, tmp_path, msknode):
     root, _ = images_root
     out = tmp_path / "run"
-    run = _msknode("train", "knee.acl", "--data", f"images:{root}", "--out", str(out), *TRAIN)
+    run = msknode("train", "knee.acl", "--data", f"images:{root}", "--out", str(out), *TRAIN)
     assert run.returncode == 0, run.stderr
     assert f"6 cases from images:{root}" in run.stdout and "split: 5 train / 1 validation cases" in run.stdout
     # no terminal: one progress line per epoch on stderr, with the loss and the validation figures
@@ -239,7 +234,7 @@ def test_train_shows_progress_writes_the_card_and_evaluate_prints_metrics(images
     md = (out / "MODEL_CARD.md").read_text()
     assert "### Per epoch" in md and f"images:{root}" in md and "| wall_time_s |" in md
 
-    ev = _msknode(
+    ev = msknode(
         "evaluate", "knee.acl", "--data", f"images:{root}", "--weights", str(out / "model.pt"), "--json",
         "--bootstrap", "50",
     )  # fmt: skip
@@ -250,7 +245,7 @@ def test_train_shows_progress_writes_the_card_and_evaluate_prints_metrics(images
     assert "sensitivity" in result and "specificity" in result
 
 
-def test_a_killed_run_resumes_where_its_checkpoint_left_off(images_root, tmp_path):
+def test_a_killed_run_resumes_where_its_checkpoint_left_off(images_root, tmp_path, msknode):
     """Killed once its first checkpoint is written; the resumed run trains only the epochs after it."""
     root, _ = images_root
     out = tmp_path / "run"
@@ -273,7 +268,7 @@ def test_a_killed_run_resumes_where_its_checkpoint_left_off(images_root, tmp_pat
     done_before = [json.loads(x)["epoch"] for x in (out / "train_log.jsonl").read_text().splitlines()]
     assert done_before and done_before[-1] < RESUME_EPOCHS - 1
 
-    run = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    run = msknode(*cmd[3:])  # the same command again
     assert run.returncode == 0, run.stderr
     resumed = [x for x in run.stdout.splitlines() if x.startswith("resumed from")]
     assert len(resumed) == 1, run.stdout
