@@ -3,8 +3,9 @@
 ``msknode export feedback --deidentify --holdout`` (the answered studies as dicomcsv:, PS3.15 basic profile) →
 ``msknode train knee.acl --init registry`` (one short epoch, fine-tuned from the shipped weights; the card records
 the site data) → ``msknode evaluate --compare registry`` (old and new weights on the same held-out studies) →
-``msknode deployments register`` + ``activate`` (audited; run in the test's process) → the next study through the
-real ``msknode listen`` and ``msknode worker`` is reported by the new version: its findings and its SR name it.
+``msknode deployments register`` + ``activate`` (audited) → the next study through the real ``msknode listen``
+and ``msknode worker`` is reported by the new version: its findings and its SR name it. The commands before the
+listener and worker run through msknode's entry point in the test's process.
 
 The answered studies are index, job and feedback rows over real phantom DICOM files (what the node holds after a
 silent trial in which radiologists answered; the answering itself is tested with the feedback API).
@@ -14,9 +15,6 @@ from __future__ import annotations
 
 import csv
 import json
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pydicom
@@ -32,21 +30,29 @@ from support.results_data import dciodvfy
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
-MSKNODE = str(Path(sys.executable).parent / "msknode")
 NEW_VERSION = "1.1.0-site1"
 #: seed -> the radiologist's ACL answer (the phantom's truth)
 ANSWERS = {21: "intact", 22: "complete", 23: "partial", 24: "intact", 25: "complete", 26: "intact", 27: "complete"}
 
 
-def run(env: dict[str, str], *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    t0 = time.monotonic()
-    r = subprocess.run([MSKNODE, *args], env=env, capture_output=True, text=True, timeout=timeout)
-    assert r.returncode == 0, f"msknode {' '.join(args)}: {r.stderr[-3000:]}"
-    print(f"msknode {' '.join(args[:2])}: {time.monotonic() - t0:.1f} s")
-    return r
+@pytest.fixture
+def msknode(settings, capsys):
+    """``msknode ARGS`` through its entry point (`node.cli.main`) in the test's process, on the node's data
+    directory; asserts exit status 0 and returns (stdout, stderr). A process per command would only add the model
+    registry's import time; the listener and worker that report the next study are processes of their own."""
+    from node.cli import main
+
+    def run(*args: str) -> tuple[str, str]:
+        capsys.readouterr()
+        rc = main(list(args))
+        out, err = capsys.readouterr()
+        assert rc == 0, f"msknode {' '.join(args)}: {err[-3000:]}"
+        return out, err
+
+    return run
 
 
-def test_export_train_evaluate_activate_and_the_next_sr_names_the_new_version(settings, db, tmp_path, capsys):
+def test_export_train_evaluate_activate_and_the_next_sr_names_the_new_version(settings, db, tmp_path, msknode):
     from models.phantoms import generate, write_dicom_series
 
     for seed, answer in ANSWERS.items():
@@ -62,8 +68,7 @@ def test_export_train_evaluate_activate_and_the_next_sr_names_the_new_version(se
     # 1. export: de-identified, two held-out studies
     out = tmp_path / "export"
     manifest = json.loads(
-        run(
-            env,
+        msknode(
             "export",
             "feedback",
             "--model",
@@ -74,7 +79,7 @@ def test_export_train_evaluate_activate_and_the_next_sr_names_the_new_version(se
             "--holdout",
             "0.25",
             "--json",
-        ).stdout
+        )[0]
     )
     assert manifest["studies"] == len(ANSWERS) and manifest["deidentified"]
     assert manifest["sides"]["train"]["studies"] == 5 and manifest["sides"]["holdout"]["studies"] == 2
@@ -100,8 +105,7 @@ def test_export_train_evaluate_activate_and_the_next_sr_names_the_new_version(se
 
     # 2. fine-tune from the shipped weights on the exported training studies (one short epoch)
     runs = tmp_path / "run"
-    r = run(
-        env,
+    stdout, _ = msknode(
         "train",
         "knee.acl",
         "--data",
@@ -118,15 +122,14 @@ def test_export_train_evaluate_activate_and_the_next_sr_names_the_new_version(se
         "0",
         "--no-augment",
     )
-    assert "fine-tuning from the registry's weights" in r.stdout
+    assert "fine-tuning from the registry's weights" in stdout
     card = json.loads((runs / "card.json").read_text())
     assert card["site_data"]["studies"] == 5 and card["site_data"]["deidentified"] is True
     assert card["site_data"]["model"] == "knee.acl" and "Site data: 5 studies" in card["training_data"]
     assert "fine-tuned from" in card["training_data"] and "models/weights/knee.acl/model.pt" in card["training_data"]
 
     # 3. old and new weights on the same held-out studies
-    r = run(
-        env,
+    stdout, _ = msknode(
         "evaluate",
         "knee.acl",
         "--data",
@@ -139,25 +142,17 @@ def test_export_train_evaluate_activate_and_the_next_sr_names_the_new_version(se
         "50",
         "--json",
     )
-    compared = json.loads(r.stdout)
+    compared = json.loads(stdout)
     assert compared["old"]["weights"] == "registry" and compared["new"]["weights"] == str(runs / "model.pt")
     assert compared["old"]["n"] == compared["new"]["n"] == 2
     assert compared["old"]["weights_sha256"] != compared["new"]["weights_sha256"]
     assert compared["warnings"]  # two held-out cases: the figures say how little they rest on
 
-    # 4. register the new weights as a site version and activate it for the knee pipeline (audited): the same
-    # `msknode deployments` commands, run in this process on the node's data directory (a separate process
-    # each would only add the model registry's import time; the listener and worker below are processes)
-    from node.cli import main
-
-    capsys.readouterr()
-    assert main(["deployments", "register", "knee.acl", "--weights", str(runs), "--version", NEW_VERSION,
-                 "--by", "mlops"]) == 0  # fmt: skip
-    assert main(["deployments", "activate", "knee.acl", "--version", NEW_VERSION, "--pipeline", "knee",
-                 "--by", "dora", "--reason", "held-out comparison"]) == 0  # fmt: skip
-    capsys.readouterr()
-    assert main(["deployments", "--json"]) == 0
-    listing = json.loads(capsys.readouterr().out)
+    # 4. register the new weights as a site version and activate it for the knee pipeline (audited)
+    msknode("deployments", "register", "knee.acl", "--weights", str(runs), "--version", NEW_VERSION, "--by", "mlops")
+    msknode("deployments", "activate", "knee.acl", "--version", NEW_VERSION, "--pipeline", "knee", "--by", "dora",
+            "--reason", "held-out comparison")  # fmt: skip
+    listing = json.loads(msknode("deployments", "--json")[0])
     acl = {(d["version"], d["selected"], d["state"]) for d in listing if d["model"] == "knee.acl"}
     assert (NEW_VERSION, True, "active") in acl and ("1.0.0", False, "shadow") in acl
 
