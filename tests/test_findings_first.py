@@ -212,3 +212,21 @@ def test_a_worker_killed_after_publishing_loses_nothing_and_sends_nothing_twice(
         )
         assert s.scalar(select(func.count()).select_from(Finding).where(Finding.code == "superres")) == 1
     assert findings_after == findings_before
+
+
+def test_a_super_resolution_that_cannot_be_done_leaves_the_job_done_with_its_findings(db, stack):
+    """The findings are in the PACS already: a permanent error in super-resolution does not fail the job (nor send
+    anything again); it ends done without the derived series, and its super-resolution row says why."""
+    job_id = _published_and_sent(db, stack)
+    published = _results(db, job_id)
+    stack["gate"].write_text("fail")
+    job = wait_for(lambda: (j := _job(db, stack["study_uid"])).state == "done" and j, 400, interval=0.5, what="done")
+    assert job.attempts == 1 and job.error is None
+    assert _results(db, job_id) == published  # no derived series, the published objects unchanged
+    with db.session() as s:
+        (row,) = s.scalars(select(Finding).where(Finding.job_id == job_id, Finding.code == "superres")).all()
+        assert row.evaluated is False and row.qc_reason == "error"
+        assert "cannot be super-resolved" in row.qc_message and "VolumeError" in row.label
+    received = stack["pacs"].received()
+    assert all(received[u] == 1 for _k, u, _p in published)
+    assert "super-resolution not done after the findings were published" in stack["workers"][-1].output()

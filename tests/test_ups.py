@@ -412,6 +412,11 @@ def test_a_running_jobs_steps_are_progress_reports(db, settings):
             if e.event_type == 3
         ]
     assert reports == [(3, 20), (3, 50)]
+    _set_job(db, job_id, step="published: superres")  # findings published, super-resolution running
+    _sync(db, settings)
+    (w,) = _workitems(db)
+    progress = dataset_of(w).ProcedureStepProgressInformationSequence[0]
+    assert progress.ProcedureStepProgress == 94
     _set_job(db, job_id, state="done", finished_at=NOW)
     _sync(db, settings)
     (w,) = _workitems(db)

@@ -87,6 +87,7 @@ class JobContext:
     attempt: int
     inputs: tuple[InputSeries, ...]
     predecessors: tuple[ResultRef, ...] = ()  # the result objects of the job this one supersedes
+    max_attempts: int = 1
 
     def source_files(self) -> dict[str, list[Path]]:
         """Series UID → stored files, for the result writers."""
@@ -258,6 +259,7 @@ def load_context(db: Database, settings: Settings, lease: Lease) -> JobContext:
             study_uid=study_uid or "",
             input_fingerprint=job.input_fingerprint or f"job-{job.id}",
             attempt=lease.attempt,
+            max_attempts=lease.max_attempts,
             inputs=tuple(inputs),
             predecessors=tuple(predecessors),
         )
@@ -723,25 +725,38 @@ class ModelPipelineRunner:
         # findings first: committed and on their way to the PACS while super-resolution runs
         steps.publish(products_of(output))
 
-        with steps.step("superres"):
-            output = self.super_resolve(ctx, output, volumes, registry)
-        for name, secs in (output.timings or {}).items():
-            steps.timings[f"inference.{name}"] = round(float(secs), 4)
-        findings += findings_from_output(replace(output, outputs=[], levels=[]))  # the informational superres rows
-        for f in findings:
-            f.shadow = f.model_name in shadow
-        if writes and output.superres:
-            with steps.step("superres_results"):
-                from node.results.build import build_superres
+        published = len(records)
+        try:
+            with steps.step("superres"):
+                output = self.super_resolve(ctx, output, volumes, registry)
+            for name, secs in (output.timings or {}).items():
+                steps.timings[f"inference.{name}"] = round(float(secs), 4)
+            superres_rows = findings_from_output(replace(output, outputs=[], levels=[]))  # informational rows
+            if writes and output.superres:
+                with steps.step("superres_results"):
+                    from node.results.build import build_superres
 
-                files = build_superres(
-                    output=without_models(output, shadow),
-                    source_files=ctx.source_files(),
-                    settings=settings,
-                    job_fingerprint=ctx.input_fingerprint,
-                    sources_cache=sources,
-                )
-                records += _records(files, settings)
+                    files = build_superres(
+                        output=without_models(output, shadow),
+                        source_files=ctx.source_files(),
+                        settings=settings,
+                        job_fingerprint=ctx.input_fingerprint,
+                        sources_cache=sources,
+                    )
+                    records += _records(files, settings)
+        except LeaseLost:
+            raise
+        except Exception as e:
+            # the findings are in the PACS already: a super-resolution that cannot be done (bad input, missing
+            # weights) or failed on the last attempt leaves the job done without the derived series, saying why
+            if not isinstance(e, default_permanent_errors()) and ctx.attempt < ctx.max_attempts:
+                raise
+            del records[published:]
+            superres_rows = [superres_not_done(registry, steps.current or "superres", e)]
+            log.error("job %s: super-resolution not done after the findings were published: %s", ctx.job_id, e)
+        for f in superres_rows:
+            f.shadow = f.model_name in shadow
+        findings += superres_rows
         return products_of(output)
 
     def super_resolve(self, ctx: JobContext, output: Any, volumes: Mapping[str, Any], registry: Any) -> Any:
@@ -749,6 +764,29 @@ class ModelPipelineRunner:
         from models import pipelines
 
         return pipelines.run_superres(output, volumes, registry=registry)
+
+
+def superres_not_done(registry: Any, step: str, error: BaseException) -> FindingRecord:
+    """The ``superres`` row of a job whose super-resolution failed for good after its findings were published."""
+    from models.registry import MODEL_SUPERRES
+
+    try:
+        info = registry.info(MODEL_SUPERRES)
+        name, version, sha = info.name, info.version, info.weights_sha256
+    except Exception:  # the weights themselves may be what failed
+        name, version, sha = MODEL_SUPERRES, "", ""
+    reason = f"{type(error).__name__} in step {step}"
+    message = str(error).strip().splitlines()[0][:300] if str(error).strip() else reason
+    return FindingRecord(
+        model_name=name,
+        model_version=version,
+        weights_sha256=sha,
+        code="superres",
+        label=f"Super-resolution not done (error: {reason})",
+        evaluated=False,
+        qc_reason="error",
+        qc_message=message,
+    )
 
 
 def _records(files: Sequence[Any], settings: Settings) -> list[ResultRecord]:

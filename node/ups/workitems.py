@@ -69,7 +69,18 @@ DEFAULT_PRIORITY = "LOW"  # triage has not spoken yet: ROUTINE
 STATE_REPORT, CANCEL_REQUESTED, PROGRESS_REPORT, SCP_STATUS_CHANGE, ASSIGNED = 1, 2, 3, 4, 5
 
 #: the job's steps (`node.jobs.runner`) as the Procedure Step Progress (%) of its workitem
-STEP_PROGRESS = {"load_context": 5, "setup": 10, "load": 20, "inference": 50, "triage": 80, "results": 90}
+STEP_PROGRESS = {
+    "load_context": 5,
+    "setup": 10,
+    "load": 20,
+    "inference": 50,
+    "triage": 80,
+    "results": 90,
+    "publish": 92,
+    # the findings are published (on their way to the PACS): super-resolution and its derived series follow
+    "published: superres": 94,
+    "published: superres_results": 98,
+}
 
 #: jobs created (or finished) longer ago than this get no workitem (a node that starts using UPS
 #: does not announce its whole history)

@@ -3,7 +3,7 @@
 `GatedRunner` is the production `node.jobs.runner.ModelPipelineRunner` (models, triage, result writers,
 publication, final commit); only its second stage, super-resolution, first writes ``<gate>.waiting``
 (job id, attempt, pid) and then waits until the file ``<gate>`` exists (``FINDINGS_FIRST_GATE`` in the
-environment). `GatedWorker` runs it in ``run_worker`` (the Celery worker with its periodic duties: sweeper,
+environment); a gate that says ``fail`` makes it fail with a permanent error. `GatedWorker` runs it in ``run_worker`` (the Celery worker with its periodic duties: sweeper,
 outbox dispatch ...) in its own process group, so a test can hold a job between the publication of its
 findings and its final commit, or SIGKILL the worker there.
 """
@@ -37,6 +37,10 @@ class GatedRunner(ModelPipelineRunner):
         waiting_marker(gate).write_text(f"{ctx.job_id} {ctx.attempt} {os.getpid()}\n")
         while not gate.exists():
             time.sleep(0.05)
+        if gate.read_text().strip() == "fail":  # the derived volume cannot be made (an error no retry fixes)
+            from models.errors import VolumeError
+
+            raise VolumeError("the source series cannot be super-resolved")
         return super().super_resolve(ctx, output, volumes, registry)
 
 
