@@ -5,31 +5,35 @@ recipe.json, and a warning when validation lacks a class."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 
 import pytest
-
-from support.env import ROOT
 
 pytestmark = pytest.mark.slow
 
 
-def _msknode(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "node.cli", *args],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env={**os.environ, "MSKNODE_TORCH_THREADS": "2", **(env or {})},
-    )
+@pytest.fixture
+def msknode(settings, capsys, monkeypatch):
+    """``msknode ARGS`` through its entry point (`node.cli.main`) in the test's process, on the test's data
+    directory, with ``env`` (MSKNODE_* settings) set for the call: a CompletedProcess with the exit status, stdout
+    and stderr. A process per command would only add the model registry's import time."""
+    from node.cli import main
+
+    def run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+        with monkeypatch.context() as m:
+            for k, v in (env or {}).items():
+                m.setenv(k, v)
+            capsys.readouterr()
+            rc = main(list(args))
+            out, err = capsys.readouterr()
+        return subprocess.CompletedProcess(["msknode", *args], rc, out, err)
+
+    return run
 
 
-def test_train_writes_card_and_split_record_and_models_list_shows_them(tmp_path):
+def test_train_writes_card_and_split_record_and_models_list_shows_them(tmp_path, msknode):
     out = tmp_path / "weights" / "knee.acl"
-    run = _msknode(
+    run = msknode(
         "train",
         "knee.acl",
         "--data",
@@ -73,21 +77,21 @@ def test_train_writes_card_and_split_record_and_models_list_shows_them(tmp_path)
     assert summary["val_auc"] is None
 
     # the site's weights folder: models list shows the site card, not the shipped one
-    listed = _msknode("models", "list", "--json", env={"MSKNODE_WEIGHTS_DIR": str(tmp_path / "weights")})
+    listed = msknode("models", "list", "--json", env={"MSKNODE_WEIGHTS_DIR": str(tmp_path / "weights")})
     assert listed.returncode == 0, listed.stderr
     acl = next(c for c in json.loads(listed.stdout) if c["name"] == "knee.acl")
     assert acl["weights_sha256"] == card["weights_sha256"]
     assert acl["training_data"] == card["training_data"]
     assert acl["demo_weights"] is False
-    text = _msknode("models", "list", env={"MSKNODE_WEIGHTS_DIR": str(tmp_path / "weights")})
+    text = msknode("models", "list", env={"MSKNODE_WEIGHTS_DIR": str(tmp_path / "weights")})
     assert "7 training cases" in text.stdout
 
 
-def test_evaluate_on_a_handful_of_cases_warns_and_prints_text_not_reprs():
-    run = _msknode("evaluate", "knee.acl", "--data", "synthetic:4:5990000", "--bootstrap", "50")
+def test_evaluate_on_a_handful_of_cases_warns_and_prints_text_not_reprs(msknode):
+    run = msknode("evaluate", "knee.acl", "--data", "synthetic:4:5990000", "--bootstrap", "50")
     assert run.returncode == 0, run.stderr
     assert "WARNING: only 4 cases" in run.stdout
     assert "{" not in run.stdout and "'" not in run.stdout
-    js = _msknode("evaluate", "knee.acl", "--data", "synthetic:4:5990000", "--bootstrap", "50", "--json")
+    js = msknode("evaluate", "knee.acl", "--data", "synthetic:4:5990000", "--bootstrap", "50", "--json")
     result = json.loads(js.stdout.strip().splitlines()[-1])
     assert any("only 4 cases" in w for w in result["warnings"])
