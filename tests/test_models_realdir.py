@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -136,19 +135,26 @@ def test_realdir_spec_is_for_evaluation_only():
         next(open_cases(spec, TASKS["knee.acl"]))
 
 
-def _evaluate(model: str, data: str, timeout: int = 900) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "node.cli", "evaluate", model, "--data", data, "--json"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+@pytest.fixture
+def evaluate(settings, capsys):
+    """``msknode evaluate MODEL --data DATA --json`` through msknode's entry point (`node.cli.main`) in the test's
+    process: a CompletedProcess with the exit status, stdout and stderr. A process per command would only add the
+    model registry's import time."""
+    from node.cli import main
+
+    def run(model: str, data: str) -> subprocess.CompletedProcess:
+        args = ["evaluate", model, "--data", data, "--json"]
+        capsys.readouterr()
+        rc = main(args)
+        out, err = capsys.readouterr()
+        return subprocess.CompletedProcess(["msknode", *args], rc, out, err)
+
+    return run
 
 
-def test_cli_evaluate_realdir_reports_qc_outputs_and_false_positive_rate(realdir):
+def test_cli_evaluate_realdir_reports_qc_outputs_and_false_positive_rate(realdir, evaluate):
     root, _ = realdir
-    r = _evaluate("knee.acl", f"realdir:{root}")
+    r = evaluate("knee.acl", f"realdir:{root}")
     assert r.returncode == 0, r.stderr[-3000:]
     out = json.loads(r.stdout)
     assert out["model"] == "knee.acl" and out["n"] == 3
@@ -165,26 +171,26 @@ def test_cli_evaluate_realdir_reports_qc_outputs_and_false_positive_rate(realdir
     assert out["p_finding"]["min"] <= out["p_finding"]["median"] <= out["p_finding"]["max"]
 
 
-def test_cli_evaluate_realdir_grading_model_and_superres(realdir):
+def test_cli_evaluate_realdir_grading_model_and_superres(realdir, evaluate):
     root, _ = realdir
-    r = _evaluate("lumbar_spine.stenosis", f"realdir:{root}")
+    r = evaluate("lumbar_spine.stenosis", f"realdir:{root}")
     assert r.returncode == 0, r.stderr[-3000:]
     out = json.loads(r.stdout)
     assert out["by_anatomy"]["lumbar_spine"]["n"] == 1
     assert set(out["predicted_classes"]) and all(
         sum(v.values()) == out["qc_accepted"] for v in out["predicted_classes"].values()
     )
-    r = _evaluate("superres", f"realdir:{root}")
+    r = evaluate("superres", f"realdir:{root}")
     assert r.returncode == 0, r.stderr[-3000:]
     out = json.loads(r.stdout)
     assert out["n"] == 3 and out["qc_accepted"] >= 1 and out["consistency_passed_rate"] is not None
 
 
-def test_cli_evaluate_realdir_bad_folder_exits_with_a_message(tmp_path):
-    r = _evaluate("knee.acl", f"realdir:{tmp_path / 'missing'}", timeout=300)
+def test_cli_evaluate_realdir_bad_folder_exits_with_a_message(tmp_path, evaluate):
+    r = evaluate("knee.acl", f"realdir:{tmp_path / 'missing'}")
     assert r.returncode == 2 and "does not exist" in r.stderr
     _write_stack(tmp_path / "s", np.ones((3, 8, 8)), None)
-    r = _evaluate("knee.acl", f"realdir:{tmp_path}", timeout=300)
+    r = evaluate("knee.acl", f"realdir:{tmp_path}")
     assert r.returncode == 2 and "series.json" in r.stderr
 
 
