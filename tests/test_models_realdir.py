@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -213,7 +214,16 @@ def test_export_corpus_links_every_series_without_copying(tmp_path):
     assert sum(k.startswith("lumbar_volumes/") for k in keys) == 28
     stack = tmp_path / "stacks" / "normal-knee-sagittal"
     assert all(p.is_symlink() for p in stack.glob("*.jpg"))
+    # read back: every stack and DICOM series and the first lumbar volume (the other 27 are the same format;
+    # reading them all only repeated that load)
+    lumbar = sorted(p for p in (tmp_path / "lumbar_volumes").iterdir() if p.is_dir())
+    assert len(lumbar) == 28
+    for folder in lumbar[1:]:
+        shutil.rmtree(folder)
     series = {rs.key: rs for rs in read_realdir(tmp_path)}
+    assert len(series) == len(keys) - 27
+    first = series[f"lumbar_volumes/{lumbar[0].name}"]
+    assert first.anatomy == "lumbar_spine" and first.plane == "sagittal" and first.volume.shape[0] >= 30
     assert series["dicom/siemens_knee_sagittal"].anatomy == "knee"
     assert series["dicom/siemens_knee_sagittal"].plane == "sagittal"
     assert series["stacks/normal-hip-coronal"].anatomy == "other:hip"
