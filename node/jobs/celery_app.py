@@ -25,6 +25,7 @@ from typing import Any
 from celery import Celery
 from kombu import Exchange, Queue
 
+from node.jobs import fs_broker
 from node.jobs.celery_tasks import RUN_JOB_TASK, register_tasks
 from node.settings import Settings
 
@@ -86,7 +87,7 @@ def make_celery(settings: Settings, *, runner_factory=None) -> Celery:
     filesystem = is_filesystem(settings)
     app.conf.update(
         # the filesystem transport ignores the host; naming one keeps kombu from warning about it
-        broker_url="filesystem://localhost//" if filesystem else settings.broker_url,
+        broker_url=fs_broker.URL if filesystem else settings.broker_url,
         broker_transport_options=transport_options(settings),
         broker_connection_retry_on_startup=True,
         broker_connection_max_retries=None,  # a worker waits out a broker outage
@@ -157,7 +158,7 @@ def broker_queue_depths(settings: Settings, queues: tuple[str, ...] = QUEUES) ->
     """The same without a Celery app (for metrics): a plain kombu connection from the settings."""
     from kombu import Connection
 
-    url = "filesystem://localhost//" if is_filesystem(settings) else settings.broker_url
+    url = fs_broker.URL if is_filesystem(settings) else settings.broker_url
     assert url is not None  # resolved by Settings' validator
     with Connection(url, transport_options=transport_options(settings), connect_timeout=3) as conn:
         return _depths(conn, queues)

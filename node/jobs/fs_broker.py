@@ -1,0 +1,66 @@
+"""The embedded broker: kombu's filesystem transport, made safe between processes.
+
+kombu's ``filesystem`` transport creates a message file under its final name and then writes it, and a
+consumer moves and reads any file of that name at once: a consumer in another process can read a
+message while it is still empty, and a producer killed mid-write leaves an empty file that every
+consumer trips over ("Unrecoverable error: JSONDecodeError" — the worker stops). Here a message is
+written under a name consumers skip, fsynced, then renamed into place (whole or not there), and a
+consumer drops a file it cannot decode with one warning instead of stopping: the broker only wakes
+workers up; jobs live in the database and the sweeper re-sends a lost wake-up (`node.jobs.lease`).
+
+Registered as the kombu transport ``msknodefs`` (`node.jobs.celery_app` uses it for the embedded
+default, ``MSKNODE_BROKER_URL`` unset or ``filesystem://``).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import uuid
+from time import monotonic
+
+from kombu.transport import TRANSPORT_ALIASES, filesystem
+from kombu.utils.encoding import str_to_bytes
+from kombu.utils.json import dumps
+
+log = logging.getLogger(__name__)
+
+ALIAS = "msknodefs"
+URL = f"{ALIAS}://localhost//"
+#: undecodable message files dropped in one ``_get`` before it reports the queue empty
+MAX_DROPPED = 100
+
+
+class Channel(filesystem.Channel):
+    def _put(self, queue, payload, **kwargs):
+        name = f"{round(monotonic() * 1000)}_{uuid.uuid4()}.{queue}.msg"
+        final = os.path.join(self.data_folder_out, name)
+        tmp = os.path.join(self.data_folder_out, f".{name}.part")  # consumers match "<stamp>.<queue>.msg" only
+        try:
+            with open(tmp, "wb", buffering=0) as f:
+                f.write(str_to_bytes(dumps(payload)))
+                os.fsync(f.fileno())
+            os.replace(tmp, final)
+        except OSError as exc:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+            raise filesystem.ChannelError(f"Cannot add file {final!r} to directory") from exc
+
+    def _get(self, queue):
+        for _ in range(MAX_DROPPED):
+            try:
+                return super()._get(queue)
+            except ValueError as e:  # an empty or cut message file (a producer killed mid-write)
+                log.warning("broker: queue %s: an unreadable message file was dropped (%s)", queue, e)
+        raise filesystem.Empty()
+
+
+class Transport(filesystem.Transport):
+    Channel = Channel
+    driver_type = "filesystem"
+    driver_name = "filesystem"
+
+
+TRANSPORT_ALIASES.setdefault(ALIAS, f"{__name__}:Transport")

@@ -1,0 +1,49 @@
+"""The embedded broker (`node.jobs.fs_broker`): a message file is whole or not there, and an unreadable one
+(a producer killed mid-write) is dropped with a warning instead of stopping the consumer."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import pytest
+from kombu import Connection
+
+from node.jobs import fs_broker
+from node.jobs.celery_app import FilesystemBroker, transport_options
+
+pytestmark = pytest.mark.unit
+
+
+@pytest.fixture
+def conn(settings):
+    opts = transport_options(settings)
+    with Connection(fs_broker.URL, transport_options=opts) as c:
+        yield c, FilesystemBroker.of(settings)
+
+
+def test_a_message_is_whole_and_an_empty_file_is_dropped_for_the_next_one(conn, caplog):
+    c, fs = conn
+    q = c.SimpleQueue("cpu")
+    q.put({"job_id": 7})
+    names = [p.name for p in fs.queue_dir.iterdir()]
+    assert len(names) == 1 and names[0].endswith(".cpu.msg") and not any(n.startswith(".") for n in names)
+    assert q.get(timeout=2).payload == {"job_id": 7}
+    # what a producer killed between creating and writing its file leaves (kombu's own transport did that)
+    (fs.queue_dir / "1_00000000-dead.cpu.msg").write_bytes(b"")
+    q.put({"job_id": 8})
+    with caplog.at_level(logging.WARNING, logger="node.jobs.fs_broker"):
+        assert q.get(timeout=5).payload == {"job_id": 8}
+    assert "unreadable message file was dropped" in caplog.text
+    assert not [p for p in fs.queue_dir.iterdir() if p.name.endswith(".msg")]
+    q.close()
+
+
+def test_a_file_still_being_written_is_not_a_message(conn):
+    c, fs = conn
+    q = c.SimpleQueue("cpu")
+    (fs.queue_dir / ".5_abc.cpu.msg.part").write_bytes(b'{"half')
+    with pytest.raises(q.Empty):
+        q.get(timeout=0.5)
+    assert os.path.exists(fs.queue_dir / ".5_abc.cpu.msg.part")
+    q.close()
