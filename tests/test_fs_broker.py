@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+import uuid
 
 import pytest
 from kombu import Connection
@@ -17,20 +18,22 @@ pytestmark = pytest.mark.unit
 
 @pytest.fixture
 def conn(settings):
+    """A connection and a queue of this test's own name: kombu keeps declared exchanges in a state shared by
+    every connection of the transport in a process, so the node's queue names stay untouched here."""
     opts = transport_options(settings)
     with Connection(fs_broker.URL, transport_options=opts) as c:
-        yield c, FilesystemBroker.of(settings)
+        yield c, FilesystemBroker.of(settings), f"t{uuid.uuid4().hex[:12]}"
 
 
 def test_a_message_is_whole_and_an_empty_file_is_dropped_for_the_next_one(conn, caplog):
-    c, fs = conn
-    q = c.SimpleQueue("cpu")
+    c, fs, name = conn
+    q = c.SimpleQueue(name)
     q.put({"job_id": 7})
     names = [p.name for p in fs.queue_dir.iterdir()]
-    assert len(names) == 1 and names[0].endswith(".cpu.msg") and not any(n.startswith(".") for n in names)
+    assert len(names) == 1 and names[0].endswith(f".{name}.msg") and not any(n.startswith(".") for n in names)
     assert q.get(timeout=2).payload == {"job_id": 7}
     # what a producer killed between creating and writing its file leaves (kombu's own transport did that)
-    (fs.queue_dir / "1_00000000-dead.cpu.msg").write_bytes(b"")
+    (fs.queue_dir / f"1_00000000-dead.{name}.msg").write_bytes(b"")
     q.put({"job_id": 8})
     with caplog.at_level(logging.WARNING, logger="node.jobs.fs_broker"):
         assert q.get(timeout=5).payload == {"job_id": 8}
@@ -40,10 +43,10 @@ def test_a_message_is_whole_and_an_empty_file_is_dropped_for_the_next_one(conn, 
 
 
 def test_a_file_still_being_written_is_not_a_message(conn):
-    c, fs = conn
-    q = c.SimpleQueue("cpu")
-    (fs.queue_dir / ".5_abc.cpu.msg.part").write_bytes(b'{"half')
+    c, fs, name = conn
+    q = c.SimpleQueue(name)
+    (fs.queue_dir / f".5_abc.{name}.msg.part").write_bytes(b'{"half')
     with pytest.raises(q.Empty):
         q.get(timeout=0.5)
-    assert os.path.exists(fs.queue_dir / ".5_abc.cpu.msg.part")
+    assert os.path.exists(fs.queue_dir / f".5_abc.{name}.msg.part")
     q.close()
