@@ -216,3 +216,25 @@ def shots(tmp_path_factory):
         d.mkdir(parents=True, exist_ok=True)
         return d
     return tmp_path_factory.mktemp("screenshots")
+
+
+@pytest.fixture(autouse=True)
+def _root_logging_restored():
+    """A test that runs ``msknode`` in-process (`node.cli.main`) installs the node's log handler on the root
+    logger, bound to the test's captured stderr; the root logger's handlers and level are put back after each
+    test, so later tests do not log into a closed stream."""
+    import logging
+
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    yield
+    for h in [h for h in root.handlers if h not in handlers]:
+        root.removeHandler(h)
+        try:
+            h.close()
+        except Exception:
+            pass
+    for h in handlers:
+        if h not in root.handlers:
+            root.addHandler(h)
+    root.setLevel(level)
