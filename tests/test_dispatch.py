@@ -609,3 +609,30 @@ def test_a_failing_association_among_several_leaves_the_others_sent(settings, db
         assert len(scp.received) == len(results) - 2
     finally:
         scp.stop()
+
+
+def test_c_store_requests_leave_without_nagle_delay(settings, db, result_files, monkeypatch):
+    """Each C-STORE goes out as several PDUs; the sender's socket has TCP_NODELAY so no small write waits for
+    the peer's delayed ACK (~40 ms an object on loopback)."""
+    import socket
+
+    from pynetdicom.association import Association
+
+    vol, results = result_files
+    seen: list[int] = []
+    send = Association.send_c_store
+
+    def recording(self, *args, **kwargs):
+        seen.append(self.dul.socket.socket.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+        return send(self, *args, **kwargs)
+
+    monkeypatch.setattr(Association, "send_c_store", recording)
+    scp = StoreSCP()
+    try:
+        s = with_dest(settings, scp.destination())
+        enqueue(db, results, [s.destinations[0].key], study_uid=vol.study_uid)
+        rep = process_outbox(db, s, now=T0)
+        assert rep.sent == len(results) == len(seen)
+        assert all(seen), seen
+    finally:
+        scp.stop()
