@@ -10,6 +10,7 @@ from pydicom.uid import MRImageStorage
 
 from models.types import Finding, ModelOutput, PipelineOutput, QCResult
 from node.errors import ResultsError
+from node.jobs.runner import save_all
 from node.results import ResultRef, TriageSummary, build_results, save
 from support.results_data import (
     assert_valid,
@@ -287,8 +288,15 @@ def test_superres_series_geometry_and_derivation(settings, knee):
     out = knee_output(vol)
     srv = out.superres[0].volume
     results = [r for r in _build(settings, paths, vol, out) if r.kind == "superres"]
-    dss = [pydicom.dcmread(save(r, settings)) for r in results]
+    first_uid = results[0].dataset.SOPInstanceUID
+    dss = [pydicom.dcmread(p) for p in save_all(results, settings)]  # as a job writes them
     assert len({d.SeriesInstanceUID for d in dss}) == 1
+    # the slices share the first one's elements but not their own: each has its UID, number and meta
+    assert results[0].dataset.SOPInstanceUID == first_uid and results[0].dataset.InstanceNumber == 1
+    assert len({d.SOPInstanceUID for d in dss}) == len(dss) == srv.array.shape[0]
+    assert sorted(int(d.InstanceNumber) for d in dss) == list(range(1, len(dss) + 1))
+    assert all(d.file_meta.MediaStorageSOPInstanceUID == d.SOPInstanceUID for d in dss)
+    assert [r.sop_instance_uid for r in results] == [d.SOPInstanceUID for d in dss]
     assert all(d.SOPClassUID == MRImageStorage for d in dss)
     for k, d in enumerate(sorted(dss, key=lambda d: d.InstanceNumber)):
         assert np.allclose([float(v) for v in d.ImagePositionPatient], srv.positions[k], atol=1e-3)
