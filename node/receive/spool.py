@@ -208,7 +208,7 @@ class SpoolingDIMSE(DIMSEServiceProvider):
             return
         for pdv in pdvs:
             single = P_DATA()
-            single.presentation_data_value_list = [pdv]
+            single.presentation_data_value_list.append(pdv)  # (the setter refuses the tuples pynetdicom decodes)
             self._receive_one(single)
 
     def _receive_one(self, primitive: P_DATA) -> None:

@@ -44,7 +44,8 @@ import struct
 import threading
 import time
 from collections.abc import Callable
-from typing import Self
+from io import BytesIO
+from typing import Any, Self, cast
 
 from pynetdicom import evt
 from pynetdicom.association import Association
@@ -323,10 +324,29 @@ class _GuardedSocket(AssociationSocket):
                 except OSError:
                     pass
             raise ConnectionAbortedError("PDU longer than the maximum length advertised")
-        data = super().recv(nr_bytes)
+        data = self._read_fully(nr_bytes)
         if len(data) < nr_bytes:
             self.protocol_error(f"the connection closed inside a PDU ({len(data)} of {nr_bytes} bytes)")
         return data
+
+    def _read_fully(self, n: int) -> bytearray:
+        """`n` bytes (fewer only if the connection closes first) received straight into one buffer,
+        as many as the socket holds per call. (pynetdicom receives 4 KiB per call, each after a
+        poll for the socket's timeout, and appends each to its buffer: for a 300 kB data set about
+        75 calls, 75 polls and 75 copies.) Errors and timeouts propagate as from pynetdicom's recv."""
+        sock = self.socket
+        assert sock is not None
+        buf = bytearray(n)
+        got = 0
+        with memoryview(buf) as view:
+            while got < n:
+                k = sock.recv_into(view[got:])
+                if not k:
+                    break
+                got += k
+        if got < n:
+            del buf[got:]
+        return buf
 
 
 class _QuietLibrary(logging.Filter):
@@ -447,7 +467,8 @@ class _DUL(DULServiceProvider):
                 try:
                     event = self.event_queue.get(block=False)
                 except queue.Empty:
-                    idle = True
+                    idle = not self._delivered  # (a P-DATA-TF just delivered: look for the next PDU at once)
+                    self._delivered = False
                     continue
                 self.state_machine.do_action(event)
                 idle = False
@@ -456,6 +477,98 @@ class _DUL(DULServiceProvider):
 
     def close_pipe(self) -> None:
         self._waking.close_wake(self._wake_r, self._wake_w)
+
+    _delivered = False  # `_read_pdu_data` handed a P-DATA-TF to the DIMSE provider itself
+
+    def _read_pdu_data(self) -> None:
+        """Reads one PDU and queues its event, as pynetdicom's `_read_pdu_data` (the same events on
+        a short read, an unknown PDU type or a PDU that cannot be decoded); except that a well-formed
+        P-DATA-TF in Sta6 (established, nothing else queued) goes straight to the DIMSE provider
+        (`_deliver_pdata`): what the state machine's DT-2 does with it, without the PDU, item and
+        primitive objects pynetdicom makes of it (each a copy of the data set) and its PDU queue.
+        (pynetdicom's EVT_DATA_RECV / EVT_PDU_RECV / EVT_FSM_TRANSITION are then not triggered for
+        it: the listener binds none of them.)"""
+        sock = self.socket
+        if not isinstance(sock, _GuardedSocket):
+            super()._read_pdu_data()
+            return
+        try:
+            header = sock.recv(6)
+        except (OSError, TimeoutError):
+            self.event_queue.put("Evt17")  # transport connection closed
+            return
+        if len(header) != 6:
+            self.event_queue.put("Evt17")
+            return
+        pdu_type, _, length = struct.unpack(">BBL", header)
+        if not 0x01 <= pdu_type <= 0x07:
+            self.event_queue.put("Evt19")  # unrecognised PDU
+            return
+        try:
+            body = sock.recv(length)
+        except (OSError, TimeoutError):
+            self.event_queue.put("Evt17")
+            return
+        if len(body) != length:
+            self.event_queue.put("Evt17")
+            return
+        if (
+            pdu_type == 0x04
+            and self.state_machine.current_state == "Sta6"
+            and self.event_queue.empty()
+            and self._deliver_pdata(body)
+        ):
+            self._delivered = True
+            return
+        try:
+            pdu, event = self._decode_pdu(header + body)
+        except Exception:
+            self.event_queue.put("Evt19")  # invalid PDU (logged once by `_watch_decoding`)
+            return
+        self.event_queue.put(event)
+        self._recv_pdu.put(pdu)
+
+    def _deliver_pdata(self, body: bytearray) -> bool:
+        """Hands the presentation data values of a P-DATA-TF PDU (`body`: after its 6-byte header)
+        to the association's DIMSE provider, as pynetdicom's DT-2 and `DIMSEMessage.decode_msg` do:
+        command fragments as P-DATA primitives, data set fragments written straight into the
+        message's data set (its `Spool`) as views of `body`. False (nothing done): the PDU is not
+        well formed; pynetdicom decodes it (and refuses it) instead."""
+        n = len(body)
+        items: list[tuple[int, int, int]] = []  # (context ID, offset of the message control header, end)
+        pos = 0
+        while pos < n:
+            if n - pos < 6:
+                return False
+            (item_length,) = _UINT4.unpack_from(body, pos)
+            end = pos + 4 + item_length
+            if item_length < 2 or end > n:
+                return False
+            items.append((body[pos + 4], pos + 5, end))
+            pos = end
+        if not items:
+            return False
+        dimse = self.assoc.dimse
+        try:
+            with memoryview(body) as view:
+                for context_id, start, end in items:
+                    control = body[start]
+                    msg = dimse.message
+                    if control & 1 or msg is None:  # a command fragment (or data before any command)
+                        dimse.receive_primitive(_pdata(context_id, bytes(view[start:end])))
+                        continue
+                    spool: Any = msg._data_set_file  # (a `Spool`; pynetdicom types it a temporary file)
+                    if spool:
+                        spool.write(view[start + 1 : end])
+                        spool.file.flush()
+                    else:
+                        cast(BytesIO, msg.data_set).write(view[start + 1 : end])
+                    if control & 2:  # the last fragment: pynetdicom completes the message (an empty fragment)
+                        dimse.receive_primitive(_pdata(context_id, bytes((control,))))
+        except Exception:  # as the state machine does when DT-2 fails: the DUL stops (the association ends)
+            log.debug("P-DATA delivery failure", exc_info=True)
+            self.kill_dul()
+        return True
 
     def _abort_on_error(self, error: Exception) -> None:
         """As pynetdicom does on an error in its DUL loop: bypass the state machine, send an
@@ -484,6 +597,16 @@ class _DUL(DULServiceProvider):
             except Exception:
                 pass
         evt.trigger(self.assoc, evt.EVT_ABORTED, {})
+
+
+_UINT4 = struct.Struct(">L")
+
+
+def _pdata(context_id: int, value: bytes) -> P_DATA:
+    """A P-DATA primitive of one presentation data value (message control header first)."""
+    primitive = P_DATA()
+    primitive.presentation_data_value_list.append((context_id, value))  # (as pynetdicom's to_primitive)
+    return primitive
 
 
 def _uid_element(element: int, value: str) -> bytes:
@@ -755,6 +878,10 @@ class ReusePortServer(ThreadedAssociationServer):
         host, port = str(client_address[0]), client_address[1]
         deadline = time.monotonic() + self.request_timeout
         sock = request
+        try:  # our PDUs (C-STORE-RSP ...) are small: each goes out at once, not held for an ACK (Nagle)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError:
+            pass
         try:
             if not self.gate.enter(host):
                 raise Refused(
