@@ -10,8 +10,9 @@ from pydicom import config as pydicom_config
 from pydicom import dcmread
 from pydicom.data import get_testdata_file
 from pydicom.datadict import keyword_for_tag, tag_for_keyword
+from pydicom.tag import Tag
 
-from node.receive.header import _PLAIN_VRS, _plain_text, _text
+from node.receive.header import _NOT_PLAIN, _PLAIN_VRS, _int, _plain_int, _plain_text, _text
 from support.listener import PYDICOM_DATA
 
 pytestmark = [pytest.mark.unit]
@@ -66,6 +67,46 @@ def test_absent_elements_are_none_and_non_plain_vrs_go_through_pydicom():
     assert _plain_text(ds, "ImageLaterality") == (True, None)
     assert _text(ds, "ImageLaterality") is None
     assert _text(ds, "Laterality") == ""
-    assert _plain_text(ds, "PatientName")[0] is False  # PN: charset-dependent, pydicom decodes it
-    assert _plain_text(ds, "ImagePositionPatient")[0] is False  # DS: pydicom's number text
+    assert _plain_text(ds, "PatientName") == (True, str(ds.PatientName))  # printable ASCII: the same in every charset
+    assert _plain_text(ds, "ImagePositionPatient") == (True, "\\".join(str(v) for v in ds.ImagePositionPatient))
+    assert _plain_text(ds, "Rows")[0] is False  # US: pydicom converts it (`_int` reads it raw)
     assert _text(ds, "SOPInstanceUID") == str(ds.SOPInstanceUID)
+
+
+def test_a_ds_value_that_is_no_number_goes_through_pydicom(monkeypatch):
+    monkeypatch.setattr(pydicom_config.settings, "reading_validation_mode", pydicom_config.IGNORE)
+    ds = dcmread(get_testdata_file("MR_small.dcm"), stop_before_pixels=True)
+    tag = Tag("SliceThickness")
+    ds._dict[tag] = ds._dict[tag]._replace(value=b"abc ")
+    assert _plain_text(ds, "SliceThickness") == (False, None)
+
+
+def _pydicom_int(ds, keyword: str) -> int | None:
+    """What `_int` answered before its raw fast path."""
+    try:
+        value = ds.get(keyword)
+        if value is None or value == "":
+            return None
+        return int(value)
+    except (TypeError, ValueError, OverflowError):
+        return None
+
+
+def test_int_equals_pydicom_for_every_is_and_us_element_of_the_test_files(monkeypatch):
+    monkeypatch.setattr(pydicom_config.settings, "reading_validation_mode", pydicom_config.IGNORE)
+    files = sorted(PYDICOM_DATA.rglob("*.dcm")) + sorted(Path(get_testdata_file("MR_small.dcm")).parent.glob("*.dcm"))
+    fast = checked = 0
+    for path in files:
+        try:
+            ds = dcmread(path, stop_before_pixels=True)
+        except Exception:
+            continue
+        keywords = [
+            keyword_for_tag(tag) for tag, elem in list(ds._dict.items()) if getattr(elem, "VR", None) in ("IS", "US")
+        ]
+        for keyword in [k for k in keywords if k and tag_for_keyword(k) is not None]:
+            fast += _plain_int(ds, keyword) is not _NOT_PLAIN
+            got = _int(ds, keyword)  # the fast path first (before pydicom converts the element)
+            checked += 1
+            assert got == _pydicom_int(ds, keyword), (path.name, keyword)
+    assert fast > 200 and checked > 300, (fast, checked)

@@ -401,7 +401,7 @@ def check_pixel_data(ds: Dataset, transfer_syntax_uid: str, pixels: PixelDataSha
 
 # VRs whose printable-ASCII value pydicom returns as the same text (no charset, no number
 # conversion that could fail): read straight from the raw element, without building a DataElement
-_PLAIN_VRS = frozenset({"AE", "AS", "CS", "DA", "DT", "LO", "SH", "TM", "UI"})
+_PLAIN_VRS = frozenset({"AE", "AS", "CS", "DA", "DS", "DT", "LO", "PN", "SH", "TM", "UI"})
 _PRINTABLE = frozenset(range(0x20, 0x7F))
 _TAGS: dict[str, int | None] = {}
 
@@ -432,9 +432,52 @@ def _plain_text(ds: Dataset, keyword: str) -> tuple[bool, str | None]:
     if not _PRINTABLE.issuperset(raw):
         return False, None
     text = raw.decode("ascii")
-    if "\\" in text:
-        return True, "\\".join(part.strip() for part in text.split("\\"))
-    return True, text.strip()
+    parts = [part.strip() for part in text.split("\\")] if "\\" in text else [text.strip()]
+    if vr == "DS" and not all(_is_decimal(part) for part in parts):
+        return False, None  # (pydicom refuses it: `_safe_text` answers None)
+    return True, "\\".join(parts)
+
+
+def _is_decimal(text: str) -> bool:
+    """A DS value pydicom keeps as written (its text back from ``str``): a number ``float`` reads."""
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+_NOT_PLAIN = object()
+
+
+def _plain_int(ds: Dataset, keyword: str) -> Any:
+    """`_int` of an absent element, of a raw explicit-VR IS element whose printable-ASCII value
+    ``int`` reads, or of a raw little-endian US element of one value, without pydicom converting
+    it; `_NOT_PLAIN` when pydicom must."""
+    tag = _tag(keyword)
+    if tag is None:
+        return _NOT_PLAIN
+    elem = ds._dict.get(BaseTag(tag))
+    if elem is None:
+        return None
+    vr, raw = getattr(elem, "VR", None), getattr(elem, "value", None)
+    if not getattr(elem, "is_raw", False) or not isinstance(raw, bytes):
+        return _NOT_PLAIN
+    if vr == "US":
+        if len(raw) == 2 and getattr(elem, "is_little_endian", False):
+            return raw[0] | raw[1] << 8
+        return _NOT_PLAIN
+    if vr != "IS":
+        return _NOT_PLAIN
+    raw = raw.rstrip(b"\0 ")
+    if not raw:
+        return None
+    if b"\\" in raw or not _PRINTABLE.issuperset(raw):
+        return _NOT_PLAIN
+    try:
+        return int(raw.decode("ascii"))
+    except ValueError:
+        return _NOT_PLAIN  # ("1.0": pydicom's IS reads it)
 
 
 def _text(ds: Dataset, keyword: str) -> str | None:
@@ -457,6 +500,9 @@ def _fmt(v: Any) -> str:
 
 
 def _int(ds: Dataset, keyword: str) -> int | None:
+    plain = _plain_int(ds, keyword)
+    if plain is not _NOT_PLAIN:
+        return plain
     try:
         value = ds.get(keyword)
         if value is None or value == "":
