@@ -299,6 +299,7 @@ class Settings(BaseSettings):
 
     # workers
     torch_threads: int = Field(default=2, ge=1)
+    superres_bf16: str = "auto"  # the super-resolution network in bfloat16: on, off, auto (where the CPU has it)
     worker_concurrency: int = Field(default=1, ge=1)
     worker_queues: Annotated[list[str], NoDecode] = Field(default_factory=lambda: ["ingest", "cpu", "gpu"])
     inference_queue: Literal["cpu", "gpu"] = "cpu"  # the queue new pipeline jobs are sent to
@@ -433,6 +434,17 @@ class Settings(BaseSettings):
                         f"{pipeline}: {role!r} is not an input role of {pipeline} (roles: {', '.join(known)})"
                     )
         return {p: sorted(set(roles)) for p, roles in v.items()}
+
+    @field_validator("superres_bf16", mode="before")
+    @classmethod
+    def _bf16(cls, v: object) -> str:
+        text = str(v).strip().lower()
+        for canonical, spellings in (("on", ("1", "on", "true", "yes")), ("off", ("0", "off", "false", "no"))):
+            if text in spellings:
+                return canonical
+        if text in ("", "auto"):
+            return "auto"
+        raise ValueError("expected on, off or auto")
 
     @field_validator("ae_title")
     @classmethod

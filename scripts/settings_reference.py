@@ -60,6 +60,7 @@ DESCRIPTIONS = {
     "destinations": 'JSON list where results go: `{"type": "dimse", "ae_title", "host", "port", "tls": false}`, `{"type": "stow", "url", "username", "password" | "token"}` (every result object), `{"type": "hl7", "host", "port", "sending_application", "sending_facility", "receiving_application", "receiving_facility", "timeout"}` (one ORU^R01 2.5.1 per finished job over MLLP) or `{"type": "fhir", "url", "username", "password" | "token", "patient_identifier_system", "timeout"}` (one R4 transaction Bundle per finished job); see docs/conformance.md.',
     "institution_name": "Institution Name written into result objects.",
     "torch_threads": "PyTorch CPU threads per worker process.",
+    "superres_bf16": "The super-resolution network in bfloat16: `on`, `off`, or `auto` (on where the CPU computes bfloat16 natively: AVX512-BF16 or AMX; elsewhere it is emulated and slower). Only the network: interpolation, data-consistency projection and check stay float32 (the model card has the effect on quality: none measurable).",
     "worker_concurrency": "Pipeline jobs a worker runs at once (processes).",
     "worker_queues": "Comma list of queues a worker consumes: `ingest` (housekeeping: completeness, dispatch, retention), `cpu`, `gpu`.",
     "inference_queue": "Queue new pipeline jobs go to: `cpu` or `gpu`.",

@@ -73,3 +73,24 @@ def test_cli_refuses_invalid_setting_with_one_message(tmp_path):
     assert r.returncode == 2
     assert "MSKNODE_PORT" in r.stderr
     assert "Traceback" not in r.stderr
+
+
+def test_superres_bf16_setting_reaches_the_model(monkeypatch, tmp_path):
+    """From a settings file too: the pipeline runner hands the setting to the super-resolution model it loads."""
+    from models.registry import Registry
+    from node.jobs.runner import ModelPipelineRunner
+
+    monkeypatch.setenv("MSKNODE_SUPERRES_BF16", "auto")  # restored (unset) after the test: the runner sets it
+    monkeypatch.delenv("MSKNODE_SUPERRES_BF16")
+    monkeypatch.setenv("MSKNODE_DATA_DIR", str(tmp_path))
+    assert load_settings(superres_bf16="1").superres_bf16 == "on"
+    assert load_settings(superres_bf16="Off").superres_bf16 == "off"
+    with pytest.raises(SettingsError, match="expected on, off or auto"):
+        load_settings(superres_bf16="fast")
+    cfg = tmp_path / "node.toml"
+    for value, expected in (("on", True), ("off", False)):
+        cfg.write_text(f'superres_bf16 = "{value}"\n')
+        monkeypatch.delenv("MSKNODE_SUPERRES_BF16", raising=False)  # (an environment variable wins over the file)
+        ModelPipelineRunner(load_settings(cfg))
+        assert Registry().get("superres").bf16 is expected
+    monkeypatch.delenv("MSKNODE_CONFIG")

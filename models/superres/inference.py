@@ -4,6 +4,8 @@ detail calibration, the data-consistency projection, the geometry of the new ser
 from __future__ import annotations
 
 import math
+import os
+import re
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -25,6 +27,36 @@ CONSISTENCY_TOLERANCE = 1e-3  # relative RMS of A(output) - input
 NONNEG_ITERATIONS = 2  # alternating projections (x >= 0, then A x = y) after the final projection
 CHUNK_SLICES = 8  # input slices per network call (bounds peak memory)
 CALIBRATION_WINDOW = 160  # in-plane window (pixels) for the per-series detail calibration
+#: "1": the network in bfloat16, "0": float32, "auto" (default): bfloat16 where the CPU computes it natively
+BF16_ENV = "MSKNODE_SUPERRES_BF16"
+
+
+def native_bf16() -> bool:
+    """True when this CPU computes bfloat16 in hardware (AVX512-BF16 or AMX-BF16) and oneDNN uses it. Elsewhere
+    bfloat16 is emulated and slower than float32."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read(1 << 20)
+    except OSError:
+        return False
+    if not re.search(r"\b(avx512_bf16|amx_bf16)\b", flags):
+        return False
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def use_bf16() -> bool:
+    """Whether the super-resolution network runs in bfloat16: `BF16_ENV`, else `native_bf16`."""
+    value = os.environ.get(BF16_ENV, "auto").strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    if value not in ("", "auto"):
+        raise SuperResError(f"{BF16_ENV}={value!r}: expected 1, 0 or auto")
+    return native_bf16()
 
 
 # --------------------------------------------------------------------------------------
@@ -82,8 +114,12 @@ class SuperResModel:
     info: ModelInfo
     metadata: dict[str, Any] = field(default_factory=dict)
     channels_last: bool = True
+    #: the network in bfloat16 (the interpolation, projection and consistency check stay float32); None: `use_bf16`
+    bf16: bool | None = None
 
     def __post_init__(self) -> None:
+        if self.bf16 is None:
+            self.bf16 = use_bf16()
         if self.channels_last:
             # Module.to takes memory_format; torch's overloads of it leave it out
             self.net.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
@@ -163,7 +199,14 @@ class SuperResModel:
         ops = _Operators.build(n_ll, cfg)
         ll = _zmul(ops.s, win)
         base, pre = forward_detail(
-            self.net, ll, ops, cfg, chunk=CHUNK_SLICES, channels_last=self.channels_last, skip_background=True
+            self.net,
+            ll,
+            ops,
+            cfg,
+            chunk=CHUNK_SLICES,
+            channels_last=self.channels_last,
+            skip_background=True,
+            bf16=bool(self.bf16),
         )
         bp = ops.project(base, ll)
         dp = ops.project(pre, ll) - bp
@@ -198,7 +241,14 @@ class SuperResModel:
             t0 = time.perf_counter()
             if a > 0:
                 base, pre = forward_detail(
-                    self.net, yt, ops, cfg, chunk=CHUNK_SLICES, channels_last=self.channels_last, skip_background=True
+                    self.net,
+                    yt,
+                    ops,
+                    cfg,
+                    chunk=CHUNK_SLICES,
+                    channels_last=self.channels_last,
+                    skip_background=True,
+                    bf16=bool(self.bf16),
                 )
                 x = base + a * (pre - base)
             else:

@@ -163,12 +163,14 @@ def forward_detail(
     chunk: int | None = None,
     channels_last: bool = False,
     skip_background: bool = False,
+    bf16: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Normalised input y (..., n, H, W) -> (interpolated input, output before projection).
 
     ``chunk``: input slices per network call (the slab of each chunk is built on demand, so
     peak memory stays at one chunk). ``skip_background``: run the network only inside the
-    box of the chunk's signal (no detail is added in empty background)."""
+    box of the chunk's signal (no detail is added in empty background). ``bf16``: the network alone runs in
+    bfloat16 (autocast; its detail comes back as float32), the interpolation and everything else stay float32."""
     base = _zmul(ops.base, y)
     lead = y.shape[:-3]
     n, h, w = y.shape[-3:]
@@ -188,7 +190,9 @@ def forward_detail(
                 sub = torch.nn.functional.pad(sub, (0, pw, 0, ph), mode="replicate")
             if channels_last:
                 sub = sub.contiguous(memory_format=torch.channels_last)
-            out[..., r0:r1, c0:c1] = net(sub)[..., : r1 - r0, : c1 - c0]
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                detail = net(sub)
+            out[..., r0:r1, c0:c1] = detail[..., : r1 - r0, : c1 - c0].float()
         parts.append(out.reshape(*lead, len(rows), config.slice_factor, h, w))
     detail = torch.cat(parts, dim=-4).reshape(*lead, n * config.slice_factor, h, w)
     return base, base + detail

@@ -33,6 +33,7 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import math
+import os
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -597,6 +598,8 @@ class ModelPipelineRunner:
 
     def __init__(self, settings: Settings, *, registry: Any = None, db: Database | None = None):
         self.settings = settings
+        # read by the super-resolution model when it is loaded (the setting may come from a settings file)
+        os.environ["MSKNODE_SUPERRES_BF16"] = settings.superres_bf16
         self._registry = registry
         self._db = db
         self._registries: dict[tuple[tuple[str, str], ...], Any] = {}

@@ -17,7 +17,7 @@ import numpy as np
 from pydicom import DataElement, Dataset
 from pydicom.datadict import dictionary_VR, tag_for_keyword
 from pydicom.dataset import FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage
+from pydicom.uid import UID, ExplicitVRLittleEndian, MRImageStorage
 
 from models.types import SuperResOutput, Volume
 from node.errors import ResultsError
@@ -234,16 +234,16 @@ def build_superres_series(
     template = ds
     out.append(ds)
     for k in range(1, n):
-        ds = Dataset()
-        ds.update(template)
+        sl = Dataset()
+        sl.update(template)
         sop_uid = uids.instance("superres", index, k)
         meta = FileMetaDataset()  # elements of its own: writing the file sets the group length in place
         for elem in template.file_meta:
             meta.add_new(elem.tag, elem.VR, elem.value)
-        meta.MediaStorageSOPInstanceUID = sop_uid
-        ds.file_meta = meta
-        _put(ds, "SOPInstanceUID", sop_uid)
-        _put(ds, "InstanceNumber", k + 1)
-        _slice(ds, vol, series, stored, k)
-        out.append(ds)
+        meta.MediaStorageSOPInstanceUID = UID(sop_uid)
+        sl.file_meta = meta
+        _put(sl, "SOPInstanceUID", sop_uid)
+        _put(sl, "InstanceNumber", k + 1)
+        _slice(sl, vol, series, stored, k)
+        out.append(sl)
     return out
