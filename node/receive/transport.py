@@ -554,6 +554,11 @@ class _DUL(DULServiceProvider):
                 for context_id, start, end in items:
                     control = body[start]
                     msg = dimse.message
+                    if control & 3 == 3 and msg is None:  # a whole command set: a C-STORE-RQ is decoded here
+                        store = _store_command(context_id, view[start + 1 : end])
+                        if store is not None:
+                            self._begin_store(dimse, store)
+                            continue
                     if control & 1 or msg is None:  # a command fragment (or data before any command)
                         dimse.receive_primitive(_pdata(context_id, bytes(view[start:end])))
                         continue
@@ -563,12 +568,30 @@ class _DUL(DULServiceProvider):
                         spool.file.flush()
                     else:
                         cast(BytesIO, msg.data_set).write(view[start + 1 : end])
-                    if control & 2:  # the last fragment: pynetdicom completes the message (an empty fragment)
+                    if not control & 2:
+                        continue
+                    if isinstance(msg, _StoreCommand):  # the last fragment: the C-STORE goes to the association
+                        dimse.message = None
+                        dimse.msg_queue.put((msg.context_id, msg.request()))
+                    else:  # pynetdicom completes its message (given an empty last fragment)
                         dimse.receive_primitive(_pdata(context_id, bytes((control,))))
         except Exception:  # as the state machine does when DT-2 fails: the DUL stops (the association ends)
             log.debug("P-DATA delivery failure", exc_info=True)
             self.kill_dul()
         return True
+
+    def _begin_store(self, dimse, store: _StoreCommand) -> None:
+        """A C-STORE-RQ's command set is in: its data set fragments go to a `Spool` from now on
+        (`SpoolingDIMSE.spool_factory`, as `SpoolingDIMSE` gives pynetdicom's messages one), or to
+        a BytesIO without one."""
+        dimse.message = store
+        factory = getattr(dimse, "spool_factory", None)
+        if factory is None:
+            return
+        try:
+            store._data_set_file = factory(self.assoc, store)
+        except Exception as e:  # the data set then collects in memory (as without spooling)
+            log.error("cannot make a spool for a C-STORE: %s", type(e).__name__)
 
     def _abort_on_error(self, error: Exception) -> None:
         """As pynetdicom does on an error in its DUL loop: bypass the state machine, send an
@@ -600,6 +623,97 @@ class _DUL(DULServiceProvider):
 
 
 _UINT4 = struct.Struct(">L")
+_COMMAND_ELEMENT = struct.Struct("<HHL")  # implicit VR little endian: group, element, length
+# the elements of a C-STORE-RQ decoded here (others, e.g. a C-MOVE originator: pynetdicom decodes it)
+_GROUP_LENGTH, _SOP_CLASS, _COMMAND_FIELD, _MESSAGE_ID, _PRIORITY, _DATA_SET_TYPE, _SOP_INSTANCE = (
+    0x0000,
+    0x0002,
+    0x0100,
+    0x0110,
+    0x0700,
+    0x0800,
+    0x1000,
+)
+_STORE_ELEMENTS = frozenset(
+    {_GROUP_LENGTH, _SOP_CLASS, _COMMAND_FIELD, _MESSAGE_ID, _PRIORITY, _DATA_SET_TYPE, _SOP_INSTANCE}
+)
+_PRINTABLE = frozenset(range(0x20, 0x7F))
+
+
+class _StoreCommand:
+    """A C-STORE-RQ whose command set `_store_command` decoded, while its data set arrives: what
+    the DIMSE provider's ``message`` holds meanwhile (the attributes of pynetdicom's message that
+    the spool factory, `close_pending` and `_DUL._deliver_pdata` read)."""
+
+    def __init__(self, context_id: int, request: C_STORE):
+        self.context_id = context_id
+        self.command_set = request  # (its AffectedSOPClassUID / AffectedSOPInstanceUID, for the spool)
+        self._request = request
+        self._data_set_file: Any = None
+        self._data_set_path = None
+        self.data_set = BytesIO()
+
+    def request(self) -> C_STORE:
+        """The C-STORE primitive, its data set complete (as pynetdicom's `message_to_primitive`)."""
+        req = self._request
+        req.DataSet = self.data_set
+        req._context_id = self.context_id
+        req._dataset_path = None
+        req._dataset_file = self._data_set_file
+        return req
+
+    def decode_msg(self, primitive, assoc=None) -> bool:
+        """(pynetdicom's own P-DATA path meets this message only if a P-DATA-TF interleaves with
+        events of the state machine: the association then ends, as on a DT-2 failure.)"""
+        raise RuntimeError("a C-STORE-RQ decoded by the transport cannot take pynetdicom's fragments")
+
+
+def _uid_value(raw: bytes) -> str | None:
+    """A command set's UID as pydicom reads it (trailing NULs and spaces dropped); None: not plain."""
+    raw = raw.rstrip(b"\0 ")
+    if b"\\" in raw or not _PRINTABLE.issuperset(raw):
+        return None
+    return raw.decode("ascii")
+
+
+def _store_command(context_id: int, raw: memoryview) -> _StoreCommand | None:
+    """The C-STORE-RQ of a whole command set (implicit VR little endian) with a data set, decoded
+    without pydicom (pynetdicom decodes each command set into a Dataset, then each value again
+    into its primitive); None for anything else or anything unusual: pynetdicom decodes it."""
+    values: dict[int, bytes] = {}
+    pos, n = 0, len(raw)
+    while pos < n:
+        if n - pos < 8:
+            return None
+        group, element, length = _COMMAND_ELEMENT.unpack_from(raw, pos)
+        pos += 8
+        if group != 0 or element not in _STORE_ELEMENTS or element in values or pos + length > n:
+            return None
+        values[element] = bytes(raw[pos : pos + length])
+        pos += length
+    if values.get(_COMMAND_FIELD) != b"\x01\x00":  # C-STORE-RQ
+        return None
+    data_set_type = values.get(_DATA_SET_TYPE)
+    if data_set_type is None or len(data_set_type) != 2 or data_set_type == b"\x01\x01":  # (0x0101: none)
+        return None
+    message_id, priority = values.get(_MESSAGE_ID), values.get(_PRIORITY)
+    sop_class, sop_instance = values.get(_SOP_CLASS), values.get(_SOP_INSTANCE)
+    if message_id is None or priority is None or sop_class is None or sop_instance is None:
+        return None
+    if len(message_id) != 2 or len(priority) != 2:
+        return None
+    sop_class_uid, sop_instance_uid = _uid_value(sop_class), _uid_value(sop_instance)
+    if sop_class_uid is None or sop_instance_uid is None:
+        return None
+    request = C_STORE()
+    try:  # pynetdicom's setters: the same checks as on its own path
+        request.MessageID = int.from_bytes(message_id, "little")
+        request.Priority = int.from_bytes(priority, "little")
+        request.AffectedSOPClassUID = sop_class_uid
+        request.AffectedSOPInstanceUID = sop_instance_uid
+    except (TypeError, ValueError):
+        return None
+    return _StoreCommand(context_id, request)
 
 
 def _pdata(context_id: int, value: bytes) -> P_DATA:
