@@ -155,3 +155,85 @@ def test_an_attempt_that_dies_after_publishing_is_retried_without_duplicates(db,
     assert state == "done" and _job(db, job_id).attempts == 2
     assert kinds == ["seg", "sr", "superres", "superres"] and outbox == 4  # the same objects once, one row each
     assert sorted(findings.values()) == ["acl_tear", "superres"]  # replaced, not doubled
+
+
+class ReleasingRunner(TwoStageRunner):
+    """Publishes like `TwoStageRunner`, then writes six derived objects in three released parts, probing the
+    database after each part; ``fail_after``: the part after which it raises (a crash mid-series)."""
+
+    def __init__(self, settings, probe, fail_after=None):
+        super().__init__(settings)
+        self.probe = probe
+        self.fail_after = fail_after
+
+    def __call__(self, ctx, steps):
+        findings = [_finding(ctx, "acl_tear")]
+        results = [_result(self.settings, ctx, "sr"), _result(self.settings, ctx, "seg")]
+        versions = {"fake.cls": {"version": "1.0", "weights_sha256": "0" * 64}}
+        assert not steps.release([_result(self.settings, ctx, "superres", 99)])  # nothing before the publication
+        steps.publish(JobProducts(findings=list(findings), results=list(results), model_versions=dict(versions)))
+        with steps.step("superres_results"):
+            for part in range(3):
+                records = [_result(self.settings, ctx, "superres", 2 * part + n) for n in range(2)]
+                results += records
+                assert steps.release(records)
+                self.probe(part)
+                if part == self.fail_after:
+                    raise RuntimeError("disk gone while the derived series was written")
+        findings.append(_finding(ctx, "superres", model="superres"))
+        return JobProducts(findings=findings, results=results, model_versions=versions)
+
+
+def test_derived_objects_are_released_in_parts_while_the_job_processes(db, settings):
+    """Each released part is committed (result objects and outbox rows) while the job is still processing, so
+    the outbox sends it while the next part is written; the final commit writes nothing twice."""
+    job_id = make_study_job(db)
+    seen = []
+    runner = ReleasingRunner(settings, lambda part: seen.append(_rows(db, job_id)))
+    assert execute_job(db, settings, job_id, runner=runner).state == "done"
+    for part, (state, step, findings, kinds, outbox, _entry) in enumerate(seen):
+        assert (state, step) == ("processing", f"{PUBLISHED_STEP}: superres_results")
+        assert kinds == ["seg", "sr"] + ["superres"] * (2 * part + 2) and outbox == 4 + 2 * part
+        assert sorted(findings.values()) == ["acl_tear"]
+    state, step, findings, kinds, outbox, _entry = _rows(db, job_id)
+    assert (state, step) == ("done", None)
+    assert kinds == ["seg", "sr"] + ["superres"] * 6 and outbox == 8  # once each
+    assert sorted(findings.values()) == ["acl_tear", "superres"]
+
+
+def test_released_parts_stay_when_the_attempt_fails_and_the_retry_adds_the_rest_once(db, settings):
+    job_id = make_study_job(db)
+    runner = ReleasingRunner(settings, lambda part: None, fail_after=0)
+    assert execute_job(db, settings, job_id, runner=runner).state == "queued"
+    state, _step, _findings, kinds, outbox, _entry = _rows(db, job_id)
+    assert kinds == ["seg", "sr", "superres", "superres"] and outbox == 4  # released: on its way already
+    with db.session() as s:
+        s.execute(update(Job).where(Job.id == job_id).values(not_before=None))
+    runner.fail_after = None
+    assert execute_job(db, settings, job_id, runner=runner).state == "done"
+    state, _step, _findings, kinds, outbox, _entry = _rows(db, job_id)
+    assert state == "done" and kinds == ["seg", "sr"] + ["superres"] * 6 and outbox == 8
+
+
+def test_a_lost_lease_releases_nothing(db, settings):
+    from node.jobs.lease import LeaseLost
+
+    job_id = make_study_job(db)
+    errors = []
+
+    def steal(part):
+        with db.session() as s:
+            s.execute(update(Job).where(Job.id == job_id).values(lease_owner="someone-else"))
+
+    class Probe(ReleasingRunner):
+        def __call__(self, ctx, steps):
+            try:
+                return super().__call__(ctx, steps)
+            except LeaseLost as e:
+                errors.append(e)
+                raise
+
+    assert execute_job(db, settings, job_id, runner=Probe(settings, steal)).state == "lease_lost"
+    assert errors  # the second part was refused
+    _state, _step, _findings, kinds, outbox, _entry = _rows(db, job_id)
+    assert kinds == ["seg", "sr", "superres", "superres"] and outbox == 4  # only what was released before

@@ -63,6 +63,8 @@ from node.settings import REPORT_DESTINATION_TYPES, Settings
 
 log = logging.getLogger(__name__)
 
+#: derived result objects (super-resolved instances) written and committed at a time after the publication
+RELEASE_CHUNK = 16
 #: the step of a job whose findings are published (committed, being sent) while the rest is computed
 PUBLISHED_STEP = "published"
 
@@ -158,10 +160,12 @@ class Steps:
         keeper: LeaseKeeper | None = None,
         on_step: Callable[[str], object] | None = None,
         on_publish: Callable[[JobProducts], object] | None = None,
+        on_release: Callable[[list[ResultRecord]], object] | None = None,
     ):
         self.keeper = keeper
         self.on_step = on_step
         self.on_publish = on_publish
+        self.on_release = on_release
         self.timings: dict[str, float] = {}
         self.current: str | None = None
         self.published: JobProducts | None = None
@@ -177,6 +181,18 @@ class Steps:
         with self.step("publish"):
             self.on_publish(products)
         self.published = products
+        return True
+
+    def release(self, records: list[ResultRecord]) -> bool:
+        """Commits derived result objects (saved) after the findings were published, so the outbox sends them
+        while the runner writes the rest (a long super-resolved series leaves in parts as it is written). True
+        if they were committed; False before `publish` or without ``on_release`` (then everything is committed
+        at the end); raises `LeaseLost` when the lease is gone. What is released stays (in the PACS too) if the
+        attempt fails later; the next attempt makes the same objects."""
+        if self.on_release is None or self.published is None or not records:
+            return False
+        self.check()
+        self.on_release(records)
         return True
 
     def check(self) -> None:
@@ -276,7 +292,7 @@ def store_products(
     lease: Lease,
     products: JobProducts,
     *,
-    timings: Mapping[str, float],
+    timings: Mapping[str, float] | None,
     now: dt.datetime,
     finalizers: Sequence[Finalizer] = (),
     stage: str = "all",
@@ -287,10 +303,11 @@ def store_products(
     ``publish`` — the findings first: the job's findings rows replaced by ``products.findings``, their
     objects and outbox rows, the finalizers, the job left ``processing`` at step ``published`` (with the
     model versions known so far); ``final`` — after a publication: ``products.findings`` are added to the
-    published rows, the job ``done`` (the finalizers ran at the publication).
+    published rows, the job ``done`` (the finalizers ran at the publication); ``derived`` — between the two:
+    ``products.results`` alone (objects and outbox rows; no findings), the job unchanged (`Steps.release`).
     Result objects and outbox rows are written once per SOP instance and destination in every stage.
     """
-    if stage not in ("all", "publish", "final"):
+    if stage not in ("all", "publish", "final", "derived"):
         raise ValueError(f"unknown stage {stage!r}")
     if stage == "publish":
         job = locked_job(session, lease)
@@ -298,9 +315,13 @@ def store_products(
         job.model_versions = dict(products.model_versions)
         if timings is not None:
             job.timings = dict(timings)
+    elif stage == "derived":
+        if products.findings:
+            raise ValueError("derived results are released without findings rows")
+        locked_job(session, lease)  # still ours
     else:
         mark_done(session, lease, now=now, timings=timings, model_versions=products.model_versions)
-    if stage != "final":
+    if stage in ("all", "publish"):
         session.execute(delete(Finding).where(Finding.job_id == ctx.job_id))
     for f in products.findings:
         session.add(Finding(job_id=ctx.job_id, **f.__dict__))
@@ -335,7 +356,7 @@ def store_products(
             if uid in products.used_by:
                 ji.used_by = list(products.used_by[uid])
     session.flush()
-    if stage == "final":
+    if stage in ("final", "derived"):
         return
     for fin in finalizers:
         fin(session, ctx, now)
@@ -416,7 +437,20 @@ def execute_job(
                 lease.attempt,
             )
 
-        steps = Steps(keeper, on_step=on_step, on_publish=on_publish)
+        def on_release(records: list[ResultRecord]) -> None:
+            with db.session() as s:
+                store_products(
+                    s,
+                    settings,
+                    loaded[0],
+                    lease,
+                    JobProducts(findings=[], results=list(records), model_versions={}, used_by={}),
+                    timings=None,
+                    now=utcnow(),
+                    stage="derived",
+                )
+
+        steps = Steps(keeper, on_step=on_step, on_publish=on_publish, on_release=on_release)
         try:
             with steps.step("load_context"):
                 ctx = load_context(db, settings, lease)
@@ -746,7 +780,11 @@ class ModelPipelineRunner:
                         job_fingerprint=ctx.input_fingerprint,
                         sources_cache=sources,
                     )
-                    records += _records(files, settings)
+                    # written and committed in parts: the outbox sends each part while the next is written
+                    for start in range(0, len(files), RELEASE_CHUNK):
+                        part = _records(files[start : start + RELEASE_CHUNK], settings)
+                        records += part
+                        steps.release(part)
         except LeaseLost:
             raise
         except Exception as e:
