@@ -18,7 +18,7 @@ from sqlalchemy import select
 
 from node.db.schema import Job, OutboxItem, ResultObject, Study
 from node.demo.loopback import child_env
-from node.dispatch.outbox import RetryPolicy, claim, process_outbox, retry_item
+from node.dispatch.outbox import RetryPolicy, anything_due, claim, process_outbox, retry_item
 from node.errors import DispatchError
 from node.results import build_results, save
 from node.settings import DimseDestination, StowDestination
@@ -636,3 +636,33 @@ def test_c_store_requests_leave_without_nagle_delay(settings, db, result_files, 
         assert all(seen), seen
     finally:
         scp.stop()
+
+
+def test_the_dispatch_loop_asks_whether_anything_is_due_without_the_write_lock(settings, db, result_files):
+    """`anything_due` answers what `claim` would take (pending and due, or sending with an expired lease) and
+    answers while another connection holds SQLite's write lock (the listener indexing an instance)."""
+    import sqlite3
+
+    from sqlalchemy import update
+
+    vol, results = result_files
+    assert not anything_due(db.engine, T0)
+    enqueue(db, results[:1], ["pacs"], study_uid=vol.study_uid, now=T0 + dt.timedelta(seconds=30))
+    assert not anything_due(db.engine, T0)  # not due yet (a backoff)
+    assert anything_due(db.engine, T0 + dt.timedelta(seconds=30))
+    with db.session() as s:
+        claimed = claim(s, now=T0 + dt.timedelta(seconds=30), owner="me", limit=10, lease_seconds=60)
+    assert len(claimed) == 1
+    assert not anything_due(db.engine, T0 + dt.timedelta(seconds=60))  # leased
+    assert anything_due(db.engine, T0 + dt.timedelta(seconds=91))  # the lease expired: a restart resumes it
+    with db.session() as s:
+        s.execute(update(OutboxItem).values(state="sent", lease_owner=None, lease_expires_at=None))
+    assert not anything_due(db.engine, T0 + dt.timedelta(days=1))
+    enqueue(db, results[1:2], ["pacs"], study_uid=vol.study_uid, now=T0)
+    holder = sqlite3.connect(db.engine.url.database, isolation_level=None, timeout=0)
+    try:
+        holder.execute("BEGIN IMMEDIATE")  # the write lock, held
+        assert anything_due(db.engine, T0)
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()

@@ -46,7 +46,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import and_, case, or_, select
+from sqlalchemy import Engine, and_, case, or_, select
 from sqlalchemy.orm import Session
 
 from node.db.database import Database, utcnow
@@ -114,6 +114,32 @@ def _due(now: dt.datetime):
             OutboxItem.state == SENDING, or_(OutboxItem.lease_expires_at.is_(None), OutboxItem.lease_expires_at < now)
         ),
     )
+
+
+def anything_due(engine: Engine, now: dt.datetime) -> bool:
+    """Whether any outbox item is due (`claim` would take something), asked so that it never waits for or takes
+    SQLite's write lock: on a plain DB-API connection outside a transaction (the node's sessions begin
+    IMMEDIATE). The dispatch loop asks it many times a second and claims only when it says yes. On other
+    databases the claim's own read takes no lock: always True there."""
+    if engine.dialect.name != "sqlite":
+        return True
+    dialect = engine.dialect
+    compiled = select(OutboxItem.id).where(_due(now)).limit(1).compile(dialect=dialect)
+    params = compiled.construct_params()
+    values = []
+    for name in compiled.positiontup or ():
+        processor = compiled.binds[name].type.dialect_impl(dialect).bind_processor(dialect)
+        values.append(processor(params[name]) if processor is not None else params[name])
+    conn = engine.raw_connection()
+    try:
+        cur = conn.cursor()
+        try:
+            cur.execute(compiled.string, values)
+            return cur.fetchone() is not None
+        finally:
+            cur.close()
+    finally:
+        conn.close()
 
 
 def claim(session: Session, *, now: dt.datetime, owner: str, limit: int, lease_seconds: float) -> list[Claimed]:
