@@ -436,6 +436,8 @@ class _DUL(DULServiceProvider):
             ready, _, _ = select.select(fds, [], [], _IDLE_WAIT)
         except (OSError, ValueError):
             return
+        if len(fds) == 2 and not isinstance(sock, ssl.SSLSocket):  # (TLS may hold data select does not see)
+            self._readable = sock in ready
         if self._wake_r in ready:
             try:
                 os.read(self._wake_r, 4096)
@@ -478,7 +480,19 @@ class _DUL(DULServiceProvider):
     def close_pipe(self) -> None:
         self._waking.close_wake(self._wake_r, self._wake_w)
 
-    _delivered = False  # `_read_pdu_data` handed a P-DATA-TF to the DIMSE provider itself
+    _delivered = False  # `_read_pdu_data` handed a P-DATA-TF to the DIMSE provider itself, more is coming
+    _readable: bool | None = None  # what `_wait` just saw of the (plain TCP) socket; None: not looked
+
+    def _is_transport_event(self) -> bool:
+        """pynetdicom's check for a PDU on the socket, without asking the socket again (a
+        ``select`` per loop: a system call and a hand-over of the GIL, often to a handler thread
+        that then makes this one wait) when `_wait` has just seen whether it is readable."""
+        readable, self._readable = self._readable, None
+        if readable is None or self.state_machine.current_state != "Sta6":  # (Sta2: the request is primed)
+            return super()._is_transport_event()
+        if readable:
+            self._read_pdu_data()
+        return readable
 
     def _read_pdu_data(self) -> None:
         """Reads one PDU and queues its event, as pynetdicom's `_read_pdu_data` (the same events on
@@ -518,7 +532,8 @@ class _DUL(DULServiceProvider):
             and self.event_queue.empty()
             and self._deliver_pdata(body)
         ):
-            self._delivered = True
+            # after a message's last fragment the peer waits for the response: wait in `_wait`
+            self._delivered = body[_last_control(body)] & 3 != 2
             return
         try:
             pdu, event = self._decode_pdu(header + body)
@@ -714,6 +729,15 @@ def _store_command(context_id: int, raw: memoryview) -> _StoreCommand | None:
     except (TypeError, ValueError):
         return None
     return _StoreCommand(context_id, request)
+
+
+def _last_control(body: bytearray) -> int:
+    """The offset of the message control header of the last PDV of a well-formed P-DATA-TF body."""
+    pos = last = 0
+    while pos < len(body):
+        last = pos + 5
+        pos += 4 + _UINT4.unpack_from(body, pos)[0]
+    return last
 
 
 def _pdata(context_id: int, value: bytes) -> P_DATA:
