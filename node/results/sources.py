@@ -58,32 +58,92 @@ PAIRED_BODY_PARTS = (
 )
 
 
-@dataclass(frozen=True)
+#: what is read of every source file at first: identity and geometry (the whole header of a file is read when a
+#: writer asks for it, `SourceSlice.dataset`); the SR's evidence and the derived series' references need no more
+IDENT_TAGS = (
+    "SpecificCharacterSet",
+    "SOPClassUID",
+    "SOPInstanceUID",
+    "StudyInstanceUID",
+    "SeriesInstanceUID",
+    "InstanceNumber",
+    "ImagePositionPatient",
+    "ImageOrientationPatient",
+    "NumberOfFrames",
+    "SharedFunctionalGroupsSequence",
+    "PerFrameFunctionalGroupsSequence",
+)
+
+
+def read_header(path: Path, series_uid: str, *, tags: Sequence[str] | None = None) -> Dataset:
+    """The sanitised header of a source file (no pixel data; only ``tags`` when given); `ResultsError` when it
+    cannot be read, misses a UID or belongs to another series."""
+    try:
+        ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=list(tags) if tags else None)
+    except Exception as e:
+        raise ResultsError(f"series {series_uid}: cannot read source file {path}: {e}") from None
+    for kw in ("SOPInstanceUID", "SOPClassUID", "StudyInstanceUID", "SeriesInstanceUID"):
+        if not str(ds.get(kw, "") or "").strip():
+            raise ResultsError(f"series {series_uid}: source file {path} has no {kw}")
+    sanitize_dataset(ds)
+    if str(ds.SeriesInstanceUID) != series_uid:
+        raise ResultsError(f"source file {path} belongs to series {ds.SeriesInstanceUID}, not {series_uid}")
+    return ds
+
+
+@dataclass
 class SourceSlice:
-    dataset: Dataset  # sanitised header (no pixel data)
+    ident: Dataset  # sanitised identity and geometry (`IDENT_TAGS`; the whole header for a multi-frame file)
     path: Path
     frame_number: int | None  # 1-based frame for multi-frame sources
     position: tuple[float, float, float] | None
+    series_uid: str = ""
+    full: Dataset | None = field(default=None, repr=False)  # the whole sanitised header, once read
+
+    @property
+    def dataset(self) -> Dataset:
+        """The whole sanitised header (no pixel data), read the first time a writer asks for it."""
+        if self.full is None:
+            self.full = read_header(self.path, self.series_uid)
+        return self.full
 
     @property
     def sop_instance_uid(self) -> str:
-        return str(self.dataset.SOPInstanceUID)
+        return str(self.ident.SOPInstanceUID)
 
     @property
     def sop_class_uid(self) -> str:
-        return str(self.dataset.SOPClassUID)
+        return str(self.ident.SOPClassUID)
 
 
 @dataclass
 class SourceSeries:
     series_uid: str
     slices: list[SourceSlice]
-    datasets: list[Dataset]  # one per instance, in slice order (first appearance)
     paths: list[Path] = field(default_factory=list)
+
+    def _instances(self) -> list[SourceSlice]:
+        """One slice per instance, in slice order (first appearance)."""
+        seen: dict[str, SourceSlice] = {}
+        for s in self.slices:
+            seen.setdefault(s.sop_instance_uid, s)
+        return list(seen.values())
+
+    @property
+    def datasets(self) -> list[Dataset]:
+        """The whole header of every instance, in slice order (read now if not yet)."""
+        return [s.dataset for s in self._instances()]
+
+    @property
+    def evidence(self) -> list[Dataset]:
+        """One dataset per instance in slice order, enough to name each (the SR's evidence): the first one's whole
+        header (an SR takes the patient and study from its first evidence), identity datasets for the others."""
+        instances = self._instances()
+        return [instances[0].dataset] + [s.ident for s in instances[1:]]
 
     @property
     def first(self) -> Dataset:
-        return self.datasets[0]
+        return self.slices[0].dataset
 
     @property
     def laterality(self) -> str | None:
@@ -158,33 +218,26 @@ def _frame_position(ds: Dataset, item: Dataset) -> tuple[float, float, float] | 
 
 
 def load_series(series_uid: str, paths: Sequence[Path]) -> SourceSeries:
-    """Reads (headers only), sanitises and orders the stored files of one source series."""
+    """Reads (identity and geometry; the whole header of the first slice and of multi-frame files), sanitises
+    and orders the stored files of one source series."""
     if not paths:
         raise ResultsError(f"series {series_uid}: no source files given")
     entries: list[tuple[float, int, SourceSlice]] = []
-    datasets: list[Dataset] = []
+    studies: set[str] = set()
     order = 0
     for path in paths:
-        try:
-            ds = pydicom.dcmread(path, stop_before_pixels=True)
-        except Exception as e:
-            raise ResultsError(f"series {series_uid}: cannot read source file {path}: {e}") from None
-        for kw in ("SOPInstanceUID", "SOPClassUID", "StudyInstanceUID", "SeriesInstanceUID"):
-            if not str(ds.get(kw, "") or "").strip():
-                raise ResultsError(f"series {series_uid}: source file {path} has no {kw}")
-        sanitize_dataset(ds)
-        if str(ds.SeriesInstanceUID) != series_uid:
-            raise ResultsError(f"source file {path} belongs to series {ds.SeriesInstanceUID}, not {series_uid}")
-        datasets.append(ds)
+        ds = read_header(Path(path), series_uid, tags=IDENT_TAGS)
+        studies.add(str(ds.StudyInstanceUID))
         frames = int(ds.get("NumberOfFrames", 1) or 1)
         if frames > 1 or "PerFrameFunctionalGroupsSequence" in ds:
+            ds = read_header(Path(path), series_uid)
             per_frame = ds.get("PerFrameFunctionalGroupsSequence") or []
             for f in range(frames):
                 item = per_frame[f] if f < len(per_frame) else None
                 pos = _frame_position(ds, item) if item is not None else None
                 n = _normal(ds, item)
                 key = float(np.dot(n, pos)) if (pos is not None and n is not None) else float(order)
-                entries.append((key, order, SourceSlice(ds, Path(path), f + 1, pos)))
+                entries.append((key, order, SourceSlice(ds, Path(path), f + 1, pos, series_uid, full=ds)))
                 order += 1
         else:
             ipp = ds.get("ImagePositionPatient")
@@ -194,19 +247,14 @@ def load_series(series_uid: str, paths: Sequence[Path]) -> SourceSeries:
                 key = float(np.dot(n, pos))
             else:
                 key = float(ds.get("InstanceNumber", order) or order)
-            entries.append((key, order, SourceSlice(ds, Path(path), None, pos)))
+            entries.append((key, order, SourceSlice(ds, Path(path), None, pos, series_uid)))
             order += 1
-    studies = {str(d.StudyInstanceUID) for d in datasets}
     if len(studies) != 1:
         raise ResultsError(f"series {series_uid}: source files belong to {len(studies)} studies")
     entries.sort(key=lambda e: (e[0], e[1]))
     slices = [e[2] for e in entries]
-    seen: dict[str, Dataset] = {}
-    for s in slices:
-        seen.setdefault(s.sop_instance_uid, s.dataset)
-    return SourceSeries(
-        series_uid=series_uid, slices=slices, datasets=list(seen.values()), paths=[Path(p) for p in paths]
-    )
+    _ = slices[0].dataset  # the first slice's whole header: what every object copies (read errors show here)
+    return SourceSeries(series_uid=series_uid, slices=slices, paths=[Path(p) for p in paths])
 
 
 def load_sources(source_files: dict[str, list[Path]]) -> dict[str, SourceSeries]:

@@ -442,7 +442,7 @@ def build_sr(
 
     evidence: list[Dataset] = []
     for s in ordered_sources:
-        evidence.extend(s.datasets)
+        evidence.extend(s.evidence)
     evidence.extend(evidence_extra)
     previous = []
     for p in predecessors:
