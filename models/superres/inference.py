@@ -180,6 +180,19 @@ class SuperResModel:
         return cls(net=net, config=config, info=info, metadata=meta)
 
     # ---------------------------------------------------------------------------------
+    def _detail(self, y: torch.Tensor, ops: _Operators) -> tuple[torch.Tensor, torch.Tensor]:
+        """`forward_detail` as inference runs it: in chunks, background skipped, this model's layout and precision."""
+        return forward_detail(
+            self.net,
+            y,
+            ops,
+            self.config,
+            chunk=CHUNK_SLICES,
+            channels_last=self.channels_last,
+            skip_background=True,
+            bf16=bool(self.bf16),
+        )
+
     def detail_gain(self, yt: torch.Tensor) -> float:
         """Self-calibrated share of the learned detail for one series (0..1).
 
@@ -198,16 +211,7 @@ class SuperResModel:
         win = yt[: n_ll * f, (h - ch) // 2 : (h - ch) // 2 + ch, (w - cw) // 2 : (w - cw) // 2 + cw]
         ops = _Operators.build(n_ll, cfg)
         ll = _zmul(ops.s, win)
-        base, pre = forward_detail(
-            self.net,
-            ll,
-            ops,
-            cfg,
-            chunk=CHUNK_SLICES,
-            channels_last=self.channels_last,
-            skip_background=True,
-            bf16=bool(self.bf16),
-        )
+        base, pre = self._detail(ll, ops)
         bp = ops.project(base, ll)
         dp = ops.project(pre, ll) - bp
         den = float((dp * dp).sum())
@@ -240,16 +244,7 @@ class SuperResModel:
             stats["detail_gain"] = a
             t0 = time.perf_counter()
             if a > 0:
-                base, pre = forward_detail(
-                    self.net,
-                    yt,
-                    ops,
-                    cfg,
-                    chunk=CHUNK_SLICES,
-                    channels_last=self.channels_last,
-                    skip_background=True,
-                    bf16=bool(self.bf16),
-                )
+                base, pre = self._detail(yt, ops)
                 x = base + a * (pre - base)
             else:
                 x = _zmul(ops.base, yt)
