@@ -468,7 +468,7 @@ class Listener:
         meta = encode_file_meta(header.sop_class_uid, header.sop_instance_uid, transfer_syntax, calling)
         try:
             if data is not None:
-                staged = self.store.stage(meta, data)
+                staged = self.store.stage(meta, data, check_space=False)  # (free space checked above)
             else:
                 assert spool is not None
                 if spool.file_meta != meta:  # (cannot happen: the request's UIDs are the data set's)

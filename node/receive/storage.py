@@ -180,13 +180,14 @@ class InstanceStore:
         return self.root / self.relative_path(study_uid, series_uid, sop_instance_uid)
 
     # ---- writing -------------------------------------------------------------
-    def stage(self, file_meta: bytes, dataset: bytes) -> StagedFile:
+    def stage(self, file_meta: bytes, dataset: bytes, *, check_space: bool = True) -> StagedFile:
         """Writes file meta + dataset to a new staged file (not yet fsynced: see `publish`).
 
-        Raises `OutOfSpaceError` when free space would drop under the minimum (nothing is left behind).
+        Raises `OutOfSpaceError` when free space would drop under the minimum (nothing is left
+        behind; without `check_space` the caller has just checked) or the disk is full.
         """
         size = len(file_meta) + len(dataset)
-        if not self.has_space(size):
+        if check_space and not self.has_space(size):
             raise OutOfSpaceError("free disk space below MSKNODE_MIN_FREE_GB")
         digest = hashlib.sha256(dataset).hexdigest()
         path = self.incoming / f"{uuid.uuid4().hex}.part"
