@@ -48,4 +48,13 @@ def test_bench_ingest_json(tmp_path):
     # pydicom and pynetdicom loaded is tens of MB
     for key in ("msknode_listener_peak_rss_mb", "msknode_listener_parallel_peak_rss_mb"):
         assert 20 < result[key] < 2048, (key, result[key])
+    # CPU time of each receiver's processes over the send, per instance (msknode: a few ms)
+    for name in ("msknode", "msknode_stock", "orthanc", "storescp"):
+        for suffix in ("", "_parallel"):
+            assert result[f"{name}{suffix}_cpu_ms"] is not None and result[f"{name}{suffix}_cpu_ms"] >= 0, (
+                name,
+                suffix,
+            )
+    assert all(run["cpu_ms"] is not None for run in result["runs"]), result["runs"]
+    assert result["msknode_cpu_ms"] > 0
     assert not list(tmp_path.iterdir())  # the receivers' data is removed

@@ -13,6 +13,10 @@ pynetdicom (``msknode-stock``, MSKNODE_FAST_TRANSPORT=0), Orthanc (Debian packag
 index, default durability: SyncStorageArea) and storescp (writes files, no index, no fsync)
 as the upper bound. The receivers take turns within each round, so a busy machine slows
 them alike; with ``--repeat`` the ratios use the medians.
+
+Each run also reports the CPU time (user + system) its receiver's processes spent over the
+send, per instance (``cpu_ms``; from ``/proc/<pid>/stat`` of the receiver and every process
+below it): on a shared machine it moves far less with the other load than instances/s does.
 """
 
 from __future__ import annotations
@@ -50,6 +54,7 @@ class Run:
     arrived: bool
     note: str = ""
     peak_rss_mb: float | None = None  # the largest VmHWM of one of its processes (msknode: a listener)
+    cpu_ms: float | None = None  # CPU time (user + system) of the receiver's processes over the send, per instance
 
     @property
     def ips(self) -> float:
@@ -74,6 +79,16 @@ class BenchResult:
             return 0.0
         mid = len(values) // 2
         return values[mid] if len(values) % 2 else (values[mid - 1] + values[mid]) / 2
+
+    def cpu_ms(self, receiver: str, mode: str) -> float | None:
+        """The median CPU time per instance of the receiver's processes over the repeated runs."""
+        values = sorted(
+            r.cpu_ms for r in self.runs if r.receiver == receiver and r.mode == mode and r.cpu_ms is not None
+        )
+        if not values:
+            return None
+        mid = len(values) // 2
+        return round(values[mid] if len(values) % 2 else (values[mid - 1] + values[mid]) / 2, 3)
 
     def peak_rss(self, mode: str) -> float | None:
         values = [r.peak_rss_mb for r in self.runs if r.receiver == "msknode" and r.mode == mode and r.peak_rss_mb]
@@ -111,6 +126,17 @@ class BenchResult:
             # the fast transport's gain: msknode with it / msknode with stock pynetdicom
             "ratio_fast_stock": ratio(m1, k1),
             "ratio_fast_stock_parallel": ratio(m4, k4),
+            # CPU time of the receiver's processes over the send, ms per instance (medians)
+            **{
+                f"{prefix}{suffix}_cpu_ms": self.cpu_ms(receiver, mode)
+                for receiver, prefix in (
+                    ("msknode", "msknode"),
+                    ("msknode-stock", "msknode_stock"),
+                    ("orthanc", "orthanc"),
+                    ("storescp", "storescp"),
+                )
+                for mode, suffix in (("single", ""), ("parallel", "_parallel"))
+            },
             "load_average_start": [round(x, 2) for x in self.load_start],
             "load_average": [round(x, 2) for x in os.getloadavg()],
             "all_arrived": self.all_arrived,
@@ -203,6 +229,28 @@ def _wait_echo(port: int, aet: str, proc: subprocess.Popen, timeout: float = 60.
     raise NodeError(f"the receiver on port {port} did not answer C-ECHO within {timeout:.0f} s")
 
 
+def tree_cpu_seconds(pid: int | None) -> float | None:
+    """User + system CPU seconds of a process and every process below it that is alive now."""
+    from node.demo.bench_load import _children
+
+    if pid is None:
+        return None
+    tick = os.sysconf("SC_CLK_TCK")
+    total, todo, seen = 0.0, [pid], set()
+    while todo:
+        p = todo.pop()
+        if p in seen:
+            continue
+        seen.add(p)
+        try:
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        total += (int(fields[11]) + int(fields[12])) / tick  # utime, stime
+        todo += _children(p)
+    return total
+
+
 def _stop(proc: subprocess.Popen) -> None:
     if proc.poll() is None:
         proc.terminate()
@@ -257,6 +305,11 @@ class Receiver:
     def peak_rss_mb(self) -> float | None:
         """The largest peak RSS (VmHWM) of one of the receiver's processes (msknode: the listeners); None: not read."""
         return None
+
+    def pid(self) -> int | None:
+        """The receiver's process (its CPU time is counted with the processes below it)."""
+        proc = getattr(self, "proc", None)
+        return proc.pid if proc is not None else None
 
 
 class MsknodeReceiver(Receiver):
@@ -351,6 +404,9 @@ class OrthancReceiver(Receiver):
     def stop(self) -> None:
         self.orthanc.stop()
 
+    def pid(self) -> int | None:
+        return self.orthanc.pid
+
     def arrived(self, expected: dict[str, str]) -> tuple[bool, str]:
         count = int(self.orthanc.get("/statistics")["CountInstances"])
         return count == len(expected), f"{count} instances in Orthanc"
@@ -424,16 +480,23 @@ def run_bench(
                 work.mkdir()
                 port = receiver.start(work)
                 try:
+                    cpu_before = tree_cpu_seconds(receiver.pid())
                     seconds = send(files, port, receiver.aet, associations)
+                    cpu_after = tree_cpu_seconds(receiver.pid())
                     ok, note = receiver.arrived(expected)
                     peak = receiver.peak_rss_mb()  # before it stops: VmHWM of its live processes
                 finally:
                     receiver.stop()
-                run = Run(name, mode, associations, len(files), seconds, total_bytes, ok, note, peak)
+                cpu = None
+                if cpu_before is not None and cpu_after is not None:
+                    cpu = round((cpu_after - cpu_before) / len(files) * 1000, 3)
+                run = Run(name, mode, associations, len(files), seconds, total_bytes, ok, note, peak, cpu)
                 result.runs.append(run)
                 progress(
                     f"{name:13s} {associations} association(s): {run.ips:7.1f} instances/s "
-                    f"{run.mbps:6.1f} MB/s{'' if ok else '  NOT ALL ARRIVED: ' + note}"
+                    f"{run.mbps:6.1f} MB/s"
+                    + (f", {cpu:.2f} ms CPU per instance" if cpu is not None else "")
+                    + ("" if ok else "  NOT ALL ARRIVED: " + note)
                 )
                 shutil.rmtree(work, ignore_errors=True)
         return result
@@ -470,6 +533,14 @@ def format_report(result: BenchResult) -> str:
         lines.append(
             f"{LABELS.get(receiver, receiver):27s} {i1:>14.1f} {ratio(i1, o1):>9s} {i4:>15.1f} {ratio(i4, o4):>9s}"
         )
+    lines += [
+        "",
+        "CPU time of the receiver's processes over the send, ms per instance" + (" (medians):" if repeated else ":"),
+        f"{'receiver':27s} {'1 association':>14s} {'4 associations':>15s}",
+    ]
+    for receiver in dict.fromkeys(r.receiver for r in result.runs):
+        c1, c4 = result.cpu_ms(receiver, "single"), result.cpu_ms(receiver, "parallel")
+        lines.append(f"{LABELS.get(receiver, receiver):27s} {fmt(c1):>14s} {fmt(c4):>15s}")
     lines.append("")
     if s["ratio_fast_stock"] is not None or s["ratio_fast_stock_parallel"] is not None:
         lines.append(
