@@ -25,7 +25,7 @@ from node.db.database import Database
 from node.db.schema import Association, Instance, Series
 from node.demo.loopback import child_env
 from support.env import ROOT, free_port
-from support.listener import PYDICOM_DATA, ListenerProcess, RawSender, dataset_bytes, echo
+from support.listener import PYDICOM_DATA, ListenerProcess, RawSender, dataset_bytes, echo, in_process_listener
 
 modes = pytest.mark.parametrize("mode", list(TRANSPORTS))
 
@@ -83,17 +83,7 @@ def test_low_disk_rejects_new_associations_transient(tmp_path, mode):
 @modes
 def test_store_inside_an_open_association_gets_0xA700_when_disk_runs_low(settings, mode):
     """In-process listener: free space drops under the minimum while an association is open."""
-    from node.receive.listener import Listener
-
-    settings.port = free_port()
-    settings.fast_transport = mode == "fast"
-    settings.ensure_dirs()
-    from node.db.database import upgrade
-
-    upgrade(settings.database_url)
-    listener = Listener(settings)
-    listener.start()
-    try:
+    with in_process_listener(settings, fast=mode == "fast") as listener:
         ds, data = _good_instance()
         with RawSender(listener.port, [(MRImageStorage, ExplicitVRLittleEndian)]) as sender:
             listener.store.min_free_bytes = 10**18
@@ -103,8 +93,6 @@ def test_store_inside_an_open_association_gets_0xA700_when_disk_runs_low(setting
         store = settings.store_dir
         files = [p for p in store.rglob("*") if p.is_file()]
         assert [p.name for p in files] == [f"{ds.SOPInstanceUID}.dcm"]  # nothing half-written, nothing staged
-    finally:
-        listener.stop()
 
 
 @modes

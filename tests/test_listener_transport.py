@@ -18,8 +18,7 @@ from test_listener import TRANSPORTS, storescu, transport_env, write_series
 
 from node.db.database import Database
 from node.db.schema import Association, Instance
-from support.env import free_port
-from support.listener import ListenerProcess
+from support.listener import ListenerProcess, in_process_listener
 
 pytestmark = pytest.mark.integration
 
@@ -48,17 +47,8 @@ def ended(db: Database, calling: str) -> Association | None:
 @pytest.fixture
 def listener(settings):
     """An in-process listener (fast transport) on a free loopback port."""
-    from node.db.database import upgrade
-    from node.receive.listener import Listener
-
-    settings.port = free_port()
-    settings.fast_transport = True
-    settings.ensure_dirs()
-    upgrade(settings.database_url)
-    node = Listener(settings)
-    node.start()
-    yield node
-    node.stop()
+    with in_process_listener(settings) as node:
+        yield node
 
 
 def warnings_of(caplog) -> list[str]:

@@ -25,24 +25,15 @@ from test_listener import _good_instance, stored_dataset
 
 from node.db.database import Database
 from node.db.schema import Instance
-from support.env import free_port
+from support.listener import in_process_listener
 
 pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(params=["fast", "stock"])
 def listener(request, settings):
-    from node.db.database import upgrade
-    from node.receive.listener import Listener
-
-    settings.port = free_port()
-    settings.fast_transport = request.param == "fast"
-    settings.ensure_dirs()
-    upgrade(settings.database_url)
-    node = Listener(settings)
-    node.start()
-    yield node
-    node.stop()
+    with in_process_listener(settings, fast=request.param == "fast") as node:
+        yield node
 
 
 def pdv(context_id: int, control: int, data: bytes) -> bytes:

@@ -7,6 +7,7 @@ re-encoding), which is what the byte-identity and malformed-input tests need.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import signal
 import subprocess
@@ -207,3 +208,22 @@ class RawSender:
             assoc._reactor_checkpoint.set()
         assert rsp is not None, "no C-STORE response"
         return int(rsp.Status)
+
+
+@contextlib.contextmanager
+def in_process_listener(settings, *, fast: bool = True):
+    """A `node.receive.listener.Listener` in this process on a free loopback port (``settings`` changed in place:
+    port, transport), its database migrated; stopped on exit."""
+    from node.db.database import upgrade
+    from node.receive.listener import Listener
+
+    settings.port = free_port()
+    settings.fast_transport = fast
+    settings.ensure_dirs()
+    upgrade(settings.database_url)
+    node = Listener(settings)
+    node.start()
+    try:
+        yield node
+    finally:
+        node.stop()
