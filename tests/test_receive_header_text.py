@@ -12,7 +12,7 @@ from pydicom.data import get_testdata_file
 from pydicom.datadict import keyword_for_tag, tag_for_keyword
 from pydicom.tag import Tag
 
-from node.receive.header import _NOT_PLAIN, _PLAIN_VRS, _int, _plain_int, _plain_text, _text
+from node.receive.header import _NOT_PLAIN, _PLAIN_VRS, _int, _plain_int, _plain_text, _text, pydicom_int
 from support.listener import PYDICOM_DATA
 
 pytestmark = [pytest.mark.unit]
@@ -81,17 +81,6 @@ def test_a_ds_value_that_is_no_number_goes_through_pydicom(monkeypatch):
     assert _plain_text(ds, "SliceThickness") == (False, None)
 
 
-def _pydicom_int(ds, keyword: str) -> int | None:
-    """What `_int` answered before its raw fast path."""
-    try:
-        value = ds.get(keyword)
-        if value is None or value == "":
-            return None
-        return int(value)
-    except (TypeError, ValueError, OverflowError):
-        return None
-
-
 def test_int_equals_pydicom_for_every_is_and_us_element_of_the_test_files(monkeypatch):
     monkeypatch.setattr(pydicom_config.settings, "reading_validation_mode", pydicom_config.IGNORE)
     files = sorted(PYDICOM_DATA.rglob("*.dcm")) + sorted(Path(get_testdata_file("MR_small.dcm")).parent.glob("*.dcm"))
@@ -108,5 +97,5 @@ def test_int_equals_pydicom_for_every_is_and_us_element_of_the_test_files(monkey
             fast += _plain_int(ds, keyword) is not _NOT_PLAIN
             got = _int(ds, keyword)  # the fast path first (before pydicom converts the element)
             checked += 1
-            assert got == _pydicom_int(ds, keyword), (path.name, keyword)
+            assert got == pydicom_int(ds, keyword), (path.name, keyword)
     assert fast > 200 and checked > 300, (fast, checked)

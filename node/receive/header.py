@@ -503,6 +503,11 @@ def _int(ds: Dataset, keyword: str) -> int | None:
     plain = _plain_int(ds, keyword)
     if plain is not _NOT_PLAIN:
         return plain
+    return pydicom_int(ds, keyword)
+
+
+def pydicom_int(ds: Dataset, keyword: str) -> int | None:
+    """An integer value as pydicom converts it (None when absent, empty or not an integer)."""
     try:
         value = ds.get(keyword)
         if value is None or value == "":
