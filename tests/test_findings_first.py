@@ -172,7 +172,15 @@ def test_sr_and_seg_reach_the_pacs_while_super_resolution_runs(db, stack):
     assert len(derived) >= 2 * stack["source_slices"] - 1
     wait_for(lambda: {st for _k, _u, st in _outbox(db, job.id)} == {"sent"}, 300, interval=0.5, what="all sent")
     received = stack["pacs"].received()
-    assert all(received[u] == 1 for _k, u, _p in results)
+    counts = {u: received[u] for _k, u, _p in results if received[u] != 1}
+    if counts:  # what the outbox knows of them (attempts, last error), to tell a resend from a lost log line
+        with db.session() as s:
+            rows = s.execute(
+                select(ResultObject.sop_instance_uid, OutboxItem.attempts, OutboxItem.last_error)
+                .join(ResultObject, ResultObject.id == OutboxItem.result_object_id)
+                .where(ResultObject.sop_instance_uid.in_(list(counts)))
+            ).all()
+        raise AssertionError(f"received other than once: {counts}; outbox: {[tuple(r) for r in rows]}")
 
 
 def test_a_worker_killed_after_publishing_loses_nothing_and_sends_nothing_twice(db, stack):
