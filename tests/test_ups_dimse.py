@@ -16,6 +16,7 @@ from sqlalchemy import select
 from node.db.schema import UpsEvent
 from support.env import free_port
 from support.jobs import make_study_job
+from support.listener import in_process_listener
 
 pytestmark = pytest.mark.integration
 
@@ -30,21 +31,10 @@ WATCHER = "WATCHER"
 @pytest.fixture(params=[True, False], ids=["fast", "stock"])
 def node(settings, request):
     """An in-process listener on a free loopback port that knows the watcher's address."""
-    from node.db.database import upgrade
-    from node.receive.listener import Listener
-
-    settings.port = free_port()
-    settings.fast_transport = request.param
     settings.allowed_ae_titles = ["RIS", "PERFORMER", WATCHER]
     settings.ups_event_receivers = {WATCHER: f"127.0.0.1:{free_port()}"}
-    settings.ensure_dirs()
-    upgrade(settings.database_url)
-    listener = Listener(settings)
-    listener.start()
-    try:
+    with in_process_listener(settings, fast=request.param) as listener:
         yield listener
-    finally:
-        listener.stop()
 
 
 def _assoc(port: int, calling: str, *contexts: str):
