@@ -33,7 +33,8 @@ def test_a_message_is_whole_and_an_empty_file_is_dropped_for_the_next_one(conn, 
     assert len(names) == 1 and names[0].endswith(f".{name}.msg") and not any(n.startswith(".") for n in names)
     assert q.get(timeout=2).payload == {"job_id": 7}
     # what a producer killed between creating and writing its file leaves (kombu's own transport did that)
-    (fs.queue_dir / f"1_00000000-dead.{name}.msg").write_bytes(b"")
+    # (named to be taken before the next message: consumers take files in name order)
+    (fs.queue_dir / f"{0:016d}_00000000-dead.{name}.msg").write_bytes(b"")
     q.put({"job_id": 8})
     with caplog.at_level(logging.WARNING, logger="node.jobs.fs_broker"):
         assert q.get(timeout=5).payload == {"job_id": 8}
@@ -49,4 +50,16 @@ def test_a_file_still_being_written_is_not_a_message(conn):
     with pytest.raises(q.Empty):
         q.get(timeout=0.5)
     assert os.path.exists(fs.queue_dir / f".5_abc.{name}.msg.part")
+    q.close()
+
+
+def test_messages_are_taken_in_the_order_sent_across_a_digit_boundary_of_the_stamp(conn, monkeypatch):
+    """Consumers take files in name order; the stamp is fixed-width, so 9,999 ms comes before 10,000 ms."""
+    c, fs, name = conn
+    q = c.SimpleQueue(name)
+    stamps = iter([9_999_000_000, 10_000_000_000])
+    monkeypatch.setattr(fs_broker, "time_ns", lambda: next(stamps))
+    q.put({"job_id": "first"})
+    q.put({"job_id": "second"})
+    assert [q.get(timeout=2).payload["job_id"] for _ in range(2)] == ["first", "second"]
     q.close()

@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import os
 import uuid
-from time import monotonic
+from time import time_ns
 
 from kombu.transport import TRANSPORT_ALIASES, filesystem
 from kombu.utils.encoding import str_to_bytes
@@ -33,7 +33,9 @@ MAX_DROPPED = 100
 
 class Channel(filesystem.Channel):
     def _put(self, queue, payload, **kwargs):
-        name = f"{round(monotonic() * 1000)}_{uuid.uuid4()}.{queue}.msg"
+        # consumers take files in name order: a fixed-width stamp keeps that the order of sending (an unpadded
+        # one put "9999_" after "10000_"), and wall-clock time keeps it across a restart of the machine
+        name = f"{time_ns() // 1_000_000:016d}_{uuid.uuid4()}.{queue}.msg"
         final = os.path.join(self.data_folder_out, name)
         tmp = os.path.join(self.data_folder_out, f".{name}.part")  # consumers match "<stamp>.<queue>.msg" only
         try:
