@@ -55,7 +55,7 @@ def test_a_file_still_being_written_is_not_a_message(conn):
 
 def test_messages_are_taken_in_the_order_sent_across_a_digit_boundary_of_the_stamp(conn, monkeypatch):
     """Consumers take files in name order; the stamp is fixed-width, so 9,999 ms comes before 10,000 ms."""
-    c, fs, name = conn
+    c, _fs, name = conn
     q = c.SimpleQueue(name)
     stamps = iter([9_999_000_000, 10_000_000_000])
     monkeypatch.setattr(fs_broker, "time_ns", lambda: next(stamps))

@@ -49,3 +49,24 @@ def test_save_all_leaves_nothing_temporary_when_an_object_cannot_be_written(tmp_
     with pytest.raises(ValueError, match="encoding to use for writing"):
         save_all([*results[:3], broken], settings)
     assert not [p for p in settings.results_dir.rglob("*") if p.is_file()]
+
+
+def test_an_element_the_slices_of_a_series_share_is_encoded_once(tmp_path, results, monkeypatch):
+    """The super-resolved slices share their common elements (`node.results.superres_series`): the batch
+    writer encodes each of those once, and every file is still what pydicom writes (the test above)."""
+    from node.results import encode
+
+    derived = [r for r in results if r.kind == "superres"]
+    assert len(derived) > 2
+    encoded: list[int] = []
+    real = encode.write_data_element
+
+    def counting(fp, elem, encodings=None):
+        encoded.append(int(elem.tag))
+        return real(fp, elem, encodings)
+
+    monkeypatch.setattr(encode, "write_data_element", counting)
+    save_all(derived, Settings(data_dir=tmp_path / "data"))
+    modality, pixels = 0x00080060, 0x7FE00010
+    assert encoded.count(modality) == 1  # the same element in every slice
+    assert encoded.count(pixels) == len(derived)  # each slice's own

@@ -853,8 +853,10 @@ def save_all(files: Sequence[Any], settings: Any) -> list[Path]:
     from concurrent.futures import ThreadPoolExecutor
 
     from node.results import result_path
+    from node.results.encode import BatchWriter
 
     staged: list[tuple[int, str, Path]] = []  # open fd, temporary path, final path
+    writer = BatchWriter([rf.dataset for rf in files])  # the slices of a derived series share elements
     try:
         for rf in files:
             path = result_path(rf, settings)
@@ -862,7 +864,7 @@ def save_all(files: Sequence[Any], settings: Any) -> list[Path]:
             fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".dcm", dir=path.parent)
             staged.append((fd, tmp, path))
             with os.fdopen(os.dup(fd), "wb") as fh:
-                rf.dataset.save_as(fh, enforce_file_format=True)
+                writer.write(fh, rf.dataset)
         if len(staged) > 1:
             with ThreadPoolExecutor(min(FSYNC_THREADS, len(staged)), thread_name_prefix="msknode-fsync") as ex:
                 list(ex.map(os.fsync, [fd for fd, _, _ in staged]))
