@@ -46,10 +46,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, and_, case, or_, select
+from sqlalchemy import Engine, and_, bindparam, case, or_, select
 from sqlalchemy.orm import Session
 
 from node.db.database import Database, utcnow
+from node.db.driver import DriverStatement
 from node.db.schema import Job, OutboxItem, ResultObject, Study
 from node.dispatch.senders import SENDERS, Claimed, Outcome, Sender
 from node.errors import DispatchError, PermanentDispatchError, TransientDispatchError
@@ -107,7 +108,7 @@ def new_owner() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
 
 
-def _due(now: dt.datetime):
+def _due(now: Any):
     return or_(
         and_(OutboxItem.state == PENDING, or_(OutboxItem.next_attempt_at.is_(None), OutboxItem.next_attempt_at <= now)),
         and_(
@@ -123,23 +124,19 @@ def anything_due(engine: Engine, now: dt.datetime) -> bool:
     databases the claim's own read takes no lock: always True there."""
     if engine.dialect.name != "sqlite":
         return True
-    dialect = engine.dialect
-    compiled = select(OutboxItem.id).where(_due(now)).limit(1).compile(dialect=dialect)
-    params = compiled.construct_params()
-    values = []
-    for name in compiled.positiontup or ():
-        processor = compiled.binds[name].type.dialect_impl(dialect).bind_processor(dialect)
-        values.append(processor(params[name]) if processor is not None else params[name])
+    statement = _DUE_STATEMENTS.get(engine.dialect.name)
+    if statement is None:
+        due = select(OutboxItem.id).where(_due(bindparam("now", type_=OutboxItem.next_attempt_at.type))).limit(1)
+        statement = _DUE_STATEMENTS.setdefault(engine.dialect.name, DriverStatement(due, engine.dialect))
     conn = engine.raw_connection()
     try:
-        cur = conn.cursor()
-        try:
-            cur.execute(compiled.string, values)
-            return cur.fetchone() is not None
-        finally:
-            cur.close()
+        return bool(statement.fetchall(conn.driver_connection, {"now": now}))
     finally:
         conn.close()
+
+
+#: dialect name -> the compiled statement of `anything_due` (compiled once per process)
+_DUE_STATEMENTS: dict[str, DriverStatement] = {}
 
 
 def claim(session: Session, *, now: dt.datetime, owner: str, limit: int, lease_seconds: float) -> list[Claimed]:

@@ -27,6 +27,7 @@ from sqlalchemy import Connection, Table, and_, bindparam, func, select, update
 from sqlalchemy.orm import Session
 
 from node.db.database import Base, utcnow
+from node.db.driver import DriverStatement
 from node.db.schema import Association, AssociationSeries, Instance, Quarantine, Series, Study
 from node.errors import StorageError
 from node.receive.header import SUCCESS, InstanceHeader
@@ -132,38 +133,17 @@ _INSTANCE_KEYS = (
 )
 
 
-class _DriverStatement:
-    """A Core statement compiled once for SQLite and run straight on the DB-API connection.
-
-    For the statements of every instance (its INSERT, the series and study arrival UPDATEs):
-    `Connection.execute` builds an execution context and a result for each call, which cost
-    more CPU than SQLite's own work (measured: the index transaction was a quarter of the
-    listener's Python time per instance at four associations). The SQL and the bind
-    processors are SQLAlchemy's own (the same text and values as `Connection.execute`); the
-    statement runs inside the caller's transaction (BEGIN IMMEDIATE on the same DB-API connection).
-    """
-
-    def __init__(self, statement, dialect, column_keys: tuple[str, ...] | None = None):
-        compiled = statement.compile(dialect=dialect, column_keys=list(column_keys) if column_keys else None)
-        self.sql: str = compiled.string
-        names = list(compiled.positiontup or ())
-        self.names = names
-        # (through the dialect's own type, as the engine converts: SQLite's DATETIME text, no offset)
-        self.processors = [compiled.binds[n].type.dialect_impl(dialect).bind_processor(dialect) for n in names]
+class _DriverStatement(DriverStatement):
+    """`node.db.driver.DriverStatement` run inside the caller's transaction (BEGIN IMMEDIATE on the same DB-API
+    connection): for the statements of every instance (its INSERT, the series and study arrival UPDATEs),
+    whose `Connection.execute` cost more CPU than SQLite's own work (measured: the index transaction was a
+    quarter of the listener's Python time per instance at four associations)."""
 
     def execute(self, conn: Connection, params: dict) -> list[tuple]:
-        values = [
-            p(params[n]) if p is not None else params[n] for n, p in zip(self.names, self.processors, strict=True)
-        ]
         driver = conn.connection.driver_connection
         if driver is None:
             raise StorageError("the database connection is no longer attached")
-        cursor = driver.cursor()
-        try:
-            cursor.execute(self.sql, values)
-            return cursor.fetchall()  # (a RETURNING statement completes only once its rows are read)
-        finally:
-            cursor.close()
+        return self.fetchall(driver, params)
 
 
 class _Statements:
