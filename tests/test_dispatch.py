@@ -42,19 +42,23 @@ class StoreSCP:
         require_called_aet=False,
         maximum_associations=10,
         ssl_context=None,
+        transfer_syntaxes=None,
     ):
         self.port = free_port()
         self.received: list[str] = []
+        self.raw: dict[str, bytes] = {}  # SOP Instance UID -> the data set as it came over the wire
         self.status = status or (lambda ds: 0x0000)
         self.lock = threading.Lock()
         self.ae = AE(ae_title=ae_title)
         self.ae.require_called_aet = require_called_aet
         self.ae.maximum_associations = maximum_associations
         if sop_classes is None:
-            self.ae.supported_contexts = AllStoragePresentationContexts
-        else:
-            for uid in sop_classes:
+            sop_classes = [cx.abstract_syntax for cx in AllStoragePresentationContexts]
+        for uid in sop_classes:
+            if transfer_syntaxes is None:
                 self.ae.add_supported_context(uid)
+            else:
+                self.ae.add_supported_context(uid, list(transfer_syntaxes))
         self.server = self.ae.start_server(
             ("127.0.0.1", self.port),
             block=False,
@@ -69,6 +73,7 @@ class StoreSCP:
         if code in (0x0000, 0xB000, 0xB006, 0xB007):
             with self.lock:
                 self.received.append(str(ds.SOPInstanceUID))
+                self.raw[str(ds.SOPInstanceUID)] = event.request.DataSet.getvalue()
         return code
 
     def destination(self, **kw) -> DimseDestination:
@@ -666,3 +671,65 @@ def test_the_dispatch_loop_asks_whether_anything_is_due_without_the_write_lock(s
     finally:
         holder.execute("ROLLBACK")
         holder.close()
+
+
+def _claimed(results) -> list:
+    from node.dispatch.senders import Claimed
+
+    return [Claimed(i + 1, "pacs", r.sop_instance_uid, r.sop_class_uid, path, 0) for i, (r, path) in enumerate(results)]
+
+
+def test_a_result_file_goes_out_as_its_own_bytes_when_the_peer_accepts_its_transfer_syntax(
+    settings, result_files, monkeypatch
+):
+    """Sent from the file (pynetdicom's chunked send of a path): the data set is not decoded and encoded again."""
+    import pydicom
+    from pynetdicom.dsutils import split_dataset
+
+    from node.dispatch.senders import send_dimse
+
+    _, results = result_files
+
+    def no_decoding(*a, **kw):
+        raise AssertionError("a result file was decoded to be sent")
+
+    monkeypatch.setattr(pydicom, "dcmread", no_decoding)
+    scp = StoreSCP()
+    try:
+        outcomes = dict(send_dimse(scp.destination(), _claimed(results), settings))
+    finally:
+        scp.stop()
+    assert len(outcomes) == len(results) and all(o.ok for o in outcomes.values()), outcomes
+    for r, path in results:
+        _, offset = split_dataset(path)
+        assert scp.raw[r.sop_instance_uid] == path.read_bytes()[offset:]
+
+
+def test_a_peer_accepting_only_implicit_vr_gets_each_object_encoded_for_it(settings, result_files):
+    """Where the file's own transfer syntax was not accepted, the data set is decoded and pynetdicom encodes it in
+    the one the peer accepted."""
+    from io import BytesIO
+
+    import pydicom
+    from pydicom.filereader import read_dataset
+    from pydicom.uid import ImplicitVRLittleEndian
+    from pynetdicom.dsutils import split_dataset
+
+    from node.dispatch.senders import send_dimse
+
+    _, results = result_files
+    scp = StoreSCP(transfer_syntaxes=[ImplicitVRLittleEndian])
+    try:
+        outcomes = dict(send_dimse(scp.destination(), _claimed(results), settings))
+    finally:
+        scp.stop()
+    assert len(outcomes) == len(results) and all(o.ok for o in outcomes.values()), outcomes
+    for r, path in results:
+        _, offset = split_dataset(path)
+        raw = scp.raw[r.sop_instance_uid]
+        assert raw != path.read_bytes()[offset:]  # not the file's explicit-VR bytes
+        arrived = read_dataset(BytesIO(raw), is_implicit_VR=True, is_little_endian=True)
+        sent = pydicom.dcmread(path)
+        assert arrived.SOPInstanceUID == sent.SOPInstanceUID and arrived.SOPClassUID == sent.SOPClassUID
+        if "PixelData" in sent:
+            assert arrived.PixelData == sent.PixelData

@@ -14,7 +14,7 @@ import ssl
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from node.settings import DimseDestination, Settings, StowDestination
 
@@ -22,8 +22,9 @@ if TYPE_CHECKING:
     import pydicom
 
 _OK_STATUSES = {0x0000, 0xB000, 0xB006, 0xB007}
-#: the transfer syntaxes C-STORE proposes for every result object, in order of preference (our files are
-#: Explicit VR Little Endian; pynetdicom re-encodes for Implicit)
+#: the transfer syntaxes C-STORE proposes for every result object, in order of preference, each in a presentation
+#: context of its own (a peer choosing one syntax of a list may take Implicit, and our files are Explicit VR Little
+#: Endian: proposed alone, Explicit is accepted wherever the peer can, and the file is sent as it is)
 SEND_TRANSFER_SYNTAXES = ("1.2.840.10008.1.2.1", "1.2.840.10008.1.2")
 
 
@@ -125,11 +126,21 @@ def no_delay(assoc: Any) -> None:
         pass
 
 
-def _read(item: Claimed) -> pydicom.Dataset | Outcome:
+def _read(item: Claimed, accepted: Iterable[tuple[str, str]] = ()) -> pydicom.Dataset | Path | Outcome:
+    """What `send_c_store` is given for ``item``: its file's path when the peer accepted the file's own transfer
+    syntax for its SOP class, ``accepted`` (pynetdicom then sends the file's encoded data set as it is, in fragments,
+    `STORE_SEND_CHUNKED_DATASET`), else the decoded data set (pynetdicom re-encodes it for the context the
+    peer accepted: Implicit VR Little Endian)."""
     import pydicom  # imported when sending: listing and retrying stay fast
+    from pydicom.filereader import read_file_meta_info
 
+    path = Path(item.path)
     try:
-        return pydicom.dcmread(item.path)
+        meta = read_file_meta_info(path)
+        own = (str(meta.get("MediaStorageSOPClassUID", "")), str(meta.get("TransferSyntaxUID", "")))
+        if own[0] == item.sop_class_uid and own in accepted and meta.get("MediaStorageSOPInstanceUID"):
+            return path
+        return pydicom.dcmread(path)
     except FileNotFoundError:
         return Outcome.permanent_failure(f"result file missing: {item.path}")
     except Exception as e:  # a file we wrote ourselves and cannot read: nothing a retry fixes
@@ -138,14 +149,15 @@ def _read(item: Claimed) -> pydicom.Dataset | Outcome:
 
 def send_dimse(dest: DimseDestination, items: Sequence[Claimed], settings: Settings) -> Iterator[tuple[int, Outcome]]:
     """C-STORE of ``items`` over one association; yields (item id, outcome) as each answer comes."""
-    from pynetdicom import AE, build_context
+    from pynetdicom import AE, _config, build_context
 
-    sop_classes = list(dict.fromkeys(it.sop_class_uid for it in items))[:128]
+    _config.STORE_SEND_CHUNKED_DATASET = True  # a path given to send_c_store: its bytes, not decoded and re-encoded
+    sop_classes = list(dict.fromkeys(it.sop_class_uid for it in items))[: 128 // len(SEND_TRANSFER_SYNTAXES)]
     ae = AE(ae_title=settings.ae_title)
     ae.acse_timeout = min(settings.network_timeout, 30.0)
     ae.dimse_timeout = settings.dimse_timeout
     ae.network_timeout = settings.network_timeout
-    ae.requested_contexts = [build_context(sop, list(SEND_TRANSFER_SYNTAXES)) for sop in sop_classes]
+    ae.requested_contexts = [build_context(sop, [ts]) for sop in sop_classes for ts in SEND_TRANSFER_SYNTAXES]
     tls_args = (_tls_context(dest), dest.host) if dest.tls else None
     try:
         assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title, tls_args=tls_args)
@@ -157,6 +169,7 @@ def send_dimse(dest: DimseDestination, items: Sequence[Claimed], settings: Setti
         if assoc.is_established:
             no_delay(assoc)
             accepted = {str(cx.abstract_syntax) for cx in assoc.accepted_contexts}
+            as_is = {(str(cx.abstract_syntax), str(cx.transfer_syntax[0])) for cx in assoc.accepted_contexts}
             for it in items:
                 if it.sop_class_uid not in accepted:
                     yield (
@@ -170,7 +183,7 @@ def send_dimse(dest: DimseDestination, items: Sequence[Claimed], settings: Setti
                 if not assoc.is_established:
                     yield it.id, Outcome.transient(f"{dest.key}: association aborted during the transfer")
                     continue
-                ds = _read(it)  # one file in memory at a time
+                ds = _read(it, as_is)  # one file in memory at a time (none, sent from its file)
                 if isinstance(ds, Outcome):
                     yield it.id, ds
                     continue
@@ -258,7 +271,9 @@ def send_stow(dest: StowDestination, items: Sequence[Claimed], settings: Setting
             yield it.id, ds
             continue
         try:
-            response = client.store_instances(datasets=[ds])
+            response = client.store_instances(
+                datasets=[cast("pydicom.Dataset", ds)]
+            )  # (no path: nothing accepted as is)
             outcome = _stow_outcome(response, it.sop_instance_uid)
         except requests.exceptions.HTTPError as e:
             code = e.response.status_code if e.response is not None else None
