@@ -673,10 +673,19 @@ def test_the_dispatch_loop_asks_whether_anything_is_due_without_the_write_lock(s
         holder.close()
 
 
-def _claimed(results) -> list:
-    from node.dispatch.senders import Claimed
+def _send_all(scp: StoreSCP, results, settings) -> dict[str, bytes]:
+    """``results`` sent to ``scp`` in one `send_dimse`; each one's data set as it came over the wire."""
+    from node.dispatch.senders import Claimed, send_dimse
 
-    return [Claimed(i + 1, "pacs", r.sop_instance_uid, r.sop_class_uid, path, 0) for i, (r, path) in enumerate(results)]
+    items = [
+        Claimed(i + 1, "pacs", r.sop_instance_uid, r.sop_class_uid, path, 0) for i, (r, path) in enumerate(results)
+    ]
+    try:
+        outcomes = dict(send_dimse(scp.destination(), items, settings))
+    finally:
+        scp.stop()
+    assert len(outcomes) == len(results) and all(o.ok for o in outcomes.values()), outcomes
+    return {uid: scp.raw[uid] for uid in (r.sop_instance_uid for r, _ in results)}
 
 
 def test_a_result_file_goes_out_as_its_own_bytes_when_the_peer_accepts_its_transfer_syntax(
@@ -686,23 +695,16 @@ def test_a_result_file_goes_out_as_its_own_bytes_when_the_peer_accepts_its_trans
     import pydicom
     from pynetdicom.dsutils import split_dataset
 
-    from node.dispatch.senders import send_dimse
-
     _, results = result_files
 
     def no_decoding(*a, **kw):
         raise AssertionError("a result file was decoded to be sent")
 
     monkeypatch.setattr(pydicom, "dcmread", no_decoding)
-    scp = StoreSCP()
-    try:
-        outcomes = dict(send_dimse(scp.destination(), _claimed(results), settings))
-    finally:
-        scp.stop()
-    assert len(outcomes) == len(results) and all(o.ok for o in outcomes.values()), outcomes
+    received = _send_all(StoreSCP(), results, settings)
     for r, path in results:
         _, offset = split_dataset(path)
-        assert scp.raw[r.sop_instance_uid] == path.read_bytes()[offset:]
+        assert received[r.sop_instance_uid] == path.read_bytes()[offset:]
 
 
 def test_a_peer_accepting_only_implicit_vr_gets_each_object_encoded_for_it(settings, result_files):
@@ -715,18 +717,11 @@ def test_a_peer_accepting_only_implicit_vr_gets_each_object_encoded_for_it(setti
     from pydicom.uid import ImplicitVRLittleEndian
     from pynetdicom.dsutils import split_dataset
 
-    from node.dispatch.senders import send_dimse
-
     _, results = result_files
-    scp = StoreSCP(transfer_syntaxes=[ImplicitVRLittleEndian])
-    try:
-        outcomes = dict(send_dimse(scp.destination(), _claimed(results), settings))
-    finally:
-        scp.stop()
-    assert len(outcomes) == len(results) and all(o.ok for o in outcomes.values()), outcomes
+    received = _send_all(StoreSCP(transfer_syntaxes=[ImplicitVRLittleEndian]), results, settings)
     for r, path in results:
         _, offset = split_dataset(path)
-        raw = scp.raw[r.sop_instance_uid]
+        raw = received[r.sop_instance_uid]
         assert raw != path.read_bytes()[offset:]  # not the file's explicit-VR bytes
         arrived = read_dataset(BytesIO(raw), is_implicit_VR=True, is_little_endian=True)
         sent = pydicom.dcmread(path)
