@@ -56,6 +56,11 @@ def is_filesystem(settings: Settings) -> bool:
     return str(settings.broker_url).startswith("filesystem://")
 
 
+#: how often a worker looks into the embedded broker's queue folder when it found nothing (a listdir per queue;
+#: half of it is the mean wait of a job between its wake-up message and its worker)
+FS_POLL_SECONDS = 0.05
+
+
 def transport_options(settings: Settings) -> dict[str, Any]:
     if is_filesystem(settings):
         fs = FilesystemBroker.of(settings)
@@ -67,7 +72,7 @@ def transport_options(settings: Settings) -> dict[str, Any]:
             "store_processed": True,
             "processed_folder": str(fs.processed_dir),
             "control_folder": str(fs.control_dir),
-            "polling_interval": 0.2,
+            "polling_interval": FS_POLL_SECONDS,
         }
     opts: dict[str, Any] = {
         # redelivery of an unacknowledged message; the lease + sweeper act much sooner
