@@ -304,3 +304,30 @@ def test_pipeline_reports_refusal_without_findings(tmp_path):
     out = run_pipeline("knee", {"cor_fluid": brain}, registry=reg, superres=False)
     acl = next(o for o in out.outputs if o.model.name == "knee.acl")
     assert acl.qc.reason == "missing_series" and acl.findings == []
+
+
+def test_two_models_reading_one_series_run_its_pixel_checks_once(gate, monkeypatch):
+    """The knee's ACL and meniscus models both read its sagittal fluid series: the anatomy classifier and the pixel
+    statistics run once for that volume, with the same answers; another volume object runs them again."""
+    import gc
+
+    from models.qc import gate as gate_module
+
+    calls: list[str] = []
+    predict, metrics = gate.anatomy.predict, gate_module.pixel_metrics
+    monkeypatch.setattr(gate.anatomy, "predict", lambda v, plane: calls.append("anatomy") or predict(v, plane))
+    monkeypatch.setattr(gate_module, "pixel_metrics", lambda v: calls.append("pixels") or metrics(v))
+    vol = generate("knee", 9_600_100).volume
+    first = gate.check(vol, ACL)
+    second = gate.check(vol, TASKS["knee.meniscus"])
+    assert first.accepted and second.accepted
+    assert sorted(calls) == ["anatomy", "pixels"]
+    assert second.metrics["snr"] == first.metrics["snr"]
+    assert second.metrics["motion_probability"] == first.metrics["motion_probability"]
+    again = dataclasses.replace(vol)  # the same pixels in another volume object: asked again
+    assert gate.check(again, ACL).metrics == first.metrics
+    assert sorted(calls) == ["anatomy", "anatomy", "pixels", "pixels"]
+    n = len(gate_module._SEEN)
+    del vol, again
+    gc.collect()
+    assert len(gate_module._SEEN) == n - 4  # forgotten with their volumes

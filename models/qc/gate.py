@@ -5,6 +5,8 @@ decides what: the package docstring (`models.qc`); their wording for people: `RE
 
 from __future__ import annotations
 
+import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -191,6 +193,29 @@ def decide(
     return PixelVerdict(True, None, None, m)
 
 
+#: (what, id of the volume, id of the classifier or None, plane) -> (the volume, weakly; the classifier; the value)
+_SEEN: dict[tuple[str, int, int, str | None], tuple[weakref.ref, Any, dict[str, Any]]] = {}
+
+
+def _once_per_volume(
+    what: str, volume: Volume, owner: Any, plane: str | None, compute: Callable[[], dict[str, Any]]
+) -> dict[str, Any]:
+    """``compute()`` for this volume object (and classifier and plane) once while the volume lives: the models of
+    a pipeline that read the same series ask the gate the same pixel questions (the knee's ACL and meniscus models
+    both read its sagittal fluid series). A copy of the value each time."""
+    key = (what, id(volume), id(owner) if owner is not None else 0, plane)
+    hit = _SEEN.get(key)
+    if hit is not None and hit[0]() is volume and hit[1] is owner:
+        return dict(hit[2])
+    value = compute()
+
+    def forget(_ref: weakref.ref) -> None:
+        _SEEN.pop(key, None)
+
+    _SEEN[key] = (weakref.ref(volume, forget), owner, value)
+    return dict(value)
+
+
 @dataclass
 class QCGate:
     """``check(volume, task) -> QCResult``. ``anatomy`` None -> every series is refused (qc_unavailable)."""
@@ -261,7 +286,7 @@ class QCGate:
                 f"the header geometry puts the slices {angle:.0f} deg away from {spec.plane} (nearest plane: "
                 f"{nearest}; limit {spec.max_obliquity_deg:g} deg); {task.name} reads {spec.plane} series",
             )
-        px = pixel_metrics(volume)
+        px = _once_per_volume("pixels", volume, None, None, lambda: pixel_metrics(volume))
         m.update({k: float(v) for k, v in px.items()})
         if px["range"] <= 1e-6 * max(1.0, abs(px["p99"])):
             return refuse("constant_image", "every pixel has the same value")
@@ -273,7 +298,8 @@ class QCGate:
             return refuse(
                 "qc_unavailable", "anatomy classifier weights (qc.anatomy) are missing; cannot check the pixels"
             )
-        pred = self.anatomy.predict(volume, spec.plane)
+        anatomy = self.anatomy
+        pred = _once_per_volume("anatomy", volume, anatomy, spec.plane, lambda: anatomy.predict(volume, spec.plane))
         verdict = self.judge(pred, task.anatomy, spec.plane, model=task.name, body_part=volume.body_part)
         m.update(verdict.metrics)
         if pred["motion_probability"] is not None:
