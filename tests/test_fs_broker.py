@@ -63,3 +63,25 @@ def test_messages_are_taken_in_the_order_sent_across_a_digit_boundary_of_the_sta
     q.put({"job_id": "second"})
     assert [q.get(timeout=2).payload["job_id"] for _ in range(2)] == ["first", "second"]
     q.close()
+
+
+@pytest.mark.parametrize("flag", ["should_stop", "should_terminate"])
+def test_a_wait_for_a_message_ends_once_the_worker_is_asked_to_stop(conn, monkeypatch, flag):
+    """Celery's consumer loop waits in the transport 2 s at a time and looks for a shutdown request only between
+    two waits: the embedded transport ends a wait itself once a warm (SIGTERM: should_stop, exit code 0) or cold
+    shutdown is requested, instead of waiting out its timeout."""
+    import time
+
+    from celery.worker import state
+
+    c, _fs, name = conn
+    q = c.SimpleQueue(name)
+    monkeypatch.setattr(state, flag, 0)  # what the signal handler sets (the exit code: 0 is falsy)
+    t0 = time.monotonic()
+    with pytest.raises(q.Empty):
+        q.get(timeout=120)
+    assert time.monotonic() - t0 < 60  # ended by the request, not by its timeout
+    # a message already there is still taken
+    q.put({"job_id": 9})
+    assert q.get(timeout=120).payload == {"job_id": 9}
+    q.close()

