@@ -728,3 +728,38 @@ def test_a_peer_accepting_only_implicit_vr_gets_each_object_encoded_for_it(setti
         assert arrived.SOPInstanceUID == sent.SOPInstanceUID and arrived.SOPClassUID == sent.SOPClassUID
         if "PixelData" in sent:
             assert arrived.PixelData == sent.PixelData
+
+
+def test_a_c_store_response_the_association_reactor_takes_goes_back_to_the_waiting_send():
+    """pynetdicom's reactor thread can take the C-STORE-RSP that send_c_store is about to wait for (it then logged
+    "unexpected service message" and the send waited out the DIMSE timeout, 30 s): it goes back on the queue;
+    a request is still served as pynetdicom serves it."""
+    import queue
+    from io import BytesIO
+    from types import SimpleNamespace
+
+    from pynetdicom.dimse_primitives import C_STORE
+
+    from node.dispatch.senders import keep_responses
+
+    served = []
+    assoc = SimpleNamespace(dimse=SimpleNamespace(msg_queue=queue.Queue()))
+    assoc._serve_request = lambda msg, cx: served.append((cx, msg))
+    keep_responses(assoc)
+    rsp = C_STORE()  # as the DIMSE provider queues it: the primitive
+    rsp.MessageIDBeingRespondedTo = 7
+    rsp.AffectedSOPClassUID = "1.2.840.10008.5.1.4.1.1.4"
+    rsp.AffectedSOPInstanceUID = "1.2.3.4"
+    rsp.Status = 0x0000
+    assert rsp.is_valid_response and not rsp.is_valid_request
+    assoc._serve_request(rsp, 1)
+    assert assoc.dimse.msg_queue.get_nowait() == (1, rsp) and not served
+    req = C_STORE()
+    req.MessageID = 8
+    req.AffectedSOPClassUID = "1.2.840.10008.5.1.4.1.1.4"
+    req.AffectedSOPInstanceUID = "1.2.3.5"
+    req.Priority = 2
+    req.DataSet = BytesIO(b"\x08\x00\x18\x00")
+    assert req.is_valid_request
+    assoc._serve_request(req, 3)
+    assert served == [(3, req)] and assoc.dimse.msg_queue.empty()

@@ -126,6 +126,21 @@ def no_delay(assoc: Any) -> None:
         pass
 
 
+def keep_responses(assoc: Any) -> None:
+    """pynetdicom's reactor thread can take a C-STORE response off the DIMSE queue while send_c_store is about to
+    wait for it (its pause check races with the reactor's loop); the response is then logged as an "unexpected
+    service message" and the send waits out the DIMSE timeout. A response the reactor sees goes back on the queue."""
+    serve = assoc._serve_request
+
+    def _serve(msg: Any, context_id: int) -> None:
+        if not msg.is_valid_request and msg.is_valid_response:
+            assoc.dimse.msg_queue.put((context_id, msg))
+            return
+        serve(msg, context_id)
+
+    assoc._serve_request = _serve
+
+
 def _read(item: Claimed, accepted: Iterable[tuple[str, str]] = ()) -> pydicom.Dataset | Path | Outcome:
     """What `send_c_store` is given for ``item``: its file's path when the peer accepted the file's own transfer
     syntax for its SOP class, ``accepted`` (pynetdicom then sends the file's encoded data set as it is, in fragments,
@@ -168,6 +183,7 @@ def send_dimse(dest: DimseDestination, items: Sequence[Claimed], settings: Setti
     try:
         if assoc.is_established:
             no_delay(assoc)
+            keep_responses(assoc)
             accepted = {str(cx.abstract_syntax) for cx in assoc.accepted_contexts}
             as_is = {(str(cx.abstract_syntax), str(cx.transfer_syntax[0])) for cx in assoc.accepted_contexts}
             for it in items:
