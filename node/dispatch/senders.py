@@ -184,8 +184,8 @@ def send_dimse(dest: DimseDestination, items: Sequence[Claimed], settings: Setti
         if assoc.is_established:
             no_delay(assoc)
             keep_responses(assoc)
-            accepted = {str(cx.abstract_syntax) for cx in assoc.accepted_contexts}
             as_is = {(str(cx.abstract_syntax), str(cx.transfer_syntax[0])) for cx in assoc.accepted_contexts}
+            accepted = {sop for sop, _ in as_is}
             for it in items:
                 if it.sop_class_uid not in accepted:
                     yield (
@@ -286,10 +286,9 @@ def send_stow(dest: StowDestination, items: Sequence[Claimed], settings: Setting
         if isinstance(ds, Outcome):
             yield it.id, ds
             continue
+        dataset = cast("pydicom.Dataset", ds)  # (never a path: nothing is accepted as it is over STOW-RS)
         try:
-            response = client.store_instances(
-                datasets=[cast("pydicom.Dataset", ds)]
-            )  # (no path: nothing accepted as is)
+            response = client.store_instances(datasets=[dataset])
             outcome = _stow_outcome(response, it.sop_instance_uid)
         except requests.exceptions.HTTPError as e:
             code = e.response.status_code if e.response is not None else None

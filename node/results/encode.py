@@ -88,6 +88,6 @@ class BatchWriter:
             buf.is_implicit_VR, buf.is_little_endian = False, True
             write_data_element(buf, elem, charset)
             data = buf.getvalue()
-            if id(elem) in self._shared:
-                self._bytes[(id(elem), key_charset)] = (elem, data)
+            if id(elem) in self._shared:  # (a raw element converted above is a new object: never shared)
+                self._bytes[key] = (elem, data)
             fp.write(data)
