@@ -107,3 +107,9 @@ def test_rule_forwards_scanner_mr_and_never_msknode_objects(routed, tmp_path):
     # the reception log records who sent what
     assert stored[str(dcmread(from_node).SOPInstanceUID)].calling_ae == "MSKNODE"
     assert stored[str(dcmread(plain).SOPInstanceUID)].calling_ae == "MODALITY"
+    # the rule's stores form one Orthanc job that outlives the last store by its trailing timeout
+    # (5 s); bench e2e waits for it to end before the next study
+    assert pacs.routing_busy()
+    waited = pacs.wait_routing_idle(timeout=30)
+    assert waited > 0.5
+    assert not pacs.routing_busy()

@@ -3,8 +3,9 @@
 N knee phantom studies (40 slices per series by default: sagittal PD-FS, sagittal PD, coronal
 PD-FS and a 3-plane localizer) are sent one after another into Orthanc with ``storescu``; Orthanc
 forwards each instance to msknode (``msknode serve``, embedded default) as it is stored. A study
-is sent only when the previous one's results are all back in Orthanc, so each figure is the
-latency of one study on an idle node. For each study:
+is sent only when the previous one's results are all back in Orthanc and Orthanc's routing job
+has ended (`OrthancPacs.wait_routing_idle`), so each figure is the latency of one study on an idle
+node and an idle PACS. For each study:
 
     total        = last result object stored in Orthanc - last source instance stored in Orthanc
     first_result = the SR (the findings) stored in Orthanc - last source instance stored in Orthanc
@@ -248,6 +249,8 @@ def run_bench(
         warm: StudyTiming | None = None
         try:
             for i, cf in enumerate(files):
+                # the PACS idle too: its routing job of the previous study has ended (see wait_routing_idle)
+                stack.pacs.wait_routing_idle()
                 stack.pacs.store_files(cf.files)
                 deadline = time.monotonic() + timeout
                 while True:
