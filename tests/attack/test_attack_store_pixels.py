@@ -12,6 +12,8 @@ Both transports (fast, stock pynetdicom) are exercised.
 
 from __future__ import annotations
 
+import os
+
 import zlib
 from pathlib import Path
 
@@ -39,7 +41,9 @@ from support.mr import mr_dataset
 
 pytestmark = [pytest.mark.integration]
 
-REALDATA_DICOM = ROOT.parent / "shared" / "realdata" / "knee" / "siemens_sagittal_dicom"
+REALDATA_DICOM = (
+    Path(os.environ.get("MSKNODE_REALDATA") or ROOT.parent / "shared" / "realdata") / "knee" / "siemens_sagittal_dicom"
+)
 MISMATCH = "pixel data does not match the header"
 
 
