@@ -13,7 +13,6 @@ Both transports (fast, stock pynetdicom) are exercised.
 from __future__ import annotations
 
 import os
-
 import zlib
 from pathlib import Path
 
