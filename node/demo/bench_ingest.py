@@ -12,7 +12,8 @@ Success) twice, with its fast transport (``msknode``, the default) and with stoc
 pynetdicom (``msknode-stock``, MSKNODE_FAST_TRANSPORT=0), Orthanc (Debian package, SQLite
 index, default durability: SyncStorageArea) and storescp (writes files, no index, no fsync)
 as the upper bound. The receivers take turns within each round, so a busy machine slows
-them alike; with ``--repeat`` the ratios use the medians.
+them alike; with ``--repeat`` the ratios use the medians. Before each receiver starts,
+``sync`` writes out what the previous one left to the kernel's writeback.
 
 Each run also reports the CPU time (user + system) its receiver's processes spent over the
 send, per instance (``cpu_ms``; from ``/proc/<pid>/stat`` of the receiver and every process
@@ -478,6 +479,10 @@ def run_bench(
                 receiver = factories[name]()
                 work = root / f"{name}-{mode}-{k}"
                 work.mkdir()
+                # what the previous receiver wrote goes to disk now, not during this one's send
+                # (storescp leaves its files to the kernel's writeback; a receiver that fsyncs
+                # would otherwise wait for that too)
+                os.sync()
                 port = receiver.start(work)
                 try:
                     cpu_before = tree_cpu_seconds(receiver.pid())
