@@ -12,7 +12,6 @@ Both transports (fast, stock pynetdicom) are exercised.
 
 from __future__ import annotations
 
-import os
 import zlib
 from pathlib import Path
 
@@ -31,6 +30,7 @@ from pydicom.uid import (
 )
 from sqlalchemy import select
 
+from models.realdata import realdata_root
 from node.db.database import Database
 from node.db.schema import Instance, Quarantine
 from node.receive.storage import dataset_offset
@@ -40,9 +40,7 @@ from support.mr import mr_dataset
 
 pytestmark = [pytest.mark.integration]
 
-REALDATA_DICOM = (
-    Path(os.environ.get("MSKNODE_REALDATA") or ROOT.parent / "shared" / "realdata") / "knee" / "siemens_sagittal_dicom"
-)
+REALDATA_DICOM = (realdata_root() or ROOT.parent / "shared" / "realdata") / "knee" / "siemens_sagittal_dicom"
 MISMATCH = "pixel data does not match the header"
 
 
