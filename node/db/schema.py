@@ -118,7 +118,8 @@ class Instance(Base):
     image_orientation: Mapped[str | None] = mapped_column(String(256))
     number_of_frames: Mapped[int | None] = mapped_column(Integer)
     calling_ae: Mapped[str | None] = mapped_column(String(16))
-    association_id: Mapped[int | None] = mapped_column(ForeignKey("associations.id", ondelete="SET NULL"))
+    # indexed: an association's end counts its instances, and purging associations nulls this column
+    association_id: Mapped[int | None] = mapped_column(ForeignKey("associations.id", ondelete="SET NULL"), index=True)
     received_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
     updated_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
 
