@@ -146,7 +146,8 @@ class AssociationSeries(Base):
     __tablename__ = "association_series"
 
     association_id: Mapped[int] = mapped_column(ForeignKey("associations.id", ondelete="CASCADE"), primary_key=True)
-    series_id: Mapped[int] = mapped_column(ForeignKey("series.id", ondelete="CASCADE"), primary_key=True)
+    # indexed on its own too: an association's end asks which other open associations deliver to each series
+    series_id: Mapped[int] = mapped_column(ForeignKey("series.id", ondelete="CASCADE"), primary_key=True, index=True)
 
 
 class Quarantine(Base):
