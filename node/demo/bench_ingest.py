@@ -403,7 +403,9 @@ class OrthancReceiver(Receiver):
         return self.orthanc.dicom_port
 
     def stop(self) -> None:
-        self.orthanc.stop()
+        orthanc = getattr(self, "orthanc", None)
+        if orthanc is not None:
+            orthanc.stop()
 
     def pid(self) -> int | None:
         return self.orthanc.pid
@@ -430,7 +432,9 @@ class StorescpReceiver(Receiver):
         return port
 
     def stop(self) -> None:
-        _stop(self.proc)
+        proc = getattr(self, "proc", None)
+        if proc is not None:
+            _stop(proc)
 
     def arrived(self, expected: dict[str, str]) -> tuple[bool, str]:
         count = sum(1 for _ in self.out.iterdir())
@@ -483,8 +487,8 @@ def run_bench(
                 # (storescp leaves its files to the kernel's writeback; a receiver that fsyncs
                 # would otherwise wait for that too)
                 os.sync()
-                port = receiver.start(work)
-                try:
+                try:  # (a receiver that never answers C-ECHO is stopped too)
+                    port = receiver.start(work)
                     cpu_before = tree_cpu_seconds(receiver.pid())
                     seconds = send(files, port, receiver.aet, associations)
                     cpu_after = tree_cpu_seconds(receiver.pid())

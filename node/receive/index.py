@@ -47,7 +47,7 @@ class Received:
     association_id: int | None = None
     published: Path | None = None  # set once the staged file was renamed to its final path
     file_meta: bytes = b""  # with `data`: to write the file again under the index lock (see index_instances)
-    data: bytes | None = None
+    data: bytes | bytearray | None = None
     # published but not fsynced yet: made durable before the commit, or right after it (IndexWriter.overlap)
     pending_files: list[Path] = field(default_factory=list)
     pending_dirs: set[Path] = field(default_factory=set)

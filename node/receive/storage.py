@@ -22,7 +22,9 @@ object again, and `node.receive.index` checks stored bytes against the index bef
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import itertools
 import os
 import re
 import struct
@@ -143,6 +145,13 @@ class InstanceStore:
         self.min_free_bytes = int(min_free_bytes)
         self._pool: ThreadPoolExecutor | None = None
         self._pool_lock = threading.Lock()
+        # an instance's path is asked for several times on its way in (its publication, the index row)
+        self._path_cache = functools.lru_cache(maxsize=256)(self._path_for)
+        # staged files are named by this store object and a counter (no random bytes asked of the kernel per file)
+        self._stage_prefix = f"{os.getpid():x}-{uuid.uuid4().hex[:16]}-"
+        self._stage_counter = itertools.count()
+        # series directories this store has seen exist (a hint: a directory removed meanwhile is made again)
+        self._known_dirs: set[str] = set()
 
     @classmethod
     def from_settings(cls, settings) -> InstanceStore:
@@ -177,10 +186,13 @@ class InstanceStore:
         return f"{study_uid}/{series_uid}/{sop_instance_uid}.dcm"
 
     def path_for(self, study_uid: str, series_uid: str, sop_instance_uid: str) -> Path:
+        return self._path_cache(study_uid, series_uid, sop_instance_uid)
+
+    def _path_for(self, study_uid: str, series_uid: str, sop_instance_uid: str) -> Path:
         return self.root / self.relative_path(study_uid, series_uid, sop_instance_uid)
 
     # ---- writing -------------------------------------------------------------
-    def stage(self, file_meta: bytes, dataset: bytes, *, check_space: bool = True) -> StagedFile:
+    def stage(self, file_meta: bytes, dataset: bytes | bytearray, *, check_space: bool = True) -> StagedFile:
         """Writes file meta + dataset to a new staged file (not yet fsynced: see `publish`).
 
         Raises `OutOfSpaceError` when free space would drop under the minimum (nothing is left
@@ -190,7 +202,7 @@ class InstanceStore:
         if check_space and not self.has_space(size):
             raise OutOfSpaceError("free disk space below MSKNODE_MIN_FREE_GB")
         digest = hashlib.sha256(dataset).hexdigest()
-        path = self.incoming / f"{uuid.uuid4().hex}.part"
+        path = self.incoming / f"{self._stage_prefix}{next(self._stage_counter):x}.part"
         try:
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
         except FileNotFoundError:
@@ -224,6 +236,13 @@ class InstanceStore:
         if sync_first:
             self.sync(files=[staged.path])
         dirty: set[Path] = {final.parent}
+        series_dir = str(final.parent)
+        if series_dir in self._known_dirs:
+            try:
+                os.replace(staged.path, final)
+                return final, dirty
+            except FileNotFoundError:  # the directory was removed meanwhile (a purge): made again below
+                self._known_dirs.discard(series_dir)
         if not final.parent.is_dir():
             study_dir = final.parent.parent
             if not study_dir.is_dir():
@@ -232,6 +251,9 @@ class InstanceStore:
             final.parent.mkdir(exist_ok=True)
             dirty.add(study_dir)
         os.replace(staged.path, final)
+        if len(self._known_dirs) >= 4096:
+            self._known_dirs.clear()
+        self._known_dirs.add(series_dir)
         return final, dirty
 
     @staticmethod
@@ -283,7 +305,7 @@ class InstanceStore:
                 self._pool = None
 
     # ---- quarantine ----------------------------------------------------------
-    def quarantine(self, data: bytes, *, file_meta: bytes = b"") -> Path:
+    def quarantine(self, data: bytes | bytearray, *, file_meta: bytes = b"") -> Path:
         """Keeps a refused object for inspection; returns its path (durable).
 
         Named by the content's hash: a sender that retries the same refused object keeps one copy.
