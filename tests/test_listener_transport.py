@@ -105,12 +105,12 @@ def test_a_failing_dul_loop_aborts_the_association_with_a_warning(listener, monk
     armed = {"on": True}
     read_pdu = transport._DUL._read_pdu_data
 
-    def failing(self):
+    def failing(self, *args):
         established = self.state_machine.current_state == "Sta6"  # a P-DATA is coming
         accepted = getattr(self.assoc, "index_id", None) is not None
         if armed["on"] and established and (accepted or when == "during_accept"):
             raise RuntimeError("Doe^Jane")  # an exception whose text must not reach the log
-        return read_pdu(self)
+        return read_pdu(self, *args)
 
     monkeypatch.setattr(transport._DUL, "_read_pdu_data", failing)
     caplog.set_level(logging.INFO, logger="node.receive.listener")

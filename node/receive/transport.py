@@ -296,16 +296,7 @@ class _GuardedSocket(AssociationSocket):
         if self._complained:  # aborted: the rest is not read (it could hold pynetdicom in recv)
             return bytearray()
         if self._body is None:  # a PDU header
-            data = super().recv(nr_bytes)
-            if len(data) == 6:
-                pdu_type, _, length = struct.unpack(">BBL", data)
-                if 0x01 <= pdu_type <= 0x07:
-                    self._body = length
-                else:
-                    self.protocol_error(f"an unrecognised PDU type 0x{pdu_type:02X}")
-            elif data:
-                self.protocol_error(f"the connection closed inside a PDU header ({len(data)} of 6 bytes)")
-            return data
+            return self._header(self._read_fully(nr_bytes))
         self._body = None
         if self._max_pdu and nr_bytes > self._max_pdu:
             log.warning(
@@ -329,6 +320,49 @@ class _GuardedSocket(AssociationSocket):
             self.protocol_error(f"the connection closed inside a PDU ({len(data)} of {nr_bytes} bytes)")
         return data
 
+    def _header(self, data: bytearray) -> bytearray:
+        """Notes a PDU header just read (its body's length, for the check of the next read)."""
+        if len(data) == 6:
+            pdu_type, _, length = struct.unpack(">BBL", data)
+            if 0x01 <= pdu_type <= 0x07:
+                self._body = length
+            else:
+                self.protocol_error(f"an unrecognised PDU type 0x{pdu_type:02X}")
+        elif data:
+            self.protocol_error(f"the connection closed inside a PDU header ({len(data)} of 6 bytes)")
+        return data
+
+    @property
+    def direct_reads(self) -> bool:
+        """`header_if_arrived` may be asked: a plain TCP socket with a timeout, at a PDU boundary."""
+        sock = self.socket
+        return (
+            sock is not None
+            and self._is_connected
+            and not self._primed
+            and not self._complained
+            and self._body is None
+            and not isinstance(sock, ssl.SSLSocket)
+            and sock.gettimeout() is not None
+        )
+
+    def header_if_arrived(self) -> bytearray | None:
+        """The next PDU header, as `recv(6)` reads it, if its first bytes have arrived; None (at
+        once, without waiting) when nothing has. One non-blocking read instead of pynetdicom's
+        ``ready`` (a ``select``) followed by the read. Only when `direct_reads`."""
+        sock = self.socket
+        assert sock is not None
+        data = bytearray(6)
+        try:
+            k = os.readv(sock.fileno(), [data])
+        except BlockingIOError:
+            return None
+        if 0 < k < 6:
+            data[k:] = self._read_fully(6 - k)
+        elif k == 0:
+            data = bytearray()
+        return self._header(data)
+
     def _read_fully(self, n: int) -> bytearray:
         """`n` bytes (fewer only if the connection closes first) received straight into one buffer,
         as many as the socket holds per call. (pynetdicom receives 4 KiB per call, each after a
@@ -338,9 +372,22 @@ class _GuardedSocket(AssociationSocket):
         assert sock is not None
         buf = bytearray(n)
         got = 0
+        # A socket with a timeout is non-blocking underneath, and Python polls it before every
+        # receive (a second system call, and a second hand-over of the GIL, per read): what the
+        # kernel already holds is taken without the poll; only when it holds nothing does Python's
+        # own receive wait, with the socket's timeout as before.
+        direct = not isinstance(sock, ssl.SSLSocket) and sock.gettimeout() is not None
+        fd = sock.fileno()
         with memoryview(buf) as view:
             while got < n:
-                k = sock.recv_into(view[got:])
+                k = -1
+                if direct:
+                    try:
+                        k = os.readv(fd, [view[got:]])
+                    except BlockingIOError:
+                        pass
+                if k < 0:
+                    k = sock.recv_into(view[got:])
                 if not k:
                     break
                 got += k
@@ -488,14 +535,28 @@ class _DUL(DULServiceProvider):
         ``select`` per loop: a system call and a hand-over of the GIL, often to a handler thread
         that then makes this one wait) when `_wait` has just seen whether it is readable."""
         readable, self._readable = self._readable, None
-        if readable is None or self.state_machine.current_state != "Sta6":  # (Sta2: the request is primed)
+        if self.state_machine.current_state != "Sta6":  # (Sta2: the request is primed)
             return super()._is_transport_event()
+        if readable is None:
+            sock = self.socket
+            if not (isinstance(sock, _GuardedSocket) and sock.direct_reads):
+                return super()._is_transport_event()
+            try:  # (not looked: a non-blocking read of the next header instead of a select, then the read)
+                header = sock.header_if_arrived()
+            except (OSError, TimeoutError):
+                self.event_queue.put("Evt17")  # transport connection closed
+                return True
+            if header is None:
+                return False
+            self._read_pdu_data(header)
+            return True
         if readable:
             self._read_pdu_data()
         return readable
 
-    def _read_pdu_data(self) -> None:
-        """Reads one PDU and queues its event, as pynetdicom's `_read_pdu_data` (the same events on
+    def _read_pdu_data(self, header: bytearray | None = None) -> None:
+        """Reads one PDU (after its `header`, if already read) and queues its event, as pynetdicom's
+        `_read_pdu_data` (the same events on
         a short read, an unknown PDU type or a PDU that cannot be decoded); except that a well-formed
         P-DATA-TF in Sta6 (established, nothing else queued) goes straight to the DIMSE provider
         (`_deliver_pdata`): what the state machine's DT-2 does with it, without the PDU, item and
@@ -506,11 +567,12 @@ class _DUL(DULServiceProvider):
         if not isinstance(sock, _GuardedSocket):
             super()._read_pdu_data()
             return
-        try:
-            header = sock.recv(6)
-        except (OSError, TimeoutError):
-            self.event_queue.put("Evt17")  # transport connection closed
-            return
+        if header is None:
+            try:
+                header = sock.recv(6)
+            except (OSError, TimeoutError):
+                self.event_queue.put("Evt17")  # transport connection closed
+                return
         if len(header) != 6:
             self.event_queue.put("Evt17")
             return
