@@ -13,14 +13,22 @@ from __future__ import annotations
 
 import struct
 import zlib
+from collections.abc import MutableSequence
 from dataclasses import dataclass, field
 from io import BytesIO
 from pathlib import Path
 from typing import Any, BinaryIO, cast
 
+from pydicom import config as pydicom_config
+from pydicom.charset import convert_encodings, default_encoding
+from pydicom.config import logger as pydicom_logger
+from pydicom.dataelem import DataElement, RawDataElement, convert_raw_data_element, empty_value_for_VR
 from pydicom.dataset import Dataset
-from pydicom.filereader import read_dataset
+from pydicom.filereader import ENCODED_VR, data_element_generator, read_dataset
+from pydicom.misc import warn_and_log
 from pydicom.tag import BaseTag
+from pydicom.valuerep import EXPLICIT_VR_LENGTH_32
+from pydicom.values import convert_string
 
 from node.errors import IngestError
 from node.intake.recognition import acquisition_from_dataset
@@ -228,12 +236,15 @@ class _Inflater:
         return True
 
 
-def read_header(data: bytes | BinaryIO, transfer_syntax_uid: str, *, max_bytes: int | None = None) -> InstanceHeader:
+def read_header(
+    data: bytes | bytearray | memoryview | BinaryIO, transfer_syntax_uid: str, *, max_bytes: int | None = None
+) -> InstanceHeader:
     """Parses the header of a received data set (no pixel decoding) and checks the rest is complete.
 
-    `data`: the data set's bytes, or a seekable file positioned at its start. `max_bytes`: the
-    largest data set accepted once inflated (deflated transfer syntaxes are inflated as they are
-    read, never more than that). Raises `IngestError`: 0xA700 when the data set inflates to
+    `data`: the data set's bytes (a bytearray or memoryview is read in place, never copied
+    whole), or a seekable file positioned at its start. `max_bytes`: the largest data set
+    accepted once inflated (deflated transfer syntaxes are inflated as they are read, never
+    more than that). Raises `IngestError`: 0xA700 when the data set inflates to
     more than `max_bytes` (or its header is over `MAX_HEADER_BYTES`), 0xA900 when the pixel
     data contradicts the header (`check_pixel_data`), 0xC000 cannot understand (truncated,
     unparseable), 0xC001 missing UID, 0xC002 malformed UID.
@@ -268,9 +279,34 @@ def read_header(data: bytes | BinaryIO, transfer_syntax_uid: str, *, max_bytes: 
         raise IngestError(CANNOT_UNDERSTAND, f"cannot read the header: {type(e).__name__}") from None
 
 
-def _parse(data: bytes | BinaryIO, ts: str, *, max_bytes: int | None) -> tuple[Dataset, PixelDataShape | None]:
-    """The header (up to the pixel data) and what the rest held of the pixel data element."""
+def _parse(
+    data: bytes | bytearray | memoryview | BinaryIO, ts: str, *, max_bytes: int | None
+) -> tuple[Dataset, PixelDataShape | None]:
+    """The header (up to the pixel data) and what the rest held of the pixel data element.
+
+    Bytes in memory (not deflated) are walked by `_read_buffer`, which gives what pydicom's
+    `read_dataset` gives for a fraction of its cost per element; a file, a deflated data set
+    and any data set `_read_buffer` leaves to pydicom are read by pydicom (`_parse_file`)."""
+    if isinstance(data, (bytes, bytearray, memoryview)):
+        with memoryview(data) as given:
+            if given.c_contiguous:
+                with given.cast("B") as view:  # (released on return: the caller may reuse its buffer)
+                    if ts in DEFLATED_TRANSFER_SYNTAXES:  # (inflated as read, from the buffer itself)
+                        return _parse_file(cast(BinaryIO, _MemoryFile(view)), ts, max_bytes=max_bytes)
+                    return _parse_buffer(data, view, ts)
+    return _parse_pydicom(data, ts, max_bytes=max_bytes)
+
+
+def _parse_pydicom(
+    data: bytes | bytearray | memoryview | BinaryIO, ts: str, *, max_bytes: int | None
+) -> tuple[Dataset, PixelDataShape | None]:
+    """`_parse` by pydicom alone (bytes are read through a ``BytesIO``, which copies a bytearray)."""
     raw: BinaryIO = BytesIO(data) if isinstance(data, (bytes, bytearray, memoryview)) else data
+    return _parse_file(raw, ts, max_bytes=max_bytes)
+
+
+def _parse_file(raw: BinaryIO, ts: str, *, max_bytes: int | None) -> tuple[Dataset, PixelDataShape | None]:
+    """`_parse` of a data set in a file positioned at its start: pydicom reads the header."""
     fp: _Seekable | _Inflater
     if ts in DEFLATED_TRANSFER_SYNTAXES:
         fp = _Inflater(raw, max_bytes=max_bytes or 2**62, limit=MAX_HEADER_BYTES)
@@ -286,12 +322,227 @@ def _parse(data: bytes | BinaryIO, ts: str, *, max_bytes: int | None) -> tuple[D
     ds = read_dataset(cast(BinaryIO, fp), implicit, little, stop_when=_stop_at_pixels)
     if len(ds) == 0:
         raise IngestError(CANNOT_UNDERSTAND, "no data elements")
-    for raw_elem in ds._dict.values():  # a value cut short by the end of the data
-        length, value = getattr(raw_elem, "length", None), getattr(raw_elem, "value", None)
-        if length is not None and length != 0xFFFFFFFF and isinstance(value, bytes) and len(value) < length:
-            raise IngestError(CANNOT_UNDERSTAND, "the data set is truncated")
+    if any(_cut_short(element) for element in ds._dict.values()):
+        raise IngestError(CANNOT_UNDERSTAND, "the data set is truncated")
     fp.limit = None  # the header is read: the rest is only skipped through
     return ds, _check_tail(fp, implicit=implicit, little=little)
+
+
+class _MemoryFile:
+    """A read-only file over a buffer that shares it (``BytesIO`` copies a bytearray); it reads,
+    seeks and tells as ``BytesIO`` does."""
+
+    def __init__(self, view: memoryview):
+        self._view = view
+        self._pos = 0
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, pos: int, whence: int = 0) -> int:
+        if whence == 0:
+            if pos < 0:
+                raise ValueError(f"negative seek value {pos}")
+        else:
+            pos = max(0, pos + (self._pos if whence == 1 else len(self._view)))
+        self._pos = pos
+        return pos
+
+    def read(self, n: int | None = -1) -> bytes:
+        start = self._pos
+        out = bytes(self._view[start:] if n is None or n < 0 else self._view[start : start + n])
+        self._pos = start + len(out)
+        return out
+
+
+class _PydicomReads(Exception):
+    """The data set holds something `_read_buffer` leaves to pydicom's own reading of it all."""
+
+
+_HEADS = {little: struct.Struct(("<" if little else ">") + "HH2sH") for little in (True, False)}
+_IMPLICIT_HEADS = {little: struct.Struct(("<" if little else ">") + "HHL") for little in (True, False)}
+_LENGTHS = {little: struct.Struct(("<" if little else ">") + "L") for little in (True, False)}
+#: the VRs pydicom reads in explicit VR (ENCODED_VR): their name and whether a 4-byte length follows
+_EXPLICIT_VRS = {
+    code: (code.decode(default_encoding), code.decode(default_encoding) in EXPLICIT_VR_LENGTH_32)
+    for code in ENCODED_VR
+    if len(code) == 2
+}
+_CHARSET_TAG = 0x00080005
+_EMPTY_VALUES: dict[bool, dict[str | None, Any]] = {}
+
+
+def _empty_values() -> dict[str | None, Any]:
+    """The value of a raw element of length 0 by VR: pydicom's `empty_value_for_VR` (raw), which
+    depends on the VR and on `config.use_none_as_empty_text_VR_value` alone (b"" or None)."""
+    setting = bool(pydicom_config.use_none_as_empty_text_VR_value)
+    values = _EMPTY_VALUES.get(setting)
+    if values is None:
+        names: list[str | None] = [None, *(name for name, _ in _EXPLICIT_VRS.values())]
+        values = _EMPTY_VALUES.setdefault(setting, {name: empty_value_for_VR(name, raw=True) for name in names})
+    return values
+
+
+def _parse_buffer(
+    data: bytes | bytearray | memoryview, view: memoryview, ts: str
+) -> tuple[Dataset, PixelDataShape | None]:
+    """`_parse` of a data set in memory, not deflated (`view`: its bytes)."""
+    implicit = ts == IMPLICIT_VR_LITTLE_ENDIAN
+    little = ts != EXPLICIT_VR_BIG_ENDIAN
+    if len(view) < 8:
+        raise IngestError(CANNOT_UNDERSTAND, "the data set is empty or too short")
+    fp = _Seekable(cast(BinaryIO, _MemoryFile(view)), MAX_HEADER_BYTES)
+    try:
+        elements, stop, truncated = _read_buffer(data, view, fp, implicit, little)
+    except _PydicomReads:
+        return _parse_file(cast(BinaryIO, _MemoryFile(view)), ts, max_bytes=None)
+    ds = Dataset(elements, parent_encoding=default_encoding)  # (what `read_dataset` makes of them)
+    encoding: str | MutableSequence[str] = default_encoding
+    if _CHARSET_TAG in elements:
+        charset = convert_raw_data_element(cast(RawDataElement, elements[BaseTag(_CHARSET_TAG)])).value
+        encoding = convert_encodings(cast("str | MutableSequence[str] | None", charset))
+    ds.set_original_encoding(implicit, little, encoding)
+    if len(ds) == 0:
+        raise IngestError(CANNOT_UNDERSTAND, "no data elements")
+    if truncated:
+        raise IngestError(CANNOT_UNDERSTAND, "the data set is truncated")
+    fp.limit = None  # the header is read: the rest is only skipped through
+    fp.seek(stop)  # (where pydicom's reading would have left it)
+    return ds, _check_tail(fp, implicit=implicit, little=little)
+
+
+def _read_buffer(
+    data: bytes | bytearray | memoryview, view: memoryview, fp: _Seekable, implicit: bool, little: bool
+) -> tuple[dict[BaseTag, RawDataElement | DataElement], int, bool]:
+    """The top-level elements before the pixel data, as pydicom's `read_dataset` reads them with
+    `_stop_at_pixels` through `fp` (a `_Seekable` of `view`); where it stops (at the element
+    pydicom's `stop_when` rewinds to, after an item delimitation item, or at the end); whether a
+    value is cut short by the end of the data.
+
+    The element headers are unpacked straight from the buffer: pydicom's generator pays a few
+    file calls and a `stop_when` call per element, most of the header's reading time. What is
+    rare is read by pydicom's generator itself, from where it starts, so that the result stays
+    pydicom's own: an undefined-length element (a sequence, or a value up to its delimiter),
+    after which this walk goes on; everything from an explicit VR pydicom does not know (or a
+    switch to implicit VR) or a 4-byte length cut short. A first element whose VR encoding is not
+    the transfer syntax's, or pydicom's debugging output, raise `_PydicomReads` (before anything
+    is read: pydicom then reads it all). Raises `_HeaderTooLarge` where a `_Seekable` of
+    `MAX_HEADER_BYTES` would.
+    """
+    if pydicom_config.debugging:
+        raise _PydicomReads()
+    size = len(view)
+    # `_Seekable.read` refuses a read ending past MAX_HEADER_BYTES when the data set is larger:
+    # a read ending past `bound` is either that or the end of the data
+    large = size > MAX_HEADER_BYTES
+    bound = MAX_HEADER_BYTES if large else size
+    found_implicit = not (0x40 < view[4] < 0x5B and 0x40 < view[5] < 0x5B)  # (pydicom's `_is_implicit_vr`)
+    if found_implicit != implicit:
+        raise _PydicomReads()
+    buf: bytes | memoryview = data if type(data) is bytes else view  # (a bytes slice is one copy, not two)
+    copy = type(data) is not bytes
+    head = (_IMPLICIT_HEADS if implicit else _HEADS)[little].unpack_from
+    long_length = _LENGTHS[little].unpack_from
+    explicit_vrs = _EXPLICIT_VRS
+    raw_element = tuple.__new__  # (RawDataElement's own __new__ is a Python function)
+    empty_values = _empty_values()
+    tag_objects = _TAG_OBJECTS
+    elements: dict[BaseTag, RawDataElement | DataElement] = {}
+    encoding: str | MutableSequence[str] = default_encoding
+    vr: str | None = None
+    pos = 0
+    while True:
+        value_tell = pos + 8
+        if value_tell > bound:
+            if large:
+                raise _HeaderTooLarge()
+            return elements, size, False
+        if implicit:
+            group, elem, length = head(buf, pos)
+        else:
+            group, elem, code, length = head(buf, pos)
+            known = explicit_vrs.get(code)
+            if known is None:
+                return _read_rest(fp, pos, implicit, little, encoding, elements)
+            vr, long = known
+            if long:
+                value_tell += 4
+                if value_tell > bound:
+                    return _read_rest(fp, pos, implicit, little, encoding, elements)
+                (length,) = long_length(buf, pos + 8)
+        tag = group << 16 | elem
+        if tag >= 0x7FE00000:
+            return elements, value_tell if tag == 0xFFFEE00D else pos, False
+        if length == 0xFFFFFFFF:
+            fp.seek(pos)
+            if _pydicom_reads(fp, implicit, little, encoding, elements, one=True):
+                return elements, fp.tell(), False
+            pos = fp.tell()
+            continue
+        end = value_tell + length
+        if length:
+            if end > bound and large:
+                raise _HeaderTooLarge()
+            value: Any = bytes(buf[value_tell:end]) if copy else buf[value_tell:end]
+        else:
+            value = empty_values[vr]
+        if tag == _CHARSET_TAG:  # (the encoding the generator hands on to sequences)
+            encoding = convert_encodings(convert_string(cast(bytes, value) or b"", little))
+        key = tag_objects.get(tag)
+        if key is None:
+            key = BaseTag(tag)
+        elements[key] = raw_element(RawDataElement, (key, vr, length, value, value_tell, implicit, little, True, False))
+        if end > size:
+            return elements, size, True
+        pos = end
+
+
+def _pydicom_reads(
+    fp: _Seekable,
+    implicit: bool,
+    little: bool,
+    encoding: str | MutableSequence[str],
+    elements: dict[BaseTag, RawDataElement | DataElement],
+    *,
+    one: bool,
+) -> bool:
+    """pydicom's generator reads from the position of `fp` into `elements`, as within `read_dataset`:
+    one element (`one`) or all the rest. True when reading is over: the rest is read, or pydicom
+    met what ends `read_dataset` (an EOFError or NotImplementedError: like it, nothing is kept)."""
+    try:
+        for element in data_element_generator(cast(BinaryIO, fp), implicit, little, _stop_at_pixels, None, encoding):
+            elements[element.tag] = element
+            if one:
+                return False
+    except EOFError as details:
+        if pydicom_config.settings.reading_validation_mode == pydicom_config.RAISE:
+            raise
+        warn_and_log(f"{details} in file {getattr(fp, 'name', '<no filename>')}", UserWarning)
+        elements.clear()
+    except NotImplementedError as details:
+        pydicom_logger.error(details)
+        elements.clear()
+    return True
+
+
+def _read_rest(
+    fp: _Seekable,
+    pos: int,
+    implicit: bool,
+    little: bool,
+    encoding: str | MutableSequence[str],
+    elements: dict[BaseTag, RawDataElement | DataElement],
+) -> tuple[dict[BaseTag, RawDataElement | DataElement], int, bool]:
+    """`_read_buffer`'s answer when pydicom's generator reads everything from `pos` on."""
+    fp.seek(pos)
+    _pydicom_reads(fp, implicit, little, encoding, elements, one=False)
+    return elements, fp.tell(), any(_cut_short(element) for element in elements.values())
+
+
+def _cut_short(element: RawDataElement | DataElement) -> bool:
+    """A value cut short by the end of the data."""
+    length, value = getattr(element, "length", None), getattr(element, "value", None)
+    return length is not None and length != 0xFFFFFFFF and isinstance(value, bytes) and len(value) < length
 
 
 _LONG_VRS = frozenset({b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"})
@@ -403,30 +654,62 @@ def check_pixel_data(ds: Dataset, transfer_syntax_uid: str, pixels: PixelDataSha
 # conversion that could fail): read straight from the raw element, without building a DataElement
 _PLAIN_VRS = frozenset({"AE", "AS", "CS", "DA", "DS", "DT", "LO", "PN", "SH", "TM", "UI"})
 _PRINTABLE = frozenset(range(0x20, 0x7F))
-_TAGS: dict[str, int | None] = {}
+_TAGS: dict[str, tuple[BaseTag, str | None] | None] = {}
+#: the tag objects of `_TAGS` by value: `_read_buffer` files its elements under them, so that a
+#: lookup by keyword finds its key by identity (an equal BaseTag costs a call of its Python ``__eq__``)
+_TAG_OBJECTS: dict[int, BaseTag] = {}
 
 
-def _tag(keyword: str) -> int | None:
+def _tag(keyword: str) -> tuple[BaseTag, str | None] | None:
+    """The tag of a keyword and its VR in pydicom's dictionary, the VR pydicom gives a raw
+    implicit-VR element of it (None if the dictionary has several); None for a keyword pydicom
+    looks up itself (a repeating group)."""
     if keyword not in _TAGS:
-        from pydicom.datadict import tag_for_keyword
+        from pydicom.datadict import dictionary_VR, tag_for_keyword
 
         found = tag_for_keyword(keyword)
-        _TAGS[keyword] = None if found is None else int(found)
+        if found is None:
+            _TAGS[keyword] = None
+        else:
+            tag = _TAG_OBJECTS.setdefault(int(found), BaseTag(found))
+            try:
+                vr: str | None = str(dictionary_VR(tag))
+            except KeyError:
+                vr = None
+            _TAGS[keyword] = (tag, vr)
     return _TAGS[keyword]
 
 
-def _plain_text(ds: Dataset, keyword: str) -> tuple[bool, str | None]:
-    """(True, value) when the element is absent or a raw explicit-VR element of a plain VR with a
-    printable-ASCII value: its text as pydicom would give it (components stripped, trailing
-    NULs and spaces dropped); (False, None) when pydicom must convert it."""
-    tag = _tag(keyword)
-    if tag is None:  # (a repeating-group keyword: pydicom looks it up)
-        return False, None
-    elem = ds._dict.get(BaseTag(tag))
+def _raw_element(ds: Dataset, keyword: str) -> tuple[bool, Any, str | None]:
+    """(found, element, VR) of a keyword for the plain readings: (True, None, None) when absent;
+    (False, ...) when pydicom must look it up or convert it (not a raw element); the VR is
+    the element's, or for an implicit-VR element the dictionary's (pydicom's `raw_element_vr`)."""
+    found = _tag(keyword)
+    if found is None:  # (a repeating-group keyword: pydicom looks it up)
+        return False, None, None
+    tag, dictionary_vr = found
+    elem = ds._dict.get(tag)
     if elem is None:
-        return True, None
-    vr, raw = getattr(elem, "VR", None), getattr(elem, "value", None)
-    if not getattr(elem, "is_raw", False) or vr not in _PLAIN_VRS or not isinstance(raw, bytes):
+        return True, None, None
+    if not getattr(elem, "is_raw", False):
+        return False, None, None
+    vr = getattr(elem, "VR", None)
+    return True, elem, dictionary_vr if vr is None else vr
+
+
+def _plain_text(ds: Dataset, keyword: str) -> tuple[bool, str | None]:
+    """(True, value) when the element is absent or a raw element of a plain VR with a
+    printable-ASCII value: its text as pydicom would give it (components stripped, trailing
+    NULs and spaces dropped; '' when empty); (False, None) when pydicom must convert it."""
+    found, elem, vr = _raw_element(ds, keyword)
+    if not found or elem is None:
+        return found, None
+    if vr not in _PLAIN_VRS:
+        return False, None
+    if getattr(elem, "length", None) == 0:  # (pydicom's value: '', None or an empty name: all '')
+        return True, ""
+    raw = getattr(elem, "value", None)
+    if not isinstance(raw, bytes):
         return False, None
     raw = raw.rstrip(b"\0 ")
     if not _PRINTABLE.issuperset(raw):
@@ -451,23 +734,24 @@ _NOT_PLAIN = object()
 
 
 def _plain_int(ds: Dataset, keyword: str) -> Any:
-    """`_int` of an absent element, of a raw explicit-VR IS element whose printable-ASCII value
-    ``int`` reads, or of a raw little-endian US element of one value, without pydicom converting
-    it; `_NOT_PLAIN` when pydicom must."""
-    tag = _tag(keyword)
-    if tag is None:
+    """`_int` of an absent element, of a raw IS element whose printable-ASCII value ``int``
+    reads, of a raw little-endian US element of one value or of an empty raw element of either
+    VR, without pydicom converting it; `_NOT_PLAIN` when pydicom must."""
+    found, elem, vr = _raw_element(ds, keyword)
+    if not found:
         return _NOT_PLAIN
-    elem = ds._dict.get(BaseTag(tag))
     if elem is None:
         return None
-    vr, raw = getattr(elem, "VR", None), getattr(elem, "value", None)
-    if not getattr(elem, "is_raw", False) or not isinstance(raw, bytes):
+    if vr != "US" and vr != "IS":
+        return _NOT_PLAIN
+    if getattr(elem, "length", None) == 0:  # (pydicom's value: None)
+        return None
+    raw = getattr(elem, "value", None)
+    if not isinstance(raw, bytes):
         return _NOT_PLAIN
     if vr == "US":
         if len(raw) == 2 and getattr(elem, "is_little_endian", False):
             return raw[0] | raw[1] << 8
-        return _NOT_PLAIN
-    if vr != "IS":
         return _NOT_PLAIN
     raw = raw.rstrip(b"\0 ")
     if not raw:

@@ -433,7 +433,7 @@ class Listener:
     def _store(self, assoc, req, transfer_syntax: str, spool: Spool | None) -> int:
         calling = (assoc.requestor.ae_title or "").strip()
         request_sop = str(req.AffectedSOPInstanceUID or "")
-        data: bytes | None
+        data: bytes | bytearray | None
         if spool is None:  # (no spool: the data set is in pynetdicom's BytesIO)
             data = req.DataSet.getvalue() if req.DataSet is not None else b""
             size = len(data)
@@ -512,7 +512,7 @@ class Listener:
 
     def _refuse(
         self,
-        data: bytes | None,
+        data: bytes | bytearray | None,
         req,
         transfer_syntax: str,
         calling: str,
