@@ -39,6 +39,12 @@ def test_bench_ingest_json(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     result = json.loads(r.stdout)
     assert set(result) >= KEYS and result["all_arrived"] is True and result["instances"] == 8
+    # each receiver got an untimed warm-up first (4 instances per association), checked as arrived too:
+    # Orthanc holds the timed set and the warm-up, no more, no less
+    assert result["warmup_per_association"] == 4
+    for run in result["runs"]:
+        if run["receiver"] == "orthanc":
+            assert run["note"] == f"{8 + 4 * run['associations']} instances in Orthanc", run
     for key in KEYS - {"all_arrived"}:
         assert result[key] > 0, key
     runs = {(run["receiver"], run["associations"]) for run in result["runs"]}
@@ -58,3 +64,15 @@ def test_bench_ingest_json(tmp_path):
     assert all(run["cpu_ms"] is not None for run in result["runs"]), result["runs"]
     assert result["msknode_cpu_ms"] > 0
     assert not list(tmp_path.iterdir())  # the receivers' data is removed
+
+
+def test_bench_ingest_refuses_a_bad_warmup():
+    r = subprocess.run(
+        [sys.executable, "-m", "node.cli", "bench", "ingest", "--warmup", "-1"],
+        cwd=ROOT,
+        env=child_env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert r.returncode == 2 and "--warmup must be between 0 and 1000" in r.stderr, r.stderr

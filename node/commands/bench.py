@@ -40,15 +40,32 @@ def _add_ingest(bench_sub) -> None:
         "--only", help="comma list of receivers to run (msknode,msknode-stock,orthanc,storescp; default all)"
     )
     p.add_argument("--repeat", type=int, default=1, help="rounds; ratios use the medians (for a busy machine)")
+    p.add_argument(
+        "--warmup",
+        type=int,
+        default=None,
+        help="instances per association each receiver gets, untimed, before the timed send "
+        "(default 4; 0: none, the receivers' first calls timed too)",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=_bench_ingest)
 
 
 def _bench_ingest(args, settings) -> int:
-    from node.demo.bench_ingest import MSKNODE_RECEIVERS, RECEIVERS, format_report, run_bench
+    from node.demo.bench_ingest import (
+        MSKNODE_RECEIVERS,
+        RECEIVERS,
+        WARMUP_PER_ASSOCIATION,
+        format_report,
+        run_bench,
+    )
 
     if args.instances < 4:
         print("msknode: --instances must be at least 4", file=sys.stderr)
+        return 2
+    warmup = WARMUP_PER_ASSOCIATION if args.warmup is None else args.warmup
+    if not 0 <= warmup <= 1000:
+        print("msknode: --warmup must be between 0 and 1000", file=sys.stderr)
         return 2
     receivers = tuple(r.strip() for r in args.only.split(",")) if args.only else RECEIVERS
     unknown = set(receivers) - set(RECEIVERS)
@@ -58,6 +75,7 @@ def _bench_ingest(args, settings) -> int:
     progress = (lambda msg: print(msg, file=sys.stderr)) if args.json else print
     result = run_bench(
         instances=args.instances,
+        warmup=warmup,
         input_dir=args.input,
         workdir=args.workdir,
         listener_processes=max(1, args.listener_processes or settings.listener_processes),

@@ -15,6 +15,11 @@ as the upper bound. The receivers take turns within each round, so a busy machin
 them alike; with ``--repeat`` the ratios use the medians. Before each receiver starts,
 ``sync`` writes out what the previous one left to the kernel's writeback.
 
+Each receiver is first sent a warm-up of `WARMUP_PER_ASSOCIATION` other instances per
+association (the same way, not timed), so that what is measured is the receiver serving, not
+its processes' first calls (lazy imports, statements compiled on first use, caches filled): a
+node runs for weeks, and its start is not what a PACS waits for. ``--warmup 0`` leaves it out.
+
 Each run also reports the CPU time (user + system) its receiver's processes spent over the
 send, per instance (``cpu_ms``; from ``/proc/<pid>/stat`` of the receiver and every process
 below it): on a shared machine it moves far less with the other load than instances/s does.
@@ -70,6 +75,7 @@ class Run:
 class BenchResult:
     instances: int
     listener_processes: int
+    warmup: int = 0  # instances per association sent (untimed) before each timed send
     runs: list[Run] = field(default_factory=list)
     load_start: tuple[float, ...] = field(default_factory=os.getloadavg)
 
@@ -110,6 +116,7 @@ class BenchResult:
         return {
             "instances": self.instances,
             "listener_processes": self.listener_processes,
+            "warmup_per_association": self.warmup,
             "msknode_ips": round(m1, 1),
             "msknode_stock_ips": round(k1, 1),
             "orthanc_ips": round(o1, 1),
@@ -444,9 +451,14 @@ class StorescpReceiver(Receiver):
 # ---- the benchmark ---------------------------------------------------------------------------
 
 
+#: instances sent per association before each timed send (not timed, checked as arrived like the rest)
+WARMUP_PER_ASSOCIATION = 4
+
+
 def run_bench(
     *,
     instances: int = 400,
+    warmup: int = WARMUP_PER_ASSOCIATION,
     input_dir: Path | None = None,
     workdir: Path | None = None,
     listener_processes: int = 1,
@@ -469,8 +481,11 @@ def run_bench(
             progress(f"generating {instances} MR instances ({ROWS}x{COLUMNS}, 16-bit) in {root / 'set'}")
             files = generate_mr_set(root / "set", instances)
         expected = dict(_dataset_digest(p) for p in files)
+        most = max(associations for _, associations in MODES)
+        warm = generate_mr_set(root / "warmup", warmup * most, seed=1) if warmup > 0 else []
+        warm_expected = {p: _dataset_digest(p) for p in warm}
         total_bytes = sum(p.stat().st_size for p in files)
-        result = BenchResult(instances=len(files), listener_processes=listener_processes)
+        result = BenchResult(instances=len(files), listener_processes=listener_processes, warmup=warmup)
         factories = {
             "msknode": lambda: MsknodeReceiver(listener_processes),
             "msknode-stock": lambda: MsknodeReceiver(listener_processes, fast_transport=False),
@@ -489,10 +504,13 @@ def run_bench(
                 os.sync()
                 try:  # (a receiver that never answers C-ECHO is stopped too)
                     port = receiver.start(work)
+                    warm_files = warm[: warmup * associations]
+                    if warm_files:
+                        send(warm_files, port, receiver.aet, associations)
                     cpu_before = tree_cpu_seconds(receiver.pid())
                     seconds = send(files, port, receiver.aet, associations)
                     cpu_after = tree_cpu_seconds(receiver.pid())
-                    ok, note = receiver.arrived(expected)
+                    ok, note = receiver.arrived(expected | dict(warm_expected[p] for p in warm_files))
                     peak = receiver.peak_rss_mb()  # before it stops: VmHWM of its live processes
                 finally:
                     receiver.stop()
