@@ -497,16 +497,7 @@ def test_a_bytearray_is_not_copied(generated_mr):
     big.extend(b"\0\0")  # (no view of it is left behind, even by the error)
 
 
-def _pydicom_text(ds: Dataset, keyword: str) -> str | None:
-    """What `_text` answers without its raw readings: the value pydicom converts."""
-    if keyword not in ds:
-        return None
-    value = ds[keyword].value
-    if value is None:
-        return ""
-    if isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue":
-        return "\\".join(str(v).strip() for v in value)
-    return str(value).strip()
+_pydicom_text = header.pydicom_text  # what `_text` answers without its raw readings
 
 
 def test_implicit_vr_elements_are_read_raw_as_pydicom_converts_them():

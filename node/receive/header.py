@@ -769,6 +769,11 @@ def _text(ds: Dataset, keyword: str) -> str | None:
     plain, text = _plain_text(ds, keyword)
     if plain:
         return text
+    return pydicom_text(ds, keyword)
+
+
+def pydicom_text(ds: Dataset, keyword: str) -> str | None:
+    """A text value as pydicom converts it (what `_text` answers when the raw value is not plain)."""
     if keyword not in ds:
         return None
     value = ds[keyword].value
