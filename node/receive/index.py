@@ -504,7 +504,7 @@ def _close_statements() -> tuple[Any, Any, Any]:
         .where(and_(asc.c.id == bindparam("b_id"), asc.c.ended_at.is_(None)))
         .values(ended_at=bindparam("b_now"), end_reason=bindparam("b_reason"), instances=stored)
     )
-    delivered = select(asr.c.series_id).where(asr.c.association_id == bindparam("b_id")).order_by(asr.c.series_id)
+    delivered = select(asr.c.series_id).where(asr.c.association_id == bindparam("b_id"))
     # each series the association delivered to: how many other associations still deliver to it,
     # and its quiet timer started when none does
     others = (
@@ -515,13 +515,13 @@ def _close_statements() -> tuple[Any, Any, Any]:
     )
     series = (
         update(se)
-        .where(se.c.id.in_(select(asr.c.series_id).where(asr.c.association_id == bindparam("b_id"))))
+        .where(se.c.id.in_(delivered))
         .values(
             open_associations=others,
             quiet_deadline=case((others == 0, bindparam("b_deadline")), else_=se.c.quiet_deadline),
         )
     )
-    return end, delivered, series
+    return end, delivered.order_by(asr.c.series_id), series
 
 
 def close_association(

@@ -251,6 +251,21 @@ def tls_handshake(raw: socket.socket, context: ssl.SSLContext, deadline: float) 
     return tls
 
 
+def _reads_directly(sock: socket.socket) -> bool:
+    """A plain TCP socket with a timeout: non-blocking underneath, so `_read_available` may read it."""
+    return not isinstance(sock, ssl.SSLSocket) and sock.gettimeout() is not None
+
+
+def _read_available(fd: int, buf: bytearray | memoryview) -> int:
+    """Reads into `buf` what the kernel already holds for a non-blocking socket (0 at its end), or
+    -1 when it holds nothing: one system call, without the poll Python makes before every receive
+    on a socket with a timeout (a second system call, and a second hand-over of the GIL, per read)."""
+    try:
+        return os.readv(fd, [buf])
+    except BlockingIOError:
+        return -1
+
+
 class _GuardedSocket(AssociationSocket):
     """pynetdicom's socket wrapper that first hands out the A-ASSOCIATE-RQ read at admission, and
     refuses to read a PDU longer than the maximum length we advertised (`max_pdu`, 0: any): it
@@ -342,8 +357,7 @@ class _GuardedSocket(AssociationSocket):
             and not self._primed
             and not self._complained
             and self._body is None
-            and not isinstance(sock, ssl.SSLSocket)
-            and sock.gettimeout() is not None
+            and _reads_directly(sock)
         )
 
     def header_if_arrived(self) -> bytearray | None:
@@ -353,9 +367,8 @@ class _GuardedSocket(AssociationSocket):
         sock = self.socket
         assert sock is not None
         data = bytearray(6)
-        try:
-            k = os.readv(sock.fileno(), [data])
-        except BlockingIOError:
+        k = _read_available(sock.fileno(), data)
+        if k < 0:
             return None
         if 0 < k < 6:
             data[k:] = self._read_fully(6 - k)
@@ -372,20 +385,13 @@ class _GuardedSocket(AssociationSocket):
         assert sock is not None
         buf = bytearray(n)
         got = 0
-        # A socket with a timeout is non-blocking underneath, and Python polls it before every
-        # receive (a second system call, and a second hand-over of the GIL, per read): what the
-        # kernel already holds is taken without the poll; only when it holds nothing does Python's
-        # own receive wait, with the socket's timeout as before.
-        direct = not isinstance(sock, ssl.SSLSocket) and sock.gettimeout() is not None
+        # what the kernel already holds is taken without Python's poll (`_read_available`); only
+        # when it holds nothing does Python's own receive wait, with the socket's timeout as before
+        direct = _reads_directly(sock)
         fd = sock.fileno()
         with memoryview(buf) as view:
             while got < n:
-                k = -1
-                if direct:
-                    try:
-                        k = os.readv(fd, [view[got:]])
-                    except BlockingIOError:
-                        pass
+                k = _read_available(fd, view[got:]) if direct else -1
                 if k < 0:
                     k = sock.recv_into(view[got:])
                 if not k:
@@ -556,8 +562,8 @@ class _DUL(DULServiceProvider):
 
     def _read_pdu_data(self, header: bytearray | None = None) -> None:
         """Reads one PDU (after its `header`, if already read) and queues its event, as pynetdicom's
-        `_read_pdu_data` (the same events on
-        a short read, an unknown PDU type or a PDU that cannot be decoded); except that a well-formed
+        `_read_pdu_data` (the same events on a short read, an unknown PDU type or a PDU that cannot
+        be decoded); except that a well-formed
         P-DATA-TF in Sta6 (established, nothing else queued) goes straight to the DIMSE provider
         (`_deliver_pdata`): what the state machine's DT-2 does with it, without the PDU, item and
         primitive objects pynetdicom makes of it (each a copy of the data set) and its PDU queue.
