@@ -428,3 +428,72 @@ def test_the_end_of_an_association_reads_its_instances_through_an_index(db, sett
     assert not scans, scans
     with db.session() as s:
         assert s.get(Association, a).instances == 3
+
+
+def test_a_staged_file_is_on_its_way_to_disk_before_its_fsync(tmp_path, monkeypatch):
+    """`stage` starts the kernel's writeback of the new file (sync_file_range, WRITE) before it
+    returns, so the fsync after the index row waits for less; the binding works on this kernel."""
+    import os
+
+    from node.receive import storage
+
+    assert storage._sync_file_range is not None, "no sync_file_range binding on Linux"
+    probe = tmp_path / "probe"
+    probe.write_bytes(b"x" * 65536)
+    fd = os.open(probe, os.O_RDONLY)
+    try:
+        assert storage.start_writeback(fd) is True
+    finally:
+        os.close(fd)
+    assert storage.start_writeback(-1) is False  # (a bad descriptor: no writeback, no exception)
+
+    calls = []
+    real = storage._sync_file_range
+
+    def recording(fd, offset, nbytes, flags):
+        calls.append((os.fstat(fd).st_ino, os.fstat(fd).st_size, offset, nbytes, flags))
+        return real(fd, offset, nbytes, flags)
+
+    monkeypatch.setattr(storage, "_sync_file_range", recording)
+    store = InstanceStore(tmp_path / "store", tmp_path / "q", min_free_bytes=0)
+    store.prepare()
+    staged = store.stage(b"M" * 132, b"D" * 300_000)
+    st = staged.path.stat()
+    assert calls == [(st.st_ino, 300_132, 0, 0, storage._SYNC_FILE_RANGE_WRITE)]
+
+
+def test_a_batch_fsyncs_its_small_writes_in_one_thread_beside_the_file(tmp_path, monkeypatch):
+    """One file, its directory and the database log: the file is fsynced by the caller and the
+    directory and log together in ONE pool job (each hand-over to a thread costs switches); every
+    one is fsynced, and a failure of a small one is raised."""
+    import threading
+
+    from node.receive import storage
+
+    synced: list[tuple[str, bool, str]] = []
+    real = storage._fsync_path
+
+    def recording(path, is_dir=False):
+        synced.append((str(path), is_dir, threading.current_thread().name))
+        real(path, is_dir)
+
+    monkeypatch.setattr(storage, "_fsync_path", recording)
+    store = InstanceStore(tmp_path / "store", tmp_path / "q", min_free_bytes=0)
+    store.prepare()
+    f, wal = tmp_path / "f.dcm", tmp_path / "index.db-wal"
+    f.write_bytes(b"f")
+    wal.write_bytes(b"w")
+    store.sync(files=[f], dirs=[tmp_path], small=[wal])
+    caller = threading.current_thread().name
+    assert [(p, d) for p, d, t in synced if t == caller] == [(str(f), False)]
+    others = [(p, d, t) for p, d, t in synced if t != caller]
+    assert sorted((p, d) for p, d, _ in others) == sorted([(str(tmp_path), True), (str(wal), False)])
+    assert len({t for _, _, t in others}) == 1  # the directory and the log: one thread, one job
+
+    submitted = []
+    real_submit = store._pool.submit
+    monkeypatch.setattr(store._pool, "submit", lambda fn, *a: submitted.append(fn) or real_submit(fn, *a))
+    store.sync(files=[f], dirs=[tmp_path], small=[wal])
+    assert len(submitted) == 1
+    with pytest.raises(StorageError, match="fsync failed"):
+        store.sync(files=[f], dirs=[tmp_path], small=[tmp_path / "gone-wal"])

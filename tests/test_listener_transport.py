@@ -191,3 +191,57 @@ def test_when_the_fast_transport_cannot_be_set_up_the_association_is_served_by_s
     assert len(fallback) == 1 and fallback[0].startswith("connection from 127.0.0.1:"), caplog.text
     assert fallback[0].endswith("served by stock pynetdicom")
     assert "Doe" not in caplog.text
+
+
+def test_a_c_store_is_served_by_the_thread_that_read_its_last_fragment(listener):
+    """The fast transport stores a C-STORE and answers it in the DUL thread that read it (no
+    hand-over to the association's reactor thread per instance), in order, every one indexed."""
+    import threading
+
+    from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage
+    from test_listener import _good_instance
+
+    from support.listener import RawSender
+
+    served: list[tuple[str, bool]] = []
+    handle_store = listener.handle_store
+
+    def recording(assoc, req, ts):
+        served.append((str(req.AffectedSOPInstanceUID), threading.current_thread() is assoc.dul))
+        return handle_store(assoc, req, ts)
+
+    listener.server.store_handler = recording
+    instances = [_good_instance() for _ in range(3)]
+    with RawSender(listener.port, [(MRImageStorage, ExplicitVRLittleEndian)], calling="INLINESCU") as sender:
+        for ds, data in instances:
+            assert sender.send(MRImageStorage, ds.SOPInstanceUID, ExplicitVRLittleEndian, data) == 0x0000
+    assert served == [(str(ds.SOPInstanceUID), True) for ds, _ in instances]
+    row = wait_for(lambda: ended(listener.db, "INLINESCU"), timeout=5)
+    assert row is not None and row.end_reason == "released" and row.instances == 3
+
+
+def test_a_c_store_sent_while_the_association_is_being_recorded_waits_for_it(listener, monkeypatch):
+    """A peer may send its first C-STORE the moment it holds the A-ASSOCIATE-AC, while the listener
+    still records the association (EVT_ACCEPTED): that request is served once the association is
+    recorded (answered, its row carrying the association), not lost in between."""
+    from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage
+    from test_listener import _good_instance
+
+    from support.listener import RawSender
+
+    open_association = listener.writer.open_association
+
+    def slow_open(*args, **kwargs):
+        time.sleep(0.5)  # the first C-STORE is in before the association is recorded
+        return open_association(*args, **kwargs)
+
+    monkeypatch.setattr(listener.writer, "open_association", slow_open)
+    ds, data = _good_instance()
+    with RawSender(listener.port, [(MRImageStorage, ExplicitVRLittleEndian)], calling="EARLYSCU") as sender:
+        sender.assoc.dimse_timeout = 10
+        assert sender.send(MRImageStorage, ds.SOPInstanceUID, ExplicitVRLittleEndian, data) == 0x0000
+    row = wait_for(lambda: ended(listener.db, "EARLYSCU"), timeout=5)
+    assert row is not None and row.instances == 1
+    with listener.db.session() as s:
+        stored = s.scalars(select(Instance).where(Instance.sop_instance_uid == str(ds.SOPInstanceUID))).one()
+    assert stored.association_id == row.id

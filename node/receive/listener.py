@@ -280,6 +280,7 @@ class Listener:
         self.refusal_counts.flush(self.refusals)
         self.writer.flush()
         self.writer.close()
+        self.log.debug("index writer: %d operations in %d transactions", self.writer.committed, self.writer.batches)
         self.store.close()
         self.db.dispose()
         self.server = None

@@ -123,12 +123,53 @@ def dataset_digest(path: Path) -> str | None:
         return None
 
 
+def _writeback_starter():
+    """Linux's ``sync_file_range(fd, 0, 0, SYNC_FILE_RANGE_WRITE)`` (through ctypes, which lets go of
+    the GIL while the kernel queues the writes), or None where there is none."""
+    try:
+        import ctypes
+
+        fn = ctypes.CDLL(None, use_errno=True).sync_file_range
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+_sync_file_range = _writeback_starter()
+_SYNC_FILE_RANGE_WRITE = 2
+
+
+def start_writeback(fd: int) -> bool:
+    """Starts writing a file's dirty pages to disk without waiting (a hint, never a durability step).
+
+    The fsync that makes the file durable comes a little later (after its index row is written);
+    by then most of its data is on its way, so the fsync waits for less (measured here: 0.50 ->
+    0.25 ms for a 295 KB instance written 0.3 ms before). False where it is not available."""
+    if _sync_file_range is None:
+        return False
+    return _sync_file_range(fd, 0, 0, _SYNC_FILE_RANGE_WRITE) == 0
+
+
 def _fsync_path(path: Path, is_dir: bool = False) -> None:
     fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if is_dir else 0))
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _fsync_all(jobs: list[tuple[Path, bool]]) -> None:
+    """fsyncs each (path, is a directory) in turn; raises the first error after trying them all."""
+    error: OSError | None = None
+    for path, is_dir in jobs:
+        try:
+            _fsync_path(path, is_dir)
+        except OSError as e:
+            error = error or e
+    if error is not None:
+        raise error
 
 
 def _fsync_dir(path: Path) -> None:
@@ -220,6 +261,7 @@ class InstanceStore:
             if e.errno == 28:  # ENOSPC
                 raise OutOfSpaceError("disk full while writing an instance") from None
             raise StorageError(f"cannot write a staged file: {e.strerror}") from None
+        start_writeback(fd)  # (its fsync follows the index row: `sync`)
         os.close(fd)
         return StagedFile(path=path, size=size, sha256=digest)
 
@@ -263,24 +305,35 @@ class InstanceStore:
     def discard(self, staged: StagedFile) -> None:
         staged.path.unlink(missing_ok=True)
 
-    def sync(self, files: Iterable[Path] = (), dirs: Iterable[Path] = ()) -> None:
-        """fsyncs files and directories all at once (parallel threads): their journal commits
-        and device cache flushes are merged, so a batch costs about one flush, not one per item.
-        Returns once every one is durable; raises the first error."""
-        jobs = [(p, False) for p in files] + [(d, True) for d in dirs]
-        if not jobs:
+    def sync(self, files: Iterable[Path] = (), dirs: Iterable[Path] = (), *, small: Iterable[Path] = ()) -> None:
+        """fsyncs files and directories all at once: their device cache flushes are merged, so a
+        batch costs about one flush, not one per item. Returns once every one is durable; raises
+        the first error.
+
+        The first file is fsynced by the calling thread, every further file in a thread of its
+        own, and the directories with the `small` files (e.g. a database's log, whose pages were
+        just written) one after the other in one more thread: each of those is a short write,
+        and each hand-over to a thread costs wake-ups and, in a busy process, waits for the GIL
+        (measured at four associations: ~15 thread switches per instance with a thread each)."""
+        big = [(p, False) for p in files]
+        rest = [(d, True) for d in dirs] + [(p, False) for p in small]
+        if not big and rest:
+            big, rest = rest[:1], rest[1:]
+        if not big:
             return
-        if len(jobs) == 1:
-            _fsync_path(*jobs[0])
+        if not rest and len(big) == 1:
+            _fsync_path(*big[0])
             return
         with self._pool_lock:
             if self._pool is None:
                 self._pool = ThreadPoolExecutor(max_workers=16, thread_name_prefix="fsync")
             pool = self._pool
-        futures = [pool.submit(_fsync_path, path, is_dir) for path, is_dir in jobs[1:]]
+        futures = [pool.submit(_fsync_path, path, is_dir) for path, is_dir in big[1:]]
+        if rest:
+            futures.append(pool.submit(_fsync_all, rest))
         errors: list[BaseException] = []
         try:
-            _fsync_path(*jobs[0])
+            _fsync_path(*big[0])
         except OSError as e:
             errors.append(e)
         for f in futures:

@@ -653,9 +653,12 @@ class _DUL(DULServiceProvider):
                         cast(BytesIO, msg.data_set).write(view[start + 1 : end])
                     if not control & 2:
                         continue
-                    if isinstance(msg, _StoreCommand):  # the last fragment: the C-STORE goes to the association
+                    if isinstance(msg, _StoreCommand):  # the last fragment: the C-STORE is served
                         dimse.message = None
-                        dimse.msg_queue.put((msg.context_id, msg.request()))
+                        request = msg.request()
+                        serve_here = getattr(self.assoc, "serve_store_here", None)
+                        if serve_here is None or not serve_here(msg.context_id, request):
+                            dimse.msg_queue.put((msg.context_id, request))
                     else:  # pynetdicom completes its message (given an empty last fragment)
                         dimse.receive_primitive(_pdata(context_id, bytes((control,))))
         except Exception:  # as the state machine does when DT-2 fails: the DUL stops (the association ends)
@@ -845,6 +848,8 @@ class _Association(Association):
     """An acceptor whose reactor blocks on the DIMSE queue instead of polling every 1 ms."""
 
     release_requested = False  # the peer asked for an orderly release
+    _serving_queued = False  # the reactor thread is serving a request it took from the DIMSE queue
+    _reactor_running = False
     store_handler: StoreHandler | None = None
 
     def _serve_request(self, msg, context_id: int) -> None:
@@ -880,6 +885,23 @@ class _Association(Association):
         pdata.presentation_data_value_list.append((context_id, b"\x03" + command))
         self.dul.send_pdu(pdata)
 
+    def serve_store_here(self, context_id: int, request: C_STORE) -> bool:
+        """Serves a C-STORE in the calling thread (the DUL's, whose P-DATA-TF completed it) instead
+        of queueing it for the association's reactor thread; False: queue it.
+
+        The hand-over to the reactor thread cost a wake-up and a switch of threads per instance
+        (and, with two associations in a process, a hand-over of the GIL): the DUL thread stores
+        the instance and writes the response itself. Meanwhile it reads nothing more from the
+        peer, which waits for the response (an acceptor that negotiates no asynchronous
+        operations). Only when nothing is queued for the reactor thread, so that requests are
+        still served in the order they came."""
+        if not self._reactor_running or self.store_handler is None or self._serving_queued:
+            return False  # (before the reactor runs, the association is not yet recorded as accepted)
+        if not self.dimse.msg_queue.empty():
+            return False
+        self._serve_request(request, context_id)
+        return True
+
     def _send_direct(self, context_id: int, command: bytes) -> bool:
         """Writes a C-STORE-RSP as one P-DATA-TF PDU from this thread; False: send it through the DUL.
 
@@ -905,6 +927,7 @@ class _Association(Association):
 
     def _run_reactor(self) -> None:
         self._is_paused = False
+        self._reactor_running = True  # (established, EVT_ACCEPTED handled: the DUL thread may serve)
         while not self._kill:
             self._is_paused = True
             self._reactor_checkpoint.wait()
@@ -916,7 +939,11 @@ class _Association(Association):
                 pass
             else:
                 if msg and context_id is not None:  # (None, None) carries no request
-                    self._serve_request(msg, context_id)
+                    self._serving_queued = True
+                    try:
+                        self._serve_request(msg, context_id)
+                    finally:
+                        self._serving_queued = False
 
             if self.is_established and self.acse.is_release_requested():
                 self.release_requested = True  # read by the connection-closed handler (another thread)

@@ -169,10 +169,11 @@ class IndexWriter:
             items = [op.payload for op, _, err in done if op.kind == "store" and err is None]
             files = [f for it in items for f in it.pending_files]
             dirs = {d for it in items for d in it.pending_dirs}
+            small = []
             if self._wal is not None and self._wal.exists():
-                files.append(self._wal)  # (a WAL deleted meanwhile was checkpointed and synced by SQLite)
+                small.append(self._wal)  # (a WAL deleted meanwhile was checkpointed and synced by SQLite)
             try:
-                self.store.sync(files=files, dirs=dirs)
+                self.store.sync(files=files, dirs=dirs, small=small)
             except (OSError, StorageError) as e:
                 error = e  # nothing is acknowledged; the senders retry
             for it in items:
