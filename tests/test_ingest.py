@@ -462,10 +462,10 @@ def test_a_staged_file_is_on_its_way_to_disk_before_its_fsync(tmp_path, monkeypa
     assert calls == [(st.st_ino, 300_132, 0, 0, storage._SYNC_FILE_RANGE_WRITE)]
 
 
-def test_a_batch_fsyncs_its_small_writes_in_one_thread_beside_the_file(tmp_path, monkeypatch):
-    """One file, its directory and the database log: the file is fsynced by the caller and the
-    directory and log together in ONE pool job (each hand-over to a thread costs switches); every
-    one is fsynced, and a failure of a small one is raised."""
+def test_a_batch_of_one_file_is_fsynced_by_its_caller_and_a_larger_one_in_parallel(tmp_path, monkeypatch):
+    """One file (its writeback already started), its directory and the database log: all fsynced
+    by the calling thread, no hand-over to a thread. Two files: the second in a thread of its own,
+    the directory and log together in one more. Every one is fsynced; a failure is raised."""
     import threading
 
     from node.receive import storage
@@ -480,20 +480,22 @@ def test_a_batch_fsyncs_its_small_writes_in_one_thread_beside_the_file(tmp_path,
     monkeypatch.setattr(storage, "_fsync_path", recording)
     store = InstanceStore(tmp_path / "store", tmp_path / "q", min_free_bytes=0)
     store.prepare()
-    f, wal = tmp_path / "f.dcm", tmp_path / "index.db-wal"
-    f.write_bytes(b"f")
-    wal.write_bytes(b"w")
-    store.sync(files=[f], dirs=[tmp_path], small=[wal])
+    f, g, wal = tmp_path / "f.dcm", tmp_path / "g.dcm", tmp_path / "index.db-wal"
+    for p in (f, g, wal):
+        p.write_bytes(b"x")
     caller = threading.current_thread().name
-    assert [(p, d) for p, d, t in synced if t == caller] == [(str(f), False)]
-    others = [(p, d, t) for p, d, t in synced if t != caller]
-    assert sorted((p, d) for p, d, _ in others) == sorted([(str(tmp_path), True), (str(wal), False)])
-    assert len({t for _, _, t in others}) == 1  # the directory and the log: one thread, one job
-
-    submitted = []
-    real_submit = store._pool.submit
-    monkeypatch.setattr(store._pool, "submit", lambda fn, *a: submitted.append(fn) or real_submit(fn, *a))
     store.sync(files=[f], dirs=[tmp_path], small=[wal])
-    assert len(submitted) == 1
+    assert synced == [(str(f), False, caller), (str(tmp_path), True, caller), (str(wal), False, caller)]
+    assert store._pool is None  # (no thread was started)
+
+    synced.clear()
+    store.sync(files=[f, g], dirs=[tmp_path], small=[wal])
+    assert [(p, d) for p, d, t in synced if t == caller] == [(str(f), False)]
+    threads = {p: t for p, _, t in synced if t != caller}
+    assert set(threads) == {str(g), str(tmp_path), str(wal)}
+    assert threads[str(tmp_path)] == threads[str(wal)]  # the directory and the log: one job
+
     with pytest.raises(StorageError, match="fsync failed"):
         store.sync(files=[f], dirs=[tmp_path], small=[tmp_path / "gone-wal"])
+    with pytest.raises(StorageError, match="fsync failed"):
+        store.sync(files=[f, g], dirs=[tmp_path], small=[tmp_path / "gone-wal"])

@@ -245,3 +245,29 @@ def test_a_c_store_sent_while_the_association_is_being_recorded_waits_for_it(lis
     with listener.db.session() as s:
         stored = s.scalars(select(Instance).where(Instance.sop_instance_uid == str(ds.SOPInstanceUID))).one()
     assert stored.association_id == row.id
+
+
+@pytest.mark.parametrize("ending", ["release", "abort"])
+def test_a_release_or_abort_wakes_the_association_at_once(listener, monkeypatch, ending):
+    """The association's reactor waits on its request queue; a release or an abort from the peer
+    wakes it (it answers / records the end at once), however long its poll (here 30 s)."""
+    from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage
+    from test_listener import _good_instance
+
+    from node.receive import transport
+    from support.listener import RawSender
+
+    monkeypatch.setattr(transport, "_QUEUE_WAIT", 30.0)
+    ds, data = _good_instance()
+    calling = f"WAKE{ending.upper()}"
+    sender = RawSender(listener.port, [(MRImageStorage, ExplicitVRLittleEndian)], calling=calling)
+    assert sender.send(MRImageStorage, ds.SOPInstanceUID, ExplicitVRLittleEndian, data) == 0x0000
+    t0 = time.monotonic()
+    if ending == "release":
+        sender.assoc.release()
+        assert sender.assoc.is_released
+    else:
+        sender.assoc.abort()
+    row = wait_for(lambda: ended(listener.db, calling), timeout=20)
+    assert row is not None and row.end_reason == ("released" if ending == "release" else "aborted")
+    assert time.monotonic() - t0 < 10  # (not the 30 s poll)

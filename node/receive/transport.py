@@ -61,7 +61,9 @@ StoreHandler = Callable[[Association, C_STORE, str], int]
 
 # longest wait of an idle loop: bounds how late the ARTIM timer and kill flags are seen
 _IDLE_WAIT = 0.05
-_QUEUE_WAIT = 0.01
+# longest wait of the association's reactor for a request: bounds how late it sees the network
+# timeout and a kill (a release, an abort and the end of the DUL wake it at once: `_NudgingQueue`)
+_QUEUE_WAIT = 0.2
 HANDLER_FAILED = 0xC211  # the status pynetdicom answers when its EVT_C_STORE handler raises
 
 
@@ -469,6 +471,26 @@ class _WakingQueue(queue.Queue):
                     pass
 
 
+class _NudgingQueue(queue.Queue):
+    """The DUL's queue of primitives for the association (A-RELEASE, A-ABORT ...): each put also
+    wakes the association's reactor, which waits on its DIMSE queue (an empty request), so it
+    answers a release or sees an abort at once instead of at its next poll."""
+
+    def __init__(self, assoc):
+        super().__init__()
+        self._assoc = assoc
+
+    def put(self, item, block=True, timeout=None):
+        super().put(item, block, timeout)
+        _nudge(self._assoc)
+
+
+def _nudge(assoc) -> None:
+    dimse = getattr(assoc, "dimse", None)
+    if dimse is not None:
+        dimse.msg_queue.put((None, None))  # (carries no request: the reactor only looks at its flags)
+
+
 class _DUL(DULServiceProvider):
     """A DUL provider that sleeps in ``select()`` on the socket and a wake-up pipe."""
 
@@ -479,6 +501,7 @@ class _DUL(DULServiceProvider):
         os.set_blocking(self._wake_w, False)
         self._waking = _WakingQueue(self._wake_w)
         self.to_provider_queue = self._waking
+        self.to_user_queue = _NudgingQueue(assoc)
 
     def _wait(self) -> None:
         fds: list = [self._wake_r]
@@ -529,6 +552,7 @@ class _DUL(DULServiceProvider):
                 idle = False
         finally:
             self.close_pipe()
+            _nudge(self.assoc)  # the reactor sees the DUL gone at once
 
     def close_pipe(self) -> None:
         self._waking.close_wake(self._wake_r, self._wake_w)
