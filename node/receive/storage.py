@@ -9,9 +9,9 @@ Layout (paths derive from UIDs only, never from patient data)::
 A file holds the preamble, the File Meta Information written by us and then the
 dataset bytes exactly as the peer sent them (pixel data is never decoded).
 
-Writing (driven by `node.receive.index`): `stage` writes a new file in ``.incoming``; `publish`
-renames it to its final path (atomic on one filesystem); `sync` fsyncs files and the
-directories whose entries changed, all at once. A new instance is renamed before its
+Writing (driven by `node.receive.index`): `stage` writes a new file in ``.incoming`` and starts
+its writeback; `publish` renames it to its final path (atomic on one filesystem); `sync` fsyncs
+files and the directories whose entries changed. A new instance is renamed before its
 fsync: one journal commit then makes both the data and the name durable. Nothing is
 acknowledged to the peer before the file, its name and its index row are durable (the
 order of the fsyncs and the index commit is `node.receive.writer.IndexWriter`'s). A file that
