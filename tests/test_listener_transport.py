@@ -271,3 +271,26 @@ def test_a_release_or_abort_wakes_the_association_at_once(listener, monkeypatch,
     row = wait_for(lambda: ended(listener.db, calling), timeout=20)
     assert row is not None and row.end_reason == ("released" if ending == "release" else "aborted")
     assert time.monotonic() - t0 < 10  # (not the 30 s poll)
+
+
+def test_a_killed_association_ends_its_reactor_at_once(listener, monkeypatch):
+    """Killing an association (the listener's stop aborts what is left) wakes its reactor thread,
+    which ends at once, not at its next poll (here 30 s)."""
+    from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage
+
+    from node.receive import transport
+    from support.listener import RawSender
+
+    monkeypatch.setattr(transport, "_QUEUE_WAIT", 30.0)
+    sender = RawSender(listener.port, [(MRImageStorage, ExplicitVRLittleEndian)], calling="KILLSCU")
+    try:
+        served = wait_for(lambda: listener.server.active_associations, timeout=5)
+        assert served, "the association is not being served"
+        assoc = served[0]
+        assert isinstance(assoc, transport._Association)
+        t0 = time.monotonic()
+        assoc.abort()
+        assoc.join(10)
+        assert not assoc.is_alive() and time.monotonic() - t0 < 3
+    finally:
+        sender.assoc.abort()

@@ -552,11 +552,13 @@ class _DUL(DULServiceProvider):
                 idle = False
         finally:
             self.close_pipe()
+            self.ended = True  # (before the thread is seen dead: the reactor, woken now, reads this)
             _nudge(self.assoc)  # the reactor sees the DUL gone at once
 
     def close_pipe(self) -> None:
         self._waking.close_wake(self._wake_r, self._wake_w)
 
+    ended = False  # the loop has ended (set just before the thread does)
     _delivered = False  # `_read_pdu_data` handed a P-DATA-TF to the DIMSE provider itself, more is coming
     _readable: bool | None = None  # what `_wait` just saw of the (plain TCP) socket; None: not looked
 
@@ -909,6 +911,12 @@ class _Association(Association):
         pdata.presentation_data_value_list.append((context_id, b"\x03" + command))
         self.dul.send_pdu(pdata)
 
+    def kill(self) -> None:
+        """pynetdicom's kill, with the reactor woken at once to see it (it waits on its queue)."""
+        self._kill = True
+        _nudge(self)
+        super().kill()
+
     def serve_store_here(self, context_id: int, request: C_STORE) -> bool:
         """Serves a C-STORE in the calling thread (the DUL's, whose P-DATA-TF completed it) instead
         of queueing it for the association's reactor thread; False: queue it.
@@ -988,8 +996,8 @@ class _Association(Association):
                 self.kill()
                 return
 
-            if not self.dul.is_alive():
-                self.kill()
+            if not self.dul.is_alive() or getattr(self.dul, "ended", False):
+                self.kill()  # (waits for the DUL thread's last steps)
                 return
 
             if self.dul.idle_timer_expired():
