@@ -37,7 +37,7 @@ DESCRIPTIONS = {
     "host": "Address the DICOM listener binds to.",
     "port": "DICOM listener port.",
     "allowed_ae_titles": "Comma list of calling AE titles accepted; empty accepts any. Others get A-ASSOCIATE-RJ.",
-    "listener_processes": "Listener processes behind the DICOM port (the parent hands each association to the least busy one); the default 2 lets parallel associations use two cores, 1 for a single-core host.",
+    "listener_processes": "Listener processes behind the DICOM port (the parent hands each association to the least busy one); the default 2 lets parallel associations use two cores, 1 for a single-core host; a PACS that sends over four associations at once is served with fewer thread switches by 4 (each association a process of its own, about 110 MB each; docs/benchmarks.md, sixth round).",
     "max_associations": "Concurrent associations per listener process.",
     "dimse_timeout": "Seconds to wait for a DIMSE message inside an association.",
     "network_timeout": "Seconds of network silence before an association is dropped; an open association with no instance for this long counts as lost.",
