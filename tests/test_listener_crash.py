@@ -52,6 +52,24 @@ def _instances(folder: Path, n: int, series_uid: str, study_uid: str, seed: int)
     return out
 
 
+def _wait_dead(pids: list[int], timeout: float) -> bool:
+    """Waits until none of `pids` runs any more (gone, or a zombie not yet reaped by its parent)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        alive = []
+        for pid in pids:
+            try:
+                state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+            except (FileNotFoundError, ProcessLookupError, IndexError):
+                continue
+            if state not in ("Z", "X"):
+                alive.append(pid)
+        if not alive:
+            return True
+        time.sleep(0.01)
+    return False
+
+
 def _listener_processes(pid: int) -> list[int]:
     """The listener processes under `pid` (multiprocessing children; not its resource tracker)."""
     out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout
@@ -116,16 +134,17 @@ def test_sigkill_of_every_listener_process_loses_no_acknowledged_instance(tmp_pa
         assert enough.wait(120), f"only {len(acked)} Success responses within 120 s ({failures})"
         for pid in pids:  # a crash of every listener process at once, mid-stream
             os.kill(pid, signal.SIGKILL)
-        with lock:
-            answered = dict(acked)  # nothing answered after the kill can be counted
+        assert _wait_dead(pids, 10), "a listener process outlived SIGKILL"
     finally:
         listener.kill()
         for t in threads:
             t.join(60)
     assert not failures, failures
-    assert KILL_AFTER <= len(answered) < ASSOCIATIONS * PER_ASSOCIATION, "the kill did not come mid-stream"
+    # every Success a sender got, also one read after the kill (SIGKILL takes effect asynchronously
+    # and a response may still sit in the socket): each was sent before its process died
     with lock:
-        assert set(acked) == set(answered), "a Success came from a killed listener"
+        answered = dict(acked)
+    assert KILL_AFTER <= len(answered) < ASSOCIATIONS * PER_ASSOCIATION, "the kill did not come mid-stream"
     _check_durable(data_dir, answered)
 
     # the restart checks the rows of the unclean stop: none of the acknowledged ones may go
