@@ -499,3 +499,51 @@ def test_a_batch_of_one_file_is_fsynced_by_its_caller_and_a_larger_one_in_parall
         store.sync(files=[f], dirs=[tmp_path], small=[tmp_path / "gone-wal"])
     with pytest.raises(StorageError, match="fsync failed"):
         store.sync(files=[f, g], dirs=[tmp_path], small=[tmp_path / "gone-wal"])
+
+
+def test_a_series_acquisition_is_read_once_and_known_demographics_are_not_compared_again(db, settings, monkeypatch):
+    """The acquisition parameters (routing's input, kept on the series row) are read from the header of
+    the series' first instance only, not from every instance; an instance whose demographics are those
+    of the study's previous instance is not compared field by field again. A correction still is."""
+    import node.receive.header as header_module
+    import node.receive.index as index_module
+    from node.receive.index import IndexCache
+
+    read, compared = [], []
+    acquisition_from_dataset = header_module.acquisition_from_dataset
+    study_values = index_module._study_values
+    monkeypatch.setattr(
+        header_module, "acquisition_from_dataset", lambda ds: read.append(1) or acquisition_from_dataset(ds)
+    )
+    monkeypatch.setattr(index_module, "_study_values", lambda h: compared.append(1) or study_values(h))
+    store = InstanceStore.from_settings(settings)
+    store.prepare()
+    study, series = generate_uid(), generate_uid()
+    datasets = [mr_dataset(study, series, i, name="Same^Patient") for i in range(6)]
+    for d in datasets:
+        d.RepetitionTime, d.EchoTime, d.ScanningSequence, d.MagneticFieldStrength = 3000, 30, "SE", 1.5
+    items = [_received(store, d) for d in datasets]
+    assert not read  # parsing alone reads no acquisition parameters
+    cache = IndexCache()
+    with db.session() as s:
+        for item in items[:3]:
+            index_instances(s, store, [item], uid_root=settings.uid_root, quiet_seconds=5, cache=cache)
+        index_instances(s, store, items[3:5], uid_root=settings.uid_root, quiet_seconds=5, cache=cache)
+    assert (len(read), len(compared)) == (1, 1)
+    expected = acquisition_from_dataset(datasets[0]).to_json() or None
+    with db.session() as s:
+        assert s.scalars(select(Series).where(Series.series_uid == series)).one().acquisition == expected
+    assert expected, "the test's data sets carry acquisition parameters"
+    datasets[5].PatientName = "Corrected^Patient"
+    with db.session() as s:
+        out = index_instances(
+            s, store, [_received(store, datasets[5])], uid_root=settings.uid_root, quiet_seconds=5, cache=cache
+        )
+    assert out[0].demographics_changed == ("patient_name",) and len(compared) == 2
+    with db.session() as s:
+        assert s.scalars(select(Study).where(Study.study_uid == study)).one().patient_name == "Corrected^Patient"
+    # a header read for another purpose (a folder scan) carries its parameters at once
+    read.clear()
+    from node.receive.header import header_from_dataset
+
+    assert header_from_dataset(datasets[0]).acquisition == expected and len(read) == 1

@@ -214,7 +214,8 @@ class IndexCache:
     Entries are only hints: a failed transaction clears the cache and is retried without it.
     """
 
-    studies: dict[str, tuple[int, dict]] = field(default_factory=dict)  # study UID -> (id, demographics)
+    # study UID -> (id, its demographics as stored, the last header demographics found to change nothing)
+    studies: dict[str, tuple[int, dict, dict | None]] = field(default_factory=dict)
     series: dict[str, tuple[int, bool]] = field(default_factory=dict)  # series UID -> (id, has expected count)
     assoc_series: set[tuple[int, int]] = field(default_factory=set)
     closed: set[int] = field(default_factory=set)  # associations this writer has ended
@@ -255,11 +256,14 @@ def _study_values(header: InstanceHeader) -> dict:
 
 def _upsert_study(conn, sql: _Statements, cache: IndexCache, header: InstanceHeader, now, audit, session):
     """The study row (created, or demographics corrected); returns (id, changed field names)."""
-    values = _study_values(header)
     cached = cache.studies.get(header.study_uid)
+    if cached is not None and cached[2] == header.demographics:  # (the common case: as the last instance)
+        return cached[0], ()
+    values = _study_values(header)
     if cached is not None and all(
         header.demographics.get(k) is None or v == cached[1].get(k) for k, v in values.items()
     ):
+        cache.studies[header.study_uid] = (cached[0], cached[1], dict(header.demographics))
         return cached[0], ()
     row = conn.execute(sql.select_study, {"b_uid": header.study_uid}).mappings().first()
     if row is None:
@@ -267,7 +271,7 @@ def _upsert_study(conn, sql: _Statements, cache: IndexCache, header: InstanceHea
             sql.insert_study, dict(study_uid=header.study_uid, first_received_at=now, last_received_at=now, **values)
         )
         row = conn.execute(sql.select_study, {"b_uid": header.study_uid}).mappings().one()
-        cache.studies[header.study_uid] = (row["id"], {k: row[k] for k in values})
+        cache.studies[header.study_uid] = (row["id"], {k: row[k] for k in values}, dict(header.demographics))
         return row["id"], ()
     changed = {k: v for k, v in values.items() if header.demographics.get(k) is not None and v != row[k]}
     current = {k: row[k] for k in values}
@@ -276,7 +280,7 @@ def _upsert_study(conn, sql: _Statements, cache: IndexCache, header: InstanceHea
         conn.execute(update(st).where(st.c.id == row["id"]).values(**changed))
         current.update(changed)
         audit(session, "study", header.study_uid, tuple(sorted(changed)), header)
-    cache.studies[header.study_uid] = (row["id"], current)
+    cache.studies[header.study_uid] = (row["id"], current, dict(header.demographics))
     return row["id"], tuple(sorted(changed))
 
 
