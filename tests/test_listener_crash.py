@@ -26,6 +26,7 @@ from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
 from node.receive.storage import dataset_offset
 from support.listener import ListenerProcess, RawSender, dataset_bytes
 from support.mr import mr_dataset, save
+from support.servers import wait_gone
 
 pytestmark = [pytest.mark.integration]
 
@@ -50,24 +51,6 @@ def _instances(folder: Path, n: int, series_uid: str, study_uid: str, seed: int)
         _, uid, _, data = dataset_bytes(save(ds, folder / f"{seed}-{k}.dcm"))
         out.append((uid, data))
     return out
-
-
-def _wait_dead(pids: list[int], timeout: float) -> bool:
-    """Waits until none of `pids` runs any more (gone, or a zombie not yet reaped by its parent)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        alive = []
-        for pid in pids:
-            try:
-                state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-            except (FileNotFoundError, ProcessLookupError, IndexError):
-                continue
-            if state not in ("Z", "X"):
-                alive.append(pid)
-        if not alive:
-            return True
-        time.sleep(0.01)
-    return False
 
 
 def _listener_processes(pid: int) -> list[int]:
@@ -134,7 +117,7 @@ def test_sigkill_of_every_listener_process_loses_no_acknowledged_instance(tmp_pa
         assert enough.wait(120), f"only {len(acked)} Success responses within 120 s ({failures})"
         for pid in pids:  # a crash of every listener process at once, mid-stream
             os.kill(pid, signal.SIGKILL)
-        assert _wait_dead(pids, 10), "a listener process outlived SIGKILL"
+        assert all(wait_gone(pid, 10) for pid in pids), "a listener process outlived SIGKILL"
     finally:
         listener.kill()
         for t in threads:

@@ -109,7 +109,7 @@ def _proc_stat(pid: int) -> tuple[int, str] | None:
     return int(rest[1]), rest[0]
 
 
-def _wait_gone(pid: int, timeout: float) -> bool:
+def wait_gone(pid: int, timeout: float) -> bool:
     """True once ``pid`` has exited (or is a zombie) within ``timeout`` seconds."""
     deadline = time.monotonic() + timeout
     while True:
@@ -375,12 +375,12 @@ class PostgresServer:
                 )
             except subprocess.TimeoutExpired:
                 pass
-        if pid is not None and not _wait_gone(pid, 5.0):
+        if pid is not None and not wait_gone(pid, 5.0):
             try:
                 os.kill(pid, signal.SIGKILL)  # its backends exit when they see the postmaster gone
             except OSError:
                 pass
-            _wait_gone(pid, 5.0)
+            wait_gone(pid, 5.0)
         shutil.rmtree(self.dir, ignore_errors=True)
         untrack(self._token)
         self._token = None
