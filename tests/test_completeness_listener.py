@@ -26,6 +26,7 @@ from node.db.database import Database, utcnow
 from node.db.schema import Association, Job, Series, Study
 from node.demo.loopback import child_env
 from node.intake.completeness import rules_provider, tick
+from support.cli import msknode
 from support.env import ROOT, free_port
 from support.listener import ListenerProcess
 from support.mr import mr_dataset, save
@@ -183,15 +184,10 @@ def all_jobs(db) -> list[Job]:
         return jobs
 
 
-def msknode_json(settings, *args) -> list[dict]:
-    r = subprocess.run(
-        [sys.executable, "-m", "node.cli", *args, "--json"],
-        env=node_env(settings),
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+def msknode_json(capsys, settings, *args) -> list[dict]:
+    """``msknode ARGS --json`` in the test's process (`support.cli.msknode`) with the listener's settings."""
+    env = {k: v for k, v in node_env(settings).items() if k.startswith("MSKNODE_")}
+    r = msknode(capsys, *args, "--json", **env)
     assert r.returncode == 0, r.stderr
     return json.loads(r.stdout)
 
@@ -235,7 +231,7 @@ def test_forty_slices_complete_within_quiet_period_plus_one_second(listener, tic
     assert seen <= Q + 1.0, seen
 
 
-def test_three_series_knee_study_through_the_listener_yields_one_job(listener, ticker, db, settings, tmp_path):
+def test_three_series_knee_study_through_the_listener_yields_one_job(listener, ticker, db, settings, tmp_path, capsys):
     study_uid = generate_uid()
     d = tmp_path / "dcm"
     loc, f1 = write_series(
@@ -255,7 +251,7 @@ def test_three_series_knee_study_through_the_listener_yields_one_job(listener, t
     assert (job.pipeline, job.state, job.supersedes_job_id) == ("knee", "queued", None)
     assert sorted((i.series.series_uid, i.role) for i in job.inputs) == sorted([(sag, "sag_fluid"), (cor, "cor_t1")])
 
-    listed = msknode_json(settings, "jobs")
+    listed = msknode_json(capsys, settings, "jobs")
     assert [(j["id"], j["study_uid"], j["pipeline"], j["state"]) for j in listed] == [
         (job.id, study_uid, "knee", "queued")
     ]
@@ -264,7 +260,7 @@ def test_three_series_knee_study_through_the_listener_yields_one_job(listener, t
     )
     for key in ("attempts", "max_attempts", "timings", "error", "created_at", "finished_at", "started_at"):
         assert key in listed[0]
-    series = {r["series_uid"]: r for r in msknode_json(settings, "series")}
+    series = {r["series_uid"]: r for r in msknode_json(capsys, settings, "series")}
     assert (series[loc]["state"], series[loc]["pipeline"], series[loc]["role"]) == ("complete", "knee", "localizer")
     assert (series[sag]["state"], series[sag]["role"]) == ("queued", "sag_fluid")
     assert (series[cor]["state"], series[cor]["role"]) == ("queued", "cor_t1")

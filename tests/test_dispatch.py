@@ -17,12 +17,12 @@ from pynetdicom import AE, AllStoragePresentationContexts, evt
 from sqlalchemy import select
 
 from node.db.schema import Job, OutboxItem, ResultObject, Study
-from node.demo.loopback import child_env
 from node.dispatch.outbox import RetryPolicy, anything_due, claim, process_outbox, retry_item
 from node.errors import DispatchError
 from node.results import build_results, save
 from node.settings import DimseDestination, StowDestination
-from support.env import VENV_BIN, free_port
+from support.cli import msknode
+from support.env import free_port
 from support.results_data import knee_output, volume_from_files, write_mr_series
 
 pytestmark = pytest.mark.integration
@@ -433,25 +433,22 @@ def test_tls_destination(settings, db, result_files, tmp_path):
         scp.stop()
 
 
-def _cli(settings, *args) -> subprocess.CompletedProcess:
-    env = child_env(
-        MSKNODE_DATA_DIR=settings.data_dir,
-        MSKNODE_DESTINATIONS=json.dumps([d.model_dump() for d in settings.destinations]),
-    )
-    return subprocess.run([str(VENV_BIN / "msknode"), *args], capture_output=True, text=True, env=env, timeout=120)
-
-
-def test_outbox_commands(settings, db, result_files):
+def test_outbox_commands(settings, db, result_files, capsys):
     vol, results = result_files
     scp = StoreSCP(sop_classes=[MRImageStorage])
     try:
         s = with_dest(settings, scp.destination())
+
+        def _cli(*args: str) -> subprocess.CompletedProcess:
+            destinations = json.dumps([d.model_dump() for d in s.destinations])
+            return msknode(capsys, *args, MSKNODE_DATA_DIR=s.data_dir, MSKNODE_DESTINATIONS=destinations)
+
         chosen = [r for r in results if r[0].kind in ("sr", "seg")] + [r for r in results if r[0].kind == "superres"][
             :1
         ]
         enqueue(db, chosen, [s.destinations[0].key], study_uid=vol.study_uid)
         process_outbox(db, s, now=T0)
-        out = _cli(s, "outbox", "--json")
+        out = _cli("outbox", "--json")
         assert out.returncode == 0, out.stderr
         rows = json.loads(out.stdout)
         assert {r["kind"]: r["state"] for r in rows} == {"sr": "dead", "seg": "dead", "superres": "sent"}
@@ -469,7 +466,7 @@ def test_outbox_commands(settings, db, result_files):
             assert r["study_uid"] == vol.study_uid and r["attempts"] == 1 and r["destination"] == s.destinations[0].key
         dead = [r for r in rows if r["state"] == "dead"]
         assert all("0x0122" in r["last_error"] for r in dead)
-        human = _cli(s, "outbox", "--state", "dead")  # the table for people, filtered
+        human = _cli("outbox", "--state", "dead")  # the table for people, filtered
         assert human.returncode == 0
         listed = [
             line.split()[0] for line in human.stdout.splitlines()[1:] if line.strip() and line.split()[0].isdigit()
@@ -477,7 +474,7 @@ def test_outbox_commands(settings, db, result_files):
         assert sorted(map(int, listed)) == sorted(r["id"] for r in dead)
         assert "0x0122 SOP class not supported" in human.stdout
         # retry a dead item: back to pending, audited
-        out = _cli(s, "outbox", "retry", str(dead[0]["id"]))
+        out = _cli("outbox", "retry", str(dead[0]["id"]))
         assert out.returncode == 0, out.stderr
         assert "dead -> pending" in out.stdout
         from node.dispatch.outbox import list_items
@@ -491,13 +488,13 @@ def test_outbox_commands(settings, db, result_files):
             ev = ses.scalars(select(AuditEvent).where(AuditEvent.action == "outbox.retry")).all()
             assert len(ev) == 1 and ev[0].actor == "cli" and ev[0].old_value == "dead"
         # clear errors for an unknown id and an acknowledged item
-        bad = _cli(s, "outbox", "retry", "99999")
+        bad = _cli("outbox", "retry", "99999")
         assert bad.returncode == 1 and "no outbox item with id 99999" in bad.stderr
         sent_id = next(r["id"] for r in rows if r["state"] == "sent")
-        bad = _cli(s, "outbox", "retry", str(sent_id))
+        bad = _cli("outbox", "retry", str(sent_id))
         assert bad.returncode == 1 and "not sent again" in bad.stderr
         # `outbox send` sends what is due (the re-queued SR is refused again by the MR-only peer)
-        out = _cli(s, "outbox", "send", "--json")
+        out = _cli("outbox", "send", "--json")
         assert json.loads(out.stdout)["dead"] == 1 and out.returncode == 1
     finally:
         scp.stop()

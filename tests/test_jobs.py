@@ -350,26 +350,25 @@ def test_older_job_finishing_late_does_not_touch_a_newer_jobs_series(db, setting
     assert _job(db, old).state == "superseded"
 
 
-@pytest.mark.integration  # a msknode subprocess
-def test_cli_jobs_retry(db, settings):
+@pytest.mark.integration  # msknode's command line
+def test_cli_jobs_retry(db, settings, capsys):
     import json
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
 
-    msknode = [str(Path(sys.executable).parent / "msknode")]
-    env = {**os.environ, "MSKNODE_DATA_DIR": str(settings.data_dir)}
+    from support.cli import msknode
+
+    def run(*args: str):
+        return msknode(capsys, "jobs", *args, MSKNODE_DATA_DIR=settings.data_dir)
+
     job_id = make_study_job(db)
-    r = subprocess.run(msknode + ["jobs", "retry", str(job_id)], env=env, capture_output=True, text=True)
+    r = run("retry", str(job_id))
     assert r.returncode == 1 and f"job {job_id} is queued; only failed or dead jobs can be retried" in r.stderr
     execute_job(db, settings, job_id, runner=SleepyRunner(settings, seconds=0, fail_times=9))
     with db.session() as s:
         s.execute(update(Job).where(Job.id == job_id).values(state="dead"))
-    r = subprocess.run(msknode + ["jobs", "retry", str(job_id)], env=env, capture_output=True, text=True)
+    r = run("retry", str(job_id))
     assert r.returncode == 0, r.stderr
     assert f"job {job_id} queued again" in r.stdout
-    r = subprocess.run(msknode + ["jobs", "--json"], env=env, capture_output=True, text=True)
+    r = run("--json")
     row = next(j for j in json.loads(r.stdout) if j["id"] == job_id)
     assert row["state"] == "queued" and row["attempts"] == 0 and row["error"] is None
     assert set(row) == set(JobOut.model_fields)  # the shape the web API answers with

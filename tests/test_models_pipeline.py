@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,10 +14,9 @@ from models.io import load_series
 from models.phantoms import write_study
 from models.pipelines import PIPELINES, run_pipeline
 from models.registry import Registry
+from support.cli import msknode
 
 pytestmark = pytest.mark.slow
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -91,17 +87,11 @@ def test_unknown_pipeline_or_role_is_an_error(registry):
         run_pipeline("knee", {"sag_t2": None}, registry=registry)
 
 
-def test_predict_cli_on_a_series_folder(knee_study):
+def test_predict_cli_on_a_series_folder(knee_study, capsys):
     out, _ = knee_study
-    env = dict(os.environ, MSKNODE_DATA_DIR=str(out / "data"))
-    res = subprocess.run(
-        [sys.executable, "-m", "node.cli", "predict", str(out / "sag_fluid"), "--json"],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    env = {k: v for k, v in os.environ.items() if k.startswith("MSKNODE_")}
+    env["MSKNODE_DATA_DIR"] = str(out / "data")
+    res = msknode(capsys, "predict", str(out / "sag_fluid"), "--json", **env)
     assert res.returncode == 0, res.stderr
     report = json.loads(res.stdout)
     (series,) = report["series"]
@@ -109,12 +99,5 @@ def test_predict_cli_on_a_series_folder(knee_study):
     acl = next(m for m in series["models"] if m["model"] == "knee.acl")
     assert acl["qc"]["accepted"] and acl["findings"][0]["code"] == "acl_tear"
     assert acl["weights_sha256"] and "Not for diagnostic use" in report["notice"]
-    bad = subprocess.run(
-        [sys.executable, "-m", "node.cli", "predict", str(out / "nope")],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    bad = msknode(capsys, "predict", str(out / "nope"), **env)
     assert bad.returncode == 2 and "not a folder" in bad.stderr

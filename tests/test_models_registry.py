@@ -7,7 +7,6 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -18,8 +17,7 @@ from models.errors import UnknownModelError, WeightsIntegrityError, WeightsMissi
 from models.registry import REPO_WEIGHTS, Registry
 from models.tasks import TASKS
 from models.types import NOT_FOR_DIAGNOSTIC_USE, ModelInfo
-
-ROOT = Path(__file__).resolve().parents[1]
+from support.cli import msknode
 
 
 def _site_weights(root: Path, *, seed: int = 0, version_note: str = "site") -> Path:
@@ -98,14 +96,11 @@ def test_shipped_cards_list_hash_and_notice():
     assert "not for diagnostic use" in (REPO_WEIGHTS / "knee.acl" / "MODEL_CARD.md").read_text().lower()
 
 
-def _cli(*args: str, env_extra: dict | None = None) -> subprocess.CompletedProcess:
-    env = dict(os.environ, **(env_extra or {}))
-    return subprocess.run(
-        [sys.executable, "-m", "node.cli", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
-    )
+def test_cli_models_list_json_and_refusal_of_corrupted_site_weights(tmp_path, capsys):
+    def _cli(*args: str, env_extra: dict | None = None) -> subprocess.CompletedProcess:
+        env = {k: v for k, v in os.environ.items() if k.startswith("MSKNODE_")}
+        return msknode(capsys, *args, **{**env, **(env_extra or {})})
 
-
-def test_cli_models_list_json_and_refusal_of_corrupted_site_weights(tmp_path):
     res = _cli("models", "list", "--json")
     assert res.returncode == 0, res.stderr
     names = {c["name"] for c in json.loads(res.stdout)}

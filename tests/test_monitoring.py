@@ -8,13 +8,12 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import subprocess
 
 import pytest
 from sqlalchemy import select
 
 from support import web_seed as ws
-from support.env import ROOT, VENV_BIN
+from support.cli import msknode
 from support.monitor_seed import Phase, answer, seed_history
 
 pytestmark = pytest.mark.integration
@@ -285,22 +284,11 @@ def test_silence_and_stalled_results_are_flagged(db, policy):
 
 
 @pytest.mark.slow
-def test_msknode_monitor_json_exits_3_on_an_alert_and_0_without(settings, db, policy):
-    from node.demo.loopback import child_env
+def test_msknode_monitor_json_exits_3_on_an_alert_and_0_without(settings, db, policy, capsys):
+    def run(*args: str):
+        return msknode(capsys, "monitor", *args, MSKNODE_DATA_DIR=settings.data_dir)
 
-    env = child_env(MSKNODE_DATA_DIR=settings.data_dir)
-
-    def run():
-        return subprocess.run(
-            [str(VENV_BIN / "msknode"), "monitor", "--json"],
-            env=env,
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
-
-    r = run()
+    r = run("--json")
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["status"] == "ok"
     now = dt.datetime.now(dt.UTC)
@@ -310,14 +298,12 @@ def test_msknode_monitor_json_exits_3_on_an_alert_and_0_without(settings, db, po
         now=now,
         phases=[Phase(100, 50, 7.5, positive_rate=0.1, read_after_minutes=60), Phase(30, 6, 0.5, positive_rate=0.7)],
     )
-    r = run()
+    r = run("--json")
     assert r.returncode == 3, r.stderr
     out = json.loads(r.stdout)
     assert out["status"] == "alert"
     assert any(a["kind"] == "positive_rate" and a["model"] == "knee.acl" for a in out["alerts"])
-    r = subprocess.run(
-        [str(VENV_BIN / "msknode"), "monitor"], env=env, cwd=ROOT, capture_output=True, text=True, timeout=120
-    )
+    r = run()
     assert r.returncode == 3 and "ALERT positive_rate: knee.acl 1.0.0: positive rate 70.0 %" in r.stdout
 
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import subprocess
 import urllib.request
 
 import pytest
@@ -22,7 +21,7 @@ from selenium.webdriver.common.by import By
 
 from support import web_seed as ws
 from support.browser import ADMIN, READER, api_get, console_errors, login, shot, wait, web_server
-from support.env import ROOT, VENV_BIN
+from support.cli import msknode
 from support.monitor_seed import Phase, answer, seed_history
 
 pytestmark = pytest.mark.integration
@@ -108,7 +107,7 @@ def test_a_reader_records_agreement_and_a_corrected_grade_with_the_keyboard(serv
     assert console_errors(d) == []
 
 
-def test_the_dashboard_shows_agreement_ppv_with_intervals_and_the_positive_rate_alert(server, browser, shots):
+def test_the_dashboard_shows_agreement_ppv_with_intervals_and_the_positive_rate_alert(server, browser, shots, capsys):
     d = browser
     login(d, server["base"], ADMIN)
     d.get(server["base"] + "/admin/dashboard")
@@ -146,16 +145,7 @@ def test_the_dashboard_shows_agreement_ppv_with_intervals_and_the_positive_rate_
     assert 'msknode_model_check_alert{check="positive_rate",model="knee.acl",version="1.0.0"} 1.0' in metrics
     assert "msknode_monitor_status 1.0" in metrics
 
-    from node.demo.loopback import child_env
-
-    r = subprocess.run(
-        [str(VENV_BIN / "msknode"), "monitor", "--json"],
-        env=child_env(MSKNODE_DATA_DIR=server["data"]),
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    r = msknode(capsys, "monitor", "--json", MSKNODE_DATA_DIR=server["data"])
     assert r.returncode == 3, r.stderr
     out = json.loads(r.stdout)
     assert out["status"] == "alert" and any(a["kind"] == "positive_rate" for a in out["alerts"])

@@ -13,7 +13,6 @@ import math
 import os
 import re
 import subprocess
-import sys
 from collections import Counter
 from pathlib import Path
 
@@ -25,7 +24,6 @@ from pydicom.sequence import Sequence
 from sqlalchemy import select
 
 from node.db.schema import Instance, Series
-from node.demo.loopback import child_env
 from node.errors import RoutingError
 from node.intake.recognition import (
     PLANE_TOLERANCE_DEG,
@@ -43,7 +41,7 @@ from node.receive.header import read_header, read_series_headers
 from node.receive.index import index_instances
 from node.receive.storage import InstanceStore
 from node.settings import DEFAULT_ROUTING_RULES, DEFAULT_UID_ROOT
-from support.env import ROOT
+from support.cli import msknode
 from support.listener import PYDICOM_DATA
 from support.mr import mr_dataset
 
@@ -795,26 +793,24 @@ def _ingest_and_route_mr2(db, settings, caplog):
     assert "SHOULDER" not in line  # decisions and sources only, no header text
 
 
-def run_cli(settings, *args: str) -> subprocess.CompletedProcess:
-    env = child_env(MSKNODE_DATA_DIR=settings.data_dir)
-    return subprocess.run(
-        [sys.executable, "-m", "node.cli", "routing", "explain", *args],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+@pytest.fixture
+def run_cli(settings, capsys):
+    """``msknode routing explain ARGS`` on the test's data directory (`support.cli.msknode`)."""
+
+    def run(*args: str) -> subprocess.CompletedProcess:
+        return msknode(capsys, "routing", "explain", *args, MSKNODE_DATA_DIR=settings.data_dir)
+
+    return run
 
 
-@pytest.mark.integration  # a msknode subprocess
-def test_routing_explain_on_a_real_series_folder_and_on_the_indexed_series(db, settings):
+@pytest.mark.integration  # msknode's command line
+def test_routing_explain_on_a_real_series_folder_and_on_the_indexed_series(db, settings, run_cli):
     files = siemens_knee_files()
-    r = run_cli(settings, str(SIEMENS_KNEE))
+    r = run_cli(str(SIEMENS_KNEE))
     assert r.returncode == 0, r.stderr
     assert "decision knee/sag_fluid" in r.stdout and "ImageOrientationPatient (0020,0037)" in r.stdout
     assert "ScanOptions (0018,0022)" in r.stdout and "25 instance(s) read" in r.stdout
-    r = run_cli(settings, str(files[0]), "--json")
+    r = run_cli(str(files[0]), "--json")
     assert r.returncode == 0, r.stderr
     one = json.loads(r.stdout)
     assert one["decision"]["role"] == "sag_fluid" and one["plane"]["value"] == "sagittal"
@@ -834,26 +830,26 @@ def test_routing_explain_on_a_real_series_folder_and_on_the_indexed_series(db, s
         assert se.acquisition["sequence_name"] == "*tseR2d1rr6"
         assert s.scalar(select(Instance.image_orientation).where(Instance.series_id == se.id)).startswith("-0.23")
         recorded = se.routing_explanation
-    r = run_cli(settings, uid, "--json")
+    r = run_cli(uid, "--json")
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
     assert out["series_uid"] == uid and out["decision"] == recorded["decision"]
     assert out["plane"] == recorded["plane"] and out["contrast"] == recorded["contrast"]
-    r = run_cli(settings, uid)
+    r = run_cli(uid)
     assert r.returncode == 0 and "recorded decision: knee/sag_fluid" in r.stdout
 
 
-@pytest.mark.integration  # a msknode subprocess
-def test_routing_explain_refuses_bad_input_with_a_clear_message(settings, tmp_path):
-    r = run_cli(settings, str(tmp_path / "missing"))
+@pytest.mark.integration  # msknode's command line
+def test_routing_explain_refuses_bad_input_with_a_clear_message(tmp_path, run_cli):
+    r = run_cli(str(tmp_path / "missing"))
     assert r.returncode == 1 and "neither an existing file or folder nor a Series Instance UID" in r.stderr
     (tmp_path / "notdicom").mkdir()
     (tmp_path / "notdicom" / "a.txt").write_text("hello")
-    r = run_cli(settings, str(tmp_path / "notdicom"))
+    r = run_cli(str(tmp_path / "notdicom"))
     assert r.returncode == 1 and "holds no DICOM instance (1 file(s)" in r.stderr
-    r = run_cli(settings, "1.2.3.4.5")
+    r = run_cli("1.2.3.4.5")
     assert r.returncode == 1 and "no series 1.2.3.4.5" in r.stderr
-    r = run_cli(settings, str(PYDICOM_DATA))
+    r = run_cli(str(PYDICOM_DATA))
     assert r.returncode == 1 and "series" in r.stderr and "give a file or the folder of one series" in r.stderr
 
 

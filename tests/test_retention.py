@@ -6,7 +6,6 @@ import datetime as dt
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -14,8 +13,8 @@ from sqlalchemy import func, select
 
 from node.db.database import utcnow
 from node.db.schema import Instance, Job, JobInput, OutboxItem, ResultObject, Series, Study
-from node.demo.loopback import child_env
 from node.ops.retention import purge
+from support.cli import msknode
 from support.index_rows import uid
 
 pytestmark = pytest.mark.unit
@@ -183,24 +182,23 @@ def test_periodic_call_with_an_explicit_time(db, settings, studies):
     assert files_of(settings, studies["one_destination_pending"])  # still never
 
 
-@pytest.mark.integration  # a msknode subprocess
-def test_msknode_purge_command(db, settings, studies):
-    env = child_env(MSKNODE_DATA_DIR=settings.data_dir, MSKNODE_RETENTION_DAYS="20")
-    msknode = [sys.executable, "-m", "node.cli"]
-    dry = subprocess.run(
-        [*msknode, "purge", "--dry-run", "--json"], env=env, capture_output=True, text=True, timeout=120
-    )
+@pytest.mark.integration  # msknode's command line
+def test_msknode_purge_command(db, settings, studies, capsys):
+    def run(*args: str) -> subprocess.CompletedProcess:
+        return msknode(capsys, "purge", *args, MSKNODE_DATA_DIR=settings.data_dir, MSKNODE_RETENTION_DAYS="20")
+
+    dry = run("--dry-run", "--json")
     assert dry.returncode == 0, dry.stderr
     out = json.loads(dry.stdout)
     expected = sorted([studies["delivered_old"], studies["two_destinations_old"]])
     assert out["dry_run"] is True and sorted(s["study_uid"] for s in out["studies"]) == expected
     assert all(files_of(settings, u) for u in expected)  # dry run changed nothing
-    run = subprocess.run([*msknode, "purge"], env=env, capture_output=True, text=True, timeout=120)
-    assert run.returncode == 0, run.stderr
-    assert "purged 12 instances" in run.stdout
+    purged = run()
+    assert purged.returncode == 0, purged.stderr
+    assert "purged 12 instances" in purged.stdout
     assert all(files_of(settings, u) == [] for u in expected)
     assert files_of(settings, studies["delivered_recently"])  # 10 days < 20
-    again = subprocess.run([*msknode, "purge"], env=env, capture_output=True, text=True, timeout=120)
+    again = run()
     assert again.returncode == 0 and "nothing to purge" in again.stdout
 
 
