@@ -34,12 +34,18 @@ pytestmark = [pytest.mark.integration]
 
 def refusals_metric(node: ListenerProcess, timeout: float = 15.0) -> dict[str, float]:
     """``msknode_listener_refusals_total`` by reason as /metrics renders it, once the listener has
-    recorded its counts (it does every few seconds; waits up to `timeout`)."""
+    recorded counts while serving (it does every REFUSALS_FLUSH_SECONDS; waits up to `timeout`) and
+    has then been stopped cleanly: the refusals of its last moments are recorded at shutdown, so the
+    figures are its final ones (rather than those of the next record, REFUSALS_FLUSH_SECONDS later).
+    Stops `node`; a later ``node.stop()`` gives its exit status again."""
     settings = load_settings(data_dir=node.data_dir)
     deadline = time.monotonic() + timeout
     while not listener_refusals(settings) and time.monotonic() < deadline:
         time.sleep(0.2)
-    time.sleep(REFUSALS_FLUSH_SECONDS + 0.5)  # (refusals of the last moments: in the next record)
+    assert listener_refusals(settings), (
+        f"no refusal counts recorded within {timeout} s (every {REFUSALS_FLUSH_SECONDS} s)"
+    )
+    assert node.stop() == 0, node.log()
     db = Database(f"sqlite:///{node.data_dir / 'msknode.db'}", migrate=False)
     try:
         body, _ = render(settings, db)
