@@ -9,6 +9,9 @@ limitations (list of str). The notice "not for diagnostic use" is always include
 must say "not for diagnostic use"); ``tables`` (optional) are rendered as Markdown tables
 (``[{"title", "columns", "rows"}]``), e.g. per-source figures and the licences of the sources.
 
+`cards_in_use` reads the cards of the weights a node would use without importing the models' code
+(torch, MONAI: seconds per process), for `msknode monitor` and the web dashboard.
+
 ``real_data`` (optional) holds what the model did on real scans without labels
 (``msknode evaluate MODEL --data realdir:PATH``): the command, the data and the figures
 as measured, good or bad; `record_real_data` writes it into an existing card.
@@ -21,6 +24,42 @@ from pathlib import Path
 from typing import Any
 
 from models.types import NOT_FOR_DIAGNOSTIC_USE
+
+CARD_FILE = "card.json"
+#: the repository's weights, searched after a site's folder (``settings.weights_dir``)
+REPO_WEIGHTS = Path(__file__).resolve().parent / "weights"
+#: the weights file of every model, in its folder ``<root>/<model name>/``
+WEIGHTS_FILE = "model.pt"
+#: earlier names of a model's weights file, still found in a site folder
+LEGACY_WEIGHTS_FILES: dict[str, tuple[str, ...]] = {"superres": ("superres.pt",)}
+
+
+def read_card(folder: Path) -> dict[str, Any]:
+    """``card.json`` in ``folder`` ({} when it is absent or unreadable)."""
+    try:
+        card = json.loads((Path(folder) / CARD_FILE).read_text())
+    except (OSError, ValueError):
+        return {}
+    return card if isinstance(card, dict) else {}
+
+
+def cards_in_use(weights_dir: Path | str | None = None) -> dict[str, dict[str, Any]]:
+    """Model name -> the card beside the weights in use, as `models.registry.Registry` finds them (the first
+    root holding a model's weights file: ``weights_dir``, then the repository's), read without importing the
+    models' code. A model whose weights in use have no card is left out."""
+    roots = ([Path(weights_dir)] if weights_dir else []) + [REPO_WEIGHTS]
+    found: dict[str, dict[str, Any]] = {}
+    for root in roots:
+        try:
+            folders = sorted(p for p in root.iterdir() if p.is_dir())
+        except OSError:
+            continue
+        for folder in folders:
+            files = (WEIGHTS_FILE, *LEGACY_WEIGHTS_FILES.get(folder.name, ()))
+            if folder.name not in found and any((folder / f).is_file() for f in files):
+                found[folder.name] = read_card(folder)
+    return {name: card for name, card in found.items() if card}
+
 
 REQUIRED = (
     "name",

@@ -16,22 +16,20 @@ for every model.
 from __future__ import annotations
 
 import dataclasses
-import json
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from models import protocol
+from models.cards import LEGACY_WEIGHTS_FILES, WEIGHTS_FILE, read_card
+from models.cards import REPO_WEIGHTS as REPO_WEIGHTS  # (a name of this module too)
 from models.errors import UnknownModelError, WeightsIntegrityError, WeightsMissingError
 from models.protocol import read_sha256_file, sha256_path
 from models.types import NOT_FOR_DIAGNOSTIC_USE, ModelInfo
 
 if TYPE_CHECKING:
     from models.qc import QCGate
-
-REPO_WEIGHTS = Path(__file__).resolve().parent / "weights"
-CARD_FILE = "card.json"
 
 
 @dataclass(frozen=True)
@@ -93,7 +91,7 @@ def _build_entries() -> dict[str, ModelEntry]:
             anatomy=task.anatomy,
             description=task.description,
             input_roles=task.input.roles,
-            weights_file="model.pt",
+            weights_file=WEIGHTS_FILE,
             version=task.version,
             loader=_classifier_loader(name),
             input_spec=task.card_facts()["input"],
@@ -104,9 +102,9 @@ def _build_entries() -> dict[str, ModelEntry]:
         anatomy="any",
         description="Residual super-resolution, through-plane x2 (in-plane x2 on request), data-consistent",
         input_roles=("sag_fluid", "sag_pd", "cor_fluid", "sag_t2"),
-        weights_file="model.pt",
+        weights_file=WEIGHTS_FILE,
         version="1",
-        legacy_files=("superres.pt",),
+        legacy_files=LEGACY_WEIGHTS_FILES[MODEL_SUPERRES],
         loader=_superres_loader,
         input_spec={"roles": "first input role of the pipeline's main model", "plane": "any 2-D multislice series"},
     )
@@ -118,7 +116,7 @@ def _build_entries() -> dict[str, ModelEntry]:
         anatomy="lumbar_spine",
         description=LEVELS_TASK.description,
         input_roles=LEVELS_TASK.input.roles,
-        weights_file="model.pt",
+        weights_file=WEIGHTS_FILE,
         version=LEVELS_TASK.version,
         loader=_levels_loader,
         input_spec=LEVELS_TASK.card_facts()["input"],
@@ -130,7 +128,7 @@ def _build_entries() -> dict[str, ModelEntry]:
         description="QC gate pixel anatomy classifier (knee, shoulder, lumbar spine in three planes, other; plane "
         "from the header), out-of-distribution distance, motion detector",
         input_roles=(),
-        weights_file="model.pt",
+        weights_file=WEIGHTS_FILE,
         version="2",
         loader=_anatomy_loader,
         input_spec={"roles": "every model input", "plane": "any"},
@@ -189,14 +187,7 @@ class Registry:
     def card(self, name: str) -> dict[str, Any]:
         """card.json next to the weights in use (or {} if absent)."""
         p = self.weights_path(name)
-        folder = p.parent if p is not None else None
-        if folder is None or not (folder / CARD_FILE).is_file():
-            return {}
-        try:
-            card: dict[str, Any] = json.loads((folder / CARD_FILE).read_text())
-        except (OSError, ValueError):
-            return {}
-        return card
+        return {} if p is None else read_card(p.parent)
 
     def verify(self, name: str) -> tuple[Path, str]:
         """(path, sha256) of verified weights; raises WeightsMissingError / WeightsIntegrityError."""

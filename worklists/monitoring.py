@@ -631,14 +631,10 @@ def report(
 
 
 def load_cards(weights_dir) -> dict[str, dict[str, Any]]:
-    """The model cards of the weights in use (name -> card); {} when the registry cannot be read."""
-    try:
-        from models.registry import Registry
+    """The model cards of the weights in use (name -> card; `models.cards.cards_in_use`: no model code imported)."""
+    from models.cards import cards_in_use
 
-        reg = Registry(weights_dir)
-        return {name: reg.card(name) for name in reg.names()}
-    except Exception:
-        return {}
+    return cards_in_use(weights_dir)
 
 
 def node_report(settings: Any, db: Any, policy: TriagePolicy, now: dt.datetime) -> dict[str, Any]:
