@@ -61,7 +61,9 @@ def test_monitoring_reads_the_cards_without_importing_torch_or_monai(tmp_path):
         f"cards = load_cards({str(site)!r})\n"
         "print(json.dumps({'cards': sorted(cards), 'heavy': sorted(m for m in ('torch', 'monai') if m in sys.modules)}))\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120, check=True
+    )
     got = json.loads(out.stdout)
     assert got["heavy"] == []
     assert got["cards"] == sorted(cards_in_use(site))
