@@ -43,22 +43,39 @@ def read_card(folder: Path) -> dict[str, Any]:
     return card if isinstance(card, dict) else {}
 
 
+def weights_roots(weights_dir: Path | str | None = None, *, include_repo: bool = True) -> list[Path]:
+    """The folders searched for a model's weights, in order: ``weights_dir`` (a site's), then the repository's."""
+    return ([Path(weights_dir)] if weights_dir else []) + ([REPO_WEIGHTS] if include_repo else [])
+
+
+def find_weights(roots: list[Path], name: str, files: tuple[str, ...]) -> Path | None:
+    """The first of ``files`` in ``<root>/<name>/`` of the first root holding one (None if none does)."""
+    for root in roots:
+        for file in files:
+            p = root / name / file
+            if p.is_file():
+                return p
+    return None
+
+
 def cards_in_use(weights_dir: Path | str | None = None) -> dict[str, dict[str, Any]]:
-    """Model name -> the card beside the weights in use, as `models.registry.Registry` finds them (the first
-    root holding a model's weights file: ``weights_dir``, then the repository's), read without importing the
-    models' code. A model whose weights in use have no card is left out."""
-    roots = ([Path(weights_dir)] if weights_dir else []) + [REPO_WEIGHTS]
-    found: dict[str, dict[str, Any]] = {}
+    """Model name -> the card beside the weights in use, found as `models.registry.Registry` finds them
+    (`find_weights` over `weights_roots`), read without importing the models' code. A model whose weights
+    in use have no card is left out."""
+    roots = weights_roots(weights_dir)
+    names: set[str] = set()
     for root in roots:
         try:
-            folders = sorted(p for p in root.iterdir() if p.is_dir())
+            names.update(p.name for p in root.iterdir() if p.is_dir())
         except OSError:
             continue
-        for folder in folders:
-            files = (WEIGHTS_FILE, *LEGACY_WEIGHTS_FILES.get(folder.name, ()))
-            if folder.name not in found and any((folder / f).is_file() for f in files):
-                found[folder.name] = read_card(folder)
-    return {name: card for name, card in found.items() if card}
+    cards: dict[str, dict[str, Any]] = {}
+    for name in sorted(names):
+        path = find_weights(roots, name, (WEIGHTS_FILE, *LEGACY_WEIGHTS_FILES.get(name, ())))
+        card = read_card(path.parent) if path is not None else {}
+        if card:
+            cards[name] = card
+    return cards
 
 
 REQUIRED = (

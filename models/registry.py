@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from models import protocol
-from models.cards import LEGACY_WEIGHTS_FILES, WEIGHTS_FILE, read_card
+from models.cards import LEGACY_WEIGHTS_FILES, WEIGHTS_FILE, find_weights, read_card, weights_roots
 from models.cards import REPO_WEIGHTS as REPO_WEIGHTS  # (a name of this module too)
 from models.errors import UnknownModelError, WeightsIntegrityError, WeightsMissingError
 from models.protocol import read_sha256_file, sha256_path
@@ -151,11 +151,7 @@ class Registry:
     ):
         # model name -> the folder of the version to use instead of the roots (a site's registered version)
         self.overrides: dict[str, Path] = {k: Path(v) for k, v in (overrides or {}).items()}
-        self.roots: list[Path] = []
-        if weights_dir:
-            self.roots.append(Path(weights_dir))
-        if include_repo:
-            self.roots.append(REPO_WEIGHTS)
+        self.roots: list[Path] = weights_roots(weights_dir, include_repo=include_repo)
         self._loaded: dict[str, Any] = {}
         self._gate: QCGate | None = None
 
@@ -174,12 +170,7 @@ class Registry:
         if name in self.overrides:
             p = self.overrides[name] / e.weights_file
             return p if p.is_file() else None
-        for root in self.roots:
-            for file in (e.weights_file, *e.legacy_files):
-                p = root / name / file
-                if p.is_file():
-                    return p
-        return None
+        return find_weights(self.roots, name, (e.weights_file, *e.legacy_files))
 
     def has_weights(self, name: str) -> bool:
         return self.weights_path(name) is not None
