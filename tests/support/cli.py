@@ -21,6 +21,8 @@ from contextlib import contextmanager
 
 import pytest
 
+from node.demo.loopback import child_env
+
 __all__ = ["msknode"]
 
 
@@ -32,10 +34,9 @@ def _child_environment(values: dict[str, object]) -> Iterator[None]:
     torch = sys.modules.get("torch")
     threads = torch.get_num_threads() if torch is not None else None
     try:
-        for k in [k for k in os.environ if k.startswith("MSKNODE_")]:
-            del os.environ[k]
-        os.environ["TCP_NODELAY"] = "1"
-        os.environ.update({k: str(v) for k, v in values.items()})
+        env = child_env(**values)
+        os.environ.clear()
+        os.environ.update(env)
         yield
     finally:
         os.environ.clear()
