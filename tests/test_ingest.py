@@ -547,3 +547,39 @@ def test_a_series_acquisition_is_read_once_and_known_demographics_are_not_compar
     from node.receive.header import header_from_dataset
 
     assert header_from_dataset(datasets[0]).acquisition == expected and len(read) == 1
+
+
+def test_a_batch_that_only_opens_associations_is_not_synced_and_the_next_store_syncs_it(db, settings, monkeypatch):
+    """On SQLite the writer syncs files, directories and WAL before it answers a C-STORE; a batch that
+    only records new associations answers without a sync of its own (nothing is acknowledged with it),
+    and the association row is on disk once the first instance is: that batch syncs the WAL after it."""
+    store = InstanceStore.from_settings(settings)
+    store.prepare()
+    writer = IndexWriter(db, store, settings)
+    synced: list[tuple[list, set, list]] = []
+    sync = store.sync
+
+    def recording(files=(), dirs=(), small=()):
+        call = (list(files), set(dirs), list(small))
+        if any(call):  # (called with nothing to sync: returns at once)
+            synced.append(call)
+        return sync(files=call[0], dirs=call[1], small=call[2])
+
+    monkeypatch.setattr(store, "sync", recording)
+    try:
+        association_id = writer.open_association(
+            calling_ae="OPENSCU", called_ae="MSKNODE", peer_address="127.0.0.1:1", listener="test", timeout=30
+        )
+        assert synced == []
+        item = _received(store, mr_dataset(generate_uid(), generate_uid(), 0))
+        item.association_id = association_id
+        assert writer.store_instance(item, 30).status == 0
+        wal = Path(str(db.url).split("///", 1)[-1] + "-wal")
+        assert len(synced) == 1 and synced[0][2] == [wal] and len(synced[0][0]) == 1
+        writer.close_association(association_id, "released", timeout=30)  # the end is synced: a C-STORE may follow
+        assert len(synced) == 2 and synced[1][2] == [wal]
+    finally:
+        writer.close()
+    with db.session() as s:
+        row = s.get(Association, association_id)
+        assert row.instances == 1 and row.end_reason == "released"

@@ -31,7 +31,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from pynetdicom import AE, _config, evt
+from pynetdicom import AE, evt
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]  # generated at import, not in its stubs
 
 from node.db.database import Database, upgrade
@@ -39,6 +39,7 @@ from node.errors import IngestError, NodeError, OutOfSpaceError, StorageError
 from node.ops.restart import RestartBackoff
 from node.receive.header import OUT_OF_RESOURCES, SUCCESS, read_header, validate
 from node.receive.index import Received, publish_new
+from node.receive.negotiation import configure_pynetdicom
 from node.receive.spool import SPOOL_MEMORY_BYTES, Spool, close_pending, install, spool_of
 from node.receive.storage import InstanceStore, StagedFile, encode_file_meta
 from node.receive.transport import (
@@ -47,7 +48,6 @@ from node.receive.transport import (
     NegotiationGate,
     Refusals,
     ReusePortServer,
-    quiet_pynetdicom,
     request_handler,
 )
 from node.receive.writer import IndexWriter
@@ -74,56 +74,6 @@ REFUSALS_FLUSH_SECONDS = 2.0
 
 def listener_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
-
-
-def configure_pynetdicom() -> None:
-    """Process-wide pynetdicom/pydicom options for the listener process.
-
-    No per-PDU debug handlers (they cost CPU on every PDU); an unrestricted storage
-    service: private and unknown SOP classes are accepted as storage (a PACS retries a
-    refused object forever), but SOP classes known not to be storage only when the node serves
-    them (`negotiate_storage`); no pydicom value validation (the listener stores bytes as
-    received and checks what it indexes itself; validation warnings cost CPU per element).
-    """
-    import pynetdicom.acse
-    from pydicom import config as pydicom_config
-
-    _config.LOG_HANDLER_LEVEL = "none"
-    _config.UNRESTRICTED_STORAGE_SERVICE = True
-    pynetdicom.acse.negotiate_unrestricted = negotiate_storage
-    pydicom_config.settings.reading_validation_mode = pydicom_config.IGNORE
-    pydicom_config.settings.writing_validation_mode = pydicom_config.IGNORE
-    quiet_pynetdicom()
-
-
-def is_known_non_storage(uid: str) -> bool:
-    """True for a SOP class pydicom knows that is not a storage SOP class (e.g. Modality Worklist
-    FIND, Color Palette query/retrieve): pynetdicom's unrestricted storage negotiation takes every
-    SOP class it has no service class of its own for as storage, these included."""
-    from pydicom._uid_dict import UID_dictionary
-    from pynetdicom.sop_class import _STORAGE_CLASSES
-
-    entry = UID_dictionary.get(uid)
-    if entry is None or entry[1] != "SOP Class" or uid in _STORAGE_CLASSES.values():
-        return False
-    return "Storage" not in entry[0]
-
-
-def negotiate_storage(rq_contexts, ac_contexts, roles=None):
-    """pynetdicom's unrestricted storage negotiation (every storage SOP class, private and unknown
-    ones too, with the first transfer syntax proposed) except that a SOP class known not to be
-    storage is negotiated against the supported contexts (Verification, the UPS classes) like any
-    other service, and so refused unless the node serves it."""
-    from pynetdicom.presentation import negotiate_as_acceptor, negotiate_unrestricted
-
-    storage = [cx for cx in rq_contexts if not is_known_non_storage(str(cx.abstract_syntax))]
-    other = [cx for cx in rq_contexts if is_known_non_storage(str(cx.abstract_syntax))]
-    result, ac_roles = negotiate_unrestricted(storage, ac_contexts, roles)
-    if other:
-        other_result, other_roles = negotiate_as_acceptor(other, ac_contexts, roles)
-        result = sorted(result + other_result, key=lambda cx: cx.context_id)
-        ac_roles = ac_roles + other_roles
-    return result, ac_roles
 
 
 def listener_ssl_context(settings):

@@ -50,7 +50,8 @@ from typing import Any, Self, cast
 from pynetdicom import evt
 from pynetdicom.association import Association
 from pynetdicom.dimse_primitives import C_STORE
-from pynetdicom.dul import DULServiceProvider
+from pynetdicom.dul import _PDU_TYPES, DULServiceProvider
+from pynetdicom.pdu import A_ASSOCIATE_RQ
 from pynetdicom.pdu_primitives import P_DATA
 from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
 
@@ -198,8 +199,11 @@ def _recv_exact(sock: socket.socket, n: int, deadline: float, what: str) -> byte
     return bytes(buf)
 
 
-def read_associate_request(sock: socket.socket, deadline: float, limit: int = ASSOCIATE_RQ_LIMIT) -> bytes:
-    """The whole A-ASSOCIATE-RQ PDU (header included) read from `sock` by `deadline`; raises `Refused`."""
+def read_associate_request(
+    sock: socket.socket, deadline: float, limit: int = ASSOCIATE_RQ_LIMIT
+) -> tuple[bytes, A_ASSOCIATE_RQ]:
+    """The whole A-ASSOCIATE-RQ PDU (header included) read from `sock` by `deadline`, and the PDU decoded
+    from it (the association uses that one instead of decoding it again); raises `Refused`."""
     try:
         header = _recv_exact(sock, 6, deadline, "PDU header")
     except Refused as e:
@@ -218,15 +222,13 @@ def read_associate_request(sock: socket.socket, deadline: float, limit: int = AS
     if length < _ASSOCIATE_RQ_FIXED:
         raise Refused(REFUSED_PROTOCOL, f"an A-ASSOCIATE-RQ of {length} bytes declared (too short)", abort=True)
     pdu = header + _recv_exact(sock, length, deadline, "A-ASSOCIATE-RQ")
-    try:  # pynetdicom decodes it again; one it cannot decode would leave its association waiting 30 s
-        from pynetdicom.pdu import A_ASSOCIATE_RQ
-
+    try:  # one pynetdicom cannot decode would leave its association waiting 30 s
         rq = A_ASSOCIATE_RQ()
         rq.decode(pdu)
         rq.to_primitive()
     except Exception as e:
         raise Refused(REFUSED_PROTOCOL, f"a malformed A-ASSOCIATE-RQ ({type(e).__name__})", abort=True) from None
-    return pdu
+    return pdu, rq
 
 
 def tls_handshake(raw: socket.socket, context: ssl.SSLContext, deadline: float) -> ssl.SSLSocket:
@@ -1017,6 +1019,7 @@ class _StockRequestHandler(RequestHandler):
 
     assoc: Association | None = None
     primed: bytes = b""  # the A-ASSOCIATE-RQ read at admission
+    primed_pdu: A_ASSOCIATE_RQ | None = None  # and decoded there
 
     def handle(self) -> None:
         """Admission, then pynetdicom's association (as `RequestHandler.handle`), served to its end in
@@ -1026,9 +1029,9 @@ class _StockRequestHandler(RequestHandler):
             admitted = admit(self.request, self.client_address)
             if admitted is None:
                 return  # refused, logged and closed
-            self.request, self.primed = admitted
+            self.request, self.primed, self.primed_pdu = admitted
         assoc = self._create_association()
-        _watch_decoding(assoc)
+        _watch_decoding(assoc, (self.primed, self.primed_pdu) if self.primed_pdu is not None else None)
         evt.trigger(assoc, evt.EVT_CONN_OPEN, {"address": self.client_address})
         assoc.start()
         assoc.join()
@@ -1085,15 +1088,25 @@ class _RequestHandler(_StockRequestHandler):
         return assoc
 
 
-def _watch_decoding(assoc) -> None:
-    """A PDU that pynetdicom cannot decode is a protocol error (one WARNING line; pynetdicom aborts)."""
+def _watch_decoding(assoc, request: tuple[bytes, A_ASSOCIATE_RQ] | None = None) -> None:
+    """A PDU that pynetdicom cannot decode is a protocol error (one WARNING line; pynetdicom aborts).
+
+    `request`: the A-ASSOCIATE-RQ as read and decoded at admission; when the association reads
+    those bytes (its first PDU) it gets that PDU instead of decoding it a second time."""
     dul = assoc.dul
     sock = dul.socket
     decode = dul._decode_pdu
     if not isinstance(sock, _GuardedSocket):
         return
+    admitted = [request] if request is not None else []
 
     def _decode_pdu(bytestream):
+        if admitted:
+            raw, pdu = admitted.pop()
+            if bytestream == raw:  # (as `DULServiceProvider._decode_pdu`, without the decoding)
+                evt.trigger(assoc, evt.EVT_DATA_RECV, {"data": raw})
+                evt.trigger(assoc, evt.EVT_PDU_RECV, {"pdu": pdu})
+                return pdu, _PDU_TYPES[raw[0:1]][1]
         try:
             return decode(bytestream)
         except Exception as e:
@@ -1137,9 +1150,9 @@ class ReusePortServer(ThreadedAssociationServer):
         conn, address = self.socket.accept()
         return conn, address
 
-    def admit(self, request: socket.socket, client_address) -> tuple[socket.socket, bytes] | None:
-        """The connection (TLS-wrapped if the server has an ssl_context) and its A-ASSOCIATE-RQ,
-        read within `request_timeout`; or None: refused (one log line, counted in `refusals`) and closed."""
+    def admit(self, request: socket.socket, client_address) -> tuple[socket.socket, bytes, A_ASSOCIATE_RQ] | None:
+        """The connection (TLS-wrapped if the server has an ssl_context) and its A-ASSOCIATE-RQ (bytes and
+        decoded), read within `request_timeout`; or None: refused (one log line, counted in `refusals`) and closed."""
         host, port = str(client_address[0]), client_address[1]
         deadline = time.monotonic() + self.request_timeout
         sock = request
@@ -1155,7 +1168,7 @@ class ReusePortServer(ThreadedAssociationServer):
             try:
                 if self.ssl_context is not None and not isinstance(sock, ssl.SSLSocket):
                     sock = tls_handshake(sock, self.ssl_context, deadline)
-                primed = read_associate_request(sock, deadline)
+                primed, rq = read_associate_request(sock, deadline)
             finally:
                 self.gate.leave(host)
         except Refused as e:
@@ -1172,7 +1185,7 @@ class ReusePortServer(ThreadedAssociationServer):
         finally:
             self.negotiated(client_address)
         sock.settimeout(self.ae.network_timeout)
-        return sock, primed
+        return sock, primed, rq
 
     def negotiated(self, client_address) -> None:
         """Called once per connection when its admission ends (admitted or refused)."""

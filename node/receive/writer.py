@@ -68,7 +68,9 @@ class IndexWriter:
     handlers answer. A power loss in that window can leave a committed row whose file is
     incomplete: its sender got no Success and sends it again (a resend checks the stored
     bytes, `index_instances`), and `recover_unclean_stop` checks the rows of the last minute
-    at the next start. Elsewhere (PostgreSQL) files are fsynced before the commit.
+    at the next start. Elsewhere (PostgreSQL) files are fsynced before the commit. A batch
+    that only opens associations is committed without a sync of its own (its rows reach the
+    disk with the next batch's): the first C-STORE of an association waits for that row.
     """
 
     def __init__(
@@ -170,7 +172,11 @@ class IndexWriter:
             files = [f for it in items for f in it.pending_files]
             dirs = {d for it in items for d in it.pending_dirs}
             small = []
-            if self._wal is not None and self._wal.exists():
+            # a batch that only opened associations is not synced on its own: nothing was acknowledged
+            # with it, and the next batch's WAL fsync covers its rows (a crash before loses only rows
+            # of associations that stored nothing)
+            opens_only = all(op.kind == "open" for op, _, _ in done)
+            if self._wal is not None and not opens_only and self._wal.exists():
                 small.append(self._wal)  # (a WAL deleted meanwhile was checkpointed and synced by SQLite)
             try:
                 self.store.sync(files=files, dirs=dirs, small=small)
