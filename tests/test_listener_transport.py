@@ -298,21 +298,30 @@ def test_a_killed_association_ends_its_reactor_at_once(listener, monkeypatch):
 
 def test_the_a_associate_rq_is_decoded_once_at_admission_and_the_association_uses_it(listener, tmp_path, monkeypatch):
     """Admission reads and decodes the A-ASSOCIATE-RQ (a malformed one is refused there); the
-    association then negotiates from that PDU instead of decoding the same bytes a second time.
+    association then negotiates from that PDU (and its primitive) instead of decoding the same bytes a
+    second time.
     storescu proposes 128 presentation contexts: the instance is stored through one of them."""
     from pynetdicom.pdu import A_ASSOCIATE_RQ
 
     decoded: list[int] = []
-    decode = A_ASSOCIATE_RQ.decode
+    built: list[int] = []
+    decode, to_primitive = A_ASSOCIATE_RQ.decode, A_ASSOCIATE_RQ.to_primitive
 
     def counting(self, bytestream):
         decoded.append(len(bytestream))
         return decode(self, bytestream)
 
+    def building(self):
+        primitive = to_primitive(self)
+        built.append(len(primitive.presentation_context_definition_list))
+        return primitive
+
     monkeypatch.setattr(A_ASSOCIATE_RQ, "decode", counting)
+    monkeypatch.setattr(A_ASSOCIATE_RQ, "to_primitive", building)
     _, _, paths = write_series(tmp_path / "series", 1)
     result = storescu(listener.port, paths, calling="ONCESCU")
     assert result.returncode == 0, result.stderr
     row = wait_for(lambda: ended(listener.db, "ONCESCU"), timeout=5)
     assert row is not None and row.instances == 1 and row.end_reason == "released"
     assert len(decoded) == 1 and decoded[0] > 128 * 50, decoded
+    assert built == [128]  # its primitive, built once too

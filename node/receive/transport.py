@@ -199,6 +199,17 @@ def _recv_exact(sock: socket.socket, n: int, deadline: float, what: str) -> byte
     return bytes(buf)
 
 
+class _AdmittedRequest(A_ASSOCIATE_RQ):
+    """An A-ASSOCIATE-RQ decoded at admission: the primitive built there (to check the request) is
+    what the association's first `to_primitive` returns, instead of building it a second time."""
+
+    primitive: Any = None
+
+    def to_primitive(self):
+        primitive, self.primitive = self.primitive, None
+        return primitive if primitive is not None else super().to_primitive()
+
+
 def read_associate_request(
     sock: socket.socket, deadline: float, limit: int = ASSOCIATE_RQ_LIMIT
 ) -> tuple[bytes, A_ASSOCIATE_RQ]:
@@ -223,9 +234,9 @@ def read_associate_request(
         raise Refused(REFUSED_PROTOCOL, f"an A-ASSOCIATE-RQ of {length} bytes declared (too short)", abort=True)
     pdu = header + _recv_exact(sock, length, deadline, "A-ASSOCIATE-RQ")
     try:  # one pynetdicom cannot decode would leave its association waiting 30 s
-        rq = A_ASSOCIATE_RQ()
+        rq = _AdmittedRequest()
         rq.decode(pdu)
-        rq.to_primitive()
+        rq.primitive = A_ASSOCIATE_RQ.to_primitive(rq)
     except Exception as e:
         raise Refused(REFUSED_PROTOCOL, f"a malformed A-ASSOCIATE-RQ ({type(e).__name__})", abort=True) from None
     return pdu, rq
