@@ -583,3 +583,34 @@ def test_a_batch_that_only_opens_associations_is_not_synced_and_the_next_store_s
     with db.session() as s:
         row = s.get(Association, association_id)
         assert row.instances == 1 and row.end_reason == "released"
+
+
+def test_free_space_is_read_at_most_every_quarter_second_and_staged_bytes_count_at_once(tmp_path, monkeypatch):
+    """A C-STORE does not ask the file system for its free space each time: a reading serves for
+    FREE_SPACE_READ_SECONDS, less what the store staged since; a new threshold applies at once."""
+    import os
+
+    from node.receive import storage
+
+    store = InstanceStore(tmp_path / "store", tmp_path / "q", min_free_bytes=0)
+    store.prepare()
+    reads: list[str] = []
+    statvfs = os.statvfs
+
+    def counting(path):
+        reads.append(str(path))
+        return statvfs(path)
+
+    monkeypatch.setattr(storage.os, "statvfs", counting)
+    clock = [1000.0]
+    monkeypatch.setattr(storage.time, "monotonic", lambda: clock[0])
+    free = store.free_bytes()
+    staged = store.stage(b"", b"\0" * 300_000)
+    assert store.free_bytes() == free - 300_000 and reads == [str(store.root)]
+    store.min_free_bytes = free  # (a threshold above what is left now: refused without a new reading)
+    assert not store.has_space() and len(reads) == 1
+    store.min_free_bytes = 0
+    clock[0] += storage.FREE_SPACE_READ_SECONDS
+    store.free_bytes()
+    assert len(reads) == 2
+    store.discard(staged)

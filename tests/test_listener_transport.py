@@ -325,3 +325,57 @@ def test_the_a_associate_rq_is_decoded_once_at_admission_and_the_association_use
     assert row is not None and row.instances == 1 and row.end_reason == "released"
     assert len(decoded) == 1 and decoded[0] > 128 * 50, decoded
     assert built == [128]  # its primitive, built once too
+
+
+@pytest.mark.parametrize("kernel_takes", ["all", "part"])
+def test_responses_are_written_straight_to_the_socket_and_a_partial_write_is_finished(
+    listener, monkeypatch, kernel_takes
+):
+    """What the listener sends (A-ASSOCIATE-AC, C-STORE-RSP, A-RELEASE-RP) is written in one system
+    call, without the poll Python makes before every send on a socket with a timeout; when the
+    kernel takes only part of it, the rest is sent (waiting as before) and the peer gets every byte."""
+    import os
+
+    from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage
+    from pynetdicom.transport import AssociationSocket
+    from test_listener import _good_instance
+
+    from node.receive.transport import _GuardedSocket
+    from support.listener import RawSender
+
+    stock_sends: list[int] = []
+    send = AssociationSocket.send
+
+    def recording(self, bytestream):
+        if isinstance(self, _GuardedSocket):
+            stock_sends.append(len(bytestream))
+        return send(self, bytestream)
+
+    monkeypatch.setattr(AssociationSocket, "send", recording)
+    written: list[int] = []
+    write = os.write
+    listener_fds: set[int] = set()
+
+    def short_write(fd, data):
+        if fd in listener_fds:
+            written.append(len(data))
+            if kernel_takes == "part":
+                data = bytes(data[:7])
+        return write(fd, data)
+
+    monkeypatch.setattr(os, "write", short_write)
+    guarded_send = _GuardedSocket.send
+
+    def note_fd(self, bytestream):
+        listener_fds.add(self.socket.fileno())
+        return guarded_send(self, bytestream)
+
+    monkeypatch.setattr(_GuardedSocket, "send", note_fd)
+    instances = [_good_instance() for _ in range(3)]
+    with RawSender(listener.port, [(MRImageStorage, ExplicitVRLittleEndian)], calling="WRITESCU") as sender:
+        for ds, data in instances:
+            assert sender.send(MRImageStorage, ds.SOPInstanceUID, ExplicitVRLittleEndian, data) == 0x0000
+    row = wait_for(lambda: ended(listener.db, "WRITESCU"), timeout=5)
+    assert row is not None and row.end_reason == "released" and row.instances == 3
+    assert stock_sends == []
+    assert len(written) >= 5  # the A-ASSOCIATE-AC, three C-STORE-RSPs, the A-RELEASE-RP

@@ -46,6 +46,8 @@ IMPLEMENTATION_VERSION_NAME = f"MSKNODE_{__version__}"[:16]
 # A UID as it may appear in a path: digits and dots, no empty component, at most 64 characters.
 _UID_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 STALE_STAGED_SECONDS = 600.0
+#: how old a reading of the file system's free space may be (what this store staged since is subtracted)
+FREE_SPACE_READ_SECONDS = 0.25
 
 
 def is_valid_uid(value: object) -> bool:
@@ -193,6 +195,8 @@ class InstanceStore:
         self._stage_counter = itertools.count()
         # series directories this store has seen exist (a hint: a directory removed meanwhile is made again)
         self._known_dirs: set[str] = set()
+        self._free_read: tuple[float, int] | None = None  # (when, free bytes) of the last statvfs
+        self._staged_since_read = 0
 
     @classmethod
     def from_settings(cls, settings) -> InstanceStore:
@@ -212,8 +216,21 @@ class InstanceStore:
 
     # ---- space ---------------------------------------------------------------
     def free_bytes(self) -> int:
-        st = os.statvfs(self.root if self.root.exists() else self.root.parent)
-        return st.f_bavail * st.f_frsize
+        """Free bytes on the store's file system for an unprivileged writer.
+
+        Read from the file system at most every FREE_SPACE_READ_SECONDS (not for every C-STORE);
+        in between, what this store staged since the reading is subtracted from it."""
+        now = time.monotonic()
+        read = self._free_read
+        if read is not None and now - read[0] < FREE_SPACE_READ_SECONDS:
+            return read[1] - self._staged_since_read
+        try:
+            st = os.statvfs(self.root)
+        except FileNotFoundError:
+            st = os.statvfs(self.root.parent)
+        free = st.f_bavail * st.f_frsize
+        self._free_read, self._staged_since_read = (now, free), 0
+        return free
 
     def has_space(self, incoming_bytes: int = 0) -> bool:
         """True if, after writing `incoming_bytes`, free space stays at or above the minimum."""
@@ -263,6 +280,7 @@ class InstanceStore:
             raise StorageError(f"cannot write a staged file: {e.strerror}") from None
         start_writeback(fd)  # (its fsync follows the index row: `sync`)
         os.close(fd)
+        self._staged_since_read += size
         return StagedFile(path=path, size=size, sha256=digest)
 
     def publish(

@@ -299,6 +299,22 @@ class _GuardedSocket(AssociationSocket):
 
     def send(self, bytestream: bytes) -> None:
         with self._send_lock:
+            sock = self.socket
+            if sock is not None and _reads_directly(sock):
+                # what the kernel takes at once is written in one system call, without the poll Python
+                # makes before every send on a socket with a timeout; the rest (a full send buffer)
+                # goes the usual way, waiting up to that timeout
+                try:
+                    try:
+                        sent = os.write(sock.fileno(), bytestream)
+                    except BlockingIOError:
+                        sent = 0
+                    if sent < len(bytestream):
+                        sock.sendall(memoryview(bytestream)[sent:])
+                    evt.trigger(self.assoc, evt.EVT_DATA_SENT, {"data": bytestream})
+                except Exception:
+                    self.event_queue.put("Evt17")  # the transport connection closed (as `AssociationSocket.send`)
+                return
             super().send(bytestream)
 
     def protocol_error(self, what: str) -> None:
