@@ -266,8 +266,9 @@ def tls_handshake(raw: socket.socket, context: ssl.SSLContext, deadline: float) 
     return tls
 
 
-def _reads_directly(sock: socket.socket) -> bool:
-    """A plain TCP socket with a timeout: non-blocking underneath, so `_read_available` may read it."""
+def _direct_io(sock: socket.socket) -> bool:
+    """A plain TCP socket with a timeout: non-blocking underneath, so `_read_available` may read it and
+    `_GuardedSocket.send` write it with one system call each (no poll first)."""
     return not isinstance(sock, ssl.SSLSocket) and sock.gettimeout() is not None
 
 
@@ -300,7 +301,7 @@ class _GuardedSocket(AssociationSocket):
     def send(self, bytestream: bytes) -> None:
         with self._send_lock:
             sock = self.socket
-            if sock is not None and _reads_directly(sock):
+            if sock is not None and _direct_io(sock):
                 # what the kernel takes at once is written in one system call, without the poll Python
                 # makes before every send on a socket with a timeout; the rest (a full send buffer)
                 # goes the usual way, waiting up to that timeout
@@ -388,7 +389,7 @@ class _GuardedSocket(AssociationSocket):
             and not self._primed
             and not self._complained
             and self._body is None
-            and _reads_directly(sock)
+            and _direct_io(sock)
         )
 
     def header_if_arrived(self) -> bytearray | None:
@@ -418,7 +419,7 @@ class _GuardedSocket(AssociationSocket):
         got = 0
         # what the kernel already holds is taken without Python's poll (`_read_available`); only
         # when it holds nothing does Python's own receive wait, with the socket's timeout as before
-        direct = _reads_directly(sock)
+        direct = _direct_io(sock)
         fd = sock.fileno()
         with memoryview(buf) as view:
             while got < n:
